@@ -1,0 +1,14 @@
+//! `sft`: supervised fine-tuning of LLaMA-style models.
+//!
+//! - [`data`]: chat files → prompt format → tokens → memory-mapped shards → batches.
+//! - [`model`]: configuration, parameters, and the forward/backward written once against
+//!   [`backend::Backend`].
+//! - [`backend`]: the op set, its CPU reference, and (with a GPU) the CUDA kernels.
+//! - [`train`]: AdamW, schedule, the training loop, evaluation, checkpoints, logs.
+//! - [`generate`]: sampling with a KV cache.
+
+pub mod backend;
+pub mod data;
+pub mod kernels;
+pub mod model;
+pub mod rng;
