@@ -9,6 +9,9 @@
 
 pub mod backend;
 pub mod data;
+pub mod demo;
+pub mod generate;
 pub mod kernels;
 pub mod model;
 pub mod rng;
+pub mod train;

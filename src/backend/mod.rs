@@ -25,6 +25,9 @@
 
 use anyhow::Result;
 
+pub mod cpu;
+pub mod cuda;
+
 /// Which storage type a buffer needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {

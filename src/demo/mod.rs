@@ -1,0 +1,1 @@
+//! The embedded default: a generated chat task set, a tiny model, and `sft demo`.

@@ -1,0 +1,1 @@
+//! Training: AdamW and its schedule, the loop, evaluation, checkpoints, logs.
