@@ -4,7 +4,6 @@
 
 mod model_util;
 
-use model_util::naive::NaiveBackend;
 use model_util::*;
 use sft::backend::RopeStyle;
 use sft::data::batch::Batch;
@@ -27,7 +26,7 @@ const BOUND: f64 = 1e-6;
 const FLOOR: f64 = 1e-5;
 
 /// Parameters large enough that every nonlinearity matters (the default init is nearly linear).
-fn random_params(model: &Model<NaiveBackend>, seed: u64) -> Vec<NamedTensor> {
+fn random_params(model: &Model<F64>, seed: u64) -> Vec<NamedTensor> {
     let mut rng = Rng::new(seed);
     let mut params = model.read_params().unwrap();
     for t in &mut params {
@@ -40,7 +39,7 @@ fn random_params(model: &Model<NaiveBackend>, seed: u64) -> Vec<NamedTensor> {
     params
 }
 
-fn loss_at(model: &mut Model<NaiveBackend>, params: &[NamedTensor], batch: &Batch, seed: Option<u64>) -> f64 {
+fn loss_at(model: &mut Model<F64>, params: &[NamedTensor], batch: &Batch, seed: Option<u64>) -> f64 {
     model.write_params(params).unwrap();
     // forward_backward (not loss) so that dropout, when on, uses the same masks.
     model.forward_backward(batch, 1.0, seed).unwrap()
@@ -48,7 +47,7 @@ fn loss_at(model: &mut Model<NaiveBackend>, params: &[NamedTensor], batch: &Batc
 
 /// Returns the largest relative error seen.
 fn gradcheck(config: &ModelConfig, batch: &Batch, dropout_seed: Option<u64>) -> f64 {
-    let mut model = Model::new(NaiveBackend, config.clone(), batch.n_tokens()).unwrap();
+    let mut model = Model::new(f64_backend(), config.clone(), batch.n_tokens()).unwrap();
     let params = random_params(&model, 11);
     model.write_params(&params).unwrap();
     model.zero_grads().unwrap();
@@ -144,7 +143,7 @@ fn gradients_match_finite_differences_with_dropout() {
 fn dropout_changes_the_loss_and_is_reproducible() {
     let config = tiny_config(2, RopeStyle::AdjacentPairs, false, 0.25);
     let batch = padded_batch(&examples(3, &[6, 5]), 0);
-    let mut model = Model::new(NaiveBackend, config, batch.n_tokens()).unwrap();
+    let mut model = Model::new(f64_backend(), config, batch.n_tokens()).unwrap();
     let params = random_params(&model, 3);
     model.write_params(&params).unwrap();
     let plain = model.loss(&batch).unwrap();

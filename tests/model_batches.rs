@@ -4,14 +4,13 @@
 
 mod model_util;
 
-use model_util::naive::NaiveBackend;
 use model_util::*;
 use sft::backend::{AdamW, RopeStyle};
 use sft::data::batch::Batch;
 use sft::model::{from_hf, to_hf, Model, ModelConfig, NamedTensor};
 
-fn model_f64(config: &ModelConfig, max_tokens: usize, seed: u64) -> Model<NaiveBackend> {
-    let mut model = Model::new(NaiveBackend, config.clone(), max_tokens).unwrap();
+fn model_f64(config: &ModelConfig, max_tokens: usize, seed: u64) -> Model<F64> {
+    let mut model = Model::new(f64_backend(), config.clone(), max_tokens).unwrap();
     model.init_params(seed).unwrap();
     // Larger weights than the default init, so that attention is far from uniform.
     let mut params = model.read_params().unwrap();
@@ -23,7 +22,7 @@ fn model_f64(config: &ModelConfig, max_tokens: usize, seed: u64) -> Model<NaiveB
     model
 }
 
-fn grads_of(model: &mut Model<NaiveBackend>, batches: &[&Batch], scale: f32) -> (f64, Vec<NamedTensor>) {
+fn grads_of(model: &mut Model<F64>, batches: &[&Batch], scale: f32) -> (f64, Vec<NamedTensor>) {
     model.zero_grads().unwrap();
     let loss = batches.iter().map(|b| model.forward_backward(b, scale, None).unwrap()).sum();
     (loss, model.read_grads().unwrap())
@@ -152,7 +151,7 @@ fn kv_cache_logits_match_the_full_forward() {
 fn adamw_step_changes_params_and_optimizer_state_round_trips() {
     let config = ModelConfig::tiny(VOCAB);
     let batch = padded_batch(&examples(40, &[6, 5]), 0);
-    let mut model = Model::new(NaiveBackend, config.clone(), batch.n_tokens()).unwrap();
+    let mut model = Model::new(f32_backend(), config.clone(), batch.n_tokens()).unwrap();
     model.init_params(89).unwrap();
     let before = model.read_params().unwrap();
     let (m0, v0) = model.read_optimizer_state().unwrap();
@@ -176,7 +175,7 @@ fn adamw_step_changes_params_and_optimizer_state_round_trips() {
     assert!(m.iter().all(|t| t.data.iter().any(|&x| x != 0.0)));
 
     // A fresh model given the same params and state takes the same next step.
-    let mut copy = Model::new(NaiveBackend, config, batch.n_tokens()).unwrap();
+    let mut copy = Model::new(f32_backend(), config, batch.n_tokens()).unwrap();
     copy.write_params(&after).unwrap();
     copy.write_optimizer_state(&m, &v).unwrap();
     assert_eq!(copy.read_optimizer_state().unwrap(), (m.clone(), v.clone()));
@@ -203,7 +202,7 @@ fn adamw_step_changes_params_and_optimizer_state_round_trips() {
 #[test]
 fn init_is_seeded_and_scaled() {
     let config = ModelConfig::tiny(VOCAB);
-    let mut model = Model::new(NaiveBackend, config.clone(), 8).unwrap();
+    let mut model = Model::new(f32_backend(), config.clone(), 8).unwrap();
     model.init_params(1).unwrap();
     let a = model.read_params().unwrap();
     model.init_params(1).unwrap();
@@ -250,7 +249,7 @@ fn config_validation_names_the_problem() {
     for (config, expected) in cases {
         let err = config.validate().unwrap_err();
         assert!(format!("{err:#}").contains(expected), "expected {expected:?} in {err:#}");
-        assert!(Model::new(NaiveBackend, config, 8).is_err());
+        assert!(Model::new(f32_backend(), config, 8).is_err());
     }
 }
 
@@ -285,7 +284,7 @@ fn hugging_face_conversion_round_trips() {
         tiny_config(2, RopeStyle::AdjacentPairs, false, 0.0),
         tiny_config(4, RopeStyle::HalfSplit, true, 0.0),
     ] {
-        let mut model = Model::new(NaiveBackend, config.clone(), 4).unwrap();
+        let mut model = Model::new(f32_backend(), config.clone(), 4).unwrap();
         model.init_params(9).unwrap();
         let ours = model.read_params().unwrap();
         let hf = to_hf(&config, &ours);
@@ -336,10 +335,10 @@ fn hugging_face_conversion_round_trips() {
 fn bad_batches_are_errors_not_panics() {
     let config = tiny_config(2, RopeStyle::AdjacentPairs, false, 0.0);
     let batch = padded_batch(&examples(50, &[6, 5]), 0);
-    let mut model = Model::new(NaiveBackend, config, batch.n_tokens() - 1).unwrap();
+    let mut model = Model::new(f32_backend(), config, batch.n_tokens() - 1).unwrap();
     let err = format!("{:#}", model.loss(&batch).unwrap_err());
     assert!(err.contains("max_tokens"), "{err}");
-    let mut model = Model::new(NaiveBackend, model.config().clone(), batch.n_tokens()).unwrap();
+    let mut model = Model::new(f32_backend(), model.config().clone(), batch.n_tokens()).unwrap();
     model.loss(&batch).unwrap();
     let mut bad = batch.clone();
     bad.inputs[3] = VOCAB as u32;
@@ -367,7 +366,7 @@ fn tiny_forward_backward_throughput() {
     let config = ModelConfig::tiny(8192);
     let exs = examples(60, &[128; 8]);
     let batch = padded_batch(&exs, 0);
-    let mut model = Model::new(NaiveBackend, config, batch.n_tokens()).unwrap();
+    let mut model = Model::new(f32_backend(), config, batch.n_tokens()).unwrap();
     model.init_params(1).unwrap();
     model.forward_backward(&batch, 1.0, None).unwrap();
     let steps = 5;

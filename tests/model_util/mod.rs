@@ -142,3 +142,15 @@ pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f64 {
 
 pub mod naive;
 pub mod reference;
+
+/// The backends the model's tests run on (f64 for exact comparisons, f32 for training paths).
+pub type F64 = naive::NaiveBackend;
+pub type F32 = naive::NaiveBackend;
+
+pub fn f64_backend() -> F64 {
+    naive::NaiveBackend
+}
+
+pub fn f32_backend() -> F32 {
+    naive::NaiveBackend
+}
