@@ -324,6 +324,15 @@ fn hugging_face_conversion_round_trips() {
         v.shape[0] += 1;
         let err = format!("{:#}", from_hf(&config, &misshaped).unwrap_err());
         assert!(err.contains("v_proj") && err.contains("shape"), "{err}");
+        if config.tie_embeddings {
+            // A tied checkpoint may carry lm_head.weight as a copy of the embedding, nothing else.
+            let mut with_head = hf.clone();
+            let embed = find("model.embed_tokens.weight").unwrap();
+            with_head.push(NamedTensor::new("lm_head.weight", embed.shape.clone(), embed.data.clone()));
+            assert_eq!(from_hf(&config, &with_head).unwrap(), ours);
+            with_head.last_mut().unwrap().data[0] += 1.0;
+            assert!(format!("{:#}", from_hf(&config, &with_head).unwrap_err()).contains("lm_head"));
+        }
         let mut extra = hf.clone();
         extra.push(NamedTensor::new("model.layers.9.mlp.up_proj.weight", vec![1], vec![0.0]));
         let err = format!("{:#}", from_hf(&config, &extra).unwrap_err());
