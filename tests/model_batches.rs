@@ -115,6 +115,13 @@ fn kv_cache_logits_match_the_full_forward() {
             assert!(max_rel_diff(&logits, &one_by_one[i]) < 1e-6);
         }
 
+        // A prompt longer than max_tokens goes through in chunks.
+        let mut small = Model::new(f64_backend(), config.clone(), 3).unwrap();
+        small.write_params(&model.read_params().unwrap()).unwrap();
+        let mut cache = small.new_cache(n).unwrap();
+        let chunked = small.next_logits(&mut cache, &tokens).unwrap();
+        assert!(max_rel_diff(&chunked, &one_by_one[n - 1]) < 1e-6);
+
         // The full forward: pad_id outside the vocabulary, so that every id can be a target.
         let ignore = VOCAB as u32;
         let mut worst = 0f64;
