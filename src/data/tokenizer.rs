@@ -1,0 +1,216 @@
+//! A Hugging Face `tokenizer.json` checked for the chat tokens, and training one on chat data.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{
+    AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
+    Tokenizer, TokenizerBuilder,
+};
+
+use super::chat::Conversation;
+use super::format::{escape_specials, CHAT_TOKENS, EOA, PAD, SIMPLELLAMA_SPECIALS};
+
+/// A tokenizer with the chat tokens known to exist. Cheap to clone (shared), `Send + Sync`.
+#[derive(Clone)]
+pub struct ChatTokenizer {
+    inner: Arc<Tokenizer>,
+    pad_id: u32,
+    eoa_id: u32,
+    /// Special-token id by its string, for the pieces of the chat format.
+    special_ids: HashMap<String, u32>,
+    /// Strings escaped in user and assistant text: the tokenizer's special tokens and
+    /// SimpleLLaMA's ten.
+    escaped: Vec<String>,
+    fingerprint: u64,
+}
+
+/// FNV-1a, 64 bits: a stable fingerprint of a tokenizer file, stored in every shard.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+impl std::fmt::Debug for ChatTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("pad_id", &self.pad_id)
+            .field("fingerprint", &format_args!("{:016x}", self.fingerprint))
+            .finish()
+    }
+}
+
+impl ChatTokenizer {
+    /// Loads a `tokenizer.json`; checks that the six chat tokens and `<PAD>` are special tokens.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("{}: cannot read tokenizer", path.display()))?;
+        let tok = Tokenizer::from_bytes(&bytes)
+            .map_err(|e| anyhow!("{}: not a valid tokenizer.json: {e}", path.display()))?;
+        Self::from_tokenizer(tok, fnv1a64(&bytes)).with_context(|| format!("{}", path.display()))
+    }
+
+    fn from_tokenizer(mut tok: Tokenizer, fingerprint: u64) -> Result<Self> {
+        let added = tok.get_added_tokens_decoder();
+        let mut special_ids = HashMap::new();
+        let mut escaped: Vec<String> = SIMPLELLAMA_SPECIALS.iter().map(|s| s.to_string()).collect();
+        for (id, t) in &added {
+            if t.special {
+                special_ids.insert(t.content.clone(), *id);
+                if !escaped.contains(&t.content) {
+                    escaped.push(t.content.clone());
+                }
+            }
+        }
+        let missing: Vec<&str> =
+            CHAT_TOKENS.iter().chain([&PAD]).copied().filter(|t| !special_ids.contains_key(*t)).collect();
+        if !missing.is_empty() {
+            bail!(
+                "tokenizer lacks the chat special tokens {} (they must be added special tokens)",
+                missing.join(", ")
+            );
+        }
+        // Longest first, so that a special string containing another is escaped whole.
+        escaped.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        if tok.get_decoder().is_none() {
+            let is_byte_level = tok
+                .get_pre_tokenizer()
+                .and_then(|p| serde_json::to_string(p).ok())
+                .is_some_and(|s| s.contains("\"ByteLevel\""));
+            if is_byte_level {
+                // SimpleLLaMA's file has no decoder; without one, decoded text shows `Ġ` for spaces.
+                tok.with_decoder(Some(ByteLevelDecoder::default()));
+            }
+        }
+        Ok(ChatTokenizer {
+            pad_id: special_ids[PAD],
+            eoa_id: special_ids[EOA],
+            special_ids,
+            escaped,
+            inner: Arc::new(tok),
+            fingerprint,
+        })
+    }
+
+    /// Number of ids, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
+    pub fn eoa_id(&self) -> u32 {
+        self.eoa_id
+    }
+
+    /// FNV-1a of the tokenizer file's bytes.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    /// The id of a special token string such as `<SOA>`.
+    pub fn special_id(&self, token: &str) -> Option<u32> {
+        self.special_ids.get(token).copied()
+    }
+
+    /// The underlying `tokenizers` tokenizer.
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+
+    /// Encodes text as the tokenizer does: special-token strings become their ids.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc =
+            self.inner.encode_fast(text, false).map_err(|e| anyhow!("tokenizer: encode failed: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Escapes special-token strings (see [`escape_specials`]) so that `text` stays text.
+    pub fn escape<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
+        escape_specials(text, &self.escaped)
+    }
+
+    /// Encodes user or assistant text: special-token strings in it are escaped first.
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.encode(&self.escape(text))
+    }
+
+    /// Decodes ids to text, skipping special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| anyhow!("tokenizer: decode failed: {e}"))
+    }
+
+    /// Decodes ids to text, special tokens included.
+    pub fn decode_with_specials(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(|e| anyhow!("tokenizer: decode failed: {e}"))
+    }
+}
+
+/// Trains a byte-level BPE (`add_prefix_space`, like SimpleLLaMA's) on the texts of `convs`,
+/// with SimpleLLaMA's ten special tokens at ids 0–9 in its order, and saves it to `out`.
+pub fn train_tokenizer(convs: &[Conversation], vocab_size: usize, out: &Path) -> Result<ChatTokenizer> {
+    if vocab_size < 256 + SIMPLELLAMA_SPECIALS.len() {
+        bail!("vocab size {vocab_size} is too small: a byte-level BPE needs at least 266 ids");
+    }
+    if convs.is_empty() {
+        bail!("no conversations to train the tokenizer on");
+    }
+    let mut tok = TokenizerBuilder::<
+        ModelWrapper,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    >::new()
+    .with_model(BPE::default().into())
+    .with_pre_tokenizer(Some(ByteLevel::new(true, true, true).into()))
+    .with_decoder(Some(ByteLevelDecoder::default().into()))
+    .build()
+    .map_err(|e| anyhow!("building the tokenizer: {e}"))?;
+    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(2)
+        .show_progress(false)
+        .special_tokens(SIMPLELLAMA_SPECIALS.iter().map(|s| AddedToken::from(*s, true)).collect())
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build()
+        .into();
+    let texts = convs.iter().flat_map(|c| {
+        std::iter::once(c.system.as_str())
+            .chain(c.turns.iter().flat_map(|t| [t.user.as_str(), t.assistant.as_str()]))
+    });
+    tok.train(&mut trainer, texts).map_err(|e| anyhow!("training the tokenizer: {e}"))?;
+    if let Some(parent) = out.parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("{}: cannot create", parent.display()))?;
+        }
+    }
+    let tok: Tokenizer = tok.into();
+    let json = tok.to_string(false).map_err(|e| anyhow!("serializing the tokenizer: {e}"))?;
+    let tmp = out.with_extension("json.tmp");
+    std::fs::write(&tmp, json.as_bytes()).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot write", out.display()))?;
+    for (i, s) in SIMPLELLAMA_SPECIALS.iter().enumerate() {
+        if tok.token_to_id(s) != Some(i as u32) {
+            bail!("trained tokenizer: {s} is not at id {i}");
+        }
+    }
+    ChatTokenizer::from_tokenizer(tok, fnv1a64(json.as_bytes()))
+}
