@@ -267,3 +267,33 @@ fn all_assistant_supervises_every_reply_and_its_eoa() {
     }
     assert_eq!(all.spans()[1], fin.spans()[0]);
 }
+
+/// Random text over characters that stress the pre-tokenizer: letters of several scripts,
+/// combining marks, digits of several kinds, punctuation, apostrophes, many kinds of whitespace.
+fn random_text(rng: &mut sft::rng::Rng, max_len: usize) -> String {
+    const PIECES: &[&str] = &[
+        "a", "Z", "é", "ß", "日", "本", "я", "ω", "\u{301}", "\u{94d}", "0", "7", "٣", "½", "Ⅻ", "²", " ",
+        " ", "  ", "\n", "\t", "\r\n", "\u{a0}", "\u{2003}", "\u{200b}", "'", "'s", "'t", "'re", "'ve", "'m",
+        "'ll", "'d", "'S", ".", ",", "!", "?", "-", "_", "(", ")", "{", "}", "<", ">", "<EOA>", "<SOU", "🙂",
+        "👍🏽", "$", "€", "#", "hello", " world", "don't", "it's", "x1", "3.14", "\u{feff}", "\u{0}", "\u{7f}",
+        "\u{85}", "\u{2028}",
+    ];
+    let n = rng.below(max_len + 1);
+    (0..n).map(|_| PIECES[rng.below(PIECES.len())]).collect()
+}
+
+#[test]
+fn cached_text_encoding_equals_the_tokenizers_crate_on_random_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut toks = vec![data_util::small_tokenizer(dir.path())];
+    if let Some(p) = simplellama_tokenizer() {
+        toks.push(ChatTokenizer::from_file(&p).unwrap());
+    }
+    let mut rng = sft::rng::Rng::new(42);
+    for tok in &toks {
+        for _ in 0..20_000 {
+            let text = random_text(&mut rng, 24);
+            assert_eq!(tok.encode_text(&text).unwrap(), tok.encode_text_uncached(&text).unwrap(), "{text:?}");
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! A Hugging Face `tokenizer.json` checked for the chat tokens, and training one on chat data.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -10,8 +11,8 @@ use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{
-    AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
-    Tokenizer, TokenizerBuilder,
+    AddedToken, DecoderWrapper, Model, ModelWrapper, NormalizerWrapper, OffsetReferential, OffsetType,
+    PostProcessorWrapper, PreTokenizedString, PreTokenizer, PreTokenizerWrapper, Tokenizer, TokenizerBuilder,
 };
 
 use super::chat::Conversation;
@@ -29,6 +30,17 @@ pub struct ChatTokenizer {
     /// SimpleLLaMA's ten.
     escaped: Vec<String>,
     fingerprint: u64,
+    /// Text may skip the added-token split and go word by word through a cache (see
+    /// [`ChatTokenizer::encode_text`]): no normalizer, a pre-tokenizer, only special added tokens.
+    word_cache: bool,
+}
+
+/// Words in one thread's cache before it is cleared (bounds memory on endless vocabularies).
+const WORD_CACHE_MAX: usize = 1 << 20;
+
+thread_local! {
+    /// Per-thread cache of pre-tokenized word → ids, tagged with the tokenizer's fingerprint.
+    static WORD_CACHE: RefCell<(u64, HashMap<String, Vec<u32>>)> = RefCell::new((0, HashMap::new()));
 }
 
 /// FNV-1a, 64 bits: a stable fingerprint of a tokenizer file, stored in every shard.
@@ -93,7 +105,11 @@ impl ChatTokenizer {
                 tok.with_decoder(Some(ByteLevelDecoder::default()));
             }
         }
+        let word_cache = tok.get_normalizer().is_none()
+            && tok.get_pre_tokenizer().is_some()
+            && added.values().all(|t| t.special);
         Ok(ChatTokenizer {
+            word_cache,
             pad_id: special_ids[PAD],
             eoa_id: special_ids[EOA],
             special_ids,
@@ -144,7 +160,50 @@ impl ChatTokenizer {
     }
 
     /// Encodes user or assistant text: special-token strings in it are escaped first.
+    ///
+    /// Escaped text holds no added token, so (without a normalizer) its encoding is the
+    /// pre-tokenizer's words each run through the model: most words repeat, so the model's
+    /// output per word is cached per thread. Tests check the result against [`Self::encode`].
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        let text = self.escape(text);
+        if !self.word_cache {
+            return self.encode(&text);
+        }
+        let err = |e| anyhow!("tokenizer: encode failed: {e}");
+        let mut pts = PreTokenizedString::from(text.as_ref());
+        self.inner
+            .get_pre_tokenizer()
+            .expect("checked in from_tokenizer")
+            .pre_tokenize(&mut pts)
+            .map_err(err)?;
+        let mut ids = Vec::with_capacity(text.len() / 3 + 1);
+        WORD_CACHE.with(|cell| -> Result<()> {
+            let mut guard = cell.borrow_mut();
+            let (owner, cache) = &mut *guard;
+            if *owner != self.fingerprint || cache.len() > WORD_CACHE_MAX {
+                cache.clear();
+                *owner = self.fingerprint;
+            }
+            for (word, _, _) in pts.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+                if let Some(hit) = cache.get(word) {
+                    ids.extend_from_slice(hit);
+                    continue;
+                }
+                let toks: Vec<u32> =
+                    self.inner.get_model().tokenize(word).map_err(err)?.iter().map(|t| t.id).collect();
+                ids.extend_from_slice(&toks);
+                cache.insert(word.to_string(), toks);
+            }
+            Ok(())
+        })?;
+        Ok(ids)
+    }
+
+    /// [`Self::encode_text`] without the word cache: the `tokenizers` encode of the escaped text.
+    pub fn encode_text_uncached(&self, text: &str) -> Result<Vec<u32>> {
         if text.is_empty() {
             return Ok(Vec::new());
         }
