@@ -2,14 +2,16 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use anyhow::{anyhow, bail, Context, Result};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::utils::SysRegex;
 use tokenizers::{
     AddedToken, DecoderWrapper, Model, ModelWrapper, NormalizerWrapper, OffsetReferential, OffsetType,
     PostProcessorWrapper, PreTokenizedString, PreTokenizer, PreTokenizerWrapper, Tokenizer, TokenizerBuilder,
@@ -29,19 +31,79 @@ pub struct ChatTokenizer {
     /// Strings escaped in user and assistant text: the tokenizer's special tokens and
     /// SimpleLLaMA's ten.
     escaped: Vec<String>,
+    /// `escape_first_bytes[b]`: some escaped string starts with byte `b`.
+    escape_first_bytes: [bool; 256],
     fingerprint: u64,
-    /// Text may skip the added-token split and go word by word through a cache (see
-    /// [`ChatTokenizer::encode_text`]): no normalizer, a pre-tokenizer, only special added tokens.
-    word_cache: bool,
+    /// How [`ChatTokenizer::encode_text`] may skip parts of the general `tokenizers` pipeline.
+    fast: FastPath,
+}
+
+/// Escaped text holds no added token; without a normalizer its encoding is the pre-tokenizer's
+/// words each run through the model, so the model's ids per word can be cached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FastPath {
+    /// The general pipeline (a normalizer, or non-special added tokens).
+    None,
+    /// Any pre-tokenizer, words cached.
+    Words,
+    /// GPT-2's byte-level pre-tokenizer done here (same regex, no per-byte offset bookkeeping),
+    /// words cached by their raw text.
+    ByteLevel { add_prefix_space: bool },
 }
 
 /// Words in one thread's cache before it is cleared (bounds memory on endless vocabularies).
 const WORD_CACHE_MAX: usize = 1 << 20;
 
-thread_local! {
-    /// Per-thread cache of pre-tokenized word → ids, tagged with the tokenizer's fingerprint.
-    static WORD_CACHE: RefCell<(u64, HashMap<String, Vec<u32>>)> = RefCell::new((0, HashMap::new()));
+/// FxHash: the cache's keys are short words; SipHash would cost more than the lookup saves.
+#[derive(Default)]
+struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(b)).wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.0 = (self.0.rotate_left(5) ^ i as u64).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
+
+type WordCache = HashMap<String, Vec<u32>, BuildHasherDefault<FxHasher>>;
+
+thread_local! {
+    /// Per-thread cache of word → ids, tagged with the tokenizer's fingerprint.
+    static WORD_CACHE: RefCell<(u64, WordCache)> = RefCell::new((0, WordCache::default()));
+}
+
+/// The regex of the `tokenizers` ByteLevel pre-tokenizer (GPT-2's), compiled by the same engine.
+static GPT2_SPLIT: LazyLock<SysRegex> = LazyLock::new(|| {
+    SysRegex::new(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
+        .expect("valid regex")
+});
+
+/// GPT-2's byte → printable char map, as in `tokenizers`.
+static BYTE_CHARS: LazyLock<[char; 256]> = LazyLock::new(|| {
+    let mut out = ['\0'; 256];
+    let mut n = 0;
+    for b in 0..=255u8 {
+        let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        out[b as usize] = if printable {
+            b as char
+        } else {
+            n += 1;
+            char::from_u32(255 + n).expect("valid char")
+        };
+    }
+    out
+});
 
 /// FNV-1a, 64 bits: a stable fingerprint of a tokenizer file, stored in every shard.
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -105,11 +167,27 @@ impl ChatTokenizer {
                 tok.with_decoder(Some(ByteLevelDecoder::default()));
             }
         }
-        let word_cache = tok.get_normalizer().is_none()
-            && tok.get_pre_tokenizer().is_some()
-            && added.values().all(|t| t.special);
+        let fast = if tok.get_normalizer().is_some() || !added.values().all(|t| t.special) {
+            FastPath::None
+        } else {
+            match tok.get_pre_tokenizer() {
+                None => FastPath::None,
+                Some(PreTokenizerWrapper::ByteLevel(b)) if b.use_regex => {
+                    FastPath::ByteLevel { add_prefix_space: b.add_prefix_space }
+                }
+                Some(_) => FastPath::Words,
+            }
+        };
+        let mut escape_first_bytes = [false; 256];
+        for e in &escaped {
+            if let Some(&b) = e.as_bytes().first() {
+                escape_first_bytes[b as usize] = true;
+            }
+        }
         Ok(ChatTokenizer {
-            word_cache,
+            escape_first_bytes,
+            fast,
+
             pad_id: special_ids[PAD],
             eoa_id: special_ids[EOA],
             special_ids,
@@ -156,6 +234,10 @@ impl ChatTokenizer {
 
     /// Escapes special-token strings (see [`escape_specials`]) so that `text` stays text.
     pub fn escape<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
+        // Most text holds no byte that starts a special token: skip the substring searches.
+        if !text.bytes().any(|b| self.escape_first_bytes[b as usize]) {
+            return std::borrow::Cow::Borrowed(text);
+        }
         escape_specials(text, &self.escaped)
     }
 
@@ -169,37 +251,93 @@ impl ChatTokenizer {
             return Ok(Vec::new());
         }
         let text = self.escape(text);
-        if !self.word_cache {
-            return self.encode(&text);
-        }
         let err = |e| anyhow!("tokenizer: encode failed: {e}");
-        let mut pts = PreTokenizedString::from(text.as_ref());
-        self.inner
-            .get_pre_tokenizer()
-            .expect("checked in from_tokenizer")
-            .pre_tokenize(&mut pts)
-            .map_err(err)?;
         let mut ids = Vec::with_capacity(text.len() / 3 + 1);
-        WORD_CACHE.with(|cell| -> Result<()> {
+        match self.fast {
+            FastPath::None => return self.encode(&text),
+            FastPath::Words => {
+                let mut pts = PreTokenizedString::from(text.as_ref());
+                let pre = self.inner.get_pre_tokenizer().expect("checked in from_tokenizer");
+                pre.pre_tokenize(&mut pts).map_err(err)?;
+                self.with_cache(|cache| {
+                    for (word, _, _) in pts.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+                        self.push_word(cache, word, word, &mut ids)?;
+                    }
+                    Ok(())
+                })?;
+            }
+            FastPath::ByteLevel { add_prefix_space } => {
+                let prefixed;
+                let s: &str = if add_prefix_space && !text.starts_with(' ') {
+                    prefixed = format!(" {text}");
+                    &prefixed
+                } else {
+                    &text
+                };
+                self.with_cache(|cache| {
+                    let mut mapped = String::new();
+                    let mut word = |w: &str, ids: &mut Vec<u32>| -> Result<()> {
+                        if let Some(hit) = cache.get(w) {
+                            ids.extend_from_slice(hit);
+                            return Ok(());
+                        }
+                        mapped.clear();
+                        mapped.extend(w.bytes().map(|b| BYTE_CHARS[b as usize]));
+                        self.push_word(cache, w, &mapped, ids)
+                    };
+                    let mut prev = 0;
+                    for (a, b) in GPT2_SPLIT.find_iter(s) {
+                        if prev < a {
+                            word(&s[prev..a], &mut ids)?;
+                        }
+                        word(&s[a..b], &mut ids)?;
+                        prev = b;
+                    }
+                    if prev < s.len() {
+                        word(&s[prev..], &mut ids)?;
+                    }
+                    Ok(())
+                })?;
+            }
+        }
+        Ok(ids)
+    }
+
+    fn with_cache(&self, f: impl FnOnce(&mut WordCache) -> Result<()>) -> Result<()> {
+        WORD_CACHE.with(|cell| {
             let mut guard = cell.borrow_mut();
             let (owner, cache) = &mut *guard;
             if *owner != self.fingerprint || cache.len() > WORD_CACHE_MAX {
                 cache.clear();
                 *owner = self.fingerprint;
             }
-            for (word, _, _) in pts.get_splits(OffsetReferential::Original, OffsetType::Byte) {
-                if let Some(hit) = cache.get(word) {
-                    ids.extend_from_slice(hit);
-                    continue;
-                }
-                let toks: Vec<u32> =
-                    self.inner.get_model().tokenize(word).map_err(err)?.iter().map(|t| t.id).collect();
-                ids.extend_from_slice(&toks);
-                cache.insert(word.to_string(), toks);
-            }
-            Ok(())
-        })?;
-        Ok(ids)
+            f(cache)
+        })
+    }
+
+    /// Appends the ids of `word` (given to the model as `model_input`), through the cache.
+    fn push_word(
+        &self,
+        cache: &mut WordCache,
+        word: &str,
+        model_input: &str,
+        ids: &mut Vec<u32>,
+    ) -> Result<()> {
+        if let Some(hit) = cache.get(word) {
+            ids.extend_from_slice(hit);
+            return Ok(());
+        }
+        let toks: Vec<u32> = self
+            .inner
+            .get_model()
+            .tokenize(model_input)
+            .map_err(|e| anyhow!("tokenizer: encode failed: {e}"))?
+            .iter()
+            .map(|t| t.id)
+            .collect();
+        ids.extend_from_slice(&toks);
+        cache.insert(word.to_string(), toks);
+        Ok(())
     }
 
     /// [`Self::encode_text`] without the word cache: the `tokenizers` encode of the escaped text.
