@@ -297,3 +297,32 @@ fn cached_text_encoding_equals_the_tokenizers_crate_on_random_text() {
         }
     }
 }
+
+/// The other encoding paths: a pre-tokenizer that is not a bare ByteLevel (cached words through
+/// the `tokenizers` pre-tokenizer) and a tokenizer with a normalizer (the plain pipeline) give the
+/// tokens of the whole formatted text too.
+#[test]
+fn other_tokenizer_shapes_keep_the_piece_property() {
+    let dir = tempfile::tempdir().unwrap();
+    let _ = data_util::small_tokenizer(dir.path());
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("tok.json")).unwrap()).unwrap();
+    let mut seq = base.clone();
+    seq["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [base["pre_tokenizer"]]});
+    let mut nfc = base.clone();
+    nfc["normalizer"] = serde_json::json!({"type": "NFC"});
+    let mut rng = sft::rng::Rng::new(3);
+    for (name, json) in [("seq.json", seq), ("nfc.json", nfc)] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, json.to_string()).unwrap();
+        let tok = ChatTokenizer::from_file(&p).unwrap();
+        for _ in 0..300 {
+            let c =
+                conv(&random_text(&mut rng, 6), &[(&random_text(&mut rng, 10), &random_text(&mut rng, 10))]);
+            let ex = tokenize_conversation(&tok, &c, TrainOn::FinalReply).unwrap();
+            assert_eq!(ex.tokens, tok.encode(&training_text(&c)).unwrap(), "{name}: {c:?}");
+            let t = random_text(&mut rng, 20);
+            assert_eq!(tok.encode_text(&t).unwrap(), tok.encode_text_uncached(&t).unwrap(), "{name}: {t:?}");
+        }
+    }
+}

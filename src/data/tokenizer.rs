@@ -167,7 +167,9 @@ impl ChatTokenizer {
                 tok.with_decoder(Some(ByteLevelDecoder::default()));
             }
         }
-        let fast = if tok.get_normalizer().is_some() || !added.values().all(|t| t.special) {
+        // BPE dropout makes a word's ids random: no cache then.
+        let dropout = matches!(tok.get_model(), ModelWrapper::BPE(b) if b.dropout.is_some_and(|p| p > 0.0));
+        let fast = if tok.get_normalizer().is_some() || !added.values().all(|t| t.special) || dropout {
             FastPath::None
         } else {
             match tok.get_pre_tokenizer() {
