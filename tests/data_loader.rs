@@ -305,6 +305,13 @@ fn prepare_splits_skips_and_round_trips() {
         assert_eq!(&got.to_example(), *e);
     }
     assert_eq!(r.n_tokens, kept.iter().map(|e| e.len() as u64).sum::<u64>());
+    // A split without examples is an empty dataset, not a missing one.
+    opts.train_share = 1.0;
+    let r = prepare(&opts).unwrap();
+    assert_eq!(r.n_val, 0);
+    let val = Dataset::open(&out, Split::Val).unwrap();
+    assert!(val.is_empty());
+    assert!(batches_in_order(&val, &cfg(4, 256, BatchMode::Dynamic)).unwrap().is_empty());
     // Too-short max_seq_len: nothing left is an error.
     opts.max_seq_len = 8;
     let err = format!("{:#}", prepare(&opts).unwrap_err());

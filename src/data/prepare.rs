@@ -118,6 +118,17 @@ impl SplitWriter {
         }
         Ok(())
     }
+
+    /// Flushes; a split without examples still gets one (empty) shard, so that it opens as an
+    /// empty dataset rather than as a missing one.
+    fn finish(mut self) -> Result<(usize, Vec<PathBuf>)> {
+        self.flush()?;
+        if self.written.is_empty() {
+            let path = self.dir.join(shard_name(self.split, 0));
+            self.written.push(ShardWriter::create(&path, self.fingerprint, self.pad_id)?.finish()?);
+        }
+        Ok((self.n_examples, self.written))
+    }
 }
 
 /// Tokenizes conversations in parallel; `Err` names the example index.
@@ -217,13 +228,13 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
         report.n_supervised += ex.n_supervised() as u64;
         if v { &mut val } else { &mut train }.push(ex.tokens, ex.spans)?;
     }
-    train.flush()?;
-    val.flush()?;
+    let (n_train, train_shards) = train.finish()?;
+    let (n_val, val_shards) = val.finish()?;
     drop(spool);
     std::fs::remove_file(&spool_path).with_context(|| format!("{}: cannot remove", spool_path.display()))?;
-    report.n_train = train.n_examples;
-    report.n_val = val.n_examples;
-    report.shards = train.written.into_iter().chain(val.written).collect();
+    report.n_train = n_train;
+    report.n_val = n_val;
+    report.shards = train_shards.into_iter().chain(val_shards).collect();
     report.seconds = start.elapsed().as_secs_f64();
     report.tokens_per_s = all_tokens as f64 / report.seconds.max(1e-9);
     let meta = serde_json::json!({ "options": opts, "report": &report });
