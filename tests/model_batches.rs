@@ -440,3 +440,46 @@ fn loader_batches_padded_and_packed_agree() {
     let worst = assert_grads_close(&g_padded, &g_packed, 1e-6);
     println!("loader padded vs packed: max relative gradient difference {worst:e}");
 }
+
+/// The crate's CPU backend and the plain test-only one agree on a whole training step.
+#[test]
+fn cpu_backend_matches_the_naive_backend() {
+    use model_util::naive::NaiveBackend;
+    let exs = examples(90, &[7, 4, 6, 5]);
+    for config in [
+        tiny_config(2, RopeStyle::AdjacentPairs, false, 0.25),
+        tiny_config(4, RopeStyle::HalfSplit, true, 0.25),
+    ] {
+        for batch in [padded_batch(&exs, 1), packed_batch(&exs, 13)] {
+            let mut cpu = model_f64(&config, batch.n_tokens(), 5);
+            let mut naive = Model::new(NaiveBackend, config.clone(), batch.n_tokens()).unwrap();
+            naive.write_params(&cpu.read_params().unwrap()).unwrap();
+            let hp = AdamW {
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.01,
+                step: 1,
+                grad_scale: 0.5,
+            };
+            let l_cpu = cpu.forward_backward(&batch, 0.1, Some(7)).unwrap();
+            let l_naive = naive.forward_backward(&batch, 0.1, Some(7)).unwrap();
+            // Not bit-equal: the backends may round constants (RoPE angles, for one) differently.
+            assert!((l_cpu - l_naive).abs() <= 1e-8 * l_naive, "{l_cpu} vs {l_naive}");
+            assert_grads_close(&cpu.read_grads().unwrap(), &naive.read_grads().unwrap(), 1e-6);
+            assert!(
+                (cpu.grad_norm().unwrap() - naive.grad_norm().unwrap()).abs()
+                    <= 1e-7 * naive.grad_norm().unwrap()
+            );
+            cpu.adamw_step(&hp).unwrap();
+            naive.adamw_step(&hp).unwrap();
+            assert_grads_close(&cpu.read_params().unwrap(), &naive.read_params().unwrap(), 1e-6);
+            let mut c1 = cpu.new_cache(8).unwrap();
+            let mut c2 = naive.new_cache(8).unwrap();
+            let a = cpu.next_logits(&mut c1, &batch.inputs[..5]).unwrap();
+            let b = naive.next_logits(&mut c2, &batch.inputs[..5]).unwrap();
+            assert!(max_rel_diff(&a, &b) < 1e-6);
+        }
+    }
+}

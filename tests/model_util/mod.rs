@@ -143,14 +143,15 @@ pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f64 {
 pub mod naive;
 pub mod reference;
 
-/// The backends the model's tests run on (f64 for exact comparisons, f32 for training paths).
-pub type F64 = naive::NaiveBackend;
-pub type F32 = naive::NaiveBackend;
+/// The backends the model's tests run on (f64 for exact comparisons, f32 for training paths):
+/// the crate's CPU reference. [`naive::NaiveBackend`] cross-checks it.
+pub type F64 = sft::backend::cpu::CpuBackend<f64>;
+pub type F32 = sft::backend::cpu::CpuBackend<f32>;
 
 pub fn f64_backend() -> F64 {
-    naive::NaiveBackend
+    sft::backend::cpu::CpuBackend::new()
 }
 
 pub fn f32_backend() -> F32 {
-    naive::NaiveBackend
+    sft::backend::cpu::CpuBackend::new()
 }
