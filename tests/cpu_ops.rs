@@ -580,3 +580,20 @@ fn f32_agrees_with_f64() {
     }
     eprintln!("f32 vs f64: worst relative error {worst:.2e}");
 }
+
+#[test]
+fn attention_spanning_several_row_blocks_matches_naive_and_finite_differences() {
+    // The training attention works in blocks of 64 rows: a 130-row segment spans three.
+    let be = B64::new();
+    let cu: [u32; 4] = [0, 1, 131, 150];
+    let (heads, n) = (GQA, 150);
+    let mut rng = Rng::new(100);
+    let qkv = random(&mut rng, n * heads.qkv_width());
+    let r = random(&mut rng, n * heads.q_width());
+    let (out, lse) = attention(&be, &qkv, &cu, n, heads);
+    let (want_out, want_lse) = naive_attention(&qkv, &cu, n, heads);
+    assert!(rel_err(&out, &want_out) < 1e-12 && rel_err(&lse, &want_lse) < 1e-12);
+    let mut dqkv = vec![5.0; n * heads.qkv_width()];
+    be.attention_backward(&mut dqkv, &r, &qkv, &out, &lse, &cu.to_vec(), 3, n, heads).unwrap();
+    fd_check("attention dqkv, 64-row blocks", &dqkv, &qkv, |x| dot(&attention(&be, x, &cu, n, heads).0, &r));
+}

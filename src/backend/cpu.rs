@@ -7,6 +7,7 @@
 //! order, so a run is reproducible whatever the thread count.
 
 mod attention;
+mod attention_blocks;
 mod dense;
 mod loss;
 mod optim;
@@ -16,7 +17,8 @@ use std::marker::PhantomData;
 
 use anyhow::{ensure, Result};
 
-pub use attention::{attention_backward, attention_decode, attention_forward, rope_backward, rope_forward};
+pub use attention::{attention_decode, rope_backward, rope_forward};
+pub use attention_blocks::{attention_backward, attention_forward};
 pub use dense::{
     dropout, embedding_backward, embedding_forward, matmul_backward, matmul_forward,
     residual_rmsnorm_forward, rmsnorm_backward, rmsnorm_forward, swiglu_backward, swiglu_forward,
