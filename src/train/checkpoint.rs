@@ -17,8 +17,9 @@
 
 use crate::backend::Backend;
 use crate::data::LoaderState;
+use crate::model::config::ModelConfig;
 use crate::model::params::{from_hf, to_hf, NamedTensor};
-use crate::model::{Model, ModelConfig};
+use crate::model::Model;
 use crate::rng::Rng;
 use crate::train::config::TrainConfig;
 use crate::train::schedule::Schedule;
@@ -99,7 +100,8 @@ pub fn write_safetensors(path: &Path, tensors: &[NamedTensor]) -> Result<()> {
         );
     }
     let views = tensors.iter().map(|t| (t.name.as_str(), F32View { shape: &t.shape, data: &t.data }));
-    safetensors::serialize_to_file(views, None, path).with_context(|| format!("writing {}", path.display()))?;
+    safetensors::serialize_to_file(views, None, path)
+        .with_context(|| format!("writing {}", path.display()))?;
     fsync_file(path)
 }
 
@@ -124,7 +126,8 @@ pub fn read_safetensors(path: &Path, expected: &[(String, Vec<usize>)]) -> Resul
     }
     let mut out = Vec::with_capacity(expected.len());
     for (name, shape) in expected {
-        let view = st.tensor(name).map_err(|_| anyhow::anyhow!("{}: tensor {name} is missing", path.display()))?;
+        let view =
+            st.tensor(name).map_err(|_| anyhow::anyhow!("{}: tensor {name} is missing", path.display()))?;
         ensure!(
             view.shape() == shape.as_slice(),
             "{}: tensor {name} has shape {:?}, expected {:?}",
@@ -134,15 +137,18 @@ pub fn read_safetensors(path: &Path, expected: &[(String, Vec<usize>)]) -> Resul
         );
         let bytes = view.data();
         let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+            Dtype::F32 => {
+                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+            }
+            Dtype::BF16 => {
+                bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+            }
             Dtype::F16 => {
                 bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
             }
-            other => bail!("{}: tensor {name} has dtype {other:?}; expected F32, BF16 or F16", path.display()),
+            other => {
+                bail!("{}: tensor {name} has dtype {other:?}; expected F32, BF16 or F16", path.display())
+            }
         };
         out.push(NamedTensor { name: name.clone(), shape: shape.clone(), data });
     }
@@ -224,7 +230,9 @@ fn fsync_file(path: &Path) -> Result<()> {
 
 fn fsync_dir(path: &Path) -> Result<()> {
     // Makes renames and new entries in the directory durable (POSIX).
-    File::open(path).and_then(|f| f.sync_all()).with_context(|| format!("syncing directory {}", path.display()))
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing directory {}", path.display()))
 }
 
 fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -251,7 +259,9 @@ fn write_weights<B: Backend>(dir: &Path, model: &Model<B>, tokenizer: Option<&Pa
 fn optimizer_tensors<B: Backend>(model: &Model<B>) -> Result<Vec<NamedTensor>> {
     let (m, v) = model.read_optimizer_state()?;
     let prefixed = |prefix: &str, ts: Vec<NamedTensor>| {
-        ts.into_iter().map(move |t| NamedTensor { name: format!("{prefix}.{}", t.name), ..t }).collect::<Vec<_>>()
+        ts.into_iter()
+            .map(move |t| NamedTensor { name: format!("{prefix}.{}", t.name), ..t })
+            .collect::<Vec<_>>()
     };
     let mut all = prefixed("m", m);
     all.extend(prefixed("v", v));
@@ -313,7 +323,8 @@ pub fn save<B: Backend>(
         );
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing stale {}", dir.display()))?;
     }
-    std::fs::rename(&tmp, &dir).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+    std::fs::rename(&tmp, &dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
     fsync_dir(out_dir)?;
     let latest_tmp = out_dir.join(format!("{LATEST_FILE}.tmp"));
     write_file_synced(&latest_tmp, format!("{name}\n").as_bytes())?;
@@ -349,7 +360,8 @@ fn prune(out_dir: &Path, keep: usize, current: u64) -> Result<()> {
     let n_old = all.len().saturating_sub(keep);
     for (step, dir) in all.into_iter().take(n_old) {
         if step != current {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("removing old checkpoint {}", dir.display()))?;
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("removing old checkpoint {}", dir.display()))?;
         }
     }
     Ok(())
@@ -375,11 +387,7 @@ pub fn latest(out_dir: &Path) -> Result<Option<PathBuf>> {
         out_dir.join(LATEST_FILE).display()
     );
     let dir = out_dir.join(&name);
-    ensure!(
-        dir.is_dir(),
-        "{} points at {name}, which does not exist",
-        out_dir.join(LATEST_FILE).display()
-    );
+    ensure!(dir.is_dir(), "{} points at {name}, which does not exist", out_dir.join(LATEST_FILE).display());
     Ok(Some(dir))
 }
 
@@ -428,7 +436,9 @@ pub fn load_optimizer_into<B: Backend>(dir: &Path, model: &mut Model<B>) -> Resu
     let strip = |ts: Vec<NamedTensor>| -> Vec<NamedTensor> {
         ts.into_iter().map(|t| NamedTensor { name: t.name[2..].to_string(), ..t }).collect()
     };
-    model.write_optimizer_state(&strip(tensors), &strip(v)).with_context(|| format!("loading {}", path.display()))
+    model
+        .write_optimizer_state(&strip(tensors), &strip(v))
+        .with_context(|| format!("loading {}", path.display()))
 }
 
 pub fn load_trainer_state(dir: &Path) -> Result<TrainerState> {

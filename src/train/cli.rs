@@ -8,7 +8,7 @@ use crate::data::{
 use crate::model::Model;
 use crate::train::checkpoint;
 use crate::train::config::{Device, TrainConfig};
-use crate::train::trainer::{eval_loss, resolve_model_config, train};
+use crate::train::trainer::{self, eval_loss, resolve_model_config};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -162,9 +162,10 @@ impl TrainArgs {
     }
 }
 
-pub fn train_cmd(args: TrainArgs) -> Result<()> {
+/// Trains as the config file and flags say, then prints a summary.
+pub fn train(args: TrainArgs) -> Result<()> {
     let cfg = args.to_config()?;
-    let report = train(&cfg)?;
+    let report = trainer::train(&cfg)?;
     println!(
         "done: {} steps, train loss {:.4}, val loss {}, {:.0} tokens/s{}",
         report.steps,
@@ -217,8 +218,13 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     anyhow::ensure!(args.micro_batch > 0, "--micro-batch must be at least 1");
     let config = checkpoint::read_model_config(&args.checkpoint)?;
     let max_seq_len = args.max_seq_len.unwrap_or(config.max_seq_len);
-    let loader_config =
-        LoaderConfig { batch_size: args.micro_batch, max_seq_len, mode: args.batch_mode, shuffle: false, seed: 0 };
+    let loader_config = LoaderConfig {
+        batch_size: args.micro_batch,
+        max_seq_len,
+        mode: args.batch_mode,
+        shuffle: false,
+        seed: 0,
+    };
     let batches = if args.data.is_dir() {
         let split = match args.split {
             SplitArg::Train => Split::Train,
@@ -227,7 +233,8 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         let dataset = Dataset::open(&args.data, split)?;
         batches_in_order(&dataset, &loader_config)?
     } else {
-        let tok_path = args.tokenizer.clone().unwrap_or_else(|| args.checkpoint.join(checkpoint::TOKENIZER_FILE));
+        let tok_path =
+            args.tokenizer.clone().unwrap_or_else(|| args.checkpoint.join(checkpoint::TOKENIZER_FILE));
         let tok = ChatTokenizer::from_file(&tok_path)
             .with_context(|| format!("loading the tokenizer {}", tok_path.display()))?;
         let convs = read_chat_file(&args.data)?;
@@ -239,8 +246,11 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         }
         batches_from_examples(&examples, tok.pad_id(), &loader_config)?
     };
-    let mut model =
-        checkpoint::load_model_with(&args.checkpoint, CpuBackend::<f32>::new(), args.micro_batch * max_seq_len)?;
+    let mut model = checkpoint::load_model_with(
+        &args.checkpoint,
+        CpuBackend::<f32>::new(),
+        args.micro_batch * max_seq_len,
+    )?;
     let loss = eval_loss(&mut model, &batches)?;
     let supervised: usize = batches.iter().map(|b| b.n_supervised()).sum();
     println!(

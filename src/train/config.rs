@@ -131,8 +131,8 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Reads a JSON config; absent fields take their defaults, unknown fields are errors.
     pub fn load(path: &Path) -> Result<TrainConfig> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading train config {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading train config {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("parsing train config {}", path.display()))
     }
 

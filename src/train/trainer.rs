@@ -14,8 +14,11 @@
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{AdamW, Backend};
-use crate::data::{batches_in_order, Batch, ChatTokenizer, Dataset, Loader, LoaderConfig, LoaderState, Split};
-use crate::model::{Model, ModelConfig};
+use crate::data::{
+    batches_in_order, Batch, ChatTokenizer, Dataset, Loader, LoaderConfig, LoaderState, Split,
+};
+use crate::model::config::ModelConfig;
+use crate::model::Model;
 use crate::rng::Rng;
 use crate::train::checkpoint::{self, TrainerState};
 use crate::train::config::{Device, TrainConfig};
@@ -114,8 +117,9 @@ impl Progress {
     fn new(start: u64, end: u64, log_every: u64) -> Progress {
         if std::io::stderr().is_terminal() {
             let bar = ProgressBar::new(end).with_position(start);
-            let style = ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar());
+            let style =
+                ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar());
             bar.set_style(style);
             Progress::Bar(bar)
         } else {
@@ -130,7 +134,7 @@ impl Progress {
                 bar.set_message(summary.to_string());
             }
             Progress::Lines { every } => {
-                if step % every == 0 || step == end {
+                if step.is_multiple_of(*every) || step == end {
                     eprintln!("step {step}/{end} {summary}");
                 }
             }
@@ -176,7 +180,8 @@ pub fn train_with<B: Backend>(
         ),
         (false, None) => None,
     };
-    let resumed: Option<TrainerState> = resume_dir.as_deref().map(checkpoint::load_trainer_state).transpose()?;
+    let resumed: Option<TrainerState> =
+        resume_dir.as_deref().map(checkpoint::load_trainer_state).transpose()?;
     if let Some(state) = &resumed {
         warn_about_changes(&state.config, cfg);
     }
@@ -224,7 +229,8 @@ pub fn train_with<B: Backend>(
         cfg.grad_accum
     );
     let val_set = Dataset::open(&cfg.data, Split::Val)?;
-    let full_val: Vec<Batch> = if val_set.len() > 0 { batches_in_order(&val_set, &loader_config)? } else { vec![] };
+    let full_val: Vec<Batch> =
+        if val_set.len() > 0 { batches_in_order(&val_set, &loader_config)? } else { vec![] };
     let quick_val: Vec<Batch> = full_val.iter().take(cfg.eval_batches).cloned().collect();
     let has_val = full_val.iter().any(|b| b.n_supervised() > 0);
 
@@ -307,11 +313,15 @@ pub fn train_with<B: Backend>(
 
         // Micro-batch m of step s is batch (s mod steps_per_epoch)·grad_accum + m of epoch
         // s / steps_per_epoch; the micro-batches left over at an epoch's end are not used.
-        let position = LoaderState { epoch: step / steps_per_epoch, batch_in_epoch: (step % steps_per_epoch) * cfg.grad_accum as u64 };
+        let position = LoaderState {
+            epoch: step / steps_per_epoch,
+            batch_in_epoch: (step % steps_per_epoch) * cfg.grad_accum as u64,
+        };
         if loader.state() != position {
             loader.restore(&position)?;
         }
-        let micro_batches = (0..cfg.grad_accum).map(|_| loader.next_batch()).collect::<Result<Vec<Batch>>>()?;
+        let micro_batches =
+            (0..cfg.grad_accum).map(|_| loader.next_batch()).collect::<Result<Vec<Batch>>>()?;
 
         // 1. The step's loss is the mean over all of its supervised targets.
         let supervised: usize = micro_batches.iter().map(Batch::n_supervised).sum();
@@ -371,15 +381,20 @@ pub fn train_with<B: Backend>(
 
         // ---- evaluation: a quick one every eval_every steps, a full pass at each epoch end ----
         let done = state.step;
-        let epoch_end = done % steps_per_epoch == 0;
+        let epoch_end = done.is_multiple_of(steps_per_epoch);
         let val_loss = if !has_val {
             None
         } else if epoch_end {
             let loss = eval_loss(&mut model, &full_val)?;
-            progress.println(&format!("epoch {} done: full validation loss {loss:.4}", done / steps_per_epoch));
+            progress
+                .println(&format!("epoch {} done: full validation loss {loss:.4}", done / steps_per_epoch));
             Some(loss)
-        } else if (cfg.eval_every > 0 && done % cfg.eval_every == 0) || done == end_step {
-            quick_val.iter().any(|b| b.n_supervised() > 0).then(|| eval_loss(&mut model, &quick_val)).transpose()?
+        } else if (cfg.eval_every > 0 && done.is_multiple_of(cfg.eval_every)) || done == end_step {
+            quick_val
+                .iter()
+                .any(|b| b.n_supervised() > 0)
+                .then(|| eval_loss(&mut model, &quick_val))
+                .transpose()?
         } else {
             None
         };
@@ -409,7 +424,10 @@ pub fn train_with<B: Backend>(
 
         // ---- sample replies at growing intervals --------------------------------------------
         if let Some(sample) = sampler.as_deref_mut() {
-            if cfg.sample_every > 0 && done % cfg.sample_every == 0 && (done / cfg.sample_every).is_power_of_two() {
+            if cfg.sample_every > 0
+                && done.is_multiple_of(cfg.sample_every)
+                && (done / cfg.sample_every).is_power_of_two()
+            {
                 for prompt in &cfg.samples {
                     let reply = sample(&mut model, &tokenizer, prompt)?;
                     progress.println(&format!("[step {done}] {prompt}\n  -> {reply}"));
@@ -418,8 +436,9 @@ pub fn train_with<B: Backend>(
         }
 
         // ---- checkpoint ------------------------------------------------------------------------
-        if (cfg.save_every > 0 && done % cfg.save_every == 0) || done == end_step {
-            let dir = checkpoint::save(&cfg.out_dir, &model, &state, Some(&tokenizer_path), cfg.keep_checkpoints)?;
+        if (cfg.save_every > 0 && done.is_multiple_of(cfg.save_every)) || done == end_step {
+            let dir =
+                checkpoint::save(&cfg.out_dir, &model, &state, Some(&tokenizer_path), cfg.keep_checkpoints)?;
             report.checkpoint = Some(dir);
         }
     }
@@ -431,10 +450,7 @@ pub fn train_with<B: Backend>(
     report.tokens_per_s = if train_time > 0.0 { train_tokens as f64 / train_time } else { 0.0 };
     report.skipped_batches = state.skipped_batches;
     if report.skipped_batches > 0 {
-        eprintln!(
-            "note: {} micro-batches had no supervised target and were skipped",
-            report.skipped_batches
-        );
+        eprintln!("note: {} micro-batches had no supervised target and were skipped", report.skipped_batches);
     }
     Ok((model, report))
 }
@@ -449,7 +465,18 @@ fn warn_about_changes(saved: &TrainConfig, now: &TrainConfig) {
             }
         )*};
     }
-    check!(data, micro_batch, grad_accum, batch_mode, max_seq_len, shuffle, seed, dropout, epochs, schedule_steps);
+    check!(
+        data,
+        micro_batch,
+        grad_accum,
+        batch_mode,
+        max_seq_len,
+        shuffle,
+        seed,
+        dropout,
+        epochs,
+        schedule_steps
+    );
     check!(max_lr, min_lr, warmup_steps, beta1, beta2, eps, weight_decay, clip);
     if !changed.is_empty() {
         eprintln!(
