@@ -18,7 +18,7 @@
 use crate::backend::Backend;
 use crate::data::LoaderState;
 use crate::model::config::ModelConfig;
-use crate::model::params::{from_hf, to_hf, NamedTensor};
+use crate::model::params::{from_hf, param_specs, to_hf, to_hf_names, NamedTensor};
 use crate::model::Model;
 use crate::rng::Rng;
 use crate::train::config::TrainConfig;
@@ -155,8 +155,25 @@ pub fn read_safetensors(path: &Path, expected: &[(String, Vec<usize>)]) -> Resul
     Ok(out)
 }
 
-fn names_and_shapes(tensors: &[NamedTensor]) -> Vec<(String, Vec<usize>)> {
-    tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect()
+/// The Hugging Face tensors of `config`, (name, shape) in [`to_hf`]'s order.
+pub fn hf_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let heads = config.heads();
+    let (d, hidden, vocab) = (config.d_model, config.ffn_hidden, config.vocab_size);
+    to_hf_names(config)
+        .into_iter()
+        .map(|name| {
+            let shape = match name.rsplit('.').nth(1).unwrap_or_default() {
+                "embed_tokens" | "lm_head" => vec![vocab, d],
+                "q_proj" => vec![heads.q_width(), d],
+                "k_proj" | "v_proj" => vec![heads.kv_width(), d],
+                "o_proj" => vec![d, heads.q_width()],
+                "gate_proj" | "up_proj" => vec![hidden, d],
+                "down_proj" => vec![d, hidden],
+                _ => vec![d], // the norms
+            };
+            (name, shape)
+        })
+        .collect()
 }
 
 // ---- config.json ----------------------------------------------------------------------------
@@ -240,11 +257,15 @@ fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     f.write_all(bytes).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Writes the weights, config.json and (when given) the tokenizer into `dir`, which must exist.
-fn write_weights<B: Backend>(dir: &Path, model: &Model<B>, tokenizer: Option<&Path>) -> Result<()> {
-    let config = model.config();
-    let hf = to_hf(config, &model.read_params()?);
-    write_safetensors(&dir.join(MODEL_FILE), &hf)?;
+/// Writes the weights (internal tensors `params`), config.json and (when given) the tokenizer
+/// into `dir`, which must exist.
+fn write_weights(
+    dir: &Path,
+    config: &ModelConfig,
+    params: &[NamedTensor],
+    tokenizer: Option<&Path>,
+) -> Result<()> {
+    write_safetensors(&dir.join(MODEL_FILE), &to_hf(config, params))?;
     let json = serde_json::to_string_pretty(&hf_config_json(config))?;
     write_file_synced(&dir.join(CONFIG_FILE), json.as_bytes())?;
     if let Some(tok) = tokenizer {
@@ -268,15 +289,21 @@ fn optimizer_tensors<B: Backend>(model: &Model<B>) -> Result<Vec<NamedTensor>> {
     Ok(all)
 }
 
-/// Writes a weights-only checkpoint (`sft init`): `dir` must not exist yet. Atomic like [`save`].
-pub fn save_weights<B: Backend>(dir: &Path, model: &Model<B>, tokenizer: Option<&Path>) -> Result<()> {
+/// Writes a weights-only checkpoint (`sft init`) from internal tensors: `dir` must not exist
+/// yet. Atomic like [`save`].
+pub fn save_weights(
+    dir: &Path,
+    config: &ModelConfig,
+    params: &[NamedTensor],
+    tokenizer: Option<&Path>,
+) -> Result<()> {
     ensure!(!dir.exists(), "{} already exists: choose a new directory", dir.display());
     let tmp = tmp_sibling(dir)?;
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    write_weights(&tmp, model, tokenizer)?;
+    write_weights(&tmp, config, params, tokenizer)?;
     fsync_dir(&tmp)?;
     std::fs::rename(&tmp, dir).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
     fsync_dir(dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
@@ -309,7 +336,7 @@ pub fn save<B: Backend>(
         std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
     }
     std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    write_weights(&tmp, model, tokenizer)?;
+    write_weights(&tmp, model.config(), &model.read_params()?, tokenizer)?;
     write_safetensors(&tmp.join(OPTIMIZER_FILE), &optimizer_tensors(model)?)?;
     write_file_synced(&tmp.join(TRAINER_STATE_FILE), serde_json::to_string_pretty(state)?.as_bytes())?;
     fsync_dir(&tmp)?;
@@ -402,8 +429,7 @@ pub fn load_weights_into<B: Backend>(dir: &Path, model: &mut Model<B>) -> Result
         dir.join(CONFIG_FILE).display()
     );
     let path = dir.join(MODEL_FILE);
-    let expected = names_and_shapes(&to_hf(&ours, &model.read_params()?));
-    let hf = read_safetensors(&path, &expected)?;
+    let hf = read_safetensors(&path, &hf_shapes(&ours))?;
     let params = from_hf(&ours, &hf).with_context(|| format!("converting {}", path.display()))?;
     model.write_params(&params).with_context(|| format!("loading {}", path.display()))
 }
@@ -427,7 +453,8 @@ pub fn load_model<B: Backend>(dir: &Path, backend: B) -> Result<Model<B>> {
 /// Loads the AdamW moments saved by [`save`] into `model`.
 pub fn load_optimizer_into<B: Backend>(dir: &Path, model: &mut Model<B>) -> Result<()> {
     let path = dir.join(OPTIMIZER_FILE);
-    let params = names_and_shapes(&model.read_params()?);
+    let params: Vec<(String, Vec<usize>)> =
+        param_specs(model.config()).into_iter().map(|s| (s.name, s.shape)).collect();
     let mut expected: Vec<(String, Vec<usize>)> =
         params.iter().map(|(n, s)| (format!("m.{n}"), s.clone())).collect();
     expected.extend(params.iter().map(|(n, s)| (format!("v.{n}"), s.clone())));
@@ -453,4 +480,55 @@ pub fn tensor_shapes(path: &Path) -> Result<BTreeMap<String, Vec<usize>>> {
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e:?}", path.display()))?;
     Ok(st.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec())).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::params::init_params;
+
+    #[test]
+    fn hf_shapes_match_the_converted_tensors() {
+        for tie in [false, true] {
+            let config = ModelConfig { tie_embeddings: tie, ..ModelConfig::tiny(300) };
+            let hf = to_hf(&config, &init_params(&config, 1));
+            let expected: Vec<(String, Vec<usize>)> =
+                hf.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+            assert_eq!(hf_shapes(&config), expected);
+        }
+    }
+
+    #[test]
+    fn config_json_has_the_hf_fields_and_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ModelConfig::tiny(300);
+        let json = hf_config_json(&config);
+        assert_eq!(json["architectures"][0], "LlamaForCausalLM");
+        assert_eq!(json["num_key_value_heads"], 2);
+        std::fs::write(dir.path().join(CONFIG_FILE), json.to_string()).unwrap();
+        assert_eq!(read_model_config(dir.path()).unwrap(), config);
+        // Without our section, the Hugging Face fields describe the model.
+        let mut hf_only = json.clone();
+        hf_only.as_object_mut().unwrap().remove("sft");
+        std::fs::write(dir.path().join(CONFIG_FILE), hf_only.to_string()).unwrap();
+        let from_hf_fields = read_model_config(dir.path()).unwrap();
+        assert_eq!(
+            from_hf_fields,
+            ModelConfig { rope_style: crate::backend::RopeStyle::HalfSplit, dropout: 0.0, ..config }
+        );
+    }
+
+    #[test]
+    fn latest_pointer_must_name_an_existing_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(latest(dir.path()).unwrap(), None);
+        std::fs::write(dir.path().join(LATEST_FILE), "step-3\n").unwrap();
+        let err = latest(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("step-3, which does not exist"), "{err}");
+        std::fs::create_dir(dir.path().join("step-3")).unwrap();
+        std::fs::create_dir(dir.path().join("step-4.tmp")).unwrap();
+        assert_eq!(latest(dir.path()).unwrap(), Some(dir.path().join("step-3")));
+        let listed: Vec<u64> = list_checkpoints(dir.path()).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(listed, vec![3]);
+    }
 }

@@ -5,7 +5,6 @@ use crate::data::{
     batches_from_examples, batches_in_order, read_chat_file, tokenize_conversation, BatchMode, ChatTokenizer,
     Dataset, LoaderConfig, Split, TrainOn,
 };
-use crate::model::Model;
 use crate::train::checkpoint;
 use crate::train::config::{Device, TrainConfig};
 use crate::train::trainer::{self, eval_loss, resolve_model_config};
@@ -52,9 +51,9 @@ pub fn init(args: InitArgs) -> Result<()> {
         );
     }
     let n_params = config.n_params();
-    let mut model = Model::new(CpuBackend::<f32>::new(), config, 1)?;
-    model.init_params(args.seed)?;
-    checkpoint::save_weights(&args.out, &model, args.tokenizer.as_deref())?;
+    // Parameters alone: a whole Model would also allocate gradients and optimizer state.
+    let params = crate::model::params::init_params(&config, args.seed);
+    checkpoint::save_weights(&args.out, &config, &params, args.tokenizer.as_deref())?;
     println!("wrote {} ({n_params} parameters, seed {})", args.out.display(), args.seed);
     Ok(())
 }
