@@ -243,6 +243,11 @@ pub fn eval(args: EvalArgs) -> Result<()> {
                 .with_context(|| format!("{}: conversation {i}", args.data.display()))?;
             examples.push(ex);
         }
+        let n_all = examples.len();
+        examples.retain(|ex| ex.tokens.len() <= max_seq_len);
+        if examples.len() < n_all {
+            eprintln!("skipped {} of {n_all} conversations longer than {max_seq_len} tokens", n_all - examples.len());
+        }
         batches_from_examples(&examples, tok.pad_id(), &loader_config)?
     };
     let mut model = checkpoint::load_model_with(

@@ -15,7 +15,8 @@
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{AdamW, Backend};
 use crate::data::{
-    batches_in_order, Batch, ChatTokenizer, Dataset, Loader, LoaderConfig, LoaderState, Split,
+    batches_in_order, Batch, ChatTokenizer, Dataset, Loader, LoaderConfig, LoaderState, NoSupervisedTokens,
+    Split,
 };
 use crate::model::config::ModelConfig;
 use crate::model::Model;
@@ -46,6 +47,7 @@ pub struct TrainReport {
     pub step_losses: Vec<(u64, f64)>,
     /// Micro-batches skipped in all because none of their targets was supervised.
     pub skipped_batches: u64,
+    /// Optimizer steps in the first epoch (packed epochs may differ slightly).
     pub steps_per_epoch: u64,
     /// The last checkpoint written (None when this invocation saved none).
     pub checkpoint: Option<PathBuf>,
@@ -219,27 +221,35 @@ pub fn train_with<B: Backend>(
         seed: cfg.seed,
     };
     let train_set = Arc::new(Dataset::open(&cfg.data, Split::Train)?);
-    let mut loader = Loader::new(train_set, loader_config.clone())?;
-    let batches_per_epoch = loader.batches_per_epoch() as u64;
-    let steps_per_epoch = batches_per_epoch / cfg.grad_accum as u64;
-    ensure!(
-        steps_per_epoch > 0,
-        "{}: {batches_per_epoch} micro-batches per epoch, fewer than grad_accum = {}: lower micro_batch or grad_accum",
-        cfg.data.display(),
-        cfg.grad_accum
-    );
+    let mut loader = Loader::new(train_set.clone(), loader_config.clone())?;
+    // Packed batches per epoch depend on the epoch's shuffle: count every epoch's steps.
+    let mut epoch_steps = Vec::with_capacity(cfg.epochs as usize);
+    let mut scratch = Loader::new(train_set, loader_config.clone())?;
+    for epoch in 0..cfg.epochs.max(1) {
+        scratch.restore(&LoaderState { epoch, batch_in_epoch: 0 })?;
+        let batches = scratch.batches_per_epoch();
+        ensure!(
+            batches >= cfg.grad_accum,
+            "{}: epoch {epoch} has {batches} micro-batches, fewer than grad_accum = {}: lower micro_batch or grad_accum",
+            cfg.data.display(),
+            cfg.grad_accum
+        );
+        epoch_steps.push((batches / cfg.grad_accum) as u64);
+    }
+    let steps_per_epoch = epoch_steps[0];
+    let epochs_steps: u64 = epoch_steps.iter().take(cfg.epochs as usize).sum();
     let val_set = Dataset::open(&cfg.data, Split::Val)?;
     let full_val: Vec<Batch> =
-        if val_set.len() > 0 { batches_in_order(&val_set, &loader_config)? } else { vec![] };
+        if !val_set.is_empty() { batches_in_order(&val_set, &loader_config)? } else { vec![] };
     let quick_val: Vec<Batch> = full_val.iter().take(cfg.eval_batches).cloned().collect();
     let has_val = full_val.iter().any(|b| b.n_supervised() > 0);
 
-    let end_step = cfg.max_steps.unwrap_or(cfg.epochs * steps_per_epoch);
+    let end_step = cfg.max_steps.unwrap_or(epochs_steps);
     let schedule = Schedule {
         max_lr: cfg.max_lr,
         min_lr: cfg.min_lr,
         warmup_steps: cfg.warmup_steps,
-        total_steps: cfg.schedule_steps.unwrap_or(cfg.epochs * steps_per_epoch),
+        total_steps: cfg.schedule_steps.unwrap_or(epochs_steps),
     };
 
     // ---- the model -------------------------------------------------------------------------
@@ -311,17 +321,28 @@ pub fn train_with<B: Backend>(
         let step = state.step; // 0-based index of the step being taken
         let step_start = Instant::now();
 
-        // Micro-batch m of step s is batch (s mod steps_per_epoch)·grad_accum + m of epoch
-        // s / steps_per_epoch; the micro-batches left over at an epoch's end are not used.
-        let position = LoaderState {
-            epoch: step / steps_per_epoch,
-            batch_in_epoch: (step % steps_per_epoch) * cfg.grad_accum as u64,
-        };
-        if loader.state() != position {
-            loader.restore(&position)?;
+        // The step's micro-batches: the next `grad_accum` of this epoch, or, when fewer are left
+        // (they are dropped, like a last partial batch), the first ones of the next epoch.
+        let ga = cfg.grad_accum as u64;
+        let here = loader.state();
+        if here.batch_in_epoch + ga > loader.batches_per_epoch() as u64 {
+            loader.restore(&LoaderState { epoch: here.epoch + 1, batch_in_epoch: 0 })?;
+            ensure!(
+                loader.batches_per_epoch() as u64 >= ga,
+                "epoch {} has {} micro-batches, fewer than grad_accum = {ga}",
+                here.epoch + 1,
+                loader.batches_per_epoch()
+            );
         }
-        let micro_batches =
-            (0..cfg.grad_accum).map(|_| loader.next_batch()).collect::<Result<Vec<Batch>>>()?;
+        let mut micro_batches = Vec::with_capacity(cfg.grad_accum);
+        for _ in 0..ga {
+            match loader.next_batch() {
+                Ok(batch) => micro_batches.push(batch),
+                // Nothing to learn from (every target masked): skipped and counted.
+                Err(e) if e.downcast_ref::<NoSupervisedTokens>().is_some() => state.skipped_batches += 1,
+                Err(e) => return Err(e),
+            }
+        }
 
         // 1. The step's loss is the mean over all of its supervised targets.
         let supervised: usize = micro_batches.iter().map(Batch::n_supervised).sum();
@@ -332,10 +353,6 @@ pub fn train_with<B: Backend>(
         let mut loss_sum = 0.0f64;
         let mut step_tokens = 0u64;
         for (micro, batch) in micro_batches.iter().enumerate() {
-            if batch.n_supervised() == 0 {
-                state.skipped_batches += 1;
-                continue;
-            }
             let seed = (dropout > 0.0).then(|| dropout_seed(&dropout_stream, step, micro));
             loss_sum += model.forward_backward(batch, loss_scale, seed)?;
             step_tokens += batch.inputs.iter().filter(|&&t| t != batch.pad_id).count() as u64;
@@ -369,8 +386,9 @@ pub fn train_with<B: Backend>(
         train_tokens += step_tokens;
 
         state.step = step + 1;
-        state.epoch = state.step / steps_per_epoch;
         state.loader = loader.state();
+        let epoch_end = state.loader.batch_in_epoch + ga > loader.batches_per_epoch() as u64;
+        state.epoch = state.loader.epoch + u64::from(epoch_end);
         state.tokens_seen += step_tokens;
         state.supervised_tokens_seen += supervised as u64;
         state.lr = lr;
@@ -381,13 +399,11 @@ pub fn train_with<B: Backend>(
 
         // ---- evaluation: a quick one every eval_every steps, a full pass at each epoch end ----
         let done = state.step;
-        let epoch_end = done.is_multiple_of(steps_per_epoch);
         let val_loss = if !has_val {
             None
         } else if epoch_end {
             let loss = eval_loss(&mut model, &full_val)?;
-            progress
-                .println(&format!("epoch {} done: full validation loss {loss:.4}", done / steps_per_epoch));
+            progress.println(&format!("epoch {} done: full validation loss {loss:.4}", state.epoch));
             Some(loss)
         } else if (cfg.eval_every > 0 && done.is_multiple_of(cfg.eval_every)) || done == end_step {
             quick_val
