@@ -1,6 +1,6 @@
 //! `sft init`, `sft train` and `sft eval`.
 
-use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
 use crate::data::{
     batches_from_examples, batches_in_order, read_chat_file, tokenize_conversation, BatchMode, ChatTokenizer,
     Dataset, LoaderConfig, Split, TrainOn,
@@ -211,9 +211,34 @@ pub enum SplitArg {
 
 /// Prints the mean masked loss of a checkpoint on a data set.
 pub fn eval(args: EvalArgs) -> Result<()> {
-    if Device::parse(&args.device)? == Device::Cuda {
-        bail!("the CUDA backend is not built yet: use --device cpu");
-    }
+    let report = match Device::parse(&args.device)? {
+        Device::Auto | Device::Cpu => {
+            Err(anyhow::anyhow!("the CPU backend is not merged into this build yet"))
+        }
+        Device::Cuda => Err(anyhow::anyhow!("the CUDA backend is not built yet: use --device cpu")),
+    };
+    let report: EvalReport = report?;
+    println!(
+        "mean masked loss {:.6} (perplexity {:.3}) over {} supervised tokens in {} batches",
+        report.loss,
+        report.loss.exp(),
+        report.supervised_tokens,
+        report.batches
+    );
+    Ok(())
+}
+
+/// What `sft eval` measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalReport {
+    /// Mean loss per supervised target.
+    pub loss: f64,
+    pub supervised_tokens: usize,
+    pub batches: usize,
+}
+
+/// `sft eval` on a given backend.
+pub fn eval_with<B: Backend>(backend: B, args: &EvalArgs) -> Result<EvalReport> {
     anyhow::ensure!(args.micro_batch > 0, "--micro-batch must be at least 1");
     let config = checkpoint::read_model_config(&args.checkpoint)?;
     let max_seq_len = args.max_seq_len.unwrap_or(config.max_seq_len);
@@ -246,21 +271,15 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         let n_all = examples.len();
         examples.retain(|ex| ex.tokens.len() <= max_seq_len);
         if examples.len() < n_all {
-            eprintln!("skipped {} of {n_all} conversations longer than {max_seq_len} tokens", n_all - examples.len());
+            eprintln!(
+                "skipped {} of {n_all} conversations longer than {max_seq_len} tokens",
+                n_all - examples.len()
+            );
         }
         batches_from_examples(&examples, tok.pad_id(), &loader_config)?
     };
-    let mut model = checkpoint::load_model_with(
-        &args.checkpoint,
-        CpuBackend::<f32>::new(),
-        args.micro_batch * max_seq_len,
-    )?;
+    let mut model = checkpoint::load_model_with(&args.checkpoint, backend, args.micro_batch * max_seq_len)?;
     let loss = eval_loss(&mut model, &batches)?;
-    let supervised: usize = batches.iter().map(|b| b.n_supervised()).sum();
-    println!(
-        "mean masked loss {loss:.6} (perplexity {:.3}) over {supervised} supervised tokens in {} batches",
-        loss.exp(),
-        batches.len()
-    );
-    Ok(())
+    let supervised_tokens = batches.iter().map(|b| b.n_supervised()).sum();
+    Ok(EvalReport { loss, supervised_tokens, batches: batches.len() })
 }

@@ -12,7 +12,6 @@
 //! epoch, the dropout mask of micro-batch `m` of step `s`), so a resumed run repeats an
 //! uninterrupted one bit for bit.
 
-use crate::backend::cpu::CpuBackend;
 use crate::backend::{AdamW, Backend};
 use crate::data::{
     batches_in_order, Batch, ChatTokenizer, Dataset, Loader, LoaderConfig, LoaderState, NoSupervisedTokens,
@@ -59,18 +58,14 @@ pub type Sampler<'a, B> = dyn FnMut(&mut Model<B>, &ChatTokenizer, &str) -> Resu
 /// Trains on the CPU, or says why the requested device cannot be used.
 pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
     match cfg.device_kind()? {
-        Device::Auto | Device::Cpu => Ok(train_on(CpuBackend::<f32>::new(), cfg)?.1),
+        Device::Auto | Device::Cpu => bail!("the CPU backend is not merged into this build yet"),
         Device::Cuda => bail!("the CUDA backend is not built yet: use --device cpu"),
     }
 }
 
 /// Trains with `backend`, printing sample generations at growing intervals.
 pub fn train_on<B: Backend>(backend: B, cfg: &TrainConfig) -> Result<(Model<B>, TrainReport)> {
-    let mut sampler = |model: &mut Model<B>, tok: &ChatTokenizer, prompt: &str| -> Result<String> {
-        let opts = crate::generate::SamplingOptions { max_new_tokens: 128, ..Default::default() };
-        crate::generate::generate_reply(model, tok, crate::data::DEFAULT_SYSTEM_PROMPT, &[], prompt, &opts)
-    };
-    train_with(backend, cfg, Some(&mut sampler))
+    train_with(backend, cfg, None)
 }
 
 /// The mean loss per supervised target over `batches` (no dropout, no gradients).
