@@ -283,3 +283,50 @@ pub fn eval_with<B: Backend>(backend: B, args: &EvalArgs) -> Result<EvalReport> 
     let supervised_tokens = batches.iter().map(|b| b.n_supervised()).sum();
     Ok(EvalReport { loss, supervised_tokens, batches: batches.len() })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    #[test]
+    fn flags_override_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("run.json");
+        std::fs::write(&file, r#"{"micro_batch": 4, "grad_accum": 2, "max_lr": 2e-5, "data": "prepared"}"#)
+            .unwrap();
+        let cmd = Cmd::parse_from([
+            "train",
+            "--config",
+            file.to_str().unwrap(),
+            "--grad-accum",
+            "8",
+            "--batch-mode",
+            "packed",
+            "--resume",
+            "--sample",
+            "Hi?",
+        ]);
+        let c = cmd.args.to_config().unwrap();
+        assert_eq!((c.micro_batch, c.grad_accum, c.max_lr), (4, 8, 2e-5));
+        assert_eq!(c.batch_mode, BatchMode::Packed);
+        assert_eq!(c.data, PathBuf::from("prepared"));
+        assert!(c.resume);
+        assert_eq!(c.samples, vec!["Hi?".to_string()]);
+        assert_eq!(c.seed, 89, "untouched fields keep their defaults");
+
+        std::fs::write(&file, r#"{"micro_batch": 0, "data": "d"}"#).unwrap();
+        let cmd = Cmd::parse_from(["train", "--config", file.to_str().unwrap()]);
+        let err = cmd.args.to_config().unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("micro_batch"), "{err}");
+        let cmd = Cmd::parse_from(["train", "--config", "/nonexistent/run.json"]);
+        let err = format!("{:#}", cmd.args.to_config().unwrap_err());
+        assert!(err.contains("/nonexistent/run.json"), "{err}");
+    }
+}
