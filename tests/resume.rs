@@ -86,3 +86,71 @@ fn dropout_changes_the_losses() {
     let (without, _) = run(&cfg("without", 0.0));
     assert_ne!(with.step_losses, without.step_losses);
 }
+
+/// Child mode of the test below: trains "forever", saving after every step.
+fn child_trains_until_killed() -> bool {
+    let (Ok(data), Ok(tok), Ok(out)) =
+        (std::env::var("SFT_KILL_DATA"), std::env::var("SFT_KILL_TOK"), std::env::var("SFT_KILL_OUT"))
+    else {
+        return false;
+    };
+    let cfg = TrainConfig {
+        max_steps: Some(100_000),
+        save_every: 1,
+        resume: Path::new(&out).join("latest").exists(),
+        ..tiny_config(Path::new(&data), Path::new(&tok), Path::new(&out), BatchMode::Dynamic)
+    };
+    train_on(CpuBackend, &cfg).unwrap();
+    true
+}
+
+#[test]
+fn kill_9_at_any_moment_leaves_a_loadable_latest_checkpoint() {
+    if child_trains_until_killed() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let (data, tok) = prepared_data(root.path(), 48, 96);
+    let out = root.path().join("killed");
+    let mut last_step = 0;
+    // Kill at different moments: saves take a good share of a tiny model's step.
+    for (round, delay_ms) in [37u64, 91, 143].into_iter().enumerate() {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["kill_9_at_any_moment_leaves_a_loadable_latest_checkpoint", "--exact", "--nocapture"])
+            .env("SFT_KILL_DATA", &data)
+            .env("SFT_KILL_TOK", &tok)
+            .env("SFT_KILL_OUT", &out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait for a first save of this round, then a little more, then SIGKILL.
+        let start = std::time::Instant::now();
+        let saved_step = || -> Option<u64> {
+            let dir = sft::train::checkpoint::latest(&out).ok()??;
+            Some(sft::train::checkpoint::load_trainer_state(&dir).ok()?.step)
+        };
+        while saved_step().is_none_or(|s| s <= last_step) {
+            assert!(start.elapsed().as_secs() < 60, "round {round}: no checkpoint after 60 s");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        let latest = sft::train::checkpoint::latest(&out).unwrap().expect("latest survives");
+        let state = sft::train::checkpoint::load_trainer_state(&latest).unwrap();
+        assert!(state.step > last_step, "round {round}: step {} after {last_step}", state.step);
+        let mut model = sft::train::checkpoint::load_model_with(&latest, CpuBackend, 512).unwrap();
+        sft::train::checkpoint::load_optimizer_into(&latest, &mut model).unwrap();
+        last_step = state.step;
+    }
+    // And the run resumes from there.
+    let cfg = TrainConfig {
+        max_steps: Some(last_step + 1),
+        resume: true,
+        ..tiny_config(&data, &tok, &out, BatchMode::Dynamic)
+    };
+    let (report, _) = run(&cfg);
+    assert_eq!(report.steps, last_step + 1);
+}
