@@ -1,12 +1,15 @@
 //! The training loop: read this file to know what one optimizer step does.
 //!
-//! One optimizer step, SimpleLLaMA's recipe:
+//! One optimizer step (`optimizer_step`, just below), SimpleLLaMA's recipe:
 //! 1. take the step's `grad_accum` micro-batches and count their supervised targets;
 //! 2. zero the gradients, then run forward+backward on each micro-batch with
 //!    `loss_scale = 1 / supervised targets of the whole step`, so the accumulated gradient is
 //!    that of the mean loss over every supervised token of the step (not a mean of means);
 //! 3. clip: the global gradient norm, and `grad_scale = min(1, clip / norm)`;
 //! 4. one AdamW step at the schedule's learning rate.
+//!
+//! [`train_with`] is the rest: where the run starts (fresh, `init_from`, `resume`), the data,
+//! then per step: micro-batches, the step, evaluation, the log, samples and checkpoints.
 //!
 //! Everything random is a pure function of the seed and a position (the data order of an
 //! epoch, the dropout mask of micro-batch `m` of step `s`), so a resumed run repeats an
@@ -54,6 +57,92 @@ pub struct TrainReport {
 
 /// Produces a sample reply to `prompt` (with the default system prompt) from the current model.
 pub type Sampler<'a, B> = dyn FnMut(&mut Model<B>, &ChatTokenizer, &str) -> Result<String> + 'a;
+
+/// What one optimizer step did.
+struct StepOutcome {
+    /// Mean loss over the step's supervised targets (None: nothing supervised, no update).
+    train_loss: Option<f64>,
+    /// Global gradient norm before clipping.
+    grad_norm: Option<f64>,
+    supervised: usize,
+    /// Non-pad input tokens.
+    tokens: u64,
+}
+
+/// One optimizer step (0-based `step`) over its micro-batches, at learning rate `lr`.
+fn optimizer_step<B: Backend>(
+    model: &mut Model<B>,
+    micro_batches: &[Batch],
+    step: u64,
+    lr: f64,
+    cfg: &TrainConfig,
+    dropout_stream: &Rng,
+) -> Result<StepOutcome> {
+    // 1. The step's loss is the mean over all of its supervised targets.
+    let supervised: usize = micro_batches.iter().map(Batch::n_supervised).sum();
+    let tokens =
+        micro_batches.iter().map(|b| b.inputs.iter().filter(|&&t| t != b.pad_id).count() as u64).sum();
+    if supervised == 0 {
+        // Nothing to learn from: no update (the step still counts, the schedule moves on).
+        return Ok(StepOutcome { train_loss: None, grad_norm: None, supervised, tokens });
+    }
+    let loss_scale = 1.0 / supervised as f32;
+
+    // 2. Accumulate the gradient of that mean over the micro-batches.
+    model.zero_grads()?;
+    let mut loss_sum = 0.0f64;
+    for (micro, batch) in micro_batches.iter().enumerate() {
+        let seed = (model.config().dropout > 0.0).then(|| dropout_seed(dropout_stream, step, micro));
+        loss_sum += model.forward_backward(batch, loss_scale, seed)?;
+    }
+
+    // 3. Clip the global gradient norm.
+    let norm = model.grad_norm()?;
+    ensure!(norm.is_finite(), "step {}: the gradient norm is {norm} (loss sum {loss_sum})", step + 1);
+    let clip_factor = if cfg.clip > 0.0 && norm > cfg.clip { cfg.clip / norm } else { 1.0 };
+
+    // 4. AdamW at the scheduled learning rate.
+    model.adamw_step(&AdamW {
+        lr: lr as f32,
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        eps: cfg.eps,
+        weight_decay: cfg.weight_decay,
+        step: step + 1,
+        grad_scale: clip_factor as f32,
+    })?;
+    Ok(StepOutcome {
+        train_loss: Some(loss_sum / supervised as f64),
+        grad_norm: Some(norm),
+        supervised,
+        tokens,
+    })
+}
+
+/// The next step's micro-batches: the next `grad_accum` of this epoch or, when fewer are left
+/// (dropped, like a last partial batch), the first ones of the next epoch. Micro-batches without
+/// a supervised target are skipped and counted in `skipped`.
+fn next_micro_batches(loader: &mut Loader, grad_accum: usize, skipped: &mut u64) -> Result<Vec<Batch>> {
+    let here = loader.state();
+    if here.batch_in_epoch as usize + grad_accum > loader.batches_per_epoch() {
+        loader.restore(&LoaderState { epoch: here.epoch + 1, batch_in_epoch: 0 })?;
+        ensure!(
+            loader.batches_per_epoch() >= grad_accum,
+            "epoch {} has {} micro-batches, fewer than grad_accum = {grad_accum}",
+            here.epoch + 1,
+            loader.batches_per_epoch()
+        );
+    }
+    let mut batches = Vec::with_capacity(grad_accum);
+    for _ in 0..grad_accum {
+        match loader.next_batch() {
+            Ok(batch) => batches.push(batch),
+            Err(e) if e.downcast_ref::<NoSupervisedTokens>().is_some() => *skipped += 1,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(batches)
+}
 
 /// Trains on the CPU, or says why the requested device cannot be used.
 pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
@@ -257,7 +346,6 @@ pub fn train_with<B: Backend>(
         (None, Some(dir)) => checkpoint::load_weights_into(dir, &mut model)?,
         (None, None) => model.init_params(cfg.seed)?,
     }
-    let dropout = model.config().dropout;
     let dropout_stream = Rng::new(cfg.seed).fork(DROPOUT_STREAM);
 
     // ---- counters (continued from the checkpoint when resuming) -----------------------------
@@ -316,65 +404,10 @@ pub fn train_with<B: Backend>(
         let step = state.step; // 0-based index of the step being taken
         let step_start = Instant::now();
 
-        // The step's micro-batches: the next `grad_accum` of this epoch, or, when fewer are left
-        // (they are dropped, like a last partial batch), the first ones of the next epoch.
-        let ga = cfg.grad_accum as u64;
-        let here = loader.state();
-        if here.batch_in_epoch + ga > loader.batches_per_epoch() as u64 {
-            loader.restore(&LoaderState { epoch: here.epoch + 1, batch_in_epoch: 0 })?;
-            ensure!(
-                loader.batches_per_epoch() as u64 >= ga,
-                "epoch {} has {} micro-batches, fewer than grad_accum = {ga}",
-                here.epoch + 1,
-                loader.batches_per_epoch()
-            );
-        }
-        let mut micro_batches = Vec::with_capacity(cfg.grad_accum);
-        for _ in 0..ga {
-            match loader.next_batch() {
-                Ok(batch) => micro_batches.push(batch),
-                // Nothing to learn from (every target masked): skipped and counted.
-                Err(e) if e.downcast_ref::<NoSupervisedTokens>().is_some() => state.skipped_batches += 1,
-                Err(e) => return Err(e),
-            }
-        }
-
-        // 1. The step's loss is the mean over all of its supervised targets.
-        let supervised: usize = micro_batches.iter().map(Batch::n_supervised).sum();
-        let loss_scale = if supervised > 0 { 1.0 / supervised as f32 } else { 0.0 };
-
-        // 2. Accumulate the gradient of that mean over the micro-batches.
-        model.zero_grads()?;
-        let mut loss_sum = 0.0f64;
-        let mut step_tokens = 0u64;
-        for (micro, batch) in micro_batches.iter().enumerate() {
-            let seed = (dropout > 0.0).then(|| dropout_seed(&dropout_stream, step, micro));
-            loss_sum += model.forward_backward(batch, loss_scale, seed)?;
-            step_tokens += batch.inputs.iter().filter(|&&t| t != batch.pad_id).count() as u64;
-        }
-
+        let micro_batches = next_micro_batches(&mut loader, cfg.grad_accum, &mut state.skipped_batches)?;
         let lr = schedule.lr(step);
-        let (train_loss, grad_norm) = if supervised == 0 {
-            // Nothing to learn from: no update (the step still counts, the schedule moves on).
-            (None, None)
-        } else {
-            // 3. Clip the global gradient norm.
-            let norm = model.grad_norm()?;
-            ensure!(norm.is_finite(), "step {}: the gradient norm is {norm} (loss sum {loss_sum})", step + 1);
-            let clip_factor = if cfg.clip > 0.0 && norm > cfg.clip { cfg.clip / norm } else { 1.0 };
-
-            // 4. AdamW at the scheduled learning rate.
-            model.adamw_step(&AdamW {
-                lr: lr as f32,
-                beta1: cfg.beta1,
-                beta2: cfg.beta2,
-                eps: cfg.eps,
-                weight_decay: cfg.weight_decay,
-                step: step + 1,
-                grad_scale: clip_factor as f32,
-            })?;
-            (Some(loss_sum / supervised as f64), Some(norm))
-        };
+        let StepOutcome { train_loss, grad_norm, supervised, tokens: step_tokens } =
+            optimizer_step(&mut model, &micro_batches, step, lr, cfg, &dropout_stream)?;
         model.backend().synchronize()?;
         let step_secs = step_start.elapsed().as_secs_f64();
         train_time += step_secs;
@@ -382,7 +415,8 @@ pub fn train_with<B: Backend>(
 
         state.step = step + 1;
         state.loader = loader.state();
-        let epoch_end = state.loader.batch_in_epoch + ga > loader.batches_per_epoch() as u64;
+        let epoch_end =
+            state.loader.batch_in_epoch + cfg.grad_accum as u64 > loader.batches_per_epoch() as u64;
         state.epoch = state.loader.epoch + u64::from(epoch_end);
         state.tokens_seen += step_tokens;
         state.supervised_tokens_seen += supervised as u64;
