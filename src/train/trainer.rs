@@ -306,10 +306,13 @@ pub fn train_with<B: Backend>(
     };
     let train_set = Arc::new(Dataset::open(&cfg.data, Split::Train)?);
     let mut loader = Loader::new(train_set.clone(), loader_config.clone())?;
-    // Packed batches per epoch depend on the epoch's shuffle: count every epoch's steps.
-    let mut epoch_steps = Vec::with_capacity(cfg.epochs as usize);
+    // Packed batches per epoch depend on the epoch's shuffle: count every epoch's steps (only
+    // the first one when max_steps and schedule_steps make the count unnecessary).
+    let count_epochs =
+        if cfg.max_steps.is_none() || cfg.schedule_steps.is_none() { cfg.epochs.max(1) } else { 1 };
+    let mut epoch_steps = Vec::with_capacity(count_epochs as usize);
     let mut scratch = Loader::new(train_set, loader_config.clone())?;
-    for epoch in 0..cfg.epochs.max(1) {
+    for epoch in 0..count_epochs {
         scratch.restore(&LoaderState { epoch, batch_in_epoch: 0 })?;
         let batches = scratch.batches_per_epoch();
         ensure!(
