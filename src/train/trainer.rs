@@ -146,6 +146,7 @@ fn next_micro_batches(loader: &mut Loader, grad_accum: usize, skipped: &mut u64)
 
 /// Trains on the CPU, or says why the requested device cannot be used.
 pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
+    cfg.validate()?;
     match cfg.device_kind()? {
         Device::Auto | Device::Cpu => bail!("the CPU backend is not merged into this build yet"),
         Device::Cuda => bail!("the CUDA backend is not built yet: use --device cpu"),
