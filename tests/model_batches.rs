@@ -115,6 +115,13 @@ fn kv_cache_logits_match_the_full_forward() {
             assert!(max_rel_diff(&logits, &one_by_one[i]) < 1e-6);
         }
 
+        // A prompt longer than max_tokens goes through in chunks.
+        let mut small = Model::new(f64_backend(), config.clone(), 3).unwrap();
+        small.write_params(&model.read_params().unwrap()).unwrap();
+        let mut cache = small.new_cache(n).unwrap();
+        let chunked = small.next_logits(&mut cache, &tokens).unwrap();
+        assert!(max_rel_diff(&chunked, &one_by_one[n - 1]) < 1e-6);
+
         // The full forward: pad_id outside the vocabulary, so that every id can be a target.
         let ignore = VOCAB as u32;
         let mut worst = 0f64;
@@ -406,4 +413,30 @@ fn loss_matches_a_plain_reference_forward() {
             assert!((loss - expected).abs() <= 1e-9 * expected, "loss {loss} vs reference {expected}");
         }
     }
+}
+
+/// The data loader's batches (dynamic padding and packing) of the same examples: the model sees
+/// the same loss and gradients either way.
+#[test]
+fn loader_batches_padded_and_packed_agree() {
+    use sft::data::{batches_from_examples, BatchMode, Example, LoaderConfig};
+    let config = tiny_config(2, RopeStyle::AdjacentPairs, false, 0.0);
+    let examples: Vec<Example> = examples(80, &[7, 3, 9, 5, 6, 4])
+        .into_iter()
+        .map(|e| Example { tokens: e.tokens, supervised: e.supervised })
+        .collect();
+    let cfg = |mode, batch_size| LoaderConfig { batch_size, max_seq_len: 12, mode, shuffle: false, seed: 0 };
+    let padded = batches_from_examples(&examples, PAD, &cfg(BatchMode::Dynamic, 2)).unwrap();
+    let packed = batches_from_examples(&examples, PAD, &cfg(BatchMode::Packed, 1)).unwrap();
+    let supervised = |bs: &[Batch]| bs.iter().map(Batch::n_supervised).sum::<usize>();
+    assert_eq!(supervised(&padded), supervised(&packed));
+    assert!(packed.iter().any(|b| b.n_segments() > b.rows), "some row holds several examples");
+    let max_tokens = padded.iter().chain(&packed).map(Batch::n_tokens).max().unwrap();
+    let mut model = model_f64(&config, max_tokens, 8);
+    let scale = 1.0 / supervised(&padded) as f32;
+    let (loss_padded, g_padded) = grads_of(&mut model, &padded.iter().collect::<Vec<_>>(), scale);
+    let (loss_packed, g_packed) = grads_of(&mut model, &packed.iter().collect::<Vec<_>>(), scale);
+    assert!((loss_padded - loss_packed).abs() <= 1e-10 * loss_padded, "{loss_padded} vs {loss_packed}");
+    let worst = assert_grads_close(&g_padded, &g_packed, 1e-6);
+    println!("loader padded vs packed: max relative gradient difference {worst:e}");
 }
