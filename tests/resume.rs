@@ -4,15 +4,15 @@
 
 mod train_util;
 
+use sft::backend::cpu::CpuBackend;
 use sft::data::BatchMode;
 use sft::train::log::read_train_losses;
 use sft::train::{train_on, TrainConfig, TrainReport};
 use std::path::Path;
-use train_util::ref_backend::RefBackend as CpuBackend;
 use train_util::{prepared_data, tiny_config};
 
 fn run(cfg: &TrainConfig) -> (TrainReport, Vec<sft::model::params::NamedTensor>) {
-    let (model, report) = train_on(CpuBackend, cfg).unwrap();
+    let (model, report) = train_on(CpuBackend::<f32>::new(), cfg).unwrap();
     (report, model.read_params().unwrap())
 }
 
@@ -100,7 +100,7 @@ fn child_trains_until_killed() -> bool {
         resume: Path::new(&out).join("latest").exists(),
         ..tiny_config(Path::new(&data), Path::new(&tok), Path::new(&out), BatchMode::Dynamic)
     };
-    train_on(CpuBackend, &cfg).unwrap();
+    train_on(CpuBackend::<f32>::new(), &cfg).unwrap();
     true
 }
 
@@ -141,7 +141,8 @@ fn kill_9_at_any_moment_leaves_a_loadable_latest_checkpoint() {
         let latest = sft::train::checkpoint::latest(&out).unwrap().expect("latest survives");
         let state = sft::train::checkpoint::load_trainer_state(&latest).unwrap();
         assert!(state.step > last_step, "round {round}: step {} after {last_step}", state.step);
-        let mut model = sft::train::checkpoint::load_model_with(&latest, CpuBackend, 512).unwrap();
+        let mut model =
+            sft::train::checkpoint::load_model_with(&latest, CpuBackend::<f32>::new(), 512).unwrap();
         sft::train::checkpoint::load_optimizer_into(&latest, &mut model).unwrap();
         last_step = state.step;
     }

@@ -3,6 +3,7 @@
 
 mod train_util;
 
+use sft::backend::cpu::CpuBackend;
 use sft::data::BatchMode;
 use sft::data::TrainOn;
 use sft::model::params::NamedTensor;
@@ -10,7 +11,6 @@ use sft::train::checkpoint::{self, list_checkpoints, write_safetensors, MODEL_FI
 use sft::train::cli::{eval_with, init, EvalArgs, InitArgs, SplitArg};
 use sft::train::{eval_loss, train_on, Schedule, TrainConfig};
 use std::path::Path;
-use train_util::ref_backend::RefBackend as CpuBackend;
 use train_util::{prepared_data, tiny_config};
 
 fn bits(ts: &[NamedTensor]) -> Vec<(String, Vec<usize>, Vec<u32>)> {
@@ -31,7 +31,7 @@ fn checkpoint_round_trip_and_rotation() {
     let (data, tok) = prepared_data(root.path(), 48, 96);
     let out = root.path().join("run");
     let cfg = TrainConfig { max_steps: Some(5), ..tiny_config(&data, &tok, &out, BatchMode::Dynamic) };
-    let (model, report) = train_on(CpuBackend, &cfg).unwrap();
+    let (model, report) = train_on(CpuBackend::<f32>::new(), &cfg).unwrap();
     assert_eq!(report.steps, 5);
 
     // Saves at steps 2, 4 and 5 (the end); keep_checkpoints = 2 leaves the last two.
@@ -47,7 +47,7 @@ fn checkpoint_round_trip_and_rotation() {
     }
 
     // Weights come back bit for bit, under Hugging Face names.
-    let loaded = checkpoint::load_model_with(&latest, CpuBackend, 256).unwrap();
+    let loaded = checkpoint::load_model_with(&latest, CpuBackend::<f32>::new(), 256).unwrap();
     assert_eq!(bits(&loaded.read_params().unwrap()), bits(&model.read_params().unwrap()));
     let names: Vec<String> = read_all(&latest.join(MODEL_FILE)).into_iter().map(|t| t.name).collect();
     assert!(names.contains(&"model.embed_tokens.weight".to_string()), "{names:?}");
@@ -59,7 +59,7 @@ fn checkpoint_round_trip_and_rotation() {
     assert_eq!(checkpoint::read_model_config(&latest).unwrap(), *model.config());
 
     // So do the optimizer moments and the trainer state.
-    let mut fresh = checkpoint::load_model_with(&latest, CpuBackend, 256).unwrap();
+    let mut fresh = checkpoint::load_model_with(&latest, CpuBackend::<f32>::new(), 256).unwrap();
     checkpoint::load_optimizer_into(&latest, &mut fresh).unwrap();
     let (m0, v0) = model.read_optimizer_state().unwrap();
     let (m1, v1) = fresh.read_optimizer_state().unwrap();
@@ -83,13 +83,13 @@ fn checkpoint_round_trip_and_rotation() {
     }
 
     // A fresh run refuses to write over a run's checkpoints; --resume needs one.
-    let err = train_on(CpuBackend, &cfg).map(|_| ()).unwrap_err();
+    let err = train_on(CpuBackend::<f32>::new(), &cfg).map(|_| ()).unwrap_err();
     assert!(format!("{err:#}").contains("--resume"), "{err:#}");
     let empty = TrainConfig {
         resume: true,
         ..tiny_config(&data, &tok, &root.path().join("none"), BatchMode::Dynamic)
     };
-    let err = train_on(CpuBackend, &empty).map(|_| ()).unwrap_err();
+    let err = train_on(CpuBackend::<f32>::new(), &empty).map(|_| ()).unwrap_err();
     assert!(format!("{err:#}").contains("no checkpoint"), "{err:#}");
 }
 
@@ -109,7 +109,7 @@ fn load_error_after(edit: impl FnOnce(&mut Vec<NamedTensor>)) -> String {
     let mut tensors = read_all(&path);
     edit(&mut tensors);
     write_safetensors(&path, &tensors).unwrap();
-    let err = checkpoint::load_model(&ckpt, CpuBackend).map(|_| ()).unwrap_err();
+    let err = checkpoint::load_model(&ckpt, CpuBackend::<f32>::new()).map(|_| ()).unwrap_err();
     format!("{err:#}")
 }
 
@@ -150,10 +150,10 @@ fn truncated_weights_file_is_an_error_not_a_panic() {
     let path = ckpt.join(MODEL_FILE);
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    let err = checkpoint::load_model(&ckpt, CpuBackend).map(|_| ()).unwrap_err();
+    let err = checkpoint::load_model(&ckpt, CpuBackend::<f32>::new()).map(|_| ()).unwrap_err();
     assert!(format!("{err:#}").contains("model.safetensors"), "{err:#}");
     std::fs::remove_file(&path).unwrap();
-    let err = checkpoint::load_model(&ckpt, CpuBackend).map(|_| ()).unwrap_err();
+    let err = checkpoint::load_model(&ckpt, CpuBackend::<f32>::new()).map(|_| ()).unwrap_err();
     assert!(format!("{err:#}").contains("model.safetensors"), "{err:#}");
 }
 
@@ -186,7 +186,7 @@ fn init_from_a_checkpoint_and_eval() {
         max_steps: Some(2),
         ..tiny_config(&data, &tok, &root.path().join("run"), BatchMode::Dynamic)
     };
-    let (mut model, report) = train_on(CpuBackend, &cfg).unwrap();
+    let (mut model, report) = train_on(CpuBackend::<f32>::new(), &cfg).unwrap();
     assert_eq!(report.step_losses.len(), 2);
 
     // The initial loss of a random model is about ln(vocab); training from it lowers the loss.
@@ -199,7 +199,7 @@ fn init_from_a_checkpoint_and_eval() {
         seed: 0,
     };
     let batches = sft::data::batches_in_order(&val, &lc).unwrap();
-    let mut initial = checkpoint::load_model_with(&ckpt, CpuBackend, 256).unwrap();
+    let mut initial = checkpoint::load_model_with(&ckpt, CpuBackend::<f32>::new(), 256).unwrap();
     let before = eval_loss(&mut initial, &batches).unwrap();
     let after = eval_loss(&mut model, &batches).unwrap();
     assert!(before.is_finite() && after < before, "before {before}, after {after}");
@@ -217,8 +217,10 @@ fn init_from_a_checkpoint_and_eval() {
         batch_mode: BatchMode::Dynamic,
         device: "cpu".into(),
     };
-    assert_eq!(eval_with(CpuBackend, &args).unwrap().loss, before);
-    let on_chat = eval_with(CpuBackend, &EvalArgs { data: root.path().join("chat.json"), ..args }).unwrap();
+    assert_eq!(eval_with(CpuBackend::<f32>::new(), &args).unwrap().loss, before);
+    let on_chat =
+        eval_with(CpuBackend::<f32>::new(), &EvalArgs { data: root.path().join("chat.json"), ..args })
+            .unwrap();
     assert!(on_chat.loss.is_finite() && on_chat.supervised_tokens > 0, "{on_chat:?}");
     assert!(on_chat.batches > batches.len());
 }

@@ -1,5 +1,7 @@
 //! The `sft init`, `sft train` and `sft eval` commands, through the binary.
 
+mod train_util;
+
 use std::process::Command;
 
 fn sft(args: &[&str]) -> (bool, String, String) {
@@ -46,4 +48,35 @@ fn train_reports_bad_configs_by_field() {
     std::fs::write(&file, r#"{"data": "prepared", "learning_rate": 1}"#).unwrap();
     let (ok, _, stderr) = sft(&["train", "--config", file.to_str().unwrap()]);
     assert!(!ok && stderr.contains("learning_rate"), "{stderr}");
+}
+
+#[test]
+fn train_resume_and_eval_through_the_binary() {
+    let root = tempfile::tempdir().unwrap();
+    let (data, tok) = train_util::prepared_data(root.path(), 48, 96);
+    let out = root.path().join("run");
+    let config = root.path().join("run.json");
+    let cfg = sft::train::TrainConfig {
+        max_steps: Some(2),
+        ..train_util::tiny_config(&data, &tok, &out, sft::data::BatchMode::Dynamic)
+    };
+    std::fs::write(&config, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    let (ok, stdout, stderr) = sft(&["train", "--config", config.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("done: 2 steps"), "{stdout}");
+    // Without a terminal: plain progress lines, one per log_every (1) steps.
+    assert!(stderr.contains("step 1/2") && stderr.contains("step 2/2"), "{stderr}");
+    let (ok, stdout, stderr) =
+        sft(&["train", "--config", config.to_str().unwrap(), "--resume", "--max-steps", "3"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("done: 3 steps"), "{stdout}");
+    let (ok, stdout, stderr) = sft(&[
+        "eval",
+        "--checkpoint",
+        out.join("step-3").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("mean masked loss"), "{stdout}");
 }

@@ -3,9 +3,9 @@
 
 mod train_util;
 
+use sft::backend::cpu::CpuBackend;
 use sft::data::BatchMode;
 use sft::train::{train_on, TrainConfig};
-use train_util::ref_backend::RefBackend as CpuBackend;
 use train_util::{prepared_data, tiny_config};
 
 #[test]
@@ -23,7 +23,7 @@ fn splitting_a_step_into_micro_batches_does_not_change_it() {
             eval_every: 0,
             ..tiny_config(&data, &tok, &root.path().join(name), BatchMode::Dynamic)
         };
-        let (_, report) = train_on(CpuBackend, &cfg).unwrap();
+        let (_, report) = train_on(CpuBackend::<f32>::new(), &cfg).unwrap();
         // AdamW's first update hardly depends on the gradient's scale: compare the gradient norm.
         let log = std::fs::read_to_string(cfg.out_dir.join("log.csv")).unwrap();
         let grad_norm: f64 = log.lines().nth(1).unwrap().split(',').nth(7).unwrap().parse().unwrap();

@@ -15,6 +15,7 @@
 //! epoch, the dropout mask of micro-batch `m` of step `s`), so a resumed run repeats an
 //! uninterrupted one bit for bit.
 
+use crate::backend::cpu::CpuBackend;
 use crate::backend::{AdamW, Backend};
 use crate::data::{
     batches_in_order, Batch, ChatTokenizer, Dataset, Loader, LoaderConfig, LoaderState, NoSupervisedTokens,
@@ -148,12 +149,12 @@ fn next_micro_batches(loader: &mut Loader, grad_accum: usize, skipped: &mut u64)
 pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
     cfg.validate()?;
     match cfg.device_kind()? {
-        Device::Auto | Device::Cpu => bail!("the CPU backend is not merged into this build yet"),
+        Device::Auto | Device::Cpu => Ok(train_on(CpuBackend::<f32>::new(), cfg)?.1),
         Device::Cuda => bail!("the CUDA backend is not built yet: use --device cpu"),
     }
 }
 
-/// Trains with `backend`, printing sample generations at growing intervals.
+/// Trains with `backend` (sample generations: see [`train_with`]).
 pub fn train_on<B: Backend>(backend: B, cfg: &TrainConfig) -> Result<(Model<B>, TrainReport)> {
     train_with(backend, cfg, None)
 }

@@ -75,4 +75,3 @@ pub fn tiny_config(data: &Path, tokenizer: &Path, out_dir: &Path, mode: BatchMod
         ..TrainConfig::default()
     }
 }
-pub mod ref_backend;
