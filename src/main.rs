@@ -19,6 +19,12 @@ enum Command {
     Inspect(sft::data::cli::InspectArgs),
     /// Tokenizer tools (`sft tokenizer train`).
     Tokenizer(sft::data::cli::TokenizerArgs),
+    /// Write a randomly initialized checkpoint.
+    Init(sft::train::cli::InitArgs),
+    /// Train a model (or resume a run) on a prepared data directory.
+    Train(Box<sft::train::cli::TrainArgs>),
+    /// Print a checkpoint's mean masked loss on a chat file or a prepared directory.
+    Eval(sft::train::cli::EvalArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,6 +42,9 @@ fn main() -> anyhow::Result<()> {
         Command::Prepare(args) => sft::data::cli::prepare(args)?,
         Command::Inspect(args) => sft::data::cli::inspect(args)?,
         Command::Tokenizer(args) => sft::data::cli::tokenizer(args)?,
+        Command::Init(args) => sft::train::cli::init(args)?,
+        Command::Train(args) => sft::train::cli::train(*args)?,
+        Command::Eval(args) => sft::train::cli::eval(args)?,
     }
     Ok(())
 }

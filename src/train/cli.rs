@@ -1,0 +1,330 @@
+//! `sft init`, `sft train` and `sft eval`.
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
+use crate::data::{
+    batches_from_examples, batches_in_order, read_chat_file, tokenize_conversation, BatchMode, ChatTokenizer,
+    Dataset, LoaderConfig, Split, TrainOn,
+};
+use crate::train::checkpoint;
+use crate::train::config::{Device, TrainConfig};
+use crate::train::trainer::{self, eval_loss, resolve_model_config};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// A preset (`tiny`, `simplellama-1.3b`) or a model-config JSON file.
+    #[arg(long)]
+    pub model: String,
+    /// The checkpoint directory to create.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 89)]
+    pub seed: u64,
+    /// Copied into the checkpoint; also gives the `tiny` preset its vocabulary size.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// The vocabulary size of the `tiny` preset when no tokenizer is given.
+    #[arg(long)]
+    pub vocab_size: Option<usize>,
+}
+
+/// Writes a randomly initialized checkpoint.
+pub fn init(args: InitArgs) -> Result<()> {
+    let tokenizer = args.tokenizer.as_deref().map(ChatTokenizer::from_file).transpose()?;
+    let vocab = match (&tokenizer, args.vocab_size) {
+        (_, Some(v)) => v,
+        (Some(t), None) => t.vocab_size(),
+        (None, None) if args.model == "tiny" => {
+            bail!("the tiny preset needs a vocabulary size: give --tokenizer or --vocab-size")
+        }
+        (None, None) => 0,
+    };
+    let config = resolve_model_config(&args.model, vocab)?;
+    if let Some(t) = &tokenizer {
+        anyhow::ensure!(
+            t.vocab_size() <= config.vocab_size,
+            "the tokenizer has {} tokens but the model's vocabulary holds {}",
+            t.vocab_size(),
+            config.vocab_size
+        );
+    }
+    let n_params = config.n_params();
+    // Parameters alone: a whole Model would also allocate gradients and optimizer state.
+    let params = crate::model::params::init_params(&config, args.seed);
+    checkpoint::save_weights(&args.out, &config, &params, args.tokenizer.as_deref())?;
+    println!("wrote {} ({n_params} parameters, seed {})", args.out.display(), args.seed);
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// A JSON TrainConfig; the flags below override its fields.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+    /// Start from this checkpoint's weights.
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
+    /// Continue the run in out_dir from its `latest` checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    #[arg(long)]
+    pub schedule_steps: Option<u64>,
+    #[arg(long)]
+    pub micro_batch: Option<usize>,
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    #[arg(long, value_enum)]
+    pub batch_mode: Option<BatchMode>,
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    #[arg(long)]
+    pub shuffle: Option<bool>,
+    #[arg(long)]
+    pub max_lr: Option<f64>,
+    #[arg(long)]
+    pub min_lr: Option<f64>,
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+    #[arg(long)]
+    pub beta1: Option<f32>,
+    #[arg(long)]
+    pub beta2: Option<f32>,
+    #[arg(long)]
+    pub eps: Option<f32>,
+    #[arg(long)]
+    pub weight_decay: Option<f32>,
+    #[arg(long)]
+    pub clip: Option<f64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub dropout: Option<f32>,
+    #[arg(long)]
+    pub eval_every: Option<u64>,
+    #[arg(long)]
+    pub eval_batches: Option<usize>,
+    #[arg(long)]
+    pub save_every: Option<u64>,
+    #[arg(long)]
+    pub keep_checkpoints: Option<usize>,
+    #[arg(long)]
+    pub sample_every: Option<u64>,
+    /// A prompt for the sample replies (repeat the flag for several; replaces the config's).
+    #[arg(long = "sample")]
+    pub samples: Vec<String>,
+    #[arg(long)]
+    pub log_every: Option<u64>,
+    /// auto, cpu or cuda.
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+impl TrainArgs {
+    /// The config file (or the defaults) with every given flag applied over it.
+    pub fn to_config(&self) -> Result<TrainConfig> {
+        let mut c = match &self.config {
+            Some(path) => TrainConfig::load(path)?,
+            None => TrainConfig::default(),
+        };
+        macro_rules! apply {
+            ($($field:ident),*) => {$(
+                if let Some(v) = &self.$field {
+                    c.$field = v.clone().into();
+                }
+            )*};
+        }
+        apply!(model, data, tokenizer, out_dir, epochs, micro_batch, grad_accum, batch_mode, shuffle);
+        apply!(max_lr, min_lr, warmup_steps, beta1, beta2, eps, weight_decay, clip, seed);
+        apply!(eval_every, eval_batches, save_every, keep_checkpoints, sample_every, log_every, device);
+        apply!(init_from, max_steps, schedule_steps, max_seq_len, dropout);
+        if self.resume {
+            c.resume = true;
+        }
+        if !self.samples.is_empty() {
+            c.samples = self.samples.clone();
+        }
+        Ok(c)
+    }
+}
+
+/// Trains as the config file and flags say, then prints a summary.
+pub fn train(args: TrainArgs) -> Result<()> {
+    let cfg = args.to_config()?;
+    let report = trainer::train(&cfg)?;
+    println!(
+        "done: {} steps, train loss {:.4}, val loss {}, {:.0} tokens/s{}",
+        report.steps,
+        report.final_train_loss,
+        report.final_val_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        report.tokens_per_s,
+        report.checkpoint.map_or(String::new(), |d| format!(", saved {}", d.display()))
+    );
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// A chat JSON/JSONL file, or a prepared data directory.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Default: the checkpoint's tokenizer.json.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// The split of a prepared directory.
+    #[arg(long, value_enum, default_value = "val")]
+    pub split: SplitArg,
+    /// What a chat file supervises.
+    #[arg(long, value_enum, default_value = "final-reply")]
+    pub train_on: TrainOn,
+    #[arg(long, default_value_t = 8)]
+    pub micro_batch: usize,
+    /// Default: the model's max_seq_len.
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    #[arg(long, value_enum, default_value = "dynamic")]
+    pub batch_mode: BatchMode,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum SplitArg {
+    Train,
+    Val,
+}
+
+/// Prints the mean masked loss of a checkpoint on a data set.
+pub fn eval(args: EvalArgs) -> Result<()> {
+    let report = match Device::parse(&args.device)? {
+        Device::Auto | Device::Cpu => eval_with(CpuBackend::<f32>::new(), &args)?,
+        Device::Cuda => bail!("the CUDA backend is not built yet: use --device cpu"),
+    };
+    println!(
+        "mean masked loss {:.6} (perplexity {:.3}) over {} supervised tokens in {} batches",
+        report.loss,
+        report.loss.exp(),
+        report.supervised_tokens,
+        report.batches
+    );
+    Ok(())
+}
+
+/// What `sft eval` measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalReport {
+    /// Mean loss per supervised target.
+    pub loss: f64,
+    pub supervised_tokens: usize,
+    pub batches: usize,
+}
+
+/// `sft eval` on a given backend.
+pub fn eval_with<B: Backend>(backend: B, args: &EvalArgs) -> Result<EvalReport> {
+    anyhow::ensure!(args.micro_batch > 0, "--micro-batch must be at least 1");
+    let config = checkpoint::read_model_config(&args.checkpoint)?;
+    let max_seq_len = args.max_seq_len.unwrap_or(config.max_seq_len);
+    let loader_config = LoaderConfig {
+        batch_size: args.micro_batch,
+        max_seq_len,
+        mode: args.batch_mode,
+        shuffle: false,
+        seed: 0,
+    };
+    let batches = if args.data.is_dir() {
+        let split = match args.split {
+            SplitArg::Train => Split::Train,
+            SplitArg::Val => Split::Val,
+        };
+        let dataset = Dataset::open(&args.data, split)?;
+        batches_in_order(&dataset, &loader_config)?
+    } else {
+        let tok_path =
+            args.tokenizer.clone().unwrap_or_else(|| args.checkpoint.join(checkpoint::TOKENIZER_FILE));
+        let tok = ChatTokenizer::from_file(&tok_path)
+            .with_context(|| format!("loading the tokenizer {}", tok_path.display()))?;
+        let convs = read_chat_file(&args.data)?;
+        let mut examples = Vec::with_capacity(convs.len());
+        for (i, conv) in convs.iter().enumerate() {
+            let ex = tokenize_conversation(&tok, conv, args.train_on)
+                .with_context(|| format!("{}: conversation {i}", args.data.display()))?;
+            examples.push(ex);
+        }
+        let n_all = examples.len();
+        examples.retain(|ex| ex.tokens.len() <= max_seq_len);
+        if examples.len() < n_all {
+            eprintln!(
+                "skipped {} of {n_all} conversations longer than {max_seq_len} tokens",
+                n_all - examples.len()
+            );
+        }
+        batches_from_examples(&examples, tok.pad_id(), &loader_config)?
+    };
+    let mut model = checkpoint::load_model_with(&args.checkpoint, backend, args.micro_batch * max_seq_len)?;
+    let loss = eval_loss(&mut model, &batches)?;
+    let supervised_tokens = batches.iter().map(|b| b.n_supervised()).sum();
+    Ok(EvalReport { loss, supervised_tokens, batches: batches.len() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    #[test]
+    fn flags_override_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("run.json");
+        std::fs::write(&file, r#"{"micro_batch": 4, "grad_accum": 2, "max_lr": 2e-5, "data": "prepared"}"#)
+            .unwrap();
+        let cmd = Cmd::parse_from([
+            "train",
+            "--config",
+            file.to_str().unwrap(),
+            "--grad-accum",
+            "8",
+            "--batch-mode",
+            "packed",
+            "--resume",
+            "--sample",
+            "Hi?",
+        ]);
+        let c = cmd.args.to_config().unwrap();
+        assert_eq!((c.micro_batch, c.grad_accum, c.max_lr), (4, 8, 2e-5));
+        assert_eq!(c.batch_mode, BatchMode::Packed);
+        assert_eq!(c.data, PathBuf::from("prepared"));
+        assert!(c.resume);
+        assert_eq!(c.samples, vec!["Hi?".to_string()]);
+        assert_eq!(c.seed, 89, "untouched fields keep their defaults");
+
+        std::fs::write(&file, r#"{"micro_batch": 0, "data": "d"}"#).unwrap();
+        let cmd = Cmd::parse_from(["train", "--config", file.to_str().unwrap()]);
+        let err = cmd.args.to_config().unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("micro_batch"), "{err}");
+        let cmd = Cmd::parse_from(["train", "--config", "/nonexistent/run.json"]);
+        let err = format!("{:#}", cmd.args.to_config().unwrap_err());
+        assert!(err.contains("/nonexistent/run.json"), "{err}");
+    }
+}

@@ -1,0 +1,140 @@
+//! The training log: one CSV row per optimizer step, SimpleLLaMA's columns plus tokens/s.
+
+use anyhow::{Context, Result};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+pub const HEADER: &str =
+    "step,progress_pct,train_loss,train_perplexity,val_loss,val_perplexity,lr,grad_norm,time_s,tokens_per_s";
+
+/// One optimizer step. Losses are printed with Rust's shortest round-trip form, so that the
+/// CSV holds the exact f64 values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogRow {
+    /// 1-based: the number of optimizer steps done.
+    pub step: u64,
+    pub progress_pct: f64,
+    /// None when every micro-batch of the step was skipped (no supervised tokens).
+    pub train_loss: Option<f64>,
+    pub val_loss: Option<f64>,
+    pub lr: f64,
+    pub grad_norm: Option<f64>,
+    /// Seconds since the run started (resumed runs continue the count).
+    pub time_s: f64,
+    pub tokens_per_s: f64,
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map(|x| x.to_string()).unwrap_or_default()
+}
+
+impl LogRow {
+    pub fn to_csv(&self) -> String {
+        format!(
+            "{},{:.2},{},{},{},{},{:e},{},{:.3},{:.1}",
+            self.step,
+            self.progress_pct,
+            opt(self.train_loss),
+            opt(self.train_loss.map(f64::exp)),
+            opt(self.val_loss),
+            opt(self.val_loss.map(f64::exp)),
+            self.lr,
+            opt(self.grad_norm),
+            self.time_s,
+            self.tokens_per_s
+        )
+    }
+}
+
+/// An open `log.csv`, flushed after every row so that a killed run keeps its log.
+pub struct CsvLog {
+    path: PathBuf,
+    file: File,
+}
+
+impl CsvLog {
+    /// Starts a new log, or (when resuming after `resume_step` steps) keeps the rows up to that
+    /// step and drops those a killed run wrote after its last checkpoint.
+    pub fn open(path: &Path, resume_step: Option<u64>) -> Result<CsvLog> {
+        let mut kept = vec![HEADER.to_string()];
+        if let Some(last) = resume_step {
+            if path.exists() {
+                let f = File::open(path).with_context(|| format!("reading {}", path.display()))?;
+                for line in BufReader::new(f).lines().skip(1) {
+                    let line = line.with_context(|| format!("reading {}", path.display()))?;
+                    let step = line.split(',').next().and_then(|s| s.parse::<u64>().ok());
+                    if step.is_some_and(|s| s <= last) {
+                        kept.push(line);
+                    }
+                }
+            }
+        }
+        let mut file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        for line in &kept {
+            writeln!(file, "{line}").with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(CsvLog { path: path.to_path_buf(), file })
+    }
+
+    pub fn write(&mut self, row: &LogRow) -> Result<()> {
+        writeln!(self.file, "{}", row.to_csv())
+            .and_then(|_| self.file.flush())
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
+}
+
+/// Reads `(step, train_loss)` pairs back from a log (steps without a loss are left out).
+pub fn read_train_losses(path: &Path) -> Result<Vec<(u64, f64)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().skip(1) {
+        let mut cols = line.split(',');
+        let step = cols.next().unwrap_or_default();
+        let loss = cols.nth(1).unwrap_or_default();
+        if loss.is_empty() {
+            continue;
+        }
+        let parse_err = || format!("{} line {}: bad row {line:?}", path.display(), i + 1);
+        out.push((step.parse().with_context(parse_err)?, loss.parse().with_context(parse_err)?));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(step: u64, loss: f64) -> LogRow {
+        LogRow {
+            step,
+            progress_pct: 10.0,
+            train_loss: Some(loss),
+            val_loss: None,
+            lr: 1e-5,
+            grad_norm: Some(0.5),
+            time_s: 1.0,
+            tokens_per_s: 100.0,
+        }
+    }
+
+    #[test]
+    fn losses_round_trip_exactly_and_resume_drops_later_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.csv");
+        let losses = [2.0f64 / 3.0, 1.0 / 7.0, std::f64::consts::PI];
+        let mut log = CsvLog::open(&path, None).unwrap();
+        for (i, &l) in losses.iter().enumerate() {
+            log.write(&row(i as u64 + 1, l)).unwrap();
+        }
+        drop(log);
+        assert_eq!(read_train_losses(&path).unwrap(), vec![(1, losses[0]), (2, losses[1]), (3, losses[2])]);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with(HEADER));
+        assert_eq!(text.lines().nth(1).unwrap().split(',').count(), HEADER.split(',').count());
+
+        let mut log = CsvLog::open(&path, Some(2)).unwrap();
+        log.write(&row(3, 0.25)).unwrap();
+        assert_eq!(read_train_losses(&path).unwrap(), vec![(1, losses[0]), (2, losses[1]), (3, 0.25)]);
+    }
+}

@@ -1,0 +1,537 @@
+//! The training loop: read this file to know what one optimizer step does.
+//!
+//! One optimizer step (`optimizer_step`, just below), SimpleLLaMA's recipe:
+//! 1. take the step's `grad_accum` micro-batches and count their supervised targets;
+//! 2. zero the gradients, then run forward+backward on each micro-batch with
+//!    `loss_scale = 1 / supervised targets of the whole step`, so the accumulated gradient is
+//!    that of the mean loss over every supervised token of the step (not a mean of means);
+//! 3. clip: the global gradient norm, and `grad_scale = min(1, clip / norm)`;
+//! 4. one AdamW step at the schedule's learning rate.
+//!
+//! [`train_with`] is the rest: where the run starts (fresh, `init_from`, `resume`), the data,
+//! then per step: micro-batches, the step, evaluation, the log, samples and checkpoints.
+//!
+//! Everything random is a pure function of the seed and a position (the data order of an
+//! epoch, the dropout mask of micro-batch `m` of step `s`), so a resumed run repeats an
+//! uninterrupted one bit for bit.
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{AdamW, Backend};
+use crate::data::{
+    batches_in_order, Batch, ChatTokenizer, Dataset, Loader, LoaderConfig, LoaderState, NoSupervisedTokens,
+    Split,
+};
+use crate::model::config::ModelConfig;
+use crate::model::Model;
+use crate::rng::Rng;
+use crate::train::checkpoint::{self, TrainerState};
+use crate::train::config::{Device, TrainConfig};
+use crate::train::log::{CsvLog, LogRow};
+use crate::train::schedule::Schedule;
+use anyhow::{bail, ensure, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What a finished run reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainReport {
+    /// Optimizer steps done in all (those before a resume included).
+    pub steps: u64,
+    /// The train loss of the last step (NaN when this invocation ran no step).
+    pub final_train_loss: f64,
+    /// The last validation loss measured (None without a validation split).
+    pub final_val_loss: Option<f64>,
+    /// Non-pad input tokens per second of training (evaluation and saving excluded).
+    pub tokens_per_s: f64,
+    /// `(step, train loss)` of every step this invocation ran (1-based steps).
+    pub step_losses: Vec<(u64, f64)>,
+    /// Micro-batches skipped in all because none of their targets was supervised.
+    pub skipped_batches: u64,
+    /// Optimizer steps in the first epoch (packed epochs may differ slightly).
+    pub steps_per_epoch: u64,
+    /// The last checkpoint written (None when this invocation saved none).
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// Produces a sample reply to `prompt` (with the default system prompt) from the current model.
+pub type Sampler<'a, B> = dyn FnMut(&mut Model<B>, &ChatTokenizer, &str) -> Result<String> + 'a;
+
+/// What one optimizer step did.
+struct StepOutcome {
+    /// Mean loss over the step's supervised targets (None: nothing supervised, no update).
+    train_loss: Option<f64>,
+    /// Global gradient norm before clipping.
+    grad_norm: Option<f64>,
+    supervised: usize,
+    /// Non-pad input tokens.
+    tokens: u64,
+}
+
+/// One optimizer step (0-based `step`) over its micro-batches, at learning rate `lr`.
+fn optimizer_step<B: Backend>(
+    model: &mut Model<B>,
+    micro_batches: &[Batch],
+    step: u64,
+    lr: f64,
+    cfg: &TrainConfig,
+    dropout_stream: &Rng,
+) -> Result<StepOutcome> {
+    // 1. The step's loss is the mean over all of its supervised targets.
+    let supervised: usize = micro_batches.iter().map(Batch::n_supervised).sum();
+    let tokens =
+        micro_batches.iter().map(|b| b.inputs.iter().filter(|&&t| t != b.pad_id).count() as u64).sum();
+    if supervised == 0 {
+        // Nothing to learn from: no update (the step still counts, the schedule moves on).
+        return Ok(StepOutcome { train_loss: None, grad_norm: None, supervised, tokens });
+    }
+    let loss_scale = 1.0 / supervised as f32;
+
+    // 2. Accumulate the gradient of that mean over the micro-batches.
+    model.zero_grads()?;
+    let mut loss_sum = 0.0f64;
+    for (micro, batch) in micro_batches.iter().enumerate() {
+        let seed = (model.config().dropout > 0.0).then(|| dropout_seed(dropout_stream, step, micro));
+        loss_sum += model.forward_backward(batch, loss_scale, seed)?;
+    }
+
+    // 3. Clip the global gradient norm.
+    let norm = model.grad_norm()?;
+    ensure!(norm.is_finite(), "step {}: the gradient norm is {norm} (loss sum {loss_sum})", step + 1);
+    let clip_factor = if cfg.clip > 0.0 && norm > cfg.clip { cfg.clip / norm } else { 1.0 };
+
+    // 4. AdamW at the scheduled learning rate.
+    model.adamw_step(&AdamW {
+        lr: lr as f32,
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        eps: cfg.eps,
+        weight_decay: cfg.weight_decay,
+        step: step + 1,
+        grad_scale: clip_factor as f32,
+    })?;
+    Ok(StepOutcome {
+        train_loss: Some(loss_sum / supervised as f64),
+        grad_norm: Some(norm),
+        supervised,
+        tokens,
+    })
+}
+
+/// The next step's micro-batches: the next `grad_accum` of this epoch or, when fewer are left
+/// (dropped, like a last partial batch), the first ones of the next epoch. Micro-batches without
+/// a supervised target are skipped and counted in `skipped`.
+fn next_micro_batches(loader: &mut Loader, grad_accum: usize, skipped: &mut u64) -> Result<Vec<Batch>> {
+    let here = loader.state();
+    if here.batch_in_epoch as usize + grad_accum > loader.batches_per_epoch() {
+        loader.restore(&LoaderState { epoch: here.epoch + 1, batch_in_epoch: 0 })?;
+        ensure!(
+            loader.batches_per_epoch() >= grad_accum,
+            "epoch {} has {} micro-batches, fewer than grad_accum = {grad_accum}",
+            here.epoch + 1,
+            loader.batches_per_epoch()
+        );
+    }
+    let mut batches = Vec::with_capacity(grad_accum);
+    for _ in 0..grad_accum {
+        match loader.next_batch() {
+            Ok(batch) => batches.push(batch),
+            Err(e) if e.downcast_ref::<NoSupervisedTokens>().is_some() => *skipped += 1,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(batches)
+}
+
+/// Trains on the CPU, or says why the requested device cannot be used.
+pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
+    cfg.validate()?;
+    match cfg.device_kind()? {
+        Device::Auto | Device::Cpu => Ok(train_on(CpuBackend::<f32>::new(), cfg)?.1),
+        Device::Cuda => bail!("the CUDA backend is not built yet: use --device cpu"),
+    }
+}
+
+/// Trains with `backend` (sample generations: see [`train_with`]).
+pub fn train_on<B: Backend>(backend: B, cfg: &TrainConfig) -> Result<(Model<B>, TrainReport)> {
+    train_with(backend, cfg, None)
+}
+
+/// The mean loss per supervised target over `batches` (no dropout, no gradients).
+pub fn eval_loss<B: Backend>(model: &mut Model<B>, batches: &[Batch]) -> Result<f64> {
+    let mut sum = 0.0;
+    let mut count = 0usize;
+    for batch in batches {
+        let n = batch.n_supervised();
+        if n > 0 {
+            sum += model.loss(batch)?;
+            count += n;
+        }
+    }
+    ensure!(count > 0, "no supervised targets in the {} evaluation batches", batches.len());
+    Ok(sum / count as f64)
+}
+
+/// A model config from a preset name or a JSON file; `tiny` takes the tokenizer's vocabulary.
+pub fn resolve_model_config(model: &str, vocab_size: usize) -> Result<ModelConfig> {
+    let config = if model == "tiny" {
+        ModelConfig::tiny(vocab_size)
+    } else if model.ends_with(".json") || Path::new(model).is_file() {
+        ModelConfig::load(Path::new(model))?
+    } else {
+        ModelConfig::preset(model)?
+    };
+    config.validate().with_context(|| format!("model config {model:?}"))?;
+    Ok(config)
+}
+
+/// The dropout seed of micro-batch `micro` of optimizer step `step`.
+fn dropout_seed(stream: &Rng, step: u64, micro: usize) -> u64 {
+    stream.fork(step).fork(micro as u64).next_u64()
+}
+
+/// Stream id of the dropout masks, apart from the other uses of the seed.
+const DROPOUT_STREAM: u64 = 0xD809;
+
+/// Progress output: a bar on a terminal, else a plain line every `log_every` steps.
+enum Progress {
+    Bar(ProgressBar),
+    Lines { every: u64 },
+}
+
+impl Progress {
+    fn new(start: u64, end: u64, log_every: u64) -> Progress {
+        if std::io::stderr().is_terminal() {
+            let bar = ProgressBar::new(end).with_position(start);
+            let style =
+                ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar());
+            bar.set_style(style);
+            Progress::Bar(bar)
+        } else {
+            Progress::Lines { every: log_every }
+        }
+    }
+
+    fn step(&self, step: u64, end: u64, summary: &str) {
+        match self {
+            Progress::Bar(bar) => {
+                bar.set_position(step);
+                bar.set_message(summary.to_string());
+            }
+            Progress::Lines { every } => {
+                if step.is_multiple_of(*every) || step == end {
+                    eprintln!("step {step}/{end} {summary}");
+                }
+            }
+        }
+    }
+
+    fn println(&self, line: &str) {
+        match self {
+            Progress::Bar(bar) => bar.println(line),
+            Progress::Lines { .. } => eprintln!("{line}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Progress::Bar(bar) = self {
+            bar.finish();
+        }
+    }
+}
+
+/// Trains with `backend`; `sampler` (when given, and when `cfg.samples` is not empty) prints
+/// sample replies at steps `sample_every` × 1, 2, 4, 8, ...
+pub fn train_with<B: Backend>(
+    backend: B,
+    cfg: &TrainConfig,
+    mut sampler: Option<&mut Sampler<'_, B>>,
+) -> Result<(Model<B>, TrainReport)> {
+    cfg.validate()?;
+
+    // ---- where the run starts: fresh, from a checkpoint's weights, or resumed ----------------
+    let resume_dir = checkpoint::latest(&cfg.out_dir)?;
+    let resume_dir = match (cfg.resume, resume_dir) {
+        (true, Some(dir)) => Some(dir),
+        (true, None) => bail!(
+            "--resume: {} holds no checkpoint (no `{}` file)",
+            cfg.out_dir.display(),
+            checkpoint::LATEST_FILE
+        ),
+        (false, Some(dir)) => bail!(
+            "{} already holds checkpoints ({}): pass --resume to continue that run, or choose another out_dir",
+            cfg.out_dir.display(),
+            dir.display()
+        ),
+        (false, None) => None,
+    };
+    let resumed: Option<TrainerState> =
+        resume_dir.as_deref().map(checkpoint::load_trainer_state).transpose()?;
+    if let Some(state) = &resumed {
+        warn_about_changes(&state.config, cfg);
+    }
+    let tokenizer_path = cfg.tokenizer_path();
+    let tokenizer = ChatTokenizer::from_file(&tokenizer_path)
+        .with_context(|| format!("loading the tokenizer {}", tokenizer_path.display()))?;
+    let weights_from = resume_dir.clone().or_else(|| cfg.init_from.clone());
+    let mut model_config = match &weights_from {
+        Some(dir) => checkpoint::read_model_config(dir)?,
+        None => resolve_model_config(&cfg.model, tokenizer.vocab_size())?,
+    };
+    if let Some(p) = cfg.dropout {
+        model_config.dropout = p;
+    }
+    ensure!(
+        tokenizer.vocab_size() <= model_config.vocab_size,
+        "the tokenizer {} has {} tokens but the model's vocabulary holds {}",
+        tokenizer_path.display(),
+        tokenizer.vocab_size(),
+        model_config.vocab_size
+    );
+    let max_seq_len = cfg.max_seq_len.unwrap_or(model_config.max_seq_len);
+    ensure!(
+        max_seq_len <= model_config.max_seq_len,
+        "max_seq_len {max_seq_len} exceeds the model's max_seq_len {}",
+        model_config.max_seq_len
+    );
+
+    // ---- data ------------------------------------------------------------------------------
+    let loader_config = LoaderConfig {
+        batch_size: cfg.micro_batch,
+        max_seq_len,
+        mode: cfg.batch_mode,
+        shuffle: cfg.shuffle,
+        seed: cfg.seed,
+    };
+    let train_set = Arc::new(Dataset::open(&cfg.data, Split::Train)?);
+    let mut loader = Loader::new(train_set.clone(), loader_config.clone())?;
+    // Packed batches per epoch depend on the epoch's shuffle: count every epoch's steps (only
+    // the first one when max_steps and schedule_steps make the count unnecessary).
+    let count_epochs =
+        if cfg.max_steps.is_none() || cfg.schedule_steps.is_none() { cfg.epochs.max(1) } else { 1 };
+    let mut epoch_steps = Vec::with_capacity(count_epochs as usize);
+    let mut scratch = Loader::new(train_set, loader_config.clone())?;
+    for epoch in 0..count_epochs {
+        scratch.restore(&LoaderState { epoch, batch_in_epoch: 0 })?;
+        let batches = scratch.batches_per_epoch();
+        ensure!(
+            batches >= cfg.grad_accum,
+            "{}: epoch {epoch} has {batches} micro-batches, fewer than grad_accum = {}: lower micro_batch or grad_accum",
+            cfg.data.display(),
+            cfg.grad_accum
+        );
+        epoch_steps.push((batches / cfg.grad_accum) as u64);
+    }
+    let steps_per_epoch = epoch_steps[0];
+    let epochs_steps: u64 = epoch_steps.iter().take(cfg.epochs as usize).sum();
+    let val_set = Dataset::open(&cfg.data, Split::Val)?;
+    let full_val: Vec<Batch> =
+        if !val_set.is_empty() { batches_in_order(&val_set, &loader_config)? } else { vec![] };
+    let quick_val: Vec<Batch> = full_val.iter().take(cfg.eval_batches).cloned().collect();
+    let has_val = full_val.iter().any(|b| b.n_supervised() > 0);
+
+    let end_step = cfg.max_steps.unwrap_or(epochs_steps);
+    let schedule = Schedule {
+        max_lr: cfg.max_lr,
+        min_lr: cfg.min_lr,
+        warmup_steps: cfg.warmup_steps,
+        total_steps: cfg.schedule_steps.unwrap_or(epochs_steps),
+    };
+
+    // ---- the model -------------------------------------------------------------------------
+    let mut model = Model::new(backend, model_config, cfg.micro_batch * max_seq_len)?;
+    match (&resume_dir, &cfg.init_from) {
+        (Some(dir), _) => {
+            checkpoint::load_weights_into(dir, &mut model)?;
+            checkpoint::load_optimizer_into(dir, &mut model)?;
+        }
+        (None, Some(dir)) => checkpoint::load_weights_into(dir, &mut model)?,
+        (None, None) => model.init_params(cfg.seed)?,
+    }
+    let dropout_stream = Rng::new(cfg.seed).fork(DROPOUT_STREAM);
+
+    // ---- counters (continued from the checkpoint when resuming) -----------------------------
+    let mut state = match resumed {
+        Some(mut s) => {
+            loader.restore(&s.loader)?;
+            s.config = cfg.clone();
+            s.schedule = schedule.clone();
+            s
+        }
+        None => TrainerState {
+            step: 0,
+            epoch: 0,
+            loader: loader.state(),
+            rng: dropout_stream.clone(),
+            tokens_seen: 0,
+            supervised_tokens_seen: 0,
+            skipped_batches: 0,
+            elapsed_s: 0.0,
+            schedule: schedule.clone(),
+            lr: 0.0,
+            last_train_loss: None,
+            last_val_loss: None,
+            config: cfg.clone(),
+        },
+    };
+    let start_step = state.step;
+    std::fs::create_dir_all(&cfg.out_dir).with_context(|| format!("creating {}", cfg.out_dir.display()))?;
+    let mut log = CsvLog::open(&cfg.out_dir.join("log.csv"), resume_dir.as_ref().map(|_| start_step))?;
+    let progress = Progress::new(start_step, end_step, cfg.log_every);
+    progress.println(&format!(
+        "training {} parameters on {}: {} micro-batches of {} per step, {steps_per_epoch} steps per epoch, steps {start_step}..{end_step}",
+        model.config().n_params(),
+        model.backend().name(),
+        cfg.grad_accum,
+        cfg.micro_batch,
+    ));
+
+    let mut report = TrainReport {
+        steps: start_step,
+        final_train_loss: f64::NAN,
+        final_val_loss: state.last_val_loss,
+        tokens_per_s: 0.0,
+        step_losses: Vec::new(),
+        skipped_batches: state.skipped_batches,
+        steps_per_epoch,
+        checkpoint: None,
+    };
+    let mut train_time = 0.0f64;
+    let mut train_tokens = 0u64;
+    let run_start = Instant::now();
+    let elapsed_before = state.elapsed_s;
+
+    // ---- the loop --------------------------------------------------------------------------
+    while state.step < end_step {
+        let step = state.step; // 0-based index of the step being taken
+        let step_start = Instant::now();
+
+        let micro_batches = next_micro_batches(&mut loader, cfg.grad_accum, &mut state.skipped_batches)?;
+        let lr = schedule.lr(step);
+        let StepOutcome { train_loss, grad_norm, supervised, tokens: step_tokens } =
+            optimizer_step(&mut model, &micro_batches, step, lr, cfg, &dropout_stream)?;
+        model.backend().synchronize()?;
+        let step_secs = step_start.elapsed().as_secs_f64();
+        train_time += step_secs;
+        train_tokens += step_tokens;
+
+        state.step = step + 1;
+        state.loader = loader.state();
+        let epoch_end =
+            state.loader.batch_in_epoch + cfg.grad_accum as u64 > loader.batches_per_epoch() as u64;
+        state.epoch = state.loader.epoch + u64::from(epoch_end);
+        state.tokens_seen += step_tokens;
+        state.supervised_tokens_seen += supervised as u64;
+        state.lr = lr;
+        if let Some(loss) = train_loss {
+            state.last_train_loss = Some(loss);
+            report.step_losses.push((state.step, loss));
+        }
+
+        // ---- evaluation: a quick one every eval_every steps, a full pass at each epoch end ----
+        let done = state.step;
+        let val_loss = if !has_val {
+            None
+        } else if epoch_end {
+            let loss = eval_loss(&mut model, &full_val)?;
+            progress.println(&format!("epoch {} done: full validation loss {loss:.4}", state.epoch));
+            Some(loss)
+        } else if (cfg.eval_every > 0 && done.is_multiple_of(cfg.eval_every)) || done == end_step {
+            quick_val
+                .iter()
+                .any(|b| b.n_supervised() > 0)
+                .then(|| eval_loss(&mut model, &quick_val))
+                .transpose()?
+        } else {
+            None
+        };
+        if val_loss.is_some() {
+            state.last_val_loss = val_loss;
+        }
+
+        state.elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
+        log.write(&LogRow {
+            step: done,
+            progress_pct: 100.0 * done as f64 / end_step as f64,
+            train_loss,
+            val_loss,
+            lr,
+            grad_norm,
+            time_s: state.elapsed_s,
+            tokens_per_s: step_tokens as f64 / step_secs.max(1e-9),
+        })?;
+        let summary = format!(
+            "loss {} val {} lr {lr:.3e} norm {} tok/s {:.0}",
+            train_loss.map_or("-".into(), |l| format!("{l:.4}")),
+            state.last_val_loss.map_or("-".into(), |l| format!("{l:.4}")),
+            grad_norm.map_or("-".into(), |n| format!("{n:.3}")),
+            step_tokens as f64 / step_secs.max(1e-9)
+        );
+        progress.step(done, end_step, &summary);
+
+        // ---- sample replies at growing intervals --------------------------------------------
+        if let Some(sample) = sampler.as_deref_mut() {
+            if cfg.sample_every > 0
+                && done.is_multiple_of(cfg.sample_every)
+                && (done / cfg.sample_every).is_power_of_two()
+            {
+                for prompt in &cfg.samples {
+                    let reply = sample(&mut model, &tokenizer, prompt)?;
+                    progress.println(&format!("[step {done}] {prompt}\n  -> {reply}"));
+                }
+            }
+        }
+
+        // ---- checkpoint ------------------------------------------------------------------------
+        if (cfg.save_every > 0 && done.is_multiple_of(cfg.save_every)) || done == end_step {
+            let dir =
+                checkpoint::save(&cfg.out_dir, &model, &state, Some(&tokenizer_path), cfg.keep_checkpoints)?;
+            report.checkpoint = Some(dir);
+        }
+    }
+    progress.finish();
+
+    report.steps = state.step;
+    report.final_train_loss = report.step_losses.last().map_or(f64::NAN, |&(_, l)| l);
+    report.final_val_loss = state.last_val_loss;
+    report.tokens_per_s = if train_time > 0.0 { train_tokens as f64 / train_time } else { 0.0 };
+    report.skipped_batches = state.skipped_batches;
+    if report.skipped_batches > 0 {
+        eprintln!("note: {} micro-batches had no supervised target and were skipped", report.skipped_batches);
+    }
+    Ok((model, report))
+}
+
+/// A resumed run matches the interrupted one only with the same data order and batches.
+fn warn_about_changes(saved: &TrainConfig, now: &TrainConfig) {
+    let mut changed = Vec::new();
+    macro_rules! check {
+        ($($field:ident),*) => {$(
+            if saved.$field != now.$field {
+                changed.push(format!("{} {:?} -> {:?}", stringify!($field), saved.$field, now.$field));
+            }
+        )*};
+    }
+    check!(
+        data,
+        micro_batch,
+        grad_accum,
+        batch_mode,
+        max_seq_len,
+        shuffle,
+        seed,
+        dropout,
+        epochs,
+        schedule_steps
+    );
+    check!(max_lr, min_lr, warmup_steps, beta1, beta2, eps, weight_decay, clip);
+    if !changed.is_empty() {
+        eprintln!(
+            "warning: resuming with settings that differ from the checkpoint's ({}); the run will not repeat an uninterrupted one",
+            changed.join(", ")
+        );
+    }
+}

@@ -1,0 +1,226 @@
+//! Checkpoints: round trip, validation errors that name the file and tensor, rotation, the
+//! `latest` pointer, and the `init`/`eval` commands.
+
+mod train_util;
+
+use sft::backend::cpu::CpuBackend;
+use sft::data::BatchMode;
+use sft::data::TrainOn;
+use sft::model::params::NamedTensor;
+use sft::train::checkpoint::{self, list_checkpoints, write_safetensors, MODEL_FILE};
+use sft::train::cli::{eval_with, init, EvalArgs, InitArgs, SplitArg};
+use sft::train::{eval_loss, train_on, Schedule, TrainConfig};
+use std::path::Path;
+use train_util::{prepared_data, tiny_config};
+
+fn bits(ts: &[NamedTensor]) -> Vec<(String, Vec<usize>, Vec<u32>)> {
+    ts.iter()
+        .map(|t| (t.name.clone(), t.shape.clone(), t.data.iter().map(|x| x.to_bits()).collect()))
+        .collect()
+}
+
+fn read_all(path: &Path) -> Vec<NamedTensor> {
+    let shapes = checkpoint::tensor_shapes(path).unwrap();
+    let expected: Vec<(String, Vec<usize>)> = shapes.into_iter().collect();
+    checkpoint::read_safetensors(path, &expected).unwrap()
+}
+
+#[test]
+fn checkpoint_round_trip_and_rotation() {
+    let root = tempfile::tempdir().unwrap();
+    let (data, tok) = prepared_data(root.path(), 48, 96);
+    let out = root.path().join("run");
+    let cfg = TrainConfig { max_steps: Some(5), ..tiny_config(&data, &tok, &out, BatchMode::Dynamic) };
+    let (model, report) = train_on(CpuBackend::<f32>::new(), &cfg).unwrap();
+    assert_eq!(report.steps, 5);
+
+    // Saves at steps 2, 4 and 5 (the end); keep_checkpoints = 2 leaves the last two.
+    let kept: Vec<u64> = list_checkpoints(&out).unwrap().into_iter().map(|(s, _)| s).collect();
+    assert_eq!(kept, vec![4, 5]);
+    let latest = checkpoint::latest(&out).unwrap().unwrap();
+    assert_eq!(latest, out.join("step-5"));
+    assert_eq!(report.checkpoint.as_deref(), Some(latest.as_path()));
+    for file in
+        ["model.safetensors", "config.json", "tokenizer.json", "optimizer.safetensors", "trainer_state.json"]
+    {
+        assert!(latest.join(file).is_file(), "{file} missing");
+    }
+
+    // Weights come back bit for bit, under Hugging Face names.
+    let loaded = checkpoint::load_model_with(&latest, CpuBackend::<f32>::new(), 256).unwrap();
+    assert_eq!(bits(&loaded.read_params().unwrap()), bits(&model.read_params().unwrap()));
+    let names: Vec<String> = read_all(&latest.join(MODEL_FILE)).into_iter().map(|t| t.name).collect();
+    assert!(names.contains(&"model.embed_tokens.weight".to_string()), "{names:?}");
+    assert!(names.iter().any(|n| n.ends_with("self_attn.q_proj.weight")), "{names:?}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(latest.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "llama");
+    assert_eq!(config["hidden_size"], model.config().d_model);
+    assert_eq!(checkpoint::read_model_config(&latest).unwrap(), *model.config());
+
+    // So do the optimizer moments and the trainer state.
+    let mut fresh = checkpoint::load_model_with(&latest, CpuBackend::<f32>::new(), 256).unwrap();
+    checkpoint::load_optimizer_into(&latest, &mut fresh).unwrap();
+    let (m0, v0) = model.read_optimizer_state().unwrap();
+    let (m1, v1) = fresh.read_optimizer_state().unwrap();
+    assert_eq!(bits(&m0), bits(&m1));
+    assert_eq!(bits(&v0), bits(&v1));
+    let state = checkpoint::load_trainer_state(&latest).unwrap();
+    assert_eq!(state.step, 5);
+    assert_eq!(state.config, cfg);
+    // JSON keeps f64 to within an ulp (serde_json's default parser is not always exact).
+    assert!((state.lr - state.schedule.lr(4)).abs() <= 1e-15, "{} vs {}", state.lr, state.schedule.lr(4));
+    let last = state.last_train_loss.unwrap();
+    assert!((last - report.final_train_loss).abs() <= 1e-12 * last.abs(), "{last}");
+
+    // The log's lr column follows the schedule.
+    let schedule =
+        Schedule { max_lr: 3e-3, min_lr: 3e-4, warmup_steps: 2, total_steps: 2 * report.steps_per_epoch };
+    let log = std::fs::read_to_string(out.join("log.csv")).unwrap();
+    for (i, line) in log.lines().skip(1).enumerate() {
+        let lr: f64 = line.split(',').nth(6).unwrap().parse().unwrap();
+        assert!((lr - schedule.lr(i as u64)).abs() <= 1e-12, "step {}: lr {lr}", i + 1);
+    }
+
+    // A fresh run refuses to write over a run's checkpoints; --resume needs one.
+    let err = train_on(CpuBackend::<f32>::new(), &cfg).map(|_| ()).unwrap_err();
+    assert!(format!("{err:#}").contains("--resume"), "{err:#}");
+    let empty = TrainConfig {
+        resume: true,
+        ..tiny_config(&data, &tok, &root.path().join("none"), BatchMode::Dynamic)
+    };
+    let err = train_on(CpuBackend::<f32>::new(), &empty).map(|_| ()).unwrap_err();
+    assert!(format!("{err:#}").contains("no checkpoint"), "{err:#}");
+}
+
+/// Rewrites `model.safetensors` through `edit` and returns the load error.
+fn load_error_after(edit: impl FnOnce(&mut Vec<NamedTensor>)) -> String {
+    let root = tempfile::tempdir().unwrap();
+    let ckpt = root.path().join("ckpt");
+    init(InitArgs {
+        model: "tiny".into(),
+        out: ckpt.clone(),
+        seed: 1,
+        tokenizer: None,
+        vocab_size: Some(300),
+    })
+    .unwrap();
+    let path = ckpt.join(MODEL_FILE);
+    let mut tensors = read_all(&path);
+    edit(&mut tensors);
+    write_safetensors(&path, &tensors).unwrap();
+    let err = checkpoint::load_model(&ckpt, CpuBackend::<f32>::new()).map(|_| ()).unwrap_err();
+    format!("{err:#}")
+}
+
+#[test]
+fn missing_tensor_is_named_with_its_file() {
+    let err = load_error_after(|ts| {
+        ts.retain(|t| t.name != "model.norm.weight");
+    });
+    assert!(err.contains("model.safetensors") && err.contains("model.norm.weight is missing"), "{err}");
+}
+
+#[test]
+fn misshapen_and_unexpected_tensors_are_named() {
+    let err = load_error_after(|ts| {
+        let t = ts.iter_mut().find(|t| t.name == "model.norm.weight").unwrap();
+        t.data.push(1.0);
+        t.shape = vec![t.data.len()];
+    });
+    assert!(err.contains("model.norm.weight has shape"), "{err}");
+    let err = load_error_after(|ts| {
+        ts.push(NamedTensor { name: "extra.weight".into(), shape: vec![2], data: vec![0.0, 1.0] })
+    });
+    assert!(err.contains("unexpected tensor extra.weight"), "{err}");
+}
+
+#[test]
+fn truncated_weights_file_is_an_error_not_a_panic() {
+    let root = tempfile::tempdir().unwrap();
+    let ckpt = root.path().join("ckpt");
+    init(InitArgs {
+        model: "tiny".into(),
+        out: ckpt.clone(),
+        seed: 1,
+        tokenizer: None,
+        vocab_size: Some(300),
+    })
+    .unwrap();
+    let path = ckpt.join(MODEL_FILE);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = checkpoint::load_model(&ckpt, CpuBackend::<f32>::new()).map(|_| ()).unwrap_err();
+    assert!(format!("{err:#}").contains("model.safetensors"), "{err:#}");
+    std::fs::remove_file(&path).unwrap();
+    let err = checkpoint::load_model(&ckpt, CpuBackend::<f32>::new()).map(|_| ()).unwrap_err();
+    assert!(format!("{err:#}").contains("model.safetensors"), "{err:#}");
+}
+
+#[test]
+fn init_from_a_checkpoint_and_eval() {
+    let root = tempfile::tempdir().unwrap();
+    let (data, tok) = prepared_data(root.path(), 48, 96);
+    let ckpt = root.path().join("init");
+    init(InitArgs {
+        model: "tiny".into(),
+        out: ckpt.clone(),
+        seed: 7,
+        tokenizer: Some(tok.clone()),
+        vocab_size: None,
+    })
+    .unwrap();
+    assert!(ckpt.join("tokenizer.json").is_file());
+    // `init` refuses to overwrite.
+    assert!(init(InitArgs {
+        model: "tiny".into(),
+        out: ckpt.clone(),
+        seed: 7,
+        tokenizer: Some(tok.clone()),
+        vocab_size: None
+    })
+    .is_err());
+
+    let cfg = TrainConfig {
+        init_from: Some(ckpt.clone()),
+        max_steps: Some(2),
+        ..tiny_config(&data, &tok, &root.path().join("run"), BatchMode::Dynamic)
+    };
+    let (mut model, report) = train_on(CpuBackend::<f32>::new(), &cfg).unwrap();
+    assert_eq!(report.step_losses.len(), 2);
+
+    // The initial loss of a random model is about ln(vocab); training from it lowers the loss.
+    let val = sft::data::Dataset::open(&data, sft::data::Split::Val).unwrap();
+    let lc = sft::data::LoaderConfig {
+        batch_size: 4,
+        max_seq_len: 64,
+        mode: BatchMode::Dynamic,
+        shuffle: false,
+        seed: 0,
+    };
+    let batches = sft::data::batches_in_order(&val, &lc).unwrap();
+    let mut initial = checkpoint::load_model_with(&ckpt, CpuBackend::<f32>::new(), 256).unwrap();
+    let before = eval_loss(&mut initial, &batches).unwrap();
+    let after = eval_loss(&mut model, &batches).unwrap();
+    assert!(before.is_finite() && after < before, "before {before}, after {after}");
+    assert!(report.final_val_loss.is_some());
+
+    // `sft eval` on the prepared validation split measures the same; on the chat file, all of it.
+    let args = EvalArgs {
+        checkpoint: ckpt.clone(),
+        data: data.clone(),
+        tokenizer: None,
+        split: SplitArg::Val,
+        train_on: TrainOn::FinalReply,
+        micro_batch: 4,
+        max_seq_len: Some(96),
+        batch_mode: BatchMode::Dynamic,
+        device: "cpu".into(),
+    };
+    assert_eq!(eval_with(CpuBackend::<f32>::new(), &args).unwrap().loss, before);
+    let on_chat =
+        eval_with(CpuBackend::<f32>::new(), &EvalArgs { data: root.path().join("chat.json"), ..args })
+            .unwrap();
+    assert!(on_chat.loss.is_finite() && on_chat.supervised_tokens > 0, "{on_chat:?}");
+    assert!(on_chat.batches > batches.len());
+}
