@@ -50,7 +50,7 @@ impl CudaBackend {
             return Ok(());
         }
         let vocab = dtable.len() / d;
-        let host_ids = self.stream.clone_dtoh(&ids.slice(0..n))?;
+        let host_ids = self.download(&ids.slice(0..n))?;
         if let Some((i, &bad)) = host_ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
             bail!("embedding_backward: token {i} has id {bad}, the table has {vocab} rows");
         }

@@ -49,7 +49,7 @@ impl CudaBackend {
         if let Some((dx, _, _)) = grads.as_mut() {
             self.stream.memset_zeros(&mut dx.slice_mut(0..n * d))?;
         }
-        let host_targets = self.stream.clone_dtoh(&targets.slice(0..n))?;
+        let host_targets = self.download(&targets.slice(0..n))?;
         let mut rows: Vec<u32> = Vec::new();
         let mut sup_targets: Vec<u32> = Vec::new();
         for (i, &t) in host_targets.iter().enumerate() {
@@ -130,7 +130,7 @@ impl CudaBackend {
                 unsafe { b.launch(grid_stride(r * d)) }?;
             }
         }
-        let host_losses = self.stream.clone_dtoh(&losses.slice(0..n_sup))?;
+        let host_losses = self.download(&losses.slice(0..n_sup))?;
         Ok(host_losses.iter().map(|&l| l as f64).sum())
     }
 }

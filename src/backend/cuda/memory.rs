@@ -1,7 +1,7 @@
 //! Allocation, host transfers, zeroing and copies.
 
 use anyhow::{bail, Context, Result};
-use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DeviceRepr, PushKernelArg};
 use half::bf16;
 
 use super::launch::grid_stride;
@@ -14,6 +14,15 @@ impl CudaBackend {
     pub(super) fn dev_ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
         let (p, _guard) = s.device_ptr(&self.stream);
         p
+    }
+
+    /// Copies device data to the host. cudarc's copy into a `Vec` is an async copy from
+    /// pageable memory, which CUDA only documents as "might be synchronous", so the stream is
+    /// synchronized explicitly before the data is used.
+    pub(super) fn download<T: DeviceRepr>(&self, src: &CudaView<'_, T>) -> Result<Vec<T>> {
+        let host = self.stream.clone_dtoh(src)?;
+        self.stream.synchronize()?;
+        Ok(host)
     }
 
     pub(super) fn zeros_impl(&self, len: usize, precision: Precision) -> Result<CudaBuf> {
@@ -54,10 +63,8 @@ impl CudaBackend {
             bail!("read: {len} values from a buffer of {}", src.len());
         }
         Ok(match src {
-            CudaBuf::Bf16(s) => {
-                self.stream.clone_dtoh(&s.slice(0..len))?.into_iter().map(|v| v.to_f32()).collect()
-            }
-            CudaBuf::F32(s) => self.stream.clone_dtoh(&s.slice(0..len))?,
+            CudaBuf::Bf16(s) => self.download(&s.slice(0..len))?.into_iter().map(|v| v.to_f32()).collect(),
+            CudaBuf::F32(s) => self.download(&s.slice(0..len))?,
         })
     }
 

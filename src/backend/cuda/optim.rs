@@ -56,7 +56,7 @@ impl CudaBackend {
         if used.is_empty() {
             return Ok(0.0);
         }
-        let host = self.stream.clone_dtoh(&partial.slice(0..bufs.len() * SUMSQ_BLOCKS))?;
+        let host = self.download(&partial.slice(0..bufs.len() * SUMSQ_BLOCKS))?;
         Ok(used.iter().flat_map(|&(o, b)| host[o..o + b].iter()).map(|&v| v as f64).sum())
     }
 
