@@ -8,6 +8,24 @@ use super::scratch::ensure;
 use super::{bf16_mut, bf16_of, ids_of, CudaBackend, CudaBuf};
 use crate::backend::{HeadShape, RopeStyle};
 
+/// Token indices sorted by id (stable, so token order within an id), the start of each id's
+/// run in that order (plus a final `n`), and the id of each run.
+pub(super) fn group_tokens_by_id(ids: &[u32]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+    let mut order: Vec<u32> = (0..ids.len() as u32).collect();
+    order.sort_by_key(|&i| ids[i as usize]);
+    let mut group_start = Vec::new();
+    let mut group_id = Vec::new();
+    for (pos, &tok) in order.iter().enumerate() {
+        let id = ids[tok as usize];
+        if group_id.last() != Some(&id) {
+            group_id.push(id);
+            group_start.push(pos as u32);
+        }
+    }
+    group_start.push(ids.len() as u32);
+    (order, group_start, group_id)
+}
+
 impl CudaBackend {
     /// Ids must be below the table's row count: they are not read back to check (that would
     /// cost a synchronization per forward); the trainer validates token ids when loading data.
@@ -54,18 +72,7 @@ impl CudaBackend {
         if let Some((i, &bad)) = host_ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
             bail!("embedding_backward: token {i} has id {bad}, the table has {vocab} rows");
         }
-        let mut order: Vec<u32> = (0..n as u32).collect();
-        order.sort_by_key(|&i| host_ids[i as usize]); // stable: token order within an id
-        let mut group_start: Vec<u32> = Vec::new();
-        let mut group_id: Vec<u32> = Vec::new();
-        for (pos, &tok) in order.iter().enumerate() {
-            let id = host_ids[tok as usize];
-            if group_id.last() != Some(&id) {
-                group_id.push(id);
-                group_start.push(pos as u32);
-            }
-        }
-        group_start.push(n as u32);
+        let (order, group_start, group_id) = group_tokens_by_id(&host_ids);
         let n_groups = group_id.len();
 
         let mut scratch = self.scratch();
@@ -211,5 +218,18 @@ impl CudaBackend {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::group_tokens_by_id;
+
+    #[test]
+    fn tokens_are_grouped_by_id_in_token_order() {
+        let (order, start, id) = group_tokens_by_id(&[5, 2, 5, 7, 2, 5]);
+        assert_eq!(id, vec![2, 5, 7]);
+        assert_eq!(start, vec![0, 2, 5, 6]);
+        assert_eq!(order, vec![1, 4, 0, 2, 5, 3]);
     }
 }

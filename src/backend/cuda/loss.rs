@@ -18,6 +18,23 @@ use crate::backend::LossGrads;
 /// Logit elements per chunk: 32 Mi (128 MiB of fp32 logits plus 64 MiB of bf16 dlogits).
 const CHUNK_LOGITS: usize = 32 << 20;
 
+/// The supervised rows (target != ignore_id) and their targets, checked against the vocabulary.
+pub(super) fn supervised_rows(targets: &[u32], ignore_id: u32, vocab: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+    let mut rows = Vec::new();
+    let mut sup_targets = Vec::new();
+    for (i, &t) in targets.iter().enumerate() {
+        if t == ignore_id {
+            continue;
+        }
+        if t as usize >= vocab {
+            bail!("lm_head_cross_entropy: row {i} has target {t}, the vocabulary has {vocab} ids");
+        }
+        rows.push(i as u32);
+        sup_targets.push(t);
+    }
+    Ok((rows, sup_targets))
+}
+
 impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn lm_head_cross_entropy_impl(
@@ -50,18 +67,7 @@ impl CudaBackend {
             self.stream.memset_zeros(&mut dx.slice_mut(0..n * d))?;
         }
         let host_targets = self.download(&targets.slice(0..n))?;
-        let mut rows: Vec<u32> = Vec::new();
-        let mut sup_targets: Vec<u32> = Vec::new();
-        for (i, &t) in host_targets.iter().enumerate() {
-            if t == ignore_id {
-                continue;
-            }
-            if t as usize >= vocab {
-                bail!("lm_head_cross_entropy: row {i} has target {t}, the vocabulary has {vocab} ids");
-            }
-            rows.push(i as u32);
-            sup_targets.push(t);
-        }
+        let (rows, sup_targets) = supervised_rows(&host_targets, ignore_id, vocab)?;
         let n_sup = rows.len();
         if n_sup == 0 {
             return Ok(0.0);
@@ -132,5 +138,19 @@ impl CudaBackend {
         }
         let host_losses = self.download(&losses.slice(0..n_sup))?;
         Ok(host_losses.iter().map(|&l| l as f64).sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::supervised_rows;
+
+    #[test]
+    fn only_supervised_rows_are_kept_and_targets_are_checked() {
+        let (rows, targets) = supervised_rows(&[2, 9, 2, 0, 4], 2, 10).unwrap();
+        assert_eq!(rows, vec![1, 3, 4]);
+        assert_eq!(targets, vec![9, 0, 4]);
+        let err = supervised_rows(&[2, 10], 2, 10).unwrap_err().to_string();
+        assert!(err.contains("row 1 has target 10"), "{err}");
     }
 }
