@@ -12,7 +12,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
 /// cuBLASLt's recommended workspace on Hopper (32 MiB), allocated once.
 const WORKSPACE_BYTES: usize = 32 << 20;
@@ -58,6 +58,8 @@ pub(super) struct Gemm {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     stream: Arc<CudaStream>,
+    /// SFT_GEMM_FALLBACK=1: every GEMM uses kernels/gemm.cu (to cross-check cuBLASLt).
+    force_fallback: bool,
 }
 
 // The handle is only used through &self on the backend's one stream; cuBLASLt handles may be
@@ -104,12 +106,15 @@ impl Gemm {
         let handle = lt::create_handle().context("creating the cuBLASLt handle")?;
         let workspace =
             stream.alloc_zeros::<u8>(WORKSPACE_BYTES).context("allocating the cuBLASLt workspace")?;
-        Ok(Gemm { handle, workspace, stream })
+        let force_fallback = std::env::var("SFT_GEMM_FALLBACK").is_ok_and(|v| v == "1");
+        Ok(Gemm { handle, workspace, stream, force_fallback })
     }
 
-    pub(super) fn run(&self, g: &GemmCall) -> Result<()> {
-        if g.m == 0 || g.n == 0 {
-            return Ok(());
+    /// Runs the GEMM with cuBLASLt; `Ok(false)` when cuBLASLt has no algorithm for it (or the
+    /// fallback is forced), in which case the caller runs kernels/gemm.cu instead.
+    pub(super) fn run(&self, g: &GemmCall) -> Result<bool> {
+        if self.force_fallback {
+            return Ok(false);
         }
         self.stream.context().bind_to_thread()?;
         let desc = Desc(lt::create_matmul_desc(
@@ -151,7 +156,7 @@ impl Gemm {
                 &ws_size as *const usize as *const c_void,
                 size_of::<usize>(),
             )?;
-            let heuristic = lt::get_matmul_algo_heuristic(
+            let heuristic = match lt::get_matmul_algo_heuristic(
                 self.handle,
                 desc.0,
                 a_layout.0,
@@ -159,8 +164,11 @@ impl Gemm {
                 c_layout.0,
                 c_layout.0,
                 pref.0,
-            )
-            .with_context(|| format!("no cuBLASLt algorithm for {g:?}"))?;
+            ) {
+                Ok(h) => h,
+                Err(lt::CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => return Ok(false),
+                Err(e) => return Err(e).with_context(|| format!("cuBLASLt heuristic for {g:?}")),
+            };
             lt::matmul(
                 self.handle,
                 desc.0,
@@ -181,7 +189,7 @@ impl Gemm {
             )
             .with_context(|| format!("cuBLASLt matmul {g:?}"))?;
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -259,6 +267,37 @@ pub(super) fn dyt_x(rows: usize, in_dim: usize, out_dim: usize, dy: u64, x: u64,
 }
 
 impl super::CudaBackend {
+    /// One GEMM: cuBLASLt, or kernels/gemm.cu where cuBLASLt has no algorithm.
+    pub(super) fn run_gemm(&self, g: &GemmCall) -> Result<()> {
+        if g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        if self.gemm.run(g)? {
+            return Ok(());
+        }
+        let name = match g.c_type {
+            DType::F32 => "gemm_fallback_f32out",
+            DType::Bf16 => "gemm_fallback_bf16out",
+        };
+        let (m, n, k) = (
+            super::launch::int(g.m as usize, "gemm m")?,
+            super::launch::int(g.n as usize, "gemm n")?,
+            super::launch::int(g.k as usize, "gemm k")?,
+        );
+        let (ta, tb) = (g.transa as i32, g.transb as i32);
+        let mut b = self.stream.launch_builder(self.kernels.get(name)?);
+        b.arg(&g.c).arg(&g.a).arg(&g.b).arg(&ta).arg(&tb).arg(&m).arg(&n).arg(&k);
+        b.arg(&g.lda).arg(&g.ldb).arg(&g.ldc).arg(&g.alpha).arg(&g.beta);
+        let cfg = LaunchConfig {
+            grid_dim: ((g.m as u32).div_ceil(16), (g.n as u32).div_ceil(16), 1),
+            block_dim: (16, 16, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the same pointers and shapes cuBLASLt would have used, checked by the caller.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
     pub(super) fn matmul_forward_impl(
         &self,
         out: &mut super::CudaBuf,
@@ -273,7 +312,7 @@ impl super::CudaBackend {
         let w = super::bf16_of(w, out_dim * in_dim, "matmul_forward w")?;
         let call =
             x_wt(n, in_dim, out_dim, self.dev_ptr(inp), self.dev_ptr(w), self.dev_ptr(out), DType::Bf16, 0.0);
-        self.gemm.run(&call)
+        self.run_gemm(&call)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -295,11 +334,11 @@ impl super::CudaBackend {
         if let Some(dinp) = dinp {
             let dinp = super::bf16_mut(dinp, n * in_dim, "matmul_backward dinp")?;
             let call = dy_w(n, out_dim, in_dim, self.dev_ptr(dout), self.dev_ptr(w), self.dev_ptr(dinp));
-            self.gemm.run(&call)?;
+            self.run_gemm(&call)?;
         }
         if n > 0 {
             let call = dyt_x(n, in_dim, out_dim, self.dev_ptr(dout), self.dev_ptr(inp), self.dev_ptr(dw));
-            self.gemm.run(&call)?;
+            self.run_gemm(&call)?;
         }
         Ok(())
     }

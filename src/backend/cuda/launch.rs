@@ -28,6 +28,7 @@ const KERNELS: &[(&str, &[&str])] = &[
     ("cross_entropy", &["gather_rows", "scatter_rows", "cross_entropy_rows"]),
     ("norm", &["sum_squares_f32", "sum_squares_bf16"]),
     ("adamw", &["adamw_multi"]),
+    ("gemm", &["gemm_fallback_f32out", "gemm_fallback_bf16out"]),
     (
         "attention",
         &[

@@ -106,7 +106,7 @@ impl CudaBackend {
 
             let xc_ptr = self.dev_ptr(xc);
             let logits_ptr = self.dev_ptr(logits);
-            self.gemm.run(&x_wt(r, d, vocab, xc_ptr, w_ptr, logits_ptr, DType::F32, 0.0))?;
+            self.run_gemm(&x_wt(r, d, vocab, xc_ptr, w_ptr, logits_ptr, DType::F32, 0.0))?;
 
             let tgt = tgt_d.slice(c0..c0 + r);
             let mut loss_view = losses.slice_mut(c0..c0 + r);
@@ -127,9 +127,9 @@ impl CudaBackend {
                 let dl_ptr = self.dev_ptr(&**dl);
                 let dxc_ptr = self.dev_ptr(&**dxc);
                 // dx_chunk[r, d] = dlogits[r, vocab] @ w[vocab, d]
-                self.gemm.run(&dy_w(r, vocab, d, dl_ptr, w_ptr, dxc_ptr))?;
+                self.run_gemm(&dy_w(r, vocab, d, dl_ptr, w_ptr, dxc_ptr))?;
                 // dw[vocab, d] += dlogits^T @ x_chunk
-                self.gemm.run(&dyt_x(r, d, vocab, dl_ptr, xc_ptr, self.dev_ptr(&**dw)))?;
+                self.run_gemm(&dyt_x(r, d, vocab, dl_ptr, xc_ptr, self.dev_ptr(&**dw)))?;
                 let mut b = self.stream.launch_builder(self.kernels.get("scatter_rows")?);
                 b.arg(&mut **dx).arg(&**dxc).arg(&idx).arg(&ri).arg(&di);
                 // SAFETY: distinct rows < n of dx; dxc holds chunk * d.
