@@ -343,3 +343,67 @@ impl super::CudaBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{dy_w, dyt_x, x_wt, DType, GemmCall};
+
+    /// cuBLAS semantics on the host (column-major, op() by the trans flags), as kernels/gemm.cu
+    /// implements them: checks that the three row-major forms set shapes and strides right.
+    fn emulate(g: &GemmCall, a: &[f32], b: &[f32], c: &mut [f32]) {
+        let (m, n, k) = (g.m as usize, g.n as usize, g.k as usize);
+        let (lda, ldb, ldc) = (g.lda as usize, g.ldb as usize, g.ldc as usize);
+        for j in 0..n {
+            for i in 0..m {
+                let mut acc = 0.0;
+                for l in 0..k {
+                    let av = if g.transa { a[l + i * lda] } else { a[i + l * lda] };
+                    let bv = if g.transb { b[j + l * ldb] } else { b[l + j * ldb] };
+                    acc += av * bv;
+                }
+                let o = i + j * ldc;
+                c[o] = g.alpha * acc + g.beta * c[o];
+            }
+        }
+    }
+
+    fn values(len: usize, salt: usize) -> Vec<f32> {
+        (0..len).map(|i| ((i * 7 + salt * 13) % 11) as f32 - 5.0).collect()
+    }
+
+    #[test]
+    fn row_major_forms_match_plain_loops() {
+        let (n, i, o) = (3, 5, 4);
+        let x = values(n * i, 1); // [n, i]
+        let w = values(o * i, 2); // [o, i]
+        let dy = values(n * o, 3); // [n, o]
+
+        let mut out = vec![0.0; n * o];
+        emulate(&x_wt(n, i, o, 0, 0, 0, DType::Bf16, 0.0), &w, &x, &mut out);
+        for r in 0..n {
+            for c in 0..o {
+                let want: f32 = (0..i).map(|l| x[r * i + l] * w[c * i + l]).sum();
+                assert_eq!(out[r * o + c], want, "x @ w^T at ({r}, {c})");
+            }
+        }
+
+        let mut dx = vec![0.0; n * i];
+        emulate(&dy_w(n, o, i, 0, 0, 0), &w, &dy, &mut dx);
+        for r in 0..n {
+            for c in 0..i {
+                let want: f32 = (0..o).map(|l| dy[r * o + l] * w[l * i + c]).sum();
+                assert_eq!(dx[r * i + c], want, "dy @ w at ({r}, {c})");
+            }
+        }
+
+        let dw0 = values(o * i, 4);
+        let mut dw = dw0.clone();
+        emulate(&dyt_x(n, i, o, 0, 0, 0), &x, &dy, &mut dw);
+        for r in 0..o {
+            for c in 0..i {
+                let want: f32 = dw0[r * i + c] + (0..n).map(|l| dy[l * o + r] * x[l * i + c]).sum::<f32>();
+                assert_eq!(dw[r * i + c], want, "dw += dy^T @ x at ({r}, {c})");
+            }
+        }
+    }
+}
