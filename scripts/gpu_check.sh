@@ -74,13 +74,41 @@ run)
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
     set +e
-    ./gpu_ops --ignored --test-threads=1 2>&1 | tee gpu_ops.log
-    status=${PIPESTATUS[0]}
+    # One thread and --nocapture: each test's output (relative errors, skip reasons) follows its name.
+    ./gpu_ops --ignored --test-threads=1 --nocapture >gpu_ops.log 2>&1
+    status=$?
     set -e
+    cat gpu_ops.log
     echo
-    printf '%-60s %s\n' test result
-    grep -E '^test .* \.\.\. ' gpu_ops.log | sed -E 's/^test (.*) \.\.\. (.*)$/\1 \2/' |
-        while read -r name result; do printf '%-60s %s\n' "$name" "$result"; done
+    python3 - gpu_ops.log <<'PY' || status=1
+import re, sys
+rows, cur, skipped = [], None, 0
+for line in open(sys.argv[1], errors="replace"):
+    line = line.rstrip("\n")
+    m = re.match(r"^test (\S+) \.\.\. ?(.*)$", line)
+    if m:
+        cur = {"name": m.group(1), "result": None, "err": 0.0, "skip": False}
+        rows.append(cur)
+        line = m.group(2)
+    if cur is None:
+        continue
+    if "skipped:" in line:
+        cur["skip"] = True
+    for e in re.findall(r"relative error ([0-9.eE+-]+)", line):
+        cur["err"] = max(cur["err"], float(e))
+    tail = line.strip()
+    for word in ("ok", "FAILED", "ignored"):
+        if tail == word or tail.endswith(" " + word):
+            cur["result"] = word
+print("%-52s %-8s %s" % ("test", "result", "max rel err"))
+for r in rows:
+    res = "SKIPPED" if r["skip"] else (r["result"] or "?")
+    skipped += r["skip"]
+    print("%-52s %-8s %s" % (r["name"], res, "%.2e" % r["err"] if r["err"] else "-"))
+if skipped:
+    print("%d tests were skipped: the backend did not open (see the log above)" % skipped)
+    sys.exit(1)
+PY
     exit "$status"
     ;;
 *)
