@@ -585,3 +585,37 @@ fn reference_decode_matches_the_training_forward() {
     let full = attention(&reference(), &qkv, &vec![0.5; n * heads.q_width()], &[0, n as u32], heads);
     assert_close("reference decode vs forward", &dec, &full[0], 1e-5);
 }
+
+#[test]
+fn reference_rmsnorm_backward_matches_finite_differences() {
+    let (n, d) = (3, 10);
+    let mut rng = Rng::new(22);
+    let x: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
+    let w: Vec<f32> = (0..d).map(|_| 1.0 + 0.3 * rng.normal() as f32).collect();
+    let dout: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
+    let b = reference();
+    let objective = |x: &[f32], w: &[f32]| -> f64 {
+        let (mut out, mut rstd) = (vec![0.0; n * d], vec![0.0; n]);
+        b.rmsnorm_forward(&mut out, &mut rstd, &x.to_vec(), &w.to_vec(), n, d, 1e-5).unwrap();
+        out.iter().zip(&dout).map(|(&o, &g)| o as f64 * g as f64).sum()
+    };
+    let (mut out, mut rstd) = (vec![0.0; n * d], vec![0.0; n]);
+    b.rmsnorm_forward(&mut out, &mut rstd, &x, &w, n, d, 1e-5).unwrap();
+    let (mut dx, mut dw) = (vec![0.0; n * d], vec![0.0; d]);
+    b.rmsnorm_backward(&mut dx, &mut dw, &dout, &x, &w, &rstd, n, d).unwrap();
+    let eps = 1e-2;
+    for i in [0, 7, 13, 29] {
+        let (mut p, mut m) = (x.clone(), x.clone());
+        p[i] += eps;
+        m[i] -= eps;
+        let fd = (objective(&p, &w) - objective(&m, &w)) / (2.0 * eps as f64);
+        assert!((fd - dx[i] as f64).abs() < 1e-2 * (1.0 + fd.abs()), "dx[{i}] {} vs {fd}", dx[i]);
+    }
+    for k in [0, 4, 9] {
+        let (mut p, mut m) = (w.clone(), w.clone());
+        p[k] += eps;
+        m[k] -= eps;
+        let fd = (objective(&x, &p) - objective(&x, &m)) / (2.0 * eps as f64);
+        assert!((fd - dw[k] as f64).abs() < 1e-2 * (1.0 + fd.abs()), "dw[{k}] {} vs {fd}", dw[k]);
+    }
+}
