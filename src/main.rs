@@ -13,6 +13,12 @@ struct Cli {
 enum Command {
     /// Show whether the CUDA kernels were compiled into this binary.
     Kernels,
+    /// Tokenize a chat file into memory-mapped train/val shards.
+    Prepare(sft::data::cli::PrepareArgs),
+    /// Show the batches the trainer will see (text with supervised spans, or JSON).
+    Inspect(sft::data::cli::InspectArgs),
+    /// Tokenizer tools (`sft tokenizer train`).
+    Tokenizer(sft::data::cli::TokenizerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -27,6 +33,9 @@ fn main() -> anyhow::Result<()> {
                 println!("CUDA kernels unavailable: {}", sft::kernels::PTX_UNAVAILABLE);
             }
         }
+        Command::Prepare(args) => sft::data::cli::prepare(args)?,
+        Command::Inspect(args) => sft::data::cli::inspect(args)?,
+        Command::Tokenizer(args) => sft::data::cli::tokenizer(args)?,
     }
     Ok(())
 }

@@ -1,1 +1,449 @@
-//! The CPU reference backend: every op of the trait, plainly, in f32 (training) or f64 (gradient checks).
+//! The CPU reference backend: every op of the trait, plainly, in f32 (training) or f64 (gradient
+//! checks).
+//!
+//! Each op is a free function on slices named like the trait method (the CPU twin each CUDA
+//! kernel is tested against); [`CpuBackend`] checks buffer sizes and calls them. Rows run in
+//! parallel with rayon, GEMMs go through `matrixmultiply`, and every reduction has a fixed
+//! order, so a run is reproducible whatever the thread count.
+
+mod attention;
+mod dense;
+mod loss;
+mod optim;
+mod real;
+
+use std::marker::PhantomData;
+
+use anyhow::{ensure, Result};
+
+pub use attention::{attention_backward, attention_decode, attention_forward, rope_backward, rope_forward};
+pub use dense::{
+    dropout, embedding_backward, embedding_forward, matmul_backward, matmul_forward,
+    residual_rmsnorm_forward, rmsnorm_backward, rmsnorm_forward, swiglu_backward, swiglu_forward,
+};
+pub use loss::{lm_head_cross_entropy, CeGrads, CE_CHUNK_ROWS};
+pub use optim::{adamw_tensor, sum_squares};
+pub use real::Real;
+
+use super::{AdamW, Backend, HeadShape, LossGrads, Precision, RopeStyle};
+
+/// The CPU backend over float type `T`; [`Precision`] is ignored (everything is `T`).
+#[derive(Clone, Copy, Debug)]
+pub struct CpuBackend<T: Real = f32> {
+    _t: PhantomData<T>,
+}
+
+impl<T: Real> CpuBackend<T> {
+    pub fn new() -> Self {
+        CpuBackend { _t: PhantomData }
+    }
+}
+
+impl<T: Real> Default for CpuBackend<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Fails unless a buffer named `what` holds at least `need` elements.
+fn need(what: &str, len: usize, need: usize) -> Result<()> {
+    ensure!(len >= need, "cpu backend: {what} holds {len} elements, the op needs {need}");
+    Ok(())
+}
+
+fn check_ids_below(what: &str, ids: &[u32], limit: usize) -> Result<()> {
+    if let Some(&bad) = ids.iter().find(|&&t| t as usize >= limit) {
+        anyhow::bail!("cpu backend: {what} contains id {bad}, not below {limit}");
+    }
+    Ok(())
+}
+
+fn check_heads(heads: HeadShape) -> Result<()> {
+    ensure!(
+        heads.n_kv_heads > 0 && heads.n_heads.is_multiple_of(heads.n_kv_heads),
+        "cpu backend: n_heads {} is not a multiple of n_kv_heads {}",
+        heads.n_heads,
+        heads.n_kv_heads
+    );
+    Ok(())
+}
+
+fn check_segments(cu: &[u32], n_segments: usize, n: usize) -> Result<()> {
+    need("cu_seqlens", cu.len(), n_segments + 1)?;
+    ensure!(cu[0] == 0, "cpu backend: cu_seqlens must start at 0, starts at {}", cu[0]);
+    ensure!(
+        cu[n_segments] as usize == n,
+        "cpu backend: cu_seqlens must end at n = {n}, ends at {}",
+        cu[n_segments]
+    );
+    ensure!(cu[..=n_segments].windows(2).all(|p| p[0] <= p[1]), "cpu backend: cu_seqlens decreases");
+    Ok(())
+}
+
+impl<T: Real> Backend for CpuBackend<T> {
+    type Buf = Vec<T>;
+    type Ids = Vec<u32>;
+
+    fn name(&self) -> String {
+        format!("cpu ({})", std::any::type_name::<T>())
+    }
+
+    fn zeros(&self, len: usize, _: Precision) -> Result<Vec<T>> {
+        Ok(vec![T::ZERO; len])
+    }
+    fn zeros_ids(&self, len: usize) -> Result<Vec<u32>> {
+        Ok(vec![0; len])
+    }
+    fn write(&self, dst: &mut Vec<T>, src: &[f32]) -> Result<()> {
+        need("write destination", dst.len(), src.len())?;
+        dst.iter_mut().zip(src).for_each(|(d, &s)| *d = T::from_f32(s));
+        Ok(())
+    }
+    fn read(&self, src: &Vec<T>, len: usize) -> Result<Vec<f32>> {
+        need("read source", src.len(), len)?;
+        Ok(src[..len].iter().map(|&x| x.to_f32()).collect())
+    }
+    fn write_ids(&self, dst: &mut Vec<u32>, src: &[u32]) -> Result<()> {
+        need("id destination", dst.len(), src.len())?;
+        dst[..src.len()].copy_from_slice(src);
+        Ok(())
+    }
+    fn zero(&self, buf: &mut Vec<T>, len: usize) -> Result<()> {
+        need("buffer", buf.len(), len)?;
+        buf[..len].fill(T::ZERO);
+        Ok(())
+    }
+    fn copy(&self, dst: &mut Vec<T>, src: &Vec<T>, len: usize) -> Result<()> {
+        need("copy source", src.len(), len)?;
+        need("copy destination", dst.len(), len)?;
+        dst[..len].copy_from_slice(&src[..len]);
+        Ok(())
+    }
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn embedding_forward(
+        &self,
+        out: &mut Vec<T>,
+        ids: &Vec<u32>,
+        table: &Vec<T>,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        need("out", out.len(), n * d)?;
+        need("ids", ids.len(), n)?;
+        check_ids_below("ids", &ids[..n], table.len() / d.max(1))?;
+        embedding_forward(out, ids, table, n, d);
+        Ok(())
+    }
+    fn embedding_backward(
+        &self,
+        dtable: &mut Vec<T>,
+        ids: &Vec<u32>,
+        dout: &Vec<T>,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        need("dout", dout.len(), n * d)?;
+        need("ids", ids.len(), n)?;
+        check_ids_below("ids", &ids[..n], dtable.len() / d.max(1))?;
+        embedding_backward(dtable, ids, dout, n, d);
+        Ok(())
+    }
+
+    fn rmsnorm_forward(
+        &self,
+        out: &mut Vec<T>,
+        rstd: &mut Vec<T>,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        n: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()> {
+        for (what, len, want) in
+            [("out", out.len(), n * d), ("rstd", rstd.len(), n), ("x", x.len(), n * d), ("w", w.len(), d)]
+        {
+            need(what, len, want)?;
+        }
+        rmsnorm_forward(out, rstd, x, w, n, d, eps);
+        Ok(())
+    }
+    fn residual_rmsnorm_forward(
+        &self,
+        x_out: &mut Vec<T>,
+        out: &mut Vec<T>,
+        rstd: &mut Vec<T>,
+        x_in: &Vec<T>,
+        delta: &Vec<T>,
+        w: &Vec<T>,
+        n: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()> {
+        for (what, len, want) in [
+            ("x_out", x_out.len(), n * d),
+            ("out", out.len(), n * d),
+            ("rstd", rstd.len(), n),
+            ("x_in", x_in.len(), n * d),
+            ("delta", delta.len(), n * d),
+            ("w", w.len(), d),
+        ] {
+            need(what, len, want)?;
+        }
+        residual_rmsnorm_forward(x_out, out, rstd, x_in, delta, w, n, d, eps);
+        Ok(())
+    }
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut Vec<T>,
+        dw: &mut Vec<T>,
+        dout: &Vec<T>,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        rstd: &Vec<T>,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        for (what, len, want) in [
+            ("dx", dx.len(), n * d),
+            ("dw", dw.len(), d),
+            ("dout", dout.len(), n * d),
+            ("x", x.len(), n * d),
+            ("w", w.len(), d),
+            ("rstd", rstd.len(), n),
+        ] {
+            need(what, len, want)?;
+        }
+        rmsnorm_backward(dx, dw, dout, x, w, rstd, n, d);
+        Ok(())
+    }
+
+    fn matmul_forward(
+        &self,
+        out: &mut Vec<T>,
+        inp: &Vec<T>,
+        w: &Vec<T>,
+        n: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        need("out", out.len(), n * out_dim)?;
+        need("inp", inp.len(), n * in_dim)?;
+        need("w", w.len(), out_dim * in_dim)?;
+        matmul_forward(out, inp, w, n, in_dim, out_dim);
+        Ok(())
+    }
+    fn matmul_backward(
+        &self,
+        dinp: Option<&mut Vec<T>>,
+        dw: &mut Vec<T>,
+        dout: &Vec<T>,
+        inp: &Vec<T>,
+        w: &Vec<T>,
+        n: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        if let Some(dinp) = dinp.as_ref() {
+            need("dinp", dinp.len(), n * in_dim)?;
+        }
+        need("dw", dw.len(), out_dim * in_dim)?;
+        need("dout", dout.len(), n * out_dim)?;
+        need("inp", inp.len(), n * in_dim)?;
+        need("w", w.len(), out_dim * in_dim)?;
+        matmul_backward(dinp.map(|b| b.as_mut_slice()), dw, dout, inp, w, n, in_dim, out_dim);
+        Ok(())
+    }
+
+    fn rope_forward(
+        &self,
+        qkv: &mut Vec<T>,
+        positions: &Vec<u32>,
+        n: usize,
+        heads: HeadShape,
+        theta: f32,
+        style: RopeStyle,
+    ) -> Result<()> {
+        need("qkv", qkv.len(), n * heads.qkv_width())?;
+        need("positions", positions.len(), n)?;
+        rope_forward(qkv, positions, n, heads, theta, style);
+        Ok(())
+    }
+    fn rope_backward(
+        &self,
+        dqkv: &mut Vec<T>,
+        positions: &Vec<u32>,
+        n: usize,
+        heads: HeadShape,
+        theta: f32,
+        style: RopeStyle,
+    ) -> Result<()> {
+        need("dqkv", dqkv.len(), n * heads.qkv_width())?;
+        need("positions", positions.len(), n)?;
+        rope_backward(dqkv, positions, n, heads, theta, style);
+        Ok(())
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut Vec<T>,
+        lse: &mut Vec<T>,
+        qkv: &Vec<T>,
+        cu_seqlens: &Vec<u32>,
+        n_segments: usize,
+        n: usize,
+        heads: HeadShape,
+    ) -> Result<()> {
+        check_heads(heads)?;
+        check_segments(cu_seqlens, n_segments, n)?;
+        need("out", out.len(), n * heads.q_width())?;
+        need("lse", lse.len(), n * heads.n_heads)?;
+        need("qkv", qkv.len(), n * heads.qkv_width())?;
+        attention_forward(out, lse, qkv, cu_seqlens, n_segments, n, heads);
+        Ok(())
+    }
+    fn attention_backward(
+        &self,
+        dqkv: &mut Vec<T>,
+        dout: &Vec<T>,
+        qkv: &Vec<T>,
+        out: &Vec<T>,
+        lse: &Vec<T>,
+        cu_seqlens: &Vec<u32>,
+        n_segments: usize,
+        n: usize,
+        heads: HeadShape,
+    ) -> Result<()> {
+        check_heads(heads)?;
+        check_segments(cu_seqlens, n_segments, n)?;
+        need("dqkv", dqkv.len(), n * heads.qkv_width())?;
+        need("dout", dout.len(), n * heads.q_width())?;
+        need("qkv", qkv.len(), n * heads.qkv_width())?;
+        need("out", out.len(), n * heads.q_width())?;
+        need("lse", lse.len(), n * heads.n_heads)?;
+        attention_backward(dqkv, dout, qkv, out, lse, cu_seqlens, n_segments, n, heads);
+        Ok(())
+    }
+    fn attention_decode(
+        &self,
+        out: &mut Vec<T>,
+        qkv: &Vec<T>,
+        k_cache: &mut Vec<T>,
+        v_cache: &mut Vec<T>,
+        start: usize,
+        n_new: usize,
+        heads: HeadShape,
+    ) -> Result<()> {
+        check_heads(heads)?;
+        need("out", out.len(), n_new * heads.q_width())?;
+        need("qkv", qkv.len(), n_new * heads.qkv_width())?;
+        need("k_cache", k_cache.len(), (start + n_new) * heads.kv_width())?;
+        need("v_cache", v_cache.len(), (start + n_new) * heads.kv_width())?;
+        attention_decode(out, qkv, k_cache, v_cache, start, n_new, heads);
+        Ok(())
+    }
+
+    fn swiglu_forward(&self, out: &mut Vec<T>, gate_up: &Vec<T>, n: usize, hidden: usize) -> Result<()> {
+        need("out", out.len(), n * hidden)?;
+        need("gate_up", gate_up.len(), 2 * n * hidden)?;
+        swiglu_forward(out, gate_up, n, hidden);
+        Ok(())
+    }
+    fn swiglu_backward(
+        &self,
+        dgate_up: &mut Vec<T>,
+        dout: &Vec<T>,
+        gate_up: &Vec<T>,
+        n: usize,
+        hidden: usize,
+    ) -> Result<()> {
+        need("dgate_up", dgate_up.len(), 2 * n * hidden)?;
+        need("dout", dout.len(), n * hidden)?;
+        need("gate_up", gate_up.len(), 2 * n * hidden)?;
+        swiglu_backward(dgate_up, dout, gate_up, n, hidden);
+        Ok(())
+    }
+
+    fn dropout(&self, x: &mut Vec<T>, len: usize, p: f32, seed: u64) -> Result<()> {
+        ensure!((0.0..1.0).contains(&p), "cpu backend: dropout probability {p} is not in [0, 1)");
+        need("x", x.len(), len)?;
+        dropout(x, len, p, seed);
+        Ok(())
+    }
+
+    fn lm_head_cross_entropy(
+        &self,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        targets: &Vec<u32>,
+        ignore_id: u32,
+        n: usize,
+        d: usize,
+        vocab: usize,
+        grads: Option<LossGrads<'_, Self>>,
+    ) -> Result<f64> {
+        need("x", x.len(), n * d)?;
+        need("w", w.len(), vocab * d)?;
+        need("targets", targets.len(), n)?;
+        if let Some(&bad) = targets[..n].iter().find(|&&t| t != ignore_id && t as usize >= vocab) {
+            anyhow::bail!("cpu backend: target {bad} is not below the vocabulary size {vocab}");
+        }
+        let grads = match grads {
+            Some(g) => {
+                need("dx", g.dx.len(), n * d)?;
+                need("dw", g.dw.len(), vocab * d)?;
+                Some(CeGrads { dx: g.dx.as_mut_slice(), dw: g.dw.as_mut_slice(), loss_scale: g.loss_scale })
+            }
+            None => None,
+        };
+        Ok(lm_head_cross_entropy(x, w, targets, ignore_id, n, d, vocab, grads))
+    }
+
+    fn sum_squares(&self, bufs: &[&Vec<T>], lens: &[usize]) -> Result<f64> {
+        ensure!(bufs.len() == lens.len(), "cpu backend: {} buffers but {} lengths", bufs.len(), lens.len());
+        for (b, &l) in bufs.iter().zip(lens) {
+            need("buffer", b.len(), l)?;
+        }
+        let slices: Vec<&[T]> = bufs.iter().map(|b| b.as_slice()).collect();
+        Ok(sum_squares(&slices, lens))
+    }
+    fn adamw(
+        &self,
+        params: &mut [&mut Vec<T>],
+        master: &mut [&mut Vec<T>],
+        grads: &[&Vec<T>],
+        m: &mut [&mut Vec<T>],
+        v: &mut [&mut Vec<T>],
+        lens: &[usize],
+        hp: &AdamW,
+    ) -> Result<()> {
+        let k = lens.len();
+        ensure!(
+            params.len() == k && master.len() == k && grads.len() == k && m.len() == k && v.len() == k,
+            "cpu backend: adamw needs {k} tensors in each of params, master, grads, m, v"
+        );
+        for t in 0..k {
+            let l = lens[t];
+            for (what, len) in [
+                ("params", params[t].len()),
+                ("master", master[t].len()),
+                ("grads", grads[t].len()),
+                ("m", m[t].len()),
+                ("v", v[t].len()),
+            ] {
+                need(what, len, l)?;
+            }
+            adamw_tensor(
+                &mut params[t][..l],
+                &mut master[t][..l],
+                &grads[t][..l],
+                &mut m[t][..l],
+                &mut v[t][..l],
+                hp,
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,57 @@
+//! Optimizer ops: the gradient norm's sum of squares and the AdamW step.
+
+use rayon::prelude::*;
+
+use super::Real;
+use crate::backend::AdamW;
+
+/// Elements per parallel chunk; fixed so the f64 sums are reproducible.
+const CHUNK: usize = 1 << 14;
+
+/// Sum of squares of the first `lens[i]` elements of every `bufs[i]`, accumulated in f64.
+pub fn sum_squares<T: Real>(bufs: &[&[T]], lens: &[usize]) -> f64 {
+    let mut total = 0.0;
+    for (b, &len) in bufs.iter().zip(lens) {
+        let partials: Vec<f64> = b[..len]
+            .par_chunks(CHUNK)
+            .map(|c| c.iter().map(|&x| x.to_f64() * x.to_f64()).sum::<f64>())
+            .collect();
+        total += partials.iter().sum::<f64>();
+    }
+    total
+}
+
+/// One AdamW step for one tensor, in PyTorch's order: decoupled decay of `master` first, then
+/// the moments of `g = grad · grad_scale`, the bias-corrected update, and `params = master`.
+pub fn adamw_tensor<T: Real>(
+    params: &mut [T],
+    master: &mut [T],
+    grads: &[T],
+    m: &mut [T],
+    v: &mut [T],
+    hp: &AdamW,
+) {
+    let step = hp.step.min(i32::MAX as u64) as i32;
+    let (b1, b2) = (T::from_f32(hp.beta1), T::from_f32(hp.beta2));
+    let c1 = T::from_f64(1.0 - (hp.beta1 as f64).powi(step));
+    let c2 = T::from_f64(1.0 - (hp.beta2 as f64).powi(step));
+    let (lr, eps, gs) = (T::from_f32(hp.lr), T::from_f32(hp.eps), T::from_f32(hp.grad_scale));
+    let decay = T::from_f64(hp.lr as f64 * hp.weight_decay as f64);
+    let len = params.len();
+    params
+        .par_chunks_mut(CHUNK)
+        .zip(master[..len].par_chunks_mut(CHUNK))
+        .zip(grads[..len].par_chunks(CHUNK))
+        .zip(m[..len].par_chunks_mut(CHUNK))
+        .zip(v[..len].par_chunks_mut(CHUNK))
+        .for_each(|((((p, w), g), m), v)| {
+            for k in 0..p.len() {
+                w[k] -= decay * w[k];
+                let gk = g[k] * gs;
+                m[k] = b1 * m[k] + (T::ONE - b1) * gk;
+                v[k] = b2 * v[k] + (T::ONE - b2) * gk * gk;
+                w[k] -= lr * (m[k] / c1) / ((v[k] / c2).sqrt() + eps);
+                p[k] = w[k];
+            }
+        });
+}

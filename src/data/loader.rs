@@ -1,0 +1,503 @@
+//! Datasets of memory-mapped shards, and the batches the trainer sees.
+//!
+//! Padded batches follow SimpleLLaMA's `tokenize_and_pad_data`: `batch_size` consecutive
+//! examples, an example longer than `max_seq_len` skipped within its batch (a warning when 10% or
+//! more of a batch is skipped, an error when all of it is), `inputs` = the tokens, `targets[i]` =
+//! the token that must follow `inputs[i]` where that token is supervised, else pad; rows
+//! right-padded to the longest example ("dynamic") or to `max_seq_len` ("fixed"). Packed
+//! batches place whole examples one after another in rows of `max_seq_len` tokens, one attention
+//! segment per example (and one for a row's padding tail), positions restarting at 0.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::batch::Batch;
+use super::example::Example;
+pub use super::shard::ExampleRef;
+use super::shard::Shard;
+use crate::rng::Rng;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum Split {
+    Train,
+    Val,
+}
+
+impl Split {
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Val => "val",
+        }
+    }
+}
+
+/// The memory-mapped shards of one split, read in order as one list of examples.
+pub struct Dataset {
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    /// `starts[k]` = index of shard k's first example; one more entry for the total.
+    starts: Vec<usize>,
+    pad_id: u32,
+    fingerprint: u64,
+}
+
+impl fmt::Debug for Dataset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dataset")
+            .field("dir", &self.dir)
+            .field("shards", &self.shards.len())
+            .field("examples", &self.len())
+            .finish()
+    }
+}
+
+impl Dataset {
+    /// Opens every `{split}-NNNNN.bin` of a prepared directory (all shards, in name order).
+    pub fn open(dir: &Path, split: Split) -> Result<Self> {
+        let prefix = format!("{}-", split.name());
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("{}: cannot read prepared data directory", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".bin"))
+            })
+            .collect();
+        paths.sort();
+        if paths.is_empty() {
+            bail!(
+                "{}: no {} shards ({prefix}NNNNN.bin); run `sft prepare` first",
+                dir.display(),
+                split.name()
+            );
+        }
+        Self::from_shards(dir, &paths)
+    }
+
+    /// Opens the given shards as one dataset; they must come from the same tokenizer.
+    pub fn from_shards(dir: &Path, paths: &[PathBuf]) -> Result<Self> {
+        ensure!(!paths.is_empty(), "{}: no shards", dir.display());
+        let shards = paths.iter().map(|p| Shard::open(p)).collect::<Result<Vec<_>>>()?;
+        let first = *shards[0].header();
+        for s in &shards[1..] {
+            let h = s.header();
+            ensure!(
+                h.fingerprint == first.fingerprint && h.pad_id == first.pad_id,
+                "{}: made with another tokenizer than {}",
+                s.path().display(),
+                shards[0].path().display()
+            );
+        }
+        let mut starts = vec![0];
+        for s in &shards {
+            starts.push(starts.last().unwrap() + s.len());
+        }
+        Ok(Dataset {
+            dir: dir.to_path_buf(),
+            shards,
+            starts,
+            pad_id: first.pad_id,
+            fingerprint: first.fingerprint,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        *self.starts.last().unwrap()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
+    /// Fingerprint of the tokenizer the shards were made with.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    pub fn n_shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    fn locate(&self, i: usize) -> (usize, usize) {
+        assert!(i < self.len(), "example {i} out of range ({} examples)", self.len());
+        let k = self.starts.partition_point(|&s| s <= i) - 1;
+        (k, i - self.starts[k])
+    }
+
+    /// Tokens and supervision of example `i` (panics when out of range, like indexing).
+    pub fn example(&self, i: usize) -> ExampleRef<'_> {
+        let (k, j) = self.locate(i);
+        self.shards[k].example(j)
+    }
+
+    pub fn example_len(&self, i: usize) -> usize {
+        let (k, j) = self.locate(i);
+        self.shards[k].example_len(j)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+pub enum BatchMode {
+    /// Padded to the longest example of the batch (SimpleLLaMA's default).
+    #[default]
+    Dynamic,
+    /// Padded to max_seq_len.
+    Fixed,
+    /// Whole examples packed into rows of max_seq_len tokens.
+    Packed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoaderConfig {
+    /// Examples per padded batch; rows per packed batch.
+    pub batch_size: usize,
+    pub max_seq_len: usize,
+    pub mode: BatchMode,
+    pub shuffle: bool,
+    pub seed: u64,
+}
+
+/// Where a loader is: enough to resume exactly (the shuffles are functions of seed and epoch).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoaderState {
+    pub epoch: u64,
+    pub batch_in_epoch: u64,
+}
+
+/// A batch without a single supervised target: returned as this error (the loader has moved past
+/// it) so that the trainer counts and skips it instead of training on nothing. Detect it with
+/// `err.downcast_ref::<NoSupervisedTokens>()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoSupervisedTokens {
+    pub epoch: u64,
+    pub batch_in_epoch: u64,
+}
+
+impl fmt::Display for NoSupervisedTokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "batch {} of epoch {} has no supervised token (skipped)", self.batch_in_epoch, self.epoch)
+    }
+}
+
+impl std::error::Error for NoSupervisedTokens {}
+
+/// Writes one example into a row: `inputs` = tokens, `targets[i]` = `tokens[i+1]` where that
+/// token is supervised.
+fn fill_row(ex: &ExampleRef<'_>, inputs: &mut [u32], targets: &mut [u32]) {
+    inputs[..ex.len()].copy_from_slice(ex.tokens);
+    for &[a, b] in ex.spans {
+        // A target at position 0 has no context to be predicted from.
+        let (a, b) = ((a as usize).max(1), b as usize);
+        if a < b {
+            targets[a - 1..b - 1].copy_from_slice(&ex.tokens[a..b]);
+        }
+    }
+}
+
+/// A padded batch from a group of consecutive examples (SimpleLLaMA's `tokenize_and_pad_data`).
+fn padded_batch(group: &[ExampleRef<'_>], pad_id: u32, cfg: &LoaderConfig) -> Result<Batch> {
+    let kept: Vec<&ExampleRef> =
+        group.iter().filter(|e| e.len() <= cfg.max_seq_len && !e.is_empty()).collect();
+    let skipped = group.len() - kept.len();
+    if kept.is_empty() {
+        bail!(
+            "all {} examples of a batch have been skipped: longer than max_seq_len={}",
+            group.len(),
+            cfg.max_seq_len
+        );
+    }
+    if skipped as f64 / group.len() as f64 >= 0.1 {
+        eprintln!(
+            "warning: {:.2}% of examples in this batch has been skipped due to exceeding max_seq_len={}",
+            100.0 * skipped as f64 / group.len() as f64,
+            cfg.max_seq_len
+        );
+    }
+    let seq_len = match cfg.mode {
+        BatchMode::Fixed => cfg.max_seq_len,
+        _ => kept.iter().map(|e| e.len()).max().unwrap(),
+    };
+    let rows = kept.len();
+    let mut b = Batch {
+        rows,
+        seq_len,
+        inputs: vec![pad_id; rows * seq_len],
+        targets: vec![pad_id; rows * seq_len],
+        positions: Vec::with_capacity(rows * seq_len),
+        cu_seqlens: (0..=rows).map(|r| (r * seq_len) as u32).collect(),
+        pad_id,
+    };
+    for (r, ex) in kept.iter().enumerate() {
+        let row = r * seq_len..(r + 1) * seq_len;
+        fill_row(ex, &mut b.inputs[row.clone()], &mut b.targets[row]);
+        b.positions.extend(0..seq_len as u32);
+    }
+    Ok(b)
+}
+
+/// Greedy packing plan: rows of example indices (into `order`'s values) whose lengths sum to at
+/// most `max_seq_len`; examples longer than that (or empty) are left out.
+fn pack_rows(order: &[usize], len_of: impl Fn(usize) -> usize, max_seq_len: usize) -> Vec<Vec<usize>> {
+    let mut rows = Vec::new();
+    let mut row = Vec::new();
+    let mut used = 0;
+    for &i in order {
+        let n = len_of(i);
+        if n == 0 || n > max_seq_len {
+            continue;
+        }
+        if used + n > max_seq_len {
+            rows.push(std::mem::take(&mut row));
+            used = 0;
+        }
+        row.push(i);
+        used += n;
+    }
+    if !row.is_empty() {
+        rows.push(row);
+    }
+    rows
+}
+
+/// A packed batch: `rows.len()` rows of `max_seq_len` tokens.
+fn packed_batch<'a>(
+    rows: &[Vec<usize>],
+    example: impl Fn(usize) -> ExampleRef<'a>,
+    pad_id: u32,
+    max_seq_len: usize,
+) -> Batch {
+    let n = rows.len() * max_seq_len;
+    let mut b = Batch {
+        rows: rows.len(),
+        seq_len: max_seq_len,
+        inputs: vec![pad_id; n],
+        targets: vec![pad_id; n],
+        positions: vec![0; n],
+        cu_seqlens: vec![0],
+        pad_id,
+    };
+    for (r, row) in rows.iter().enumerate() {
+        let mut at = r * max_seq_len;
+        let end = at + max_seq_len;
+        for &i in row {
+            let ex = example(i);
+            let span = at..at + ex.len();
+            fill_row(&ex, &mut b.inputs[span.clone()], &mut b.targets[span.clone()]);
+            b.positions[span].iter_mut().zip(0u32..).for_each(|(p, k)| *p = k);
+            at += ex.len();
+            b.cu_seqlens.push(at as u32);
+        }
+        if at < end {
+            // The padding tail is its own segment, so that no example attends to it.
+            b.positions[at..end].iter_mut().zip(0u32..).for_each(|(p, k)| *p = k);
+            b.cu_seqlens.push(end as u32);
+        }
+    }
+    b
+}
+
+fn check_config(cfg: &LoaderConfig) -> Result<()> {
+    ensure!(cfg.batch_size > 0, "batch size must be positive");
+    ensure!(cfg.max_seq_len > 1, "max_seq_len must be at least 2");
+    Ok(())
+}
+
+/// Batches in the given order; `keep_partial` keeps a last batch smaller than `batch_size`.
+/// Batches without a supervised token are reported on stderr and left out.
+fn batches_for_order<'a>(
+    order: &[usize],
+    example: impl Fn(usize) -> ExampleRef<'a>,
+    pad_id: u32,
+    cfg: &LoaderConfig,
+    keep_partial: bool,
+) -> Result<Vec<Batch>> {
+    check_config(cfg)?;
+    let mut out = Vec::new();
+    let mut push = |b: Batch, k: usize| {
+        if b.n_supervised() == 0 {
+            eprintln!("warning: batch {k} has no supervised token; left out");
+        } else {
+            out.push(b);
+        }
+    };
+    match cfg.mode {
+        BatchMode::Dynamic | BatchMode::Fixed => {
+            for (k, group) in order.chunks(cfg.batch_size).enumerate() {
+                if group.len() < cfg.batch_size && !keep_partial {
+                    break;
+                }
+                let refs: Vec<ExampleRef> = group.iter().map(|&i| example(i)).collect();
+                push(padded_batch(&refs, pad_id, cfg).with_context(|| format!("batch {k}"))?, k);
+            }
+        }
+        BatchMode::Packed => {
+            let rows = pack_rows(order, |i| example(i).len(), cfg.max_seq_len);
+            for (k, group) in rows.chunks(cfg.batch_size).enumerate() {
+                if group.len() < cfg.batch_size && !keep_partial {
+                    break;
+                }
+                push(packed_batch(group, &example, pad_id, cfg.max_seq_len), k);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// File order, no shuffle, the last partial batch kept: for evaluation (every example of a
+/// split counts) and `sft inspect`. Batches without a supervised token are reported and left out.
+pub fn batches_in_order(dataset: &Dataset, cfg: &LoaderConfig) -> Result<Vec<Batch>> {
+    let order: Vec<usize> = (0..dataset.len()).collect();
+    batches_for_order(&order, |i| dataset.example(i), dataset.pad_id(), cfg, true)
+}
+
+/// Like [`batches_in_order`], with `keep_partial` choosing whether a last short batch is kept
+/// (SimpleLLaMA drops it).
+pub fn batches_in_order_with(
+    dataset: &Dataset,
+    cfg: &LoaderConfig,
+    keep_partial: bool,
+) -> Result<Vec<Batch>> {
+    let order: Vec<usize> = (0..dataset.len()).collect();
+    batches_for_order(&order, |i| dataset.example(i), dataset.pad_id(), cfg, keep_partial)
+}
+
+/// [`batches_in_order`] for examples in memory (tests, inspect on a raw chat file).
+pub fn batches_from_examples(examples: &[Example], pad_id: u32, cfg: &LoaderConfig) -> Result<Vec<Batch>> {
+    batches_from_examples_with(examples, pad_id, cfg, true)
+}
+
+pub fn batches_from_examples_with(
+    examples: &[Example],
+    pad_id: u32,
+    cfg: &LoaderConfig,
+    keep_partial: bool,
+) -> Result<Vec<Batch>> {
+    let spans: Vec<Vec<[u32; 2]>> = examples.iter().map(|e| e.spans()).collect();
+    let order: Vec<usize> = (0..examples.len()).collect();
+    let example = |i: usize| ExampleRef { tokens: &examples[i].tokens, spans: &spans[i] };
+    batches_for_order(&order, example, pad_id, cfg, keep_partial)
+}
+
+/// The training loader: seeded reshuffle each epoch, last partial batch dropped, all shards read.
+pub struct Loader {
+    dataset: Arc<Dataset>,
+    cfg: LoaderConfig,
+    state: LoaderState,
+    /// This epoch's example order.
+    order: Vec<usize>,
+    /// Packed mode: this epoch's rows.
+    rows: Vec<Vec<usize>>,
+}
+
+impl Loader {
+    pub fn new(dataset: Arc<Dataset>, cfg: LoaderConfig) -> Result<Self> {
+        check_config(&cfg)?;
+        let mut loader = Loader {
+            dataset,
+            cfg,
+            state: LoaderState { epoch: 0, batch_in_epoch: 0 },
+            order: vec![],
+            rows: vec![],
+        };
+        loader.plan_epoch();
+        if loader.batches_per_epoch() == 0 {
+            bail!(
+                "{:?}: {} examples make no full batch of {} ({:?} mode, max_seq_len {})",
+                loader.dataset,
+                loader.dataset.len(),
+                loader.cfg.batch_size,
+                loader.cfg.mode,
+                loader.cfg.max_seq_len
+            );
+        }
+        Ok(loader)
+    }
+
+    fn plan_epoch(&mut self) {
+        self.order = (0..self.dataset.len()).collect();
+        if self.cfg.shuffle {
+            Rng::new(self.cfg.seed).fork(self.state.epoch).shuffle(&mut self.order);
+        }
+        self.rows = match self.cfg.mode {
+            BatchMode::Packed => {
+                let ds = &self.dataset;
+                pack_rows(&self.order, |i| ds.example_len(i), self.cfg.max_seq_len)
+            }
+            _ => Vec::new(),
+        };
+    }
+
+    /// Full batches in the current epoch (packed: depends on the epoch's order, so it may vary
+    /// slightly from epoch to epoch).
+    pub fn batches_per_epoch(&self) -> usize {
+        match self.cfg.mode {
+            BatchMode::Packed => self.rows.len() / self.cfg.batch_size,
+            _ => self.order.len() / self.cfg.batch_size,
+        }
+    }
+
+    pub fn config(&self) -> &LoaderConfig {
+        &self.cfg
+    }
+
+    /// The next batch; at the end of an epoch, moves to the next (reshuffled) epoch first. A batch
+    /// without a supervised token is returned as an error of type [`NoSupervisedTokens`] (the
+    /// loader has already moved past it).
+    pub fn next_batch(&mut self) -> Result<Batch> {
+        if self.state.batch_in_epoch as usize >= self.batches_per_epoch() {
+            self.state.epoch += 1;
+            self.state.batch_in_epoch = 0;
+            self.plan_epoch();
+        }
+        let k = self.state.batch_in_epoch as usize;
+        let here = self.state.clone();
+        self.state.batch_in_epoch += 1;
+        let (bs, ds) = (self.cfg.batch_size, &self.dataset);
+        let batch = match self.cfg.mode {
+            BatchMode::Packed => packed_batch(
+                &self.rows[k * bs..(k + 1) * bs],
+                |i| ds.example(i),
+                ds.pad_id(),
+                self.cfg.max_seq_len,
+            ),
+            _ => {
+                let refs: Vec<ExampleRef> =
+                    self.order[k * bs..(k + 1) * bs].iter().map(|&i| ds.example(i)).collect();
+                padded_batch(&refs, ds.pad_id(), &self.cfg)
+                    .with_context(|| format!("batch {} of epoch {}", here.batch_in_epoch, here.epoch))?
+            }
+        };
+        if batch.n_supervised() == 0 {
+            return Err(NoSupervisedTokens { epoch: here.epoch, batch_in_epoch: here.batch_in_epoch }.into());
+        }
+        Ok(batch)
+    }
+
+    pub fn state(&self) -> LoaderState {
+        self.state.clone()
+    }
+
+    pub fn restore(&mut self, s: &LoaderState) -> Result<()> {
+        self.state = LoaderState { epoch: s.epoch, batch_in_epoch: 0 };
+        self.plan_epoch();
+        ensure!(
+            s.batch_in_epoch as usize <= self.batches_per_epoch(),
+            "loader state: batch {} of epoch {} does not exist ({} batches per epoch); was the data changed?",
+            s.batch_in_epoch,
+            s.epoch,
+            self.batches_per_epoch()
+        );
+        self.state.batch_in_epoch = s.batch_in_epoch;
+        Ok(())
+    }
+}

@@ -1,0 +1,415 @@
+//! A Hugging Face `tokenizer.json` checked for the chat tokens, and training one on chat data.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::path::Path;
+use std::sync::{Arc, LazyLock};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::utils::SysRegex;
+use tokenizers::{
+    AddedToken, DecoderWrapper, Model, ModelWrapper, NormalizerWrapper, OffsetReferential, OffsetType,
+    PostProcessorWrapper, PreTokenizedString, PreTokenizer, PreTokenizerWrapper, Tokenizer, TokenizerBuilder,
+};
+
+use super::chat::Conversation;
+use super::format::{escape_specials, CHAT_TOKENS, EOA, PAD, SIMPLELLAMA_SPECIALS};
+
+/// A tokenizer with the chat tokens known to exist. Cheap to clone (shared), `Send + Sync`.
+#[derive(Clone)]
+pub struct ChatTokenizer {
+    inner: Arc<Tokenizer>,
+    pad_id: u32,
+    eoa_id: u32,
+    /// Special-token id by its string, for the pieces of the chat format.
+    special_ids: HashMap<String, u32>,
+    /// Strings escaped in user and assistant text: the tokenizer's special tokens and
+    /// SimpleLLaMA's ten.
+    escaped: Vec<String>,
+    /// `escape_first_bytes[b]`: some escaped string starts with byte `b`.
+    escape_first_bytes: [bool; 256],
+    fingerprint: u64,
+    /// How [`ChatTokenizer::encode_text`] may skip parts of the general `tokenizers` pipeline.
+    fast: FastPath,
+}
+
+/// Escaped text holds no added token; without a normalizer its encoding is the pre-tokenizer's
+/// words each run through the model, so the model's ids per word can be cached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FastPath {
+    /// The general pipeline (a normalizer, or non-special added tokens).
+    None,
+    /// Any pre-tokenizer, words cached.
+    Words,
+    /// GPT-2's byte-level pre-tokenizer done here (same regex, no per-byte offset bookkeeping),
+    /// words cached by their raw text.
+    ByteLevel { add_prefix_space: bool },
+}
+
+/// Words in one thread's cache before it is cleared (bounds memory on endless vocabularies).
+const WORD_CACHE_MAX: usize = 1 << 20;
+
+/// FxHash: the cache's keys are short words; SipHash would cost more than the lookup saves.
+#[derive(Default)]
+struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(b)).wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.0 = (self.0.rotate_left(5) ^ i as u64).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type WordCache = HashMap<String, Vec<u32>, BuildHasherDefault<FxHasher>>;
+
+thread_local! {
+    /// Per-thread cache of word → ids, tagged with the tokenizer's fingerprint.
+    static WORD_CACHE: RefCell<(u64, WordCache)> = RefCell::new((0, WordCache::default()));
+}
+
+/// The regex of the `tokenizers` ByteLevel pre-tokenizer (GPT-2's), compiled by the same engine.
+static GPT2_SPLIT: LazyLock<SysRegex> = LazyLock::new(|| {
+    SysRegex::new(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
+        .expect("valid regex")
+});
+
+/// GPT-2's byte → printable char map, as in `tokenizers`.
+static BYTE_CHARS: LazyLock<[char; 256]> = LazyLock::new(|| {
+    let mut out = ['\0'; 256];
+    let mut n = 0;
+    for b in 0..=255u8 {
+        let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        out[b as usize] = if printable {
+            b as char
+        } else {
+            n += 1;
+            char::from_u32(255 + n).expect("valid char")
+        };
+    }
+    out
+});
+
+/// FNV-1a, 64 bits: a stable fingerprint of a tokenizer file, stored in every shard.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+impl std::fmt::Debug for ChatTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("pad_id", &self.pad_id)
+            .field("fingerprint", &format_args!("{:016x}", self.fingerprint))
+            .finish()
+    }
+}
+
+impl ChatTokenizer {
+    /// Loads a `tokenizer.json`; checks that the six chat tokens and `<PAD>` are special tokens.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("{}: cannot read tokenizer", path.display()))?;
+        let tok = Tokenizer::from_bytes(&bytes)
+            .map_err(|e| anyhow!("{}: not a valid tokenizer.json: {e}", path.display()))?;
+        Self::from_tokenizer(tok, fnv1a64(&bytes)).with_context(|| format!("{}", path.display()))
+    }
+
+    fn from_tokenizer(mut tok: Tokenizer, fingerprint: u64) -> Result<Self> {
+        let added = tok.get_added_tokens_decoder();
+        let mut special_ids = HashMap::new();
+        let mut escaped: Vec<String> = SIMPLELLAMA_SPECIALS.iter().map(|s| s.to_string()).collect();
+        for (id, t) in &added {
+            if t.special {
+                special_ids.insert(t.content.clone(), *id);
+                if !escaped.contains(&t.content) {
+                    escaped.push(t.content.clone());
+                }
+            }
+        }
+        let missing: Vec<&str> =
+            CHAT_TOKENS.iter().chain([&PAD]).copied().filter(|t| !special_ids.contains_key(*t)).collect();
+        if !missing.is_empty() {
+            bail!(
+                "tokenizer lacks the chat special tokens {} (they must be added special tokens)",
+                missing.join(", ")
+            );
+        }
+        // Longest first, so that a special string containing another is escaped whole.
+        escaped.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        if tok.get_decoder().is_none() {
+            let is_byte_level = tok
+                .get_pre_tokenizer()
+                .and_then(|p| serde_json::to_string(p).ok())
+                .is_some_and(|s| s.contains("\"ByteLevel\""));
+            if is_byte_level {
+                // SimpleLLaMA's file has no decoder; without one, decoded text shows `Ġ` for spaces.
+                tok.with_decoder(Some(ByteLevelDecoder::default()));
+            }
+        }
+        // BPE dropout makes a word's ids random: no cache then.
+        let dropout = matches!(tok.get_model(), ModelWrapper::BPE(b) if b.dropout.is_some_and(|p| p > 0.0));
+        let fast = if tok.get_normalizer().is_some() || !added.values().all(|t| t.special) || dropout {
+            FastPath::None
+        } else {
+            match tok.get_pre_tokenizer() {
+                None => FastPath::None,
+                Some(PreTokenizerWrapper::ByteLevel(b)) if b.use_regex => {
+                    FastPath::ByteLevel { add_prefix_space: b.add_prefix_space }
+                }
+                Some(_) => FastPath::Words,
+            }
+        };
+        let mut escape_first_bytes = [false; 256];
+        for e in &escaped {
+            if let Some(&b) = e.as_bytes().first() {
+                escape_first_bytes[b as usize] = true;
+            }
+        }
+        Ok(ChatTokenizer {
+            escape_first_bytes,
+            fast,
+
+            pad_id: special_ids[PAD],
+            eoa_id: special_ids[EOA],
+            special_ids,
+            escaped,
+            inner: Arc::new(tok),
+            fingerprint,
+        })
+    }
+
+    /// Number of ids, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
+    pub fn eoa_id(&self) -> u32 {
+        self.eoa_id
+    }
+
+    /// FNV-1a of the tokenizer file's bytes.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    /// The id of a special token string such as `<SOA>`.
+    pub fn special_id(&self, token: &str) -> Option<u32> {
+        self.special_ids.get(token).copied()
+    }
+
+    /// The underlying `tokenizers` tokenizer.
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+
+    /// Encodes text as the tokenizer does: special-token strings become their ids.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc =
+            self.inner.encode_fast(text, false).map_err(|e| anyhow!("tokenizer: encode failed: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Escapes special-token strings (see [`escape_specials`]) so that `text` stays text.
+    pub fn escape<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
+        // Most text holds no byte that starts a special token: skip the substring searches.
+        if !text.bytes().any(|b| self.escape_first_bytes[b as usize]) {
+            return std::borrow::Cow::Borrowed(text);
+        }
+        escape_specials(text, &self.escaped)
+    }
+
+    /// Encodes user or assistant text: special-token strings in it are escaped first.
+    ///
+    /// Escaped text holds no added token, so (without a normalizer) its encoding is the
+    /// pre-tokenizer's words each run through the model: most words repeat, so the model's
+    /// output per word is cached per thread. Tests check the result against [`Self::encode`].
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        let text = self.escape(text);
+        let err = |e| anyhow!("tokenizer: encode failed: {e}");
+        let mut ids = Vec::with_capacity(text.len() / 3 + 1);
+        match self.fast {
+            FastPath::None => return self.encode(&text),
+            FastPath::Words => {
+                let mut pts = PreTokenizedString::from(text.as_ref());
+                let pre = self.inner.get_pre_tokenizer().expect("checked in from_tokenizer");
+                pre.pre_tokenize(&mut pts).map_err(err)?;
+                self.with_cache(|cache| {
+                    for (word, _, _) in pts.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+                        self.push_word(cache, word, word, &mut ids)?;
+                    }
+                    Ok(())
+                })?;
+            }
+            FastPath::ByteLevel { add_prefix_space } => {
+                let prefixed;
+                let s: &str = if add_prefix_space && !text.starts_with(' ') {
+                    prefixed = format!(" {text}");
+                    &prefixed
+                } else {
+                    &text
+                };
+                self.with_cache(|cache| {
+                    let mut mapped = String::new();
+                    let mut word = |w: &str, ids: &mut Vec<u32>| -> Result<()> {
+                        if let Some(hit) = cache.get(w) {
+                            ids.extend_from_slice(hit);
+                            return Ok(());
+                        }
+                        mapped.clear();
+                        mapped.extend(w.bytes().map(|b| BYTE_CHARS[b as usize]));
+                        self.push_word(cache, w, &mapped, ids)
+                    };
+                    let mut prev = 0;
+                    for (a, b) in GPT2_SPLIT.find_iter(s) {
+                        if prev < a {
+                            word(&s[prev..a], &mut ids)?;
+                        }
+                        word(&s[a..b], &mut ids)?;
+                        prev = b;
+                    }
+                    if prev < s.len() {
+                        word(&s[prev..], &mut ids)?;
+                    }
+                    Ok(())
+                })?;
+            }
+        }
+        Ok(ids)
+    }
+
+    fn with_cache(&self, f: impl FnOnce(&mut WordCache) -> Result<()>) -> Result<()> {
+        WORD_CACHE.with(|cell| {
+            let mut guard = cell.borrow_mut();
+            let (owner, cache) = &mut *guard;
+            if *owner != self.fingerprint || cache.len() > WORD_CACHE_MAX {
+                cache.clear();
+                *owner = self.fingerprint;
+            }
+            f(cache)
+        })
+    }
+
+    /// Appends the ids of `word` (given to the model as `model_input`), through the cache.
+    fn push_word(
+        &self,
+        cache: &mut WordCache,
+        word: &str,
+        model_input: &str,
+        ids: &mut Vec<u32>,
+    ) -> Result<()> {
+        if let Some(hit) = cache.get(word) {
+            ids.extend_from_slice(hit);
+            return Ok(());
+        }
+        let toks: Vec<u32> = self
+            .inner
+            .get_model()
+            .tokenize(model_input)
+            .map_err(|e| anyhow!("tokenizer: encode failed: {e}"))?
+            .iter()
+            .map(|t| t.id)
+            .collect();
+        ids.extend_from_slice(&toks);
+        cache.insert(word.to_string(), toks);
+        Ok(())
+    }
+
+    /// [`Self::encode_text`] without the word cache: the `tokenizers` encode of the escaped text.
+    pub fn encode_text_uncached(&self, text: &str) -> Result<Vec<u32>> {
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.encode(&self.escape(text))
+    }
+
+    /// Decodes ids to text, skipping special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| anyhow!("tokenizer: decode failed: {e}"))
+    }
+
+    /// Decodes ids to text, special tokens included.
+    pub fn decode_with_specials(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(|e| anyhow!("tokenizer: decode failed: {e}"))
+    }
+}
+
+/// Trains a byte-level BPE (`add_prefix_space`, like SimpleLLaMA's) on the texts of `convs`,
+/// with SimpleLLaMA's ten special tokens at ids 0–9 in its order, and saves it to `out`.
+pub fn train_tokenizer(convs: &[Conversation], vocab_size: usize, out: &Path) -> Result<ChatTokenizer> {
+    if vocab_size < 256 + SIMPLELLAMA_SPECIALS.len() {
+        bail!("vocab size {vocab_size} is too small: a byte-level BPE needs at least 266 ids");
+    }
+    if convs.is_empty() {
+        bail!("no conversations to train the tokenizer on");
+    }
+    let mut tok = TokenizerBuilder::<
+        ModelWrapper,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    >::new()
+    .with_model(BPE::default().into())
+    .with_pre_tokenizer(Some(ByteLevel::new(true, true, true).into()))
+    .with_decoder(Some(ByteLevelDecoder::default().into()))
+    .build()
+    .map_err(|e| anyhow!("building the tokenizer: {e}"))?;
+    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(2)
+        .show_progress(false)
+        .special_tokens(SIMPLELLAMA_SPECIALS.iter().map(|s| AddedToken::from(*s, true)).collect())
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build()
+        .into();
+    let texts = convs.iter().flat_map(|c| {
+        std::iter::once(c.system.as_str())
+            .chain(c.turns.iter().flat_map(|t| [t.user.as_str(), t.assistant.as_str()]))
+    });
+    tok.train(&mut trainer, texts).map_err(|e| anyhow!("training the tokenizer: {e}"))?;
+    if let Some(parent) = out.parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("{}: cannot create", parent.display()))?;
+        }
+    }
+    let tok: Tokenizer = tok.into();
+    let json = tok.to_string(false).map_err(|e| anyhow!("serializing the tokenizer: {e}"))?;
+    let tmp = out.with_extension("json.tmp");
+    std::fs::write(&tmp, json.as_bytes()).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot write", out.display()))?;
+    for (i, s) in SIMPLELLAMA_SPECIALS.iter().enumerate() {
+        if tok.token_to_id(s) != Some(i as u32) {
+            bail!("trained tokenizer: {s} is not at id {i}");
+        }
+    }
+    ChatTokenizer::from_tokenizer(tok, fnv1a64(json.as_bytes()))
+}

@@ -1,0 +1,652 @@
+//! The model's forward and backward passes, written once against [`Backend`].
+//!
+//! Every buffer is allocated in [`Model::new`] for `max_tokens` rows; a step only launches ops.
+//! Pre-norm blocks:
+//! `h = x + dropout(o(attn(rope(qkv(norm(x))))))`, `x' = h + dropout(down(swiglu(gate_up(norm(h)))))`,
+//! then a final norm and the lm_head fused with the masked cross-entropy.
+
+use super::config::ModelConfig;
+use super::params::{self, NamedTensor, ParamIndex, ParamSpec};
+use crate::backend::{AdamW, Backend, LossGrads, Precision};
+use crate::data::batch::Batch;
+use crate::rng::Rng;
+use anyhow::{bail, ensure, Context, Result};
+
+/// Activations of one layer that backward needs.
+struct LayerActs<B: Backend> {
+    /// `[n, qkv_width]`, after RoPE.
+    qkv: B::Buf,
+    /// Attention output `[n, q_width]`.
+    att: B::Buf,
+    /// Attention logsumexp `[n_heads, n]` (F32).
+    lse: B::Buf,
+    /// Residual stream after the attention block `[n, d]`.
+    h: B::Buf,
+    /// `ffn_norm(h)` `[n, d]` and its reciprocal std `[n]` (F32).
+    ln2: B::Buf,
+    rstd2: B::Buf,
+    /// `[n, 2·hidden]`.
+    gate_up: B::Buf,
+    /// `silu(gate) · up` `[n, hidden]`.
+    swi: B::Buf,
+}
+
+/// Forward activations.
+struct Activations<B: Backend> {
+    /// `resid[l]` is the residual stream entering layer `l`; `resid[n_layers]` leaves the last.
+    resid: Vec<B::Buf>,
+    /// `ln_in[l] = attn_norm_l(resid[l])`; `ln_in[n_layers]` is the final norm's output.
+    ln_in: Vec<B::Buf>,
+    rstd_in: Vec<B::Buf>,
+    layers: Vec<LayerActs<B>>,
+    /// Output of a block's last projection before it joins the residual stream.
+    delta: B::Buf,
+}
+
+/// Gradients of activations: scratch reused by every layer.
+struct ActGrads<B: Backend> {
+    /// Gradient of the residual stream.
+    dresid: B::Buf,
+    /// Gradient of a block's output (a copy of `dresid` passed through the dropout mask).
+    ddelta: B::Buf,
+    /// Gradient of a norm's output.
+    dln: B::Buf,
+    dswi: B::Buf,
+    dgate_up: B::Buf,
+    datt: B::Buf,
+    dqkv: B::Buf,
+}
+
+/// Token-level inputs of a micro-batch, on the device.
+struct IdBufs<B: Backend> {
+    inputs: B::Ids,
+    targets: B::Ids,
+    positions: B::Ids,
+    cu_seqlens: B::Ids,
+}
+
+/// Keys and values of earlier positions, for generation with [`Model::next_logits`].
+pub struct KvCache<B: Backend> {
+    k: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+    len: usize,
+    max_len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Number of positions already fed.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Positions the cache can hold.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Forgets every position (the buffers stay allocated).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+/// How attention sees the other tokens.
+enum AttnMode<'a, B: Backend> {
+    /// Training/evaluation: causal inside the batch's segments (`cu_seqlens` in the id buffers).
+    Segments { n_segments: usize },
+    /// Generation: the new rows attend to the cache, into which they are written at `start`.
+    Cache { k: &'a mut [B::Buf], v: &'a mut [B::Buf], start: usize },
+}
+
+/// A decoder with its parameters, gradients, optimizer state and activation buffers.
+pub struct Model<B: Backend> {
+    backend: B,
+    config: ModelConfig,
+    max_tokens: usize,
+    specs: Vec<ParamSpec>,
+    index: ParamIndex,
+    lens: Vec<usize>,
+    /// Weights in the compute precision (what the ops read).
+    params: Vec<B::Buf>,
+    /// F32 master weights, gradients, and Adam moments, one per parameter tensor.
+    master: Vec<B::Buf>,
+    grads: Vec<B::Buf>,
+    m: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+    acts: Activations<B>,
+    act_grads: ActGrads<B>,
+    ids: IdBufs<B>,
+    /// One row of logits, for generation.
+    logits: B::Buf,
+}
+
+/// The dropout seed of one site (0: attention output, 1: FFN output) of one layer: forward and
+/// backward derive the same one, so backward reapplies forward's mask.
+fn site_seed(seed: u64, layer: usize, site: usize) -> u64 {
+    Rng::new(seed).fork((2 * layer + site) as u64).seed
+}
+
+impl<B: Backend> Model<B> {
+    /// Allocates every buffer for micro-batches of up to `max_tokens` token positions.
+    /// Parameters start at zero: call [`Model::init_params`] or [`Model::write_params`].
+    pub fn new(backend: B, config: ModelConfig, max_tokens: usize) -> Result<Self> {
+        config.validate().context("invalid model config")?;
+        ensure!(max_tokens > 0, "max_tokens must be positive");
+        let specs = params::param_specs(&config);
+        let index = ParamIndex::new(&config);
+        let lens: Vec<usize> = specs.iter().map(ParamSpec::numel).collect();
+        let be = &backend;
+        let alloc = |lens: &[usize], p: Precision| -> Result<Vec<B::Buf>> {
+            lens.iter().map(|&len| be.zeros(len, p)).collect()
+        };
+        let params = alloc(&lens, Precision::Compute)?;
+        let master = alloc(&lens, Precision::F32)?;
+        let grads = alloc(&lens, Precision::F32)?;
+        let m = alloc(&lens, Precision::F32)?;
+        let v = alloc(&lens, Precision::F32)?;
+
+        let n = max_tokens;
+        let d = config.d_model;
+        let heads = config.heads();
+        let hidden = config.ffn_hidden;
+        let c = Precision::Compute;
+        let f = Precision::F32;
+        let n_layers = config.n_layers;
+        let layers = (0..n_layers)
+            .map(|_| -> Result<LayerActs<B>> {
+                Ok(LayerActs {
+                    qkv: be.zeros(n * heads.qkv_width(), c)?,
+                    att: be.zeros(n * heads.q_width(), c)?,
+                    lse: be.zeros(heads.n_heads * n, f)?,
+                    h: be.zeros(n * d, c)?,
+                    ln2: be.zeros(n * d, c)?,
+                    rstd2: be.zeros(n, f)?,
+                    gate_up: be.zeros(n * 2 * hidden, c)?,
+                    swi: be.zeros(n * hidden, c)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let acts = Activations {
+            resid: (0..=n_layers).map(|_| be.zeros(n * d, c)).collect::<Result<_>>()?,
+            ln_in: (0..=n_layers).map(|_| be.zeros(n * d, c)).collect::<Result<_>>()?,
+            rstd_in: (0..=n_layers).map(|_| be.zeros(n, f)).collect::<Result<_>>()?,
+            layers,
+            delta: be.zeros(n * d, c)?,
+        };
+        let act_grads = ActGrads {
+            dresid: be.zeros(n * d, c)?,
+            ddelta: be.zeros(n * d, c)?,
+            dln: be.zeros(n * d, c)?,
+            dswi: be.zeros(n * hidden, c)?,
+            dgate_up: be.zeros(n * 2 * hidden, c)?,
+            datt: be.zeros(n * heads.q_width(), c)?,
+            dqkv: be.zeros(n * heads.qkv_width(), c)?,
+        };
+        let ids = IdBufs {
+            inputs: be.zeros_ids(n)?,
+            targets: be.zeros_ids(n)?,
+            positions: be.zeros_ids(n)?,
+            cu_seqlens: be.zeros_ids(n + 1)?,
+        };
+        let logits = be.zeros(config.vocab_size, c)?;
+        Ok(Model {
+            backend,
+            config,
+            max_tokens,
+            specs,
+            index,
+            lens,
+            params,
+            master,
+            grads,
+            m,
+            v,
+            acts,
+            act_grads,
+            ids,
+            logits,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The most token positions (`rows · seq_len`) one call can take.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// The internal parameter tensors, in layout order.
+    pub fn param_specs(&self) -> &[ParamSpec] {
+        &self.specs
+    }
+
+    /// Fresh parameters (see [`params::init_params`]); resets the optimizer moments and grads.
+    pub fn init_params(&mut self, seed: u64) -> Result<()> {
+        let fresh = params::init_params(&self.config, seed);
+        self.write_params(&fresh)?;
+        self.zero_grads()?;
+        for i in 0..self.specs.len() {
+            self.backend.zero(&mut self.m[i], self.lens[i])?;
+            self.backend.zero(&mut self.v[i], self.lens[i])?;
+        }
+        Ok(())
+    }
+
+    /// The parameters (from the F32 master copy), with internal names, in layout order.
+    pub fn read_params(&self) -> Result<Vec<NamedTensor>> {
+        self.read_named(&self.master)
+    }
+
+    /// Sets the parameters (master and compute copies); `params` must hold exactly this
+    /// config's internal tensors, in any order.
+    pub fn write_params(&mut self, params: &[NamedTensor]) -> Result<()> {
+        let ordered = params::check_params(&self.config, params).context("writing model parameters")?;
+        for (i, t) in ordered.iter().enumerate() {
+            self.backend.write(&mut self.params[i], &t.data)?;
+            self.backend.write(&mut self.master[i], &t.data)?;
+        }
+        Ok(())
+    }
+
+    /// The accumulated gradients, with the parameters' names.
+    pub fn read_grads(&self) -> Result<Vec<NamedTensor>> {
+        self.read_named(&self.grads)
+    }
+
+    pub fn zero_grads(&mut self) -> Result<()> {
+        for (g, &len) in self.grads.iter_mut().zip(&self.lens) {
+            self.backend.zero(g, len)?;
+        }
+        Ok(())
+    }
+
+    /// Adam's first and second moments, with the parameters' names.
+    pub fn read_optimizer_state(&self) -> Result<(Vec<NamedTensor>, Vec<NamedTensor>)> {
+        Ok((self.read_named(&self.m)?, self.read_named(&self.v)?))
+    }
+
+    pub fn write_optimizer_state(&mut self, m: &[NamedTensor], v: &[NamedTensor]) -> Result<()> {
+        let m = params::check_params(&self.config, m).context("writing Adam first moments")?;
+        let v = params::check_params(&self.config, v).context("writing Adam second moments")?;
+        for i in 0..self.specs.len() {
+            self.backend.write(&mut self.m[i], &m[i].data)?;
+            self.backend.write(&mut self.v[i], &v[i].data)?;
+        }
+        Ok(())
+    }
+
+    fn read_named(&self, bufs: &[B::Buf]) -> Result<Vec<NamedTensor>> {
+        self.specs
+            .iter()
+            .zip(bufs)
+            .map(|(spec, buf)| {
+                Ok(NamedTensor {
+                    name: spec.name.clone(),
+                    shape: spec.shape.clone(),
+                    data: self.backend.read(buf, spec.numel())?,
+                })
+            })
+            .collect()
+    }
+
+    /// Checks a batch against this model and copies its ids to the device; returns `n`.
+    fn load_batch(&mut self, batch: &Batch) -> Result<usize> {
+        let n = batch.n_tokens();
+        ensure!(n > 0, "empty batch ({} rows × {} positions)", batch.rows, batch.seq_len);
+        ensure!(
+            n <= self.max_tokens,
+            "batch of {} rows × {} positions = {n} tokens exceeds the model's max_tokens {}",
+            batch.rows,
+            batch.seq_len,
+            self.max_tokens
+        );
+        for (name, len) in [
+            ("inputs", batch.inputs.len()),
+            ("targets", batch.targets.len()),
+            ("positions", batch.positions.len()),
+        ] {
+            ensure!(len == n, "batch {name} has {len} entries, expected rows·seq_len = {n}");
+        }
+        let cu = &batch.cu_seqlens;
+        ensure!(
+            cu.len() >= 2 && cu[0] == 0 && *cu.last().unwrap() as usize == n,
+            "batch cu_seqlens must run from 0 to {n} (got {cu:?})"
+        );
+        ensure!(cu.windows(2).all(|w| w[0] <= w[1]), "batch cu_seqlens must not decrease (got {cu:?})");
+        let vocab = self.config.vocab_size;
+        if let Some(i) = batch.inputs.iter().position(|&t| t as usize >= vocab) {
+            bail!("batch input {i} is token id {} outside the vocabulary ({vocab})", batch.inputs[i]);
+        }
+        if let Some(i) = batch.targets.iter().position(|&t| t != batch.pad_id && t as usize >= vocab) {
+            bail!("batch target {i} is token id {} outside the vocabulary ({vocab})", batch.targets[i]);
+        }
+        let be = &self.backend;
+        be.write_ids(&mut self.ids.inputs, &batch.inputs)?;
+        be.write_ids(&mut self.ids.targets, &batch.targets)?;
+        be.write_ids(&mut self.ids.positions, &batch.positions)?;
+        be.write_ids(&mut self.ids.cu_seqlens, cu)?;
+        Ok(n)
+    }
+
+    /// The forward pass over `n` rows whose ids are loaded, up to the final norm's output
+    /// (`acts.ln_in[n_layers]`).
+    fn forward(&mut self, n: usize, mut attn: AttnMode<'_, B>, dropout_seed: Option<u64>) -> Result<()> {
+        let Model { backend: be, config: cfg, index: idx, params: p, acts, ids, .. } = self;
+        let d = cfg.d_model;
+        let heads = cfg.heads();
+        let hidden = cfg.ffn_hidden;
+        let (eps, theta, style) = (cfg.norm_eps, cfg.rope_theta, cfg.rope_style);
+        let n_layers = cfg.n_layers;
+        let dropout = dropout_seed.filter(|_| cfg.dropout > 0.0);
+        let Activations { resid, ln_in, rstd_in, layers, delta } = acts;
+
+        be.embedding_forward(&mut resid[0], &ids.inputs, &p[idx.tok_embeddings], n, d)?;
+        be.rmsnorm_forward(
+            &mut ln_in[0],
+            &mut rstd_in[0],
+            &resid[0],
+            &p[idx.layers[0].attn_norm],
+            n,
+            d,
+            eps,
+        )?;
+        for l in 0..n_layers {
+            let w = idx.layers[l];
+            let la = &mut layers[l];
+            be.matmul_forward(&mut la.qkv, &ln_in[l], &p[w.qkv], n, d, heads.qkv_width())?;
+            be.rope_forward(&mut la.qkv, &ids.positions, n, heads, theta, style)?;
+            match &mut attn {
+                AttnMode::Segments { n_segments } => be.attention_forward(
+                    &mut la.att,
+                    &mut la.lse,
+                    &la.qkv,
+                    &ids.cu_seqlens,
+                    *n_segments,
+                    n,
+                    heads,
+                )?,
+                AttnMode::Cache { k, v, start } => {
+                    be.attention_decode(&mut la.att, &la.qkv, &mut k[l], &mut v[l], *start, n, heads)?
+                }
+            }
+            be.matmul_forward(delta, &la.att, &p[w.o], n, heads.q_width(), d)?;
+            if let Some(seed) = dropout {
+                be.dropout(delta, n * d, cfg.dropout, site_seed(seed, l, 0))?;
+            }
+            be.residual_rmsnorm_forward(
+                &mut la.h,
+                &mut la.ln2,
+                &mut la.rstd2,
+                &resid[l],
+                delta,
+                &p[w.ffn_norm],
+                n,
+                d,
+                eps,
+            )?;
+            be.matmul_forward(&mut la.gate_up, &la.ln2, &p[w.gate_up], n, d, 2 * hidden)?;
+            be.swiglu_forward(&mut la.swi, &la.gate_up, n, hidden)?;
+            be.matmul_forward(delta, &la.swi, &p[w.down], n, hidden, d)?;
+            if let Some(seed) = dropout {
+                be.dropout(delta, n * d, cfg.dropout, site_seed(seed, l, 1))?;
+            }
+            let next_norm = if l + 1 < n_layers { idx.layers[l + 1].attn_norm } else { idx.norm };
+            be.residual_rmsnorm_forward(
+                &mut resid[l + 1],
+                &mut ln_in[l + 1],
+                &mut rstd_in[l + 1],
+                &la.h,
+                delta,
+                &p[next_norm],
+                n,
+                d,
+                eps,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Adds this micro-batch's gradient of `loss_scale · (sum of supervised losses)` into the
+    /// grads; returns the loss SUM (f64). `dropout_seed` None = no dropout.
+    pub fn forward_backward(
+        &mut self,
+        batch: &Batch,
+        loss_scale: f32,
+        dropout_seed: Option<u64>,
+    ) -> Result<f64> {
+        let n = self.load_batch(batch)?;
+        let n_segments = batch.n_segments();
+        self.forward(n, AttnMode::Segments { n_segments }, dropout_seed)?;
+
+        let Model {
+            backend: be, config: cfg, index: idx, params: p, grads: g, acts, act_grads: ag, ids, ..
+        } = self;
+        let d = cfg.d_model;
+        let heads = cfg.heads();
+        let hidden = cfg.ffn_hidden;
+        let (theta, style) = (cfg.rope_theta, cfg.rope_style);
+        let n_layers = cfg.n_layers;
+        let dropout = dropout_seed.filter(|_| cfg.dropout > 0.0);
+        let out_w = idx.output_weight();
+
+        let loss = be.lm_head_cross_entropy(
+            &acts.ln_in[n_layers],
+            &p[out_w],
+            &ids.targets,
+            batch.pad_id,
+            n,
+            d,
+            cfg.vocab_size,
+            Some(LossGrads { dx: &mut ag.dln, dw: &mut g[out_w], loss_scale }),
+        )?;
+        be.zero(&mut ag.dresid, n * d)?;
+        be.rmsnorm_backward(
+            &mut ag.dresid,
+            &mut g[idx.norm],
+            &ag.dln,
+            &acts.resid[n_layers],
+            &p[idx.norm],
+            &acts.rstd_in[n_layers],
+            n,
+            d,
+        )?;
+        for l in (0..n_layers).rev() {
+            let w = idx.layers[l];
+            let la = &acts.layers[l];
+            // FFN block: resid[l+1] = h + dropout(down(swiglu(gate_up(ffn_norm(h))))).
+            be.copy(&mut ag.ddelta, &ag.dresid, n * d)?;
+            if let Some(seed) = dropout {
+                be.dropout(&mut ag.ddelta, n * d, cfg.dropout, site_seed(seed, l, 1))?;
+            }
+            be.matmul_backward(
+                Some(&mut ag.dswi),
+                &mut g[w.down],
+                &ag.ddelta,
+                &la.swi,
+                &p[w.down],
+                n,
+                hidden,
+                d,
+            )?;
+            be.swiglu_backward(&mut ag.dgate_up, &ag.dswi, &la.gate_up, n, hidden)?;
+            be.matmul_backward(
+                Some(&mut ag.dln),
+                &mut g[w.gate_up],
+                &ag.dgate_up,
+                &la.ln2,
+                &p[w.gate_up],
+                n,
+                d,
+                2 * hidden,
+            )?;
+            be.rmsnorm_backward(
+                &mut ag.dresid,
+                &mut g[w.ffn_norm],
+                &ag.dln,
+                &la.h,
+                &p[w.ffn_norm],
+                &la.rstd2,
+                n,
+                d,
+            )?;
+            // Attention block: h = resid[l] + dropout(o(attn(rope(qkv(attn_norm(resid[l])))))).
+            be.copy(&mut ag.ddelta, &ag.dresid, n * d)?;
+            if let Some(seed) = dropout {
+                be.dropout(&mut ag.ddelta, n * d, cfg.dropout, site_seed(seed, l, 0))?;
+            }
+            be.matmul_backward(
+                Some(&mut ag.datt),
+                &mut g[w.o],
+                &ag.ddelta,
+                &la.att,
+                &p[w.o],
+                n,
+                heads.q_width(),
+                d,
+            )?;
+            be.attention_backward(
+                &mut ag.dqkv,
+                &ag.datt,
+                &la.qkv,
+                &la.att,
+                &la.lse,
+                &ids.cu_seqlens,
+                n_segments,
+                n,
+                heads,
+            )?;
+            be.rope_backward(&mut ag.dqkv, &ids.positions, n, heads, theta, style)?;
+            be.matmul_backward(
+                Some(&mut ag.dln),
+                &mut g[w.qkv],
+                &ag.dqkv,
+                &acts.ln_in[l],
+                &p[w.qkv],
+                n,
+                d,
+                heads.qkv_width(),
+            )?;
+            be.rmsnorm_backward(
+                &mut ag.dresid,
+                &mut g[w.attn_norm],
+                &ag.dln,
+                &acts.resid[l],
+                &p[w.attn_norm],
+                &acts.rstd_in[l],
+                n,
+                d,
+            )?;
+        }
+        // With tied embeddings this adds to the lm_head gradient already in the same buffer.
+        be.embedding_backward(&mut g[idx.tok_embeddings], &ids.inputs, &ag.dresid, n, d)?;
+        Ok(loss)
+    }
+
+    /// The SUM of the supervised tokens' losses, without dropout and without gradients.
+    pub fn loss(&mut self, batch: &Batch) -> Result<f64> {
+        let n = self.load_batch(batch)?;
+        self.forward(n, AttnMode::Segments { n_segments: batch.n_segments() }, None)?;
+        let cfg = &self.config;
+        self.backend.lm_head_cross_entropy(
+            &self.acts.ln_in[cfg.n_layers],
+            &self.params[self.index.output_weight()],
+            &self.ids.targets,
+            batch.pad_id,
+            n,
+            cfg.d_model,
+            cfg.vocab_size,
+            None,
+        )
+    }
+
+    /// Global L2 norm of the accumulated gradients.
+    pub fn grad_norm(&self) -> Result<f64> {
+        let bufs: Vec<&B::Buf> = self.grads.iter().collect();
+        Ok(self.backend.sum_squares(&bufs, &self.lens)?.sqrt())
+    }
+
+    /// One AdamW step over every parameter tensor, from the accumulated gradients.
+    pub fn adamw_step(&mut self, hp: &AdamW) -> Result<()> {
+        let mut params: Vec<&mut B::Buf> = self.params.iter_mut().collect();
+        let mut master: Vec<&mut B::Buf> = self.master.iter_mut().collect();
+        let grads: Vec<&B::Buf> = self.grads.iter().collect();
+        let mut m: Vec<&mut B::Buf> = self.m.iter_mut().collect();
+        let mut v: Vec<&mut B::Buf> = self.v.iter_mut().collect();
+        self.backend.adamw(&mut params, &mut master, &grads, &mut m, &mut v, &self.lens, hp)
+    }
+
+    /// An empty KV cache for up to `max_len` positions.
+    pub fn new_cache(&self, max_len: usize) -> Result<KvCache<B>> {
+        ensure!(max_len > 0, "KV cache length must be positive");
+        let width = self.config.heads().kv_width();
+        let alloc = || -> Result<Vec<B::Buf>> {
+            (0..self.config.n_layers)
+                .map(|_| self.backend.zeros(max_len * width, Precision::Compute))
+                .collect()
+        };
+        Ok(KvCache { k: alloc()?, v: alloc()?, len: 0, max_len })
+    }
+
+    /// Feeds `ids` at positions `cache.len()..`, returns the logits (vocab) of the last one.
+    pub fn next_logits(&mut self, cache: &mut KvCache<B>, ids: &[u32]) -> Result<Vec<f32>> {
+        ensure!(!ids.is_empty(), "next_logits needs at least one token");
+        ensure!(
+            cache.k.len() == self.config.n_layers,
+            "KV cache has {} layers, the model {}",
+            cache.k.len(),
+            self.config.n_layers
+        );
+        ensure!(
+            cache.len + ids.len() <= cache.max_len,
+            "KV cache full: {} cached + {} new positions exceed its length {}",
+            cache.len,
+            ids.len(),
+            cache.max_len
+        );
+        let vocab = self.config.vocab_size;
+        if let Some(&t) = ids.iter().find(|&&t| t as usize >= vocab) {
+            bail!("token id {t} outside the vocabulary ({vocab})");
+        }
+        // The last token goes alone, so that its final-norm output is row 0 (the ops have no
+        // row offsets); the rest goes in chunks of at most max_tokens rows.
+        let (last, prompt) = ids.split_last().expect("ids is not empty");
+        for chunk in prompt.chunks(self.max_tokens) {
+            self.feed(cache, chunk)?;
+        }
+        self.feed(cache, std::slice::from_ref(last))?;
+        let d = self.config.d_model;
+        let out_w = self.index.output_weight();
+        self.backend.matmul_forward(
+            &mut self.logits,
+            &self.acts.ln_in[self.config.n_layers],
+            &self.params[out_w],
+            1,
+            d,
+            vocab,
+        )?;
+        self.backend.read(&self.logits, vocab)
+    }
+
+    /// Runs `ids` (at most max_tokens) through the layers at positions `cache.len()..`,
+    /// appending their keys and values to the cache.
+    fn feed(&mut self, cache: &mut KvCache<B>, ids: &[u32]) -> Result<()> {
+        let n = ids.len();
+        let start = cache.len;
+        let positions: Vec<u32> = (start..start + n).map(|p| p as u32).collect();
+        self.backend.write_ids(&mut self.ids.inputs, ids)?;
+        self.backend.write_ids(&mut self.ids.positions, &positions)?;
+        self.forward(n, AttnMode::Cache { k: &mut cache.k, v: &mut cache.v, start }, None)?;
+        cache.len += n;
+        Ok(())
+    }
+}

@@ -1,0 +1,110 @@
+//! The `sft prepare`, `sft inspect` and `sft tokenizer train` commands, end to end.
+
+mod data_util;
+
+use std::path::Path;
+use std::process::Command;
+
+use data_util::{synthetic_conversations, write_simplellama_json};
+use sft::data::loader::batches_from_examples_with;
+use sft::data::{tokenize_conversation, BatchMode, ChatTokenizer, LoaderConfig, TrainOn};
+
+fn sft(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_sft")).args(args).output().unwrap();
+    assert!(out.status.success(), "sft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn tokenizer_train_prepare_and_inspect() {
+    let dir = tempfile::tempdir().unwrap();
+    let convs = synthetic_conversations(60, 21);
+    let data = dir.path().join("chat.json");
+    write_simplellama_json(&data, &convs);
+    let tok_path = dir.path().join("tok.json");
+    sft(&["tokenizer", "train", "--data", s(&data), "--vocab-size", "500", "--out", s(&tok_path)]);
+    let tok = ChatTokenizer::from_file(&tok_path).unwrap();
+    assert_eq!(tok.special_id("<SOS>"), Some(0));
+    assert_eq!(tok.special_id("<EOT>"), Some(9));
+
+    // inspect --json on the raw chat file: file order, dynamic padding, last partial batch dropped.
+    let json = sft(&[
+        "inspect",
+        "--data",
+        s(&data),
+        "--tokenizer",
+        s(&tok_path),
+        "--max-seq-len",
+        "1024",
+        "--batch-size",
+        "8",
+        "--no-shuffle",
+        "--json",
+    ]);
+    let examples: Vec<_> =
+        convs.iter().map(|c| tokenize_conversation(&tok, c, TrainOn::FinalReply).unwrap()).collect();
+    let cfg =
+        LoaderConfig { batch_size: 8, max_seq_len: 1024, mode: BatchMode::Dynamic, shuffle: false, seed: 89 };
+    let expected = batches_from_examples_with(&examples, tok.pad_id(), &cfg, false).unwrap();
+    let lines: Vec<serde_json::Value> = json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 7, "60 examples make 7 full batches of 8");
+    for (line, b) in lines.iter().zip(&expected) {
+        let rows = |v: &[u32]| serde_json::json!(v.chunks(b.seq_len).collect::<Vec<_>>());
+        assert_eq!(line["inputs"], rows(&b.inputs));
+        assert_eq!(line["targets"], rows(&b.targets));
+    }
+
+    // prepare, then inspect the prepared directory (human view, packed).
+    let out = dir.path().join("prep");
+    let report = sft(&[
+        "prepare",
+        "--data",
+        s(&data),
+        "--tokenizer",
+        s(&tok_path),
+        "--out",
+        s(&out),
+        "--max-seq-len",
+        "512",
+        "--train-share",
+        "0.9",
+    ]);
+    assert!(report.contains("54 train, 6 val, 0 skipped"), "{report}");
+    let view = sft(&[
+        "inspect",
+        "--data",
+        s(&out),
+        "--tokenizer",
+        s(&tok_path),
+        "--max-seq-len",
+        "512",
+        "--batch-size",
+        "2",
+        "--packed",
+    ]);
+    assert!(view.contains("packing efficiency") && view.contains('⟦') && view.contains("<SOA>"), "{view}");
+    let val =
+        sft(&["inspect", "--data", s(&out), "--split", "val", "--batch-size", "3", "--no-shuffle", "--json"]);
+    assert_eq!(val.lines().count(), 2);
+}
+
+#[test]
+fn errors_are_reported_with_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("bad.json");
+    std::fs::write(&data, r#"[{"Template": ["CUSTOM"], "User": ["a"], "Assistant": []}]"#).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sft"))
+        .args(["tokenizer", "train", "--data", s(&data), "--out", s(&dir.path().join("t.json"))])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.json") && err.contains("example 0") && err.contains("length mismatch"),
+        "{err}"
+    );
+}

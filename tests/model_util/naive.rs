@@ -1,0 +1,473 @@
+//! A deliberately plain f64 implementation of the op trait, written from the trait's
+//! documentation alone: an independent second backend that the model's tests can run on, and
+//! that cross-checks `sft::backend::cpu`.
+
+// Index loops mirror the formulas (and the kernels) more plainly than iterator chains here.
+#![allow(clippy::needless_range_loop)]
+use anyhow::{ensure, Result};
+use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, RopeStyle};
+use sft::rng;
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NaiveBackend;
+
+fn rope_pair(j: usize, hd: usize, style: RopeStyle) -> (usize, usize) {
+    match style {
+        RopeStyle::AdjacentPairs => (2 * j, 2 * j + 1),
+        RopeStyle::HalfSplit => (j, j + hd / 2),
+    }
+}
+
+/// Rotates the q and k heads of `qkv` rows by `sign · angle`.
+fn rotate(
+    qkv: &mut [f64],
+    positions: &[u32],
+    n: usize,
+    heads: HeadShape,
+    theta: f32,
+    style: RopeStyle,
+    sign: f64,
+) {
+    let hd = heads.head_dim;
+    let width = heads.qkv_width();
+    for i in 0..n {
+        for h in 0..heads.n_heads + heads.n_kv_heads {
+            let base = i * width + h * hd;
+            for j in 0..hd / 2 {
+                let angle = sign * positions[i] as f64 * (theta as f64).powf(-2.0 * j as f64 / hd as f64);
+                let (a, b) = rope_pair(j, hd, style);
+                let (x0, x1) = (qkv[base + a], qkv[base + b]);
+                qkv[base + a] = x0 * angle.cos() - x1 * angle.sin();
+                qkv[base + b] = x0 * angle.sin() + x1 * angle.cos();
+            }
+        }
+    }
+}
+
+fn segment_start(cu: &[u32], n_segments: usize, i: usize) -> usize {
+    (0..n_segments).rev().map(|s| cu[s] as usize).find(|&s| s <= i).unwrap()
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl Backend for NaiveBackend {
+    type Buf = Vec<f64>;
+    type Ids = Vec<u32>;
+
+    fn name(&self) -> String {
+        "naive".into()
+    }
+    fn zeros(&self, len: usize, _: Precision) -> Result<Vec<f64>> {
+        Ok(vec![0.0; len])
+    }
+    fn zeros_ids(&self, len: usize) -> Result<Vec<u32>> {
+        Ok(vec![0; len])
+    }
+    fn write(&self, dst: &mut Vec<f64>, src: &[f32]) -> Result<()> {
+        ensure!(src.len() <= dst.len());
+        dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s as f64);
+        Ok(())
+    }
+    fn read(&self, src: &Vec<f64>, len: usize) -> Result<Vec<f32>> {
+        Ok(src[..len].iter().map(|&x| x as f32).collect())
+    }
+    fn write_ids(&self, dst: &mut Vec<u32>, src: &[u32]) -> Result<()> {
+        dst[..src.len()].copy_from_slice(src);
+        Ok(())
+    }
+    fn zero(&self, buf: &mut Vec<f64>, len: usize) -> Result<()> {
+        buf[..len].fill(0.0);
+        Ok(())
+    }
+    fn copy(&self, dst: &mut Vec<f64>, src: &Vec<f64>, len: usize) -> Result<()> {
+        dst[..len].copy_from_slice(&src[..len]);
+        Ok(())
+    }
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn embedding_forward(
+        &self,
+        out: &mut Vec<f64>,
+        ids: &Vec<u32>,
+        table: &Vec<f64>,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        for i in 0..n {
+            let t = ids[i] as usize;
+            out[i * d..(i + 1) * d].copy_from_slice(&table[t * d..(t + 1) * d]);
+        }
+        Ok(())
+    }
+    fn embedding_backward(
+        &self,
+        dtable: &mut Vec<f64>,
+        ids: &Vec<u32>,
+        dout: &Vec<f64>,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        for i in 0..n {
+            let t = ids[i] as usize;
+            for e in 0..d {
+                dtable[t * d + e] += dout[i * d + e];
+            }
+        }
+        Ok(())
+    }
+
+    fn rmsnorm_forward(
+        &self,
+        out: &mut Vec<f64>,
+        rstd: &mut Vec<f64>,
+        x: &Vec<f64>,
+        w: &Vec<f64>,
+        n: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()> {
+        for i in 0..n {
+            let row = &x[i * d..(i + 1) * d];
+            let r = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / d as f64 + eps as f64).sqrt();
+            rstd[i] = r;
+            for e in 0..d {
+                out[i * d + e] = row[e] * r * w[e];
+            }
+        }
+        Ok(())
+    }
+    fn residual_rmsnorm_forward(
+        &self,
+        x_out: &mut Vec<f64>,
+        out: &mut Vec<f64>,
+        rstd: &mut Vec<f64>,
+        x_in: &Vec<f64>,
+        delta: &Vec<f64>,
+        w: &Vec<f64>,
+        n: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()> {
+        for k in 0..n * d {
+            x_out[k] = x_in[k] + delta[k];
+        }
+        self.rmsnorm_forward(out, rstd, x_out, w, n, d, eps)
+    }
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut Vec<f64>,
+        dw: &mut Vec<f64>,
+        dout: &Vec<f64>,
+        x: &Vec<f64>,
+        w: &Vec<f64>,
+        rstd: &Vec<f64>,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        for i in 0..n {
+            let r = rstd[i];
+            let dot: f64 = (0..d).map(|e| dout[i * d + e] * w[e] * x[i * d + e]).sum();
+            for e in 0..d {
+                let k = i * d + e;
+                dx[k] += r * w[e] * dout[k] - r * r * r / d as f64 * x[k] * dot;
+                dw[e] += dout[k] * x[k] * r;
+            }
+        }
+        Ok(())
+    }
+
+    fn matmul_forward(
+        &self,
+        out: &mut Vec<f64>,
+        inp: &Vec<f64>,
+        w: &Vec<f64>,
+        n: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        for i in 0..n {
+            for o in 0..out_dim {
+                out[i * out_dim + o] = (0..in_dim).map(|k| inp[i * in_dim + k] * w[o * in_dim + k]).sum();
+            }
+        }
+        Ok(())
+    }
+    fn matmul_backward(
+        &self,
+        dinp: Option<&mut Vec<f64>>,
+        dw: &mut Vec<f64>,
+        dout: &Vec<f64>,
+        inp: &Vec<f64>,
+        w: &Vec<f64>,
+        n: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        if let Some(dinp) = dinp {
+            for i in 0..n {
+                for k in 0..in_dim {
+                    dinp[i * in_dim + k] =
+                        (0..out_dim).map(|o| dout[i * out_dim + o] * w[o * in_dim + k]).sum();
+                }
+            }
+        }
+        for o in 0..out_dim {
+            for k in 0..in_dim {
+                dw[o * in_dim + k] +=
+                    (0..n).map(|i| dout[i * out_dim + o] * inp[i * in_dim + k]).sum::<f64>();
+            }
+        }
+        Ok(())
+    }
+
+    fn rope_forward(
+        &self,
+        qkv: &mut Vec<f64>,
+        positions: &Vec<u32>,
+        n: usize,
+        heads: HeadShape,
+        theta: f32,
+        style: RopeStyle,
+    ) -> Result<()> {
+        rotate(qkv, positions, n, heads, theta, style, 1.0);
+        Ok(())
+    }
+    fn rope_backward(
+        &self,
+        dqkv: &mut Vec<f64>,
+        positions: &Vec<u32>,
+        n: usize,
+        heads: HeadShape,
+        theta: f32,
+        style: RopeStyle,
+    ) -> Result<()> {
+        rotate(dqkv, positions, n, heads, theta, style, -1.0);
+        Ok(())
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut Vec<f64>,
+        lse: &mut Vec<f64>,
+        qkv: &Vec<f64>,
+        cu_seqlens: &Vec<u32>,
+        n_segments: usize,
+        n: usize,
+        heads: HeadShape,
+    ) -> Result<()> {
+        let (hd, w, group) = (heads.head_dim, heads.qkv_width(), heads.n_heads / heads.n_kv_heads);
+        let scale = 1.0 / (hd as f64).sqrt();
+        for i in 0..n {
+            let s0 = segment_start(cu_seqlens, n_segments, i);
+            for h in 0..heads.n_heads {
+                let g = h / group;
+                let q = &qkv[i * w + h * hd..i * w + (h + 1) * hd];
+                let scores: Vec<f64> = (s0..=i)
+                    .map(|j| {
+                        let k = &qkv[j * w + heads.q_width() + g * hd..];
+                        scale * (0..hd).map(|e| q[e] * k[e]).sum::<f64>()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let l = max + scores.iter().map(|s| (s - max).exp()).sum::<f64>().ln();
+                lse[h * n + i] = l;
+                for e in 0..hd {
+                    out[i * heads.q_width() + h * hd + e] = (s0..=i)
+                        .map(|j| {
+                            (scores[j - s0] - l).exp()
+                                * qkv[j * w + heads.q_width() + heads.kv_width() + g * hd + e]
+                        })
+                        .sum();
+                }
+            }
+        }
+        Ok(())
+    }
+    fn attention_backward(
+        &self,
+        dqkv: &mut Vec<f64>,
+        dout: &Vec<f64>,
+        qkv: &Vec<f64>,
+        out: &Vec<f64>,
+        lse: &Vec<f64>,
+        cu_seqlens: &Vec<u32>,
+        n_segments: usize,
+        n: usize,
+        heads: HeadShape,
+    ) -> Result<()> {
+        let (hd, w, group, qw) =
+            (heads.head_dim, heads.qkv_width(), heads.n_heads / heads.n_kv_heads, heads.q_width());
+        let kvw = heads.kv_width();
+        let scale = 1.0 / (hd as f64).sqrt();
+        dqkv[..n * w].fill(0.0);
+        for i in 0..n {
+            let s0 = segment_start(cu_seqlens, n_segments, i);
+            for h in 0..heads.n_heads {
+                let g = h / group;
+                let qo = i * w + h * hd;
+                let oo = i * qw + h * hd;
+                let dd: f64 = (0..hd).map(|e| dout[oo + e] * out[oo + e]).sum();
+                for j in s0..=i {
+                    let ko = j * w + qw + g * hd;
+                    let vo = j * w + qw + kvw + g * hd;
+                    let s = scale * (0..hd).map(|e| qkv[qo + e] * qkv[ko + e]).sum::<f64>();
+                    let p = (s - lse[h * n + i]).exp();
+                    let dp: f64 = (0..hd).map(|e| dout[oo + e] * qkv[vo + e]).sum();
+                    let ds = p * (dp - dd);
+                    for e in 0..hd {
+                        dqkv[qo + e] += scale * ds * qkv[ko + e];
+                        dqkv[ko + e] += scale * ds * qkv[qo + e];
+                        dqkv[vo + e] += p * dout[oo + e];
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    fn attention_decode(
+        &self,
+        out: &mut Vec<f64>,
+        qkv: &Vec<f64>,
+        k_cache: &mut Vec<f64>,
+        v_cache: &mut Vec<f64>,
+        start: usize,
+        n_new: usize,
+        heads: HeadShape,
+    ) -> Result<()> {
+        let (hd, w, qw, kvw) = (heads.head_dim, heads.qkv_width(), heads.q_width(), heads.kv_width());
+        for i in 0..n_new {
+            let row = (start + i) * kvw;
+            k_cache[row..row + kvw].copy_from_slice(&qkv[i * w + qw..i * w + qw + kvw]);
+            v_cache[row..row + kvw].copy_from_slice(&qkv[i * w + qw + kvw..i * w + qw + 2 * kvw]);
+        }
+        let scale = 1.0 / (hd as f64).sqrt();
+        let group = heads.n_heads / heads.n_kv_heads;
+        for i in 0..n_new {
+            for h in 0..heads.n_heads {
+                let g = h / group;
+                let q = &qkv[i * w + h * hd..i * w + (h + 1) * hd];
+                let scores: Vec<f64> = (0..=start + i)
+                    .map(|j| scale * (0..hd).map(|e| q[e] * k_cache[j * kvw + g * hd + e]).sum::<f64>())
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                for e in 0..hd {
+                    out[i * qw + h * hd + e] = scores
+                        .iter()
+                        .enumerate()
+                        .map(|(j, s)| (s - max).exp() / z * v_cache[j * kvw + g * hd + e])
+                        .sum();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn swiglu_forward(&self, out: &mut Vec<f64>, gate_up: &Vec<f64>, n: usize, hidden: usize) -> Result<()> {
+        for i in 0..n {
+            for j in 0..hidden {
+                let g = gate_up[i * 2 * hidden + j];
+                out[i * hidden + j] = g * sigmoid(g) * gate_up[i * 2 * hidden + hidden + j];
+            }
+        }
+        Ok(())
+    }
+    fn swiglu_backward(
+        &self,
+        dgate_up: &mut Vec<f64>,
+        dout: &Vec<f64>,
+        gate_up: &Vec<f64>,
+        n: usize,
+        hidden: usize,
+    ) -> Result<()> {
+        for i in 0..n {
+            for j in 0..hidden {
+                let (gi, ui) = (i * 2 * hidden + j, i * 2 * hidden + hidden + j);
+                let (g, u, d) = (gate_up[gi], gate_up[ui], dout[i * hidden + j]);
+                let s = sigmoid(g);
+                dgate_up[gi] = d * u * s * (1.0 + g * (1.0 - s));
+                dgate_up[ui] = d * g * s;
+            }
+        }
+        Ok(())
+    }
+
+    fn dropout(&self, x: &mut Vec<f64>, len: usize, p: f32, seed: u64) -> Result<()> {
+        for (i, v) in x[..len].iter_mut().enumerate() {
+            *v = if rng::uniform(seed, i as u64) < p { 0.0 } else { *v / (1.0 - p as f64) };
+        }
+        Ok(())
+    }
+
+    fn lm_head_cross_entropy(
+        &self,
+        x: &Vec<f64>,
+        w: &Vec<f64>,
+        targets: &Vec<u32>,
+        ignore_id: u32,
+        n: usize,
+        d: usize,
+        vocab: usize,
+        mut grads: Option<LossGrads<'_, Self>>,
+    ) -> Result<f64> {
+        let mut loss = 0.0;
+        for i in 0..n {
+            let t = targets[i];
+            if let Some(g) = grads.as_mut() {
+                g.dx[i * d..(i + 1) * d].fill(0.0);
+            }
+            if t == ignore_id {
+                continue;
+            }
+            let logits: Vec<f64> =
+                (0..vocab).map(|v| (0..d).map(|e| x[i * d + e] * w[v * d + e]).sum()).collect();
+            let max = logits.iter().cloned().fold(f64::MIN, f64::max);
+            let lse = max + logits.iter().map(|z| (z - max).exp()).sum::<f64>().ln();
+            loss += lse - logits[t as usize];
+            if let Some(g) = grads.as_mut() {
+                let scale = g.loss_scale as f64;
+                for v in 0..vocab {
+                    let dl = scale * ((logits[v] - lse).exp() - if v == t as usize { 1.0 } else { 0.0 });
+                    for e in 0..d {
+                        g.dx[i * d + e] += dl * w[v * d + e];
+                        g.dw[v * d + e] += dl * x[i * d + e];
+                    }
+                }
+            }
+        }
+        Ok(loss)
+    }
+
+    fn sum_squares(&self, bufs: &[&Vec<f64>], lens: &[usize]) -> Result<f64> {
+        Ok(bufs.iter().zip(lens).map(|(b, &l)| b[..l].iter().map(|x| x * x).sum::<f64>()).sum())
+    }
+    fn adamw(
+        &self,
+        params: &mut [&mut Vec<f64>],
+        master: &mut [&mut Vec<f64>],
+        grads: &[&Vec<f64>],
+        m: &mut [&mut Vec<f64>],
+        v: &mut [&mut Vec<f64>],
+        lens: &[usize],
+        hp: &AdamW,
+    ) -> Result<()> {
+        let (b1, b2) = (hp.beta1 as f64, hp.beta2 as f64);
+        let c1 = 1.0 - b1.powi(hp.step as i32);
+        let c2 = 1.0 - b2.powi(hp.step as i32);
+        for t in 0..lens.len() {
+            for k in 0..lens[t] {
+                let g = grads[t][k] * hp.grad_scale as f64;
+                m[t][k] = b1 * m[t][k] + (1.0 - b1) * g;
+                v[t][k] = b2 * v[t][k] + (1.0 - b2) * g * g;
+                let update = (m[t][k] / c1) / ((v[t][k] / c2).sqrt() + hp.eps as f64);
+                master[t][k] -= hp.lr as f64 * (update + hp.weight_decay as f64 * master[t][k]);
+                params[t][k] = master[t][k];
+            }
+        }
+        Ok(())
+    }
+}
