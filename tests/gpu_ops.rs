@@ -1,7 +1,7 @@
-//! Every CUDA op against an f32 CPU reference, on fresh random inputs with shapes that are not
-//! multiples of the kernels' tiles. The reference is `cuda_util::RefBackend` until
-//! `sft::backend::cpu::CpuBackend` lands on this branch; then `reference()` returns
-//! `CpuBackend::<f32>::new()` (the tests are generic over the backend).
+//! Every CUDA op against the CPU reference (`CpuBackend<f32>`), on fresh random inputs with
+//! shapes that are not multiples of the kernels' tiles. `cuda_util::RefBackend`, a second,
+//! plain-loop reference written with the kernels, is checked against `CpuBackend` here too
+//! (no GPU needed), so the two readings of the trait's semantics agree.
 //!
 //! All tests are `#[ignore]`: they need an NVIDIA GPU. Run them there with
 //! `cargo test --release --test gpu_ops -- --ignored` (or `scripts/gpu_check.sh`); where the
@@ -16,6 +16,7 @@ use sft::rng::Rng;
 
 mod cuda_util;
 use cuda_util::RefBackend;
+use sft::backend::cpu::CpuBackend;
 
 const TOL: f64 = 1e-2;
 
@@ -29,8 +30,8 @@ fn gpu() -> Option<CudaBackend> {
     }
 }
 
-fn reference() -> RefBackend {
-    RefBackend
+fn reference() -> CpuBackend<f32> {
+    CpuBackend::<f32>::new()
 }
 
 /// Normal values (times `scale`), rounded to bf16.
@@ -544,7 +545,7 @@ fn adamw_matches_cpu() {
 
 /// Loss of attention: sum(out ∘ dout), so its gradient is attention_backward's with `dout`.
 fn attention_objective(qkv: &[f32], dout: &[f32], cu: &[u32], heads: HeadShape) -> f64 {
-    let out = attention(&reference(), qkv, dout, cu, heads);
+    let out = attention(&RefBackend, qkv, dout, cu, heads);
     out[0].iter().zip(dout).map(|(&o, &d)| o as f64 * d as f64).sum()
 }
 
@@ -556,7 +557,7 @@ fn reference_attention_backward_matches_finite_differences() {
     let mut rng = Rng::new(20);
     let qkv: Vec<f32> = (0..n * heads.qkv_width()).map(|_| rng.normal() as f32 * 0.5).collect();
     let dout: Vec<f32> = (0..n * heads.q_width()).map(|_| rng.normal() as f32).collect();
-    let grad = attention(&reference(), &qkv, &dout, &cu, heads)[2].clone();
+    let grad = attention(&RefBackend, &qkv, &dout, &cu, heads)[2].clone();
     let eps = 1e-2;
     // A sample of coordinates in each of q, k and v, in both segments.
     for idx in [0, 5, 64 + 3, 128 + 7, 192 + 11, 4 * 256 + 2, 6 * 256 + 130, 5 * 256 + 200] {
@@ -581,8 +582,8 @@ fn reference_decode_matches_the_training_forward() {
     let n = 9;
     let mut rng = Rng::new(21);
     let qkv = randn(&mut rng, n * heads.qkv_width(), 1.0);
-    let dec = decode(&reference(), &qkv, heads, 4, 16);
-    let full = attention(&reference(), &qkv, &vec![0.5; n * heads.q_width()], &[0, n as u32], heads);
+    let dec = decode(&RefBackend, &qkv, heads, 4, 16);
+    let full = attention(&RefBackend, &qkv, &vec![0.5; n * heads.q_width()], &[0, n as u32], heads);
     assert_close("reference decode vs forward", &dec, &full[0], 1e-5);
 }
 
@@ -593,7 +594,7 @@ fn reference_rmsnorm_backward_matches_finite_differences() {
     let x: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
     let w: Vec<f32> = (0..d).map(|_| 1.0 + 0.3 * rng.normal() as f32).collect();
     let dout: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
-    let b = reference();
+    let b = RefBackend;
     let objective = |x: &[f32], w: &[f32]| -> f64 {
         let (mut out, mut rstd) = (vec![0.0; n * d], vec![0.0; n]);
         b.rmsnorm_forward(&mut out, &mut rstd, &x.to_vec(), &w.to_vec(), n, d, 1e-5).unwrap();
@@ -617,5 +618,105 @@ fn reference_rmsnorm_backward_matches_finite_differences() {
         m[k] -= eps;
         let fd = (objective(&x, &p) - objective(&x, &m)) / (2.0 * eps as f64);
         assert!((fd - dw[k] as f64).abs() < 1e-2 * (1.0 + fd.abs()), "dw[{k}] {} vs {fd}", dw[k]);
+    }
+}
+
+/// The kernels were written from the same reading of the trait as `RefBackend`; this checks that
+/// reading against `CpuBackend` on every op (no GPU needed).
+#[test]
+fn reference_agrees_with_cpu_backend_on_every_op() {
+    let (cpu, re) = (reference(), RefBackend);
+    let tol = 1e-4;
+    let mut rng = Rng::new(30);
+
+    let (vocab, d, n) = (37, 45, 29);
+    let ids = rand_ids(&mut rng, n, vocab);
+    let (table, dout, dt0) =
+        (randn(&mut rng, vocab * d, 1.0), randn(&mut rng, n * d, 1.0), randn(&mut rng, vocab * d, 0.1));
+    let (a, r) =
+        (embedding(&re, &ids, &table, &dout, &dt0, d), embedding(&cpu, &ids, &table, &dout, &dt0, d));
+    assert_close("ref embedding fwd", &a[0], &r[0], tol);
+    assert_close("ref embedding bwd", &a[1], &r[1], tol);
+
+    let (n, d) = (5, 33);
+    let v: Vec<Vec<f32>> =
+        [n * d, n * d, d, n * d, n * d, d].iter().map(|&l| randn(&mut rng, l, 1.0)).collect();
+    let a = rmsnorm(&re, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], n, d);
+    let r = rmsnorm(&cpu, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], n, d);
+    for k in 0..a.len() {
+        assert_close(&format!("ref rmsnorm output {k}"), &a[k], &r[k], tol);
+    }
+
+    let (n, i, o) = (7, 13, 11);
+    let v: Vec<Vec<f32>> = [n * i, o * i, n * o, o * i].iter().map(|&l| randn(&mut rng, l, 1.0)).collect();
+    let (a, r) =
+        (matmul(&re, &v[0], &v[1], &v[2], &v[3], n, i, o), matmul(&cpu, &v[0], &v[1], &v[2], &v[3], n, i, o));
+    for k in 0..a.len() {
+        assert_close(&format!("ref matmul output {k}"), &a[k], &r[k], tol);
+    }
+
+    let heads = HeadShape { n_heads: 4, n_kv_heads: 2, head_dim: 64 };
+    let qkv = randn(&mut rng, 19 * heads.qkv_width(), 1.0);
+    let pos = rand_ids(&mut rng, 19, 4096);
+    for style in [RopeStyle::AdjacentPairs, RopeStyle::HalfSplit] {
+        let (a, r) = (rope(&re, &qkv, &pos, heads, style), rope(&cpu, &qkv, &pos, heads, style));
+        assert_close(&format!("ref rope fwd {style:?}"), &a[0], &r[0], tol);
+        assert_close(&format!("ref rope bwd {style:?}"), &a[1], &r[1], tol);
+    }
+
+    let cu = [0u32, 5, 6, 40];
+    let qkv = randn(&mut rng, 40 * heads.qkv_width(), 1.0);
+    let dout = randn(&mut rng, 40 * heads.q_width(), 1.0);
+    let (a, r) = (attention(&re, &qkv, &dout, &cu, heads), attention(&cpu, &qkv, &dout, &cu, heads));
+    for (k, name) in ["out", "lse", "dqkv"].iter().enumerate() {
+        assert_close(&format!("ref attention {name}"), &a[k], &r[k], tol);
+    }
+    let (a, r) = (decode(&re, &qkv, heads, 30, 48), decode(&cpu, &qkv, heads, 30, 48));
+    assert_close("ref attention decode", &a, &r, tol);
+
+    let (n, hidden) = (3, 17);
+    let (gu, dout) = (randn(&mut rng, 2 * n * hidden, 2.0), randn(&mut rng, n * hidden, 1.0));
+    let (a, r) = (swiglu(&re, &gu, &dout, n, hidden), swiglu(&cpu, &gu, &dout, n, hidden));
+    assert_close("ref swiglu fwd", &a[0], &r[0], tol);
+    assert_close("ref swiglu bwd", &a[1], &r[1], tol);
+
+    let x = randn(&mut rng, 1000, 1.0);
+    let (mut xa, mut xr) = (x.clone(), x.clone());
+    re.dropout(&mut xa, 1000, 0.1, 77).unwrap();
+    cpu.dropout(&mut xr, 1000, 0.1, 77).unwrap();
+    assert_eq!(xa, xr, "ref dropout");
+
+    let (n, d, vocab, ignore) = (9, 8, 31, 2u32);
+    let (x, w) = (randn(&mut rng, n * d, 1.0), randn(&mut rng, vocab * d, 0.3));
+    let targets: Vec<u32> =
+        (0..n).map(|k| if k % 3 == 0 { ignore } else { rng.below(vocab) as u32 }).collect();
+    let (dx0, dw0) = (randn(&mut rng, n * d, 1.0), randn(&mut rng, vocab * d, 0.1));
+    let a = loss(&re, &x, &w, &targets, &dx0, &dw0, d, vocab, ignore);
+    let r = loss(&cpu, &x, &w, &targets, &dx0, &dw0, d, vocab, ignore);
+    assert!(
+        (a.0 - r.0).abs() < 1e-4 * r.0.abs() && (a.1 - r.1).abs() < 1e-4 * r.1.abs(),
+        "ref loss {a:?} vs {r:?}"
+    );
+    assert_close("ref lm_head dx", &a.2, &r.2, tol);
+    assert_close("ref lm_head dw", &a.3, &r.3, tol);
+
+    let lens = [7usize, 100];
+    let st = |rng: &mut Rng, s: f32| -> Vec<Vec<f32>> { lens.iter().map(|&l| randn(rng, l, s)).collect() };
+    let master = st(&mut rng, 0.5);
+    let init = [
+        master.clone(),
+        master,
+        st(&mut rng, 0.01),
+        st(&mut rng, 0.01).iter().map(|v| v.iter().map(|x| x * x).collect()).collect(),
+    ];
+    let grads = st(&mut rng, 1.0);
+    let base =
+        AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.01, step: 1, grad_scale: 0.5 };
+    let hp = [base, AdamW { step: 2, grad_scale: 1.0, ..base }];
+    let (a, r) = (adamw_steps(&re, &init, &grads, &lens, &hp), adamw_steps(&cpu, &init, &grads, &lens, &hp));
+    for k in 0..4 {
+        for t in 0..lens.len() {
+            assert_close(&format!("ref adamw state {k} tensor {t}"), &a[k][t], &r[k][t], tol);
+        }
     }
 }
