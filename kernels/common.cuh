@@ -44,3 +44,19 @@ __device__ __forceinline__ float uniform(uint64_t seed, uint64_t index) {
     uint32_t h = (uint32_t)(mix64(seed ^ mix64(index)) >> 32);
     return (float)(h >> 8) * (1.0f / 16777216.0f);
 }
+
+// Max over a whole block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ __forceinline__ float block_max(float v) {
+    __shared__ float partial_max[32];
+    int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) partial_max[warp] = v;
+    __syncthreads();
+    int n_warps = blockDim.x / WARP_SIZE;
+    v = lane < n_warps ? partial_max[lane] : -3.0e38f;
+    return warp_max(v);
+}
+
+__device__ __forceinline__ float bf(const __nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ __nv_bfloat16 to_bf(float x) { return __float2bfloat16_rn(x); }

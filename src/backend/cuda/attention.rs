@@ -1,0 +1,170 @@
+//! Flash-style causal attention over packed segments (kernels/attention.cu).
+
+use anyhow::{bail, Result};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::launch::{grid_stride, int, ATT_WARPS, BLOCK};
+use super::scratch::ensure;
+use super::{bf16_mut, bf16_of, f32_mut, f32_of, ids_of, CudaBackend, CudaBuf};
+use crate::backend::HeadShape;
+
+/// Checks the head shape and returns the kernel suffix for its head_dim.
+fn head_variant(heads: HeadShape) -> Result<&'static str> {
+    if heads.n_kv_heads == 0 || !heads.n_heads.is_multiple_of(heads.n_kv_heads) {
+        bail!("attention: n_heads {} is not a multiple of n_kv_heads {}", heads.n_heads, heads.n_kv_heads);
+    }
+    match heads.head_dim {
+        64 => Ok("64"),
+        128 => Ok("128"),
+        hd => bail!("attention: head_dim {hd} has no CUDA kernel (64 and 128 are supported)"),
+    }
+}
+
+/// Grid of `ATT_WARPS` rows per block along x, one head per y.
+fn rows_by_heads(rows: usize, heads: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(ATT_WARPS) as u32, heads as u32, 1),
+        block_dim: ((ATT_WARPS * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn check_segments(cu_seqlens: &CudaSlice<u32>, n_segments: usize) -> Result<()> {
+    if n_segments == 0 {
+        bail!("attention: no segments (cu_seqlens needs n_segments + 1 offsets)");
+    }
+    ids_of(cu_seqlens, n_segments + 1, "attention cu_seqlens")?;
+    Ok(())
+}
+
+impl CudaBackend {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention_forward_impl(
+        &self,
+        out: &mut CudaBuf,
+        lse: &mut CudaBuf,
+        qkv: &CudaBuf,
+        cu_seqlens: &CudaSlice<u32>,
+        n_segments: usize,
+        n: usize,
+        heads: HeadShape,
+    ) -> Result<()> {
+        let hd = head_variant(heads)?;
+        check_segments(cu_seqlens, n_segments)?;
+        let out = bf16_mut(out, n * heads.q_width(), "attention_forward out")?;
+        let lse = f32_mut(lse, heads.n_heads * n, "attention_forward lse")?;
+        let qkv = bf16_of(qkv, n * heads.qkv_width(), "attention_forward qkv")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (segi, ni, nhi, nkvi) = (
+            int(n_segments, "segments")?,
+            int(n, "n")?,
+            int(heads.n_heads, "heads")?,
+            int(heads.n_kv_heads, "kv heads")?,
+        );
+        let mut b = self.stream.launch_builder(self.kernels.get(&format!("attention_forward_{hd}"))?);
+        b.arg(out).arg(lse).arg(qkv).arg(cu_seqlens).arg(&segi).arg(&ni).arg(&nhi).arg(&nkvi);
+        // SAFETY: sizes checked above; cu_seqlens must be offsets 0 ..= n (the trait's contract).
+        unsafe { b.launch(rows_by_heads(n, heads.n_heads)) }?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention_backward_impl(
+        &self,
+        dqkv: &mut CudaBuf,
+        dout: &CudaBuf,
+        qkv: &CudaBuf,
+        out: &CudaBuf,
+        lse: &CudaBuf,
+        cu_seqlens: &CudaSlice<u32>,
+        n_segments: usize,
+        n: usize,
+        heads: HeadShape,
+    ) -> Result<()> {
+        let hd = head_variant(heads)?;
+        check_segments(cu_seqlens, n_segments)?;
+        let dqkv = bf16_mut(dqkv, n * heads.qkv_width(), "attention_backward dqkv")?;
+        let dout = bf16_of(dout, n * heads.q_width(), "attention_backward dout")?;
+        let qkv = bf16_of(qkv, n * heads.qkv_width(), "attention_backward qkv")?;
+        let out = bf16_of(out, n * heads.q_width(), "attention_backward out")?;
+        let lse = f32_of(lse, heads.n_heads * n, "attention_backward lse")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (segi, ni, nhi, nkvi, hdi) = (
+            int(n_segments, "segments")?,
+            int(n, "n")?,
+            int(heads.n_heads, "heads")?,
+            int(heads.n_kv_heads, "kv heads")?,
+            int(heads.head_dim, "head_dim")?,
+        );
+        let mut scratch = self.scratch();
+        let d_buf = ensure(&mut scratch.attn_d, heads.n_heads * n, &self.stream, "attention D")?;
+
+        let mut b = self.stream.launch_builder(self.kernels.get("attention_backward_d")?);
+        b.arg(&mut *d_buf).arg(dout).arg(out).arg(&ni).arg(&nhi).arg(&hdi);
+        // One warp per (row, head), exactly (the kernel is not grid-stride).
+        let warps_cfg = LaunchConfig {
+            grid_dim: ((n * heads.n_heads).div_ceil(BLOCK as usize / 32) as u32, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: D holds n_heads * n; the kernel returns for warps past the end.
+        unsafe { b.launch(warps_cfg) }?;
+
+        let mut b = self.stream.launch_builder(self.kernels.get(&format!("attention_backward_dq_{hd}"))?);
+        b.arg(&mut *dqkv).arg(dout).arg(qkv).arg(lse).arg(&*d_buf).arg(cu_seqlens).arg(&segi).arg(&ni);
+        b.arg(&nhi).arg(&nkvi);
+        // SAFETY: writes only the q part of each dqkv row < n.
+        unsafe { b.launch(rows_by_heads(n, heads.n_heads)) }?;
+
+        let mut b = self.stream.launch_builder(self.kernels.get(&format!("attention_backward_dkdv_{hd}"))?);
+        b.arg(&mut *dqkv).arg(dout).arg(qkv).arg(lse).arg(&*d_buf).arg(cu_seqlens).arg(&segi).arg(&ni);
+        b.arg(&nhi).arg(&nkvi);
+        // SAFETY: writes only the k and v parts of each dqkv row < n.
+        unsafe { b.launch(rows_by_heads(n, heads.n_kv_heads)) }?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention_decode_impl(
+        &self,
+        out: &mut CudaBuf,
+        qkv: &CudaBuf,
+        k_cache: &mut CudaBuf,
+        v_cache: &mut CudaBuf,
+        start: usize,
+        n_new: usize,
+        heads: HeadShape,
+    ) -> Result<()> {
+        let hd = head_variant(heads)?;
+        let rows = start + n_new;
+        let out = bf16_mut(out, n_new * heads.q_width(), "attention_decode out")?;
+        let qkv = bf16_of(qkv, n_new * heads.qkv_width(), "attention_decode qkv")?;
+        let k_cache = bf16_mut(k_cache, rows * heads.kv_width(), "attention_decode k_cache")?;
+        let v_cache = bf16_mut(v_cache, rows * heads.kv_width(), "attention_decode v_cache")?;
+        if n_new == 0 {
+            return Ok(());
+        }
+        let (si, ni, nhi, nkvi, hdi) = (
+            int(start, "start")?,
+            int(n_new, "n_new")?,
+            int(heads.n_heads, "heads")?,
+            int(heads.n_kv_heads, "kv heads")?,
+            int(heads.head_dim, "head_dim")?,
+        );
+        int(rows * heads.kv_width(), "cache size")?;
+        let mut b = self.stream.launch_builder(self.kernels.get("kv_cache_write")?);
+        b.arg(&mut *k_cache).arg(&mut *v_cache).arg(qkv).arg(&si).arg(&ni).arg(&nhi).arg(&nkvi).arg(&hdi);
+        // SAFETY: the caches hold start + n_new rows (checked above).
+        unsafe { b.launch(grid_stride(n_new * heads.kv_width())) }?;
+
+        let mut b = self.stream.launch_builder(self.kernels.get(&format!("attention_decode_{hd}"))?);
+        b.arg(out).arg(qkv).arg(&*k_cache).arg(&*v_cache).arg(&si).arg(&ni).arg(&nhi).arg(&nkvi);
+        // SAFETY: row i reads cache rows 0 ..= start + i < start + n_new.
+        unsafe { b.launch(rows_by_heads(n_new, heads.n_heads)) }?;
+        Ok(())
+    }
+}

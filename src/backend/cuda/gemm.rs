@@ -1,0 +1,409 @@
+//! GEMMs through cuBLASLt: bf16 operands, fp32 compute, bf16 or fp32 output.
+//!
+//! cudarc's safe `Matmul` uses one type for A, B and C, but the weight gradients accumulate
+//! in fp32 from bf16 operands, so this module drives cuBLASLt's descriptors itself.
+//! Buffers are row-major; cuBLASLt is column-major, so a row-major `[r, c]` matrix is a
+//! column-major `c × r` matrix with leading dimension `c`.
+
+use std::ffi::c_void;
+use std::mem::size_of;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use cudarc::cublaslt::result as lt;
+use cudarc::cublaslt::sys;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+
+/// cuBLASLt's recommended workspace on Hopper (32 MiB), allocated once.
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+/// Element type of a GEMM operand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum DType {
+    Bf16,
+    F32,
+}
+
+impl DType {
+    fn cuda(self) -> sys::cudaDataType {
+        match self {
+            DType::Bf16 => sys::cudaDataType_t::CUDA_R_16BF,
+            DType::F32 => sys::cudaDataType_t::CUDA_R_32F,
+        }
+    }
+}
+
+/// A column-major GEMM `C = alpha · op(A) · op(B) + beta · C`, C `m × n`, as cuBLAS states it.
+/// Pointers are raw device addresses (already offset) that must stay valid until the stream
+/// has run the GEMM.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct GemmCall {
+    pub transa: bool,
+    pub transb: bool,
+    pub m: u64,
+    pub n: u64,
+    pub k: u64,
+    pub a: u64,
+    pub lda: i64,
+    pub b: u64,
+    pub ldb: i64,
+    pub c: u64,
+    pub ldc: i64,
+    pub c_type: DType,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+pub(super) struct Gemm {
+    handle: sys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+    stream: Arc<CudaStream>,
+    /// SFT_GEMM_FALLBACK=1: every GEMM uses kernels/gemm.cu (to cross-check cuBLASLt).
+    force_fallback: bool,
+}
+
+// The handle is only used through &self on the backend's one stream; cuBLASLt handles may be
+// used from any thread as long as calls do not overlap, which the backend's single owner ensures.
+unsafe impl Send for Gemm {}
+
+impl Drop for Gemm {
+    fn drop(&mut self) {
+        if !self.handle.is_null() {
+            // SAFETY: created by create_handle and destroyed once, here.
+            let _ = unsafe { lt::destroy_handle(self.handle) };
+        }
+    }
+}
+
+struct Desc(sys::cublasLtMatmulDesc_t);
+impl Drop for Desc {
+    fn drop(&mut self) {
+        let _ = unsafe { lt::destroy_matmul_desc(self.0) };
+    }
+}
+struct Layout(sys::cublasLtMatrixLayout_t);
+impl Drop for Layout {
+    fn drop(&mut self) {
+        let _ = unsafe { lt::destroy_matrix_layout(self.0) };
+    }
+}
+struct Pref(sys::cublasLtMatmulPreference_t);
+impl Drop for Pref {
+    fn drop(&mut self) {
+        let _ = unsafe { lt::destroy_matmul_pref(self.0) };
+    }
+}
+
+impl Gemm {
+    pub(super) fn new(stream: Arc<CudaStream>) -> Result<Self> {
+        // SAFETY: only probes whether the shared library can be opened.
+        if !unsafe { sys::is_culib_present() } {
+            bail!(
+                "cuBLASLt (libcublasLt.so) was not found; on a box with a Python CUDA environment set \
+                 LD_LIBRARY_PATH to its nvidia/*/lib folders (see scripts/gpu_check.sh)"
+            );
+        }
+        let handle = lt::create_handle().context("creating the cuBLASLt handle")?;
+        let workspace =
+            stream.alloc_zeros::<u8>(WORKSPACE_BYTES).context("allocating the cuBLASLt workspace")?;
+        let force_fallback = std::env::var("SFT_GEMM_FALLBACK").is_ok_and(|v| v == "1");
+        Ok(Gemm { handle, workspace, stream, force_fallback })
+    }
+
+    /// Runs the GEMM with cuBLASLt; `Ok(false)` when cuBLASLt has no algorithm for it (or the
+    /// fallback is forced), in which case the caller runs kernels/gemm.cu instead.
+    pub(super) fn run(&self, g: &GemmCall) -> Result<bool> {
+        if self.force_fallback {
+            return Ok(false);
+        }
+        self.stream.context().bind_to_thread()?;
+        let desc = Desc(lt::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType_t::CUDA_R_32F,
+        )?);
+        let ta = g.transa as i32;
+        let tb = g.transb as i32;
+        // SAFETY: the descriptor is alive; the attribute buffers are i32 as cuBLASLt expects.
+        unsafe {
+            lt::set_matmul_desc_attribute(
+                desc.0,
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                &ta as *const i32 as *const c_void,
+                size_of::<i32>(),
+            )?;
+            lt::set_matmul_desc_attribute(
+                desc.0,
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+                &tb as *const i32 as *const c_void,
+                size_of::<i32>(),
+            )?;
+        }
+        // Layouts describe the matrices as stored, before op().
+        let (a_rows, a_cols) = if g.transa { (g.k, g.m) } else { (g.m, g.k) };
+        let (b_rows, b_cols) = if g.transb { (g.n, g.k) } else { (g.k, g.n) };
+        let a_layout = Layout(lt::create_matrix_layout(DType::Bf16.cuda(), a_rows, a_cols, g.lda)?);
+        let b_layout = Layout(lt::create_matrix_layout(DType::Bf16.cuda(), b_rows, b_cols, g.ldb)?);
+        let c_layout = Layout(lt::create_matrix_layout(g.c_type.cuda(), g.m, g.n, g.ldc)?);
+        let pref = Pref(lt::create_matmul_pref()?);
+        let ws_size: usize = WORKSPACE_BYTES;
+        let (ws, _ws_guard) = self.workspace.device_ptr(&self.stream);
+        // SAFETY: every descriptor is alive; the pointers are device addresses of buffers that
+        // the caller keeps alive, sized by the caller's checks; the workspace is ours.
+        unsafe {
+            lt::set_matmul_pref_attribute(
+                pref.0,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws_size as *const usize as *const c_void,
+                size_of::<usize>(),
+            )?;
+            let heuristic = match lt::get_matmul_algo_heuristic(
+                self.handle,
+                desc.0,
+                a_layout.0,
+                b_layout.0,
+                c_layout.0,
+                c_layout.0,
+                pref.0,
+            ) {
+                Ok(h) => h,
+                Err(lt::CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => return Ok(false),
+                Err(e) => return Err(e).with_context(|| format!("cuBLASLt heuristic for {g:?}")),
+            };
+            lt::matmul(
+                self.handle,
+                desc.0,
+                &g.alpha as *const f32 as *const c_void,
+                &g.beta as *const f32 as *const c_void,
+                g.a as *const c_void,
+                a_layout.0,
+                g.b as *const c_void,
+                b_layout.0,
+                g.c as *const c_void,
+                c_layout.0,
+                g.c as *mut c_void,
+                c_layout.0,
+                &heuristic.algo,
+                ws as *mut c_void,
+                ws_size,
+                self.stream.cu_stream() as sys::cudaStream_t,
+            )
+            .with_context(|| format!("cuBLASLt matmul {g:?}"))?;
+        }
+        Ok(true)
+    }
+}
+
+/// Row-major `out[rows, cols_out] (=|+=) alpha · x[rows, inner] @ w[cols_out, inner]^T`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn x_wt(
+    rows: usize,
+    inner: usize,
+    cols_out: usize,
+    x: u64,
+    w: u64,
+    out: u64,
+    out_type: DType,
+    beta: f32,
+) -> GemmCall {
+    // Column-major: out^T (cols_out × rows) = w (stored inner × cols_out, transposed) · x^T (inner × rows).
+    GemmCall {
+        transa: true,
+        transb: false,
+        m: cols_out as u64,
+        n: rows as u64,
+        k: inner as u64,
+        a: w,
+        lda: inner as i64,
+        b: x,
+        ldb: inner as i64,
+        c: out,
+        ldc: cols_out as i64,
+        c_type: out_type,
+        alpha: 1.0,
+        beta,
+    }
+}
+
+/// Row-major `out[rows, cols] = dy[rows, inner] @ w[inner, cols]` (the input gradient of a Linear).
+pub(super) fn dy_w(rows: usize, inner: usize, cols: usize, dy: u64, w: u64, out: u64) -> GemmCall {
+    // Column-major: out^T (cols × rows) = w (stored cols × inner) · dy^T (stored inner × rows).
+    GemmCall {
+        transa: false,
+        transb: false,
+        m: cols as u64,
+        n: rows as u64,
+        k: inner as u64,
+        a: w,
+        lda: cols as i64,
+        b: dy,
+        ldb: inner as i64,
+        c: out,
+        ldc: cols as i64,
+        c_type: DType::Bf16,
+        alpha: 1.0,
+        beta: 0.0,
+    }
+}
+
+/// Row-major fp32 `dw[out_dim, in_dim] += dy[rows, out_dim]^T @ x[rows, in_dim]`.
+pub(super) fn dyt_x(rows: usize, in_dim: usize, out_dim: usize, dy: u64, x: u64, dw: u64) -> GemmCall {
+    // Column-major: dw^T (in × out) = x^T (stored in × rows) · dy (stored out × rows, transposed).
+    GemmCall {
+        transa: false,
+        transb: true,
+        m: in_dim as u64,
+        n: out_dim as u64,
+        k: rows as u64,
+        a: x,
+        lda: in_dim as i64,
+        b: dy,
+        ldb: out_dim as i64,
+        c: dw,
+        ldc: in_dim as i64,
+        c_type: DType::F32,
+        alpha: 1.0,
+        beta: 1.0,
+    }
+}
+
+impl super::CudaBackend {
+    /// One GEMM: cuBLASLt, or kernels/gemm.cu where cuBLASLt has no algorithm.
+    pub(super) fn run_gemm(&self, g: &GemmCall) -> Result<()> {
+        if g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        if self.gemm.run(g)? {
+            return Ok(());
+        }
+        let name = match g.c_type {
+            DType::F32 => "gemm_fallback_f32out",
+            DType::Bf16 => "gemm_fallback_bf16out",
+        };
+        let (m, n, k) = (
+            super::launch::int(g.m as usize, "gemm m")?,
+            super::launch::int(g.n as usize, "gemm n")?,
+            super::launch::int(g.k as usize, "gemm k")?,
+        );
+        let (ta, tb) = (g.transa as i32, g.transb as i32);
+        let mut b = self.stream.launch_builder(self.kernels.get(name)?);
+        b.arg(&g.c).arg(&g.a).arg(&g.b).arg(&ta).arg(&tb).arg(&m).arg(&n).arg(&k);
+        b.arg(&g.lda).arg(&g.ldb).arg(&g.ldc).arg(&g.alpha).arg(&g.beta);
+        let cfg = LaunchConfig {
+            grid_dim: ((g.m as u32).div_ceil(16), (g.n as u32).div_ceil(16), 1),
+            block_dim: (16, 16, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the same pointers and shapes cuBLASLt would have used, checked by the caller.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    pub(super) fn matmul_forward_impl(
+        &self,
+        out: &mut super::CudaBuf,
+        inp: &super::CudaBuf,
+        w: &super::CudaBuf,
+        n: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        let out = super::bf16_mut(out, n * out_dim, "matmul_forward out")?;
+        let inp = super::bf16_of(inp, n * in_dim, "matmul_forward inp")?;
+        let w = super::bf16_of(w, out_dim * in_dim, "matmul_forward w")?;
+        let call =
+            x_wt(n, in_dim, out_dim, self.dev_ptr(inp), self.dev_ptr(w), self.dev_ptr(out), DType::Bf16, 0.0);
+        self.run_gemm(&call)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn matmul_backward_impl(
+        &self,
+        dinp: Option<&mut super::CudaBuf>,
+        dw: &mut super::CudaBuf,
+        dout: &super::CudaBuf,
+        inp: &super::CudaBuf,
+        w: &super::CudaBuf,
+        n: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        let dout = super::bf16_of(dout, n * out_dim, "matmul_backward dout")?;
+        let inp = super::bf16_of(inp, n * in_dim, "matmul_backward inp")?;
+        let w = super::bf16_of(w, out_dim * in_dim, "matmul_backward w")?;
+        let dw = super::f32_mut(dw, out_dim * in_dim, "matmul_backward dw")?;
+        if let Some(dinp) = dinp {
+            let dinp = super::bf16_mut(dinp, n * in_dim, "matmul_backward dinp")?;
+            let call = dy_w(n, out_dim, in_dim, self.dev_ptr(dout), self.dev_ptr(w), self.dev_ptr(dinp));
+            self.run_gemm(&call)?;
+        }
+        if n > 0 {
+            let call = dyt_x(n, in_dim, out_dim, self.dev_ptr(dout), self.dev_ptr(inp), self.dev_ptr(dw));
+            self.run_gemm(&call)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{dy_w, dyt_x, x_wt, DType, GemmCall};
+
+    /// cuBLAS semantics on the host (column-major, op() by the trans flags), as kernels/gemm.cu
+    /// implements them: checks that the three row-major forms set shapes and strides right.
+    fn emulate(g: &GemmCall, a: &[f32], b: &[f32], c: &mut [f32]) {
+        let (m, n, k) = (g.m as usize, g.n as usize, g.k as usize);
+        let (lda, ldb, ldc) = (g.lda as usize, g.ldb as usize, g.ldc as usize);
+        for j in 0..n {
+            for i in 0..m {
+                let mut acc = 0.0;
+                for l in 0..k {
+                    let av = if g.transa { a[l + i * lda] } else { a[i + l * lda] };
+                    let bv = if g.transb { b[j + l * ldb] } else { b[l + j * ldb] };
+                    acc += av * bv;
+                }
+                let o = i + j * ldc;
+                c[o] = g.alpha * acc + g.beta * c[o];
+            }
+        }
+    }
+
+    fn values(len: usize, salt: usize) -> Vec<f32> {
+        (0..len).map(|i| ((i * 7 + salt * 13) % 11) as f32 - 5.0).collect()
+    }
+
+    #[test]
+    fn row_major_forms_match_plain_loops() {
+        let (n, i, o) = (3, 5, 4);
+        let x = values(n * i, 1); // [n, i]
+        let w = values(o * i, 2); // [o, i]
+        let dy = values(n * o, 3); // [n, o]
+
+        let mut out = vec![0.0; n * o];
+        emulate(&x_wt(n, i, o, 0, 0, 0, DType::Bf16, 0.0), &w, &x, &mut out);
+        for r in 0..n {
+            for c in 0..o {
+                let want: f32 = (0..i).map(|l| x[r * i + l] * w[c * i + l]).sum();
+                assert_eq!(out[r * o + c], want, "x @ w^T at ({r}, {c})");
+            }
+        }
+
+        let mut dx = vec![0.0; n * i];
+        emulate(&dy_w(n, o, i, 0, 0, 0), &w, &dy, &mut dx);
+        for r in 0..n {
+            for c in 0..i {
+                let want: f32 = (0..o).map(|l| dy[r * o + l] * w[l * i + c]).sum();
+                assert_eq!(dx[r * i + c], want, "dy @ w at ({r}, {c})");
+            }
+        }
+
+        let dw0 = values(o * i, 4);
+        let mut dw = dw0.clone();
+        emulate(&dyt_x(n, i, o, 0, 0, 0), &x, &dy, &mut dw);
+        for r in 0..o {
+            for c in 0..i {
+                let want: f32 = dw0[r * i + c] + (0..n).map(|l| dy[l * o + r] * x[l * i + c]).sum::<f32>();
+                assert_eq!(dw[r * i + c], want, "dw += dy^T @ x at ({r}, {c})");
+            }
+        }
+    }
+}

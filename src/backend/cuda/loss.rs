@@ -1,0 +1,156 @@
+//! lm_head fused with masked cross-entropy.
+//!
+//! The targets are read back (one synchronization) to find the supervised rows; those rows are
+//! gathered into a compact buffer and processed in chunks: cuBLASLt computes a chunk's fp32
+//! logits, `cross_entropy_rows` turns them into losses and bf16 dlogits, and two more GEMMs
+//! give the chunk's dx (scattered back to its rows) and add into dw. Logits for all rows never
+//! exist at once; unsupervised rows never reach the vocabulary projection.
+
+use anyhow::{bail, Result};
+use cudarc::driver::PushKernelArg;
+
+use super::gemm::{dy_w, dyt_x, x_wt, DType};
+use super::launch::{grid_stride, int, per_row};
+use super::scratch::ensure;
+use super::{bf16_mut, bf16_of, f32_mut, ids_of, CudaBackend, CudaBuf};
+use crate::backend::LossGrads;
+
+/// Logit elements per chunk: 32 Mi (128 MiB of fp32 logits plus 64 MiB of bf16 dlogits).
+const CHUNK_LOGITS: usize = 32 << 20;
+
+/// The supervised rows (target != ignore_id) and their targets, checked against the vocabulary.
+pub(super) fn supervised_rows(targets: &[u32], ignore_id: u32, vocab: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+    let mut rows = Vec::new();
+    let mut sup_targets = Vec::new();
+    for (i, &t) in targets.iter().enumerate() {
+        if t == ignore_id {
+            continue;
+        }
+        if t as usize >= vocab {
+            bail!("lm_head_cross_entropy: row {i} has target {t}, the vocabulary has {vocab} ids");
+        }
+        rows.push(i as u32);
+        sup_targets.push(t);
+    }
+    Ok((rows, sup_targets))
+}
+
+impl CudaBackend {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn lm_head_cross_entropy_impl(
+        &self,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        targets: &cudarc::driver::CudaSlice<u32>,
+        ignore_id: u32,
+        n: usize,
+        d: usize,
+        vocab: usize,
+        grads: Option<LossGrads<'_, Self>>,
+    ) -> Result<f64> {
+        let x = bf16_of(x, n * d, "lm_head_cross_entropy x")?;
+        let w = bf16_of(w, vocab * d, "lm_head_cross_entropy w")?;
+        let targets = ids_of(targets, n, "lm_head_cross_entropy targets")?;
+        let mut grads = match grads {
+            Some(g) => {
+                let scale = g.loss_scale;
+                let dx = bf16_mut(g.dx, n * d, "lm_head_cross_entropy dx")?;
+                let dw = f32_mut(g.dw, vocab * d, "lm_head_cross_entropy dw")?;
+                Some((dx, dw, scale))
+            }
+            None => None,
+        };
+        if n == 0 || d == 0 {
+            return Ok(0.0);
+        }
+        if let Some((dx, _, _)) = grads.as_mut() {
+            self.stream.memset_zeros(&mut dx.slice_mut(0..n * d))?;
+        }
+        let host_targets = self.download(&targets.slice(0..n))?;
+        let (rows, sup_targets) = supervised_rows(&host_targets, ignore_id, vocab)?;
+        let n_sup = rows.len();
+        if n_sup == 0 {
+            return Ok(0.0);
+        }
+        let chunk = (CHUNK_LOGITS / vocab).clamp(1, n_sup);
+        let (di, vi) = (int(d, "d")?, int(vocab, "vocab")?);
+        int(chunk * vocab, "chunk logits")?;
+
+        let mut scratch = self.scratch();
+        let s = &mut *scratch;
+        let rows_d = ensure(&mut s.ce_rows, n_sup, &self.stream, "supervised rows")?;
+        self.stream.memcpy_htod(&rows, &mut rows_d.slice_mut(0..n_sup))?;
+        let tgt_d = ensure(&mut s.ce_targets, n_sup, &self.stream, "supervised targets")?;
+        self.stream.memcpy_htod(&sup_targets, &mut tgt_d.slice_mut(0..n_sup))?;
+        let losses = ensure(&mut s.ce_losses, n_sup, &self.stream, "row losses")?;
+        let xc = ensure(&mut s.ce_x, chunk * d, &self.stream, "compact rows")?;
+        let logits = ensure(&mut s.ce_logits, chunk * vocab, &self.stream, "logits chunk")?;
+        let (dxc, dlogits) = if grads.is_some() {
+            (
+                Some(ensure(&mut s.ce_dx, chunk * d, &self.stream, "compact dx")?),
+                Some(ensure(&mut s.ce_dlogits, chunk * vocab, &self.stream, "dlogits chunk")?),
+            )
+        } else {
+            (None, None)
+        };
+
+        let w_ptr = self.dev_ptr(w);
+        for c0 in (0..n_sup).step_by(chunk) {
+            let r = chunk.min(n_sup - c0);
+            let ri = int(r, "chunk rows")?;
+            let idx = rows_d.slice(c0..c0 + r);
+            let mut b = self.stream.launch_builder(self.kernels.get("gather_rows")?);
+            b.arg(&mut *xc).arg(x).arg(&idx).arg(&ri).arg(&di);
+            // SAFETY: idx entries are rows < n of x; xc holds chunk * d.
+            unsafe { b.launch(grid_stride(r * d)) }?;
+
+            let xc_ptr = self.dev_ptr(xc);
+            let logits_ptr = self.dev_ptr(logits);
+            self.run_gemm(&x_wt(r, d, vocab, xc_ptr, w_ptr, logits_ptr, DType::F32, 0.0))?;
+
+            let tgt = tgt_d.slice(c0..c0 + r);
+            let mut loss_view = losses.slice_mut(c0..c0 + r);
+            let scale = grads.as_ref().map_or(0.0f32, |g| g.2);
+            let null: u64 = 0;
+            let mut b = self.stream.launch_builder(self.kernels.get("cross_entropy_rows")?);
+            b.arg(&mut loss_view);
+            match dlogits.as_ref() {
+                Some(dl) => b.arg(&**dl),
+                None => b.arg(&null),
+            };
+            b.arg(&*logits).arg(&tgt).arg(&ri).arg(&vi).arg(&scale);
+            // SAFETY: logits/dlogits hold chunk * vocab; targets < vocab (checked above).
+            unsafe { b.launch(per_row(r)) }?;
+
+            if let (Some((dx, dw, _)), Some(dxc), Some(dl)) = (grads.as_mut(), dxc.as_ref(), dlogits.as_ref())
+            {
+                let dl_ptr = self.dev_ptr(&**dl);
+                let dxc_ptr = self.dev_ptr(&**dxc);
+                // dx_chunk[r, d] = dlogits[r, vocab] @ w[vocab, d]
+                self.run_gemm(&dy_w(r, vocab, d, dl_ptr, w_ptr, dxc_ptr))?;
+                // dw[vocab, d] += dlogits^T @ x_chunk
+                self.run_gemm(&dyt_x(r, d, vocab, dl_ptr, xc_ptr, self.dev_ptr(&**dw)))?;
+                let mut b = self.stream.launch_builder(self.kernels.get("scatter_rows")?);
+                b.arg(&mut **dx).arg(&**dxc).arg(&idx).arg(&ri).arg(&di);
+                // SAFETY: distinct rows < n of dx; dxc holds chunk * d.
+                unsafe { b.launch(grid_stride(r * d)) }?;
+            }
+        }
+        let host_losses = self.download(&losses.slice(0..n_sup))?;
+        Ok(host_losses.iter().map(|&l| l as f64).sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::supervised_rows;
+
+    #[test]
+    fn only_supervised_rows_are_kept_and_targets_are_checked() {
+        let (rows, targets) = supervised_rows(&[2, 9, 2, 0, 4], 2, 10).unwrap();
+        assert_eq!(rows, vec![1, 3, 4]);
+        assert_eq!(targets, vec![9, 0, 4]);
+        let err = supervised_rows(&[2, 10], 2, 10).unwrap_err().to_string();
+        assert!(err.contains("row 1 has target 10"), "{err}");
+    }
+}

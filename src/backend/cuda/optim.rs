@@ -1,0 +1,128 @@
+//! Global gradient norm (sum of squares) and the multi-tensor AdamW step.
+
+use anyhow::{bail, Result};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::launch::BLOCK;
+use super::scratch::ensure;
+use super::{bf16_of, f32_of, CudaBackend, CudaBuf};
+use crate::backend::AdamW;
+
+/// Blocks per buffer in `sum_squares` (each writes one partial).
+const SUMSQ_BLOCKS: usize = 128;
+/// At most this many blocks stride over one tensor in AdamW.
+const ADAM_BLOCKS: usize = 1024;
+
+impl CudaBackend {
+    /// Deterministic: a fixed grid per buffer writes fp32 block partials, summed on the host in f64.
+    pub(super) fn sum_squares_impl(&self, bufs: &[&CudaBuf], lens: &[usize]) -> Result<f64> {
+        if bufs.len() != lens.len() {
+            bail!("sum_squares: {} buffers but {} lengths", bufs.len(), lens.len());
+        }
+        let mut scratch = self.scratch();
+        let partial =
+            ensure(&mut scratch.sumsq_partial, bufs.len() * SUMSQ_BLOCKS, &self.stream, "norm partials")?;
+        let mut used = Vec::new();
+        for (i, (buf, &len)) in bufs.iter().zip(lens).enumerate() {
+            if len == 0 {
+                continue;
+            }
+            if len > buf.len() {
+                bail!("sum_squares: buffer {i} has {} elements, asked for {len}", buf.len());
+            }
+            let blocks = len.div_ceil(BLOCK as usize).min(SUMSQ_BLOCKS);
+            let mut out = partial.slice_mut(i * SUMSQ_BLOCKS..i * SUMSQ_BLOCKS + blocks);
+            let cfg = LaunchConfig {
+                grid_dim: (blocks as u32, 1, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            match buf {
+                CudaBuf::F32(s) => {
+                    let mut b = self.stream.launch_builder(self.kernels.get("sum_squares_f32")?);
+                    b.arg(&mut out).arg(s).arg(&len);
+                    // SAFETY: `blocks` partial slots; len checked.
+                    unsafe { b.launch(cfg) }?;
+                }
+                CudaBuf::Bf16(s) => {
+                    let mut b = self.stream.launch_builder(self.kernels.get("sum_squares_bf16")?);
+                    b.arg(&mut out).arg(s).arg(&len);
+                    // SAFETY: `blocks` partial slots; len checked.
+                    unsafe { b.launch(cfg) }?;
+                }
+            }
+            used.push((i * SUMSQ_BLOCKS, blocks));
+        }
+        if used.is_empty() {
+            return Ok(0.0);
+        }
+        let host = self.download(&partial.slice(0..bufs.len() * SUMSQ_BLOCKS))?;
+        Ok(used.iter().flat_map(|&(o, b)| host[o..o + b].iter()).map(|&v| v as f64).sum())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn adamw_impl(
+        &self,
+        params: &mut [&mut CudaBuf],
+        master: &mut [&mut CudaBuf],
+        grads: &[&CudaBuf],
+        m: &mut [&mut CudaBuf],
+        v: &mut [&mut CudaBuf],
+        lens: &[usize],
+        hp: &AdamW,
+    ) -> Result<()> {
+        let k = lens.len();
+        if [params.len(), master.len(), grads.len(), m.len(), v.len()].iter().any(|&l| l != k) {
+            bail!("adamw: params, master, grads, m, v and lens must have the same count ({k})");
+        }
+        if k == 0 {
+            return Ok(());
+        }
+        if k > 65_535 {
+            bail!("adamw: {k} tensors exceed one launch's grid (65535)");
+        }
+        if hp.step == 0 {
+            bail!("adamw: step is 1-based, got 0");
+        }
+        let mut descs: Vec<u64> = Vec::with_capacity(6 * k);
+        let mut max_len = 0;
+        for i in 0..k {
+            let len = lens[i];
+            let what = |name: &str| format!("adamw tensor {i} {name}");
+            descs.push(self.dev_ptr(super::f32_mut(master[i], len, &what("master"))?));
+            descs.push(self.dev_ptr(f32_of(grads[i], len, &what("grad"))?));
+            descs.push(self.dev_ptr(super::f32_mut(m[i], len, &what("m"))?));
+            descs.push(self.dev_ptr(super::f32_mut(v[i], len, &what("v"))?));
+            descs.push(self.dev_ptr(bf16_of(params[i], len, &what("param"))?));
+            descs.push(len as u64);
+            max_len = max_len.max(len);
+        }
+        if max_len == 0 {
+            return Ok(());
+        }
+        let bc1 = (1.0 - (hp.beta1 as f64).powi(hp.step.min(i32::MAX as u64) as i32)) as f32;
+        let bc2 = (1.0 - (hp.beta2 as f64).powi(hp.step.min(i32::MAX as u64) as i32)) as f32;
+        let mut scratch = self.scratch();
+        let descs_d = ensure(&mut scratch.adam_descs, descs.len(), &self.stream, "adamw descriptors")?;
+        self.stream.memcpy_htod(&descs, &mut descs_d.slice_mut(0..descs.len()))?;
+        let cfg = LaunchConfig {
+            grid_dim: (max_len.div_ceil(BLOCK as usize).min(ADAM_BLOCKS) as u32, k as u32, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(self.kernels.get("adamw_multi")?);
+        b.arg(&*descs_d)
+            .arg(&hp.lr)
+            .arg(&hp.beta1)
+            .arg(&hp.beta2)
+            .arg(&hp.eps)
+            .arg(&hp.weight_decay)
+            .arg(&bc1)
+            .arg(&bc2)
+            .arg(&hp.grad_scale);
+        // SAFETY: each descriptor's buffers hold at least its `len` elements (checked above)
+        // and outlive the launch (they are borrowed for this call; the stream is in order).
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+}

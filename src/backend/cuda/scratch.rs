@@ -1,0 +1,49 @@
+//! Work buffers that some ops need besides their arguments (partial sums, compacted rows,
+//! descriptor arrays). Each is allocated the first time it is needed and grown only when a
+//! larger size is asked for, so a training step at a steady shape allocates nothing.
+
+use anyhow::{Context, Result};
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use half::bf16;
+use std::sync::Arc;
+
+#[derive(Default)]
+pub(super) struct Scratch {
+    /// rmsnorm_backward: per-chunk weight-gradient partials.
+    pub rms_partial: Option<CudaSlice<f32>>,
+    /// attention_backward: D = rowsum(dO ∘ O), `[n_heads, n]`.
+    pub attn_d: Option<CudaSlice<f32>>,
+    /// sum_squares: one partial per block per buffer.
+    pub sumsq_partial: Option<CudaSlice<f32>>,
+    /// embedding_backward: tokens grouped by id.
+    pub emb_order: Option<CudaSlice<u32>>,
+    pub emb_group_start: Option<CudaSlice<u32>>,
+    pub emb_group_id: Option<CudaSlice<u32>>,
+    /// lm_head_cross_entropy: supervised rows, their targets, and one chunk's work buffers.
+    pub ce_rows: Option<CudaSlice<u32>>,
+    pub ce_targets: Option<CudaSlice<u32>>,
+    pub ce_losses: Option<CudaSlice<f32>>,
+    pub ce_x: Option<CudaSlice<bf16>>,
+    pub ce_dx: Option<CudaSlice<bf16>>,
+    pub ce_logits: Option<CudaSlice<f32>>,
+    pub ce_dlogits: Option<CudaSlice<bf16>>,
+    /// adamw: 6 u64 per tensor (master, grad, m, v, param pointers; length).
+    pub adam_descs: Option<CudaSlice<u64>>,
+}
+
+/// The buffer in `slot`, with room for at least `len` elements (at least 1).
+pub(super) fn ensure<'a, T: DeviceRepr + ValidAsZeroBits>(
+    slot: &'a mut Option<CudaSlice<T>>,
+    len: usize,
+    stream: &Arc<CudaStream>,
+    what: &str,
+) -> Result<&'a mut CudaSlice<T>> {
+    let len = len.max(1);
+    if slot.as_ref().is_none_or(|s| s.len() < len) {
+        *slot = None;
+        *slot = Some(
+            stream.alloc_zeros::<T>(len).with_context(|| format!("allocating {what} ({len} elements)"))?,
+        );
+    }
+    Ok(slot.as_mut().expect("just filled"))
+}
