@@ -25,6 +25,12 @@ enum Command {
     Train(Box<sft::train::cli::TrainArgs>),
     /// Print a checkpoint's mean masked loss on a chat file or a prepared directory.
     Eval(sft::train::cli::EvalArgs),
+    /// Reply to one prompt with a checkpoint.
+    Generate(sft::generate::cli::GenerateArgs),
+    /// Chat with a checkpoint on the terminal (multi-turn).
+    Chat(sft::generate::cli::ChatArgs),
+    /// The embedded default: generate tasks, train a tokenizer and a tiny model, score before and after.
+    Demo(sft::demo::DemoArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +51,9 @@ fn main() -> anyhow::Result<()> {
         Command::Init(args) => sft::train::cli::init(args)?,
         Command::Train(args) => sft::train::cli::train(*args)?,
         Command::Eval(args) => sft::train::cli::eval(args)?,
+        Command::Generate(args) => sft::generate::cli::generate(args)?,
+        Command::Chat(args) => sft::generate::cli::chat(args)?,
+        Command::Demo(args) => sft::demo::demo(args)?,
     }
     Ok(())
 }

@@ -27,6 +27,9 @@ use anyhow::Result;
 
 pub mod cpu;
 pub mod cuda;
+pub mod device;
+
+pub use device::Device;
 
 /// Which storage type a buffer needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

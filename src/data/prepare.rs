@@ -237,6 +237,13 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     report.shards = train_shards.into_iter().chain(val_shards).collect();
     report.seconds = start.elapsed().as_secs_f64();
     report.tokens_per_s = all_tokens as f64 / report.seconds.max(1e-9);
+    // The shards' tokenizer travels with them: `sft train --data DIR` finds it there.
+    let tok_copy = opts.out_dir.join("tokenizer.json");
+    if std::fs::canonicalize(&opts.tokenizer).ok() != std::fs::canonicalize(&tok_copy).ok() {
+        let tmp = opts.out_dir.join("tokenizer.json.tmp");
+        std::fs::copy(&opts.tokenizer, &tmp).with_context(|| format!("{}: cannot write", tmp.display()))?;
+        std::fs::rename(&tmp, &tok_copy).with_context(|| format!("{}: cannot write", tok_copy.display()))?;
+    }
     let meta = serde_json::json!({ "options": opts, "report": &report });
     let meta_path = opts.out_dir.join("prepare.json");
     std::fs::write(&meta_path, serde_json::to_string_pretty(&meta)?)

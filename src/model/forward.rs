@@ -216,6 +216,11 @@ impl<B: Backend> Model<B> {
         &self.config
     }
 
+    /// Gives the backend back (its buffers freed), for a next model on the same device.
+    pub fn into_backend(self) -> B {
+        self.backend
+    }
+
     pub fn backend(&self) -> &B {
         &self.backend
     }

@@ -1,6 +1,5 @@
 //! `sft init`, `sft train` and `sft eval`.
 
-use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::data::{
     batches_from_examples, batches_in_order, read_chat_file, tokenize_conversation, BatchMode, ChatTokenizer,
@@ -212,10 +211,7 @@ pub enum SplitArg {
 
 /// Prints the mean masked loss of a checkpoint on a data set.
 pub fn eval(args: EvalArgs) -> Result<()> {
-    let report = match Device::parse(&args.device)? {
-        Device::Auto | Device::Cpu => eval_with(CpuBackend::<f32>::new(), &args)?,
-        Device::Cuda => bail!("the CUDA backend is not built yet: use --device cpu"),
-    };
+    let report = crate::with_backend!(Device::parse(&args.device)?, |backend| eval_with(backend, &args)?);
     println!(
         "mean masked loss {:.6} (perplexity {:.3}) over {} supervised tokens in {} batches",
         report.loss,

@@ -6,25 +6,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// Where the training runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Device {
-    /// The GPU when one is usable, else the CPU.
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-impl Device {
-    pub fn parse(name: &str) -> Result<Device> {
-        match name {
-            "auto" => Ok(Device::Auto),
-            "cpu" => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda),
-            other => bail!("unknown device {other:?}: expected \"auto\", \"cpu\" or \"cuda\""),
-        }
-    }
-}
+pub use crate::backend::Device;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

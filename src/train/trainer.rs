@@ -15,17 +15,17 @@
 //! epoch, the dropout mask of micro-batch `m` of step `s`), so a resumed run repeats an
 //! uninterrupted one bit for bit.
 
-use crate::backend::cpu::CpuBackend;
 use crate::backend::{AdamW, Backend};
 use crate::data::{
     batches_in_order, Batch, ChatTokenizer, Dataset, Loader, LoaderConfig, LoaderState, NoSupervisedTokens,
-    Split,
+    Split, DEFAULT_SYSTEM_PROMPT,
 };
+use crate::generate::{generate_reply, SamplingConfig};
 use crate::model::config::ModelConfig;
 use crate::model::Model;
 use crate::rng::Rng;
 use crate::train::checkpoint::{self, TrainerState};
-use crate::train::config::{Device, TrainConfig};
+use crate::train::config::TrainConfig;
 use crate::train::log::{CsvLog, LogRow};
 use crate::train::schedule::Schedule;
 use anyhow::{bail, ensure, Context, Result};
@@ -145,13 +145,17 @@ fn next_micro_batches(loader: &mut Loader, grad_accum: usize, skipped: &mut u64)
     Ok(batches)
 }
 
-/// Trains on the CPU, or says why the requested device cannot be used.
+/// Trains on the configured device, printing sample replies at growing intervals.
 pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
     cfg.validate()?;
-    match cfg.device_kind()? {
-        Device::Auto | Device::Cpu => Ok(train_on(CpuBackend::<f32>::new(), cfg)?.1),
-        Device::Cuda => bail!("the CUDA backend is not built yet: use --device cpu"),
-    }
+    crate::with_backend!(cfg.device_kind()?, |backend| {
+        let sampling = SamplingConfig { max_new_tokens: 64, ..SamplingConfig::default() };
+        let mut rng = Rng::new(cfg.seed).fork(SAMPLE_STREAM);
+        let mut sampler = |model: &mut Model<_>, tok: &ChatTokenizer, prompt: &str| {
+            generate_reply(model, tok, DEFAULT_SYSTEM_PROMPT, &[], prompt, &sampling, &mut rng)
+        };
+        Ok(train_with(backend, cfg, Some(&mut sampler))?.1)
+    })
 }
 
 /// Trains with `backend` (sample generations: see [`train_with`]).
@@ -194,6 +198,8 @@ fn dropout_seed(stream: &Rng, step: u64, micro: usize) -> u64 {
 
 /// Stream id of the dropout masks, apart from the other uses of the seed.
 const DROPOUT_STREAM: u64 = 0xD809;
+/// Stream id of the sample replies' sampling.
+const SAMPLE_STREAM: u64 = 0x5A3F;
 
 /// Progress output: a bar on a terminal, else a plain line every `log_every` steps.
 enum Progress {

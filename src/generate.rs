@@ -1,1 +1,0 @@
-//! Sampling with a KV cache: `sft generate` and `sft chat`.

@@ -1,0 +1,149 @@
+//! `sft generate` (one reply) and `sft chat` (interactive, multi-turn).
+
+use super::{generate_reply, SamplingConfig};
+use crate::backend::{Backend, Device};
+use crate::data::{ChatTokenizer, Turn, DEFAULT_SYSTEM_PROMPT};
+use crate::model::Model;
+use crate::rng::Rng;
+use crate::train::checkpoint;
+use anyhow::{Context, Result};
+use clap::Args;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+/// What both commands share: the checkpoint, the device and the sampling settings.
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// A checkpoint directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Default: the checkpoint's tokenizer.json.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// The system prompt (default: SimpleLLaMA's).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// 0 decodes greedily.
+    #[arg(long, default_value_t = 0.3)]
+    pub temperature: f32,
+    /// 0 keeps every token.
+    #[arg(long, default_value_t = 10)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0.5)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 512)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 89)]
+    pub seed: u64,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+impl SamplingArgs {
+    fn sampling(&self) -> Result<SamplingConfig> {
+        let cfg = SamplingConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            max_new_tokens: self.max_new_tokens,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn system(&self) -> &str {
+        self.system.as_deref().unwrap_or(DEFAULT_SYSTEM_PROMPT)
+    }
+
+    fn tokenizer(&self) -> Result<ChatTokenizer> {
+        let path = self.tokenizer.clone().unwrap_or_else(|| self.checkpoint.join(checkpoint::TOKENIZER_FILE));
+        ChatTokenizer::from_file(&path).with_context(|| format!("loading the tokenizer {}", path.display()))
+    }
+
+    fn model<B: Backend>(&self, backend: B, tok: &ChatTokenizer) -> Result<Model<B>> {
+        let model = checkpoint::load_model(&self.checkpoint, backend)?;
+        anyhow::ensure!(
+            tok.vocab_size() <= model.config().vocab_size,
+            "the tokenizer has {} tokens but the model of {} only {}",
+            tok.vocab_size(),
+            self.checkpoint.display(),
+            model.config().vocab_size
+        );
+        Ok(model)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// The user message to reply to.
+    #[arg(long)]
+    pub prompt: String,
+}
+
+/// Prints one reply to `--prompt`.
+pub fn generate(args: GenerateArgs) -> Result<()> {
+    let sampling = args.sampling.sampling()?;
+    let tok = args.sampling.tokenizer()?;
+    let reply = crate::with_backend!(Device::parse(&args.sampling.device)?, |backend| {
+        let mut model = args.sampling.model(backend, &tok)?;
+        let mut rng = Rng::new(args.sampling.seed);
+        generate_reply(&mut model, &tok, args.sampling.system(), &[], &args.prompt, &sampling, &mut rng)?
+    });
+    println!("{reply}");
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+/// A conversation on stdin/stdout: each line is a user turn; `/reset` starts over, `/quit` or
+/// end of input stops. The whole history goes into each prompt (its last max_seq_len tokens).
+pub fn chat(args: ChatArgs) -> Result<()> {
+    let sampling = args.sampling.sampling()?;
+    let tok = args.sampling.tokenizer()?;
+    crate::with_backend!(Device::parse(&args.sampling.device)?, |backend| {
+        let model = args.sampling.model(backend, &tok)?;
+        chat_loop(model, &tok, &args.sampling, &sampling)
+    })
+}
+
+fn chat_loop<B: Backend>(
+    mut model: Model<B>,
+    tok: &ChatTokenizer,
+    args: &SamplingArgs,
+    sampling: &SamplingConfig,
+) -> Result<()> {
+    let mut rng = Rng::new(args.seed);
+    let mut history: Vec<Turn> = Vec::new();
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    eprintln!("chatting with {} (/reset starts over, /quit or Ctrl-D ends)", args.checkpoint.display());
+    loop {
+        write!(out, "> ")?;
+        out.flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            writeln!(out)?;
+            return Ok(());
+        }
+        let user = line.trim_end_matches(['\n', '\r']);
+        match user.trim() {
+            "" => continue,
+            "/quit" | "/exit" => return Ok(()),
+            "/reset" => {
+                history.clear();
+                continue;
+            }
+            _ => {}
+        }
+        let reply = generate_reply(&mut model, tok, args.system(), &history, user, sampling, &mut rng)?;
+        writeln!(out, "{reply}")?;
+        history.push(Turn { user: user.to_string(), assistant: reply });
+    }
+}

@@ -1,0 +1,87 @@
+//! The embedded demo, shortened, and generation through the binary on the checkpoint it trains.
+
+use sft::backend::cpu::CpuBackend;
+use sft::demo::{run_demo, DemoArgs};
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn sft(args: &[&str], stdin: &str) -> (bool, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sft"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn a_short_demo_learns_and_its_checkpoint_answers() {
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("demo");
+    let args = DemoArgs {
+        out: out.clone(),
+        examples: 2000,
+        heldout: 80,
+        steps: 120,
+        micro_batch: 32,
+        seed: 89,
+        device: "cpu".into(),
+    };
+    let report = run_demo(CpuBackend::<f32>::new(), &args).unwrap();
+
+    // The untrained model knows nothing; 120 steps teach at least the colour lookup.
+    assert!(report.before.accuracy() < 0.05, "{:?}", report.before);
+    assert!(
+        report.after.accuracy() >= report.before.accuracy() + 0.2,
+        "{:?} -> {:?}",
+        report.before,
+        report.after
+    );
+    assert!(report.after.val_loss < report.before.val_loss / 3.0, "{:?}", report);
+    assert_eq!(report.before.total, 80);
+    assert_eq!(report.samples.len(), 2);
+    assert!(report.samples[1].example.history.len() == 1, "the second sample chat has two turns");
+    assert_eq!(report.train.steps, 120);
+
+    // A rerun may reuse its own directory, but never a foreign one.
+    let foreign = root.path().join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("keep.txt"), "mine").unwrap();
+    let err =
+        run_demo(CpuBackend::<f32>::new(), &DemoArgs { out: foreign.clone(), ..args.clone() }).unwrap_err();
+    assert!(err.to_string().contains("not a demo directory"), "{err}");
+    assert!(foreign.join("keep.txt").exists());
+
+    // The trained checkpoint answers through `sft generate` and `sft chat`.
+    let ckpt = sft::train::checkpoint::latest(&out.join("run")).unwrap().expect("the run saved a checkpoint");
+    let ckpt = ckpt.to_str().unwrap();
+    let common =
+        ["--checkpoint", ckpt, "--system", "Answer exactly.", "--temperature", "0", "--device", "cpu"];
+    let (ok, stdout, stderr) =
+        sft(&[&["generate", "--prompt", "What color is the frog?"][..], &common[..]].concat(), "");
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.trim(), "green", "{stderr}");
+
+    let (ok, stdout, stderr) = sft(
+        &[&["chat"][..], &common[..]].concat(),
+        "What color is the crow?\n/reset\nWhat color is the swan?\n/quit\n",
+    );
+    assert!(ok, "{stderr}");
+    let replies: Vec<&str> = stdout.split("> ").map(str::trim).filter(|s| !s.is_empty()).collect();
+    assert_eq!(replies, ["black", "white"], "{stdout}");
+
+    // Sampling settings are checked.
+    let (ok, _, stderr) =
+        sft(&["generate", "--checkpoint", ckpt, "--prompt", "Hi", "--top-p", "0", "--device", "cpu"], "");
+    assert!(!ok && stderr.contains("top_p"), "{stderr}");
+    let (ok, _, stderr) = sft(&["generate", "--checkpoint", "/nonexistent/ckpt", "--prompt", "Hi"], "");
+    assert!(!ok && stderr.contains("/nonexistent/ckpt"), "{stderr}");
+}
