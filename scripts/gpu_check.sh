@@ -5,6 +5,7 @@
 #   scripts/gpu_check.sh build       # here: REQUIRE_NVCC=1 release build + test binaries -> .gpu/
 #   scripts/gpu_check.sh resources   # here: registers / spills / shared memory per kernel (sm_90 cubin)
 #   .gpu/gpu_check.sh run            # on the GPU box, from the folder holding the copied .gpu/
+#   .gpu/gpu_check.sh bench          # on the GPU box: sft bench on the 1.3B, and the demo on the GPU
 #
 # `run` puts the Python environment's nvidia/*/lib folders (cuBLASLt, ...) on LD_LIBRARY_PATH,
 # runs every ignored GPU test against the CPU reference, and prints a short table.
@@ -18,22 +19,24 @@ build)
     root="$(cd "$here/.." && pwd)"
     cd "$root"
     REQUIRE_NVCC=1 cargo build --release
-    # The path of the test executable comes from cargo's JSON messages.
-    test_bin="$(REQUIRE_NVCC=1 cargo test --release --test gpu_ops --no-run --message-format=json 2>/dev/null |
-        python3 -c 'import json,sys
+    # The paths of the test executables come from cargo's JSON messages.
+    mkdir -p .gpu
+    for test in gpu_ops gpu_train; do
+        test_bin="$(REQUIRE_NVCC=1 cargo test --release --test "$test" --no-run --message-format=json 2>/dev/null |
+            python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu_ops":
-        print(m["executable"])' | tail -n 1)"
-    if [[ -z "$test_bin" ]]; then
-        echo "could not find the gpu_ops test binary" >&2
-        exit 1
-    fi
-    mkdir -p .gpu
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$test" | tail -n 1)"
+        if [[ -z "$test_bin" ]]; then
+            echo "could not find the $test test binary" >&2
+            exit 1
+        fi
+        cp "$test_bin" ".gpu/$test"
+    done
     cp target/release/sft .gpu/sft
-    cp "$test_bin" .gpu/gpu_ops
     cp scripts/gpu_check.sh .gpu/gpu_check.sh
-    echo "copied to $root/.gpu: sft, gpu_ops, gpu_check.sh (run: .gpu/gpu_check.sh run on the GPU box)"
+    echo "copied to $root/.gpu: sft, gpu_ops, gpu_train, gpu_check.sh (run: .gpu/gpu_check.sh run on the GPU box)"
     ;;
 resources)
     root="$(cd "$here/.." && pwd)"
@@ -75,12 +78,15 @@ run)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
     set +e
     # One thread and --nocapture: each test's output (relative errors, skip reasons) follows its name.
-    ./gpu_ops --ignored --test-threads=1 --nocapture >gpu_ops.log 2>&1
-    status=$?
+    status=0
+    : >gpu_tests.log
+    for test in gpu_ops gpu_train; do
+        ./"$test" --ignored --test-threads=1 --nocapture >>gpu_tests.log 2>&1 || status=1
+    done
     set -e
-    cat gpu_ops.log
+    cat gpu_tests.log
     echo
-    python3 - gpu_ops.log <<'PY' || status=1
+    python3 - gpu_tests.log <<'PY' || status=1
 import re, sys
 rows, cur, skipped = [], None, 0
 for line in open(sys.argv[1], errors="replace"):
@@ -111,8 +117,15 @@ if skipped:
 PY
     exit "$status"
     ;;
+bench)
+    # The training step of the 1.3B on synthetic batches, then the demo on the GPU.
+    cd "$here"
+    export LD_LIBRARY_PATH="$(python3 -c 'import site,glob; print(":".join(sorted(glob.glob(site.getsitepackages()[0] + "/nvidia/*/lib"))))' 2>/dev/null)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    ./sft bench --config simplellama-1.3b --tokens-per-step 65536 --seq-len 2048 --micro-batch 8 --steps 5 --device cuda
+    ./sft demo --device cuda --out demo-gpu
+    ;;
 *)
-    echo "usage: $0 build|resources|run" >&2
+    echo "usage: $0 build|resources|run|bench" >&2
     exit 2
     ;;
 esac

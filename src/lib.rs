@@ -5,9 +5,12 @@
 //!   [`backend::Backend`].
 //! - [`backend`]: the op set, its CPU reference, and (with a GPU) the CUDA kernels.
 //! - [`train`]: AdamW, schedule, the training loop, evaluation, checkpoints, logs.
-//! - [`generate`]: sampling with a KV cache.
+//! - [`generate`]: sampling with a KV cache; `sft generate` and `sft chat`.
+//! - [`demo`]: the embedded default, `sft demo`.
+//! - [`bench`]: the training step's speed, `sft bench`.
 
 pub mod backend;
+pub mod bench;
 pub mod data;
 pub mod demo;
 pub mod generate;

@@ -31,6 +31,8 @@ enum Command {
     Chat(sft::generate::cli::ChatArgs),
     /// The embedded default: generate tasks, train a tokenizer and a tiny model, score before and after.
     Demo(sft::demo::DemoArgs),
+    /// Time training steps on synthetic batches: tokens/s, MFU, device memory.
+    Bench(sft::bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,6 +56,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => sft::generate::cli::generate(args)?,
         Command::Chat(args) => sft::generate::cli::chat(args)?,
         Command::Demo(args) => sft::demo::demo(args)?,
+        Command::Bench(args) => sft::bench::bench(args)?,
     }
     Ok(())
 }

@@ -80,3 +80,45 @@ fn train_resume_and_eval_through_the_binary() {
     assert!(ok, "{stderr}");
     assert!(stdout.contains("mean masked loss"), "{stdout}");
 }
+
+#[test]
+fn bench_times_steps_on_the_cpu() {
+    let (ok, stdout, stderr) = sft(&[
+        "bench",
+        "--config",
+        "tiny",
+        "--seq-len",
+        "32",
+        "--tokens-per-step",
+        "128",
+        "--micro-batch",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("128 tokens = 2 micro-batches × 2 rows × 32 tokens"), "{stdout}");
+    let tps: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("tokens/s"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no tokens/s line: {stdout}"));
+    assert!(tps > 0.0, "{stdout}");
+    // A step that is not a whole number of micro-batches is refused.
+    let (ok, _, stderr) = sft(&[
+        "bench",
+        "--config",
+        "tiny",
+        "--seq-len",
+        "32",
+        "--tokens-per-step",
+        "96",
+        "--micro-batch",
+        "2",
+    ]);
+    assert!(!ok && stderr.contains("multiple of --micro-batch"), "{stderr}");
+}

@@ -38,10 +38,12 @@ fn splitting_a_step_into_micro_batches_does_not_change_it() {
 }
 
 #[test]
-fn devices_other_than_the_cpu_are_refused_clearly() {
+fn unusable_devices_are_refused_clearly() {
+    // Without a GPU (CI), `cuda` says why it cannot open one; with one, the run gets as far as
+    // the (missing) data.
     let cfg = TrainConfig { data: "d".into(), device: "cuda".into(), ..TrainConfig::default() };
-    let err = sft::train::train(&cfg).unwrap_err().to_string();
-    assert!(err.contains("the CUDA backend is not built yet"), "{err}");
+    let err = format!("{:#}", sft::train::train(&cfg).unwrap_err());
+    assert!(err.contains("CUDA") || err.contains("d/tokenizer.json"), "{err}");
     let cfg = TrainConfig { device: "tpu".into(), ..cfg };
     let err = sft::train::train(&cfg).unwrap_err().to_string();
     assert!(err.contains("unknown device \"tpu\""), "{err}");

@@ -90,6 +90,10 @@ impl<T: Real> Backend for CpuBackend<T> {
         format!("cpu ({})", std::any::type_name::<T>())
     }
 
+    fn compute_bytes(&self) -> usize {
+        std::mem::size_of::<T>()
+    }
+
     fn zeros(&self, len: usize, _: Precision) -> Result<Vec<T>> {
         Ok(vec![T::ZERO; len])
     }

@@ -28,6 +28,7 @@ use anyhow::Result;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
+pub mod profile;
 
 pub use device::Device;
 
@@ -113,6 +114,14 @@ pub trait Backend {
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf, len: usize) -> Result<()>;
     /// Waits for queued work (a no-op on the CPU).
     fn synchronize(&self) -> Result<()>;
+    /// Bytes per element of a [`Precision::Compute`] buffer (for memory estimates).
+    fn compute_bytes(&self) -> usize {
+        4
+    }
+    /// `(free, total)` bytes of device memory, for a backend with a device of its own.
+    fn memory_info(&self) -> Result<Option<(usize, usize)>> {
+        Ok(None)
+    }
 
     // ---- embedding ----------------------------------------------------------------------
     /// `out[i] = table[ids[i]]`; out `[n, d]`, table `[vocab, d]`.

@@ -173,14 +173,24 @@ fn score<B: Backend>(
     Ok((Score { val_loss, correct, total, per_task }, replies))
 }
 
-/// Runs the whole demo on `backend`.
-pub fn run_demo<B: Backend>(backend: B, args: &DemoArgs) -> Result<DemoReport> {
-    let start = Instant::now();
+/// Everything the demo prepares before training: the run's config and what scoring needs.
+pub struct DemoSetup {
+    pub train_config: TrainConfig,
+    pub model_config: ModelConfig,
+    pub tokenizer: ChatTokenizer,
+    pub heldout: Vec<DemoExample>,
+    /// The validation split, in order.
+    pub val: Vec<crate::data::Batch>,
+    pub n_train: usize,
+    pub n_val: usize,
+}
+
+/// Steps 1–3 of the demo: data, tokenizer, shards, and the run's config (in a fresh `args.out`).
+pub fn setup(args: &DemoArgs) -> Result<DemoSetup> {
     ensure!(args.examples >= 100, "--examples must be at least 100");
     ensure!(args.heldout > 0, "--heldout must be at least 1");
     ensure!(args.steps > 0, "--steps must be at least 1");
     fresh_demo_dir(&args.out)?;
-
     // 1. Data: generated conversations, written as a SimpleLLaMA chat file.
     let train_examples = tasks::generate(args.examples, args.seed);
     let heldout = tasks::generate(args.heldout, Rng::new(args.seed).fork(HELDOUT_STREAM).seed);
@@ -263,6 +273,22 @@ pub fn run_demo<B: Backend>(backend: B, args: &DemoArgs) -> Result<DemoReport> {
         seed: 0,
     };
     let val = batches_in_order(&val_set, &loader)?;
+    Ok(DemoSetup {
+        train_config: cfg,
+        model_config: config,
+        tokenizer: tok,
+        heldout,
+        val,
+        n_train: prepared.n_train,
+        n_val: prepared.n_val,
+    })
+}
+
+/// Runs the whole demo on `backend`.
+pub fn run_demo<B: Backend>(backend: B, args: &DemoArgs) -> Result<DemoReport> {
+    let start = Instant::now();
+    let DemoSetup { train_config: cfg, model_config: config, tokenizer: tok, heldout, val, n_train, n_val } =
+        setup(args)?;
 
     // 4. The untrained model (the trainer's initialization: same config, same seed), scored.
     let backend_name = backend.name();
@@ -288,8 +314,8 @@ pub fn run_demo<B: Backend>(backend: B, args: &DemoArgs) -> Result<DemoReport> {
     }
     Ok(DemoReport {
         backend: backend_name,
-        n_train: prepared.n_train,
-        n_val: prepared.n_val,
+        n_train,
+        n_val,
         n_heldout: heldout.len(),
         n_params: config.n_params(),
         vocab_size: tok.vocab_size(),

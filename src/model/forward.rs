@@ -7,7 +7,7 @@
 
 use super::config::ModelConfig;
 use super::params::{self, NamedTensor, ParamIndex, ParamSpec};
-use crate::backend::{AdamW, Backend, LossGrads, Precision};
+use crate::backend::{profile, AdamW, Backend, LossGrads, Precision};
 use crate::data::batch::Batch;
 use crate::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
@@ -130,7 +130,72 @@ fn site_seed(seed: u64, layer: usize, site: usize) -> u64 {
     Rng::new(seed).fork((2 * layer + site) as u64).seed
 }
 
+/// What [`Model::new`] allocates: `(fixed, per_token)` bytes, where `fixed` is the parameters'
+/// copies (compute weights; f32 master, gradient and two moments) and `per_token` the activation
+/// and scratch rows per token position. It mirrors the allocations in `new`; a backend's own work
+/// buffers (attention, loss chunks, GEMM workspace) come on top.
+pub fn memory_bytes(config: &ModelConfig, compute_bytes: usize) -> (usize, usize) {
+    let n_params = config.n_params();
+    let fixed = n_params * (compute_bytes + 4 * 4) + config.vocab_size * compute_bytes;
+    let (d, hidden, l) = (config.d_model, config.ffn_hidden, config.n_layers);
+    let heads = config.heads();
+    let c = compute_bytes;
+    let layer = c * (heads.qkv_width() + heads.q_width() + 2 * d + 3 * hidden) + 4 * (heads.n_heads + 1);
+    let stream = (l + 1) * (2 * d * c + 4) + d * c;
+    let grads = c * (3 * d + 3 * hidden + heads.q_width() + heads.qkv_width());
+    let ids = 4 * 4;
+    (fixed, l * layer + stream + grads + ids)
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
 impl<B: Backend> Model<B> {
+    /// [`Model::new`] for micro-batches of `micro_batch` rows of `seq_len` tokens, checked first
+    /// against the device's free memory: when it does not fit, the error says how much it needs
+    /// and which micro-batch size would fit.
+    pub fn for_micro_batches(
+        backend: B,
+        config: ModelConfig,
+        micro_batch: usize,
+        seq_len: usize,
+    ) -> Result<Self> {
+        let (fixed, per_token) = memory_bytes(&config, backend.compute_bytes());
+        let per_row = per_token * seq_len;
+        let need = fixed + per_row * micro_batch;
+        let info = backend.memory_info()?;
+        let device = backend.name();
+        // A tenth of the free memory stays for the backend's own work buffers.
+        let advice = |free: usize| {
+            let usable = free / 10 * 9;
+            let fits = usable.saturating_sub(fixed) / per_row.max(1);
+            let what = if fits == 0 {
+                "not even micro-batch 1 fits: lower max_seq_len or use a larger GPU".to_string()
+            } else {
+                format!(
+                    "micro_batch {} would fit (raise grad_accum to keep the step's size)",
+                    fits.min(micro_batch)
+                )
+            };
+            format!(
+                "out of memory on {device}: micro-batches of {micro_batch} × {seq_len} tokens need about {:.2} GiB \
+                 ({:.2} GiB of weights, gradients and AdamW state + {:.2} GiB of activations), {:.2} GiB are free; {what}",
+                need as f64 / GIB,
+                fixed as f64 / GIB,
+                (per_row * micro_batch) as f64 / GIB,
+                free as f64 / GIB
+            )
+        };
+        if let Some((free, _)) = info {
+            if need > free / 10 * 9 {
+                bail!(advice(free));
+            }
+        }
+        Model::new(backend, config, micro_batch * seq_len).map_err(|e| match info {
+            Some((free, _)) => e.context(advice(free)),
+            None => e,
+        })
+    }
+
     /// Allocates every buffer for micro-batches of up to `max_tokens` token positions.
     /// Parameters start at zero: call [`Model::init_params`] or [`Model::write_params`].
     pub fn new(backend: B, config: ModelConfig, max_tokens: usize) -> Result<Self> {
@@ -431,7 +496,11 @@ impl<B: Backend> Model<B> {
     ) -> Result<f64> {
         let n = self.load_batch(batch)?;
         let n_segments = batch.n_segments();
-        self.forward(n, AttnMode::Segments { n_segments }, dropout_seed)?;
+        {
+            let _forward = profile::range("forward");
+            self.forward(n, AttnMode::Segments { n_segments }, dropout_seed)?;
+        }
+        let _backward = profile::range("backward");
 
         let Model {
             backend: be, config: cfg, index: idx, params: p, grads: g, acts, act_grads: ag, ids, ..

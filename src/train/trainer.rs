@@ -15,7 +15,7 @@
 //! epoch, the dropout mask of micro-batch `m` of step `s`), so a resumed run repeats an
 //! uninterrupted one bit for bit.
 
-use crate::backend::{AdamW, Backend};
+use crate::backend::{profile, AdamW, Backend};
 use crate::data::{
     batches_in_order, Batch, ChatTokenizer, Dataset, Loader, LoaderConfig, LoaderState, NoSupervisedTokens,
     Split, DEFAULT_SYSTEM_PROMPT,
@@ -60,18 +60,18 @@ pub struct TrainReport {
 pub type Sampler<'a, B> = dyn FnMut(&mut Model<B>, &ChatTokenizer, &str) -> Result<String> + 'a;
 
 /// What one optimizer step did.
-struct StepOutcome {
+pub(crate) struct StepOutcome {
     /// Mean loss over the step's supervised targets (None: nothing supervised, no update).
-    train_loss: Option<f64>,
+    pub train_loss: Option<f64>,
     /// Global gradient norm before clipping.
-    grad_norm: Option<f64>,
-    supervised: usize,
+    pub grad_norm: Option<f64>,
+    pub supervised: usize,
     /// Non-pad input tokens.
-    tokens: u64,
+    pub tokens: u64,
 }
 
 /// One optimizer step (0-based `step`) over its micro-batches, at learning rate `lr`.
-fn optimizer_step<B: Backend>(
+pub(crate) fn optimizer_step<B: Backend>(
     model: &mut Model<B>,
     micro_batches: &[Batch],
     step: u64,
@@ -79,6 +79,7 @@ fn optimizer_step<B: Backend>(
     cfg: &TrainConfig,
     dropout_stream: &Rng,
 ) -> Result<StepOutcome> {
+    let _step = profile::range("step");
     // 1. The step's loss is the mean over all of its supervised targets.
     let supervised: usize = micro_batches.iter().map(Batch::n_supervised).sum();
     let tokens =
@@ -98,6 +99,7 @@ fn optimizer_step<B: Backend>(
     }
 
     // 3. Clip the global gradient norm.
+    let _optimizer = profile::range("optimizer");
     let norm = model.grad_norm()?;
     ensure!(norm.is_finite(), "step {}: the gradient norm is {norm} (loss sum {loss_sum})", step + 1);
     let clip_factor = if cfg.clip > 0.0 && norm > cfg.clip { cfg.clip / norm } else { 1.0 };
@@ -348,7 +350,7 @@ pub fn train_with<B: Backend>(
     };
 
     // ---- the model -------------------------------------------------------------------------
-    let mut model = Model::new(backend, model_config, cfg.micro_batch * max_seq_len)?;
+    let mut model = Model::for_micro_batches(backend, model_config, cfg.micro_batch, max_seq_len)?;
     match (&resume_dir, &cfg.init_from) {
         (Some(dir), _) => {
             checkpoint::load_weights_into(dir, &mut model)?;

@@ -175,6 +175,14 @@ impl Backend for CudaBackend {
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().context("synchronizing the CUDA stream")
     }
+    fn compute_bytes(&self) -> usize {
+        2
+    }
+    fn memory_info(&self) -> Result<Option<(usize, usize)>> {
+        self.ctx.bind_to_thread().context("binding the CUDA context")?;
+        let info = cudarc::driver::result::mem_get_info().context("querying free GPU memory")?;
+        Ok(Some(info))
+    }
 
     fn embedding_forward(
         &self,

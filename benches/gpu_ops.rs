@@ -1,0 +1,212 @@
+//! The CUDA backend's ops at the 1.3B model's shapes (d 2048, 32 heads of 64, SwiGLU 5632,
+//! vocab 8192) on a 16k-token micro-batch (8 rows × 2048). Criterion prints "elem/s":
+//! - `matmul_*`, `attention_*`, `lm_head_ce`: read it as FLOP/s (causal attention FLOPs);
+//! - `rmsnorm_*`, `rope_*`, `swiglu_*`, `embedding_*`, `adamw`: read "B/s" as the bytes each op
+//!   must move at least (its inputs read once, its outputs written once).
+//!
+//! Without a GPU it prints why and measures nothing. Each timed call ends with a synchronize,
+//! so that the time is the kernels', not the launch queue's.
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use sft::backend::cuda::CudaBackend;
+use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, RopeStyle};
+use sft::rng::Rng;
+
+fn random(rng: &mut Rng, len: usize, scale: f64) -> Vec<f32> {
+    (0..len).map(|_| (rng.normal() * scale) as f32).collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let g = match CudaBackend::new(0) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("gpu_ops bench skipped: {e:#}");
+            return;
+        }
+    };
+    let mut rng = Rng::new(7);
+    let (rows, t) = (8usize, 2048usize);
+    let n = rows * t;
+    let (d, hidden, vocab) = (2048usize, 5632usize, 8192usize);
+    let heads = HeadShape { n_heads: 32, n_kv_heads: 32, head_dim: 64 };
+    let cmp = Precision::Compute;
+    let up = |data: &[f32], p: Precision| {
+        let mut b = g.zeros(data.len(), p).unwrap();
+        g.write(&mut b, data).unwrap();
+        b
+    };
+    let ids = |data: &[u32]| {
+        let mut b = g.zeros_ids(data.len()).unwrap();
+        g.write_ids(&mut b, data).unwrap();
+        b
+    };
+    let sync = || g.synchronize().unwrap();
+
+    let mut grp = c.benchmark_group("gpu_ops");
+    grp.sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500));
+
+    // ---- GEMMs: the qkv projection and the FFN's up projection -----------------------------
+    for (name, i, o) in [("qkv", d, heads.qkv_width()), ("gate_up", d, 2 * hidden), ("down", hidden, d)] {
+        let inp = up(&random(&mut rng, n * i, 1.0), cmp);
+        let w = up(&random(&mut rng, o * i, 0.02), cmp);
+        let dout = up(&random(&mut rng, n * o, 1.0), cmp);
+        let mut out = g.zeros(n * o, cmp).unwrap();
+        let mut dinp = g.zeros(n * i, cmp).unwrap();
+        let mut dw = g.zeros(o * i, Precision::F32).unwrap();
+        grp.throughput(Throughput::Elements((2 * n * i * o) as u64));
+        grp.bench_function(format!("matmul_forward_{name}_{n}x{i}x{o}"), |b| {
+            b.iter(|| {
+                g.matmul_forward(&mut out, &inp, &w, n, i, o).unwrap();
+                sync()
+            })
+        });
+        grp.throughput(Throughput::Elements((4 * n * i * o) as u64));
+        grp.bench_function(format!("matmul_backward_{name}_{n}x{i}x{o}"), |b| {
+            b.iter(|| {
+                g.matmul_backward(Some(&mut dinp), &mut dw, &dout, &inp, &w, n, i, o).unwrap();
+                sync()
+            })
+        });
+    }
+
+    // ---- attention: causal, 8 rows of 2048 ------------------------------------------------
+    let qkv = up(&random(&mut rng, n * heads.qkv_width(), 1.0), cmp);
+    let datt = up(&random(&mut rng, n * heads.q_width(), 1.0), cmp);
+    let cu = ids(&(0..=rows).map(|r| (r * t) as u32).collect::<Vec<_>>());
+    let mut att = g.zeros(n * heads.q_width(), cmp).unwrap();
+    let mut lse = g.zeros(heads.n_heads * n, Precision::F32).unwrap();
+    let mut dqkv = g.zeros(n * heads.qkv_width(), cmp).unwrap();
+    // Causal: half of the T×T scores; forward 2 GEMMs (QK^T, PV), backward 5 (with recompute).
+    let causal = (rows * t * t / 2 * heads.n_heads * heads.head_dim) as u64;
+    grp.throughput(Throughput::Elements(4 * causal));
+    grp.bench_function("attention_forward_8x2048_32h_hd64", |b| {
+        b.iter(|| {
+            g.attention_forward(&mut att, &mut lse, &qkv, &cu, rows, n, heads).unwrap();
+            sync()
+        })
+    });
+    grp.throughput(Throughput::Elements(10 * causal));
+    grp.bench_function("attention_backward_8x2048_32h_hd64", |b| {
+        b.iter(|| {
+            g.attention_backward(&mut dqkv, &datt, &qkv, &att, &lse, &cu, rows, n, heads).unwrap();
+            sync()
+        })
+    });
+
+    // ---- RMSNorm, RoPE, SwiGLU, embedding (bandwidth) -------------------------------------
+    let x = up(&random(&mut rng, n * d, 1.0), cmp);
+    let w = up(&random(&mut rng, d, 1.0), cmp);
+    let dy = up(&random(&mut rng, n * d, 1.0), cmp);
+    let mut y = g.zeros(n * d, cmp).unwrap();
+    let mut rstd = g.zeros(n, Precision::F32).unwrap();
+    let mut dx = g.zeros(n * d, cmp).unwrap();
+    let mut dw = g.zeros(d, Precision::F32).unwrap();
+    grp.throughput(Throughput::Bytes((2 * 2 * n * d) as u64));
+    grp.bench_function("rmsnorm_forward_16k_x2048", |b| {
+        b.iter(|| {
+            g.rmsnorm_forward(&mut y, &mut rstd, &x, &w, n, d, 1e-5).unwrap();
+            sync()
+        })
+    });
+    grp.throughput(Throughput::Bytes((3 * 2 * n * d) as u64));
+    grp.bench_function("rmsnorm_backward_16k_x2048", |b| {
+        b.iter(|| {
+            g.rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &rstd, n, d).unwrap();
+            sync()
+        })
+    });
+    let positions = ids(&(0..n).map(|i| (i % t) as u32).collect::<Vec<_>>());
+    let mut qkv_rot = up(&random(&mut rng, n * heads.qkv_width(), 1.0), cmp);
+    grp.throughput(Throughput::Bytes((2 * 2 * n * (heads.q_width() + heads.kv_width())) as u64));
+    grp.bench_function("rope_forward_16k_32h_hd64", |b| {
+        b.iter(|| {
+            g.rope_forward(&mut qkv_rot, &positions, n, heads, 10000.0, RopeStyle::AdjacentPairs).unwrap();
+            sync()
+        })
+    });
+    let gate_up = up(&random(&mut rng, n * 2 * hidden, 1.0), cmp);
+    let dswi = up(&random(&mut rng, n * hidden, 1.0), cmp);
+    let mut swi = g.zeros(n * hidden, cmp).unwrap();
+    let mut dgu = g.zeros(n * 2 * hidden, cmp).unwrap();
+    grp.throughput(Throughput::Bytes((2 * 3 * n * hidden) as u64));
+    grp.bench_function("swiglu_forward_16k_x5632", |b| {
+        b.iter(|| {
+            g.swiglu_forward(&mut swi, &gate_up, n, hidden).unwrap();
+            sync()
+        })
+    });
+    grp.throughput(Throughput::Bytes((2 * 5 * n * hidden) as u64));
+    grp.bench_function("swiglu_backward_16k_x5632", |b| {
+        b.iter(|| {
+            g.swiglu_backward(&mut dgu, &dswi, &gate_up, n, hidden).unwrap();
+            sync()
+        })
+    });
+    let tokens = ids(&(0..n).map(|_| rng.below(vocab) as u32).collect::<Vec<_>>());
+    let table = up(&random(&mut rng, vocab * d, 0.02), cmp);
+    let mut dtable = g.zeros(vocab * d, Precision::F32).unwrap();
+    grp.throughput(Throughput::Bytes((2 * 2 * n * d) as u64));
+    grp.bench_function("embedding_forward_16k_x2048", |b| {
+        b.iter(|| {
+            g.embedding_forward(&mut y, &tokens, &table, n, d).unwrap();
+            sync()
+        })
+    });
+    grp.throughput(Throughput::Bytes((2 * n * d + 4 * 2 * n * d) as u64));
+    grp.bench_function("embedding_backward_16k_x2048", |b| {
+        b.iter(|| {
+            g.embedding_backward(&mut dtable, &tokens, &dy, n, d).unwrap();
+            sync()
+        })
+    });
+
+    // ---- lm_head + masked cross-entropy: 3/4 of the rows supervised ------------------------
+    let xf = up(&random(&mut rng, n * d, 1.0), cmp);
+    let head = up(&random(&mut rng, vocab * d, 0.02), cmp);
+    let targets = ids(&(0..n)
+        .map(|i| if i % 4 == 0 { 0 } else { 1 + rng.below(vocab - 1) as u32 })
+        .collect::<Vec<_>>());
+    let mut dxf = g.zeros(n * d, cmp).unwrap();
+    let mut dhead = g.zeros(vocab * d, Precision::F32).unwrap();
+    let supervised = n * 3 / 4;
+    grp.throughput(Throughput::Elements((6 * supervised * d * vocab) as u64));
+    grp.bench_function("lm_head_ce_16k_d2048_v8192", |b| {
+        b.iter(|| {
+            let grads = LossGrads { dx: &mut dxf, dw: &mut dhead, loss_scale: 1.0 / supervised as f32 };
+            g.lm_head_cross_entropy(&xf, &head, &targets, 0, n, d, vocab, Some(grads)).unwrap();
+            sync()
+        })
+    });
+
+    // ---- AdamW over the 1.3B's parameter count, in 24 × 7 + 3 tensors -----------------------
+    let mut lens = vec![d; 1];
+    for _ in 0..24 {
+        lens.extend([d, 3 * d * d, d * d, d, 2 * hidden * d, d * hidden]);
+    }
+    lens.extend([vocab * d, vocab * d]);
+    let total: usize = lens.iter().sum();
+    let mk = |p: Precision| lens.iter().map(|&l| g.zeros(l, p).unwrap()).collect::<Vec<_>>();
+    let (mut params, mut master, grads, mut m, mut v) =
+        (mk(cmp), mk(Precision::F32), mk(Precision::F32), mk(Precision::F32), mk(Precision::F32));
+    let hp =
+        AdamW { lr: 1e-5, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.01, step: 1, grad_scale: 1.0 };
+    // Reads master, grad, m, v (f32); writes master, m, v (f32) and the bf16 weights.
+    grp.throughput(Throughput::Bytes((total * (4 * 4 + 3 * 4 + 2)) as u64));
+    grp.bench_function(format!("adamw_{total}_params"), |b| {
+        b.iter(|| {
+            let mut p: Vec<&mut _> = params.iter_mut().collect();
+            let mut ms: Vec<&mut _> = master.iter_mut().collect();
+            let gs: Vec<&_> = grads.iter().collect();
+            let mut mm: Vec<&mut _> = m.iter_mut().collect();
+            let mut vv: Vec<&mut _> = v.iter_mut().collect();
+            g.adamw(&mut p, &mut ms, &gs, &mut mm, &mut vv, &lens, &hp).unwrap();
+            sync()
+        })
+    });
+    grp.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,185 @@
+//! `sft bench`: the training step's speed on synthetic batches — tokens/s, MFU and device memory.
+//!
+//! Every row is full (no padding) and every target supervised, so the numbers measure the
+//! engine rather than the data. MFU counts, per token, 6 FLOPs per matmul parameter (forward and
+//! backward of every linear layer and the lm_head; embeddings and norms excluded) plus causal
+//! attention's 6·L·d·T, against the H100 SXM dense bf16 peak.
+
+use crate::backend::{Backend, Device};
+use crate::data::Batch;
+use crate::model::{Model, ModelConfig};
+use crate::rng::Rng;
+use crate::train::trainer::{optimizer_step, resolve_model_config};
+use crate::train::{Schedule, TrainConfig};
+use anyhow::{ensure, Result};
+use clap::Args;
+use std::time::Instant;
+
+/// H100 SXM dense bf16 tensor-core peak, FLOP/s.
+pub const H100_BF16_PEAK: f64 = 989.4e12;
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// A preset (`simplellama-1.3b`, `tiny`) or a model-config JSON file.
+    #[arg(long = "config", default_value = "simplellama-1.3b")]
+    pub model: String,
+    /// Tokens per optimizer step (micro-batch rows × seq_len × accumulation).
+    #[arg(long, default_value_t = 65536)]
+    pub tokens_per_step: usize,
+    /// Row length; default: the model's max_seq_len.
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Rows per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    pub micro_batch: usize,
+    /// Timed optimizer steps (after `--warmup` untimed ones).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, default_value_t = 89)]
+    pub seed: u64,
+}
+
+/// What `sft bench` measured.
+#[derive(Clone, Debug)]
+pub struct BenchReport {
+    pub device: String,
+    pub n_params: usize,
+    pub seq_len: usize,
+    pub micro_batch: usize,
+    pub grad_accum: usize,
+    pub tokens_per_step: usize,
+    pub seconds_per_step: f64,
+    pub tokens_per_s: f64,
+    pub flops_per_token: f64,
+    /// Model FLOP utilization against [`H100_BF16_PEAK`].
+    pub mfu: f64,
+    /// Device memory in use after the timed steps (`total - free`; the engine allocates nothing
+    /// inside a step, so this is its peak), where the backend has a device.
+    pub memory_used: Option<usize>,
+    pub memory_total: Option<usize>,
+    pub final_loss: f64,
+}
+
+/// Training FLOPs per token: 6 per matmul parameter plus causal attention at row length `t`.
+pub fn flops_per_token(config: &ModelConfig, t: usize) -> f64 {
+    let heads = config.heads();
+    let (d, hidden) = (config.d_model, config.ffn_hidden);
+    let per_layer = d * heads.qkv_width() + heads.q_width() * d + 3 * d * hidden;
+    let matmul_params = config.n_layers * per_layer + config.vocab_size * d;
+    6.0 * matmul_params as f64 + 6.0 * (config.n_layers * heads.q_width() * t) as f64
+}
+
+/// A full micro-batch of random tokens, every target supervised (ids 1.. so that none is pad 0).
+fn synthetic_batch(rng: &mut Rng, rows: usize, t: usize, vocab: usize) -> Batch {
+    let n = rows * t;
+    let seq: Vec<u32> = (0..n + 1).map(|_| 1 + rng.below(vocab - 1) as u32).collect();
+    Batch {
+        rows,
+        seq_len: t,
+        inputs: seq[..n].to_vec(),
+        targets: seq[1..].to_vec(),
+        positions: (0..n).map(|i| (i % t) as u32).collect(),
+        cu_seqlens: (0..=rows).map(|r| (r * t) as u32).collect(),
+        pad_id: 0,
+    }
+}
+
+/// Runs the benchmark on `backend`.
+pub fn run_bench<B: Backend>(backend: B, args: &BenchArgs) -> Result<BenchReport> {
+    let config = resolve_model_config(&args.model, 8192)?;
+    let t = args.seq_len.unwrap_or(config.max_seq_len);
+    ensure!(t > 0 && t <= config.max_seq_len, "--seq-len {t} must be in 1..={}", config.max_seq_len);
+    ensure!(args.micro_batch > 0 && args.steps > 0, "--micro-batch and --steps must be at least 1");
+    let rows_per_step = args.tokens_per_step / t;
+    ensure!(
+        rows_per_step >= args.micro_batch && rows_per_step.is_multiple_of(args.micro_batch),
+        "--tokens-per-step {} is {rows_per_step} rows of {t}: it must be a multiple of --micro-batch {} rows",
+        args.tokens_per_step,
+        args.micro_batch
+    );
+    let grad_accum = rows_per_step / args.micro_batch;
+    let device = backend.name();
+    let mut model = Model::for_micro_batches(backend, config.clone(), args.micro_batch, t)?;
+    model.init_params(args.seed)?;
+    let mut rng = Rng::new(args.seed);
+    let batches: Vec<Batch> =
+        (0..grad_accum).map(|_| synthetic_batch(&mut rng, args.micro_batch, t, config.vocab_size)).collect();
+    let schedule = Schedule {
+        max_lr: 1e-5,
+        min_lr: 1e-6,
+        warmup_steps: 1,
+        total_steps: (args.warmup + args.steps) as u64,
+    };
+    let tokens_per_step = grad_accum * args.micro_batch * t;
+
+    // SimpleLLaMA's optimizer settings; the model's dropout (none in the presets) applies.
+    let cfg = TrainConfig::default();
+    let stream = Rng::new(args.seed);
+    let mut final_loss = f64::NAN;
+    let mut timed = 0.0;
+    for step in 0..args.warmup + args.steps {
+        let start = Instant::now();
+        let outcome =
+            optimizer_step(&mut model, &batches, step as u64, schedule.lr(step as u64), &cfg, &stream)?;
+        final_loss = outcome.train_loss.unwrap_or(f64::NAN);
+        model.backend().synchronize()?;
+        if step >= args.warmup {
+            timed += start.elapsed().as_secs_f64();
+        }
+    }
+    let memory = model.backend().memory_info()?;
+    let seconds_per_step = timed / args.steps as f64;
+    let tokens_per_s = tokens_per_step as f64 / seconds_per_step;
+    let flops = flops_per_token(&config, t);
+    Ok(BenchReport {
+        device,
+        n_params: config.n_params(),
+        seq_len: t,
+        micro_batch: args.micro_batch,
+        grad_accum,
+        tokens_per_step,
+        seconds_per_step,
+        tokens_per_s,
+        flops_per_token: flops,
+        mfu: tokens_per_s * flops / H100_BF16_PEAK,
+        memory_used: memory.map(|(free, total)| total - free),
+        memory_total: memory.map(|(_, total)| total),
+        final_loss,
+    })
+}
+
+/// `sft bench`: runs and prints the report.
+pub fn bench(args: BenchArgs) -> Result<()> {
+    let r = crate::with_backend!(Device::parse(&args.device)?, |backend| run_bench(backend, &args)?);
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    println!("device          {}", r.device);
+    println!("model           {} ({} parameters)", args.model, r.n_params);
+    println!(
+        "step            {} tokens = {} micro-batches × {} rows × {} tokens",
+        r.tokens_per_step, r.grad_accum, r.micro_batch, r.seq_len
+    );
+    println!(
+        "time per step   {:.4} s (mean of {} after {} warm-up)",
+        r.seconds_per_step, args.steps, args.warmup
+    );
+    println!("tokens/s        {:.0}", r.tokens_per_s);
+    println!(
+        "MFU             {:.1}% ({:.2} GFLOP/token vs {:.1} TFLOP/s H100 bf16 peak)",
+        100.0 * r.mfu,
+        r.flops_per_token / 1e9,
+        H100_BF16_PEAK / 1e12
+    );
+    match (r.memory_used, r.memory_total) {
+        (Some(used), Some(total)) => {
+            println!("device memory   {:.2} GiB in use of {:.2} GiB", gib(used), gib(total))
+        }
+        _ => println!("device memory   - (no device)"),
+    }
+    println!("loss            {:.4} (last step; random tokens)", r.final_loss);
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! A whole training step on the GPU against the CPU reference (the loss, every gradient, the
+//! weights after AdamW), padded and packed; and 200 demo steps on the GPU following the CPU's
+//! loss curve.
+//!
+//! All tests are `#[ignore]`: they need an NVIDIA GPU. Run them there with
+//! `scripts/gpu_check.sh` (or `cargo test --release --test gpu_train -- --ignored`).
+
+mod model_util;
+
+use model_util::{examples, packed_batch, padded_batch, PAD};
+use sft::backend::cpu::CpuBackend;
+use sft::backend::cuda::CudaBackend;
+use sft::backend::{AdamW, RopeStyle};
+use sft::data::batch::Batch;
+use sft::demo::{setup, DemoArgs};
+use sft::model::{Model, ModelConfig};
+use sft::train::train_on;
+
+fn gpu() -> Option<CudaBackend> {
+    match CudaBackend::new(0) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            eprintln!("skipped: {e:#}");
+            None
+        }
+    }
+}
+
+/// Two layers of width 128 in heads of 64 (the head size our attention kernel serves).
+fn config(n_kv_heads: usize, rope_style: RopeStyle, tie_embeddings: bool) -> ModelConfig {
+    ModelConfig {
+        vocab_size: 300,
+        d_model: 128,
+        n_layers: 2,
+        n_heads: 2,
+        n_kv_heads,
+        ffn_hidden: 352,
+        norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_style,
+        max_seq_len: 128,
+        tie_embeddings,
+        dropout: 0.0,
+    }
+}
+
+/// ‖a − b‖ / ‖b‖.
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// One step on both backends from the same weights; compares loss, gradients and new weights.
+fn step_matches(config: ModelConfig, batch: &Batch, what: &str) {
+    let Some(g) = gpu() else { return };
+    let n = batch.n_tokens();
+    let mut cpu = Model::new(CpuBackend::<f32>::new(), config.clone(), n).unwrap();
+    cpu.init_params(7).unwrap();
+    let params = cpu.read_params().unwrap();
+    let mut gpu = Model::new(g, config, n).unwrap();
+    gpu.write_params(&params).unwrap();
+
+    let scale = 1.0 / batch.n_supervised() as f32;
+    cpu.zero_grads().unwrap();
+    gpu.zero_grads().unwrap();
+    let loss_cpu = cpu.forward_backward(batch, scale, None).unwrap();
+    let loss_gpu = gpu.forward_backward(batch, scale, None).unwrap();
+    let rel = (loss_gpu - loss_cpu).abs() / loss_cpu.abs();
+    eprintln!("{what}: loss cpu {loss_cpu:.6} gpu {loss_gpu:.6} (rel {rel:.2e})");
+    assert!(rel < 1e-2, "{what}: loss {loss_gpu} vs {loss_cpu}");
+
+    let (gc, gg) = (cpu.read_grads().unwrap(), gpu.read_grads().unwrap());
+    let mut worst = (0.0, String::new());
+    for (c, g) in gc.iter().zip(&gg) {
+        assert_eq!(c.name, g.name);
+        let e = rel_l2(&g.data, &c.data);
+        if e > worst.0 {
+            worst = (e, c.name.clone());
+        }
+        assert!(e < 3e-2, "{what}: gradient of {} differs by {e:.3e} (relative L2)", c.name);
+    }
+    eprintln!("{what}: worst gradient {} at {:.2e}", worst.1, worst.0);
+    let norm_cpu = cpu.grad_norm().unwrap();
+    let norm_gpu = gpu.grad_norm().unwrap();
+    assert!((norm_gpu - norm_cpu).abs() / norm_cpu < 1e-2, "{what}: grad norm {norm_gpu} vs {norm_cpu}");
+
+    let hp =
+        AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.01, step: 1, grad_scale: 0.5 };
+    cpu.adamw_step(&hp).unwrap();
+    gpu.adamw_step(&hp).unwrap();
+    for (c, g) in cpu.read_params().unwrap().iter().zip(&gpu.read_params().unwrap()) {
+        let e = rel_l2(&g.data, &c.data);
+        assert!(e < 1e-2, "{what}: {} after AdamW differs by {e:.3e}", c.name);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn training_step_matches_cpu_padded() {
+    let exs = examples(11, &[40, 17, 63, 5]);
+    let batch = padded_batch(&exs, 3);
+    assert_eq!(batch.pad_id, PAD);
+    step_matches(config(1, RopeStyle::AdjacentPairs, false), &batch, "padded, GQA 2:1, adjacent pairs");
+    step_matches(config(2, RopeStyle::HalfSplit, true), &batch, "padded, MHA, half split, tied");
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn training_step_matches_cpu_packed() {
+    let exs = examples(12, &[40, 17, 63, 5, 30, 33, 9]);
+    let batch = packed_batch(&exs, 100);
+    step_matches(config(1, RopeStyle::AdjacentPairs, false), &batch, "packed, GQA 2:1");
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn demo_loss_curve_on_gpu_follows_cpu() {
+    let Some(g) = gpu() else { return };
+    let root = tempfile::tempdir().unwrap();
+    let args = DemoArgs {
+        out: root.path().join("demo"),
+        examples: 4000,
+        heldout: 10,
+        steps: 200,
+        micro_batch: 32,
+        seed: 89,
+        device: "cpu".into(),
+    };
+    let s = setup(&args).unwrap();
+    let mut cfg = s.train_config.clone();
+    cfg.out_dir = root.path().join("cpu");
+    let (_, cpu) = train_on(CpuBackend::<f32>::new(), &cfg).unwrap();
+    cfg.out_dir = root.path().join("gpu");
+    cfg.device = "cuda".into();
+    let (_, gpu) = train_on(g, &cfg).unwrap();
+    assert_eq!(cpu.step_losses.len(), 200);
+    assert_eq!(gpu.step_losses.len(), 200);
+    // bf16 rounding makes the runs drift apart step by step; their curves must still agree.
+    for (w, (c, g)) in cpu.step_losses.chunks(20).zip(gpu.step_losses.chunks(20)).enumerate() {
+        let mc = c.iter().map(|x| x.1).sum::<f64>() / c.len() as f64;
+        let mg = g.iter().map(|x| x.1).sum::<f64>() / g.len() as f64;
+        eprintln!("steps {}..{}: cpu {mc:.4} gpu {mg:.4}", 20 * w + 1, 20 * w + 20);
+        assert!((mg - mc).abs() <= 0.1 * mc + 0.02, "steps {}..: gpu {mg} vs cpu {mc}", 20 * w + 1);
+    }
+    let last = |r: &sft::train::TrainReport| r.step_losses.last().unwrap().1;
+    assert!(
+        last(&gpu) < 0.5 * cpu.step_losses[0].1,
+        "the GPU run learned: {} -> {}",
+        cpu.step_losses[0].1,
+        last(&gpu)
+    );
+}
