@@ -483,3 +483,23 @@ fn cpu_backend_matches_the_naive_backend() {
         }
     }
 }
+
+#[test]
+fn out_of_memory_advice_names_a_micro_batch_that_fits() {
+    use sft::model::forward::{memory_advice, memory_bytes, micro_batch_that_fits};
+    let config = ModelConfig::preset("simplellama-1.3b").unwrap();
+    let (fixed, per_token) = memory_bytes(&config, 2);
+    // Weights (bf16) + f32 master, gradient and two moments: 18 bytes per parameter.
+    assert!(fixed >= config.n_params() * 18);
+    let gib = 1usize << 30;
+    let free = 80 * gib;
+    let fits = micro_batch_that_fits(&config, 2, 2048, free);
+    assert!(fits >= 1);
+    assert!(fixed + fits * per_token * 2048 <= free / 10 * 9);
+    assert!(fixed + (fits + 1) * per_token * 2048 > free / 10 * 9);
+    assert_eq!(memory_advice("gpu", &config, 2, fits, 2048, free), None);
+    let msg = memory_advice("cuda:0 H100", &config, 2, fits + 8, 2048, free).unwrap();
+    assert!(msg.contains("cuda:0 H100") && msg.contains(&format!("micro_batch {fits} would fit")), "{msg}");
+    let msg = memory_advice("gpu", &config, 2, 1, 2048, 10 * gib).unwrap();
+    assert!(msg.contains("not even micro_batch 1 fits"), "{msg}");
+}

@@ -149,6 +149,49 @@ pub fn memory_bytes(config: &ModelConfig, compute_bytes: usize) -> (usize, usize
 
 const GIB: f64 = (1u64 << 30) as f64;
 
+/// The largest micro-batch (rows of `seq_len`) whose buffers fit in nine tenths of `free` bytes
+/// (the last tenth stays for the backend's own work buffers).
+pub fn micro_batch_that_fits(
+    config: &ModelConfig,
+    compute_bytes: usize,
+    seq_len: usize,
+    free: usize,
+) -> usize {
+    let (fixed, per_token) = memory_bytes(config, compute_bytes);
+    (free / 10 * 9).saturating_sub(fixed) / (per_token * seq_len).max(1)
+}
+
+/// `None` when micro-batches of `micro_batch` × `seq_len` fit in `free` bytes; else the error
+/// message: what they need, what is free, and which micro-batch would fit.
+pub fn memory_advice(
+    device: &str,
+    config: &ModelConfig,
+    compute_bytes: usize,
+    micro_batch: usize,
+    seq_len: usize,
+    free: usize,
+) -> Option<String> {
+    let fits = micro_batch_that_fits(config, compute_bytes, seq_len, free);
+    if fits >= micro_batch {
+        return None;
+    }
+    let (fixed, per_token) = memory_bytes(config, compute_bytes);
+    let activations = per_token * seq_len * micro_batch;
+    let what = if fits == 0 {
+        "not even micro_batch 1 fits: lower max_seq_len or use a GPU with more memory".to_string()
+    } else {
+        format!("micro_batch {fits} would fit (raise grad_accum to keep the step's size)")
+    };
+    Some(format!(
+        "out of memory on {device}: micro-batches of {micro_batch} × {seq_len} tokens need about {:.2} GiB \
+         ({:.2} GiB of weights, gradients and AdamW state + {:.2} GiB of activations), {:.2} GiB are free; {what}",
+        (fixed + activations) as f64 / GIB,
+        fixed as f64 / GIB,
+        activations as f64 / GIB,
+        free as f64 / GIB
+    ))
+}
+
 impl<B: Backend> Model<B> {
     /// [`Model::new`] for micro-batches of `micro_batch` rows of `seq_len` tokens, checked first
     /// against the device's free memory: when it does not fit, the error says how much it needs
@@ -159,39 +202,27 @@ impl<B: Backend> Model<B> {
         micro_batch: usize,
         seq_len: usize,
     ) -> Result<Self> {
-        let (fixed, per_token) = memory_bytes(&config, backend.compute_bytes());
-        let per_row = per_token * seq_len;
-        let need = fixed + per_row * micro_batch;
+        let compute_bytes = backend.compute_bytes();
         let info = backend.memory_info()?;
         let device = backend.name();
-        // A tenth of the free memory stays for the backend's own work buffers.
-        let advice = |free: usize| {
-            let usable = free / 10 * 9;
-            let fits = usable.saturating_sub(fixed) / per_row.max(1);
-            let what = if fits == 0 {
-                "not even micro-batch 1 fits: lower max_seq_len or use a larger GPU".to_string()
-            } else {
-                format!(
-                    "micro_batch {} would fit (raise grad_accum to keep the step's size)",
-                    fits.min(micro_batch)
-                )
-            };
-            format!(
-                "out of memory on {device}: micro-batches of {micro_batch} × {seq_len} tokens need about {:.2} GiB \
-                 ({:.2} GiB of weights, gradients and AdamW state + {:.2} GiB of activations), {:.2} GiB are free; {what}",
-                need as f64 / GIB,
-                fixed as f64 / GIB,
-                (per_row * micro_batch) as f64 / GIB,
-                free as f64 / GIB
-            )
-        };
         if let Some((free, _)) = info {
-            if need > free / 10 * 9 {
-                bail!(advice(free));
+            if let Some(message) = memory_advice(&device, &config, compute_bytes, micro_batch, seq_len, free)
+            {
+                bail!(message);
             }
         }
+        let (fixed, per_token) = memory_bytes(&config, compute_bytes);
+        let need = fixed + per_token * seq_len * micro_batch;
         Model::new(backend, config, micro_batch * seq_len).map_err(|e| match info {
-            Some((free, _)) => e.context(advice(free)),
+            // The estimate said it fits, yet an allocation failed (the backend's own buffers,
+            // another process): name a smaller micro-batch all the same.
+            Some((free, _)) => e.context(format!(
+                "out of memory on {device}: micro-batches of {micro_batch} × {seq_len} tokens need about \
+                 {:.2} GiB by our estimate and {:.2} GiB were free; try micro_batch {}",
+                need as f64 / GIB,
+                free as f64 / GIB,
+                (micro_batch / 2).max(1)
+            )),
             None => e,
         })
     }
