@@ -17,6 +17,9 @@ use sft::train::import::import_hf;
 use std::path::Path;
 use std::process::Command;
 
+/// A tensor as written to disk: name, shape, dtype, little-endian bytes.
+type RawTensor = (String, Vec<usize>, Dtype, Vec<u8>);
+
 const IDS: [u32; 7] = [3, 17, 42, 5, 250, 9, 101];
 
 fn config(rope_style: RopeStyle, tie: bool, vocab: usize) -> ModelConfig {
@@ -66,7 +69,7 @@ fn encode(data: &[f32], dtype: Dtype) -> Vec<u8> {
 }
 
 /// Writes (name, shape, dtype, bytes) tensors as a safetensors file.
-fn write_st(path: &Path, tensors: &[(String, Vec<usize>, Dtype, Vec<u8>)]) {
+fn write_st(path: &Path, tensors: &[RawTensor]) {
     let views: Vec<(String, TensorView)> =
         tensors.iter().map(|(n, s, d, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
@@ -292,7 +295,7 @@ fn bad_configs_and_tensors_are_named_errors() {
 
     let st = dir.join("model.safetensors");
     let hf = to_hf(&config, &params);
-    let write_with = |edit: &dyn Fn(&mut Vec<(String, Vec<usize>, Dtype, Vec<u8>)>)| {
+    let write_with = |edit: &dyn Fn(&mut Vec<RawTensor>)| {
         let mut tensors: Vec<_> = hf
             .iter()
             .map(|t| (t.name.clone(), t.shape.clone(), Dtype::F32, encode(&t.data, Dtype::F32)))
