@@ -500,3 +500,29 @@ fn import_and_logits_through_the_binary() {
     let o = sft(&["import", "--from", hf_dir.to_str().unwrap(), "--out", out.to_str().unwrap()]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("already exists"));
 }
+
+#[test]
+fn import_into_a_padded_vocabulary_reuses_the_padding_rows() {
+    // 262 embedding rows for a 258-token tokenizer, as models pad their vocabulary: the added
+    // ids 258..265 take the four padding rows and three new ones.
+    let root = tempfile::tempdir().unwrap();
+    let hf_dir = root.path().join("hf");
+    let hf_config = config(RopeStyle::HalfSplit, true, 262);
+    let hf_params = init_params(&hf_config, 8);
+    write_hf_dir(&hf_dir, &hf_config, &hf_params);
+    write_plain_tokenizer(&hf_dir.join("tokenizer.json"));
+    let out = root.path().join("imported");
+    let report = import_hf(&hf_dir, &out, true).unwrap();
+    assert_eq!(report.old_vocab_size, 262);
+    assert_eq!(report.config.vocab_size, 265);
+    let params = read_params(&out, &report.config).unwrap();
+    let before = &hf_params[0].data;
+    let after = &params.iter().find(|t| t.name == "tok_embeddings").unwrap().data;
+    let d = hf_config.d_model;
+    assert_eq!(after[..258 * d], before[..258 * d]);
+    let mean: Vec<f32> =
+        (0..d).map(|j| ((0..258).map(|r| before[r * d + j] as f64).sum::<f64>() / 258.0) as f32).collect();
+    for id in 258..265 {
+        assert_eq!(after[id * d..(id + 1) * d], mean[..], "row {id}");
+    }
+}

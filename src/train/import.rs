@@ -98,12 +98,16 @@ pub fn import_hf(from: &Path, out: &Path, add_chat_tokens: bool) -> Result<Impor
     }
     // Ids the tokenizer did not have before get fresh rows; an id that already existed (a token
     // that was in the vocabulary, now marked special) keeps its trained row.
-    let new_ids: Vec<usize> =
+    let mut new_ids: Vec<usize> =
         added.iter().map(|(_, id)| *id as usize).filter(|&id| id >= tok_vocab_before).collect();
     let needed = new_ids.iter().map(|&id| id + 1).max().unwrap_or(0).max(tok.get_vocab_size(true));
     let real_rows = tok_vocab_before.min(old_vocab_size);
     ensure!(real_rows > 0, "{}: the tokenizer has no tokens", tok_path.display());
     config.vocab_size = old_vocab_size.max(needed);
+    // Rows the matrix gains for ids the tokenizer already had (a tokenizer larger than the
+    // model's vocabulary) start at the mean too, rather than at zero.
+    let grown: Vec<usize> = (old_vocab_size..config.vocab_size).filter(|id| !new_ids.contains(id)).collect();
+    new_ids.extend(grown);
     for t in params.iter_mut().filter(|t| t.name == "tok_embeddings" || t.name == "lm_head") {
         grow_rows(t, config.vocab_size, real_rows, &new_ids);
     }
