@@ -25,6 +25,10 @@ enum Command {
     Train(Box<sft::train::cli::TrainArgs>),
     /// Print a checkpoint's mean masked loss on a chat file or a prepared directory.
     Eval(sft::train::cli::EvalArgs),
+    /// Convert a Hugging Face Llama directory into a checkpoint (optionally adding the chat tokens).
+    Import(sft::train::import::ImportArgs),
+    /// Print a checkpoint's logits at every position of a token sequence, as JSON.
+    Logits(sft::generate::cli::LogitsArgs),
     /// Reply to one prompt with a checkpoint.
     Generate(sft::generate::cli::GenerateArgs),
     /// Chat with a checkpoint on the terminal (multi-turn).
@@ -53,6 +57,8 @@ fn main() -> anyhow::Result<()> {
         Command::Init(args) => sft::train::cli::init(args)?,
         Command::Train(args) => sft::train::cli::train(*args)?,
         Command::Eval(args) => sft::train::cli::eval(args)?,
+        Command::Import(args) => sft::train::import::import(args)?,
+        Command::Logits(args) => sft::generate::cli::logits(args)?,
         Command::Generate(args) => sft::generate::cli::generate(args)?,
         Command::Chat(args) => sft::generate::cli::chat(args)?,
         Command::Demo(args) => sft::demo::demo(args)?,

@@ -310,9 +310,21 @@ fn hugging_face_conversion_round_trips() {
         assert!(find("model.layers.0.post_attention_layernorm.weight").is_some());
         assert!(find("model.norm.weight").is_some());
         assert_eq!(find("lm_head.weight").is_some(), !config.tie_embeddings);
-        // The q rows are the first rows of the fused qkv, the up rows the second half of gate_up.
+        // The q rows are the first rows of the fused qkv (permuted per head to Hugging Face's
+        // half-split RoPE order for an adjacent-pairs model), the up rows the second half of gate_up.
         let qkv = ours.iter().find(|t| t.name == "layers.0.qkv").unwrap();
-        assert_eq!(find("model.layers.0.self_attn.q_proj.weight").unwrap().data, qkv.data[..4 * hd * d]);
+        let q_rows = &qkv.data[..4 * hd * d];
+        let expected_q = match config.rope_style {
+            RopeStyle::AdjacentPairs => sft::model::params::adjacent_to_half_split(q_rows, 4, hd, d),
+            RopeStyle::HalfSplit => q_rows.to_vec(),
+        };
+        assert_eq!(find("model.layers.0.self_attn.q_proj.weight").unwrap().data, expected_q);
+        if config.rope_style == RopeStyle::AdjacentPairs {
+            // Within head 0, HF row 1 is Meta row 2 and HF row hd/2 is Meta row 1.
+            let q_hf = &find("model.layers.0.self_attn.q_proj.weight").unwrap().data;
+            assert_eq!(q_hf[d..2 * d], q_rows[2 * d..3 * d]);
+            assert_eq!(q_hf[hd / 2 * d..(hd / 2 + 1) * d], q_rows[d..2 * d]);
+        }
         let gate_up = ours.iter().find(|t| t.name == "layers.1.gate_up").unwrap();
         assert_eq!(find("model.layers.1.mlp.up_proj.weight").unwrap().data, gate_up.data[24 * d..]);
 

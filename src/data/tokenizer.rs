@@ -20,6 +20,13 @@ use tokenizers::{
 use super::chat::Conversation;
 use super::format::{escape_specials, CHAT_TOKENS, EOA, PAD, SIMPLELLAMA_SPECIALS};
 
+/// The six chat tokens and `<PAD>` that `tok` lacks as special added tokens, in that order.
+pub fn missing_chat_tokens(tok: &Tokenizer) -> Vec<&'static str> {
+    let specials: std::collections::HashSet<String> =
+        tok.get_added_tokens_decoder().into_values().filter(|t| t.special).map(|t| t.content).collect();
+    CHAT_TOKENS.iter().chain([&PAD]).copied().filter(|t| !specials.contains(*t)).collect()
+}
+
 /// A tokenizer with the chat tokens known to exist. Cheap to clone (shared), `Send + Sync`.
 #[derive(Clone)]
 pub struct ChatTokenizer {
@@ -147,11 +154,11 @@ impl ChatTokenizer {
                 }
             }
         }
-        let missing: Vec<&str> =
-            CHAT_TOKENS.iter().chain([&PAD]).copied().filter(|t| !special_ids.contains_key(*t)).collect();
+        let missing = missing_chat_tokens(&tok);
         if !missing.is_empty() {
             bail!(
-                "tokenizer lacks the chat special tokens {} (they must be added special tokens)",
+                "tokenizer lacks the chat special tokens {} (they must be added special tokens; \
+                 `sft import --add-chat-tokens` adds them to a Hugging Face model)",
                 missing.join(", ")
             );
         }

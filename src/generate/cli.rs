@@ -147,3 +147,35 @@ fn chat_loop<B: Backend>(
         history.push(Turn { user: user.to_string(), assistant: reply });
     }
 }
+
+#[derive(Args, Debug)]
+pub struct LogitsArgs {
+    /// A checkpoint directory (ours or a Hugging Face Llama).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Comma-separated token ids.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub ids: Vec<u32>,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// Prints `{"ids": [...], "logits": [[f32; vocab]; ids]}`: the logits after each position, for
+/// comparing with another implementation (scripts/check_hf_logits.py).
+pub fn logits(args: LogitsArgs) -> Result<()> {
+    let rows = crate::with_backend!(Device::parse(&args.device)?, |backend| {
+        all_logits(backend, &args.checkpoint, &args.ids)?
+    });
+    println!("{}", serde_json::json!({ "ids": args.ids, "logits": rows }));
+    Ok(())
+}
+
+/// The logits after each of `ids` (one row per position), from the checkpoint in `dir`.
+pub fn all_logits<B: Backend>(backend: B, dir: &std::path::Path, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+    anyhow::ensure!(!ids.is_empty(), "no token ids given");
+    // Sized for the sequence, not max_seq_len: a pretrained config may claim 131072 positions.
+    let mut model = checkpoint::load_model_with(dir, backend, ids.len())?;
+    let mut cache = model.new_cache(ids.len())?;
+    ids.iter().map(|&t| model.next_logits(&mut cache, &[t])).collect()
+}

@@ -2,6 +2,7 @@
 //! initialization, and the conversion to and from Hugging Face Llama names and shapes.
 
 use super::config::ModelConfig;
+use crate::backend::RopeStyle;
 use crate::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::HashMap;
@@ -196,9 +197,9 @@ fn check_shape(t: &NamedTensor, shape: &[usize]) -> Result<()> {
 /// Internal tensors → Hugging Face Llama names and shapes (the fused `qkv` and `gate_up` split).
 /// `lm_head.weight` is omitted when the embeddings are tied.
 ///
-/// The q/k rows are written as they are: with `RopeStyle::AdjacentPairs` a Hugging Face Llama
-/// (which rotates half-split pairs) needs its q and k rows permuted per head to reproduce this
-/// model; that permutation belongs to a later export step, not to this name mapping.
+/// The files always hold Hugging Face's RoPE convention (half-split pairs), so that transformers
+/// reproduces the model: for a `RopeStyle::AdjacentPairs` model the q and k rows are permuted per
+/// head by [`adjacent_to_half_split`]; a `HalfSplit` model's rows are written as they are.
 ///
 /// `params` must come from a model of `config` (e.g. [`crate::model::Model::read_params`]);
 /// a tensor with the wrong size panics here, so check foreign input with [`check_params`] first.
@@ -221,8 +222,14 @@ pub fn to_hf(config: &ModelConfig, params: &[NamedTensor]) -> Vec<NamedTensor> {
         let hf = |t: &str| format!("model.layers.{l}.{t}.weight");
         out.push(renamed(p("attn_norm"), hf("input_layernorm")));
         let qkv = p("qkv");
-        out.push(rows(qkv, hf("self_attn.q_proj"), 0, qw));
-        out.push(rows(qkv, hf("self_attn.k_proj"), qw, qw + kvw));
+        let mut q = rows(qkv, hf("self_attn.q_proj"), 0, qw);
+        let mut k = rows(qkv, hf("self_attn.k_proj"), qw, qw + kvw);
+        if config.rope_style == RopeStyle::AdjacentPairs {
+            q.data = adjacent_to_half_split(&q.data, heads.n_heads, heads.head_dim, d);
+            k.data = adjacent_to_half_split(&k.data, heads.n_kv_heads, heads.head_dim, d);
+        }
+        out.push(q);
+        out.push(k);
         out.push(rows(qkv, hf("self_attn.v_proj"), qw + kvw, qw + 2 * kvw));
         out.push(renamed(p("o"), hf("self_attn.o_proj")));
         out.push(renamed(p("ffn_norm"), hf("post_attention_layernorm")));
@@ -239,7 +246,8 @@ pub fn to_hf(config: &ModelConfig, params: &[NamedTensor]) -> Vec<NamedTensor> {
 }
 
 /// Hugging Face Llama tensors → internal tensors, checking that every tensor is present with its
-/// shape. A tied config ignores a `lm_head.weight` equal to the embedding and rejects a
+/// shape. The q/k rows are taken to be in Hugging Face's half-split order and are permuted back
+/// for a `RopeStyle::AdjacentPairs` config (the inverse of [`to_hf`]). A tied config ignores a `lm_head.weight` equal to the embedding and rejects a
 /// different one; an untied config requires it.
 pub fn from_hf(config: &ModelConfig, hf: &[NamedTensor]) -> Result<Vec<NamedTensor>> {
     config.validate()?;
@@ -263,8 +271,15 @@ pub fn from_hf(config: &ModelConfig, hf: &[NamedTensor]) -> Result<Vec<NamedTens
         let attn_norm = take(&hf("input_layernorm"), &[d])?;
         out.push(NamedTensor::new(ours("attn_norm"), vec![d], attn_norm.data.clone()));
         let mut qkv = Vec::with_capacity(heads.qkv_width() * d);
-        qkv.extend_from_slice(&take(&hf("self_attn.q_proj"), &[qw, d])?.data);
-        qkv.extend_from_slice(&take(&hf("self_attn.k_proj"), &[kvw, d])?.data);
+        let q = &take(&hf("self_attn.q_proj"), &[qw, d])?.data;
+        let k = &take(&hf("self_attn.k_proj"), &[kvw, d])?.data;
+        if config.rope_style == RopeStyle::AdjacentPairs {
+            qkv.extend(half_split_to_adjacent(q, heads.n_heads, heads.head_dim, d));
+            qkv.extend(half_split_to_adjacent(k, heads.n_kv_heads, heads.head_dim, d));
+        } else {
+            qkv.extend_from_slice(q);
+            qkv.extend_from_slice(k);
+        }
         qkv.extend_from_slice(&take(&hf("self_attn.v_proj"), &[kvw, d])?.data);
         out.push(NamedTensor::new(ours("qkv"), vec![heads.qkv_width(), d], qkv));
         let o = take(&hf("self_attn.o_proj"), &[d, qw])?;
@@ -325,4 +340,46 @@ pub fn to_hf_names(config: &ModelConfig) -> Vec<String> {
         names.push("lm_head.weight".into());
     }
     names
+}
+
+/// Reorders the rows of a q or k projection (`n_heads` heads of `head_dim` rows, `cols` columns)
+/// from Meta's adjacent-pairs RoPE order to Hugging Face's half-split order: within a head, row
+/// `j < hd/2` becomes Meta's row `2j` and row `hd/2 + j` Meta's row `2j + 1`. This is the
+/// `permute` of transformers' `convert_llama_weights_to_hf.py`: the rotation pair (2j, 2j+1) of
+/// frequency j lands on (j, j + hd/2), which has the same frequency in the half-split form, and
+/// q·k is unchanged because q and k move together.
+pub fn adjacent_to_half_split(data: &[f32], n_heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+    permute_rows(data, n_heads, head_dim, cols, |j| {
+        let half = head_dim / 2;
+        if j < half {
+            2 * j
+        } else {
+            2 * (j - half) + 1
+        }
+    })
+}
+
+/// The inverse of [`adjacent_to_half_split`]: Meta row `2j` is HF row `j`, Meta row `2j + 1`
+/// HF row `hd/2 + j`.
+pub fn half_split_to_adjacent(data: &[f32], n_heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+    permute_rows(data, n_heads, head_dim, cols, |j| if j % 2 == 0 { j / 2 } else { head_dim / 2 + j / 2 })
+}
+
+/// Output row `j` of each head is input row `source(j)` of the same head.
+fn permute_rows(
+    data: &[f32],
+    n_heads: usize,
+    head_dim: usize,
+    cols: usize,
+    source: impl Fn(usize) -> usize,
+) -> Vec<f32> {
+    assert_eq!(data.len(), n_heads * head_dim * cols, "permute_rows: size mismatch");
+    let mut out = Vec::with_capacity(data.len());
+    for h in 0..n_heads {
+        for j in 0..head_dim {
+            let row = h * head_dim + source(j);
+            out.extend_from_slice(&data[row * cols..(row + 1) * cols]);
+        }
+    }
+    out
 }

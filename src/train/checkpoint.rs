@@ -27,12 +27,14 @@ use anyhow::{bail, ensure, Context, Result};
 use safetensors::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const MODEL_FILE: &str = "model.safetensors";
+/// The index of a sharded Hugging Face checkpoint: `{"weight_map": {tensor: shard file}}`.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub const CONFIG_FILE: &str = "config.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -109,13 +111,10 @@ pub fn write_safetensors(path: &Path, tensors: &[NamedTensor]) -> Result<()> {
 /// (F32, BF16 and F16 files are accepted). Missing, misshapen or unexpected tensors are errors
 /// that name the file and the tensor.
 pub fn read_safetensors(path: &Path, expected: &[(String, Vec<usize>)]) -> Result<Vec<NamedTensor>> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: the file is only read; a checkpoint is not modified while it is loaded.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
-    let st = SafeTensors::deserialize(&mmap)
-        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e:?}", path.display()))?;
-    let wanted: HashMap<&str, ()> = expected.iter().map(|(n, _)| (n.as_str(), ())).collect();
-    let mut unexpected: Vec<&str> = st.names().into_iter().filter(|n| !wanted.contains_key(n)).collect();
+    let mmap = map_file(path)?;
+    let st = parse_safetensors(path, &mmap)?;
+    let wanted: HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    let mut unexpected: Vec<&str> = st.names().into_iter().filter(|n| !wanted.contains(n)).collect();
     unexpected.sort_unstable();
     if let Some(name) = unexpected.first() {
         bail!(
@@ -124,35 +123,165 @@ pub fn read_safetensors(path: &Path, expected: &[(String, Vec<usize>)]) -> Resul
             unexpected.len()
         );
     }
-    let mut out = Vec::with_capacity(expected.len());
-    for (name, shape) in expected {
-        let view =
-            st.tensor(name).map_err(|_| anyhow::anyhow!("{}: tensor {name} is missing", path.display()))?;
+    expected.iter().map(|(name, shape)| tensor_f32(path, &st, name, shape)).collect()
+}
+
+fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: the file is only read; a checkpoint is not modified while it is loaded.
+    unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))
+}
+
+fn parse_safetensors<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
+    SafeTensors::deserialize(bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e:?}", path.display()))
+}
+
+/// One tensor of `st` (the file `path`) as f32, checked against `shape`.
+fn tensor_f32(path: &Path, st: &SafeTensors, name: &str, shape: &[usize]) -> Result<NamedTensor> {
+    let view =
+        st.tensor(name).map_err(|_| anyhow::anyhow!("{}: tensor {name} is missing", path.display()))?;
+    ensure!(
+        view.shape() == shape,
+        "{}: tensor {name} has shape {:?}, expected {:?}",
+        path.display(),
+        view.shape(),
+        shape
+    );
+    let bytes = view.data();
+    let data: Vec<f32> = match view.dtype() {
+        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::BF16 => {
+            bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+        }
+        Dtype::F16 => {
+            bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+        }
+        other => bail!("{}: tensor {name} has dtype {other:?}; expected F32, BF16 or F16", path.display()),
+    };
+    Ok(NamedTensor { name: name.to_string(), shape: shape.to_vec(), data })
+}
+
+/// Tensors a Hugging Face checkpoint may hold that carry no weights we need: old transformers
+/// saved each layer's RoPE inverse frequencies, which follow from rope_theta.
+fn ignorable_hf_tensor(name: &str) -> bool {
+    name.ends_with(".rotary_emb.inv_freq")
+}
+
+/// Reads the Hugging Face tensors of `config` from a checkpoint directory: `model.safetensors`,
+/// or the shards listed in `model.safetensors.index.json`. Each file is memory-mapped and its
+/// tensors converted to f32 (F32, BF16 or F16 on disk). A tied config also returns
+/// `lm_head.weight` when the files hold one (for [`from_hf`] to check it equals the embedding).
+/// Every missing, misshapen or unexpected tensor, missing shard or malformed index is an error
+/// naming the file and the tensor or field.
+pub fn read_hf_weights(dir: &Path, config: &ModelConfig) -> Result<Vec<NamedTensor>> {
+    let expected = hf_shapes(config);
+    let tied_head: Option<(String, Vec<usize>)> = config
+        .tie_embeddings
+        .then(|| ("lm_head.weight".to_string(), vec![config.vocab_size, config.d_model]));
+    let known: HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    let allowed = |name: &str| {
+        known.contains(name)
+            || tied_head.as_ref().is_some_and(|(n, _)| n == name)
+            || ignorable_hf_tensor(name)
+    };
+    let index_path = dir.join(INDEX_FILE);
+    let single = dir.join(MODEL_FILE);
+    if !index_path.exists() {
         ensure!(
-            view.shape() == shape.as_slice(),
-            "{}: tensor {name} has shape {:?}, expected {:?}",
-            path.display(),
-            view.shape(),
-            shape
+            single.exists(),
+            "{}: no {MODEL_FILE} and no {INDEX_FILE}: not a checkpoint directory",
+            dir.display()
         );
-        let bytes = view.data();
-        let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => {
-                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        let mmap = map_file(&single)?;
+        let st = parse_safetensors(&single, &mmap)?;
+        let names = st.names();
+        let mut unexpected: Vec<&str> = names.iter().copied().filter(|n| !allowed(n)).collect();
+        unexpected.sort_unstable();
+        if let Some(name) = unexpected.first() {
+            bail!(
+                "{}: unexpected tensor {name} ({} unexpected in all): does the config match the weights?",
+                single.display(),
+                unexpected.len()
+            );
+        }
+        let mut out: Vec<NamedTensor> = expected
+            .iter()
+            .map(|(name, shape)| tensor_f32(&single, &st, name, shape))
+            .collect::<Result<_>>()?;
+        if let Some((name, shape)) = &tied_head {
+            if names.contains(&name.as_str()) {
+                out.push(tensor_f32(&single, &st, name, shape)?);
             }
-            Dtype::BF16 => {
-                bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
-            }
-            Dtype::F16 => {
-                bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
-            }
-            other => {
-                bail!("{}: tensor {name} has dtype {other:?}; expected F32, BF16 or F16", path.display())
-            }
+        }
+        return Ok(out);
+    }
+
+    // Sharded: the index maps each tensor name to the file that holds it.
+    let text =
+        std::fs::read_to_string(&index_path).with_context(|| format!("reading {}", index_path.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", index_path.display()))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .with_context(|| format!("{}: missing object field \"weight_map\"", index_path.display()))?;
+    let mut by_file: BTreeMap<String, Vec<(String, Vec<usize>)>> = BTreeMap::new();
+    for (name, file) in map {
+        let file = file
+            .as_str()
+            .with_context(|| format!("{}: weight_map[{name:?}] is not a file name", index_path.display()))?;
+        ensure!(
+            !file.is_empty() && !file.contains('/') && !file.contains('\\') && file != ".." && file != ".",
+            "{}: weight_map[{name:?}] = {file:?} is not a file name in the checkpoint directory",
+            index_path.display()
+        );
+        ensure!(
+            allowed(name),
+            "{}: unexpected tensor {name} in weight_map: does the config match the weights?",
+            index_path.display()
+        );
+        if ignorable_hf_tensor(name) {
+            continue;
+        }
+        let shape = if known.contains(name.as_str()) {
+            expected.iter().find(|(n, _)| n == name).map(|(_, s)| s.clone()).unwrap_or_default()
+        } else {
+            tied_head.as_ref().map(|(_, s)| s.clone()).unwrap_or_default()
         };
-        out.push(NamedTensor { name: name.clone(), shape: shape.clone(), data });
+        by_file.entry(file.to_string()).or_default().push((name.clone(), shape));
+    }
+    for (name, _) in &expected {
+        ensure!(map.contains_key(name), "{}: tensor {name} is missing from weight_map", index_path.display());
+    }
+    let mut read: HashMap<String, NamedTensor> = HashMap::with_capacity(map.len());
+    for (file, tensors) in &by_file {
+        let path = dir.join(file);
+        ensure!(
+            path.is_file(),
+            "{}: shard {} (holding {}) is missing",
+            index_path.display(),
+            path.display(),
+            tensors[0].0
+        );
+        let mmap = map_file(&path)?;
+        let st = parse_safetensors(&path, &mmap)?;
+        for (name, shape) in tensors {
+            read.insert(name.clone(), tensor_f32(&path, &st, name, shape)?);
+        }
+    }
+    let mut out: Vec<NamedTensor> =
+        expected.iter().map(|(name, _)| read.remove(name).expect("every expected tensor was read")).collect();
+    if let Some((name, _)) = &tied_head {
+        out.extend(read.remove(name));
     }
     Ok(out)
+}
+
+/// The internal tensors of a checkpoint directory (ours or a Hugging Face Llama) for `config`.
+pub fn read_params(dir: &Path, config: &ModelConfig) -> Result<Vec<NamedTensor>> {
+    let hf = read_hf_weights(dir, config)?;
+    from_hf(config, &hf).with_context(|| format!("converting the weights of {}", dir.display()))
 }
 
 /// The Hugging Face tensors of `config`, (name, shape) in [`to_hf`]'s order.
@@ -204,7 +333,9 @@ pub fn hf_config_json(config: &ModelConfig) -> serde_json::Value {
 }
 
 /// Reads a checkpoint's model config: our `"sft"` section when present, else the Hugging Face
-/// Llama fields (a checkpoint from elsewhere: half-split RoPE, no dropout).
+/// Llama fields (a checkpoint from elsewhere: half-split RoPE, no dropout). Llama variants this
+/// engine cannot run (RoPE scaling, biases, a `head_dim` other than hidden_size / heads, another
+/// activation) are errors naming the file and the field.
 pub fn read_model_config(dir: &Path) -> Result<ModelConfig> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -214,29 +345,102 @@ pub fn read_model_config(dir: &Path) -> Result<ModelConfig> {
         return serde_json::from_value(sft.clone())
             .with_context(|| format!("{}: bad \"sft\" model config", path.display()));
     }
+    hf_model_config(&json).with_context(|| format!("{}: unusable model config", path.display()))
+}
+
+/// A [`ModelConfig`] from the fields of a transformers `LlamaConfig`.
+fn hf_model_config(json: &serde_json::Value) -> Result<ModelConfig> {
+    let present = |name: &str| json.get(name).filter(|v| !v.is_null());
     let field = |name: &str| -> Result<usize> {
-        json.get(name)
-            .and_then(|v| v.as_u64())
+        let v = present(name).with_context(|| format!("missing field {name:?}"))?;
+        v.as_u64()
             .map(|v| v as usize)
-            .with_context(|| format!("{}: missing integer field {name:?}", path.display()))
+            .with_context(|| format!("field {name:?} = {v} is not a non-negative integer"))
     };
+    let float = |name: &str, default: f64| -> Result<f64> {
+        match present(name) {
+            None => Ok(default),
+            Some(v) => v.as_f64().with_context(|| format!("field {name:?} = {v} is not a number")),
+        }
+    };
+    let flag = |name: &str| -> Result<bool> {
+        match present(name) {
+            None => Ok(false),
+            Some(v) => v.as_bool().with_context(|| format!("field {name:?} = {v} is not a boolean")),
+        }
+    };
+    if let Some(t) = present("model_type") {
+        ensure!(t == "llama", "field \"model_type\" is {t}; only \"llama\" (LlamaForCausalLM) is supported");
+    }
+    if let Some(scaling) = present("rope_scaling") {
+        let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).cloned().unwrap_or_default();
+        bail!(
+            "field \"rope_scaling\" (type {kind}) is not supported: the RoPE kernels take rope_theta \
+             only, so scaled frequencies (Llama 3.1/3.2's llama3 scaling) would give wrong results"
+        );
+    }
+    for name in ["attention_bias", "mlp_bias"] {
+        ensure!(!flag(name)?, "field {name:?} is true: biased projections are not supported");
+    }
+    if let Some(act) = present("hidden_act") {
+        ensure!(act == "silu", "field \"hidden_act\" is {act}; only \"silu\" (SwiGLU) is supported");
+    }
     let n_heads = field("num_attention_heads")?;
+    let d_model = field("hidden_size")?;
+    ensure!(n_heads > 0, "field \"num_attention_heads\" must be positive");
+    if present("head_dim").is_some() {
+        let head_dim = field("head_dim")?;
+        ensure!(
+            head_dim * n_heads == d_model,
+            "field \"head_dim\" = {head_dim} differs from hidden_size / num_attention_heads = {d_model} / \
+             {n_heads}: not supported"
+        );
+    }
     let config = ModelConfig {
         vocab_size: field("vocab_size")?,
-        d_model: field("hidden_size")?,
+        d_model,
         n_layers: field("num_hidden_layers")?,
         n_heads,
-        n_kv_heads: field("num_key_value_heads").unwrap_or(n_heads),
+        n_kv_heads: if present("num_key_value_heads").is_some() {
+            field("num_key_value_heads")?
+        } else {
+            n_heads
+        },
         ffn_hidden: field("intermediate_size")?,
-        norm_eps: json.get("rms_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-6) as f32,
-        rope_theta: json.get("rope_theta").and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32,
+        // transformers' LlamaConfig defaults.
+        norm_eps: float("rms_norm_eps", 1e-6)? as f32,
+        rope_theta: float("rope_theta", 10000.0)? as f32,
         rope_style: crate::backend::RopeStyle::HalfSplit,
-        max_seq_len: field("max_position_embeddings")?,
-        tie_embeddings: json.get("tie_word_embeddings").and_then(|v| v.as_bool()).unwrap_or(false),
+        max_seq_len: if present("max_position_embeddings").is_some() {
+            field("max_position_embeddings")?
+        } else {
+            2048
+        },
+        tie_embeddings: flag("tie_word_embeddings")?,
         dropout: 0.0,
     };
-    config.validate().with_context(|| format!("{}: unusable model config", path.display()))?;
+    config.validate()?;
     Ok(config)
+}
+
+/// `bos/eos/pad_token_id` for config.json from a tokenizer.json's added tokens: `<PAD>` pads,
+/// `<EOA>` ends a reply (what generation stops at in our chat format), `<SOS>` when present.
+fn token_ids_from_tokenizer_json(text: &str) -> serde_json::Map<String, serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    let Ok(json) = serde_json::from_str::<serde_json::Value>(text) else { return out };
+    let Some(added) = json.get("added_tokens").and_then(|a| a.as_array()) else { return out };
+    let id_of = |content: &str| {
+        added
+            .iter()
+            .find(|t| t.get("content").and_then(|c| c.as_str()) == Some(content))
+            .and_then(|t| t.get("id"))
+    };
+    for (field, token) in [("bos_token_id", "<SOS>"), ("eos_token_id", "<EOA>"), ("pad_token_id", "<PAD>")] {
+        if let Some(id) = id_of(token) {
+            out.insert(field.to_string(), id.clone());
+        }
+    }
+    out
 }
 
 // ---- writing --------------------------------------------------------------------------------
@@ -257,24 +461,39 @@ fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     f.write_all(bytes).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", path.display()))
 }
 
+/// The tokenizer a checkpoint gets: a file to copy, or the JSON text of one.
+#[derive(Clone, Copy, Debug)]
+pub enum TokenizerSource<'a> {
+    File(&'a Path),
+    Json(&'a str),
+}
+
 /// Writes the weights (internal tensors `params`), config.json and (when given) the tokenizer
 /// into `dir`, which must exist.
 fn write_weights(
     dir: &Path,
     config: &ModelConfig,
     params: &[NamedTensor],
-    tokenizer: Option<&Path>,
+    tokenizer: Option<TokenizerSource>,
 ) -> Result<()> {
     write_safetensors(&dir.join(MODEL_FILE), &to_hf(config, params))?;
-    let json = serde_json::to_string_pretty(&hf_config_json(config))?;
-    write_file_synced(&dir.join(CONFIG_FILE), json.as_bytes())?;
-    if let Some(tok) = tokenizer {
-        let dst = dir.join(TOKENIZER_FILE);
-        std::fs::copy(tok, &dst)
-            .with_context(|| format!("copying tokenizer {} to {}", tok.display(), dst.display()))?;
-        fsync_file(&dst)?;
+    let mut json = hf_config_json(config);
+    let dst = dir.join(TOKENIZER_FILE);
+    match tokenizer {
+        None => {}
+        Some(TokenizerSource::File(tok)) => {
+            std::fs::copy(tok, &dst)
+                .with_context(|| format!("copying tokenizer {} to {}", tok.display(), dst.display()))?;
+            fsync_file(&dst)?;
+        }
+        Some(TokenizerSource::Json(text)) => write_file_synced(&dst, text.as_bytes())?,
     }
-    Ok(())
+    if tokenizer.is_some() {
+        let text = std::fs::read_to_string(&dst).with_context(|| format!("reading {}", dst.display()))?;
+        let obj = json.as_object_mut().expect("hf_config_json is an object");
+        obj.extend(token_ids_from_tokenizer_json(&text));
+    }
+    write_file_synced(&dir.join(CONFIG_FILE), serde_json::to_string_pretty(&json)?.as_bytes())
 }
 
 fn optimizer_tensors<B: Backend>(model: &Model<B>) -> Result<Vec<NamedTensor>> {
@@ -296,6 +515,16 @@ pub fn save_weights(
     config: &ModelConfig,
     params: &[NamedTensor],
     tokenizer: Option<&Path>,
+) -> Result<()> {
+    save_weights_with(dir, config, params, tokenizer.map(TokenizerSource::File))
+}
+
+/// [`save_weights`] with the tokenizer given as a file or as JSON text.
+pub fn save_weights_with(
+    dir: &Path,
+    config: &ModelConfig,
+    params: &[NamedTensor],
+    tokenizer: Option<TokenizerSource>,
 ) -> Result<()> {
     ensure!(!dir.exists(), "{} already exists: choose a new directory", dir.display());
     let tmp = tmp_sibling(dir)?;
@@ -336,7 +565,7 @@ pub fn save<B: Backend>(
         std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
     }
     std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    write_weights(&tmp, model.config(), &model.read_params()?, tokenizer)?;
+    write_weights(&tmp, model.config(), &model.read_params()?, tokenizer.map(TokenizerSource::File))?;
     write_safetensors(&tmp.join(OPTIMIZER_FILE), &optimizer_tensors(model)?)?;
     write_file_synced(&tmp.join(TRAINER_STATE_FILE), serde_json::to_string_pretty(state)?.as_bytes())?;
     fsync_dir(&tmp)?;
@@ -428,10 +657,8 @@ pub fn load_weights_into<B: Backend>(dir: &Path, model: &mut Model<B>) -> Result
         "{}: the checkpoint's model config {on_disk:?} differs from the model's {ours:?}",
         dir.join(CONFIG_FILE).display()
     );
-    let path = dir.join(MODEL_FILE);
-    let hf = read_safetensors(&path, &hf_shapes(&ours))?;
-    let params = from_hf(&ours, &hf).with_context(|| format!("converting {}", path.display()))?;
-    model.write_params(&params).with_context(|| format!("loading {}", path.display()))
+    let params = read_params(dir, &ours)?;
+    model.write_params(&params).with_context(|| format!("loading the weights of {}", dir.display()))
 }
 
 /// Loads a checkpoint as a model sized for micro-batches of up to `max_tokens` tokens.

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod import;
 pub mod log;
 pub mod schedule;
 pub mod trainer;

@@ -281,6 +281,11 @@ pub fn train_with<B: Backend>(
     if let Some(state) = &resumed {
         warn_about_changes(&state.config, cfg);
     }
+    if let (None, Some(dir)) = (&resume_dir, &cfg.init_from) {
+        // Before the data's tokenizer: a pretrained model's lacks the chat tokens, and this
+        // error says how to add them.
+        crate::train::import::check_init_tokenizer(dir)?;
+    }
     let tokenizer_path = cfg.tokenizer_path();
     let tokenizer = ChatTokenizer::from_file(&tokenizer_path)
         .with_context(|| format!("loading the tokenizer {}", tokenizer_path.display()))?;
