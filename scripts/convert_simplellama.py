@@ -190,6 +190,7 @@ def config_json(sizes, eps, theta, max_seq_len, dropout, tokenizer_path):
         "attention_dropout": 0.0,
         "torch_dtype": "float32",
         "sft": sft,
+        "sft_qk_order": "hf",  # q/k rows in Hugging Face's order (see src/train/checkpoint.rs)
     }
     if tokenizer_path:
         with open(tokenizer_path) as f:

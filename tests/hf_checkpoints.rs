@@ -119,6 +119,19 @@ fn save_and_load_round_trip_weights_and_logits() {
         assert_eq!(checkpoint::read_model_config(&dir).unwrap(), config);
         assert_eq!(read_params(&dir, &config).unwrap(), params, "{style:?} tied={tie}");
         assert_eq!(logits(&dir), logits_of(&config, &params), "{style:?} tied={tie}");
+
+        // A file from a build before the q/k order mark: refused when adjacent pairs (its rows
+        // would be misread), accepted when half split (nothing was permuted then either).
+        let mut old = json.clone();
+        old.as_object_mut().unwrap().remove("sft_qk_order");
+        std::fs::write(dir.join("config.json"), old.to_string()).unwrap();
+        match style {
+            RopeStyle::AdjacentPairs => {
+                let err = format!("{:#}", checkpoint::read_model_config(&dir).unwrap_err());
+                assert!(err.contains("older sft build") && err.contains("config.json"), "{err}");
+            }
+            RopeStyle::HalfSplit => assert_eq!(checkpoint::read_model_config(&dir).unwrap(), config),
+        }
     }
 }
 

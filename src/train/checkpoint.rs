@@ -329,8 +329,15 @@ pub fn hf_config_json(config: &ModelConfig) -> serde_json::Value {
         "attention_dropout": 0.0,
         "torch_dtype": "float32",
         "sft": config,
+        QK_ORDER_FIELD: QK_ORDER_HF,
     })
 }
+
+/// Marks the files whose q/k rows are in Hugging Face's order whatever the RoPE style. Builds
+/// before it wrote adjacent-pairs q/k rows unpermuted; without the mark such a file would load
+/// as a different model, so it is refused instead.
+pub const QK_ORDER_FIELD: &str = "sft_qk_order";
+pub const QK_ORDER_HF: &str = "hf";
 
 /// Reads a checkpoint's model config: our `"sft"` section when present, else the Hugging Face
 /// Llama fields (a checkpoint from elsewhere: half-split RoPE, no dropout). Llama variants this
@@ -342,8 +349,17 @@ pub fn read_model_config(dir: &Path) -> Result<ModelConfig> {
     let json: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     if let Some(sft) = json.get("sft") {
-        return serde_json::from_value(sft.clone())
-            .with_context(|| format!("{}: bad \"sft\" model config", path.display()));
+        let config: ModelConfig = serde_json::from_value(sft.clone())
+            .with_context(|| format!("{}: bad \"sft\" model config", path.display()))?;
+        let marked = json.get(QK_ORDER_FIELD).and_then(|v| v.as_str()) == Some(QK_ORDER_HF);
+        ensure!(
+            marked || config.rope_style != crate::backend::RopeStyle::AdjacentPairs,
+            "{}: an adjacent-pairs checkpoint without \"{QK_ORDER_FIELD}\": \"{QK_ORDER_HF}\" was written by an \
+             older sft build, whose q/k rows are not in Hugging Face's order; re-create it (sft init, or \
+             scripts/convert_simplellama.py), or permute q_proj/k_proj per head (docs/checkpoints.md) and add the field",
+            path.display()
+        );
+        return Ok(config);
     }
     hf_model_config(&json).with_context(|| format!("{}: unusable model config", path.display()))
 }
