@@ -260,7 +260,8 @@ __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, c
             cp_async_wait<0>();
         }
         __syncthreads();
-        if (kt <= w_last) {
+        // Skip tiles entirely above the warp's diagonal, and warps past the segment's end.
+        if (kt <= w_last && w_first < seg_end) {
             const bf16_t* kb = ks + (it & 1) * BN * LD;
             const bf16_t* vb = vs + (it & 1) * BN * LD;
             float s[BN / 8][4];
@@ -391,7 +392,8 @@ __device__ void flash_dq_impl(bf16_t* dqkv, const bf16_t* dout, const bf16_t* qk
             cp_async_wait<0>();
         }
         __syncthreads();
-        if (kt <= w_last) {
+        // Skip tiles entirely above the warp's diagonal, and warps past the segment's end.
+        if (kt <= w_last && w_first < seg_end) {
             const bf16_t* kb = ks + (it & 1) * BN * LD;
             const bf16_t* vb = vs + (it & 1) * BN * LD;
             float s[BN / 8][4], dp[BN / 8][4];
