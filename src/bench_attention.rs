@@ -55,7 +55,15 @@ pub fn table_header() -> String {
 }
 
 /// One row of the shared table (times in seconds).
-pub fn table_row(name: &str, t: usize, batch: usize, hd: usize, heads: usize, fwd_s: f64, fwd_bwd_s: f64) -> String {
+pub fn table_row(
+    name: &str,
+    t: usize,
+    batch: usize,
+    hd: usize,
+    heads: usize,
+    fwd_s: f64,
+    fwd_bwd_s: f64,
+) -> String {
     let (f, b) = attention_flops(batch, t, heads, hd);
     format!(
         "{:<22} {:>5} {:>4} {:>4} {:>10.3} {:>10.1} {:>12.3} {:>14.1}",

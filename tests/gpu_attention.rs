@@ -111,7 +111,10 @@ fn against_cpu(heads: HeadShape, cu: &[u32], seed: u64) {
     let a = attention(&g, &qkv, &dout, cu, heads);
     let r = attention(&CpuBackend::<f32>::new(), &qkv, &dout, cu, heads);
     let lens: Vec<u32> = cu.windows(2).map(|w| w[1] - w[0]).collect();
-    let tag = format!("tensor cores vs cpu, hd {} heads {}/{} lengths {lens:?}", heads.head_dim, heads.n_heads, heads.n_kv_heads);
+    let tag = format!(
+        "tensor cores vs cpu, hd {} heads {}/{} lengths {lens:?}",
+        heads.head_dim, heads.n_heads, heads.n_kv_heads
+    );
     compare(&tag, &a, &r, heads);
 }
 

@@ -120,7 +120,18 @@ impl CudaBackend {
         unsafe { b.launch(warps_cfg) }?;
 
         if let Some(cfg) = self.flash_config(heads) {
-            return self.flash_backward(cfg, &mut scratch, dqkv, dout, qkv, lse, cu_seqlens, n_segments, n, heads);
+            return self.flash_backward(
+                cfg,
+                &mut scratch,
+                dqkv,
+                dout,
+                qkv,
+                lse,
+                cu_seqlens,
+                n_segments,
+                n,
+                heads,
+            );
         }
         let d_buf = scratch.attn_d.as_ref().expect("ensured above");
 

@@ -197,7 +197,8 @@ impl CudaBackend {
         n: usize,
         heads: HeadShape,
     ) -> Result<()> {
-        let (ni, nhi, nkvi) = (int(n, "n")?, int(heads.n_heads, "heads")?, int(heads.n_kv_heads, "kv heads")?);
+        let (ni, nhi, nkvi) =
+            (int(n, "n")?, int(heads.n_heads, "heads")?, int(heads.n_kv_heads, "kv heads")?);
         let mut scratch = self.scratch();
         let k = cfg.forward;
         let bound = self.build_tile_table(&mut scratch.attn_tiles, cu_seqlens, n_segments, n, k.tile)?;
@@ -224,9 +225,12 @@ impl CudaBackend {
         n: usize,
         heads: HeadShape,
     ) -> Result<()> {
-        let (ni, nhi, nkvi) = (int(n, "n")?, int(heads.n_heads, "heads")?, int(heads.n_kv_heads, "kv heads")?);
-        let bound_q = self.build_tile_table(&mut scratch.attn_tiles, cu_seqlens, n_segments, n, cfg.dq.tile)?;
-        let bound_k = self.build_tile_table(&mut scratch.attn_tiles_kv, cu_seqlens, n_segments, n, cfg.dkdv.tile)?;
+        let (ni, nhi, nkvi) =
+            (int(n, "n")?, int(heads.n_heads, "heads")?, int(heads.n_kv_heads, "kv heads")?);
+        let bound_q =
+            self.build_tile_table(&mut scratch.attn_tiles, cu_seqlens, n_segments, n, cfg.dq.tile)?;
+        let bound_k =
+            self.build_tile_table(&mut scratch.attn_tiles_kv, cu_seqlens, n_segments, n, cfg.dkdv.tile)?;
         let table_q = scratch.attn_tiles.as_ref().expect("built above");
         let table_k = scratch.attn_tiles_kv.as_ref().expect("built above");
         let d = scratch.attn_d.as_ref().context("attention D was not computed")?;

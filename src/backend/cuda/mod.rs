@@ -24,8 +24,8 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::bf16;
 
 use super::{AdamW, Backend, HeadShape, LossGrads, Precision, RopeStyle};
-pub use flash::{tile_table, AttentionPath};
 use flash::FlashSupport;
+pub use flash::{tile_table, AttentionPath};
 use gemm::Gemm;
 use launch::Kernels;
 use scratch::Scratch;
