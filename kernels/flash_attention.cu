@@ -50,12 +50,22 @@
 // addresses of an ldmatrix hit 8 distinct 4-bank groups (row stride 144 or 272 bytes), so
 // ldmatrix is conflict-free. Global → shared copies are 16-byte cp.async (zero-filled past the
 // last row), double-buffered over the loop's tiles. Dynamic shared memory (sizes in flash.rs).
+#ifdef FLASH_EMULATE
+// Host emulation of the CUDA built-ins used here (tests/flash_emu, scripts/flash_emulate.sh):
+// runs this file's kernels on the CPU, one thread per CUDA thread.
+#include "flash_emu.h"
+#endif
 #include "common.cuh"
 
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
 typedef __nv_bfloat16 bf16_t;
+
+#ifdef FLASH_EMULATE
+#define FLASH_DYNAMIC_SMEM(name) unsigned char* name = emu_dynamic_smem()
+#else
+#define FLASH_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
     return (uint32_t)__cvta_generic_to_shared(p);
@@ -94,6 +104,7 @@ __device__ __forceinline__ void mma_bf16(float* d, const uint32_t* a, uint32_t b
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif  // FLASH_EMULATE
 
 // Two floats as a bf16 pair, `lo` in the low half (the lower column index).
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -101,11 +112,13 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
+#ifndef FLASH_EMULATE
 __device__ __forceinline__ uint32_t dynamic_smem_size() {
     uint32_t r;
     asm volatile("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(r));
     return r;
 }
+#endif
 
 // Copies rows row0 .. row0 + ROWS - 1 (HD bf16 each, row r at src + r * stride) into a padded
 // shared tile; rows at or past `limit` are zero-filled.
@@ -218,7 +231,7 @@ template <int HD, int NW, int BN>
 __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, const int* table, int n, int n_heads,
                                    int n_kv_heads) {
     constexpr int BM = 16 * NW, LD = HD + 8, NT = NW * 32;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    FLASH_DYNAMIC_SMEM(smem_raw);
     bf16_t* qs = reinterpret_cast<bf16_t*>(smem_raw);
     bf16_t* ks = qs + BM * LD;   // [2][BN][LD]
     bf16_t* vs = ks + 2 * BN * LD;  // [2][BN][LD]
@@ -345,7 +358,7 @@ template <int HD, int NW, int BN>
 __device__ void flash_dq_impl(bf16_t* dqkv, const bf16_t* dout, const bf16_t* qkv, const float* lse, const float* D,
                               const int* table, int n, int n_heads, int n_kv_heads) {
     constexpr int BM = 16 * NW, LD = HD + 8, NT = NW * 32;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    FLASH_DYNAMIC_SMEM(smem_raw);
     bf16_t* qs = reinterpret_cast<bf16_t*>(smem_raw);
     bf16_t* dos = qs + BM * LD;
     bf16_t* ks = dos + BM * LD;     // [2][BN][LD]
@@ -440,7 +453,7 @@ template <int HD, int NW, int BQ>
 __device__ void flash_dkdv_impl(bf16_t* dqkv, const bf16_t* dout, const bf16_t* qkv, const float* lse,
                                 const float* D, const int* table, int n, int n_heads, int n_kv_heads) {
     constexpr int BN = 16 * NW, LD = HD + 8, NT = NW * 32;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+    FLASH_DYNAMIC_SMEM(smem_raw);
     bf16_t* ks = reinterpret_cast<bf16_t*>(smem_raw);
     bf16_t* vs = ks + BN * LD;
     bf16_t* qs = vs + BN * LD;       // [2][BQ][LD]
