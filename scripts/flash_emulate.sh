@@ -7,6 +7,7 @@
 #
 #   scripts/flash_emulate.sh          # every case (a few minutes on 2 cores)
 #   scripts/flash_emulate.sh quick    # the first case only
+#   scripts/flash_emulate.sh 3        # case 3 only (the list is in tests/flash_emu/main.cpp)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 inc="${CUDA_HOME:-$root/.cuda/nvidia/cu13}/include"

@@ -75,8 +75,13 @@ fn attention<B: Backend>(b: &B, qkv: &[f32], dout: &[f32], cu: &[u32], heads: He
 fn rel_error(got: &[f32], want: &[f32]) -> f64 {
     let diff: f64 = got.iter().zip(want).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>().sqrt();
     let norm: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum::<f64>().sqrt();
-    assert!(norm > 0.0, "reference is all zeros, the test checks nothing");
-    diff / norm
+    // dq and dk of a 1-token sequence are exactly zero (dS = P(dP − D) with P = 1, D = dP):
+    // there the absolute error is the measure.
+    if norm > 0.0 {
+        diff / norm
+    } else {
+        diff
+    }
 }
 
 fn assert_close(what: &str, got: &[f32], want: &[f32]) {

@@ -66,17 +66,20 @@ const fn dkdv(name: &'static str, hd: usize, nw: usize, bq: usize) -> FlashKerne
 /// The kernels for one head_dim; must match FLASH_ENTRIES in flash_attention.cu.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct FlashConfig {
+    pub head_dim: usize,
     pub forward: FlashKernel,
     pub dq: FlashKernel,
     pub dkdv: FlashKernel,
 }
 
 pub(super) const FLASH_64: FlashConfig = FlashConfig {
+    head_dim: 64,
     forward: forward("flash_forward_64", 64, 8, 64),
     dq: dq("flash_backward_dq_64", 64, 8, 64),
     dkdv: dkdv("flash_backward_dkdv_64", 64, 8, 64),
 };
 pub(super) const FLASH_128: FlashConfig = FlashConfig {
+    head_dim: 128,
     forward: forward("flash_forward_128", 128, 8, 64),
     dq: dq("flash_backward_dq_128", 128, 4, 64),
     dkdv: dkdv("flash_backward_dkdv_128", 128, 8, 32),
@@ -109,13 +112,18 @@ impl FlashSupport {
                 return Ok(false);
             }
             for k in ks {
-                kernels
-                    .get(k.name)?
-                    .set_attribute(
-                        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        k.smem as i32,
-                    )
-                    .with_context(|| format!("allowing {} bytes of shared memory for {}", k.smem, k.name))?;
+                let set = kernels.get(k.name)?.set_attribute(
+                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    k.smem as i32,
+                );
+                if let Err(e) = set {
+                    // The scalar kernels still work: say why and use them.
+                    eprintln!(
+                        "warning: {} bytes of shared memory for {} refused ({e}); scalar attention for head_dim {}",
+                        k.smem, k.name, cfg.head_dim
+                    );
+                    return Ok(false);
+                }
             }
             Ok(true)
         };
