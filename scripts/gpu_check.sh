@@ -6,6 +6,7 @@
 #   scripts/gpu_check.sh resources   # here: registers / spills / shared memory per kernel (sm_90 cubin)
 #   .gpu/gpu_check.sh run            # on the GPU box, from the folder holding the copied .gpu/
 #   .gpu/gpu_check.sh bench          # on the GPU box: sft bench on the 1.3B, and the demo on the GPU
+#   .gpu/gpu_check.sh attention      # on the GPU box: PyTorch flash SDPA vs sft bench-attention (one table)
 #
 # `run` puts the Python environment's nvidia/*/lib folders (cuBLASLt, ...) on LD_LIBRARY_PATH,
 # runs every ignored GPU test against the CPU reference, and prints a short table.
@@ -21,7 +22,7 @@ build)
     REQUIRE_NVCC=1 cargo build --release
     # The paths of the test executables come from cargo's JSON messages.
     mkdir -p .gpu
-    for test in gpu_ops gpu_train; do
+    for test in gpu_ops gpu_attention gpu_train; do
         test_bin="$(REQUIRE_NVCC=1 cargo test --release --test "$test" --no-run --message-format=json 2>/dev/null |
             python3 -c 'import json,sys
 for line in sys.stdin:
@@ -36,7 +37,8 @@ for line in sys.stdin:
     done
     cp target/release/sft .gpu/sft
     cp scripts/gpu_check.sh .gpu/gpu_check.sh
-    echo "copied to $root/.gpu: sft, gpu_ops, gpu_train, gpu_check.sh (run: .gpu/gpu_check.sh run on the GPU box)"
+    cp scripts/bench_attention_torch.py .gpu/bench_attention_torch.py
+    echo "copied to $root/.gpu: sft, gpu_ops, gpu_attention, gpu_train, gpu_check.sh, bench_attention_torch.py (run: .gpu/gpu_check.sh run on the GPU box)"
     ;;
 resources)
     root="$(cd "$here/.." && pwd)"
@@ -80,7 +82,7 @@ run)
     # One thread and --nocapture: each test's output (relative errors, skip reasons) follows its name.
     status=0
     : >gpu_tests.log
-    for test in gpu_ops gpu_train; do
+    for test in gpu_ops gpu_attention gpu_train; do
         ./"$test" --ignored --test-threads=1 --nocapture >>gpu_tests.log 2>&1 || status=1
     done
     set -e
@@ -124,8 +126,15 @@ bench)
     ./sft bench --config simplellama-1.3b --tokens-per-step 65536 --seq-len 2048 --micro-batch 8 --steps 5 --device cuda
     ./sft demo --device cuda --out demo-gpu
     ;;
+attention)
+    # Causal attention at B·T = 16k, 32 heads of 64: PyTorch flash SDPA, then ours (tensor cores
+    # and the scalar kernels), in one table.
+    cd "$here"
+    export LD_LIBRARY_PATH="$(python3 -c 'import site,glob; print(":".join(sorted(glob.glob(site.getsitepackages()[0] + "/nvidia/*/lib"))))' 2>/dev/null)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    python3 ./bench_attention_torch.py --sft ./sft --scalar
+    ;;
 *)
-    echo "usage: $0 build|resources|run|bench" >&2
+    echo "usage: $0 build|resources|run|bench|attention" >&2
     exit 2
     ;;
 esac

@@ -7,10 +7,11 @@
 //! - [`train`]: AdamW, schedule, the training loop, evaluation, checkpoints, logs.
 //! - [`generate`]: sampling with a KV cache; `sft generate` and `sft chat`.
 //! - [`demo`]: the embedded default, `sft demo`.
-//! - [`bench`]: the training step's speed, `sft bench`.
+//! - [`bench`]: the training step's speed, `sft bench`; [`bench_attention`]: `sft bench-attention`.
 
 pub mod backend;
 pub mod bench;
+pub mod bench_attention;
 pub mod data;
 pub mod demo;
 pub mod generate;

@@ -37,6 +37,8 @@ enum Command {
     Demo(sft::demo::DemoArgs),
     /// Time training steps on synthetic batches: tokens/s, MFU, device memory.
     Bench(sft::bench::BenchArgs),
+    /// Time causal attention forward and forward+backward on the GPU (TFLOP/s table).
+    BenchAttention(sft::bench_attention::AttentionBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +65,7 @@ fn main() -> anyhow::Result<()> {
         Command::Chat(args) => sft::generate::cli::chat(args)?,
         Command::Demo(args) => sft::demo::demo(args)?,
         Command::Bench(args) => sft::bench::bench(args)?,
+        Command::BenchAttention(args) => sft::bench_attention::bench_attention(args)?,
     }
     Ok(())
 }

@@ -1,4 +1,6 @@
-//! Flash-style causal attention over packed segments (kernels/attention.cu).
+//! Causal attention over packed segments: the tensor-core kernels (kernels/flash_attention.cu,
+//! launched from flash.rs) where the device and head_dim allow, the scalar flash-style kernels
+//! (kernels/attention.cu) otherwise or when forced (`SFT_ATTENTION=scalar`). Decode is scalar.
 
 use anyhow::{bail, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -57,6 +59,9 @@ impl CudaBackend {
         if n == 0 {
             return Ok(());
         }
+        if let Some(cfg) = self.flash_config(heads) {
+            return self.flash_forward(cfg, out, lse, qkv, cu_seqlens, n_segments, n, heads);
+        }
         let (segi, ni, nhi, nkvi) = (
             int(n_segments, "segments")?,
             int(n, "n")?,
@@ -114,14 +119,30 @@ impl CudaBackend {
         // SAFETY: D holds n_heads * n; the kernel returns for warps past the end.
         unsafe { b.launch(warps_cfg) }?;
 
+        if let Some(cfg) = self.flash_config(heads) {
+            return self.flash_backward(
+                cfg,
+                &mut scratch,
+                dqkv,
+                dout,
+                qkv,
+                lse,
+                cu_seqlens,
+                n_segments,
+                n,
+                heads,
+            );
+        }
+        let d_buf = scratch.attn_d.as_ref().expect("ensured above");
+
         let mut b = self.stream.launch_builder(self.kernels.get(&format!("attention_backward_dq_{hd}"))?);
-        b.arg(&mut *dqkv).arg(dout).arg(qkv).arg(lse).arg(&*d_buf).arg(cu_seqlens).arg(&segi).arg(&ni);
+        b.arg(&mut *dqkv).arg(dout).arg(qkv).arg(lse).arg(d_buf).arg(cu_seqlens).arg(&segi).arg(&ni);
         b.arg(&nhi).arg(&nkvi);
         // SAFETY: writes only the q part of each dqkv row < n.
         unsafe { b.launch(rows_by_heads(n, heads.n_heads)) }?;
 
         let mut b = self.stream.launch_builder(self.kernels.get(&format!("attention_backward_dkdv_{hd}"))?);
-        b.arg(&mut *dqkv).arg(dout).arg(qkv).arg(lse).arg(&*d_buf).arg(cu_seqlens).arg(&segi).arg(&ni);
+        b.arg(&mut *dqkv).arg(dout).arg(qkv).arg(lse).arg(d_buf).arg(cu_seqlens).arg(&segi).arg(&ni);
         b.arg(&nhi).arg(&nkvi);
         // SAFETY: writes only the k and v parts of each dqkv row < n.
         unsafe { b.launch(rows_by_heads(n, heads.n_kv_heads)) }?;

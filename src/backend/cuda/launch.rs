@@ -44,6 +44,18 @@ const KERNELS: &[(&str, &[&str])] = &[
             "attention_backward_dkdv_128",
         ],
     ),
+    (
+        "flash_attention",
+        &[
+            "flash_tile_table",
+            "flash_forward_64",
+            "flash_forward_128",
+            "flash_backward_dq_64",
+            "flash_backward_dq_128",
+            "flash_backward_dkdv_64",
+            "flash_backward_dkdv_128",
+        ],
+    ),
 ];
 
 /// Threads per block of the element-wise and row-wise kernels.

@@ -7,6 +7,7 @@
 
 mod attention;
 mod elementwise;
+mod flash;
 mod gemm;
 mod launch;
 mod loss;
@@ -15,6 +16,7 @@ mod norm;
 mod optim;
 mod scratch;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{bail, Context, Result};
@@ -22,6 +24,8 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::bf16;
 
 use super::{AdamW, Backend, HeadShape, LossGrads, Precision, RopeStyle};
+use flash::FlashSupport;
+pub use flash::{tile_table, AttentionPath};
 use gemm::Gemm;
 use launch::Kernels;
 use scratch::Scratch;
@@ -102,6 +106,10 @@ pub struct CudaBackend {
     gemm: Gemm,
     scratch: Mutex<Scratch>,
     name: String,
+    /// Which head dims the tensor-core attention supports on this device.
+    flash: FlashSupport,
+    /// `AttentionPath::Scalar` when set (SFT_ATTENTION=scalar, or set_attention_path).
+    force_scalar_attention: AtomicBool,
 }
 
 impl CudaBackend {
@@ -121,6 +129,7 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let kernels = Kernels::load(&ctx)?;
+        let flash = FlashSupport::probe(&ctx, &kernels)?;
         let gemm = Gemm::new(stream.clone())?;
         let gpu = ctx.name().unwrap_or_else(|_| "unknown GPU".to_string());
         Ok(CudaBackend {
@@ -130,7 +139,34 @@ impl CudaBackend {
             kernels,
             gemm,
             scratch: Mutex::new(Scratch::default()),
+            flash,
+            force_scalar_attention: AtomicBool::new(AttentionPath::from_env() == AttentionPath::Scalar),
         })
+    }
+
+    /// Selects the attention kernels for training (`Auto`: tensor cores where supported).
+    /// The initial value comes from `SFT_ATTENTION` (`scalar` forces the scalar kernels).
+    pub fn set_attention_path(&self, path: AttentionPath) {
+        self.force_scalar_attention.store(path == AttentionPath::Scalar, Ordering::Relaxed);
+    }
+
+    pub fn attention_path(&self) -> AttentionPath {
+        if self.force_scalar_attention.load(Ordering::Relaxed) {
+            AttentionPath::Scalar
+        } else {
+            AttentionPath::Auto
+        }
+    }
+
+    /// Whether training attention with this head_dim runs on tensor cores now (the device
+    /// supports it and the scalar path is not forced).
+    pub fn uses_tensor_core_attention(&self, head_dim: usize) -> bool {
+        self.attention_path() == AttentionPath::Auto && self.flash.config(head_dim).is_some()
+    }
+
+    /// The device's compute capability (major, minor).
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.flash.capability
     }
 
     fn scratch(&self) -> MutexGuard<'_, Scratch> {

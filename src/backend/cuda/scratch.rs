@@ -13,6 +13,10 @@ pub(super) struct Scratch {
     pub rms_partial: Option<CudaSlice<f32>>,
     /// attention_backward: D = rowsum(dO ∘ O), `[n_heads, n]`.
     pub attn_d: Option<CudaSlice<f32>>,
+    /// flash attention: tile tables (count, then (first row, segment start, segment end) per
+    /// tile) of the forward / dQ kernel and of the dK/dV kernel.
+    pub attn_tiles: Option<CudaSlice<i32>>,
+    pub attn_tiles_kv: Option<CudaSlice<i32>>,
     /// sum_squares: one partial per block per buffer.
     pub sumsq_partial: Option<CudaSlice<f32>>,
     /// embedding_backward: tokens grouped by id.

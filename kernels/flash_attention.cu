@@ -1,0 +1,591 @@
+// Flash attention on tensor cores: causal, variable-length (cu_seqlens), grouped KV heads,
+// head_dim 64 and 128, bf16 in/out, fp32 accumulation. The scalar kernels of attention.cu stay
+// as the fallback and the cross-check (SFT_ATTENTION=scalar); both produce the same lse.
+//
+// Kernels (HD = head_dim; every CTA is NW warps; a warp owns 16 rows of its side):
+// - flash_tile_table:   tiles of `tile` rows per segment, never crossing a segment boundary:
+//                       table[0] = count, table[1 + 3t ..] = (first row, segment start, segment end).
+// - flash_forward_HD:   CTA = (q tile of 16·NW rows, q head). Loops over key tiles of BN rows from
+//                       the segment start up to the tile's last row (tiles above the diagonal are
+//                       never visited; a warp skips the tiles entirely above its 16 rows). Online
+//                       softmax in the exp2 domain; writes out and lse [n_heads, n] (natural log).
+// - flash_backward_dq_HD: CTA = (q tile of 16·NW rows, q head); loops over the same key tiles,
+//                       recomputes P = exp(S − lse) and dP = dO·Vᵀ, dS = P∘(dP − D), dQ += dS·K.
+//                       Writes dQ once.
+// - flash_backward_dkdv_HD: CTA = (key tile of 16·NW rows, kv head); loops over the q heads of
+//                       the group and the q tiles of BQ rows from the key tile's first row to the
+//                       segment end; with Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ per warp, dV += Pᵀ·dO and
+//                       dK += dSᵀ·Q. Writes dK, dV once.
+// D = rowsum(dO∘O) comes from attention_backward_d (attention.cu). dQ and dK/dV are separate
+// kernels so that every output element has exactly one writer: no atomics, deterministic
+// (the price: S and dP are computed twice in the backward, 7 GEMM-shaped products instead of 5).
+//
+// ---- m16n8k16 fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16", .bf16) --------------
+// lane = threadIdx.x % 32, g = lane / 4 (groupID), c = lane % 4 (thread in group).
+// A (16×16, row-major, 4 × .b32, each two bf16, the lower column in the low half):
+//     a0: (row g,   cols 2c, 2c+1)     a1: (row g+8, cols 2c, 2c+1)
+//     a2: (row g,   cols 2c+8, 2c+9)   a3: (row g+8, cols 2c+8, 2c+9)
+// B (16×8, "col": element (k, n)), 2 × .b32:
+//     b0: (rows k = 2c, 2c+1, col n = g)   b1: (rows k = 2c+8, 2c+9, col n = g)
+// C/D (16×8, fp32), 4 floats:
+//     d0: (row g, col 2c)  d1: (row g, col 2c+1)  d2: (row g+8, col 2c)  d3: (row g+8, col 2c+1)
+// ldmatrix.m8n8.x4.b16: lanes 8i..8i+7 give the row addresses of matrix i (8 rows of 8 bf16,
+//     16 bytes each); register ri of lane L holds row L/4, columns 2(L%4), 2(L%4)+1 of matrix i.
+//     With .trans, ri holds rows 2(L%4), 2(L%4)+1 of column L/4 (the matrix transposed).
+// Consequences used below:
+// * A from a row-major [row][k] tile: lane L points at row (L % 16), column k0 + (L / 16)·8;
+//   then r0..r3 = a0..a3.
+// * B = Xᵀ for X stored [n][k] (S = Q·Kᵀ: X = K): matrix i = rows n0 + (i/2)·8 .. +7 of X, columns
+//   k0 + (i%2)·8: lane L points at X row n0 + (L%8) + (L/16)·8, column k0 + ((L/8)%2)·8;
+//   r0, r1 = b0, b1 of n-tile n0/8 and r2, r3 = b0, b1 of n-tile n0/8 + 1.
+// * B = Y for Y stored [k][n] (O = P·V: Y = V, k = key, n = d): .trans; matrix i = rows
+//   k0 + (i%2)·8 .. +7, columns n0 + (i/2)·8: lane L points at Y row k0 + (L%8) + ((L/8)%2)·8,
+//   column n0 + (L/16)·8; r0, r1 = b0, b1 of n-tile n0/8, r2, r3 = b0, b1 of n-tile n0/8 + 1.
+// * C → A (P kept in registers for P·V): for the 16 keys k0..k0+15 (n-tiles j = k0/8, j+1 of S)
+//   a0 = pack(S[j].d0, S[j].d1), a1 = pack(S[j].d2, S[j].d3), a2 = pack(S[j+1].d0, S[j+1].d1),
+//   a3 = pack(S[j+1].d2, S[j+1].d3).
+// These formulas are mirrored by the CPU emulation in src/backend/cuda/flash.rs (unit-tested).
+//
+// Shared memory tiles are bf16 rows of HD + 8 elements: the 16-byte pad makes the 8 row
+// addresses of an ldmatrix hit 8 distinct 4-bank groups (row stride 144 or 272 bytes), so
+// ldmatrix is conflict-free. Global → shared copies are 16-byte cp.async (zero-filled past the
+// last row), double-buffered over the loop's tiles. Dynamic shared memory (sizes in flash.rs).
+#ifdef FLASH_EMULATE
+// Host emulation of the CUDA built-ins used here (tests/flash_emu, scripts/flash_emulate.sh):
+// runs this file's kernels on the CPU, one thread per CUDA thread.
+#include "flash_emu.h"
+#endif
+#include "common.cuh"
+
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+typedef __nv_bfloat16 bf16_t;
+
+#ifdef FLASH_EMULATE
+#define FLASH_DYNAMIC_SMEM(name) unsigned char* name = emu_dynamic_smem()
+#else
+#define FLASH_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    int bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
+    int bytes = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+// d += a · b (16×8 fp32 += 16×16 bf16 · 16×8 bf16).
+__device__ __forceinline__ void mma_bf16(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif  // FLASH_EMULATE
+
+// Two floats as a bf16 pair, `lo` in the low half (the lower column index).
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+#ifndef FLASH_EMULATE
+__device__ __forceinline__ uint32_t dynamic_smem_size() {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(r));
+    return r;
+}
+#endif
+
+// Copies rows row0 .. row0 + ROWS - 1 (HD bf16 each, row r at src + r * stride) into a padded
+// shared tile; rows at or past `limit` are zero-filled.
+template <int ROWS, int HD, int NT>
+__device__ __forceinline__ void load_rows(bf16_t* dst, const bf16_t* src, size_t stride, int row0, int limit) {
+    constexpr int CH = HD / 8;
+    constexpr int LD = HD + 8;
+#pragma unroll
+    for (int i = 0; i < (ROWS * CH + NT - 1) / NT; i++) {
+        int e = threadIdx.x + i * NT;
+        if ((ROWS * CH) % NT != 0 && e >= ROWS * CH) break;
+        int r = e / CH, col = (e % CH) * 8;
+        int row = row0 + r;
+        bool ok = row < limit;
+        const bf16_t* p = ok ? src + (size_t)row * stride + col : src;
+        cp_async16(dst + r * LD + col, p, ok);
+    }
+}
+
+// Per warp: acc[nt] (n-tiles of 8 columns, NT8 of them) += A(16 rows at a_tile, HD wide) · Xᵀ
+// where X is the shared [n][HD] tile at x_tile (rows n = 0 .. 8·NT8 - 1).
+template <int HD, int NT8>
+__device__ __forceinline__ void mma_abt(float (*acc)[4], const bf16_t* a_tile, const bf16_t* x_tile, int lane) {
+    constexpr int LD = HD + 8;
+    uint32_t a_addr = smem_u32(a_tile + (lane % 16) * LD + (lane / 16) * 8);
+    uint32_t x_addr = smem_u32(x_tile + ((lane % 8) + (lane / 16) * 8) * LD + ((lane / 8) % 2) * 8);
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        uint32_t a[4];
+        ldsm_x4(a[0], a[1], a[2], a[3], a_addr + kk * 32);
+#pragma unroll
+        for (int np = 0; np < NT8 / 2; np++) {
+            uint32_t b0, b1, b2, b3;
+            ldsm_x4(b0, b1, b2, b3, x_addr + (np * 16 * LD + kk * 16) * 2);
+            mma_bf16(acc[2 * np], a, b0, b1);
+            mma_bf16(acc[2 * np + 1], a, b2, b3);
+        }
+    }
+}
+
+// Per warp: acc[HD/8] += P (16 × 16·K16, the C fragments p[2·K16][4], rounded to bf16) · Y where
+// Y is the shared [k][HD] tile at y_tile.
+template <int HD, int K16>
+__device__ __forceinline__ void mma_py(float (*acc)[4], const float (*p)[4], const bf16_t* y_tile, int lane) {
+    constexpr int LD = HD + 8;
+    uint32_t y_addr = smem_u32(y_tile + ((lane % 8) + ((lane / 8) % 2) * 8) * LD + (lane / 16) * 8);
+#pragma unroll
+    for (int kk = 0; kk < K16; kk++) {
+        uint32_t a[4];
+        a[0] = pack_bf16(p[2 * kk][0], p[2 * kk][1]);
+        a[1] = pack_bf16(p[2 * kk][2], p[2 * kk][3]);
+        a[2] = pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+        a[3] = pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+#pragma unroll
+        for (int dp = 0; dp < HD / 16; dp++) {
+            uint32_t b0, b1, b2, b3;
+            ldsm_x4_t(b0, b1, b2, b3, y_addr + (kk * 16 * LD + dp * 16) * 2);
+            mma_bf16(acc[2 * dp], a, b0, b1);
+            mma_bf16(acc[2 * dp + 1], a, b2, b3);
+        }
+    }
+}
+
+// ---- tile table ------------------------------------------------------------------------------
+// One block of 1024 threads. Thread t takes a contiguous run of segments, counts their tiles,
+// a block-wide inclusive scan gives each run its first table slot.
+extern "C" __global__ void __launch_bounds__(1024)
+    flash_tile_table(int* table, const uint32_t* cu, int n_seg, int tile) {
+    __shared__ int sums[1024];
+    int t = threadIdx.x, nt = blockDim.x;
+    int per = (n_seg + nt - 1) / nt;
+    int s0 = min(t * per, n_seg), s1 = min(s0 + per, n_seg);
+    int count = 0;
+    for (int s = s0; s < s1; s++) count += ((int)(cu[s + 1] - cu[s]) + tile - 1) / tile;
+    sums[t] = count;
+    __syncthreads();
+    for (int off = 1; off < nt; off <<= 1) {
+        int v = t >= off ? sums[t - off] : 0;
+        __syncthreads();
+        sums[t] += v;
+        __syncthreads();
+    }
+    int slot = sums[t] - count;
+    if (t == nt - 1) table[0] = sums[t];
+    for (int s = s0; s < s1; s++) {
+        int start = (int)cu[s], end = (int)cu[s + 1];
+        for (int q = start; q < end; q += tile) {
+            int* e = table + 1 + 3 * slot;
+            e[0] = q;
+            e[1] = start;
+            e[2] = end;
+            slot++;
+        }
+    }
+}
+
+// The CTA's tile: the table is read back to front so that the longest causal rows start first.
+__device__ __forceinline__ bool cta_tile(const int* table, int& r0, int& seg_start, int& seg_end) {
+    int count = table[0];
+    int idx = count - 1 - (int)blockIdx.x;
+    if (idx < 0) return false;
+    r0 = table[1 + 3 * idx];
+    seg_start = table[2 + 3 * idx];
+    seg_end = table[3 + 3 * idx];
+    return true;
+}
+
+// ---- forward ---------------------------------------------------------------------------------
+template <int HD, int NW, int BN>
+__device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, const int* table, int n, int n_heads,
+                                   int n_kv_heads) {
+    constexpr int BM = 16 * NW, LD = HD + 8, NT = NW * 32;
+    FLASH_DYNAMIC_SMEM(smem_raw);
+    bf16_t* qs = reinterpret_cast<bf16_t*>(smem_raw);
+    bf16_t* ks = qs + BM * LD;   // [2][BN][LD]
+    bf16_t* vs = ks + 2 * BN * LD;  // [2][BN][LD]
+    if (threadIdx.x == 0 && dynamic_smem_size() < (uint32_t)((BM + 4 * BN) * LD * 2)) __trap();
+
+    int q0, seg_start, seg_end;
+    if (!cta_tile(table, q0, seg_start, seg_end)) return;
+    const int h = blockIdx.y, kvh = h / (n_heads / n_kv_heads);
+    const size_t width = (size_t)(n_heads + 2 * n_kv_heads) * HD;
+    const bf16_t* qg = qkv + h * HD;
+    const bf16_t* kg = qkv + (n_heads + kvh) * HD;
+    const bf16_t* vg = qkv + (n_heads + n_kv_heads + kvh) * HD;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int q_last = min(q0 + BM, seg_end) - 1;
+    const int n_kt = (q_last - seg_start) / BN + 1;
+
+    load_rows<BM, HD, NT>(qs, qg, width, q0, n);
+    load_rows<BN, HD, NT>(ks, kg, width, seg_start, n);
+    load_rows<BN, HD, NT>(vs, vg, width, seg_start, n);
+    cp_async_commit();
+
+    const float sl2 = rsqrtf((float)HD) * LOG2E;
+    const int w_first = q0 + 16 * warp, w_last = w_first + 15;
+    const int row_a = w_first + lane / 4, row_b = row_a + 8;
+    float o[HD / 8][4];
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+    float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
+
+    for (int it = 0; it < n_kt; it++) {
+        const int kt = seg_start + it * BN;
+        if (it + 1 < n_kt) {
+            int nb = (it + 1) & 1;
+            load_rows<BN, HD, NT>(ks + nb * BN * LD, kg, width, kt + BN, n);
+            load_rows<BN, HD, NT>(vs + nb * BN * LD, vg, width, kt + BN, n);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        // Skip tiles entirely above the warp's diagonal, and warps past the segment's end.
+        if (kt <= w_last && w_first < seg_end) {
+            const bf16_t* kb = ks + (it & 1) * BN * LD;
+            const bf16_t* vb = vs + (it & 1) * BN * LD;
+            float s[BN / 8][4];
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+            mma_abt<HD, BN / 8>(s, qs + 16 * warp * LD, kb, lane);
+            const bool mask = kt + BN - 1 > w_first;
+            float mx_a = -INFINITY, mx_b = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int key = kt + j * 8 + (lane % 4) * 2 + (e & 1);
+                    int row = e < 2 ? row_a : row_b;
+                    float v = s[j][e] * sl2;
+                    if (mask && key > row) v = -INFINITY;
+                    s[j][e] = v;
+                }
+                mx_a = fmaxf(mx_a, fmaxf(s[j][0], s[j][1]));
+                mx_b = fmaxf(mx_b, fmaxf(s[j][2], s[j][3]));
+            }
+            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+            float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
+            // A row with no key yet keeps m = -inf: use 0 as its reference (its p are all 0).
+            float ref_a = mn_a == -INFINITY ? 0.0f : mn_a, ref_b = mn_b == -INFINITY ? 0.0f : mn_b;
+            float corr_a = exp2f(m_a - ref_a), corr_b = exp2f(m_b - ref_b);
+            m_a = mn_a;
+            m_b = mn_b;
+            float sum_a = 0.0f, sum_b = 0.0f;
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) {
+                s[j][0] = exp2f(s[j][0] - ref_a);
+                s[j][1] = exp2f(s[j][1] - ref_a);
+                s[j][2] = exp2f(s[j][2] - ref_b);
+                s[j][3] = exp2f(s[j][3] - ref_b);
+                sum_a += s[j][0] + s[j][1];
+                sum_b += s[j][2] + s[j][3];
+            }
+            // l stays a per-thread partial (its quad sums it at the end): corr is quad-uniform.
+            l_a = l_a * corr_a + sum_a;
+            l_b = l_b * corr_b + sum_b;
+#pragma unroll
+            for (int j = 0; j < HD / 8; j++) {
+                o[j][0] *= corr_a;
+                o[j][1] *= corr_a;
+                o[j][2] *= corr_b;
+                o[j][3] *= corr_b;
+            }
+            mma_py<HD, BN / 16>(o, s, vb, lane);
+        }
+        __syncthreads();
+    }
+
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+    const float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f, inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
+    const size_t out_stride = (size_t)n_heads * HD;
+    const int col0 = h * HD + (lane % 4) * 2;
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) {
+        if (row_a < seg_end)
+            *reinterpret_cast<uint32_t*>(out + (size_t)row_a * out_stride + col0 + j * 8) =
+                pack_bf16(o[j][0] * inv_a, o[j][1] * inv_a);
+        if (row_b < seg_end)
+            *reinterpret_cast<uint32_t*>(out + (size_t)row_b * out_stride + col0 + j * 8) =
+                pack_bf16(o[j][2] * inv_b, o[j][3] * inv_b);
+    }
+    if (lane % 4 == 0) {
+        if (row_a < seg_end) lse[(size_t)h * n + row_a] = (m_a + log2f(l_a)) * LN2;
+        if (row_b < seg_end) lse[(size_t)h * n + row_b] = (m_b + log2f(l_b)) * LN2;
+    }
+}
+
+// ---- backward: dQ ----------------------------------------------------------------------------
+template <int HD, int NW, int BN>
+__device__ void flash_dq_impl(bf16_t* dqkv, const bf16_t* dout, const bf16_t* qkv, const float* lse, const float* D,
+                              const int* table, int n, int n_heads, int n_kv_heads) {
+    constexpr int BM = 16 * NW, LD = HD + 8, NT = NW * 32;
+    FLASH_DYNAMIC_SMEM(smem_raw);
+    bf16_t* qs = reinterpret_cast<bf16_t*>(smem_raw);
+    bf16_t* dos = qs + BM * LD;
+    bf16_t* ks = dos + BM * LD;     // [2][BN][LD]
+    bf16_t* vs = ks + 2 * BN * LD;  // [2][BN][LD]
+    if (threadIdx.x == 0 && dynamic_smem_size() < (uint32_t)((2 * BM + 4 * BN) * LD * 2)) __trap();
+
+    int q0, seg_start, seg_end;
+    if (!cta_tile(table, q0, seg_start, seg_end)) return;
+    const int h = blockIdx.y, kvh = h / (n_heads / n_kv_heads);
+    const size_t width = (size_t)(n_heads + 2 * n_kv_heads) * HD;
+    const bf16_t* kg = qkv + (n_heads + kvh) * HD;
+    const bf16_t* vg = qkv + (n_heads + n_kv_heads + kvh) * HD;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int q_last = min(q0 + BM, seg_end) - 1;
+    const int n_kt = (q_last - seg_start) / BN + 1;
+
+    load_rows<BM, HD, NT>(qs, qkv + h * HD, width, q0, n);
+    load_rows<BM, HD, NT>(dos, dout + h * HD, (size_t)n_heads * HD, q0, n);
+    load_rows<BN, HD, NT>(ks, kg, width, seg_start, n);
+    load_rows<BN, HD, NT>(vs, vg, width, seg_start, n);
+    cp_async_commit();
+
+    const float sl2 = rsqrtf((float)HD) * LOG2E;
+    const int w_first = q0 + 16 * warp, w_last = w_first + 15;
+    const int row_a = w_first + lane / 4, row_b = row_a + 8;
+    // Rows outside the segment get lse = +inf, so their P is exactly 0 (they are not written).
+    const float lse_a = row_a < seg_end ? lse[(size_t)h * n + row_a] * LOG2E : INFINITY;
+    const float lse_b = row_b < seg_end ? lse[(size_t)h * n + row_b] * LOG2E : INFINITY;
+    const float d_a = row_a < seg_end ? D[(size_t)h * n + row_a] : 0.0f;
+    const float d_b = row_b < seg_end ? D[(size_t)h * n + row_b] : 0.0f;
+    float dq[HD / 8][4];
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.0f;
+
+    for (int it = 0; it < n_kt; it++) {
+        const int kt = seg_start + it * BN;
+        if (it + 1 < n_kt) {
+            int nb = (it + 1) & 1;
+            load_rows<BN, HD, NT>(ks + nb * BN * LD, kg, width, kt + BN, n);
+            load_rows<BN, HD, NT>(vs + nb * BN * LD, vg, width, kt + BN, n);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        // Skip tiles entirely above the warp's diagonal, and warps past the segment's end.
+        if (kt <= w_last && w_first < seg_end) {
+            const bf16_t* kb = ks + (it & 1) * BN * LD;
+            const bf16_t* vb = vs + (it & 1) * BN * LD;
+            float s[BN / 8][4], dp[BN / 8][4];
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) {
+                s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+                dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.0f;
+            }
+            mma_abt<HD, BN / 8>(s, qs + 16 * warp * LD, kb, lane);
+            mma_abt<HD, BN / 8>(dp, dos + 16 * warp * LD, vb, lane);
+            const bool mask = kt + BN - 1 > w_first;
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int key = kt + j * 8 + (lane % 4) * 2 + (e & 1);
+                    bool lo = e < 2;
+                    int row = lo ? row_a : row_b;
+                    float p = exp2f(s[j][e] * sl2 - (lo ? lse_a : lse_b));
+                    if (mask && key > row) p = 0.0f;
+                    s[j][e] = p * (dp[j][e] - (lo ? d_a : d_b));
+                }
+            }
+            mma_py<HD, BN / 16>(dq, s, kb, lane);
+        }
+        __syncthreads();
+    }
+
+    const float scale = rsqrtf((float)HD);
+    const int col0 = h * HD + (lane % 4) * 2;
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) {
+        if (row_a < seg_end)
+            *reinterpret_cast<uint32_t*>(dqkv + (size_t)row_a * width + col0 + j * 8) =
+                pack_bf16(dq[j][0] * scale, dq[j][1] * scale);
+        if (row_b < seg_end)
+            *reinterpret_cast<uint32_t*>(dqkv + (size_t)row_b * width + col0 + j * 8) =
+                pack_bf16(dq[j][2] * scale, dq[j][3] * scale);
+    }
+}
+
+// ---- backward: dK, dV ------------------------------------------------------------------------
+template <int HD, int NW, int BQ>
+__device__ void flash_dkdv_impl(bf16_t* dqkv, const bf16_t* dout, const bf16_t* qkv, const float* lse,
+                                const float* D, const int* table, int n, int n_heads, int n_kv_heads) {
+    constexpr int BN = 16 * NW, LD = HD + 8, NT = NW * 32;
+    FLASH_DYNAMIC_SMEM(smem_raw);
+    bf16_t* ks = reinterpret_cast<bf16_t*>(smem_raw);
+    bf16_t* vs = ks + BN * LD;
+    bf16_t* qs = vs + BN * LD;       // [2][BQ][LD]
+    bf16_t* dos = qs + 2 * BQ * LD;  // [2][BQ][LD]
+    float* lse_s = reinterpret_cast<float*>(dos + 2 * BQ * LD);  // [2][BQ]
+    float* d_s = lse_s + 2 * BQ;                                 // [2][BQ]
+    if (threadIdx.x == 0 && dynamic_smem_size() < (uint32_t)((2 * BN + 4 * BQ) * LD * 2 + 4 * BQ * 4)) __trap();
+
+    int k0, seg_start, seg_end;
+    if (!cta_tile(table, k0, seg_start, seg_end)) return;
+    (void)seg_start;
+    const int kvh = blockIdx.y, group = n_heads / n_kv_heads;
+    const size_t width = (size_t)(n_heads + 2 * n_kv_heads) * HD;
+    const size_t dstride = (size_t)n_heads * HD;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int n_qt = (seg_end - k0 + BQ - 1) / BQ;
+    const int n_it = group * n_qt;
+
+    load_rows<BN, HD, NT>(ks, qkv + (n_heads + kvh) * HD, width, k0, n);
+    load_rows<BN, HD, NT>(vs, qkv + (n_heads + n_kv_heads + kvh) * HD, width, k0, n);
+    // Iteration it: q head kvh·group + it / n_qt, q rows k0 + (it % n_qt)·BQ ...
+    auto load_q = [&](int it, int buf) {
+        int h = kvh * group + it / n_qt;
+        int qt = k0 + (it % n_qt) * BQ;
+        load_rows<BQ, HD, NT>(qs + buf * BQ * LD, qkv + h * HD, width, qt, n);
+        load_rows<BQ, HD, NT>(dos + buf * BQ * LD, dout + h * HD, dstride, qt, n);
+        for (int r = threadIdx.x; r < BQ; r += NT) {
+            int row = qt + r;
+            bool ok = row < seg_end;
+            size_t off = (size_t)h * n + (ok ? row : 0);
+            cp_async4(lse_s + buf * BQ + r, lse + off, ok);
+            cp_async4(d_s + buf * BQ + r, D + off, ok);
+        }
+    };
+    load_q(0, 0);
+    cp_async_commit();
+
+    const float sl2 = rsqrtf((float)HD) * LOG2E;
+    const int w_first = k0 + 16 * warp;
+    const int key_a = w_first + lane / 4, key_b = key_a + 8;
+    float dk[HD / 8][4], dv[HD / 8][4];
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) {
+        dk[j][0] = dk[j][1] = dk[j][2] = dk[j][3] = 0.0f;
+        dv[j][0] = dv[j][1] = dv[j][2] = dv[j][3] = 0.0f;
+    }
+
+    for (int it = 0; it < n_it; it++) {
+        const int qt = k0 + (it % n_qt) * BQ;
+        if (it + 1 < n_it) {
+            load_q(it + 1, (it + 1) & 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        // Skip when every q row of the tile is before the warp's first key (all masked).
+        if (qt + BQ - 1 >= w_first && w_first < seg_end) {
+            const int buf = it & 1;
+            const bf16_t* qb = qs + buf * BQ * LD;
+            const bf16_t* db = dos + buf * BQ * LD;
+            const float* lb = lse_s + buf * BQ;
+            const float* ddb = d_s + buf * BQ;
+            float s[BQ / 8][4], dp[BQ / 8][4];
+#pragma unroll
+            for (int j = 0; j < BQ / 8; j++) {
+                s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+                dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.0f;
+            }
+            // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: rows = the warp's 16 keys, columns = the BQ q rows.
+            mma_abt<HD, BQ / 8>(s, ks + 16 * warp * LD, qb, lane);
+            mma_abt<HD, BQ / 8>(dp, vs + 16 * warp * LD, db, lane);
+            const bool mask = qt < w_first + 15 || qt + BQ > seg_end;
+#pragma unroll
+            for (int j = 0; j < BQ / 8; j++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int c = j * 8 + (lane % 4) * 2 + (e & 1);
+                    int q = qt + c;
+                    int key = e < 2 ? key_a : key_b;
+                    float p = exp2f(s[j][e] * sl2 - lb[c] * LOG2E);
+                    if (mask && (q < key || q >= seg_end)) p = 0.0f;
+                    s[j][e] = p;
+                    dp[j][e] = p * (dp[j][e] - ddb[c]);
+                }
+            }
+            mma_py<HD, BQ / 16>(dv, s, db, lane);
+            mma_py<HD, BQ / 16>(dk, dp, qb, lane);
+        }
+        __syncthreads();
+    }
+
+    const float scale = rsqrtf((float)HD);
+    const int colk = (n_heads + kvh) * HD + (lane % 4) * 2;
+    const int colv = (n_heads + n_kv_heads + kvh) * HD + (lane % 4) * 2;
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) {
+        if (key_a < seg_end) {
+            *reinterpret_cast<uint32_t*>(dqkv + (size_t)key_a * width + colk + j * 8) =
+                pack_bf16(dk[j][0] * scale, dk[j][1] * scale);
+            *reinterpret_cast<uint32_t*>(dqkv + (size_t)key_a * width + colv + j * 8) = pack_bf16(dv[j][0], dv[j][1]);
+        }
+        if (key_b < seg_end) {
+            *reinterpret_cast<uint32_t*>(dqkv + (size_t)key_b * width + colk + j * 8) =
+                pack_bf16(dk[j][2] * scale, dk[j][3] * scale);
+            *reinterpret_cast<uint32_t*>(dqkv + (size_t)key_b * width + colv + j * 8) = pack_bf16(dv[j][2], dv[j][3]);
+        }
+    }
+}
+
+// ---- entries ---------------------------------------------------------------------------------
+// Configurations (keep in sync with FLASH_CONFIGS in src/backend/cuda/flash.rs):
+//   forward HD 64: NW 8 (128 q rows), BN 64      forward HD 128: NW 8, BN 64
+//   dq      HD 64: NW 8 (128 q rows), BN 64      dq      HD 128: NW 4 (64 q rows), BN 64
+//   dkdv    HD 64: NW 8 (128 keys),   BQ 64      dkdv    HD 128: NW 8 (128 keys), BQ 32
+// Grid: (tile-table bound, n_heads) for forward/dq, (bound, n_kv_heads) for dkdv; block NW·32.
+#define FLASH_ENTRIES(HD, FNW, FBN, FMINB, QNW, QBN, KNW, KBQ)                                                         \
+    extern "C" __global__ void __launch_bounds__(FNW * 32, FMINB)                                               \
+        flash_forward_##HD(bf16_t* out, float* lse, const bf16_t* qkv, const int* table, int n, int n_heads,    \
+                           int n_kv_heads) {                                                                    \
+        flash_forward_impl<HD, FNW, FBN>(out, lse, qkv, table, n, n_heads, n_kv_heads);                          \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(QNW * 32)                                                      \
+        flash_backward_dq_##HD(bf16_t* dqkv, const bf16_t* dout, const bf16_t* qkv, const float* lse,            \
+                               const float* D, const int* table, int n, int n_heads, int n_kv_heads) {          \
+        flash_dq_impl<HD, QNW, QBN>(dqkv, dout, qkv, lse, D, table, n, n_heads, n_kv_heads);                     \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(KNW * 32)                                                      \
+        flash_backward_dkdv_##HD(bf16_t* dqkv, const bf16_t* dout, const bf16_t* qkv, const float* lse,          \
+                                 const float* D, const int* table, int n, int n_heads, int n_kv_heads) {        \
+        flash_dkdv_impl<HD, KNW, KBQ>(dqkv, dout, qkv, lse, D, table, n, n_heads, n_kv_heads);                   \
+    }
+FLASH_ENTRIES(64, 8, 64, 2, 8, 64, 8, 64)
+FLASH_ENTRIES(128, 8, 64, 1, 4, 64, 8, 32)

@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Causal attention at B·T = 16k tokens, 32 heads of 64, bf16: PyTorch's flash SDPA next to ours.
+
+PyTorch: scaled_dot_product_attention under sdpa_kernel(SDPBackend.FLASH_ATTENTION),
+is_causal=True, layout (B, H, T, 64); forward and forward+backward timed with CUDA events.
+Ours: `sft bench-attention` (the release binary copied into .gpu/ by `scripts/gpu_check.sh
+build`; no Rust needed on the GPU box), same shapes, printed in the same table.
+
+FLOPs (both): forward 4·B·H·T²·hd / 2 (causal), backward 2.5× the forward.
+
+    python3 scripts/bench_attention_torch.py                 # from the repo, or
+    python3 .gpu/bench_attention_torch.py --sft .gpu/sft     # on the GPU box
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+
+def flops(batch, t, heads, hd):
+    fwd = 4.0 * batch * heads * t * t * hd / 2.0
+    return fwd, 2.5 * fwd
+
+
+def header():
+    return "%-22s %5s %4s %4s %10s %10s %12s %14s" % (
+        "impl", "T", "B", "hd", "fwd ms", "fwd TF/s", "fwd+bwd ms", "fwd+bwd TF/s")
+
+
+def row(name, t, batch, hd, heads, fwd_s, fwd_bwd_s):
+    f, b = flops(batch, t, heads, hd)
+    return "%-22s %5d %4d %4d %10.3f %10.1f %12.3f %14.1f" % (
+        name, t, batch, hd, fwd_s * 1e3, f / fwd_s / 1e12, fwd_bwd_s * 1e3, (f + b) / fwd_bwd_s / 1e12)
+
+
+def bench_torch(seq_lens, tokens, heads, hd, iters):
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev = torch.device("cuda")
+    print("torch %s on %s" % (torch.__version__, torch.cuda.get_device_name(dev)), file=sys.stderr)
+    lines = []
+    for t in seq_lens:
+        batch = max(tokens // t, 1)
+        q, k, v = (torch.randn(batch, heads, t, hd, device=dev, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        dout = torch.randn(batch, heads, t, hd, device=dev, dtype=torch.bfloat16)
+
+        def fwd():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        def fwd_bwd():
+            out = fwd()
+            q.grad = k.grad = v.grad = None
+            out.backward(dout)
+
+        def timed(fn):
+            with torch.no_grad() if fn is fwd else torch.enable_grad():
+                for _ in range(3):
+                    fn()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                for _ in range(iters):
+                    fn()
+                end.record()
+                torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3 / iters
+
+        lines.append(row("torch sdpa flash", t, batch, hd, heads, timed(fwd), timed(fwd_bwd)))
+    return lines
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    default_sft = next((p for p in (os.path.join(here, "sft"), os.path.join(here, "..", ".gpu", "sft"),
+                                    os.path.join(here, "..", "target", "release", "sft")) if os.path.isfile(p)), None)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq-lens", default="512,1024,2048,4096")
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--sft", default=default_sft, help="the sft binary (default: next to this script, .gpu/, target/release/)")
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--scalar", action="store_true", help="also time our scalar kernels")
+    args = ap.parse_args()
+    seq_lens = [int(x) for x in args.seq_lens.split(",")]
+
+    print(header())
+    status = 0
+    if not args.no_torch:
+        for line in bench_torch(seq_lens, args.tokens, args.heads, args.head_dim, args.iters):
+            print(line, flush=True)
+    paths = ["auto"] + (["scalar"] if args.scalar else [])
+    sft = args.sft or shutil.which("sft")
+    if sft is None:
+        print("sft binary not found (build it with scripts/gpu_check.sh build, pass --sft)", file=sys.stderr)
+        return 1
+    for path in paths:
+        cmd = [sft, "bench-attention", "--seq-lens", args.seq_lens, "--tokens", str(args.tokens), "--heads",
+               str(args.heads), "--head-dim", str(args.head_dim), "--iters", str(args.iters), "--path", path]
+        res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        # Same format: skip our header line, keep the rows.
+        for line in res.stdout.splitlines()[1:]:
+            print(line, flush=True)
+        if res.returncode != 0:
+            print("%s failed with status %d" % (" ".join(cmd), res.returncode), file=sys.stderr)
+            status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

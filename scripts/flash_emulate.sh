@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs the real kernels/flash_attention.cu on the CPU: tests/flash_emu/flash_emu.h emulates the
+# CUDA built-ins it uses (one std::thread per CUDA thread; __syncthreads, warp shuffles,
+# ldmatrix, mma.m16n8k16 and cp.async per the PTX ISA), and tests/flash_emu/main.cpp compares
+# out, lse, dq, dk, dv with a float64 reference on packed, grouped-KV cases for hd 64 and 128.
+# No GPU needed; needs g++ (C++20) and the CUDA headers (cuda_bf16.h) of .cuda/ or $CUDA_HOME.
+#
+#   scripts/flash_emulate.sh          # every case (a few minutes on 2 cores)
+#   scripts/flash_emulate.sh quick    # the first case only
+#   scripts/flash_emulate.sh 3        # case 3 only (the list is in tests/flash_emu/main.cpp)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+inc="${CUDA_HOME:-$root/.cuda/nvidia/cu13}/include"
+out="${TMPDIR:-/tmp}/flash_emu.$$"
+g++ -std=c++20 -O2 -pthread -DFLASH_EMULATE -x c++ -I "$root/tests/flash_emu" -I "$root/kernels" -I "$inc" \
+    "$root/tests/flash_emu/main.cpp" -o "$out"
+trap 'rm -f "$out"' EXIT
+"$out" "$@"

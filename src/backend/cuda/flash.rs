@@ -1,0 +1,427 @@
+//! Tensor-core flash attention (kernels/flash_attention.cu): launch configurations, the
+//! per-segment tile table, and a CPU model of the mma/ldmatrix fragment mappings the kernels
+//! rely on (unit-tested here, so that an index slip shows up without a GPU).
+//!
+//! The scalar kernels (attention.cu) remain: they run where the tensor-core path does not
+//! (head_dim other than 64/128, a device below sm_80, or one whose per-block shared memory
+//! cannot hold the tiles), and `SFT_ATTENTION=scalar` (or [`CudaBackend::set_attention_path`])
+//! forces them, to cross-check the two on a GPU.
+
+use anyhow::{Context, Result};
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::launch::{int, Kernels};
+use super::scratch::{ensure, Scratch};
+use super::CudaBackend;
+use crate::backend::HeadShape;
+
+/// Which attention kernels the backend uses for training (decode is always scalar).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionPath {
+    /// Tensor cores where supported (head_dim 64/128, sm_80+, enough shared memory), else scalar.
+    Auto,
+    /// The scalar fp32 kernels of attention.cu.
+    Scalar,
+}
+
+impl AttentionPath {
+    /// `SFT_ATTENTION=scalar` forces the scalar kernels; anything else (or unset) is `Auto`.
+    pub fn from_env() -> Self {
+        match std::env::var("SFT_ATTENTION") {
+            Ok(v) if v.eq_ignore_ascii_case("scalar") => AttentionPath::Scalar,
+            _ => AttentionPath::Auto,
+        }
+    }
+}
+
+/// One kernel's launch shape: `warps` per CTA, `tile` rows of its own side per CTA (q rows for
+/// the forward and dQ, key rows for dK/dV), and its dynamic shared memory in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct FlashKernel {
+    pub name: &'static str,
+    pub warps: usize,
+    pub tile: usize,
+    pub smem: usize,
+}
+
+/// Padded shared-memory row of `hd` bf16 (+ 8: conflict-free ldmatrix).
+const fn row_bytes(hd: usize) -> usize {
+    (hd + 8) * 2
+}
+
+/// Forward: Q tile [16·nw] + double-buffered K and V tiles [bn].
+const fn forward(name: &'static str, hd: usize, nw: usize, bn: usize) -> FlashKernel {
+    FlashKernel { name, warps: nw, tile: 16 * nw, smem: (16 * nw + 4 * bn) * row_bytes(hd) }
+}
+/// dQ: Q and dO tiles [16·nw] + double-buffered K and V tiles [bn].
+const fn dq(name: &'static str, hd: usize, nw: usize, bn: usize) -> FlashKernel {
+    FlashKernel { name, warps: nw, tile: 16 * nw, smem: (2 * 16 * nw + 4 * bn) * row_bytes(hd) }
+}
+/// dK/dV: K and V tiles [16·nw] + double-buffered Q and dO tiles [bq] + lse and D [2][bq] f32.
+const fn dkdv(name: &'static str, hd: usize, nw: usize, bq: usize) -> FlashKernel {
+    FlashKernel { name, warps: nw, tile: 16 * nw, smem: (2 * 16 * nw + 4 * bq) * row_bytes(hd) + 4 * bq * 4 }
+}
+
+/// The kernels for one head_dim; must match FLASH_ENTRIES in flash_attention.cu.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct FlashConfig {
+    pub head_dim: usize,
+    pub forward: FlashKernel,
+    pub dq: FlashKernel,
+    pub dkdv: FlashKernel,
+}
+
+pub(super) const FLASH_64: FlashConfig = FlashConfig {
+    head_dim: 64,
+    forward: forward("flash_forward_64", 64, 8, 64),
+    dq: dq("flash_backward_dq_64", 64, 8, 64),
+    dkdv: dkdv("flash_backward_dkdv_64", 64, 8, 64),
+};
+pub(super) const FLASH_128: FlashConfig = FlashConfig {
+    head_dim: 128,
+    forward: forward("flash_forward_128", 128, 8, 64),
+    dq: dq("flash_backward_dq_128", 128, 4, 64),
+    dkdv: dkdv("flash_backward_dkdv_128", 128, 8, 32),
+};
+
+/// What the device supports, decided once when the backend opens.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct FlashSupport {
+    pub hd64: bool,
+    pub hd128: bool,
+    /// (major, minor) compute capability.
+    pub capability: (i32, i32),
+}
+
+impl FlashSupport {
+    /// Queries the compute capability and the opt-in shared memory per block, and raises each
+    /// supported kernel's dynamic shared memory limit to what it needs.
+    pub(super) fn probe(ctx: &cudarc::driver::CudaContext, kernels: &Kernels) -> Result<Self> {
+        let capability = ctx.compute_capability().context("querying the compute capability")?;
+        let optin = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .context("querying the shared memory per block")? as usize;
+        let mut support = FlashSupport { capability, ..Default::default() };
+        if capability.0 < 8 {
+            return Ok(support);
+        }
+        let enable = |cfg: &FlashConfig| -> Result<bool> {
+            let ks = [cfg.forward, cfg.dq, cfg.dkdv];
+            if ks.iter().any(|k| k.smem > optin) {
+                return Ok(false);
+            }
+            for k in ks {
+                let set = kernels.get(k.name)?.set_attribute(
+                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    k.smem as i32,
+                );
+                if let Err(e) = set {
+                    // The scalar kernels still work: say why and use them.
+                    eprintln!(
+                        "warning: {} bytes of shared memory for {} refused ({e}); scalar attention for head_dim {}",
+                        k.smem, k.name, cfg.head_dim
+                    );
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        };
+        support.hd64 = enable(&FLASH_64)?;
+        support.hd128 = enable(&FLASH_128)?;
+        Ok(support)
+    }
+
+    pub(super) fn config(&self, head_dim: usize) -> Option<FlashConfig> {
+        match head_dim {
+            64 if self.hd64 => Some(FLASH_64),
+            128 if self.hd128 => Some(FLASH_128),
+            _ => None,
+        }
+    }
+}
+
+/// Upper bound on the tiles of `tile` rows over `n` rows in `n_segments` segments (each segment
+/// adds at most one partial tile): the grid's x extent. CTAs past the real count return at once.
+pub(crate) fn tile_bound(n: usize, n_segments: usize, tile: usize) -> usize {
+    n.div_ceil(tile) + n_segments
+}
+
+/// The host mirror of `flash_tile_table`: (first row, segment start, segment end) per tile, in
+/// segment order. The kernels read the table back to front (longest causal rows first).
+pub fn tile_table(cu_seqlens: &[u32], tile: usize) -> Vec<[u32; 3]> {
+    let mut out = Vec::new();
+    for w in cu_seqlens.windows(2) {
+        let (start, end) = (w[0], w[1]);
+        let mut q = start;
+        while q < end {
+            out.push([q, start, end]);
+            q += tile as u32;
+        }
+    }
+    out
+}
+
+impl CudaBackend {
+    /// Chooses the tensor-core path (`Some`) or the scalar one (`None`) for this head shape.
+    pub(super) fn flash_config(&self, heads: HeadShape) -> Option<FlashConfig> {
+        if self.attention_path() == AttentionPath::Scalar {
+            return None;
+        }
+        self.flash.config(heads.head_dim)
+    }
+
+    /// Fills `slot` with the tile table of `tile` rows for these segments; returns the grid's x.
+    fn build_tile_table(
+        &self,
+        slot: &mut Option<CudaSlice<i32>>,
+        cu_seqlens: &CudaSlice<u32>,
+        n_segments: usize,
+        n: usize,
+        tile: usize,
+    ) -> Result<usize> {
+        let bound = tile_bound(n, n_segments, tile);
+        int(1 + 3 * bound, "attention tile table")?;
+        let table = ensure(slot, 1 + 3 * bound, &self.stream, "attention tile table")?;
+        let (segi, tilei) = (int(n_segments, "segments")?, int(tile, "tile")?);
+        let mut b = self.stream.launch_builder(self.kernels.get("flash_tile_table")?);
+        b.arg(table).arg(cu_seqlens).arg(&segi).arg(&tilei);
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the table holds 1 + 3·bound ints and at most `bound` tiles are written;
+        // cu_seqlens holds n_segments + 1 offsets (checked by the caller).
+        unsafe { b.launch(cfg) }?;
+        Ok(bound)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn flash_forward(
+        &self,
+        cfg: FlashConfig,
+        out: &mut CudaSlice<half::bf16>,
+        lse: &mut CudaSlice<f32>,
+        qkv: &CudaSlice<half::bf16>,
+        cu_seqlens: &CudaSlice<u32>,
+        n_segments: usize,
+        n: usize,
+        heads: HeadShape,
+    ) -> Result<()> {
+        let (ni, nhi, nkvi) =
+            (int(n, "n")?, int(heads.n_heads, "heads")?, int(heads.n_kv_heads, "kv heads")?);
+        let mut scratch = self.scratch();
+        let k = cfg.forward;
+        let bound = self.build_tile_table(&mut scratch.attn_tiles, cu_seqlens, n_segments, n, k.tile)?;
+        let table = scratch.attn_tiles.as_ref().expect("built above");
+        let mut b = self.stream.launch_builder(self.kernels.get(k.name)?);
+        b.arg(out).arg(lse).arg(qkv).arg(table).arg(&ni).arg(&nhi).arg(&nkvi);
+        // SAFETY: sizes checked by the caller; every tile lies inside one segment of 0..n.
+        unsafe { b.launch(flash_launch(k, bound, heads.n_heads)) }?;
+        Ok(())
+    }
+
+    /// dQ and dK/dV from D = rowsum(dO∘O) `[n_heads, n]`, already in `scratch.attn_d`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn flash_backward(
+        &self,
+        cfg: FlashConfig,
+        scratch: &mut Scratch,
+        dqkv: &mut CudaSlice<half::bf16>,
+        dout: &CudaSlice<half::bf16>,
+        qkv: &CudaSlice<half::bf16>,
+        lse: &CudaSlice<f32>,
+        cu_seqlens: &CudaSlice<u32>,
+        n_segments: usize,
+        n: usize,
+        heads: HeadShape,
+    ) -> Result<()> {
+        let (ni, nhi, nkvi) =
+            (int(n, "n")?, int(heads.n_heads, "heads")?, int(heads.n_kv_heads, "kv heads")?);
+        let bound_q =
+            self.build_tile_table(&mut scratch.attn_tiles, cu_seqlens, n_segments, n, cfg.dq.tile)?;
+        let bound_k =
+            self.build_tile_table(&mut scratch.attn_tiles_kv, cu_seqlens, n_segments, n, cfg.dkdv.tile)?;
+        let table_q = scratch.attn_tiles.as_ref().expect("built above");
+        let table_k = scratch.attn_tiles_kv.as_ref().expect("built above");
+        let d = scratch.attn_d.as_ref().context("attention D was not computed")?;
+
+        let mut b = self.stream.launch_builder(self.kernels.get(cfg.dq.name)?);
+        b.arg(&mut *dqkv).arg(dout).arg(qkv).arg(lse).arg(d).arg(table_q).arg(&ni).arg(&nhi).arg(&nkvi);
+        // SAFETY: writes only the q part of dqkv rows inside their segments.
+        unsafe { b.launch(flash_launch(cfg.dq, bound_q, heads.n_heads)) }?;
+
+        let mut b = self.stream.launch_builder(self.kernels.get(cfg.dkdv.name)?);
+        b.arg(&mut *dqkv).arg(dout).arg(qkv).arg(lse).arg(d).arg(table_k).arg(&ni).arg(&nhi).arg(&nkvi);
+        // SAFETY: writes only the k and v parts of dqkv rows inside their segments.
+        unsafe { b.launch(flash_launch(cfg.dkdv, bound_k, heads.n_kv_heads)) }?;
+        Ok(())
+    }
+}
+
+fn flash_launch(k: FlashKernel, tiles: usize, heads: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (tiles as u32, heads as u32, 1),
+        block_dim: ((k.warps * 32) as u32, 1, 1),
+        shared_mem_bytes: k.smem as u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A CPU model of one warp's `ldmatrix.x4` (plain and `.trans`) and
+    //! `mma.m16n8k16.row.col` per the PTX ISA fragment tables, driven by the same address
+    //! formulas as `mma_abt` / `mma_py` in flash_attention.cu.
+    use super::*;
+
+    const LANES: usize = 32;
+    /// Per lane, 4 registers of 2 values (a .b32 holding two bf16; the first is the low half).
+    type Regs4 = [[[f32; 2]; 4]; LANES];
+    /// Per lane, the 4 fp32 accumulators of a 16×8 C fragment.
+    type Acc = [[f32; 4]; LANES];
+
+    /// ldmatrix.m8n8.x4: lanes 8i..8i+7 address the 8 rows of matrix i (8 contiguous values).
+    fn ldsm_x4(smem: &[f32], addr: impl Fn(usize) -> usize, trans: bool) -> Regs4 {
+        let mut out = [[[0.0; 2]; 4]; LANES];
+        for (lane, regs) in out.iter_mut().enumerate() {
+            for (i, reg) in regs.iter_mut().enumerate() {
+                let m = |r: usize, c: usize| smem[addr(8 * i + r) + c];
+                let (g, c) = (lane / 4, lane % 4);
+                *reg = if trans { [m(2 * c, g), m(2 * c + 1, g)] } else { [m(g, 2 * c), m(g, 2 * c + 1)] };
+            }
+        }
+        out
+    }
+
+    /// d += A·B with A (16×16) from `a`'s fragments and B (16×8) from `b0`, `b1`.
+    fn mma(d: &mut Acc, a: &Regs4, b0: &[[f32; 2]; LANES], b1: &[[f32; 2]; LANES]) {
+        let mut am = [[0.0f32; 16]; 16];
+        let mut bm = [[0.0f32; 8]; 16];
+        for lane in 0..LANES {
+            let (g, c) = (lane / 4, lane % 4);
+            for j in 0..2 {
+                am[g][2 * c + j] = a[lane][0][j];
+                am[g + 8][2 * c + j] = a[lane][1][j];
+                am[g][2 * c + 8 + j] = a[lane][2][j];
+                am[g + 8][2 * c + 8 + j] = a[lane][3][j];
+                bm[2 * c + j][g] = b0[lane][j];
+                bm[2 * c + 8 + j][g] = b1[lane][j];
+            }
+        }
+        for (lane, acc) in d.iter_mut().enumerate() {
+            let (g, c) = (lane / 4, lane % 4);
+            for (e, v) in acc.iter_mut().enumerate() {
+                let (row, col) = (g + 8 * (e / 2), 2 * c + e % 2);
+                *v += (0..16).map(|k| am[row][k] * bm[k][col]).sum::<f32>();
+            }
+        }
+    }
+
+    fn reg(r: &Regs4, i: usize) -> [[f32; 2]; LANES] {
+        std::array::from_fn(|lane| r[lane][i])
+    }
+
+    /// The value of C fragment tile `j` at (row, col) of the 16 × 8·len product.
+    fn c_at(acc: &[Acc], row: usize, col: usize) -> f32 {
+        let (j, cc) = (col / 8, col % 8);
+        let lane = (row % 8) * 4 + cc / 2;
+        acc[j][lane][(row / 8) * 2 + cc % 2]
+    }
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::rng::Rng::new(seed);
+        (0..len).map(|_| (rng.normal() as f32 * 4.0).round() / 4.0).collect()
+    }
+
+    const HD: usize = 64;
+    const LD: usize = HD + 8;
+
+    /// mma_abt: acc = A (16 × HD) · Xᵀ, X [n][HD].
+    fn mma_abt(a_tile: &[f32], x_tile: &[f32], nt8: usize) -> Vec<Acc> {
+        let mut acc = vec![[[0.0f32; 4]; LANES]; nt8];
+        let a_addr = |lane: usize| (lane % 16) * LD + (lane / 16) * 8;
+        let x_addr = |lane: usize| ((lane % 8) + (lane / 16) * 8) * LD + ((lane / 8) % 2) * 8;
+        for kk in 0..HD / 16 {
+            let a = ldsm_x4(a_tile, |l| a_addr(l) + kk * 16, false);
+            for np in 0..nt8 / 2 {
+                let b = ldsm_x4(x_tile, |l| x_addr(l) + np * 16 * LD + kk * 16, false);
+                mma(&mut acc[2 * np], &a, &reg(&b, 0), &reg(&b, 1));
+                mma(&mut acc[2 * np + 1], &a, &reg(&b, 2), &reg(&b, 3));
+            }
+        }
+        acc
+    }
+
+    /// mma_py: acc += P (C fragments p, 16 × 16·k16) · Y, Y [k][HD].
+    fn mma_py(acc: &mut [Acc], p: &[Acc], y_tile: &[f32], k16: usize) {
+        let y_addr = |lane: usize| ((lane % 8) + ((lane / 8) % 2) * 8) * LD + (lane / 16) * 8;
+        for kk in 0..k16 {
+            let mut a = [[[0.0f32; 2]; 4]; LANES];
+            for lane in 0..LANES {
+                let (p0, p1) = (&p[2 * kk][lane], &p[2 * kk + 1][lane]);
+                a[lane] = [[p0[0], p0[1]], [p0[2], p0[3]], [p1[0], p1[1]], [p1[2], p1[3]]];
+            }
+            for dp in 0..HD / 16 {
+                let b = ldsm_x4(y_tile, |l| y_addr(l) + kk * 16 * LD + dp * 16, true);
+                mma(&mut acc[2 * dp], &a, &reg(&b, 0), &reg(&b, 1));
+                mma(&mut acc[2 * dp + 1], &a, &reg(&b, 2), &reg(&b, 3));
+            }
+        }
+    }
+
+    #[test]
+    fn fragment_model_computes_q_kt_then_p_v() {
+        let n = 32;
+        let q = values(16 * LD, 1);
+        let k = values(n * LD, 2);
+        let v = values(n * LD, 3);
+        let s = mma_abt(&q, &k, n / 8);
+        for r in 0..16 {
+            for c in 0..n {
+                let want: f32 = (0..HD).map(|t| q[r * LD + t] * k[c * LD + t]).sum();
+                assert_eq!(c_at(&s, r, c), want, "S[{r}][{c}]");
+            }
+        }
+        let mut o = vec![[[0.0f32; 4]; LANES]; HD / 8];
+        mma_py(&mut o, &s, &v, n / 16);
+        for r in 0..16 {
+            for c in 0..HD {
+                let want: f32 = (0..n).map(|j| c_at(&s, r, j) * v[j * LD + c]).sum();
+                let got = c_at(&o, r, c);
+                assert!((got - want).abs() <= 1e-3 * want.abs().max(1.0), "O[{r}][{c}]: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn tile_table_covers_each_row_once_inside_its_segment() {
+        let cu = [0u32, 1, 17, 17, 1017, 3065, 3066];
+        let n = *cu.last().unwrap() as usize;
+        for tile in [64usize, 128] {
+            let table = tile_table(&cu, tile);
+            assert!(table.len() <= tile_bound(n, cu.len() - 1, tile));
+            let mut seen = vec![0u32; n];
+            for &[q0, start, end] in &table {
+                assert!(start <= q0 && q0 < end);
+                assert!(cu.windows(2).any(|w| w[0] == start && w[1] == end));
+                for r in q0..(q0 + tile as u32).min(end) {
+                    seen[r as usize] += 1;
+                }
+            }
+            assert!(seen.iter().all(|&c| c == 1));
+        }
+    }
+
+    #[test]
+    fn configs_match_the_kernel_templates() {
+        assert_eq!(FLASH_64.forward.smem, 55296);
+        assert_eq!(FLASH_64.dq.smem, 73728);
+        assert_eq!(FLASH_64.dkdv.smem, 74752);
+        assert_eq!(FLASH_128.forward.smem, 104448);
+        assert_eq!(FLASH_128.dq.smem, 104448);
+        assert_eq!(FLASH_128.dkdv.smem, 104960);
+        for cfg in [FLASH_64, FLASH_128] {
+            for k in [cfg.forward, cfg.dq, cfg.dkdv] {
+                assert_eq!(k.tile, 16 * k.warps);
+                assert!(k.smem <= 227 * 1024, "{} exceeds the H100's 227 KiB", k.name);
+            }
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! `sft bench-attention`: causal attention forward and backward on the GPU at B·T tokens, in
+//! the table format of `scripts/bench_attention_torch.py` (which runs this binary after
+//! PyTorch's flash SDPA, so both land in one table from one run).
+//!
+//! FLOPs follow the flash-attention convention: the forward is two T×T×hd products (QKᵀ, PV),
+//! 4·B·H·T²·hd, halved for the causal mask; the backward counts 2.5× the forward (five
+//! products; our dQ/dK/dV split recomputes two more, which are not counted).
+
+use anyhow::{Context, Result};
+use clap::Args;
+use std::time::Instant;
+
+use crate::backend::cuda::{AttentionPath, CudaBackend};
+use crate::backend::{Backend, HeadShape, Precision};
+use crate::rng::Rng;
+
+#[derive(Args, Debug, Clone)]
+pub struct AttentionBenchArgs {
+    /// Sequence lengths T (rows of B = tokens / T sequences each).
+    #[arg(long, value_delimiter = ',', default_value = "512,1024,2048,4096")]
+    pub seq_lens: Vec<usize>,
+    /// Tokens per call (B·T).
+    #[arg(long, default_value_t = 16384)]
+    pub tokens: usize,
+    #[arg(long, default_value_t = 32)]
+    pub heads: usize,
+    /// KV heads (default: as many as query heads).
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
+    #[arg(long, default_value_t = 64)]
+    pub head_dim: usize,
+    /// Timed calls per measurement (after 3 untimed ones).
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// auto (tensor cores where supported) or scalar.
+    #[arg(long, default_value = "auto")]
+    pub path: String,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+}
+
+/// (forward, backward) FLOPs of causal attention over `batch` sequences of `t` tokens.
+pub fn attention_flops(batch: usize, t: usize, heads: usize, head_dim: usize) -> (f64, f64) {
+    let fwd = 4.0 * batch as f64 * heads as f64 * (t as f64) * (t as f64) * head_dim as f64 / 2.0;
+    (fwd, 2.5 * fwd)
+}
+
+/// The header of the shared table.
+pub fn table_header() -> String {
+    format!(
+        "{:<22} {:>5} {:>4} {:>4} {:>10} {:>10} {:>12} {:>14}",
+        "impl", "T", "B", "hd", "fwd ms", "fwd TF/s", "fwd+bwd ms", "fwd+bwd TF/s"
+    )
+}
+
+/// One row of the shared table (times in seconds).
+pub fn table_row(
+    name: &str,
+    t: usize,
+    batch: usize,
+    hd: usize,
+    heads: usize,
+    fwd_s: f64,
+    fwd_bwd_s: f64,
+) -> String {
+    let (f, b) = attention_flops(batch, t, heads, hd);
+    format!(
+        "{:<22} {:>5} {:>4} {:>4} {:>10.3} {:>10.1} {:>12.3} {:>14.1}",
+        name,
+        t,
+        batch,
+        hd,
+        fwd_s * 1e3,
+        f / fwd_s / 1e12,
+        fwd_bwd_s * 1e3,
+        (f + b) / fwd_bwd_s / 1e12
+    )
+}
+
+pub fn bench_attention(args: AttentionBenchArgs) -> Result<()> {
+    let g = CudaBackend::new(args.gpu).context("bench-attention needs a CUDA GPU")?;
+    let path = match args.path.as_str() {
+        "auto" => AttentionPath::Auto,
+        "scalar" => AttentionPath::Scalar,
+        other => anyhow::bail!("--path {other}: expected auto or scalar"),
+    };
+    g.set_attention_path(path);
+    let heads = HeadShape {
+        n_heads: args.heads,
+        n_kv_heads: args.kv_heads.unwrap_or(args.heads),
+        head_dim: args.head_dim,
+    };
+    let name = if g.uses_tensor_core_attention(heads.head_dim) { "sft flash (mma)" } else { "sft scalar" };
+    eprintln!("{} (compute capability {:?})", g.name(), g.compute_capability());
+    println!("{}", table_header());
+    let mut rng = Rng::new(11);
+    for &t in &args.seq_lens {
+        let batch = (args.tokens / t).max(1);
+        let n = batch * t;
+        let up = |len: usize, rng: &mut Rng| -> Result<_> {
+            let data: Vec<f32> = (0..len).map(|_| rng.normal() as f32).collect();
+            let mut b = g.zeros(len, Precision::Compute)?;
+            g.write(&mut b, &data)?;
+            Ok(b)
+        };
+        let qkv = up(n * heads.qkv_width(), &mut rng)?;
+        let dout = up(n * heads.q_width(), &mut rng)?;
+        let cu: Vec<u32> = (0..=batch).map(|r| (r * t) as u32).collect();
+        let mut cu_b = g.zeros_ids(cu.len())?;
+        g.write_ids(&mut cu_b, &cu)?;
+        let mut out = g.zeros(n * heads.q_width(), Precision::Compute)?;
+        let mut lse = g.zeros(heads.n_heads * n, Precision::F32)?;
+        let mut dqkv = g.zeros(n * heads.qkv_width(), Precision::Compute)?;
+        let mut time = |backward: bool| -> Result<f64> {
+            let mut timed = Instant::now();
+            for i in 0..3 + args.iters {
+                if i == 3 {
+                    // 3 untimed calls, then `iters` back to back, then one synchronize.
+                    g.synchronize()?;
+                    timed = Instant::now();
+                }
+                g.attention_forward(&mut out, &mut lse, &qkv, &cu_b, batch, n, heads)?;
+                if backward {
+                    g.attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &cu_b, batch, n, heads)?;
+                }
+            }
+            g.synchronize()?;
+            Ok(timed.elapsed().as_secs_f64() / args.iters.max(1) as f64)
+        };
+        let fwd = time(false)?;
+        let fwd_bwd = time(true)?;
+        println!("{}", table_row(name, t, batch, heads.head_dim, heads.n_heads, fwd, fwd_bwd));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flops_follow_the_flash_attention_convention() {
+        // B 8, T 2048, 32 heads of 64: 4·8·32·2048²·64/2 forward.
+        let (f, b) = attention_flops(8, 2048, 32, 64);
+        assert_eq!(f, 4.0 * 8.0 * 32.0 * 2048.0 * 2048.0 * 64.0 / 2.0);
+        assert_eq!(b, 2.5 * f);
+        let row = table_row("x", 2048, 8, 64, 32, 1e-3, 3.5e-3);
+        // fwd: f / 1 ms; fwd+bwd: 3.5 f / 3.5 ms: the same rate.
+        let rate = format!("{:.1}", f / 1e-3 / 1e12);
+        assert_eq!(row.split_whitespace().filter(|w| *w == rate).count(), 2, "{row}");
+    }
+}

@@ -1,0 +1,234 @@
+// Host emulation of the CUDA built-ins that kernels/flash_attention.cu uses, so that the real
+// kernel source runs on a CPU (no GPU on the development machine). One std::thread per CUDA
+// thread; a CTA at a time. Collective operations follow the PTX ISA:
+// - __syncthreads: a barrier of the CTA's threads; __shfl_xor_sync: a warp exchange.
+// - ldmatrix.x4 (.trans): every lane posts its row address, then reads the 8×8 matrices'
+//   elements as the PTX ISA assigns them (asserting 16-byte aligned, in-bounds rows).
+// - mma.m16n8k16.row.col bf16 → fp32: every lane posts its A/B/C fragments, the 16×16 and 16×8
+//   operands are rebuilt from the ISA's fragment tables, and each lane computes its own D.
+// - cp.async: recorded per thread and performed only at the cp.async.wait_group that retires
+//   its group, so a read of a tile before its wait sees stale data and the check fails.
+// Used by tests/flash_emu/main.cpp (scripts/flash_emulate.sh); never by the real build.
+#pragma once
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <barrier>
+#include <cassert>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <thread>
+#include <vector>
+
+using std::max;
+using std::min;
+
+#undef __global__
+#undef __device__
+#undef __forceinline__
+#undef __launch_bounds__
+#undef __shared__
+#undef __align__
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) alignas(n)
+
+struct EmuDim {
+    unsigned x, y, z;
+};
+inline thread_local EmuDim threadIdx, blockIdx, blockDim, gridDim;
+
+struct EmuCta {
+    int threads;
+    std::vector<unsigned char> smem;
+    std::unique_ptr<std::barrier<>> block;
+    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    // Per warp, per lane: 16 words of exchange space.
+    std::vector<uint32_t> xchg;
+    EmuCta(int t, size_t smem_bytes) : threads(t), smem(smem_bytes + 16, 0xCD), xchg((t / 32) * 32 * 16) {
+        block = std::make_unique<std::barrier<>>(t);
+        for (int w = 0; w < t / 32; w++) warps.push_back(std::make_unique<std::barrier<>>(32));
+    }
+};
+inline EmuCta* emu_cta = nullptr;
+
+inline void __syncthreads() { emu_cta->block->arrive_and_wait(); }
+inline void emu_warp_sync() { emu_cta->warps[threadIdx.x / 32]->arrive_and_wait(); }
+inline uint32_t* emu_slot(int lane) { return &emu_cta->xchg[((threadIdx.x / 32) * 32 + lane) * 16]; }
+[[noreturn]] inline void __trap() {
+    fprintf(stderr, "__trap() in block (%u, %u) thread %u\n", blockIdx.x, blockIdx.y, threadIdx.x);
+    abort();
+}
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __expf(float x) { return std::exp(x); }
+
+inline float __shfl_xor_sync(unsigned, float v, int mask) {
+    int lane = threadIdx.x % 32;
+    memcpy(emu_slot(lane), &v, 4);
+    emu_warp_sync();
+    float r;
+    memcpy(&r, emu_slot(lane ^ mask), 4);
+    emu_warp_sync();
+    return r;
+}
+
+inline unsigned char* emu_dynamic_smem() { return emu_cta->smem.data(); }
+inline uint32_t dynamic_smem_size() { return (uint32_t)(emu_cta->smem.size() - 16); }
+inline uint32_t smem_u32(const void* p) {
+    const unsigned char* c = static_cast<const unsigned char*>(p);
+    assert(c >= emu_cta->smem.data() && c < emu_cta->smem.data() + emu_cta->smem.size());
+    return (uint32_t)(c - emu_cta->smem.data());
+}
+
+struct EmuCopy {
+    void* dst;
+    const void* src;
+    int bytes;
+    bool valid;
+};
+inline thread_local std::vector<EmuCopy> emu_open_group;
+inline thread_local std::deque<std::vector<EmuCopy>> emu_groups;
+
+inline void emu_cp_async(void* smem, const void* gmem, int bytes, bool valid) {
+    uint32_t off = smem_u32(smem);
+    if (off % bytes != 0 || off + bytes > dynamic_smem_size()) {
+        fprintf(stderr, "cp.async: bad shared offset %u (%d bytes)\n", off, bytes);
+        abort();
+    }
+    emu_open_group.push_back({smem, gmem, bytes, valid});
+}
+inline void cp_async16(void* smem, const void* gmem, bool valid) { emu_cp_async(smem, gmem, 16, valid); }
+inline void cp_async4(void* smem, const void* gmem, bool valid) { emu_cp_async(smem, gmem, 4, valid); }
+inline void cp_async_commit() {
+    emu_groups.push_back(std::move(emu_open_group));
+    emu_open_group.clear();
+}
+template <int N>
+inline void cp_async_wait() {
+    while ((int)emu_groups.size() > N) {
+        for (const EmuCopy& c : emu_groups.front()) {
+            if (c.valid) memcpy(c.dst, c.src, c.bytes);
+            else memset(c.dst, 0, c.bytes);
+        }
+        emu_groups.pop_front();
+    }
+}
+
+inline uint16_t emu_smem_u16(uint32_t byte_off) {
+    uint16_t v;
+    memcpy(&v, emu_cta->smem.data() + byte_off, 2);
+    return v;
+}
+
+inline void emu_ldsm(uint32_t* r, uint32_t addr, bool trans) {
+    int lane = threadIdx.x % 32;
+    if (addr % 16 != 0 || addr + 16 > dynamic_smem_size()) {
+        fprintf(stderr, "ldmatrix: bad row address %u (lane %d)\n", addr, lane);
+        abort();
+    }
+    emu_slot(lane)[0] = addr;
+    emu_warp_sync();
+    int g = lane / 4, c = lane % 4;
+    for (int i = 0; i < 4; i++) {
+        uint16_t lo, hi;
+        if (!trans) {
+            uint32_t row = emu_slot(8 * i + g)[0];
+            lo = emu_smem_u16(row + 2 * (2 * c));
+            hi = emu_smem_u16(row + 2 * (2 * c + 1));
+        } else {
+            lo = emu_smem_u16(emu_slot(8 * i + 2 * c)[0] + 2 * g);
+            hi = emu_smem_u16(emu_slot(8 * i + 2 * c + 1)[0] + 2 * g);
+        }
+        r[i] = (uint32_t)lo | ((uint32_t)hi << 16);
+    }
+    emu_warp_sync();
+}
+inline void ldsm_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
+    uint32_t r[4];
+    emu_ldsm(r, addr, false);
+    r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
+}
+inline void ldsm_x4_t(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
+    uint32_t r[4];
+    emu_ldsm(r, addr, true);
+    r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
+}
+
+inline float emu_bf16_lo(uint32_t v) {
+    uint32_t b = v << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+inline float emu_bf16_hi(uint32_t v) {
+    uint32_t b = v & 0xffff0000u;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+inline void mma_bf16(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    int lane = threadIdx.x % 32;
+    uint32_t* s = emu_slot(lane);
+    for (int i = 0; i < 4; i++) s[i] = a[i];
+    s[4] = b0;
+    s[5] = b1;
+    emu_warp_sync();
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; l++) {
+        const uint32_t* t = emu_slot(l);
+        int g = l / 4, c = l % 4;
+        A[g][2 * c] = emu_bf16_lo(t[0]), A[g][2 * c + 1] = emu_bf16_hi(t[0]);
+        A[g + 8][2 * c] = emu_bf16_lo(t[1]), A[g + 8][2 * c + 1] = emu_bf16_hi(t[1]);
+        A[g][2 * c + 8] = emu_bf16_lo(t[2]), A[g][2 * c + 9] = emu_bf16_hi(t[2]);
+        A[g + 8][2 * c + 8] = emu_bf16_lo(t[3]), A[g + 8][2 * c + 9] = emu_bf16_hi(t[3]);
+        B[2 * c][g] = emu_bf16_lo(t[4]), B[2 * c + 1][g] = emu_bf16_hi(t[4]);
+        B[2 * c + 8][g] = emu_bf16_lo(t[5]), B[2 * c + 9][g] = emu_bf16_hi(t[5]);
+    }
+    emu_warp_sync();
+    int g = lane / 4, c = lane % 4;
+    for (int e = 0; e < 4; e++) {
+        int row = g + 8 * (e / 2), col = 2 * c + e % 2;
+        float acc = d[e];
+        for (int k = 0; k < 16; k++) acc += A[row][k] * B[k][col];
+        d[e] = acc;
+    }
+}
+
+// Runs `kernel()` for every block of `grid` with `threads` threads and `smem` bytes of dynamic
+// shared memory (0xCD garbage at the start, as uninitialized shared memory would be).
+template <class F>
+void emu_launch(unsigned grid_x, unsigned grid_y, int threads, size_t smem, F kernel) {
+    for (unsigned by = 0; by < grid_y; by++) {
+        for (unsigned bx = 0; bx < grid_x; bx++) {
+            EmuCta cta(threads, smem);
+            emu_cta = &cta;
+            std::vector<std::thread> ts;
+            ts.reserve(threads);
+            for (int t = 0; t < threads; t++) {
+                ts.emplace_back([=, &kernel] {
+                    threadIdx = {(unsigned)t, 0, 0};
+                    blockIdx = {bx, by, 0};
+                    blockDim = {(unsigned)threads, 1, 1};
+                    gridDim = {grid_x, grid_y, 1};
+                    kernel();
+                    if (!emu_open_group.empty() || !emu_groups.empty()) {
+                        fprintf(stderr, "block (%u, %u) thread %d exited with cp.async copies not waited for\n", bx,
+                                by, t);
+                        abort();
+                    }
+                });
+            }
+            for (auto& th : ts) th.join();
+            emu_cta = nullptr;
+        }
+    }
+}

@@ -1,0 +1,174 @@
+// Runs kernels/flash_attention.cu's kernels on the CPU (flash_emu.h) and compares out, lse, dq,
+// dk and dv with a float64 reference of causal attention over packed segments. Build and run:
+// scripts/flash_emulate.sh. Exit status 0 when every case is within tolerance.
+#include "flash_attention.cu"
+
+#include <random>
+#include <string>
+
+struct Case {
+    int hd, nh, nkv;
+    std::vector<int> cu;
+};
+
+static float bf_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+
+static double rel_err(const std::vector<double>& got, const std::vector<double>& want) {
+    double d = 0, n = 0;
+    for (size_t i = 0; i < got.size(); i++) {
+        if (!std::isfinite(got[i])) return INFINITY;
+        d += (got[i] - want[i]) * (got[i] - want[i]);
+        n += want[i] * want[i];
+    }
+    // A reference that is exactly zero (dq, dk of a 1-token sequence): the absolute error.
+    return n > 0 ? std::sqrt(d / n) : std::sqrt(d);
+}
+
+struct Cfg {
+    int fnw, qnw, knw;
+    size_t fsmem, qsmem, ksmem;
+};
+
+static Cfg config(int hd) {
+    // FLASH_ENTRIES in flash_attention.cu / FLASH_64, FLASH_128 in flash.rs.
+    size_t rb = (hd + 8) * 2;
+    if (hd == 64) return {8, 8, 8, (128 + 4 * 64) * rb, (256 + 4 * 64) * rb, (256 + 4 * 64) * rb + 4 * 64 * 4};
+    return {8, 4, 8, (128 + 4 * 64) * rb, (128 + 4 * 64) * rb, (256 + 4 * 32) * rb + 4 * 32 * 4};
+}
+
+static std::vector<int> tile_table(const std::vector<int>& cu, int tile, int n) {
+    int bound = (n + tile - 1) / tile + (int)cu.size() - 1;
+    std::vector<int> table(1 + 3 * bound, -7);
+    std::vector<uint32_t> cuu(cu.begin(), cu.end());
+    int segs = (int)cu.size() - 1;
+    emu_launch(1, 1, 1024, 0, [&] { flash_tile_table(table.data(), cuu.data(), segs, tile); });
+    return table;
+}
+
+static bool run(const Case& c, uint64_t seed) {
+    const int hd = c.hd, nh = c.nh, nkv = c.nkv, n = c.cu.back();
+    const int width = (nh + 2 * nkv) * hd, group = nh / nkv;
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<bf16_t> qkv(n * width), dout(n * nh * hd);
+    std::vector<float> qkvf(qkv.size()), doutf(dout.size());
+    for (size_t i = 0; i < qkv.size(); i++) qkvf[i] = bf_round(normal(rng)), qkv[i] = __float2bfloat16_rn(qkvf[i]);
+    for (size_t i = 0; i < dout.size(); i++) doutf[i] = bf_round(normal(rng)), dout[i] = __float2bfloat16_rn(doutf[i]);
+
+    // ---- reference (float64) ----
+    std::vector<double> r_out(n * nh * hd, 0), r_lse(nh * n, 0), r_dqkv(n * width, 0);
+    const double scale = 1.0 / std::sqrt((double)hd);
+    for (size_t s = 0; s + 1 < c.cu.size(); s++) {
+        int a = c.cu[s], b = c.cu[s + 1];
+        for (int h = 0; h < nh; h++) {
+            int g = h / group;
+            for (int i = a; i < b; i++) {
+                std::vector<double> p(i - a + 1);
+                double m = -1e300;
+                for (int j = a; j <= i; j++) {
+                    double dot = 0;
+                    for (int t = 0; t < hd; t++) dot += (double)qkvf[i * width + h * hd + t] * qkvf[j * width + (nh + g) * hd + t];
+                    p[j - a] = dot * scale;
+                    m = std::max(m, p[j - a]);
+                }
+                double l = 0;
+                for (double& v : p) l += (v = std::exp(v - m));
+                r_lse[h * n + i] = m + std::log(l);
+                for (double& v : p) v /= l;
+                for (int t = 0; t < hd; t++) {
+                    double o = 0;
+                    for (int j = a; j <= i; j++) o += p[j - a] * qkvf[j * width + (nh + nkv + g) * hd + t];
+                    r_out[i * nh * hd + h * hd + t] = o;
+                }
+                double D = 0;
+                for (int t = 0; t < hd; t++) D += (double)doutf[i * nh * hd + h * hd + t] * r_out[i * nh * hd + h * hd + t];
+                for (int j = a; j <= i; j++) {
+                    double dp = 0;
+                    for (int t = 0; t < hd; t++) dp += (double)doutf[i * nh * hd + h * hd + t] * qkvf[j * width + (nh + nkv + g) * hd + t];
+                    double pj = p[j - a], ds = pj * (dp - D);
+                    for (int t = 0; t < hd; t++) {
+                        r_dqkv[i * width + h * hd + t] += ds * scale * qkvf[j * width + (nh + g) * hd + t];
+                        r_dqkv[j * width + (nh + g) * hd + t] += ds * scale * qkvf[i * width + h * hd + t];
+                        r_dqkv[j * width + (nh + nkv + g) * hd + t] += pj * doutf[i * nh * hd + h * hd + t];
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- the kernels ----
+    Cfg cfg = config(hd);
+    std::vector<bf16_t> out(n * nh * hd, __float2bfloat16_rn(NAN)), dqkv(n * width, __float2bfloat16_rn(NAN));
+    std::vector<float> lse(nh * n, NAN), D(nh * n);
+    auto tf = tile_table(c.cu, 16 * cfg.fnw, n);
+    unsigned bf = (unsigned)(tf.size() - 1) / 3;
+    emu_launch(bf, nh, cfg.fnw * 32, cfg.fsmem, [&] {
+        if (hd == 64) flash_forward_64(out.data(), lse.data(), qkv.data(), tf.data(), n, nh, nkv);
+        else flash_forward_128(out.data(), lse.data(), qkv.data(), tf.data(), n, nh, nkv);
+    });
+    // D = rowsum(dO ∘ O) in fp32 from the bf16 out (attention_backward_d).
+    for (int h = 0; h < nh; h++)
+        for (int i = 0; i < n; i++) {
+            float acc = 0;
+            for (int t = 0; t < hd; t++) acc += __bfloat162float(dout[i * nh * hd + h * hd + t]) * __bfloat162float(out[i * nh * hd + h * hd + t]);
+            D[h * n + i] = acc;
+        }
+    auto tq = tile_table(c.cu, 16 * cfg.qnw, n);
+    auto tk = tile_table(c.cu, 16 * cfg.knw, n);
+    emu_launch((unsigned)(tq.size() - 1) / 3, nh, cfg.qnw * 32, cfg.qsmem, [&] {
+        if (hd == 64) flash_backward_dq_64(dqkv.data(), dout.data(), qkv.data(), lse.data(), D.data(), tq.data(), n, nh, nkv);
+        else flash_backward_dq_128(dqkv.data(), dout.data(), qkv.data(), lse.data(), D.data(), tq.data(), n, nh, nkv);
+    });
+    emu_launch((unsigned)(tk.size() - 1) / 3, nkv, cfg.knw * 32, cfg.ksmem, [&] {
+        if (hd == 64) flash_backward_dkdv_64(dqkv.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+        else flash_backward_dkdv_128(dqkv.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+    });
+
+    auto to_d = [](const std::vector<bf16_t>& v) {
+        std::vector<double> r(v.size());
+        for (size_t i = 0; i < v.size(); i++) r[i] = __bfloat162float(v[i]);
+        return r;
+    };
+    auto part = [&](const std::vector<double>& v, int lo, int hi) {
+        std::vector<double> r;
+        for (int i = 0; i < n; i++)
+            for (int t = lo; t < hi; t++) r.push_back(v[i * width + t]);
+        return r;
+    };
+    std::vector<double> g_dqkv = to_d(dqkv), g_lse(lse.begin(), lse.end());
+    double errs[5] = {rel_err(to_d(out), r_out), rel_err(g_lse, r_lse), rel_err(part(g_dqkv, 0, nh * hd), part(r_dqkv, 0, nh * hd)),
+                      rel_err(part(g_dqkv, nh * hd, (nh + nkv) * hd), part(r_dqkv, nh * hd, (nh + nkv) * hd)),
+                      rel_err(part(g_dqkv, (nh + nkv) * hd, width), part(r_dqkv, (nh + nkv) * hd, width))};
+    const char* names[5] = {"out", "lse", "dq", "dk", "dv"};
+    std::string segs;
+    for (size_t s = 0; s + 1 < c.cu.size(); s++) segs += std::to_string(c.cu[s + 1] - c.cu[s]) + (s + 2 < c.cu.size() ? "," : "");
+    bool ok = true;
+    printf("hd %3d heads %d/%d lengths [%s]:", hd, nh, nkv, segs.c_str());
+    for (int k = 0; k < 5; k++) {
+        printf(" %s %.2e", names[k], errs[k]);
+        ok = ok && errs[k] < 1e-2;
+    }
+    printf("  %s\n", ok ? "ok" : "FAILED");
+    return ok;
+}
+
+int main(int argc, char** argv) {
+    std::vector<Case> cases = {
+        {64, 2, 1, {0, 1, 18, 82, 210, 339}},
+        {64, 2, 2, {0, 300}},
+        {128, 2, 1, {0, 17, 100, 229}},
+        {128, 1, 1, {0, 1}},
+        {64, 4, 1, {0, 40, 170}},
+    };
+    if (argc > 1 && std::string(argv[1]) == "quick") {
+        cases.resize(1);
+    } else if (argc > 1) {
+        size_t k = std::stoul(argv[1]);  // one case by index
+        cases = {cases.at(k)};
+    }
+    bool ok = true;
+    uint64_t seed = 1;
+    for (const Case& c : cases) ok = run(c, seed++) && ok;
+    printf("%s\n", ok ? "all cases ok" : "SOME CASES FAILED");
+    return ok ? 0 : 1;
+}
