@@ -10,6 +10,8 @@
 //! head_dim (below sm_80, or too little shared memory per block), the tests that need it say so
 //! and fail, since they would otherwise check the scalar kernels twice.
 
+mod gpu_util;
+use gpu_util::gpu;
 use half::bf16;
 use sft::backend::cpu::CpuBackend;
 use sft::backend::cuda::{AttentionPath, CudaBackend};
@@ -17,16 +19,6 @@ use sft::backend::{Backend, HeadShape, Precision};
 use sft::rng::Rng;
 
 const TOL: f64 = 1e-2;
-
-fn gpu() -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            eprintln!("skipped: {e:#}");
-            None
-        }
-    }
-}
 
 /// The GPU backend with the tensor-core path on for `head_dim` (panics when the device lacks it).
 fn tensor_core_gpu(head_dim: usize) -> Option<CudaBackend> {

@@ -9,6 +9,8 @@
 //! Inputs are rounded to bf16 first, so both backends see the same numbers; outputs must agree
 //! to a relative error ‖gpu − cpu‖ / ‖cpu‖ below 1e-2.
 
+mod gpu_util;
+use gpu_util::gpu;
 use half::bf16;
 use sft::backend::cuda::CudaBackend;
 use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, RopeStyle};
@@ -19,16 +21,6 @@ use cuda_util::RefBackend;
 use sft::backend::cpu::CpuBackend;
 
 const TOL: f64 = 1e-2;
-
-fn gpu() -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            eprintln!("skipped: {e:#}");
-            None
-        }
-    }
-}
 
 fn reference() -> CpuBackend<f32> {
     CpuBackend::<f32>::new()

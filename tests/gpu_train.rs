@@ -5,26 +5,17 @@
 //! All tests are `#[ignore]`: they need an NVIDIA GPU. Run them there with
 //! `scripts/gpu_check.sh` (or `cargo test --release --test gpu_train -- --ignored`).
 
+mod gpu_util;
+use gpu_util::gpu;
 mod model_util;
 
 use model_util::{examples, packed_batch, padded_batch, PAD};
 use sft::backend::cpu::CpuBackend;
-use sft::backend::cuda::CudaBackend;
 use sft::backend::{AdamW, RopeStyle};
 use sft::data::batch::Batch;
 use sft::demo::{setup, DemoArgs};
 use sft::model::{Model, ModelConfig};
 use sft::train::train_on;
-
-fn gpu() -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            eprintln!("skipped: {e:#}");
-            None
-        }
-    }
-}
 
 /// Two layers of width 128 in heads of 64 (the head size our attention kernel serves).
 fn config(n_kv_heads: usize, rope_style: RopeStyle, tie_embeddings: bool) -> ModelConfig {
