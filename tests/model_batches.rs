@@ -515,3 +515,29 @@ fn out_of_memory_advice_names_a_micro_batch_that_fits() {
     let msg = memory_advice("gpu", &config, 2, 1, 2048, 10 * gib).unwrap();
     assert!(msg.contains("not even micro_batch 1 fits"), "{msg}");
 }
+
+#[test]
+fn an_inference_model_gives_the_training_models_logits_and_refuses_to_train() {
+    let config = tiny_config(2, RopeStyle::AdjacentPairs, false, 0.0);
+    let mut train = Model::new(f32_backend(), config.clone(), 64).unwrap();
+    train.init_params(5).unwrap();
+    let params = train.read_params().unwrap();
+    let mut infer = Model::new_inference(f32_backend(), config, 16).unwrap();
+    infer.write_params(&params).unwrap();
+    assert_eq!(infer.read_params().unwrap(), params);
+
+    // Same logits, though the inference model feeds the 20-token prompt in chunks of 16.
+    let ids: Vec<u32> = (0..20).map(|i| (i * 7 % 20) as u32 + 3).collect();
+    let mut c1 = train.new_cache(32).unwrap();
+    let mut c2 = infer.new_cache(32).unwrap();
+    let a = train.next_logits(&mut c1, &ids).unwrap();
+    let b = infer.next_logits(&mut c2, &ids).unwrap();
+    assert!(max_rel_diff(&a, &b) < 1e-5, "{}", max_rel_diff(&a, &b));
+
+    let exs = examples(3, &[9, 6]);
+    let batch = padded_batch(&exs, 0);
+    assert!(infer.loss(&batch).unwrap().is_finite());
+    let err = infer.forward_backward(&batch, 1.0, None).unwrap_err().to_string();
+    assert!(err.contains("inference only"), "{err}");
+    assert!(infer.read_grads().is_err() && infer.grad_norm().is_err());
+}

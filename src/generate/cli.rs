@@ -175,7 +175,7 @@ pub fn logits(args: LogitsArgs) -> Result<()> {
 pub fn all_logits<B: Backend>(backend: B, dir: &std::path::Path, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
     anyhow::ensure!(!ids.is_empty(), "no token ids given");
     // Sized for the sequence, not max_seq_len: a pretrained config may claim 131072 positions.
-    let mut model = checkpoint::load_model_with(dir, backend, ids.len())?;
+    let mut model = checkpoint::load_inference_model(dir, backend, ids.len())?;
     let mut cache = model.new_cache(ids.len())?;
     ids.iter().map(|&t| model.next_logits(&mut cache, &[t])).collect()
 }

@@ -117,6 +117,8 @@ pub struct Model<B: Backend> {
     grads: Vec<B::Buf>,
     m: Vec<B::Buf>,
     v: Vec<B::Buf>,
+    /// False for an inference-only model: no master weights, gradients or moments.
+    training: bool,
     acts: Activations<B>,
     act_grads: ActGrads<B>,
     ids: IdBufs<B>,
@@ -230,6 +232,18 @@ impl<B: Backend> Model<B> {
     /// Allocates every buffer for micro-batches of up to `max_tokens` token positions.
     /// Parameters start at zero: call [`Model::init_params`] or [`Model::write_params`].
     pub fn new(backend: B, config: ModelConfig, max_tokens: usize) -> Result<Self> {
+        Self::build(backend, config, max_tokens, true)
+    }
+
+    /// A model for evaluation and generation only: weights in the compute precision and the
+    /// activations, without the f32 master weights, gradients and AdamW moments (a fifth of a
+    /// training model's parameter memory on the CPU, a ninth on the GPU). Training calls on it
+    /// are errors.
+    pub fn new_inference(backend: B, config: ModelConfig, max_tokens: usize) -> Result<Self> {
+        Self::build(backend, config, max_tokens, false)
+    }
+
+    fn build(backend: B, config: ModelConfig, max_tokens: usize, training: bool) -> Result<Self> {
         config.validate().context("invalid model config")?;
         ensure!(max_tokens > 0, "max_tokens must be positive");
         let specs = params::param_specs(&config);
@@ -240,10 +254,11 @@ impl<B: Backend> Model<B> {
             lens.iter().map(|&len| be.zeros(len, p)).collect()
         };
         let params = alloc(&lens, Precision::Compute)?;
-        let master = alloc(&lens, Precision::F32)?;
-        let grads = alloc(&lens, Precision::F32)?;
-        let m = alloc(&lens, Precision::F32)?;
-        let v = alloc(&lens, Precision::F32)?;
+        let state_lens: &[usize] = if training { &lens } else { &[] };
+        let master = alloc(state_lens, Precision::F32)?;
+        let grads = alloc(state_lens, Precision::F32)?;
+        let m = alloc(state_lens, Precision::F32)?;
+        let v = alloc(state_lens, Precision::F32)?;
 
         let n = max_tokens;
         let d = config.d_model;
@@ -301,6 +316,7 @@ impl<B: Backend> Model<B> {
             grads,
             m,
             v,
+            training,
             acts,
             act_grads,
             ids,
@@ -335,6 +351,9 @@ impl<B: Backend> Model<B> {
     pub fn init_params(&mut self, seed: u64) -> Result<()> {
         let fresh = params::init_params(&self.config, seed);
         self.write_params(&fresh)?;
+        if !self.training {
+            return Ok(());
+        }
         self.zero_grads()?;
         for i in 0..self.specs.len() {
             self.backend.zero(&mut self.m[i], self.lens[i])?;
@@ -345,7 +364,7 @@ impl<B: Backend> Model<B> {
 
     /// The parameters (from the F32 master copy), with internal names, in layout order.
     pub fn read_params(&self) -> Result<Vec<NamedTensor>> {
-        self.read_named(&self.master)
+        self.read_named(if self.training { &self.master } else { &self.params })
     }
 
     /// Sets the parameters (master and compute copies); `params` must hold exactly this
@@ -354,13 +373,16 @@ impl<B: Backend> Model<B> {
         let ordered = params::check_params(&self.config, params).context("writing model parameters")?;
         for (i, t) in ordered.iter().enumerate() {
             self.backend.write(&mut self.params[i], &t.data)?;
-            self.backend.write(&mut self.master[i], &t.data)?;
+            if self.training {
+                self.backend.write(&mut self.master[i], &t.data)?;
+            }
         }
         Ok(())
     }
 
     /// The accumulated gradients, with the parameters' names.
     pub fn read_grads(&self) -> Result<Vec<NamedTensor>> {
+        self.ensure_training("read_grads")?;
         self.read_named(&self.grads)
     }
 
@@ -373,16 +395,23 @@ impl<B: Backend> Model<B> {
 
     /// Adam's first and second moments, with the parameters' names.
     pub fn read_optimizer_state(&self) -> Result<(Vec<NamedTensor>, Vec<NamedTensor>)> {
+        self.ensure_training("read_optimizer_state")?;
         Ok((self.read_named(&self.m)?, self.read_named(&self.v)?))
     }
 
     pub fn write_optimizer_state(&mut self, m: &[NamedTensor], v: &[NamedTensor]) -> Result<()> {
+        self.ensure_training("write_optimizer_state")?;
         let m = params::check_params(&self.config, m).context("writing Adam first moments")?;
         let v = params::check_params(&self.config, v).context("writing Adam second moments")?;
         for i in 0..self.specs.len() {
             self.backend.write(&mut self.m[i], &m[i].data)?;
             self.backend.write(&mut self.v[i], &v[i].data)?;
         }
+        Ok(())
+    }
+
+    fn ensure_training(&self, what: &str) -> Result<()> {
+        ensure!(self.training, "{what}: this model was built for inference only (Model::new_inference)");
         Ok(())
     }
 
@@ -525,6 +554,7 @@ impl<B: Backend> Model<B> {
         loss_scale: f32,
         dropout_seed: Option<u64>,
     ) -> Result<f64> {
+        self.ensure_training("forward_backward")?;
         let n = self.load_batch(batch)?;
         let n_segments = batch.n_segments();
         {
@@ -676,12 +706,14 @@ impl<B: Backend> Model<B> {
 
     /// Global L2 norm of the accumulated gradients.
     pub fn grad_norm(&self) -> Result<f64> {
+        self.ensure_training("grad_norm")?;
         let bufs: Vec<&B::Buf> = self.grads.iter().collect();
         Ok(self.backend.sum_squares(&bufs, &self.lens)?.sqrt())
     }
 
     /// One AdamW step over every parameter tensor, from the accumulated gradients.
     pub fn adamw_step(&mut self, hp: &AdamW) -> Result<()> {
+        self.ensure_training("adamw_step")?;
         let mut params: Vec<&mut B::Buf> = self.params.iter_mut().collect();
         let mut master: Vec<&mut B::Buf> = self.master.iter_mut().collect();
         let grads: Vec<&B::Buf> = self.grads.iter().collect();

@@ -686,11 +686,21 @@ pub fn load_model_with<B: Backend>(dir: &Path, backend: B, max_tokens: usize) ->
     Ok(model)
 }
 
-/// Loads a checkpoint for inference (sized for one sequence of the model's `max_seq_len`).
+/// Loads a checkpoint's weights into an inference-only model (no master weights, gradients or
+/// moments) for batches of up to `max_tokens` tokens.
+pub fn load_inference_model<B: Backend>(dir: &Path, backend: B, max_tokens: usize) -> Result<Model<B>> {
+    let config = read_model_config(dir)?;
+    let mut model = Model::new_inference(backend, config, max_tokens)
+        .with_context(|| format!("building the model of checkpoint {}", dir.display()))?;
+    load_weights_into(dir, &mut model)?;
+    Ok(model)
+}
+
+/// Loads a checkpoint for generation: inference-only, prompts fed in chunks of at most 512
+/// tokens (or the model's max_seq_len when shorter).
 pub fn load_model<B: Backend>(dir: &Path, backend: B) -> Result<Model<B>> {
     let config = read_model_config(dir)?;
-    let max_tokens = config.max_seq_len;
-    load_model_with(dir, backend, max_tokens)
+    load_inference_model(dir, backend, config.max_seq_len.min(512))
 }
 
 /// Loads the AdamW moments saved by [`save`] into `model`.

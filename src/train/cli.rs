@@ -272,7 +272,8 @@ pub fn eval_with<B: Backend>(backend: B, args: &EvalArgs) -> Result<EvalReport> 
         }
         batches_from_examples(&examples, tok.pad_id(), &loader_config)?
     };
-    let mut model = checkpoint::load_model_with(&args.checkpoint, backend, args.micro_batch * max_seq_len)?;
+    let mut model =
+        checkpoint::load_inference_model(&args.checkpoint, backend, args.micro_batch * max_seq_len)?;
     let loss = eval_loss(&mut model, &batches)?;
     let supervised_tokens = batches.iter().map(|b| b.n_supervised()).sum();
     Ok(EvalReport { loss, supervised_tokens, batches: batches.len() })
