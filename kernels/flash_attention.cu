@@ -138,6 +138,25 @@ __device__ __forceinline__ void load_rows(bf16_t* dst, const bf16_t* src, size_t
     }
 }
 
+// The K/V double buffer of the forward and dQ loops, at the top of iteration `it` over key tiles
+// of BN rows from seg_start: starts copying tile it + 1 into the other buffer, waits until tile
+// `it` (buffer it & 1) has landed (everything, at the last tile), then syncs the block.
+template <int BN, int HD, int NT>
+__device__ __forceinline__ void next_kv_tile(bf16_t* ks, bf16_t* vs, const bf16_t* kg, const bf16_t* vg, size_t width,
+                                             int it, int n_kt, int seg_start, int n) {
+    constexpr int LD = HD + 8;
+    if (it + 1 < n_kt) {
+        const int nb = (it + 1) & 1, next = seg_start + (it + 1) * BN;
+        load_rows<BN, HD, NT>(ks + nb * BN * LD, kg, width, next, n);
+        load_rows<BN, HD, NT>(vs + nb * BN * LD, vg, width, next, n);
+        cp_async_commit();
+        cp_async_wait<1>();
+    } else {
+        cp_async_wait<0>();
+    }
+    __syncthreads();
+}
+
 // Per warp: acc[nt] (n-tiles of 8 columns, NT8 of them) += A(16 rows at a_tile, HD wide) · Xᵀ
 // where X is the shared [n][HD] tile at x_tile (rows n = 0 .. 8·NT8 - 1).
 template <int HD, int NT8>
@@ -263,16 +282,7 @@ __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, c
 
     for (int it = 0; it < n_kt; it++) {
         const int kt = seg_start + it * BN;
-        if (it + 1 < n_kt) {
-            int nb = (it + 1) & 1;
-            load_rows<BN, HD, NT>(ks + nb * BN * LD, kg, width, kt + BN, n);
-            load_rows<BN, HD, NT>(vs + nb * BN * LD, vg, width, kt + BN, n);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+        next_kv_tile<BN, HD, NT>(ks, vs, kg, vg, width, it, n_kt, seg_start, n);
         // Skip tiles entirely above the warp's diagonal, and warps past the segment's end.
         if (kt <= w_last && w_first < seg_end) {
             const bf16_t* kb = ks + (it & 1) * BN * LD;
@@ -395,16 +405,7 @@ __device__ void flash_dq_impl(bf16_t* dqkv, const bf16_t* dout, const bf16_t* qk
 
     for (int it = 0; it < n_kt; it++) {
         const int kt = seg_start + it * BN;
-        if (it + 1 < n_kt) {
-            int nb = (it + 1) & 1;
-            load_rows<BN, HD, NT>(ks + nb * BN * LD, kg, width, kt + BN, n);
-            load_rows<BN, HD, NT>(vs + nb * BN * LD, vg, width, kt + BN, n);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+        next_kv_tile<BN, HD, NT>(ks, vs, kg, vg, width, it, n_kt, seg_start, n);
         // Skip tiles entirely above the warp's diagonal, and warps past the segment's end.
         if (kt <= w_last && w_first < seg_end) {
             const bf16_t* kb = ks + (it & 1) * BN * LD;
