@@ -6,7 +6,7 @@ use crate::data::{ChatTokenizer, Turn, DEFAULT_SYSTEM_PROMPT};
 use crate::model::Model;
 use crate::rng::Rng;
 use crate::train::checkpoint;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -57,8 +57,7 @@ impl SamplingArgs {
     }
 
     fn tokenizer(&self) -> Result<ChatTokenizer> {
-        let path = self.tokenizer.clone().unwrap_or_else(|| self.checkpoint.join(checkpoint::TOKENIZER_FILE));
-        ChatTokenizer::from_file(&path).with_context(|| format!("loading the tokenizer {}", path.display()))
+        checkpoint::load_tokenizer(&self.checkpoint, self.tokenizer.as_deref())
     }
 
     fn model<B: Backend>(&self, backend: B, tok: &ChatTokenizer) -> Result<Model<B>> {

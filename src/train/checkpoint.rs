@@ -16,7 +16,7 @@
 //! disk are the f32 master weights, so resuming reproduces the run bit for bit.
 
 use crate::backend::Backend;
-use crate::data::LoaderState;
+use crate::data::{ChatTokenizer, LoaderState};
 use crate::model::config::ModelConfig;
 use crate::model::params::{from_hf, param_specs, to_hf, to_hf_names, NamedTensor};
 use crate::model::Model;
@@ -684,6 +684,12 @@ pub fn load_model_with<B: Backend>(dir: &Path, backend: B, max_tokens: usize) ->
         .with_context(|| format!("building the model of checkpoint {}", dir.display()))?;
     load_weights_into(dir, &mut model)?;
     Ok(model)
+}
+
+/// The tokenizer at `explicit` when given, else the checkpoint's own `tokenizer.json`.
+pub fn load_tokenizer(dir: &Path, explicit: Option<&Path>) -> Result<ChatTokenizer> {
+    let path = explicit.map_or_else(|| dir.join(TOKENIZER_FILE), Path::to_path_buf);
+    ChatTokenizer::from_file(&path).with_context(|| format!("loading the tokenizer {}", path.display()))
 }
 
 /// Loads a checkpoint's weights into an inference-only model (no master weights, gradients or

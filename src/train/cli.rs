@@ -251,10 +251,7 @@ pub fn eval_with<B: Backend>(backend: B, args: &EvalArgs) -> Result<EvalReport> 
         let dataset = Dataset::open(&args.data, split)?;
         batches_in_order(&dataset, &loader_config)?
     } else {
-        let tok_path =
-            args.tokenizer.clone().unwrap_or_else(|| args.checkpoint.join(checkpoint::TOKENIZER_FILE));
-        let tok = ChatTokenizer::from_file(&tok_path)
-            .with_context(|| format!("loading the tokenizer {}", tok_path.display()))?;
+        let tok = checkpoint::load_tokenizer(&args.checkpoint, args.tokenizer.as_deref())?;
         let convs = read_chat_file(&args.data)?;
         let mut examples = Vec::with_capacity(convs.len());
         for (i, conv) in convs.iter().enumerate() {
