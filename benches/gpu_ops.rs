@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sft::backend::cuda::CudaBackend;
-use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, RopeStyle};
+use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope, RopeStyle};
 use sft::rng::Rng;
 
 fn random(rng: &mut Rng, len: usize, scale: f64) -> Vec<f32> {
@@ -122,7 +122,14 @@ fn bench(c: &mut Criterion) {
     grp.throughput(Throughput::Bytes((2 * 2 * n * (heads.q_width() + heads.kv_width())) as u64));
     grp.bench_function("rope_forward_16k_32h_hd64", |b| {
         b.iter(|| {
-            g.rope_forward(&mut qkv_rot, &positions, n, heads, 10000.0, RopeStyle::AdjacentPairs).unwrap();
+            g.rope_forward(
+                &mut qkv_rot,
+                &positions,
+                n,
+                heads,
+                Rope::plain(10000.0, RopeStyle::AdjacentPairs),
+            )
+            .unwrap();
             sync()
         })
     });

@@ -19,9 +19,9 @@ References (--reference):
 Prints the maximum relative error (max |ours - ref| / max |ref|) and exits 1 above --tol
 (default 1e-4).
 
---make-tiny writes two checkpoints with `sft init`: the `tiny` preset (adjacent-pairs RoPE,
-untied, 4 heads sharing 2 KV heads: the q/k permutation to Hugging Face's order is exercised)
-and a tied half-split variant.
+--make-tiny writes four checkpoints with `sft init`: the `tiny` preset (adjacent-pairs RoPE,
+untied, 4 heads sharing 2 KV heads: the q/k permutation to Hugging Face's order is exercised),
+a tied half-split variant, and two with RoPE scaling (llama3 and linear).
 """
 
 import argparse
@@ -98,18 +98,40 @@ def rotate_half(x):
     return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
+def rope_inv_freq(c, hd):
+    """transformers' default, linear and llama3 RoPE frequencies (modeling_rope_utils), from
+    either config layout: transformers 4's top-level rope_theta + rope_scaling, or 5's
+    rope_parameters holding both."""
+    params = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    theta = params.get("rope_theta", c.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    inv_freq = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / params["factor"]
+    if kind != "llama3":
+        raise SystemExit(f"rope_type {kind!r} is not implemented by this reference")
+    factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+    original = params.get("original_max_position_embeddings", c.get("max_position_embeddings"))
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < original / high) & ~(wavelen > original / low)
+    return np.where(medium, smoothed, scaled)
+
+
 def numpy_llama_logits(ckpt, ids):
     with open(os.path.join(ckpt, "config.json")) as f:
         c = json.load(f)
-    if c.get("rope_scaling"):
-        raise SystemExit(f"{ckpt}/config.json: rope_scaling is not implemented by this reference")
     w = read_weights(ckpt)
     d, n_heads = c["hidden_size"], c["num_attention_heads"]
     n_kv = c.get("num_key_value_heads", n_heads)
     hd = c.get("head_dim", d // n_heads)
-    eps, theta = c.get("rms_norm_eps", 1e-6), c.get("rope_theta", 10000.0)
+    eps = c.get("rms_norm_eps", 1e-6)
     t = len(ids)
-    inv_freq = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    inv_freq = rope_inv_freq(c, hd)
     freqs = np.outer(np.arange(t, dtype=np.float64), inv_freq)
     emb = np.concatenate([freqs, freqs], axis=-1)
     cos, sin = np.cos(emb)[None], np.sin(emb)[None]  # (1, t, hd)
@@ -192,6 +214,19 @@ def make_tiny(sft, root):
     tied = os.path.join(root, "tiny-tied-half-split")
     subprocess.run([sft, "init", "--model", cfg_path, "--out", tied, "--seed", "4"], check=True, capture_output=True)
     dirs.append(tied)
+    # Llama 3.1/3.2's frequency scaling: with head_dim 16 and an original context of 256, pairs
+    # 0-2 keep their frequency, pair 3 is blended and pairs 4-7 are divided by the factor.
+    scaled_cfg = dict(cfg, n_heads=4, rope_theta=10000.0, tie_embeddings=True, max_seq_len=1024,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 256})
+    for name, scaling in [("llama3", None), ("linear", {"rope_type": "linear", "factor": 4.0})]:
+        c = dict(scaled_cfg, rope_scaling=scaling or scaled_cfg["rope_scaling"])
+        path = os.path.join(root, f"{name}.json")
+        with open(path, "w") as f:
+            json.dump(c, f)
+        out = os.path.join(root, f"tiny-rope-{name}")
+        subprocess.run([sft, "init", "--model", path, "--out", out, "--seed", "5"], check=True, capture_output=True)
+        dirs.append(out)
     return dirs
 
 

@@ -42,6 +42,10 @@ pub struct BenchArgs {
     pub device: String,
     #[arg(long, default_value_t = 89)]
     pub seed: u64,
+    /// Overrides the model's dropout (0.1 in simplellama-1.3b); 0 matches transformers' Llama,
+    /// which has no residual dropout (scripts/bench_torch_train.py passes 0).
+    #[arg(long)]
+    pub dropout: Option<f32>,
 }
 
 /// What `sft bench` measured.
@@ -91,7 +95,11 @@ fn synthetic_batch(rng: &mut Rng, rows: usize, t: usize, vocab: usize) -> Batch 
 
 /// Runs the benchmark on `backend`.
 pub fn run_bench<B: Backend>(backend: B, args: &BenchArgs) -> Result<BenchReport> {
-    let config = resolve_model_config(&args.model, 8192)?;
+    let mut config = resolve_model_config(&args.model, 8192)?;
+    if let Some(p) = args.dropout {
+        config.dropout = p;
+        config.validate()?;
+    }
     let t = args.seq_len.unwrap_or(config.max_seq_len);
     ensure!(t > 0 && t <= config.max_seq_len, "--seq-len {t} must be in 1..={}", config.max_seq_len);
     ensure!(args.micro_batch > 0 && args.steps > 0, "--micro-batch and --steps must be at least 1");
@@ -117,7 +125,7 @@ pub fn run_bench<B: Backend>(backend: B, args: &BenchArgs) -> Result<BenchReport
     };
     let tokens_per_step = grad_accum * args.micro_batch * t;
 
-    // SimpleLLaMA's optimizer settings; the model's dropout (none in the presets) applies.
+    // SimpleLLaMA's optimizer settings; the model's dropout applies unless --dropout says otherwise.
     let cfg = TrainConfig::default();
     let stream = Rng::new(args.seed);
     let mut final_loss = f64::NAN;

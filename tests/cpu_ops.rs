@@ -10,7 +10,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use sft::backend::cpu::CpuBackend;
-use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, RopeStyle};
+use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope, RopeScaling, RopeStyle};
 use sft::rng::{self, Rng};
 
 type B64 = CpuBackend<f64>;
@@ -165,20 +165,36 @@ fn rope_backward_matches_finite_differences_in_both_styles() {
     let heads = HeadShape { n_heads: 4, n_kv_heads: 2, head_dim: 6 };
     let (n, w) = (6, heads.qkv_width());
     let positions: Vec<u32> = vec![0, 1, 2, 0, 1, 37];
-    for (s, style) in [RopeStyle::AdjacentPairs, RopeStyle::HalfSplit].into_iter().enumerate() {
+    let llama3 = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 32,
+    };
+    let cases = [
+        Rope::plain(10_000.0, RopeStyle::AdjacentPairs),
+        Rope::plain(10_000.0, RopeStyle::HalfSplit),
+        Rope { theta: 10_000.0, style: RopeStyle::HalfSplit, scaling: Some(llama3) },
+        Rope {
+            theta: 500.0,
+            style: RopeStyle::AdjacentPairs,
+            scaling: Some(RopeScaling::Linear { factor: 2.0 }),
+        },
+    ];
+    for (s, rope) in cases.into_iter().enumerate() {
         let mut rng = Rng::new(4 + s as u64);
         let (qkv, r) = (random(&mut rng, n * w), random(&mut rng, n * w));
         let loss = |x: &[f64]| {
             let mut x = x.to_vec();
-            be.rope_forward(&mut x, &positions, n, heads, 10_000.0, style).unwrap();
+            be.rope_forward(&mut x, &positions, n, heads, rope).unwrap();
             dot(&x, &r)
         };
         let mut grad = r.clone();
-        be.rope_backward(&mut grad, &positions, n, heads, 10_000.0, style).unwrap();
-        fd_check(&format!("rope {style:?}"), &grad, &qkv, loss);
+        be.rope_backward(&mut grad, &positions, n, heads, rope).unwrap();
+        fd_check(&format!("rope {rope:?}"), &grad, &qkv, loss);
         // The v part is untouched and position 0 is the identity.
         let mut rotated = qkv.clone();
-        be.rope_forward(&mut rotated, &positions, n, heads, 10_000.0, style).unwrap();
+        be.rope_forward(&mut rotated, &positions, n, heads, rope).unwrap();
         for row in 0..n {
             let (a, b) = (row * w, (row + 1) * w);
             assert_eq!(rotated[a + w - heads.kv_width()..b], qkv[a + w - heads.kv_width()..b]);
@@ -191,9 +207,45 @@ fn rope_backward_matches_finite_differences_in_both_styles() {
     let mut rng = Rng::new(9);
     let qkv = random(&mut rng, n * w);
     let (mut a, mut b) = (qkv.clone(), qkv.clone());
-    be.rope_forward(&mut a, &positions, n, heads, 10_000.0, RopeStyle::AdjacentPairs).unwrap();
-    be.rope_forward(&mut b, &positions, n, heads, 10_000.0, RopeStyle::HalfSplit).unwrap();
+    be.rope_forward(&mut a, &positions, n, heads, Rope::plain(10_000.0, RopeStyle::AdjacentPairs)).unwrap();
+    be.rope_forward(&mut b, &positions, n, heads, Rope::plain(10_000.0, RopeStyle::HalfSplit)).unwrap();
     assert!(rel_err(&a, &b) > 1e-3);
+}
+
+/// Llama 3's scaling (transformers' `_compute_llama3_parameters`): wavelengths shorter than
+/// original / high_freq_factor keep their frequency, longer than original / low_freq_factor are
+/// divided by the factor, and the blend between meets both ends.
+#[test]
+fn llama3_frequencies_keep_short_waves_and_stretch_long_ones() {
+    let (hd, theta) = (64, 500_000.0);
+    let (factor, low, high, original) = (32.0, 1.0, 4.0, 8192);
+    let llama3 = RopeScaling::Llama3 {
+        factor,
+        low_freq_factor: low,
+        high_freq_factor: high,
+        original_max_position_embeddings: original,
+    };
+    let plain = Rope::plain(theta, RopeStyle::HalfSplit);
+    let scaled = Rope { scaling: Some(llama3), ..plain };
+    let (mut kept, mut stretched, mut blended) = (0, 0, 0);
+    for j in 0..hd / 2 {
+        let (f, g) = (plain.inv_freq(j, hd) as f64, scaled.inv_freq(j, hd) as f64);
+        let wavelen = 2.0 * std::f64::consts::PI / f;
+        if wavelen < original as f64 / high as f64 {
+            assert_eq!(f, g, "pair {j}");
+            kept += 1;
+        } else if wavelen > original as f64 / low as f64 {
+            assert!((g - f / factor as f64).abs() <= 1e-6 * g, "pair {j}: {g} vs {f} / {factor}");
+            stretched += 1;
+        } else {
+            assert!(g < f && g > f / factor as f64, "pair {j}: {g} not between {f} / {factor} and {f}");
+            blended += 1;
+        }
+    }
+    // Llama 3.2's numbers put pairs in all three regions.
+    assert!(kept > 0 && stretched > 0 && blended > 0, "{kept} {stretched} {blended}");
+    let linear = Rope { scaling: Some(RopeScaling::Linear { factor: 4.0 }), ..plain };
+    assert_eq!(linear.inv_freq(3, hd), (plain.inv_freq(3, hd) as f64 / 4.0) as f32);
 }
 
 /// Segments of lengths 4, 1 and 6, and the heads of the GQA and MQA cases.
@@ -528,13 +580,13 @@ fn op_results<T: sft::backend::cpu::Real>(inputs: &[Vec<f32>]) -> Vec<(&'static 
     let mut qkv = buf(&vec![0.0; n * heads.qkv_width()]);
     be.matmul_forward(&mut qkv, &normed, &w_qkv, n, d, heads.qkv_width()).unwrap();
     let positions: Vec<u32> = vec![0, 1, 2, 3, 0, 0, 1, 2, 3, 4, 5];
-    be.rope_forward(&mut qkv, &positions, n, heads, 10_000.0, RopeStyle::HalfSplit).unwrap();
+    be.rope_forward(&mut qkv, &positions, n, heads, Rope::plain(10_000.0, RopeStyle::HalfSplit)).unwrap();
     let (mut att, mut lse) = (buf(&vec![0.0; n * heads.q_width()]), buf(&vec![0.0; n * heads.n_heads]));
     be.attention_forward(&mut att, &mut lse, &qkv, &CU.to_vec(), 3, n, heads).unwrap();
     results.push(("rmsnorm+matmul+rope+attention forward", get(&att)));
     let mut dqkv = buf(&vec![0.0; n * heads.qkv_width()]);
     be.attention_backward(&mut dqkv, &buf(dout_att), &qkv, &att, &lse, &CU.to_vec(), 3, n, heads).unwrap();
-    be.rope_backward(&mut dqkv, &positions, n, heads, 10_000.0, RopeStyle::HalfSplit).unwrap();
+    be.rope_backward(&mut dqkv, &positions, n, heads, Rope::plain(10_000.0, RopeStyle::HalfSplit)).unwrap();
     results.push(("attention+rope backward", get(&dqkv)));
     let (mut dnormed, mut dw_qkv) = (buf(&vec![0.0; n * d]), buf(&vec![0.0; w_qkv.len()]));
     be.matmul_backward(Some(&mut dnormed), &mut dw_qkv, &dqkv, &normed, &w_qkv, n, d, heads.qkv_width())

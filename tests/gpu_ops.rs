@@ -13,7 +13,7 @@ mod gpu_util;
 use gpu_util::gpu;
 use half::bf16;
 use sft::backend::cuda::CudaBackend;
-use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, RopeStyle};
+use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope, RopeScaling, RopeStyle};
 use sft::rng::Rng;
 
 mod cuda_util;
@@ -220,33 +220,42 @@ fn matmul_fallback_kernel_matches_cpu() {
 
 // ---- RoPE -----------------------------------------------------------------------------------
 
-fn rope<B: Backend>(b: &B, qkv: &[f32], pos: &[u32], heads: HeadShape, style: RopeStyle) -> [Vec<f32>; 2] {
+fn rope<B: Backend>(b: &B, qkv: &[f32], pos: &[u32], heads: HeadShape, rope: Rope) -> [Vec<f32>; 2] {
     let n = pos.len();
     let len = n * heads.qkv_width();
     let mut buf = upload(b, qkv, Precision::Compute);
     let p = upload_ids(b, pos);
-    b.rope_forward(&mut buf, &p, n, heads, 10000.0, style).unwrap();
+    b.rope_forward(&mut buf, &p, n, heads, rope).unwrap();
     let fwd = download(b, &buf, len);
-    b.rope_backward(&mut buf, &p, n, heads, 10000.0, style).unwrap();
+    b.rope_backward(&mut buf, &p, n, heads, rope).unwrap();
     [fwd, download(b, &buf, len)]
 }
 
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
-fn rope_matches_cpu_in_both_styles() {
+fn rope_matches_cpu_in_both_styles_and_scalings() {
     let Some(g) = gpu() else { return };
     let heads = HeadShape { n_heads: 4, n_kv_heads: 2, head_dim: 64 };
     let n = 19;
     let mut rng = Rng::new(4);
     let qkv = randn(&mut rng, n * heads.qkv_width(), 1.0);
     let pos = rand_ids(&mut rng, n, 4096);
+    let llama3 = RopeScaling::Llama3 {
+        factor: 32.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 1024,
+    };
     for style in [RopeStyle::AdjacentPairs, RopeStyle::HalfSplit] {
-        let a = rope(&g, &qkv, &pos, heads, style);
-        let r = rope(&reference(), &qkv, &pos, heads, style);
-        assert_close(&format!("rope_forward {style:?}"), &a[0], &r[0], TOL);
-        assert_close(&format!("rope_backward {style:?}"), &a[1], &r[1], TOL);
-        // Backward is the inverse rotation: it restores the input (up to bf16 rounding).
-        assert_close(&format!("rope round trip {style:?}"), &a[1], &qkv, TOL);
+        for scaling in [None, Some(RopeScaling::Linear { factor: 4.0 }), Some(llama3)] {
+            let r = Rope { theta: 500_000.0, style, scaling };
+            let a = rope(&g, &qkv, &pos, heads, r);
+            let want = rope(&reference(), &qkv, &pos, heads, r);
+            assert_close(&format!("rope_forward {r:?}"), &a[0], &want[0], TOL);
+            assert_close(&format!("rope_backward {r:?}"), &a[1], &want[1], TOL);
+            // Backward is the inverse rotation: it restores the input (up to bf16 rounding).
+            assert_close(&format!("rope round trip {r:?}"), &a[1], &qkv, TOL);
+        }
     }
 }
 
@@ -651,7 +660,8 @@ fn reference_agrees_with_cpu_backend_on_every_op() {
     let qkv = randn(&mut rng, 19 * heads.qkv_width(), 1.0);
     let pos = rand_ids(&mut rng, 19, 4096);
     for style in [RopeStyle::AdjacentPairs, RopeStyle::HalfSplit] {
-        let (a, r) = (rope(&re, &qkv, &pos, heads, style), rope(&cpu, &qkv, &pos, heads, style));
+        let r = Rope::plain(10000.0, style);
+        let (a, r) = (rope(&re, &qkv, &pos, heads, r), rope(&cpu, &qkv, &pos, heads, r));
         assert_close(&format!("ref rope fwd {style:?}"), &a[0], &r[0], tol);
         assert_close(&format!("ref rope bwd {style:?}"), &a[1], &r[1], tol);
     }

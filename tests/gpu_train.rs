@@ -29,6 +29,7 @@ fn config(n_kv_heads: usize, rope_style: RopeStyle, tie_embeddings: bool) -> Mod
         norm_eps: 1e-5,
         rope_theta: 10000.0,
         rope_style,
+        rope_scaling: None,
         max_seq_len: 128,
         tie_embeddings,
         dropout: 0.0,

@@ -7,7 +7,7 @@ mod train_util;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use sft::backend::cpu::CpuBackend;
-use sft::backend::RopeStyle;
+use sft::backend::{RopeScaling, RopeStyle};
 use sft::data::{prepare, ChatTokenizer, PrepareOptions, TrainOn};
 use sft::generate::cli::all_logits;
 use sft::model::params::{adjacent_to_half_split, init_params, to_hf, NamedTensor};
@@ -33,6 +33,7 @@ fn config(rope_style: RopeStyle, tie: bool, vocab: usize) -> ModelConfig {
         norm_eps: 1e-5,
         rope_theta: 10000.0,
         rope_style,
+        rope_scaling: None,
         max_seq_len: 256,
         tie_embeddings: tie,
         dropout: 0.0,
@@ -45,10 +46,14 @@ fn logits(dir: &Path) -> Vec<Vec<f32>> {
 
 /// Logits of a model built in memory from internal tensors.
 fn logits_of(config: &ModelConfig, params: &[NamedTensor]) -> Vec<Vec<f32>> {
-    let mut model = sft::model::Model::new(CpuBackend::<f32>::new(), config.clone(), IDS.len()).unwrap();
+    logits_for(config, params, &IDS)
+}
+
+fn logits_for(config: &ModelConfig, params: &[NamedTensor], ids: &[u32]) -> Vec<Vec<f32>> {
+    let mut model = sft::model::Model::new(CpuBackend::<f32>::new(), config.clone(), ids.len()).unwrap();
     model.write_params(params).unwrap();
-    let mut cache = model.new_cache(IDS.len()).unwrap();
-    IDS.iter().map(|&t| model.next_logits(&mut cache, &[t]).unwrap()).collect()
+    let mut cache = model.new_cache(ids.len()).unwrap();
+    ids.iter().map(|&t| model.next_logits(&mut cache, &[t]).unwrap()).collect()
 }
 
 fn max_rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
@@ -287,11 +292,14 @@ fn bad_configs_and_tensors_are_named_errors() {
         write_hf_config(&dir, &config, edit);
         format!("{:#}", checkpoint::read_model_config(&dir).unwrap_err())
     };
-    let err = err_of(&|j| {
-        j["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 32.0,
-            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-    });
-    assert!(err.contains("config.json") && err.contains("rope_scaling") && err.contains("llama3"), "{err}");
+    for (kind, field) in [("yarn", "rope_scaling"), ("dynamic", "rope_parameters")] {
+        let err = err_of(&|j| j[field] = serde_json::json!({"rope_type": kind, "factor": 4.0}));
+        assert!(err.contains("config.json") && err.contains(field) && err.contains(kind), "{err}");
+    }
+    let err = err_of(&|j| j["partial_rotary_factor"] = 0.5.into());
+    assert!(err.contains("config.json") && err.contains("partial_rotary_factor"), "{err}");
+    let err = err_of(&|j| j["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0}));
+    assert!(err.contains("rope_scaling") && err.contains("low_freq_factor"), "{err}");
     let err = err_of(&|j| j["head_dim"] = 16.into());
     assert!(err.contains("config.json") && err.contains("head_dim"), "{err}");
     let err = err_of(&|j| j["attention_bias"] = true.into());
@@ -538,4 +546,59 @@ fn import_into_a_padded_vocabulary_reuses_the_padding_rows() {
     for id in 258..265 {
         assert_eq!(after[id * d..(id + 1) * d], mean[..], "row {id}");
     }
+}
+
+/// Llama 3.1/3.2 configs: RoPE scaling as transformers 4 writes it (top-level `rope_theta` and
+/// `rope_scaling`) and as transformers 5 does (`rope_parameters` holding both) read the same.
+#[test]
+fn llama3_rope_scaling_reads_from_both_config_layouts() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path();
+    let base = ModelConfig { max_seq_len: 1024, ..config(RopeStyle::HalfSplit, true, 300) };
+    let llama3 = RopeScaling::Llama3 {
+        factor: 32.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 256,
+    };
+    let want = ModelConfig { rope_theta: 500_000.0, rope_scaling: Some(llama3), ..base.clone() };
+    let scaling = serde_json::json!({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 256});
+
+    write_hf_config(dir, &want, |_| {});
+    assert_eq!(checkpoint::read_model_config(dir).unwrap(), want);
+
+    write_hf_config(dir, &base, |j| {
+        let o = j.as_object_mut().unwrap();
+        o.remove("rope_theta");
+        o.remove("rope_scaling");
+        let mut params = scaling.clone();
+        params["rope_theta"] = 500_000.0.into();
+        o.insert("rope_parameters".into(), params);
+    });
+    assert_eq!(checkpoint::read_model_config(dir).unwrap(), want);
+
+    // transformers takes the original context from max_position_embeddings when it is absent.
+    write_hf_config(dir, &want, |j| {
+        j["rope_scaling"].as_object_mut().unwrap().remove("original_max_position_embeddings");
+    });
+    let fallback = RopeScaling::Llama3 {
+        factor: 32.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 1024,
+    };
+    assert_eq!(checkpoint::read_model_config(dir).unwrap().rope_scaling, Some(fallback));
+
+    // The "sft" section keeps the scaling too, and a model built from it rotates differently.
+    let ours = hf_config_json(&want);
+    let back: ModelConfig = serde_json::from_value(ours["sft"].clone()).unwrap();
+    assert_eq!(back, want);
+    let params = init_params(&want, 9);
+    let unscaled = ModelConfig { rope_scaling: None, ..want.clone() };
+    let ids: Vec<u32> = (0..64).map(|i| (i * 37 % 300) as u32).collect();
+    let (a, b) = (logits_for(&want, &params, &ids), logits_for(&unscaled, &params, &ids));
+    // Position 0 rotates by nothing either way; later ones see the scaled frequencies.
+    assert_eq!(a[0], b[0]);
+    assert!(max_rel_diff(&a[1..], &b[1..]) > 1e-5, "scaling changed nothing");
 }

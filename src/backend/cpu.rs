@@ -27,7 +27,7 @@ pub use loss::{lm_head_cross_entropy, CeGrads, CE_CHUNK_ROWS};
 pub use optim::{adamw_tensor, sum_squares};
 pub use real::Real;
 
-use super::{AdamW, Backend, HeadShape, LossGrads, Precision, RopeStyle};
+use super::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope};
 
 /// The CPU backend over float type `T`; [`Precision`] is ignored (everything is `T`).
 #[derive(Clone, Copy, Debug)]
@@ -269,12 +269,11 @@ impl<T: Real> Backend for CpuBackend<T> {
         positions: &Vec<u32>,
         n: usize,
         heads: HeadShape,
-        theta: f32,
-        style: RopeStyle,
+        rope: Rope,
     ) -> Result<()> {
         need("qkv", qkv.len(), n * heads.qkv_width())?;
         need("positions", positions.len(), n)?;
-        rope_forward(qkv, positions, n, heads, theta, style);
+        rope_forward(qkv, positions, n, heads, rope);
         Ok(())
     }
     fn rope_backward(
@@ -283,12 +282,11 @@ impl<T: Real> Backend for CpuBackend<T> {
         positions: &Vec<u32>,
         n: usize,
         heads: HeadShape,
-        theta: f32,
-        style: RopeStyle,
+        rope: Rope,
     ) -> Result<()> {
         need("dqkv", dqkv.len(), n * heads.qkv_width())?;
         need("positions", positions.len(), n)?;
-        rope_backward(dqkv, positions, n, heads, theta, style);
+        rope_backward(dqkv, positions, n, heads, rope);
         Ok(())
     }
 

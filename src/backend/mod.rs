@@ -51,6 +51,67 @@ pub enum RopeStyle {
     HalfSplit,
 }
 
+/// How the RoPE frequencies are stretched for contexts longer than pretraining saw: Hugging
+/// Face's `rope_type`s that depend on the frequency only (not on the running sequence length).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "rope_type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RopeScaling {
+    /// Position interpolation: every frequency divided by `factor`.
+    Linear { factor: f32 },
+    /// Llama 3.1/3.2's: wavelengths longer than `original / low_freq_factor` divided by
+    /// `factor`, shorter than `original / high_freq_factor` kept, a linear blend between.
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// Everything a rotation needs: base, pairing, frequency scaling.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rope {
+    pub theta: f32,
+    pub style: RopeStyle,
+    pub scaling: Option<RopeScaling>,
+}
+
+impl Rope {
+    /// Unscaled rotary embeddings.
+    pub fn plain(theta: f32, style: RopeStyle) -> Self {
+        Rope { theta, style, scaling: None }
+    }
+
+    /// The inverse frequency of pair `j`: `theta^(-2j/hd)`, scaled, computed in f64 and rounded
+    /// to f32. `rope_inv_freq` in kernels/rope.cu computes the same in double.
+    pub fn inv_freq(&self, j: usize, head_dim: usize) -> f32 {
+        let base = (self.theta as f64).powf(-2.0 * j as f64 / head_dim as f64);
+        let scaled = match self.scaling {
+            None => base,
+            Some(RopeScaling::Linear { factor }) => base / factor as f64,
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                let (factor, low, high) = (factor as f64, low_freq_factor as f64, high_freq_factor as f64);
+                let original = original_max_position_embeddings as f64;
+                let wavelen = 2.0 * std::f64::consts::PI / base;
+                if wavelen < original / high {
+                    base
+                } else if wavelen > original / low {
+                    base / factor
+                } else {
+                    let smooth = (original / wavelen - low) / (high - low);
+                    (1.0 - smooth) * base / factor + smooth * base
+                }
+            }
+        };
+        scaled as f32
+    }
+}
+
 /// Shapes of the attention block, shared by rope and attention ops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeadShape {
@@ -213,15 +274,14 @@ pub trait Backend {
 
     // ---- RoPE ---------------------------------------------------------------------------
     /// Rotates the q and k parts of `qkv` in place; token `i` uses angle
-    /// `positions[i] * theta^(-2j/hd)` for its pair `j`.
+    /// `positions[i] * rope.inv_freq(j, hd)` for its pair `j`.
     fn rope_forward(
         &self,
         qkv: &mut Self::Buf,
         positions: &Self::Ids,
         n: usize,
         heads: HeadShape,
-        theta: f32,
-        style: RopeStyle,
+        rope: Rope,
     ) -> Result<()>;
     /// The inverse rotation, applied in place to the q and k parts of `dqkv`.
     fn rope_backward(
@@ -230,8 +290,7 @@ pub trait Backend {
         positions: &Self::Ids,
         n: usize,
         heads: HeadShape,
-        theta: f32,
-        style: RopeStyle,
+        rope: Rope,
     ) -> Result<()>;
 
     // ---- attention ----------------------------------------------------------------------

@@ -1,6 +1,6 @@
 //! Model configuration.
 
-use crate::backend::{HeadShape, RopeStyle};
+use crate::backend::{HeadShape, Rope, RopeScaling, RopeStyle};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -23,6 +23,9 @@ pub struct ModelConfig {
     pub rope_theta: f32,
     #[serde(default = "default_rope_style")]
     pub rope_style: RopeStyle,
+    /// Frequency scaling for long contexts (Llama 3.1/3.2's `llama3`, or `linear`); none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
     #[serde(default = "default_max_seq_len")]
     pub max_seq_len: usize,
     /// The output projection reuses the token embedding.
@@ -55,6 +58,10 @@ impl ModelConfig {
         self.d_model / self.n_heads
     }
 
+    pub fn rope(&self) -> Rope {
+        Rope { theta: self.rope_theta, style: self.rope_style, scaling: self.rope_scaling }
+    }
+
     pub fn heads(&self) -> HeadShape {
         HeadShape { n_heads: self.n_heads, n_kv_heads: self.n_kv_heads, head_dim: self.head_dim() }
     }
@@ -71,6 +78,7 @@ impl ModelConfig {
             norm_eps: 1e-5,
             rope_theta: 10000.0,
             rope_style: RopeStyle::AdjacentPairs,
+            rope_scaling: None,
             max_seq_len: 2048,
             tie_embeddings: false,
             dropout: 0.1,
@@ -91,6 +99,7 @@ impl ModelConfig {
             norm_eps: 1e-5,
             rope_theta: 10000.0,
             rope_style: RopeStyle::AdjacentPairs,
+            rope_scaling: None,
             max_seq_len: 512,
             tie_embeddings: false,
             dropout: 0.0,
@@ -161,6 +170,38 @@ impl ModelConfig {
             "rope_theta must be finite and greater than 1 (got {})",
             self.rope_theta
         );
+        match self.rope_scaling {
+            None => {}
+            Some(RopeScaling::Linear { factor }) => {
+                ensure!(
+                    factor.is_finite() && factor > 0.0,
+                    "rope_scaling.factor must be positive (got {factor})"
+                )
+            }
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                ensure!(
+                    factor.is_finite() && factor > 0.0,
+                    "rope_scaling.factor must be positive (got {factor})"
+                );
+                ensure!(
+                    low_freq_factor.is_finite() && low_freq_factor > 0.0 && high_freq_factor.is_finite(),
+                    "rope_scaling.low_freq_factor must be positive (got {low_freq_factor})"
+                );
+                ensure!(
+                    high_freq_factor > low_freq_factor,
+                    "rope_scaling.high_freq_factor ({high_freq_factor}) must exceed low_freq_factor ({low_freq_factor})"
+                );
+                ensure!(
+                    original_max_position_embeddings > 0,
+                    "rope_scaling.original_max_position_embeddings must be positive"
+                );
+            }
+        }
         ensure!((0.0..1.0).contains(&self.dropout), "dropout must be in [0, 1) (got {})", self.dropout);
         Ok(())
     }

@@ -475,7 +475,7 @@ impl<B: Backend> Model<B> {
         let d = cfg.d_model;
         let heads = cfg.heads();
         let hidden = cfg.ffn_hidden;
-        let (eps, theta, style) = (cfg.norm_eps, cfg.rope_theta, cfg.rope_style);
+        let (eps, rope) = (cfg.norm_eps, cfg.rope());
         let n_layers = cfg.n_layers;
         let dropout = dropout_seed.filter(|_| cfg.dropout > 0.0);
         let Activations { resid, ln_in, rstd_in, layers, delta } = acts;
@@ -494,7 +494,7 @@ impl<B: Backend> Model<B> {
             let w = idx.layers[l];
             let la = &mut layers[l];
             be.matmul_forward(&mut la.qkv, &ln_in[l], &p[w.qkv], n, d, heads.qkv_width())?;
-            be.rope_forward(&mut la.qkv, &ids.positions, n, heads, theta, style)?;
+            be.rope_forward(&mut la.qkv, &ids.positions, n, heads, rope)?;
             match &mut attn {
                 AttnMode::Segments { n_segments } => be.attention_forward(
                     &mut la.att,
@@ -569,7 +569,7 @@ impl<B: Backend> Model<B> {
         let d = cfg.d_model;
         let heads = cfg.heads();
         let hidden = cfg.ffn_hidden;
-        let (theta, style) = (cfg.rope_theta, cfg.rope_style);
+        let rope = cfg.rope();
         let n_layers = cfg.n_layers;
         let dropout = dropout_seed.filter(|_| cfg.dropout > 0.0);
         let out_w = idx.output_weight();
@@ -660,7 +660,7 @@ impl<B: Backend> Model<B> {
                 n,
                 heads,
             )?;
-            be.rope_backward(&mut ag.dqkv, &ids.positions, n, heads, theta, style)?;
+            be.rope_backward(&mut ag.dqkv, &ids.positions, n, heads, rope)?;
             be.matmul_backward(
                 Some(&mut ag.dln),
                 &mut g[w.qkv],

@@ -323,6 +323,7 @@ pub fn hf_config_json(config: &ModelConfig) -> serde_json::Value {
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
+        "rope_scaling": config.rope_scaling,
         "tie_word_embeddings": config.tie_embeddings,
         "attention_bias": false,
         "mlp_bias": false,
@@ -341,7 +342,7 @@ pub const QK_ORDER_HF: &str = "hf";
 
 /// Reads a checkpoint's model config: our `"sft"` section when present, else the Hugging Face
 /// Llama fields (a checkpoint from elsewhere: half-split RoPE, no dropout). Llama variants this
-/// engine cannot run (RoPE scaling, biases, a `head_dim` other than hidden_size / heads, another
+/// engine cannot run (length-dependent RoPE scaling, biases, a `head_dim` other than hidden_size / heads, another
 /// activation) are errors naming the file and the field.
 pub fn read_model_config(dir: &Path) -> Result<ModelConfig> {
     let path = dir.join(CONFIG_FILE);
@@ -388,19 +389,13 @@ fn hf_model_config(json: &serde_json::Value) -> Result<ModelConfig> {
     if let Some(t) = present("model_type") {
         ensure!(t == "llama", "field \"model_type\" is {t}; only \"llama\" (LlamaForCausalLM) is supported");
     }
-    if let Some(scaling) = present("rope_scaling") {
-        let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).cloned().unwrap_or_default();
-        bail!(
-            "field \"rope_scaling\" (type {kind}) is not supported: the RoPE kernels take rope_theta \
-             only, so scaled frequencies (Llama 3.1/3.2's llama3 scaling) would give wrong results"
-        );
-    }
     for name in ["attention_bias", "mlp_bias"] {
         ensure!(!flag(name)?, "field {name:?} is true: biased projections are not supported");
     }
     if let Some(act) = present("hidden_act") {
         ensure!(act == "silu", "field \"hidden_act\" is {act}; only \"silu\" (SwiGLU) is supported");
     }
+    let rope = hf_rope(json)?;
     let n_heads = field("num_attention_heads")?;
     let d_model = field("hidden_size")?;
     ensure!(n_heads > 0, "field \"num_attention_heads\" must be positive");
@@ -425,8 +420,9 @@ fn hf_model_config(json: &serde_json::Value) -> Result<ModelConfig> {
         ffn_hidden: field("intermediate_size")?,
         // transformers' LlamaConfig defaults.
         norm_eps: float("rms_norm_eps", 1e-6)? as f32,
-        rope_theta: float("rope_theta", 10000.0)? as f32,
+        rope_theta: rope.theta,
         rope_style: crate::backend::RopeStyle::HalfSplit,
+        rope_scaling: rope.scaling,
         max_seq_len: if present("max_position_embeddings").is_some() {
             field("max_position_embeddings")?
         } else {
@@ -437,6 +433,72 @@ fn hf_model_config(json: &serde_json::Value) -> Result<ModelConfig> {
     };
     config.validate()?;
     Ok(config)
+}
+
+/// RoPE base and scaling from a Llama config.json: transformers 4 writes `rope_theta` and
+/// `rope_scaling` at the top level, transformers 5 a `rope_parameters` dict holding both (and
+/// reads either). Types whose frequencies depend on the running length (dynamic, yarn,
+/// longrope) or that rotate part of a head are refused.
+fn hf_rope(json: &serde_json::Value) -> Result<crate::backend::Rope> {
+    use crate::backend::{Rope, RopeScaling, RopeStyle};
+    let present = |v: &serde_json::Value, name: &str| v.get(name).filter(|v| !v.is_null()).cloned();
+    let number = |v: &serde_json::Value, name: &str, default: Option<f64>| -> Result<f64> {
+        match v.get(name).filter(|v| !v.is_null()) {
+            None => default.with_context(|| format!("missing field {name:?}")),
+            Some(x) => x.as_f64().with_context(|| format!("field {name:?} = {x} is not a number")),
+        }
+    };
+    let (params, section) = match (present(json, "rope_parameters"), present(json, "rope_scaling")) {
+        (Some(p), _) => (p, "rope_parameters"),
+        (None, Some(p)) => (p, "rope_scaling"),
+        (None, None) => (serde_json::json!({}), "rope_scaling"),
+    };
+    ensure!(params.is_object(), "field {section:?} = {params} is not an object");
+    let top_theta = number(json, "rope_theta", Some(10000.0))?;
+    let theta = number(&params, "rope_theta", Some(top_theta)).with_context(|| format!("in {section:?}"))?;
+    for v in [json, &params] {
+        let partial = number(v, "partial_rotary_factor", Some(1.0))?;
+        ensure!(
+            partial == 1.0,
+            "field \"partial_rotary_factor\" = {partial}: partial rotary embeddings are not supported"
+        );
+    }
+    let kind = match params.get("rope_type").or_else(|| params.get("type")) {
+        None => "default".to_string(),
+        Some(k) => k
+            .as_str()
+            .with_context(|| format!("field {section:?}.rope_type = {k} is not a string"))?
+            .to_string(),
+    };
+    let in_section = |name: &str, default: Option<f64>| -> Result<f64> {
+        number(&params, name, default).with_context(|| format!("in {section:?} (rope_type {kind:?})"))
+    };
+    let scaling = match kind.as_str() {
+        "default" => None,
+        "linear" => Some(RopeScaling::Linear { factor: in_section("factor", None)? as f32 }),
+        "llama3" => {
+            // transformers falls back to these when original_max_position_embeddings is absent.
+            let fallback = number(json, "original_max_position_embeddings", None)
+                .or_else(|_| number(json, "max_position_embeddings", None))
+                .ok();
+            let original = in_section("original_max_position_embeddings", fallback)?;
+            ensure!(
+                original >= 1.0 && original.fract() == 0.0,
+                "field {section:?}.original_max_position_embeddings = {original} is not a positive integer"
+            );
+            Some(RopeScaling::Llama3 {
+                factor: in_section("factor", None)? as f32,
+                low_freq_factor: in_section("low_freq_factor", None)? as f32,
+                high_freq_factor: in_section("high_freq_factor", None)? as f32,
+                original_max_position_embeddings: original as usize,
+            })
+        }
+        other => bail!(
+            "field {section:?} has rope_type {other:?}, which is not supported (supported: default, linear, llama3; \
+             dynamic, yarn and longrope change the frequencies with the sequence length)"
+        ),
+    };
+    Ok(Rope { theta: theta as f32, style: RopeStyle::HalfSplit, scaling })
 }
 
 /// `bos/eos/pad_token_id` for config.json from a tokenizer.json's added tokens: `<PAD>` pads,

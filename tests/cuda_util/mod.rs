@@ -3,30 +3,22 @@
 //! not speed: each op is the textbook loop of the trait's documentation.
 
 use anyhow::{bail, Result};
-use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, RopeStyle};
+use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope, RopeStyle};
 
 pub struct RefBackend;
 
-fn rope_rows(
-    x: &mut [f32],
-    positions: &[u32],
-    n: usize,
-    heads: HeadShape,
-    theta: f32,
-    style: RopeStyle,
-    sign: f32,
-) {
+fn rope_rows(x: &mut [f32], positions: &[u32], n: usize, heads: HeadShape, rope: Rope, sign: f32) {
     let (hd, width) = (heads.head_dim, heads.qkv_width());
     let half = hd / 2;
     for (i, &pos) in positions.iter().enumerate().take(n) {
         for h in 0..heads.n_heads + heads.n_kv_heads {
             let base = i * width + h * hd;
             for j in 0..half {
-                let freq = (theta as f64).powf(-2.0 * j as f64 / hd as f64) as f32;
+                let freq = rope.inv_freq(j, hd);
                 let angle = pos as f32 * freq;
                 let (s, c) = (angle as f64).sin_cos();
                 let (s, c) = (s as f32 * sign, c as f32);
-                let (i0, i1) = match style {
+                let (i0, i1) = match rope.style {
                     RopeStyle::AdjacentPairs => (base + 2 * j, base + 2 * j + 1),
                     RopeStyle::HalfSplit => (base + j, base + j + half),
                 };
@@ -235,10 +227,9 @@ impl Backend for RefBackend {
         positions: &Vec<u32>,
         n: usize,
         heads: HeadShape,
-        theta: f32,
-        style: RopeStyle,
+        rope: Rope,
     ) -> Result<()> {
-        rope_rows(qkv, positions, n, heads, theta, style, 1.0);
+        rope_rows(qkv, positions, n, heads, rope, 1.0);
         Ok(())
     }
     fn rope_backward(
@@ -247,10 +238,9 @@ impl Backend for RefBackend {
         positions: &Vec<u32>,
         n: usize,
         heads: HeadShape,
-        theta: f32,
-        style: RopeStyle,
+        rope: Rope,
     ) -> Result<()> {
-        rope_rows(dqkv, positions, n, heads, theta, style, -1.0);
+        rope_rows(dqkv, positions, n, heads, rope, -1.0);
         Ok(())
     }
 

@@ -26,6 +26,7 @@ pub fn tiny_config(
         norm_eps: 1e-5,
         rope_theta: 10000.0,
         rope_style,
+        rope_scaling: None,
         max_seq_len: 64,
         tie_embeddings,
         dropout,

@@ -5,7 +5,7 @@
 // Index loops mirror the formulas (and the kernels) more plainly than iterator chains here.
 #![allow(clippy::needless_range_loop)]
 use anyhow::{ensure, Result};
-use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, RopeStyle};
+use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope, RopeStyle};
 use sft::rng;
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -19,23 +19,15 @@ fn rope_pair(j: usize, hd: usize, style: RopeStyle) -> (usize, usize) {
 }
 
 /// Rotates the q and k heads of `qkv` rows by `sign · angle`.
-fn rotate(
-    qkv: &mut [f64],
-    positions: &[u32],
-    n: usize,
-    heads: HeadShape,
-    theta: f32,
-    style: RopeStyle,
-    sign: f64,
-) {
+fn rotate(qkv: &mut [f64], positions: &[u32], n: usize, heads: HeadShape, rope: Rope, sign: f64) {
     let hd = heads.head_dim;
     let width = heads.qkv_width();
     for i in 0..n {
         for h in 0..heads.n_heads + heads.n_kv_heads {
             let base = i * width + h * hd;
             for j in 0..hd / 2 {
-                let angle = sign * positions[i] as f64 * (theta as f64).powf(-2.0 * j as f64 / hd as f64);
-                let (a, b) = rope_pair(j, hd, style);
+                let angle = sign * positions[i] as f64 * rope.inv_freq(j, hd) as f64;
+                let (a, b) = rope_pair(j, hd, rope.style);
                 let (x0, x1) = (qkv[base + a], qkv[base + b]);
                 qkv[base + a] = x0 * angle.cos() - x1 * angle.sin();
                 qkv[base + b] = x0 * angle.sin() + x1 * angle.cos();
@@ -230,10 +222,9 @@ impl Backend for NaiveBackend {
         positions: &Vec<u32>,
         n: usize,
         heads: HeadShape,
-        theta: f32,
-        style: RopeStyle,
+        rope: Rope,
     ) -> Result<()> {
-        rotate(qkv, positions, n, heads, theta, style, 1.0);
+        rotate(qkv, positions, n, heads, rope, 1.0);
         Ok(())
     }
     fn rope_backward(
@@ -242,10 +233,9 @@ impl Backend for NaiveBackend {
         positions: &Vec<u32>,
         n: usize,
         heads: HeadShape,
-        theta: f32,
-        style: RopeStyle,
+        rope: Rope,
     ) -> Result<()> {
-        rotate(dqkv, positions, n, heads, theta, style, -1.0);
+        rotate(dqkv, positions, n, heads, rope, -1.0);
         Ok(())
     }
 

@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use super::Real;
-use crate::backend::{HeadShape, RopeStyle};
+use crate::backend::{HeadShape, Rope, RopeStyle};
 
 fn rope_pair(j: usize, hd: usize, style: RopeStyle) -> (usize, usize) {
     match style {
@@ -17,27 +17,18 @@ fn rope_pair(j: usize, hd: usize, style: RopeStyle) -> (usize, usize) {
 
 /// Rotates the q and k heads of `qkv` rows by `sign · angle`. The frequencies are computed in
 /// f64 and rounded to f32, the angle is an f32 product, as the CUDA kernel does.
-fn rotate<T: Real>(
-    qkv: &mut [T],
-    positions: &[u32],
-    n: usize,
-    heads: HeadShape,
-    theta: f32,
-    style: RopeStyle,
-    sign: T,
-) {
+fn rotate<T: Real>(qkv: &mut [T], positions: &[u32], n: usize, heads: HeadShape, rope: Rope, sign: T) {
     let hd = heads.head_dim;
     let width = heads.qkv_width();
     if hd < 2 || width == 0 {
         return;
     }
-    let freqs: Vec<f32> =
-        (0..hd / 2).map(|j| (theta as f64).powf(-2.0 * j as f64 / hd as f64) as f32).collect();
+    let freqs: Vec<f32> = (0..hd / 2).map(|j| rope.inv_freq(j, hd)).collect();
     qkv[..n * width].par_chunks_mut(width).zip(&positions[..n]).for_each(|(row, &pos)| {
         for (j, &f) in freqs.iter().enumerate() {
             let angle = T::from_f32(pos as f32 * f);
             let (c, s) = (angle.cos(), sign * angle.sin());
-            let (a, b) = rope_pair(j, hd, style);
+            let (a, b) = rope_pair(j, hd, rope.style);
             for h in 0..heads.n_heads + heads.n_kv_heads {
                 let base = h * hd;
                 let (x0, x1) = (row[base + a], row[base + b]);
@@ -48,28 +39,14 @@ fn rotate<T: Real>(
     });
 }
 
-/// Rotates the q and k parts of `qkv` in place by `positions[i] · theta^(-2j/hd)`.
-pub fn rope_forward<T: Real>(
-    qkv: &mut [T],
-    positions: &[u32],
-    n: usize,
-    heads: HeadShape,
-    theta: f32,
-    style: RopeStyle,
-) {
-    rotate(qkv, positions, n, heads, theta, style, T::ONE);
+/// Rotates the q and k parts of `qkv` in place by `positions[i] · rope.inv_freq(j, hd)`.
+pub fn rope_forward<T: Real>(qkv: &mut [T], positions: &[u32], n: usize, heads: HeadShape, rope: Rope) {
+    rotate(qkv, positions, n, heads, rope, T::ONE);
 }
 
 /// The inverse rotation (the backward of [`rope_forward`]), in place on `dqkv`.
-pub fn rope_backward<T: Real>(
-    dqkv: &mut [T],
-    positions: &[u32],
-    n: usize,
-    heads: HeadShape,
-    theta: f32,
-    style: RopeStyle,
-) {
-    rotate(dqkv, positions, n, heads, theta, style, -T::ONE);
+pub fn rope_backward<T: Real>(dqkv: &mut [T], positions: &[u32], n: usize, heads: HeadShape, rope: Rope) {
+    rotate(dqkv, positions, n, heads, rope, -T::ONE);
 }
 
 /// Dot product with eight independent partial sums: a serial float sum cannot be vectorized,

@@ -6,7 +6,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use super::launch::{grid_stride, int, BLOCK};
 use super::scratch::ensure;
 use super::{bf16_mut, bf16_of, ids_of, CudaBackend, CudaBuf};
-use crate::backend::{HeadShape, RopeStyle};
+use crate::backend::{HeadShape, Rope, RopeScaling, RopeStyle};
 
 /// Token indices sorted by id (stable, so token order within an id), the start of each id's
 /// run in that order (plus a final `n`), and the id of each run.
@@ -114,8 +114,7 @@ impl CudaBackend {
         positions: &CudaSlice<u32>,
         n: usize,
         heads: HeadShape,
-        theta: f32,
-        style: RopeStyle,
+        rope: Rope,
         direction: f32,
     ) -> Result<()> {
         let width = heads.qkv_width();
@@ -131,9 +130,20 @@ impl CudaBackend {
         }
         let (ni, hi, hdi, wi) =
             (int(n, "n")?, int(rot_heads, "heads")?, int(heads.head_dim, "head_dim")?, int(width, "width")?);
-        let style_i: i32 = match style {
+        let style_i: i32 = match rope.style {
             RopeStyle::AdjacentPairs => 0,
             RopeStyle::HalfSplit => 1,
+        };
+        // (kind, factor, low_freq_factor, high_freq_factor, original context) as rope_apply reads them.
+        let scaling: (i32, f32, f32, f32, f32) = match rope.scaling {
+            None => (0, 1.0, 1.0, 1.0, 1.0),
+            Some(RopeScaling::Linear { factor }) => (1, factor, 1.0, 1.0, 1.0),
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => (2, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings as f32),
         };
         let mut b = self.stream.launch_builder(self.kernels.get("rope_apply")?);
         b.arg(qkv)
@@ -142,9 +152,14 @@ impl CudaBackend {
             .arg(&hi)
             .arg(&hdi)
             .arg(&wi)
-            .arg(&theta)
+            .arg(&rope.theta)
             .arg(&style_i)
-            .arg(&direction);
+            .arg(&direction)
+            .arg(&scaling.0)
+            .arg(&scaling.1)
+            .arg(&scaling.2)
+            .arg(&scaling.3)
+            .arg(&scaling.4);
         // SAFETY: qkv holds n rows of `width`; the rotated heads lie within a row.
         unsafe { b.launch(grid_stride(total)) }?;
         Ok(())

@@ -23,7 +23,7 @@ use anyhow::{bail, Context, Result};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::bf16;
 
-use super::{AdamW, Backend, HeadShape, LossGrads, Precision, RopeStyle};
+use super::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope};
 use flash::FlashSupport;
 pub use flash::{tile_table, AttentionPath};
 use gemm::Gemm;
@@ -312,10 +312,9 @@ impl Backend for CudaBackend {
         positions: &CudaSlice<u32>,
         n: usize,
         heads: HeadShape,
-        theta: f32,
-        style: RopeStyle,
+        rope: Rope,
     ) -> Result<()> {
-        self.rope_impl(qkv, positions, n, heads, theta, style, 1.0)
+        self.rope_impl(qkv, positions, n, heads, rope, 1.0)
     }
     fn rope_backward(
         &self,
@@ -323,10 +322,9 @@ impl Backend for CudaBackend {
         positions: &CudaSlice<u32>,
         n: usize,
         heads: HeadShape,
-        theta: f32,
-        style: RopeStyle,
+        rope: Rope,
     ) -> Result<()> {
-        self.rope_impl(dqkv, positions, n, heads, theta, style, -1.0)
+        self.rope_impl(dqkv, positions, n, heads, rope, -1.0)
     }
 
     fn attention_forward(
