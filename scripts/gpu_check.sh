@@ -5,7 +5,8 @@
 #   scripts/gpu_check.sh build       # here: REQUIRE_NVCC=1 release build + test binaries -> .gpu/
 #   scripts/gpu_check.sh resources   # here: registers / spills / shared memory per kernel (sm_90 cubin)
 #   .gpu/gpu_check.sh run            # on the GPU box, from the folder holding the copied .gpu/
-#   .gpu/gpu_check.sh bench          # on the GPU box: sft bench on the 1.3B, and the demo on the GPU
+#   .gpu/gpu_check.sh bench          # on the GPU box: the 1.3B training step, sft vs PyTorch +
+#                                    # transformers (one table), then the demo on the GPU
 #   .gpu/gpu_check.sh attention      # on the GPU box: PyTorch flash SDPA vs sft bench-attention (one table)
 #
 # `run` puts the Python environment's nvidia/*/lib folders (cuBLASLt, ...) on LD_LIBRARY_PATH,
@@ -37,8 +38,8 @@ for line in sys.stdin:
     done
     cp target/release/sft .gpu/sft
     cp scripts/gpu_check.sh .gpu/gpu_check.sh
-    cp scripts/bench_attention_torch.py .gpu/bench_attention_torch.py
-    echo "copied to $root/.gpu: sft, gpu_ops, gpu_attention, gpu_train, gpu_check.sh, bench_attention_torch.py (run: .gpu/gpu_check.sh run on the GPU box)"
+    cp scripts/bench_attention_torch.py scripts/bench_torch_train.py .gpu/
+    echo "copied to $root/.gpu: sft, gpu_ops, gpu_attention, gpu_train, gpu_check.sh, bench_attention_torch.py, bench_torch_train.py (run: .gpu/gpu_check.sh run on the GPU box)"
     ;;
 resources)
     root="$(cd "$here/.." && pwd)"
@@ -120,10 +121,13 @@ PY
     exit "$status"
     ;;
 bench)
-    # The training step of the 1.3B on synthetic batches, then the demo on the GPU.
+    # The training step of the 1.3B on synthetic batches (with its dropout, then sft next to
+    # PyTorch + transformers without dropout, in one table), then the demo on the GPU.
     cd "$here"
     export LD_LIBRARY_PATH="$(python3 -c 'import site,glob; print(":".join(sorted(glob.glob(site.getsitepackages()[0] + "/nvidia/*/lib"))))' 2>/dev/null)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     ./sft bench --config simplellama-1.3b --tokens-per-step 65536 --seq-len 2048 --micro-batch 8 --steps 5 --device cuda
+    python3 ./bench_torch_train.py --sft ./sft --config simplellama-1.3b --tokens-per-step 65536 --seq-len 2048 \
+        --micro-batch 8 --steps 5 --device cuda || echo "bench_torch_train.py failed (see above)"
     ./sft demo --device cuda --out demo-gpu
     ;;
 attention)

@@ -121,4 +121,19 @@ fn bench_times_steps_on_the_cpu() {
         "2",
     ]);
     assert!(!ok && stderr.contains("multiple of --micro-batch"), "{stderr}");
+    // --dropout overrides the model's and is validated like it.
+    let (ok, _, stderr) = sft(&[
+        "bench",
+        "--config",
+        "tiny",
+        "--seq-len",
+        "32",
+        "--tokens-per-step",
+        "64",
+        "--micro-batch",
+        "2",
+        "--dropout",
+        "1.5",
+    ]);
+    assert!(!ok && stderr.contains("dropout"), "{stderr}");
 }
