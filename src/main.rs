@@ -23,6 +23,8 @@ enum Command {
     Init(sft::train::cli::InitArgs),
     /// Train a model (or resume a run) on a prepared data directory.
     Train(Box<sft::train::cli::TrainArgs>),
+    /// Draw a run's log.csv (losses, learning rate, tokens/s) as an SVG.
+    Plot(sft::train::plot::PlotArgs),
     /// Print a checkpoint's mean masked loss on a chat file or a prepared directory.
     Eval(sft::train::cli::EvalArgs),
     /// Convert a Hugging Face Llama directory into a checkpoint (optionally adding the chat tokens).
@@ -59,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         Command::Init(args) => sft::train::cli::init(args)?,
         Command::Train(args) => sft::train::cli::train(*args)?,
         Command::Eval(args) => sft::train::cli::eval(args)?,
+        Command::Plot(args) => sft::train::plot::plot(args)?,
         Command::Import(args) => sft::train::import::import(args)?,
         Command::Logits(args) => sft::generate::cli::logits(args)?,
         Command::Generate(args) => sft::generate::cli::generate(args)?,

@@ -79,6 +79,19 @@ fn train_resume_and_eval_through_the_binary() {
     ]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("mean masked loss"), "{stdout}");
+
+    // Training drew the curves beside the log; `sft plot` redraws them anywhere.
+    let svg = std::fs::read_to_string(out.join("loss.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("train loss") && svg.contains("tokens/s"), "{svg}");
+    let other = root.path().join("curves.svg");
+    let (ok, stdout, stderr) =
+        sft(&["plot", out.to_str().unwrap(), "--out", other.to_str().unwrap(), "--log-scale"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("(3 steps)") && stdout.contains("last train loss"), "{stdout}");
+    assert!(std::fs::read_to_string(&other).unwrap().contains("loss (log)"));
+    // A file that is not a training log is a named error.
+    let (ok, _, stderr) = sft(&["plot", config.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("run.json") && stderr.contains("header"), "{stderr}");
 }
 
 #[test]

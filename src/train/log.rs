@@ -101,6 +101,62 @@ pub fn read_train_losses(path: &Path) -> Result<Vec<(u64, f64)>> {
     Ok(out)
 }
 
+/// Reads every row of a log back. Errors name the file, the line and the column.
+pub fn read_log(path: &Path) -> Result<Vec<LogRow>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut lines = text.lines().enumerate();
+    match lines.next() {
+        Some((_, header)) if header.trim() == HEADER => {}
+        Some((_, header)) => {
+            anyhow::bail!("{}: line 1 is {header:?}, not the training log header {HEADER:?}", path.display())
+        }
+        None => anyhow::bail!("{}: empty file, not a training log", path.display()),
+    }
+    let names: Vec<&str> = HEADER.split(',').collect();
+    let mut rows = Vec::new();
+    for (i, line) in lines {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let cols: Vec<&str> = line.split(',').collect();
+        anyhow::ensure!(
+            cols.len() == names.len(),
+            "{} line {}: {} columns, the header has {}",
+            path.display(),
+            i + 1,
+            cols.len(),
+            names.len()
+        );
+        let num = |k: usize| -> Result<Option<f64>> {
+            let v = cols[k].trim();
+            if v.is_empty() {
+                return Ok(None);
+            }
+            v.parse::<f64>().map(Some).with_context(|| {
+                format!("{} line {}: column {:?} = {v:?} is not a number", path.display(), i + 1, names[k])
+            })
+        };
+        let need = |k: usize| -> Result<f64> {
+            num(k)?
+                .with_context(|| format!("{} line {}: column {:?} is empty", path.display(), i + 1, names[k]))
+        };
+        let step = cols[0].trim().parse::<u64>().with_context(|| {
+            format!("{} line {}: column \"step\" = {:?} is not a step number", path.display(), i + 1, cols[0])
+        })?;
+        rows.push(LogRow {
+            step,
+            progress_pct: need(1)?,
+            train_loss: num(2)?,
+            val_loss: num(4)?,
+            lr: need(6)?,
+            grad_norm: num(7)?,
+            time_s: need(8)?,
+            tokens_per_s: need(9)?,
+        });
+    }
+    Ok(rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +191,29 @@ mod tests {
 
         let mut log = CsvLog::open(&path, Some(2)).unwrap();
         log.write(&row(3, 0.25)).unwrap();
+        log.write(&LogRow { val_loss: Some(0.5), train_loss: None, grad_norm: None, ..row(4, 0.0) }).unwrap();
         assert_eq!(read_train_losses(&path).unwrap(), vec![(1, losses[0]), (2, losses[1]), (3, 0.25)]);
+
+        let rows = read_log(&path).unwrap();
+        assert_eq!(rows.len(), 4);
+        assert_eq!(rows[2], row(3, 0.25));
+        assert_eq!((rows[3].train_loss, rows[3].val_loss, rows[3].grad_norm), (None, Some(0.5), None));
+    }
+
+    #[test]
+    fn bad_logs_are_named_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.csv");
+        let err_of = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            format!("{:#}", read_log(&path).unwrap_err())
+        };
+        let good = row(1, 2.0).to_csv();
+        assert!(err_of("").contains("empty"));
+        assert!(err_of("a,b\n").contains("header"));
+        let err = err_of(&format!("{HEADER}\n{good}\n1,2,3\n"));
+        assert!(err.contains("log.csv line 3") && err.contains("3 columns"), "{err}");
+        let err = err_of(&format!("{HEADER}\n{}\n", good.replacen("1e-5", "fast", 1)));
+        assert!(err.contains("line 2") && err.contains("\"lr\""), "{err}");
     }
 }

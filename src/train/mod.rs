@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod import;
 pub mod log;
+pub mod plot;
 pub mod schedule;
 pub mod trainer;
 

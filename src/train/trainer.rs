@@ -503,6 +503,10 @@ pub fn train_with<B: Backend>(
             let dir =
                 checkpoint::save(&cfg.out_dir, &model, &state, Some(&tokenizer_path), cfg.keep_checkpoints)?;
             report.checkpoint = Some(dir);
+            // The curves so far, beside the log; a plot that fails never stops training.
+            if let Err(e) = super::plot::plot_log(&cfg.out_dir.join("log.csv"), None, false) {
+                progress.println(&format!("note: loss.svg not drawn: {e:#}"));
+            }
         }
     }
     progress.finish();
