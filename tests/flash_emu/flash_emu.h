@@ -8,11 +8,19 @@
 //   operands are rebuilt from the ISA's fragment tables, and each lane computes its own D.
 // - cp.async: recorded per thread and performed only at the cp.async.wait_group that retires
 //   its group, so a read of a tile before its wait sees stale data and the check fails.
+// Two checks on shared memory beyond the values (main.cpp prints them after the cases):
+// - races: every 4-byte word keeps who last read it (ldmatrix, per warp) and which async copy
+//   writes it, in "epochs" counted by __syncthreads. A copy that another warp's ldmatrix reads
+//   in an epoch between the copy's issue and its wait, or in the same epoch as the issue before
+//   it, is a race that no barrier orders; so is a second pending copy to the same word. Plain
+//   C++ loads in the kernel (the lse/D rows of dK/dV) are not seen.
+// - bank conflicts: each 8-row phase of an ldmatrix should hit 8 distinct 16-byte bank groups.
 // Used by tests/flash_emu/main.cpp (scripts/flash_emulate.sh); never by the real build.
 #pragma once
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cassert>
 #include <cmath>
@@ -22,6 +30,7 @@
 #include <cstring>
 #include <deque>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -46,21 +55,51 @@ struct EmuDim {
 };
 inline thread_local EmuDim threadIdx, blockIdx, blockDim, gridDim;
 
+// Shadow state of one 4-byte word of shared memory (see the race check above).
+struct EmuWord {
+    int read_epoch = -1, read_warp = -1;   // read_warp -2: several warps in read_epoch
+    int pend_warp = -1, pend_epoch = -1;   // an async copy issued and not yet waited for
+    int write_warp = -1, write_lo = -1, write_hi = -1;  // the last copy: issue and wait epochs
+};
+
+// Counts over the whole run.
+struct EmuStats {
+    std::atomic<long> races{0}, ldsm_phases{0}, ldsm_conflicted{0}, ldsm_extra_wavefronts{0};
+    std::atomic<int> printed{0};
+};
+inline EmuStats emu_stats;
+
 struct EmuCta {
     int threads;
     std::vector<unsigned char> smem;
+    std::vector<EmuWord> shadow;
+    std::mutex shadow_lock;
     std::unique_ptr<std::barrier<>> block;
     std::vector<std::unique_ptr<std::barrier<>>> warps;
     // Per warp, per lane: 16 words of exchange space.
     std::vector<uint32_t> xchg;
-    EmuCta(int t, size_t smem_bytes) : threads(t), smem(smem_bytes + 16, 0xCD), xchg((t / 32) * 32 * 16) {
+    EmuCta(int t, size_t smem_bytes)
+        : threads(t), smem(smem_bytes + 16, 0xCD), shadow((smem_bytes + 16) / 4), xchg((t / 32) * 32 * 16) {
         block = std::make_unique<std::barrier<>>(t);
         for (int w = 0; w < t / 32; w++) warps.push_back(std::make_unique<std::barrier<>>(32));
     }
 };
 inline EmuCta* emu_cta = nullptr;
 
-inline void __syncthreads() { emu_cta->block->arrive_and_wait(); }
+// __syncthreads calls this thread has passed: every thread of a CTA passes the same ones.
+inline thread_local int emu_epoch = 0;
+
+inline void __syncthreads() {
+    emu_cta->block->arrive_and_wait();
+    emu_epoch++;
+}
+
+inline void emu_race(const char* what, uint32_t byte_off, int other_warp) {
+    emu_stats.races++;
+    if (emu_stats.printed++ < 10)
+        fprintf(stderr, "race: %s at shared byte %u: block (%u, %u) warp %u epoch %d, other warp %d\n", what,
+                byte_off, blockIdx.x, blockIdx.y, threadIdx.x / 32, emu_epoch, other_warp);
+}
 inline void emu_warp_sync() { emu_cta->warps[threadIdx.x / 32]->arrive_and_wait(); }
 inline uint32_t* emu_slot(int lane) { return &emu_cta->xchg[((threadIdx.x / 32) * 32 + lane) * 16]; }
 [[noreturn]] inline void __trap() {
@@ -103,6 +142,18 @@ inline void emu_cp_async(void* smem, const void* gmem, int bytes, bool valid) {
         fprintf(stderr, "cp.async: bad shared offset %u (%d bytes)\n", off, bytes);
         abort();
     }
+    const int warp = (int)threadIdx.x / 32;
+    {
+        std::lock_guard<std::mutex> guard(emu_cta->shadow_lock);
+        for (uint32_t b = off; b < off + (uint32_t)bytes; b += 4) {
+            EmuWord& w = emu_cta->shadow[b / 4];
+            if (w.pend_warp >= 0 && w.pend_warp != warp) emu_race("two pending cp.async", b, w.pend_warp);
+            // Read in this epoch by another warp: nothing orders that read before this copy.
+            if (w.read_epoch == emu_epoch && w.read_warp != warp) emu_race("cp.async over a read", b, w.read_warp);
+            w.pend_warp = warp;
+            w.pend_epoch = emu_epoch;
+        }
+    }
     emu_open_group.push_back({smem, gmem, bytes, valid});
 }
 inline void cp_async16(void* smem, const void* gmem, bool valid) { emu_cp_async(smem, gmem, 16, valid); }
@@ -113,10 +164,22 @@ inline void cp_async_commit() {
 }
 template <int N>
 inline void cp_async_wait() {
+    const int warp = (int)threadIdx.x / 32;
     while ((int)emu_groups.size() > N) {
+        std::lock_guard<std::mutex> guard(emu_cta->shadow_lock);
         for (const EmuCopy& c : emu_groups.front()) {
             if (c.valid) memcpy(c.dst, c.src, c.bytes);
             else memset(c.dst, 0, c.bytes);
+            uint32_t off = smem_u32(c.dst);
+            for (uint32_t b = off; b < off + (uint32_t)c.bytes; b += 4) {
+                EmuWord& w = emu_cta->shadow[b / 4];
+                // Another warp read the word after this copy was issued: it saw old or new data.
+                if (w.read_epoch >= w.pend_epoch && w.read_warp != warp) emu_race("read during cp.async", b, w.read_warp);
+                w.write_warp = warp;
+                w.write_lo = w.pend_epoch;
+                w.write_hi = emu_epoch;
+                w.pend_warp = w.pend_epoch = -1;
+            }
         }
         emu_groups.pop_front();
     }
@@ -128,6 +191,29 @@ inline uint16_t emu_smem_u16(uint32_t byte_off) {
     return v;
 }
 
+// Lane 0 of a warp whose 32 ldmatrix row addresses are posted: bank groups per 8-row phase, and
+// the race check of the 32 rows (16 bytes each) against pending and recent copies.
+inline void emu_ldsm_check() {
+    const int warp = (int)threadIdx.x / 32;
+    for (int phase = 0; phase < 4; phase++) {
+        int hits[8] = {0}, worst = 0;
+        for (int l = 8 * phase; l < 8 * phase + 8; l++) worst = std::max(worst, ++hits[(emu_slot(l)[0] / 16) % 8]);
+        emu_stats.ldsm_phases++;
+        if (worst > 1) emu_stats.ldsm_conflicted++, emu_stats.ldsm_extra_wavefronts += worst - 1;
+    }
+    std::lock_guard<std::mutex> guard(emu_cta->shadow_lock);
+    for (int l = 0; l < 32; l++) {
+        for (uint32_t b = emu_slot(l)[0]; b < emu_slot(l)[0] + 16; b += 4) {
+            EmuWord& w = emu_cta->shadow[b / 4];
+            if (w.pend_warp >= 0 && w.pend_warp != warp) emu_race("ldmatrix of a pending cp.async", b, w.pend_warp);
+            if (w.write_warp >= 0 && w.write_warp != warp && w.write_lo <= emu_epoch && emu_epoch <= w.write_hi)
+                emu_race("ldmatrix without a barrier after cp.async", b, w.write_warp);
+            if (w.read_epoch == emu_epoch && w.read_warp != warp) w.read_warp = -2;
+            else if (w.read_epoch != emu_epoch) w.read_epoch = emu_epoch, w.read_warp = warp;
+        }
+    }
+}
+
 inline void emu_ldsm(uint32_t* r, uint32_t addr, bool trans) {
     int lane = threadIdx.x % 32;
     if (addr % 16 != 0 || addr + 16 > dynamic_smem_size()) {
@@ -136,6 +222,7 @@ inline void emu_ldsm(uint32_t* r, uint32_t addr, bool trans) {
     }
     emu_slot(lane)[0] = addr;
     emu_warp_sync();
+    if (lane == 0) emu_ldsm_check();
     int g = lane / 4, c = lane % 4;
     for (int i = 0; i < 4; i++) {
         uint16_t lo, hi;

@@ -169,6 +169,10 @@ int main(int argc, char** argv) {
     bool ok = true;
     uint64_t seed = 1;
     for (const Case& c : cases) ok = run(c, seed++) && ok;
+    long phases = emu_stats.ldsm_phases, conflicted = emu_stats.ldsm_conflicted;
+    printf("shared memory: %ld races; ldmatrix %ld phases, %ld with bank conflicts (%ld extra wavefronts)\n",
+           (long)emu_stats.races, phases, conflicted, (long)emu_stats.ldsm_extra_wavefronts);
+    ok = ok && emu_stats.races == 0;
     printf("%s\n", ok ? "all cases ok" : "SOME CASES FAILED");
     return ok ? 0 : 1;
 }
