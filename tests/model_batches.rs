@@ -328,33 +328,33 @@ fn hugging_face_conversion_round_trips() {
         let gate_up = ours.iter().find(|t| t.name == "layers.1.gate_up").unwrap();
         assert_eq!(find("model.layers.1.mlp.up_proj.weight").unwrap().data, gate_up.data[24 * d..]);
 
-        assert_eq!(from_hf(&config, &hf).unwrap(), ours);
+        assert_eq!(from_hf(&config, hf.clone()).unwrap(), ours);
         let mut shuffled = hf.clone();
         shuffled.reverse();
-        model.write_params(&from_hf(&config, &shuffled).unwrap()).unwrap();
+        model.write_params(&from_hf(&config, shuffled.clone()).unwrap()).unwrap();
         assert_eq!(model.read_params().unwrap(), ours);
 
         let missing: Vec<NamedTensor> =
             hf.iter().filter(|t| t.name != "model.layers.1.mlp.up_proj.weight").cloned().collect();
-        let err = format!("{:#}", from_hf(&config, &missing).unwrap_err());
+        let err = format!("{:#}", from_hf(&config, missing.clone()).unwrap_err());
         assert!(err.contains("model.layers.1.mlp.up_proj.weight"), "{err}");
         let mut misshaped = hf.clone();
         let v = misshaped.iter_mut().find(|t| t.name == "model.layers.0.self_attn.v_proj.weight").unwrap();
         v.shape[0] += 1;
-        let err = format!("{:#}", from_hf(&config, &misshaped).unwrap_err());
+        let err = format!("{:#}", from_hf(&config, misshaped.clone()).unwrap_err());
         assert!(err.contains("v_proj") && err.contains("shape"), "{err}");
         if config.tie_embeddings {
             // A tied checkpoint may carry lm_head.weight as a copy of the embedding, nothing else.
             let mut with_head = hf.clone();
             let embed = find("model.embed_tokens.weight").unwrap();
             with_head.push(NamedTensor::new("lm_head.weight", embed.shape.clone(), embed.data.clone()));
-            assert_eq!(from_hf(&config, &with_head).unwrap(), ours);
+            assert_eq!(from_hf(&config, with_head.clone()).unwrap(), ours);
             with_head.last_mut().unwrap().data[0] += 1.0;
-            assert!(format!("{:#}", from_hf(&config, &with_head).unwrap_err()).contains("lm_head"));
+            assert!(format!("{:#}", from_hf(&config, with_head.clone()).unwrap_err()).contains("lm_head"));
         }
         let mut extra = hf.clone();
         extra.push(NamedTensor::new("model.layers.9.mlp.up_proj.weight", vec![1], vec![0.0]));
-        let err = format!("{:#}", from_hf(&config, &extra).unwrap_err());
+        let err = format!("{:#}", from_hf(&config, extra.clone()).unwrap_err());
         assert!(err.contains("layers.9"), "{err}");
     }
 }

@@ -11,6 +11,7 @@ use crate::backend::{profile, AdamW, Backend, LossGrads, Precision};
 use crate::data::batch::Batch;
 use crate::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
+use std::collections::HashMap;
 
 /// Activations of one layer that backward needs.
 struct LayerActs<B: Backend> {
@@ -372,6 +373,22 @@ impl<B: Backend> Model<B> {
     pub fn write_params(&mut self, params: &[NamedTensor]) -> Result<()> {
         let ordered = params::check_params(&self.config, params).context("writing model parameters")?;
         for (i, t) in ordered.iter().enumerate() {
+            self.backend.write(&mut self.params[i], &t.data)?;
+            if self.training {
+                self.backend.write(&mut self.master[i], &t.data)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::write_params`], dropping each host tensor once it is on the backend, so that
+    /// loading holds one host copy of the weights at most.
+    pub fn take_params(&mut self, params: Vec<NamedTensor>) -> Result<()> {
+        params::check_params(&self.config, &params).context("writing model parameters")?;
+        let slot: HashMap<String, usize> =
+            params::param_specs(&self.config).into_iter().enumerate().map(|(i, s)| (s.name, i)).collect();
+        for t in params {
+            let i = *slot.get(&t.name).with_context(|| format!("unexpected parameter {}", t.name))?;
             self.backend.write(&mut self.params[i], &t.data)?;
             if self.training {
                 self.backend.write(&mut self.master[i], &t.data)?;

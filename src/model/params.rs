@@ -249,72 +249,77 @@ pub fn to_hf(config: &ModelConfig, params: &[NamedTensor]) -> Vec<NamedTensor> {
 /// shape. The q/k rows are taken to be in Hugging Face's half-split order and are permuted back
 /// for a `RopeStyle::AdjacentPairs` config (the inverse of [`to_hf`]). A tied config ignores a `lm_head.weight` equal to the embedding and rejects a
 /// different one; an untied config requires it.
-pub fn from_hf(config: &ModelConfig, hf: &[NamedTensor]) -> Result<Vec<NamedTensor>> {
+pub fn from_hf(config: &ModelConfig, hf: Vec<NamedTensor>) -> Result<Vec<NamedTensor>> {
     config.validate()?;
-    let by_name = index_by_name(hf)?;
+    // Tensors move out of the map as they are used, so the conversion holds one copy of the
+    // weights plus the layer being fused (not two copies).
+    let mut by_name: HashMap<String, NamedTensor> = HashMap::with_capacity(hf.len());
+    for t in hf {
+        let name = t.name.clone();
+        ensure!(by_name.insert(name.clone(), t).is_none(), "tensor {name} appears twice");
+    }
     let d = config.d_model;
     let heads = config.heads();
     let (qw, kvw, hidden, vocab) = (heads.q_width(), heads.kv_width(), config.ffn_hidden, config.vocab_size);
-    let mut used = 0usize;
-    let mut take = |name: &str, shape: &[usize]| -> Result<&NamedTensor> {
-        let t = by_name.get(name).with_context(|| format!("missing tensor {name}"))?;
-        check_shape(t, shape)?;
-        used += 1;
-        Ok(*t)
-    };
+    let mut take = |name: &str, shape: &[usize]| take_tensor(&mut by_name, name, shape);
     let mut out = Vec::new();
-    let embed = take("model.embed_tokens.weight", &[vocab, d])?;
-    out.push(NamedTensor::new("tok_embeddings", vec![vocab, d], embed.data.clone()));
+    out.push(NamedTensor::new(
+        "tok_embeddings",
+        vec![vocab, d],
+        take("model.embed_tokens.weight", &[vocab, d])?,
+    ));
     for l in 0..config.n_layers {
         let hf = |t: &str| format!("model.layers.{l}.{t}.weight");
         let ours = |t: &str| format!("layers.{l}.{t}");
-        let attn_norm = take(&hf("input_layernorm"), &[d])?;
-        out.push(NamedTensor::new(ours("attn_norm"), vec![d], attn_norm.data.clone()));
+        out.push(NamedTensor::new(ours("attn_norm"), vec![d], take(&hf("input_layernorm"), &[d])?));
         let mut qkv = Vec::with_capacity(heads.qkv_width() * d);
-        let q = &take(&hf("self_attn.q_proj"), &[qw, d])?.data;
-        let k = &take(&hf("self_attn.k_proj"), &[kvw, d])?.data;
+        let q = take(&hf("self_attn.q_proj"), &[qw, d])?;
+        let k = take(&hf("self_attn.k_proj"), &[kvw, d])?;
         if config.rope_style == RopeStyle::AdjacentPairs {
-            qkv.extend(half_split_to_adjacent(q, heads.n_heads, heads.head_dim, d));
-            qkv.extend(half_split_to_adjacent(k, heads.n_kv_heads, heads.head_dim, d));
+            qkv.extend(half_split_to_adjacent(&q, heads.n_heads, heads.head_dim, d));
+            qkv.extend(half_split_to_adjacent(&k, heads.n_kv_heads, heads.head_dim, d));
         } else {
-            qkv.extend_from_slice(q);
-            qkv.extend_from_slice(k);
+            qkv.extend_from_slice(&q);
+            qkv.extend_from_slice(&k);
         }
-        qkv.extend_from_slice(&take(&hf("self_attn.v_proj"), &[kvw, d])?.data);
+        drop((q, k));
+        qkv.extend_from_slice(&take(&hf("self_attn.v_proj"), &[kvw, d])?);
         out.push(NamedTensor::new(ours("qkv"), vec![heads.qkv_width(), d], qkv));
-        let o = take(&hf("self_attn.o_proj"), &[d, qw])?;
-        out.push(NamedTensor::new(ours("o"), vec![d, qw], o.data.clone()));
-        let ffn_norm = take(&hf("post_attention_layernorm"), &[d])?;
-        out.push(NamedTensor::new(ours("ffn_norm"), vec![d], ffn_norm.data.clone()));
-        let mut gate_up = Vec::with_capacity(2 * hidden * d);
-        gate_up.extend_from_slice(&take(&hf("mlp.gate_proj"), &[hidden, d])?.data);
-        gate_up.extend_from_slice(&take(&hf("mlp.up_proj"), &[hidden, d])?.data);
+        out.push(NamedTensor::new(ours("o"), vec![d, qw], take(&hf("self_attn.o_proj"), &[d, qw])?));
+        out.push(NamedTensor::new(ours("ffn_norm"), vec![d], take(&hf("post_attention_layernorm"), &[d])?));
+        let mut gate_up = take(&hf("mlp.gate_proj"), &[hidden, d])?;
+        gate_up.extend_from_slice(&take(&hf("mlp.up_proj"), &[hidden, d])?);
         out.push(NamedTensor::new(ours("gate_up"), vec![2 * hidden, d], gate_up));
-        let down = take(&hf("mlp.down_proj"), &[d, hidden])?;
-        out.push(NamedTensor::new(ours("down"), vec![d, hidden], down.data.clone()));
+        out.push(NamedTensor::new(ours("down"), vec![d, hidden], take(&hf("mlp.down_proj"), &[d, hidden])?));
     }
-    let norm = take("model.norm.weight", &[d])?;
-    out.push(NamedTensor::new("norm", vec![d], norm.data.clone()));
-    if config.tie_embeddings {
-        if by_name.contains_key("lm_head.weight") {
-            let head = take("lm_head.weight", &[vocab, d])?;
-            ensure!(
-                head.data == embed.data,
-                "config ties the embeddings but lm_head.weight differs from model.embed_tokens.weight"
-            );
-        }
+    out.push(NamedTensor::new("norm", vec![d], take("model.norm.weight", &[d])?));
+    let head = if by_name.contains_key("lm_head.weight") || !config.tie_embeddings {
+        let head = take_tensor(&mut by_name, "lm_head.weight", &[vocab, d]);
+        Some(head.context("untied config needs lm_head.weight")?)
     } else {
-        let head = take("lm_head.weight", &[vocab, d]).context("untied config needs lm_head.weight")?;
-        out.push(NamedTensor::new("lm_head", vec![vocab, d], head.data.clone()));
+        None
+    };
+    match head {
+        Some(head) if config.tie_embeddings => ensure!(
+            head == out[0].data,
+            "config ties the embeddings but lm_head.weight differs from model.embed_tokens.weight"
+        ),
+        Some(head) => out.push(NamedTensor::new("lm_head", vec![vocab, d], head)),
+        None => {}
     }
-    if used != hf.len() {
-        let expected: std::collections::HashSet<String> =
-            to_hf_names(config).into_iter().chain(["lm_head.weight".to_string()]).collect();
-        let extra: Vec<&str> =
-            hf.iter().map(|t| t.name.as_str()).filter(|n| !expected.contains(*n)).collect();
+    if !by_name.is_empty() {
+        let mut extra: Vec<&str> = by_name.keys().map(String::as_str).collect();
+        extra.sort_unstable();
         bail!("unexpected tensors for this config: {}", extra.join(", "));
     }
     Ok(out)
+}
+
+/// Removes `name` from `tensors`, checking its shape.
+fn take_tensor(tensors: &mut HashMap<String, NamedTensor>, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    let t = tensors.remove(name).with_context(|| format!("missing tensor {name}"))?;
+    check_shape(&t, shape)?;
+    Ok(t.data)
 }
 
 /// The Hugging Face names [`to_hf`] produces for `config`.

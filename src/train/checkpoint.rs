@@ -111,8 +111,8 @@ pub fn write_safetensors(path: &Path, tensors: &[NamedTensor]) -> Result<()> {
 /// (F32, BF16 and F16 files are accepted). Missing, misshapen or unexpected tensors are errors
 /// that name the file and the tensor.
 pub fn read_safetensors(path: &Path, expected: &[(String, Vec<usize>)]) -> Result<Vec<NamedTensor>> {
-    let mmap = map_file(path)?;
-    let st = parse_safetensors(path, &mmap)?;
+    let mapped = map_file(path)?;
+    let st = parse_safetensors(path, &mapped.map)?;
     let wanted: HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
     let mut unexpected: Vec<&str> = st.names().into_iter().filter(|n| !wanted.contains(n)).collect();
     unexpected.sort_unstable();
@@ -123,13 +123,21 @@ pub fn read_safetensors(path: &Path, expected: &[(String, Vec<usize>)]) -> Resul
             unexpected.len()
         );
     }
-    expected.iter().map(|(name, shape)| tensor_f32(path, &st, name, shape)).collect()
+    expected.iter().map(|(name, shape)| tensor_f32(path, &mapped, &st, name, shape)).collect()
 }
 
-fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+/// A safetensors file, memory-mapped for its header and index. Tensor data is read with
+/// `pread` instead of through the mapping (see [`tensor_f32`]).
+struct MappedFile {
+    file: File,
+    map: memmap2::Mmap,
+}
+
+fn map_file(path: &Path) -> Result<MappedFile> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: the file is only read; a checkpoint is not modified while it is loaded.
-    unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))
+    let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
+    Ok(MappedFile { file, map })
 }
 
 fn parse_safetensors<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
@@ -138,7 +146,17 @@ fn parse_safetensors<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>
 }
 
 /// One tensor of `st` (the file `path`) as f32, checked against `shape`.
-fn tensor_f32(path: &Path, st: &SafeTensors, name: &str, shape: &[usize]) -> Result<NamedTensor> {
+///
+/// The bytes are read from the file rather than through the mapping: touched mapped pages count
+/// toward the process's resident memory until unmapped, so a 5 GB checkpoint would be held
+/// twice (mapped bytes and f32 copies) while loading.
+fn tensor_f32(
+    path: &Path,
+    file: &MappedFile,
+    st: &SafeTensors,
+    name: &str,
+    shape: &[usize],
+) -> Result<NamedTensor> {
     let view =
         st.tensor(name).map_err(|_| anyhow::anyhow!("{}: tensor {name} is missing", path.display()))?;
     ensure!(
@@ -148,7 +166,11 @@ fn tensor_f32(path: &Path, st: &SafeTensors, name: &str, shape: &[usize]) -> Res
         view.shape(),
         shape
     );
-    let bytes = view.data();
+    // `data()` is a slice of the mapping; only its address is used, no page is touched.
+    let offset = view.data().as_ptr() as usize - file.map.as_ptr() as usize;
+    let mut bytes = vec![0u8; view.data_len()];
+    std::os::unix::fs::FileExt::read_exact_at(&file.file, &mut bytes, offset as u64)
+        .with_context(|| format!("{}: reading tensor {name}", path.display()))?;
     let data: Vec<f32> = match view.dtype() {
         Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
         Dtype::BF16 => {
@@ -193,8 +215,8 @@ pub fn read_hf_weights(dir: &Path, config: &ModelConfig) -> Result<Vec<NamedTens
             "{}: no {MODEL_FILE} and no {INDEX_FILE}: not a checkpoint directory",
             dir.display()
         );
-        let mmap = map_file(&single)?;
-        let st = parse_safetensors(&single, &mmap)?;
+        let mapped = map_file(&single)?;
+        let st = parse_safetensors(&single, &mapped.map)?;
         let names = st.names();
         let mut unexpected: Vec<&str> = names.iter().copied().filter(|n| !allowed(n)).collect();
         unexpected.sort_unstable();
@@ -207,11 +229,11 @@ pub fn read_hf_weights(dir: &Path, config: &ModelConfig) -> Result<Vec<NamedTens
         }
         let mut out: Vec<NamedTensor> = expected
             .iter()
-            .map(|(name, shape)| tensor_f32(&single, &st, name, shape))
+            .map(|(name, shape)| tensor_f32(&single, &mapped, &st, name, shape))
             .collect::<Result<_>>()?;
         if let Some((name, shape)) = &tied_head {
             if names.contains(&name.as_str()) {
-                out.push(tensor_f32(&single, &st, name, shape)?);
+                out.push(tensor_f32(&single, &mapped, &st, name, shape)?);
             }
         }
         return Ok(out);
@@ -264,10 +286,10 @@ pub fn read_hf_weights(dir: &Path, config: &ModelConfig) -> Result<Vec<NamedTens
             path.display(),
             tensors[0].0
         );
-        let mmap = map_file(&path)?;
-        let st = parse_safetensors(&path, &mmap)?;
+        let mapped = map_file(&path)?;
+        let st = parse_safetensors(&path, &mapped.map)?;
         for (name, shape) in tensors {
-            read.insert(name.clone(), tensor_f32(&path, &st, name, shape)?);
+            read.insert(name.clone(), tensor_f32(&path, &mapped, &st, name, shape)?);
         }
     }
     let mut out: Vec<NamedTensor> =
@@ -281,7 +303,7 @@ pub fn read_hf_weights(dir: &Path, config: &ModelConfig) -> Result<Vec<NamedTens
 /// The internal tensors of a checkpoint directory (ours or a Hugging Face Llama) for `config`.
 pub fn read_params(dir: &Path, config: &ModelConfig) -> Result<Vec<NamedTensor>> {
     let hf = read_hf_weights(dir, config)?;
-    from_hf(config, &hf).with_context(|| format!("converting the weights of {}", dir.display()))
+    from_hf(config, hf).with_context(|| format!("converting the weights of {}", dir.display()))
 }
 
 /// The Hugging Face tensors of `config`, (name, shape) in [`to_hf`]'s order.
@@ -736,7 +758,7 @@ pub fn load_weights_into<B: Backend>(dir: &Path, model: &mut Model<B>) -> Result
         dir.join(CONFIG_FILE).display()
     );
     let params = read_params(dir, &ours)?;
-    model.write_params(&params).with_context(|| format!("loading the weights of {}", dir.display()))
+    model.take_params(params).with_context(|| format!("loading the weights of {}", dir.display()))
 }
 
 /// Loads a checkpoint as a model sized for micro-batches of up to `max_tokens` tokens.
