@@ -132,9 +132,22 @@ pub fn training_text(conv: &Conversation) -> String {
 /// The prompt for generating the next reply: the history formatted as in training, then
 /// `<SOU>{user}<EOU>\n<SOA>`. Uses the training separators so that the prompt is a prefix of
 /// a training text (SimpleLLaMA's inference code uses other newlines). Special-token strings in
-/// the texts are escaped.
+/// the texts are escaped; generation uses [`ChatTokenizer::inference_prompt`], which also escapes
+/// the tokenizer's own special tokens, as training does.
+///
+/// [`ChatTokenizer::inference_prompt`]: super::ChatTokenizer::inference_prompt
 pub fn inference_prompt(system: &str, history: &[Turn], user: &str) -> String {
-    let esc = |t| escape_specials(t, &SIMPLELLAMA_SPECIALS);
+    inference_prompt_escaping(system, history, user, &SIMPLELLAMA_SPECIALS)
+}
+
+/// [`inference_prompt`] escaping `specials` in the texts.
+pub fn inference_prompt_escaping<S: AsRef<str>>(
+    system: &str,
+    history: &[Turn],
+    user: &str,
+    specials: &[S],
+) -> String {
+    let esc = |t| escape_specials(t, specials);
     let mut s = format!("{SOT}{}{EOT}\n\n", esc(system));
     for turn in history {
         s.push_str(&format!("{SOU}{}{EOU}\n{SOA}{}{EOA}\n\n", esc(&turn.user), esc(&turn.assistant)));

@@ -17,8 +17,10 @@ use tokenizers::{
     PostProcessorWrapper, PreTokenizedString, PreTokenizer, PreTokenizerWrapper, Tokenizer, TokenizerBuilder,
 };
 
-use super::chat::Conversation;
-use super::format::{escape_specials, CHAT_TOKENS, EOA, PAD, SIMPLELLAMA_SPECIALS};
+use super::chat::{Conversation, Turn};
+use super::format::{
+    escape_specials, inference_prompt_escaping, CHAT_TOKENS, EOA, PAD, SIMPLELLAMA_SPECIALS,
+};
 
 /// The six chat tokens and `<PAD>` that `tok` lacks as special added tokens, in that order.
 pub fn missing_chat_tokens(tok: &Tokenizer) -> Vec<&'static str> {
@@ -347,6 +349,15 @@ impl ChatTokenizer {
         ids.extend_from_slice(&toks);
         cache.insert(word.to_string(), toks);
         Ok(())
+    }
+
+    /// The prompt for the next reply ([`inference_prompt`]) with the texts escaped as training
+    /// escapes them: a pretrained tokenizer's own special strings (Llama 3's `<|eot_id|>`) typed
+    /// by a user would otherwise become control tokens that training never showed in text.
+    ///
+    /// [`inference_prompt`]: super::inference_prompt
+    pub fn inference_prompt(&self, system: &str, history: &[Turn], user: &str) -> String {
+        inference_prompt_escaping(system, history, user, &self.escaped)
     }
 
     /// [`Self::encode_text`] without the word cache: the `tokenizers` encode of the escaped text.
