@@ -216,6 +216,8 @@ fn simplellama_tokenizer_ids_and_suffix_property() {
         assert_eq!(tok.special_id(s), Some(i as u32), "{s}");
     }
     assert_eq!((tok.pad_id(), tok.eoa_id()), (2, 7));
+    // No post-processor: rows start at <SOT>, as SimpleLLaMA's do.
+    assert_eq!(tok.bos_id(), None);
     let mut convs = data_util::synthetic_conversations(300, 11);
     convs.push(conv("", &[("", "")]));
     convs.push(conv("S", &[("What is 2+2?", "")]));

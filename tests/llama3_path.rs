@@ -308,15 +308,19 @@ fn llama3_checkpoint_imports_prepares_trains_and_generates() {
     );
     assert_eq!(json["vocab_size"], new_vocab);
     assert_eq!(json["tie_word_embeddings"], true);
+    // The tokenizer's own BOS, not a <SOS> it lacks; replies end at <EOA>.
+    assert_eq!(json["bos_token_id"], bos);
+    assert_eq!(json["eos_token_id"], old_vocab + 3);
     let tok = ChatTokenizer::from_file(&ckpt.join("tokenizer.json")).unwrap();
+    assert_eq!(tok.bos_id(), Some(bos as u32));
     assert_eq!(tok.vocab_size(), new_vocab);
     assert_eq!(tok.special_id(BOS), Some(bos as u32), "old special ids kept");
     for (old, new) in hf_logits.iter().zip(&logits_cli(&ckpt, &ids)) {
         assert_eq!((new.len(), &new[..old_vocab]), (new_vocab, &old[..]), "old rows unchanged");
     }
 
-    // The data pipeline encodes without the post-processor: no <|begin_of_text|> anywhere, and
-    // the special strings inside texts stay text.
+    // Rows start with <|begin_of_text|> as the post-processor would put it (what the pretrained
+    // model saw at position 0), then <SOT>; special strings inside texts stay text.
     let chat = root.path().join("chat.json");
     std::fs::write(&chat, chat_json(36)).unwrap();
     let prepared = root.path().join("prepared");
@@ -355,8 +359,8 @@ fn llama3_checkpoint_imports_prepares_trains_and_generates() {
             let batch: serde_json::Value = serde_json::from_str(line).unwrap();
             for row in batch["inputs"].as_array().unwrap() {
                 let row: Vec<u32> = serde_json::from_value(row.clone()).unwrap();
-                assert_eq!(row[0], tok.special_id("<SOT>").unwrap(), "{row:?}");
-                assert!(row.iter().all(|id| !own_specials.contains(id)), "{split}: {row:?}");
+                assert_eq!(row[..2], [bos as u32, tok.special_id("<SOT>").unwrap()], "{row:?}");
+                assert!(row[1..].iter().all(|id| !own_specials.contains(id)), "{split}: {row:?}");
                 rows += 1;
             }
         }
@@ -364,18 +368,21 @@ fn llama3_checkpoint_imports_prepares_trains_and_generates() {
     assert_eq!(rows, 36);
 
     // Encoded piece by piece (the word cache, Llama 3's split), a conversation gets the ids the
-    // tokenizers crate gives its whole escaped text; generation's prompt is a prefix of them.
+    // tokenizers crate gives its whole escaped text with the post-processor's BOS; generation's
+    // prompt is a prefix of them.
     let plain = tokenizers::Tokenizer::from_file(&tok_path).unwrap();
     let mut escaped: Vec<&str> = SIMPLELLAMA_SPECIALS.to_vec();
     escaped.extend([BOS, EOS, EOT_ID]);
     for conv in read_chat_file(&chat).unwrap() {
         let ex = tokenize_conversation(&tok, &conv, TrainOn::FinalReply).unwrap();
         let text = join_pieces(&training_pieces(&conv, TrainOn::FinalReply), &escaped);
-        assert_eq!(ex.tokens, plain.encode(text.as_str(), false).unwrap().get_ids(), "{text:?}");
+        assert_eq!(ex.tokens, plain.encode(text.as_str(), true).unwrap().get_ids(), "{text:?}");
+        assert!(!ex.supervised[0]);
         let (last, history) = conv.turns.split_last().unwrap();
-        let prompt = tok.encode(&tok.inference_prompt(&conv.system, history, &last.user)).unwrap();
+        let prompt = tok.encode_prompt(&conv.system, history, &last.user).unwrap();
         assert_eq!(ex.tokens[..prompt.len()], prompt[..], "{text:?}");
-        assert!(prompt.iter().all(|id| !own_specials.contains(id)), "{prompt:?}");
+        assert_eq!(prompt[0], bos as u32);
+        assert!(prompt[1..].iter().all(|id| !own_specials.contains(id)), "{prompt:?}");
     }
 
     // Fine-tune from the import on the CPU, then generate from the saved checkpoint.

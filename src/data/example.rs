@@ -57,10 +57,15 @@ impl Example {
 
 /// Formats and tokenizes a conversation piece by piece. Because special tokens split the
 /// tokenizer's input, the tokens equal those of the whole formatted text, and each token's
-/// supervision is that of the piece it came from.
+/// supervision is that of the piece it came from. A tokenizer that adds a BOS token to texts
+/// (`ChatTokenizer::bos_id`) gets it first, unsupervised.
 pub fn tokenize_conversation(tok: &ChatTokenizer, conv: &Conversation, train_on: TrainOn) -> Result<Example> {
     let pieces = training_pieces(conv, train_on);
     let mut ex = Example::default();
+    if let Some(bos) = tok.bos_id() {
+        ex.tokens.push(bos);
+        ex.supervised.push(false);
+    }
     for p in &pieces {
         match p.piece {
             Piece::Special(s) => {

@@ -45,6 +45,21 @@ pub struct ChatTokenizer {
     fingerprint: u64,
     /// How [`ChatTokenizer::encode_text`] may skip parts of the general `tokenizers` pipeline.
     fast: FastPath,
+    /// The special token the tokenizer's post-processor puts before a text (see [`leading_special`]).
+    bos_id: Option<u32>,
+}
+
+/// The special token that `tok`'s post-processor puts before a single text, if any: Llama 2's
+/// `<s>`, Llama 3's `<|begin_of_text|>`. Pretrained models saw it at position 0 of every text,
+/// so rows and prompts start with it. SimpleLLaMA's tokenizer and those `sft tokenizer train`
+/// writes have no post-processor: nothing changes for them.
+pub fn leading_special(tok: &Tokenizer) -> Option<u32> {
+    let plain = tok.encode_fast("a", false).ok()?;
+    let with = tok.encode_fast("a", true).ok()?;
+    let (plain, with) = (plain.get_ids(), with.get_ids());
+    let &first = with.first()?;
+    let special = tok.get_added_tokens_decoder().get(&first).is_some_and(|t| t.special);
+    (special && with.len() > plain.len() && with[1..].starts_with(plain)).then_some(first)
 }
 
 /// Escaped text holds no added token; without a normalizer its encoding is the pre-tokenizer's
@@ -195,9 +210,11 @@ impl ChatTokenizer {
                 escape_first_bytes[b as usize] = true;
             }
         }
+        let bos_id = leading_special(&tok);
         Ok(ChatTokenizer {
             escape_first_bytes,
             fast,
+            bos_id,
 
             pad_id: special_ids[PAD],
             eoa_id: special_ids[EOA],
@@ -219,6 +236,11 @@ impl ChatTokenizer {
 
     pub fn eoa_id(&self) -> u32 {
         self.eoa_id
+    }
+
+    /// The token that starts every row and prompt, when the tokenizer's post-processor adds one.
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos_id
     }
 
     /// FNV-1a of the tokenizer file's bytes.
@@ -358,6 +380,14 @@ impl ChatTokenizer {
     /// [`inference_prompt`]: super::inference_prompt
     pub fn inference_prompt(&self, system: &str, history: &[Turn], user: &str) -> String {
         inference_prompt_escaping(system, history, user, &self.escaped)
+    }
+
+    /// The ids of [`Self::inference_prompt`], after [`Self::bos_id`] when there is one: the
+    /// prefix of the training row a reply continues.
+    pub fn encode_prompt(&self, system: &str, history: &[Turn], user: &str) -> Result<Vec<u32>> {
+        let mut ids: Vec<u32> = self.bos_id.into_iter().collect();
+        ids.extend(self.encode(&self.inference_prompt(system, history, user))?);
+        Ok(ids)
     }
 
     /// [`Self::encode_text`] without the word cache: the `tokenizers` encode of the escaped text.

@@ -1,7 +1,7 @@
 //! Sampling with a KV cache: `sft generate` and `sft chat`.
 //!
 //! The prompt is the training format up to the reply's `<SOA>`
-//! ([`ChatTokenizer::inference_prompt`]), so the model continues exactly where a supervised reply
+//! ([`ChatTokenizer::encode_prompt`]), so the model continues exactly where a supervised reply
 //! starts in training; generation stops at `<EOA>`. Sampling follows SimpleLLaMA: temperature,
 //! then top-k, then top-p (nucleus) over what top-k kept. Temperature 0 is greedy decoding.
 
@@ -152,7 +152,7 @@ pub fn generate_reply<B: Backend>(
     cfg: &SamplingConfig,
     rng: &mut Rng,
 ) -> Result<String> {
-    let prompt = tok.encode(&tok.inference_prompt(system, history, user))?;
+    let prompt = tok.encode_prompt(system, history, user)?;
     let (ids, _) = generate_ids(model, &prompt, tok.eoa_id(), cfg, rng)?;
     // A reply's first token carries the space that the byte-level pre-tokenizer puts before
     // every text piece: it is not part of the reply.

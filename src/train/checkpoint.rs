@@ -16,6 +16,7 @@
 //! disk are the f32 master weights, so resuming reproduces the run bit for bit.
 
 use crate::backend::Backend;
+use crate::data::tokenizer::leading_special;
 use crate::data::{ChatTokenizer, LoaderState};
 use crate::model::config::ModelConfig;
 use crate::model::params::{from_hf, param_specs, to_hf, to_hf_names, NamedTensor};
@@ -524,7 +525,8 @@ fn hf_rope(json: &serde_json::Value) -> Result<crate::backend::Rope> {
 }
 
 /// `bos/eos/pad_token_id` for config.json from a tokenizer.json's added tokens: `<PAD>` pads,
-/// `<EOA>` ends a reply (what generation stops at in our chat format), `<SOS>` when present.
+/// `<EOA>` ends a reply (what generation stops at in our chat format), the token the
+/// post-processor starts texts with, else `<SOS>` when present.
 fn token_ids_from_tokenizer_json(text: &str) -> serde_json::Map<String, serde_json::Value> {
     let mut out = serde_json::Map::new();
     let Ok(json) = serde_json::from_str::<serde_json::Value>(text) else { return out };
@@ -539,6 +541,11 @@ fn token_ids_from_tokenizer_json(text: &str) -> serde_json::Map<String, serde_js
         if let Some(id) = id_of(token) {
             out.insert(field.to_string(), id.clone());
         }
+    }
+    // A tokenizer that starts texts with its own BOS (Llama 3's <|begin_of_text|>): that one.
+    let bos = tokenizers::Tokenizer::from_bytes(text.as_bytes()).ok().and_then(|tok| leading_special(&tok));
+    if let Some(bos) = bos {
+        out.insert("bos_token_id".to_string(), bos.into());
     }
     out
 }
