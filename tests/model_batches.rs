@@ -5,7 +5,7 @@
 mod model_util;
 
 use model_util::*;
-use sft::backend::{AdamW, RopeStyle};
+use sft::backend::{AdamW, RopeScaling, RopeStyle};
 use sft::data::batch::Batch;
 use sft::model::{from_hf, to_hf, Model, ModelConfig, NamedTensor};
 
@@ -240,6 +240,14 @@ fn simplellama_1_3b_has_1_266_780_160_parameters() {
     assert_eq!(tied.n_params(), 1_266_780_160 - 8192 * 2048);
 }
 
+fn llama3(
+    low_freq_factor: f32,
+    high_freq_factor: f32,
+    original_max_position_embeddings: usize,
+) -> RopeScaling {
+    RopeScaling::Llama3 { factor: 8.0, low_freq_factor, high_freq_factor, original_max_position_embeddings }
+}
+
 #[test]
 fn config_validation_names_the_problem() {
     let ok = ModelConfig::tiny(100);
@@ -252,6 +260,15 @@ fn config_validation_names_the_problem() {
         (ModelConfig { d_model: 12, ..ok.clone() }, "even"),
         (ModelConfig { dropout: 1.0, ..ok.clone() }, "dropout"),
         (ModelConfig { norm_eps: 0.0, ..ok.clone() }, "norm_eps"),
+        (
+            ModelConfig { rope_scaling: Some(RopeScaling::Linear { factor: 0.0 }), ..ok.clone() },
+            "rope_scaling.factor",
+        ),
+        (ModelConfig { rope_scaling: Some(llama3(4.0, 4.0, 64)), ..ok.clone() }, "high_freq_factor"),
+        (
+            ModelConfig { rope_scaling: Some(llama3(1.0, 4.0, 0)), ..ok.clone() },
+            "original_max_position_embeddings",
+        ),
     ];
     for (config, expected) in cases {
         let err = config.validate().unwrap_err();

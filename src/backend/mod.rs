@@ -68,6 +68,40 @@ pub enum RopeScaling {
     },
 }
 
+impl RopeScaling {
+    /// Checks the numbers, with an error naming the field.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let factor = match *self {
+            RopeScaling::Linear { factor } => factor,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings,
+            } => {
+                anyhow::ensure!(
+                    low.is_finite() && low > 0.0,
+                    "rope_scaling.low_freq_factor must be positive (got {low})"
+                );
+                anyhow::ensure!(
+                    high.is_finite() && high > low,
+                    "rope_scaling.high_freq_factor ({high}) must exceed low_freq_factor ({low})"
+                );
+                anyhow::ensure!(
+                    original_max_position_embeddings > 0,
+                    "rope_scaling.original_max_position_embeddings must be positive"
+                );
+                factor
+            }
+        };
+        anyhow::ensure!(
+            factor.is_finite() && factor > 0.0,
+            "rope_scaling.factor must be positive (got {factor})"
+        );
+        Ok(())
+    }
+}
+
 /// Everything a rotation needs: base, pairing, frequency scaling.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Rope {

@@ -170,37 +170,8 @@ impl ModelConfig {
             "rope_theta must be finite and greater than 1 (got {})",
             self.rope_theta
         );
-        match self.rope_scaling {
-            None => {}
-            Some(RopeScaling::Linear { factor }) => {
-                ensure!(
-                    factor.is_finite() && factor > 0.0,
-                    "rope_scaling.factor must be positive (got {factor})"
-                )
-            }
-            Some(RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            }) => {
-                ensure!(
-                    factor.is_finite() && factor > 0.0,
-                    "rope_scaling.factor must be positive (got {factor})"
-                );
-                ensure!(
-                    low_freq_factor.is_finite() && low_freq_factor > 0.0 && high_freq_factor.is_finite(),
-                    "rope_scaling.low_freq_factor must be positive (got {low_freq_factor})"
-                );
-                ensure!(
-                    high_freq_factor > low_freq_factor,
-                    "rope_scaling.high_freq_factor ({high_freq_factor}) must exceed low_freq_factor ({low_freq_factor})"
-                );
-                ensure!(
-                    original_max_position_embeddings > 0,
-                    "rope_scaling.original_max_position_embeddings must be positive"
-                );
-            }
+        if let Some(scaling) = &self.rope_scaling {
+            scaling.validate()?;
         }
         ensure!((0.0..1.0).contains(&self.dropout), "dropout must be in [0, 1) (got {})", self.dropout);
         Ok(())
