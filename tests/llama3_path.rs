@@ -446,4 +446,34 @@ fn llama3_checkpoint_imports_prepares_trains_and_generates() {
     // Four steps of a random toy model: the reply is noise (spaces here); that it is printed is
     // the check.
     assert!(reply.ends_with('\n'), "{reply:?}");
+
+    // Rows without the BOS that the tokenizer adds (shards from a tokenizer without the
+    // post-processor, as older builds wrote them) get a note at the start of training.
+    let no_bos = root.path().join("no-bos");
+    let mut tok_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tok_path).unwrap()).unwrap();
+    tok_json["post_processor"] = serde_json::Value::Null;
+    let no_bos_tok = root.path().join("no-bos-tokenizer.json");
+    std::fs::write(&no_bos_tok, tok_json.to_string()).unwrap();
+    sft(&["prepare", "--data", s(&chat), "--tokenizer", s(&no_bos_tok), "--out", s(&no_bos)]);
+    let train_once = |data: &Path, run: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_sft"))
+            .args(["train", "--data", s(data), "--init-from", s(&ckpt), "--out-dir"])
+            .arg(root.path().join(run))
+            .args(["--device", "cpu", "--micro-batch", "4", "--grad-accum", "1", "--max-steps", "1"])
+            .args(["--max-seq-len", "256"])
+            .args(["--eval-every", "0", "--sample-every", "0"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(!train_once(&no_bos, "run-a").contains("re-run sft prepare"), "no BOS in the tokenizer either");
+    std::fs::copy(&tok_path, no_bos.join("tokenizer.json")).unwrap();
+    let stderr = train_once(&no_bos, "run-b");
+    assert!(
+        stderr.contains(&format!("starts texts with token {bos}")) && stderr.contains("re-run sft prepare"),
+        "{stderr}"
+    );
+    assert!(!train_once(&prepared, "run-c").contains("re-run sft prepare"));
 }

@@ -320,6 +320,17 @@ pub fn train_with<B: Backend>(
         seed: cfg.seed,
     };
     let train_set = Arc::new(Dataset::open(&cfg.data, Split::Train)?);
+    // Generation puts the tokenizer's BOS before every prompt; shards prepared by a build that
+    // did not start rows with it would train on rows that no prompt resembles.
+    if let Some(bos) = tokenizer.bos_id() {
+        if !train_set.is_empty() && train_set.example(0).tokens.first() != Some(&bos) {
+            eprintln!(
+                "note: the tokenizer starts texts with token {bos} but the rows in {} do not; \
+                 re-run sft prepare so that training rows match generation's prompts",
+                cfg.data.display()
+            );
+        }
+    }
     let mut loader = Loader::new(train_set.clone(), loader_config.clone())?;
     // Packed batches per epoch depend on the epoch's shuffle: count every epoch's steps (only
     // the first one when max_steps and schedule_steps make the count unnecessary).
