@@ -86,19 +86,7 @@ impl CsvLog {
 
 /// Reads `(step, train_loss)` pairs back from a log (steps without a loss are left out).
 pub fn read_train_losses(path: &Path) -> Result<Vec<(u64, f64)>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate().skip(1) {
-        let mut cols = line.split(',');
-        let step = cols.next().unwrap_or_default();
-        let loss = cols.nth(1).unwrap_or_default();
-        if loss.is_empty() {
-            continue;
-        }
-        let parse_err = || format!("{} line {}: bad row {line:?}", path.display(), i + 1);
-        out.push((step.parse().with_context(parse_err)?, loss.parse().with_context(parse_err)?));
-    }
-    Ok(out)
+    Ok(read_log(path)?.into_iter().filter_map(|r| r.train_loss.map(|l| (r.step, l))).collect())
 }
 
 /// Reads every row of a log back. Errors name the file, the line and the column.
