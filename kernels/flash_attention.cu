@@ -201,6 +201,24 @@ __device__ __forceinline__ void mma_py(float (*acc)[4], const float (*p)[4], con
     }
 }
 
+// Per warp: stores the 16 × HD fp32 accumulator acc[HD/8] (C fragments: rows row_a = first row
+// + lane/4 and row_b = row_a + 8) as bf16 into the row-major `dst` at column `col`, row a scaled
+// by scale_a and row b by scale_b; rows at or past `limit` are not written.
+template <int HD>
+__device__ __forceinline__ void store_acc(bf16_t* dst, size_t stride, int col, const float (*acc)[4], int row_a,
+                                          int row_b, int limit, float scale_a, float scale_b, int lane) {
+    col += (lane % 4) * 2;
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) {
+        if (row_a < limit)
+            *reinterpret_cast<uint32_t*>(dst + (size_t)row_a * stride + col + j * 8) =
+                pack_bf16(acc[j][0] * scale_a, acc[j][1] * scale_a);
+        if (row_b < limit)
+            *reinterpret_cast<uint32_t*>(dst + (size_t)row_b * stride + col + j * 8) =
+                pack_bf16(acc[j][2] * scale_b, acc[j][3] * scale_b);
+    }
+}
+
 // ---- tile table ------------------------------------------------------------------------------
 // One block of 1024 threads. Thread t takes a contiguous run of segments, counts their tiles,
 // a block-wide inclusive scan gives each run its first table slot.
@@ -346,17 +364,7 @@ __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, c
     l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
     l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
     const float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f, inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
-    const size_t out_stride = (size_t)n_heads * HD;
-    const int col0 = h * HD + (lane % 4) * 2;
-#pragma unroll
-    for (int j = 0; j < HD / 8; j++) {
-        if (row_a < seg_end)
-            *reinterpret_cast<uint32_t*>(out + (size_t)row_a * out_stride + col0 + j * 8) =
-                pack_bf16(o[j][0] * inv_a, o[j][1] * inv_a);
-        if (row_b < seg_end)
-            *reinterpret_cast<uint32_t*>(out + (size_t)row_b * out_stride + col0 + j * 8) =
-                pack_bf16(o[j][2] * inv_b, o[j][3] * inv_b);
-    }
+    store_acc<HD>(out, (size_t)n_heads * HD, h * HD, o, row_a, row_b, seg_end, inv_a, inv_b, lane);
     if (lane % 4 == 0) {
         if (row_a < seg_end) lse[(size_t)h * n + row_a] = (m_a + log2f(l_a)) * LN2;
         if (row_b < seg_end) lse[(size_t)h * n + row_b] = (m_b + log2f(l_b)) * LN2;
@@ -437,16 +445,7 @@ __device__ void flash_dq_impl(bf16_t* dqkv, const bf16_t* dout, const bf16_t* qk
     }
 
     const float scale = rsqrtf((float)HD);
-    const int col0 = h * HD + (lane % 4) * 2;
-#pragma unroll
-    for (int j = 0; j < HD / 8; j++) {
-        if (row_a < seg_end)
-            *reinterpret_cast<uint32_t*>(dqkv + (size_t)row_a * width + col0 + j * 8) =
-                pack_bf16(dq[j][0] * scale, dq[j][1] * scale);
-        if (row_b < seg_end)
-            *reinterpret_cast<uint32_t*>(dqkv + (size_t)row_b * width + col0 + j * 8) =
-                pack_bf16(dq[j][2] * scale, dq[j][3] * scale);
-    }
+    store_acc<HD>(dqkv, width, h * HD, dq, row_a, row_b, seg_end, scale, scale, lane);
 }
 
 // ---- backward: dK, dV ------------------------------------------------------------------------
@@ -549,21 +548,8 @@ __device__ void flash_dkdv_impl(bf16_t* dqkv, const bf16_t* dout, const bf16_t* 
     }
 
     const float scale = rsqrtf((float)HD);
-    const int colk = (n_heads + kvh) * HD + (lane % 4) * 2;
-    const int colv = (n_heads + n_kv_heads + kvh) * HD + (lane % 4) * 2;
-#pragma unroll
-    for (int j = 0; j < HD / 8; j++) {
-        if (key_a < seg_end) {
-            *reinterpret_cast<uint32_t*>(dqkv + (size_t)key_a * width + colk + j * 8) =
-                pack_bf16(dk[j][0] * scale, dk[j][1] * scale);
-            *reinterpret_cast<uint32_t*>(dqkv + (size_t)key_a * width + colv + j * 8) = pack_bf16(dv[j][0], dv[j][1]);
-        }
-        if (key_b < seg_end) {
-            *reinterpret_cast<uint32_t*>(dqkv + (size_t)key_b * width + colk + j * 8) =
-                pack_bf16(dk[j][2] * scale, dk[j][3] * scale);
-            *reinterpret_cast<uint32_t*>(dqkv + (size_t)key_b * width + colv + j * 8) = pack_bf16(dv[j][2], dv[j][3]);
-        }
-    }
+    store_acc<HD>(dqkv, width, (n_heads + kvh) * HD, dk, key_a, key_b, seg_end, scale, scale, lane);
+    store_acc<HD>(dqkv, width, (n_heads + n_kv_heads + kvh) * HD, dv, key_a, key_b, seg_end, 1.0f, 1.0f, lane);
 }
 
 // ---- entries ---------------------------------------------------------------------------------
