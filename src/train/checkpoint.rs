@@ -770,9 +770,17 @@ pub fn load_weights_into<B: Backend>(dir: &Path, model: &mut Model<B>) -> Result
 
 /// Loads a checkpoint as a model sized for micro-batches of up to `max_tokens` tokens.
 pub fn load_model_with<B: Backend>(dir: &Path, backend: B, max_tokens: usize) -> Result<Model<B>> {
+    build_and_load(dir, |config| Model::new(backend, config, max_tokens))
+}
+
+/// The model `build` makes from the checkpoint's config, with the checkpoint's weights.
+fn build_and_load<B: Backend>(
+    dir: &Path,
+    build: impl FnOnce(ModelConfig) -> Result<Model<B>>,
+) -> Result<Model<B>> {
     let config = read_model_config(dir)?;
-    let mut model = Model::new(backend, config, max_tokens)
-        .with_context(|| format!("building the model of checkpoint {}", dir.display()))?;
+    let mut model =
+        build(config).with_context(|| format!("building the model of checkpoint {}", dir.display()))?;
     load_weights_into(dir, &mut model)?;
     Ok(model)
 }
@@ -786,11 +794,7 @@ pub fn load_tokenizer(dir: &Path, explicit: Option<&Path>) -> Result<ChatTokeniz
 /// Loads a checkpoint's weights into an inference-only model (no master weights, gradients or
 /// moments) for batches of up to `max_tokens` tokens.
 pub fn load_inference_model<B: Backend>(dir: &Path, backend: B, max_tokens: usize) -> Result<Model<B>> {
-    let config = read_model_config(dir)?;
-    let mut model = Model::new_inference(backend, config, max_tokens)
-        .with_context(|| format!("building the model of checkpoint {}", dir.display()))?;
-    load_weights_into(dir, &mut model)?;
-    Ok(model)
+    build_and_load(dir, |config| Model::new_inference(backend, config, max_tokens))
 }
 
 /// Loads a checkpoint for generation: inference-only, prompts fed in chunks of at most 512
