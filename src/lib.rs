@@ -4,7 +4,8 @@
 //! - [`model`]: configuration, parameters, and the forward/backward written once against
 //!   [`backend::Backend`].
 //! - [`backend`]: the op set, its CPU reference, and (with a GPU) the CUDA kernels.
-//! - [`train`]: AdamW, schedule, the training loop, evaluation, checkpoints, logs.
+//! - [`checkpoint`]: safetensors I/O, Hugging Face names/config/import, atomic run checkpoints.
+//! - [`train`]: AdamW, schedule, the training loop, evaluation, logs.
 //! - [`generate`]: sampling with a KV cache; `sft generate` and `sft chat`.
 //! - [`demo`]: the embedded default, `sft demo`.
 //! - [`bench`]: the training step's speed, `sft bench`; [`bench_attention`]: `sft bench-attention`.
@@ -12,6 +13,7 @@
 pub mod backend;
 pub mod bench;
 pub mod bench_attention;
+pub mod checkpoint;
 pub mod data;
 pub mod demo;
 pub mod generate;

@@ -28,7 +28,7 @@ enum Command {
     /// Print a checkpoint's mean masked loss on a chat file or a prepared directory.
     Eval(sft::train::cli::EvalArgs),
     /// Convert a Hugging Face Llama directory into a checkpoint (optionally adding the chat tokens).
-    Import(sft::train::import::ImportArgs),
+    Import(sft::checkpoint::import::ImportArgs),
     /// Print a checkpoint's logits at every position of a token sequence, as JSON.
     Logits(sft::generate::cli::LogitsArgs),
     /// Reply to one prompt with a checkpoint.
@@ -62,7 +62,7 @@ fn main() -> anyhow::Result<()> {
         Command::Train(args) => sft::train::cli::train(*args)?,
         Command::Eval(args) => sft::train::cli::eval(args)?,
         Command::Plot(args) => sft::train::plot::plot(args)?,
-        Command::Import(args) => sft::train::import::import(args)?,
+        Command::Import(args) => sft::checkpoint::import::import(args)?,
         Command::Logits(args) => sft::generate::cli::logits(args)?,
         Command::Generate(args) => sft::generate::cli::generate(args)?,
         Command::Chat(args) => sft::generate::cli::chat(args)?,

@@ -61,7 +61,7 @@ fn a_short_demo_learns_and_its_checkpoint_answers() {
     assert!(foreign.join("keep.txt").exists());
 
     // The trained checkpoint answers through `sft generate` and `sft chat`.
-    let ckpt = sft::train::checkpoint::latest(&out.join("run")).unwrap().expect("the run saved a checkpoint");
+    let ckpt = sft::checkpoint::latest(&out.join("run")).unwrap().expect("the run saved a checkpoint");
     let ckpt = ckpt.to_str().unwrap();
     let common =
         ["--checkpoint", ckpt, "--system", "Answer exactly.", "--temperature", "0", "--device", "cpu"];

@@ -8,12 +8,13 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use sft::backend::cpu::CpuBackend;
 use sft::backend::{RopeScaling, RopeStyle};
+use sft::checkpoint::hf::adjacent_to_half_split;
+use sft::checkpoint::import::import_hf;
+use sft::checkpoint::{self, hf_config_json, read_params, save_weights, to_hf};
 use sft::data::{prepare, ChatTokenizer, PrepareOptions, TrainOn};
 use sft::generate::cli::all_logits;
-use sft::model::params::{adjacent_to_half_split, init_params, to_hf, NamedTensor};
+use sft::model::params::{init_params, NamedTensor};
 use sft::model::ModelConfig;
-use sft::train::checkpoint::{self, hf_config_json, read_params, save_weights};
-use sft::train::import::import_hf;
 use std::path::Path;
 use std::process::Command;
 

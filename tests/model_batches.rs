@@ -6,8 +6,9 @@ mod model_util;
 
 use model_util::*;
 use sft::backend::{AdamW, RopeScaling, RopeStyle};
+use sft::checkpoint::{from_hf, to_hf};
 use sft::data::batch::Batch;
-use sft::model::{from_hf, to_hf, Model, ModelConfig, NamedTensor};
+use sft::model::{Model, ModelConfig, NamedTensor};
 
 fn model_f64(config: &ModelConfig, max_tokens: usize, seed: u64) -> Model<F64> {
     let mut model = Model::new(f64_backend(), config.clone(), max_tokens).unwrap();
@@ -332,7 +333,7 @@ fn hugging_face_conversion_round_trips() {
         let qkv = ours.iter().find(|t| t.name == "layers.0.qkv").unwrap();
         let q_rows = &qkv.data[..4 * hd * d];
         let expected_q = match config.rope_style {
-            RopeStyle::AdjacentPairs => sft::model::params::adjacent_to_half_split(q_rows, 4, hd, d),
+            RopeStyle::AdjacentPairs => sft::checkpoint::hf::adjacent_to_half_split(q_rows, 4, hd, d),
             RopeStyle::HalfSplit => q_rows.to_vec(),
         };
         assert_eq!(find("model.layers.0.self_attn.q_proj.weight").unwrap().data, expected_q);

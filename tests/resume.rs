@@ -127,8 +127,8 @@ fn kill_9_at_any_moment_leaves_a_loadable_latest_checkpoint() {
         // Wait for a first save of this round, then a little more, then SIGKILL.
         let start = std::time::Instant::now();
         let saved_step = || -> Option<u64> {
-            let dir = sft::train::checkpoint::latest(&out).ok()??;
-            Some(sft::train::checkpoint::load_trainer_state(&dir).ok()?.step)
+            let dir = sft::checkpoint::latest(&out).ok()??;
+            Some(sft::train::TrainerState::load(&dir).ok()?.step)
         };
         while saved_step().is_none_or(|s| s <= last_step) {
             assert!(start.elapsed().as_secs() < 60, "round {round}: no checkpoint after 60 s");
@@ -138,12 +138,11 @@ fn kill_9_at_any_moment_leaves_a_loadable_latest_checkpoint() {
         child.kill().unwrap();
         child.wait().unwrap();
 
-        let latest = sft::train::checkpoint::latest(&out).unwrap().expect("latest survives");
-        let state = sft::train::checkpoint::load_trainer_state(&latest).unwrap();
+        let latest = sft::checkpoint::latest(&out).unwrap().expect("latest survives");
+        let state = sft::train::TrainerState::load(&latest).unwrap();
         assert!(state.step > last_step, "round {round}: step {} after {last_step}", state.step);
-        let mut model =
-            sft::train::checkpoint::load_model_with(&latest, CpuBackend::<f32>::new(), 512).unwrap();
-        sft::train::checkpoint::load_optimizer_into(&latest, &mut model).unwrap();
+        let mut model = sft::checkpoint::load_training_model(&latest, CpuBackend::<f32>::new(), 512).unwrap();
+        sft::checkpoint::load_optimizer_into(&latest, &mut model).unwrap();
         last_step = state.step;
     }
     // And the run resumes from there.

@@ -4,10 +4,10 @@
 mod train_util;
 
 use sft::backend::cpu::CpuBackend;
+use sft::checkpoint::{self, list_checkpoints, write_safetensors, MODEL_FILE};
 use sft::data::BatchMode;
 use sft::data::TrainOn;
 use sft::model::params::NamedTensor;
-use sft::train::checkpoint::{self, list_checkpoints, write_safetensors, MODEL_FILE};
 use sft::train::cli::{eval_with, init, EvalArgs, InitArgs, SplitArg};
 use sft::train::{eval_loss, train_on, Schedule, TrainConfig};
 use std::path::Path;
@@ -47,7 +47,7 @@ fn checkpoint_round_trip_and_rotation() {
     }
 
     // Weights come back bit for bit, under Hugging Face names.
-    let loaded = checkpoint::load_model_with(&latest, CpuBackend::<f32>::new(), 256).unwrap();
+    let loaded = checkpoint::load_training_model(&latest, CpuBackend::<f32>::new(), 256).unwrap();
     assert_eq!(bits(&loaded.read_params().unwrap()), bits(&model.read_params().unwrap()));
     let names: Vec<String> = read_all(&latest.join(MODEL_FILE)).into_iter().map(|t| t.name).collect();
     assert!(names.contains(&"model.embed_tokens.weight".to_string()), "{names:?}");
@@ -59,13 +59,13 @@ fn checkpoint_round_trip_and_rotation() {
     assert_eq!(checkpoint::read_model_config(&latest).unwrap(), *model.config());
 
     // So do the optimizer moments and the trainer state.
-    let mut fresh = checkpoint::load_model_with(&latest, CpuBackend::<f32>::new(), 256).unwrap();
+    let mut fresh = checkpoint::load_training_model(&latest, CpuBackend::<f32>::new(), 256).unwrap();
     checkpoint::load_optimizer_into(&latest, &mut fresh).unwrap();
     let (m0, v0) = model.read_optimizer_state().unwrap();
     let (m1, v1) = fresh.read_optimizer_state().unwrap();
     assert_eq!(bits(&m0), bits(&m1));
     assert_eq!(bits(&v0), bits(&v1));
-    let state = checkpoint::load_trainer_state(&latest).unwrap();
+    let state = sft::train::TrainerState::load(&latest).unwrap();
     assert_eq!(state.step, 5);
     assert_eq!(state.config, cfg);
     // JSON keeps f64 to within an ulp (serde_json's default parser is not always exact).
@@ -109,7 +109,7 @@ fn load_error_after(edit: impl FnOnce(&mut Vec<NamedTensor>)) -> String {
     let mut tensors = read_all(&path);
     edit(&mut tensors);
     write_safetensors(&path, &tensors).unwrap();
-    let err = checkpoint::load_model(&ckpt, CpuBackend::<f32>::new()).map(|_| ()).unwrap_err();
+    let err = checkpoint::load_generation_model(&ckpt, CpuBackend::<f32>::new()).map(|_| ()).unwrap_err();
     format!("{err:#}")
 }
 
@@ -150,10 +150,10 @@ fn truncated_weights_file_is_an_error_not_a_panic() {
     let path = ckpt.join(MODEL_FILE);
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    let err = checkpoint::load_model(&ckpt, CpuBackend::<f32>::new()).map(|_| ()).unwrap_err();
+    let err = checkpoint::load_generation_model(&ckpt, CpuBackend::<f32>::new()).map(|_| ()).unwrap_err();
     assert!(format!("{err:#}").contains("model.safetensors"), "{err:#}");
     std::fs::remove_file(&path).unwrap();
-    let err = checkpoint::load_model(&ckpt, CpuBackend::<f32>::new()).map(|_| ()).unwrap_err();
+    let err = checkpoint::load_generation_model(&ckpt, CpuBackend::<f32>::new()).map(|_| ()).unwrap_err();
     assert!(format!("{err:#}").contains("model.safetensors"), "{err:#}");
 }
 
@@ -199,7 +199,7 @@ fn init_from_a_checkpoint_and_eval() {
         seed: 0,
     };
     let batches = sft::data::batches_in_order(&val, &lc).unwrap();
-    let mut initial = checkpoint::load_model_with(&ckpt, CpuBackend::<f32>::new(), 256).unwrap();
+    let mut initial = checkpoint::load_training_model(&ckpt, CpuBackend::<f32>::new(), 256).unwrap();
     let before = eval_loss(&mut initial, &batches).unwrap();
     let after = eval_loss(&mut model, &batches).unwrap();
     assert!(before.is_finite() && after < before, "before {before}, after {after}");

@@ -2,10 +2,10 @@
 
 use super::{generate_reply, SamplingConfig};
 use crate::backend::{Backend, Device};
+use crate::checkpoint;
 use crate::data::{ChatTokenizer, Turn, DEFAULT_SYSTEM_PROMPT};
 use crate::model::Model;
 use crate::rng::Rng;
-use crate::train::checkpoint;
 use anyhow::Result;
 use clap::Args;
 use std::io::{BufRead, Write};
@@ -61,7 +61,7 @@ impl SamplingArgs {
     }
 
     fn model<B: Backend>(&self, backend: B, tok: &ChatTokenizer) -> Result<Model<B>> {
-        let model = checkpoint::load_model(&self.checkpoint, backend)?;
+        let model = checkpoint::load_generation_model(&self.checkpoint, backend)?;
         anyhow::ensure!(
             tok.vocab_size() <= model.config().vocab_size,
             "the tokenizer has {} tokens but the model of {} only {}",

@@ -1,4 +1,5 @@
-//! The model: configuration, parameter layout, and the forward/backward orchestration.
+//! The model: configuration, the internal parameter layout, and the forward/backward
+//! orchestration written once against the backend's op trait.
 
 pub mod config;
 pub mod forward;
@@ -6,4 +7,4 @@ pub mod params;
 
 pub use config::ModelConfig;
 pub use forward::{KvCache, Model};
-pub use params::{from_hf, to_hf, NamedTensor};
+pub use params::NamedTensor;

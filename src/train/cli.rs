@@ -1,11 +1,11 @@
 //! `sft init`, `sft train` and `sft eval`.
 
 use crate::backend::Backend;
+use crate::checkpoint::{self, Checkpoint};
 use crate::data::{
     batches_from_examples, batches_in_order, read_chat_file, tokenize_conversation, BatchMode, ChatTokenizer,
     Dataset, LoaderConfig, Split, TrainOn,
 };
-use crate::train::checkpoint;
 use crate::train::config::{Device, TrainConfig};
 use crate::train::trainer::{self, eval_loss, resolve_model_config};
 use anyhow::{bail, Context, Result};
@@ -234,8 +234,8 @@ pub struct EvalReport {
 /// `sft eval` on a given backend.
 pub fn eval_with<B: Backend>(backend: B, args: &EvalArgs) -> Result<EvalReport> {
     anyhow::ensure!(args.micro_batch > 0, "--micro-batch must be at least 1");
-    let config = checkpoint::read_model_config(&args.checkpoint)?;
-    let max_seq_len = args.max_seq_len.unwrap_or(config.max_seq_len);
+    let ckpt = Checkpoint::open(&args.checkpoint)?;
+    let max_seq_len = args.max_seq_len.unwrap_or(ckpt.config().max_seq_len);
     let loader_config = LoaderConfig {
         batch_size: args.micro_batch,
         max_seq_len,
@@ -269,8 +269,7 @@ pub fn eval_with<B: Backend>(backend: B, args: &EvalArgs) -> Result<EvalReport> 
         }
         batches_from_examples(&examples, tok.pad_id(), &loader_config)?
     };
-    let mut model =
-        checkpoint::load_inference_model(&args.checkpoint, backend, args.micro_batch * max_seq_len)?;
+    let mut model = ckpt.inference_model(backend, args.micro_batch * max_seq_len)?;
     let loss = eval_loss(&mut model, &batches)?;
     let supervised_tokens = batches.iter().map(|b| b.n_supervised()).sum();
     Ok(EvalReport { loss, supervised_tokens, batches: batches.len() })

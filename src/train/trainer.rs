@@ -16,6 +16,7 @@
 //! uninterrupted one bit for bit.
 
 use crate::backend::{profile, AdamW, Backend};
+use crate::checkpoint;
 use crate::data::{
     batches_in_order, Batch, ChatTokenizer, Dataset, Loader, LoaderConfig, LoaderState, NoSupervisedTokens,
     Split, DEFAULT_SYSTEM_PROMPT,
@@ -24,10 +25,10 @@ use crate::generate::{generate_reply, SamplingConfig};
 use crate::model::config::ModelConfig;
 use crate::model::Model;
 use crate::rng::Rng;
-use crate::train::checkpoint::{self, TrainerState};
 use crate::train::config::TrainConfig;
 use crate::train::log::{CsvLog, LogRow};
 use crate::train::schedule::Schedule;
+use crate::train::state::TrainerState;
 use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
@@ -276,15 +277,14 @@ pub fn train_with<B: Backend>(
         ),
         (false, None) => None,
     };
-    let resumed: Option<TrainerState> =
-        resume_dir.as_deref().map(checkpoint::load_trainer_state).transpose()?;
+    let resumed: Option<TrainerState> = resume_dir.as_deref().map(TrainerState::load).transpose()?;
     if let Some(state) = &resumed {
         warn_about_changes(&state.config, cfg);
     }
     if let (None, Some(dir)) = (&resume_dir, &cfg.init_from) {
         // Before the data's tokenizer: a pretrained model's lacks the chat tokens, and this
         // error says how to add them.
-        crate::train::import::check_init_tokenizer(dir)?;
+        checkpoint::import::check_init_tokenizer(dir)?;
     }
     let tokenizer_path = cfg.tokenizer_path();
     let tokenizer = ChatTokenizer::from_file(&tokenizer_path)
@@ -511,8 +511,14 @@ pub fn train_with<B: Backend>(
 
         // ---- checkpoint ------------------------------------------------------------------------
         if (cfg.save_every > 0 && done.is_multiple_of(cfg.save_every)) || done == end_step {
-            let dir =
-                checkpoint::save(&cfg.out_dir, &model, &state, Some(&tokenizer_path), cfg.keep_checkpoints)?;
+            let dir = checkpoint::save(
+                &cfg.out_dir,
+                &model,
+                state.step,
+                &state,
+                Some(&tokenizer_path),
+                cfg.keep_checkpoints,
+            )?;
             report.checkpoint = Some(dir);
             // The curves so far, beside the log; a plot that fails never stops training.
             if let Err(e) = super::plot::plot_log(&cfg.out_dir.join("log.csv"), None, false) {

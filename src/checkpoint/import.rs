@@ -7,11 +7,11 @@
 //! tokens the tokenizer already had: a common choice that keeps the new tokens' first logits
 //! and embeddings in the range of the model's real ones instead of at an arbitrary point.
 
+use crate::checkpoint::{self, Checkpoint, TokenizerSource, TOKENIZER_FILE};
 use crate::data::tokenizer::missing_chat_tokens;
 use crate::data::ChatTokenizer;
 use crate::model::config::ModelConfig;
 use crate::model::params::NamedTensor;
-use crate::train::checkpoint::{self, TokenizerSource, TOKENIZER_FILE};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -63,9 +63,10 @@ pub fn import(args: ImportArgs) -> Result<()> {
 /// The RoPE convention is kept: a Hugging Face checkpoint imports as a half-split model.
 pub fn import_hf(from: &Path, out: &Path, add_chat_tokens: bool) -> Result<ImportReport> {
     ensure!(!out.exists(), "{} already exists: choose a new directory", out.display());
-    let mut config = checkpoint::read_model_config(from)?;
+    let source = Checkpoint::open(from)?;
+    let mut params = source.read_params()?;
+    let mut config = source.config().clone();
     let old_vocab_size = config.vocab_size;
-    let mut params = checkpoint::read_params(from, &config)?;
     let tok_path = from.join(TOKENIZER_FILE);
     if !add_chat_tokens {
         let tokenizer = tok_path.is_file().then_some(TokenizerSource::File(&tok_path));

@@ -1,0 +1,356 @@
+//! A training run's checkpoints: atomic saves, pruning to the newest few, `latest`, and loading
+//! a checkpoint back into a model.
+//!
+//! A save writes `step-N.tmp/`, fsyncs every file and the directory, renames it to `step-N/`,
+//! and only then points `latest` at it (temp file + rename). A kill at any moment leaves `latest`
+//! naming a complete checkpoint; leftover `*.tmp` directories are never read. The weights on
+//! disk are the f32 master weights, so resuming reproduces the run bit for bit.
+//!
+//! The trainer's own state is saved as the JSON of whatever `Serialize` value it passes, so this
+//! module knows nothing of the trainer.
+
+use super::fsync::{fsync_dir, fsync_file, write_file_synced};
+use super::hf::{read_params, to_hf};
+use super::hf_config::{hf_config_json, read_model_config, token_ids_from_tokenizer_json};
+use super::safetensors::{read_safetensors, write_safetensors};
+use super::{CONFIG_FILE, LATEST_FILE, MODEL_FILE, OPTIMIZER_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE};
+use crate::backend::Backend;
+use crate::data::ChatTokenizer;
+use crate::model::config::ModelConfig;
+use crate::model::params::{param_specs, NamedTensor};
+use crate::model::Model;
+use anyhow::{ensure, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+// ---- writing --------------------------------------------------------------------------------
+
+/// The tokenizer a checkpoint gets: a file to copy, or the JSON text of one.
+#[derive(Clone, Copy, Debug)]
+pub enum TokenizerSource<'a> {
+    File(&'a Path),
+    Json(&'a str),
+}
+
+/// Writes the weights (internal tensors `params`), config.json and (when given) the tokenizer
+/// into `dir`, which must exist.
+fn write_weights(
+    dir: &Path,
+    config: &ModelConfig,
+    params: &[NamedTensor],
+    tokenizer: Option<TokenizerSource>,
+) -> Result<()> {
+    write_safetensors(&dir.join(MODEL_FILE), &to_hf(config, params))?;
+    let mut json = hf_config_json(config);
+    let dst = dir.join(TOKENIZER_FILE);
+    match tokenizer {
+        None => {}
+        Some(TokenizerSource::File(tok)) => {
+            std::fs::copy(tok, &dst)
+                .with_context(|| format!("copying tokenizer {} to {}", tok.display(), dst.display()))?;
+            fsync_file(&dst)?;
+        }
+        Some(TokenizerSource::Json(text)) => write_file_synced(&dst, text.as_bytes())?,
+    }
+    if tokenizer.is_some() {
+        let text = std::fs::read_to_string(&dst).with_context(|| format!("reading {}", dst.display()))?;
+        let obj = json.as_object_mut().expect("hf_config_json is an object");
+        obj.extend(token_ids_from_tokenizer_json(&text));
+    }
+    write_file_synced(&dir.join(CONFIG_FILE), serde_json::to_string_pretty(&json)?.as_bytes())
+}
+
+fn optimizer_tensors<B: Backend>(model: &Model<B>) -> Result<Vec<NamedTensor>> {
+    let (m, v) = model.read_optimizer_state()?;
+    let prefixed = |prefix: &str, ts: Vec<NamedTensor>| {
+        ts.into_iter()
+            .map(move |t| NamedTensor { name: format!("{prefix}.{}", t.name), ..t })
+            .collect::<Vec<_>>()
+    };
+    let mut all = prefixed("m", m);
+    all.extend(prefixed("v", v));
+    Ok(all)
+}
+
+/// Writes a weights-only checkpoint (`sft init`) from internal tensors: `dir` must not exist
+/// yet. Atomic like [`save`].
+pub fn save_weights(
+    dir: &Path,
+    config: &ModelConfig,
+    params: &[NamedTensor],
+    tokenizer: Option<&Path>,
+) -> Result<()> {
+    save_weights_with(dir, config, params, tokenizer.map(TokenizerSource::File))
+}
+
+/// [`save_weights`] with the tokenizer given as a file or as JSON text.
+pub fn save_weights_with(
+    dir: &Path,
+    config: &ModelConfig,
+    params: &[NamedTensor],
+    tokenizer: Option<TokenizerSource>,
+) -> Result<()> {
+    ensure!(!dir.exists(), "{} already exists: choose a new directory", dir.display());
+    let tmp = tmp_sibling(dir)?;
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    write_weights(&tmp, config, params, tokenizer)?;
+    fsync_dir(&tmp)?;
+    std::fs::rename(&tmp, dir).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+    fsync_dir(dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
+}
+
+fn tmp_sibling(dir: &Path) -> Result<PathBuf> {
+    let name = dir.file_name().with_context(|| format!("{} has no directory name", dir.display()))?;
+    Ok(dir.with_file_name(format!("{}.tmp", name.to_string_lossy())))
+}
+
+/// The directory name of the checkpoint after `step` optimizer steps.
+pub fn step_dir_name(step: u64) -> String {
+    format!("step-{step}")
+}
+
+/// Saves a full training checkpoint after `step` optimizer steps as `out_dir/step-N/` (weights,
+/// AdamW moments, `state` as `trainer_state.json`) and points `latest` at it, then keeps only the
+/// newest `keep` checkpoints (0 = all). Returns the checkpoint directory.
+pub fn save<B: Backend, S: Serialize>(
+    out_dir: &Path,
+    model: &Model<B>,
+    step: u64,
+    state: &S,
+    tokenizer: Option<&Path>,
+    keep: usize,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let name = step_dir_name(step);
+    let dir = out_dir.join(&name);
+    let tmp = out_dir.join(format!("{name}.tmp"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+    }
+    std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    write_weights(&tmp, model.config(), &model.read_params()?, tokenizer.map(TokenizerSource::File))?;
+    write_safetensors(&tmp.join(OPTIMIZER_FILE), &optimizer_tensors(model)?)?;
+    write_file_synced(&tmp.join(TRAINER_STATE_FILE), serde_json::to_string_pretty(state)?.as_bytes())?;
+    fsync_dir(&tmp)?;
+    if dir.exists() {
+        // A complete save of this step that `latest` never pointed at (the run died between the
+        // two renames): the run that follows `latest` supersedes it.
+        ensure!(
+            latest_name(out_dir)?.as_deref() != Some(name.as_str()),
+            "{} is the latest checkpoint already",
+            dir.display()
+        );
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing stale {}", dir.display()))?;
+    }
+    std::fs::rename(&tmp, &dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+    fsync_dir(out_dir)?;
+    let latest_tmp = out_dir.join(format!("{LATEST_FILE}.tmp"));
+    write_file_synced(&latest_tmp, format!("{name}\n").as_bytes())?;
+    let latest = out_dir.join(LATEST_FILE);
+    std::fs::rename(&latest_tmp, &latest).with_context(|| format!("replacing {}", latest.display()))?;
+    fsync_dir(out_dir)?;
+    prune(out_dir, keep, step)?;
+    Ok(dir)
+}
+
+/// Complete checkpoints in `out_dir`, oldest first, as (step, dir).
+pub fn list_checkpoints(out_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut found = Vec::new();
+    let entries = std::fs::read_dir(out_dir).with_context(|| format!("listing {}", out_dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", out_dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+            if entry.path().is_dir() {
+                found.push((step, entry.path()));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+fn prune(out_dir: &Path, keep: usize, current: u64) -> Result<()> {
+    if keep == 0 {
+        return Ok(());
+    }
+    let all = list_checkpoints(out_dir)?;
+    let n_old = all.len().saturating_sub(keep);
+    for (step, dir) in all.into_iter().take(n_old) {
+        if step != current {
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("removing old checkpoint {}", dir.display()))?;
+        }
+    }
+    Ok(())
+}
+
+// ---- reading --------------------------------------------------------------------------------
+
+fn latest_name(out_dir: &Path) -> Result<Option<String>> {
+    let path = out_dir.join(LATEST_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(text.trim().to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// The checkpoint `out_dir/latest` points at, if any.
+pub fn latest(out_dir: &Path) -> Result<Option<PathBuf>> {
+    let Some(name) = latest_name(out_dir)? else { return Ok(None) };
+    ensure!(
+        !name.is_empty() && !name.contains('/') && !name.ends_with(".tmp"),
+        "{}: bad checkpoint name {name:?}",
+        out_dir.join(LATEST_FILE).display()
+    );
+    let dir = out_dir.join(&name);
+    ensure!(dir.is_dir(), "{} points at {name}, which does not exist", out_dir.join(LATEST_FILE).display());
+    Ok(Some(dir))
+}
+
+/// A checkpoint directory opened for loading: its `config.json` is parsed once, here, and every
+/// load below uses that parse.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    dir: PathBuf,
+    config: ModelConfig,
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        Ok(Checkpoint { dir: dir.to_path_buf(), config: read_model_config(dir)? })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The model config the checkpoint was saved with.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The checkpoint's weights as internal tensors.
+    pub fn read_params(&self) -> Result<Vec<NamedTensor>> {
+        read_params(&self.dir, &self.config)
+    }
+
+    /// Loads the weights into `model`, checking that the checkpoint's config matches the
+    /// model's (dropout aside: that is a training choice, not part of the weights).
+    pub fn load_weights_into<B: Backend>(&self, model: &mut Model<B>) -> Result<()> {
+        let ours = model.config();
+        ensure!(
+            ModelConfig { dropout: ours.dropout, ..self.config.clone() } == *ours,
+            "{}: the checkpoint's model config {:?} differs from the model's {ours:?}",
+            self.dir.join(CONFIG_FILE).display(),
+            self.config
+        );
+        let params = self.read_params()?;
+        model.take_params(params).with_context(|| format!("loading the weights of {}", self.dir.display()))
+    }
+
+    /// A training model (master weights, gradients, AdamW moments) for micro-batches of up to
+    /// `max_tokens` tokens, holding the checkpoint's weights.
+    pub fn training_model<B: Backend>(&self, backend: B, max_tokens: usize) -> Result<Model<B>> {
+        self.build_and_load(|config| Model::new(backend, config, max_tokens))
+    }
+
+    /// An inference-only model (no master weights, gradients or moments) for batches of up to
+    /// `max_tokens` tokens, holding the checkpoint's weights.
+    pub fn inference_model<B: Backend>(&self, backend: B, max_tokens: usize) -> Result<Model<B>> {
+        self.build_and_load(|config| Model::new_inference(backend, config, max_tokens))
+    }
+
+    /// An inference-only model for generation: prompts are fed in chunks of at most 512 tokens
+    /// (or the model's max_seq_len when shorter).
+    pub fn generation_model<B: Backend>(&self, backend: B) -> Result<Model<B>> {
+        self.inference_model(backend, self.config.max_seq_len.min(512))
+    }
+
+    /// The model `build` makes from the checkpoint's config, with the checkpoint's weights.
+    fn build_and_load<B: Backend>(
+        &self,
+        build: impl FnOnce(ModelConfig) -> Result<Model<B>>,
+    ) -> Result<Model<B>> {
+        let mut model = build(self.config.clone())
+            .with_context(|| format!("building the model of checkpoint {}", self.dir.display()))?;
+        self.load_weights_into(&mut model)?;
+        Ok(model)
+    }
+}
+
+/// [`Checkpoint::load_weights_into`] of the checkpoint in `dir`.
+pub fn load_weights_into<B: Backend>(dir: &Path, model: &mut Model<B>) -> Result<()> {
+    Checkpoint::open(dir)?.load_weights_into(model)
+}
+
+/// [`Checkpoint::training_model`] of the checkpoint in `dir`.
+pub fn load_training_model<B: Backend>(dir: &Path, backend: B, max_tokens: usize) -> Result<Model<B>> {
+    Checkpoint::open(dir)?.training_model(backend, max_tokens)
+}
+
+/// [`Checkpoint::inference_model`] of the checkpoint in `dir`.
+pub fn load_inference_model<B: Backend>(dir: &Path, backend: B, max_tokens: usize) -> Result<Model<B>> {
+    Checkpoint::open(dir)?.inference_model(backend, max_tokens)
+}
+
+/// [`Checkpoint::generation_model`] of the checkpoint in `dir`.
+pub fn load_generation_model<B: Backend>(dir: &Path, backend: B) -> Result<Model<B>> {
+    Checkpoint::open(dir)?.generation_model(backend)
+}
+
+/// The tokenizer at `explicit` when given, else the checkpoint's own `tokenizer.json`.
+pub fn load_tokenizer(dir: &Path, explicit: Option<&Path>) -> Result<ChatTokenizer> {
+    let path = explicit.map_or_else(|| dir.join(TOKENIZER_FILE), Path::to_path_buf);
+    ChatTokenizer::from_file(&path).with_context(|| format!("loading the tokenizer {}", path.display()))
+}
+
+/// Loads the AdamW moments saved by [`save`] into `model`.
+pub fn load_optimizer_into<B: Backend>(dir: &Path, model: &mut Model<B>) -> Result<()> {
+    let path = dir.join(OPTIMIZER_FILE);
+    let params: Vec<(String, Vec<usize>)> =
+        param_specs(model.config()).into_iter().map(|s| (s.name, s.shape)).collect();
+    let mut expected: Vec<(String, Vec<usize>)> =
+        params.iter().map(|(n, s)| (format!("m.{n}"), s.clone())).collect();
+    expected.extend(params.iter().map(|(n, s)| (format!("v.{n}"), s.clone())));
+    let mut tensors = read_safetensors(&path, &expected)?;
+    let v = tensors.split_off(params.len());
+    let strip = |ts: Vec<NamedTensor>| -> Vec<NamedTensor> {
+        ts.into_iter().map(|t| NamedTensor { name: t.name[2..].to_string(), ..t }).collect()
+    };
+    model
+        .write_optimizer_state(&strip(tensors), &strip(v))
+        .with_context(|| format!("loading {}", path.display()))
+}
+
+/// The trainer state [`save`] wrote into the checkpoint `dir`.
+pub fn load_run_state<S: DeserializeOwned>(dir: &Path) -> Result<S> {
+    let path = dir.join(TRAINER_STATE_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latest_pointer_must_name_an_existing_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(latest(dir.path()).unwrap(), None);
+        std::fs::write(dir.path().join(LATEST_FILE), "step-3\n").unwrap();
+        let err = latest(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("step-3, which does not exist"), "{err}");
+        std::fs::create_dir(dir.path().join("step-3")).unwrap();
+        std::fs::create_dir(dir.path().join("step-4.tmp")).unwrap();
+        assert_eq!(latest(dir.path()).unwrap(), Some(dir.path().join("step-3")));
+        let listed: Vec<u64> = list_checkpoints(dir.path()).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(listed, vec![3]);
+    }
+}

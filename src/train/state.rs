@@ -1,0 +1,43 @@
+//! What a training run saves beside the weights to resume where it stopped.
+
+use crate::checkpoint;
+use crate::data::LoaderState;
+use crate::rng::Rng;
+use crate::train::config::TrainConfig;
+use crate::train::schedule::Schedule;
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Where a training run stands, saved beside the weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub step: u64,
+    pub epoch: u64,
+    /// The data position of the next micro-batch.
+    pub loader: LoaderState,
+    /// The dropout stream. It is counter-based: the seed of micro-batch `m` of step `s` is a
+    /// pure function of this stream, `s` and `m`, so the stream itself never advances.
+    pub rng: Rng,
+    /// Non-pad input tokens and supervised targets processed so far.
+    pub tokens_seen: u64,
+    pub supervised_tokens_seen: u64,
+    /// Micro-batches skipped because none of their targets was supervised.
+    pub skipped_batches: u64,
+    /// Wall-clock seconds of training so far (the log's time column continues from here).
+    pub elapsed_s: f64,
+    pub schedule: Schedule,
+    /// The learning rate of the last step.
+    pub lr: f64,
+    pub last_train_loss: Option<f64>,
+    pub last_val_loss: Option<f64>,
+    pub config: TrainConfig,
+}
+
+impl TrainerState {
+    /// The state saved in the checkpoint `dir` (its `trainer_state.json`).
+    pub fn load(dir: &Path) -> Result<TrainerState> {
+        checkpoint::load_run_state(dir)
+    }
+}
