@@ -459,7 +459,7 @@ fn import_adds_chat_tokens_then_trains_and_exports() {
     cfg.save_every = 0;
     cfg.dropout = None;
     cfg.init_from = Some(hf_dir.clone());
-    let err = format!("{:#}", sft::train::train(&cfg).unwrap_err());
+    let err = format!("{:#}", sft::train::cli::train_on_device(&cfg).unwrap_err());
     assert!(
         err.contains("<SOU>")
             && err.contains("<PAD>")
@@ -471,7 +471,7 @@ fn import_adds_chat_tokens_then_trains_and_exports() {
     // From the import, it trains.
     cfg.init_from = Some(out.clone());
     cfg.out_dir = root.path().join("run");
-    let report = sft::train::train(&cfg).unwrap();
+    let report = sft::train::cli::train_on_device(&cfg).unwrap();
     assert_eq!(report.steps, 2);
     assert!(report.final_train_loss.is_finite());
     let trained = report.checkpoint.expect("the run saves at its end");

@@ -42,9 +42,9 @@ fn unusable_devices_are_refused_clearly() {
     // Without a GPU (CI), `cuda` says why it cannot open one; with one, the run gets as far as
     // the (missing) data.
     let cfg = TrainConfig { data: "d".into(), device: "cuda".into(), ..TrainConfig::default() };
-    let err = format!("{:#}", sft::train::train(&cfg).unwrap_err());
+    let err = format!("{:#}", sft::train::cli::train_on_device(&cfg).unwrap_err());
     assert!(err.contains("CUDA") || err.contains("d/tokenizer.json"), "{err}");
     let cfg = TrainConfig { device: "tpu".into(), ..cfg };
-    let err = sft::train::train(&cfg).unwrap_err().to_string();
+    let err = sft::train::cli::train_on_device(&cfg).unwrap_err().to_string();
     assert!(err.contains("unknown device \"tpu\""), "{err}");
 }

@@ -4,10 +4,13 @@ use crate::backend::Backend;
 use crate::checkpoint::{self, Checkpoint};
 use crate::data::{
     batches_from_examples, batches_in_order, read_chat_file, tokenize_conversation, BatchMode, ChatTokenizer,
-    Dataset, LoaderConfig, Split, TrainOn,
+    Dataset, LoaderConfig, Split, TrainOn, DEFAULT_SYSTEM_PROMPT,
 };
+use crate::generate::{generate_reply, SamplingConfig};
+use crate::model::Model;
+use crate::rng::Rng;
 use crate::train::config::{Device, TrainConfig};
-use crate::train::trainer::{self, eval_loss, resolve_model_config};
+use crate::train::trainer::{eval_loss, resolve_model_config, train_with, TrainReport};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -164,7 +167,7 @@ impl TrainArgs {
 /// Trains as the config file and flags say, then prints a summary.
 pub fn train(args: TrainArgs) -> Result<()> {
     let cfg = args.to_config()?;
-    let report = trainer::train(&cfg)?;
+    let report = train_on_device(&cfg)?;
     println!(
         "done: {} steps, train loss {:.4}, val loss {}, {:.0} tokens/s{}",
         report.steps,
@@ -174,6 +177,23 @@ pub fn train(args: TrainArgs) -> Result<()> {
         report.checkpoint.map_or(String::new(), |d| format!(", saved {}", d.display()))
     );
     Ok(())
+}
+
+/// Stream id of the sample replies' sampling, apart from the other uses of the seed.
+const SAMPLE_STREAM: u64 = 0x5A3F;
+
+/// Trains on the configured device, printing sample replies at growing intervals. The sample
+/// replies are wired here, where training and generation are both visible.
+pub fn train_on_device(cfg: &TrainConfig) -> Result<TrainReport> {
+    cfg.validate()?;
+    crate::with_backend!(cfg.device_kind()?, |backend| {
+        let sampling = SamplingConfig { max_new_tokens: 64, ..SamplingConfig::default() };
+        let mut rng = Rng::new(cfg.seed).fork(SAMPLE_STREAM);
+        let mut sampler = |model: &mut Model<_>, tok: &ChatTokenizer, prompt: &str| {
+            generate_reply(model, tok, DEFAULT_SYSTEM_PROMPT, &[], prompt, &sampling, &mut rng)
+        };
+        Ok(train_with(backend, cfg, Some(&mut sampler))?.1)
+    })
 }
 
 #[derive(Args, Debug)]

@@ -12,4 +12,4 @@ pub mod trainer;
 pub use config::TrainConfig;
 pub use schedule::Schedule;
 pub use state::TrainerState;
-pub use trainer::{eval_loss, train, train_on, train_with, TrainReport};
+pub use trainer::{eval_loss, train_on, train_with, Sampler, TrainReport};

@@ -19,9 +19,8 @@ use crate::backend::{profile, AdamW, Backend};
 use crate::checkpoint;
 use crate::data::{
     batches_in_order, Batch, ChatTokenizer, Dataset, Loader, LoaderConfig, LoaderState, NoSupervisedTokens,
-    Split, DEFAULT_SYSTEM_PROMPT,
+    Split,
 };
-use crate::generate::{generate_reply, SamplingConfig};
 use crate::model::config::ModelConfig;
 use crate::model::Model;
 use crate::rng::Rng;
@@ -148,19 +147,6 @@ fn next_micro_batches(loader: &mut Loader, grad_accum: usize, skipped: &mut u64)
     Ok(batches)
 }
 
-/// Trains on the configured device, printing sample replies at growing intervals.
-pub fn train(cfg: &TrainConfig) -> Result<TrainReport> {
-    cfg.validate()?;
-    crate::with_backend!(cfg.device_kind()?, |backend| {
-        let sampling = SamplingConfig { max_new_tokens: 64, ..SamplingConfig::default() };
-        let mut rng = Rng::new(cfg.seed).fork(SAMPLE_STREAM);
-        let mut sampler = |model: &mut Model<_>, tok: &ChatTokenizer, prompt: &str| {
-            generate_reply(model, tok, DEFAULT_SYSTEM_PROMPT, &[], prompt, &sampling, &mut rng)
-        };
-        Ok(train_with(backend, cfg, Some(&mut sampler))?.1)
-    })
-}
-
 /// Trains with `backend` (sample generations: see [`train_with`]).
 pub fn train_on<B: Backend>(backend: B, cfg: &TrainConfig) -> Result<(Model<B>, TrainReport)> {
     train_with(backend, cfg, None)
@@ -201,8 +187,6 @@ fn dropout_seed(stream: &Rng, step: u64, micro: usize) -> u64 {
 
 /// Stream id of the dropout masks, apart from the other uses of the seed.
 const DROPOUT_STREAM: u64 = 0xD809;
-/// Stream id of the sample replies' sampling.
-const SAMPLE_STREAM: u64 = 0x5A3F;
 
 /// Progress output: a bar on a terminal, else a plain line every `log_every` steps.
 enum Progress {
