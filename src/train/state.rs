@@ -2,7 +2,6 @@
 
 use crate::checkpoint;
 use crate::data::LoaderState;
-use crate::rng::Rng;
 use crate::train::config::TrainConfig;
 use crate::train::schedule::Schedule;
 use anyhow::Result;
@@ -17,9 +16,6 @@ pub struct TrainerState {
     pub epoch: u64,
     /// The data position of the next micro-batch.
     pub loader: LoaderState,
-    /// The dropout stream. It is counter-based: the seed of micro-batch `m` of step `s` is a
-    /// pure function of this stream, `s` and `m`, so the stream itself never advances.
-    pub rng: Rng,
     /// Non-pad input tokens and supervised targets processed so far.
     pub tokens_seen: u64,
     pub supervised_tokens_seen: u64,

@@ -8,15 +8,17 @@
 //! 3. clip: the global gradient norm, and `grad_scale = min(1, clip / norm)`;
 //! 4. one AdamW step at the schedule's learning rate.
 //!
-//! [`train_with`] is the rest: where the run starts (fresh, `init_from`, `resume`), the data,
-//! then per step: micro-batches, the step, evaluation, the log, samples and checkpoints.
+//! [`train_with`] is the rest, in three parts: `start_run` (fresh, `init_from` or `resume`: the
+//! model config and tokenizer), `plan_data` (loader, steps, evaluation batches, schedule), then
+//! the loop: per step, micro-batches, the step, evaluation, the log, samples and checkpoints.
+//! Sample replies come through a [`Sampler`] hook, so training does not depend on generation.
 //!
 //! Everything random is a pure function of the seed and a position (the data order of an
 //! epoch, the dropout mask of micro-batch `m` of step `s`), so a resumed run repeats an
 //! uninterrupted one bit for bit.
 
 use crate::backend::{profile, AdamW, Backend};
-use crate::checkpoint;
+use crate::checkpoint::{self, Checkpoint};
 use crate::data::{
     batches_in_order, Batch, ChatTokenizer, Dataset, Loader, LoaderConfig, LoaderState, NoSupervisedTokens,
     Split,
@@ -236,18 +238,22 @@ impl Progress {
     }
 }
 
-/// Trains with `backend`; `sampler` (when given, and when `cfg.samples` is not empty) prints
-/// sample replies at steps `sample_every` × 1, 2, 4, 8, ...
-pub fn train_with<B: Backend>(
-    backend: B,
-    cfg: &TrainConfig,
-    mut sampler: Option<&mut Sampler<'_, B>>,
-) -> Result<(Model<B>, TrainReport)> {
-    cfg.validate()?;
+/// Where a run starts: fresh, from a checkpoint's weights (`init_from`), or resumed.
+struct RunStart {
+    /// The checkpoint the run resumes from, with the state saved there.
+    resumed: Option<(PathBuf, TrainerState)>,
+    /// The checkpoint whose weights the model starts from (the resumed one, or `init_from`).
+    weights: Option<Checkpoint>,
+    tokenizer_path: PathBuf,
+    tokenizer: ChatTokenizer,
+    model_config: ModelConfig,
+    max_seq_len: usize,
+}
 
-    // ---- where the run starts: fresh, from a checkpoint's weights, or resumed ----------------
-    let resume_dir = checkpoint::latest(&cfg.out_dir)?;
-    let resume_dir = match (cfg.resume, resume_dir) {
+/// Decides where the run starts and with which model config and tokenizer; checks that they fit
+/// together before any data is read.
+fn start_run(cfg: &TrainConfig) -> Result<RunStart> {
+    let resume_dir = match (cfg.resume, checkpoint::latest(&cfg.out_dir)?) {
         (true, Some(dir)) => Some(dir),
         (true, None) => bail!(
             "--resume: {} holds no checkpoint (no `{}` file)",
@@ -261,11 +267,15 @@ pub fn train_with<B: Backend>(
         ),
         (false, None) => None,
     };
-    let resumed: Option<TrainerState> = resume_dir.as_deref().map(TrainerState::load).transpose()?;
-    if let Some(state) = &resumed {
-        warn_about_changes(&state.config, cfg);
-    }
-    if let (None, Some(dir)) = (&resume_dir, &cfg.init_from) {
+    let resumed = match resume_dir {
+        Some(dir) => {
+            let state = TrainerState::load(&dir)?;
+            warn_about_changes(&state.config, cfg);
+            Some((dir, state))
+        }
+        None => None,
+    };
+    if let (None, Some(dir)) = (&resumed, &cfg.init_from) {
         // Before the data's tokenizer: a pretrained model's lacks the chat tokens, and this
         // error says how to add them.
         checkpoint::import::check_init_tokenizer(dir)?;
@@ -273,9 +283,10 @@ pub fn train_with<B: Backend>(
     let tokenizer_path = cfg.tokenizer_path();
     let tokenizer = ChatTokenizer::from_file(&tokenizer_path)
         .with_context(|| format!("loading the tokenizer {}", tokenizer_path.display()))?;
-    let weights_from = resume_dir.clone().or_else(|| cfg.init_from.clone());
-    let mut model_config = match &weights_from {
-        Some(dir) => checkpoint::read_model_config(dir)?,
+    let weights_from = resumed.as_ref().map(|(dir, _)| dir.as_path()).or(cfg.init_from.as_deref());
+    let weights = weights_from.map(Checkpoint::open).transpose()?;
+    let mut model_config = match &weights {
+        Some(ckpt) => ckpt.config().clone(),
         None => resolve_model_config(&cfg.model, tokenizer.vocab_size())?,
     };
     if let Some(p) = cfg.dropout {
@@ -294,8 +305,57 @@ pub fn train_with<B: Backend>(
         "max_seq_len {max_seq_len} exceeds the model's max_seq_len {}",
         model_config.max_seq_len
     );
+    Ok(RunStart { resumed, weights, tokenizer_path, tokenizer, model_config, max_seq_len })
+}
 
-    // ---- data ------------------------------------------------------------------------------
+/// The data side of a run: the training loader, how many steps there are, the evaluation
+/// batches and the learning-rate schedule.
+struct DataPlan {
+    loader: Loader,
+    /// Optimizer steps in the first epoch.
+    steps_per_epoch: u64,
+    /// The step the run stops after (max_steps, else every epoch's steps).
+    end_step: u64,
+    schedule: Schedule,
+    val: Validation,
+}
+
+/// The validation batches: a quick evaluation every `eval_every` steps, a full pass at each
+/// epoch's end.
+struct Validation {
+    /// The whole validation split.
+    full: Vec<Batch>,
+    /// Its first `eval_batches`.
+    quick: Vec<Batch>,
+    /// Whether the quick and the full batches hold a supervised target at all.
+    quick_supervised: bool,
+    full_supervised: bool,
+}
+
+impl Validation {
+    /// The validation loss after step `done` (1-based) of `end_step`, when one is due: the full
+    /// split at an epoch's end, the quick batches every `eval_every` steps and after the last step.
+    fn loss_after<B: Backend>(
+        &self,
+        model: &mut Model<B>,
+        cfg: &TrainConfig,
+        done: u64,
+        end_step: u64,
+        epoch_end: bool,
+    ) -> Result<Option<f64>> {
+        if !self.full_supervised {
+            Ok(None)
+        } else if epoch_end {
+            eval_loss(model, &self.full).map(Some)
+        } else if (cfg.eval_every > 0 && done.is_multiple_of(cfg.eval_every)) || done == end_step {
+            self.quick_supervised.then(|| eval_loss(model, &self.quick)).transpose()
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+fn plan_data(cfg: &TrainConfig, tokenizer: &ChatTokenizer, max_seq_len: usize) -> Result<DataPlan> {
     let loader_config = LoaderConfig {
         batch_size: cfg.micro_batch,
         max_seq_len,
@@ -315,7 +375,7 @@ pub fn train_with<B: Backend>(
             );
         }
     }
-    let mut loader = Loader::new(train_set.clone(), loader_config.clone())?;
+    let loader = Loader::new(train_set.clone(), loader_config.clone())?;
     // Packed batches per epoch depend on the epoch's shuffle: count every epoch's steps (only
     // the first one when max_steps and schedule_steps make the count unnecessary).
     let count_epochs =
@@ -333,37 +393,53 @@ pub fn train_with<B: Backend>(
         );
         epoch_steps.push((batches / cfg.grad_accum) as u64);
     }
-    let steps_per_epoch = epoch_steps[0];
     let epochs_steps: u64 = epoch_steps.iter().take(cfg.epochs as usize).sum();
     let val_set = Dataset::open(&cfg.data, Split::Val)?;
     let full_val: Vec<Batch> =
         if !val_set.is_empty() { batches_in_order(&val_set, &loader_config)? } else { vec![] };
     let quick_val: Vec<Batch> = full_val.iter().take(cfg.eval_batches).cloned().collect();
-    let has_val = full_val.iter().any(|b| b.n_supervised() > 0);
+    Ok(DataPlan {
+        loader,
+        steps_per_epoch: epoch_steps[0],
+        end_step: cfg.max_steps.unwrap_or(epochs_steps),
+        schedule: Schedule {
+            max_lr: cfg.max_lr,
+            min_lr: cfg.min_lr,
+            warmup_steps: cfg.warmup_steps,
+            total_steps: cfg.schedule_steps.unwrap_or(epochs_steps),
+        },
+        val: Validation {
+            quick_supervised: quick_val.iter().any(|b| b.n_supervised() > 0),
+            full_supervised: full_val.iter().any(|b| b.n_supervised() > 0),
+            full: full_val,
+            quick: quick_val,
+        },
+    })
+}
 
-    let end_step = cfg.max_steps.unwrap_or(epochs_steps);
-    let schedule = Schedule {
-        max_lr: cfg.max_lr,
-        min_lr: cfg.min_lr,
-        warmup_steps: cfg.warmup_steps,
-        total_steps: cfg.schedule_steps.unwrap_or(epochs_steps),
-    };
+/// Trains with `backend`; `sampler` (when given, and when `cfg.samples` is not empty) prints
+/// sample replies at steps `sample_every` × 1, 2, 4, 8, ...
+pub fn train_with<B: Backend>(
+    backend: B,
+    cfg: &TrainConfig,
+    mut sampler: Option<&mut Sampler<'_, B>>,
+) -> Result<(Model<B>, TrainReport)> {
+    cfg.validate()?;
+    let RunStart { resumed, weights, tokenizer_path, tokenizer, model_config, max_seq_len } = start_run(cfg)?;
+    let DataPlan { mut loader, steps_per_epoch, end_step, schedule, val } =
+        plan_data(cfg, &tokenizer, max_seq_len)?;
 
-    // ---- the model -------------------------------------------------------------------------
+    // ---- the model and the counters (continued from the checkpoint when resuming) -----------
     let mut model = Model::for_micro_batches(backend, model_config, cfg.micro_batch, max_seq_len)?;
-    match (&resume_dir, &cfg.init_from) {
-        (Some(dir), _) => {
-            checkpoint::load_weights_into(dir, &mut model)?;
-            checkpoint::load_optimizer_into(dir, &mut model)?;
-        }
-        (None, Some(dir)) => checkpoint::load_weights_into(dir, &mut model)?,
-        (None, None) => model.init_params(cfg.seed)?,
+    match &weights {
+        Some(ckpt) => ckpt.load_weights_into(&mut model)?,
+        None => model.init_params(cfg.seed)?,
     }
     let dropout_stream = Rng::new(cfg.seed).fork(DROPOUT_STREAM);
-
-    // ---- counters (continued from the checkpoint when resuming) -----------------------------
+    let is_resume = resumed.is_some();
     let mut state = match resumed {
-        Some(mut s) => {
+        Some((dir, mut s)) => {
+            checkpoint::load_optimizer_into(&dir, &mut model)?;
             loader.restore(&s.loader)?;
             s.config = cfg.clone();
             s.schedule = schedule.clone();
@@ -373,7 +449,6 @@ pub fn train_with<B: Backend>(
             step: 0,
             epoch: 0,
             loader: loader.state(),
-            rng: dropout_stream.clone(),
             tokens_seen: 0,
             supervised_tokens_seen: 0,
             skipped_batches: 0,
@@ -387,7 +462,7 @@ pub fn train_with<B: Backend>(
     };
     let start_step = state.step;
     std::fs::create_dir_all(&cfg.out_dir).with_context(|| format!("creating {}", cfg.out_dir.display()))?;
-    let mut log = CsvLog::open(&cfg.out_dir.join("log.csv"), resume_dir.as_ref().map(|_| start_step))?;
+    let mut log = CsvLog::open(&cfg.out_dir.join("log.csv"), is_resume.then_some(start_step))?;
     let progress = Progress::new(start_step, end_step, cfg.log_every);
     progress.println(&format!(
         "training {} parameters on {}: {} micro-batches of {} per step, {steps_per_epoch} steps per epoch, steps {start_step}..{end_step}",
@@ -441,22 +516,11 @@ pub fn train_with<B: Backend>(
 
         // ---- evaluation: a quick one every eval_every steps, a full pass at each epoch end ----
         let done = state.step;
-        let val_loss = if !has_val {
-            None
-        } else if epoch_end {
-            let loss = eval_loss(&mut model, &full_val)?;
-            progress.println(&format!("epoch {} done: full validation loss {loss:.4}", state.epoch));
-            Some(loss)
-        } else if (cfg.eval_every > 0 && done.is_multiple_of(cfg.eval_every)) || done == end_step {
-            quick_val
-                .iter()
-                .any(|b| b.n_supervised() > 0)
-                .then(|| eval_loss(&mut model, &quick_val))
-                .transpose()?
-        } else {
-            None
-        };
-        if val_loss.is_some() {
+        let val_loss = val.loss_after(&mut model, cfg, done, end_step, epoch_end)?;
+        if let Some(loss) = val_loss {
+            if epoch_end {
+                progress.println(&format!("epoch {} done: full validation loss {loss:.4}", state.epoch));
+            }
             state.last_val_loss = val_loss;
         }
 
