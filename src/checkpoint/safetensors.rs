@@ -127,7 +127,6 @@ pub(super) fn tensor_f32(
 /// Names of the tensors in a safetensors file with their shapes, sorted (for inspection).
 pub fn tensor_shapes(path: &Path) -> Result<BTreeMap<String, Vec<usize>>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e:?}", path.display()))?;
+    let st = parse_safetensors(path, &bytes)?;
     Ok(st.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec())).collect())
 }

@@ -32,6 +32,24 @@ pub struct TrainerState {
 }
 
 impl TrainerState {
+    /// The state of a run that has taken no step yet.
+    pub fn fresh(loader: LoaderState, schedule: Schedule, config: TrainConfig) -> TrainerState {
+        TrainerState {
+            step: 0,
+            epoch: 0,
+            loader,
+            tokens_seen: 0,
+            supervised_tokens_seen: 0,
+            skipped_batches: 0,
+            elapsed_s: 0.0,
+            schedule,
+            lr: 0.0,
+            last_train_loss: None,
+            last_val_loss: None,
+            config,
+        }
+    }
+
     /// The state saved in the checkpoint `dir` (its `trainer_state.json`).
     pub fn load(dir: &Path) -> Result<TrainerState> {
         checkpoint::load_run_state(dir)

@@ -445,20 +445,7 @@ pub fn train_with<B: Backend>(
             s.schedule = schedule.clone();
             s
         }
-        None => TrainerState {
-            step: 0,
-            epoch: 0,
-            loader: loader.state(),
-            tokens_seen: 0,
-            supervised_tokens_seen: 0,
-            skipped_batches: 0,
-            elapsed_s: 0.0,
-            schedule: schedule.clone(),
-            lr: 0.0,
-            last_train_loss: None,
-            last_val_loss: None,
-            config: cfg.clone(),
-        },
+        None => TrainerState::fresh(loader.state(), schedule.clone(), cfg.clone()),
     };
     let start_step = state.step;
     std::fs::create_dir_all(&cfg.out_dir).with_context(|| format!("creating {}", cfg.out_dir.display()))?;
