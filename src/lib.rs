@@ -12,6 +12,7 @@
 pub mod backend;
 pub mod bench;
 pub mod bench_attention;
+pub mod bench_kernels;
 pub mod data;
 pub mod demo;
 pub mod generate;
