@@ -212,6 +212,8 @@ build)
     cd "$root"
     REQUIRE_NVCC=1 cargo build --release
     mkdir -p .gpu
+    # A previous run's results must not travel to the box as if they were new.
+    rm -rf .gpu/work .gpu/results.md .gpu/gpu_check.log .gpu/demo_run_log.csv .gpu/gpu_tests.log .gpu/gpu_tests.md
     # Binaries without their debug sections (symbols kept, for backtraces): the folder must
     # travel to the GPU box (under 64 MiB there).
     install_bin() {
