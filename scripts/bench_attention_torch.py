@@ -88,19 +88,25 @@ def main():
     ap.add_argument("--sft", default=default_sft, help="the sft binary (default: next to this script, .gpu/, target/release/)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--scalar", action="store_true", help="also time our scalar kernels")
+    ap.add_argument("--markdown", default=None, help="also write the table as markdown to this file")
     args = ap.parse_args()
     seq_lens = [int(x) for x in args.seq_lens.split(",")]
 
     print(header())
-    status = 0
+    status, rows, notes = 0, [], []
     if not args.no_torch:
-        for line in bench_torch(seq_lens, args.tokens, args.heads, args.head_dim, args.iters):
-            print(line, flush=True)
+        try:
+            for line in bench_torch(seq_lens, args.tokens, args.heads, args.head_dim, args.iters):
+                print(line, flush=True)
+                rows.append(line)
+        except Exception as e:  # ImportError, no CUDA device, ...: ours still runs
+            notes.append("PyTorch failed: %s: %s" % (type(e).__name__, str(e).splitlines()[0] if str(e) else ""))
+            status = 1
     paths = ["auto"] + (["scalar"] if args.scalar else [])
     sft = args.sft or shutil.which("sft")
     if sft is None:
-        print("sft binary not found (build it with scripts/gpu_check.sh build, pass --sft)", file=sys.stderr)
-        return 1
+        notes.append("sft binary not found (build it with scripts/gpu_check.sh build, pass --sft)")
+        paths, status = [], 1
     for path in paths:
         cmd = [sft, "bench-attention", "--seq-lens", args.seq_lens, "--tokens", str(args.tokens), "--heads",
                str(args.heads), "--head-dim", str(args.head_dim), "--iters", str(args.iters), "--path", path]
@@ -108,10 +114,36 @@ def main():
         # Same format: skip our header line, keep the rows.
         for line in res.stdout.splitlines()[1:]:
             print(line, flush=True)
+            rows.append(line)
         if res.returncode != 0:
-            print("%s failed with status %d" % (" ".join(cmd), res.returncode), file=sys.stderr)
+            notes.append("%s failed with status %d" % (" ".join(cmd), res.returncode))
             status = 1
+    for note in notes:
+        print(note, file=sys.stderr)
+    if args.markdown:
+        write_markdown(args, rows, notes)
     return status
+
+
+def write_markdown(args, rows, notes):
+    """The table as markdown, and a one-line headline (ours over torch at each T, fwd+bwd)."""
+    cells = [[line[:22].strip()] + line[22:].split() for line in rows]
+    md = ["Causal attention, bf16, %d tokens per call (B = tokens / T), %d heads of %d; FLOPs: forward "
+          "4·B·H·T²·hd/2, backward 2.5x; %d timed calls after 3." % (args.tokens, args.heads, args.head_dim, args.iters),
+          "", "| impl | T | B | hd | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    md += ["| " + " | ".join(c) + " |" for c in cells]
+    md += [""] + ["%s." % n.rstrip(".") for n in notes]
+    with open(args.markdown, "w") as f:
+        f.write("\n".join(md).rstrip() + "\n")
+    fwd_bwd = {}
+    for c in cells:
+        if len(c) == 8:
+            fwd_bwd.setdefault(c[1], {})[c[0]] = float(c[6])
+    ratios = ["T=%s %.2fx" % (t, v["torch sdpa flash"] / v[k]) for t, v in fwd_bwd.items() if "torch sdpa flash" in v
+              for k in v if k.startswith("sft flash")]
+    with open(args.markdown + ".headline", "w") as f:
+        f.write(("fwd+bwd speed vs torch: " + ", ".join(ratios) if ratios else "no comparison") + "\n")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ bf16 peak of 989.4 TFLOP/s) and peak device memory.
     python3 .gpu/bench_torch_train.py --sft .gpu/sft --compile                # on the GPU box
     python3 scripts/bench_torch_train.py --config tiny --device cpu \\
         --tokens-per-step 2048 --seq-len 256 --micro-batch 4 --steps 2        # a CPU smoke run
+
+`--markdown FILE` also writes the table as markdown (`gpu_check.sh all` gathers it into
+results.md); `--no-torch` prints sft's row alone; `--sft-timeout S` bounds `sft bench`.
 """
 
 import argparse
@@ -116,7 +119,9 @@ def bench_sft(args):
            "--device", args.device, "--dropout", "0"]
     if args.seq_len:
         cmd += ["--seq-len", str(args.seq_len)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
+    # stderr passes through (the backend's messages); a timeout leaves the rest of the budget to torch.
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, timeout=args.sft_timeout).stdout
     sys.stdout.write(out)
     field = lambda pattern: re.search(pattern, out, re.M)
     secs = float(field(r"^time per step\s+([0-9.]+) s").group(1))
@@ -139,6 +144,9 @@ def main():
     ap.add_argument("--seed", type=int, default=89)
     ap.add_argument("--compile", action="store_true", help="torch.compile the transformers model")
     ap.add_argument("--sft", default=None, help="the sft binary; omitted: PyTorch only")
+    ap.add_argument("--sft-timeout", type=int, default=None, help="seconds `sft bench` may take")
+    ap.add_argument("--no-torch", action="store_true", help="sft only (where PyTorch is missing)")
+    ap.add_argument("--markdown", default=None, help="also write the table as markdown to this file")
     args = ap.parse_args()
 
     c = model_config(args.config)
@@ -148,25 +156,59 @@ def main():
         ap.error("--tokens-per-step must be a multiple of --micro-batch rows of --seq-len (<= max_seq_len)")
     accum = rows // args.micro_batch
     tokens = rows * t
-    results = []
+    # Each side is tried on its own, so that one failing still leaves the other's row.
+    results, notes = [], []
     if args.sft:
-        results.append(bench_sft(args))
-    results.append(bench_torch(c, args, t, args.micro_batch, accum))
+        try:
+            results.append(bench_sft(args))
+        except subprocess.TimeoutExpired:
+            notes.append("sft bench timed out after %s s" % args.sft_timeout)
+        except (subprocess.CalledProcessError, AttributeError, ValueError) as e:
+            notes.append("sft bench failed: %s" % e)
+    if args.no_torch:
+        notes.append("PyTorch not run (--no-torch)")
+    else:
+        try:
+            results.append(bench_torch(c, args, t, args.micro_batch, accum))
+        except Exception as e:  # ImportError, CUDA out of memory, ...: still print sft's row
+            notes.append("PyTorch + transformers failed: %s: %s" % (type(e).__name__, str(e).splitlines()[0] if str(e) else ""))
 
     fpt = flops_per_token(c, t)
+    setup = ("model %s, %d tokens per step = %d x %d rows x %d tokens, %d timed steps after %d warm-up, %s"
+             % (args.config, tokens, accum, args.micro_batch, t, args.steps, args.warmup, args.device))
     print()
-    print("model %s, %d tokens per step = %d x %d rows x %d tokens, %d timed steps after %d warm-up, %s"
-          % (args.config, tokens, accum, args.micro_batch, t, args.steps, args.warmup, args.device))
+    print(setup)
     print("%-26s %12s %12s %8s %14s %10s %8s" % ("impl", "s/step", "tokens/s", "MFU", "peak mem GiB",
                                                 "loss", "vs torch"))
-    base = results[-1]["seconds_per_step"]
+    torch_rows = [r for r in results if r["impl"].startswith("torch")]
+    base = torch_rows[0]["seconds_per_step"] if torch_rows else None
+    md = ["%s; MFU against the H100 SXM dense bf16 peak (989.4 TFLOP/s), %.2f GFLOP per token." % (setup, fpt / 1e9),
+          "", "| impl | s/step | tokens/s | MFU | peak mem GiB | loss | vs torch |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         tps = tokens / r["seconds_per_step"]
         mem = "%.2f" % (r["memory"] / (1 << 30)) if r["memory"] else "-"
-        print("%-26s %12.4f %12.0f %7.1f%% %14s %10.4f %7.2fx" % (
-            r["impl"], r["seconds_per_step"], tps, 100.0 * tps * fpt / H100_BF16_PEAK, mem, r["loss"],
-            base / r["seconds_per_step"]))
+        vs = "%.2fx" % (base / r["seconds_per_step"]) if base else "-"
+        cells = (r["impl"], "%.4f" % r["seconds_per_step"], "%.0f" % tps, "%.1f%%" % (100.0 * tps * fpt / H100_BF16_PEAK),
+                 mem, "%.4f" % r["loss"], vs)
+        print("%-26s %12s %12s %8s %14s %10s %8s" % cells)
+        md.append("| " + " | ".join(cells) + " |")
+    for note in notes:
+        print(note)
+    if args.markdown:
+        md += [""] + ["%s." % n.rstrip(".") for n in notes]
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(md).rstrip() + "\n")
+        sft_rows = [r for r in results if r["impl"].startswith("sft")]
+        with open(args.markdown + ".headline", "w") as f:
+            if sft_rows:
+                r = sft_rows[0]
+                tps = tokens / r["seconds_per_step"]
+                f.write("sft %.0f tokens/s, MFU %.1f%%%s\n" % (tps, 100.0 * tps * fpt / H100_BF16_PEAK,
+                                                          ", %.2fx torch" % (base / r["seconds_per_step"]) if base else ""))
+            else:
+                f.write("no sft row\n")
+    return 1 if notes and not (args.no_torch and len(notes) == 1) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,6 +13,7 @@
 pub mod backend;
 pub mod bench;
 pub mod bench_attention;
+pub mod bench_kernels;
 pub mod checkpoint;
 pub mod data;
 pub mod demo;

@@ -41,6 +41,8 @@ enum Command {
     Bench(sft::bench::BenchArgs),
     /// Time causal attention forward and forward+backward on the GPU (TFLOP/s table).
     BenchAttention(sft::bench_attention::AttentionBenchArgs),
+    /// Time the cross-entropy and AdamW kernels next to a device copy (ms, TFLOP/s, GB/s; --json).
+    BenchKernels(sft::bench_kernels::KernelBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,6 +71,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => sft::demo::demo(args)?,
         Command::Bench(args) => sft::bench::bench(args)?,
         Command::BenchAttention(args) => sft::bench_attention::bench_attention(args)?,
+        Command::BenchKernels(args) => sft::bench_kernels::bench_kernels(args)?,
     }
     Ok(())
 }
