@@ -1,4 +1,5 @@
-//! The op set that the model is written against, once.
+//! The op set that the model is written against, once; `cpu/` (the reference) and `cuda/`
+//! implement it, one file per op family in each, named like its `kernels/` file.
 //!
 //! Every op works on flat row-major buffers with explicit sizes, as llm.c's kernels do:
 //! `n` is the number of token rows in the micro-batch (rows × row length), `d` the model

@@ -1,5 +1,5 @@
 //! Causal attention over packed segments: the tensor-core kernels (kernels/flash_attention.cu,
-//! launched from flash.rs) where the device and head_dim allow, the scalar flash-style kernels
+//! launched from flash_attention.rs) where the device and head_dim allow, the scalar flash-style kernels
 //! (kernels/attention.cu) otherwise or when forced (`SFT_ATTENTION=scalar`). Decode is scalar.
 
 use anyhow::{bail, Result};
