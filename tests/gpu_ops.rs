@@ -16,7 +16,6 @@ use sft::backend::cuda::CudaBackend;
 use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope, RopeScaling, RopeStyle};
 use sft::rng::Rng;
 
-#[allow(dead_code)]
 mod model_util;
 use model_util::naive::NaiveBackend;
 use sft::backend::cpu::CpuBackend;
