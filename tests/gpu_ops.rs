@@ -215,7 +215,7 @@ fn matmul_fallback_kernel_matches_cpu() {
     let g = gpu();
     std::env::remove_var("SFT_GEMM_FALLBACK");
     let Some(g) = g else { return };
-    matmul_case(&g, "matmul (kernels/gemm.cu)");
+    matmul_case(&g, "matmul (kernels/matmul.cu)");
 }
 
 // ---- RoPE -----------------------------------------------------------------------------------
