@@ -136,7 +136,7 @@ ATTN_FORWARD(64)
 ATTN_FORWARD(128)
 
 // k_cache/v_cache rows start + i <- the k/v parts of qkv row i. Grid-stride over n_new * kv_width.
-extern "C" __global__ void kv_cache_write(__nv_bfloat16* k_cache, __nv_bfloat16* v_cache, const __nv_bfloat16* qkv,
+extern "C" __global__ void attention_kv_cache_write(__nv_bfloat16* k_cache, __nv_bfloat16* v_cache, const __nv_bfloat16* qkv,
                                           int start, int n_new, int n_heads, int n_kv_heads, int head_dim) {
     int kv_width = n_kv_heads * head_dim;
     int width = (n_heads + 2 * n_kv_heads) * head_dim;

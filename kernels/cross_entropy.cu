@@ -4,7 +4,7 @@
 #include "common.cuh"
 
 // dst[r, :] = src[idx[r], :] for r < n_rows.
-extern "C" __global__ void gather_rows(__nv_bfloat16* dst, const __nv_bfloat16* src, const uint32_t* idx,
+extern "C" __global__ void cross_entropy_gather_rows(__nv_bfloat16* dst, const __nv_bfloat16* src, const uint32_t* idx,
                                        int n_rows, int d) {
     size_t total = (size_t)n_rows * d;
     for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < total;
@@ -15,7 +15,7 @@ extern "C" __global__ void gather_rows(__nv_bfloat16* dst, const __nv_bfloat16* 
 }
 
 // dst[idx[r], :] = src[r, :] for r < n_rows (indices are distinct).
-extern "C" __global__ void scatter_rows(__nv_bfloat16* dst, const __nv_bfloat16* src, const uint32_t* idx,
+extern "C" __global__ void cross_entropy_scatter_rows(__nv_bfloat16* dst, const __nv_bfloat16* src, const uint32_t* idx,
                                         int n_rows, int d) {
     size_t total = (size_t)n_rows * d;
     for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < total;

@@ -44,12 +44,12 @@
 // * C → A (P kept in registers for P·V): for the 16 keys k0..k0+15 (n-tiles j = k0/8, j+1 of S)
 //   a0 = pack(S[j].d0, S[j].d1), a1 = pack(S[j].d2, S[j].d3), a2 = pack(S[j+1].d0, S[j+1].d1),
 //   a3 = pack(S[j+1].d2, S[j+1].d3).
-// These formulas are mirrored by the CPU emulation in src/backend/cuda/flash.rs (unit-tested).
+// These formulas are mirrored by the CPU emulation in src/backend/cuda/flash_attention.rs (unit-tested).
 //
 // Shared memory tiles are bf16 rows of HD + 8 elements: the 16-byte pad makes the 8 row
 // addresses of an ldmatrix hit 8 distinct 4-bank groups (row stride 144 or 272 bytes), so
 // ldmatrix is conflict-free. Global → shared copies are 16-byte cp.async (zero-filled past the
-// last row), double-buffered over the loop's tiles. Dynamic shared memory (sizes in flash.rs).
+// last row), double-buffered over the loop's tiles. Dynamic shared memory (sizes in flash_attention.rs).
 #ifdef FLASH_EMULATE
 // Host emulation of the CUDA built-ins used here (tests/flash_emu, scripts/flash_emulate.sh):
 // runs this file's kernels on the CPU, one thread per CUDA thread.
@@ -553,7 +553,7 @@ __device__ void flash_dkdv_impl(bf16_t* dqkv, const bf16_t* dout, const bf16_t* 
 }
 
 // ---- entries ---------------------------------------------------------------------------------
-// Configurations (keep in sync with FLASH_CONFIGS in src/backend/cuda/flash.rs):
+// Configurations (keep in sync with FLASH_CONFIGS in src/backend/cuda/flash_attention.rs):
 //   forward HD 64: NW 8 (128 q rows), BN 64      forward HD 128: NW 8, BN 64
 //   dq      HD 64: NW 8 (128 q rows), BN 64      dq      HD 128: NW 4 (64 q rows), BN 64
 //   dkdv    HD 64: NW 8 (128 keys),   BQ 64      dkdv    HD 128: NW 8 (128 keys), BQ 32

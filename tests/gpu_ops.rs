@@ -1,7 +1,7 @@
 //! Every CUDA op against the CPU reference (`CpuBackend<f32>`), on fresh random inputs with
-//! shapes that are not multiples of the kernels' tiles. `cuda_util::RefBackend`, a second,
-//! plain-loop reference written with the kernels, is checked against `CpuBackend` here too
-//! (no GPU needed), so the two readings of the trait's semantics agree.
+//! shapes that are not multiples of the kernels' tiles. `model_util::naive::NaiveBackend`, a
+//! second, plain-loop reading of the trait, is checked against `CpuBackend` op by op on the
+//! kernels' shapes here too (no GPU needed), so the two readings of the trait's semantics agree.
 //!
 //! All tests are `#[ignore]`: they need an NVIDIA GPU. Run them there with
 //! `cargo test --release --test gpu_ops -- --ignored` (or `scripts/gpu_check.sh`); where the
@@ -16,8 +16,8 @@ use sft::backend::cuda::CudaBackend;
 use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope, RopeScaling, RopeStyle};
 use sft::rng::Rng;
 
-mod cuda_util;
-use cuda_util::RefBackend;
+mod model_util;
+use model_util::naive::NaiveBackend;
 use sft::backend::cpu::CpuBackend;
 
 const TOL: f64 = 1e-2;
@@ -215,7 +215,7 @@ fn matmul_fallback_kernel_matches_cpu() {
     let g = gpu();
     std::env::remove_var("SFT_GEMM_FALLBACK");
     let Some(g) = g else { return };
-    matmul_case(&g, "matmul (kernels/gemm.cu)");
+    matmul_case(&g, "matmul (kernels/matmul.cu)");
 }
 
 // ---- RoPE -----------------------------------------------------------------------------------
@@ -542,11 +542,11 @@ fn adamw_matches_cpu() {
     }
 }
 
-// ---- the reference itself (runs everywhere, no GPU) -----------------------------------------
+// ---- the references themselves (run everywhere, no GPU) ------------------------------------
 
 /// Loss of attention: sum(out ∘ dout), so its gradient is attention_backward's with `dout`.
 fn attention_objective(qkv: &[f32], dout: &[f32], cu: &[u32], heads: HeadShape) -> f64 {
-    let out = attention(&RefBackend, qkv, dout, cu, heads);
+    let out = attention(&reference(), qkv, dout, cu, heads);
     out[0].iter().zip(dout).map(|(&o, &d)| o as f64 * d as f64).sum()
 }
 
@@ -558,7 +558,7 @@ fn reference_attention_backward_matches_finite_differences() {
     let mut rng = Rng::new(20);
     let qkv: Vec<f32> = (0..n * heads.qkv_width()).map(|_| rng.normal() as f32 * 0.5).collect();
     let dout: Vec<f32> = (0..n * heads.q_width()).map(|_| rng.normal() as f32).collect();
-    let grad = attention(&RefBackend, &qkv, &dout, &cu, heads)[2].clone();
+    let grad = attention(&reference(), &qkv, &dout, &cu, heads)[2].clone();
     let eps = 1e-2;
     // A sample of coordinates in each of q, k and v, in both segments.
     for idx in [0, 5, 64 + 3, 128 + 7, 192 + 11, 4 * 256 + 2, 6 * 256 + 130, 5 * 256 + 200] {
@@ -583,8 +583,8 @@ fn reference_decode_matches_the_training_forward() {
     let n = 9;
     let mut rng = Rng::new(21);
     let qkv = randn(&mut rng, n * heads.qkv_width(), 1.0);
-    let dec = decode(&RefBackend, &qkv, heads, 4, 16);
-    let full = attention(&RefBackend, &qkv, &vec![0.5; n * heads.q_width()], &[0, n as u32], heads);
+    let dec = decode(&reference(), &qkv, heads, 4, 16);
+    let full = attention(&reference(), &qkv, &vec![0.5; n * heads.q_width()], &[0, n as u32], heads);
     assert_close("reference decode vs forward", &dec, &full[0], 1e-5);
 }
 
@@ -595,7 +595,7 @@ fn reference_rmsnorm_backward_matches_finite_differences() {
     let x: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
     let w: Vec<f32> = (0..d).map(|_| 1.0 + 0.3 * rng.normal() as f32).collect();
     let dout: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
-    let b = RefBackend;
+    let b = reference();
     let objective = |x: &[f32], w: &[f32]| -> f64 {
         let (mut out, mut rstd) = (vec![0.0; n * d], vec![0.0; n]);
         b.rmsnorm_forward(&mut out, &mut rstd, &x.to_vec(), &w.to_vec(), n, d, 1e-5).unwrap();
@@ -622,11 +622,11 @@ fn reference_rmsnorm_backward_matches_finite_differences() {
     }
 }
 
-/// The kernels were written from the same reading of the trait as `RefBackend`; this checks that
-/// reading against `CpuBackend` on every op (no GPU needed).
+/// A second, plain-loop reading of the trait (`NaiveBackend`, f64) against `CpuBackend` on every
+/// op, on the shapes the kernels take (head_dim 64, grouped KV, odd sizes); no GPU needed.
 #[test]
 fn reference_agrees_with_cpu_backend_on_every_op() {
-    let (cpu, re) = (reference(), RefBackend);
+    let (cpu, re) = (reference(), NaiveBackend);
     let tol = 1e-4;
     let mut rng = Rng::new(30);
 
@@ -683,9 +683,15 @@ fn reference_agrees_with_cpu_backend_on_every_op() {
     assert_close("ref swiglu bwd", &a[1], &r[1], tol);
 
     let x = randn(&mut rng, 1000, 1.0);
-    let (mut xa, mut xr) = (x.clone(), x.clone());
+    let mut xa = upload(&re, &x, Precision::Compute);
     re.dropout(&mut xa, 1000, 0.1, 77).unwrap();
-    cpu.dropout(&mut xr, 1000, 0.1, 77).unwrap();
+    let xa = download(&re, &xa, 1000);
+    // Both in f64 (then read as f32), so that the check is of the mask and the scale, not of
+    // f32 against f64 rounding.
+    let cpu64 = CpuBackend::<f64>::new();
+    let mut xr = upload(&cpu64, &x, Precision::Compute);
+    cpu64.dropout(&mut xr, 1000, 0.1, 77).unwrap();
+    let xr = download(&cpu64, &xr, 1000);
     assert_eq!(xa, xr, "ref dropout");
 
     let (n, d, vocab, ignore) = (9, 8, 31, 2u32);

@@ -1,4 +1,5 @@
-//! The op set that the model is written against, once.
+//! The op set that the model is written against, once; `cpu/` (the reference) and `cuda/`
+//! implement it, one file per op family in each, named like its `kernels/` file.
 //!
 //! Every op works on flat row-major buffers with explicit sizes, as llm.c's kernels do:
 //! `n` is the number of token rows in the micro-batch (rows × row length), `d` the model
@@ -182,252 +183,271 @@ pub struct AdamW {
     pub grad_scale: f32,
 }
 
-/// The op set. See the module documentation for the conventions.
-pub trait Backend {
-    /// A buffer of floats (in the precision it was made with).
-    type Buf;
-    /// A buffer of u32 (token ids, targets, positions, segment boundaries).
-    type Ids;
+/// The op list of [`Backend`], written once. It declares the trait's ops below, and a backend
+/// whose ops live in per-family files generates its `impl Backend` from it (cuda/mod.rs), so an
+/// op's signature is not copied into a forwarding method. `$then` receives the list as items
+/// `#[doc] fn name(&self, arg: Type, ...) -> Ret;`.
+macro_rules! backend_ops {
+    ($then:ident) => {
+        $then! {
+            // ---- memory -------------------------------------------------------------------------
+            /// A zero-filled buffer of `len` elements.
+            fn zeros(&self, len: usize, precision: Precision) -> Result<Self::Buf>;
+            /// A zero-filled id buffer of `len` elements.
+            fn zeros_ids(&self, len: usize) -> Result<Self::Ids>;
+            /// Copies `src` into the start of `dst`, converting to its precision.
+            fn write(&self, dst: &mut Self::Buf, src: &[f32]) -> Result<()>;
+            /// Reads the first `len` elements of `src` as f32.
+            fn read(&self, src: &Self::Buf, len: usize) -> Result<Vec<f32>>;
+            /// Copies `src` into the start of `dst`.
+            fn write_ids(&self, dst: &mut Self::Ids, src: &[u32]) -> Result<()>;
+            /// Sets the first `len` elements to zero.
+            fn zero(&self, buf: &mut Self::Buf, len: usize) -> Result<()>;
+            /// Copies the first `len` elements of `src` to `dst`.
+            fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf, len: usize) -> Result<()>;
 
-    /// A short human-readable name ("cpu", "cuda:0 NVIDIA H100 ...").
-    fn name(&self) -> String;
+            // ---- embedding ----------------------------------------------------------------------
+            /// `out[i] = table[ids[i]]`; out `[n, d]`, table `[vocab, d]`.
+            fn embedding_forward(
+                &self,
+                out: &mut Self::Buf,
+                ids: &Self::Ids,
+                table: &Self::Buf,
+                n: usize,
+                d: usize,
+            ) -> Result<()>;
+            /// `dtable[ids[i]] += dout[i]`, deterministic (no order-dependent float atomics).
+            fn embedding_backward(
+                &self,
+                dtable: &mut Self::Buf,
+                ids: &Self::Ids,
+                dout: &Self::Buf,
+                n: usize,
+                d: usize,
+            ) -> Result<()>;
 
-    // ---- memory -------------------------------------------------------------------------
-    /// A zero-filled buffer of `len` elements.
-    fn zeros(&self, len: usize, precision: Precision) -> Result<Self::Buf>;
-    /// A zero-filled id buffer of `len` elements.
-    fn zeros_ids(&self, len: usize) -> Result<Self::Ids>;
-    /// Copies `src` into the start of `dst`, converting to its precision.
-    fn write(&self, dst: &mut Self::Buf, src: &[f32]) -> Result<()>;
-    /// Reads the first `len` elements of `src` as f32.
-    fn read(&self, src: &Self::Buf, len: usize) -> Result<Vec<f32>>;
-    /// Copies `src` into the start of `dst`.
-    fn write_ids(&self, dst: &mut Self::Ids, src: &[u32]) -> Result<()>;
-    /// Sets the first `len` elements to zero.
-    fn zero(&self, buf: &mut Self::Buf, len: usize) -> Result<()>;
-    /// Copies the first `len` elements of `src` to `dst`.
-    fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf, len: usize) -> Result<()>;
-    /// Waits for queued work (a no-op on the CPU).
-    fn synchronize(&self) -> Result<()>;
-    /// Bytes per element of a [`Precision::Compute`] buffer (for memory estimates).
-    fn compute_bytes(&self) -> usize {
-        4
-    }
-    /// `(free, total)` bytes of device memory, for a backend with a device of its own.
-    fn memory_info(&self) -> Result<Option<(usize, usize)>> {
-        Ok(None)
-    }
+            // ---- RMSNorm ------------------------------------------------------------------------
+            /// `out = x / rms(x) * w` per row; `rstd[i] = 1 / sqrt(mean(x_i^2) + eps)` is saved (F32).
+            #[allow(clippy::too_many_arguments)]
+            fn rmsnorm_forward(
+                &self,
+                out: &mut Self::Buf,
+                rstd: &mut Self::Buf,
+                x: &Self::Buf,
+                w: &Self::Buf,
+                n: usize,
+                d: usize,
+                eps: f32,
+            ) -> Result<()>;
+            /// Residual add fused with the next norm: `x_out = x_in + delta`, then
+            /// `out = rmsnorm(x_out) * w`, saving `rstd`.
+            #[allow(clippy::too_many_arguments)]
+            fn residual_rmsnorm_forward(
+                &self,
+                x_out: &mut Self::Buf,
+                out: &mut Self::Buf,
+                rstd: &mut Self::Buf,
+                x_in: &Self::Buf,
+                delta: &Self::Buf,
+                w: &Self::Buf,
+                n: usize,
+                d: usize,
+                eps: f32,
+            ) -> Result<()>;
+            /// Backward of `rmsnorm_forward`: ADDS the input gradient into `dx` (the residual stream's
+            /// gradient) and the weight gradient into `dw`.
+            #[allow(clippy::too_many_arguments)]
+            fn rmsnorm_backward(
+                &self,
+                dx: &mut Self::Buf,
+                dw: &mut Self::Buf,
+                dout: &Self::Buf,
+                x: &Self::Buf,
+                w: &Self::Buf,
+                rstd: &Self::Buf,
+                n: usize,
+                d: usize,
+            ) -> Result<()>;
 
-    // ---- embedding ----------------------------------------------------------------------
-    /// `out[i] = table[ids[i]]`; out `[n, d]`, table `[vocab, d]`.
-    fn embedding_forward(
-        &self,
-        out: &mut Self::Buf,
-        ids: &Self::Ids,
-        table: &Self::Buf,
-        n: usize,
-        d: usize,
-    ) -> Result<()>;
-    /// `dtable[ids[i]] += dout[i]`, deterministic (no order-dependent float atomics).
-    fn embedding_backward(
-        &self,
-        dtable: &mut Self::Buf,
-        ids: &Self::Ids,
-        dout: &Self::Buf,
-        n: usize,
-        d: usize,
-    ) -> Result<()>;
+            // ---- matmul -------------------------------------------------------------------------
+            /// `out[n, o] = inp[n, i] @ w[o, i]^T`.
+            fn matmul_forward(
+                &self,
+                out: &mut Self::Buf,
+                inp: &Self::Buf,
+                w: &Self::Buf,
+                n: usize,
+                in_dim: usize,
+                out_dim: usize,
+            ) -> Result<()>;
+            /// `dinp = dout @ w` (overwritten, skipped when None); `dw += dout^T @ inp`.
+            #[allow(clippy::too_many_arguments)]
+            fn matmul_backward(
+                &self,
+                dinp: Option<&mut Self::Buf>,
+                dw: &mut Self::Buf,
+                dout: &Self::Buf,
+                inp: &Self::Buf,
+                w: &Self::Buf,
+                n: usize,
+                in_dim: usize,
+                out_dim: usize,
+            ) -> Result<()>;
 
-    // ---- RMSNorm ------------------------------------------------------------------------
-    /// `out = x / rms(x) * w` per row; `rstd[i] = 1 / sqrt(mean(x_i^2) + eps)` is saved (F32).
-    #[allow(clippy::too_many_arguments)]
-    fn rmsnorm_forward(
-        &self,
-        out: &mut Self::Buf,
-        rstd: &mut Self::Buf,
-        x: &Self::Buf,
-        w: &Self::Buf,
-        n: usize,
-        d: usize,
-        eps: f32,
-    ) -> Result<()>;
-    /// Residual add fused with the next norm: `x_out = x_in + delta`, then
-    /// `out = rmsnorm(x_out) * w`, saving `rstd`.
-    #[allow(clippy::too_many_arguments)]
-    fn residual_rmsnorm_forward(
-        &self,
-        x_out: &mut Self::Buf,
-        out: &mut Self::Buf,
-        rstd: &mut Self::Buf,
-        x_in: &Self::Buf,
-        delta: &Self::Buf,
-        w: &Self::Buf,
-        n: usize,
-        d: usize,
-        eps: f32,
-    ) -> Result<()>;
-    /// Backward of `rmsnorm_forward`: ADDS the input gradient into `dx` (the residual stream's
-    /// gradient) and the weight gradient into `dw`.
-    #[allow(clippy::too_many_arguments)]
-    fn rmsnorm_backward(
-        &self,
-        dx: &mut Self::Buf,
-        dw: &mut Self::Buf,
-        dout: &Self::Buf,
-        x: &Self::Buf,
-        w: &Self::Buf,
-        rstd: &Self::Buf,
-        n: usize,
-        d: usize,
-    ) -> Result<()>;
+            // ---- RoPE ---------------------------------------------------------------------------
+            /// Rotates the q and k parts of `qkv` in place; token `i` uses angle
+            /// `positions[i] * rope.inv_freq(j, hd)` for its pair `j`.
+            fn rope_forward(
+                &self,
+                qkv: &mut Self::Buf,
+                positions: &Self::Ids,
+                n: usize,
+                heads: HeadShape,
+                rope: Rope,
+            ) -> Result<()>;
+            /// The inverse rotation, applied in place to the q and k parts of `dqkv`.
+            fn rope_backward(
+                &self,
+                dqkv: &mut Self::Buf,
+                positions: &Self::Ids,
+                n: usize,
+                heads: HeadShape,
+                rope: Rope,
+            ) -> Result<()>;
 
-    // ---- matmul -------------------------------------------------------------------------
-    /// `out[n, o] = inp[n, i] @ w[o, i]^T`.
-    fn matmul_forward(
-        &self,
-        out: &mut Self::Buf,
-        inp: &Self::Buf,
-        w: &Self::Buf,
-        n: usize,
-        in_dim: usize,
-        out_dim: usize,
-    ) -> Result<()>;
-    /// `dinp = dout @ w` (overwritten, skipped when None); `dw += dout^T @ inp`.
-    #[allow(clippy::too_many_arguments)]
-    fn matmul_backward(
-        &self,
-        dinp: Option<&mut Self::Buf>,
-        dw: &mut Self::Buf,
-        dout: &Self::Buf,
-        inp: &Self::Buf,
-        w: &Self::Buf,
-        n: usize,
-        in_dim: usize,
-        out_dim: usize,
-    ) -> Result<()>;
+            // ---- attention ----------------------------------------------------------------------
+            /// Causal softmax attention inside each segment, scale `1/sqrt(hd)`.
+            /// `out [n, n_heads·hd]`; `lse [n_heads, n]` (F32) saves each row's logsumexp.
+            /// `cu_seqlens` holds `n_segments + 1` offsets, from 0 to `n`.
+            #[allow(clippy::too_many_arguments)]
+            fn attention_forward(
+                &self,
+                out: &mut Self::Buf,
+                lse: &mut Self::Buf,
+                qkv: &Self::Buf,
+                cu_seqlens: &Self::Ids,
+                n_segments: usize,
+                n: usize,
+                heads: HeadShape,
+            ) -> Result<()>;
+            /// Backward of `attention_forward`; `dqkv` is overwritten.
+            #[allow(clippy::too_many_arguments)]
+            fn attention_backward(
+                &self,
+                dqkv: &mut Self::Buf,
+                dout: &Self::Buf,
+                qkv: &Self::Buf,
+                out: &Self::Buf,
+                lse: &Self::Buf,
+                cu_seqlens: &Self::Ids,
+                n_segments: usize,
+                n: usize,
+                heads: HeadShape,
+            ) -> Result<()>;
+            /// Generation with a KV cache, for one sequence: writes the (already rotated) k and v of
+            /// the `n_new` rows of `qkv` into rows `start..start + n_new` of the caches
+            /// (`[max_len, n_kv_heads·hd]` each), then row `i` attends causally to cache rows
+            /// `0..=start + i`. `out [n_new, n_heads·hd]`.
+            #[allow(clippy::too_many_arguments)]
+            fn attention_decode(
+                &self,
+                out: &mut Self::Buf,
+                qkv: &Self::Buf,
+                k_cache: &mut Self::Buf,
+                v_cache: &mut Self::Buf,
+                start: usize,
+                n_new: usize,
+                heads: HeadShape,
+            ) -> Result<()>;
 
-    // ---- RoPE ---------------------------------------------------------------------------
-    /// Rotates the q and k parts of `qkv` in place; token `i` uses angle
-    /// `positions[i] * rope.inv_freq(j, hd)` for its pair `j`.
-    fn rope_forward(
-        &self,
-        qkv: &mut Self::Buf,
-        positions: &Self::Ids,
-        n: usize,
-        heads: HeadShape,
-        rope: Rope,
-    ) -> Result<()>;
-    /// The inverse rotation, applied in place to the q and k parts of `dqkv`.
-    fn rope_backward(
-        &self,
-        dqkv: &mut Self::Buf,
-        positions: &Self::Ids,
-        n: usize,
-        heads: HeadShape,
-        rope: Rope,
-    ) -> Result<()>;
+            // ---- SwiGLU -------------------------------------------------------------------------
+            /// `out[n, hidden] = silu(gate) * up`, from `gate_up [n, 2·hidden]`.
+            fn swiglu_forward(&self, out: &mut Self::Buf, gate_up: &Self::Buf, n: usize, hidden: usize)
+                -> Result<()>;
+            /// `dgate_up [n, 2·hidden]` (overwritten) from `dout [n, hidden]`.
+            fn swiglu_backward(
+                &self,
+                dgate_up: &mut Self::Buf,
+                dout: &Self::Buf,
+                gate_up: &Self::Buf,
+                n: usize,
+                hidden: usize,
+            ) -> Result<()>;
 
-    // ---- attention ----------------------------------------------------------------------
-    /// Causal softmax attention inside each segment, scale `1/sqrt(hd)`.
-    /// `out [n, n_heads·hd]`; `lse [n_heads, n]` (F32) saves each row's logsumexp.
-    /// `cu_seqlens` holds `n_segments + 1` offsets, from 0 to `n`.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_forward(
-        &self,
-        out: &mut Self::Buf,
-        lse: &mut Self::Buf,
-        qkv: &Self::Buf,
-        cu_seqlens: &Self::Ids,
-        n_segments: usize,
-        n: usize,
-        heads: HeadShape,
-    ) -> Result<()>;
-    /// Backward of `attention_forward`; `dqkv` is overwritten.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_backward(
-        &self,
-        dqkv: &mut Self::Buf,
-        dout: &Self::Buf,
-        qkv: &Self::Buf,
-        out: &Self::Buf,
-        lse: &Self::Buf,
-        cu_seqlens: &Self::Ids,
-        n_segments: usize,
-        n: usize,
-        heads: HeadShape,
-    ) -> Result<()>;
-    /// Generation with a KV cache, for one sequence: writes the (already rotated) k and v of
-    /// the `n_new` rows of `qkv` into rows `start..start + n_new` of the caches
-    /// (`[max_len, n_kv_heads·hd]` each), then row `i` attends causally to cache rows
-    /// `0..=start + i`. `out [n_new, n_heads·hd]`.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_decode(
-        &self,
-        out: &mut Self::Buf,
-        qkv: &Self::Buf,
-        k_cache: &mut Self::Buf,
-        v_cache: &mut Self::Buf,
-        start: usize,
-        n_new: usize,
-        heads: HeadShape,
-    ) -> Result<()>;
+            // ---- dropout ------------------------------------------------------------------------
+            /// In place: element `i` is zeroed when `rng::uniform(seed, i) < p`, else scaled by
+            /// `1/(1-p)`. The same call with the same seed is its own backward.
+            fn dropout(&self, x: &mut Self::Buf, len: usize, p: f32, seed: u64) -> Result<()>;
 
-    // ---- SwiGLU -------------------------------------------------------------------------
-    /// `out[n, hidden] = silu(gate) * up`, from `gate_up [n, 2·hidden]`.
-    fn swiglu_forward(&self, out: &mut Self::Buf, gate_up: &Self::Buf, n: usize, hidden: usize)
-        -> Result<()>;
-    /// `dgate_up [n, 2·hidden]` (overwritten) from `dout [n, hidden]`.
-    fn swiglu_backward(
-        &self,
-        dgate_up: &mut Self::Buf,
-        dout: &Self::Buf,
-        gate_up: &Self::Buf,
-        n: usize,
-        hidden: usize,
-    ) -> Result<()>;
+            // ---- cross-entropy ------------------------------------------------------------------
+            /// lm_head fused with masked cross-entropy. `x [n, d]` (after the final norm), `w [vocab, d]`,
+            /// `targets [n]`; a row whose target is `ignore_id` is not supervised and never reaches the
+            /// vocabulary projection. Returns the SUM of the supervised rows' losses (f64).
+            /// With `grads`, also writes `dx = loss_scale · dlogits @ w` (zero for unsupervised rows)
+            /// and ADDS `loss_scale · dlogits^T @ x` into `dw`.
+            #[allow(clippy::too_many_arguments)]
+            fn lm_head_cross_entropy(
+                &self,
+                x: &Self::Buf,
+                w: &Self::Buf,
+                targets: &Self::Ids,
+                ignore_id: u32,
+                n: usize,
+                d: usize,
+                vocab: usize,
+                grads: Option<LossGrads<'_, Self>>,
+            ) -> Result<f64>;
 
-    // ---- dropout ------------------------------------------------------------------------
-    /// In place: element `i` is zeroed when `rng::uniform(seed, i) < p`, else scaled by
-    /// `1/(1-p)`. The same call with the same seed is its own backward.
-    fn dropout(&self, x: &mut Self::Buf, len: usize, p: f32, seed: u64) -> Result<()>;
-
-    // ---- loss ---------------------------------------------------------------------------
-    /// lm_head fused with masked cross-entropy. `x [n, d]` (after the final norm), `w [vocab, d]`,
-    /// `targets [n]`; a row whose target is `ignore_id` is not supervised and never reaches the
-    /// vocabulary projection. Returns the SUM of the supervised rows' losses (f64).
-    /// With `grads`, also writes `dx = loss_scale · dlogits @ w` (zero for unsupervised rows)
-    /// and ADDS `loss_scale · dlogits^T @ x` into `dw`.
-    #[allow(clippy::too_many_arguments)]
-    fn lm_head_cross_entropy(
-        &self,
-        x: &Self::Buf,
-        w: &Self::Buf,
-        targets: &Self::Ids,
-        ignore_id: u32,
-        n: usize,
-        d: usize,
-        vocab: usize,
-        grads: Option<LossGrads<'_, Self>>,
-    ) -> Result<f64>;
-
-    // ---- optimizer ----------------------------------------------------------------------
-    /// Sum of squares of every element of every buffer (first `lens[i]` elements of `bufs[i]`).
-    fn sum_squares(&self, bufs: &[&Self::Buf], lens: &[usize]) -> Result<f64>;
-    /// One AdamW step over all tensors at once: `master`, `m`, `v` (F32) are updated from
-    /// `grads · hp.grad_scale`, decoupled weight decay `lr · wd · master`, and `params`
-    /// (Compute) receives the new master values.
-    #[allow(clippy::too_many_arguments)]
-    fn adamw(
-        &self,
-        params: &mut [&mut Self::Buf],
-        master: &mut [&mut Self::Buf],
-        grads: &[&Self::Buf],
-        m: &mut [&mut Self::Buf],
-        v: &mut [&mut Self::Buf],
-        lens: &[usize],
-        hp: &AdamW,
-    ) -> Result<()>;
+            // ---- global norm, AdamW -----------------------------------------------------------
+            /// Sum of squares of every element of every buffer (first `lens[i]` elements of `bufs[i]`).
+            fn sum_squares(&self, bufs: &[&Self::Buf], lens: &[usize]) -> Result<f64>;
+            /// One AdamW step over all tensors at once: `master`, `m`, `v` (F32) are updated from
+            /// `grads · hp.grad_scale`, decoupled weight decay `lr · wd · master`, and `params`
+            /// (Compute) receives the new master values.
+            #[allow(clippy::too_many_arguments)]
+            fn adamw(
+                &self,
+                params: &mut [&mut Self::Buf],
+                master: &mut [&mut Self::Buf],
+                grads: &[&Self::Buf],
+                m: &mut [&mut Self::Buf],
+                v: &mut [&mut Self::Buf],
+                lens: &[usize],
+                hp: &AdamW,
+            ) -> Result<()>;
+        }
+    };
 }
+pub(crate) use backend_ops;
+
+/// Declares [`Backend`] from the op list of [`backend_ops`].
+macro_rules! declare_backend {
+    ($($(#[$meta:meta])* fn $name:ident(&self $(, $arg:ident: $ty:ty)* $(,)?) -> $ret:ty;)*) => {
+        /// The op set. See the module documentation for the conventions.
+        pub trait Backend {
+            /// A buffer of floats (in the precision it was made with).
+            type Buf;
+            /// A buffer of u32 (token ids, targets, positions, segment boundaries).
+            type Ids;
+
+            /// A short human-readable name ("cpu", "cuda:0 NVIDIA H100 ...").
+            fn name(&self) -> String;
+            /// Waits for queued work (a no-op on the CPU).
+            fn synchronize(&self) -> Result<()>;
+            /// Bytes per element of a [`Precision::Compute`] buffer (for memory estimates).
+            fn compute_bytes(&self) -> usize {
+                4
+            }
+            /// `(free, total)` bytes of device memory, for a backend with a device of its own.
+            fn memory_info(&self) -> Result<Option<(usize, usize)>> {
+                Ok(None)
+            }
+
+            $($(#[$meta])* fn $name(&self $(, $arg: $ty)*) -> $ret;)*
+        }
+    };
+}
+backend_ops!(declare_backend);
 
 /// The gradient outputs of [`Backend::lm_head_cross_entropy`].
 pub struct LossGrads<'a, B: Backend + ?Sized> {

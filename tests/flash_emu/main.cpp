@@ -30,7 +30,7 @@ struct Cfg {
 };
 
 static Cfg config(int hd) {
-    // FLASH_ENTRIES in flash_attention.cu / FLASH_64, FLASH_128 in flash.rs.
+    // FLASH_ENTRIES in flash_attention.cu / FLASH_64, FLASH_128 in flash_attention.rs.
     size_t rb = (hd + 8) * 2;
     if (hd == 64) return {8, 8, 8, (128 + 4 * 64) * rb, (256 + 4 * 64) * rb, (256 + 4 * 64) * rb + 4 * 64 * 4};
     return {8, 4, 8, (128 + 4 * 64) * rb, (128 + 4 * 64) * rb, (256 + 4 * 32) * rb + 4 * 32 * 4};

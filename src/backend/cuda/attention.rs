@@ -1,5 +1,5 @@
 //! Causal attention over packed segments: the tensor-core kernels (kernels/flash_attention.cu,
-//! launched from flash.rs) where the device and head_dim allow, the scalar flash-style kernels
+//! launched from flash_attention.rs) where the device and head_dim allow, the scalar flash-style kernels
 //! (kernels/attention.cu) otherwise or when forced (`SFT_ATTENTION=scalar`). Decode is scalar.
 
 use anyhow::{bail, Result};
@@ -41,7 +41,7 @@ fn check_segments(cu_seqlens: &CudaSlice<u32>, n_segments: usize) -> Result<()> 
 
 impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn attention_forward_impl(
+    pub(super) fn attention_forward(
         &self,
         out: &mut CudaBuf,
         lse: &mut CudaBuf,
@@ -76,7 +76,7 @@ impl CudaBackend {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn attention_backward_impl(
+    pub(super) fn attention_backward(
         &self,
         dqkv: &mut CudaBuf,
         dout: &CudaBuf,
@@ -150,7 +150,7 @@ impl CudaBackend {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn attention_decode_impl(
+    pub(super) fn attention_decode(
         &self,
         out: &mut CudaBuf,
         qkv: &CudaBuf,
@@ -177,7 +177,7 @@ impl CudaBackend {
             int(heads.head_dim, "head_dim")?,
         );
         int(rows * heads.kv_width(), "cache size")?;
-        let mut b = self.stream.launch_builder(self.kernels.get("kv_cache_write")?);
+        let mut b = self.stream.launch_builder(self.kernels.get("attention_kv_cache_write")?);
         b.arg(&mut *k_cache).arg(&mut *v_cache).arg(qkv).arg(&si).arg(&ni).arg(&nhi).arg(&nkvi).arg(&hdi);
         // SAFETY: the caches hold start + n_new rows (checked above).
         unsafe { b.launch(grid_stride(n_new * heads.kv_width())) }?;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 /// cuBLASLt's recommended workspace on Hopper (32 MiB), allocated once.
 const WORKSPACE_BYTES: usize = 32 << 20;
@@ -58,7 +58,7 @@ pub(super) struct Gemm {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     stream: Arc<CudaStream>,
-    /// SFT_GEMM_FALLBACK=1: every GEMM uses kernels/gemm.cu (to cross-check cuBLASLt).
+    /// SFT_GEMM_FALLBACK=1: every GEMM uses kernels/matmul.cu (to cross-check cuBLASLt).
     force_fallback: bool,
 }
 
@@ -111,7 +111,7 @@ impl Gemm {
     }
 
     /// Runs the GEMM with cuBLASLt; `Ok(false)` when cuBLASLt has no algorithm for it (or the
-    /// fallback is forced), in which case the caller runs kernels/gemm.cu instead.
+    /// fallback is forced), in which case the caller runs kernels/matmul.cu instead.
     pub(super) fn run(&self, g: &GemmCall) -> Result<bool> {
         if self.force_fallback {
             return Ok(false);
@@ -266,89 +266,11 @@ pub(super) fn dyt_x(rows: usize, in_dim: usize, out_dim: usize, dy: u64, x: u64,
     }
 }
 
-impl super::CudaBackend {
-    /// One GEMM: cuBLASLt, or kernels/gemm.cu where cuBLASLt has no algorithm.
-    pub(super) fn run_gemm(&self, g: &GemmCall) -> Result<()> {
-        if g.m == 0 || g.n == 0 {
-            return Ok(());
-        }
-        if self.gemm.run(g)? {
-            return Ok(());
-        }
-        let name = match g.c_type {
-            DType::F32 => "gemm_fallback_f32out",
-            DType::Bf16 => "gemm_fallback_bf16out",
-        };
-        let (m, n, k) = (
-            super::launch::int(g.m as usize, "gemm m")?,
-            super::launch::int(g.n as usize, "gemm n")?,
-            super::launch::int(g.k as usize, "gemm k")?,
-        );
-        let (ta, tb) = (g.transa as i32, g.transb as i32);
-        let mut b = self.stream.launch_builder(self.kernels.get(name)?);
-        b.arg(&g.c).arg(&g.a).arg(&g.b).arg(&ta).arg(&tb).arg(&m).arg(&n).arg(&k);
-        b.arg(&g.lda).arg(&g.ldb).arg(&g.ldc).arg(&g.alpha).arg(&g.beta);
-        let cfg = LaunchConfig {
-            grid_dim: ((g.m as u32).div_ceil(16), (g.n as u32).div_ceil(16), 1),
-            block_dim: (16, 16, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: the same pointers and shapes cuBLASLt would have used, checked by the caller.
-        unsafe { b.launch(cfg) }?;
-        Ok(())
-    }
-
-    pub(super) fn matmul_forward_impl(
-        &self,
-        out: &mut super::CudaBuf,
-        inp: &super::CudaBuf,
-        w: &super::CudaBuf,
-        n: usize,
-        in_dim: usize,
-        out_dim: usize,
-    ) -> Result<()> {
-        let out = super::bf16_mut(out, n * out_dim, "matmul_forward out")?;
-        let inp = super::bf16_of(inp, n * in_dim, "matmul_forward inp")?;
-        let w = super::bf16_of(w, out_dim * in_dim, "matmul_forward w")?;
-        let call =
-            x_wt(n, in_dim, out_dim, self.dev_ptr(inp), self.dev_ptr(w), self.dev_ptr(out), DType::Bf16, 0.0);
-        self.run_gemm(&call)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn matmul_backward_impl(
-        &self,
-        dinp: Option<&mut super::CudaBuf>,
-        dw: &mut super::CudaBuf,
-        dout: &super::CudaBuf,
-        inp: &super::CudaBuf,
-        w: &super::CudaBuf,
-        n: usize,
-        in_dim: usize,
-        out_dim: usize,
-    ) -> Result<()> {
-        let dout = super::bf16_of(dout, n * out_dim, "matmul_backward dout")?;
-        let inp = super::bf16_of(inp, n * in_dim, "matmul_backward inp")?;
-        let w = super::bf16_of(w, out_dim * in_dim, "matmul_backward w")?;
-        let dw = super::f32_mut(dw, out_dim * in_dim, "matmul_backward dw")?;
-        if let Some(dinp) = dinp {
-            let dinp = super::bf16_mut(dinp, n * in_dim, "matmul_backward dinp")?;
-            let call = dy_w(n, out_dim, in_dim, self.dev_ptr(dout), self.dev_ptr(w), self.dev_ptr(dinp));
-            self.run_gemm(&call)?;
-        }
-        if n > 0 {
-            let call = dyt_x(n, in_dim, out_dim, self.dev_ptr(dout), self.dev_ptr(inp), self.dev_ptr(dw));
-            self.run_gemm(&call)?;
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::{dy_w, dyt_x, x_wt, DType, GemmCall};
 
-    /// cuBLAS semantics on the host (column-major, op() by the trans flags), as kernels/gemm.cu
+    /// cuBLAS semantics on the host (column-major, op() by the trans flags), as kernels/matmul.cu
     /// implements them: checks that the three row-major forms set shapes and strides right.
     fn emulate(g: &GemmCall, a: &[f32], b: &[f32], c: &mut [f32]) {
         let (m, n, k) = (g.m as usize, g.n as usize, g.k as usize);

@@ -1,10 +1,9 @@
 //! Allocation, host transfers, zeroing and copies.
 
 use anyhow::{bail, Context, Result};
-use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DeviceRepr, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DeviceRepr};
 use half::bf16;
 
-use super::launch::grid_stride;
 use super::{CudaBackend, CudaBuf};
 use crate::backend::Precision;
 
@@ -25,7 +24,7 @@ impl CudaBackend {
         Ok(host)
     }
 
-    pub(super) fn zeros_impl(&self, len: usize, precision: Precision) -> Result<CudaBuf> {
+    pub(super) fn zeros(&self, len: usize, precision: Precision) -> Result<CudaBuf> {
         // cudarc refuses zero-length allocations on some paths; one element costs nothing.
         let len = len.max(1);
         Ok(match precision {
@@ -38,7 +37,11 @@ impl CudaBackend {
         })
     }
 
-    pub(super) fn write_impl(&self, dst: &mut CudaBuf, src: &[f32]) -> Result<()> {
+    pub(super) fn zeros_ids(&self, len: usize) -> Result<CudaSlice<u32>> {
+        self.stream.alloc_zeros::<u32>(len.max(1)).context("allocating an id buffer")
+    }
+
+    pub(super) fn write(&self, dst: &mut CudaBuf, src: &[f32]) -> Result<()> {
         if src.is_empty() {
             return Ok(());
         }
@@ -55,7 +58,7 @@ impl CudaBackend {
         Ok(())
     }
 
-    pub(super) fn read_impl(&self, src: &CudaBuf, len: usize) -> Result<Vec<f32>> {
+    pub(super) fn read(&self, src: &CudaBuf, len: usize) -> Result<Vec<f32>> {
         if len == 0 {
             return Ok(Vec::new());
         }
@@ -68,7 +71,7 @@ impl CudaBackend {
         })
     }
 
-    pub(super) fn write_ids_impl(&self, dst: &mut CudaSlice<u32>, src: &[u32]) -> Result<()> {
+    pub(super) fn write_ids(&self, dst: &mut CudaSlice<u32>, src: &[u32]) -> Result<()> {
         if src.is_empty() {
             return Ok(());
         }
@@ -79,7 +82,7 @@ impl CudaBackend {
         Ok(())
     }
 
-    pub(super) fn zero_impl(&self, buf: &mut CudaBuf, len: usize) -> Result<()> {
+    pub(super) fn zero(&self, buf: &mut CudaBuf, len: usize) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
@@ -93,7 +96,7 @@ impl CudaBackend {
         Ok(())
     }
 
-    pub(super) fn copy_impl(&self, dst: &mut CudaBuf, src: &CudaBuf, len: usize) -> Result<()> {
+    pub(super) fn copy(&self, dst: &mut CudaBuf, src: &CudaBuf, len: usize) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
@@ -107,20 +110,7 @@ impl CudaBackend {
             (CudaBuf::F32(d), CudaBuf::F32(s)) => {
                 self.stream.memcpy_dtod(&s.slice(0..len), &mut d.slice_mut(0..len))?
             }
-            (CudaBuf::Bf16(d), CudaBuf::F32(s)) => {
-                let f = self.kernels.get("cast_f32_to_bf16")?;
-                let mut b = self.stream.launch_builder(f);
-                b.arg(d).arg(s).arg(&len);
-                // SAFETY: both buffers hold at least `len` elements (checked above).
-                unsafe { b.launch(grid_stride(len)) }?;
-            }
-            (CudaBuf::F32(d), CudaBuf::Bf16(s)) => {
-                let f = self.kernels.get("cast_bf16_to_f32")?;
-                let mut b = self.stream.launch_builder(f);
-                b.arg(d).arg(s).arg(&len);
-                // SAFETY: both buffers hold at least `len` elements (checked above).
-                unsafe { b.launch(grid_stride(len)) }?;
-            }
+            (dst, src) => self.cast(dst, src, len)?,
         }
         Ok(())
     }

@@ -1,20 +1,30 @@
 //! The CUDA backend: our kernels (kernels/*.cu, embedded as PTX) and cuBLASLt GEMMs, driven by cudarc.
+//! Each op family `F` has its launcher in `F.rs` for `kernels/F.cu` (the CPU twin is `cpu/F.rs`);
+//! launch.rs, memory.rs, scratch.rs and gemm.rs (cuBLASLt descriptors) are infrastructure.
 //!
+//! A family file implements its ops as inherent methods named like the trait's; the
+//! `impl Backend` below is generated from the trait's op list ([`crate::backend::backend_ops`]).
 //! Buffers are [`CudaBuf`]: bf16 for [`Precision::Compute`], fp32 for [`Precision::F32`]. Every
 //! op checks the precision and length of its buffers before launching, so a wrong call is an
 //! error rather than an out-of-bounds access on the device. Everything runs on one stream;
 //! ops that must look at data on the host (embedding backward, the loss) say so.
 
+mod adamw;
 mod attention;
-mod elementwise;
-mod flash;
+mod cast;
+mod cross_entropy;
+mod dropout;
+mod embedding;
+mod flash_attention;
 mod gemm;
+mod global_norm;
 mod launch;
-mod loss;
+mod matmul;
 mod memory;
-mod norm;
-mod optim;
+mod rmsnorm;
+mod rope;
 mod scratch;
+mod swiglu;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,8 +34,8 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::bf16;
 
 use super::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope};
-use flash::FlashSupport;
-pub use flash::{tile_table, AttentionPath};
+pub use flash_attention::AttentionPath;
+use flash_attention::FlashSupport;
 use gemm::Gemm;
 use launch::Kernels;
 use scratch::Scratch;
@@ -179,34 +189,21 @@ impl CudaBackend {
     }
 }
 
+/// One trait method per op, each calling the inherent method of the same name in its family file.
+macro_rules! call_family_ops {
+    ($($(#[$meta:meta])* fn $name:ident(&self $(, $arg:ident: $ty:ty)* $(,)?) -> $ret:ty;)*) => {
+        $(fn $name(&self $(, $arg: $ty)*) -> $ret {
+            CudaBackend::$name(self $(, $arg)*)
+        })*
+    };
+}
+
 impl Backend for CudaBackend {
     type Buf = CudaBuf;
     type Ids = CudaSlice<u32>;
 
     fn name(&self) -> String {
         self.name.clone()
-    }
-
-    fn zeros(&self, len: usize, precision: Precision) -> Result<CudaBuf> {
-        self.zeros_impl(len, precision)
-    }
-    fn zeros_ids(&self, len: usize) -> Result<CudaSlice<u32>> {
-        self.stream.alloc_zeros::<u32>(len.max(1)).context("allocating an id buffer")
-    }
-    fn write(&self, dst: &mut CudaBuf, src: &[f32]) -> Result<()> {
-        self.write_impl(dst, src)
-    }
-    fn read(&self, src: &CudaBuf, len: usize) -> Result<Vec<f32>> {
-        self.read_impl(src, len)
-    }
-    fn write_ids(&self, dst: &mut CudaSlice<u32>, src: &[u32]) -> Result<()> {
-        self.write_ids_impl(dst, src)
-    }
-    fn zero(&self, buf: &mut CudaBuf, len: usize) -> Result<()> {
-        self.zero_impl(buf, len)
-    }
-    fn copy(&self, dst: &mut CudaBuf, src: &CudaBuf, len: usize) -> Result<()> {
-        self.copy_impl(dst, src, len)
     }
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().context("synchronizing the CUDA stream")
@@ -220,199 +217,7 @@ impl Backend for CudaBackend {
         Ok(Some(info))
     }
 
-    fn embedding_forward(
-        &self,
-        out: &mut CudaBuf,
-        ids: &CudaSlice<u32>,
-        table: &CudaBuf,
-        n: usize,
-        d: usize,
-    ) -> Result<()> {
-        self.embedding_forward_impl(out, ids, table, n, d)
-    }
-    fn embedding_backward(
-        &self,
-        dtable: &mut CudaBuf,
-        ids: &CudaSlice<u32>,
-        dout: &CudaBuf,
-        n: usize,
-        d: usize,
-    ) -> Result<()> {
-        self.embedding_backward_impl(dtable, ids, dout, n, d)
-    }
-
-    fn rmsnorm_forward(
-        &self,
-        out: &mut CudaBuf,
-        rstd: &mut CudaBuf,
-        x: &CudaBuf,
-        w: &CudaBuf,
-        n: usize,
-        d: usize,
-        eps: f32,
-    ) -> Result<()> {
-        self.rmsnorm_forward_impl(out, rstd, x, w, n, d, eps)
-    }
-    fn residual_rmsnorm_forward(
-        &self,
-        x_out: &mut CudaBuf,
-        out: &mut CudaBuf,
-        rstd: &mut CudaBuf,
-        x_in: &CudaBuf,
-        delta: &CudaBuf,
-        w: &CudaBuf,
-        n: usize,
-        d: usize,
-        eps: f32,
-    ) -> Result<()> {
-        self.residual_rmsnorm_forward_impl(x_out, out, rstd, x_in, delta, w, n, d, eps)
-    }
-    fn rmsnorm_backward(
-        &self,
-        dx: &mut CudaBuf,
-        dw: &mut CudaBuf,
-        dout: &CudaBuf,
-        x: &CudaBuf,
-        w: &CudaBuf,
-        rstd: &CudaBuf,
-        n: usize,
-        d: usize,
-    ) -> Result<()> {
-        self.rmsnorm_backward_impl(dx, dw, dout, x, w, rstd, n, d)
-    }
-
-    fn matmul_forward(
-        &self,
-        out: &mut CudaBuf,
-        inp: &CudaBuf,
-        w: &CudaBuf,
-        n: usize,
-        in_dim: usize,
-        out_dim: usize,
-    ) -> Result<()> {
-        self.matmul_forward_impl(out, inp, w, n, in_dim, out_dim)
-    }
-    fn matmul_backward(
-        &self,
-        dinp: Option<&mut CudaBuf>,
-        dw: &mut CudaBuf,
-        dout: &CudaBuf,
-        inp: &CudaBuf,
-        w: &CudaBuf,
-        n: usize,
-        in_dim: usize,
-        out_dim: usize,
-    ) -> Result<()> {
-        self.matmul_backward_impl(dinp, dw, dout, inp, w, n, in_dim, out_dim)
-    }
-
-    fn rope_forward(
-        &self,
-        qkv: &mut CudaBuf,
-        positions: &CudaSlice<u32>,
-        n: usize,
-        heads: HeadShape,
-        rope: Rope,
-    ) -> Result<()> {
-        self.rope_impl(qkv, positions, n, heads, rope, 1.0)
-    }
-    fn rope_backward(
-        &self,
-        dqkv: &mut CudaBuf,
-        positions: &CudaSlice<u32>,
-        n: usize,
-        heads: HeadShape,
-        rope: Rope,
-    ) -> Result<()> {
-        self.rope_impl(dqkv, positions, n, heads, rope, -1.0)
-    }
-
-    fn attention_forward(
-        &self,
-        out: &mut CudaBuf,
-        lse: &mut CudaBuf,
-        qkv: &CudaBuf,
-        cu_seqlens: &CudaSlice<u32>,
-        n_segments: usize,
-        n: usize,
-        heads: HeadShape,
-    ) -> Result<()> {
-        self.attention_forward_impl(out, lse, qkv, cu_seqlens, n_segments, n, heads)
-    }
-    fn attention_backward(
-        &self,
-        dqkv: &mut CudaBuf,
-        dout: &CudaBuf,
-        qkv: &CudaBuf,
-        out: &CudaBuf,
-        lse: &CudaBuf,
-        cu_seqlens: &CudaSlice<u32>,
-        n_segments: usize,
-        n: usize,
-        heads: HeadShape,
-    ) -> Result<()> {
-        self.attention_backward_impl(dqkv, dout, qkv, out, lse, cu_seqlens, n_segments, n, heads)
-    }
-    fn attention_decode(
-        &self,
-        out: &mut CudaBuf,
-        qkv: &CudaBuf,
-        k_cache: &mut CudaBuf,
-        v_cache: &mut CudaBuf,
-        start: usize,
-        n_new: usize,
-        heads: HeadShape,
-    ) -> Result<()> {
-        self.attention_decode_impl(out, qkv, k_cache, v_cache, start, n_new, heads)
-    }
-
-    fn swiglu_forward(&self, out: &mut CudaBuf, gate_up: &CudaBuf, n: usize, hidden: usize) -> Result<()> {
-        self.swiglu_forward_impl(out, gate_up, n, hidden)
-    }
-    fn swiglu_backward(
-        &self,
-        dgate_up: &mut CudaBuf,
-        dout: &CudaBuf,
-        gate_up: &CudaBuf,
-        n: usize,
-        hidden: usize,
-    ) -> Result<()> {
-        self.swiglu_backward_impl(dgate_up, dout, gate_up, n, hidden)
-    }
-
-    fn dropout(&self, x: &mut CudaBuf, len: usize, p: f32, seed: u64) -> Result<()> {
-        self.dropout_impl(x, len, p, seed)
-    }
-
-    fn lm_head_cross_entropy(
-        &self,
-        x: &CudaBuf,
-        w: &CudaBuf,
-        targets: &CudaSlice<u32>,
-        ignore_id: u32,
-        n: usize,
-        d: usize,
-        vocab: usize,
-        grads: Option<LossGrads<'_, Self>>,
-    ) -> Result<f64> {
-        self.lm_head_cross_entropy_impl(x, w, targets, ignore_id, n, d, vocab, grads)
-    }
-
-    fn sum_squares(&self, bufs: &[&CudaBuf], lens: &[usize]) -> Result<f64> {
-        self.sum_squares_impl(bufs, lens)
-    }
-    fn adamw(
-        &self,
-        params: &mut [&mut CudaBuf],
-        master: &mut [&mut CudaBuf],
-        grads: &[&CudaBuf],
-        m: &mut [&mut CudaBuf],
-        v: &mut [&mut CudaBuf],
-        lens: &[usize],
-        hp: &AdamW,
-    ) -> Result<()> {
-        self.adamw_impl(params, master, grads, m, v, lens, hp)
-    }
+    super::backend_ops!(call_family_ops);
 }
 
 #[cfg(test)]

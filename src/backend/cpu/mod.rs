@@ -1,31 +1,41 @@
 //! The CPU reference backend: every op of the trait, plainly, in f32 (training) or f64 (gradient
 //! checks).
 //!
-//! Each op is a free function on slices named like the trait method (the CPU twin each CUDA
-//! kernel is tested against); [`CpuBackend`] checks buffer sizes and calls them. Rows run in
+//! Each op family `F` is a file `F.rs` of free functions on slices, named like the trait's methods
+//! and the kernels of `kernels/F.cu` (the CPU twins each CUDA kernel is tested against);
+//! [`CpuBackend`] checks buffer sizes and calls them. `real.rs` is the float type they share. Rows run in
 //! parallel with rayon, GEMMs go through `matrixmultiply`, and every reduction has a fixed
 //! order, so a run is reproducible whatever the thread count.
 
+mod adamw;
 mod attention;
-mod attention_blocks;
-mod dense;
-mod loss;
-mod optim;
+mod cross_entropy;
+mod dropout;
+mod embedding;
+mod flash_attention;
+mod global_norm;
+mod matmul;
 mod real;
+mod rmsnorm;
+mod rope;
+mod swiglu;
 
 use std::marker::PhantomData;
 
 use anyhow::{ensure, Result};
 
-pub use attention::{attention_decode, rope_backward, rope_forward};
-pub use attention_blocks::{attention_backward, attention_forward};
-pub use dense::{
-    dropout, embedding_backward, embedding_forward, matmul_backward, matmul_forward,
-    residual_rmsnorm_forward, rmsnorm_backward, rmsnorm_forward, swiglu_backward, swiglu_forward,
-};
-pub use loss::{lm_head_cross_entropy, CeGrads, CE_CHUNK_ROWS};
-pub use optim::{adamw_tensor, sum_squares};
+pub use adamw::adamw_tensor;
+pub use attention::{attention_backward, attention_decode, attention_forward};
+pub use cross_entropy::{lm_head_cross_entropy, CeGrads, CE_CHUNK_ROWS};
+pub use dropout::dropout;
+pub use embedding::{embedding_backward, embedding_forward};
+pub use flash_attention::tile_table;
+pub use global_norm::sum_squares;
+pub use matmul::{matmul_backward, matmul_forward};
 pub use real::Real;
+pub use rmsnorm::{residual_rmsnorm_forward, rmsnorm_backward, rmsnorm_forward};
+pub use rope::{rope_backward, rope_forward};
+pub use swiglu::{swiglu_backward, swiglu_forward};
 
 use super::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope};
 

@@ -1,25 +1,12 @@
-//! Optimizer ops: the gradient norm's sum of squares and the AdamW step.
+//! The AdamW step, one tensor at a time (the CUDA kernel does all tensors in one launch).
 
 use rayon::prelude::*;
 
 use super::Real;
 use crate::backend::AdamW;
 
-/// Elements per parallel chunk; fixed so the f64 sums are reproducible.
+/// Elements per parallel chunk.
 const CHUNK: usize = 1 << 14;
-
-/// Sum of squares of the first `lens[i]` elements of every `bufs[i]`, accumulated in f64.
-pub fn sum_squares<T: Real>(bufs: &[&[T]], lens: &[usize]) -> f64 {
-    let mut total = 0.0;
-    for (b, &len) in bufs.iter().zip(lens) {
-        let partials: Vec<f64> = b[..len]
-            .par_chunks(CHUNK)
-            .map(|c| c.iter().map(|&x| x.to_f64() * x.to_f64()).sum::<f64>())
-            .collect();
-        total += partials.iter().sum::<f64>();
-    }
-    total
-}
 
 /// One AdamW step for one tensor, in PyTorch's order: decoupled decay of `master` first, then
 /// the moments of `g = grad · grad_scale`, the bias-corrected update, and `params = master`.

@@ -12,7 +12,7 @@ const DW_CHUNKS: usize = 64;
 
 impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn rmsnorm_forward_impl(
+    pub(super) fn rmsnorm_forward(
         &self,
         out: &mut CudaBuf,
         rstd: &mut CudaBuf,
@@ -38,7 +38,7 @@ impl CudaBackend {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn residual_rmsnorm_forward_impl(
+    pub(super) fn residual_rmsnorm_forward(
         &self,
         x_out: &mut CudaBuf,
         out: &mut CudaBuf,
@@ -68,7 +68,7 @@ impl CudaBackend {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn rmsnorm_backward_impl(
+    pub(super) fn rmsnorm_backward(
         &self,
         dx: &mut CudaBuf,
         dw: &mut CudaBuf,

@@ -147,21 +147,6 @@ pub(crate) fn tile_bound(n: usize, n_segments: usize, tile: usize) -> usize {
     n.div_ceil(tile) + n_segments
 }
 
-/// The host mirror of `flash_tile_table`: (first row, segment start, segment end) per tile, in
-/// segment order. The kernels read the table back to front (longest causal rows first).
-pub fn tile_table(cu_seqlens: &[u32], tile: usize) -> Vec<[u32; 3]> {
-    let mut out = Vec::new();
-    for w in cu_seqlens.windows(2) {
-        let (start, end) = (w[0], w[1]);
-        let mut q = start;
-        while q < end {
-            out.push([q, start, end]);
-            q += tile as u32;
-        }
-    }
-    out
-}
-
 impl CudaBackend {
     /// Chooses the tensor-core path (`Some`) or the scalar one (`None`) for this head shape.
     pub(super) fn flash_config(&self, heads: HeadShape) -> Option<FlashConfig> {
@@ -270,6 +255,7 @@ mod tests {
     //! `mma.m16n8k16.row.col` per the PTX ISA fragment tables, driven by the same address
     //! formulas as `mma_abt` / `mma_py` in flash_attention.cu.
     use super::*;
+    use crate::backend::cpu::tile_table;
 
     const LANES: usize = 32;
     /// Per lane, 4 registers of 2 values (a .b32 holding two bf16; the first is the low half).

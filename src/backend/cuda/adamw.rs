@@ -1,67 +1,20 @@
-//! Global gradient norm (sum of squares) and the multi-tensor AdamW step.
+//! The multi-tensor AdamW step: one launch for every tensor, through a device array of
+//! per-tensor descriptors.
 
 use anyhow::{bail, Result};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::launch::BLOCK;
 use super::scratch::ensure;
-use super::{bf16_of, f32_of, CudaBackend, CudaBuf};
+use super::{bf16_of, f32_mut, f32_of, CudaBackend, CudaBuf};
 use crate::backend::AdamW;
 
-/// Blocks per buffer in `sum_squares` (each writes one partial).
-const SUMSQ_BLOCKS: usize = 128;
-/// At most this many blocks stride over one tensor in AdamW.
+/// At most this many blocks stride over one tensor.
 const ADAM_BLOCKS: usize = 1024;
 
 impl CudaBackend {
-    /// Deterministic: a fixed grid per buffer writes fp32 block partials, summed on the host in f64.
-    pub(super) fn sum_squares_impl(&self, bufs: &[&CudaBuf], lens: &[usize]) -> Result<f64> {
-        if bufs.len() != lens.len() {
-            bail!("sum_squares: {} buffers but {} lengths", bufs.len(), lens.len());
-        }
-        let mut scratch = self.scratch();
-        let partial =
-            ensure(&mut scratch.sumsq_partial, bufs.len() * SUMSQ_BLOCKS, &self.stream, "norm partials")?;
-        let mut used = Vec::new();
-        for (i, (buf, &len)) in bufs.iter().zip(lens).enumerate() {
-            if len == 0 {
-                continue;
-            }
-            if len > buf.len() {
-                bail!("sum_squares: buffer {i} has {} elements, asked for {len}", buf.len());
-            }
-            let blocks = len.div_ceil(BLOCK as usize).min(SUMSQ_BLOCKS);
-            let mut out = partial.slice_mut(i * SUMSQ_BLOCKS..i * SUMSQ_BLOCKS + blocks);
-            let cfg = LaunchConfig {
-                grid_dim: (blocks as u32, 1, 1),
-                block_dim: (BLOCK, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            match buf {
-                CudaBuf::F32(s) => {
-                    let mut b = self.stream.launch_builder(self.kernels.get("sum_squares_f32")?);
-                    b.arg(&mut out).arg(s).arg(&len);
-                    // SAFETY: `blocks` partial slots; len checked.
-                    unsafe { b.launch(cfg) }?;
-                }
-                CudaBuf::Bf16(s) => {
-                    let mut b = self.stream.launch_builder(self.kernels.get("sum_squares_bf16")?);
-                    b.arg(&mut out).arg(s).arg(&len);
-                    // SAFETY: `blocks` partial slots; len checked.
-                    unsafe { b.launch(cfg) }?;
-                }
-            }
-            used.push((i * SUMSQ_BLOCKS, blocks));
-        }
-        if used.is_empty() {
-            return Ok(0.0);
-        }
-        let host = self.download(&partial.slice(0..bufs.len() * SUMSQ_BLOCKS))?;
-        Ok(used.iter().flat_map(|&(o, b)| host[o..o + b].iter()).map(|&v| v as f64).sum())
-    }
-
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn adamw_impl(
+    pub(super) fn adamw(
         &self,
         params: &mut [&mut CudaBuf],
         master: &mut [&mut CudaBuf],
@@ -89,10 +42,10 @@ impl CudaBackend {
         for i in 0..k {
             let len = lens[i];
             let what = |name: &str| format!("adamw tensor {i} {name}");
-            descs.push(self.dev_ptr(super::f32_mut(master[i], len, &what("master"))?));
+            descs.push(self.dev_ptr(f32_mut(master[i], len, &what("master"))?));
             descs.push(self.dev_ptr(f32_of(grads[i], len, &what("grad"))?));
-            descs.push(self.dev_ptr(super::f32_mut(m[i], len, &what("m"))?));
-            descs.push(self.dev_ptr(super::f32_mut(v[i], len, &what("v"))?));
+            descs.push(self.dev_ptr(f32_mut(m[i], len, &what("m"))?));
+            descs.push(self.dev_ptr(f32_mut(v[i], len, &what("v"))?));
             descs.push(self.dev_ptr(bf16_of(params[i], len, &what("param"))?));
             descs.push(len as u64);
             max_len = max_len.max(len);

@@ -37,7 +37,7 @@ pub(super) fn supervised_rows(targets: &[u32], ignore_id: u32, vocab: usize) -> 
 
 impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn lm_head_cross_entropy_impl(
+    pub(super) fn lm_head_cross_entropy(
         &self,
         x: &CudaBuf,
         w: &CudaBuf,
@@ -99,7 +99,7 @@ impl CudaBackend {
             let r = chunk.min(n_sup - c0);
             let ri = int(r, "chunk rows")?;
             let idx = rows_d.slice(c0..c0 + r);
-            let mut b = self.stream.launch_builder(self.kernels.get("gather_rows")?);
+            let mut b = self.stream.launch_builder(self.kernels.get("cross_entropy_gather_rows")?);
             b.arg(&mut *xc).arg(x).arg(&idx).arg(&ri).arg(&di);
             // SAFETY: idx entries are rows < n of x; xc holds chunk * d.
             unsafe { b.launch(grid_stride(r * d)) }?;
@@ -130,7 +130,7 @@ impl CudaBackend {
                 self.run_gemm(&dy_w(r, vocab, d, dl_ptr, w_ptr, dxc_ptr))?;
                 // dw[vocab, d] += dlogits^T @ x_chunk
                 self.run_gemm(&dyt_x(r, d, vocab, dl_ptr, xc_ptr, self.dev_ptr(&**dw)))?;
-                let mut b = self.stream.launch_builder(self.kernels.get("scatter_rows")?);
+                let mut b = self.stream.launch_builder(self.kernels.get("cross_entropy_scatter_rows")?);
                 b.arg(&mut **dx).arg(&**dxc).arg(&idx).arg(&ri).arg(&di);
                 // SAFETY: distinct rows < n of dx; dxc holds chunk * d.
                 unsafe { b.launch(grid_stride(r * d)) }?;

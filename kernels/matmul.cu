@@ -15,7 +15,7 @@ __device__ __forceinline__ float gemm_dot(const __nv_bfloat16* a, const __nv_bfl
 }
 
 // Grid: (ceil(m / 16), ceil(n / 16)); block (16, 16).
-extern "C" __global__ void gemm_fallback_f32out(float* c, const __nv_bfloat16* a, const __nv_bfloat16* b, int transa,
+extern "C" __global__ void matmul_fallback_f32out(float* c, const __nv_bfloat16* a, const __nv_bfloat16* b, int transa,
                                                 int transb, int m, int n, int k, long long lda, long long ldb,
                                                 long long ldc, float alpha, float beta) {
     int i = blockIdx.x * 16 + threadIdx.x, j = blockIdx.y * 16 + threadIdx.y;
@@ -25,7 +25,7 @@ extern "C" __global__ void gemm_fallback_f32out(float* c, const __nv_bfloat16* a
     c[o] = beta == 0.0f ? acc : acc + beta * c[o];
 }
 
-extern "C" __global__ void gemm_fallback_bf16out(__nv_bfloat16* c, const __nv_bfloat16* a, const __nv_bfloat16* b,
+extern "C" __global__ void matmul_fallback_bf16out(__nv_bfloat16* c, const __nv_bfloat16* a, const __nv_bfloat16* b,
                                                  int transa, int transb, int m, int n, int k, long long lda,
                                                  long long ldb, long long ldc, float alpha, float beta) {
     int i = blockIdx.x * 16 + threadIdx.x, j = blockIdx.y * 16 + threadIdx.y;

@@ -1,0 +1,26 @@
+//! Linear layers: `inp @ w^T` and its backward, through `Real::gemm` (matrixmultiply).
+
+use super::Real;
+
+/// `out[n, o] = inp[n, i] @ w[o, i]^T`.
+pub fn matmul_forward<T: Real>(out: &mut [T], inp: &[T], w: &[T], n: usize, in_dim: usize, out_dim: usize) {
+    T::gemm(n, in_dim, out_dim, T::ONE, inp, (in_dim, 1), w, (1, in_dim), T::ZERO, out, (out_dim, 1));
+}
+
+/// `dinp = dout @ w` (overwritten, when given); `dw += dout^T @ inp`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_backward<T: Real>(
+    dinp: Option<&mut [T]>,
+    dw: &mut [T],
+    dout: &[T],
+    inp: &[T],
+    w: &[T],
+    n: usize,
+    in_dim: usize,
+    out_dim: usize,
+) {
+    if let Some(dinp) = dinp {
+        T::gemm(n, out_dim, in_dim, T::ONE, dout, (out_dim, 1), w, (in_dim, 1), T::ZERO, dinp, (in_dim, 1));
+    }
+    T::gemm(out_dim, n, in_dim, T::ONE, dout, (1, out_dim), inp, (in_dim, 1), T::ONE, dw, (in_dim, 1));
+}

@@ -1,0 +1,106 @@
+//! RMSNorm forward (plain and fused with the residual add) and backward.
+//!
+//! The weight gradient sums fixed row blocks in order, so it does not depend on thread scheduling.
+
+use rayon::prelude::*;
+
+use super::Real;
+
+/// Rows per parallel block in the weight gradient's sum; fixed so sums are reproducible.
+const ROW_BLOCK: usize = 64;
+/// Elements per parallel chunk of the residual add.
+const ELEM_CHUNK: usize = 1 << 14;
+
+/// `out = x · rstd · w` per row, saving `rstd = 1 / sqrt(mean(x²) + eps)`.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_forward<T: Real>(
+    out: &mut [T],
+    rstd: &mut [T],
+    x: &[T],
+    w: &[T],
+    n: usize,
+    d: usize,
+    eps: f32,
+) {
+    let eps = T::from_f32(eps);
+    let inv_d = T::from_f64(1.0 / d as f64);
+    out[..n * d].par_chunks_mut(d.max(1)).zip(&mut rstd[..n]).zip(x[..n * d].par_chunks(d.max(1))).for_each(
+        |((o, r), xr)| {
+            let ms: T = xr.iter().map(|&v| v * v).sum::<T>() * inv_d;
+            let rs = T::ONE / (ms + eps).sqrt();
+            *r = rs;
+            for ((o, &xv), &wv) in o.iter_mut().zip(xr).zip(w) {
+                *o = xv * rs * wv;
+            }
+        },
+    );
+}
+
+/// `x_out = x_in + delta`, then `out = rmsnorm(x_out) · w`.
+#[allow(clippy::too_many_arguments)]
+pub fn residual_rmsnorm_forward<T: Real>(
+    x_out: &mut [T],
+    out: &mut [T],
+    rstd: &mut [T],
+    x_in: &[T],
+    delta: &[T],
+    w: &[T],
+    n: usize,
+    d: usize,
+    eps: f32,
+) {
+    x_out[..n * d]
+        .par_chunks_mut(ELEM_CHUNK)
+        .zip(x_in[..n * d].par_chunks(ELEM_CHUNK))
+        .zip(delta[..n * d].par_chunks(ELEM_CHUNK))
+        .for_each(|((o, a), b)| {
+            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                *o = a + b;
+            }
+        });
+    rmsnorm_forward(out, rstd, x_out, w, n, d, eps);
+}
+
+/// ADDS `d(out)/dx · dout` into `dx` and `d(out)/dw · dout` into `dw`.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_backward<T: Real>(
+    dx: &mut [T],
+    dw: &mut [T],
+    dout: &[T],
+    x: &[T],
+    w: &[T],
+    rstd: &[T],
+    n: usize,
+    d: usize,
+) {
+    if n == 0 || d == 0 {
+        return;
+    }
+    let inv_d = T::from_f64(1.0 / d as f64);
+    dx[..n * d].par_chunks_mut(d).enumerate().for_each(|(i, dxr)| {
+        let (xr, gr, r) = (&x[i * d..(i + 1) * d], &dout[i * d..(i + 1) * d], rstd[i]);
+        let dot: T = (0..d).map(|e| gr[e] * w[e] * xr[e]).sum();
+        let c = r * r * r * inv_d * dot;
+        for e in 0..d {
+            dxr[e] += r * w[e] * gr[e] - c * xr[e];
+        }
+    });
+    let partials: Vec<Vec<T>> = (0..n.div_ceil(ROW_BLOCK))
+        .into_par_iter()
+        .map(|b| {
+            let mut acc = vec![T::ZERO; d];
+            for i in b * ROW_BLOCK..((b + 1) * ROW_BLOCK).min(n) {
+                let r = rstd[i];
+                for e in 0..d {
+                    acc[e] += dout[i * d + e] * x[i * d + e] * r;
+                }
+            }
+            acc
+        })
+        .collect();
+    for p in partials {
+        for (a, v) in dw[..d].iter_mut().zip(p) {
+            *a += v;
+        }
+    }
+}

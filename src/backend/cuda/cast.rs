@@ -1,0 +1,32 @@
+//! Precision conversion between a bf16 and an fp32 buffer (`copy` between precisions).
+
+use anyhow::{bail, Result};
+use cudarc::driver::PushKernelArg;
+
+use super::launch::grid_stride;
+use super::{CudaBackend, CudaBuf};
+
+impl CudaBackend {
+    /// Converts the first `len` elements of `src` into `dst`, which has the other precision;
+    /// the caller has checked both lengths.
+    pub(super) fn cast(&self, dst: &mut CudaBuf, src: &CudaBuf, len: usize) -> Result<()> {
+        match (dst, src) {
+            (CudaBuf::Bf16(d), CudaBuf::F32(s)) => {
+                let f = self.kernels.get("cast_f32_to_bf16")?;
+                let mut b = self.stream.launch_builder(f);
+                b.arg(d).arg(s).arg(&len);
+                // SAFETY: both buffers hold at least `len` elements (checked above).
+                unsafe { b.launch(grid_stride(len)) }?;
+            }
+            (CudaBuf::F32(d), CudaBuf::Bf16(s)) => {
+                let f = self.kernels.get("cast_bf16_to_f32")?;
+                let mut b = self.stream.launch_builder(f);
+                b.arg(d).arg(s).arg(&len);
+                // SAFETY: both buffers hold at least `len` elements (checked above).
+                unsafe { b.launch(grid_stride(len)) }?;
+            }
+            _ => bail!("cast: both buffers have the same precision (copy them instead)"),
+        }
+        Ok(())
+    }
+}

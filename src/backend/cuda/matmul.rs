@@ -1,0 +1,84 @@
+//! Linear layers through cuBLASLt, and `run_gemm`, which every GEMM of the backend goes through:
+//! cuBLASLt (gemm.rs), or kernels/matmul.cu where cuBLASLt has no algorithm.
+
+use anyhow::Result;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::gemm::{dy_w, dyt_x, x_wt, DType, GemmCall};
+use super::launch::int;
+use super::{bf16_mut, bf16_of, f32_mut, CudaBackend, CudaBuf};
+
+impl CudaBackend {
+    /// One GEMM: cuBLASLt, or kernels/matmul.cu where cuBLASLt has no algorithm.
+    pub(super) fn run_gemm(&self, g: &GemmCall) -> Result<()> {
+        if g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        if self.gemm.run(g)? {
+            return Ok(());
+        }
+        let name = match g.c_type {
+            DType::F32 => "matmul_fallback_f32out",
+            DType::Bf16 => "matmul_fallback_bf16out",
+        };
+        let (m, n, k) =
+            (int(g.m as usize, "gemm m")?, int(g.n as usize, "gemm n")?, int(g.k as usize, "gemm k")?);
+        let (ta, tb) = (g.transa as i32, g.transb as i32);
+        let mut b = self.stream.launch_builder(self.kernels.get(name)?);
+        b.arg(&g.c).arg(&g.a).arg(&g.b).arg(&ta).arg(&tb).arg(&m).arg(&n).arg(&k);
+        b.arg(&g.lda).arg(&g.ldb).arg(&g.ldc).arg(&g.alpha).arg(&g.beta);
+        let cfg = LaunchConfig {
+            grid_dim: ((g.m as u32).div_ceil(16), (g.n as u32).div_ceil(16), 1),
+            block_dim: (16, 16, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the same pointers and shapes cuBLASLt would have used, checked by the caller.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    pub(super) fn matmul_forward(
+        &self,
+        out: &mut CudaBuf,
+        inp: &CudaBuf,
+        w: &CudaBuf,
+        n: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        let out = bf16_mut(out, n * out_dim, "matmul_forward out")?;
+        let inp = bf16_of(inp, n * in_dim, "matmul_forward inp")?;
+        let w = bf16_of(w, out_dim * in_dim, "matmul_forward w")?;
+        let call =
+            x_wt(n, in_dim, out_dim, self.dev_ptr(inp), self.dev_ptr(w), self.dev_ptr(out), DType::Bf16, 0.0);
+        self.run_gemm(&call)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn matmul_backward(
+        &self,
+        dinp: Option<&mut CudaBuf>,
+        dw: &mut CudaBuf,
+        dout: &CudaBuf,
+        inp: &CudaBuf,
+        w: &CudaBuf,
+        n: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        let dout = bf16_of(dout, n * out_dim, "matmul_backward dout")?;
+        let inp = bf16_of(inp, n * in_dim, "matmul_backward inp")?;
+        let w = bf16_of(w, out_dim * in_dim, "matmul_backward w")?;
+        let dw = f32_mut(dw, out_dim * in_dim, "matmul_backward dw")?;
+        if let Some(dinp) = dinp {
+            let dinp = bf16_mut(dinp, n * in_dim, "matmul_backward dinp")?;
+            let call = dy_w(n, out_dim, in_dim, self.dev_ptr(dout), self.dev_ptr(w), self.dev_ptr(dinp));
+            self.run_gemm(&call)?;
+        }
+        if n > 0 {
+            let call = dyt_x(n, in_dim, out_dim, self.dev_ptr(dout), self.dev_ptr(inp), self.dev_ptr(dw));
+            self.run_gemm(&call)?;
+        }
+        Ok(())
+    }
+}

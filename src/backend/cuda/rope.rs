@@ -1,0 +1,91 @@
+//! Rotary embeddings: one kernel, `rope_apply`, rotates forward or back.
+
+use anyhow::{bail, Result};
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+use super::launch::{grid_stride, int};
+use super::{bf16_mut, ids_of, CudaBackend, CudaBuf};
+use crate::backend::{HeadShape, Rope, RopeScaling, RopeStyle};
+
+impl CudaBackend {
+    pub(super) fn rope_forward(
+        &self,
+        qkv: &mut CudaBuf,
+        positions: &CudaSlice<u32>,
+        n: usize,
+        heads: HeadShape,
+        rope: Rope,
+    ) -> Result<()> {
+        self.rope_apply(qkv, positions, n, heads, rope, 1.0)
+    }
+
+    pub(super) fn rope_backward(
+        &self,
+        dqkv: &mut CudaBuf,
+        positions: &CudaSlice<u32>,
+        n: usize,
+        heads: HeadShape,
+        rope: Rope,
+    ) -> Result<()> {
+        self.rope_apply(dqkv, positions, n, heads, rope, -1.0)
+    }
+
+    /// Rotates by `direction · angle`: 1 forward, -1 backward.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_apply(
+        &self,
+        qkv: &mut CudaBuf,
+        positions: &CudaSlice<u32>,
+        n: usize,
+        heads: HeadShape,
+        rope: Rope,
+        direction: f32,
+    ) -> Result<()> {
+        let width = heads.qkv_width();
+        let qkv = bf16_mut(qkv, n * width, "rope qkv")?;
+        let positions = ids_of(positions, n, "rope positions")?;
+        if !heads.head_dim.is_multiple_of(2) {
+            bail!("rope: head_dim {} is odd", heads.head_dim);
+        }
+        let rot_heads = heads.n_heads + heads.n_kv_heads;
+        let total = n * rot_heads * heads.head_dim / 2;
+        if total == 0 {
+            return Ok(());
+        }
+        let (ni, hi, hdi, wi) =
+            (int(n, "n")?, int(rot_heads, "heads")?, int(heads.head_dim, "head_dim")?, int(width, "width")?);
+        let style_i: i32 = match rope.style {
+            RopeStyle::AdjacentPairs => 0,
+            RopeStyle::HalfSplit => 1,
+        };
+        // (kind, factor, low_freq_factor, high_freq_factor, original context) as rope_apply reads them.
+        let scaling: (i32, f32, f32, f32, f32) = match rope.scaling {
+            None => (0, 1.0, 1.0, 1.0, 1.0),
+            Some(RopeScaling::Linear { factor }) => (1, factor, 1.0, 1.0, 1.0),
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => (2, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings as f32),
+        };
+        let mut b = self.stream.launch_builder(self.kernels.get("rope_apply")?);
+        b.arg(qkv)
+            .arg(positions)
+            .arg(&ni)
+            .arg(&hi)
+            .arg(&hdi)
+            .arg(&wi)
+            .arg(&rope.theta)
+            .arg(&style_i)
+            .arg(&direction)
+            .arg(&scaling.0)
+            .arg(&scaling.1)
+            .arg(&scaling.2)
+            .arg(&scaling.3)
+            .arg(&scaling.4);
+        // SAFETY: qkv holds n rows of `width`; the rotated heads lie within a row.
+        unsafe { b.launch(grid_stride(total)) }?;
+        Ok(())
+    }
+}
