@@ -192,7 +192,7 @@ fn shards_of_another_tokenizer_are_refused() {
     // A train split and a val split of different tokenizers in one directory.
     std::fs::copy(dir_b.join("val-00000.bin"), dir_a.join("val-00000.bin")).unwrap();
     for split in [Split::Train, Split::Val] {
-        let err = format!("{:#}", Dataset::open(&dir_a, split).err().expect("a mixed directory is refused"));
+        let err = format!("{:#}", Dataset::open(&dir_a, split).expect_err("a mixed directory is refused"));
         assert!(err.contains("val-00000.bin") && err.contains(&fb), "{err}");
     }
 }
