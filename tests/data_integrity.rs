@@ -242,6 +242,8 @@ fn an_interrupted_prepare_leaves_the_old_or_the_new_set_never_a_mix() {
 
     // A kill at every step of a prepare over an old set: always one whole set.
     assert!(prep(&tok_a, &[]).status.success());
+    // The user's own file in the directory survives every kill (moved back by the next prepare).
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
     let mut saw_new = false;
     let mut aborted = 0;
     for step in 1..=20 {
@@ -260,6 +262,7 @@ fn an_interrupted_prepare_leaves_the_old_or_the_new_set_never_a_mix() {
             break;
         }
     }
+    eprintln!("a prepare killed at each of its {aborted} steps left a whole set each time");
     assert!(aborted >= 3, "the failpoints cover the steps of a prepare ({aborted} kills)");
     assert!(saw_new);
     // A finished prepare leaves nothing beside the directory.
@@ -270,6 +273,7 @@ fn an_interrupted_prepare_leaves_the_old_or_the_new_set_never_a_mix() {
         .filter(|n| n.starts_with("prep") && n != "prep" && n != "prep_b")
         .collect();
     assert!(leftovers_after.is_empty(), "a finished prepare cleans up: {leftovers_after:?}");
+    assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "mine");
 }
 
 // ---- 7, 8: tokenizer training -----------------------------------------------------------------
