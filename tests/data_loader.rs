@@ -202,14 +202,21 @@ fn shard_round_trip_and_corruption_detected() {
     let mut v = bytes.clone();
     v[8] = 9;
     check("version.bin", &v, "version 9");
+    // Structural damage behind a valid checksum (re-sealed) is caught by the offset checks...
     let mut v = bytes.clone();
-    let tokens_end = 64 + 4 * 10; // 9 tokens + 1 padding
+    let tokens_end = sft::data::shard::HEADER_LEN + 4 * 10; // 9 tokens + 1 padding
     v[tokens_end + 8] = 200; // second offset
-    check("offsets.bin", &v, "corrupt");
+    sft::data::shard::seal(&mut v);
+    check("offsets.bin", &v, "corrupt token offsets");
     let mut v = bytes.clone();
     let n = v.len();
     v[n - 4] = 99; // end of the last span
+    sft::data::shard::seal(&mut v);
     check("span.bin", &v, "corrupt supervised span");
+    // ...and a changed token (structurally fine) by the checksum.
+    let mut v = bytes.clone();
+    v[sft::data::shard::HEADER_LEN] ^= 1;
+    check("sum.bin", &v, "checksum mismatch");
 }
 
 #[test]

@@ -61,6 +61,8 @@ pub fn for_each_conversation(
         unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
     let _ = map.advise(memmap2::Advice::Sequential);
     let bytes: &[u8] = &map;
+    // A UTF-8 byte-order mark (some editors write one) is not JSON: skip it.
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let first = bytes.iter().position(|b| !b.is_ascii_whitespace());
     let Some(first) = first else {
         bail!("{}: chat file holds only whitespace", path.display());
@@ -73,19 +75,21 @@ pub fn for_each_conversation(
     if bytes[first] == b'[' {
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let mut failure: Option<anyhow::Error> = None;
-        let result = de.deserialize_seq(ListVisitor { handle: &mut handle, failure: &mut failure });
+        let mut at = 0;
+        let result =
+            de.deserialize_seq(ListVisitor { handle: &mut handle, failure: &mut failure, at: &mut at });
         if let Some(e) = failure {
             return Err(e);
         }
-        let n = result.with_context(|| format!("{}: invalid JSON", path.display()))?;
+        let n = result.with_context(|| format!("{}: example {at}: invalid JSON", path.display()))?;
         de.end().with_context(|| format!("{}: trailing data after the JSON list", path.display()))?;
         if n == 0 {
             bail!("{}: the JSON list holds no conversations", path.display());
         }
     } else {
-        let stream = serde_json::Deserializer::from_slice(bytes).into_iter::<Value>();
+        let stream = serde_json::Deserializer::from_slice(bytes).into_iter::<CheckedValue>();
         let mut n = 0;
-        for (index, record) in stream.enumerate() {
+        for (index, record) in stream.map(|r| r.map(|v| v.0)).enumerate() {
             let record = record.with_context(|| {
                 format!(
                     "{}: example {index}: invalid JSON (JSON Lines: one conversation a line)",
@@ -108,6 +112,8 @@ type Handler<'a> = &'a mut dyn FnMut(usize, Value) -> Result<()>;
 struct ListVisitor<'a, 'b> {
     handle: Handler<'a>,
     failure: &'b mut Option<anyhow::Error>,
+    /// The index of the element being parsed, for errors inside it.
+    at: &'b mut usize,
 }
 
 impl<'de> Visitor<'de> for ListVisitor<'_, '_> {
@@ -119,7 +125,10 @@ impl<'de> Visitor<'de> for ListVisitor<'_, '_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
         let mut index = 0;
-        while let Some(record) = seq.next_element_seed(RecordSeed)? {
+        while let Some(record) = {
+            *self.at = index;
+            seq.next_element_seed(RecordSeed)?
+        } {
             if let Err(e) = (self.handle)(index, record) {
                 *self.failure = Some(e);
                 return Err(serde::de::Error::custom("stopped"));
@@ -135,7 +144,74 @@ struct RecordSeed;
 impl<'de> DeserializeSeed<'de> for RecordSeed {
     type Value = Value;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        <CheckedValue as serde::Deserialize>::deserialize(d).map(|v| v.0)
+    }
+}
+
+/// A JSON value whose objects have no duplicate key: `serde_json::Value` keeps the last of two
+/// equal keys, which would silently drop the first field's data.
+struct CheckedValue(Value);
+
+impl<'de> serde::Deserialize<'de> for CheckedValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(CheckedVisitor)
+    }
+}
+
+struct CheckedVisitor;
+
+impl<'de> Visitor<'de> for CheckedVisitor {
+    type Value = CheckedValue;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<CheckedValue, E> {
+        Ok(CheckedValue(Value::Bool(v)))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<CheckedValue, E> {
+        Ok(CheckedValue(Value::from(v)))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<CheckedValue, E> {
+        Ok(CheckedValue(Value::from(v)))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<CheckedValue, E> {
+        Ok(CheckedValue(Value::from(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<CheckedValue, E> {
+        Ok(CheckedValue(Value::String(v.to_string())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<CheckedValue, E> {
+        Ok(CheckedValue(Value::String(v)))
+    }
+    fn visit_unit<E>(self) -> Result<CheckedValue, E> {
+        Ok(CheckedValue(Value::Null))
+    }
+    fn visit_none<E>(self) -> Result<CheckedValue, E> {
+        Ok(CheckedValue(Value::Null))
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<CheckedValue, D::Error> {
         serde::Deserialize::deserialize(d)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<CheckedValue, A::Error> {
+        let mut items = Vec::new();
+        while let Some(CheckedValue(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(CheckedValue(Value::Array(items)))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<CheckedValue, A::Error> {
+        let mut obj = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if obj.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!(
+                    "duplicate key `{key}` (only one would be read)"
+                )));
+            }
+            let CheckedValue(v) = map.next_value()?;
+            obj.insert(key, v);
+        }
+        Ok(CheckedValue(Value::Object(obj)))
     }
 }
 
@@ -170,7 +246,22 @@ pub fn parse_record(record: &Value, _index: usize) -> Result<Conversation> {
     let Value::Object(obj) = record else {
         bail!("expected an object (a conversation), found {}", type_name(record));
     };
-    if obj.contains_key("User") || obj.contains_key("Assistant") || obj.contains_key("Template") {
+    let schemas: Vec<&str> = ["Template", "User", "Assistant", "messages", "conversations"]
+        .into_iter()
+        .filter(|k| obj.contains_key(*k))
+        .collect();
+    let simplellama = schemas.iter().any(|k| k.starts_with(char::is_uppercase));
+    let kinds = usize::from(simplellama)
+        + usize::from(obj.contains_key("messages"))
+        + usize::from(obj.contains_key("conversations"));
+    if kinds > 1 {
+        bail!(
+            "fields {}: one record mixes two schemas (SimpleLLaMA's Template/User/Assistant, `messages`, \
+             `conversations`); only one would be read",
+            schemas.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+        );
+    }
+    if simplellama {
         parse_simplellama(obj)
     } else if let Some(messages) = obj.get("messages") {
         parse_messages(messages, "messages", "role", "content")
@@ -185,6 +276,11 @@ fn parse_simplellama(obj: &serde_json::Map<String, Value>) -> Result<Conversatio
     let system = match obj.get("Template") {
         None => bail!("missing field `Template`"),
         Some(Value::String(s)) => s.as_str(),
+        Some(Value::Array(items)) if items.len() > 1 => bail!(
+            "field `Template`: {} strings, expected one ([\"CUSTOM\"] or [\"<system prompt>\"]); the others \
+             would be dropped",
+            items.len()
+        ),
         Some(Value::Array(items)) => match items.first() {
             None => bail!("field `Template`: empty list (expected [\"CUSTOM\"] or [\"<system prompt>\"])"),
             Some(Value::String(s)) => s.as_str(),

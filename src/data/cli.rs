@@ -145,16 +145,20 @@ fn inspect_batches(args: &InspectArgs, tok: Option<&ChatTokenizer>) -> Result<Ve
     };
     if args.data.is_dir() {
         let ds = Arc::new(Dataset::open(&args.data, args.split)?);
-        if args.no_shuffle {
-            return batches_in_order_with(&ds, &cfg, false);
+        if let Some(tok) = tok {
+            ds.ensure_tokenizer(tok)?;
         }
-        let mut loader = Loader::new(ds, cfg)?;
+        let name = args.data.display();
+        if args.no_shuffle {
+            return batches_in_order_with(&ds, &cfg, false).with_context(|| format!("{name}"));
+        }
+        let mut loader = Loader::new(ds, cfg).with_context(|| format!("{name}"))?;
         let mut out = Vec::new();
         for _ in 0..loader.batches_per_epoch() {
             match loader.next_batch() {
                 Ok(b) => out.push(b),
                 Err(e) if e.downcast_ref::<NoSupervisedTokens>().is_some() => eprintln!("warning: {e}"),
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.context(format!("{name}"))),
             }
         }
         return Ok(out);
@@ -163,6 +167,26 @@ fn inspect_batches(args: &InspectArgs, tok: Option<&ChatTokenizer>) -> Result<Ve
     let convs = read_chat_file(&args.data)?;
     let mut examples =
         tokenize_all(tok, &convs, 0, args.train_on).with_context(|| format!("{}", args.data.display()))?;
+    // The same rule as `sft prepare`: long examples are skipped and counted up front, so that a
+    // batch is never made of skipped examples only.
+    let n_all = examples.len();
+    examples.retain(|e| e.len() <= args.max_seq_len);
+    let skipped = n_all - examples.len();
+    if examples.is_empty() {
+        bail!(
+            "{}: all {n_all} examples are longer than max_seq_len={} tokens; nothing to train on",
+            args.data.display(),
+            args.max_seq_len
+        );
+    }
+    if skipped > 0 {
+        eprintln!(
+            "{}: skipped {skipped} of {n_all} examples ({:.2}%) longer than max_seq_len={} tokens, as `sft prepare` does",
+            args.data.display(),
+            100.0 * skipped as f64 / n_all as f64,
+            args.max_seq_len
+        );
+    }
     if !args.no_shuffle {
         Rng::new(args.seed).fork(0).shuffle(&mut examples);
     }

@@ -19,6 +19,7 @@ use super::batch::Batch;
 use super::example::Example;
 pub use super::shard::ExampleRef;
 use super::shard::Shard;
+use super::tokenizer::ChatTokenizer;
 use crate::rng::Rng;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -44,6 +45,7 @@ pub struct Dataset {
     starts: Vec<usize>,
     pad_id: u32,
     fingerprint: u64,
+    set_id: u64,
 }
 
 impl fmt::Debug for Dataset {
@@ -56,42 +58,140 @@ impl fmt::Debug for Dataset {
     }
 }
 
+/// The `{split}-NNNNN.bin` shards of a directory, in name order.
+fn split_paths(dir: &Path, split: Split) -> Result<Vec<PathBuf>> {
+    let prefix = format!("{}-", split.name());
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot read prepared data directory", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".bin"))
+        })
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
+/// The error for two files that disagree on the tokenizer (or the `sft prepare` run).
+fn mismatch(what: &str, a: &Path, fa: u64, b: &Path, fb: u64) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{} was made with the tokenizer {fb:016x}, {} with {fa:016x}: {what}; re-run `sft prepare` \
+         (with the tokenizer you mean to use)",
+        b.display(),
+        a.display()
+    )
+}
+
 impl Dataset {
     /// Opens every `{split}-NNNNN.bin` of a prepared directory (all shards, in name order).
+    ///
+    /// Every shard of the directory, the other split's included (by its headers), and the
+    /// directory's `tokenizer.json` and `prepare.json` must come from one tokenizer and one
+    /// `sft prepare` run: an interrupted or mixed directory is refused, never half used.
     pub fn open(dir: &Path, split: Split) -> Result<Self> {
-        let prefix = format!("{}-", split.name());
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-            .with_context(|| format!("{}: cannot read prepared data directory", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".bin"))
-            })
-            .collect();
-        paths.sort();
+        let paths = split_paths(dir, split)?;
         if paths.is_empty() {
             bail!(
-                "{}: no {} shards ({prefix}NNNNN.bin); run `sft prepare` first",
+                "{}: no {} shards ({}-NNNNN.bin); run `sft prepare` first",
                 dir.display(),
+                split.name(),
                 split.name()
             );
         }
-        Self::from_shards(dir, &paths)
+        let ds = Self::from_shards(dir, &paths)?;
+        let first = ds.shards[0].path();
+        let other = match split {
+            Split::Train => Split::Val,
+            Split::Val => Split::Train,
+        };
+        for p in split_paths(dir, other)? {
+            let h = super::shard::read_header(&p)?;
+            if h.fingerprint != ds.fingerprint {
+                return Err(mismatch(
+                    "one directory mixes two tokenizers",
+                    first,
+                    ds.fingerprint,
+                    &p,
+                    h.fingerprint,
+                ));
+            }
+            ensure!(
+                h.set_id == ds.set_id,
+                "{} and {} come from different `sft prepare` runs (an interrupted or mixed directory); \
+                 re-run `sft prepare`",
+                p.display(),
+                first.display()
+            );
+        }
+        let tok_path = dir.join("tokenizer.json");
+        if let Ok(bytes) = std::fs::read(&tok_path) {
+            let f = super::tokenizer::fnv1a64(&bytes);
+            if f != ds.fingerprint {
+                return Err(mismatch(
+                    "the directory's tokenizer.json is not the shards' tokenizer",
+                    &tok_path,
+                    f,
+                    first,
+                    ds.fingerprint,
+                ));
+            }
+        }
+        let meta_path = dir.join("prepare.json");
+        if let Ok(text) = std::fs::read_to_string(&meta_path) {
+            let meta: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: invalid JSON", meta_path.display()))?;
+            let report = &meta["report"];
+            let hex = |field: &str| report[field].as_str().and_then(|s| u64::from_str_radix(s, 16).ok());
+            if let Some(f) = hex("tokenizer_fingerprint") {
+                if f != ds.fingerprint {
+                    return Err(mismatch(
+                        "prepare.json describes another set of shards",
+                        &meta_path,
+                        f,
+                        first,
+                        ds.fingerprint,
+                    ));
+                }
+            }
+            if let Some(set) = hex("set_id") {
+                ensure!(
+                    set == ds.set_id,
+                    "{}: shards of another `sft prepare` run than {} describes (an interrupted or mixed \
+                     directory); re-run `sft prepare`",
+                    first.display(),
+                    meta_path.display()
+                );
+            }
+        }
+        Ok(ds)
     }
 
-    /// Opens the given shards as one dataset; they must come from the same tokenizer.
+    /// Opens the given shards as one dataset; they must come from the same tokenizer and the same
+    /// `sft prepare` run.
     pub fn from_shards(dir: &Path, paths: &[PathBuf]) -> Result<Self> {
         ensure!(!paths.is_empty(), "{}: no shards", dir.display());
         let shards = paths.iter().map(|p| Shard::open(p)).collect::<Result<Vec<_>>>()?;
         let first = *shards[0].header();
         for s in &shards[1..] {
             let h = s.header();
+            if h.fingerprint != first.fingerprint {
+                return Err(mismatch(
+                    "one dataset mixes two tokenizers",
+                    shards[0].path(),
+                    first.fingerprint,
+                    s.path(),
+                    h.fingerprint,
+                ));
+            }
             ensure!(
-                h.fingerprint == first.fingerprint && h.pad_id == first.pad_id,
-                "{}: made with another tokenizer than {}",
+                h.pad_id == first.pad_id && h.set_id == first.set_id,
+                "{} and {} come from different `sft prepare` runs (pad id {} vs {}); re-run `sft prepare`",
                 s.path().display(),
-                shards[0].path().display()
+                shards[0].path().display(),
+                h.pad_id,
+                first.pad_id
             );
         }
         let mut starts = vec![0];
@@ -104,7 +204,36 @@ impl Dataset {
             starts,
             pad_id: first.pad_id,
             fingerprint: first.fingerprint,
+            set_id: first.set_id,
         })
+    }
+
+    /// Checks that the shards were made with `tok` (its fingerprint) and that every id is inside
+    /// its vocabulary; the error names both files and both fingerprints.
+    pub fn ensure_tokenizer(&self, tok: &ChatTokenizer) -> Result<()> {
+        let tok_name =
+            tok.path().map_or_else(|| "the tokenizer in use".to_string(), |p| p.display().to_string());
+        if tok.fingerprint() != self.fingerprint {
+            bail!(
+                "{} was made with the tokenizer {:016x}, but the tokenizer in use, {tok_name}, is {:016x}: \
+                 give the tokenizer the data was prepared with (the prepared directory holds a copy, \
+                 tokenizer.json), or re-run `sft prepare` with this one",
+                self.shards[0].path().display(),
+                self.fingerprint,
+                tok.fingerprint()
+            );
+        }
+        ensure!(
+            self.pad_id == tok.pad_id(),
+            "{}: pad id {}, but the tokenizer {tok_name} has <PAD> = {}",
+            self.shards[0].path().display(),
+            self.pad_id,
+            tok.pad_id()
+        );
+        for s in &self.shards {
+            s.check_vocab(tok.vocab_size(), &format!("the tokenizer {tok_name}"))?;
+        }
+        Ok(())
     }
 
     pub fn len(&self) -> usize {

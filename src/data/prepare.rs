@@ -64,6 +64,9 @@ pub struct PrepareReport {
     pub n_conversations: usize,
     pub longest: usize,
     pub tokenizer_fingerprint: String,
+    /// Written into every shard of the run (hex); readers refuse shards of another run.
+    #[serde(default)]
+    pub set_id: String,
     pub seconds: f64,
     /// All tokens formatted and tokenized (skipped examples included) per second.
     pub tokens_per_s: f64,
@@ -75,16 +78,144 @@ pub fn shard_name(split: &str, index: usize) -> String {
     format!("{split}-{index:05}.bin")
 }
 
-fn remove_old_shards(dir: &Path) -> Result<()> {
-    for entry in std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let is_shard = (name.starts_with("train-") || name.starts_with("val-"))
-            && (name.ends_with(".bin") || name.ends_with(".bin.tmp"));
-        if is_shard || name.starts_with("spool.bin") {
-            std::fs::remove_file(&path).with_context(|| format!("{}: cannot remove", path.display()))?;
+/// Files that belong to a prepared set (everything else in the directory is the user's and kept).
+fn is_set_file(name: &str) -> bool {
+    let shard = (name.starts_with("train-") || name.starts_with("val-"))
+        && (name.ends_with(".bin") || name.ends_with(".bin.tmp"));
+    shard
+        || name.starts_with("spool.bin")
+        || name.starts_with("tokenizer.json")
+        || name.starts_with("prepare.json")
+}
+
+/// Test hook: with `SFT_PREPARE_KILL_AT=N`, the process aborts (no cleanup, like a SIGKILL) at
+/// the N-th step of a prepare, so that tests can check that a kill at every step leaves the old
+/// set or the new one.
+fn failpoint(step: &str) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static STEP: AtomicUsize = AtomicUsize::new(0);
+    let Some(at) = std::env::var("SFT_PREPARE_KILL_AT").ok().and_then(|v| v.parse::<usize>().ok()) else {
+        return;
+    };
+    if STEP.fetch_add(1, Ordering::SeqCst) + 1 == at {
+        eprintln!("SFT_PREPARE_KILL_AT={at}: aborting at step {at} ({step})");
+        std::process::abort();
+    }
+}
+
+/// The sibling directories a prepare into `out` uses: the new set is built in `staging` and
+/// swapped in whole; `old` holds the previous set where the swap cannot be atomic.
+fn sibling_dirs(out: &Path) -> Result<(PathBuf, PathBuf)> {
+    let out = if out.file_name().is_none() { std::fs::canonicalize(out)? } else { out.to_path_buf() };
+    let name = out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{}: not a usable output directory name", out.display()))?;
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    Ok((parent.join(format!("{name}.prepare-tmp")), parent.join(format!("{name}.prepare-old"))))
+}
+
+/// Moves the user's entries (anything not part of a prepared set) from `from` into `to`.
+fn move_user_entries(from: &Path, to: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(from).with_context(|| format!("{}: cannot list", from.display()))? {
+        let entry = entry.with_context(|| format!("{}: cannot list", from.display()))?;
+        let name = entry.file_name();
+        if is_set_file(&name.to_string_lossy()) || to.join(&name).exists() {
+            continue;
+        }
+        std::fs::rename(entry.path(), to.join(&name))
+            .with_context(|| format!("{}: cannot move into {}", entry.path().display(), to.display()))?;
+        failpoint("moved back a file of the user");
+    }
+    Ok(())
+}
+
+/// Finishes what an interrupted prepare left beside `out`: the old set is restored where the
+/// non-atomic swap was cut between its renames, the user's files are moved back, and the
+/// leftover directories are removed.
+fn recover(out: &Path, staging: &Path, old: &Path) -> Result<()> {
+    if old.exists() {
+        if !out.exists() {
+            std::fs::rename(old, out).with_context(|| format!("{}: cannot restore", old.display()))?;
+        } else {
+            move_user_entries(old, out)?;
+            std::fs::remove_dir_all(old).with_context(|| format!("{}: cannot remove", old.display()))?;
         }
     }
+    if staging.exists() {
+        if out.exists() {
+            move_user_entries(staging, out)?;
+        }
+        std::fs::remove_dir_all(staging).with_context(|| format!("{}: cannot remove", staging.display()))?;
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) {
+    // Best effort: a directory cannot be opened for syncing on every platform.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Atomically exchanges two directories (Linux `renameat2(RENAME_EXCHANGE)`); `false` where the
+/// platform or file system cannot.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> bool {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let (Ok(ca), Ok(cb)) = (CString::new(a.as_os_str().as_bytes()), CString::new(b.as_os_str().as_bytes()))
+    else {
+        return false;
+    };
+    const RENAME_EXCHANGE: libc::c_uint = 2;
+    // SAFETY: two valid NUL-terminated paths; the syscall only reads them.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            RENAME_EXCHANGE,
+        )
+    };
+    rc == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_: &Path, _: &Path) -> bool {
+    false
+}
+
+/// Puts the complete set in `staging` at `out`, so that at every instant `out` holds the old
+/// complete set or the new one (where the exchange is not available, `out` is briefly absent
+/// between two renames: refused by every reader, and restored by the next prepare).
+fn swap_in(out: &Path, staging: &Path, old: &Path) -> Result<()> {
+    let parent = staging.parent().unwrap_or(Path::new("."));
+    if !out.exists() {
+        std::fs::rename(staging, out)
+            .with_context(|| format!("{}: cannot move into place", out.display()))?;
+        sync_dir(parent);
+        failpoint("renamed the new set into place");
+        return Ok(());
+    }
+    let displaced = if exchange(staging, out) {
+        sync_dir(parent);
+        failpoint("exchanged the new set with the old one");
+        staging
+    } else {
+        std::fs::rename(out, old).with_context(|| format!("{}: cannot move aside", out.display()))?;
+        failpoint("moved the old set aside");
+        std::fs::rename(staging, out)
+            .with_context(|| format!("{}: cannot move into place", out.display()))?;
+        sync_dir(parent);
+        failpoint("renamed the new set into place");
+        old
+    };
+    move_user_entries(displaced, out)?;
+    std::fs::remove_dir_all(displaced).with_context(|| format!("{}: cannot remove", displaced.display()))?;
+    failpoint("removed the old set");
     Ok(())
 }
 
@@ -94,19 +225,27 @@ struct SplitWriter {
     split: &'static str,
     fingerprint: u64,
     pad_id: u32,
+    vocab_size: u32,
+    set_id: u64,
     current: Option<ShardWriter>,
     written: Vec<PathBuf>,
     n_examples: usize,
 }
 
 impl SplitWriter {
+    fn writer(&self, path: &Path) -> Result<ShardWriter> {
+        Ok(ShardWriter::create(path, self.fingerprint, self.pad_id)?
+            .with_vocab_size(self.vocab_size)
+            .with_set_id(self.set_id))
+    }
+
     fn push(&mut self, tokens: &[u32], spans: &[[u32; 2]]) -> Result<()> {
         if self.current.as_ref().is_some_and(|w| w.n_tokens() >= SHARD_TOKENS) {
             self.flush()?;
         }
         if self.current.is_none() {
             let path = self.dir.join(shard_name(self.split, self.written.len()));
-            self.current = Some(ShardWriter::create(&path, self.fingerprint, self.pad_id)?);
+            self.current = Some(self.writer(&path)?);
         }
         self.n_examples += 1;
         self.current.as_mut().expect("just created").push(tokens, spans)
@@ -115,6 +254,7 @@ impl SplitWriter {
     fn flush(&mut self) -> Result<()> {
         if let Some(w) = self.current.take() {
             self.written.push(w.finish()?);
+            failpoint("wrote a shard");
         }
         Ok(())
     }
@@ -125,7 +265,8 @@ impl SplitWriter {
         self.flush()?;
         if self.written.is_empty() {
             let path = self.dir.join(shard_name(self.split, 0));
-            self.written.push(ShardWriter::create(&path, self.fingerprint, self.pad_id)?.finish()?);
+            self.written.push(self.writer(&path)?.finish()?);
+            failpoint("wrote a shard");
         }
         Ok((self.n_examples, self.written))
     }
@@ -148,7 +289,6 @@ pub fn tokenize_all(
 }
 
 pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
-    let start = Instant::now();
     ensure!(opts.max_seq_len >= 2, "max_seq_len must be at least 2");
     ensure!(
         opts.train_share > 0.0 && opts.train_share <= 1.0,
@@ -156,18 +296,47 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
         opts.train_share
     );
     let tok = ChatTokenizer::from_file(&opts.tokenizer)?;
-    std::fs::create_dir_all(&opts.out_dir)
-        .with_context(|| format!("{}: cannot create output directory", opts.out_dir.display()))?;
-    remove_old_shards(&opts.out_dir)?;
-    let spool_path = opts.out_dir.join("spool.bin");
-    let mut spool = ShardWriter::create(&spool_path, tok.fingerprint(), tok.pad_id())?;
-    let mut report =
-        PrepareReport { tokenizer_fingerprint: format!("{:016x}", tok.fingerprint()), ..Default::default() };
+    let out = &opts.out_dir;
+    let (staging, old) = sibling_dirs(out)?;
+    recover(out, &staging, &old)?;
+    std::fs::create_dir_all(&staging)
+        .with_context(|| format!("{}: cannot create output directory", staging.display()))?;
+    // Distinct per run, so that shards of two runs in one directory are told apart even when
+    // they share a tokenizer.
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let set_id =
+        Rng::new(nanos as u64 ^ ((std::process::id() as u64) << 32) ^ tok.fingerprint()).next_u64() | 1;
+    let report = match build_set(opts, &tok, &staging, set_id) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
+    sync_dir(&staging);
+    failpoint("built the new set");
+    swap_in(out, &staging, &old)?;
+    Ok(report)
+}
+
+/// Writes a complete prepared set (shards, tokenizer.json, prepare.json) into `dir`.
+fn build_set(opts: &PrepareOptions, tok: &ChatTokenizer, dir: &Path, set_id: u64) -> Result<PrepareReport> {
+    let start = Instant::now();
+    let vocab_size = u32::try_from(tok.vocab_size()).context("tokenizer: more than 2^32 ids")?;
+    let spool_path = dir.join("spool.bin");
+    let mut spool =
+        ShardWriter::create(&spool_path, tok.fingerprint(), tok.pad_id())?.with_vocab_size(vocab_size);
+    let mut report = PrepareReport {
+        tokenizer_fingerprint: format!("{:016x}", tok.fingerprint()),
+        set_id: format!("{set_id:016x}"),
+        ..Default::default()
+    };
     let mut all_tokens = 0u64;
     let mut chunk: Vec<Conversation> = Vec::with_capacity(CHUNK);
     let mut flush = |chunk: &mut Vec<Conversation>, report: &mut PrepareReport| -> Result<()> {
         let first = report.n_conversations;
-        let examples = tokenize_all(&tok, chunk, first, opts.train_on)
+        let examples = tokenize_all(tok, chunk, first, opts.train_on)
             .with_context(|| format!("{}", opts.data.display()))?;
         for ex in &examples {
             all_tokens += ex.len() as u64;
@@ -191,6 +360,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     })?;
     flush(&mut chunk, &mut report)?;
     spool.finish()?;
+    failpoint("wrote the spool");
 
     let n_all = report.n_conversations;
     if report.n_skipped == n_all {
@@ -213,10 +383,12 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     let n = spool.len();
     let is_val = split_assignment(n, opts.train_share, opts.seed);
     let mk = |split| SplitWriter {
-        dir: opts.out_dir.clone(),
+        dir: dir.to_path_buf(),
         split,
         fingerprint: tok.fingerprint(),
         pad_id: tok.pad_id(),
+        vocab_size,
+        set_id,
         current: None,
         written: Vec::new(),
         n_examples: 0,
@@ -234,20 +406,28 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     std::fs::remove_file(&spool_path).with_context(|| format!("{}: cannot remove", spool_path.display()))?;
     report.n_train = n_train;
     report.n_val = n_val;
-    report.shards = train_shards.into_iter().chain(val_shards).collect();
+    // Named where they will be once the set is swapped in.
+    report.shards = train_shards
+        .into_iter()
+        .chain(val_shards)
+        .map(|p| opts.out_dir.join(p.file_name().expect("a shard file")))
+        .collect();
     report.seconds = start.elapsed().as_secs_f64();
     report.tokens_per_s = all_tokens as f64 / report.seconds.max(1e-9);
     // The shards' tokenizer travels with them: `sft train --data DIR` finds it there.
-    let tok_copy = opts.out_dir.join("tokenizer.json");
-    if std::fs::canonicalize(&opts.tokenizer).ok() != std::fs::canonicalize(&tok_copy).ok() {
-        let tmp = opts.out_dir.join("tokenizer.json.tmp");
-        std::fs::copy(&opts.tokenizer, &tmp).with_context(|| format!("{}: cannot write", tmp.display()))?;
-        std::fs::rename(&tmp, &tok_copy).with_context(|| format!("{}: cannot write", tok_copy.display()))?;
-    }
+    let tok_copy = dir.join("tokenizer.json");
+    std::fs::copy(&opts.tokenizer, &tok_copy)
+        .with_context(|| format!("{}: cannot write", tok_copy.display()))?;
+    std::fs::File::open(&tok_copy)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("{}: cannot sync", tok_copy.display()))?;
+    failpoint("copied the tokenizer");
     let meta = serde_json::json!({ "options": opts, "report": &report });
-    let meta_path = opts.out_dir.join("prepare.json");
+    let meta_path = dir.join("prepare.json");
     std::fs::write(&meta_path, serde_json::to_string_pretty(&meta)?)
+        .and_then(|_| std::fs::File::open(&meta_path)?.sync_all())
         .with_context(|| format!("{}: cannot write", meta_path.display()))?;
+    failpoint("wrote prepare.json");
     Ok(report)
 }
 

@@ -3,7 +3,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -43,6 +43,8 @@ pub struct ChatTokenizer {
     /// `escape_first_bytes[b]`: some escaped string starts with byte `b`.
     escape_first_bytes: [bool; 256],
     fingerprint: u64,
+    /// The file it was loaded from (named by errors about data made with another tokenizer).
+    path: Option<PathBuf>,
     /// How [`ChatTokenizer::encode_text`] may skip parts of the general `tokenizers` pipeline.
     fast: FastPath,
     /// The special token the tokenizer's post-processor puts before a text (see [`leading_special`]).
@@ -156,7 +158,15 @@ impl ChatTokenizer {
             std::fs::read(path).with_context(|| format!("{}: cannot read tokenizer", path.display()))?;
         let tok = Tokenizer::from_bytes(&bytes)
             .map_err(|e| anyhow!("{}: not a valid tokenizer.json: {e}", path.display()))?;
-        Self::from_tokenizer(tok, fnv1a64(&bytes)).with_context(|| format!("{}", path.display()))
+        let mut tok =
+            Self::from_tokenizer(tok, fnv1a64(&bytes)).with_context(|| format!("{}", path.display()))?;
+        tok.path = Some(path.to_path_buf());
+        Ok(tok)
+    }
+
+    /// The file this tokenizer was loaded from or saved to.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
     }
 
     fn from_tokenizer(mut tok: Tokenizer, fingerprint: u64) -> Result<Self> {
@@ -222,6 +232,7 @@ impl ChatTokenizer {
             escaped,
             inner: Arc::new(tok),
             fingerprint,
+            path: None,
         })
     }
 
@@ -409,11 +420,44 @@ impl ChatTokenizer {
     }
 }
 
+/// The largest vocabulary `train_tokenizer` accepts (the trainer's tables grow with it: about 70
+/// bytes an id, so an absurd size would abort on its allocation).
+pub const MAX_TRAIN_VOCAB: usize = 1 << 20;
+
+/// Runs of non-whitespace longer than this many bytes are cut into pieces for tokenizer training:
+/// BPE training rescans a whole word at every merge it applies there, so one long word (a
+/// whitespace-free blob) costs time quadratic in its length; pieces keep it linear, and no
+/// useful token is this long.
+pub const MAX_TRAIN_WORD_BYTES: usize = 64;
+
+/// `text` cut (at char boundaries) so that no run of non-whitespace exceeds
+/// [`MAX_TRAIN_WORD_BYTES`]; texts without such a run pass whole. Each piece is pre-tokenized on
+/// its own (gaining the prefix space), which only touches the statistics of such runs.
+fn split_long_words(text: &str) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let (mut piece_start, mut run_start) = (0, 0);
+    for (i, c) in text.char_indices() {
+        if c.is_whitespace() {
+            run_start = i + c.len_utf8();
+        } else if i + c.len_utf8() - run_start.max(piece_start) > MAX_TRAIN_WORD_BYTES {
+            pieces.push(&text[piece_start..i]);
+            piece_start = i;
+            run_start = i;
+        }
+    }
+    pieces.push(&text[piece_start..]);
+    pieces
+}
+
 /// Trains a byte-level BPE (`add_prefix_space`, like SimpleLLaMA's) on the texts of `convs`,
 /// with SimpleLLaMA's ten special tokens at ids 0–9 in its order, and saves it to `out`.
 pub fn train_tokenizer(convs: &[Conversation], vocab_size: usize, out: &Path) -> Result<ChatTokenizer> {
-    if vocab_size < 256 + SIMPLELLAMA_SPECIALS.len() {
-        bail!("vocab size {vocab_size} is too small: a byte-level BPE needs at least 266 ids");
+    let min = 256 + SIMPLELLAMA_SPECIALS.len();
+    if !(min..=MAX_TRAIN_VOCAB).contains(&vocab_size) {
+        bail!(
+            "vocab size {vocab_size} is out of range: a byte-level BPE trains with {min} to {MAX_TRAIN_VOCAB} ids \
+             (256 bytes and SimpleLLaMA's ten special tokens at least)"
+        );
     }
     if convs.is_empty() {
         bail!("no conversations to train the tokenizer on");
@@ -438,10 +482,13 @@ pub fn train_tokenizer(convs: &[Conversation], vocab_size: usize, out: &Path) ->
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build()
         .into();
-    let texts = convs.iter().flat_map(|c| {
-        std::iter::once(c.system.as_str())
-            .chain(c.turns.iter().flat_map(|t| [t.user.as_str(), t.assistant.as_str()]))
-    });
+    let texts = convs
+        .iter()
+        .flat_map(|c| {
+            std::iter::once(c.system.as_str())
+                .chain(c.turns.iter().flat_map(|t| [t.user.as_str(), t.assistant.as_str()]))
+        })
+        .flat_map(split_long_words);
     tok.train(&mut trainer, texts).map_err(|e| anyhow!("training the tokenizer: {e}"))?;
     if let Some(parent) = out.parent() {
         if !parent.as_os_str().is_empty() {
@@ -459,5 +506,7 @@ pub fn train_tokenizer(convs: &[Conversation], vocab_size: usize, out: &Path) ->
             bail!("trained tokenizer: {s} is not at id {i}");
         }
     }
-    ChatTokenizer::from_tokenizer(tok, fnv1a64(json.as_bytes()))
+    let mut tok = ChatTokenizer::from_tokenizer(tok, fnv1a64(json.as_bytes()))?;
+    tok.path = Some(out.to_path_buf());
+    Ok(tok)
 }

@@ -269,6 +269,12 @@ pub fn eval_with<B: Backend>(backend: B, args: &EvalArgs) -> Result<EvalReport> 
             SplitArg::Val => Split::Val,
         };
         let dataset = Dataset::open(&args.data, split)?;
+        if args.tokenizer.is_some() || args.checkpoint.join("tokenizer.json").exists() {
+            dataset.ensure_tokenizer(&checkpoint::load_tokenizer(
+                &args.checkpoint,
+                args.tokenizer.as_deref(),
+            )?)?;
+        }
         batches_in_order(&dataset, &loader_config)?
     } else {
         let tok = checkpoint::load_tokenizer(&args.checkpoint, args.tokenizer.as_deref())?;

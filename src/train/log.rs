@@ -1,7 +1,7 @@
 //! The training log: one CSV row per optimizer step, SimpleLLaMA's columns plus tokens/s.
 
 use anyhow::{Context, Result};
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
@@ -56,6 +56,9 @@ pub struct CsvLog {
 impl CsvLog {
     /// Starts a new log, or (when resuming after `resume_step` steps) keeps the rows up to that
     /// step and drops those a killed run wrote after its last checkpoint.
+    ///
+    /// The kept rows go to `log.csv.tmp`, which is synced and renamed over the log: a kill at
+    /// any instant leaves either the old log or the new one whole, never a truncated file.
     pub fn open(path: &Path, resume_step: Option<u64>) -> Result<CsvLog> {
         let mut kept = vec![HEADER.to_string()];
         if let Some(last) = resume_step {
@@ -70,10 +73,19 @@ impl CsvLog {
                 }
             }
         }
-        let mut file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        for line in &kept {
-            writeln!(file, "{line}").with_context(|| format!("writing {}", path.display()))?;
-        }
+        let mut text = kept.join("\n");
+        text.push('\n');
+        let mut tmp_name = path.as_os_str().to_owned();
+        tmp_name.push(".tmp");
+        let tmp = PathBuf::from(tmp_name);
+        let written = File::create(&tmp)
+            .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|_| f.sync_all()))
+            .and_then(|_| std::fs::rename(&tmp, path));
+        written.with_context(|| format!("writing {}", path.display()))?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
         Ok(CsvLog { path: path.to_path_buf(), file })
     }
 

@@ -1,0 +1,226 @@
+//! Property fuzzing of the data readers (issue 13): valid shards and chat files are mutated (bit
+//! flips, fields overwritten with boundary values, truncation, extension) and every open or
+//! iteration must end in `Ok` or a clean `Err`, never a panic.
+//!
+//! Bounded by time: `SFT_FUZZ_SECONDS` (default 20) split across the targets; seeded by
+//! `SFT_FUZZ_SEED` (default 13). A failure prints the seed and the case number, which replay it.
+
+mod data_util;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use data_util::{synthetic_conversations, write_simplellama_json};
+use sft::data::shard::{seal, Shard, ShardWriter, HEADER_LEN};
+use sft::data::{batches_in_order, read_chat_file, BatchMode, Dataset, LoaderConfig};
+use sft::rng::Rng;
+
+fn budget() -> Duration {
+    let s = std::env::var("SFT_FUZZ_SECONDS").ok().and_then(|v| v.parse::<f64>().ok()).unwrap_or(20.0);
+    Duration::from_secs_f64(s / 2.0)
+}
+
+fn seed() -> u64 {
+    std::env::var("SFT_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(13)
+}
+
+#[derive(Default, Debug)]
+struct Counts {
+    tried: u64,
+    ok: u64,
+    clean_errors: u64,
+    panics: u64,
+}
+
+const U64_EDGES: &[u64] = &[
+    0,
+    1,
+    2,
+    3,
+    7,
+    8,
+    63,
+    64,
+    95,
+    96,
+    255,
+    1 << 31,
+    u32::MAX as u64,
+    1 << 32,
+    i64::MAX as u64,
+    u64::MAX - 1,
+    u64::MAX,
+];
+
+/// One mutation of `base`; `fields` are byte positions of 8-byte fields worth overwriting.
+fn mutate(rng: &mut Rng, base: &[u8], fields: &[usize]) -> Vec<u8> {
+    let mut v = base.to_vec();
+    for _ in 0..1 + rng.below(3) {
+        match rng.below(6) {
+            0 | 1 => {
+                let i = rng.below(v.len().max(1) * 8);
+                if i / 8 < v.len() {
+                    v[i / 8] ^= 1 << (i % 8);
+                }
+            }
+            2 => {
+                let at = fields[rng.below(fields.len())];
+                let value = U64_EDGES[rng.below(U64_EDGES.len())].wrapping_add(if rng.below(2) == 0 {
+                    0
+                } else {
+                    rng.below(5) as u64
+                });
+                if at + 8 <= v.len() {
+                    if rng.below(2) == 0 {
+                        v[at..at + 8].copy_from_slice(&value.to_le_bytes());
+                    } else {
+                        v[at..at + 4].copy_from_slice(&(value as u32).to_le_bytes());
+                    }
+                }
+            }
+            3 => {
+                let keep = rng.below(v.len() + 1);
+                v.truncate(keep);
+            }
+            4 => {
+                let extra = 1 + rng.below(64);
+                v.extend((0..extra).map(|_| rng.below(256) as u8));
+            }
+            _ => {
+                let i = rng.below(v.len().max(1));
+                if i < v.len() {
+                    v[i] = rng.below(256) as u8;
+                }
+            }
+        }
+    }
+    v
+}
+
+/// Every 8-byte field of the header and every entry of the offset tables, plus a few spans.
+fn shard_fields(b: &[u8]) -> Vec<usize> {
+    let n_examples = u64::from_le_bytes(b[24..32].try_into().unwrap()) as usize;
+    let n_tokens = u64::from_le_bytes(b[32..40].try_into().unwrap()) as usize;
+    let offsets = HEADER_LEN + 4 * (n_tokens + n_tokens % 2);
+    let mut f: Vec<usize> = (8..HEADER_LEN).step_by(4).collect();
+    f.extend((0..2 * (n_examples + 1)).map(|i| offsets + 8 * i));
+    let spans = offsets + 16 * (n_examples + 1);
+    f.extend((spans..b.len().saturating_sub(8)).step_by(4).take(64));
+    f.extend((HEADER_LEN..offsets).step_by(4).take(16));
+    f
+}
+
+/// Opens a shard as a one-shard dataset and reads every batch of it.
+fn exercise_shard(path: &Path) -> anyhow::Result<()> {
+    let shard = Shard::open(path)?;
+    for i in 0..shard.len() {
+        let ex = shard.example(i);
+        let _ = ex.n_supervised();
+        let _ = shard.example_len(i);
+    }
+    let ds = Dataset::from_shards(path.parent().unwrap(), &[path.to_path_buf()])?;
+    for mode in [BatchMode::Dynamic, BatchMode::Packed] {
+        let cfg = LoaderConfig { batch_size: 3, max_seq_len: 64, mode, shuffle: false, seed: 1 };
+        batches_in_order(&ds, &cfg)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn fuzz_shard_headers_and_offset_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let base_path = dir.path().join("base.bin");
+    let mut rng = Rng::new(seed());
+    let mut w = ShardWriter::create(&base_path, 0x1234, 2).unwrap().with_vocab_size(500);
+    for k in 0..12u32 {
+        let len = 1 + rng.below(20) as u32;
+        let tokens: Vec<u32> = (0..len).map(|_| rng.below(500) as u32).collect();
+        let spans: Vec<[u32; 2]> = if k % 4 == 3 { vec![] } else { vec![[len / 2, len]] };
+        w.push(&tokens, &spans).unwrap();
+    }
+    w.finish().unwrap();
+    let base = std::fs::read(&base_path).unwrap();
+    exercise_shard(&base_path).unwrap();
+    let fields = shard_fields(&base);
+    let path = dir.path().join("fuzz.bin");
+    let mut c = Counts::default();
+    let start = Instant::now();
+    let seed = seed();
+    while start.elapsed() < budget() {
+        let case = c.tried;
+        let mut rng = Rng::new(seed).fork(case);
+        let mut v = mutate(&mut rng, &base, &fields);
+        // Half the cases carry a valid checksum, so that the structural checks behind it are
+        // reached too.
+        if rng.below(2) == 0 && v.len() >= HEADER_LEN {
+            seal(&mut v);
+        }
+        std::fs::write(&path, &v).unwrap();
+        c.tried += 1;
+        match catch_unwind(AssertUnwindSafe(|| exercise_shard(&path))) {
+            Ok(Ok(())) => c.ok += 1,
+            Ok(Err(e)) => {
+                let msg = format!("{e:#}");
+                assert!(msg.contains("fuzz.bin") || msg.contains("batch"), "seed {seed} case {case}: {msg}");
+                c.clean_errors += 1
+            }
+            Err(_) => {
+                c.panics += 1;
+                std::fs::write(dir.path().join(format!("panic-{case}.bin")), &v).unwrap();
+                eprintln!("PANIC: seed {seed} case {case} (SFT_FUZZ_SEED={seed})");
+            }
+        }
+    }
+    eprintln!("shards: {c:?}");
+    assert_eq!(c.panics, 0, "{c:?}");
+    assert!(c.tried > 100 && c.clean_errors > 0, "{c:?}");
+}
+
+#[test]
+fn fuzz_chat_parser() {
+    let dir = tempfile::tempdir().unwrap();
+    let base_path = dir.path().join("base.json");
+    write_simplellama_json(&base_path, &synthetic_conversations(8, 3));
+    let json = std::fs::read(&base_path).unwrap();
+    let messages = br#"{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}
+{"conversations": [{"from": "human", "value": "h"}, {"from": "gpt", "value": "g"}]}
+{"Template": "CUSTOM", "User": ["x"], "Assistant": ["y"]}
+"#
+    .to_vec();
+    let bases = [json, messages];
+    let path = dir.path().join("fuzz.json");
+    let mut c = Counts::default();
+    let start = Instant::now();
+    let seed = seed();
+    while start.elapsed() < budget() {
+        let case = c.tried;
+        let mut rng = Rng::new(seed).fork(1 << 40 | case);
+        let base = &bases[rng.below(bases.len())];
+        // Byte positions of the structural characters, the most interesting to damage.
+        let fields: Vec<usize> = base
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b"[]{}\":,".contains(b))
+            .map(|(i, _)| i.saturating_sub(4))
+            .collect();
+        let v = mutate(&mut rng, base, &fields);
+        std::fs::write(&path, &v).unwrap();
+        c.tried += 1;
+        match catch_unwind(AssertUnwindSafe(|| read_chat_file(&path))) {
+            Ok(Ok(_)) => c.ok += 1,
+            Ok(Err(e)) => {
+                let msg = format!("{e:#}");
+                assert!(msg.contains("fuzz.json"), "seed {seed} case {case}: {msg}");
+                c.clean_errors += 1
+            }
+            Err(_) => {
+                c.panics += 1;
+                eprintln!("PANIC: seed {seed} case {case} (SFT_FUZZ_SEED={seed})");
+            }
+        }
+    }
+    eprintln!("chat files: {c:?}");
+    assert_eq!(c.panics, 0, "{c:?}");
+    assert!(c.tried > 100 && c.clean_errors > 0, "{c:?}");
+}
