@@ -52,11 +52,21 @@ fn main() {
         fs::write(&path, src).unwrap();
         units.push(path);
     }
+    // The checks' self-test (emu/cpp/selftest.cu), compiled as a kernel file.
+    let selftest = out.join("emu_selftest.cpp");
+    let st_entries = ["selftest_missing_barrier", "selftest_with_barrier", "selftest_bank_conflict"];
+    let mut src = "#include \"emu.h\"\nnamespace emu_selftest {\n#include \"selftest.cu\"\n}\n".to_string();
+    for e in st_entries {
+        writeln!(src, "EMU_ENTRY(emu_selftest::{e}, {e})").unwrap();
+    }
+    fs::write(&selftest, src).unwrap();
+    units.push(selftest);
+
     // The Rust side: one extern declaration per entry and a lookup by name.
     let mut ffi = String::from("extern \"C\" {\n");
     let mut lookup = String::from("/// The emulated entry `name`, if EMULATED lists it.\npub fn entry(name: &str) -> Option<Entry> {\n    Some(match name {\n");
-    for (_, entries) in EMULATED {
-        for e in *entries {
+    for entries in EMULATED.iter().map(|(_, e)| *e).chain([&st_entries[..]]) {
+        for e in entries {
             writeln!(ffi, "    fn emu_{e}(cfg: *const EmuLaunch, args: *mut *mut c_void);").unwrap();
             writeln!(lookup, "        \"{e}\" => emu_{e},").unwrap();
         }

@@ -70,7 +70,7 @@ constexpr int STRIPES = 64;
 std::unordered_map<uint32_t, Word> shadow[STRIPES];
 std::mutex shadow_lock[STRIPES];
 std::atomic<long> races{0}, accesses{0}, conflicted{0}, extra_wavefronts{0};
-std::atomic<int> printed{0};
+std::atomic<int> printed{0}, print_limit{8};
 
 thread_local int tid = -1, block_epoch = 0, warp_epoch = 0;
 std::vector<Access>& my_list() { return cta->lists[cta->cur[tid]][tid]; }
@@ -80,7 +80,7 @@ char* shared_hi() { return _end; }
 
 void report(const char* what, uint32_t byte, int other) {
     races++;
-    if (printed++ < 8)
+    if (printed++ < print_limit)
         fprintf(stderr, "race: %s at shared byte %u: block (%u, %u, %u) thread %d, other thread %d\n", what, byte,
                 blockIdx.x, blockIdx.y, blockIdx.z, tid, other);
 }
@@ -210,7 +210,13 @@ struct EmuStats {
     long races, accesses, conflicted, extra_wavefronts;
 };
 
-// Counts since the last call (then reset); the first few races of the run are printed.
+// Prints the next `n` races found (to stderr), no more.
+extern "C" void emu_print_races(int n) {
+    printed = 0;
+    print_limit = n;
+}
+
+// Counts since the last call (then reset).
 extern "C" void emu_take_stats(EmuStats* out) {
     *out = {races.exchange(0), accesses.exchange(0), conflicted.exchange(0), extra_wavefronts.exchange(0)};
 }

@@ -26,6 +26,7 @@ struct EmuStats {
 
 extern "C" {
     fn emu_take_stats(out: *mut EmuStats);
+    fn emu_print_races(n: i32);
 }
 
 pub type Entry = unsafe extern "C" fn(*const EmuLaunch, *mut *mut c_void);
@@ -85,28 +86,13 @@ impl Report {
     /// Runs the emulated `name` with `cfg` and `args` (one CTA at a time, a thread per CUDA
     /// thread) and adds its shared-memory counts to the kernel's line.
     pub fn launch(&mut self, name: &str, cfg: Cfg, args: &[*mut c_void]) {
-        let f = entry(name).unwrap_or_else(|| panic!("{name} is not in EMULATED (emu/src/table.rs)"));
-        let l = EmuLaunch {
-            grid: [cfg.grid.0, cfg.grid.1, cfg.grid.2],
-            block: [cfg.block.0, cfg.block.1, cfg.block.2],
-            smem: 0,
-        };
-        let mut a = args.to_vec();
-        let mut s = EmuStats::default();
-        // SAFETY: the arguments point at values of the kernel's parameter types, in its order,
-        // and the buffers hold what the kernel reads and writes (as on the GPU: unchecked).
-        unsafe {
-            emu_take_stats(&mut s);
-            f(&l, a.as_mut_ptr());
-            emu_take_stats(&mut s);
-        }
+        let s = run(name, cfg, args);
         let k = self.kernels.entry(name.to_string()).or_default();
         k.launches += 1;
         k.races += s.races;
         k.accesses += s.accesses;
         k.conflicted += s.conflicted;
     }
-
     /// One case of `name`: for each of its outputs, the error against the CPU twin and the
     /// tolerance for that output.
     pub fn check(&mut self, name: &str, case: &str, outputs: &[(&str, f64, f64)]) {
@@ -121,6 +107,49 @@ impl Report {
             k.max_err = if err.is_nan() || k.max_err.is_nan() { f64::NAN } else { k.max_err.max(err) };
         }
     }
+}
+
+/// One launch of the emulated `name`; its shared-memory counts.
+fn run(name: &str, cfg: Cfg, args: &[*mut c_void]) -> EmuStats {
+    let f = entry(name).unwrap_or_else(|| panic!("{name} is not in EMULATED (emu/src/table.rs)"));
+    let l = EmuLaunch {
+        grid: [cfg.grid.0, cfg.grid.1, cfg.grid.2],
+        block: [cfg.block.0, cfg.block.1, cfg.block.2],
+        smem: 0,
+    };
+    let mut a = args.to_vec();
+    let mut s = EmuStats::default();
+    // SAFETY: the arguments point at values of the kernel's parameter types, in its order,
+    // and the buffers hold what the kernel reads and writes (as on the GPU: unchecked).
+    unsafe {
+        emu_take_stats(&mut s);
+        f(&l, a.as_mut_ptr());
+        emu_take_stats(&mut s);
+    }
+    s
+}
+
+/// The shared-memory checks on kernels with known defects (emu/cpp/selftest.cu): a missing
+/// barrier must give races, the same with the barrier none, a 32-way strided read conflicts.
+pub fn self_test() -> Result<(), String> {
+    let mut out = vec![0.0f32; 256];
+    let po = out.as_mut_ptr();
+    // SAFETY: sets a counter.
+    unsafe { emu_print_races(0) };
+    let cfg = Cfg { grid: (2, 1, 1), block: (256, 1, 1) };
+    let missing = run("selftest_missing_barrier", cfg, &[arg(&po)]);
+    let with = run("selftest_with_barrier", cfg, &[arg(&po)]);
+    let conflict = run("selftest_bank_conflict", Cfg { grid: (1, 1, 1), block: (32, 1, 1) }, &[arg(&po)]);
+    eprintln!(
+        "self-test of the shared-memory checks: missing barrier {} races, with it {}; strided read {} of {} warp accesses conflicted",
+        missing.races, with.races, conflict.conflicted, conflict.accesses
+    );
+    // SAFETY: as above; the real kernels' first races are printed.
+    unsafe { emu_print_races(8) };
+    if missing.races == 0 || with.races != 0 || conflict.conflicted == 0 {
+        return Err("the shared-memory checks missed a known defect (or flagged correct code)".into());
+    }
+    Ok(())
 }
 
 /// Deterministic random inputs (SplitMix64), never zero.

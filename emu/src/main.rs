@@ -110,6 +110,7 @@ fn run() -> Result<bool> {
     let entries = ptx_entries()?;
     let listed: BTreeSet<String> =
         table::EMULATED.iter().flat_map(|(_, e)| e.iter().map(|s| s.to_string())).collect();
+    emu::self_test().map_err(anyhow::Error::msg)?;
     let started = Instant::now();
     let mut r = Report::default();
     let mut rng = Rng::new(0x5EED);
