@@ -24,4 +24,4 @@ else
 fi
 # The entry list comes from the PTX that the sft build embeds: built without nvcc, the run
 # fails and says so (CI builds with REQUIRE_NVCC=1 first, so this reuses that build).
-cargo run --release --offline -q -p sft-emu -- --flash-report "$report"
+cargo run --release -q -p sft-emu -- --flash-report "$report"
