@@ -10,11 +10,13 @@
 #   scripts/flash_emulate.sh          # every case (about a minute on 2 cores)
 #   scripts/flash_emulate.sh quick    # the first case only
 #   scripts/flash_emulate.sh 3        # case 3 only (the list is in tests/flash_emu/main.cpp)
+#   scripts/flash_emulate.sh --report FILE   # also write per-kernel lines (scripts/emulate.sh)
+# FLASH_KERNELS_DIR: a copy of kernels/ to compile instead.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 inc="${CUDA_HOME:-$root/.cuda/nvidia/cu13}/include"
 out="${TMPDIR:-/tmp}/flash_emu.$$"
-g++ -std=c++20 -O2 -pthread -DFLASH_EMULATE -x c++ -I "$root/tests/flash_emu" -I "$root/kernels" -I "$inc" \
+g++ -std=c++20 -O2 -pthread -DFLASH_EMULATE -x c++ -I "$root/tests/flash_emu" -I "${FLASH_KERNELS_DIR:-$root/kernels}" -I "$inc" \
     "$root/tests/flash_emu/main.cpp" -o "$out"
 trap 'rm -f "$out"' EXIT
 "$out" "$@"

@@ -3,8 +3,37 @@
 // scripts/flash_emulate.sh. Exit status 0 when every case is within tolerance.
 #include "flash_attention.cu"
 
+#include <map>
 #include <random>
 #include <string>
+
+// Per kernel entry, for the report lines of scripts/emulate.sh (KERNEL name cases max_err tol
+// races ldmatrix_phases conflicted failures).
+struct KernelLine {
+    int cases = 0, failures = 0;
+    double max_err = 0, tol = 0;
+    long races = 0, phases = 0, conflicted = 0;
+};
+static std::map<std::string, KernelLine> lines;
+
+// Runs one launch and charges its races and ldmatrix phases to `name`.
+template <class F>
+static void launch(const std::string& name, unsigned gx, unsigned gy, int threads, size_t smem, F kernel) {
+    long r0 = emu_stats.races, p0 = emu_stats.ldsm_phases, c0 = emu_stats.ldsm_conflicted;
+    emu_launch(gx, gy, threads, smem, kernel);
+    KernelLine& l = lines[name];
+    l.races += emu_stats.races - r0;
+    l.phases += emu_stats.ldsm_phases - p0;
+    l.conflicted += emu_stats.ldsm_conflicted - c0;
+}
+
+static void record(const std::string& name, double err, double tol) {
+    KernelLine& l = lines[name];
+    l.cases++;
+    l.tol = std::max(l.tol, tol);
+    l.max_err = std::isfinite(err) && std::isfinite(l.max_err) ? std::max(l.max_err, err) : INFINITY;
+    if (!(err <= tol)) l.failures++;
+}
 
 struct Case {
     int hd, nh, nkv;
@@ -41,7 +70,15 @@ static std::vector<int> tile_table(const std::vector<int>& cu, int tile, int n) 
     std::vector<int> table(1 + 3 * bound, -7);
     std::vector<uint32_t> cuu(cu.begin(), cu.end());
     int segs = (int)cu.size() - 1;
-    emu_launch(1, 1, 1024, 0, [&] { flash_tile_table(table.data(), cuu.data(), segs, tile); });
+    launch("flash_tile_table", 1, 1, 1024, 0, [&] { flash_tile_table(table.data(), cuu.data(), segs, tile); });
+    // flash::tile_table's contract: the count, then (first row, segment start, segment end) of
+    // each tile of `tile` rows in segment order, tiles never crossing a segment.
+    std::vector<int> want = {0};
+    for (int s = 0; s < segs; s++)
+        for (int q = cu[s]; q < cu[s + 1]; q += tile) want[0]++, want.insert(want.end(), {q, cu[s], cu[s + 1]});
+    int bad = 0;
+    for (size_t i = 0; i < want.size(); i++) bad += table[i] != want[i];
+    record("flash_tile_table", bad, 0);
     return table;
 }
 
@@ -102,7 +139,8 @@ static bool run(const Case& c, uint64_t seed) {
     std::vector<float> lse(nh * n, NAN), D(nh * n);
     auto tf = tile_table(c.cu, 16 * cfg.fnw, n);
     unsigned bf = (unsigned)(tf.size() - 1) / 3;
-    emu_launch(bf, nh, cfg.fnw * 32, cfg.fsmem, [&] {
+    const std::string h = std::to_string(hd);
+    launch("flash_forward_" + h, bf, nh, cfg.fnw * 32, cfg.fsmem, [&] {
         if (hd == 64) flash_forward_64(out.data(), lse.data(), qkv.data(), tf.data(), n, nh, nkv);
         else flash_forward_128(out.data(), lse.data(), qkv.data(), tf.data(), n, nh, nkv);
     });
@@ -115,11 +153,11 @@ static bool run(const Case& c, uint64_t seed) {
         }
     auto tq = tile_table(c.cu, 16 * cfg.qnw, n);
     auto tk = tile_table(c.cu, 16 * cfg.knw, n);
-    emu_launch((unsigned)(tq.size() - 1) / 3, nh, cfg.qnw * 32, cfg.qsmem, [&] {
+    launch("flash_backward_dq_" + h, (unsigned)(tq.size() - 1) / 3, nh, cfg.qnw * 32, cfg.qsmem, [&] {
         if (hd == 64) flash_backward_dq_64(dqkv.data(), dout.data(), qkv.data(), lse.data(), D.data(), tq.data(), n, nh, nkv);
         else flash_backward_dq_128(dqkv.data(), dout.data(), qkv.data(), lse.data(), D.data(), tq.data(), n, nh, nkv);
     });
-    emu_launch((unsigned)(tk.size() - 1) / 3, nkv, cfg.knw * 32, cfg.ksmem, [&] {
+    launch("flash_backward_dkdv_" + h, (unsigned)(tk.size() - 1) / 3, nkv, cfg.knw * 32, cfg.ksmem, [&] {
         if (hd == 64) flash_backward_dkdv_64(dqkv.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
         else flash_backward_dkdv_128(dqkv.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
     });
@@ -149,10 +187,16 @@ static bool run(const Case& c, uint64_t seed) {
         ok = ok && errs[k] < 1e-2;
     }
     printf("  %s\n", ok ? "ok" : "FAILED");
+    record("flash_forward_" + h, std::max(errs[0], errs[1]), 1e-2);
+    record("flash_backward_dq_" + h, errs[2], 1e-2);
+    record("flash_backward_dkdv_" + h, std::max(errs[3], errs[4]), 1e-2);
     return ok;
 }
 
+// main [quick | CASE] [--report FILE]
 int main(int argc, char** argv) {
+    std::string report;
+    if (argc > 2 && std::string(argv[argc - 2]) == "--report") report = argv[argc - 1], argc -= 2;
     std::vector<Case> cases = {
         {64, 2, 1, {0, 1, 18, 82, 210, 339}},
         {64, 2, 2, {0, 300}},
@@ -173,6 +217,18 @@ int main(int argc, char** argv) {
     printf("shared memory: %ld races; ldmatrix %ld phases, %ld with bank conflicts (%ld extra wavefronts)\n",
            (long)emu_stats.races, phases, conflicted, (long)emu_stats.ldsm_extra_wavefronts);
     ok = ok && emu_stats.races == 0;
+    for (auto& [name, l] : lines) ok = ok && l.failures == 0;
+    if (!report.empty()) {
+        FILE* f = fopen(report.c_str(), "w");
+        if (!f) {
+            perror(report.c_str());
+            return 1;
+        }
+        for (auto& [name, l] : lines)
+            fprintf(f, "KERNEL %s %d %.6e %.0e %ld %ld %ld %d\n", name.c_str(), l.cases, l.max_err, l.tol, l.races,
+                    l.phases, l.conflicted, l.failures);
+        fclose(f);
+    }
     printf("%s\n", ok ? "all cases ok" : "SOME CASES FAILED");
     return ok ? 0 : 1;
 }

@@ -1,0 +1,346 @@
+//! Cases of the reductions, the optimizer, the loss and the GEMM fallback. Launches mirror
+//! src/backend/cuda/{optim,loss,gemm}.rs.
+
+use half::bf16;
+use sft::backend::cpu::{self, CeGrads, Real};
+use sft::backend::AdamW;
+
+use crate::emu::*;
+
+/// optim.rs SUMSQ_BLOCKS: blocks (and partials) per buffer.
+const SUMSQ_BLOCKS: usize = 128;
+/// optim.rs ADAM_BLOCKS: at most this many blocks stride over one tensor.
+const ADAM_BLOCKS: usize = 1024;
+/// loss.rs CHUNK_LOGITS: logit elements per chunk.
+const CHUNK_LOGITS: usize = 32 << 20;
+
+/// The fixed grid of sum_squares is not capped: the host sums exactly `blocks` partials.
+fn sumsq_cfg(len: usize) -> (usize, Cfg) {
+    let blocks = len.div_ceil(BLOCK as usize).min(SUMSQ_BLOCKS);
+    (blocks, Cfg { grid: (blocks as u32, 1, 1), block: (BLOCK, 1, 1) })
+}
+
+pub fn sum_squares(r: &mut Report, rng: &mut Rng) {
+    // 40000 > 128 blocks × 256 threads: every thread strides.
+    for len in [1usize, 1000, 40000] {
+        let case = format!("len {len}");
+        let (blocks, cfg) = sumsq_cfg(len);
+        let x = rng.f32s(len, 1.0);
+        let mut partial = vec![f32::NAN; blocks];
+        let (pp, px) = (partial.as_mut_ptr(), x.as_ptr());
+        r.launch("sum_squares_f32", cfg, &[arg(&pp), arg(&px), arg(&len)]);
+        let got: f64 = partial.iter().map(|&v| v as f64).sum();
+        let want = cpu::sum_squares(&[&f64s_f32(&x)[..]], &[len]);
+        r.check("sum_squares_f32", &case, &[("sum", rel_err(&[got], &[want]), TOL_F32)]);
+
+        let (x, xf) = rng.bf16s(len, 1.0);
+        let mut partial = vec![f32::NAN; blocks];
+        let (pp, px) = (partial.as_mut_ptr(), x.as_ptr());
+        r.launch("sum_squares_bf16", cfg, &[arg(&pp), arg(&px), arg(&len)]);
+        let got: f64 = partial.iter().map(|&v| v as f64).sum();
+        let want = cpu::sum_squares(&[&xf[..]], &[len]);
+        r.check("sum_squares_bf16", &case, &[("sum", rel_err(&[got], &[want]), TOL_F32)]);
+    }
+}
+
+/// adamw.cu AdamTensor.
+#[repr(C)]
+struct AdamTensor {
+    master: *mut f32,
+    grad: *const f32,
+    m: *mut f32,
+    v: *mut f32,
+    param: *mut bf16,
+    len: u64,
+}
+
+pub fn adamw(r: &mut Report, rng: &mut Rng) {
+    for lens in [vec![1usize], vec![1, 300, 2000]] {
+        let case = format!("lens {lens:?}");
+        let hp = AdamW {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step: 3,
+            grad_scale: 0.7,
+        };
+        let mut master: Vec<Vec<f32>> = lens.iter().map(|&l| rng.f32s(l, 1.0)).collect();
+        let grads: Vec<Vec<f32>> = lens.iter().map(|&l| rng.f32s(l, 1.0)).collect();
+        let mut m: Vec<Vec<f32>> = lens.iter().map(|&l| rng.f32s(l, 0.1)).collect();
+        let mut v: Vec<Vec<f32>> =
+            lens.iter().map(|&l| rng.f32s(l, 0.01).iter().map(|x| x.abs()).collect()).collect();
+        let mut params: Vec<Vec<bf16>> = lens.iter().map(|&l| nan_bf16(l)).collect();
+        let mut want: Vec<[Vec<f64>; 4]> = (0..lens.len())
+            .map(|i| [f64s_f32(&master[i]), f64s_f32(&m[i]), f64s_f32(&v[i]), vec![0.0; lens[i]]])
+            .collect();
+        let descs: Vec<AdamTensor> = (0..lens.len())
+            .map(|i| AdamTensor {
+                master: master[i].as_mut_ptr(),
+                grad: grads[i].as_ptr(),
+                m: m[i].as_mut_ptr(),
+                v: v[i].as_mut_ptr(),
+                param: params[i].as_mut_ptr(),
+                len: lens[i] as u64,
+            })
+            .collect();
+        let max_len = *lens.iter().max().unwrap();
+        let bc1 = (1.0 - (hp.beta1 as f64).powi(hp.step as i32)) as f32;
+        let bc2 = (1.0 - (hp.beta2 as f64).powi(hp.step as i32)) as f32;
+        let blocks = (max_len.div_ceil(BLOCK as usize).min(ADAM_BLOCKS) as u32).min(GRID_STRIDE_CAP);
+        let pd = descs.as_ptr();
+        r.launch(
+            "adamw_multi",
+            Cfg { grid: (blocks, lens.len() as u32, 1), block: (BLOCK, 1, 1) },
+            &[
+                arg(&pd),
+                arg(&hp.lr),
+                arg(&hp.beta1),
+                arg(&hp.beta2),
+                arg(&hp.eps),
+                arg(&hp.weight_decay),
+                arg(&bc1),
+                arg(&bc2),
+                arg(&hp.grad_scale),
+            ],
+        );
+        let mut outs = Vec::new();
+        for (i, w) in want.iter_mut().enumerate() {
+            let [wm, wmo, wv, wp] = w;
+            cpu::adamw_tensor(wp, wm, &f64s_f32(&grads[i]), wmo, wv, &hp);
+            outs.push(("master", rel_err(&f64s_f32(&master[i]), wm), TOL_F32));
+            outs.push(("m", rel_err(&f64s_f32(&m[i]), wmo), TOL_F32));
+            outs.push(("v", rel_err(&f64s_f32(&v[i]), wv), TOL_F32));
+            outs.push(("param", rel_err(&f64s_bf16(&params[i]), wp), TOL_BF16));
+        }
+        r.check("adamw_multi", &case, &outs);
+    }
+}
+
+/// gemm.rs GemmCall and run_gemm's fallback launch: column-major, cuBLAS conventions.
+struct Gemm {
+    transa: bool,
+    transb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const bf16,
+    lda: i64,
+    b: *const bf16,
+    ldb: i64,
+    ldc: i64,
+    alpha: f32,
+    beta: f32,
+}
+
+fn run_gemm(r: &mut Report, name: &str, g: &Gemm, c: *mut std::ffi::c_void) {
+    let (m, n, k) = (g.m as i32, g.n as i32, g.k as i32);
+    let (ta, tb) = (g.transa as i32, g.transb as i32);
+    let cfg = Cfg { grid: ((g.m as u32).div_ceil(16), (g.n as u32).div_ceil(16), 1), block: (16, 16, 1) };
+    r.launch(
+        name,
+        cfg,
+        &[
+            arg(&c),
+            arg(&g.a),
+            arg(&g.b),
+            arg(&ta),
+            arg(&tb),
+            arg(&m),
+            arg(&n),
+            arg(&k),
+            arg(&g.lda),
+            arg(&g.ldb),
+            arg(&g.ldc),
+            arg(&g.alpha),
+            arg(&g.beta),
+        ],
+    );
+}
+
+/// The three GEMM forms of gemm.rs (x_wt, dy_w, dyt_x) through the fallback kernels, against
+/// the CPU's matmul_forward / matmul_backward.
+pub fn gemm(r: &mut Report, rng: &mut Rng) {
+    for (rows, inner, cols) in [(1usize, 1usize, 1usize), (5, 33, 17), (19, 40, 3)] {
+        let case = format!("rows {rows} in {inner} out {cols}");
+        let (x, xf) = rng.bf16s(rows * inner, 1.0);
+        let (w, wf) = rng.bf16s(cols * inner, 1.0);
+        let (dy, dyf) = rng.bf16s(rows * cols, 1.0);
+        // x_wt, fp32 out: out[rows, cols] = x @ w^T.
+        let mut out = vec![f32::NAN; rows * cols];
+        let g = Gemm {
+            transa: true,
+            transb: false,
+            m: cols,
+            n: rows,
+            k: inner,
+            a: w.as_ptr(),
+            lda: inner as i64,
+            b: x.as_ptr(),
+            ldb: inner as i64,
+            ldc: cols as i64,
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        run_gemm(r, "gemm_fallback_f32out", &g, out.as_mut_ptr().cast());
+        let mut want = vec![0.0; rows * cols];
+        cpu::matmul_forward(&mut want, &xf, &wf, rows, inner, cols);
+        let e_fwd = rel_err(&f64s_f32(&out), &want);
+        // dyt_x, fp32 out, beta 1: dw[cols, inner] += dy^T @ x.
+        let mut dw = rng.f32s(cols * inner, 1.0);
+        let mut want_dw = f64s_f32(&dw);
+        let mut want_dx = vec![0.0; rows * inner];
+        cpu::matmul_backward(Some(&mut want_dx), &mut want_dw, &dyf, &xf, &wf, rows, inner, cols);
+        let g = Gemm {
+            transa: false,
+            transb: true,
+            m: inner,
+            n: cols,
+            k: rows,
+            a: x.as_ptr(),
+            lda: inner as i64,
+            b: dy.as_ptr(),
+            ldb: cols as i64,
+            ldc: inner as i64,
+            alpha: 1.0,
+            beta: 1.0,
+        };
+        run_gemm(r, "gemm_fallback_f32out", &g, dw.as_mut_ptr().cast());
+        r.check(
+            "gemm_fallback_f32out",
+            &case,
+            &[("x_wt", e_fwd, TOL_F32), ("dyt_x", rel_err(&f64s_f32(&dw), &want_dw), TOL_F32)],
+        );
+        // dy_w, bf16 out: dx[rows, inner] = dy @ w.
+        let mut dx = nan_bf16(rows * inner);
+        let g = Gemm {
+            transa: false,
+            transb: false,
+            m: inner,
+            n: rows,
+            k: cols,
+            a: w.as_ptr(),
+            lda: inner as i64,
+            b: dy.as_ptr(),
+            ldb: cols as i64,
+            ldc: inner as i64,
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        run_gemm(r, "gemm_fallback_bf16out", &g, dx.as_mut_ptr().cast());
+        r.check("gemm_fallback_bf16out", &case, &[("dy_w", rel_err(&f64s_bf16(&dx), &want_dx), TOL_BF16)]);
+    }
+}
+
+/// loss.rs lm_head_cross_entropy_impl: gather the supervised rows, fp32 logits (cuBLASLt there,
+/// an f32 GEMM here), cross_entropy_rows, dx = dlogits @ w (cuBLASLt there), scatter_rows;
+/// against the CPU's lm_head_cross_entropy (loss and dx).
+pub fn cross_entropy(r: &mut Report, rng: &mut Rng) {
+    let ignore = u32::MAX;
+    // (rows, d, vocab, supervised rows, with gradients)
+    let cases = [
+        (1usize, 64usize, 8192usize, 1usize, true),
+        (9, 48, 8192, 5, true),
+        (7, 32, 8192, 4, false),
+        (4, 32, 8192, 0, true),
+        (3, 16, 128256, 2, true),
+    ];
+    for (n, d, vocab, n_sup, with_grads) in cases {
+        let case = format!("n {n} d {d} vocab {vocab} supervised {n_sup} grads {with_grads}");
+        let (x, xf) = rng.bf16s(n * d, 1.0);
+        let (w, wf) = rng.bf16s(vocab * d, 0.5);
+        let mut targets = vec![ignore; n];
+        let mut order: Vec<usize> = (0..n).collect();
+        for i in 0..n {
+            order.swap(i, i + rng.below(n - i));
+        }
+        for &i in &order[..n_sup] {
+            targets[i] = rng.below(vocab) as u32;
+        }
+        let loss_scale = 0.25f32;
+        let mut t_dx = vec![f64::NAN; n * d];
+        let mut t_dw = vec![0.0; vocab * d];
+        let t_loss = cpu::lm_head_cross_entropy(
+            &xf,
+            &wf,
+            &targets,
+            ignore,
+            n,
+            d,
+            vocab,
+            with_grads.then(|| CeGrads { dx: &mut t_dx, dw: &mut t_dw, loss_scale }),
+        );
+
+        // The host side of loss.rs.
+        let rows: Vec<u32> = (0..n as u32).filter(|&i| targets[i as usize] != ignore).collect();
+        let sup_targets: Vec<u32> = rows.iter().map(|&i| targets[i as usize]).collect();
+        let mut dx = vec![bf16::ZERO; n * d];
+        let mut loss = 0.0f64;
+        if rows.is_empty() {
+            // No supervised row: no launch, a zero loss and dx (r.check still records the case).
+            r.check("cross_entropy_rows", &case, &[("loss", (loss - t_loss).abs(), EXACT)]);
+            continue;
+        }
+        let chunk = (CHUNK_LOGITS / vocab).clamp(1, rows.len());
+        let (di, vi) = (d as i32, vocab as i32);
+        let (mut gather_bad, mut scatter_bad) = (0.0, 0.0);
+        for c0 in (0..rows.len()).step_by(chunk) {
+            let rc = chunk.min(rows.len() - c0);
+            let ri = rc as i32;
+            let idx = &rows[c0..c0 + rc];
+            let mut xc = nan_bf16(rc * d);
+            let (pxc, px, pidx) = (xc.as_mut_ptr(), x.as_ptr(), idx.as_ptr());
+            r.launch(
+                "gather_rows",
+                grid_stride(rc * d),
+                &[arg(&pxc), arg(&px), arg(&pidx), arg(&ri), arg(&di)],
+            );
+            let want_xc: Vec<bf16> =
+                idx.iter().flat_map(|&i| x[i as usize * d..(i as usize + 1) * d].to_vec()).collect();
+            gather_bad += mismatches(&xc, &want_xc);
+
+            let xcf: Vec<f32> = xc.iter().map(|v| v.to_f32()).collect();
+            let wf32: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            let mut logits = vec![0.0f32; rc * vocab];
+            f32::gemm(rc, d, vocab, 1.0, &xcf, (d, 1), &wf32, (1, d), 0.0, &mut logits, (vocab, 1));
+
+            let tgt = &sup_targets[c0..c0 + rc];
+            let mut losses = vec![f32::NAN; rc];
+            let mut dlogits = nan_bf16(if with_grads { rc * vocab } else { 0 });
+            let pdl: *mut bf16 = if with_grads { dlogits.as_mut_ptr() } else { std::ptr::null_mut() };
+            let (pl, plg, pt) = (losses.as_mut_ptr(), logits.as_ptr(), tgt.as_ptr());
+            let scale = if with_grads { loss_scale } else { 0.0 };
+            r.launch(
+                "cross_entropy_rows",
+                per_row(rc),
+                &[arg(&pl), arg(&pdl), arg(&plg), arg(&pt), arg(&ri), arg(&vi), arg(&scale)],
+            );
+            loss += losses.iter().map(|&l| l as f64).sum::<f64>();
+            if with_grads {
+                let dlf: Vec<f32> = dlogits.iter().map(|v| v.to_f32()).collect();
+                let mut dxc32 = vec![0.0f32; rc * d];
+                f32::gemm(rc, vocab, d, 1.0, &dlf, (vocab, 1), &wf32, (d, 1), 0.0, &mut dxc32, (d, 1));
+                let dxc: Vec<bf16> = dxc32.iter().map(|&v| bf16::from_f32(v)).collect();
+                let mut want_dx = dx.clone();
+                for (k, &i) in idx.iter().enumerate() {
+                    want_dx[i as usize * d..(i as usize + 1) * d].copy_from_slice(&dxc[k * d..(k + 1) * d]);
+                }
+                let (pdx, pdxc) = (dx.as_mut_ptr(), dxc.as_ptr());
+                r.launch(
+                    "scatter_rows",
+                    grid_stride(rc * d),
+                    &[arg(&pdx), arg(&pdxc), arg(&pidx), arg(&ri), arg(&di)],
+                );
+                scatter_bad += mismatches(&dx, &want_dx);
+            }
+        }
+        r.check("gather_rows", &case, &[("rows", gather_bad, EXACT)]);
+        let mut outs = vec![("loss", rel_err(&[loss], &[t_loss]), TOL_F32)];
+        if with_grads {
+            r.check("scatter_rows", &case, &[("rows", scatter_bad, EXACT)]);
+            outs.push(("dx", rel_err(&f64s_bf16(&dx), &t_dx), TOL_BF16));
+        }
+        r.check("cross_entropy_rows", &case, &outs);
+    }
+}

@@ -1,0 +1,44 @@
+// Every kernel file the emulation compiles and the entries it exports, as `(file stem of
+// kernels/NAME.cu, entries)`. build.rs includes this file to generate the C++ entry points
+// (`emu_ENTRY`); the emulation's report checks it against the entries of the PTX, so an entry
+// added to a kernel file and not here fails the run. flash_attention.cu runs in its own
+// program (tests/flash_emu), whose report lines are merged in.
+pub const EMULATED: &[(&str, &[&str])] = &[
+    ("cast", &["cast_f32_to_bf16", "cast_bf16_to_f32"]),
+    (
+        "rmsnorm",
+        &[
+            "rmsnorm_forward",
+            "residual_rmsnorm_forward",
+            "rmsnorm_backward_dx",
+            "rmsnorm_backward_dw_partial",
+            "rmsnorm_backward_dw_reduce",
+        ],
+    ),
+    ("rope", &["rope_apply"]),
+    ("swiglu", &["swiglu_forward", "swiglu_backward"]),
+    ("dropout", &["dropout_bf16", "dropout_f32"]),
+    ("embedding", &["embedding_forward", "embedding_backward_grouped", "embedding_backward_grouped_bf16"]),
+    ("cross_entropy", &["gather_rows", "scatter_rows", "cross_entropy_rows"]),
+    ("norm", &["sum_squares_f32", "sum_squares_bf16"]),
+    ("adamw", &["adamw_multi"]),
+    ("gemm", &["gemm_fallback_f32out", "gemm_fallback_bf16out"]),
+    (
+        "attention",
+        &[
+            "attention_forward_64",
+            "attention_forward_128",
+            "attention_decode_64",
+            "attention_decode_128",
+            "kv_cache_write",
+            "attention_backward_d",
+            "attention_backward_dq_64",
+            "attention_backward_dq_128",
+            "attention_backward_dkdv_64",
+            "attention_backward_dkdv_128",
+        ],
+    ),
+];
+
+/// Kernel files run by another program (scripts/emulate.sh runs it and passes its report).
+pub const SEPARATE: &[&str] = &["flash_attention"];
