@@ -116,7 +116,7 @@ pub fn decode(r: &mut Report, rng: &mut Rng) {
         let (si, ni, nhi, nkvi, hdi) = (start as i32, n_new as i32, nh as i32, nkv as i32, hd as i32);
         let (pk, pv, pq) = (kc.as_mut_ptr(), vc.as_mut_ptr(), qkv.as_ptr());
         r.launch(
-            "kv_cache_write",
+            "attention_kv_cache_write",
             grid_stride(n_new * kvw),
             &[arg(&pk), arg(&pv), arg(&pq), arg(&si), arg(&ni), arg(&nhi), arg(&nkvi), arg(&hdi)],
         );
@@ -132,7 +132,7 @@ pub fn decode(r: &mut Report, rng: &mut Rng) {
         let (mut t_out, mut t_k, mut t_v) = (vec![0.0; n_new * qw], kcf, vcf);
         cpu::attention_decode(&mut t_out, &qkvf, &mut t_k, &mut t_v, start, n_new, heads);
         r.check(
-            "kv_cache_write",
+            "attention_kv_cache_write",
             &case,
             &[
                 ("k", mismatches(&f64s_bf16(&kc), &t_k), EXACT),

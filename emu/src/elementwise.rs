@@ -1,5 +1,5 @@
 //! Cases of the element-wise and row-wise kernels: casts, RMSNorm, RoPE, SwiGLU, dropout,
-//! embedding. Launches mirror src/backend/cuda/{memory,norm,elementwise}.rs.
+//! embedding. Launches mirror src/backend/cuda/{cast,rmsnorm,rope,swiglu,dropout,embedding}.rs.
 
 use half::bf16;
 use sft::backend::cpu;
@@ -94,7 +94,7 @@ pub fn rmsnorm(r: &mut Report, rng: &mut Rng) {
             per_row(n),
             &[arg(&pdx), arg(&pdo), arg(&px), arg(&pw), arg(&pr), arg(&ni), arg(&di)],
         );
-        // norm.rs: DW_CHUNKS = 64 chunks at most.
+        // rmsnorm.rs: DW_CHUNKS = 64 chunks at most.
         let rows_per_chunk = n.div_ceil(64);
         let n_chunks = n.div_ceil(rows_per_chunk);
         let mut partial = vec![f32::NAN; n_chunks * d];
@@ -242,7 +242,7 @@ pub fn dropout(r: &mut Report, rng: &mut Rng) {
     for (len, p) in [(1usize, 0.5f32), (5000, 0.1), (3001, 0.5)] {
         let case = format!("len {len} p {p}");
         let seed = rng.next_u64();
-        // elementwise.rs: scale = 1 / (1 - p) in f32.
+        // dropout.rs: scale = 1 / (1 - p) in f32.
         let scale = 1.0 / (1.0 - p);
         let (mut x, xf) = rng.bf16s(len, 1.0);
         let px = x.as_mut_ptr();
@@ -277,7 +277,7 @@ pub fn dropout(r: &mut Report, rng: &mut Rng) {
     }
 }
 
-/// elementwise.rs group_tokens_by_id: token indices sorted by id (stable), each run's start
+/// embedding.rs group_tokens_by_id: token indices sorted by id (stable), each run's start
 /// (plus a final n) and id.
 fn group_tokens_by_id(ids: &[u32]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
     let mut order: Vec<u32> = (0..ids.len() as u32).collect();

@@ -1,5 +1,5 @@
 //! Cases of the reductions, the optimizer, the loss and the GEMM fallback. Launches mirror
-//! src/backend/cuda/{optim,loss,gemm}.rs.
+//! src/backend/cuda/{global_norm,adamw,cross_entropy,matmul}.rs.
 
 use half::bf16;
 use sft::backend::cpu::{self, CeGrads, Real};
@@ -7,11 +7,11 @@ use sft::backend::AdamW;
 
 use crate::emu::*;
 
-/// optim.rs SUMSQ_BLOCKS: blocks (and partials) per buffer.
+/// global_norm.rs SUMSQ_BLOCKS: blocks (and partials) per buffer.
 const SUMSQ_BLOCKS: usize = 128;
-/// optim.rs ADAM_BLOCKS: at most this many blocks stride over one tensor.
+/// adamw.rs ADAM_BLOCKS: at most this many blocks stride over one tensor.
 const ADAM_BLOCKS: usize = 1024;
-/// loss.rs CHUNK_LOGITS: logit elements per chunk.
+/// cross_entropy.rs CHUNK_LOGITS: logit elements per chunk.
 const CHUNK_LOGITS: usize = 32 << 20;
 
 /// The fixed grid of sum_squares is not capped: the host sums exactly `blocks` partials.
@@ -183,7 +183,7 @@ pub fn gemm(r: &mut Report, rng: &mut Rng) {
             alpha: 1.0,
             beta: 0.0,
         };
-        run_gemm(r, "gemm_fallback_f32out", &g, out.as_mut_ptr().cast());
+        run_gemm(r, "matmul_fallback_f32out", &g, out.as_mut_ptr().cast());
         let mut want = vec![0.0; rows * cols];
         cpu::matmul_forward(&mut want, &xf, &wf, rows, inner, cols);
         let e_fwd = rel_err(&f64s_f32(&out), &want);
@@ -206,9 +206,9 @@ pub fn gemm(r: &mut Report, rng: &mut Rng) {
             alpha: 1.0,
             beta: 1.0,
         };
-        run_gemm(r, "gemm_fallback_f32out", &g, dw.as_mut_ptr().cast());
+        run_gemm(r, "matmul_fallback_f32out", &g, dw.as_mut_ptr().cast());
         r.check(
-            "gemm_fallback_f32out",
+            "matmul_fallback_f32out",
             &case,
             &[("x_wt", e_fwd, TOL_F32), ("dyt_x", rel_err(&f64s_f32(&dw), &want_dw), TOL_F32)],
         );
@@ -228,12 +228,12 @@ pub fn gemm(r: &mut Report, rng: &mut Rng) {
             alpha: 1.0,
             beta: 0.0,
         };
-        run_gemm(r, "gemm_fallback_bf16out", &g, dx.as_mut_ptr().cast());
-        r.check("gemm_fallback_bf16out", &case, &[("dy_w", rel_err(&f64s_bf16(&dx), &want_dx), TOL_BF16)]);
+        run_gemm(r, "matmul_fallback_bf16out", &g, dx.as_mut_ptr().cast());
+        r.check("matmul_fallback_bf16out", &case, &[("dy_w", rel_err(&f64s_bf16(&dx), &want_dx), TOL_BF16)]);
     }
 }
 
-/// loss.rs lm_head_cross_entropy_impl: gather the supervised rows, fp32 logits (cuBLASLt there,
+/// cross_entropy.rs lm_head_cross_entropy: gather the supervised rows, fp32 logits (cuBLASLt there,
 /// an f32 GEMM here), cross_entropy_rows, dx = dlogits @ w (cuBLASLt there), scatter_rows;
 /// against the CPU's lm_head_cross_entropy (loss and dx).
 pub fn cross_entropy(r: &mut Report, rng: &mut Rng) {
@@ -272,7 +272,7 @@ pub fn cross_entropy(r: &mut Report, rng: &mut Rng) {
             with_grads.then(|| CeGrads { dx: &mut t_dx, dw: &mut t_dw, loss_scale }),
         );
 
-        // The host side of loss.rs.
+        // The host side of cross_entropy.rs.
         let rows: Vec<u32> = (0..n as u32).filter(|&i| targets[i as usize] != ignore).collect();
         let sup_targets: Vec<u32> = rows.iter().map(|&i| targets[i as usize]).collect();
         let mut dx = vec![bf16::ZERO; n * d];
@@ -292,7 +292,7 @@ pub fn cross_entropy(r: &mut Report, rng: &mut Rng) {
             let mut xc = nan_bf16(rc * d);
             let (pxc, px, pidx) = (xc.as_mut_ptr(), x.as_ptr(), idx.as_ptr());
             r.launch(
-                "gather_rows",
+                "cross_entropy_gather_rows",
                 grid_stride(rc * d),
                 &[arg(&pxc), arg(&px), arg(&pidx), arg(&ri), arg(&di)],
             );
@@ -328,17 +328,17 @@ pub fn cross_entropy(r: &mut Report, rng: &mut Rng) {
                 }
                 let (pdx, pdxc) = (dx.as_mut_ptr(), dxc.as_ptr());
                 r.launch(
-                    "scatter_rows",
+                    "cross_entropy_scatter_rows",
                     grid_stride(rc * d),
                     &[arg(&pdx), arg(&pdxc), arg(&pidx), arg(&ri), arg(&di)],
                 );
                 scatter_bad += mismatches(&dx, &want_dx);
             }
         }
-        r.check("gather_rows", &case, &[("rows", gather_bad, EXACT)]);
+        r.check("cross_entropy_gather_rows", &case, &[("rows", gather_bad, EXACT)]);
         let mut outs = vec![("loss", rel_err(&[loss], &[t_loss]), TOL_F32)];
         if with_grads {
-            r.check("scatter_rows", &case, &[("rows", scatter_bad, EXACT)]);
+            r.check("cross_entropy_scatter_rows", &case, &[("rows", scatter_bad, EXACT)]);
             outs.push(("dx", rel_err(&f64s_bf16(&dx), &t_dx), TOL_BF16));
         }
         r.check("cross_entropy_rows", &case, &outs);

@@ -19,10 +19,10 @@ pub const EMULATED: &[(&str, &[&str])] = &[
     ("swiglu", &["swiglu_forward", "swiglu_backward"]),
     ("dropout", &["dropout_bf16", "dropout_f32"]),
     ("embedding", &["embedding_forward", "embedding_backward_grouped", "embedding_backward_grouped_bf16"]),
-    ("cross_entropy", &["gather_rows", "scatter_rows", "cross_entropy_rows"]),
-    ("norm", &["sum_squares_f32", "sum_squares_bf16"]),
+    ("cross_entropy", &["cross_entropy_gather_rows", "cross_entropy_scatter_rows", "cross_entropy_rows"]),
+    ("global_norm", &["sum_squares_f32", "sum_squares_bf16"]),
     ("adamw", &["adamw_multi"]),
-    ("gemm", &["gemm_fallback_f32out", "gemm_fallback_bf16out"]),
+    ("matmul", &["matmul_fallback_f32out", "matmul_fallback_bf16out"]),
     (
         "attention",
         &[
@@ -30,7 +30,7 @@ pub const EMULATED: &[(&str, &[&str])] = &[
             "attention_forward_128",
             "attention_decode_64",
             "attention_decode_128",
-            "kv_cache_write",
+            "attention_kv_cache_write",
             "attention_backward_d",
             "attention_backward_dq_64",
             "attention_backward_dq_128",
