@@ -364,7 +364,7 @@ fn plan_data(cfg: &TrainConfig, tokenizer: &ChatTokenizer, max_seq_len: usize) -
         seed: cfg.seed,
     };
     let train_set = Arc::new(Dataset::open(&cfg.data, Split::Train)?);
-    train_set.ensure_tokenizer(&tokenizer)?;
+    train_set.ensure_tokenizer(tokenizer)?;
     // Generation puts the tokenizer's BOS before every prompt; shards prepared by a build that
     // did not start rows with it would train on rows that no prompt resembles.
     if let Some(bos) = tokenizer.bos_id() {
@@ -396,7 +396,7 @@ fn plan_data(cfg: &TrainConfig, tokenizer: &ChatTokenizer, max_seq_len: usize) -
     }
     let epochs_steps: u64 = epoch_steps.iter().take(cfg.epochs as usize).sum();
     let val_set = Dataset::open(&cfg.data, Split::Val)?;
-    val_set.ensure_tokenizer(&tokenizer)?;
+    val_set.ensure_tokenizer(tokenizer)?;
     let full_val: Vec<Batch> =
         if !val_set.is_empty() { batches_in_order(&val_set, &loader_config)? } else { vec![] };
     let quick_val: Vec<Batch> = full_val.iter().take(cfg.eval_batches).cloned().collect();
