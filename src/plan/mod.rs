@@ -19,7 +19,7 @@ use clap::Args;
 
 use crate::bench::flops_per_token;
 use crate::data::Batch;
-use crate::model::forward::{memory_bytes, micro_batch_that_fits};
+use crate::model::forward::{memory_advice, memory_bytes, micro_batch_that_fits};
 use crate::model::{Model, ModelConfig};
 use crate::rng::Rng;
 use crate::train::trainer::{optimizer_step, resolve_model_config};
@@ -302,6 +302,10 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
                 .to_string(),
         );
     }
+    if let Some(advice) = memory_advice(device.name, &config, COMPUTE_BYTES, args.micro_batch, t, available) {
+        // The trainer's own refusal, word for word, so that plan and trainer agree.
+        notes.push(format!("the trainer would refuse this step: {advice}"));
+    }
     let total =
         |f: fn(&Tally) -> f64| Family::ALL.iter().map(|&fam| f(&count.ledger.family(fam))).sum::<f64>();
     Ok(Plan {
@@ -430,7 +434,7 @@ pub fn render(p: &Plan) -> String {
         m.activations_per_token,
         p.micro_batch * p.seq_len
     );
-    let _ = writeln!(s, "workspace (loss chunks, cuBLASLt, ...) {:.2} GiB", gib(m.workspace));
+    let _ = writeln!(s, "workspace (backend buffers)    {:>8.2} GiB", gib(m.workspace));
     let _ = writeln!(
         s,
         "total                          {:>8.2} GiB of {:.2} GiB available ({:.1} GiB less the CUDA context)",
