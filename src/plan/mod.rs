@@ -11,6 +11,7 @@
 //! device's peak; the memory plan uses the trainer's own [`memory_bytes`] and
 //! [`micro_batch_that_fits`].
 
+pub mod calibrate;
 pub mod counting;
 pub mod devices;
 
@@ -50,6 +51,18 @@ pub struct PlanArgs {
     /// Print the plan as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Calibrate instead: nsys's kernel summary (`nsys stats --report cuda_gpu_kern_sum --format
+    /// csv`) of `sft bench` steps of the same shape on `--gpu`, printed per family next to the
+    /// estimate.
+    #[arg(long, value_name = "CSV")]
+    pub calibrate_from: Option<std::path::PathBuf>,
+    /// Optimizer steps the profile covers (warm-up steps included).
+    #[arg(long, default_value_t = 1)]
+    pub profiled_steps: usize,
+    /// With --calibrate-from: store the factors in src/plan/calibration.json (run from the
+    /// repository root), with this source (device, date, commit, command).
+    #[arg(long, value_name = "SOURCE", requires = "calibrate_from")]
+    pub write_calibration: Option<String>,
 }
 
 /// One op family's estimated share of a step.
@@ -457,8 +470,47 @@ pub fn render(p: &Plan) -> String {
     s
 }
 
+/// `sft plan --calibrate-from`: measured against estimated per family, optionally stored.
+fn calibrate_from(args: &PlanArgs, csv: &std::path::Path) -> Result<()> {
+    let mut config = resolve_model_config(&args.model, 8192)?;
+    if let Some(p) = args.dropout {
+        config.dropout = p;
+        config.validate().context("--dropout")?;
+    }
+    let device = devices::device(&args.gpu)?;
+    let t = args.seq_len.unwrap_or(config.max_seq_len);
+    let count = count_step(&config, args.micro_batch, t, args.grad_accum)?;
+    let shown = csv.display().to_string();
+    let text = std::fs::read_to_string(csv).with_context(|| format!("reading {shown}"))?;
+    let (measured, unattributed) = calibrate::parse_kern_sum(&text, &shown)?;
+    let rows = calibrate::compare(&measured, args.profiled_steps, &count.ledger, device)?;
+    println!("calibration of {} from {shown} ({} profiled steps)", device.name, args.profiled_steps);
+    println!("{:<16} {:>12} {:>12} {:>8}", "family", "measured ms", "estimate ms", "factor");
+    for r in &rows {
+        println!(
+            "{:<16} {:>12.3} {:>12.3} {:>8.3}",
+            r.family.name(),
+            r.measured_s * 1e3,
+            r.estimated_s * 1e3,
+            r.factor
+        );
+    }
+    for k in &unattributed {
+        eprintln!("warning: kernel not attributed to an op family: {k}");
+    }
+    if let Some(source) = &args.write_calibration {
+        let path = std::path::Path::new(devices::CALIBRATION_PATH);
+        calibrate::write_calibration(path, device.key, source, &rows)?;
+        println!("wrote the factors of {} to {} (rebuild to apply them)", device.key, path.display());
+    }
+    Ok(())
+}
+
 /// `sft plan`.
 pub fn run(args: PlanArgs) -> Result<()> {
+    if let Some(csv) = &args.calibrate_from {
+        return calibrate_from(&args, csv);
+    }
     let p = plan(&args)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&p)?);

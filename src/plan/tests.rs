@@ -127,6 +127,9 @@ fn the_counting_backend_allocates_what_memory_bytes_says() {
         grad_accum: 1,
         dropout: None,
         json: false,
+        calibrate_from: None,
+        profiled_steps: 1,
+        write_calibration: None,
     };
     let p = plan_for(&c, &args).unwrap();
     let m = &p.memory;
@@ -147,6 +150,9 @@ fn the_plan_is_labelled_and_consistent() {
         grad_accum: 2,
         dropout: None,
         json: false,
+        calibrate_from: None,
+        profiled_steps: 1,
+        write_calibration: None,
     };
     let c = ModelConfig { dropout: 0.1, ..small() };
     let p = plan_for(&c, &args).unwrap();
