@@ -20,5 +20,6 @@ pub mod demo;
 pub mod generate;
 pub mod kernels;
 pub mod model;
+pub mod plan;
 pub mod rng;
 pub mod train;

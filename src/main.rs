@@ -43,6 +43,8 @@ enum Command {
     BenchAttention(sft::bench_attention::AttentionBenchArgs),
     /// Time the cross-entropy and AdamW kernels next to a device copy (ms, TFLOP/s, GB/s; --json).
     BenchKernels(sft::bench_kernels::KernelBenchArgs),
+    /// Estimate a training step without a GPU: per-op-family cost, step time, tokens/s, MFU, memory.
+    Plan(sft::plan::PlanArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -72,6 +74,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => sft::bench::bench(args)?,
         Command::BenchAttention(args) => sft::bench_attention::bench_attention(args)?,
         Command::BenchKernels(args) => sft::bench_kernels::bench_kernels(args)?,
+        Command::Plan(args) => sft::plan::run(args)?,
     }
     Ok(())
 }

@@ -1,0 +1,840 @@
+//! A [`Backend`] that runs nothing and counts: for every op call, the FLOPs, the bytes the CUDA
+//! backend's kernels move (bf16 weights and activations, fp32 gradients, master weights, moments
+//! and statistics) and its launches, per op family and kind of kernel.
+//!
+//! Float buffers hold a length and a precision only, so a 1.3B model costs bookkeeping, not
+//! gigabytes; `read` returns zeros. Id buffers keep their contents (a few u32 per token) because
+//! the CUDA backend's work depends on them: the loss projects only supervised rows, attention's
+//! work follows the segment lengths, embedding backward touches one table row per distinct id.
+//!
+//! The counts mirror the launch code in src/backend/cuda/*.rs (one file per family there); a change
+//! there (a fused kernel, a new launch) must be mirrored here, or the plan drifts from the engine.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+use anyhow::{bail, ensure, Result};
+
+use crate::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope};
+
+/// Bytes of a [`Precision::Compute`] element on the CUDA backend (bf16).
+pub const COMPUTE_BYTES: usize = 2;
+/// Logit elements per chunk of the fused loss (`CHUNK_LOGITS` in cuda/cross_entropy.rs).
+const CE_CHUNK_LOGITS: usize = 32 << 20;
+/// Row chunks of RMSNorm's weight-gradient partials (`DW_CHUNKS` in cuda/rmsnorm.rs).
+const RMS_DW_CHUNKS: usize = 64;
+/// Partial sums per tensor of the global norm (`SUMSQ_BLOCKS` in cuda/global_norm.rs).
+const SUMSQ_BLOCKS: usize = 128;
+/// cuBLASLt's workspace, allocated once by the CUDA backend (`WORKSPACE_BYTES` in cuda/gemm.rs).
+pub const GEMM_WORKSPACE_BYTES: usize = 32 << 20;
+
+/// The op families, named like kernels/*.cu and src/backend/cuda/*.rs; `memory` is the trait's
+/// memory ops (uploads, downloads, memsets, device copies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    Embedding,
+    Rmsnorm,
+    Matmul,
+    Rope,
+    FlashAttention,
+    Swiglu,
+    Dropout,
+    CrossEntropy,
+    GlobalNorm,
+    Adamw,
+    Cast,
+    Memory,
+}
+
+impl Family {
+    pub const ALL: [Family; 12] = [
+        Family::Embedding,
+        Family::Rmsnorm,
+        Family::Matmul,
+        Family::Rope,
+        Family::FlashAttention,
+        Family::Swiglu,
+        Family::Dropout,
+        Family::CrossEntropy,
+        Family::GlobalNorm,
+        Family::Adamw,
+        Family::Cast,
+        Family::Memory,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Embedding => "embedding",
+            Family::Rmsnorm => "rmsnorm",
+            Family::Matmul => "matmul",
+            Family::Rope => "rope",
+            Family::FlashAttention => "flash_attention",
+            Family::Swiglu => "swiglu",
+            Family::Dropout => "dropout",
+            Family::CrossEntropy => "cross_entropy",
+            Family::GlobalNorm => "global_norm",
+            Family::Adamw => "adamw",
+            Family::Cast => "cast",
+            Family::Memory => "memory",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Family> {
+        Family::ALL.into_iter().find(|f| f.name() == name)
+    }
+}
+
+/// What bounds a kernel, which decides the peak and efficiency it is timed against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KernelKind {
+    /// cuBLASLt bf16 GEMMs (fp32 accumulate): tensor cores.
+    Gemm,
+    /// The flash attention kernels: tensor cores (mma.sync), with softmax in between.
+    Attention,
+    /// Our elementwise and reduction kernels: bandwidth, with CUDA-core FLOPs.
+    Elementwise,
+    /// Memsets and device-to-device copies.
+    DeviceCopy,
+    /// Host↔device copies; a download also waits for the stream.
+    HostTransfer,
+}
+
+/// Totals of one (family, kind).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Tally {
+    /// Launches: kernels, memsets and copies, each one stream operation.
+    pub launches: u64,
+    pub flops: f64,
+    /// Bytes read plus bytes written in device memory (host bytes for host transfers).
+    pub bytes: f64,
+    /// Downloads, each a synchronization of the stream with the host.
+    pub syncs: u64,
+}
+
+impl Tally {
+    fn add(&mut self, other: &Tally) {
+        self.launches += other.launches;
+        self.flops += other.flops;
+        self.bytes += other.bytes;
+        self.syncs += other.syncs;
+    }
+}
+
+/// Everything counted since the last [`CountingBackend::take_ledger`].
+#[derive(Clone, Debug, Default)]
+pub struct Ledger {
+    /// Trait op calls per family.
+    pub calls: BTreeMap<Family, u64>,
+    pub tallies: BTreeMap<(Family, KernelKind), Tally>,
+}
+
+impl Ledger {
+    /// The totals of one family over all kernel kinds.
+    pub fn family(&self, family: Family) -> Tally {
+        let mut t = Tally::default();
+        for (_, tally) in self.tallies.range((family, KernelKind::Gemm)..=(family, KernelKind::HostTransfer))
+        {
+            t.add(tally);
+        }
+        t
+    }
+
+    /// The totals of one family's kernels of one kind.
+    pub fn tally(&self, family: Family, kind: KernelKind) -> Tally {
+        self.tallies.get(&(family, kind)).copied().unwrap_or_default()
+    }
+
+    /// The totals of one kernel kind over all families.
+    pub fn kind(&self, kind: KernelKind) -> Tally {
+        let mut t = Tally::default();
+        for ((_, k), tally) in &self.tallies {
+            if *k == kind {
+                t.add(tally);
+            }
+        }
+        t
+    }
+}
+
+/// A float buffer without data.
+#[derive(Clone, Debug)]
+pub struct CountBuf {
+    len: usize,
+    precision: Precision,
+}
+
+impl CountBuf {
+    fn elem(&self) -> usize {
+        elem_bytes(self.precision)
+    }
+}
+
+fn elem_bytes(p: Precision) -> usize {
+    match p {
+        Precision::Compute => COMPUTE_BYTES,
+        Precision::F32 => 4,
+    }
+}
+
+/// The checks the CUDA backend makes before launching (precision and length), so that a call the
+/// GPU would refuse is an error here too.
+fn need(buf: &CountBuf, len: usize, precision: Precision, what: &str) -> Result<()> {
+    ensure!(
+        buf.precision == precision,
+        "{what}: expected a {precision:?} buffer, got a {:?} one",
+        buf.precision
+    );
+    ensure!(buf.len >= len, "{what}: buffer holds {} elements, the op needs {len}", buf.len);
+    Ok(())
+}
+
+fn need_ids(ids: &[u32], len: usize, what: &str) -> Result<()> {
+    ensure!(ids.len() >= len, "{what}: id buffer holds {} elements, the op needs {len}", ids.len());
+    Ok(())
+}
+
+/// The counting backend. See the module documentation.
+#[derive(Debug, Default)]
+pub struct CountingBackend {
+    ledger: RefCell<Ledger>,
+    /// Bytes allocated by `zeros`/`zeros_ids` (the CUDA backend's `alloc_zeros`, len ≥ 1).
+    allocated: RefCell<usize>,
+    /// High-water bytes of each of the CUDA backend's scratch buffers (cuda/scratch.rs).
+    scratch: RefCell<BTreeMap<&'static str, usize>>,
+}
+
+impl CountingBackend {
+    pub fn new() -> Self {
+        CountingBackend::default()
+    }
+
+    /// Returns the counts so far and starts afresh.
+    pub fn take_ledger(&self) -> Ledger {
+        std::mem::take(&mut *self.ledger.borrow_mut())
+    }
+
+    /// Bytes allocated by the model's buffers so far.
+    pub fn allocated_bytes(&self) -> usize {
+        *self.allocated.borrow()
+    }
+
+    /// The largest size each of the backend's own work buffers reached, summed (cuBLASLt's
+    /// workspace excluded).
+    pub fn scratch_bytes(&self) -> usize {
+        self.scratch.borrow().values().sum()
+    }
+
+    fn call(&self, family: Family) {
+        *self.ledger.borrow_mut().calls.entry(family).or_default() += 1;
+    }
+
+    fn count(&self, family: Family, kind: KernelKind, launches: u64, flops: f64, bytes: f64) {
+        let mut ledger = self.ledger.borrow_mut();
+        let t = ledger.tallies.entry((family, kind)).or_default();
+        t.launches += launches;
+        t.flops += flops;
+        t.bytes += bytes;
+    }
+
+    fn upload(&self, family: Family, bytes: usize) {
+        self.count(family, KernelKind::HostTransfer, 1, 0.0, bytes as f64);
+    }
+
+    fn download(&self, family: Family, bytes: usize) {
+        self.count(family, KernelKind::HostTransfer, 1, 0.0, bytes as f64);
+        self.ledger.borrow_mut().tallies.entry((family, KernelKind::HostTransfer)).or_default().syncs += 1;
+    }
+
+    fn scratch(&self, slot: &'static str, bytes: usize) {
+        let mut s = self.scratch.borrow_mut();
+        let e = s.entry(slot).or_default();
+        *e = (*e).max(bytes);
+    }
+
+    /// One GEMM `[m, k] × [k, n]`: `2·m·n·k` FLOPs; A and B read in bf16, C written in its type
+    /// (and read too when accumulating, cuBLASLt's beta = 1).
+    fn gemm(&self, family: Family, m: usize, n: usize, k: usize, c_bytes: usize, accumulate: bool) {
+        let (m, n, k) = (m as f64, n as f64, k as f64);
+        let c = COMPUTE_BYTES as f64;
+        let out = m * n * c_bytes as f64 * if accumulate { 2.0 } else { 1.0 };
+        self.count(family, KernelKind::Gemm, 1, 2.0 * m * n * k, (m * k + k * n) * c + out);
+    }
+
+    fn elementwise(&self, family: Family, launches: u64, flops: f64, bytes: usize) {
+        self.count(family, KernelKind::Elementwise, launches, flops, bytes as f64);
+    }
+}
+
+/// Causal (query, key) pairs inside the segments of `cu_seqlens`: the pairs a causal attention
+/// computes, `Σ T(T+1)/2`.
+pub fn causal_pairs(cu_seqlens: &[u32], n_segments: usize) -> f64 {
+    cu_seqlens[..=n_segments]
+        .windows(2)
+        .map(|w| {
+            let t = w[1].saturating_sub(w[0]) as f64;
+            t * (t + 1.0) / 2.0
+        })
+        .sum()
+}
+
+impl Backend for CountingBackend {
+    type Buf = CountBuf;
+    type Ids = Vec<u32>;
+
+    fn name(&self) -> String {
+        "counting (cost model)".to_string()
+    }
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    fn compute_bytes(&self) -> usize {
+        COMPUTE_BYTES
+    }
+
+    fn zeros(&self, len: usize, precision: Precision) -> Result<CountBuf> {
+        *self.allocated.borrow_mut() += len.max(1) * elem_bytes(precision);
+        Ok(CountBuf { len, precision })
+    }
+    fn zeros_ids(&self, len: usize) -> Result<Vec<u32>> {
+        *self.allocated.borrow_mut() += len.max(1) * 4;
+        Ok(vec![0; len])
+    }
+    fn write(&self, dst: &mut CountBuf, src: &[f32]) -> Result<()> {
+        self.call(Family::Memory);
+        ensure!(src.len() <= dst.len, "write: {} values into a buffer of {}", src.len(), dst.len);
+        if !src.is_empty() {
+            self.upload(Family::Memory, src.len() * dst.elem());
+        }
+        Ok(())
+    }
+    fn read(&self, src: &CountBuf, len: usize) -> Result<Vec<f32>> {
+        self.call(Family::Memory);
+        ensure!(len <= src.len, "read: {len} values from a buffer of {}", src.len);
+        if len > 0 {
+            self.download(Family::Memory, len * src.elem());
+        }
+        Ok(vec![0.0; len])
+    }
+    fn write_ids(&self, dst: &mut Vec<u32>, src: &[u32]) -> Result<()> {
+        self.call(Family::Memory);
+        ensure!(src.len() <= dst.len(), "write_ids: {} ids into a buffer of {}", src.len(), dst.len());
+        dst[..src.len()].copy_from_slice(src);
+        if !src.is_empty() {
+            self.upload(Family::Memory, src.len() * 4);
+        }
+        Ok(())
+    }
+    fn zero(&self, buf: &mut CountBuf, len: usize) -> Result<()> {
+        self.call(Family::Memory);
+        ensure!(len <= buf.len, "zero: {len} elements of a buffer of {}", buf.len);
+        if len > 0 {
+            self.count(Family::Memory, KernelKind::DeviceCopy, 1, 0.0, (len * buf.elem()) as f64);
+        }
+        Ok(())
+    }
+    fn copy(&self, dst: &mut CountBuf, src: &CountBuf, len: usize) -> Result<()> {
+        ensure!(
+            len <= dst.len && len <= src.len,
+            "copy: {len} elements between buffers of {} and {}",
+            src.len,
+            dst.len
+        );
+        if dst.precision == src.precision {
+            self.call(Family::Memory);
+            if len > 0 {
+                let bytes = 2 * len * src.elem();
+                self.count(Family::Memory, KernelKind::DeviceCopy, 1, 0.0, bytes as f64);
+            }
+        } else {
+            // A copy between precisions is the cast kernel (cuda/memory.rs → cuda/cast.rs).
+            self.call(Family::Cast);
+            if len > 0 {
+                self.elementwise(Family::Cast, 1, 0.0, len * (src.elem() + dst.elem()));
+            }
+        }
+        Ok(())
+    }
+
+    fn embedding_forward(
+        &self,
+        out: &mut CountBuf,
+        ids: &Vec<u32>,
+        table: &CountBuf,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        self.call(Family::Embedding);
+        need(out, n * d, Precision::Compute, "embedding_forward out")?;
+        need(table, d, Precision::Compute, "embedding_forward table")?;
+        need_ids(ids, n, "embedding_forward ids")?;
+        if n * d > 0 {
+            self.elementwise(Family::Embedding, 1, 0.0, n * 4 + 2 * n * d * COMPUTE_BYTES);
+        }
+        Ok(())
+    }
+    fn embedding_backward(
+        &self,
+        dtable: &mut CountBuf,
+        ids: &Vec<u32>,
+        dout: &CountBuf,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        self.call(Family::Embedding);
+        need(dout, n * d, Precision::Compute, "embedding_backward dout")?;
+        need_ids(ids, n, "embedding_backward ids")?;
+        if n * d == 0 {
+            return Ok(());
+        }
+        let vocab = dtable.len / d;
+        if let Some((i, &bad)) = ids[..n].iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+            bail!("embedding_backward: token {i} has id {bad}, the table has {vocab} rows");
+        }
+        let mut distinct = ids[..n].to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let groups = distinct.len();
+        // The ids come down, the grouping (order, group starts, group ids) goes up.
+        self.download(Family::Embedding, n * 4);
+        self.upload(Family::Embedding, n * 4);
+        self.upload(Family::Embedding, (groups + 1) * 4);
+        self.upload(Family::Embedding, groups * 4);
+        self.scratch("emb_order", n * 4);
+        self.scratch("emb_group_start", (groups + 1) * 4);
+        self.scratch("emb_group_id", groups * 4);
+        // One block per distinct id sums its rows of dout into its table row (read and written).
+        let bytes = n * d * COMPUTE_BYTES + n * 4 + (2 * groups + 1) * 4 + 2 * groups * d * dtable.elem();
+        self.elementwise(Family::Embedding, 1, (n * d) as f64, bytes);
+        Ok(())
+    }
+
+    fn rmsnorm_forward(
+        &self,
+        out: &mut CountBuf,
+        rstd: &mut CountBuf,
+        x: &CountBuf,
+        w: &CountBuf,
+        n: usize,
+        d: usize,
+        _eps: f32,
+    ) -> Result<()> {
+        self.call(Family::Rmsnorm);
+        need(out, n * d, Precision::Compute, "rmsnorm_forward out")?;
+        need(rstd, n, Precision::F32, "rmsnorm_forward rstd")?;
+        need(x, n * d, Precision::Compute, "rmsnorm_forward x")?;
+        need(w, d, Precision::Compute, "rmsnorm_forward w")?;
+        if n * d > 0 {
+            let bytes = 2 * n * d * COMPUTE_BYTES + d * COMPUTE_BYTES + n * 4;
+            self.elementwise(Family::Rmsnorm, 1, 4.0 * (n * d) as f64, bytes);
+        }
+        Ok(())
+    }
+    fn residual_rmsnorm_forward(
+        &self,
+        x_out: &mut CountBuf,
+        out: &mut CountBuf,
+        rstd: &mut CountBuf,
+        x_in: &CountBuf,
+        delta: &CountBuf,
+        w: &CountBuf,
+        n: usize,
+        d: usize,
+        _eps: f32,
+    ) -> Result<()> {
+        self.call(Family::Rmsnorm);
+        for (b, what) in [(&*x_out, "x_out"), (&*out, "out"), (x_in, "x_in"), (delta, "delta")] {
+            need(b, n * d, Precision::Compute, &format!("residual_rmsnorm_forward {what}"))?;
+        }
+        need(rstd, n, Precision::F32, "residual_rmsnorm_forward rstd")?;
+        need(w, d, Precision::Compute, "residual_rmsnorm_forward w")?;
+        if n * d > 0 {
+            // Reads x_in and delta, writes x_out and out.
+            let bytes = 4 * n * d * COMPUTE_BYTES + d * COMPUTE_BYTES + n * 4;
+            self.elementwise(Family::Rmsnorm, 1, 5.0 * (n * d) as f64, bytes);
+        }
+        Ok(())
+    }
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut CountBuf,
+        dw: &mut CountBuf,
+        dout: &CountBuf,
+        x: &CountBuf,
+        w: &CountBuf,
+        rstd: &CountBuf,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        self.call(Family::Rmsnorm);
+        need(dx, n * d, Precision::Compute, "rmsnorm_backward dx")?;
+        need(dw, d, Precision::F32, "rmsnorm_backward dw")?;
+        need(dout, n * d, Precision::Compute, "rmsnorm_backward dout")?;
+        need(x, n * d, Precision::Compute, "rmsnorm_backward x")?;
+        need(w, d, Precision::Compute, "rmsnorm_backward w")?;
+        need(rstd, n, Precision::F32, "rmsnorm_backward rstd")?;
+        if n * d == 0 {
+            return Ok(());
+        }
+        let nd = n * d * COMPUTE_BYTES;
+        // dx: reads dout, x, w, rstd and dx (it adds), writes dx.
+        self.elementwise(Family::Rmsnorm, 1, 6.0 * (n * d) as f64, 4 * nd + d * COMPUTE_BYTES + n * 4);
+        // dw in two passes: per-chunk partials (reading dout and x again), then their sum into dw.
+        let rows_per_chunk = n.div_ceil(RMS_DW_CHUNKS);
+        let chunks = n.div_ceil(rows_per_chunk);
+        self.scratch("rms_partial", chunks * d * 4);
+        self.elementwise(Family::Rmsnorm, 1, 2.0 * (n * d) as f64, 2 * nd + n * 4 + chunks * d * 4);
+        self.elementwise(Family::Rmsnorm, 1, (chunks * d) as f64, chunks * d * 4 + 2 * d * 4);
+        Ok(())
+    }
+
+    fn matmul_forward(
+        &self,
+        out: &mut CountBuf,
+        inp: &CountBuf,
+        w: &CountBuf,
+        n: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        self.call(Family::Matmul);
+        need(out, n * out_dim, Precision::Compute, "matmul_forward out")?;
+        need(inp, n * in_dim, Precision::Compute, "matmul_forward inp")?;
+        need(w, out_dim * in_dim, Precision::Compute, "matmul_forward w")?;
+        if n * out_dim > 0 {
+            self.gemm(Family::Matmul, n, out_dim, in_dim, COMPUTE_BYTES, false);
+        }
+        Ok(())
+    }
+    fn matmul_backward(
+        &self,
+        dinp: Option<&mut CountBuf>,
+        dw: &mut CountBuf,
+        dout: &CountBuf,
+        inp: &CountBuf,
+        w: &CountBuf,
+        n: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        self.call(Family::Matmul);
+        need(dout, n * out_dim, Precision::Compute, "matmul_backward dout")?;
+        need(inp, n * in_dim, Precision::Compute, "matmul_backward inp")?;
+        need(w, out_dim * in_dim, Precision::Compute, "matmul_backward w")?;
+        need(dw, out_dim * in_dim, Precision::F32, "matmul_backward dw")?;
+        if let Some(dinp) = dinp {
+            need(dinp, n * in_dim, Precision::Compute, "matmul_backward dinp")?;
+            if n * in_dim > 0 {
+                self.gemm(Family::Matmul, n, in_dim, out_dim, COMPUTE_BYTES, false);
+            }
+        }
+        if n > 0 {
+            // dw += dout^T @ inp: fp32 C, read and written.
+            self.gemm(Family::Matmul, out_dim, in_dim, n, 4, true);
+        }
+        Ok(())
+    }
+
+    fn rope_forward(
+        &self,
+        qkv: &mut CountBuf,
+        positions: &Vec<u32>,
+        n: usize,
+        heads: HeadShape,
+        _rope: Rope,
+    ) -> Result<()> {
+        self.rope(qkv, positions, n, heads, "rope_forward")
+    }
+    fn rope_backward(
+        &self,
+        dqkv: &mut CountBuf,
+        positions: &Vec<u32>,
+        n: usize,
+        heads: HeadShape,
+        _rope: Rope,
+    ) -> Result<()> {
+        self.rope(dqkv, positions, n, heads, "rope_backward")
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut CountBuf,
+        lse: &mut CountBuf,
+        qkv: &CountBuf,
+        cu_seqlens: &Vec<u32>,
+        n_segments: usize,
+        n: usize,
+        heads: HeadShape,
+    ) -> Result<()> {
+        self.call(Family::FlashAttention);
+        ensure!(n_segments > 0, "attention: no segments (cu_seqlens needs n_segments + 1 offsets)");
+        need_ids(cu_seqlens, n_segments + 1, "attention cu_seqlens")?;
+        need(out, n * heads.q_width(), Precision::Compute, "attention_forward out")?;
+        need(lse, heads.n_heads * n, Precision::F32, "attention_forward lse")?;
+        need(qkv, n * heads.qkv_width(), Precision::Compute, "attention_forward qkv")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let per_pair = (heads.n_heads * heads.head_dim) as f64;
+        let pairs = causal_pairs(cu_seqlens, n_segments);
+        self.tile_table(n_segments);
+        // S = Q·Kᵀ and O = P·V over the causal pairs; q, k, v read once, out and lse written.
+        let bytes = n * (heads.qkv_width() + heads.q_width()) * COMPUTE_BYTES + heads.n_heads * n * 4;
+        self.count(Family::FlashAttention, KernelKind::Attention, 1, 4.0 * per_pair * pairs, bytes as f64);
+        Ok(())
+    }
+    fn attention_backward(
+        &self,
+        dqkv: &mut CountBuf,
+        dout: &CountBuf,
+        qkv: &CountBuf,
+        out: &CountBuf,
+        lse: &CountBuf,
+        cu_seqlens: &Vec<u32>,
+        n_segments: usize,
+        n: usize,
+        heads: HeadShape,
+    ) -> Result<()> {
+        self.call(Family::FlashAttention);
+        ensure!(n_segments > 0, "attention: no segments (cu_seqlens needs n_segments + 1 offsets)");
+        need_ids(cu_seqlens, n_segments + 1, "attention cu_seqlens")?;
+        need(dqkv, n * heads.qkv_width(), Precision::Compute, "attention_backward dqkv")?;
+        need(dout, n * heads.q_width(), Precision::Compute, "attention_backward dout")?;
+        need(qkv, n * heads.qkv_width(), Precision::Compute, "attention_backward qkv")?;
+        need(out, n * heads.q_width(), Precision::Compute, "attention_backward out")?;
+        need(lse, heads.n_heads * n, Precision::F32, "attention_backward lse")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (q, qkv_w, kv) = (heads.q_width(), heads.qkv_width(), heads.kv_width());
+        let stats = heads.n_heads * n * 4;
+        self.scratch("attn_d", stats);
+        // D = rowsum(dO∘O).
+        self.elementwise(Family::FlashAttention, 1, 2.0 * (n * q) as f64, 2 * n * q * COMPUTE_BYTES + stats);
+        self.tile_table(n_segments);
+        self.tile_table(n_segments);
+        let per_pair = (heads.n_heads * heads.head_dim) as f64;
+        let pairs = causal_pairs(cu_seqlens, n_segments);
+        // Both kernels read q, k, v, dO, lse and D; dq recomputes S and dP, then dQ = dS·K (3
+        // products); dkdv recomputes S and dP, then dV = Pᵀ·dO and dK = dSᵀ·Q (4 products).
+        let inputs = n * (qkv_w + q) * COMPUTE_BYTES + 2 * stats;
+        let dq_bytes = inputs + n * q * COMPUTE_BYTES;
+        let dkdv_bytes = inputs + 2 * n * kv * COMPUTE_BYTES;
+        self.count(Family::FlashAttention, KernelKind::Attention, 1, 6.0 * per_pair * pairs, dq_bytes as f64);
+        self.count(
+            Family::FlashAttention,
+            KernelKind::Attention,
+            1,
+            8.0 * per_pair * pairs,
+            dkdv_bytes as f64,
+        );
+        Ok(())
+    }
+    fn attention_decode(
+        &self,
+        _out: &mut CountBuf,
+        _qkv: &CountBuf,
+        _k_cache: &mut CountBuf,
+        _v_cache: &mut CountBuf,
+        _start: usize,
+        _n_new: usize,
+        _heads: HeadShape,
+    ) -> Result<()> {
+        bail!("the cost model plans training steps; generation (attention_decode) is not modelled")
+    }
+
+    fn swiglu_forward(&self, out: &mut CountBuf, gate_up: &CountBuf, n: usize, hidden: usize) -> Result<()> {
+        self.call(Family::Swiglu);
+        need(out, n * hidden, Precision::Compute, "swiglu_forward out")?;
+        need(gate_up, n * 2 * hidden, Precision::Compute, "swiglu_forward gate_up")?;
+        if n * hidden > 0 {
+            self.elementwise(Family::Swiglu, 1, 5.0 * (n * hidden) as f64, 3 * n * hidden * COMPUTE_BYTES);
+        }
+        Ok(())
+    }
+    fn swiglu_backward(
+        &self,
+        dgate_up: &mut CountBuf,
+        dout: &CountBuf,
+        gate_up: &CountBuf,
+        n: usize,
+        hidden: usize,
+    ) -> Result<()> {
+        self.call(Family::Swiglu);
+        need(dgate_up, n * 2 * hidden, Precision::Compute, "swiglu_backward dgate_up")?;
+        need(dout, n * hidden, Precision::Compute, "swiglu_backward dout")?;
+        need(gate_up, n * 2 * hidden, Precision::Compute, "swiglu_backward gate_up")?;
+        if n * hidden > 0 {
+            self.elementwise(Family::Swiglu, 1, 10.0 * (n * hidden) as f64, 5 * n * hidden * COMPUTE_BYTES);
+        }
+        Ok(())
+    }
+
+    fn dropout(&self, x: &mut CountBuf, len: usize, p: f32, _seed: u64) -> Result<()> {
+        self.call(Family::Dropout);
+        ensure!((0.0..1.0).contains(&p), "dropout: p = {p} is outside [0, 1)");
+        ensure!(len <= x.len, "dropout: {len} elements of a buffer of {}", x.len);
+        if p > 0.0 && len > 0 {
+            // In place; a hash of (seed, index) per element.
+            self.elementwise(Family::Dropout, 1, 4.0 * len as f64, 2 * len * x.elem());
+        }
+        Ok(())
+    }
+
+    fn lm_head_cross_entropy(
+        &self,
+        x: &CountBuf,
+        w: &CountBuf,
+        targets: &Vec<u32>,
+        ignore_id: u32,
+        n: usize,
+        d: usize,
+        vocab: usize,
+        grads: Option<LossGrads<'_, Self>>,
+    ) -> Result<f64> {
+        let f = Family::CrossEntropy;
+        self.call(f);
+        need(x, n * d, Precision::Compute, "lm_head_cross_entropy x")?;
+        need(w, vocab * d, Precision::Compute, "lm_head_cross_entropy w")?;
+        need_ids(targets, n, "lm_head_cross_entropy targets")?;
+        if let Some(g) = &grads {
+            need(g.dx, n * d, Precision::Compute, "lm_head_cross_entropy dx")?;
+            need(g.dw, vocab * d, Precision::F32, "lm_head_cross_entropy dw")?;
+        }
+        if n == 0 || d == 0 {
+            return Ok(0.0);
+        }
+        let with_grads = grads.is_some();
+        if with_grads {
+            self.count(f, KernelKind::DeviceCopy, 1, 0.0, (n * d * COMPUTE_BYTES) as f64);
+        }
+        self.download(f, n * 4);
+        let n_sup = targets[..n].iter().filter(|&&t| t != ignore_id).count();
+        if let Some((i, t)) =
+            targets[..n].iter().enumerate().find(|(_, &t)| t != ignore_id && t as usize >= vocab)
+        {
+            bail!("lm_head_cross_entropy: row {i} has target {t}, the vocabulary has {vocab} ids");
+        }
+        if n_sup == 0 {
+            return Ok(0.0);
+        }
+        self.upload(f, n_sup * 4);
+        self.upload(f, n_sup * 4);
+        let chunk = (CE_CHUNK_LOGITS / vocab).clamp(1, n_sup);
+        self.scratch("ce_rows", n_sup * 4);
+        self.scratch("ce_targets", n_sup * 4);
+        self.scratch("ce_losses", n_sup * 4);
+        self.scratch("ce_x", chunk * d * COMPUTE_BYTES);
+        self.scratch("ce_logits", chunk * vocab * 4);
+        if with_grads {
+            self.scratch("ce_dx", chunk * d * COMPUTE_BYTES);
+            self.scratch("ce_dlogits", chunk * vocab * COMPUTE_BYTES);
+        }
+        let c = COMPUTE_BYTES;
+        for c0 in (0..n_sup).step_by(chunk) {
+            let r = chunk.min(n_sup - c0);
+            // Gather the chunk's rows, fp32 logits, then losses (and bf16 dlogits) per row.
+            self.elementwise(f, 1, 0.0, 2 * r * d * c + r * 4);
+            self.gemm(f, r, vocab, d, 4, false);
+            let ce_bytes = r * vocab * 4 + r * 8 + if with_grads { r * vocab * c } else { 0 };
+            self.elementwise(f, 1, 5.0 * (r * vocab) as f64, ce_bytes);
+            if with_grads {
+                // dx_chunk = dlogits @ w; dw += dlogits^T @ x_chunk; scatter dx_chunk to its rows.
+                self.gemm(f, r, d, vocab, c, false);
+                self.gemm(f, vocab, d, r, 4, true);
+                self.elementwise(f, 1, 0.0, 2 * r * d * c + r * 4);
+            }
+        }
+        self.download(f, n_sup * 4);
+        Ok(0.0)
+    }
+
+    fn sum_squares(&self, bufs: &[&CountBuf], lens: &[usize]) -> Result<f64> {
+        self.call(Family::GlobalNorm);
+        ensure!(bufs.len() == lens.len(), "sum_squares: {} buffers but {} lengths", bufs.len(), lens.len());
+        self.scratch("sumsq_partial", bufs.len() * SUMSQ_BLOCKS * 4);
+        let mut any = false;
+        for (i, (buf, &len)) in bufs.iter().zip(lens).enumerate() {
+            if len == 0 {
+                continue;
+            }
+            ensure!(len <= buf.len, "sum_squares: buffer {i} has {} elements, asked for {len}", buf.len);
+            let blocks = len.div_ceil(256).min(SUMSQ_BLOCKS);
+            self.elementwise(Family::GlobalNorm, 1, 2.0 * len as f64, len * buf.elem() + blocks * 4);
+            any = true;
+        }
+        if any {
+            self.download(Family::GlobalNorm, bufs.len() * SUMSQ_BLOCKS * 4);
+        }
+        Ok(0.0)
+    }
+
+    fn adamw(
+        &self,
+        params: &mut [&mut CountBuf],
+        master: &mut [&mut CountBuf],
+        grads: &[&CountBuf],
+        m: &mut [&mut CountBuf],
+        v: &mut [&mut CountBuf],
+        lens: &[usize],
+        hp: &AdamW,
+    ) -> Result<()> {
+        self.call(Family::Adamw);
+        let k = lens.len();
+        ensure!(
+            [params.len(), master.len(), grads.len(), m.len(), v.len()].iter().all(|&l| l == k),
+            "adamw: params, master, grads, m, v and lens must have the same count ({k})"
+        );
+        ensure!(hp.step > 0, "adamw: step is 1-based, got 0");
+        let mut elements = 0;
+        for i in 0..k {
+            let len = lens[i];
+            let what = |name: &str| format!("adamw tensor {i} {name}");
+            need(master[i], len, Precision::F32, &what("master"))?;
+            need(grads[i], len, Precision::F32, &what("grad"))?;
+            need(m[i], len, Precision::F32, &what("m"))?;
+            need(v[i], len, Precision::F32, &what("v"))?;
+            need(params[i], len, Precision::Compute, &what("param"))?;
+            elements += len;
+        }
+        if k == 0 || elements == 0 {
+            return Ok(());
+        }
+        // Six u64 per tensor (five pointers and the length) go up; one launch for all tensors.
+        self.upload(Family::Adamw, 6 * k * 8);
+        self.scratch("adam_descs", 6 * k * 8);
+        // Per element: master, m, v read and written (fp32), the grad read, the bf16 param written.
+        let bytes = elements * (3 * 2 * 4 + 4 + COMPUTE_BYTES);
+        self.elementwise(Family::Adamw, 1, 15.0 * elements as f64, bytes);
+        Ok(())
+    }
+}
+
+impl CountingBackend {
+    fn rope(
+        &self,
+        qkv: &mut CountBuf,
+        positions: &[u32],
+        n: usize,
+        heads: HeadShape,
+        what: &str,
+    ) -> Result<()> {
+        self.call(Family::Rope);
+        ensure!(heads.head_dim.is_multiple_of(2), "rope: head_dim {} is odd", heads.head_dim);
+        need(qkv, n * heads.qkv_width(), Precision::Compute, &format!("{what} qkv"))?;
+        need_ids(positions, n, &format!("{what} positions"))?;
+        let rotated = n * (heads.n_heads + heads.n_kv_heads) * heads.head_dim;
+        if rotated > 0 {
+            // In place on the q and k parts of each row: read and written once; the angles are
+            // computed in the kernel (a power and a sincos per pair).
+            self.elementwise(Family::Rope, 1, 4.0 * rotated as f64, 2 * rotated * COMPUTE_BYTES + n * 4);
+        }
+        Ok(())
+    }
+
+    /// `flash_tile_table`: one block writes the tile list (a few bytes per tile).
+    fn tile_table(&self, n_segments: usize) {
+        self.elementwise(Family::FlashAttention, 1, 0.0, (n_segments + 1) * 4);
+    }
+}

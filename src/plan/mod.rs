@@ -1,0 +1,524 @@
+//! `sft plan`: a cost model of one training step — will it fit, and how fast will it go —
+//! without a GPU. Every figure it prints is an estimate.
+//!
+//! It runs the real optimizer step (`optimizer_step`: forward+backward per micro-batch, the
+//! global norm, AdamW) of the real [`Model`] on [`counting::CountingBackend`], which launches
+//! nothing and records per op family the FLOPs, the bytes the CUDA kernels move and the launches.
+//! Each (family, kind of kernel) is then timed against a device of [`devices::DEVICES`] as a
+//! roofline, `max(FLOPs / (peak · efficiency), bytes / (bandwidth · efficiency))`, plus a launch
+//! cost per launch, and scaled by the device's calibration factor of the family. Tokens/s and
+//! MFU use `sft bench`'s FLOPs per token ([`crate::bench::flops_per_token`]) against the
+//! device's peak; the memory plan uses the trainer's own [`memory_bytes`] and
+//! [`micro_batch_that_fits`].
+
+pub mod calibrate;
+pub mod counting;
+pub mod devices;
+
+use anyhow::{ensure, Context, Result};
+use clap::Args;
+
+use crate::bench::flops_per_token;
+use crate::data::Batch;
+use crate::model::forward::{memory_advice, memory_bytes, micro_batch_that_fits};
+use crate::model::{Model, ModelConfig};
+use crate::rng::Rng;
+use crate::train::trainer::{optimizer_step, resolve_model_config};
+use crate::train::TrainConfig;
+use counting::{CountingBackend, Family, KernelKind, Ledger, Tally, COMPUTE_BYTES, GEMM_WORKSPACE_BYTES};
+use devices::{Calibration, DeviceSpec, CONTEXT_BYTES, LAUNCH_OVERHEAD_S, SYNC_OVERHEAD_S};
+
+#[derive(Args, Debug, Clone)]
+pub struct PlanArgs {
+    /// A preset (`simplellama-1.3b`, `tiny`) or a model-config JSON file.
+    #[arg(long, default_value = "simplellama-1.3b")]
+    pub model: String,
+    /// h100 (SXM), h200, a100 (80 GB SXM) or rtx4090.
+    #[arg(long, default_value = "h100")]
+    pub gpu: String,
+    /// Rows per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    pub micro_batch: usize,
+    /// Row length; default: the model's max_seq_len.
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Overrides the model's dropout (0.1 in simplellama-1.3b).
+    #[arg(long)]
+    pub dropout: Option<f32>,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Calibrate instead: nsys's kernel summary (`nsys stats --report cuda_gpu_kern_sum --format
+    /// csv`) of `sft bench` steps of the same shape on `--gpu`, printed per family next to the
+    /// estimate.
+    #[arg(long, value_name = "CSV")]
+    pub calibrate_from: Option<std::path::PathBuf>,
+    /// Optimizer steps the profile covers (warm-up steps included).
+    #[arg(long, default_value_t = 1)]
+    pub profiled_steps: usize,
+    /// With --calibrate-from: store the factors in src/plan/calibration.json (run from the
+    /// repository root), with this source (device, date, commit, command).
+    #[arg(long, value_name = "SOURCE", requires = "calibrate_from")]
+    pub write_calibration: Option<String>,
+}
+
+/// One op family's estimated share of a step.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FamilyEstimate {
+    pub family: Family,
+    /// Calls of the backend's ops.
+    pub calls: u64,
+    /// Kernels, memsets and copies launched.
+    pub launches: u64,
+    pub flops: f64,
+    pub bytes: f64,
+    pub seconds: f64,
+    /// What dominates the family's time: "compute", "memory" or "launch".
+    pub bound: &'static str,
+    /// The calibration factor applied (1.0 while uncalibrated).
+    pub calibration: f64,
+}
+
+/// What the step's buffers take, in bytes.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MemoryPlan {
+    /// bf16 weights (and one row of logits for generation).
+    pub weights: usize,
+    /// fp32 gradients.
+    pub grads: usize,
+    /// fp32 master weights and the two AdamW moments.
+    pub master_and_moments: usize,
+    pub activations_per_token: usize,
+    pub activations: usize,
+    /// The CUDA backend's own work buffers at their high-water mark (loss chunks, attention's
+    /// D, norm partials...) plus cuBLASLt's workspace.
+    pub workspace: usize,
+    pub total: usize,
+    /// What `Model::new` allocated on the counting backend (it must agree with `memory_bytes`).
+    pub allocated_by_model: usize,
+    pub device_memory: usize,
+    /// Device memory minus an estimate of the CUDA context's share.
+    pub available: usize,
+    /// The trainer's check ([`micro_batch_that_fits`]): the largest micro-batch of `seq_len` rows.
+    pub largest_micro_batch: usize,
+    pub fits: bool,
+}
+
+/// The whole estimate.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Plan {
+    /// Always true: every figure below is an estimate of a cost model, not a measurement.
+    pub estimate: bool,
+    pub model: String,
+    pub n_params: usize,
+    pub device: DeviceSpec,
+    pub calibrated: bool,
+    pub calibration_source: Option<String>,
+    pub micro_batch: usize,
+    pub seq_len: usize,
+    pub grad_accum: usize,
+    pub dropout: f32,
+    pub tokens_per_step: usize,
+    pub families: Vec<FamilyEstimate>,
+    pub total_launches: u64,
+    pub total_flops: f64,
+    pub total_bytes: f64,
+    pub step_seconds: f64,
+    pub tokens_per_s: f64,
+    /// `sft bench`'s model FLOPs per token (6·matmul params + causal attention).
+    pub flops_per_token: f64,
+    /// Against the device's dense bf16 peak.
+    pub mfu: f64,
+    pub memory: MemoryPlan,
+    pub notes: Vec<String>,
+}
+
+/// A full micro-batch of random tokens, every target supervised, as `sft bench` times.
+fn synthetic_batch(rng: &mut Rng, rows: usize, t: usize, vocab: usize) -> Batch {
+    let n = rows * t;
+    let seq: Vec<u32> = (0..n + 1).map(|_| 1 + rng.below(vocab - 1) as u32).collect();
+    Batch {
+        rows,
+        seq_len: t,
+        inputs: seq[..n].to_vec(),
+        targets: seq[1..].to_vec(),
+        positions: (0..n).map(|i| (i % t) as u32).collect(),
+        cu_seqlens: (0..=rows).map(|r| (r * t) as u32).collect(),
+        pad_id: 0,
+    }
+}
+
+/// What one optimizer step of `config` does on the counting backend.
+pub struct StepCount {
+    pub ledger: Ledger,
+    /// Bytes `Model::new` allocated.
+    pub allocated: usize,
+    /// The backend's work buffers' high-water bytes (cuBLASLt's workspace excluded).
+    pub scratch: usize,
+}
+
+/// Runs one optimizer step of `grad_accum` micro-batches of `micro_batch` × `seq_len` tokens
+/// through the trainer's own step on the counting backend.
+pub fn count_step(
+    config: &ModelConfig,
+    micro_batch: usize,
+    seq_len: usize,
+    grad_accum: usize,
+) -> Result<StepCount> {
+    ensure!(micro_batch > 0 && grad_accum > 0, "--micro-batch and --grad-accum must be at least 1");
+    ensure!(
+        seq_len > 0 && seq_len <= config.max_seq_len,
+        "--seq-len {seq_len} must be in 1..={}",
+        config.max_seq_len
+    );
+    ensure!(config.vocab_size > 1, "the model's vocab_size must be at least 2");
+    let mut model = Model::new(CountingBackend::new(), config.clone(), micro_batch * seq_len)?;
+    let allocated = model.backend().allocated_bytes();
+    model.backend().take_ledger();
+    let mut rng = Rng::new(89);
+    let batches: Vec<Batch> =
+        (0..grad_accum).map(|_| synthetic_batch(&mut rng, micro_batch, seq_len, config.vocab_size)).collect();
+    let cfg = TrainConfig::default();
+    optimizer_step(&mut model, &batches, 0, cfg.max_lr, &cfg, &Rng::new(89)).context("counting a step")?;
+    let backend = model.backend();
+    Ok(StepCount { ledger: backend.take_ledger(), allocated, scratch: backend.scratch_bytes() })
+}
+
+/// The roofline time of one (family, kind) tally on `device`: `(compute, memory, overhead)`
+/// seconds, where the kernel takes `max(compute, memory) + overhead`.
+pub fn roofline(device: &DeviceSpec, kind: KernelKind, t: &Tally) -> (f64, f64, f64) {
+    let e = device.efficiency;
+    let compute = match kind {
+        KernelKind::Gemm => t.flops / (device.bf16_peak * e.gemm),
+        KernelKind::Attention => t.flops / (device.bf16_peak * e.attention),
+        KernelKind::Elementwise => t.flops / (device.fp32_peak * e.fp32),
+        KernelKind::DeviceCopy | KernelKind::HostTransfer => 0.0,
+    };
+    let memory = match kind {
+        KernelKind::HostTransfer => t.bytes / device.host_bandwidth,
+        _ => t.bytes / (device.bandwidth * e.memory),
+    };
+    let overhead = t.launches as f64 * LAUNCH_OVERHEAD_S + t.syncs as f64 * SYNC_OVERHEAD_S;
+    (compute, memory, overhead)
+}
+
+/// Times every family of `ledger` on `device`, scaled by `calibration`.
+pub fn estimate_families(
+    ledger: &Ledger,
+    device: &DeviceSpec,
+    calibration: &Calibration,
+) -> Vec<FamilyEstimate> {
+    Family::ALL
+        .into_iter()
+        .filter_map(|family| {
+            let calls = ledger.calls.get(&family).copied().unwrap_or(0);
+            let mut split = [0.0f64; 3];
+            for ((f, kind), tally) in &ledger.tallies {
+                if *f != family {
+                    continue;
+                }
+                let (compute, memory, overhead) = roofline(device, *kind, tally);
+                if compute > memory {
+                    split[0] += compute;
+                } else {
+                    split[1] += memory;
+                }
+                split[2] += overhead;
+            }
+            let total = ledger.family(family);
+            if calls == 0 && total.launches == 0 {
+                return None;
+            }
+            let factor = calibration.factor(family);
+            let bound = ["compute", "memory", "launch"]
+                [(0..3).max_by(|&a, &b| split[a].total_cmp(&split[b])).expect("three entries")];
+            Some(FamilyEstimate {
+                family,
+                calls,
+                launches: total.launches,
+                flops: total.flops,
+                bytes: total.bytes,
+                seconds: split.iter().sum::<f64>() * factor,
+                bound,
+                calibration: factor,
+            })
+        })
+        .collect()
+}
+
+/// Builds the plan of `args`.
+pub fn plan(args: &PlanArgs) -> Result<Plan> {
+    let mut config = resolve_model_config(&args.model, 8192)?;
+    if let Some(p) = args.dropout {
+        config.dropout = p;
+        config.validate().context("--dropout")?;
+    }
+    plan_for(&config, args)
+}
+
+/// The plan of `args` for `config` (`args.model` only names it; `args.dropout` is not applied).
+pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
+    let config = config.clone();
+    let device = devices::device(&args.gpu)?;
+    let calibration = devices::calibration(device.key)?;
+    let heads = config.heads();
+    ensure!(
+        matches!(heads.head_dim, 64 | 128),
+        "head_dim {} has no CUDA attention kernel (64 and 128 are supported)",
+        heads.head_dim
+    );
+    let t = args.seq_len.unwrap_or(config.max_seq_len);
+    let count = count_step(&config, args.micro_batch, t, args.grad_accum)?;
+    let families = estimate_families(&count.ledger, device, &calibration);
+    let step_seconds: f64 = families.iter().map(|f| f.seconds).sum();
+    let tokens_per_step = args.grad_accum * args.micro_batch * t;
+    let tokens_per_s = tokens_per_step as f64 / step_seconds;
+    let fpt = flops_per_token(&config, t);
+
+    let (fixed, per_token) = memory_bytes(&config, COMPUTE_BYTES);
+    let n_params = config.n_params();
+    let activations = per_token * args.micro_batch * t;
+    let workspace = count.scratch + GEMM_WORKSPACE_BYTES;
+    let available = device.memory.saturating_sub(CONTEXT_BYTES);
+    let largest = micro_batch_that_fits(&config, COMPUTE_BYTES, t, available);
+    let memory = MemoryPlan {
+        weights: n_params * COMPUTE_BYTES + config.vocab_size * COMPUTE_BYTES,
+        grads: n_params * 4,
+        master_and_moments: n_params * 12,
+        activations_per_token: per_token,
+        activations,
+        workspace,
+        total: fixed + activations + workspace,
+        allocated_by_model: count.allocated,
+        device_memory: device.memory,
+        available,
+        largest_micro_batch: largest,
+        fits: largest >= args.micro_batch && fixed + activations + workspace <= available,
+    };
+
+    let mut notes = vec![
+        "attention is timed as the tensor-core (flash_*) path; FLOPs count the causal pairs only".to_string(),
+        format!(
+            "launch cost {:.0} µs per launch, {:.0} µs per host synchronization; no overlap between kernels",
+            LAUNCH_OVERHEAD_S * 1e6,
+            SYNC_OVERHEAD_S * 1e6
+        ),
+    ];
+    if device.key == "rtx4090" && heads.head_dim == 128 {
+        notes.push(
+            "on this device the CUDA backend falls back to the scalar attention kernels for head_dim 128 \
+             (the flash kernels need more shared memory per block than its 99 KiB): attention will be slower \
+             than estimated"
+                .to_string(),
+        );
+    }
+    if let Some(advice) = memory_advice(device.name, &config, COMPUTE_BYTES, args.micro_batch, t, available) {
+        // The trainer's own refusal, word for word, so that plan and trainer agree.
+        notes.push(format!("the trainer would refuse this step: {advice}"));
+    }
+    let total =
+        |f: fn(&Tally) -> f64| Family::ALL.iter().map(|&fam| f(&count.ledger.family(fam))).sum::<f64>();
+    Ok(Plan {
+        estimate: true,
+        model: args.model.clone(),
+        n_params,
+        device: *device,
+        calibrated: calibration.source.is_some(),
+        calibration_source: calibration.source.clone(),
+        micro_batch: args.micro_batch,
+        seq_len: t,
+        grad_accum: args.grad_accum,
+        dropout: config.dropout,
+        tokens_per_step,
+        total_launches: families.iter().map(|f| f.launches).sum(),
+        total_flops: total(|t| t.flops),
+        total_bytes: total(|t| t.bytes),
+        families,
+        step_seconds,
+        tokens_per_s,
+        flops_per_token: fpt,
+        mfu: tokens_per_s * fpt / device.bf16_peak,
+        memory,
+        notes,
+    })
+}
+
+fn gib(b: usize) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
+/// The plan as the text `sft plan` prints, ending with the line `estimated MFU: NN.N%`.
+pub fn render(p: &Plan) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let d = &p.device;
+    let _ =
+        writeln!(s, "sft plan: ESTIMATES from a cost model (no GPU was used; nothing here is a measurement)");
+    let _ = writeln!(s, "model        {} ({} parameters)", p.model, p.n_params);
+    let _ = writeln!(
+        s,
+        "device       {}: {:.1} TFLOP/s dense bf16, {:.2} TB/s, {:.1} GiB (datasheet)",
+        d.name,
+        d.bf16_peak / 1e12,
+        d.bandwidth / 1e12,
+        gib(d.memory)
+    );
+    let e = d.efficiency;
+    let _ = writeln!(
+        s,
+        "assumed      fraction of peak: GEMM {:.0}%, attention {:.0}%, bandwidth {:.0}% (src/plan/devices.rs)",
+        e.gemm * 100.0,
+        e.attention * 100.0,
+        e.memory * 100.0
+    );
+    match &p.calibration_source {
+        Some(src) => {
+            let _ = writeln!(s, "calibration  calibrated: {src} ({})", devices::CALIBRATION_PATH);
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "calibration  uncalibrated: no GPU measurement yet (all factors 1.0, {})",
+                devices::CALIBRATION_PATH
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "step         {} tokens = {} micro-batch(es) × {} rows × {} tokens, dropout {}",
+        p.tokens_per_step, p.grad_accum, p.micro_batch, p.seq_len, p.dropout
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(s, "Estimated cost per op family (one optimizer step; estimates):");
+    let _ = writeln!(
+        s,
+        "{:<16} {:>7} {:>9} {:>11} {:>10} {:>10} {:>6}  bound",
+        "family", "calls", "launches", "GFLOP", "GB moved", "est. ms", "share"
+    );
+    for f in &p.families {
+        let _ = writeln!(
+            s,
+            "{:<16} {:>7} {:>9} {:>11.1} {:>10.3} {:>10.3} {:>5.1}%  {}",
+            f.family.name(),
+            f.calls,
+            f.launches,
+            f.flops / 1e9,
+            f.bytes / 1e9,
+            f.seconds * 1e3,
+            100.0 * f.seconds / p.step_seconds,
+            f.bound
+        );
+    }
+    let calls: u64 = p.families.iter().map(|f| f.calls).sum();
+    let _ = writeln!(
+        s,
+        "{:<16} {:>7} {:>9} {:>11.1} {:>10.3} {:>10.3} {:>5.1}%",
+        "total",
+        calls,
+        p.total_launches,
+        p.total_flops / 1e9,
+        p.total_bytes / 1e9,
+        p.step_seconds * 1e3,
+        100.0
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(s, "Estimated speed:");
+    let _ = writeln!(s, "estimated step time   {:.1} ms", p.step_seconds * 1e3);
+    let _ = writeln!(s, "estimated tokens/s    {:.0}", p.tokens_per_s);
+    let _ = writeln!(
+        s,
+        "MFU basis             {:.2} GFLOP/token (sft bench's formula) vs {:.1} TFLOP/s",
+        p.flops_per_token / 1e9,
+        d.bf16_peak / 1e12
+    );
+    let m = &p.memory;
+    let _ = writeln!(s);
+    let _ = writeln!(s, "Estimated memory plan:");
+    let _ = writeln!(s, "weights (bf16)                 {:>8.2} GiB", gib(m.weights));
+    let _ = writeln!(s, "gradients (fp32)               {:>8.2} GiB", gib(m.grads));
+    let _ = writeln!(s, "master + AdamW moments (fp32)  {:>8.2} GiB", gib(m.master_and_moments));
+    let _ = writeln!(
+        s,
+        "activations                    {:>8.2} GiB ({} bytes/token × {} tokens)",
+        gib(m.activations),
+        m.activations_per_token,
+        p.micro_batch * p.seq_len
+    );
+    let _ = writeln!(s, "workspace (backend buffers)    {:>8.2} GiB", gib(m.workspace));
+    let _ = writeln!(
+        s,
+        "total                          {:>8.2} GiB of {:.2} GiB available ({:.1} GiB less the CUDA context)",
+        gib(m.total),
+        gib(m.available),
+        gib(m.device_memory)
+    );
+    let _ = writeln!(
+        s,
+        "fits                           {} (the trainer's check allows micro-batches up to {} rows of {})",
+        if m.fits { "yes" } else { "NO" },
+        m.largest_micro_batch,
+        p.seq_len
+    );
+    let _ = writeln!(s);
+    for n in &p.notes {
+        let _ = writeln!(s, "note: {n}");
+    }
+    let _ = writeln!(s, "estimated MFU: {:.1}%", 100.0 * p.mfu);
+    s
+}
+
+/// `sft plan --calibrate-from`: measured against estimated per family, optionally stored.
+fn calibrate_from(args: &PlanArgs, csv: &std::path::Path) -> Result<()> {
+    let mut config = resolve_model_config(&args.model, 8192)?;
+    if let Some(p) = args.dropout {
+        config.dropout = p;
+        config.validate().context("--dropout")?;
+    }
+    let device = devices::device(&args.gpu)?;
+    let t = args.seq_len.unwrap_or(config.max_seq_len);
+    let count = count_step(&config, args.micro_batch, t, args.grad_accum)?;
+    let shown = csv.display().to_string();
+    let text = std::fs::read_to_string(csv).with_context(|| format!("reading {shown}"))?;
+    let (measured, unattributed) = calibrate::parse_kern_sum(&text, &shown)?;
+    let rows = calibrate::compare(&measured, args.profiled_steps, &count.ledger, device)?;
+    println!("calibration of {} from {shown} ({} profiled steps)", device.name, args.profiled_steps);
+    println!("{:<16} {:>12} {:>12} {:>8}", "family", "measured ms", "estimate ms", "factor");
+    for r in &rows {
+        println!(
+            "{:<16} {:>12.3} {:>12.3} {:>8.3}",
+            r.family.name(),
+            r.measured_s * 1e3,
+            r.estimated_s * 1e3,
+            r.factor
+        );
+    }
+    for k in &unattributed {
+        eprintln!("warning: kernel not attributed to an op family: {k}");
+    }
+    if let Some(source) = &args.write_calibration {
+        let path = std::path::Path::new(devices::CALIBRATION_PATH);
+        calibrate::write_calibration(path, device.key, source, &rows)?;
+        println!("wrote the factors of {} to {} (rebuild to apply them)", device.key, path.display());
+    }
+    Ok(())
+}
+
+/// `sft plan`.
+pub fn run(args: PlanArgs) -> Result<()> {
+    if let Some(csv) = &args.calibrate_from {
+        return calibrate_from(&args, csv);
+    }
+    let p = plan(&args)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&p)?);
+    } else {
+        print!("{}", render(&p));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

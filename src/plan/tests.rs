@@ -1,0 +1,195 @@
+use super::counting::{CountingBackend, Family, KernelKind};
+use super::*;
+use crate::backend::{Backend, Precision};
+
+fn tiny() -> ModelConfig {
+    ModelConfig::tiny(300)
+}
+
+/// A small config whose head_dim (64) the CUDA attention supports, as `plan` requires.
+fn small() -> ModelConfig {
+    ModelConfig { d_model: 128, n_heads: 2, n_kv_heads: 1, ffn_hidden: 352, ..ModelConfig::tiny(300) }
+}
+
+/// 6 FLOPs per matmul parameter, counted here from the shapes (not from the bench's function).
+fn matmul_params(c: &ModelConfig) -> usize {
+    let h = c.heads();
+    let per_layer = c.d_model * h.qkv_width() + h.q_width() * c.d_model + 3 * c.d_model * c.ffn_hidden;
+    c.n_layers * per_layer + c.vocab_size * c.d_model
+}
+
+#[test]
+fn matmul_flops_are_2nio_forward_and_4nio_backward() {
+    let be = CountingBackend::new();
+    let (n, i, o) = (7, 13, 5);
+    let mut out = be.zeros(n * o, Precision::Compute).unwrap();
+    let inp = be.zeros(n * i, Precision::Compute).unwrap();
+    let w = be.zeros(o * i, Precision::Compute).unwrap();
+    let mut dinp = be.zeros(n * i, Precision::Compute).unwrap();
+    let mut dw = be.zeros(o * i, Precision::F32).unwrap();
+    be.matmul_forward(&mut out, &inp, &w, n, i, o).unwrap();
+    let fwd = be.take_ledger().family(Family::Matmul);
+    assert_eq!(fwd.flops, (2 * n * i * o) as f64);
+    assert_eq!(fwd.launches, 1);
+    // bf16 in and out.
+    assert_eq!(fwd.bytes, (2 * (n * i + o * i + n * o)) as f64);
+
+    be.matmul_backward(Some(&mut dinp), &mut dw, &out, &inp, &w, n, i, o).unwrap();
+    let bwd = be.take_ledger().family(Family::Matmul);
+    assert_eq!(bwd.flops, (4 * n * i * o) as f64);
+    assert_eq!(bwd.launches, 2);
+    be.matmul_backward(None, &mut dw, &out, &inp, &w, n, i, o).unwrap();
+    let dw_only = be.take_ledger();
+    assert_eq!(dw_only.family(Family::Matmul).flops, (2 * n * i * o) as f64);
+    assert_eq!(dw_only.calls[&Family::Matmul], 1);
+
+    // A wrong precision is an error, as on the GPU.
+    let mut bad_dw = be.zeros(o * i, Precision::Compute).unwrap();
+    let err = be.matmul_backward(None, &mut bad_dw, &out, &inp, &w, n, i, o).unwrap_err();
+    assert!(err.to_string().contains("matmul_backward dw"), "{err}");
+}
+
+#[test]
+fn a_steps_gemm_flops_are_exactly_six_per_matmul_parameter_and_token() {
+    for (mb, t, accum) in [(2, 32, 1), (3, 17, 2)] {
+        let c = tiny();
+        let count = count_step(&c, mb, t, accum).unwrap();
+        let tokens = mb * t * accum;
+        let gemm = count.ledger.kind(KernelKind::Gemm).flops;
+        assert_eq!(gemm, (6 * matmul_params(&c) * tokens) as f64, "mb {mb} t {t} accum {accum}");
+        // The bench's FLOPs per token is the same 6·N plus attention; the counted attention is
+        // the executed products over causal pairs (2 forward + 7 backward per pair and head dim).
+        let h = c.heads();
+        let pairs = (mb * accum) as f64 * (t * (t + 1) / 2) as f64;
+        let attn = count.ledger.kind(KernelKind::Attention).flops;
+        assert_eq!(attn, 18.0 * (c.n_layers * h.n_heads * h.head_dim) as f64 * pairs);
+        let bench_matmul = flops_per_token(&c, t) - 6.0 * (c.n_layers * h.q_width() * t) as f64;
+        assert_eq!(bench_matmul * tokens as f64, gemm);
+    }
+}
+
+#[test]
+fn launches_follow_the_cuda_backends_launch_code() {
+    let c = tiny();
+    let (mb, t) = (2, 32);
+    let count = count_step(&c, mb, t, 1).unwrap();
+    let l = &count.ledger;
+    let layers = c.n_layers as u64;
+    // Forward: tile table + flash_forward; backward: D, two tile tables, dq, dkdv.
+    assert_eq!(l.family(Family::FlashAttention).launches, 7 * layers);
+    // Per layer 4 GEMMs forward, 8 backward.
+    assert_eq!(l.family(Family::Matmul).launches, 12 * layers);
+    // One rmsnorm + 2 residual norms per layer forward; 3 launches per backward norm.
+    assert_eq!(l.family(Family::Rmsnorm).launches, 1 + 2 * layers + 3 * (1 + 2 * layers));
+    // The loss: one chunk (64 rows < 32 Mi / vocab): gather, GEMM, rows, 2 GEMMs, scatter; a
+    // memset of dx; the targets down, rows and targets up, losses down.
+    let ce = l.family(Family::CrossEntropy);
+    assert_eq!(ce.launches, 6 + 1 + 4);
+    assert_eq!(ce.syncs, 2);
+    // AdamW: one launch for every tensor, its descriptors uploaded first.
+    assert_eq!(l.family(Family::Adamw).launches, 2);
+    assert_eq!(l.calls[&Family::Adamw], 1);
+    // The global norm: one launch per tensor, one download.
+    let n_tensors = crate::model::params::param_specs(&c).len() as u64;
+    assert_eq!(l.family(Family::GlobalNorm).launches, n_tensors + 1);
+    // The tiny model has no dropout: no dropout call.
+    assert!(!l.calls.contains_key(&Family::Dropout));
+    // AdamW moves 30 bytes per parameter.
+    let adam = l.tally(Family::Adamw, KernelKind::Elementwise);
+    assert_eq!(adam.bytes, (30 * c.n_params()) as f64);
+}
+
+#[test]
+fn dropout_adds_four_in_place_passes_per_layer() {
+    let mut c = tiny();
+    c.dropout = 0.1;
+    let count = count_step(&c, 2, 16, 1).unwrap();
+    let n = 2 * 16 * c.d_model;
+    let drop = count.ledger.family(Family::Dropout);
+    assert_eq!(drop.launches, 4 * c.n_layers as u64);
+    assert_eq!(drop.bytes, (4 * c.n_layers * 2 * n * COMPUTE_BYTES) as f64);
+}
+
+#[test]
+fn the_counting_backend_allocates_what_memory_bytes_says() {
+    let c = small();
+    let (mb, t) = (4, 64);
+    let count = count_step(&c, mb, t, 1).unwrap();
+    let (fixed, per_token) = memory_bytes(&c, COMPUTE_BYTES);
+    // cu_seqlens holds one offset more than the token count.
+    assert_eq!(count.allocated, fixed + per_token * mb * t + 4);
+
+    let args = PlanArgs {
+        model: "tiny".into(),
+        gpu: "h100".into(),
+        micro_batch: mb,
+        seq_len: Some(t),
+        grad_accum: 1,
+        dropout: None,
+        json: false,
+        calibrate_from: None,
+        profiled_steps: 1,
+        write_calibration: None,
+    };
+    let p = plan_for(&c, &args).unwrap();
+    let m = &p.memory;
+    assert_eq!(m.weights + m.grads + m.master_and_moments, fixed);
+    assert_eq!(m.activations, per_token * mb * t);
+    assert_eq!(m.allocated_by_model, count.allocated);
+    assert_eq!(m.largest_micro_batch, micro_batch_that_fits(&c, COMPUTE_BYTES, t, m.available));
+    assert!(m.fits);
+}
+
+#[test]
+fn the_plan_is_labelled_and_consistent() {
+    let args = PlanArgs {
+        model: "tiny".into(),
+        gpu: "a100".into(),
+        micro_batch: 2,
+        seq_len: Some(128),
+        grad_accum: 2,
+        dropout: None,
+        json: false,
+        calibrate_from: None,
+        profiled_steps: 1,
+        write_calibration: None,
+    };
+    let c = ModelConfig { dropout: 0.1, ..small() };
+    let p = plan_for(&c, &args).unwrap();
+    assert!(p.estimate);
+    assert!(!p.calibrated);
+    let sum: f64 = p.families.iter().map(|f| f.seconds).sum();
+    assert!((sum - p.step_seconds).abs() <= 1e-12 * sum);
+    assert_eq!(p.tokens_per_step, 2 * 2 * 128);
+    assert!(p.mfu > 0.0 && p.mfu < 1.0, "{}", p.mfu);
+    let text = render(&p);
+    assert!(text.contains("uncalibrated: no GPU measurement yet"), "{text}");
+    assert!(text.lines().last().unwrap().starts_with("estimated MFU: "), "{text}");
+    for f in ["matmul", "flash_attention", "cross_entropy", "adamw", "dropout", "rmsnorm"] {
+        assert!(text.contains(f), "{f} missing:\n{text}");
+    }
+
+    let err = plan_for(&c, &PlanArgs { seq_len: Some(4096), ..args.clone() }).unwrap_err().to_string();
+    assert!(err.contains("--seq-len 4096"), "{err}");
+    let err = plan_for(&c, &PlanArgs { gpu: "v100".into(), ..args.clone() }).unwrap_err().to_string();
+    assert!(err.contains("v100"), "{err}");
+    let err = plan_for(&tiny(), &args).unwrap_err().to_string();
+    assert!(err.contains("head_dim 16"), "{err}");
+}
+
+#[test]
+fn a_slower_calibration_factor_slows_only_its_family() {
+    let c = tiny();
+    let count = count_step(&c, 2, 32, 1).unwrap();
+    let dev = devices::device("h100").unwrap();
+    let base = devices::calibration("h100").unwrap();
+    let mut slow = base.clone();
+    slow.source = Some("test".into());
+    slow.factors.insert(Family::Matmul, 2.0);
+    let a = estimate_families(&count.ledger, dev, &base);
+    let b = estimate_families(&count.ledger, dev, &slow);
+    for (x, y) in a.iter().zip(&b) {
+        let want = if x.family == Family::Matmul { 2.0 * x.seconds } else { x.seconds };
+        assert!((y.seconds - want).abs() <= 1e-12 * want, "{:?}", x.family);
+    }
+}
