@@ -10,8 +10,8 @@
 //! head_dim (below sm_80, or too little shared memory per block), the tests that need it say so
 //! and fail, since they would otherwise check the scalar kernels twice.
 
-mod gpu_util;
-use gpu_util::gpu;
+mod common;
+use common::gpu::gpu;
 use half::bf16;
 use sft::backend::cpu::CpuBackend;
 use sft::backend::cuda::{AttentionPath, CudaBackend};

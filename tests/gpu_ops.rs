@@ -1,5 +1,5 @@
 //! Every CUDA op against the CPU reference (`CpuBackend<f32>`), on fresh random inputs with
-//! shapes that are not multiples of the kernels' tiles. `model_util::naive::NaiveBackend`, a
+//! shapes that are not multiples of the kernels' tiles. `common::model::naive::NaiveBackend`, a
 //! second, plain-loop reading of the trait, is checked against `CpuBackend` op by op on the
 //! kernels' shapes here too (no GPU needed), so the two readings of the trait's semantics agree.
 //!
@@ -9,16 +9,14 @@
 //! Inputs are rounded to bf16 first, so both backends see the same numbers; outputs must agree
 //! to a relative error ‖gpu − cpu‖ / ‖cpu‖ below 1e-2.
 
-mod gpu_util;
-use gpu_util::gpu;
+mod common;
+use common::gpu::gpu;
+use common::model::naive::NaiveBackend;
 use half::bf16;
+use sft::backend::cpu::CpuBackend;
 use sft::backend::cuda::CudaBackend;
 use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope, RopeScaling, RopeStyle};
 use sft::rng::Rng;
-
-mod model_util;
-use model_util::naive::NaiveBackend;
-use sft::backend::cpu::CpuBackend;
 
 const TOL: f64 = 1e-2;
 

@@ -1,5 +1,5 @@
-//! Shared helpers of the model's integration tests: tiny configs and hand-built batches.
-#![allow(dead_code)]
+//! For the model's tests: tiny configs, hand-built batches, and two independent f64 readings
+//! of the model (`naive`: the op trait; `reference`: a plain forward).
 
 use sft::backend::RopeStyle;
 use sft::data::batch::Batch;

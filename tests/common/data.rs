@@ -1,5 +1,5 @@
-//! Helpers shared by the data tests.
-#![allow(dead_code)]
+//! Chat data for the data tests: generated conversations, SimpleLLaMA's file schema and
+//! tokenizer, a small trained tokenizer.
 
 use std::path::{Path, PathBuf};
 
