@@ -1,6 +1,5 @@
-//! The speed measurements behind the `sft bench*` commands: the training step (`train`,
-//! `sft bench`), causal attention (`attention`, `sft bench-attention`) and the cross-entropy and
-//! AdamW kernels next to a device copy (`kernels`, `sft bench-kernels`).
+//! The `sft bench*` commands: the training step (`train`), causal attention (`attention`), the
+//! cross-entropy and AdamW kernels next to a device copy (`kernels`), and their shared upload.
 
 pub mod attention;
 pub mod kernels;

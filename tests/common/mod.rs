@@ -1,7 +1,5 @@
-//! Helpers shared by the integration tests, one file per concern: running the `sft` binary
-//! (`cli`), chat data and tokenizers (`data`), opening the GPU (`gpu`), tiny models, hand-built
-//! batches and the independent f64 backends (`model`), prepared data and training configs
-//! (`train`). Each test binary uses part of them.
+//! Helpers shared by the integration tests: the `sft` binary runner (`cli`), chat data (`data`),
+//! the GPU (`gpu`), tiny models and batches (`model`), prepared data and training configs (`train`).
 #![allow(dead_code)]
 
 pub mod cli;
