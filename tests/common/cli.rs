@@ -15,6 +15,11 @@ pub fn output(args: &[&str]) -> Output {
     command().args(args).output().unwrap()
 }
 
+/// Runs `sft args` with an empty stdin and `envs` added to its environment.
+pub fn output_with_env(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    command().args(args).envs(envs.iter().copied()).output().unwrap()
+}
+
 /// Runs `sft args` with an empty stdin: (success, stdout, stderr).
 pub fn run(args: &[&str]) -> (bool, String, String) {
     outcome(output(args))
@@ -38,6 +43,19 @@ pub fn run_ok(args: &[&str]) -> String {
     let out = output(args);
     assert!(out.status.success(), "sft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs `sft args`, which must fail cleanly (an error, not a panic), and returns its stderr.
+pub fn run_fails(args: &[&str]) -> String {
+    let out = output(args);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "sft {args:?} succeeded; stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!err.contains("panicked"), "sft {args:?} panicked: {err}");
+    err
 }
 
 /// A path as a command-line argument.
