@@ -1,6 +1,7 @@
 //! The CUDA backend's ops at the 1.3B model's shapes (d 2048, 32 heads of 64, SwiGLU 5632,
 //! vocab 8192) on a 16k-token micro-batch (8 rows × 2048). Criterion prints "elem/s":
-//! - `matmul_*`, `attention_*`, `lm_head_ce`: read it as FLOP/s (causal attention FLOPs);
+//! - `matmul_*`, `attention_*`, `lm_head_ce`: read it as FLOP/s (attention: the flash-attention
+//!   convention of `sft::bench::attention::attention_flops`, causal);
 //! - `rmsnorm_*`, `rope_*`, `swiglu_*`, `embedding_*`, `adamw`: read "B/s" as the bytes each op
 //!   must move at least (its inputs read once, its outputs written once).
 //!
@@ -12,6 +13,8 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sft::backend::cuda::CudaBackend;
 use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope, RopeStyle};
+use sft::bench::attention::AttentionCase;
+use sft::bench::{upload, upload_ids};
 use sft::rng::Rng;
 
 fn random(rng: &mut Rng, len: usize, scale: f64) -> Vec<f32> {
@@ -32,16 +35,8 @@ fn bench(c: &mut Criterion) {
     let (d, hidden, vocab) = (2048usize, 5632usize, 8192usize);
     let heads = HeadShape { n_heads: 32, n_kv_heads: 32, head_dim: 64 };
     let cmp = Precision::Compute;
-    let up = |data: &[f32], p: Precision| {
-        let mut b = g.zeros(data.len(), p).unwrap();
-        g.write(&mut b, data).unwrap();
-        b
-    };
-    let ids = |data: &[u32]| {
-        let mut b = g.zeros_ids(data.len()).unwrap();
-        g.write_ids(&mut b, data).unwrap();
-        b
-    };
+    let up = |data: &[f32], p: Precision| upload(&g, data, p).unwrap();
+    let ids = |data: &[u32]| upload_ids(&g, data).unwrap();
     let sync = || g.synchronize().unwrap();
 
     let mut grp = c.benchmark_group("gpu_ops");
@@ -71,29 +66,24 @@ fn bench(c: &mut Criterion) {
         });
     }
 
-    // ---- attention: causal, 8 rows of 2048 ------------------------------------------------
-    let qkv = up(&random(&mut rng, n * heads.qkv_width(), 1.0), cmp);
-    let datt = up(&random(&mut rng, n * heads.q_width(), 1.0), cmp);
-    let cu = ids(&(0..=rows).map(|r| (r * t) as u32).collect::<Vec<_>>());
-    let mut att = g.zeros(n * heads.q_width(), cmp).unwrap();
-    let mut lse = g.zeros(heads.n_heads * n, Precision::F32).unwrap();
-    let mut dqkv = g.zeros(n * heads.qkv_width(), cmp).unwrap();
-    // Causal: half of the T×T scores; forward 2 GEMMs (QK^T, PV), backward 5 (with recompute).
-    let causal = (rows * t * t / 2 * heads.n_heads * heads.head_dim) as u64;
-    grp.throughput(Throughput::Elements(4 * causal));
+    // ---- attention: causal, 8 rows of 2048 (the setup `sft bench-attention` times) --------
+    let mut att = AttentionCase::new(&g, heads, rows, t, &mut rng).unwrap();
+    let (fwd, bwd) = att.flops();
+    grp.throughput(Throughput::Elements(fwd as u64));
     grp.bench_function("attention_forward_8x2048_32h_hd64", |b| {
         b.iter(|| {
-            g.attention_forward(&mut att, &mut lse, &qkv, &cu, rows, n, heads).unwrap();
+            att.forward(&g).unwrap();
             sync()
         })
     });
-    grp.throughput(Throughput::Elements(10 * causal));
+    grp.throughput(Throughput::Elements(bwd as u64));
     grp.bench_function("attention_backward_8x2048_32h_hd64", |b| {
         b.iter(|| {
-            g.attention_backward(&mut dqkv, &datt, &qkv, &att, &lse, &cu, rows, n, heads).unwrap();
+            att.backward(&g).unwrap();
             sync()
         })
     });
+    drop(att);
 
     // ---- RMSNorm, RoPE, SwiGLU, embedding (bandwidth) -------------------------------------
     let x = up(&random(&mut rng, n * d, 1.0), cmp);

@@ -14,6 +14,11 @@ use rayon::prelude::*;
 use sft::data::{prepare, tokenize_conversation, ChatTokenizer, Conversation, PrepareOptions, TrainOn, Turn};
 use sft::rng::Rng;
 
+// The tests' data helpers: where SimpleLLaMA's tokenizer is looked for is written once.
+#[allow(dead_code)]
+#[path = "../tests/common/data.rs"]
+mod test_data;
+
 const WORDS: &[&str] = &[
     "the",
     "of",
@@ -76,15 +81,8 @@ fn conversations(n: usize) -> Vec<Conversation> {
 }
 
 fn tokenizer(dir: &Path, convs: &[Conversation]) -> (ChatTokenizer, PathBuf) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let shared = std::env::var_os("SIMPLELLAMA_TOKENIZER").map(PathBuf::from).into_iter().chain([
-        root.join("../shared/simplellama/bpe_8k.json"),
-        root.join("../../shared/simplellama/bpe_8k.json"),
-    ]);
-    for p in shared {
-        if p.is_file() {
-            return (ChatTokenizer::from_file(&p).unwrap(), p);
-        }
+    if let Some(p) = test_data::simplellama_tokenizer_path() {
+        return (ChatTokenizer::from_file(&p).unwrap(), p);
     }
     let p = dir.join("tok.json");
     (sft::data::train_tokenizer(convs, 2000, &p).unwrap(), p)

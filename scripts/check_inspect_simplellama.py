@@ -30,12 +30,7 @@ import warnings
 
 from tokenizers import Tokenizer
 
-DEFAULT_SYSTEM_PROMPT = (
-    "You are Simple LLaMA, a helpful and factual assistant. Answer clearly, stay on topic, and use "
-    "context from the conversation. If something is unclear or risky, point it out briefly. Avoid making "
-    "things up or giving unsupported claims. Be concise, useful, and aligned with the user's goal."
-)
-SPECIALS = ["<SOS>", "<EOS>", "<PAD>", "<UNK>", "<SOU>", "<EOU>", "<SOA>", "<EOA>", "<SOT>", "<EOT>"]
+from simplellama import DEFAULT_SYSTEM_PROMPT, SPECIALS, default_tokenizer
 
 
 def escape(text):
@@ -119,10 +114,7 @@ def main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sft", default=os.path.join(root, "target/release/sft"))
-    candidates = [os.environ.get("SIMPLELLAMA_TOKENIZER", ""),
-                  os.path.join(root, "../shared/simplellama/bpe_8k.json"),
-                  os.path.join(root, "../../shared/simplellama/bpe_8k.json")]
-    found = next((c for c in candidates if c and os.path.isfile(c)), candidates[1])
+    found = default_tokenizer(root)
     ap.add_argument("--tokenizer", default=found, help="SimpleLLaMA's bpe_8k.json")
     ap.add_argument("--data", help="chat file in SimpleLLaMA's schema (default: generated)")
     ap.add_argument("--n", type=int, default=400, help="conversations to generate")

@@ -8,12 +8,10 @@
 //! - [`train`]: AdamW, schedule, the training loop, evaluation, logs.
 //! - [`generate`]: sampling with a KV cache; `sft generate` and `sft chat`.
 //! - [`demo`]: the embedded default, `sft demo`.
-//! - [`bench`]: the training step's speed, `sft bench`; [`bench_attention`]: `sft bench-attention`.
+//! - [`bench`]: `sft bench` (the training step), `sft bench-attention`, `sft bench-kernels`.
 
 pub mod backend;
 pub mod bench;
-pub mod bench_attention;
-pub mod bench_kernels;
 pub mod checkpoint;
 pub mod data;
 pub mod demo;

@@ -38,11 +38,11 @@ enum Command {
     /// The embedded default: generate tasks, train a tokenizer and a tiny model, score before and after.
     Demo(sft::demo::DemoArgs),
     /// Time training steps on synthetic batches: tokens/s, MFU, device memory.
-    Bench(sft::bench::BenchArgs),
+    Bench(sft::bench::train::BenchArgs),
     /// Time causal attention forward and forward+backward on the GPU (TFLOP/s table).
-    BenchAttention(sft::bench_attention::AttentionBenchArgs),
+    BenchAttention(sft::bench::attention::AttentionBenchArgs),
     /// Time the cross-entropy and AdamW kernels next to a device copy (ms, TFLOP/s, GB/s; --json).
-    BenchKernels(sft::bench_kernels::KernelBenchArgs),
+    BenchKernels(sft::bench::kernels::KernelBenchArgs),
     /// Estimate a training step without a GPU: per-op-family cost, step time, tokens/s, MFU, memory.
     Plan(sft::plan::PlanArgs),
 }
@@ -71,9 +71,9 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => sft::generate::cli::generate(args)?,
         Command::Chat(args) => sft::generate::cli::chat(args)?,
         Command::Demo(args) => sft::demo::demo(args)?,
-        Command::Bench(args) => sft::bench::bench(args)?,
-        Command::BenchAttention(args) => sft::bench_attention::bench_attention(args)?,
-        Command::BenchKernels(args) => sft::bench_kernels::bench_kernels(args)?,
+        Command::Bench(args) => sft::bench::train::bench(args)?,
+        Command::BenchAttention(args) => sft::bench::attention::bench_attention(args)?,
+        Command::BenchKernels(args) => sft::bench::kernels::bench_kernels(args)?,
         Command::Plan(args) => sft::plan::run(args)?,
     }
     Ok(())

@@ -1,23 +1,11 @@
 //! The `sft prepare`, `sft inspect` and `sft tokenizer train` commands, end to end.
 
-mod data_util;
+mod common;
 
-use std::path::Path;
-use std::process::Command;
-
-use data_util::{synthetic_conversations, write_simplellama_json};
+use common::cli::{command, run_ok as sft, s};
+use common::data::{synthetic_conversations, write_simplellama_json};
 use sft::data::loader::batches_from_examples_with;
 use sft::data::{tokenize_conversation, BatchMode, ChatTokenizer, LoaderConfig, TrainOn};
-
-fn sft(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_sft")).args(args).output().unwrap();
-    assert!(out.status.success(), "sft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 #[test]
 fn tokenizer_train_prepare_and_inspect() {
@@ -97,7 +85,7 @@ fn errors_are_reported_with_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("bad.json");
     std::fs::write(&data, r#"[{"Template": ["CUSTOM"], "User": ["a"], "Assistant": []}]"#).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sft"))
+    let out = command()
         .args(["tokenizer", "train", "--data", s(&data), "--out", s(&dir.path().join("t.json"))])
         .output()
         .unwrap();

@@ -1,11 +1,11 @@
 //! Prompt format strings, the chat schemas and their errors, escaping, and tokenization
 //! compatibility with SimpleLLaMA's tokenizer.
 
-mod data_util;
+mod common;
 
 use std::io::Write;
 
-use data_util::{conv, simplellama_tokenizer};
+use common::data::{conv, simplellama_tokenizer, small_tokenizer, synthetic_conversations};
 use sft::data::format::{training_text, SIMPLELLAMA_SPECIALS};
 use sft::data::{
     inference_prompt, read_chat_file, tokenize_conversation, ChatTokenizer, TrainOn, Turn,
@@ -161,7 +161,7 @@ fn bad_inputs_name_file_example_and_field() {
 #[test]
 fn special_token_strings_in_text_stay_text() {
     let dir = tempfile::tempdir().unwrap();
-    let tok = data_util::small_tokenizer(dir.path());
+    let tok = small_tokenizer(dir.path());
     let c = conv("sys <SOT>", &[("say <EOA> please", "ok <EOA><PAD>")]);
     let ex = tokenize_conversation(&tok, &c, TrainOn::FinalReply).unwrap();
     let count = |id: u32| ex.tokens.iter().filter(|&&t| t == id).count();
@@ -179,7 +179,7 @@ fn special_token_strings_in_text_stay_text() {
 #[test]
 fn trained_tokenizer_has_simplellama_specials_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    let tok = data_util::small_tokenizer(dir.path());
+    let tok = small_tokenizer(dir.path());
     for (i, s) in SIMPLELLAMA_SPECIALS.iter().enumerate() {
         assert_eq!(tok.special_id(s), Some(i as u32));
     }
@@ -192,7 +192,7 @@ fn trained_tokenizer_has_simplellama_specials_in_order() {
 #[test]
 fn missing_chat_tokens_are_named() {
     let dir = tempfile::tempdir().unwrap();
-    let _ = data_util::small_tokenizer(dir.path());
+    let _ = small_tokenizer(dir.path());
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("tok.json")).unwrap()).unwrap();
     let added = json["added_tokens"].as_array_mut().unwrap();
@@ -218,7 +218,7 @@ fn simplellama_tokenizer_ids_and_suffix_property() {
     assert_eq!((tok.pad_id(), tok.eoa_id()), (2, 7));
     // No post-processor: rows start at <SOT>, as SimpleLLaMA's do.
     assert_eq!(tok.bos_id(), None);
-    let mut convs = data_util::synthetic_conversations(300, 11);
+    let mut convs = synthetic_conversations(300, 11);
     convs.push(conv("", &[("", "")]));
     convs.push(conv("S", &[("What is 2+2?", "")]));
     convs.push(conv(" lead space", &[("  two", " x\n"), ("\n\nq", "\tans  ")]));
@@ -257,7 +257,7 @@ fn worked_example_what_is_2_plus_2() {
 #[test]
 fn all_assistant_supervises_every_reply_and_its_eoa() {
     let dir = tempfile::tempdir().unwrap();
-    let tok = data_util::small_tokenizer(dir.path());
+    let tok = small_tokenizer(dir.path());
     let c = conv("s", &[("u1", "a1"), ("u2", "a2")]);
     let all = tokenize_conversation(&tok, &c, TrainOn::AllAssistant).unwrap();
     let fin = tokenize_conversation(&tok, &c, TrainOn::FinalReply).unwrap();
@@ -287,7 +287,7 @@ fn random_text(rng: &mut sft::rng::Rng, max_len: usize) -> String {
 #[test]
 fn cached_text_encoding_equals_the_tokenizers_crate_on_random_text() {
     let dir = tempfile::tempdir().unwrap();
-    let mut toks = vec![data_util::small_tokenizer(dir.path())];
+    let mut toks = vec![small_tokenizer(dir.path())];
     if let Some(p) = simplellama_tokenizer() {
         toks.push(ChatTokenizer::from_file(&p).unwrap());
     }
@@ -306,7 +306,7 @@ fn cached_text_encoding_equals_the_tokenizers_crate_on_random_text() {
 #[test]
 fn other_tokenizer_shapes_keep_the_piece_property() {
     let dir = tempfile::tempdir().unwrap();
-    let _ = data_util::small_tokenizer(dir.path());
+    let _ = small_tokenizer(dir.path());
     let base: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("tok.json")).unwrap()).unwrap();
     let mut seq = base.clone();

@@ -3,41 +3,15 @@
 //! interrupted `sft prepare`, an interrupted log rewrite, pathological tokenizer input, and the
 //! chat parser's silent drops.
 
-mod data_util;
+mod common;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-use data_util::{synthetic_conversations, write_simplellama_json};
+use common::cli::{output_with_env as sft, run_fails as sft_fails, s};
+use common::data::{synthetic_conversations, write_simplellama_json};
 use sft::data::shard::{Shard, ShardWriter};
 use sft::data::{prepare, read_chat_file, train_tokenizer, ChatTokenizer, Dataset, PrepareOptions, Split};
-
-fn sft(args: &[&str], envs: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sft"));
-    cmd.args(args);
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    cmd.output().unwrap()
-}
-
-/// Runs `sft` expecting a clean failure (an error, not a panic); returns stderr.
-fn sft_fails(args: &[&str]) -> String {
-    let out = sft(args, &[]);
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        !out.status.success(),
-        "sft {args:?} succeeded; stdout: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(!err.contains("panicked"), "sft {args:?} panicked: {err}");
-    err
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().unwrap())

@@ -1,12 +1,12 @@
 //! Shards, prepare, and the padded/packed batches the trainer sees.
 
-mod data_util;
+mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use data_util::{
+use common::data::{
     conv, simplellama_tokenizer, small_tokenizer, synthetic_conversations, write_simplellama_json,
 };
 use sft::data::format::training_text;

@@ -1,26 +1,10 @@
 //! The embedded demo, shortened, and generation through the binary on the checkpoint it trains.
 
+mod common;
+
+use common::cli::run_with_stdin as sft;
 use sft::backend::cpu::CpuBackend;
 use sft::demo::{run_demo, DemoArgs};
-use std::io::Write;
-use std::process::{Command, Stdio};
-
-fn sft(args: &[&str], stdin: &str) -> (bool, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sft"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
 
 #[test]
 fn a_short_demo_learns_and_its_checkpoint_answers() {

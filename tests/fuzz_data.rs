@@ -5,13 +5,13 @@
 //! Bounded by time: `SFT_FUZZ_SECONDS` (default 20) split across the targets; seeded by
 //! `SFT_FUZZ_SEED` (default 13). A failure prints the seed and the case number, which replay it.
 
-mod data_util;
+mod common;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use data_util::{synthetic_conversations, write_simplellama_json};
+use common::data::{synthetic_conversations, write_simplellama_json};
 use sft::data::shard::{seal, Shard, ShardWriter, HEADER_LEN};
 use sft::data::{batches_in_order, read_chat_file, BatchMode, Dataset, LoaderConfig};
 use sft::rng::Rng;

@@ -10,9 +10,8 @@
 //! head_dim (below sm_80, or too little shared memory per block), the tests that need it say so
 //! and fail, since they would otherwise check the scalar kernels twice.
 
-mod gpu_util;
-use gpu_util::gpu;
-use half::bf16;
+mod common;
+use common::gpu::{gpu, randn, upload};
 use sft::backend::cpu::CpuBackend;
 use sft::backend::cuda::{AttentionPath, CudaBackend};
 use sft::backend::{Backend, HeadShape, Precision};
@@ -30,16 +29,6 @@ fn tensor_core_gpu(head_dim: usize) -> Option<CudaBackend> {
         g.compute_capability()
     );
     Some(g)
-}
-
-fn randn(rng: &mut Rng, len: usize, scale: f32) -> Vec<f32> {
-    (0..len).map(|_| bf16::from_f32(rng.normal() as f32 * scale).to_f32()).collect()
-}
-
-fn upload<B: Backend>(b: &B, data: &[f32], p: Precision) -> B::Buf {
-    let mut buf = b.zeros(data.len(), p).unwrap();
-    b.write(&mut buf, data).unwrap();
-    buf
 }
 
 /// (out, lse, dqkv) of one forward and backward.

@@ -1,5 +1,5 @@
 //! Every CUDA op against the CPU reference (`CpuBackend<f32>`), on fresh random inputs with
-//! shapes that are not multiples of the kernels' tiles. `model_util::naive::NaiveBackend`, a
+//! shapes that are not multiples of the kernels' tiles. `common::model::naive::NaiveBackend`, a
 //! second, plain-loop reading of the trait, is checked against `CpuBackend` op by op on the
 //! kernels' shapes here too (no GPU needed), so the two readings of the trait's semantics agree.
 //!
@@ -9,16 +9,14 @@
 //! Inputs are rounded to bf16 first, so both backends see the same numbers; outputs must agree
 //! to a relative error ‖gpu − cpu‖ / ‖cpu‖ below 1e-2.
 
-mod gpu_util;
-use gpu_util::gpu;
+mod common;
+use common::gpu::{gpu, randn, upload, upload_ids};
+use common::model::naive::NaiveBackend;
 use half::bf16;
+use sft::backend::cpu::CpuBackend;
 use sft::backend::cuda::CudaBackend;
 use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope, RopeScaling, RopeStyle};
 use sft::rng::Rng;
-
-mod model_util;
-use model_util::naive::NaiveBackend;
-use sft::backend::cpu::CpuBackend;
 
 const TOL: f64 = 1e-2;
 
@@ -26,25 +24,8 @@ fn reference() -> CpuBackend<f32> {
     CpuBackend::<f32>::new()
 }
 
-/// Normal values (times `scale`), rounded to bf16.
-fn randn(rng: &mut Rng, len: usize, scale: f32) -> Vec<f32> {
-    (0..len).map(|_| bf16::from_f32(rng.normal() as f32 * scale).to_f32()).collect()
-}
-
 fn rand_ids(rng: &mut Rng, len: usize, below: usize) -> Vec<u32> {
     (0..len).map(|_| rng.below(below) as u32).collect()
-}
-
-fn upload<B: Backend>(b: &B, data: &[f32], p: Precision) -> B::Buf {
-    let mut buf = b.zeros(data.len(), p).unwrap();
-    b.write(&mut buf, data).unwrap();
-    buf
-}
-
-fn upload_ids<B: Backend>(b: &B, data: &[u32]) -> B::Ids {
-    let mut ids = b.zeros_ids(data.len()).unwrap();
-    b.write_ids(&mut ids, data).unwrap();
-    ids
 }
 
 fn download<B: Backend>(b: &B, buf: &B::Buf, len: usize) -> Vec<f32> {

@@ -5,11 +5,10 @@
 //! All tests are `#[ignore]`: they need an NVIDIA GPU. Run them there with
 //! `scripts/gpu_check.sh` (or `cargo test --release --test gpu_train -- --ignored`).
 
-mod gpu_util;
-use gpu_util::gpu;
-mod model_util;
+mod common;
+use common::gpu::gpu;
 
-use model_util::{examples, packed_batch, padded_batch, PAD};
+use common::model::{examples, packed_batch, padded_batch, PAD};
 use sft::backend::cpu::CpuBackend;
 use sft::backend::{AdamW, RopeStyle};
 use sft::data::batch::Batch;

@@ -2,9 +2,9 @@
 //! backend, for each model variant (grouped or full KV heads, both RoPE styles, tied or untied
 //! embeddings), on a padded batch with padding and on a packed batch, with and without dropout.
 
-mod model_util;
+mod common;
 
-use model_util::*;
+use common::model::*;
 use sft::backend::RopeStyle;
 use sft::data::batch::Batch;
 use sft::model::{Model, ModelConfig, NamedTensor};

@@ -2,8 +2,10 @@
 //! convention on disk, `sft import --add-chat-tokens`, `sft logits`, and the errors bad input
 //! gets. Every checkpoint here is tiny, random, and written by the test itself.
 
-mod train_util;
+mod common;
 
+use common::cli::output as sft;
+use common::train::{chat_json, tiny_config};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use sft::backend::cpu::CpuBackend;
@@ -16,7 +18,6 @@ use sft::generate::cli::all_logits;
 use sft::model::params::{init_params, NamedTensor};
 use sft::model::ModelConfig;
 use std::path::Path;
-use std::process::Command;
 
 /// A tensor as written to disk: name, shape, dtype, little-endian bytes.
 type RawTensor = (String, Vec<usize>, Dtype, Vec<u8>);
@@ -433,7 +434,7 @@ fn import_adds_chat_tokens_then_trains_and_exports() {
 
     // --init-from the original: the error names the missing tokens and the fix.
     let chat = root.path().join("chat.json");
-    std::fs::write(&chat, train_util::chat_json(40)).unwrap();
+    std::fs::write(&chat, chat_json(40)).unwrap();
     let data = root.path().join("prepared");
     prepare(&PrepareOptions {
         data: chat,
@@ -445,7 +446,7 @@ fn import_adds_chat_tokens_then_trains_and_exports() {
         train_on: TrainOn::FinalReply,
     })
     .unwrap();
-    let mut cfg = train_util::tiny_config(
+    let mut cfg = tiny_config(
         &data,
         &out.join("tokenizer.json"),
         &root.path().join("run0"),
@@ -498,7 +499,6 @@ fn import_and_logits_through_the_binary() {
     write_hf_dir(&hf_dir, &config, &init_params(&config, 4));
     write_plain_tokenizer(&hf_dir.join("tokenizer.json"));
     let out = root.path().join("imported");
-    let sft = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_sft")).args(args).output().unwrap();
     let o = sft(&[
         "import",
         "--from",

@@ -5,6 +5,9 @@
 //! `sft import --add-chat-tokens`, `sft logits`, `sft prepare`, `sft inspect`, `sft train
 //! --init-from` and `sft generate`. Everything is written by the test itself.
 
+mod common;
+
+use common::cli::{command, run_ok as sft, s};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use sft::backend::cpu::CpuBackend;
@@ -16,7 +19,6 @@ use sft::data::{read_chat_file, tokenize_conversation, ChatTokenizer, TrainOn};
 use sft::model::params::{init_params, NamedTensor};
 use sft::model::{Model, ModelConfig};
 use std::path::Path;
-use std::process::Command;
 use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
 
 /// Llama 3's pre-tokenizer split (tokenizer.json of Llama 3.x); `(?!\S)` needs fancy-regex.
@@ -43,16 +45,6 @@ const MERGES: [(&str, &str); 14] = [
     ("'", "s"),
     ("Ġ", "Ġ"),
 ];
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn sft(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_sft")).args(args).output().unwrap();
-    assert!(out.status.success(), "sft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// GPT-2's byte → printable char map (the ByteLevel alphabet), in byte order.
 fn byte_chars() -> Vec<char> {
@@ -458,7 +450,7 @@ fn llama3_checkpoint_imports_prepares_trains_and_generates() {
     std::fs::write(&no_bos_tok, tok_json.to_string()).unwrap();
     sft(&["prepare", "--data", s(&chat), "--tokenizer", s(&no_bos_tok), "--out", s(&no_bos)]);
     let train_once = |data: &Path, run: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_sft"))
+        let out = command()
             .args(["train", "--data", s(data), "--init-from", s(&ckpt), "--out-dir"])
             .arg(root.path().join(run))
             .args(["--device", "cpu", "--micro-batch", "4", "--grad-accum", "1", "--max-steps", "1"])

@@ -2,9 +2,9 @@
 //! accumulation, KV-cache generation against the full forward, AdamW and its state, the
 //! parameter count, Hugging Face conversion, configuration and batch errors.
 
-mod model_util;
+mod common;
 
-use model_util::*;
+use common::model::*;
 use sft::backend::{AdamW, RopeScaling, RopeStyle};
 use sft::checkpoint::{from_hf, to_hf};
 use sft::data::batch::Batch;
@@ -438,7 +438,7 @@ fn loss_matches_a_plain_reference_forward() {
         for batch in [padded_batch(&exs, 1), packed_batch(&exs, 13)] {
             let mut model = model_f64(&config, batch.n_tokens(), 4);
             let params = model.read_params().unwrap();
-            let expected = model_util::reference::reference_loss(&config, &params, &batch);
+            let expected = common::model::reference::reference_loss(&config, &params, &batch);
             let loss = model.loss(&batch).unwrap();
             assert!((loss - expected).abs() <= 1e-9 * expected, "loss {loss} vs reference {expected}");
         }
@@ -474,7 +474,7 @@ fn loader_batches_padded_and_packed_agree() {
 /// The crate's CPU backend and the plain test-only one agree on a whole training step.
 #[test]
 fn cpu_backend_matches_the_naive_backend() {
-    use model_util::naive::NaiveBackend;
+    use common::model::naive::NaiveBackend;
     let exs = examples(90, &[7, 4, 6, 5]);
     for config in [
         tiny_config(2, RopeStyle::AdjacentPairs, false, 0.25),

@@ -1,11 +1,9 @@
 //! `sft plan` on the 1.3B: the shape of its output (families, labels, the final line), never
 //! its timing values, which are estimates.
 
-use std::process::Command;
+mod common;
 
-fn sft(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_sft")).args(args).output().unwrap()
-}
+use common::cli::output as sft;
 
 const STEP: [&str; 9] =
     ["plan", "--model", "simplellama-1.3b", "--gpu", "h100", "--micro-batch", "8", "--seq-len", "2048"];

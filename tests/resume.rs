@@ -2,14 +2,14 @@
 //! losses (f64 equality) and the same final weights, for padded and packed batches, with
 //! dropout on and two micro-batches per optimizer step.
 
-mod train_util;
+mod common;
 
+use common::train::{prepared_data, tiny_config};
 use sft::backend::cpu::CpuBackend;
 use sft::data::BatchMode;
 use sft::train::log::read_train_losses;
 use sft::train::{train_on, TrainConfig, TrainReport};
 use std::path::Path;
-use train_util::{prepared_data, tiny_config};
 
 fn run(cfg: &TrainConfig) -> (TrainReport, Vec<sft::model::params::NamedTensor>) {
     let (model, report) = train_on(CpuBackend::<f32>::new(), cfg).unwrap();

@@ -1,8 +1,9 @@
 //! Checkpoints: round trip, validation errors that name the file and tensor, rotation, the
 //! `latest` pointer, and the `init`/`eval` commands.
 
-mod train_util;
+mod common;
 
+use common::train::{prepared_data, tiny_config};
 use sft::backend::cpu::CpuBackend;
 use sft::checkpoint::{self, list_checkpoints, write_safetensors, MODEL_FILE};
 use sft::data::BatchMode;
@@ -11,7 +12,6 @@ use sft::model::params::NamedTensor;
 use sft::train::cli::{eval_with, init, EvalArgs, InitArgs, SplitArg};
 use sft::train::{eval_loss, train_on, Schedule, TrainConfig};
 use std::path::Path;
-use train_util::{prepared_data, tiny_config};
 
 fn bits(ts: &[NamedTensor]) -> Vec<(String, Vec<usize>, Vec<u32>)> {
     ts.iter()

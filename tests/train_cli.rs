@@ -1,17 +1,9 @@
 //! The `sft init`, `sft train` and `sft eval` commands, through the binary.
 
-mod train_util;
+mod common;
 
-use std::process::Command;
-
-fn sft(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sft")).args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
+use common::cli::run as sft;
+use common::train::{prepared_data, tiny_config};
 
 #[test]
 fn init_writes_a_checkpoint_and_reports_the_parameter_count() {
@@ -53,12 +45,12 @@ fn train_reports_bad_configs_by_field() {
 #[test]
 fn train_resume_and_eval_through_the_binary() {
     let root = tempfile::tempdir().unwrap();
-    let (data, tok) = train_util::prepared_data(root.path(), 48, 96);
+    let (data, tok) = prepared_data(root.path(), 48, 96);
     let out = root.path().join("run");
     let config = root.path().join("run.json");
     let cfg = sft::train::TrainConfig {
         max_steps: Some(2),
-        ..train_util::tiny_config(&data, &tok, &out, sft::data::BatchMode::Dynamic)
+        ..tiny_config(&data, &tok, &out, sft::data::BatchMode::Dynamic)
     };
     std::fs::write(&config, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
     let (ok, stdout, stderr) = sft(&["train", "--config", config.to_str().unwrap()]);

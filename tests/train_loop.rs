@@ -1,12 +1,12 @@
 //! The optimizer step: its gradient is that of the mean over all supervised targets of the
 //! step, however they are split into micro-batches; the log and report agree with the step.
 
-mod train_util;
+mod common;
 
+use common::train::{prepared_data, tiny_config};
 use sft::backend::cpu::CpuBackend;
 use sft::data::BatchMode;
 use sft::train::{train_on, TrainConfig};
-use train_util::{prepared_data, tiny_config};
 
 #[test]
 fn splitting_a_step_into_micro_batches_does_not_change_it() {

@@ -7,7 +7,7 @@
 //! Each (family, kind of kernel) is then timed against a device of [`devices::DEVICES`] as a
 //! roofline, `max(FLOPs / (peak · efficiency), bytes / (bandwidth · efficiency))`, plus a launch
 //! cost per launch, and scaled by the device's calibration factor of the family. Tokens/s and
-//! MFU use `sft bench`'s FLOPs per token ([`crate::bench::flops_per_token`]) against the
+//! MFU use `sft bench`'s FLOPs per token ([`crate::bench::train::flops_per_token`]) against the
 //! device's peak; the memory plan uses the trainer's own [`memory_bytes`] and
 //! [`micro_batch_that_fits`].
 
@@ -18,7 +18,7 @@ pub mod devices;
 use anyhow::{ensure, Context, Result};
 use clap::Args;
 
-use crate::bench::flops_per_token;
+use crate::bench::train::flops_per_token;
 use crate::data::Batch;
 use crate::model::forward::{memory_advice, memory_bytes, micro_batch_that_fits};
 use crate::model::{Model, ModelConfig};

@@ -1,25 +1,30 @@
-//! Helpers shared by the data tests.
-#![allow(dead_code)]
+//! Chat data for the data tests: generated conversations, SimpleLLaMA's file schema and
+//! tokenizer, a small trained tokenizer.
 
 use std::path::{Path, PathBuf};
 
 use sft::data::{Conversation, Turn};
 
 /// SimpleLLaMA's tokenizer: `$SIMPLELLAMA_TOKENIZER`, else `../shared/simplellama/bpe_8k.json`,
-/// else `../../shared/simplellama/bpe_8k.json` (relative to the crate). `None` with a notice.
+/// else `../../shared/simplellama/bpe_8k.json` (relative to the crate; the scripts look in the
+/// same places, scripts/simplellama.py). `None` with a notice that the test is skipped.
 pub fn simplellama_tokenizer() -> Option<PathBuf> {
+    let found = simplellama_tokenizer_path();
+    if found.is_none() {
+        eprintln!("notice: SimpleLLaMA tokenizer not found (set SIMPLELLAMA_TOKENIZER); skipping");
+    }
+    found
+}
+
+/// Where [`simplellama_tokenizer`] looks, without the notice (benches/prepare.rs falls back to a
+/// tokenizer of its own).
+pub fn simplellama_tokenizer_path() -> Option<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let candidates = std::env::var_os("SIMPLELLAMA_TOKENIZER").map(PathBuf::from).into_iter().chain([
         root.join("../shared/simplellama/bpe_8k.json"),
         root.join("../../shared/simplellama/bpe_8k.json"),
     ]);
-    for c in candidates {
-        if c.is_file() {
-            return Some(c);
-        }
-    }
-    eprintln!("notice: SimpleLLaMA tokenizer not found (set SIMPLELLAMA_TOKENIZER); skipping");
-    None
+    candidates.into_iter().find(|c| c.is_file())
 }
 
 pub fn conv(system: &str, turns: &[(&str, &str)]) -> Conversation {

@@ -1,6 +1,5 @@
-//! Shared by the training tests: a small generated chat set, its tokenizer, a prepared data
+//! For the training tests: a small generated chat set, its tokenizer, a prepared data
 //! directory, and a tiny CPU training config.
-#![allow(dead_code)]
 
 use sft::data::{prepare, read_chat_file, train_tokenizer, BatchMode, PrepareOptions, TrainOn};
 use sft::train::TrainConfig;

@@ -1,5 +1,5 @@
-//! Shared helpers of the model's integration tests: tiny configs and hand-built batches.
-#![allow(dead_code)]
+//! For the model's tests: tiny configs, hand-built batches, and two independent f64 readings
+//! of the model (`naive`: the op trait; `reference`: a plain forward).
 
 use sft::backend::RopeStyle;
 use sft::data::batch::Batch;
@@ -70,18 +70,23 @@ fn shifted(ex: &Ex) -> (Vec<u32>, Vec<u32>) {
     (inputs, targets)
 }
 
-/// One row per example, right-padded to the longest (plus `extra` padding positions).
-pub fn padded_batch(exs: &[Ex], extra: usize) -> Batch {
-    let seq_len = exs.iter().map(|e| e.tokens.len() - 1).max().unwrap() + extra;
-    let mut b = Batch {
-        rows: exs.len(),
+/// A batch of `rows` rows of `seq_len` with no tokens yet, padded with PAD.
+fn empty_batch(rows: usize, seq_len: usize) -> Batch {
+    Batch {
+        rows,
         seq_len,
         inputs: vec![],
         targets: vec![],
         positions: vec![],
         cu_seqlens: vec![0],
         pad_id: PAD,
-    };
+    }
+}
+
+/// One row per example, right-padded to the longest (plus `extra` padding positions).
+pub fn padded_batch(exs: &[Ex], extra: usize) -> Batch {
+    let seq_len = exs.iter().map(|e| e.tokens.len() - 1).max().unwrap() + extra;
+    let mut b = empty_batch(exs.len(), seq_len);
     for ex in exs {
         let (mut inputs, mut targets) = shifted(ex);
         inputs.resize(seq_len, PAD);
@@ -97,15 +102,7 @@ pub fn padded_batch(exs: &[Ex], extra: usize) -> Batch {
 /// Examples packed one after another into rows of `seq_len` (an example never straddles rows),
 /// each example its own attention segment, each row's padding tail one more segment.
 pub fn packed_batch(exs: &[Ex], seq_len: usize) -> Batch {
-    let mut b = Batch {
-        rows: 0,
-        seq_len,
-        inputs: vec![],
-        targets: vec![],
-        positions: vec![],
-        cu_seqlens: vec![0],
-        pad_id: PAD,
-    };
+    let mut b = empty_batch(0, seq_len);
     let mut row_used = seq_len; // forces a first row
     let close_row = |b: &mut Batch, used: usize| {
         if b.rows > 0 && used < seq_len {

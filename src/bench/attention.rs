@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use std::time::Instant;
 
+use super::{upload, upload_ids};
 use crate::backend::cuda::{AttentionPath, CudaBackend};
 use crate::backend::{Backend, HeadShape, Precision};
 use crate::rng::Rng;
@@ -78,6 +79,84 @@ pub fn table_row(
     )
 }
 
+/// One causal-attention call over `batch` sequences of `t` tokens, with random q, k, v and
+/// output gradient and every buffer it writes allocated once: the timed setup of
+/// `sft bench-attention` and of `benches/gpu_ops.rs`.
+pub struct AttentionCase<B: Backend> {
+    pub batch: usize,
+    pub t: usize,
+    pub heads: HeadShape,
+    qkv: B::Buf,
+    dout: B::Buf,
+    cu_seqlens: B::Ids,
+    out: B::Buf,
+    lse: B::Buf,
+    dqkv: B::Buf,
+}
+
+impl<B: Backend> AttentionCase<B> {
+    pub fn new(backend: &B, heads: HeadShape, batch: usize, t: usize, rng: &mut Rng) -> Result<Self> {
+        let n = batch * t;
+        let mut random = |len: usize| -> Result<B::Buf> {
+            let data: Vec<f32> = (0..len).map(|_| rng.normal() as f32).collect();
+            upload(backend, &data, Precision::Compute)
+        };
+        let qkv = random(n * heads.qkv_width())?;
+        let dout = random(n * heads.q_width())?;
+        let cu: Vec<u32> = (0..=batch).map(|r| (r * t) as u32).collect();
+        Ok(AttentionCase {
+            batch,
+            t,
+            heads,
+            qkv,
+            dout,
+            cu_seqlens: upload_ids(backend, &cu)?,
+            out: backend.zeros(n * heads.q_width(), Precision::Compute)?,
+            lse: backend.zeros(heads.n_heads * n, Precision::F32)?,
+            dqkv: backend.zeros(n * heads.qkv_width(), Precision::Compute)?,
+        })
+    }
+
+    /// (forward, backward) FLOPs of one call, as [`attention_flops`] counts them.
+    pub fn flops(&self) -> (f64, f64) {
+        attention_flops(self.batch, self.t, self.heads.n_heads, self.heads.head_dim)
+    }
+
+    pub fn forward(&mut self, backend: &B) -> Result<()> {
+        let n = self.batch * self.t;
+        backend.attention_forward(
+            &mut self.out,
+            &mut self.lse,
+            &self.qkv,
+            &self.cu_seqlens,
+            self.batch,
+            n,
+            self.heads,
+        )
+    }
+
+    /// The backward of the last [`forward`](Self::forward) (whose output and lse it reads).
+    pub fn backward(&mut self, backend: &B) -> Result<()> {
+        let n = self.batch * self.t;
+        backend.attention_backward(
+            &mut self.dqkv,
+            &self.dout,
+            &self.qkv,
+            &self.out,
+            &self.lse,
+            &self.cu_seqlens,
+            self.batch,
+            n,
+            self.heads,
+        )
+    }
+
+    /// The gradient of q, k and v the last backward wrote.
+    pub fn dqkv(&self) -> &B::Buf {
+        &self.dqkv
+    }
+}
+
 pub fn bench_attention(args: AttentionBenchArgs) -> Result<()> {
     let g = CudaBackend::new(args.gpu).context("bench-attention needs a CUDA GPU")?;
     let path = match args.path.as_str() {
@@ -97,21 +176,7 @@ pub fn bench_attention(args: AttentionBenchArgs) -> Result<()> {
     let mut rng = Rng::new(11);
     for &t in &args.seq_lens {
         let batch = (args.tokens / t).max(1);
-        let n = batch * t;
-        let up = |len: usize, rng: &mut Rng| -> Result<_> {
-            let data: Vec<f32> = (0..len).map(|_| rng.normal() as f32).collect();
-            let mut b = g.zeros(len, Precision::Compute)?;
-            g.write(&mut b, &data)?;
-            Ok(b)
-        };
-        let qkv = up(n * heads.qkv_width(), &mut rng)?;
-        let dout = up(n * heads.q_width(), &mut rng)?;
-        let cu: Vec<u32> = (0..=batch).map(|r| (r * t) as u32).collect();
-        let mut cu_b = g.zeros_ids(cu.len())?;
-        g.write_ids(&mut cu_b, &cu)?;
-        let mut out = g.zeros(n * heads.q_width(), Precision::Compute)?;
-        let mut lse = g.zeros(heads.n_heads * n, Precision::F32)?;
-        let mut dqkv = g.zeros(n * heads.qkv_width(), Precision::Compute)?;
+        let mut case = AttentionCase::new(&g, heads, batch, t, &mut rng)?;
         let mut time = |backward: bool| -> Result<f64> {
             let mut timed = Instant::now();
             for i in 0..3 + args.iters {
@@ -120,9 +185,9 @@ pub fn bench_attention(args: AttentionBenchArgs) -> Result<()> {
                     g.synchronize()?;
                     timed = Instant::now();
                 }
-                g.attention_forward(&mut out, &mut lse, &qkv, &cu_b, batch, n, heads)?;
+                case.forward(&g)?;
                 if backward {
-                    g.attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &cu_b, batch, n, heads)?;
+                    case.backward(&g)?;
                 }
             }
             g.synchronize()?;
@@ -149,5 +214,17 @@ mod tests {
         // fwd: f / 1 ms; fwd+bwd: 3.5 f / 3.5 ms: the same rate.
         let rate = format!("{:.1}", f / 1e-3 / 1e12);
         assert_eq!(row.split_whitespace().filter(|w| *w == rate).count(), 2, "{row}");
+    }
+
+    #[test]
+    fn a_case_runs_forward_and_backward_on_the_cpu() {
+        let backend = crate::backend::cpu::CpuBackend::<f32>::new();
+        let heads = HeadShape { n_heads: 4, n_kv_heads: 2, head_dim: 8 };
+        let mut case = AttentionCase::new(&backend, heads, 3, 5, &mut Rng::new(1)).unwrap();
+        assert_eq!(case.flops(), attention_flops(3, 5, 4, 8));
+        case.forward(&backend).unwrap();
+        case.backward(&backend).unwrap();
+        let dqkv = backend.read(case.dqkv(), 3 * 5 * heads.qkv_width()).unwrap();
+        assert!(dqkv.iter().all(|x| x.is_finite()) && dqkv.iter().any(|&x| x != 0.0));
     }
 }

@@ -19,6 +19,7 @@
 //! Each measurement synchronizes the device around every call and takes the median of
 //! `--repeats` calls after `--warmup` untimed ones.
 
+use super::{upload, upload_ids};
 use crate::backend::{AdamW, Backend, Device, LossGrads, Precision};
 use crate::model::params::param_specs;
 use crate::rng::Rng;
@@ -202,12 +203,6 @@ fn pattern(len: usize, seed: u64, scale: f32) -> Vec<f32> {
     (0..len as u64).map(|i| (2.0 * crate::rng::uniform(seed, i) - 1.0) * scale).collect()
 }
 
-fn upload<B: Backend>(backend: &B, data: &[f32], precision: Precision) -> Result<B::Buf> {
-    let mut buf = backend.zeros(data.len(), precision)?;
-    backend.write(&mut buf, data)?;
-    Ok(buf)
-}
-
 /// Runs every measurement on `backend`.
 pub fn run_kernel_bench<B: Backend>(backend: B, args: &KernelBenchArgs) -> Result<KernelReport> {
     let device = backend.name();
@@ -232,8 +227,7 @@ pub fn run_kernel_bench<B: Backend>(backend: B, args: &KernelBenchArgs) -> Resul
                 }
             })
             .collect();
-        let mut t = be.zeros_ids(n)?;
-        be.write_ids(&mut t, &targets)?;
+        let t = upload_ids(be, &targets)?;
         let mut dx = be.zeros(n * d, Precision::Compute)?;
         let mut dw = be.zeros(vocab * d, Precision::F32)?;
         let loss_scale = 1.0 / s as f32;
