@@ -94,6 +94,10 @@ impl<T: Real> Backend for CpuBackend<T> {
         std::mem::size_of::<T>()
     }
 
+    fn memory_info(&self) -> Result<Option<(usize, usize)>> {
+        Ok(super::device::host_memory())
+    }
+
     fn zeros(&self, len: usize, _: Precision) -> Result<Vec<T>> {
         Ok(vec![T::ZERO; len])
     }
