@@ -213,8 +213,7 @@ pub trait Backend {
     fn compute_bytes(&self) -> usize {
         4
     }
-    /// `(free, total)` bytes of the memory the backend allocates from (the GPU's; the host's
-    /// for the CPU backend).
+    /// `(free, total)` bytes of device memory, for a backend with a device of its own.
     fn memory_info(&self) -> Result<Option<(usize, usize)>> {
         Ok(None)
     }
