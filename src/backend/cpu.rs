@@ -94,6 +94,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         std::mem::size_of::<T>()
     }
 
+    /// The host's available and total memory: the CPU backend allocates from it.
     fn memory_info(&self) -> Result<Option<(usize, usize)>> {
         Ok(super::device::host_memory())
     }
