@@ -47,8 +47,28 @@ enum Command {
     Plan(sft::plan::PlanArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+/// A user error (bad input, a missing file, a model that does not fit) prints its message chain
+/// and exits 1; backtraces are for bugs, and panics keep theirs. Returning the error from `main`
+/// would print anyhow's Debug form, with a backtrace whenever RUST_BACKTRACE is set.
+fn main() {
     let cli = Cli::parse();
+    if let Err(error) = run(cli) {
+        eprintln!("{}", error_report(&error));
+        std::process::exit(1);
+    }
+}
+
+/// `error: <message>` then one `  caused by: <cause>` line per cause, outermost first.
+fn error_report(error: &anyhow::Error) -> String {
+    let mut chain = error.chain();
+    let mut text = format!("error: {}", chain.next().map(ToString::to_string).unwrap_or_default());
+    for cause in chain {
+        text.push_str(&format!("\n  caused by: {cause}"));
+    }
+    text
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Kernels => {
             if sft::kernels::PTX_UNAVAILABLE.is_empty() {

@@ -460,6 +460,7 @@ fn import_adds_chat_tokens_then_trains_and_exports() {
     cfg.save_every = 0;
     cfg.dropout = None;
     cfg.init_from = Some(hf_dir.clone());
+    cfg.from_scratch = false;
     let err = format!("{:#}", sft::train::cli::train_on_device(&cfg).unwrap_err());
     assert!(
         err.contains("<SOU>")

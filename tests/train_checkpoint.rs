@@ -183,6 +183,7 @@ fn init_from_a_checkpoint_and_eval() {
 
     let cfg = TrainConfig {
         init_from: Some(ckpt.clone()),
+        from_scratch: false,
         max_steps: Some(2),
         ..tiny_config(&data, &tok, &root.path().join("run"), BatchMode::Dynamic)
     };

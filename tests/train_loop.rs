@@ -41,7 +41,8 @@ fn splitting_a_step_into_micro_batches_does_not_change_it() {
 fn unusable_devices_are_refused_clearly() {
     // Without a GPU (CI), `cuda` says why it cannot open one; with one, the run gets as far as
     // the (missing) data.
-    let cfg = TrainConfig { data: "d".into(), device: "cuda".into(), ..TrainConfig::default() };
+    let cfg =
+        TrainConfig { data: "d".into(), device: "cuda".into(), from_scratch: true, ..TrainConfig::default() };
     let err = format!("{:#}", sft::train::cli::train_on_device(&cfg).unwrap_err());
     assert!(err.contains("CUDA") || err.contains("d/tokenizer.json"), "{err}");
     let cfg = TrainConfig { device: "tpu".into(), ..cfg };

@@ -63,3 +63,35 @@ macro_rules! with_backend {
         }
     };
 }
+
+/// `(available, total)` bytes of host memory from `/proc/meminfo` (`MemAvailable`, `MemTotal`):
+/// what the CPU backend can allocate before the kernel starts killing processes. None where the
+/// file is absent or lacks the fields (not Linux).
+pub fn host_memory() -> Option<(usize, usize)> {
+    parse_meminfo(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+fn parse_meminfo(text: &str) -> Option<(usize, usize)> {
+    let field = |name: &str| -> Option<usize> {
+        let line = text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(':'))?;
+        let kib: usize = line[name.len() + 1..].trim().strip_suffix("kB")?.trim().parse().ok()?;
+        kib.checked_mul(1024)
+    };
+    Some((field("MemAvailable")?, field("MemTotal")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo_gives_available_and_total_bytes() {
+        let text = "MemTotal:       24576000 kB\nMemFree:         1000 kB\nMemAvailable:   20480000 kB\n";
+        assert_eq!(parse_meminfo(text), Some((20480000 * 1024, 24576000 * 1024)));
+        assert_eq!(parse_meminfo("MemTotal: 5 kB\n"), None);
+        if cfg!(target_os = "linux") {
+            let (available, total) = host_memory().expect("/proc/meminfo");
+            assert!(available > 0 && available <= total);
+        }
+    }
+}

@@ -183,6 +183,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         H100_BF16_PEAK / 1e12
     );
     match (r.memory_used, r.memory_total) {
+        // The CPU backend reports the host's memory, which every process on it shares.
+        (Some(used), Some(total)) if r.device.starts_with("cpu") => {
+            println!("host memory     {:.2} GiB in use (all processes) of {:.2} GiB", gib(used), gib(total))
+        }
         (Some(used), Some(total)) => {
             println!("device memory   {:.2} GiB in use of {:.2} GiB", gib(used), gib(total))
         }

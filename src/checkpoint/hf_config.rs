@@ -53,6 +53,7 @@ pub fn read_model_config(dir: &Path) -> Result<ModelConfig> {
     if let Some(sft) = json.get("sft") {
         let config: ModelConfig = serde_json::from_value(sft.clone())
             .with_context(|| format!("{}: bad \"sft\" model config", path.display()))?;
+        config.validate().with_context(|| format!("{}: invalid \"sft\" model config", path.display()))?;
         let marked = json.get(QK_ORDER_FIELD).and_then(|v| v.as_str()) == Some(QK_ORDER_HF);
         ensure!(
             marked || config.rope_style != RopeStyle::AdjacentPairs,
@@ -103,7 +104,7 @@ fn hf_model_config(json: &serde_json::Value) -> Result<ModelConfig> {
     if present("head_dim").is_some() {
         let head_dim = field("head_dim")?;
         ensure!(
-            head_dim * n_heads == d_model,
+            head_dim.checked_mul(n_heads) == Some(d_model),
             "field \"head_dim\" = {head_dim} differs from hidden_size / num_attention_heads = {d_model} / \
              {n_heads}: not supported"
         );

@@ -261,6 +261,27 @@ impl Checkpoint {
         self.build_and_load(|config| Model::new(backend, config, max_tokens))
     }
 
+    /// The trainer's model: micro-batches of `micro_batch` rows of `seq_len` tokens, checked
+    /// against the backend's free memory first (the error names a micro-batch that fits), with
+    /// `dropout` replacing the config's when given, holding the checkpoint's weights. The weights
+    /// are read, and checked against the config, before the model is allocated.
+    pub fn training_model_for<B: Backend>(
+        &self,
+        backend: B,
+        dropout: Option<f32>,
+        micro_batch: usize,
+        seq_len: usize,
+    ) -> Result<Model<B>> {
+        let config = ModelConfig { dropout: dropout.unwrap_or(self.config.dropout), ..self.config.clone() };
+        let params = self.read_params()?;
+        let mut model = Model::for_micro_batches(backend, config, micro_batch, seq_len)
+            .with_context(|| format!("building the model of checkpoint {}", self.dir.display()))?;
+        model
+            .take_params(params)
+            .with_context(|| format!("loading the weights of {}", self.dir.display()))?;
+        Ok(model)
+    }
+
     /// An inference-only model (no master weights, gradients or moments) for batches of up to
     /// `max_tokens` tokens, holding the checkpoint's weights.
     pub fn inference_model<B: Backend>(&self, backend: B, max_tokens: usize) -> Result<Model<B>> {
@@ -278,9 +299,14 @@ impl Checkpoint {
         &self,
         build: impl FnOnce(ModelConfig) -> Result<Model<B>>,
     ) -> Result<Model<B>> {
+        // The weights first: a config that does not describe them fails on their shapes before
+        // a model of its sizes is allocated.
+        let params = self.read_params()?;
         let mut model = build(self.config.clone())
             .with_context(|| format!("building the model of checkpoint {}", self.dir.display()))?;
-        self.load_weights_into(&mut model)?;
+        model
+            .take_params(params)
+            .with_context(|| format!("loading the weights of {}", self.dir.display()))?;
         Ok(model)
     }
 }

@@ -121,6 +121,11 @@ pub(super) fn tensor_f32(
         }
         other => bail!("{}: tensor {name} has dtype {other:?}; expected F32, BF16 or F16", path.display()),
     };
+    // One pass while the tensor is in cache: a NaN or infinite weight would otherwise surface
+    // as a NaN loss, or as replies decoded from NaN logits, with nothing to say where it came from.
+    if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+        bail!("{}: tensor {name} holds a non-finite value ({}) at index {i}", path.display(), data[i]);
+    }
     Ok(NamedTensor { name: name.to_string(), shape: shape.to_vec(), data })
 }
 

@@ -243,6 +243,7 @@ pub fn setup(args: &DemoArgs) -> Result<DemoSetup> {
         data: data_dir.clone(),
         tokenizer: tok_path.clone(),
         out_dir: args.out.join("run"),
+        from_scratch: true,
         epochs: 1,
         max_steps: Some(args.steps),
         schedule_steps: Some(args.steps),

@@ -6,7 +6,7 @@ use crate::checkpoint;
 use crate::data::{ChatTokenizer, Turn, DEFAULT_SYSTEM_PROMPT};
 use crate::model::Model;
 use crate::rng::Rng;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -61,15 +61,11 @@ impl SamplingArgs {
     }
 
     fn model<B: Backend>(&self, backend: B, tok: &ChatTokenizer) -> Result<Model<B>> {
-        let model = checkpoint::load_generation_model(&self.checkpoint, backend)?;
-        anyhow::ensure!(
-            tok.vocab_size() <= model.config().vocab_size,
-            "the tokenizer has {} tokens but the model of {} only {}",
-            tok.vocab_size(),
-            self.checkpoint.display(),
-            model.config().vocab_size
-        );
-        Ok(model)
+        let ckpt = checkpoint::Checkpoint::open(&self.checkpoint)?;
+        let tok_path =
+            self.tokenizer.clone().unwrap_or_else(|| self.checkpoint.join(checkpoint::TOKENIZER_FILE));
+        ckpt.config().check_usage(Some((&tok_path, tok.vocab_size())), ckpt.config().max_seq_len)?;
+        ckpt.generation_model(backend)
     }
 }
 
@@ -173,8 +169,10 @@ pub fn logits(args: LogitsArgs) -> Result<()> {
 /// The logits after each of `ids` (one row per position), from the checkpoint in `dir`.
 pub fn all_logits<B: Backend>(backend: B, dir: &std::path::Path, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
     anyhow::ensure!(!ids.is_empty(), "no token ids given");
+    let ckpt = checkpoint::Checkpoint::open(dir)?;
+    ckpt.config().check_usage(None, ids.len()).context("--ids")?;
     // Sized for the sequence, not max_seq_len: a pretrained config may claim 131072 positions.
-    let mut model = checkpoint::load_inference_model(dir, backend, ids.len())?;
+    let mut model = ckpt.inference_model(backend, ids.len())?;
     let mut cache = model.new_cache(ids.len())?;
     ids.iter().map(|&t| model.next_logits(&mut cache, &[t])).collect()
 }

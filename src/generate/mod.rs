@@ -122,7 +122,16 @@ pub fn generate_ids<B: Backend>(
     cfg.validate()?;
     ensure!(!prompt.is_empty(), "the prompt has no tokens");
     let max_len = model.config().max_seq_len;
-    let prompt = &prompt[prompt.len().saturating_sub(max_len - 1)..];
+    let dropped = prompt.len().saturating_sub(max_len - 1);
+    if dropped > 0 {
+        // The reply then answers a different conversation than the one given: say so.
+        eprintln!(
+            "note: the prompt has {} tokens, more than the model's context of {max_len} leaves room for: \
+             its first {dropped} tokens were dropped",
+            prompt.len()
+        );
+    }
+    let prompt = &prompt[dropped..];
     let mut cache = model.new_cache(max_len)?;
     let mut logits = model.next_logits(&mut cache, prompt)?;
     let mut out = Vec::new();

@@ -50,6 +50,13 @@ fn default_max_seq_len() -> usize {
     2048
 }
 
+/// Upper bounds that no real model comes near (Llama 3's vocabulary is 128256, its widest
+/// FFN 53248, its longest context 131072): a config beyond them is a corrupt file.
+const MAX_DIM: usize = 1 << 24;
+const MAX_LAYERS: usize = 1 << 12;
+const MAX_SEQ_LEN: usize = 1 << 24;
+const MAX_PARAMS: usize = 1 << 42;
+
 /// Names accepted by [`ModelConfig::preset`].
 pub const PRESETS: &[&str] = &["simplellama-1.3b", "tiny"];
 
@@ -125,7 +132,10 @@ impl ModelConfig {
         Ok(config)
     }
 
-    /// Checks that the sizes fit together, with an error naming the offending field.
+    /// Checks that the sizes fit together, with an error naming the offending field. Every
+    /// entry point that reads a config (a checkpoint's config.json, a JSON file, a preset) calls
+    /// this before anything else uses the config: after it, `head_dim`, `n_params` and the memory
+    /// plan cannot divide by zero or overflow.
     pub fn validate(&self) -> Result<()> {
         for (name, value) in [
             ("vocab_size", self.vocab_size),
@@ -138,14 +148,25 @@ impl ModelConfig {
         ] {
             ensure!(value > 0, "{name} must be positive (got 0)");
         }
+        // Far beyond any model this engine can hold, and small enough that the products below
+        // (parameter counts, bytes per token, rows × width) stay far from usize::MAX.
+        for (name, value, limit) in [
+            ("vocab_size", self.vocab_size, MAX_DIM),
+            ("d_model", self.d_model, MAX_DIM),
+            ("ffn_hidden", self.ffn_hidden, MAX_DIM),
+            ("n_layers", self.n_layers, MAX_LAYERS),
+            ("max_seq_len", self.max_seq_len, MAX_SEQ_LEN),
+        ] {
+            ensure!(value <= limit, "{name} = {value} is beyond any usable model (at most {limit})");
+        }
         ensure!(
-            self.d_model.is_multiple_of(self.n_heads),
+            self.n_heads <= self.d_model && self.d_model.is_multiple_of(self.n_heads),
             "d_model ({}) must be divisible by n_heads ({})",
             self.d_model,
             self.n_heads
         );
         ensure!(
-            self.n_heads.is_multiple_of(self.n_kv_heads),
+            self.n_kv_heads <= self.n_heads && self.n_heads.is_multiple_of(self.n_kv_heads),
             "n_heads ({}) must be divisible by n_kv_heads ({})",
             self.n_heads,
             self.n_kv_heads
@@ -174,7 +195,54 @@ impl ModelConfig {
             scaling.validate()?;
         }
         ensure!((0.0..1.0).contains(&self.dropout), "dropout must be in [0, 1) (got {})", self.dropout);
+        ensure!(
+            self.checked_n_params().is_some_and(|n| n <= MAX_PARAMS),
+            "{} layers of width {} (ffn {}, vocabulary {}) are beyond any usable model (more than {MAX_PARAMS} parameters)",
+            self.n_layers,
+            self.d_model,
+            self.ffn_hidden,
+            self.vocab_size
+        );
         Ok(())
+    }
+
+    /// Checks that this model can run with a tokenizer of `tokenizer.1` tokens (its file
+    /// `tokenizer.0`; None when the command takes token ids) on rows of `max_seq_len` tokens.
+    /// Every command that runs a model (train, eval, generate, chat, logits) asks this one
+    /// question, so that none accepts what another refuses.
+    pub fn check_usage(&self, tokenizer: Option<(&Path, usize)>, max_seq_len: usize) -> Result<()> {
+        if let Some((path, vocab)) = tokenizer {
+            ensure!(
+                vocab <= self.vocab_size,
+                "the tokenizer {} has {vocab} tokens but the model's vocabulary holds {}: \
+                 its ids past {} have no embedding",
+                path.display(),
+                self.vocab_size,
+                self.vocab_size - 1
+            );
+        }
+        ensure!(max_seq_len > 0, "max_seq_len must be at least 1");
+        ensure!(
+            max_seq_len <= self.max_seq_len,
+            "max_seq_len {max_seq_len} exceeds the model's max_seq_len {} (its context): give \
+             --max-seq-len {} or less",
+            self.max_seq_len,
+            self.max_seq_len
+        );
+        Ok(())
+    }
+
+    /// [`Self::n_params`] without overflow: None when it does not fit in usize.
+    fn checked_n_params(&self) -> Option<usize> {
+        let d = self.d_model;
+        let heads = self.heads();
+        let qkv = heads.qkv_width().checked_mul(d)?;
+        let o = d.checked_mul(heads.q_width())?;
+        let ffn = d.checked_mul(self.ffn_hidden)?.checked_mul(3)?;
+        let per_layer = (2 * d).checked_add(qkv)?.checked_add(o)?.checked_add(ffn)?;
+        let embeddings =
+            self.vocab_size.checked_mul(d)?.checked_mul(if self.tie_embeddings { 1 } else { 2 })?;
+        embeddings.checked_add(d)?.checked_add(self.n_layers.checked_mul(per_layer)?)
     }
 
     /// Number of trainable parameters (the lm_head counted once when tied).

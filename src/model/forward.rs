@@ -136,10 +136,18 @@ fn site_seed(seed: u64, layer: usize, site: usize) -> u64 {
 /// What [`Model::new`] allocates: `(fixed, per_token)` bytes, where `fixed` is the parameters'
 /// copies (compute weights; f32 master, gradient and two moments) and `per_token` the activation
 /// and scratch rows per token position. It mirrors the allocations in `new`; a backend's own work
-/// buffers (attention, loss chunks, GEMM workspace) come on top.
+/// buffers (attention, loss chunks, GEMM workspace) come on top. Saturating: a validated config
+/// cannot overflow, and an absurd one gives a need no memory holds.
 pub fn memory_bytes(config: &ModelConfig, compute_bytes: usize) -> (usize, usize) {
+    memory_bytes_for(config, compute_bytes, true)
+}
+
+/// [`memory_bytes`] of a training model, or of an inference-only one (`training` false: no
+/// master weights, gradients or moments).
+pub fn memory_bytes_for(config: &ModelConfig, compute_bytes: usize, training: bool) -> (usize, usize) {
     let n_params = config.n_params();
-    let fixed = n_params * (compute_bytes + 4 * 4) + config.vocab_size * compute_bytes;
+    let per_param = compute_bytes + if training { 4 * 4 } else { 0 };
+    let fixed = n_params.saturating_mul(per_param).saturating_add(config.vocab_size * compute_bytes);
     let (d, hidden, l) = (config.d_model, config.ffn_hidden, config.n_layers);
     let heads = config.heads();
     let c = compute_bytes;
@@ -161,7 +169,7 @@ pub fn micro_batch_that_fits(
     free: usize,
 ) -> usize {
     let (fixed, per_token) = memory_bytes(config, compute_bytes);
-    (free / 10 * 9).saturating_sub(fixed) / (per_token * seq_len).max(1)
+    (free / 10 * 9).saturating_sub(fixed) / per_token.saturating_mul(seq_len).max(1)
 }
 
 /// `None` when micro-batches of `micro_batch` × `seq_len` fit in `free` bytes; else the error
@@ -179,16 +187,18 @@ pub fn memory_advice(
         return None;
     }
     let (fixed, per_token) = memory_bytes(config, compute_bytes);
-    let activations = per_token * seq_len * micro_batch;
+    let activations = per_token.saturating_mul(seq_len).saturating_mul(micro_batch);
+    let memory = if device.starts_with("cpu") { "host memory" } else { "device memory" };
     let what = if fits == 0 {
-        "not even micro_batch 1 fits: lower max_seq_len or use a GPU with more memory".to_string()
+        format!("not even micro_batch 1 fits: lower max_seq_len, or use a smaller model or more {memory}")
     } else {
         format!("micro_batch {fits} would fit (raise grad_accum to keep the step's size)")
     };
     Some(format!(
         "out of memory on {device}: micro-batches of {micro_batch} × {seq_len} tokens need about {:.2} GiB \
-         ({:.2} GiB of weights, gradients and AdamW state + {:.2} GiB of activations), {:.2} GiB are free; {what}",
-        (fixed + activations) as f64 / GIB,
+         ({:.2} GiB of weights, gradients and AdamW state + {:.2} GiB of activations), {:.2} GiB of {memory} \
+         are free; {what}",
+        fixed.saturating_add(activations) as f64 / GIB,
         fixed as f64 / GIB,
         activations as f64 / GIB,
         free as f64 / GIB
@@ -215,8 +225,9 @@ impl<B: Backend> Model<B> {
             }
         }
         let (fixed, per_token) = memory_bytes(&config, compute_bytes);
-        let need = fixed + per_token * seq_len * micro_batch;
-        Model::new(backend, config, micro_batch * seq_len).map_err(|e| match info {
+        let need = fixed.saturating_add(per_token.saturating_mul(seq_len).saturating_mul(micro_batch));
+        let max_tokens = micro_batch.checked_mul(seq_len).context("micro_batch × max_seq_len overflows")?;
+        Model::new(backend, config, max_tokens).map_err(|e| match info {
             // The estimate said it fits, yet an allocation failed (the backend's own buffers,
             // another process): name a smaller micro-batch all the same.
             Some((free, _)) => e.context(format!(
@@ -247,6 +258,22 @@ impl<B: Backend> Model<B> {
     fn build(backend: B, config: ModelConfig, max_tokens: usize, training: bool) -> Result<Self> {
         config.validate().context("invalid model config")?;
         ensure!(max_tokens > 0, "max_tokens must be positive");
+        // Refused up front: on the CPU an allocation past the host's memory is not an error but
+        // a process that grows until the kernel kills it, without a word.
+        if let Some((free, _)) = backend.memory_info()? {
+            let (fixed, per_token) = memory_bytes_for(&config, backend.compute_bytes(), training);
+            let need = fixed.saturating_add(per_token.saturating_mul(max_tokens));
+            ensure!(
+                need <= free,
+                "out of memory on {}: a {} model of {} parameters for {max_tokens} token positions needs about \
+                 {:.2} GiB, {:.2} GiB are free",
+                backend.name(),
+                if training { "training" } else { "inference" },
+                config.n_params(),
+                need as f64 / GIB,
+                free as f64 / GIB
+            );
+        }
         let specs = params::param_specs(&config);
         let index = ParamIndex::new(&config);
         let lens: Vec<usize> = specs.iter().map(ParamSpec::numel).collect();
@@ -395,6 +422,18 @@ impl<B: Backend> Model<B> {
             }
         }
         Ok(())
+    }
+
+    /// Why outputs came out non-finite: the first parameter tensor holding a NaN or an infinity
+    /// (its internal name and the index), or that every weight is finite (the activations
+    /// overflowed). Reads every weight back: for error paths only.
+    pub fn non_finite_report(&self) -> Result<String> {
+        for t in self.read_named(&self.params)? {
+            if let Some(i) = t.data.iter().position(|x| !x.is_finite()) {
+                return Ok(format!("parameter {} holds {} at index {i}", t.name, t.data[i]));
+            }
+        }
+        Ok("every weight is finite, so the activations overflowed".to_string())
     }
 
     /// The accumulated gradients, with the parameters' names.
@@ -788,7 +827,12 @@ impl<B: Backend> Model<B> {
             d,
             vocab,
         )?;
-        self.backend.read(&self.logits, vocab)
+        let logits = self.backend.read(&self.logits, vocab)?;
+        // A reply sampled from NaN logits looks like any other reply: stop here instead.
+        if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
+            bail!("the logits are not finite (token {i}: {}): {}", logits[i], self.non_finite_report()?);
+        }
+        Ok(logits)
     }
 
     /// Runs `ids` (at most max_tokens) through the layers at positions `cache.len()..`,

@@ -80,6 +80,9 @@ pub struct TrainArgs {
     /// Continue the run in out_dir from its `latest` checkpoint.
     #[arg(long)]
     pub resume: bool,
+    /// Start from randomly initialized weights of --model (instead of --init-from).
+    #[arg(long)]
+    pub from_scratch: bool,
     #[arg(long)]
     pub epochs: Option<u64>,
     #[arg(long)]
@@ -156,6 +159,9 @@ impl TrainArgs {
         apply!(init_from, max_steps, schedule_steps, max_seq_len, dropout);
         if self.resume {
             c.resume = true;
+        }
+        if self.from_scratch {
+            c.from_scratch = true;
         }
         if !self.samples.is_empty() {
             c.samples = self.samples.clone();
@@ -256,6 +262,14 @@ pub fn eval_with<B: Backend>(backend: B, args: &EvalArgs) -> Result<EvalReport> 
     anyhow::ensure!(args.micro_batch > 0, "--micro-batch must be at least 1");
     let ckpt = Checkpoint::open(&args.checkpoint)?;
     let max_seq_len = args.max_seq_len.unwrap_or(ckpt.config().max_seq_len);
+    // A chat file needs the tokenizer; a prepared directory is checked against it when there is one.
+    let tok_path = args.tokenizer.clone().unwrap_or_else(|| args.checkpoint.join(checkpoint::TOKENIZER_FILE));
+    let tok = if args.data.is_dir() && !tok_path.exists() {
+        None
+    } else {
+        Some(checkpoint::load_tokenizer(&args.checkpoint, args.tokenizer.as_deref())?)
+    };
+    ckpt.config().check_usage(tok.as_ref().map(|t| (tok_path.as_path(), t.vocab_size())), max_seq_len)?;
     let loader_config = LoaderConfig {
         batch_size: args.micro_batch,
         max_seq_len,
@@ -277,7 +291,7 @@ pub fn eval_with<B: Backend>(backend: B, args: &EvalArgs) -> Result<EvalReport> 
         }
         batches_in_order(&dataset, &loader_config)?
     } else {
-        let tok = checkpoint::load_tokenizer(&args.checkpoint, args.tokenizer.as_deref())?;
+        let tok = tok.expect("loaded above for a chat file");
         let convs = read_chat_file(&args.data)?;
         let mut examples = Vec::with_capacity(convs.len());
         for (i, conv) in convs.iter().enumerate() {
@@ -295,7 +309,9 @@ pub fn eval_with<B: Backend>(backend: B, args: &EvalArgs) -> Result<EvalReport> 
         }
         batches_from_examples(&examples, tok.pad_id(), &loader_config)?
     };
-    let mut model = ckpt.inference_model(backend, args.micro_batch * max_seq_len)?;
+    let max_tokens =
+        args.micro_batch.checked_mul(max_seq_len).context("--micro-batch × --max-seq-len overflows")?;
+    let mut model = ckpt.inference_model(backend, max_tokens)?;
     let loss = eval_loss(&mut model, &batches)?;
     let supervised_tokens = batches.iter().map(|b| b.n_supervised()).sum();
     Ok(EvalReport { loss, supervised_tokens, batches: batches.len() })

@@ -22,6 +22,9 @@ pub struct TrainConfig {
     pub out_dir: PathBuf,
     /// Start from this checkpoint's weights (a fresh optimizer, step 0).
     pub init_from: Option<PathBuf>,
+    /// Start from randomly initialized weights of `model`. Must be asked for: a fine-tuning run
+    /// without `init_from` is almost always a mistake, and the default `model` is the 1.3B.
+    pub from_scratch: bool,
     /// Continue from `out_dir/latest` (weights, optimizer, data position, step).
     pub resume: bool,
     pub epochs: u64,
@@ -76,6 +79,7 @@ impl Default for TrainConfig {
             tokenizer: PathBuf::new(),
             out_dir: PathBuf::from("runs/sft"),
             init_from: None,
+            from_scratch: false,
             resume: false,
             epochs: 3,
             max_steps: None,

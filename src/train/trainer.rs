@@ -166,7 +166,11 @@ pub fn eval_loss<B: Backend>(model: &mut Model<B>, batches: &[Batch]) -> Result<
         }
     }
     ensure!(count > 0, "no supervised targets in the {} evaluation batches", batches.len());
-    Ok(sum / count as f64)
+    let loss = sum / count as f64;
+    if !loss.is_finite() {
+        bail!("the evaluation loss is {loss}: {}", model.non_finite_report()?);
+    }
+    Ok(loss)
 }
 
 /// A model config from a preset name or a JSON file; `tiny` takes the tokenizer's vocabulary.
@@ -275,10 +279,25 @@ fn start_run(cfg: &TrainConfig) -> Result<RunStart> {
         }
         None => None,
     };
-    if let (None, Some(dir)) = (&resumed, &cfg.init_from) {
-        // Before the data's tokenizer: a pretrained model's lacks the chat tokens, and this
-        // error says how to add them.
-        checkpoint::import::check_init_tokenizer(dir)?;
+    match (&resumed, &cfg.init_from, cfg.from_scratch) {
+        (None, Some(dir), _) => {
+            ensure!(
+                !cfg.from_scratch,
+                "give either --init-from ({}) or --from-scratch, not both",
+                dir.display()
+            );
+            // Before the data's tokenizer: a pretrained model's lacks the chat tokens, and this
+            // error says how to add them.
+            checkpoint::import::check_init_tokenizer(dir)?;
+        }
+        (None, None, false) => bail!(
+            "no starting weights: pass --init-from DIR (a checkpoint: `sft init`, `sft import` or a run's \
+             step-N/) to fine-tune it, --resume to continue the run in {}, or --from-scratch to train a \
+             randomly initialized --model {:?}",
+            cfg.out_dir.display(),
+            cfg.model
+        ),
+        _ => {}
     }
     let tokenizer_path = cfg.tokenizer_path();
     let tokenizer = ChatTokenizer::from_file(&tokenizer_path)
@@ -292,19 +311,8 @@ fn start_run(cfg: &TrainConfig) -> Result<RunStart> {
     if let Some(p) = cfg.dropout {
         model_config.dropout = p;
     }
-    ensure!(
-        tokenizer.vocab_size() <= model_config.vocab_size,
-        "the tokenizer {} has {} tokens but the model's vocabulary holds {}",
-        tokenizer_path.display(),
-        tokenizer.vocab_size(),
-        model_config.vocab_size
-    );
     let max_seq_len = cfg.max_seq_len.unwrap_or(model_config.max_seq_len);
-    ensure!(
-        max_seq_len <= model_config.max_seq_len,
-        "max_seq_len {max_seq_len} exceeds the model's max_seq_len {}",
-        model_config.max_seq_len
-    );
+    model_config.check_usage(Some((&tokenizer_path, tokenizer.vocab_size())), max_seq_len)?;
     Ok(RunStart { resumed, weights, tokenizer_path, tokenizer, model_config, max_seq_len })
 }
 
@@ -432,11 +440,14 @@ pub fn train_with<B: Backend>(
         plan_data(cfg, &tokenizer, max_seq_len)?;
 
     // ---- the model and the counters (continued from the checkpoint when resuming) -----------
-    let mut model = Model::for_micro_batches(backend, model_config, cfg.micro_batch, max_seq_len)?;
-    match &weights {
-        Some(ckpt) => ckpt.load_weights_into(&mut model)?,
-        None => model.init_params(cfg.seed)?,
-    }
+    let mut model = match &weights {
+        Some(ckpt) => ckpt.training_model_for(backend, cfg.dropout, cfg.micro_batch, max_seq_len)?,
+        None => {
+            let mut model = Model::for_micro_batches(backend, model_config, cfg.micro_batch, max_seq_len)?;
+            model.init_params(cfg.seed)?;
+            model
+        }
+    };
     let dropout_stream = Rng::new(cfg.seed).fork(DROPOUT_STREAM);
     let is_resume = resumed.is_some();
     let mut state = match resumed {
@@ -544,6 +555,18 @@ pub fn train_with<B: Backend>(
                     progress.println(&format!("[step {done}] {prompt}\n  -> {reply}"));
                 }
             }
+        }
+
+        // A run that reaches its end without a single supervised target has learned nothing:
+        // that is a data problem to report, not a finished run (and no checkpoint of it).
+        if done == end_step && state.supervised_tokens_seen == 0 {
+            bail!(
+                "{}: no supervised target in any of the {} steps run: all {} micro-batches were skipped \
+                 (their targets are all padding); check how the data was prepared (--train-on, max_seq_len)",
+                cfg.data.display(),
+                done,
+                state.skipped_batches
+            );
         }
 
         // ---- checkpoint ------------------------------------------------------------------------

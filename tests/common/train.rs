@@ -54,6 +54,7 @@ pub fn tiny_config(data: &Path, tokenizer: &Path, out_dir: &Path, mode: BatchMod
         data: data.to_path_buf(),
         tokenizer: tokenizer.to_path_buf(),
         out_dir: out_dir.to_path_buf(),
+        from_scratch: true,
         epochs: 2,
         micro_batch: 4,
         grad_accum: 2,

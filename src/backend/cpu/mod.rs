@@ -104,6 +104,11 @@ impl<T: Real> Backend for CpuBackend<T> {
         std::mem::size_of::<T>()
     }
 
+    /// The host's available and total memory: the CPU backend allocates from it.
+    fn memory_info(&self) -> Result<Option<(usize, usize)>> {
+        Ok(super::device::host_memory())
+    }
+
     fn zeros(&self, len: usize, _: Precision) -> Result<Vec<T>> {
         Ok(vec![T::ZERO; len])
     }

@@ -1,0 +1,222 @@
+//! Issue 13.1: a checkpoint's `config.json`, mutated field by field and at random, through the
+//! loading path that `train --init-from` / `--resume` and `eval` take (config, usage check,
+//! weights, the memory-planned training model and the inference model; no training). Every
+//! outcome is `Ok` or a clean `Err`; a panic fails the test with the seed and the mutation.
+//!
+//! Bounded in time: `SFT_FUZZ_SECONDS` (default 3) for the random part, after one pass over
+//! every field × every special value. `SFT_FUZZ_SEED` replays a run.
+
+use serde_json::{json, Value};
+use sft::backend::cpu::CpuBackend;
+use sft::checkpoint::Checkpoint;
+use sft::rng::Rng;
+use sft::train::cli::{init, InitArgs};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// The tokenizer size the usage check is asked about (the tiny checkpoint's vocabulary is 64).
+const TOKENIZER_VOCAB: usize = 60;
+
+/// What `sft train --init-from` and `sft eval` do with a checkpoint before their first batch.
+fn load_like_train_and_eval(dir: &Path) -> anyhow::Result<()> {
+    let ckpt = Checkpoint::open(dir)?;
+    // Rows of at most 32 tokens: the fuzz checks the logic, not the host's memory.
+    let seq_len = ckpt.config().max_seq_len.min(32);
+    ckpt.config().check_usage(Some((&dir.join("tokenizer.json"), TOKENIZER_VOCAB)), seq_len)?;
+    let model = ckpt.training_model_for(CpuBackend::<f32>::new(), None, 2, seq_len)?;
+    drop(model);
+    ckpt.inference_model(CpuBackend::<f32>::new(), 2 * seq_len)?;
+    Ok(())
+}
+
+/// Values a field is set to, besides removing it.
+fn special_values() -> Vec<Value> {
+    vec![
+        json!(0),
+        json!(-1),
+        json!(1),
+        json!(3),
+        json!(0.5),
+        json!(1e30),
+        json!(-1e30),
+        json!(u64::MAX),
+        json!(1u64 << 32),
+        json!(1u64 << 40),
+        json!(i64::MIN),
+        json!("NaN"),
+        json!("inf"),
+        json!("64"),
+        json!(""),
+        json!(null),
+        json!(true),
+        json!([]),
+        json!({}),
+        json!([1, 2]),
+        json!({"rope_type": "llama3", "factor": 0}),
+    ]
+}
+
+/// Every (path, value) the single-field pass tries: each top-level key and each key of "sft".
+fn fields(base: &Value) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    for (k, v) in base.as_object().unwrap() {
+        out.push(vec![k.clone()]);
+        if let Some(obj) = v.as_object() {
+            for k2 in obj.keys() {
+                out.push(vec![k.clone(), k2.clone()]);
+            }
+        }
+    }
+    // Fields a config may carry that ours does not write.
+    for extra in ["rope_parameters", "num_key_value_heads", "head_dim", "original_max_position_embeddings"] {
+        out.push(vec![extra.to_string()]);
+    }
+    out
+}
+
+fn set(json: &mut Value, path: &[String], value: Option<Value>) {
+    let mut node = json;
+    for key in &path[..path.len() - 1] {
+        node = match node.get_mut(key) {
+            Some(n) => n,
+            None => return,
+        };
+    }
+    if let Some(obj) = node.as_object_mut() {
+        match value {
+            Some(v) => {
+                obj.insert(path[path.len() - 1].clone(), v);
+            }
+            None => {
+                obj.remove(&path[path.len() - 1]);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    inputs: usize,
+    ok: usize,
+    errors: usize,
+    panics: Vec<String>,
+}
+
+impl Tally {
+    fn run(&mut self, dir: &Path, text: &str, what: &str) {
+        std::fs::write(dir.join("config.json"), text).unwrap();
+        self.inputs += 1;
+        match catch_unwind(AssertUnwindSafe(|| load_like_train_and_eval(dir))) {
+            Ok(Ok(())) => self.ok += 1,
+            Ok(Err(e)) => {
+                self.errors += 1;
+                let msg = format!("{e:#}");
+                // A clean error says which checkpoint (and mostly which file) it is about.
+                if !msg.contains(dir.to_str().unwrap()) {
+                    self.panics.push(format!("{what}: an error naming no file: {msg}"));
+                }
+            }
+            Err(_) => self.panics.push(format!("{what}: panicked")),
+        }
+    }
+}
+
+#[test]
+fn mutated_config_json_loads_or_fails_cleanly() {
+    let seconds: f64 = std::env::var("SFT_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let seed: u64 = std::env::var("SFT_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    println!("fuzz seed {seed} (replay with SFT_FUZZ_SEED={seed}), {seconds} s of random mutations");
+
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("ckpt");
+    init(InitArgs { model: "tiny".into(), out: dir.clone(), seed: 1, tokenizer: None, vocab_size: Some(64) })
+        .unwrap();
+    let ours: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    // The same checkpoint described by the Hugging Face fields alone (a model from elsewhere).
+    let mut hf_only = ours.clone();
+    hf_only.as_object_mut().unwrap().remove("sft");
+    let bases = [("ours", ours), ("hf", hf_only)];
+
+    // Quiet panics: they are counted and reported below.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let mut tally = Tally::default();
+    // Both bases load as they are.
+    for (name, base) in &bases {
+        tally.run(&dir, &base.to_string(), name);
+        assert_eq!(tally.ok, tally.inputs, "the unmutated {name} config does not load");
+    }
+
+    // 1. Every field, every special value, and removed.
+    for (name, base) in &bases {
+        for path in fields(base) {
+            for value in special_values().into_iter().map(Some).chain([None]) {
+                let mut json = base.clone();
+                let what = format!("{name} {} = {value:?}", path.join("."));
+                set(&mut json, &path, value);
+                tally.run(&dir, &json.to_string(), &what);
+            }
+        }
+    }
+    let exhaustive = tally.inputs;
+
+    // 2. Random: several fields at once, random numbers, and edits of the text itself.
+    let mut rng = Rng::new(seed);
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let specials = special_values();
+    while Instant::now() < deadline {
+        let (name, base) = &bases[rng.below(bases.len())];
+        let paths = fields(base);
+        let mut json = base.clone();
+        let mut what = format!("seed {seed} input {}: {name}", tally.inputs);
+        for _ in 0..1 + rng.below(3) {
+            let path = &paths[rng.below(paths.len())];
+            let value = match rng.below(5) {
+                0 => None,
+                1 => Some(specials[rng.below(specials.len())].clone()),
+                2 => Some(json!(rng.below(1 << 20))),
+                3 => Some(json!(rng.next_u64() >> rng.below(64))),
+                _ => Some(json!((rng.normal() * 10f64.powi(rng.below(80) as i32 - 40)))),
+            };
+            what.push_str(&format!(" {}={value:?}", path.join(".")));
+            set(&mut json, path, value);
+        }
+        let mut text = json.to_string();
+        if rng.below(4) == 0 {
+            // A byte-level edit: cut, duplicate or overwrite a piece of the text.
+            let mut bytes = text.into_bytes();
+            let at = rng.below(bytes.len());
+            match rng.below(3) {
+                0 => bytes.truncate(at),
+                1 => {
+                    let piece = bytes[at..(at + 8).min(bytes.len())].to_vec();
+                    bytes.splice(at..at, piece);
+                }
+                _ => bytes[at] = b"0123456789-.e,:{}[]\" "[rng.below(21)],
+            }
+            what.push_str(&format!(" text edit at byte {at}"));
+            text = String::from_utf8_lossy(&bytes).into_owned();
+        }
+        tally.run(&dir, &text, &what);
+    }
+    std::panic::set_hook(default_hook);
+
+    println!(
+        "fuzzed config.json: {} inputs ({exhaustive} single-field, {} random): {} loaded, {} clean errors, {} panics",
+        tally.inputs,
+        tally.inputs - exhaustive,
+        tally.ok,
+        tally.errors,
+        tally.panics.len()
+    );
+    assert!(
+        tally.panics.is_empty(),
+        "seed {seed}: {} failures:\n{}",
+        tally.panics.len(),
+        tally.panics.join("\n")
+    );
+}

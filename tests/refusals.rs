@@ -1,0 +1,463 @@
+//! Issue 13, "nothing silently wrong": every command refuses what it cannot do right, with an
+//! error naming the file and the field or tensor, and never a panic or a silent exit 0.
+//!
+//! The commands run through the binary; `SFT_BIN` runs them against another build (that is how
+//! these tests were seen to fail before the fixes).
+
+mod train_util;
+
+use sft::backend::cpu::CpuBackend;
+use sft::checkpoint::{read_safetensors, tensor_shapes, write_safetensors};
+use sft::data::shard::{Shard, ShardWriter};
+use sft::data::BatchMode;
+use sft::train::cli::{init, InitArgs};
+use sft::train::{train_on, TrainConfig};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+struct Outcome {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+fn sft_env(args: &[&str], env: &[(&str, &str)]) -> Outcome {
+    let bin = std::env::var("SFT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_sft").to_string());
+    let out = Command::new(bin).args(args).envs(env.iter().copied()).output().unwrap();
+    Outcome {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+    }
+}
+
+fn sft(args: &[&str]) -> Outcome {
+    sft_env(args, &[])
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A refusal: non-zero exit, no panic, and every one of `needles` in the message.
+#[track_caller]
+fn assert_refused(out: &Outcome, needles: &[&str]) {
+    assert!(!out.ok, "expected an error, got success:\nstdout: {}\nstderr: {}", out.stdout, out.stderr);
+    assert!(!out.stderr.contains("panicked"), "a panic instead of an error:\n{}", out.stderr);
+    for needle in needles {
+        assert!(out.stderr.contains(needle), "{needle:?} not in the error:\n{}", out.stderr);
+    }
+}
+
+/// Prepared data and its tokenizer, a tiny `sft init` checkpoint with that tokenizer, and a run
+/// directory holding a 2-step run's checkpoint.
+struct Fixture {
+    _root: tempfile::TempDir,
+    root: PathBuf,
+    data: PathBuf,
+    tok: PathBuf,
+    ckpt: PathBuf,
+    run: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let root = tempfile::tempdir().unwrap();
+    let path = root.path().to_path_buf();
+    let (data, tok) = train_util::prepared_data(&path, 48, 96);
+    let ckpt = path.join("init");
+    init(InitArgs {
+        model: "tiny".into(),
+        out: ckpt.clone(),
+        seed: 3,
+        tokenizer: Some(tok.clone()),
+        vocab_size: None,
+    })
+    .unwrap();
+    let run = path.join("run");
+    let cfg =
+        TrainConfig { max_steps: Some(2), ..train_util::tiny_config(&data, &tok, &run, BatchMode::Dynamic) };
+    train_on(CpuBackend::<f32>::new(), &cfg).unwrap();
+    Fixture { _root: root, root: path, data, tok, ckpt, run }
+}
+
+/// A copy of the checkpoint directory `src` at `dst`.
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
+    }
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut json);
+    std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+}
+
+fn edit_weights(dir: &Path, edit: impl FnOnce(&mut Vec<sft::model::params::NamedTensor>)) {
+    let path = dir.join("model.safetensors");
+    let expected: Vec<(String, Vec<usize>)> = tensor_shapes(&path).unwrap().into_iter().collect();
+    let mut tensors = read_safetensors(&path, &expected).unwrap();
+    edit(&mut tensors);
+    write_safetensors(&path, &tensors).unwrap();
+}
+
+/// Issue 13.1: `n_heads` 0 panicked (division by zero) in `train --init-from` and `--resume`.
+#[test]
+fn zero_or_inconsistent_config_dims_are_refused_by_every_command() {
+    let f = fixture();
+    for (field, value, named) in [
+        ("n_heads", 0, "n_heads must be positive"),
+        ("n_kv_heads", 0, "n_kv_heads must be positive"),
+        ("n_kv_heads", 3, "divisible by n_kv_heads"),
+        ("n_heads", 3, "divisible by n_heads"),
+        ("d_model", 0, "d_model must be positive"),
+        ("n_layers", 0, "n_layers must be positive"),
+    ] {
+        let bad = f.root.join(format!("bad-{field}-{value}"));
+        copy_dir(&f.ckpt, &bad);
+        edit_config(&bad, |json| json["sft"][field] = value.into());
+        let out_dir = f.root.join(format!("out-{field}-{value}"));
+        let train = sft(&[
+            "train",
+            "--data",
+            s(&f.data),
+            "--init-from",
+            s(&bad),
+            "--out-dir",
+            s(&out_dir),
+            "--max-steps",
+            "1",
+            "--micro-batch",
+            "2",
+            "--grad-accum",
+            "1",
+            "--device",
+            "cpu",
+        ]);
+        assert_refused(&train, &["config.json", named]);
+        let eval = sft(&["eval", "--checkpoint", s(&bad), "--data", s(&f.data), "--device", "cpu"]);
+        assert_refused(&eval, &["config.json", named]);
+        let generate = sft(&["generate", "--checkpoint", s(&bad), "--prompt", "Hi", "--device", "cpu"]);
+        assert_refused(&generate, &["config.json", named]);
+    }
+
+    // --resume reads the latest checkpoint's config.
+    let latest = sft::checkpoint::latest(&f.run).unwrap().unwrap();
+    edit_config(&latest, |json| json["sft"]["n_heads"] = 0.into());
+    let resume = sft(&[
+        "train",
+        "--data",
+        s(&f.data),
+        "--tokenizer",
+        s(&f.tok),
+        "--out-dir",
+        s(&f.run),
+        "--resume",
+        "--max-steps",
+        "3",
+        "--device",
+        "cpu",
+    ]);
+    assert_refused(&resume, &["config.json", "n_heads must be positive"]);
+}
+
+/// Issue 13.2: a NaN weight gave "mean masked loss NaN" (exit 0) and replies decoded from NaN
+/// logits (exit 0).
+#[test]
+fn non_finite_weights_and_outputs_are_errors_naming_the_tensor() {
+    let f = fixture();
+    let nan = f.root.join("nan");
+    copy_dir(&f.ckpt, &nan);
+    let tensor = "model.layers.1.mlp.down_proj.weight";
+    edit_weights(&nan, |ts| ts.iter_mut().find(|t| t.name == tensor).unwrap().data[7] = f32::NAN);
+    let eval = sft(&["eval", "--checkpoint", s(&nan), "--data", s(&f.data), "--device", "cpu"]);
+    assert_refused(&eval, &["model.safetensors", tensor, "non-finite"]);
+    let generate = sft(&["generate", "--checkpoint", s(&nan), "--prompt", "Hi", "--device", "cpu"]);
+    assert_refused(&generate, &["model.safetensors", tensor, "non-finite"]);
+    let train = sft(&[
+        "train",
+        "--data",
+        s(&f.data),
+        "--init-from",
+        s(&nan),
+        "--out-dir",
+        s(&f.root.join("nan-run")),
+        "--micro-batch",
+        "4",
+        "--grad-accum",
+        "1",
+        "--device",
+        "cpu",
+    ]);
+    assert_refused(&train, &["model.safetensors", tensor, "non-finite"]);
+
+    // Finite weights so large that the logits overflow: the outputs are checked too.
+    let huge = f.root.join("huge");
+    copy_dir(&f.ckpt, &huge);
+    edit_weights(&huge, |ts| {
+        ts.iter_mut().find(|t| t.name == "lm_head.weight").unwrap().data.iter_mut().for_each(|x| *x = 3e38)
+    });
+    let generate = sft(&["generate", "--checkpoint", s(&huge), "--prompt", "Hi", "--device", "cpu"]);
+    assert_refused(&generate, &["logits are not finite", "activations overflowed"]);
+    let eval = sft(&["eval", "--checkpoint", s(&huge), "--data", s(&f.data), "--device", "cpu"]);
+    assert_refused(&eval, &["evaluation loss is"]);
+    assert!(!eval.stdout.contains("mean masked loss"), "{}", eval.stdout);
+}
+
+/// Issue 13.3: `sft train` without `--init-from` trained a random 1.3B model until the kernel
+/// killed it. Random weights must be asked for, and the CPU's memory is planned like a GPU's.
+#[test]
+fn training_from_random_weights_must_be_asked_for_and_fit_in_memory() {
+    let f = fixture();
+    let base =
+        ["train", "--data", s(&f.data), "--tokenizer", s(&f.tok), "--grad-accum", "1", "--device", "cpu"];
+    let out = f.root.join("scratch");
+    let mut args: Vec<&str> = base.to_vec();
+    args.extend(["--out-dir", s(&out), "--model", "tiny", "--micro-batch", "4", "--max-steps", "1"]);
+    let refused = sft(&args);
+    assert_refused(&refused, &["no starting weights", "--init-from", "--from-scratch", "--resume"]);
+    assert!(!out.join("log.csv").exists(), "nothing was started");
+    args.push("--from-scratch");
+    let trained = sft(&args);
+    assert!(trained.ok, "{}", trained.stderr);
+    assert!(trained.stdout.contains("done: 1 steps"), "{}", trained.stdout);
+
+    // Far beyond any host's memory: refused at once with the sizes, not grown into the OOM killer.
+    let huge = f.root.join("huge.json");
+    let mut config = sft::model::ModelConfig::tiny(320);
+    (config.d_model, config.n_heads, config.n_kv_heads, config.ffn_hidden, config.n_layers) =
+        (16384, 128, 128, 44032, 200);
+    std::fs::write(&huge, serde_json::to_string(&config).unwrap()).unwrap();
+    let mut args: Vec<&str> = base.to_vec();
+    let huge_out = f.root.join("huge-run");
+    args.extend(["--out-dir", s(&huge_out), "--model", s(&huge), "--from-scratch", "--micro-batch", "2"]);
+    let start = std::time::Instant::now();
+    let refused = sft(&args);
+    assert_refused(
+        &refused,
+        &["out of memory on cpu", "GiB of host memory are free", "not even micro_batch 1"],
+    );
+    assert!(start.elapsed().as_secs() < 30, "the refusal took {:?}", start.elapsed());
+}
+
+/// Issue 13.4: `eval` accepted a max_seq_len past the model's context and a tokenizer larger than
+/// its vocabulary, which `train` and `generate` refused: one check for every command now.
+#[test]
+fn every_command_checks_tokenizer_and_context_alike() {
+    let f = fixture();
+    // A model whose vocabulary (100) is smaller than the tokenizer's (320).
+    let small = f.root.join("small-vocab");
+    init(InitArgs {
+        model: "tiny".into(),
+        out: small.clone(),
+        seed: 1,
+        tokenizer: None,
+        vocab_size: Some(100),
+    })
+    .unwrap();
+    let vocab_error = ["tokenizer.json", "has 320 tokens but the model's vocabulary holds 100"];
+    let eval = sft(&[
+        "eval",
+        "--checkpoint",
+        s(&small),
+        "--tokenizer",
+        s(&f.tok),
+        "--data",
+        s(&f.data),
+        "--device",
+        "cpu",
+    ]);
+    assert_refused(&eval, &vocab_error);
+    let generate = sft(&[
+        "generate",
+        "--checkpoint",
+        s(&small),
+        "--tokenizer",
+        s(&f.tok),
+        "--prompt",
+        "Hi",
+        "--device",
+        "cpu",
+    ]);
+    assert_refused(&generate, &vocab_error);
+    let train = sft(&[
+        "train",
+        "--data",
+        s(&f.data),
+        "--init-from",
+        s(&small),
+        "--out-dir",
+        s(&f.root.join("small-run")),
+        "--device",
+        "cpu",
+    ]);
+    assert_refused(&train, &vocab_error);
+
+    // A context past the model's (tiny: 512).
+    let context_error = ["max_seq_len 600 exceeds the model's max_seq_len 512"];
+    let eval = sft(&[
+        "eval",
+        "--checkpoint",
+        s(&f.ckpt),
+        "--data",
+        s(&f.data),
+        "--max-seq-len",
+        "600",
+        "--device",
+        "cpu",
+    ]);
+    assert_refused(&eval, &context_error);
+    let train = sft(&[
+        "train",
+        "--data",
+        s(&f.data),
+        "--init-from",
+        s(&f.ckpt),
+        "--out-dir",
+        s(&f.root.join("long-run")),
+        "--max-seq-len",
+        "600",
+        "--device",
+        "cpu",
+    ]);
+    assert_refused(&train, &context_error);
+    let ids = vec!["5"; 513].join(",");
+    let logits = sft(&["logits", "--checkpoint", s(&f.ckpt), "--ids", &ids]);
+    assert_refused(&logits, &["max_seq_len 513 exceeds the model's max_seq_len 512"]);
+    // Within bounds, eval works.
+    let eval = sft(&[
+        "eval",
+        "--checkpoint",
+        s(&f.ckpt),
+        "--data",
+        s(&f.data),
+        "--max-seq-len",
+        "512",
+        "--device",
+        "cpu",
+    ]);
+    assert!(eval.ok && eval.stdout.contains("mean masked loss"), "{}", eval.stderr);
+}
+
+/// Issue 13.5: `generate` cut a long prompt to the model's context without a word.
+#[test]
+fn generate_says_how_many_prompt_tokens_it_dropped() {
+    let f = fixture();
+    let config = f.root.join("short.json");
+    let short = sft::model::ModelConfig { max_seq_len: 24, ..sft::model::ModelConfig::tiny(320) };
+    std::fs::write(&config, serde_json::to_string(&short).unwrap()).unwrap();
+    let ckpt = f.root.join("short");
+    init(InitArgs {
+        model: s(&config).into(),
+        out: ckpt.clone(),
+        seed: 1,
+        tokenizer: Some(f.tok.clone()),
+        vocab_size: None,
+    })
+    .unwrap();
+    let tok = sft::data::ChatTokenizer::from_file(&f.tok).unwrap();
+    let prompt = "What is seven plus two? ".repeat(6);
+    let n_prompt = tok.encode_prompt(sft::data::DEFAULT_SYSTEM_PROMPT, &[], &prompt).unwrap().len();
+    assert!(n_prompt > 23, "the prompt must be longer than the context: {n_prompt} tokens");
+    let out = sft(&[
+        "generate",
+        "--checkpoint",
+        s(&ckpt),
+        "--prompt",
+        &prompt,
+        "--max-new-tokens",
+        "1",
+        "--temperature",
+        "0",
+        "--device",
+        "cpu",
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    let expected = format!("the prompt has {n_prompt} tokens");
+    assert!(out.stderr.contains(&expected), "{expected:?} not in:\n{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!("its first {} tokens were dropped", n_prompt - 23)),
+        "{}",
+        out.stderr
+    );
+    // A prompt that fits gets no note.
+    let out = sft(&[
+        "generate",
+        "--checkpoint",
+        s(&f.ckpt),
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "1",
+        "--device",
+        "cpu",
+    ]);
+    assert!(out.ok && !out.stderr.contains("dropped"), "{}", out.stderr);
+}
+
+/// Issue 13.6: a run whose batches had no supervised target at all exited 0 after skipping them.
+#[test]
+fn a_run_that_trained_on_nothing_is_an_error() {
+    let f = fixture();
+    // The same examples with every supervised mark of the train split removed. Both splits are
+    // rewritten by the same writer, so that they still read as one prepared set.
+    let data = f.root.join("unsupervised");
+    std::fs::create_dir_all(&data).unwrap();
+    for entry in std::fs::read_dir(&f.data).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let train = name.starts_with("train-");
+        if (train || name.starts_with("val-")) && name.ends_with(".bin") {
+            let shard = Shard::open(&path).unwrap();
+            let header = *shard.header();
+            let mut w = ShardWriter::create(&data.join(&name), header.fingerprint, header.pad_id).unwrap();
+            for i in 0..shard.len() {
+                let mut ex = shard.example(i).to_example();
+                if train {
+                    ex.supervised.iter_mut().for_each(|s| *s = false);
+                }
+                w.push_example(&ex).unwrap();
+            }
+            w.finish().unwrap();
+        } else if name == "tokenizer.json" {
+            // prepare.json stays behind: it describes the original shards, not these.
+            std::fs::copy(&path, data.join(&name)).unwrap();
+        }
+    }
+    let out = sft(&[
+        "train",
+        "--data",
+        s(&data),
+        "--init-from",
+        s(&f.ckpt),
+        "--out-dir",
+        s(&f.root.join("nothing")),
+        "--micro-batch",
+        "4",
+        "--grad-accum",
+        "2",
+        "--max-steps",
+        "3",
+        "--device",
+        "cpu",
+    ]);
+    assert_refused(&out, &[s(&data), "no supervised target", "all 6 micro-batches were skipped"]);
+}
+
+/// Issue 13.7: with RUST_BACKTRACE=1 every input error printed a backtrace after its message.
+#[test]
+fn user_errors_print_their_message_chain_without_a_backtrace() {
+    let f = fixture();
+    let missing = f.root.join("missing");
+    for env in [[("RUST_BACKTRACE", "1")], [("RUST_BACKTRACE", "full")], [("RUST_LIB_BACKTRACE", "1")]] {
+        let out =
+            sft_env(&["eval", "--checkpoint", s(&missing), "--data", s(&f.data), "--device", "cpu"], &env);
+        assert_refused(&out, &["error: ", "missing/config.json", "  caused by: "]);
+        assert_eq!(out.stderr.lines().next().map(|l| l.starts_with("error: ")), Some(true), "{}", out.stderr);
+        assert!(!out.stderr.contains("backtrace") && !out.stderr.contains("Backtrace"), "{}", out.stderr);
+        assert!(out.stderr.lines().count() <= 4, "more than the message chain:\n{}", out.stderr);
+    }
+}
