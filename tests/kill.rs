@@ -9,7 +9,7 @@
 //! Seeded (`SFT_KILL_SEED`, printed) and bounded: about a minute on 2 cores by default;
 //! `SFT_KILL_SECONDS` runs the training part longer, `SFT_KILL_ROUNDS` sets its number of kills.
 
-mod train_util;
+mod common;
 
 use sft::backend::cpu::CpuBackend;
 use sft::checkpoint::{self, Checkpoint};
@@ -37,7 +37,7 @@ fn run_config(data: &Path, tok: &Path, out: &Path) -> TrainConfig {
         save_every: 1,
         eval_every: 4,
         resume: out.join("latest").exists(),
-        ..train_util::tiny_config(data, tok, out, BatchMode::Dynamic)
+        ..common::train::tiny_config(data, tok, out, BatchMode::Dynamic)
     }
 }
 
@@ -185,7 +185,7 @@ fn sigkill_at_random_moments_loses_nothing() {
     let started = Instant::now();
 
     let root = tempfile::tempdir().unwrap();
-    let (data, tok) = train_util::prepared_data(root.path(), 48, 96);
+    let (data, tok) = common::train::prepared_data(root.path(), 48, 96);
     let out = root.path().join("killed");
 
     // The uninterrupted run's per-step losses and final weights.
@@ -276,7 +276,7 @@ fn sigkill_at_random_moments_loses_nothing() {
 
     // ---- prepare: killed part-way, then run again ------------------------------------------
     let chat = root.path().join("big.json");
-    std::fs::write(&chat, train_util::chat_json(3000)).unwrap();
+    std::fs::write(&chat, common::train::chat_json(3000)).unwrap();
     let reference_dir = root.path().join("prepared-reference");
     let t = Instant::now();
     prepare(&prepare_options(&chat, &tok, &reference_dir)).unwrap();

@@ -4,7 +4,7 @@
 //! The commands run through the binary; `SFT_BIN` runs them against another build (that is how
 //! these tests were seen to fail before the fixes).
 
-mod train_util;
+mod common;
 
 use sft::backend::cpu::CpuBackend;
 use sft::checkpoint::{read_safetensors, tensor_shapes, write_safetensors};
@@ -63,7 +63,7 @@ struct Fixture {
 fn fixture() -> Fixture {
     let root = tempfile::tempdir().unwrap();
     let path = root.path().to_path_buf();
-    let (data, tok) = train_util::prepared_data(&path, 48, 96);
+    let (data, tok) = common::train::prepared_data(&path, 48, 96);
     let ckpt = path.join("init");
     init(InitArgs {
         model: "tiny".into(),
@@ -74,8 +74,10 @@ fn fixture() -> Fixture {
     })
     .unwrap();
     let run = path.join("run");
-    let cfg =
-        TrainConfig { max_steps: Some(2), ..train_util::tiny_config(&data, &tok, &run, BatchMode::Dynamic) };
+    let cfg = TrainConfig {
+        max_steps: Some(2),
+        ..common::train::tiny_config(&data, &tok, &run, BatchMode::Dynamic)
+    };
     train_on(CpuBackend::<f32>::new(), &cfg).unwrap();
     Fixture { _root: root, root: path, data, tok, ckpt, run }
 }
