@@ -7,10 +7,9 @@
 //! exist at once; unsupervised rows never reach the vocabulary projection.
 
 use anyhow::{bail, Result};
-use cudarc::driver::PushKernelArg;
 
 use super::gemm::{dy_w, dyt_x, x_wt, DType};
-use super::launch::{grid_stride, int, per_row};
+use super::launch::{self, grid_stride, int, per_row};
 use super::scratch::ensure;
 use super::{bf16_mut, bf16_of, f32_mut, ids_of, CudaBackend, CudaBuf};
 use crate::backend::LossGrads;
@@ -85,7 +84,7 @@ impl CudaBackend {
         let losses = ensure(&mut s.ce_losses, n_sup, &self.stream, "row losses")?;
         let xc = ensure(&mut s.ce_x, chunk * d, &self.stream, "compact rows")?;
         let logits = ensure(&mut s.ce_logits, chunk * vocab, &self.stream, "logits chunk")?;
-        let (dxc, dlogits) = if grads.is_some() {
+        let (dxc, mut dlogits) = if grads.is_some() {
             (
                 Some(ensure(&mut s.ce_dx, chunk * d, &self.stream, "compact dx")?),
                 Some(ensure(&mut s.ce_dlogits, chunk * vocab, &self.stream, "dlogits chunk")?),
@@ -99,10 +98,9 @@ impl CudaBackend {
             let r = chunk.min(n_sup - c0);
             let ri = int(r, "chunk rows")?;
             let idx = rows_d.slice(c0..c0 + r);
-            let mut b = self.stream.launch_builder(self.kernels.get("cross_entropy_gather_rows")?);
-            b.arg(&mut *xc).arg(x).arg(&idx).arg(&ri).arg(&di);
+            let (st, ks) = (&self.stream, &self.kernels);
             // SAFETY: idx entries are rows < n of x; xc holds chunk * d.
-            unsafe { b.launch(grid_stride(r * d)) }?;
+            unsafe { launch::cross_entropy_gather_rows(st, ks, grid_stride(r * d), xc, x, &idx, ri, di) }?;
 
             let xc_ptr = self.dev_ptr(xc);
             let logits_ptr = self.dev_ptr(logits);
@@ -111,16 +109,23 @@ impl CudaBackend {
             let tgt = tgt_d.slice(c0..c0 + r);
             let mut loss_view = losses.slice_mut(c0..c0 + r);
             let scale = grads.as_ref().map_or(0.0f32, |g| g.2);
-            let null: u64 = 0;
-            let mut b = self.stream.launch_builder(self.kernels.get("cross_entropy_rows")?);
-            b.arg(&mut loss_view);
-            match dlogits.as_ref() {
-                Some(dl) => b.arg(&**dl),
-                None => b.arg(&null),
-            };
-            b.arg(&*logits).arg(&tgt).arg(&ri).arg(&vi).arg(&scale);
+            // Without gradients the kernel gets a null dlogits and writes losses only.
+            let mut dl = dlogits.as_deref_mut();
             // SAFETY: logits/dlogits hold chunk * vocab; targets < vocab (checked above).
-            unsafe { b.launch(per_row(r)) }?;
+            unsafe {
+                launch::cross_entropy_rows(
+                    st,
+                    ks,
+                    per_row(r),
+                    &mut loss_view,
+                    &mut dl,
+                    logits,
+                    &tgt,
+                    ri,
+                    vi,
+                    scale,
+                )
+            }?;
 
             if let (Some((dx, dw, _)), Some(dxc), Some(dl)) = (grads.as_mut(), dxc.as_ref(), dlogits.as_ref())
             {
@@ -130,10 +135,10 @@ impl CudaBackend {
                 self.run_gemm(&dy_w(r, vocab, d, dl_ptr, w_ptr, dxc_ptr))?;
                 // dw[vocab, d] += dlogits^T @ x_chunk
                 self.run_gemm(&dyt_x(r, d, vocab, dl_ptr, xc_ptr, self.dev_ptr(&**dw)))?;
-                let mut b = self.stream.launch_builder(self.kernels.get("cross_entropy_scatter_rows")?);
-                b.arg(&mut **dx).arg(&**dxc).arg(&idx).arg(&ri).arg(&di);
                 // SAFETY: distinct rows < n of dx; dxc holds chunk * d.
-                unsafe { b.launch(grid_stride(r * d)) }?;
+                unsafe {
+                    launch::cross_entropy_scatter_rows(st, ks, grid_stride(r * d), *dx, *dxc, &idx, ri, di)
+                }?;
             }
         }
         let host_losses = self.download(&losses.slice(0..n_sup))?;

@@ -18,7 +18,7 @@ mod embedding;
 mod flash_attention;
 mod gemm;
 mod global_norm;
-mod launch;
+pub mod launch;
 mod matmul;
 mod memory;
 mod rmsnorm;
