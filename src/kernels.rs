@@ -9,6 +9,43 @@ pub fn ptx(module: &str) -> Option<&'static str> {
     PTX_MODULES.iter().find(|(name, _)| *name == module).map(|(_, ptx)| *ptx)
 }
 
+/// The newest PTX ISA version (`.version MAJOR.MINOR`) among the embedded modules; `None`
+/// without kernels.
+pub fn ptx_isa_version() -> Option<(u32, u32)> {
+    PTX_MODULES.iter().filter_map(|(_, ptx)| parse_ptx_version(ptx)).max()
+}
+
+fn parse_ptx_version(ptx: &str) -> Option<(u32, u32)> {
+    let line = ptx.lines().find_map(|l| l.trim().strip_prefix(".version "))?;
+    let (major, minor) = line.trim().split_once('.')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// The oldest driver (`cuDriverGetVersion`, 1000·major + 10·minor) that loads PTX of this ISA
+/// version, where known: nvcc 13 writes ISA 9.0, which needs the CUDA 13.0 driver (R580).
+pub fn driver_needed_for_ptx(isa: (u32, u32)) -> Option<i32> {
+    (isa >= (9, 0)).then_some(13_000)
+}
+
+/// An error naming the driver needed when `driver_version` cannot load PTX of ISA `isa`.
+pub fn check_driver_for_ptx(driver_version: i32, isa: (u32, u32)) -> Result<(), String> {
+    match driver_needed_for_ptx(isa) {
+        Some(need) if driver_version < need => Err(format!(
+            "the CUDA driver is version {}.{} ({driver_version}), but this binary's kernels are PTX ISA \
+             {}.{} (nvcc {}), which needs the CUDA {}.{} driver or newer (NVIDIA driver R580+ for CUDA 13); \
+             update the NVIDIA driver",
+            driver_version / 1000,
+            driver_version % 1000 / 10,
+            isa.0,
+            isa.1,
+            need / 1000,
+            need / 1000,
+            need % 1000 / 10
+        )),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 #[allow(dead_code)]
 #[path = "../build/signatures.rs"]
@@ -37,6 +74,20 @@ mod tests {
             found.sort();
             assert_eq!(listed, found, "kernels/{module}.cu: parsed signatures vs PTX entries");
         }
+    }
+
+    #[test]
+    fn an_old_driver_is_named_with_the_one_needed() {
+        assert_eq!(super::parse_ptx_version("//\n.version 9.0\n.target sm_80\n"), Some((9, 0)));
+        assert_eq!(super::parse_ptx_version(".version 8.7\n"), Some((8, 7)));
+        let err = super::check_driver_for_ptx(12_040, (9, 0)).unwrap_err();
+        assert!(err.contains("12.4 (12040)") && err.contains("PTX ISA 9.0"), "{err}");
+        assert!(err.contains("CUDA 13.0 driver") && err.contains("R580"), "{err}");
+        assert!(super::check_driver_for_ptx(12_090, (9, 0)).is_err());
+        assert!(super::check_driver_for_ptx(13_000, (9, 0)).is_ok());
+        assert!(super::check_driver_for_ptx(13_020, (9, 0)).is_ok());
+        // Older ISAs are left to the module load's own error.
+        assert!(super::check_driver_for_ptx(12_040, (8, 5)).is_ok());
     }
 
     #[test]
