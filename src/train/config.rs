@@ -133,6 +133,18 @@ impl TrainConfig {
         Device::parse(&self.device)
     }
 
+    /// This config with a saved run's micro-batch and accumulation, where this one says `auto`
+    /// and the saved numbers keep its step's examples: a resumed run then sees the same batches.
+    pub fn with_saved_batches(&self, saved: &TrainConfig) -> Option<TrainConfig> {
+        let MicroBatch::Fixed(m) = saved.micro_batch else { return None };
+        let same_step = m * saved.grad_accum == self.micro_batch.configured() * self.grad_accum;
+        (self.micro_batch == MicroBatch::Auto && same_step).then(|| TrainConfig {
+            micro_batch: saved.micro_batch,
+            grad_accum: saved.grad_accum,
+            ..self.clone()
+        })
+    }
+
     /// Checks every field that a run would otherwise trip over later, naming the field.
     pub fn validate(&self) -> Result<()> {
         self.device_kind()?;
@@ -338,6 +350,19 @@ mod tests {
         // A fixed micro-batch is kept whatever fits.
         let fixed = plan_batches(MicroBatch::Fixed(32), 16, Some(3));
         assert_eq!((fixed.micro_batch, fixed.grad_accum, fixed.reason.as_str()), (32, 16, ""));
+    }
+
+    #[test]
+    fn resuming_auto_reuses_the_saved_choice_when_it_keeps_the_step() {
+        let now = TrainConfig::default();
+        let saved = TrainConfig { micro_batch: MicroBatch::Fixed(8), grad_accum: 64, ..now.clone() };
+        let kept = now.with_saved_batches(&saved).expect("8 × 64 keeps 32 × 16");
+        assert_eq!((kept.micro_batch, kept.grad_accum), (MicroBatch::Fixed(8), 64));
+        // Another step size, or a fixed micro-batch now: not reused.
+        let other = TrainConfig { grad_accum: 8, ..now.clone() };
+        assert_eq!(other.with_saved_batches(&saved), None);
+        let fixed = TrainConfig { micro_batch: MicroBatch::Fixed(8), ..now.clone() };
+        assert_eq!(fixed.with_saved_batches(&saved), None);
     }
 
     #[test]

@@ -592,7 +592,7 @@ fn plan_micro_batches<B: Backend>(
     if cfg.micro_batch != MicroBatch::Auto {
         return Ok(cfg.clone());
     }
-    if let Some(kept) = saved.and_then(|s| saved_batches(s, cfg)) {
+    if let Some(kept) = saved.and_then(|s| cfg.with_saved_batches(s)) {
         eprintln!(
             "micro_batch auto: {} × grad_accum {}, as the run being resumed chose",
             kept.micro_batch, kept.grad_accum
@@ -613,21 +613,9 @@ fn plan_micro_batches<B: Backend>(
     })
 }
 
-/// `cfg` with the saved run's micro-batch and accumulation, where `cfg` says `auto` and the saved
-/// numbers keep its step's examples.
-fn saved_batches(saved: &TrainConfig, cfg: &TrainConfig) -> Option<TrainConfig> {
-    let MicroBatch::Fixed(m) = saved.micro_batch else { return None };
-    let same_step = m * saved.grad_accum == cfg.micro_batch.configured() * cfg.grad_accum;
-    (cfg.micro_batch == MicroBatch::Auto && same_step).then(|| TrainConfig {
-        micro_batch: saved.micro_batch,
-        grad_accum: saved.grad_accum,
-        ..cfg.clone()
-    })
-}
-
 /// A resumed run matches the interrupted one only with the same data order and batches.
 fn warn_about_changes(saved: &TrainConfig, now: &TrainConfig) {
-    let kept = saved_batches(saved, now);
+    let kept = now.with_saved_batches(saved);
     let now = kept.as_ref().unwrap_or(now);
     let mut changed = Vec::new();
     macro_rules! check {
