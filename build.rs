@@ -4,6 +4,12 @@
 //! driver: no toolkit, no Rust. Without nvcc the build still succeeds (the CPU backend
 //! works everywhere); `REQUIRE_NVCC=1` turns a missing nvcc or a kernel that does not
 //! compile into a build failure, which is what CI uses.
+//!
+//! It also reads every `extern "C" __global__` signature (macro-generated ones included) and
+//! writes `$OUT_DIR/launchers.rs`: one typed, `unsafe` launcher per kernel, so that a launch
+//! with a wrong argument count, order or type does not compile. The kernel list that the
+//! backend loads comes from the same parse, so names cannot drift. A signature the parser
+//! cannot read fails the build, with or without nvcc.
 
 use std::env;
 use std::fs;
@@ -18,6 +24,7 @@ fn main() {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-changed=build/signatures.rs");
     println!("cargo:rerun-if-changed=.cuda/nvidia/cu13/bin/nvcc");
 
     let require = env::var("REQUIRE_NVCC").map(|v| v == "1").unwrap_or(false);
@@ -29,6 +36,7 @@ fn main() {
         })
         .unwrap_or_default();
     sources.sort();
+    let signatures = kernel_signatures(&sources);
     for entry in fs::read_dir(&kernels_dir).into_iter().flatten().flatten() {
         println!("cargo:rerun-if-changed={}", entry.path().display());
     }
@@ -95,11 +103,17 @@ fn main() {
         code.push_str(&format!("    ({name:?}, include_str!({:?})),\n", path.display().to_string()));
     }
     code.push_str("];\n");
+    code.push_str(&kernel_list(&signatures));
     code.push_str(&format!(
         "/// Why the kernels are missing, or empty when every kernel was compiled.\npub const PTX_UNAVAILABLE: &str = {unavailable:?};\n"
     ));
     fs::write(out.join("kernels.rs"), code).unwrap();
+    fs::write(out.join("launchers.rs"), launchers(&signatures)).unwrap();
 }
+
+#[path = "build/signatures.rs"]
+mod signatures;
+use signatures::{kernel_list, kernel_signatures, launchers};
 
 fn find_nvcc(manifest: &Path) -> Option<PathBuf> {
     let mut candidates: Vec<PathBuf> = Vec::new();

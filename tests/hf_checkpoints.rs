@@ -453,7 +453,7 @@ fn import_adds_chat_tokens_then_trains_and_exports() {
         sft::data::BatchMode::Dynamic,
     );
     cfg.max_seq_len = Some(200);
-    cfg.micro_batch = 2;
+    cfg.micro_batch = 2.into();
     cfg.grad_accum = 1;
     cfg.max_steps = Some(2);
     cfg.eval_every = 0;

@@ -16,7 +16,7 @@ fn splitting_a_step_into_micro_batches_does_not_change_it() {
     // hold different numbers of supervised targets, so a mean of per-micro-batch means would differ.
     let run = |name: &str, micro_batch: usize, grad_accum: usize| {
         let cfg = TrainConfig {
-            micro_batch,
+            micro_batch: micro_batch.into(),
             grad_accum,
             max_steps: Some(1),
             dropout: Some(0.0),

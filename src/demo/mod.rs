@@ -247,7 +247,7 @@ pub fn setup(args: &DemoArgs) -> Result<DemoSetup> {
         epochs: 1,
         max_steps: Some(args.steps),
         schedule_steps: Some(args.steps),
-        micro_batch: args.micro_batch,
+        micro_batch: args.micro_batch.into(),
         grad_accum: 1,
         batch_mode: BatchMode::Dynamic,
         max_lr: 3e-3,

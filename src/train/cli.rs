@@ -89,8 +89,10 @@ pub struct TrainArgs {
     pub max_steps: Option<u64>,
     #[arg(long)]
     pub schedule_steps: Option<u64>,
+    /// Examples per micro-batch, or `auto` (the default): the largest that fits the device, at
+    /// most 32, with grad_accum raised so that a step keeps 32 × grad_accum examples.
     #[arg(long)]
-    pub micro_batch: Option<usize>,
+    pub micro_batch: Option<crate::train::config::MicroBatch>,
     #[arg(long)]
     pub grad_accum: Option<usize>,
     #[arg(long, value_enum)]
@@ -347,7 +349,7 @@ mod tests {
             "Hi?",
         ]);
         let c = cmd.args.to_config().unwrap();
-        assert_eq!((c.micro_batch, c.grad_accum, c.max_lr), (4, 8, 2e-5));
+        assert_eq!((c.micro_batch, c.grad_accum, c.max_lr), (4.into(), 8, 2e-5));
         assert_eq!(c.batch_mode, BatchMode::Packed);
         assert_eq!(c.data, PathBuf::from("prepared"));
         assert!(c.resume);

@@ -33,9 +33,11 @@ pub struct TrainConfig {
     pub max_steps: Option<u64>,
     /// The steps the LR schedule spans; default: `epochs` × optimizer steps per epoch.
     pub schedule_steps: Option<u64>,
-    /// Examples per micro-batch (rows of `max_seq_len` tokens in packed mode).
-    pub micro_batch: usize,
-    /// Micro-batches per optimizer step.
+    /// Examples per micro-batch (rows of `max_seq_len` tokens in packed mode), or `"auto"`: the
+    /// largest that fits the device, at most 32, with `grad_accum` raised so that a step keeps
+    /// 32 × `grad_accum` examples (see [`MicroBatch`]).
+    pub micro_batch: MicroBatch,
+    /// Micro-batches per optimizer step (of 32 examples with `micro_batch` `"auto"`).
     pub grad_accum: usize,
     pub batch_mode: BatchMode,
     /// Longest row in tokens; default: the model's `max_seq_len`.
@@ -84,7 +86,7 @@ impl Default for TrainConfig {
             epochs: 3,
             max_steps: None,
             schedule_steps: None,
-            micro_batch: 32,
+            micro_batch: MicroBatch::Auto,
             grad_accum: 16,
             batch_mode: BatchMode::Dynamic,
             max_seq_len: None,
@@ -135,6 +137,18 @@ impl TrainConfig {
         Device::parse(&self.device)
     }
 
+    /// This config with a saved run's micro-batch and accumulation, where this one says `auto`
+    /// and the saved numbers keep its step's examples: a resumed run then sees the same batches.
+    pub fn with_saved_batches(&self, saved: &TrainConfig) -> Option<TrainConfig> {
+        let MicroBatch::Fixed(m) = saved.micro_batch else { return None };
+        let same_step = m * saved.grad_accum == self.micro_batch.configured() * self.grad_accum;
+        (self.micro_batch == MicroBatch::Auto && same_step).then(|| TrainConfig {
+            micro_batch: saved.micro_batch,
+            grad_accum: saved.grad_accum,
+            ..self.clone()
+        })
+    }
+
     /// Checks every field that a run would otherwise trip over later, naming the field.
     pub fn validate(&self) -> Result<()> {
         self.device_kind()?;
@@ -144,8 +158,8 @@ impl TrainConfig {
         if self.out_dir.as_os_str().is_empty() {
             bail!("out_dir is not set (--out-dir DIR)");
         }
-        if self.micro_batch == 0 {
-            bail!("micro_batch must be at least 1");
+        if self.micro_batch == MicroBatch::Fixed(0) {
+            bail!("micro_batch must be at least 1 (or \"auto\")");
         }
         if self.grad_accum == 0 {
             bail!("grad_accum must be at least 1");
@@ -191,15 +205,192 @@ impl TrainConfig {
     }
 }
 
+/// The micro-batch of a run: a number of examples, or `"auto"` (JSON and `--micro-batch`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MicroBatch {
+    Fixed(usize),
+    /// The largest micro-batch up to [`MicroBatch::AUTO_MAX`] that fits the device; a step keeps
+    /// `AUTO_MAX × grad_accum` examples. Where the device's free memory is unknown (the CPU),
+    /// `AUTO_MAX` itself.
+    #[default]
+    Auto,
+}
+
+impl MicroBatch {
+    /// SimpleLLaMA's micro-batch: where `auto` starts, and what `grad_accum` counts in.
+    pub const AUTO_MAX: usize = 32;
+
+    /// The micro-batch that `grad_accum` counts: the fixed one, or [`Self::AUTO_MAX`].
+    pub fn configured(self) -> usize {
+        match self {
+            MicroBatch::Fixed(m) => m,
+            MicroBatch::Auto => Self::AUTO_MAX,
+        }
+    }
+}
+
+impl From<usize> for MicroBatch {
+    fn from(m: usize) -> Self {
+        MicroBatch::Fixed(m)
+    }
+}
+
+impl std::str::FromStr for MicroBatch {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s.eq_ignore_ascii_case("auto") {
+            return Ok(MicroBatch::Auto);
+        }
+        s.parse()
+            .map(MicroBatch::Fixed)
+            .map_err(|_| format!("`{s}` is neither a number of examples nor \"auto\""))
+    }
+}
+
+impl std::fmt::Display for MicroBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MicroBatch::Fixed(m) => write!(f, "{m}"),
+            MicroBatch::Auto => write!(f, "auto"),
+        }
+    }
+}
+
+impl Serialize for MicroBatch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            MicroBatch::Fixed(m) => s.serialize_u64(*m as u64),
+            MicroBatch::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MicroBatch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = MicroBatch;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "micro_batch as a number of examples or \"auto\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<MicroBatch, E> {
+                Ok(MicroBatch::Fixed(v as usize))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<MicroBatch, E> {
+                v.parse().map_err(|e: String| E::custom(format!("micro_batch: {e}")))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// The micro-batch and accumulation a run uses, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchPlan {
+    pub micro_batch: usize,
+    pub grad_accum: usize,
+    /// What `auto` chose and why; empty for a fixed micro-batch.
+    pub reason: String,
+}
+
+/// Resolves `micro_batch`/`grad_accum`: a fixed micro-batch is kept as given (a device too small
+/// for it is reported by the model's memory check); `auto` takes the largest divisor of the step's
+/// `AUTO_MAX × grad_accum` examples that is at most `AUTO_MAX` and at most `fits` (the
+/// micro-batch that fits the device, `None` where unknown), so the step keeps its examples.
+pub fn plan_batches(micro_batch: MicroBatch, grad_accum: usize, fits: Option<usize>) -> BatchPlan {
+    let MicroBatch::Auto = micro_batch else {
+        return BatchPlan { micro_batch: micro_batch.configured(), grad_accum, reason: String::new() };
+    };
+    let max = MicroBatch::AUTO_MAX;
+    let examples = max * grad_accum;
+    let (micro, why) = match fits {
+        None => (max, "the device's free memory is unknown".to_string()),
+        Some(f) if f >= max => (max, format!("{max} fits (room for {f})")),
+        Some(0) => (1, "not even 1 fits (the memory check below says what would)".to_string()),
+        Some(f) => {
+            let m = (1..=f).rev().find(|m| examples.is_multiple_of(*m)).unwrap_or(1);
+            (m, format!("{max} does not fit, at most {f} does; {m} divides the step's {examples} examples"))
+        }
+    };
+    let accum = examples / micro;
+    BatchPlan {
+        micro_batch: micro,
+        grad_accum: accum,
+        reason: format!(
+            "micro_batch auto: {micro} × grad_accum {accum} = {examples} examples per step \
+             (as {max} × {grad_accum}): {why}"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn auto_picks_the_largest_fitting_micro_batch_and_keeps_the_step() {
+        use crate::model::config::ModelConfig;
+        use crate::model::forward::micro_batch_that_fits;
+        let config = ModelConfig::preset("simplellama-1.3b").unwrap();
+        // An 80 GB H100 with about 79 GB free: the 1.3B at 32 × 2048 does not fit.
+        let free = 79usize << 30;
+        let fits = micro_batch_that_fits(&config, 2, 2048, free);
+        assert!(fits > 0 && fits < 32, "{fits}");
+        let plan = plan_batches(MicroBatch::Auto, 16, Some(fits));
+        assert_eq!(plan.micro_batch * plan.grad_accum, 512);
+        assert!(plan.micro_batch <= fits && plan.micro_batch.is_power_of_two(), "{plan:?}");
+        assert!(plan.micro_batch * 2 > fits, "the largest divisor of 512 that fits: {plan:?}");
+        assert!(plan.reason.contains(&format!("at most {fits} does")), "{}", plan.reason);
+        // Plenty of memory: the recipe's 32 × 16.
+        let roomy = plan_batches(MicroBatch::Auto, 16, Some(40));
+        assert_eq!((roomy.micro_batch, roomy.grad_accum), (32, 16));
+        // Unknown memory (the CPU): the recipe's micro-batch.
+        let cpu = plan_batches(MicroBatch::Auto, 16, None);
+        assert_eq!((cpu.micro_batch, cpu.grad_accum), (32, 16));
+        assert!(cpu.reason.contains("unknown"), "{}", cpu.reason);
+        // A step that is not a power of two: a divisor, so the step keeps its examples.
+        let odd = plan_batches(MicroBatch::Auto, 15, Some(7));
+        assert_eq!((odd.micro_batch, odd.grad_accum), (6, 80));
+        // A fixed micro-batch is kept whatever fits.
+        let fixed = plan_batches(MicroBatch::Fixed(32), 16, Some(3));
+        assert_eq!((fixed.micro_batch, fixed.grad_accum, fixed.reason.as_str()), (32, 16, ""));
+    }
+
+    #[test]
+    fn resuming_auto_reuses_the_saved_choice_when_it_keeps_the_step() {
+        let now = TrainConfig::default();
+        let saved = TrainConfig { micro_batch: MicroBatch::Fixed(8), grad_accum: 64, ..now.clone() };
+        let kept = now.with_saved_batches(&saved).expect("8 × 64 keeps 32 × 16");
+        assert_eq!((kept.micro_batch, kept.grad_accum), (MicroBatch::Fixed(8), 64));
+        // Another step size, or a fixed micro-batch now: not reused.
+        let other = TrainConfig { grad_accum: 8, ..now.clone() };
+        assert_eq!(other.with_saved_batches(&saved), None);
+        let fixed = TrainConfig { micro_batch: MicroBatch::Fixed(8), ..now.clone() };
+        assert_eq!(fixed.with_saved_batches(&saved), None);
+    }
+
+    #[test]
+    fn micro_batch_reads_a_number_or_auto() {
+        let c: TrainConfig = serde_json::from_str(r#"{"micro_batch": "auto"}"#).unwrap();
+        assert_eq!(c.micro_batch, MicroBatch::Auto);
+        let c: TrainConfig = serde_json::from_str(r#"{"micro_batch": 8}"#).unwrap();
+        assert_eq!(c.micro_batch, MicroBatch::Fixed(8));
+        let err = serde_json::from_str::<TrainConfig>(r#"{"micro_batch": "big"}"#).unwrap_err();
+        assert!(err.to_string().contains("micro_batch"), "{err}");
+        let back: TrainConfig =
+            serde_json::from_str(&serde_json::to_string(&TrainConfig::default()).unwrap()).unwrap();
+        assert_eq!(back.micro_batch, MicroBatch::Auto);
+        assert_eq!("auto".parse::<MicroBatch>(), Ok(MicroBatch::Auto));
+        assert_eq!("12".parse::<MicroBatch>(), Ok(MicroBatch::Fixed(12)));
+        assert!("x".parse::<MicroBatch>().is_err());
+    }
+
+    #[test]
     fn defaults_are_simplellama_sft() {
         let c = TrainConfig::default();
         assert_eq!((c.beta1, c.beta2, c.eps, c.weight_decay), (0.9, 0.95, 1e-8, 0.01));
-        assert_eq!((c.micro_batch, c.grad_accum, c.epochs, c.seed), (32, 16, 3, 89));
+        assert_eq!((c.micro_batch, c.grad_accum, c.epochs, c.seed), (MicroBatch::Auto, 16, 3, 89));
+        assert_eq!(c.micro_batch.configured(), 32);
         assert_eq!((c.max_lr, c.min_lr, c.warmup_steps, c.clip), (1e-5, 1e-6, 100, 1.0));
         assert_eq!(c.batch_mode, BatchMode::Dynamic);
     }
@@ -207,7 +398,7 @@ mod tests {
     #[test]
     fn json_fills_defaults_and_rejects_unknown_fields() {
         let c: TrainConfig = serde_json::from_str(r#"{"micro_batch": 4, "device": "cpu"}"#).unwrap();
-        assert_eq!((c.micro_batch, c.grad_accum), (4, 16));
+        assert_eq!((c.micro_batch, c.grad_accum), (MicroBatch::Fixed(4), 16));
         let err = serde_json::from_str::<TrainConfig>(r#"{"micro_bach": 4}"#).unwrap_err();
         assert!(err.to_string().contains("micro_bach"), "{err}");
     }
@@ -216,7 +407,7 @@ mod tests {
     fn validation_names_the_field() {
         let ok = TrainConfig { data: "d".into(), ..TrainConfig::default() };
         ok.validate().unwrap();
-        let err = TrainConfig { micro_batch: 0, ..ok.clone() }.validate().unwrap_err();
+        let err = TrainConfig { micro_batch: MicroBatch::Fixed(0), ..ok.clone() }.validate().unwrap_err();
         assert!(err.to_string().contains("micro_batch"), "{err}");
         let err = TrainConfig { device: "tpu".into(), ..ok.clone() }.validate().unwrap_err();
         assert!(err.to_string().contains("unknown device \"tpu\""), "{err}");

@@ -26,7 +26,7 @@ use crate::data::{
 use crate::model::config::ModelConfig;
 use crate::model::Model;
 use crate::rng::Rng;
-use crate::train::config::TrainConfig;
+use crate::train::config::{plan_batches, MicroBatch, TrainConfig};
 use crate::train::log::{CsvLog, LogRow};
 use crate::train::schedule::Schedule;
 use crate::train::state::TrainerState;
@@ -365,7 +365,7 @@ impl Validation {
 
 fn plan_data(cfg: &TrainConfig, tokenizer: &ChatTokenizer, max_seq_len: usize) -> Result<DataPlan> {
     let loader_config = LoaderConfig {
-        batch_size: cfg.micro_batch,
+        batch_size: cfg.micro_batch.configured(),
         max_seq_len,
         mode: cfg.batch_mode,
         shuffle: cfg.shuffle,
@@ -436,14 +436,20 @@ pub fn train_with<B: Backend>(
 ) -> Result<(Model<B>, TrainReport)> {
     cfg.validate()?;
     let RunStart { resumed, weights, tokenizer_path, tokenizer, model_config, max_seq_len } = start_run(cfg)?;
+    let saved = resumed.as_ref().map(|(_, s)| &s.config);
+    let resolved = plan_micro_batches(&backend, cfg, &model_config, max_seq_len, saved)?;
+    let cfg = &resolved;
     let DataPlan { mut loader, steps_per_epoch, end_step, schedule, val } =
         plan_data(cfg, &tokenizer, max_seq_len)?;
 
     // ---- the model and the counters (continued from the checkpoint when resuming) -----------
     let mut model = match &weights {
-        Some(ckpt) => ckpt.training_model_for(backend, cfg.dropout, cfg.micro_batch, max_seq_len)?,
+        Some(ckpt) => {
+            ckpt.training_model_for(backend, cfg.dropout, cfg.micro_batch.configured(), max_seq_len)?
+        }
         None => {
-            let mut model = Model::for_micro_batches(backend, model_config, cfg.micro_batch, max_seq_len)?;
+            let mut model =
+                Model::for_micro_batches(backend, model_config, cfg.micro_batch.configured(), max_seq_len)?;
             model.init_params(cfg.seed)?;
             model
         }
@@ -599,8 +605,45 @@ pub fn train_with<B: Backend>(
     Ok((model, report))
 }
 
+/// `micro_batch` `auto` resolved to numbers (see [`plan_batches`]), printing what it chose and
+/// why: on resume the interrupted run's choice where it keeps the step's examples (so the resumed
+/// run sees the same batches; it is stored in the run state as the resolved config), else the
+/// largest micro-batch that fits the device's free memory.
+fn plan_micro_batches<B: Backend>(
+    backend: &B,
+    cfg: &TrainConfig,
+    model_config: &ModelConfig,
+    max_seq_len: usize,
+    saved: Option<&TrainConfig>,
+) -> Result<TrainConfig> {
+    if cfg.micro_batch != MicroBatch::Auto {
+        return Ok(cfg.clone());
+    }
+    if let Some(kept) = saved.and_then(|s| cfg.with_saved_batches(s)) {
+        eprintln!(
+            "micro_batch auto: {} × grad_accum {}, as the run being resumed chose",
+            kept.micro_batch, kept.grad_accum
+        );
+        return Ok(kept);
+    }
+    let free = backend.memory_info()?.map(|(free, _)| free);
+    let compute_bytes = backend.compute_bytes();
+    let fits = free
+        .map(|f| crate::model::forward::micro_batch_that_fits(model_config, compute_bytes, max_seq_len, f));
+    let plan = plan_batches(cfg.micro_batch, cfg.grad_accum, fits);
+    let memory = free.map_or(String::new(), |f| format!(", {:.1} GiB free", f as f64 / (1u64 << 30) as f64));
+    eprintln!("{} (rows of {max_seq_len} tokens on {}{memory})", plan.reason, backend.name());
+    Ok(TrainConfig {
+        micro_batch: MicroBatch::Fixed(plan.micro_batch),
+        grad_accum: plan.grad_accum,
+        ..cfg.clone()
+    })
+}
+
 /// A resumed run matches the interrupted one only with the same data order and batches.
 fn warn_about_changes(saved: &TrainConfig, now: &TrainConfig) {
+    let kept = now.with_saved_batches(saved);
+    let now = kept.as_ref().unwrap_or(now);
     let mut changed = Vec::new();
     macro_rules! check {
         ($($field:ident),*) => {$(

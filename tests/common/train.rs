@@ -56,7 +56,7 @@ pub fn tiny_config(data: &Path, tokenizer: &Path, out_dir: &Path, mode: BatchMod
         out_dir: out_dir.to_path_buf(),
         from_scratch: true,
         epochs: 2,
-        micro_batch: 4,
+        micro_batch: 4.into(),
         grad_accum: 2,
         batch_mode: mode,
         max_seq_len: Some(96),

@@ -2,9 +2,9 @@
 //! per-tensor descriptors.
 
 use anyhow::{bail, Result};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
-use super::launch::BLOCK;
+use super::launch::{self, AdamTensor, BLOCK};
 use super::scratch::ensure;
 use super::{bf16_of, f32_mut, f32_of, CudaBackend, CudaBuf};
 use crate::backend::AdamW;
@@ -37,17 +37,19 @@ impl CudaBackend {
         if hp.step == 0 {
             bail!("adamw: step is 1-based, got 0");
         }
-        let mut descs: Vec<u64> = Vec::with_capacity(6 * k);
+        let mut descs: Vec<AdamTensor> = Vec::with_capacity(k);
         let mut max_len = 0;
         for i in 0..k {
             let len = lens[i];
             let what = |name: &str| format!("adamw tensor {i} {name}");
-            descs.push(self.dev_ptr(f32_mut(master[i], len, &what("master"))?));
-            descs.push(self.dev_ptr(f32_of(grads[i], len, &what("grad"))?));
-            descs.push(self.dev_ptr(f32_mut(m[i], len, &what("m"))?));
-            descs.push(self.dev_ptr(f32_mut(v[i], len, &what("v"))?));
-            descs.push(self.dev_ptr(bf16_of(params[i], len, &what("param"))?));
-            descs.push(len as u64);
+            descs.push(AdamTensor {
+                master: self.dev_ptr(f32_mut(master[i], len, &what("master"))?),
+                grad: self.dev_ptr(f32_of(grads[i], len, &what("grad"))?),
+                m: self.dev_ptr(f32_mut(m[i], len, &what("m"))?),
+                v: self.dev_ptr(f32_mut(v[i], len, &what("v"))?),
+                param: self.dev_ptr(bf16_of(params[i], len, &what("param"))?),
+                len: len as u64,
+            });
             max_len = max_len.max(len);
         }
         if max_len == 0 {
@@ -63,19 +65,25 @@ impl CudaBackend {
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream.launch_builder(self.kernels.get("adamw_multi")?);
-        b.arg(&*descs_d)
-            .arg(&hp.lr)
-            .arg(&hp.beta1)
-            .arg(&hp.beta2)
-            .arg(&hp.eps)
-            .arg(&hp.weight_decay)
-            .arg(&bc1)
-            .arg(&bc2)
-            .arg(&hp.grad_scale);
+        let (s, ks) = (&self.stream, &self.kernels);
         // SAFETY: each descriptor's buffers hold at least its `len` elements (checked above)
         // and outlive the launch (they are borrowed for this call; the stream is in order).
-        unsafe { b.launch(cfg) }?;
+        unsafe {
+            launch::adamw_multi(
+                s,
+                ks,
+                cfg,
+                descs_d,
+                hp.lr,
+                hp.beta1,
+                hp.beta2,
+                hp.eps,
+                hp.weight_decay,
+                bc1,
+                bc2,
+                hp.grad_scale,
+            )
+        }?;
         Ok(())
     }
 }

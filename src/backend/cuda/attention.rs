@@ -3,21 +3,20 @@
 //! (kernels/attention.cu) otherwise or when forced (`SFT_ATTENTION=scalar`). Decode is scalar.
 
 use anyhow::{bail, Result};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
-use super::launch::{grid_stride, int, ATT_WARPS, BLOCK};
+use super::launch::{self, grid_stride, int, launch_for_head_dim, ATT_WARPS, BLOCK};
 use super::scratch::ensure;
 use super::{bf16_mut, bf16_of, f32_mut, f32_of, ids_of, CudaBackend, CudaBuf};
 use crate::backend::HeadShape;
 
-/// Checks the head shape and returns the kernel suffix for its head_dim.
-fn head_variant(heads: HeadShape) -> Result<&'static str> {
+/// Checks the head shape and returns its head_dim, which has kernels.
+fn head_variant(heads: HeadShape) -> Result<usize> {
     if heads.n_kv_heads == 0 || !heads.n_heads.is_multiple_of(heads.n_kv_heads) {
         bail!("attention: n_heads {} is not a multiple of n_kv_heads {}", heads.n_heads, heads.n_kv_heads);
     }
     match heads.head_dim {
-        64 => Ok("64"),
-        128 => Ok("128"),
+        64 | 128 => Ok(heads.head_dim),
         hd => bail!("attention: head_dim {hd} has no CUDA kernel (64 and 128 are supported)"),
     }
 }
@@ -68,10 +67,16 @@ impl CudaBackend {
             int(heads.n_heads, "heads")?,
             int(heads.n_kv_heads, "kv heads")?,
         );
-        let mut b = self.stream.launch_builder(self.kernels.get(&format!("attention_forward_{hd}"))?);
-        b.arg(out).arg(lse).arg(qkv).arg(cu_seqlens).arg(&segi).arg(&ni).arg(&nhi).arg(&nkvi);
+        let (s, ks, cfg) = (&self.stream, &self.kernels, rows_by_heads(n, heads.n_heads));
         // SAFETY: sizes checked above; cu_seqlens must be offsets 0 ..= n (the trait's contract).
-        unsafe { b.launch(rows_by_heads(n, heads.n_heads)) }?;
+        unsafe {
+            launch_for_head_dim!(
+                hd,
+                launch::attention_forward_64,
+                launch::attention_forward_128,
+                (s, ks, cfg, out, lse, qkv, cu_seqlens, segi, ni, nhi, nkvi)
+            )
+        }?;
         Ok(())
     }
 
@@ -108,16 +113,15 @@ impl CudaBackend {
         let mut scratch = self.scratch();
         let d_buf = ensure(&mut scratch.attn_d, heads.n_heads * n, &self.stream, "attention D")?;
 
-        let mut b = self.stream.launch_builder(self.kernels.get("attention_backward_d")?);
-        b.arg(&mut *d_buf).arg(dout).arg(out).arg(&ni).arg(&nhi).arg(&hdi);
         // One warp per (row, head), exactly (the kernel is not grid-stride).
         let warps_cfg = LaunchConfig {
             grid_dim: ((n * heads.n_heads).div_ceil(BLOCK as usize / 32) as u32, 1, 1),
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
+        let (s, ks) = (&self.stream, &self.kernels);
         // SAFETY: D holds n_heads * n; the kernel returns for warps past the end.
-        unsafe { b.launch(warps_cfg) }?;
+        unsafe { launch::attention_backward_d(s, ks, warps_cfg, d_buf, dout, out, ni, nhi, hdi) }?;
 
         if let Some(cfg) = self.flash_config(heads) {
             return self.flash_backward(
@@ -135,17 +139,27 @@ impl CudaBackend {
         }
         let d_buf = scratch.attn_d.as_ref().expect("ensured above");
 
-        let mut b = self.stream.launch_builder(self.kernels.get(&format!("attention_backward_dq_{hd}"))?);
-        b.arg(&mut *dqkv).arg(dout).arg(qkv).arg(lse).arg(d_buf).arg(cu_seqlens).arg(&segi).arg(&ni);
-        b.arg(&nhi).arg(&nkvi);
+        let (s, ks, cfg) = (&self.stream, &self.kernels, rows_by_heads(n, heads.n_heads));
         // SAFETY: writes only the q part of each dqkv row < n.
-        unsafe { b.launch(rows_by_heads(n, heads.n_heads)) }?;
+        unsafe {
+            launch_for_head_dim!(
+                hd,
+                launch::attention_backward_dq_64,
+                launch::attention_backward_dq_128,
+                (s, ks, cfg, dqkv, dout, qkv, lse, d_buf, cu_seqlens, segi, ni, nhi, nkvi)
+            )
+        }?;
 
-        let mut b = self.stream.launch_builder(self.kernels.get(&format!("attention_backward_dkdv_{hd}"))?);
-        b.arg(&mut *dqkv).arg(dout).arg(qkv).arg(lse).arg(d_buf).arg(cu_seqlens).arg(&segi).arg(&ni);
-        b.arg(&nhi).arg(&nkvi);
+        let cfg = rows_by_heads(n, heads.n_kv_heads);
         // SAFETY: writes only the k and v parts of each dqkv row < n.
-        unsafe { b.launch(rows_by_heads(n, heads.n_kv_heads)) }?;
+        unsafe {
+            launch_for_head_dim!(
+                hd,
+                launch::attention_backward_dkdv_64,
+                launch::attention_backward_dkdv_128,
+                (s, ks, cfg, dqkv, dout, qkv, lse, d_buf, cu_seqlens, segi, ni, nhi, nkvi)
+            )
+        }?;
         Ok(())
     }
 
@@ -177,15 +191,22 @@ impl CudaBackend {
             int(heads.head_dim, "head_dim")?,
         );
         int(rows * heads.kv_width(), "cache size")?;
-        let mut b = self.stream.launch_builder(self.kernels.get("attention_kv_cache_write")?);
-        b.arg(&mut *k_cache).arg(&mut *v_cache).arg(qkv).arg(&si).arg(&ni).arg(&nhi).arg(&nkvi).arg(&hdi);
+        let (s, ks, cfg) = (&self.stream, &self.kernels, grid_stride(n_new * heads.kv_width()));
         // SAFETY: the caches hold start + n_new rows (checked above).
-        unsafe { b.launch(grid_stride(n_new * heads.kv_width())) }?;
+        unsafe {
+            launch::attention_kv_cache_write(s, ks, cfg, k_cache, v_cache, qkv, si, ni, nhi, nkvi, hdi)
+        }?;
 
-        let mut b = self.stream.launch_builder(self.kernels.get(&format!("attention_decode_{hd}"))?);
-        b.arg(out).arg(qkv).arg(&*k_cache).arg(&*v_cache).arg(&si).arg(&ni).arg(&nhi).arg(&nkvi);
+        let cfg = rows_by_heads(n_new, heads.n_heads);
         // SAFETY: row i reads cache rows 0 ..= start + i < start + n_new.
-        unsafe { b.launch(rows_by_heads(n_new, heads.n_heads)) }?;
+        unsafe {
+            launch_for_head_dim!(
+                hd,
+                launch::attention_decode_64,
+                launch::attention_decode_128,
+                (s, ks, cfg, out, qkv, k_cache, v_cache, si, ni, nhi, nkvi)
+            )
+        }?;
         Ok(())
     }
 }

@@ -1,9 +1,8 @@
 //! Precision conversion between a bf16 and an fp32 buffer (`copy` between precisions).
 
 use anyhow::{bail, Result};
-use cudarc::driver::PushKernelArg;
 
-use super::launch::grid_stride;
+use super::launch::{self, grid_stride};
 use super::{CudaBackend, CudaBuf};
 
 impl CudaBackend {
@@ -12,18 +11,16 @@ impl CudaBackend {
     pub(super) fn cast(&self, dst: &mut CudaBuf, src: &CudaBuf, len: usize) -> Result<()> {
         match (dst, src) {
             (CudaBuf::Bf16(d), CudaBuf::F32(s)) => {
-                let f = self.kernels.get("cast_f32_to_bf16")?;
-                let mut b = self.stream.launch_builder(f);
-                b.arg(d).arg(s).arg(&len);
                 // SAFETY: both buffers hold at least `len` elements (checked above).
-                unsafe { b.launch(grid_stride(len)) }?;
+                unsafe {
+                    launch::cast_f32_to_bf16(&self.stream, &self.kernels, grid_stride(len), d, s, len)
+                }?;
             }
             (CudaBuf::F32(d), CudaBuf::Bf16(s)) => {
-                let f = self.kernels.get("cast_bf16_to_f32")?;
-                let mut b = self.stream.launch_builder(f);
-                b.arg(d).arg(s).arg(&len);
                 // SAFETY: both buffers hold at least `len` elements (checked above).
-                unsafe { b.launch(grid_stride(len)) }?;
+                unsafe {
+                    launch::cast_bf16_to_f32(&self.stream, &self.kernels, grid_stride(len), d, s, len)
+                }?;
             }
             _ => bail!("cast: both buffers have the same precision (copy them instead)"),
         }

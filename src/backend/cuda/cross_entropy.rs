@@ -7,16 +7,31 @@
 //! exist at once; unsupervised rows never reach the vocabulary projection.
 
 use anyhow::{bail, Result};
-use cudarc::driver::PushKernelArg;
 
 use super::gemm::{dy_w, dyt_x, x_wt, DType};
-use super::launch::{grid_stride, int, per_row};
+use super::launch::{self, grid_stride, int, per_row};
 use super::scratch::ensure;
 use super::{bf16_mut, bf16_of, f32_mut, ids_of, CudaBackend, CudaBuf};
 use crate::backend::LossGrads;
 
-/// Logit elements per chunk: 32 Mi (128 MiB of fp32 logits plus 64 MiB of bf16 dlogits).
-const CHUNK_LOGITS: usize = 32 << 20;
+/// Work buffers of one chunk, at most (fp32 logits, bf16 dlogits, compact x and dx): large
+/// enough that a 128k vocabulary takes a few chunks per micro-batch, not hundreds.
+pub(super) const CHUNK_BUDGET_BYTES: usize = 2 << 30;
+
+/// Each chunk reads and writes the whole fp32 lm_head gradient (`dw += dlogits^T @ x_chunk`):
+/// 2·vocab·d·4 bytes for 2·rows·vocab·d FLOPs, i.e. rows/4 FLOP per byte. Below about 1k rows
+/// that GEMM is bound by memory on an H100 (~300 FLOP per byte), so a chunk has at least this
+/// many rows even where it overshoots the budget.
+pub(super) const CHUNK_MIN_ROWS: usize = 1024;
+
+/// Supervised rows per chunk for `n_sup` rows: as many as `budget` bytes of work buffers hold,
+/// at least [`CHUNK_MIN_ROWS`], at most `n_sup`, and never more logits than an `int` indexes.
+pub(super) fn chunk_rows(n_sup: usize, d: usize, vocab: usize, budget: usize) -> usize {
+    let bytes_per_row = vocab * (4 + 2) + d * (2 + 2);
+    let by_budget = budget / bytes_per_row.max(1);
+    let int_limit = (i32::MAX as usize / vocab.max(1)).max(1);
+    by_budget.max(CHUNK_MIN_ROWS).min(int_limit).clamp(1, n_sup.max(1))
+}
 
 /// The supervised rows (target != ignore_id) and their targets, checked against the vocabulary.
 pub(super) fn supervised_rows(targets: &[u32], ignore_id: u32, vocab: usize) -> Result<(Vec<u32>, Vec<u32>)> {
@@ -72,7 +87,7 @@ impl CudaBackend {
         if n_sup == 0 {
             return Ok(0.0);
         }
-        let chunk = (CHUNK_LOGITS / vocab).clamp(1, n_sup);
+        let chunk = chunk_rows(n_sup, d, vocab, CHUNK_BUDGET_BYTES);
         let (di, vi) = (int(d, "d")?, int(vocab, "vocab")?);
         int(chunk * vocab, "chunk logits")?;
 
@@ -85,7 +100,7 @@ impl CudaBackend {
         let losses = ensure(&mut s.ce_losses, n_sup, &self.stream, "row losses")?;
         let xc = ensure(&mut s.ce_x, chunk * d, &self.stream, "compact rows")?;
         let logits = ensure(&mut s.ce_logits, chunk * vocab, &self.stream, "logits chunk")?;
-        let (dxc, dlogits) = if grads.is_some() {
+        let (dxc, mut dlogits) = if grads.is_some() {
             (
                 Some(ensure(&mut s.ce_dx, chunk * d, &self.stream, "compact dx")?),
                 Some(ensure(&mut s.ce_dlogits, chunk * vocab, &self.stream, "dlogits chunk")?),
@@ -99,10 +114,9 @@ impl CudaBackend {
             let r = chunk.min(n_sup - c0);
             let ri = int(r, "chunk rows")?;
             let idx = rows_d.slice(c0..c0 + r);
-            let mut b = self.stream.launch_builder(self.kernels.get("cross_entropy_gather_rows")?);
-            b.arg(&mut *xc).arg(x).arg(&idx).arg(&ri).arg(&di);
+            let (st, ks) = (&self.stream, &self.kernels);
             // SAFETY: idx entries are rows < n of x; xc holds chunk * d.
-            unsafe { b.launch(grid_stride(r * d)) }?;
+            unsafe { launch::cross_entropy_gather_rows(st, ks, grid_stride(r * d), xc, x, &idx, ri, di) }?;
 
             let xc_ptr = self.dev_ptr(xc);
             let logits_ptr = self.dev_ptr(logits);
@@ -111,16 +125,23 @@ impl CudaBackend {
             let tgt = tgt_d.slice(c0..c0 + r);
             let mut loss_view = losses.slice_mut(c0..c0 + r);
             let scale = grads.as_ref().map_or(0.0f32, |g| g.2);
-            let null: u64 = 0;
-            let mut b = self.stream.launch_builder(self.kernels.get("cross_entropy_rows")?);
-            b.arg(&mut loss_view);
-            match dlogits.as_ref() {
-                Some(dl) => b.arg(&**dl),
-                None => b.arg(&null),
-            };
-            b.arg(&*logits).arg(&tgt).arg(&ri).arg(&vi).arg(&scale);
+            // Without gradients the kernel gets a null dlogits and writes losses only.
+            let mut dl = dlogits.as_deref_mut();
             // SAFETY: logits/dlogits hold chunk * vocab; targets < vocab (checked above).
-            unsafe { b.launch(per_row(r)) }?;
+            unsafe {
+                launch::cross_entropy_rows(
+                    st,
+                    ks,
+                    per_row(r),
+                    &mut loss_view,
+                    &mut dl,
+                    logits,
+                    &tgt,
+                    ri,
+                    vi,
+                    scale,
+                )
+            }?;
 
             if let (Some((dx, dw, _)), Some(dxc), Some(dl)) = (grads.as_mut(), dxc.as_ref(), dlogits.as_ref())
             {
@@ -130,10 +151,10 @@ impl CudaBackend {
                 self.run_gemm(&dy_w(r, vocab, d, dl_ptr, w_ptr, dxc_ptr))?;
                 // dw[vocab, d] += dlogits^T @ x_chunk
                 self.run_gemm(&dyt_x(r, d, vocab, dl_ptr, xc_ptr, self.dev_ptr(&**dw)))?;
-                let mut b = self.stream.launch_builder(self.kernels.get("cross_entropy_scatter_rows")?);
-                b.arg(&mut **dx).arg(&**dxc).arg(&idx).arg(&ri).arg(&di);
                 // SAFETY: distinct rows < n of dx; dxc holds chunk * d.
-                unsafe { b.launch(grid_stride(r * d)) }?;
+                unsafe {
+                    launch::cross_entropy_scatter_rows(st, ks, grid_stride(r * d), *dx, *dxc, &idx, ri, di)
+                }?;
             }
         }
         let host_losses = self.download(&losses.slice(0..n_sup))?;
@@ -143,7 +164,36 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::supervised_rows;
+    use super::{chunk_rows, supervised_rows, CHUNK_BUDGET_BYTES, CHUNK_MIN_ROWS};
+
+    #[test]
+    fn a_128k_vocabulary_takes_a_few_chunks_per_micro_batch() {
+        // Llama 3 vocabulary, the 1.3B's d_model, a 16k-token micro-batch all supervised.
+        let (vocab, d, n_sup) = (128_256, 2048, 16_384);
+        let rows = chunk_rows(n_sup, d, vocab, CHUNK_BUDGET_BYTES);
+        let chunks = n_sup.div_ceil(rows);
+        // The former fixed 32 Mi logits per chunk gave 261 rows, 63 chunks: 63 passes over the
+        // 1 GB fp32 lm_head gradient.
+        assert_eq!((32usize << 20) / vocab, 261);
+        assert_eq!(rows, 2761);
+        assert_eq!(chunks, 6);
+        let bytes = rows * (vocab * 6 + d * 4);
+        assert!(bytes <= CHUNK_BUDGET_BYTES, "{bytes}");
+        assert!(rows * vocab <= i32::MAX as usize);
+    }
+
+    #[test]
+    fn chunk_rows_respect_the_floor_the_int_limit_and_the_rows() {
+        // A tiny budget still gets the floor that amortises the dw traffic.
+        assert_eq!(chunk_rows(100_000, 2048, 128_256, 1 << 20), CHUNK_MIN_ROWS);
+        // Never more rows than there are.
+        assert_eq!(chunk_rows(10, 64, 1000, CHUNK_BUDGET_BYTES), 10);
+        assert_eq!(chunk_rows(0, 64, 1000, CHUNK_BUDGET_BYTES), 1);
+        // A huge vocabulary: the logits of a chunk stay indexable by an int.
+        let vocab = 4 << 20;
+        let rows = chunk_rows(100_000, 64, vocab, usize::MAX / 2);
+        assert!(rows * vocab <= i32::MAX as usize && rows >= 1, "{rows}");
+    }
 
     #[test]
     fn only_supervised_rows_are_kept_and_targets_are_checked() {

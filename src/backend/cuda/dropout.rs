@@ -1,9 +1,8 @@
 //! Dropout in place, bf16 or fp32, with the counter-based mask of `crate::rng::uniform`.
 
 use anyhow::{bail, Result};
-use cudarc::driver::PushKernelArg;
 
-use super::launch::grid_stride;
+use super::launch::{self, grid_stride};
 use super::{CudaBackend, CudaBuf};
 
 impl CudaBackend {
@@ -20,16 +19,25 @@ impl CudaBackend {
         let scale = 1.0 / (1.0 - p);
         match x {
             CudaBuf::Bf16(s) => {
-                let mut b = self.stream.launch_builder(self.kernels.get("dropout_bf16")?);
-                b.arg(s).arg(&len).arg(&p).arg(&scale).arg(&seed);
                 // SAFETY: len checked above.
-                unsafe { b.launch(grid_stride(len)) }?;
+                unsafe {
+                    launch::dropout_bf16(
+                        &self.stream,
+                        &self.kernels,
+                        grid_stride(len),
+                        s,
+                        len,
+                        p,
+                        scale,
+                        seed,
+                    )
+                }?;
             }
             CudaBuf::F32(s) => {
-                let mut b = self.stream.launch_builder(self.kernels.get("dropout_f32")?);
-                b.arg(s).arg(&len).arg(&p).arg(&scale).arg(&seed);
                 // SAFETY: len checked above.
-                unsafe { b.launch(grid_stride(len)) }?;
+                unsafe {
+                    launch::dropout_f32(&self.stream, &self.kernels, grid_stride(len), s, len, p, scale, seed)
+                }?;
             }
         }
         Ok(())

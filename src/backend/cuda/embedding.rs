@@ -1,9 +1,9 @@
 //! Embedding forward (a gather) and its deterministic backward (tokens grouped by id on the host).
 
 use anyhow::{bail, Result};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
-use super::launch::{grid_stride, int, BLOCK};
+use super::launch::{self, grid_stride, int, BLOCK};
 use super::scratch::ensure;
 use super::{bf16_mut, bf16_of, ids_of, CudaBackend, CudaBuf};
 
@@ -43,10 +43,9 @@ impl CudaBackend {
             return Ok(());
         }
         let (ni, di) = (int(n, "n")?, int(d, "d")?);
-        let mut b = self.stream.launch_builder(self.kernels.get("embedding_forward")?);
-        b.arg(out).arg(ids).arg(table).arg(&ni).arg(&di);
+        let cfg = grid_stride(n * d);
         // SAFETY: sizes checked; ids index the table (see above).
-        unsafe { b.launch(grid_stride(n * d)) }?;
+        unsafe { launch::embedding_forward(&self.stream, &self.kernels, cfg, out, ids, table, ni, di) }?;
         Ok(())
     }
 
@@ -91,16 +90,18 @@ impl CudaBackend {
         };
         match dtable {
             CudaBuf::F32(t) => {
-                let mut b = self.stream.launch_builder(self.kernels.get("embedding_backward_grouped")?);
-                b.arg(t).arg(dout).arg(&*order_d).arg(&*start_d).arg(&*id_d).arg(&di);
+                let (s, ks) = (&self.stream, &self.kernels);
                 // SAFETY: every group id < vocab = rows of the table; order entries < n.
-                unsafe { b.launch(cfg) }?;
+                unsafe {
+                    launch::embedding_backward_grouped(s, ks, cfg, t, dout, order_d, start_d, id_d, di)
+                }?;
             }
             CudaBuf::Bf16(t) => {
-                let mut b = self.stream.launch_builder(self.kernels.get("embedding_backward_grouped_bf16")?);
-                b.arg(t).arg(dout).arg(&*order_d).arg(&*start_d).arg(&*id_d).arg(&di);
+                let (s, ks) = (&self.stream, &self.kernels);
                 // SAFETY: as above.
-                unsafe { b.launch(cfg) }?;
+                unsafe {
+                    launch::embedding_backward_grouped_bf16(s, ks, cfg, t, dout, order_d, start_d, id_d, di)
+                }?;
             }
         }
         Ok(())

@@ -9,9 +9,9 @@
 
 use anyhow::{Context, Result};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
-use super::launch::{int, Kernels};
+use super::launch::{self, int, launch_for_head_dim, Kernels};
 use super::scratch::{ensure, Scratch};
 use super::CudaBackend;
 use crate::backend::HeadShape;
@@ -169,12 +169,12 @@ impl CudaBackend {
         int(1 + 3 * bound, "attention tile table")?;
         let table = ensure(slot, 1 + 3 * bound, &self.stream, "attention tile table")?;
         let (segi, tilei) = (int(n_segments, "segments")?, int(tile, "tile")?);
-        let mut b = self.stream.launch_builder(self.kernels.get("flash_tile_table")?);
-        b.arg(table).arg(cu_seqlens).arg(&segi).arg(&tilei);
         let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: the table holds 1 + 3·bound ints and at most `bound` tiles are written;
         // cu_seqlens holds n_segments + 1 offsets (checked by the caller).
-        unsafe { b.launch(cfg) }?;
+        unsafe {
+            launch::flash_tile_table(&self.stream, &self.kernels, cfg, table, cu_seqlens, segi, tilei)
+        }?;
         Ok(bound)
     }
 
@@ -196,10 +196,16 @@ impl CudaBackend {
         let k = cfg.forward;
         let bound = self.build_tile_table(&mut scratch.attn_tiles, cu_seqlens, n_segments, n, k.tile)?;
         let table = scratch.attn_tiles.as_ref().expect("built above");
-        let mut b = self.stream.launch_builder(self.kernels.get(k.name)?);
-        b.arg(out).arg(lse).arg(qkv).arg(table).arg(&ni).arg(&nhi).arg(&nkvi);
+        let (s, ks, launch_cfg) = (&self.stream, &self.kernels, flash_launch(k, bound, heads.n_heads));
         // SAFETY: sizes checked by the caller; every tile lies inside one segment of 0..n.
-        unsafe { b.launch(flash_launch(k, bound, heads.n_heads)) }?;
+        unsafe {
+            launch_for_head_dim!(
+                cfg.head_dim,
+                launch::flash_forward_64,
+                launch::flash_forward_128,
+                (s, ks, launch_cfg, out, lse, qkv, table, ni, nhi, nkvi)
+            )
+        }?;
         Ok(())
     }
 
@@ -228,15 +234,27 @@ impl CudaBackend {
         let table_k = scratch.attn_tiles_kv.as_ref().expect("built above");
         let d = scratch.attn_d.as_ref().context("attention D was not computed")?;
 
-        let mut b = self.stream.launch_builder(self.kernels.get(cfg.dq.name)?);
-        b.arg(&mut *dqkv).arg(dout).arg(qkv).arg(lse).arg(d).arg(table_q).arg(&ni).arg(&nhi).arg(&nkvi);
+        let (s, ks, launch_cfg) = (&self.stream, &self.kernels, flash_launch(cfg.dq, bound_q, heads.n_heads));
         // SAFETY: writes only the q part of dqkv rows inside their segments.
-        unsafe { b.launch(flash_launch(cfg.dq, bound_q, heads.n_heads)) }?;
+        unsafe {
+            launch_for_head_dim!(
+                cfg.head_dim,
+                launch::flash_backward_dq_64,
+                launch::flash_backward_dq_128,
+                (s, ks, launch_cfg, dqkv, dout, qkv, lse, d, table_q, ni, nhi, nkvi)
+            )
+        }?;
 
-        let mut b = self.stream.launch_builder(self.kernels.get(cfg.dkdv.name)?);
-        b.arg(&mut *dqkv).arg(dout).arg(qkv).arg(lse).arg(d).arg(table_k).arg(&ni).arg(&nhi).arg(&nkvi);
+        let launch_cfg = flash_launch(cfg.dkdv, bound_k, heads.n_kv_heads);
         // SAFETY: writes only the k and v parts of dqkv rows inside their segments.
-        unsafe { b.launch(flash_launch(cfg.dkdv, bound_k, heads.n_kv_heads)) }?;
+        unsafe {
+            launch_for_head_dim!(
+                cfg.head_dim,
+                launch::flash_backward_dkdv_64,
+                launch::flash_backward_dkdv_128,
+                (s, ks, launch_cfg, dqkv, dout, qkv, lse, d, table_k, ni, nhi, nkvi)
+            )
+        }?;
         Ok(())
     }
 }

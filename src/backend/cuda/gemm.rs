@@ -5,9 +5,10 @@
 //! Buffers are row-major; cuBLASLt is column-major, so a row-major `[r, c]` matrix is a
 //! column-major `c × r` matrix with leading dimension `c`.
 
+use std::collections::HashSet;
 use std::ffi::c_void;
 use std::mem::size_of;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use cudarc::cublaslt::result as lt;
@@ -18,7 +19,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 const WORKSPACE_BYTES: usize = 32 << 20;
 
 /// Element type of a GEMM operand.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) enum DType {
     Bf16,
     F32,
@@ -60,6 +61,69 @@ pub(super) struct Gemm {
     stream: Arc<CudaStream>,
     /// SFT_GEMM_FALLBACK=1: every GEMM uses kernels/matmul.cu (to cross-check cuBLASLt).
     force_fallback: bool,
+    /// The shapes already reported as having no cuBLASLt algorithm.
+    no_algorithm: NoAlgorithmWarnings,
+}
+
+/// A GEMM's shape and layout: what cuBLASLt's heuristic decides on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct GemmShape {
+    transa: bool,
+    transb: bool,
+    m: u64,
+    n: u64,
+    k: u64,
+    lda: i64,
+    ldb: i64,
+    ldc: i64,
+    c_type: DType,
+}
+
+impl GemmShape {
+    fn of(g: &GemmCall) -> Self {
+        GemmShape {
+            transa: g.transa,
+            transb: g.transb,
+            m: g.m,
+            n: g.n,
+            k: g.k,
+            lda: g.lda,
+            ldb: g.ldb,
+            ldc: g.ldc,
+            c_type: g.c_type,
+        }
+    }
+}
+
+/// Says once per shape that cuBLASLt offered no algorithm: the fallback kernel is 100× slower
+/// or worse, so a run that hits it should say where, but not on every step.
+#[derive(Default)]
+struct NoAlgorithmWarnings {
+    seen: Mutex<HashSet<GemmShape>>,
+}
+
+impl NoAlgorithmWarnings {
+    /// The warning the first time `g`'s shape has no algorithm, `None` after that.
+    fn first_time(&self, g: &GemmCall) -> Option<String> {
+        let shape = GemmShape::of(g);
+        if !self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(shape) {
+            return None;
+        }
+        let op = |t: bool| if t { "T" } else { "N" };
+        Some(format!(
+            "warning: cuBLASLt has no algorithm for the GEMM m={} n={} k={} (op(A)={}, op(B)={}, lda={} ldb={} \
+             ldc={}, bf16 in, {:?} out); falling back to kernels/matmul.cu, which is 100x slower or worse",
+            g.m,
+            g.n,
+            g.k,
+            op(g.transa),
+            op(g.transb),
+            g.lda,
+            g.ldb,
+            g.ldc,
+            g.c_type
+        ))
+    }
 }
 
 // The handle is only used through &self on the backend's one stream; cuBLASLt handles may be
@@ -107,7 +171,7 @@ impl Gemm {
         let workspace =
             stream.alloc_zeros::<u8>(WORKSPACE_BYTES).context("allocating the cuBLASLt workspace")?;
         let force_fallback = std::env::var("SFT_GEMM_FALLBACK").is_ok_and(|v| v == "1");
-        Ok(Gemm { handle, workspace, stream, force_fallback })
+        Ok(Gemm { handle, workspace, stream, force_fallback, no_algorithm: NoAlgorithmWarnings::default() })
     }
 
     /// Runs the GEMM with cuBLASLt; `Ok(false)` when cuBLASLt has no algorithm for it (or the
@@ -166,7 +230,12 @@ impl Gemm {
                 pref.0,
             ) {
                 Ok(h) => h,
-                Err(lt::CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => return Ok(false),
+                Err(lt::CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
+                    if let Some(warning) = self.no_algorithm.first_time(g) {
+                        eprintln!("{warning}");
+                    }
+                    return Ok(false);
+                }
                 Err(e) => return Err(e).with_context(|| format!("cuBLASLt heuristic for {g:?}")),
             };
             lt::matmul(
@@ -268,7 +337,22 @@ pub(super) fn dyt_x(rows: usize, in_dim: usize, out_dim: usize, dy: u64, x: u64,
 
 #[cfg(test)]
 mod tests {
-    use super::{dy_w, dyt_x, x_wt, DType, GemmCall};
+    use super::{dy_w, dyt_x, x_wt, DType, GemmCall, NoAlgorithmWarnings};
+
+    #[test]
+    fn no_algorithm_is_reported_once_per_shape_naming_it() {
+        let warnings = NoAlgorithmWarnings::default();
+        let g = x_wt(16384, 2048, 128256, 0x1000, 0x2000, 0x3000, DType::F32, 0.0);
+        let first = warnings.first_time(&g).expect("first time");
+        assert!(first.contains(&format!("m={} n={} k={}", g.m, g.n, g.k)), "{first}");
+        assert!(first.contains("100x slower"), "{first}");
+        assert_eq!(warnings.first_time(&g), None);
+        // Other buffers, same shape: still once.
+        let same = x_wt(16384, 2048, 128256, 0x9000, 0x8000, 0x7000, DType::F32, 0.0);
+        assert_eq!(warnings.first_time(&same), None);
+        let other = x_wt(16384, 2048, 128256, 0x1000, 0x2000, 0x3000, DType::Bf16, 0.0);
+        assert!(warnings.first_time(&other).is_some(), "another output type is another shape");
+    }
 
     /// cuBLAS semantics on the host (column-major, op() by the trans flags), as kernels/matmul.cu
     /// implements them: checks that the three row-major forms set shapes and strides right.

@@ -1,9 +1,9 @@
 //! The global gradient norm's sum of squares.
 
 use anyhow::{bail, Result};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
-use super::launch::BLOCK;
+use super::launch::{self, BLOCK};
 use super::scratch::ensure;
 use super::{CudaBackend, CudaBuf};
 
@@ -36,16 +36,12 @@ impl CudaBackend {
             };
             match buf {
                 CudaBuf::F32(s) => {
-                    let mut b = self.stream.launch_builder(self.kernels.get("sum_squares_f32")?);
-                    b.arg(&mut out).arg(s).arg(&len);
                     // SAFETY: `blocks` partial slots; len checked.
-                    unsafe { b.launch(cfg) }?;
+                    unsafe { launch::sum_squares_f32(&self.stream, &self.kernels, cfg, &mut out, s, len) }?;
                 }
                 CudaBuf::Bf16(s) => {
-                    let mut b = self.stream.launch_builder(self.kernels.get("sum_squares_bf16")?);
-                    b.arg(&mut out).arg(s).arg(&len);
                     // SAFETY: `blocks` partial slots; len checked.
-                    unsafe { b.launch(cfg) }?;
+                    unsafe { launch::sum_squares_bf16(&self.stream, &self.kernels, cfg, &mut out, s, len) }?;
                 }
             }
             used.push((i * SUMSQ_BLOCKS, blocks));

@@ -1,70 +1,116 @@
-//! Loading the embedded PTX modules and launching their kernels.
+//! Loading the embedded PTX modules, and one typed launcher per kernel.
+//!
+//! build.rs reads every `extern "C" __global__` signature in kernels/*.cu and generates a
+//! launcher for it here: `const T*` takes an [`In<T>`], `T*` an [`Out<T>`] (a `CudaSlice<T>`,
+//! a view of one, or a raw [`DevPtr<T>`]), `__nv_bfloat16` is `half::bf16`, `int` `i32`,
+//! `size_t` `usize`, `uint64_t` `u64`, `float` `f32`. So a launch with a wrong count, order or
+//! type of arguments does not compile:
+//!
+//! ```no_run
+//! use cudarc::driver::{CudaSlice, CudaStream, DriverError, LaunchConfig};
+//! use half::bf16;
+//! use sft::backend::cuda::launch::{self, Kernels};
+//!
+//! fn norm(
+//!     stream: &CudaStream, kernels: &Kernels, cfg: LaunchConfig, out: &mut CudaSlice<bf16>,
+//!     rstd: &mut CudaSlice<f32>, x: &CudaSlice<bf16>, w: &CudaSlice<bf16>,
+//! ) -> Result<(), DriverError> {
+//!     // SAFETY: (an example; never run)
+//!     unsafe { launch::rmsnorm_forward(stream, kernels, cfg, out, rstd, x, w, 4, 64, 1e-5) }
+//! }
+//! ```
+//!
+//! The same call with `out` and `rstd` swapped (a bf16 buffer where the kernel writes f32):
+//!
+//! ```compile_fail,E0277
+//! # use cudarc::driver::{CudaSlice, CudaStream, DriverError, LaunchConfig};
+//! # use half::bf16;
+//! # use sft::backend::cuda::launch::{self, Kernels};
+//! # fn norm(
+//! #     stream: &CudaStream, kernels: &Kernels, cfg: LaunchConfig, out: &mut CudaSlice<bf16>,
+//! #     rstd: &mut CudaSlice<f32>, x: &CudaSlice<bf16>, w: &CudaSlice<bf16>,
+//! # ) -> Result<(), DriverError> {
+//! unsafe { launch::rmsnorm_forward(stream, kernels, cfg, rstd, out, x, w, 4, 64, 1e-5) }
+//! # }
+//! ```
+//!
+//! A read-only buffer where the kernel writes (`x` for `out`):
+//!
+//! ```compile_fail,E0308
+//! # use cudarc::driver::{CudaSlice, CudaStream, DriverError, LaunchConfig};
+//! # use half::bf16;
+//! # use sft::backend::cuda::launch::{self, Kernels};
+//! # fn norm(
+//! #     stream: &CudaStream, kernels: &Kernels, cfg: LaunchConfig, out: &mut CudaSlice<bf16>,
+//! #     rstd: &mut CudaSlice<f32>, x: &CudaSlice<bf16>, w: &CudaSlice<bf16>,
+//! # ) -> Result<(), DriverError> {
+//! unsafe { launch::rmsnorm_forward(stream, kernels, cfg, x, rstd, x, w, 4, 64, 1e-5) }
+//! # }
+//! ```
+//!
+//! A missing argument (`eps`):
+//!
+//! ```compile_fail,E0061
+//! # use cudarc::driver::{CudaSlice, CudaStream, DriverError, LaunchConfig};
+//! # use half::bf16;
+//! # use sft::backend::cuda::launch::{self, Kernels};
+//! # fn norm(
+//! #     stream: &CudaStream, kernels: &Kernels, cfg: LaunchConfig, out: &mut CudaSlice<bf16>,
+//! #     rstd: &mut CudaSlice<f32>, x: &CudaSlice<bf16>, w: &CudaSlice<bf16>,
+//! # ) -> Result<(), DriverError> {
+//! unsafe { launch::rmsnorm_forward(stream, kernels, cfg, out, rstd, x, w, 4, 64) }
+//! # }
+//! ```
+//!
+//! A size where the kernel takes an `int` (`n: usize`):
+//!
+//! ```compile_fail,E0308
+//! # use cudarc::driver::{CudaSlice, CudaStream, DriverError, LaunchConfig};
+//! # use half::bf16;
+//! # use sft::backend::cuda::launch::{self, Kernels};
+//! # fn norm(
+//! #     stream: &CudaStream, kernels: &Kernels, cfg: LaunchConfig, out: &mut CudaSlice<bf16>,
+//! #     rstd: &mut CudaSlice<f32>, x: &CudaSlice<bf16>, w: &CudaSlice<bf16>,
+//! # ) -> Result<(), DriverError> {
+//! let n: usize = 4;
+//! unsafe { launch::rmsnorm_forward(stream, kernels, cfg, out, rstd, x, w, n, 64, 1e-5) }
+//! # }
+//! ```
 
-use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DriverError, LaunchArgs,
+    LaunchConfig, PushKernelArg,
+};
 use cudarc::nvrtc::Ptx;
 
-/// Every kernel the backend launches, by module (the file stem of `kernels/NAME.cu`).
-/// Loading them all up front turns a missing or misspelled entry into an error at start-up.
-const KERNELS: &[(&str, &[&str])] = &[
-    ("cast", &["cast_f32_to_bf16", "cast_bf16_to_f32"]),
-    (
-        "rmsnorm",
-        &[
-            "rmsnorm_forward",
-            "residual_rmsnorm_forward",
-            "rmsnorm_backward_dx",
-            "rmsnorm_backward_dw_partial",
-            "rmsnorm_backward_dw_reduce",
-        ],
-    ),
-    ("rope", &["rope_apply"]),
-    ("swiglu", &["swiglu_forward", "swiglu_backward"]),
-    ("dropout", &["dropout_bf16", "dropout_f32"]),
-    ("embedding", &["embedding_forward", "embedding_backward_grouped", "embedding_backward_grouped_bf16"]),
-    ("cross_entropy", &["cross_entropy_gather_rows", "cross_entropy_scatter_rows", "cross_entropy_rows"]),
-    ("global_norm", &["sum_squares_f32", "sum_squares_bf16"]),
-    ("adamw", &["adamw_multi"]),
-    ("matmul", &["matmul_fallback_f32out", "matmul_fallback_bf16out"]),
-    (
-        "attention",
-        &[
-            "attention_forward_64",
-            "attention_forward_128",
-            "attention_decode_64",
-            "attention_decode_128",
-            "attention_kv_cache_write",
-            "attention_backward_d",
-            "attention_backward_dq_64",
-            "attention_backward_dq_128",
-            "attention_backward_dkdv_64",
-            "attention_backward_dkdv_128",
-        ],
-    ),
-    (
-        "flash_attention",
-        &[
-            "flash_tile_table",
-            "flash_forward_64",
-            "flash_forward_128",
-            "flash_backward_dq_64",
-            "flash_backward_dq_128",
-            "flash_backward_dkdv_64",
-            "flash_backward_dkdv_128",
-        ],
-    ),
-];
+/// Launches the head_dim 64 or 128 variant of a kernel family (`attention_forward_64`/`_128`,
+/// ...), whose signatures are the same; another head_dim is an error.
+macro_rules! launch_for_head_dim {
+    ($head_dim:expr, $k64:path, $k128:path, ($($arg:expr),* $(,)?)) => {
+        match $head_dim {
+            64 => $k64($($arg),*).map_err(anyhow::Error::from),
+            128 => $k128($($arg),*).map_err(anyhow::Error::from),
+            hd => Err(anyhow::anyhow!("no {} kernel for head_dim {hd}", stringify!($k64))),
+        }
+    };
+}
+pub(super) use launch_for_head_dim;
 
 /// Threads per block of the element-wise and row-wise kernels.
 pub(super) const BLOCK: u32 = 256;
 /// Warps (query or key rows) per attention block; must match ATT_WARPS in attention.cu.
 pub(super) const ATT_WARPS: usize = 8;
 
-pub(super) struct Kernels {
-    functions: HashMap<&'static str, CudaFunction>,
+/// Every kernel of every module ([`crate::kernels::KERNELS`], read from kernels/*.cu by build.rs),
+/// loaded when the backend opens: a module that does not load is an error at start-up.
+pub struct Kernels {
+    /// In the order of `KERNELS`, which the generated launchers index.
+    functions: Vec<CudaFunction>,
+    names: Vec<&'static str>,
 }
 
 impl Kernels {
@@ -76,25 +122,37 @@ impl Kernels {
                 crate::kernels::PTX_UNAVAILABLE
             );
         }
-        let mut functions = HashMap::new();
-        for (module_name, names) in KERNELS {
+        let (mut functions, mut names) = (Vec::new(), Vec::new());
+        for (module_name, kernel_names) in crate::kernels::KERNELS {
             let ptx = crate::kernels::ptx(module_name)
                 .ok_or_else(|| anyhow!("kernel module {module_name} is not embedded in this binary"))?;
             let module = ctx
                 .load_module(Ptx::from_src(ptx))
                 .with_context(|| format!("loading the PTX of kernels/{module_name}.cu"))?;
-            for name in names.iter() {
+            for name in kernel_names.iter() {
                 let f = module
                     .load_function(name)
                     .with_context(|| format!("kernel {name} in kernels/{module_name}.cu"))?;
-                functions.insert(*name, f);
+                functions.push(f);
+                names.push(*name);
             }
         }
-        Ok(Kernels { functions })
+        Ok(Kernels { functions, names })
     }
 
+    /// A kernel by name, for its attributes (launches go through the typed launchers below).
     pub(super) fn get(&self, name: &str) -> Result<&CudaFunction> {
-        self.functions.get(name).ok_or_else(|| anyhow!("kernel {name} was not loaded"))
+        let i = self
+            .names
+            .iter()
+            .position(|n| *n == name)
+            .ok_or_else(|| anyhow!("kernel {name} was not loaded"))?;
+        Ok(&self.functions[i])
+    }
+
+    /// The kernel at `index` of `KERNELS`, which the generated launchers pass.
+    fn function(&self, index: usize) -> &CudaFunction {
+        &self.functions[index]
     }
 }
 
@@ -113,3 +171,76 @@ pub(super) fn per_row(rows: usize) -> LaunchConfig {
 pub(super) fn int(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| anyhow!("{what} = {v} does not fit the kernels' 32-bit int"))
 }
+
+/// A device buffer of `T` that a kernel reads (`const T*`).
+pub trait In<T> {
+    /// Appends the buffer's device address to the launch.
+    fn push<'a>(&'a self, args: &mut LaunchArgs<'a>);
+}
+
+/// A device buffer of `T` that a kernel writes (`T*`).
+pub trait Out<T> {
+    /// Appends the buffer's device address to the launch.
+    fn push<'a>(&'a mut self, args: &mut LaunchArgs<'a>);
+}
+
+impl<T> In<T> for CudaSlice<T> {
+    fn push<'a>(&'a self, args: &mut LaunchArgs<'a>) {
+        args.arg(self);
+    }
+}
+impl<T> In<T> for CudaView<'_, T> {
+    fn push<'a>(&'a self, args: &mut LaunchArgs<'a>) {
+        args.arg(self);
+    }
+}
+impl<T> Out<T> for CudaSlice<T> {
+    fn push<'a>(&'a mut self, args: &mut LaunchArgs<'a>) {
+        args.arg(self);
+    }
+}
+impl<T> Out<T> for CudaViewMut<'_, T> {
+    fn push<'a>(&'a mut self, args: &mut LaunchArgs<'a>) {
+        args.arg(self);
+    }
+}
+
+/// The null pointer that an optional output passes when absent.
+static NULL_DEVICE_PTR: u64 = 0;
+
+/// An optional output: `None` passes a null pointer (the kernel must check for it).
+impl<T, B: Out<T>> Out<T> for Option<&mut B> {
+    fn push<'a>(&'a mut self, args: &mut LaunchArgs<'a>) {
+        match self {
+            Some(b) => b.push(args),
+            None => {
+                args.arg(&NULL_DEVICE_PTR);
+            }
+        }
+    }
+}
+
+/// A raw device address of `T` elements (cuBLASLt operands, which the backend holds as
+/// addresses); the element type still has to match the kernel's.
+pub struct DevPtr<T> {
+    address: u64,
+    element: PhantomData<T>,
+}
+
+impl<T> DevPtr<T> {
+    pub fn new(address: u64) -> Self {
+        DevPtr { address, element: PhantomData }
+    }
+}
+impl<T> In<T> for DevPtr<T> {
+    fn push<'a>(&'a self, args: &mut LaunchArgs<'a>) {
+        args.arg(&self.address);
+    }
+}
+impl<T> Out<T> for DevPtr<T> {
+    fn push<'a>(&'a mut self, args: &mut LaunchArgs<'a>) {
+        args.arg(&self.address);
+    }
+}
+
+include!(concat!(env!("OUT_DIR"), "/launchers.rs"));

@@ -2,10 +2,11 @@
 //! cuBLASLt (gemm.rs), or kernels/matmul.cu where cuBLASLt has no algorithm.
 
 use anyhow::Result;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
+use half::bf16;
 
 use super::gemm::{dy_w, dyt_x, x_wt, DType, GemmCall};
-use super::launch::int;
+use super::launch::{self, int, DevPtr};
 use super::{bf16_mut, bf16_of, f32_mut, CudaBackend, CudaBuf};
 
 impl CudaBackend {
@@ -17,23 +18,59 @@ impl CudaBackend {
         if self.gemm.run(g)? {
             return Ok(());
         }
-        let name = match g.c_type {
-            DType::F32 => "matmul_fallback_f32out",
-            DType::Bf16 => "matmul_fallback_bf16out",
-        };
         let (m, n, k) =
             (int(g.m as usize, "gemm m")?, int(g.n as usize, "gemm n")?, int(g.k as usize, "gemm k")?);
         let (ta, tb) = (g.transa as i32, g.transb as i32);
-        let mut b = self.stream.launch_builder(self.kernels.get(name)?);
-        b.arg(&g.c).arg(&g.a).arg(&g.b).arg(&ta).arg(&tb).arg(&m).arg(&n).arg(&k);
-        b.arg(&g.lda).arg(&g.ldb).arg(&g.ldc).arg(&g.alpha).arg(&g.beta);
         let cfg = LaunchConfig {
             grid_dim: ((g.m as u32).div_ceil(16), (g.n as u32).div_ceil(16), 1),
             block_dim: (16, 16, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the same pointers and shapes cuBLASLt would have used, checked by the caller.
-        unsafe { b.launch(cfg) }?;
+        let (s, ks) = (&self.stream, &self.kernels);
+        let (a, b) = (DevPtr::<bf16>::new(g.a), DevPtr::<bf16>::new(g.b));
+        let (lda, ldb, ldc) = (g.lda, g.ldb, g.ldc);
+        // SAFETY: the same pointers and shapes cuBLASLt would have used, checked by the caller;
+        // c_type says which element type the caller's C holds.
+        unsafe {
+            match g.c_type {
+                DType::F32 => launch::matmul_fallback_f32out(
+                    s,
+                    ks,
+                    cfg,
+                    &mut DevPtr::<f32>::new(g.c),
+                    &a,
+                    &b,
+                    ta,
+                    tb,
+                    m,
+                    n,
+                    k,
+                    lda,
+                    ldb,
+                    ldc,
+                    g.alpha,
+                    g.beta,
+                ),
+                DType::Bf16 => launch::matmul_fallback_bf16out(
+                    s,
+                    ks,
+                    cfg,
+                    &mut DevPtr::<bf16>::new(g.c),
+                    &a,
+                    &b,
+                    ta,
+                    tb,
+                    m,
+                    n,
+                    k,
+                    lda,
+                    ldb,
+                    ldc,
+                    g.alpha,
+                    g.beta,
+                ),
+            }
+        }?;
         Ok(())
     }
 

@@ -18,7 +18,7 @@ mod embedding;
 mod flash_attention;
 mod gemm;
 mod global_norm;
-mod launch;
+pub mod launch;
 mod matmul;
 mod memory;
 mod rmsnorm;
@@ -122,6 +122,20 @@ pub struct CudaBackend {
     force_scalar_attention: AtomicBool,
 }
 
+/// Refuses a driver too old for the embedded PTX before any module fails to load with
+/// CUDA_ERROR_UNSUPPORTED_PTX_VERSION, which does not say which driver is needed.
+fn check_driver_version() -> Result<()> {
+    let Some(isa) = crate::kernels::ptx_isa_version() else { return Ok(()) };
+    let mut version: std::ffi::c_int = 0;
+    // SAFETY: the driver library is present (checked by the caller); cuDriverGetVersion needs
+    // no cuInit and only writes the int.
+    let status = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
+    if status != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+        bail!("cuDriverGetVersion failed: {status:?}");
+    }
+    crate::kernels::check_driver_for_ptx(version, isa).map_err(anyhow::Error::msg)
+}
+
 impl CudaBackend {
     /// Opens GPU `ordinal`. Fails with a clear message where there is no driver, no such GPU,
     /// no embedded kernels or no cuBLASLt.
@@ -133,6 +147,7 @@ impl CudaBackend {
                 "no CUDA driver found (libcuda.so could not be loaded): the CUDA backend needs an NVIDIA GPU"
             );
         }
+        check_driver_version()?;
         let ctx = CudaContext::new(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))?;
         // One stream only: cudarc's per-buffer event tracking would only add overhead.
         // SAFETY: every buffer of this backend is used on `stream` alone.

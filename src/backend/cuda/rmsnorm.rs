@@ -1,9 +1,9 @@
 //! RMSNorm forward (plain and fused with the residual add) and backward.
 
 use anyhow::Result;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
-use super::launch::{int, per_row, BLOCK};
+use super::launch::{self, int, per_row, BLOCK};
 use super::scratch::ensure;
 use super::{bf16_mut, bf16_of, f32_mut, f32_of, CudaBackend, CudaBuf};
 
@@ -30,10 +30,10 @@ impl CudaBackend {
             return Ok(());
         }
         let (ni, di) = (int(n, "n")?, int(d, "d")?);
-        let mut b = self.stream.launch_builder(self.kernels.get("rmsnorm_forward")?);
-        b.arg(out).arg(rstd).arg(x).arg(w).arg(&ni).arg(&di).arg(&eps);
         // SAFETY: buffer sizes checked above; one block per row.
-        unsafe { b.launch(per_row(n)) }?;
+        unsafe {
+            launch::rmsnorm_forward(&self.stream, &self.kernels, per_row(n), out, rstd, x, w, ni, di, eps)
+        }?;
         Ok(())
     }
 
@@ -60,10 +60,24 @@ impl CudaBackend {
             return Ok(());
         }
         let (ni, di) = (int(n, "n")?, int(d, "d")?);
-        let mut b = self.stream.launch_builder(self.kernels.get("residual_rmsnorm_forward")?);
-        b.arg(x_out).arg(out).arg(rstd).arg(x_in).arg(delta).arg(w).arg(&ni).arg(&di).arg(&eps);
+        let cfg = per_row(n);
         // SAFETY: buffer sizes checked above; one block per row.
-        unsafe { b.launch(per_row(n)) }?;
+        unsafe {
+            launch::residual_rmsnorm_forward(
+                &self.stream,
+                &self.kernels,
+                cfg,
+                x_out,
+                out,
+                rstd,
+                x_in,
+                delta,
+                w,
+                ni,
+                di,
+                eps,
+            )
+        }?;
         Ok(())
     }
 
@@ -89,10 +103,10 @@ impl CudaBackend {
             return Ok(());
         }
         let (ni, di) = (int(n, "n")?, int(d, "d")?);
-        let mut b = self.stream.launch_builder(self.kernels.get("rmsnorm_backward_dx")?);
-        b.arg(&mut *dx).arg(dout).arg(x).arg(w).arg(rstd).arg(&ni).arg(&di);
         // SAFETY: buffer sizes checked above; one block per row.
-        unsafe { b.launch(per_row(n)) }?;
+        unsafe {
+            launch::rmsnorm_backward_dx(&self.stream, &self.kernels, per_row(n), dx, dout, x, w, rstd, ni, di)
+        }?;
 
         let rows_per_chunk = n.div_ceil(DW_CHUNKS);
         let n_chunks = n.div_ceil(rows_per_chunk);
@@ -100,21 +114,32 @@ impl CudaBackend {
         let partial = ensure(&mut scratch.rms_partial, n_chunks * d, &self.stream, "rmsnorm dw partials")?;
         let (rpc, nci) = (int(rows_per_chunk, "rows per chunk")?, int(n_chunks, "chunks")?);
         let col_blocks = d.div_ceil(BLOCK as usize) as u32;
-        let mut b = self.stream.launch_builder(self.kernels.get("rmsnorm_backward_dw_partial")?);
-        b.arg(&mut *partial).arg(dout).arg(x).arg(rstd).arg(&ni).arg(&di).arg(&rpc);
         let cfg = LaunchConfig {
             grid_dim: (col_blocks, n_chunks as u32, 1),
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: partial holds n_chunks * d; the kernel bounds-checks columns and rows.
-        unsafe { b.launch(cfg) }?;
-        let mut b = self.stream.launch_builder(self.kernels.get("rmsnorm_backward_dw_reduce")?);
-        b.arg(dw).arg(&*partial).arg(&di).arg(&nci);
+        unsafe {
+            launch::rmsnorm_backward_dw_partial(
+                &self.stream,
+                &self.kernels,
+                cfg,
+                partial,
+                dout,
+                x,
+                rstd,
+                ni,
+                di,
+                rpc,
+            )
+        }?;
         let cfg =
             LaunchConfig { grid_dim: (col_blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: as above.
-        unsafe { b.launch(cfg) }?;
+        unsafe {
+            launch::rmsnorm_backward_dw_reduce(&self.stream, &self.kernels, cfg, dw, partial, di, nci)
+        }?;
         Ok(())
     }
 }

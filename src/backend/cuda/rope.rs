@@ -1,9 +1,9 @@
 //! Rotary embeddings: one kernel, `rope_apply`, rotates forward or back.
 
 use anyhow::{bail, Result};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::CudaSlice;
 
-use super::launch::{grid_stride, int};
+use super::launch::{self, grid_stride, int};
 use super::{bf16_mut, ids_of, CudaBackend, CudaBuf};
 use crate::backend::{HeadShape, Rope, RopeScaling, RopeStyle};
 
@@ -69,23 +69,15 @@ impl CudaBackend {
                 original_max_position_embeddings,
             }) => (2, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings as f32),
         };
-        let mut b = self.stream.launch_builder(self.kernels.get("rope_apply")?);
-        b.arg(qkv)
-            .arg(positions)
-            .arg(&ni)
-            .arg(&hi)
-            .arg(&hdi)
-            .arg(&wi)
-            .arg(&rope.theta)
-            .arg(&style_i)
-            .arg(&direction)
-            .arg(&scaling.0)
-            .arg(&scaling.1)
-            .arg(&scaling.2)
-            .arg(&scaling.3)
-            .arg(&scaling.4);
+        let (kind, factor, low, high, original) = scaling;
+        let (s, ks, cfg) = (&self.stream, &self.kernels, grid_stride(total));
         // SAFETY: qkv holds n rows of `width`; the rotated heads lie within a row.
-        unsafe { b.launch(grid_stride(total)) }?;
+        unsafe {
+            launch::rope_apply(
+                s, ks, cfg, qkv, positions, ni, hi, hdi, wi, rope.theta, style_i, direction, kind, factor,
+                low, high, original,
+            )
+        }?;
         Ok(())
     }
 }

@@ -31,8 +31,8 @@ pub(super) struct Scratch {
     pub ce_dx: Option<CudaSlice<bf16>>,
     pub ce_logits: Option<CudaSlice<f32>>,
     pub ce_dlogits: Option<CudaSlice<bf16>>,
-    /// adamw: 6 u64 per tensor (master, grad, m, v, param pointers; length).
-    pub adam_descs: Option<CudaSlice<u64>>,
+    /// adamw: one descriptor per tensor.
+    pub adam_descs: Option<CudaSlice<super::launch::AdamTensor>>,
 }
 
 /// The buffer in `slot`, with room for at least `len` elements (at least 1).

@@ -1,9 +1,8 @@
 //! SwiGLU forward and backward.
 
 use anyhow::Result;
-use cudarc::driver::PushKernelArg;
 
-use super::launch::{grid_stride, int};
+use super::launch::{self, grid_stride, int};
 use super::{bf16_mut, bf16_of, CudaBackend, CudaBuf};
 
 impl CudaBackend {
@@ -20,10 +19,10 @@ impl CudaBackend {
             return Ok(());
         }
         let (ni, hi) = (int(n, "n")?, int(hidden, "hidden")?);
-        let mut b = self.stream.launch_builder(self.kernels.get("swiglu_forward")?);
-        b.arg(out).arg(gate_up).arg(&ni).arg(&hi);
         // SAFETY: sizes checked above.
-        unsafe { b.launch(grid_stride(n * hidden)) }?;
+        unsafe {
+            launch::swiglu_forward(&self.stream, &self.kernels, grid_stride(n * hidden), out, gate_up, ni, hi)
+        }?;
         Ok(())
     }
 
@@ -42,10 +41,11 @@ impl CudaBackend {
             return Ok(());
         }
         let (ni, hi) = (int(n, "n")?, int(hidden, "hidden")?);
-        let mut b = self.stream.launch_builder(self.kernels.get("swiglu_backward")?);
-        b.arg(dgate_up).arg(dout).arg(gate_up).arg(&ni).arg(&hi);
+        let cfg = grid_stride(n * hidden);
         // SAFETY: sizes checked above.
-        unsafe { b.launch(grid_stride(n * hidden)) }?;
+        unsafe {
+            launch::swiglu_backward(&self.stream, &self.kernels, cfg, dgate_up, dout, gate_up, ni, hi)
+        }?;
         Ok(())
     }
 }
