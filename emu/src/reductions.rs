@@ -11,7 +11,9 @@ use crate::emu::*;
 const SUMSQ_BLOCKS: usize = 128;
 /// adamw.rs ADAM_BLOCKS: at most this many blocks stride over one tensor.
 const ADAM_BLOCKS: usize = 1024;
-/// cross_entropy.rs CHUNK_LOGITS: logit elements per chunk.
+/// Logit elements per chunk here: small, so that the cases run several chunks through the
+/// gather/scatter and loss kernels (the backend sizes its chunks from a byte budget,
+/// `cross_entropy_chunk_rows`, which for these small cases would be one chunk).
 const CHUNK_LOGITS: usize = 32 << 20;
 
 /// The fixed grid of sum_squares is not capped: the host sums exactly `blocks` partials.

@@ -15,12 +15,11 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, ensure, Result};
 
+use crate::backend::cuda::{cross_entropy_chunk_rows, CROSS_ENTROPY_CHUNK_BUDGET};
 use crate::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope};
 
 /// Bytes of a [`Precision::Compute`] element on the CUDA backend (bf16).
 pub const COMPUTE_BYTES: usize = 2;
-/// Logit elements per chunk of the fused loss (`CHUNK_LOGITS` in cuda/cross_entropy.rs).
-const CE_CHUNK_LOGITS: usize = 32 << 20;
 /// Row chunks of RMSNorm's weight-gradient partials (`DW_CHUNKS` in cuda/rmsnorm.rs).
 const RMS_DW_CHUNKS: usize = 64;
 /// Partial sums per tensor of the global norm (`SUMSQ_BLOCKS` in cuda/global_norm.rs).
@@ -721,7 +720,7 @@ impl Backend for CountingBackend {
         }
         self.upload(f, n_sup * 4);
         self.upload(f, n_sup * 4);
-        let chunk = (CE_CHUNK_LOGITS / vocab).clamp(1, n_sup);
+        let chunk = cross_entropy_chunk_rows(n_sup, d, vocab, CROSS_ENTROPY_CHUNK_BUDGET);
         self.scratch("ce_rows", n_sup * 4);
         self.scratch("ce_targets", n_sup * 4);
         self.scratch("ce_losses", n_sup * 4);

@@ -16,7 +16,7 @@ use crate::backend::LossGrads;
 
 /// Work buffers of one chunk, at most (fp32 logits, bf16 dlogits, compact x and dx): large
 /// enough that a 128k vocabulary takes a few chunks per micro-batch, not hundreds.
-pub(super) const CHUNK_BUDGET_BYTES: usize = 2 << 30;
+pub const CHUNK_BUDGET_BYTES: usize = 2 << 30;
 
 /// Each chunk reads and writes the whole fp32 lm_head gradient (`dw += dlogits^T @ x_chunk`):
 /// 2·vocab·d·4 bytes for 2·rows·vocab·d FLOPs, i.e. rows/4 FLOP per byte. Below about 1k rows
@@ -26,7 +26,7 @@ pub(super) const CHUNK_MIN_ROWS: usize = 1024;
 
 /// Supervised rows per chunk for `n_sup` rows: as many as `budget` bytes of work buffers hold,
 /// at least [`CHUNK_MIN_ROWS`], at most `n_sup`, and never more logits than an `int` indexes.
-pub(super) fn chunk_rows(n_sup: usize, d: usize, vocab: usize, budget: usize) -> usize {
+pub fn chunk_rows(n_sup: usize, d: usize, vocab: usize, budget: usize) -> usize {
     let bytes_per_row = vocab * (4 + 2) + d * (2 + 2);
     let by_budget = budget / bytes_per_row.max(1);
     let int_limit = (i32::MAX as usize / vocab.max(1)).max(1);

@@ -34,6 +34,9 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::bf16;
 
 use super::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope};
+pub use cross_entropy::{
+    chunk_rows as cross_entropy_chunk_rows, CHUNK_BUDGET_BYTES as CROSS_ENTROPY_CHUNK_BUDGET,
+};
 pub use flash_attention::AttentionPath;
 use flash_attention::FlashSupport;
 use gemm::Gemm;
