@@ -2,14 +2,14 @@
 //! decode after a KV-cache write. Launches mirror src/backend/cuda/attention.rs; the twins are
 //! the CPU's attention_forward / attention_backward / attention_decode.
 
-use sft::backend::cpu;
 use sft::backend::HeadShape;
+use sft::backend::{cpu, cuda};
 
 use crate::emu::*;
 
-/// attention.rs rows_by_heads: ATT_WARPS rows per block along x, one head per y.
+/// The backend's rows_by_heads: ATT_WARPS rows per block along x, one head per y.
 fn rows_by_heads(rows: usize, heads: usize) -> Cfg {
-    Cfg { grid: (rows.div_ceil(ATT_WARPS) as u32, heads as u32, 1), block: ((ATT_WARPS * 32) as u32, 1, 1) }
+    cuda::attention_rows_by_heads(rows, heads).into()
 }
 
 /// `out` columns [lo, hi) of every row of width `w`.

@@ -3,6 +3,9 @@
 
 use half::bf16;
 use sft::backend::cpu;
+use sft::backend::cuda::{
+    embedding_group_tokens_by_id, rope_scaling_args, rope_style_arg, RMSNORM_DW_CHUNKS,
+};
 use sft::backend::{HeadShape, Rope, RopeScaling, RopeStyle};
 
 use crate::emu::*;
@@ -94,8 +97,7 @@ pub fn rmsnorm(r: &mut Report, rng: &mut Rng) {
             per_row(n),
             &[arg(&pdx), arg(&pdo), arg(&px), arg(&pw), arg(&pr), arg(&ni), arg(&di)],
         );
-        // rmsnorm.rs: DW_CHUNKS = 64 chunks at most.
-        let rows_per_chunk = n.div_ceil(64);
+        let rows_per_chunk = n.div_ceil(RMSNORM_DW_CHUNKS);
         let n_chunks = n.div_ceil(rows_per_chunk);
         let mut partial = vec![f32::NAN; n_chunks * d];
         let (rpc, nci) = (rows_per_chunk as i32, n_chunks as i32);
@@ -155,26 +157,8 @@ pub fn rope(r: &mut Report, rng: &mut Rng) {
                     let (mut qkv, qkvf) = rng.bf16s(n * width, 1.0);
                     // Positions up to 100k: large angles (rope.cu takes sin/cos in double).
                     let positions: Vec<u32> = (0..n).map(|_| rng.below(100_000) as u32).collect();
-                    let style_i: i32 = match style {
-                        RopeStyle::AdjacentPairs => 0,
-                        RopeStyle::HalfSplit => 1,
-                    };
-                    let sc: (i32, f32, f32, f32, f32) = match scaling {
-                        None => (0, 1.0, 1.0, 1.0, 1.0),
-                        Some(RopeScaling::Linear { factor }) => (1, factor, 1.0, 1.0, 1.0),
-                        Some(RopeScaling::Llama3 {
-                            factor,
-                            low_freq_factor,
-                            high_freq_factor,
-                            original_max_position_embeddings,
-                        }) => (
-                            2,
-                            factor,
-                            low_freq_factor,
-                            high_freq_factor,
-                            original_max_position_embeddings as f32,
-                        ),
-                    };
+                    let style_i = rope_style_arg(style);
+                    let sc = rope_scaling_args(scaling);
                     let rot_heads = heads.n_heads + heads.n_kv_heads;
                     let total = n * rot_heads * heads.head_dim / 2;
                     let (ni, hi, hdi, wi) = (n as i32, rot_heads as i32, heads.head_dim as i32, width as i32);
@@ -277,23 +261,6 @@ pub fn dropout(r: &mut Report, rng: &mut Rng) {
     }
 }
 
-/// embedding.rs group_tokens_by_id: token indices sorted by id (stable), each run's start
-/// (plus a final n) and id.
-fn group_tokens_by_id(ids: &[u32]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
-    let mut order: Vec<u32> = (0..ids.len() as u32).collect();
-    order.sort_by_key(|&i| ids[i as usize]);
-    let (mut start, mut id) = (Vec::new(), Vec::new());
-    for (pos, &tok) in order.iter().enumerate() {
-        let v = ids[tok as usize];
-        if id.last() != Some(&v) {
-            id.push(v);
-            start.push(pos as u32);
-        }
-    }
-    start.push(ids.len() as u32);
-    (order, start, id)
-}
-
 pub fn embedding(r: &mut Report, rng: &mut Rng) {
     for (n, d, vocab) in [(1usize, 64usize, 7usize), (37, 100, 11), (9, 300, 1000)] {
         let case = format!("n {n} d {d} vocab {vocab}");
@@ -312,7 +279,7 @@ pub fn embedding(r: &mut Report, rng: &mut Rng) {
         r.check("embedding_forward", &case, &[("out", mismatches(&f64s_bf16(&out), &want), EXACT)]);
 
         let (dout, doutf) = rng.bf16s(n * d, 1.0);
-        let (order, start, gid) = group_tokens_by_id(&ids);
+        let (order, start, gid) = embedding_group_tokens_by_id(&ids);
         let cfg =
             Cfg { grid: (gid.len() as u32, d.div_ceil(BLOCK as usize) as u32, 1), block: (BLOCK, 1, 1) };
         let (pdo, por, pst, pid) = (dout.as_ptr(), order.as_ptr(), start.as_ptr(), gid.as_ptr());

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::ffi::c_void;
 
 use half::bf16;
+use sft::backend::cuda::{self, LaunchConfig};
 
 include!(concat!(env!("OUT_DIR"), "/entries.rs"));
 
@@ -38,24 +39,29 @@ pub struct Cfg {
     pub block: (u32, u32, u32),
 }
 
-/// Threads per block of the element-wise and row-wise kernels (launch.rs BLOCK).
-pub const BLOCK: u32 = 256;
-/// Warps per scalar attention block (launch.rs ATT_WARPS).
-pub const ATT_WARPS: usize = 8;
+pub use sft::backend::cuda::BLOCK;
+
 /// Grid-stride kernels run with at most this many blocks here, so that every thread loops
 /// over several elements (the GPU's grids are capped at 65536 blocks, so large inputs loop
 /// there too).
 pub const GRID_STRIDE_CAP: u32 = 3;
 
-/// launch.rs grid_stride, then capped to GRID_STRIDE_CAP blocks.
-pub fn grid_stride(total: usize) -> Cfg {
-    let blocks = total.div_ceil(BLOCK as usize).clamp(1, 1 << 16) as u32;
-    Cfg { grid: (blocks.min(GRID_STRIDE_CAP), 1, 1), block: (BLOCK, 1, 1) }
+impl From<LaunchConfig> for Cfg {
+    fn from(c: LaunchConfig) -> Self {
+        Cfg { grid: c.grid_dim, block: c.block_dim }
+    }
 }
 
-/// launch.rs per_row: one block of BLOCK threads per row.
+/// The backend's grid_stride, then capped to GRID_STRIDE_CAP blocks.
+pub fn grid_stride(total: usize) -> Cfg {
+    let mut cfg = Cfg::from(cuda::grid_stride(total));
+    cfg.grid.0 = cfg.grid.0.min(GRID_STRIDE_CAP);
+    cfg
+}
+
+/// The backend's per_row: one block of BLOCK threads per row.
 pub fn per_row(rows: usize) -> Cfg {
-    Cfg { grid: (rows as u32, 1, 1), block: (BLOCK, 1, 1) }
+    cuda::per_row(rows).into()
 }
 
 /// A kernel argument: a pointer to its value (a device pointer is passed as a pointer to the

@@ -3,14 +3,10 @@
 
 use half::bf16;
 use sft::backend::cpu::{self, CeGrads, Real};
+use sft::backend::cuda::{ADAMW_MAX_BLOCKS, SUM_SQUARES_BLOCKS};
 use sft::backend::AdamW;
 
 use crate::emu::*;
-
-/// global_norm.rs SUMSQ_BLOCKS: blocks (and partials) per buffer.
-const SUMSQ_BLOCKS: usize = 128;
-/// adamw.rs ADAM_BLOCKS: at most this many blocks stride over one tensor.
-const ADAM_BLOCKS: usize = 1024;
 /// Logit elements per chunk here: small, so that the cases run several chunks through the
 /// gather/scatter and loss kernels (the backend sizes its chunks from a byte budget,
 /// `cross_entropy_chunk_rows`, which for these small cases would be one chunk).
@@ -18,7 +14,7 @@ const CHUNK_LOGITS: usize = 32 << 20;
 
 /// The fixed grid of sum_squares is not capped: the host sums exactly `blocks` partials.
 fn sumsq_cfg(len: usize) -> (usize, Cfg) {
-    let blocks = len.div_ceil(BLOCK as usize).min(SUMSQ_BLOCKS);
+    let blocks = len.div_ceil(BLOCK as usize).min(SUM_SQUARES_BLOCKS);
     (blocks, Cfg { grid: (blocks as u32, 1, 1), block: (BLOCK, 1, 1) })
 }
 
@@ -90,7 +86,7 @@ pub fn adamw(r: &mut Report, rng: &mut Rng) {
         let max_len = *lens.iter().max().unwrap();
         let bc1 = (1.0 - (hp.beta1 as f64).powi(hp.step as i32)) as f32;
         let bc2 = (1.0 - (hp.beta2 as f64).powi(hp.step as i32)) as f32;
-        let blocks = (max_len.div_ceil(BLOCK as usize).min(ADAM_BLOCKS) as u32).min(GRID_STRIDE_CAP);
+        let blocks = (max_len.div_ceil(BLOCK as usize).min(ADAMW_MAX_BLOCKS) as u32).min(GRID_STRIDE_CAP);
         let pd = descs.as_ptr();
         r.launch(
             "adamw_multi",

@@ -33,6 +33,15 @@ pub mod profile;
 
 pub use device::Device;
 
+/// Errors, naming the first row, when a supervised target (one that is not `ignore_id`) is not
+/// below `vocab`: every backend (and the plan's counting one) refuses such a batch alike.
+pub fn check_targets(targets: &[u32], ignore_id: u32, vocab: usize) -> Result<()> {
+    if let Some((i, &t)) = targets.iter().enumerate().find(|&(_, &t)| t != ignore_id && t as usize >= vocab) {
+        anyhow::bail!("lm_head_cross_entropy: row {i} has target {t}, the vocabulary has {vocab} ids");
+    }
+    Ok(())
+}
+
 /// Which storage type a buffer needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {

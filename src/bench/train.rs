@@ -78,8 +78,9 @@ pub fn flops_per_token(config: &ModelConfig, t: usize) -> f64 {
     6.0 * matmul_params as f64 + 6.0 * (config.n_layers * heads.q_width() * t) as f64
 }
 
-/// A full micro-batch of random tokens, every target supervised (ids 1.. so that none is pad 0).
-fn synthetic_batch(rng: &mut Rng, rows: usize, t: usize, vocab: usize) -> Batch {
+/// A full micro-batch of random tokens, every target supervised (ids 1.. so that none is pad 0);
+/// `sft plan` counts a step of the same batches that this benchmark times.
+pub fn synthetic_batch(rng: &mut Rng, rows: usize, t: usize, vocab: usize) -> Batch {
     let n = rows * t;
     let seq: Vec<u32> = (0..n + 1).map(|_| 1 + rng.below(vocab - 1) as u32).collect();
     Batch {

@@ -15,15 +15,13 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, ensure, Result};
 
-use crate::backend::cuda::{cross_entropy_chunk_rows, CROSS_ENTROPY_CHUNK_BUDGET};
+use crate::backend::cuda::{
+    cross_entropy_chunk_rows, CROSS_ENTROPY_CHUNK_BUDGET, RMSNORM_DW_CHUNKS, SUM_SQUARES_BLOCKS,
+};
 use crate::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope};
 
 /// Bytes of a [`Precision::Compute`] element on the CUDA backend (bf16).
 pub const COMPUTE_BYTES: usize = 2;
-/// Row chunks of RMSNorm's weight-gradient partials (`DW_CHUNKS` in cuda/rmsnorm.rs).
-const RMS_DW_CHUNKS: usize = 64;
-/// Partial sums per tensor of the global norm (`SUMSQ_BLOCKS` in cuda/global_norm.rs).
-const SUMSQ_BLOCKS: usize = 128;
 /// cuBLASLt's workspace, allocated once by the CUDA backend (`WORKSPACE_BYTES` in cuda/gemm.rs).
 pub const GEMM_WORKSPACE_BYTES: usize = 32 << 20;
 
@@ -480,7 +478,7 @@ impl Backend for CountingBackend {
         // dx: reads dout, x, w, rstd and dx (it adds), writes dx.
         self.elementwise(Family::Rmsnorm, 1, 6.0 * (n * d) as f64, 4 * nd + d * COMPUTE_BYTES + n * 4);
         // dw in two passes: per-chunk partials (reading dout and x again), then their sum into dw.
-        let rows_per_chunk = n.div_ceil(RMS_DW_CHUNKS);
+        let rows_per_chunk = n.div_ceil(RMSNORM_DW_CHUNKS);
         let chunks = n.div_ceil(rows_per_chunk);
         self.scratch("rms_partial", chunks * d * 4);
         self.elementwise(Family::Rmsnorm, 1, 2.0 * (n * d) as f64, 2 * nd + n * 4 + chunks * d * 4);
@@ -710,11 +708,7 @@ impl Backend for CountingBackend {
         }
         self.download(f, n * 4);
         let n_sup = targets[..n].iter().filter(|&&t| t != ignore_id).count();
-        if let Some((i, t)) =
-            targets[..n].iter().enumerate().find(|(_, &t)| t != ignore_id && t as usize >= vocab)
-        {
-            bail!("lm_head_cross_entropy: row {i} has target {t}, the vocabulary has {vocab} ids");
-        }
+        crate::backend::check_targets(&targets[..n], ignore_id, vocab)?;
         if n_sup == 0 {
             return Ok(0.0);
         }
@@ -752,19 +746,19 @@ impl Backend for CountingBackend {
     fn sum_squares(&self, bufs: &[&CountBuf], lens: &[usize]) -> Result<f64> {
         self.call(Family::GlobalNorm);
         ensure!(bufs.len() == lens.len(), "sum_squares: {} buffers but {} lengths", bufs.len(), lens.len());
-        self.scratch("sumsq_partial", bufs.len() * SUMSQ_BLOCKS * 4);
+        self.scratch("sumsq_partial", bufs.len() * SUM_SQUARES_BLOCKS * 4);
         let mut any = false;
         for (i, (buf, &len)) in bufs.iter().zip(lens).enumerate() {
             if len == 0 {
                 continue;
             }
             ensure!(len <= buf.len, "sum_squares: buffer {i} has {} elements, asked for {len}", buf.len);
-            let blocks = len.div_ceil(256).min(SUMSQ_BLOCKS);
+            let blocks = len.div_ceil(256).min(SUM_SQUARES_BLOCKS);
             self.elementwise(Family::GlobalNorm, 1, 2.0 * len as f64, len * buf.elem() + blocks * 4);
             any = true;
         }
         if any {
-            self.download(Family::GlobalNorm, bufs.len() * SUMSQ_BLOCKS * 4);
+            self.download(Family::GlobalNorm, bufs.len() * SUM_SQUARES_BLOCKS * 4);
         }
         Ok(0.0)
     }

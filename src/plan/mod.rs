@@ -18,7 +18,7 @@ pub mod devices;
 use anyhow::{ensure, Context, Result};
 use clap::Args;
 
-use crate::bench::train::flops_per_token;
+use crate::bench::train::{flops_per_token, synthetic_batch};
 use crate::data::Batch;
 use crate::model::forward::{memory_advice, memory_bytes, micro_batch_that_fits};
 use crate::model::{Model, ModelConfig};
@@ -134,21 +134,6 @@ pub struct Plan {
     pub mfu: f64,
     pub memory: MemoryPlan,
     pub notes: Vec<String>,
-}
-
-/// A full micro-batch of random tokens, every target supervised, as `sft bench` times.
-fn synthetic_batch(rng: &mut Rng, rows: usize, t: usize, vocab: usize) -> Batch {
-    let n = rows * t;
-    let seq: Vec<u32> = (0..n + 1).map(|_| 1 + rng.below(vocab - 1) as u32).collect();
-    Batch {
-        rows,
-        seq_len: t,
-        inputs: seq[..n].to_vec(),
-        targets: seq[1..].to_vec(),
-        positions: (0..n).map(|i| (i % t) as u32).collect(),
-        cu_seqlens: (0..=rows).map(|r| (r * t) as u32).collect(),
-        pad_id: 0,
-    }
 }
 
 /// What one optimizer step of `config` does on the counting backend.

@@ -406,9 +406,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         need("x", x.len(), n * d)?;
         need("w", w.len(), vocab * d)?;
         need("targets", targets.len(), n)?;
-        if let Some(&bad) = targets[..n].iter().find(|&&t| t != ignore_id && t as usize >= vocab) {
-            anyhow::bail!("cpu backend: target {bad} is not below the vocabulary size {vocab}");
-        }
+        super::check_targets(&targets[..n], ignore_id, vocab)?;
         let grads = match grads {
             Some(g) => {
                 need("dx", g.dx.len(), n * d)?;

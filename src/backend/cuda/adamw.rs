@@ -10,7 +10,7 @@ use super::{bf16_of, f32_mut, f32_of, CudaBackend, CudaBuf};
 use crate::backend::AdamW;
 
 /// At most this many blocks stride over one tensor.
-const ADAM_BLOCKS: usize = 1024;
+pub const ADAM_BLOCKS: usize = 1024;
 
 impl CudaBackend {
     #[allow(clippy::too_many_arguments)]

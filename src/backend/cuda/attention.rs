@@ -22,7 +22,7 @@ fn head_variant(heads: HeadShape) -> Result<usize> {
 }
 
 /// Grid of `ATT_WARPS` rows per block along x, one head per y.
-fn rows_by_heads(rows: usize, heads: usize) -> LaunchConfig {
+pub fn rows_by_heads(rows: usize, heads: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows.div_ceil(ATT_WARPS) as u32, heads as u32, 1),
         block_dim: ((ATT_WARPS * 32) as u32, 1, 1),

@@ -6,12 +6,13 @@
 //! give the chunk's dx (scattered back to its rows) and add into dw. Logits for all rows never
 //! exist at once; unsupervised rows never reach the vocabulary projection.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use super::gemm::{dy_w, dyt_x, x_wt, DType};
 use super::launch::{self, grid_stride, int, per_row};
 use super::scratch::ensure;
 use super::{bf16_mut, bf16_of, f32_mut, ids_of, CudaBackend, CudaBuf};
+use crate::backend::check_targets;
 use crate::backend::LossGrads;
 
 /// Work buffers of one chunk, at most (fp32 logits, bf16 dlogits, compact x and dx): large
@@ -35,14 +36,12 @@ pub fn chunk_rows(n_sup: usize, d: usize, vocab: usize, budget: usize) -> usize 
 
 /// The supervised rows (target != ignore_id) and their targets, checked against the vocabulary.
 pub(super) fn supervised_rows(targets: &[u32], ignore_id: u32, vocab: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+    check_targets(targets, ignore_id, vocab)?;
     let mut rows = Vec::new();
     let mut sup_targets = Vec::new();
     for (i, &t) in targets.iter().enumerate() {
         if t == ignore_id {
             continue;
-        }
-        if t as usize >= vocab {
-            bail!("lm_head_cross_entropy: row {i} has target {t}, the vocabulary has {vocab} ids");
         }
         rows.push(i as u32);
         sup_targets.push(t);

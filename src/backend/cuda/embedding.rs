@@ -9,7 +9,7 @@ use super::{bf16_mut, bf16_of, ids_of, CudaBackend, CudaBuf};
 
 /// Token indices sorted by id (stable, so token order within an id), the start of each id's
 /// run in that order (plus a final `n`), and the id of each run.
-pub(super) fn group_tokens_by_id(ids: &[u32]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+pub fn group_tokens_by_id(ids: &[u32]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
     let mut order: Vec<u32> = (0..ids.len() as u32).collect();
     order.sort_by_key(|&i| ids[i as usize]);
     let mut group_start = Vec::new();

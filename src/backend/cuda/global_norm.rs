@@ -8,7 +8,7 @@ use super::scratch::ensure;
 use super::{CudaBackend, CudaBuf};
 
 /// Blocks per buffer (each writes one partial).
-const SUMSQ_BLOCKS: usize = 128;
+pub const SUMSQ_BLOCKS: usize = 128;
 
 impl CudaBackend {
     /// Deterministic: a fixed grid per buffer writes fp32 block partials, summed on the host in f64.

@@ -101,7 +101,7 @@ macro_rules! launch_for_head_dim {
 pub(super) use launch_for_head_dim;
 
 /// Threads per block of the element-wise and row-wise kernels.
-pub(super) const BLOCK: u32 = 256;
+pub const BLOCK: u32 = 256;
 /// Warps (query or key rows) per attention block; must match ATT_WARPS in attention.cu.
 pub(super) const ATT_WARPS: usize = 8;
 
@@ -157,13 +157,13 @@ impl Kernels {
 }
 
 /// A grid-stride launch over `total` elements (`total` > 0).
-pub(super) fn grid_stride(total: usize) -> LaunchConfig {
+pub fn grid_stride(total: usize) -> LaunchConfig {
     let blocks = total.div_ceil(BLOCK as usize).clamp(1, 1 << 16) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// One block of `BLOCK` threads per row.
-pub(super) fn per_row(rows: usize) -> LaunchConfig {
+pub fn per_row(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
 }
 

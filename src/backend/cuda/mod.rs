@@ -34,13 +34,23 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::bf16;
 
 use super::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope};
+// Launch shapes and host-side helpers, public so that the kernel emulation (emu/) launches
+// exactly as the backend does.
+pub use adamw::ADAM_BLOCKS as ADAMW_MAX_BLOCKS;
+pub use attention::rows_by_heads as attention_rows_by_heads;
 pub use cross_entropy::{
     chunk_rows as cross_entropy_chunk_rows, CHUNK_BUDGET_BYTES as CROSS_ENTROPY_CHUNK_BUDGET,
 };
+pub use cudarc::driver::LaunchConfig;
+pub use embedding::group_tokens_by_id as embedding_group_tokens_by_id;
 pub use flash_attention::AttentionPath;
 use flash_attention::FlashSupport;
 use gemm::Gemm;
+pub use global_norm::SUMSQ_BLOCKS as SUM_SQUARES_BLOCKS;
 use launch::Kernels;
+pub use launch::{grid_stride, per_row, BLOCK};
+pub use rmsnorm::DW_CHUNKS as RMSNORM_DW_CHUNKS;
+pub use rope::{scaling_args as rope_scaling_args, style_arg as rope_style_arg};
 use scratch::Scratch;
 
 /// A device buffer in the precision it was made with.

@@ -8,7 +8,7 @@ use super::scratch::ensure;
 use super::{bf16_mut, bf16_of, f32_mut, f32_of, CudaBackend, CudaBuf};
 
 /// The weight gradient is summed over at most this many row chunks (then over the chunks).
-const DW_CHUNKS: usize = 64;
+pub const DW_CHUNKS: usize = 64;
 
 impl CudaBackend {
     #[allow(clippy::too_many_arguments)]

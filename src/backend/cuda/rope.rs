@@ -7,6 +7,28 @@ use super::launch::{self, grid_stride, int};
 use super::{bf16_mut, ids_of, CudaBackend, CudaBuf};
 use crate::backend::{HeadShape, Rope, RopeScaling, RopeStyle};
 
+/// The `style` argument of rope_apply.
+pub fn style_arg(style: RopeStyle) -> i32 {
+    match style {
+        RopeStyle::AdjacentPairs => 0,
+        RopeStyle::HalfSplit => 1,
+    }
+}
+
+/// (kind, factor, low_freq_factor, high_freq_factor, original context) as rope_apply reads them.
+pub fn scaling_args(scaling: Option<RopeScaling>) -> (i32, f32, f32, f32, f32) {
+    match scaling {
+        None => (0, 1.0, 1.0, 1.0, 1.0),
+        Some(RopeScaling::Linear { factor }) => (1, factor, 1.0, 1.0, 1.0),
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => (2, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings as f32),
+    }
+}
+
 impl CudaBackend {
     pub(super) fn rope_forward(
         &self,
@@ -54,22 +76,8 @@ impl CudaBackend {
         }
         let (ni, hi, hdi, wi) =
             (int(n, "n")?, int(rot_heads, "heads")?, int(heads.head_dim, "head_dim")?, int(width, "width")?);
-        let style_i: i32 = match rope.style {
-            RopeStyle::AdjacentPairs => 0,
-            RopeStyle::HalfSplit => 1,
-        };
-        // (kind, factor, low_freq_factor, high_freq_factor, original context) as rope_apply reads them.
-        let scaling: (i32, f32, f32, f32, f32) = match rope.scaling {
-            None => (0, 1.0, 1.0, 1.0, 1.0),
-            Some(RopeScaling::Linear { factor }) => (1, factor, 1.0, 1.0, 1.0),
-            Some(RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            }) => (2, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings as f32),
-        };
-        let (kind, factor, low, high, original) = scaling;
+        let style_i = style_arg(rope.style);
+        let (kind, factor, low, high, original) = scaling_args(rope.scaling);
         let (s, ks, cfg) = (&self.stream, &self.kernels, grid_stride(total));
         // SAFETY: qkv holds n rows of `width`; the rotated heads lie within a row.
         unsafe {
