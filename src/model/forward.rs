@@ -48,7 +48,8 @@ struct Activations<B: Backend> {
 struct ActGrads<B: Backend> {
     /// Gradient of the residual stream.
     dresid: B::Buf,
-    /// Gradient of a block's output (a copy of `dresid` passed through the dropout mask).
+    /// Gradient of a block's output with dropout (a copy of `dresid` through the dropout mask;
+    /// without dropout the backward reads `dresid` itself).
     ddelta: B::Buf,
     /// Gradient of a norm's output.
     dln: B::Buf,
@@ -655,14 +656,20 @@ impl<B: Backend> Model<B> {
             let w = idx.layers[l];
             let la = &acts.layers[l];
             // FFN block: resid[l+1] = h + dropout(down(swiglu(gate_up(ffn_norm(h))))).
-            be.copy(&mut ag.ddelta, &ag.dresid, n * d)?;
-            if let Some(seed) = dropout {
-                be.dropout(&mut ag.ddelta, n * d, cfg.dropout, site_seed(seed, l, 1))?;
-            }
+            // The branch's gradient is the residual's through the dropout mask; without dropout
+            // it is the residual's gradient itself, so nothing is copied.
+            let ddelta = match dropout {
+                Some(seed) => {
+                    be.copy(&mut ag.ddelta, &ag.dresid, n * d)?;
+                    be.dropout(&mut ag.ddelta, n * d, cfg.dropout, site_seed(seed, l, 1))?;
+                    &ag.ddelta
+                }
+                None => &ag.dresid,
+            };
             be.matmul_backward(
                 Some(&mut ag.dswi),
                 &mut g[w.down],
-                &ag.ddelta,
+                ddelta,
                 &la.swi,
                 &p[w.down],
                 n,
@@ -691,14 +698,18 @@ impl<B: Backend> Model<B> {
                 d,
             )?;
             // Attention block: h = resid[l] + dropout(o(attn(rope(qkv(attn_norm(resid[l])))))).
-            be.copy(&mut ag.ddelta, &ag.dresid, n * d)?;
-            if let Some(seed) = dropout {
-                be.dropout(&mut ag.ddelta, n * d, cfg.dropout, site_seed(seed, l, 0))?;
-            }
+            let ddelta = match dropout {
+                Some(seed) => {
+                    be.copy(&mut ag.ddelta, &ag.dresid, n * d)?;
+                    be.dropout(&mut ag.ddelta, n * d, cfg.dropout, site_seed(seed, l, 0))?;
+                    &ag.ddelta
+                }
+                None => &ag.dresid,
+            };
             be.matmul_backward(
                 Some(&mut ag.datt),
                 &mut g[w.o],
-                &ag.ddelta,
+                ddelta,
                 &la.att,
                 &p[w.o],
                 n,

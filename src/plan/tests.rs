@@ -111,6 +111,20 @@ fn dropout_adds_four_in_place_passes_per_layer() {
 }
 
 #[test]
+fn the_backward_copies_the_residual_gradient_only_for_dropout() {
+    // With dropout each block's branch gradient is a masked copy of the residual gradient (two
+    // device copies per layer); without it the backward reads the residual gradient in place.
+    let copies = |dropout: f32| {
+        let c = ModelConfig { dropout, ..tiny() };
+        count_step(&c, 2, 16, 1).unwrap().ledger.tally(Family::Memory, KernelKind::DeviceCopy)
+    };
+    let (with, without) = (copies(0.1), copies(0.0));
+    let n = 2 * 16 * tiny().d_model;
+    assert_eq!(with.launches - without.launches, 2 * tiny().n_layers as u64);
+    assert_eq!(with.bytes - without.bytes, (2 * tiny().n_layers * 2 * n * COMPUTE_BYTES) as f64);
+}
+
+#[test]
 fn the_counting_backend_allocates_what_memory_bytes_says() {
     let c = small();
     let (mb, t) = (4, 64);
