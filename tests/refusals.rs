@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::cli::{output_with_env, s};
+
 use sft::backend::cpu::CpuBackend;
 use sft::checkpoint::{read_safetensors, tensor_shapes, write_safetensors};
 use sft::data::shard::{Shard, ShardWriter};
@@ -13,7 +15,6 @@ use sft::data::BatchMode;
 use sft::train::cli::{init, InitArgs};
 use sft::train::{train_on, TrainConfig};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 struct Outcome {
     ok: bool,
@@ -22,8 +23,7 @@ struct Outcome {
 }
 
 fn sft_env(args: &[&str], env: &[(&str, &str)]) -> Outcome {
-    let bin = std::env::var("SFT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_sft").to_string());
-    let out = Command::new(bin).args(args).envs(env.iter().copied()).output().unwrap();
+    let out = output_with_env(args, env);
     Outcome {
         ok: out.status.success(),
         stdout: String::from_utf8_lossy(&out.stdout).into(),
@@ -33,10 +33,6 @@ fn sft_env(args: &[&str], env: &[(&str, &str)]) -> Outcome {
 
 fn sft(args: &[&str]) -> Outcome {
     sft_env(args, &[])
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// A refusal: non-zero exit, no panic, and every one of `needles` in the message.

@@ -210,8 +210,8 @@ impl TrainConfig {
 pub enum MicroBatch {
     Fixed(usize),
     /// The largest micro-batch up to [`MicroBatch::AUTO_MAX`] that fits the device; a step keeps
-    /// `AUTO_MAX × grad_accum` examples. Where the device's free memory is unknown (the CPU),
-    /// `AUTO_MAX` itself.
+    /// `AUTO_MAX × grad_accum` examples. The CPU backend plans against the host's available
+    /// memory; where a backend reports no free memory, `AUTO_MAX` itself.
     #[default]
     Auto,
 }

@@ -5,9 +5,13 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 /// The `sft` binary as a command, for a run that needs more than arguments (paths as
-/// `OsStr`, environment).
+/// `OsStr`, environment). `SFT_BIN` names another build to run instead: that is how a test is
+/// seen to fail on the code before a fix.
 pub fn command() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_sft"))
+    match std::env::var_os("SFT_BIN") {
+        Some(bin) => Command::new(bin),
+        None => Command::new(env!("CARGO_BIN_EXE_sft")),
+    }
 }
 
 /// Runs `sft args` with an empty stdin.
