@@ -303,6 +303,44 @@ macro_rules! backend_ops {
                 out_dim: usize,
             ) -> Result<()>;
 
+            /// A linear layer on a column slice: `out[i, col + j] (= | +=) scale · Σ_k inp[i, k] · w[j, k]`
+            /// for `j < out_dim`, `out`'s rows `ld` wide (`=` unless `accumulate`). LoRA's products:
+            /// `x·Aᵀ`, then `scale · (x·Aᵀ)·Bᵀ` added into one projection's slice of a fused output.
+            #[allow(clippy::too_many_arguments)]
+            fn matmul_forward_slice(
+                &self,
+                out: &mut Self::Buf,
+                inp: &Self::Buf,
+                w: &Self::Buf,
+                n: usize,
+                in_dim: usize,
+                out_dim: usize,
+                ld: usize,
+                col: usize,
+                scale: f32,
+                accumulate: bool,
+            ) -> Result<()>;
+            /// Backward of `matmul_forward_slice`, reading `dout[i, col + j]` (rows `ld` wide):
+            /// `dinp (= | +=) scale · dout_slice @ w` (`+=` when `accumulate`) and
+            /// `dw += scale · dout_slice^T @ inp` (F32), each skipped when None: a frozen weight
+            /// passes no `dw`, and its input gradient still flows.
+            #[allow(clippy::too_many_arguments)]
+            fn matmul_backward_slice(
+                &self,
+                dinp: Option<&mut Self::Buf>,
+                dw: Option<&mut Self::Buf>,
+                dout: &Self::Buf,
+                inp: &Self::Buf,
+                w: &Self::Buf,
+                n: usize,
+                in_dim: usize,
+                out_dim: usize,
+                ld: usize,
+                col: usize,
+                scale: f32,
+                accumulate: bool,
+            ) -> Result<()>;
+
             // ---- RoPE ---------------------------------------------------------------------------
             /// Rotates the q and k parts of `qkv` in place; token `i` uses angle
             /// `positions[i] * rope.inv_freq(j, hd)` for its pair `j`.

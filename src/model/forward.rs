@@ -6,6 +6,7 @@
 //! then a final norm and the lm_head fused with the masked cross-entropy.
 
 use super::config::ModelConfig;
+use super::lora::{self, LoraConfig, LoraState, Site};
 use super::params::{self, NamedTensor, ParamIndex, ParamSpec};
 use crate::backend::{profile, AdamW, Backend, LossGrads, Precision};
 use crate::data::batch::Batch;
@@ -126,12 +127,71 @@ pub struct Model<B: Backend> {
     ids: IdBufs<B>,
     /// One row of logits, for generation.
     logits: B::Buf,
+    /// Low-rank adapters; with them the base is frozen (no master weights, gradients or moments).
+    lora: Option<LoraState<B>>,
 }
 
 /// The dropout seed of one site (0: attention output, 1: FFN output) of one layer: forward and
 /// backward derive the same one, so backward reapplies forward's mask.
 fn site_seed(seed: u64, layer: usize, site: usize) -> u64 {
     Rng::new(seed).fork((2 * layer + site) as u64).seed
+}
+
+/// The weight-gradient buffer of base tensor `i`; with a frozen base (LoRA), the scratch into
+/// which the fused ops (RMSNorm, lm_head + cross-entropy) still write theirs.
+fn weight_grad<'a, B: Backend>(
+    g: &'a mut [B::Buf],
+    lora: &'a mut Option<LoraState<B>>,
+    i: usize,
+    head: bool,
+) -> &'a mut B::Buf {
+    match lora {
+        None => &mut g[i],
+        Some(l) => {
+            let scratch = if head { &mut l.discard_head } else { &mut l.discard_norm };
+            scratch.as_mut().expect("a training model's adapters have the frozen-gradient scratch")
+        }
+    }
+}
+
+/// The backward of base projection `wi` at `site` (layer, site, dropout seed): `dinp` from `dout`.
+/// With LoRA, the adapters' gradients and input gradient first, then the frozen weight's input
+/// gradient added onto it, with no weight-gradient GEMM.
+#[allow(clippy::too_many_arguments)]
+fn projection_backward<B: Backend>(
+    be: &B,
+    lora: &mut Option<LoraState<B>>,
+    g: &mut [B::Buf],
+    p: &[B::Buf],
+    wi: usize,
+    (layer, site, seed): (usize, Site, Option<u64>),
+    dinp: &mut B::Buf,
+    dout: &B::Buf,
+    inp: &B::Buf,
+    n: usize,
+    in_dim: usize,
+    out_dim: usize,
+) -> Result<()> {
+    match lora {
+        None => be.matmul_backward(Some(dinp), &mut g[wi], dout, inp, &p[wi], n, in_dim, out_dim),
+        Some(lora) => {
+            let wrote = lora.backward_site(be, layer, site, dout, inp, dinp, n, seed)?;
+            be.matmul_backward_slice(
+                Some(dinp),
+                None,
+                dout,
+                inp,
+                &p[wi],
+                n,
+                in_dim,
+                out_dim,
+                out_dim,
+                0,
+                1.0,
+                wrote,
+            )
+        }
+    }
 }
 
 /// What [`Model::new`] allocates: `(fixed, per_token)` bytes, where `fixed` is the parameters'
@@ -159,6 +219,21 @@ pub fn memory_bytes_for(config: &ModelConfig, compute_bytes: usize, training: bo
     (fixed, l * layer + stream + grads + ids)
 }
 
+/// [`memory_bytes_for`] of a model with `lora` adapters: its base then holds the compute
+/// weights only (no master weights, gradients or moments), the adapters what
+/// [`lora::extra_memory_bytes`] says.
+pub fn memory_bytes_lora(
+    config: &ModelConfig,
+    compute_bytes: usize,
+    training: bool,
+    lora: Option<&LoraConfig>,
+) -> (usize, usize) {
+    let Some(lora) = lora else { return memory_bytes_for(config, compute_bytes, training) };
+    let (fixed, per_token) = memory_bytes_for(config, compute_bytes, false);
+    let (extra_fixed, extra_token) = lora::extra_memory_bytes(lora, config, compute_bytes, training);
+    (fixed.saturating_add(extra_fixed), per_token + extra_token)
+}
+
 const GIB: f64 = (1u64 << 30) as f64;
 
 /// The largest micro-batch (rows of `seq_len`) whose buffers fit in nine tenths of `free` bytes
@@ -169,7 +244,10 @@ pub fn micro_batch_that_fits(
     seq_len: usize,
     free: usize,
 ) -> usize {
-    let (fixed, per_token) = memory_bytes(config, compute_bytes);
+    fits_in(memory_bytes(config, compute_bytes), seq_len, free)
+}
+
+fn fits_in((fixed, per_token): (usize, usize), seq_len: usize, free: usize) -> usize {
     (free / 10 * 9).saturating_sub(fixed) / per_token.saturating_mul(seq_len).max(1)
 }
 
@@ -183,11 +261,20 @@ pub fn memory_advice(
     seq_len: usize,
     free: usize,
 ) -> Option<String> {
-    let fits = micro_batch_that_fits(config, compute_bytes, seq_len, free);
+    advice_for(device, memory_bytes(config, compute_bytes), micro_batch, seq_len, free)
+}
+
+fn advice_for(
+    device: &str,
+    (fixed, per_token): (usize, usize),
+    micro_batch: usize,
+    seq_len: usize,
+    free: usize,
+) -> Option<String> {
+    let fits = fits_in((fixed, per_token), seq_len, free);
     if fits >= micro_batch {
         return None;
     }
-    let (fixed, per_token) = memory_bytes(config, compute_bytes);
     let activations = per_token.saturating_mul(seq_len).saturating_mul(micro_batch);
     let memory = if device.starts_with("cpu") { "host memory" } else { "device memory" };
     let what = if fits == 0 {
@@ -216,19 +303,30 @@ impl<B: Backend> Model<B> {
         micro_batch: usize,
         seq_len: usize,
     ) -> Result<Self> {
+        Self::for_micro_batches_with(backend, config, micro_batch, seq_len, None)
+    }
+
+    /// [`Model::for_micro_batches`] with LoRA adapters when `lora` is given.
+    pub fn for_micro_batches_with(
+        backend: B,
+        config: ModelConfig,
+        micro_batch: usize,
+        seq_len: usize,
+        lora: Option<&LoraConfig>,
+    ) -> Result<Self> {
         let compute_bytes = backend.compute_bytes();
         let info = backend.memory_info()?;
         let device = backend.name();
+        let bytes = memory_bytes_lora(&config, compute_bytes, true, lora);
         if let Some((free, _)) = info {
-            if let Some(message) = memory_advice(&device, &config, compute_bytes, micro_batch, seq_len, free)
-            {
+            if let Some(message) = advice_for(&device, bytes, micro_batch, seq_len, free) {
                 bail!(message);
             }
         }
-        let (fixed, per_token) = memory_bytes(&config, compute_bytes);
+        let (fixed, per_token) = bytes;
         let need = fixed.saturating_add(per_token.saturating_mul(seq_len).saturating_mul(micro_batch));
         let max_tokens = micro_batch.checked_mul(seq_len).context("micro_batch × max_seq_len overflows")?;
-        Model::new(backend, config, max_tokens).map_err(|e| match info {
+        Model::build(backend, config, max_tokens, true, lora).map_err(|e| match info {
             // The estimate said it fits, yet an allocation failed (the backend's own buffers,
             // another process): name a smaller micro-batch all the same.
             Some((free, _)) => e.context(format!(
@@ -245,7 +343,19 @@ impl<B: Backend> Model<B> {
     /// Allocates every buffer for micro-batches of up to `max_tokens` token positions.
     /// Parameters start at zero: call [`Model::init_params`] or [`Model::write_params`].
     pub fn new(backend: B, config: ModelConfig, max_tokens: usize) -> Result<Self> {
-        Self::build(backend, config, max_tokens, true)
+        Self::build(backend, config, max_tokens, true, None)
+    }
+
+    /// [`Model::new`] or [`Model::new_inference`] with LoRA adapters (zero until written or
+    /// initialized): a training model then trains the adapters only, the base frozen.
+    pub fn with_lora(
+        backend: B,
+        config: ModelConfig,
+        max_tokens: usize,
+        training: bool,
+        lora: &LoraConfig,
+    ) -> Result<Self> {
+        Self::build(backend, config, max_tokens, training, Some(lora))
     }
 
     /// A model for evaluation and generation only: weights in the compute precision and the
@@ -253,16 +363,22 @@ impl<B: Backend> Model<B> {
     /// training model's parameter memory on the CPU, a ninth on the GPU). Training calls on it
     /// are errors.
     pub fn new_inference(backend: B, config: ModelConfig, max_tokens: usize) -> Result<Self> {
-        Self::build(backend, config, max_tokens, false)
+        Self::build(backend, config, max_tokens, false, None)
     }
 
-    fn build(backend: B, config: ModelConfig, max_tokens: usize, training: bool) -> Result<Self> {
+    fn build(
+        backend: B,
+        config: ModelConfig,
+        max_tokens: usize,
+        training: bool,
+        lora: Option<&LoraConfig>,
+    ) -> Result<Self> {
         config.validate().context("invalid model config")?;
         ensure!(max_tokens > 0, "max_tokens must be positive");
         // Refused up front: on the CPU an allocation past the host's memory is not an error but
         // a process that grows until the kernel kills it, without a word.
         if let Some((free, _)) = backend.memory_info()? {
-            let (fixed, per_token) = memory_bytes_for(&config, backend.compute_bytes(), training);
+            let (fixed, per_token) = memory_bytes_lora(&config, backend.compute_bytes(), training, lora);
             let need = fixed.saturating_add(per_token.saturating_mul(max_tokens));
             ensure!(
                 need <= free,
@@ -283,7 +399,8 @@ impl<B: Backend> Model<B> {
             lens.iter().map(|&len| be.zeros(len, p)).collect()
         };
         let params = alloc(&lens, Precision::Compute)?;
-        let state_lens: &[usize] = if training { &lens } else { &[] };
+        // A frozen base (LoRA) keeps its weights in the compute precision only.
+        let state_lens: &[usize] = if training && lora.is_none() { &lens } else { &[] };
         let master = alloc(state_lens, Precision::F32)?;
         let grads = alloc(state_lens, Precision::F32)?;
         let m = alloc(state_lens, Precision::F32)?;
@@ -333,6 +450,7 @@ impl<B: Backend> Model<B> {
             cu_seqlens: be.zeros_ids(n + 1)?,
         };
         let logits = be.zeros(config.vocab_size, c)?;
+        let lora = lora.map(|l| LoraState::new(be, l, &config, n, training)).transpose()?;
         Ok(Model {
             backend,
             config,
@@ -350,6 +468,7 @@ impl<B: Backend> Model<B> {
             act_grads,
             ids,
             logits,
+            lora,
         })
     }
 
@@ -380,7 +499,7 @@ impl<B: Backend> Model<B> {
     pub fn init_params(&mut self, seed: u64) -> Result<()> {
         let fresh = params::init_params(&self.config, seed);
         self.write_params(&fresh)?;
-        if !self.training {
+        if !self.base_trained() {
             return Ok(());
         }
         self.zero_grads()?;
@@ -393,7 +512,7 @@ impl<B: Backend> Model<B> {
 
     /// The parameters (from the F32 master copy), with internal names, in layout order.
     pub fn read_params(&self) -> Result<Vec<NamedTensor>> {
-        self.read_named(if self.training { &self.master } else { &self.params })
+        self.read_named(if self.base_trained() { &self.master } else { &self.params })
     }
 
     /// Sets the parameters (master and compute copies); `params` must hold exactly this
@@ -402,7 +521,7 @@ impl<B: Backend> Model<B> {
         let ordered = params::check_params(&self.config, params).context("writing model parameters")?;
         for (i, t) in ordered.iter().enumerate() {
             self.backend.write(&mut self.params[i], &t.data)?;
-            if self.training {
+            if self.base_trained() {
                 self.backend.write(&mut self.master[i], &t.data)?;
             }
         }
@@ -418,7 +537,7 @@ impl<B: Backend> Model<B> {
         for t in params {
             let i = *slot.get(&t.name).with_context(|| format!("unexpected parameter {}", t.name))?;
             self.backend.write(&mut self.params[i], &t.data)?;
-            if self.training {
+            if self.base_trained() {
                 self.backend.write(&mut self.master[i], &t.data)?;
             }
         }
@@ -447,6 +566,9 @@ impl<B: Backend> Model<B> {
         for (g, &len) in self.grads.iter_mut().zip(&self.lens) {
             self.backend.zero(g, len)?;
         }
+        if let Some(lora) = &mut self.lora {
+            lora.zero_grads(&self.backend)?;
+        }
         Ok(())
     }
 
@@ -458,6 +580,7 @@ impl<B: Backend> Model<B> {
 
     pub fn write_optimizer_state(&mut self, m: &[NamedTensor], v: &[NamedTensor]) -> Result<()> {
         self.ensure_training("write_optimizer_state")?;
+        ensure!(self.lora.is_none(), "write_optimizer_state: the base is frozen (LoRA): it has no moments");
         let m = params::check_params(&self.config, m).context("writing Adam first moments")?;
         let v = params::check_params(&self.config, v).context("writing Adam second moments")?;
         for i in 0..self.specs.len() {
@@ -465,6 +588,66 @@ impl<B: Backend> Model<B> {
             self.backend.write(&mut self.v[i], &v[i].data)?;
         }
         Ok(())
+    }
+
+    /// Whether the base weights are trained (a training model without LoRA): only then do they
+    /// have master copies, gradients and moments.
+    fn base_trained(&self) -> bool {
+        self.training && self.lora.is_none()
+    }
+
+    /// The adapters, when the model has them.
+    pub fn lora(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref().map(|l| &l.config)
+    }
+
+    /// Whether a micro-batch of training draws dropout masks (the model's or the adapters').
+    pub fn uses_dropout(&self) -> bool {
+        self.config.dropout > 0.0 || self.lora().is_some_and(|l| l.dropout > 0.0)
+    }
+
+    fn lora_state(&self, what: &str) -> Result<&LoraState<B>> {
+        self.lora.as_ref().with_context(|| format!("{what}: this model has no LoRA adapters"))
+    }
+
+    /// Fresh adapters (A ~ N(0, 1), B = 0), their moments reset.
+    pub fn init_adapters(&mut self, seed: u64) -> Result<()> {
+        let lora = self.lora_state("init_adapters")?.config.clone();
+        self.write_adapters(&lora::init_adapters(&lora, &self.config, seed))?;
+        let be = &self.backend;
+        let state = self.lora.as_mut().expect("checked above");
+        state.zero_grads(be)?;
+        state.zero_moments(be)
+    }
+
+    /// The adapter tensors (internal names `layers.N.q.lora_A`, ...; f32 masters when training).
+    pub fn read_adapters(&self) -> Result<Vec<NamedTensor>> {
+        self.lora_state("read_adapters")?.read(&self.backend)
+    }
+
+    /// Sets the adapter weights; `adapters` must be exactly this model's adapter tensors.
+    pub fn write_adapters(&mut self, adapters: &[NamedTensor]) -> Result<()> {
+        self.lora_state("write_adapters")?;
+        let state = self.lora.as_mut().expect("checked above");
+        state.write(&self.backend, &self.config, adapters)
+    }
+
+    /// The adapters' accumulated gradients.
+    pub fn read_adapter_grads(&self) -> Result<Vec<NamedTensor>> {
+        self.ensure_training("read_adapter_grads")?;
+        self.lora_state("read_adapter_grads")?.read_grads(&self.backend)
+    }
+
+    /// The adapters' Adam moments (first, second).
+    pub fn read_adapter_moments(&self) -> Result<(Vec<NamedTensor>, Vec<NamedTensor>)> {
+        self.ensure_training("read_adapter_moments")?;
+        self.lora_state("read_adapter_moments")?.read_moments(&self.backend)
+    }
+
+    pub fn write_adapter_moments(&mut self, m: &[NamedTensor], v: &[NamedTensor]) -> Result<()> {
+        self.lora_state("write_adapter_moments")?;
+        let state = self.lora.as_mut().expect("checked above");
+        state.write_moments(&self.backend, &self.config, m, v)
     }
 
     fn ensure_training(&self, what: &str) -> Result<()> {
@@ -528,7 +711,7 @@ impl<B: Backend> Model<B> {
     /// The forward pass over `n` rows whose ids are loaded, up to the final norm's output
     /// (`acts.ln_in[n_layers]`).
     fn forward(&mut self, n: usize, mut attn: AttnMode<'_, B>, dropout_seed: Option<u64>) -> Result<()> {
-        let Model { backend: be, config: cfg, index: idx, params: p, acts, ids, .. } = self;
+        let Model { backend: be, config: cfg, index: idx, params: p, acts, ids, lora, .. } = self;
         let d = cfg.d_model;
         let heads = cfg.heads();
         let hidden = cfg.ffn_hidden;
@@ -551,6 +734,9 @@ impl<B: Backend> Model<B> {
             let w = idx.layers[l];
             let la = &mut layers[l];
             be.matmul_forward(&mut la.qkv, &ln_in[l], &p[w.qkv], n, d, heads.qkv_width())?;
+            if let Some(lora) = lora.as_mut() {
+                lora.forward_site(be, l, Site::Qkv, &mut la.qkv, &ln_in[l], n, dropout_seed)?;
+            }
             be.rope_forward(&mut la.qkv, &ids.positions, n, heads, rope)?;
             match &mut attn {
                 AttnMode::Segments { n_segments } => be.attention_forward(
@@ -567,6 +753,9 @@ impl<B: Backend> Model<B> {
                 }
             }
             be.matmul_forward(delta, &la.att, &p[w.o], n, heads.q_width(), d)?;
+            if let Some(lora) = lora.as_mut() {
+                lora.forward_site(be, l, Site::O, delta, &la.att, n, dropout_seed)?;
+            }
             if let Some(seed) = dropout {
                 be.dropout(delta, n * d, cfg.dropout, site_seed(seed, l, 0))?;
             }
@@ -582,8 +771,14 @@ impl<B: Backend> Model<B> {
                 eps,
             )?;
             be.matmul_forward(&mut la.gate_up, &la.ln2, &p[w.gate_up], n, d, 2 * hidden)?;
+            if let Some(lora) = lora.as_mut() {
+                lora.forward_site(be, l, Site::GateUp, &mut la.gate_up, &la.ln2, n, dropout_seed)?;
+            }
             be.swiglu_forward(&mut la.swi, &la.gate_up, n, hidden)?;
             be.matmul_forward(delta, &la.swi, &p[w.down], n, hidden, d)?;
+            if let Some(lora) = lora.as_mut() {
+                lora.forward_site(be, l, Site::Down, delta, &la.swi, n, dropout_seed)?;
+            }
             if let Some(seed) = dropout {
                 be.dropout(delta, n * d, cfg.dropout, site_seed(seed, l, 1))?;
             }
@@ -621,7 +816,16 @@ impl<B: Backend> Model<B> {
         let _backward = profile::range("backward");
 
         let Model {
-            backend: be, config: cfg, index: idx, params: p, grads: g, acts, act_grads: ag, ids, ..
+            backend: be,
+            config: cfg,
+            index: idx,
+            params: p,
+            grads: g,
+            acts,
+            act_grads: ag,
+            ids,
+            lora,
+            ..
         } = self;
         let d = cfg.d_model;
         let heads = cfg.heads();
@@ -639,12 +843,12 @@ impl<B: Backend> Model<B> {
             n,
             d,
             cfg.vocab_size,
-            Some(LossGrads { dx: &mut ag.dln, dw: &mut g[out_w], loss_scale }),
+            Some(LossGrads { dx: &mut ag.dln, dw: weight_grad(g, lora, out_w, true), loss_scale }),
         )?;
         be.zero(&mut ag.dresid, n * d)?;
         be.rmsnorm_backward(
             &mut ag.dresid,
-            &mut g[idx.norm],
+            weight_grad(g, lora, idx.norm, false),
             &ag.dln,
             &acts.resid[n_layers],
             &p[idx.norm],
@@ -666,30 +870,28 @@ impl<B: Backend> Model<B> {
                 }
                 None => &ag.dresid,
             };
-            be.matmul_backward(
-                Some(&mut ag.dswi),
-                &mut g[w.down],
-                ddelta,
-                &la.swi,
-                &p[w.down],
-                n,
-                hidden,
-                d,
-            )?;
+            let site = (l, Site::Down, dropout_seed);
+            projection_backward(be, lora, g, p, w.down, site, &mut ag.dswi, ddelta, &la.swi, n, hidden, d)?;
             be.swiglu_backward(&mut ag.dgate_up, &ag.dswi, &la.gate_up, n, hidden)?;
-            be.matmul_backward(
-                Some(&mut ag.dln),
-                &mut g[w.gate_up],
-                &ag.dgate_up,
+            let site = (l, Site::GateUp, dropout_seed);
+            let dgate_up = &ag.dgate_up;
+            projection_backward(
+                be,
+                lora,
+                g,
+                p,
+                w.gate_up,
+                site,
+                &mut ag.dln,
+                dgate_up,
                 &la.ln2,
-                &p[w.gate_up],
                 n,
                 d,
                 2 * hidden,
             )?;
             be.rmsnorm_backward(
                 &mut ag.dresid,
-                &mut g[w.ffn_norm],
+                weight_grad(g, lora, w.ffn_norm, false),
                 &ag.dln,
                 &la.h,
                 &p[w.ffn_norm],
@@ -706,12 +908,17 @@ impl<B: Backend> Model<B> {
                 }
                 None => &ag.dresid,
             };
-            be.matmul_backward(
-                Some(&mut ag.datt),
-                &mut g[w.o],
+            let site = (l, Site::O, dropout_seed);
+            projection_backward(
+                be,
+                lora,
+                g,
+                p,
+                w.o,
+                site,
+                &mut ag.datt,
                 ddelta,
                 &la.att,
-                &p[w.o],
                 n,
                 heads.q_width(),
                 d,
@@ -728,19 +935,12 @@ impl<B: Backend> Model<B> {
                 heads,
             )?;
             be.rope_backward(&mut ag.dqkv, &ids.positions, n, heads, rope)?;
-            be.matmul_backward(
-                Some(&mut ag.dln),
-                &mut g[w.qkv],
-                &ag.dqkv,
-                &acts.ln_in[l],
-                &p[w.qkv],
-                n,
-                d,
-                heads.qkv_width(),
-            )?;
+            let (site, ln) = ((l, Site::Qkv, dropout_seed), &acts.ln_in[l]);
+            let dqkv = &ag.dqkv;
+            projection_backward(be, lora, g, p, w.qkv, site, &mut ag.dln, dqkv, ln, n, d, heads.qkv_width())?;
             be.rmsnorm_backward(
                 &mut ag.dresid,
-                &mut g[w.attn_norm],
+                weight_grad(g, lora, w.attn_norm, false),
                 &ag.dln,
                 &acts.resid[l],
                 &p[w.attn_norm],
@@ -749,8 +949,11 @@ impl<B: Backend> Model<B> {
                 d,
             )?;
         }
-        // With tied embeddings this adds to the lm_head gradient already in the same buffer.
-        be.embedding_backward(&mut g[idx.tok_embeddings], &ids.inputs, &ag.dresid, n, d)?;
+        // With tied embeddings this adds to the lm_head gradient already in the same buffer. A
+        // frozen embedding (LoRA) needs no gradient at all.
+        if lora.is_none() {
+            be.embedding_backward(&mut g[idx.tok_embeddings], &ids.inputs, &ag.dresid, n, d)?;
+        }
         Ok(loss)
     }
 
@@ -774,6 +977,9 @@ impl<B: Backend> Model<B> {
     /// Global L2 norm of the accumulated gradients.
     pub fn grad_norm(&self) -> Result<f64> {
         self.ensure_training("grad_norm")?;
+        if let Some(lora) = &self.lora {
+            return Ok(lora.sum_squares(&self.backend)?.sqrt());
+        }
         let bufs: Vec<&B::Buf> = self.grads.iter().collect();
         Ok(self.backend.sum_squares(&bufs, &self.lens)?.sqrt())
     }
@@ -781,6 +987,9 @@ impl<B: Backend> Model<B> {
     /// One AdamW step over every parameter tensor, from the accumulated gradients.
     pub fn adamw_step(&mut self, hp: &AdamW) -> Result<()> {
         self.ensure_training("adamw_step")?;
+        if let Some(lora) = &mut self.lora {
+            return lora.adamw(&self.backend, hp);
+        }
         let mut params: Vec<&mut B::Buf> = self.params.iter_mut().collect();
         let mut master: Vec<&mut B::Buf> = self.master.iter_mut().collect();
         let grads: Vec<&B::Buf> = self.grads.iter().collect();

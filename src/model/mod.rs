@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod forward;
+pub mod lora;
 pub mod params;
 
 pub use config::ModelConfig;

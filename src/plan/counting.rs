@@ -533,6 +533,71 @@ impl Backend for CountingBackend {
         Ok(())
     }
 
+    fn matmul_forward_slice(
+        &self,
+        out: &mut CountBuf,
+        inp: &CountBuf,
+        w: &CountBuf,
+        n: usize,
+        in_dim: usize,
+        out_dim: usize,
+        ld: usize,
+        col: usize,
+        _scale: f32,
+        accumulate: bool,
+    ) -> Result<()> {
+        self.call(Family::Matmul);
+        ensure!(
+            col + out_dim <= ld,
+            "matmul_forward_slice: columns {col}..{} exceed rows of {ld}",
+            col + out_dim
+        );
+        need(out, n * ld, Precision::Compute, "matmul_forward_slice out")?;
+        need(inp, n * in_dim, Precision::Compute, "matmul_forward_slice inp")?;
+        need(w, out_dim * in_dim, Precision::Compute, "matmul_forward_slice w")?;
+        if n * out_dim > 0 {
+            self.gemm(Family::Matmul, n, out_dim, in_dim, COMPUTE_BYTES, accumulate);
+        }
+        Ok(())
+    }
+    fn matmul_backward_slice(
+        &self,
+        dinp: Option<&mut CountBuf>,
+        dw: Option<&mut CountBuf>,
+        dout: &CountBuf,
+        inp: &CountBuf,
+        w: &CountBuf,
+        n: usize,
+        in_dim: usize,
+        out_dim: usize,
+        ld: usize,
+        col: usize,
+        _scale: f32,
+        accumulate: bool,
+    ) -> Result<()> {
+        self.call(Family::Matmul);
+        ensure!(
+            col + out_dim <= ld,
+            "matmul_backward_slice: columns {col}..{} exceed rows of {ld}",
+            col + out_dim
+        );
+        need(dout, n * ld, Precision::Compute, "matmul_backward_slice dout")?;
+        need(inp, n * in_dim, Precision::Compute, "matmul_backward_slice inp")?;
+        need(w, out_dim * in_dim, Precision::Compute, "matmul_backward_slice w")?;
+        if let Some(dinp) = dinp {
+            need(dinp, n * in_dim, Precision::Compute, "matmul_backward_slice dinp")?;
+            if n * in_dim > 0 {
+                self.gemm(Family::Matmul, n, in_dim, out_dim, COMPUTE_BYTES, accumulate);
+            }
+        }
+        if let Some(dw) = dw {
+            need(dw, out_dim * in_dim, Precision::F32, "matmul_backward_slice dw")?;
+            if n > 0 {
+                self.gemm(Family::Matmul, out_dim, in_dim, n, 4, true);
+            }
+        }
+        Ok(())
+    }
     fn rope_forward(
         &self,
         qkv: &mut CountBuf,

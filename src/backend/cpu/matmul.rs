@@ -24,3 +24,48 @@ pub fn matmul_backward<T: Real>(
     }
     T::gemm(out_dim, n, in_dim, T::ONE, dout, (1, out_dim), inp, (in_dim, 1), T::ONE, dw, (in_dim, 1));
 }
+
+/// `out[i, col + j] (= | +=) scale · inp[i] · w[j]` for `j < out_dim`, `out` rows `ld` wide.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_forward_slice<T: Real>(
+    out: &mut [T],
+    inp: &[T],
+    w: &[T],
+    n: usize,
+    in_dim: usize,
+    out_dim: usize,
+    ld: usize,
+    col: usize,
+    scale: T,
+    accumulate: bool,
+) {
+    let beta = if accumulate { T::ONE } else { T::ZERO };
+    T::gemm(n, in_dim, out_dim, scale, inp, (in_dim, 1), w, (1, in_dim), beta, &mut out[col..], (ld, 1));
+}
+
+/// Backward of [`matmul_forward_slice`]: `dinp (= | +=) scale · dout_slice @ w`,
+/// `dw += scale · dout_slice^T @ inp`, each when given.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_backward_slice<T: Real>(
+    dinp: Option<&mut [T]>,
+    dw: Option<&mut [T]>,
+    dout: &[T],
+    inp: &[T],
+    w: &[T],
+    n: usize,
+    in_dim: usize,
+    out_dim: usize,
+    ld: usize,
+    col: usize,
+    scale: T,
+    accumulate: bool,
+) {
+    let dout = &dout[col..];
+    if let Some(dinp) = dinp {
+        let beta = if accumulate { T::ONE } else { T::ZERO };
+        T::gemm(n, out_dim, in_dim, scale, dout, (ld, 1), w, (in_dim, 1), beta, dinp, (in_dim, 1));
+    }
+    if let Some(dw) = dw {
+        T::gemm(out_dim, n, in_dim, scale, dout, (1, ld), inp, (in_dim, 1), T::ONE, dw, (in_dim, 1));
+    }
+}

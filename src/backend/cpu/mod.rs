@@ -31,7 +31,7 @@ pub use dropout::dropout;
 pub use embedding::{embedding_backward, embedding_forward};
 pub use flash_attention::tile_table;
 pub use global_norm::sum_squares;
-pub use matmul::{matmul_backward, matmul_forward};
+pub use matmul::{matmul_backward, matmul_backward_slice, matmul_forward, matmul_forward_slice};
 pub use real::Real;
 pub use rmsnorm::{residual_rmsnorm_forward, rmsnorm_backward, rmsnorm_forward};
 pub use rope::{rope_backward, rope_forward};
@@ -278,6 +278,69 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
+    fn matmul_forward_slice(
+        &self,
+        out: &mut Vec<T>,
+        inp: &Vec<T>,
+        w: &Vec<T>,
+        n: usize,
+        in_dim: usize,
+        out_dim: usize,
+        ld: usize,
+        col: usize,
+        scale: f32,
+        accumulate: bool,
+    ) -> Result<()> {
+        ensure!(col + out_dim <= ld, "cpu backend: columns {col}..{} exceed rows of {ld}", col + out_dim);
+        need("out", out.len(), n * ld)?;
+        need("inp", inp.len(), n * in_dim)?;
+        need("w", w.len(), out_dim * in_dim)?;
+        let scale = T::from_f32(scale);
+        matmul_forward_slice(out, inp, w, n, in_dim, out_dim, ld, col, scale, accumulate);
+        Ok(())
+    }
+    fn matmul_backward_slice(
+        &self,
+        dinp: Option<&mut Vec<T>>,
+        dw: Option<&mut Vec<T>>,
+        dout: &Vec<T>,
+        inp: &Vec<T>,
+        w: &Vec<T>,
+        n: usize,
+        in_dim: usize,
+        out_dim: usize,
+        ld: usize,
+        col: usize,
+        scale: f32,
+        accumulate: bool,
+    ) -> Result<()> {
+        ensure!(col + out_dim <= ld, "cpu backend: columns {col}..{} exceed rows of {ld}", col + out_dim);
+        if let Some(dinp) = dinp.as_ref() {
+            need("dinp", dinp.len(), n * in_dim)?;
+        }
+        if let Some(dw) = dw.as_ref() {
+            need("dw", dw.len(), out_dim * in_dim)?;
+        }
+        need("dout", dout.len(), n * ld)?;
+        need("inp", inp.len(), n * in_dim)?;
+        need("w", w.len(), out_dim * in_dim)?;
+        let scale = T::from_f32(scale);
+        matmul_backward_slice(
+            dinp.map(|b| b.as_mut_slice()),
+            dw.map(|b| b.as_mut_slice()),
+            dout,
+            inp,
+            w,
+            n,
+            in_dim,
+            out_dim,
+            ld,
+            col,
+            scale,
+            accumulate,
+        );
+        Ok(())
+    }
     fn rope_forward(
         &self,
         qkv: &mut Vec<T>,

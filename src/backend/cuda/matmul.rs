@@ -119,3 +119,83 @@ impl CudaBackend {
         Ok(())
     }
 }
+
+/// The LoRA GEMMs: the same cuBLASLt path as the Linear layers, on column slices of row-major
+/// buffers (a leading dimension and an offset), with a scale and an optional accumulate.
+impl CudaBackend {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn matmul_forward_slice(
+        &self,
+        out: &mut CudaBuf,
+        inp: &CudaBuf,
+        w: &CudaBuf,
+        n: usize,
+        in_dim: usize,
+        out_dim: usize,
+        ld: usize,
+        col: usize,
+        scale: f32,
+        accumulate: bool,
+    ) -> Result<()> {
+        anyhow::ensure!(
+            col + out_dim <= ld,
+            "matmul_forward_slice: columns {col}..{} exceed rows of {ld}",
+            col + out_dim
+        );
+        let out = bf16_mut(out, n * ld, "matmul_forward_slice out")?;
+        let inp = bf16_of(inp, n * in_dim, "matmul_forward_slice inp")?;
+        let w = bf16_of(w, out_dim * in_dim, "matmul_forward_slice w")?;
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        let out_ptr = self.dev_ptr(out) + (col * std::mem::size_of::<bf16>()) as u64;
+        let mut call =
+            x_wt(n, in_dim, out_dim, self.dev_ptr(inp), self.dev_ptr(w), out_ptr, DType::Bf16, beta);
+        call.ldc = ld as i64;
+        call.alpha = scale;
+        self.run_gemm(&call)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn matmul_backward_slice(
+        &self,
+        dinp: Option<&mut CudaBuf>,
+        dw: Option<&mut CudaBuf>,
+        dout: &CudaBuf,
+        inp: &CudaBuf,
+        w: &CudaBuf,
+        n: usize,
+        in_dim: usize,
+        out_dim: usize,
+        ld: usize,
+        col: usize,
+        scale: f32,
+        accumulate: bool,
+    ) -> Result<()> {
+        anyhow::ensure!(
+            col + out_dim <= ld,
+            "matmul_backward_slice: columns {col}..{} exceed rows of {ld}",
+            col + out_dim
+        );
+        let dout = bf16_of(dout, n * ld, "matmul_backward_slice dout")?;
+        let inp = bf16_of(inp, n * in_dim, "matmul_backward_slice inp")?;
+        let w = bf16_of(w, out_dim * in_dim, "matmul_backward_slice w")?;
+        let dout_ptr = self.dev_ptr(dout) + (col * std::mem::size_of::<bf16>()) as u64;
+        if let Some(dinp) = dinp {
+            let dinp = bf16_mut(dinp, n * in_dim, "matmul_backward_slice dinp")?;
+            let mut call = dy_w(n, out_dim, in_dim, dout_ptr, self.dev_ptr(w), self.dev_ptr(dinp));
+            call.ldb = ld as i64;
+            call.alpha = scale;
+            call.beta = if accumulate { 1.0 } else { 0.0 };
+            self.run_gemm(&call)?;
+        }
+        if let Some(dw) = dw {
+            let dw = f32_mut(dw, out_dim * in_dim, "matmul_backward_slice dw")?;
+            if n > 0 {
+                let mut call = dyt_x(n, in_dim, out_dim, dout_ptr, self.dev_ptr(inp), self.dev_ptr(dw));
+                call.ldb = ld as i64;
+                call.alpha = scale;
+                self.run_gemm(&call)?;
+            }
+        }
+        Ok(())
+    }
+}

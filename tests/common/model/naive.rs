@@ -216,6 +216,63 @@ impl Backend for NaiveBackend {
         Ok(())
     }
 
+    fn matmul_forward_slice(
+        &self,
+        out: &mut Vec<f64>,
+        inp: &Vec<f64>,
+        w: &Vec<f64>,
+        n: usize,
+        in_dim: usize,
+        out_dim: usize,
+        ld: usize,
+        col: usize,
+        scale: f32,
+        accumulate: bool,
+    ) -> Result<()> {
+        for i in 0..n {
+            for o in 0..out_dim {
+                let y: f64 = (0..in_dim).map(|k| inp[i * in_dim + k] * w[o * in_dim + k]).sum();
+                let c = &mut out[i * ld + col + o];
+                *c = scale as f64 * y + if accumulate { *c } else { 0.0 };
+            }
+        }
+        Ok(())
+    }
+    fn matmul_backward_slice(
+        &self,
+        dinp: Option<&mut Vec<f64>>,
+        dw: Option<&mut Vec<f64>>,
+        dout: &Vec<f64>,
+        inp: &Vec<f64>,
+        w: &Vec<f64>,
+        n: usize,
+        in_dim: usize,
+        out_dim: usize,
+        ld: usize,
+        col: usize,
+        scale: f32,
+        accumulate: bool,
+    ) -> Result<()> {
+        let s = scale as f64;
+        if let Some(dinp) = dinp {
+            for i in 0..n {
+                for k in 0..in_dim {
+                    let g: f64 = (0..out_dim).map(|o| dout[i * ld + col + o] * w[o * in_dim + k]).sum();
+                    let c = &mut dinp[i * in_dim + k];
+                    *c = s * g + if accumulate { *c } else { 0.0 };
+                }
+            }
+        }
+        if let Some(dw) = dw {
+            for o in 0..out_dim {
+                for k in 0..in_dim {
+                    dw[o * in_dim + k] +=
+                        s * (0..n).map(|i| dout[i * ld + col + o] * inp[i * in_dim + k]).sum::<f64>();
+                }
+            }
+        }
+        Ok(())
+    }
     fn rope_forward(
         &self,
         qkv: &mut Vec<f64>,
