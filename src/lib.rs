@@ -17,6 +17,7 @@ pub mod data;
 pub mod demo;
 pub mod generate;
 pub mod kernels;
+pub mod lora;
 pub mod model;
 pub mod plan;
 pub mod rng;

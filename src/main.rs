@@ -27,6 +27,8 @@ enum Command {
     Plot(sft::train::plot::PlotArgs),
     /// Print a checkpoint's mean masked loss on a chat file or a prepared directory.
     Eval(sft::train::cli::EvalArgs),
+    /// Fold a LoRA adapter into its base checkpoint's weights (a normal checkpoint).
+    Merge(sft::lora::MergeArgs),
     /// Convert a Hugging Face Llama directory into a checkpoint (optionally adding the chat tokens).
     Import(sft::checkpoint::import::ImportArgs),
     /// Print a checkpoint's logits at every position of a token sequence, as JSON.
@@ -85,6 +87,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Init(args) => sft::train::cli::init(args)?,
         Command::Train(args) => sft::train::cli::train(*args)?,
         Command::Eval(args) => sft::train::cli::eval(args)?,
+        Command::Merge(args) => sft::lora::merge(args)?,
         Command::Plot(args) => sft::train::plot::plot(args)?,
         Command::Import(args) => sft::checkpoint::import::import(args)?,
         Command::Logits(args) => sft::generate::cli::logits(args)?,

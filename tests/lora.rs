@@ -209,3 +209,47 @@ fn bad_lora_configs_are_refused_naming_the_field() {
     let err = LoraConfig::new(2, 8.0, 1.0, targets("q")).validate(&config).unwrap_err().to_string();
     assert!(err.contains("lora.dropout"), "{err}");
 }
+
+#[test]
+fn peft_tensors_apply_to_the_hugging_face_weights() {
+    // W_hf + scale · B_peft·A_peft must equal the Hugging Face form of the merged internal
+    // weights: the PEFT files carry Hugging Face's RoPE row order for q and k.
+    for style in [RopeStyle::AdjacentPairs, RopeStyle::HalfSplit] {
+        let config = tiny_config(2, style, false, 0.0);
+        let lora = LoraConfig::new(3, 6.0, 0.0, targets("q,k,v,o,gate,up,down"));
+        let (model, adapters) = random_model(&config, &lora, 8, 13);
+        let base = model.read_params().unwrap();
+        let mut merged = base.clone();
+        lora::merge_into(&lora, &config, &mut merged, &adapters).unwrap();
+        let hf_base = sft::checkpoint::to_hf(&config, &base);
+        let hf_merged = sft::checkpoint::to_hf(&config, &merged);
+        let peft = sft::checkpoint::peft::to_peft(&config, &lora, &adapters).unwrap();
+        let find = |ts: &[NamedTensor], name: &str| ts.iter().find(|t| t.name == name).unwrap().clone();
+        let r = lora.rank;
+        for l in 0..config.n_layers {
+            for t in &lora.targets {
+                let w = format!("model.layers.{l}.{}.weight", t.hf_module());
+                let a = find(
+                    &peft,
+                    &format!("base_model.model.model.layers.{l}.{}.lora_A.weight", t.hf_module()),
+                );
+                let b = find(
+                    &peft,
+                    &format!("base_model.model.model.layers.{l}.{}.lora_B.weight", t.hf_module()),
+                );
+                let (w0, w1) = (find(&hf_base, &w), find(&hf_merged, &w));
+                let (out, inp) = (w0.shape[0], w0.shape[1]);
+                assert_eq!((a.shape.clone(), b.shape.clone()), (vec![r, inp], vec![out, r]), "{w}");
+                for o in 0..out {
+                    for i in 0..inp {
+                        let ba: f64 =
+                            (0..r).map(|j| b.data[o * r + j] as f64 * a.data[j * inp + i] as f64).sum();
+                        let want = w0.data[o * inp + i] as f64 + lora.scale() as f64 * ba;
+                        let got = w1.data[o * inp + i] as f64;
+                        assert!((want - got).abs() < 1e-5, "{w} [{o}, {i}]: {got} vs {want} ({style:?})");
+                    }
+                }
+            }
+        }
+    }
+}

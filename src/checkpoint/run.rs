@@ -17,6 +17,7 @@ use super::{CONFIG_FILE, LATEST_FILE, MODEL_FILE, OPTIMIZER_FILE, TOKENIZER_FILE
 use crate::backend::Backend;
 use crate::data::ChatTokenizer;
 use crate::model::config::ModelConfig;
+use crate::model::lora::LoraConfig;
 use crate::model::params::{param_specs, NamedTensor};
 use crate::model::Model;
 use anyhow::{ensure, Context, Result};
@@ -124,6 +125,21 @@ pub fn save<B: Backend, S: Serialize>(
     tokenizer: Option<&Path>,
     keep: usize,
 ) -> Result<PathBuf> {
+    save_with(out_dir, step, state, keep, |tmp| {
+        write_weights(tmp, model.config(), &model.read_params()?, tokenizer.map(TokenizerSource::File))?;
+        write_safetensors(&tmp.join(OPTIMIZER_FILE), &optimizer_tensors(model)?)
+    })
+}
+
+/// [`save`] with the checkpoint's files (all but `trainer_state.json`) written by `write` into
+/// the temporary directory: the same atomic rename, `latest` and pruning.
+pub fn save_with<S: Serialize>(
+    out_dir: &Path,
+    step: u64,
+    state: &S,
+    keep: usize,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let name = step_dir_name(step);
     let dir = out_dir.join(&name);
@@ -132,8 +148,7 @@ pub fn save<B: Backend, S: Serialize>(
         std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
     }
     std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    write_weights(&tmp, model.config(), &model.read_params()?, tokenizer.map(TokenizerSource::File))?;
-    write_safetensors(&tmp.join(OPTIMIZER_FILE), &optimizer_tensors(model)?)?;
+    write(&tmp)?;
     write_file_synced(&tmp.join(TRAINER_STATE_FILE), serde_json::to_string_pretty(state)?.as_bytes())?;
     fsync_dir(&tmp)?;
     if dir.exists() {
@@ -224,6 +239,13 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Checkpoint> {
+        ensure!(
+            dir.join(CONFIG_FILE).exists() || !super::peft::is_adapter_dir(dir),
+            "{} holds a LoRA adapter ({}), not a model: pass its base checkpoint and --adapter {}",
+            dir.display(),
+            super::peft::ADAPTER_CONFIG_FILE,
+            dir.display()
+        );
         Ok(Checkpoint { dir: dir.to_path_buf(), config: read_model_config(dir)? })
     }
 
@@ -272,9 +294,22 @@ impl Checkpoint {
         micro_batch: usize,
         seq_len: usize,
     ) -> Result<Model<B>> {
+        self.training_model_with(backend, dropout, micro_batch, seq_len, None)
+    }
+
+    /// [`Self::training_model_for`], with LoRA adapters (zero) on the frozen weights when
+    /// `lora` is given.
+    pub fn training_model_with<B: Backend>(
+        &self,
+        backend: B,
+        dropout: Option<f32>,
+        micro_batch: usize,
+        seq_len: usize,
+        lora: Option<&LoraConfig>,
+    ) -> Result<Model<B>> {
         let config = ModelConfig { dropout: dropout.unwrap_or(self.config.dropout), ..self.config.clone() };
         let params = self.read_params()?;
-        let mut model = Model::for_micro_batches(backend, config, micro_batch, seq_len)
+        let mut model = Model::for_micro_batches_with(backend, config, micro_batch, seq_len, lora)
             .with_context(|| format!("building the model of checkpoint {}", self.dir.display()))?;
         model
             .take_params(params)
@@ -338,7 +373,11 @@ pub fn load_tokenizer(dir: &Path, explicit: Option<&Path>) -> Result<ChatTokeniz
 }
 
 /// Loads the AdamW moments saved by [`save`] into `model`.
+/// A model with LoRA adapters gets the adapters and their moments from a LoRA checkpoint.
 pub fn load_optimizer_into<B: Backend>(dir: &Path, model: &mut Model<B>) -> Result<()> {
+    if model.lora().is_some() {
+        return super::peft::load_run_state(dir, model);
+    }
     let path = dir.join(OPTIMIZER_FILE);
     let params: Vec<(String, Vec<usize>)> =
         param_specs(model.config()).into_iter().map(|s| (s.name, s.shape)).collect();

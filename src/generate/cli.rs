@@ -20,6 +20,9 @@ pub struct SamplingArgs {
     /// Default: the checkpoint's tokenizer.json.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// A LoRA adapter (PEFT layout) trained on the checkpoint, applied without merging.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// The system prompt (default: SimpleLLaMA's).
     #[arg(long)]
     pub system: Option<String>,
@@ -65,7 +68,8 @@ impl SamplingArgs {
         let tok_path =
             self.tokenizer.clone().unwrap_or_else(|| self.checkpoint.join(checkpoint::TOKENIZER_FILE));
         ckpt.config().check_usage(Some((&tok_path, tok.vocab_size())), ckpt.config().max_seq_len)?;
-        ckpt.generation_model(backend)
+        let max_tokens = ckpt.config().max_seq_len.min(512);
+        crate::lora::inference_model(&ckpt, self.adapter.as_deref(), backend, max_tokens)
     }
 }
 
@@ -151,6 +155,9 @@ pub struct LogitsArgs {
     /// Comma-separated token ids.
     #[arg(long, value_delimiter = ',', required = true)]
     pub ids: Vec<u32>,
+    /// A LoRA adapter (PEFT layout) trained on the checkpoint, applied without merging.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// auto, cpu or cuda.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -160,7 +167,7 @@ pub struct LogitsArgs {
 /// comparing with another implementation (scripts/check_hf_logits.py).
 pub fn logits(args: LogitsArgs) -> Result<()> {
     let rows = crate::with_backend!(Device::parse(&args.device)?, |backend| {
-        all_logits(backend, &args.checkpoint, &args.ids)?
+        all_logits_with(backend, &args.checkpoint, args.adapter.as_deref(), &args.ids)?
     });
     println!("{}", serde_json::json!({ "ids": args.ids, "logits": rows }));
     Ok(())
@@ -168,11 +175,21 @@ pub fn logits(args: LogitsArgs) -> Result<()> {
 
 /// The logits after each of `ids` (one row per position), from the checkpoint in `dir`.
 pub fn all_logits<B: Backend>(backend: B, dir: &std::path::Path, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+    all_logits_with(backend, dir, None, ids)
+}
+
+/// [`all_logits`] with a LoRA adapter on top when `adapter` is given.
+pub fn all_logits_with<B: Backend>(
+    backend: B,
+    dir: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+    ids: &[u32],
+) -> Result<Vec<Vec<f32>>> {
     anyhow::ensure!(!ids.is_empty(), "no token ids given");
     let ckpt = checkpoint::Checkpoint::open(dir)?;
     ckpt.config().check_usage(None, ids.len()).context("--ids")?;
     // Sized for the sequence, not max_seq_len: a pretrained config may claim 131072 positions.
-    let mut model = ckpt.inference_model(backend, ids.len())?;
+    let mut model = crate::lora::inference_model(&ckpt, adapter, backend, ids.len())?;
     let mut cache = model.new_cache(ids.len())?;
     ids.iter().map(|&t| model.next_logits(&mut cache, &[t])).collect()
 }

@@ -139,6 +139,8 @@ pub struct TrainArgs {
     /// auto, cpu or cuda.
     #[arg(long)]
     pub device: Option<String>,
+    #[command(flatten)]
+    pub lora: crate::lora::LoraArgs,
 }
 
 impl TrainArgs {
@@ -168,6 +170,7 @@ impl TrainArgs {
         if !self.samples.is_empty() {
             c.samples = self.samples.clone();
         }
+        c.lora = self.lora.apply(c.lora.take())?;
         Ok(c)
     }
 }
@@ -229,6 +232,9 @@ pub struct EvalArgs {
     pub batch_mode: BatchMode,
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// A LoRA adapter (PEFT layout) trained on the checkpoint, applied without merging.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -313,7 +319,7 @@ pub fn eval_with<B: Backend>(backend: B, args: &EvalArgs) -> Result<EvalReport> 
     };
     let max_tokens =
         args.micro_batch.checked_mul(max_seq_len).context("--micro-batch × --max-seq-len overflows")?;
-    let mut model = ckpt.inference_model(backend, max_tokens)?;
+    let mut model = crate::lora::inference_model(&ckpt, args.adapter.as_deref(), backend, max_tokens)?;
     let loss = eval_loss(&mut model, &batches)?;
     let supervised_tokens = batches.iter().map(|b| b.n_supervised()).sum();
     Ok(EvalReport { loss, supervised_tokens, batches: batches.len() })

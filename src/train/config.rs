@@ -71,6 +71,8 @@ pub struct TrainConfig {
     pub log_every: u64,
     /// "auto", "cpu" or "cuda".
     pub device: String,
+    /// Train LoRA adapters on the frozen `init_from` weights instead of every weight.
+    pub lora: Option<crate::model::lora::LoraConfig>,
 }
 
 impl Default for TrainConfig {
@@ -112,6 +114,7 @@ impl Default for TrainConfig {
             ],
             log_every: 10,
             device: "auto".into(),
+            lora: None,
         }
     }
 }
@@ -194,6 +197,9 @@ impl TrainConfig {
             if !(0.0..1.0).contains(&p) {
                 bail!("dropout must be in [0, 1), got {p}");
             }
+        }
+        if let Some(lora) = &self.lora {
+            crate::lora::validate(lora)?;
         }
         if self.eval_every > 0 && self.eval_batches == 0 {
             bail!("eval_batches must be at least 1 when eval_every is set");

@@ -96,7 +96,7 @@ pub(crate) fn optimizer_step<B: Backend>(
     model.zero_grads()?;
     let mut loss_sum = 0.0f64;
     for (micro, batch) in micro_batches.iter().enumerate() {
-        let seed = (model.config().dropout > 0.0).then(|| dropout_seed(dropout_stream, step, micro));
+        let seed = model.uses_dropout().then(|| dropout_seed(dropout_stream, step, micro));
         loss_sum += model.forward_backward(batch, loss_scale, seed)?;
     }
 
@@ -274,6 +274,7 @@ fn start_run(cfg: &TrainConfig) -> Result<RunStart> {
     let resumed = match resume_dir {
         Some(dir) => {
             let state = TrainerState::load(&dir)?;
+            crate::lora::check_resume(&state.config, cfg)?;
             warn_about_changes(&state.config, cfg);
             Some((dir, state))
         }
@@ -302,8 +303,12 @@ fn start_run(cfg: &TrainConfig) -> Result<RunStart> {
     let tokenizer_path = cfg.tokenizer_path();
     let tokenizer = ChatTokenizer::from_file(&tokenizer_path)
         .with_context(|| format!("loading the tokenizer {}", tokenizer_path.display()))?;
-    let weights_from = resumed.as_ref().map(|(dir, _)| dir.as_path()).or(cfg.init_from.as_deref());
-    let weights = weights_from.map(Checkpoint::open).transpose()?;
+    // A LoRA run's weights are its frozen base; its checkpoints hold the adapters.
+    let weights_from = match &cfg.lora {
+        Some(_) => Some(crate::lora::base_dir(cfg, resumed.as_ref().map(|(_, s)| &s.config))?),
+        None => resumed.as_ref().map(|(dir, _)| dir.clone()).or_else(|| cfg.init_from.clone()),
+    };
+    let weights = weights_from.as_deref().map(Checkpoint::open).transpose()?;
     let mut model_config = match &weights {
         Some(ckpt) => ckpt.config().clone(),
         None => resolve_model_config(&cfg.model, tokenizer.vocab_size())?,
@@ -313,6 +318,9 @@ fn start_run(cfg: &TrainConfig) -> Result<RunStart> {
     }
     let max_seq_len = cfg.max_seq_len.unwrap_or(model_config.max_seq_len);
     model_config.check_usage(Some((&tokenizer_path, tokenizer.vocab_size())), max_seq_len)?;
+    if let Some(lora) = &cfg.lora {
+        lora.validate(&model_config)?;
+    }
     Ok(RunStart { resumed, weights, tokenizer_path, tokenizer, model_config, max_seq_len })
 }
 
@@ -444,9 +452,13 @@ pub fn train_with<B: Backend>(
 
     // ---- the model and the counters (continued from the checkpoint when resuming) -----------
     let mut model = match &weights {
-        Some(ckpt) => {
-            ckpt.training_model_for(backend, cfg.dropout, cfg.micro_batch.configured(), max_seq_len)?
-        }
+        Some(ckpt) => ckpt.training_model_with(
+            backend,
+            cfg.dropout,
+            cfg.micro_batch.configured(),
+            max_seq_len,
+            cfg.lora.as_ref(),
+        )?,
         None => {
             let mut model =
                 Model::for_micro_batches(backend, model_config, cfg.micro_batch.configured(), max_seq_len)?;
@@ -454,6 +466,9 @@ pub fn train_with<B: Backend>(
             model
         }
     };
+    if cfg.lora.is_some() && resumed.is_none() {
+        model.init_adapters(cfg.seed)?;
+    }
     let dropout_stream = Rng::new(cfg.seed).fork(DROPOUT_STREAM);
     let is_resume = resumed.is_some();
     let mut state = match resumed {
@@ -477,6 +492,9 @@ pub fn train_with<B: Backend>(
         cfg.grad_accum,
         cfg.micro_batch,
     ));
+    if let Some(lora) = model.lora() {
+        progress.println(&crate::lora::describe(lora, model.config()));
+    }
 
     let mut report = TrainReport {
         steps: start_step,
@@ -577,14 +595,11 @@ pub fn train_with<B: Backend>(
 
         // ---- checkpoint ------------------------------------------------------------------------
         if (cfg.save_every > 0 && done.is_multiple_of(cfg.save_every)) || done == end_step {
-            let dir = checkpoint::save(
-                &cfg.out_dir,
-                &model,
-                state.step,
-                &state,
-                Some(&tokenizer_path),
-                cfg.keep_checkpoints,
-            )?;
+            let (out, tok, keep) = (&cfg.out_dir, Some(tokenizer_path.as_path()), cfg.keep_checkpoints);
+            let dir = match weights.as_ref().filter(|_| cfg.lora.is_some()) {
+                Some(base) => crate::lora::save_run(out, &model, state.step, &state, base.dir(), tok, keep)?,
+                None => checkpoint::save(out, &model, state.step, &state, tok, keep)?,
+            };
             report.checkpoint = Some(dir);
             // The curves so far, beside the log; a plot that fails never stops training.
             if let Err(e) = super::plot::plot_log(&cfg.out_dir.join("log.csv"), None, false) {
@@ -664,7 +679,7 @@ fn warn_about_changes(saved: &TrainConfig, now: &TrainConfig) {
         epochs,
         schedule_steps
     );
-    check!(max_lr, min_lr, warmup_steps, beta1, beta2, eps, weight_decay, clip);
+    check!(max_lr, min_lr, warmup_steps, beta1, beta2, eps, weight_decay, clip, lora);
     if !changed.is_empty() {
         eprintln!(
             "warning: resuming with settings that differ from the checkpoint's ({}); the run will not repeat an uninterrupted one",
