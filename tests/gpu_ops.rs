@@ -199,6 +199,65 @@ fn matmul_fallback_kernel_matches_cpu() {
     matmul_case(&g, "matmul (kernels/matmul.cu)");
 }
 
+/// The LoRA GEMMs on column slices: `[x·Aᵀ, out slice += s·xa·Bᵀ, dxa, dB, dx accumulated, dA]`.
+#[allow(clippy::too_many_arguments)]
+fn matmul_slices<B: Backend>(
+    b: &B,
+    x: &[f32],
+    a: &[f32],
+    bw: &[f32],
+    out0: &[f32],
+    dout: &[f32],
+    dx0: &[f32],
+    (n, i, r, o, ld, col): (usize, usize, usize, usize, usize, usize),
+) -> Vec<Vec<f32>> {
+    let xb = upload(b, x, Precision::Compute);
+    let ab = upload(b, a, Precision::Compute);
+    let bb = upload(b, bw, Precision::Compute);
+    let mut xa = b.zeros(n * r, Precision::Compute).unwrap();
+    b.matmul_forward_slice(&mut xa, &xb, &ab, n, i, r, r, 0, 1.0, false).unwrap();
+    let mut out = upload(b, out0, Precision::Compute);
+    b.matmul_forward_slice(&mut out, &xa, &bb, n, r, o, ld, col, 0.75, true).unwrap();
+    let db = upload(b, dout, Precision::Compute);
+    let mut dxa = b.zeros(n * r, Precision::Compute).unwrap();
+    let mut dbw = b.zeros(o * r, Precision::F32).unwrap();
+    b.matmul_backward_slice(Some(&mut dxa), Some(&mut dbw), &db, &xa, &bb, n, r, o, ld, col, 0.75, false)
+        .unwrap();
+    let mut dx = upload(b, dx0, Precision::Compute);
+    let mut da = b.zeros(r * i, Precision::F32).unwrap();
+    b.matmul_backward_slice(Some(&mut dx), Some(&mut da), &dxa, &xb, &ab, n, i, r, r, 0, 1.0, true).unwrap();
+    vec![
+        download(b, &xa, n * r),
+        download(b, &out, n * ld),
+        download(b, &dxa, n * r),
+        download(b, &dbw, o * r),
+        download(b, &dx, n * i),
+        download(b, &da, r * i),
+    ]
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn matmul_slices_match_cpu() {
+    let Some(g) = gpu() else { return };
+    // A slice at an odd column (unaligned pointer), then an aligned one as q/v slices are.
+    for (seed, dims) in [(17, 70, 5, 21, 45, 13), (32, 128, 16, 64, 192, 128)].into_iter().enumerate() {
+        let (n, i, r, o, ld, _) = dims;
+        let mut rng = Rng::new(40 + seed as u64);
+        let x = randn(&mut rng, n * i, 1.0);
+        let a = randn(&mut rng, r * i, 0.2);
+        let bw = randn(&mut rng, o * r, 0.2);
+        let out0 = randn(&mut rng, n * ld, 1.0);
+        let dout = randn(&mut rng, n * ld, 1.0);
+        let dx0 = randn(&mut rng, n * i, 1.0);
+        let got = matmul_slices(&g, &x, &a, &bw, &out0, &dout, &dx0, dims);
+        let want = matmul_slices(&reference(), &x, &a, &bw, &out0, &dout, &dx0, dims);
+        for (k, name) in ["x·Aᵀ", "out slice +=", "dxa", "dB", "dx +=", "dA"].iter().enumerate() {
+            assert_close(&format!("matmul slices {name} {dims:?}"), &got[k], &want[k], TOL);
+        }
+    }
+}
+
 // ---- RoPE -----------------------------------------------------------------------------------
 
 fn rope<B: Backend>(b: &B, qkv: &[f32], pos: &[u32], heads: HeadShape, rope: Rope) -> [Vec<f32>; 2] {

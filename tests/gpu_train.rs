@@ -105,6 +105,51 @@ fn training_step_matches_cpu_packed() {
     step_matches(config(1, RopeStyle::AdjacentPairs, false), &batch, "packed, GQA 2:1");
 }
 
+/// A LoRA step on both backends from the same base and adapters (B not zero): loss, the
+/// adapters' gradients, and the adapters after AdamW.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn lora_step_matches_cpu() {
+    use sft::model::lora::{init_adapters, LoraConfig};
+    let Some(g) = gpu() else { return };
+    let exs = examples(13, &[40, 17, 63, 5]);
+    let batch = padded_batch(&exs, 3);
+    let n = batch.n_tokens();
+    let config = config(1, RopeStyle::AdjacentPairs, false);
+    let lora = LoraConfig::new(8, 16.0, 0.0, LoraConfig::parse_targets("q,k,v,o,gate,up,down").unwrap());
+    let mut cpu = Model::with_lora(CpuBackend::<f32>::new(), config.clone(), n, true, &lora).unwrap();
+    cpu.init_params(7).unwrap();
+    let mut adapters = init_adapters(&lora, &config, 8);
+    let mut rng = sft::rng::Rng::new(9);
+    for t in &mut adapters {
+        t.data.iter_mut().for_each(|x| *x = 0.05 * rng.normal() as f32);
+    }
+    cpu.write_adapters(&adapters).unwrap();
+    let mut gpu = Model::with_lora(g, config, n, true, &lora).unwrap();
+    gpu.write_params(&cpu.read_params().unwrap()).unwrap();
+    gpu.write_adapters(&adapters).unwrap();
+    let scale = 1.0 / batch.n_supervised() as f32;
+    cpu.zero_grads().unwrap();
+    gpu.zero_grads().unwrap();
+    let loss_cpu = cpu.forward_backward(&batch, scale, None).unwrap();
+    let loss_gpu = gpu.forward_backward(&batch, scale, None).unwrap();
+    let rel = (loss_gpu - loss_cpu).abs() / loss_cpu.abs();
+    eprintln!("lora: loss cpu {loss_cpu:.6} gpu {loss_gpu:.6} (rel {rel:.2e})");
+    assert!(rel < 1e-2, "lora: loss {loss_gpu} vs {loss_cpu}");
+    for (c, g) in cpu.read_adapter_grads().unwrap().iter().zip(&gpu.read_adapter_grads().unwrap()) {
+        let e = rel_l2(&g.data, &c.data);
+        assert!(e < 3e-2, "lora: gradient of {} differs by {e:.3e} (relative L2)", c.name);
+    }
+    let hp =
+        AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.01, step: 1, grad_scale: 0.5 };
+    cpu.adamw_step(&hp).unwrap();
+    gpu.adamw_step(&hp).unwrap();
+    for (c, g) in cpu.read_adapters().unwrap().iter().zip(&gpu.read_adapters().unwrap()) {
+        let e = rel_l2(&g.data, &c.data);
+        assert!(e < 1e-2, "lora: {} after AdamW differs by {e:.3e}", c.name);
+    }
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn demo_loss_curve_on_gpu_follows_cpu() {

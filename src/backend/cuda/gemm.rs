@@ -220,6 +220,22 @@ impl Gemm {
                 &ws_size as *const usize as *const c_void,
                 size_of::<usize>(),
             )?;
+            // The heuristic cannot see the pointers and assumes 256-byte alignment unless told:
+            // LoRA's column slices start at an element offset inside a row.
+            for (attr, ptr) in [
+                (sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, g.a),
+                (sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, g.b),
+                (sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, g.c),
+                (sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, g.c),
+            ] {
+                let align: u32 = pointer_alignment(ptr);
+                lt::set_matmul_pref_attribute(
+                    pref.0,
+                    attr,
+                    &align as *const u32 as *const c_void,
+                    size_of::<u32>(),
+                )?;
+            }
             let heuristic = match lt::get_matmul_algo_heuristic(
                 self.handle,
                 desc.0,
@@ -259,6 +275,15 @@ impl Gemm {
             .with_context(|| format!("cuBLASLt matmul {g:?}"))?;
         }
         Ok(true)
+    }
+}
+
+/// The largest power of two (up to 256) that divides a device address.
+fn pointer_alignment(ptr: u64) -> u32 {
+    if ptr == 0 {
+        256
+    } else {
+        1u32 << ptr.trailing_zeros().min(8)
     }
 }
 
