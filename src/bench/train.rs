@@ -46,6 +46,9 @@ pub struct BenchArgs {
     /// which has no residual dropout (scripts/bench_torch_train.py passes 0).
     #[arg(long)]
     pub dropout: Option<f32>,
+    /// Time LoRA steps: adapters on the frozen base.
+    #[command(flatten)]
+    pub lora: crate::lora::LoraArgs,
 }
 
 /// What `sft bench` measured.
@@ -113,8 +116,14 @@ pub fn run_bench<B: Backend>(backend: B, args: &BenchArgs) -> Result<BenchReport
     );
     let grad_accum = rows_per_step / args.micro_batch;
     let device = backend.name();
-    let mut model = Model::for_micro_batches(backend, config.clone(), args.micro_batch, t)?;
+    let lora = args.lora.apply(None)?;
+    let mut model =
+        Model::for_micro_batches_with(backend, config.clone(), args.micro_batch, t, lora.as_ref())?;
     model.init_params(args.seed)?;
+    if let Some(l) = &lora {
+        model.init_adapters(args.seed)?;
+        eprintln!("{}", crate::lora::describe(l, &config));
+    }
     let mut rng = Rng::new(args.seed);
     let batches: Vec<Batch> =
         (0..grad_accum).map(|_| synthetic_batch(&mut rng, args.micro_batch, t, config.vocab_size)).collect();

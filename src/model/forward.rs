@@ -247,6 +247,30 @@ pub fn micro_batch_that_fits(
     fits_in(memory_bytes(config, compute_bytes), seq_len, free)
 }
 
+/// [`micro_batch_that_fits`] of a training model with `lora` adapters (None: without).
+pub fn micro_batch_that_fits_with(
+    config: &ModelConfig,
+    compute_bytes: usize,
+    seq_len: usize,
+    free: usize,
+    lora: Option<&LoraConfig>,
+) -> usize {
+    fits_in(memory_bytes_lora(config, compute_bytes, true, lora), seq_len, free)
+}
+
+/// [`memory_advice`] of a training model with `lora` adapters (None: without).
+pub fn memory_advice_with(
+    device: &str,
+    config: &ModelConfig,
+    compute_bytes: usize,
+    micro_batch: usize,
+    seq_len: usize,
+    free: usize,
+    lora: Option<&LoraConfig>,
+) -> Option<String> {
+    advice_for(device, memory_bytes_lora(config, compute_bytes, true, lora), micro_batch, seq_len, free)
+}
+
 fn fits_in((fixed, per_token): (usize, usize), seq_len: usize, free: usize) -> usize {
     (free / 10 * 9).saturating_sub(fixed) / per_token.saturating_mul(seq_len).max(1)
 }

@@ -20,7 +20,8 @@ use clap::Args;
 
 use crate::bench::train::{flops_per_token, synthetic_batch};
 use crate::data::Batch;
-use crate::model::forward::{memory_advice, memory_bytes, micro_batch_that_fits};
+use crate::model::forward::{memory_advice_with, memory_bytes_lora, micro_batch_that_fits_with};
+use crate::model::lora::LoraConfig;
 use crate::model::{Model, ModelConfig};
 use crate::rng::Rng;
 use crate::train::trainer::{optimizer_step, resolve_model_config};
@@ -63,6 +64,9 @@ pub struct PlanArgs {
     /// repository root), with this source (device, date, commit, command).
     #[arg(long, value_name = "SOURCE", requires = "calibrate_from")]
     pub write_calibration: Option<String>,
+    /// Plan a LoRA run: adapters on the frozen base.
+    #[command(flatten)]
+    pub lora: crate::lora::LoraArgs,
 }
 
 /// One op family's estimated share of a step.
@@ -85,11 +89,12 @@ pub struct FamilyEstimate {
 /// What the step's buffers take, in bytes.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct MemoryPlan {
-    /// bf16 weights (and one row of logits for generation).
+    /// bf16 weights (and one row of logits for generation), the adapters' included.
     pub weights: usize,
-    /// fp32 gradients.
+    /// fp32 gradients (with LoRA: the adapters', and the scratch that takes the frozen norms'
+    /// and lm_head's weight gradients).
     pub grads: usize,
-    /// fp32 master weights and the two AdamW moments.
+    /// fp32 master weights and the two AdamW moments (with LoRA: the adapters' only).
     pub master_and_moments: usize,
     pub activations_per_token: usize,
     pub activations: usize,
@@ -114,6 +119,10 @@ pub struct Plan {
     pub estimate: bool,
     pub model: String,
     pub n_params: usize,
+    /// The LoRA adapters planned (None: full fine-tuning).
+    pub lora: Option<LoraConfig>,
+    /// Parameters the optimizer updates.
+    pub trainable_params: usize,
     pub device: DeviceSpec,
     pub calibrated: bool,
     pub calibration_source: Option<String>,
@@ -153,6 +162,17 @@ pub fn count_step(
     seq_len: usize,
     grad_accum: usize,
 ) -> Result<StepCount> {
+    count_step_with(config, micro_batch, seq_len, grad_accum, None)
+}
+
+/// [`count_step`] of a LoRA run when `lora` is given.
+pub fn count_step_with(
+    config: &ModelConfig,
+    micro_batch: usize,
+    seq_len: usize,
+    grad_accum: usize,
+    lora: Option<&LoraConfig>,
+) -> Result<StepCount> {
     ensure!(micro_batch > 0 && grad_accum > 0, "--micro-batch and --grad-accum must be at least 1");
     ensure!(
         seq_len > 0 && seq_len <= config.max_seq_len,
@@ -160,7 +180,11 @@ pub fn count_step(
         config.max_seq_len
     );
     ensure!(config.vocab_size > 1, "the model's vocab_size must be at least 2");
-    let mut model = Model::new(CountingBackend::new(), config.clone(), micro_batch * seq_len)?;
+    let tokens = micro_batch * seq_len;
+    let mut model = match lora {
+        Some(lora) => Model::with_lora(CountingBackend::new(), config.clone(), tokens, true, lora)?,
+        None => Model::new(CountingBackend::new(), config.clone(), tokens)?,
+    };
     let allocated = model.backend().allocated_bytes();
     model.backend().take_ledger();
     let mut rng = Rng::new(89);
@@ -256,23 +280,32 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
         heads.head_dim
     );
     let t = args.seq_len.unwrap_or(config.max_seq_len);
-    let count = count_step(&config, args.micro_batch, t, args.grad_accum)?;
+    let lora = args.lora.apply(None)?;
+    if let Some(l) = &lora {
+        l.validate(&config)?;
+    }
+    let lora = lora.as_ref();
+    let count = count_step_with(&config, args.micro_batch, t, args.grad_accum, lora)?;
     let families = estimate_families(&count.ledger, device, &calibration);
     let step_seconds: f64 = families.iter().map(|f| f.seconds).sum();
     let tokens_per_step = args.grad_accum * args.micro_batch * t;
     let tokens_per_s = tokens_per_step as f64 / step_seconds;
     let fpt = flops_per_token(&config, t);
 
-    let (fixed, per_token) = memory_bytes(&config, COMPUTE_BYTES);
+    let (fixed, per_token) = memory_bytes_lora(&config, COMPUTE_BYTES, true, lora);
     let n_params = config.n_params();
+    let trainable = lora.map_or(n_params, |l| l.n_params(&config));
+    let frozen_grad_scratch =
+        if lora.is_some() { 4 * (config.vocab_size * config.d_model + config.d_model) } else { 0 };
     let activations = per_token * args.micro_batch * t;
     let workspace = count.scratch + GEMM_WORKSPACE_BYTES;
     let available = device.memory.saturating_sub(CONTEXT_BYTES);
-    let largest = micro_batch_that_fits(&config, COMPUTE_BYTES, t, available);
+    let largest = micro_batch_that_fits_with(&config, COMPUTE_BYTES, t, available, lora);
+    let adapters = if lora.is_some() { trainable } else { 0 };
     let memory = MemoryPlan {
-        weights: n_params * COMPUTE_BYTES + config.vocab_size * COMPUTE_BYTES,
-        grads: n_params * 4,
-        master_and_moments: n_params * 12,
+        weights: (n_params + adapters) * COMPUTE_BYTES + config.vocab_size * COMPUTE_BYTES,
+        grads: trainable * 4 + frozen_grad_scratch,
+        master_and_moments: trainable * 12,
         activations_per_token: per_token,
         activations,
         workspace,
@@ -292,6 +325,13 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
             SYNC_OVERHEAD_S * 1e6
         ),
     ];
+    if lora.is_some() {
+        notes.push(
+            "MFU counts 6 FLOPs per parameter and token as for full fine-tuning; a LoRA step skips the frozen \
+             weights' gradient GEMMs (about a third of those FLOPs), so its MFU overstates the useful work"
+                .to_string(),
+        );
+    }
     if device.key == "rtx4090" && heads.head_dim == 128 {
         notes.push(
             "on this device the CUDA backend falls back to the scalar attention kernels for head_dim 128 \
@@ -300,7 +340,9 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
                 .to_string(),
         );
     }
-    if let Some(advice) = memory_advice(device.name, &config, COMPUTE_BYTES, args.micro_batch, t, available) {
+    if let Some(advice) =
+        memory_advice_with(device.name, &config, COMPUTE_BYTES, args.micro_batch, t, available, lora)
+    {
         // The trainer's own refusal, word for word, so that plan and trainer agree.
         notes.push(format!("the trainer would refuse this step: {advice}"));
     }
@@ -310,6 +352,8 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
         estimate: true,
         model: args.model.clone(),
         n_params,
+        lora: lora.cloned(),
+        trainable_params: trainable,
         device: *device,
         calibrated: calibration.source.is_some(),
         calibration_source: calibration.source.clone(),
@@ -343,6 +387,17 @@ pub fn render(p: &Plan) -> String {
     let _ =
         writeln!(s, "sft plan: ESTIMATES from a cost model (no GPU was used; nothing here is a measurement)");
     let _ = writeln!(s, "model        {} ({} parameters)", p.model, p.n_params);
+    if let Some(l) = &p.lora {
+        let targets: Vec<&str> = l.targets.iter().map(|t| t.name()).collect();
+        let _ = writeln!(
+            s,
+            "LoRA         rank {}, alpha {}, on {}: {} trainable parameters, the base frozen (bf16 only)",
+            l.rank,
+            l.alpha,
+            targets.join(","),
+            p.trainable_params
+        );
+    }
     let _ = writeln!(
         s,
         "device       {}: {:.1} TFLOP/s dense bf16, {:.2} TB/s, {:.1} GiB (datasheet)",

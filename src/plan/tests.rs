@@ -1,6 +1,7 @@
 use super::counting::{CountingBackend, Family, KernelKind};
 use super::*;
 use crate::backend::{Backend, Precision};
+use crate::model::forward::{memory_bytes, micro_batch_that_fits};
 
 fn tiny() -> ModelConfig {
     ModelConfig::tiny(300)
@@ -144,6 +145,7 @@ fn the_counting_backend_allocates_what_memory_bytes_says() {
         calibrate_from: None,
         profiled_steps: 1,
         write_calibration: None,
+        lora: Default::default(),
     };
     let p = plan_for(&c, &args).unwrap();
     let m = &p.memory;
@@ -167,6 +169,7 @@ fn the_plan_is_labelled_and_consistent() {
         calibrate_from: None,
         profiled_steps: 1,
         write_calibration: None,
+        lora: Default::default(),
     };
     let c = ModelConfig { dropout: 0.1, ..small() };
     let p = plan_for(&c, &args).unwrap();
@@ -206,4 +209,41 @@ fn a_slower_calibration_factor_slows_only_its_family() {
         let want = if x.family == Family::Matmul { 2.0 * x.seconds } else { x.seconds };
         assert!((y.seconds - want).abs() <= 1e-12 * want, "{:?}", x.family);
     }
+}
+
+#[test]
+fn a_lora_plan_counts_what_the_lora_model_allocates_and_trains_less() {
+    let c = small();
+    let (mb, t) = (4, 64);
+    let lora = LoraConfig::default();
+    let count = count_step_with(&c, mb, t, 1, Some(&lora)).unwrap();
+    let (fixed, per_token) = memory_bytes_lora(&c, COMPUTE_BYTES, true, Some(&lora));
+    assert_eq!(count.allocated, fixed + per_token * mb * t + 4);
+    let full = count_step(&c, mb, t, 1).unwrap();
+    assert!(count.allocated < full.allocated);
+
+    let args = PlanArgs {
+        model: "small".into(),
+        gpu: "h100".into(),
+        micro_batch: mb,
+        seq_len: Some(t),
+        grad_accum: 1,
+        dropout: None,
+        json: false,
+        calibrate_from: None,
+        profiled_steps: 1,
+        write_calibration: None,
+        lora: crate::lora::LoraArgs { lora: true, ..Default::default() },
+    };
+    let p = plan_for(&c, &args).unwrap();
+    let m = &p.memory;
+    assert_eq!(m.weights + m.grads + m.master_and_moments, fixed);
+    assert_eq!(m.allocated_by_model, count.allocated);
+    assert_eq!(p.trainable_params, lora.n_params(&c));
+    assert!(p.trainable_params < p.n_params / 10);
+    // Fewer weight-gradient GEMMs and a smaller AdamW: a cheaper step.
+    let full_plan = plan_for(&c, &PlanArgs { lora: Default::default(), ..args.clone() }).unwrap();
+    assert!(p.total_flops < full_plan.total_flops);
+    assert!(m.total < full_plan.memory.total);
+    assert!(render(&p).contains("LoRA         rank 16, alpha 8, on q,v"));
 }

@@ -643,8 +643,10 @@ fn plan_micro_batches<B: Backend>(
     }
     let free = backend.memory_info()?.map(|(free, _)| free);
     let compute_bytes = backend.compute_bytes();
-    let fits = free
-        .map(|f| crate::model::forward::micro_batch_that_fits(model_config, compute_bytes, max_seq_len, f));
+    let fits = free.map(|f| {
+        let lora = cfg.lora.as_ref();
+        crate::model::forward::micro_batch_that_fits_with(model_config, compute_bytes, max_seq_len, f, lora)
+    });
     let plan = plan_batches(cfg.micro_batch, cfg.grad_accum, fits);
     let memory = free.map_or(String::new(), |f| format!(", {:.1} GiB free", f as f64 / (1u64 << 30) as f64));
     eprintln!("{} (rows of {max_seq_len} tokens on {}{memory})", plan.reason, backend.name());
