@@ -18,6 +18,7 @@ fn a_short_demo_learns_and_its_checkpoint_answers() {
         micro_batch: 32,
         seed: 89,
         device: "cpu".into(),
+        lora: false,
     };
     let report = run_demo(CpuBackend::<f32>::new(), &args).unwrap();
 

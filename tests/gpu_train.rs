@@ -163,6 +163,7 @@ fn demo_loss_curve_on_gpu_follows_cpu() {
         micro_batch: 32,
         seed: 89,
         device: "cpu".into(),
+        lora: false,
     };
     let s = setup(&args).unwrap();
     let mut cfg = s.train_config.clone();

@@ -48,6 +48,12 @@ pub struct DemoArgs {
     /// auto, cpu or cuda.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// The LoRA demo: first a base trained on every task but the colour lookup (`--steps`
+    /// steps, every weight), then LoRA adapters (rank 16, alpha 32, on every projection) trained
+    /// on all four tasks over the frozen base (`--steps` steps); scored before (the base) and
+    /// after (base + adapters). The run's checkpoint is then a PEFT adapter over `out/base-run`.
+    #[arg(long)]
+    pub lora: bool,
 }
 
 /// The demo's model: small enough to train on two CPU cores in a few minutes, with grouped KV
@@ -175,6 +181,8 @@ fn score<B: Backend>(
 
 /// Everything the demo prepares before training: the run's config and what scoring needs.
 pub struct DemoSetup {
+    /// The LoRA demo's first run, which trains the base (None: the plain demo).
+    pub base_config: Option<TrainConfig>,
     pub train_config: TrainConfig,
     pub model_config: ModelConfig,
     pub tokenizer: ChatTokenizer,
@@ -264,6 +272,13 @@ pub fn setup(args: &DemoArgs) -> Result<DemoSetup> {
         device: args.device.clone(),
         ..TrainConfig::default()
     };
+    let (cfg, base_config) = if args.lora {
+        let (lora, base) =
+            lora_runs(cfg, &train_examples, &tok_path, &args.out, args.seed, config.max_seq_len)?;
+        (lora, Some(base))
+    } else {
+        (cfg, None)
+    };
     cfg.validate()?;
     let val_set = Dataset::open(&data_dir, Split::Val)?;
     let loader = LoaderConfig {
@@ -275,6 +290,7 @@ pub fn setup(args: &DemoArgs) -> Result<DemoSetup> {
     };
     let val = batches_in_order(&val_set, &loader)?;
     Ok(DemoSetup {
+        base_config,
         train_config: cfg,
         model_config: config,
         tokenizer: tok,
@@ -285,18 +301,77 @@ pub fn setup(args: &DemoArgs) -> Result<DemoSetup> {
     })
 }
 
+/// The LoRA demo's two runs: `(adapters, base)`. The base trains every weight on the
+/// conversations without a colour lookup (prepared into `out/data-base`); the adapters then
+/// learn all four tasks over it, frozen (a LoRA over a random base could not: its frozen lm_head
+/// and final norm bound the logits' range).
+fn lora_runs(
+    cfg: TrainConfig,
+    examples: &[DemoExample],
+    tok_path: &Path,
+    out: &Path,
+    seed: u64,
+    max_seq_len: usize,
+) -> Result<(TrainConfig, TrainConfig)> {
+    let is_lookup = |q: &str| q.starts_with("What color is");
+    let base_examples: Vec<DemoExample> = examples
+        .iter()
+        .filter(|ex| !is_lookup(&ex.task.question) && !ex.history.iter().any(|t| is_lookup(&t.user)))
+        .cloned()
+        .collect();
+    let chat = out.join("chat-base.json");
+    write_atomic(&chat, &tasks::to_simplellama_json(&base_examples))?;
+    let data = out.join("data-base");
+    prepare(&PrepareOptions {
+        max_seq_len,
+        train_share: 0.95,
+        seed,
+        ..PrepareOptions::new(&chat, tok_path, &data)
+    })?;
+    let base_run = out.join("base-run");
+    let steps = cfg.max_steps.expect("the demo sets max_steps");
+    let base = TrainConfig { data, out_dir: base_run.clone(), ..cfg.clone() };
+    let targets = crate::model::lora::ALL_TARGETS.to_vec();
+    let lora = TrainConfig {
+        from_scratch: false,
+        init_from: Some(base_run.join(crate::checkpoint::step_dir_name(steps))),
+        lora: Some(crate::model::lora::LoraConfig::new(16, 32.0, 0.0, targets)),
+        ..cfg
+    };
+    Ok((lora, base))
+}
+
 /// Runs the whole demo on `backend`.
 pub fn run_demo<B: Backend>(backend: B, args: &DemoArgs) -> Result<DemoReport> {
     let start = Instant::now();
-    let DemoSetup { train_config: cfg, model_config: config, tokenizer: tok, heldout, val, n_train, n_val } =
-        setup(args)?;
+    let DemoSetup {
+        base_config,
+        train_config: cfg,
+        model_config: config,
+        tokenizer: tok,
+        heldout,
+        val,
+        n_train,
+        n_val,
+    } = setup(args)?;
 
-    // 4. The untrained model (the trainer's initialization: same config, same seed), scored.
+    // 4. The untrained model (the trainer's initialization: same config, same seed), scored; for
+    //    the LoRA demo, the base trained first (without the colour lookup).
     let backend_name = backend.name();
-    let mut model = Model::new(backend, config.clone(), args.micro_batch * config.max_seq_len)?;
-    model.init_params(cfg.seed)?;
+    let (mut model, base_report) = match &base_config {
+        Some(base) => {
+            eprintln!("LoRA demo: training the base on every task but the colour lookup");
+            let (model, report) = train_with(backend, base, None)?;
+            (model, Some(report))
+        }
+        None => {
+            let mut model = Model::new(backend, config.clone(), args.micro_batch * config.max_seq_len)?;
+            model.init_params(cfg.seed)?;
+            (model, None)
+        }
+    };
     let (before, _) = score(&mut model, &tok, &val, &heldout)?;
-    print_score("before training", &before);
+    print_score(if base_report.is_some() { "the base, before LoRA" } else { "before training" }, &before);
     let backend = model.into_backend();
 
     // 5. Train, then score again.
@@ -356,6 +431,12 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         "model: {} parameters, vocabulary {}; data: {} train / {} val conversations, {} held out",
         report.n_params, report.vocab_size, report.n_train, report.n_val, report.n_heldout
     );
+    if args.lora {
+        println!(
+            "LoRA: 'before' is a base trained on every task but the colour lookup, 'after' that base with \
+             adapters trained on all four tasks (the base frozen)"
+        );
+    }
     println!(
         "trained {} steps in {:.1} s ({:.0} tokens/s), final train loss {:.4}",
         report.train.steps, report.train_seconds, report.train.tokens_per_s, report.train.final_train_loss
