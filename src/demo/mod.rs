@@ -332,7 +332,11 @@ fn lora_runs(
     let steps = cfg.max_steps.expect("the demo sets max_steps");
     let base = TrainConfig { data, out_dir: base_run.clone(), ..cfg.clone() };
     let targets = crate::model::lora::ALL_TARGETS.to_vec();
+    // A lower rate than the base's: with A ~ N(0, 1) each step of B moves the output a lot
+    // (3e-3 loses the first hundred steps to a rising loss).
     let lora = TrainConfig {
+        max_lr: 1e-3,
+        min_lr: 1e-4,
         from_scratch: false,
         init_from: Some(base_run.join(crate::checkpoint::step_dir_name(steps))),
         lora: Some(crate::model::lora::LoraConfig::new(16, 32.0, 0.0, targets)),
