@@ -451,6 +451,12 @@ macro_rules! declare_backend {
             fn memory_info(&self) -> Result<Option<(usize, usize)>> {
                 Ok(None)
             }
+            /// Once a batch's `cu_seqlens` is written, before its attention ops: a backend may
+            /// prepare what depends only on the segments (the CUDA flash tile table), once for
+            /// all layers. Writing `cu_seqlens` again undoes it; attention works without it.
+            fn prepare_segments(&self, _cu_seqlens: &Self::Ids, _n_segments: usize, _n: usize) -> Result<()> {
+                Ok(())
+            }
 
             $($(#[$meta])* fn $name(&self $(, $arg: $ty)*) -> $ret;)*
         }

@@ -522,6 +522,8 @@ impl<B: Backend> Model<B> {
         be.write_ids(&mut self.ids.targets, &batch.targets)?;
         be.write_ids(&mut self.ids.positions, &batch.positions)?;
         be.write_ids(&mut self.ids.cu_seqlens, cu)?;
+        // Once per batch: the attention of every layer shares what depends on the segments.
+        be.prepare_segments(&self.ids.cu_seqlens, cu.len() - 1, n)?;
         Ok(n)
     }
 

@@ -200,6 +200,9 @@ pub struct CountingBackend {
     allocated: RefCell<usize>,
     /// High-water bytes of each of the CUDA backend's scratch buffers (cuda/scratch.rs).
     scratch: RefCell<BTreeMap<&'static str, usize>>,
+    /// The segments whose flash tile table `prepare_segments` built: (`cu_seqlens` address,
+    /// segments, rows), forgotten when those ids are rewritten.
+    prepared_segments: RefCell<Option<(usize, usize, usize)>>,
 }
 
 impl CountingBackend {
@@ -314,8 +317,18 @@ impl Backend for CountingBackend {
         }
         Ok(vec![0.0; len])
     }
+    fn prepare_segments(&self, cu_seqlens: &Vec<u32>, n_segments: usize, n: usize) -> Result<()> {
+        need_ids(cu_seqlens, n_segments + 1, "prepare_segments cu_seqlens")?;
+        *self.prepared_segments.borrow_mut() = None;
+        if n > 0 {
+            self.tile_table(n_segments);
+            *self.prepared_segments.borrow_mut() = Some((cu_seqlens.as_ptr() as usize, n_segments, n));
+        }
+        Ok(())
+    }
     fn write_ids(&self, dst: &mut Vec<u32>, src: &[u32]) -> Result<()> {
         self.call(Family::Memory);
+        self.forget_segments(dst);
         ensure!(src.len() <= dst.len(), "write_ids: {} ids into a buffer of {}", src.len(), dst.len());
         dst[..src.len()].copy_from_slice(src);
         if !src.is_empty() {
@@ -575,7 +588,7 @@ impl Backend for CountingBackend {
         }
         let per_pair = (heads.n_heads * heads.head_dim) as f64;
         let pairs = causal_pairs(cu_seqlens, n_segments);
-        self.tile_table(n_segments);
+        self.tile_table_unless_prepared(cu_seqlens, n_segments, n);
         // S = Q·Kᵀ and O = P·V over the causal pairs; q, k, v read once, out and lse written.
         let bytes = n * (heads.qkv_width() + heads.q_width()) * COMPUTE_BYTES + heads.n_heads * n * 4;
         self.count(Family::FlashAttention, KernelKind::Attention, 1, 4.0 * per_pair * pairs, bytes as f64);
@@ -609,22 +622,27 @@ impl Backend for CountingBackend {
         self.scratch("attn_d", stats);
         // D = rowsum(dO∘O).
         self.elementwise(Family::FlashAttention, 1, 2.0 * (n * q) as f64, 2 * n * q * COMPUTE_BYTES + stats);
-        self.tile_table(n_segments);
-        self.tile_table(n_segments);
+        self.tile_table_unless_prepared(cu_seqlens, n_segments, n);
         let per_pair = (heads.n_heads * heads.head_dim) as f64;
         let pairs = causal_pairs(cu_seqlens, n_segments);
-        // Both kernels read q, k, v, dO, lse and D; dq recomputes S and dP, then dQ = dS·K (3
-        // products); dkdv recomputes S and dP, then dV = Pᵀ·dO and dK = dSᵀ·Q (4 products).
-        let inputs = n * (qkv_w + q) * COMPUTE_BYTES + 2 * stats;
-        let dq_bytes = inputs + n * q * COMPUTE_BYTES;
-        let dkdv_bytes = inputs + 2 * n * kv * COMPUTE_BYTES;
-        self.count(Family::FlashAttention, KernelKind::Attention, 1, 6.0 * per_pair * pairs, dq_bytes as f64);
+        // One kernel (flash_backward): recomputes S and dP, then dV = Pᵀ·dO, dK = dSᵀ·Q and
+        // dQ = dS·K (5 products). It reads q, k, v, dO, lse and D, writes dq, dk, dv, and moves
+        // the fp32 dQ partials of the ordered accumulation (per q tile and key tile).
+        let accumulation =
+            crate::backend::cuda::flash_attention::backward_q_rows(heads.head_dim).map_or(0.0, |bq| {
+                self.scratch("attn_dq_acc", n * q * 4);
+                self.scratch("attn_dq_sem", heads.n_heads * n * 4);
+                crate::backend::cuda::flash_attention::dq_accumulation_bytes(
+                    cu_seqlens, n_segments, heads, bq,
+                )
+            });
+        let bytes = n * (qkv_w + q) * COMPUTE_BYTES + 2 * stats + n * (q + 2 * kv) * COMPUTE_BYTES;
         self.count(
             Family::FlashAttention,
             KernelKind::Attention,
             1,
-            8.0 * per_pair * pairs,
-            dkdv_bytes as f64,
+            10.0 * per_pair * pairs,
+            bytes as f64 + accumulation,
         );
         Ok(())
     }
@@ -829,5 +847,21 @@ impl CountingBackend {
     /// `flash_tile_table`: one block writes the tile list (a few bytes per tile).
     fn tile_table(&self, n_segments: usize) {
         self.elementwise(Family::FlashAttention, 1, 0.0, (n_segments + 1) * 4);
+    }
+
+    /// As the CUDA backend: attention builds a tile table only when `prepare_segments` did not
+    /// build one for these segments.
+    fn tile_table_unless_prepared(&self, cu_seqlens: &[u32], n_segments: usize, n: usize) {
+        let key = (cu_seqlens.as_ptr() as usize, n_segments, n);
+        if *self.prepared_segments.borrow() != Some(key) {
+            self.tile_table(n_segments);
+        }
+    }
+
+    fn forget_segments(&self, ids: &[u32]) {
+        let mut prepared = self.prepared_segments.borrow_mut();
+        if prepared.is_some_and(|(p, _, _)| p == ids.as_ptr() as usize) {
+            *prepared = None;
+        }
     }
 }

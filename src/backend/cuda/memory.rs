@@ -78,6 +78,8 @@ impl CudaBackend {
         if src.len() > dst.len() {
             bail!("write_ids: {} ids into a buffer of {}", src.len(), dst.len());
         }
+        // A tile table prepared from these ids would go stale.
+        self.flash_forget_segments(self.ids_address(dst));
         self.stream.memcpy_htod(src, &mut dst.slice_mut(0..src.len()))?;
         Ok(())
     }

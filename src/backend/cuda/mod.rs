@@ -15,7 +15,7 @@ mod cast;
 mod cross_entropy;
 mod dropout;
 mod embedding;
-mod flash_attention;
+pub mod flash_attention;
 mod gemm;
 mod global_norm;
 pub mod launch;
@@ -243,6 +243,10 @@ impl Backend for CudaBackend {
         self.ctx.bind_to_thread().context("binding the CUDA context")?;
         let info = cudarc::driver::result::mem_get_info().context("querying free GPU memory")?;
         Ok(Some(info))
+    }
+
+    fn prepare_segments(&self, cu_seqlens: &CudaSlice<u32>, n_segments: usize, n: usize) -> Result<()> {
+        self.flash_prepare(cu_seqlens, n_segments, n)
     }
 
     super::backend_ops!(call_family_ops);

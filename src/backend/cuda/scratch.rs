@@ -13,10 +13,14 @@ pub(super) struct Scratch {
     pub rms_partial: Option<CudaSlice<f32>>,
     /// attention_backward: D = rowsum(dO ∘ O), `[n_heads, n]`.
     pub attn_d: Option<CudaSlice<f32>>,
-    /// flash attention: tile tables (count, then (first row, segment start, segment end) per
-    /// tile) of the forward / dQ kernel and of the dK/dV kernel.
+    /// flash attention: the tile table (count, then (first row, segment start, segment end) per
+    /// tile) and, when it was prepared for a batch, which segments it describes.
     pub attn_tiles: Option<CudaSlice<i32>>,
-    pub attn_tiles_kv: Option<CudaSlice<i32>>,
+    pub attn_tiles_for: Option<super::flash_attention::TableKey>,
+    /// flash attention backward: the fp32 dQ accumulator `[n, n_heads·hd]` and one semaphore
+    /// per (q head, row) `[n_heads, n]`, all zero between launches.
+    pub attn_dq_acc: Option<CudaSlice<f32>>,
+    pub attn_dq_sem: Option<CudaSlice<u32>>,
     /// sum_squares: one partial per block per buffer.
     pub sumsq_partial: Option<CudaSlice<f32>>,
     /// embedding_backward: tokens grouped by id.
