@@ -247,15 +247,18 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Forgets a prepared table whose `cu_seqlens` buffer is at `address` (it is being rewritten).
-    pub(super) fn flash_forget_segments(&self, address: u64) {
+    /// Forgets a prepared table built from `ids` (which are being rewritten).
+    pub(super) fn flash_forget_segments(&self, ids: &CudaSlice<u32>) {
         let mut scratch = self.scratch();
-        if scratch.attn_tiles_for.is_some_and(|k| k.cu_seqlens == address) {
-            scratch.attn_tiles_for = None;
+        if let Some(k) = scratch.attn_tiles_for {
+            if k.cu_seqlens == self.ids_address(ids) {
+                scratch.attn_tiles_for = None;
+            }
         }
     }
 
-    pub(super) fn ids_address(&self, ids: &CudaSlice<u32>) -> u64 {
+    /// The device address of an id buffer: what identifies the `cu_seqlens` a table came from.
+    fn ids_address(&self, ids: &CudaSlice<u32>) -> u64 {
         let (p, _guard) = ids.device_ptr(&self.stream);
         p
     }

@@ -79,7 +79,7 @@ impl CudaBackend {
             bail!("write_ids: {} ids into a buffer of {}", src.len(), dst.len());
         }
         // A tile table prepared from these ids would go stale.
-        self.flash_forget_segments(self.ids_address(dst));
+        self.flash_forget_segments(dst);
         self.stream.memcpy_htod(src, &mut dst.slice_mut(0..src.len()))?;
         Ok(())
     }
