@@ -103,23 +103,25 @@ fn bench(c: &mut Criterion) {
     grp.throughput(Throughput::Bytes((3 * 2 * n * d) as u64));
     grp.bench_function("rmsnorm_backward_16k_x2048", |b| {
         b.iter(|| {
-            g.rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &rstd, n, d).unwrap();
+            g.rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &rstd, n, d, None).unwrap();
             sync()
         })
     });
     let positions = ids(&(0..n).map(|i| (i % t) as u32).collect::<Vec<_>>());
+    let mut table = g.zeros(n * heads.head_dim, Precision::F32).unwrap();
+    let rope = Rope::plain(10000.0, RopeStyle::AdjacentPairs);
+    grp.throughput(Throughput::Bytes((n * (4 + heads.head_dim * 4)) as u64));
+    grp.bench_function("rope_table_16k_hd64", |b| {
+        b.iter(|| {
+            g.rope_table(&mut table, &positions, n, heads.head_dim, rope).unwrap();
+            sync()
+        })
+    });
     let mut qkv_rot = up(&random(&mut rng, n * heads.qkv_width(), 1.0), cmp);
     grp.throughput(Throughput::Bytes((2 * 2 * n * (heads.q_width() + heads.kv_width())) as u64));
     grp.bench_function("rope_forward_16k_32h_hd64", |b| {
         b.iter(|| {
-            g.rope_forward(
-                &mut qkv_rot,
-                &positions,
-                n,
-                heads,
-                Rope::plain(10000.0, RopeStyle::AdjacentPairs),
-            )
-            .unwrap();
+            g.rope_forward(&mut qkv_rot, &table, n, heads, RopeStyle::AdjacentPairs).unwrap();
             sync()
         })
     });

@@ -33,7 +33,7 @@ use anyhow::{bail, Context, Result};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::bf16;
 
-use super::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope};
+use super::{AdamW, Backend, BranchGrad, Dropout, HeadShape, LossGrads, Precision, Rope, RopeStyle};
 // Launch shapes and host-side helpers, public so that the kernel emulation (emu/) launches
 // exactly as the backend does.
 pub use adamw::ADAM_BLOCKS as ADAMW_MAX_BLOCKS;
@@ -49,9 +49,13 @@ use gemm::Gemm;
 pub use global_norm::SUMSQ_BLOCKS as SUM_SQUARES_BLOCKS;
 use launch::Kernels;
 pub use launch::{grid_stride, per_row, BLOCK};
-pub use rmsnorm::DW_CHUNKS as RMSNORM_DW_CHUNKS;
-pub use rope::{scaling_args as rope_scaling_args, style_arg as rope_style_arg};
+pub use rmsnorm::{
+    dropout_args, dw_chunks as rmsnorm_dw_chunks, dw_reduce_config as rmsnorm_dw_reduce_config,
+    DW_CHUNKS as RMSNORM_DW_CHUNKS, MAX_D as RMSNORM_MAX_D,
+};
+pub use rope::{apply_config as rope_apply_config, style_arg as rope_style_arg, vec_arg as rope_vec_arg};
 use scratch::Scratch;
+pub use swiglu::vec_arg as swiglu_vec_arg;
 
 /// A device buffer in the precision it was made with.
 pub enum CudaBuf {
