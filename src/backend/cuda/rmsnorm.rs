@@ -163,7 +163,7 @@ impl CudaBackend {
                 cfg,
                 dx,
                 partial,
-                &mut dbranch.as_deref_mut(),
+                &mut dbranch,
                 dout,
                 x,
                 w,
