@@ -39,7 +39,8 @@ use super::{AdamW, Backend, BranchGrad, Dropout, HeadShape, LossGrads, Precision
 pub use adamw::ADAM_BLOCKS as ADAMW_MAX_BLOCKS;
 pub use attention::rows_by_heads as attention_rows_by_heads;
 pub use cross_entropy::{
-    chunk_rows as cross_entropy_chunk_rows, CHUNK_BUDGET_BYTES as CROSS_ENTROPY_CHUNK_BUDGET,
+    chunk_rows as cross_entropy_chunk_rows, copy_items as cross_entropy_copy_items,
+    vec_arg as cross_entropy_vec_arg, CHUNK_BUDGET_BYTES as CROSS_ENTROPY_CHUNK_BUDGET,
 };
 pub use cudarc::driver::LaunchConfig;
 pub use embedding::group_tokens_by_id as embedding_group_tokens_by_id;
