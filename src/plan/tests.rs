@@ -188,7 +188,7 @@ fn the_plan_is_labelled_and_consistent() {
     let text = render(&p);
     assert!(text.contains("uncalibrated: no GPU measurement yet"), "{text}");
     assert!(text.lines().last().unwrap().starts_with("estimated MFU: "), "{text}");
-    for f in ["matmul", "flash_attention", "cross_entropy", "adamw", "dropout", "rmsnorm"] {
+    for f in ["matmul", "flash_attention", "cross_entropy", "adamw", "rope", "rmsnorm"] {
         assert!(text.contains(f), "{f} missing:\n{text}");
     }
 
