@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sft::backend::cuda::CudaBackend;
-use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope, RopeStyle};
+use sft::backend::{AdamW, Backend, BranchGrad, Dropout, HeadShape, LossGrads, Precision, Rope, RopeStyle};
 use sft::bench::attention::AttentionCase;
 use sft::bench::{upload, upload_ids};
 use sft::rng::Rng;
@@ -100,26 +100,51 @@ fn bench(c: &mut Criterion) {
             sync()
         })
     });
-    grp.throughput(Throughput::Bytes((3 * 2 * n * d) as u64));
+    // The residual add with the branch's dropout drawn in the kernel: reads x_in and delta,
+    // writes x_out and the norm.
+    let mut x_out = g.zeros(n * d, cmp).unwrap();
+    let mask = Dropout { p: 0.1, seed: 7 };
+    grp.throughput(Throughput::Bytes((4 * 2 * n * d) as u64));
+    grp.bench_function("residual_rmsnorm_forward_dropout_16k_x2048", |b| {
+        b.iter(|| {
+            g.residual_rmsnorm_forward(&mut x_out, &mut y, &mut rstd, &x, &dy, &w, n, d, 1e-5, Some(mask))
+                .unwrap();
+            sync()
+        })
+    });
+    // Reads dout, x and dx, writes dx (then the dw partials' sum).
+    grp.throughput(Throughput::Bytes((4 * 2 * n * d) as u64));
     grp.bench_function("rmsnorm_backward_16k_x2048", |b| {
         b.iter(|| {
-            g.rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &rstd, n, d).unwrap();
+            g.rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &rstd, n, d, None).unwrap();
+            sync()
+        })
+    });
+    // The same, also writing the masked branch gradient.
+    let mut branch = g.zeros(n * d, cmp).unwrap();
+    grp.throughput(Throughput::Bytes((5 * 2 * n * d) as u64));
+    grp.bench_function("rmsnorm_backward_dropout_branch_16k_x2048", |b| {
+        b.iter(|| {
+            let out = Some(BranchGrad { out: &mut branch, dropout: mask });
+            g.rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &rstd, n, d, out).unwrap();
             sync()
         })
     });
     let positions = ids(&(0..n).map(|i| (i % t) as u32).collect::<Vec<_>>());
+    let mut table = g.zeros(n * heads.head_dim, Precision::F32).unwrap();
+    let rope = Rope::plain(10000.0, RopeStyle::AdjacentPairs);
+    grp.throughput(Throughput::Bytes((n * (4 + heads.head_dim * 4)) as u64));
+    grp.bench_function("rope_table_16k_hd64", |b| {
+        b.iter(|| {
+            g.rope_table(&mut table, &positions, n, heads.head_dim, rope).unwrap();
+            sync()
+        })
+    });
     let mut qkv_rot = up(&random(&mut rng, n * heads.qkv_width(), 1.0), cmp);
     grp.throughput(Throughput::Bytes((2 * 2 * n * (heads.q_width() + heads.kv_width())) as u64));
     grp.bench_function("rope_forward_16k_32h_hd64", |b| {
         b.iter(|| {
-            g.rope_forward(
-                &mut qkv_rot,
-                &positions,
-                n,
-                heads,
-                Rope::plain(10000.0, RopeStyle::AdjacentPairs),
-            )
-            .unwrap();
+            g.rope_forward(&mut qkv_rot, &table, n, heads, RopeStyle::AdjacentPairs).unwrap();
             sync()
         })
     });

@@ -10,7 +10,9 @@
 #![allow(clippy::needless_range_loop)]
 
 use sft::backend::cpu::CpuBackend;
-use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope, RopeScaling, RopeStyle};
+use sft::backend::{
+    AdamW, Backend, BranchGrad, Dropout, HeadShape, LossGrads, Precision, Rope, RopeScaling, RopeStyle,
+};
 use sft::rng::{self, Rng};
 
 type B64 = CpuBackend<f64>;
@@ -60,6 +62,13 @@ fn fd_check(name: &str, analytic: &[f64], x: &[f64], mut loss: impl FnMut(&[f64]
     eprintln!("{name}: relative error {err:.2e}");
     assert!(err <= FD_BOUND, "{name}: gradient relative error {err:e} > {FD_BOUND:e}");
     err
+}
+
+/// The rotation table of `positions` on the f64 CPU backend.
+fn rope_table(be: &B64, positions: &[u32], head_dim: usize, rope: Rope) -> Vec<f64> {
+    let mut table = vec![f64::NAN; positions.len() * head_dim];
+    be.rope_table(&mut table, &positions.to_vec(), positions.len(), head_dim, rope).unwrap();
+    table
 }
 
 fn dot(a: &[f64], b: &[f64]) -> f64 {
@@ -114,19 +123,50 @@ fn rmsnorm_backward_matches_finite_differences() {
     be.rmsnorm_forward(&mut out, &mut rstd, &x, &w, n, d, eps).unwrap();
     let (dx_prior, dw_prior) = (random(&mut rng, n * d), random(&mut rng, d));
     let (mut dx, mut dw) = (dx_prior.clone(), dw_prior.clone());
-    be.rmsnorm_backward(&mut dx, &mut dw, &r, &x, &w, &rstd, n, d).unwrap();
+    be.rmsnorm_backward(&mut dx, &mut dw, &r, &x, &w, &rstd, n, d, None).unwrap();
     fd_check("rmsnorm dx", &sub(&dx, &dx_prior), &x, |x| loss(x, &w));
     fd_check("rmsnorm dw", &sub(&dw, &dw_prior), &w, |w| loss(&x, w));
+
+    // With a branch, the same dx and dw, and the branch gets dropout(dx) with the mask of
+    // the dropout op.
+    let mask = Dropout { p: 0.3, seed: 41 };
+    let (mut dx2, mut dw2, mut branch) = (dx_prior.clone(), dw_prior.clone(), vec![f64::NAN; n * d]);
+    let out = BranchGrad { out: &mut branch, dropout: mask };
+    be.rmsnorm_backward(&mut dx2, &mut dw2, &r, &x, &w, &rstd, n, d, Some(out)).unwrap();
+    assert_eq!((&dx2, &dw2), (&dx, &dw));
+    let mut want = dx.clone();
+    be.dropout(&mut want, n * d, mask.p, mask.seed).unwrap();
+    assert_eq!(branch, want);
+    assert!(branch.contains(&0.0) && branch.iter().any(|&v| v != 0.0));
+    let bad = BranchGrad { out: &mut branch, dropout: Dropout { p: 1.0, seed: 1 } };
+    assert!(be.rmsnorm_backward(&mut dx2, &mut dw2, &r, &x, &w, &rstd, n, d, Some(bad)).is_err());
 
     // The fused residual form is the sum followed by the same norm.
     let delta = random(&mut rng, n * d);
     let (mut x_out, mut out2, mut rstd2) = (vec![0.0; n * d], vec![0.0; n * d], vec![0.0; n]);
-    be.residual_rmsnorm_forward(&mut x_out, &mut out2, &mut rstd2, &x, &delta, &w, n, d, eps).unwrap();
+    be.residual_rmsnorm_forward(&mut x_out, &mut out2, &mut rstd2, &x, &delta, &w, n, d, eps, None).unwrap();
     let sum: Vec<f64> = x.iter().zip(&delta).map(|(a, b)| a + b).collect();
     assert_eq!(x_out, sum);
     let (mut out3, mut rstd3) = (vec![0.0; n * d], vec![0.0; n]);
     be.rmsnorm_forward(&mut out3, &mut rstd3, &sum, &w, n, d, eps).unwrap();
-    assert_eq!((out2, rstd2), (out3, rstd3));
+    assert_eq!((&out2, &rstd2), (&out3, &rstd3));
+
+    // With dropout: the sum of x and dropout(delta), delta itself untouched.
+    let (mut x_out, mut out2, mut rstd2) = (vec![0.0; n * d], vec![0.0; n * d], vec![0.0; n]);
+    let delta_before = delta.clone();
+    be.residual_rmsnorm_forward(&mut x_out, &mut out2, &mut rstd2, &x, &delta, &w, n, d, eps, Some(mask))
+        .unwrap();
+    assert_eq!(delta, delta_before);
+    let mut dropped = delta.clone();
+    be.dropout(&mut dropped, n * d, mask.p, mask.seed).unwrap();
+    let sum: Vec<f64> = x.iter().zip(&dropped).map(|(a, b)| a + b).collect();
+    assert_eq!(x_out, sum);
+    be.rmsnorm_forward(&mut out3, &mut rstd3, &sum, &w, n, d, eps).unwrap();
+    assert_eq!((&out2, &rstd2), (&out3, &rstd3));
+    // p = 0 is the plain sum.
+    let zero = Some(Dropout { p: 0.0, seed: 5 });
+    be.residual_rmsnorm_forward(&mut x_out, &mut out2, &mut rstd2, &x, &delta, &w, n, d, eps, zero).unwrap();
+    assert_eq!(x_out, x.iter().zip(&delta).map(|(a, b)| a + b).collect::<Vec<_>>());
 }
 
 #[test]
@@ -184,17 +224,26 @@ fn rope_backward_matches_finite_differences_in_both_styles() {
     for (s, rope) in cases.into_iter().enumerate() {
         let mut rng = Rng::new(4 + s as u64);
         let (qkv, r) = (random(&mut rng, n * w), random(&mut rng, n * w));
+        let table = rope_table(&be, &positions, heads.head_dim, rope);
         let loss = |x: &[f64]| {
             let mut x = x.to_vec();
-            be.rope_forward(&mut x, &positions, n, heads, rope).unwrap();
+            be.rope_forward(&mut x, &table, n, heads, rope.style).unwrap();
             dot(&x, &r)
         };
         let mut grad = r.clone();
-        be.rope_backward(&mut grad, &positions, n, heads, rope).unwrap();
+        be.rope_backward(&mut grad, &table, n, heads, rope.style).unwrap();
         fd_check(&format!("rope {rope:?}"), &grad, &qkv, loss);
+        // The table holds cos and sin of the f32 angle position · inv_freq.
+        for (i, &pos) in positions.iter().enumerate() {
+            for j in 0..heads.head_dim / 2 {
+                let angle = (pos as f32 * rope.inv_freq(j, heads.head_dim)) as f64;
+                let at = i * heads.head_dim + 2 * j;
+                assert_eq!((table[at], table[at + 1]), (angle.cos(), angle.sin()));
+            }
+        }
         // The v part is untouched and position 0 is the identity.
         let mut rotated = qkv.clone();
-        be.rope_forward(&mut rotated, &positions, n, heads, rope).unwrap();
+        be.rope_forward(&mut rotated, &table, n, heads, rope.style).unwrap();
         for row in 0..n {
             let (a, b) = (row * w, (row + 1) * w);
             assert_eq!(rotated[a + w - heads.kv_width()..b], qkv[a + w - heads.kv_width()..b]);
@@ -207,8 +256,9 @@ fn rope_backward_matches_finite_differences_in_both_styles() {
     let mut rng = Rng::new(9);
     let qkv = random(&mut rng, n * w);
     let (mut a, mut b) = (qkv.clone(), qkv.clone());
-    be.rope_forward(&mut a, &positions, n, heads, Rope::plain(10_000.0, RopeStyle::AdjacentPairs)).unwrap();
-    be.rope_forward(&mut b, &positions, n, heads, Rope::plain(10_000.0, RopeStyle::HalfSplit)).unwrap();
+    let table = rope_table(&be, &positions, heads.head_dim, Rope::plain(10_000.0, RopeStyle::AdjacentPairs));
+    be.rope_forward(&mut a, &table, n, heads, RopeStyle::AdjacentPairs).unwrap();
+    be.rope_forward(&mut b, &table, n, heads, RopeStyle::HalfSplit).unwrap();
     assert!(rel_err(&a, &b) > 1e-3);
 }
 
@@ -580,20 +630,23 @@ fn op_results<T: sft::backend::cpu::Real>(inputs: &[Vec<f32>]) -> Vec<(&'static 
     let mut qkv = buf(&vec![0.0; n * heads.qkv_width()]);
     be.matmul_forward(&mut qkv, &normed, &w_qkv, n, d, heads.qkv_width()).unwrap();
     let positions: Vec<u32> = vec![0, 1, 2, 3, 0, 0, 1, 2, 3, 4, 5];
-    be.rope_forward(&mut qkv, &positions, n, heads, Rope::plain(10_000.0, RopeStyle::HalfSplit)).unwrap();
+    let mut table = be.zeros(n * heads.head_dim, Precision::F32).unwrap();
+    be.rope_table(&mut table, &positions, n, heads.head_dim, Rope::plain(10_000.0, RopeStyle::HalfSplit))
+        .unwrap();
+    be.rope_forward(&mut qkv, &table, n, heads, RopeStyle::HalfSplit).unwrap();
     let (mut att, mut lse) = (buf(&vec![0.0; n * heads.q_width()]), buf(&vec![0.0; n * heads.n_heads]));
     be.attention_forward(&mut att, &mut lse, &qkv, &CU.to_vec(), 3, n, heads).unwrap();
     results.push(("rmsnorm+matmul+rope+attention forward", get(&att)));
     let mut dqkv = buf(&vec![0.0; n * heads.qkv_width()]);
     be.attention_backward(&mut dqkv, &buf(dout_att), &qkv, &att, &lse, &CU.to_vec(), 3, n, heads).unwrap();
-    be.rope_backward(&mut dqkv, &positions, n, heads, Rope::plain(10_000.0, RopeStyle::HalfSplit)).unwrap();
+    be.rope_backward(&mut dqkv, &table, n, heads, RopeStyle::HalfSplit).unwrap();
     results.push(("attention+rope backward", get(&dqkv)));
     let (mut dnormed, mut dw_qkv) = (buf(&vec![0.0; n * d]), buf(&vec![0.0; w_qkv.len()]));
     be.matmul_backward(Some(&mut dnormed), &mut dw_qkv, &dqkv, &normed, &w_qkv, n, d, heads.qkv_width())
         .unwrap();
     results.push(("matmul dw", get(&dw_qkv)));
     let (mut dx, mut dw_norm) = (buf(&vec![0.0; n * d]), buf(&vec![0.0; d]));
-    be.rmsnorm_backward(&mut dx, &mut dw_norm, &dnormed, &x, &w_norm, &rstd, n, d).unwrap();
+    be.rmsnorm_backward(&mut dx, &mut dw_norm, &dnormed, &x, &w_norm, &rstd, n, d, None).unwrap();
     results.push(("rmsnorm dx", get(&dx)));
     results.push(("rmsnorm dw", get(&dw_norm)));
 

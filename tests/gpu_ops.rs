@@ -15,7 +15,9 @@ use common::model::naive::NaiveBackend;
 use half::bf16;
 use sft::backend::cpu::CpuBackend;
 use sft::backend::cuda::CudaBackend;
-use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope, RopeScaling, RopeStyle};
+use sft::backend::{
+    AdamW, Backend, BranchGrad, Dropout, HeadShape, LossGrads, Precision, Rope, RopeScaling, RopeStyle,
+};
 use sft::rng::Rng;
 
 const TOL: f64 = 1e-2;
@@ -94,6 +96,7 @@ fn rmsnorm<B: Backend>(
     dw0: &[f32],
     n: usize,
     d: usize,
+    dropout: Option<Dropout>,
 ) -> Vec<Vec<f32>> {
     let eps = 1e-5;
     let xb = upload(b, x, Precision::Compute);
@@ -105,14 +108,16 @@ fn rmsnorm<B: Backend>(
 
     let db = upload(b, delta, Precision::Compute);
     let mut x_out = b.zeros(n * d, Precision::Compute).unwrap();
-    b.residual_rmsnorm_forward(&mut x_out, &mut out, &mut rstd, &xb, &db, &wb, n, d, eps).unwrap();
+    b.residual_rmsnorm_forward(&mut x_out, &mut out, &mut rstd, &xb, &db, &wb, n, d, eps, dropout).unwrap();
     let fused = [download(b, &x_out, n * d), download(b, &out, n * d), download(b, &rstd, n)];
 
     let doutb = upload(b, dout, Precision::Compute);
     let mut dx = upload(b, dx0, Precision::Compute);
     let mut dw = upload(b, dw0, Precision::F32);
-    b.rmsnorm_backward(&mut dx, &mut dw, &doutb, &x_out, &wb, &rstd, n, d).unwrap();
-    let back = [download(b, &dx, n * d), download(b, &dw, d)];
+    let mut branch = b.zeros(n * d, Precision::Compute).unwrap();
+    let out = dropout.map(|dropout| BranchGrad { out: &mut branch, dropout });
+    b.rmsnorm_backward(&mut dx, &mut dw, &doutb, &x_out, &wb, &rstd, n, d, out).unwrap();
+    let back = [download(b, &dx, n * d), download(b, &dw, d), download(b, &branch, n * d)];
     plain.into_iter().chain(fused).chain(back).collect()
 }
 
@@ -120,20 +125,35 @@ fn rmsnorm<B: Backend>(
 #[ignore = "needs an NVIDIA GPU"]
 fn rmsnorm_matches_cpu() {
     let Some(g) = gpu() else { return };
-    let (n, d) = (13, 333);
-    let mut rng = Rng::new(2);
-    let x = randn(&mut rng, n * d, 1.0);
-    let delta = randn(&mut rng, n * d, 0.5);
-    let w: Vec<f32> = randn(&mut rng, d, 0.2).iter().map(|v| bf16::from_f32(1.0 + v).to_f32()).collect();
-    let dout = randn(&mut rng, n * d, 1.0);
-    let dx0 = randn(&mut rng, n * d, 0.5);
-    let dw0 = randn(&mut rng, d, 0.5);
-    let a = rmsnorm(&g, &x, &delta, &w, &dout, &dx0, &dw0, n, d);
-    let r = rmsnorm(&reference(), &x, &delta, &w, &dout, &dx0, &dw0, n, d);
-    let names =
-        ["out", "rstd", "residual x_out", "residual out", "residual rstd", "backward dx", "backward dw"];
-    for (i, name) in names.iter().enumerate() {
-        assert_close(&format!("rmsnorm {name}"), &a[i], &r[i], TOL);
+    // d 333: the scalar path; 512 and 2048: 16-byte groups; 1100 rows: several rows per
+    // backward chunk (512 chunks), the last one ragged. With and without the folded dropout.
+    for (n, d) in [(13, 333), (13, 512), (1100, 2048)] {
+        for dropout in [None, Some(Dropout { p: 0.1, seed: 99 })] {
+            let mut rng = Rng::new(2);
+            let x = randn(&mut rng, n * d, 1.0);
+            let delta = randn(&mut rng, n * d, 0.5);
+            let w: Vec<f32> =
+                randn(&mut rng, d, 0.2).iter().map(|v| bf16::from_f32(1.0 + v).to_f32()).collect();
+            let dout = randn(&mut rng, n * d, 1.0);
+            let dx0 = randn(&mut rng, n * d, 0.5);
+            let dw0 = randn(&mut rng, d, 0.5);
+            let a = rmsnorm(&g, &x, &delta, &w, &dout, &dx0, &dw0, n, d, dropout);
+            let r = rmsnorm(&reference(), &x, &delta, &w, &dout, &dx0, &dw0, n, d, dropout);
+            let names = [
+                "out",
+                "rstd",
+                "residual x_out",
+                "residual out",
+                "residual rstd",
+                "backward dx",
+                "backward dw",
+                "backward branch",
+            ];
+            let last = if dropout.is_some() { names.len() } else { names.len() - 1 };
+            for (i, name) in names[..last].iter().enumerate() {
+                assert_close(&format!("rmsnorm n {n} d {d} {dropout:?} {name}"), &a[i], &r[i], TOL);
+            }
+        }
     }
 }
 
@@ -201,22 +221,40 @@ fn matmul_fallback_kernel_matches_cpu() {
 
 // ---- RoPE -----------------------------------------------------------------------------------
 
-fn rope<B: Backend>(b: &B, qkv: &[f32], pos: &[u32], heads: HeadShape, rope: Rope) -> [Vec<f32>; 2] {
+fn rope<B: Backend>(b: &B, qkv: &[f32], pos: &[u32], heads: HeadShape, rope: Rope) -> [Vec<f32>; 3] {
     let n = pos.len();
     let len = n * heads.qkv_width();
     let mut buf = upload(b, qkv, Precision::Compute);
     let p = upload_ids(b, pos);
-    b.rope_forward(&mut buf, &p, n, heads, rope).unwrap();
+    let mut table = b.zeros(n * heads.head_dim, Precision::F32).unwrap();
+    b.rope_table(&mut table, &p, n, heads.head_dim, rope).unwrap();
+    b.rope_forward(&mut buf, &table, n, heads, rope.style).unwrap();
     let fwd = download(b, &buf, len);
-    b.rope_backward(&mut buf, &p, n, heads, rope).unwrap();
-    [fwd, download(b, &buf, len)]
+    b.rope_backward(&mut buf, &table, n, heads, rope.style).unwrap();
+    [fwd, download(b, &buf, len), download(b, &table, n * heads.head_dim)]
 }
 
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn rope_matches_cpu_in_both_styles_and_scalings() {
     let Some(g) = gpu() else { return };
-    let heads = HeadShape { n_heads: 4, n_kv_heads: 2, head_dim: 64 };
+    // head_dim 64: 16-byte groups; 40: one pair per thread (not a multiple of 16).
+    for head_dim in [64, 40] {
+        rope_case(&g, HeadShape { n_heads: 4, n_kv_heads: 2, head_dim });
+    }
+    // The fp32 table against the f64 CPU one at positions up to 131072 (Llama 3.2's context).
+    let heads = HeadShape { n_heads: 1, n_kv_heads: 1, head_dim: 128 };
+    let mut rng = Rng::new(5);
+    let pos = rand_ids(&mut rng, 64, 131_072);
+    let r = Rope::plain(500_000.0, RopeStyle::HalfSplit);
+    let qkv = randn(&mut rng, pos.len() * heads.qkv_width(), 1.0);
+    let a = rope(&g, &qkv, &pos, heads, r);
+    let want = rope(&CpuBackend::<f64>::new(), &qkv, &pos, heads, r);
+    let worst = a[2].iter().zip(&want[2]).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(worst < 1e-6, "rope table: largest |cos/sin| error {worst}");
+}
+
+fn rope_case(g: &CudaBackend, heads: HeadShape) {
     let n = 19;
     let mut rng = Rng::new(4);
     let qkv = randn(&mut rng, n * heads.qkv_width(), 1.0);
@@ -230,7 +268,7 @@ fn rope_matches_cpu_in_both_styles_and_scalings() {
     for style in [RopeStyle::AdjacentPairs, RopeStyle::HalfSplit] {
         for scaling in [None, Some(RopeScaling::Linear { factor: 4.0 }), Some(llama3)] {
             let r = Rope { theta: 500_000.0, style, scaling };
-            let a = rope(&g, &qkv, &pos, heads, r);
+            let a = rope(g, &qkv, &pos, heads, r);
             let want = rope(&reference(), &qkv, &pos, heads, r);
             assert_close(&format!("rope_forward {r:?}"), &a[0], &want[0], TOL);
             assert_close(&format!("rope_backward {r:?}"), &a[1], &want[1], TOL);
@@ -348,14 +386,16 @@ fn swiglu<B: Backend>(b: &B, gu: &[f32], dout: &[f32], n: usize, hidden: usize) 
 #[ignore = "needs an NVIDIA GPU"]
 fn swiglu_matches_cpu() {
     let Some(g) = gpu() else { return };
-    let (n, hidden) = (11, 173);
-    let mut rng = Rng::new(9);
-    let gu = randn(&mut rng, 2 * n * hidden, 2.0);
-    let dout = randn(&mut rng, n * hidden, 1.0);
-    let a = swiglu(&g, &gu, &dout, n, hidden);
-    let r = swiglu(&reference(), &gu, &dout, n, hidden);
-    assert_close("swiglu_forward", &a[0], &r[0], TOL);
-    assert_close("swiglu_backward", &a[1], &r[1], TOL);
+    // hidden 173: one element per item; 176: 16-byte groups of 8.
+    for (n, hidden) in [(11, 173), (11, 176)] {
+        let mut rng = Rng::new(9);
+        let gu = randn(&mut rng, 2 * n * hidden, 2.0);
+        let dout = randn(&mut rng, n * hidden, 1.0);
+        let a = swiglu(&g, &gu, &dout, n, hidden);
+        let r = swiglu(&reference(), &gu, &dout, n, hidden);
+        assert_close(&format!("swiglu_forward hidden {hidden}"), &a[0], &r[0], TOL);
+        assert_close(&format!("swiglu_backward hidden {hidden}"), &a[1], &r[1], TOL);
+    }
 }
 
 // ---- dropout --------------------------------------------------------------------------------
@@ -412,7 +452,15 @@ fn loss<B: Backend>(
 #[ignore = "needs an NVIDIA GPU"]
 fn lm_head_cross_entropy_matches_cpu() {
     let Some(g) = gpu() else { return };
-    let (n, d, vocab, ignore) = (23, 40, 301, 2u32);
+    // d 40 with vocab 301: 16-byte row copies, one-element logits rows; d 36 with vocab 512:
+    // the other way round.
+    for (n, d, vocab) in [(23, 40, 301), (17, 36, 512)] {
+        lm_head_case(&g, n, d, vocab);
+    }
+}
+
+fn lm_head_case(g: &CudaBackend, n: usize, d: usize, vocab: usize) {
+    let ignore = 2u32;
     let mut rng = Rng::new(11);
     let x = randn(&mut rng, n * d, 1.0);
     let w = randn(&mut rng, vocab * d, 0.3);
@@ -422,7 +470,7 @@ fn lm_head_cross_entropy_matches_cpu() {
     // dx starts nonzero: the op must overwrite it (zero on unsupervised rows).
     let dx0 = randn(&mut rng, n * d, 1.0);
     let dw0 = randn(&mut rng, vocab * d, 0.1);
-    let a = loss(&g, &x, &w, &targets, &dx0, &dw0, d, vocab, ignore);
+    let a = loss(g, &x, &w, &targets, &dx0, &dw0, d, vocab, ignore);
     let r = loss(&reference(), &x, &w, &targets, &dx0, &dw0, d, vocab, ignore);
     assert!((a.0 - r.0).abs() / r.0.abs() < TOL, "loss {} vs {}", a.0, r.0);
     assert!((a.1 - r.1).abs() / r.1.abs() < TOL, "loss with grads {} vs {}", a.1, r.1);
@@ -585,7 +633,7 @@ fn reference_rmsnorm_backward_matches_finite_differences() {
     let (mut out, mut rstd) = (vec![0.0; n * d], vec![0.0; n]);
     b.rmsnorm_forward(&mut out, &mut rstd, &x, &w, n, d, 1e-5).unwrap();
     let (mut dx, mut dw) = (vec![0.0; n * d], vec![0.0; d]);
-    b.rmsnorm_backward(&mut dx, &mut dw, &dout, &x, &w, &rstd, n, d).unwrap();
+    b.rmsnorm_backward(&mut dx, &mut dw, &dout, &x, &w, &rstd, n, d, None).unwrap();
     let eps = 1e-2;
     for i in [0, 7, 13, 29] {
         let (mut p, mut m) = (x.clone(), x.clone());
@@ -623,8 +671,10 @@ fn reference_agrees_with_cpu_backend_on_every_op() {
     let (n, d) = (5, 33);
     let v: Vec<Vec<f32>> =
         [n * d, n * d, d, n * d, n * d, d].iter().map(|&l| randn(&mut rng, l, 1.0)).collect();
-    let a = rmsnorm(&re, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], n, d);
-    let r = rmsnorm(&cpu, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], n, d);
+    // With dropout folded into the residual add and the norm backward's branch gradient.
+    let mask = Some(Dropout { p: 0.2, seed: 3 });
+    let a = rmsnorm(&re, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], n, d, mask);
+    let r = rmsnorm(&cpu, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], n, d, mask);
     for k in 0..a.len() {
         assert_close(&format!("ref rmsnorm output {k}"), &a[k], &r[k], tol);
     }

@@ -3,7 +3,9 @@
 
 use half::bf16;
 use sft::backend::cpu::{self, CeGrads, Real};
-use sft::backend::cuda::{ADAMW_MAX_BLOCKS, SUM_SQUARES_BLOCKS};
+use sft::backend::cuda::{
+    cross_entropy_copy_items, cross_entropy_vec_arg, ADAMW_MAX_BLOCKS, SUM_SQUARES_BLOCKS,
+};
 use sft::backend::AdamW;
 
 use crate::emu::*;
@@ -243,6 +245,9 @@ pub fn cross_entropy(r: &mut Report, rng: &mut Rng) {
         (7, 32, 8192, 4, false),
         (4, 32, 8192, 0, true),
         (3, 16, 128256, 2, true),
+        // Rows not in 16-byte groups: d 20 and vocab 1001 take the one-element paths.
+        (6, 20, 1001, 4, true),
+        (5, 16, 1001, 3, true),
     ];
     for (n, d, vocab, n_sup, with_grads) in cases {
         let case = format!("n {n} d {d} vocab {vocab} supervised {n_sup} grads {with_grads}");
@@ -282,6 +287,7 @@ pub fn cross_entropy(r: &mut Report, rng: &mut Rng) {
         }
         let chunk = (CHUNK_LOGITS / vocab).clamp(1, rows.len());
         let (di, vi) = (d as i32, vocab as i32);
+        let (rows_vec, row_vec) = (cross_entropy_vec_arg(d), cross_entropy_vec_arg(vocab));
         let (mut gather_bad, mut scatter_bad) = (0.0, 0.0);
         for c0 in (0..rows.len()).step_by(chunk) {
             let rc = chunk.min(rows.len() - c0);
@@ -291,8 +297,8 @@ pub fn cross_entropy(r: &mut Report, rng: &mut Rng) {
             let (pxc, px, pidx) = (xc.as_mut_ptr(), x.as_ptr(), idx.as_ptr());
             r.launch(
                 "cross_entropy_gather_rows",
-                grid_stride(rc * d),
-                &[arg(&pxc), arg(&px), arg(&pidx), arg(&ri), arg(&di)],
+                grid_stride(cross_entropy_copy_items(rc, d)),
+                &[arg(&pxc), arg(&px), arg(&pidx), arg(&ri), arg(&di), arg(&rows_vec)],
             );
             let want_xc: Vec<bf16> =
                 idx.iter().flat_map(|&i| x[i as usize * d..(i as usize + 1) * d].to_vec()).collect();
@@ -312,7 +318,7 @@ pub fn cross_entropy(r: &mut Report, rng: &mut Rng) {
             r.launch(
                 "cross_entropy_rows",
                 per_row(rc),
-                &[arg(&pl), arg(&pdl), arg(&plg), arg(&pt), arg(&ri), arg(&vi), arg(&scale)],
+                &[arg(&pl), arg(&pdl), arg(&plg), arg(&pt), arg(&ri), arg(&vi), arg(&scale), arg(&row_vec)],
             );
             loss += losses.iter().map(|&l| l as f64).sum::<f64>();
             if with_grads {
@@ -327,8 +333,8 @@ pub fn cross_entropy(r: &mut Report, rng: &mut Rng) {
                 let (pdx, pdxc) = (dx.as_mut_ptr(), dxc.as_ptr());
                 r.launch(
                     "cross_entropy_scatter_rows",
-                    grid_stride(rc * d),
-                    &[arg(&pdx), arg(&pdxc), arg(&pidx), arg(&ri), arg(&di)],
+                    grid_stride(cross_entropy_copy_items(rc, d)),
+                    &[arg(&pdx), arg(&pdxc), arg(&pidx), arg(&ri), arg(&di), arg(&rows_vec)],
                 );
                 scatter_bad += mismatches(&dx, &want_dx);
             }

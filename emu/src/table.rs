@@ -7,15 +7,9 @@ pub const EMULATED: &[(&str, &[&str])] = &[
     ("cast", &["cast_f32_to_bf16", "cast_bf16_to_f32"]),
     (
         "rmsnorm",
-        &[
-            "rmsnorm_forward",
-            "residual_rmsnorm_forward",
-            "rmsnorm_backward_dx",
-            "rmsnorm_backward_dw_partial",
-            "rmsnorm_backward_dw_reduce",
-        ],
+        &["rmsnorm_forward", "residual_rmsnorm_forward", "rmsnorm_backward", "rmsnorm_backward_dw_reduce"],
     ),
-    ("rope", &["rope_apply"]),
+    ("rope", &["rope_table", "rope_apply"]),
     ("swiglu", &["swiglu_forward", "swiglu_backward"]),
     ("dropout", &["dropout_bf16", "dropout_f32"]),
     ("embedding", &["embedding_forward", "embedding_backward_grouped", "embedding_backward_grouped_bf16"]),

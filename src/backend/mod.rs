@@ -127,7 +127,7 @@ impl Rope {
     }
 
     /// The inverse frequency of pair `j`: `theta^(-2j/hd)`, scaled, computed in f64 and rounded
-    /// to f32. `rope_inv_freq` in kernels/rope.cu computes the same in double.
+    /// to f32. The CUDA backend uploads these (once per rope and head_dim) for its `rope_table`.
     pub fn inv_freq(&self, j: usize, head_dim: usize) -> f32 {
         let base = (self.theta as f64).powf(-2.0 * j as f64 / head_dim as f64);
         let scaled = match self.scaling {
@@ -248,8 +248,10 @@ macro_rules! backend_ops {
                 d: usize,
                 eps: f32,
             ) -> Result<()>;
-            /// Residual add fused with the next norm: `x_out = x_in + delta`, then
-            /// `out = rmsnorm(x_out) * w`, saving `rstd`.
+            /// Residual add fused with the branch's dropout and the next norm:
+            /// `x_out = x_in + dropout(delta)` (the mask of [`Backend::dropout`] over the flat
+            /// `[n, d]` delta; `delta` itself is left as it is), then `out = rmsnorm(x_out) * w`,
+            /// saving `rstd`. `dropout` None (or p = 0) adds `delta` unchanged.
             #[allow(clippy::too_many_arguments)]
             fn residual_rmsnorm_forward(
                 &self,
@@ -262,9 +264,13 @@ macro_rules! backend_ops {
                 n: usize,
                 d: usize,
                 eps: f32,
+                dropout: Option<Dropout>,
             ) -> Result<()>;
             /// Backward of `rmsnorm_forward`: ADDS the input gradient into `dx` (the residual stream's
-            /// gradient) and the weight gradient into `dw`.
+            /// gradient) and the weight gradient into `dw`. With `branch`, also writes
+            /// `branch.out = dropout(dx)` over the updated `dx` (`[n, d]`, overwritten): the gradient
+            /// of the branch that joined this residual stream through `residual_rmsnorm_forward`'s
+            /// dropout, without a second pass over `dx`.
             #[allow(clippy::too_many_arguments)]
             fn rmsnorm_backward(
                 &self,
@@ -276,6 +282,7 @@ macro_rules! backend_ops {
                 rstd: &Self::Buf,
                 n: usize,
                 d: usize,
+                branch: Option<BranchGrad<'_, Self>>,
             ) -> Result<()>;
 
             // ---- matmul -------------------------------------------------------------------------
@@ -304,24 +311,36 @@ macro_rules! backend_ops {
             ) -> Result<()>;
 
             // ---- RoPE ---------------------------------------------------------------------------
-            /// Rotates the q and k parts of `qkv` in place; token `i` uses angle
-            /// `positions[i] * rope.inv_freq(j, hd)` for its pair `j`.
+            /// The rotation table of a micro-batch, built once and read by every layer's
+            /// `rope_forward` and `rope_backward`: `table [n, head_dim/2, 2]` (F32) holds
+            /// `(cos, sin)` of the angle `positions[i] as f32 * rope.inv_freq(j, head_dim)` (an f32
+            /// product) for row `i` and pair `j`.
+            fn rope_table(
+                &self,
+                table: &mut Self::Buf,
+                positions: &Self::Ids,
+                n: usize,
+                head_dim: usize,
+                rope: Rope,
+            ) -> Result<()>;
+            /// Rotates the q and k parts of `qkv` in place, pair `j` of row `i` by the angle of
+            /// `table` (from `rope_table`), pairing dimensions as `style` says.
             fn rope_forward(
                 &self,
                 qkv: &mut Self::Buf,
-                positions: &Self::Ids,
+                table: &Self::Buf,
                 n: usize,
                 heads: HeadShape,
-                rope: Rope,
+                style: RopeStyle,
             ) -> Result<()>;
             /// The inverse rotation, applied in place to the q and k parts of `dqkv`.
             fn rope_backward(
                 &self,
                 dqkv: &mut Self::Buf,
-                positions: &Self::Ids,
+                table: &Self::Buf,
                 n: usize,
                 heads: HeadShape,
-                rope: Rope,
+                style: RopeStyle,
             ) -> Result<()>;
 
             // ---- attention ----------------------------------------------------------------------
@@ -463,6 +482,30 @@ macro_rules! declare_backend {
     };
 }
 backend_ops!(declare_backend);
+
+/// Inverted dropout with the counter-based mask of [`Backend::dropout`]: element `i` of the
+/// flat buffer is zeroed when `rng::uniform(seed, i) < p`, else scaled by `1/(1-p)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+impl Dropout {
+    /// Fails unless `p` is in [0, 1).
+    pub fn check(&self, op: &str) -> Result<()> {
+        anyhow::ensure!((0.0..1.0).contains(&self.p), "{op}: dropout p = {} is outside [0, 1)", self.p);
+        Ok(())
+    }
+}
+
+/// The masked branch gradient that [`Backend::rmsnorm_backward`] writes besides `dx`.
+pub struct BranchGrad<'a, B: Backend + ?Sized> {
+    /// `[n, d]`, overwritten with `dropout(dx)`.
+    pub out: &'a mut B::Buf,
+    /// The mask of the forward's `residual_rmsnorm_forward` (same p and seed).
+    pub dropout: Dropout,
+}
 
 /// The gradient outputs of [`Backend::lm_head_cross_entropy`].
 pub struct LossGrads<'a, B: Backend + ?Sized> {

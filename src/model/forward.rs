@@ -7,7 +7,7 @@
 
 use super::config::ModelConfig;
 use super::params::{self, NamedTensor, ParamIndex, ParamSpec};
-use crate::backend::{profile, AdamW, Backend, LossGrads, Precision};
+use crate::backend::{profile, AdamW, Backend, BranchGrad, Dropout, LossGrads, Precision};
 use crate::data::batch::Batch;
 use crate::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
@@ -48,8 +48,8 @@ struct Activations<B: Backend> {
 struct ActGrads<B: Backend> {
     /// Gradient of the residual stream.
     dresid: B::Buf,
-    /// Gradient of a block's output with dropout (a copy of `dresid` through the dropout mask;
-    /// without dropout the backward reads `dresid` itself).
+    /// Gradient of a block's output with dropout (`dresid` through the dropout mask, written by
+    /// the norm backward that completes `dresid`; without dropout the backward reads `dresid`).
     ddelta: B::Buf,
     /// Gradient of a norm's output.
     dln: B::Buf,
@@ -65,6 +65,9 @@ struct IdBufs<B: Backend> {
     targets: B::Ids,
     positions: B::Ids,
     cu_seqlens: B::Ids,
+    /// RoPE's `(cos, sin)` per row and pair `[n, head_dim]` (F32), built from `positions` once
+    /// per forward and read by every layer, forward and backward.
+    rope_table: B::Buf,
 }
 
 /// Keys and values of earlier positions, for generation with [`Model::next_logits`].
@@ -134,6 +137,11 @@ fn site_seed(seed: u64, layer: usize, site: usize) -> u64 {
     Rng::new(seed).fork((2 * layer + site) as u64).seed
 }
 
+/// The masked branch gradient for a norm backward, when the branch had dropout.
+fn branch<B: Backend>(out: &mut B::Buf, mask: Option<Dropout>) -> Option<BranchGrad<'_, B>> {
+    mask.map(|dropout| BranchGrad { out, dropout })
+}
+
 /// What [`Model::new`] allocates: `(fixed, per_token)` bytes, where `fixed` is the parameters'
 /// copies (compute weights; f32 master, gradient and two moments) and `per_token` the activation
 /// and scratch rows per token position. It mirrors the allocations in `new`; a backend's own work
@@ -155,7 +163,7 @@ pub fn memory_bytes_for(config: &ModelConfig, compute_bytes: usize, training: bo
     let layer = c * (heads.qkv_width() + heads.q_width() + 2 * d + 3 * hidden) + 4 * (heads.n_heads + 1);
     let stream = (l + 1) * (2 * d * c + 4) + d * c;
     let grads = c * (3 * d + 3 * hidden + heads.q_width() + heads.qkv_width());
-    let ids = 4 * 4;
+    let ids = 4 * 4 + 4 * heads.head_dim;
     (fixed, l * layer + stream + grads + ids)
 }
 
@@ -331,6 +339,7 @@ impl<B: Backend> Model<B> {
             targets: be.zeros_ids(n)?,
             positions: be.zeros_ids(n)?,
             cu_seqlens: be.zeros_ids(n + 1)?,
+            rope_table: be.zeros(n * heads.head_dim, Precision::F32)?,
         };
         let logits = be.zeros(config.vocab_size, c)?;
         Ok(Model {
@@ -537,8 +546,11 @@ impl<B: Backend> Model<B> {
         let (eps, rope) = (cfg.norm_eps, cfg.rope());
         let n_layers = cfg.n_layers;
         let dropout = dropout_seed.filter(|_| cfg.dropout > 0.0);
+        let site =
+            |l: usize, s: usize| dropout.map(|seed| Dropout { p: cfg.dropout, seed: site_seed(seed, l, s) });
         let Activations { resid, ln_in, rstd_in, layers, delta } = acts;
 
+        be.rope_table(&mut ids.rope_table, &ids.positions, n, heads.head_dim, rope)?;
         be.embedding_forward(&mut resid[0], &ids.inputs, &p[idx.tok_embeddings], n, d)?;
         be.rmsnorm_forward(
             &mut ln_in[0],
@@ -553,7 +565,7 @@ impl<B: Backend> Model<B> {
             let w = idx.layers[l];
             let la = &mut layers[l];
             be.matmul_forward(&mut la.qkv, &ln_in[l], &p[w.qkv], n, d, heads.qkv_width())?;
-            be.rope_forward(&mut la.qkv, &ids.positions, n, heads, rope)?;
+            be.rope_forward(&mut la.qkv, &ids.rope_table, n, heads, rope.style)?;
             match &mut attn {
                 AttnMode::Segments { n_segments } => be.attention_forward(
                     &mut la.att,
@@ -569,9 +581,6 @@ impl<B: Backend> Model<B> {
                 }
             }
             be.matmul_forward(delta, &la.att, &p[w.o], n, heads.q_width(), d)?;
-            if let Some(seed) = dropout {
-                be.dropout(delta, n * d, cfg.dropout, site_seed(seed, l, 0))?;
-            }
             be.residual_rmsnorm_forward(
                 &mut la.h,
                 &mut la.ln2,
@@ -582,13 +591,11 @@ impl<B: Backend> Model<B> {
                 n,
                 d,
                 eps,
+                site(l, 0),
             )?;
             be.matmul_forward(&mut la.gate_up, &la.ln2, &p[w.gate_up], n, d, 2 * hidden)?;
             be.swiglu_forward(&mut la.swi, &la.gate_up, n, hidden)?;
             be.matmul_forward(delta, &la.swi, &p[w.down], n, hidden, d)?;
-            if let Some(seed) = dropout {
-                be.dropout(delta, n * d, cfg.dropout, site_seed(seed, l, 1))?;
-            }
             let next_norm = if l + 1 < n_layers { idx.layers[l + 1].attn_norm } else { idx.norm };
             be.residual_rmsnorm_forward(
                 &mut resid[l + 1],
@@ -600,6 +607,7 @@ impl<B: Backend> Model<B> {
                 n,
                 d,
                 eps,
+                site(l, 1),
             )?;
         }
         Ok(())
@@ -643,6 +651,11 @@ impl<B: Backend> Model<B> {
             cfg.vocab_size,
             Some(LossGrads { dx: &mut ag.dln, dw: &mut g[out_w], loss_scale }),
         )?;
+        let site =
+            |l: usize, s: usize| dropout.map(|seed| Dropout { p: cfg.dropout, seed: site_seed(seed, l, s) });
+        // Each norm backward completes `dresid` for a residual stream that a block's branch
+        // joined through dropout (the final norm's: the last FFN block's): it also writes that
+        // branch's masked gradient into `ddelta`, so no copy and no second pass.
         be.zero(&mut ag.dresid, n * d)?;
         be.rmsnorm_backward(
             &mut ag.dresid,
@@ -653,21 +666,14 @@ impl<B: Backend> Model<B> {
             &acts.rstd_in[n_layers],
             n,
             d,
+            branch::<B>(&mut ag.ddelta, site(n_layers - 1, 1)),
         )?;
         for l in (0..n_layers).rev() {
             let w = idx.layers[l];
             let la = &acts.layers[l];
-            // FFN block: resid[l+1] = h + dropout(down(swiglu(gate_up(ffn_norm(h))))).
-            // The branch's gradient is the residual's through the dropout mask; without dropout
-            // it is the residual's gradient itself, so nothing is copied.
-            let ddelta = match dropout {
-                Some(seed) => {
-                    be.copy(&mut ag.ddelta, &ag.dresid, n * d)?;
-                    be.dropout(&mut ag.ddelta, n * d, cfg.dropout, site_seed(seed, l, 1))?;
-                    &ag.ddelta
-                }
-                None => &ag.dresid,
-            };
+            // FFN block: resid[l+1] = h + dropout(down(swiglu(gate_up(ffn_norm(h))))). Without
+            // dropout the branch's gradient is the residual's itself.
+            let ddelta = if dropout.is_some() { &ag.ddelta } else { &ag.dresid };
             be.matmul_backward(
                 Some(&mut ag.dswi),
                 &mut g[w.down],
@@ -698,16 +704,10 @@ impl<B: Backend> Model<B> {
                 &la.rstd2,
                 n,
                 d,
+                branch::<B>(&mut ag.ddelta, site(l, 0)),
             )?;
             // Attention block: h = resid[l] + dropout(o(attn(rope(qkv(attn_norm(resid[l])))))).
-            let ddelta = match dropout {
-                Some(seed) => {
-                    be.copy(&mut ag.ddelta, &ag.dresid, n * d)?;
-                    be.dropout(&mut ag.ddelta, n * d, cfg.dropout, site_seed(seed, l, 0))?;
-                    &ag.ddelta
-                }
-                None => &ag.dresid,
-            };
+            let ddelta = if dropout.is_some() { &ag.ddelta } else { &ag.dresid };
             be.matmul_backward(
                 Some(&mut ag.datt),
                 &mut g[w.o],
@@ -729,7 +729,7 @@ impl<B: Backend> Model<B> {
                 n,
                 heads,
             )?;
-            be.rope_backward(&mut ag.dqkv, &ids.positions, n, heads, rope)?;
+            be.rope_backward(&mut ag.dqkv, &ids.rope_table, n, heads, rope.style)?;
             be.matmul_backward(
                 Some(&mut ag.dln),
                 &mut g[w.qkv],
@@ -740,6 +740,8 @@ impl<B: Backend> Model<B> {
                 d,
                 heads.qkv_width(),
             )?;
+            // resid[l] is where layer l - 1's FFN branch joined.
+            let below = if l > 0 { site(l - 1, 1) } else { None };
             be.rmsnorm_backward(
                 &mut ag.dresid,
                 &mut g[w.attn_norm],
@@ -749,6 +751,7 @@ impl<B: Backend> Model<B> {
                 &acts.rstd_in[l],
                 n,
                 d,
+                branch::<B>(&mut ag.ddelta, below),
             )?;
         }
         // With tied embeddings this adds to the lm_head gradient already in the same buffer.

@@ -16,9 +16,9 @@ use std::collections::BTreeMap;
 use anyhow::{bail, ensure, Result};
 
 use crate::backend::cuda::{
-    cross_entropy_chunk_rows, CROSS_ENTROPY_CHUNK_BUDGET, RMSNORM_DW_CHUNKS, SUM_SQUARES_BLOCKS,
+    cross_entropy_chunk_rows, rmsnorm_dw_chunks, CROSS_ENTROPY_CHUNK_BUDGET, SUM_SQUARES_BLOCKS,
 };
-use crate::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope};
+use crate::backend::{AdamW, Backend, BranchGrad, Dropout, HeadShape, LossGrads, Precision, Rope, RopeStyle};
 
 /// Bytes of a [`Precision::Compute`] element on the CUDA backend (bf16).
 pub const COMPUTE_BYTES: usize = 2;
@@ -452,17 +452,23 @@ impl Backend for CountingBackend {
         n: usize,
         d: usize,
         _eps: f32,
+        dropout: Option<Dropout>,
     ) -> Result<()> {
         self.call(Family::Rmsnorm);
+        if let Some(m) = dropout {
+            m.check("residual_rmsnorm_forward")?;
+        }
         for (b, what) in [(&*x_out, "x_out"), (&*out, "out"), (x_in, "x_in"), (delta, "delta")] {
             need(b, n * d, Precision::Compute, &format!("residual_rmsnorm_forward {what}"))?;
         }
         need(rstd, n, Precision::F32, "residual_rmsnorm_forward rstd")?;
         need(w, d, Precision::Compute, "residual_rmsnorm_forward w")?;
         if n * d > 0 {
-            // Reads x_in and delta, writes x_out and out.
+            // Reads x_in and delta, writes x_out and out; the branch's dropout mask (a hash per
+            // element) is drawn in the same pass.
             let bytes = 4 * n * d * COMPUTE_BYTES + d * COMPUTE_BYTES + n * 4;
-            self.elementwise(Family::Rmsnorm, 1, 5.0 * (n * d) as f64, bytes);
+            let mask_flops = if dropout.is_some_and(|m| m.p > 0.0) { 4.0 } else { 0.0 };
+            self.elementwise(Family::Rmsnorm, 1, (5.0 + mask_flops) * (n * d) as f64, bytes);
         }
         Ok(())
     }
@@ -476,9 +482,14 @@ impl Backend for CountingBackend {
         rstd: &CountBuf,
         n: usize,
         d: usize,
+        branch: Option<BranchGrad<'_, Self>>,
     ) -> Result<()> {
         self.call(Family::Rmsnorm);
         need(dx, n * d, Precision::Compute, "rmsnorm_backward dx")?;
+        if let Some(b) = &branch {
+            b.dropout.check("rmsnorm_backward")?;
+            need(b.out, n * d, Precision::Compute, "rmsnorm_backward branch out")?;
+        }
         need(dw, d, Precision::F32, "rmsnorm_backward dw")?;
         need(dout, n * d, Precision::Compute, "rmsnorm_backward dout")?;
         need(x, n * d, Precision::Compute, "rmsnorm_backward x")?;
@@ -488,13 +499,14 @@ impl Backend for CountingBackend {
             return Ok(());
         }
         let nd = n * d * COMPUTE_BYTES;
-        // dx: reads dout, x, w, rstd and dx (it adds), writes dx.
-        self.elementwise(Family::Rmsnorm, 1, 6.0 * (n * d) as f64, 4 * nd + d * COMPUTE_BYTES + n * 4);
-        // dw in two passes: per-chunk partials (reading dout and x again), then their sum into dw.
-        let rows_per_chunk = n.div_ceil(RMSNORM_DW_CHUNKS);
-        let chunks = n.div_ceil(rows_per_chunk);
+        let (_, chunks) = rmsnorm_dw_chunks(n);
         self.scratch("rms_partial", chunks * d * 4);
-        self.elementwise(Family::Rmsnorm, 1, 2.0 * (n * d) as f64, 2 * nd + n * 4 + chunks * d * 4);
+        // One kernel: reads dout, x, w, rstd and dx (it adds), writes dx, the per-chunk dw
+        // partials and, with a branch, the masked branch gradient (a hash per element).
+        let (branch_bytes, branch_flops) = if branch.is_some() { (nd, 4.0) } else { (0, 0.0) };
+        let bytes = 4 * nd + branch_bytes + d * COMPUTE_BYTES + n * 4 + chunks * d * 4;
+        self.elementwise(Family::Rmsnorm, 1, (8.0 + branch_flops) * (n * d) as f64, bytes);
+        // Then the partials' in-order sum into dw.
         self.elementwise(Family::Rmsnorm, 1, (chunks * d) as f64, chunks * d * 4 + 2 * d * 4);
         Ok(())
     }
@@ -546,25 +558,46 @@ impl Backend for CountingBackend {
         Ok(())
     }
 
+    fn rope_table(
+        &self,
+        table: &mut CountBuf,
+        positions: &Vec<u32>,
+        n: usize,
+        head_dim: usize,
+        _rope: Rope,
+    ) -> Result<()> {
+        self.call(Family::Rope);
+        ensure!(head_dim.is_multiple_of(2), "rope_table: head_dim {head_dim} is odd");
+        need(table, n * head_dim, Precision::F32, "rope_table table")?;
+        need_ids(positions, n, "rope_table positions")?;
+        let pairs = n * head_dim / 2;
+        if pairs > 0 {
+            // Reads a position per row and the frequencies, writes (cos, sin) per pair: an f32
+            // range reduction and two polynomials (about 20 FLOPs). The frequencies' one upload
+            // happens once per process, not per step, so it is not counted.
+            self.elementwise(Family::Rope, 1, 20.0 * pairs as f64, n * 4 + head_dim * 2 + pairs * 8);
+        }
+        Ok(())
+    }
     fn rope_forward(
         &self,
         qkv: &mut CountBuf,
-        positions: &Vec<u32>,
+        table: &CountBuf,
         n: usize,
         heads: HeadShape,
-        _rope: Rope,
+        _style: RopeStyle,
     ) -> Result<()> {
-        self.rope(qkv, positions, n, heads, "rope_forward")
+        self.rope(qkv, table, n, heads, "rope_forward")
     }
     fn rope_backward(
         &self,
         dqkv: &mut CountBuf,
-        positions: &Vec<u32>,
+        table: &CountBuf,
         n: usize,
         heads: HeadShape,
-        _rope: Rope,
+        _style: RopeStyle,
     ) -> Result<()> {
-        self.rope(dqkv, positions, n, heads, "rope_backward")
+        self.rope(dqkv, table, n, heads, "rope_backward")
     }
 
     fn attention_forward(
@@ -826,7 +859,7 @@ impl CountingBackend {
     fn rope(
         &self,
         qkv: &mut CountBuf,
-        positions: &[u32],
+        table: &CountBuf,
         n: usize,
         heads: HeadShape,
         what: &str,
@@ -834,12 +867,14 @@ impl CountingBackend {
         self.call(Family::Rope);
         ensure!(heads.head_dim.is_multiple_of(2), "rope: head_dim {} is odd", heads.head_dim);
         need(qkv, n * heads.qkv_width(), Precision::Compute, &format!("{what} qkv"))?;
-        need_ids(positions, n, &format!("{what} positions"))?;
+        need(table, n * heads.head_dim, Precision::F32, &format!("{what} table"))?;
         let rotated = n * (heads.n_heads + heads.n_kv_heads) * heads.head_dim;
         if rotated > 0 {
-            // In place on the q and k parts of each row: read and written once; the angles are
-            // computed in the kernel (a power and a sincos per pair).
-            self.elementwise(Family::Rope, 1, 4.0 * rotated as f64, 2 * rotated * COMPUTE_BYTES + n * 4);
+            // In place on the q and k parts of each row: read and written once; the row's
+            // (cos, sin) pairs are read once from memory (every head of the row's block shares
+            // them through the cache).
+            let bytes = 2 * rotated * COMPUTE_BYTES + n * heads.head_dim * 4;
+            self.elementwise(Family::Rope, 1, 3.0 * rotated as f64, bytes);
         }
         Ok(())
     }

@@ -34,10 +34,10 @@ pub use global_norm::sum_squares;
 pub use matmul::{matmul_backward, matmul_forward};
 pub use real::Real;
 pub use rmsnorm::{residual_rmsnorm_forward, rmsnorm_backward, rmsnorm_forward};
-pub use rope::{rope_backward, rope_forward};
+pub use rope::{rope_backward, rope_forward, rope_table};
 pub use swiglu::{swiglu_backward, swiglu_forward};
 
-use super::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope};
+use super::{AdamW, Backend, BranchGrad, Dropout, HeadShape, LossGrads, Precision, Rope, RopeStyle};
 
 /// The CPU backend over float type `T`; [`Precision`] is ignored (everything is `T`).
 #[derive(Clone, Copy, Debug)]
@@ -202,7 +202,11 @@ impl<T: Real> Backend for CpuBackend<T> {
         n: usize,
         d: usize,
         eps: f32,
+        dropout: Option<Dropout>,
     ) -> Result<()> {
+        if let Some(m) = dropout {
+            m.check("residual_rmsnorm_forward")?;
+        }
         for (what, len, want) in [
             ("x_out", x_out.len(), n * d),
             ("out", out.len(), n * d),
@@ -213,7 +217,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         ] {
             need(what, len, want)?;
         }
-        residual_rmsnorm_forward(x_out, out, rstd, x_in, delta, w, n, d, eps);
+        residual_rmsnorm_forward(x_out, out, rstd, x_in, delta, w, n, d, eps, dropout);
         Ok(())
     }
     fn rmsnorm_backward(
@@ -226,6 +230,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         rstd: &Vec<T>,
         n: usize,
         d: usize,
+        branch: Option<BranchGrad<'_, Self>>,
     ) -> Result<()> {
         for (what, len, want) in [
             ("dx", dx.len(), n * d),
@@ -237,7 +242,11 @@ impl<T: Real> Backend for CpuBackend<T> {
         ] {
             need(what, len, want)?;
         }
-        rmsnorm_backward(dx, dw, dout, x, w, rstd, n, d);
+        if let Some(b) = &branch {
+            b.dropout.check("rmsnorm_backward")?;
+            need("branch out", b.out.len(), n * d)?;
+        }
+        rmsnorm_backward(dx, dw, dout, x, w, rstd, n, d, branch.map(|b| (b.out.as_mut_slice(), b.dropout)));
         Ok(())
     }
 
@@ -278,30 +287,43 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
+    fn rope_table(
+        &self,
+        table: &mut Vec<T>,
+        positions: &Vec<u32>,
+        n: usize,
+        head_dim: usize,
+        rope: Rope,
+    ) -> Result<()> {
+        need("rope table", table.len(), n * head_dim)?;
+        need("positions", positions.len(), n)?;
+        rope_table(table, positions, n, head_dim, rope);
+        Ok(())
+    }
     fn rope_forward(
         &self,
         qkv: &mut Vec<T>,
-        positions: &Vec<u32>,
+        table: &Vec<T>,
         n: usize,
         heads: HeadShape,
-        rope: Rope,
+        style: RopeStyle,
     ) -> Result<()> {
         need("qkv", qkv.len(), n * heads.qkv_width())?;
-        need("positions", positions.len(), n)?;
-        rope_forward(qkv, positions, n, heads, rope);
+        need("rope table", table.len(), n * heads.head_dim)?;
+        rope_forward(qkv, table, n, heads, style);
         Ok(())
     }
     fn rope_backward(
         &self,
         dqkv: &mut Vec<T>,
-        positions: &Vec<u32>,
+        table: &Vec<T>,
         n: usize,
         heads: HeadShape,
-        rope: Rope,
+        style: RopeStyle,
     ) -> Result<()> {
         need("dqkv", dqkv.len(), n * heads.qkv_width())?;
-        need("positions", positions.len(), n)?;
-        rope_backward(dqkv, positions, n, heads, rope);
+        need("rope table", table.len(), n * heads.head_dim)?;
+        rope_backward(dqkv, table, n, heads, style);
         Ok(())
     }
 

@@ -49,6 +49,21 @@ pub(super) fn supervised_rows(targets: &[u32], ignore_id: u32, vocab: usize) -> 
     Ok((rows, sup_targets))
 }
 
+/// The `vec` argument of the cross-entropy kernels for rows of `width` elements: 1 when rows
+/// are whole 16-byte groups of 8 (bf16 rows of d, fp32/bf16 rows of the vocabulary).
+pub fn vec_arg(width: usize) -> i32 {
+    i32::from(width.is_multiple_of(8))
+}
+
+/// The items (threads' units of work) of gather_rows/scatter_rows over `rows` rows of `d`.
+pub fn copy_items(rows: usize, d: usize) -> usize {
+    if d.is_multiple_of(8) {
+        rows * d / 8
+    } else {
+        rows * d
+    }
+}
+
 impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn lm_head_cross_entropy(
@@ -89,6 +104,8 @@ impl CudaBackend {
         let chunk = chunk_rows(n_sup, d, vocab, CHUNK_BUDGET_BYTES);
         let (di, vi) = (int(d, "d")?, int(vocab, "vocab")?);
         int(chunk * vocab, "chunk logits")?;
+        int(chunk * d, "chunk rows (rows × d)")?;
+        let (rows_vec, row_vec) = (vec_arg(d), vec_arg(vocab));
 
         let mut scratch = self.scratch();
         let s = &mut *scratch;
@@ -115,7 +132,8 @@ impl CudaBackend {
             let idx = rows_d.slice(c0..c0 + r);
             let (st, ks) = (&self.stream, &self.kernels);
             // SAFETY: idx entries are rows < n of x; xc holds chunk * d.
-            unsafe { launch::cross_entropy_gather_rows(st, ks, grid_stride(r * d), xc, x, &idx, ri, di) }?;
+            let copy_cfg = grid_stride(copy_items(r, d));
+            unsafe { launch::cross_entropy_gather_rows(st, ks, copy_cfg, xc, x, &idx, ri, di, rows_vec) }?;
 
             let xc_ptr = self.dev_ptr(xc);
             let logits_ptr = self.dev_ptr(logits);
@@ -139,6 +157,7 @@ impl CudaBackend {
                     ri,
                     vi,
                     scale,
+                    row_vec,
                 )
             }?;
 
@@ -152,7 +171,7 @@ impl CudaBackend {
                 self.run_gemm(&dyt_x(r, d, vocab, dl_ptr, xc_ptr, self.dev_ptr(&**dw)))?;
                 // SAFETY: distinct rows < n of dx; dxc holds chunk * d.
                 unsafe {
-                    launch::cross_entropy_scatter_rows(st, ks, grid_stride(r * d), *dx, *dxc, &idx, ri, di)
+                    launch::cross_entropy_scatter_rows(st, ks, copy_cfg, *dx, *dxc, &idx, ri, di, rows_vec)
                 }?;
             }
         }

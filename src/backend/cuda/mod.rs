@@ -33,13 +33,14 @@ use anyhow::{bail, Context, Result};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::bf16;
 
-use super::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope};
+use super::{AdamW, Backend, BranchGrad, Dropout, HeadShape, LossGrads, Precision, Rope, RopeStyle};
 // Launch shapes and host-side helpers, public so that the kernel emulation (emu/) launches
 // exactly as the backend does.
 pub use adamw::ADAM_BLOCKS as ADAMW_MAX_BLOCKS;
 pub use attention::rows_by_heads as attention_rows_by_heads;
 pub use cross_entropy::{
-    chunk_rows as cross_entropy_chunk_rows, CHUNK_BUDGET_BYTES as CROSS_ENTROPY_CHUNK_BUDGET,
+    chunk_rows as cross_entropy_chunk_rows, copy_items as cross_entropy_copy_items,
+    vec_arg as cross_entropy_vec_arg, CHUNK_BUDGET_BYTES as CROSS_ENTROPY_CHUNK_BUDGET,
 };
 pub use cudarc::driver::LaunchConfig;
 pub use embedding::group_tokens_by_id as embedding_group_tokens_by_id;
@@ -49,9 +50,13 @@ use gemm::Gemm;
 pub use global_norm::SUMSQ_BLOCKS as SUM_SQUARES_BLOCKS;
 use launch::Kernels;
 pub use launch::{grid_stride, per_row, BLOCK};
-pub use rmsnorm::DW_CHUNKS as RMSNORM_DW_CHUNKS;
-pub use rope::{scaling_args as rope_scaling_args, style_arg as rope_style_arg};
+pub use rmsnorm::{
+    dropout_args, dw_chunks as rmsnorm_dw_chunks, dw_reduce_config as rmsnorm_dw_reduce_config,
+    DW_CHUNKS as RMSNORM_DW_CHUNKS, MAX_D as RMSNORM_MAX_D,
+};
+pub use rope::{apply_config as rope_apply_config, style_arg as rope_style_arg, vec_arg as rope_vec_arg};
 use scratch::Scratch;
+pub use swiglu::vec_arg as swiglu_vec_arg;
 
 /// A device buffer in the precision it was made with.
 pub enum CudaBuf {

@@ -35,6 +35,8 @@ pub(super) struct Scratch {
     pub ce_dx: Option<CudaSlice<bf16>>,
     pub ce_logits: Option<CudaSlice<f32>>,
     pub ce_dlogits: Option<CudaSlice<bf16>>,
+    /// rope_table: the inverse frequencies of (rope, head_dim), uploaded once.
+    pub rope_freqs: Option<(crate::backend::Rope, usize, CudaSlice<f32>)>,
     /// adamw: one descriptor per tensor.
     pub adam_descs: Option<CudaSlice<super::launch::AdamTensor>>,
 }

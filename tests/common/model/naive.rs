@@ -5,7 +5,7 @@
 // Index loops mirror the formulas (and the kernels) more plainly than iterator chains here.
 #![allow(clippy::needless_range_loop)]
 use anyhow::{ensure, Result};
-use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope, RopeStyle};
+use sft::backend::{AdamW, Backend, BranchGrad, Dropout, HeadShape, LossGrads, Precision, Rope, RopeStyle};
 use sft::rng;
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -18,21 +18,36 @@ fn rope_pair(j: usize, hd: usize, style: RopeStyle) -> (usize, usize) {
     }
 }
 
-/// Rotates the q and k heads of `qkv` rows by `sign · angle`.
-fn rotate(qkv: &mut [f64], positions: &[u32], n: usize, heads: HeadShape, rope: Rope, sign: f64) {
+/// Rotates the q and k heads of `qkv` rows by `sign · angle`, cos and sin of the angles from
+/// `table` (row `i`, pair `j` at `i·hd + 2j`).
+fn rotate(qkv: &mut [f64], table: &[f64], n: usize, heads: HeadShape, style: RopeStyle, sign: f64) {
     let hd = heads.head_dim;
     let width = heads.qkv_width();
     for i in 0..n {
         for h in 0..heads.n_heads + heads.n_kv_heads {
             let base = i * width + h * hd;
             for j in 0..hd / 2 {
-                let angle = sign * positions[i] as f64 * rope.inv_freq(j, hd) as f64;
-                let (a, b) = rope_pair(j, hd, rope.style);
+                let (cos, sin) = (table[i * hd + 2 * j], sign * table[i * hd + 2 * j + 1]);
+                let (a, b) = rope_pair(j, hd, style);
                 let (x0, x1) = (qkv[base + a], qkv[base + b]);
-                qkv[base + a] = x0 * angle.cos() - x1 * angle.sin();
-                qkv[base + b] = x0 * angle.sin() + x1 * angle.cos();
+                qkv[base + a] = x0 * cos - x1 * sin;
+                qkv[base + b] = x0 * sin + x1 * cos;
             }
         }
+    }
+}
+
+/// Element `k` of a buffer through `mask` (None: unchanged).
+fn masked(v: f64, mask: Option<Dropout>, k: usize) -> f64 {
+    match mask {
+        Some(m) if m.p > 0.0 => {
+            if rng::uniform(m.seed, k as u64) < m.p {
+                0.0
+            } else {
+                v / (1.0 - m.p as f64)
+            }
+        }
+        _ => v,
     }
 }
 
@@ -143,9 +158,10 @@ impl Backend for NaiveBackend {
         n: usize,
         d: usize,
         eps: f32,
+        dropout: Option<Dropout>,
     ) -> Result<()> {
         for k in 0..n * d {
-            x_out[k] = x_in[k] + delta[k];
+            x_out[k] = x_in[k] + masked(delta[k], dropout, k);
         }
         self.rmsnorm_forward(out, rstd, x_out, w, n, d, eps)
     }
@@ -159,6 +175,7 @@ impl Backend for NaiveBackend {
         rstd: &Vec<f64>,
         n: usize,
         d: usize,
+        branch: Option<BranchGrad<'_, Self>>,
     ) -> Result<()> {
         for i in 0..n {
             let r = rstd[i];
@@ -167,6 +184,11 @@ impl Backend for NaiveBackend {
                 let k = i * d + e;
                 dx[k] += r * w[e] * dout[k] - r * r * r / d as f64 * x[k] * dot;
                 dw[e] += dout[k] * x[k] * r;
+            }
+        }
+        if let Some(b) = branch {
+            for k in 0..n * d {
+                b.out[k] = masked(dx[k], Some(b.dropout), k);
             }
         }
         Ok(())
@@ -216,26 +238,43 @@ impl Backend for NaiveBackend {
         Ok(())
     }
 
+    fn rope_table(
+        &self,
+        table: &mut Vec<f64>,
+        positions: &Vec<u32>,
+        n: usize,
+        head_dim: usize,
+        rope: Rope,
+    ) -> Result<()> {
+        for i in 0..n {
+            for j in 0..head_dim / 2 {
+                let angle = (positions[i] as f32 * rope.inv_freq(j, head_dim)) as f64;
+                table[i * head_dim + 2 * j] = angle.cos();
+                table[i * head_dim + 2 * j + 1] = angle.sin();
+            }
+        }
+        Ok(())
+    }
     fn rope_forward(
         &self,
         qkv: &mut Vec<f64>,
-        positions: &Vec<u32>,
+        table: &Vec<f64>,
         n: usize,
         heads: HeadShape,
-        rope: Rope,
+        style: RopeStyle,
     ) -> Result<()> {
-        rotate(qkv, positions, n, heads, rope, 1.0);
+        rotate(qkv, table, n, heads, style, 1.0);
         Ok(())
     }
     fn rope_backward(
         &self,
         dqkv: &mut Vec<f64>,
-        positions: &Vec<u32>,
+        table: &Vec<f64>,
         n: usize,
         heads: HeadShape,
-        rope: Rope,
+        style: RopeStyle,
     ) -> Result<()> {
-        rotate(dqkv, positions, n, heads, rope, -1.0);
+        rotate(dqkv, table, n, heads, style, -1.0);
         Ok(())
     }
 
