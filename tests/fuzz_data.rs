@@ -341,6 +341,11 @@ fn fuzz_json_lines_records_of_every_schema() {
         for _ in 0..1 + rng.below(3) {
             mutate_value(&mut rng, &mut lines[damaged]);
         }
+        // A line that is no longer an object could open the file as a JSON list (`[`): keep the
+        // damage inside a record.
+        if !lines[damaged].is_object() {
+            lines[damaged] = serde_json::json!({ "messages": lines[damaged].take() });
+        }
         let text: String = lines.iter().map(|r| format!("{r}\n")).collect();
         std::fs::write(&path, text).unwrap();
         c.tried += 1;

@@ -232,5 +232,10 @@ fn bench_on_prepared_data_reports_useful_tokens_per_second() {
     // A directory that is not prepared data is a named error.
     let (ok, _, stderr) =
         sft(&["bench", "--config", "tiny", "--data", root.path().to_str().unwrap(), "--device", "cpu"]);
+    assert!(!ok && stderr.contains("--data") && stderr.contains("sft prepare"), "{stderr}");
+    let empty = root.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let (ok, _, stderr) =
+        sft(&["bench", "--config", "tiny", "--data", empty.to_str().unwrap(), "--device", "cpu"]);
     assert!(!ok && stderr.contains("--data") && stderr.contains("tokenizer.json"), "{stderr}");
 }

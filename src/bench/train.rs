@@ -122,7 +122,7 @@ fn data_batches(
         dir.display(),
         tok.vocab_size()
     );
-    let ds = Arc::new(Dataset::open(dir, Split::Train)?);
+    let ds = Arc::new(Dataset::open(dir, Split::Train).with_context(|| format!("--data {}", dir.display()))?);
     ds.ensure_tokenizer(&tok)?;
     let cfg = LoaderConfig { batch_size: rows, max_seq_len: t, mode, shuffle: true, seed };
     let mut loader = Loader::new(ds, cfg).with_context(|| format!("--data {}", dir.display()))?;

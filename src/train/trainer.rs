@@ -20,8 +20,8 @@
 use crate::backend::{profile, AdamW, Backend};
 use crate::checkpoint::{self, Checkpoint};
 use crate::data::{
-    batches_in_order, longest_example, Batch, ChatTokenizer, Dataset, Loader, LoaderConfig, LoaderState,
-    NoSupervisedTokens, Split,
+    batches_in_order, longest_example, Batch, BatchMode, ChatTokenizer, Dataset, Loader, LoaderConfig,
+    LoaderState, NoSupervisedTokens, Split,
 };
 use crate::model::config::ModelConfig;
 use crate::model::Model;
@@ -398,9 +398,14 @@ fn plan_data(cfg: &TrainConfig, tokenizer: &ChatTokenizer, max_seq_len: usize) -
         let batches = scratch.batches_per_epoch();
         ensure!(
             batches >= cfg.grad_accum,
-            "{}: epoch {epoch} has {batches} micro-batches, fewer than grad_accum = {}: lower micro_batch or grad_accum",
+            "{}: epoch {epoch} has {batches} micro-batches, fewer than grad_accum = {}: lower micro_batch or grad_accum{}",
             cfg.data.display(),
-            cfg.grad_accum
+            cfg.grad_accum,
+            if cfg.batch_mode == BatchMode::Packed {
+                " (packed micro-batches are rows of max_seq_len tokens; --batch-mode dynamic counts examples)"
+            } else {
+                ""
+            }
         );
         epoch_steps.push((batches / cfg.grad_accum) as u64);
     }
