@@ -1,5 +1,6 @@
 //! `TrainConfig`: everything a training run needs, as a JSON file (`sft train --config run.json`)
-//! whose fields the command-line flags override. Defaults are SimpleLLaMA's SFT settings.
+//! whose fields the command-line flags override. Defaults are SimpleLLaMA's SFT settings, except
+//! packed batches (`batch_mode`) and a row length that is never a model's whole context.
 
 use crate::data::BatchMode;
 use anyhow::{bail, Context, Result};
