@@ -20,7 +20,8 @@ use crate::rng::Rng;
 
 #[derive(Args, Debug, Clone)]
 pub struct PrepareArgs {
-    /// Chat file: a JSON list or JSON Lines (SimpleLLaMA's schema, `messages` or `conversations`).
+    /// Chat file: a JSON list, JSON Lines or Parquet (SimpleLLaMA's schema, `messages`,
+    /// `conversations`, Alpaca `instruction`/`input`/`output`, or `prompt`/`completion`).
     #[arg(long)]
     pub data: PathBuf,
     /// tokenizer.json (with the chat special tokens and <PAD>).

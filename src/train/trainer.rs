@@ -20,13 +20,13 @@
 use crate::backend::{profile, AdamW, Backend};
 use crate::checkpoint::{self, Checkpoint};
 use crate::data::{
-    batches_in_order, Batch, ChatTokenizer, Dataset, Loader, LoaderConfig, LoaderState, NoSupervisedTokens,
-    Split,
+    batches_in_order, longest_example, Batch, BatchMode, ChatTokenizer, Dataset, Loader, LoaderConfig,
+    LoaderState, NoSupervisedTokens, Split,
 };
 use crate::model::config::ModelConfig;
 use crate::model::Model;
 use crate::rng::Rng;
-use crate::train::config::{plan_batches, MicroBatch, TrainConfig};
+use crate::train::config::{default_seq_len, plan_batches, MicroBatch, TrainConfig};
 use crate::train::log::{CsvLog, LogRow};
 use crate::train::schedule::Schedule;
 use crate::train::state::TrainerState;
@@ -311,7 +311,10 @@ fn start_run(cfg: &TrainConfig) -> Result<RunStart> {
     if let Some(p) = cfg.dropout {
         model_config.dropout = p;
     }
-    let max_seq_len = cfg.max_seq_len.unwrap_or(model_config.max_seq_len);
+    let max_seq_len = match cfg.max_seq_len {
+        Some(n) => n,
+        None => default_seq_len(model_config.max_seq_len, longest_example(&cfg.data)?),
+    };
     model_config.check_usage(Some((&tokenizer_path, tokenizer.vocab_size())), max_seq_len)?;
     Ok(RunStart { resumed, weights, tokenizer_path, tokenizer, model_config, max_seq_len })
 }
@@ -387,8 +390,7 @@ fn plan_data(cfg: &TrainConfig, tokenizer: &ChatTokenizer, max_seq_len: usize) -
     let loader = Loader::new(train_set.clone(), loader_config.clone())?;
     // Packed batches per epoch depend on the epoch's shuffle: count every epoch's steps (only
     // the first one when max_steps and schedule_steps make the count unnecessary).
-    let count_epochs =
-        if cfg.max_steps.is_none() || cfg.schedule_steps.is_none() { cfg.epochs.max(1) } else { 1 };
+    let count_epochs = if cfg.counts_epochs() { cfg.epochs.max(1) } else { 1 };
     let mut epoch_steps = Vec::with_capacity(count_epochs as usize);
     let mut scratch = Loader::new(train_set, loader_config.clone())?;
     for epoch in 0..count_epochs {
@@ -396,9 +398,14 @@ fn plan_data(cfg: &TrainConfig, tokenizer: &ChatTokenizer, max_seq_len: usize) -
         let batches = scratch.batches_per_epoch();
         ensure!(
             batches >= cfg.grad_accum,
-            "{}: epoch {epoch} has {batches} micro-batches, fewer than grad_accum = {}: lower micro_batch or grad_accum",
+            "{}: epoch {epoch} has {batches} micro-batches, fewer than grad_accum = {}: lower micro_batch or grad_accum{}",
             cfg.data.display(),
-            cfg.grad_accum
+            cfg.grad_accum,
+            if cfg.batch_mode == BatchMode::Packed {
+                " (packed micro-batches are rows of max_seq_len tokens; --batch-mode dynamic counts examples)"
+            } else {
+                ""
+            }
         );
         epoch_steps.push((batches / cfg.grad_accum) as u64);
     }
@@ -416,7 +423,7 @@ fn plan_data(cfg: &TrainConfig, tokenizer: &ChatTokenizer, max_seq_len: usize) -
             max_lr: cfg.max_lr,
             min_lr: cfg.min_lr,
             warmup_steps: cfg.warmup_steps,
-            total_steps: cfg.schedule_steps.unwrap_or(epochs_steps),
+            total_steps: cfg.schedule_length(epochs_steps),
         },
         val: Validation {
             quick_supervised: quick_val.iter().any(|b| b.n_supervised() > 0),
@@ -665,6 +672,10 @@ fn warn_about_changes(saved: &TrainConfig, now: &TrainConfig) {
         schedule_steps
     );
     check!(max_lr, min_lr, warmup_steps, beta1, beta2, eps, weight_decay, clip);
+    if now.schedule_steps.is_none() && saved.max_steps != now.max_steps {
+        changed
+            .push(format!("max_steps {:?} -> {:?} (the schedule's length)", saved.max_steps, now.max_steps));
+    }
     if !changed.is_empty() {
         eprintln!(
             "warning: resuming with settings that differ from the checkpoint's ({}); the run will not repeat an uninterrupted one",
