@@ -15,6 +15,8 @@ use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
+use crate::backend::GradMode;
+
 /// cuBLASLt's recommended workspace on Hopper (32 MiB), allocated once.
 const WORKSPACE_BYTES: usize = 32 << 20;
 
@@ -314,8 +316,17 @@ pub(super) fn dy_w(rows: usize, inner: usize, cols: usize, dy: u64, w: u64, out:
     }
 }
 
-/// Row-major fp32 `dw[out_dim, in_dim] += dy[rows, out_dim]^T @ x[rows, in_dim]`.
-pub(super) fn dyt_x(rows: usize, in_dim: usize, out_dim: usize, dy: u64, x: u64, dw: u64) -> GemmCall {
+/// Row-major fp32 `dw[out_dim, in_dim] (=|+=) dy[rows, out_dim]^T @ x[rows, in_dim]`: beta 0
+/// for `Overwrite` (what dw held is not read), 1 for `Accumulate`.
+pub(super) fn dyt_x(
+    rows: usize,
+    in_dim: usize,
+    out_dim: usize,
+    dy: u64,
+    x: u64,
+    dw: u64,
+    mode: GradMode,
+) -> GemmCall {
     // Column-major: dw^T (in × out) = x^T (stored in × rows) · dy (stored out × rows, transposed).
     GemmCall {
         transa: false,
@@ -331,13 +342,17 @@ pub(super) fn dyt_x(rows: usize, in_dim: usize, out_dim: usize, dy: u64, x: u64,
         ldc: in_dim as i64,
         c_type: DType::F32,
         alpha: 1.0,
-        beta: 1.0,
+        beta: match mode {
+            GradMode::Overwrite => 0.0,
+            GradMode::Accumulate => 1.0,
+        },
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::{dy_w, dyt_x, x_wt, DType, GemmCall, NoAlgorithmWarnings};
+    use crate::backend::GradMode;
 
     #[test]
     fn no_algorithm_is_reported_once_per_shape_naming_it() {
@@ -368,7 +383,8 @@ mod tests {
                     acc += av * bv;
                 }
                 let o = i + j * ldc;
-                c[o] = g.alpha * acc + g.beta * c[o];
+                // cuBLAS reads C only when beta is not zero.
+                c[o] = if g.beta == 0.0 { g.alpha * acc } else { g.alpha * acc + g.beta * c[o] };
             }
         }
     }
@@ -404,11 +420,20 @@ mod tests {
 
         let dw0 = values(o * i, 4);
         let mut dw = dw0.clone();
-        emulate(&dyt_x(n, i, o, 0, 0, 0), &x, &dy, &mut dw);
+        emulate(&dyt_x(n, i, o, 0, 0, 0, GradMode::Accumulate), &x, &dy, &mut dw);
         for r in 0..o {
             for c in 0..i {
                 let want: f32 = dw0[r * i + c] + (0..n).map(|l| dy[l * o + r] * x[l * i + c]).sum::<f32>();
                 assert_eq!(dw[r * i + c], want, "dw += dy^T @ x at ({r}, {c})");
+            }
+        }
+        // Overwrite: beta 0, so what dw held (NaN here) is not read.
+        let mut dw = vec![f32::NAN; o * i];
+        emulate(&dyt_x(n, i, o, 0, 0, 0, GradMode::Overwrite), &x, &dy, &mut dw);
+        for r in 0..o {
+            for c in 0..i {
+                let want: f32 = (0..n).map(|l| dy[l * o + r] * x[l * i + c]).sum();
+                assert_eq!(dw[r * i + c], want, "dw = dy^T @ x at ({r}, {c})");
             }
         }
     }
