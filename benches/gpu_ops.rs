@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sft::backend::cuda::CudaBackend;
-use sft::backend::{AdamW, Backend, BranchGrad, Dropout, HeadShape, LossGrads, Precision, Rope, RopeStyle};
+use sft::backend::{
+    group_tokens_by_id, supervised_rows, AdamW, Backend, BranchGrad, Dropout, GradMode, HeadShape, LossGrads,
+    Precision, Rope, RopeStyle,
+};
 use sft::bench::attention::AttentionCase;
 use sft::bench::{upload, upload_ids};
 use sft::rng::Rng;
@@ -60,7 +63,8 @@ fn bench(c: &mut Criterion) {
         grp.throughput(Throughput::Elements((4 * n * i * o) as u64));
         grp.bench_function(format!("matmul_backward_{name}_{n}x{i}x{o}"), |b| {
             b.iter(|| {
-                g.matmul_backward(Some(&mut dinp), &mut dw, &dout, &inp, &w, n, i, o).unwrap();
+                g.matmul_backward(Some(&mut dinp), &mut dw, &dout, &inp, &w, n, i, o, GradMode::Accumulate)
+                    .unwrap();
                 sync()
             })
         });
@@ -166,7 +170,10 @@ fn bench(c: &mut Criterion) {
             sync()
         })
     });
-    let tokens = ids(&(0..n).map(|_| rng.below(vocab) as u32).collect::<Vec<_>>());
+    let token_ids: Vec<u32> = (0..n).map(|_| rng.below(vocab) as u32).collect();
+    let tokens = ids(&token_ids);
+    let (groups, n_groups) = group_tokens_by_id(&token_ids);
+    let groups = ids(&groups);
     let table = up(&random(&mut rng, vocab * d, 0.02), cmp);
     let mut dtable = g.zeros(vocab * d, Precision::F32).unwrap();
     grp.throughput(Throughput::Bytes((2 * 2 * n * d) as u64));
@@ -179,7 +186,7 @@ fn bench(c: &mut Criterion) {
     grp.throughput(Throughput::Bytes((2 * n * d + 4 * 2 * n * d) as u64));
     grp.bench_function("embedding_backward_16k_x2048", |b| {
         b.iter(|| {
-            g.embedding_backward(&mut dtable, &tokens, &dy, n, d).unwrap();
+            g.embedding_backward(&mut dtable, &groups, n_groups, &dy, n, d, GradMode::Accumulate).unwrap();
             sync()
         })
     });
@@ -187,17 +194,36 @@ fn bench(c: &mut Criterion) {
     // ---- lm_head + masked cross-entropy: 3/4 of the rows supervised ------------------------
     let xf = up(&random(&mut rng, n * d, 1.0), cmp);
     let head = up(&random(&mut rng, vocab * d, 0.02), cmp);
-    let targets = ids(&(0..n)
-        .map(|i| if i % 4 == 0 { 0 } else { 1 + rng.below(vocab - 1) as u32 })
-        .collect::<Vec<_>>());
+    let all_targets: Vec<u32> =
+        (0..n).map(|i| if i % 4 == 0 { 0 } else { 1 + rng.below(vocab - 1) as u32 }).collect();
+    let (rows, sup) = supervised_rows(&all_targets, 0, vocab).unwrap();
+    let (rows, targets, n_sup) = (ids(&rows), ids(&sup), sup.len());
+    let mut losses = g.zeros(n_sup, Precision::F32).unwrap();
     let mut dxf = g.zeros(n * d, cmp).unwrap();
     let mut dhead = g.zeros(vocab * d, Precision::F32).unwrap();
     let supervised = n * 3 / 4;
     grp.throughput(Throughput::Elements((6 * supervised * d * vocab) as u64));
     grp.bench_function("lm_head_ce_16k_d2048_v8192", |b| {
         b.iter(|| {
-            let grads = LossGrads { dx: &mut dxf, dw: &mut dhead, loss_scale: 1.0 / supervised as f32 };
-            g.lm_head_cross_entropy(&xf, &head, &targets, 0, n, d, vocab, Some(grads)).unwrap();
+            let grads = LossGrads {
+                dx: &mut dxf,
+                dw: &mut dhead,
+                loss_scale: 1.0 / supervised as f32,
+                mode: GradMode::Accumulate,
+            };
+            g.lm_head_cross_entropy(
+                &xf,
+                &head,
+                &rows,
+                &targets,
+                n_sup,
+                n,
+                d,
+                vocab,
+                &mut losses,
+                Some(grads),
+            )
+            .unwrap();
             sync()
         })
     });
@@ -223,7 +249,7 @@ fn bench(c: &mut Criterion) {
             let gs: Vec<&_> = grads.iter().collect();
             let mut mm: Vec<&mut _> = m.iter_mut().collect();
             let mut vv: Vec<&mut _> = v.iter_mut().collect();
-            g.adamw(&mut p, &mut ms, &gs, &mut mm, &mut vv, &lens, &hp).unwrap();
+            g.adamw(&mut p, &mut ms, &gs, &mut mm, &mut vv, &lens, &hp, None).unwrap();
             sync()
         })
     });

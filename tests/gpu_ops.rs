@@ -16,7 +16,8 @@ use half::bf16;
 use sft::backend::cpu::CpuBackend;
 use sft::backend::cuda::CudaBackend;
 use sft::backend::{
-    AdamW, Backend, BranchGrad, Dropout, HeadShape, LossGrads, Precision, Rope, RopeScaling, RopeStyle,
+    cross_entropy_sum, group_tokens_by_id, stats, sum_squares_read, AdamW, Backend, BranchGrad, Clip,
+    Dropout, GradMode, HeadShape, LossGrads, Precision, Rope, RopeScaling, RopeStyle, STATS_LEN,
 };
 use sft::rng::Rng;
 
@@ -55,7 +56,7 @@ fn embedding<B: Backend>(
     dout: &[f32],
     dtable0: &[f32],
     d: usize,
-) -> [Vec<f32>; 2] {
+) -> [Vec<f32>; 3] {
     let n = ids.len();
     let ids_b = upload_ids(b, ids);
     let table_b = upload(b, table, Precision::Compute);
@@ -63,8 +64,13 @@ fn embedding<B: Backend>(
     b.embedding_forward(&mut out, &ids_b, &table_b, n, d).unwrap();
     let dout_b = upload(b, dout, Precision::Compute);
     let mut dtable = upload(b, dtable0, Precision::F32);
-    b.embedding_backward(&mut dtable, &ids_b, &dout_b, n, d).unwrap();
-    [download(b, &out, n * d), download(b, &dtable, table.len())]
+    let (groups, n_groups) = group_tokens_by_id(ids);
+    let groups_b = upload_ids(b, &groups);
+    b.embedding_backward(&mut dtable, &groups_b, n_groups, &dout_b, n, d, GradMode::Accumulate).unwrap();
+    let accumulated = download(b, &dtable, table.len());
+    // Overwrite: what the table held is gone, absent ids' rows are zero.
+    b.embedding_backward(&mut dtable, &groups_b, n_groups, &dout_b, n, d, GradMode::Overwrite).unwrap();
+    [download(b, &out, n * d), accumulated, download(b, &dtable, table.len())]
 }
 
 #[test]
@@ -81,6 +87,19 @@ fn embedding_matches_cpu() {
     let r = embedding(&reference(), &ids, &table, &dout, &dtable0, d);
     assert_close("embedding_forward", &a[0], &r[0], TOL);
     assert_close("embedding_backward dtable", &a[1], &r[1], TOL);
+    assert_close("embedding_backward dtable (overwrite)", &a[2], &r[2], TOL);
+    for id in (0..vocab as u32).filter(|id| !ids.contains(id)) {
+        let row = &a[2][id as usize * d..(id as usize + 1) * d];
+        assert!(row.iter().all(|&v| v == 0.0), "row {id} of an absent id is not zero");
+    }
+    // The grouping came from the host: the backward read nothing back.
+    let before = g.host_reads();
+    let dout_b = upload(&g, &dout, Precision::Compute);
+    let (groups, n_groups) = group_tokens_by_id(&ids);
+    let groups_b = upload_ids(&g, &groups);
+    let mut dtable = g.zeros(vocab * d, Precision::F32).unwrap();
+    g.embedding_backward(&mut dtable, &groups_b, n_groups, &dout_b, n, d, GradMode::Overwrite).unwrap();
+    assert_eq!(g.host_reads(), before);
 }
 
 // ---- RMSNorm --------------------------------------------------------------------------------
@@ -177,11 +196,14 @@ fn matmul<B: Backend>(
     let db = upload(b, dout, Precision::Compute);
     let mut dinp = b.zeros(n * i, Precision::Compute).unwrap();
     let mut dw = upload(b, dw0, Precision::F32);
-    b.matmul_backward(Some(&mut dinp), &mut dw, &db, &ib, &wb, n, i, o).unwrap();
+    b.matmul_backward(Some(&mut dinp), &mut dw, &db, &ib, &wb, n, i, o, GradMode::Accumulate).unwrap();
     let dw1 = download(b, &dw, o * i);
     // Without dinp, dw accumulates a second time.
-    b.matmul_backward(None, &mut dw, &db, &ib, &wb, n, i, o).unwrap();
-    vec![download(b, &out, n * o), download(b, &dinp, n * i), dw1, download(b, &dw, o * i)]
+    b.matmul_backward(None, &mut dw, &db, &ib, &wb, n, i, o, GradMode::Accumulate).unwrap();
+    let dw2 = download(b, &dw, o * i);
+    // Overwrite (beta 0): the gradient alone, whatever dw held.
+    b.matmul_backward(None, &mut dw, &db, &ib, &wb, n, i, o, GradMode::Overwrite).unwrap();
+    vec![download(b, &out, n * o), download(b, &dinp, n * i), dw1, dw2, download(b, &dw, o * i)]
 }
 
 fn matmul_case(g: &CudaBackend, what: &str) {
@@ -194,7 +216,7 @@ fn matmul_case(g: &CudaBackend, what: &str) {
         let dw0 = randn(&mut rng, o * i, 0.5);
         let a = matmul(g, &inp, &w, &dout, &dw0, n, i, o);
         let r = matmul(&reference(), &inp, &w, &dout, &dw0, n, i, o);
-        for (k, name) in ["out", "dinp", "dw", "dw accumulated twice"].iter().enumerate() {
+        for (k, name) in ["out", "dinp", "dw", "dw accumulated twice", "dw overwritten"].iter().enumerate() {
             assert_close(&format!("{what} {name} [{n}x{i}] -> {o}"), &a[k], &r[k], TOL);
         }
     }
@@ -439,12 +461,11 @@ fn loss<B: Backend>(
     let n = targets.len();
     let xb = upload(b, x, Precision::Compute);
     let wb = upload(b, w, Precision::Compute);
-    let tb = upload_ids(b, targets);
-    let no_grad = b.lm_head_cross_entropy(&xb, &wb, &tb, ignore, n, d, vocab, None).unwrap();
+    let no_grad = cross_entropy_sum(b, &xb, &wb, targets, ignore, n, d, vocab, None).unwrap();
     let mut dx = upload(b, dx0, Precision::Compute);
     let mut dw = upload(b, dw0, Precision::F32);
-    let grads = LossGrads { dx: &mut dx, dw: &mut dw, loss_scale: 0.37 };
-    let with_grad = b.lm_head_cross_entropy(&xb, &wb, &tb, ignore, n, d, vocab, Some(grads)).unwrap();
+    let grads = LossGrads { dx: &mut dx, dw: &mut dw, loss_scale: 0.37, mode: GradMode::Accumulate };
+    let with_grad = cross_entropy_sum(b, &xb, &wb, targets, ignore, n, d, vocab, Some(grads)).unwrap();
     (no_grad, with_grad, download(b, &dx, n * d), download(b, &dw, vocab * d))
 }
 
@@ -499,9 +520,106 @@ fn sum_squares_matches_cpu() {
     let precisions = [Precision::F32, Precision::Compute, Precision::F32, Precision::F32, Precision::Compute];
     let gb: Vec<_> = data.iter().zip(precisions).map(|(v, p)| upload(&g, v, p)).collect();
     let cb: Vec<_> = data.iter().zip(precisions).map(|(v, p)| upload(&cpu, v, p)).collect();
-    let a = g.sum_squares(&gb.iter().collect::<Vec<_>>(), &lens).unwrap();
-    let r = cpu.sum_squares(&cb.iter().collect::<Vec<_>>(), &lens).unwrap();
+    let a = sum_squares_read(&g, &gb.iter().collect::<Vec<_>>(), &lens).unwrap();
+    let r = sum_squares_read(&cpu, &cb.iter().collect::<Vec<_>>(), &lens).unwrap();
     assert!((a - r).abs() / r < 1e-4, "sum_squares {a} vs {r}");
+}
+
+/// The loss sums on the device (sum_split): overwrite, then accumulate, as the CPU does, with
+/// nothing read back until the caller reads the statistics.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn sum_into_matches_cpu_and_reads_nothing() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(14);
+    let cpu = reference();
+    for len in [0usize, 1, 255, 257, 40_000] {
+        let x: Vec<f32> = randn(&mut rng, len.max(1), 1.0).iter().map(|v| v.abs() + 0.5).collect();
+        let mut results = Vec::new();
+        for gpu_side in [true, false] {
+            let got = if gpu_side {
+                let xb = upload(&g, &x, Precision::F32);
+                let mut st = g.zeros(STATS_LEN, Precision::F32).unwrap();
+                let before = g.host_reads();
+                g.sum_into(&mut st, stats::STEP_LOSS, &xb, len, GradMode::Overwrite).unwrap();
+                g.sum_into(&mut st, stats::STEP_LOSS, &xb, len, GradMode::Accumulate).unwrap();
+                assert_eq!(g.host_reads(), before);
+                stats::join(&g.read(&st, STATS_LEN).unwrap(), stats::STEP_LOSS)
+            } else {
+                let xb = upload(&cpu, &x, Precision::F32);
+                let mut st = cpu.zeros(STATS_LEN, Precision::F32).unwrap();
+                cpu.sum_into(&mut st, stats::STEP_LOSS, &xb, len, GradMode::Overwrite).unwrap();
+                cpu.sum_into(&mut st, stats::STEP_LOSS, &xb, len, GradMode::Accumulate).unwrap();
+                stats::join(&cpu.read(&st, STATS_LEN).unwrap(), stats::STEP_LOSS)
+            };
+            results.push(got);
+        }
+        let want = 2.0 * x[..len].iter().map(|&v| v as f64).sum::<f64>();
+        for got in results {
+            assert!((got - want).abs() <= 1e-12 * want.max(1.0), "len {len}: {got} vs {want}");
+        }
+    }
+}
+
+/// AdamW reading the clip factor from the device's sum of squares: as the CPU, and no update
+/// when the norm is not finite.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn adamw_clips_from_device_memory_as_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(15);
+    let lens = [7usize, 1000, 66_000];
+    let master: Vec<Vec<f32>> = lens.iter().map(|&l| randn(&mut rng, l, 0.5)).collect();
+    let grads: Vec<Vec<f32>> = lens.iter().map(|&l| randn(&mut rng, l, 1.0)).collect();
+    let hp =
+        AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.01, step: 1, grad_scale: 1.0 };
+    fn run<B: Backend>(
+        b: &B,
+        master0: &[Vec<f32>],
+        grads: &[Vec<f32>],
+        lens: &[usize],
+        hp: &AdamW,
+        max_norm: f32,
+        poison: bool,
+    ) -> Vec<Vec<f32>> {
+        let mut params: Vec<_> = master0.iter().map(|v| upload(b, v, Precision::Compute)).collect();
+        let mut master: Vec<_> = master0.iter().map(|v| upload(b, v, Precision::F32)).collect();
+        let mut m: Vec<_> = lens.iter().map(|&l| b.zeros(l, Precision::F32).unwrap()).collect();
+        let mut v: Vec<_> = lens.iter().map(|&l| b.zeros(l, Precision::F32).unwrap()).collect();
+        let mut gb: Vec<_> = grads.iter().map(|v| upload(b, v, Precision::F32)).collect();
+        if poison {
+            let mut bad = grads[0].clone();
+            bad[3] = f32::INFINITY;
+            gb[0] = upload(b, &bad, Precision::F32);
+        }
+        let mut st = b.zeros(STATS_LEN, Precision::F32).unwrap();
+        b.sum_squares(&gb.iter().collect::<Vec<_>>(), lens, &mut st).unwrap();
+        b.adamw(
+            &mut params.iter_mut().collect::<Vec<_>>(),
+            &mut master.iter_mut().collect::<Vec<_>>(),
+            &gb.iter().collect::<Vec<_>>(),
+            &mut m.iter_mut().collect::<Vec<_>>(),
+            &mut v.iter_mut().collect::<Vec<_>>(),
+            lens,
+            hp,
+            Some(Clip { sumsq: &st, max_norm }),
+        )
+        .unwrap();
+        master.iter().zip(lens).map(|(x, &l)| download(b, x, l)).collect()
+    }
+    let norm: f64 = grads.iter().flatten().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
+    for max_norm in [(norm / 4.0) as f32, 0.0] {
+        let before = g.host_reads();
+        let a = run(&g, &master, &grads, &lens, &hp, max_norm, false);
+        // Only the final downloads of the masters read anything back.
+        assert_eq!(g.host_reads() - before, lens.len() as u64);
+        let r = run(&reference(), &master, &grads, &lens, &hp, max_norm, false);
+        for t in 0..lens.len() {
+            assert_close(&format!("adamw clipped master {t} (max_norm {max_norm})"), &a[t], &r[t], 1e-5);
+        }
+    }
+    let a = run(&g, &master, &grads, &lens, &hp, 1.0, true);
+    assert_eq!(a, master, "a non-finite norm must leave the weights alone");
 }
 
 type AdamState = [Vec<Vec<f32>>; 4];
@@ -528,6 +646,7 @@ fn adamw_steps<B: Backend>(
             &mut v.iter_mut().collect::<Vec<_>>(),
             lens,
             h,
+            None,
         )
         .unwrap();
     }
@@ -655,7 +774,7 @@ fn reference_rmsnorm_backward_matches_finite_differences() {
 /// op, on the shapes the kernels take (head_dim 64, grouped KV, odd sizes); no GPU needed.
 #[test]
 fn reference_agrees_with_cpu_backend_on_every_op() {
-    let (cpu, re) = (reference(), NaiveBackend);
+    let (cpu, re) = (reference(), NaiveBackend::default());
     let tol = 1e-4;
     let mut rng = Rng::new(30);
 

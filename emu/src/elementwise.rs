@@ -4,10 +4,12 @@
 use half::bf16;
 use sft::backend::cpu;
 use sft::backend::cuda::{
-    dropout_args, embedding_group_tokens_by_id, rmsnorm_dw_chunks, rmsnorm_dw_reduce_config,
-    rope_apply_config, rope_style_arg, rope_vec_arg, swiglu_vec_arg,
+    dropout_args, rmsnorm_dw_chunks, rmsnorm_dw_reduce_config, rope_apply_config, rope_style_arg,
+    rope_vec_arg, swiglu_vec_arg,
 };
-use sft::backend::{Dropout, HeadShape, Rope, RopeScaling, RopeStyle};
+use sft::backend::{
+    group_tokens_by_id, token_groups, Dropout, GradMode, HeadShape, Rope, RopeScaling, RopeStyle,
+};
 
 use crate::emu::*;
 
@@ -358,7 +360,10 @@ pub fn embedding(r: &mut Report, rng: &mut Rng) {
         r.check("embedding_forward", &case, &[("out", mismatches(&f64s_bf16(&out), &want), EXACT)]);
 
         let (dout, doutf) = rng.bf16s(n * d, 1.0);
-        let (order, start, gid) = embedding_group_tokens_by_id(&ids);
+        // The grouping the model makes when it loads a batch (group_tokens_by_id), and the CPU
+        // twin of the same grouped sum.
+        let (groups, n_groups) = group_tokens_by_id(&ids);
+        let (order, start, gid) = token_groups(&groups, n, n_groups).unwrap();
         let cfg =
             Cfg { grid: (gid.len() as u32, d.div_ceil(BLOCK as usize) as u32, 1), block: (BLOCK, 1, 1) };
         let (pdo, por, pst, pid) = (dout.as_ptr(), order.as_ptr(), start.as_ptr(), gid.as_ptr());
@@ -370,7 +375,7 @@ pub fn embedding(r: &mut Report, rng: &mut Rng) {
             cfg,
             &[arg(&pdt), arg(&pdo), arg(&por), arg(&pst), arg(&pid), arg(&di)],
         );
-        cpu::embedding_backward(&mut want, &ids, &doutf, n, d);
+        cpu::embedding_backward_grouped(&mut want, order, start, gid, &doutf, d, GradMode::Accumulate);
         r.check("embedding_backward_grouped", &case, &[("out", rel_err(&f64s_f32(&dt), &want), TOL_F32)]);
 
         let (mut dt, dtf) = rng.bf16s(vocab * d, 1.0);
@@ -381,7 +386,7 @@ pub fn embedding(r: &mut Report, rng: &mut Rng) {
             cfg,
             &[arg(&pdt), arg(&pdo), arg(&por), arg(&pst), arg(&pid), arg(&di)],
         );
-        cpu::embedding_backward(&mut want, &ids, &doutf, n, d);
+        cpu::embedding_backward_grouped(&mut want, order, start, gid, &doutf, d, GradMode::Accumulate);
         r.check(
             "embedding_backward_grouped_bf16",
             &case,

@@ -10,7 +10,7 @@
 //! The counts mirror the launch code in src/backend/cuda/*.rs (one file per family there); a change
 //! there (a fused kernel, a new launch) must be mirrored here, or the plan drifts from the engine.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 
 use anyhow::{bail, ensure, Result};
@@ -18,7 +18,10 @@ use anyhow::{bail, ensure, Result};
 use crate::backend::cuda::{
     cross_entropy_chunk_rows, rmsnorm_dw_chunks, CROSS_ENTROPY_CHUNK_BUDGET, SUM_SQUARES_BLOCKS,
 };
-use crate::backend::{AdamW, Backend, BranchGrad, Dropout, HeadShape, LossGrads, Precision, Rope, RopeStyle};
+use crate::backend::{
+    stats, AdamW, Backend, BranchGrad, Clip, Dropout, GradMode, HeadShape, LossGrads, Precision, Rope,
+    RopeStyle,
+};
 
 /// Bytes of a [`Precision::Compute`] element on the CUDA backend (bf16).
 pub const COMPUTE_BYTES: usize = 2;
@@ -203,6 +206,8 @@ pub struct CountingBackend {
     /// The segments whose flash tile table `prepare_segments` built: (`cu_seqlens` address,
     /// segments, rows), forgotten when those ids are rewritten.
     prepared_segments: RefCell<Option<(usize, usize, usize)>>,
+    /// Downloads since the backend was made ([`Backend::host_reads`]; `take_ledger` keeps it).
+    reads: Cell<u64>,
 }
 
 impl CountingBackend {
@@ -243,6 +248,7 @@ impl CountingBackend {
     }
 
     fn download(&self, family: Family, bytes: usize) {
+        self.reads.set(self.reads.get() + 1);
         self.count(family, KernelKind::HostTransfer, 1, 0.0, bytes as f64);
         self.ledger.borrow_mut().tallies.entry((family, KernelKind::HostTransfer)).or_default().syncs += 1;
     }
@@ -288,6 +294,9 @@ impl Backend for CountingBackend {
     }
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+    fn host_reads(&self) -> u64 {
+        self.reads.get()
     }
     fn compute_bytes(&self) -> usize {
         COMPUTE_BYTES
@@ -387,35 +396,34 @@ impl Backend for CountingBackend {
     fn embedding_backward(
         &self,
         dtable: &mut CountBuf,
-        ids: &Vec<u32>,
+        groups: &Vec<u32>,
+        n_groups: usize,
         dout: &CountBuf,
         n: usize,
         d: usize,
+        mode: GradMode,
     ) -> Result<()> {
         self.call(Family::Embedding);
         need(dout, n * d, Precision::Compute, "embedding_backward dout")?;
-        need_ids(ids, n, "embedding_backward ids")?;
-        if n * d == 0 {
+        need_ids(groups, n + 2 * n_groups + 1, "embedding_backward groups")?;
+        if d == 0 {
             return Ok(());
         }
         let vocab = dtable.len / d;
-        if let Some((i, &bad)) = ids[..n].iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
-            bail!("embedding_backward: token {i} has id {bad}, the table has {vocab} rows");
+        let (_, _, ids) = crate::backend::token_groups(groups, n, n_groups)?;
+        if let Some((g, &bad)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+            bail!("embedding_backward: group {g} has id {bad}, the table has {vocab} rows");
         }
-        let mut distinct = ids[..n].to_vec();
-        distinct.sort_unstable();
-        distinct.dedup();
-        let groups = distinct.len();
-        // The ids come down, the grouping (order, group starts, group ids) goes up.
-        self.download(Family::Embedding, n * 4);
-        self.upload(Family::Embedding, n * 4);
-        self.upload(Family::Embedding, (groups + 1) * 4);
-        self.upload(Family::Embedding, groups * 4);
-        self.scratch("emb_order", n * 4);
-        self.scratch("emb_group_start", (groups + 1) * 4);
-        self.scratch("emb_group_id", groups * 4);
-        // One block per distinct id sums its rows of dout into its table row (read and written).
-        let bytes = n * d * COMPUTE_BYTES + n * 4 + (2 * groups + 1) * 4 + 2 * groups * d * dtable.elem();
+        if mode == GradMode::Overwrite {
+            // The kernel writes only the batch's rows: the rest of the table is zeroed first.
+            self.count(Family::Embedding, KernelKind::DeviceCopy, 1, 0.0, (vocab * d * dtable.elem()) as f64);
+        }
+        if n == 0 || n_groups == 0 {
+            return Ok(());
+        }
+        // The grouping came up with the batch (load_batch); one block per distinct id sums its
+        // rows of dout into its table row (read and written).
+        let bytes = n * d * COMPUTE_BYTES + n * 4 + (2 * n_groups + 1) * 4 + 2 * n_groups * d * dtable.elem();
         self.elementwise(Family::Embedding, 1, (n * d) as f64, bytes);
         Ok(())
     }
@@ -539,6 +547,7 @@ impl Backend for CountingBackend {
         n: usize,
         in_dim: usize,
         out_dim: usize,
+        mode: GradMode,
     ) -> Result<()> {
         self.call(Family::Matmul);
         need(dout, n * out_dim, Precision::Compute, "matmul_backward dout")?;
@@ -552,8 +561,10 @@ impl Backend for CountingBackend {
             }
         }
         if n > 0 {
-            // dw += dout^T @ inp: fp32 C, read and written.
-            self.gemm(Family::Matmul, out_dim, in_dim, n, 4, true);
+            // dw (=|+=) dout^T @ inp: fp32 C, read too when accumulating.
+            self.gemm(Family::Matmul, out_dim, in_dim, n, 4, mode == GradMode::Accumulate);
+        } else if mode == GradMode::Overwrite {
+            self.count(Family::Matmul, KernelKind::DeviceCopy, 1, 0.0, (out_dim * in_dim * 4) as f64);
         }
         Ok(())
     }
@@ -734,41 +745,42 @@ impl Backend for CountingBackend {
         &self,
         x: &CountBuf,
         w: &CountBuf,
+        rows: &Vec<u32>,
         targets: &Vec<u32>,
-        ignore_id: u32,
+        n_sup: usize,
         n: usize,
         d: usize,
         vocab: usize,
+        losses: &mut CountBuf,
         grads: Option<LossGrads<'_, Self>>,
-    ) -> Result<f64> {
+    ) -> Result<()> {
         let f = Family::CrossEntropy;
         self.call(f);
         need(x, n * d, Precision::Compute, "lm_head_cross_entropy x")?;
         need(w, vocab * d, Precision::Compute, "lm_head_cross_entropy w")?;
-        need_ids(targets, n, "lm_head_cross_entropy targets")?;
+        need_ids(rows, n_sup, "lm_head_cross_entropy rows")?;
+        need_ids(targets, n_sup, "lm_head_cross_entropy targets")?;
+        need(losses, n_sup, Precision::F32, "lm_head_cross_entropy losses")?;
+        ensure!(n_sup <= n, "lm_head_cross_entropy: {n_sup} supervised rows of {n}");
         if let Some(g) = &grads {
             need(g.dx, n * d, Precision::Compute, "lm_head_cross_entropy dx")?;
             need(g.dw, vocab * d, Precision::F32, "lm_head_cross_entropy dw")?;
         }
-        if n == 0 || d == 0 {
-            return Ok(0.0);
-        }
+        let dw_mode = grads.as_ref().map(|g| g.mode);
         let with_grads = grads.is_some();
         if with_grads {
             self.count(f, KernelKind::DeviceCopy, 1, 0.0, (n * d * COMPUTE_BYTES) as f64);
+            if dw_mode == Some(GradMode::Overwrite) && (n_sup == 0 || d == 0) {
+                self.count(f, KernelKind::DeviceCopy, 1, 0.0, (vocab * d * 4) as f64);
+            }
         }
-        self.download(f, n * 4);
-        let n_sup = targets[..n].iter().filter(|&&t| t != ignore_id).count();
-        crate::backend::check_targets(&targets[..n], ignore_id, vocab)?;
-        if n_sup == 0 {
-            return Ok(0.0);
+        if let Some((k, &t)) = targets[..n_sup].iter().enumerate().find(|&(_, &t)| t as usize >= vocab) {
+            bail!("lm_head_cross_entropy: supervised row {k} has target {t}, the vocabulary has {vocab} ids");
         }
-        self.upload(f, n_sup * 4);
-        self.upload(f, n_sup * 4);
+        if n_sup == 0 || d == 0 {
+            return Ok(());
+        }
         let chunk = cross_entropy_chunk_rows(n_sup, d, vocab, CROSS_ENTROPY_CHUNK_BUDGET);
-        self.scratch("ce_rows", n_sup * 4);
-        self.scratch("ce_targets", n_sup * 4);
-        self.scratch("ce_losses", n_sup * 4);
         self.scratch("ce_x", chunk * d * COMPUTE_BYTES);
         self.scratch("ce_logits", chunk * vocab * 4);
         if with_grads {
@@ -786,19 +798,37 @@ impl Backend for CountingBackend {
             if with_grads {
                 // dx_chunk = dlogits @ w; dw += dlogits^T @ x_chunk; scatter dx_chunk to its rows.
                 self.gemm(f, r, d, vocab, c, false);
-                self.gemm(f, vocab, d, r, 4, true);
+                let accumulate = c0 > 0 || dw_mode == Some(GradMode::Accumulate);
+                self.gemm(f, vocab, d, r, 4, accumulate);
                 self.elementwise(f, 1, 0.0, 2 * r * d * c + r * 4);
             }
         }
-        self.download(f, n_sup * 4);
-        Ok(0.0)
+        Ok(())
     }
 
-    fn sum_squares(&self, bufs: &[&CountBuf], lens: &[usize]) -> Result<f64> {
+    fn sum_into(
+        &self,
+        out: &mut CountBuf,
+        slot: usize,
+        x: &CountBuf,
+        len: usize,
+        mode: GradMode,
+    ) -> Result<()> {
+        // The loss sums: global_norm.cu's sum_split, one block.
+        self.call(Family::GlobalNorm);
+        need(out, slot + stats::SPLIT, Precision::F32, "sum_into statistics")?;
+        need(x, len, Precision::F32, "sum_into source")?;
+        let split = stats::SPLIT * 4 * if mode == GradMode::Accumulate { 2 } else { 1 };
+        self.elementwise(Family::GlobalNorm, 1, len as f64, len * 4 + split);
+        Ok(())
+    }
+
+    fn sum_squares(&self, bufs: &[&CountBuf], lens: &[usize], out: &mut CountBuf) -> Result<()> {
         self.call(Family::GlobalNorm);
         ensure!(bufs.len() == lens.len(), "sum_squares: {} buffers but {} lengths", bufs.len(), lens.len());
+        need(out, stats::SUMSQ + stats::SPLIT, Precision::F32, "sum_squares statistics")?;
         self.scratch("sumsq_partial", bufs.len() * SUM_SQUARES_BLOCKS * 4);
-        let mut any = false;
+        let mut partials = 0;
         for (i, (buf, &len)) in bufs.iter().zip(lens).enumerate() {
             if len == 0 {
                 continue;
@@ -806,12 +836,11 @@ impl Backend for CountingBackend {
             ensure!(len <= buf.len, "sum_squares: buffer {i} has {} elements, asked for {len}", buf.len);
             let blocks = len.div_ceil(256).min(SUM_SQUARES_BLOCKS);
             self.elementwise(Family::GlobalNorm, 1, 2.0 * len as f64, len * buf.elem() + blocks * 4);
-            any = true;
+            partials += blocks;
         }
-        if any {
-            self.download(Family::GlobalNorm, bufs.len() * SUM_SQUARES_BLOCKS * 4);
-        }
-        Ok(0.0)
+        // The partials summed on the device (sum_split) into the statistics: no download.
+        self.elementwise(Family::GlobalNorm, 1, partials as f64, partials * 4 + stats::SPLIT * 4);
+        Ok(())
     }
 
     fn adamw(
@@ -823,8 +852,12 @@ impl Backend for CountingBackend {
         v: &mut [&mut CountBuf],
         lens: &[usize],
         hp: &AdamW,
+        clip: Option<Clip<'_, Self>>,
     ) -> Result<()> {
         self.call(Family::Adamw);
+        if let Some(c) = &clip {
+            need(c.sumsq, stats::SUMSQ + stats::SPLIT, Precision::F32, "adamw clip statistics")?;
+        }
         let k = lens.len();
         ensure!(
             [params.len(), master.len(), grads.len(), m.len(), v.len()].iter().all(|&l| l == k),

@@ -2,11 +2,16 @@
 //!
 //! One optimizer step (`optimizer_step`, just below), SimpleLLaMA's recipe:
 //! 1. take the step's `grad_accum` micro-batches and count their supervised targets;
-//! 2. zero the gradients, then run forward+backward on each micro-batch with
+//! 2. start a new accumulation (the first micro-batch writes the gradients, the others add to
+//!    them), running forward+backward on each micro-batch with
 //!    `loss_scale = 1 / supervised targets of the whole step`, so the accumulated gradient is
 //!    that of the mean loss over every supervised token of the step (not a mean of means);
 //! 3. clip: the global gradient norm, and `grad_scale = min(1, clip / norm)`;
 //! 4. one AdamW step at the schedule's learning rate.
+//!
+//! Steps 2–4 run on the device without waiting for it: the loss sum and the norm stay there
+//! (AdamW reads the clip factor from device memory), and the host reads both once, at the end
+//! of the step, for the log: one blocking read-back per optimizer step, none per micro-batch.
 //!
 //! [`train_with`] is the rest, in three parts: `start_run` (fresh, `init_from` or `resume`: the
 //! model config and tokenizer), `plan_data` (loader, steps, evaluation batches, schedule), then
@@ -24,6 +29,7 @@ use crate::data::{
     LoaderState, NoSupervisedTokens, Split,
 };
 use crate::model::config::ModelConfig;
+use crate::model::forward::StepStats;
 use crate::model::Model;
 use crate::rng::Rng;
 use crate::train::config::{default_seq_len, plan_batches, MicroBatch, TrainConfig};
@@ -92,30 +98,28 @@ pub(crate) fn optimizer_step<B: Backend>(
     }
     let loss_scale = 1.0 / supervised as f32;
 
-    // 2. Accumulate the gradient of that mean over the micro-batches.
+    // 2. Accumulate the gradient of that mean over the micro-batches (the loss sum stays on
+    //    the device).
     model.zero_grads()?;
-    let mut loss_sum = 0.0f64;
     for (micro, batch) in micro_batches.iter().enumerate() {
         let seed = (model.config().dropout > 0.0).then(|| dropout_seed(dropout_stream, step, micro));
-        loss_sum += model.forward_backward(batch, loss_scale, seed)?;
+        model.accumulate_gradients(batch, loss_scale, seed)?;
     }
 
-    // 3. Clip the global gradient norm.
+    // 3 and 4. The global norm, then AdamW at the scheduled learning rate, clipped by a factor
+    // the device works out from the norm; a norm that is not finite leaves the weights alone.
     let _optimizer = profile::range("optimizer");
-    let norm = model.grad_norm()?;
-    ensure!(norm.is_finite(), "step {}: the gradient norm is {norm} (loss sum {loss_sum})", step + 1);
-    let clip_factor = if cfg.clip > 0.0 && norm > cfg.clip { cfg.clip / norm } else { 1.0 };
-
-    // 4. AdamW at the scheduled learning rate.
-    model.adamw_step(&AdamW {
+    let hp = AdamW {
         lr: lr as f32,
         beta1: cfg.beta1,
         beta2: cfg.beta2,
         eps: cfg.eps,
         weight_decay: cfg.weight_decay,
         step: step + 1,
-        grad_scale: clip_factor as f32,
-    })?;
+        grad_scale: 1.0,
+    };
+    let StepStats { loss_sum, grad_norm: norm } = model.clip_and_update(&hp, cfg.clip as f32)?;
+    ensure!(norm.is_finite(), "step {}: the gradient norm is {norm} (loss sum {loss_sum})", step + 1);
     Ok(StepOutcome {
         train_loss: Some(loss_sum / supervised as f64),
         grad_norm: Some(norm),

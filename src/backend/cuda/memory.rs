@@ -18,7 +18,9 @@ impl CudaBackend {
     /// Copies device data to the host. cudarc's copy into a `Vec` is an async copy from
     /// pageable memory, which CUDA only documents as "might be synchronous", so the stream is
     /// synchronized explicitly before the data is used.
+    /// Every blocking read-back goes through here, and is counted (`host_reads`).
     pub(super) fn download<T: DeviceRepr>(&self, src: &CudaView<'_, T>) -> Result<Vec<T>> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let host = self.stream.clone_dtoh(src)?;
         self.stream.synchronize()?;
         Ok(host)

@@ -23,14 +23,8 @@ pub(super) struct Scratch {
     pub attn_dq_sem: Option<CudaSlice<u32>>,
     /// sum_squares: one partial per block per buffer.
     pub sumsq_partial: Option<CudaSlice<f32>>,
-    /// embedding_backward: tokens grouped by id.
-    pub emb_order: Option<CudaSlice<u32>>,
-    pub emb_group_start: Option<CudaSlice<u32>>,
-    pub emb_group_id: Option<CudaSlice<u32>>,
-    /// lm_head_cross_entropy: supervised rows, their targets, and one chunk's work buffers.
-    pub ce_rows: Option<CudaSlice<u32>>,
-    pub ce_targets: Option<CudaSlice<u32>>,
-    pub ce_losses: Option<CudaSlice<f32>>,
+    /// lm_head_cross_entropy: one chunk's work buffers (the supervised rows, their targets and
+    /// the row losses are the caller's buffers).
     pub ce_x: Option<CudaSlice<bf16>>,
     pub ce_dx: Option<CudaSlice<bf16>>,
     pub ce_logits: Option<CudaSlice<f32>>,

@@ -5,11 +5,35 @@
 // Index loops mirror the formulas (and the kernels) more plainly than iterator chains here.
 #![allow(clippy::needless_range_loop)]
 use anyhow::{ensure, Result};
-use sft::backend::{AdamW, Backend, BranchGrad, Dropout, HeadShape, LossGrads, Precision, Rope, RopeStyle};
+use sft::backend::{
+    clip_factor, stats, token_groups, AdamW, Backend, BranchGrad, Clip, Dropout, GradMode, HeadShape,
+    LossGrads, Precision, Rope, RopeStyle,
+};
 use sft::rng;
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct NaiveBackend;
+#[derive(Clone, Debug, Default)]
+pub struct NaiveBackend {
+    reads: std::cell::Cell<u64>,
+}
+
+/// `x` split as the trait's statistics are.
+fn store_split(out: &mut [f64], slot: usize, x: f64) {
+    for (o, v) in out[slot..slot + stats::SPLIT].iter_mut().zip(stats::split(x)) {
+        *o = v as f64;
+    }
+}
+
+fn join_split(buf: &[f64], slot: usize) -> f64 {
+    buf[slot..slot + stats::SPLIT].iter().sum()
+}
+
+/// Adds into `dst` or overwrites it, as `mode` says.
+fn put(dst: &mut f64, value: f64, mode: GradMode) {
+    match mode {
+        GradMode::Overwrite => *dst = value,
+        GradMode::Accumulate => *dst += value,
+    }
+}
 
 fn rope_pair(j: usize, hd: usize, style: RopeStyle) -> (usize, usize) {
     match style {
@@ -78,6 +102,7 @@ impl Backend for NaiveBackend {
         Ok(())
     }
     fn read(&self, src: &Vec<f64>, len: usize) -> Result<Vec<f32>> {
+        self.reads.set(self.reads.get() + 1);
         Ok(src[..len].iter().map(|&x| x as f32).collect())
     }
     fn write_ids(&self, dst: &mut Vec<u32>, src: &[u32]) -> Result<()> {
@@ -94,6 +119,9 @@ impl Backend for NaiveBackend {
     }
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+    fn host_reads(&self) -> u64 {
+        self.reads.get()
     }
 
     fn embedding_forward(
@@ -113,15 +141,23 @@ impl Backend for NaiveBackend {
     fn embedding_backward(
         &self,
         dtable: &mut Vec<f64>,
-        ids: &Vec<u32>,
+        groups: &Vec<u32>,
+        n_groups: usize,
         dout: &Vec<f64>,
         n: usize,
         d: usize,
+        mode: GradMode,
     ) -> Result<()> {
-        for i in 0..n {
-            let t = ids[i] as usize;
-            for e in 0..d {
-                dtable[t * d + e] += dout[i * d + e];
+        let (order, start, ids) = token_groups(groups, n, n_groups)?;
+        if mode == GradMode::Overwrite {
+            dtable.fill(0.0);
+        }
+        for g in 0..n_groups {
+            let t = ids[g] as usize;
+            for &i in &order[start[g] as usize..start[g + 1] as usize] {
+                for e in 0..d {
+                    dtable[t * d + e] += dout[i as usize * d + e];
+                }
             }
         }
         Ok(())
@@ -220,6 +256,7 @@ impl Backend for NaiveBackend {
         n: usize,
         in_dim: usize,
         out_dim: usize,
+        mode: GradMode,
     ) -> Result<()> {
         if let Some(dinp) = dinp {
             for i in 0..n {
@@ -231,8 +268,8 @@ impl Backend for NaiveBackend {
         }
         for o in 0..out_dim {
             for k in 0..in_dim {
-                dw[o * in_dim + k] +=
-                    (0..n).map(|i| dout[i * out_dim + o] * inp[i * in_dim + k]).sum::<f64>();
+                let g = (0..n).map(|i| dout[i * out_dim + o] * inp[i * in_dim + k]).sum::<f64>();
+                put(&mut dw[o * in_dim + k], g, mode);
             }
         }
         Ok(())
@@ -436,27 +473,28 @@ impl Backend for NaiveBackend {
         &self,
         x: &Vec<f64>,
         w: &Vec<f64>,
+        rows: &Vec<u32>,
         targets: &Vec<u32>,
-        ignore_id: u32,
+        n_sup: usize,
         n: usize,
         d: usize,
         vocab: usize,
+        losses: &mut Vec<f64>,
         mut grads: Option<LossGrads<'_, Self>>,
-    ) -> Result<f64> {
-        let mut loss = 0.0;
-        for i in 0..n {
-            let t = targets[i];
-            if let Some(g) = grads.as_mut() {
-                g.dx[i * d..(i + 1) * d].fill(0.0);
+    ) -> Result<()> {
+        if let Some(g) = grads.as_mut() {
+            g.dx[..n * d].fill(0.0);
+            if g.mode == GradMode::Overwrite {
+                g.dw[..vocab * d].fill(0.0);
             }
-            if t == ignore_id {
-                continue;
-            }
+        }
+        for k in 0..n_sup {
+            let (i, t) = (rows[k] as usize, targets[k]);
             let logits: Vec<f64> =
                 (0..vocab).map(|v| (0..d).map(|e| x[i * d + e] * w[v * d + e]).sum()).collect();
             let max = logits.iter().cloned().fold(f64::MIN, f64::max);
             let lse = max + logits.iter().map(|z| (z - max).exp()).sum::<f64>().ln();
-            loss += lse - logits[t as usize];
+            losses[k] = lse - logits[t as usize];
             if let Some(g) = grads.as_mut() {
                 let scale = g.loss_scale as f64;
                 for v in 0..vocab {
@@ -468,11 +506,26 @@ impl Backend for NaiveBackend {
                 }
             }
         }
-        Ok(loss)
+        Ok(())
     }
 
-    fn sum_squares(&self, bufs: &[&Vec<f64>], lens: &[usize]) -> Result<f64> {
-        Ok(bufs.iter().zip(lens).map(|(b, &l)| b[..l].iter().map(|x| x * x).sum::<f64>()).sum())
+    fn sum_into(
+        &self,
+        out: &mut Vec<f64>,
+        slot: usize,
+        x: &Vec<f64>,
+        len: usize,
+        mode: GradMode,
+    ) -> Result<()> {
+        let before = if mode == GradMode::Accumulate { join_split(out, slot) } else { 0.0 };
+        store_split(out, slot, before + x[..len].iter().sum::<f64>());
+        Ok(())
+    }
+
+    fn sum_squares(&self, bufs: &[&Vec<f64>], lens: &[usize], out: &mut Vec<f64>) -> Result<()> {
+        let total = bufs.iter().zip(lens).map(|(b, &l)| b[..l].iter().map(|x| x * x).sum::<f64>()).sum();
+        store_split(out, stats::SUMSQ, total);
+        Ok(())
     }
     fn adamw(
         &self,
@@ -483,13 +536,21 @@ impl Backend for NaiveBackend {
         v: &mut [&mut Vec<f64>],
         lens: &[usize],
         hp: &AdamW,
+        clip: Option<Clip<'_, Self>>,
     ) -> Result<()> {
+        let factor = match clip {
+            Some(c) => match clip_factor(join_split(c.sumsq, stats::SUMSQ), c.max_norm) {
+                Some(f) => f as f64,
+                None => return Ok(()),
+            },
+            None => 1.0,
+        };
         let (b1, b2) = (hp.beta1 as f64, hp.beta2 as f64);
         let c1 = 1.0 - b1.powi(hp.step as i32);
         let c2 = 1.0 - b2.powi(hp.step as i32);
         for t in 0..lens.len() {
             for k in 0..lens[t] {
-                let g = grads[t][k] * hp.grad_scale as f64;
+                let g = grads[t][k] * hp.grad_scale as f64 * factor;
                 m[t][k] = b1 * m[t][k] + (1.0 - b1) * g;
                 v[t][k] = b2 * v[t][k] + (1.0 - b2) * g * g;
                 let update = (m[t][k] / c1) / ((v[t][k] / c2).sqrt() + hp.eps as f64);
