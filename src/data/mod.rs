@@ -2,6 +2,7 @@
 //!
 //! - [`chat`]: chat files (SimpleLLaMA's schema, `messages`, `conversations`; JSON or JSONL).
 //! - [`format`]: SimpleLLaMA's prompt format, in pieces that know what they supervise.
+//! - [`template`]: a model's own Jinja chat template, rendered as transformers does, and its loss mask.
 //! - [`tokenizer`]: a checked `tokenizer.json`, and training one.
 //! - [`example`]: one tokenized conversation with its supervision.
 //! - [`shard`]: the memory-mapped token shard format.
@@ -17,6 +18,7 @@ pub mod format;
 pub mod loader;
 pub mod prepare;
 pub mod shard;
+pub mod template;
 pub mod tokenizer;
 
 pub use batch::Batch;
@@ -28,4 +30,5 @@ pub use loader::{
     LoaderState, NoSupervisedTokens, Split,
 };
 pub use prepare::{prepare, PrepareOptions, PrepareReport};
-pub use tokenizer::{train_tokenizer, ChatTokenizer};
+pub use template::{ChatFormat, ChatTemplate};
+pub use tokenizer::{train_tokenizer, ChatTokenizer, FormatChoice};
