@@ -7,8 +7,10 @@ written (Llama 3's split regex, as tests/chat_template.rs builds it); `--model D
 Hugging Face model directories (tokenizer.json + tokenizer_config.json) to the list. Each
 conversation is rendered and tokenized by transformers (`apply_chat_template(tokenize=False)`,
 then the tokenizer without added special tokens, as apply_chat_template(tokenize=True) does) and
-by `sft inspect --json` (the rows the trainer sees): the token ids must be equal, and so must
-the decoded text.
+by `sft inspect --json` (the rows the trainer sees): the token ids must be equal (which, with
+the same tokenizer, means the rendered text is equal; differences print both decoded).
+`--model` also takes a directory written by `sft export`, whose SimpleLLaMA-format template
+must give the ids sft's own formatter gives.
 
 Needs only `transformers` and `tokenizers` (no torch):
     pip install transformers
@@ -101,12 +103,12 @@ def model_dirs(tmp, extra):
     return dirs
 
 
-def sft_rows(sft, tokenizer, data):
+def sft_rows(sft, tokenizer, data, extra=()):
     """The token rows `sft inspect` shows: one conversation per batch of one, unpadded (a row
     of a dynamic batch of one is the whole example)."""
     env = dict(os.environ, SOURCE_DATE_EPOCH=str(int(time.time())))
     out = subprocess.run([sft, "inspect", "--data", str(data), "--tokenizer", str(tokenizer), "--json",
-                          "--no-shuffle", "--batch-size", "1", "--train-on", "all-assistant"],
+                          "--no-shuffle", "--batch-size", "1", "--train-on", "all-assistant", *extra],
                          capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip())
@@ -119,6 +121,7 @@ def main():
     ap.add_argument("--model", action="append", default=[], help="a Hugging Face model directory")
     args = ap.parse_args()
     try:
+        from tokenizers import Tokenizer
         from transformers import AutoTokenizer
     except ImportError:
         print("transformers is not installed: pip install transformers", file=sys.stderr)
@@ -139,19 +142,25 @@ def main():
                 convs.append(conv)
             data = Path(tmp) / f"{d.name}-chat.jsonl"
             data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
-            try:
-                rows = sft_rows(args.sft, d / "tokenizer.json", data)
-            except RuntimeError as e:
-                print(f"{name}: sft failed: {e}")
-                failures += 1
-                continue
-            for i, ((text, ids), row) in enumerate(zip(expected, rows)):
-                compared += 1
-                ours = hf.decode(row, skip_special_tokens=False)
-                if row != ids or ours != text:
+            # A SimpleLLaMA-format export is also checked against sft's own formatter.
+            formats = [("template", ())]
+            if Tokenizer.from_file(str(d / "tokenizer.json")).token_to_id("<SOA>") is not None:
+                formats.append(("simplellama formatter", ("--chat-format", "simplellama")))
+            for label, extra in formats:
+                try:
+                    rows = sft_rows(args.sft, d / "tokenizer.json", data, extra)
+                except RuntimeError as e:
+                    print(f"{name} ({label}): sft failed: {e}")
                     failures += 1
-                    print(f"{name}: conversation {i} differs\n  transformers: {text!r}\n  sft:          {ours!r}")
-            print(f"{name}: {len(rows)} conversations compared")
+                    continue
+                for i, ((text, ids), row) in enumerate(zip(expected, rows)):
+                    compared += 1
+                    if row != ids:
+                        failures += 1
+                        theirs = hf.decode(ids, skip_special_tokens=False)
+                        ours = hf.decode(row, skip_special_tokens=False)
+                        print(f"{name} ({label}): conversation {i} differs\n  transformers: {theirs!r}\n  sft:          {ours!r}")
+                print(f"{name} ({label}): {len(rows)} conversations compared")
     print(f"{compared} renderings compared, {failures} differences, {skipped} refused by transformers (the template raises) and skipped")
     return 1 if failures else 0
 

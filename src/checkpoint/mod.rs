@@ -18,7 +18,10 @@
 //! - [`hf_config`]: `config.json` both ways.
 //! - [`run`]: atomic saves, pruning, `latest`, and loading a checkpoint into a model.
 //! - [`import`]: `sft import`.
+//! - [`export`]: `sft export`, the directory users ship (bf16, tokenizer config with the chat
+//!   template, generation config).
 
+pub mod export;
 mod fsync;
 pub mod hf;
 pub mod hf_config;

@@ -428,6 +428,11 @@ impl ChatTokenizer {
         escape_specials(text, &self.escaped)
     }
 
+    /// The special-token strings [`Self::escape`] escapes in texts.
+    pub fn escaped_strings(&self) -> &[String] {
+        &self.escaped
+    }
+
     /// Encodes user or assistant text: special-token strings in it are escaped first.
     ///
     /// Escaped text holds no added token, so (without a normalizer) its encoding is the
