@@ -381,3 +381,60 @@ fn prepare_keeps_the_template_with_the_shards() {
         run_fails(&["inspect", "--data", s(&out), "--tokenizer", s(&tok), "--chat-template", s(&other)]);
     assert!(err.contains("was made with the tokenizer"), "{err}");
 }
+
+/// A model with a template and none of SimpleLLaMA's tokens, start to finish: prepare in its
+/// template, fine-tune from its checkpoint, evaluate, generate, export.
+#[test]
+fn a_template_model_prepares_trains_generates_and_exports() {
+    let root = tempfile::tempdir().unwrap();
+    let case = &cases()[3];
+    let tok = model_dir(root.path(), case.name, &fixture(case.file), case.tokens, &[("H", "e")]);
+    let chat = root.path().join("chat.jsonl");
+    let mut lines = String::new();
+    for i in 0..40 {
+        let msgs = serde_json::json!({"messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": format!("what is {i} plus one?")},
+            {"role": "assistant", "content": format!("{} it is", i + 1)},
+        ]});
+        lines.push_str(&format!("{msgs}\n"));
+    }
+    std::fs::write(&chat, lines).unwrap();
+    let data = root.path().join("prepared");
+    common::cli::run_ok(&["prepare", "--data", s(&chat), "--tokenizer", s(&tok), "--out", s(&data)]);
+    let init = root.path().join("init");
+    common::cli::run_ok(&["init", "--model", "tiny", "--tokenizer", s(&tok), "--out", s(&init)]);
+    let out = root.path().join("run");
+    let mut cfg = common::train::tiny_config(&data, Path::new(""), &out, sft::data::BatchMode::Dynamic);
+    cfg.from_scratch = false;
+    cfg.init_from = Some(init.clone());
+    cfg.max_steps = Some(2);
+    cfg.dropout = Some(0.0);
+    let config = root.path().join("run.json");
+    std::fs::write(&config, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    let stdout = common::cli::run_ok(&["train", "--config", s(&config)]);
+    assert!(stdout.contains("done: 2 steps"), "{stdout}");
+    let step = out.join("step-2");
+    assert!(step.join("tokenizer_config.json").is_file(), "the template travels into checkpoints");
+    let eval =
+        common::cli::run_ok(&["eval", "--checkpoint", s(&step), "--data", s(&chat), "--device", "cpu"]);
+    assert!(eval.contains("mean masked loss"), "{eval}");
+    let reply = common::cli::run_ok(&[
+        "generate",
+        "--checkpoint",
+        s(&step),
+        "--prompt",
+        "what is 3 plus one?",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+    ]);
+    assert!(!reply.contains("<|im_start|>"), "{reply}");
+    let export = root.path().join("export");
+    common::cli::run_ok(&["export", "--checkpoint", s(&step), "--out", s(&export)]);
+    let exported: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(export.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(exported["chat_template"], fixture(case.file));
+}
