@@ -284,10 +284,19 @@ fn generation_markers_give_the_same_spans_as_prefix_rendering() {
     let plain = ChatTokenizer::from_file(&model_dir(root.path(), "plain", &chatml, tokens, &[])).unwrap();
     let gen = ChatTokenizer::from_file(&model_dir(root.path(), "marked", marked, tokens, &[])).unwrap();
     assert!(gen.template().unwrap().has_generation_markers());
+    // Markers around the content only: the stop token right after a span is supervised too.
+    let content_only = marked.replace(
+        "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}",
+        "{% generation %}{{ message['content'] }}{% endgeneration %}{{ '<|im_end|>' }}",
+    );
+    assert_ne!(content_only, marked);
+    let narrow =
+        ChatTokenizer::from_file(&model_dir(root.path(), "narrow", &content_only, tokens, &[])).unwrap();
     for train_on in [TrainOn::FinalReply, TrainOn::AllAssistant] {
         let a = tokenize_conversation(&plain, &conversation(true), train_on).unwrap();
         let b = tokenize_conversation(&gen, &conversation(true), train_on).unwrap();
         assert_eq!(a, b, "{train_on:?}");
+        assert_eq!(tokenize_conversation(&narrow, &conversation(true), train_on).unwrap(), a, "{train_on:?}");
     }
 }
 

@@ -624,6 +624,13 @@ pub fn tokenize_with_template(
     let stop = tok.eoa_id();
     let mut ex = Example { supervised: vec![false; tokens.len()], tokens };
     for r in spans {
+        // A marked span that stops just before the stop token (`{% endgeneration %}<|im_end|>`)
+        // takes it: a model never shown its stop token as a target would not learn to stop.
+        let r = if ex.tokens.get(r.end) == Some(&stop) && !ex.tokens[r.clone()].contains(&stop) {
+            r.start..r.end + 1
+        } else {
+            r
+        };
         let end = ex.tokens[r.clone()].iter().position(|&t| t == stop).map_or(r.end, |p| r.start + p + 1);
         ex.supervised[r.start..end].iter_mut().for_each(|s| *s = true);
     }
@@ -692,5 +699,26 @@ mod tests {
             tpl.render(&[], false).unwrap(),
             "{\"b\": [1, 2.5, \"é\\n\", null], \"a\": {}, \"c\": []}|{\"a\": 2, \"b\": 1}|{\n  \"k\": [\n    1\n  ]\n}"
         );
+    }
+
+    #[test]
+    fn hugging_face_globals_filters_and_python_methods() {
+        let source = "{% for m in messages %}{% if loop.index0 == 2 %}{% break %}{% endif %}\
+            {% if m.content.startswith('#') %}{% continue %}{% endif %}[{{ m.content.strip() }}|{{ m.role.upper() }}]\
+            {% endfor %}{{ eos_token }}{% if add_generation_prompt %}{{ raise_exception('no prompt: ' ~ bos_token) }}{% endif %}";
+        let tokens =
+            [("eos_token".to_string(), "</s>".to_string()), ("bos_token".to_string(), "<s>".to_string())];
+        let tpl = ChatTemplate::new("t.jinja", source, tokens.into_iter().collect()).unwrap();
+        let msgs =
+            [Message::new("user", "  a  "), Message::new("assistant", "#skip"), Message::new("user", "c")];
+        assert_eq!(tpl.render(&msgs, false).unwrap(), "[a|USER]</s>");
+        let err = tpl.render(&msgs, true).unwrap_err().to_string();
+        assert_eq!(err, "t.jinja: rendering failed: no prompt: <s>");
+        let date = ChatTemplate::new("d", "{{ strftime_now('%Y') | length }}", BTreeMap::new()).unwrap();
+        assert_eq!(date.render(&[], false).unwrap(), "4");
+        assert!(ChatTemplate::new("bad.jinja", "{% if %}", BTreeMap::new())
+            .unwrap_err()
+            .to_string()
+            .contains("bad.jinja"));
     }
 }
