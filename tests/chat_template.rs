@@ -447,3 +447,54 @@ fn a_template_model_prepares_trains_generates_and_exports() {
             .unwrap();
     assert_eq!(exported["chat_template"], fixture(case.file));
 }
+
+/// Cutting text at added tokens and encoding the pieces through the word cache gives exactly
+/// the ids of `tokenizers` (the template path's fast encode).
+#[test]
+fn segmented_encoding_equals_the_tokenizers_encoding() {
+    let root = tempfile::tempdir().unwrap();
+    let mut toks = vec![ChatTokenizer::from_file(&model_dir(
+        root.path(),
+        "m",
+        &fixture("smollm2.jinja"),
+        &[("eos_token", "<|im_end|>")],
+        &[("H", "e"), ("l", "l"), ("\n", "\n")],
+    ))
+    .unwrap()];
+    match common::data::simplellama_tokenizer_path() {
+        Some(p) => toks.push(ChatTokenizer::from_file(&p).unwrap()),
+        None => eprintln!("../shared/simplellama/bpe_8k.json absent: SimpleLLaMA's tokenizer not checked"),
+    }
+    toks.push(common::data::small_tokenizer(root.path()));
+    let pieces = [
+        "<|im_start|>",
+        "<|im_end|>",
+        "<SOA>",
+        "<EOA>",
+        "Hello",
+        " world",
+        "\n\n",
+        "  ",
+        "é日本",
+        "<",
+        "|",
+        "x<|im",
+        "<|eot_id|>",
+        "<s>",
+        "</s>",
+        "12345",
+        "'s",
+        "\t",
+    ];
+    let mut rng = sft::rng::Rng::new(5);
+    for tok in &toks {
+        for _ in 0..300 {
+            let n = 1 + (rng.next_u64() % 12) as usize;
+            let text: String =
+                (0..n).map(|_| pieces[(rng.next_u64() % pieces.len() as u64) as usize]).collect();
+            let (ids, segments) = tok.encode_segmented(&text).unwrap();
+            assert_eq!(ids, tok.encode(&text).unwrap(), "{text:?}");
+            assert_eq!(segments.first().map(|s| s.byte), Some(0));
+        }
+    }
+}

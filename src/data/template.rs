@@ -29,7 +29,7 @@ use serde_json::Value as Json;
 use super::chat::{Conversation, Turn, DEFAULT_SYSTEM_PROMPT};
 use super::example::Example;
 use super::format::TrainOn;
-use super::tokenizer::{ChatTokenizer, FormatChoice};
+use super::tokenizer::{ChatTokenizer, FormatChoice, Segment};
 
 /// The file a Hugging Face tokenizer keeps its chat template and special-token strings in.
 pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
@@ -547,21 +547,43 @@ fn conv_messages(tok: &ChatTokenizer, conv: &Conversation) -> Vec<Message> {
 }
 
 /// The token index at byte `at` of `text`: the tokens of `text[..at]` must be a prefix of
-/// `whole` (the tokens of `text`), else the boundary is not a token boundary.
+/// `whole` (the tokens of `text`, cut into `segments`), else the boundary is not a token
+/// boundary. Only the piece of text that `at` falls in is encoded again.
 fn token_boundary(
     tok: &ChatTokenizer,
     tpl: &ChatTemplate,
     text: &str,
     at: usize,
     whole: &[u32],
+    segments: &[Segment],
 ) -> Result<usize> {
-    let prefix = tok.encode(&text[..at])?;
-    if !whole.starts_with(&prefix) {
-        bail!(
+    let not_boundary = || {
+        anyhow!(
             "{}: an assistant span boundary at byte {at} is not a token boundary (the tokens of the text \
              before it are not a prefix of the whole's); the loss mask cannot be located exactly",
             tpl.name()
-        );
+        )
+    };
+    if at == 0 || at == text.len() {
+        return Ok(if at == 0 { 0 } else { whole.len() });
+    }
+    // The first piece starts at byte 0, so some piece starts at or before `at`.
+    let seg = segments[segments.partition_point(|s| s.byte <= at) - 1];
+    if seg.byte == at {
+        return Ok(seg.token);
+    }
+    if seg.special {
+        return Err(not_boundary());
+    }
+    let prefix = if segments.len() == 1 {
+        tok.encode(&text[..at])?
+    } else {
+        let mut p = whole[..seg.token].to_vec();
+        p.extend(tok.encode_piece(&text[seg.byte..at])?);
+        p
+    };
+    if !whole.starts_with(&prefix) {
+        return Err(not_boundary());
     }
     Ok(prefix.len())
 }
@@ -578,7 +600,7 @@ pub fn tokenize_with_template(
     let assistant_at: Vec<usize> =
         messages.iter().enumerate().filter(|(_, m)| m.role == "assistant").map(|(i, _)| i).collect();
     let (text, marked) = tpl.render_marked(&messages, false)?;
-    let tokens = tok.encode(&text)?;
+    let (tokens, segments) = tok.encode_segmented(&text)?;
     let mut spans: Vec<Range<usize>> = Vec::new();
     if tpl.has_generation_markers() {
         if marked.len() != assistant_at.len() {
@@ -590,8 +612,8 @@ pub fn tokenize_with_template(
             );
         }
         for r in &marked {
-            let a = token_boundary(tok, tpl, &text, r.start, &tokens)?;
-            let b = token_boundary(tok, tpl, &text, r.end, &tokens)?;
+            let a = token_boundary(tok, tpl, &text, r.start, &tokens, &segments)?;
+            let b = token_boundary(tok, tpl, &text, r.end, &tokens, &segments)?;
             spans.push(a..b);
         }
     } else {
@@ -611,8 +633,8 @@ pub fn tokenize_with_template(
                     tpl.name()
                 );
             }
-            let a = token_boundary(tok, tpl, &text, prompt.len(), &tokens)?;
-            let b = token_boundary(tok, tpl, &text, through.len(), &tokens)?;
+            let a = token_boundary(tok, tpl, &text, prompt.len(), &tokens, &segments)?;
+            let b = token_boundary(tok, tpl, &text, through.len(), &tokens, &segments)?;
             spans.push(a..b);
         }
     }

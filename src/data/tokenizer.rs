@@ -52,6 +52,21 @@ pub struct ChatTokenizer {
     bos_id: Option<u32>,
     /// The model's chat template, when conversations are formatted with it (else SimpleLLaMA's).
     template: Option<Arc<ChatTemplate>>,
+    /// Added tokens by first byte (longest first), when text can be cut at them and each piece
+    /// encoded through the word cache ([`ChatTokenizer::encode_segmented`]).
+    split_tokens: Option<Arc<SplitTokens>>,
+}
+
+/// Added tokens (content, id) by their first byte, longest first.
+type SplitTokens = HashMap<u8, Vec<(String, u32)>>;
+
+/// One piece of a text cut at its added tokens: its byte offset and first token index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub byte: usize,
+    pub token: usize,
+    /// An added token (one id) rather than text.
+    pub special: bool,
 }
 
 /// Which chat format a tokenizer is loaded for (`--chat-format`, `--chat-template`).
@@ -319,6 +334,20 @@ impl ChatTokenizer {
                 Some(_) => FastPath::Words,
             }
         };
+        // Cutting at added tokens matches `tokenizers` only when they match anywhere, verbatim.
+        let plain_match = added.values().all(|t| !t.lstrip && !t.rstrip && !t.single_word);
+        let split_tokens = (fast != FastPath::None && plain_match).then(|| {
+            let mut by_byte = SplitTokens::new();
+            for (id, t) in &added {
+                if let Some(&b) = t.content.as_bytes().first() {
+                    by_byte.entry(b).or_default().push((t.content.clone(), *id));
+                }
+            }
+            for v in by_byte.values_mut() {
+                v.sort_by_key(|(c, _)| std::cmp::Reverse(c.len()));
+            }
+            Arc::new(by_byte)
+        });
         let mut escape_first_bytes = [false; 256];
         for e in &escaped {
             if let Some(&b) = e.as_bytes().first() {
@@ -354,6 +383,7 @@ impl ChatTokenizer {
             fast,
             bos_id,
             template,
+            split_tokens,
             pad_id,
             eoa_id,
             special_ids,
@@ -428,6 +458,47 @@ impl ChatTokenizer {
         escape_specials(text, &self.escaped)
     }
 
+    /// Encodes as [`Self::encode`] does (added-token strings become their ids), cutting the text at
+    /// its added tokens and encoding each piece through the word cache; also returns the pieces.
+    /// A tokenizer that cannot be cut so gives one piece, encoded by `tokenizers`.
+    pub fn encode_segmented(&self, text: &str) -> Result<(Vec<u32>, Vec<Segment>)> {
+        let Some(split) = &self.split_tokens else {
+            return Ok((self.encode(text)?, vec![Segment { byte: 0, token: 0, special: false }]));
+        };
+        let bytes = text.as_bytes();
+        let mut ids = Vec::with_capacity(text.len() / 3 + 1);
+        let mut segments = Vec::new();
+        let mut start = 0;
+        let mut i = 0;
+        while i < bytes.len() {
+            let hit = split
+                .get(&bytes[i])
+                .and_then(|cands| cands.iter().find(|(c, _)| bytes[i..].starts_with(c.as_bytes())));
+            let Some((content, id)) = hit else {
+                i += 1;
+                continue;
+            };
+            if start < i {
+                segments.push(Segment { byte: start, token: ids.len(), special: false });
+                ids.extend(self.encode_words(&text[start..i])?);
+            }
+            segments.push(Segment { byte: i, token: ids.len(), special: true });
+            ids.push(*id);
+            i += content.len();
+            start = i;
+        }
+        if start < bytes.len() {
+            segments.push(Segment { byte: start, token: ids.len(), special: false });
+            ids.extend(self.encode_words(&text[start..])?);
+        }
+        Ok((ids, segments))
+    }
+
+    /// Encodes a text piece that holds no added token (a piece of [`Self::encode_segmented`]).
+    pub fn encode_piece(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_words(text)
+    }
+
     /// The special-token strings [`Self::escape`] escapes in texts.
     pub fn escaped_strings(&self) -> &[String] {
         &self.escaped
@@ -443,12 +514,20 @@ impl ChatTokenizer {
             return Ok(Vec::new());
         }
         let text = self.escape(text);
+        self.encode_words(&text)
+    }
+
+    /// Encodes text that holds no added token through the word cache.
+    fn encode_words(&self, text: &str) -> Result<Vec<u32>> {
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
         let err = |e| anyhow!("tokenizer: encode failed: {e}");
         let mut ids = Vec::with_capacity(text.len() / 3 + 1);
         match self.fast {
-            FastPath::None => return self.encode(&text),
+            FastPath::None => return self.encode(text),
             FastPath::Words => {
-                let mut pts = PreTokenizedString::from(text.as_ref());
+                let mut pts = PreTokenizedString::from(text);
                 let pre = self.inner.get_pre_tokenizer().expect("checked in from_tokenizer");
                 pre.pre_tokenize(&mut pts).map_err(err)?;
                 self.with_cache(|cache| {
@@ -464,7 +543,7 @@ impl ChatTokenizer {
                     prefixed = format!(" {text}");
                     &prefixed
                 } else {
-                    &text
+                    text
                 };
                 self.with_cache(|cache| {
                     let mut mapped = String::new();
