@@ -19,7 +19,6 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use minijinja::value::{Kwargs, Value};
@@ -681,9 +680,6 @@ pub fn template_prompt(
     let messages = conversation_messages(system, turns, &escape);
     tpl.render(&messages, true)
 }
-
-/// A shared template handle.
-pub type SharedTemplate = Arc<ChatTemplate>;
 
 #[cfg(test)]
 mod tests {
