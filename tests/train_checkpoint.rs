@@ -219,6 +219,7 @@ fn init_from_a_checkpoint_and_eval() {
         max_seq_len: Some(96),
         batch_mode: BatchMode::Dynamic,
         device: "cpu".into(),
+        chat: Default::default(),
     };
     assert_eq!(eval_with(CpuBackend::<f32>::new(), &args).unwrap().loss, before);
     let on_chat =

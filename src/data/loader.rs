@@ -127,7 +127,7 @@ impl Dataset {
         }
         let tok_path = dir.join("tokenizer.json");
         if let Ok(bytes) = std::fs::read(&tok_path) {
-            let f = super::tokenizer::fnv1a64(&bytes);
+            let f = super::tokenizer::file_fingerprint(&tok_path, &bytes)?;
             if f != ds.fingerprint {
                 return Err(mismatch(
                     "the directory's tokenizer.json is not the shards' tokenizer",

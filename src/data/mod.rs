@@ -4,6 +4,7 @@
 //! - [`sources`]: the record schemas (SimpleLLaMA's, `messages`, ShareGPT `conversations`, Alpaca,
 //!   `prompt`/`completion`), one function each, mapped to [`Conversation`].
 //! - [`format`]: SimpleLLaMA's prompt format, in pieces that know what they supervise.
+//! - [`template`]: a model's own Jinja chat template, rendered as transformers does, and its loss mask.
 //! - [`tokenizer`]: a checked `tokenizer.json`, and training one.
 //! - [`example`]: one tokenized conversation with its supervision.
 //! - [`shard`]: the memory-mapped token shard format.
@@ -20,6 +21,7 @@ pub mod loader;
 pub mod prepare;
 pub mod shard;
 pub mod sources;
+pub mod template;
 pub mod tokenizer;
 
 pub use batch::Batch;
@@ -31,4 +33,5 @@ pub use loader::{
     LoaderConfig, LoaderState, NoSupervisedTokens, Split,
 };
 pub use prepare::{prepare, PrepareOptions, PrepareReport};
-pub use tokenizer::{train_tokenizer, ChatTokenizer};
+pub use template::{ChatFormat, ChatTemplate};
+pub use tokenizer::{train_tokenizer, ChatTokenizer, FormatChoice};

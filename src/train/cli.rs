@@ -235,6 +235,8 @@ pub struct EvalArgs {
     pub batch_mode: BatchMode,
     #[arg(long, default_value = "auto")]
     pub device: String,
+    #[command(flatten)]
+    pub chat: crate::data::template::ChatFormatArgs,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -276,7 +278,11 @@ pub fn eval_with<B: Backend>(backend: B, args: &EvalArgs) -> Result<EvalReport> 
     let tok = if args.data.is_dir() && !tok_path.exists() {
         None
     } else {
-        Some(checkpoint::load_tokenizer(&args.checkpoint, args.tokenizer.as_deref())?)
+        Some(checkpoint::load_tokenizer_for(
+            &args.checkpoint,
+            args.tokenizer.as_deref(),
+            &args.chat.choice(),
+        )?)
     };
     ckpt.config().check_usage(tok.as_ref().map(|t| (tok_path.as_path(), t.vocab_size())), max_seq_len)?;
     let loader_config = LoaderConfig {
@@ -293,9 +299,10 @@ pub fn eval_with<B: Backend>(backend: B, args: &EvalArgs) -> Result<EvalReport> 
         };
         let dataset = Dataset::open(&args.data, split)?;
         if args.tokenizer.is_some() || args.checkpoint.join("tokenizer.json").exists() {
-            dataset.ensure_tokenizer(&checkpoint::load_tokenizer(
+            dataset.ensure_tokenizer(&checkpoint::load_tokenizer_for(
                 &args.checkpoint,
                 args.tokenizer.as_deref(),
+                &args.chat.choice(),
             )?)?;
         }
         batches_in_order(&dataset, &loader_config)?
