@@ -11,7 +11,7 @@ mod common;
 use common::model::*;
 use sft::backend::RopeStyle;
 use sft::data::batch::Batch;
-use sft::dist::{connect, Collectives, Launch, Launcher, Sharding};
+use sft::dist::{connect, Launch, Launcher, Sharding};
 use sft::model::Model;
 use std::process::Command;
 
