@@ -10,7 +10,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sft::backend::cpu::{
     attention_backward, attention_forward, lm_head_cross_entropy, matmul_backward, matmul_forward, CeGrads,
 };
-use sft::backend::HeadShape;
+use sft::backend::{GradMode, HeadShape};
 use sft::rng::Rng;
 
 fn random(rng: &mut Rng, len: usize, scale: f64) -> Vec<f32> {
@@ -33,7 +33,19 @@ fn bench(c: &mut Criterion) {
     });
     g.throughput(Throughput::Elements((4 * n * i * o) as u64));
     g.bench_function("matmul_backward_256x512x1536", |b| {
-        b.iter(|| matmul_backward(Some(black_box(&mut dinp)), &mut dw, &dout, &inp, &w, n, i, o))
+        b.iter(|| {
+            matmul_backward(
+                Some(black_box(&mut dinp)),
+                &mut dw,
+                &dout,
+                &inp,
+                &w,
+                n,
+                i,
+                o,
+                GradMode::Accumulate,
+            )
+        })
     });
 
     // 512 tokens in two 256-token segments, 8 q heads over 4 kv heads of 64 dims.

@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sft::backend::cuda::CudaBackend;
-use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope, RopeStyle};
+use sft::backend::{
+    group_tokens_by_id, supervised_rows, AdamW, Backend, BranchGrad, Dropout, GradMode, HeadShape, LossGrads,
+    Precision, Rope, RopeStyle,
+};
 use sft::bench::attention::AttentionCase;
 use sft::bench::{upload, upload_ids};
 use sft::rng::Rng;
@@ -60,7 +63,8 @@ fn bench(c: &mut Criterion) {
         grp.throughput(Throughput::Elements((4 * n * i * o) as u64));
         grp.bench_function(format!("matmul_backward_{name}_{n}x{i}x{o}"), |b| {
             b.iter(|| {
-                g.matmul_backward(Some(&mut dinp), &mut dw, &dout, &inp, &w, n, i, o).unwrap();
+                g.matmul_backward(Some(&mut dinp), &mut dw, &dout, &inp, &w, n, i, o, GradMode::Accumulate)
+                    .unwrap();
                 sync()
             })
         });
@@ -100,26 +104,51 @@ fn bench(c: &mut Criterion) {
             sync()
         })
     });
-    grp.throughput(Throughput::Bytes((3 * 2 * n * d) as u64));
+    // The residual add with the branch's dropout drawn in the kernel: reads x_in and delta,
+    // writes x_out and the norm.
+    let mut x_out = g.zeros(n * d, cmp).unwrap();
+    let mask = Dropout { p: 0.1, seed: 7 };
+    grp.throughput(Throughput::Bytes((4 * 2 * n * d) as u64));
+    grp.bench_function("residual_rmsnorm_forward_dropout_16k_x2048", |b| {
+        b.iter(|| {
+            g.residual_rmsnorm_forward(&mut x_out, &mut y, &mut rstd, &x, &dy, &w, n, d, 1e-5, Some(mask))
+                .unwrap();
+            sync()
+        })
+    });
+    // Reads dout, x and dx, writes dx (then the dw partials' sum).
+    grp.throughput(Throughput::Bytes((4 * 2 * n * d) as u64));
     grp.bench_function("rmsnorm_backward_16k_x2048", |b| {
         b.iter(|| {
-            g.rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &rstd, n, d).unwrap();
+            g.rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &rstd, n, d, None).unwrap();
+            sync()
+        })
+    });
+    // The same, also writing the masked branch gradient.
+    let mut branch = g.zeros(n * d, cmp).unwrap();
+    grp.throughput(Throughput::Bytes((5 * 2 * n * d) as u64));
+    grp.bench_function("rmsnorm_backward_dropout_branch_16k_x2048", |b| {
+        b.iter(|| {
+            let out = Some(BranchGrad { out: &mut branch, dropout: mask });
+            g.rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &rstd, n, d, out).unwrap();
             sync()
         })
     });
     let positions = ids(&(0..n).map(|i| (i % t) as u32).collect::<Vec<_>>());
+    let mut table = g.zeros(n * heads.head_dim, Precision::F32).unwrap();
+    let rope = Rope::plain(10000.0, RopeStyle::AdjacentPairs);
+    grp.throughput(Throughput::Bytes((n * (4 + heads.head_dim * 4)) as u64));
+    grp.bench_function("rope_table_16k_hd64", |b| {
+        b.iter(|| {
+            g.rope_table(&mut table, &positions, n, heads.head_dim, rope).unwrap();
+            sync()
+        })
+    });
     let mut qkv_rot = up(&random(&mut rng, n * heads.qkv_width(), 1.0), cmp);
     grp.throughput(Throughput::Bytes((2 * 2 * n * (heads.q_width() + heads.kv_width())) as u64));
     grp.bench_function("rope_forward_16k_32h_hd64", |b| {
         b.iter(|| {
-            g.rope_forward(
-                &mut qkv_rot,
-                &positions,
-                n,
-                heads,
-                Rope::plain(10000.0, RopeStyle::AdjacentPairs),
-            )
-            .unwrap();
+            g.rope_forward(&mut qkv_rot, &table, n, heads, RopeStyle::AdjacentPairs).unwrap();
             sync()
         })
     });
@@ -141,7 +170,10 @@ fn bench(c: &mut Criterion) {
             sync()
         })
     });
-    let tokens = ids(&(0..n).map(|_| rng.below(vocab) as u32).collect::<Vec<_>>());
+    let token_ids: Vec<u32> = (0..n).map(|_| rng.below(vocab) as u32).collect();
+    let tokens = ids(&token_ids);
+    let (groups, n_groups) = group_tokens_by_id(&token_ids);
+    let groups = ids(&groups);
     let table = up(&random(&mut rng, vocab * d, 0.02), cmp);
     let mut dtable = g.zeros(vocab * d, Precision::F32).unwrap();
     grp.throughput(Throughput::Bytes((2 * 2 * n * d) as u64));
@@ -154,7 +186,7 @@ fn bench(c: &mut Criterion) {
     grp.throughput(Throughput::Bytes((2 * n * d + 4 * 2 * n * d) as u64));
     grp.bench_function("embedding_backward_16k_x2048", |b| {
         b.iter(|| {
-            g.embedding_backward(&mut dtable, &tokens, &dy, n, d).unwrap();
+            g.embedding_backward(&mut dtable, &groups, n_groups, &dy, n, d, GradMode::Accumulate).unwrap();
             sync()
         })
     });
@@ -162,17 +194,36 @@ fn bench(c: &mut Criterion) {
     // ---- lm_head + masked cross-entropy: 3/4 of the rows supervised ------------------------
     let xf = up(&random(&mut rng, n * d, 1.0), cmp);
     let head = up(&random(&mut rng, vocab * d, 0.02), cmp);
-    let targets = ids(&(0..n)
-        .map(|i| if i % 4 == 0 { 0 } else { 1 + rng.below(vocab - 1) as u32 })
-        .collect::<Vec<_>>());
+    let all_targets: Vec<u32> =
+        (0..n).map(|i| if i % 4 == 0 { 0 } else { 1 + rng.below(vocab - 1) as u32 }).collect();
+    let (rows, sup) = supervised_rows(&all_targets, 0, vocab).unwrap();
+    let (rows, targets, n_sup) = (ids(&rows), ids(&sup), sup.len());
+    let mut losses = g.zeros(n_sup, Precision::F32).unwrap();
     let mut dxf = g.zeros(n * d, cmp).unwrap();
     let mut dhead = g.zeros(vocab * d, Precision::F32).unwrap();
     let supervised = n * 3 / 4;
     grp.throughput(Throughput::Elements((6 * supervised * d * vocab) as u64));
     grp.bench_function("lm_head_ce_16k_d2048_v8192", |b| {
         b.iter(|| {
-            let grads = LossGrads { dx: &mut dxf, dw: &mut dhead, loss_scale: 1.0 / supervised as f32 };
-            g.lm_head_cross_entropy(&xf, &head, &targets, 0, n, d, vocab, Some(grads)).unwrap();
+            let grads = LossGrads {
+                dx: &mut dxf,
+                dw: &mut dhead,
+                loss_scale: 1.0 / supervised as f32,
+                mode: GradMode::Accumulate,
+            };
+            g.lm_head_cross_entropy(
+                &xf,
+                &head,
+                &rows,
+                &targets,
+                n_sup,
+                n,
+                d,
+                vocab,
+                &mut losses,
+                Some(grads),
+            )
+            .unwrap();
             sync()
         })
     });
@@ -198,7 +249,7 @@ fn bench(c: &mut Criterion) {
             let gs: Vec<&_> = grads.iter().collect();
             let mut mm: Vec<&mut _> = m.iter_mut().collect();
             let mut vv: Vec<&mut _> = v.iter_mut().collect();
-            g.adamw(&mut p, &mut ms, &gs, &mut mm, &mut vv, &lens, &hp).unwrap();
+            g.adamw(&mut p, &mut ms, &gs, &mut mm, &mut vv, &lens, &hp, None).unwrap();
             sync()
         })
     });

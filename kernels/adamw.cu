@@ -12,11 +12,34 @@ struct AdamTensor {
 };
 
 // bc1 = 1 - beta1^step, bc2 = 1 - beta2^step (computed on the host in f64).
+// Gradient clipping is read from device memory, so the host need not wait for the norm: with
+// sumsq non-null, sumsq[0] + sumsq[1] + sumsq[2] is the gradients' sum of squares (an f64 split
+// by sum_split) and the gradients are scaled by min(1, max_norm / norm) (max_norm <= 0: no
+// clipping); a norm that is not finite skips the whole update, which the host reports after.
 extern "C" __global__ void adamw_multi(const AdamTensor* tensors, float lr, float beta1, float beta2, float eps,
-                                       float weight_decay, float bc1, float bc2, float grad_scale) {
+                                       float weight_decay, float bc1, float bc2, float grad_scale,
+                                       const float* sumsq, float max_norm) {
+    // One thread per block works the factor out in double (as the CPU twin does): FP64 is slow
+    // on consumer GPUs, and every thread needs the same value.
+    __shared__ float scale_s;
+    __shared__ int skip_s;
+    if (threadIdx.x == 0) {
+        float scale = grad_scale;
+        int skip = 0;
+        if (sumsq) {
+            double norm = sqrt(((double)sumsq[0] + (double)sumsq[1]) + (double)sumsq[2]);
+            if (!isfinite(norm)) skip = 1;
+            else if (max_norm > 0.0f && norm > (double)max_norm) scale = grad_scale * (float)((double)max_norm / norm);
+        }
+        scale_s = scale;
+        skip_s = skip;
+    }
+    __syncthreads();
+    if (skip_s) return;
+    const float gscale = scale_s;
     AdamTensor t = tensors[blockIdx.y];
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < t.len; i += (size_t)gridDim.x * blockDim.x) {
-        float g = t.grad[i] * grad_scale;
+        float g = t.grad[i] * gscale;
         float m = beta1 * t.m[i] + (1.0f - beta1) * g;
         float v = beta2 * t.v[i] + (1.0f - beta2) * g * g;
         t.m[i] = m;

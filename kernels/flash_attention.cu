@@ -9,16 +9,15 @@
 //                       the segment start up to the tile's last row (tiles above the diagonal are
 //                       never visited; a warp skips the tiles entirely above its 16 rows). Online
 //                       softmax in the exp2 domain; writes out and lse [n_heads, n] (natural log).
-// - flash_backward_dq_HD: CTA = (q tile of 16·NW rows, q head); loops over the same key tiles,
-//                       recomputes P = exp(S − lse) and dP = dO·Vᵀ, dS = P∘(dP − D), dQ += dS·K.
-//                       Writes dQ once.
-// - flash_backward_dkdv_HD: CTA = (key tile of 16·NW rows, kv head); loops over the q heads of
-//                       the group and the q tiles of BQ rows from the key tile's first row to the
+// - flash_backward_HD:  CTA = (key tile of 16·NW rows, kv head); loops over the q heads of the
+//                       group and the q tiles of BQ rows from the key tile's first row to the
 //                       segment end; with Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ per warp, dV += Pᵀ·dO and
-//                       dK += dSᵀ·Q. Writes dK, dV once.
-// D = rowsum(dO∘O) comes from attention_backward_d (attention.cu). dQ and dK/dV are separate
-// kernels so that every output element has exactly one writer: no atomics, deterministic
-// (the price: S and dP are computed twice in the backward, 7 GEMM-shaped products instead of 5).
+//                       dK += dSᵀ·Q (written once, at the end), and dQ += dS·K through dSᵀ in
+//                       shared memory, added to the other key tiles' partials in a fixed order
+//                       (an fp32 accumulator and a semaphore per q tile; see "backward" below).
+// D = rowsum(dO∘O) comes from attention_backward_d (attention.cu). Five GEMM-shaped products per
+// (key, query) pair as in FlashAttention-2, and deterministic: every dK/dV element has one writer,
+// and the dQ partials are summed in an order fixed by the tile positions, never by timing.
 //
 // ---- m16n8k16 fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16", .bf16) --------------
 // lane = threadIdx.x % 32, g = lane / 4 (groupID), c = lane % 4 (thread in group).
@@ -371,88 +370,49 @@ __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, c
     }
 }
 
-// ---- backward: dQ ----------------------------------------------------------------------------
-template <int HD, int NW, int BN>
-__device__ void flash_dq_impl(bf16_t* dqkv, const bf16_t* dout, const bf16_t* qkv, const float* lse, const float* D,
-                              const int* table, int n, int n_heads, int n_kv_heads) {
-    constexpr int BM = 16 * NW, LD = HD + 8, NT = NW * 32;
-    FLASH_DYNAMIC_SMEM(smem_raw);
-    bf16_t* qs = reinterpret_cast<bf16_t*>(smem_raw);
-    bf16_t* dos = qs + BM * LD;
-    bf16_t* ks = dos + BM * LD;     // [2][BN][LD]
-    bf16_t* vs = ks + 2 * BN * LD;  // [2][BN][LD]
-    if (threadIdx.x == 0 && dynamic_smem_size() < (uint32_t)((2 * BM + 4 * BN) * LD * 2)) __trap();
-
-    int q0, seg_start, seg_end;
-    if (!cta_tile(table, q0, seg_start, seg_end)) return;
-    const int h = blockIdx.y, kvh = h / (n_heads / n_kv_heads);
-    const size_t width = (size_t)(n_heads + 2 * n_kv_heads) * HD;
-    const bf16_t* kg = qkv + (n_heads + kvh) * HD;
-    const bf16_t* vg = qkv + (n_heads + n_kv_heads + kvh) * HD;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int q_last = min(q0 + BM, seg_end) - 1;
-    const int n_kt = (q_last - seg_start) / BN + 1;
-
-    load_rows<BM, HD, NT>(qs, qkv + h * HD, width, q0, n);
-    load_rows<BM, HD, NT>(dos, dout + h * HD, (size_t)n_heads * HD, q0, n);
-    load_rows<BN, HD, NT>(ks, kg, width, seg_start, n);
-    load_rows<BN, HD, NT>(vs, vg, width, seg_start, n);
-    cp_async_commit();
-
-    const float sl2 = rsqrtf((float)HD) * LOG2E;
-    const int w_first = q0 + 16 * warp, w_last = w_first + 15;
-    const int row_a = w_first + lane / 4, row_b = row_a + 8;
-    // Rows outside the segment get lse = +inf, so their P is exactly 0 (they are not written).
-    const float lse_a = row_a < seg_end ? lse[(size_t)h * n + row_a] * LOG2E : INFINITY;
-    const float lse_b = row_b < seg_end ? lse[(size_t)h * n + row_b] * LOG2E : INFINITY;
-    const float d_a = row_a < seg_end ? D[(size_t)h * n + row_a] : 0.0f;
-    const float d_b = row_b < seg_end ? D[(size_t)h * n + row_b] : 0.0f;
-    float dq[HD / 8][4];
-#pragma unroll
-    for (int j = 0; j < HD / 8; j++) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.0f;
-
-    for (int it = 0; it < n_kt; it++) {
-        const int kt = seg_start + it * BN;
-        next_kv_tile<BN, HD, NT>(ks, vs, kg, vg, width, it, n_kt, seg_start, n);
-        // Skip tiles entirely above the warp's diagonal, and warps past the segment's end.
-        if (kt <= w_last && w_first < seg_end) {
-            const bf16_t* kb = ks + (it & 1) * BN * LD;
-            const bf16_t* vb = vs + (it & 1) * BN * LD;
-            float s[BN / 8][4], dp[BN / 8][4];
-#pragma unroll
-            for (int j = 0; j < BN / 8; j++) {
-                s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-                dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.0f;
-            }
-            mma_abt<HD, BN / 8>(s, qs + 16 * warp * LD, kb, lane);
-            mma_abt<HD, BN / 8>(dp, dos + 16 * warp * LD, vb, lane);
-            const bool mask = kt + BN - 1 > w_first;
-#pragma unroll
-            for (int j = 0; j < BN / 8; j++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int key = kt + j * 8 + (lane % 4) * 2 + (e & 1);
-                    bool lo = e < 2;
-                    int row = lo ? row_a : row_b;
-                    float p = exp2f(s[j][e] * sl2 - (lo ? lse_a : lse_b));
-                    if (mask && key > row) p = 0.0f;
-                    s[j][e] = p * (dp[j][e] - (lo ? d_a : d_b));
-                }
-            }
-            mma_py<HD, BN / 16>(dq, s, kb, lane);
-        }
-        __syncthreads();
-    }
-
-    const float scale = rsqrtf((float)HD);
-    store_acc<HD>(dqkv, width, h * HD, dq, row_a, row_b, seg_end, scale, scale, lane);
+// ---- backward ----------------------------------------------------------------------------------
+// One kernel, five tile products per (key tile, q tile): Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, dV += Pᵀ·dO,
+// dK += dSᵀ·Q in registers per warp (16 keys each), then dQ_partial = dS·K over the CTA's BN
+// keys from dSᵀ staged in shared memory (warps split the BQ × HD partial into 16 × CW blocks).
+//
+// dQ of a q tile is the sum of one partial per key tile of its segment at or before it. The
+// partials are added in a fixed order, so dQ is bit-identical run to run: key tile J (the one
+// holding the q tile's rows) first, then J − 1, …, down to the segment's first key tile. A
+// semaphore per (q head, q tile first row) counts the partials added; key tile j waits until it
+// reads J − j (ld.acquire by one thread, then the block barrier), adds its partial to the fp32
+// accumulator dq_acc [n][n_heads·HD] (the first one stores it; ld.cg / st.cg, past L1), and
+// releases J − j + 1 (fence, barrier, then st.release). The last one (j = 0) adds, scales, writes bf16 dQ into dqkv and resets the
+// semaphore to 0, so the semaphores are all zero between launches (zeroed once at allocation);
+// a q tile inside the first key tile has one partial and touches neither buffer.
+// Progress: key tile j waits only on key tile j + 1 of its segment and head, which the tile
+// table order (read back to front) gives a lower blockIdx.x. CTAs are dispatched in increasing
+// block index, so the awaited CTA is running or done (the argument of serial split-K GEMMs), and
+// it runs ahead: it meets a q tile BN / BQ iterations before key tile j does.
+#ifndef FLASH_EMULATE
+__device__ __forceinline__ uint32_t ld_acquire(const uint32_t* p) {
+    uint32_t v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+    return v;
 }
+__device__ __forceinline__ void st_release(uint32_t* p, uint32_t v) {
+    asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+// Spins (one thread) until *sem == want.
+__device__ __forceinline__ void wait_semaphore(const uint32_t* sem, uint32_t want) {
+    while (ld_acquire(sem) != want) __nanosleep(64);
+}
+__device__ __forceinline__ void st_shared_u32(bf16_t* p, uint32_t v) { *reinterpret_cast<uint32_t*>(p) = v; }
+#endif
 
-// ---- backward: dK, dV ------------------------------------------------------------------------
 template <int HD, int NW, int BQ>
-__device__ void flash_dkdv_impl(bf16_t* dqkv, const bf16_t* dout, const bf16_t* qkv, const float* lse,
-                                const float* D, const int* table, int n, int n_heads, int n_kv_heads) {
+__device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,
+                                    const bf16_t* qkv, const float* lse, const float* D, const int* table, int n,
+                                    int n_heads, int n_kv_heads) {
     constexpr int BN = 16 * NW, LD = HD + 8, NT = NW * 32;
+    // dSᵀ rows: BQ + 8 bf16 (144 or 80 bytes), so that ldmatrix and the fragment stores are
+    // conflict-free. The dQ product: STRIPS strips of 16 q rows × NW / STRIPS groups of CW columns.
+    constexpr int LDS = BQ + 8, STRIPS = BQ / 16, CW = HD / (NW / STRIPS);
+    static_assert(BN % BQ == 0 && NW % STRIPS == 0 && CW % 16 == 0, "flash backward tiling");
     FLASH_DYNAMIC_SMEM(smem_raw);
     bf16_t* ks = reinterpret_cast<bf16_t*>(smem_raw);
     bf16_t* vs = ks + BN * LD;
@@ -460,17 +420,20 @@ __device__ void flash_dkdv_impl(bf16_t* dqkv, const bf16_t* dout, const bf16_t* 
     bf16_t* dos = qs + 2 * BQ * LD;  // [2][BQ][LD]
     float* lse_s = reinterpret_cast<float*>(dos + 2 * BQ * LD);  // [2][BQ]
     float* d_s = lse_s + 2 * BQ;                                 // [2][BQ]
-    if (threadIdx.x == 0 && dynamic_smem_size() < (uint32_t)((2 * BN + 4 * BQ) * LD * 2 + 4 * BQ * 4)) __trap();
+    bf16_t* dst = reinterpret_cast<bf16_t*>(d_s + 2 * BQ);       // dSᵀ [BN][LDS]
+    if (threadIdx.x == 0 &&
+        dynamic_smem_size() < (uint32_t)((2 * BN + 4 * BQ) * LD * 2 + 4 * BQ * 4 + BN * LDS * 2))
+        __trap();
 
     int k0, seg_start, seg_end;
     if (!cta_tile(table, k0, seg_start, seg_end)) return;
-    (void)seg_start;
     const int kvh = blockIdx.y, group = n_heads / n_kv_heads;
     const size_t width = (size_t)(n_heads + 2 * n_kv_heads) * HD;
     const size_t dstride = (size_t)n_heads * HD;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int n_qt = (seg_end - k0 + BQ - 1) / BQ;
     const int n_it = group * n_qt;
+    const int kt_index = (k0 - seg_start) / BN;
 
     load_rows<BN, HD, NT>(ks, qkv + (n_heads + kvh) * HD, width, k0, n);
     load_rows<BN, HD, NT>(vs, qkv + (n_heads + n_kv_heads + kvh) * HD, width, k0, n);
@@ -492,8 +455,11 @@ __device__ void flash_dkdv_impl(bf16_t* dqkv, const bf16_t* dout, const bf16_t* 
     cp_async_commit();
 
     const float sl2 = rsqrtf((float)HD) * LOG2E;
+    const float scale = rsqrtf((float)HD);
     const int w_first = k0 + 16 * warp;
     const int key_a = w_first + lane / 4, key_b = key_a + 8;
+    // This warp's block of the dQ partial: q rows strip·16 .. + 15 of the tile, columns c0 .. + CW.
+    const int strip = warp % STRIPS, c0 = (warp / STRIPS) * CW;
     float dk[HD / 8][4], dv[HD / 8][4];
 #pragma unroll
     for (int j = 0; j < HD / 8; j++) {
@@ -502,6 +468,7 @@ __device__ void flash_dkdv_impl(bf16_t* dqkv, const bf16_t* dout, const bf16_t* 
     }
 
     for (int it = 0; it < n_it; it++) {
+        const int h = kvh * group + it / n_qt;
         const int qt = k0 + (it % n_qt) * BQ;
         if (it + 1 < n_it) {
             load_q(it + 1, (it + 1) & 1);
@@ -511,11 +478,13 @@ __device__ void flash_dkdv_impl(bf16_t* dqkv, const bf16_t* dout, const bf16_t* 
             cp_async_wait<0>();
         }
         __syncthreads();
+        const int buf = it & 1;
+        const bf16_t* qb = qs + buf * BQ * LD;
+        const bf16_t* db = dos + buf * BQ * LD;
+        bf16_t* ds_a = dst + (16 * warp + lane / 4) * LDS + (lane % 4) * 2;
+        bf16_t* ds_b = ds_a + 8 * LDS;
         // Skip when every q row of the tile is before the warp's first key (all masked).
         if (qt + BQ - 1 >= w_first && w_first < seg_end) {
-            const int buf = it & 1;
-            const bf16_t* qb = qs + buf * BQ * LD;
-            const bf16_t* db = dos + buf * BQ * LD;
             const float* lb = lse_s + buf * BQ;
             const float* ddb = d_s + buf * BQ;
             float s[BQ / 8][4], dp[BQ / 8][4];
@@ -543,36 +512,103 @@ __device__ void flash_dkdv_impl(bf16_t* dqkv, const bf16_t* dout, const bf16_t* 
             }
             mma_py<HD, BQ / 16>(dv, s, db, lane);
             mma_py<HD, BQ / 16>(dk, dp, qb, lane);
+            // dSᵀ in bf16, the values dK used, for the dQ product.
+#pragma unroll
+            for (int j = 0; j < BQ / 8; j++) {
+                st_shared_u32(ds_a + j * 8, pack_bf16(dp[j][0], dp[j][1]));
+                st_shared_u32(ds_b + j * 8, pack_bf16(dp[j][2], dp[j][3]));
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < BQ / 8; j++) {
+                st_shared_u32(ds_a + j * 8, 0u);
+                st_shared_u32(ds_b + j * 8, 0u);
+            }
         }
+
+        // The ordered dQ accumulation (see above); a q tile inside the first key tile has a
+        // single partial and needs no semaphore.
+        const int first_kt = (qt - seg_start) / BN;
+        const bool first = kt_index == first_kt, last = kt_index == 0;
+        uint32_t* sem = dq_sem + (size_t)h * n + qt;
+        if (threadIdx.x == 0 && !first) wait_semaphore(sem, (uint32_t)(first_kt - kt_index));
         __syncthreads();
+
+        // dQ_partial = dS · K: A = dS from dSᵀ with ldmatrix.trans (matrix i: keys
+        // kk·16 + (i/2)·8 .., q rows + (i%2)·8 ..), B = K [key][HD] as in mma_py.
+        float acc[CW / 8][4];
+#pragma unroll
+        for (int j = 0; j < CW / 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+        {
+            uint32_t a_addr = smem_u32(dst + ((lane % 8) + (lane / 16) * 8) * LDS + strip * 16 + ((lane / 8) % 2) * 8);
+            uint32_t k_addr = smem_u32(ks + ((lane % 8) + ((lane / 8) % 2) * 8) * LD + c0 + (lane / 16) * 8);
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; kk++) {
+                uint32_t a[4];
+                ldsm_x4_t(a[0], a[1], a[2], a[3], a_addr + kk * 16 * LDS * 2);
+#pragma unroll
+                for (int cp = 0; cp < CW / 16; cp++) {
+                    uint32_t b0, b1, b2, b3;
+                    ldsm_x4_t(b0, b1, b2, b3, k_addr + (kk * 16 * LD + cp * 16) * 2);
+                    mma_bf16(acc[2 * cp], a, b0, b1);
+                    mma_bf16(acc[2 * cp + 1], a, b2, b3);
+                }
+            }
+        }
+        {
+            const int row_a = qt + strip * 16 + lane / 4, row_b = row_a + 8;
+            const int col = h * HD + c0 + (lane % 4) * 2;
+#pragma unroll
+            for (int j = 0; j < CW / 8; j++) {
+#pragma unroll
+                for (int half = 0; half < 2; half++) {
+                    const int row = half ? row_b : row_a;
+                    if (row >= seg_end) continue;
+                    float2 v = make_float2(acc[j][2 * half], acc[j][2 * half + 1]);
+                    float2* p = reinterpret_cast<float2*>(dq_acc + (size_t)row * dstride + col + j * 8);
+                    if (!first) {
+                        float2 o = __ldcg(p);
+                        v.x = o.x + v.x;
+                        v.y = o.y + v.y;
+                    }
+                    if (last)
+                        *reinterpret_cast<uint32_t*>(dqkv + (size_t)row * width + col + j * 8) =
+                            pack_bf16(v.x * scale, v.y * scale);
+                    else
+                        __stcg(p, v);
+                }
+            }
+        }
+        // Every thread fences its accumulator stores at GPU scope before the barrier after which
+        // one thread releases the semaphore (the CUTLASS semaphore pattern, plus the fences).
+        if (!(first && last)) __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0 && !(first && last))
+            st_release(sem, last ? 0u : (uint32_t)(first_kt - kt_index + 1));
     }
 
-    const float scale = rsqrtf((float)HD);
     store_acc<HD>(dqkv, width, (n_heads + kvh) * HD, dk, key_a, key_b, seg_end, scale, scale, lane);
     store_acc<HD>(dqkv, width, (n_heads + n_kv_heads + kvh) * HD, dv, key_a, key_b, seg_end, 1.0f, 1.0f, lane);
 }
 
 // ---- entries ---------------------------------------------------------------------------------
 // Configurations (keep in sync with FLASH_CONFIGS in src/backend/cuda/flash_attention.rs):
-//   forward HD 64: NW 8 (128 q rows), BN 64      forward HD 128: NW 8, BN 64
-//   dq      HD 64: NW 8 (128 q rows), BN 64      dq      HD 128: NW 4 (64 q rows), BN 64
-//   dkdv    HD 64: NW 8 (128 keys),   BQ 64      dkdv    HD 128: NW 8 (128 keys), BQ 32
-// Grid: (tile-table bound, n_heads) for forward/dq, (bound, n_kv_heads) for dkdv; block NW·32.
-#define FLASH_ENTRIES(HD, FNW, FBN, FMINB, QNW, QBN, KNW, KBQ)                                                         \
+//   forward  HD 64: NW 8 (128 q rows), BN 64     forward  HD 128: NW 8, BN 64
+//   backward HD 64: NW 8 (128 keys),   BQ 64     backward HD 128: NW 8 (128 keys), BQ 32
+// Grid: (tile-table bound, n_heads) for the forward, (bound, n_kv_heads) for the backward;
+// block NW·32. Both read one tile table of 128 rows.
+#define FLASH_ENTRIES(HD, FNW, FBN, FMINB, KNW, KBQ)                                                                   \
     extern "C" __global__ void __launch_bounds__(FNW * 32, FMINB)                                               \
         flash_forward_##HD(bf16_t* out, float* lse, const bf16_t* qkv, const int* table, int n, int n_heads,    \
                            int n_kv_heads) {                                                                    \
         flash_forward_impl<HD, FNW, FBN>(out, lse, qkv, table, n, n_heads, n_kv_heads);                          \
     }                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(QNW * 32)                                                      \
-        flash_backward_dq_##HD(bf16_t* dqkv, const bf16_t* dout, const bf16_t* qkv, const float* lse,            \
-                               const float* D, const int* table, int n, int n_heads, int n_kv_heads) {          \
-        flash_dq_impl<HD, QNW, QBN>(dqkv, dout, qkv, lse, D, table, n, n_heads, n_kv_heads);                     \
-    }                                                                                                           \
     extern "C" __global__ void __launch_bounds__(KNW * 32)                                                      \
-        flash_backward_dkdv_##HD(bf16_t* dqkv, const bf16_t* dout, const bf16_t* qkv, const float* lse,          \
-                                 const float* D, const int* table, int n, int n_heads, int n_kv_heads) {        \
-        flash_dkdv_impl<HD, KNW, KBQ>(dqkv, dout, qkv, lse, D, table, n, n_heads, n_kv_heads);                   \
+        flash_backward_##HD(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,                  \
+                            const bf16_t* qkv, const float* lse, const float* D, const int* table, int n,       \
+                            int n_heads, int n_kv_heads) {                                                      \
+        flash_backward_impl<HD, KNW, KBQ>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n, n_heads,           \
+                                          n_kv_heads);                                                          \
     }
-FLASH_ENTRIES(64, 8, 64, 2, 8, 64, 8, 64)
-FLASH_ENTRIES(128, 8, 64, 1, 4, 64, 8, 32)
+FLASH_ENTRIES(64, 8, 64, 2, 8, 64)
+FLASH_ENTRIES(128, 8, 64, 1, 8, 32)

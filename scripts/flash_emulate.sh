@@ -3,11 +3,13 @@
 # CUDA built-ins it uses (one std::thread per CUDA thread; __syncthreads, warp shuffles,
 # ldmatrix, mma.m16n8k16 and cp.async per the PTX ISA), and tests/flash_emu/main.cpp compares
 # out, lse, dq, dk, dv with a float64 reference on packed, grouped-KV cases for hd 64 and 128.
-# It fails on a shared-memory race between cp.async and ldmatrix (flash_emu.h) and prints the
-# ldmatrix bank conflicts. No GPU needed; needs g++ (C++20) and the CUDA headers (cuda_bf16.h)
-# of .cuda/ or $CUDA_HOME. CI runs every case.
+# It runs each backward twice, the second time with 3 blocks at once (its dQ semaphores then
+# really wait), and fails unless both give the same bits and leave every semaphore at zero.
+# It fails on a shared-memory race (cp.async, plain stores and ldmatrix without a barrier
+# between them; flash_emu.h) and prints the ldmatrix bank conflicts. No GPU needed; needs g++
+# (C++20) and the CUDA headers (cuda_bf16.h) of .cuda/ or $CUDA_HOME. CI runs every case.
 #
-#   scripts/flash_emulate.sh          # every case (about a minute on 2 cores)
+#   scripts/flash_emulate.sh          # every case (a few minutes on 2 busy cores)
 #   scripts/flash_emulate.sh quick    # the first case only
 #   scripts/flash_emulate.sh 3        # case 3 only (the list is in tests/flash_emu/main.cpp)
 #   scripts/flash_emulate.sh --report FILE   # also write per-kernel lines (scripts/emulate.sh)

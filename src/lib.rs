@@ -7,6 +7,7 @@
 //! - [`checkpoint`]: safetensors I/O, Hugging Face names/config/import, atomic run checkpoints.
 //! - [`train`]: AdamW, schedule, the training loop, evaluation, logs.
 //! - [`generate`]: sampling with a KV cache; `sft generate` and `sft chat`.
+//! - [`dist`]: data parallelism: launcher environment, collectives (MPI), per-rank data shares.
 //! - [`demo`]: the embedded default, `sft demo`.
 //! - [`bench`]: `sft bench` (the training step), `sft bench-attention`, `sft bench-kernels`.
 
@@ -15,6 +16,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod demo;
+pub mod dist;
 pub mod generate;
 pub mod kernels;
 pub mod lora;

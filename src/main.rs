@@ -31,6 +31,8 @@ enum Command {
     Merge(sft::lora::MergeArgs),
     /// Convert a Hugging Face Llama directory into a checkpoint (optionally adding the chat tokens).
     Import(sft::checkpoint::import::ImportArgs),
+    /// Write a checkpoint as a Hugging Face model directory to ship (bf16, chat template, generation config).
+    Export(sft::checkpoint::export::ExportArgs),
     /// Print a checkpoint's logits at every position of a token sequence, as JSON.
     Logits(sft::generate::cli::LogitsArgs),
     /// Reply to one prompt with a checkpoint.
@@ -90,6 +92,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Merge(args) => sft::lora::merge(args)?,
         Command::Plot(args) => sft::train::plot::plot(args)?,
         Command::Import(args) => sft::checkpoint::import::import(args)?,
+        Command::Export(args) => sft::checkpoint::export::export(args)?,
         Command::Logits(args) => sft::generate::cli::logits(args)?,
         Command::Generate(args) => sft::generate::cli::generate(args)?,
         Command::Chat(args) => sft::generate::cli::chat(args)?,

@@ -10,7 +10,10 @@
 #![allow(clippy::needless_range_loop)]
 
 use sft::backend::cpu::CpuBackend;
-use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope, RopeScaling, RopeStyle};
+use sft::backend::{
+    cross_entropy_sum, group_tokens_by_id, stats, sum_squares_read, AdamW, Backend, BranchGrad, Clip,
+    Dropout, GradMode, HeadShape, LossGrads, Precision, Rope, RopeScaling, RopeStyle, STATS_LEN,
+};
 use sft::rng::{self, Rng};
 
 type B64 = CpuBackend<f64>;
@@ -62,6 +65,13 @@ fn fd_check(name: &str, analytic: &[f64], x: &[f64], mut loss: impl FnMut(&[f64]
     err
 }
 
+/// The rotation table of `positions` on the f64 CPU backend.
+fn rope_table(be: &B64, positions: &[u32], head_dim: usize, rope: Rope) -> Vec<f64> {
+    let mut table = vec![f64::NAN; positions.len() * head_dim];
+    be.rope_table(&mut table, &positions.to_vec(), positions.len(), head_dim, rope).unwrap();
+    table
+}
+
 fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
@@ -93,8 +103,18 @@ fn embedding_backward_matches_finite_differences() {
     };
     let prior = random(&mut rng, vocab * d);
     let mut dtable = prior.clone();
-    be.embedding_backward(&mut dtable, &ids, &r, n, d).unwrap();
+    let (groups, n_groups) = group_tokens_by_id(&ids);
+    be.embedding_backward(&mut dtable, &groups, n_groups, &r, n, d, GradMode::Accumulate).unwrap();
     fd_check("embedding dtable", &sub(&dtable, &prior), &table, forward);
+    // Overwrite: the same gradient whatever the table held, rows of absent ids (4) zero.
+    let mut fresh = vec![f64::NAN; vocab * d];
+    be.embedding_backward(&mut fresh, &groups, n_groups, &r, n, d, GradMode::Overwrite).unwrap();
+    assert!(rel_err(&fresh, &sub(&dtable, &prior)) < 1e-14);
+    assert!(fresh[4 * d..5 * d].iter().all(|&v| v == 0.0));
+    // A grouping that names a row outside the table is an error.
+    let mut bad_groups = groups.clone();
+    *bad_groups.last_mut().unwrap() = vocab as u32;
+    assert!(be.embedding_backward(&mut fresh, &bad_groups, n_groups, &r, n, d, GradMode::Overwrite).is_err());
     let bad = vec![vocab as u32; n];
     assert!(be.embedding_forward(&mut vec![0.0; n * d], &bad, &table, n, d).is_err());
 }
@@ -114,19 +134,50 @@ fn rmsnorm_backward_matches_finite_differences() {
     be.rmsnorm_forward(&mut out, &mut rstd, &x, &w, n, d, eps).unwrap();
     let (dx_prior, dw_prior) = (random(&mut rng, n * d), random(&mut rng, d));
     let (mut dx, mut dw) = (dx_prior.clone(), dw_prior.clone());
-    be.rmsnorm_backward(&mut dx, &mut dw, &r, &x, &w, &rstd, n, d).unwrap();
+    be.rmsnorm_backward(&mut dx, &mut dw, &r, &x, &w, &rstd, n, d, None).unwrap();
     fd_check("rmsnorm dx", &sub(&dx, &dx_prior), &x, |x| loss(x, &w));
     fd_check("rmsnorm dw", &sub(&dw, &dw_prior), &w, |w| loss(&x, w));
+
+    // With a branch, the same dx and dw, and the branch gets dropout(dx) with the mask of
+    // the dropout op.
+    let mask = Dropout { p: 0.3, seed: 41 };
+    let (mut dx2, mut dw2, mut branch) = (dx_prior.clone(), dw_prior.clone(), vec![f64::NAN; n * d]);
+    let out = BranchGrad { out: &mut branch, dropout: mask };
+    be.rmsnorm_backward(&mut dx2, &mut dw2, &r, &x, &w, &rstd, n, d, Some(out)).unwrap();
+    assert_eq!((&dx2, &dw2), (&dx, &dw));
+    let mut want = dx.clone();
+    be.dropout(&mut want, n * d, mask.p, mask.seed).unwrap();
+    assert_eq!(branch, want);
+    assert!(branch.contains(&0.0) && branch.iter().any(|&v| v != 0.0));
+    let bad = BranchGrad { out: &mut branch, dropout: Dropout { p: 1.0, seed: 1 } };
+    assert!(be.rmsnorm_backward(&mut dx2, &mut dw2, &r, &x, &w, &rstd, n, d, Some(bad)).is_err());
 
     // The fused residual form is the sum followed by the same norm.
     let delta = random(&mut rng, n * d);
     let (mut x_out, mut out2, mut rstd2) = (vec![0.0; n * d], vec![0.0; n * d], vec![0.0; n]);
-    be.residual_rmsnorm_forward(&mut x_out, &mut out2, &mut rstd2, &x, &delta, &w, n, d, eps).unwrap();
+    be.residual_rmsnorm_forward(&mut x_out, &mut out2, &mut rstd2, &x, &delta, &w, n, d, eps, None).unwrap();
     let sum: Vec<f64> = x.iter().zip(&delta).map(|(a, b)| a + b).collect();
     assert_eq!(x_out, sum);
     let (mut out3, mut rstd3) = (vec![0.0; n * d], vec![0.0; n]);
     be.rmsnorm_forward(&mut out3, &mut rstd3, &sum, &w, n, d, eps).unwrap();
-    assert_eq!((out2, rstd2), (out3, rstd3));
+    assert_eq!((&out2, &rstd2), (&out3, &rstd3));
+
+    // With dropout: the sum of x and dropout(delta), delta itself untouched.
+    let (mut x_out, mut out2, mut rstd2) = (vec![0.0; n * d], vec![0.0; n * d], vec![0.0; n]);
+    let delta_before = delta.clone();
+    be.residual_rmsnorm_forward(&mut x_out, &mut out2, &mut rstd2, &x, &delta, &w, n, d, eps, Some(mask))
+        .unwrap();
+    assert_eq!(delta, delta_before);
+    let mut dropped = delta.clone();
+    be.dropout(&mut dropped, n * d, mask.p, mask.seed).unwrap();
+    let sum: Vec<f64> = x.iter().zip(&dropped).map(|(a, b)| a + b).collect();
+    assert_eq!(x_out, sum);
+    be.rmsnorm_forward(&mut out3, &mut rstd3, &sum, &w, n, d, eps).unwrap();
+    assert_eq!((&out2, &rstd2), (&out3, &rstd3));
+    // p = 0 is the plain sum.
+    let zero = Some(Dropout { p: 0.0, seed: 5 });
+    be.residual_rmsnorm_forward(&mut x_out, &mut out2, &mut rstd2, &x, &delta, &w, n, d, eps, zero).unwrap();
+    assert_eq!(x_out, x.iter().zip(&delta).map(|(a, b)| a + b).collect::<Vec<_>>());
 }
 
 #[test]
@@ -151,12 +202,19 @@ fn matmul_backward_matches_finite_differences() {
     }
     let dw_prior = random(&mut rng, o * i);
     let (mut dinp, mut dw) = (vec![7.0; n * i], dw_prior.clone());
-    be.matmul_backward(Some(&mut dinp), &mut dw, &r, &inp, &w, n, i, o).unwrap();
+    be.matmul_backward(Some(&mut dinp), &mut dw, &r, &inp, &w, n, i, o, GradMode::Accumulate).unwrap();
     fd_check("matmul dinp", &dinp, &inp, |x| loss(x, &w));
     fd_check("matmul dw", &sub(&dw, &dw_prior), &w, |w| loss(&inp, w));
     let mut dw2 = dw_prior.clone();
-    be.matmul_backward(None, &mut dw2, &r, &inp, &w, n, i, o).unwrap();
+    be.matmul_backward(None, &mut dw2, &r, &inp, &w, n, i, o, GradMode::Accumulate).unwrap();
     assert!(rel_err(&dw2, &dw) < 1e-14);
+    // Overwrite (beta = 0): the gradient alone, whatever dw held (NaN is not read).
+    let mut dw3 = vec![f64::NAN; o * i];
+    be.matmul_backward(None, &mut dw3, &r, &inp, &w, n, i, o, GradMode::Overwrite).unwrap();
+    assert!(rel_err(&dw3, &sub(&dw, &dw_prior)) < 1e-13);
+    // Without rows the overwritten gradient is zero.
+    be.matmul_backward(None, &mut dw3, &r, &inp, &w, 0, i, o, GradMode::Overwrite).unwrap();
+    assert!(dw3.iter().all(|&v| v == 0.0));
 }
 
 #[test]
@@ -184,17 +242,26 @@ fn rope_backward_matches_finite_differences_in_both_styles() {
     for (s, rope) in cases.into_iter().enumerate() {
         let mut rng = Rng::new(4 + s as u64);
         let (qkv, r) = (random(&mut rng, n * w), random(&mut rng, n * w));
+        let table = rope_table(&be, &positions, heads.head_dim, rope);
         let loss = |x: &[f64]| {
             let mut x = x.to_vec();
-            be.rope_forward(&mut x, &positions, n, heads, rope).unwrap();
+            be.rope_forward(&mut x, &table, n, heads, rope.style).unwrap();
             dot(&x, &r)
         };
         let mut grad = r.clone();
-        be.rope_backward(&mut grad, &positions, n, heads, rope).unwrap();
+        be.rope_backward(&mut grad, &table, n, heads, rope.style).unwrap();
         fd_check(&format!("rope {rope:?}"), &grad, &qkv, loss);
+        // The table holds cos and sin of the f32 angle position · inv_freq.
+        for (i, &pos) in positions.iter().enumerate() {
+            for j in 0..heads.head_dim / 2 {
+                let angle = (pos as f32 * rope.inv_freq(j, heads.head_dim)) as f64;
+                let at = i * heads.head_dim + 2 * j;
+                assert_eq!((table[at], table[at + 1]), (angle.cos(), angle.sin()));
+            }
+        }
         // The v part is untouched and position 0 is the identity.
         let mut rotated = qkv.clone();
-        be.rope_forward(&mut rotated, &positions, n, heads, rope).unwrap();
+        be.rope_forward(&mut rotated, &table, n, heads, rope.style).unwrap();
         for row in 0..n {
             let (a, b) = (row * w, (row + 1) * w);
             assert_eq!(rotated[a + w - heads.kv_width()..b], qkv[a + w - heads.kv_width()..b]);
@@ -207,8 +274,9 @@ fn rope_backward_matches_finite_differences_in_both_styles() {
     let mut rng = Rng::new(9);
     let qkv = random(&mut rng, n * w);
     let (mut a, mut b) = (qkv.clone(), qkv.clone());
-    be.rope_forward(&mut a, &positions, n, heads, Rope::plain(10_000.0, RopeStyle::AdjacentPairs)).unwrap();
-    be.rope_forward(&mut b, &positions, n, heads, Rope::plain(10_000.0, RopeStyle::HalfSplit)).unwrap();
+    let table = rope_table(&be, &positions, heads.head_dim, Rope::plain(10_000.0, RopeStyle::AdjacentPairs));
+    be.rope_forward(&mut a, &table, n, heads, RopeStyle::AdjacentPairs).unwrap();
+    be.rope_forward(&mut b, &table, n, heads, RopeStyle::HalfSplit).unwrap();
     assert!(rel_err(&a, &b) > 1e-3);
 }
 
@@ -412,10 +480,9 @@ fn lm_head(
 ) -> (f64, Vec<f64>) {
     let n = targets.len();
     let mut dx = vec![9.0; n * d];
-    let grads = LossGrads { dx: &mut dx, dw, loss_scale: scale };
-    let loss = be
-        .lm_head_cross_entropy(&x.to_vec(), &w.to_vec(), &targets.to_vec(), ignore, n, d, vocab, Some(grads))
-        .unwrap();
+    let grads = LossGrads { dx: &mut dx, dw, loss_scale: scale, mode: GradMode::Accumulate };
+    let loss =
+        cross_entropy_sum(be, &x.to_vec(), &w.to_vec(), targets, ignore, n, d, vocab, Some(grads)).unwrap();
     (loss, dx)
 }
 
@@ -427,7 +494,7 @@ fn lm_head_cross_entropy_matches_finite_differences() {
     let targets: Vec<u32> = vec![1, 4, 10, 0, 4, 4, 7, 2, 9];
     let (x, w) = (random(&mut rng, n * d), random(&mut rng, vocab * d));
     let loss = |x: &[f64], w: &[f64]| {
-        be.lm_head_cross_entropy(&x.to_vec(), &w.to_vec(), &targets, ignore, n, d, vocab, None).unwrap()
+        cross_entropy_sum(&be, &x.to_vec(), &w.to_vec(), &targets, ignore, n, d, vocab, None).unwrap()
     };
     let dw_prior = random(&mut rng, vocab * d);
     let mut dw = dw_prior.clone();
@@ -445,8 +512,37 @@ fn lm_head_cross_entropy_matches_finite_differences() {
     let quarter = |v: &[f64]| v.iter().map(|g| 0.25 * g).collect::<Vec<_>>();
     assert!(rel_err(&dx_half, &quarter(&dx)) < 1e-14);
     assert!(rel_err(&sub(&dw_half, &dw_prior), &quarter(&sub(&dw, &dw_prior))) < 1e-12);
+    // Overwrite: dw is the gradient alone, whatever it held.
+    let mut dw_fresh = vec![f64::NAN; vocab * d];
+    let mut dx_fresh = vec![0.0; n * d];
+    let grads =
+        LossGrads { dx: &mut dx_fresh, dw: &mut dw_fresh, loss_scale: 1.0, mode: GradMode::Overwrite };
+    cross_entropy_sum(&be, &x, &w, &targets, ignore, n, d, vocab, Some(grads)).unwrap();
+    assert!(rel_err(&dw_fresh, &sub(&dw, &dw_prior)) < 1e-13);
+    // ... and zero when no row is supervised.
+    let grads =
+        LossGrads { dx: &mut dx_fresh, dw: &mut dw_fresh, loss_scale: 1.0, mode: GradMode::Overwrite };
+    assert_eq!(
+        cross_entropy_sum(&be, &x, &w, &vec![ignore; n], ignore, n, d, vocab, Some(grads)).unwrap(),
+        0.0
+    );
+    assert!(dw_fresh.iter().all(|&v| v == 0.0));
+    // The per-row losses stay in the buffer, in row order.
+    let rows: Vec<u32> = (0..n as u32).filter(|&i| targets[i as usize] != ignore).collect();
+    let sup: Vec<u32> = rows.iter().map(|&i| targets[i as usize]).collect();
+    let mut losses = vec![0.0; rows.len()];
+    be.lm_head_cross_entropy(&x, &w, &rows, &sup, rows.len(), n, d, vocab, &mut losses, None).unwrap();
+    for (k, &i) in rows.iter().enumerate() {
+        let mut only = vec![ignore; n];
+        only[i as usize] = targets[i as usize];
+        let want = cross_entropy_sum(&be, &x, &w, &only, ignore, n, d, vocab, None).unwrap();
+        assert!((losses[k] - want).abs() < 1e-12, "row {i}");
+    }
     // A target outside the vocabulary is an error, not a panic.
-    assert!(be.lm_head_cross_entropy(&x, &w, &vec![vocab as u32; n], ignore, n, d, vocab, None).is_err());
+    assert!(cross_entropy_sum(&be, &x, &w, &vec![vocab as u32; n], ignore, n, d, vocab, None).is_err());
+    assert!(be
+        .lm_head_cross_entropy(&x, &w, &rows, &vec![vocab as u32; n], 2, n, d, vocab, &mut losses, None)
+        .is_err());
 }
 
 #[test]
@@ -534,7 +630,7 @@ fn adamw_follows_pytorch_and_sum_squares_adds_every_buffer() {
         let g_refs: Vec<&Vec<f64>> = grads.iter().collect();
         let mut m_refs: Vec<&mut Vec<f64>> = m.iter_mut().collect();
         let mut v_refs: Vec<&mut Vec<f64>> = v.iter_mut().collect();
-        be.adamw(&mut p_refs, &mut w_refs, &g_refs, &mut m_refs, &mut v_refs, &lens, &hp).unwrap();
+        be.adamw(&mut p_refs, &mut w_refs, &g_refs, &mut m_refs, &mut v_refs, &lens, &hp, None).unwrap();
         let (b1, b2) = (hp.beta1 as f64, hp.beta2 as f64);
         for t in 0..lens.len() {
             for k in 0..lens[t] {
@@ -557,7 +653,67 @@ fn adamw_follows_pytorch_and_sum_squares_adds_every_buffer() {
     }
     let bufs: Vec<&Vec<f64>> = master.iter().collect();
     let want: f64 = (0..2).map(|t| master[t][..lens[t]].iter().map(|x| x * x).sum::<f64>()).sum();
-    assert!((be.sum_squares(&bufs, &lens).unwrap() - want).abs() < 1e-12 * want);
+    assert!((sum_squares_read(&be, &bufs, &lens).unwrap() - want).abs() < 1e-12 * want);
+}
+
+/// AdamW with the clip factor read from the statistics buffer: the same update as the host's
+/// factor in `grad_scale`, and no update at all when the norm is not finite.
+#[test]
+fn adamw_clips_by_the_norm_in_the_statistics_buffer() {
+    let be = B64::new();
+    let mut rng = Rng::new(81);
+    let lens = [5usize, 3];
+    let grads: Vec<Vec<f64>> = lens.iter().map(|&l| random(&mut rng, l)).collect();
+    let master0: Vec<Vec<f64>> = lens.iter().map(|&l| random(&mut rng, l)).collect();
+    let g_refs: Vec<&Vec<f64>> = grads.iter().collect();
+    let mut st = vec![0.0; STATS_LEN];
+    be.sum_squares(&g_refs, &lens, &mut st).unwrap();
+    let norm = stats::join(&be.read(&st, STATS_LEN).unwrap(), stats::SUMSQ).sqrt();
+    let want_norm: f64 = grads.iter().flatten().map(|g| g * g).sum::<f64>().sqrt();
+    assert!((norm - want_norm).abs() < 1e-12 * want_norm);
+    let run = |hp: &AdamW, clip: Option<Clip<'_, B64>>| {
+        let mut master = master0.clone();
+        let mut params: Vec<Vec<f64>> = lens.iter().map(|&l| vec![0.0; l]).collect();
+        let (mut m, mut v): (Vec<Vec<f64>>, Vec<Vec<f64>>) =
+            (lens.iter().map(|&l| vec![0.0; l]).collect(), lens.iter().map(|&l| vec![0.0; l]).collect());
+        let mut p: Vec<&mut Vec<f64>> = params.iter_mut().collect();
+        let mut w: Vec<&mut Vec<f64>> = master.iter_mut().collect();
+        let mut mm: Vec<&mut Vec<f64>> = m.iter_mut().collect();
+        let mut vv: Vec<&mut Vec<f64>> = v.iter_mut().collect();
+        be.adamw(&mut p, &mut w, &g_refs, &mut mm, &mut vv, &lens, hp, clip).unwrap();
+        (master, m)
+    };
+    let hp =
+        AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 1, grad_scale: 1.0 };
+    let max_norm = (want_norm / 3.0) as f32;
+    let factor = (max_norm as f64 / norm) as f32;
+    let on_device = run(&hp, Some(Clip { sumsq: &st, max_norm }));
+    let on_host = run(&AdamW { grad_scale: factor, ..hp }, None);
+    assert_eq!(on_device, on_host);
+    // Under the limit, or without one: no scaling.
+    assert_eq!(run(&hp, Some(Clip { sumsq: &st, max_norm: 1e9 })), run(&hp, None));
+    assert_eq!(run(&hp, Some(Clip { sumsq: &st, max_norm: 0.0 })), run(&hp, None));
+    // A non-finite norm leaves everything as it was.
+    let mut nan = st.clone();
+    nan[stats::SUMSQ] = f64::NAN;
+    let (master, m) = run(&hp, Some(Clip { sumsq: &nan, max_norm }));
+    assert_eq!(master, master0);
+    assert!(m.iter().flatten().all(|&x| x == 0.0));
+}
+
+/// The loss sums: written or added to, split so that the f64 sum comes back whole.
+#[test]
+fn sum_into_overwrites_or_accumulates_an_f64_sum() {
+    let be = CpuBackend::<f32>::new();
+    let x: Vec<f32> = (0..10_000).map(|i| 1.0 + (i % 7) as f32 * 1e-3).collect();
+    let want: f64 = x.iter().map(|&v| v as f64).sum();
+    let mut st = vec![f32::NAN; STATS_LEN];
+    be.sum_into(&mut st, stats::STEP_LOSS, &x, x.len(), GradMode::Overwrite).unwrap();
+    be.sum_into(&mut st, stats::STEP_LOSS, &x, x.len(), GradMode::Accumulate).unwrap();
+    let got = stats::join(&be.read(&st, STATS_LEN).unwrap(), stats::STEP_LOSS);
+    assert!((got - 2.0 * want).abs() < 1e-9 * want, "{got} vs {}", 2.0 * want);
+    assert!(st[stats::SUMSQ].is_nan(), "other slots untouched");
+    assert!(be.sum_into(&mut st, STATS_LEN - 1, &x, x.len(), GradMode::Overwrite).is_err());
 }
 
 /// Runs a forward + backward chain of the ops on `CpuBackend<T>` from f32 inputs, returning
@@ -580,20 +736,24 @@ fn op_results<T: sft::backend::cpu::Real>(inputs: &[Vec<f32>]) -> Vec<(&'static 
     let mut qkv = buf(&vec![0.0; n * heads.qkv_width()]);
     be.matmul_forward(&mut qkv, &normed, &w_qkv, n, d, heads.qkv_width()).unwrap();
     let positions: Vec<u32> = vec![0, 1, 2, 3, 0, 0, 1, 2, 3, 4, 5];
-    be.rope_forward(&mut qkv, &positions, n, heads, Rope::plain(10_000.0, RopeStyle::HalfSplit)).unwrap();
+    let mut table = be.zeros(n * heads.head_dim, Precision::F32).unwrap();
+    be.rope_table(&mut table, &positions, n, heads.head_dim, Rope::plain(10_000.0, RopeStyle::HalfSplit))
+        .unwrap();
+    be.rope_forward(&mut qkv, &table, n, heads, RopeStyle::HalfSplit).unwrap();
     let (mut att, mut lse) = (buf(&vec![0.0; n * heads.q_width()]), buf(&vec![0.0; n * heads.n_heads]));
     be.attention_forward(&mut att, &mut lse, &qkv, &CU.to_vec(), 3, n, heads).unwrap();
     results.push(("rmsnorm+matmul+rope+attention forward", get(&att)));
     let mut dqkv = buf(&vec![0.0; n * heads.qkv_width()]);
     be.attention_backward(&mut dqkv, &buf(dout_att), &qkv, &att, &lse, &CU.to_vec(), 3, n, heads).unwrap();
-    be.rope_backward(&mut dqkv, &positions, n, heads, Rope::plain(10_000.0, RopeStyle::HalfSplit)).unwrap();
+    be.rope_backward(&mut dqkv, &table, n, heads, RopeStyle::HalfSplit).unwrap();
     results.push(("attention+rope backward", get(&dqkv)));
     let (mut dnormed, mut dw_qkv) = (buf(&vec![0.0; n * d]), buf(&vec![0.0; w_qkv.len()]));
-    be.matmul_backward(Some(&mut dnormed), &mut dw_qkv, &dqkv, &normed, &w_qkv, n, d, heads.qkv_width())
+    let acc = GradMode::Accumulate;
+    be.matmul_backward(Some(&mut dnormed), &mut dw_qkv, &dqkv, &normed, &w_qkv, n, d, heads.qkv_width(), acc)
         .unwrap();
     results.push(("matmul dw", get(&dw_qkv)));
     let (mut dx, mut dw_norm) = (buf(&vec![0.0; n * d]), buf(&vec![0.0; d]));
-    be.rmsnorm_backward(&mut dx, &mut dw_norm, &dnormed, &x, &w_norm, &rstd, n, d).unwrap();
+    be.rmsnorm_backward(&mut dx, &mut dw_norm, &dnormed, &x, &w_norm, &rstd, n, d, None).unwrap();
     results.push(("rmsnorm dx", get(&dx)));
     results.push(("rmsnorm dw", get(&dw_norm)));
 
@@ -607,9 +767,8 @@ fn op_results<T: sft::backend::cpu::Real>(inputs: &[Vec<f32>]) -> Vec<(&'static 
 
     let targets: Vec<u32> = vec![3, 0, 12, 0, 5, 7, 0, 1, 2, 11, 4];
     let (mut dxh, mut dwh) = (buf(&vec![0.0; n * d]), buf(&vec![0.0; vocab * d]));
-    let grads = LossGrads { dx: &mut dxh, dw: &mut dwh, loss_scale: 0.1 };
-    let loss =
-        be.lm_head_cross_entropy(&normed, &buf(w_head), &targets, 0, n, d, vocab, Some(grads)).unwrap();
+    let grads = LossGrads { dx: &mut dxh, dw: &mut dwh, loss_scale: 0.1, mode: GradMode::Accumulate };
+    let loss = cross_entropy_sum(&be, &normed, &buf(w_head), &targets, 0, n, d, vocab, Some(grads)).unwrap();
     results.push(("lm_head loss", vec![loss]));
     results.push(("lm_head dx", get(&dxh)));
     results.push(("lm_head dw", get(&dwh)));

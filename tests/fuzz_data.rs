@@ -2,6 +2,10 @@
 //! flips, fields overwritten with boundary values, truncation, extension) and every open or
 //! iteration must end in `Ok` or a clean `Err`, never a panic.
 //!
+//! JSON Lines records of every schema (`messages`, ShareGPT, Alpaca, `prompt`/`completion`,
+//! SimpleLLaMA's) are also mutated as JSON values (fields dropped, retyped, renamed, roles
+//! swapped), which reaches the schema checks that byte damage mostly stops at the JSON parser.
+//!
 //! Bounded by time: `SFT_FUZZ_SECONDS` (default 20) split across the targets; seeded by
 //! `SFT_FUZZ_SEED` (default 13). A failure prints the seed and the case number, which replay it.
 
@@ -18,7 +22,7 @@ use sft::rng::Rng;
 
 fn budget() -> Duration {
     let s = std::env::var("SFT_FUZZ_SECONDS").ok().and_then(|v| v.parse::<f64>().ok()).unwrap_or(20.0);
-    Duration::from_secs_f64(s / 2.0)
+    Duration::from_secs_f64(s / 3.0)
 }
 
 fn seed() -> u64 {
@@ -223,4 +227,152 @@ fn fuzz_chat_parser() {
     eprintln!("chat files: {c:?}");
     assert_eq!(c.panics, 0, "{c:?}");
     assert!(c.tried > 100 && c.clean_errors > 0, "{c:?}");
+}
+
+/// One record of each schema the readers accept.
+fn schema_records() -> Vec<serde_json::Value> {
+    use serde_json::json;
+    let msg = |r: &str, c: &str| json!({"role": r, "content": c});
+    vec![
+        json!({"messages": [msg("system", "s"), msg("user", "u"), msg("assistant", "a"), msg("user", "v"), msg("assistant", "b")]}),
+        json!({"conversations": [{"from": "human", "value": "h"}, {"from": "gpt", "value": "g"}]}),
+        json!({"instruction": "i", "input": "x", "output": "o", "system": "s"}),
+        json!({"prompt": "p", "completion": "c"}),
+        json!({"prompt": [msg("user", "u")], "completion": [msg("assistant", "a")]}),
+        json!({"Template": ["CUSTOM"], "User": ["x", "y"], "Assistant": ["y", "z"]}),
+    ]
+}
+
+const KEYS: &[&str] = &[
+    "messages",
+    "conversations",
+    "instruction",
+    "input",
+    "output",
+    "prompt",
+    "completion",
+    "system",
+    "Template",
+    "User",
+    "Assistant",
+    "role",
+    "content",
+    "from",
+    "value",
+    "id",
+];
+
+/// A value of a random JSON type.
+fn random_value(rng: &mut Rng) -> serde_json::Value {
+    use serde_json::json;
+    match rng.below(8) {
+        0 => json!(null),
+        1 => json!(rng.below(1000)),
+        2 => json!(rng.below(2) == 0),
+        3 => json!(["user", "assistant", "gpt", "human", "system", "bot", ""][rng.below(7)]),
+        4 => json!([]),
+        5 => json!({}),
+        6 => json!([{"role": "user", "content": "q"}]),
+        _ => json!(-1.5),
+    }
+}
+
+/// Damages a JSON value in place at a random depth: a field dropped, retyped or renamed, a list
+/// element removed, duplicated or swapped.
+fn mutate_value(rng: &mut Rng, v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Object(obj) if !obj.is_empty() && rng.below(3) > 0 => {
+            let keys: Vec<String> = obj.keys().cloned().collect();
+            let key = keys[rng.below(keys.len())].clone();
+            match rng.below(4) {
+                0 => {
+                    obj.remove(&key);
+                }
+                1 => {
+                    obj.insert(key, random_value(rng));
+                }
+                2 => {
+                    let value = obj.remove(&key).unwrap();
+                    obj.insert(KEYS[rng.below(KEYS.len())].to_string(), value);
+                }
+                _ => mutate_value(rng, obj.get_mut(&key).unwrap()),
+            }
+        }
+        Value::Array(items) if !items.is_empty() && rng.below(3) > 0 => {
+            let i = rng.below(items.len());
+            match rng.below(4) {
+                0 => {
+                    items.remove(i);
+                }
+                1 => {
+                    let copy = items[i].clone();
+                    items.insert(i, copy);
+                }
+                2 => {
+                    let j = rng.below(items.len());
+                    items.swap(i, j);
+                }
+                _ => mutate_value(rng, &mut items[i]),
+            }
+        }
+        _ => *v = random_value(rng),
+    }
+}
+
+#[test]
+fn fuzz_json_lines_records_of_every_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = schema_records();
+    let path = dir.path().join("fuzz.jsonl");
+    // The undamaged records read, one conversation each.
+    let text: String = records.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(&path, text).unwrap();
+    assert_eq!(read_chat_file(&path).unwrap().len(), records.len());
+    let mut c = Counts::default();
+    let start = Instant::now();
+    let seed = seed();
+    while start.elapsed() < budget() {
+        let case = c.tried;
+        let mut rng = Rng::new(seed).fork(2 << 40 | case);
+        let mut lines: Vec<serde_json::Value> =
+            (0..1 + rng.below(4)).map(|_| records[rng.below(records.len())].clone()).collect();
+        let damaged = rng.below(lines.len());
+        for _ in 0..1 + rng.below(3) {
+            mutate_value(&mut rng, &mut lines[damaged]);
+        }
+        // A line that is no longer an object could open the file as a JSON list (`[`): keep the
+        // damage inside a record.
+        if !lines[damaged].is_object() {
+            lines[damaged] = serde_json::json!({ "messages": lines[damaged].take() });
+        }
+        let text: String = lines.iter().map(|r| format!("{r}\n")).collect();
+        std::fs::write(&path, text).unwrap();
+        c.tried += 1;
+        match catch_unwind(AssertUnwindSafe(|| read_chat_file(&path))) {
+            Ok(Ok(convs)) => {
+                assert_eq!(convs.len(), lines.len(), "seed {seed} case {case}");
+                assert!(
+                    convs.iter().all(|c| !c.turns.is_empty()),
+                    "seed {seed} case {case}: a conversation without turns"
+                );
+                c.ok += 1
+            }
+            Ok(Err(e)) => {
+                let msg = format!("{e:#}");
+                assert!(
+                    msg.contains("fuzz.jsonl") && msg.contains(&format!("example {damaged}")),
+                    "seed {seed} case {case}: the error must name the file and the damaged example: {msg}"
+                );
+                c.clean_errors += 1
+            }
+            Err(_) => {
+                c.panics += 1;
+                eprintln!("PANIC: seed {seed} case {case} (SFT_FUZZ_SEED={seed})");
+            }
+        }
+    }
+    eprintln!("JSON Lines records: {c:?}");
+    assert_eq!(c.panics, 0, "{c:?}");
+    assert!(c.tried > 100 && c.clean_errors > 0 && c.ok > 0, "{c:?}");
 }

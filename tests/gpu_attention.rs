@@ -3,6 +3,8 @@
 //! single sequences of 1, 17, 1000, 2048 and 4096 tokens, packed rows of mixed lengths, grouped
 //! KV heads (2:1 and 4:1), head_dim 64 and 128. Outputs must agree to a relative error
 //! ‖gpu − ref‖ / ‖ref‖ below 1e-2: out, lse, and the dq, dk, dv parts of dqkv separately.
+//! The backward (one kernel: dK, dV and the ordered dQ accumulation) must also be bit-identical
+//! run to run, and a tile table prepared once per batch must follow rewritten segments.
 //!
 //! All tests are `#[ignore]` (they need an NVIDIA GPU): `cargo test --release --test
 //! gpu_attention -- --ignored`, or `scripts/gpu_check.sh run`. Where the backend cannot open,
@@ -33,18 +35,29 @@ fn tensor_core_gpu(head_dim: usize) -> Option<CudaBackend> {
 
 /// (out, lse, dqkv) of one forward and backward.
 fn attention<B: Backend>(b: &B, qkv: &[f32], dout: &[f32], cu: &[u32], heads: HeadShape) -> [Vec<f32>; 3] {
-    let n = *cu.last().unwrap() as usize;
-    let segs = cu.len() - 1;
-    let qkv_b = upload(b, qkv, Precision::Compute);
     let mut cu_b = b.zeros_ids(cu.len()).unwrap();
     b.write_ids(&mut cu_b, cu).unwrap();
+    attention_on(b, qkv, dout, &cu_b, cu.len() - 1, *cu.last().unwrap() as usize, heads)
+}
+
+/// As [`attention`], with the segments already on the device.
+fn attention_on<B: Backend>(
+    b: &B,
+    qkv: &[f32],
+    dout: &[f32],
+    cu_b: &B::Ids,
+    segs: usize,
+    n: usize,
+    heads: HeadShape,
+) -> [Vec<f32>; 3] {
+    let qkv_b = upload(b, qkv, Precision::Compute);
     let mut out = b.zeros(n * heads.q_width(), Precision::Compute).unwrap();
     let mut lse = b.zeros(heads.n_heads * n, Precision::F32).unwrap();
-    b.attention_forward(&mut out, &mut lse, &qkv_b, &cu_b, segs, n, heads).unwrap();
+    b.attention_forward(&mut out, &mut lse, &qkv_b, cu_b, segs, n, heads).unwrap();
     let dout_b = upload(b, dout, Precision::Compute);
     // Garbage in dqkv first: the backward must overwrite every element.
     let mut dqkv = upload(b, &vec![f32::NAN; n * heads.qkv_width()], Precision::Compute);
-    b.attention_backward(&mut dqkv, &dout_b, &qkv_b, &out, &lse, &cu_b, segs, n, heads).unwrap();
+    b.attention_backward(&mut dqkv, &dout_b, &qkv_b, &out, &lse, cu_b, segs, n, heads).unwrap();
     b.synchronize().unwrap();
     [
         b.read(&out, n * heads.q_width()).unwrap(),
@@ -187,4 +200,56 @@ fn flash_backward_is_deterministic() {
     for (x, y) in a.iter().zip(&b) {
         assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()), "two runs differ");
     }
+}
+
+fn assert_identical(what: &str, a: &[Vec<f32>; 3], b: &[Vec<f32>; 3]) {
+    for (name, (x, y)) in ["out", "lse", "dqkv"].iter().zip(a.iter().zip(b)) {
+        let differ = x.iter().zip(y).filter(|(p, q)| p.to_bits() != q.to_bits()).count();
+        assert_eq!(differ, 0, "{what}: {differ} values of {name} differ between two runs");
+    }
+}
+
+/// The backward sums each q tile's dQ partials (one per key tile) in a fixed order, whatever the
+/// timing: bit-identical runs for both head dims, on grids of many waves (the 1.3B's 32 heads
+/// over rows of 2048, and a packed batch with grouped KV heads).
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn flash_backward_is_deterministic_at_scale() {
+    let mha_32 = HeadShape { n_heads: 32, n_kv_heads: 32, head_dim: 64 };
+    let gqa_128 = HeadShape { n_heads: 16, n_kv_heads: 4, head_dim: 128 };
+    for (heads, cu, seed) in
+        [(mha_32, vec![0u32, 2048, 4096, 6144, 8192], 710), (gqa_128, PACKED.to_vec(), 711)]
+    {
+        let Some(g) = tensor_core_gpu(heads.head_dim) else { return };
+        let n = *cu.last().unwrap() as usize;
+        let (qkv, dout) = inputs(n, heads, seed);
+        let first = attention(&g, &qkv, &dout, &cu, heads);
+        for run in 1..3 {
+            let again = attention(&g, &qkv, &dout, &cu, heads);
+            assert_identical(&format!("hd {} run {run}", heads.head_dim), &first, &again);
+        }
+    }
+}
+
+/// A tile table prepared once for a batch (`prepare_segments`, as the model does) gives the same
+/// bits as one built per call, and is forgotten when the segments are rewritten in place: the
+/// next attention sees the new segments (same count and rows, other boundaries).
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn flash_prepared_tile_table_follows_the_segments() {
+    let Some(g) = tensor_core_gpu(64) else { return };
+    let other: &[u32] = &[0, 5, 20, 90, 300, 1000, 1001, 1500, 2048];
+    assert_eq!(other.len(), PACKED.len());
+    let n = 2048;
+    let (qkv, dout) = inputs(n, GQA_64, 720);
+    let unprepared = attention(&g, &qkv, &dout, PACKED, GQA_64);
+    let mut cu_b = g.zeros_ids(PACKED.len()).unwrap();
+    g.write_ids(&mut cu_b, PACKED).unwrap();
+    g.prepare_segments(&cu_b, PACKED.len() - 1, n).unwrap();
+    let prepared = attention_on(&g, &qkv, &dout, &cu_b, PACKED.len() - 1, n, GQA_64);
+    assert_identical("prepared vs per-call tile table", &unprepared, &prepared);
+    g.write_ids(&mut cu_b, other).unwrap();
+    let rewritten = attention_on(&g, &qkv, &dout, &cu_b, other.len() - 1, n, GQA_64);
+    let r = attention(&CpuBackend::<f32>::new(), &qkv, &dout, other, GQA_64);
+    compare("segments rewritten after prepare_segments", &rewritten, &r, GQA_64);
 }

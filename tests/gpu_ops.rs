@@ -15,7 +15,10 @@ use common::model::naive::NaiveBackend;
 use half::bf16;
 use sft::backend::cpu::CpuBackend;
 use sft::backend::cuda::CudaBackend;
-use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope, RopeScaling, RopeStyle};
+use sft::backend::{
+    cross_entropy_sum, group_tokens_by_id, stats, sum_squares_read, AdamW, Backend, BranchGrad, Clip,
+    Dropout, GradMode, HeadShape, LossGrads, Precision, Rope, RopeScaling, RopeStyle, STATS_LEN,
+};
 use sft::rng::Rng;
 
 const TOL: f64 = 1e-2;
@@ -53,7 +56,7 @@ fn embedding<B: Backend>(
     dout: &[f32],
     dtable0: &[f32],
     d: usize,
-) -> [Vec<f32>; 2] {
+) -> [Vec<f32>; 3] {
     let n = ids.len();
     let ids_b = upload_ids(b, ids);
     let table_b = upload(b, table, Precision::Compute);
@@ -61,8 +64,13 @@ fn embedding<B: Backend>(
     b.embedding_forward(&mut out, &ids_b, &table_b, n, d).unwrap();
     let dout_b = upload(b, dout, Precision::Compute);
     let mut dtable = upload(b, dtable0, Precision::F32);
-    b.embedding_backward(&mut dtable, &ids_b, &dout_b, n, d).unwrap();
-    [download(b, &out, n * d), download(b, &dtable, table.len())]
+    let (groups, n_groups) = group_tokens_by_id(ids);
+    let groups_b = upload_ids(b, &groups);
+    b.embedding_backward(&mut dtable, &groups_b, n_groups, &dout_b, n, d, GradMode::Accumulate).unwrap();
+    let accumulated = download(b, &dtable, table.len());
+    // Overwrite: what the table held is gone, absent ids' rows are zero.
+    b.embedding_backward(&mut dtable, &groups_b, n_groups, &dout_b, n, d, GradMode::Overwrite).unwrap();
+    [download(b, &out, n * d), accumulated, download(b, &dtable, table.len())]
 }
 
 #[test]
@@ -79,6 +87,19 @@ fn embedding_matches_cpu() {
     let r = embedding(&reference(), &ids, &table, &dout, &dtable0, d);
     assert_close("embedding_forward", &a[0], &r[0], TOL);
     assert_close("embedding_backward dtable", &a[1], &r[1], TOL);
+    assert_close("embedding_backward dtable (overwrite)", &a[2], &r[2], TOL);
+    for id in (0..vocab as u32).filter(|id| !ids.contains(id)) {
+        let row = &a[2][id as usize * d..(id as usize + 1) * d];
+        assert!(row.iter().all(|&v| v == 0.0), "row {id} of an absent id is not zero");
+    }
+    // The grouping came from the host: the backward read nothing back.
+    let before = g.host_reads();
+    let dout_b = upload(&g, &dout, Precision::Compute);
+    let (groups, n_groups) = group_tokens_by_id(&ids);
+    let groups_b = upload_ids(&g, &groups);
+    let mut dtable = g.zeros(vocab * d, Precision::F32).unwrap();
+    g.embedding_backward(&mut dtable, &groups_b, n_groups, &dout_b, n, d, GradMode::Overwrite).unwrap();
+    assert_eq!(g.host_reads(), before);
 }
 
 // ---- RMSNorm --------------------------------------------------------------------------------
@@ -94,6 +115,7 @@ fn rmsnorm<B: Backend>(
     dw0: &[f32],
     n: usize,
     d: usize,
+    dropout: Option<Dropout>,
 ) -> Vec<Vec<f32>> {
     let eps = 1e-5;
     let xb = upload(b, x, Precision::Compute);
@@ -105,14 +127,16 @@ fn rmsnorm<B: Backend>(
 
     let db = upload(b, delta, Precision::Compute);
     let mut x_out = b.zeros(n * d, Precision::Compute).unwrap();
-    b.residual_rmsnorm_forward(&mut x_out, &mut out, &mut rstd, &xb, &db, &wb, n, d, eps).unwrap();
+    b.residual_rmsnorm_forward(&mut x_out, &mut out, &mut rstd, &xb, &db, &wb, n, d, eps, dropout).unwrap();
     let fused = [download(b, &x_out, n * d), download(b, &out, n * d), download(b, &rstd, n)];
 
     let doutb = upload(b, dout, Precision::Compute);
     let mut dx = upload(b, dx0, Precision::Compute);
     let mut dw = upload(b, dw0, Precision::F32);
-    b.rmsnorm_backward(&mut dx, &mut dw, &doutb, &x_out, &wb, &rstd, n, d).unwrap();
-    let back = [download(b, &dx, n * d), download(b, &dw, d)];
+    let mut branch = b.zeros(n * d, Precision::Compute).unwrap();
+    let out = dropout.map(|dropout| BranchGrad { out: &mut branch, dropout });
+    b.rmsnorm_backward(&mut dx, &mut dw, &doutb, &x_out, &wb, &rstd, n, d, out).unwrap();
+    let back = [download(b, &dx, n * d), download(b, &dw, d), download(b, &branch, n * d)];
     plain.into_iter().chain(fused).chain(back).collect()
 }
 
@@ -120,20 +144,35 @@ fn rmsnorm<B: Backend>(
 #[ignore = "needs an NVIDIA GPU"]
 fn rmsnorm_matches_cpu() {
     let Some(g) = gpu() else { return };
-    let (n, d) = (13, 333);
-    let mut rng = Rng::new(2);
-    let x = randn(&mut rng, n * d, 1.0);
-    let delta = randn(&mut rng, n * d, 0.5);
-    let w: Vec<f32> = randn(&mut rng, d, 0.2).iter().map(|v| bf16::from_f32(1.0 + v).to_f32()).collect();
-    let dout = randn(&mut rng, n * d, 1.0);
-    let dx0 = randn(&mut rng, n * d, 0.5);
-    let dw0 = randn(&mut rng, d, 0.5);
-    let a = rmsnorm(&g, &x, &delta, &w, &dout, &dx0, &dw0, n, d);
-    let r = rmsnorm(&reference(), &x, &delta, &w, &dout, &dx0, &dw0, n, d);
-    let names =
-        ["out", "rstd", "residual x_out", "residual out", "residual rstd", "backward dx", "backward dw"];
-    for (i, name) in names.iter().enumerate() {
-        assert_close(&format!("rmsnorm {name}"), &a[i], &r[i], TOL);
+    // d 333: the scalar path; 512 and 2048: 16-byte groups; 1100 rows: several rows per
+    // backward chunk (512 chunks), the last one ragged. With and without the folded dropout.
+    for (n, d) in [(13, 333), (13, 512), (1100, 2048)] {
+        for dropout in [None, Some(Dropout { p: 0.1, seed: 99 })] {
+            let mut rng = Rng::new(2);
+            let x = randn(&mut rng, n * d, 1.0);
+            let delta = randn(&mut rng, n * d, 0.5);
+            let w: Vec<f32> =
+                randn(&mut rng, d, 0.2).iter().map(|v| bf16::from_f32(1.0 + v).to_f32()).collect();
+            let dout = randn(&mut rng, n * d, 1.0);
+            let dx0 = randn(&mut rng, n * d, 0.5);
+            let dw0 = randn(&mut rng, d, 0.5);
+            let a = rmsnorm(&g, &x, &delta, &w, &dout, &dx0, &dw0, n, d, dropout);
+            let r = rmsnorm(&reference(), &x, &delta, &w, &dout, &dx0, &dw0, n, d, dropout);
+            let names = [
+                "out",
+                "rstd",
+                "residual x_out",
+                "residual out",
+                "residual rstd",
+                "backward dx",
+                "backward dw",
+                "backward branch",
+            ];
+            let last = if dropout.is_some() { names.len() } else { names.len() - 1 };
+            for (i, name) in names[..last].iter().enumerate() {
+                assert_close(&format!("rmsnorm n {n} d {d} {dropout:?} {name}"), &a[i], &r[i], TOL);
+            }
+        }
     }
 }
 
@@ -157,11 +196,14 @@ fn matmul<B: Backend>(
     let db = upload(b, dout, Precision::Compute);
     let mut dinp = b.zeros(n * i, Precision::Compute).unwrap();
     let mut dw = upload(b, dw0, Precision::F32);
-    b.matmul_backward(Some(&mut dinp), &mut dw, &db, &ib, &wb, n, i, o).unwrap();
+    b.matmul_backward(Some(&mut dinp), &mut dw, &db, &ib, &wb, n, i, o, GradMode::Accumulate).unwrap();
     let dw1 = download(b, &dw, o * i);
     // Without dinp, dw accumulates a second time.
-    b.matmul_backward(None, &mut dw, &db, &ib, &wb, n, i, o).unwrap();
-    vec![download(b, &out, n * o), download(b, &dinp, n * i), dw1, download(b, &dw, o * i)]
+    b.matmul_backward(None, &mut dw, &db, &ib, &wb, n, i, o, GradMode::Accumulate).unwrap();
+    let dw2 = download(b, &dw, o * i);
+    // Overwrite (beta 0): the gradient alone, whatever dw held.
+    b.matmul_backward(None, &mut dw, &db, &ib, &wb, n, i, o, GradMode::Overwrite).unwrap();
+    vec![download(b, &out, n * o), download(b, &dinp, n * i), dw1, dw2, download(b, &dw, o * i)]
 }
 
 fn matmul_case(g: &CudaBackend, what: &str) {
@@ -174,7 +216,7 @@ fn matmul_case(g: &CudaBackend, what: &str) {
         let dw0 = randn(&mut rng, o * i, 0.5);
         let a = matmul(g, &inp, &w, &dout, &dw0, n, i, o);
         let r = matmul(&reference(), &inp, &w, &dout, &dw0, n, i, o);
-        for (k, name) in ["out", "dinp", "dw", "dw accumulated twice"].iter().enumerate() {
+        for (k, name) in ["out", "dinp", "dw", "dw accumulated twice", "dw overwritten"].iter().enumerate() {
             assert_close(&format!("{what} {name} [{n}x{i}] -> {o}"), &a[k], &r[k], TOL);
         }
     }
@@ -260,22 +302,40 @@ fn matmul_slices_match_cpu() {
 
 // ---- RoPE -----------------------------------------------------------------------------------
 
-fn rope<B: Backend>(b: &B, qkv: &[f32], pos: &[u32], heads: HeadShape, rope: Rope) -> [Vec<f32>; 2] {
+fn rope<B: Backend>(b: &B, qkv: &[f32], pos: &[u32], heads: HeadShape, rope: Rope) -> [Vec<f32>; 3] {
     let n = pos.len();
     let len = n * heads.qkv_width();
     let mut buf = upload(b, qkv, Precision::Compute);
     let p = upload_ids(b, pos);
-    b.rope_forward(&mut buf, &p, n, heads, rope).unwrap();
+    let mut table = b.zeros(n * heads.head_dim, Precision::F32).unwrap();
+    b.rope_table(&mut table, &p, n, heads.head_dim, rope).unwrap();
+    b.rope_forward(&mut buf, &table, n, heads, rope.style).unwrap();
     let fwd = download(b, &buf, len);
-    b.rope_backward(&mut buf, &p, n, heads, rope).unwrap();
-    [fwd, download(b, &buf, len)]
+    b.rope_backward(&mut buf, &table, n, heads, rope.style).unwrap();
+    [fwd, download(b, &buf, len), download(b, &table, n * heads.head_dim)]
 }
 
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn rope_matches_cpu_in_both_styles_and_scalings() {
     let Some(g) = gpu() else { return };
-    let heads = HeadShape { n_heads: 4, n_kv_heads: 2, head_dim: 64 };
+    // head_dim 64: 16-byte groups; 40: one pair per thread (not a multiple of 16).
+    for head_dim in [64, 40] {
+        rope_case(&g, HeadShape { n_heads: 4, n_kv_heads: 2, head_dim });
+    }
+    // The fp32 table against the f64 CPU one at positions up to 131072 (Llama 3.2's context).
+    let heads = HeadShape { n_heads: 1, n_kv_heads: 1, head_dim: 128 };
+    let mut rng = Rng::new(5);
+    let pos = rand_ids(&mut rng, 64, 131_072);
+    let r = Rope::plain(500_000.0, RopeStyle::HalfSplit);
+    let qkv = randn(&mut rng, pos.len() * heads.qkv_width(), 1.0);
+    let a = rope(&g, &qkv, &pos, heads, r);
+    let want = rope(&CpuBackend::<f64>::new(), &qkv, &pos, heads, r);
+    let worst = a[2].iter().zip(&want[2]).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(worst < 1e-6, "rope table: largest |cos/sin| error {worst}");
+}
+
+fn rope_case(g: &CudaBackend, heads: HeadShape) {
     let n = 19;
     let mut rng = Rng::new(4);
     let qkv = randn(&mut rng, n * heads.qkv_width(), 1.0);
@@ -289,7 +349,7 @@ fn rope_matches_cpu_in_both_styles_and_scalings() {
     for style in [RopeStyle::AdjacentPairs, RopeStyle::HalfSplit] {
         for scaling in [None, Some(RopeScaling::Linear { factor: 4.0 }), Some(llama3)] {
             let r = Rope { theta: 500_000.0, style, scaling };
-            let a = rope(&g, &qkv, &pos, heads, r);
+            let a = rope(g, &qkv, &pos, heads, r);
             let want = rope(&reference(), &qkv, &pos, heads, r);
             assert_close(&format!("rope_forward {r:?}"), &a[0], &want[0], TOL);
             assert_close(&format!("rope_backward {r:?}"), &a[1], &want[1], TOL);
@@ -407,14 +467,16 @@ fn swiglu<B: Backend>(b: &B, gu: &[f32], dout: &[f32], n: usize, hidden: usize) 
 #[ignore = "needs an NVIDIA GPU"]
 fn swiglu_matches_cpu() {
     let Some(g) = gpu() else { return };
-    let (n, hidden) = (11, 173);
-    let mut rng = Rng::new(9);
-    let gu = randn(&mut rng, 2 * n * hidden, 2.0);
-    let dout = randn(&mut rng, n * hidden, 1.0);
-    let a = swiglu(&g, &gu, &dout, n, hidden);
-    let r = swiglu(&reference(), &gu, &dout, n, hidden);
-    assert_close("swiglu_forward", &a[0], &r[0], TOL);
-    assert_close("swiglu_backward", &a[1], &r[1], TOL);
+    // hidden 173: one element per item; 176: 16-byte groups of 8.
+    for (n, hidden) in [(11, 173), (11, 176)] {
+        let mut rng = Rng::new(9);
+        let gu = randn(&mut rng, 2 * n * hidden, 2.0);
+        let dout = randn(&mut rng, n * hidden, 1.0);
+        let a = swiglu(&g, &gu, &dout, n, hidden);
+        let r = swiglu(&reference(), &gu, &dout, n, hidden);
+        assert_close(&format!("swiglu_forward hidden {hidden}"), &a[0], &r[0], TOL);
+        assert_close(&format!("swiglu_backward hidden {hidden}"), &a[1], &r[1], TOL);
+    }
 }
 
 // ---- dropout --------------------------------------------------------------------------------
@@ -458,12 +520,11 @@ fn loss<B: Backend>(
     let n = targets.len();
     let xb = upload(b, x, Precision::Compute);
     let wb = upload(b, w, Precision::Compute);
-    let tb = upload_ids(b, targets);
-    let no_grad = b.lm_head_cross_entropy(&xb, &wb, &tb, ignore, n, d, vocab, None).unwrap();
+    let no_grad = cross_entropy_sum(b, &xb, &wb, targets, ignore, n, d, vocab, None).unwrap();
     let mut dx = upload(b, dx0, Precision::Compute);
     let mut dw = upload(b, dw0, Precision::F32);
-    let grads = LossGrads { dx: &mut dx, dw: &mut dw, loss_scale: 0.37 };
-    let with_grad = b.lm_head_cross_entropy(&xb, &wb, &tb, ignore, n, d, vocab, Some(grads)).unwrap();
+    let grads = LossGrads { dx: &mut dx, dw: &mut dw, loss_scale: 0.37, mode: GradMode::Accumulate };
+    let with_grad = cross_entropy_sum(b, &xb, &wb, targets, ignore, n, d, vocab, Some(grads)).unwrap();
     (no_grad, with_grad, download(b, &dx, n * d), download(b, &dw, vocab * d))
 }
 
@@ -471,7 +532,15 @@ fn loss<B: Backend>(
 #[ignore = "needs an NVIDIA GPU"]
 fn lm_head_cross_entropy_matches_cpu() {
     let Some(g) = gpu() else { return };
-    let (n, d, vocab, ignore) = (23, 40, 301, 2u32);
+    // d 40 with vocab 301: 16-byte row copies, one-element logits rows; d 36 with vocab 512:
+    // the other way round.
+    for (n, d, vocab) in [(23, 40, 301), (17, 36, 512)] {
+        lm_head_case(&g, n, d, vocab);
+    }
+}
+
+fn lm_head_case(g: &CudaBackend, n: usize, d: usize, vocab: usize) {
+    let ignore = 2u32;
     let mut rng = Rng::new(11);
     let x = randn(&mut rng, n * d, 1.0);
     let w = randn(&mut rng, vocab * d, 0.3);
@@ -481,7 +550,7 @@ fn lm_head_cross_entropy_matches_cpu() {
     // dx starts nonzero: the op must overwrite it (zero on unsupervised rows).
     let dx0 = randn(&mut rng, n * d, 1.0);
     let dw0 = randn(&mut rng, vocab * d, 0.1);
-    let a = loss(&g, &x, &w, &targets, &dx0, &dw0, d, vocab, ignore);
+    let a = loss(g, &x, &w, &targets, &dx0, &dw0, d, vocab, ignore);
     let r = loss(&reference(), &x, &w, &targets, &dx0, &dw0, d, vocab, ignore);
     assert!((a.0 - r.0).abs() / r.0.abs() < TOL, "loss {} vs {}", a.0, r.0);
     assert!((a.1 - r.1).abs() / r.1.abs() < TOL, "loss with grads {} vs {}", a.1, r.1);
@@ -510,9 +579,106 @@ fn sum_squares_matches_cpu() {
     let precisions = [Precision::F32, Precision::Compute, Precision::F32, Precision::F32, Precision::Compute];
     let gb: Vec<_> = data.iter().zip(precisions).map(|(v, p)| upload(&g, v, p)).collect();
     let cb: Vec<_> = data.iter().zip(precisions).map(|(v, p)| upload(&cpu, v, p)).collect();
-    let a = g.sum_squares(&gb.iter().collect::<Vec<_>>(), &lens).unwrap();
-    let r = cpu.sum_squares(&cb.iter().collect::<Vec<_>>(), &lens).unwrap();
+    let a = sum_squares_read(&g, &gb.iter().collect::<Vec<_>>(), &lens).unwrap();
+    let r = sum_squares_read(&cpu, &cb.iter().collect::<Vec<_>>(), &lens).unwrap();
     assert!((a - r).abs() / r < 1e-4, "sum_squares {a} vs {r}");
+}
+
+/// The loss sums on the device (sum_split): overwrite, then accumulate, as the CPU does, with
+/// nothing read back until the caller reads the statistics.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn sum_into_matches_cpu_and_reads_nothing() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(14);
+    let cpu = reference();
+    for len in [0usize, 1, 255, 257, 40_000] {
+        let x: Vec<f32> = randn(&mut rng, len.max(1), 1.0).iter().map(|v| v.abs() + 0.5).collect();
+        let mut results = Vec::new();
+        for gpu_side in [true, false] {
+            let got = if gpu_side {
+                let xb = upload(&g, &x, Precision::F32);
+                let mut st = g.zeros(STATS_LEN, Precision::F32).unwrap();
+                let before = g.host_reads();
+                g.sum_into(&mut st, stats::STEP_LOSS, &xb, len, GradMode::Overwrite).unwrap();
+                g.sum_into(&mut st, stats::STEP_LOSS, &xb, len, GradMode::Accumulate).unwrap();
+                assert_eq!(g.host_reads(), before);
+                stats::join(&g.read(&st, STATS_LEN).unwrap(), stats::STEP_LOSS)
+            } else {
+                let xb = upload(&cpu, &x, Precision::F32);
+                let mut st = cpu.zeros(STATS_LEN, Precision::F32).unwrap();
+                cpu.sum_into(&mut st, stats::STEP_LOSS, &xb, len, GradMode::Overwrite).unwrap();
+                cpu.sum_into(&mut st, stats::STEP_LOSS, &xb, len, GradMode::Accumulate).unwrap();
+                stats::join(&cpu.read(&st, STATS_LEN).unwrap(), stats::STEP_LOSS)
+            };
+            results.push(got);
+        }
+        let want = 2.0 * x[..len].iter().map(|&v| v as f64).sum::<f64>();
+        for got in results {
+            assert!((got - want).abs() <= 1e-12 * want.max(1.0), "len {len}: {got} vs {want}");
+        }
+    }
+}
+
+/// AdamW reading the clip factor from the device's sum of squares: as the CPU, and no update
+/// when the norm is not finite.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn adamw_clips_from_device_memory_as_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(15);
+    let lens = [7usize, 1000, 66_000];
+    let master: Vec<Vec<f32>> = lens.iter().map(|&l| randn(&mut rng, l, 0.5)).collect();
+    let grads: Vec<Vec<f32>> = lens.iter().map(|&l| randn(&mut rng, l, 1.0)).collect();
+    let hp =
+        AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.01, step: 1, grad_scale: 1.0 };
+    fn run<B: Backend>(
+        b: &B,
+        master0: &[Vec<f32>],
+        grads: &[Vec<f32>],
+        lens: &[usize],
+        hp: &AdamW,
+        max_norm: f32,
+        poison: bool,
+    ) -> Vec<Vec<f32>> {
+        let mut params: Vec<_> = master0.iter().map(|v| upload(b, v, Precision::Compute)).collect();
+        let mut master: Vec<_> = master0.iter().map(|v| upload(b, v, Precision::F32)).collect();
+        let mut m: Vec<_> = lens.iter().map(|&l| b.zeros(l, Precision::F32).unwrap()).collect();
+        let mut v: Vec<_> = lens.iter().map(|&l| b.zeros(l, Precision::F32).unwrap()).collect();
+        let mut gb: Vec<_> = grads.iter().map(|v| upload(b, v, Precision::F32)).collect();
+        if poison {
+            let mut bad = grads[0].clone();
+            bad[3] = f32::INFINITY;
+            gb[0] = upload(b, &bad, Precision::F32);
+        }
+        let mut st = b.zeros(STATS_LEN, Precision::F32).unwrap();
+        b.sum_squares(&gb.iter().collect::<Vec<_>>(), lens, &mut st).unwrap();
+        b.adamw(
+            &mut params.iter_mut().collect::<Vec<_>>(),
+            &mut master.iter_mut().collect::<Vec<_>>(),
+            &gb.iter().collect::<Vec<_>>(),
+            &mut m.iter_mut().collect::<Vec<_>>(),
+            &mut v.iter_mut().collect::<Vec<_>>(),
+            lens,
+            hp,
+            Some(Clip { sumsq: &st, max_norm }),
+        )
+        .unwrap();
+        master.iter().zip(lens).map(|(x, &l)| download(b, x, l)).collect()
+    }
+    let norm: f64 = grads.iter().flatten().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
+    for max_norm in [(norm / 4.0) as f32, 0.0] {
+        let before = g.host_reads();
+        let a = run(&g, &master, &grads, &lens, &hp, max_norm, false);
+        // Only the final downloads of the masters read anything back.
+        assert_eq!(g.host_reads() - before, lens.len() as u64);
+        let r = run(&reference(), &master, &grads, &lens, &hp, max_norm, false);
+        for t in 0..lens.len() {
+            assert_close(&format!("adamw clipped master {t} (max_norm {max_norm})"), &a[t], &r[t], 1e-5);
+        }
+    }
+    let a = run(&g, &master, &grads, &lens, &hp, 1.0, true);
+    assert_eq!(a, master, "a non-finite norm must leave the weights alone");
 }
 
 type AdamState = [Vec<Vec<f32>>; 4];
@@ -539,6 +705,7 @@ fn adamw_steps<B: Backend>(
             &mut v.iter_mut().collect::<Vec<_>>(),
             lens,
             h,
+            None,
         )
         .unwrap();
     }
@@ -644,7 +811,7 @@ fn reference_rmsnorm_backward_matches_finite_differences() {
     let (mut out, mut rstd) = (vec![0.0; n * d], vec![0.0; n]);
     b.rmsnorm_forward(&mut out, &mut rstd, &x, &w, n, d, 1e-5).unwrap();
     let (mut dx, mut dw) = (vec![0.0; n * d], vec![0.0; d]);
-    b.rmsnorm_backward(&mut dx, &mut dw, &dout, &x, &w, &rstd, n, d).unwrap();
+    b.rmsnorm_backward(&mut dx, &mut dw, &dout, &x, &w, &rstd, n, d, None).unwrap();
     let eps = 1e-2;
     for i in [0, 7, 13, 29] {
         let (mut p, mut m) = (x.clone(), x.clone());
@@ -666,7 +833,7 @@ fn reference_rmsnorm_backward_matches_finite_differences() {
 /// op, on the shapes the kernels take (head_dim 64, grouped KV, odd sizes); no GPU needed.
 #[test]
 fn reference_agrees_with_cpu_backend_on_every_op() {
-    let (cpu, re) = (reference(), NaiveBackend);
+    let (cpu, re) = (reference(), NaiveBackend::default());
     let tol = 1e-4;
     let mut rng = Rng::new(30);
 
@@ -682,8 +849,10 @@ fn reference_agrees_with_cpu_backend_on_every_op() {
     let (n, d) = (5, 33);
     let v: Vec<Vec<f32>> =
         [n * d, n * d, d, n * d, n * d, d].iter().map(|&l| randn(&mut rng, l, 1.0)).collect();
-    let a = rmsnorm(&re, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], n, d);
-    let r = rmsnorm(&cpu, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], n, d);
+    // With dropout folded into the residual add and the norm backward's branch gradient.
+    let mask = Some(Dropout { p: 0.2, seed: 3 });
+    let a = rmsnorm(&re, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], n, d, mask);
+    let r = rmsnorm(&cpu, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], n, d, mask);
     for k in 0..a.len() {
         assert_close(&format!("ref rmsnorm output {k}"), &a[k], &r[k], tol);
     }

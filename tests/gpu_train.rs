@@ -10,7 +10,7 @@ use common::gpu::gpu;
 
 use common::model::{examples, packed_batch, padded_batch, PAD};
 use sft::backend::cpu::CpuBackend;
-use sft::backend::{AdamW, RopeStyle};
+use sft::backend::{AdamW, Backend, RopeStyle};
 use sft::data::batch::Batch;
 use sft::demo::{setup, DemoArgs};
 use sft::model::{Model, ModelConfig};
@@ -188,4 +188,70 @@ fn demo_loss_curve_on_gpu_follows_cpu() {
         cpu.step_losses[0].1,
         last(&gpu)
     );
+}
+
+/// Two optimizer steps of three micro-batches each through the trainer's path
+/// (`accumulate_gradients`, then `clip_and_update`) on both backends: the loss sums, the norms and
+/// the weights agree; the GPU reads nothing back per micro-batch and once per step; the second
+/// step's first micro-batch overwrites the first step's gradients (no zeroing in between); and
+/// a second GPU model in the same process (GEMM algorithms tuned once per process) repeats the
+/// first one bit for bit.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn accumulated_steps_read_back_once_and_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let exs = examples(13, &[40, 17, 63, 5, 30, 33, 9, 21, 50]);
+    let batches: Vec<Batch> = exs.chunks(3).map(|c| padded_batch(c, 3)).collect();
+    let cfg = config(1, RopeStyle::HalfSplit, false);
+    let n = batches.iter().map(Batch::n_tokens).max().unwrap();
+    let mut cpu = Model::new(CpuBackend::<f32>::new(), cfg.clone(), n).unwrap();
+    cpu.init_params(9).unwrap();
+    let params = cpu.read_params().unwrap();
+    let mut gpu = Model::new(g, cfg.clone(), n).unwrap();
+    gpu.write_params(&params).unwrap();
+    let supervised: usize = batches.iter().map(Batch::n_supervised).sum();
+    let scale = 1.0 / supervised as f32;
+    let mut gpu_stats = Vec::new();
+    for step in 1..=2u64 {
+        let hp =
+            AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.01, step, grad_scale: 1.0 };
+        cpu.zero_grads().unwrap();
+        gpu.zero_grads().unwrap();
+        for b in &batches {
+            cpu.accumulate_gradients(b, scale, None).unwrap();
+            let before = gpu.backend().host_reads();
+            gpu.accumulate_gradients(b, scale, None).unwrap();
+            assert_eq!(gpu.backend().host_reads(), before, "a micro-batch read back");
+        }
+        let before = gpu.backend().host_reads();
+        // A clip below the norm, so that the factor read on the device matters.
+        let sc = cpu.clip_and_update(&hp, 0.05).unwrap();
+        let sg = gpu.clip_and_update(&hp, 0.05).unwrap();
+        assert_eq!(gpu.backend().host_reads() - before, 1, "step {step}");
+        let rel = |a: f64, b: f64| (a - b).abs() / b.abs();
+        assert!(rel(sg.loss_sum, sc.loss_sum) < 1e-2, "step {step}: loss {sg:?} vs {sc:?}");
+        assert!(rel(sg.grad_norm, sc.grad_norm) < 2e-2, "step {step}: norm {sg:?} vs {sc:?}");
+        assert!(sc.grad_norm > 0.05, "the clip must bite: norm {}", sc.grad_norm);
+        for (c, p) in cpu.read_params().unwrap().iter().zip(&gpu.read_params().unwrap()) {
+            let e = rel_l2(&p.data, &c.data);
+            assert!(e < 1e-2, "step {step}: {} differs by {e:.3e}", c.name);
+        }
+        gpu_stats.push(sg);
+    }
+    let first_gpu = gpu.read_params().unwrap();
+    let g2 = gpu.into_backend();
+    let mut again = Model::new(g2, cfg, n).unwrap();
+    again.write_params(&params).unwrap();
+    for step in 1..=2u64 {
+        let hp =
+            AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.01, step, grad_scale: 1.0 };
+        again.zero_grads().unwrap();
+        for b in &batches {
+            again.accumulate_gradients(b, scale, None).unwrap();
+        }
+        assert_eq!(again.clip_and_update(&hp, 0.05).unwrap(), gpu_stats[step as usize - 1], "step {step}");
+    }
+    for (a, b) in again.read_params().unwrap().iter().zip(&first_gpu) {
+        assert_eq!(a.data, b.data, "{} is not bit-identical in a second run", a.name);
+    }
 }

@@ -444,6 +444,7 @@ fn import_adds_chat_tokens_then_trains_and_exports() {
         train_share: 0.85,
         seed: 5,
         train_on: TrainOn::FinalReply,
+        chat: Default::default(),
     })
     .unwrap();
     let mut cfg = tiny_config(

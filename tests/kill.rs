@@ -50,6 +50,7 @@ fn prepare_options(chat: &Path, tok: &Path, out: &Path) -> PrepareOptions {
         train_share: 0.85,
         seed: 5,
         train_on: TrainOn::FinalReply,
+        chat: Default::default(),
     }
 }
 

@@ -482,7 +482,7 @@ fn cpu_backend_matches_the_naive_backend() {
     ] {
         for batch in [padded_batch(&exs, 1), packed_batch(&exs, 13)] {
             let mut cpu = model_f64(&config, batch.n_tokens(), 5);
-            let mut naive = Model::new(NaiveBackend, config.clone(), batch.n_tokens()).unwrap();
+            let mut naive = Model::new(NaiveBackend::default(), config.clone(), batch.n_tokens()).unwrap();
             naive.write_params(&cpu.read_params().unwrap()).unwrap();
             let hp = AdamW {
                 lr: 1e-3,

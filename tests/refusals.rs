@@ -183,6 +183,9 @@ fn non_finite_weights_and_outputs_are_errors_naming_the_tensor() {
         s(&nan),
         "--out-dir",
         s(&f.root.join("nan-run")),
+        // Padded batches: this small set fills too few packed rows for a micro-batch.
+        "--batch-mode",
+        "dynamic",
         "--micro-batch",
         "4",
         "--grad-accum",
@@ -433,6 +436,9 @@ fn a_run_that_trained_on_nothing_is_an_error() {
         s(&f.ckpt),
         "--out-dir",
         s(&f.root.join("nothing")),
+        // Padded batches, so that the step counts below are those of 4-example micro-batches.
+        "--batch-mode",
+        "dynamic",
         "--micro-batch",
         "4",
         "--grad-accum",

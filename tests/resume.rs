@@ -31,7 +31,9 @@ fn check_resume_is_exact(mode: BatchMode, leftover_tmp: bool) {
     assert!(whole_report.steps_per_epoch < 2 * N, "{whole_report:?}");
 
     let cut_dir = root.path().join("cut");
-    let first = TrainConfig { max_steps: Some(N), ..base(&cut_dir) };
+    // `max_steps` alone would also set the schedule's length (as in Hugging Face trainers): a run
+    // meant to be cut and resumed names its schedule.
+    let first = TrainConfig { max_steps: Some(N), schedule_steps: Some(2 * N), ..base(&cut_dir) };
     let (first_report, _) = run(&first);
     assert_eq!(first_report.steps, N);
     if leftover_tmp {

@@ -73,9 +73,11 @@ fn checkpoint_round_trip_and_rotation() {
     let last = state.last_train_loss.unwrap();
     assert!((last - report.final_train_loss).abs() <= 1e-12 * last.abs(), "{last}");
 
-    // The log's lr column follows the schedule.
-    let schedule =
-        Schedule { max_lr: 3e-3, min_lr: 3e-4, warmup_steps: 2, total_steps: 2 * report.steps_per_epoch };
+    // The log's lr column follows the schedule, whose length is max_steps (as in Hugging Face
+    // trainers) since no schedule_steps is given.
+    assert_ne!(2 * report.steps_per_epoch, 5, "the epochs would give another length");
+    assert_eq!(state.schedule.total_steps, 5);
+    let schedule = Schedule { max_lr: 3e-3, min_lr: 3e-4, warmup_steps: 2, total_steps: 5 };
     let log = std::fs::read_to_string(out.join("log.csv")).unwrap();
     for (i, line) in log.lines().skip(1).enumerate() {
         let lr: f64 = line.split(',').nth(6).unwrap().parse().unwrap();
@@ -218,6 +220,7 @@ fn init_from_a_checkpoint_and_eval() {
         batch_mode: BatchMode::Dynamic,
         device: "cpu".into(),
         adapter: None,
+        chat: Default::default(),
     };
     assert_eq!(eval_with(CpuBackend::<f32>::new(), &args).unwrap().loss, before);
     let on_chat =

@@ -50,6 +50,7 @@ fn train_resume_and_eval_through_the_binary() {
     let config = root.path().join("run.json");
     let cfg = sft::train::TrainConfig {
         max_steps: Some(2),
+        schedule_steps: Some(3),
         ..tiny_config(&data, &tok, &out, sft::data::BatchMode::Dynamic)
     };
     std::fs::write(&config, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
@@ -141,4 +142,100 @@ fn bench_times_steps_on_the_cpu() {
         "1.5",
     ]);
     assert!(!ok && stderr.contains("dropout"), "{stderr}");
+}
+
+/// Issue 15.6: `sft train` packs by default; SimpleLLaMA's padding is asked for by name. (That
+/// packed rows never let examples attend to each other, and give the padded batches' loss and
+/// gradients, is checked in tests/model_batches.rs and tests/data_loader.rs.)
+#[test]
+fn train_packs_batches_by_default() {
+    let root = tempfile::tempdir().unwrap();
+    let (data, tok) = prepared_data(root.path(), 48, 96);
+    let run = |name: &str, extra: &[&str]| {
+        let out = root.path().join(name);
+        let mut args = vec!["train", "--data", data.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap()];
+        args.extend([
+            "--out-dir",
+            out.to_str().unwrap(),
+            "--model",
+            "tiny",
+            "--from-scratch",
+            "--device",
+            "cpu",
+        ]);
+        args.extend(["--micro-batch", "2", "--grad-accum", "1", "--max-steps", "1", "--max-seq-len", "96"]);
+        args.extend(["--eval-every", "0", "--sample-every", "0"]);
+        args.extend(extra);
+        let (ok, stdout, stderr) = sft(&args);
+        assert!(ok, "{stderr}");
+        assert!(stdout.contains("done: 1 steps"), "{stdout}");
+        let latest = sft::checkpoint::latest(&out).unwrap().unwrap();
+        sft::train::TrainerState::load(&latest).unwrap().config.batch_mode
+    };
+    assert_eq!(run("default", &[]), sft::data::BatchMode::Packed);
+    assert_eq!(run("padded", &["--batch-mode", "dynamic"]), sft::data::BatchMode::Dynamic);
+}
+
+/// `sft bench --data`: real prepared batches, with useful (non-pad, supervised) tokens/s next to
+/// the tokens/s of all positions, in both batch modes.
+#[test]
+fn bench_on_prepared_data_reports_useful_tokens_per_second() {
+    let root = tempfile::tempdir().unwrap();
+    let (data, _) = prepared_data(root.path(), 48, 96);
+    for mode in ["packed", "dynamic"] {
+        let (ok, stdout, stderr) = sft(&[
+            "bench",
+            "--config",
+            "tiny",
+            "--data",
+            data.to_str().unwrap(),
+            "--batch-mode",
+            mode,
+            "--seq-len",
+            "96",
+            "--tokens-per-step",
+            "384",
+            "--micro-batch",
+            "2",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--device",
+            "cpu",
+        ]);
+        assert!(ok, "{mode}: {stderr}");
+        let field = |name: &str| -> (f64, Option<f64>) {
+            let line = stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_else(|| panic!("{mode}: no `{name}` line: {stdout}"));
+            let mut words = line.split_whitespace();
+            let value = words.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{line}"));
+            let share =
+                line.split(": ").nth(1).and_then(|r| r.split('%').next()).and_then(|p| p.parse().ok());
+            (value, share)
+        };
+        let (padded, _) = field("padded tokens/s");
+        let (useful, real_share) = field("useful tokens/s");
+        let (supervised, supervised_share) = field("supervised/s");
+        let (real_share, supervised_share) = (real_share.unwrap(), supervised_share.unwrap());
+        assert!(padded > 0.0 && useful > 0.0 && supervised > 0.0, "{stdout}");
+        assert!(useful <= padded * 1.0001 && supervised <= useful * 1.0001, "{stdout}");
+        assert!(real_share > 0.0 && real_share <= 100.0 && supervised_share <= real_share, "{stdout}");
+        assert!(
+            stdout.contains(&format!("({} batches;", if mode == "packed" { "Packed" } else { "Dynamic" })),
+            "{stdout}"
+        );
+        assert!(stdout.contains("useful MFU"), "{stdout}");
+    }
+    // A directory that is not prepared data is a named error.
+    let (ok, _, stderr) =
+        sft(&["bench", "--config", "tiny", "--data", root.path().to_str().unwrap(), "--device", "cpu"]);
+    assert!(!ok && stderr.contains("--data") && stderr.contains("sft prepare"), "{stderr}");
+    let empty = root.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let (ok, _, stderr) =
+        sft(&["bench", "--config", "tiny", "--data", empty.to_str().unwrap(), "--device", "cpu"]);
+    assert!(!ok && stderr.contains("--data") && stderr.contains("tokenizer.json"), "{stderr}");
 }

@@ -3,8 +3,10 @@
 
 use half::bf16;
 use sft::backend::cpu::{self, CeGrads, Real};
-use sft::backend::cuda::{ADAMW_MAX_BLOCKS, SUM_SQUARES_BLOCKS};
-use sft::backend::AdamW;
+use sft::backend::cuda::{
+    cross_entropy_copy_items, cross_entropy_vec_arg, ADAMW_MAX_BLOCKS, SUM_SPLIT_THREADS, SUM_SQUARES_BLOCKS,
+};
+use sft::backend::{clip_factor, stats, AdamW, GradMode};
 
 use crate::emu::*;
 /// Logit elements per chunk here: small, so that the cases run several chunks through the
@@ -18,6 +20,13 @@ fn sumsq_cfg(len: usize) -> (usize, Cfg) {
     (blocks, Cfg { grid: (blocks as u32, 1, 1), block: (BLOCK, 1, 1) })
 }
 
+/// global_norm.rs sum_split: one block adds `count` floats in double into a split f64.
+fn sum_split_launch(r: &mut Report, out: &mut [f32], x: &[f32], accumulate: bool) {
+    let cfg = Cfg { grid: (1, 1, 1), block: (SUM_SPLIT_THREADS, 1, 1) };
+    let (po, px, count, acc) = (out.as_mut_ptr(), x.as_ptr(), x.len() as i32, accumulate as i32);
+    r.launch("sum_split", cfg, &[arg(&po), arg(&px), arg(&count), arg(&acc)]);
+}
+
 pub fn sum_squares(r: &mut Report, rng: &mut Rng) {
     // 40000 > 128 blocks × 256 threads: every thread strides.
     for len in [1usize, 1000, 40000] {
@@ -27,7 +36,10 @@ pub fn sum_squares(r: &mut Report, rng: &mut Rng) {
         let mut partial = vec![f32::NAN; blocks];
         let (pp, px) = (partial.as_mut_ptr(), x.as_ptr());
         r.launch("sum_squares_f32", cfg, &[arg(&pp), arg(&px), arg(&len)]);
-        let got: f64 = partial.iter().map(|&v| v as f64).sum();
+        // The partials go through sum_split on the device, as sum_squares does.
+        let mut total = [f32::NAN; stats::SPLIT];
+        sum_split_launch(r, &mut total, &partial, false);
+        let got = stats::join(&total, 0);
         let want = cpu::sum_squares(&[&f64s_f32(&x)[..]], &[len]);
         r.check("sum_squares_f32", &case, &[("sum", rel_err(&[got], &[want]), TOL_F32)]);
 
@@ -38,6 +50,26 @@ pub fn sum_squares(r: &mut Report, rng: &mut Rng) {
         let got: f64 = partial.iter().map(|&v| v as f64).sum();
         let want = cpu::sum_squares(&[&xf[..]], &[len]);
         r.check("sum_squares_bf16", &case, &[("sum", rel_err(&[got], &[want]), TOL_F32)]);
+    }
+    // The loss sums: written, then added to, against the CPU twin's f64 sum; the split value
+    // must come back whole (72 bits), so the bound is f64's.
+    for len in [0usize, 1, 255, 256, 257, 5000] {
+        let case = format!("len {len}");
+        let x: Vec<f32> = rng.f32s(len, 1.0).iter().map(|v| v.abs() * 3.0 + 0.1).collect();
+        let mut out = [f32::NAN; stats::SPLIT];
+        sum_split_launch(r, &mut out, &x, false);
+        let once = stats::join(&out, 0);
+        sum_split_launch(r, &mut out, &x, true);
+        let twice = stats::join(&out, 0);
+        let want = cpu::sum(&x);
+        r.check(
+            "sum_split",
+            &case,
+            &[
+                ("sum", rel_err(&[once], &[want]), 1e-13),
+                ("accumulated", rel_err(&[twice], &[2.0 * want]), 1e-13),
+            ],
+        );
     }
 }
 
@@ -52,9 +84,23 @@ struct AdamTensor {
     len: u64,
 }
 
+/// The clip of an adamw case: none (a null sum of squares), the norm over the limit, or a norm
+/// that is not finite (the update must be skipped).
+#[derive(Clone, Copy, Debug)]
+enum ClipCase {
+    None,
+    Clipped,
+    NonFinite,
+}
+
 pub fn adamw(r: &mut Report, rng: &mut Rng) {
-    for lens in [vec![1usize], vec![1, 300, 2000]] {
-        let case = format!("lens {lens:?}");
+    for (lens, clip) in [
+        (vec![1usize], ClipCase::None),
+        (vec![1, 300, 2000], ClipCase::None),
+        (vec![1, 300, 2000], ClipCase::Clipped),
+        (vec![300, 7], ClipCase::NonFinite),
+    ] {
+        let case = format!("lens {lens:?}, clip {clip:?}");
         let hp = AdamW {
             lr: 1e-3,
             beta1: 0.9,
@@ -71,8 +117,15 @@ pub fn adamw(r: &mut Report, rng: &mut Rng) {
             lens.iter().map(|&l| rng.f32s(l, 0.01).iter().map(|x| x.abs()).collect()).collect();
         let mut params: Vec<Vec<bf16>> = lens.iter().map(|&l| nan_bf16(l)).collect();
         let mut want: Vec<[Vec<f64>; 4]> = (0..lens.len())
-            .map(|i| [f64s_f32(&master[i]), f64s_f32(&m[i]), f64s_f32(&v[i]), vec![0.0; lens[i]]])
+            .map(|i| [f64s_f32(&master[i]), f64s_f32(&m[i]), f64s_f32(&v[i]), f64s_bf16(&params[i])])
             .collect();
+        // The sum of squares as sum_squares leaves it (split), and the limit: a third of the norm.
+        let sumsq: f64 = grads.iter().flatten().map(|&g| g as f64 * g as f64).sum();
+        let max_norm = (sumsq.sqrt() / 3.0) as f32;
+        let stats_split = match clip {
+            ClipCase::NonFinite => [f32::INFINITY, 0.0, 0.0],
+            _ => stats::split(sumsq),
+        };
         let descs: Vec<AdamTensor> = (0..lens.len())
             .map(|i| AdamTensor {
                 master: master[i].as_mut_ptr(),
@@ -88,6 +141,10 @@ pub fn adamw(r: &mut Report, rng: &mut Rng) {
         let bc2 = (1.0 - (hp.beta2 as f64).powi(hp.step as i32)) as f32;
         let blocks = (max_len.div_ceil(BLOCK as usize).min(ADAMW_MAX_BLOCKS) as u32).min(GRID_STRIDE_CAP);
         let pd = descs.as_ptr();
+        let psumsq: *const f32 = match clip {
+            ClipCase::None => std::ptr::null(),
+            _ => stats_split.as_ptr(),
+        };
         r.launch(
             "adamw_multi",
             Cfg { grid: (blocks, lens.len() as u32, 1), block: (BLOCK, 1, 1) },
@@ -101,16 +158,31 @@ pub fn adamw(r: &mut Report, rng: &mut Rng) {
                 arg(&bc1),
                 arg(&bc2),
                 arg(&hp.grad_scale),
+                arg(&psumsq),
+                arg(&max_norm),
             ],
         );
+        // The CPU twin: clip_factor of the same split sum (None: no update at all).
+        let factor = match clip {
+            ClipCase::None => Some(1.0),
+            _ => clip_factor(stats::join(&stats_split, 0), max_norm),
+        };
         let mut outs = Vec::new();
         for (i, w) in want.iter_mut().enumerate() {
             let [wm, wmo, wv, wp] = w;
-            cpu::adamw_tensor(wp, wm, &f64s_f32(&grads[i]), wmo, wv, &hp);
+            if let Some(f) = factor {
+                cpu::adamw_tensor_clipped(wp, wm, &f64s_f32(&grads[i]), wmo, wv, &hp, f);
+            }
             outs.push(("master", rel_err(&f64s_f32(&master[i]), wm), TOL_F32));
             outs.push(("m", rel_err(&f64s_f32(&m[i]), wmo), TOL_F32));
             outs.push(("v", rel_err(&f64s_f32(&v[i]), wv), TOL_F32));
-            outs.push(("param", rel_err(&f64s_bf16(&params[i]), wp), TOL_BF16));
+            if factor.is_some() {
+                outs.push(("param", rel_err(&f64s_bf16(&params[i]), wp), TOL_BF16));
+            } else {
+                // Skipped: the params keep their (NaN) contents, untouched.
+                let untouched = params[i].iter().all(|p| p.is_nan());
+                outs.push(("param untouched", if untouched { 0.0 } else { f64::INFINITY }, 0.0));
+            }
         }
         r.check("adamw_multi", &case, &outs);
     }
@@ -189,7 +261,20 @@ pub fn gemm(r: &mut Report, rng: &mut Rng) {
         let mut dw = rng.f32s(cols * inner, 1.0);
         let mut want_dw = f64s_f32(&dw);
         let mut want_dx = vec![0.0; rows * inner];
-        cpu::matmul_backward(Some(&mut want_dx), &mut want_dw, &dyf, &xf, &wf, rows, inner, cols);
+        cpu::matmul_backward(
+            Some(&mut want_dx),
+            &mut want_dw,
+            &dyf,
+            &xf,
+            &wf,
+            rows,
+            inner,
+            cols,
+            GradMode::Accumulate,
+        );
+        // The first micro-batch's form: beta 0 (GradMode::Overwrite), C's NaNs never read.
+        let mut want_dw0 = vec![f64::NAN; cols * inner];
+        cpu::matmul_backward(None, &mut want_dw0, &dyf, &xf, &wf, rows, inner, cols, GradMode::Overwrite);
         let g = Gemm {
             transa: false,
             transb: true,
@@ -205,10 +290,16 @@ pub fn gemm(r: &mut Report, rng: &mut Rng) {
             beta: 1.0,
         };
         run_gemm(r, "matmul_fallback_f32out", &g, dw.as_mut_ptr().cast());
+        let mut dw0 = vec![f32::NAN; cols * inner];
+        run_gemm(r, "matmul_fallback_f32out", &Gemm { beta: 0.0, ..g }, dw0.as_mut_ptr().cast());
         r.check(
             "matmul_fallback_f32out",
             &case,
-            &[("x_wt", e_fwd, TOL_F32), ("dyt_x", rel_err(&f64s_f32(&dw), &want_dw), TOL_F32)],
+            &[
+                ("x_wt", e_fwd, TOL_F32),
+                ("dyt_x", rel_err(&f64s_f32(&dw), &want_dw), TOL_F32),
+                ("dyt_x beta 0", rel_err(&f64s_f32(&dw0), &want_dw0), TOL_F32),
+            ],
         );
         // dy_w, bf16 out: dx[rows, inner] = dy @ w.
         let mut dx = nan_bf16(rows * inner);
@@ -243,6 +334,9 @@ pub fn cross_entropy(r: &mut Report, rng: &mut Rng) {
         (7, 32, 8192, 4, false),
         (4, 32, 8192, 0, true),
         (3, 16, 128256, 2, true),
+        // Rows not in 16-byte groups: d 20 and vocab 1001 take the one-element paths.
+        (6, 20, 1001, 4, true),
+        (5, 16, 1001, 3, true),
     ];
     for (n, d, vocab, n_sup, with_grads) in cases {
         let case = format!("n {n} d {d} vocab {vocab} supervised {n_sup} grads {with_grads}");
@@ -282,6 +376,7 @@ pub fn cross_entropy(r: &mut Report, rng: &mut Rng) {
         }
         let chunk = (CHUNK_LOGITS / vocab).clamp(1, rows.len());
         let (di, vi) = (d as i32, vocab as i32);
+        let (rows_vec, row_vec) = (cross_entropy_vec_arg(d), cross_entropy_vec_arg(vocab));
         let (mut gather_bad, mut scatter_bad) = (0.0, 0.0);
         for c0 in (0..rows.len()).step_by(chunk) {
             let rc = chunk.min(rows.len() - c0);
@@ -291,8 +386,8 @@ pub fn cross_entropy(r: &mut Report, rng: &mut Rng) {
             let (pxc, px, pidx) = (xc.as_mut_ptr(), x.as_ptr(), idx.as_ptr());
             r.launch(
                 "cross_entropy_gather_rows",
-                grid_stride(rc * d),
-                &[arg(&pxc), arg(&px), arg(&pidx), arg(&ri), arg(&di)],
+                grid_stride(cross_entropy_copy_items(rc, d)),
+                &[arg(&pxc), arg(&px), arg(&pidx), arg(&ri), arg(&di), arg(&rows_vec)],
             );
             let want_xc: Vec<bf16> =
                 idx.iter().flat_map(|&i| x[i as usize * d..(i as usize + 1) * d].to_vec()).collect();
@@ -312,7 +407,7 @@ pub fn cross_entropy(r: &mut Report, rng: &mut Rng) {
             r.launch(
                 "cross_entropy_rows",
                 per_row(rc),
-                &[arg(&pl), arg(&pdl), arg(&plg), arg(&pt), arg(&ri), arg(&vi), arg(&scale)],
+                &[arg(&pl), arg(&pdl), arg(&plg), arg(&pt), arg(&ri), arg(&vi), arg(&scale), arg(&row_vec)],
             );
             loss += losses.iter().map(|&l| l as f64).sum::<f64>();
             if with_grads {
@@ -327,8 +422,8 @@ pub fn cross_entropy(r: &mut Report, rng: &mut Rng) {
                 let (pdx, pdxc) = (dx.as_mut_ptr(), dxc.as_ptr());
                 r.launch(
                     "cross_entropy_scatter_rows",
-                    grid_stride(rc * d),
-                    &[arg(&pdx), arg(&pdxc), arg(&pidx), arg(&ri), arg(&di)],
+                    grid_stride(cross_entropy_copy_items(rc, d)),
+                    &[arg(&pdx), arg(&pdxc), arg(&pidx), arg(&ri), arg(&di), arg(&rows_vec)],
                 );
                 scatter_bad += mismatches(&dx, &want_dx);
             }

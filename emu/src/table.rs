@@ -7,20 +7,14 @@ pub const EMULATED: &[(&str, &[&str])] = &[
     ("cast", &["cast_f32_to_bf16", "cast_bf16_to_f32"]),
     (
         "rmsnorm",
-        &[
-            "rmsnorm_forward",
-            "residual_rmsnorm_forward",
-            "rmsnorm_backward_dx",
-            "rmsnorm_backward_dw_partial",
-            "rmsnorm_backward_dw_reduce",
-        ],
+        &["rmsnorm_forward", "residual_rmsnorm_forward", "rmsnorm_backward", "rmsnorm_backward_dw_reduce"],
     ),
-    ("rope", &["rope_apply"]),
+    ("rope", &["rope_table", "rope_apply"]),
     ("swiglu", &["swiglu_forward", "swiglu_backward"]),
     ("dropout", &["dropout_bf16", "dropout_f32"]),
     ("embedding", &["embedding_forward", "embedding_backward_grouped", "embedding_backward_grouped_bf16"]),
     ("cross_entropy", &["cross_entropy_gather_rows", "cross_entropy_scatter_rows", "cross_entropy_rows"]),
-    ("global_norm", &["sum_squares_f32", "sum_squares_bf16"]),
+    ("global_norm", &["sum_squares_f32", "sum_squares_bf16", "sum_split"]),
     ("adamw", &["adamw_multi"]),
     ("matmul", &["matmul_fallback_f32out", "matmul_fallback_bf16out"]),
     (

@@ -20,9 +20,13 @@
 //! - Attention is causal inside each segment `cu_seqlens[s]..cu_seqlens[s+1]` of the flat token
 //!   axis, and never crosses segments: a padded batch has one segment per row, a packed batch
 //!   one per example.
-//! - Ops named `*_backward` that produce parameter gradients ADD into them (so gradients
-//!   accumulate across micro-batches); gradients of activations are overwritten unless the op
-//!   says otherwise.
+//! - Ops that produce parameter gradients take a [`GradMode`]: `Overwrite` for the first
+//!   micro-batch of an optimizer step (so the gradients need no zeroing between steps),
+//!   `Accumulate` to ADD into them after that; gradients of activations are overwritten unless
+//!   the op says otherwise.
+//! - Results the trainer logs (row losses, the gradient norm) stay on the device, in buffers the
+//!   caller owns; the host reads them with `read`, once per optimizer step. [`Backend::host_reads`]
+//!   counts those blocking device-to-host copies.
 
 use anyhow::Result;
 
@@ -40,6 +44,115 @@ pub fn check_targets(targets: &[u32], ignore_id: u32, vocab: usize) -> Result<()
         anyhow::bail!("lm_head_cross_entropy: row {i} has target {t}, the vocabulary has {vocab} ids");
     }
     Ok(())
+}
+
+/// The supervised rows of a micro-batch (`targets[i] != ignore_id`) and their targets, in row
+/// order, after checking every supervised target against the vocabulary: what
+/// [`Backend::lm_head_cross_entropy`] takes, computed on the host where the batch already is.
+pub fn supervised_rows(targets: &[u32], ignore_id: u32, vocab: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+    check_targets(targets, ignore_id, vocab)?;
+    let rows: Vec<u32> = (0..targets.len() as u32).filter(|&i| targets[i as usize] != ignore_id).collect();
+    let sup_targets = rows.iter().map(|&i| targets[i as usize]).collect();
+    Ok((rows, sup_targets))
+}
+
+/// The tokens of a micro-batch grouped by id, as [`Backend::embedding_backward`] takes them, in
+/// one id buffer: `[order (n) | group_start (n_groups + 1) | group_id (n_groups)]`, where `order`
+/// lists the token indices sorted by id (stable: token order within an id), `group_start[g]` is
+/// where id `group_id[g]`'s run starts in `order` (the last entry is `n`). Returns the buffer and
+/// `n_groups`. Computed on the host when the batch is loaded, so the backward needs no read-back.
+pub fn group_tokens_by_id(ids: &[u32]) -> (Vec<u32>, usize) {
+    let n = ids.len();
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    order.sort_by_key(|&i| ids[i as usize]);
+    let mut group_start = Vec::new();
+    let mut group_id = Vec::new();
+    for (pos, &tok) in order.iter().enumerate() {
+        let id = ids[tok as usize];
+        if group_id.last() != Some(&id) {
+            group_id.push(id);
+            group_start.push(pos as u32);
+        }
+    }
+    group_start.push(n as u32);
+    let n_groups = group_id.len();
+    let mut packed = order;
+    packed.extend_from_slice(&group_start);
+    packed.extend_from_slice(&group_id);
+    (packed, n_groups)
+}
+
+/// The three parts of a [`group_tokens_by_id`] buffer: `(order, group_start, group_id)`.
+pub fn token_groups(groups: &[u32], n: usize, n_groups: usize) -> Result<(&[u32], &[u32], &[u32])> {
+    anyhow::ensure!(
+        groups.len() > n + 2 * n_groups,
+        "embedding token groups: the buffer holds {} ids, {n} tokens in {n_groups} groups need {}",
+        groups.len(),
+        n + 2 * n_groups + 1
+    );
+    let (order, rest) = groups.split_at(n);
+    let (start, rest) = rest.split_at(n_groups + 1);
+    Ok((order, start, &rest[..n_groups]))
+}
+
+/// Whether an op that produces a parameter gradient adds into it or writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradMode {
+    /// Write the gradient, ignoring what the buffer held: the first micro-batch of a step.
+    Overwrite,
+    /// Add into the gradient: the step's later micro-batches.
+    Accumulate,
+}
+
+/// The slots of a step-statistics buffer (F32, [`STATS_LEN`] elements): sums that the host reads
+/// once per step. A sum computed in f64 is kept split into [`stats::SPLIT`] floats whose f64 sum
+/// is the value (each the rounding of what the previous ones leave: 72 bits), so that an f32
+/// buffer, and `read`, which returns f32, carry it whole: the gradient checks difference losses
+/// at f64 precision.
+pub mod stats {
+    /// Floats of one split f64.
+    pub const SPLIT: usize = 3;
+    /// The sum of the step's supervised losses.
+    pub const STEP_LOSS: usize = 0;
+    /// The sum of one micro-batch's supervised losses, for `Model::forward_backward`.
+    pub const MICRO_LOSS: usize = SPLIT;
+    /// The sum of squares of every gradient: the global norm squared.
+    pub const SUMSQ: usize = 2 * SPLIT;
+    /// Elements of a statistics buffer.
+    pub const STATS_LEN: usize = 3 * SPLIT;
+
+    /// `x` as three floats whose f64 sum is `x`.
+    pub fn split(x: f64) -> [f32; SPLIT] {
+        let a = x as f32;
+        let r = x - a as f64;
+        let b = r as f32;
+        [a, b, (r - b as f64) as f32]
+    }
+
+    /// The f64 value split at `slot` of `buf`.
+    pub fn join(buf: &[f32], slot: usize) -> f64 {
+        buf[slot..slot + SPLIT].iter().map(|&v| v as f64).sum()
+    }
+}
+pub use stats::STATS_LEN;
+
+/// Gradient clipping by the global norm, read by [`Backend::adamw`] from device memory: the sum
+/// of squares that [`Backend::sum_squares`] left at `sumsq[stats::SUMSQ..]`.
+pub struct Clip<'a, B: Backend + ?Sized> {
+    pub sumsq: &'a B::Buf,
+    /// Clip to this norm; 0 or less: no clipping.
+    pub max_norm: f32,
+}
+
+/// `min(1, max_norm / norm)` (1 when `max_norm <= 0`), in f64 as the trainer computed it, or
+/// `None` when the norm is not finite (the step is then skipped).
+pub fn clip_factor(sumsq: f64, max_norm: f32) -> Option<f32> {
+    let norm = sumsq.sqrt();
+    if !norm.is_finite() {
+        return None;
+    }
+    let max_norm = max_norm as f64;
+    Some(if max_norm > 0.0 && norm > max_norm { (max_norm / norm) as f32 } else { 1.0 })
 }
 
 /// Which storage type a buffer needs.
@@ -127,7 +240,7 @@ impl Rope {
     }
 
     /// The inverse frequency of pair `j`: `theta^(-2j/hd)`, scaled, computed in f64 and rounded
-    /// to f32. `rope_inv_freq` in kernels/rope.cu computes the same in double.
+    /// to f32. The CUDA backend uploads these (once per rope and head_dim) for its `rope_table`.
     pub fn inv_freq(&self, j: usize, head_dim: usize) -> f32 {
         let base = (self.theta as f64).powf(-2.0 * j as f64 / head_dim as f64);
         let scaled = match self.scaling {
@@ -225,14 +338,20 @@ macro_rules! backend_ops {
                 n: usize,
                 d: usize,
             ) -> Result<()>;
-            /// `dtable[ids[i]] += dout[i]`, deterministic (no order-dependent float atomics).
+            /// `dtable[id] (=|+=) Σ dout[i]` over the tokens `i` of each id, summed in token order
+            /// (deterministic, no float atomics); `groups` is [`group_tokens_by_id`]'s buffer for
+            /// the `n` ids, with `n_groups` groups. With `Overwrite`, rows of ids absent from the
+            /// batch become zero.
+            #[allow(clippy::too_many_arguments)]
             fn embedding_backward(
                 &self,
                 dtable: &mut Self::Buf,
-                ids: &Self::Ids,
+                groups: &Self::Ids,
+                n_groups: usize,
                 dout: &Self::Buf,
                 n: usize,
                 d: usize,
+                mode: GradMode,
             ) -> Result<()>;
 
             // ---- RMSNorm ------------------------------------------------------------------------
@@ -248,8 +367,10 @@ macro_rules! backend_ops {
                 d: usize,
                 eps: f32,
             ) -> Result<()>;
-            /// Residual add fused with the next norm: `x_out = x_in + delta`, then
-            /// `out = rmsnorm(x_out) * w`, saving `rstd`.
+            /// Residual add fused with the branch's dropout and the next norm:
+            /// `x_out = x_in + dropout(delta)` (the mask of [`Backend::dropout`] over the flat
+            /// `[n, d]` delta; `delta` itself is left as it is), then `out = rmsnorm(x_out) * w`,
+            /// saving `rstd`. `dropout` None (or p = 0) adds `delta` unchanged.
             #[allow(clippy::too_many_arguments)]
             fn residual_rmsnorm_forward(
                 &self,
@@ -262,9 +383,13 @@ macro_rules! backend_ops {
                 n: usize,
                 d: usize,
                 eps: f32,
+                dropout: Option<Dropout>,
             ) -> Result<()>;
             /// Backward of `rmsnorm_forward`: ADDS the input gradient into `dx` (the residual stream's
-            /// gradient) and the weight gradient into `dw`.
+            /// gradient) and the weight gradient into `dw`. With `branch`, also writes
+            /// `branch.out = dropout(dx)` over the updated `dx` (`[n, d]`, overwritten): the gradient
+            /// of the branch that joined this residual stream through `residual_rmsnorm_forward`'s
+            /// dropout, without a second pass over `dx`.
             #[allow(clippy::too_many_arguments)]
             fn rmsnorm_backward(
                 &self,
@@ -276,6 +401,7 @@ macro_rules! backend_ops {
                 rstd: &Self::Buf,
                 n: usize,
                 d: usize,
+                branch: Option<BranchGrad<'_, Self>>,
             ) -> Result<()>;
 
             // ---- matmul -------------------------------------------------------------------------
@@ -289,7 +415,8 @@ macro_rules! backend_ops {
                 in_dim: usize,
                 out_dim: usize,
             ) -> Result<()>;
-            /// `dinp = dout @ w` (overwritten, skipped when None); `dw += dout^T @ inp`.
+            /// `dinp = dout @ w` (overwritten, skipped when None); `dw (=|+=) dout^T @ inp` (the
+            /// GEMM's beta is 0 or 1).
             #[allow(clippy::too_many_arguments)]
             fn matmul_backward(
                 &self,
@@ -301,6 +428,7 @@ macro_rules! backend_ops {
                 n: usize,
                 in_dim: usize,
                 out_dim: usize,
+                mode: GradMode,
             ) -> Result<()>;
 
             /// A linear layer on a column slice: `out[i, col + j] (= | +=) scale · Σ_k inp[i, k] · w[j, k]`
@@ -342,24 +470,36 @@ macro_rules! backend_ops {
             ) -> Result<()>;
 
             // ---- RoPE ---------------------------------------------------------------------------
-            /// Rotates the q and k parts of `qkv` in place; token `i` uses angle
-            /// `positions[i] * rope.inv_freq(j, hd)` for its pair `j`.
+            /// The rotation table of a micro-batch, built once and read by every layer's
+            /// `rope_forward` and `rope_backward`: `table [n, head_dim/2, 2]` (F32) holds
+            /// `(cos, sin)` of the angle `positions[i] as f32 * rope.inv_freq(j, head_dim)` (an f32
+            /// product) for row `i` and pair `j`.
+            fn rope_table(
+                &self,
+                table: &mut Self::Buf,
+                positions: &Self::Ids,
+                n: usize,
+                head_dim: usize,
+                rope: Rope,
+            ) -> Result<()>;
+            /// Rotates the q and k parts of `qkv` in place, pair `j` of row `i` by the angle of
+            /// `table` (from `rope_table`), pairing dimensions as `style` says.
             fn rope_forward(
                 &self,
                 qkv: &mut Self::Buf,
-                positions: &Self::Ids,
+                table: &Self::Buf,
                 n: usize,
                 heads: HeadShape,
-                rope: Rope,
+                style: RopeStyle,
             ) -> Result<()>;
             /// The inverse rotation, applied in place to the q and k parts of `dqkv`.
             fn rope_backward(
                 &self,
                 dqkv: &mut Self::Buf,
-                positions: &Self::Ids,
+                table: &Self::Buf,
                 n: usize,
                 heads: HeadShape,
-                rope: Rope,
+                style: RopeStyle,
             ) -> Result<()>;
 
             // ---- attention ----------------------------------------------------------------------
@@ -427,30 +567,47 @@ macro_rules! backend_ops {
             fn dropout(&self, x: &mut Self::Buf, len: usize, p: f32, seed: u64) -> Result<()>;
 
             // ---- cross-entropy ------------------------------------------------------------------
-            /// lm_head fused with masked cross-entropy. `x [n, d]` (after the final norm), `w [vocab, d]`,
-            /// `targets [n]`; a row whose target is `ignore_id` is not supervised and never reaches the
-            /// vocabulary projection. Returns the SUM of the supervised rows' losses (f64).
-            /// With `grads`, also writes `dx = loss_scale · dlogits @ w` (zero for unsupervised rows)
-            /// and ADDS `loss_scale · dlogits^T @ x` into `dw`.
+            /// lm_head fused with masked cross-entropy. `x [n, d]` (after the final norm), `w [vocab, d]`;
+            /// `rows [n_sup]` are the supervised rows (ascending) and `targets [n_sup]` their targets,
+            /// as [`supervised_rows`] lists them (the caller has checked them); other rows never reach
+            /// the vocabulary projection. Writes row `rows[k]`'s loss to `losses[k]` (F32), on the
+            /// device. With `grads`, also writes `dx = loss_scale · dlogits @ w` (zero for
+            /// unsupervised rows) and `dw (=|+=) loss_scale · dlogits^T @ x` (by `grads.mode`).
             #[allow(clippy::too_many_arguments)]
             fn lm_head_cross_entropy(
                 &self,
                 x: &Self::Buf,
                 w: &Self::Buf,
+                rows: &Self::Ids,
                 targets: &Self::Ids,
-                ignore_id: u32,
+                n_sup: usize,
                 n: usize,
                 d: usize,
                 vocab: usize,
+                losses: &mut Self::Buf,
                 grads: Option<LossGrads<'_, Self>>,
-            ) -> Result<f64>;
+            ) -> Result<()>;
+            /// `stats[slot..slot + stats::SPLIT] (=|+=) Σ x[..len]`, split (see [`stats`]), summed in f64
+            /// in a fixed order: the loss sums, kept on the device.
+            fn sum_into(
+                &self,
+                stats: &mut Self::Buf,
+                slot: usize,
+                x: &Self::Buf,
+                len: usize,
+                mode: GradMode,
+            ) -> Result<()>;
 
             // ---- global norm, AdamW -----------------------------------------------------------
-            /// Sum of squares of every element of every buffer (first `lens[i]` elements of `bufs[i]`).
-            fn sum_squares(&self, bufs: &[&Self::Buf], lens: &[usize]) -> Result<f64>;
+            /// Sum of squares of every element of every buffer (first `lens[i]` elements of `bufs[i]`),
+            /// accumulated in f64 in a fixed order, written split to `stats[stats::SUMSQ..]` on the
+            /// device.
+            fn sum_squares(&self, bufs: &[&Self::Buf], lens: &[usize], stats: &mut Self::Buf) -> Result<()>;
             /// One AdamW step over all tensors at once: `master`, `m`, `v` (F32) are updated from
-            /// `grads · hp.grad_scale`, decoupled weight decay `lr · wd · master`, and `params`
-            /// (Compute) receives the new master values.
+            /// `grads · hp.grad_scale · clip_factor`, decoupled weight decay `lr · wd · master`, and
+            /// `params` (Compute) receives the new master values. With `clip`, the factor is
+            /// [`clip_factor`] of the sum of squares in device memory, and when that norm is not
+            /// finite nothing is updated (the caller reads the norm afterwards and reports it).
             #[allow(clippy::too_many_arguments)]
             fn adamw(
                 &self,
@@ -461,6 +618,7 @@ macro_rules! backend_ops {
                 v: &mut [&mut Self::Buf],
                 lens: &[usize],
                 hp: &AdamW,
+                clip: Option<Clip<'_, Self>>,
             ) -> Result<()>;
         }
     };
@@ -481,6 +639,9 @@ macro_rules! declare_backend {
             fn name(&self) -> String;
             /// Waits for queued work (a no-op on the CPU).
             fn synchronize(&self) -> Result<()>;
+            /// Blocking device-to-host copies so far (`read`, and any op that looks at device data
+            /// on the host): the trainer does one per optimizer step.
+            fn host_reads(&self) -> u64;
             /// Bytes per element of a [`Precision::Compute`] buffer (for memory estimates).
             fn compute_bytes(&self) -> usize {
                 4
@@ -489,6 +650,12 @@ macro_rules! declare_backend {
             fn memory_info(&self) -> Result<Option<(usize, usize)>> {
                 Ok(None)
             }
+            /// Once a batch's `cu_seqlens` is written, before its attention ops: a backend may
+            /// prepare what depends only on the segments (the CUDA flash tile table), once for
+            /// all layers. Writing `cu_seqlens` again undoes it; attention works without it.
+            fn prepare_segments(&self, _cu_seqlens: &Self::Ids, _n_segments: usize, _n: usize) -> Result<()> {
+                Ok(())
+            }
 
             $($(#[$meta])* fn $name(&self $(, $arg: $ty)*) -> $ret;)*
         }
@@ -496,10 +663,106 @@ macro_rules! declare_backend {
 }
 backend_ops!(declare_backend);
 
+/// Inverted dropout with the counter-based mask of [`Backend::dropout`]: element `i` of the
+/// flat buffer is zeroed when `rng::uniform(seed, i) < p`, else scaled by `1/(1-p)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+impl Dropout {
+    /// Fails unless `p` is in [0, 1).
+    pub fn check(&self, op: &str) -> Result<()> {
+        anyhow::ensure!((0.0..1.0).contains(&self.p), "{op}: dropout p = {} is outside [0, 1)", self.p);
+        Ok(())
+    }
+}
+
+/// The masked branch gradient that [`Backend::rmsnorm_backward`] writes besides `dx`.
+pub struct BranchGrad<'a, B: Backend + ?Sized> {
+    /// `[n, d]`, overwritten with `dropout(dx)`.
+    pub out: &'a mut B::Buf,
+    /// The mask of the forward's `residual_rmsnorm_forward` (same p and seed).
+    pub dropout: Dropout,
+}
+
 /// The gradient outputs of [`Backend::lm_head_cross_entropy`].
 pub struct LossGrads<'a, B: Backend + ?Sized> {
     pub dx: &'a mut B::Buf,
     pub dw: &'a mut B::Buf,
     /// Multiplies the gradient of the loss sum: `1 / supervised tokens of the optimizer step`.
     pub loss_scale: f32,
+    /// Whether `dw` is written or added to.
+    pub mode: GradMode,
+}
+
+/// [`Backend::lm_head_cross_entropy`] from host targets (`ignore_id` marks unsupervised rows),
+/// returning the loss sum: lists the supervised rows, uploads them, allocates the losses and
+/// reads their sum back. For tests and tools; the training step keeps its buffers and reads
+/// nothing.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_sum<B: Backend>(
+    be: &B,
+    x: &B::Buf,
+    w: &B::Buf,
+    targets: &[u32],
+    ignore_id: u32,
+    n: usize,
+    d: usize,
+    vocab: usize,
+    grads: Option<LossGrads<'_, B>>,
+) -> Result<f64> {
+    anyhow::ensure!(targets.len() >= n, "cross_entropy_sum: {} targets for {n} rows", targets.len());
+    let (rows, sup_targets) = supervised_rows(&targets[..n], ignore_id, vocab)?;
+    let n_sup = rows.len();
+    let mut rows_d = be.zeros_ids(n_sup)?;
+    be.write_ids(&mut rows_d, &rows)?;
+    let mut targets_d = be.zeros_ids(n_sup)?;
+    be.write_ids(&mut targets_d, &sup_targets)?;
+    let mut losses = be.zeros(n_sup, Precision::F32)?;
+    be.lm_head_cross_entropy(x, w, &rows_d, &targets_d, n_sup, n, d, vocab, &mut losses, grads)?;
+    let mut out = be.zeros(STATS_LEN, Precision::F32)?;
+    be.sum_into(&mut out, stats::MICRO_LOSS, &losses, n_sup, GradMode::Overwrite)?;
+    Ok(stats::join(&be.read(&out, STATS_LEN)?, stats::MICRO_LOSS))
+}
+
+/// [`Backend::sum_squares`], read back (for tests and tools).
+pub fn sum_squares_read<B: Backend>(be: &B, bufs: &[&B::Buf], lens: &[usize]) -> Result<f64> {
+    let mut out = be.zeros(STATS_LEN, Precision::F32)?;
+    be.sum_squares(bufs, lens, &mut out)?;
+    Ok(stats::join(&be.read(&out, STATS_LEN)?, stats::SUMSQ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{group_tokens_by_id, stats, supervised_rows, token_groups};
+
+    #[test]
+    fn tokens_are_grouped_by_id_in_token_order() {
+        let ids = [5, 2, 5, 7, 2, 5];
+        let (groups, n_groups) = group_tokens_by_id(&ids);
+        let (order, start, id) = token_groups(&groups, ids.len(), n_groups).unwrap();
+        assert_eq!(id, &[2, 5, 7]);
+        assert_eq!(start, &[0, 2, 5, 6]);
+        assert_eq!(order, &[1, 4, 0, 2, 5, 3]);
+        assert!(token_groups(&groups[..5], ids.len(), n_groups).is_err());
+    }
+
+    #[test]
+    fn only_supervised_rows_are_kept_and_targets_are_checked() {
+        let (rows, targets) = supervised_rows(&[2, 9, 2, 0, 4], 2, 10).unwrap();
+        assert_eq!(rows, vec![1, 3, 4]);
+        assert_eq!(targets, vec![9, 0, 4]);
+        let err = supervised_rows(&[2, 10], 2, 10).unwrap_err().to_string();
+        assert!(err.contains("row 1 has target 10"), "{err}");
+    }
+
+    #[test]
+    fn a_split_f64_comes_back_whole_through_f32() {
+        for x in [0.0, 1.0 / 3.0, 12_345.678_901_234_5, -7.25e-3, 3.0e7 + 0.123, std::f64::consts::PI * 1e5] {
+            let back = stats::join(&stats::split(x), 0);
+            assert_eq!(back, x, "{x}");
+        }
+    }
 }

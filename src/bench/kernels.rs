@@ -20,7 +20,7 @@
 //! `--repeats` calls after `--warmup` untimed ones.
 
 use super::{upload, upload_ids};
-use crate::backend::{AdamW, Backend, Device, LossGrads, Precision};
+use crate::backend::{AdamW, Backend, Device, GradMode, LossGrads, Precision};
 use crate::model::params::param_specs;
 use crate::rng::Rng;
 use crate::train::trainer::resolve_model_config;
@@ -227,16 +227,23 @@ pub fn run_kernel_bench<B: Backend>(backend: B, args: &KernelBenchArgs) -> Resul
                 }
             })
             .collect();
-        let t = upload_ids(be, &targets)?;
+        let (rows, sup_targets) = crate::backend::supervised_rows(&targets, 0, vocab)?;
+        let (rows_d, t) = (upload_ids(be, &rows)?, upload_ids(be, &sup_targets)?);
+        let n_sup = rows.len();
+        let mut losses = be.zeros(n_sup, Precision::F32)?;
         let mut dx = be.zeros(n * d, Precision::Compute)?;
         let mut dw = be.zeros(vocab * d, Precision::F32)?;
         let loss_scale = 1.0 / s as f32;
-        let mut loss = 0.0;
         let (seconds, min_seconds) = time(&mut || {
-            let grads = LossGrads { dx: &mut dx, dw: &mut dw, loss_scale };
-            loss = be.lm_head_cross_entropy(&x, &w, &t, 0, n, d, vocab, Some(grads))?;
-            Ok(())
+            let grads = LossGrads { dx: &mut dx, dw: &mut dw, loss_scale, mode: GradMode::Accumulate };
+            be.lm_head_cross_entropy(&x, &w, &rows_d, &t, n_sup, n, d, vocab, &mut losses, Some(grads))
         })?;
+        let mut stats = be.zeros(crate::backend::STATS_LEN, Precision::F32)?;
+        be.sum_into(&mut stats, crate::backend::stats::MICRO_LOSS, &losses, n_sup, GradMode::Overwrite)?;
+        let loss = crate::backend::stats::join(
+            &be.read(&stats, crate::backend::STATS_LEN)?,
+            crate::backend::stats::MICRO_LOSS,
+        );
         // Random logits near zero: the mean loss is about ln(vocab); anything else means the
         // kernel did not compute what it was timed on.
         let mean = loss / s as f64;
@@ -284,7 +291,7 @@ pub fn run_kernel_bench<B: Backend>(backend: B, args: &KernelBenchArgs) -> Resul
         let g: Vec<&B::Buf> = grads.iter().collect();
         let mut mm: Vec<&mut B::Buf> = m.iter_mut().collect();
         let mut vv: Vec<&mut B::Buf> = v.iter_mut().collect();
-        be.adamw(&mut p, &mut ms, &g, &mut mm, &mut vv, lens, &hp)
+        be.adamw(&mut p, &mut ms, &g, &mut mm, &mut vv, lens, &hp, None)
     })?;
     timings.push(KernelTiming {
         implementation: implementation.clone(),

@@ -1,18 +1,25 @@
-//! `sft bench`: the training step's speed on synthetic batches — tokens/s, MFU and device memory.
+//! `sft bench`: the training step's speed — tokens/s, MFU and device memory.
 //!
-//! Every row is full (no padding) and every target supervised, so the numbers measure the
-//! engine rather than the data. MFU counts, per token, 6 FLOPs per matmul parameter (forward and
+//! By default on synthetic batches: every row is full (no padding) and every target supervised,
+//! so the numbers measure the engine rather than the data. With `--data DIR` on real prepared
+//! batches (padded or packed, `--batch-mode`), where the report puts the useful tokens/s (non-pad
+//! inputs, and supervised targets) next to the tokens/s of all positions, so that padding waste
+//! shows. MFU counts, per token, 6 FLOPs per matmul parameter (forward and
 //! backward of every linear layer and the lm_head; embeddings and norms excluded) plus causal
 //! attention's 6·L·d·T, against the H100 SXM dense bf16 peak.
 
 use crate::backend::{Backend, Device};
-use crate::data::Batch;
+use crate::data::{
+    Batch, BatchMode, ChatTokenizer, Dataset, Loader, LoaderConfig, NoSupervisedTokens, Split,
+};
 use crate::model::{Model, ModelConfig};
 use crate::rng::Rng;
 use crate::train::trainer::{optimizer_step, resolve_model_config};
 use crate::train::{Schedule, TrainConfig};
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// H100 SXM dense bf16 tensor-core peak, FLOP/s.
@@ -49,6 +56,14 @@ pub struct BenchArgs {
     /// Time LoRA steps: adapters on the frozen base.
     #[command(flatten)]
     pub lora: crate::lora::LoraArgs,
+    /// A directory prepared by `sft prepare`: time steps on its (shuffled) train batches instead
+    /// of synthetic ones, and report useful (non-pad, supervised) tokens/s.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// How `--data` is batched: `packed` rows of `--seq-len` tokens (as `sft train` by default),
+    /// or `dynamic` / `fixed` padding of `--micro-batch` examples (rows).
+    #[arg(long, value_enum, default_value_t = BatchMode::Packed)]
+    pub batch_mode: BatchMode,
 }
 
 /// What `sft bench` measured.
@@ -70,6 +85,64 @@ pub struct BenchReport {
     pub memory_used: Option<usize>,
     pub memory_total: Option<usize>,
     pub final_loss: f64,
+    /// With `--data`: what the timed steps held.
+    pub data: Option<DataTokens>,
+}
+
+/// The positions of the timed steps on real data, and how many of them were useful.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DataTokens {
+    pub batch_mode: BatchMode,
+    /// All positions (rows × row length), padding included.
+    pub positions: u64,
+    /// Positions holding a real (non-pad) input token.
+    pub real: u64,
+    /// Supervised targets.
+    pub supervised: u64,
+    /// Micro-batches without a supervised target, skipped as training skips them.
+    pub skipped: u64,
+    /// Per second of the timed steps.
+    pub real_per_s: f64,
+    pub supervised_per_s: f64,
+}
+
+/// `steps × grad_accum` micro-batches of the data's train split, in training's order.
+fn data_batches(
+    dir: &std::path::Path,
+    mode: BatchMode,
+    rows: usize,
+    t: usize,
+    seed: u64,
+    count: usize,
+    vocab: usize,
+) -> Result<(Vec<Batch>, u64)> {
+    let tok_path = dir.join("tokenizer.json");
+    let tok = ChatTokenizer::from_file(&tok_path)
+        .with_context(|| format!("--data {}: loading its tokenizer.json", dir.display()))?;
+    ensure!(
+        tok.vocab_size() <= vocab,
+        "--data {}: its tokenizer has {} tokens but the model's vocabulary holds {vocab}",
+        dir.display(),
+        tok.vocab_size()
+    );
+    let ds = Arc::new(Dataset::open(dir, Split::Train).with_context(|| format!("--data {}", dir.display()))?);
+    ds.ensure_tokenizer(&tok)?;
+    let cfg = LoaderConfig { batch_size: rows, max_seq_len: t, mode, shuffle: true, seed };
+    let mut loader = Loader::new(ds, cfg).with_context(|| format!("--data {}", dir.display()))?;
+    let (mut out, mut skipped) = (Vec::with_capacity(count), 0u64);
+    while out.len() < count {
+        match loader.next_batch() {
+            Ok(b) => out.push(b),
+            Err(e) if e.downcast_ref::<NoSupervisedTokens>().is_some() => {
+                skipped += 1;
+                if skipped > 1000 + 10 * count as u64 {
+                    bail!("--data {}: no micro-batch holds a supervised target", dir.display());
+                }
+            }
+            Err(e) => return Err(e.context(format!("--data {}", dir.display()))),
+        }
+    }
+    Ok((out, skipped))
 }
 
 /// Training FLOPs per token: 6 per matmul parameter plus causal attention at row length `t`.
@@ -99,7 +172,14 @@ pub fn synthetic_batch(rng: &mut Rng, rows: usize, t: usize, vocab: usize) -> Ba
 
 /// Runs the benchmark on `backend`.
 pub fn run_bench<B: Backend>(backend: B, args: &BenchArgs) -> Result<BenchReport> {
-    let mut config = resolve_model_config(&args.model, 8192)?;
+    // The tiny preset takes its vocabulary from the data's tokenizer where there is data.
+    let vocab = match &args.data {
+        Some(dir) => ChatTokenizer::from_file(&dir.join("tokenizer.json"))
+            .with_context(|| format!("--data {}: loading its tokenizer.json", dir.display()))?
+            .vocab_size(),
+        None => 8192,
+    };
+    let mut config = resolve_model_config(&args.model, vocab)?;
     if let Some(p) = args.dropout {
         config.dropout = p;
         config.validate()?;
@@ -125,8 +205,32 @@ pub fn run_bench<B: Backend>(backend: B, args: &BenchArgs) -> Result<BenchReport
         eprintln!("{}", crate::lora::describe(l, &config));
     }
     let mut rng = Rng::new(args.seed);
-    let batches: Vec<Batch> =
-        (0..grad_accum).map(|_| synthetic_batch(&mut rng, args.micro_batch, t, config.vocab_size)).collect();
+    let n_steps = args.warmup + args.steps;
+    // Synthetic: the same full micro-batches every step. Real data: each step its own, as in
+    // training.
+    let (batches, skipped): (Vec<Batch>, u64) = match &args.data {
+        None => (
+            (0..grad_accum)
+                .map(|_| synthetic_batch(&mut rng, args.micro_batch, t, config.vocab_size))
+                .collect(),
+            0,
+        ),
+        Some(dir) => data_batches(
+            dir,
+            args.batch_mode,
+            args.micro_batch,
+            t,
+            args.seed,
+            n_steps * grad_accum,
+            config.vocab_size,
+        )?,
+    };
+    let step_batches = |step: usize| -> &[Batch] {
+        match args.data {
+            None => &batches,
+            Some(_) => &batches[step * grad_accum..(step + 1) * grad_accum],
+        }
+    };
     let schedule = Schedule {
         max_lr: 1e-5,
         min_lr: 1e-6,
@@ -140,10 +244,19 @@ pub fn run_bench<B: Backend>(backend: B, args: &BenchArgs) -> Result<BenchReport
     let stream = Rng::new(args.seed);
     let mut final_loss = f64::NAN;
     let mut timed = 0.0;
-    for step in 0..args.warmup + args.steps {
+    let mut counted = DataTokens { batch_mode: args.batch_mode, skipped, ..DataTokens::default() };
+    for step in 0..n_steps {
+        let micro = step_batches(step);
+        if step >= args.warmup {
+            for b in micro {
+                counted.positions += b.n_tokens() as u64;
+                counted.real += b.inputs.iter().filter(|&&id| id != b.pad_id).count() as u64;
+                counted.supervised += b.n_supervised() as u64;
+            }
+        }
         let start = Instant::now();
         let outcome =
-            optimizer_step(&mut model, &batches, step as u64, schedule.lr(step as u64), &cfg, &stream)?;
+            optimizer_step(&mut model, micro, step as u64, schedule.lr(step as u64), &cfg, &stream)?;
         final_loss = outcome.train_loss.unwrap_or(f64::NAN);
         model.backend().synchronize()?;
         if step >= args.warmup {
@@ -152,7 +265,12 @@ pub fn run_bench<B: Backend>(backend: B, args: &BenchArgs) -> Result<BenchReport
     }
     let memory = model.backend().memory_info()?;
     let seconds_per_step = timed / args.steps as f64;
+    // Padded batches of real data are rows × the batch's longest example: count what ran.
+    let tokens_per_step =
+        if args.data.is_some() { (counted.positions / args.steps as u64) as usize } else { tokens_per_step };
     let tokens_per_s = tokens_per_step as f64 / seconds_per_step;
+    counted.real_per_s = counted.real as f64 / timed.max(1e-12);
+    counted.supervised_per_s = counted.supervised as f64 / timed.max(1e-12);
     let flops = flops_per_token(&config, t);
     Ok(BenchReport {
         device,
@@ -168,6 +286,7 @@ pub fn run_bench<B: Backend>(backend: B, args: &BenchArgs) -> Result<BenchReport
         memory_used: memory.map(|(free, total)| total - free),
         memory_total: memory.map(|(_, total)| total),
         final_loss,
+        data: args.data.is_some().then_some(counted),
     })
 }
 
@@ -177,10 +296,17 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
     println!("device          {}", r.device);
     println!("model           {} ({} parameters)", args.model, r.n_params);
-    println!(
-        "step            {} tokens = {} micro-batches × {} rows × {} tokens",
-        r.tokens_per_step, r.grad_accum, r.micro_batch, r.seq_len
-    );
+    if r.data.is_some() {
+        println!(
+            "step            {} positions (mean) = {} micro-batches × {} rows × up to {} tokens",
+            r.tokens_per_step, r.grad_accum, r.micro_batch, r.seq_len
+        );
+    } else {
+        println!(
+            "step            {} tokens = {} micro-batches × {} rows × {} tokens",
+            r.tokens_per_step, r.grad_accum, r.micro_batch, r.seq_len
+        );
+    }
     println!(
         "time per step   {:.4} s (mean of {} after {} warm-up)",
         r.seconds_per_step, args.steps, args.warmup
@@ -202,6 +328,33 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         }
         _ => println!("device memory   - (no device)"),
     }
-    println!("loss            {:.4} (last step; random tokens)", r.final_loss);
+    match &r.data {
+        None => println!("loss            {:.4} (last step; random tokens)", r.final_loss),
+        Some(d) => {
+            let share = |n: u64| 100.0 * n as f64 / d.positions.max(1) as f64;
+            println!(
+                "data            {} ({:?} batches; {} micro-batches without a supervised target skipped)",
+                args.data.as_deref().map_or(String::new(), |p| p.display().to_string()),
+                d.batch_mode,
+                d.skipped
+            );
+            println!("padded tokens/s {:.0} (all positions, as tokens/s above)", r.tokens_per_s);
+            println!(
+                "useful tokens/s {:.0} (non-pad inputs: {:.1}% of positions)",
+                d.real_per_s,
+                share(d.real)
+            );
+            println!(
+                "supervised/s    {:.0} (supervised targets: {:.1}% of positions)",
+                d.supervised_per_s,
+                share(d.supervised)
+            );
+            println!(
+                "useful MFU      {:.1}% (non-pad tokens only)",
+                100.0 * d.real_per_s * r.flops_per_token / H100_BF16_PEAK
+            );
+            println!("loss            {:.4} (last step)", r.final_loss);
+        }
+    }
     Ok(())
 }

@@ -8,8 +8,9 @@
 //! and embeddings in the range of the model's real ones instead of at an arbitrary point.
 
 use crate::checkpoint::{self, Checkpoint, TokenizerSource, TOKENIZER_FILE};
+use crate::data::template::{tokenizer_config_beside, TOKENIZER_CONFIG_FILE};
 use crate::data::tokenizer::missing_chat_tokens;
-use crate::data::ChatTokenizer;
+use crate::data::{ChatFormat, ChatTemplate, ChatTokenizer, FormatChoice};
 use crate::model::config::ModelConfig;
 use crate::model::params::NamedTensor;
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -69,6 +70,7 @@ pub fn import_hf(from: &Path, out: &Path, add_chat_tokens: bool) -> Result<Impor
     let old_vocab_size = config.vocab_size;
     let tok_path = from.join(TOKENIZER_FILE);
     if !add_chat_tokens {
+        // A file source brings the tokenizer_config.json (chat template) beside it along.
         let tokenizer = tok_path.is_file().then_some(TokenizerSource::File(&tok_path));
         checkpoint::save_weights_with(out, &config, &params, tokenizer)?;
         return Ok(ImportReport { config, old_vocab_size, added: vec![] });
@@ -114,8 +116,15 @@ pub fn import_hf(from: &Path, out: &Path, add_chat_tokens: bool) -> Result<Impor
     }
     let json = tok.to_string(true).map_err(|e| anyhow!("serializing the tokenizer: {e}"))?;
     checkpoint::save_weights_with(out, &config, &params, Some(TokenizerSource::Json(&json)))?;
+    // The model's chat template stays available (`--chat-format template`).
+    let config_src = tokenizer_config_beside(&tok_path);
+    if config_src.is_file() {
+        let config_dst = out.join(TOKENIZER_CONFIG_FILE);
+        std::fs::copy(&config_src, &config_dst)
+            .with_context(|| format!("copying {} to {}", config_src.display(), config_dst.display()))?;
+    }
     // The chat format's own check, on what was written.
-    ChatTokenizer::from_file(&out.join(TOKENIZER_FILE))?;
+    ChatTokenizer::load(&out.join(TOKENIZER_FILE), &FormatChoice::new(Some(ChatFormat::SimpleLlama), None))?;
     Ok(ImportReport { config, old_vocab_size, added })
 }
 
@@ -142,6 +151,11 @@ fn grow_rows(t: &mut NamedTensor, vocab: usize, real_rows: usize, new_ids: &[usi
 pub fn check_init_tokenizer(dir: &Path) -> Result<()> {
     let path = dir.join(TOKENIZER_FILE);
     if !path.is_file() {
+        return Ok(());
+    }
+    // Fine-tuning in the model's own chat template needs none of SimpleLLaMA's tokens.
+    let config = tokenizer_config_beside(&path);
+    if config.is_file() && ChatTemplate::from_tokenizer_config(&config)?.is_some() {
         return Ok(());
     }
     let tok = Tokenizer::from_file(&path)

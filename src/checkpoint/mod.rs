@@ -18,7 +18,10 @@
 //! - [`hf_config`]: `config.json` both ways.
 //! - [`run`]: atomic saves, pruning, `latest`, and loading a checkpoint into a model.
 //! - [`import`]: `sft import`.
+//! - [`export`]: `sft export`, the directory users ship (bf16, tokenizer config with the chat
+//!   template, generation config).
 
+pub mod export;
 mod fsync;
 pub mod hf;
 pub mod hf_config;
@@ -31,8 +34,8 @@ pub use self::hf::{from_hf, hf_shapes, read_hf_weights, read_params, to_hf};
 pub use self::hf_config::{hf_config_json, read_model_config};
 pub use self::run::{
     latest, list_checkpoints, load_generation_model, load_inference_model, load_optimizer_into,
-    load_run_state, load_tokenizer, load_training_model, load_weights_into, save, save_weights,
-    save_weights_with, save_with, step_dir_name, Checkpoint, TokenizerSource,
+    load_run_state, load_tokenizer, load_tokenizer_for, load_training_model, load_weights_into, save,
+    save_weights, save_weights_with, save_with, step_dir_name, Checkpoint, TokenizerSource,
 };
 pub use self::safetensors::{read_safetensors, tensor_shapes, write_safetensors};
 

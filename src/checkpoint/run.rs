@@ -25,6 +25,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
+use crate::data::template::{tokenizer_config_beside, TOKENIZER_CONFIG_FILE};
+use crate::data::FormatChoice;
+
 // ---- writing --------------------------------------------------------------------------------
 
 /// The tokenizer a checkpoint gets: a file to copy, or the JSON text of one.
@@ -51,6 +54,14 @@ fn write_weights(
             std::fs::copy(tok, &dst)
                 .with_context(|| format!("copying tokenizer {} to {}", tok.display(), dst.display()))?;
             fsync_file(&dst)?;
+            // The chat template the model is trained in travels with its tokenizer.
+            let config = tokenizer_config_beside(tok);
+            if config.is_file() {
+                let config_dst = dir.join(TOKENIZER_CONFIG_FILE);
+                std::fs::copy(&config, &config_dst)
+                    .with_context(|| format!("copying {} to {}", config.display(), config_dst.display()))?;
+                fsync_file(&config_dst)?;
+            }
         }
         Some(TokenizerSource::Json(text)) => write_file_synced(&dst, text.as_bytes())?,
     }
@@ -368,8 +379,17 @@ pub fn load_generation_model<B: Backend>(dir: &Path, backend: B) -> Result<Model
 
 /// The tokenizer at `explicit` when given, else the checkpoint's own `tokenizer.json`.
 pub fn load_tokenizer(dir: &Path, explicit: Option<&Path>) -> Result<ChatTokenizer> {
+    load_tokenizer_for(dir, explicit, &FormatChoice::default())
+}
+
+/// [`load_tokenizer`] for the chat format `choice` picks.
+pub fn load_tokenizer_for(
+    dir: &Path,
+    explicit: Option<&Path>,
+    choice: &FormatChoice,
+) -> Result<ChatTokenizer> {
     let path = explicit.map_or_else(|| dir.join(TOKENIZER_FILE), Path::to_path_buf);
-    ChatTokenizer::from_file(&path).with_context(|| format!("loading the tokenizer {}", path.display()))
+    ChatTokenizer::load(&path, choice).with_context(|| format!("loading the tokenizer {}", path.display()))
 }
 
 /// Loads the AdamW moments saved by [`save`] into `model`.

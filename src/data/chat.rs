@@ -1,17 +1,21 @@
-//! Chat files: SimpleLLaMA's schema and two common formats, all turned into [`Conversation`].
+//! Chat files: a JSON list, JSON Lines or Parquet (as Hugging Face `datasets` writes them), whose
+//! records [`super::sources`] maps to [`Conversation`]s.
 //!
-//! A file is either one JSON list of records or JSON Lines (one record a line). Records are
-//! parsed one at a time from a memory map (streaming), so a file never needs more than about
-//! its own size of memory, and each record is validated with errors that name the file, the
-//! example index and the field.
+//! JSON records are parsed one at a time from a memory map (streaming), so a file never needs
+//! more than about its own size of memory; Parquet rows are read one at a time through the
+//! `parquet` crate's row API and seen as JSON. Each record is validated with errors that name
+//! the file, the example (row) index and the field.
 
 use std::fmt;
 use std::fs::File;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
+use parquet::file::reader::{FileReader, SerializedFileReader};
 use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde_json::Value;
+
+use super::sources::parse_record;
 
 /// SimpleLLaMA's default system prompt, used where a record says `"Template": ["CUSTOM"]` or
 /// where a `messages`/`conversations` record has no system message.
@@ -33,7 +37,8 @@ pub struct Conversation {
     pub turns: Vec<Turn>,
 }
 
-/// Reads every conversation of a chat file (JSON list or JSON Lines, any of the three schemas).
+/// Reads every conversation of a chat file (JSON list, JSON Lines or Parquet; any schema of
+/// [`super::sources`]).
 pub fn read_chat_file(path: &Path) -> Result<Vec<Conversation>> {
     let mut out = Vec::new();
     for_each_conversation(path, |_, conv| {
@@ -51,6 +56,9 @@ pub fn for_each_conversation(
     mut f: impl FnMut(usize, Conversation) -> Result<()>,
 ) -> Result<()> {
     let file = File::open(path).with_context(|| format!("{}: cannot open chat file", path.display()))?;
+    if is_parquet(path, &file)? {
+        return for_each_parquet_row(path, file, f);
+    }
     let len = file.metadata().with_context(|| format!("{}: cannot stat", path.display()))?.len();
     if len == 0 {
         bail!("{}: empty chat file (expected a JSON list or JSON Lines of conversations)", path.display());
@@ -68,8 +76,7 @@ pub fn for_each_conversation(
         bail!("{}: chat file holds only whitespace", path.display());
     };
     let mut handle = |index: usize, record: Value| -> Result<()> {
-        let conv =
-            parse_record(&record, index).map_err(|e| anyhow!("{}: example {index}: {e}", path.display()))?;
+        let conv = parse_record(&record).map_err(|e| anyhow!("{}: example {index}: {e}", path.display()))?;
         f(index, conv)
     };
     if bytes[first] == b'[' {
@@ -215,174 +222,39 @@ impl<'de> Visitor<'de> for CheckedVisitor {
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
+/// A `.parquet` file, or any file that starts with Parquet's magic `PAR1`.
+fn is_parquet(path: &Path, file: &File) -> Result<bool> {
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet")) {
+        return Ok(true);
     }
+    let mut magic = [0u8; 4];
+    use std::os::unix::fs::FileExt;
+    let n = file.read_at(&mut magic, 0).with_context(|| format!("{}: cannot read", path.display()))?;
+    Ok(n == 4 && &magic == b"PAR1")
 }
 
-fn string_list<'a>(obj: &'a serde_json::Map<String, Value>, field: &str) -> Result<Vec<&'a str>> {
-    let v = obj.get(field).ok_or_else(|| anyhow!("missing field `{field}`"))?;
-    let Value::Array(items) = v else {
-        bail!("field `{field}`: expected a list of strings, found {}", type_name(v));
-    };
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| match item {
-            Value::String(s) => Ok(s.as_str()),
-            other => Err(anyhow!("field `{field}[{i}]`: expected a string, found {}", type_name(other))),
-        })
-        .collect()
-}
-
-/// Validates one record of any supported schema and turns it into a [`Conversation`].
-pub fn parse_record(record: &Value, _index: usize) -> Result<Conversation> {
-    let Value::Object(obj) = record else {
-        bail!("expected an object (a conversation), found {}", type_name(record));
-    };
-    let schemas: Vec<&str> = ["Template", "User", "Assistant", "messages", "conversations"]
-        .into_iter()
-        .filter(|k| obj.contains_key(*k))
-        .collect();
-    let simplellama = schemas.iter().any(|k| k.starts_with(char::is_uppercase));
-    let kinds = usize::from(simplellama)
-        + usize::from(obj.contains_key("messages"))
-        + usize::from(obj.contains_key("conversations"));
-    if kinds > 1 {
-        bail!(
-            "fields {}: one record mixes two schemas (SimpleLLaMA's Template/User/Assistant, `messages`, \
-             `conversations`); only one would be read",
-            schemas.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
-        );
+/// Streams a Parquet file's rows (every row group, in order) as conversations: each row's JSON
+/// view (lists as lists, structs as objects, strings as strings) goes through the same schema
+/// mapping as a JSON record.
+fn for_each_parquet_row(
+    path: &Path,
+    file: File,
+    mut f: impl FnMut(usize, Conversation) -> Result<()>,
+) -> Result<()> {
+    let reader = SerializedFileReader::new(file)
+        .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
+    let rows =
+        reader.get_row_iter(None).with_context(|| format!("{}: cannot read its rows", path.display()))?;
+    let mut n = 0;
+    for (index, row) in rows.enumerate() {
+        let row = row.with_context(|| format!("{}: row {index}: unreadable", path.display()))?;
+        let conv = parse_record(&row.to_json_value())
+            .map_err(|e| anyhow!("{}: row {index}: {e}", path.display()))?;
+        f(index, conv)?;
+        n += 1;
     }
-    if simplellama {
-        parse_simplellama(obj)
-    } else if let Some(messages) = obj.get("messages") {
-        parse_messages(messages, "messages", "role", "content")
-    } else if let Some(conversations) = obj.get("conversations") {
-        parse_messages(conversations, "conversations", "from", "value")
-    } else {
-        bail!("unknown schema: expected fields `Template`/`User`/`Assistant`, `messages`, or `conversations`")
+    if n == 0 {
+        bail!("{}: the Parquet file holds no rows", path.display());
     }
-}
-
-fn parse_simplellama(obj: &serde_json::Map<String, Value>) -> Result<Conversation> {
-    let system = match obj.get("Template") {
-        None => bail!("missing field `Template`"),
-        Some(Value::String(s)) => s.as_str(),
-        Some(Value::Array(items)) if items.len() > 1 => bail!(
-            "field `Template`: {} strings, expected one ([\"CUSTOM\"] or [\"<system prompt>\"]); the others \
-             would be dropped",
-            items.len()
-        ),
-        Some(Value::Array(items)) => match items.first() {
-            None => bail!("field `Template`: empty list (expected [\"CUSTOM\"] or [\"<system prompt>\"])"),
-            Some(Value::String(s)) => s.as_str(),
-            Some(other) => bail!("field `Template[0]`: expected a string, found {}", type_name(other)),
-        },
-        Some(other) => bail!("field `Template`: expected a list of one string, found {}", type_name(other)),
-    };
-    let users = string_list(obj, "User")?;
-    let assistants = string_list(obj, "Assistant")?;
-    if users.is_empty() {
-        bail!("field `User`: empty list (a conversation needs at least one turn)");
-    }
-    if users.len() != assistants.len() {
-        bail!(
-            "fields `User` and `Assistant`: length mismatch ({} user turns, {} assistant replies); \
-             a conversation must end with the assistant",
-            users.len(),
-            assistants.len()
-        );
-    }
-    let system = if system == "CUSTOM" { DEFAULT_SYSTEM_PROMPT } else { system };
-    Ok(Conversation {
-        system: system.to_string(),
-        turns: users
-            .iter()
-            .zip(&assistants)
-            .map(|(u, a)| Turn { user: u.to_string(), assistant: a.to_string() })
-            .collect(),
-    })
-}
-
-#[derive(PartialEq, Eq, Clone, Copy)]
-enum Role {
-    System,
-    User,
-    Assistant,
-}
-
-fn parse_messages(list: &Value, field: &str, role_key: &str, text_key: &str) -> Result<Conversation> {
-    let Value::Array(items) = list else {
-        bail!("field `{field}`: expected a list of messages, found {}", type_name(list));
-    };
-    if items.is_empty() {
-        bail!("field `{field}`: empty list (a conversation needs at least one turn)");
-    }
-    let mut system: Option<String> = None;
-    let mut turns = Vec::new();
-    let mut pending_user: Option<String> = None;
-    let mut seen_turn = false;
-    for (i, item) in items.iter().enumerate() {
-        let Value::Object(msg) = item else {
-            bail!("field `{field}[{i}]`: expected an object, found {}", type_name(item));
-        };
-        let role = match msg.get(role_key) {
-            Some(Value::String(r)) => match r.as_str() {
-                "system" => Role::System,
-                "user" | "human" => Role::User,
-                "assistant" | "gpt" => Role::Assistant,
-                other => bail!(
-                    "field `{field}[{i}].{role_key}`: unknown role {other:?} (expected system, user/human or \
-                     assistant/gpt)"
-                ),
-            },
-            Some(other) => {
-                bail!("field `{field}[{i}].{role_key}`: expected a string, found {}", type_name(other))
-            }
-            None => bail!("field `{field}[{i}]`: missing `{role_key}`"),
-        };
-        let text = match msg.get(text_key) {
-            Some(Value::String(s)) => s.clone(),
-            Some(other) => {
-                bail!("field `{field}[{i}].{text_key}`: expected a string, found {}", type_name(other))
-            }
-            None => bail!("field `{field}[{i}]`: missing `{text_key}`"),
-        };
-        match role {
-            Role::System => {
-                if seen_turn || system.is_some() {
-                    bail!("field `{field}[{i}]`: roles out of order: a system message may only come first");
-                }
-                system = Some(text);
-            }
-            Role::User => {
-                if pending_user.is_some() {
-                    bail!("field `{field}[{i}]`: roles out of order: two user messages in a row");
-                }
-                pending_user = Some(text);
-                seen_turn = true;
-            }
-            Role::Assistant => {
-                let Some(user) = pending_user.take() else {
-                    bail!("field `{field}[{i}]`: roles out of order: an assistant message must follow a user message");
-                };
-                turns.push(Turn { user, assistant: text });
-            }
-        }
-    }
-    if pending_user.is_some() {
-        bail!("field `{field}`: the conversation does not end with an assistant message");
-    }
-    if turns.is_empty() {
-        bail!("field `{field}`: no user/assistant turn");
-    }
-    Ok(Conversation { system: system.unwrap_or_else(|| DEFAULT_SYSTEM_PROMPT.to_string()), turns })
+    Ok(())
 }

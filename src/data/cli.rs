@@ -15,12 +15,14 @@ use super::loader::{
     NoSupervisedTokens, Split,
 };
 use super::prepare::{prepare as run_prepare, tokenize_all, PrepareOptions};
+use super::template::ChatFormatArgs;
 use super::tokenizer::{train_tokenizer, ChatTokenizer};
 use crate::rng::Rng;
 
 #[derive(Args, Debug, Clone)]
 pub struct PrepareArgs {
-    /// Chat file: a JSON list or JSON Lines (SimpleLLaMA's schema, `messages` or `conversations`).
+    /// Chat file: a JSON list, JSON Lines or Parquet (SimpleLLaMA's schema, `messages`,
+    /// `conversations`, Alpaca `instruction`/`input`/`output`, or `prompt`/`completion`).
     #[arg(long)]
     pub data: PathBuf,
     /// tokenizer.json (with the chat special tokens and <PAD>).
@@ -44,6 +46,8 @@ pub struct PrepareArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    #[command(flatten)]
+    pub chat: ChatFormatArgs,
 }
 
 fn with_threads<T: Send>(threads: Option<usize>, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
@@ -62,6 +66,7 @@ pub fn prepare(args: PrepareArgs) -> Result<()> {
         train_share: args.train_share,
         seed: args.seed,
         train_on: args.train_on,
+        chat: args.chat.choice(),
     };
     let r = with_threads(args.threads, || run_prepare(&opts))?;
     println!(
@@ -122,6 +127,8 @@ pub struct InspectArgs {
     /// Batches shown in full in the human view (all are counted).
     #[arg(long, default_value_t = 1)]
     pub show: usize,
+    #[command(flatten)]
+    pub chat: ChatFormatArgs,
 }
 
 fn mode_of(args: &InspectArgs) -> BatchMode {
@@ -198,7 +205,8 @@ fn rows_of(v: &[u32], b: &Batch) -> Vec<Vec<u32>> {
 }
 
 pub fn inspect(args: InspectArgs) -> Result<()> {
-    let tok = args.tokenizer.as_deref().map(ChatTokenizer::from_file).transpose()?;
+    let choice = args.chat.choice();
+    let tok = args.tokenizer.as_deref().map(|p| ChatTokenizer::load(p, &choice)).transpose()?;
     let batches = inspect_batches(&args, tok.as_ref())?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());

@@ -59,7 +59,13 @@ impl Example {
 /// tokenizer's input, the tokens equal those of the whole formatted text, and each token's
 /// supervision is that of the piece it came from. A tokenizer that adds a BOS token to texts
 /// (`ChatTokenizer::bos_id`) gets it first, unsupervised.
+///
+/// A tokenizer loaded with a chat template formats with it instead
+/// ([`super::template::tokenize_with_template`]).
 pub fn tokenize_conversation(tok: &ChatTokenizer, conv: &Conversation, train_on: TrainOn) -> Result<Example> {
+    if let Some(tpl) = tok.template() {
+        return super::template::tokenize_with_template(tok, tpl, conv, train_on);
+    }
     let pieces = training_pieces(conv, train_on);
     let mut ex = Example::default();
     if let Some(bos) = tok.bos_id() {

@@ -7,7 +7,7 @@
 
 use std::borrow::Cow;
 
-use super::chat::{Conversation, Turn};
+use super::chat::{Conversation, Turn, DEFAULT_SYSTEM_PROMPT};
 
 pub const SOS: &str = "<SOS>";
 pub const EOS: &str = "<EOS>";
@@ -154,4 +154,34 @@ pub fn inference_prompt_escaping<S: AsRef<str>>(
     }
     s.push_str(&format!("{SOU}{}{EOU}\n{SOA}", esc(user)));
     s
+}
+
+/// A Jinja chat template (Hugging Face's dialect) that renders exactly what this module
+/// produces: [`training_text`] for a conversation that ends with the assistant, and
+/// [`inference_prompt_escaping`] with `add_generation_prompt`. Without a system message the
+/// default system prompt applies, as for a `CUSTOM` record; `specials` are escaped in every
+/// text as [`escape_specials`] escapes them. Assistant replies (and their `<EOA>`) are inside
+/// `{% generation %}` markers, so transformers' `return_assistant_tokens_mask` sees them.
+pub fn simplellama_jinja<S: AsRef<str>>(specials: &[S]) -> String {
+    let quote = |s: &str| format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"));
+    let mut esc = String::new();
+    let mut sorted: Vec<&str> = specials.iter().map(AsRef::as_ref).filter(|s| !s.is_empty()).collect();
+    sorted.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    for special in sorted {
+        let split = special.chars().next().map_or(0, char::len_utf8);
+        let escaped = format!("{}{ESCAPE_CHAR}{}", &special[..split], &special[split..]);
+        esc.push_str(&format!(" | replace({}, {})", quote(special), quote(&escaped)));
+    }
+    let default = quote(DEFAULT_SYSTEM_PROMPT);
+    format!(
+        "{{%- if messages and messages[0]['role'] == 'system' %}}{{% set system = messages[0]['content'] %}}\
+{{% set loop_messages = messages[1:] %}}{{% else %}}{{% set system = {default} %}}{{% set loop_messages = messages %}}\
+{{% endif %}}{{{{ '{SOT}' + (system{esc}) + '{EOT}\\n\\n' }}}}{{% for message in loop_messages %}}\
+{{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}}{{{{ raise_exception('SimpleLLaMA format: after an \
+optional system message, user and assistant messages alternate, starting with the user') }}}}{{% endif %}}\
+{{% if message['role'] == 'user' %}}{{% if not loop.first %}}{{{{ '\\n\\n' }}}}{{% endif %}}\
+{{{{ '{SOU}' + (message['content']{esc}) + '{EOU}\\n' }}}}{{% else %}}{{{{ '{SOA}' }}}}{{% generation %}}\
+{{{{ (message['content']{esc}) + '{EOA}' }}}}{{% endgeneration %}}{{% endif %}}{{% endfor %}}\
+{{% if add_generation_prompt %}}{{{{ '{SOA}' }}}}{{% endif %}}"
+    )
 }

@@ -17,7 +17,8 @@ use super::chat::{for_each_conversation, Conversation};
 use super::example::{tokenize_conversation, Example};
 use super::format::TrainOn;
 use super::shard::{Shard, ShardWriter};
-use super::tokenizer::ChatTokenizer;
+use super::template::{tokenizer_config_beside, tokenizer_config_json, TOKENIZER_CONFIG_FILE};
+use super::tokenizer::{ChatTokenizer, FormatChoice};
 use crate::rng::Rng;
 
 /// Conversations tokenized per parallel round.
@@ -35,6 +36,9 @@ pub struct PrepareOptions {
     pub train_share: f64,
     pub seed: u64,
     pub train_on: TrainOn,
+    /// The chat format (default: the tokenizer's template when it has one, else SimpleLLaMA's).
+    #[serde(default)]
+    pub chat: FormatChoice,
 }
 
 impl PrepareOptions {
@@ -48,6 +52,7 @@ impl PrepareOptions {
             train_share: 0.99,
             seed: 89,
             train_on: TrainOn::FinalReply,
+            chat: FormatChoice::default(),
         }
     }
 }
@@ -85,6 +90,7 @@ fn is_set_file(name: &str) -> bool {
     shard
         || name.starts_with("spool.bin")
         || name.starts_with("tokenizer.json")
+        || name.starts_with(TOKENIZER_CONFIG_FILE)
         || name.starts_with("prepare.json")
 }
 
@@ -295,7 +301,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
         "train share must be in (0, 1], got {}",
         opts.train_share
     );
-    let tok = ChatTokenizer::from_file(&opts.tokenizer)?;
+    let tok = ChatTokenizer::load(&opts.tokenizer, &opts.chat)?;
     let out = &opts.out_dir;
     let (staging, old) = sibling_dirs(out)?;
     recover(out, &staging, &old)?;
@@ -422,6 +428,15 @@ fn build_set(opts: &PrepareOptions, tok: &ChatTokenizer, dir: &Path, set_id: u64
         .and_then(|f| f.sync_all())
         .with_context(|| format!("{}: cannot sync", tok_copy.display()))?;
     failpoint("copied the tokenizer");
+    // The template travels too, so that the set's tokenizer loads in the format it was made in
+    // (and a SimpleLLaMA-format set has no template beside its tokenizer).
+    if let Some(tpl) = tok.template() {
+        let config = tokenizer_config_json(tpl, Some(&tokenizer_config_beside(&opts.tokenizer)))?;
+        let config_path = dir.join(TOKENIZER_CONFIG_FILE);
+        std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)
+            .and_then(|_| std::fs::File::open(&config_path)?.sync_all())
+            .with_context(|| format!("{}: cannot write", config_path.display()))?;
+    }
     let meta = serde_json::json!({ "options": opts, "report": &report });
     let meta_path = dir.join("prepare.json");
     std::fs::write(&meta_path, serde_json::to_string_pretty(&meta)?)

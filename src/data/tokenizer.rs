@@ -21,6 +21,7 @@ use super::chat::{Conversation, Turn};
 use super::format::{
     escape_specials, inference_prompt_escaping, CHAT_TOKENS, EOA, PAD, SIMPLELLAMA_SPECIALS,
 };
+use super::template::{template_prompt, tokenizer_config_beside, ChatFormat, ChatTemplate};
 
 /// The six chat tokens and `<PAD>` that `tok` lacks as special added tokens, in that order.
 pub fn missing_chat_tokens(tok: &Tokenizer) -> Vec<&'static str> {
@@ -49,6 +50,84 @@ pub struct ChatTokenizer {
     fast: FastPath,
     /// The special token the tokenizer's post-processor puts before a text (see [`leading_special`]).
     bos_id: Option<u32>,
+    /// The model's chat template, when conversations are formatted with it (else SimpleLLaMA's).
+    template: Option<Arc<ChatTemplate>>,
+    /// Added tokens by first byte (longest first), when text can be cut at them and each piece
+    /// encoded through the word cache ([`ChatTokenizer::encode_segmented`]).
+    split_tokens: Option<Arc<SplitTokens>>,
+}
+
+/// Added tokens (content, id) by their first byte, longest first.
+type SplitTokens = HashMap<u8, Vec<(String, u32)>>;
+
+/// One piece of a text cut at its added tokens: its byte offset and first token index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub byte: usize,
+    pub token: usize,
+    /// An added token (one id) rather than text.
+    pub special: bool,
+}
+
+/// Which chat format a tokenizer is loaded for (`--chat-format`, `--chat-template`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FormatChoice {
+    /// None: the template of the tokenizer_config.json beside the tokenizer when it has one,
+    /// else SimpleLLaMA's format.
+    pub format: Option<ChatFormat>,
+    /// A Jinja file used instead of the tokenizer config's template.
+    pub template_file: Option<PathBuf>,
+}
+
+impl FormatChoice {
+    pub fn new(format: Option<ChatFormat>, template_file: Option<PathBuf>) -> Self {
+        FormatChoice { format, template_file }
+    }
+}
+
+/// The template a tokenizer file is used with under `choice`.
+fn choose_template(path: &Path, choice: &FormatChoice) -> Result<Option<ChatTemplate>> {
+    let config = tokenizer_config_beside(path);
+    Ok(match (choice.format, &choice.template_file) {
+        (Some(ChatFormat::SimpleLlama), Some(f)) => {
+            bail!("--chat-template {} needs --chat-format template, not simplellama", f.display())
+        }
+        (Some(ChatFormat::SimpleLlama), None) => None,
+        (_, Some(f)) => Some(ChatTemplate::from_file(f, Some(&config))?),
+        (Some(ChatFormat::Template), None) => {
+            if !config.is_file() {
+                bail!(
+                    "--chat-format template: {} is missing (the model's chat template lives there); pass \
+                     --chat-template FILE instead",
+                    config.display()
+                );
+            }
+            Some(ChatTemplate::from_tokenizer_config(&config)?.ok_or_else(|| {
+                anyhow!("{}: no `chat_template`; pass --chat-template FILE", config.display())
+            })?)
+        }
+        (None, None) if config.is_file() => ChatTemplate::from_tokenizer_config(&config)?,
+        (None, None) => None,
+    })
+}
+
+/// The id a template-format tokenizer pads with (an ignored target): `<PAD>` when added, else
+/// the config's pad token unless it is the stop token, else a dedicated pad or unknown token.
+fn template_pad_id(tok: &Tokenizer, tpl: &ChatTemplate, stop: u32) -> Option<u32> {
+    let config_pad = tpl.token("pad_token").map(str::to_string);
+    let unk = tpl.token("unk_token").map(str::to_string);
+    [
+        Some(PAD.to_string()),
+        config_pad,
+        Some("<|finetune_right_pad_id|>".into()),
+        Some("<pad>".into()),
+        unk,
+        Some("<unk>".into()),
+    ]
+    .into_iter()
+    .flatten()
+    .filter_map(|t| tok.token_to_id(&t))
+    .find(|&id| id != stop)
 }
 
 /// The special token that `tok`'s post-processor puts before a single text, if any: Llama 2's
@@ -141,6 +220,26 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
     h
 }
 
+/// The fingerprint of a tokenizer file's bytes used with a chat template (`None`: SimpleLLaMA's
+/// format, the plain FNV-1a of the bytes, as before templates existed).
+pub fn format_fingerprint(bytes: &[u8], template: Option<&str>) -> u64 {
+    match template {
+        None => fnv1a64(bytes),
+        Some(source) => {
+            let mut mixed = bytes.to_vec();
+            mixed.extend_from_slice(b"\0chat_template\0");
+            mixed.extend_from_slice(source.as_bytes());
+            fnv1a64(&mixed)
+        }
+    }
+}
+
+/// The fingerprint of the tokenizer file at `path` (holding `bytes`) loaded with the default
+/// format choice: with the template of the tokenizer_config.json beside it, if any.
+pub fn file_fingerprint(path: &Path, bytes: &[u8]) -> Result<u64> {
+    Ok(format_fingerprint(bytes, super::template::default_template_source(path)?.as_deref()))
+}
+
 impl std::fmt::Debug for ChatTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChatTokenizer")
@@ -153,13 +252,26 @@ impl std::fmt::Debug for ChatTokenizer {
 
 impl ChatTokenizer {
     /// Loads a `tokenizer.json`; checks that the six chat tokens and `<PAD>` are special tokens.
+    ///
+    /// A `tokenizer_config.json` beside it with a `chat_template` makes that template the chat
+    /// format (see [`Self::load`]).
     pub fn from_file(path: &Path) -> Result<Self> {
+        Self::load(path, &FormatChoice::default())
+    }
+
+    /// Loads a `tokenizer.json` for the chat format `choice` picks. SimpleLLaMA's format needs
+    /// its chat tokens and `<PAD>`; a template needs an `eos_token` (the stop token) and a pad id.
+    /// The fingerprint covers the template's source too: shards made in one format are refused
+    /// by a tokenizer loaded for another.
+    pub fn load(path: &Path, choice: &FormatChoice) -> Result<Self> {
         let bytes =
             std::fs::read(path).with_context(|| format!("{}: cannot read tokenizer", path.display()))?;
         let tok = Tokenizer::from_bytes(&bytes)
             .map_err(|e| anyhow!("{}: not a valid tokenizer.json: {e}", path.display()))?;
-        let mut tok =
-            Self::from_tokenizer(tok, fnv1a64(&bytes)).with_context(|| format!("{}", path.display()))?;
+        let template = choose_template(path, choice)?;
+        let fingerprint = format_fingerprint(&bytes, template.as_ref().map(ChatTemplate::source));
+        let mut tok = Self::from_tokenizer_with(tok, fingerprint, template.map(Arc::new))
+            .with_context(|| format!("{}", path.display()))?;
         tok.path = Some(path.to_path_buf());
         Ok(tok)
     }
@@ -169,7 +281,15 @@ impl ChatTokenizer {
         self.path.as_deref()
     }
 
-    fn from_tokenizer(mut tok: Tokenizer, fingerprint: u64) -> Result<Self> {
+    fn from_tokenizer(tok: Tokenizer, fingerprint: u64) -> Result<Self> {
+        Self::from_tokenizer_with(tok, fingerprint, None)
+    }
+
+    fn from_tokenizer_with(
+        mut tok: Tokenizer,
+        fingerprint: u64,
+        template: Option<Arc<ChatTemplate>>,
+    ) -> Result<Self> {
         let added = tok.get_added_tokens_decoder();
         let mut special_ids = HashMap::new();
         let mut escaped: Vec<String> = SIMPLELLAMA_SPECIALS.iter().map(|s| s.to_string()).collect();
@@ -182,7 +302,7 @@ impl ChatTokenizer {
             }
         }
         let missing = missing_chat_tokens(&tok);
-        if !missing.is_empty() {
+        if template.is_none() && !missing.is_empty() {
             bail!(
                 "tokenizer lacks the chat special tokens {} (they must be added special tokens; \
                  `sft import --add-chat-tokens` adds them to a Hugging Face model)",
@@ -214,20 +334,58 @@ impl ChatTokenizer {
                 Some(_) => FastPath::Words,
             }
         };
+        // Cutting at added tokens matches `tokenizers` only when they match anywhere, verbatim.
+        let plain_match = added.values().all(|t| !t.lstrip && !t.rstrip && !t.single_word);
+        let split_tokens = (fast != FastPath::None && plain_match).then(|| {
+            let mut by_byte = SplitTokens::new();
+            for (id, t) in &added {
+                if let Some(&b) = t.content.as_bytes().first() {
+                    by_byte.entry(b).or_default().push((t.content.clone(), *id));
+                }
+            }
+            for v in by_byte.values_mut() {
+                v.sort_by_key(|(c, _)| std::cmp::Reverse(c.len()));
+            }
+            Arc::new(by_byte)
+        });
         let mut escape_first_bytes = [false; 256];
         for e in &escaped {
             if let Some(&b) = e.as_bytes().first() {
                 escape_first_bytes[b as usize] = true;
             }
         }
-        let bos_id = leading_special(&tok);
+        let (pad_id, eoa_id, bos_id) = match &template {
+            None => (special_ids[PAD], special_ids[EOA], leading_special(&tok)),
+            Some(tpl) => {
+                let Some(eos) = tpl.token("eos_token") else {
+                    bail!(
+                        "{}: no `eos_token` (the stop token of a reply); a template's special tokens come from \
+                         tokenizer_config.json beside the tokenizer",
+                        tpl.name()
+                    );
+                };
+                let stop = tok.token_to_id(eos).ok_or_else(|| {
+                    anyhow!("{}: eos_token {eos:?} is not a token of the tokenizer", tpl.name())
+                })?;
+                let pad = template_pad_id(&tok, tpl, stop).ok_or_else(|| {
+                    anyhow!(
+                        "{}: no pad token (ignored targets need an id no reply uses): add one with \
+                         `sft import --add-chat-tokens`, or set `pad_token` in tokenizer_config.json",
+                        tpl.name()
+                    )
+                })?;
+                // The template writes the BOS token itself (Llama 3's `{{ bos_token }}`).
+                (pad, stop, None)
+            }
+        };
         Ok(ChatTokenizer {
             escape_first_bytes,
             fast,
             bos_id,
-
-            pad_id: special_ids[PAD],
-            eoa_id: special_ids[EOA],
+            template,
+            split_tokens,
+            pad_id,
+            eoa_id,
             special_ids,
             escaped,
             inner: Arc::new(tok),
@@ -245,8 +403,23 @@ impl ChatTokenizer {
         self.pad_id
     }
 
+    /// The token that ends a reply: `<EOA>`, or a template's `eos_token`.
     pub fn eoa_id(&self) -> u32 {
         self.eoa_id
+    }
+
+    /// The chat format conversations are formatted with.
+    pub fn chat_format(&self) -> ChatFormat {
+        if self.template.is_some() {
+            ChatFormat::Template
+        } else {
+            ChatFormat::SimpleLlama
+        }
+    }
+
+    /// The model's chat template, in the template format.
+    pub fn template(&self) -> Option<&ChatTemplate> {
+        self.template.as_deref()
     }
 
     /// The token that starts every row and prompt, when the tokenizer's post-processor adds one.
@@ -285,6 +458,52 @@ impl ChatTokenizer {
         escape_specials(text, &self.escaped)
     }
 
+    /// Encodes as [`Self::encode`] does (added-token strings become their ids), cutting the text at
+    /// its added tokens and encoding each piece through the word cache; also returns the pieces.
+    /// A tokenizer that cannot be cut so gives one piece, encoded by `tokenizers`.
+    pub fn encode_segmented(&self, text: &str) -> Result<(Vec<u32>, Vec<Segment>)> {
+        let Some(split) = &self.split_tokens else {
+            return Ok((self.encode(text)?, vec![Segment { byte: 0, token: 0, special: false }]));
+        };
+        let bytes = text.as_bytes();
+        let mut ids = Vec::with_capacity(text.len() / 3 + 1);
+        let mut segments = Vec::new();
+        let mut start = 0;
+        let mut i = 0;
+        while i < bytes.len() {
+            let hit = split
+                .get(&bytes[i])
+                .and_then(|cands| cands.iter().find(|(c, _)| bytes[i..].starts_with(c.as_bytes())));
+            let Some((content, id)) = hit else {
+                i += 1;
+                continue;
+            };
+            if start < i {
+                segments.push(Segment { byte: start, token: ids.len(), special: false });
+                ids.extend(self.encode_words(&text[start..i])?);
+            }
+            segments.push(Segment { byte: i, token: ids.len(), special: true });
+            ids.push(*id);
+            i += content.len();
+            start = i;
+        }
+        if start < bytes.len() {
+            segments.push(Segment { byte: start, token: ids.len(), special: false });
+            ids.extend(self.encode_words(&text[start..])?);
+        }
+        Ok((ids, segments))
+    }
+
+    /// Encodes a text piece that holds no added token (a piece of [`Self::encode_segmented`]).
+    pub fn encode_piece(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_words(text)
+    }
+
+    /// The special-token strings [`Self::escape`] escapes in texts.
+    pub fn escaped_strings(&self) -> &[String] {
+        &self.escaped
+    }
+
     /// Encodes user or assistant text: special-token strings in it are escaped first.
     ///
     /// Escaped text holds no added token, so (without a normalizer) its encoding is the
@@ -295,12 +514,20 @@ impl ChatTokenizer {
             return Ok(Vec::new());
         }
         let text = self.escape(text);
+        self.encode_words(&text)
+    }
+
+    /// Encodes text that holds no added token through the word cache.
+    fn encode_words(&self, text: &str) -> Result<Vec<u32>> {
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
         let err = |e| anyhow!("tokenizer: encode failed: {e}");
         let mut ids = Vec::with_capacity(text.len() / 3 + 1);
         match self.fast {
-            FastPath::None => return self.encode(&text),
+            FastPath::None => return self.encode(text),
             FastPath::Words => {
-                let mut pts = PreTokenizedString::from(text.as_ref());
+                let mut pts = PreTokenizedString::from(text);
                 let pre = self.inner.get_pre_tokenizer().expect("checked in from_tokenizer");
                 pre.pre_tokenize(&mut pts).map_err(err)?;
                 self.with_cache(|cache| {
@@ -316,7 +543,7 @@ impl ChatTokenizer {
                     prefixed = format!(" {text}");
                     &prefixed
                 } else {
-                    &text
+                    text
                 };
                 self.with_cache(|cache| {
                     let mut mapped = String::new();
@@ -395,7 +622,11 @@ impl ChatTokenizer {
 
     /// The ids of [`Self::inference_prompt`], after [`Self::bos_id`] when there is one: the
     /// prefix of the training row a reply continues.
+    /// In the template format, the template's rendering with the generation prompt.
     pub fn encode_prompt(&self, system: &str, history: &[Turn], user: &str) -> Result<Vec<u32>> {
+        if let Some(tpl) = &self.template {
+            return self.encode(&template_prompt(self, tpl, system, history, user)?);
+        }
         let mut ids: Vec<u32> = self.bos_id.into_iter().collect();
         ids.extend(self.encode(&self.inference_prompt(system, history, user))?);
         Ok(ids)

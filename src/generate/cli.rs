@@ -41,6 +41,8 @@ pub struct SamplingArgs {
     /// auto, cpu or cuda.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    #[command(flatten)]
+    pub chat: crate::data::template::ChatFormatArgs,
 }
 
 impl SamplingArgs {
@@ -60,7 +62,7 @@ impl SamplingArgs {
     }
 
     fn tokenizer(&self) -> Result<ChatTokenizer> {
-        checkpoint::load_tokenizer(&self.checkpoint, self.tokenizer.as_deref())
+        checkpoint::load_tokenizer_for(&self.checkpoint, self.tokenizer.as_deref(), &self.chat.choice())
     }
 
     fn model<B: Backend>(&self, backend: B, tok: &ChatTokenizer) -> Result<Model<B>> {

@@ -8,7 +8,10 @@
 use super::config::ModelConfig;
 use super::lora::{self, LoraConfig, LoraState, Site};
 use super::params::{self, NamedTensor, ParamIndex, ParamSpec};
-use crate::backend::{profile, AdamW, Backend, LossGrads, Precision};
+use crate::backend::{
+    group_tokens_by_id, profile, stats, supervised_rows, AdamW, Backend, BranchGrad, Clip, Dropout, GradMode,
+    LossGrads, Precision, STATS_LEN,
+};
 use crate::data::batch::Batch;
 use crate::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
@@ -49,8 +52,8 @@ struct Activations<B: Backend> {
 struct ActGrads<B: Backend> {
     /// Gradient of the residual stream.
     dresid: B::Buf,
-    /// Gradient of a block's output with dropout (a copy of `dresid` through the dropout mask;
-    /// without dropout the backward reads `dresid` itself).
+    /// Gradient of a block's output with dropout (`dresid` through the dropout mask, written by
+    /// the norm backward that completes `dresid`; without dropout the backward reads `dresid`).
     ddelta: B::Buf,
     /// Gradient of a norm's output.
     dln: B::Buf,
@@ -60,12 +63,31 @@ struct ActGrads<B: Backend> {
     dqkv: B::Buf,
 }
 
-/// Token-level inputs of a micro-batch, on the device.
+/// Token-level inputs of a micro-batch, on the device, with what the host worked out from them
+/// when it loaded the batch (so that no op reads ids back).
 struct IdBufs<B: Backend> {
     inputs: B::Ids,
-    targets: B::Ids,
     positions: B::Ids,
     cu_seqlens: B::Ids,
+    /// RoPE's `(cos, sin)` per row and pair `[n, head_dim]` (F32), built from `positions` once
+    /// per forward and read by every layer, forward and backward.
+    rope_table: B::Buf,
+    /// The supervised rows and their targets (`supervised_rows`): `n_sup` of each.
+    sup_rows: B::Ids,
+    sup_targets: B::Ids,
+    n_sup: usize,
+    /// The input tokens grouped by id for the embedding backward (`group_tokens_by_id`, 3n + 1).
+    emb_groups: B::Ids,
+    n_groups: usize,
+}
+
+/// The loss sum and the gradient norm of one optimizer step, read from the device at its end.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    /// The sum of the supervised losses of the step's micro-batches.
+    pub loss_sum: f64,
+    /// The global gradient norm before clipping (not finite: the update was skipped).
+    pub grad_norm: f64,
 }
 
 /// Keys and values of earlier positions, for generation with [`Model::next_logits`].
@@ -129,6 +151,13 @@ pub struct Model<B: Backend> {
     logits: B::Buf,
     /// Low-rank adapters; with them the base is frozen (no master weights, gradients or moments).
     lora: Option<LoraState<B>>,
+    /// The supervised rows' losses of the last micro-batch (F32, on the device).
+    row_losses: B::Buf,
+    /// The sums the host reads once per step (F32, [`stats`] slots).
+    stats: B::Buf,
+    /// Nothing accumulated since [`Model::zero_grads`]: the next backward writes the gradients
+    /// (and the step's loss sum) instead of adding to them, so they are never zeroed in a step.
+    fresh: bool,
 }
 
 /// The dropout seed of one site (0: attention output, 1: FFN output) of one layer: forward and
@@ -171,9 +200,10 @@ fn projection_backward<B: Backend>(
     n: usize,
     in_dim: usize,
     out_dim: usize,
+    mode: GradMode,
 ) -> Result<()> {
     match lora {
-        None => be.matmul_backward(Some(dinp), &mut g[wi], dout, inp, &p[wi], n, in_dim, out_dim),
+        None => be.matmul_backward(Some(dinp), &mut g[wi], dout, inp, &p[wi], n, in_dim, out_dim, mode),
         Some(lora) => {
             let wrote = lora.backward_site(be, layer, site, dout, inp, dinp, n, seed)?;
             be.matmul_backward_slice(
@@ -192,6 +222,11 @@ fn projection_backward<B: Backend>(
             )
         }
     }
+}
+
+/// The masked branch gradient for a norm backward, when the branch had dropout.
+fn branch<B: Backend>(out: &mut B::Buf, mask: Option<Dropout>) -> Option<BranchGrad<'_, B>> {
+    mask.map(|dropout| BranchGrad { out, dropout })
 }
 
 /// What [`Model::new`] allocates: `(fixed, per_token)` bytes, where `fixed` is the parameters'
@@ -215,7 +250,9 @@ pub fn memory_bytes_for(config: &ModelConfig, compute_bytes: usize, training: bo
     let layer = c * (heads.qkv_width() + heads.q_width() + 2 * d + 3 * hidden) + 4 * (heads.n_heads + 1);
     let stream = (l + 1) * (2 * d * c + 4) + d * c;
     let grads = c * (3 * d + 3 * hidden + heads.q_width() + heads.qkv_width());
-    let ids = 4 * 4;
+    // inputs, positions, cu_seqlens, supervised rows and targets, 3 for the embedding groups;
+    // the row losses (F32); RoPE's (cos, sin) table (F32, head_dim per token).
+    let ids = 8 * 4 + 4 + 4 * heads.head_dim;
     (fixed, l * layer + stream + grads + ids)
 }
 
@@ -469,12 +506,19 @@ impl<B: Backend> Model<B> {
         };
         let ids = IdBufs {
             inputs: be.zeros_ids(n)?,
-            targets: be.zeros_ids(n)?,
             positions: be.zeros_ids(n)?,
             cu_seqlens: be.zeros_ids(n + 1)?,
+            rope_table: be.zeros(n * heads.head_dim, Precision::F32)?,
+            sup_rows: be.zeros_ids(n)?,
+            sup_targets: be.zeros_ids(n)?,
+            n_sup: 0,
+            emb_groups: be.zeros_ids(3 * n + 1)?,
+            n_groups: 0,
         };
         let logits = be.zeros(config.vocab_size, c)?;
         let lora = lora.map(|l| LoraState::new(be, l, &config, n, training)).transpose()?;
+        let row_losses = be.zeros(n, f)?;
+        let stats = be.zeros(STATS_LEN, f)?;
         Ok(Model {
             backend,
             config,
@@ -493,6 +537,9 @@ impl<B: Backend> Model<B> {
             ids,
             logits,
             lora,
+            row_losses,
+            stats,
+            fresh: true,
         })
     }
 
@@ -583,15 +630,40 @@ impl<B: Backend> Model<B> {
     /// The accumulated gradients, with the parameters' names.
     pub fn read_grads(&self) -> Result<Vec<NamedTensor>> {
         self.ensure_training("read_grads")?;
+        if self.fresh {
+            // Zeroed only logically (see `zero_grads`): the buffers may hold the last step's.
+            return Ok(self
+                .specs
+                .iter()
+                .map(|spec| NamedTensor {
+                    name: spec.name.clone(),
+                    shape: spec.shape.clone(),
+                    data: vec![0.0; spec.numel()],
+                })
+                .collect());
+        }
         self.read_named(&self.grads)
     }
 
+    /// Starts a new accumulation: the gradients (and the step's loss sum) count as zero. Nothing
+    /// is written: the next backward overwrites them (beta = 0 in the weight-gradient GEMMs)
+    /// instead of adding to them, which saves a pass over every gradient per optimizer step.
     pub fn zero_grads(&mut self) -> Result<()> {
-        for (g, &len) in self.grads.iter_mut().zip(&self.lens) {
-            self.backend.zero(g, len)?;
-        }
+        self.fresh = true;
+        // The adapters' backward adds to their gradients (small: written here, once per step).
         if let Some(lora) = &mut self.lora {
             lora.zero_grads(&self.backend)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the zeros that `zero_grads` only promised, for an update with nothing accumulated.
+    fn materialize_zero_grads(&mut self) -> Result<()> {
+        if self.fresh {
+            for (g, &len) in self.grads.iter_mut().zip(&self.lens) {
+                self.backend.zero(g, len)?;
+            }
+            self.backend.zero(&mut self.stats, STATS_LEN)?;
         }
         Ok(())
     }
@@ -693,8 +765,10 @@ impl<B: Backend> Model<B> {
             .collect()
     }
 
-    /// Checks a batch against this model and copies its ids to the device; returns `n`.
-    fn load_batch(&mut self, batch: &Batch) -> Result<usize> {
+    /// Checks a batch against this model and copies its ids to the device, with the supervised
+    /// rows and (`for_backward`) the tokens grouped by id, worked out here on the host, where the
+    /// batch is; returns `n`.
+    fn load_batch(&mut self, batch: &Batch, for_backward: bool) -> Result<usize> {
         let n = batch.n_tokens();
         ensure!(n > 0, "empty batch ({} rows × {} positions)", batch.rows, batch.seq_len);
         ensure!(
@@ -724,11 +798,21 @@ impl<B: Backend> Model<B> {
         if let Some(i) = batch.targets.iter().position(|&t| t != batch.pad_id && t as usize >= vocab) {
             bail!("batch target {i} is token id {} outside the vocabulary ({vocab})", batch.targets[i]);
         }
+        let (rows, sup_targets) = supervised_rows(&batch.targets, batch.pad_id, vocab)?;
         let be = &self.backend;
         be.write_ids(&mut self.ids.inputs, &batch.inputs)?;
-        be.write_ids(&mut self.ids.targets, &batch.targets)?;
         be.write_ids(&mut self.ids.positions, &batch.positions)?;
         be.write_ids(&mut self.ids.cu_seqlens, cu)?;
+        be.write_ids(&mut self.ids.sup_rows, &rows)?;
+        be.write_ids(&mut self.ids.sup_targets, &sup_targets)?;
+        self.ids.n_sup = rows.len();
+        if for_backward {
+            let (groups, n_groups) = group_tokens_by_id(&batch.inputs);
+            be.write_ids(&mut self.ids.emb_groups, &groups)?;
+            self.ids.n_groups = n_groups;
+        }
+        // Once per batch: the attention of every layer shares what depends on the segments.
+        be.prepare_segments(&self.ids.cu_seqlens, cu.len() - 1, n)?;
         Ok(n)
     }
 
@@ -742,8 +826,11 @@ impl<B: Backend> Model<B> {
         let (eps, rope) = (cfg.norm_eps, cfg.rope());
         let n_layers = cfg.n_layers;
         let dropout = dropout_seed.filter(|_| cfg.dropout > 0.0);
+        let site =
+            |l: usize, s: usize| dropout.map(|seed| Dropout { p: cfg.dropout, seed: site_seed(seed, l, s) });
         let Activations { resid, ln_in, rstd_in, layers, delta } = acts;
 
+        be.rope_table(&mut ids.rope_table, &ids.positions, n, heads.head_dim, rope)?;
         be.embedding_forward(&mut resid[0], &ids.inputs, &p[idx.tok_embeddings], n, d)?;
         be.rmsnorm_forward(
             &mut ln_in[0],
@@ -761,7 +848,7 @@ impl<B: Backend> Model<B> {
             if let Some(lora) = lora.as_mut() {
                 lora.forward_site(be, l, Site::Qkv, &mut la.qkv, &ln_in[l], n, dropout_seed)?;
             }
-            be.rope_forward(&mut la.qkv, &ids.positions, n, heads, rope)?;
+            be.rope_forward(&mut la.qkv, &ids.rope_table, n, heads, rope.style)?;
             match &mut attn {
                 AttnMode::Segments { n_segments } => be.attention_forward(
                     &mut la.att,
@@ -780,9 +867,6 @@ impl<B: Backend> Model<B> {
             if let Some(lora) = lora.as_mut() {
                 lora.forward_site(be, l, Site::O, delta, &la.att, n, dropout_seed)?;
             }
-            if let Some(seed) = dropout {
-                be.dropout(delta, n * d, cfg.dropout, site_seed(seed, l, 0))?;
-            }
             be.residual_rmsnorm_forward(
                 &mut la.h,
                 &mut la.ln2,
@@ -793,6 +877,7 @@ impl<B: Backend> Model<B> {
                 n,
                 d,
                 eps,
+                site(l, 0),
             )?;
             be.matmul_forward(&mut la.gate_up, &la.ln2, &p[w.gate_up], n, d, 2 * hidden)?;
             if let Some(lora) = lora.as_mut() {
@@ -802,9 +887,6 @@ impl<B: Backend> Model<B> {
             be.matmul_forward(delta, &la.swi, &p[w.down], n, hidden, d)?;
             if let Some(lora) = lora.as_mut() {
                 lora.forward_site(be, l, Site::Down, delta, &la.swi, n, dropout_seed)?;
-            }
-            if let Some(seed) = dropout {
-                be.dropout(delta, n * d, cfg.dropout, site_seed(seed, l, 1))?;
             }
             let next_norm = if l + 1 < n_layers { idx.layers[l + 1].attn_norm } else { idx.norm };
             be.residual_rmsnorm_forward(
@@ -817,21 +899,57 @@ impl<B: Backend> Model<B> {
                 n,
                 d,
                 eps,
+                site(l, 1),
             )?;
         }
         Ok(())
     }
 
     /// Adds this micro-batch's gradient of `loss_scale · (sum of supervised losses)` into the
-    /// grads; returns the loss SUM (f64). `dropout_seed` None = no dropout.
+    /// grads; returns the micro-batch's loss SUM (f64), read back from the device (one read: the
+    /// trainer uses [`Model::accumulate_gradients`], which reads nothing). `dropout_seed` None = no
+    /// dropout.
     pub fn forward_backward(
         &mut self,
         batch: &Batch,
         loss_scale: f32,
         dropout_seed: Option<u64>,
     ) -> Result<f64> {
+        let n_sup = self.backward_micro_batch(batch, loss_scale, dropout_seed)?;
+        self.backend.sum_into(
+            &mut self.stats,
+            stats::MICRO_LOSS,
+            &self.row_losses,
+            n_sup,
+            GradMode::Overwrite,
+        )?;
+        let s = self.backend.read(&self.stats, STATS_LEN)?;
+        Ok(stats::join(&s, stats::MICRO_LOSS))
+    }
+
+    /// [`Model::forward_backward`] without a read-back: the micro-batch's loss sum stays on the
+    /// device, added to the step's, which [`Model::clip_and_update`] reads once at the step's end.
+    pub fn accumulate_gradients(
+        &mut self,
+        batch: &Batch,
+        loss_scale: f32,
+        dropout_seed: Option<u64>,
+    ) -> Result<()> {
+        self.backward_micro_batch(batch, loss_scale, dropout_seed).map(|_| ())
+    }
+
+    /// The forward and backward of one micro-batch: the gradients written (the first after
+    /// `zero_grads`) or added to, the row losses left in `row_losses` and added to the step's
+    /// loss sum on the device. Returns the number of supervised rows. Every gradient buffer must
+    /// be written here when `fresh` (the step zeroes nothing).
+    fn backward_micro_batch(
+        &mut self,
+        batch: &Batch,
+        loss_scale: f32,
+        dropout_seed: Option<u64>,
+    ) -> Result<usize> {
         self.ensure_training("forward_backward")?;
-        let n = self.load_batch(batch)?;
+        let n = self.load_batch(batch, true)?;
         let n_segments = batch.n_segments();
         {
             let _forward = profile::range("forward");
@@ -839,6 +957,7 @@ impl<B: Backend> Model<B> {
         }
         let _backward = profile::range("backward");
 
+        let mode = if self.fresh { GradMode::Overwrite } else { GradMode::Accumulate };
         let Model {
             backend: be,
             config: cfg,
@@ -849,6 +968,8 @@ impl<B: Backend> Model<B> {
             act_grads: ag,
             ids,
             lora,
+            row_losses,
+            stats: st,
             ..
         } = self;
         let d = cfg.d_model;
@@ -859,16 +980,27 @@ impl<B: Backend> Model<B> {
         let dropout = dropout_seed.filter(|_| cfg.dropout > 0.0);
         let out_w = idx.output_weight();
 
-        let loss = be.lm_head_cross_entropy(
+        be.lm_head_cross_entropy(
             &acts.ln_in[n_layers],
             &p[out_w],
-            &ids.targets,
-            batch.pad_id,
+            &ids.sup_rows,
+            &ids.sup_targets,
+            ids.n_sup,
             n,
             d,
             cfg.vocab_size,
-            Some(LossGrads { dx: &mut ag.dln, dw: weight_grad(g, lora, out_w, true), loss_scale }),
+            row_losses,
+            Some(LossGrads { dx: &mut ag.dln, dw: weight_grad(g, lora, out_w, true), loss_scale, mode }),
         )?;
+        be.sum_into(st, stats::STEP_LOSS, row_losses, ids.n_sup, mode)?;
+        // RMSNorm adds its weight gradient: a first micro-batch starts it from zero (d floats).
+        let norm_dw = |dw: &mut B::Buf| if mode == GradMode::Overwrite { be.zero(dw, d) } else { Ok(()) };
+        norm_dw(weight_grad(g, lora, idx.norm, false))?;
+        let site =
+            |l: usize, s: usize| dropout.map(|seed| Dropout { p: cfg.dropout, seed: site_seed(seed, l, s) });
+        // Each norm backward completes `dresid` for a residual stream that a block's branch
+        // joined through dropout (the final norm's: the last FFN block's): it also writes that
+        // branch's masked gradient into `ddelta`, so no copy and no second pass.
         be.zero(&mut ag.dresid, n * d)?;
         be.rmsnorm_backward(
             &mut ag.dresid,
@@ -879,25 +1011,32 @@ impl<B: Backend> Model<B> {
             &acts.rstd_in[n_layers],
             n,
             d,
+            branch::<B>(&mut ag.ddelta, site(n_layers - 1, 1)),
         )?;
         for l in (0..n_layers).rev() {
             let w = idx.layers[l];
             let la = &acts.layers[l];
-            // FFN block: resid[l+1] = h + dropout(down(swiglu(gate_up(ffn_norm(h))))).
-            // The branch's gradient is the residual's through the dropout mask; without dropout
-            // it is the residual's gradient itself, so nothing is copied.
-            let ddelta = match dropout {
-                Some(seed) => {
-                    be.copy(&mut ag.ddelta, &ag.dresid, n * d)?;
-                    be.dropout(&mut ag.ddelta, n * d, cfg.dropout, site_seed(seed, l, 1))?;
-                    &ag.ddelta
-                }
-                None => &ag.dresid,
-            };
-            let site = (l, Site::Down, dropout_seed);
-            projection_backward(be, lora, g, p, w.down, site, &mut ag.dswi, ddelta, &la.swi, n, hidden, d)?;
+            // FFN block: resid[l+1] = h + dropout(down(swiglu(gate_up(ffn_norm(h))))). Without
+            // dropout the branch's gradient is the residual's itself.
+            let ddelta = if dropout.is_some() { &ag.ddelta } else { &ag.dresid };
+            let at = (l, Site::Down, dropout_seed);
+            projection_backward(
+                be,
+                lora,
+                g,
+                p,
+                w.down,
+                at,
+                &mut ag.dswi,
+                ddelta,
+                &la.swi,
+                n,
+                hidden,
+                d,
+                mode,
+            )?;
             be.swiglu_backward(&mut ag.dgate_up, &ag.dswi, &la.gate_up, n, hidden)?;
-            let site = (l, Site::GateUp, dropout_seed);
+            let at = (l, Site::GateUp, dropout_seed);
             let dgate_up = &ag.dgate_up;
             projection_backward(
                 be,
@@ -905,14 +1044,16 @@ impl<B: Backend> Model<B> {
                 g,
                 p,
                 w.gate_up,
-                site,
+                at,
                 &mut ag.dln,
                 dgate_up,
                 &la.ln2,
                 n,
                 d,
                 2 * hidden,
+                mode,
             )?;
+            norm_dw(weight_grad(g, lora, w.ffn_norm, false))?;
             be.rmsnorm_backward(
                 &mut ag.dresid,
                 weight_grad(g, lora, w.ffn_norm, false),
@@ -922,30 +1063,25 @@ impl<B: Backend> Model<B> {
                 &la.rstd2,
                 n,
                 d,
+                branch::<B>(&mut ag.ddelta, site(l, 0)),
             )?;
             // Attention block: h = resid[l] + dropout(o(attn(rope(qkv(attn_norm(resid[l])))))).
-            let ddelta = match dropout {
-                Some(seed) => {
-                    be.copy(&mut ag.ddelta, &ag.dresid, n * d)?;
-                    be.dropout(&mut ag.ddelta, n * d, cfg.dropout, site_seed(seed, l, 0))?;
-                    &ag.ddelta
-                }
-                None => &ag.dresid,
-            };
-            let site = (l, Site::O, dropout_seed);
+            let ddelta = if dropout.is_some() { &ag.ddelta } else { &ag.dresid };
+            let at = (l, Site::O, dropout_seed);
             projection_backward(
                 be,
                 lora,
                 g,
                 p,
                 w.o,
-                site,
+                at,
                 &mut ag.datt,
                 ddelta,
                 &la.att,
                 n,
                 heads.q_width(),
                 d,
+                mode,
             )?;
             be.attention_backward(
                 &mut ag.dqkv,
@@ -958,10 +1094,27 @@ impl<B: Backend> Model<B> {
                 n,
                 heads,
             )?;
-            be.rope_backward(&mut ag.dqkv, &ids.positions, n, heads, rope)?;
-            let (site, ln) = ((l, Site::Qkv, dropout_seed), &acts.ln_in[l]);
+            be.rope_backward(&mut ag.dqkv, &ids.rope_table, n, heads, rope.style)?;
+            let (at, ln) = ((l, Site::Qkv, dropout_seed), &acts.ln_in[l]);
             let dqkv = &ag.dqkv;
-            projection_backward(be, lora, g, p, w.qkv, site, &mut ag.dln, dqkv, ln, n, d, heads.qkv_width())?;
+            projection_backward(
+                be,
+                lora,
+                g,
+                p,
+                w.qkv,
+                at,
+                &mut ag.dln,
+                dqkv,
+                ln,
+                n,
+                d,
+                heads.qkv_width(),
+                mode,
+            )?;
+            norm_dw(weight_grad(g, lora, w.attn_norm, false))?;
+            // resid[l] is where layer l - 1's FFN branch joined.
+            let below = if l > 0 { site(l - 1, 1) } else { None };
             be.rmsnorm_backward(
                 &mut ag.dresid,
                 weight_grad(g, lora, w.attn_norm, false),
@@ -971,55 +1124,113 @@ impl<B: Backend> Model<B> {
                 &acts.rstd_in[l],
                 n,
                 d,
+                branch::<B>(&mut ag.ddelta, below),
             )?;
         }
-        // With tied embeddings this adds to the lm_head gradient already in the same buffer. A
-        // frozen embedding (LoRA) needs no gradient at all.
+        // With tied embeddings this adds to the lm_head gradient the loss wrote in the same buffer.
+        // A frozen embedding (LoRA) needs no gradient at all.
         if lora.is_none() {
-            be.embedding_backward(&mut g[idx.tok_embeddings], &ids.inputs, &ag.dresid, n, d)?;
+            let emb_mode = if out_w == idx.tok_embeddings { GradMode::Accumulate } else { mode };
+            be.embedding_backward(
+                &mut g[idx.tok_embeddings],
+                &ids.emb_groups,
+                ids.n_groups,
+                &ag.dresid,
+                n,
+                d,
+                emb_mode,
+            )?;
         }
-        Ok(loss)
+        self.fresh = false;
+        Ok(self.ids.n_sup)
     }
 
-    /// The SUM of the supervised tokens' losses, without dropout and without gradients.
+    /// The SUM of the supervised tokens' losses, without dropout and without gradients (one
+    /// read-back).
     pub fn loss(&mut self, batch: &Batch) -> Result<f64> {
-        let n = self.load_batch(batch)?;
+        let n = self.load_batch(batch, false)?;
         self.forward(n, AttnMode::Segments { n_segments: batch.n_segments() }, None)?;
         let cfg = &self.config;
-        self.backend.lm_head_cross_entropy(
+        let be = &self.backend;
+        be.lm_head_cross_entropy(
             &self.acts.ln_in[cfg.n_layers],
             &self.params[self.index.output_weight()],
-            &self.ids.targets,
-            batch.pad_id,
+            &self.ids.sup_rows,
+            &self.ids.sup_targets,
+            self.ids.n_sup,
             n,
             cfg.d_model,
             cfg.vocab_size,
+            &mut self.row_losses,
             None,
-        )
+        )?;
+        be.sum_into(
+            &mut self.stats,
+            stats::MICRO_LOSS,
+            &self.row_losses,
+            self.ids.n_sup,
+            GradMode::Overwrite,
+        )?;
+        Ok(stats::join(&be.read(&self.stats, STATS_LEN)?, stats::MICRO_LOSS))
     }
 
-    /// Global L2 norm of the accumulated gradients.
-    pub fn grad_norm(&self) -> Result<f64> {
+    /// Global L2 norm of the accumulated gradients (one read-back).
+    pub fn grad_norm(&mut self) -> Result<f64> {
         self.ensure_training("grad_norm")?;
-        if let Some(lora) = &self.lora {
-            return Ok(lora.sum_squares(&self.backend)?.sqrt());
+        if self.fresh && self.lora.is_none() {
+            return Ok(0.0);
         }
-        let bufs: Vec<&B::Buf> = self.grads.iter().collect();
-        Ok(self.backend.sum_squares(&bufs, &self.lens)?.sqrt())
+        self.sum_squares_into_stats()?;
+        Ok(stats::join(&self.backend.read(&self.stats, STATS_LEN)?, stats::SUMSQ).sqrt())
     }
 
     /// One AdamW step over every parameter tensor, from the accumulated gradients.
     pub fn adamw_step(&mut self, hp: &AdamW) -> Result<()> {
         self.ensure_training("adamw_step")?;
+        self.materialize_zero_grads()?;
+        self.update(hp, None)
+    }
+
+    /// The end of an optimizer step, with one read-back: the global norm of the accumulated
+    /// gradients and the AdamW update clipped to `max_norm` (0: no clipping) both on the device
+    /// (AdamW reads the clip factor there, and skips the update when the norm is not finite),
+    /// then the step's loss sum and the norm read together.
+    pub fn clip_and_update(&mut self, hp: &AdamW, max_norm: f32) -> Result<StepStats> {
+        self.ensure_training("clip_and_update")?;
+        self.materialize_zero_grads()?;
+        self.sum_squares_into_stats()?;
+        self.update(hp, Some(max_norm))?;
+        let s = self.backend.read(&self.stats, STATS_LEN)?;
+        Ok(StepStats {
+            loss_sum: stats::join(&s, stats::STEP_LOSS),
+            grad_norm: stats::join(&s, stats::SUMSQ).sqrt(),
+        })
+    }
+
+    /// The sum of squares of the trained tensors' gradients (the adapters' with LoRA) into the
+    /// statistics buffer.
+    fn sum_squares_into_stats(&mut self) -> Result<()> {
+        match &self.lora {
+            Some(lora) => lora.sum_squares(&self.backend, &mut self.stats),
+            None => {
+                let bufs: Vec<&B::Buf> = self.grads.iter().collect();
+                self.backend.sum_squares(&bufs, &self.lens, &mut self.stats)
+            }
+        }
+    }
+
+    fn update(&mut self, hp: &AdamW, max_norm: Option<f32>) -> Result<()> {
         if let Some(lora) = &mut self.lora {
-            return lora.adamw(&self.backend, hp);
+            let clip = max_norm.map(|max_norm| Clip { sumsq: &self.stats, max_norm });
+            return lora.adamw(&self.backend, hp, clip);
         }
         let mut params: Vec<&mut B::Buf> = self.params.iter_mut().collect();
         let mut master: Vec<&mut B::Buf> = self.master.iter_mut().collect();
         let grads: Vec<&B::Buf> = self.grads.iter().collect();
         let mut m: Vec<&mut B::Buf> = self.m.iter_mut().collect();
         let mut v: Vec<&mut B::Buf> = self.v.iter_mut().collect();
-        self.backend.adamw(&mut params, &mut master, &grads, &mut m, &mut v, &self.lens, hp)
+        let clip = max_norm.map(|max_norm| Clip { sumsq: &self.stats, max_norm });
+        self.backend.adamw(&mut params, &mut master, &grads, &mut m, &mut v, &self.lens, hp, clip)
     }
 
     /// An empty KV cache for up to `max_len` positions.

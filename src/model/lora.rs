@@ -16,7 +16,7 @@
 
 use super::config::ModelConfig;
 use super::params::NamedTensor;
-use crate::backend::{AdamW, Backend, Precision};
+use crate::backend::{AdamW, Backend, Clip, Precision};
 use crate::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -520,18 +520,19 @@ impl<B: Backend> LoraState<B> {
         Ok(())
     }
 
-    pub fn sum_squares(&self, be: &B) -> Result<f64> {
+    /// The adapters' gradient sum of squares into `stats` (the trait's statistics buffer).
+    pub fn sum_squares(&self, be: &B, stats: &mut B::Buf) -> Result<()> {
         let bufs: Vec<&B::Buf> = self.grads.iter().collect();
-        be.sum_squares(&bufs, &self.lens)
+        be.sum_squares(&bufs, &self.lens, stats)
     }
 
-    pub fn adamw(&mut self, be: &B, hp: &AdamW) -> Result<()> {
+    pub fn adamw(&mut self, be: &B, hp: &AdamW, clip: Option<Clip<'_, B>>) -> Result<()> {
         let mut params: Vec<&mut B::Buf> = self.params.iter_mut().collect();
         let mut master: Vec<&mut B::Buf> = self.master.iter_mut().collect();
         let grads: Vec<&B::Buf> = self.grads.iter().collect();
         let mut m: Vec<&mut B::Buf> = self.m.iter_mut().collect();
         let mut v: Vec<&mut B::Buf> = self.v.iter_mut().collect();
-        be.adamw(&mut params, &mut master, &grads, &mut m, &mut v, &self.lens, hp)
+        be.adamw(&mut params, &mut master, &grads, &mut m, &mut v, &self.lens, hp, clip)
     }
 
     /// The adapters of `site` in `layer`, by index.

@@ -28,7 +28,7 @@ pub fn attribute(kernel: &str) -> Option<Attribution> {
     // nsys prints C++ names with their signature; the entry name is what precedes '('.
     let name = kernel.split('(').next().unwrap_or(kernel).trim();
     let name = name.strip_prefix("void ").unwrap_or(name);
-    let by_prefix: [(&str, Family); 13] = [
+    let by_prefix: [(&str, Family); 14] = [
         ("adamw", Family::Adamw),
         ("attention_", Family::FlashAttention),
         ("flash_", Family::FlashAttention),
@@ -40,6 +40,7 @@ pub fn attribute(kernel: &str) -> Option<Attribution> {
         ("residual_rmsnorm", Family::Rmsnorm),
         ("rope_", Family::Rope),
         ("sum_squares", Family::GlobalNorm),
+        ("sum_split", Family::GlobalNorm),
         ("swiglu_", Family::Swiglu),
         ("matmul_fallback", Family::Matmul),
     ];
@@ -208,6 +209,7 @@ mod tests {
         assert_eq!(f("flash_backward_dkdv_64"), Some(Attribution::Family(Family::FlashAttention)));
         assert_eq!(f("attention_backward_d"), Some(Attribution::Family(Family::FlashAttention)));
         assert_eq!(f("sum_squares_f32"), Some(Attribution::Family(Family::GlobalNorm)));
+        assert_eq!(f("sum_split"), Some(Attribution::Family(Family::GlobalNorm)));
         assert_eq!(
             f("void cross_entropy_rows(float*, int)"),
             Some(Attribution::Family(Family::CrossEntropy))

@@ -10,15 +10,18 @@
 //! The counts mirror the launch code in src/backend/cuda/*.rs (one file per family there); a change
 //! there (a fused kernel, a new launch) must be mirrored here, or the plan drifts from the engine.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 
 use anyhow::{bail, ensure, Result};
 
 use crate::backend::cuda::{
-    cross_entropy_chunk_rows, CROSS_ENTROPY_CHUNK_BUDGET, RMSNORM_DW_CHUNKS, SUM_SQUARES_BLOCKS,
+    cross_entropy_chunk_rows, rmsnorm_dw_chunks, CROSS_ENTROPY_CHUNK_BUDGET, SUM_SQUARES_BLOCKS,
 };
-use crate::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope};
+use crate::backend::{
+    stats, AdamW, Backend, BranchGrad, Clip, Dropout, GradMode, HeadShape, LossGrads, Precision, Rope,
+    RopeStyle,
+};
 
 /// Bytes of a [`Precision::Compute`] element on the CUDA backend (bf16).
 pub const COMPUTE_BYTES: usize = 2;
@@ -200,6 +203,11 @@ pub struct CountingBackend {
     allocated: RefCell<usize>,
     /// High-water bytes of each of the CUDA backend's scratch buffers (cuda/scratch.rs).
     scratch: RefCell<BTreeMap<&'static str, usize>>,
+    /// The segments whose flash tile table `prepare_segments` built: (`cu_seqlens` address,
+    /// segments, rows), forgotten when those ids are rewritten.
+    prepared_segments: RefCell<Option<(usize, usize, usize)>>,
+    /// Downloads since the backend was made ([`Backend::host_reads`]; `take_ledger` keeps it).
+    reads: Cell<u64>,
 }
 
 impl CountingBackend {
@@ -240,6 +248,7 @@ impl CountingBackend {
     }
 
     fn download(&self, family: Family, bytes: usize) {
+        self.reads.set(self.reads.get() + 1);
         self.count(family, KernelKind::HostTransfer, 1, 0.0, bytes as f64);
         self.ledger.borrow_mut().tallies.entry((family, KernelKind::HostTransfer)).or_default().syncs += 1;
     }
@@ -286,6 +295,9 @@ impl Backend for CountingBackend {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+    fn host_reads(&self) -> u64 {
+        self.reads.get()
+    }
     fn compute_bytes(&self) -> usize {
         COMPUTE_BYTES
     }
@@ -314,8 +326,18 @@ impl Backend for CountingBackend {
         }
         Ok(vec![0.0; len])
     }
+    fn prepare_segments(&self, cu_seqlens: &Vec<u32>, n_segments: usize, n: usize) -> Result<()> {
+        need_ids(cu_seqlens, n_segments + 1, "prepare_segments cu_seqlens")?;
+        *self.prepared_segments.borrow_mut() = None;
+        if n > 0 {
+            self.tile_table(n_segments);
+            *self.prepared_segments.borrow_mut() = Some((cu_seqlens.as_ptr() as usize, n_segments, n));
+        }
+        Ok(())
+    }
     fn write_ids(&self, dst: &mut Vec<u32>, src: &[u32]) -> Result<()> {
         self.call(Family::Memory);
+        self.forget_segments(dst);
         ensure!(src.len() <= dst.len(), "write_ids: {} ids into a buffer of {}", src.len(), dst.len());
         dst[..src.len()].copy_from_slice(src);
         if !src.is_empty() {
@@ -374,35 +396,34 @@ impl Backend for CountingBackend {
     fn embedding_backward(
         &self,
         dtable: &mut CountBuf,
-        ids: &Vec<u32>,
+        groups: &Vec<u32>,
+        n_groups: usize,
         dout: &CountBuf,
         n: usize,
         d: usize,
+        mode: GradMode,
     ) -> Result<()> {
         self.call(Family::Embedding);
         need(dout, n * d, Precision::Compute, "embedding_backward dout")?;
-        need_ids(ids, n, "embedding_backward ids")?;
-        if n * d == 0 {
+        need_ids(groups, n + 2 * n_groups + 1, "embedding_backward groups")?;
+        if d == 0 {
             return Ok(());
         }
         let vocab = dtable.len / d;
-        if let Some((i, &bad)) = ids[..n].iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
-            bail!("embedding_backward: token {i} has id {bad}, the table has {vocab} rows");
+        let (_, _, ids) = crate::backend::token_groups(groups, n, n_groups)?;
+        if let Some((g, &bad)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+            bail!("embedding_backward: group {g} has id {bad}, the table has {vocab} rows");
         }
-        let mut distinct = ids[..n].to_vec();
-        distinct.sort_unstable();
-        distinct.dedup();
-        let groups = distinct.len();
-        // The ids come down, the grouping (order, group starts, group ids) goes up.
-        self.download(Family::Embedding, n * 4);
-        self.upload(Family::Embedding, n * 4);
-        self.upload(Family::Embedding, (groups + 1) * 4);
-        self.upload(Family::Embedding, groups * 4);
-        self.scratch("emb_order", n * 4);
-        self.scratch("emb_group_start", (groups + 1) * 4);
-        self.scratch("emb_group_id", groups * 4);
-        // One block per distinct id sums its rows of dout into its table row (read and written).
-        let bytes = n * d * COMPUTE_BYTES + n * 4 + (2 * groups + 1) * 4 + 2 * groups * d * dtable.elem();
+        if mode == GradMode::Overwrite {
+            // The kernel writes only the batch's rows: the rest of the table is zeroed first.
+            self.count(Family::Embedding, KernelKind::DeviceCopy, 1, 0.0, (vocab * d * dtable.elem()) as f64);
+        }
+        if n == 0 || n_groups == 0 {
+            return Ok(());
+        }
+        // The grouping came up with the batch (load_batch); one block per distinct id sums its
+        // rows of dout into its table row (read and written).
+        let bytes = n * d * COMPUTE_BYTES + n * 4 + (2 * n_groups + 1) * 4 + 2 * n_groups * d * dtable.elem();
         self.elementwise(Family::Embedding, 1, (n * d) as f64, bytes);
         Ok(())
     }
@@ -439,17 +460,23 @@ impl Backend for CountingBackend {
         n: usize,
         d: usize,
         _eps: f32,
+        dropout: Option<Dropout>,
     ) -> Result<()> {
         self.call(Family::Rmsnorm);
+        if let Some(m) = dropout {
+            m.check("residual_rmsnorm_forward")?;
+        }
         for (b, what) in [(&*x_out, "x_out"), (&*out, "out"), (x_in, "x_in"), (delta, "delta")] {
             need(b, n * d, Precision::Compute, &format!("residual_rmsnorm_forward {what}"))?;
         }
         need(rstd, n, Precision::F32, "residual_rmsnorm_forward rstd")?;
         need(w, d, Precision::Compute, "residual_rmsnorm_forward w")?;
         if n * d > 0 {
-            // Reads x_in and delta, writes x_out and out.
+            // Reads x_in and delta, writes x_out and out; the branch's dropout mask (a hash per
+            // element) is drawn in the same pass.
             let bytes = 4 * n * d * COMPUTE_BYTES + d * COMPUTE_BYTES + n * 4;
-            self.elementwise(Family::Rmsnorm, 1, 5.0 * (n * d) as f64, bytes);
+            let mask_flops = if dropout.is_some_and(|m| m.p > 0.0) { 4.0 } else { 0.0 };
+            self.elementwise(Family::Rmsnorm, 1, (5.0 + mask_flops) * (n * d) as f64, bytes);
         }
         Ok(())
     }
@@ -463,9 +490,14 @@ impl Backend for CountingBackend {
         rstd: &CountBuf,
         n: usize,
         d: usize,
+        branch: Option<BranchGrad<'_, Self>>,
     ) -> Result<()> {
         self.call(Family::Rmsnorm);
         need(dx, n * d, Precision::Compute, "rmsnorm_backward dx")?;
+        if let Some(b) = &branch {
+            b.dropout.check("rmsnorm_backward")?;
+            need(b.out, n * d, Precision::Compute, "rmsnorm_backward branch out")?;
+        }
         need(dw, d, Precision::F32, "rmsnorm_backward dw")?;
         need(dout, n * d, Precision::Compute, "rmsnorm_backward dout")?;
         need(x, n * d, Precision::Compute, "rmsnorm_backward x")?;
@@ -475,13 +507,14 @@ impl Backend for CountingBackend {
             return Ok(());
         }
         let nd = n * d * COMPUTE_BYTES;
-        // dx: reads dout, x, w, rstd and dx (it adds), writes dx.
-        self.elementwise(Family::Rmsnorm, 1, 6.0 * (n * d) as f64, 4 * nd + d * COMPUTE_BYTES + n * 4);
-        // dw in two passes: per-chunk partials (reading dout and x again), then their sum into dw.
-        let rows_per_chunk = n.div_ceil(RMSNORM_DW_CHUNKS);
-        let chunks = n.div_ceil(rows_per_chunk);
+        let (_, chunks) = rmsnorm_dw_chunks(n);
         self.scratch("rms_partial", chunks * d * 4);
-        self.elementwise(Family::Rmsnorm, 1, 2.0 * (n * d) as f64, 2 * nd + n * 4 + chunks * d * 4);
+        // One kernel: reads dout, x, w, rstd and dx (it adds), writes dx, the per-chunk dw
+        // partials and, with a branch, the masked branch gradient (a hash per element).
+        let (branch_bytes, branch_flops) = if branch.is_some() { (nd, 4.0) } else { (0, 0.0) };
+        let bytes = 4 * nd + branch_bytes + d * COMPUTE_BYTES + n * 4 + chunks * d * 4;
+        self.elementwise(Family::Rmsnorm, 1, (8.0 + branch_flops) * (n * d) as f64, bytes);
+        // Then the partials' in-order sum into dw.
         self.elementwise(Family::Rmsnorm, 1, (chunks * d) as f64, chunks * d * 4 + 2 * d * 4);
         Ok(())
     }
@@ -514,6 +547,7 @@ impl Backend for CountingBackend {
         n: usize,
         in_dim: usize,
         out_dim: usize,
+        mode: GradMode,
     ) -> Result<()> {
         self.call(Family::Matmul);
         need(dout, n * out_dim, Precision::Compute, "matmul_backward dout")?;
@@ -527,8 +561,10 @@ impl Backend for CountingBackend {
             }
         }
         if n > 0 {
-            // dw += dout^T @ inp: fp32 C, read and written.
-            self.gemm(Family::Matmul, out_dim, in_dim, n, 4, true);
+            // dw (=|+=) dout^T @ inp: fp32 C, read too when accumulating.
+            self.gemm(Family::Matmul, out_dim, in_dim, n, 4, mode == GradMode::Accumulate);
+        } else if mode == GradMode::Overwrite {
+            self.count(Family::Matmul, KernelKind::DeviceCopy, 1, 0.0, (out_dim * in_dim * 4) as f64);
         }
         Ok(())
     }
@@ -598,25 +634,46 @@ impl Backend for CountingBackend {
         }
         Ok(())
     }
+    fn rope_table(
+        &self,
+        table: &mut CountBuf,
+        positions: &Vec<u32>,
+        n: usize,
+        head_dim: usize,
+        _rope: Rope,
+    ) -> Result<()> {
+        self.call(Family::Rope);
+        ensure!(head_dim.is_multiple_of(2), "rope_table: head_dim {head_dim} is odd");
+        need(table, n * head_dim, Precision::F32, "rope_table table")?;
+        need_ids(positions, n, "rope_table positions")?;
+        let pairs = n * head_dim / 2;
+        if pairs > 0 {
+            // Reads a position per row and the frequencies, writes (cos, sin) per pair: an f32
+            // range reduction and two polynomials (about 20 FLOPs). The frequencies' one upload
+            // happens once per process, not per step, so it is not counted.
+            self.elementwise(Family::Rope, 1, 20.0 * pairs as f64, n * 4 + head_dim * 2 + pairs * 8);
+        }
+        Ok(())
+    }
     fn rope_forward(
         &self,
         qkv: &mut CountBuf,
-        positions: &Vec<u32>,
+        table: &CountBuf,
         n: usize,
         heads: HeadShape,
-        _rope: Rope,
+        _style: RopeStyle,
     ) -> Result<()> {
-        self.rope(qkv, positions, n, heads, "rope_forward")
+        self.rope(qkv, table, n, heads, "rope_forward")
     }
     fn rope_backward(
         &self,
         dqkv: &mut CountBuf,
-        positions: &Vec<u32>,
+        table: &CountBuf,
         n: usize,
         heads: HeadShape,
-        _rope: Rope,
+        _style: RopeStyle,
     ) -> Result<()> {
-        self.rope(dqkv, positions, n, heads, "rope_backward")
+        self.rope(dqkv, table, n, heads, "rope_backward")
     }
 
     fn attention_forward(
@@ -640,7 +697,7 @@ impl Backend for CountingBackend {
         }
         let per_pair = (heads.n_heads * heads.head_dim) as f64;
         let pairs = causal_pairs(cu_seqlens, n_segments);
-        self.tile_table(n_segments);
+        self.tile_table_unless_prepared(cu_seqlens, n_segments, n);
         // S = Q·Kᵀ and O = P·V over the causal pairs; q, k, v read once, out and lse written.
         let bytes = n * (heads.qkv_width() + heads.q_width()) * COMPUTE_BYTES + heads.n_heads * n * 4;
         self.count(Family::FlashAttention, KernelKind::Attention, 1, 4.0 * per_pair * pairs, bytes as f64);
@@ -674,22 +731,27 @@ impl Backend for CountingBackend {
         self.scratch("attn_d", stats);
         // D = rowsum(dO∘O).
         self.elementwise(Family::FlashAttention, 1, 2.0 * (n * q) as f64, 2 * n * q * COMPUTE_BYTES + stats);
-        self.tile_table(n_segments);
-        self.tile_table(n_segments);
+        self.tile_table_unless_prepared(cu_seqlens, n_segments, n);
         let per_pair = (heads.n_heads * heads.head_dim) as f64;
         let pairs = causal_pairs(cu_seqlens, n_segments);
-        // Both kernels read q, k, v, dO, lse and D; dq recomputes S and dP, then dQ = dS·K (3
-        // products); dkdv recomputes S and dP, then dV = Pᵀ·dO and dK = dSᵀ·Q (4 products).
-        let inputs = n * (qkv_w + q) * COMPUTE_BYTES + 2 * stats;
-        let dq_bytes = inputs + n * q * COMPUTE_BYTES;
-        let dkdv_bytes = inputs + 2 * n * kv * COMPUTE_BYTES;
-        self.count(Family::FlashAttention, KernelKind::Attention, 1, 6.0 * per_pair * pairs, dq_bytes as f64);
+        // One kernel (flash_backward): recomputes S and dP, then dV = Pᵀ·dO, dK = dSᵀ·Q and
+        // dQ = dS·K (5 products). It reads q, k, v, dO, lse and D, writes dq, dk, dv, and moves
+        // the fp32 dQ partials of the ordered accumulation (per q tile and key tile).
+        let accumulation =
+            crate::backend::cuda::flash_attention::backward_q_rows(heads.head_dim).map_or(0.0, |bq| {
+                self.scratch("attn_dq_acc", n * q * 4);
+                self.scratch("attn_dq_sem", heads.n_heads * n * 4);
+                crate::backend::cuda::flash_attention::dq_accumulation_bytes(
+                    cu_seqlens, n_segments, heads, bq,
+                )
+            });
+        let bytes = n * (qkv_w + q) * COMPUTE_BYTES + 2 * stats + n * (q + 2 * kv) * COMPUTE_BYTES;
         self.count(
             Family::FlashAttention,
             KernelKind::Attention,
             1,
-            8.0 * per_pair * pairs,
-            dkdv_bytes as f64,
+            10.0 * per_pair * pairs,
+            bytes as f64 + accumulation,
         );
         Ok(())
     }
@@ -748,41 +810,42 @@ impl Backend for CountingBackend {
         &self,
         x: &CountBuf,
         w: &CountBuf,
+        rows: &Vec<u32>,
         targets: &Vec<u32>,
-        ignore_id: u32,
+        n_sup: usize,
         n: usize,
         d: usize,
         vocab: usize,
+        losses: &mut CountBuf,
         grads: Option<LossGrads<'_, Self>>,
-    ) -> Result<f64> {
+    ) -> Result<()> {
         let f = Family::CrossEntropy;
         self.call(f);
         need(x, n * d, Precision::Compute, "lm_head_cross_entropy x")?;
         need(w, vocab * d, Precision::Compute, "lm_head_cross_entropy w")?;
-        need_ids(targets, n, "lm_head_cross_entropy targets")?;
+        need_ids(rows, n_sup, "lm_head_cross_entropy rows")?;
+        need_ids(targets, n_sup, "lm_head_cross_entropy targets")?;
+        need(losses, n_sup, Precision::F32, "lm_head_cross_entropy losses")?;
+        ensure!(n_sup <= n, "lm_head_cross_entropy: {n_sup} supervised rows of {n}");
         if let Some(g) = &grads {
             need(g.dx, n * d, Precision::Compute, "lm_head_cross_entropy dx")?;
             need(g.dw, vocab * d, Precision::F32, "lm_head_cross_entropy dw")?;
         }
-        if n == 0 || d == 0 {
-            return Ok(0.0);
-        }
+        let dw_mode = grads.as_ref().map(|g| g.mode);
         let with_grads = grads.is_some();
         if with_grads {
             self.count(f, KernelKind::DeviceCopy, 1, 0.0, (n * d * COMPUTE_BYTES) as f64);
+            if dw_mode == Some(GradMode::Overwrite) && (n_sup == 0 || d == 0) {
+                self.count(f, KernelKind::DeviceCopy, 1, 0.0, (vocab * d * 4) as f64);
+            }
         }
-        self.download(f, n * 4);
-        let n_sup = targets[..n].iter().filter(|&&t| t != ignore_id).count();
-        crate::backend::check_targets(&targets[..n], ignore_id, vocab)?;
-        if n_sup == 0 {
-            return Ok(0.0);
+        if let Some((k, &t)) = targets[..n_sup].iter().enumerate().find(|&(_, &t)| t as usize >= vocab) {
+            bail!("lm_head_cross_entropy: supervised row {k} has target {t}, the vocabulary has {vocab} ids");
         }
-        self.upload(f, n_sup * 4);
-        self.upload(f, n_sup * 4);
+        if n_sup == 0 || d == 0 {
+            return Ok(());
+        }
         let chunk = cross_entropy_chunk_rows(n_sup, d, vocab, CROSS_ENTROPY_CHUNK_BUDGET);
-        self.scratch("ce_rows", n_sup * 4);
-        self.scratch("ce_targets", n_sup * 4);
-        self.scratch("ce_losses", n_sup * 4);
         self.scratch("ce_x", chunk * d * COMPUTE_BYTES);
         self.scratch("ce_logits", chunk * vocab * 4);
         if with_grads {
@@ -800,19 +863,37 @@ impl Backend for CountingBackend {
             if with_grads {
                 // dx_chunk = dlogits @ w; dw += dlogits^T @ x_chunk; scatter dx_chunk to its rows.
                 self.gemm(f, r, d, vocab, c, false);
-                self.gemm(f, vocab, d, r, 4, true);
+                let accumulate = c0 > 0 || dw_mode == Some(GradMode::Accumulate);
+                self.gemm(f, vocab, d, r, 4, accumulate);
                 self.elementwise(f, 1, 0.0, 2 * r * d * c + r * 4);
             }
         }
-        self.download(f, n_sup * 4);
-        Ok(0.0)
+        Ok(())
     }
 
-    fn sum_squares(&self, bufs: &[&CountBuf], lens: &[usize]) -> Result<f64> {
+    fn sum_into(
+        &self,
+        out: &mut CountBuf,
+        slot: usize,
+        x: &CountBuf,
+        len: usize,
+        mode: GradMode,
+    ) -> Result<()> {
+        // The loss sums: global_norm.cu's sum_split, one block.
+        self.call(Family::GlobalNorm);
+        need(out, slot + stats::SPLIT, Precision::F32, "sum_into statistics")?;
+        need(x, len, Precision::F32, "sum_into source")?;
+        let split = stats::SPLIT * 4 * if mode == GradMode::Accumulate { 2 } else { 1 };
+        self.elementwise(Family::GlobalNorm, 1, len as f64, len * 4 + split);
+        Ok(())
+    }
+
+    fn sum_squares(&self, bufs: &[&CountBuf], lens: &[usize], out: &mut CountBuf) -> Result<()> {
         self.call(Family::GlobalNorm);
         ensure!(bufs.len() == lens.len(), "sum_squares: {} buffers but {} lengths", bufs.len(), lens.len());
+        need(out, stats::SUMSQ + stats::SPLIT, Precision::F32, "sum_squares statistics")?;
         self.scratch("sumsq_partial", bufs.len() * SUM_SQUARES_BLOCKS * 4);
-        let mut any = false;
+        let mut partials = 0;
         for (i, (buf, &len)) in bufs.iter().zip(lens).enumerate() {
             if len == 0 {
                 continue;
@@ -820,12 +901,11 @@ impl Backend for CountingBackend {
             ensure!(len <= buf.len, "sum_squares: buffer {i} has {} elements, asked for {len}", buf.len);
             let blocks = len.div_ceil(256).min(SUM_SQUARES_BLOCKS);
             self.elementwise(Family::GlobalNorm, 1, 2.0 * len as f64, len * buf.elem() + blocks * 4);
-            any = true;
+            partials += blocks;
         }
-        if any {
-            self.download(Family::GlobalNorm, bufs.len() * SUM_SQUARES_BLOCKS * 4);
-        }
-        Ok(0.0)
+        // The partials summed on the device (sum_split) into the statistics: no download.
+        self.elementwise(Family::GlobalNorm, 1, partials as f64, partials * 4 + stats::SPLIT * 4);
+        Ok(())
     }
 
     fn adamw(
@@ -837,8 +917,12 @@ impl Backend for CountingBackend {
         v: &mut [&mut CountBuf],
         lens: &[usize],
         hp: &AdamW,
+        clip: Option<Clip<'_, Self>>,
     ) -> Result<()> {
         self.call(Family::Adamw);
+        if let Some(c) = &clip {
+            need(c.sumsq, stats::SUMSQ + stats::SPLIT, Precision::F32, "adamw clip statistics")?;
+        }
         let k = lens.len();
         ensure!(
             [params.len(), master.len(), grads.len(), m.len(), v.len()].iter().all(|&l| l == k),
@@ -873,7 +957,7 @@ impl CountingBackend {
     fn rope(
         &self,
         qkv: &mut CountBuf,
-        positions: &[u32],
+        table: &CountBuf,
         n: usize,
         heads: HeadShape,
         what: &str,
@@ -881,12 +965,14 @@ impl CountingBackend {
         self.call(Family::Rope);
         ensure!(heads.head_dim.is_multiple_of(2), "rope: head_dim {} is odd", heads.head_dim);
         need(qkv, n * heads.qkv_width(), Precision::Compute, &format!("{what} qkv"))?;
-        need_ids(positions, n, &format!("{what} positions"))?;
+        need(table, n * heads.head_dim, Precision::F32, &format!("{what} table"))?;
         let rotated = n * (heads.n_heads + heads.n_kv_heads) * heads.head_dim;
         if rotated > 0 {
-            // In place on the q and k parts of each row: read and written once; the angles are
-            // computed in the kernel (a power and a sincos per pair).
-            self.elementwise(Family::Rope, 1, 4.0 * rotated as f64, 2 * rotated * COMPUTE_BYTES + n * 4);
+            // In place on the q and k parts of each row: read and written once; the row's
+            // (cos, sin) pairs are read once from memory (every head of the row's block shares
+            // them through the cache).
+            let bytes = 2 * rotated * COMPUTE_BYTES + n * heads.head_dim * 4;
+            self.elementwise(Family::Rope, 1, 3.0 * rotated as f64, bytes);
         }
         Ok(())
     }
@@ -894,5 +980,21 @@ impl CountingBackend {
     /// `flash_tile_table`: one block writes the tile list (a few bytes per tile).
     fn tile_table(&self, n_segments: usize) {
         self.elementwise(Family::FlashAttention, 1, 0.0, (n_segments + 1) * 4);
+    }
+
+    /// As the CUDA backend: attention builds a tile table only when `prepare_segments` did not
+    /// build one for these segments.
+    fn tile_table_unless_prepared(&self, cu_seqlens: &[u32], n_segments: usize, n: usize) {
+        let key = (cu_seqlens.as_ptr() as usize, n_segments, n);
+        if *self.prepared_segments.borrow() != Some(key) {
+            self.tile_table(n_segments);
+        }
+    }
+
+    fn forget_segments(&self, ids: &[u32]) {
+        let mut prepared = self.prepared_segments.borrow_mut();
+        if prepared.is_some_and(|(p, _, _)| p == ids.as_ptr() as usize) {
+            *prepared = None;
+        }
     }
 }

@@ -1,7 +1,13 @@
 use super::counting::{CountingBackend, Family, KernelKind};
 use super::*;
-use crate::backend::{Backend, Precision};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, GradMode, Precision};
+use crate::bench::train::synthetic_batch;
 use crate::model::forward::{memory_bytes, micro_batch_that_fits};
+use crate::model::Model;
+use crate::rng::Rng;
+use crate::train::config::TrainConfig;
+use crate::train::trainer::optimizer_step;
 
 fn tiny() -> ModelConfig {
     ModelConfig::tiny(300)
@@ -35,18 +41,23 @@ fn matmul_flops_are_2nio_forward_and_4nio_backward() {
     // bf16 in and out.
     assert_eq!(fwd.bytes, (2 * (n * i + o * i + n * o)) as f64);
 
-    be.matmul_backward(Some(&mut dinp), &mut dw, &out, &inp, &w, n, i, o).unwrap();
+    be.matmul_backward(Some(&mut dinp), &mut dw, &out, &inp, &w, n, i, o, GradMode::Accumulate).unwrap();
     let bwd = be.take_ledger().family(Family::Matmul);
     assert_eq!(bwd.flops, (4 * n * i * o) as f64);
     assert_eq!(bwd.launches, 2);
-    be.matmul_backward(None, &mut dw, &out, &inp, &w, n, i, o).unwrap();
+    be.matmul_backward(None, &mut dw, &out, &inp, &w, n, i, o, GradMode::Accumulate).unwrap();
     let dw_only = be.take_ledger();
     assert_eq!(dw_only.family(Family::Matmul).flops, (2 * n * i * o) as f64);
     assert_eq!(dw_only.calls[&Family::Matmul], 1);
+    // Overwriting (beta = 0) does not read the fp32 gradient: 4 bytes per element less.
+    be.matmul_backward(None, &mut dw, &out, &inp, &w, n, i, o, GradMode::Overwrite).unwrap();
+    let overwrite = be.take_ledger().family(Family::Matmul);
+    assert_eq!(dw_only.family(Family::Matmul).bytes - overwrite.bytes, (4 * o * i) as f64);
 
     // A wrong precision is an error, as on the GPU.
     let mut bad_dw = be.zeros(o * i, Precision::Compute).unwrap();
-    let err = be.matmul_backward(None, &mut bad_dw, &out, &inp, &w, n, i, o).unwrap_err();
+    let err =
+        be.matmul_backward(None, &mut bad_dw, &out, &inp, &w, n, i, o, GradMode::Accumulate).unwrap_err();
     assert!(err.to_string().contains("matmul_backward dw"), "{err}");
 }
 
@@ -59,11 +70,11 @@ fn a_steps_gemm_flops_are_exactly_six_per_matmul_parameter_and_token() {
         let gemm = count.ledger.kind(KernelKind::Gemm).flops;
         assert_eq!(gemm, (6 * matmul_params(&c) * tokens) as f64, "mb {mb} t {t} accum {accum}");
         // The bench's FLOPs per token is the same 6·N plus attention; the counted attention is
-        // the executed products over causal pairs (2 forward + 7 backward per pair and head dim).
+        // the executed products over causal pairs (2 forward + 5 backward per pair and head dim).
         let h = c.heads();
         let pairs = (mb * accum) as f64 * (t * (t + 1) / 2) as f64;
         let attn = count.ledger.kind(KernelKind::Attention).flops;
-        assert_eq!(attn, 18.0 * (c.n_layers * h.n_heads * h.head_dim) as f64 * pairs);
+        assert_eq!(attn, 14.0 * (c.n_layers * h.n_heads * h.head_dim) as f64 * pairs);
         let bench_matmul = flops_per_token(&c, t) - 6.0 * (c.n_layers * h.q_width() * t) as f64;
         assert_eq!(bench_matmul * tokens as f64, gemm);
     }
@@ -76,23 +87,34 @@ fn launches_follow_the_cuda_backends_launch_code() {
     let count = count_step(&c, mb, t, 1).unwrap();
     let l = &count.ledger;
     let layers = c.n_layers as u64;
-    // Forward: tile table + flash_forward; backward: D, two tile tables, dq, dkdv.
-    assert_eq!(l.family(Family::FlashAttention).launches, 7 * layers);
+    // One tile table per micro-batch (prepare_segments); per layer flash_forward, then D and
+    // flash_backward.
+    assert_eq!(l.family(Family::FlashAttention).launches, 1 + 3 * layers);
     // Per layer 4 GEMMs forward, 8 backward.
     assert_eq!(l.family(Family::Matmul).launches, 12 * layers);
-    // One rmsnorm + 2 residual norms per layer forward; 3 launches per backward norm.
-    assert_eq!(l.family(Family::Rmsnorm).launches, 1 + 2 * layers + 3 * (1 + 2 * layers));
+    // One rmsnorm + 2 residual norms per layer forward; 2 launches per backward norm (the fused
+    // kernel, then the in-order sum of its weight-gradient partials).
+    assert_eq!(l.family(Family::Rmsnorm).launches, 1 + 2 * layers + 2 * (1 + 2 * layers));
+    // RoPE: the micro-batch's table once, then one rotation per layer forward and backward.
+    assert_eq!(l.family(Family::Rope).launches, 1 + 2 * layers);
+    assert_eq!(l.calls[&Family::Rope], 1 + 2 * layers);
     // The loss: one chunk (64 rows < 32 Mi / vocab): gather, GEMM, rows, 2 GEMMs, scatter; a
-    // memset of dx; the targets down, rows and targets up, losses down.
+    // memset of dx. The supervised rows came up with the batch, the losses stay on the device.
     let ce = l.family(Family::CrossEntropy);
-    assert_eq!(ce.launches, 6 + 1 + 4);
-    assert_eq!(ce.syncs, 2);
+    assert_eq!(ce.launches, 6 + 1);
+    assert_eq!(ce.syncs, 0);
     // AdamW: one launch for every tensor, its descriptors uploaded first.
     assert_eq!(l.family(Family::Adamw).launches, 2);
     assert_eq!(l.calls[&Family::Adamw], 1);
-    // The global norm: one launch per tensor, one download.
+    // The global norm: one launch per tensor and one to add the partials; one more to add the
+    // micro-batch's losses to the step's. Nothing comes down until the step's end.
     let n_tensors = crate::model::params::param_specs(&c).len() as u64;
-    assert_eq!(l.family(Family::GlobalNorm).launches, n_tensors + 1);
+    assert_eq!(l.family(Family::GlobalNorm).launches, n_tensors + 1 + 1);
+    assert_eq!(l.family(Family::GlobalNorm).syncs, 0);
+    // The embedding: forward; backward from the tokens grouped on the host, after zeroing the
+    // table's gradient (the first micro-batch writes it; the tiny model's lm_head is untied).
+    assert_eq!(l.family(Family::Embedding).launches, 1 + 2);
+    assert_eq!(l.family(Family::Embedding).syncs, 0);
     // The tiny model has no dropout: no dropout call.
     assert!(!l.calls.contains_key(&Family::Dropout));
     // AdamW moves 30 bytes per parameter.
@@ -101,28 +123,33 @@ fn launches_follow_the_cuda_backends_launch_code() {
 }
 
 #[test]
-fn dropout_adds_four_in_place_passes_per_layer() {
-    let mut c = tiny();
-    c.dropout = 0.1;
-    let count = count_step(&c, 2, 16, 1).unwrap();
-    let n = 2 * 16 * c.d_model;
-    let drop = count.ledger.family(Family::Dropout);
-    assert_eq!(drop.launches, 4 * c.n_layers as u64);
-    assert_eq!(drop.bytes, (4 * c.n_layers * 2 * n * COMPUTE_BYTES) as f64);
+fn dropout_is_drawn_inside_the_norm_kernels() {
+    // The forward's masks are applied by the residual norms and the backward's by the norm
+    // backward that completes the residual gradient: no dropout launch, no extra launch at all,
+    // and the only extra traffic is the backward writing each block's masked branch gradient
+    // (two per layer), which without dropout is the residual gradient itself.
+    let count = |dropout: f32| {
+        let c = ModelConfig { dropout, ..tiny() };
+        count_step(&c, 2, 16, 1).unwrap().ledger
+    };
+    let (with, without) = (count(0.1), count(0.0));
+    assert!(!with.calls.contains_key(&Family::Dropout));
+    let n = 2 * 16 * tiny().d_model;
+    let (norm_with, norm_without) = (with.family(Family::Rmsnorm), without.family(Family::Rmsnorm));
+    assert_eq!(norm_with.launches, norm_without.launches);
+    assert_eq!(norm_with.bytes - norm_without.bytes, (2 * tiny().n_layers * n * COMPUTE_BYTES) as f64);
+    let launches = |l: &super::counting::Ledger| l.tallies.values().map(|t| t.launches).sum::<u64>();
+    assert_eq!(launches(&with), launches(&without));
 }
 
 #[test]
-fn the_backward_copies_the_residual_gradient_only_for_dropout() {
-    // With dropout each block's branch gradient is a masked copy of the residual gradient (two
-    // device copies per layer); without it the backward reads the residual gradient in place.
+fn the_backward_copies_no_residual_gradient_with_or_without_dropout() {
     let copies = |dropout: f32| {
         let c = ModelConfig { dropout, ..tiny() };
         count_step(&c, 2, 16, 1).unwrap().ledger.tally(Family::Memory, KernelKind::DeviceCopy)
     };
     let (with, without) = (copies(0.1), copies(0.0));
-    let n = 2 * 16 * tiny().d_model;
-    assert_eq!(with.launches - without.launches, 2 * tiny().n_layers as u64);
-    assert_eq!(with.bytes - without.bytes, (2 * tiny().n_layers * 2 * n * COMPUTE_BYTES) as f64);
+    assert_eq!((with.launches, with.bytes), (without.launches, without.bytes));
 }
 
 #[test]
@@ -131,8 +158,10 @@ fn the_counting_backend_allocates_what_memory_bytes_says() {
     let (mb, t) = (4, 64);
     let count = count_step(&c, mb, t, 1).unwrap();
     let (fixed, per_token) = memory_bytes(&c, COMPUTE_BYTES);
-    // cu_seqlens holds one offset more than the token count.
-    assert_eq!(count.allocated, fixed + per_token * mb * t + 4);
+    // cu_seqlens and the embedding groups hold one id more than 1 and 3 per token; the step's
+    // statistics buffer is a few floats.
+    let extra = 4 + 4 + 4 * crate::backend::STATS_LEN;
+    assert_eq!(count.allocated, fixed + per_token * mb * t + extra);
 
     let args = PlanArgs {
         model: "tiny".into(),
@@ -182,7 +211,7 @@ fn the_plan_is_labelled_and_consistent() {
     let text = render(&p);
     assert!(text.contains("uncalibrated: no GPU measurement yet"), "{text}");
     assert!(text.lines().last().unwrap().starts_with("estimated MFU: "), "{text}");
-    for f in ["matmul", "flash_attention", "cross_entropy", "adamw", "dropout", "rmsnorm"] {
+    for f in ["matmul", "flash_attention", "cross_entropy", "adamw", "rope", "rmsnorm"] {
         assert!(text.contains(f), "{f} missing:\n{text}");
     }
 
@@ -246,4 +275,83 @@ fn a_lora_plan_counts_what_the_lora_model_allocates_and_trains_less() {
     assert!(p.total_flops < full_plan.total_flops);
     assert!(m.total < full_plan.memory.total);
     assert!(render(&p).contains("LoRA         rank 16, alpha 8, on q,v"));
+}
+
+#[test]
+fn flash_tile_tables_are_built_once_per_micro_batch() {
+    let c = tiny();
+    let layers = c.n_layers as u64;
+    for accum in [1usize, 3] {
+        let count = count_step(&c, 2, 32, accum).unwrap();
+        // Per micro-batch: one tile table, then 3 launches per layer and none of them a table.
+        assert_eq!(count.ledger.family(Family::FlashAttention).launches, accum as u64 * (1 + 3 * layers));
+    }
+}
+
+#[test]
+fn a_step_reads_back_once_whatever_its_micro_batches() {
+    // Counting backend, through the plan's own step: the loss sum and the norm come down
+    // together at the step's end (the statistics buffer); nothing per micro-batch.
+    for accum in [1, 3] {
+        let count = count_step(&tiny(), 2, 16, accum).unwrap();
+        let down = count.ledger.kind(KernelKind::HostTransfer);
+        assert_eq!(down.syncs, 1, "grad_accum {accum}");
+        assert_eq!(count.ledger.family(Family::Memory).syncs, 1, "grad_accum {accum}");
+    }
+
+    // The CPU backend counts its reads through the same trait method: none per micro-batch,
+    // one per optimizer step.
+    let c = tiny();
+    let (rows, t) = (2, 16);
+    let mut model = Model::new(CpuBackend::<f32>::new(), c.clone(), rows * t).unwrap();
+    model.init_params(5).unwrap();
+    let mut rng = Rng::new(3);
+    let batches: Vec<_> = (0..3).map(|_| synthetic_batch(&mut rng, rows, t, c.vocab_size)).collect();
+    let reads = |m: &Model<CpuBackend<f32>>| m.backend().host_reads();
+    model.zero_grads().unwrap();
+    let before = reads(&model);
+    for b in &batches {
+        model.accumulate_gradients(b, 1e-2, None).unwrap();
+        assert_eq!(reads(&model), before, "a micro-batch read something back");
+    }
+    let cfg = TrainConfig::default();
+    for step in 0..2 {
+        let start = reads(&model);
+        let out = optimizer_step(&mut model, &batches, step, 1e-3, &cfg, &Rng::new(1)).unwrap();
+        assert_eq!(reads(&model) - start, 1, "step {step}");
+        assert!(out.train_loss.unwrap().is_finite() && out.grad_norm.unwrap() > 0.0);
+    }
+    // forward_backward, which returns the micro-batch's loss, reads once per call.
+    let start = reads(&model);
+    model.forward_backward(&batches[0], 1e-2, None).unwrap();
+    assert_eq!(reads(&model) - start, 1);
+}
+
+#[test]
+fn the_first_micro_batch_writes_the_gradients_instead_of_zeroing_them() {
+    // No zeroing pass over the gradients in a step: the only memsets left are the norms' weight
+    // gradients (d floats each, which RMSNorm's backward adds to), the loss's dx and the
+    // embedding table's gradient on the first micro-batch.
+    let c = tiny();
+    let count = count_step(&c, 2, 16, 2).unwrap();
+    let memsets = count.ledger.tally(Family::Memory, KernelKind::DeviceCopy);
+    let norms = (2 * c.n_layers + 1) as u64;
+    // Plus the residual gradient's memset per micro-batch.
+    assert_eq!(memsets.launches, norms + 2);
+    // The weight-gradient GEMMs of the first micro-batch write (beta 0), the second's add: the
+    // second reads the fp32 gradients the first does not.
+    let be = CountingBackend::new();
+    let mut model = Model::new(be, c.clone(), 32).unwrap();
+    let mut rng = Rng::new(89);
+    let batch = synthetic_batch(&mut rng, 2, 16, c.vocab_size);
+    model.zero_grads().unwrap();
+    model.backend().take_ledger();
+    model.accumulate_gradients(&batch, 1.0, None).unwrap();
+    let first = model.backend().take_ledger().family(Family::Matmul);
+    model.accumulate_gradients(&batch, 1.0, None).unwrap();
+    let second = model.backend().take_ledger().family(Family::Matmul);
+    let h = c.heads();
+    let dw_elems =
+        c.n_layers * (c.d_model * h.qkv_width() + h.q_width() * c.d_model + 3 * c.d_model * c.ffn_hidden);
+    assert_eq!(second.bytes - first.bytes, (4 * dw_elems) as f64);
 }

@@ -3,13 +3,13 @@
 use crate::backend::Backend;
 use crate::checkpoint::{self, Checkpoint};
 use crate::data::{
-    batches_from_examples, batches_in_order, read_chat_file, tokenize_conversation, BatchMode, ChatTokenizer,
-    Dataset, LoaderConfig, Split, TrainOn, DEFAULT_SYSTEM_PROMPT,
+    batches_from_examples, batches_in_order, longest_example, read_chat_file, tokenize_conversation,
+    BatchMode, ChatTokenizer, Dataset, LoaderConfig, Split, TrainOn, DEFAULT_SYSTEM_PROMPT,
 };
 use crate::generate::{generate_reply, SamplingConfig};
 use crate::model::Model;
 use crate::rng::Rng;
-use crate::train::config::{Device, TrainConfig};
+use crate::train::config::{default_seq_len, Device, TrainConfig};
 use crate::train::trainer::{eval_loss, resolve_model_config, train_with, TrainReport};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -85,8 +85,11 @@ pub struct TrainArgs {
     pub from_scratch: bool,
     #[arg(long)]
     pub epochs: Option<u64>,
+    /// Stop after this many optimizer steps (whatever --epochs says); also the LR schedule's
+    /// length unless --schedule-steps is given.
     #[arg(long)]
     pub max_steps: Option<u64>,
+    /// The LR schedule's length in optimizer steps (default: --max-steps, else every epoch's).
     #[arg(long)]
     pub schedule_steps: Option<u64>,
     /// Examples per micro-batch, or `auto` (the default): the largest that fits the device, at
@@ -95,8 +98,11 @@ pub struct TrainArgs {
     pub micro_batch: Option<crate::train::config::MicroBatch>,
     #[arg(long)]
     pub grad_accum: Option<usize>,
+    /// packed (the default: whole examples in rows of max_seq_len, no compute on padding),
+    /// dynamic (SimpleLLaMA's padding to the batch's longest example) or fixed.
     #[arg(long, value_enum)]
     pub batch_mode: Option<BatchMode>,
+    /// Row length; default 2048, or the data's longest example, at most the model's context.
     #[arg(long)]
     pub max_seq_len: Option<usize>,
     #[arg(long)]
@@ -225,7 +231,7 @@ pub struct EvalArgs {
     pub train_on: TrainOn,
     #[arg(long, default_value_t = 8)]
     pub micro_batch: usize,
-    /// Default: the model's max_seq_len.
+    /// Default: 2048, or a prepared directory's longest example, at most the model's max_seq_len.
     #[arg(long)]
     pub max_seq_len: Option<usize>,
     #[arg(long, value_enum, default_value = "dynamic")]
@@ -235,6 +241,8 @@ pub struct EvalArgs {
     /// A LoRA adapter (PEFT layout) trained on the checkpoint, applied without merging.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub chat: crate::data::template::ChatFormatArgs,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -269,13 +277,18 @@ pub struct EvalReport {
 pub fn eval_with<B: Backend>(backend: B, args: &EvalArgs) -> Result<EvalReport> {
     anyhow::ensure!(args.micro_batch > 0, "--micro-batch must be at least 1");
     let ckpt = Checkpoint::open(&args.checkpoint)?;
-    let max_seq_len = args.max_seq_len.unwrap_or(ckpt.config().max_seq_len);
+    let longest = if args.data.is_dir() { longest_example(&args.data)? } else { None };
+    let max_seq_len = args.max_seq_len.unwrap_or_else(|| default_seq_len(ckpt.config().max_seq_len, longest));
     // A chat file needs the tokenizer; a prepared directory is checked against it when there is one.
     let tok_path = args.tokenizer.clone().unwrap_or_else(|| args.checkpoint.join(checkpoint::TOKENIZER_FILE));
     let tok = if args.data.is_dir() && !tok_path.exists() {
         None
     } else {
-        Some(checkpoint::load_tokenizer(&args.checkpoint, args.tokenizer.as_deref())?)
+        Some(checkpoint::load_tokenizer_for(
+            &args.checkpoint,
+            args.tokenizer.as_deref(),
+            &args.chat.choice(),
+        )?)
     };
     ckpt.config().check_usage(tok.as_ref().map(|t| (tok_path.as_path(), t.vocab_size())), max_seq_len)?;
     let loader_config = LoaderConfig {
@@ -292,9 +305,10 @@ pub fn eval_with<B: Backend>(backend: B, args: &EvalArgs) -> Result<EvalReport> 
         };
         let dataset = Dataset::open(&args.data, split)?;
         if args.tokenizer.is_some() || args.checkpoint.join("tokenizer.json").exists() {
-            dataset.ensure_tokenizer(&checkpoint::load_tokenizer(
+            dataset.ensure_tokenizer(&checkpoint::load_tokenizer_for(
                 &args.checkpoint,
                 args.tokenizer.as_deref(),
+                &args.chat.choice(),
             )?)?;
         }
         batches_in_order(&dataset, &loader_config)?

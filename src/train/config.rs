@@ -1,5 +1,6 @@
 //! `TrainConfig`: everything a training run needs, as a JSON file (`sft train --config run.json`)
-//! whose fields the command-line flags override. Defaults are SimpleLLaMA's SFT settings.
+//! whose fields the command-line flags override. Defaults are SimpleLLaMA's SFT settings, except
+//! packed batches (`batch_mode`) and a row length that is never a model's whole context.
 
 use crate::data::BatchMode;
 use anyhow::{bail, Context, Result};
@@ -28,10 +29,12 @@ pub struct TrainConfig {
     /// Continue from `out_dir/latest` (weights, optimizer, data position, step).
     pub resume: bool,
     pub epochs: u64,
-    /// Stop after this many optimizer steps in all (counting those before a resume). The schedule
-    /// is not shortened, so a run stopped here and resumed matches an uninterrupted one.
+    /// Stop after this many optimizer steps in all (counting those before a resume), whatever
+    /// `epochs` says; without `schedule_steps` it is also the schedule's length, as in Hugging Face
+    /// trainers. To stop a run early and resume it as one run, give `schedule_steps` too.
     pub max_steps: Option<u64>,
-    /// The steps the LR schedule spans; default: `epochs` × optimizer steps per epoch.
+    /// The steps the LR schedule spans; default: `max_steps`, else `epochs` × optimizer steps
+    /// per epoch.
     pub schedule_steps: Option<u64>,
     /// Examples per micro-batch (rows of `max_seq_len` tokens in packed mode), or `"auto"`: the
     /// largest that fits the device, at most 32, with `grad_accum` raised so that a step keeps
@@ -39,8 +42,11 @@ pub struct TrainConfig {
     pub micro_batch: MicroBatch,
     /// Micro-batches per optimizer step (of 32 examples with `micro_batch` `"auto"`).
     pub grad_accum: usize,
+    /// `packed` (the default: no compute on padding), or SimpleLLaMA's `dynamic` padding, or
+    /// `fixed`.
     pub batch_mode: BatchMode,
-    /// Longest row in tokens; default: the model's `max_seq_len`.
+    /// Longest row in tokens; default: [`DEFAULT_SEQ_LEN`], or the data's longest example where
+    /// that is longer, never more than the model's `max_seq_len` (see [`default_seq_len`]).
     pub max_seq_len: Option<usize>,
     /// Shuffle the training examples (reshuffled each epoch).
     pub shuffle: bool,
@@ -90,7 +96,7 @@ impl Default for TrainConfig {
             schedule_steps: None,
             micro_batch: MicroBatch::Auto,
             grad_accum: 16,
-            batch_mode: BatchMode::Dynamic,
+            batch_mode: BatchMode::Packed,
             max_seq_len: None,
             shuffle: true,
             max_lr: 1e-5,
@@ -119,7 +125,30 @@ impl Default for TrainConfig {
     }
 }
 
+/// The training row length when none is given: SimpleLLaMA's 2048. A model's context (131072
+/// for Llama 3.2) is what it can attend over, not a row length to allocate for every micro-batch.
+pub const DEFAULT_SEQ_LEN: usize = 2048;
+
+/// The row length of a run that does not set one: [`DEFAULT_SEQ_LEN`], raised to the data's
+/// longest example (`longest`, where known) so that no prepared example is dropped, and capped
+/// at the model's context `model_max`.
+pub fn default_seq_len(model_max: usize, longest: Option<usize>) -> usize {
+    DEFAULT_SEQ_LEN.max(longest.unwrap_or(0)).min(model_max)
+}
+
 impl TrainConfig {
+    /// The optimizer steps the LR schedule spans: `schedule_steps`, else `max_steps`, else
+    /// `epochs_steps` (every epoch's steps).
+    pub fn schedule_length(&self, epochs_steps: u64) -> u64 {
+        self.schedule_steps.or(self.max_steps).unwrap_or(epochs_steps)
+    }
+
+    /// Whether the run's length needs every epoch's step count (packed batches per epoch depend
+    /// on its shuffle); with `max_steps` neither the end nor the schedule does.
+    pub fn counts_epochs(&self) -> bool {
+        self.max_steps.is_none()
+    }
+
     /// Reads a JSON config; absent fields take their defaults, unknown fields are errors.
     pub fn load(path: &Path) -> Result<TrainConfig> {
         let text = std::fs::read_to_string(path)
@@ -398,7 +427,34 @@ mod tests {
         assert_eq!((c.micro_batch, c.grad_accum, c.epochs, c.seed), (MicroBatch::Auto, 16, 3, 89));
         assert_eq!(c.micro_batch.configured(), 32);
         assert_eq!((c.max_lr, c.min_lr, c.warmup_steps, c.clip), (1e-5, 1e-6, 100, 1.0));
-        assert_eq!(c.batch_mode, BatchMode::Dynamic);
+        // The one departure from the recipe: packed rows, so no layer computes on padding.
+        assert_eq!(c.batch_mode, BatchMode::Packed);
+    }
+
+    #[test]
+    fn max_steps_sets_the_schedule_unless_schedule_steps_does() {
+        let c = TrainConfig { max_steps: Some(40), ..TrainConfig::default() };
+        assert_eq!(c.schedule_length(900), 40);
+        assert!(!c.counts_epochs());
+        let c = TrainConfig { schedule_steps: Some(100), ..c };
+        assert_eq!(c.schedule_length(900), 100);
+        let c = TrainConfig::default();
+        assert_eq!(c.schedule_length(900), 900);
+        assert!(c.counts_epochs());
+        let c = TrainConfig { schedule_steps: Some(7), ..c };
+        assert_eq!(c.schedule_length(900), 7);
+        assert!(c.counts_epochs(), "the run's end still needs the epochs");
+    }
+
+    #[test]
+    fn default_seq_len_is_2048_or_what_the_data_needs_never_the_whole_context() {
+        // Llama 3.2's 131072-token context is not a row length.
+        assert_eq!(default_seq_len(131072, None), 2048);
+        assert_eq!(default_seq_len(131072, Some(300)), 2048);
+        assert_eq!(default_seq_len(131072, Some(5000)), 5000);
+        // Never beyond the model's context.
+        assert_eq!(default_seq_len(512, Some(300)), 512);
+        assert_eq!(default_seq_len(4096, Some(9000)), 4096);
     }
 
     #[test]

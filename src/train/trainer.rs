@@ -2,11 +2,16 @@
 //!
 //! One optimizer step (`optimizer_step`, just below), SimpleLLaMA's recipe:
 //! 1. take the step's `grad_accum` micro-batches and count their supervised targets;
-//! 2. zero the gradients, then run forward+backward on each micro-batch with
+//! 2. start a new accumulation (the first micro-batch writes the gradients, the others add to
+//!    them), running forward+backward on each micro-batch with
 //!    `loss_scale = 1 / supervised targets of the whole step`, so the accumulated gradient is
 //!    that of the mean loss over every supervised token of the step (not a mean of means);
 //! 3. clip: the global gradient norm, and `grad_scale = min(1, clip / norm)`;
 //! 4. one AdamW step at the schedule's learning rate.
+//!
+//! Steps 2–4 run on the device without waiting for it: the loss sum and the norm stay there
+//! (AdamW reads the clip factor from device memory), and the host reads both once, at the end
+//! of the step, for the log: one blocking read-back per optimizer step, none per micro-batch.
 //!
 //! [`train_with`] is the rest, in three parts: `start_run` (fresh, `init_from` or `resume`: the
 //! model config and tokenizer), `plan_data` (loader, steps, evaluation batches, schedule), then
@@ -20,13 +25,14 @@
 use crate::backend::{profile, AdamW, Backend};
 use crate::checkpoint::{self, Checkpoint};
 use crate::data::{
-    batches_in_order, Batch, ChatTokenizer, Dataset, Loader, LoaderConfig, LoaderState, NoSupervisedTokens,
-    Split,
+    batches_in_order, longest_example, Batch, BatchMode, ChatTokenizer, Dataset, Loader, LoaderConfig,
+    LoaderState, NoSupervisedTokens, Split,
 };
 use crate::model::config::ModelConfig;
+use crate::model::forward::StepStats;
 use crate::model::Model;
 use crate::rng::Rng;
-use crate::train::config::{plan_batches, MicroBatch, TrainConfig};
+use crate::train::config::{default_seq_len, plan_batches, MicroBatch, TrainConfig};
 use crate::train::log::{CsvLog, LogRow};
 use crate::train::schedule::Schedule;
 use crate::train::state::TrainerState;
@@ -92,30 +98,28 @@ pub(crate) fn optimizer_step<B: Backend>(
     }
     let loss_scale = 1.0 / supervised as f32;
 
-    // 2. Accumulate the gradient of that mean over the micro-batches.
+    // 2. Accumulate the gradient of that mean over the micro-batches (the loss sum stays on
+    //    the device).
     model.zero_grads()?;
-    let mut loss_sum = 0.0f64;
     for (micro, batch) in micro_batches.iter().enumerate() {
         let seed = model.uses_dropout().then(|| dropout_seed(dropout_stream, step, micro));
-        loss_sum += model.forward_backward(batch, loss_scale, seed)?;
+        model.accumulate_gradients(batch, loss_scale, seed)?;
     }
 
-    // 3. Clip the global gradient norm.
+    // 3 and 4. The global norm, then AdamW at the scheduled learning rate, clipped by a factor
+    // the device works out from the norm; a norm that is not finite leaves the weights alone.
     let _optimizer = profile::range("optimizer");
-    let norm = model.grad_norm()?;
-    ensure!(norm.is_finite(), "step {}: the gradient norm is {norm} (loss sum {loss_sum})", step + 1);
-    let clip_factor = if cfg.clip > 0.0 && norm > cfg.clip { cfg.clip / norm } else { 1.0 };
-
-    // 4. AdamW at the scheduled learning rate.
-    model.adamw_step(&AdamW {
+    let hp = AdamW {
         lr: lr as f32,
         beta1: cfg.beta1,
         beta2: cfg.beta2,
         eps: cfg.eps,
         weight_decay: cfg.weight_decay,
         step: step + 1,
-        grad_scale: clip_factor as f32,
-    })?;
+        grad_scale: 1.0,
+    };
+    let StepStats { loss_sum, grad_norm: norm } = model.clip_and_update(&hp, cfg.clip as f32)?;
+    ensure!(norm.is_finite(), "step {}: the gradient norm is {norm} (loss sum {loss_sum})", step + 1);
     Ok(StepOutcome {
         train_loss: Some(loss_sum / supervised as f64),
         grad_norm: Some(norm),
@@ -316,7 +320,10 @@ fn start_run(cfg: &TrainConfig) -> Result<RunStart> {
     if let Some(p) = cfg.dropout {
         model_config.dropout = p;
     }
-    let max_seq_len = cfg.max_seq_len.unwrap_or(model_config.max_seq_len);
+    let max_seq_len = match cfg.max_seq_len {
+        Some(n) => n,
+        None => default_seq_len(model_config.max_seq_len, longest_example(&cfg.data)?),
+    };
     model_config.check_usage(Some((&tokenizer_path, tokenizer.vocab_size())), max_seq_len)?;
     if let Some(lora) = &cfg.lora {
         lora.validate(&model_config)?;
@@ -395,8 +402,7 @@ fn plan_data(cfg: &TrainConfig, tokenizer: &ChatTokenizer, max_seq_len: usize) -
     let loader = Loader::new(train_set.clone(), loader_config.clone())?;
     // Packed batches per epoch depend on the epoch's shuffle: count every epoch's steps (only
     // the first one when max_steps and schedule_steps make the count unnecessary).
-    let count_epochs =
-        if cfg.max_steps.is_none() || cfg.schedule_steps.is_none() { cfg.epochs.max(1) } else { 1 };
+    let count_epochs = if cfg.counts_epochs() { cfg.epochs.max(1) } else { 1 };
     let mut epoch_steps = Vec::with_capacity(count_epochs as usize);
     let mut scratch = Loader::new(train_set, loader_config.clone())?;
     for epoch in 0..count_epochs {
@@ -404,9 +410,14 @@ fn plan_data(cfg: &TrainConfig, tokenizer: &ChatTokenizer, max_seq_len: usize) -
         let batches = scratch.batches_per_epoch();
         ensure!(
             batches >= cfg.grad_accum,
-            "{}: epoch {epoch} has {batches} micro-batches, fewer than grad_accum = {}: lower micro_batch or grad_accum",
+            "{}: epoch {epoch} has {batches} micro-batches, fewer than grad_accum = {}: lower micro_batch or grad_accum{}",
             cfg.data.display(),
-            cfg.grad_accum
+            cfg.grad_accum,
+            if cfg.batch_mode == BatchMode::Packed {
+                " (packed micro-batches are rows of max_seq_len tokens; --batch-mode dynamic counts examples)"
+            } else {
+                ""
+            }
         );
         epoch_steps.push((batches / cfg.grad_accum) as u64);
     }
@@ -424,7 +435,7 @@ fn plan_data(cfg: &TrainConfig, tokenizer: &ChatTokenizer, max_seq_len: usize) -
             max_lr: cfg.max_lr,
             min_lr: cfg.min_lr,
             warmup_steps: cfg.warmup_steps,
-            total_steps: cfg.schedule_steps.unwrap_or(epochs_steps),
+            total_steps: cfg.schedule_length(epochs_steps),
         },
         val: Validation {
             quick_supervised: quick_val.iter().any(|b| b.n_supervised() > 0),
@@ -682,6 +693,10 @@ fn warn_about_changes(saved: &TrainConfig, now: &TrainConfig) {
         schedule_steps
     );
     check!(max_lr, min_lr, warmup_steps, beta1, beta2, eps, weight_decay, clip, lora);
+    if now.schedule_steps.is_none() && saved.max_steps != now.max_steps {
+        changed
+            .push(format!("max_steps {:?} -> {:?} (the schedule's length)", saved.max_steps, now.max_steps));
+    }
     if !changed.is_empty() {
         eprintln!(
             "warning: resuming with settings that differ from the checkpoint's ({}); the run will not repeat an uninterrupted one",

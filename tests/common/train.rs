@@ -41,6 +41,7 @@ pub fn prepared_data(root: &Path, n_conversations: usize, max_seq_len: usize) ->
         train_share: 0.85,
         seed: 5,
         train_on: TrainOn::FinalReply,
+        chat: Default::default(),
     })
     .unwrap();
     (data, tokenizer)

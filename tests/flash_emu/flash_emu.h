@@ -14,13 +14,22 @@
 //   in an epoch between the copy's issue and its wait, or in the same epoch as the issue before
 //   it, is a race that no barrier orders; so is a second pending copy to the same word. Plain
 //   C++ loads in the kernel (the lse/D rows of dK/dV) are not seen.
+//   Plain stores through st_shared_u32 (the dSᵀ tile of the backward) are tracked too: an
+//   ldmatrix of a word that another warp stored in the same epoch, or a store over a word that
+//   another warp read in the same epoch, is a race.
 // - bank conflicts: each 8-row phase of an ldmatrix should hit 8 distinct 16-byte bank groups.
+// Semaphores between CTAs (the backward's ordered dQ accumulation): ld_acquire / st_release are
+// C++ acquire/release atomics. Blocks run in dispatch order (x fastest, then y), one at a time,
+// where a wait that is not already satisfied can only be on a later block (a deadlock on a GPU,
+// which dispatches in that order): it aborts. emu_launch(..., ctas) runs `ctas` consecutive
+// blocks at once, so that the waits really wait (and a wait on a later window times out).
 // Used by tests/flash_emu/main.cpp (scripts/flash_emulate.sh); never by the real build.
 #pragma once
 #include <cuda_bf16.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <barrier>
 #include <cassert>
 #include <cmath>
@@ -60,6 +69,7 @@ struct EmuWord {
     int read_epoch = -1, read_warp = -1;   // read_warp -2: several warps in read_epoch
     int pend_warp = -1, pend_epoch = -1;   // an async copy issued and not yet waited for
     int write_warp = -1, write_lo = -1, write_hi = -1;  // the last copy: issue and wait epochs
+    int store_warp = -1, store_epoch = -1;              // the last plain store (st_shared_u32)
 };
 
 // Counts over the whole run.
@@ -84,7 +94,9 @@ struct EmuCta {
         for (int w = 0; w < t / 32; w++) warps.push_back(std::make_unique<std::barrier<>>(32));
     }
 };
-inline EmuCta* emu_cta = nullptr;
+inline thread_local EmuCta* emu_cta = nullptr;
+// Blocks of the current launch that run at once (1: one at a time).
+inline std::atomic<int> emu_window{1};
 
 // __syncthreads calls this thread has passed: every thread of a CTA passes the same ones.
 inline thread_local int emu_epoch = 0;
@@ -185,6 +197,50 @@ inline void cp_async_wait() {
     }
 }
 
+// A plain 4-byte store to shared memory, seen by the race check.
+inline void st_shared_u32(void* p, uint32_t v) {
+    uint32_t off = smem_u32(p);
+    if (off % 4 != 0 || off + 4 > dynamic_smem_size()) {
+        fprintf(stderr, "st_shared_u32: bad shared offset %u\n", off);
+        abort();
+    }
+    const int warp = (int)threadIdx.x / 32;
+    {
+        std::lock_guard<std::mutex> guard(emu_cta->shadow_lock);
+        EmuWord& w = emu_cta->shadow[off / 4];
+        if (w.pend_warp >= 0) emu_race("store over a pending cp.async", off, w.pend_warp);
+        if (w.read_epoch == emu_epoch && w.read_warp != warp) emu_race("store over a read without a barrier", off, w.read_warp);
+        w.store_warp = warp;
+        w.store_epoch = emu_epoch;
+    }
+    memcpy(p, &v, 4);
+}
+
+// ---- global memory between blocks ----
+inline uint32_t ld_acquire(const uint32_t* p) {
+    return std::atomic_ref<uint32_t>(*const_cast<uint32_t*>(p)).load(std::memory_order_acquire);
+}
+inline void st_release(uint32_t* p, uint32_t v) { std::atomic_ref<uint32_t>(*p).store(v, std::memory_order_release); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline float2 __ldcg(const float2* p) { return *p; }
+inline void __stcg(float2* p, float2 v) { *p = v; }
+inline void wait_semaphore(const uint32_t* sem, uint32_t want) {
+    if (ld_acquire(sem) == want) return;
+    if (emu_window.load() == 1) {
+        fprintf(stderr, "block (%u, %u) waits for semaphore value %u (holds %u): no earlier block will set it\n",
+                blockIdx.x, blockIdx.y, want, ld_acquire(sem));
+        abort();
+    }
+    auto t0 = std::chrono::steady_clock::now();
+    while (ld_acquire(sem) != want) {
+        if (std::chrono::steady_clock::now() - t0 > std::chrono::seconds(60)) {
+            fprintf(stderr, "block (%u, %u): semaphore wait for %u timed out (deadlock?)\n", blockIdx.x, blockIdx.y, want);
+            abort();
+        }
+        std::this_thread::yield();
+    }
+}
+
 inline uint16_t emu_smem_u16(uint32_t byte_off) {
     uint16_t v;
     memcpy(&v, emu_cta->smem.data() + byte_off, 2);
@@ -208,6 +264,8 @@ inline void emu_ldsm_check() {
             if (w.pend_warp >= 0 && w.pend_warp != warp) emu_race("ldmatrix of a pending cp.async", b, w.pend_warp);
             if (w.write_warp >= 0 && w.write_warp != warp && w.write_lo <= emu_epoch && emu_epoch <= w.write_hi)
                 emu_race("ldmatrix without a barrier after cp.async", b, w.write_warp);
+            if (w.store_warp >= 0 && w.store_warp != warp && w.store_epoch == emu_epoch)
+                emu_race("ldmatrix of a store without a barrier", b, w.store_warp);
             if (w.read_epoch == emu_epoch && w.read_warp != warp) w.read_warp = -2;
             else if (w.read_epoch != emu_epoch) w.read_epoch = emu_epoch, w.read_warp = warp;
         }
@@ -290,18 +348,25 @@ inline void mma_bf16(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
     }
 }
 
-// Runs `kernel()` for every block of `grid` with `threads` threads and `smem` bytes of dynamic
-// shared memory (0xCD garbage at the start, as uninitialized shared memory would be).
+// Runs `kernel()` for every block of the grid with `threads` threads and `smem` bytes of dynamic
+// shared memory (0xCD garbage at the start, as uninitialized shared memory would be), in dispatch
+// order (x fastest), `ctas` consecutive blocks at a time.
 template <class F>
-void emu_launch(unsigned grid_x, unsigned grid_y, int threads, size_t smem, F kernel) {
-    for (unsigned by = 0; by < grid_y; by++) {
-        for (unsigned bx = 0; bx < grid_x; bx++) {
-            EmuCta cta(threads, smem);
-            emu_cta = &cta;
-            std::vector<std::thread> ts;
-            ts.reserve(threads);
+void emu_launch(unsigned grid_x, unsigned grid_y, int threads, size_t smem, F kernel, int ctas = 1) {
+    const unsigned total = grid_x * grid_y;
+    emu_window = std::max(ctas, 1);
+    for (unsigned first = 0; first < total; first += (unsigned)emu_window) {
+        const unsigned last = std::min(total, first + (unsigned)emu_window);
+        std::vector<std::unique_ptr<EmuCta>> window;
+        std::vector<std::thread> ts;
+        for (unsigned b = first; b < last; b++) {
+            window.push_back(std::make_unique<EmuCta>(threads, smem));
+            EmuCta* cta = window.back().get();
+            const unsigned bx = b % grid_x, by = b / grid_x;
             for (int t = 0; t < threads; t++) {
                 ts.emplace_back([=, &kernel] {
+                    emu_cta = cta;
+                    emu_epoch = 0;
                     threadIdx = {(unsigned)t, 0, 0};
                     blockIdx = {bx, by, 0};
                     blockDim = {(unsigned)threads, 1, 1};
@@ -314,8 +379,8 @@ void emu_launch(unsigned grid_x, unsigned grid_y, int threads, size_t smem, F ke
                     }
                 });
             }
-            for (auto& th : ts) th.join();
-            emu_cta = nullptr;
         }
+        for (auto& th : ts) th.join();
     }
+    emu_window = 1;
 }

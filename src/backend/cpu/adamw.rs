@@ -18,11 +18,25 @@ pub fn adamw_tensor<T: Real>(
     v: &mut [T],
     hp: &AdamW,
 ) {
+    adamw_tensor_clipped(params, master, grads, m, v, hp, 1.0)
+}
+
+/// [`adamw_tensor`] with the gradients also multiplied by `clip` (the clip factor the CUDA kernel
+/// computes from the device's sum of squares; `grad_scale · clip` is rounded to f32 as there).
+pub fn adamw_tensor_clipped<T: Real>(
+    params: &mut [T],
+    master: &mut [T],
+    grads: &[T],
+    m: &mut [T],
+    v: &mut [T],
+    hp: &AdamW,
+    clip: f32,
+) {
     let step = hp.step.min(i32::MAX as u64) as i32;
     let (b1, b2) = (T::from_f32(hp.beta1), T::from_f32(hp.beta2));
     let c1 = T::from_f64(1.0 - (hp.beta1 as f64).powi(step));
     let c2 = T::from_f64(1.0 - (hp.beta2 as f64).powi(step));
-    let (lr, eps, gs) = (T::from_f32(hp.lr), T::from_f32(hp.eps), T::from_f32(hp.grad_scale));
+    let (lr, eps, gs) = (T::from_f32(hp.lr), T::from_f32(hp.eps), T::from_f32(hp.grad_scale * clip));
     let decay = T::from_f64(hp.lr as f64 * hp.weight_decay as f64);
     let len = params.len();
     params

@@ -31,7 +31,23 @@ pub fn lm_head_cross_entropy<T: Real>(
     n: usize,
     d: usize,
     vocab: usize,
+    grads: Option<CeGrads<'_, T>>,
+) -> f64 {
+    lm_head_cross_entropy_rows(x, w, targets, ignore_id, n, d, vocab, grads, None)
+}
+
+/// [`lm_head_cross_entropy`], also writing the k-th supervised row's loss to `row_losses[k]`.
+#[allow(clippy::too_many_arguments)]
+pub fn lm_head_cross_entropy_rows<T: Real>(
+    x: &[T],
+    w: &[T],
+    targets: &[u32],
+    ignore_id: u32,
+    n: usize,
+    d: usize,
+    vocab: usize,
     mut grads: Option<CeGrads<'_, T>>,
+    mut row_losses: Option<&mut [T]>,
 ) -> f64 {
     let rows: Vec<usize> = (0..n).filter(|&i| targets[i] != ignore_id).collect();
     if let Some(g) = grads.as_mut() {
@@ -45,7 +61,7 @@ pub fn lm_head_cross_entropy<T: Real>(
     let mut logits = vec![T::ZERO; chunk_cap * vocab];
     let mut dxc = vec![T::ZERO; if grads.is_some() { chunk_cap * d } else { 0 }];
     let mut loss = 0.0f64;
-    for chunk in rows.chunks(CE_CHUNK_ROWS) {
+    for (c0, chunk) in rows.chunks(CE_CHUNK_ROWS).enumerate().map(|(k, c)| (k * CE_CHUNK_ROWS, c)) {
         let c = chunk.len();
         for (k, &i) in chunk.iter().enumerate() {
             xc[k * d..(k + 1) * d].copy_from_slice(&x[i * d..(i + 1) * d]);
@@ -54,7 +70,7 @@ pub fn lm_head_cross_entropy<T: Real>(
         let scale = grads.as_ref().map(|g| T::from_f32(g.loss_scale));
         // Per row: the loss, and (with grads) the logits turned in place into
         // loss_scale · (softmax − onehot).
-        let row_losses: Vec<f64> = logits[..c * vocab]
+        let losses: Vec<f64> = logits[..c * vocab]
             .par_chunks_mut(vocab)
             .zip(chunk.par_iter())
             .map(|(z, &i)| {
@@ -72,7 +88,10 @@ pub fn lm_head_cross_entropy<T: Real>(
                 row_loss
             })
             .collect();
-        loss += row_losses.iter().sum::<f64>();
+        loss += losses.iter().sum::<f64>();
+        if let Some(out) = row_losses.as_deref_mut() {
+            out[c0..c0 + c].iter_mut().zip(&losses).for_each(|(o, &l)| *o = T::from_f64(l));
+        }
         if let Some(g) = grads.as_mut() {
             let dlogits = &logits[..c * vocab];
             T::gemm(c, vocab, d, T::ONE, dlogits, (vocab, 1), w, (d, 1), T::ZERO, &mut dxc, (d, 1));

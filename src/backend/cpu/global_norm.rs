@@ -1,4 +1,4 @@
-//! The global gradient norm's sum of squares, accumulated in f64.
+//! The global gradient norm's sum of squares, and the loss sums, accumulated in f64.
 
 use rayon::prelude::*;
 
@@ -18,4 +18,11 @@ pub fn sum_squares<T: Real>(bufs: &[&[T]], lens: &[usize]) -> f64 {
         total += partials.iter().sum::<f64>();
     }
     total
+}
+
+/// `Σ x` accumulated in f64 over fixed chunks, as `sum_into`'s kernel: the loss sums.
+pub fn sum<T: Real>(x: &[T]) -> f64 {
+    let partials: Vec<f64> =
+        x.par_chunks(CHUNK).map(|c| c.iter().map(|&v| v.to_f64()).sum::<f64>()).collect();
+    partials.iter().sum()
 }

@@ -1,13 +1,15 @@
 //! Linear layers: `inp @ w^T` and its backward, through `Real::gemm` (matrixmultiply).
 
 use super::Real;
+use crate::backend::GradMode;
 
 /// `out[n, o] = inp[n, i] @ w[o, i]^T`.
 pub fn matmul_forward<T: Real>(out: &mut [T], inp: &[T], w: &[T], n: usize, in_dim: usize, out_dim: usize) {
     T::gemm(n, in_dim, out_dim, T::ONE, inp, (in_dim, 1), w, (1, in_dim), T::ZERO, out, (out_dim, 1));
 }
 
-/// `dinp = dout @ w` (overwritten, when given); `dw += dout^T @ inp`.
+/// `dinp = dout @ w` (overwritten, when given); `dw (=|+=) dout^T @ inp`, beta 0 or 1 as the
+/// CUDA backend's GEMM (with `Overwrite`, what `dw` held is never read).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_backward<T: Real>(
     dinp: Option<&mut [T]>,
@@ -18,11 +20,23 @@ pub fn matmul_backward<T: Real>(
     n: usize,
     in_dim: usize,
     out_dim: usize,
+    mode: GradMode,
 ) {
     if let Some(dinp) = dinp {
         T::gemm(n, out_dim, in_dim, T::ONE, dout, (out_dim, 1), w, (in_dim, 1), T::ZERO, dinp, (in_dim, 1));
     }
-    T::gemm(out_dim, n, in_dim, T::ONE, dout, (1, out_dim), inp, (in_dim, 1), T::ONE, dw, (in_dim, 1));
+    let beta = match mode {
+        GradMode::Overwrite => T::ZERO,
+        GradMode::Accumulate => T::ONE,
+    };
+    if n == 0 {
+        // No rows: the product is zero, which a GEMM with k = 0 may not write.
+        if mode == GradMode::Overwrite {
+            dw[..out_dim * in_dim].fill(T::ZERO);
+        }
+        return;
+    }
+    T::gemm(out_dim, n, in_dim, T::ONE, dout, (1, out_dim), inp, (in_dim, 1), beta, dw, (in_dim, 1));
 }
 
 /// `out[i, col + j] (= | +=) scale · inp[i] · w[j]` for `j < out_dim`, `out` rows `ld` wide.

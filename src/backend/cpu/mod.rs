@@ -21,33 +21,41 @@ mod rope;
 mod swiglu;
 
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use anyhow::{ensure, Result};
 
-pub use adamw::adamw_tensor;
+pub use adamw::{adamw_tensor, adamw_tensor_clipped};
 pub use attention::{attention_backward, attention_decode, attention_forward};
-pub use cross_entropy::{lm_head_cross_entropy, CeGrads, CE_CHUNK_ROWS};
+pub use cross_entropy::{lm_head_cross_entropy, lm_head_cross_entropy_rows, CeGrads, CE_CHUNK_ROWS};
 pub use dropout::dropout;
-pub use embedding::{embedding_backward, embedding_forward};
+pub use embedding::{embedding_backward, embedding_backward_grouped, embedding_forward};
 pub use flash_attention::tile_table;
-pub use global_norm::sum_squares;
+pub use global_norm::{sum, sum_squares};
 pub use matmul::{matmul_backward, matmul_backward_slice, matmul_forward, matmul_forward_slice};
 pub use real::Real;
 pub use rmsnorm::{residual_rmsnorm_forward, rmsnorm_backward, rmsnorm_forward};
-pub use rope::{rope_backward, rope_forward};
+pub use rope::{rope_backward, rope_forward, rope_table};
 pub use swiglu::{swiglu_backward, swiglu_forward};
 
-use super::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope};
+use super::{
+    stats, AdamW, Backend, BranchGrad, Clip, Dropout, GradMode, HeadShape, LossGrads, Precision, Rope,
+    RopeStyle,
+};
 
 /// The CPU backend over float type `T`; [`Precision`] is ignored (everything is `T`).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct CpuBackend<T: Real = f32> {
     _t: PhantomData<T>,
+    /// `read` calls: the CPU stands for a device here, so the orchestration's read-backs are
+    /// counted as the CUDA backend counts its device-to-host copies (clones share the count).
+    reads: Arc<AtomicU64>,
 }
 
 impl<T: Real> CpuBackend<T> {
     pub fn new() -> Self {
-        CpuBackend { _t: PhantomData }
+        CpuBackend { _t: PhantomData, reads: Arc::default() }
     }
 }
 
@@ -68,6 +76,19 @@ fn check_ids_below(what: &str, ids: &[u32], limit: usize) -> Result<()> {
         anyhow::bail!("cpu backend: {what} contains id {bad}, not below {limit}");
     }
     Ok(())
+}
+
+/// Stores `x` at `slot` split as [`stats`] says, in f32 values whatever `T` is (`read` returns
+/// f32), as the GPU does.
+fn store_split<T: Real>(out: &mut [T], slot: usize, x: f64) {
+    for (o, v) in out[slot..slot + stats::SPLIT].iter_mut().zip(stats::split(x)) {
+        *o = T::from_f32(v);
+    }
+}
+
+/// The f64 value split at `slot`.
+fn join_split<T: Real>(buf: &[T], slot: usize) -> f64 {
+    buf[slot..slot + stats::SPLIT].iter().map(|v| v.to_f64()).sum()
 }
 
 fn check_heads(heads: HeadShape) -> Result<()> {
@@ -122,6 +143,7 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
     fn read(&self, src: &Vec<T>, len: usize) -> Result<Vec<f32>> {
         need("read source", src.len(), len)?;
+        self.reads.fetch_add(1, Ordering::Relaxed);
         Ok(src[..len].iter().map(|&x| x.to_f32()).collect())
     }
     fn write_ids(&self, dst: &mut Vec<u32>, src: &[u32]) -> Result<()> {
@@ -143,6 +165,9 @@ impl<T: Real> Backend for CpuBackend<T> {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+    fn host_reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
 
     fn embedding_forward(
         &self,
@@ -161,15 +186,25 @@ impl<T: Real> Backend for CpuBackend<T> {
     fn embedding_backward(
         &self,
         dtable: &mut Vec<T>,
-        ids: &Vec<u32>,
+        groups: &Vec<u32>,
+        n_groups: usize,
         dout: &Vec<T>,
         n: usize,
         d: usize,
+        mode: GradMode,
     ) -> Result<()> {
         need("dout", dout.len(), n * d)?;
-        need("ids", ids.len(), n)?;
-        check_ids_below("ids", &ids[..n], dtable.len() / d.max(1))?;
-        embedding_backward(dtable, ids, dout, n, d);
+        let (order, start, ids) = super::token_groups(groups, n, n_groups)?;
+        check_ids_below("group ids", ids, dtable.len() / d.max(1))?;
+        check_ids_below("token order", order, n)?;
+        ensure!(
+            start.first() == Some(&0)
+                && start.last() == Some(&(n as u32))
+                && start.windows(2).all(|w| w[0] <= w[1]),
+            "cpu backend: embedding group starts must rise from 0 to n = {n}"
+        );
+        let rows = dtable.len() / d.max(1) * d;
+        embedding_backward_grouped(&mut dtable[..rows], order, start, ids, dout, d, mode);
         Ok(())
     }
 
@@ -202,7 +237,11 @@ impl<T: Real> Backend for CpuBackend<T> {
         n: usize,
         d: usize,
         eps: f32,
+        dropout: Option<Dropout>,
     ) -> Result<()> {
+        if let Some(m) = dropout {
+            m.check("residual_rmsnorm_forward")?;
+        }
         for (what, len, want) in [
             ("x_out", x_out.len(), n * d),
             ("out", out.len(), n * d),
@@ -213,7 +252,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         ] {
             need(what, len, want)?;
         }
-        residual_rmsnorm_forward(x_out, out, rstd, x_in, delta, w, n, d, eps);
+        residual_rmsnorm_forward(x_out, out, rstd, x_in, delta, w, n, d, eps, dropout);
         Ok(())
     }
     fn rmsnorm_backward(
@@ -226,6 +265,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         rstd: &Vec<T>,
         n: usize,
         d: usize,
+        branch: Option<BranchGrad<'_, Self>>,
     ) -> Result<()> {
         for (what, len, want) in [
             ("dx", dx.len(), n * d),
@@ -237,7 +277,11 @@ impl<T: Real> Backend for CpuBackend<T> {
         ] {
             need(what, len, want)?;
         }
-        rmsnorm_backward(dx, dw, dout, x, w, rstd, n, d);
+        if let Some(b) = &branch {
+            b.dropout.check("rmsnorm_backward")?;
+            need("branch out", b.out.len(), n * d)?;
+        }
+        rmsnorm_backward(dx, dw, dout, x, w, rstd, n, d, branch.map(|b| (b.out.as_mut_slice(), b.dropout)));
         Ok(())
     }
 
@@ -266,6 +310,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         n: usize,
         in_dim: usize,
         out_dim: usize,
+        mode: GradMode,
     ) -> Result<()> {
         if let Some(dinp) = dinp.as_ref() {
             need("dinp", dinp.len(), n * in_dim)?;
@@ -274,7 +319,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         need("dout", dout.len(), n * out_dim)?;
         need("inp", inp.len(), n * in_dim)?;
         need("w", w.len(), out_dim * in_dim)?;
-        matmul_backward(dinp.map(|b| b.as_mut_slice()), dw, dout, inp, w, n, in_dim, out_dim);
+        matmul_backward(dinp.map(|b| b.as_mut_slice()), dw, dout, inp, w, n, in_dim, out_dim, mode);
         Ok(())
     }
 
@@ -341,30 +386,43 @@ impl<T: Real> Backend for CpuBackend<T> {
         );
         Ok(())
     }
+    fn rope_table(
+        &self,
+        table: &mut Vec<T>,
+        positions: &Vec<u32>,
+        n: usize,
+        head_dim: usize,
+        rope: Rope,
+    ) -> Result<()> {
+        need("rope table", table.len(), n * head_dim)?;
+        need("positions", positions.len(), n)?;
+        rope_table(table, positions, n, head_dim, rope);
+        Ok(())
+    }
     fn rope_forward(
         &self,
         qkv: &mut Vec<T>,
-        positions: &Vec<u32>,
+        table: &Vec<T>,
         n: usize,
         heads: HeadShape,
-        rope: Rope,
+        style: RopeStyle,
     ) -> Result<()> {
         need("qkv", qkv.len(), n * heads.qkv_width())?;
-        need("positions", positions.len(), n)?;
-        rope_forward(qkv, positions, n, heads, rope);
+        need("rope table", table.len(), n * heads.head_dim)?;
+        rope_forward(qkv, table, n, heads, style);
         Ok(())
     }
     fn rope_backward(
         &self,
         dqkv: &mut Vec<T>,
-        positions: &Vec<u32>,
+        table: &Vec<T>,
         n: usize,
         heads: HeadShape,
-        rope: Rope,
+        style: RopeStyle,
     ) -> Result<()> {
         need("dqkv", dqkv.len(), n * heads.qkv_width())?;
-        need("positions", positions.len(), n)?;
-        rope_backward(dqkv, positions, n, heads, rope);
+        need("rope table", table.len(), n * heads.head_dim)?;
+        rope_backward(dqkv, table, n, heads, style);
         Ok(())
     }
 
@@ -459,35 +517,65 @@ impl<T: Real> Backend for CpuBackend<T> {
         &self,
         x: &Vec<T>,
         w: &Vec<T>,
+        rows: &Vec<u32>,
         targets: &Vec<u32>,
-        ignore_id: u32,
+        n_sup: usize,
         n: usize,
         d: usize,
         vocab: usize,
+        losses: &mut Vec<T>,
         grads: Option<LossGrads<'_, Self>>,
-    ) -> Result<f64> {
+    ) -> Result<()> {
         need("x", x.len(), n * d)?;
         need("w", w.len(), vocab * d)?;
-        need("targets", targets.len(), n)?;
-        super::check_targets(&targets[..n], ignore_id, vocab)?;
+        need("rows", rows.len(), n_sup)?;
+        need("targets", targets.len(), n_sup)?;
+        need("losses", losses.len(), n_sup)?;
+        check_ids_below("targets", &targets[..n_sup], vocab)?;
+        check_ids_below("rows", &rows[..n_sup], n)?;
+        ensure!(rows[..n_sup].windows(2).all(|r| r[0] < r[1]), "cpu backend: supervised rows must ascend");
+        // The reference loops over every row and skips the unsupervised ones: mark them with an
+        // id no target has.
+        let unsupervised = u32::MAX;
+        let mut full = vec![unsupervised; n];
+        for (&r, &t) in rows[..n_sup].iter().zip(&targets[..n_sup]) {
+            full[r as usize] = t;
+        }
         let grads = match grads {
             Some(g) => {
                 need("dx", g.dx.len(), n * d)?;
                 need("dw", g.dw.len(), vocab * d)?;
+                if g.mode == GradMode::Overwrite {
+                    g.dw[..vocab * d].fill(T::ZERO);
+                }
                 Some(CeGrads { dx: g.dx.as_mut_slice(), dw: g.dw.as_mut_slice(), loss_scale: g.loss_scale })
             }
             None => None,
         };
-        Ok(lm_head_cross_entropy(x, w, targets, ignore_id, n, d, vocab, grads))
+        lm_head_cross_entropy_rows(x, w, &full, unsupervised, n, d, vocab, grads, Some(&mut losses[..n_sup]));
+        Ok(())
     }
 
-    fn sum_squares(&self, bufs: &[&Vec<T>], lens: &[usize]) -> Result<f64> {
+    fn sum_into(&self, out: &mut Vec<T>, slot: usize, x: &Vec<T>, len: usize, mode: GradMode) -> Result<()> {
+        need("sum source", x.len(), len)?;
+        need("statistics", out.len(), slot + stats::SPLIT)?;
+        let before = match mode {
+            GradMode::Overwrite => 0.0,
+            GradMode::Accumulate => join_split(out, slot),
+        };
+        store_split(out, slot, before + sum(&x[..len]));
+        Ok(())
+    }
+
+    fn sum_squares(&self, bufs: &[&Vec<T>], lens: &[usize], out: &mut Vec<T>) -> Result<()> {
         ensure!(bufs.len() == lens.len(), "cpu backend: {} buffers but {} lengths", bufs.len(), lens.len());
         for (b, &l) in bufs.iter().zip(lens) {
             need("buffer", b.len(), l)?;
         }
+        need("statistics", out.len(), stats::SUMSQ + stats::SPLIT)?;
         let slices: Vec<&[T]> = bufs.iter().map(|b| b.as_slice()).collect();
-        Ok(sum_squares(&slices, lens))
+        store_split(out, stats::SUMSQ, sum_squares(&slices, lens));
+        Ok(())
     }
     fn adamw(
         &self,
@@ -498,8 +586,21 @@ impl<T: Real> Backend for CpuBackend<T> {
         v: &mut [&mut Vec<T>],
         lens: &[usize],
         hp: &AdamW,
+        clip: Option<Clip<'_, Self>>,
     ) -> Result<()> {
         let k = lens.len();
+        let factor = match clip {
+            Some(c) => {
+                need("statistics", c.sumsq.len(), stats::SUMSQ + stats::SPLIT)?;
+                let sumsq = join_split(c.sumsq, stats::SUMSQ);
+                match super::clip_factor(sumsq, c.max_norm) {
+                    Some(f) => f,
+                    // A non-finite norm: no update, as on the GPU; the caller reports the norm.
+                    None => return Ok(()),
+                }
+            }
+            None => 1.0,
+        };
         ensure!(
             params.len() == k && master.len() == k && grads.len() == k && m.len() == k && v.len() == k,
             "cpu backend: adamw needs {k} tensors in each of params, master, grads, m, v"
@@ -515,13 +616,14 @@ impl<T: Real> Backend for CpuBackend<T> {
             ] {
                 need(what, len, l)?;
             }
-            adamw_tensor(
+            adamw_tensor_clipped(
                 &mut params[t][..l],
                 &mut master[t][..l],
                 &grads[t][..l],
                 &mut m[t][..l],
                 &mut v[t][..l],
                 hp,
+                factor,
             );
         }
         Ok(())

@@ -4,7 +4,9 @@
 
 use rayon::prelude::*;
 
+use super::dropout::{keep_scale, masked};
 use super::Real;
+use crate::backend::Dropout;
 
 /// Rows per parallel block in the weight gradient's sum; fixed so sums are reproducible.
 const ROW_BLOCK: usize = 64;
@@ -36,7 +38,8 @@ pub fn rmsnorm_forward<T: Real>(
     );
 }
 
-/// `x_out = x_in + delta`, then `out = rmsnorm(x_out) · w`.
+/// `x_out = x_in + dropout(delta)` (`delta` unchanged; None adds it as it is), then
+/// `out = rmsnorm(x_out) · w`.
 #[allow(clippy::too_many_arguments)]
 pub fn residual_rmsnorm_forward<T: Real>(
     x_out: &mut [T],
@@ -48,20 +51,28 @@ pub fn residual_rmsnorm_forward<T: Real>(
     n: usize,
     d: usize,
     eps: f32,
+    dropout: Option<Dropout>,
 ) {
+    let dropout = dropout.filter(|m| m.p > 0.0);
+    let scale = keep_scale::<T>(dropout.map_or(0.0, |m| m.p));
     x_out[..n * d]
         .par_chunks_mut(ELEM_CHUNK)
         .zip(x_in[..n * d].par_chunks(ELEM_CHUNK))
         .zip(delta[..n * d].par_chunks(ELEM_CHUNK))
-        .for_each(|((o, a), b)| {
-            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                *o = a + b;
+        .enumerate()
+        .for_each(|(c, ((o, a), b))| {
+            for (k, ((o, &a), &b)) in o.iter_mut().zip(a).zip(b).enumerate() {
+                *o = match dropout {
+                    Some(m) => a + masked(b, m, scale, c * ELEM_CHUNK + k),
+                    None => a + b,
+                };
             }
         });
     rmsnorm_forward(out, rstd, x_out, w, n, d, eps);
 }
 
-/// ADDS `d(out)/dx · dout` into `dx` and `d(out)/dw · dout` into `dw`.
+/// ADDS `d(out)/dx · dout` into `dx` and `d(out)/dw · dout` into `dw`; with `branch`, then
+/// writes `branch.0 = dropout(dx)` over the updated `dx`.
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward<T: Real>(
     dx: &mut [T],
@@ -72,6 +83,7 @@ pub fn rmsnorm_backward<T: Real>(
     rstd: &[T],
     n: usize,
     d: usize,
+    branch: Option<(&mut [T], Dropout)>,
 ) {
     if n == 0 || d == 0 {
         return;
@@ -85,6 +97,16 @@ pub fn rmsnorm_backward<T: Real>(
             dxr[e] += r * w[e] * gr[e] - c * xr[e];
         }
     });
+    if let Some((out, mask)) = branch {
+        let scale = keep_scale::<T>(mask.p);
+        out[..n * d].par_chunks_mut(ELEM_CHUNK).zip(dx[..n * d].par_chunks(ELEM_CHUNK)).enumerate().for_each(
+            |(c, (o, g))| {
+                for (k, (o, &g)) in o.iter_mut().zip(g).enumerate() {
+                    *o = if mask.p > 0.0 { masked(g, mask, scale, c * ELEM_CHUNK + k) } else { g };
+                }
+            },
+        );
+    }
     let partials: Vec<Vec<T>> = (0..n.div_ceil(ROW_BLOCK))
         .into_par_iter()
         .map(|b| {

@@ -4,10 +4,10 @@
 use anyhow::{bail, Result};
 use cudarc::driver::LaunchConfig;
 
-use super::launch::{self, AdamTensor, BLOCK};
+use super::launch::{self, AdamTensor, DevPtr, BLOCK};
 use super::scratch::ensure;
 use super::{bf16_of, f32_mut, f32_of, CudaBackend, CudaBuf};
-use crate::backend::AdamW;
+use crate::backend::{stats, AdamW, Clip};
 
 /// At most this many blocks stride over one tensor.
 pub const ADAM_BLOCKS: usize = 1024;
@@ -23,6 +23,7 @@ impl CudaBackend {
         v: &mut [&mut CudaBuf],
         lens: &[usize],
         hp: &AdamW,
+        clip: Option<Clip<'_, Self>>,
     ) -> Result<()> {
         let k = lens.len();
         if [params.len(), master.len(), grads.len(), m.len(), v.len()].iter().any(|&l| l != k) {
@@ -55,6 +56,14 @@ impl CudaBackend {
         if max_len == 0 {
             return Ok(());
         }
+        // The kernel reads the norm where sum_squares left it: no read-back before the update.
+        let (sumsq, max_norm) = match &clip {
+            Some(c) => {
+                let s = f32_of(c.sumsq, stats::SUMSQ + stats::SPLIT, "adamw clip statistics")?;
+                (self.dev_ptr(s) + (stats::SUMSQ * std::mem::size_of::<f32>()) as u64, c.max_norm)
+            }
+            None => (0, 0.0),
+        };
         let bc1 = (1.0 - (hp.beta1 as f64).powi(hp.step.min(i32::MAX as u64) as i32)) as f32;
         let bc2 = (1.0 - (hp.beta2 as f64).powi(hp.step.min(i32::MAX as u64) as i32)) as f32;
         let mut scratch = self.scratch();
@@ -67,7 +76,8 @@ impl CudaBackend {
         };
         let (s, ks) = (&self.stream, &self.kernels);
         // SAFETY: each descriptor's buffers hold at least its `len` elements (checked above)
-        // and outlive the launch (they are borrowed for this call; the stream is in order).
+        // and outlive the launch (they are borrowed for this call; the stream is in order);
+        // sumsq is null or two floats of the borrowed statistics buffer.
         unsafe {
             launch::adamw_multi(
                 s,
@@ -82,6 +92,8 @@ impl CudaBackend {
                 bc1,
                 bc2,
                 hp.grad_scale,
+                &DevPtr::<f32>::new(sumsq),
+                max_norm,
             )
         }?;
         Ok(())

@@ -1,7 +1,7 @@
 //! lm_head fused with masked cross-entropy.
 //!
-//! The targets are read back (one synchronization) to find the supervised rows; those rows are
-//! gathered into a compact buffer and processed in chunks: cuBLASLt computes a chunk's fp32
+//! The host lists the supervised rows and their targets when it loads the batch (no read-back
+//! here); those rows are gathered into a compact buffer and processed in chunks: cuBLASLt computes a chunk's fp32
 //! logits, `cross_entropy_rows` turns them into losses and bf16 dlogits, and two more GEMMs
 //! give the chunk's dx (scattered back to its rows) and add into dw. Logits for all rows never
 //! exist at once; unsupervised rows never reach the vocabulary projection.
@@ -12,8 +12,7 @@ use super::gemm::{dy_w, dyt_x, x_wt, DType};
 use super::launch::{self, grid_stride, int, per_row};
 use super::scratch::ensure;
 use super::{bf16_mut, bf16_of, f32_mut, ids_of, CudaBackend, CudaBuf};
-use crate::backend::check_targets;
-use crate::backend::LossGrads;
+use crate::backend::{GradMode, LossGrads};
 
 /// Work buffers of one chunk, at most (fp32 logits, bf16 dlogits, compact x and dx): large
 /// enough that a 128k vocabulary takes a few chunks per micro-batch, not hundreds.
@@ -34,19 +33,19 @@ pub fn chunk_rows(n_sup: usize, d: usize, vocab: usize, budget: usize) -> usize 
     by_budget.max(CHUNK_MIN_ROWS).min(int_limit).clamp(1, n_sup.max(1))
 }
 
-/// The supervised rows (target != ignore_id) and their targets, checked against the vocabulary.
-pub(super) fn supervised_rows(targets: &[u32], ignore_id: u32, vocab: usize) -> Result<(Vec<u32>, Vec<u32>)> {
-    check_targets(targets, ignore_id, vocab)?;
-    let mut rows = Vec::new();
-    let mut sup_targets = Vec::new();
-    for (i, &t) in targets.iter().enumerate() {
-        if t == ignore_id {
-            continue;
-        }
-        rows.push(i as u32);
-        sup_targets.push(t);
+/// The `vec` argument of the cross-entropy kernels for rows of `width` elements: 1 when rows
+/// are whole 16-byte groups of 8 (bf16 rows of d, fp32/bf16 rows of the vocabulary).
+pub fn vec_arg(width: usize) -> i32 {
+    i32::from(width.is_multiple_of(8))
+}
+
+/// The items (threads' units of work) of gather_rows/scatter_rows over `rows` rows of `d`.
+pub fn copy_items(rows: usize, d: usize) -> usize {
+    if d.is_multiple_of(8) {
+        rows * d / 8
+    } else {
+        rows * d
     }
-    Ok((rows, sup_targets))
 }
 
 impl CudaBackend {
@@ -55,48 +54,50 @@ impl CudaBackend {
         &self,
         x: &CudaBuf,
         w: &CudaBuf,
+        rows: &cudarc::driver::CudaSlice<u32>,
         targets: &cudarc::driver::CudaSlice<u32>,
-        ignore_id: u32,
+        n_sup: usize,
         n: usize,
         d: usize,
         vocab: usize,
+        losses: &mut CudaBuf,
         grads: Option<LossGrads<'_, Self>>,
-    ) -> Result<f64> {
+    ) -> Result<()> {
         let x = bf16_of(x, n * d, "lm_head_cross_entropy x")?;
         let w = bf16_of(w, vocab * d, "lm_head_cross_entropy w")?;
-        let targets = ids_of(targets, n, "lm_head_cross_entropy targets")?;
+        let rows_d = ids_of(rows, n_sup, "lm_head_cross_entropy rows")?;
+        let tgt_d = ids_of(targets, n_sup, "lm_head_cross_entropy targets")?;
+        let losses = f32_mut(losses, n_sup, "lm_head_cross_entropy losses")?;
         let mut grads = match grads {
             Some(g) => {
                 let scale = g.loss_scale;
                 let dx = bf16_mut(g.dx, n * d, "lm_head_cross_entropy dx")?;
                 let dw = f32_mut(g.dw, vocab * d, "lm_head_cross_entropy dw")?;
-                Some((dx, dw, scale))
+                Some((dx, dw, scale, g.mode))
             }
             None => None,
         };
-        if n == 0 || d == 0 {
-            return Ok(0.0);
+        if n_sup > n {
+            anyhow::bail!("lm_head_cross_entropy: {n_sup} supervised rows of {n}");
         }
-        if let Some((dx, _, _)) = grads.as_mut() {
+        if let Some((dx, dw, _, mode)) = grads.as_mut() {
             self.stream.memset_zeros(&mut dx.slice_mut(0..n * d))?;
+            // Written, not added to, yet no chunk will write it.
+            if *mode == GradMode::Overwrite && (n_sup == 0 || d == 0) {
+                self.stream.memset_zeros(&mut dw.slice_mut(0..vocab * d))?;
+            }
         }
-        let host_targets = self.download(&targets.slice(0..n))?;
-        let (rows, sup_targets) = supervised_rows(&host_targets, ignore_id, vocab)?;
-        let n_sup = rows.len();
-        if n_sup == 0 {
-            return Ok(0.0);
+        if n_sup == 0 || d == 0 {
+            return Ok(());
         }
         let chunk = chunk_rows(n_sup, d, vocab, CHUNK_BUDGET_BYTES);
         let (di, vi) = (int(d, "d")?, int(vocab, "vocab")?);
         int(chunk * vocab, "chunk logits")?;
+        int(chunk * d, "chunk rows (rows × d)")?;
+        let (rows_vec, row_vec) = (vec_arg(d), vec_arg(vocab));
 
         let mut scratch = self.scratch();
         let s = &mut *scratch;
-        let rows_d = ensure(&mut s.ce_rows, n_sup, &self.stream, "supervised rows")?;
-        self.stream.memcpy_htod(&rows, &mut rows_d.slice_mut(0..n_sup))?;
-        let tgt_d = ensure(&mut s.ce_targets, n_sup, &self.stream, "supervised targets")?;
-        self.stream.memcpy_htod(&sup_targets, &mut tgt_d.slice_mut(0..n_sup))?;
-        let losses = ensure(&mut s.ce_losses, n_sup, &self.stream, "row losses")?;
         let xc = ensure(&mut s.ce_x, chunk * d, &self.stream, "compact rows")?;
         let logits = ensure(&mut s.ce_logits, chunk * vocab, &self.stream, "logits chunk")?;
         let (dxc, mut dlogits) = if grads.is_some() {
@@ -115,7 +116,8 @@ impl CudaBackend {
             let idx = rows_d.slice(c0..c0 + r);
             let (st, ks) = (&self.stream, &self.kernels);
             // SAFETY: idx entries are rows < n of x; xc holds chunk * d.
-            unsafe { launch::cross_entropy_gather_rows(st, ks, grid_stride(r * d), xc, x, &idx, ri, di) }?;
+            let copy_cfg = grid_stride(copy_items(r, d));
+            unsafe { launch::cross_entropy_gather_rows(st, ks, copy_cfg, xc, x, &idx, ri, di, rows_vec) }?;
 
             let xc_ptr = self.dev_ptr(xc);
             let logits_ptr = self.dev_ptr(logits);
@@ -124,6 +126,11 @@ impl CudaBackend {
             let tgt = tgt_d.slice(c0..c0 + r);
             let mut loss_view = losses.slice_mut(c0..c0 + r);
             let scale = grads.as_ref().map_or(0.0f32, |g| g.2);
+            // The first chunk writes dw when the mode says so; the others add to it.
+            let dw_mode = match grads.as_ref() {
+                Some(g) if c0 == 0 => g.3,
+                _ => GradMode::Accumulate,
+            };
             // Without gradients the kernel gets a null dlogits and writes losses only.
             let mut dl = dlogits.as_deref_mut();
             // SAFETY: logits/dlogits hold chunk * vocab; targets < vocab (checked above).
@@ -139,31 +146,32 @@ impl CudaBackend {
                     ri,
                     vi,
                     scale,
+                    row_vec,
                 )
             }?;
 
-            if let (Some((dx, dw, _)), Some(dxc), Some(dl)) = (grads.as_mut(), dxc.as_ref(), dlogits.as_ref())
+            if let (Some((dx, dw, _, _)), Some(dxc), Some(dl)) =
+                (grads.as_mut(), dxc.as_ref(), dlogits.as_ref())
             {
                 let dl_ptr = self.dev_ptr(&**dl);
                 let dxc_ptr = self.dev_ptr(&**dxc);
                 // dx_chunk[r, d] = dlogits[r, vocab] @ w[vocab, d]
                 self.run_gemm(&dy_w(r, vocab, d, dl_ptr, w_ptr, dxc_ptr))?;
                 // dw[vocab, d] += dlogits^T @ x_chunk
-                self.run_gemm(&dyt_x(r, d, vocab, dl_ptr, xc_ptr, self.dev_ptr(&**dw)))?;
+                self.run_gemm(&dyt_x(r, d, vocab, dl_ptr, xc_ptr, self.dev_ptr(&**dw), dw_mode))?;
                 // SAFETY: distinct rows < n of dx; dxc holds chunk * d.
                 unsafe {
-                    launch::cross_entropy_scatter_rows(st, ks, grid_stride(r * d), *dx, *dxc, &idx, ri, di)
+                    launch::cross_entropy_scatter_rows(st, ks, copy_cfg, *dx, *dxc, &idx, ri, di, rows_vec)
                 }?;
             }
         }
-        let host_losses = self.download(&losses.slice(0..n_sup))?;
-        Ok(host_losses.iter().map(|&l| l as f64).sum())
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{chunk_rows, supervised_rows, CHUNK_BUDGET_BYTES, CHUNK_MIN_ROWS};
+    use super::{chunk_rows, CHUNK_BUDGET_BYTES, CHUNK_MIN_ROWS};
 
     #[test]
     fn a_128k_vocabulary_takes_a_few_chunks_per_micro_batch() {
@@ -192,14 +200,5 @@ mod tests {
         let vocab = 4 << 20;
         let rows = chunk_rows(100_000, 64, vocab, usize::MAX / 2);
         assert!(rows * vocab <= i32::MAX as usize && rows >= 1, "{rows}");
-    }
-
-    #[test]
-    fn only_supervised_rows_are_kept_and_targets_are_checked() {
-        let (rows, targets) = supervised_rows(&[2, 9, 2, 0, 4], 2, 10).unwrap();
-        assert_eq!(rows, vec![1, 3, 4]);
-        assert_eq!(targets, vec![9, 0, 4]);
-        let err = supervised_rows(&[2, 10], 2, 10).unwrap_err().to_string();
-        assert!(err.contains("row 1 has target 10"), "{err}");
     }
 }

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 
-use super::launch::{self, grid_stride};
+use super::launch::{self, grid_stride, int};
 use super::{CudaBackend, CudaBuf};
 
 impl CudaBackend {
@@ -17,27 +17,17 @@ impl CudaBackend {
             return Ok(());
         }
         let scale = 1.0 / (1.0 - p);
+        let len_i = int(len, "dropout len")?;
+        // Threads take groups of 8 elements (then the last len % 8 one each).
+        let cfg = grid_stride(len.div_ceil(8));
         match x {
             CudaBuf::Bf16(s) => {
                 // SAFETY: len checked above.
-                unsafe {
-                    launch::dropout_bf16(
-                        &self.stream,
-                        &self.kernels,
-                        grid_stride(len),
-                        s,
-                        len,
-                        p,
-                        scale,
-                        seed,
-                    )
-                }?;
+                unsafe { launch::dropout_bf16(&self.stream, &self.kernels, cfg, s, len_i, p, scale, seed) }?;
             }
             CudaBuf::F32(s) => {
                 // SAFETY: len checked above.
-                unsafe {
-                    launch::dropout_f32(&self.stream, &self.kernels, grid_stride(len), s, len, p, scale, seed)
-                }?;
+                unsafe { launch::dropout_f32(&self.stream, &self.kernels, cfg, s, len_i, p, scale, seed) }?;
             }
         }
         Ok(())

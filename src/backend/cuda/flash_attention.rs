@@ -9,7 +9,7 @@
 
 use anyhow::{Context, Result};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
 
 use super::launch::{self, int, launch_for_head_dim, Kernels};
 use super::scratch::{ensure, Scratch};
@@ -36,7 +36,7 @@ impl AttentionPath {
 }
 
 /// One kernel's launch shape: `warps` per CTA, `tile` rows of its own side per CTA (q rows for
-/// the forward and dQ, key rows for dK/dV), and its dynamic shared memory in bytes.
+/// the forward, key rows for the backward), and its dynamic shared memory in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct FlashKernel {
     pub name: &'static str,
@@ -54,13 +54,15 @@ const fn row_bytes(hd: usize) -> usize {
 const fn forward(name: &'static str, hd: usize, nw: usize, bn: usize) -> FlashKernel {
     FlashKernel { name, warps: nw, tile: 16 * nw, smem: (16 * nw + 4 * bn) * row_bytes(hd) }
 }
-/// dQ: Q and dO tiles [16·nw] + double-buffered K and V tiles [bn].
-const fn dq(name: &'static str, hd: usize, nw: usize, bn: usize) -> FlashKernel {
-    FlashKernel { name, warps: nw, tile: 16 * nw, smem: (2 * 16 * nw + 4 * bn) * row_bytes(hd) }
-}
-/// dK/dV: K and V tiles [16·nw] + double-buffered Q and dO tiles [bq] + lse and D [2][bq] f32.
-const fn dkdv(name: &'static str, hd: usize, nw: usize, bq: usize) -> FlashKernel {
-    FlashKernel { name, warps: nw, tile: 16 * nw, smem: (2 * 16 * nw + 4 * bq) * row_bytes(hd) + 4 * bq * 4 }
+/// Backward: K and V tiles [16·nw] + double-buffered Q and dO tiles [bq] + lse and D [2][bq]
+/// f32 + the dSᵀ tile [16·nw][bq + 8] bf16.
+const fn backward(name: &'static str, hd: usize, nw: usize, bq: usize) -> FlashKernel {
+    FlashKernel {
+        name,
+        warps: nw,
+        tile: 16 * nw,
+        smem: (2 * 16 * nw + 4 * bq) * row_bytes(hd) + 4 * bq * 4 + 16 * nw * (bq + 8) * 2,
+    }
 }
 
 /// The kernels for one head_dim; must match FLASH_ENTRIES in flash_attention.cu.
@@ -68,22 +70,69 @@ const fn dkdv(name: &'static str, hd: usize, nw: usize, bq: usize) -> FlashKerne
 pub(super) struct FlashConfig {
     pub head_dim: usize,
     pub forward: FlashKernel,
-    pub dq: FlashKernel,
-    pub dkdv: FlashKernel,
+    pub backward: FlashKernel,
+    /// q rows per iteration of the backward (its dQ partials are `bq × head_dim` blocks).
+    pub backward_bq: usize,
 }
 
 pub(super) const FLASH_64: FlashConfig = FlashConfig {
     head_dim: 64,
     forward: forward("flash_forward_64", 64, 8, 64),
-    dq: dq("flash_backward_dq_64", 64, 8, 64),
-    dkdv: dkdv("flash_backward_dkdv_64", 64, 8, 64),
+    backward: backward("flash_backward_64", 64, 8, 64),
+    backward_bq: 64,
 };
 pub(super) const FLASH_128: FlashConfig = FlashConfig {
     head_dim: 128,
     forward: forward("flash_forward_128", 128, 8, 64),
-    dq: dq("flash_backward_dq_128", 128, 4, 64),
-    dkdv: dkdv("flash_backward_dkdv_128", 128, 8, 32),
+    backward: backward("flash_backward_128", 128, 8, 32),
+    backward_bq: 32,
 };
+
+/// Rows per tile of every flash kernel's table: one table per batch serves the forward and the
+/// backward of every layer.
+pub(crate) const FLASH_TILE: usize = 128;
+const _: () = assert!(
+    FLASH_64.forward.tile == FLASH_TILE
+        && FLASH_64.backward.tile == FLASH_TILE
+        && FLASH_128.forward.tile == FLASH_TILE
+        && FLASH_128.backward.tile == FLASH_TILE
+);
+
+/// The segments a prepared tile table describes: the `cu_seqlens` buffer (its device address),
+/// the segment count and the row count, and the table's grid bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TableKey {
+    cu_seqlens: u64,
+    n_segments: usize,
+    n: usize,
+    bound: usize,
+}
+
+/// Bytes of fp32 dQ accumulator traffic of the backward over these segments: a q tile of `bq`
+/// rows with `c` key-tile partials stores the first, reads and stores the middle ones and reads
+/// before the last (which writes the bf16 dQ): `8·(c − 1)` bytes per element, per q head. The
+/// cost model counts this (src/plan/counting.rs).
+pub fn dq_accumulation_bytes(cu_seqlens: &[u32], n_segments: usize, heads: HeadShape, bq: usize) -> f64 {
+    let mut elems_x_partials = 0usize;
+    for w in cu_seqlens[..=n_segments].windows(2) {
+        let len = w[1].saturating_sub(w[0]) as usize;
+        for q0 in (0..len).step_by(bq) {
+            let rows = bq.min(len - q0);
+            elems_x_partials += rows * (q0 / FLASH_TILE);
+        }
+    }
+    8.0 * (elems_x_partials * heads.n_heads * heads.head_dim) as f64
+}
+
+/// q rows per backward iteration for `head_dim` (64 and 128 have flash kernels; others run the
+/// scalar kernels and do no accumulation).
+pub fn backward_q_rows(head_dim: usize) -> Option<usize> {
+    match head_dim {
+        64 => Some(FLASH_64.backward_bq),
+        128 => Some(FLASH_128.backward_bq),
+        _ => None,
+    }
+}
 
 /// What the device supports, decided once when the backend opens.
 #[derive(Clone, Copy, Debug, Default)]
@@ -107,7 +156,7 @@ impl FlashSupport {
             return Ok(support);
         }
         let enable = |cfg: &FlashConfig| -> Result<bool> {
-            let ks = [cfg.forward, cfg.dq, cfg.dkdv];
+            let ks = [cfg.forward, cfg.backward];
             if ks.iter().any(|k| k.smem > optin) {
                 return Ok(false);
             }
@@ -178,6 +227,60 @@ impl CudaBackend {
         Ok(bound)
     }
 
+    /// Builds the tile table of a batch's segments once, for every layer's forward and backward
+    /// (`Backend::prepare_segments`). Nothing to do where the flash kernels do not run.
+    pub(super) fn flash_prepare(
+        &self,
+        cu_seqlens: &CudaSlice<u32>,
+        n_segments: usize,
+        n: usize,
+    ) -> Result<()> {
+        let mut scratch = self.scratch();
+        scratch.attn_tiles_for = None;
+        if n == 0 || self.attention_path() == AttentionPath::Scalar || !(self.flash.hd64 || self.flash.hd128)
+        {
+            return Ok(());
+        }
+        let bound = self.build_tile_table(&mut scratch.attn_tiles, cu_seqlens, n_segments, n, FLASH_TILE)?;
+        let cu = self.ids_address(cu_seqlens);
+        scratch.attn_tiles_for = Some(TableKey { cu_seqlens: cu, n_segments, n, bound });
+        Ok(())
+    }
+
+    /// Forgets a prepared table built from `ids` (which are being rewritten).
+    pub(super) fn flash_forget_segments(&self, ids: &CudaSlice<u32>) {
+        let mut scratch = self.scratch();
+        if let Some(k) = scratch.attn_tiles_for {
+            if k.cu_seqlens == self.ids_address(ids) {
+                scratch.attn_tiles_for = None;
+            }
+        }
+    }
+
+    /// The device address of an id buffer: what identifies the `cu_seqlens` a table came from.
+    fn ids_address(&self, ids: &CudaSlice<u32>) -> u64 {
+        let (p, _guard) = ids.device_ptr(&self.stream);
+        p
+    }
+
+    /// The tile table for these segments in `scratch.attn_tiles`: the prepared one, or one built
+    /// now (a caller that did not prepare the batch); returns the grid's x.
+    fn tile_table(
+        &self,
+        scratch: &mut Scratch,
+        cu_seqlens: &CudaSlice<u32>,
+        n_segments: usize,
+        n: usize,
+    ) -> Result<usize> {
+        if let Some(k) = scratch.attn_tiles_for {
+            if k.n_segments == n_segments && k.n == n && k.cu_seqlens == self.ids_address(cu_seqlens) {
+                return Ok(k.bound);
+            }
+        }
+        scratch.attn_tiles_for = None;
+        self.build_tile_table(&mut scratch.attn_tiles, cu_seqlens, n_segments, n, FLASH_TILE)
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) fn flash_forward(
         &self,
@@ -194,7 +297,7 @@ impl CudaBackend {
             (int(n, "n")?, int(heads.n_heads, "heads")?, int(heads.n_kv_heads, "kv heads")?);
         let mut scratch = self.scratch();
         let k = cfg.forward;
-        let bound = self.build_tile_table(&mut scratch.attn_tiles, cu_seqlens, n_segments, n, k.tile)?;
+        let bound = self.tile_table(&mut scratch, cu_seqlens, n_segments, n)?;
         let table = scratch.attn_tiles.as_ref().expect("built above");
         let (s, ks, launch_cfg) = (&self.stream, &self.kernels, flash_launch(k, bound, heads.n_heads));
         // SAFETY: sizes checked by the caller; every tile lies inside one segment of 0..n.
@@ -209,7 +312,7 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// dQ and dK/dV from D = rowsum(dO∘O) `[n_heads, n]`, already in `scratch.attn_d`.
+    /// dQ, dK and dV from D = rowsum(dO∘O) `[n_heads, n]`, already in `scratch.attn_d`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn flash_backward(
         &self,
@@ -226,33 +329,27 @@ impl CudaBackend {
     ) -> Result<()> {
         let (ni, nhi, nkvi) =
             (int(n, "n")?, int(heads.n_heads, "heads")?, int(heads.n_kv_heads, "kv heads")?);
-        let bound_q =
-            self.build_tile_table(&mut scratch.attn_tiles, cu_seqlens, n_segments, n, cfg.dq.tile)?;
-        let bound_k =
-            self.build_tile_table(&mut scratch.attn_tiles_kv, cu_seqlens, n_segments, n, cfg.dkdv.tile)?;
-        let table_q = scratch.attn_tiles.as_ref().expect("built above");
-        let table_k = scratch.attn_tiles_kv.as_ref().expect("built above");
-        let d = scratch.attn_d.as_ref().context("attention D was not computed")?;
+        let bound = self.tile_table(scratch, cu_seqlens, n_segments, n)?;
+        // Allocated zeroed, and left zeroed by every launch (the last partial of each q tile
+        // resets its semaphore), so they are never cleared in the step.
+        ensure(&mut scratch.attn_dq_acc, n * heads.q_width(), &self.stream, "attention dQ accumulator")?;
+        ensure(&mut scratch.attn_dq_sem, heads.n_heads * n, &self.stream, "attention dQ semaphores")?;
+        let Scratch { attn_tiles, attn_d, attn_dq_acc, attn_dq_sem, .. } = scratch;
+        let table = attn_tiles.as_ref().expect("built above");
+        let d = attn_d.as_ref().context("attention D was not computed")?;
+        let acc = attn_dq_acc.as_mut().expect("ensured above");
+        let sem = attn_dq_sem.as_mut().expect("ensured above");
 
-        let (s, ks, launch_cfg) = (&self.stream, &self.kernels, flash_launch(cfg.dq, bound_q, heads.n_heads));
-        // SAFETY: writes only the q part of dqkv rows inside their segments.
+        let (s, ks) = (&self.stream, &self.kernels);
+        let launch_cfg = flash_launch(cfg.backward, bound, heads.n_kv_heads);
+        // SAFETY: writes the q, k and v parts of dqkv rows inside their segments; the accumulator
+        // holds n·n_heads·hd floats and the semaphores n_heads·n (ensured above).
         unsafe {
             launch_for_head_dim!(
                 cfg.head_dim,
-                launch::flash_backward_dq_64,
-                launch::flash_backward_dq_128,
-                (s, ks, launch_cfg, dqkv, dout, qkv, lse, d, table_q, ni, nhi, nkvi)
-            )
-        }?;
-
-        let launch_cfg = flash_launch(cfg.dkdv, bound_k, heads.n_kv_heads);
-        // SAFETY: writes only the k and v parts of dqkv rows inside their segments.
-        unsafe {
-            launch_for_head_dim!(
-                cfg.head_dim,
-                launch::flash_backward_dkdv_64,
-                launch::flash_backward_dkdv_128,
-                (s, ks, launch_cfg, dqkv, dout, qkv, lse, d, table_k, ni, nhi, nkvi)
+                launch::flash_backward_64,
+                launch::flash_backward_128,
+                (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi)
             )
         }?;
         Ok(())
@@ -394,6 +491,54 @@ mod tests {
         }
     }
 
+    /// The backward's dQ product: A = dS read with ldmatrix.trans from dSᵀ [key][LDS] (rows =
+    /// keys), B = K [key][LD] as in mma_py; one warp's 16 q rows × CW columns over BN keys.
+    #[test]
+    fn fragment_model_computes_ds_k_from_ds_transposed() {
+        const BN: usize = 128;
+        for (bq, cw) in [(64usize, 32usize), (32, 32)] {
+            let lds = bq + 8;
+            let dst = values(BN * lds, 4);
+            let k = values(BN * LD, 5);
+            for (strip, c0) in [(0usize, 0usize), (bq / 16 - 1, HD - cw)] {
+                let mut acc = vec![[[0.0f32; 4]; LANES]; cw / 8];
+                let a_addr = |l: usize| ((l % 8) + (l / 16) * 8) * lds + strip * 16 + ((l / 8) % 2) * 8;
+                let k_addr = |l: usize| ((l % 8) + ((l / 8) % 2) * 8) * LD + c0 + (l / 16) * 8;
+                for kk in 0..BN / 16 {
+                    let a = ldsm_x4(&dst, |l| a_addr(l) + kk * 16 * lds, true);
+                    for cp in 0..cw / 16 {
+                        let b = ldsm_x4(&k, |l| k_addr(l) + kk * 16 * LD + cp * 16, true);
+                        mma(&mut acc[2 * cp], &a, &reg(&b, 0), &reg(&b, 1));
+                        mma(&mut acc[2 * cp + 1], &a, &reg(&b, 2), &reg(&b, 3));
+                    }
+                }
+                for r in 0..16 {
+                    for c in 0..cw {
+                        let q = strip * 16 + r;
+                        let want: f32 = (0..BN).map(|key| dst[key * lds + q] * k[key * LD + c0 + c]).sum();
+                        let got = c_at(&acc, r, c);
+                        assert!(
+                            (got - want).abs() <= 1e-3 * want.abs().max(1.0),
+                            "bq {bq} dQ[{q}][{}]: {got} vs {want}",
+                            c0 + c
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dq_accumulation_counts_the_partials_after_the_first() {
+        let heads = HeadShape { n_heads: 2, n_kv_heads: 1, head_dim: 64 };
+        // 300 rows, q tiles of 64 at 0, 64 (key tile 0: one partial), 128, 192 (two), 256 (44
+        // rows, three); 100 rows: all in key tile 0.
+        let cu = [0u32, 300, 400];
+        let rows_x_extra = 64 + 64 + 2 * 44;
+        assert_eq!(dq_accumulation_bytes(&cu, 2, heads, 64), 8.0 * (rows_x_extra * 2 * 64) as f64);
+        assert_eq!(dq_accumulation_bytes(&[0, 128], 1, heads, 64), 0.0);
+    }
+
     #[test]
     fn tile_table_covers_each_row_once_inside_its_segment() {
         let cu = [0u32, 1, 17, 17, 1017, 3065, 3066];
@@ -416,13 +561,15 @@ mod tests {
     #[test]
     fn configs_match_the_kernel_templates() {
         assert_eq!(FLASH_64.forward.smem, 55296);
-        assert_eq!(FLASH_64.dq.smem, 73728);
-        assert_eq!(FLASH_64.dkdv.smem, 74752);
+        assert_eq!(FLASH_64.backward.smem, 74752 + 128 * 72 * 2);
         assert_eq!(FLASH_128.forward.smem, 104448);
-        assert_eq!(FLASH_128.dq.smem, 104448);
-        assert_eq!(FLASH_128.dkdv.smem, 104960);
+        assert_eq!(FLASH_128.backward.smem, 104960 + 128 * 40 * 2);
         for cfg in [FLASH_64, FLASH_128] {
-            for k in [cfg.forward, cfg.dq, cfg.dkdv] {
+            // The dQ product's warp grid (flash_backward_impl): bq/16 strips × column groups.
+            let strips = cfg.backward_bq / 16;
+            assert_eq!(cfg.backward.warps % strips, 0);
+            assert_eq!((cfg.head_dim / (cfg.backward.warps / strips)) % 16, 0);
+            for k in [cfg.forward, cfg.backward] {
                 assert_eq!(k.tile, 16 * k.warps);
                 assert!(k.smem <= 227 * 1024, "{} exceeds the H100's 227 KiB", k.name);
             }

@@ -5,15 +5,18 @@
 //! Buffers are row-major; cuBLASLt is column-major, so a row-major `[r, c]` matrix is a
 //! column-major `c × r` matrix with leading dimension `c`.
 
-use std::collections::HashSet;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::ffi::c_void;
 use std::mem::size_of;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{bail, Context, Result};
 use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+
+use crate::backend::GradMode;
 
 /// cuBLASLt's recommended workspace on Hopper (32 MiB), allocated once.
 const WORKSPACE_BYTES: usize = 32 << 20;
@@ -61,10 +64,40 @@ pub(super) struct Gemm {
     stream: Arc<CudaStream>,
     /// SFT_GEMM_FALLBACK=1: every GEMM uses kernels/matmul.cu (to cross-check cuBLASLt).
     force_fallback: bool,
+    /// False with SFT_GEMM_AUTOTUNE=0: each shape takes cuBLASLt's first heuristic answer.
+    autotune: bool,
     /// The shapes already reported as having no cuBLASLt algorithm.
     no_algorithm: NoAlgorithmWarnings,
+    /// Descriptors, layouts and algorithm per shape, made on the shape's first GEMM.
+    plans: Mutex<HashMap<GemmShape, Plan>>,
 }
 
+/// Heuristic candidates timed per shape.
+const AUTOTUNE_CANDIDATES: usize = 8;
+/// Timed runs per candidate (after one warm-up run).
+const AUTOTUNE_RUNS: usize = 3;
+/// A GEMM that adds to its output (beta ≠ 0) is timed into a scratch output of this size at most
+/// (so that the timing runs do not add to the real one); a larger one keeps the first heuristic
+/// answer. One that overwrites its output is timed in place: the real run rewrites it.
+const AUTOTUNE_SCRATCH_BYTES: usize = 256 << 20;
+
+/// The algorithm chosen per (device, shape), for the whole process: two backends on the same
+/// device (two models in one run, a test's twice-run) compute the same bits.
+fn tuned() -> &'static Mutex<HashMap<(usize, GemmShape), sys::cublasLtMatmulAlgo_t>> {
+    static TUNED: OnceLock<Mutex<HashMap<(usize, GemmShape), sys::cublasLtMatmulAlgo_t>>> = OnceLock::new();
+    TUNED.get_or_init(Mutex::default)
+}
+
+/// What cuBLASLt needs for one GEMM shape, made once: creating and destroying descriptors per
+/// call costs more than a small GEMM.
+struct Plan {
+    desc: Desc,
+    a: Layout,
+    b: Layout,
+    c: Layout,
+    /// `None`: cuBLASLt has no algorithm for this shape (the caller falls back).
+    algo: Option<sys::cublasLtMatmulAlgo_t>,
+}
 /// A GEMM's shape and layout: what cuBLASLt's heuristic decides on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct GemmShape {
@@ -77,6 +110,10 @@ struct GemmShape {
     ldb: i64,
     ldc: i64,
     c_type: DType,
+    /// The operands' pointer alignments (A, B, C; D = C): cuBLASLt's heuristic assumes 256 bytes
+    /// unless told, and LoRA's column slices start at an element offset inside a row, so an
+    /// algorithm chosen for aligned operands may not run on a slice.
+    align: [u32; 3],
 }
 
 impl GemmShape {
@@ -91,6 +128,7 @@ impl GemmShape {
             ldb: g.ldb,
             ldc: g.ldc,
             c_type: g.c_type,
+            align: [pointer_alignment(g.a), pointer_alignment(g.b), pointer_alignment(g.c)],
         }
     }
 }
@@ -129,6 +167,8 @@ impl NoAlgorithmWarnings {
 // The handle is only used through &self on the backend's one stream; cuBLASLt handles may be
 // used from any thread as long as calls do not overlap, which the backend's single owner ensures.
 unsafe impl Send for Gemm {}
+// Descriptors and layouts are host objects that cuBLASLt only reads, under the plans' lock.
+unsafe impl Send for Plan {}
 
 impl Drop for Gemm {
     fn drop(&mut self) {
@@ -171,16 +211,47 @@ impl Gemm {
         let workspace =
             stream.alloc_zeros::<u8>(WORKSPACE_BYTES).context("allocating the cuBLASLt workspace")?;
         let force_fallback = std::env::var("SFT_GEMM_FALLBACK").is_ok_and(|v| v == "1");
-        Ok(Gemm { handle, workspace, stream, force_fallback, no_algorithm: NoAlgorithmWarnings::default() })
+        let autotune = !std::env::var("SFT_GEMM_AUTOTUNE").is_ok_and(|v| v == "0");
+        Ok(Gemm {
+            handle,
+            workspace,
+            stream,
+            force_fallback,
+            autotune,
+            no_algorithm: NoAlgorithmWarnings::default(),
+            plans: Mutex::default(),
+        })
     }
 
     /// Runs the GEMM with cuBLASLt; `Ok(false)` when cuBLASLt has no algorithm for it (or the
-    /// fallback is forced), in which case the caller runs kernels/matmul.cu instead.
+    /// fallback is forced), in which case the caller runs kernels/matmul.cu instead. A shape's
+    /// first call makes its plan (and, with autotuning, times the candidates: one wait for the
+    /// device per new shape, in the first step only).
     pub(super) fn run(&self, g: &GemmCall) -> Result<bool> {
         if self.force_fallback {
             return Ok(false);
         }
         self.stream.context().bind_to_thread()?;
+        let shape = GemmShape::of(g);
+        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        let plan = match plans.entry(shape) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(self.plan(g).with_context(|| format!("cuBLASLt plan for {g:?}"))?),
+        };
+        let Some(algo) = plan.algo else {
+            if let Some(warning) = self.no_algorithm.first_time(g) {
+                eprintln!("{warning}");
+            }
+            return Ok(false);
+        };
+        self.matmul(plan, &algo, g, g.c).with_context(|| format!("cuBLASLt matmul {g:?}"))?;
+        Ok(true)
+    }
+
+    /// The descriptors of `g`'s shape and its algorithm: the process's earlier choice for this
+    /// device and shape, else the fastest of cuBLASLt's top candidates (or its first answer
+    /// without autotuning).
+    fn plan(&self, g: &GemmCall) -> Result<Plan> {
         let desc = Desc(lt::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             sys::cudaDataType_t::CUDA_R_32F,
@@ -205,14 +276,38 @@ impl Gemm {
         // Layouts describe the matrices as stored, before op().
         let (a_rows, a_cols) = if g.transa { (g.k, g.m) } else { (g.m, g.k) };
         let (b_rows, b_cols) = if g.transb { (g.n, g.k) } else { (g.k, g.n) };
-        let a_layout = Layout(lt::create_matrix_layout(DType::Bf16.cuda(), a_rows, a_cols, g.lda)?);
-        let b_layout = Layout(lt::create_matrix_layout(DType::Bf16.cuda(), b_rows, b_cols, g.ldb)?);
-        let c_layout = Layout(lt::create_matrix_layout(g.c_type.cuda(), g.m, g.n, g.ldc)?);
+        let a = Layout(lt::create_matrix_layout(DType::Bf16.cuda(), a_rows, a_cols, g.lda)?);
+        let b = Layout(lt::create_matrix_layout(DType::Bf16.cuda(), b_rows, b_cols, g.ldb)?);
+        let c = Layout(lt::create_matrix_layout(g.c_type.cuda(), g.m, g.n, g.ldc)?);
+        let mut plan = Plan { desc, a, b, c, algo: None };
+
+        let key = (self.stream.context().ordinal(), GemmShape::of(g));
+        if let Some(&algo) = tuned().lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            plan.algo = Some(algo);
+            return Ok(plan);
+        }
+        let count = if self.autotune { AUTOTUNE_CANDIDATES } else { 1 };
+        let candidates = self.candidates(&plan, count, GemmShape::of(g).align)?;
+        let Some(first) = candidates.first().copied() else { return Ok(plan) };
+        let best = if candidates.len() > 1 { self.fastest(&plan, &candidates, g)? } else { first };
+        plan.algo = Some(best);
+        tuned().lock().unwrap_or_else(|e| e.into_inner()).insert(key, best);
+        Ok(plan)
+    }
+
+    /// Up to `count` of cuBLASLt's heuristic answers, best first by its estimate.
+    fn candidates(
+        &self,
+        plan: &Plan,
+        count: usize,
+        align: [u32; 3],
+    ) -> Result<Vec<sys::cublasLtMatmulAlgo_t>> {
         let pref = Pref(lt::create_matmul_pref()?);
         let ws_size: usize = WORKSPACE_BYTES;
-        let (ws, _ws_guard) = self.workspace.device_ptr(&self.stream);
-        // SAFETY: every descriptor is alive; the pointers are device addresses of buffers that
-        // the caller keeps alive, sized by the caller's checks; the workspace is ours.
+        let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> = Vec::with_capacity(count);
+        let mut returned: std::ffi::c_int = 0;
+        // SAFETY: every descriptor is alive; `results` has room for `count` answers, of which
+        // cuBLASLt writes `returned`.
         unsafe {
             lt::set_matmul_pref_attribute(
                 pref.0,
@@ -220,15 +315,14 @@ impl Gemm {
                 &ws_size as *const usize as *const c_void,
                 size_of::<usize>(),
             )?;
-            // The heuristic cannot see the pointers and assumes 256-byte alignment unless told:
-            // LoRA's column slices start at an element offset inside a row.
-            for (attr, ptr) in [
-                (sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, g.a),
-                (sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, g.b),
-                (sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, g.c),
-                (sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, g.c),
+            // The heuristic cannot see the pointers and assumes 256-byte alignment unless told.
+            let [a, b, c] = align;
+            for (attr, align) in [
+                (sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, a),
+                (sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, b),
+                (sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, c),
+                (sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, c),
             ] {
-                let align: u32 = pointer_alignment(ptr);
                 lt::set_matmul_pref_attribute(
                     pref.0,
                     attr,
@@ -236,45 +330,109 @@ impl Gemm {
                     size_of::<u32>(),
                 )?;
             }
-            let heuristic = match lt::get_matmul_algo_heuristic(
+            let status = sys::cublasLtMatmulAlgoGetHeuristic(
                 self.handle,
-                desc.0,
-                a_layout.0,
-                b_layout.0,
-                c_layout.0,
-                c_layout.0,
+                plan.desc.0,
+                plan.a.0,
+                plan.b.0,
+                plan.c.0,
+                plan.c.0,
                 pref.0,
-            ) {
-                Ok(h) => h,
-                Err(lt::CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
-                    if let Some(warning) = self.no_algorithm.first_time(g) {
-                        eprintln!("{warning}");
-                    }
-                    return Ok(false);
-                }
-                Err(e) => return Err(e).with_context(|| format!("cuBLASLt heuristic for {g:?}")),
-            };
+                count as std::ffi::c_int,
+                results.as_mut_ptr(),
+                &mut returned,
+            );
+            match status {
+                sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS => {}
+                sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED => return Ok(Vec::new()),
+                other => bail!("cuBLASLt heuristic: {other:?}"),
+            }
+            results.set_len((returned.max(0) as usize).min(count));
+        }
+        Ok(results
+            .into_iter()
+            .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .map(|r| r.algo)
+            .collect())
+    }
+
+    /// The candidate with the least time over [`AUTOTUNE_RUNS`] runs, timed with CUDA events on
+    /// the real operands. A GEMM that overwrites its output is timed in place; one that adds to
+    /// it, into a scratch output (zeros: the sums are thrown away), or not at all when that would
+    /// exceed [`AUTOTUNE_SCRATCH_BYTES`]. A candidate that fails to run is skipped.
+    fn fastest(
+        &self,
+        plan: &Plan,
+        candidates: &[sys::cublasLtMatmulAlgo_t],
+        g: &GemmCall,
+    ) -> Result<sys::cublasLtMatmulAlgo_t> {
+        let elem = match g.c_type {
+            DType::Bf16 => 2,
+            DType::F32 => 4,
+        };
+        let bytes = (g.ldc as usize) * (g.n as usize) * elem;
+        let scratch = if g.beta == 0.0 {
+            None
+        } else if bytes <= AUTOTUNE_SCRATCH_BYTES {
+            Some(self.stream.alloc_zeros::<u8>(bytes).context("allocating the autotuning output")?)
+        } else {
+            return Ok(candidates[0]);
+        };
+        let out = match &scratch {
+            Some(s) => {
+                let (p, _guard) = s.device_ptr(&self.stream);
+                p
+            }
+            None => g.c,
+        };
+        let ctx = self.stream.context();
+        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let (start, end) = (ctx.new_event(timing)?, ctx.new_event(timing)?);
+        let mut best: Option<(f32, sys::cublasLtMatmulAlgo_t)> = None;
+        for algo in candidates {
+            if self.matmul(plan, algo, g, out).is_err() {
+                continue;
+            }
+            start.record(&self.stream)?;
+            let ran = (0..AUTOTUNE_RUNS).try_for_each(|_| self.matmul(plan, algo, g, out));
+            end.record(&self.stream)?;
+            let ms = start.elapsed_ms(&end)?;
+            if ran.is_ok() && best.is_none_or(|(t, _)| ms < t) {
+                best = Some((ms, *algo));
+            }
+        }
+        // The scratch output is freed only after the timed runs (elapsed_ms waited for them).
+        drop(scratch);
+        Ok(best.map_or(candidates[0], |(_, algo)| algo))
+    }
+
+    /// One cublasLtMatmul of `g` with `algo`, writing (or adding) into `out` (g.c, or the
+    /// autotuning scratch output of the same layout).
+    fn matmul(&self, plan: &Plan, algo: &sys::cublasLtMatmulAlgo_t, g: &GemmCall, out: u64) -> Result<()> {
+        let (ws, _ws_guard) = self.workspace.device_ptr(&self.stream);
+        // SAFETY: every descriptor is alive; the pointers are device addresses of buffers that
+        // the caller keeps alive, sized by the caller's checks; the workspace is ours.
+        unsafe {
             lt::matmul(
                 self.handle,
-                desc.0,
+                plan.desc.0,
                 &g.alpha as *const f32 as *const c_void,
                 &g.beta as *const f32 as *const c_void,
                 g.a as *const c_void,
-                a_layout.0,
+                plan.a.0,
                 g.b as *const c_void,
-                b_layout.0,
-                g.c as *const c_void,
-                c_layout.0,
-                g.c as *mut c_void,
-                c_layout.0,
-                &heuristic.algo,
+                plan.b.0,
+                out as *const c_void,
+                plan.c.0,
+                out as *mut c_void,
+                plan.c.0,
+                algo,
                 ws as *mut c_void,
-                ws_size,
+                WORKSPACE_BYTES,
                 self.stream.cu_stream() as sys::cudaStream_t,
-            )
-            .with_context(|| format!("cuBLASLt matmul {g:?}"))?;
+            )?;
         }
-        Ok(true)
+        Ok(())
     }
 }
 
@@ -339,8 +497,17 @@ pub(super) fn dy_w(rows: usize, inner: usize, cols: usize, dy: u64, w: u64, out:
     }
 }
 
-/// Row-major fp32 `dw[out_dim, in_dim] += dy[rows, out_dim]^T @ x[rows, in_dim]`.
-pub(super) fn dyt_x(rows: usize, in_dim: usize, out_dim: usize, dy: u64, x: u64, dw: u64) -> GemmCall {
+/// Row-major fp32 `dw[out_dim, in_dim] (=|+=) dy[rows, out_dim]^T @ x[rows, in_dim]`: beta 0
+/// for `Overwrite` (what dw held is not read), 1 for `Accumulate`.
+pub(super) fn dyt_x(
+    rows: usize,
+    in_dim: usize,
+    out_dim: usize,
+    dy: u64,
+    x: u64,
+    dw: u64,
+    mode: GradMode,
+) -> GemmCall {
     // Column-major: dw^T (in × out) = x^T (stored in × rows) · dy (stored out × rows, transposed).
     GemmCall {
         transa: false,
@@ -356,13 +523,17 @@ pub(super) fn dyt_x(rows: usize, in_dim: usize, out_dim: usize, dy: u64, x: u64,
         ldc: in_dim as i64,
         c_type: DType::F32,
         alpha: 1.0,
-        beta: 1.0,
+        beta: match mode {
+            GradMode::Overwrite => 0.0,
+            GradMode::Accumulate => 1.0,
+        },
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::{dy_w, dyt_x, x_wt, DType, GemmCall, NoAlgorithmWarnings};
+    use crate::backend::GradMode;
 
     #[test]
     fn no_algorithm_is_reported_once_per_shape_naming_it() {
@@ -393,7 +564,8 @@ mod tests {
                     acc += av * bv;
                 }
                 let o = i + j * ldc;
-                c[o] = g.alpha * acc + g.beta * c[o];
+                // cuBLAS reads C only when beta is not zero.
+                c[o] = if g.beta == 0.0 { g.alpha * acc } else { g.alpha * acc + g.beta * c[o] };
             }
         }
     }
@@ -429,11 +601,20 @@ mod tests {
 
         let dw0 = values(o * i, 4);
         let mut dw = dw0.clone();
-        emulate(&dyt_x(n, i, o, 0, 0, 0), &x, &dy, &mut dw);
+        emulate(&dyt_x(n, i, o, 0, 0, 0, GradMode::Accumulate), &x, &dy, &mut dw);
         for r in 0..o {
             for c in 0..i {
                 let want: f32 = dw0[r * i + c] + (0..n).map(|l| dy[l * o + r] * x[l * i + c]).sum::<f32>();
                 assert_eq!(dw[r * i + c], want, "dw += dy^T @ x at ({r}, {c})");
+            }
+        }
+        // Overwrite: beta 0, so what dw held (NaN here) is not read.
+        let mut dw = vec![f32::NAN; o * i];
+        emulate(&dyt_x(n, i, o, 0, 0, 0, GradMode::Overwrite), &x, &dy, &mut dw);
+        for r in 0..o {
+            for c in 0..i {
+                let want: f32 = (0..n).map(|l| dy[l * o + r] * x[l * i + c]).sum();
+                assert_eq!(dw[r * i + c], want, "dw = dy^T @ x at ({r}, {c})");
             }
         }
     }

@@ -1,25 +1,52 @@
-//! The global gradient norm's sum of squares.
+//! The global gradient norm's sum of squares, and the loss sums: both stay on the device, as
+//! split f64 values in a statistics buffer (see `crate::backend::stats`), read once per step.
 
 use anyhow::{bail, Result};
-use cudarc::driver::LaunchConfig;
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
-use super::launch::{self, BLOCK};
+use super::launch::{self, int, BLOCK};
 use super::scratch::ensure;
-use super::{CudaBackend, CudaBuf};
+use super::{f32_mut, f32_of, CudaBackend, CudaBuf};
+use crate::backend::{stats, GradMode};
 
 /// Blocks per buffer (each writes one partial).
 pub const SUMSQ_BLOCKS: usize = 128;
 
+/// Threads of `sum_split`'s one block (`SUM_SPLIT_THREADS` in kernels/global_norm.cu).
+pub const SUM_SPLIT_THREADS: u32 = 256;
+
 impl CudaBackend {
-    /// Deterministic: a fixed grid per buffer writes fp32 block partials, summed on the host in f64.
-    pub(super) fn sum_squares(&self, bufs: &[&CudaBuf], lens: &[usize]) -> Result<f64> {
+    /// `out[slot..slot + SPLIT] (=|+=) Σ x[..count]`, summed in double in a fixed order, split.
+    fn sum_split(
+        &self,
+        out: &mut CudaSlice<f32>,
+        slot: usize,
+        x: &CudaSlice<f32>,
+        count: usize,
+        mode: GradMode,
+    ) -> Result<()> {
+        let cfg =
+            LaunchConfig { grid_dim: (1, 1, 1), block_dim: (SUM_SPLIT_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let count = int(count, "sum length")?;
+        let accumulate = i32::from(mode == GradMode::Accumulate);
+        let mut split = out.slice_mut(slot..slot + stats::SPLIT);
+        // SAFETY: the split value is SPLIT elements of `out`; x holds `count` elements (checked
+        // by callers).
+        unsafe { launch::sum_split(&self.stream, &self.kernels, cfg, &mut split, x, count, accumulate) }?;
+        Ok(())
+    }
+
+    /// Deterministic: a fixed grid per buffer writes fp32 block partials (packed one buffer after
+    /// another), which one block then adds in double into `stats[SUMSQ..]`.
+    pub(super) fn sum_squares(&self, bufs: &[&CudaBuf], lens: &[usize], out: &mut CudaBuf) -> Result<()> {
         if bufs.len() != lens.len() {
             bail!("sum_squares: {} buffers but {} lengths", bufs.len(), lens.len());
         }
+        let out = f32_mut(out, stats::SUMSQ + stats::SPLIT, "sum_squares statistics")?;
         let mut scratch = self.scratch();
         let partial =
             ensure(&mut scratch.sumsq_partial, bufs.len() * SUMSQ_BLOCKS, &self.stream, "norm partials")?;
-        let mut used = Vec::new();
+        let mut used = 0;
         for (i, (buf, &len)) in bufs.iter().zip(lens).enumerate() {
             if len == 0 {
                 continue;
@@ -28,7 +55,7 @@ impl CudaBackend {
                 bail!("sum_squares: buffer {i} has {} elements, asked for {len}", buf.len());
             }
             let blocks = len.div_ceil(BLOCK as usize).min(SUMSQ_BLOCKS);
-            let mut out = partial.slice_mut(i * SUMSQ_BLOCKS..i * SUMSQ_BLOCKS + blocks);
+            let mut part = partial.slice_mut(used..used + blocks);
             let cfg = LaunchConfig {
                 grid_dim: (blocks as u32, 1, 1),
                 block_dim: (BLOCK, 1, 1),
@@ -37,19 +64,29 @@ impl CudaBackend {
             match buf {
                 CudaBuf::F32(s) => {
                     // SAFETY: `blocks` partial slots; len checked.
-                    unsafe { launch::sum_squares_f32(&self.stream, &self.kernels, cfg, &mut out, s, len) }?;
+                    unsafe { launch::sum_squares_f32(&self.stream, &self.kernels, cfg, &mut part, s, len) }?;
                 }
                 CudaBuf::Bf16(s) => {
                     // SAFETY: `blocks` partial slots; len checked.
-                    unsafe { launch::sum_squares_bf16(&self.stream, &self.kernels, cfg, &mut out, s, len) }?;
+                    unsafe { launch::sum_squares_bf16(&self.stream, &self.kernels, cfg, &mut part, s, len) }?;
                 }
             }
-            used.push((i * SUMSQ_BLOCKS, blocks));
+            used += blocks;
         }
-        if used.is_empty() {
-            return Ok(0.0);
-        }
-        let host = self.download(&partial.slice(0..bufs.len() * SUMSQ_BLOCKS))?;
-        Ok(used.iter().flat_map(|&(o, b)| host[o..o + b].iter()).map(|&v| v as f64).sum())
+        self.sum_split(out, stats::SUMSQ, partial, used, GradMode::Overwrite)
+    }
+
+    /// The loss sums: `stats[slot..slot + SPLIT] (=|+=) Σ x[..len]`.
+    pub(super) fn sum_into(
+        &self,
+        out: &mut CudaBuf,
+        slot: usize,
+        x: &CudaBuf,
+        len: usize,
+        mode: GradMode,
+    ) -> Result<()> {
+        let out = f32_mut(out, slot + stats::SPLIT, "sum_into statistics")?;
+        let x = f32_of(x, len, "sum_into source")?;
+        self.sum_split(out, slot, x, len, mode)
     }
 }

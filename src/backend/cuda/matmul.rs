@@ -8,6 +8,7 @@ use half::bf16;
 use super::gemm::{dy_w, dyt_x, x_wt, DType, GemmCall};
 use super::launch::{self, int, DevPtr};
 use super::{bf16_mut, bf16_of, f32_mut, CudaBackend, CudaBuf};
+use crate::backend::GradMode;
 
 impl CudaBackend {
     /// One GEMM: cuBLASLt, or kernels/matmul.cu where cuBLASLt has no algorithm.
@@ -102,6 +103,7 @@ impl CudaBackend {
         n: usize,
         in_dim: usize,
         out_dim: usize,
+        mode: GradMode,
     ) -> Result<()> {
         let dout = bf16_of(dout, n * out_dim, "matmul_backward dout")?;
         let inp = bf16_of(inp, n * in_dim, "matmul_backward inp")?;
@@ -113,8 +115,11 @@ impl CudaBackend {
             self.run_gemm(&call)?;
         }
         if n > 0 {
-            let call = dyt_x(n, in_dim, out_dim, self.dev_ptr(dout), self.dev_ptr(inp), self.dev_ptr(dw));
-            self.run_gemm(&call)?;
+            let (dy, x, dw) = (self.dev_ptr(dout), self.dev_ptr(inp), self.dev_ptr(dw));
+            self.run_gemm(&dyt_x(n, in_dim, out_dim, dy, x, dw, mode))?;
+        } else if mode == GradMode::Overwrite {
+            // No rows: the product is zero, and a GEMM with k = 0 is skipped.
+            self.stream.memset_zeros(&mut dw.slice_mut(0..out_dim * in_dim))?;
         }
         Ok(())
     }
@@ -190,7 +195,15 @@ impl CudaBackend {
         if let Some(dw) = dw {
             let dw = f32_mut(dw, out_dim * in_dim, "matmul_backward_slice dw")?;
             if n > 0 {
-                let mut call = dyt_x(n, in_dim, out_dim, dout_ptr, self.dev_ptr(inp), self.dev_ptr(dw));
+                let mut call = dyt_x(
+                    n,
+                    in_dim,
+                    out_dim,
+                    dout_ptr,
+                    self.dev_ptr(inp),
+                    self.dev_ptr(dw),
+                    GradMode::Accumulate,
+                );
                 call.ldb = ld as i64;
                 call.alpha = scale;
                 self.run_gemm(&call)?;

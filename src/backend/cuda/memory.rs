@@ -18,7 +18,9 @@ impl CudaBackend {
     /// Copies device data to the host. cudarc's copy into a `Vec` is an async copy from
     /// pageable memory, which CUDA only documents as "might be synchronous", so the stream is
     /// synchronized explicitly before the data is used.
+    /// Every blocking read-back goes through here, and is counted (`host_reads`).
     pub(super) fn download<T: DeviceRepr>(&self, src: &CudaView<'_, T>) -> Result<Vec<T>> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let host = self.stream.clone_dtoh(src)?;
         self.stream.synchronize()?;
         Ok(host)
@@ -78,6 +80,8 @@ impl CudaBackend {
         if src.len() > dst.len() {
             bail!("write_ids: {} ids into a buffer of {}", src.len(), dst.len());
         }
+        // A tile table prepared from these ids would go stale.
+        self.flash_forget_segments(dst);
         self.stream.memcpy_htod(src, &mut dst.slice_mut(0..src.len()))?;
         Ok(())
     }

@@ -6,8 +6,10 @@
 //! `impl Backend` below is generated from the trait's op list ([`crate::backend::backend_ops`]).
 //! Buffers are [`CudaBuf`]: bf16 for [`Precision::Compute`], fp32 for [`Precision::F32`]. Every
 //! op checks the precision and length of its buffers before launching, so a wrong call is an
-//! error rather than an out-of-bounds access on the device. Everything runs on one stream;
-//! ops that must look at data on the host (embedding backward, the loss) say so.
+//! error rather than an out-of-bounds access on the device. Everything runs on one stream; no op
+//! reads device data back on the host (the host prepares what it needs when it loads a batch,
+//! and the loss and the norm stay on the device until the trainer reads them once per step),
+//! so the host runs ahead of the GPU; `host_reads` counts the blocking read-backs.
 
 mod adamw;
 mod attention;
@@ -15,7 +17,7 @@ mod cast;
 mod cross_entropy;
 mod dropout;
 mod embedding;
-mod flash_attention;
+pub mod flash_attention;
 mod gemm;
 mod global_norm;
 pub mod launch;
@@ -26,32 +28,38 @@ mod rope;
 mod scratch;
 mod swiglu;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{bail, Context, Result};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::bf16;
 
-use super::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope};
+use super::{
+    AdamW, Backend, BranchGrad, Clip, Dropout, GradMode, HeadShape, LossGrads, Precision, Rope, RopeStyle,
+};
 // Launch shapes and host-side helpers, public so that the kernel emulation (emu/) launches
 // exactly as the backend does.
 pub use adamw::ADAM_BLOCKS as ADAMW_MAX_BLOCKS;
 pub use attention::rows_by_heads as attention_rows_by_heads;
 pub use cross_entropy::{
-    chunk_rows as cross_entropy_chunk_rows, CHUNK_BUDGET_BYTES as CROSS_ENTROPY_CHUNK_BUDGET,
+    chunk_rows as cross_entropy_chunk_rows, copy_items as cross_entropy_copy_items,
+    vec_arg as cross_entropy_vec_arg, CHUNK_BUDGET_BYTES as CROSS_ENTROPY_CHUNK_BUDGET,
 };
 pub use cudarc::driver::LaunchConfig;
-pub use embedding::group_tokens_by_id as embedding_group_tokens_by_id;
 pub use flash_attention::AttentionPath;
 use flash_attention::FlashSupport;
 use gemm::Gemm;
-pub use global_norm::SUMSQ_BLOCKS as SUM_SQUARES_BLOCKS;
+pub use global_norm::{SUMSQ_BLOCKS as SUM_SQUARES_BLOCKS, SUM_SPLIT_THREADS};
 use launch::Kernels;
 pub use launch::{grid_stride, per_row, BLOCK};
-pub use rmsnorm::DW_CHUNKS as RMSNORM_DW_CHUNKS;
-pub use rope::{scaling_args as rope_scaling_args, style_arg as rope_style_arg};
+pub use rmsnorm::{
+    dropout_args, dw_chunks as rmsnorm_dw_chunks, dw_reduce_config as rmsnorm_dw_reduce_config,
+    DW_CHUNKS as RMSNORM_DW_CHUNKS, MAX_D as RMSNORM_MAX_D,
+};
+pub use rope::{apply_config as rope_apply_config, style_arg as rope_style_arg, vec_arg as rope_vec_arg};
 use scratch::Scratch;
+pub use swiglu::vec_arg as swiglu_vec_arg;
 
 /// A device buffer in the precision it was made with.
 pub enum CudaBuf {
@@ -133,6 +141,8 @@ pub struct CudaBackend {
     flash: FlashSupport,
     /// `AttentionPath::Scalar` when set (SFT_ATTENTION=scalar, or set_attention_path).
     force_scalar_attention: AtomicBool,
+    /// Blocking device-to-host copies so far (see `download`).
+    reads: AtomicU64,
 }
 
 /// Refuses a driver too old for the embedded PTX before any module fails to load with
@@ -179,6 +189,7 @@ impl CudaBackend {
             scratch: Mutex::new(Scratch::default()),
             flash,
             force_scalar_attention: AtomicBool::new(AttentionPath::from_env() == AttentionPath::Scalar),
+            reads: AtomicU64::new(0),
         })
     }
 
@@ -236,6 +247,9 @@ impl Backend for CudaBackend {
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().context("synchronizing the CUDA stream")
     }
+    fn host_reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
     fn compute_bytes(&self) -> usize {
         2
     }
@@ -243,6 +257,10 @@ impl Backend for CudaBackend {
         self.ctx.bind_to_thread().context("binding the CUDA context")?;
         let info = cudarc::driver::result::mem_get_info().context("querying free GPU memory")?;
         Ok(Some(info))
+    }
+
+    fn prepare_segments(&self, cu_seqlens: &CudaSlice<u32>, n_segments: usize, n: usize) -> Result<()> {
+        self.flash_prepare(cu_seqlens, n_segments, n)
     }
 
     super::backend_ops!(call_family_ops);

@@ -13,24 +13,24 @@ pub(super) struct Scratch {
     pub rms_partial: Option<CudaSlice<f32>>,
     /// attention_backward: D = rowsum(dO ∘ O), `[n_heads, n]`.
     pub attn_d: Option<CudaSlice<f32>>,
-    /// flash attention: tile tables (count, then (first row, segment start, segment end) per
-    /// tile) of the forward / dQ kernel and of the dK/dV kernel.
+    /// flash attention: the tile table (count, then (first row, segment start, segment end) per
+    /// tile) and, when it was prepared for a batch, which segments it describes.
     pub attn_tiles: Option<CudaSlice<i32>>,
-    pub attn_tiles_kv: Option<CudaSlice<i32>>,
+    pub attn_tiles_for: Option<super::flash_attention::TableKey>,
+    /// flash attention backward: the fp32 dQ accumulator `[n, n_heads·hd]` and one semaphore
+    /// per (q head, row) `[n_heads, n]`, all zero between launches.
+    pub attn_dq_acc: Option<CudaSlice<f32>>,
+    pub attn_dq_sem: Option<CudaSlice<u32>>,
     /// sum_squares: one partial per block per buffer.
     pub sumsq_partial: Option<CudaSlice<f32>>,
-    /// embedding_backward: tokens grouped by id.
-    pub emb_order: Option<CudaSlice<u32>>,
-    pub emb_group_start: Option<CudaSlice<u32>>,
-    pub emb_group_id: Option<CudaSlice<u32>>,
-    /// lm_head_cross_entropy: supervised rows, their targets, and one chunk's work buffers.
-    pub ce_rows: Option<CudaSlice<u32>>,
-    pub ce_targets: Option<CudaSlice<u32>>,
-    pub ce_losses: Option<CudaSlice<f32>>,
+    /// lm_head_cross_entropy: one chunk's work buffers (the supervised rows, their targets and
+    /// the row losses are the caller's buffers).
     pub ce_x: Option<CudaSlice<bf16>>,
     pub ce_dx: Option<CudaSlice<bf16>>,
     pub ce_logits: Option<CudaSlice<f32>>,
     pub ce_dlogits: Option<CudaSlice<bf16>>,
+    /// rope_table: the inverse frequencies of (rope, head_dim), uploaded once.
+    pub rope_freqs: Option<(crate::backend::Rope, usize, CudaSlice<f32>)>,
     /// adamw: one descriptor per tensor.
     pub adam_descs: Option<CudaSlice<super::launch::AdamTensor>>,
 }

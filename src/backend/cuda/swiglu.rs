@@ -5,6 +5,16 @@ use anyhow::Result;
 use super::launch::{self, grid_stride, int};
 use super::{bf16_mut, bf16_of, CudaBackend, CudaBuf};
 
+/// The `vec` argument of the swiglu kernels: 1 when `hidden` is a multiple of 8 (groups of 8
+/// columns, 16-byte accesses), and `(items, vec)`: the kernels' 32-bit item count.
+pub fn vec_arg(n: usize, hidden: usize) -> Result<(usize, i32)> {
+    let vec = hidden.is_multiple_of(8);
+    let items = if vec { n * hidden / 8 } else { n * hidden };
+    // The kernels index elements with 32-bit ints.
+    int(n * hidden, "swiglu elements (n * hidden)")?;
+    Ok((items, i32::from(vec)))
+}
+
 impl CudaBackend {
     pub(super) fn swiglu_forward(
         &self,
@@ -19,9 +29,11 @@ impl CudaBackend {
             return Ok(());
         }
         let (ni, hi) = (int(n, "n")?, int(hidden, "hidden")?);
+        int(2 * n * hidden, "swiglu gate_up elements")?;
+        let (items, vec) = vec_arg(n, hidden)?;
         // SAFETY: sizes checked above.
         unsafe {
-            launch::swiglu_forward(&self.stream, &self.kernels, grid_stride(n * hidden), out, gate_up, ni, hi)
+            launch::swiglu_forward(&self.stream, &self.kernels, grid_stride(items), out, gate_up, ni, hi, vec)
         }?;
         Ok(())
     }
@@ -41,10 +53,12 @@ impl CudaBackend {
             return Ok(());
         }
         let (ni, hi) = (int(n, "n")?, int(hidden, "hidden")?);
-        let cfg = grid_stride(n * hidden);
+        int(2 * n * hidden, "swiglu gate_up elements")?;
+        let (items, vec) = vec_arg(n, hidden)?;
+        let cfg = grid_stride(items);
         // SAFETY: sizes checked above.
         unsafe {
-            launch::swiglu_backward(&self.stream, &self.kernels, cfg, dgate_up, dout, gate_up, ni, hi)
+            launch::swiglu_backward(&self.stream, &self.kernels, cfg, dgate_up, dout, gate_up, ni, hi, vec)
         }?;
         Ok(())
     }

@@ -5,11 +5,35 @@
 // Index loops mirror the formulas (and the kernels) more plainly than iterator chains here.
 #![allow(clippy::needless_range_loop)]
 use anyhow::{ensure, Result};
-use sft::backend::{AdamW, Backend, HeadShape, LossGrads, Precision, Rope, RopeStyle};
+use sft::backend::{
+    clip_factor, stats, token_groups, AdamW, Backend, BranchGrad, Clip, Dropout, GradMode, HeadShape,
+    LossGrads, Precision, Rope, RopeStyle,
+};
 use sft::rng;
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct NaiveBackend;
+#[derive(Clone, Debug, Default)]
+pub struct NaiveBackend {
+    reads: std::cell::Cell<u64>,
+}
+
+/// `x` split as the trait's statistics are.
+fn store_split(out: &mut [f64], slot: usize, x: f64) {
+    for (o, v) in out[slot..slot + stats::SPLIT].iter_mut().zip(stats::split(x)) {
+        *o = v as f64;
+    }
+}
+
+fn join_split(buf: &[f64], slot: usize) -> f64 {
+    buf[slot..slot + stats::SPLIT].iter().sum()
+}
+
+/// Adds into `dst` or overwrites it, as `mode` says.
+fn put(dst: &mut f64, value: f64, mode: GradMode) {
+    match mode {
+        GradMode::Overwrite => *dst = value,
+        GradMode::Accumulate => *dst += value,
+    }
+}
 
 fn rope_pair(j: usize, hd: usize, style: RopeStyle) -> (usize, usize) {
     match style {
@@ -18,21 +42,36 @@ fn rope_pair(j: usize, hd: usize, style: RopeStyle) -> (usize, usize) {
     }
 }
 
-/// Rotates the q and k heads of `qkv` rows by `sign · angle`.
-fn rotate(qkv: &mut [f64], positions: &[u32], n: usize, heads: HeadShape, rope: Rope, sign: f64) {
+/// Rotates the q and k heads of `qkv` rows by `sign · angle`, cos and sin of the angles from
+/// `table` (row `i`, pair `j` at `i·hd + 2j`).
+fn rotate(qkv: &mut [f64], table: &[f64], n: usize, heads: HeadShape, style: RopeStyle, sign: f64) {
     let hd = heads.head_dim;
     let width = heads.qkv_width();
     for i in 0..n {
         for h in 0..heads.n_heads + heads.n_kv_heads {
             let base = i * width + h * hd;
             for j in 0..hd / 2 {
-                let angle = sign * positions[i] as f64 * rope.inv_freq(j, hd) as f64;
-                let (a, b) = rope_pair(j, hd, rope.style);
+                let (cos, sin) = (table[i * hd + 2 * j], sign * table[i * hd + 2 * j + 1]);
+                let (a, b) = rope_pair(j, hd, style);
                 let (x0, x1) = (qkv[base + a], qkv[base + b]);
-                qkv[base + a] = x0 * angle.cos() - x1 * angle.sin();
-                qkv[base + b] = x0 * angle.sin() + x1 * angle.cos();
+                qkv[base + a] = x0 * cos - x1 * sin;
+                qkv[base + b] = x0 * sin + x1 * cos;
             }
         }
+    }
+}
+
+/// Element `k` of a buffer through `mask` (None: unchanged).
+fn masked(v: f64, mask: Option<Dropout>, k: usize) -> f64 {
+    match mask {
+        Some(m) if m.p > 0.0 => {
+            if rng::uniform(m.seed, k as u64) < m.p {
+                0.0
+            } else {
+                v / (1.0 - m.p as f64)
+            }
+        }
+        _ => v,
     }
 }
 
@@ -63,6 +102,7 @@ impl Backend for NaiveBackend {
         Ok(())
     }
     fn read(&self, src: &Vec<f64>, len: usize) -> Result<Vec<f32>> {
+        self.reads.set(self.reads.get() + 1);
         Ok(src[..len].iter().map(|&x| x as f32).collect())
     }
     fn write_ids(&self, dst: &mut Vec<u32>, src: &[u32]) -> Result<()> {
@@ -79,6 +119,9 @@ impl Backend for NaiveBackend {
     }
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+    fn host_reads(&self) -> u64 {
+        self.reads.get()
     }
 
     fn embedding_forward(
@@ -98,15 +141,23 @@ impl Backend for NaiveBackend {
     fn embedding_backward(
         &self,
         dtable: &mut Vec<f64>,
-        ids: &Vec<u32>,
+        groups: &Vec<u32>,
+        n_groups: usize,
         dout: &Vec<f64>,
         n: usize,
         d: usize,
+        mode: GradMode,
     ) -> Result<()> {
-        for i in 0..n {
-            let t = ids[i] as usize;
-            for e in 0..d {
-                dtable[t * d + e] += dout[i * d + e];
+        let (order, start, ids) = token_groups(groups, n, n_groups)?;
+        if mode == GradMode::Overwrite {
+            dtable.fill(0.0);
+        }
+        for g in 0..n_groups {
+            let t = ids[g] as usize;
+            for &i in &order[start[g] as usize..start[g + 1] as usize] {
+                for e in 0..d {
+                    dtable[t * d + e] += dout[i as usize * d + e];
+                }
             }
         }
         Ok(())
@@ -143,9 +194,10 @@ impl Backend for NaiveBackend {
         n: usize,
         d: usize,
         eps: f32,
+        dropout: Option<Dropout>,
     ) -> Result<()> {
         for k in 0..n * d {
-            x_out[k] = x_in[k] + delta[k];
+            x_out[k] = x_in[k] + masked(delta[k], dropout, k);
         }
         self.rmsnorm_forward(out, rstd, x_out, w, n, d, eps)
     }
@@ -159,6 +211,7 @@ impl Backend for NaiveBackend {
         rstd: &Vec<f64>,
         n: usize,
         d: usize,
+        branch: Option<BranchGrad<'_, Self>>,
     ) -> Result<()> {
         for i in 0..n {
             let r = rstd[i];
@@ -167,6 +220,11 @@ impl Backend for NaiveBackend {
                 let k = i * d + e;
                 dx[k] += r * w[e] * dout[k] - r * r * r / d as f64 * x[k] * dot;
                 dw[e] += dout[k] * x[k] * r;
+            }
+        }
+        if let Some(b) = branch {
+            for k in 0..n * d {
+                b.out[k] = masked(dx[k], Some(b.dropout), k);
             }
         }
         Ok(())
@@ -198,6 +256,7 @@ impl Backend for NaiveBackend {
         n: usize,
         in_dim: usize,
         out_dim: usize,
+        mode: GradMode,
     ) -> Result<()> {
         if let Some(dinp) = dinp {
             for i in 0..n {
@@ -209,8 +268,8 @@ impl Backend for NaiveBackend {
         }
         for o in 0..out_dim {
             for k in 0..in_dim {
-                dw[o * in_dim + k] +=
-                    (0..n).map(|i| dout[i * out_dim + o] * inp[i * in_dim + k]).sum::<f64>();
+                let g = (0..n).map(|i| dout[i * out_dim + o] * inp[i * in_dim + k]).sum::<f64>();
+                put(&mut dw[o * in_dim + k], g, mode);
             }
         }
         Ok(())
@@ -273,26 +332,43 @@ impl Backend for NaiveBackend {
         }
         Ok(())
     }
+    fn rope_table(
+        &self,
+        table: &mut Vec<f64>,
+        positions: &Vec<u32>,
+        n: usize,
+        head_dim: usize,
+        rope: Rope,
+    ) -> Result<()> {
+        for i in 0..n {
+            for j in 0..head_dim / 2 {
+                let angle = (positions[i] as f32 * rope.inv_freq(j, head_dim)) as f64;
+                table[i * head_dim + 2 * j] = angle.cos();
+                table[i * head_dim + 2 * j + 1] = angle.sin();
+            }
+        }
+        Ok(())
+    }
     fn rope_forward(
         &self,
         qkv: &mut Vec<f64>,
-        positions: &Vec<u32>,
+        table: &Vec<f64>,
         n: usize,
         heads: HeadShape,
-        rope: Rope,
+        style: RopeStyle,
     ) -> Result<()> {
-        rotate(qkv, positions, n, heads, rope, 1.0);
+        rotate(qkv, table, n, heads, style, 1.0);
         Ok(())
     }
     fn rope_backward(
         &self,
         dqkv: &mut Vec<f64>,
-        positions: &Vec<u32>,
+        table: &Vec<f64>,
         n: usize,
         heads: HeadShape,
-        rope: Rope,
+        style: RopeStyle,
     ) -> Result<()> {
-        rotate(dqkv, positions, n, heads, rope, -1.0);
+        rotate(dqkv, table, n, heads, style, -1.0);
         Ok(())
     }
 
@@ -454,27 +530,28 @@ impl Backend for NaiveBackend {
         &self,
         x: &Vec<f64>,
         w: &Vec<f64>,
+        rows: &Vec<u32>,
         targets: &Vec<u32>,
-        ignore_id: u32,
+        n_sup: usize,
         n: usize,
         d: usize,
         vocab: usize,
+        losses: &mut Vec<f64>,
         mut grads: Option<LossGrads<'_, Self>>,
-    ) -> Result<f64> {
-        let mut loss = 0.0;
-        for i in 0..n {
-            let t = targets[i];
-            if let Some(g) = grads.as_mut() {
-                g.dx[i * d..(i + 1) * d].fill(0.0);
+    ) -> Result<()> {
+        if let Some(g) = grads.as_mut() {
+            g.dx[..n * d].fill(0.0);
+            if g.mode == GradMode::Overwrite {
+                g.dw[..vocab * d].fill(0.0);
             }
-            if t == ignore_id {
-                continue;
-            }
+        }
+        for k in 0..n_sup {
+            let (i, t) = (rows[k] as usize, targets[k]);
             let logits: Vec<f64> =
                 (0..vocab).map(|v| (0..d).map(|e| x[i * d + e] * w[v * d + e]).sum()).collect();
             let max = logits.iter().cloned().fold(f64::MIN, f64::max);
             let lse = max + logits.iter().map(|z| (z - max).exp()).sum::<f64>().ln();
-            loss += lse - logits[t as usize];
+            losses[k] = lse - logits[t as usize];
             if let Some(g) = grads.as_mut() {
                 let scale = g.loss_scale as f64;
                 for v in 0..vocab {
@@ -486,11 +563,26 @@ impl Backend for NaiveBackend {
                 }
             }
         }
-        Ok(loss)
+        Ok(())
     }
 
-    fn sum_squares(&self, bufs: &[&Vec<f64>], lens: &[usize]) -> Result<f64> {
-        Ok(bufs.iter().zip(lens).map(|(b, &l)| b[..l].iter().map(|x| x * x).sum::<f64>()).sum())
+    fn sum_into(
+        &self,
+        out: &mut Vec<f64>,
+        slot: usize,
+        x: &Vec<f64>,
+        len: usize,
+        mode: GradMode,
+    ) -> Result<()> {
+        let before = if mode == GradMode::Accumulate { join_split(out, slot) } else { 0.0 };
+        store_split(out, slot, before + x[..len].iter().sum::<f64>());
+        Ok(())
+    }
+
+    fn sum_squares(&self, bufs: &[&Vec<f64>], lens: &[usize], out: &mut Vec<f64>) -> Result<()> {
+        let total = bufs.iter().zip(lens).map(|(b, &l)| b[..l].iter().map(|x| x * x).sum::<f64>()).sum();
+        store_split(out, stats::SUMSQ, total);
+        Ok(())
     }
     fn adamw(
         &self,
@@ -501,13 +593,21 @@ impl Backend for NaiveBackend {
         v: &mut [&mut Vec<f64>],
         lens: &[usize],
         hp: &AdamW,
+        clip: Option<Clip<'_, Self>>,
     ) -> Result<()> {
+        let factor = match clip {
+            Some(c) => match clip_factor(join_split(c.sumsq, stats::SUMSQ), c.max_norm) {
+                Some(f) => f as f64,
+                None => return Ok(()),
+            },
+            None => 1.0,
+        };
         let (b1, b2) = (hp.beta1 as f64, hp.beta2 as f64);
         let c1 = 1.0 - b1.powi(hp.step as i32);
         let c2 = 1.0 - b2.powi(hp.step as i32);
         for t in 0..lens.len() {
             for k in 0..lens[t] {
-                let g = grads[t][k] * hp.grad_scale as f64;
+                let g = grads[t][k] * hp.grad_scale as f64 * factor;
                 m[t][k] = b1 * m[t][k] + (1.0 - b1) * g;
                 v[t][k] = b2 * v[t][k] + (1.0 - b2) * g * g;
                 let update = (m[t][k] / c1) / ((v[t][k] / c2).sqrt() + hp.eps as f64);

@@ -1,0 +1,80 @@
+//! The collective operations data parallelism needs, behind one trait: plain single-process
+//! arithmetic here, MPI (feature `mpi`) for ranks on the CPU, NCCL later for GPUs.
+//!
+//! Every rank calls the same operations in the same order with the same lengths; a mismatch is
+//! a bug in the caller (MPI would hang or fail), so the implementations check what they can
+//! cheaply and say which operation failed.
+
+use anyhow::{ensure, Result};
+
+/// Collectives over the ranks of one job.
+pub trait Collectives {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Rank 0: the one that logs and writes checkpoints.
+    fn is_main(&self) -> bool {
+        self.rank() == 0
+    }
+    /// Replaces `buf` on every rank with the element-wise sum over the ranks (gradients).
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()>;
+    /// The same in f64 (loss sums and token counts, exact for counts below 2^53).
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()>;
+    /// Copies `root`'s `buf` to every rank.
+    fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()>;
+    /// Copies `root`'s bytes to every rank (ids, small states).
+    fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()>;
+    /// Returns once every rank has called it.
+    fn barrier(&self) -> Result<()>;
+}
+
+/// One process: every collective is the identity.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SingleProcess;
+
+impl Collectives for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, _buf: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+    fn all_reduce_sum_f64(&self, _buf: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+    fn broadcast(&self, _buf: &mut [f32], root: usize) -> Result<()> {
+        ensure!(root == 0, "broadcast from rank {root} in a job of 1 process");
+        Ok(())
+    }
+    fn broadcast_bytes(&self, _buf: &mut [u8], root: usize) -> Result<()> {
+        ensure!(root == 0, "broadcast from rank {root} in a job of 1 process");
+        Ok(())
+    }
+    fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_process_is_the_identity() {
+        let c = SingleProcess;
+        assert_eq!((c.rank(), c.world_size(), c.is_main()), (0, 1, true));
+        let mut g = vec![1.5f32, -2.0, 3.25];
+        c.all_reduce_sum(&mut g).unwrap();
+        assert_eq!(g, [1.5, -2.0, 3.25]);
+        let mut s = vec![7.0f64];
+        c.all_reduce_sum_f64(&mut s).unwrap();
+        assert_eq!(s, [7.0]);
+        c.broadcast(&mut g, 0).unwrap();
+        assert_eq!(g, [1.5, -2.0, 3.25]);
+        let e = c.broadcast(&mut g, 1).unwrap_err().to_string();
+        assert!(e.contains("rank 1"), "{e}");
+        c.barrier().unwrap();
+    }
+}

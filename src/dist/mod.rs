@@ -1,0 +1,65 @@
+//! Data parallelism: one process per device, the gradients summed across processes.
+//!
+//! - [`launch`]: rank, world size and local rank from `mpirun`, `srun` or torchrun-style
+//!   variables;
+//! - [`collectives`]: the [`Collectives`] trait (all-reduce, broadcast, barrier) and its
+//!   single-process form; [`mpi`] (feature `mpi`) over the system's MPI;
+//! - [`shard`]: which micro-batches of each optimizer step a rank trains on.
+//!
+//! docs/distributed.md says how to launch and what is not built yet.
+
+pub mod collectives;
+pub mod launch;
+#[cfg(feature = "mpi")]
+pub mod mpi;
+pub mod shard;
+
+pub use collectives::{Collectives, SingleProcess};
+pub use launch::{Launch, Launcher};
+pub use shard::Sharding;
+
+use anyhow::Result;
+
+/// The collectives for the job `launch` describes: none needed for one process, MPI for more.
+pub fn connect(launch: &Launch) -> Result<Box<dyn Collectives>> {
+    if launch.world_size == 1 {
+        return Ok(Box::new(SingleProcess));
+    }
+    connect_ranks(launch)
+}
+
+#[cfg(feature = "mpi")]
+fn connect_ranks(launch: &Launch) -> Result<Box<dyn Collectives>> {
+    Ok(Box::new(mpi::MpiCollectives::init(launch)?))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn connect_ranks(launch: &Launch) -> Result<Box<dyn Collectives>> {
+    anyhow::bail!(
+        "{} started rank {} of {} processes, but this sft was built without MPI: rebuild with \
+         `cargo build --release --features mpi` (needs an MPI library, e.g. Debian's libopenmpi-dev), \
+         or start one process",
+        launch.launcher,
+        launch.rank,
+        launch.world_size
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_process_needs_no_mpi() {
+        let c = connect(&Launch::single()).unwrap();
+        assert_eq!((c.rank(), c.world_size()), (0, 1));
+    }
+
+    #[cfg(not(feature = "mpi"))]
+    #[test]
+    fn several_ranks_without_mpi_say_how_to_build() {
+        let launch = Launch { launcher: Launcher::OpenMpi, rank: 1, world_size: 2, local_rank: 1 };
+        let e = connect(&launch).err().unwrap().to_string();
+        assert!(e.contains("--features mpi") && e.contains("Open MPI"), "{e}");
+    }
+}

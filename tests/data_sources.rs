@@ -1,0 +1,342 @@
+//! Issue 17.4: the data users bring. Parquet and JSON Lines files as Hugging Face `datasets`
+//! writes them (every column optional, lists of structs in the 3-level LIST layout that pyarrow
+//! writes, Snappy pages), with the `messages`, ShareGPT `conversations`, Alpaca and
+//! `prompt`/`completion` schemas, read by `read_chat_file` and `sft prepare`; bad rows are errors
+//! naming the file, the row and the field. The Parquet files are written here with the same
+//! crate that reads them.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use common::cli::{run as sft, s};
+use common::data::{small_tokenizer, synthetic_conversations};
+use parquet::basic::Compression;
+use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
+use parquet::file::properties::WriterProperties;
+use parquet::file::writer::SerializedFileWriter;
+use parquet::schema::parser::parse_message_type;
+use sft::data::{read_chat_file, Conversation, Turn, DEFAULT_SYSTEM_PROMPT};
+
+/// One Parquet column, in the shapes pyarrow writes.
+enum Column {
+    /// `optional binary (STRING)`; `None` is null.
+    Str(&'static str, Vec<Option<String>>),
+    /// `optional int64`.
+    Int(&'static str, Vec<i64>),
+    /// `optional group (LIST) { repeated group list { optional group element { optional binary
+    /// k1 (STRING); optional binary k2 (STRING); } } }`: a list of two-string structs per row
+    /// (a `None` string is a null field).
+    Messages(&'static str, [&'static str; 2], Vec<Vec<[Option<String>; 2]>>),
+}
+
+impl Column {
+    fn schema(&self) -> String {
+        match self {
+            Column::Str(name, _) => format!("optional binary {name} (STRING);"),
+            Column::Int(name, _) => format!("optional int64 {name};"),
+            Column::Messages(name, [a, b], _) => format!(
+                "optional group {name} (LIST) {{ repeated group list {{ optional group element {{ \
+                 optional binary {a} (STRING); optional binary {b} (STRING); }} }} }}"
+            ),
+        }
+    }
+}
+
+fn write_parquet(path: &Path, columns: &[Column]) {
+    let text = format!("message schema {{ {} }}", columns.iter().map(Column::schema).collect::<String>());
+    let schema = Arc::new(parse_message_type(&text).unwrap());
+    let props = Arc::new(WriterProperties::builder().set_compression(Compression::SNAPPY).build());
+    let mut writer = SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
+    let mut group = writer.next_row_group().unwrap();
+    // The leaf columns in schema order: one per plain column, two per list of structs.
+    let mut leaves: Vec<(&Column, usize)> = Vec::new();
+    for c in columns {
+        match c {
+            Column::Messages(..) => leaves.extend([(c, 0), (c, 1)]),
+            _ => leaves.push((c, 0)),
+        }
+    }
+    for (column, field) in leaves {
+        let mut writer = group.next_column().unwrap().unwrap();
+        match column {
+            Column::Str(_, rows) => {
+                let values: Vec<ByteArray> =
+                    rows.iter().flatten().map(|v| ByteArray::from(v.as_str())).collect();
+                let defs: Vec<i16> = rows.iter().map(|v| i16::from(v.is_some())).collect();
+                writer.typed::<ByteArrayType>().write_batch(&values, Some(&defs), None).unwrap();
+            }
+            Column::Int(_, rows) => {
+                writer.typed::<Int64Type>().write_batch(rows, Some(&vec![1; rows.len()]), None).unwrap();
+            }
+            Column::Messages(_, _, rows) => {
+                // Definition levels: 1 an empty list, 3 a null field of a message, 4 a value;
+                // repetition level 1 continues the row's list.
+                let (mut values, mut defs, mut reps) = (Vec::new(), Vec::new(), Vec::new());
+                for row in rows {
+                    if row.is_empty() {
+                        defs.push(1);
+                        reps.push(0);
+                    }
+                    for (i, message) in row.iter().enumerate() {
+                        reps.push(i16::from(i > 0));
+                        match &message[field] {
+                            Some(v) => {
+                                defs.push(4);
+                                values.push(ByteArray::from(v.as_str()));
+                            }
+                            None => defs.push(3),
+                        }
+                    }
+                }
+                writer.typed::<ByteArrayType>().write_batch(&values, Some(&defs), Some(&reps)).unwrap();
+            }
+        }
+        writer.close().unwrap();
+    }
+    group.close().unwrap();
+    writer.close().unwrap();
+}
+
+fn some(s: &str) -> Option<String> {
+    Some(s.to_string())
+}
+
+/// A conversation as a message list with the given role names.
+fn as_messages(c: &Conversation, [system, user, assistant]: [&str; 3]) -> Vec<[Option<String>; 2]> {
+    let mut m = vec![[some(system), some(&c.system)]];
+    for t in &c.turns {
+        m.push([some(user), some(&t.user)]);
+        m.push([some(assistant), some(&t.assistant)]);
+    }
+    m
+}
+
+fn write_jsonl(path: &Path, records: &[serde_json::Value]) {
+    let text: String = records.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(path, text).unwrap();
+}
+
+fn single_turn(convs: &[Conversation]) -> Vec<Conversation> {
+    convs.iter().map(|c| Conversation { system: c.system.clone(), turns: c.turns[..1].to_vec() }).collect()
+}
+
+#[test]
+fn every_schema_reads_the_same_from_parquet_and_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let convs = synthetic_conversations(40, 3);
+    let n = convs.len();
+
+    // messages and ShareGPT conversations: multi-turn, with a system message.
+    let p = dir.path().join("messages.parquet");
+    let rows = convs.iter().map(|c| as_messages(c, ["system", "user", "assistant"])).collect();
+    let ids = (0..n as i64).collect();
+    write_parquet(&p, &[Column::Int("id", ids), Column::Messages("messages", ["role", "content"], rows)]);
+    assert_eq!(read_chat_file(&p).unwrap(), convs);
+    let j = dir.path().join("messages.jsonl");
+    let records: Vec<_> = convs
+        .iter()
+        .map(|c| {
+            let m: Vec<_> = as_messages(c, ["system", "user", "assistant"])
+                .into_iter()
+                .map(|[r, t]| serde_json::json!({"role": r, "content": t}))
+                .collect();
+            serde_json::json!({"messages": m})
+        })
+        .collect();
+    write_jsonl(&j, &records);
+    assert_eq!(read_chat_file(&j).unwrap(), convs);
+
+    let p = dir.path().join("sharegpt.parquet");
+    let rows = convs.iter().map(|c| as_messages(c, ["system", "human", "gpt"])).collect();
+    write_parquet(&p, &[Column::Messages("conversations", ["from", "value"], rows)]);
+    assert_eq!(read_chat_file(&p).unwrap(), convs);
+
+    // Alpaca and prompt/completion: one turn each; the system column is optional.
+    let one = single_turn(&convs);
+    let p = dir.path().join("alpaca.parquet");
+    write_parquet(
+        &p,
+        &[
+            Column::Str("instruction", one.iter().map(|c| some(&c.turns[0].user)).collect()),
+            Column::Str("input", vec![some(""); n]),
+            Column::Str("output", one.iter().map(|c| some(&c.turns[0].assistant)).collect()),
+            Column::Str("system", one.iter().map(|c| some(&c.system)).collect()),
+        ],
+    );
+    assert_eq!(read_chat_file(&p).unwrap(), one);
+    let j = dir.path().join("alpaca.jsonl");
+    write_jsonl(
+        &j,
+        &[
+            serde_json::json!({"instruction": "Add:", "input": "2 and 3", "output": "5"}),
+            serde_json::json!({"instruction": "Say hi.", "input": "", "output": "hi"}),
+        ],
+    );
+    let read = read_chat_file(&j).unwrap();
+    assert_eq!(read[0].turns, vec![Turn { user: "Add:\n\n2 and 3".into(), assistant: "5".into() }]);
+    assert_eq!(read[1].system, DEFAULT_SYSTEM_PROMPT);
+
+    let p = dir.path().join("pc.parquet");
+    write_parquet(
+        &p,
+        &[
+            Column::Str("prompt", one.iter().map(|c| some(&c.turns[0].user)).collect()),
+            Column::Str("completion", one.iter().map(|c| some(&c.turns[0].assistant)).collect()),
+        ],
+    );
+    let expected: Vec<_> =
+        one.iter().map(|c| Conversation { system: DEFAULT_SYSTEM_PROMPT.into(), ..c.clone() }).collect();
+    assert_eq!(read_chat_file(&p).unwrap(), expected);
+    // TRL's conversational prompt/completion: lists of messages on both sides.
+    let p = dir.path().join("pc-conv.parquet");
+    write_parquet(
+        &p,
+        &[
+            Column::Messages(
+                "prompt",
+                ["role", "content"],
+                convs.iter().map(|c| as_messages(c, ["system", "user", "assistant"])[..2].to_vec()).collect(),
+            ),
+            Column::Messages(
+                "completion",
+                ["role", "content"],
+                convs
+                    .iter()
+                    .map(|c| as_messages(c, ["system", "user", "assistant"])[2..3].to_vec())
+                    .collect(),
+            ),
+        ],
+    );
+    assert_eq!(read_chat_file(&p).unwrap(), one);
+}
+
+#[test]
+fn prepare_takes_parquet_like_the_json_lines_twin() {
+    let dir = tempfile::tempdir().unwrap();
+    small_tokenizer(dir.path());
+    let tok = dir.path().join("tok.json");
+    let convs = synthetic_conversations(60, 11);
+    let p = dir.path().join("train.parquet");
+    let rows = convs.iter().map(|c| as_messages(c, ["system", "user", "assistant"])).collect();
+    write_parquet(&p, &[Column::Messages("messages", ["role", "content"], rows)]);
+    let j = dir.path().join("train.jsonl");
+    common::data::write_simplellama_json(&j, &convs);
+    let mut reports = Vec::new();
+    for (file, out) in [(&p, "from-parquet"), (&j, "from-json")] {
+        let out = dir.path().join(out);
+        let (ok, stdout, stderr) = sft(&[
+            "prepare",
+            "--data",
+            s(file),
+            "--tokenizer",
+            s(&tok),
+            "--out",
+            s(&out),
+            "--train-share",
+            "0.9",
+        ]);
+        assert!(ok, "{stderr}");
+        assert!(stdout.contains("prepared 60 conversations"), "{stdout}");
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("prepare.json")).unwrap()).unwrap();
+        reports.push(meta["report"].clone());
+    }
+    for field in ["n_train", "n_val", "n_tokens", "n_supervised", "longest"] {
+        assert_eq!(reports[0][field], reports[1][field], "{field}");
+    }
+}
+
+/// `read_chat_file`'s error for a file holding `columns`.
+fn parquet_error(dir: &Path, name: &str, columns: &[Column]) -> String {
+    let p = dir.join(name);
+    write_parquet(&p, columns);
+    format!("{:#}", read_chat_file(&p).unwrap_err())
+}
+
+#[test]
+fn bad_parquet_rows_name_the_file_the_row_and_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good = |u: &str| vec![[some("user"), some(u)], [some("assistant"), some("ok")]];
+
+    let e = parquet_error(d, "text.parquet", &[Column::Str("text", vec![some("hello")])]);
+    assert!(
+        e.contains("text.parquet")
+            && e.contains("row 0")
+            && e.contains("unknown schema")
+            && e.contains("`text`"),
+        "{e}"
+    );
+
+    let e = parquet_error(
+        d,
+        "int.parquet",
+        &[Column::Str("instruction", vec![some("a"), some("b")]), Column::Int("output", vec![1, 2])],
+    );
+    assert!(
+        e.contains("int.parquet: row 0") && e.contains("field `output`: expected a string, found a number"),
+        "{e}"
+    );
+
+    let e = parquet_error(d, "missing.parquet", &[Column::Str("instruction", vec![some("a")])]);
+    assert!(e.contains("missing.parquet: row 0") && e.contains("missing field `output`"), "{e}");
+
+    let rows = vec![good("a"), good("b"), vec![[some("user"), some("x")], [some("user"), some("y")]]];
+    let e = parquet_error(d, "roles.parquet", &[Column::Messages("messages", ["role", "content"], rows)]);
+    assert!(
+        e.contains("roles.parquet: row 2") && e.contains("`messages[1]`") && e.contains("two user messages"),
+        "{e}"
+    );
+
+    let rows = vec![good("a"), vec![[some("human"), some("x")], [some("gpt"), None]]];
+    let e = parquet_error(d, "null.parquet", &[Column::Messages("conversations", ["from", "value"], rows)]);
+    assert!(
+        e.contains("null.parquet: row 1")
+            && e.contains("`conversations[1].value`: expected a string, found null"),
+        "{e}"
+    );
+
+    let rows = vec![good("a"), vec![]];
+    let e = parquet_error(d, "empty.parquet", &[Column::Messages("messages", ["role", "content"], rows)]);
+    assert!(e.contains("empty.parquet: row 1") && e.contains("`messages`: empty list"), "{e}");
+
+    // A file that only claims to be Parquet.
+    let p = d.join("fake.parquet");
+    std::fs::write(&p, "{\"messages\": []}\n").unwrap();
+    let e = format!("{:#}", read_chat_file(&p).unwrap_err());
+    assert!(e.contains("fake.parquet") && e.contains("Parquet"), "{e}");
+
+    // And through the binary: the same message, exit 1, no panic.
+    let tok = d.join("tok.json");
+    small_tokenizer(d);
+    let (ok, _, stderr) = sft(&[
+        "prepare",
+        "--data",
+        s(&d.join("roles.parquet")),
+        "--tokenizer",
+        s(&tok),
+        "--out",
+        s(&d.join("out")),
+    ]);
+    assert!(!ok && stderr.contains("roles.parquet: row 2") && !stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn json_lines_of_the_new_schemas_name_the_example_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.jsonl");
+    write_jsonl(
+        &p,
+        &[
+            serde_json::json!({"prompt": "a", "completion": "b"}),
+            serde_json::json!({"prompt": "a", "completion": null}),
+        ],
+    );
+    let e = format!("{:#}", read_chat_file(&p).unwrap_err());
+    assert!(
+        e.contains("bad.jsonl: example 1") && e.contains("field `completion`") && e.contains("null"),
+        "{e}"
+    );
+}
