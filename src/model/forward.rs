@@ -630,7 +630,8 @@ impl<B: Backend> Model<B> {
     /// The accumulated gradients, with the parameters' names.
     pub fn read_grads(&self) -> Result<Vec<NamedTensor>> {
         self.ensure_training("read_grads")?;
-        if self.fresh {
+        // A frozen base (LoRA) has no gradient buffers at all.
+        if self.fresh && self.lora.is_none() {
             // Zeroed only logically (see `zero_grads`): the buffers may hold the last step's.
             return Ok(self
                 .specs
