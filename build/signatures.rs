@@ -517,7 +517,12 @@ pub fn launchers(sigs: &Signatures) -> String {
                 _ => code.push_str(&format!("    {n}.push(&mut args);\n")),
             }
         }
-        code.push_str("    // SAFETY: the caller's contract above.\n    unsafe { args.launch(cfg) }?;\n    Ok(())\n}\n\n");
+        code.push_str(&format!(
+            "    let mark = kernels.timer.begin(stream)?;\n    \
+             // SAFETY: the caller's contract above.\n    unsafe {{ args.launch(cfg) }}?;\n    \
+             kernels.timer.end(stream, {:?}, mark)?;\n    Ok(())\n}}\n\n",
+            k.name
+        ));
     }
     code
 }

@@ -1,4 +1,4 @@
-// Causal softmax attention over packed segments (cu_seqlens), GQA, head_dim 64 or 128.
+// Causal softmax attention over packed segments (cu_seqlens), GQA, head_dim 32, 64 or 128.
 //
 // Flash-style and simple on purpose (scalar fp32 math; the tensor-core version is later work):
 // - one warp owns one query row (forward, dQ) or one key row (dK/dV); a block of ATT_WARPS
@@ -132,6 +132,7 @@ __device__ void attention_forward_impl(__nv_bfloat16* out, int out_stride, float
         attention_forward_impl<HD>(out, n_heads * HD, nullptr, qkv, (n_heads + 2 * n_kv_heads) * HD, k_cache,   \
                                    v_cache, n_kv_heads * HD, n_new, n_heads / n_kv_heads, nullptr, 0, start);   \
     }
+ATTN_FORWARD(32)
 ATTN_FORWARD(64)
 ATTN_FORWARD(128)
 
@@ -341,5 +342,6 @@ __device__ void attention_backward_dkdv_impl(__nv_bfloat16* dqkv, const __nv_bfl
                                      int n_heads, int n_kv_heads) {                                             \
         attention_backward_dkdv_impl<HD>(dqkv, dout, qkv, lse, D, cu, n_seg, n, n_heads, n_kv_heads);           \
     }
+ATTN_BACKWARD(32)
 ATTN_BACKWARD(64)
 ATTN_BACKWARD(128)

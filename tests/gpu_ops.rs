@@ -411,6 +411,13 @@ fn attention_matches_cpu_head_dim_128() {
     attention_case(HeadShape { n_heads: 3, n_kv_heads: 3, head_dim: 128 }, &[0, 41, 70], 6);
 }
 
+/// head_dim 32 (the demo's model) runs the scalar kernels only.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn attention_matches_cpu_head_dim_32() {
+    attention_case(HeadShape { n_heads: 4, n_kv_heads: 2, head_dim: 32 }, &[0, 1, 40, 77], 8);
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn attention_matches_cpu_multi_query() {

@@ -18,9 +18,13 @@ fn cols(v: &[f64], w: usize, lo: usize, hi: usize) -> Vec<f64> {
 }
 
 pub fn training(r: &mut Report, rng: &mut Rng) {
-    // Segments of 1, of less and more than one 32-row tile, GQA 2:1 and MHA.
-    let cases: [(usize, usize, usize, &[u32]); 3] =
-        [(64, 2, 1, &[0, 1, 18, 53]), (64, 2, 2, &[0, 40]), (128, 2, 1, &[0, 9, 42])];
+    // Segments of 1, of less and more than one 32-row tile, GQA 2:1 and MHA, each head_dim.
+    let cases: [(usize, usize, usize, &[u32]); 4] = [
+        (64, 2, 1, &[0, 1, 18, 53]),
+        (64, 2, 2, &[0, 40]),
+        (128, 2, 1, &[0, 9, 42]),
+        (32, 4, 2, &[0, 5, 37]),
+    ];
     for (hd, nh, nkv, cu) in cases {
         let heads = HeadShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
         let n = *cu.last().unwrap() as usize;
@@ -104,7 +108,7 @@ pub fn training(r: &mut Report, rng: &mut Rng) {
 pub fn decode(r: &mut Report, rng: &mut Rng) {
     // (head_dim, heads, kv heads, cached rows, new rows)
     for (hd, nh, nkv, start, n_new) in
-        [(64usize, 2usize, 1usize, 0usize, 1usize), (64, 4, 2, 37, 3), (128, 2, 2, 12, 9)]
+        [(64usize, 2usize, 1usize, 0usize, 1usize), (64, 4, 2, 37, 3), (128, 2, 2, 12, 9), (32, 4, 1, 20, 5)]
     {
         let heads = HeadShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
         let case = format!("hd {hd} heads {nh}/{nkv} start {start} new {n_new}");

@@ -20,14 +20,18 @@ pub const EMULATED: &[(&str, &[&str])] = &[
     (
         "attention",
         &[
+            "attention_forward_32",
             "attention_forward_64",
             "attention_forward_128",
+            "attention_decode_32",
             "attention_decode_64",
             "attention_decode_128",
             "attention_kv_cache_write",
             "attention_backward_d",
+            "attention_backward_dq_32",
             "attention_backward_dq_64",
             "attention_backward_dq_128",
+            "attention_backward_dkdv_32",
             "attention_backward_dkdv_64",
             "attention_backward_dkdv_128",
         ],

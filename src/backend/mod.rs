@@ -269,6 +269,15 @@ impl Rope {
     }
 }
 
+/// The device time of one kernel's launches (see [`Backend::take_kernel_times`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelTime {
+    /// The entry name in kernels/*.cu, or `cublasLt_gemm`.
+    pub name: String,
+    pub ns: f64,
+    pub launches: u64,
+}
+
 /// Shapes of the attention block, shared by rope and attention ops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeadShape {
@@ -649,6 +658,15 @@ macro_rules! declare_backend {
             /// `(free, total)` bytes of device memory, for a backend with a device of its own.
             fn memory_info(&self) -> Result<Option<(usize, usize)>> {
                 Ok(None)
+            }
+            /// Starts (or stops) timing every kernel launch; `false` where the backend cannot
+            /// (only the CUDA backend can).
+            fn set_kernel_timing(&self, _on: bool) -> bool {
+                false
+            }
+            /// The device time of the launches timed since the last call, per kernel.
+            fn take_kernel_times(&self) -> Result<Vec<KernelTime>> {
+                Ok(Vec::new())
             }
             /// Once a batch's `cu_seqlens` is written, before its attention ops: a backend may
             /// prepare what depends only on the segments (the CUDA flash tile table), once for

@@ -64,6 +64,11 @@ pub struct BenchArgs {
     /// or `dynamic` / `fixed` padding of `--micro-batch` examples (rows).
     #[arg(long, value_enum, default_value_t = BatchMode::Packed)]
     pub batch_mode: BatchMode,
+    /// After the timed steps, `--steps` more with every kernel timed by CUDA events, written to
+    /// this CSV in the layout of nsys's kernel summary (for `sft plan --calibrate-from FILE
+    /// --profiled-steps N`). CUDA only.
+    #[arg(long, value_name = "CSV")]
+    pub kernel_times: Option<PathBuf>,
 }
 
 /// What `sft bench` measured.
@@ -204,6 +209,10 @@ pub fn run_bench<B: Backend>(backend: B, args: &BenchArgs) -> Result<BenchReport
         model.init_adapters(args.seed)?;
         eprintln!("{}", crate::lora::describe(l, &config));
     }
+    ensure!(
+        args.kernel_times.is_none() || model.backend().set_kernel_timing(false),
+        "--kernel-times needs the CUDA backend (it times kernels with CUDA events)"
+    );
     let mut rng = Rng::new(args.seed);
     let n_steps = args.warmup + args.steps;
     // Synthetic: the same full micro-batches every step. Real data: each step its own, as in
@@ -263,6 +272,23 @@ pub fn run_bench<B: Backend>(backend: B, args: &BenchArgs) -> Result<BenchReport
             timed += start.elapsed().as_secs_f64();
         }
     }
+    if let Some(path) = &args.kernel_times {
+        model.backend().set_kernel_timing(true);
+        for step in n_steps..n_steps + args.steps {
+            optimizer_step(&mut model, step_batches(step % n_steps), step as u64, 1e-6, &cfg, &stream)?;
+        }
+        model.backend().synchronize()?;
+        model.backend().set_kernel_timing(false);
+        let times = model.backend().take_kernel_times()?;
+        write_kernel_times(path, &times)?;
+        let total: f64 = times.iter().map(|k| k.ns).sum();
+        eprintln!(
+            "kernel times of {} steps ({:.1} ms of kernels per step) -> {}",
+            args.steps,
+            total * 1e-6 / args.steps as f64,
+            path.display()
+        );
+    }
     let memory = model.backend().memory_info()?;
     let seconds_per_step = timed / args.steps as f64;
     // Padded batches of real data are rows × the batch's longest example: count what ran.
@@ -288,6 +314,26 @@ pub fn run_bench<B: Backend>(backend: B, args: &BenchArgs) -> Result<BenchReport
         final_loss,
         data: args.data.is_some().then_some(counted),
     })
+}
+
+/// Per-kernel times as nsys's `cuda_gpu_kern_sum` CSV (the columns `sft plan --calibrate-from`
+/// reads), longest first.
+fn write_kernel_times(path: &std::path::Path, times: &[crate::backend::KernelTime]) -> Result<()> {
+    let mut rows: Vec<_> = times.iter().collect();
+    rows.sort_by(|a, b| b.ns.total_cmp(&a.ns));
+    let total: f64 = rows.iter().map(|k| k.ns).sum::<f64>().max(1.0);
+    let mut csv = String::from("\"Time (%)\",\"Total Time (ns)\",\"Instances\",\"Avg (ns)\",\"Name\"\n");
+    for k in rows {
+        csv.push_str(&format!(
+            "{:.1},{:.0},{},{:.0},\"{}\"\n",
+            100.0 * k.ns / total,
+            k.ns,
+            k.launches,
+            k.ns / k.launches.max(1) as f64,
+            k.name
+        ));
+    }
+    std::fs::write(path, csv).with_context(|| format!("writing {}", path.display()))
 }
 
 /// `sft bench`: runs and prints the report.

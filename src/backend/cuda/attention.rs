@@ -16,8 +16,8 @@ fn head_variant(heads: HeadShape) -> Result<usize> {
         bail!("attention: n_heads {} is not a multiple of n_kv_heads {}", heads.n_heads, heads.n_kv_heads);
     }
     match heads.head_dim {
-        64 | 128 => Ok(heads.head_dim),
-        hd => bail!("attention: head_dim {hd} has no CUDA kernel (64 and 128 are supported)"),
+        32 | 64 | 128 => Ok(heads.head_dim),
+        hd => bail!("attention: head_dim {hd} has no CUDA kernel (32, 64 and 128 are supported)"),
     }
 }
 
@@ -72,8 +72,7 @@ impl CudaBackend {
         unsafe {
             launch_for_head_dim!(
                 hd,
-                launch::attention_forward_64,
-                launch::attention_forward_128,
+                [32 => launch::attention_forward_32, 64 => launch::attention_forward_64, 128 => launch::attention_forward_128],
                 (s, ks, cfg, out, lse, qkv, cu_seqlens, segi, ni, nhi, nkvi)
             )
         }?;
@@ -144,8 +143,7 @@ impl CudaBackend {
         unsafe {
             launch_for_head_dim!(
                 hd,
-                launch::attention_backward_dq_64,
-                launch::attention_backward_dq_128,
+                [32 => launch::attention_backward_dq_32, 64 => launch::attention_backward_dq_64, 128 => launch::attention_backward_dq_128],
                 (s, ks, cfg, dqkv, dout, qkv, lse, d_buf, cu_seqlens, segi, ni, nhi, nkvi)
             )
         }?;
@@ -155,8 +153,7 @@ impl CudaBackend {
         unsafe {
             launch_for_head_dim!(
                 hd,
-                launch::attention_backward_dkdv_64,
-                launch::attention_backward_dkdv_128,
+                [32 => launch::attention_backward_dkdv_32, 64 => launch::attention_backward_dkdv_64, 128 => launch::attention_backward_dkdv_128],
                 (s, ks, cfg, dqkv, dout, qkv, lse, d_buf, cu_seqlens, segi, ni, nhi, nkvi)
             )
         }?;
@@ -202,8 +199,7 @@ impl CudaBackend {
         unsafe {
             launch_for_head_dim!(
                 hd,
-                launch::attention_decode_64,
-                launch::attention_decode_128,
+                [32 => launch::attention_decode_32, 64 => launch::attention_decode_64, 128 => launch::attention_decode_128],
                 (s, ks, cfg, out, qkv, k_cache, v_cache, si, ni, nhi, nkvi)
             )
         }?;

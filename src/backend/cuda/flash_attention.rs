@@ -304,8 +304,7 @@ impl CudaBackend {
         unsafe {
             launch_for_head_dim!(
                 cfg.head_dim,
-                launch::flash_forward_64,
-                launch::flash_forward_128,
+                [64 => launch::flash_forward_64, 128 => launch::flash_forward_128],
                 (s, ks, launch_cfg, out, lse, qkv, table, ni, nhi, nkvi)
             )
         }?;
@@ -347,8 +346,7 @@ impl CudaBackend {
         unsafe {
             launch_for_head_dim!(
                 cfg.head_dim,
-                launch::flash_backward_64,
-                launch::flash_backward_128,
+                [64 => launch::flash_backward_64, 128 => launch::flash_backward_128],
                 (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi)
             )
         }?;

@@ -80,6 +80,7 @@
 use std::marker::PhantomData;
 use std::sync::Arc;
 
+use super::timing::KernelTimer;
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DriverError, LaunchArgs,
@@ -87,14 +88,13 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
-/// Launches the head_dim 64 or 128 variant of a kernel family (`attention_forward_64`/`_128`,
-/// ...), whose signatures are the same; another head_dim is an error.
+/// Launches the variant of a kernel family for `head_dim` (`attention_forward_32`/`_64`/`_128`,
+/// ...), whose signatures are the same; a head_dim without a listed variant is an error.
 macro_rules! launch_for_head_dim {
-    ($head_dim:expr, $k64:path, $k128:path, ($($arg:expr),* $(,)?)) => {
+    ($head_dim:expr, [$($hd:literal => $k:path),+ $(,)?], $args:tt) => {
         match $head_dim {
-            64 => $k64($($arg),*).map_err(anyhow::Error::from),
-            128 => $k128($($arg),*).map_err(anyhow::Error::from),
-            hd => Err(anyhow::anyhow!("no {} kernel for head_dim {hd}", stringify!($k64))),
+            $($hd => $k $args.map_err(anyhow::Error::from),)+
+            hd => Err(anyhow::anyhow!("no kernel of {:?} for head_dim {hd}", [$(stringify!($k)),+])),
         }
     };
 }
@@ -111,6 +111,8 @@ pub struct Kernels {
     /// In the order of `KERNELS`, which the generated launchers index.
     functions: Vec<CudaFunction>,
     names: Vec<&'static str>,
+    /// Per-kernel timing (`sft bench --kernel-times`); off unless asked for.
+    pub(super) timer: KernelTimer,
 }
 
 impl Kernels {
@@ -137,7 +139,7 @@ impl Kernels {
                 names.push(*name);
             }
         }
-        Ok(Kernels { functions, names })
+        Ok(Kernels { functions, names, timer: KernelTimer::default() })
     }
 
     /// A kernel by name, for its attributes (launches go through the typed launchers below).

@@ -16,7 +16,9 @@ impl CudaBackend {
         if g.m == 0 || g.n == 0 {
             return Ok(());
         }
+        let mark = self.kernels.timer.begin(&self.stream)?;
         if self.gemm.run(g)? {
+            self.kernels.timer.end(&self.stream, "cublasLt_gemm", mark)?;
             return Ok(());
         }
         let (m, n, k) =

@@ -27,6 +27,7 @@ mod rmsnorm;
 mod rope;
 mod scratch;
 mod swiglu;
+mod timing;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -261,6 +262,15 @@ impl Backend for CudaBackend {
 
     fn prepare_segments(&self, cu_seqlens: &CudaSlice<u32>, n_segments: usize, n: usize) -> Result<()> {
         self.flash_prepare(cu_seqlens, n_segments, n)
+    }
+
+    fn set_kernel_timing(&self, on: bool) -> bool {
+        self.kernels.timer.set(on);
+        true
+    }
+
+    fn take_kernel_times(&self) -> Result<Vec<crate::backend::KernelTime>> {
+        self.kernels.timer.take()
     }
 
     super::backend_ops!(call_family_ops);

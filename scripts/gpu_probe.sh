@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# A second, short GPU call after `gpu_check.sh all`: the GPU tests and the demo part again, the
+# 1.3B step with per-kernel CUDA-event times (for `sft plan --calibrate-from`), Nsight Compute on
+# the flash kernels, and compute-sanitizer on the flash tests. Run on the box from the repo root:
+#   .gpu/gpu_probe.sh        (results under $OUT, else .gpu/probe/)
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+out="${OUT:-$PWD/probe}"
+mkdir -p "$out"
+libs=""
+for dir in $(python3 -c 'import site; print(" ".join(site.getsitepackages()))'); do
+    for lib in "$dir"/nvidia/*/lib; do [[ -d "$lib" ]] && libs="$libs:$lib"; done
+done
+export LD_LIBRARY_PATH="${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+work="$PWD/work"
+rm -rf "$work"
+mkdir -p "$work"
+step() { echo; echo "=== $1 (${2}s)"; shift 2; }
+step tests 90
+timeout -k 5 90 ./gpu_check.sh _part tests "$work" 0 >"$out/tests.log" 2>&1
+echo "tests rc=$?"
+grep -E "FAILED|panicked|test result" "$out/tests.log" | head -20
+step demo 60
+timeout -k 5 60 ./gpu_check.sh _part demo "$work" 0 >"$out/demo.log" 2>&1
+echo "demo rc=$?"
+tail -n 25 "$out/demo.log"
+step kernel-times 90
+timeout -k 5 90 ./sft bench --config simplellama-1.3b --tokens-per-step 65536 --seq-len 2048 --micro-batch 8 \
+    --steps 3 --warmup 2 --device cuda --dropout 0 --kernel-times "$out/kernel_times.csv" 2>&1 | tee "$out/bench.log"
+head -n 40 "$out/kernel_times.csv"
+NCU="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)"
+step ncu 100
+if [[ -n "$NCU" ]]; then
+    for k in backward forward; do
+        timeout -k 5 50 "$NCU" --clock-control none --kernel-name "flash_${k}_64" --launch-skip 3 --launch-count 1 \
+            --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+            --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+            ./sft bench-attention --seq-lens 2048 --iters 2 >"$out/ncu_flash_$k.txt" 2>&1
+    done
+    echo "ncu rc=$?"
+    grep -E "flash_|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Block Limit|Warp Cycles Per Issued|Executed Ipc A|Dynamic Shared" "$out"/ncu_flash_*.txt | head -80
+else
+    echo "no ncu"
+fi
+step sanitizer 60
+timeout -k 5 60 compute-sanitizer --tool memcheck ./gpu_attention --ignored --test-threads=1 flash_hd64_packed_grouped_kv \
+    >"$out/memcheck.log" 2>&1
+echo "memcheck rc=$?"
+tail -n 8 "$out/memcheck.log"
