@@ -4,22 +4,42 @@
 // once per optimizer step.
 #include "common.cuh"
 
-extern "C" __global__ void sum_squares_f32(float* partial, const float* x, size_t len) {
-    float acc = 0.0f;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < len; i += (size_t)gridDim.x * blockDim.x)
-        acc += x[i] * x[i];
-    acc = block_sum(acc);
-    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
-}
+__device__ __forceinline__ float as_float(float v) { return v; }
+__device__ __forceinline__ float as_float(__nv_bfloat16 v) { return bf(v); }
 
-extern "C" __global__ void sum_squares_bf16(float* partial, const __nv_bfloat16* x, size_t len) {
+// 16-byte loads (VEC elements each) from an aligned start, then the scalar tail: the grid is
+// several blocks per SM (global_norm.rs, `sum_squares_blocks`), so that enough loads are in
+// flight to reach the memory's bandwidth. (128 blocks of scalar loads, as before, ran at a
+// tenth of it on an H200: 15.6 ms per 1.3B step for 5 GB.)
+template <typename T>
+__device__ __forceinline__ void sum_squares_impl(float* partial, const T* x, size_t len) {
+    const size_t tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
     float acc = 0.0f;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < len; i += (size_t)gridDim.x * blockDim.x) {
-        float v = bf(x[i]);
+    size_t head = 0;
+    if ((reinterpret_cast<uintptr_t>(x) & 15) == 0) {
+        const size_t nv = len / VEC;
+        for (size_t i = tid; i < nv; i += stride) {
+            float v[VEC];
+            load8(v, x + i * VEC);
+#pragma unroll
+            for (int k = 0; k < VEC; k++) acc += v[k] * v[k];
+        }
+        head = nv * VEC;
+    }
+    for (size_t i = head + tid; i < len; i += stride) {
+        float v = as_float(x[i]);
         acc += v * v;
     }
     acc = block_sum(acc);
     if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+extern "C" __global__ void sum_squares_f32(float* partial, const float* x, size_t len) {
+    sum_squares_impl(partial, x, len);
+}
+
+extern "C" __global__ void sum_squares_bf16(float* partial, const __nv_bfloat16* x, size_t len) {
+    sum_squares_impl(partial, x, len);
 }
 
 // Sums x[0..count) in double in a fixed order (per-thread strides, then a fixed tree) and stores

@@ -266,3 +266,32 @@ fn accumulated_steps_read_back_once_and_match_cpu() {
         assert_eq!(a.data, b.data, "{} is not bit-identical in a second run", a.name);
     }
 }
+
+/// `sft bench --kernel-times`: with timing on, a step's launches come back by entry name with
+/// positive times (cuBLASLt as `cublasLt_gemm`); with it off, nothing is recorded.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn kernel_times_name_the_launches() {
+    let Some(g) = gpu() else { return };
+    let exs = examples(14, &[40, 17, 63, 5]);
+    let batch = padded_batch(&exs, 3);
+    let mut gpu = Model::new(g, config(1, RopeStyle::AdjacentPairs, false), batch.n_tokens()).unwrap();
+    gpu.init_params(7).unwrap();
+    let scale = 1.0 / batch.n_supervised() as f32;
+    gpu.zero_grads().unwrap();
+    gpu.forward_backward(&batch, scale, None).unwrap();
+    assert!(gpu.backend().take_kernel_times().unwrap().is_empty(), "timing is off by default");
+    assert!(gpu.backend().set_kernel_timing(true));
+    gpu.forward_backward(&batch, scale, None).unwrap();
+    gpu.backend().synchronize().unwrap();
+    gpu.backend().set_kernel_timing(false);
+    let times = gpu.backend().take_kernel_times().unwrap();
+    let names: Vec<&str> = times.iter().map(|k| k.name.as_str()).collect();
+    eprintln!("kernel times: {names:?}");
+    for want in
+        ["cublasLt_gemm", "flash_forward_64", "flash_backward_64", "rmsnorm_backward", "cross_entropy_rows"]
+    {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    assert!(times.iter().all(|k| k.ns > 0.0 && k.launches > 0), "{times:?}");
+}

@@ -59,7 +59,7 @@ pub fn training(r: &mut Report, rng: &mut Rng) {
         let (pd, pdo, po) = (d.as_mut_ptr(), dout.as_ptr(), out.as_ptr());
         r.launch(
             "attention_backward_d",
-            Cfg { grid: ((n * nh).div_ceil(BLOCK as usize / 32) as u32, 1, 1), block: (BLOCK, 1, 1) },
+            Cfg { grid: ((n * nh * hd / 8).div_ceil(BLOCK as usize) as u32, 1, 1), block: (BLOCK, 1, 1) },
             &[arg(&pd), arg(&pdo), arg(&po), arg(&ni), arg(&nhi), arg(&hdi)],
         );
         let outf = f64s_bf16(&out);

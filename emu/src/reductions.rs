@@ -4,7 +4,7 @@
 use half::bf16;
 use sft::backend::cpu::{self, CeGrads, Real};
 use sft::backend::cuda::{
-    cross_entropy_copy_items, cross_entropy_vec_arg, ADAMW_MAX_BLOCKS, SUM_SPLIT_THREADS, SUM_SQUARES_BLOCKS,
+    cross_entropy_copy_items, cross_entropy_vec_arg, sum_squares_blocks, ADAMW_MAX_BLOCKS, SUM_SPLIT_THREADS,
 };
 use sft::backend::{clip_factor, stats, AdamW, GradMode};
 
@@ -14,9 +14,9 @@ use crate::emu::*;
 /// `cross_entropy_chunk_rows`, which for these small cases would be one chunk).
 const CHUNK_LOGITS: usize = 32 << 20;
 
-/// The fixed grid of sum_squares is not capped: the host sums exactly `blocks` partials.
+/// The grid of sum_squares (the host sums exactly `blocks` partials).
 fn sumsq_cfg(len: usize) -> (usize, Cfg) {
-    let blocks = len.div_ceil(BLOCK as usize).min(SUM_SQUARES_BLOCKS);
+    let blocks = sum_squares_blocks(len);
     (blocks, Cfg { grid: (blocks as u32, 1, 1), block: (BLOCK, 1, 1) })
 }
 
@@ -28,27 +28,28 @@ fn sum_split_launch(r: &mut Report, out: &mut [f32], x: &[f32], accumulate: bool
 }
 
 pub fn sum_squares(r: &mut Report, rng: &mut Rng) {
-    // 40000 > 128 blocks × 256 threads: every thread strides.
-    for len in [1usize, 1000, 40000] {
-        let case = format!("len {len}");
+    // Lengths under one vector, with a scalar tail, and past one pass of the grid (every thread
+    // strides); `skip` 1 starts one element in, off the 16-byte alignment (the scalar path only).
+    for (len, skip) in [(1usize, 0usize), (1000, 0), (1003, 1), (40001, 0), (2_200_003, 0), (5000, 1)] {
+        let case = format!("len {len}{}", if skip > 0 { " unaligned" } else { "" });
         let (blocks, cfg) = sumsq_cfg(len);
-        let x = rng.f32s(len, 1.0);
+        let x = rng.f32s(len + skip, 1.0);
         let mut partial = vec![f32::NAN; blocks];
-        let (pp, px) = (partial.as_mut_ptr(), x.as_ptr());
+        let (pp, px) = (partial.as_mut_ptr(), x[skip..].as_ptr());
         r.launch("sum_squares_f32", cfg, &[arg(&pp), arg(&px), arg(&len)]);
         // The partials go through sum_split on the device, as sum_squares does.
         let mut total = [f32::NAN; stats::SPLIT];
         sum_split_launch(r, &mut total, &partial, false);
         let got = stats::join(&total, 0);
-        let want = cpu::sum_squares(&[&f64s_f32(&x)[..]], &[len]);
+        let want = cpu::sum_squares(&[&f64s_f32(&x[skip..])[..]], &[len]);
         r.check("sum_squares_f32", &case, &[("sum", rel_err(&[got], &[want]), TOL_F32)]);
 
-        let (x, xf) = rng.bf16s(len, 1.0);
+        let (x, xf) = rng.bf16s(len + skip, 1.0);
         let mut partial = vec![f32::NAN; blocks];
-        let (pp, px) = (partial.as_mut_ptr(), x.as_ptr());
+        let (pp, px) = (partial.as_mut_ptr(), x[skip..].as_ptr());
         r.launch("sum_squares_bf16", cfg, &[arg(&pp), arg(&px), arg(&len)]);
         let got: f64 = partial.iter().map(|&v| v as f64).sum();
-        let want = cpu::sum_squares(&[&xf[..]], &[len]);
+        let want = cpu::sum_squares(&[&xf[skip..]], &[len]);
         r.check("sum_squares_bf16", &case, &[("sum", rel_err(&[got], &[want]), TOL_F32)]);
     }
     // The loss sums: written, then added to, against the CPU twin's f64 sum; the split value

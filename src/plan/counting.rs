@@ -16,7 +16,8 @@ use std::collections::BTreeMap;
 use anyhow::{bail, ensure, Result};
 
 use crate::backend::cuda::{
-    cross_entropy_chunk_rows, rmsnorm_dw_chunks, CROSS_ENTROPY_CHUNK_BUDGET, SUM_SQUARES_BLOCKS,
+    cross_entropy_chunk_rows, rmsnorm_dw_chunks, sum_squares_blocks, CROSS_ENTROPY_CHUNK_BUDGET,
+    SUM_SQUARES_BLOCKS,
 };
 use crate::backend::{
     stats, AdamW, Backend, BranchGrad, Clip, Dropout, GradMode, HeadShape, LossGrads, Precision, Rope,
@@ -899,7 +900,7 @@ impl Backend for CountingBackend {
                 continue;
             }
             ensure!(len <= buf.len, "sum_squares: buffer {i} has {} elements, asked for {len}", buf.len);
-            let blocks = len.div_ceil(256).min(SUM_SQUARES_BLOCKS);
+            let blocks = sum_squares_blocks(len);
             self.elementwise(Family::GlobalNorm, 1, 2.0 * len as f64, len * buf.elem() + blocks * 4);
             partials += blocks;
         }

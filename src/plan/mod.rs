@@ -276,7 +276,8 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
     let heads = config.heads();
     ensure!(
         matches!(heads.head_dim, 64 | 128),
-        "head_dim {} has no CUDA attention kernel (64 and 128 are supported)",
+        "head_dim {}: the plan times the tensor-core attention, which serves head_dim 64 and 128 \
+         (head_dim 32 runs the scalar kernels, which it does not model)",
         heads.head_dim
     );
     let t = args.seq_len.unwrap_or(config.max_seq_len);

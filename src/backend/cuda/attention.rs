@@ -112,9 +112,10 @@ impl CudaBackend {
         let mut scratch = self.scratch();
         let d_buf = ensure(&mut scratch.attn_d, heads.n_heads * n, &self.stream, "attention D")?;
 
-        // One warp per (row, head), exactly (the kernel is not grid-stride).
+        // head_dim / 8 threads per (row, head), exactly (the kernel is not grid-stride; head_dim is
+        // 32, 64 or 128, checked by head_variant).
         let warps_cfg = LaunchConfig {
-            grid_dim: ((n * heads.n_heads).div_ceil(BLOCK as usize / 32) as u32, 1, 1),
+            grid_dim: ((n * heads.n_heads * hd / 8).div_ceil(BLOCK as usize) as u32, 1, 1),
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };

@@ -9,8 +9,15 @@ use super::scratch::ensure;
 use super::{f32_mut, f32_of, CudaBackend, CudaBuf};
 use crate::backend::{stats, GradMode};
 
-/// Blocks per buffer (each writes one partial).
-pub const SUMSQ_BLOCKS: usize = 128;
+/// At most this many blocks per buffer (each writes one partial): 8 per SM of an H100.
+pub const SUMSQ_BLOCKS: usize = 1024;
+
+/// The blocks of `sum_squares_*` over `len` elements: a block's 256 threads take 8 elements
+/// each per pass (16-byte loads), up to [`SUMSQ_BLOCKS`]. The emulation and the cost model
+/// launch the same grid.
+pub fn sum_squares_blocks(len: usize) -> usize {
+    len.div_ceil(BLOCK as usize * 8).clamp(1, SUMSQ_BLOCKS)
+}
 
 /// Threads of `sum_split`'s one block (`SUM_SPLIT_THREADS` in kernels/global_norm.cu).
 pub const SUM_SPLIT_THREADS: u32 = 256;
@@ -54,7 +61,7 @@ impl CudaBackend {
             if len > buf.len() {
                 bail!("sum_squares: buffer {i} has {} elements, asked for {len}", buf.len());
             }
-            let blocks = len.div_ceil(BLOCK as usize).min(SUMSQ_BLOCKS);
+            let blocks = sum_squares_blocks(len);
             let mut part = partial.slice_mut(used..used + blocks);
             let cfg = LaunchConfig {
                 grid_dim: (blocks as u32, 1, 1),

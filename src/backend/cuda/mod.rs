@@ -51,7 +51,7 @@ pub use cudarc::driver::LaunchConfig;
 pub use flash_attention::AttentionPath;
 use flash_attention::FlashSupport;
 use gemm::Gemm;
-pub use global_norm::{SUMSQ_BLOCKS as SUM_SQUARES_BLOCKS, SUM_SPLIT_THREADS};
+pub use global_norm::{sum_squares_blocks, SUMSQ_BLOCKS as SUM_SQUARES_BLOCKS, SUM_SPLIT_THREADS};
 use launch::Kernels;
 pub use launch::{grid_stride, per_row, BLOCK};
 pub use rmsnorm::{
