@@ -204,9 +204,12 @@ mod tests {
     #[test]
     fn kernels_are_attributed_by_entry_name() {
         let f = attribute;
-        assert_eq!(f("rmsnorm_backward_dx"), Some(Attribution::Family(Family::Rmsnorm)));
+        assert_eq!(f("rmsnorm_backward"), Some(Attribution::Family(Family::Rmsnorm)));
+        assert_eq!(f("rmsnorm_backward_dw_reduce"), Some(Attribution::Family(Family::Rmsnorm)));
         assert_eq!(f("residual_rmsnorm_forward"), Some(Attribution::Family(Family::Rmsnorm)));
-        assert_eq!(f("flash_backward_dkdv_64"), Some(Attribution::Family(Family::FlashAttention)));
+        assert_eq!(f("flash_backward_64"), Some(Attribution::Family(Family::FlashAttention)));
+        assert_eq!(f("flash_tile_table"), Some(Attribution::Family(Family::FlashAttention)));
+        assert_eq!(f("attention_backward_dkdv_32"), Some(Attribution::Family(Family::FlashAttention)));
         assert_eq!(f("attention_backward_d"), Some(Attribution::Family(Family::FlashAttention)));
         assert_eq!(f("sum_squares_f32"), Some(Attribution::Family(Family::GlobalNorm)));
         assert_eq!(f("sum_split"), Some(Attribution::Family(Family::GlobalNorm)));
@@ -225,7 +228,7 @@ mod tests {
         let csv = "Processing [report.sqlite]\n\
             \"Time (%)\",\"Total Time (ns)\",\"Instances\",\"Avg (ns)\",\"Name\"\n\
             60.0,\"600000\",3,200000,\"void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm, 1>(Params)\"\n\
-            20.0,200000,48,4166,rmsnorm_backward_dx\n\
+            20.0,200000,48,4166,rmsnorm_backward\n\
             10.0,100000,48,2083,rmsnorm_forward\n\
             10.0,100000,1,100000,mystery\n";
         let (m, unknown) = parse_kern_sum(csv, "k.csv").unwrap();

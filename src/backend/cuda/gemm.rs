@@ -236,7 +236,9 @@ impl Gemm {
         let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
         let plan = match plans.entry(shape) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(self.plan(g).with_context(|| format!("cuBLASLt plan for {g:?}"))?),
+            Entry::Vacant(e) => {
+                e.insert(self.plan(g, shape).with_context(|| format!("cuBLASLt plan for {g:?}"))?)
+            }
         };
         let Some(algo) = plan.algo else {
             if let Some(warning) = self.no_algorithm.first_time(g) {
@@ -248,10 +250,10 @@ impl Gemm {
         Ok(true)
     }
 
-    /// The descriptors of `g`'s shape and its algorithm: the process's earlier choice for this
-    /// device and shape, else the fastest of cuBLASLt's top candidates (or its first answer
-    /// without autotuning).
-    fn plan(&self, g: &GemmCall) -> Result<Plan> {
+    /// The descriptors of `g`'s shape (`shape`, [`GemmShape::of`] `g`) and its algorithm: the
+    /// process's earlier choice for this device and shape, else the fastest of cuBLASLt's top
+    /// candidates (or its first answer without autotuning).
+    fn plan(&self, g: &GemmCall, shape: GemmShape) -> Result<Plan> {
         let desc = Desc(lt::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             sys::cudaDataType_t::CUDA_R_32F,
@@ -281,13 +283,13 @@ impl Gemm {
         let c = Layout(lt::create_matrix_layout(g.c_type.cuda(), g.m, g.n, g.ldc)?);
         let mut plan = Plan { desc, a, b, c, algo: None };
 
-        let key = (self.stream.context().ordinal(), GemmShape::of(g));
+        let key = (self.stream.context().ordinal(), shape);
         if let Some(&algo) = tuned().lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
             plan.algo = Some(algo);
             return Ok(plan);
         }
         let count = if self.autotune { AUTOTUNE_CANDIDATES } else { 1 };
-        let candidates = self.candidates(&plan, count, GemmShape::of(g).align)?;
+        let candidates = self.candidates(&plan, count, shape.align)?;
         let Some(first) = candidates.first().copied() else { return Ok(plan) };
         let best = if candidates.len() > 1 { self.fastest(&plan, &candidates, g)? } else { first };
         plan.algo = Some(best);
