@@ -257,17 +257,44 @@ fn matmul_slices<B: Backend>(
     let ab = upload(b, a, Precision::Compute);
     let bb = upload(b, bw, Precision::Compute);
     let mut xa = b.zeros(n * r, Precision::Compute).unwrap();
-    b.matmul_forward_slice(&mut xa, &xb, &ab, n, i, r, r, 0, 1.0, false).unwrap();
+    b.matmul_forward_slice(&mut xa, &xb, &ab, n, i, r, r, 0, 1.0, GradMode::Overwrite).unwrap();
     let mut out = upload(b, out0, Precision::Compute);
-    b.matmul_forward_slice(&mut out, &xa, &bb, n, r, o, ld, col, 0.75, true).unwrap();
+    b.matmul_forward_slice(&mut out, &xa, &bb, n, r, o, ld, col, 0.75, GradMode::Accumulate).unwrap();
     let db = upload(b, dout, Precision::Compute);
     let mut dxa = b.zeros(n * r, Precision::Compute).unwrap();
     let mut dbw = b.zeros(o * r, Precision::F32).unwrap();
-    b.matmul_backward_slice(Some(&mut dxa), Some(&mut dbw), &db, &xa, &bb, n, r, o, ld, col, 0.75, false)
-        .unwrap();
+    b.matmul_backward_slice(
+        Some(&mut dxa),
+        Some(&mut dbw),
+        &db,
+        &xa,
+        &bb,
+        n,
+        r,
+        o,
+        ld,
+        col,
+        0.75,
+        GradMode::Overwrite,
+    )
+    .unwrap();
     let mut dx = upload(b, dx0, Precision::Compute);
     let mut da = b.zeros(r * i, Precision::F32).unwrap();
-    b.matmul_backward_slice(Some(&mut dx), Some(&mut da), &dxa, &xb, &ab, n, i, r, r, 0, 1.0, true).unwrap();
+    b.matmul_backward_slice(
+        Some(&mut dx),
+        Some(&mut da),
+        &dxa,
+        &xb,
+        &ab,
+        n,
+        i,
+        r,
+        r,
+        0,
+        1.0,
+        GradMode::Accumulate,
+    )
+    .unwrap();
     vec![
         download(b, &xa, n * r),
         download(b, &out, n * ld),

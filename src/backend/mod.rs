@@ -46,6 +46,19 @@ pub fn check_targets(targets: &[u32], ignore_id: u32, vocab: usize) -> Result<()
     Ok(())
 }
 
+/// Errors unless a column slice fits its rows: columns `col..col + out_dim` of rows `ld` wide,
+/// the output slice of [`Backend::matmul_forward_slice`] and [`Backend::matmul_backward_slice`]
+/// (`op` names which, in the message).
+pub fn check_column_slice(op: &str, col: usize, out_dim: usize, ld: usize) -> Result<()> {
+    match col.checked_add(out_dim) {
+        Some(end) if end <= ld => Ok(()),
+        _ => anyhow::bail!(
+            "{op}: the slice's columns {col}..{} do not fit in rows {ld} wide (col + out_dim must be at most ld)",
+            col as u128 + out_dim as u128
+        ),
+    }
+}
+
 /// The supervised rows of a micro-batch (`targets[i] != ignore_id`) and their targets, in row
 /// order, after checking every supervised target against the vocabulary: what
 /// [`Backend::lm_head_cross_entropy`] takes, computed on the host where the batch already is.
@@ -441,7 +454,7 @@ macro_rules! backend_ops {
             ) -> Result<()>;
 
             /// A linear layer on a column slice: `out[i, col + j] (= | +=) scale · Σ_k inp[i, k] · w[j, k]`
-            /// for `j < out_dim`, `out`'s rows `ld` wide (`=` unless `accumulate`). LoRA's products:
+            /// for `j < out_dim`, `out`'s rows `ld` wide (`+=` with `Accumulate`). LoRA's products:
             /// `x·Aᵀ`, then `scale · (x·Aᵀ)·Bᵀ` added into one projection's slice of a fused output.
             #[allow(clippy::too_many_arguments)]
             fn matmul_forward_slice(
@@ -455,10 +468,11 @@ macro_rules! backend_ops {
                 ld: usize,
                 col: usize,
                 scale: f32,
-                accumulate: bool,
+                mode: GradMode,
             ) -> Result<()>;
             /// Backward of `matmul_forward_slice`, reading `dout[i, col + j]` (rows `ld` wide):
-            /// `dinp (= | +=) scale · dout_slice @ w` (`+=` when `accumulate`) and
+            /// `dinp (= | +=) scale · dout_slice @ w` (`+=` with `Accumulate`: an input gradient
+            /// that several slices sum into) and
             /// `dw += scale · dout_slice^T @ inp` (F32), each skipped when None: a frozen weight
             /// passes no `dw`, and its input gradient still flows.
             #[allow(clippy::too_many_arguments)]
@@ -475,7 +489,7 @@ macro_rules! backend_ops {
                 ld: usize,
                 col: usize,
                 scale: f32,
-                accumulate: bool,
+                mode: GradMode,
             ) -> Result<()>;
 
             // ---- RoPE ---------------------------------------------------------------------------

@@ -218,7 +218,7 @@ fn projection_backward<B: Backend>(
                 out_dim,
                 0,
                 1.0,
-                wrote,
+                if wrote { GradMode::Accumulate } else { GradMode::Overwrite },
             )
         }
     }

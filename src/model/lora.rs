@@ -16,7 +16,7 @@
 
 use super::config::ModelConfig;
 use super::params::NamedTensor;
-use crate::backend::{AdamW, Backend, Clip, Precision};
+use crate::backend::{AdamW, Backend, Clip, GradMode, Precision};
 use crate::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -593,7 +593,7 @@ impl<B: Backend> LoraState<B> {
                 g.ld,
                 g.col,
                 scale,
-                true,
+                GradMode::Accumulate,
             )?;
         }
         Ok(())
@@ -637,7 +637,7 @@ impl<B: Backend> LoraState<B> {
                 g.ld,
                 g.col,
                 scale,
-                false,
+                GradMode::Overwrite,
             )?;
             be.matmul_backward_slice(
                 Some(dinp),
@@ -651,7 +651,7 @@ impl<B: Backend> LoraState<B> {
                 r,
                 0,
                 1.0,
-                i > 0,
+                if i > 0 { GradMode::Accumulate } else { GradMode::Overwrite },
             )?;
         }
         if let Some(seed) = seed {

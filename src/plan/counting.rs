@@ -20,8 +20,8 @@ use crate::backend::cuda::{
     SUM_SQUARES_BLOCKS,
 };
 use crate::backend::{
-    stats, AdamW, Backend, BranchGrad, Clip, Dropout, GradMode, HeadShape, LossGrads, Precision, Rope,
-    RopeStyle,
+    check_column_slice, stats, AdamW, Backend, BranchGrad, Clip, Dropout, GradMode, HeadShape, LossGrads,
+    Precision, Rope, RopeStyle,
 };
 
 /// Bytes of a [`Precision::Compute`] element on the CUDA backend (bf16).
@@ -581,19 +581,15 @@ impl Backend for CountingBackend {
         ld: usize,
         col: usize,
         _scale: f32,
-        accumulate: bool,
+        mode: GradMode,
     ) -> Result<()> {
         self.call(Family::Matmul);
-        ensure!(
-            col + out_dim <= ld,
-            "matmul_forward_slice: columns {col}..{} exceed rows of {ld}",
-            col + out_dim
-        );
+        check_column_slice("matmul_forward_slice", col, out_dim, ld)?;
         need(out, n * ld, Precision::Compute, "matmul_forward_slice out")?;
         need(inp, n * in_dim, Precision::Compute, "matmul_forward_slice inp")?;
         need(w, out_dim * in_dim, Precision::Compute, "matmul_forward_slice w")?;
         if n * out_dim > 0 {
-            self.gemm(Family::Matmul, n, out_dim, in_dim, COMPUTE_BYTES, accumulate);
+            self.gemm(Family::Matmul, n, out_dim, in_dim, COMPUTE_BYTES, mode == GradMode::Accumulate);
         }
         Ok(())
     }
@@ -610,21 +606,17 @@ impl Backend for CountingBackend {
         ld: usize,
         col: usize,
         _scale: f32,
-        accumulate: bool,
+        mode: GradMode,
     ) -> Result<()> {
         self.call(Family::Matmul);
-        ensure!(
-            col + out_dim <= ld,
-            "matmul_backward_slice: columns {col}..{} exceed rows of {ld}",
-            col + out_dim
-        );
+        check_column_slice("matmul_backward_slice", col, out_dim, ld)?;
         need(dout, n * ld, Precision::Compute, "matmul_backward_slice dout")?;
         need(inp, n * in_dim, Precision::Compute, "matmul_backward_slice inp")?;
         need(w, out_dim * in_dim, Precision::Compute, "matmul_backward_slice w")?;
         if let Some(dinp) = dinp {
             need(dinp, n * in_dim, Precision::Compute, "matmul_backward_slice dinp")?;
             if n * in_dim > 0 {
-                self.gemm(Family::Matmul, n, in_dim, out_dim, COMPUTE_BYTES, accumulate);
+                self.gemm(Family::Matmul, n, in_dim, out_dim, COMPUTE_BYTES, mode == GradMode::Accumulate);
             }
         }
         if let Some(dw) = dw {

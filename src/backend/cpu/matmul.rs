@@ -3,6 +3,14 @@
 use super::Real;
 use crate::backend::GradMode;
 
+/// The GEMM's beta for `mode`: 0 overwrites C without reading it, 1 adds into it.
+fn beta<T: Real>(mode: GradMode) -> T {
+    match mode {
+        GradMode::Overwrite => T::ZERO,
+        GradMode::Accumulate => T::ONE,
+    }
+}
+
 /// `out[n, o] = inp[n, i] @ w[o, i]^T`.
 pub fn matmul_forward<T: Real>(out: &mut [T], inp: &[T], w: &[T], n: usize, in_dim: usize, out_dim: usize) {
     T::gemm(n, in_dim, out_dim, T::ONE, inp, (in_dim, 1), w, (1, in_dim), T::ZERO, out, (out_dim, 1));
@@ -25,10 +33,6 @@ pub fn matmul_backward<T: Real>(
     if let Some(dinp) = dinp {
         T::gemm(n, out_dim, in_dim, T::ONE, dout, (out_dim, 1), w, (in_dim, 1), T::ZERO, dinp, (in_dim, 1));
     }
-    let beta = match mode {
-        GradMode::Overwrite => T::ZERO,
-        GradMode::Accumulate => T::ONE,
-    };
     if n == 0 {
         // No rows: the product is zero, which a GEMM with k = 0 may not write.
         if mode == GradMode::Overwrite {
@@ -36,10 +40,11 @@ pub fn matmul_backward<T: Real>(
         }
         return;
     }
-    T::gemm(out_dim, n, in_dim, T::ONE, dout, (1, out_dim), inp, (in_dim, 1), beta, dw, (in_dim, 1));
+    T::gemm(out_dim, n, in_dim, T::ONE, dout, (1, out_dim), inp, (in_dim, 1), beta(mode), dw, (in_dim, 1));
 }
 
-/// `out[i, col + j] (= | +=) scale · inp[i] · w[j]` for `j < out_dim`, `out` rows `ld` wide.
+/// `out[i, col + j] (= | +=) scale · inp[i] · w[j]` for `j < out_dim`, `out` rows `ld` wide
+/// (`+=` with `Accumulate`).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_forward_slice<T: Real>(
     out: &mut [T],
@@ -51,13 +56,25 @@ pub fn matmul_forward_slice<T: Real>(
     ld: usize,
     col: usize,
     scale: T,
-    accumulate: bool,
+    mode: GradMode,
 ) {
-    let beta = if accumulate { T::ONE } else { T::ZERO };
-    T::gemm(n, in_dim, out_dim, scale, inp, (in_dim, 1), w, (1, in_dim), beta, &mut out[col..], (ld, 1));
+    T::gemm(
+        n,
+        in_dim,
+        out_dim,
+        scale,
+        inp,
+        (in_dim, 1),
+        w,
+        (1, in_dim),
+        beta(mode),
+        &mut out[col..],
+        (ld, 1),
+    );
 }
 
-/// Backward of [`matmul_forward_slice`]: `dinp (= | +=) scale · dout_slice @ w`,
+/// Backward of [`matmul_forward_slice`]: `dinp (= | +=) scale · dout_slice @ w` (`+=` with
+/// `Accumulate`),
 /// `dw += scale · dout_slice^T @ inp`, each when given.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_backward_slice<T: Real>(
@@ -72,12 +89,11 @@ pub fn matmul_backward_slice<T: Real>(
     ld: usize,
     col: usize,
     scale: T,
-    accumulate: bool,
+    mode: GradMode,
 ) {
     let dout = &dout[col..];
     if let Some(dinp) = dinp {
-        let beta = if accumulate { T::ONE } else { T::ZERO };
-        T::gemm(n, out_dim, in_dim, scale, dout, (ld, 1), w, (in_dim, 1), beta, dinp, (in_dim, 1));
+        T::gemm(n, out_dim, in_dim, scale, dout, (ld, 1), w, (in_dim, 1), beta(mode), dinp, (in_dim, 1));
     }
     if let Some(dw) = dw {
         T::gemm(out_dim, n, in_dim, scale, dout, (1, ld), inp, (in_dim, 1), T::ONE, dw, (in_dim, 1));

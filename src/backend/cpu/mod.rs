@@ -40,8 +40,8 @@ pub use rope::{rope_backward, rope_forward, rope_table};
 pub use swiglu::{swiglu_backward, swiglu_forward};
 
 use super::{
-    stats, AdamW, Backend, BranchGrad, Clip, Dropout, GradMode, HeadShape, LossGrads, Precision, Rope,
-    RopeStyle,
+    check_column_slice, stats, AdamW, Backend, BranchGrad, Clip, Dropout, GradMode, HeadShape, LossGrads,
+    Precision, Rope, RopeStyle,
 };
 
 /// The CPU backend over float type `T`; [`Precision`] is ignored (everything is `T`).
@@ -334,14 +334,14 @@ impl<T: Real> Backend for CpuBackend<T> {
         ld: usize,
         col: usize,
         scale: f32,
-        accumulate: bool,
+        mode: GradMode,
     ) -> Result<()> {
-        ensure!(col + out_dim <= ld, "cpu backend: columns {col}..{} exceed rows of {ld}", col + out_dim);
+        check_column_slice("matmul_forward_slice", col, out_dim, ld)?;
         need("out", out.len(), n * ld)?;
         need("inp", inp.len(), n * in_dim)?;
         need("w", w.len(), out_dim * in_dim)?;
         let scale = T::from_f32(scale);
-        matmul_forward_slice(out, inp, w, n, in_dim, out_dim, ld, col, scale, accumulate);
+        matmul_forward_slice(out, inp, w, n, in_dim, out_dim, ld, col, scale, mode);
         Ok(())
     }
     fn matmul_backward_slice(
@@ -357,9 +357,9 @@ impl<T: Real> Backend for CpuBackend<T> {
         ld: usize,
         col: usize,
         scale: f32,
-        accumulate: bool,
+        mode: GradMode,
     ) -> Result<()> {
-        ensure!(col + out_dim <= ld, "cpu backend: columns {col}..{} exceed rows of {ld}", col + out_dim);
+        check_column_slice("matmul_backward_slice", col, out_dim, ld)?;
         if let Some(dinp) = dinp.as_ref() {
             need("dinp", dinp.len(), n * in_dim)?;
         }
@@ -382,7 +382,7 @@ impl<T: Real> Backend for CpuBackend<T> {
             ld,
             col,
             scale,
-            accumulate,
+            mode,
         );
         Ok(())
     }

@@ -8,7 +8,7 @@ use half::bf16;
 use super::gemm::{dy_w, dyt_x, x_wt, DType, GemmCall};
 use super::launch::{self, int, DevPtr};
 use super::{bf16_mut, bf16_of, f32_mut, CudaBackend, CudaBuf};
-use crate::backend::GradMode;
+use crate::backend::{check_column_slice, GradMode};
 
 impl CudaBackend {
     /// One GEMM: cuBLASLt, or kernels/matmul.cu where cuBLASLt has no algorithm.
@@ -142,17 +142,13 @@ impl CudaBackend {
         ld: usize,
         col: usize,
         scale: f32,
-        accumulate: bool,
+        mode: GradMode,
     ) -> Result<()> {
-        anyhow::ensure!(
-            col + out_dim <= ld,
-            "matmul_forward_slice: columns {col}..{} exceed rows of {ld}",
-            col + out_dim
-        );
+        check_column_slice("matmul_forward_slice", col, out_dim, ld)?;
         let out = bf16_mut(out, n * ld, "matmul_forward_slice out")?;
         let inp = bf16_of(inp, n * in_dim, "matmul_forward_slice inp")?;
         let w = bf16_of(w, out_dim * in_dim, "matmul_forward_slice w")?;
-        let beta = if accumulate { 1.0 } else { 0.0 };
+        let beta = if mode == GradMode::Accumulate { 1.0 } else { 0.0 };
         let out_ptr = self.dev_ptr(out) + (col * std::mem::size_of::<bf16>()) as u64;
         let mut call =
             x_wt(n, in_dim, out_dim, self.dev_ptr(inp), self.dev_ptr(w), out_ptr, DType::Bf16, beta);
@@ -175,13 +171,9 @@ impl CudaBackend {
         ld: usize,
         col: usize,
         scale: f32,
-        accumulate: bool,
+        mode: GradMode,
     ) -> Result<()> {
-        anyhow::ensure!(
-            col + out_dim <= ld,
-            "matmul_backward_slice: columns {col}..{} exceed rows of {ld}",
-            col + out_dim
-        );
+        check_column_slice("matmul_backward_slice", col, out_dim, ld)?;
         let dout = bf16_of(dout, n * ld, "matmul_backward_slice dout")?;
         let inp = bf16_of(inp, n * in_dim, "matmul_backward_slice inp")?;
         let w = bf16_of(w, out_dim * in_dim, "matmul_backward_slice w")?;
@@ -191,7 +183,7 @@ impl CudaBackend {
             let mut call = dy_w(n, out_dim, in_dim, dout_ptr, self.dev_ptr(w), self.dev_ptr(dinp));
             call.ldb = ld as i64;
             call.alpha = scale;
-            call.beta = if accumulate { 1.0 } else { 0.0 };
+            call.beta = if mode == GradMode::Accumulate { 1.0 } else { 0.0 };
             self.run_gemm(&call)?;
         }
         if let Some(dw) = dw {

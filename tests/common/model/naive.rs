@@ -6,8 +6,8 @@
 #![allow(clippy::needless_range_loop)]
 use anyhow::{ensure, Result};
 use sft::backend::{
-    clip_factor, stats, token_groups, AdamW, Backend, BranchGrad, Clip, Dropout, GradMode, HeadShape,
-    LossGrads, Precision, Rope, RopeStyle,
+    check_column_slice, clip_factor, stats, token_groups, AdamW, Backend, BranchGrad, Clip, Dropout,
+    GradMode, HeadShape, LossGrads, Precision, Rope, RopeStyle,
 };
 use sft::rng;
 
@@ -286,13 +286,13 @@ impl Backend for NaiveBackend {
         ld: usize,
         col: usize,
         scale: f32,
-        accumulate: bool,
+        mode: GradMode,
     ) -> Result<()> {
+        check_column_slice("matmul_forward_slice", col, out_dim, ld)?;
         for i in 0..n {
             for o in 0..out_dim {
                 let y: f64 = (0..in_dim).map(|k| inp[i * in_dim + k] * w[o * in_dim + k]).sum();
-                let c = &mut out[i * ld + col + o];
-                *c = scale as f64 * y + if accumulate { *c } else { 0.0 };
+                put(&mut out[i * ld + col + o], scale as f64 * y, mode);
             }
         }
         Ok(())
@@ -310,15 +310,15 @@ impl Backend for NaiveBackend {
         ld: usize,
         col: usize,
         scale: f32,
-        accumulate: bool,
+        mode: GradMode,
     ) -> Result<()> {
+        check_column_slice("matmul_backward_slice", col, out_dim, ld)?;
         let s = scale as f64;
         if let Some(dinp) = dinp {
             for i in 0..n {
                 for k in 0..in_dim {
                     let g: f64 = (0..out_dim).map(|o| dout[i * ld + col + o] * w[o * in_dim + k]).sum();
-                    let c = &mut dinp[i * in_dim + k];
-                    *c = s * g + if accumulate { *c } else { 0.0 };
+                    put(&mut dinp[i * in_dim + k], s * g, mode);
                 }
             }
         }
