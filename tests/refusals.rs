@@ -35,6 +35,36 @@ fn sft(args: &[&str]) -> Outcome {
     sft_env(args, &[])
 }
 
+/// `sft train` on the CPU: `train`, then `args`, then `--device cpu`.
+fn train(args: &[&str]) -> Outcome {
+    sft(&[&["train"], args, &["--device", "cpu"]].concat())
+}
+
+/// `sft train` from the weights of `init` into `out_dir`, with `extra` flags.
+fn train_from(data: &Path, init: &Path, out_dir: &Path, extra: &[&str]) -> Outcome {
+    train(&[&["--data", s(data), "--init-from", s(init), "--out-dir", s(out_dir)], extra].concat())
+}
+
+/// [`train_from`] on padded batches (`--batch-mode dynamic`) of `micro_batch` examples: the
+/// fixture's small set fills too few packed rows for a micro-batch, and padded micro-batches
+/// hold exactly `micro_batch` examples.
+fn train_padded(data: &Path, init: &Path, out_dir: &Path, micro_batch: &str, extra: &[&str]) -> Outcome {
+    let padded = ["--batch-mode", "dynamic", "--micro-batch", micro_batch];
+    train_from(data, init, out_dir, &[&padded, extra].concat())
+}
+
+/// `sft eval` of `checkpoint` on `data` on the CPU, with `extra` flags.
+fn eval(checkpoint: &Path, data: &Path, extra: &[&str]) -> Outcome {
+    let args = ["eval", "--checkpoint", s(checkpoint), "--data", s(data)];
+    sft(&[&args, extra, &["--device", "cpu"]].concat())
+}
+
+/// `sft generate` from `checkpoint` for `prompt` on the CPU, with `extra` flags.
+fn generate(checkpoint: &Path, prompt: &str, extra: &[&str]) -> Outcome {
+    let args = ["generate", "--checkpoint", s(checkpoint), "--prompt", prompt];
+    sft(&[&args, extra, &["--device", "cpu"]].concat())
+}
+
 /// A refusal: non-zero exit, no panic, and every one of `needles` in the message.
 #[track_caller]
 fn assert_refused(out: &Outcome, needles: &[&str]) {
@@ -118,35 +148,16 @@ fn zero_or_inconsistent_config_dims_are_refused_by_every_command() {
         copy_dir(&f.ckpt, &bad);
         edit_config(&bad, |json| json["sft"][field] = value.into());
         let out_dir = f.root.join(format!("out-{field}-{value}"));
-        let train = sft(&[
-            "train",
-            "--data",
-            s(&f.data),
-            "--init-from",
-            s(&bad),
-            "--out-dir",
-            s(&out_dir),
-            "--max-steps",
-            "1",
-            "--micro-batch",
-            "2",
-            "--grad-accum",
-            "1",
-            "--device",
-            "cpu",
-        ]);
-        assert_refused(&train, &["config.json", named]);
-        let eval = sft(&["eval", "--checkpoint", s(&bad), "--data", s(&f.data), "--device", "cpu"]);
-        assert_refused(&eval, &["config.json", named]);
-        let generate = sft(&["generate", "--checkpoint", s(&bad), "--prompt", "Hi", "--device", "cpu"]);
-        assert_refused(&generate, &["config.json", named]);
+        let extra = ["--max-steps", "1", "--micro-batch", "2", "--grad-accum", "1"];
+        assert_refused(&train_from(&f.data, &bad, &out_dir, &extra), &["config.json", named]);
+        assert_refused(&eval(&bad, &f.data, &[]), &["config.json", named]);
+        assert_refused(&generate(&bad, "Hi", &[]), &["config.json", named]);
     }
 
     // --resume reads the latest checkpoint's config.
     let latest = sft::checkpoint::latest(&f.run).unwrap().unwrap();
     edit_config(&latest, |json| json["sft"]["n_heads"] = 0.into());
-    let resume = sft(&[
-        "train",
+    let resume = train(&[
         "--data",
         s(&f.data),
         "--tokenizer",
@@ -156,8 +167,6 @@ fn zero_or_inconsistent_config_dims_are_refused_by_every_command() {
         "--resume",
         "--max-steps",
         "3",
-        "--device",
-        "cpu",
     ]);
     assert_refused(&resume, &["config.json", "n_heads must be positive"]);
 }
@@ -171,29 +180,11 @@ fn non_finite_weights_and_outputs_are_errors_naming_the_tensor() {
     copy_dir(&f.ckpt, &nan);
     let tensor = "model.layers.1.mlp.down_proj.weight";
     edit_weights(&nan, |ts| ts.iter_mut().find(|t| t.name == tensor).unwrap().data[7] = f32::NAN);
-    let eval = sft(&["eval", "--checkpoint", s(&nan), "--data", s(&f.data), "--device", "cpu"]);
-    assert_refused(&eval, &["model.safetensors", tensor, "non-finite"]);
-    let generate = sft(&["generate", "--checkpoint", s(&nan), "--prompt", "Hi", "--device", "cpu"]);
-    assert_refused(&generate, &["model.safetensors", tensor, "non-finite"]);
-    let train = sft(&[
-        "train",
-        "--data",
-        s(&f.data),
-        "--init-from",
-        s(&nan),
-        "--out-dir",
-        s(&f.root.join("nan-run")),
-        // Padded batches: this small set fills too few packed rows for a micro-batch.
-        "--batch-mode",
-        "dynamic",
-        "--micro-batch",
-        "4",
-        "--grad-accum",
-        "1",
-        "--device",
-        "cpu",
-    ]);
-    assert_refused(&train, &["model.safetensors", tensor, "non-finite"]);
+    let non_finite = ["model.safetensors", tensor, "non-finite"];
+    assert_refused(&eval(&nan, &f.data, &[]), &non_finite);
+    assert_refused(&generate(&nan, "Hi", &[]), &non_finite);
+    let trained = train_padded(&f.data, &nan, &f.root.join("nan-run"), "4", &["--grad-accum", "1"]);
+    assert_refused(&trained, &non_finite);
 
     // Finite weights so large that the logits overflow: the outputs are checked too.
     let huge = f.root.join("huge");
@@ -201,11 +192,10 @@ fn non_finite_weights_and_outputs_are_errors_naming_the_tensor() {
     edit_weights(&huge, |ts| {
         ts.iter_mut().find(|t| t.name == "lm_head.weight").unwrap().data.iter_mut().for_each(|x| *x = 3e38)
     });
-    let generate = sft(&["generate", "--checkpoint", s(&huge), "--prompt", "Hi", "--device", "cpu"]);
-    assert_refused(&generate, &["logits are not finite", "activations overflowed"]);
-    let eval = sft(&["eval", "--checkpoint", s(&huge), "--data", s(&f.data), "--device", "cpu"]);
-    assert_refused(&eval, &["evaluation loss is"]);
-    assert!(!eval.stdout.contains("mean masked loss"), "{}", eval.stdout);
+    assert_refused(&generate(&huge, "Hi", &[]), &["logits are not finite", "activations overflowed"]);
+    let evaluated = eval(&huge, &f.data, &[]);
+    assert_refused(&evaluated, &["evaluation loss is"]);
+    assert!(!evaluated.stdout.contains("mean masked loss"), "{}", evaluated.stdout);
 }
 
 /// Issue 13.3: `sft train` without `--init-from` trained a random 1.3B model until the kernel
@@ -260,87 +250,21 @@ fn every_command_checks_tokenizer_and_context_alike() {
     })
     .unwrap();
     let vocab_error = ["tokenizer.json", "has 320 tokens but the model's vocabulary holds 100"];
-    let eval = sft(&[
-        "eval",
-        "--checkpoint",
-        s(&small),
-        "--tokenizer",
-        s(&f.tok),
-        "--data",
-        s(&f.data),
-        "--device",
-        "cpu",
-    ]);
-    assert_refused(&eval, &vocab_error);
-    let generate = sft(&[
-        "generate",
-        "--checkpoint",
-        s(&small),
-        "--tokenizer",
-        s(&f.tok),
-        "--prompt",
-        "Hi",
-        "--device",
-        "cpu",
-    ]);
-    assert_refused(&generate, &vocab_error);
-    let train = sft(&[
-        "train",
-        "--data",
-        s(&f.data),
-        "--init-from",
-        s(&small),
-        "--out-dir",
-        s(&f.root.join("small-run")),
-        "--device",
-        "cpu",
-    ]);
-    assert_refused(&train, &vocab_error);
+    assert_refused(&eval(&small, &f.data, &["--tokenizer", s(&f.tok)]), &vocab_error);
+    assert_refused(&generate(&small, "Hi", &["--tokenizer", s(&f.tok)]), &vocab_error);
+    assert_refused(&train_from(&f.data, &small, &f.root.join("small-run"), &[]), &vocab_error);
 
     // A context past the model's (tiny: 512).
     let context_error = ["max_seq_len 600 exceeds the model's max_seq_len 512"];
-    let eval = sft(&[
-        "eval",
-        "--checkpoint",
-        s(&f.ckpt),
-        "--data",
-        s(&f.data),
-        "--max-seq-len",
-        "600",
-        "--device",
-        "cpu",
-    ]);
-    assert_refused(&eval, &context_error);
-    let train = sft(&[
-        "train",
-        "--data",
-        s(&f.data),
-        "--init-from",
-        s(&f.ckpt),
-        "--out-dir",
-        s(&f.root.join("long-run")),
-        "--max-seq-len",
-        "600",
-        "--device",
-        "cpu",
-    ]);
-    assert_refused(&train, &context_error);
+    assert_refused(&eval(&f.ckpt, &f.data, &["--max-seq-len", "600"]), &context_error);
+    let trained = train_from(&f.data, &f.ckpt, &f.root.join("long-run"), &["--max-seq-len", "600"]);
+    assert_refused(&trained, &context_error);
     let ids = vec!["5"; 513].join(",");
     let logits = sft(&["logits", "--checkpoint", s(&f.ckpt), "--ids", &ids]);
     assert_refused(&logits, &["max_seq_len 513 exceeds the model's max_seq_len 512"]);
     // Within bounds, eval works.
-    let eval = sft(&[
-        "eval",
-        "--checkpoint",
-        s(&f.ckpt),
-        "--data",
-        s(&f.data),
-        "--max-seq-len",
-        "512",
-        "--device",
-        "cpu",
-    ]);
-    assert!(eval.ok && eval.stdout.contains("mean masked loss"), "{}", eval.stderr);
+    let evaluated = eval(&f.ckpt, &f.data, &["--max-seq-len", "512"]);
+    assert!(evaluated.ok && evaluated.stdout.contains("mean masked loss"), "{}", evaluated.stderr);
 }
 
 /// Issue 13.5: `generate` cut a long prompt to the model's context without a word.
@@ -363,19 +287,7 @@ fn generate_says_how_many_prompt_tokens_it_dropped() {
     let prompt = "What is seven plus two? ".repeat(6);
     let n_prompt = tok.encode_prompt(sft::data::DEFAULT_SYSTEM_PROMPT, &[], &prompt).unwrap().len();
     assert!(n_prompt > 23, "the prompt must be longer than the context: {n_prompt} tokens");
-    let out = sft(&[
-        "generate",
-        "--checkpoint",
-        s(&ckpt),
-        "--prompt",
-        &prompt,
-        "--max-new-tokens",
-        "1",
-        "--temperature",
-        "0",
-        "--device",
-        "cpu",
-    ]);
+    let out = generate(&ckpt, &prompt, &["--max-new-tokens", "1", "--temperature", "0"]);
     assert!(out.ok, "{}", out.stderr);
     let expected = format!("the prompt has {n_prompt} tokens");
     assert!(out.stderr.contains(&expected), "{expected:?} not in:\n{}", out.stderr);
@@ -385,17 +297,7 @@ fn generate_says_how_many_prompt_tokens_it_dropped() {
         out.stderr
     );
     // A prompt that fits gets no note.
-    let out = sft(&[
-        "generate",
-        "--checkpoint",
-        s(&f.ckpt),
-        "--prompt",
-        "Hi",
-        "--max-new-tokens",
-        "1",
-        "--device",
-        "cpu",
-    ]);
+    let out = generate(&f.ckpt, "Hi", &["--max-new-tokens", "1"]);
     assert!(out.ok && !out.stderr.contains("dropped"), "{}", out.stderr);
 }
 
@@ -428,26 +330,9 @@ fn a_run_that_trained_on_nothing_is_an_error() {
             std::fs::copy(&path, data.join(&name)).unwrap();
         }
     }
-    let out = sft(&[
-        "train",
-        "--data",
-        s(&data),
-        "--init-from",
-        s(&f.ckpt),
-        "--out-dir",
-        s(&f.root.join("nothing")),
-        // Padded batches, so that the step counts below are those of 4-example micro-batches.
-        "--batch-mode",
-        "dynamic",
-        "--micro-batch",
-        "4",
-        "--grad-accum",
-        "2",
-        "--max-steps",
-        "3",
-        "--device",
-        "cpu",
-    ]);
+    // Padded batches, so that the step counts below are those of 4-example micro-batches.
+    let extra = ["--grad-accum", "2", "--max-steps", "3"];
+    let out = train_padded(&data, &f.ckpt, &f.root.join("nothing"), "4", &extra);
     assert_refused(&out, &[s(&data), "no supervised target", "all 6 micro-batches were skipped"]);
 }
 
