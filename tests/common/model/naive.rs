@@ -35,6 +35,61 @@ fn put(dst: &mut f64, value: f64, mode: GradMode) {
     }
 }
 
+/// `out[i, col + o] (= | +=) scale · Σ_k inp[i, k] · w[o, k]`, `out`'s rows `ld` wide (`(ld, col)`
+/// is `(out_dim, 0)` for a whole row).
+fn linear(
+    out: &mut [f64],
+    (ld, col): (usize, usize),
+    inp: &[f64],
+    w: &[f64],
+    (n, in_dim, out_dim): (usize, usize, usize),
+    scale: f64,
+    mode: GradMode,
+) {
+    for i in 0..n {
+        for o in 0..out_dim {
+            let y = dot(&inp[i * in_dim..(i + 1) * in_dim], &w[o * in_dim..]);
+            put(&mut out[i * ld + col + o], scale * y, mode);
+        }
+    }
+}
+
+/// The input gradient of [`linear`]: `dinp[i, k] (= | +=) scale · Σ_o dout[i, col + o] · w[o, k]`.
+fn linear_dinp(
+    dinp: &mut [f64],
+    dout: &[f64],
+    (ld, col): (usize, usize),
+    w: &[f64],
+    (n, in_dim, out_dim): (usize, usize, usize),
+    scale: f64,
+    mode: GradMode,
+) {
+    for i in 0..n {
+        for k in 0..in_dim {
+            let g: f64 = (0..out_dim).map(|o| dout[i * ld + col + o] * w[o * in_dim + k]).sum();
+            put(&mut dinp[i * in_dim + k], scale * g, mode);
+        }
+    }
+}
+
+/// The weight gradient of [`linear`]: `dw[o, k] (= | +=) scale · Σ_i dout[i, col + o] · inp[i, k]`.
+fn linear_dw(
+    dw: &mut [f64],
+    dout: &[f64],
+    (ld, col): (usize, usize),
+    inp: &[f64],
+    (n, in_dim, out_dim): (usize, usize, usize),
+    scale: f64,
+    mode: GradMode,
+) {
+    for o in 0..out_dim {
+        for k in 0..in_dim {
+            let g = (0..n).map(|i| dout[i * ld + col + o] * inp[i * in_dim + k]).sum::<f64>();
+            put(&mut dw[o * in_dim + k], scale * g, mode);
+        }
+    }
+}
+
 fn rope_pair(j: usize, hd: usize, style: RopeStyle) -> (usize, usize) {
     match style {
         RopeStyle::AdjacentPairs => (2 * j, 2 * j + 1),
@@ -73,6 +128,24 @@ fn masked(v: f64, mask: Option<Dropout>, k: usize) -> f64 {
         }
         _ => v,
     }
+}
+
+/// `Σ_e a[e] · b[e]` over `a`'s length, in order.
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    (0..a.len()).map(|e| a[e] * b[e]).sum()
+}
+
+/// The largest of `xs` and `Σ exp(x - max)`: a softmax's shift (so that nothing overflows) and
+/// its normalizer.
+fn softmax_terms(xs: &[f64]) -> (f64, f64) {
+    let max = xs.iter().cloned().fold(f64::MIN, f64::max);
+    (max, xs.iter().map(|x| (x - max).exp()).sum())
+}
+
+/// `ln Σ exp(x)`.
+fn logsumexp(xs: &[f64]) -> f64 {
+    let (max, z) = softmax_terms(xs);
+    max + z.ln()
 }
 
 fn segment_start(cu: &[u32], n_segments: usize, i: usize) -> usize {
@@ -239,11 +312,7 @@ impl Backend for NaiveBackend {
         in_dim: usize,
         out_dim: usize,
     ) -> Result<()> {
-        for i in 0..n {
-            for o in 0..out_dim {
-                out[i * out_dim + o] = (0..in_dim).map(|k| inp[i * in_dim + k] * w[o * in_dim + k]).sum();
-            }
-        }
+        linear(out, (out_dim, 0), inp, w, (n, in_dim, out_dim), 1.0, GradMode::Overwrite);
         Ok(())
     }
     fn matmul_backward(
@@ -258,20 +327,11 @@ impl Backend for NaiveBackend {
         out_dim: usize,
         mode: GradMode,
     ) -> Result<()> {
+        let (cols, dims) = ((out_dim, 0), (n, in_dim, out_dim));
         if let Some(dinp) = dinp {
-            for i in 0..n {
-                for k in 0..in_dim {
-                    dinp[i * in_dim + k] =
-                        (0..out_dim).map(|o| dout[i * out_dim + o] * w[o * in_dim + k]).sum();
-                }
-            }
+            linear_dinp(dinp, dout, cols, w, dims, 1.0, GradMode::Overwrite);
         }
-        for o in 0..out_dim {
-            for k in 0..in_dim {
-                let g = (0..n).map(|i| dout[i * out_dim + o] * inp[i * in_dim + k]).sum::<f64>();
-                put(&mut dw[o * in_dim + k], g, mode);
-            }
-        }
+        linear_dw(dw, dout, cols, inp, dims, 1.0, mode);
         Ok(())
     }
 
@@ -289,12 +349,7 @@ impl Backend for NaiveBackend {
         mode: GradMode,
     ) -> Result<()> {
         check_column_slice("matmul_forward_slice", col, out_dim, ld)?;
-        for i in 0..n {
-            for o in 0..out_dim {
-                let y: f64 = (0..in_dim).map(|k| inp[i * in_dim + k] * w[o * in_dim + k]).sum();
-                put(&mut out[i * ld + col + o], scale as f64 * y, mode);
-            }
-        }
+        linear(out, (ld, col), inp, w, (n, in_dim, out_dim), scale as f64, mode);
         Ok(())
     }
     fn matmul_backward_slice(
@@ -313,22 +368,12 @@ impl Backend for NaiveBackend {
         mode: GradMode,
     ) -> Result<()> {
         check_column_slice("matmul_backward_slice", col, out_dim, ld)?;
-        let s = scale as f64;
+        let (cols, dims, scale) = ((ld, col), (n, in_dim, out_dim), scale as f64);
         if let Some(dinp) = dinp {
-            for i in 0..n {
-                for k in 0..in_dim {
-                    let g: f64 = (0..out_dim).map(|o| dout[i * ld + col + o] * w[o * in_dim + k]).sum();
-                    put(&mut dinp[i * in_dim + k], s * g, mode);
-                }
-            }
+            linear_dinp(dinp, dout, cols, w, dims, scale, mode);
         }
         if let Some(dw) = dw {
-            for o in 0..out_dim {
-                for k in 0..in_dim {
-                    dw[o * in_dim + k] +=
-                        s * (0..n).map(|i| dout[i * ld + col + o] * inp[i * in_dim + k]).sum::<f64>();
-                }
-            }
+            linear_dw(dw, dout, cols, inp, dims, scale, GradMode::Accumulate);
         }
         Ok(())
     }
@@ -389,14 +434,9 @@ impl Backend for NaiveBackend {
             for h in 0..heads.n_heads {
                 let g = h / group;
                 let q = &qkv[i * w + h * hd..i * w + (h + 1) * hd];
-                let scores: Vec<f64> = (s0..=i)
-                    .map(|j| {
-                        let k = &qkv[j * w + heads.q_width() + g * hd..];
-                        scale * (0..hd).map(|e| q[e] * k[e]).sum::<f64>()
-                    })
-                    .collect();
-                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
-                let l = max + scores.iter().map(|s| (s - max).exp()).sum::<f64>().ln();
+                let scores: Vec<f64> =
+                    (s0..=i).map(|j| scale * dot(q, &qkv[j * w + heads.q_width() + g * hd..])).collect();
+                let l = logsumexp(&scores);
                 lse[h * n + i] = l;
                 for e in 0..hd {
                     out[i * heads.q_width() + h * hd + e] = (s0..=i)
@@ -433,13 +473,13 @@ impl Backend for NaiveBackend {
                 let g = h / group;
                 let qo = i * w + h * hd;
                 let oo = i * qw + h * hd;
-                let dd: f64 = (0..hd).map(|e| dout[oo + e] * out[oo + e]).sum();
+                let dd = dot(&dout[oo..oo + hd], &out[oo..]);
                 for j in s0..=i {
                     let ko = j * w + qw + g * hd;
                     let vo = j * w + qw + kvw + g * hd;
-                    let s = scale * (0..hd).map(|e| qkv[qo + e] * qkv[ko + e]).sum::<f64>();
+                    let s = scale * dot(&qkv[qo..qo + hd], &qkv[ko..]);
                     let p = (s - lse[h * n + i]).exp();
-                    let dp: f64 = (0..hd).map(|e| dout[oo + e] * qkv[vo + e]).sum();
+                    let dp = dot(&dout[oo..oo + hd], &qkv[vo..]);
                     let ds = p * (dp - dd);
                     for e in 0..hd {
                         dqkv[qo + e] += scale * ds * qkv[ko + e];
@@ -473,11 +513,9 @@ impl Backend for NaiveBackend {
             for h in 0..heads.n_heads {
                 let g = h / group;
                 let q = &qkv[i * w + h * hd..i * w + (h + 1) * hd];
-                let scores: Vec<f64> = (0..=start + i)
-                    .map(|j| scale * (0..hd).map(|e| q[e] * k_cache[j * kvw + g * hd + e]).sum::<f64>())
-                    .collect();
-                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
-                let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                let scores: Vec<f64> =
+                    (0..=start + i).map(|j| scale * dot(q, &k_cache[j * kvw + g * hd..])).collect();
+                let (max, z) = softmax_terms(&scores);
                 for e in 0..hd {
                     out[i * qw + h * hd + e] = scores
                         .iter()
@@ -547,10 +585,8 @@ impl Backend for NaiveBackend {
         }
         for k in 0..n_sup {
             let (i, t) = (rows[k] as usize, targets[k]);
-            let logits: Vec<f64> =
-                (0..vocab).map(|v| (0..d).map(|e| x[i * d + e] * w[v * d + e]).sum()).collect();
-            let max = logits.iter().cloned().fold(f64::MIN, f64::max);
-            let lse = max + logits.iter().map(|z| (z - max).exp()).sum::<f64>().ln();
+            let logits: Vec<f64> = (0..vocab).map(|v| dot(&x[i * d..(i + 1) * d], &w[v * d..])).collect();
+            let lse = logsumexp(&logits);
             losses[k] = lse - logits[t as usize];
             if let Some(g) = grads.as_mut() {
                 let scale = g.loss_scale as f64;
