@@ -128,7 +128,7 @@ impl CudaBackend {
 }
 
 /// The LoRA GEMMs: the same cuBLASLt path as the Linear layers, on column slices of row-major
-/// buffers (a leading dimension and an offset), with a scale and an optional accumulate.
+/// buffers (a leading dimension and an offset), with a scale and a `GradMode` (beta 0 or 1).
 impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn matmul_forward_slice(
