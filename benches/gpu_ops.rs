@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sft::backend::cuda::CudaBackend;
+use sft::backend::cuda::{CudaBackend, FlashDq};
 use sft::backend::{
     group_tokens_by_id, supervised_rows, AdamW, Backend, BranchGrad, Dropout, GradMode, HeadShape, LossGrads,
     Precision, Rope, RopeStyle,
@@ -81,12 +81,22 @@ fn bench(c: &mut Criterion) {
         })
     });
     grp.throughput(Throughput::Elements(bwd as u64));
+    g.set_flash_dq(FlashDq::Ordered);
     grp.bench_function("attention_backward_8x2048_32h_hd64", |b| {
         b.iter(|| {
             att.backward(&g).unwrap();
             sync()
         })
     });
+    // The opt-in atomic dQ adds (SFT_FLASH_DQ=atomic): the backward and flash_dq_convert.
+    g.set_flash_dq(FlashDq::Atomic);
+    grp.bench_function("attention_backward_atomic_dq_8x2048_32h_hd64", |b| {
+        b.iter(|| {
+            att.backward(&g).unwrap();
+            sync()
+        })
+    });
+    g.set_flash_dq(FlashDq::Ordered);
     drop(att);
 
     // ---- RMSNorm, RoPE, SwiGLU, embedding (bandwidth) -------------------------------------

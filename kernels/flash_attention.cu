@@ -15,9 +15,17 @@
 //                       dK += dSᵀ·Q (written once, at the end), and dQ += dS·K through dSᵀ in
 //                       shared memory, added to the other key tiles' partials in a fixed order
 //                       (an fp32 accumulator and a semaphore per q tile; see "backward" below).
+// - flash_backward_atomic_HD: the same, except that every CTA adds its dQ partials into the fp32
+//                       accumulator with atomicAdd, in whatever order the CTAs get there (opt-in,
+//                       SFT_FLASH_DQ=atomic: not deterministic); no semaphores.
+// - flash_dq_convert:   after flash_backward_atomic_HD: dQ = accumulator · scale as bf16 into the
+//                       q part of dqkv, and the accumulator back to zero for the next launch.
 // D = rowsum(dO∘O) comes from attention_backward_d (attention.cu). Five GEMM-shaped products per
-// (key, query) pair as in FlashAttention-2, and deterministic: every dK/dV element has one writer,
-// and the dQ partials are summed in an order fixed by the tile positions, never by timing.
+// (key, query) pair as in FlashAttention-2. flash_backward_HD (the default) is deterministic:
+// every dK/dV element has one writer, and the dQ partials are summed in an order fixed by the
+// tile positions, never by timing. The atomic variant takes the ordered accumulation (a wait, an
+// L2 read-modify-write and a release per iteration) off the loop's critical path, as
+// FlashAttention-2 does, at the price of run-to-run differences in the last bits of dQ.
 //
 // ---- m16n8k16 fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16", .bf16) --------------
 // lane = threadIdx.x % 32, g = lane / 4 (groupID), c = lane % 4 (thread in group).
@@ -388,6 +396,10 @@ __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, c
 // table order (read back to front) gives a lower blockIdx.x. CTAs are dispatched in increasing
 // block index, so the awaited CTA is running or done (the argument of serial split-K GEMMs), and
 // it runs ahead: it meets a q tile BN / BQ iterations before key tile j does.
+// ATOMIC_DQ (flash_backward_atomic_HD): every partial, the first key tile's included, goes into
+// dq_acc with fp32 atomicAdd (scalar: the PTX targets compute_80, which has no vector red) and
+// no semaphore; flash_dq_convert then writes the bf16 dQ and zeroes dq_acc, which must be zero
+// before the launch.
 #ifndef FLASH_EMULATE
 __device__ __forceinline__ uint32_t ld_acquire(const uint32_t* p) {
     uint32_t v;
@@ -404,7 +416,7 @@ __device__ __forceinline__ void wait_semaphore(const uint32_t* sem, uint32_t wan
 __device__ __forceinline__ void st_shared_u32(bf16_t* p, uint32_t v) { *reinterpret_cast<uint32_t*>(p) = v; }
 #endif
 
-template <int HD, int NW, int BQ>
+template <int HD, int NW, int BQ, bool ATOMIC_DQ>
 __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,
                                     const bf16_t* qkv, const float* lse, const float* D, const int* table, int n,
                                     int n_heads, int n_kv_heads) {
@@ -527,11 +539,12 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         }
 
         // The ordered dQ accumulation (see above); a q tile inside the first key tile has a
-        // single partial and needs no semaphore.
+        // single partial and needs no semaphore. The barrier also orders the dSᵀ stores before
+        // the dQ product's ldmatrix.
         const int first_kt = (qt - seg_start) / BN;
         const bool first = kt_index == first_kt, last = kt_index == 0;
-        uint32_t* sem = dq_sem + (size_t)h * n + qt;
-        if (threadIdx.x == 0 && !first) wait_semaphore(sem, (uint32_t)(first_kt - kt_index));
+        uint32_t* sem = ATOMIC_DQ ? nullptr : dq_sem + (size_t)h * n + qt;
+        if (!ATOMIC_DQ && threadIdx.x == 0 && !first) wait_semaphore(sem, (uint32_t)(first_kt - kt_index));
         __syncthreads();
 
         // dQ_partial = dS · K: A = dS from dSᵀ with ldmatrix.trans (matrix i: keys
@@ -564,6 +577,12 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
                 for (int half = 0; half < 2; half++) {
                     const int row = half ? row_b : row_a;
                     if (row >= seg_end) continue;
+                    if (ATOMIC_DQ) {
+                        float* p = dq_acc + (size_t)row * dstride + col + j * 8;
+                        atomicAdd(p, acc[j][2 * half]);
+                        atomicAdd(p + 1, acc[j][2 * half + 1]);
+                        continue;
+                    }
                     float2 v = make_float2(acc[j][2 * half], acc[j][2 * half + 1]);
                     float2* p = reinterpret_cast<float2*>(dq_acc + (size_t)row * dstride + col + j * 8);
                     if (!first) {
@@ -582,14 +601,44 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         // The CUTLASS semaphore pattern: the barrier orders every thread's accumulator stores
         // before thread 0's release at GPU scope, which is cumulative over them. (A fence in every
         // thread, as here before, waited for each thread's stores on every iteration: on an H200
-        // the kernel issued on 21% of its cycles.)
-        __syncthreads();
-        if (threadIdx.x == 0 && !(first && last))
-            st_release(sem, last ? 0u : (uint32_t)(first_kt - kt_index + 1));
+        // the kernel issued on 21% of its cycles.) The atomic path has nothing to release, and
+        // the next iteration's first barrier already orders this one's dSᵀ reads before the
+        // next dSᵀ stores.
+        if (!ATOMIC_DQ) {
+            __syncthreads();
+            if (threadIdx.x == 0 && !(first && last))
+                st_release(sem, last ? 0u : (uint32_t)(first_kt - kt_index + 1));
+        }
     }
 
     store_acc<HD>(dqkv, width, (n_heads + kvh) * HD, dk, key_a, key_b, seg_end, scale, scale, lane);
     store_acc<HD>(dqkv, width, (n_heads + n_kv_heads + kvh) * HD, dv, key_a, key_b, seg_end, 1.0f, 1.0f, lane);
+}
+
+// ---- dQ of the atomic backward -------------------------------------------------------------------
+// dqkv[row][0 .. q_width) = bf16(dq_acc[row][..] · head_dim^-½), then dq_acc = 0. Eight elements
+// per step: two 16-byte loads, one 16-byte bf16 store, two 16-byte zero stores (q_width is a
+// multiple of 64 and a dqkv row of (n_heads + 2·n_kv_heads)·head_dim bf16 a multiple of 16
+// bytes, so no step straddles a row). Grid-stride over the n · q_width / 8 steps.
+extern "C" __global__ void __launch_bounds__(256)
+    flash_dq_convert(bf16_t* dqkv, float* dq_acc, int n, int n_heads, int n_kv_heads, int head_dim) {
+    const float scale = rsqrtf((float)head_dim);
+    const int q_width = n_heads * head_dim, steps_per_row = q_width / 8;
+    const size_t width = (size_t)(n_heads + 2 * n_kv_heads) * head_dim;
+    const size_t steps = (size_t)n * steps_per_row;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < steps; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t row = i / steps_per_row, col = (i % steps_per_row) * 8;
+        float4* a = reinterpret_cast<float4*>(dq_acc + row * q_width + col);
+        const float4 lo = a[0], hi = a[1];
+        uint4 out;
+        out.x = pack_bf16(lo.x * scale, lo.y * scale);
+        out.y = pack_bf16(lo.z * scale, lo.w * scale);
+        out.z = pack_bf16(hi.x * scale, hi.y * scale);
+        out.w = pack_bf16(hi.z * scale, hi.w * scale);
+        *reinterpret_cast<uint4*>(dqkv + row * width + col) = out;
+        a[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        a[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
 }
 
 // ---- entries ---------------------------------------------------------------------------------
@@ -597,7 +646,8 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
 //   forward  HD 64: NW 8 (128 q rows), BN 64     forward  HD 128: NW 8, BN 64
 //   backward HD 64: NW 8 (128 keys),   BQ 64     backward HD 128: NW 8 (128 keys), BQ 32
 // Grid: (tile-table bound, n_heads) for the forward, (bound, n_kv_heads) for the backward;
-// block NW·32. Both read one tile table of 128 rows.
+// block NW·32. Both read one tile table of 128 rows. flash_backward_atomic_HD has the backward's
+// configuration and launch shape.
 #define FLASH_ENTRIES(HD, FNW, FBN, FMINB, KNW, KBQ)                                                                   \
     extern "C" __global__ void __launch_bounds__(FNW * 32, FMINB)                                               \
         flash_forward_##HD(bf16_t* out, float* lse, const bf16_t* qkv, const int* table, int n, int n_heads,    \
@@ -608,8 +658,15 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         flash_backward_##HD(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,                  \
                             const bf16_t* qkv, const float* lse, const float* D, const int* table, int n,       \
                             int n_heads, int n_kv_heads) {                                                      \
-        flash_backward_impl<HD, KNW, KBQ>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n, n_heads,           \
-                                          n_kv_heads);                                                          \
+        flash_backward_impl<HD, KNW, KBQ, false>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n, n_heads,    \
+                                                 n_kv_heads);                                                   \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(KNW * 32)                                                      \
+        flash_backward_atomic_##HD(bf16_t* dqkv, float* dq_acc, const bf16_t* dout, const bf16_t* qkv,          \
+                                   const float* lse, const float* D, const int* table, int n, int n_heads,      \
+                                   int n_kv_heads) {                                                            \
+        flash_backward_impl<HD, KNW, KBQ, true>(dqkv, dq_acc, nullptr, dout, qkv, lse, D, table, n, n_heads,     \
+                                                n_kv_heads);                                                    \
     }
 FLASH_ENTRIES(64, 8, 64, 2, 8, 64)
 FLASH_ENTRIES(128, 8, 64, 1, 8, 32)

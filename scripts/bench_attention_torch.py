@@ -88,6 +88,8 @@ def main():
     ap.add_argument("--sft", default=default_sft, help="the sft binary (default: next to this script, .gpu/, target/release/)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--scalar", action="store_true", help="also time our scalar kernels")
+    ap.add_argument("--dq", default="ordered", choices=["ordered", "atomic", "both"],
+                    help="our flash backward's dQ accumulation (atomic: not deterministic; both: a row each)")
     ap.add_argument("--markdown", default=None, help="also write the table as markdown to this file")
     args = ap.parse_args()
     seq_lens = [int(x) for x in args.seq_lens.split(",")]
@@ -110,6 +112,8 @@ def main():
     for path in paths:
         cmd = [sft, "bench-attention", "--seq-lens", args.seq_lens, "--tokens", str(args.tokens), "--heads",
                str(args.heads), "--head-dim", str(args.head_dim), "--iters", str(args.iters), "--path", path]
+        if path == "auto":
+            cmd += ["--dq", args.dq]
         res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         # Same format: skip our header line, keep the rows.
         for line in res.stdout.splitlines()[1:]:
@@ -140,8 +144,10 @@ def write_markdown(args, rows, notes):
     for c in cells:
         if len(c) == 8:
             fwd_bwd.setdefault(c[1], {})[c[0]] = float(c[6])
-    ratios = ["T=%s %.2fx" % (t, v["torch sdpa flash"] / v[k]) for t, v in fwd_bwd.items() if "torch sdpa flash" in v
-              for k in v if k.startswith("sft flash")]
+    # One ratio per sft flash row ("sft flash (mma)", and "sft flash (atomic dQ)" with --dq both).
+    ratios = ["T=%s %s%.2fx" % (t, "" if k == "sft flash (mma)" else k[len("sft flash "):] + " ",
+                                 v["torch sdpa flash"] / v[k])
+              for t, v in fwd_bwd.items() if "torch sdpa flash" in v for k in v if k.startswith("sft flash")]
     with open(args.markdown + ".headline", "w") as f:
         f.write(("fwd+bwd speed vs torch: " + ", ".join(ratios) if ratios else "no comparison") + "\n")
 

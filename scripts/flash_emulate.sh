@@ -5,6 +5,8 @@
 # out, lse, dq, dk, dv with a float64 reference on packed, grouped-KV cases for hd 64 and 128.
 # It runs each backward twice, the second time with 3 blocks at once (its dQ semaphores then
 # really wait), and fails unless both give the same bits and leave every semaphore at zero.
+# Then the opt-in atomic dQ path (flash_backward_atomic_HD + flash_dq_convert), twice (1, then
+# 3 blocks at once): dq within tolerance, dk/dv the ordered path's bits, the accumulator zero.
 # It fails on a shared-memory race (cp.async, plain stores and ldmatrix without a barrier
 # between them; flash_emu.h) and prints the ldmatrix bank conflicts. No GPU needed; needs g++
 # (C++20) and the CUDA headers (cuda_bf16.h) of .cuda/ or $CUDA_HOME. CI runs every case.

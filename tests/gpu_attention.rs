@@ -5,6 +5,9 @@
 //! ‖gpu − ref‖ / ‖ref‖ below 1e-2: out, lse, and the dq, dk, dv parts of dqkv separately.
 //! The backward (one kernel: dK, dV and the ordered dQ accumulation) must also be bit-identical
 //! run to run, and a tile table prepared once per batch must follow rewritten segments.
+//! The opt-in atomic dQ path (`FlashDq::Atomic`, SFT_FLASH_DQ=atomic) must meet the same
+//! tolerances against the CPU, give dK and dV bit-identical to the ordered path, and leave its
+//! accumulator at zero (consecutive calls, also after an ordered call, agree).
 //!
 //! All tests are `#[ignore]` (they need an NVIDIA GPU): `cargo test --release --test
 //! gpu_attention -- --ignored`, or `scripts/gpu_check.sh run`. Where the backend cannot open,
@@ -15,16 +18,18 @@
 mod common;
 use common::gpu::{gpu, randn, upload};
 use sft::backend::cpu::CpuBackend;
-use sft::backend::cuda::{AttentionPath, CudaBackend};
+use sft::backend::cuda::{AttentionPath, CudaBackend, FlashDq};
 use sft::backend::{Backend, HeadShape, Precision};
 use sft::rng::Rng;
 
 const TOL: f64 = 1e-2;
 
-/// The GPU backend with the tensor-core path on for `head_dim` (panics when the device lacks it).
+/// The GPU backend with the tensor-core path on for `head_dim` (panics when the device lacks it),
+/// with the ordered dQ accumulation whatever SFT_FLASH_DQ says.
 fn tensor_core_gpu(head_dim: usize) -> Option<CudaBackend> {
     let g = gpu()?;
     g.set_attention_path(AttentionPath::Auto);
+    g.set_flash_dq(FlashDq::Ordered);
     assert!(
         g.uses_tensor_core_attention(head_dim),
         "no tensor-core attention for head_dim {head_dim} on this device (compute capability {:?})",
@@ -104,14 +109,20 @@ fn inputs(n: usize, heads: HeadShape, seed: u64) -> (Vec<f32>, Vec<f32>) {
 
 /// Tensor cores vs the CPU reference.
 fn against_cpu(heads: HeadShape, cu: &[u32], seed: u64) {
+    against_cpu_dq(heads, cu, seed, FlashDq::Ordered);
+}
+
+/// As [`against_cpu`], with the backward's dQ accumulation `dq`.
+fn against_cpu_dq(heads: HeadShape, cu: &[u32], seed: u64, dq: FlashDq) {
     let Some(g) = tensor_core_gpu(heads.head_dim) else { return };
+    g.set_flash_dq(dq);
     let n = *cu.last().unwrap() as usize;
     let (qkv, dout) = inputs(n, heads, seed);
     let a = attention(&g, &qkv, &dout, cu, heads);
     let r = attention(&CpuBackend::<f32>::new(), &qkv, &dout, cu, heads);
     let lens: Vec<u32> = cu.windows(2).map(|w| w[1] - w[0]).collect();
     let tag = format!(
-        "tensor cores vs cpu, hd {} heads {}/{} lengths {lens:?}",
+        "tensor cores ({dq:?} dQ) vs cpu, hd {} heads {}/{} lengths {lens:?}",
         heads.head_dim, heads.n_heads, heads.n_kv_heads
     );
     compare(&tag, &a, &r, heads);
@@ -252,4 +263,57 @@ fn flash_prepared_tile_table_follows_the_segments() {
     let rewritten = attention_on(&g, &qkv, &dout, &cu_b, other.len() - 1, n, GQA_64);
     let r = attention(&CpuBackend::<f32>::new(), &qkv, &dout, other, GQA_64);
     compare("segments rewritten after prepare_segments", &rewritten, &r, GQA_64);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn flash_atomic_dq_single_sequences() {
+    for (i, t) in [1u32, 17, 1000, 2048, 4096].into_iter().enumerate() {
+        against_cpu_dq(MHA_64, &[0, t], 800 + i as u64, FlashDq::Atomic);
+    }
+    for (i, t) in [1u32, 17, 1000, 2048].into_iter().enumerate() {
+        against_cpu_dq(MHA_128, &[0, t], 810 + i as u64, FlashDq::Atomic);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn flash_atomic_dq_packed_grouped_kv() {
+    against_cpu_dq(GQA_64, PACKED, 820, FlashDq::Atomic);
+    against_cpu_dq(MQA_64, PACKED, 821, FlashDq::Atomic);
+    against_cpu_dq(GQA_128, PACKED, 822, FlashDq::Atomic);
+}
+
+/// The atomic path needs a zero accumulator before each launch: flash_dq_convert leaves it zero,
+/// and the backend clears what an ordered launch left in it. An ordered call, then two atomic
+/// calls: the atomic ones agree with each other and with the ordered one (a stale accumulator
+/// would add a whole dQ), dK and dV are the ordered path's bits, and dQ is within tolerance.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn flash_atomic_dq_leaves_the_accumulator_zero() {
+    for (heads, seed) in [(GQA_64, 830), (GQA_128, 831)] {
+        let Some(g) = tensor_core_gpu(heads.head_dim) else { return };
+        let n = *PACKED.last().unwrap() as usize;
+        let (qkv, dout) = inputs(n, heads, seed);
+        let ordered = attention(&g, &qkv, &dout, PACKED, heads);
+        g.set_flash_dq(FlashDq::Atomic);
+        assert_eq!(g.flash_dq(), FlashDq::Atomic);
+        let first = attention(&g, &qkv, &dout, PACKED, heads);
+        let second = attention(&g, &qkv, &dout, PACKED, heads);
+        let hd = heads.head_dim;
+        compare(&format!("atomic dQ, first call vs ordered, hd {hd}"), &first, &ordered, heads);
+        compare(&format!("atomic dQ, second call vs first, hd {hd}"), &second, &first, heads);
+        let (qw, width) = (heads.q_width(), heads.qkv_width());
+        let kv = |v: &[f32]| -> Vec<u32> {
+            v.chunks(width).flat_map(|r| r[qw..].iter().map(|x| x.to_bits())).collect()
+        };
+        assert!(
+            kv(&first[2]) == kv(&ordered[2]),
+            "hd {hd}: dk/dv of the atomic path differ from the ordered path"
+        );
+        // Back to ordered: still deterministic after atomic calls.
+        g.set_flash_dq(FlashDq::Ordered);
+        let again = attention(&g, &qkv, &dout, PACKED, heads);
+        assert_identical(&format!("ordered after atomic, hd {hd}"), &ordered, &again);
+    }
 }

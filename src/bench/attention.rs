@@ -5,13 +5,16 @@
 //! FLOPs follow the flash-attention convention: the forward is two T×T×hd products (QKᵀ, PV),
 //! 4·B·H·T²·hd, halved for the causal mask; the backward counts 2.5× the forward (five
 //! products, which is also what flash_backward executes).
+//!
+//! `--dq both` also times the tensor-core backward with atomic dQ adds (SFT_FLASH_DQ=atomic,
+//! not deterministic) in a row of its own, "sft flash (atomic dQ)".
 
 use anyhow::{Context, Result};
 use clap::Args;
 use std::time::Instant;
 
 use super::{upload, upload_ids};
-use crate::backend::cuda::{AttentionPath, CudaBackend};
+use crate::backend::cuda::{AttentionPath, CudaBackend, FlashDq};
 use crate::backend::{Backend, HeadShape, Precision};
 use crate::rng::Rng;
 
@@ -36,9 +39,21 @@ pub struct AttentionBenchArgs {
     /// auto (tensor cores where supported) or scalar.
     #[arg(long, default_value = "auto")]
     pub path: String,
+    /// The flash backward's dQ accumulation: ordered (deterministic), atomic, or both (one row
+    /// each). Only the tensor-core path has the choice.
+    #[arg(long, default_value = "ordered")]
+    pub dq: String,
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     pub gpu: usize,
+}
+
+/// The dQ accumulations `--dq` asks for, in row order.
+pub fn dq_modes(arg: &str) -> Result<Vec<FlashDq>> {
+    match arg {
+        "both" => Ok(vec![FlashDq::Ordered, FlashDq::Atomic]),
+        other => Ok(vec![FlashDq::parse(other).context("--dq (ordered, atomic or both)")?]),
+    }
 }
 
 /// (forward, backward) FLOPs of causal attention over `batch` sequences of `t` tokens.
@@ -161,6 +176,7 @@ impl<B: Backend> AttentionCase<B> {
 }
 
 pub fn bench_attention(args: AttentionBenchArgs) -> Result<()> {
+    let mut modes = dq_modes(&args.dq)?;
     let g = CudaBackend::new(args.gpu).context("bench-attention needs a CUDA GPU")?;
     let path = match args.path.as_str() {
         "auto" => AttentionPath::Auto,
@@ -173,7 +189,11 @@ pub fn bench_attention(args: AttentionBenchArgs) -> Result<()> {
         n_kv_heads: args.kv_heads.unwrap_or(args.heads),
         head_dim: args.head_dim,
     };
-    let name = if g.uses_tensor_core_attention(heads.head_dim) { "sft flash (mma)" } else { "sft scalar" };
+    let flash = g.uses_tensor_core_attention(heads.head_dim);
+    if !flash {
+        // The scalar kernels have one dQ kernel: one row, whatever --dq says.
+        modes.truncate(1);
+    }
     eprintln!("{} (compute capability {:?})", g.name(), g.compute_capability());
     println!("{}", table_header());
     let mut rng = Rng::new(11);
@@ -196,9 +216,17 @@ pub fn bench_attention(args: AttentionBenchArgs) -> Result<()> {
             g.synchronize()?;
             Ok(timed.elapsed().as_secs_f64() / args.iters.max(1) as f64)
         };
-        let fwd = time(false)?;
-        let fwd_bwd = time(true)?;
-        println!("{}", table_row(name, t, batch, heads.head_dim, heads.n_heads, fwd, fwd_bwd));
+        for &mode in &modes {
+            g.set_flash_dq(mode);
+            let name = match (flash, mode) {
+                (false, _) => "sft scalar",
+                (true, FlashDq::Ordered) => "sft flash (mma)",
+                (true, FlashDq::Atomic) => "sft flash (atomic dQ)",
+            };
+            let fwd = time(false)?;
+            let fwd_bwd = time(true)?;
+            println!("{}", table_row(name, t, batch, heads.head_dim, heads.n_heads, fwd, fwd_bwd));
+        }
     }
     Ok(())
 }
@@ -217,6 +245,17 @@ mod tests {
         // fwd: f / 1 ms; fwd+bwd: 3.5 f / 3.5 ms: the same rate.
         let rate = format!("{:.1}", f / 1e-3 / 1e12);
         assert_eq!(row.split_whitespace().filter(|w| *w == rate).count(), 2, "{row}");
+    }
+
+    #[test]
+    fn dq_flag_takes_ordered_atomic_or_both() {
+        assert_eq!(dq_modes("ordered").unwrap(), vec![FlashDq::Ordered]);
+        assert_eq!(dq_modes("atomic").unwrap(), vec![FlashDq::Atomic]);
+        assert_eq!(dq_modes("both").unwrap(), vec![FlashDq::Ordered, FlashDq::Atomic]);
+        let err = format!("{:#}", dq_modes("fastest").unwrap_err());
+        assert!(err.contains("--dq") && err.contains("fastest"), "{err}");
+        // The table's name column is 22 wide (bench_attention_torch.py splits rows there).
+        assert!("sft flash (atomic dQ)".len() <= 22);
     }
 
     #[test]

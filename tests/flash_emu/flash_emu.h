@@ -18,6 +18,7 @@
 //   ldmatrix of a word that another warp stored in the same epoch, or a store over a word that
 //   another warp read in the same epoch, is a race.
 // - bank conflicts: each 8-row phase of an ldmatrix should hit 8 distinct 16-byte bank groups.
+// atomicAdd(float*, float) (the atomic dQ path) is std::atomic_ref<float>::fetch_add.
 // Semaphores between CTAs (the backward's ordered dQ accumulation): ld_acquire / st_release are
 // C++ acquire/release atomics. Blocks run in dispatch order (x fastest, then y), one at a time,
 // where a wait that is not already satisfied can only be on a later block (a deadlock on a GPU,
@@ -222,6 +223,9 @@ inline uint32_t ld_acquire(const uint32_t* p) {
 }
 inline void st_release(uint32_t* p, uint32_t v) { std::atomic_ref<uint32_t>(*p).store(v, std::memory_order_release); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+// The atomic dQ path (flash_backward_atomic_HD): a relaxed fp32 read-modify-write, as red.add is
+// on a GPU (the order of the adds, and so the last bits, follows the threads' timing).
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v, std::memory_order_relaxed); }
 inline float2 __ldcg(const float2* p) { return *p; }
 inline void __stcg(float2* p, float2 v) { *p = v; }
 inline void wait_semaphore(const uint32_t* sem, uint32_t want) {

@@ -1,5 +1,6 @@
 // Runs kernels/flash_attention.cu's kernels on the CPU (flash_emu.h) and compares out, lse, dq,
-// dk and dv with a float64 reference of causal attention over packed segments. Build and run:
+// dk and dv with a float64 reference of causal attention over packed segments (the backward
+// with its ordered dQ, and with atomic dQ adds plus flash_dq_convert). Build and run:
 // scripts/flash_emulate.sh. Exit status 0 when every case is within tolerance.
 #include "flash_attention.cu"
 
@@ -201,6 +202,45 @@ static bool run(const Case& c, uint64_t seed) {
     }
     printf(" twice %s", identical ? "identical" : "DIFFERENT");
     ok = ok && identical;
+
+    // The atomic dQ path (flash_backward_atomic_HD, then flash_dq_convert): the accumulator
+    // starts at zero (as allocated) and must be zero again after each convert. Run twice, the
+    // second time 3 blocks at once (the adds interleave), each against the same reference; dk
+    // and dv come from the same code as the ordered path and must equal its bits.
+    std::vector<float> atomic_acc((size_t)n * nh * hd, 0.0f);
+    const size_t steps = (size_t)n * nh * hd / 8;
+    // Two blocks of 256 at most: the grid-stride loop then takes several steps per thread.
+    const unsigned convert_grid = (unsigned)std::min<size_t>(2, (steps + 255) / 256);
+    double atomic_dq_err = 0;
+    long acc_left = 0, kv_differ = 0;
+    for (int ctas : {1, 3}) {
+        std::vector<bf16_t> g(n * width, __float2bfloat16_rn(NAN));
+        launch("flash_backward_atomic_" + h, (unsigned)(tk.size() - 1) / 3, nkv, cfg.knw * 32, cfg.ksmem, [&] {
+            if (hd == 64) flash_backward_atomic_64(g.data(), atomic_acc.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+            else flash_backward_atomic_128(g.data(), atomic_acc.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+        }, ctas);
+        launch("flash_dq_convert", convert_grid, 1, 256, 0,
+               [&] { flash_dq_convert(g.data(), atomic_acc.data(), n, nh, nkv, hd); });
+        long left = std::count_if(atomic_acc.begin(), atomic_acc.end(), [](float v) {
+            uint32_t bits;
+            memcpy(&bits, &v, 4);
+            return bits != 0;
+        });
+        acc_left += left;
+        std::vector<double> a = to_d(g);
+        atomic_dq_err = std::max(atomic_dq_err, rel_err(part(a, 0, nh * hd), part(r_dqkv, 0, nh * hd)));
+        for (int i = 0; i < n; i++)
+            kv_differ += memcmp(&g[(size_t)i * width + nh * hd], &dqkv[(size_t)i * width + nh * hd],
+                                (size_t)2 * nkv * hd * sizeof(bf16_t)) != 0;
+    }
+    printf(" atomic dq %.2e", atomic_dq_err);
+    if (kv_differ) printf(" (%ld rows of dk/dv differ from the ordered path)", kv_differ);
+    if (acc_left) printf(" (%ld accumulator elements left non-zero)", acc_left);
+    const bool atomic_ok = atomic_dq_err < 1e-2 && kv_differ == 0 && acc_left == 0;
+    ok = ok && atomic_ok;
+    record("flash_backward_atomic_" + h, std::max(atomic_dq_err, (double)kv_differ), 1e-2);
+    record("flash_dq_convert", atomic_dq_err, 1e-2);
+    record("flash_dq_convert", (double)acc_left, 0);
     printf("  %s\n", ok ? "ok" : "FAILED");
     record("flash_forward_" + h, std::max(errs[0], errs[1]), 1e-2);
     record("flash_backward_" + h, std::max({errs[2], errs[3], errs[4]}), 1e-2);

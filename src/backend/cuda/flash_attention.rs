@@ -6,8 +6,14 @@
 //! (head_dim other than 64/128, a device below sm_80, or one whose per-block shared memory
 //! cannot hold the tiles), and `SFT_ATTENTION=scalar` (or [`CudaBackend::set_attention_path`])
 //! forces them, to cross-check the two on a GPU.
+//!
+//! The backward sums dQ in a fixed order by default (deterministic); `SFT_FLASH_DQ=atomic` (or
+//! [`CudaBackend::set_flash_dq`]) opts into fp32 atomic adds and a convert kernel instead, which
+//! is not bit-reproducible run to run.
 
-use anyhow::{Context, Result};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{bail, Context, Result};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
 
@@ -34,6 +40,61 @@ impl AttentionPath {
         }
     }
 }
+
+/// How the flash backward sums the dQ partials of a q tile's key tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashDq {
+    /// In a fixed order through a semaphore per q tile (`flash_backward_HD`): bit-identical run
+    /// to run. The default.
+    Ordered,
+    /// fp32 atomicAdd into the accumulator, then `flash_dq_convert` (`flash_backward_atomic_HD`):
+    /// no waits on the loop's critical path, but the order of the adds (and so the last bits of
+    /// dQ) follows the timing. Not yet measured on a GPU.
+    Atomic,
+}
+
+impl FlashDq {
+    /// `SFT_FLASH_DQ`: `ordered` (or unset) or `atomic`; anything else is an error.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("SFT_FLASH_DQ") {
+            Err(std::env::VarError::NotPresent) => Ok(FlashDq::Ordered),
+            Ok(v) => Self::parse(&v).with_context(|| "environment variable SFT_FLASH_DQ".to_string()),
+            Err(e) => bail!("environment variable SFT_FLASH_DQ: {e}"),
+        }
+    }
+
+    /// `ordered` or `atomic` (case-insensitive).
+    pub fn parse(s: &str) -> Result<Self> {
+        if s.eq_ignore_ascii_case("ordered") {
+            Ok(FlashDq::Ordered)
+        } else if s.eq_ignore_ascii_case("atomic") {
+            Ok(FlashDq::Atomic)
+        } else {
+            bail!("{s:?}: expected ordered or atomic")
+        }
+    }
+}
+
+/// The backend's dQ accumulation state: the chosen [`FlashDq`], and whether the fp32
+/// accumulator may hold non-zero values. The atomic path needs it zero before a launch and
+/// leaves it zero (flash_dq_convert); the ordered path leaves partial sums in it. So the first
+/// atomic launch after an ordered one clears it.
+#[derive(Debug)]
+pub(super) struct DqAccumulation {
+    atomic: AtomicBool,
+    acc_dirty: AtomicBool,
+}
+
+impl DqAccumulation {
+    pub(super) fn new(mode: FlashDq) -> Self {
+        DqAccumulation { atomic: AtomicBool::new(mode == FlashDq::Atomic), acc_dirty: AtomicBool::new(false) }
+    }
+}
+
+/// Threads per block of flash_dq_convert (its `__launch_bounds__`).
+const DQ_CONVERT_THREADS: usize = 256;
+/// Most blocks of flash_dq_convert (a grid-stride loop; 8 per SM on a 132-SM H100/H200).
+const DQ_CONVERT_MAX_BLOCKS: usize = 1056;
 
 /// One kernel's launch shape: `warps` per CTA, `tile` rows of its own side per CTA (q rows for
 /// the forward, key rows for the backward), and its dynamic shared memory in bytes.
@@ -71,6 +132,8 @@ pub(super) struct FlashConfig {
     pub head_dim: usize,
     pub forward: FlashKernel,
     pub backward: FlashKernel,
+    /// The backward with atomic dQ adds: the same tiles and shared memory as `backward`.
+    pub backward_atomic: FlashKernel,
     /// q rows per iteration of the backward (its dQ partials are `bq × head_dim` blocks).
     pub backward_bq: usize,
 }
@@ -79,12 +142,14 @@ pub(super) const FLASH_64: FlashConfig = FlashConfig {
     head_dim: 64,
     forward: forward("flash_forward_64", 64, 8, 64),
     backward: backward("flash_backward_64", 64, 8, 64),
+    backward_atomic: backward("flash_backward_atomic_64", 64, 8, 64),
     backward_bq: 64,
 };
 pub(super) const FLASH_128: FlashConfig = FlashConfig {
     head_dim: 128,
     forward: forward("flash_forward_128", 128, 8, 64),
     backward: backward("flash_backward_128", 128, 8, 32),
+    backward_atomic: backward("flash_backward_atomic_128", 128, 8, 32),
     backward_bq: 32,
 };
 
@@ -156,7 +221,7 @@ impl FlashSupport {
             return Ok(support);
         }
         let enable = |cfg: &FlashConfig| -> Result<bool> {
-            let ks = [cfg.forward, cfg.backward];
+            let ks = [cfg.forward, cfg.backward, cfg.backward_atomic];
             if ks.iter().any(|k| k.smem > optin) {
                 return Ok(false);
             }
@@ -197,6 +262,20 @@ pub(crate) fn tile_bound(n: usize, n_segments: usize, tile: usize) -> usize {
 }
 
 impl CudaBackend {
+    /// Selects how the flash backward sums dQ (`Ordered`, the default, is deterministic).
+    /// The initial value comes from `SFT_FLASH_DQ` (`atomic` opts into atomic adds).
+    pub fn set_flash_dq(&self, mode: FlashDq) {
+        self.flash_dq.atomic.store(mode == FlashDq::Atomic, Ordering::Relaxed);
+    }
+
+    pub fn flash_dq(&self) -> FlashDq {
+        if self.flash_dq.atomic.load(Ordering::Relaxed) {
+            FlashDq::Atomic
+        } else {
+            FlashDq::Ordered
+        }
+    }
+
     /// Chooses the tensor-core path (`Some`) or the scalar one (`None`) for this head shape.
     pub(super) fn flash_config(&self, heads: HeadShape) -> Option<FlashConfig> {
         if self.attention_path() == AttentionPath::Scalar {
@@ -340,6 +419,37 @@ impl CudaBackend {
         let sem = attn_dq_sem.as_mut().expect("ensured above");
 
         let (s, ks) = (&self.stream, &self.kernels);
+        if self.flash_dq() == FlashDq::Atomic {
+            if self.flash_dq.acc_dirty.load(Ordering::Relaxed) {
+                self.stream.memset_zeros(acc).context("clearing the attention dQ accumulator")?;
+                self.flash_dq.acc_dirty.store(false, Ordering::Relaxed);
+            }
+            let launch_cfg = flash_launch(cfg.backward_atomic, bound, heads.n_kv_heads);
+            // SAFETY: as the ordered launch below, without the semaphores; the accumulator is
+            // zero (allocated zeroed, cleared above after an ordered launch, or left zero by the
+            // last convert).
+            unsafe {
+                launch_for_head_dim!(
+                    cfg.head_dim,
+                    [64 => launch::flash_backward_atomic_64, 128 => launch::flash_backward_atomic_128],
+                    (s, ks, launch_cfg, dqkv, &mut *acc, dout, qkv, lse, d, table, ni, nhi, nkvi)
+                )
+            }?;
+            let hdi = int(heads.head_dim, "head_dim")?;
+            let steps = n * heads.q_width() / 8;
+            let blocks = steps.div_ceil(DQ_CONVERT_THREADS).clamp(1, DQ_CONVERT_MAX_BLOCKS);
+            let convert_cfg = LaunchConfig {
+                grid_dim: (blocks as u32, 1, 1),
+                block_dim: (DQ_CONVERT_THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: reads and zeroes the first n·q_width floats of the accumulator and writes
+            // the q part of the n rows of dqkv; q_width (n_heads·hd, hd 64 or 128) is a multiple
+            // of 8 and a dqkv row a multiple of 16 bytes, as its 16-byte accesses need.
+            unsafe { launch::flash_dq_convert(s, ks, convert_cfg, dqkv, acc, ni, nhi, nkvi, hdi) }?;
+            return Ok(());
+        }
+        self.flash_dq.acc_dirty.store(true, Ordering::Relaxed);
         let launch_cfg = flash_launch(cfg.backward, bound, heads.n_kv_heads);
         // SAFETY: writes the q, k and v parts of dqkv rows inside their segments; the accumulator
         // holds n·n_heads·hd floats and the semaphores n_heads·n (ensured above).
@@ -538,6 +648,14 @@ mod tests {
     }
 
     #[test]
+    fn flash_dq_parses_ordered_and_atomic_and_names_bad_values() {
+        assert_eq!(FlashDq::parse("ordered").unwrap(), FlashDq::Ordered);
+        assert_eq!(FlashDq::parse("Atomic").unwrap(), FlashDq::Atomic);
+        let err = format!("{:#}", FlashDq::parse("fast").unwrap_err());
+        assert!(err.contains("\"fast\"") && err.contains("ordered or atomic"), "{err}");
+    }
+
+    #[test]
     fn tile_table_covers_each_row_once_inside_its_segment() {
         let cu = [0u32, 1, 17, 17, 1017, 3065, 3066];
         let n = *cu.last().unwrap() as usize;
@@ -563,6 +681,12 @@ mod tests {
         assert_eq!(FLASH_128.forward.smem, 104448);
         assert_eq!(FLASH_128.backward.smem, 104960 + 128 * 40 * 2);
         for cfg in [FLASH_64, FLASH_128] {
+            // One template, two dQ accumulations: the same tiles and shared memory.
+            assert_eq!(
+                (cfg.backward_atomic.warps, cfg.backward_atomic.tile),
+                (cfg.backward.warps, cfg.backward.tile)
+            );
+            assert_eq!(cfg.backward_atomic.smem, cfg.backward.smem);
             // The dQ product's warp grid (flash_backward_impl): bq/16 strips × column groups.
             let strips = cfg.backward_bq / 16;
             assert_eq!(cfg.backward.warps % strips, 0);

@@ -48,8 +48,8 @@ pub use cross_entropy::{
     vec_arg as cross_entropy_vec_arg, CHUNK_BUDGET_BYTES as CROSS_ENTROPY_CHUNK_BUDGET,
 };
 pub use cudarc::driver::LaunchConfig;
-pub use flash_attention::AttentionPath;
 use flash_attention::FlashSupport;
+pub use flash_attention::{AttentionPath, FlashDq};
 use gemm::Gemm;
 pub use global_norm::{sum_squares_blocks, SUMSQ_BLOCKS as SUM_SQUARES_BLOCKS, SUM_SPLIT_THREADS};
 use launch::Kernels;
@@ -142,6 +142,8 @@ pub struct CudaBackend {
     flash: FlashSupport,
     /// `AttentionPath::Scalar` when set (SFT_ATTENTION=scalar, or set_attention_path).
     force_scalar_attention: AtomicBool,
+    /// How the flash backward sums dQ (SFT_FLASH_DQ, or set_flash_dq).
+    flash_dq: flash_attention::DqAccumulation,
     /// Blocking device-to-host copies so far (see `download`).
     reads: AtomicU64,
 }
@@ -181,6 +183,7 @@ impl CudaBackend {
         let flash = FlashSupport::probe(&ctx, &kernels)?;
         let gemm = Gemm::new(stream.clone())?;
         let gpu = ctx.name().unwrap_or_else(|_| "unknown GPU".to_string());
+        let flash_dq = flash_attention::DqAccumulation::new(FlashDq::from_env()?);
         Ok(CudaBackend {
             name: format!("cuda:{ordinal} {gpu}"),
             ctx,
@@ -190,6 +193,7 @@ impl CudaBackend {
             scratch: Mutex::new(Scratch::default()),
             flash,
             force_scalar_attention: AtomicBool::new(AttentionPath::from_env() == AttentionPath::Scalar),
+            flash_dq,
             reads: AtomicU64::new(0),
         })
     }
