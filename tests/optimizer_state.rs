@@ -111,6 +111,7 @@ fn training_with_bf16_moments_converges_like_f32() {
     };
     let f32_run = run(StateDtype::F32);
     let bf16_run = run(StateDtype::Bf16);
+    eprintln!("f32 losses:  {:?}\nbf16 losses: {:?}", f32_run.step_losses, bf16_run.step_losses);
     let (first, last) = (f32_run.step_losses[0].1, f32_run.step_losses.last().unwrap().1);
     assert!(last < 0.9 * first, "the f32 run must learn for this to mean anything: {first} -> {last}");
     assert_eq!(bf16_run.step_losses[0].1, first, "the first step's loss comes before any update");
