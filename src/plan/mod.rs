@@ -523,10 +523,10 @@ pub fn render(p: &Plan) -> String {
     let _ = writeln!(s, "Estimated memory plan:");
     let _ = writeln!(s, "weights (bf16)                 {:>8.2} GiB", gib(m.weights));
     let _ = writeln!(s, "gradients (fp32)               {:>8.2} GiB", gib(m.grads));
-    let label = format!(
-        "master + AdamW moments ({})",
-        if m.optimizer_state == StateDtype::Bf16 { "fp32+bf16" } else { "fp32" }
-    );
+    let label = match m.optimizer_state {
+        StateDtype::F32 => "master + AdamW moments (fp32)",
+        StateDtype::Bf16 => "master + moments (fp32, bf16)",
+    };
     let _ = writeln!(s, "{label:<30} {:>8.2} GiB", gib(m.master_and_moments));
     let _ = writeln!(
         s,
