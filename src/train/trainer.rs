@@ -522,6 +522,9 @@ pub fn train_with<B: Backend>(
         cfg.grad_accum,
         cfg.micro_batch,
     ));
+    if model.optimizer_state() == crate::backend::StateDtype::Bf16 {
+        progress.println("AdamW moments in bf16 (--optimizer-state bf16): 4 bytes per parameter fewer");
+    }
     if let Some(lora) = model.lora() {
         progress.println(&crate::lora::describe(lora, model.config()));
     }
