@@ -14,7 +14,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sft::backend::cuda::{CudaBackend, FlashDq};
 use sft::backend::{
     group_tokens_by_id, supervised_rows, AdamW, Backend, BranchGrad, Dropout, GradMode, HeadShape, LossGrads,
-    Precision, Rope, RopeStyle,
+    Precision, Rope, RopeStyle, StateDtype,
 };
 use sft::bench::attention::AttentionCase;
 use sft::bench::{upload, upload_ids};
@@ -259,7 +259,7 @@ fn bench(c: &mut Criterion) {
             let gs: Vec<&_> = grads.iter().collect();
             let mut mm: Vec<&mut _> = m.iter_mut().collect();
             let mut vv: Vec<&mut _> = v.iter_mut().collect();
-            g.adamw(&mut p, &mut ms, &gs, &mut mm, &mut vv, &lens, &hp, None).unwrap();
+            g.adamw(&mut p, &mut ms, &gs, &mut mm, &mut vv, StateDtype::F32, &lens, &hp, None).unwrap();
             sync()
         })
     });

@@ -12,7 +12,7 @@
 use sft::backend::cpu::CpuBackend;
 use sft::backend::{
     cross_entropy_sum, group_tokens_by_id, stats, sum_squares_read, AdamW, Backend, BranchGrad, Clip,
-    Dropout, GradMode, HeadShape, LossGrads, Precision, Rope, RopeScaling, RopeStyle, STATS_LEN,
+    Dropout, GradMode, HeadShape, LossGrads, Precision, Rope, RopeScaling, RopeStyle, StateDtype, STATS_LEN,
 };
 use sft::rng::{self, Rng};
 
@@ -630,7 +630,18 @@ fn adamw_follows_pytorch_and_sum_squares_adds_every_buffer() {
         let g_refs: Vec<&Vec<f64>> = grads.iter().collect();
         let mut m_refs: Vec<&mut Vec<f64>> = m.iter_mut().collect();
         let mut v_refs: Vec<&mut Vec<f64>> = v.iter_mut().collect();
-        be.adamw(&mut p_refs, &mut w_refs, &g_refs, &mut m_refs, &mut v_refs, &lens, &hp, None).unwrap();
+        be.adamw(
+            &mut p_refs,
+            &mut w_refs,
+            &g_refs,
+            &mut m_refs,
+            &mut v_refs,
+            StateDtype::F32,
+            &lens,
+            &hp,
+            None,
+        )
+        .unwrap();
         let (b1, b2) = (hp.beta1 as f64, hp.beta2 as f64);
         for t in 0..lens.len() {
             for k in 0..lens[t] {
@@ -680,7 +691,7 @@ fn adamw_clips_by_the_norm_in_the_statistics_buffer() {
         let mut w: Vec<&mut Vec<f64>> = master.iter_mut().collect();
         let mut mm: Vec<&mut Vec<f64>> = m.iter_mut().collect();
         let mut vv: Vec<&mut Vec<f64>> = v.iter_mut().collect();
-        be.adamw(&mut p, &mut w, &g_refs, &mut mm, &mut vv, &lens, hp, clip).unwrap();
+        be.adamw(&mut p, &mut w, &g_refs, &mut mm, &mut vv, StateDtype::F32, &lens, hp, clip).unwrap();
         (master, m)
     };
     let hp =

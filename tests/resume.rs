@@ -1,11 +1,13 @@
 //! An interrupted and resumed run repeats an uninterrupted one bit for bit: the same per-step
 //! losses (f64 equality) and the same final weights, for padded and packed batches, with
-//! dropout on and two micro-batches per optimizer step.
+//! dropout on and two micro-batches per optimizer step; with f32 and with bf16 AdamW moments
+//! (`--optimizer-state`), and a resume in the other state type refused.
 
 mod common;
 
 use common::train::{prepared_data, tiny_config};
 use sft::backend::cpu::CpuBackend;
+use sft::backend::StateDtype;
 use sft::data::BatchMode;
 use sft::train::log::read_train_losses;
 use sft::train::{train_on, TrainConfig, TrainReport};
@@ -18,10 +20,14 @@ fn run(cfg: &TrainConfig) -> (TrainReport, Vec<sft::model::params::NamedTensor>)
 
 /// Trains 2N steps in one go, and N steps then a resume to 2N, in two fresh out_dirs.
 fn check_resume_is_exact(mode: BatchMode, leftover_tmp: bool) {
+    check_resume_is_exact_with(mode, leftover_tmp, StateDtype::F32);
+}
+
+fn check_resume_is_exact_with(mode: BatchMode, leftover_tmp: bool, state: StateDtype) {
     const N: u64 = 3;
     let root = tempfile::tempdir().unwrap();
     let (data, tok) = prepared_data(root.path(), 48, 96);
-    let base = |out: &Path| tiny_config(&data, &tok, out, mode);
+    let base = |out: &Path| TrainConfig { optimizer_state: state, ..tiny_config(&data, &tok, out, mode) };
 
     let whole = TrainConfig { max_steps: Some(2 * N), ..base(&root.path().join("whole")) };
     let (whole_report, whole_params) = run(&whole);
@@ -56,6 +62,47 @@ fn check_resume_is_exact(mode: BatchMode, leftover_tmp: bool) {
     for (a, b) in resumed_params.iter().zip(&whole_params) {
         assert_eq!(a.name, b.name);
         assert!(a.data.iter().zip(&b.data).all(|(x, y)| x.to_bits() == y.to_bits()), "{} differs", a.name);
+    }
+    // The moments are saved in their own type: bf16 moments as BF16 tensors (half the bytes).
+    let latest = sft::checkpoint::latest(&cut_dir).unwrap().unwrap();
+    let dtypes = sft::checkpoint::tensor_dtypes(&latest.join("optimizer.safetensors")).unwrap();
+    let want = if state == StateDtype::Bf16 { "BF16" } else { "F32" };
+    assert!(!dtypes.is_empty() && dtypes.values().all(|d| d == want), "{dtypes:?}");
+}
+
+#[test]
+fn resumed_run_with_bf16_moments_repeats_the_uninterrupted_one_bit_for_bit() {
+    check_resume_is_exact_with(BatchMode::Packed, false, StateDtype::Bf16);
+}
+
+/// A checkpoint's moments are resumed in the type they were saved in: the other type is refused
+/// with an error that names the file and the field, before and at the optimizer file.
+#[test]
+fn resume_in_the_other_state_type_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let (data, tok) = prepared_data(root.path(), 48, 96);
+    for (saved, asked) in [(StateDtype::Bf16, StateDtype::F32), (StateDtype::F32, StateDtype::Bf16)] {
+        let out = root.path().join(format!("{saved}"));
+        let first = TrainConfig {
+            max_steps: Some(2),
+            schedule_steps: Some(4),
+            optimizer_state: saved,
+            ..tiny_config(&data, &tok, &out, BatchMode::Packed)
+        };
+        run(&first);
+        let again = TrainConfig { max_steps: Some(4), resume: true, optimizer_state: asked, ..first.clone() };
+        let err = format!("{:#}", train_on(CpuBackend::<f32>::new(), &again).err().expect("must be refused"));
+        assert!(err.contains("trainer_state.json") && err.contains("optimizer_state"), "{err}");
+        assert!(err.contains(&format!("--optimizer-state {saved}")), "{err}");
+
+        // The optimizer file itself is checked too (a state file edited by hand, another tool).
+        let dir = sft::checkpoint::latest(&out).unwrap().unwrap();
+        let ckpt = sft::checkpoint::Checkpoint::open(&dir).unwrap();
+        let mut model =
+            ckpt.training_model_moments(CpuBackend::<f32>::new(), None, 4, 96, None, asked).unwrap();
+        let err = format!("{:#}", sft::checkpoint::load_optimizer_into(&dir, &mut model).unwrap_err());
+        assert!(err.contains("optimizer.safetensors") && err.contains("m."), "{err}");
+        assert!(err.contains(&format!("--optimizer-state {saved}")), "{err}");
     }
 }
 

@@ -43,6 +43,20 @@ fn train_reports_bad_configs_by_field() {
 }
 
 #[test]
+fn optimizer_state_flag_is_parsed_and_checked() {
+    let root = tempfile::tempdir().unwrap();
+    let file = root.path().join("run.json");
+    std::fs::write(&file, r#"{"data": "prepared"}"#).unwrap();
+    let cfg = file.to_str().unwrap();
+    let (ok, _, stderr) = sft(&["train", "--config", cfg, "--optimizer-state", "fp8"]);
+    assert!(!ok && stderr.contains("f32 or bf16"), "{stderr}");
+    let (ok, _, stderr) = sft(&["train", "--config", cfg, "--optimizer-state", "bf16", "--eps", "1e-20"]);
+    assert!(!ok && stderr.contains("eps") && stderr.contains("optimizer_state bf16"), "{stderr}");
+    let (ok, _, stderr) = sft(&["train", "--config", cfg, "--optimizer-state", "bf16", "--lora"]);
+    assert!(!ok && stderr.contains("LoRA"), "{stderr}");
+}
+
+#[test]
 fn train_resume_and_eval_through_the_binary() {
     let root = tempfile::tempdir().unwrap();
     let (data, tok) = prepared_data(root.path(), 48, 96);

@@ -6,7 +6,7 @@ use sft::backend::cpu::{self, CeGrads, Real};
 use sft::backend::cuda::{
     cross_entropy_copy_items, cross_entropy_vec_arg, sum_squares_blocks, ADAMW_MAX_BLOCKS, SUM_SPLIT_THREADS,
 };
-use sft::backend::{clip_factor, stats, AdamW, GradMode};
+use sft::backend::{clip_factor, stats, AdamW, GradMode, StateDtype};
 
 use crate::emu::*;
 /// Logit elements per chunk here: small, so that the cases run several chunks through the
@@ -85,6 +85,17 @@ struct AdamTensor {
     len: u64,
 }
 
+/// adamw.cu AdamTensorBf16: the moments stored in bf16.
+#[repr(C)]
+struct AdamTensorBf16 {
+    master: *mut f32,
+    grad: *const f32,
+    m: *mut bf16,
+    v: *mut bf16,
+    param: *mut bf16,
+    len: u64,
+}
+
 /// The clip of an adamw case: none (a null sum of squares), the norm over the limit, or a norm
 /// that is not finite (the update must be skipped).
 #[derive(Clone, Copy, Debug)]
@@ -95,13 +106,20 @@ enum ClipCase {
 }
 
 pub fn adamw(r: &mut Report, rng: &mut Rng) {
-    for (lens, clip) in [
+    let f32_cases = [
         (vec![1usize], ClipCase::None),
         (vec![1, 300, 2000], ClipCase::None),
         (vec![1, 300, 2000], ClipCase::Clipped),
         (vec![300, 7], ClipCase::NonFinite),
-    ] {
-        let case = format!("lens {lens:?}, clip {clip:?}");
+    ];
+    let bf16_cases = [
+        (vec![1usize, 300, 2000], ClipCase::None),
+        (vec![1, 300, 2000], ClipCase::Clipped),
+        (vec![300, 7], ClipCase::NonFinite),
+    ];
+    let cases = f32_cases.into_iter().map(|c| (c, StateDtype::F32));
+    for ((lens, clip), moments) in cases.chain(bf16_cases.into_iter().map(|c| (c, StateDtype::Bf16))) {
+        let case = format!("lens {lens:?}, clip {clip:?}, moments {moments}");
         let hp = AdamW {
             lr: 1e-3,
             beta1: 0.9,
@@ -111,11 +129,27 @@ pub fn adamw(r: &mut Report, rng: &mut Rng) {
             step: 3,
             grad_scale: 0.7,
         };
+        // What a moment buffer can hold: bf16 values with bf16 moments.
+        let held = |x: Vec<f32>| -> Vec<f32> {
+            match moments {
+                StateDtype::F32 => x,
+                StateDtype::Bf16 => x.iter().map(|&x| bf16::from_f32(x).to_f32()).collect(),
+            }
+        };
         let mut master: Vec<Vec<f32>> = lens.iter().map(|&l| rng.f32s(l, 1.0)).collect();
-        let grads: Vec<Vec<f32>> = lens.iter().map(|&l| rng.f32s(l, 1.0)).collect();
-        let mut m: Vec<Vec<f32>> = lens.iter().map(|&l| rng.f32s(l, 0.1)).collect();
+        let mut grads: Vec<Vec<f32>> = lens.iter().map(|&l| rng.f32s(l, 1.0)).collect();
+        if moments == StateDtype::Bf16 {
+            // Tiny gradients: v (g² ≈ 1e-42) flushes to zero in bf16, where it is a subnormal
+            // in f32; the update must stay what the twin says (bounded by m / eps).
+            grads.iter_mut().for_each(|g| g.iter_mut().step_by(5).for_each(|x| *x *= 1e-21));
+        }
+        let mut m: Vec<Vec<f32>> = lens.iter().map(|&l| held(rng.f32s(l, 0.1))).collect();
         let mut v: Vec<Vec<f32>> =
-            lens.iter().map(|&l| rng.f32s(l, 0.01).iter().map(|x| x.abs()).collect()).collect();
+            lens.iter().map(|&l| held(rng.f32s(l, 0.01).iter().map(|x| x.abs()).collect())).collect();
+        let mut m_bf: Vec<Vec<bf16>> =
+            m.iter().map(|x| x.iter().map(|&x| bf16::from_f32(x)).collect()).collect();
+        let mut v_bf: Vec<Vec<bf16>> =
+            v.iter().map(|x| x.iter().map(|&x| bf16::from_f32(x)).collect()).collect();
         let mut params: Vec<Vec<bf16>> = lens.iter().map(|&l| nan_bf16(l)).collect();
         let mut want: Vec<[Vec<f64>; 4]> = (0..lens.len())
             .map(|i| [f64s_f32(&master[i]), f64s_f32(&m[i]), f64s_f32(&v[i]), f64s_bf16(&params[i])])
@@ -127,56 +161,78 @@ pub fn adamw(r: &mut Report, rng: &mut Rng) {
             ClipCase::NonFinite => [f32::INFINITY, 0.0, 0.0],
             _ => stats::split(sumsq),
         };
-        let descs: Vec<AdamTensor> = (0..lens.len())
-            .map(|i| AdamTensor {
-                master: master[i].as_mut_ptr(),
-                grad: grads[i].as_ptr(),
-                m: m[i].as_mut_ptr(),
-                v: v[i].as_mut_ptr(),
-                param: params[i].as_mut_ptr(),
-                len: lens[i] as u64,
-            })
-            .collect();
         let max_len = *lens.iter().max().unwrap();
         let bc1 = (1.0 - (hp.beta1 as f64).powi(hp.step as i32)) as f32;
         let bc2 = (1.0 - (hp.beta2 as f64).powi(hp.step as i32)) as f32;
         let blocks = (max_len.div_ceil(BLOCK as usize).min(ADAMW_MAX_BLOCKS) as u32).min(GRID_STRIDE_CAP);
-        let pd = descs.as_ptr();
         let psumsq: *const f32 = match clip {
             ClipCase::None => std::ptr::null(),
             _ => stats_split.as_ptr(),
         };
-        r.launch(
-            "adamw_multi",
-            Cfg { grid: (blocks, lens.len() as u32, 1), block: (BLOCK, 1, 1) },
-            &[
-                arg(&pd),
-                arg(&hp.lr),
-                arg(&hp.beta1),
-                arg(&hp.beta2),
-                arg(&hp.eps),
-                arg(&hp.weight_decay),
-                arg(&bc1),
-                arg(&bc2),
-                arg(&hp.grad_scale),
-                arg(&psumsq),
-                arg(&max_norm),
-            ],
-        );
+        let cfg = Cfg { grid: (blocks, lens.len() as u32, 1), block: (BLOCK, 1, 1) };
+        let scalars = [hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, bc1, bc2, hp.grad_scale];
+        let launch = |r: &mut Report, name: &str, pd: *const u8| {
+            let mut args = vec![arg(&pd)];
+            args.extend(scalars.iter().map(arg));
+            args.push(arg(&psumsq));
+            args.push(arg(&max_norm));
+            r.launch(name, cfg, &args);
+        };
+        match moments {
+            StateDtype::F32 => {
+                let descs: Vec<AdamTensor> = (0..lens.len())
+                    .map(|i| AdamTensor {
+                        master: master[i].as_mut_ptr(),
+                        grad: grads[i].as_ptr(),
+                        m: m[i].as_mut_ptr(),
+                        v: v[i].as_mut_ptr(),
+                        param: params[i].as_mut_ptr(),
+                        len: lens[i] as u64,
+                    })
+                    .collect();
+                launch(r, "adamw_multi", descs.as_ptr().cast());
+            }
+            StateDtype::Bf16 => {
+                let descs: Vec<AdamTensorBf16> = (0..lens.len())
+                    .map(|i| AdamTensorBf16 {
+                        master: master[i].as_mut_ptr(),
+                        grad: grads[i].as_ptr(),
+                        m: m_bf[i].as_mut_ptr(),
+                        v: v_bf[i].as_mut_ptr(),
+                        param: params[i].as_mut_ptr(),
+                        len: lens[i] as u64,
+                    })
+                    .collect();
+                launch(r, "adamw_multi_bf16", descs.as_ptr().cast());
+                m = m_bf.iter().map(|x| x.iter().map(|x| x.to_f32()).collect()).collect();
+                v = v_bf.iter().map(|x| x.iter().map(|x| x.to_f32()).collect()).collect();
+            }
+        }
         // The CPU twin: clip_factor of the same split sum (None: no update at all).
         let factor = match clip {
             ClipCase::None => Some(1.0),
             _ => clip_factor(stats::join(&stats_split, 0), max_norm),
         };
+        // bf16 moments: the twin (f64, rounded through f32) and the kernel (f32) may land on
+        // either side of a bf16 rounding boundary.
+        let tol_moments = if moments == StateDtype::Bf16 { TOL_BF16 } else { TOL_F32 };
+        let name = if moments == StateDtype::Bf16 { "adamw_multi_bf16" } else { "adamw_multi" };
         let mut outs = Vec::new();
         for (i, w) in want.iter_mut().enumerate() {
             let [wm, wmo, wv, wp] = w;
             if let Some(f) = factor {
-                cpu::adamw_tensor_clipped(wp, wm, &f64s_f32(&grads[i]), wmo, wv, &hp, f);
+                cpu::adamw_tensor_clipped(wp, wm, &f64s_f32(&grads[i]), wmo, wv, moments, &hp, f);
             }
             outs.push(("master", rel_err(&f64s_f32(&master[i]), wm), TOL_F32));
-            outs.push(("m", rel_err(&f64s_f32(&m[i]), wmo), TOL_F32));
-            outs.push(("v", rel_err(&f64s_f32(&v[i]), wv), TOL_F32));
+            outs.push(("m", rel_err(&f64s_f32(&m[i]), wmo), tol_moments));
+            outs.push(("v", rel_err(&f64s_f32(&v[i]), wv), tol_moments));
+            if moments == StateDtype::Bf16 {
+                // The stored moments are bf16 values, and v is never negative.
+                let exact = m[i].iter().chain(&v[i]).all(|&x| bf16::from_f32(x).to_f32() == x);
+                outs.push(("moments are bf16", if exact { 0.0 } else { f64::INFINITY }, 0.0));
+                let finite = master[i].iter().all(|x| x.is_finite()) && v[i].iter().all(|&x| x >= 0.0);
+                outs.push(("finite, v >= 0", if finite { 0.0 } else { f64::INFINITY }, 0.0));
+            }
             if factor.is_some() {
                 outs.push(("param", rel_err(&f64s_bf16(&params[i]), wp), TOL_BF16));
             } else {
@@ -185,7 +241,7 @@ pub fn adamw(r: &mut Report, rng: &mut Rng) {
                 outs.push(("param untouched", if untouched { 0.0 } else { f64::INFINITY }, 0.0));
             }
         }
-        r.check("adamw_multi", &case, &outs);
+        r.check(name, &case, &outs);
     }
 }
 

@@ -15,7 +15,7 @@ pub const EMULATED: &[(&str, &[&str])] = &[
     ("embedding", &["embedding_forward", "embedding_backward_grouped", "embedding_backward_grouped_bf16"]),
     ("cross_entropy", &["cross_entropy_gather_rows", "cross_entropy_scatter_rows", "cross_entropy_rows"]),
     ("global_norm", &["sum_squares_f32", "sum_squares_bf16", "sum_split"]),
-    ("adamw", &["adamw_multi"]),
+    ("adamw", &["adamw_multi", "adamw_multi_bf16"]),
     ("matmul", &["matmul_fallback_f32out", "matmul_fallback_bf16out"]),
     (
         "attention",

@@ -175,6 +175,61 @@ pub enum Precision {
     Compute,
     /// Parameter gradients, master weights, optimizer moments, saved statistics: always fp32.
     F32,
+    /// AdamW moments with `--optimizer-state bf16`: bf16 on a device backend. The CPU backend
+    /// stores its own float type and its `adamw` rounds the stored values to bf16 instead.
+    Bf16,
+}
+
+/// Storage type of the AdamW moments `m` and `v` (`--optimizer-state`). The update is computed
+/// in fp32 either way; with `Bf16` the new moments are rounded to nearest even when stored,
+/// which saves 4 bytes per parameter. The master weights stay fp32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl StateDtype {
+    /// The precision the moment buffers are allocated with.
+    pub fn precision(self) -> Precision {
+        match self {
+            StateDtype::F32 => Precision::F32,
+            StateDtype::Bf16 => Precision::Bf16,
+        }
+    }
+    /// Bytes per element of one moment buffer on a device backend.
+    pub fn bytes(self) -> usize {
+        match self {
+            StateDtype::F32 => 4,
+            StateDtype::Bf16 => 2,
+        }
+    }
+    /// The name users write (`f32`, `bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            StateDtype::F32 => "f32",
+            StateDtype::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for StateDtype {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "f32" => Ok(StateDtype::F32),
+            "bf16" => Ok(StateDtype::Bf16),
+            _ => anyhow::bail!("optimizer state must be f32 or bf16, got {s:?}"),
+        }
+    }
+}
+
+impl std::fmt::Display for StateDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// The two conventions for pairing dimensions in rotary embeddings.
@@ -626,9 +681,11 @@ macro_rules! backend_ops {
             /// accumulated in f64 in a fixed order, written split to `stats[stats::SUMSQ..]` on the
             /// device.
             fn sum_squares(&self, bufs: &[&Self::Buf], lens: &[usize], stats: &mut Self::Buf) -> Result<()>;
-            /// One AdamW step over all tensors at once: `master`, `m`, `v` (F32) are updated from
-            /// `grads · hp.grad_scale · clip_factor`, decoupled weight decay `lr · wd · master`, and
-            /// `params` (Compute) receives the new master values. With `clip`, the factor is
+            /// One AdamW step over all tensors at once: `master` (F32), `m`, `v` (of `moments`'s
+            /// precision) are updated from `grads · hp.grad_scale · clip_factor`, decoupled weight
+            /// decay `lr · wd · master`, and `params` (Compute) receives the new master values. The
+            /// arithmetic is fp32; with [`StateDtype::Bf16`] the new `m` and `v` are used unrounded
+            /// in this step's update and stored rounded to nearest even. With `clip`, the factor is
             /// [`clip_factor`] of the sum of squares in device memory, and when that norm is not
             /// finite nothing is updated (the caller reads the norm afterwards and reports it).
             #[allow(clippy::too_many_arguments)]
@@ -639,6 +696,7 @@ macro_rules! backend_ops {
                 grads: &[&Self::Buf],
                 m: &mut [&mut Self::Buf],
                 v: &mut [&mut Self::Buf],
+                moments: StateDtype,
                 lens: &[usize],
                 hp: &AdamW,
                 clip: Option<Clip<'_, Self>>,

@@ -20,7 +20,7 @@
 //! `--repeats` calls after `--warmup` untimed ones.
 
 use super::{upload, upload_ids};
-use crate::backend::{AdamW, Backend, Device, GradMode, LossGrads, Precision};
+use crate::backend::{AdamW, Backend, Device, GradMode, LossGrads, Precision, StateDtype};
 use crate::model::params::param_specs;
 use crate::rng::Rng;
 use crate::train::trainer::resolve_model_config;
@@ -291,7 +291,7 @@ pub fn run_kernel_bench<B: Backend>(backend: B, args: &KernelBenchArgs) -> Resul
         let g: Vec<&B::Buf> = grads.iter().collect();
         let mut mm: Vec<&mut B::Buf> = m.iter_mut().collect();
         let mut vv: Vec<&mut B::Buf> = v.iter_mut().collect();
-        be.adamw(&mut p, &mut ms, &g, &mut mm, &mut vv, lens, &hp, None)
+        be.adamw(&mut p, &mut ms, &g, &mut mm, &mut vv, StateDtype::F32, lens, &hp, None)
     })?;
     timings.push(KernelTiming {
         implementation: implementation.clone(),

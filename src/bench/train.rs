@@ -56,6 +56,9 @@ pub struct BenchArgs {
     /// Time LoRA steps: adapters on the frozen base.
     #[command(flatten)]
     pub lora: crate::lora::LoraArgs,
+    /// Storage of the AdamW moments, as `sft train --optimizer-state`: f32 or bf16.
+    #[arg(long, value_name = "f32|bf16", default_value = "f32")]
+    pub optimizer_state: crate::backend::StateDtype,
     /// A directory prepared by `sft prepare`: time steps on its (shuffled) train batches instead
     /// of synthetic ones, and report useful (non-pad, supervised) tokens/s.
     #[arg(long)]
@@ -202,8 +205,14 @@ pub fn run_bench<B: Backend>(backend: B, args: &BenchArgs) -> Result<BenchReport
     let grad_accum = rows_per_step / args.micro_batch;
     let device = backend.name();
     let lora = args.lora.apply(None)?;
-    let mut model =
-        Model::for_micro_batches_with(backend, config.clone(), args.micro_batch, t, lora.as_ref())?;
+    let mut model = Model::for_micro_batches_moments(
+        backend,
+        config.clone(),
+        args.micro_batch,
+        t,
+        lora.as_ref(),
+        args.optimizer_state,
+    )?;
     model.init_params(args.seed)?;
     if let Some(l) = &lora {
         model.init_adapters(args.seed)?;

@@ -8,7 +8,8 @@
 //!     model.safetensors      weights, Hugging Face Llama names and layouts, f32
 //!     config.json            LlamaForCausalLM fields, plus "sft": our exact ModelConfig
 //!     tokenizer.json         a copy of the tokenizer the model was trained with
-//!     optimizer.safetensors  AdamW moments "m.<name>", "v.<name>" (internal names, f32)
+//!     optimizer.safetensors  AdamW moments "m.<name>", "v.<name>" (internal names; f32, or bf16
+//!                            with --optimizer-state bf16)
 //!     trainer_state.json     the trainer's own state (step, data position, ...), as it wrote it
 //! ```
 //!
@@ -37,7 +38,9 @@ pub use self::run::{
     load_run_state, load_tokenizer, load_tokenizer_for, load_training_model, load_weights_into, save,
     save_weights, save_weights_with, save_with, step_dir_name, Checkpoint, TokenizerSource,
 };
-pub use self::safetensors::{read_safetensors, tensor_shapes, write_safetensors};
+pub use self::safetensors::{
+    read_safetensors, tensor_dtypes, tensor_shapes, write_safetensors, write_safetensors_bf16,
+};
 
 pub const MODEL_FILE: &str = "model.safetensors";
 /// The index of a sharded Hugging Face checkpoint: `{"weight_map": {tensor: shard file}}`.

@@ -12,15 +12,15 @@
 use super::fsync::{fsync_dir, fsync_file, write_file_synced};
 use super::hf::{read_params, to_hf};
 use super::hf_config::{hf_config_json, read_model_config, token_ids_from_tokenizer_json};
-use super::safetensors::{read_safetensors, write_safetensors};
+use super::safetensors::{read_safetensors, tensor_dtypes, write_safetensors, write_safetensors_bf16};
 use super::{CONFIG_FILE, LATEST_FILE, MODEL_FILE, OPTIMIZER_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE};
-use crate::backend::Backend;
+use crate::backend::{Backend, StateDtype};
 use crate::data::ChatTokenizer;
 use crate::model::config::ModelConfig;
 use crate::model::lora::LoraConfig;
 use crate::model::params::{param_specs, NamedTensor};
 use crate::model::Model;
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -71,6 +71,16 @@ fn write_weights(
         obj.extend(token_ids_from_tokenizer_json(&text));
     }
     write_file_synced(&dir.join(CONFIG_FILE), serde_json::to_string_pretty(&json)?.as_bytes())
+}
+
+/// The AdamW moments in the model's state type: bf16 moments are saved as BF16 (they are bf16
+/// values, so nothing is rounded), which is also how a resume tells the two apart.
+fn write_optimizer<B: Backend>(path: &Path, model: &Model<B>) -> Result<()> {
+    let tensors = optimizer_tensors(model)?;
+    match model.optimizer_state() {
+        StateDtype::F32 => write_safetensors(path, &tensors),
+        StateDtype::Bf16 => write_safetensors_bf16(path, &tensors),
+    }
 }
 
 fn optimizer_tensors<B: Backend>(model: &Model<B>) -> Result<Vec<NamedTensor>> {
@@ -138,7 +148,7 @@ pub fn save<B: Backend, S: Serialize>(
 ) -> Result<PathBuf> {
     save_with(out_dir, step, state, keep, |tmp| {
         write_weights(tmp, model.config(), &model.read_params()?, tokenizer.map(TokenizerSource::File))?;
-        write_safetensors(&tmp.join(OPTIMIZER_FILE), &optimizer_tensors(model)?)
+        write_optimizer(&tmp.join(OPTIMIZER_FILE), model)
     })
 }
 
@@ -318,10 +328,24 @@ impl Checkpoint {
         seq_len: usize,
         lora: Option<&LoraConfig>,
     ) -> Result<Model<B>> {
+        self.training_model_moments(backend, dropout, micro_batch, seq_len, lora, StateDtype::F32)
+    }
+
+    /// [`Self::training_model_with`] with the AdamW moments stored as `moments` says.
+    pub fn training_model_moments<B: Backend>(
+        &self,
+        backend: B,
+        dropout: Option<f32>,
+        micro_batch: usize,
+        seq_len: usize,
+        lora: Option<&LoraConfig>,
+        moments: StateDtype,
+    ) -> Result<Model<B>> {
         let config = ModelConfig { dropout: dropout.unwrap_or(self.config.dropout), ..self.config.clone() };
         let params = self.read_params()?;
-        let mut model = Model::for_micro_batches_with(backend, config, micro_batch, seq_len, lora)
-            .with_context(|| format!("building the model of checkpoint {}", self.dir.display()))?;
+        let mut model =
+            Model::for_micro_batches_moments(backend, config, micro_batch, seq_len, lora, moments)
+                .with_context(|| format!("building the model of checkpoint {}", self.dir.display()))?;
         model
             .take_params(params)
             .with_context(|| format!("loading the weights of {}", self.dir.display()))?;
@@ -399,6 +423,21 @@ pub fn load_optimizer_into<B: Backend>(dir: &Path, model: &mut Model<B>) -> Resu
         return super::peft::load_run_state(dir, model);
     }
     let path = dir.join(OPTIMIZER_FILE);
+    // The moments are resumed in the state type they were saved in, never converted: a
+    // conversion would make the resumed run differ from the uninterrupted one.
+    let want = match model.optimizer_state() {
+        StateDtype::F32 => "F32",
+        StateDtype::Bf16 => "BF16",
+    };
+    if let Some((name, dtype)) = tensor_dtypes(&path)?.into_iter().find(|(_, d)| d != want) {
+        let saved = if dtype == "BF16" { "bf16" } else { "f32" };
+        bail!(
+            "{}: tensor {name} is {dtype}, but this run keeps its AdamW moments in {} (optimizer_state); \
+             the checkpoint was saved with optimizer_state {saved}: resume with --optimizer-state {saved}",
+            path.display(),
+            model.optimizer_state()
+        );
+    }
     let params: Vec<(String, Vec<usize>)> =
         param_specs(model.config()).into_iter().map(|s| (s.name, s.shape)).collect();
     let mut expected: Vec<(String, Vec<usize>)> =

@@ -1,4 +1,5 @@
-//! f32 tensors to and from safetensors files (F32, BF16 and F16 read; F32 written).
+//! f32 tensors to and from safetensors files (F32, BF16 and F16 read; F32 written, or BF16 for
+//! values that are bf16 already: the bf16 AdamW moments).
 
 use super::fsync::fsync_file;
 use crate::model::params::NamedTensor;
@@ -28,6 +29,68 @@ impl View for F32View<'_> {
     fn data_len(&self) -> usize {
         self.data.len() * 4
     }
+}
+
+/// Lets `safetensors::serialize_to_file` stream one tensor at a time, as bf16.
+struct Bf16View<'a> {
+    shape: &'a [usize],
+    data: &'a [f32],
+}
+
+impl View for Bf16View<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::BF16
+    }
+    fn shape(&self) -> &[usize] {
+        self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(self.data.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect())
+    }
+    fn data_len(&self) -> usize {
+        self.data.len() * 2
+    }
+}
+
+/// Writes tensors as bf16 safetensors and fsyncs the file. Every value must be a bf16 value
+/// already (an f32 with the low 16 bits zero), so that reading the file back gives exactly
+/// what was written; anything else is an error naming the tensor, not a silent rounding.
+pub fn write_safetensors_bf16(path: &Path, tensors: &[NamedTensor]) -> Result<()> {
+    for t in tensors {
+        check_len(t)?;
+        if let Some(i) =
+            t.data.iter().position(|&x| half::bf16::from_f32(x).to_f32().to_bits() != x.to_bits())
+        {
+            bail!(
+                "writing {}: tensor {} holds {} at index {i}, which is not a bf16 value",
+                path.display(),
+                t.name,
+                t.data[i]
+            );
+        }
+    }
+    let views = tensors.iter().map(|t| (t.name.as_str(), Bf16View { shape: &t.shape, data: &t.data }));
+    ::safetensors::serialize_to_file(views, None, path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    fsync_file(path)
+}
+
+fn check_len(t: &NamedTensor) -> Result<()> {
+    ensure!(
+        t.shape.iter().product::<usize>() == t.data.len(),
+        "tensor {} has {} values for shape {:?}",
+        t.name,
+        t.data.len(),
+        t.shape
+    );
+    Ok(())
+}
+
+/// The dtype of every tensor in a safetensors file (`F32`, `BF16`, ...), by name.
+pub fn tensor_dtypes(path: &Path) -> Result<BTreeMap<String, String>> {
+    let mapped = map_file(path)?;
+    let st = parse_safetensors(path, &mapped.map)?;
+    Ok(st.tensors().into_iter().map(|(n, v)| (n, format!("{:?}", v.dtype()))).collect())
 }
 
 /// Writes tensors as f32 safetensors and fsyncs the file.

@@ -10,7 +10,7 @@ use super::lora::{self, LoraConfig, LoraState, Site};
 use super::params::{self, NamedTensor, ParamIndex, ParamSpec};
 use crate::backend::{
     group_tokens_by_id, profile, stats, supervised_rows, AdamW, Backend, BranchGrad, Clip, Dropout, GradMode,
-    LossGrads, Precision, STATS_LEN,
+    LossGrads, Precision, StateDtype, STATS_LEN,
 };
 use crate::data::batch::Batch;
 use crate::rng::Rng;
@@ -142,6 +142,8 @@ pub struct Model<B: Backend> {
     grads: Vec<B::Buf>,
     m: Vec<B::Buf>,
     v: Vec<B::Buf>,
+    /// The storage type of `m` and `v` (`--optimizer-state`).
+    moments: StateDtype,
     /// False for an inference-only model: no master weights, gradients or moments.
     training: bool,
     acts: Activations<B>,
@@ -241,8 +243,29 @@ pub fn memory_bytes(config: &ModelConfig, compute_bytes: usize) -> (usize, usize
 /// [`memory_bytes`] of a training model, or of an inference-only one (`training` false: no
 /// master weights, gradients or moments).
 pub fn memory_bytes_for(config: &ModelConfig, compute_bytes: usize, training: bool) -> (usize, usize) {
+    memory_bytes_moments(config, compute_bytes, training, StateDtype::F32)
+}
+
+/// Bytes of one AdamW moment element: bf16 moments take 2 bytes on a device backend, but a
+/// backend computing in a wider type (the CPU, `compute_bytes` 4) stores them in that type.
+fn moment_bytes(compute_bytes: usize, moments: StateDtype) -> usize {
+    match moments {
+        StateDtype::F32 => 4,
+        StateDtype::Bf16 => StateDtype::Bf16.bytes().max(compute_bytes),
+    }
+}
+
+/// [`memory_bytes_for`] with the AdamW moments stored as `moments` says.
+pub fn memory_bytes_moments(
+    config: &ModelConfig,
+    compute_bytes: usize,
+    training: bool,
+    moments: StateDtype,
+) -> (usize, usize) {
     let n_params = config.n_params();
-    let per_param = compute_bytes + if training { 4 * 4 } else { 0 };
+    // Master weights and gradients in fp32, two moments.
+    let per_param =
+        compute_bytes + if training { 2 * 4 + 2 * moment_bytes(compute_bytes, moments) } else { 0 };
     let fixed = n_params.saturating_mul(per_param).saturating_add(config.vocab_size * compute_bytes);
     let (d, hidden, l) = (config.d_model, config.ffn_hidden, config.n_layers);
     let heads = config.heads();
@@ -265,7 +288,19 @@ pub fn memory_bytes_lora(
     training: bool,
     lora: Option<&LoraConfig>,
 ) -> (usize, usize) {
-    let Some(lora) = lora else { return memory_bytes_for(config, compute_bytes, training) };
+    memory_bytes_full(config, compute_bytes, training, lora, StateDtype::F32)
+}
+
+/// [`memory_bytes_lora`] with the base's AdamW moments stored as `moments` says (the adapters'
+/// moments are always fp32: they are small).
+pub fn memory_bytes_full(
+    config: &ModelConfig,
+    compute_bytes: usize,
+    training: bool,
+    lora: Option<&LoraConfig>,
+    moments: StateDtype,
+) -> (usize, usize) {
+    let Some(lora) = lora else { return memory_bytes_moments(config, compute_bytes, training, moments) };
     let (fixed, per_token) = memory_bytes_for(config, compute_bytes, false);
     let (extra_fixed, extra_token) = lora::extra_memory_bytes(lora, config, compute_bytes, training);
     (fixed.saturating_add(extra_fixed), per_token + extra_token)
@@ -292,7 +327,19 @@ pub fn micro_batch_that_fits_with(
     free: usize,
     lora: Option<&LoraConfig>,
 ) -> usize {
-    fits_in(memory_bytes_lora(config, compute_bytes, true, lora), seq_len, free)
+    micro_batch_that_fits_moments(config, compute_bytes, seq_len, free, lora, StateDtype::F32)
+}
+
+/// [`micro_batch_that_fits_with`] with the AdamW moments stored as `moments` says.
+pub fn micro_batch_that_fits_moments(
+    config: &ModelConfig,
+    compute_bytes: usize,
+    seq_len: usize,
+    free: usize,
+    lora: Option<&LoraConfig>,
+    moments: StateDtype,
+) -> usize {
+    fits_in(memory_bytes_full(config, compute_bytes, true, lora, moments), seq_len, free)
 }
 
 /// [`memory_advice`] of a training model with `lora` adapters (None: without).
@@ -305,7 +352,23 @@ pub fn memory_advice_with(
     free: usize,
     lora: Option<&LoraConfig>,
 ) -> Option<String> {
-    advice_for(device, memory_bytes_lora(config, compute_bytes, true, lora), micro_batch, seq_len, free)
+    memory_advice_moments(device, config, compute_bytes, micro_batch, seq_len, free, lora, StateDtype::F32)
+}
+
+/// [`memory_advice_with`] with the AdamW moments stored as `moments` says.
+#[allow(clippy::too_many_arguments)]
+pub fn memory_advice_moments(
+    device: &str,
+    config: &ModelConfig,
+    compute_bytes: usize,
+    micro_batch: usize,
+    seq_len: usize,
+    free: usize,
+    lora: Option<&LoraConfig>,
+    moments: StateDtype,
+) -> Option<String> {
+    let bytes = memory_bytes_full(config, compute_bytes, true, lora, moments);
+    advice_for(device, bytes, micro_batch, seq_len, free)
 }
 
 fn fits_in((fixed, per_token): (usize, usize), seq_len: usize, free: usize) -> usize {
@@ -375,10 +438,22 @@ impl<B: Backend> Model<B> {
         seq_len: usize,
         lora: Option<&LoraConfig>,
     ) -> Result<Self> {
+        Self::for_micro_batches_moments(backend, config, micro_batch, seq_len, lora, StateDtype::F32)
+    }
+
+    /// [`Model::for_micro_batches_with`] with the AdamW moments stored as `moments` says.
+    pub fn for_micro_batches_moments(
+        backend: B,
+        config: ModelConfig,
+        micro_batch: usize,
+        seq_len: usize,
+        lora: Option<&LoraConfig>,
+        moments: StateDtype,
+    ) -> Result<Self> {
         let compute_bytes = backend.compute_bytes();
         let info = backend.memory_info()?;
         let device = backend.name();
-        let bytes = memory_bytes_lora(&config, compute_bytes, true, lora);
+        let bytes = memory_bytes_full(&config, compute_bytes, true, lora, moments);
         if let Some((free, _)) = info {
             if let Some(message) = advice_for(&device, bytes, micro_batch, seq_len, free) {
                 bail!(message);
@@ -387,7 +462,7 @@ impl<B: Backend> Model<B> {
         let (fixed, per_token) = bytes;
         let need = fixed.saturating_add(per_token.saturating_mul(seq_len).saturating_mul(micro_batch));
         let max_tokens = micro_batch.checked_mul(seq_len).context("micro_batch × max_seq_len overflows")?;
-        Model::build(backend, config, max_tokens, true, lora).map_err(|e| match info {
+        Model::build(backend, config, max_tokens, true, lora, moments).map_err(|e| match info {
             // The estimate said it fits, yet an allocation failed (the backend's own buffers,
             // another process): name a smaller micro-batch all the same.
             Some((free, _)) => e.context(format!(
@@ -404,7 +479,20 @@ impl<B: Backend> Model<B> {
     /// Allocates every buffer for micro-batches of up to `max_tokens` token positions.
     /// Parameters start at zero: call [`Model::init_params`] or [`Model::write_params`].
     pub fn new(backend: B, config: ModelConfig, max_tokens: usize) -> Result<Self> {
-        Self::build(backend, config, max_tokens, true, None)
+        Self::build(backend, config, max_tokens, true, None, StateDtype::F32)
+    }
+
+    /// [`Model::new`] (with `lora` adapters when given), the AdamW moments stored as `moments`
+    /// says. bf16 moments are for full fine-tuning: adapters keep fp32 moments, so bf16 with
+    /// `lora` is an error.
+    pub fn new_training(
+        backend: B,
+        config: ModelConfig,
+        max_tokens: usize,
+        lora: Option<&LoraConfig>,
+        moments: StateDtype,
+    ) -> Result<Self> {
+        Self::build(backend, config, max_tokens, true, lora, moments)
     }
 
     /// [`Model::new`] or [`Model::new_inference`] with LoRA adapters (zero until written or
@@ -416,7 +504,7 @@ impl<B: Backend> Model<B> {
         training: bool,
         lora: &LoraConfig,
     ) -> Result<Self> {
-        Self::build(backend, config, max_tokens, training, Some(lora))
+        Self::build(backend, config, max_tokens, training, Some(lora), StateDtype::F32)
     }
 
     /// A model for evaluation and generation only: weights in the compute precision and the
@@ -424,7 +512,7 @@ impl<B: Backend> Model<B> {
     /// training model's parameter memory on the CPU, a ninth on the GPU). Training calls on it
     /// are errors.
     pub fn new_inference(backend: B, config: ModelConfig, max_tokens: usize) -> Result<Self> {
-        Self::build(backend, config, max_tokens, false, None)
+        Self::build(backend, config, max_tokens, false, None, StateDtype::F32)
     }
 
     fn build(
@@ -433,13 +521,20 @@ impl<B: Backend> Model<B> {
         max_tokens: usize,
         training: bool,
         lora: Option<&LoraConfig>,
+        moments: StateDtype,
     ) -> Result<Self> {
         config.validate().context("invalid model config")?;
         ensure!(max_tokens > 0, "max_tokens must be positive");
+        ensure!(
+            lora.is_none() || moments == StateDtype::F32,
+            "optimizer_state {moments}: LoRA trains only the adapters, whose AdamW moments stay f32 \
+             (they are small); bf16 moments are for full fine-tuning"
+        );
         // Refused up front: on the CPU an allocation past the host's memory is not an error but
         // a process that grows until the kernel kills it, without a word.
         if let Some((free, _)) = backend.memory_info()? {
-            let (fixed, per_token) = memory_bytes_lora(&config, backend.compute_bytes(), training, lora);
+            let (fixed, per_token) =
+                memory_bytes_full(&config, backend.compute_bytes(), training, lora, moments);
             let need = fixed.saturating_add(per_token.saturating_mul(max_tokens));
             ensure!(
                 need <= free,
@@ -464,8 +559,8 @@ impl<B: Backend> Model<B> {
         let state_lens: &[usize] = if training && lora.is_none() { &lens } else { &[] };
         let master = alloc(state_lens, Precision::F32)?;
         let grads = alloc(state_lens, Precision::F32)?;
-        let m = alloc(state_lens, Precision::F32)?;
-        let v = alloc(state_lens, Precision::F32)?;
+        let m = alloc(state_lens, moments.precision())?;
+        let v = alloc(state_lens, moments.precision())?;
 
         let n = max_tokens;
         let d = config.d_model;
@@ -531,6 +626,7 @@ impl<B: Backend> Model<B> {
             grads,
             m,
             v,
+            moments,
             training,
             acts,
             act_grads,
@@ -669,7 +765,13 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// Adam's first and second moments, with the parameters' names.
+    /// The storage type of the AdamW moments.
+    pub fn optimizer_state(&self) -> StateDtype {
+        self.moments
+    }
+
+    /// Adam's first and second moments, with the parameters' names (as f32; with bf16 moments
+    /// each value is a bf16 one).
     pub fn read_optimizer_state(&self) -> Result<(Vec<NamedTensor>, Vec<NamedTensor>)> {
         self.ensure_training("read_optimizer_state")?;
         Ok((self.read_named(&self.m)?, self.read_named(&self.v)?))
@@ -681,8 +783,20 @@ impl<B: Backend> Model<B> {
         let m = params::check_params(&self.config, m).context("writing Adam first moments")?;
         let v = params::check_params(&self.config, v).context("writing Adam second moments")?;
         for i in 0..self.specs.len() {
-            self.backend.write(&mut self.m[i], &m[i].data)?;
-            self.backend.write(&mut self.v[i], &v[i].data)?;
+            match self.moments {
+                StateDtype::F32 => {
+                    self.backend.write(&mut self.m[i], &m[i].data)?;
+                    self.backend.write(&mut self.v[i], &v[i].data)?;
+                }
+                // Rounded here as a store in the step rounds them, so that every backend (the
+                // CPU keeps f32 storage) holds the same bf16 values.
+                StateDtype::Bf16 => {
+                    let round =
+                        |x: &[f32]| x.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect::<Vec<_>>();
+                    self.backend.write(&mut self.m[i], &round(&m[i].data))?;
+                    self.backend.write(&mut self.v[i], &round(&v[i].data))?;
+                }
+            }
         }
         Ok(())
     }
@@ -1231,7 +1345,17 @@ impl<B: Backend> Model<B> {
         let mut m: Vec<&mut B::Buf> = self.m.iter_mut().collect();
         let mut v: Vec<&mut B::Buf> = self.v.iter_mut().collect();
         let clip = max_norm.map(|max_norm| Clip { sumsq: &self.stats, max_norm });
-        self.backend.adamw(&mut params, &mut master, &grads, &mut m, &mut v, &self.lens, hp, clip)
+        self.backend.adamw(
+            &mut params,
+            &mut master,
+            &grads,
+            &mut m,
+            &mut v,
+            self.moments,
+            &self.lens,
+            hp,
+            clip,
+        )
     }
 
     /// An empty KV cache for up to `max_len` positions.

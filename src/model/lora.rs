@@ -16,7 +16,7 @@
 
 use super::config::ModelConfig;
 use super::params::NamedTensor;
-use crate::backend::{AdamW, Backend, Clip, GradMode, Precision};
+use crate::backend::{AdamW, Backend, Clip, GradMode, Precision, StateDtype};
 use crate::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -532,7 +532,7 @@ impl<B: Backend> LoraState<B> {
         let grads: Vec<&B::Buf> = self.grads.iter().collect();
         let mut m: Vec<&mut B::Buf> = self.m.iter_mut().collect();
         let mut v: Vec<&mut B::Buf> = self.v.iter_mut().collect();
-        be.adamw(&mut params, &mut master, &grads, &mut m, &mut v, &self.lens, hp, clip)
+        be.adamw(&mut params, &mut master, &grads, &mut m, &mut v, StateDtype::F32, &self.lens, hp, clip)
     }
 
     /// The adapters of `site` in `layer`, by index.

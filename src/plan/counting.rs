@@ -21,7 +21,7 @@ use crate::backend::cuda::{
 };
 use crate::backend::{
     check_column_slice, stats, AdamW, Backend, BranchGrad, Clip, Dropout, GradMode, HeadShape, LossGrads,
-    Precision, Rope, RopeStyle,
+    Precision, Rope, RopeStyle, StateDtype,
 };
 
 /// Bytes of a [`Precision::Compute`] element on the CUDA backend (bf16).
@@ -176,6 +176,7 @@ fn elem_bytes(p: Precision) -> usize {
     match p {
         Precision::Compute => COMPUTE_BYTES,
         Precision::F32 => 4,
+        Precision::Bf16 => 2,
     }
 }
 
@@ -908,6 +909,7 @@ impl Backend for CountingBackend {
         grads: &[&CountBuf],
         m: &mut [&mut CountBuf],
         v: &mut [&mut CountBuf],
+        moments: StateDtype,
         lens: &[usize],
         hp: &AdamW,
         clip: Option<Clip<'_, Self>>,
@@ -928,8 +930,8 @@ impl Backend for CountingBackend {
             let what = |name: &str| format!("adamw tensor {i} {name}");
             need(master[i], len, Precision::F32, &what("master"))?;
             need(grads[i], len, Precision::F32, &what("grad"))?;
-            need(m[i], len, Precision::F32, &what("m"))?;
-            need(v[i], len, Precision::F32, &what("v"))?;
+            need(m[i], len, moments.precision(), &what("m"))?;
+            need(v[i], len, moments.precision(), &what("v"))?;
             need(params[i], len, Precision::Compute, &what("param"))?;
             elements += len;
         }
@@ -939,8 +941,9 @@ impl Backend for CountingBackend {
         // Six u64 per tensor (five pointers and the length) go up; one launch for all tensors.
         self.upload(Family::Adamw, 6 * k * 8);
         self.scratch("adam_descs", 6 * k * 8);
-        // Per element: master, m, v read and written (fp32), the grad read, the bf16 param written.
-        let bytes = elements * (3 * 2 * 4 + 4 + COMPUTE_BYTES);
+        // Per element: master (fp32) and m, v (their storage) read and written, the grad read,
+        // the bf16 param written.
+        let bytes = elements * (2 * (4 + 2 * moments.bytes()) + 4 + COMPUTE_BYTES);
         self.elementwise(Family::Adamw, 1, 15.0 * elements as f64, bytes);
         Ok(())
     }

@@ -18,9 +18,10 @@ pub mod devices;
 use anyhow::{ensure, Context, Result};
 use clap::Args;
 
+use crate::backend::StateDtype;
 use crate::bench::train::{flops_per_token, synthetic_batch};
 use crate::data::Batch;
-use crate::model::forward::{memory_advice_with, memory_bytes_lora, micro_batch_that_fits_with};
+use crate::model::forward::{memory_advice_moments, memory_bytes_full, micro_batch_that_fits_moments};
 use crate::model::lora::LoraConfig;
 use crate::model::{Model, ModelConfig};
 use crate::rng::Rng;
@@ -67,6 +68,9 @@ pub struct PlanArgs {
     /// Plan a LoRA run: adapters on the frozen base.
     #[command(flatten)]
     pub lora: crate::lora::LoraArgs,
+    /// Storage of the AdamW moments, as `sft train --optimizer-state`: f32 or bf16.
+    #[arg(long, value_name = "f32|bf16", default_value = "f32")]
+    pub optimizer_state: StateDtype,
 }
 
 /// One op family's estimated share of a step.
@@ -96,6 +100,8 @@ pub struct MemoryPlan {
     pub grads: usize,
     /// fp32 master weights and the two AdamW moments (with LoRA: the adapters' only).
     pub master_and_moments: usize,
+    /// The moments' storage type (`--optimizer-state`).
+    pub optimizer_state: StateDtype,
     pub activations_per_token: usize,
     pub activations: usize,
     /// The CUDA backend's own work buffers at their high-water mark (loss chunks, attention's
@@ -165,6 +171,18 @@ pub fn count_step(
     count_step_with(config, micro_batch, seq_len, grad_accum, None)
 }
 
+/// [`count_step_with`] with the AdamW moments stored as `moments` says.
+pub fn count_step_moments(
+    config: &ModelConfig,
+    micro_batch: usize,
+    seq_len: usize,
+    grad_accum: usize,
+    lora: Option<&LoraConfig>,
+    moments: StateDtype,
+) -> Result<StepCount> {
+    count_step_inner(config, micro_batch, seq_len, grad_accum, lora, moments)
+}
+
 /// [`count_step`] of a LoRA run when `lora` is given.
 pub fn count_step_with(
     config: &ModelConfig,
@@ -172,6 +190,17 @@ pub fn count_step_with(
     seq_len: usize,
     grad_accum: usize,
     lora: Option<&LoraConfig>,
+) -> Result<StepCount> {
+    count_step_inner(config, micro_batch, seq_len, grad_accum, lora, StateDtype::F32)
+}
+
+fn count_step_inner(
+    config: &ModelConfig,
+    micro_batch: usize,
+    seq_len: usize,
+    grad_accum: usize,
+    lora: Option<&LoraConfig>,
+    moments: StateDtype,
 ) -> Result<StepCount> {
     ensure!(micro_batch > 0 && grad_accum > 0, "--micro-batch and --grad-accum must be at least 1");
     ensure!(
@@ -183,7 +212,7 @@ pub fn count_step_with(
     let tokens = micro_batch * seq_len;
     let mut model = match lora {
         Some(lora) => Model::with_lora(CountingBackend::new(), config.clone(), tokens, true, lora)?,
-        None => Model::new(CountingBackend::new(), config.clone(), tokens)?,
+        None => Model::new_training(CountingBackend::new(), config.clone(), tokens, None, moments)?,
     };
     let allocated = model.backend().allocated_bytes();
     model.backend().take_ledger();
@@ -286,14 +315,19 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
         l.validate(&config)?;
     }
     let lora = lora.as_ref();
-    let count = count_step_with(&config, args.micro_batch, t, args.grad_accum, lora)?;
+    let moments = args.optimizer_state;
+    ensure!(
+        lora.is_none() || moments == StateDtype::F32,
+        "--optimizer-state bf16 is for full fine-tuning: LoRA adapters keep f32 AdamW moments"
+    );
+    let count = count_step_moments(&config, args.micro_batch, t, args.grad_accum, lora, moments)?;
     let families = estimate_families(&count.ledger, device, &calibration);
     let step_seconds: f64 = families.iter().map(|f| f.seconds).sum();
     let tokens_per_step = args.grad_accum * args.micro_batch * t;
     let tokens_per_s = tokens_per_step as f64 / step_seconds;
     let fpt = flops_per_token(&config, t);
 
-    let (fixed, per_token) = memory_bytes_lora(&config, COMPUTE_BYTES, true, lora);
+    let (fixed, per_token) = memory_bytes_full(&config, COMPUTE_BYTES, true, lora, moments);
     let n_params = config.n_params();
     let trainable = lora.map_or(n_params, |l| l.n_params(&config));
     let frozen_grad_scratch =
@@ -301,12 +335,14 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
     let activations = per_token * args.micro_batch * t;
     let workspace = count.scratch + GEMM_WORKSPACE_BYTES;
     let available = device.memory.saturating_sub(CONTEXT_BYTES);
-    let largest = micro_batch_that_fits_with(&config, COMPUTE_BYTES, t, available, lora);
+    let largest = micro_batch_that_fits_moments(&config, COMPUTE_BYTES, t, available, lora, moments);
     let adapters = if lora.is_some() { trainable } else { 0 };
     let memory = MemoryPlan {
         weights: (n_params + adapters) * COMPUTE_BYTES + config.vocab_size * COMPUTE_BYTES,
         grads: trainable * 4 + frozen_grad_scratch,
-        master_and_moments: trainable * 12,
+        // Adapters (LoRA) always keep f32 moments.
+        master_and_moments: trainable * (4 + 2 * moments.bytes()),
+        optimizer_state: moments,
         activations_per_token: per_token,
         activations,
         workspace,
@@ -341,9 +377,16 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
                 .to_string(),
         );
     }
-    if let Some(advice) =
-        memory_advice_with(device.name, &config, COMPUTE_BYTES, args.micro_batch, t, available, lora)
-    {
+    if let Some(advice) = memory_advice_moments(
+        device.name,
+        &config,
+        COMPUTE_BYTES,
+        args.micro_batch,
+        t,
+        available,
+        lora,
+        moments,
+    ) {
         // The trainer's own refusal, word for word, so that plan and trainer agree.
         notes.push(format!("the trainer would refuse this step: {advice}"));
     }
@@ -480,7 +523,11 @@ pub fn render(p: &Plan) -> String {
     let _ = writeln!(s, "Estimated memory plan:");
     let _ = writeln!(s, "weights (bf16)                 {:>8.2} GiB", gib(m.weights));
     let _ = writeln!(s, "gradients (fp32)               {:>8.2} GiB", gib(m.grads));
-    let _ = writeln!(s, "master + AdamW moments (fp32)  {:>8.2} GiB", gib(m.master_and_moments));
+    let label = match m.optimizer_state {
+        StateDtype::F32 => "master + AdamW moments (fp32)",
+        StateDtype::Bf16 => "master + moments (fp32, bf16)",
+    };
+    let _ = writeln!(s, "{label:<30} {:>8.2} GiB", gib(m.master_and_moments));
     let _ = writeln!(
         s,
         "activations                    {:>8.2} GiB ({} bytes/token × {} tokens)",

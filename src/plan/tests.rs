@@ -3,7 +3,7 @@ use super::*;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, GradMode, Precision};
 use crate::bench::train::synthetic_batch;
-use crate::model::forward::{memory_bytes, micro_batch_that_fits};
+use crate::model::forward::{memory_bytes, memory_bytes_lora, micro_batch_that_fits};
 use crate::model::Model;
 use crate::rng::Rng;
 use crate::train::config::TrainConfig;
@@ -175,6 +175,7 @@ fn the_counting_backend_allocates_what_memory_bytes_says() {
         profiled_steps: 1,
         write_calibration: None,
         lora: Default::default(),
+        optimizer_state: Default::default(),
     };
     let p = plan_for(&c, &args).unwrap();
     let m = &p.memory;
@@ -183,6 +184,49 @@ fn the_counting_backend_allocates_what_memory_bytes_says() {
     assert_eq!(m.allocated_by_model, count.allocated);
     assert_eq!(m.largest_micro_batch, micro_batch_that_fits(&c, COMPUTE_BYTES, t, m.available));
     assert!(m.fits);
+}
+
+/// `--optimizer-state bf16`: the model allocates 4 bytes per parameter fewer, the plan says so,
+/// and AdamW moves 8 bytes per parameter fewer.
+#[test]
+fn bf16_moments_shrink_the_memory_plan_and_adamw_traffic() {
+    use crate::backend::StateDtype;
+    let c = small();
+    let (mb, t) = (4, 64);
+    let args = |state| PlanArgs {
+        model: "small".into(),
+        gpu: "h100".into(),
+        micro_batch: mb,
+        seq_len: Some(t),
+        grad_accum: 1,
+        dropout: None,
+        json: false,
+        calibrate_from: None,
+        profiled_steps: 1,
+        write_calibration: None,
+        lora: Default::default(),
+        optimizer_state: state,
+    };
+    let (p32, p16) =
+        (plan_for(&c, &args(StateDtype::F32)).unwrap(), plan_for(&c, &args(StateDtype::Bf16)).unwrap());
+    let n = c.n_params();
+    assert_eq!(p32.memory.master_and_moments, 12 * n);
+    assert_eq!(p16.memory.master_and_moments, 8 * n);
+    assert_eq!(p32.memory.allocated_by_model - p16.memory.allocated_by_model, 4 * n);
+    assert_eq!(p32.memory.total - p16.memory.total, 4 * n);
+    let (f16, _) = crate::model::forward::memory_bytes_full(&c, COMPUTE_BYTES, true, None, StateDtype::Bf16);
+    assert_eq!(p16.memory.weights + p16.memory.grads + p16.memory.master_and_moments, f16);
+    assert!(p16.memory.largest_micro_batch >= p32.memory.largest_micro_batch);
+    let adamw = |p: &Plan| p.families.iter().find(|f| f.family == Family::Adamw).unwrap().bytes;
+    assert_eq!(adamw(&p32) - adamw(&p16), (8 * n) as f64);
+    assert!(render(&p16).contains("master + moments (fp32, bf16)"), "{}", render(&p16));
+    // LoRA adapters keep f32 moments: bf16 with LoRA is refused.
+    let lora = PlanArgs {
+        lora: crate::lora::LoraArgs { lora: true, ..Default::default() },
+        ..args(StateDtype::Bf16)
+    };
+    let err = plan_for(&c, &lora).unwrap_err().to_string();
+    assert!(err.contains("LoRA"), "{err}");
 }
 
 #[test]
@@ -199,6 +243,7 @@ fn the_plan_is_labelled_and_consistent() {
         profiled_steps: 1,
         write_calibration: None,
         lora: Default::default(),
+        optimizer_state: Default::default(),
     };
     let c = ModelConfig { dropout: 0.1, ..small() };
     let p = plan_for(&c, &args).unwrap();
@@ -265,6 +310,7 @@ fn a_lora_plan_counts_what_the_lora_model_allocates_and_trains_less() {
         profiled_steps: 1,
         write_calibration: None,
         lora: crate::lora::LoraArgs { lora: true, ..Default::default() },
+        optimizer_state: Default::default(),
     };
     let p = plan_for(&c, &args).unwrap();
     let m = &p.memory;

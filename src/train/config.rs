@@ -7,7 +7,14 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-pub use crate::backend::Device;
+pub use crate::backend::{Device, StateDtype};
+
+/// The smallest `eps` allowed with bf16 moments. bf16 has f32's exponent but a shorter
+/// mantissa, so its smallest subnormal is 2^-133 (about 9e-41): `v` flushes to zero once
+/// `(1 - beta2) · g²` is under half of that, i.e. for gradients under about 2e-19 (beta2
+/// 0.999) while `m` (about `g`) survives, and the update becomes `m / eps`. At this eps that
+/// is at most about 2e-3 (times the learning rate); a smaller eps could let it explode.
+pub const BF16_STATE_MIN_EPS: f32 = 1e-16;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -79,6 +86,10 @@ pub struct TrainConfig {
     pub device: String,
     /// Train LoRA adapters on the frozen `init_from` weights instead of every weight.
     pub lora: Option<crate::model::lora::LoraConfig>,
+    /// Storage of the AdamW moments: `f32` (the default) or `bf16` (4 bytes per parameter
+    /// fewer; full fine-tuning only: LoRA adapters keep f32 moments). A run resumes in the
+    /// state type it was saved with.
+    pub optimizer_state: StateDtype,
 }
 
 impl Default for TrainConfig {
@@ -121,6 +132,7 @@ impl Default for TrainConfig {
             log_every: 10,
             device: "auto".into(),
             lora: None,
+            optimizer_state: StateDtype::F32,
         }
     }
 }
@@ -215,6 +227,19 @@ impl TrainConfig {
         }
         if !(self.eps.is_finite() && self.eps > 0.0) {
             bail!("eps must be positive, got {}", self.eps);
+        }
+        if self.optimizer_state == StateDtype::Bf16 && self.eps < BF16_STATE_MIN_EPS {
+            bail!(
+                "eps {} is too small for optimizer_state bf16 (at least {BF16_STATE_MIN_EPS:e}): bf16's second \
+                 moment flushes to zero for gradients under about 2e-19, and the update then divides by eps alone",
+                self.eps
+            );
+        }
+        if self.lora.is_some() && self.optimizer_state == StateDtype::Bf16 {
+            bail!(
+                "optimizer_state bf16 is for full fine-tuning: LoRA adapters keep f32 AdamW moments (they are \
+                 small); drop --optimizer-state or the LoRA options"
+            );
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             bail!("weight_decay must be non-negative, got {}", self.weight_decay);

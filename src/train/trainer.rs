@@ -456,6 +456,18 @@ pub fn train_with<B: Backend>(
     cfg.validate()?;
     let RunStart { resumed, weights, tokenizer_path, tokenizer, model_config, max_seq_len } = start_run(cfg)?;
     let saved = resumed.as_ref().map(|(_, s)| &s.config);
+    if let Some((dir, s)) = &resumed {
+        // Refused before anything is allocated; load_optimizer_into checks the file itself too.
+        ensure!(
+            s.config.optimizer_state == cfg.optimizer_state,
+            "{}: the run was saved with config.optimizer_state {}, this one asks for {}: resume with \
+             --optimizer-state {} (moments are not converted between state types)",
+            dir.join(checkpoint::TRAINER_STATE_FILE).display(),
+            s.config.optimizer_state,
+            cfg.optimizer_state,
+            s.config.optimizer_state
+        );
+    }
     let resolved = plan_micro_batches(&backend, cfg, &model_config, max_seq_len, saved)?;
     let cfg = &resolved;
     let DataPlan { mut loader, steps_per_epoch, end_step, schedule, val } =
@@ -463,16 +475,23 @@ pub fn train_with<B: Backend>(
 
     // ---- the model and the counters (continued from the checkpoint when resuming) -----------
     let mut model = match &weights {
-        Some(ckpt) => ckpt.training_model_with(
+        Some(ckpt) => ckpt.training_model_moments(
             backend,
             cfg.dropout,
             cfg.micro_batch.configured(),
             max_seq_len,
             cfg.lora.as_ref(),
+            cfg.optimizer_state,
         )?,
         None => {
-            let mut model =
-                Model::for_micro_batches(backend, model_config, cfg.micro_batch.configured(), max_seq_len)?;
+            let mut model = Model::for_micro_batches_moments(
+                backend,
+                model_config,
+                cfg.micro_batch.configured(),
+                max_seq_len,
+                None,
+                cfg.optimizer_state,
+            )?;
             model.init_params(cfg.seed)?;
             model
         }
@@ -503,6 +522,9 @@ pub fn train_with<B: Backend>(
         cfg.grad_accum,
         cfg.micro_batch,
     ));
+    if model.optimizer_state() == crate::backend::StateDtype::Bf16 {
+        progress.println("AdamW moments in bf16 (--optimizer-state bf16): 4 bytes per parameter fewer");
+    }
     if let Some(lora) = model.lora() {
         progress.println(&crate::lora::describe(lora, model.config()));
     }
@@ -656,7 +678,14 @@ fn plan_micro_batches<B: Backend>(
     let compute_bytes = backend.compute_bytes();
     let fits = free.map(|f| {
         let lora = cfg.lora.as_ref();
-        crate::model::forward::micro_batch_that_fits_with(model_config, compute_bytes, max_seq_len, f, lora)
+        crate::model::forward::micro_batch_that_fits_moments(
+            model_config,
+            compute_bytes,
+            max_seq_len,
+            f,
+            lora,
+            cfg.optimizer_state,
+        )
     });
     let plan = plan_batches(cfg.micro_batch, cfg.grad_accum, fits);
     let memory = free.map_or(String::new(), |f| format!(", {:.1} GiB free", f as f64 / (1u64 << 30) as f64));

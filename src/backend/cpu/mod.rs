@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use anyhow::{ensure, Result};
 
-pub use adamw::{adamw_tensor, adamw_tensor_clipped};
+pub use adamw::{adamw_tensor, adamw_tensor_clipped, round_bf16};
 pub use attention::{attention_backward, attention_decode, attention_forward};
 pub use cross_entropy::{lm_head_cross_entropy, lm_head_cross_entropy_rows, CeGrads, CE_CHUNK_ROWS};
 pub use dropout::dropout;
@@ -41,7 +41,7 @@ pub use swiglu::{swiglu_backward, swiglu_forward};
 
 use super::{
     check_column_slice, stats, AdamW, Backend, BranchGrad, Clip, Dropout, GradMode, HeadShape, LossGrads,
-    Precision, Rope, RopeStyle,
+    Precision, Rope, RopeStyle, StateDtype,
 };
 
 /// The CPU backend over float type `T`; [`Precision`] is ignored (everything is `T`).
@@ -584,6 +584,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         grads: &[&Vec<T>],
         m: &mut [&mut Vec<T>],
         v: &mut [&mut Vec<T>],
+        moments: StateDtype,
         lens: &[usize],
         hp: &AdamW,
         clip: Option<Clip<'_, Self>>,
@@ -622,6 +623,7 @@ impl<T: Real> Backend for CpuBackend<T> {
                 &grads[t][..l],
                 &mut m[t][..l],
                 &mut v[t][..l],
+                moments,
                 hp,
                 factor,
             );

@@ -4,10 +4,10 @@
 use anyhow::{bail, Result};
 use cudarc::driver::LaunchConfig;
 
-use super::launch::{self, AdamTensor, DevPtr, BLOCK};
+use super::launch::{self, AdamTensor, AdamTensorBf16, DevPtr, BLOCK};
 use super::scratch::ensure;
-use super::{bf16_of, f32_mut, f32_of, CudaBackend, CudaBuf};
-use crate::backend::{stats, AdamW, Clip};
+use super::{bf16_mut, bf16_of, f32_mut, f32_of, CudaBackend, CudaBuf};
+use crate::backend::{stats, AdamW, Clip, StateDtype};
 
 /// At most this many blocks stride over one tensor.
 pub const ADAM_BLOCKS: usize = 1024;
@@ -21,6 +21,7 @@ impl CudaBackend {
         grads: &[&CudaBuf],
         m: &mut [&mut CudaBuf],
         v: &mut [&mut CudaBuf],
+        moments: StateDtype,
         lens: &[usize],
         hp: &AdamW,
         clip: Option<Clip<'_, Self>>,
@@ -38,18 +39,28 @@ impl CudaBackend {
         if hp.step == 0 {
             bail!("adamw: step is 1-based, got 0");
         }
-        let mut descs: Vec<AdamTensor> = Vec::with_capacity(k);
+        // The moments' pointers, checked against `moments` (a buffer of the other precision is
+        // an error, not a reinterpretation).
+        let mut common = Vec::with_capacity(k);
+        let mut moment_ptrs = Vec::with_capacity(k);
         let mut max_len = 0;
         for i in 0..k {
             let len = lens[i];
             let what = |name: &str| format!("adamw tensor {i} {name}");
-            descs.push(AdamTensor {
-                master: self.dev_ptr(f32_mut(master[i], len, &what("master"))?),
-                grad: self.dev_ptr(f32_of(grads[i], len, &what("grad"))?),
-                m: self.dev_ptr(f32_mut(m[i], len, &what("m"))?),
-                v: self.dev_ptr(f32_mut(v[i], len, &what("v"))?),
-                param: self.dev_ptr(bf16_of(params[i], len, &what("param"))?),
-                len: len as u64,
+            common.push((
+                self.dev_ptr(f32_mut(master[i], len, &what("master"))?),
+                self.dev_ptr(f32_of(grads[i], len, &what("grad"))?),
+                self.dev_ptr(bf16_of(params[i], len, &what("param"))?),
+            ));
+            moment_ptrs.push(match moments {
+                StateDtype::F32 => (
+                    self.dev_ptr(f32_mut(m[i], len, &what("m"))?),
+                    self.dev_ptr(f32_mut(v[i], len, &what("v"))?),
+                ),
+                StateDtype::Bf16 => (
+                    self.dev_ptr(bf16_mut(m[i], len, &what("m (bf16)"))?),
+                    self.dev_ptr(bf16_mut(v[i], len, &what("v (bf16)"))?),
+                ),
             });
             max_len = max_len.max(len);
         }
@@ -66,36 +77,86 @@ impl CudaBackend {
         };
         let bc1 = (1.0 - (hp.beta1 as f64).powi(hp.step.min(i32::MAX as u64) as i32)) as f32;
         let bc2 = (1.0 - (hp.beta2 as f64).powi(hp.step.min(i32::MAX as u64) as i32)) as f32;
-        let mut scratch = self.scratch();
-        let descs_d = ensure(&mut scratch.adam_descs, descs.len(), &self.stream, "adamw descriptors")?;
-        self.stream.memcpy_htod(&descs, &mut descs_d.slice_mut(0..descs.len()))?;
         let cfg = LaunchConfig {
             grid_dim: (max_len.div_ceil(BLOCK as usize).min(ADAM_BLOCKS) as u32, k as u32, 1),
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
         let (s, ks) = (&self.stream, &self.kernels);
-        // SAFETY: each descriptor's buffers hold at least its `len` elements (checked above)
-        // and outlive the launch (they are borrowed for this call; the stream is in order);
-        // sumsq is null or two floats of the borrowed statistics buffer.
-        unsafe {
-            launch::adamw_multi(
-                s,
-                ks,
-                cfg,
-                descs_d,
-                hp.lr,
-                hp.beta1,
-                hp.beta2,
-                hp.eps,
-                hp.weight_decay,
-                bc1,
-                bc2,
-                hp.grad_scale,
-                &DevPtr::<f32>::new(sumsq),
-                max_norm,
-            )
-        }?;
+        let sumsq = DevPtr::<f32>::new(sumsq);
+        let mut scratch = self.scratch();
+        let lens = lens.iter().map(|&l| l as u64);
+        let descs = common.iter().zip(&moment_ptrs).zip(lens);
+        // SAFETY (both launches): each descriptor's buffers hold at least its `len` elements of
+        // the precision its fields say (checked above) and outlive the launch (they are borrowed
+        // for this call; the stream is in order); sumsq is null or two floats of the borrowed
+        // statistics buffer.
+        match moments {
+            StateDtype::F32 => {
+                let descs: Vec<AdamTensor> = descs
+                    .map(|(((master, grad, param), (m, v)), len)| AdamTensor {
+                        master: *master,
+                        grad: *grad,
+                        m: *m,
+                        v: *v,
+                        param: *param,
+                        len,
+                    })
+                    .collect();
+                let descs_d = ensure(&mut scratch.adam_descs, k, &self.stream, "adamw descriptors")?;
+                self.stream.memcpy_htod(&descs, &mut descs_d.slice_mut(0..k))?;
+                unsafe {
+                    launch::adamw_multi(
+                        s,
+                        ks,
+                        cfg,
+                        descs_d,
+                        hp.lr,
+                        hp.beta1,
+                        hp.beta2,
+                        hp.eps,
+                        hp.weight_decay,
+                        bc1,
+                        bc2,
+                        hp.grad_scale,
+                        &sumsq,
+                        max_norm,
+                    )
+                }?;
+            }
+            StateDtype::Bf16 => {
+                let descs: Vec<AdamTensorBf16> = descs
+                    .map(|(((master, grad, param), (m, v)), len)| AdamTensorBf16 {
+                        master: *master,
+                        grad: *grad,
+                        m: *m,
+                        v: *v,
+                        param: *param,
+                        len,
+                    })
+                    .collect();
+                let descs_d = ensure(&mut scratch.adam_descs_bf16, k, &self.stream, "adamw descriptors")?;
+                self.stream.memcpy_htod(&descs, &mut descs_d.slice_mut(0..k))?;
+                unsafe {
+                    launch::adamw_multi_bf16(
+                        s,
+                        ks,
+                        cfg,
+                        descs_d,
+                        hp.lr,
+                        hp.beta1,
+                        hp.beta2,
+                        hp.eps,
+                        hp.weight_decay,
+                        bc1,
+                        bc2,
+                        hp.grad_scale,
+                        &sumsq,
+                        max_norm,
+                    )
+                }?;
+            }
+        }
         Ok(())
     }
 }

@@ -30,7 +30,7 @@ impl CudaBackend {
         // cudarc refuses zero-length allocations on some paths; one element costs nothing.
         let len = len.max(1);
         Ok(match precision {
-            Precision::Compute => CudaBuf::Bf16(
+            Precision::Compute | Precision::Bf16 => CudaBuf::Bf16(
                 self.stream.alloc_zeros::<bf16>(len).with_context(|| format!("allocating {len} bf16"))?,
             ),
             Precision::F32 => CudaBuf::F32(

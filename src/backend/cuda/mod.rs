@@ -38,6 +38,7 @@ use half::bf16;
 
 use super::{
     AdamW, Backend, BranchGrad, Clip, Dropout, GradMode, HeadShape, LossGrads, Precision, Rope, RopeStyle,
+    StateDtype,
 };
 // Launch shapes and host-side helpers, public so that the kernel emulation (emu/) launches
 // exactly as the backend does.

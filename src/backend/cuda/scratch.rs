@@ -33,6 +33,8 @@ pub(super) struct Scratch {
     pub rope_freqs: Option<(crate::backend::Rope, usize, CudaSlice<f32>)>,
     /// adamw: one descriptor per tensor.
     pub adam_descs: Option<CudaSlice<super::launch::AdamTensor>>,
+    /// adamw with bf16 moments: one descriptor per tensor.
+    pub adam_descs_bf16: Option<CudaSlice<super::launch::AdamTensorBf16>>,
 }
 
 /// The buffer in `slot`, with room for at least `len` elements (at least 1).

@@ -7,7 +7,7 @@
 use anyhow::{ensure, Result};
 use sft::backend::{
     check_column_slice, clip_factor, stats, token_groups, AdamW, Backend, BranchGrad, Clip, Dropout,
-    GradMode, HeadShape, LossGrads, Precision, Rope, RopeStyle,
+    GradMode, HeadShape, LossGrads, Precision, Rope, RopeStyle, StateDtype,
 };
 use sft::rng;
 
@@ -627,6 +627,7 @@ impl Backend for NaiveBackend {
         grads: &[&Vec<f64>],
         m: &mut [&mut Vec<f64>],
         v: &mut [&mut Vec<f64>],
+        moments: StateDtype,
         lens: &[usize],
         hp: &AdamW,
         clip: Option<Clip<'_, Self>>,
@@ -644,9 +645,16 @@ impl Backend for NaiveBackend {
         for t in 0..lens.len() {
             for k in 0..lens[t] {
                 let g = grads[t][k] * hp.grad_scale as f64 * factor;
-                m[t][k] = b1 * m[t][k] + (1.0 - b1) * g;
-                v[t][k] = b2 * v[t][k] + (1.0 - b2) * g * g;
-                let update = (m[t][k] / c1) / ((v[t][k] / c2).sqrt() + hp.eps as f64);
+                let mk = b1 * m[t][k] + (1.0 - b1) * g;
+                let vk = b2 * v[t][k] + (1.0 - b2) * g * g;
+                // bf16 moments: stored rounded (through f32, to nearest even), used unrounded.
+                let store = |x: f64| match moments {
+                    StateDtype::F32 => x,
+                    StateDtype::Bf16 => half::bf16::from_f32(x as f32).to_f64(),
+                };
+                m[t][k] = store(mk);
+                v[t][k] = store(vk);
+                let update = (mk / c1) / ((vk / c2).sqrt() + hp.eps as f64);
                 master[t][k] -= hp.lr as f64 * (update + hp.weight_decay as f64 * master[t][k]);
                 params[t][k] = master[t][k];
             }
