@@ -6,7 +6,7 @@
 //! gradients summed over MPI gives one process's gradients and loss, then trains the reference's
 //! run with the trainer over both ranks: the same losses, weights bit-identical on both ranks.
 //! Back in one process, the test compares the 2-rank run's final weights with the reference's
-//! and resumes a 2-rank checkpoint in one process.
+//! and resumes a 2-rank checkpoint in one process; the ranks resume a 1-process checkpoint.
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -94,6 +94,8 @@ fn two_ranks_over_mpirun() {
     std::fs::write(root.path().join("losses.txt"), losses.join("\n")).unwrap();
     std::fs::write(root.path().join("val_loss.txt"), format!("{:e}", report.final_val_loss.unwrap()))
         .unwrap();
+    // Its first half alone, for the ranks to resume.
+    train_on(CpuBackend::<f32>::new(), &run_config(root.path(), "one_half", 2)).unwrap();
 
     let exe = std::env::current_exe().unwrap();
     let out = Command::new("mpirun")
@@ -128,6 +130,9 @@ fn two_ranks_over_mpirun() {
     let rel = max_rel_diff(&after, &one);
     println!("2 ranks for 2 steps, then 1 process for 2: largest weight difference {rel:e}");
     assert!(rel < 1e-5, "resumed weights differ from one process's by {rel:e}");
+    let rel = max_rel_diff(&flat_params(&root.path().join("one_half").join("step-4")), &one);
+    println!("1 process for 2 steps, then 2 ranks for 2: largest weight difference {rel:e}");
+    assert!(rel < 1e-5, "weights resumed over 2 ranks differ from one process's by {rel:e}");
 }
 
 #[test]
@@ -239,5 +244,14 @@ fn trains_like_one_process(comm: &dyn Collectives) {
 
     // Half the run over both ranks, for the resume in one process.
     train_ranks(CpuBackend::<f32>::new(), &run_config(&root, "half", 2), None, comm).unwrap();
+
+    // A checkpoint of one process resumes over both ranks: steps 3 and 4 as the reference's.
+    let resume = TrainConfig { resume: true, ..run_config(&root, "one_half", 4) };
+    let (model, report) = train_ranks(CpuBackend::<f32>::new(), &resume, None, comm).unwrap();
+    assert_losses_match(&format!("rank {rank}, resumed over 2 ranks"), &report.step_losses, &want[2..]);
+    let mine = weights_hash(&model);
+    let mut rank0 = [mine];
+    broadcast_u64(comm, &mut rank0, 0).unwrap();
+    assert_eq!(mine, rank0[0], "rank {rank}: resumed weights differ from rank 0's");
     println!("rank {rank} of {world}: sft train over 2 ranks matches one process");
 }

@@ -856,3 +856,64 @@ fn warn_about_changes(saved: &TrainConfig, now: &TrainConfig) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rank `rank` of two, for what is decided before any collective runs.
+    struct OfTwo {
+        rank: usize,
+    }
+
+    impl Collectives for OfTwo {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn all_reduce_sum(&self, _: &mut [f32]) -> Result<()> {
+            bail!("no other rank here")
+        }
+        fn all_reduce_sum_f64(&self, _: &mut [f64]) -> Result<()> {
+            bail!("no other rank here")
+        }
+        fn broadcast(&self, _: &mut [f32], _: usize) -> Result<()> {
+            bail!("no other rank here")
+        }
+        fn broadcast_bytes(&self, _: &mut [u8], _: usize) -> Result<()> {
+            bail!("no other rank here")
+        }
+        fn barrier(&self) -> Result<()> {
+            bail!("no other rank here")
+        }
+        fn abort(&self, code: i32) -> ! {
+            panic!("abort({code})")
+        }
+    }
+
+    #[test]
+    fn each_rank_takes_its_share_of_grad_accum() {
+        let cfg = TrainConfig { grad_accum: 6, ..TrainConfig::default() };
+        let s = data_parallel_sharding(&cfg, &OfTwo { rank: 1 }).unwrap();
+        assert_eq!((s.rank, s.world_size, s.accum), (1, 2, 3));
+        assert_eq!(s.positions(0), 3..6);
+        let one = data_parallel_sharding(&cfg, &SingleProcess).unwrap();
+        assert_eq!((one.world_size, one.accum), (1, 6));
+    }
+
+    #[test]
+    fn what_several_ranks_cannot_do_is_refused() {
+        let odd = TrainConfig { grad_accum: 3, ..TrainConfig::default() };
+        let e = data_parallel_sharding(&odd, &OfTwo { rank: 0 }).unwrap_err().to_string();
+        assert!(e.contains("grad_accum = 3 is not a multiple of the 2 ranks"), "{e}");
+        let lora = TrainConfig { grad_accum: 4, lora: Some(Default::default()), ..TrainConfig::default() };
+        let e = data_parallel_sharding(&lora, &OfTwo { rank: 0 }).unwrap_err().to_string();
+        assert!(e.contains("LoRA over 2 ranks"), "{e}");
+        // The GPU path needs NCCL: refused before any device is opened.
+        let cuda = TrainConfig { device: "cuda".into(), ..TrainConfig::default() };
+        let e = crate::train::cli::train_on_device_ranks(&cuda, &OfTwo { rank: 0 }).unwrap_err().to_string();
+        assert!(e.contains("CPU backend only") && e.contains("NCCL"), "{e}");
+    }
+}
