@@ -133,6 +133,46 @@ fn two_ranks_over_mpirun() {
     let rel = max_rel_diff(&flat_params(&root.path().join("one_half").join("step-4")), &one);
     println!("1 process for 2 steps, then 2 ranks for 2: largest weight difference {rel:e}");
     assert!(rel < 1e-5, "weights resumed over 2 ranks differ from one process's by {rel:e}");
+
+    // `sft train` itself under mpirun: the ranks find each other, rank 0 alone reports and logs.
+    let sft_train = |out: &str, grad_accum: &str| {
+        let (data, tok, out) =
+            (root.path().join("prepared"), root.path().join("tokenizer.json"), root.path().join(out));
+        let out = Command::new("timeout")
+            .args([
+                "300",
+                "mpirun",
+                "--allow-run-as-root",
+                "--oversubscribe",
+                "-np",
+                "2",
+                env!("CARGO_BIN_EXE_sft"),
+            ])
+            .args(["train", "--model", "tiny", "--from-scratch", "--device", "cpu", "--max-seq-len", "96"])
+            .args(["--micro-batch", "2", "--grad-accum", grad_accum, "--max-steps", "2"])
+            .arg("--data")
+            .arg(&data)
+            .arg("--tokenizer")
+            .arg(&tok)
+            .arg("--out-dir")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status, text)
+    };
+    let (status, text) = sft_train("cli", "4");
+    assert!(status.success(), "{text}");
+    assert_eq!(text.matches("done: 2 steps").count(), 1, "{text}");
+    assert!(text.contains("(2 on each of 2 ranks)"), "{text}");
+    let log = std::fs::read_to_string(root.path().join("cli").join("log.csv")).unwrap();
+    assert_eq!(log.lines().count(), 3, "{log}");
+    // An error on the ranks ends the job instead of leaving it waiting.
+    let (status, text) = sft_train("cli_odd", "3");
+    println!("sft train with grad_accum 3 over 2 ranks:\n{text}");
+    assert!(!status.success() && status.code() != Some(124), "{status}: {text}");
+    assert!(text.contains("grad_accum = 3 is not a multiple of the 2 ranks"), "{text}");
 }
 
 #[test]
