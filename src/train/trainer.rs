@@ -912,7 +912,12 @@ mod tests {
         let e = data_parallel_sharding(&lora, &OfTwo { rank: 0 }).unwrap_err().to_string();
         assert!(e.contains("LoRA over 2 ranks"), "{e}");
         // The GPU path needs NCCL: refused before any device is opened.
-        let cuda = TrainConfig { device: "cuda".into(), ..TrainConfig::default() };
+        let cuda = TrainConfig {
+            data: "d".into(),
+            device: "cuda".into(),
+            from_scratch: true,
+            ..TrainConfig::default()
+        };
         let e = crate::train::cli::train_on_device_ranks(&cuda, &OfTwo { rank: 0 }).unwrap_err().to_string();
         assert!(e.contains("CPU backend only") && e.contains("NCCL"), "{e}");
     }
