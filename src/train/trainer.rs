@@ -335,7 +335,7 @@ struct RunStart {
 
 /// Decides where the run starts and with which model config and tokenizer; checks that they fit
 /// together before any data is read.
-fn start_run(cfg: &TrainConfig) -> Result<RunStart> {
+fn start_run(cfg: &TrainConfig, main: bool) -> Result<RunStart> {
     let resume_dir = match (cfg.resume, checkpoint::latest(&cfg.out_dir)?) {
         (true, Some(dir)) => Some(dir),
         (true, None) => bail!(
@@ -354,7 +354,9 @@ fn start_run(cfg: &TrainConfig) -> Result<RunStart> {
         Some(dir) => {
             let state = TrainerState::load(&dir)?;
             crate::lora::check_resume(&state.config, cfg)?;
-            warn_about_changes(&state.config, cfg);
+            if main {
+                warn_about_changes(&state.config, cfg);
+            }
             Some((dir, state))
         }
         None => None,
@@ -547,9 +549,10 @@ pub fn train_ranks<B: Backend>(
 ) -> Result<(Model<B>, TrainReport)> {
     cfg.validate()?;
     let (main, world) = (comm.is_main(), comm.world_size());
-    let RunStart { resumed, weights, tokenizer_path, tokenizer, model_config, max_seq_len } = start_run(cfg)?;
+    let RunStart { resumed, weights, tokenizer_path, tokenizer, model_config, max_seq_len } =
+        start_run(cfg, main)?;
     let saved = resumed.as_ref().map(|(_, s)| &s.config);
-    let mut resolved = plan_micro_batches(&backend, cfg, &model_config, max_seq_len, saved)?;
+    let mut resolved = plan_micro_batches(&backend, cfg, &model_config, max_seq_len, saved, main)?;
     if world > 1 {
         // `auto` reads each rank's free memory: rank 0's choice holds for all.
         let mut batches = [resolved.micro_batch.configured() as u64, resolved.grad_accum as u64];
@@ -793,15 +796,18 @@ fn plan_micro_batches<B: Backend>(
     model_config: &ModelConfig,
     max_seq_len: usize,
     saved: Option<&TrainConfig>,
+    main: bool,
 ) -> Result<TrainConfig> {
     if cfg.micro_batch != MicroBatch::Auto {
         return Ok(cfg.clone());
     }
     if let Some(kept) = saved.and_then(|s| cfg.with_saved_batches(s)) {
-        eprintln!(
-            "micro_batch auto: {} × grad_accum {}, as the run being resumed chose",
-            kept.micro_batch, kept.grad_accum
-        );
+        if main {
+            eprintln!(
+                "micro_batch auto: {} × grad_accum {}, as the run being resumed chose",
+                kept.micro_batch, kept.grad_accum
+            );
+        }
         return Ok(kept);
     }
     let free = backend.memory_info()?.map(|(free, _)| free);
@@ -812,7 +818,9 @@ fn plan_micro_batches<B: Backend>(
     });
     let plan = plan_batches(cfg.micro_batch, cfg.grad_accum, fits);
     let memory = free.map_or(String::new(), |f| format!(", {:.1} GiB free", f as f64 / (1u64 << 30) as f64));
-    eprintln!("{} (rows of {max_seq_len} tokens on {}{memory})", plan.reason, backend.name());
+    if main {
+        eprintln!("{} (rows of {max_seq_len} tokens on {}{memory})", plan.reason, backend.name());
+    }
     Ok(TrainConfig {
         micro_batch: MicroBatch::Fixed(plan.micro_batch),
         grad_accum: plan.grad_accum,
