@@ -191,7 +191,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
         Ok(report) => report,
         // The other ranks would wait for this one forever in their next collective.
         Err(e) if comm.world_size() > 1 => {
-            eprintln!("error on rank {} of {}: {e:#}", comm.rank(), comm.world_size());
+            // One write: stderr is unbuffered, and mpirun interleaves the ranks' pieces.
+            let line = format!("error on rank {} of {}: {e:#}\n", comm.rank(), comm.world_size());
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
             comm.abort(1)
         }
         Err(e) => return Err(e),
