@@ -1,21 +1,83 @@
 //! Data parallel over MPI on the CPU backend, 2 ranks under `mpirun` (feature `mpi`).
 //!
-//! `two_ranks_over_mpirun` starts this same test binary under `mpirun -np 2`, running only
-//! `rank_body` (ignored otherwise); each rank checks the collectives and that its share of a
-//! step, with the gradients summed over MPI, gives the gradients and loss of one process
-//! training on the whole step.
+//! `two_ranks_over_mpirun` prepares a tiny data set, trains on it in one process (the
+//! reference), then starts this same test binary under `mpirun -np 2`, running only `rank_body`
+//! (ignored otherwise). Each rank checks the collectives, that its share of a step with the
+//! gradients summed over MPI gives one process's gradients and loss, then trains the reference's
+//! run with the trainer over both ranks: the same losses, weights bit-identical on both ranks.
+//! Back in one process, the test compares the 2-rank run's final weights with the reference's
+//! and resumes a 2-rank checkpoint in one process; the ranks resume a 1-process checkpoint.
 #![cfg(feature = "mpi")]
 
 mod common;
 
 use common::model::*;
+use common::train::{prepared_data, tiny_config as train_config};
+use sft::backend::cpu::CpuBackend;
 use sft::backend::RopeStyle;
+use sft::checkpoint::Checkpoint;
 use sft::data::batch::Batch;
-use sft::dist::{connect, Launch, Launcher, Sharding};
+use sft::data::BatchMode;
+use sft::dist::{broadcast_u64, connect, Collectives, Launch, Launcher, Sharding};
 use sft::model::Model;
+use sft::train::{train_on, train_ranks, TrainConfig};
+use std::path::Path;
 use std::process::Command;
 
 const CHILD_ENV: &str = "SFT_DIST_RANK_TEST";
+/// The directory holding the prepared data and the reference run's losses.
+const ROOT_ENV: &str = "SFT_DIST_ROOT";
+
+/// The run both sides train: 4 micro-batches of 2 per step (2 per rank over 2 ranks), dropout
+/// on (its masks follow the micro-batch's place in the step, not the rank), a fixed schedule
+/// length so that stopping after 2 steps and resuming repeats the 4-step run.
+fn run_config(root: &Path, out: &str, max_steps: u64) -> TrainConfig {
+    TrainConfig {
+        micro_batch: 2.into(),
+        grad_accum: 4,
+        max_steps: Some(max_steps),
+        schedule_steps: Some(4),
+        save_every: 2,
+        ..train_config(
+            &root.join("prepared"),
+            &root.join("tokenizer.json"),
+            &root.join(out),
+            BatchMode::Dynamic,
+        )
+    }
+}
+
+/// An FNV-1a hash of the weights' bits, to compare ranks without moving the weights.
+fn weights_hash<B: sft::backend::Backend>(model: &Model<B>) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for t in model.read_params().unwrap() {
+        for x in &t.data {
+            for b in x.to_bits().to_le_bytes() {
+                h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+    }
+    h
+}
+
+fn flat_params(dir: &Path) -> Vec<f32> {
+    Checkpoint::open(dir).unwrap().read_params().unwrap().into_iter().flat_map(|t| t.data).collect()
+}
+
+fn assert_losses_match(what: &str, got: &[(u64, f64)], want: &[(u64, f64)]) -> f64 {
+    assert_eq!(
+        got.iter().map(|l| l.0).collect::<Vec<_>>(),
+        want.iter().map(|l| l.0).collect::<Vec<_>>(),
+        "{what}"
+    );
+    let mut worst = 0f64;
+    for (&(step, a), &(_, b)) in got.iter().zip(want) {
+        let rel = (a - b).abs() / b.abs();
+        assert!(rel < 1e-5, "{what}: step {step}: loss {a} vs one process's {b}");
+        worst = worst.max(rel);
+    }
+    worst
+}
 
 #[test]
 fn two_ranks_over_mpirun() {
@@ -23,12 +85,25 @@ fn two_ranks_over_mpirun() {
         println!("skipped: no mpirun on PATH (install openmpi-bin)");
         return;
     }
+    // The reference: one process, the whole step of 4 micro-batches.
+    let root = tempfile::tempdir().unwrap();
+    prepared_data(root.path(), 48, 96);
+    let (reference, report) = train_on(CpuBackend::<f32>::new(), &run_config(root.path(), "one", 4)).unwrap();
+    assert_eq!(report.step_losses.len(), 4);
+    let losses: Vec<String> = report.step_losses.iter().map(|(s, l)| format!("{s} {l:e}")).collect();
+    std::fs::write(root.path().join("losses.txt"), losses.join("\n")).unwrap();
+    std::fs::write(root.path().join("val_loss.txt"), format!("{:e}", report.final_val_loss.unwrap()))
+        .unwrap();
+    // Its first half alone, for the ranks to resume.
+    train_on(CpuBackend::<f32>::new(), &run_config(root.path(), "one_half", 2)).unwrap();
+
     let exe = std::env::current_exe().unwrap();
     let out = Command::new("mpirun")
         .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
         .arg(&exe)
         .args(["--exact", "rank_body", "--include-ignored", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, "1")
+        .env(ROOT_ENV, root.path())
         .output()
         .unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -36,7 +111,68 @@ fn two_ranks_over_mpirun() {
     assert!(out.status.success(), "mpirun -np 2 failed ({}):\n{text}", out.status);
     for rank in 0..2 {
         assert!(text.contains(&format!("rank {rank} of 2: data-parallel step matches")), "{text}");
+        assert!(text.contains(&format!("rank {rank} of 2: sft train over 2 ranks matches")), "{text}");
     }
+
+    // The 2-rank run's last checkpoint (rank 0's) against one process's weights. The gradient
+    // sums run in another order ((g0+g1)+(g2+g3) against one accumulation), so not bit for bit.
+    let one: Vec<f32> = reference.read_params().unwrap().into_iter().flat_map(|t| t.data).collect();
+    let two = flat_params(&root.path().join("two").join("step-4"));
+    let rel = max_rel_diff(&two, &one);
+    println!("final weights, 2 ranks against 1 process: largest difference {rel:e} of the largest weight");
+    assert!(rel < 1e-5, "2-rank weights differ from one process's by {rel:e}");
+
+    // A checkpoint of 2 ranks resumes in one process: steps 3 and 4 as the reference's.
+    let resumed = TrainConfig { resume: true, ..run_config(root.path(), "half", 4) };
+    let (model, report_resumed) = train_on(CpuBackend::<f32>::new(), &resumed).unwrap();
+    assert_losses_match("resumed in one process", &report_resumed.step_losses, &report.step_losses[2..]);
+    let after: Vec<f32> = model.read_params().unwrap().into_iter().flat_map(|t| t.data).collect();
+    let rel = max_rel_diff(&after, &one);
+    println!("2 ranks for 2 steps, then 1 process for 2: largest weight difference {rel:e}");
+    assert!(rel < 1e-5, "resumed weights differ from one process's by {rel:e}");
+    let rel = max_rel_diff(&flat_params(&root.path().join("one_half").join("step-4")), &one);
+    println!("1 process for 2 steps, then 2 ranks for 2: largest weight difference {rel:e}");
+    assert!(rel < 1e-5, "weights resumed over 2 ranks differ from one process's by {rel:e}");
+
+    // `sft train` itself under mpirun: the ranks find each other, rank 0 alone reports and logs.
+    let sft_train = |out: &str, grad_accum: &str| {
+        let (data, tok, out) =
+            (root.path().join("prepared"), root.path().join("tokenizer.json"), root.path().join(out));
+        let out = Command::new("timeout")
+            .args([
+                "300",
+                "mpirun",
+                "--allow-run-as-root",
+                "--oversubscribe",
+                "-np",
+                "2",
+                env!("CARGO_BIN_EXE_sft"),
+            ])
+            .args(["train", "--model", "tiny", "--from-scratch", "--device", "cpu", "--max-seq-len", "96"])
+            .args(["--micro-batch", "2", "--grad-accum", grad_accum, "--max-steps", "2"])
+            .arg("--data")
+            .arg(&data)
+            .arg("--tokenizer")
+            .arg(&tok)
+            .arg("--out-dir")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status, text)
+    };
+    let (status, text) = sft_train("cli", "4");
+    assert!(status.success(), "{text}");
+    assert_eq!(text.matches("done: 2 steps").count(), 1, "{text}");
+    assert!(text.contains("(2 on each of 2 ranks)"), "{text}");
+    let log = std::fs::read_to_string(root.path().join("cli").join("log.csv")).unwrap();
+    assert_eq!(log.lines().count(), 3, "{log}");
+    // An error on the ranks ends the job instead of leaving it waiting.
+    let (status, text) = sft_train("cli_odd", "3");
+    println!("sft train with grad_accum 3 over 2 ranks:\n{text}");
+    assert!(!status.success() && status.code() != Some(124), "{status}: {text}");
+    assert!(text.contains("grad_accum = 3 is not a multiple of the 2 ranks"), "{text}");
 }
 
 #[test]
@@ -111,4 +247,51 @@ fn rank_body() {
         println!("rank {rank}: packed {packed}: loss rel {rel_loss:e}, gradient rel {rel_grads:e}");
     }
     println!("rank {rank} of {world}: data-parallel step matches one process");
+
+    trains_like_one_process(comm.as_ref());
+}
+
+/// `sft train`'s loop over the ranks: the reference's losses and validation loss, and the same
+/// weights, bit for bit, on every rank.
+fn trains_like_one_process(comm: &dyn Collectives) {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let root = std::path::PathBuf::from(std::env::var_os(ROOT_ENV).unwrap());
+    let want: Vec<(u64, f64)> = std::fs::read_to_string(root.join("losses.txt"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (s, v) = l.split_once(' ').unwrap();
+            (s.parse().unwrap(), v.parse().unwrap())
+        })
+        .collect();
+    let want_val: f64 = std::fs::read_to_string(root.join("val_loss.txt")).unwrap().parse().unwrap();
+
+    let (model, report) =
+        train_ranks(CpuBackend::<f32>::new(), &run_config(&root, "two", 4), None, comm).unwrap();
+    let worst = assert_losses_match(&format!("rank {rank}"), &report.step_losses, &want);
+    let val = report.final_val_loss.unwrap();
+    assert!((val - want_val).abs() < 1e-5 * want_val, "rank {rank}: validation loss {val} vs {want_val}");
+    // Identical updates of identical weights: the ranks never drift apart.
+    let mine = weights_hash(&model);
+    let mut rank0 = [mine];
+    broadcast_u64(comm, &mut rank0, 0).unwrap();
+    assert_eq!(mine, rank0[0], "rank {rank}: weights differ from rank 0's");
+    // Only rank 0 writes.
+    assert_eq!(report.checkpoint.is_some(), rank == 0, "rank {rank}: {:?}", report.checkpoint);
+    let log = std::fs::read_to_string(root.join("two").join("log.csv")).unwrap();
+    assert_eq!(log.lines().count(), 5, "one header and one row per step, written once:\n{log}");
+    println!("rank {rank}: losses within {worst:e} of one process's, weights hash {mine:016x} on both ranks");
+
+    // Half the run over both ranks, for the resume in one process.
+    train_ranks(CpuBackend::<f32>::new(), &run_config(&root, "half", 2), None, comm).unwrap();
+
+    // A checkpoint of one process resumes over both ranks: steps 3 and 4 as the reference's.
+    let resume = TrainConfig { resume: true, ..run_config(&root, "one_half", 4) };
+    let (model, report) = train_ranks(CpuBackend::<f32>::new(), &resume, None, comm).unwrap();
+    assert_losses_match(&format!("rank {rank}, resumed over 2 ranks"), &report.step_losses, &want[2..]);
+    let mine = weights_hash(&model);
+    let mut rank0 = [mine];
+    broadcast_u64(comm, &mut rank0, 0).unwrap();
+    assert_eq!(mine, rank0[0], "rank {rank}: resumed weights differ from rank 0's");
+    println!("rank {rank} of {world}: sft train over 2 ranks matches one process");
 }

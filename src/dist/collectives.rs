@@ -25,6 +25,9 @@ pub trait Collectives {
     fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()>;
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()>;
+    /// Ends every rank of the job with `code`: how one rank's error stops the others, which
+    /// would otherwise wait forever in their next collective.
+    fn abort(&self, code: i32) -> !;
 }
 
 /// One process: every collective is the identity.
@@ -55,6 +58,40 @@ impl Collectives for SingleProcess {
     fn barrier(&self) -> Result<()> {
         Ok(())
     }
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
+}
+
+/// Copies `root`'s `values` to every rank.
+pub fn broadcast_u64(comm: &dyn Collectives, values: &mut [u64], root: usize) -> Result<()> {
+    let mut bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    comm.broadcast_bytes(&mut bytes, root)?;
+    for (v, b) in values.iter_mut().zip(bytes.chunks_exact(8)) {
+        *v = u64::from_le_bytes(b.try_into().expect("chunks of 8"));
+    }
+    Ok(())
+}
+
+/// Checks that every rank computed the same `values` (what each derived on its own from the
+/// config and the data): an error on each rank that differs from rank 0, naming the values.
+pub fn ensure_agreement(comm: &dyn Collectives, values: &[(&str, u64)]) -> Result<()> {
+    let mut theirs: Vec<u64> = values.iter().map(|&(_, v)| v).collect();
+    broadcast_u64(comm, &mut theirs, 0)?;
+    let differ: Vec<String> = values
+        .iter()
+        .zip(&theirs)
+        .filter(|((_, mine), theirs)| mine != *theirs)
+        .map(|((name, mine), theirs)| format!("{name} {mine} (rank 0: {theirs})"))
+        .collect();
+    ensure!(
+        differ.is_empty(),
+        "rank {} of {} disagrees with rank 0 on {}: every rank must read the same data, config and checkpoint",
+        comm.rank(),
+        comm.world_size(),
+        differ.join(", ")
+    );
+    Ok(())
 }
 
 #[cfg(test)]
@@ -76,5 +113,9 @@ mod tests {
         let e = c.broadcast(&mut g, 1).unwrap_err().to_string();
         assert!(e.contains("rank 1"), "{e}");
         c.barrier().unwrap();
+        let mut v = [3u64, u64::MAX];
+        broadcast_u64(&c, &mut v, 0).unwrap();
+        assert_eq!(v, [3, u64::MAX]);
+        ensure_agreement(&c, &[("steps", 4), ("tokens", 9)]).unwrap();
     }
 }

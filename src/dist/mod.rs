@@ -14,7 +14,7 @@ pub mod launch;
 pub mod mpi;
 pub mod shard;
 
-pub use collectives::{Collectives, SingleProcess};
+pub use collectives::{broadcast_u64, ensure_agreement, Collectives, SingleProcess};
 pub use launch::{Launch, Launcher};
 pub use shard::Sharding;
 

@@ -67,6 +67,9 @@ impl Collectives for MpiCollectives {
         self.world.barrier();
         Ok(())
     }
+    fn abort(&self, code: i32) -> ! {
+        self.world.abort(code)
+    }
 }
 
 impl MpiCollectives {

@@ -754,6 +754,29 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
+    /// Data parallelism's hook: hands the accumulated gradients, every tensor concatenated in
+    /// layout order into one host f32 buffer, to `reduce` (an all-reduce over the ranks) and
+    /// writes back what it leaves there, before [`Model::clip_and_update`]. A rank that
+    /// accumulated nothing this step contributes zeros. The step's loss sum stays this rank's.
+    pub fn all_reduce_grads(&mut self, reduce: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<()> {
+        self.ensure_training("all_reduce_grads")?;
+        ensure!(self.lora.is_none(), "all_reduce_grads: data parallelism does not reduce LoRA adapters yet");
+        self.materialize_zero_grads()?;
+        // The zeros are now real: the update must not zero the reduced gradients again.
+        self.fresh = false;
+        let mut flat = Vec::with_capacity(self.lens.iter().sum());
+        for (g, &len) in self.grads.iter().zip(&self.lens) {
+            flat.extend(self.backend.read(g, len)?);
+        }
+        reduce(&mut flat)?;
+        let mut at = 0;
+        for (g, &len) in self.grads.iter_mut().zip(&self.lens) {
+            self.backend.write(g, &flat[at..at + len])?;
+            at += len;
+        }
+        Ok(())
+    }
+
     /// Writes the zeros that `zero_grads` only promised, for an update with nothing accumulated.
     fn materialize_zero_grads(&mut self) -> Result<()> {
         if self.fresh {

@@ -6,11 +6,12 @@ use crate::data::{
     batches_from_examples, batches_in_order, longest_example, read_chat_file, tokenize_conversation,
     BatchMode, ChatTokenizer, Dataset, LoaderConfig, Split, TrainOn, DEFAULT_SYSTEM_PROMPT,
 };
+use crate::dist::{Collectives, Launch, SingleProcess};
 use crate::generate::{generate_reply, SamplingConfig};
 use crate::model::Model;
 use crate::rng::Rng;
 use crate::train::config::{default_seq_len, Device, TrainConfig};
-use crate::train::trainer::{eval_loss, resolve_model_config, train_with, TrainReport};
+use crate::train::trainer::{eval_loss, resolve_model_config, train_ranks, TrainReport};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -188,7 +189,22 @@ impl TrainArgs {
 /// Trains as the config file and flags say, then prints a summary.
 pub fn train(args: TrainArgs) -> Result<()> {
     let cfg = args.to_config()?;
-    let report = train_on_device(&cfg)?;
+    let launch = Launch::from_env()?;
+    let comm = crate::dist::connect(&launch)?;
+    let report = match train_on_device_ranks(&cfg, comm.as_ref()) {
+        Ok(report) => report,
+        // The other ranks would wait for this one forever in their next collective.
+        Err(e) if comm.world_size() > 1 => {
+            // One write: stderr is unbuffered, and mpirun interleaves the ranks' pieces.
+            let line = format!("error on rank {} of {}: {e:#}\n", comm.rank(), comm.world_size());
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+            comm.abort(1)
+        }
+        Err(e) => return Err(e),
+    };
+    if !comm.is_main() {
+        return Ok(());
+    }
     println!(
         "done: {} steps, train loss {:.4}, val loss {}, {:.0} tokens/s{}",
         report.steps,
@@ -206,14 +222,28 @@ const SAMPLE_STREAM: u64 = 0x5A3F;
 /// Trains on the configured device, printing sample replies at growing intervals. The sample
 /// replies are wired here, where training and generation are both visible.
 pub fn train_on_device(cfg: &TrainConfig) -> Result<TrainReport> {
+    train_on_device_ranks(cfg, &SingleProcess)
+}
+
+/// [`train_on_device`] as one rank of a data-parallel job over `comm` (docs/distributed.md):
+/// several ranks train on the CPU backend only, until the GPU collectives (NCCL) exist.
+pub fn train_on_device_ranks(cfg: &TrainConfig, comm: &dyn Collectives) -> Result<TrainReport> {
     cfg.validate()?;
-    crate::with_backend!(cfg.device_kind()?, |backend| {
+    let device = match (cfg.device_kind()?, comm.world_size()) {
+        (device, 1) => device,
+        (Device::Cpu | Device::Auto, _) => Device::Cpu,
+        (Device::Cuda, world) => bail!(
+            "device = \"cuda\" over {world} ranks: data parallelism runs on the CPU backend only (the GPU \
+             collectives, NCCL, are not built yet); set device to \"cpu\" or start one process"
+        ),
+    };
+    crate::with_backend!(device, |backend| {
         let sampling = SamplingConfig { max_new_tokens: 64, ..SamplingConfig::default() };
         let mut rng = Rng::new(cfg.seed).fork(SAMPLE_STREAM);
         let mut sampler = |model: &mut Model<_>, tok: &ChatTokenizer, prompt: &str| {
             generate_reply(model, tok, DEFAULT_SYSTEM_PROMPT, &[], prompt, &sampling, &mut rng)
         };
-        Ok(train_with(backend, cfg, Some(&mut sampler))?.1)
+        Ok(train_ranks(backend, cfg, Some(&mut sampler), comm)?.1)
     })
 }
 

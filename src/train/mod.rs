@@ -12,4 +12,4 @@ pub mod trainer;
 pub use config::TrainConfig;
 pub use schedule::Schedule;
 pub use state::TrainerState;
-pub use trainer::{eval_loss, train_on, train_with, Sampler, TrainReport};
+pub use trainer::{eval_loss, eval_loss_ranks, train_on, train_ranks, train_with, Sampler, TrainReport};

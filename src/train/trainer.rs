@@ -28,6 +28,7 @@ use crate::data::{
     batches_in_order, longest_example, Batch, BatchMode, ChatTokenizer, Dataset, Loader, LoaderConfig,
     LoaderState, NoSupervisedTokens, Split,
 };
+use crate::dist::{self, broadcast_u64, Collectives, Sharding, SingleProcess};
 use crate::model::config::ModelConfig;
 use crate::model::forward::StepStats;
 use crate::model::Model;
@@ -67,7 +68,7 @@ pub struct TrainReport {
 /// Produces a sample reply to `prompt` (with the default system prompt) from the current model.
 pub type Sampler<'a, B> = dyn FnMut(&mut Model<B>, &ChatTokenizer, &str) -> Result<String> + 'a;
 
-/// What one optimizer step did.
+/// What one optimizer step did (over every rank of a data-parallel job).
 pub(crate) struct StepOutcome {
     /// Mean loss over the step's supervised targets (None: nothing supervised, no update).
     pub train_loss: Option<f64>,
@@ -76,9 +77,12 @@ pub(crate) struct StepOutcome {
     pub supervised: usize,
     /// Non-pad input tokens.
     pub tokens: u64,
+    /// Micro-batches of the step skipped for having no supervised target.
+    pub skipped: u64,
 }
 
-/// One optimizer step (0-based `step`) over its micro-batches, at learning rate `lr`.
+/// One optimizer step (0-based `step`) over its micro-batches, at learning rate `lr`, in one
+/// process.
 pub(crate) fn optimizer_step<B: Backend>(
     model: &mut Model<B>,
     micro_batches: &[Batch],
@@ -87,27 +91,62 @@ pub(crate) fn optimizer_step<B: Backend>(
     cfg: &TrainConfig,
     dropout_stream: &Rng,
 ) -> Result<StepOutcome> {
+    let share: Vec<(usize, &Batch)> = micro_batches.iter().enumerate().collect();
+    step_on_share(model, &share, 0, step, lr, cfg, dropout_stream, &SingleProcess)
+}
+
+/// One optimizer step over this rank's `share` of the step's micro-batches, each with its
+/// position in the step (which picks its dropout mask, so the masks do not depend on how the
+/// step is split over ranks); `skipped` of this rank's micro-batches had no supervised target.
+/// With one rank, `comm` does nothing.
+#[allow(clippy::too_many_arguments)]
+fn step_on_share<B: Backend>(
+    model: &mut Model<B>,
+    share: &[(usize, &Batch)],
+    skipped: u64,
+    step: u64,
+    lr: f64,
+    cfg: &TrainConfig,
+    dropout_stream: &Rng,
+    comm: &dyn Collectives,
+) -> Result<StepOutcome> {
     let _step = profile::range("step");
-    // 1. The step's loss is the mean over all of its supervised targets.
-    let supervised: usize = micro_batches.iter().map(Batch::n_supervised).sum();
-    let tokens =
-        micro_batches.iter().map(|b| b.inputs.iter().filter(|&&t| t != b.pad_id).count() as u64).sum();
+    let ranks = comm.world_size() > 1;
+    // 1. The step's loss is the mean over all of its supervised targets, on every rank: the
+    //    counts are summed over the ranks before any backward (exact in f64).
+    let mut counts = [
+        share.iter().map(|(_, b)| b.n_supervised()).sum::<usize>() as f64,
+        share.iter().map(|(_, b)| b.inputs.iter().filter(|&&t| t != b.pad_id).count()).sum::<usize>() as f64,
+        skipped as f64,
+    ];
+    if ranks {
+        comm.all_reduce_sum_f64(&mut counts).context("summing the step's token counts over the ranks")?;
+    }
+    let [supervised, tokens, skipped] = counts.map(|c| c as u64);
+    let supervised = supervised as usize;
     if supervised == 0 {
         // Nothing to learn from: no update (the step still counts, the schedule moves on).
-        return Ok(StepOutcome { train_loss: None, grad_norm: None, supervised, tokens });
+        return Ok(StepOutcome { train_loss: None, grad_norm: None, supervised, tokens, skipped });
     }
     let loss_scale = 1.0 / supervised as f32;
 
     // 2. Accumulate the gradient of that mean over the micro-batches (the loss sum stays on
-    //    the device).
+    //    the device), then sum it over the ranks: every rank holds the whole step's gradient.
     model.zero_grads()?;
-    for (micro, batch) in micro_batches.iter().enumerate() {
+    for &(micro, batch) in share {
         let seed = model.uses_dropout().then(|| dropout_seed(dropout_stream, step, micro));
         model.accumulate_gradients(batch, loss_scale, seed)?;
+    }
+    if ranks {
+        let _reduce = profile::range("all_reduce");
+        model
+            .all_reduce_grads(|g| comm.all_reduce_sum(g))
+            .with_context(|| format!("step {}: summing the gradients over the ranks", step + 1))?;
     }
 
     // 3 and 4. The global norm, then AdamW at the scheduled learning rate, clipped by a factor
     // the device works out from the norm; a norm that is not finite leaves the weights alone.
+    // Every rank applies the same update to the same weights, so they stay identical.
     let _optimizer = profile::range("optimizer");
     let hp = AdamW {
         lr: lr as f32,
@@ -118,23 +157,34 @@ pub(crate) fn optimizer_step<B: Backend>(
         step: step + 1,
         grad_scale: 1.0,
     };
-    let StepStats { loss_sum, grad_norm: norm } = model.clip_and_update(&hp, cfg.clip as f32)?;
+    let StepStats { mut loss_sum, grad_norm: norm } = model.clip_and_update(&hp, cfg.clip as f32)?;
+    if ranks {
+        let mut sum = [loss_sum];
+        comm.all_reduce_sum_f64(&mut sum).context("summing the step's loss over the ranks")?;
+        loss_sum = sum[0];
+    }
     ensure!(norm.is_finite(), "step {}: the gradient norm is {norm} (loss sum {loss_sum})", step + 1);
     Ok(StepOutcome {
         train_loss: Some(loss_sum / supervised as f64),
         grad_norm: Some(norm),
         supervised,
         tokens,
+        skipped,
     })
 }
 
-/// The next step's micro-batches: the next `grad_accum` of this epoch or, when fewer are left
-/// (dropped, like a last partial batch), the first ones of the next epoch. Micro-batches without
-/// a supervised target are skipped and counted in `skipped`.
-fn next_micro_batches(loader: &mut Loader, grad_accum: usize, skipped: &mut u64) -> Result<Vec<Batch>> {
+/// This rank's share of the next step, each micro-batch with its position in the step, and how
+/// many of its micro-batches were skipped for having no supervised target. The step takes the
+/// next `grad_accum` micro-batches of this epoch or, when fewer are left (dropped, like a last
+/// partial batch), the first ones of the next epoch; [`Sharding`] says which are this rank's.
+/// Every rank reads past the other ranks' micro-batches too, so that all loaders stay at the
+/// same place (the global one, as in one process).
+fn next_share(loader: &mut Loader, sharding: &Sharding) -> Result<(Vec<(usize, Batch)>, u64)> {
+    let grad_accum = sharding.global_accum();
     let here = loader.state();
-    if here.batch_in_epoch as usize + grad_accum > loader.batches_per_epoch() {
-        loader.restore(&LoaderState { epoch: here.epoch + 1, batch_in_epoch: 0 })?;
+    let (next_epoch, first) = sharding.step_start(here.batch_in_epoch, loader.batches_per_epoch() as u64);
+    if next_epoch > 0 {
+        loader.restore(&LoaderState { epoch: here.epoch + 1, batch_in_epoch: first })?;
         ensure!(
             loader.batches_per_epoch() >= grad_accum,
             "epoch {} has {} micro-batches, fewer than grad_accum = {grad_accum}",
@@ -142,15 +192,20 @@ fn next_micro_batches(loader: &mut Loader, grad_accum: usize, skipped: &mut u64)
             loader.batches_per_epoch()
         );
     }
-    let mut batches = Vec::with_capacity(grad_accum);
-    for _ in 0..grad_accum {
+    let mine = sharding.positions(first);
+    let mut share = Vec::with_capacity(sharding.accum);
+    let mut skipped = 0;
+    for (micro, position) in (first..sharding.next_step(first)).enumerate() {
         match loader.next_batch() {
-            Ok(batch) => batches.push(batch),
-            Err(e) if e.downcast_ref::<NoSupervisedTokens>().is_some() => *skipped += 1,
+            Ok(batch) if mine.contains(&position) => share.push((micro, batch)),
+            Ok(_) => {}
+            Err(e) if e.downcast_ref::<NoSupervisedTokens>().is_some() => {
+                skipped += u64::from(mine.contains(&position))
+            }
             Err(e) => return Err(e),
         }
     }
-    Ok(batches)
+    Ok((share, skipped))
 }
 
 /// Trains with `backend` (sample generations: see [`train_with`]).
@@ -160,17 +215,31 @@ pub fn train_on<B: Backend>(backend: B, cfg: &TrainConfig) -> Result<(Model<B>, 
 
 /// The mean loss per supervised target over `batches` (no dropout, no gradients).
 pub fn eval_loss<B: Backend>(model: &mut Model<B>, batches: &[Batch]) -> Result<f64> {
-    let mut sum = 0.0;
-    let mut count = 0usize;
-    for batch in batches {
+    eval_loss_ranks(model, batches, &SingleProcess)
+}
+
+/// [`eval_loss`] over the ranks of a data-parallel job: rank `r` evaluates batches `r`, `r + W`,
+/// ... and the loss sums and target counts are summed over the ranks, so every rank gets the
+/// mean over all of `batches` (one process's, up to the order of the f64 sums).
+pub fn eval_loss_ranks<B: Backend>(
+    model: &mut Model<B>,
+    batches: &[Batch],
+    comm: &dyn Collectives,
+) -> Result<f64> {
+    let mut totals = [0.0f64, 0.0];
+    for batch in batches.iter().skip(comm.rank()).step_by(comm.world_size()) {
         let n = batch.n_supervised();
         if n > 0 {
-            sum += model.loss(batch)?;
-            count += n;
+            totals[0] += model.loss(batch)?;
+            totals[1] += n as f64;
         }
     }
-    ensure!(count > 0, "no supervised targets in the {} evaluation batches", batches.len());
-    let loss = sum / count as f64;
+    if comm.world_size() > 1 {
+        comm.all_reduce_sum_f64(&mut totals).context("summing the evaluation loss over the ranks")?;
+    }
+    let [sum, count] = totals;
+    ensure!(count > 0.0, "no supervised targets in the {} evaluation batches", batches.len());
+    let loss = sum / count;
     if !loss.is_finite() {
         bail!("the evaluation loss is {loss}: {}", model.non_finite_report()?);
     }
@@ -198,15 +267,19 @@ fn dropout_seed(stream: &Rng, step: u64, micro: usize) -> u64 {
 /// Stream id of the dropout masks, apart from the other uses of the seed.
 const DROPOUT_STREAM: u64 = 0xD809;
 
-/// Progress output: a bar on a terminal, else a plain line every `log_every` steps.
+/// Progress output: a bar on a terminal, else a plain line every `log_every` steps; nothing on
+/// the ranks other than rank 0.
 enum Progress {
     Bar(ProgressBar),
     Lines { every: u64 },
+    Quiet,
 }
 
 impl Progress {
-    fn new(start: u64, end: u64, log_every: u64) -> Progress {
-        if std::io::stderr().is_terminal() {
+    fn new(start: u64, end: u64, log_every: u64, main: bool) -> Progress {
+        if !main {
+            Progress::Quiet
+        } else if std::io::stderr().is_terminal() {
             let bar = ProgressBar::new(end).with_position(start);
             let style =
                 ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
@@ -229,6 +302,7 @@ impl Progress {
                     eprintln!("step {step}/{end} {summary}");
                 }
             }
+            Progress::Quiet => {}
         }
     }
 
@@ -236,6 +310,7 @@ impl Progress {
         match self {
             Progress::Bar(bar) => bar.println(line),
             Progress::Lines { .. } => eprintln!("{line}"),
+            Progress::Quiet => {}
         }
     }
 
@@ -260,7 +335,7 @@ struct RunStart {
 
 /// Decides where the run starts and with which model config and tokenizer; checks that they fit
 /// together before any data is read.
-fn start_run(cfg: &TrainConfig) -> Result<RunStart> {
+fn start_run(cfg: &TrainConfig, main: bool) -> Result<RunStart> {
     let resume_dir = match (cfg.resume, checkpoint::latest(&cfg.out_dir)?) {
         (true, Some(dir)) => Some(dir),
         (true, None) => bail!(
@@ -279,7 +354,9 @@ fn start_run(cfg: &TrainConfig) -> Result<RunStart> {
         Some(dir) => {
             let state = TrainerState::load(&dir)?;
             crate::lora::check_resume(&state.config, cfg)?;
-            warn_about_changes(&state.config, cfg);
+            if main {
+                warn_about_changes(&state.config, cfg);
+            }
             Some((dir, state))
         }
         None => None,
@@ -358,6 +435,7 @@ struct Validation {
 impl Validation {
     /// The validation loss after step `done` (1-based) of `end_step`, when one is due: the full
     /// split at an epoch's end, the quick batches every `eval_every` steps and after the last step.
+    #[allow(clippy::too_many_arguments)]
     fn loss_after<B: Backend>(
         &self,
         model: &mut Model<B>,
@@ -365,13 +443,14 @@ impl Validation {
         done: u64,
         end_step: u64,
         epoch_end: bool,
+        comm: &dyn Collectives,
     ) -> Result<Option<f64>> {
         if !self.full_supervised {
             Ok(None)
         } else if epoch_end {
-            eval_loss(model, &self.full).map(Some)
+            eval_loss_ranks(model, &self.full, comm).map(Some)
         } else if (cfg.eval_every > 0 && done.is_multiple_of(cfg.eval_every)) || done == end_step {
-            self.quick_supervised.then(|| eval_loss(model, &self.quick)).transpose()
+            self.quick_supervised.then(|| eval_loss_ranks(model, &self.quick, comm)).transpose()
         } else {
             Ok(None)
         }
@@ -451,10 +530,27 @@ fn plan_data(cfg: &TrainConfig, tokenizer: &ChatTokenizer, max_seq_len: usize) -
 pub fn train_with<B: Backend>(
     backend: B,
     cfg: &TrainConfig,
+    sampler: Option<&mut Sampler<'_, B>>,
+) -> Result<(Model<B>, TrainReport)> {
+    train_ranks(backend, cfg, sampler, &SingleProcess)
+}
+
+/// [`train_with`] as one rank of a data-parallel job over `comm` (docs/distributed.md): every
+/// rank trains on its share of each step's micro-batches ([`Sharding`]; `grad_accum` counts the
+/// micro-batches of the whole step, over all ranks), the gradients and counts are summed over
+/// the ranks before the update, and only rank 0 writes the log, progress, samples and
+/// checkpoints (`sampler` is only called there). The run is one process's with the same config,
+/// up to the order of the gradient sums, and its checkpoints resume at any number of ranks.
+pub fn train_ranks<B: Backend>(
+    backend: B,
+    cfg: &TrainConfig,
     mut sampler: Option<&mut Sampler<'_, B>>,
+    comm: &dyn Collectives,
 ) -> Result<(Model<B>, TrainReport)> {
     cfg.validate()?;
-    let RunStart { resumed, weights, tokenizer_path, tokenizer, model_config, max_seq_len } = start_run(cfg)?;
+    let (main, world) = (comm.is_main(), comm.world_size());
+    let RunStart { resumed, weights, tokenizer_path, tokenizer, model_config, max_seq_len } =
+        start_run(cfg, main)?;
     let saved = resumed.as_ref().map(|(_, s)| &s.config);
     if let Some((dir, s)) = &resumed {
         // Refused before anything is allocated; load_optimizer_into checks the file itself too.
@@ -468,8 +564,16 @@ pub fn train_with<B: Backend>(
             s.config.optimizer_state
         );
     }
-    let resolved = plan_micro_batches(&backend, cfg, &model_config, max_seq_len, saved)?;
+    let mut resolved = plan_micro_batches(&backend, cfg, &model_config, max_seq_len, saved, main)?;
+    if world > 1 {
+        // `auto` reads each rank's free memory: rank 0's choice holds for all.
+        let mut batches = [resolved.micro_batch.configured() as u64, resolved.grad_accum as u64];
+        broadcast_u64(comm, &mut batches, 0)?;
+        resolved.micro_batch = MicroBatch::Fixed(batches[0] as usize);
+        resolved.grad_accum = batches[1] as usize;
+    }
     let cfg = &resolved;
+    let sharding = data_parallel_sharding(cfg, comm)?;
     let DataPlan { mut loader, steps_per_epoch, end_step, schedule, val } =
         plan_data(cfg, &tokenizer, max_seq_len)?;
 
@@ -512,11 +616,36 @@ pub fn train_with<B: Backend>(
         None => TrainerState::fresh(loader.state(), schedule.clone(), cfg.clone()),
     };
     let start_step = state.step;
-    std::fs::create_dir_all(&cfg.out_dir).with_context(|| format!("creating {}", cfg.out_dir.display()))?;
-    let mut log = CsvLog::open(&cfg.out_dir.join("log.csv"), is_resume.then_some(start_step))?;
-    let progress = Progress::new(start_step, end_step, cfg.log_every);
+    if world > 1 {
+        // Each rank worked these out alone, from its own view of the data and the checkpoint.
+        dist::ensure_agreement(
+            comm,
+            &[
+                ("steps per epoch", steps_per_epoch),
+                ("last step", end_step),
+                ("first step", start_step),
+                ("epoch", state.loader.epoch),
+                ("micro-batch of the epoch", state.loader.batch_in_epoch),
+                ("micro-batches per epoch", loader.batches_per_epoch() as u64),
+                ("parameters", model.config().n_params() as u64),
+                ("validation batches", val.full.len() as u64),
+            ],
+        )?;
+    }
+    let mut log = if main {
+        std::fs::create_dir_all(&cfg.out_dir)
+            .with_context(|| format!("creating {}", cfg.out_dir.display()))?;
+        Some(CsvLog::open(&cfg.out_dir.join("log.csv"), is_resume.then_some(start_step))?)
+    } else {
+        None
+    };
+    let progress = Progress::new(start_step, end_step, cfg.log_every, main);
+    let ranks = match world {
+        1 => String::new(),
+        w => format!(" ({} on each of {w} ranks)", sharding.accum),
+    };
     progress.println(&format!(
-        "training {} parameters on {}: {} micro-batches of {} per step, {steps_per_epoch} steps per epoch, steps {start_step}..{end_step}",
+        "training {} parameters on {}: {} micro-batches of {} per step{ranks}, {steps_per_epoch} steps per epoch, steps {start_step}..{end_step}",
         model.config().n_params(),
         model.backend().name(),
         cfg.grad_accum,
@@ -549,10 +678,12 @@ pub fn train_with<B: Backend>(
         let step = state.step; // 0-based index of the step being taken
         let step_start = Instant::now();
 
-        let micro_batches = next_micro_batches(&mut loader, cfg.grad_accum, &mut state.skipped_batches)?;
+        let (share, skipped_here) = next_share(&mut loader, &sharding)?;
+        let share: Vec<(usize, &Batch)> = share.iter().map(|(micro, batch)| (*micro, batch)).collect();
         let lr = schedule.lr(step);
-        let StepOutcome { train_loss, grad_norm, supervised, tokens: step_tokens } =
-            optimizer_step(&mut model, &micro_batches, step, lr, cfg, &dropout_stream)?;
+        let StepOutcome { train_loss, grad_norm, supervised, tokens: step_tokens, skipped } =
+            step_on_share(&mut model, &share, skipped_here, step, lr, cfg, &dropout_stream, comm)?;
+        state.skipped_batches += skipped;
         model.backend().synchronize()?;
         let step_secs = step_start.elapsed().as_secs_f64();
         train_time += step_secs;
@@ -573,7 +704,7 @@ pub fn train_with<B: Backend>(
 
         // ---- evaluation: a quick one every eval_every steps, a full pass at each epoch end ----
         let done = state.step;
-        let val_loss = val.loss_after(&mut model, cfg, done, end_step, epoch_end)?;
+        let val_loss = val.loss_after(&mut model, cfg, done, end_step, epoch_end, comm)?;
         if let Some(loss) = val_loss {
             if epoch_end {
                 progress.println(&format!("epoch {} done: full validation loss {loss:.4}", state.epoch));
@@ -582,16 +713,18 @@ pub fn train_with<B: Backend>(
         }
 
         state.elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
-        log.write(&LogRow {
-            step: done,
-            progress_pct: 100.0 * done as f64 / end_step as f64,
-            train_loss,
-            val_loss,
-            lr,
-            grad_norm,
-            time_s: state.elapsed_s,
-            tokens_per_s: step_tokens as f64 / step_secs.max(1e-9),
-        })?;
+        if let Some(log) = log.as_mut() {
+            log.write(&LogRow {
+                step: done,
+                progress_pct: 100.0 * done as f64 / end_step as f64,
+                train_loss,
+                val_loss,
+                lr,
+                grad_norm,
+                time_s: state.elapsed_s,
+                tokens_per_s: step_tokens as f64 / step_secs.max(1e-9),
+            })?;
+        }
         let summary = format!(
             "loss {} val {} lr {lr:.3e} norm {} tok/s {:.0}",
             train_loss.map_or("-".into(), |l| format!("{l:.4}")),
@@ -602,7 +735,7 @@ pub fn train_with<B: Backend>(
         progress.step(done, end_step, &summary);
 
         // ---- sample replies at growing intervals --------------------------------------------
-        if let Some(sample) = sampler.as_deref_mut() {
+        if let Some(sample) = sampler.as_deref_mut().filter(|_| main) {
             if cfg.sample_every > 0
                 && done.is_multiple_of(cfg.sample_every)
                 && (done / cfg.sample_every).is_power_of_two()
@@ -627,7 +760,7 @@ pub fn train_with<B: Backend>(
         }
 
         // ---- checkpoint ------------------------------------------------------------------------
-        if (cfg.save_every > 0 && done.is_multiple_of(cfg.save_every)) || done == end_step {
+        if main && ((cfg.save_every > 0 && done.is_multiple_of(cfg.save_every)) || done == end_step) {
             let (out, tok, keep) = (&cfg.out_dir, Some(tokenizer_path.as_path()), cfg.keep_checkpoints);
             let dir = match weights.as_ref().filter(|_| cfg.lora.is_some()) {
                 Some(base) => crate::lora::save_run(out, &model, state.step, &state, base.dir(), tok, keep)?,
@@ -641,16 +774,38 @@ pub fn train_with<B: Backend>(
         }
     }
     progress.finish();
+    // The other ranks return once rank 0's last checkpoint is written.
+    comm.barrier().context("waiting for rank 0's last checkpoint")?;
 
     report.steps = state.step;
     report.final_train_loss = report.step_losses.last().map_or(f64::NAN, |&(_, l)| l);
     report.final_val_loss = state.last_val_loss;
     report.tokens_per_s = if train_time > 0.0 { train_tokens as f64 / train_time } else { 0.0 };
     report.skipped_batches = state.skipped_batches;
-    if report.skipped_batches > 0 {
+    if report.skipped_batches > 0 && main {
         eprintln!("note: {} micro-batches had no supervised target and were skipped", report.skipped_batches);
     }
     Ok((model, report))
+}
+
+/// This rank's share of every step: `grad_accum / ranks` consecutive micro-batches of the step's
+/// `grad_accum` (what is not yet built for several ranks is refused here).
+fn data_parallel_sharding(cfg: &TrainConfig, comm: &dyn Collectives) -> Result<Sharding> {
+    let world = comm.world_size();
+    if world > 1 {
+        ensure!(
+            cfg.grad_accum.is_multiple_of(world),
+            "grad_accum = {} is not a multiple of the {world} ranks: it counts the micro-batches of the whole \
+             step, of which each rank takes grad_accum / {world}; set grad_accum to a multiple of {world}",
+            cfg.grad_accum
+        );
+        ensure!(
+            cfg.lora.is_none(),
+            "LoRA over {world} ranks is not built yet (data parallelism sums the base's gradients only): \
+             train LoRA in one process"
+        );
+    }
+    Sharding::new(comm.rank(), world, cfg.grad_accum / world)
 }
 
 /// `micro_batch` `auto` resolved to numbers (see [`plan_batches`]), printing what it chose and
@@ -663,15 +818,18 @@ fn plan_micro_batches<B: Backend>(
     model_config: &ModelConfig,
     max_seq_len: usize,
     saved: Option<&TrainConfig>,
+    main: bool,
 ) -> Result<TrainConfig> {
     if cfg.micro_batch != MicroBatch::Auto {
         return Ok(cfg.clone());
     }
     if let Some(kept) = saved.and_then(|s| cfg.with_saved_batches(s)) {
-        eprintln!(
-            "micro_batch auto: {} × grad_accum {}, as the run being resumed chose",
-            kept.micro_batch, kept.grad_accum
-        );
+        if main {
+            eprintln!(
+                "micro_batch auto: {} × grad_accum {}, as the run being resumed chose",
+                kept.micro_batch, kept.grad_accum
+            );
+        }
         return Ok(kept);
     }
     let free = backend.memory_info()?.map(|(free, _)| free);
@@ -689,7 +847,9 @@ fn plan_micro_batches<B: Backend>(
     });
     let plan = plan_batches(cfg.micro_batch, cfg.grad_accum, fits);
     let memory = free.map_or(String::new(), |f| format!(", {:.1} GiB free", f as f64 / (1u64 << 30) as f64));
-    eprintln!("{} (rows of {max_seq_len} tokens on {}{memory})", plan.reason, backend.name());
+    if main {
+        eprintln!("{} (rows of {max_seq_len} tokens on {}{memory})", plan.reason, backend.name());
+    }
     Ok(TrainConfig {
         micro_batch: MicroBatch::Fixed(plan.micro_batch),
         grad_accum: plan.grad_accum,
@@ -731,5 +891,71 @@ fn warn_about_changes(saved: &TrainConfig, now: &TrainConfig) {
             "warning: resuming with settings that differ from the checkpoint's ({}); the run will not repeat an uninterrupted one",
             changed.join(", ")
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rank `rank` of two, for what is decided before any collective runs.
+    struct OfTwo {
+        rank: usize,
+    }
+
+    impl Collectives for OfTwo {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn all_reduce_sum(&self, _: &mut [f32]) -> Result<()> {
+            bail!("no other rank here")
+        }
+        fn all_reduce_sum_f64(&self, _: &mut [f64]) -> Result<()> {
+            bail!("no other rank here")
+        }
+        fn broadcast(&self, _: &mut [f32], _: usize) -> Result<()> {
+            bail!("no other rank here")
+        }
+        fn broadcast_bytes(&self, _: &mut [u8], _: usize) -> Result<()> {
+            bail!("no other rank here")
+        }
+        fn barrier(&self) -> Result<()> {
+            bail!("no other rank here")
+        }
+        fn abort(&self, code: i32) -> ! {
+            panic!("abort({code})")
+        }
+    }
+
+    #[test]
+    fn each_rank_takes_its_share_of_grad_accum() {
+        let cfg = TrainConfig { grad_accum: 6, ..TrainConfig::default() };
+        let s = data_parallel_sharding(&cfg, &OfTwo { rank: 1 }).unwrap();
+        assert_eq!((s.rank, s.world_size, s.accum), (1, 2, 3));
+        assert_eq!(s.positions(0), 3..6);
+        let one = data_parallel_sharding(&cfg, &SingleProcess).unwrap();
+        assert_eq!((one.world_size, one.accum), (1, 6));
+    }
+
+    #[test]
+    fn what_several_ranks_cannot_do_is_refused() {
+        let odd = TrainConfig { grad_accum: 3, ..TrainConfig::default() };
+        let e = data_parallel_sharding(&odd, &OfTwo { rank: 0 }).unwrap_err().to_string();
+        assert!(e.contains("grad_accum = 3 is not a multiple of the 2 ranks"), "{e}");
+        let lora = TrainConfig { grad_accum: 4, lora: Some(Default::default()), ..TrainConfig::default() };
+        let e = data_parallel_sharding(&lora, &OfTwo { rank: 0 }).unwrap_err().to_string();
+        assert!(e.contains("LoRA over 2 ranks"), "{e}");
+        // The GPU path needs NCCL: refused before any device is opened.
+        let cuda = TrainConfig {
+            data: "d".into(),
+            device: "cuda".into(),
+            from_scratch: true,
+            ..TrainConfig::default()
+        };
+        let e = crate::train::cli::train_on_device_ranks(&cuda, &OfTwo { rank: 0 }).unwrap_err().to_string();
+        assert!(e.contains("CPU backend only") && e.contains("NCCL"), "{e}");
     }
 }
