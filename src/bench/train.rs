@@ -56,6 +56,9 @@ pub struct BenchArgs {
     /// Time LoRA steps: adapters on the frozen base.
     #[command(flatten)]
     pub lora: crate::lora::LoraArgs,
+    /// Activation recompute: none, mlp or layer (see `sft train --recompute`).
+    #[arg(long, value_name = "MODE", default_value = "none")]
+    pub recompute: crate::model::Recompute,
     /// A directory prepared by `sft prepare`: time steps on its (shuffled) train batches instead
     /// of synthetic ones, and report useful (non-pad, supervised) tokens/s.
     #[arg(long)]
@@ -202,8 +205,8 @@ pub fn run_bench<B: Backend>(backend: B, args: &BenchArgs) -> Result<BenchReport
     let grad_accum = rows_per_step / args.micro_batch;
     let device = backend.name();
     let lora = args.lora.apply(None)?;
-    let mut model =
-        Model::for_micro_batches_with(backend, config.clone(), args.micro_batch, t, lora.as_ref())?;
+    let (mb, r) = (args.micro_batch, args.recompute);
+    let mut model = Model::for_micro_batches_with(backend, config.clone(), mb, t, lora.as_ref(), r)?;
     model.init_params(args.seed)?;
     if let Some(l) = &lora {
         model.init_adapters(args.seed)?;
@@ -342,6 +345,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
     println!("device          {}", r.device);
     println!("model           {} ({} parameters)", args.model, r.n_params);
+    println!("recompute       {}", args.recompute);
     if r.data.is_some() {
         println!(
             "step            {} positions (mean) = {} micro-batches × {} rows × up to {} tokens",

@@ -3,7 +3,7 @@ use super::*;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, GradMode, Precision};
 use crate::bench::train::synthetic_batch;
-use crate::model::forward::{memory_bytes, micro_batch_that_fits};
+use crate::model::forward::{memory_bytes, memory_bytes_lora, micro_batch_that_fits};
 use crate::model::Model;
 use crate::rng::Rng;
 use crate::train::config::TrainConfig;
@@ -175,6 +175,7 @@ fn the_counting_backend_allocates_what_memory_bytes_says() {
         profiled_steps: 1,
         write_calibration: None,
         lora: Default::default(),
+        recompute: Default::default(),
     };
     let p = plan_for(&c, &args).unwrap();
     let m = &p.memory;
@@ -199,6 +200,7 @@ fn the_plan_is_labelled_and_consistent() {
         profiled_steps: 1,
         write_calibration: None,
         lora: Default::default(),
+        recompute: Default::default(),
     };
     let c = ModelConfig { dropout: 0.1, ..small() };
     let p = plan_for(&c, &args).unwrap();
@@ -245,7 +247,7 @@ fn a_lora_plan_counts_what_the_lora_model_allocates_and_trains_less() {
     let c = small();
     let (mb, t) = (4, 64);
     let lora = LoraConfig::default();
-    let count = count_step_with(&c, mb, t, 1, Some(&lora)).unwrap();
+    let count = count_step_with(&c, mb, t, 1, Some(&lora), crate::model::Recompute::None).unwrap();
     let (fixed, per_token) = memory_bytes_lora(&c, COMPUTE_BYTES, true, Some(&lora));
     // As without LoRA: cu_seqlens, the embedding groups and the step's statistics on top.
     let extra = 4 + 4 + 4 * crate::backend::STATS_LEN;
@@ -265,6 +267,7 @@ fn a_lora_plan_counts_what_the_lora_model_allocates_and_trains_less() {
         profiled_steps: 1,
         write_calibration: None,
         lora: crate::lora::LoraArgs { lora: true, ..Default::default() },
+        recompute: Default::default(),
     };
     let p = plan_for(&c, &args).unwrap();
     let m = &p.memory;

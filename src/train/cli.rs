@@ -145,6 +145,11 @@ pub struct TrainArgs {
     /// auto, cpu or cuda.
     #[arg(long)]
     pub device: Option<String>,
+    /// Activation recompute: none, mlp (the FFN's gate/up and SwiGLU), layer (each layer's
+    /// whole forward, from its input) or auto (the least that fits the device). Less memory,
+    /// the same gradients. Default: the resumed run's, else none.
+    #[arg(long, value_name = "MODE")]
+    pub recompute: Option<crate::model::RecomputeChoice>,
     #[command(flatten)]
     pub lora: crate::lora::LoraArgs,
 }
@@ -167,6 +172,9 @@ impl TrainArgs {
         apply!(max_lr, min_lr, warmup_steps, beta1, beta2, eps, weight_decay, clip, seed);
         apply!(eval_every, eval_batches, save_every, keep_checkpoints, sample_every, log_every, device);
         apply!(init_from, max_steps, schedule_steps, max_seq_len, dropout);
+        if let Some(r) = self.recompute {
+            c.recompute = Some(r);
+        }
         if self.resume {
             c.resume = true;
         }

@@ -79,6 +79,10 @@ pub struct TrainConfig {
     pub device: String,
     /// Train LoRA adapters on the frozen `init_from` weights instead of every weight.
     pub lora: Option<crate::model::lora::LoraConfig>,
+    /// Activation recompute: `"none"`, `"mlp"`, `"layer"` (see [`crate::model::Recompute`]) or
+    /// `"auto"`: the least recompute with which the micro-batch fits the device. Unset: the
+    /// resumed run's choice, else `"none"`. The gradients do not depend on it.
+    pub recompute: Option<crate::model::RecomputeChoice>,
 }
 
 impl Default for TrainConfig {
@@ -121,6 +125,7 @@ impl Default for TrainConfig {
             log_every: 10,
             device: "auto".into(),
             lora: None,
+            recompute: None,
         }
     }
 }

@@ -29,8 +29,10 @@ use crate::data::{
     LoaderState, NoSupervisedTokens, Split,
 };
 use crate::model::config::ModelConfig;
+use crate::model::forward::least_recompute_that_fits;
 use crate::model::forward::StepStats;
 use crate::model::Model;
+use crate::model::{Recompute, RecomputeChoice};
 use crate::rng::Rng;
 use crate::train::config::{default_seq_len, plan_batches, MicroBatch, TrainConfig};
 use crate::train::log::{CsvLog, LogRow};
@@ -456,7 +458,11 @@ pub fn train_with<B: Backend>(
     cfg.validate()?;
     let RunStart { resumed, weights, tokenizer_path, tokenizer, model_config, max_seq_len } = start_run(cfg)?;
     let saved = resumed.as_ref().map(|(_, s)| &s.config);
-    let resolved = plan_micro_batches(&backend, cfg, &model_config, max_seq_len, saved)?;
+    let recompute = resolve_recompute(&backend, cfg, &model_config, max_seq_len, saved)?;
+    let resolved = TrainConfig {
+        recompute: Some(RecomputeChoice::Fixed(recompute)),
+        ..plan_micro_batches(&backend, cfg, &model_config, max_seq_len, saved, recompute)?
+    };
     let cfg = &resolved;
     let DataPlan { mut loader, steps_per_epoch, end_step, schedule, val } =
         plan_data(cfg, &tokenizer, max_seq_len)?;
@@ -469,10 +475,18 @@ pub fn train_with<B: Backend>(
             cfg.micro_batch.configured(),
             max_seq_len,
             cfg.lora.as_ref(),
+            recompute,
         )?,
         None => {
-            let mut model =
-                Model::for_micro_batches(backend, model_config, cfg.micro_batch.configured(), max_seq_len)?;
+            let micro_batch = cfg.micro_batch.configured();
+            let mut model = Model::for_micro_batches_with(
+                backend,
+                model_config,
+                micro_batch,
+                max_seq_len,
+                None,
+                recompute,
+            )?;
             model.init_params(cfg.seed)?;
             model
         }
@@ -641,6 +655,7 @@ fn plan_micro_batches<B: Backend>(
     model_config: &ModelConfig,
     max_seq_len: usize,
     saved: Option<&TrainConfig>,
+    recompute: Recompute,
 ) -> Result<TrainConfig> {
     if cfg.micro_batch != MicroBatch::Auto {
         return Ok(cfg.clone());
@@ -656,7 +671,14 @@ fn plan_micro_batches<B: Backend>(
     let compute_bytes = backend.compute_bytes();
     let fits = free.map(|f| {
         let lora = cfg.lora.as_ref();
-        crate::model::forward::micro_batch_that_fits_with(model_config, compute_bytes, max_seq_len, f, lora)
+        crate::model::forward::micro_batch_that_fits_with(
+            model_config,
+            compute_bytes,
+            max_seq_len,
+            f,
+            lora,
+            recompute,
+        )
     });
     let plan = plan_batches(cfg.micro_batch, cfg.grad_accum, fits);
     let memory = free.map_or(String::new(), |f| format!(", {:.1} GiB free", f as f64 / (1u64 << 30) as f64));
@@ -666,6 +688,64 @@ fn plan_micro_batches<B: Backend>(
         grad_accum: plan.grad_accum,
         ..cfg.clone()
     })
+}
+
+/// `recompute` resolved to a mode, printing what `auto` chose: the least recompute with which the
+/// configured micro-batch (with `micro_batch` `auto`: the resumed run's, else one row) fits the
+/// device's free memory. Unset, the resumed run's mode (else `none`); a resume with another mode
+/// is said, not refused: the gradients are the same.
+fn resolve_recompute<B: Backend>(
+    backend: &B,
+    cfg: &TrainConfig,
+    model_config: &ModelConfig,
+    max_seq_len: usize,
+    saved: Option<&TrainConfig>,
+) -> Result<Recompute> {
+    let saved_choice = saved.and_then(|s| s.recompute);
+    let r = match cfg.recompute.or(saved_choice).unwrap_or_default() {
+        RecomputeChoice::Fixed(r) => r,
+        RecomputeChoice::Auto => {
+            let at_least = match (cfg.micro_batch, saved.map(|s| s.micro_batch)) {
+                (MicroBatch::Fixed(m), _) | (MicroBatch::Auto, Some(MicroBatch::Fixed(m))) => m,
+                _ => 1,
+            };
+            let lora = cfg.lora.as_ref();
+            let free = backend.memory_info()?.map(|(free, _)| free);
+            let chosen = free.and_then(|f| {
+                least_recompute_that_fits(
+                    model_config,
+                    backend.compute_bytes(),
+                    max_seq_len,
+                    f,
+                    lora,
+                    at_least,
+                )
+            });
+            match (free, chosen) {
+                (None, _) => {
+                    eprintln!("recompute auto: none ({} reports no memory limit)", backend.name());
+                    Recompute::None
+                }
+                (Some(_), Some((r, fits))) => {
+                    eprintln!(
+                        "recompute auto: {r}, the least with which micro_batch {at_least} fits on {} \
+                         (up to {fits} rows of {max_seq_len} tokens)",
+                        backend.name()
+                    );
+                    r
+                }
+                // Not even the most recompute fits: the model's own check says what would.
+                (Some(_), None) => Recompute::Layer,
+            }
+        }
+    };
+    if let Some(RecomputeChoice::Fixed(before)) = saved_choice.filter(|&c| c != RecomputeChoice::Fixed(r)) {
+        eprintln!(
+            "note: recompute {r}, where the interrupted run used {before}: the gradients are the same, \
+             only memory and time differ"
+        );
+    }
+    Ok(r)
 }
 
 /// A resumed run matches the interrupted one only with the same data order and batches.
