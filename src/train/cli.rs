@@ -388,6 +388,17 @@ mod tests {
         let cmd = Cmd::parse_from(["train", "--config", file.to_str().unwrap()]);
         let err = cmd.args.to_config().unwrap().validate().unwrap_err();
         assert!(err.to_string().contains("micro_batch"), "{err}");
+        std::fs::write(&file, r#"{"recompute": "mlp", "data": "d"}"#).unwrap();
+        let cmd = Cmd::parse_from(["train", "--config", file.to_str().unwrap()]);
+        let c = cmd.args.to_config().unwrap();
+        assert_eq!(c.recompute, Some(crate::model::RecomputeChoice::Fixed(crate::model::Recompute::Mlp)));
+        let cmd = Cmd::parse_from(["train", "--config", file.to_str().unwrap(), "--recompute", "auto"]);
+        assert_eq!(cmd.args.to_config().unwrap().recompute, Some(crate::model::RecomputeChoice::Auto));
+        std::fs::write(&file, r#"{"recompute": "attention", "data": "d"}"#).unwrap();
+        let cmd = Cmd::parse_from(["train", "--config", file.to_str().unwrap()]);
+        let err = format!("{:#}", cmd.args.to_config().unwrap_err());
+        assert!(err.contains("recompute") && err.contains("none, mlp, layer or auto"), "{err}");
+        assert!(Cmd::try_parse_from(["train", "--recompute", "everything"]).is_err());
         let cmd = Cmd::parse_from(["train", "--config", "/nonexistent/run.json"]);
         let err = format!("{:#}", cmd.args.to_config().unwrap_err());
         assert!(err.contains("/nonexistent/run.json"), "{err}");

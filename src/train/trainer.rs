@@ -784,3 +784,28 @@ fn warn_about_changes(saved: &TrainConfig, now: &TrainConfig) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::counting::CountingBackend;
+
+    #[test]
+    fn recompute_resolves_to_the_flag_else_the_resumed_runs_else_none() {
+        let be = CountingBackend::new();
+        let model = ModelConfig::tiny(300);
+        let with = |r: Option<RecomputeChoice>| TrainConfig { recompute: r, ..TrainConfig::default() };
+        let layer = Some(RecomputeChoice::Fixed(Recompute::Layer));
+        let mlp = Some(RecomputeChoice::Fixed(Recompute::Mlp));
+        let resolve = |now: &TrainConfig, saved: Option<&TrainConfig>| {
+            resolve_recompute(&be, now, &model, 64, saved).unwrap()
+        };
+        assert_eq!(resolve(&with(None), None), Recompute::None);
+        assert_eq!(resolve(&with(mlp), None), Recompute::Mlp);
+        // Resumed without the flag: the interrupted run's; with it: the flag's (said, not refused).
+        assert_eq!(resolve(&with(None), Some(&with(layer))), Recompute::Layer);
+        assert_eq!(resolve(&with(mlp), Some(&with(layer))), Recompute::Mlp);
+        // A backend without a memory limit needs no recompute.
+        assert_eq!(resolve(&with(Some(RecomputeChoice::Auto)), None), Recompute::None);
+    }
+}
