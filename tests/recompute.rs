@@ -157,3 +157,17 @@ fn recompute_keeps_less_per_token() {
     let fixed = |r| memory_bytes_with(&config, 2, true, None, r).0;
     assert_eq!(fixed(Recompute::None), fixed(Recompute::Layer), "recompute changes activations only");
 }
+
+#[test]
+fn out_of_memory_advice_names_the_recompute_that_would_fit() {
+    use sft::model::forward::{least_recompute_that_fits, memory_advice_with};
+    let config = ModelConfig::simplellama_1_3b();
+    let (fixed, layer) = memory_bytes_with(&config, 2, true, None, Recompute::Layer);
+    // Room for 4 rows of 2048 with layer recompute, under the trainer's nine-tenths rule.
+    let free = (fixed + 4 * 2048 * layer) / 9 * 10 + 4096;
+    let msg = memory_advice_with("cuda:0", &config, 2, 4, 2048, free, None, Recompute::None).unwrap();
+    assert!(msg.contains("recompute layer (--recompute layer) would fit micro_batch 4"), "{msg}");
+    assert_eq!(memory_advice_with("cuda:0", &config, 2, 4, 2048, free, None, Recompute::Layer), None);
+    assert_eq!(least_recompute_that_fits(&config, 2, 2048, free, None, 4), Some((Recompute::Layer, 4)));
+    assert_eq!(least_recompute_that_fits(&config, 2, 2048, free, None, 5), None);
+}
