@@ -171,3 +171,57 @@ fn out_of_memory_advice_names_the_recompute_that_would_fit() {
     assert_eq!(least_recompute_that_fits(&config, 2, 2048, free, None, 4), Some((Recompute::Layer, 4)));
     assert_eq!(least_recompute_that_fits(&config, 2, 2048, free, None, 5), None);
 }
+
+/// The log's columns up to the grad norm (time and tokens/s differ from run to run).
+fn losses_and_norms(log: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(log).unwrap();
+    text.lines().skip(1).map(|l| l.split(',').take(8).collect::<Vec<_>>().join(",")).collect()
+}
+
+#[test]
+fn sft_train_with_recompute_logs_the_same_run_and_resume_keeps_the_mode() {
+    use common::cli::run as sft;
+    let root = tempfile::tempdir().unwrap();
+    let (data, tok) = common::train::prepared_data(root.path(), 48, 96);
+    let train = |name: &str, extra: &[&str]| {
+        let out = root.path().join(name);
+        let cfg = sft::train::TrainConfig {
+            max_steps: Some(2),
+            schedule_steps: Some(3),
+            ..common::train::tiny_config(&data, &tok, &out, sft::data::BatchMode::Packed)
+        };
+        let config = root.path().join(format!("{name}.json"));
+        std::fs::write(&config, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+        let mut args = vec!["train", "--config", config.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let (ok, _, stderr) = sft(&args);
+        assert!(ok, "{stderr}");
+        (out, config, stderr)
+    };
+    let (plain, _, _) = train("none", &[]);
+    let (layer, config, _) = train("layer", &["--recompute", "layer"]);
+    let log = losses_and_norms(&layer.join("log.csv"));
+    assert_eq!(log.len(), 2);
+    assert_eq!(log, losses_and_norms(&plain.join("log.csv")), "dropout 0.1: the same losses and norms");
+    let state = |out: &std::path::Path| {
+        let latest = std::fs::read_to_string(out.join("latest")).unwrap();
+        let text = std::fs::read_to_string(out.join(latest.trim()).join("trainer_state.json")).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        json["config"]["recompute"].clone()
+    };
+    assert_eq!(state(&layer), "layer");
+    assert_eq!(state(&plain), "none", "the resolved mode is stored");
+
+    // Resumed without the flag: the interrupted run's mode, silently.
+    let config = config.to_str().unwrap();
+    let (ok, _, stderr) = sft(&["train", "--config", config, "--resume", "--max-steps", "3"]);
+    assert!(ok, "{stderr}");
+    assert!(!stderr.contains("recompute"), "{stderr}");
+    assert_eq!(state(&layer), "layer");
+    // With another mode: said, not refused.
+    let (ok, _, stderr) =
+        sft(&["train", "--config", config, "--resume", "--max-steps", "4", "--recompute", "mlp"]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("recompute mlp, where the interrupted run used layer"), "{stderr}");
+    assert_eq!(state(&layer), "mlp");
+}
