@@ -225,3 +225,35 @@ fn sft_train_with_recompute_logs_the_same_run_and_resume_keeps_the_mode() {
     assert!(stderr.contains("recompute mlp, where the interrupted run used layer"), "{stderr}");
     assert_eq!(state(&layer), "mlp");
 }
+
+#[test]
+fn sft_bench_and_plan_take_the_recompute() {
+    use common::cli::run as sft;
+    let bench =
+        ["bench", "--config", "tiny", "--seq-len", "32", "--tokens-per-step", "64", "--micro-batch", "2"];
+    let (ok, stdout, stderr) =
+        sft(&[&bench[..], &["--steps", "1", "--warmup", "0", "--device", "cpu", "--recompute", "layer"]]
+            .concat());
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("recompute       layer"), "{stdout}");
+    let (ok, _, stderr) = sft(&[&bench[..], &["--recompute", "auto"]].concat());
+    assert!(!ok && stderr.contains("none, mlp or layer"), "{stderr}");
+
+    let plan =
+        ["plan", "--model", "simplellama-1.3b", "--gpu", "h100", "--micro-batch", "8", "--seq-len", "2048"];
+    let (ok, stdout, stderr) = sft(&[&plan[..], &["--recompute", "layer"]].concat());
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("recompute    layer\n"), "{stdout}");
+    assert!(
+        stdout.contains("231852 bytes/token of activations, micro-batches up to 113 rows (planned)"),
+        "{stdout}"
+    );
+    // 32 rows of 2048 need recompute on an 80 GB H100: auto picks the least that fits.
+    let (ok, stdout, stderr) = sft(&["plan", "--gpu", "h100", "--micro-batch", "32", "--recompute", "auto"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("recompute    layer (chosen by auto)"), "{stdout}");
+    assert!(stdout.contains("recompute auto chose layer"), "{stdout}");
+    let (ok, stdout, stderr) = sft(&["plan", "--gpu", "h100", "--micro-batch", "20", "--recompute", "auto"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("recompute    mlp (chosen by auto)"), "{stdout}");
+}
