@@ -4,6 +4,10 @@
 //! Pre-norm blocks:
 //! `h = x + dropout(o(attn(rope(qkv(norm(x))))))`, `x' = h + dropout(down(swiglu(gate_up(norm(h)))))`,
 //! then a final norm and the lm_head fused with the masked cross-entropy.
+//!
+//! With activation recompute ([`Recompute`]) the backward reruns a layer's forward (or its FFN's
+//! first half) through the same [`LayerCx`] code the forward runs, from what was kept, into one
+//! scratch set of activations: less memory, the same values.
 
 use super::config::ModelConfig;
 use super::lora::{self, LoraConfig, LoraState, Site};
