@@ -459,8 +459,13 @@ pub fn train_with<B: Backend>(
     let RunStart { resumed, weights, tokenizer_path, tokenizer, model_config, max_seq_len } = start_run(cfg)?;
     let saved = resumed.as_ref().map(|(_, s)| &s.config);
     let recompute = resolve_recompute(&backend, cfg, &model_config, max_seq_len, saved)?;
+    // Stored resolved, so that a resume keeps it; left unset when never set (the default).
+    let stored = match (cfg.recompute, saved.and_then(|s| s.recompute)) {
+        (None, None) => None,
+        _ => Some(RecomputeChoice::Fixed(recompute)),
+    };
     let resolved = TrainConfig {
-        recompute: Some(RecomputeChoice::Fixed(recompute)),
+        recompute: stored,
         ..plan_micro_batches(&backend, cfg, &model_config, max_seq_len, saved, recompute)?
     };
     let cfg = &resolved;
