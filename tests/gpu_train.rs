@@ -295,3 +295,59 @@ fn kernel_times_name_the_launches() {
     }
     assert!(times.iter().all(|k| k.ns > 0.0 && k.launches > 0), "{times:?}");
 }
+
+/// Activation recompute on the CUDA backend: `mlp` and `layer` recompute with the same kernels,
+/// shapes and dropout seeds, so the loss and every gradient are expected to equal `none`'s
+/// bit for bit (as on the CPU, tests/recompute.rs); with model and LoRA dropout, packed rows and
+/// two accumulated micro-batches.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn recompute_gives_the_same_gradients_on_the_gpu() {
+    use sft::model::lora::{init_adapters, LoraConfig};
+    use sft::model::Recompute;
+    let Some(mut g) = gpu() else { return };
+    let batches =
+        [packed_batch(&examples(21, &[40, 17, 63, 5]), 128), padded_batch(&examples(22, &[30, 9]), 2)];
+    let n = batches.iter().map(Batch::n_tokens).max().unwrap();
+    let config = ModelConfig { dropout: 0.1, ..config(1, RopeStyle::HalfSplit, false) };
+    let lora = LoraConfig::new(8, 16.0, 0.1, LoraConfig::parse_targets("q,v,gate,down").unwrap());
+    let params = sft::model::params::init_params(&config, 7);
+    let mut adapters = init_adapters(&lora, &config, 8);
+    let mut rng = sft::rng::Rng::new(9);
+    for t in &mut adapters {
+        t.data.iter_mut().for_each(|x| *x = 0.05 * rng.normal() as f32);
+    }
+    for with_lora in [false, true] {
+        let mut reference = None;
+        for recompute in Recompute::ALL {
+            let l = with_lora.then_some(&lora);
+            let mut model = Model::with_recompute(g, config.clone(), n, l, recompute).unwrap();
+            model.write_params(&params).unwrap();
+            if with_lora {
+                model.write_adapters(&adapters).unwrap();
+            }
+            model.zero_grads().unwrap();
+            let losses: Vec<f64> = batches
+                .iter()
+                .enumerate()
+                .map(|(i, b)| model.forward_backward(b, 0.01, Some(5 + i as u64)).unwrap())
+                .collect();
+            let grads = if with_lora { model.read_adapter_grads() } else { model.read_grads() }.unwrap();
+            g = model.into_backend();
+            match &reference {
+                None => reference = Some((losses, grads)),
+                Some((l0, g0)) => {
+                    assert_eq!(&losses, l0, "lora {with_lora}, recompute {recompute}: losses");
+                    for (a, b) in grads.iter().zip(g0) {
+                        let e = rel_l2(&a.data, &b.data);
+                        assert!(
+                            a == b,
+                            "lora {with_lora}, recompute {recompute}: gradient of {} differs ({e:.2e})",
+                            a.name
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,13 +1,14 @@
 //! Every parameter tensor's gradient against central finite differences, in f64 on the CPU
 //! backend, for each model variant (grouped or full KV heads, both RoPE styles, tied or untied
-//! embeddings), on a padded batch with padding and on a packed batch, with and without dropout.
+//! embeddings), on a padded batch with padding and on a packed batch, with and without dropout,
+//! with each activation recompute mode (none, mlp, layer).
 
 mod common;
 
 use common::model::*;
 use sft::backend::RopeStyle;
 use sft::data::batch::Batch;
-use sft::model::{Model, ModelConfig, NamedTensor};
+use sft::model::{Model, ModelConfig, NamedTensor, Recompute};
 use sft::rng::Rng;
 
 /// Elements checked per tensor.
@@ -46,8 +47,9 @@ fn loss_at(model: &mut Model<F64>, params: &[NamedTensor], batch: &Batch, seed: 
 }
 
 /// Returns the largest relative error seen.
-fn gradcheck(config: &ModelConfig, batch: &Batch, dropout_seed: Option<u64>) -> f64 {
-    let mut model = Model::new(f64_backend(), config.clone(), batch.n_tokens()).unwrap();
+fn gradcheck(config: &ModelConfig, batch: &Batch, dropout_seed: Option<u64>, recompute: Recompute) -> f64 {
+    let mut model =
+        Model::with_recompute(f64_backend(), config.clone(), batch.n_tokens(), None, recompute).unwrap();
     let params = random_params(&model, 11);
     model.write_params(&params).unwrap();
     model.zero_grads().unwrap();
@@ -87,7 +89,8 @@ fn gradcheck(config: &ModelConfig, batch: &Batch, dropout_seed: Option<u64>) -> 
             let err = (analytic - numeric).abs() / analytic.abs().max(numeric.abs()).max(FLOOR);
             assert!(
                 err <= BOUND,
-                "{} [{i}]: analytic {analytic:e} numeric {numeric:e} rel err {err:e} (config {config:?})",
+                "{} [{i}]: analytic {analytic:e} numeric {numeric:e} rel err {err:e} (recompute {recompute}, \
+                 config {config:?})",
                 t.name
             );
             worst = worst.max(err);
@@ -112,31 +115,37 @@ fn variants() -> Vec<ModelConfig> {
 fn gradients_match_finite_differences_on_a_padded_batch() {
     let batch = padded_batch(&examples(1, &[7, 4, 6]), 1);
     assert!(batch.targets.iter().filter(|&&t| t == PAD).count() > 0);
-    let worst = variants().iter().map(|c| gradcheck(c, &batch, None)).fold(0.0, f64::max);
-    println!("padded batch: max relative error {worst:e} (bound {BOUND:e})");
+    for recompute in Recompute::ALL {
+        let worst = variants().iter().map(|c| gradcheck(c, &batch, None, recompute)).fold(0.0, f64::max);
+        println!("padded batch, recompute {recompute}: max relative error {worst:e} (bound {BOUND:e})");
+    }
 }
 
 #[test]
 fn gradients_match_finite_differences_on_a_packed_batch() {
     let batch = packed_batch(&examples(2, &[5, 4, 6, 3]), 9);
     assert!(batch.n_segments() > batch.rows);
-    let worst = variants().iter().map(|c| gradcheck(c, &batch, None)).fold(0.0, f64::max);
-    println!("packed batch: max relative error {worst:e} (bound {BOUND:e})");
+    for recompute in Recompute::ALL {
+        let worst = variants().iter().map(|c| gradcheck(c, &batch, None, recompute)).fold(0.0, f64::max);
+        println!("packed batch, recompute {recompute}: max relative error {worst:e} (bound {BOUND:e})");
+    }
 }
 
 #[test]
 fn gradients_match_finite_differences_with_dropout() {
     let padded = padded_batch(&examples(3, &[6, 5]), 1);
     let packed = packed_batch(&examples(4, &[5, 4, 6]), 9);
-    let mut worst = 0f64;
-    for config in [
-        tiny_config(2, RopeStyle::AdjacentPairs, false, 0.25),
-        tiny_config(4, RopeStyle::HalfSplit, true, 0.25),
-    ] {
-        worst = worst.max(gradcheck(&config, &padded, Some(17)));
-        worst = worst.max(gradcheck(&config, &packed, Some(18)));
+    for recompute in Recompute::ALL {
+        let mut worst = 0f64;
+        for config in [
+            tiny_config(2, RopeStyle::AdjacentPairs, false, 0.25),
+            tiny_config(4, RopeStyle::HalfSplit, true, 0.25),
+        ] {
+            worst = worst.max(gradcheck(&config, &padded, Some(17), recompute));
+            worst = worst.max(gradcheck(&config, &packed, Some(18), recompute));
+        }
+        println!("with dropout, recompute {recompute}: max relative error {worst:e} (bound {BOUND:e})");
     }
-    println!("with dropout: max relative error {worst:e} (bound {BOUND:e})");
 }
 
 #[test]

@@ -8,7 +8,7 @@ use common::model::*;
 use sft::backend::{AdamW, RopeStyle};
 use sft::data::batch::Batch;
 use sft::model::lora::{self, LoraConfig, LoraTarget};
-use sft::model::{Model, ModelConfig, NamedTensor};
+use sft::model::{Model, ModelConfig, NamedTensor, Recompute};
 use sft::rng::Rng;
 
 const PER_TENSOR: usize = 4;
@@ -29,7 +29,19 @@ fn random_model(
     tokens: usize,
     seed: u64,
 ) -> (Model<F64>, Vec<NamedTensor>) {
-    let mut model = Model::with_lora(f64_backend(), config.clone(), tokens, true, lora).unwrap();
+    random_model_with(config, lora, tokens, seed, Recompute::None)
+}
+
+/// [`random_model`] keeping the activations that `recompute` says.
+fn random_model_with(
+    config: &ModelConfig,
+    lora: &LoraConfig,
+    tokens: usize,
+    seed: u64,
+    recompute: Recompute,
+) -> (Model<F64>, Vec<NamedTensor>) {
+    let mut model =
+        Model::with_recompute(f64_backend(), config.clone(), tokens, Some(lora), recompute).unwrap();
     let mut rng = Rng::new(seed);
     let mut base = sft::model::params::init_params(config, seed);
     for t in &mut base {
@@ -50,7 +62,17 @@ fn random_model(
 }
 
 fn gradcheck(config: &ModelConfig, lora: &LoraConfig, batch: &Batch, seed: Option<u64>) -> f64 {
-    let (mut model, adapters) = random_model(config, lora, batch.n_tokens(), 7);
+    gradcheck_with(config, lora, batch, seed, Recompute::None)
+}
+
+fn gradcheck_with(
+    config: &ModelConfig,
+    lora: &LoraConfig,
+    batch: &Batch,
+    seed: Option<u64>,
+    recompute: Recompute,
+) -> f64 {
+    let (mut model, adapters) = random_model_with(config, lora, batch.n_tokens(), 7, recompute);
     model.zero_grads().unwrap();
     let loss = model.forward_backward(batch, 1.0, seed).unwrap();
     assert!(loss.is_finite() && loss > 0.0);
@@ -83,7 +105,8 @@ fn gradcheck(config: &ModelConfig, lora: &LoraConfig, batch: &Batch, seed: Optio
             let err = (analytic - numeric).abs() / analytic.abs().max(numeric.abs()).max(FLOOR);
             assert!(
                 err <= BOUND,
-                "{} [{i}]: analytic {analytic:e} numeric {numeric:e} rel err {err:e} (targets {:?})",
+                "{} [{i}]: analytic {analytic:e} numeric {numeric:e} rel err {err:e} (targets {:?}, recompute \
+                 {recompute})",
                 t.name,
                 lora.targets
             );
@@ -125,6 +148,26 @@ fn adapter_gradients_match_finite_differences_with_lora_dropout() {
         worst = worst.max(gradcheck(&config, &lora, &padded, Some(17)));
     }
     println!("adapters with dropout: max relative error {worst:e} (bound {BOUND:e})");
+}
+
+#[test]
+fn adapter_gradients_match_finite_differences_with_recompute() {
+    let padded = padded_batch(&examples(3, &[6, 5]), 1);
+    let packed = packed_batch(&examples(2, &[5, 4, 6, 3]), 9);
+    for recompute in [Recompute::Mlp, Recompute::Layer] {
+        let mut worst = 0f64;
+        for (model_dropout, lora_dropout, list, seed) in [
+            (0.0, 0.0, "q,k,v,o,gate,up,down", None),
+            (0.2, 0.3, "k,o,gate,up", Some(17)),
+            (0.2, 0.3, "q,v,down", Some(19)),
+        ] {
+            let config = tiny_config(2, RopeStyle::AdjacentPairs, false, model_dropout);
+            let lora = LoraConfig::new(2, 4.0, lora_dropout, targets(list));
+            worst = worst.max(gradcheck_with(&config, &lora, &padded, seed, recompute));
+            worst = worst.max(gradcheck_with(&config, &lora, &packed, seed, recompute));
+        }
+        println!("adapters, recompute {recompute}: max relative error {worst:e} (bound {BOUND:e})");
+    }
 }
 
 #[test]

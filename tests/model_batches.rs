@@ -8,7 +8,7 @@ use common::model::*;
 use sft::backend::{AdamW, RopeScaling, RopeStyle};
 use sft::checkpoint::{from_hf, to_hf};
 use sft::data::batch::Batch;
-use sft::model::{Model, ModelConfig, NamedTensor};
+use sft::model::{Model, ModelConfig, NamedTensor, Recompute};
 
 fn model_f64(config: &ModelConfig, max_tokens: usize, seed: u64) -> Model<F64> {
     let mut model = Model::new(f64_backend(), config.clone(), max_tokens).unwrap();
@@ -480,9 +480,16 @@ fn cpu_backend_matches_the_naive_backend() {
         tiny_config(2, RopeStyle::AdjacentPairs, false, 0.25),
         tiny_config(4, RopeStyle::HalfSplit, true, 0.25),
     ] {
-        for batch in [padded_batch(&exs, 1), packed_batch(&exs, 13)] {
+        // The naive model with each recompute mode: recompute against an independent backend.
+        for (batch, recompute) in [padded_batch(&exs, 1), packed_batch(&exs, 13)]
+            .into_iter()
+            .flat_map(|b| Recompute::ALL.map(|r| (b.clone(), r)))
+        {
             let mut cpu = model_f64(&config, batch.n_tokens(), 5);
-            let mut naive = Model::new(NaiveBackend::default(), config.clone(), batch.n_tokens()).unwrap();
+            let tokens = batch.n_tokens();
+            let mut naive =
+                Model::with_recompute(NaiveBackend::default(), config.clone(), tokens, None, recompute)
+                    .unwrap();
             naive.write_params(&cpu.read_params().unwrap()).unwrap();
             let hp = AdamW {
                 lr: 1e-3,
@@ -496,7 +503,10 @@ fn cpu_backend_matches_the_naive_backend() {
             let l_cpu = cpu.forward_backward(&batch, 0.1, Some(7)).unwrap();
             let l_naive = naive.forward_backward(&batch, 0.1, Some(7)).unwrap();
             // Not bit-equal: the backends may round constants (RoPE angles, for one) differently.
-            assert!((l_cpu - l_naive).abs() <= 1e-8 * l_naive, "{l_cpu} vs {l_naive}");
+            assert!(
+                (l_cpu - l_naive).abs() <= 1e-8 * l_naive,
+                "{l_cpu} vs {l_naive} (recompute {recompute})"
+            );
             assert_grads_close(&cpu.read_grads().unwrap(), &naive.read_grads().unwrap(), 1e-6);
             assert!(
                 (cpu.grad_norm().unwrap() - naive.grad_norm().unwrap()).abs()

@@ -98,8 +98,17 @@ fn resume_in_the_other_state_type_is_refused() {
         // The optimizer file itself is checked too (a state file edited by hand, another tool).
         let dir = sft::checkpoint::latest(&out).unwrap().unwrap();
         let ckpt = sft::checkpoint::Checkpoint::open(&dir).unwrap();
-        let mut model =
-            ckpt.training_model_moments(CpuBackend::<f32>::new(), None, 4, 96, None, asked).unwrap();
+        let mut model = ckpt
+            .training_model_with(
+                CpuBackend::<f32>::new(),
+                None,
+                4,
+                96,
+                None,
+                sft::model::Recompute::None,
+                asked,
+            )
+            .unwrap();
         let err = format!("{:#}", sft::checkpoint::load_optimizer_into(&dir, &mut model).unwrap_err());
         assert!(err.contains("optimizer.safetensors") && err.contains("m."), "{err}");
         assert!(err.contains(&format!("--optimizer-state {saved}")), "{err}");

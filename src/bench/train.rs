@@ -59,6 +59,9 @@ pub struct BenchArgs {
     /// Storage of the AdamW moments, as `sft train --optimizer-state`: f32 or bf16.
     #[arg(long, value_name = "f32|bf16", default_value = "f32")]
     pub optimizer_state: crate::backend::StateDtype,
+    /// Activation recompute: none, mlp or layer (see `sft train --recompute`).
+    #[arg(long, value_name = "MODE", default_value = "none")]
+    pub recompute: crate::model::Recompute,
     /// A directory prepared by `sft prepare`: time steps on its (shuffled) train batches instead
     /// of synthetic ones, and report useful (non-pad, supervised) tokens/s.
     #[arg(long)]
@@ -205,12 +208,13 @@ pub fn run_bench<B: Backend>(backend: B, args: &BenchArgs) -> Result<BenchReport
     let grad_accum = rows_per_step / args.micro_batch;
     let device = backend.name();
     let lora = args.lora.apply(None)?;
-    let mut model = Model::for_micro_batches_moments(
+    let mut model = Model::for_micro_batches_with(
         backend,
         config.clone(),
         args.micro_batch,
         t,
         lora.as_ref(),
+        args.recompute,
         args.optimizer_state,
     )?;
     model.init_params(args.seed)?;
@@ -351,6 +355,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
     println!("device          {}", r.device);
     println!("model           {} ({} parameters)", args.model, r.n_params);
+    println!("recompute       {}", args.recompute);
     if r.data.is_some() {
         println!(
             "step            {} positions (mean) = {} micro-batches × {} rows × up to {} tokens",

@@ -19,6 +19,7 @@ use crate::data::ChatTokenizer;
 use crate::model::config::ModelConfig;
 use crate::model::lora::LoraConfig;
 use crate::model::params::{param_specs, NamedTensor};
+use crate::model::recompute::Recompute;
 use crate::model::Model;
 use anyhow::{bail, ensure, Context, Result};
 use serde::de::DeserializeOwned;
@@ -315,11 +316,19 @@ impl Checkpoint {
         micro_batch: usize,
         seq_len: usize,
     ) -> Result<Model<B>> {
-        self.training_model_with(backend, dropout, micro_batch, seq_len, None)
+        self.training_model_with(
+            backend,
+            dropout,
+            micro_batch,
+            seq_len,
+            None,
+            Recompute::None,
+            StateDtype::F32,
+        )
     }
 
     /// [`Self::training_model_for`], with LoRA adapters (zero) on the frozen weights when
-    /// `lora` is given.
+    /// `lora` is given, keeping the activations that `recompute` says.
     pub fn training_model_with<B: Backend>(
         &self,
         backend: B,
@@ -327,24 +336,13 @@ impl Checkpoint {
         micro_batch: usize,
         seq_len: usize,
         lora: Option<&LoraConfig>,
-    ) -> Result<Model<B>> {
-        self.training_model_moments(backend, dropout, micro_batch, seq_len, lora, StateDtype::F32)
-    }
-
-    /// [`Self::training_model_with`] with the AdamW moments stored as `moments` says.
-    pub fn training_model_moments<B: Backend>(
-        &self,
-        backend: B,
-        dropout: Option<f32>,
-        micro_batch: usize,
-        seq_len: usize,
-        lora: Option<&LoraConfig>,
+        recompute: Recompute,
         moments: StateDtype,
     ) -> Result<Model<B>> {
         let config = ModelConfig { dropout: dropout.unwrap_or(self.config.dropout), ..self.config.clone() };
         let params = self.read_params()?;
         let mut model =
-            Model::for_micro_batches_moments(backend, config, micro_batch, seq_len, lora, moments)
+            Model::for_micro_batches_with(backend, config, micro_batch, seq_len, lora, recompute, moments)
                 .with_context(|| format!("building the model of checkpoint {}", self.dir.display()))?;
         model
             .take_params(params)

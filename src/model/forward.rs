@@ -4,10 +4,15 @@
 //! Pre-norm blocks:
 //! `h = x + dropout(o(attn(rope(qkv(norm(x))))))`, `x' = h + dropout(down(swiglu(gate_up(norm(h)))))`,
 //! then a final norm and the lm_head fused with the masked cross-entropy.
+//!
+//! With activation recompute ([`Recompute`]) the backward reruns a layer's forward (or its FFN's
+//! first half) through the same [`LayerCx`] code the forward runs, from what was kept, into one
+//! scratch set of activations: less memory, the same values.
 
 use super::config::ModelConfig;
 use super::lora::{self, LoraConfig, LoraState, Site};
 use super::params::{self, NamedTensor, ParamIndex, ParamSpec};
+use super::recompute::Recompute;
 use crate::backend::{
     group_tokens_by_id, profile, stats, supervised_rows, AdamW, Backend, BranchGrad, Clip, Dropout, GradMode,
     LossGrads, Precision, StateDtype, STATS_LEN,
@@ -17,8 +22,8 @@ use crate::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::HashMap;
 
-/// Activations of one layer that backward needs.
-struct LayerActs<B: Backend> {
+/// The attention block's activations of one layer that backward needs (and the FFN's input).
+struct AttnActs<B: Backend> {
     /// `[n, qkv_width]`, after RoPE.
     qkv: B::Buf,
     /// Attention output `[n, q_width]`.
@@ -30,22 +35,48 @@ struct LayerActs<B: Backend> {
     /// `ffn_norm(h)` `[n, d]` and its reciprocal std `[n]` (F32).
     ln2: B::Buf,
     rstd2: B::Buf,
+}
+
+/// The FFN's activations of one layer that backward needs.
+struct MlpActs<B: Backend> {
     /// `[n, 2·hidden]`.
     gate_up: B::Buf,
     /// `silu(gate) · up` `[n, hidden]`.
     swi: B::Buf,
 }
 
-/// Forward activations.
+/// Forward activations. What a layer does not keep ([`Recompute`]) lives in one scratch slot
+/// (index 0) that every layer's forward overwrites and the backward refills by recomputing.
 struct Activations<B: Backend> {
+    recompute: Recompute,
     /// `resid[l]` is the residual stream entering layer `l`; `resid[n_layers]` leaves the last.
     resid: Vec<B::Buf>,
-    /// `ln_in[l] = attn_norm_l(resid[l])`; `ln_in[n_layers]` is the final norm's output.
+    /// `ln_in[l] = attn_norm_l(resid[l])`; `ln_in[n_layers]` is the final norm's output. With
+    /// `layer` recompute one slot, whose last write is the final norm's output.
     ln_in: Vec<B::Buf>,
     rstd_in: Vec<B::Buf>,
-    layers: Vec<LayerActs<B>>,
+    /// One per layer, or one scratch slot with `layer` recompute.
+    attn: Vec<AttnActs<B>>,
+    /// One per layer, or one scratch slot with `mlp` or `layer` recompute.
+    mlp: Vec<MlpActs<B>>,
     /// Output of a block's last projection before it joins the residual stream.
     delta: B::Buf,
+}
+
+/// The slot of layer `l`'s activations: its own when kept, else the shared scratch.
+fn slot(kept: bool, l: usize) -> usize {
+    if kept {
+        l
+    } else {
+        0
+    }
+}
+
+impl<B: Backend> Activations<B> {
+    /// The slot of `ln_in`/`rstd_in` for layer `l` (`n_layers`: the final norm).
+    fn norm(&self, l: usize) -> usize {
+        slot(self.recompute.keeps_attention(), l)
+    }
 }
 
 /// Gradients of activations: scratch reused by every layer.
@@ -243,7 +274,7 @@ pub fn memory_bytes(config: &ModelConfig, compute_bytes: usize) -> (usize, usize
 /// [`memory_bytes`] of a training model, or of an inference-only one (`training` false: no
 /// master weights, gradients or moments).
 pub fn memory_bytes_for(config: &ModelConfig, compute_bytes: usize, training: bool) -> (usize, usize) {
-    memory_bytes_moments(config, compute_bytes, training, StateDtype::F32)
+    memory_bytes_opts(config, compute_bytes, training, Recompute::None, StateDtype::F32)
 }
 
 /// Bytes of one AdamW moment element: bf16 moments take 2 bytes on a device backend, but a
@@ -255,11 +286,14 @@ fn moment_bytes(compute_bytes: usize, moments: StateDtype) -> usize {
     }
 }
 
-/// [`memory_bytes_for`] with the AdamW moments stored as `moments` says.
-pub fn memory_bytes_moments(
+/// [`memory_bytes_for`] with the activations that `recompute` keeps (a layer's attention-block
+/// activations and its FFN's, each per layer or in one scratch slot; see [`Activations`]) and
+/// the AdamW moments stored as `moments` says.
+pub fn memory_bytes_opts(
     config: &ModelConfig,
     compute_bytes: usize,
     training: bool,
+    recompute: Recompute,
     moments: StateDtype,
 ) -> (usize, usize) {
     let n_params = config.n_params();
@@ -267,16 +301,25 @@ pub fn memory_bytes_moments(
     let per_param =
         compute_bytes + if training { 2 * 4 + 2 * moment_bytes(compute_bytes, moments) } else { 0 };
     let fixed = n_params.saturating_mul(per_param).saturating_add(config.vocab_size * compute_bytes);
+    (fixed, activation_bytes_per_token(config, compute_bytes, recompute))
+}
+
+/// The activation and scratch bytes per token position that [`Model::new`] allocates with
+/// `recompute`.
+pub fn activation_bytes_per_token(config: &ModelConfig, compute_bytes: usize, recompute: Recompute) -> usize {
     let (d, hidden, l) = (config.d_model, config.ffn_hidden, config.n_layers);
     let heads = config.heads();
     let c = compute_bytes;
-    let layer = c * (heads.qkv_width() + heads.q_width() + 2 * d + 3 * hidden) + 4 * (heads.n_heads + 1);
-    let stream = (l + 1) * (2 * d * c + 4) + d * c;
+    let slots = |kept: bool| if kept { l } else { 1 };
+    let attn = c * (heads.qkv_width() + heads.q_width() + 2 * d) + 4 * (heads.n_heads + 1);
+    let mlp = c * 3 * hidden;
+    let norms = if recompute.keeps_attention() { l + 1 } else { 1 };
+    let stream = (l + 1) * d * c + norms * (d * c + 4) + d * c;
     let grads = c * (3 * d + 3 * hidden + heads.q_width() + heads.qkv_width());
     // inputs, positions, cu_seqlens, supervised rows and targets, 3 for the embedding groups;
     // the row losses (F32); RoPE's (cos, sin) table (F32, head_dim per token).
     let ids = 8 * 4 + 4 + 4 * heads.head_dim;
-    (fixed, l * layer + stream + grads + ids)
+    slots(recompute.keeps_attention()) * attn + slots(recompute.keeps_mlp()) * mlp + stream + grads + ids
 }
 
 /// [`memory_bytes_for`] of a model with `lora` adapters: its base then holds the compute
@@ -288,20 +331,23 @@ pub fn memory_bytes_lora(
     training: bool,
     lora: Option<&LoraConfig>,
 ) -> (usize, usize) {
-    memory_bytes_full(config, compute_bytes, training, lora, StateDtype::F32)
+    memory_bytes_with(config, compute_bytes, training, lora, Recompute::None, StateDtype::F32)
 }
 
-/// [`memory_bytes_lora`] with the base's AdamW moments stored as `moments` says (the adapters'
-/// moments are always fp32: they are small).
-pub fn memory_bytes_full(
+/// [`memory_bytes_lora`] with `recompute` and the base's AdamW moments stored as `moments` says
+/// (the adapters' moments are always fp32: they are small).
+pub fn memory_bytes_with(
     config: &ModelConfig,
     compute_bytes: usize,
     training: bool,
     lora: Option<&LoraConfig>,
+    recompute: Recompute,
     moments: StateDtype,
 ) -> (usize, usize) {
-    let Some(lora) = lora else { return memory_bytes_moments(config, compute_bytes, training, moments) };
-    let (fixed, per_token) = memory_bytes_for(config, compute_bytes, false);
+    let Some(lora) = lora else {
+        return memory_bytes_opts(config, compute_bytes, training, recompute, moments);
+    };
+    let (fixed, per_token) = memory_bytes_opts(config, compute_bytes, false, recompute, StateDtype::F32);
     let (extra_fixed, extra_token) = lora::extra_memory_bytes(lora, config, compute_bytes, training);
     (fixed.saturating_add(extra_fixed), per_token + extra_token)
 }
@@ -319,30 +365,39 @@ pub fn micro_batch_that_fits(
     fits_in(memory_bytes(config, compute_bytes), seq_len, free)
 }
 
-/// [`micro_batch_that_fits`] of a training model with `lora` adapters (None: without).
+/// [`micro_batch_that_fits`] of a training model with `lora` adapters (None: without) and
+/// `recompute`.
 pub fn micro_batch_that_fits_with(
     config: &ModelConfig,
     compute_bytes: usize,
     seq_len: usize,
     free: usize,
     lora: Option<&LoraConfig>,
+    recompute: Recompute,
+    moments: StateDtype,
 ) -> usize {
-    micro_batch_that_fits_moments(config, compute_bytes, seq_len, free, lora, StateDtype::F32)
+    fits_in(memory_bytes_with(config, compute_bytes, true, lora, recompute, moments), seq_len, free)
 }
 
-/// [`micro_batch_that_fits_with`] with the AdamW moments stored as `moments` says.
-pub fn micro_batch_that_fits_moments(
+/// The least recompute with which a micro-batch of `at_least` rows of `seq_len` fits in `free`
+/// bytes, and the largest micro-batch that fits with it; None when not even `layer` fits one.
+pub fn least_recompute_that_fits(
     config: &ModelConfig,
     compute_bytes: usize,
     seq_len: usize,
     free: usize,
     lora: Option<&LoraConfig>,
+    at_least: usize,
     moments: StateDtype,
-) -> usize {
-    fits_in(memory_bytes_full(config, compute_bytes, true, lora, moments), seq_len, free)
+) -> Option<(Recompute, usize)> {
+    Recompute::ALL.into_iter().find_map(|r| {
+        let fits = micro_batch_that_fits_with(config, compute_bytes, seq_len, free, lora, r, moments);
+        (fits >= at_least.max(1)).then_some((r, fits))
+    })
 }
 
-/// [`memory_advice`] of a training model with `lora` adapters (None: without).
+/// [`memory_advice`] of a training model with `lora` adapters (None: without) and `recompute`.
+#[allow(clippy::too_many_arguments)]
 pub fn memory_advice_with(
     device: &str,
     config: &ModelConfig,
@@ -351,24 +406,21 @@ pub fn memory_advice_with(
     seq_len: usize,
     free: usize,
     lora: Option<&LoraConfig>,
-) -> Option<String> {
-    memory_advice_moments(device, config, compute_bytes, micro_batch, seq_len, free, lora, StateDtype::F32)
-}
-
-/// [`memory_advice_with`] with the AdamW moments stored as `moments` says.
-#[allow(clippy::too_many_arguments)]
-pub fn memory_advice_moments(
-    device: &str,
-    config: &ModelConfig,
-    compute_bytes: usize,
-    micro_batch: usize,
-    seq_len: usize,
-    free: usize,
-    lora: Option<&LoraConfig>,
+    recompute: Recompute,
     moments: StateDtype,
 ) -> Option<String> {
-    let bytes = memory_bytes_full(config, compute_bytes, true, lora, moments);
-    advice_for(device, bytes, micro_batch, seq_len, free)
+    let bytes = memory_bytes_with(config, compute_bytes, true, lora, recompute, moments);
+    let advice = advice_for(device, bytes, micro_batch, seq_len, free)?;
+    // Name the recompute that would let the asked micro-batch fit, when one would.
+    let hint = Recompute::ALL.into_iter().filter(|&r| r > recompute).find(|&r| {
+        micro_batch_that_fits_with(config, compute_bytes, seq_len, free, lora, r, moments) >= micro_batch
+    });
+    Some(match hint {
+        Some(r) => {
+            format!("{advice}; or recompute {r} (--recompute {r}) would fit micro_batch {micro_batch}")
+        }
+        None => advice,
+    })
 }
 
 fn fits_in((fixed, per_token): (usize, usize), seq_len: usize, free: usize) -> usize {
@@ -417,6 +469,96 @@ fn advice_for(
     ))
 }
 
+/// What a layer's forward reads besides its activations: the recompute in the backward runs
+/// the same code on the same inputs as the forward, so it writes the same values.
+struct LayerCx<'a, B: Backend> {
+    be: &'a B,
+    cfg: &'a ModelConfig,
+    idx: &'a ParamIndex,
+    p: &'a [B::Buf],
+    ids: &'a IdBufs<B>,
+    n: usize,
+    dropout_seed: Option<u64>,
+}
+
+impl<B: Backend> LayerCx<'_, B> {
+    /// The dropout of `site` (0: attention output, 1: FFN output) of `layer`, when on.
+    fn dropout(&self, layer: usize, site: usize) -> Option<Dropout> {
+        let p = self.cfg.dropout;
+        self.dropout_seed.filter(|_| p > 0.0).map(|seed| Dropout { p, seed: site_seed(seed, layer, site) })
+    }
+
+    /// Layer `l`'s attention block from its normed input `ln` and the residual stream `resid`
+    /// entering it: `la` (qkv, attention, `h`, `ffn_norm(h)`), `delta` used as scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_block(
+        &self,
+        lora: &mut Option<LoraState<B>>,
+        attn: &mut AttnMode<'_, B>,
+        l: usize,
+        ln: &B::Buf,
+        resid: &B::Buf,
+        la: &mut AttnActs<B>,
+        delta: &mut B::Buf,
+    ) -> Result<()> {
+        let LayerCx { be, cfg, idx, p, ids, n, dropout_seed } = *self;
+        let (d, heads, rope) = (cfg.d_model, cfg.heads(), cfg.rope());
+        let w = idx.layers[l];
+        be.matmul_forward(&mut la.qkv, ln, &p[w.qkv], n, d, heads.qkv_width())?;
+        if let Some(lora) = lora.as_mut() {
+            lora.forward_site(be, l, Site::Qkv, &mut la.qkv, ln, n, dropout_seed)?;
+        }
+        be.rope_forward(&mut la.qkv, &ids.rope_table, n, heads, rope.style)?;
+        match attn {
+            AttnMode::Segments { n_segments } => be.attention_forward(
+                &mut la.att,
+                &mut la.lse,
+                &la.qkv,
+                &ids.cu_seqlens,
+                *n_segments,
+                n,
+                heads,
+            )?,
+            AttnMode::Cache { k, v, start } => {
+                be.attention_decode(&mut la.att, &la.qkv, &mut k[l], &mut v[l], *start, n, heads)?
+            }
+        }
+        be.matmul_forward(delta, &la.att, &p[w.o], n, heads.q_width(), d)?;
+        if let Some(lora) = lora.as_mut() {
+            lora.forward_site(be, l, Site::O, delta, &la.att, n, dropout_seed)?;
+        }
+        be.residual_rmsnorm_forward(
+            &mut la.h,
+            &mut la.ln2,
+            &mut la.rstd2,
+            resid,
+            delta,
+            &p[w.ffn_norm],
+            n,
+            d,
+            cfg.norm_eps,
+            self.dropout(l, 0),
+        )
+    }
+
+    /// Layer `l`'s FFN up to the SwiGLU output, from its normed input `ln2`.
+    fn mlp(
+        &self,
+        lora: &mut Option<LoraState<B>>,
+        l: usize,
+        ln2: &B::Buf,
+        ma: &mut MlpActs<B>,
+    ) -> Result<()> {
+        let LayerCx { be, cfg, idx, p, n, dropout_seed, .. } = *self;
+        let (d, hidden) = (cfg.d_model, cfg.ffn_hidden);
+        be.matmul_forward(&mut ma.gate_up, ln2, &p[idx.layers[l].gate_up], n, d, 2 * hidden)?;
+        if let Some(lora) = lora.as_mut() {
+            lora.forward_site(be, l, Site::GateUp, &mut ma.gate_up, ln2, n, dropout_seed)?;
+        }
+        be.swiglu_forward(&mut ma.swi, &ma.gate_up, n, hidden)
+    }
+}
+
 impl<B: Backend> Model<B> {
     /// [`Model::new`] for micro-batches of `micro_batch` rows of `seq_len` tokens, checked first
     /// against the device's free memory: when it does not fit, the error says how much it needs
@@ -427,42 +569,51 @@ impl<B: Backend> Model<B> {
         micro_batch: usize,
         seq_len: usize,
     ) -> Result<Self> {
-        Self::for_micro_batches_with(backend, config, micro_batch, seq_len, None)
+        Self::for_micro_batches_with(
+            backend,
+            config,
+            micro_batch,
+            seq_len,
+            None,
+            Recompute::None,
+            StateDtype::F32,
+        )
     }
 
-    /// [`Model::for_micro_batches`] with LoRA adapters when `lora` is given.
+    /// [`Model::for_micro_batches`] with LoRA adapters when `lora` is given, keeping the
+    /// activations that `recompute` says.
     pub fn for_micro_batches_with(
         backend: B,
         config: ModelConfig,
         micro_batch: usize,
         seq_len: usize,
         lora: Option<&LoraConfig>,
-    ) -> Result<Self> {
-        Self::for_micro_batches_moments(backend, config, micro_batch, seq_len, lora, StateDtype::F32)
-    }
-
-    /// [`Model::for_micro_batches_with`] with the AdamW moments stored as `moments` says.
-    pub fn for_micro_batches_moments(
-        backend: B,
-        config: ModelConfig,
-        micro_batch: usize,
-        seq_len: usize,
-        lora: Option<&LoraConfig>,
+        recompute: Recompute,
         moments: StateDtype,
     ) -> Result<Self> {
         let compute_bytes = backend.compute_bytes();
         let info = backend.memory_info()?;
         let device = backend.name();
-        let bytes = memory_bytes_full(&config, compute_bytes, true, lora, moments);
+        let bytes = memory_bytes_with(&config, compute_bytes, true, lora, recompute, moments);
         if let Some((free, _)) = info {
-            if let Some(message) = advice_for(&device, bytes, micro_batch, seq_len, free) {
+            if let Some(message) = memory_advice_with(
+                &device,
+                &config,
+                compute_bytes,
+                micro_batch,
+                seq_len,
+                free,
+                lora,
+                recompute,
+                moments,
+            ) {
                 bail!(message);
             }
         }
         let (fixed, per_token) = bytes;
         let need = fixed.saturating_add(per_token.saturating_mul(seq_len).saturating_mul(micro_batch));
         let max_tokens = micro_batch.checked_mul(seq_len).context("micro_batch × max_seq_len overflows")?;
-        Model::build(backend, config, max_tokens, true, lora, moments).map_err(|e| match info {
+        Model::build(backend, config, max_tokens, true, lora, recompute, moments).map_err(|e| match info {
             // The estimate said it fits, yet an allocation failed (the backend's own buffers,
             // another process): name a smaller micro-batch all the same.
             Some((free, _)) => e.context(format!(
@@ -479,12 +630,36 @@ impl<B: Backend> Model<B> {
     /// Allocates every buffer for micro-batches of up to `max_tokens` token positions.
     /// Parameters start at zero: call [`Model::init_params`] or [`Model::write_params`].
     pub fn new(backend: B, config: ModelConfig, max_tokens: usize) -> Result<Self> {
-        Self::build(backend, config, max_tokens, true, None, StateDtype::F32)
+        Self::build(backend, config, max_tokens, true, None, Recompute::None, StateDtype::F32)
     }
 
-    /// [`Model::new`] (with `lora` adapters when given), the AdamW moments stored as `moments`
-    /// says. bf16 moments are for full fine-tuning: adapters keep fp32 moments, so bf16 with
-    /// `lora` is an error.
+    /// [`Model::new`] (or [`Model::with_lora`] for training when `lora` is given) keeping the
+    /// activations that `recompute` says (the gradients are the same, the memory less), the AdamW
+    /// moments stored as `moments` says. bf16 moments are for full fine-tuning: adapters keep
+    /// fp32 moments, so bf16 with `lora` is an error.
+    pub fn for_training(
+        backend: B,
+        config: ModelConfig,
+        max_tokens: usize,
+        lora: Option<&LoraConfig>,
+        recompute: Recompute,
+        moments: StateDtype,
+    ) -> Result<Self> {
+        Self::build(backend, config, max_tokens, true, lora, recompute, moments)
+    }
+
+    /// [`Model::for_training`] with fp32 moments.
+    pub fn with_recompute(
+        backend: B,
+        config: ModelConfig,
+        max_tokens: usize,
+        lora: Option<&LoraConfig>,
+        recompute: Recompute,
+    ) -> Result<Self> {
+        Self::for_training(backend, config, max_tokens, lora, recompute, StateDtype::F32)
+    }
+
+    /// [`Model::for_training`] keeping every activation.
     pub fn new_training(
         backend: B,
         config: ModelConfig,
@@ -492,7 +667,7 @@ impl<B: Backend> Model<B> {
         lora: Option<&LoraConfig>,
         moments: StateDtype,
     ) -> Result<Self> {
-        Self::build(backend, config, max_tokens, true, lora, moments)
+        Self::for_training(backend, config, max_tokens, lora, Recompute::None, moments)
     }
 
     /// [`Model::new`] or [`Model::new_inference`] with LoRA adapters (zero until written or
@@ -504,7 +679,7 @@ impl<B: Backend> Model<B> {
         training: bool,
         lora: &LoraConfig,
     ) -> Result<Self> {
-        Self::build(backend, config, max_tokens, training, Some(lora), StateDtype::F32)
+        Self::build(backend, config, max_tokens, training, Some(lora), Recompute::None, StateDtype::F32)
     }
 
     /// A model for evaluation and generation only: weights in the compute precision and the
@@ -512,7 +687,7 @@ impl<B: Backend> Model<B> {
     /// training model's parameter memory on the CPU, a ninth on the GPU). Training calls on it
     /// are errors.
     pub fn new_inference(backend: B, config: ModelConfig, max_tokens: usize) -> Result<Self> {
-        Self::build(backend, config, max_tokens, false, None, StateDtype::F32)
+        Self::build(backend, config, max_tokens, false, None, Recompute::None, StateDtype::F32)
     }
 
     fn build(
@@ -521,6 +696,7 @@ impl<B: Backend> Model<B> {
         max_tokens: usize,
         training: bool,
         lora: Option<&LoraConfig>,
+        recompute: Recompute,
         moments: StateDtype,
     ) -> Result<Self> {
         config.validate().context("invalid model config")?;
@@ -534,7 +710,7 @@ impl<B: Backend> Model<B> {
         // a process that grows until the kernel kills it, without a word.
         if let Some((free, _)) = backend.memory_info()? {
             let (fixed, per_token) =
-                memory_bytes_full(&config, backend.compute_bytes(), training, lora, moments);
+                memory_bytes_with(&config, backend.compute_bytes(), training, lora, recompute, moments);
             let need = fixed.saturating_add(per_token.saturating_mul(max_tokens));
             ensure!(
                 need <= free,
@@ -569,25 +745,32 @@ impl<B: Backend> Model<B> {
         let c = Precision::Compute;
         let f = Precision::F32;
         let n_layers = config.n_layers;
-        let layers = (0..n_layers)
-            .map(|_| -> Result<LayerActs<B>> {
-                Ok(LayerActs {
+        let slots = |kept: bool| if kept { n_layers } else { 1 };
+        let attn = (0..slots(recompute.keeps_attention()))
+            .map(|_| -> Result<AttnActs<B>> {
+                Ok(AttnActs {
                     qkv: be.zeros(n * heads.qkv_width(), c)?,
                     att: be.zeros(n * heads.q_width(), c)?,
                     lse: be.zeros(heads.n_heads * n, f)?,
                     h: be.zeros(n * d, c)?,
                     ln2: be.zeros(n * d, c)?,
                     rstd2: be.zeros(n, f)?,
-                    gate_up: be.zeros(n * 2 * hidden, c)?,
-                    swi: be.zeros(n * hidden, c)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let mlp = (0..slots(recompute.keeps_mlp()))
+            .map(|_| -> Result<MlpActs<B>> {
+                Ok(MlpActs { gate_up: be.zeros(n * 2 * hidden, c)?, swi: be.zeros(n * hidden, c)? })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norms = if recompute.keeps_attention() { n_layers + 1 } else { 1 };
         let acts = Activations {
+            recompute,
             resid: (0..=n_layers).map(|_| be.zeros(n * d, c)).collect::<Result<_>>()?,
-            ln_in: (0..=n_layers).map(|_| be.zeros(n * d, c)).collect::<Result<_>>()?,
-            rstd_in: (0..=n_layers).map(|_| be.zeros(n, f)).collect::<Result<_>>()?,
-            layers,
+            ln_in: (0..norms).map(|_| be.zeros(n * d, c)).collect::<Result<_>>()?,
+            rstd_in: (0..norms).map(|_| be.zeros(n, f)).collect::<Result<_>>()?,
+            attn,
+            mlp,
             delta: be.zeros(n * d, c)?,
         };
         let act_grads = ActGrads {
@@ -955,89 +1138,52 @@ impl<B: Backend> Model<B> {
     }
 
     /// The forward pass over `n` rows whose ids are loaded, up to the final norm's output
-    /// (`acts.ln_in[n_layers]`).
+    /// (`acts.ln_in[acts.norm(n_layers)]`).
     fn forward(&mut self, n: usize, mut attn: AttnMode<'_, B>, dropout_seed: Option<u64>) -> Result<()> {
         let Model { backend: be, config: cfg, index: idx, params: p, acts, ids, lora, .. } = self;
         let d = cfg.d_model;
         let heads = cfg.heads();
-        let hidden = cfg.ffn_hidden;
         let (eps, rope) = (cfg.norm_eps, cfg.rope());
         let n_layers = cfg.n_layers;
-        let dropout = dropout_seed.filter(|_| cfg.dropout > 0.0);
-        let site =
-            |l: usize, s: usize| dropout.map(|seed| Dropout { p: cfg.dropout, seed: site_seed(seed, l, s) });
-        let Activations { resid, ln_in, rstd_in, layers, delta } = acts;
-
+        let hidden = cfg.ffn_hidden;
         be.rope_table(&mut ids.rope_table, &ids.positions, n, heads.head_dim, rope)?;
+        let (norm_at, recompute) = (acts.norm(0), acts.recompute);
+        let Activations { resid, ln_in, rstd_in, attn: attn_acts, mlp: mlp_acts, delta, .. } = acts;
         be.embedding_forward(&mut resid[0], &ids.inputs, &p[idx.tok_embeddings], n, d)?;
         be.rmsnorm_forward(
-            &mut ln_in[0],
-            &mut rstd_in[0],
+            &mut ln_in[norm_at],
+            &mut rstd_in[norm_at],
             &resid[0],
             &p[idx.layers[0].attn_norm],
             n,
             d,
             eps,
         )?;
+        let cx = LayerCx { be: &*be, cfg: &*cfg, idx: &*idx, p: &p[..], ids: &*ids, n, dropout_seed };
         for l in 0..n_layers {
             let w = idx.layers[l];
-            let la = &mut layers[l];
-            be.matmul_forward(&mut la.qkv, &ln_in[l], &p[w.qkv], n, d, heads.qkv_width())?;
+            let (ln_at, next_at) =
+                (slot(recompute.keeps_attention(), l), slot(recompute.keeps_attention(), l + 1));
+            let la = &mut attn_acts[slot(recompute.keeps_attention(), l)];
+            let ma = &mut mlp_acts[slot(recompute.keeps_mlp(), l)];
+            cx.attention_block(lora, &mut attn, l, &ln_in[ln_at], &resid[l], la, delta)?;
+            cx.mlp(lora, l, &la.ln2, ma)?;
+            be.matmul_forward(delta, &ma.swi, &p[w.down], n, hidden, d)?;
             if let Some(lora) = lora.as_mut() {
-                lora.forward_site(be, l, Site::Qkv, &mut la.qkv, &ln_in[l], n, dropout_seed)?;
-            }
-            be.rope_forward(&mut la.qkv, &ids.rope_table, n, heads, rope.style)?;
-            match &mut attn {
-                AttnMode::Segments { n_segments } => be.attention_forward(
-                    &mut la.att,
-                    &mut la.lse,
-                    &la.qkv,
-                    &ids.cu_seqlens,
-                    *n_segments,
-                    n,
-                    heads,
-                )?,
-                AttnMode::Cache { k, v, start } => {
-                    be.attention_decode(&mut la.att, &la.qkv, &mut k[l], &mut v[l], *start, n, heads)?
-                }
-            }
-            be.matmul_forward(delta, &la.att, &p[w.o], n, heads.q_width(), d)?;
-            if let Some(lora) = lora.as_mut() {
-                lora.forward_site(be, l, Site::O, delta, &la.att, n, dropout_seed)?;
-            }
-            be.residual_rmsnorm_forward(
-                &mut la.h,
-                &mut la.ln2,
-                &mut la.rstd2,
-                &resid[l],
-                delta,
-                &p[w.ffn_norm],
-                n,
-                d,
-                eps,
-                site(l, 0),
-            )?;
-            be.matmul_forward(&mut la.gate_up, &la.ln2, &p[w.gate_up], n, d, 2 * hidden)?;
-            if let Some(lora) = lora.as_mut() {
-                lora.forward_site(be, l, Site::GateUp, &mut la.gate_up, &la.ln2, n, dropout_seed)?;
-            }
-            be.swiglu_forward(&mut la.swi, &la.gate_up, n, hidden)?;
-            be.matmul_forward(delta, &la.swi, &p[w.down], n, hidden, d)?;
-            if let Some(lora) = lora.as_mut() {
-                lora.forward_site(be, l, Site::Down, delta, &la.swi, n, dropout_seed)?;
+                lora.forward_site(be, l, Site::Down, delta, &ma.swi, n, dropout_seed)?;
             }
             let next_norm = if l + 1 < n_layers { idx.layers[l + 1].attn_norm } else { idx.norm };
             be.residual_rmsnorm_forward(
                 &mut resid[l + 1],
-                &mut ln_in[l + 1],
-                &mut rstd_in[l + 1],
+                &mut ln_in[next_at],
+                &mut rstd_in[next_at],
                 &la.h,
                 delta,
                 &p[next_norm],
                 n,
                 d,
                 eps,
-                site(l, 1),
+                cx.dropout(l, 1),
             )?;
         }
         Ok(())
@@ -1117,9 +1263,12 @@ impl<B: Backend> Model<B> {
         let n_layers = cfg.n_layers;
         let dropout = dropout_seed.filter(|_| cfg.dropout > 0.0);
         let out_w = idx.output_weight();
+        let recompute = acts.recompute;
+        let final_at = acts.norm(n_layers);
+        let Activations { resid, ln_in, rstd_in, attn: attn_acts, mlp: mlp_acts, delta, .. } = acts;
 
         be.lm_head_cross_entropy(
-            &acts.ln_in[n_layers],
+            &ln_in[final_at],
             &p[out_w],
             &ids.sup_rows,
             &ids.sup_targets,
@@ -1144,16 +1293,40 @@ impl<B: Backend> Model<B> {
             &mut ag.dresid,
             weight_grad(g, lora, idx.norm, false),
             &ag.dln,
-            &acts.resid[n_layers],
+            &resid[n_layers],
             &p[idx.norm],
-            &acts.rstd_in[n_layers],
+            &rstd_in[final_at],
             n,
             d,
             branch::<B>(&mut ag.ddelta, site(n_layers - 1, 1)),
         )?;
+        let cx = LayerCx { be: &*be, cfg: &*cfg, idx: &*idx, p: &p[..], ids: &*ids, n, dropout_seed };
         for l in (0..n_layers).rev() {
             let w = idx.layers[l];
-            let la = &acts.layers[l];
+            let (la_at, ma_at) = (slot(recompute.keeps_attention(), l), slot(recompute.keeps_mlp(), l));
+            let ln_at = slot(recompute.keeps_attention(), l);
+            // What the forward did not keep, recomputed from what it kept, with the same dropout
+            // masks (the same seeds): `resid[l]` for the whole layer, `ffn_norm(h)` for the FFN.
+            if !recompute.keeps_attention() {
+                let _recompute = profile::range("recompute layer");
+                be.rmsnorm_forward(
+                    &mut ln_in[ln_at],
+                    &mut rstd_in[ln_at],
+                    &resid[l],
+                    &p[w.attn_norm],
+                    n,
+                    d,
+                    cfg.norm_eps,
+                )?;
+                let mut segments = AttnMode::Segments { n_segments };
+                let la = &mut attn_acts[la_at];
+                cx.attention_block(lora, &mut segments, l, &ln_in[ln_at], &resid[l], la, delta)?;
+            }
+            if !recompute.keeps_mlp() {
+                let _recompute = profile::range("recompute mlp");
+                cx.mlp(lora, l, &attn_acts[la_at].ln2, &mut mlp_acts[ma_at])?;
+            }
+            let (la, ma) = (&attn_acts[la_at], &mlp_acts[ma_at]);
             // FFN block: resid[l+1] = h + dropout(down(swiglu(gate_up(ffn_norm(h))))). Without
             // dropout the branch's gradient is the residual's itself.
             let ddelta = if dropout.is_some() { &ag.ddelta } else { &ag.dresid };
@@ -1167,13 +1340,13 @@ impl<B: Backend> Model<B> {
                 at,
                 &mut ag.dswi,
                 ddelta,
-                &la.swi,
+                &ma.swi,
                 n,
                 hidden,
                 d,
                 mode,
             )?;
-            be.swiglu_backward(&mut ag.dgate_up, &ag.dswi, &la.gate_up, n, hidden)?;
+            be.swiglu_backward(&mut ag.dgate_up, &ag.dswi, &ma.gate_up, n, hidden)?;
             let at = (l, Site::GateUp, dropout_seed);
             let dgate_up = &ag.dgate_up;
             projection_backward(
@@ -1233,7 +1406,7 @@ impl<B: Backend> Model<B> {
                 heads,
             )?;
             be.rope_backward(&mut ag.dqkv, &ids.rope_table, n, heads, rope.style)?;
-            let (at, ln) = ((l, Site::Qkv, dropout_seed), &acts.ln_in[l]);
+            let (at, ln) = ((l, Site::Qkv, dropout_seed), &ln_in[ln_at]);
             let dqkv = &ag.dqkv;
             projection_backward(
                 be,
@@ -1257,9 +1430,9 @@ impl<B: Backend> Model<B> {
                 &mut ag.dresid,
                 weight_grad(g, lora, w.attn_norm, false),
                 &ag.dln,
-                &acts.resid[l],
+                &resid[l],
                 &p[w.attn_norm],
-                &acts.rstd_in[l],
+                &rstd_in[ln_at],
                 n,
                 d,
                 branch::<B>(&mut ag.ddelta, below),
@@ -1291,7 +1464,7 @@ impl<B: Backend> Model<B> {
         let cfg = &self.config;
         let be = &self.backend;
         be.lm_head_cross_entropy(
-            &self.acts.ln_in[cfg.n_layers],
+            &self.acts.ln_in[self.acts.norm(cfg.n_layers)],
             &self.params[self.index.output_weight()],
             &self.ids.sup_rows,
             &self.ids.sup_targets,
@@ -1424,7 +1597,7 @@ impl<B: Backend> Model<B> {
         let out_w = self.index.output_weight();
         self.backend.matmul_forward(
             &mut self.logits,
-            &self.acts.ln_in[self.config.n_layers],
+            &self.acts.ln_in[self.acts.norm(self.config.n_layers)],
             &self.params[out_w],
             1,
             d,

@@ -5,7 +5,9 @@ pub mod config;
 pub mod forward;
 pub mod lora;
 pub mod params;
+pub mod recompute;
 
 pub use config::ModelConfig;
 pub use forward::{KvCache, Model};
 pub use params::NamedTensor;
+pub use recompute::{Recompute, RecomputeChoice};

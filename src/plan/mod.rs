@@ -21,9 +21,11 @@ use clap::Args;
 use crate::backend::StateDtype;
 use crate::bench::train::{flops_per_token, synthetic_batch};
 use crate::data::Batch;
-use crate::model::forward::{memory_advice_moments, memory_bytes_full, micro_batch_that_fits_moments};
+use crate::model::forward::{
+    least_recompute_that_fits, memory_advice_with, memory_bytes_with, micro_batch_that_fits_with,
+};
 use crate::model::lora::LoraConfig;
-use crate::model::{Model, ModelConfig};
+use crate::model::{Model, ModelConfig, Recompute, RecomputeChoice};
 use crate::rng::Rng;
 use crate::train::trainer::{optimizer_step, resolve_model_config};
 use crate::train::TrainConfig;
@@ -71,6 +73,10 @@ pub struct PlanArgs {
     /// Storage of the AdamW moments, as `sft train --optimizer-state`: f32 or bf16.
     #[arg(long, value_name = "f32|bf16", default_value = "f32")]
     pub optimizer_state: StateDtype,
+    /// Activation recompute: none, mlp, layer, or auto (the least with which --micro-batch
+    /// fits the device).
+    #[arg(long, value_name = "MODE", default_value = "none")]
+    pub recompute: RecomputeChoice,
 }
 
 /// One op family's estimated share of a step.
@@ -88,6 +94,15 @@ pub struct FamilyEstimate {
     pub bound: &'static str,
     /// The calibration factor applied (1.0 while uncalibrated).
     pub calibration: f64,
+}
+
+/// What one recompute mode keeps, and the micro-batch it allows.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RecomputeOption {
+    pub recompute: Recompute,
+    pub activations_per_token: usize,
+    /// The trainer's check ([`micro_batch_that_fits_with`]) with this mode.
+    pub largest_micro_batch: usize,
 }
 
 /// What the step's buffers take, in bytes.
@@ -116,6 +131,8 @@ pub struct MemoryPlan {
     /// The trainer's check ([`micro_batch_that_fits`]): the largest micro-batch of `seq_len` rows.
     pub largest_micro_batch: usize,
     pub fits: bool,
+    /// Every recompute mode's activations and largest micro-batch, for comparison.
+    pub recompute_options: Vec<RecomputeOption>,
 }
 
 /// The whole estimate.
@@ -136,6 +153,10 @@ pub struct Plan {
     pub seq_len: usize,
     pub grad_accum: usize,
     pub dropout: f32,
+    /// The recompute planned (what `auto` chose, when asked).
+    pub recompute: Recompute,
+    /// What was asked: a mode or `auto`.
+    pub recompute_asked: String,
     pub tokens_per_step: usize,
     pub families: Vec<FamilyEstimate>,
     pub total_launches: u64,
@@ -168,38 +189,30 @@ pub fn count_step(
     seq_len: usize,
     grad_accum: usize,
 ) -> Result<StepCount> {
-    count_step_with(config, micro_batch, seq_len, grad_accum, None)
+    count_step_with(config, micro_batch, seq_len, grad_accum, None, Recompute::None)
 }
 
-/// [`count_step_with`] with the AdamW moments stored as `moments` says.
-pub fn count_step_moments(
-    config: &ModelConfig,
-    micro_batch: usize,
-    seq_len: usize,
-    grad_accum: usize,
-    lora: Option<&LoraConfig>,
-    moments: StateDtype,
-) -> Result<StepCount> {
-    count_step_inner(config, micro_batch, seq_len, grad_accum, lora, moments)
-}
-
-/// [`count_step`] of a LoRA run when `lora` is given.
+/// [`count_step`] of a LoRA run when `lora` is given, with `recompute` (whose extra forward ops
+/// the backward then runs, and so counts).
 pub fn count_step_with(
     config: &ModelConfig,
     micro_batch: usize,
     seq_len: usize,
     grad_accum: usize,
     lora: Option<&LoraConfig>,
+    recompute: Recompute,
 ) -> Result<StepCount> {
-    count_step_inner(config, micro_batch, seq_len, grad_accum, lora, StateDtype::F32)
+    count_step_opts(config, micro_batch, seq_len, grad_accum, lora, recompute, StateDtype::F32)
 }
 
-fn count_step_inner(
+/// [`count_step_with`] with the AdamW moments stored as `moments` says.
+pub fn count_step_opts(
     config: &ModelConfig,
     micro_batch: usize,
     seq_len: usize,
     grad_accum: usize,
     lora: Option<&LoraConfig>,
+    recompute: Recompute,
     moments: StateDtype,
 ) -> Result<StepCount> {
     ensure!(micro_batch > 0 && grad_accum > 0, "--micro-batch and --grad-accum must be at least 1");
@@ -210,10 +223,8 @@ fn count_step_inner(
     );
     ensure!(config.vocab_size > 1, "the model's vocab_size must be at least 2");
     let tokens = micro_batch * seq_len;
-    let mut model = match lora {
-        Some(lora) => Model::with_lora(CountingBackend::new(), config.clone(), tokens, true, lora)?,
-        None => Model::new_training(CountingBackend::new(), config.clone(), tokens, None, moments)?,
-    };
+    let mut model =
+        Model::for_training(CountingBackend::new(), config.clone(), tokens, lora, recompute, moments)?;
     let allocated = model.backend().allocated_bytes();
     model.backend().take_ledger();
     let mut rng = Rng::new(89);
@@ -320,22 +331,69 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
         lora.is_none() || moments == StateDtype::F32,
         "--optimizer-state bf16 is for full fine-tuning: LoRA adapters keep f32 AdamW moments"
     );
-    let count = count_step_moments(&config, args.micro_batch, t, args.grad_accum, lora, moments)?;
+    let available = device.memory.saturating_sub(CONTEXT_BYTES);
+    let mut notes = vec![];
+    let recompute = match args.recompute {
+        RecomputeChoice::Fixed(r) => r,
+        RecomputeChoice::Auto => {
+            match least_recompute_that_fits(
+                &config,
+                COMPUTE_BYTES,
+                t,
+                available,
+                lora,
+                args.micro_batch,
+                moments,
+            ) {
+                Some((r, fits)) => {
+                    notes.push(format!(
+                        "recompute auto chose {r}: the least recompute with which micro_batch {} fits \
+                         (up to {fits} rows of {t} with it)",
+                        args.micro_batch
+                    ));
+                    r
+                }
+                None => {
+                    notes.push(format!(
+                        "recompute auto: micro_batch {} does not fit even with layer recompute; planned with layer",
+                        args.micro_batch
+                    ));
+                    Recompute::Layer
+                }
+            }
+        }
+    };
+    let count = count_step_opts(&config, args.micro_batch, t, args.grad_accum, lora, recompute, moments)?;
     let families = estimate_families(&count.ledger, device, &calibration);
     let step_seconds: f64 = families.iter().map(|f| f.seconds).sum();
     let tokens_per_step = args.grad_accum * args.micro_batch * t;
     let tokens_per_s = tokens_per_step as f64 / step_seconds;
     let fpt = flops_per_token(&config, t);
 
-    let (fixed, per_token) = memory_bytes_full(&config, COMPUTE_BYTES, true, lora, moments);
+    let (fixed, per_token) = memory_bytes_with(&config, COMPUTE_BYTES, true, lora, recompute, moments);
     let n_params = config.n_params();
     let trainable = lora.map_or(n_params, |l| l.n_params(&config));
     let frozen_grad_scratch =
         if lora.is_some() { 4 * (config.vocab_size * config.d_model + config.d_model) } else { 0 };
     let activations = per_token * args.micro_batch * t;
     let workspace = count.scratch + GEMM_WORKSPACE_BYTES;
-    let available = device.memory.saturating_sub(CONTEXT_BYTES);
-    let largest = micro_batch_that_fits_moments(&config, COMPUTE_BYTES, t, available, lora, moments);
+    let largest = micro_batch_that_fits_with(&config, COMPUTE_BYTES, t, available, lora, recompute, moments);
+    let recompute_options = Recompute::ALL
+        .into_iter()
+        .map(|r| RecomputeOption {
+            recompute: r,
+            activations_per_token: memory_bytes_with(&config, COMPUTE_BYTES, true, lora, r, moments).1,
+            largest_micro_batch: micro_batch_that_fits_with(
+                &config,
+                COMPUTE_BYTES,
+                t,
+                available,
+                lora,
+                r,
+                moments,
+            ),
+        })
+        .collect();
     let adapters = if lora.is_some() { trainable } else { 0 };
     let memory = MemoryPlan {
         weights: (n_params + adapters) * COMPUTE_BYTES + config.vocab_size * COMPUTE_BYTES,
@@ -352,16 +410,17 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
         available,
         largest_micro_batch: largest,
         fits: largest >= args.micro_batch && fixed + activations + workspace <= available,
+        recompute_options,
     };
 
-    let mut notes = vec![
+    notes.extend([
         "attention is timed as the tensor-core (flash_*) path; FLOPs count the causal pairs only".to_string(),
         format!(
             "launch cost {:.0} µs per launch, {:.0} µs per host synchronization; no overlap between kernels",
             LAUNCH_OVERHEAD_S * 1e6,
             SYNC_OVERHEAD_S * 1e6
         ),
-    ];
+    ]);
     if lora.is_some() {
         notes.push(
             "MFU counts 6 FLOPs per parameter and token as for full fine-tuning; a LoRA step skips the frozen \
@@ -377,7 +436,7 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
                 .to_string(),
         );
     }
-    if let Some(advice) = memory_advice_moments(
+    if let Some(advice) = memory_advice_with(
         device.name,
         &config,
         COMPUTE_BYTES,
@@ -385,6 +444,7 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
         t,
         available,
         lora,
+        recompute,
         moments,
     ) {
         // The trainer's own refusal, word for word, so that plan and trainer agree.
@@ -405,6 +465,8 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
         seq_len: t,
         grad_accum: args.grad_accum,
         dropout: config.dropout,
+        recompute,
+        recompute_asked: args.recompute.to_string(),
         tokens_per_step,
         total_launches: families.iter().map(|f| f.launches).sum(),
         total_flops: total(|t| t.flops),
@@ -475,6 +537,8 @@ pub fn render(p: &Plan) -> String {
         "step         {} tokens = {} micro-batch(es) × {} rows × {} tokens, dropout {}",
         p.tokens_per_step, p.grad_accum, p.micro_batch, p.seq_len, p.dropout
     );
+    let asked = if p.recompute_asked == "auto" { " (chosen by auto)" } else { "" };
+    let _ = writeln!(s, "recompute    {}{asked}", p.recompute);
     let _ = writeln!(s);
     let _ = writeln!(s, "Estimated cost per op family (one optimizer step; estimates):");
     let _ = writeln!(
@@ -550,6 +614,16 @@ pub fn render(p: &Plan) -> String {
         m.largest_micro_batch,
         p.seq_len
     );
+    for o in &m.recompute_options {
+        let _ = writeln!(
+            s,
+            "  recompute {:<5}  {:>8} bytes/token of activations, micro-batches up to {} rows{}",
+            o.recompute.name(),
+            o.activations_per_token,
+            o.largest_micro_batch,
+            if o.recompute == p.recompute { " (planned)" } else { "" }
+        );
+    }
     let _ = writeln!(s);
     for n in &p.notes {
         let _ = writeln!(s, "note: {n}");

@@ -176,6 +176,7 @@ fn the_counting_backend_allocates_what_memory_bytes_says() {
         write_calibration: None,
         lora: Default::default(),
         optimizer_state: Default::default(),
+        recompute: Default::default(),
     };
     let p = plan_for(&c, &args).unwrap();
     let m = &p.memory;
@@ -206,6 +207,7 @@ fn bf16_moments_shrink_the_memory_plan_and_adamw_traffic() {
         write_calibration: None,
         lora: Default::default(),
         optimizer_state: state,
+        recompute: Default::default(),
     };
     let (p32, p16) =
         (plan_for(&c, &args(StateDtype::F32)).unwrap(), plan_for(&c, &args(StateDtype::Bf16)).unwrap());
@@ -214,7 +216,14 @@ fn bf16_moments_shrink_the_memory_plan_and_adamw_traffic() {
     assert_eq!(p16.memory.master_and_moments, 8 * n);
     assert_eq!(p32.memory.allocated_by_model - p16.memory.allocated_by_model, 4 * n);
     assert_eq!(p32.memory.total - p16.memory.total, 4 * n);
-    let (f16, _) = crate::model::forward::memory_bytes_full(&c, COMPUTE_BYTES, true, None, StateDtype::Bf16);
+    let (f16, _) = crate::model::forward::memory_bytes_with(
+        &c,
+        COMPUTE_BYTES,
+        true,
+        None,
+        Recompute::None,
+        StateDtype::Bf16,
+    );
     assert_eq!(p16.memory.weights + p16.memory.grads + p16.memory.master_and_moments, f16);
     assert!(p16.memory.largest_micro_batch >= p32.memory.largest_micro_batch);
     let adamw = |p: &Plan| p.families.iter().find(|f| f.family == Family::Adamw).unwrap().bytes;
@@ -244,6 +253,7 @@ fn the_plan_is_labelled_and_consistent() {
         write_calibration: None,
         lora: Default::default(),
         optimizer_state: Default::default(),
+        recompute: Default::default(),
     };
     let c = ModelConfig { dropout: 0.1, ..small() };
     let p = plan_for(&c, &args).unwrap();
@@ -290,7 +300,7 @@ fn a_lora_plan_counts_what_the_lora_model_allocates_and_trains_less() {
     let c = small();
     let (mb, t) = (4, 64);
     let lora = LoraConfig::default();
-    let count = count_step_with(&c, mb, t, 1, Some(&lora)).unwrap();
+    let count = count_step_with(&c, mb, t, 1, Some(&lora), crate::model::Recompute::None).unwrap();
     let (fixed, per_token) = memory_bytes_lora(&c, COMPUTE_BYTES, true, Some(&lora));
     // As without LoRA: cu_seqlens, the embedding groups and the step's statistics on top.
     let extra = 4 + 4 + 4 * crate::backend::STATS_LEN;
@@ -311,6 +321,7 @@ fn a_lora_plan_counts_what_the_lora_model_allocates_and_trains_less() {
         write_calibration: None,
         lora: crate::lora::LoraArgs { lora: true, ..Default::default() },
         optimizer_state: Default::default(),
+        recompute: Default::default(),
     };
     let p = plan_for(&c, &args).unwrap();
     let m = &p.memory;
@@ -402,4 +413,94 @@ fn the_first_micro_batch_writes_the_gradients_instead_of_zeroing_them() {
     let dw_elems =
         c.n_layers * (c.d_model * h.qkv_width() + h.q_width() * c.d_model + 3 * c.d_model * c.ffn_hidden);
     assert_eq!(second.bytes - first.bytes, (4 * dw_elems) as f64);
+}
+
+#[test]
+fn recompute_allocates_what_memory_bytes_says_and_counts_its_extra_forward_ops() {
+    use crate::model::forward::{least_recompute_that_fits, memory_bytes_with};
+    use crate::model::Recompute;
+    let c = small();
+    let (mb, t) = (4, 64);
+    let l = c.n_layers as u64;
+    let extra = 4 + 4 + 4 * crate::backend::STATS_LEN;
+    let counts: Vec<StepCount> = Recompute::ALL
+        .into_iter()
+        .map(|r| {
+            let count = count_step_with(&c, mb, t, 1, None, r).unwrap();
+            let (fixed, per_token) = memory_bytes_with(&c, COMPUTE_BYTES, true, None, r, StateDtype::F32);
+            assert_eq!(count.allocated, fixed + per_token * mb * t + extra, "recompute {r}");
+            count
+        })
+        .collect();
+    let calls = |i: usize, f: Family| counts[i].ledger.calls.get(&f).copied().unwrap_or(0);
+    let flops = |i: usize, f: Family| counts[i].ledger.family(f).flops;
+    assert!(counts[0].allocated > counts[1].allocated && counts[1].allocated > counts[2].allocated);
+    // mlp: one more gate/up GEMM and SwiGLU per layer; layer: the attention block as well
+    // (the attention norm, qkv, attention, o, and the residual add with the FFN norm).
+    assert_eq!(calls(1, Family::Matmul), calls(0, Family::Matmul) + l);
+    assert_eq!(calls(1, Family::Swiglu), calls(0, Family::Swiglu) + l);
+    assert_eq!(calls(1, Family::Rmsnorm), calls(0, Family::Rmsnorm));
+    assert_eq!(calls(2, Family::Matmul), calls(0, Family::Matmul) + 3 * l);
+    assert_eq!(calls(2, Family::Swiglu), calls(0, Family::Swiglu) + l);
+    assert_eq!(calls(2, Family::Rmsnorm), calls(0, Family::Rmsnorm) + 2 * l);
+    assert_eq!(calls(2, Family::FlashAttention), calls(0, Family::FlashAttention) + l);
+    assert!(flops(0, Family::Matmul) < flops(1, Family::Matmul));
+    assert!(flops(1, Family::Matmul) < flops(2, Family::Matmul));
+
+    // auto: the least recompute with which the micro-batch fits.
+    let need = |r| {
+        let (fixed, per_token) = memory_bytes_with(&c, COMPUTE_BYTES, true, None, r, StateDtype::F32);
+        (fixed + per_token * mb * t) / 9 * 10 + 1000
+    };
+    for r in Recompute::ALL {
+        let (chosen, fits) =
+            least_recompute_that_fits(&c, COMPUTE_BYTES, t, need(r), None, mb, StateDtype::F32).unwrap();
+        assert_eq!(chosen, r, "with {} bytes free", need(r));
+        assert!(fits >= mb);
+    }
+    assert_eq!(
+        least_recompute_that_fits(
+            &c,
+            COMPUTE_BYTES,
+            t,
+            need(Recompute::Layer) / 2,
+            None,
+            mb,
+            StateDtype::F32
+        ),
+        None
+    );
+}
+
+#[test]
+fn the_plan_reports_the_recompute_and_auto_chooses_the_least_that_fits() {
+    use crate::model::{Recompute, RecomputeChoice};
+    let c = small();
+    let args = PlanArgs {
+        model: "tiny".into(),
+        gpu: "h100".into(),
+        micro_batch: 2,
+        seq_len: Some(64),
+        grad_accum: 1,
+        dropout: None,
+        json: false,
+        calibrate_from: None,
+        profiled_steps: 1,
+        write_calibration: None,
+        lora: Default::default(),
+        recompute: RecomputeChoice::Auto,
+        optimizer_state: Default::default(),
+    };
+    let auto = plan_for(&c, &args).unwrap();
+    assert_eq!(auto.recompute, Recompute::None, "a tiny model fits without recompute");
+    assert!(render(&auto).contains("recompute    none (chosen by auto)"), "{}", render(&auto));
+    let layer =
+        plan_for(&c, &PlanArgs { recompute: RecomputeChoice::Fixed(Recompute::Layer), ..args }).unwrap();
+    assert_eq!(layer.recompute, Recompute::Layer);
+    assert!(layer.memory.activations < auto.memory.activations);
+    assert!(layer.total_flops > auto.total_flops);
+    assert!(layer.memory.largest_micro_batch > auto.memory.largest_micro_batch);
+    let options: Vec<Recompute> = layer.memory.recompute_options.iter().map(|o| o.recompute).collect();
+    assert_eq!(options, Recompute::ALL);
+    assert_eq!(layer.memory.recompute_options[2].largest_micro_batch, layer.memory.largest_micro_batch);
 }

@@ -146,6 +146,11 @@ pub struct TrainArgs {
     /// auto, cpu or cuda.
     #[arg(long)]
     pub device: Option<String>,
+    /// Activation recompute: none, mlp (the FFN's gate/up and SwiGLU), layer (each layer's
+    /// whole forward, from its input) or auto (the least that fits the device). Less memory,
+    /// the same gradients. Default: the resumed run's, else none.
+    #[arg(long, value_name = "MODE")]
+    pub recompute: Option<crate::model::RecomputeChoice>,
     #[command(flatten)]
     pub lora: crate::lora::LoraArgs,
     /// Storage of the AdamW moments: f32 (default) or bf16 (4 bytes per parameter fewer; full
@@ -172,6 +177,9 @@ impl TrainArgs {
         apply!(max_lr, min_lr, warmup_steps, beta1, beta2, eps, weight_decay, clip, seed);
         apply!(eval_every, eval_batches, save_every, keep_checkpoints, sample_every, log_every, device);
         apply!(init_from, max_steps, schedule_steps, max_seq_len, dropout, optimizer_state);
+        if let Some(r) = self.recompute {
+            c.recompute = Some(r);
+        }
         if self.resume {
             c.resume = true;
         }
@@ -414,6 +422,17 @@ mod tests {
         let cmd = Cmd::parse_from(["train", "--config", file.to_str().unwrap()]);
         let err = cmd.args.to_config().unwrap().validate().unwrap_err();
         assert!(err.to_string().contains("micro_batch"), "{err}");
+        std::fs::write(&file, r#"{"recompute": "mlp", "data": "d"}"#).unwrap();
+        let cmd = Cmd::parse_from(["train", "--config", file.to_str().unwrap()]);
+        let c = cmd.args.to_config().unwrap();
+        assert_eq!(c.recompute, Some(crate::model::RecomputeChoice::Fixed(crate::model::Recompute::Mlp)));
+        let cmd = Cmd::parse_from(["train", "--config", file.to_str().unwrap(), "--recompute", "auto"]);
+        assert_eq!(cmd.args.to_config().unwrap().recompute, Some(crate::model::RecomputeChoice::Auto));
+        std::fs::write(&file, r#"{"recompute": "attention", "data": "d"}"#).unwrap();
+        let cmd = Cmd::parse_from(["train", "--config", file.to_str().unwrap()]);
+        let err = format!("{:#}", cmd.args.to_config().unwrap_err());
+        assert!(err.contains("recompute") && err.contains("none, mlp, layer or auto"), "{err}");
+        assert!(Cmd::try_parse_from(["train", "--recompute", "everything"]).is_err());
         let cmd = Cmd::parse_from(["train", "--config", "/nonexistent/run.json"]);
         let err = format!("{:#}", cmd.args.to_config().unwrap_err());
         assert!(err.contains("/nonexistent/run.json"), "{err}");

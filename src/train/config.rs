@@ -90,6 +90,10 @@ pub struct TrainConfig {
     /// fewer; full fine-tuning only: LoRA adapters keep f32 moments). A run resumes in the
     /// state type it was saved with.
     pub optimizer_state: StateDtype,
+    /// Activation recompute: `"none"`, `"mlp"`, `"layer"` (see [`crate::model::Recompute`]) or
+    /// `"auto"`: the least recompute with which the micro-batch fits the device. Unset: the
+    /// resumed run's choice, else `"none"`. The gradients do not depend on it.
+    pub recompute: Option<crate::model::RecomputeChoice>,
 }
 
 impl Default for TrainConfig {
@@ -133,6 +137,7 @@ impl Default for TrainConfig {
             device: "auto".into(),
             lora: None,
             optimizer_state: StateDtype::F32,
+            recompute: None,
         }
     }
 }

@@ -30,8 +30,10 @@ use crate::data::{
 };
 use crate::dist::{self, broadcast_u64, Collectives, Sharding, SingleProcess};
 use crate::model::config::ModelConfig;
+use crate::model::forward::least_recompute_that_fits;
 use crate::model::forward::StepStats;
 use crate::model::Model;
+use crate::model::{Recompute, RecomputeChoice};
 use crate::rng::Rng;
 use crate::train::config::{default_seq_len, plan_batches, MicroBatch, TrainConfig};
 use crate::train::log::{CsvLog, LogRow};
@@ -564,7 +566,16 @@ pub fn train_ranks<B: Backend>(
             s.config.optimizer_state
         );
     }
-    let mut resolved = plan_micro_batches(&backend, cfg, &model_config, max_seq_len, saved, main)?;
+    let recompute = resolve_recompute(&backend, cfg, &model_config, max_seq_len, saved)?;
+    // Stored resolved, so that a resume keeps it; left unset when never set (the default).
+    let stored = match (cfg.recompute, saved.and_then(|s| s.recompute)) {
+        (None, None) => None,
+        _ => Some(RecomputeChoice::Fixed(recompute)),
+    };
+    let mut resolved = TrainConfig {
+        recompute: stored,
+        ..plan_micro_batches(&backend, cfg, &model_config, max_seq_len, saved, main, recompute)?
+    };
     if world > 1 {
         // `auto` reads each rank's free memory: rank 0's choice holds for all.
         let mut batches = [resolved.micro_batch.configured() as u64, resolved.grad_accum as u64];
@@ -579,21 +590,23 @@ pub fn train_ranks<B: Backend>(
 
     // ---- the model and the counters (continued from the checkpoint when resuming) -----------
     let mut model = match &weights {
-        Some(ckpt) => ckpt.training_model_moments(
+        Some(ckpt) => ckpt.training_model_with(
             backend,
             cfg.dropout,
             cfg.micro_batch.configured(),
             max_seq_len,
             cfg.lora.as_ref(),
+            recompute,
             cfg.optimizer_state,
         )?,
         None => {
-            let mut model = Model::for_micro_batches_moments(
+            let mut model = Model::for_micro_batches_with(
                 backend,
                 model_config,
                 cfg.micro_batch.configured(),
                 max_seq_len,
                 None,
+                recompute,
                 cfg.optimizer_state,
             )?;
             model.init_params(cfg.seed)?;
@@ -819,6 +832,7 @@ fn plan_micro_batches<B: Backend>(
     max_seq_len: usize,
     saved: Option<&TrainConfig>,
     main: bool,
+    recompute: Recompute,
 ) -> Result<TrainConfig> {
     if cfg.micro_batch != MicroBatch::Auto {
         return Ok(cfg.clone());
@@ -836,12 +850,13 @@ fn plan_micro_batches<B: Backend>(
     let compute_bytes = backend.compute_bytes();
     let fits = free.map(|f| {
         let lora = cfg.lora.as_ref();
-        crate::model::forward::micro_batch_that_fits_moments(
+        crate::model::forward::micro_batch_that_fits_with(
             model_config,
             compute_bytes,
             max_seq_len,
             f,
             lora,
+            recompute,
             cfg.optimizer_state,
         )
     });
@@ -855,6 +870,65 @@ fn plan_micro_batches<B: Backend>(
         grad_accum: plan.grad_accum,
         ..cfg.clone()
     })
+}
+
+/// `recompute` resolved to a mode, printing what `auto` chose: the least recompute with which the
+/// configured micro-batch (with `micro_batch` `auto`: the resumed run's, else one row) fits the
+/// device's free memory. Unset, the resumed run's mode (else `none`); a resume with another mode
+/// is said, not refused: the gradients are the same.
+fn resolve_recompute<B: Backend>(
+    backend: &B,
+    cfg: &TrainConfig,
+    model_config: &ModelConfig,
+    max_seq_len: usize,
+    saved: Option<&TrainConfig>,
+) -> Result<Recompute> {
+    let saved_choice = saved.and_then(|s| s.recompute);
+    let r = match cfg.recompute.or(saved_choice).unwrap_or_default() {
+        RecomputeChoice::Fixed(r) => r,
+        RecomputeChoice::Auto => {
+            let at_least = match (cfg.micro_batch, saved.map(|s| s.micro_batch)) {
+                (MicroBatch::Fixed(m), _) | (MicroBatch::Auto, Some(MicroBatch::Fixed(m))) => m,
+                _ => 1,
+            };
+            let lora = cfg.lora.as_ref();
+            let free = backend.memory_info()?.map(|(free, _)| free);
+            let chosen = free.and_then(|f| {
+                least_recompute_that_fits(
+                    model_config,
+                    backend.compute_bytes(),
+                    max_seq_len,
+                    f,
+                    lora,
+                    at_least,
+                    cfg.optimizer_state,
+                )
+            });
+            match (free, chosen) {
+                (None, _) => {
+                    eprintln!("recompute auto: none ({} reports no memory limit)", backend.name());
+                    Recompute::None
+                }
+                (Some(_), Some((r, fits))) => {
+                    eprintln!(
+                        "recompute auto: {r}, the least with which micro_batch {at_least} fits on {} \
+                         (up to {fits} rows of {max_seq_len} tokens)",
+                        backend.name()
+                    );
+                    r
+                }
+                // Not even the most recompute fits: the model's own check says what would.
+                (Some(_), None) => Recompute::Layer,
+            }
+        }
+    };
+    if let Some(RecomputeChoice::Fixed(before)) = saved_choice.filter(|&c| c != RecomputeChoice::Fixed(r)) {
+        eprintln!(
+            "note: recompute {r}, where the interrupted run used {before}: the gradients are the same, \
+             only memory and time differ"
+        );
+    }
+    Ok(r)
 }
 
 /// A resumed run matches the interrupted one only with the same data order and batches.
@@ -957,5 +1031,26 @@ mod tests {
         };
         let e = crate::train::cli::train_on_device_ranks(&cuda, &OfTwo { rank: 0 }).unwrap_err().to_string();
         assert!(e.contains("CPU backend only") && e.contains("NCCL"), "{e}");
+    }
+
+    use crate::plan::counting::CountingBackend;
+
+    #[test]
+    fn recompute_resolves_to_the_flag_else_the_resumed_runs_else_none() {
+        let be = CountingBackend::new();
+        let model = ModelConfig::tiny(300);
+        let with = |r: Option<RecomputeChoice>| TrainConfig { recompute: r, ..TrainConfig::default() };
+        let layer = Some(RecomputeChoice::Fixed(Recompute::Layer));
+        let mlp = Some(RecomputeChoice::Fixed(Recompute::Mlp));
+        let resolve = |now: &TrainConfig, saved: Option<&TrainConfig>| {
+            resolve_recompute(&be, now, &model, 64, saved).unwrap()
+        };
+        assert_eq!(resolve(&with(None), None), Recompute::None);
+        assert_eq!(resolve(&with(mlp), None), Recompute::Mlp);
+        // Resumed without the flag: the interrupted run's; with it: the flag's (said, not refused).
+        assert_eq!(resolve(&with(None), Some(&with(layer))), Recompute::Layer);
+        assert_eq!(resolve(&with(mlp), Some(&with(layer))), Recompute::Mlp);
+        // A backend without a memory limit needs no recompute.
+        assert_eq!(resolve(&with(Some(RecomputeChoice::Auto)), None), Recompute::None);
     }
 }
