@@ -328,7 +328,9 @@ impl Checkpoint {
     }
 
     /// [`Self::training_model_for`], with LoRA adapters (zero) on the frozen weights when
-    /// `lora` is given, keeping the activations that `recompute` says.
+    /// `lora` is given, keeping the activations that `recompute` says, the AdamW moments stored
+    /// as `moments` says.
+    #[allow(clippy::too_many_arguments)]
     pub fn training_model_with<B: Backend>(
         &self,
         backend: B,
