@@ -22,24 +22,15 @@ needs them. Exits 1 when a check fails.
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 
+from check_hf_logits import sft_logits  # the same `sft logits` call, as float64 rows
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The demo's tasks; its conversations carry the system prompt "Answer exactly." (--system).
 PROMPTS = ["Reverse: a b c d", "Shout: x y z", "What is 5 + 6?", "Reverse: g f g h b"]
-
-
-def sft_logits(sft, ckpt, ids):
-    out = subprocess.run(
-        [sft, "logits", "--checkpoint", ckpt, "--ids", ",".join(map(str, ids)), "--device", "cpu"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return json.loads(out)
 
 
 def sft_reply(sft, ckpt, system, prompt, max_new):
@@ -83,11 +74,7 @@ def main():
         with torch.no_grad():
             theirs = model(torch.tensor([ids])).logits[0].numpy()
         ours = sft_logits(args.sft, args.checkpoint, ids)
-        ours_rows = ours["logits"] if isinstance(ours, dict) else ours
-        worst = 0.0
-        scale = float(abs(theirs).max())
-        for r, row in enumerate(ours_rows):
-            worst = max(worst, max(abs(a - b) for a, b in zip(row, theirs[r].tolist())) / scale)
+        worst = float(abs(ours - theirs).max() / abs(theirs).max())
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=False,
                                  eos_token_id=gen_cfg.eos_token_id, pad_token_id=gen_cfg.eos_token_id)
