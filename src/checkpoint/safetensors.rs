@@ -10,46 +10,39 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::path::Path;
 
-/// Lets `safetensors::serialize_to_file` stream one tensor at a time.
-struct F32View<'a> {
+/// Lets `safetensors::serialize_to_file` stream one tensor at a time, stored as `dtype` (F32, or
+/// BF16 for values that are bf16 already).
+struct TensorView<'a> {
+    dtype: Dtype,
     shape: &'a [usize],
     data: &'a [f32],
 }
 
-impl View for F32View<'_> {
+impl View for TensorView<'_> {
     fn dtype(&self) -> Dtype {
-        Dtype::F32
+        self.dtype
     }
     fn shape(&self) -> &[usize] {
         self.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(self.data.iter().flat_map(|x| x.to_le_bytes()).collect())
+        Cow::Owned(match self.dtype {
+            Dtype::BF16 => self.data.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
+            _ => self.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        })
     }
     fn data_len(&self) -> usize {
-        self.data.len() * 4
+        self.data.len() * if self.dtype == Dtype::BF16 { 2 } else { 4 }
     }
 }
 
-/// Lets `safetensors::serialize_to_file` stream one tensor at a time, as bf16.
-struct Bf16View<'a> {
-    shape: &'a [usize],
-    data: &'a [f32],
-}
-
-impl View for Bf16View<'_> {
-    fn dtype(&self) -> Dtype {
-        Dtype::BF16
-    }
-    fn shape(&self) -> &[usize] {
-        self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(self.data.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect())
-    }
-    fn data_len(&self) -> usize {
-        self.data.len() * 2
-    }
+/// Writes `tensors` (their lengths checked) as `dtype` and fsyncs the file.
+fn write_as(path: &Path, tensors: &[NamedTensor], dtype: Dtype) -> Result<()> {
+    let views =
+        tensors.iter().map(|t| (t.name.as_str(), TensorView { dtype, shape: &t.shape, data: &t.data }));
+    ::safetensors::serialize_to_file(views, None, path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    fsync_file(path)
 }
 
 /// Writes tensors as bf16 safetensors and fsyncs the file. Every value must be a bf16 value
@@ -69,10 +62,7 @@ pub fn write_safetensors_bf16(path: &Path, tensors: &[NamedTensor]) -> Result<()
             );
         }
     }
-    let views = tensors.iter().map(|t| (t.name.as_str(), Bf16View { shape: &t.shape, data: &t.data }));
-    ::safetensors::serialize_to_file(views, None, path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    fsync_file(path)
+    write_as(path, tensors, Dtype::BF16)
 }
 
 fn check_len(t: &NamedTensor) -> Result<()> {
@@ -96,18 +86,9 @@ pub fn tensor_dtypes(path: &Path) -> Result<BTreeMap<String, String>> {
 /// Writes tensors as f32 safetensors and fsyncs the file.
 pub fn write_safetensors(path: &Path, tensors: &[NamedTensor]) -> Result<()> {
     for t in tensors {
-        ensure!(
-            t.shape.iter().product::<usize>() == t.data.len(),
-            "tensor {} has {} values for shape {:?}",
-            t.name,
-            t.data.len(),
-            t.shape
-        );
+        check_len(t)?;
     }
-    let views = tensors.iter().map(|t| (t.name.as_str(), F32View { shape: &t.shape, data: &t.data }));
-    ::safetensors::serialize_to_file(views, None, path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    fsync_file(path)
+    write_as(path, tensors, Dtype::F32)
 }
 
 /// Reads exactly the tensors named in `expected` (name, shape) from a safetensors file, as f32
