@@ -648,26 +648,25 @@ extern "C" __global__ void __launch_bounds__(256)
 // Grid: (tile-table bound, n_heads) for the forward, (bound, n_kv_heads) for the backward;
 // block NW·32. Both read one tile table of 128 rows. flash_backward_atomic_HD has the backward's
 // configuration and launch shape.
-#define FLASH_ENTRIES(NAME, HD, FNW, FBN, FMINB, KNW, KBQ, KMINB)                                                                   \
+#define FLASH_ENTRIES(HD, FNW, FBN, FMINB, KNW, KBQ)                                                                   \
     extern "C" __global__ void __launch_bounds__(FNW * 32, FMINB)                                               \
-        flash_forward_##NAME(bf16_t* out, float* lse, const bf16_t* qkv, const int* table, int n, int n_heads,    \
+        flash_forward_##HD(bf16_t* out, float* lse, const bf16_t* qkv, const int* table, int n, int n_heads,    \
                            int n_kv_heads) {                                                                    \
         flash_forward_impl<HD, FNW, FBN>(out, lse, qkv, table, n, n_heads, n_kv_heads);                          \
     }                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(KNW * 32, KMINB)                                                      \
-        flash_backward_##NAME(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,                  \
+    extern "C" __global__ void __launch_bounds__(KNW * 32)                                                      \
+        flash_backward_##HD(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,                  \
                             const bf16_t* qkv, const float* lse, const float* D, const int* table, int n,       \
                             int n_heads, int n_kv_heads) {                                                      \
         flash_backward_impl<HD, KNW, KBQ, false>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n, n_heads,    \
                                                  n_kv_heads);                                                   \
     }                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(KNW * 32, KMINB)                                                      \
-        flash_backward_atomic_##NAME(bf16_t* dqkv, float* dq_acc, const bf16_t* dout, const bf16_t* qkv,          \
+    extern "C" __global__ void __launch_bounds__(KNW * 32)                                                      \
+        flash_backward_atomic_##HD(bf16_t* dqkv, float* dq_acc, const bf16_t* dout, const bf16_t* qkv,          \
                                    const float* lse, const float* D, const int* table, int n, int n_heads,      \
                                    int n_kv_heads) {                                                            \
         flash_backward_impl<HD, KNW, KBQ, true>(dqkv, dq_acc, nullptr, dout, qkv, lse, D, table, n, n_heads,     \
                                                 n_kv_heads);                                                    \
     }
-FLASH_ENTRIES(64, 64, 8, 64, 2, 8, 64, 1)
-FLASH_ENTRIES(128, 128, 8, 64, 1, 8, 32, 1)
-FLASH_ENTRIES(64_w4, 64, 4, 64, 4, 4, 64, 2)
+FLASH_ENTRIES(64, 8, 64, 2, 8, 64)
+FLASH_ENTRIES(128, 8, 64, 1, 8, 32)

@@ -732,11 +732,11 @@ impl Backend for CountingBackend {
         // dQ = dS·K (5 products). It reads q, k, v, dO, lse and D, writes dq, dk, dv, and moves
         // the fp32 dQ partials of the ordered accumulation (per q tile and key tile).
         let accumulation =
-            crate::backend::cuda::flash_attention::backward_tiles(heads.head_dim).map_or(0.0, |(bq, bn)| {
+            crate::backend::cuda::flash_attention::backward_q_rows(heads.head_dim).map_or(0.0, |bq| {
                 self.scratch("attn_dq_acc", n * q * 4);
                 self.scratch("attn_dq_sem", heads.n_heads * n * 4);
                 crate::backend::cuda::flash_attention::dq_accumulation_bytes(
-                    cu_seqlens, n_segments, heads, bq, bn,
+                    cu_seqlens, n_segments, heads, bq,
                 )
             });
         let bytes = n * (qkv_w + q) * COMPUTE_BYTES + 2 * stats + n * (q + 2 * kv) * COMPUTE_BYTES;

@@ -40,8 +40,6 @@ static void record(const std::string& name, double err, double tol) {
 struct Case {
     int hd, nh, nkv;
     std::vector<int> cu;
-    // The kernels' name suffix (FLASH_ENTRIES): "" for the head_dim's default ones.
-    std::string variant = "";
 };
 
 static float bf_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
@@ -57,42 +55,17 @@ static double rel_err(const std::vector<double>& got, const std::vector<double>&
     return n > 0 ? std::sqrt(d / n) : std::sqrt(d);
 }
 
-// One FLASH_ENTRIES line of flash_attention.cu (FLASH_64, FLASH_128 and the _w4 kernels in
-// flash_attention.rs): warps and tiles, shared memory and the three entries.
 struct Cfg {
     int fnw, knw;
     size_t fsmem, ksmem;
-    void (*forward)(bf16_t*, float*, const bf16_t*, const int*, int, int, int);
-    void (*backward)(bf16_t*, float*, uint32_t*, const bf16_t*, const bf16_t*, const float*, const float*, const int*,
-                     int, int, int);
-    void (*backward_atomic)(bf16_t*, float*, const bf16_t*, const bf16_t*, const float*, const float*, const int*, int,
-                            int, int);
 };
 
-static Cfg config(const std::string& name) {
-    // The forward holds Q [16·fnw] and K, V [2][bn]; the backward K, V [16·knw], Q, dO [2][bq],
-    // lse, D [2][bq] f32 and dSᵀ [16·knw][bq + 8].
-    auto make = [](int hd, int fnw, int bn, int knw, int bq) {
-        size_t rb = (hd + 8) * 2;
-        return Cfg{fnw, knw, (16 * fnw + 4 * bn) * rb,
-                   (32 * knw + 4 * bq) * rb + 4 * bq * 4 + 16 * knw * (bq + 8) * 2, nullptr, nullptr, nullptr};
-    };
-    Cfg c;
-    if (name == "64") {
-        c = make(64, 8, 64, 8, 64);
-        c.forward = flash_forward_64, c.backward = flash_backward_64, c.backward_atomic = flash_backward_atomic_64;
-    } else if (name == "128") {
-        c = make(128, 8, 64, 8, 32);
-        c.forward = flash_forward_128, c.backward = flash_backward_128, c.backward_atomic = flash_backward_atomic_128;
-    } else if (name == "64_w4") {
-        c = make(64, 4, 64, 4, 64);
-        c.forward = flash_forward_64_w4, c.backward = flash_backward_64_w4,
-        c.backward_atomic = flash_backward_atomic_64_w4;
-    } else {
-        fprintf(stderr, "no flash kernels named %s\n", name.c_str());
-        abort();
-    }
-    return c;
+static Cfg config(int hd) {
+    // FLASH_ENTRIES in flash_attention.cu / FLASH_64, FLASH_128 in flash_attention.rs: the
+    // backward holds K, V [128], Q, dO [2][BQ], lse, D [2][BQ] f32 and dSᵀ [128][BQ + 8].
+    size_t rb = (hd + 8) * 2;
+    size_t bq = hd == 64 ? 64 : 32;
+    return {8, 8, (128 + 4 * 64) * rb, (256 + 4 * bq) * rb + 4 * bq * 4 + 128 * (bq + 8) * 2};
 }
 
 static std::vector<int> tile_table(const std::vector<int>& cu, int tile, int n) {
@@ -164,14 +137,16 @@ static bool run(const Case& c, uint64_t seed) {
     }
 
     // ---- the kernels ----
-    const std::string h = std::to_string(hd) + (c.variant.empty() ? "" : "_" + c.variant);
-    Cfg cfg = config(h);
+    Cfg cfg = config(hd);
     std::vector<bf16_t> out(n * nh * hd, __float2bfloat16_rn(NAN)), dqkv(n * width, __float2bfloat16_rn(NAN));
     std::vector<float> lse(nh * n, NAN), D(nh * n);
     auto tf = tile_table(c.cu, 16 * cfg.fnw, n);
     unsigned bf = (unsigned)(tf.size() - 1) / 3;
-    launch("flash_forward_" + h, bf, nh, cfg.fnw * 32, cfg.fsmem,
-           [&] { cfg.forward(out.data(), lse.data(), qkv.data(), tf.data(), n, nh, nkv); });
+    const std::string h = std::to_string(hd);
+    launch("flash_forward_" + h, bf, nh, cfg.fnw * 32, cfg.fsmem, [&] {
+        if (hd == 64) flash_forward_64(out.data(), lse.data(), qkv.data(), tf.data(), n, nh, nkv);
+        else flash_forward_128(out.data(), lse.data(), qkv.data(), tf.data(), n, nh, nkv);
+    });
     // D = rowsum(dO ∘ O) in fp32 from the bf16 out (attention_backward_d).
     for (int h = 0; h < nh; h++)
         for (int i = 0; i < n; i++) {
@@ -186,7 +161,8 @@ static bool run(const Case& c, uint64_t seed) {
     std::vector<uint32_t> dq_sem((size_t)nh * n, 0);
     auto backward = [&](std::vector<bf16_t>& g, int ctas) {
         launch("flash_backward_" + h, (unsigned)(tk.size() - 1) / 3, nkv, cfg.knw * 32, cfg.ksmem, [&] {
-            cfg.backward(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+            if (hd == 64) flash_backward_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+            else flash_backward_128(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
         }, ctas);
         long dirty = std::count_if(dq_sem.begin(), dq_sem.end(), [](uint32_t v) { return v != 0; });
         record("flash_backward_" + h, dirty, 0);
@@ -219,7 +195,7 @@ static bool run(const Case& c, uint64_t seed) {
     std::string segs;
     for (size_t s = 0; s + 1 < c.cu.size(); s++) segs += std::to_string(c.cu[s + 1] - c.cu[s]) + (s + 2 < c.cu.size() ? "," : "");
     bool ok = true;
-    printf("%-6s heads %d/%d lengths [%s]:", h.c_str(), nh, nkv, segs.c_str());
+    printf("hd %3d heads %d/%d lengths [%s]:", hd, nh, nkv, segs.c_str());
     for (int k = 0; k < 5; k++) {
         printf(" %s %.2e", names[k], errs[k]);
         ok = ok && errs[k] < 1e-2;
@@ -240,7 +216,8 @@ static bool run(const Case& c, uint64_t seed) {
     for (int ctas : {1, 3}) {
         std::vector<bf16_t> g(n * width, __float2bfloat16_rn(NAN));
         launch("flash_backward_atomic_" + h, (unsigned)(tk.size() - 1) / 3, nkv, cfg.knw * 32, cfg.ksmem, [&] {
-            cfg.backward_atomic(g.data(), atomic_acc.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+            if (hd == 64) flash_backward_atomic_64(g.data(), atomic_acc.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+            else flash_backward_atomic_128(g.data(), atomic_acc.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
         }, ctas);
         launch("flash_dq_convert", convert_grid, 1, 256, 0,
                [&] { flash_dq_convert(g.data(), atomic_acc.data(), n, nh, nkv, hd); });
@@ -282,9 +259,6 @@ int main(int argc, char** argv) {
         {64, 4, 1, {0, 40, 170}},
         // Three key tiles per long segment: dQ sums up to 3 key tiles' partials; 4 q heads on 2 kv heads.
         {64, 4, 2, {0, 3, 290}},
-        // CTAs of 4 warps (64-row tiles): up to 5 key tiles' partials per q tile.
-        {64, 2, 1, {0, 1, 18, 82, 210, 339}, "w4"},
-        {64, 4, 2, {0, 3, 290}, "w4"},
     };
     if (argc > 1 && std::string(argv[1]) == "quick") {
         cases.resize(1);

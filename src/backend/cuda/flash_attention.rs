@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
 
-use super::launch::{self, int, Kernels};
+use super::launch::{self, int, launch_for_head_dim, Kernels};
 use super::scratch::{ensure, Scratch};
 use super::CudaBackend;
 use crate::backend::HeadShape;
@@ -152,89 +152,58 @@ pub(super) const FLASH_128: FlashConfig = FlashConfig {
     backward_atomic: backward("flash_backward_atomic_128", 128, 8, 32),
     backward_bq: 32,
 };
-/// head_dim 64 with CTAs of 4 warps (64 rows): two or more CTAs per SM, so that one CTA's
-/// barriers and dQ waits overlap another's tile products.
-const FORWARD_64_W4: FlashKernel = forward("flash_forward_64_w4", 64, 4, 64);
-const BACKWARD_64_W4: FlashKernel = backward("flash_backward_64_w4", 64, 4, 64);
-const BACKWARD_ATOMIC_64_W4: FlashKernel = backward("flash_backward_atomic_64_w4", 64, 4, 64);
 
-/// Warps per CTA of the head_dim 64 flash kernels, forward and backward (4 or 8), from
-/// `SFT_FLASH_FORWARD_WARPS` and `SFT_FLASH_BACKWARD_WARPS` (default 8).
-fn flash_64_config() -> Result<FlashConfig> {
-    let warps = |var: &str| -> Result<usize> {
-        match std::env::var(var) {
-            Err(std::env::VarError::NotPresent) => Ok(8),
-            Ok(v) if v == "4" || v == "8" => Ok(v.parse().expect("4 or 8")),
-            Ok(v) => bail!("environment variable {var}: {v:?}: expected 4 or 8"),
-            Err(e) => bail!("environment variable {var}: {e}"),
-        }
-    };
-    let mut cfg = FLASH_64;
-    if warps("SFT_FLASH_FORWARD_WARPS")? == 4 {
-        cfg.forward = FORWARD_64_W4;
-    }
-    if warps("SFT_FLASH_BACKWARD_WARPS")? == 4 {
-        cfg.backward = BACKWARD_64_W4;
-        cfg.backward_atomic = BACKWARD_ATOMIC_64_W4;
-    }
-    Ok(cfg)
-}
+/// Rows per tile of every flash kernel's table: one table per batch serves the forward and the
+/// backward of every layer.
+pub(crate) const FLASH_TILE: usize = 128;
+const _: () = assert!(
+    FLASH_64.forward.tile == FLASH_TILE
+        && FLASH_64.backward.tile == FLASH_TILE
+        && FLASH_128.forward.tile == FLASH_TILE
+        && FLASH_128.backward.tile == FLASH_TILE
+);
 
 /// The segments a prepared tile table describes: the `cu_seqlens` buffer (its device address),
-/// the segment count and the row count.
+/// the segment count and the row count, and the table's grid bound.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct TableKey {
     cu_seqlens: u64,
     n_segments: usize,
     n: usize,
-}
-
-/// One tile table (count, then (first row, segment start, segment end) per tile) of `tile`
-/// rows, and which segments it describes when it was prepared for a batch.
-pub(crate) struct TileTable {
-    tile: usize,
-    table: Option<CudaSlice<i32>>,
-    prepared_for: Option<TableKey>,
+    bound: usize,
 }
 
 /// Bytes of fp32 dQ accumulator traffic of the backward over these segments: a q tile of `bq`
-/// rows with `c` partials (one per key tile of `key_tile` rows) stores the first, reads and
-/// stores the middle ones and reads before the last (which writes the bf16 dQ): `8·(c − 1)`
-/// bytes per element, per q head. The cost model counts this (src/plan/counting.rs).
-pub fn dq_accumulation_bytes(
-    cu_seqlens: &[u32],
-    n_segments: usize,
-    heads: HeadShape,
-    bq: usize,
-    key_tile: usize,
-) -> f64 {
+/// rows with `c` key-tile partials stores the first, reads and stores the middle ones and reads
+/// before the last (which writes the bf16 dQ): `8·(c − 1)` bytes per element, per q head. The
+/// cost model counts this (src/plan/counting.rs).
+pub fn dq_accumulation_bytes(cu_seqlens: &[u32], n_segments: usize, heads: HeadShape, bq: usize) -> f64 {
     let mut elems_x_partials = 0usize;
     for w in cu_seqlens[..=n_segments].windows(2) {
         let len = w[1].saturating_sub(w[0]) as usize;
         for q0 in (0..len).step_by(bq) {
             let rows = bq.min(len - q0);
-            elems_x_partials += rows * (q0 / key_tile);
+            elems_x_partials += rows * (q0 / FLASH_TILE);
         }
     }
     8.0 * (elems_x_partials * heads.n_heads * heads.head_dim) as f64
 }
 
-/// (q rows per iteration, key rows per CTA) of the default backward for `head_dim` (64 and 128
-/// have flash kernels; others run the scalar kernels and do no accumulation).
-pub fn backward_tiles(head_dim: usize) -> Option<(usize, usize)> {
+/// q rows per backward iteration for `head_dim` (64 and 128 have flash kernels; others run the
+/// scalar kernels and do no accumulation).
+pub fn backward_q_rows(head_dim: usize) -> Option<usize> {
     match head_dim {
-        64 => Some((FLASH_64.backward_bq, FLASH_64.backward.tile)),
-        128 => Some((FLASH_128.backward_bq, FLASH_128.backward.tile)),
+        64 => Some(FLASH_64.backward_bq),
+        128 => Some(FLASH_128.backward_bq),
         _ => None,
     }
 }
 
-/// What the device supports, decided once when the backend opens: the flash kernels per
-/// head_dim (`None`: the scalar ones).
+/// What the device supports, decided once when the backend opens.
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct FlashSupport {
-    pub hd64: Option<FlashConfig>,
-    pub hd128: Option<FlashConfig>,
+    pub hd64: bool,
+    pub hd128: bool,
     /// (major, minor) compute capability.
     pub capability: (i32, i32),
 }
@@ -251,10 +220,10 @@ impl FlashSupport {
         if capability.0 < 8 {
             return Ok(support);
         }
-        let enable = |cfg: FlashConfig| -> Result<Option<FlashConfig>> {
+        let enable = |cfg: &FlashConfig| -> Result<bool> {
             let ks = [cfg.forward, cfg.backward, cfg.backward_atomic];
             if ks.iter().any(|k| k.smem > optin) {
-                return Ok(None);
+                return Ok(false);
             }
             for k in ks {
                 let set = kernels.get(k.name)?.set_attribute(
@@ -267,34 +236,22 @@ impl FlashSupport {
                         "warning: {} bytes of shared memory for {} refused ({e}); scalar attention for head_dim {}",
                         k.smem, k.name, cfg.head_dim
                     );
-                    return Ok(None);
+                    return Ok(false);
                 }
             }
-            Ok(Some(cfg))
+            Ok(true)
         };
-        support.hd64 = enable(flash_64_config()?)?;
-        support.hd128 = enable(FLASH_128)?;
+        support.hd64 = enable(&FLASH_64)?;
+        support.hd128 = enable(&FLASH_128)?;
         Ok(support)
     }
 
     pub(super) fn config(&self, head_dim: usize) -> Option<FlashConfig> {
         match head_dim {
-            64 => self.hd64,
-            128 => self.hd128,
+            64 if self.hd64 => Some(FLASH_64),
+            128 if self.hd128 => Some(FLASH_128),
             _ => None,
         }
-    }
-
-    /// The distinct tile sizes of the enabled kernels: one table per batch for each.
-    fn tiles(&self) -> Vec<usize> {
-        let mut tiles: Vec<usize> = [self.hd64, self.hd128]
-            .iter()
-            .flatten()
-            .flat_map(|c| [c.forward.tile, c.backward.tile])
-            .collect();
-        tiles.sort_unstable();
-        tiles.dedup();
-        tiles
     }
 }
 
@@ -349,7 +306,7 @@ impl CudaBackend {
         Ok(bound)
     }
 
-    /// Builds the tile tables of a batch's segments once, for every layer's forward and backward
+    /// Builds the tile table of a batch's segments once, for every layer's forward and backward
     /// (`Backend::prepare_segments`). Nothing to do where the flash kernels do not run.
     pub(super) fn flash_prepare(
         &self,
@@ -358,28 +315,23 @@ impl CudaBackend {
         n: usize,
     ) -> Result<()> {
         let mut scratch = self.scratch();
-        for t in scratch.attn_tiles.iter_mut() {
-            t.prepared_for = None;
-        }
-        if n == 0 || self.attention_path() == AttentionPath::Scalar {
+        scratch.attn_tiles_for = None;
+        if n == 0 || self.attention_path() == AttentionPath::Scalar || !(self.flash.hd64 || self.flash.hd128)
+        {
             return Ok(());
         }
-        let key = TableKey { cu_seqlens: self.ids_address(cu_seqlens), n_segments, n };
-        for tile in self.flash.tiles() {
-            let t = table_slot(&mut scratch.attn_tiles, tile);
-            self.build_tile_table(&mut t.table, cu_seqlens, n_segments, n, tile)?;
-            t.prepared_for = Some(key);
-        }
+        let bound = self.build_tile_table(&mut scratch.attn_tiles, cu_seqlens, n_segments, n, FLASH_TILE)?;
+        let cu = self.ids_address(cu_seqlens);
+        scratch.attn_tiles_for = Some(TableKey { cu_seqlens: cu, n_segments, n, bound });
         Ok(())
     }
 
-    /// Forgets the prepared tables built from `ids` (which are being rewritten).
+    /// Forgets a prepared table built from `ids` (which are being rewritten).
     pub(super) fn flash_forget_segments(&self, ids: &CudaSlice<u32>) {
-        let address = self.ids_address(ids);
         let mut scratch = self.scratch();
-        for t in scratch.attn_tiles.iter_mut() {
-            if t.prepared_for.is_some_and(|k| k.cu_seqlens == address) {
-                t.prepared_for = None;
+        if let Some(k) = scratch.attn_tiles_for {
+            if k.cu_seqlens == self.ids_address(ids) {
+                scratch.attn_tiles_for = None;
             }
         }
     }
@@ -390,23 +342,22 @@ impl CudaBackend {
         p
     }
 
-    /// The tile table of `tile` rows for these segments: the prepared one, or one built now (a
-    /// caller that did not prepare the batch); returns it and the grid's x.
-    fn tile_table<'s>(
+    /// The tile table for these segments in `scratch.attn_tiles`: the prepared one, or one built
+    /// now (a caller that did not prepare the batch); returns the grid's x.
+    fn tile_table(
         &self,
-        tables: &'s mut Vec<TileTable>,
-        tile: usize,
+        scratch: &mut Scratch,
         cu_seqlens: &CudaSlice<u32>,
         n_segments: usize,
         n: usize,
-    ) -> Result<(&'s CudaSlice<i32>, usize)> {
-        let key = TableKey { cu_seqlens: self.ids_address(cu_seqlens), n_segments, n };
-        let t = table_slot(tables, tile);
-        if t.prepared_for != Some(key) || t.table.is_none() {
-            t.prepared_for = None;
-            self.build_tile_table(&mut t.table, cu_seqlens, n_segments, n, tile)?;
+    ) -> Result<usize> {
+        if let Some(k) = scratch.attn_tiles_for {
+            if k.n_segments == n_segments && k.n == n && k.cu_seqlens == self.ids_address(cu_seqlens) {
+                return Ok(k.bound);
+            }
         }
-        Ok((t.table.as_ref().expect("built above"), tile_bound(n, n_segments, tile)))
+        scratch.attn_tiles_for = None;
+        self.build_tile_table(&mut scratch.attn_tiles, cu_seqlens, n_segments, n, FLASH_TILE)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -425,18 +376,14 @@ impl CudaBackend {
             (int(n, "n")?, int(heads.n_heads, "heads")?, int(heads.n_kv_heads, "kv heads")?);
         let mut scratch = self.scratch();
         let k = cfg.forward;
-        let (table, bound) = self.tile_table(&mut scratch.attn_tiles, k.tile, cu_seqlens, n_segments, n)?;
+        let bound = self.tile_table(&mut scratch, cu_seqlens, n_segments, n)?;
+        let table = scratch.attn_tiles.as_ref().expect("built above");
         let (s, ks, launch_cfg) = (&self.stream, &self.kernels, flash_launch(k, bound, heads.n_heads));
-        // SAFETY: sizes checked by the caller; every tile lies inside one segment of 0..n and
-        // has the kernel's row count.
+        // SAFETY: sizes checked by the caller; every tile lies inside one segment of 0..n.
         unsafe {
-            launch_flash_variant!(
-                k.name,
-                [
-                    "flash_forward_64" => launch::flash_forward_64,
-                    "flash_forward_64_w4" => launch::flash_forward_64_w4,
-                    "flash_forward_128" => launch::flash_forward_128,
-                ],
+            launch_for_head_dim!(
+                cfg.head_dim,
+                [64 => launch::flash_forward_64, 128 => launch::flash_forward_128],
                 (s, ks, launch_cfg, out, lse, qkv, table, ni, nhi, nkvi)
             )
         }?;
@@ -460,12 +407,13 @@ impl CudaBackend {
     ) -> Result<()> {
         let (ni, nhi, nkvi) =
             (int(n, "n")?, int(heads.n_heads, "heads")?, int(heads.n_kv_heads, "kv heads")?);
+        let bound = self.tile_table(scratch, cu_seqlens, n_segments, n)?;
         // Allocated zeroed, and left zeroed by every launch (the last partial of each q tile
         // resets its semaphore), so they are never cleared in the step.
         ensure(&mut scratch.attn_dq_acc, n * heads.q_width(), &self.stream, "attention dQ accumulator")?;
         ensure(&mut scratch.attn_dq_sem, heads.n_heads * n, &self.stream, "attention dQ semaphores")?;
         let Scratch { attn_tiles, attn_d, attn_dq_acc, attn_dq_sem, .. } = scratch;
-        let (table, bound) = self.tile_table(attn_tiles, cfg.backward.tile, cu_seqlens, n_segments, n)?;
+        let table = attn_tiles.as_ref().expect("built above");
         let d = attn_d.as_ref().context("attention D was not computed")?;
         let acc = attn_dq_acc.as_mut().expect("ensured above");
         let sem = attn_dq_sem.as_mut().expect("ensured above");
@@ -481,13 +429,9 @@ impl CudaBackend {
             // zero (allocated zeroed, cleared above after an ordered launch, or left zero by the
             // last convert).
             unsafe {
-                launch_flash_variant!(
-                    cfg.backward_atomic.name,
-                    [
-                        "flash_backward_atomic_64" => launch::flash_backward_atomic_64,
-                        "flash_backward_atomic_64_w4" => launch::flash_backward_atomic_64_w4,
-                        "flash_backward_atomic_128" => launch::flash_backward_atomic_128,
-                    ],
+                launch_for_head_dim!(
+                    cfg.head_dim,
+                    [64 => launch::flash_backward_atomic_64, 128 => launch::flash_backward_atomic_128],
                     (s, ks, launch_cfg, dqkv, &mut *acc, dout, qkv, lse, d, table, ni, nhi, nkvi)
                 )
             }?;
@@ -510,41 +454,15 @@ impl CudaBackend {
         // SAFETY: writes the q, k and v parts of dqkv rows inside their segments; the accumulator
         // holds n·n_heads·hd floats and the semaphores n_heads·n (ensured above).
         unsafe {
-            launch_flash_variant!(
-                cfg.backward.name,
-                [
-                    "flash_backward_64" => launch::flash_backward_64,
-                    "flash_backward_64_w4" => launch::flash_backward_64_w4,
-                    "flash_backward_128" => launch::flash_backward_128,
-                ],
+            launch_for_head_dim!(
+                cfg.head_dim,
+                [64 => launch::flash_backward_64, 128 => launch::flash_backward_128],
                 (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi)
             )
         }?;
         Ok(())
     }
 }
-
-/// The table of `tile` rows in `tables`, added (empty) if there is none yet.
-fn table_slot(tables: &mut Vec<TileTable>, tile: usize) -> &mut TileTable {
-    match tables.iter().position(|t| t.tile == tile) {
-        Some(i) => &mut tables[i],
-        None => {
-            tables.push(TileTable { tile, table: None, prepared_for: None });
-            tables.last_mut().expect("pushed")
-        }
-    }
-}
-
-/// Launches the kernel named by a [`FlashKernel`] among its variants (same signature).
-macro_rules! launch_flash_variant {
-    ($name:expr, [$($n:literal => $k:path),+ $(,)?], $args:tt) => {
-        match $name {
-            $($n => $k $args.map_err(anyhow::Error::from),)+
-            other => Err(anyhow::anyhow!("no launcher for flash kernel {other}")),
-        }
-    };
-}
-use launch_flash_variant;
 
 fn flash_launch(k: FlashKernel, tiles: usize, heads: usize) -> LaunchConfig {
     LaunchConfig {
@@ -725,8 +643,8 @@ mod tests {
         // rows, three); 100 rows: all in key tile 0.
         let cu = [0u32, 300, 400];
         let rows_x_extra = 64 + 64 + 2 * 44;
-        assert_eq!(dq_accumulation_bytes(&cu, 2, heads, 64, 128), 8.0 * (rows_x_extra * 2 * 64) as f64);
-        assert_eq!(dq_accumulation_bytes(&[0, 128], 1, heads, 64, 128), 0.0);
+        assert_eq!(dq_accumulation_bytes(&cu, 2, heads, 64), 8.0 * (rows_x_extra * 2 * 64) as f64);
+        assert_eq!(dq_accumulation_bytes(&[0, 128], 1, heads, 64), 0.0);
     }
 
     #[test]
@@ -762,15 +680,7 @@ mod tests {
         assert_eq!(FLASH_64.backward.smem, 74752 + 128 * 72 * 2);
         assert_eq!(FLASH_128.forward.smem, 104448);
         assert_eq!(FLASH_128.backward.smem, 104960 + 128 * 40 * 2);
-        assert_eq!(FORWARD_64_W4.smem, (64 + 4 * 64) * 144);
-        assert_eq!(BACKWARD_64_W4.smem, (128 + 4 * 64) * 144 + 4 * 64 * 4 + 64 * 72 * 2);
-        let w4 = FlashConfig {
-            forward: FORWARD_64_W4,
-            backward: BACKWARD_64_W4,
-            backward_atomic: BACKWARD_ATOMIC_64_W4,
-            ..FLASH_64
-        };
-        for cfg in [FLASH_64, FLASH_128, w4] {
+        for cfg in [FLASH_64, FLASH_128] {
             // One template, two dQ accumulations: the same tiles and shared memory.
             assert_eq!(
                 (cfg.backward_atomic.warps, cfg.backward_atomic.tile),

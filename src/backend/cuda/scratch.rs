@@ -13,8 +13,10 @@ pub(super) struct Scratch {
     pub rms_partial: Option<CudaSlice<f32>>,
     /// attention_backward: D = rowsum(dO ∘ O), `[n_heads, n]`.
     pub attn_d: Option<CudaSlice<f32>>,
-    /// flash attention: a tile table per tile size of the kernels in use.
-    pub attn_tiles: Vec<super::flash_attention::TileTable>,
+    /// flash attention: the tile table (count, then (first row, segment start, segment end) per
+    /// tile) and, when it was prepared for a batch, which segments it describes.
+    pub attn_tiles: Option<CudaSlice<i32>>,
+    pub attn_tiles_for: Option<super::flash_attention::TableKey>,
     /// flash attention backward: the fp32 dQ accumulator `[n, n_heads·hd]` and one semaphore
     /// per (q head, row) `[n_heads, n]`, all zero between launches.
     pub attn_dq_acc: Option<CudaSlice<f32>>,
