@@ -413,10 +413,29 @@ __device__ __forceinline__ void st_release(uint32_t* p, uint32_t v) {
 __device__ __forceinline__ void wait_semaphore(const uint32_t* sem, uint32_t want) {
     while (ld_acquire(sem) != want) __nanosleep(64);
 }
+// The acquire pattern of the PTX memory model in two halves: a relaxed load issued early (its
+// latency hidden behind the tile products), then spin until it reads `want` and fence.
+__device__ __forceinline__ uint32_t ld_relaxed(const uint32_t* p) {
+    uint32_t v;
+    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ void wait_semaphore_from(const uint32_t* sem, uint32_t seen, uint32_t want) {
+    while (seen != want) {
+        __nanosleep(64);
+        seen = ld_relaxed(sem);
+    }
+    asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
+}
 __device__ __forceinline__ void st_shared_u32(bf16_t* p, uint32_t v) { *reinterpret_cast<uint32_t*>(p) = v; }
 #endif
 
-template <int HD, int NW, int BQ, bool ATOMIC_DQ>
+// How a flash backward sums dQ: in order, waiting and releasing inside each iteration; in
+// order, pipelined (the semaphore read early, the release one iteration later, the old partial
+// fetched before the dQ product); or with atomic adds.
+enum DqMode { DQ_ORDERED, DQ_PIPELINED, DQ_ATOMIC };
+
+template <int HD, int NW, int BQ, int DQ>
 __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,
                                     const bf16_t* qkv, const float* lse, const float* D, const int* table, int n,
                                     int n_heads, int n_kv_heads) {
@@ -424,6 +443,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     // dSᵀ rows: BQ + 8 bf16 (144 or 80 bytes), so that ldmatrix and the fragment stores are
     // conflict-free. The dQ product: STRIPS strips of 16 q rows × NW / STRIPS groups of CW columns.
     constexpr int LDS = BQ + 8, STRIPS = BQ / 16, CW = HD / (NW / STRIPS);
+    constexpr bool ATOMIC_DQ = DQ == DQ_ATOMIC, PIPELINED = DQ == DQ_PIPELINED;
     static_assert(BN % BQ == 0 && NW % STRIPS == 0 && CW % 16 == 0, "flash backward tiling");
     FLASH_DYNAMIC_SMEM(smem_raw);
     bf16_t* ks = reinterpret_cast<bf16_t*>(smem_raw);
@@ -479,6 +499,10 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         dv[j][0] = dv[j][1] = dv[j][2] = dv[j][3] = 0.0f;
     }
 
+    // PIPELINED: thread 0's release of the previous iteration's q tile, done during this one.
+    uint32_t* pending_sem = nullptr;
+    uint32_t pending_value = 0;
+
     for (int it = 0; it < n_it; it++) {
         const int h = kvh * group + it / n_qt;
         const int qt = k0 + (it % n_qt) * BQ;
@@ -490,6 +514,15 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
             cp_async_wait<0>();
         }
         __syncthreads();
+        // The ordered dQ accumulation (see above); a q tile inside the first key tile has a
+        // single partial and needs no semaphore.
+        const int first_kt = (qt - seg_start) / BN;
+        const bool first = kt_index == first_kt, last = kt_index == 0;
+        const uint32_t want = (uint32_t)(first_kt - kt_index);
+        uint32_t* sem = ATOMIC_DQ ? nullptr : dq_sem + (size_t)h * n + qt;
+        // PIPELINED: the semaphore's value, read now and looked at after the tile products.
+        uint32_t seen = 0;
+        if (PIPELINED && threadIdx.x == 0 && !first) seen = ld_relaxed(sem);
         const int buf = it & 1;
         const bf16_t* qb = qs + buf * BQ * LD;
         const bf16_t* db = dos + buf * BQ * LD;
@@ -538,14 +571,37 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
             }
         }
 
-        // The ordered dQ accumulation (see above); a q tile inside the first key tile has a
-        // single partial and needs no semaphore. The barrier also orders the dSᵀ stores before
-        // the dQ product's ldmatrix.
-        const int first_kt = (qt - seg_start) / BN;
-        const bool first = kt_index == first_kt, last = kt_index == 0;
-        uint32_t* sem = ATOMIC_DQ ? nullptr : dq_sem + (size_t)h * n + qt;
-        if (!ATOMIC_DQ && threadIdx.x == 0 && !first) wait_semaphore(sem, (uint32_t)(first_kt - kt_index));
+        if (threadIdx.x == 0) {
+            if (PIPELINED) {
+                // The previous iteration's accumulator stores are ordered before this
+                // iteration's first barrier, so its q tile can be released now; most of an
+                // iteration has passed since they were issued, so the release waits little.
+                if (pending_sem) st_release(pending_sem, pending_value);
+                pending_sem = nullptr;
+                if (!first) wait_semaphore_from(sem, seen, want);
+            } else if (DQ == DQ_ORDERED && !first) {
+                wait_semaphore(sem, want);
+            }
+        }
+        // The barrier also orders the dSᵀ stores before the dQ product's ldmatrix.
         __syncthreads();
+
+        const int row_a = qt + strip * 16 + lane / 4, row_b = row_a + 8;
+        const int col = h * HD + c0 + (lane % 4) * 2;
+        // PIPELINED: the partial sum so far, fetched before the dQ product instead of after it.
+        float2 old[PIPELINED ? CW / 8 : 1][2];
+        if (PIPELINED && !first) {
+#pragma unroll
+            for (int j = 0; j < (PIPELINED ? CW / 8 : 1); j++) {
+#pragma unroll
+                for (int half = 0; half < 2; half++) {
+                    const int row = half ? row_b : row_a;
+                    old[j][half] = row < seg_end ? __ldcg(reinterpret_cast<const float2*>(
+                                                       dq_acc + (size_t)row * dstride + col + j * 8))
+                                                 : make_float2(0.0f, 0.0f);
+                }
+            }
+        }
 
         // dQ_partial = dS · K: A = dS from dSᵀ with ldmatrix.trans (matrix i: keys
         // kk·16 + (i/2)·8 .., q rows + (i%2)·8 ..), B = K [key][HD] as in mma_py.
@@ -568,47 +624,51 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
                 }
             }
         }
-        {
-            const int row_a = qt + strip * 16 + lane / 4, row_b = row_a + 8;
-            const int col = h * HD + c0 + (lane % 4) * 2;
 #pragma unroll
-            for (int j = 0; j < CW / 8; j++) {
+        for (int j = 0; j < CW / 8; j++) {
 #pragma unroll
-                for (int half = 0; half < 2; half++) {
-                    const int row = half ? row_b : row_a;
-                    if (row >= seg_end) continue;
-                    if (ATOMIC_DQ) {
-                        float* p = dq_acc + (size_t)row * dstride + col + j * 8;
-                        atomicAdd(p, acc[j][2 * half]);
-                        atomicAdd(p + 1, acc[j][2 * half + 1]);
-                        continue;
-                    }
-                    float2 v = make_float2(acc[j][2 * half], acc[j][2 * half + 1]);
-                    float2* p = reinterpret_cast<float2*>(dq_acc + (size_t)row * dstride + col + j * 8);
-                    if (!first) {
-                        float2 o = __ldcg(p);
-                        v.x = o.x + v.x;
-                        v.y = o.y + v.y;
-                    }
-                    if (last)
-                        *reinterpret_cast<uint32_t*>(dqkv + (size_t)row * width + col + j * 8) =
-                            pack_bf16(v.x * scale, v.y * scale);
-                    else
-                        __stcg(p, v);
+            for (int half = 0; half < 2; half++) {
+                const int row = half ? row_b : row_a;
+                if (row >= seg_end) continue;
+                if (ATOMIC_DQ) {
+                    float* p = dq_acc + (size_t)row * dstride + col + j * 8;
+                    atomicAdd(p, acc[j][2 * half]);
+                    atomicAdd(p + 1, acc[j][2 * half + 1]);
+                    continue;
                 }
+                float2 v = make_float2(acc[j][2 * half], acc[j][2 * half + 1]);
+                float2* p = reinterpret_cast<float2*>(dq_acc + (size_t)row * dstride + col + j * 8);
+                if (!first) {
+                    float2 o = PIPELINED ? old[PIPELINED ? j : 0][half] : __ldcg(p);
+                    v.x = o.x + v.x;
+                    v.y = o.y + v.y;
+                }
+                if (last)
+                    *reinterpret_cast<uint32_t*>(dqkv + (size_t)row * width + col + j * 8) =
+                        pack_bf16(v.x * scale, v.y * scale);
+                else
+                    __stcg(p, v);
             }
         }
         // The CUTLASS semaphore pattern: the barrier orders every thread's accumulator stores
         // before thread 0's release at GPU scope, which is cumulative over them. (A fence in every
         // thread, as here before, waited for each thread's stores on every iteration: on an H200
-        // the kernel issued on 21% of its cycles.) The atomic path has nothing to release, and
+        // the kernel issued on 21% of its cycles.) PIPELINED releases during the next iteration,
+        // after its first barrier, or after the loop. The atomic path has nothing to release, and
         // the next iteration's first barrier already orders this one's dSᵀ reads before the
         // next dSᵀ stores.
-        if (!ATOMIC_DQ) {
+        const uint32_t release_value = last ? 0u : want + 1;
+        if (DQ == DQ_ORDERED) {
             __syncthreads();
-            if (threadIdx.x == 0 && !(first && last))
-                st_release(sem, last ? 0u : (uint32_t)(first_kt - kt_index + 1));
+            if (threadIdx.x == 0 && !(first && last)) st_release(sem, release_value);
+        } else if (PIPELINED && threadIdx.x == 0 && !(first && last)) {
+            pending_sem = sem;
+            pending_value = release_value;
         }
+    }
+    if (PIPELINED) {
+        __syncthreads();
+        if (threadIdx.x == 0 && pending_sem) st_release(pending_sem, pending_value);
     }
 
     store_acc<HD>(dqkv, width, (n_heads + kvh) * HD, dk, key_a, key_b, seg_end, scale, scale, lane);
@@ -658,14 +718,21 @@ extern "C" __global__ void __launch_bounds__(256)
         flash_backward_##HD(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,                  \
                             const bf16_t* qkv, const float* lse, const float* D, const int* table, int n,       \
                             int n_heads, int n_kv_heads) {                                                      \
-        flash_backward_impl<HD, KNW, KBQ, false>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n, n_heads,    \
+        flash_backward_impl<HD, KNW, KBQ, DQ_ORDERED>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n, n_heads,    \
                                                  n_kv_heads);                                                   \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(KNW * 32)                                                      \
+        flash_backward_pipelined_##HD(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,        \
+                                      const bf16_t* qkv, const float* lse, const float* D, const int* table,    \
+                                      int n, int n_heads, int n_kv_heads) {                                     \
+        flash_backward_impl<HD, KNW, KBQ, DQ_PIPELINED>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n,      \
+                                                        n_heads, n_kv_heads);                                   \
     }                                                                                                           \
     extern "C" __global__ void __launch_bounds__(KNW * 32)                                                      \
         flash_backward_atomic_##HD(bf16_t* dqkv, float* dq_acc, const bf16_t* dout, const bf16_t* qkv,          \
                                    const float* lse, const float* D, const int* table, int n, int n_heads,      \
                                    int n_kv_heads) {                                                            \
-        flash_backward_impl<HD, KNW, KBQ, true>(dqkv, dq_acc, nullptr, dout, qkv, lse, D, table, n, n_heads,     \
+        flash_backward_impl<HD, KNW, KBQ, DQ_ATOMIC>(dqkv, dq_acc, nullptr, dout, qkv, lse, D, table, n, n_heads,     \
                                                 n_kv_heads);                                                    \
     }
 FLASH_ENTRIES(64, 8, 64, 2, 8, 64)

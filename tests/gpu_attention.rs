@@ -317,3 +317,32 @@ fn flash_atomic_dq_leaves_the_accumulator_zero() {
         assert_identical(&format!("ordered after atomic, hd {hd}"), &ordered, &again);
     }
 }
+
+/// The pipelined ordered path (`FlashDq::Pipelined`) adds the same partials in the same order as
+/// the ordered one: the same bits, on the at-scale shapes and a packed batch, run after run.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn flash_pipelined_dq_gives_the_ordered_bits() {
+    let mha_32 = HeadShape { n_heads: 32, n_kv_heads: 32, head_dim: 64 };
+    let gqa_128 = HeadShape { n_heads: 16, n_kv_heads: 4, head_dim: 128 };
+    for (heads, cu, seed) in [
+        (mha_32, vec![0u32, 2048, 4096, 6144, 8192], 840),
+        (GQA_64, PACKED.to_vec(), 841),
+        (MQA_64, PACKED.to_vec(), 842),
+        (gqa_128, PACKED.to_vec(), 843),
+    ] {
+        let Some(g) = tensor_core_gpu(heads.head_dim) else { return };
+        let n = *cu.last().unwrap() as usize;
+        let (qkv, dout) = inputs(n, heads, seed);
+        let ordered = attention(&g, &qkv, &dout, &cu, heads);
+        g.set_flash_dq(FlashDq::Pipelined);
+        for run in 0..2 {
+            let piped = attention(&g, &qkv, &dout, &cu, heads);
+            assert_identical(
+                &format!("pipelined vs ordered, hd {} run {run}", heads.head_dim),
+                &ordered,
+                &piped,
+            );
+        }
+    }
+}

@@ -52,6 +52,7 @@ pub struct AttentionBenchArgs {
 pub fn dq_modes(arg: &str) -> Result<Vec<FlashDq>> {
     match arg {
         "both" => Ok(vec![FlashDq::Ordered, FlashDq::Atomic]),
+        "all" => Ok(vec![FlashDq::Ordered, FlashDq::Pipelined, FlashDq::Atomic]),
         other => Ok(vec![FlashDq::parse(other).context("--dq (ordered, atomic or both)")?]),
     }
 }
@@ -222,6 +223,7 @@ pub fn bench_attention(args: AttentionBenchArgs) -> Result<()> {
                 (false, _) => "sft scalar",
                 (true, FlashDq::Ordered) => "sft flash (mma)",
                 (true, FlashDq::Atomic) => "sft flash (atomic dQ)",
+                (true, FlashDq::Pipelined) => "sft flash (pipelined)",
             };
             let fwd = time(false)?;
             let fwd_bwd = time(true)?;

@@ -228,6 +228,29 @@ inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v, std::memory_order_relaxed); }
 inline float2 __ldcg(const float2* p) { return *p; }
 inline void __stcg(float2* p, float2 v) { *p = v; }
+// The pipelined ordered path: a relaxed read early, then spin from it and fence (acquire).
+inline uint32_t ld_relaxed(const uint32_t* p) {
+    return std::atomic_ref<uint32_t>(*const_cast<uint32_t*>(p)).load(std::memory_order_relaxed);
+}
+inline void wait_semaphore_from(const uint32_t* sem, uint32_t seen, uint32_t want) {
+    if (seen != want) {
+        if (emu_window.load() == 1 && ld_relaxed(sem) != want) {
+            fprintf(stderr, "block (%u, %u) waits for semaphore value %u (holds %u): no earlier block will set it\n",
+                    blockIdx.x, blockIdx.y, want, ld_relaxed(sem));
+            abort();
+        }
+        auto t0 = std::chrono::steady_clock::now();
+        while (ld_relaxed(sem) != want) {
+            if (std::chrono::steady_clock::now() - t0 > std::chrono::seconds(60)) {
+                fprintf(stderr, "block (%u, %u): semaphore wait for %u timed out (deadlock?)\n", blockIdx.x, blockIdx.y,
+                        want);
+                abort();
+            }
+            std::this_thread::yield();
+        }
+    }
+    std::atomic_thread_fence(std::memory_order_acquire);
+}
 inline void wait_semaphore(const uint32_t* sem, uint32_t want) {
     if (ld_acquire(sem) == want) return;
     if (emu_window.load() == 1) {

@@ -159,22 +159,35 @@ static bool run(const Case& c, uint64_t seed) {
     // the semaphores start at zero and must be zero again afterwards.
     std::vector<float> dq_acc((size_t)n * nh * hd, NAN);
     std::vector<uint32_t> dq_sem((size_t)nh * n, 0);
-    auto backward = [&](std::vector<bf16_t>& g, int ctas) {
-        launch("flash_backward_" + h, (unsigned)(tk.size() - 1) / 3, nkv, cfg.knw * 32, cfg.ksmem, [&] {
-            if (hd == 64) flash_backward_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+    auto backward = [&](const std::string& kernel, std::vector<bf16_t>& g, int ctas) {
+        const bool pipelined = kernel.find("pipelined") != std::string::npos;
+        launch(kernel, (unsigned)(tk.size() - 1) / 3, nkv, cfg.knw * 32, cfg.ksmem, [&] {
+            if (hd == 64 && pipelined) flash_backward_pipelined_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+            else if (hd == 64) flash_backward_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+            else if (pipelined) flash_backward_pipelined_128(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
             else flash_backward_128(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
         }, ctas);
         long dirty = std::count_if(dq_sem.begin(), dq_sem.end(), [](uint32_t v) { return v != 0; });
-        record("flash_backward_" + h, dirty, 0);
+        record(kernel, dirty, 0);
         if (dirty) printf("  %ld dQ semaphores left non-zero\n", dirty);
     };
-    backward(dqkv, 1);
+    backward("flash_backward_" + h, dqkv, 1);
     // Bit-identical twice: again, with 3 blocks at a time (the semaphore waits really wait),
     // into a buffer of different garbage.
     std::vector<bf16_t> again(n * width, __float2bfloat16_rn(-1.0f));
-    backward(again, 3);
+    backward("flash_backward_" + h, again, 3);
     bool identical = memcmp(dqkv.data(), again.data(), dqkv.size() * sizeof(bf16_t)) == 0;
     record("flash_backward_" + h, identical ? 0 : 1, 0);
+    // The pipelined ordered path adds the same partials in the same order: the same bits, one
+    // block and 3 blocks at a time.
+    for (int ctas : {1, 3}) {
+        std::vector<bf16_t> piped(n * width, __float2bfloat16_rn(-2.0f));
+        backward("flash_backward_pipelined_" + h, piped, ctas);
+        const bool same = memcmp(dqkv.data(), piped.data(), dqkv.size() * sizeof(bf16_t)) == 0;
+        record("flash_backward_pipelined_" + h, same ? 0 : 1, 0);
+        if (!same) printf("  the pipelined backward (%d blocks at once) differs from the ordered one\n", ctas);
+        identical = identical && same;
+    }
 
     auto to_d = [](const std::vector<bf16_t>& v) {
         std::vector<double> r(v.size());

@@ -47,6 +47,9 @@ pub enum FlashDq {
     /// In a fixed order through a semaphore per q tile (`flash_backward_HD`): bit-identical run
     /// to run. The default.
     Ordered,
+    /// The ordered sum with the semaphore read early and released one iteration later
+    /// (`flash_backward_pipelined_HD`): the same bits as `Ordered`.
+    Pipelined,
     /// fp32 atomicAdd into the accumulator, then `flash_dq_convert` (`flash_backward_atomic_HD`):
     /// no waits on the loop's critical path, but the order of the adds (and so the last bits of
     /// dQ) follows the timing. Not yet measured on a GPU.
@@ -67,10 +70,12 @@ impl FlashDq {
     pub fn parse(s: &str) -> Result<Self> {
         if s.eq_ignore_ascii_case("ordered") {
             Ok(FlashDq::Ordered)
+        } else if s.eq_ignore_ascii_case("pipelined") {
+            Ok(FlashDq::Pipelined)
         } else if s.eq_ignore_ascii_case("atomic") {
             Ok(FlashDq::Atomic)
         } else {
-            bail!("{s:?}: expected ordered or atomic")
+            bail!("{s:?}: expected ordered, pipelined or atomic")
         }
     }
 }
@@ -82,12 +87,17 @@ impl FlashDq {
 #[derive(Debug)]
 pub(super) struct DqAccumulation {
     atomic: AtomicBool,
+    pipelined: AtomicBool,
     acc_dirty: AtomicBool,
 }
 
 impl DqAccumulation {
     pub(super) fn new(mode: FlashDq) -> Self {
-        DqAccumulation { atomic: AtomicBool::new(mode == FlashDq::Atomic), acc_dirty: AtomicBool::new(false) }
+        DqAccumulation {
+            atomic: AtomicBool::new(mode == FlashDq::Atomic),
+            pipelined: AtomicBool::new(mode == FlashDq::Pipelined),
+            acc_dirty: AtomicBool::new(false),
+        }
     }
 }
 
@@ -266,11 +276,14 @@ impl CudaBackend {
     /// The initial value comes from `SFT_FLASH_DQ` (`atomic` opts into atomic adds).
     pub fn set_flash_dq(&self, mode: FlashDq) {
         self.flash_dq.atomic.store(mode == FlashDq::Atomic, Ordering::Relaxed);
+        self.flash_dq.pipelined.store(mode == FlashDq::Pipelined, Ordering::Relaxed);
     }
 
     pub fn flash_dq(&self) -> FlashDq {
         if self.flash_dq.atomic.load(Ordering::Relaxed) {
             FlashDq::Atomic
+        } else if self.flash_dq.pipelined.load(Ordering::Relaxed) {
+            FlashDq::Pipelined
         } else {
             FlashDq::Ordered
         }
@@ -453,6 +466,16 @@ impl CudaBackend {
         let launch_cfg = flash_launch(cfg.backward, bound, heads.n_kv_heads);
         // SAFETY: writes the q, k and v parts of dqkv rows inside their segments; the accumulator
         // holds n·n_heads·hd floats and the semaphores n_heads·n (ensured above).
+        if self.flash_dq() == FlashDq::Pipelined {
+            unsafe {
+                launch_for_head_dim!(
+                    cfg.head_dim,
+                    [64 => launch::flash_backward_pipelined_64, 128 => launch::flash_backward_pipelined_128],
+                    (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi)
+                )
+            }?;
+            return Ok(());
+        }
         unsafe {
             launch_for_head_dim!(
                 cfg.head_dim,
