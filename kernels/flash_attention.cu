@@ -15,6 +15,13 @@
 //                       dK += dSᵀ·Q (written once, at the end), and dQ += dS·K through dSᵀ in
 //                       shared memory, added to the other key tiles' partials in a fixed order
 //                       (an fp32 accumulator and a semaphore per q tile; see "backward" below).
+// - flash_backward_pipelined_HD: the same sums in the same order (the same bits), with the
+//                       accumulation's latencies moved off the iteration's critical path: thread 0
+//                       reads the semaphore (relaxed) at the top of the iteration and looks at it
+//                       after the tile products (then fence.acq_rel), the old partial is loaded
+//                       before the dQ product, and the release happens during the next iteration
+//                       (after its first barrier) instead of after a second barrier (opt-in,
+//                       SFT_FLASH_DQ=pipelined; not yet timed on a GPU).
 // - flash_backward_atomic_HD: the same, except that every CTA adds its dQ partials into the fp32
 //                       accumulator with atomicAdd, in whatever order the CTAs get there (opt-in,
 //                       SFT_FLASH_DQ=atomic: not deterministic); no semaphores.

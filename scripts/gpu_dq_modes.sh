@@ -24,7 +24,7 @@ echo "=== bench-attention --dq all"
 timeout -k 5 60 ./sft bench-attention --seq-lens 1024,2048,4096 --dq all 2>&1 | tee "$out/attention.log"
 for mode in ordered pipelined atomic; do
     echo "=== 1.3B step, SFT_FLASH_DQ=$mode"
-    SFT_FLASH_DQ=$mode timeout -k 5 60 ./sft bench --config simplellama-1.3b --tokens-per-step 65536 \
+    SFT_FLASH_DQ=$mode timeout -k 5 120 ./sft bench --config simplellama-1.3b --tokens-per-step 65536 \
         --seq-len 2048 --micro-batch 8 --steps 3 --warmup 2 --device cuda --dropout 0 2>&1 |
         tee "$out/bench_$mode.log" | grep -E "time per step|tokens/s|MFU|memory"
 done

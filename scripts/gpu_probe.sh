@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A second, short GPU call after `gpu_check.sh all`: the GPU tests and the demo part again, the
 # 1.3B step with per-kernel CUDA-event times (for `sft plan --calibrate-from`), the attention
-# backward with ordered and atomic dQ (`sft bench-attention --dq both`), Nsight Compute on
+# backward with ordered, pipelined and atomic dQ (`sft bench-attention --dq all`), Nsight Compute on
 # the flash kernels, and compute-sanitizer on the flash tests. Run on the box from the repo root:
 #   .gpu/gpu_probe.sh        (results under $OUT, else .gpu/probe/)
 set -uo pipefail
@@ -30,8 +30,8 @@ timeout -k 5 90 ./sft bench --config simplellama-1.3b --tokens-per-step 65536 --
     --steps 3 --warmup 2 --device cuda --dropout 0 --kernel-times "$out/kernel_times.csv" 2>&1 | tee "$out/bench.log"
 head -n 40 "$out/kernel_times.csv"
 step attention-dq 60
-# The flash backward's dQ: ordered (the default, deterministic) next to atomic (SFT_FLASH_DQ=atomic).
-timeout -k 5 60 ./sft bench-attention --seq-lens 2048,4096 --dq both 2>&1 | tee "$out/attention_dq.log"
+# The flash backward's dQ: ordered (the default), pipelined (the same bits) and atomic (SFT_FLASH_DQ).
+timeout -k 5 60 ./sft bench-attention --seq-lens 2048,4096 --dq all 2>&1 | tee "$out/attention_dq.log"
 echo "attention-dq rc=${PIPESTATUS[0]}"
 NCU="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)"
 step ncu 100

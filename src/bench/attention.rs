@@ -39,8 +39,9 @@ pub struct AttentionBenchArgs {
     /// auto (tensor cores where supported) or scalar.
     #[arg(long, default_value = "auto")]
     pub path: String,
-    /// The flash backward's dQ accumulation: ordered (deterministic), atomic, or both (one row
-    /// each). Only the tensor-core path has the choice.
+    /// The flash backward's dQ accumulation: ordered (deterministic), pipelined (deterministic,
+    /// the ordered bits), atomic, both (ordered and atomic) or all (one row each). Only the
+    /// tensor-core path has the choice.
     #[arg(long, default_value = "ordered")]
     pub dq: String,
     /// CUDA device ordinal.
@@ -53,7 +54,7 @@ pub fn dq_modes(arg: &str) -> Result<Vec<FlashDq>> {
     match arg {
         "both" => Ok(vec![FlashDq::Ordered, FlashDq::Atomic]),
         "all" => Ok(vec![FlashDq::Ordered, FlashDq::Pipelined, FlashDq::Atomic]),
-        other => Ok(vec![FlashDq::parse(other).context("--dq (ordered, atomic or both)")?]),
+        other => Ok(vec![FlashDq::parse(other).context("--dq (ordered, pipelined, atomic, both or all)")?]),
     }
 }
 
@@ -254,6 +255,7 @@ mod tests {
         assert_eq!(dq_modes("ordered").unwrap(), vec![FlashDq::Ordered]);
         assert_eq!(dq_modes("atomic").unwrap(), vec![FlashDq::Atomic]);
         assert_eq!(dq_modes("both").unwrap(), vec![FlashDq::Ordered, FlashDq::Atomic]);
+        assert_eq!(dq_modes("all").unwrap(), vec![FlashDq::Ordered, FlashDq::Pipelined, FlashDq::Atomic]);
         let err = format!("{:#}", dq_modes("fastest").unwrap_err());
         assert!(err.contains("--dq") && err.contains("fastest"), "{err}");
         // The table's name column is 22 wide (bench_attention_torch.py splits rows there).

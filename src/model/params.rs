@@ -4,6 +4,7 @@
 use super::config::ModelConfig;
 use crate::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
+use rayon::prelude::*;
 use std::collections::HashMap;
 
 /// A named f32 tensor, row-major.
@@ -140,12 +141,13 @@ pub fn param_specs(config: &ModelConfig) -> Vec<ParamSpec> {
 
 /// Fresh parameters: normal(0, 0.02) weights, residual output projections scaled by
 /// 1/sqrt(2·n_layers), norms at 1. Each tensor draws from its own stream of `seed`, so a
-/// tensor's values do not depend on the others' sizes.
+/// tensor's values do not depend on the others' sizes, and the tensors are drawn in parallel
+/// (the 1.3B's 1.27e9 normals took tens of seconds on one core) with the same values.
 pub fn init_params(config: &ModelConfig, seed: u64) -> Vec<NamedTensor> {
     let root = Rng::new(seed);
     let residual_std = 0.02 / (2.0 * config.n_layers as f64).sqrt();
     param_specs(config)
-        .into_iter()
+        .into_par_iter()
         .enumerate()
         .map(|(i, spec)| {
             let n = spec.numel();

@@ -144,6 +144,8 @@ pub(super) struct FlashConfig {
     pub backward: FlashKernel,
     /// The backward with atomic dQ adds: the same tiles and shared memory as `backward`.
     pub backward_atomic: FlashKernel,
+    /// The pipelined ordered backward: the same tiles and shared memory as `backward`.
+    pub backward_pipelined: FlashKernel,
     /// q rows per iteration of the backward (its dQ partials are `bq × head_dim` blocks).
     pub backward_bq: usize,
 }
@@ -153,6 +155,7 @@ pub(super) const FLASH_64: FlashConfig = FlashConfig {
     forward: forward("flash_forward_64", 64, 8, 64),
     backward: backward("flash_backward_64", 64, 8, 64),
     backward_atomic: backward("flash_backward_atomic_64", 64, 8, 64),
+    backward_pipelined: backward("flash_backward_pipelined_64", 64, 8, 64),
     backward_bq: 64,
 };
 pub(super) const FLASH_128: FlashConfig = FlashConfig {
@@ -160,6 +163,7 @@ pub(super) const FLASH_128: FlashConfig = FlashConfig {
     forward: forward("flash_forward_128", 128, 8, 64),
     backward: backward("flash_backward_128", 128, 8, 32),
     backward_atomic: backward("flash_backward_atomic_128", 128, 8, 32),
+    backward_pipelined: backward("flash_backward_pipelined_128", 128, 8, 32),
     backward_bq: 32,
 };
 
@@ -209,6 +213,14 @@ pub fn backward_q_rows(head_dim: usize) -> Option<usize> {
     }
 }
 
+impl FlashConfig {
+    /// Every kernel of the config: each gets its dynamic shared memory limit raised when the
+    /// backend opens (a launch past the default 48 KiB fails otherwise).
+    pub(super) fn kernels(&self) -> [FlashKernel; 4] {
+        [self.forward, self.backward, self.backward_atomic, self.backward_pipelined]
+    }
+}
+
 /// What the device supports, decided once when the backend opens.
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct FlashSupport {
@@ -231,7 +243,7 @@ impl FlashSupport {
             return Ok(support);
         }
         let enable = |cfg: &FlashConfig| -> Result<bool> {
-            let ks = [cfg.forward, cfg.backward, cfg.backward_atomic];
+            let ks = cfg.kernels();
             if ks.iter().any(|k| k.smem > optin) {
                 return Ok(false);
             }
@@ -463,10 +475,10 @@ impl CudaBackend {
             return Ok(());
         }
         self.flash_dq.acc_dirty.store(true, Ordering::Relaxed);
-        let launch_cfg = flash_launch(cfg.backward, bound, heads.n_kv_heads);
         // SAFETY: writes the q, k and v parts of dqkv rows inside their segments; the accumulator
         // holds n·n_heads·hd floats and the semaphores n_heads·n (ensured above).
         if self.flash_dq() == FlashDq::Pipelined {
+            let launch_cfg = flash_launch(cfg.backward_pipelined, bound, heads.n_kv_heads);
             unsafe {
                 launch_for_head_dim!(
                     cfg.head_dim,
@@ -476,6 +488,7 @@ impl CudaBackend {
             }?;
             return Ok(());
         }
+        let launch_cfg = flash_launch(cfg.backward, bound, heads.n_kv_heads);
         unsafe {
             launch_for_head_dim!(
                 cfg.head_dim,
@@ -671,11 +684,12 @@ mod tests {
     }
 
     #[test]
-    fn flash_dq_parses_ordered_and_atomic_and_names_bad_values() {
+    fn flash_dq_parses_the_modes_and_names_bad_values() {
         assert_eq!(FlashDq::parse("ordered").unwrap(), FlashDq::Ordered);
+        assert_eq!(FlashDq::parse("Pipelined").unwrap(), FlashDq::Pipelined);
         assert_eq!(FlashDq::parse("Atomic").unwrap(), FlashDq::Atomic);
         let err = format!("{:#}", FlashDq::parse("fast").unwrap_err());
-        assert!(err.contains("\"fast\"") && err.contains("ordered or atomic"), "{err}");
+        assert!(err.contains("\"fast\"") && err.contains("ordered, pipelined or atomic"), "{err}");
     }
 
     #[test]
@@ -698,6 +712,27 @@ mod tests {
     }
 
     #[test]
+    fn every_flash_entry_is_in_a_config() {
+        // A flash kernel outside every config would launch without its shared memory limit
+        // raised (CUDA_ERROR_INVALID_VALUE, as the pipelined backward first did on an H200).
+        let configured: Vec<&str> =
+            [FLASH_64, FLASH_128].iter().flat_map(|c| c.kernels().map(|k| k.name)).collect();
+        let (_, names) = crate::kernels::KERNELS
+            .iter()
+            .find(|(module, _)| *module == "flash_attention")
+            .expect("flash_attention module");
+        let entries: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| n.starts_with("flash_forward_") || n.starts_with("flash_backward_"))
+            .collect();
+        assert!(entries.len() >= 8, "{entries:?}");
+        for name in entries {
+            assert!(configured.contains(&name), "{name} is in no FlashConfig");
+        }
+    }
+
+    #[test]
     fn configs_match_the_kernel_templates() {
         assert_eq!(FLASH_64.forward.smem, 55296);
         assert_eq!(FLASH_64.backward.smem, 74752 + 128 * 72 * 2);
@@ -710,6 +745,10 @@ mod tests {
                 (cfg.backward.warps, cfg.backward.tile)
             );
             assert_eq!(cfg.backward_atomic.smem, cfg.backward.smem);
+            assert_eq!(
+                cfg.backward_pipelined,
+                FlashKernel { name: cfg.backward_pipelined.name, ..cfg.backward }
+            );
             // The dQ product's warp grid (flash_backward_impl): bq/16 strips × column groups.
             let strips = cfg.backward_bq / 16;
             assert_eq!(cfg.backward.warps % strips, 0);
