@@ -22,10 +22,10 @@
 #   demo       60  `sft demo` for 100 steps on the GPU, its per-step losses against the CPU run
 #                  recorded at build time (tolerances: scripts/gpu_report.py, demo_compare)
 #   bench     140  `sft bench` on the 1.3B next to PyTorch + transformers: tokens/s, MFU, memory
-#   attention  60  causal attention fwd and fwd+bwd next to PyTorch flash SDPA
+#   attention  80  causal attention fwd and fwd+bwd next to PyTorch flash SDPA (every dQ mode)
 #   kernels    75  `sft bench-kernels`: lm_head + cross-entropy and AdamW next to PyTorch, and copy
 #                  bandwidth
-# 455 s of budgets inside a 470 s cap (GPU_CHECK_TOTAL): a part starts with what is left of the
+# 475 s of budgets inside a 490 s cap (GPU_CHECK_TOTAL): a part starts with what is left of the
 # cap when that is less than its budget. Files back (results dir = $OUT, else .gpu/):
 # results.md (machine, driver, CUDA, date, commit, the summary, every part's table and status),
 # gpu_check.log (every part's output), demo_cpu_log.csv and demo_run_log.csv.
@@ -140,7 +140,7 @@ run_one_part() {
             echo "needs a CUDA GPU (sft bench-attention and flash SDPA run on the device only)" >"$work/attention.skip"
             return 3
         fi
-        say_run python3 ./bench_attention_torch.py --sft ./sft $torch_flag --markdown "$work/attention.md"
+        say_run python3 ./bench_attention_torch.py --sft ./sft --dq all $torch_flag --markdown "$work/attention.md"
         ;;
     kernels)
         if [[ "$dry" == 1 ]]; then
@@ -295,7 +295,7 @@ all | dry)
     work="$g/work"
     rm -rf "$work"
     mkdir -p "$work"
-    total="${GPU_CHECK_TOTAL:-470}"
+    total="${GPU_CHECK_TOTAL:-490}"
     t0=$(date +%s)
     write_info "$work" "$dry"
     failed=0
@@ -307,7 +307,7 @@ all | dry)
         budgets="$budgets attention ${BUDGET_ATTENTION:-30} kernels ${BUDGET_KERNELS:-60}"
     else
         budgets="tests ${BUDGET_TESTS:-120} demo ${BUDGET_DEMO:-60} bench ${BUDGET_BENCH:-140}"
-        budgets="$budgets attention ${BUDGET_ATTENTION:-60} kernels ${BUDGET_KERNELS:-75}"
+        budgets="$budgets attention ${BUDGET_ATTENTION:-80} kernels ${BUDGET_KERNELS:-75}"
     fi
     set -- $budgets
     while (($# >= 2)); do
