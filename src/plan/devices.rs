@@ -117,6 +117,61 @@ pub const DEVICES: [DeviceSpec; 4] = [
     },
 ];
 
+/// The interconnect of a data-parallel step's gradient all-reduce, as its NCCL bus bandwidth per
+/// GPU (bytes/s; nccl-tests' `busbw`, which a ring all-reduce of `b` bytes over `n` GPUs moves
+/// `2·(n − 1)/n · b` at). Assumed, uncalibrated: 80% of the link's per-direction rate.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Link {
+    pub name: String,
+    pub bus_bandwidth: f64,
+}
+
+/// Seconds per step of a ring all-reduce beyond the bytes (a kernel and a hop; nccl-tests'
+/// small-message times are 10–30 µs per all-reduce on 8 GPUs): `2·(n − 1)` steps of it.
+pub const ALL_REDUCE_HOP_S: f64 = 5e-6;
+
+/// `--link` on `device`: `nvlink` (NVLink 4 through NVSwitch on H100/H200 SXM, 450 GB/s per
+/// direction; NVLink 3 on A100 SXM, 300 GB/s), `pcie` (the host link of `host_bandwidth`, already
+/// 0.8 of its rate; GPU to GPU through the CPU's root complex can be slower), `infiniband` (one
+/// 400 Gb/s NDR port per GPU, 50 GB/s: several nodes), or a bus bandwidth in GB/s.
+pub fn link(device: &DeviceSpec, key: &str) -> Result<Link> {
+    const EFFICIENCY: f64 = 0.8;
+    let k = key.to_ascii_lowercase().replace(['-', '_', ' '], "");
+    let (name, bus_bandwidth) = match k.as_str() {
+        "nvlink" => match device.key {
+            "h100" | "h200" => {
+                ("NVLink 4 (NVSwitch), 450 GB/s per direction".to_string(), 450e9 * EFFICIENCY)
+            }
+            "a100" => ("NVLink 3 (NVSwitch), 300 GB/s per direction".to_string(), 300e9 * EFFICIENCY),
+            _ => bail!(
+                "--link nvlink: the {} has no NVLink; use --link pcie (or a bandwidth in GB/s)",
+                device.name
+            ),
+        },
+        "pcie" => (
+            format!("PCIe, {:.0} GB/s effective (the host link)", device.host_bandwidth / 1e9),
+            device.host_bandwidth,
+        ),
+        "infiniband" | "ib" => ("InfiniBand NDR, 400 Gb/s per GPU".to_string(), 50e9 * EFFICIENCY),
+        _ => match k.parse::<f64>() {
+            Ok(gbs) if gbs.is_finite() && gbs > 0.0 => {
+                (format!("{gbs} GB/s bus bandwidth (given)"), gbs * 1e9)
+            }
+            _ => bail!("--link {key:?}: expected nvlink, pcie, infiniband or a bus bandwidth in GB/s"),
+        },
+    };
+    Ok(Link { name, bus_bandwidth })
+}
+
+/// Seconds of a ring all-reduce of `bytes` over `gpus` GPUs on `link`.
+pub fn all_reduce_seconds(bytes: f64, gpus: usize, link: &Link) -> f64 {
+    if gpus <= 1 {
+        return 0.0;
+    }
+    let n = gpus as f64;
+    2.0 * (n - 1.0) / n * bytes / link.bus_bandwidth + 2.0 * (n - 1.0) * ALL_REDUCE_HOP_S
+}
+
 /// The device named `key` (`h100`, `h200`, `a100`, `rtx4090`; a few spellings accepted).
 pub fn device(key: &str) -> Result<&'static DeviceSpec> {
     let k = key.to_ascii_lowercase().replace(['-', '_', ' '], "");

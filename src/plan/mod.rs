@@ -15,7 +15,7 @@ pub mod calibrate;
 pub mod counting;
 pub mod devices;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 
 use crate::backend::StateDtype;
@@ -77,6 +77,31 @@ pub struct PlanArgs {
     /// fits the device).
     #[arg(long, value_name = "MODE", default_value = "none")]
     pub recompute: RecomputeChoice,
+    /// Data-parallel ranks, one per GPU (`mpirun -np N sft train`): each runs this step on its
+    /// share of the examples, then the fp32 gradients are all-reduced (not overlapped).
+    #[arg(long, default_value_t = 1)]
+    pub gpus: usize,
+    /// With --gpus above 1: nvlink, pcie, infiniband (several nodes), or a bus bandwidth in
+    /// GB/s. Default: nvlink where the device has it, else pcie.
+    #[arg(long)]
+    pub link: Option<String>,
+}
+
+/// The step over `gpus` data-parallel ranks.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DataParallelPlan {
+    pub gpus: usize,
+    pub link: devices::Link,
+    /// fp32 gradients of the trainable parameters, all-reduced once per optimizer step.
+    pub gradient_bytes: f64,
+    pub all_reduce_seconds: f64,
+    /// One rank's step plus the all-reduce.
+    pub step_seconds: f64,
+    /// Every rank's tokens together.
+    pub tokens_per_step: usize,
+    pub tokens_per_s: f64,
+    /// tokens_per_s over `gpus` times one GPU's.
+    pub scaling: f64,
 }
 
 /// One op family's estimated share of a step.
@@ -169,6 +194,8 @@ pub struct Plan {
     /// Against the device's dense bf16 peak.
     pub mfu: f64,
     pub memory: MemoryPlan,
+    /// With `--gpus` above 1.
+    pub data_parallel: Option<DataParallelPlan>,
     pub notes: Vec<String>,
 }
 
@@ -331,6 +358,18 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
         lora.is_none() || moments == StateDtype::F32,
         "--optimizer-state bf16 is for full fine-tuning: LoRA adapters keep f32 AdamW moments"
     );
+    ensure!(args.gpus >= 1, "--gpus must be at least 1");
+    ensure!(
+        args.gpus == 1 || lora.is_none(),
+        "--gpus {}: data parallelism does not reduce LoRA adapters yet",
+        args.gpus
+    );
+    let link = match (&args.link, args.gpus) {
+        (Some(l), 1) => bail!("--link {l:?} is for data parallelism: give --gpus above 1"),
+        (Some(l), _) => Some(devices::link(device, l)?),
+        (None, 1) => None,
+        (None, _) => Some(devices::link(device, "nvlink").or_else(|_| devices::link(device, "pcie"))?),
+    };
     let available = device.memory.saturating_sub(CONTEXT_BYTES);
     let mut notes = vec![];
     let recompute = match args.recompute {
@@ -452,6 +491,23 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
     }
     let total =
         |f: fn(&Tally) -> f64| Family::ALL.iter().map(|&fam| f(&count.ledger.family(fam))).sum::<f64>();
+    let data_parallel = link.map(|link| {
+        let gradient_bytes = 4.0 * trainable as f64;
+        let all_reduce_seconds = devices::all_reduce_seconds(gradient_bytes, args.gpus, &link);
+        let step = step_seconds + all_reduce_seconds;
+        let tokens = tokens_per_step * args.gpus;
+        let tokens_per_s = tokens as f64 / step;
+        DataParallelPlan {
+            gpus: args.gpus,
+            link,
+            gradient_bytes,
+            all_reduce_seconds,
+            step_seconds: step,
+            tokens_per_step: tokens,
+            tokens_per_s,
+            scaling: step_seconds / step,
+        }
+    });
     Ok(Plan {
         estimate: true,
         model: args.model.clone(),
@@ -477,6 +533,7 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
         flops_per_token: fpt,
         mfu: tokens_per_s * fpt / device.bf16_peak,
         memory,
+        data_parallel,
         notes,
     })
 }
@@ -582,6 +639,36 @@ pub fn render(p: &Plan) -> String {
         p.flops_per_token / 1e9,
         d.bf16_peak / 1e12
     );
+    if let Some(dp) = &p.data_parallel {
+        let _ = writeln!(s);
+        let _ = writeln!(s, "Estimated data parallelism ({} GPUs, one rank each; estimates):", dp.gpus);
+        let _ = writeln!(
+            s,
+            "link                  {} (NCCL bus bandwidth assumed {:.0} GB/s, uncalibrated)",
+            dp.link.name,
+            dp.link.bus_bandwidth / 1e9
+        );
+        let _ = writeln!(
+            s,
+            "all-reduce            {:.2} GB of fp32 gradients per step (ring: 2·(n−1)/n of it per GPU): {:.1} ms, \
+             after the backward (no overlap)",
+            dp.gradient_bytes / 1e9,
+            dp.all_reduce_seconds * 1e3
+        );
+        let _ = writeln!(
+            s,
+            "step time             {:.1} ms ({} tokens over all ranks)",
+            dp.step_seconds * 1e3,
+            dp.tokens_per_step
+        );
+        let _ = writeln!(
+            s,
+            "tokens/s              {:.0} ({:.1}% of {} × one GPU)",
+            dp.tokens_per_s,
+            100.0 * dp.scaling,
+            dp.gpus
+        );
+    }
     let m = &p.memory;
     let _ = writeln!(s);
     let _ = writeln!(s, "Estimated memory plan:");

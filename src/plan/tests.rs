@@ -163,21 +163,7 @@ fn the_counting_backend_allocates_what_memory_bytes_says() {
     let extra = 4 + 4 + 4 * crate::backend::STATS_LEN;
     assert_eq!(count.allocated, fixed + per_token * mb * t + extra);
 
-    let args = PlanArgs {
-        model: "tiny".into(),
-        gpu: "h100".into(),
-        micro_batch: mb,
-        seq_len: Some(t),
-        grad_accum: 1,
-        dropout: None,
-        json: false,
-        calibrate_from: None,
-        profiled_steps: 1,
-        write_calibration: None,
-        lora: Default::default(),
-        optimizer_state: Default::default(),
-        recompute: Default::default(),
-    };
+    let args = plan_args("tiny", mb, t);
     let p = plan_for(&c, &args).unwrap();
     let m = &p.memory;
     assert_eq!(m.weights + m.grads + m.master_and_moments, fixed);
@@ -194,21 +180,7 @@ fn bf16_moments_shrink_the_memory_plan_and_adamw_traffic() {
     use crate::backend::StateDtype;
     let c = small();
     let (mb, t) = (4, 64);
-    let args = |state| PlanArgs {
-        model: "small".into(),
-        gpu: "h100".into(),
-        micro_batch: mb,
-        seq_len: Some(t),
-        grad_accum: 1,
-        dropout: None,
-        json: false,
-        calibrate_from: None,
-        profiled_steps: 1,
-        write_calibration: None,
-        lora: Default::default(),
-        optimizer_state: state,
-        recompute: Default::default(),
-    };
+    let args = |state| PlanArgs { optimizer_state: state, ..plan_args("small", mb, t) };
     let (p32, p16) =
         (plan_for(&c, &args(StateDtype::F32)).unwrap(), plan_for(&c, &args(StateDtype::Bf16)).unwrap());
     let n = c.n_params();
@@ -240,21 +212,7 @@ fn bf16_moments_shrink_the_memory_plan_and_adamw_traffic() {
 
 #[test]
 fn the_plan_is_labelled_and_consistent() {
-    let args = PlanArgs {
-        model: "tiny".into(),
-        gpu: "a100".into(),
-        micro_batch: 2,
-        seq_len: Some(128),
-        grad_accum: 2,
-        dropout: None,
-        json: false,
-        calibrate_from: None,
-        profiled_steps: 1,
-        write_calibration: None,
-        lora: Default::default(),
-        optimizer_state: Default::default(),
-        recompute: Default::default(),
-    };
+    let args = PlanArgs { grad_accum: 2, gpu: "a100".into(), ..plan_args("tiny", 2, 128) };
     let c = ModelConfig { dropout: 0.1, ..small() };
     let p = plan_for(&c, &args).unwrap();
     assert!(p.estimate);
@@ -309,19 +267,8 @@ fn a_lora_plan_counts_what_the_lora_model_allocates_and_trains_less() {
     assert!(count.allocated < full.allocated);
 
     let args = PlanArgs {
-        model: "small".into(),
-        gpu: "h100".into(),
-        micro_batch: mb,
-        seq_len: Some(t),
-        grad_accum: 1,
-        dropout: None,
-        json: false,
-        calibrate_from: None,
-        profiled_steps: 1,
-        write_calibration: None,
         lora: crate::lora::LoraArgs { lora: true, ..Default::default() },
-        optimizer_state: Default::default(),
-        recompute: Default::default(),
+        ..plan_args("small", mb, t)
     };
     let p = plan_for(&c, &args).unwrap();
     let m = &p.memory;
@@ -476,21 +423,7 @@ fn recompute_allocates_what_memory_bytes_says_and_counts_its_extra_forward_ops()
 fn the_plan_reports_the_recompute_and_auto_chooses_the_least_that_fits() {
     use crate::model::{Recompute, RecomputeChoice};
     let c = small();
-    let args = PlanArgs {
-        model: "tiny".into(),
-        gpu: "h100".into(),
-        micro_batch: 2,
-        seq_len: Some(64),
-        grad_accum: 1,
-        dropout: None,
-        json: false,
-        calibrate_from: None,
-        profiled_steps: 1,
-        write_calibration: None,
-        lora: Default::default(),
-        recompute: RecomputeChoice::Auto,
-        optimizer_state: Default::default(),
-    };
+    let args = PlanArgs { recompute: RecomputeChoice::Auto, ..plan_args("tiny", 2, 64) };
     let auto = plan_for(&c, &args).unwrap();
     assert_eq!(auto.recompute, Recompute::None, "a tiny model fits without recompute");
     assert!(render(&auto).contains("recompute    none (chosen by auto)"), "{}", render(&auto));
@@ -503,4 +436,81 @@ fn the_plan_reports_the_recompute_and_auto_chooses_the_least_that_fits() {
     let options: Vec<Recompute> = layer.memory.recompute_options.iter().map(|o| o.recompute).collect();
     assert_eq!(options, Recompute::ALL);
     assert_eq!(layer.memory.recompute_options[2].largest_micro_batch, layer.memory.largest_micro_batch);
+}
+
+/// `sft plan`'s defaults for `model` at `micro_batch` rows of `seq_len` on an H100.
+fn plan_args(model: &str, micro_batch: usize, seq_len: usize) -> PlanArgs {
+    PlanArgs {
+        model: model.into(),
+        gpu: "h100".into(),
+        micro_batch,
+        seq_len: Some(seq_len),
+        grad_accum: 1,
+        dropout: None,
+        json: false,
+        calibrate_from: None,
+        profiled_steps: 1,
+        write_calibration: None,
+        lora: Default::default(),
+        optimizer_state: Default::default(),
+        recompute: Default::default(),
+        gpus: 1,
+        link: None,
+    }
+}
+
+/// `--gpus N`: one rank's step plus a ring all-reduce of the fp32 gradients over the link.
+#[test]
+fn data_parallel_adds_the_ring_all_reduce_of_the_gradients() {
+    let c = small();
+    let one = plan_for(&c, &plan_args("small", 2, 64)).unwrap();
+    assert!(one.data_parallel.is_none());
+    assert!(!render(&one).contains("data parallelism"));
+    let eight = plan_for(&c, &PlanArgs { gpus: 8, ..plan_args("small", 2, 64) }).unwrap();
+    let dp = eight.data_parallel.as_ref().expect("8 GPUs");
+    assert_eq!(dp.link.bus_bandwidth, 360e9, "an H100's default link is NVLink");
+    let bytes = 4.0 * c.n_params() as f64;
+    assert_eq!(dp.gradient_bytes, bytes);
+    let ring = 2.0 * 7.0 / 8.0 * bytes / 360e9 + 14.0 * devices::ALL_REDUCE_HOP_S;
+    assert!(
+        (dp.all_reduce_seconds - ring).abs() < 1e-12 * ring.max(1.0),
+        "{} vs {ring}",
+        dp.all_reduce_seconds
+    );
+    // The rank's own step is the single-GPU step.
+    assert_eq!(eight.step_seconds, one.step_seconds);
+    assert!((dp.step_seconds - (one.step_seconds + ring)).abs() < 1e-12);
+    assert_eq!(dp.tokens_per_step, 8 * one.tokens_per_step);
+    assert!((dp.tokens_per_s - dp.tokens_per_step as f64 / dp.step_seconds).abs() < 1e-6 * dp.tokens_per_s);
+    assert!(dp.scaling > 0.0 && dp.scaling < 1.0);
+    assert!(render(&eight).contains("Estimated data parallelism (8 GPUs"), "{}", render(&eight));
+    // A slower link costs more; a bandwidth can be given in GB/s.
+    let ib =
+        plan_for(&c, &PlanArgs { gpus: 8, link: Some("infiniband".into()), ..plan_args("small", 2, 64) })
+            .unwrap();
+    assert!(ib.data_parallel.unwrap().all_reduce_seconds > dp.all_reduce_seconds);
+    let given =
+        plan_for(&c, &PlanArgs { gpus: 2, link: Some("100".into()), ..plan_args("small", 2, 64) }).unwrap();
+    assert_eq!(given.data_parallel.unwrap().link.bus_bandwidth, 100e9);
+}
+
+#[test]
+fn data_parallel_refusals_name_the_flag() {
+    let c = small();
+    let base = plan_args("small", 2, 64);
+    let err = |args: PlanArgs| format!("{:#}", plan_for(&c, &args).unwrap_err());
+    let e = err(PlanArgs { link: Some("pcie".into()), ..base.clone() });
+    assert!(e.contains("--link") && e.contains("--gpus"), "{e}");
+    let e = err(PlanArgs { gpus: 0, ..base.clone() });
+    assert!(e.contains("--gpus"), "{e}");
+    let e = err(PlanArgs { gpus: 2, link: Some("carrier pigeon".into()), ..base.clone() });
+    assert!(e.contains("carrier pigeon") && e.contains("nvlink"), "{e}");
+    let e = err(PlanArgs { gpus: 2, link: Some("nvlink".into()), gpu: "rtx4090".into(), ..base.clone() });
+    assert!(e.contains("NVLink") && e.contains("pcie"), "{e}");
+    let e =
+        err(PlanArgs { gpus: 2, lora: crate::lora::LoraArgs { lora: true, ..Default::default() }, ..base });
+    assert!(e.contains("LoRA"), "{e}");
+    // Without NVLink the default link is PCIe.
+    let p = plan_for(&c, &PlanArgs { gpus: 2, gpu: "rtx4090".into(), ..plan_args("small", 2, 64) }).unwrap();
+    assert!(p.data_parallel.unwrap().link.name.starts_with("PCIe"));
 }
