@@ -6,7 +6,8 @@
 //! gradients summed over MPI gives one process's gradients and loss, then trains the reference's
 //! run with the trainer over both ranks: the same losses, weights bit-identical on both ranks.
 //! Back in one process, the test compares the 2-rank run's final weights with the reference's
-//! and resumes a 2-rank checkpoint in one process; the ranks resume a 1-process checkpoint.
+//! and resumes a 2-rank checkpoint in one process; the ranks resume a 1-process checkpoint. A
+//! LoRA run (adapters with dropout over a frozen base) trains over both ranks like one process.
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -19,6 +20,7 @@ use sft::checkpoint::Checkpoint;
 use sft::data::batch::Batch;
 use sft::data::BatchMode;
 use sft::dist::{broadcast_u64, connect, Collectives, Launch, Launcher, Sharding};
+use sft::model::lora::{LoraConfig, LoraTarget};
 use sft::model::Model;
 use sft::train::{train_on, train_ranks, TrainConfig};
 use std::path::Path;
@@ -45,6 +47,22 @@ fn run_config(root: &Path, out: &str, max_steps: u64) -> TrainConfig {
             BatchMode::Dynamic,
         )
     }
+}
+
+/// [`run_config`] training LoRA adapters (rank 4, dropout 0.1) on q, v and down over the
+/// frozen weights of the reference run's last checkpoint.
+fn lora_run_config(root: &Path, out: &str, max_steps: u64) -> TrainConfig {
+    TrainConfig {
+        max_lr: 1e-2,
+        init_from: Some(root.join("one").join("step-4")),
+        from_scratch: false,
+        lora: Some(LoraConfig::new(4, 8.0, 0.1, vec![LoraTarget::Q, LoraTarget::V, LoraTarget::Down])),
+        ..run_config(root, out, max_steps)
+    }
+}
+
+fn flat_adapters<B: sft::backend::Backend>(model: &Model<B>) -> Vec<f32> {
+    model.read_adapters().unwrap().into_iter().flat_map(|t| t.data).collect()
 }
 
 /// An FNV-1a hash of the weights' bits, to compare ranks without moving the weights.
@@ -96,6 +114,13 @@ fn two_ranks_over_mpirun() {
         .unwrap();
     // Its first half alone, for the ranks to resume.
     train_on(CpuBackend::<f32>::new(), &run_config(root.path(), "one_half", 2)).unwrap();
+    // The LoRA reference: losses and the final adapters (f32, little-endian).
+    let (lora_model, lora_report) =
+        train_on(CpuBackend::<f32>::new(), &lora_run_config(root.path(), "lora_one", 4)).unwrap();
+    let losses: Vec<String> = lora_report.step_losses.iter().map(|(s, l)| format!("{s} {l:e}")).collect();
+    std::fs::write(root.path().join("lora_losses.txt"), losses.join("\n")).unwrap();
+    let bytes: Vec<u8> = flat_adapters(&lora_model).iter().flat_map(|x| x.to_le_bytes()).collect();
+    std::fs::write(root.path().join("lora_adapters.bin"), bytes).unwrap();
 
     let exe = std::env::current_exe().unwrap();
     let out = Command::new("mpirun")
@@ -112,6 +137,7 @@ fn two_ranks_over_mpirun() {
     for rank in 0..2 {
         assert!(text.contains(&format!("rank {rank} of 2: data-parallel step matches")), "{text}");
         assert!(text.contains(&format!("rank {rank} of 2: sft train over 2 ranks matches")), "{text}");
+        assert!(text.contains(&format!("rank {rank} of 2: LoRA over 2 ranks matches")), "{text}");
     }
 
     // The 2-rank run's last checkpoint (rank 0's) against one process's weights. The gradient
@@ -256,14 +282,7 @@ fn rank_body() {
 fn trains_like_one_process(comm: &dyn Collectives) {
     let (rank, world) = (comm.rank(), comm.world_size());
     let root = std::path::PathBuf::from(std::env::var_os(ROOT_ENV).unwrap());
-    let want: Vec<(u64, f64)> = std::fs::read_to_string(root.join("losses.txt"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let (s, v) = l.split_once(' ').unwrap();
-            (s.parse().unwrap(), v.parse().unwrap())
-        })
-        .collect();
+    let want = read_losses(&root.join("losses.txt"));
     let want_val: f64 = std::fs::read_to_string(root.join("val_loss.txt")).unwrap().parse().unwrap();
 
     let (model, report) =
@@ -294,4 +313,42 @@ fn trains_like_one_process(comm: &dyn Collectives) {
     broadcast_u64(comm, &mut rank0, 0).unwrap();
     assert_eq!(mine, rank0[0], "rank {rank}: resumed weights differ from rank 0's");
     println!("rank {rank} of {world}: sft train over 2 ranks matches one process");
+
+    // LoRA: the adapters' gradients are reduced; the base stays frozen on both ranks.
+    let (model, report) =
+        train_ranks(CpuBackend::<f32>::new(), &lora_run_config(&root, "lora_two", 4), None, comm).unwrap();
+    let worst = assert_losses_match(
+        &format!("rank {rank}, LoRA"),
+        &report.step_losses,
+        &read_losses(&root.join("lora_losses.txt")),
+    );
+    let want_adapters: Vec<f32> = std::fs::read(root.join("lora_adapters.bin"))
+        .unwrap()
+        .chunks(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let adapters = flat_adapters(&model);
+    let rel = max_rel_diff(&adapters, &want_adapters);
+    assert!(rel < 1e-5, "rank {rank}: LoRA adapters differ from one process's by {rel:e}");
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in adapters.iter().flat_map(|x| x.to_bits().to_le_bytes()) {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    let mut rank0 = [h];
+    broadcast_u64(comm, &mut rank0, 0).unwrap();
+    assert_eq!(h, rank0[0], "rank {rank}: adapters differ from rank 0's");
+    println!(
+        "rank {rank} of {world}: LoRA over 2 ranks matches one process (losses within {worst:e}, adapters {rel:e})"
+    );
+}
+
+fn read_losses(path: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (s, v) = l.split_once(' ').unwrap();
+            (s.parse().unwrap(), v.parse().unwrap())
+        })
+        .collect()
 }

@@ -937,16 +937,20 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// Data parallelism's hook: hands the accumulated gradients, every tensor concatenated in
-    /// layout order into one host f32 buffer, to `reduce` (an all-reduce over the ranks) and
-    /// writes back what it leaves there, before [`Model::clip_and_update`]. A rank that
-    /// accumulated nothing this step contributes zeros. The step's loss sum stays this rank's.
+    /// Data parallelism's hook: hands the accumulated gradients of the trained tensors (the
+    /// base's, or the LoRA adapters' over a frozen base), every tensor concatenated in layout
+    /// order into one host f32 buffer, to `reduce` (an all-reduce over the ranks) and writes
+    /// back what it leaves there, before [`Model::clip_and_update`]. A rank that accumulated
+    /// nothing this step contributes zeros. The step's loss sum stays this rank's.
     pub fn all_reduce_grads(&mut self, reduce: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<()> {
         self.ensure_training("all_reduce_grads")?;
-        ensure!(self.lora.is_none(), "all_reduce_grads: data parallelism does not reduce LoRA adapters yet");
         self.materialize_zero_grads()?;
         // The zeros are now real: the update must not zero the reduced gradients again.
         self.fresh = false;
+        if let Some(lora) = &mut self.lora {
+            // Zeroed by zero_grads (the adapters' backward adds to them).
+            return lora.all_reduce_grads(&self.backend, reduce);
+        }
         let mut flat = Vec::with_capacity(self.lens.iter().sum());
         for (g, &len) in self.grads.iter().zip(&self.lens) {
             flat.extend(self.backend.read(g, len)?);

@@ -92,7 +92,8 @@ pub struct PlanArgs {
 pub struct DataParallelPlan {
     pub gpus: usize,
     pub link: devices::Link,
-    /// fp32 gradients of the trainable parameters, all-reduced once per optimizer step.
+    /// fp32 gradients of the trainable parameters (the adapters' with LoRA), all-reduced once
+    /// per optimizer step.
     pub gradient_bytes: f64,
     pub all_reduce_seconds: f64,
     /// One rank's step plus the all-reduce.
@@ -359,11 +360,6 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
         "--optimizer-state bf16 is for full fine-tuning: LoRA adapters keep f32 AdamW moments"
     );
     ensure!(args.gpus >= 1, "--gpus must be at least 1");
-    ensure!(
-        args.gpus == 1 || lora.is_none(),
-        "--gpus {}: data parallelism does not reduce LoRA adapters yet",
-        args.gpus
-    );
     let link = match (&args.link, args.gpus) {
         (Some(l), 1) => bail!("--link {l:?} is for data parallelism: give --gpus above 1"),
         (Some(l), _) => Some(devices::link(device, l)?),

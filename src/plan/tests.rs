@@ -495,7 +495,7 @@ fn data_parallel_adds_the_ring_all_reduce_of_the_gradients() {
 }
 
 #[test]
-fn data_parallel_refusals_name_the_flag() {
+fn data_parallel_refusals_name_the_flag_and_lora_reduces_its_adapters() {
     let c = small();
     let base = plan_args("small", 2, 64);
     let err = |args: PlanArgs| format!("{:#}", plan_for(&c, &args).unwrap_err());
@@ -507,9 +507,11 @@ fn data_parallel_refusals_name_the_flag() {
     assert!(e.contains("carrier pigeon") && e.contains("nvlink"), "{e}");
     let e = err(PlanArgs { gpus: 2, link: Some("nvlink".into()), gpu: "rtx4090".into(), ..base.clone() });
     assert!(e.contains("NVLink") && e.contains("pcie"), "{e}");
-    let e =
-        err(PlanArgs { gpus: 2, lora: crate::lora::LoraArgs { lora: true, ..Default::default() }, ..base });
-    assert!(e.contains("LoRA"), "{e}");
+    // LoRA reduces the adapters' gradients only.
+    let lora = PlanArgs { gpus: 2, lora: crate::lora::LoraArgs { lora: true, ..Default::default() }, ..base };
+    let p = plan_for(&c, &lora).unwrap();
+    assert_eq!(p.data_parallel.unwrap().gradient_bytes, 4.0 * p.trainable_params as f64);
+    assert!(p.trainable_params < c.n_params() / 10);
     // Without NVLink the default link is PCIe.
     let p = plan_for(&c, &PlanArgs { gpus: 2, gpu: "rtx4090".into(), ..plan_args("small", 2, 64) }).unwrap();
     assert!(p.data_parallel.unwrap().link.name.starts_with("PCIe"));

@@ -812,11 +812,6 @@ fn data_parallel_sharding(cfg: &TrainConfig, comm: &dyn Collectives) -> Result<S
              step, of which each rank takes grad_accum / {world}; set grad_accum to a multiple of {world}",
             cfg.grad_accum
         );
-        ensure!(
-            cfg.lora.is_none(),
-            "LoRA over {world} ranks is not built yet (data parallelism sums the base's gradients only): \
-             train LoRA in one process"
-        );
     }
     Sharding::new(comm.rank(), world, cfg.grad_accum / world)
 }
@@ -1019,9 +1014,9 @@ mod tests {
         let odd = TrainConfig { grad_accum: 3, ..TrainConfig::default() };
         let e = data_parallel_sharding(&odd, &OfTwo { rank: 0 }).unwrap_err().to_string();
         assert!(e.contains("grad_accum = 3 is not a multiple of the 2 ranks"), "{e}");
+        // LoRA runs over ranks too (the adapters' gradients are reduced).
         let lora = TrainConfig { grad_accum: 4, lora: Some(Default::default()), ..TrainConfig::default() };
-        let e = data_parallel_sharding(&lora, &OfTwo { rank: 0 }).unwrap_err().to_string();
-        assert!(e.contains("LoRA over 2 ranks"), "{e}");
+        assert_eq!(data_parallel_sharding(&lora, &OfTwo { rank: 0 }).unwrap().accum, 2);
         // The GPU path needs NCCL: refused before any device is opened.
         let cuda = TrainConfig {
             data: "d".into(),
