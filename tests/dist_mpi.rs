@@ -162,26 +162,9 @@ fn two_ranks_over_mpirun() {
 
     // `sft train` itself under mpirun: the ranks find each other, rank 0 alone reports and logs.
     let sft_train = |out: &str, grad_accum: &str| {
-        let (data, tok, out) =
-            (root.path().join("prepared"), root.path().join("tokenizer.json"), root.path().join(out));
         let out = Command::new("timeout")
-            .args([
-                "300",
-                "mpirun",
-                "--allow-run-as-root",
-                "--oversubscribe",
-                "-np",
-                "2",
-                env!("CARGO_BIN_EXE_sft"),
-            ])
-            .args(["train", "--model", "tiny", "--from-scratch", "--device", "cpu", "--max-seq-len", "96"])
-            .args(["--micro-batch", "2", "--grad-accum", grad_accum, "--max-steps", "2"])
-            .arg("--data")
-            .arg(&data)
-            .arg("--tokenizer")
-            .arg(&tok)
-            .arg("--out-dir")
-            .arg(&out)
+            .args(["300"])
+            .args(mpirun_sft_train(root.path(), out, grad_accum, 2))
             .output()
             .unwrap();
         let text =
@@ -199,6 +182,94 @@ fn two_ranks_over_mpirun() {
     println!("sft train with grad_accum 3 over 2 ranks:\n{text}");
     assert!(!status.success() && status.code() != Some(124), "{status}: {text}");
     assert!(text.contains("grad_accum = 3 is not a multiple of the 2 ranks"), "{text}");
+
+    killed_over_two_ranks_and_resumed(root.path());
+}
+
+/// `mpirun -np 2 sft train` on the tiny model from scratch, `max_steps` steps saved after each.
+fn mpirun_sft_train(root: &Path, out: &str, grad_accum: &str, max_steps: u64) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> =
+        ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", env!("CARGO_BIN_EXE_sft")]
+            .iter()
+            .map(Into::into)
+            .collect();
+    for a in ["train", "--model", "tiny", "--from-scratch", "--device", "cpu", "--max-seq-len", "96"] {
+        args.push(a.into());
+    }
+    let steps = max_steps.to_string();
+    for a in ["--micro-batch", "2", "--grad-accum", grad_accum, "--max-steps", &steps, "--save-every", "1"] {
+        args.push(a.into());
+    }
+    for (flag, path) in [
+        ("--data", root.join("prepared")),
+        ("--tokenizer", root.join("tokenizer.json")),
+        ("--out-dir", root.join(out)),
+    ] {
+        args.push(flag.into());
+        args.push(path.into());
+    }
+    args
+}
+
+/// A 2-rank `sft train` killed with SIGKILL (every process of the job at once) after its second
+/// checkpoint, then resumed over 2 ranks: `latest` loads after the kill, and the resumed run
+/// logs the uninterrupted 2-rank run's losses, bit for bit, with no step lost or repeated.
+fn killed_over_two_ranks_and_resumed(root: &Path) {
+    const STEPS: u64 = 12;
+    let run = |out: &str, resume: bool| {
+        let mut args = mpirun_sft_train(root, out, "4", STEPS);
+        if resume {
+            args.push("--resume".into());
+        }
+        let out = Command::new("timeout").arg("300").args(&args).output().unwrap();
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{text}");
+    };
+    run("kill_whole", false);
+    let whole = sft::train::log::read_train_losses(&root.join("kill_whole").join("log.csv")).unwrap();
+    assert_eq!(whole.len(), STEPS as usize);
+
+    // A session of its own (setsid): mpirun starts the ranks in their own process groups, so
+    // the kill goes to the session.
+    let killed = root.join("killed");
+    let mut child =
+        Command::new("setsid").args(mpirun_sft_train(root, "killed", "4", STEPS)).spawn().unwrap();
+    let start = std::time::Instant::now();
+    let saved = || {
+        sft::checkpoint::latest(&killed)
+            .ok()
+            .flatten()
+            .and_then(|dir| sft::train::TrainerState::load(&dir).ok())
+            .is_some_and(|s| s.step >= 2)
+    };
+    while !saved() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before its second checkpoint");
+        assert!(start.elapsed() < std::time::Duration::from_secs(120), "no second checkpoint in 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let status = Command::new("pkill").args(["-KILL", "-s", &child.id().to_string()]).status().unwrap();
+    assert!(status.success(), "pkill found nothing to kill");
+    child.wait().unwrap();
+    let dir = sft::checkpoint::latest(&killed).unwrap().expect("a checkpoint survives the kill");
+    let at = sft::train::TrainerState::load(&dir).unwrap().step;
+    Checkpoint::open(&dir).unwrap().read_params().unwrap();
+    println!("2-rank run killed with SIGKILL at step {at} of {STEPS} (latest loads)");
+
+    run("killed", true);
+    let resumed = sft::train::log::read_train_losses(&killed.join("log.csv")).unwrap();
+    let steps: Vec<u64> = resumed.iter().map(|l| l.0).collect();
+    assert_eq!(steps, (1..=STEPS).collect::<Vec<_>>(), "every step logged once");
+    for (&(step, got), &(_, want)) in resumed.iter().zip(&whole) {
+        assert_eq!(
+            got.to_bits(),
+            want.to_bits(),
+            "step {step}: {got} after the kill and resume, {want} uninterrupted"
+        );
+    }
+    println!(
+        "killed at step {at} and resumed over 2 ranks: the uninterrupted run's {STEPS} losses, bit for bit"
+    );
 }
 
 #[test]
