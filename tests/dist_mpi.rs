@@ -184,15 +184,58 @@ fn two_ranks_over_mpirun() {
     assert!(text.contains("grad_accum = 3 is not a multiple of the 2 ranks"), "{text}");
 
     killed_over_two_ranks_and_resumed(root.path());
+    a_rank_that_fails_stops_the_job(root.path());
+}
+
+/// One rank alone meets a corrupt shard (mpirun's two-program form gives rank 1 a copy of the
+/// data with one flipped byte): the job ends within seconds, with that rank's message naming the
+/// file, instead of rank 0 waiting forever in a collective.
+fn a_rank_that_fails_stops_the_job(root: &Path) {
+    let bad = root.join("prepared_bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    for entry in std::fs::read_dir(root.join("prepared")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), bad.join(entry.file_name())).unwrap();
+    }
+    let shard = bad.join("train-00000.bin");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    std::fs::write(&shard, bytes).unwrap();
+
+    let start = std::time::Instant::now();
+    let out = Command::new("timeout")
+        .args(["120", "mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "1"])
+        .args(sft_train_args(root, &root.join("prepared"), "one_bad_rank", "4", 4))
+        .args([":", "-np", "1"])
+        .args(sft_train_args(root, &bad, "one_bad_rank", "4", 4))
+        .output()
+        .unwrap();
+    let took = start.elapsed();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("one rank with a corrupt shard, after {:.1} s:\n{text}", took.as_secs_f64());
+    assert!(!out.status.success() && out.status.code() != Some(124), "{}: {text}", out.status);
+    assert!(text.contains("train-00000.bin") && text.contains("checksum"), "{text}");
+    assert!(took < std::time::Duration::from_secs(60), "the job took {took:?} to stop");
 }
 
 /// `mpirun -np 2 sft train` on the tiny model from scratch, `max_steps` steps saved after each.
 fn mpirun_sft_train(root: &Path, out: &str, grad_accum: &str, max_steps: u64) -> Vec<std::ffi::OsString> {
     let mut args: Vec<std::ffi::OsString> =
-        ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", env!("CARGO_BIN_EXE_sft")]
-            .iter()
-            .map(Into::into)
-            .collect();
+        ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2"].iter().map(Into::into).collect();
+    args.extend(sft_train_args(root, &root.join("prepared"), out, grad_accum, max_steps));
+    args
+}
+
+/// `sft train` (the binary and its arguments) on the tiny model from scratch over `data`.
+fn sft_train_args(
+    root: &Path,
+    data: &Path,
+    out: &str,
+    grad_accum: &str,
+    max_steps: u64,
+) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = vec![env!("CARGO_BIN_EXE_sft").into()];
     for a in ["train", "--model", "tiny", "--from-scratch", "--device", "cpu", "--max-seq-len", "96"] {
         args.push(a.into());
     }
@@ -201,7 +244,7 @@ fn mpirun_sft_train(root: &Path, out: &str, grad_accum: &str, max_steps: u64) ->
         args.push(a.into());
     }
     for (flag, path) in [
-        ("--data", root.join("prepared")),
+        ("--data", data.to_path_buf()),
         ("--tokenizer", root.join("tokenizer.json")),
         ("--out-dir", root.join(out)),
     ] {
