@@ -38,7 +38,7 @@ self="$here/$(basename "${BASH_SOURCE[0]}")"
 # The demo run compared between the CPU (at build time) and the GPU: short enough for its
 # budget, long enough for the loss to fall from about 5.8 to under 1.
 DEMO_ARGS="--steps 100 --examples 4000 --heldout 10 --micro-batch 32 --seed 89"
-SCRIPTS="gpu_check.sh gpu_probe.sh gpu_dq_modes.sh gpu_report.py bench_attention_torch.py bench_torch_train.py bench_kernels_torch.py"
+SCRIPTS="gpu_check.sh gpu_probe.sh gpu_report.py bench_attention_torch.py bench_torch_train.py bench_kernels_torch.py"
 
 # The Python environment's nvidia/*/lib folders (cuBLASLt, ...) go on LD_LIBRARY_PATH.
 python_libs() {
