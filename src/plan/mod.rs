@@ -27,6 +27,7 @@ use crate::model::forward::{
 use crate::model::lora::LoraConfig;
 use crate::model::{Model, ModelConfig, Recompute, RecomputeChoice};
 use crate::rng::Rng;
+use crate::train::config::MicroBatch;
 use crate::train::trainer::{optimizer_step, resolve_model_config};
 use crate::train::TrainConfig;
 use counting::{CountingBackend, Family, KernelKind, Ledger, Tally, COMPUTE_BYTES, GEMM_WORKSPACE_BYTES};
@@ -40,9 +41,10 @@ pub struct PlanArgs {
     /// h100 (SXM), h200, a100 (80 GB SXM) or rtx4090.
     #[arg(long, default_value = "h100")]
     pub gpu: String,
-    /// Rows per micro-batch.
-    #[arg(long, default_value_t = 8)]
-    pub micro_batch: usize,
+    /// Rows per micro-batch, or auto: as `sft train` chooses it (the largest of at most 32 that
+    /// fits the device and divides the step's 32 × --grad-accum examples).
+    #[arg(long, default_value = "8")]
+    pub micro_batch: MicroBatch,
     /// Row length; default: the model's max_seq_len.
     #[arg(long)]
     pub seq_len: Option<usize>,
@@ -368,40 +370,46 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
     };
     let available = device.memory.saturating_sub(CONTEXT_BYTES);
     let mut notes = vec![];
+    // The trainer's order: recompute auto for the fixed micro-batch (1 when that is auto too),
+    // then micro_batch auto with the recompute chosen.
+    let at_least = match args.micro_batch {
+        MicroBatch::Fixed(m) => m,
+        MicroBatch::Auto => 1,
+    };
     let recompute = match args.recompute {
         RecomputeChoice::Fixed(r) => r,
         RecomputeChoice::Auto => {
-            match least_recompute_that_fits(
-                &config,
-                COMPUTE_BYTES,
-                t,
-                available,
-                lora,
-                args.micro_batch,
-                moments,
-            ) {
+            match least_recompute_that_fits(&config, COMPUTE_BYTES, t, available, lora, at_least, moments) {
                 Some((r, fits)) => {
                     notes.push(format!(
-                        "recompute auto chose {r}: the least recompute with which micro_batch {} fits \
-                         (up to {fits} rows of {t} with it)",
-                        args.micro_batch
+                        "recompute auto chose {r}: the least recompute with which micro_batch {at_least} fits \
+                         (up to {fits} rows of {t} with it)"
                     ));
                     r
                 }
                 None => {
                     notes.push(format!(
-                        "recompute auto: micro_batch {} does not fit even with layer recompute; planned with layer",
-                        args.micro_batch
+                        "recompute auto: micro_batch {at_least} does not fit even with layer recompute; planned \
+                         with layer"
                     ));
                     Recompute::Layer
                 }
             }
         }
     };
-    let count = count_step_opts(&config, args.micro_batch, t, args.grad_accum, lora, recompute, moments)?;
+    let batches = crate::train::config::plan_batches(
+        args.micro_batch,
+        args.grad_accum,
+        Some(micro_batch_that_fits_with(&config, COMPUTE_BYTES, t, available, lora, recompute, moments)),
+    );
+    if !batches.reason.is_empty() {
+        notes.push(batches.reason.clone());
+    }
+    let (micro_batch, grad_accum) = (batches.micro_batch, batches.grad_accum);
+    let count = count_step_opts(&config, micro_batch, t, grad_accum, lora, recompute, moments)?;
     let families = estimate_families(&count.ledger, device, &calibration);
     let step_seconds: f64 = families.iter().map(|f| f.seconds).sum();
-    let tokens_per_step = args.grad_accum * args.micro_batch * t;
+    let tokens_per_step = grad_accum * micro_batch * t;
     let tokens_per_s = tokens_per_step as f64 / step_seconds;
     let fpt = flops_per_token(&config, t);
 
@@ -410,7 +418,7 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
     let trainable = lora.map_or(n_params, |l| l.n_params(&config));
     let frozen_grad_scratch =
         if lora.is_some() { 4 * (config.vocab_size * config.d_model + config.d_model) } else { 0 };
-    let activations = per_token * args.micro_batch * t;
+    let activations = per_token * micro_batch * t;
     let workspace = count.scratch + GEMM_WORKSPACE_BYTES;
     let largest = micro_batch_that_fits_with(&config, COMPUTE_BYTES, t, available, lora, recompute, moments);
     let recompute_options = Recompute::ALL
@@ -444,7 +452,7 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
         device_memory: device.memory,
         available,
         largest_micro_batch: largest,
-        fits: largest >= args.micro_batch && fixed + activations + workspace <= available,
+        fits: largest >= micro_batch && fixed + activations + workspace <= available,
         recompute_options,
     };
 
@@ -475,7 +483,7 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
         device.name,
         &config,
         COMPUTE_BYTES,
-        args.micro_batch,
+        micro_batch,
         t,
         available,
         lora,
@@ -513,9 +521,9 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
         device: *device,
         calibrated: calibration.source.is_some(),
         calibration_source: calibration.source.clone(),
-        micro_batch: args.micro_batch,
+        micro_batch,
         seq_len: t,
-        grad_accum: args.grad_accum,
+        grad_accum,
         dropout: config.dropout,
         recompute,
         recompute_asked: args.recompute.to_string(),
@@ -724,7 +732,10 @@ fn calibrate_from(args: &PlanArgs, csv: &std::path::Path) -> Result<()> {
     }
     let device = devices::device(&args.gpu)?;
     let t = args.seq_len.unwrap_or(config.max_seq_len);
-    let count = count_step(&config, args.micro_batch, t, args.grad_accum)?;
+    let MicroBatch::Fixed(micro_batch) = args.micro_batch else {
+        bail!("--calibrate-from needs the profiled run's --micro-batch, a number (not auto)");
+    };
+    let count = count_step(&config, micro_batch, t, args.grad_accum)?;
     let shown = csv.display().to_string();
     let text = std::fs::read_to_string(csv).with_context(|| format!("reading {shown}"))?;
     let (measured, unattributed) = calibrate::parse_kern_sum(&text, &shown)?;

@@ -443,7 +443,7 @@ fn plan_args(model: &str, micro_batch: usize, seq_len: usize) -> PlanArgs {
     PlanArgs {
         model: model.into(),
         gpu: "h100".into(),
-        micro_batch,
+        micro_batch: micro_batch.into(),
         seq_len: Some(seq_len),
         grad_accum: 1,
         dropout: None,
@@ -515,4 +515,39 @@ fn data_parallel_refusals_name_the_flag_and_lora_reduces_its_adapters() {
     // Without NVLink the default link is PCIe.
     let p = plan_for(&c, &PlanArgs { gpus: 2, gpu: "rtx4090".into(), ..plan_args("small", 2, 64) }).unwrap();
     assert!(p.data_parallel.unwrap().link.name.starts_with("PCIe"));
+}
+
+/// `--micro-batch auto`: the trainer's choice (`plan_batches` on the plan's own memory check),
+/// with recompute resolved first, as the trainer does.
+#[test]
+fn micro_batch_auto_is_the_trainers_choice() {
+    use crate::train::config::{plan_batches, MicroBatch};
+    let c = small();
+    let p =
+        plan_for(&c, &PlanArgs { micro_batch: MicroBatch::Auto, grad_accum: 2, ..plan_args("small", 1, 64) })
+            .unwrap();
+    assert_eq!((p.micro_batch, p.grad_accum), (32, 2), "a small model fits SimpleLLaMA's 32 rows");
+    assert_eq!(p.tokens_per_step, 64 * 64);
+    assert!(p.notes.iter().any(|n| n.starts_with("micro_batch auto: 32 × grad_accum 2")), "{:?}", p.notes);
+
+    // The 1.3B on 24 GB with bf16 moments and layer recompute: some rows fit, not 32.
+    let big = ModelConfig::preset("simplellama-1.3b").unwrap();
+    let args = PlanArgs {
+        model: "simplellama-1.3b".into(),
+        gpu: "rtx4090".into(),
+        micro_batch: MicroBatch::Auto,
+        optimizer_state: crate::backend::StateDtype::Bf16,
+        recompute: RecomputeChoice::Fixed(Recompute::Layer),
+        ..plan_args("simplellama-1.3b", 1, 2048)
+    };
+    let p = plan_for(&big, &args).unwrap();
+    let largest = p.memory.largest_micro_batch;
+    assert!((1..32).contains(&largest), "{largest}");
+    let want = plan_batches(MicroBatch::Auto, 1, Some(largest));
+    assert_eq!((p.micro_batch, p.grad_accum), (want.micro_batch, want.grad_accum));
+    assert_eq!(p.micro_batch * p.grad_accum, 32, "the step keeps its 32 examples");
+    assert!(p.memory.fits);
+    // Calibration needs the profiled shape.
+    let e = format!("{:#}", calibrate_from(&args, std::path::Path::new("none.csv")).unwrap_err());
+    assert!(e.contains("--micro-batch") && e.contains("auto"), "{e}");
 }
