@@ -208,8 +208,8 @@ def headline(rows, copy_gbps):
         if torch_ce:
             parts.append("CE %s %.2fx torch" % (vocab, torch_ce[0]["seconds"] / r["seconds"]))
     for r in rows:
-        if r["implementation"].startswith("sft") and r["kernel"] == "adamw" and copy_gbps:
-            parts.append("adamw %s of copy" % share(r, copy_gbps))
+        if r["implementation"].startswith("sft") and r["kernel"].startswith("adamw") and copy_gbps:
+            parts.append("%s %s of copy" % (r["kernel"], share(r, copy_gbps)))
     return ", ".join(parts) or "no sft rows"
 
 
@@ -258,7 +258,7 @@ def main():
 
     # Ours, then torch, kernel by kernel.
     order = {"lm_head+CE fwd+bwd": 0, "F.cross_entropy": 0, "CE sup rows only": 0, "adamw": 1,
-             "AdamW fused": 1, "AdamW foreach": 1, "copy": 2, "copy_": 2}
+             "adamw bf16 moments": 1, "AdamW fused": 1, "AdamW foreach": 1, "copy": 2, "copy_": 2}
     rows.sort(key=lambda r: (order.get(r["kernel"], 3), r["shape"] if order.get(r["kernel"]) == 0 else "",
                              not r["implementation"].startswith("sft")))
     copies = [r["bytes"] / r["seconds"] / 1e9 for r in rows if r["kernel"] in ("copy", "copy_")]

@@ -12,7 +12,8 @@
 //!   `6·supervised·d·vocab` (logits, dx, dw of the supervised rows), whatever an
 //!   implementation computes for the others.
 //! - AdamW: one step over the parameter tensors of `--adamw-config` (the 1.3B's 147 tensors by
-//!   default). Bytes count each element's reads (gradient, master, m, v: fp32) and writes
+//!   default), with f32 moments, then with bf16 moments (`--optimizer-state bf16`). Bytes count
+//!   each element's reads (gradient and master fp32, m and v in their storage) and writes
 //!   (master, m, v, and the compute-precision parameter copy).
 //! - Copy: one fp32 buffer copied to another; bytes = read + write.
 //!
@@ -264,45 +265,57 @@ pub fn run_kernel_bench<B: Backend>(backend: B, args: &KernelBenchArgs) -> Resul
     }
     drop(x);
 
-    // ---- multi-tensor AdamW over the model's parameter tensors ----
+    // ---- multi-tensor AdamW over the model's parameter tensors, f32 then bf16 moments ----
     let lens = &shapes.adamw_tensor_lens;
     let largest = lens.iter().copied().max().unwrap_or(0);
     let values = pattern(largest, args.seed ^ 0xADA, 0.02);
-    let mut params = Vec::with_capacity(lens.len());
-    let mut master = Vec::with_capacity(lens.len());
-    let mut grads = Vec::with_capacity(lens.len());
-    let (mut m, mut v) = (Vec::with_capacity(lens.len()), Vec::with_capacity(lens.len()));
-    for &len in lens {
-        params.push(be.zeros(len, Precision::Compute)?);
-        master.push(upload(be, &values[..len], Precision::F32)?);
-        grads.push(upload(be, &values[largest - len..], Precision::F32)?);
-        // Zero moments become non-zero in the first warm-up step.
-        m.push(be.zeros(len, Precision::F32)?);
-        v.push(be.zeros(len, Precision::F32)?);
+    for moments in [StateDtype::F32, StateDtype::Bf16] {
+        let mut params = Vec::with_capacity(lens.len());
+        let mut master = Vec::with_capacity(lens.len());
+        let mut grads = Vec::with_capacity(lens.len());
+        let (mut m, mut v) = (Vec::with_capacity(lens.len()), Vec::with_capacity(lens.len()));
+        for &len in lens {
+            params.push(be.zeros(len, Precision::Compute)?);
+            master.push(upload(be, &values[..len], Precision::F32)?);
+            grads.push(upload(be, &values[largest - len..], Precision::F32)?);
+            // Zero moments become non-zero in the first warm-up step.
+            m.push(be.zeros(len, moments.precision())?);
+            v.push(be.zeros(len, moments.precision())?);
+        }
+        let n_params: usize = lens.iter().sum();
+        let mut step = 0u64;
+        let (seconds, min_seconds) = time(&mut || {
+            step += 1;
+            let hp = AdamW {
+                lr: 1e-5,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                step,
+                grad_scale: 0.5,
+            };
+            let mut p: Vec<&mut B::Buf> = params.iter_mut().collect();
+            let mut ms: Vec<&mut B::Buf> = master.iter_mut().collect();
+            let g: Vec<&B::Buf> = grads.iter().collect();
+            let mut mm: Vec<&mut B::Buf> = m.iter_mut().collect();
+            let mut vv: Vec<&mut B::Buf> = v.iter_mut().collect();
+            be.adamw(&mut p, &mut ms, &g, &mut mm, &mut vv, moments, lens, &hp, None)
+        })?;
+        // Per element: the gradient read, master and both moments read and written, the
+        // compute-precision weight written. A backend that keeps bf16 moments in f32 (the CPU's)
+        // moves f32 moments.
+        let moment_bytes = crate::model::forward::moment_bytes(be.compute_bytes(), moments) as f64;
+        timings.push(KernelTiming {
+            implementation: implementation.clone(),
+            kernel: if moments == StateDtype::F32 { "adamw".into() } else { "adamw bf16 moments".into() },
+            shape: format!("{n_params} params, {} tensors", lens.len()),
+            seconds,
+            min_seconds,
+            flops: 0.0,
+            bytes: n_params as f64 * (3.0 * 4.0 + 4.0 * moment_bytes + be.compute_bytes() as f64),
+        });
     }
-    let n_params: usize = lens.iter().sum();
-    let mut step = 0u64;
-    let (seconds, min_seconds) = time(&mut || {
-        step += 1;
-        let hp =
-            AdamW { lr: 1e-5, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 0.5 };
-        let mut p: Vec<&mut B::Buf> = params.iter_mut().collect();
-        let mut ms: Vec<&mut B::Buf> = master.iter_mut().collect();
-        let g: Vec<&B::Buf> = grads.iter().collect();
-        let mut mm: Vec<&mut B::Buf> = m.iter_mut().collect();
-        let mut vv: Vec<&mut B::Buf> = v.iter_mut().collect();
-        be.adamw(&mut p, &mut ms, &g, &mut mm, &mut vv, StateDtype::F32, lens, &hp, None)
-    })?;
-    timings.push(KernelTiming {
-        implementation: implementation.clone(),
-        kernel: "adamw".into(),
-        shape: format!("{n_params} params, {} tensors", lens.len()),
-        seconds,
-        min_seconds,
-        flops: 0.0,
-        bytes: n_params as f64 * (7.0 * 4.0 + be.compute_bytes() as f64),
-    });
-    drop((params, master, grads, m, v));
 
     // ---- device-to-device copy: the bandwidth ceiling ----
     let len = shapes.copy_elems;
@@ -424,7 +437,7 @@ mod tests {
     fn cpu_run_measures_every_kernel() {
         let report = run_kernel_bench(CpuBackend::<f32>::new(), &tiny_args()).unwrap();
         let kernels: Vec<&str> = report.timings.iter().map(|t| t.kernel.as_str()).collect();
-        assert_eq!(kernels, ["lm_head+CE fwd+bwd", "adamw", "copy"]);
+        assert_eq!(kernels, ["lm_head+CE fwd+bwd", "adamw", "adamw bf16 moments", "copy"]);
         assert_eq!(report.shapes.supervised_rows, 20);
         let ce = &report.timings[0];
         assert_eq!(ce.flops, 6.0 * (20 * 32 * 96) as f64);
@@ -432,8 +445,10 @@ mod tests {
         // f32 everywhere on the CPU: 8 fp32 streams per AdamW element, 2 per copied element.
         let n: usize = report.shapes.adamw_tensor_lens.iter().sum();
         assert_eq!(report.timings[1].bytes, 32.0 * n as f64);
-        assert_eq!(report.timings[2].bytes, 8.0 * (1 << 18) as f64);
-        let copy = report.timings[2].gbps();
+        // The CPU keeps bf16 moments in f32: the same traffic.
+        assert_eq!(report.timings[2].bytes, 32.0 * n as f64);
+        assert_eq!(report.timings[3].bytes, 8.0 * (1 << 18) as f64);
+        let copy = report.timings[3].gbps();
         let row = table_row(&report.timings[1], Some(copy));
         assert!(row.ends_with('%'), "{row}");
         let json = serde_json::to_value(&report).unwrap();

@@ -279,7 +279,7 @@ pub fn memory_bytes_for(config: &ModelConfig, compute_bytes: usize, training: bo
 
 /// Bytes of one AdamW moment element: bf16 moments take 2 bytes on a device backend, but a
 /// backend computing in a wider type (the CPU, `compute_bytes` 4) stores them in that type.
-fn moment_bytes(compute_bytes: usize, moments: StateDtype) -> usize {
+pub fn moment_bytes(compute_bytes: usize, moments: StateDtype) -> usize {
     match moments {
         StateDtype::F32 => 4,
         StateDtype::Bf16 => StateDtype::Bf16.bytes().max(compute_bytes),
