@@ -67,13 +67,15 @@ fn flat_adapters<B: sft::backend::Backend>(model: &Model<B>) -> Vec<f32> {
 
 /// An FNV-1a hash of the weights' bits, to compare ranks without moving the weights.
 fn weights_hash<B: sft::backend::Backend>(model: &Model<B>) -> u64 {
+    let values: Vec<f32> = model.read_params().unwrap().into_iter().flat_map(|t| t.data).collect();
+    bits_hash(&values)
+}
+
+/// An FNV-1a hash of the values' bits.
+fn bits_hash(values: &[f32]) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for t in model.read_params().unwrap() {
-        for x in &t.data {
-            for b in x.to_bits().to_le_bytes() {
-                h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
-            }
-        }
+    for b in values.iter().flat_map(|x| x.to_bits().to_le_bytes()) {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
     }
     h
 }
@@ -444,10 +446,7 @@ fn trains_like_one_process(comm: &dyn Collectives) {
     let adapters = flat_adapters(&model);
     let rel = max_rel_diff(&adapters, &want_adapters);
     assert!(rel < 1e-5, "rank {rank}: LoRA adapters differ from one process's by {rel:e}");
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for b in adapters.iter().flat_map(|x| x.to_bits().to_le_bytes()) {
-        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
-    }
+    let h = bits_hash(&adapters);
     let mut rank0 = [h];
     broadcast_u64(comm, &mut rank0, 0).unwrap();
     assert_eq!(h, rank0[0], "rank {rank}: adapters differ from rank 0's");

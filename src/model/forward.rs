@@ -277,6 +277,27 @@ pub fn memory_bytes_for(config: &ModelConfig, compute_bytes: usize, training: bo
     memory_bytes_opts(config, compute_bytes, training, Recompute::None, StateDtype::F32)
 }
 
+/// Buffers of `lens` elements concatenated in order into one host f32 buffer, through `reduce`
+/// (data parallelism's all-reduce) and written back: the base's gradients or the adapters'.
+pub(crate) fn reduce_flat<B: Backend>(
+    be: &B,
+    bufs: &mut [B::Buf],
+    lens: &[usize],
+    reduce: impl FnOnce(&mut [f32]) -> Result<()>,
+) -> Result<()> {
+    let mut flat = Vec::with_capacity(lens.iter().sum());
+    for (g, &len) in bufs.iter().zip(lens) {
+        flat.extend(be.read(g, len)?);
+    }
+    reduce(&mut flat)?;
+    let mut at = 0;
+    for (g, &len) in bufs.iter_mut().zip(lens) {
+        be.write(g, &flat[at..at + len])?;
+        at += len;
+    }
+    Ok(())
+}
+
 /// Bytes of one AdamW moment element: bf16 moments take 2 bytes on a device backend, but a
 /// backend computing in a wider type (the CPU, `compute_bytes` 4) stores them in that type.
 pub fn moment_bytes(compute_bytes: usize, moments: StateDtype) -> usize {
@@ -951,17 +972,7 @@ impl<B: Backend> Model<B> {
             // Zeroed by zero_grads (the adapters' backward adds to them).
             return lora.all_reduce_grads(&self.backend, reduce);
         }
-        let mut flat = Vec::with_capacity(self.lens.iter().sum());
-        for (g, &len) in self.grads.iter().zip(&self.lens) {
-            flat.extend(self.backend.read(g, len)?);
-        }
-        reduce(&mut flat)?;
-        let mut at = 0;
-        for (g, &len) in self.grads.iter_mut().zip(&self.lens) {
-            self.backend.write(g, &flat[at..at + len])?;
-            at += len;
-        }
-        Ok(())
+        reduce_flat(&self.backend, &mut self.grads, &self.lens, reduce)
     }
 
     /// Writes the zeros that `zero_grads` only promised, for an update with nothing accumulated.

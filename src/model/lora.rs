@@ -508,17 +508,7 @@ impl<B: Backend> LoraState<B> {
     /// Data parallelism over the adapters: their gradients, concatenated in order into one host
     /// f32 buffer, through `reduce` (an all-reduce over the ranks) and back.
     pub fn all_reduce_grads(&mut self, be: &B, reduce: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<()> {
-        let mut flat = Vec::with_capacity(self.lens.iter().sum());
-        for (g, &len) in self.grads.iter().zip(&self.lens) {
-            flat.extend(be.read(g, len)?);
-        }
-        reduce(&mut flat)?;
-        let mut at = 0;
-        for (g, &len) in self.grads.iter_mut().zip(&self.lens) {
-            be.write(g, &flat[at..at + len])?;
-            at += len;
-        }
-        Ok(())
+        super::forward::reduce_flat(be, &mut self.grads, &self.lens, reduce)
     }
 
     pub fn zero_grads(&mut self, be: &B) -> Result<()> {

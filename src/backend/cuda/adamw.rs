@@ -87,75 +87,49 @@ impl CudaBackend {
         let mut scratch = self.scratch();
         let lens = lens.iter().map(|&l| l as u64);
         let descs = common.iter().zip(&moment_ptrs).zip(lens);
-        // SAFETY (both launches): each descriptor's buffers hold at least its `len` elements of
-        // the precision its fields say (checked above) and outlive the launch (they are borrowed
-        // for this call; the stream is in order); sumsq is null or two floats of the borrowed
-        // statistics buffer.
+        // One descriptor array and one launch per moment type: the descriptor structs differ in
+        // the moments' pointee type only (the typed launchers keep them apart).
+        macro_rules! launch_multi {
+            ($desc:ident, $slot:ident, $kernel:path) => {{
+                let descs: Vec<$desc> = descs
+                    .map(|(((master, grad, param), (m, v)), len)| $desc {
+                        master: *master,
+                        grad: *grad,
+                        m: *m,
+                        v: *v,
+                        param: *param,
+                        len,
+                    })
+                    .collect();
+                let descs_d = ensure(&mut scratch.$slot, k, &self.stream, "adamw descriptors")?;
+                self.stream.memcpy_htod(&descs, &mut descs_d.slice_mut(0..k))?;
+                // SAFETY: each descriptor's buffers hold at least its `len` elements of the
+                // precision its fields say (checked above) and outlive the launch (they are
+                // borrowed for this call; the stream is in order); sumsq is null or two floats of
+                // the borrowed statistics buffer.
+                unsafe {
+                    $kernel(
+                        s,
+                        ks,
+                        cfg,
+                        descs_d,
+                        hp.lr,
+                        hp.beta1,
+                        hp.beta2,
+                        hp.eps,
+                        hp.weight_decay,
+                        bc1,
+                        bc2,
+                        hp.grad_scale,
+                        &sumsq,
+                        max_norm,
+                    )
+                }?;
+            }};
+        }
         match moments {
-            StateDtype::F32 => {
-                let descs: Vec<AdamTensor> = descs
-                    .map(|(((master, grad, param), (m, v)), len)| AdamTensor {
-                        master: *master,
-                        grad: *grad,
-                        m: *m,
-                        v: *v,
-                        param: *param,
-                        len,
-                    })
-                    .collect();
-                let descs_d = ensure(&mut scratch.adam_descs, k, &self.stream, "adamw descriptors")?;
-                self.stream.memcpy_htod(&descs, &mut descs_d.slice_mut(0..k))?;
-                unsafe {
-                    launch::adamw_multi(
-                        s,
-                        ks,
-                        cfg,
-                        descs_d,
-                        hp.lr,
-                        hp.beta1,
-                        hp.beta2,
-                        hp.eps,
-                        hp.weight_decay,
-                        bc1,
-                        bc2,
-                        hp.grad_scale,
-                        &sumsq,
-                        max_norm,
-                    )
-                }?;
-            }
-            StateDtype::Bf16 => {
-                let descs: Vec<AdamTensorBf16> = descs
-                    .map(|(((master, grad, param), (m, v)), len)| AdamTensorBf16 {
-                        master: *master,
-                        grad: *grad,
-                        m: *m,
-                        v: *v,
-                        param: *param,
-                        len,
-                    })
-                    .collect();
-                let descs_d = ensure(&mut scratch.adam_descs_bf16, k, &self.stream, "adamw descriptors")?;
-                self.stream.memcpy_htod(&descs, &mut descs_d.slice_mut(0..k))?;
-                unsafe {
-                    launch::adamw_multi_bf16(
-                        s,
-                        ks,
-                        cfg,
-                        descs_d,
-                        hp.lr,
-                        hp.beta1,
-                        hp.beta2,
-                        hp.eps,
-                        hp.weight_decay,
-                        bc1,
-                        bc2,
-                        hp.grad_scale,
-                        &sumsq,
-                        max_norm,
-                    )
-                }?;
-            }
+            StateDtype::F32 => launch_multi!(AdamTensor, adam_descs, launch::adamw_multi),
+            StateDtype::Bf16 => launch_multi!(AdamTensorBf16, adam_descs_bf16, launch::adamw_multi_bf16),
         }
         Ok(())
     }
