@@ -14,7 +14,7 @@ use sft::data::prepare::split_assignment;
 use sft::data::shard::{Shard, ShardWriter};
 use sft::data::{
     batches_from_examples, batches_in_order, prepare, tokenize_conversation, Batch, BatchMode, ChatTokenizer,
-    Dataset, Example, Loader, LoaderConfig, NoSupervisedTokens, PrepareOptions, Split, TrainOn,
+    Dataset, Example, Loader, LoaderConfig, LoaderState, NoSupervisedTokens, PrepareOptions, Split, TrainOn,
 };
 
 fn cfg(batch_size: usize, max_seq_len: usize, mode: BatchMode) -> LoaderConfig {
@@ -249,8 +249,18 @@ fn dataset_reads_every_shard_and_loader_reshuffles_and_resumes() {
     again.restore(&saved).unwrap();
     let resumed: Vec<Vec<u32>> = (0..3).map(|_| first(&again.next_batch().unwrap())).collect();
     assert_eq!(resumed, epoch1);
-    let mut fresh = Loader::new(ds.clone(), c).unwrap();
+    let mut fresh = Loader::new(ds.clone(), c.clone()).unwrap();
     assert_eq!(first(&fresh.next_batch().unwrap()), epoch0[0], "deterministic");
+    // Skipping (a data-parallel rank passing over the others' batches) moves as reading does,
+    // across the epoch's end: batches 3 and 5 of the two epochs read after skipping the rest.
+    let mut skipping = Loader::new(ds.clone(), c).unwrap();
+    for _ in 0..2 {
+        skipping.skip_batch();
+    }
+    assert_eq!(first(&skipping.next_batch().unwrap()), epoch0[2]);
+    skipping.skip_batch();
+    assert_eq!(skipping.state(), LoaderState { epoch: 1, batch_in_epoch: 1 });
+    assert_eq!(first(&skipping.next_batch().unwrap()), epoch1[1]);
 
     let packed =
         LoaderConfig { batch_size: 2, max_seq_len: 9, mode: BatchMode::Packed, shuffle: true, seed: 7 };

@@ -8,6 +8,8 @@
 //! Back in one process, the test compares the 2-rank run's final weights with the reference's
 //! and resumes a 2-rank checkpoint in one process; the ranks resume a 1-process checkpoint. A
 //! LoRA run (adapters with dropout over a frozen base) trains over both ranks like one process.
+//! ZeRO-1 (the optimizer state split over the ranks) trains 20 steps exactly as the plain
+//! all-reduce does, and its checkpoints are the same files.
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -140,6 +142,7 @@ fn two_ranks_over_mpirun() {
         assert!(text.contains(&format!("rank {rank} of 2: data-parallel step matches")), "{text}");
         assert!(text.contains(&format!("rank {rank} of 2: sft train over 2 ranks matches")), "{text}");
         assert!(text.contains(&format!("rank {rank} of 2: LoRA over 2 ranks matches")), "{text}");
+        assert!(text.contains(&format!("rank {rank} of 2: ZeRO-1 matches the all-reduce")), "{text}");
     }
 
     // The 2-rank run's last checkpoint (rank 0's) against one process's weights. The gradient
@@ -163,22 +166,30 @@ fn two_ranks_over_mpirun() {
     assert!(rel < 1e-5, "weights resumed over 2 ranks differ from one process's by {rel:e}");
 
     // `sft train` itself under mpirun: the ranks find each other, rank 0 alone reports and logs.
-    let sft_train = |out: &str, grad_accum: &str| {
+    let sft_train_with = |out: &str, grad_accum: &str, extra: &[&str]| {
         let out = Command::new("timeout")
             .args(["300"])
             .args(mpirun_sft_train(root.path(), out, grad_accum, 2))
+            .args(extra)
             .output()
             .unwrap();
         let text =
             format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         (out.status, text)
     };
+    let sft_train = |out: &str, grad_accum: &str| sft_train_with(out, grad_accum, &[]);
     let (status, text) = sft_train("cli", "4");
     assert!(status.success(), "{text}");
     assert_eq!(text.matches("done: 2 steps").count(), 1, "{text}");
     assert!(text.contains("(2 on each of 2 ranks)"), "{text}");
     let log = std::fs::read_to_string(root.path().join("cli").join("log.csv")).unwrap();
     assert_eq!(log.lines().count(), 3, "{log}");
+    // --zero-stage 1: the same losses.
+    let (status, text) = sft_train_with("cli_zero", "4", &["--zero-stage", "1"]);
+    assert!(status.success(), "{text}");
+    let losses =
+        |run: &str| sft::train::log::read_train_losses(&root.path().join(run).join("log.csv")).unwrap();
+    assert_eq!(losses("cli_zero"), losses("cli"), "sft train --zero-stage 1 over 2 ranks");
     // An error on the ranks ends the job instead of leaving it waiting.
     let (status, text) = sft_train("cli_odd", "3");
     println!("sft train with grad_accum 3 over 2 ranks:\n{text}");
@@ -345,6 +356,19 @@ fn rank_body() {
     comm.broadcast_bytes(&mut bytes, 0).unwrap();
     assert_eq!(&bytes, b"step-7");
     comm.barrier().unwrap();
+    // ZeRO-1's reduce-scatter and all-gather, segments of unequal length (one empty).
+    let counts = [700, 300];
+    let mut rs: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37 + rank as f32).sin()).collect();
+    comm.reduce_scatter_sum(&mut rs, &counts).unwrap();
+    let mine = if rank == 0 { 0..700 } else { 700..1000 };
+    assert_eq!(&rs[mine.clone()], &g[mine.clone()], "rank {rank}: reduce-scatter is the all-reduce's sum");
+    let mut ag = vec![f32::NAN; 1000];
+    ag[mine.clone()].copy_from_slice(&g[mine]);
+    comm.all_gather(&mut ag, &counts).unwrap();
+    assert_eq!(ag, g);
+    let mut ag = vec![rank as f32; 4];
+    comm.all_gather(&mut ag, &[0, 4]).unwrap();
+    assert_eq!(ag, [1.0; 4]);
 
     // One optimizer step of 4 micro-batches: 2 ranks × accumulation 2 against 1 × 4.
     let config = tiny_config(2, RopeStyle::AdjacentPairs, false, 0.0);
@@ -391,6 +415,68 @@ fn rank_body() {
     println!("rank {rank} of {world}: data-parallel step matches one process");
 
     trains_like_one_process(comm.as_ref());
+    zero1_trains_like_the_all_reduce(comm.as_ref());
+}
+
+/// ZeRO-1 against the plain all-reduce, 20 steps over 2 ranks with clipping on: the same losses
+/// and weights bit for bit (the same sums, norm and AdamW, split), the same checkpoint files;
+/// and a ZeRO-1 run resumed halfway over 2 ranks continues it exactly.
+fn zero1_trains_like_the_all_reduce(comm: &dyn Collectives) {
+    let rank = comm.rank();
+    let root = std::path::PathBuf::from(std::env::var_os(ROOT_ENV).unwrap());
+    let config = |out: &str, steps: u64, zero_stage: u8| TrainConfig {
+        epochs: 4,
+        schedule_steps: Some(20),
+        save_every: 10,
+        zero_stage,
+        ..run_config(&root, out, steps)
+    };
+    let (plain, plain_report) =
+        train_ranks(CpuBackend::<f32>::new(), &config("plain20", 20, 0), None, comm).unwrap();
+    let (zero, zero_report) =
+        train_ranks(CpuBackend::<f32>::new(), &config("zero20", 20, 1), None, comm).unwrap();
+    assert_eq!(zero_report.step_losses.len(), 20);
+    for (&(step, z), &(_, p)) in zero_report.step_losses.iter().zip(&plain_report.step_losses) {
+        assert_eq!(z.to_bits(), p.to_bits(), "rank {rank}, step {step}: ZeRO-1 loss {z}, all-reduce {p}");
+    }
+    let shards = zero.optimizer_shards().expect("the optimizer state is split");
+    let held = shards.counts()[rank];
+    let whole: usize = shards.counts().iter().sum();
+    let weights = |m: &Model<CpuBackend<f32>>| -> Vec<f32> {
+        m.read_weights().unwrap().into_iter().flat_map(|t| t.data).collect()
+    };
+    assert_eq!(bits_hash(&weights(&zero)), bits_hash(&weights(&plain)), "rank {rank}: ZeRO-1 weights");
+    let mine = bits_hash(&weights(&zero));
+    let mut rank0 = [mine];
+    broadcast_u64(comm, &mut rank0, 0).unwrap();
+    assert_eq!(mine, rank0[0], "rank {rank}: ZeRO-1 weights differ from rank 0's");
+    comm.barrier().unwrap();
+    if rank == 0 {
+        // The clip acts on some steps (norms above 1), so the norm's sum is exercised too.
+        let log = sft::train::log::read_log(&root.join("zero20").join("log.csv")).unwrap();
+        let clipped = log.iter().filter(|r| r.grad_norm.is_some_and(|n| n > 1.0)).count();
+        assert!(clipped > 0, "no step clipped: {:?}", log.iter().map(|r| r.grad_norm).collect::<Vec<_>>());
+        println!("ZeRO-1 run: {clipped} of 20 steps clipped");
+        for file in ["model.safetensors", "optimizer.safetensors"] {
+            let read = |run: &str| std::fs::read(root.join(run).join("step-20").join(file)).unwrap();
+            assert!(read("zero20") == read("plain20"), "{file}: ZeRO-1's differs from the all-reduce's");
+        }
+    }
+    println!("rank {rank}: ZeRO-1 holds the optimizer state of {held} of {whole} parameters");
+
+    // Halfway, then resumed over both ranks: steps 11..20 of the whole ZeRO-1 run.
+    train_ranks(CpuBackend::<f32>::new(), &config("zero_half", 10, 1), None, comm).unwrap();
+    let resume = TrainConfig { resume: true, ..config("zero_half", 20, 1) };
+    let (resumed, report) = train_ranks(CpuBackend::<f32>::new(), &resume, None, comm).unwrap();
+    for (&(step, r), &(_, z)) in report.step_losses.iter().zip(&zero_report.step_losses[10..]) {
+        assert_eq!(r.to_bits(), z.to_bits(), "rank {rank}, step {step}: resumed ZeRO-1 loss {r}, whole {z}");
+    }
+    assert_eq!(
+        bits_hash(&weights(&resumed)),
+        bits_hash(&weights(&zero)),
+        "rank {rank}: resumed ZeRO-1 weights"
+    );
+    println!("rank {rank} of 2: ZeRO-1 matches the all-reduce bit for bit (20 steps, and resumed at 10)");
 }
 
 /// `sft train`'s loop over the ranks: the reference's losses and validation loss, and the same

@@ -36,7 +36,7 @@ pub use self::hf_config::{hf_config_json, read_model_config};
 pub use self::run::{
     latest, list_checkpoints, load_generation_model, load_inference_model, load_optimizer_into,
     load_run_state, load_tokenizer, load_tokenizer_for, load_training_model, load_weights_into, save,
-    save_weights, save_weights_with, save_with, step_dir_name, Checkpoint, TokenizerSource,
+    save_over, save_weights, save_weights_with, save_with, step_dir_name, Checkpoint, TokenizerSource,
 };
 pub use self::safetensors::{
     read_safetensors, tensor_dtypes, tensor_shapes, write_safetensors, write_safetensors_bf16,

@@ -16,6 +16,7 @@ use super::safetensors::{read_safetensors, tensor_dtypes, write_safetensors, wri
 use super::{CONFIG_FILE, LATEST_FILE, MODEL_FILE, OPTIMIZER_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE};
 use crate::backend::{Backend, StateDtype};
 use crate::data::ChatTokenizer;
+use crate::dist::{Collectives, SingleProcess};
 use crate::model::config::ModelConfig;
 use crate::model::lora::LoraConfig;
 use crate::model::params::{param_specs, NamedTensor};
@@ -76,16 +77,15 @@ fn write_weights(
 
 /// The AdamW moments in the model's state type: bf16 moments are saved as BF16 (they are bf16
 /// values, so nothing is rounded), which is also how a resume tells the two apart.
-fn write_optimizer<B: Backend>(path: &Path, model: &Model<B>) -> Result<()> {
-    let tensors = optimizer_tensors(model)?;
-    match model.optimizer_state() {
+fn write_optimizer(path: &Path, moments: StateDtype, m: Vec<NamedTensor>, v: Vec<NamedTensor>) -> Result<()> {
+    let tensors = optimizer_tensors(m, v);
+    match moments {
         StateDtype::F32 => write_safetensors(path, &tensors),
         StateDtype::Bf16 => write_safetensors_bf16(path, &tensors),
     }
 }
 
-fn optimizer_tensors<B: Backend>(model: &Model<B>) -> Result<Vec<NamedTensor>> {
-    let (m, v) = model.read_optimizer_state()?;
+fn optimizer_tensors(m: Vec<NamedTensor>, v: Vec<NamedTensor>) -> Vec<NamedTensor> {
     let prefixed = |prefix: &str, ts: Vec<NamedTensor>| {
         ts.into_iter()
             .map(move |t| NamedTensor { name: format!("{prefix}.{}", t.name), ..t })
@@ -93,7 +93,7 @@ fn optimizer_tensors<B: Backend>(model: &Model<B>) -> Result<Vec<NamedTensor>> {
     };
     let mut all = prefixed("m", m);
     all.extend(prefixed("v", v));
-    Ok(all)
+    all
 }
 
 /// Writes a weights-only checkpoint (`sft init`) from internal tensors: `dir` must not exist
@@ -147,10 +147,37 @@ pub fn save<B: Backend, S: Serialize>(
     tokenizer: Option<&Path>,
     keep: usize,
 ) -> Result<PathBuf> {
+    save_over(out_dir, model, &SingleProcess, step, state, tokenizer, keep)?
+        .context("one process is rank 0, which writes the checkpoint")
+}
+
+/// [`save`] by the ranks of a data-parallel job: rank 0 writes the checkpoint (and returns its
+/// directory), the others return None. Under ZeRO-1 every rank must call it, since the weights
+/// and moments are gathered from their owners; otherwise rank 0's call alone does.
+pub fn save_over<B: Backend, S: Serialize>(
+    out_dir: &Path,
+    model: &Model<B>,
+    comm: &dyn Collectives,
+    step: u64,
+    state: &S,
+    tokenizer: Option<&Path>,
+    keep: usize,
+) -> Result<Option<PathBuf>> {
+    let gathered = "rank 0 receives the gathered state";
+    if !comm.is_main() {
+        // The same collectives as rank 0, in its order.
+        model.gather_params(comm)?;
+        model.gather_optimizer_state(comm)?;
+        return Ok(None);
+    }
     save_with(out_dir, step, state, keep, |tmp| {
-        write_weights(tmp, model.config(), &model.read_params()?, tokenizer.map(TokenizerSource::File))?;
-        write_optimizer(&tmp.join(OPTIMIZER_FILE), model)
+        let params = model.gather_params(comm)?.context(gathered)?;
+        write_weights(tmp, model.config(), &params, tokenizer.map(TokenizerSource::File))?;
+        drop(params);
+        let (m, v) = model.gather_optimizer_state(comm)?.context(gathered)?;
+        write_optimizer(&tmp.join(OPTIMIZER_FILE), model.optimizer_state(), m, v)
     })
+    .map(Some)
 }
 
 /// [`save`] with the checkpoint's files (all but `trainer_state.json`) written by `write` into

@@ -595,14 +595,8 @@ impl Loader {
     /// without a supervised token is returned as an error of type [`NoSupervisedTokens`] (the
     /// loader has already moved past it).
     pub fn next_batch(&mut self) -> Result<Batch> {
-        if self.state.batch_in_epoch as usize >= self.batches_per_epoch() {
-            self.state.epoch += 1;
-            self.state.batch_in_epoch = 0;
-            self.plan_epoch();
-        }
-        let k = self.state.batch_in_epoch as usize;
-        let here = self.state.clone();
-        self.state.batch_in_epoch += 1;
+        let here = self.advance();
+        let k = here.batch_in_epoch as usize;
         let (bs, ds) = (self.cfg.batch_size, &self.dataset);
         let batch = match self.cfg.mode {
             BatchMode::Packed => packed_batch(
@@ -622,6 +616,25 @@ impl Loader {
             return Err(NoSupervisedTokens { epoch: here.epoch, batch_in_epoch: here.batch_in_epoch }.into());
         }
         Ok(batch)
+    }
+
+    /// Moves past the next batch without building it, as [`Loader::next_batch`] would (a
+    /// data-parallel rank passing over the other ranks' micro-batches).
+    pub fn skip_batch(&mut self) {
+        self.advance();
+    }
+
+    /// The position of the next batch (moving to the next epoch first at the end of one); the
+    /// loader then stands after it.
+    fn advance(&mut self) -> LoaderState {
+        if self.state.batch_in_epoch as usize >= self.batches_per_epoch() {
+            self.state.epoch += 1;
+            self.state.batch_in_epoch = 0;
+            self.plan_epoch();
+        }
+        let here = self.state.clone();
+        self.state.batch_in_epoch += 1;
+        here
     }
 
     pub fn state(&self) -> LoaderState {

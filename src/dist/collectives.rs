@@ -1,11 +1,17 @@
 //! The collective operations data parallelism needs, behind one trait: plain single-process
 //! arithmetic here, MPI (feature `mpi`) for ranks on the CPU, NCCL later for GPUs.
 //!
+//! ZeRO-1's reduce-scatter and all-gather have default forms built from `reduce_sum` and
+//! `broadcast`, one call per rank's segment: variable segments, counts that fit MPI's `int` per
+//! segment, and a sum that is the all-reduce's (the same adds, done at the segment's owner).
+//!
 //! Every rank calls the same operations in the same order with the same lengths; a mismatch is
 //! a bug in the caller (MPI would hang or fail), so the implementations check what they can
 //! cheaply and say which operation failed.
 
-use anyhow::{ensure, Result};
+use std::ops::Range;
+
+use anyhow::{ensure, Context, Result};
 
 /// Collectives over the ranks of one job.
 pub trait Collectives {
@@ -19,15 +25,57 @@ pub trait Collectives {
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()>;
     /// The same in f64 (loss sums and token counts, exact for counts below 2^53).
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()>;
+    /// Leaves on `root` the element-wise sum over the ranks of `buf`; the other ranks' `buf` is
+    /// unchanged.
+    fn reduce_sum(&self, buf: &mut [f32], root: usize) -> Result<()>;
     /// Copies `root`'s `buf` to every rank.
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()>;
     /// Copies `root`'s bytes to every rank (ids, small states).
     fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()>;
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()>;
+    /// `buf` is cut into one segment per rank of `counts[r]` elements, in rank order; each
+    /// rank's segment is summed over the ranks and left on that rank (the rest of its `buf` is
+    /// unchanged).
+    fn reduce_scatter_sum(&self, buf: &mut [f32], counts: &[usize]) -> Result<()> {
+        for (r, seg) in segments(buf.len(), counts, self.world_size())
+            .context("reduce_scatter_sum")?
+            .into_iter()
+            .enumerate()
+        {
+            self.reduce_sum(&mut buf[seg], r)
+                .with_context(|| format!("reduce_scatter_sum: rank {r}'s segment"))?;
+        }
+        Ok(())
+    }
+    /// `buf` cut as in [`Collectives::reduce_scatter_sum`]: every rank's segment is copied from
+    /// that rank to all.
+    fn all_gather(&self, buf: &mut [f32], counts: &[usize]) -> Result<()> {
+        for (r, seg) in
+            segments(buf.len(), counts, self.world_size()).context("all_gather")?.into_iter().enumerate()
+        {
+            self.broadcast(&mut buf[seg], r).with_context(|| format!("all_gather: rank {r}'s segment"))?;
+        }
+        Ok(())
+    }
     /// Ends every rank of the job with `code`: how one rank's error stops the others, which
     /// would otherwise wait forever in their next collective.
     fn abort(&self, code: i32) -> !;
+}
+
+/// The ranges of `counts` consecutive segments of a buffer of `len` elements, one per rank.
+fn segments(len: usize, counts: &[usize], world: usize) -> Result<Vec<Range<usize>>> {
+    ensure!(counts.len() == world, "{} segment counts for {world} ranks", counts.len());
+    let total: usize = counts.iter().sum();
+    ensure!(total == len, "segments of {total} elements in all, for a buffer of {len}");
+    let mut at = 0;
+    Ok(counts
+        .iter()
+        .map(|&c| {
+            at += c;
+            at - c..at
+        })
+        .collect())
 }
 
 /// One process: every collective is the identity.
@@ -45,6 +93,10 @@ impl Collectives for SingleProcess {
         Ok(())
     }
     fn all_reduce_sum_f64(&self, _buf: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+    fn reduce_sum(&self, _buf: &mut [f32], root: usize) -> Result<()> {
+        ensure!(root == 0, "reduce to rank {root} in a job of 1 process");
         Ok(())
     }
     fn broadcast(&self, _buf: &mut [f32], root: usize) -> Result<()> {
@@ -113,6 +165,11 @@ mod tests {
         let e = c.broadcast(&mut g, 1).unwrap_err().to_string();
         assert!(e.contains("rank 1"), "{e}");
         c.barrier().unwrap();
+        c.reduce_scatter_sum(&mut g, &[3]).unwrap();
+        c.all_gather(&mut g, &[3]).unwrap();
+        assert_eq!(g, [1.5, -2.0, 3.25]);
+        let e = c.all_gather(&mut g, &[2]).unwrap_err();
+        assert!(format!("{e:#}").contains("segments of 2 elements in all, for a buffer of 3"), "{e:#}");
         let mut v = [3u64, u64::MAX];
         broadcast_u64(&c, &mut v, 0).unwrap();
         assert_eq!(v, [3, u64::MAX]);

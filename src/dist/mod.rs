@@ -4,7 +4,8 @@
 //!   variables;
 //! - [`collectives`]: the [`Collectives`] trait (all-reduce, broadcast, barrier) and its
 //!   single-process form; [`mpi`] (feature `mpi`) over the system's MPI;
-//! - [`shard`]: which micro-batches of each optimizer step a rank trains on.
+//! - [`shard`]: which micro-batches of each optimizer step a rank trains on;
+//! - [`zero`]: which tensors' optimizer state a rank holds under ZeRO-1.
 //!
 //! docs/distributed.md says how to launch and what is not built yet.
 
@@ -13,10 +14,12 @@ pub mod launch;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod shard;
+pub mod zero;
 
 pub use collectives::{broadcast_u64, ensure_agreement, Collectives, SingleProcess};
 pub use launch::{Launch, Launcher};
 pub use shard::Sharding;
+pub use zero::OptimizerShards;
 
 use anyhow::Result;
 

@@ -53,6 +53,17 @@ impl Collectives for MpiCollectives {
         self.world.all_reduce_into(&send[..], buf, SystemOperation::sum());
         Ok(())
     }
+    fn reduce_sum(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        let root = self.root(root).context("reduce_sum")?;
+        let send = buf.to_vec();
+        let process = self.world.process_at_rank(root);
+        if self.world.rank() == root {
+            process.reduce_into_root(&send[..], buf, SystemOperation::sum());
+        } else {
+            process.reduce_into(&send[..], SystemOperation::sum());
+        }
+        Ok(())
+    }
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
         let root = self.root(root).context("broadcast")?;
         self.world.process_at_rank(root).broadcast_into(buf);

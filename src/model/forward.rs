@@ -21,6 +21,9 @@ use crate::data::batch::Batch;
 use crate::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::HashMap;
+use std::ops::Range;
+
+mod zero;
 
 /// The attention block's activations of one layer that backward needs (and the FFN's input).
 struct AttnActs<B: Backend> {
@@ -168,11 +171,14 @@ pub struct Model<B: Backend> {
     lens: Vec<usize>,
     /// Weights in the compute precision (what the ops read).
     params: Vec<B::Buf>,
-    /// F32 master weights, gradients, and Adam moments, one per parameter tensor.
+    /// F32 master weights, gradients, and Adam moments, one per parameter tensor; under ZeRO-1
+    /// `master`, `m` and `v` hold only the tensors of [`Model::state_tensors`], from its start.
     master: Vec<B::Buf>,
     grads: Vec<B::Buf>,
     m: Vec<B::Buf>,
     v: Vec<B::Buf>,
+    /// ZeRO-1: which rank holds which tensors' optimizer state (None: this model holds all).
+    shards: Option<crate::dist::OptimizerShards>,
     /// The storage type of `m` and `v` (`--optimizer-state`).
     moments: StateDtype,
     /// False for an inference-only model: no master weights, gradients or moments.
@@ -285,14 +291,28 @@ pub(crate) fn reduce_flat<B: Backend>(
     lens: &[usize],
     reduce: impl FnOnce(&mut [f32]) -> Result<()>,
 ) -> Result<()> {
+    reduce_flat_into(be, bufs, lens, 0..bufs.len(), reduce)
+}
+
+/// [`reduce_flat`] writing back only the buffers `keep` (a reduce-scatter's result is valid in
+/// this rank's segment only).
+pub(crate) fn reduce_flat_into<B: Backend>(
+    be: &B,
+    bufs: &mut [B::Buf],
+    lens: &[usize],
+    keep: Range<usize>,
+    reduce: impl FnOnce(&mut [f32]) -> Result<()>,
+) -> Result<()> {
     let mut flat = Vec::with_capacity(lens.iter().sum());
     for (g, &len) in bufs.iter().zip(lens) {
         flat.extend(be.read(g, len)?);
     }
     reduce(&mut flat)?;
     let mut at = 0;
-    for (g, &len) in bufs.iter_mut().zip(lens) {
-        be.write(g, &flat[at..at + len])?;
+    for (i, (g, &len)) in bufs.iter_mut().zip(lens).enumerate() {
+        if keep.contains(&i) {
+            be.write(g, &flat[at..at + len])?;
+        }
         at += len;
     }
     Ok(())
@@ -830,6 +850,7 @@ impl<B: Backend> Model<B> {
             grads,
             m,
             v,
+            shards: None,
             moments,
             training,
             acts,
@@ -874,16 +895,44 @@ impl<B: Backend> Model<B> {
             return Ok(());
         }
         self.zero_grads()?;
-        for i in 0..self.specs.len() {
-            self.backend.zero(&mut self.m[i], self.lens[i])?;
-            self.backend.zero(&mut self.v[i], self.lens[i])?;
+        let first = self.state_tensors().start;
+        for (j, (m, v)) in self.m.iter_mut().zip(&mut self.v).enumerate() {
+            self.backend.zero(m, self.lens[first + j])?;
+            self.backend.zero(v, self.lens[first + j])?;
         }
         Ok(())
     }
 
-    /// The parameters (from the F32 master copy), with internal names, in layout order.
+    /// The parameters (from the F32 master copy), with internal names, in layout order. Under
+    /// ZeRO-1 the master copy is split over the ranks: [`Model::gather_params`] collects it.
     pub fn read_params(&self) -> Result<Vec<NamedTensor>> {
-        self.read_named(if self.base_trained() { &self.master } else { &self.params })
+        if self.base_trained() {
+            self.ensure_unsharded("read_params")?;
+            return self.read_named(&self.master);
+        }
+        self.read_named(&self.params)
+    }
+
+    /// The weights in the compute precision, as the forward reads them (with bf16 compute, the
+    /// master weights rounded): the same on every rank, ZeRO-1 or not.
+    pub fn read_weights(&self) -> Result<Vec<NamedTensor>> {
+        self.read_named(&self.params)
+    }
+
+    /// The tensors whose master weights and moments this model holds: all, or under ZeRO-1 this
+    /// rank's share (none for a model without optimizer state).
+    fn state_tensors(&self) -> Range<usize> {
+        match &self.shards {
+            _ if !self.base_trained() => 0..0,
+            Some(s) => s.owned(),
+            None => 0..self.specs.len(),
+        }
+    }
+
+    /// Where tensor `i`'s master weights and moments are in `master`, `m` and `v`, if here.
+    fn state_slot(&self, i: usize) -> Option<usize> {
+        let held = self.state_tensors();
+        held.contains(&i).then(|| i - held.start)
     }
 
     /// Sets the parameters (master and compute copies); `params` must hold exactly this
@@ -892,8 +941,8 @@ impl<B: Backend> Model<B> {
         let ordered = params::check_params(&self.config, params).context("writing model parameters")?;
         for (i, t) in ordered.iter().enumerate() {
             self.backend.write(&mut self.params[i], &t.data)?;
-            if self.base_trained() {
-                self.backend.write(&mut self.master[i], &t.data)?;
+            if let Some(j) = self.state_slot(i) {
+                self.backend.write(&mut self.master[j], &t.data)?;
             }
         }
         Ok(())
@@ -908,8 +957,8 @@ impl<B: Backend> Model<B> {
         for t in params {
             let i = *slot.get(&t.name).with_context(|| format!("unexpected parameter {}", t.name))?;
             self.backend.write(&mut self.params[i], &t.data)?;
-            if self.base_trained() {
-                self.backend.write(&mut self.master[i], &t.data)?;
+            if let Some(j) = self.state_slot(i) {
+                self.backend.write(&mut self.master[j], &t.data)?;
             }
         }
         Ok(())
@@ -995,6 +1044,7 @@ impl<B: Backend> Model<B> {
     /// each value is a bf16 one).
     pub fn read_optimizer_state(&self) -> Result<(Vec<NamedTensor>, Vec<NamedTensor>)> {
         self.ensure_training("read_optimizer_state")?;
+        self.ensure_unsharded("read_optimizer_state")?;
         Ok((self.read_named(&self.m)?, self.read_named(&self.v)?))
     }
 
@@ -1003,19 +1053,20 @@ impl<B: Backend> Model<B> {
         ensure!(self.lora.is_none(), "write_optimizer_state: the base is frozen (LoRA): it has no moments");
         let m = params::check_params(&self.config, m).context("writing Adam first moments")?;
         let v = params::check_params(&self.config, v).context("writing Adam second moments")?;
-        for i in 0..self.specs.len() {
+        // Under ZeRO-1 every rank reads the whole state and keeps its share.
+        for (j, i) in self.state_tensors().enumerate() {
             match self.moments {
                 StateDtype::F32 => {
-                    self.backend.write(&mut self.m[i], &m[i].data)?;
-                    self.backend.write(&mut self.v[i], &v[i].data)?;
+                    self.backend.write(&mut self.m[j], &m[i].data)?;
+                    self.backend.write(&mut self.v[j], &v[i].data)?;
                 }
                 // Rounded here as a store in the step rounds them, so that every backend (the
                 // CPU keeps f32 storage) holds the same bf16 values.
                 StateDtype::Bf16 => {
                     let round =
                         |x: &[f32]| x.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect::<Vec<_>>();
-                    self.backend.write(&mut self.m[i], &round(&m[i].data))?;
-                    self.backend.write(&mut self.v[i], &round(&v[i].data))?;
+                    self.backend.write(&mut self.m[j], &round(&m[i].data))?;
+                    self.backend.write(&mut self.v[j], &round(&v[i].data))?;
                 }
             }
         }
@@ -1084,6 +1135,18 @@ impl<B: Backend> Model<B> {
 
     fn ensure_training(&self, what: &str) -> Result<()> {
         ensure!(self.training, "{what}: this model was built for inference only (Model::new_inference)");
+        Ok(())
+    }
+
+    fn ensure_unsharded(&self, what: &str) -> Result<()> {
+        if let Some(s) = &self.shards {
+            bail!(
+                "{what}: this rank holds the optimizer state of tensors {:?} only (ZeRO-1 over {} ranks): \
+                 gather it over the ranks (Model::gather_params, gather_optimizer_state, clip_and_update_sharded)",
+                s.owned(),
+                s.world_size()
+            );
+        }
         Ok(())
     }
 
@@ -1503,6 +1566,7 @@ impl<B: Backend> Model<B> {
     /// Global L2 norm of the accumulated gradients (one read-back).
     pub fn grad_norm(&mut self) -> Result<f64> {
         self.ensure_training("grad_norm")?;
+        self.ensure_unsharded("grad_norm")?;
         if self.fresh && self.lora.is_none() {
             return Ok(0.0);
         }
@@ -1513,6 +1577,7 @@ impl<B: Backend> Model<B> {
     /// One AdamW step over every parameter tensor, from the accumulated gradients.
     pub fn adamw_step(&mut self, hp: &AdamW) -> Result<()> {
         self.ensure_training("adamw_step")?;
+        self.ensure_unsharded("adamw_step")?;
         self.materialize_zero_grads()?;
         self.update(hp, None)
     }
@@ -1523,6 +1588,7 @@ impl<B: Backend> Model<B> {
     /// then the step's loss sum and the norm read together.
     pub fn clip_and_update(&mut self, hp: &AdamW, max_norm: f32) -> Result<StepStats> {
         self.ensure_training("clip_and_update")?;
+        self.ensure_unsharded("clip_and_update")?;
         self.materialize_zero_grads()?;
         self.sum_squares_into_stats()?;
         self.update(hp, Some(max_norm))?;
@@ -1550,9 +1616,14 @@ impl<B: Backend> Model<B> {
             let clip = max_norm.map(|max_norm| Clip { sumsq: &self.stats, max_norm });
             return lora.adamw(&self.backend, hp, clip);
         }
-        let mut params: Vec<&mut B::Buf> = self.params.iter_mut().collect();
+        // The tensors whose state is here: all, or this rank's share under ZeRO-1.
+        let held = self.state_tensors();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let mut params: Vec<&mut B::Buf> = self.params[held.clone()].iter_mut().collect();
         let mut master: Vec<&mut B::Buf> = self.master.iter_mut().collect();
-        let grads: Vec<&B::Buf> = self.grads.iter().collect();
+        let grads: Vec<&B::Buf> = self.grads[held.clone()].iter().collect();
         let mut m: Vec<&mut B::Buf> = self.m.iter_mut().collect();
         let mut v: Vec<&mut B::Buf> = self.v.iter_mut().collect();
         let clip = max_norm.map(|max_norm| Clip { sumsq: &self.stats, max_norm });
@@ -1563,7 +1634,7 @@ impl<B: Backend> Model<B> {
             &mut m,
             &mut v,
             self.moments,
-            &self.lens,
+            &self.lens[held],
             hp,
             clip,
         )

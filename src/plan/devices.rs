@@ -172,6 +172,22 @@ pub fn all_reduce_seconds(bytes: f64, gpus: usize, link: &Link) -> f64 {
     2.0 * (n - 1.0) / n * bytes / link.bus_bandwidth + 2.0 * (n - 1.0) * ALL_REDUCE_HOP_S
 }
 
+/// Seconds of ZeRO-1's collectives over `gpus` GPUs on `link`: a ring reduce-scatter of
+/// `grad_bytes` and a ring all-gather of `weight_bytes`, each moving `(n − 1)/n` of its buffer
+/// per GPU in `n − 1` hops.
+pub fn reduce_scatter_all_gather_seconds(
+    grad_bytes: f64,
+    weight_bytes: f64,
+    gpus: usize,
+    link: &Link,
+) -> f64 {
+    if gpus <= 1 {
+        return 0.0;
+    }
+    let n = gpus as f64;
+    (n - 1.0) / n * (grad_bytes + weight_bytes) / link.bus_bandwidth + 2.0 * (n - 1.0) * ALL_REDUCE_HOP_S
+}
+
 /// The device named `key` (`h100`, `h200`, `a100`, `rtx4090`; a few spellings accepted).
 pub fn device(key: &str) -> Result<&'static DeviceSpec> {
     let k = key.to_ascii_lowercase().replace(['-', '_', ' '], "");

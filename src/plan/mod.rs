@@ -87,6 +87,11 @@ pub struct PlanArgs {
     /// GB/s. Default: nvlink where the device has it, else pcie.
     #[arg(long)]
     pub link: Option<String>,
+    /// With --gpus above 1: 1 plans ZeRO-1 (`sft train --zero-stage 1`): each rank holds its
+    /// share of the master weights and moments; the gradients are reduce-scattered and the bf16
+    /// weights all-gathered instead of all-reduced.
+    #[arg(long, value_name = "0|1", default_value_t = 0)]
+    pub zero_stage: u8,
 }
 
 /// The step over `gpus` data-parallel ranks.
@@ -95,9 +100,14 @@ pub struct DataParallelPlan {
     pub gpus: usize,
     pub link: devices::Link,
     /// fp32 gradients of the trainable parameters (the adapters' with LoRA), all-reduced once
-    /// per optimizer step.
+    /// per optimizer step (reduce-scattered under ZeRO-1).
     pub gradient_bytes: f64,
-    pub all_reduce_seconds: f64,
+    /// 0, or 1: ZeRO-1, whose bf16 weights are all-gathered after the update.
+    pub zero_stage: u8,
+    /// bf16 weights all-gathered per step (ZeRO-1; 0 otherwise).
+    pub weight_bytes: f64,
+    /// The collectives of one step: the all-reduce, or ZeRO-1's reduce-scatter and all-gather.
+    pub collective_seconds: f64,
     /// One rank's step plus the all-reduce.
     pub step_seconds: f64,
     /// Every rank's tokens together.
@@ -141,8 +151,11 @@ pub struct MemoryPlan {
     /// fp32 gradients (with LoRA: the adapters', and the scratch that takes the frozen norms'
     /// and lm_head's weight gradients).
     pub grads: usize,
-    /// fp32 master weights and the two AdamW moments (with LoRA: the adapters' only).
+    /// fp32 master weights and the two AdamW moments (with LoRA: the adapters' only); under
+    /// ZeRO-1 the largest rank's share.
     pub master_and_moments: usize,
+    /// Ranks the master weights and moments are split over (1: not split).
+    pub optimizer_shards: usize,
     /// The moments' storage type (`--optimizer-state`).
     pub optimizer_state: StateDtype,
     pub activations_per_token: usize,
@@ -362,6 +375,15 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
         "--optimizer-state bf16 is for full fine-tuning: LoRA adapters keep f32 AdamW moments"
     );
     ensure!(args.gpus >= 1, "--gpus must be at least 1");
+    match args.zero_stage {
+        0 => {}
+        1 => ensure!(
+            args.gpus > 1 && lora.is_none(),
+            "--zero-stage 1 splits the optimizer state of full fine-tuning over ranks: give --gpus above 1, \
+             without --lora"
+        ),
+        n => bail!("--zero-stage {n} is not built: 0 or 1"),
+    }
     let link = match (&args.link, args.gpus) {
         (Some(l), 1) => bail!("--link {l:?} is for data parallelism: give --gpus above 1"),
         (Some(l), _) => Some(devices::link(device, l)?),
@@ -438,21 +460,38 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
         })
         .collect();
     let adapters = if lora.is_some() { trainable } else { 0 };
+    // Adapters (LoRA) always keep f32 moments.
+    let state_bytes = 4 + 2 * moments.bytes();
+    let (optimizer_shards, master_and_moments) = match args.zero_stage {
+        1 => {
+            let lens: Vec<usize> =
+                crate::model::params::param_specs(&config).iter().map(|s| s.numel()).collect();
+            let largest_share =
+                crate::dist::OptimizerShards::new(&lens, args.gpus, 0)?.counts().into_iter().max();
+            notes.push(
+                "ZeRO-1: the trainer's memory check (largest micro-batch) still counts the whole optimizer state"
+                    .to_string(),
+            );
+            (args.gpus, largest_share.unwrap_or(0) * state_bytes)
+        }
+        _ => (1, trainable * state_bytes),
+    };
+    let total = fixed - trainable * state_bytes + master_and_moments + activations + workspace;
     let memory = MemoryPlan {
         weights: (n_params + adapters) * COMPUTE_BYTES + config.vocab_size * COMPUTE_BYTES,
         grads: trainable * 4 + frozen_grad_scratch,
-        // Adapters (LoRA) always keep f32 moments.
-        master_and_moments: trainable * (4 + 2 * moments.bytes()),
+        master_and_moments,
+        optimizer_shards,
         optimizer_state: moments,
         activations_per_token: per_token,
         activations,
         workspace,
-        total: fixed + activations + workspace,
+        total,
         allocated_by_model: count.allocated,
         device_memory: device.memory,
         available,
         largest_micro_batch: largest,
-        fits: largest >= micro_batch && fixed + activations + workspace <= available,
+        fits: largest >= micro_batch && total <= available,
         recompute_options,
     };
 
@@ -497,15 +536,26 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
         |f: fn(&Tally) -> f64| Family::ALL.iter().map(|&fam| f(&count.ledger.family(fam))).sum::<f64>();
     let data_parallel = link.map(|link| {
         let gradient_bytes = 4.0 * trainable as f64;
-        let all_reduce_seconds = devices::all_reduce_seconds(gradient_bytes, args.gpus, &link);
-        let step = step_seconds + all_reduce_seconds;
+        let (weight_bytes, collective_seconds) = match args.zero_stage {
+            1 => {
+                let weights = COMPUTE_BYTES as f64 * trainable as f64;
+                (
+                    weights,
+                    devices::reduce_scatter_all_gather_seconds(gradient_bytes, weights, args.gpus, &link),
+                )
+            }
+            _ => (0.0, devices::all_reduce_seconds(gradient_bytes, args.gpus, &link)),
+        };
+        let step = step_seconds + collective_seconds;
         let tokens = tokens_per_step * args.gpus;
         let tokens_per_s = tokens as f64 / step;
         DataParallelPlan {
             gpus: args.gpus,
             link,
             gradient_bytes,
-            all_reduce_seconds,
+            zero_stage: args.zero_stage,
+            weight_bytes,
+            collective_seconds,
             step_seconds: step,
             tokens_per_step: tokens,
             tokens_per_s,
@@ -652,13 +702,24 @@ pub fn render(p: &Plan) -> String {
             dp.link.name,
             dp.link.bus_bandwidth / 1e9
         );
-        let _ = writeln!(
-            s,
-            "all-reduce            {:.2} GB of fp32 gradients per step (ring: 2·(n−1)/n of it per GPU): {:.1} ms, \
-             after the backward (no overlap)",
-            dp.gradient_bytes / 1e9,
-            dp.all_reduce_seconds * 1e3
-        );
+        if dp.zero_stage == 1 {
+            let _ = writeln!(
+                s,
+                "ZeRO-1 collectives    reduce-scatter of {:.2} GB of fp32 gradients, all-gather of {:.2} GB of bf16 \
+                 weights (ring: (n−1)/n of each per GPU): {:.1} ms, after the backward (no overlap)",
+                dp.gradient_bytes / 1e9,
+                dp.weight_bytes / 1e9,
+                dp.collective_seconds * 1e3
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "all-reduce            {:.2} GB of fp32 gradients per step (ring: 2·(n−1)/n of it per GPU): {:.1} ms, \
+                 after the backward (no overlap)",
+                dp.gradient_bytes / 1e9,
+                dp.collective_seconds * 1e3
+            );
+        }
         let _ = writeln!(
             s,
             "step time             {:.1} ms ({} tokens over all ranks)",
@@ -682,7 +743,11 @@ pub fn render(p: &Plan) -> String {
         StateDtype::F32 => "master + AdamW moments (fp32)",
         StateDtype::Bf16 => "master + moments (fp32, bf16)",
     };
-    let _ = writeln!(s, "{label:<30} {:>8.2} GiB", gib(m.master_and_moments));
+    let shards = match m.optimizer_shards {
+        1 => String::new(),
+        n => format!(" (ZeRO-1: the largest of {n} ranks' shares)"),
+    };
+    let _ = writeln!(s, "{label:<30} {:>8.2} GiB{shards}", gib(m.master_and_moments));
     let _ = writeln!(
         s,
         "activations                    {:>8.2} GiB ({} bytes/token × {} tokens)",

@@ -456,6 +456,7 @@ fn plan_args(model: &str, micro_batch: usize, seq_len: usize) -> PlanArgs {
         recompute: Default::default(),
         gpus: 1,
         link: None,
+        zero_stage: 0,
     }
 }
 
@@ -473,9 +474,9 @@ fn data_parallel_adds_the_ring_all_reduce_of_the_gradients() {
     assert_eq!(dp.gradient_bytes, bytes);
     let ring = 2.0 * 7.0 / 8.0 * bytes / 360e9 + 14.0 * devices::ALL_REDUCE_HOP_S;
     assert!(
-        (dp.all_reduce_seconds - ring).abs() < 1e-12 * ring.max(1.0),
+        (dp.collective_seconds - ring).abs() < 1e-12 * ring.max(1.0),
         "{} vs {ring}",
-        dp.all_reduce_seconds
+        dp.collective_seconds
     );
     // The rank's own step is the single-GPU step.
     assert_eq!(eight.step_seconds, one.step_seconds);
@@ -488,7 +489,7 @@ fn data_parallel_adds_the_ring_all_reduce_of_the_gradients() {
     let ib =
         plan_for(&c, &PlanArgs { gpus: 8, link: Some("infiniband".into()), ..plan_args("small", 2, 64) })
             .unwrap();
-    assert!(ib.data_parallel.unwrap().all_reduce_seconds > dp.all_reduce_seconds);
+    assert!(ib.data_parallel.unwrap().collective_seconds > dp.collective_seconds);
     let given =
         plan_for(&c, &PlanArgs { gpus: 2, link: Some("100".into()), ..plan_args("small", 2, 64) }).unwrap();
     assert_eq!(given.data_parallel.unwrap().link.bus_bandwidth, 100e9);
@@ -515,6 +516,47 @@ fn data_parallel_refusals_name_the_flag_and_lora_reduces_its_adapters() {
     // Without NVLink the default link is PCIe.
     let p = plan_for(&c, &PlanArgs { gpus: 2, gpu: "rtx4090".into(), ..plan_args("small", 2, 64) }).unwrap();
     assert!(p.data_parallel.unwrap().link.name.starts_with("PCIe"));
+}
+
+/// `--zero-stage 1`: the largest rank's share of the master weights and moments, and a
+/// reduce-scatter of the fp32 gradients plus an all-gather of the bf16 weights.
+#[test]
+fn zero1_splits_the_state_and_gathers_bf16_weights() {
+    let c = small();
+    let plain = plan_for(&c, &PlanArgs { gpus: 4, ..plan_args("small", 2, 64) }).unwrap();
+    let zero = plan_for(&c, &PlanArgs { gpus: 4, zero_stage: 1, ..plan_args("small", 2, 64) }).unwrap();
+    let (pm, zm) = (&plain.memory, &zero.memory);
+    assert_eq!((pm.optimizer_shards, zm.optimizer_shards), (1, 4));
+    // The largest share: a quarter of the state, give or take a tensor.
+    let lens: Vec<usize> = crate::model::params::param_specs(&c).iter().map(|s| s.numel()).collect();
+    let largest_tensor = *lens.iter().max().unwrap();
+    assert!(
+        zm.master_and_moments >= pm.master_and_moments / 4,
+        "{} of {}",
+        zm.master_and_moments,
+        pm.master_and_moments
+    );
+    assert!(zm.master_and_moments <= pm.master_and_moments / 4 + 12 * largest_tensor);
+    assert_eq!(pm.total - zm.total, pm.master_and_moments - zm.master_and_moments);
+    let dp = zero.data_parallel.as_ref().unwrap();
+    let n = c.n_params() as f64;
+    assert_eq!((dp.zero_stage, dp.weight_bytes), (1, 2.0 * n));
+    let ring = 3.0 / 4.0 * (4.0 * n + 2.0 * n) / 360e9 + 6.0 * devices::ALL_REDUCE_HOP_S;
+    assert!(
+        (dp.collective_seconds - ring).abs() < 1e-12 * ring.max(1.0),
+        "{} vs {ring}",
+        dp.collective_seconds
+    );
+    // 6 bytes per parameter moved instead of the all-reduce's 8.
+    assert!(dp.collective_seconds < plain.data_parallel.as_ref().unwrap().collective_seconds);
+    let text = render(&zero);
+    assert!(
+        text.contains("ZeRO-1 collectives") && text.contains("ZeRO-1: the largest of 4 ranks' shares"),
+        "{text}"
+    );
+    let err = |args: PlanArgs| format!("{:#}", plan_for(&c, &args).unwrap_err());
+    assert!(err(PlanArgs { zero_stage: 1, ..plan_args("small", 2, 64) }).contains("--gpus above 1"));
+    assert!(err(PlanArgs { gpus: 2, zero_stage: 2, ..plan_args("small", 2, 64) }).contains("not built"));
 }
 
 /// `--micro-batch auto`: the trainer's choice (`plan_batches` on the plan's own memory check),

@@ -157,6 +157,11 @@ pub struct TrainArgs {
     /// fine-tuning only). --resume needs the state type the run was saved with.
     #[arg(long, value_name = "f32|bf16")]
     pub optimizer_state: Option<crate::backend::StateDtype>,
+    /// Over several ranks: 1 splits the f32 master weights and AdamW moments over them
+    /// (ZeRO-1: 12 bytes per parameter become 12 / ranks), 0 (default) keeps them whole on
+    /// every rank. The same run either way.
+    #[arg(long, value_name = "0|1")]
+    pub zero_stage: Option<u8>,
 }
 
 impl TrainArgs {
@@ -176,7 +181,7 @@ impl TrainArgs {
         apply!(model, data, tokenizer, out_dir, epochs, micro_batch, grad_accum, batch_mode, shuffle);
         apply!(max_lr, min_lr, warmup_steps, beta1, beta2, eps, weight_decay, clip, seed);
         apply!(eval_every, eval_batches, save_every, keep_checkpoints, sample_every, log_every, device);
-        apply!(init_from, max_steps, schedule_steps, max_seq_len, dropout, optimizer_state);
+        apply!(init_from, max_steps, schedule_steps, max_seq_len, dropout, optimizer_state, zero_stage);
         if let Some(r) = self.recompute {
             c.recompute = Some(r);
         }

@@ -94,6 +94,12 @@ pub struct TrainConfig {
     /// `"auto"`: the least recompute with which the micro-batch fits the device. Unset: the
     /// resumed run's choice, else `"none"`. The gradients do not depend on it.
     pub recompute: Option<crate::model::RecomputeChoice>,
+    /// ZeRO stage over the ranks of a data-parallel job: 0 (every rank holds the whole optimizer
+    /// state) or 1 (each rank holds its share of the f32 master weights and AdamW moments; the
+    /// gradients are reduce-scattered and the new weights all-gathered). The same run either
+    /// way, and a checkpoint holds the whole state: a run may resume at another stage. Nothing
+    /// to split in one process.
+    pub zero_stage: u8,
 }
 
 impl Default for TrainConfig {
@@ -138,6 +144,7 @@ impl Default for TrainConfig {
             lora: None,
             optimizer_state: StateDtype::F32,
             recompute: None,
+            zero_stage: 0,
         }
     }
 }
@@ -245,6 +252,17 @@ impl TrainConfig {
                 "optimizer_state bf16 is for full fine-tuning: LoRA adapters keep f32 AdamW moments (they are \
                  small); drop --optimizer-state or the LoRA options"
             );
+        }
+        match self.zero_stage {
+            0 => {}
+            1 if self.lora.is_some() => bail!(
+                "zero_stage 1 splits the optimizer state of full fine-tuning: LoRA's adapters are small, and \
+                 the frozen base has none; drop --zero-stage or the LoRA options"
+            ),
+            1 => {}
+            n => bail!(
+                "zero_stage {n} is not built: 0 (no split) or 1 (the optimizer state split over the ranks)"
+            ),
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             bail!("weight_decay must be non-negative, got {}", self.weight_decay);

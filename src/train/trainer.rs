@@ -139,16 +139,22 @@ fn step_on_share<B: Backend>(
         let seed = model.uses_dropout().then(|| dropout_seed(dropout_stream, step, micro));
         model.accumulate_gradients(batch, loss_scale, seed)?;
     }
+    //    Under ZeRO-1 each rank gets the sum of its own tensors' gradients only.
+    let zero = model.optimizer_shards().is_some();
     if ranks {
         let _reduce = profile::range("all_reduce");
-        model
-            .all_reduce_grads(|g| comm.all_reduce_sum(g))
-            .with_context(|| format!("step {}: summing the gradients over the ranks", step + 1))?;
+        let reduced = if zero {
+            model.reduce_scatter_grads(comm)
+        } else {
+            model.all_reduce_grads(|g| comm.all_reduce_sum(g))
+        };
+        reduced.with_context(|| format!("step {}: summing the gradients over the ranks", step + 1))?;
     }
 
     // 3 and 4. The global norm, then AdamW at the scheduled learning rate, clipped by a factor
     // the device works out from the norm; a norm that is not finite leaves the weights alone.
-    // Every rank applies the same update to the same weights, so they stay identical.
+    // Every rank applies the same update to the same weights, so they stay identical (under
+    // ZeRO-1 each rank updates its tensors and sends their new weights to all).
     let _optimizer = profile::range("optimizer");
     let hp = AdamW {
         lr: lr as f32,
@@ -159,7 +165,11 @@ fn step_on_share<B: Backend>(
         step: step + 1,
         grad_scale: 1.0,
     };
-    let StepStats { mut loss_sum, grad_norm: norm } = model.clip_and_update(&hp, cfg.clip as f32)?;
+    let StepStats { mut loss_sum, grad_norm: norm } = if zero {
+        model.clip_and_update_sharded(&hp, cfg.clip as f32, comm)?
+    } else {
+        model.clip_and_update(&hp, cfg.clip as f32)?
+    };
     if ranks {
         let mut sum = [loss_sum];
         comm.all_reduce_sum_f64(&mut sum).context("summing the step's loss over the ranks")?;
@@ -179,8 +189,8 @@ fn step_on_share<B: Backend>(
 /// many of its micro-batches were skipped for having no supervised target. The step takes the
 /// next `grad_accum` micro-batches of this epoch or, when fewer are left (dropped, like a last
 /// partial batch), the first ones of the next epoch; [`Sharding`] says which are this rank's.
-/// Every rank reads past the other ranks' micro-batches too, so that all loaders stay at the
-/// same place (the global one, as in one process).
+/// Every rank moves past the other ranks' micro-batches too (without building them), so that
+/// all loaders stay at the same place (the global one, as in one process).
 fn next_share(loader: &mut Loader, sharding: &Sharding) -> Result<(Vec<(usize, Batch)>, u64)> {
     let grad_accum = sharding.global_accum();
     let here = loader.state();
@@ -198,12 +208,13 @@ fn next_share(loader: &mut Loader, sharding: &Sharding) -> Result<(Vec<(usize, B
     let mut share = Vec::with_capacity(sharding.accum);
     let mut skipped = 0;
     for (micro, position) in (first..sharding.next_step(first)).enumerate() {
+        if !mine.contains(&position) {
+            loader.skip_batch();
+            continue;
+        }
         match loader.next_batch() {
-            Ok(batch) if mine.contains(&position) => share.push((micro, batch)),
-            Ok(_) => {}
-            Err(e) if e.downcast_ref::<NoSupervisedTokens>().is_some() => {
-                skipped += u64::from(mine.contains(&position))
-            }
+            Ok(batch) => share.push((micro, batch)),
+            Err(e) if e.downcast_ref::<NoSupervisedTokens>().is_some() => skipped += 1,
             Err(e) => return Err(e),
         }
     }
@@ -616,6 +627,10 @@ pub fn train_ranks<B: Backend>(
     if cfg.lora.is_some() && resumed.is_none() {
         model.init_adapters(cfg.seed)?;
     }
+    if cfg.zero_stage == 1 && world > 1 {
+        let lens: Vec<usize> = model.param_specs().iter().map(|s| s.numel()).collect();
+        model.shard_optimizer(dist::OptimizerShards::new(&lens, world, comm.rank())?)?;
+    }
     let dropout_stream = Rng::new(cfg.seed).fork(DROPOUT_STREAM);
     let is_resume = resumed.is_some();
     let mut state = match resumed {
@@ -669,6 +684,17 @@ pub fn train_ranks<B: Backend>(
     }
     if let Some(lora) = model.lora() {
         progress.println(&crate::lora::describe(lora, model.config()));
+    }
+    if let Some(shards) = model.optimizer_shards() {
+        let counts = shards.counts();
+        progress.println(&format!(
+            "ZeRO-1: master weights and AdamW moments split over {world} ranks, {} to {} parameters each (of {})",
+            counts.iter().min().unwrap_or(&0),
+            counts.iter().max().unwrap_or(&0),
+            counts.iter().sum::<usize>()
+        ));
+    } else if cfg.zero_stage == 1 {
+        progress.println("note: zero_stage 1 has nothing to split in one process");
     }
 
     let mut report = TrainReport {
@@ -773,16 +799,23 @@ pub fn train_ranks<B: Backend>(
         }
 
         // ---- checkpoint ------------------------------------------------------------------------
-        if main && ((cfg.save_every > 0 && done.is_multiple_of(cfg.save_every)) || done == end_step) {
+        // Under ZeRO-1 every rank takes part (the state is gathered from its owners).
+        let saves = main || model.optimizer_shards().is_some();
+        if saves && ((cfg.save_every > 0 && done.is_multiple_of(cfg.save_every)) || done == end_step) {
             let (out, tok, keep) = (&cfg.out_dir, Some(tokenizer_path.as_path()), cfg.keep_checkpoints);
             let dir = match weights.as_ref().filter(|_| cfg.lora.is_some()) {
-                Some(base) => crate::lora::save_run(out, &model, state.step, &state, base.dir(), tok, keep)?,
-                None => checkpoint::save(out, &model, state.step, &state, tok, keep)?,
+                Some(base) => {
+                    Some(crate::lora::save_run(out, &model, state.step, &state, base.dir(), tok, keep)?)
+                }
+                None => checkpoint::save_over(out, &model, comm, state.step, &state, tok, keep)?,
             };
-            report.checkpoint = Some(dir);
-            // The curves so far, beside the log; a plot that fails never stops training.
-            if let Err(e) = super::plot::plot_log(&cfg.out_dir.join("log.csv"), None, false) {
-                progress.println(&format!("note: loss.svg not drawn: {e:#}"));
+            // Rank 0 wrote it.
+            if let Some(dir) = dir {
+                report.checkpoint = Some(dir);
+                // The curves so far, beside the log; a plot that fails never stops training.
+                if let Err(e) = super::plot::plot_log(&cfg.out_dir.join("log.csv"), None, false) {
+                    progress.println(&format!("note: loss.svg not drawn: {e:#}"));
+                }
             }
         }
     }
@@ -983,6 +1016,9 @@ mod tests {
             bail!("no other rank here")
         }
         fn all_reduce_sum_f64(&self, _: &mut [f64]) -> Result<()> {
+            bail!("no other rank here")
+        }
+        fn reduce_sum(&self, _: &mut [f32], _: usize) -> Result<()> {
             bail!("no other rank here")
         }
         fn broadcast(&self, _: &mut [f32], _: usize) -> Result<()> {
