@@ -275,7 +275,7 @@ fn killed_over_two_ranks_and_resumed(root: &Path) {
     let run = |out: &str, resume: bool| {
         let mut args = mpirun_sft_train(root, out, "4", STEPS);
         if resume {
-            args.push("--resume".into());
+            args.extend(["--resume", "--zero-stage", "1"].map(Into::into));
         }
         let out = Command::new("timeout").arg("300").args(&args).output().unwrap();
         let text =
@@ -289,8 +289,13 @@ fn killed_over_two_ranks_and_resumed(root: &Path) {
     // A session of its own (setsid): mpirun starts the ranks in their own process groups, so
     // the kill goes to the session.
     let killed = root.join("killed");
-    let mut child =
-        Command::new("setsid").args(mpirun_sft_train(root, "killed", "4", STEPS)).spawn().unwrap();
+    // The killed run splits its optimizer state (ZeRO-1, the same run bit for bit): its
+    // checkpoints are gathered from both ranks, and the resumed run splits what it loads.
+    let mut child = Command::new("setsid")
+        .args(mpirun_sft_train(root, "killed", "4", STEPS))
+        .args(["--zero-stage", "1"])
+        .spawn()
+        .unwrap();
     let start = std::time::Instant::now();
     let saved = || {
         sft::checkpoint::latest(&killed)
@@ -324,7 +329,8 @@ fn killed_over_two_ranks_and_resumed(root: &Path) {
         );
     }
     println!(
-        "killed at step {at} and resumed over 2 ranks: the uninterrupted run's {STEPS} losses, bit for bit"
+        "ZeRO-1 run killed at step {at} and resumed over 2 ranks: the uninterrupted (plain) run's {STEPS} \
+         losses, bit for bit"
     );
 }
 
@@ -463,6 +469,15 @@ fn zero1_trains_like_the_all_reduce(comm: &dyn Collectives) {
         }
     }
     println!("rank {rank}: ZeRO-1 holds the optimizer state of {held} of {whole} parameters");
+
+    // bf16 moments split the same way (6 steps).
+    let bf16 = |out: &str, zero_stage: u8| TrainConfig {
+        optimizer_state: sft::backend::StateDtype::Bf16,
+        ..config(out, 6, zero_stage)
+    };
+    let (p16, _) = train_ranks(CpuBackend::<f32>::new(), &bf16("plain_bf16", 0), None, comm).unwrap();
+    let (z16, _) = train_ranks(CpuBackend::<f32>::new(), &bf16("zero_bf16", 1), None, comm).unwrap();
+    assert_eq!(bits_hash(&weights(&z16)), bits_hash(&weights(&p16)), "rank {rank}: ZeRO-1 with bf16 moments");
 
     // Halfway, then resumed over both ranks: steps 11..20 of the whole ZeRO-1 run.
     train_ranks(CpuBackend::<f32>::new(), &config("zero_half", 10, 1), None, comm).unwrap();
