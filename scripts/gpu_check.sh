@@ -48,6 +48,11 @@ python_libs() {
         for dir in $("$py" -c 'import site; print(" ".join(site.getsitepackages() + [site.getusersitepackages()]))' 2>/dev/null); do
             for lib in "$dir"/nvidia/*/lib; do
                 [[ -d "$lib" ]] && libs="$libs:$lib"
+                # NCCL's wheels ship libnccl.so.2 alone; cudarc loads libnccl.so.
+                if [[ -e "$lib/libnccl.so.2" && ! -e "$lib/libnccl.so" ]]; then
+                    mkdir -p /tmp/sft_nccl && ln -sf "$lib/libnccl.so.2" /tmp/sft_nccl/libnccl.so
+                    libs="$libs:/tmp/sft_nccl"
+                fi
             done
         done
         break

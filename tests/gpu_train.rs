@@ -351,3 +351,44 @@ fn recompute_gives_the_same_gradients_on_the_gpu() {
         }
     }
 }
+
+/// Data parallelism over NCCL in a world of one: the gradients go through ncclAllReduce on the
+/// device (the identity for one rank, never the host path) and the steps are the ones without
+/// NCCL, bit for bit.
+#[test]
+#[ignore = "needs an NVIDIA GPU and NCCL"]
+fn nccl_world_of_one_steps_like_no_nccl() {
+    let Some(plain_backend) = gpu() else { return };
+    let mut joined = sft::backend::cuda::CudaBackend::new(0).unwrap();
+    let id = sft::backend::cuda::nccl::nccl_unique_id().unwrap();
+    joined.join_ranks(&id, 0, 1).unwrap();
+    assert_eq!(joined.nccl_rank(), Some((0, 1)));
+    let exs = examples(17, &[40, 17, 63, 5, 30, 33]);
+    let batches: Vec<Batch> = exs.chunks(3).map(|c| padded_batch(c, 3)).collect();
+    let cfg = config(1, RopeStyle::HalfSplit, false);
+    let n = batches.iter().map(Batch::n_tokens).max().unwrap();
+    let mut plain = Model::new(plain_backend, cfg.clone(), n).unwrap();
+    plain.init_params(9).unwrap();
+    let mut nccl = Model::new(joined, cfg, n).unwrap();
+    nccl.init_params(9).unwrap();
+    let scale = 1.0 / batches.iter().map(Batch::n_supervised).sum::<usize>() as f32;
+    for step in 1..=2u64 {
+        let hp =
+            AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.01, step, grad_scale: 1.0 };
+        let mut stats = Vec::new();
+        for (i, model) in [&mut plain, &mut nccl].into_iter().enumerate() {
+            model.zero_grads().unwrap();
+            for b in &batches {
+                model.accumulate_gradients(b, scale, None).unwrap();
+            }
+            if i == 1 {
+                model.all_reduce_grads(|_| panic!("the joined GPU sums on the device")).unwrap();
+            }
+            stats.push(model.clip_and_update(&hp, 0.05).unwrap());
+        }
+        assert_eq!(stats[0], stats[1], "step {step}");
+    }
+    for (a, b) in nccl.read_params().unwrap().iter().zip(&plain.read_params().unwrap()) {
+        assert_eq!(a.data, b.data, "{} differs with NCCL", a.name);
+    }
+}

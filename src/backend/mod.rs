@@ -746,6 +746,13 @@ macro_rules! declare_backend {
             fn prepare_segments(&self, _cu_seqlens: &Self::Ids, _n_segments: usize, _n: usize) -> Result<()> {
                 Ok(())
             }
+            /// Data parallelism on the device: sums the first `lens[i]` elements of every F32
+            /// `bufs[i]` in place over the ranks of the job this backend joined (NCCL on the CUDA
+            /// backend), ordered after the work queued so far. False when it joined none: the
+            /// caller then sums through the host collectives.
+            fn all_reduce_sum_ranks(&self, _bufs: &mut [Self::Buf], _lens: &[usize]) -> Result<bool> {
+                Ok(false)
+            }
 
             $($(#[$meta])* fn $name(&self $(, $arg: $ty)*) -> $ret;)*
         }

@@ -4,6 +4,8 @@
 //!   variables;
 //! - [`collectives`]: the [`Collectives`] trait (all-reduce, broadcast, barrier) and its
 //!   single-process form; [`mpi`] (feature `mpi`) over the system's MPI;
+//! - [`nccl`]: the GPUs of a job joined into one NCCL communicator (their gradients are then
+//!   summed on the devices);
 //! - [`shard`]: which micro-batches of each optimizer step a rank trains on;
 //! - [`zero`]: which tensors' optimizer state a rank holds under ZeRO-1.
 //!
@@ -13,11 +15,13 @@ pub mod collectives;
 pub mod launch;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod nccl;
 pub mod shard;
 pub mod zero;
 
 pub use collectives::{broadcast_u64, ensure_agreement, Collectives, SingleProcess};
 pub use launch::{Launch, Launcher};
+pub use nccl::join_gpu_ranks;
 pub use shard::Sharding;
 pub use zero::OptimizerShards;
 

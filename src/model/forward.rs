@@ -1021,6 +1021,10 @@ impl<B: Backend> Model<B> {
             // Zeroed by zero_grads (the adapters' backward adds to them).
             return lora.all_reduce_grads(&self.backend, reduce);
         }
+        // On the device where the backend has joined the ranks (NCCL), else through the host.
+        if self.backend.all_reduce_sum_ranks(&mut self.grads, &self.lens)? {
+            return Ok(());
+        }
         reduce_flat(&self.backend, &mut self.grads, &self.lens, reduce)
     }
 

@@ -204,7 +204,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let cfg = args.to_config()?;
     let launch = Launch::from_env()?;
     let comm = crate::dist::connect(&launch)?;
-    let report = match train_on_device_ranks(&cfg, comm.as_ref()) {
+    let report = match train_on_device_ranks(&cfg, comm.as_ref(), launch.local_rank) {
         Ok(report) => report,
         // The other ranks would wait for this one forever in their next collective.
         Err(e) if comm.world_size() > 1 => {
@@ -235,29 +235,48 @@ const SAMPLE_STREAM: u64 = 0x5A3F;
 /// Trains on the configured device, printing sample replies at growing intervals. The sample
 /// replies are wired here, where training and generation are both visible.
 pub fn train_on_device(cfg: &TrainConfig) -> Result<TrainReport> {
-    train_on_device_ranks(cfg, &SingleProcess)
+    train_on_device_ranks(cfg, &SingleProcess, 0)
 }
 
-/// [`train_on_device`] as one rank of a data-parallel job over `comm` (docs/distributed.md):
-/// several ranks train on the CPU backend only, until the GPU collectives (NCCL) exist.
-pub fn train_on_device_ranks(cfg: &TrainConfig, comm: &dyn Collectives) -> Result<TrainReport> {
+/// [`train_on_device`] as one rank of a data-parallel job over `comm` (docs/distributed.md).
+/// With `device = "cuda"` each rank opens the GPU of its `local_rank` and the GPUs join one
+/// NCCL communicator, which sums the gradients on the devices; `auto` means the CPU over
+/// several ranks (a job says where it runs).
+pub fn train_on_device_ranks(
+    cfg: &TrainConfig,
+    comm: &dyn Collectives,
+    local_rank: usize,
+) -> Result<TrainReport> {
     cfg.validate()?;
-    let device = match (cfg.device_kind()?, comm.world_size()) {
-        (device, 1) => device,
-        (Device::Cpu | Device::Auto, _) => Device::Cpu,
-        (Device::Cuda, world) => bail!(
-            "device = \"cuda\" over {world} ranks: data parallelism runs on the CPU backend only (the GPU \
-             collectives, NCCL, are not built yet); set device to \"cpu\" or start one process"
-        ),
+    match (cfg.device_kind()?, comm.world_size()) {
+        (device, 1) => crate::with_backend!(device, |backend| train_with_samples(backend, cfg, comm)),
+        (Device::Cpu | Device::Auto, _) => {
+            train_with_samples(crate::backend::cpu::CpuBackend::<f32>::new(), cfg, comm)
+        }
+        (Device::Cuda, world) => {
+            let mut backend = crate::backend::cuda::CudaBackend::new(local_rank).with_context(|| {
+                format!("rank {} of {world} opening GPU {local_rank} (its local rank)", comm.rank())
+            })?;
+            crate::dist::join_gpu_ranks(&mut backend, comm).with_context(|| {
+                format!("rank {} of {world} joining the job's NCCL communicator", comm.rank())
+            })?;
+            train_with_samples(backend, cfg, comm)
+        }
+    }
+}
+
+/// [`train_ranks`] with the sample replies of the config.
+fn train_with_samples<B: Backend>(
+    backend: B,
+    cfg: &TrainConfig,
+    comm: &dyn Collectives,
+) -> Result<TrainReport> {
+    let sampling = SamplingConfig { max_new_tokens: 64, ..SamplingConfig::default() };
+    let mut rng = Rng::new(cfg.seed).fork(SAMPLE_STREAM);
+    let mut sampler = |model: &mut Model<B>, tok: &ChatTokenizer, prompt: &str| {
+        generate_reply(model, tok, DEFAULT_SYSTEM_PROMPT, &[], prompt, &sampling, &mut rng)
     };
-    crate::with_backend!(device, |backend| {
-        let sampling = SamplingConfig { max_new_tokens: 64, ..SamplingConfig::default() };
-        let mut rng = Rng::new(cfg.seed).fork(SAMPLE_STREAM);
-        let mut sampler = |model: &mut Model<_>, tok: &ChatTokenizer, prompt: &str| {
-            generate_reply(model, tok, DEFAULT_SYSTEM_PROMPT, &[], prompt, &sampling, &mut rng)
-        };
-        Ok(train_ranks(backend, cfg, Some(&mut sampler), comm)?.1)
-    })
+    Ok(train_ranks(backend, cfg, Some(&mut sampler), comm)?.1)
 }
 
 #[derive(Args, Debug)]

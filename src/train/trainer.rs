@@ -1053,15 +1053,17 @@ mod tests {
         // LoRA runs over ranks too (the adapters' gradients are reduced).
         let lora = TrainConfig { grad_accum: 4, lora: Some(Default::default()), ..TrainConfig::default() };
         assert_eq!(data_parallel_sharding(&lora, &OfTwo { rank: 0 }).unwrap().accum, 2);
-        // The GPU path needs NCCL: refused before any device is opened.
+        // On GPUs each rank opens the GPU of its local rank and joins NCCL: without a GPU (or
+        // without the other rank) an error that names the rank.
         let cuda = TrainConfig {
             data: "d".into(),
             device: "cuda".into(),
             from_scratch: true,
             ..TrainConfig::default()
         };
-        let e = crate::train::cli::train_on_device_ranks(&cuda, &OfTwo { rank: 0 }).unwrap_err().to_string();
-        assert!(e.contains("CPU backend only") && e.contains("NCCL"), "{e}");
+        let e = crate::train::cli::train_on_device_ranks(&cuda, &OfTwo { rank: 0 }, 1).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("rank 0 of 2"), "{e}");
     }
 
     use crate::plan::counting::CountingBackend;

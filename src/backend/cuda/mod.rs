@@ -23,6 +23,7 @@ mod global_norm;
 pub mod launch;
 mod matmul;
 mod memory;
+pub mod nccl;
 mod rmsnorm;
 mod rope;
 mod scratch;
@@ -147,6 +148,8 @@ pub struct CudaBackend {
     flash_dq: flash_attention::DqAccumulation,
     /// Blocking device-to-host copies so far (see `download`).
     reads: AtomicU64,
+    /// The data-parallel job's NCCL communicator, once joined (`join_ranks`).
+    nccl: Option<nccl::NcclRanks>,
 }
 
 /// Refuses a driver too old for the embedded PTX before any module fails to load with
@@ -196,6 +199,7 @@ impl CudaBackend {
             force_scalar_attention: AtomicBool::new(AttentionPath::from_env() == AttentionPath::Scalar),
             flash_dq,
             reads: AtomicU64::new(0),
+            nccl: None,
         })
     }
 
@@ -276,6 +280,10 @@ impl Backend for CudaBackend {
 
     fn take_kernel_times(&self) -> Result<Vec<crate::backend::KernelTime>> {
         self.kernels.timer.take()
+    }
+
+    fn all_reduce_sum_ranks(&self, bufs: &mut [CudaBuf], lens: &[usize]) -> Result<bool> {
+        self.nccl_all_reduce_sum(bufs, lens)
     }
 
     super::backend_ops!(call_family_ops);
