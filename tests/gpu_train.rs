@@ -391,4 +391,76 @@ fn nccl_world_of_one_steps_like_no_nccl() {
     for (a, b) in nccl.read_params().unwrap().iter().zip(&plain.read_params().unwrap()) {
         assert_eq!(a.data, b.data, "{} differs with NCCL", a.name);
     }
+
+    // ZeRO-1 over NCCL, a world of one: the reduce-scatter (ncclReduce to each tensor's owner)
+    // and the all-gather (ncclBroadcast from it) on the device; the host collectives carry only
+    // the norm's per-tensor sums. The same steps again.
+    let mut zero_backend = sft::backend::cuda::CudaBackend::new(0).unwrap();
+    zero_backend.join_ranks(&sft::backend::cuda::nccl::nccl_unique_id().unwrap(), 0, 1).unwrap();
+    let mut zero = Model::new(zero_backend, config(1, RopeStyle::HalfSplit, false), n).unwrap();
+    zero.init_params(9).unwrap();
+    let lens: Vec<usize> = zero.param_specs().iter().map(|s| s.numel()).collect();
+    zero.shard_optimizer(sft::dist::OptimizerShards::new(&lens, 1, 0).unwrap()).unwrap();
+    let mut again = Model::new(gpu().unwrap(), config(1, RopeStyle::HalfSplit, false), n).unwrap();
+    again.init_params(9).unwrap();
+    for step in 1..=2u64 {
+        let hp =
+            AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.01, step, grad_scale: 1.0 };
+        for model in [&mut again, &mut zero] {
+            model.zero_grads().unwrap();
+            for b in &batches {
+                model.accumulate_gradients(b, scale, None).unwrap();
+            }
+        }
+        let want = again.clip_and_update(&hp, 0.05).unwrap();
+        zero.reduce_scatter_grads(&NormOnly).unwrap();
+        let got = zero.clip_and_update_sharded(&hp, 0.05, &NormOnly).unwrap();
+        // The GPU's sum of squares of one tensor need not add up in the all-tensor kernel's
+        // order: the norm (and through the clip, the weights) may differ in the last bits.
+        let rel = |a: f64, b: f64| (a - b).abs() / b.abs();
+        assert!(rel(got.loss_sum, want.loss_sum) < 1e-6, "step {step}: loss {got:?} vs {want:?}");
+        assert!(rel(got.grad_norm, want.grad_norm) < 1e-6, "step {step}: norm {got:?} vs {want:?}");
+    }
+    let weights = |m: &Model<sft::backend::cuda::CudaBackend>| -> Vec<f32> {
+        m.read_weights().unwrap().into_iter().flat_map(|t| t.data).collect()
+    };
+    let rel = rel_l2(&weights(&zero), &weights(&again));
+    eprintln!(
+        "ZeRO-1 over NCCL (world of one) against the plain steps: weights differ by {rel:e} (relative L2)"
+    );
+    assert!(rel < 1e-4, "ZeRO-1 over NCCL: weights differ by {rel:e}");
+}
+
+/// Host collectives for a world of one that allow only the ZeRO-1 norm's f64 sum: the rest of
+/// ZeRO-1's step must run on the device.
+struct NormOnly;
+
+impl sft::dist::Collectives for NormOnly {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, _: &mut [f32]) -> anyhow::Result<()> {
+        panic!("all_reduce_sum through the host")
+    }
+    fn all_reduce_sum_f64(&self, _: &mut [f64]) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn reduce_sum(&self, _: &mut [f32], _: usize) -> anyhow::Result<()> {
+        panic!("reduce_sum through the host")
+    }
+    fn broadcast(&self, _: &mut [f32], _: usize) -> anyhow::Result<()> {
+        panic!("broadcast through the host")
+    }
+    fn broadcast_bytes(&self, _: &mut [u8], _: usize) -> anyhow::Result<()> {
+        panic!("broadcast_bytes through the host")
+    }
+    fn barrier(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn abort(&self, code: i32) -> ! {
+        panic!("abort({code})")
+    }
 }

@@ -753,6 +753,16 @@ macro_rules! declare_backend {
             fn all_reduce_sum_ranks(&self, _bufs: &mut [Self::Buf], _lens: &[usize]) -> Result<bool> {
                 Ok(false)
             }
+            /// ZeRO-1's reduce-scatter on the device: each F32 `bufs[i]` summed over the ranks
+            /// into rank `roots[i]` (the others' copies are left unspecified). False as above.
+            fn reduce_sum_ranks(&self, _bufs: &mut [Self::Buf], _lens: &[usize], _roots: &[usize]) -> Result<bool> {
+                Ok(false)
+            }
+            /// ZeRO-1's all-gather on the device: each `bufs[i]` (of either precision) copied from
+            /// rank `roots[i]` to every rank. False as above.
+            fn broadcast_ranks(&self, _bufs: &mut [Self::Buf], _lens: &[usize], _roots: &[usize]) -> Result<bool> {
+                Ok(false)
+            }
 
             $($(#[$meta])* fn $name(&self $(, $arg: $ty)*) -> $ret;)*
         }

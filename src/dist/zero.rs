@@ -71,6 +71,11 @@ impl OptimizerShards {
         self.ranges.iter().position(|r| r.contains(&i)).expect("every tensor has an owner")
     }
 
+    /// The owner of every tensor, in layout order.
+    pub fn owners(&self) -> Vec<usize> {
+        self.ranges.iter().enumerate().flat_map(|(r, range)| range.clone().map(move |_| r)).collect()
+    }
+
     /// Elements of the flat buffer each rank owns, in rank order (what a reduce-scatter and an
     /// all-gather of the flat buffer take).
     pub fn counts(&self) -> Vec<usize> {
@@ -99,7 +104,7 @@ mod tests {
                 assert_eq!(s.ranges, shards[0].ranges, "world {world}");
                 assert_eq!(s.owned().start, next, "world {world} rank {r}");
                 next = s.owned().end;
-                assert!(s.owned().clone().all(|i| s.owner(i) == r));
+                assert!(s.owned().clone().all(|i| s.owner(i) == r && s.owners()[i] == r));
             }
             assert_eq!(next, lens.len());
             assert_eq!(shards[0].counts().iter().sum::<usize>(), lens.iter().sum::<usize>());

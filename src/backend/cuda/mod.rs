@@ -285,6 +285,12 @@ impl Backend for CudaBackend {
     fn all_reduce_sum_ranks(&self, bufs: &mut [CudaBuf], lens: &[usize]) -> Result<bool> {
         self.nccl_all_reduce_sum(bufs, lens)
     }
+    fn reduce_sum_ranks(&self, bufs: &mut [CudaBuf], lens: &[usize], roots: &[usize]) -> Result<bool> {
+        self.nccl_reduce_sum(bufs, lens, roots)
+    }
+    fn broadcast_ranks(&self, bufs: &mut [CudaBuf], lens: &[usize], roots: &[usize]) -> Result<bool> {
+        self.nccl_broadcast(bufs, lens, roots)
+    }
 
     super::backend_ops!(call_family_ops);
 }

@@ -66,31 +66,77 @@ impl CudaBackend {
 
     /// `Backend::all_reduce_sum_ranks`: one NCCL group of in-place sums (NCCL fuses them).
     pub(super) fn nccl_all_reduce_sum(&self, bufs: &mut [CudaBuf], lens: &[usize]) -> Result<bool> {
+        self.nccl_group("ncclAllReduce", bufs, lens, |comm, buf, len, _| {
+            let mut view = f32_mut(buf, len, "all-reduce")?.slice_mut(..len);
+            comm.all_reduce_in_place(&mut view, &ReduceOp::Sum).map_err(nccl_error)
+        })
+    }
+
+    /// `Backend::reduce_sum_ranks`: each buffer summed into its root (ZeRO-1's reduce-scatter,
+    /// tensor by tensor).
+    pub(super) fn nccl_reduce_sum(
+        &self,
+        bufs: &mut [CudaBuf],
+        lens: &[usize],
+        roots: &[usize],
+    ) -> Result<bool> {
+        ensure!(roots.len() == bufs.len(), "reduce: {} buffers but {} roots", bufs.len(), roots.len());
+        self.nccl_group("ncclReduce", bufs, lens, |comm, buf, len, i| {
+            let mut view = f32_mut(buf, len, "reduce")?.slice_mut(..len);
+            comm.reduce_in_place(&mut view, &ReduceOp::Sum, roots[i] as i32).map_err(nccl_error)
+        })
+    }
+
+    /// `Backend::broadcast_ranks`: each buffer copied from its root (ZeRO-1's all-gather of the
+    /// new weights, in the buffers' own precision).
+    pub(super) fn nccl_broadcast(
+        &self,
+        bufs: &mut [CudaBuf],
+        lens: &[usize],
+        roots: &[usize],
+    ) -> Result<bool> {
+        ensure!(roots.len() == bufs.len(), "broadcast: {} buffers but {} roots", bufs.len(), roots.len());
+        self.nccl_group("ncclBroadcast", bufs, lens, |comm, buf, len, i| {
+            let root = roots[i] as i32;
+            ensure!(buf.len() >= len, "broadcast: buffer holds {} elements, {len} needed", buf.len());
+            match buf {
+                CudaBuf::Bf16(s) => comm.broadcast_in_place(&mut s.slice_mut(..len), root),
+                CudaBuf::F32(s) => comm.broadcast_in_place(&mut s.slice_mut(..len), root),
+            }
+            .map_err(nccl_error)
+        })
+    }
+
+    /// One NCCL group of `op` over every buffer (NCCL runs them together), on the backend's
+    /// stream; false when this GPU joined no job.
+    fn nccl_group(
+        &self,
+        name: &str,
+        bufs: &mut [CudaBuf],
+        lens: &[usize],
+        mut op: impl FnMut(&Comm, &mut CudaBuf, usize, usize) -> Result<nccl_result::NcclStatus>,
+    ) -> Result<bool> {
         let Some(ranks) = &self.nccl else { return Ok(false) };
-        ensure!(bufs.len() == lens.len(), "all-reduce: {} buffers but {} lengths", bufs.len(), lens.len());
+        ensure!(bufs.len() == lens.len(), "{name}: {} buffers but {} lengths", bufs.len(), lens.len());
         self.ctx.bind_to_thread().context("binding the CUDA context")?;
-        nccl_result::group_start().map_err(|e| anyhow!("ncclGroupStart failed: {:?}", e.0))?;
+        nccl_result::group_start().map_err(nccl_error).context("ncclGroupStart")?;
         let mut queued = Ok(());
         for (i, (buf, &len)) in bufs.iter_mut().zip(lens).enumerate() {
-            let slice = match f32_mut(buf, len, "all-reduce") {
-                Ok(s) => s,
-                Err(e) => {
-                    queued = Err(e.context(format!("gradient {i}")));
-                    break;
-                }
-            };
-            let mut view = slice.slice_mut(..len);
-            if let Err(e) = ranks.comm.all_reduce_in_place(&mut view, &ReduceOp::Sum) {
-                queued = Err(anyhow!("ncclAllReduce of gradient {i} ({len} elements) failed: {:?}", e.0));
+            if let Err(e) = op(&ranks.comm, buf, len, i) {
+                queued = Err(e.context(format!("{name} of buffer {i} ({len} elements)")));
                 break;
             }
         }
         // The group is closed whatever happened, or NCCL would wait for the rest of it.
-        let ended = nccl_result::group_end().map_err(|e| anyhow!("ncclGroupEnd failed: {:?}", e.0));
+        let ended = nccl_result::group_end().map_err(nccl_error).context("ncclGroupEnd");
         queued?;
         ended?;
         Ok(true)
     }
+}
+
+fn nccl_error(e: nccl_result::NcclError) -> anyhow::Error {
+    anyhow!("NCCL error {:?}", e.0)
 }
 
 #[cfg(test)]

@@ -42,9 +42,14 @@ impl<B: Backend> Model<B> {
     /// ZeRO-1's gradient collective: the accumulated gradients of every tensor, summed over the
     /// ranks into the owner of each tensor (the other tensors' gradients are left as they were).
     pub fn reduce_scatter_grads(&mut self, comm: &dyn Collectives) -> Result<()> {
-        let counts = self.sharded("reduce_scatter_grads")?.counts();
+        let shards = self.sharded("reduce_scatter_grads")?;
+        let (counts, owners) = (shards.counts(), shards.owners());
         self.materialize_zero_grads()?;
         self.fresh = false;
+        // On the device where the backend joined the ranks (NCCL), else through the host.
+        if self.backend.reduce_sum_ranks(&mut self.grads, &self.lens, &owners)? {
+            return Ok(());
+        }
         let keep = self.state_tensors();
         reduce_flat_into(&self.backend, &mut self.grads, &self.lens, keep, |g| {
             comm.reduce_scatter_sum(g, &counts)
@@ -61,7 +66,8 @@ impl<B: Backend> Model<B> {
         comm: &dyn Collectives,
     ) -> Result<StepStats> {
         self.ensure_training("clip_and_update_sharded")?;
-        let counts = self.sharded("clip_and_update_sharded")?.counts();
+        let shards = self.sharded("clip_and_update_sharded")?;
+        let (counts, owners) = (shards.counts(), shards.owners());
         // One entry per tensor, zero on the ranks that do not own it: the all-reduce adds
         // zeros to it (exact), and the sum runs in layout order as one process's does.
         let mut sums = vec![0.0f64; self.specs.len()];
@@ -76,8 +82,13 @@ impl<B: Backend> Model<B> {
 
         self.update(hp, Some(max_norm))?;
 
-        // All-gather of the compute weights: this rank's segment from its tensors, the rest
-        // written from the other ranks' segments.
+        let stats = StepStats { loss_sum: stats::join(&s, stats::STEP_LOSS), grad_norm: sumsq.sqrt() };
+        // All-gather of the compute weights, each tensor from its owner: on the device where the
+        // backend joined the ranks, else this rank's segment of a host buffer from its tensors
+        // and the rest written from the other ranks' segments.
+        if self.backend.broadcast_ranks(&mut self.params, &self.lens, &owners)? {
+            return Ok(stats);
+        }
         let held = self.state_tensors();
         let mut flat = vec![0.0f32; counts.iter().sum()];
         let mut at: usize = self.lens[..held.start].iter().sum();
@@ -93,7 +104,7 @@ impl<B: Backend> Model<B> {
             }
             at += self.lens[i];
         }
-        Ok(StepStats { loss_sum: stats::join(&s, stats::STEP_LOSS), grad_norm: sumsq.sqrt() })
+        Ok(stats)
     }
 
     /// The master weights, whole, on rank 0 (None on the others), each tensor sent by its owner:
