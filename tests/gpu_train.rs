@@ -397,10 +397,12 @@ fn nccl_world_of_one_steps_like_no_nccl() {
     // the norm's per-tensor sums. The same steps again.
     let mut zero_backend = sft::backend::cuda::CudaBackend::new(0).unwrap();
     zero_backend.join_ranks(&sft::backend::cuda::nccl::nccl_unique_id().unwrap(), 0, 1).unwrap();
-    let mut zero = Model::new(zero_backend, config(1, RopeStyle::HalfSplit, false), n).unwrap();
+    let layout = sft::dist::OptimizerLayout { moments: sft::backend::StateDtype::F32, zero: Some((0, 1)) };
+    let cfg = config(1, RopeStyle::HalfSplit, false);
+    let mut zero =
+        Model::for_training(zero_backend, cfg, n, None, sft::model::Recompute::None, layout).unwrap();
     zero.init_params(9).unwrap();
-    let lens: Vec<usize> = zero.param_specs().iter().map(|s| s.numel()).collect();
-    zero.shard_optimizer(sft::dist::OptimizerShards::new(&lens, 1, 0).unwrap()).unwrap();
+    assert!(zero.optimizer_shards().is_some());
     let mut again = Model::new(gpu().unwrap(), config(1, RopeStyle::HalfSplit, false), n).unwrap();
     again.init_params(9).unwrap();
     for step in 1..=2u64 {

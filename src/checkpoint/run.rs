@@ -355,8 +355,8 @@ impl Checkpoint {
     }
 
     /// [`Self::training_model_for`], with LoRA adapters (zero) on the frozen weights when
-    /// `lora` is given, keeping the activations that `recompute` says, the AdamW moments stored
-    /// as `moments` says.
+    /// `lora` is given, keeping the activations that `recompute` says, the optimizer state as
+    /// `state` says (the moments' type; under ZeRO-1, this rank's share).
     #[allow(clippy::too_many_arguments)]
     pub fn training_model_with<B: Backend>(
         &self,
@@ -366,12 +366,12 @@ impl Checkpoint {
         seq_len: usize,
         lora: Option<&LoraConfig>,
         recompute: Recompute,
-        moments: StateDtype,
+        state: impl Into<crate::dist::OptimizerLayout>,
     ) -> Result<Model<B>> {
         let config = ModelConfig { dropout: dropout.unwrap_or(self.config.dropout), ..self.config.clone() };
         let params = self.read_params()?;
         let mut model =
-            Model::for_micro_batches_with(backend, config, micro_batch, seq_len, lora, recompute, moments)
+            Model::for_micro_batches_with(backend, config, micro_batch, seq_len, lora, recompute, state)
                 .with_context(|| format!("building the model of checkpoint {}", self.dir.display()))?;
         model
             .take_params(params)

@@ -23,7 +23,7 @@ pub use collectives::{broadcast_u64, ensure_agreement, Collectives, SingleProces
 pub use launch::{Launch, Launcher};
 pub use nccl::join_gpu_ranks;
 pub use shard::Sharding;
-pub use zero::OptimizerShards;
+pub use zero::{OptimizerLayout, OptimizerShards};
 
 use anyhow::Result;
 

@@ -10,6 +10,8 @@ use std::ops::Range;
 
 use anyhow::{ensure, Result};
 
+use crate::backend::StateDtype;
+
 /// Which tensors' optimizer state each rank holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OptimizerShards {
@@ -89,6 +91,47 @@ impl OptimizerShards {
     }
 }
 
+/// How a training model keeps its optimizer state: the moments' storage type and, under
+/// ZeRO-1, this rank's place in the job (the model then allocates the master weights and moments
+/// of its [`OptimizerShards`] share only). A bare [`StateDtype`] is the whole state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OptimizerLayout {
+    pub moments: StateDtype,
+    /// `(rank, world size)` under ZeRO-1; None: every tensor's state is here.
+    pub zero: Option<(usize, usize)>,
+}
+
+impl From<StateDtype> for OptimizerLayout {
+    fn from(moments: StateDtype) -> Self {
+        OptimizerLayout { moments, zero: None }
+    }
+}
+
+impl OptimizerLayout {
+    /// The split of tensors of `lens` elements, under ZeRO-1.
+    pub fn shards(&self, lens: &[usize]) -> Result<Option<OptimizerShards>> {
+        self.zero.map(|(rank, world)| OptimizerShards::new(lens, world, rank)).transpose()
+    }
+
+    /// This layout at the rank that holds the largest share (itself when the state is not
+    /// split): what a memory plan that must hold on every rank counts.
+    pub fn largest_share(self, lens: &[usize]) -> Result<OptimizerLayout> {
+        let Some(shards) = self.shards(lens)? else { return Ok(self) };
+        let counts = shards.counts();
+        let largest = (0..counts.len()).max_by_key(|&r| (counts[r], std::cmp::Reverse(r))).unwrap_or(0);
+        Ok(OptimizerLayout { zero: Some((largest, shards.world_size())), ..self })
+    }
+
+    /// Of `lens`'s elements, how many have their master weights and moments here.
+    pub fn held(&self, lens: &[usize]) -> usize {
+        match self.shards(lens) {
+            Ok(Some(s)) => s.counts()[s.rank()],
+            // An impossible rank is refused when the model is built; count the whole state.
+            _ => lens.iter().sum(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,5 +171,13 @@ mod tests {
         let s = OptimizerShards::new(&[5, 5], 3, 2).unwrap();
         assert_eq!(s.counts().iter().filter(|&&c| c == 0).count(), 1);
         assert!(OptimizerShards::new(&lens, 2, 2).is_err());
+        // The layout of a rank, and the largest share's for memory plans.
+        let layout = OptimizerLayout { moments: StateDtype::F32, zero: Some((0, 3)) };
+        let lens = [50, 10, 10, 10, 40];
+        assert_eq!(OptimizerShards::new(&lens, 3, 0).unwrap().counts(), [50, 30, 40]);
+        assert_eq!(layout.held(&lens), 50);
+        assert_eq!(layout.largest_share(&lens).unwrap().zero, Some((0, 3)));
+        let whole = OptimizerLayout::from(StateDtype::F32);
+        assert_eq!((whole.held(&lens), whole.largest_share(&lens).unwrap()), (120, whole));
     }
 }

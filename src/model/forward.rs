@@ -18,6 +18,7 @@ use crate::backend::{
     LossGrads, Precision, StateDtype, STATS_LEN,
 };
 use crate::data::batch::Batch;
+use crate::dist::OptimizerLayout;
 use crate::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::HashMap;
@@ -329,19 +330,30 @@ pub fn moment_bytes(compute_bytes: usize, moments: StateDtype) -> usize {
 
 /// [`memory_bytes_for`] with the activations that `recompute` keeps (a layer's attention-block
 /// activations and its FFN's, each per layer or in one scratch slot; see [`Activations`]) and
-/// the AdamW moments stored as `moments` says.
+/// the optimizer state `state` says (the moments' type; under ZeRO-1, this rank's share).
 pub fn memory_bytes_opts(
     config: &ModelConfig,
     compute_bytes: usize,
     training: bool,
     recompute: Recompute,
-    moments: StateDtype,
+    state: impl Into<OptimizerLayout>,
 ) -> (usize, usize) {
+    let state = state.into();
     let n_params = config.n_params();
-    // Master weights and gradients in fp32, two moments.
-    let per_param =
-        compute_bytes + if training { 2 * 4 + 2 * moment_bytes(compute_bytes, moments) } else { 0 };
-    let fixed = n_params.saturating_mul(per_param).saturating_add(config.vocab_size * compute_bytes);
+    // Gradients in fp32 for every parameter; master weights in fp32 and two moments for the
+    // parameters whose state is here.
+    let (per_param, held) = match training {
+        true => {
+            let lens: Vec<usize> = params::param_specs(config).iter().map(ParamSpec::numel).collect();
+            (compute_bytes + 4, state.held(&lens))
+        }
+        false => (compute_bytes, 0),
+    };
+    let per_held = 4 + 2 * moment_bytes(compute_bytes, state.moments);
+    let fixed = n_params
+        .saturating_mul(per_param)
+        .saturating_add(held.saturating_mul(per_held))
+        .saturating_add(config.vocab_size * compute_bytes);
     (fixed, activation_bytes_per_token(config, compute_bytes, recompute))
 }
 
@@ -375,18 +387,18 @@ pub fn memory_bytes_lora(
     memory_bytes_with(config, compute_bytes, training, lora, Recompute::None, StateDtype::F32)
 }
 
-/// [`memory_bytes_lora`] with `recompute` and the base's AdamW moments stored as `moments` says
-/// (the adapters' moments are always fp32: they are small).
+/// [`memory_bytes_lora`] with `recompute` and the base's optimizer state as `state` says (the
+/// adapters' moments are always fp32: they are small).
 pub fn memory_bytes_with(
     config: &ModelConfig,
     compute_bytes: usize,
     training: bool,
     lora: Option<&LoraConfig>,
     recompute: Recompute,
-    moments: StateDtype,
+    state: impl Into<OptimizerLayout>,
 ) -> (usize, usize) {
     let Some(lora) = lora else {
-        return memory_bytes_opts(config, compute_bytes, training, recompute, moments);
+        return memory_bytes_opts(config, compute_bytes, training, recompute, state);
     };
     let (fixed, per_token) = memory_bytes_opts(config, compute_bytes, false, recompute, StateDtype::F32);
     let (extra_fixed, extra_token) = lora::extra_memory_bytes(lora, config, compute_bytes, training);
@@ -415,9 +427,9 @@ pub fn micro_batch_that_fits_with(
     free: usize,
     lora: Option<&LoraConfig>,
     recompute: Recompute,
-    moments: StateDtype,
+    state: impl Into<OptimizerLayout>,
 ) -> usize {
-    fits_in(memory_bytes_with(config, compute_bytes, true, lora, recompute, moments), seq_len, free)
+    fits_in(memory_bytes_with(config, compute_bytes, true, lora, recompute, state), seq_len, free)
 }
 
 /// The least recompute with which a micro-batch of `at_least` rows of `seq_len` fits in `free`
@@ -429,10 +441,11 @@ pub fn least_recompute_that_fits(
     free: usize,
     lora: Option<&LoraConfig>,
     at_least: usize,
-    moments: StateDtype,
+    state: impl Into<OptimizerLayout>,
 ) -> Option<(Recompute, usize)> {
+    let state = state.into();
     Recompute::ALL.into_iter().find_map(|r| {
-        let fits = micro_batch_that_fits_with(config, compute_bytes, seq_len, free, lora, r, moments);
+        let fits = micro_batch_that_fits_with(config, compute_bytes, seq_len, free, lora, r, state);
         (fits >= at_least.max(1)).then_some((r, fits))
     })
 }
@@ -448,13 +461,14 @@ pub fn memory_advice_with(
     free: usize,
     lora: Option<&LoraConfig>,
     recompute: Recompute,
-    moments: StateDtype,
+    state: impl Into<OptimizerLayout>,
 ) -> Option<String> {
-    let bytes = memory_bytes_with(config, compute_bytes, true, lora, recompute, moments);
+    let state = state.into();
+    let bytes = memory_bytes_with(config, compute_bytes, true, lora, recompute, state);
     let advice = advice_for(device, bytes, micro_batch, seq_len, free)?;
     // Name the recompute that would let the asked micro-batch fit, when one would.
     let hint = Recompute::ALL.into_iter().filter(|&r| r > recompute).find(|&r| {
-        micro_batch_that_fits_with(config, compute_bytes, seq_len, free, lora, r, moments) >= micro_batch
+        micro_batch_that_fits_with(config, compute_bytes, seq_len, free, lora, r, state) >= micro_batch
     });
     Some(match hint {
         Some(r) => {
@@ -630,12 +644,13 @@ impl<B: Backend> Model<B> {
         seq_len: usize,
         lora: Option<&LoraConfig>,
         recompute: Recompute,
-        moments: StateDtype,
+        state: impl Into<OptimizerLayout>,
     ) -> Result<Self> {
+        let state = state.into();
         let compute_bytes = backend.compute_bytes();
         let info = backend.memory_info()?;
         let device = backend.name();
-        let bytes = memory_bytes_with(&config, compute_bytes, true, lora, recompute, moments);
+        let bytes = memory_bytes_with(&config, compute_bytes, true, lora, recompute, state);
         if let Some((free, _)) = info {
             if let Some(message) = memory_advice_with(
                 &device,
@@ -646,7 +661,7 @@ impl<B: Backend> Model<B> {
                 free,
                 lora,
                 recompute,
-                moments,
+                state,
             ) {
                 bail!(message);
             }
@@ -654,7 +669,7 @@ impl<B: Backend> Model<B> {
         let (fixed, per_token) = bytes;
         let need = fixed.saturating_add(per_token.saturating_mul(seq_len).saturating_mul(micro_batch));
         let max_tokens = micro_batch.checked_mul(seq_len).context("micro_batch × max_seq_len overflows")?;
-        Model::build(backend, config, max_tokens, true, lora, recompute, moments).map_err(|e| match info {
+        Model::build(backend, config, max_tokens, true, lora, recompute, state).map_err(|e| match info {
             // The estimate said it fits, yet an allocation failed (the backend's own buffers,
             // another process): name a smaller micro-batch all the same.
             Some((free, _)) => e.context(format!(
@@ -684,9 +699,9 @@ impl<B: Backend> Model<B> {
         max_tokens: usize,
         lora: Option<&LoraConfig>,
         recompute: Recompute,
-        moments: StateDtype,
+        state: impl Into<OptimizerLayout>,
     ) -> Result<Self> {
-        Self::build(backend, config, max_tokens, true, lora, recompute, moments)
+        Self::build(backend, config, max_tokens, true, lora, recompute, state.into())
     }
 
     /// [`Model::for_training`] with fp32 moments.
@@ -738,8 +753,10 @@ impl<B: Backend> Model<B> {
         training: bool,
         lora: Option<&LoraConfig>,
         recompute: Recompute,
-        moments: StateDtype,
+        state: impl Into<OptimizerLayout>,
     ) -> Result<Self> {
+        let state = state.into();
+        let moments = state.moments;
         config.validate().context("invalid model config")?;
         ensure!(max_tokens > 0, "max_tokens must be positive");
         ensure!(
@@ -747,11 +764,16 @@ impl<B: Backend> Model<B> {
             "optimizer_state {moments}: LoRA trains only the adapters, whose AdamW moments stay f32 \
              (they are small); bf16 moments are for full fine-tuning"
         );
+        ensure!(
+            state.zero.is_none() || (training && lora.is_none()),
+            "ZeRO-1 splits the optimizer state of full fine-tuning: this model trains {}",
+            if training { "LoRA adapters only" } else { "nothing (inference)" }
+        );
         // Refused up front: on the CPU an allocation past the host's memory is not an error but
         // a process that grows until the kernel kills it, without a word.
         if let Some((free, _)) = backend.memory_info()? {
             let (fixed, per_token) =
-                memory_bytes_with(&config, backend.compute_bytes(), training, lora, recompute, moments);
+                memory_bytes_with(&config, backend.compute_bytes(), training, lora, recompute, state);
             let need = fixed.saturating_add(per_token.saturating_mul(max_tokens));
             ensure!(
                 need <= free,
@@ -772,12 +794,15 @@ impl<B: Backend> Model<B> {
             lens.iter().map(|&len| be.zeros(len, p)).collect()
         };
         let params = alloc(&lens, Precision::Compute)?;
-        // A frozen base (LoRA) keeps its weights in the compute precision only.
-        let state_lens: &[usize] = if training && lora.is_none() { &lens } else { &[] };
-        let master = alloc(state_lens, Precision::F32)?;
-        let grads = alloc(state_lens, Precision::F32)?;
-        let m = alloc(state_lens, moments.precision())?;
-        let v = alloc(state_lens, moments.precision())?;
+        // A frozen base (LoRA) keeps its weights in the compute precision only; under ZeRO-1
+        // the master weights and moments are this rank's tensors' only.
+        let trained: &[usize] = if training && lora.is_none() { &lens } else { &[] };
+        let shards = state.shards(&lens)?;
+        let held = shards.as_ref().map_or(0..trained.len(), |s| s.owned());
+        let master = alloc(&trained[held.clone()], Precision::F32)?;
+        let grads = alloc(trained, Precision::F32)?;
+        let m = alloc(&trained[held.clone()], moments.precision())?;
+        let v = alloc(&trained[held], moments.precision())?;
 
         let n = max_tokens;
         let d = config.d_model;
@@ -850,7 +875,7 @@ impl<B: Backend> Model<B> {
             grads,
             m,
             v,
-            shards: None,
+            shards,
             moments,
             training,
             acts,

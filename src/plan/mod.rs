@@ -392,6 +392,11 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
     };
     let available = device.memory.saturating_sub(CONTEXT_BYTES);
     let mut notes = vec![];
+    // Under ZeRO-1 the memory plan is the largest share's rank's, as the trainer's.
+    let lens: Vec<usize> = crate::model::params::param_specs(&config).iter().map(|s| s.numel()).collect();
+    let layout =
+        crate::dist::OptimizerLayout { moments, zero: (args.zero_stage == 1).then_some((0, args.gpus)) }
+            .largest_share(&lens)?;
     // The trainer's order: recompute auto for the fixed micro-batch (1 when that is auto too),
     // then micro_batch auto with the recompute chosen.
     let at_least = match args.micro_batch {
@@ -401,7 +406,7 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
     let recompute = match args.recompute {
         RecomputeChoice::Fixed(r) => r,
         RecomputeChoice::Auto => {
-            match least_recompute_that_fits(&config, COMPUTE_BYTES, t, available, lora, at_least, moments) {
+            match least_recompute_that_fits(&config, COMPUTE_BYTES, t, available, lora, at_least, layout) {
                 Some((r, fits)) => {
                     notes.push(format!(
                         "recompute auto chose {r}: the least recompute with which micro_batch {at_least} fits \
@@ -422,7 +427,7 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
     let batches = crate::train::config::plan_batches(
         args.micro_batch,
         args.grad_accum,
-        Some(micro_batch_that_fits_with(&config, COMPUTE_BYTES, t, available, lora, recompute, moments)),
+        Some(micro_batch_that_fits_with(&config, COMPUTE_BYTES, t, available, lora, recompute, layout)),
     );
     if !batches.reason.is_empty() {
         notes.push(batches.reason.clone());
@@ -435,19 +440,19 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
     let tokens_per_s = tokens_per_step as f64 / step_seconds;
     let fpt = flops_per_token(&config, t);
 
-    let (fixed, per_token) = memory_bytes_with(&config, COMPUTE_BYTES, true, lora, recompute, moments);
+    let (fixed, per_token) = memory_bytes_with(&config, COMPUTE_BYTES, true, lora, recompute, layout);
     let n_params = config.n_params();
     let trainable = lora.map_or(n_params, |l| l.n_params(&config));
     let frozen_grad_scratch =
         if lora.is_some() { 4 * (config.vocab_size * config.d_model + config.d_model) } else { 0 };
     let activations = per_token * micro_batch * t;
     let workspace = count.scratch + GEMM_WORKSPACE_BYTES;
-    let largest = micro_batch_that_fits_with(&config, COMPUTE_BYTES, t, available, lora, recompute, moments);
+    let largest = micro_batch_that_fits_with(&config, COMPUTE_BYTES, t, available, lora, recompute, layout);
     let recompute_options = Recompute::ALL
         .into_iter()
         .map(|r| RecomputeOption {
             recompute: r,
-            activations_per_token: memory_bytes_with(&config, COMPUTE_BYTES, true, lora, r, moments).1,
+            activations_per_token: memory_bytes_with(&config, COMPUTE_BYTES, true, lora, r, layout).1,
             largest_micro_batch: micro_batch_that_fits_with(
                 &config,
                 COMPUTE_BYTES,
@@ -455,28 +460,18 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
                 available,
                 lora,
                 r,
-                moments,
+                layout,
             ),
         })
         .collect();
     let adapters = if lora.is_some() { trainable } else { 0 };
     // Adapters (LoRA) always keep f32 moments.
     let state_bytes = 4 + 2 * moments.bytes();
-    let (optimizer_shards, master_and_moments) = match args.zero_stage {
-        1 => {
-            let lens: Vec<usize> =
-                crate::model::params::param_specs(&config).iter().map(|s| s.numel()).collect();
-            let largest_share =
-                crate::dist::OptimizerShards::new(&lens, args.gpus, 0)?.counts().into_iter().max();
-            notes.push(
-                "ZeRO-1: the trainer's memory check (largest micro-batch) still counts the whole optimizer state"
-                    .to_string(),
-            );
-            (args.gpus, largest_share.unwrap_or(0) * state_bytes)
-        }
-        _ => (1, trainable * state_bytes),
+    let (optimizer_shards, master_and_moments) = match layout.zero {
+        Some((_, world)) => (world, layout.held(&lens) * state_bytes),
+        None => (1, trainable * state_bytes),
     };
-    let total = fixed - trainable * state_bytes + master_and_moments + activations + workspace;
+    let total = fixed + activations + workspace;
     let memory = MemoryPlan {
         weights: (n_params + adapters) * COMPUTE_BYTES + config.vocab_size * COMPUTE_BYTES,
         grads: trainable * 4 + frozen_grad_scratch,
@@ -527,7 +522,7 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
         available,
         lora,
         recompute,
-        moments,
+        layout,
     ) {
         // The trainer's own refusal, word for word, so that plan and trainer agree.
         notes.push(format!("the trainer would refuse this step: {advice}"));

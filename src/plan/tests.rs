@@ -173,6 +173,53 @@ fn the_counting_backend_allocates_what_memory_bytes_says() {
     assert!(m.fits);
 }
 
+/// ZeRO-1: a model built for rank `r` of `W` allocates the master weights and moments of its
+/// share only, as the memory functions (and so the trainer's check and the plan) count them.
+#[test]
+fn a_zero1_rank_allocates_its_share_as_memory_bytes_says() {
+    use crate::backend::StateDtype;
+    use crate::dist::OptimizerLayout;
+    let c = small();
+    let t = 64;
+    let lens: Vec<usize> = crate::model::params::param_specs(&c).iter().map(|s| s.numel()).collect();
+    let whole =
+        Model::for_training(CountingBackend::new(), c.clone(), t, None, Recompute::None, StateDtype::F32)
+            .unwrap()
+            .backend()
+            .allocated_bytes();
+    let shards = crate::dist::OptimizerShards::new(&lens, 4, 0).unwrap().counts();
+    for rank in 0..4 {
+        for moments in [StateDtype::F32, StateDtype::Bf16] {
+            let layout = OptimizerLayout { moments, zero: Some((rank, 4)) };
+            let model =
+                Model::for_training(CountingBackend::new(), c.clone(), t, None, Recompute::None, layout)
+                    .unwrap();
+            let per_held = 4 + 2 * moments.bytes();
+            let whole = if moments == StateDtype::F32 { whole } else { whole - 4 * c.n_params() };
+            let not_held = c.n_params() - shards[rank];
+            assert_eq!(
+                model.backend().allocated_bytes(),
+                whole - not_held * per_held,
+                "rank {rank} {moments}"
+            );
+            let (fixed, _) = memory_bytes_with(&c, COMPUTE_BYTES, true, None, Recompute::None, layout);
+            let (whole_fixed, _) = memory_bytes_with(&c, COMPUTE_BYTES, true, None, Recompute::None, moments);
+            assert_eq!(whole_fixed - fixed, not_held * per_held, "rank {rank} {moments}");
+        }
+    }
+    // The plan counts the largest share, and its memory plan follows.
+    let plan = plan_for(&c, &PlanArgs { gpus: 4, zero_stage: 1, ..plan_args("small", 2, t) }).unwrap();
+    assert_eq!(plan.memory.master_and_moments, 12 * shards.iter().max().unwrap());
+    assert_eq!(
+        plan.memory.total,
+        plan.memory.weights
+            + plan.memory.grads
+            + plan.memory.master_and_moments
+            + plan.memory.activations
+            + plan.memory.workspace
+    );
+}
+
 /// `--optimizer-state bf16`: the model allocates 4 bytes per parameter fewer, the plan says so,
 /// and AdamW moves 8 bytes per parameter fewer.
 #[test]

@@ -28,7 +28,7 @@ use crate::data::{
     batches_in_order, longest_example, Batch, BatchMode, ChatTokenizer, Dataset, Loader, LoaderConfig,
     LoaderState, NoSupervisedTokens, Split,
 };
-use crate::dist::{self, broadcast_u64, Collectives, Sharding, SingleProcess};
+use crate::dist::{self, broadcast_u64, Collectives, OptimizerLayout, Sharding, SingleProcess};
 use crate::model::config::ModelConfig;
 use crate::model::forward::least_recompute_that_fits;
 use crate::model::forward::StepStats;
@@ -577,7 +577,16 @@ pub fn train_ranks<B: Backend>(
             s.config.optimizer_state
         );
     }
-    let recompute = resolve_recompute(&backend, cfg, &model_config, max_seq_len, saved)?;
+    // Under ZeRO-1 each rank holds its share of the optimizer state; the memory plans below
+    // count the largest share, so that rank 0's choices fit every rank.
+    let layout = OptimizerLayout {
+        moments: cfg.optimizer_state,
+        zero: (cfg.zero_stage == 1 && world > 1).then_some((comm.rank(), world)),
+    };
+    let lens: Vec<usize> =
+        crate::model::params::param_specs(&model_config).iter().map(|s| s.numel()).collect();
+    let plan_layout = layout.largest_share(&lens)?;
+    let recompute = resolve_recompute(&backend, cfg, &model_config, max_seq_len, saved, plan_layout)?;
     // Stored resolved, so that a resume keeps it; left unset when never set (the default).
     let stored = match (cfg.recompute, saved.and_then(|s| s.recompute)) {
         (None, None) => None,
@@ -585,7 +594,7 @@ pub fn train_ranks<B: Backend>(
     };
     let mut resolved = TrainConfig {
         recompute: stored,
-        ..plan_micro_batches(&backend, cfg, &model_config, max_seq_len, saved, main, recompute)?
+        ..plan_micro_batches(&backend, cfg, &model_config, max_seq_len, saved, main, recompute, plan_layout)?
     };
     if world > 1 {
         // `auto` reads each rank's free memory: rank 0's choice holds for all.
@@ -608,7 +617,7 @@ pub fn train_ranks<B: Backend>(
             max_seq_len,
             cfg.lora.as_ref(),
             recompute,
-            cfg.optimizer_state,
+            layout,
         )?,
         None => {
             let mut model = Model::for_micro_batches_with(
@@ -618,7 +627,7 @@ pub fn train_ranks<B: Backend>(
                 max_seq_len,
                 None,
                 recompute,
-                cfg.optimizer_state,
+                layout,
             )?;
             model.init_params(cfg.seed)?;
             model
@@ -626,10 +635,6 @@ pub fn train_ranks<B: Backend>(
     };
     if cfg.lora.is_some() && resumed.is_none() {
         model.init_adapters(cfg.seed)?;
-    }
-    if cfg.zero_stage == 1 && world > 1 {
-        let lens: Vec<usize> = model.param_specs().iter().map(|s| s.numel()).collect();
-        model.shard_optimizer(dist::OptimizerShards::new(&lens, world, comm.rank())?)?;
     }
     let dropout_stream = Rng::new(cfg.seed).fork(DROPOUT_STREAM);
     let is_resume = resumed.is_some();
@@ -861,6 +866,7 @@ fn plan_micro_batches<B: Backend>(
     saved: Option<&TrainConfig>,
     main: bool,
     recompute: Recompute,
+    layout: OptimizerLayout,
 ) -> Result<TrainConfig> {
     if cfg.micro_batch != MicroBatch::Auto {
         return Ok(cfg.clone());
@@ -885,7 +891,7 @@ fn plan_micro_batches<B: Backend>(
             f,
             lora,
             recompute,
-            cfg.optimizer_state,
+            layout,
         )
     });
     let plan = plan_batches(cfg.micro_batch, cfg.grad_accum, fits);
@@ -910,6 +916,7 @@ fn resolve_recompute<B: Backend>(
     model_config: &ModelConfig,
     max_seq_len: usize,
     saved: Option<&TrainConfig>,
+    layout: OptimizerLayout,
 ) -> Result<Recompute> {
     let saved_choice = saved.and_then(|s| s.recompute);
     let r = match cfg.recompute.or(saved_choice).unwrap_or_default() {
@@ -929,7 +936,7 @@ fn resolve_recompute<B: Backend>(
                     f,
                     lora,
                     at_least,
-                    cfg.optimizer_state,
+                    layout,
                 )
             });
             match (free, chosen) {
@@ -1076,7 +1083,7 @@ mod tests {
         let layer = Some(RecomputeChoice::Fixed(Recompute::Layer));
         let mlp = Some(RecomputeChoice::Fixed(Recompute::Mlp));
         let resolve = |now: &TrainConfig, saved: Option<&TrainConfig>| {
-            resolve_recompute(&be, now, &model, 64, saved).unwrap()
+            resolve_recompute(&be, now, &model, 64, saved, now.optimizer_state.into()).unwrap()
         };
         assert_eq!(resolve(&with(None), None), Recompute::None);
         assert_eq!(resolve(&with(mlp), None), Recompute::Mlp);

@@ -1,5 +1,6 @@
 //! ZeRO-1 on the model: each rank keeps the f32 master weights and AdamW moments of its share
-//! of the tensors ([`OptimizerShards`]). A step reduce-scatters the gradients (each rank gets
+//! of the tensors ([`OptimizerShards`]; a model built with an [`crate::dist::OptimizerLayout`]
+//! that names its rank allocates those only). A step reduce-scatters the gradients (each rank gets
 //! the sum of its tensors' gradients), takes the global norm from every rank's per-tensor sums,
 //! updates its tensors, and all-gathers the new weights. One process's step, split: the same
 //! adds, the same norm (summed in layout order, as one process sums it), the same AdamW on every
@@ -8,32 +9,9 @@
 use super::{reduce_flat_into, stats, AdamW, Backend, Model, NamedTensor, Result, StepStats, STATS_LEN};
 use crate::backend::sum_squares_read;
 use crate::dist::{Collectives, OptimizerShards};
-use anyhow::{ensure, Context};
+use anyhow::Context;
 
 impl<B: Backend> Model<B> {
-    /// Keeps the master weights and moments of `shards.owned()` only, dropping the others (call
-    /// it once, on a model built for full fine-tuning, before loading an optimizer state).
-    pub fn shard_optimizer(&mut self, shards: OptimizerShards) -> Result<()> {
-        ensure!(
-            self.base_trained(),
-            "ZeRO-1 splits the base's optimizer state: this model trains none (LoRA or inference)"
-        );
-        ensure!(self.shards.is_none(), "the optimizer state is split already");
-        ensure!(
-            shards.counts().iter().sum::<usize>() == self.lens.iter().sum::<usize>(),
-            "optimizer shards of {} elements for a model of {}",
-            shards.counts().iter().sum::<usize>(),
-            self.lens.iter().sum::<usize>()
-        );
-        let owned = shards.owned();
-        for state in [&mut self.master, &mut self.m, &mut self.v] {
-            state.truncate(owned.end);
-            state.drain(..owned.start);
-        }
-        self.shards = Some(shards);
-        Ok(())
-    }
-
     /// How the optimizer state is split over the ranks (None: all of it is here).
     pub fn optimizer_shards(&self) -> Option<&OptimizerShards> {
         self.shards.as_ref()
@@ -162,9 +140,11 @@ impl<B: Backend> Model<B> {
 mod tests {
     use super::*;
     use crate::backend::cpu::CpuBackend;
+    use crate::backend::StateDtype;
     use crate::bench::train::synthetic_batch;
-    use crate::dist::SingleProcess;
+    use crate::dist::{OptimizerLayout, SingleProcess};
     use crate::model::config::ModelConfig;
+    use crate::model::Recompute;
     use crate::rng::Rng;
 
     /// In one process the split holds everything: the sharded step is the plain one, bit for
@@ -182,15 +162,18 @@ mod tests {
             step: 1,
             grad_scale: 1.0,
         };
-        let mut models: Vec<Model<CpuBackend<f32>>> = (0..2)
-            .map(|_| {
-                let mut m = Model::new(CpuBackend::new(), config.clone(), 32).unwrap();
+        let mut models: Vec<Model<CpuBackend<f32>>> = [None, Some((0, 1))]
+            .into_iter()
+            .map(|zero| {
+                let layout = OptimizerLayout { moments: StateDtype::F32, zero };
+                let mut m =
+                    Model::for_training(CpuBackend::new(), config.clone(), 32, None, Recompute::None, layout)
+                        .unwrap();
                 m.init_params(7).unwrap();
                 m
             })
             .collect();
-        let lens: Vec<usize> = models[1].param_specs().iter().map(|s| s.numel()).collect();
-        models[1].shard_optimizer(OptimizerShards::new(&lens, 1, 0).unwrap()).unwrap();
+        assert_eq!(models[1].optimizer_shards().unwrap().owned(), 0..models[1].param_specs().len());
         let e = models[1].read_params().unwrap_err().to_string();
         assert!(e.contains("gather"), "{e}");
         let mut norms = Vec::new();
