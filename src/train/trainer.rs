@@ -858,6 +858,7 @@ fn data_parallel_sharding(cfg: &TrainConfig, comm: &dyn Collectives) -> Result<S
 /// why: on resume the interrupted run's choice where it keeps the step's examples (so the resumed
 /// run sees the same batches; it is stored in the run state as the resolved config), else the
 /// largest micro-batch that fits the device's free memory.
+#[allow(clippy::too_many_arguments)]
 fn plan_micro_batches<B: Backend>(
     backend: &B,
     cfg: &TrainConfig,
