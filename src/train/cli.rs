@@ -239,7 +239,8 @@ pub fn train_on_device(cfg: &TrainConfig) -> Result<TrainReport> {
 }
 
 /// [`train_on_device`] as one rank of a data-parallel job over `comm` (docs/distributed.md).
-/// With `device = "cuda"` each rank opens the GPU of its `local_rank` and the GPUs join one
+/// With `device = "cuda"` each rank opens the GPU of its `local_rank` (or the only one it sees)
+/// and the GPUs join one
 /// NCCL communicator, which sums the gradients on the devices; `auto` means the CPU over
 /// several ranks (a job says where it runs).
 pub fn train_on_device_ranks(
@@ -254,8 +255,8 @@ pub fn train_on_device_ranks(
             train_with_samples(crate::backend::cpu::CpuBackend::<f32>::new(), cfg, comm)
         }
         (Device::Cuda, world) => {
-            let mut backend = crate::backend::cuda::CudaBackend::new(local_rank).with_context(|| {
-                format!("rank {} of {world} opening GPU {local_rank} (its local rank)", comm.rank())
+            let mut backend = crate::backend::cuda::nccl::open_local_gpu(local_rank).with_context(|| {
+                format!("rank {} of {world} (local rank {local_rank}) opening its GPU", comm.rank())
             })?;
             crate::dist::join_gpu_ranks(&mut backend, comm).with_context(|| {
                 format!("rank {} of {world} joining the job's NCCL communicator", comm.rank())

@@ -42,6 +42,32 @@ pub fn nccl_unique_id() -> Result<[u8; NCCL_ID_BYTES]> {
     Ok(id.internal().map(|c| c as u8))
 }
 
+/// The GPU a rank of local rank `local_rank` opens when `visible` GPUs are visible to it: GPU
+/// `local_rank` of a node's GPUs, or the only one where the launcher gives each rank its own
+/// (`CUDA_VISIBLE_DEVICES` per task, as SLURM's `--gpus-per-task=1` does).
+pub fn gpu_for_local_rank(local_rank: usize, visible: usize) -> Result<usize> {
+    match visible {
+        0 => bail!("no CUDA GPU is visible to local rank {local_rank} (check CUDA_VISIBLE_DEVICES)"),
+        1 => Ok(0),
+        n if local_rank < n => Ok(local_rank),
+        n => bail!(
+            "local rank {local_rank} sees {n} GPUs: start at most one rank per GPU on each node (or give each \
+             rank one GPU through CUDA_VISIBLE_DEVICES)"
+        ),
+    }
+}
+
+/// [`CudaBackend::new`] on this rank's GPU ([`gpu_for_local_rank`]).
+pub fn open_local_gpu(local_rank: usize) -> Result<CudaBackend> {
+    // SAFETY: only probes whether the driver library can be opened (cudarc panics otherwise).
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        bail!("no CUDA driver found (libcuda.so could not be loaded): the CUDA backend needs an NVIDIA GPU");
+    }
+    let visible = cudarc::driver::CudaContext::device_count().context("counting the visible GPUs")?;
+    let gpu = gpu_for_local_rank(local_rank, visible.max(0) as usize)?;
+    CudaBackend::new(gpu)
+}
+
 impl CudaBackend {
     /// Joins the job's NCCL communicator as `rank` of `world` (every rank calls it with rank 0's
     /// [`nccl_unique_id`]; it returns once all have). From then on the model's gradients are
@@ -142,6 +168,16 @@ fn nccl_error(e: nccl_result::NcclError) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_local_rank_takes_its_gpu_or_the_only_one() {
+        assert_eq!(gpu_for_local_rank(3, 8).unwrap(), 3);
+        assert_eq!(gpu_for_local_rank(3, 1).unwrap(), 0);
+        assert_eq!(gpu_for_local_rank(0, 2).unwrap(), 0);
+        let e = gpu_for_local_rank(8, 8).unwrap_err().to_string();
+        assert!(e.contains("local rank 8 sees 8 GPUs"), "{e}");
+        assert!(gpu_for_local_rank(0, 0).unwrap_err().to_string().contains("CUDA_VISIBLE_DEVICES"));
+    }
 
     #[test]
     fn a_missing_nccl_is_an_error_not_a_panic() {
