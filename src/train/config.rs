@@ -521,7 +521,14 @@ mod tests {
         assert!(err.to_string().contains("micro_batch"), "{err}");
         let err = TrainConfig { device: "tpu".into(), ..ok.clone() }.validate().unwrap_err();
         assert!(err.to_string().contains("unknown device \"tpu\""), "{err}");
-        let err = TrainConfig { min_lr: 1.0, ..ok }.validate().unwrap_err();
+        let err = TrainConfig { min_lr: 1.0, ..ok.clone() }.validate().unwrap_err();
         assert!(err.to_string().contains("min_lr"), "{err}");
+        // ZeRO: stage 1 only, and not with LoRA (nothing of the frozen base to split).
+        TrainConfig { zero_stage: 1, ..ok.clone() }.validate().unwrap();
+        let err = TrainConfig { zero_stage: 2, ..ok.clone() }.validate().unwrap_err();
+        assert!(err.to_string().contains("zero_stage 2 is not built"), "{err}");
+        let lora = TrainConfig { zero_stage: 1, lora: Some(Default::default()), ..ok };
+        let err = lora.validate().unwrap_err();
+        assert!(err.to_string().contains("zero_stage 1") && err.to_string().contains("LoRA"), "{err}");
     }
 }
