@@ -38,27 +38,10 @@ self="$here/$(basename "${BASH_SOURCE[0]}")"
 # The demo run compared between the CPU (at build time) and the GPU: short enough for its
 # budget, long enough for the loss to fall from about 5.8 to under 1.
 DEMO_ARGS="--steps 100 --examples 4000 --heldout 10 --micro-batch 32 --seed 89"
-SCRIPTS="gpu_check.sh gpu_probe.sh gpu_report.py bench_attention_torch.py bench_torch_train.py bench_kernels_torch.py"
+SCRIPTS="gpu_check.sh gpu_probe.sh gpu_env.sh gpu_report.py bench_attention_torch.py bench_torch_train.py bench_kernels_torch.py"
 
-# The Python environment's nvidia/*/lib folders (cuBLASLt, ...) go on LD_LIBRARY_PATH.
-python_libs() {
-    local libs="" py dir lib
-    for py in python3 python; do
-        command -v "$py" >/dev/null 2>&1 || continue
-        for dir in $("$py" -c 'import site; print(" ".join(site.getsitepackages() + [site.getusersitepackages()]))' 2>/dev/null); do
-            for lib in "$dir"/nvidia/*/lib; do
-                [[ -d "$lib" ]] && libs="$libs:$lib"
-                # NCCL's wheels ship libnccl.so.2 alone; cudarc loads libnccl.so.
-                if [[ -e "$lib/libnccl.so.2" && ! -e "$lib/libnccl.so" ]]; then
-                    mkdir -p /tmp/sft_nccl && ln -sf "$lib/libnccl.so.2" /tmp/sft_nccl/libnccl.so
-                    libs="$libs:/tmp/sft_nccl"
-                fi
-            done
-        done
-        break
-    done
-    export LD_LIBRARY_PATH="${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-}
+# python_libs: the Python environment's nvidia/*/lib folders on LD_LIBRARY_PATH.
+source "$here/gpu_env.sh"
 
 # The folder holding the built binaries: this script's own (a copy in .gpu/), else ../.gpu.
 gpu_dir() {

@@ -12,18 +12,8 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 out="${OUT:-$PWD/probe}"
 mkdir -p "$out"
-libs=""
-for dir in $(python3 -c 'import site; print(" ".join(site.getsitepackages()))'); do
-    for lib in "$dir"/nvidia/*/lib; do
-        [[ -d "$lib" ]] && libs="$libs:$lib"
-        # NCCL's wheels ship libnccl.so.2 alone; cudarc loads libnccl.so.
-        if [[ -e "$lib/libnccl.so.2" && ! -e "$lib/libnccl.so" ]]; then
-            mkdir -p /tmp/sft_nccl && ln -sf "$lib/libnccl.so.2" /tmp/sft_nccl/libnccl.so
-            libs="$libs:/tmp/sft_nccl"
-        fi
-    done
-done
-export LD_LIBRARY_PATH="${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+source ./gpu_env.sh
+python_libs
 work="$PWD/work"
 rm -rf "$work"
 mkdir -p "$work"
