@@ -15,7 +15,7 @@
 mod common;
 
 use common::model::*;
-use common::train::{prepared_data, tiny_config as train_config};
+use common::train::{prepared_data, sft_train_args, tiny_config as train_config};
 use sft::backend::cpu::CpuBackend;
 use sft::backend::RopeStyle;
 use sft::checkpoint::Checkpoint;
@@ -240,33 +240,6 @@ fn mpirun_sft_train(root: &Path, out: &str, grad_accum: &str, max_steps: u64) ->
     args
 }
 
-/// `sft train` (the binary and its arguments) on the tiny model from scratch over `data`.
-fn sft_train_args(
-    root: &Path,
-    data: &Path,
-    out: &str,
-    grad_accum: &str,
-    max_steps: u64,
-) -> Vec<std::ffi::OsString> {
-    let mut args: Vec<std::ffi::OsString> = vec![env!("CARGO_BIN_EXE_sft").into()];
-    for a in ["train", "--model", "tiny", "--from-scratch", "--device", "cpu", "--max-seq-len", "96"] {
-        args.push(a.into());
-    }
-    let steps = max_steps.to_string();
-    for a in ["--micro-batch", "2", "--grad-accum", grad_accum, "--max-steps", &steps, "--save-every", "1"] {
-        args.push(a.into());
-    }
-    for (flag, path) in [
-        ("--data", data.to_path_buf()),
-        ("--tokenizer", root.join("tokenizer.json")),
-        ("--out-dir", root.join(out)),
-    ] {
-        args.push(flag.into());
-        args.push(path.into());
-    }
-    args
-}
-
 /// A 2-rank `sft train` killed with SIGKILL (every process of the job at once) after its second
 /// checkpoint, then resumed over 2 ranks: `latest` loads after the kill, and the resumed run
 /// logs the uninterrupted 2-rank run's losses, bit for bit, with no step lost or repeated.
@@ -342,7 +315,7 @@ fn rank_body() {
     }
     let launch = Launch::from_env().unwrap();
     assert_eq!((launch.launcher, launch.world_size), (Launcher::OpenMpi, 2));
-    let comm = connect(&launch).unwrap();
+    let comm = connect(&launch, None).unwrap();
     let (rank, world) = (comm.rank(), comm.world_size());
     assert_eq!((rank, world), (launch.rank, 2));
 

@@ -162,6 +162,11 @@ pub struct TrainArgs {
     /// every rank. The same run either way.
     #[arg(long, value_name = "0|1")]
     pub zero_stage: Option<u8>,
+    /// Over several ranks without MPI: a file every rank sees (a shared filesystem), through
+    /// which they meet to talk over TCP (rank 0 writes its address there, and removes the file
+    /// once all are in). Default: the SFT_RENDEZVOUS variable; neither: MPI.
+    #[arg(long, value_name = "FILE")]
+    pub rendezvous: Option<PathBuf>,
 }
 
 impl TrainArgs {
@@ -203,7 +208,7 @@ impl TrainArgs {
 pub fn train(args: TrainArgs) -> Result<()> {
     let cfg = args.to_config()?;
     let launch = Launch::from_env()?;
-    let comm = crate::dist::connect(&launch)?;
+    let comm = crate::dist::connect(&launch, args.rendezvous.as_deref())?;
     let report = match train_on_device_ranks(&cfg, comm.as_ref(), launch.local_rank) {
         Ok(report) => report,
         // The other ranks would wait for this one forever in their next collective.

@@ -76,3 +76,30 @@ pub fn tiny_config(data: &Path, tokenizer: &Path, out_dir: &Path, mode: BatchMod
         ..TrainConfig::default()
     }
 }
+
+/// `sft train` (the binary and its arguments) on the tiny model from scratch over `data`.
+pub fn sft_train_args(
+    root: &Path,
+    data: &Path,
+    out: &str,
+    grad_accum: &str,
+    max_steps: u64,
+) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = vec![env!("CARGO_BIN_EXE_sft").into()];
+    for a in ["train", "--model", "tiny", "--from-scratch", "--device", "cpu", "--max-seq-len", "96"] {
+        args.push(a.into());
+    }
+    let steps = max_steps.to_string();
+    for a in ["--micro-batch", "2", "--grad-accum", grad_accum, "--max-steps", &steps, "--save-every", "1"] {
+        args.push(a.into());
+    }
+    for (flag, path) in [
+        ("--data", data.to_path_buf()),
+        ("--tokenizer", root.join("tokenizer.json")),
+        ("--out-dir", root.join(out)),
+    ] {
+        args.push(flag.into());
+        args.push(path.into());
+    }
+    args
+}

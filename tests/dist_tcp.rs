@@ -1,0 +1,113 @@
+//! Data parallel without MPI: `sft train` started as 2 processes with torchrun-style variables
+//! (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`), meeting through `--rendezvous FILE` and talking over TCP
+//! (src/dist/tcp.rs). Against one process with the same `grad_accum`: the same losses (within
+//! 1e-5; the gradient sums run in another order); ZeRO-1 over the same ranks: the plain run's
+//! losses bit for bit; a rank killed mid-run: the other stops with an error within seconds.
+
+mod common;
+
+use common::train::{prepared_data, sft_train_args};
+use sft::train::log::read_train_losses;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const STEPS: u64 = 4;
+
+/// Rank `rank` of 2 of `sft train` on the tiny model, meeting through `rendezvous`.
+fn start_rank(root: &Path, out: &str, rank: usize, rendezvous: &Path, extra: &[&str]) -> Child {
+    let args = sft_train_args(root, &root.join("prepared"), out, "4", STEPS);
+    Command::new(&args[0])
+        .args(&args[1..])
+        .args(extra)
+        .arg("--rendezvous")
+        .arg(rendezvous)
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", "2")
+        .env("LOCAL_RANK", rank.to_string())
+        .env("SFT_RENDEZVOUS_HOST", "127.0.0.1")
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for `child` at most `limit`, killing it past that; its status (None: killed) and output.
+fn finish(mut child: Child, limit: Duration) -> (Option<std::process::ExitStatus>, String) {
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if start.elapsed() > limit {
+            child.kill().unwrap();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    (status, format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// Both ranks of one run; panics with their output unless both succeed.
+fn two_ranks(root: &Path, out: &str, extra: &[&str]) -> String {
+    let rendezvous = root.join(format!("{out}.rendezvous"));
+    let ranks: Vec<Child> = (0..2).map(|r| start_rank(root, out, r, &rendezvous, extra)).collect();
+    let mut text = String::new();
+    for (rank, child) in ranks.into_iter().enumerate() {
+        let (status, output) = finish(child, Duration::from_secs(300));
+        assert!(status.is_some_and(|s| s.success()), "rank {rank} of {out}: {status:?}\n{output}");
+        text.push_str(&output);
+    }
+    assert!(!rendezvous.exists(), "the rendezvous file is removed once both ranks are in");
+    text
+}
+
+#[test]
+fn two_ranks_over_tcp_train_like_one_process() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    prepared_data(root, 48, 96);
+    let one = sft_train_args(root, &root.join("prepared"), "one", "4", STEPS);
+    let out = Command::new(&one[0]).args(&one[1..]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let losses = |run: &str| read_train_losses(&root.join(run).join("log.csv")).unwrap();
+
+    // Plain: rank 0 alone reports and logs; the losses are one process's.
+    let text = two_ranks(root, "two", &[]);
+    assert_eq!(text.matches("done: 4 steps").count(), 1, "{text}");
+    assert!(text.contains("(2 on each of 2 ranks)"), "{text}");
+    let (two, reference) = (losses("two"), losses("one"));
+    assert_eq!(two.len(), STEPS as usize);
+    for (&(step, got), &(_, want)) in two.iter().zip(&reference) {
+        let rel = (got - want).abs() / want.abs();
+        assert!(rel < 1e-5, "step {step}: 2 ranks over TCP {got}, one process {want}");
+    }
+    // ZeRO-1 over the same ranks: the plain run's losses and checkpoint, bit for bit.
+    two_ranks(root, "zero", &["--zero-stage", "1"]);
+    assert_eq!(losses("zero"), two, "ZeRO-1 over TCP");
+    let weights = |run: &str| std::fs::read(root.join(run).join("step-4").join("model.safetensors")).unwrap();
+    assert!(weights("zero") == weights("two"), "ZeRO-1's final weights differ from the all-reduce's");
+
+    // A rank that dies: the other's next collective fails, and it stops instead of waiting.
+    let rendezvous = root.join("killed.rendezvous");
+    let mut ranks: Vec<Child> = (0..2).map(|r| start_rank(root, "killed", r, &rendezvous, &[])).collect();
+    let start = Instant::now();
+    while !root.join("killed").join("log.csv").exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "the run never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    ranks[1].kill().unwrap();
+    let killed_at = Instant::now();
+    let (status, text) = finish(ranks.remove(0), Duration::from_secs(60));
+    let waited = killed_at.elapsed();
+    assert!(status.is_some(), "rank 0 still waits a minute after rank 1 died:\n{text}");
+    let said: Vec<&str> = text.lines().filter(|l| l.contains("error")).collect();
+    println!("rank 1 killed: rank 0 stopped {waited:.2?} later ({status:?}): {}", said.join(" | "));
+    // Either rank 0 met the closed connection (an error naming rank 1), or it had finished.
+    if !status.unwrap().success() {
+        assert!(text.contains("rank 1"), "{text}");
+    }
+    ranks.remove(0).wait().unwrap();
+}
