@@ -113,7 +113,7 @@ pub struct DataParallelPlan {
     /// Every rank's tokens together.
     pub tokens_per_step: usize,
     pub tokens_per_s: f64,
-    /// tokens_per_s over `gpus` times one GPU's.
+    /// tokens_per_s over `gpus` times one GPU's (the step without data parallelism).
     pub scaling: f64,
 }
 
@@ -433,7 +433,21 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
         notes.push(batches.reason.clone());
     }
     let (micro_batch, grad_accum) = (batches.micro_batch, batches.grad_accum);
-    let count = count_step_opts(&config, micro_batch, t, grad_accum, lora, recompute, moments)?;
+    let mut count = count_step_opts(&config, micro_batch, t, grad_accum, lora, recompute, moments)?;
+    // One GPU alone, for the data-parallel scaling.
+    let one_gpu_seconds: f64 =
+        estimate_families(&count.ledger, device, &calibration).iter().map(|f| f.seconds).sum();
+    if layout.zero.is_some() {
+        // One rank's AdamW updates its share of the tensors: its work and traffic scale with
+        // it (the step was counted on the whole state; still one launch).
+        let share = layout.held(&lens) as f64 / lens.iter().sum::<usize>() as f64;
+        for ((family, _), tally) in count.ledger.tallies.iter_mut() {
+            if *family == counting::Family::Adamw {
+                tally.flops *= share;
+                tally.bytes *= share;
+            }
+        }
+    }
     let families = estimate_families(&count.ledger, device, &calibration);
     let step_seconds: f64 = families.iter().map(|f| f.seconds).sum();
     let tokens_per_step = grad_accum * micro_batch * t;
@@ -554,7 +568,7 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
             step_seconds: step,
             tokens_per_step: tokens,
             tokens_per_s,
-            scaling: step_seconds / step,
+            scaling: one_gpu_seconds / step,
         }
     });
     Ok(Plan {

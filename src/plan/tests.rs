@@ -594,6 +594,13 @@ fn zero1_splits_the_state_and_gathers_bf16_weights() {
         "{} vs {ring}",
         dp.collective_seconds
     );
+    // One rank's AdamW moves its share's bytes only.
+    let adamw = |p: &Plan| p.families.iter().find(|f| f.family == Family::Adamw).unwrap().bytes;
+    let share = *crate::dist::OptimizerShards::new(&lens, 4, 0).unwrap().counts().iter().max().unwrap()
+        as f64
+        / lens.iter().sum::<usize>() as f64;
+    assert!((adamw(&zero) - share * adamw(&plain)).abs() < 1e-6 * adamw(&plain));
+    assert!(zero.step_seconds < plain.step_seconds);
     // 6 bytes per parameter moved instead of the all-reduce's 8.
     assert!(dp.collective_seconds < plain.data_parallel.as_ref().unwrap().collective_seconds);
     let text = render(&zero);
