@@ -57,15 +57,9 @@ impl TcpCollectives {
         if self.rank == 0 {
             let mut all = Vec::with_capacity(self.world - 1);
             for (i, s) in peers.iter_mut().enumerate() {
-                let got = recv(s).with_context(|| format!("{what}: receiving from rank {}", i + 1))?;
-                ensure!(
-                    got.len() == data.len(),
-                    "{what}: rank {} sent {} bytes, rank 0 has {}: the ranks disagree on the operation",
-                    i + 1,
-                    got.len(),
-                    data.len()
+                all.push(
+                    recv(s, data.len()).with_context(|| format!("{what}: receiving from rank {}", i + 1))?,
                 );
-                all.push(got);
             }
             Ok(all)
         } else {
@@ -82,8 +76,8 @@ impl TcpCollectives {
                 send(s, data).with_context(|| format!("{what}: sending to rank {}", i + 1))?;
             }
         } else {
-            let got = recv(&mut peers[0]).with_context(|| format!("{what}: receiving from rank 0"))?;
-            ensure!(got.len() == data.len(), "{what}: rank 0 sent {} bytes for {}", got.len(), data.len());
+            let got =
+                recv(&mut peers[0], data.len()).with_context(|| format!("{what}: receiving from rank 0"))?;
             data.copy_from_slice(&got);
         }
         Ok(())
@@ -153,14 +147,8 @@ impl Collectives for TcpCollectives {
             if self.rank == root {
                 send(&mut peers[0], buf).context("broadcast: sending to rank 0")?;
             } else if self.rank == 0 {
-                let got = recv(&mut peers[root - 1])
+                let got = recv(&mut peers[root - 1], buf.len())
                     .with_context(|| format!("broadcast: receiving from rank {root}"))?;
-                ensure!(
-                    got.len() == buf.len(),
-                    "broadcast: rank {root} sent {} bytes for {}",
-                    got.len(),
-                    buf.len()
-                );
                 buf.copy_from_slice(&got);
             }
         }
@@ -274,11 +262,17 @@ fn send(s: &mut TcpStream, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn recv(s: &mut TcpStream) -> Result<Vec<u8>> {
+/// One message of `expected` bytes: a length that differs means the ranks called different
+/// operations (or the stream is not ours), refused before anything is allocated.
+fn recv(s: &mut TcpStream, expected: usize) -> Result<Vec<u8>> {
     let mut len = [0u8; 8];
     s.read_exact(&mut len).context("the connection closed (did that rank stop?)")?;
-    let len = u64::from_le_bytes(len) as usize;
-    let mut data = vec![0u8; len];
+    let len = u64::from_le_bytes(len);
+    ensure!(
+        len == expected as u64,
+        "a message of {len} bytes where {expected} were expected: the ranks disagree on the operation"
+    );
+    let mut data = vec![0u8; expected];
     s.read_exact(&mut data).context("the connection closed mid-message")?;
     Ok(data)
 }
@@ -360,5 +354,27 @@ mod tests {
         joiner.join().unwrap();
         let e = format!("{:#}", c.all_reduce_sum(&mut [1.0]).unwrap_err());
         assert!(e.contains("receiving from rank 1") && e.contains("closed"), "{e}");
+    }
+
+    /// Ranks that call different operations: an error on both, not a hang or a huge allocation.
+    #[test]
+    fn ranks_that_disagree_on_the_length_both_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("rendezvous");
+        let other = {
+            let file = file.clone();
+            std::thread::spawn(move || {
+                let launch = Launch { launcher: Launcher::Torchrun, rank: 1, world_size: 2, local_rank: 1 };
+                let c = TcpCollectives::connect_as(&launch, &file, "127.0.0.1").unwrap();
+                format!("{:#}", c.all_reduce_sum(&mut [1.0, 2.0]).unwrap_err())
+            })
+        };
+        let launch = Launch { launcher: Launcher::Torchrun, rank: 0, world_size: 2, local_rank: 0 };
+        let c = TcpCollectives::connect_as(&launch, &file, "127.0.0.1").unwrap();
+        let e = format!("{:#}", c.all_reduce_sum(&mut [1.0]).unwrap_err());
+        assert!(e.contains("8 bytes where 4 were expected") && e.contains("disagree"), "{e}");
+        drop(c);
+        let e = other.join().unwrap();
+        assert!(e.contains("receiving from rank 0"), "{e}");
     }
 }
