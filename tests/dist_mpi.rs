@@ -181,7 +181,7 @@ fn two_ranks_over_mpirun() {
     let (status, text) = sft_train("cli", "4");
     assert!(status.success(), "{text}");
     assert_eq!(text.matches("done: 2 steps").count(), 1, "{text}");
-    assert!(text.contains("(2 on each of 2 ranks)"), "{text}");
+    assert!(text.contains("(2 on each of 2 ranks, over MPI)"), "{text}");
     let log = std::fs::read_to_string(root.path().join("cli").join("log.csv")).unwrap();
     assert_eq!(log.lines().count(), 3, "{log}");
     // --zero-stage 1: the same losses.

@@ -77,7 +77,7 @@ fn two_ranks_over_tcp_train_like_one_process() {
     // Plain: rank 0 alone reports and logs; the losses are one process's.
     let text = two_ranks(root, "two", &[]);
     assert_eq!(text.matches("done: 4 steps").count(), 1, "{text}");
-    assert!(text.contains("(2 on each of 2 ranks)"), "{text}");
+    assert!(text.contains("(2 on each of 2 ranks, over TCP)"), "{text}");
     let (two, reference) = (losses("two"), losses("one"));
     assert_eq!(two.len(), STEPS as usize);
     for (&(step, got), &(_, want)) in two.iter().zip(&reference) {

@@ -17,6 +17,10 @@ use anyhow::{ensure, Context, Result};
 pub trait Collectives {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
+    /// How the ranks talk, for the logs ("MPI", "TCP").
+    fn transport(&self) -> &'static str {
+        "one process"
+    }
     /// Rank 0: the one that logs and writes checkpoints.
     fn is_main(&self) -> bool {
         self.rank() == 0

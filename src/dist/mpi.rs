@@ -42,6 +42,9 @@ impl Collectives for MpiCollectives {
     fn world_size(&self) -> usize {
         self.world.size() as usize
     }
+    fn transport(&self) -> &'static str {
+        "MPI"
+    }
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
         // MPI_IN_PLACE is not exposed by the crate: reduce from a copy.
         let send = buf.to_vec();

@@ -116,6 +116,9 @@ impl Collectives for TcpCollectives {
     fn world_size(&self) -> usize {
         self.world
     }
+    fn transport(&self) -> &'static str {
+        "TCP"
+    }
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
         self.all_reduce(buf, f32::to_le_bytes, f32::from_le_bytes, "all_reduce_sum")
     }

@@ -675,7 +675,7 @@ pub fn train_ranks<B: Backend>(
     let progress = Progress::new(start_step, end_step, cfg.log_every, main);
     let ranks = match world {
         1 => String::new(),
-        w => format!(" ({} on each of {w} ranks)", sharding.accum),
+        w => format!(" ({} on each of {w} ranks, over {})", sharding.accum, comm.transport()),
     };
     progress.println(&format!(
         "training {} parameters on {}: {} micro-batches of {} per step{ranks}, {steps_per_epoch} steps per epoch, steps {start_step}..{end_step}",
