@@ -22,7 +22,7 @@
 
 use super::{upload, upload_ids};
 use crate::backend::{AdamW, Backend, Device, GradMode, LossGrads, Precision, StateDtype};
-use crate::model::params::param_specs;
+use crate::model::params::param_lens;
 use crate::rng::Rng;
 use crate::train::trainer::resolve_model_config;
 use anyhow::{bail, ensure, Result};
@@ -107,7 +107,7 @@ impl KernelShapes {
         let adamw_config =
             args.adamw_config.clone().unwrap_or(if full { "simplellama-1.3b" } else { "tiny" }.into());
         let model = resolve_model_config(&adamw_config, 8192)?;
-        let adamw_tensor_lens = param_specs(&model).iter().map(|s| s.numel()).collect();
+        let adamw_tensor_lens = param_lens(&model);
         let copy_mib = args.copy_mib.unwrap_or(if full { 1024 } else { 4 });
         ensure!(copy_mib > 0, "--copy-mib must be at least 1");
         let supervised_rows = (0..tokens).filter(|&i| is_supervised(i, args.supervised)).count();

@@ -24,8 +24,8 @@ pub struct OptimizerShards {
 
 impl OptimizerShards {
     /// Splits tensors of `lens` elements over `world` ranks, this process being `rank`: rank `r`'s
-    /// run ends at the first tensor boundary at or past `(r + 1)/world` of all elements (the
-    /// nearest boundary, so no share is more than half a tensor off the even one).
+    /// run ends at the tensor boundary nearest `(r + 1)/world` of all elements (never before its
+    /// start), so no share's end is more than half a tensor off the even split.
     pub fn new(lens: &[usize], world: usize, rank: usize) -> Result<OptimizerShards> {
         ensure!(world > 0 && rank < world, "rank {rank} of a job of {world} ranks");
         let total: usize = lens.iter().sum();
@@ -66,11 +66,6 @@ impl OptimizerShards {
     /// The tensors this rank owns.
     pub fn owned(&self) -> Range<usize> {
         self.ranges[self.rank].clone()
-    }
-
-    /// The rank that owns tensor `i`.
-    pub fn owner(&self, i: usize) -> usize {
-        self.ranges.iter().position(|r| r.contains(&i)).expect("every tensor has an owner")
     }
 
     /// The owner of every tensor, in layout order.
@@ -147,7 +142,7 @@ mod tests {
                 assert_eq!(s.ranges, shards[0].ranges, "world {world}");
                 assert_eq!(s.owned().start, next, "world {world} rank {r}");
                 next = s.owned().end;
-                assert!(s.owned().clone().all(|i| s.owner(i) == r && s.owners()[i] == r));
+                assert!(s.owned().clone().all(|i| s.owners()[i] == r));
             }
             assert_eq!(next, lens.len());
             assert_eq!(shards[0].counts().iter().sum::<usize>(), lens.iter().sum::<usize>());

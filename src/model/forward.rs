@@ -284,14 +284,18 @@ pub fn memory_bytes_for(config: &ModelConfig, compute_bytes: usize, training: bo
     memory_bytes_opts(config, compute_bytes, training, Recompute::None, StateDtype::F32)
 }
 
-/// Buffers of `lens` elements concatenated in order into one host f32 buffer, through `reduce`
-/// (data parallelism's all-reduce) and written back: the base's gradients or the adapters'.
+/// Data parallelism's all-reduce of the base's gradients or the adapters': on the device where
+/// the backend has joined the ranks (NCCL), else the buffers of `lens` elements concatenated in
+/// order into one host f32 buffer, through `reduce`, and written back.
 pub(crate) fn reduce_flat<B: Backend>(
     be: &B,
     bufs: &mut [B::Buf],
     lens: &[usize],
     reduce: impl FnOnce(&mut [f32]) -> Result<()>,
 ) -> Result<()> {
+    if be.all_reduce_sum_ranks(bufs, lens)? {
+        return Ok(());
+    }
     reduce_flat_into(be, bufs, lens, 0..bufs.len(), reduce)
 }
 
@@ -343,10 +347,7 @@ pub fn memory_bytes_opts(
     // Gradients in fp32 for every parameter; master weights in fp32 and two moments for the
     // parameters whose state is here.
     let (per_param, held) = match training {
-        true => {
-            let lens: Vec<usize> = params::param_specs(config).iter().map(ParamSpec::numel).collect();
-            (compute_bytes + 4, state.held(&lens))
-        }
+        true => (compute_bytes + 4, state.held(&params::param_lens(config))),
         false => (compute_bytes, 0),
     };
     let per_held = 4 + 2 * moment_bytes(compute_bytes, state.moments);
@@ -1045,10 +1046,6 @@ impl<B: Backend> Model<B> {
         if let Some(lora) = &mut self.lora {
             // Zeroed by zero_grads (the adapters' backward adds to them).
             return lora.all_reduce_grads(&self.backend, reduce);
-        }
-        // On the device where the backend has joined the ranks (NCCL), else through the host.
-        if self.backend.all_reduce_sum_ranks(&mut self.grads, &self.lens)? {
-            return Ok(());
         }
         reduce_flat(&self.backend, &mut self.grads, &self.lens, reduce)
     }

@@ -508,9 +508,6 @@ impl<B: Backend> LoraState<B> {
     /// Data parallelism over the adapters: their gradients, concatenated in order into one host
     /// f32 buffer, through `reduce` (an all-reduce over the ranks) and back.
     pub fn all_reduce_grads(&mut self, be: &B, reduce: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<()> {
-        if be.all_reduce_sum_ranks(&mut self.grads, &self.lens)? {
-            return Ok(());
-        }
         super::forward::reduce_flat(be, &mut self.grads, &self.lens, reduce)
     }
 

@@ -116,6 +116,11 @@ impl ParamIndex {
     }
 }
 
+/// The elements of each of [`param_specs`]'s tensors.
+pub fn param_lens(config: &ModelConfig) -> Vec<usize> {
+    param_specs(config).iter().map(ParamSpec::numel).collect()
+}
+
 /// The internal tensors of a model, in layout order (see [`ParamIndex`]).
 pub fn param_specs(config: &ModelConfig) -> Vec<ParamSpec> {
     let d = config.d_model;

@@ -393,7 +393,7 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
     let available = device.memory.saturating_sub(CONTEXT_BYTES);
     let mut notes = vec![];
     // Under ZeRO-1 the memory plan is the largest share's rank's, as the trainer's.
-    let lens: Vec<usize> = crate::model::params::param_specs(&config).iter().map(|s| s.numel()).collect();
+    let lens = crate::model::params::param_lens(&config);
     let layout =
         crate::dist::OptimizerLayout { moments, zero: (args.zero_stage == 1).then_some((0, args.gpus)) }
             .largest_share(&lens)?;

@@ -181,7 +181,7 @@ fn a_zero1_rank_allocates_its_share_as_memory_bytes_says() {
     use crate::dist::OptimizerLayout;
     let c = small();
     let t = 64;
-    let lens: Vec<usize> = crate::model::params::param_specs(&c).iter().map(|s| s.numel()).collect();
+    let lens = crate::model::params::param_lens(&c);
     let whole =
         Model::for_training(CountingBackend::new(), c.clone(), t, None, Recompute::None, StateDtype::F32)
             .unwrap()
@@ -575,7 +575,7 @@ fn zero1_splits_the_state_and_gathers_bf16_weights() {
     let (pm, zm) = (&plain.memory, &zero.memory);
     assert_eq!((pm.optimizer_shards, zm.optimizer_shards), (1, 4));
     // The largest share: a quarter of the state, give or take a tensor.
-    let lens: Vec<usize> = crate::model::params::param_specs(&c).iter().map(|s| s.numel()).collect();
+    let lens = crate::model::params::param_lens(&c);
     let largest_tensor = *lens.iter().max().unwrap();
     assert!(
         zm.master_and_moments >= pm.master_and_moments / 4,

@@ -583,9 +583,7 @@ pub fn train_ranks<B: Backend>(
         moments: cfg.optimizer_state,
         zero: (cfg.zero_stage == 1 && world > 1).then_some((comm.rank(), world)),
     };
-    let lens: Vec<usize> =
-        crate::model::params::param_specs(&model_config).iter().map(|s| s.numel()).collect();
-    let plan_layout = layout.largest_share(&lens)?;
+    let plan_layout = layout.largest_share(&crate::model::params::param_lens(&model_config))?;
     let recompute = resolve_recompute(&backend, cfg, &model_config, max_seq_len, saved, plan_layout)?;
     // Stored resolved, so that a resume keeps it; left unset when never set (the default).
     let stored = match (cfg.recompute, saved.and_then(|s| s.recompute)) {

@@ -152,6 +152,16 @@ pub struct CudaBackend {
     nccl: Option<nccl::NcclRanks>,
 }
 
+/// Refuses a machine without the driver library before any driver call: cudarc panics inside
+/// its first call when it cannot load the library.
+pub(crate) fn ensure_driver() -> Result<()> {
+    // SAFETY: only probes whether the driver library can be opened.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        bail!("no CUDA driver found (libcuda.so could not be loaded): the CUDA backend needs an NVIDIA GPU");
+    }
+    Ok(())
+}
+
 /// Refuses a driver too old for the embedded PTX before any module fails to load with
 /// CUDA_ERROR_UNSUPPORTED_PTX_VERSION, which does not say which driver is needed.
 fn check_driver_version() -> Result<()> {
@@ -170,13 +180,7 @@ impl CudaBackend {
     /// Opens GPU `ordinal`. Fails with a clear message where there is no driver, no such GPU,
     /// no embedded kernels or no cuBLASLt.
     pub fn new(ordinal: usize) -> Result<Self> {
-        // SAFETY: only probes whether the driver library can be opened. CudaContext::new
-        // panics inside cudarc when it cannot, so this check must come first.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            bail!(
-                "no CUDA driver found (libcuda.so could not be loaded): the CUDA backend needs an NVIDIA GPU"
-            );
-        }
+        ensure_driver()?;
         check_driver_version()?;
         let ctx = CudaContext::new(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))?;
         // One stream only: cudarc's per-buffer event tracking would only add overhead.

@@ -59,10 +59,7 @@ pub fn gpu_for_local_rank(local_rank: usize, visible: usize) -> Result<usize> {
 
 /// [`CudaBackend::new`] on this rank's GPU ([`gpu_for_local_rank`]).
 pub fn open_local_gpu(local_rank: usize) -> Result<CudaBackend> {
-    // SAFETY: only probes whether the driver library can be opened (cudarc panics otherwise).
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        bail!("no CUDA driver found (libcuda.so could not be loaded): the CUDA backend needs an NVIDIA GPU");
-    }
+    super::ensure_driver()?;
     let visible = cudarc::driver::CudaContext::device_count().context("counting the visible GPUs")?;
     let gpu = gpu_for_local_rank(local_rank, visible.max(0) as usize)?;
     CudaBackend::new(gpu)

@@ -45,7 +45,7 @@ impl<B: Backend> Model<B> {
     ) -> Result<StepStats> {
         self.ensure_training("clip_and_update_sharded")?;
         let shards = self.sharded("clip_and_update_sharded")?;
-        let (counts, owners) = (shards.counts(), shards.owners());
+        let (counts, owners, start) = (shards.counts(), shards.owners(), shards.owned_elements().start);
         // One entry per tensor, zero on the ranks that do not own it: the all-reduce adds
         // zeros to it (exact), and the sum runs in layout order as one process's does.
         let mut sums = vec![0.0f64; self.specs.len()];
@@ -60,16 +60,16 @@ impl<B: Backend> Model<B> {
 
         self.update(hp, Some(max_norm))?;
 
-        let stats = StepStats { loss_sum: stats::join(&s, stats::STEP_LOSS), grad_norm: sumsq.sqrt() };
+        let out = StepStats { loss_sum: stats::join(&s, stats::STEP_LOSS), grad_norm: sumsq.sqrt() };
         // All-gather of the compute weights, each tensor from its owner: on the device where the
         // backend joined the ranks, else this rank's segment of a host buffer from its tensors
         // and the rest written from the other ranks' segments.
         if self.backend.broadcast_ranks(&mut self.params, &self.lens, &owners)? {
-            return Ok(stats);
+            return Ok(out);
         }
         let held = self.state_tensors();
         let mut flat = vec![0.0f32; counts.iter().sum()];
-        let mut at: usize = self.lens[..held.start].iter().sum();
+        let mut at = start;
         for i in held.clone() {
             flat[at..at + self.lens[i]].copy_from_slice(&self.backend.read(&self.params[i], self.lens[i])?);
             at += self.lens[i];
@@ -82,7 +82,7 @@ impl<B: Backend> Model<B> {
             }
             at += self.lens[i];
         }
-        Ok(stats)
+        Ok(out)
     }
 
     /// The master weights, whole, on rank 0 (None on the others), each tensor sent by its owner:
@@ -112,10 +112,10 @@ impl<B: Backend> Model<B> {
     /// One tensor at a time from its owner (a broadcast: rank 0 is the one that keeps it), so
     /// that no rank holds more than one tensor it does not own, rank 0 aside.
     fn gather_state(&self, held: &[B::Buf], comm: &dyn Collectives) -> Result<Option<Vec<NamedTensor>>> {
-        let shards = self.sharded("gathering the optimizer state")?;
+        let owners = self.sharded("gathering the optimizer state")?.owners();
         let mut whole = Vec::with_capacity(if comm.is_main() { self.specs.len() } else { 0 });
         for (i, spec) in self.specs.iter().enumerate() {
-            let owner = shards.owner(i);
+            let owner = owners[i];
             let mut data = match self.state_slot(i) {
                 Some(j) => self.backend.read(&held[j], self.lens[i])?,
                 None => vec![0.0; self.lens[i]],
@@ -130,9 +130,9 @@ impl<B: Backend> Model<B> {
     }
 
     fn sharded(&self, what: &str) -> Result<&OptimizerShards> {
-        self.shards
-            .as_ref()
-            .with_context(|| format!("{what}: the optimizer state is not split (Model::shard_optimizer)"))
+        self.shards.as_ref().with_context(|| {
+            format!("{what}: the optimizer state is not split (OptimizerLayout::zero at build)")
+        })
     }
 }
 
