@@ -465,6 +465,37 @@ fn zero1_trains_like_the_all_reduce(comm: &dyn Collectives) {
         "rank {rank}: resumed ZeRO-1 weights"
     );
     println!("rank {rank} of 2: ZeRO-1 matches the all-reduce bit for bit (20 steps, and resumed at 10)");
+
+    // The runs above summed each layer's gradients during the last micro-batch's backward
+    // (grad_overlap, the default); summed all at once after it, the first 10 steps are the same
+    // bit for bit, with and without ZeRO-1, and so are the step-10 checkpoints.
+    for (zero_stage, whole) in [(0, &plain_report), (1, &zero_report)] {
+        let out = format!("after{zero_stage}");
+        let after = TrainConfig { grad_overlap: false, ..config(&out, 10, zero_stage) };
+        let (_, report) = train_ranks(CpuBackend::<f32>::new(), &after, None, comm).unwrap();
+        assert_eq!(report.step_losses.len(), 10);
+        for (&(step, a), &(_, o)) in report.step_losses.iter().zip(&whole.step_losses) {
+            assert_eq!(
+                a.to_bits(),
+                o.to_bits(),
+                "rank {rank}, zero {zero_stage}, step {step}: after {a}, overlapped {o}"
+            );
+        }
+        comm.barrier().unwrap();
+        if rank == 0 {
+            let overlapped = if zero_stage == 0 { "plain20" } else { "zero20" };
+            for file in ["model.safetensors", "optimizer.safetensors"] {
+                let read = |run: &str| std::fs::read(root.join(run).join("step-10").join(file)).unwrap();
+                assert!(
+                    read(&out) == read(overlapped),
+                    "zero {zero_stage}, {file}: summed after differs from overlapped"
+                );
+            }
+        }
+    }
+    println!(
+        "rank {rank} of 2: gradients summed layer by layer during the backward or after it: the same run"
+    );
 }
 
 /// `sft train`'s loop over the ranks: the reference's losses and validation loss, and the same

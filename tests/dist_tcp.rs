@@ -1,8 +1,9 @@
 //! Data parallel without MPI: `sft train` started as 2 processes with torchrun-style variables
 //! (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`), meeting through `--rendezvous FILE` and talking over TCP
 //! (src/dist/tcp.rs). Against one process with the same `grad_accum`: the same losses (within
-//! 1e-5; the gradient sums run in another order); ZeRO-1 over the same ranks: the plain run's
-//! losses bit for bit; a rank killed mid-run: the other stops with an error within seconds.
+//! 1e-5; the gradient sums run in another order); ZeRO-1, and the gradients summed after the
+//! backward instead of layer by layer during it: the plain run's losses and weights bit for bit;
+//! a rank killed mid-run: the other stops with an error within seconds.
 
 mod common;
 
@@ -89,6 +90,16 @@ fn two_ranks_over_tcp_train_like_one_process() {
     assert_eq!(losses("zero"), two, "ZeRO-1 over TCP");
     let weights = |run: &str| std::fs::read(root.join(run).join("step-4").join("model.safetensors")).unwrap();
     assert!(weights("zero") == weights("two"), "ZeRO-1's final weights differ from the all-reduce's");
+    // Those summed each layer's gradients during the last micro-batch's backward (the default);
+    // summed all at once after it: the same sums, bit for bit.
+    for (run, extra) in [
+        ("after", &["--grad-overlap", "false"][..]),
+        ("zero_after", &["--zero-stage", "1", "--grad-overlap", "false"]),
+    ] {
+        two_ranks(root, run, extra);
+        assert_eq!(losses(run), two, "{run} over TCP");
+        assert!(weights(run) == weights("two"), "{run}: the final weights differ from the overlapped run's");
+    }
 
     // A rank that dies: the other's next collective fails, and it stops instead of waiting.
     let rendezvous = root.join("killed.rendezvous");

@@ -353,8 +353,8 @@ fn recompute_gives_the_same_gradients_on_the_gpu() {
 }
 
 /// Data parallelism over NCCL in a world of one: the gradients go through ncclAllReduce on the
-/// device (the identity for one rank, never the host path) and the steps are the ones without
-/// NCCL, bit for bit.
+/// device (the identity for one rank, never the host path), after the backward or bucket by
+/// bucket on the NCCL stream during it, and the steps are the ones without NCCL, bit for bit.
 #[test]
 #[ignore = "needs an NVIDIA GPU and NCCL"]
 fn nccl_world_of_one_steps_like_no_nccl() {
@@ -369,17 +369,27 @@ fn nccl_world_of_one_steps_like_no_nccl() {
     let n = batches.iter().map(Batch::n_tokens).max().unwrap();
     let mut plain = Model::new(plain_backend, cfg.clone(), n).unwrap();
     plain.init_params(9).unwrap();
-    let mut nccl = Model::new(joined, cfg, n).unwrap();
+    let mut nccl = Model::new(joined, cfg.clone(), n).unwrap();
     nccl.init_params(9).unwrap();
+    // The third sums each layer's gradients on the NCCL stream during the last micro-batch's
+    // backward (grad_overlap), the compute stream waiting once at its end.
+    let mut bucketed_backend = sft::backend::cuda::CudaBackend::new(0).unwrap();
+    bucketed_backend.join_ranks(&sft::backend::cuda::nccl::nccl_unique_id().unwrap(), 0, 1).unwrap();
+    let mut bucketed = Model::new(bucketed_backend, cfg, n).unwrap();
+    bucketed.init_params(9).unwrap();
     let scale = 1.0 / batches.iter().map(Batch::n_supervised).sum::<usize>() as f32;
     for step in 1..=2u64 {
         let hp =
             AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.01, step, grad_scale: 1.0 };
         let mut stats = Vec::new();
-        for (i, model) in [&mut plain, &mut nccl].into_iter().enumerate() {
+        for (i, model) in [&mut plain, &mut nccl, &mut bucketed].into_iter().enumerate() {
             model.zero_grads().unwrap();
-            for b in &batches {
-                model.accumulate_gradients(b, scale, None).unwrap();
+            for (k, b) in batches.iter().enumerate() {
+                if i == 2 && k + 1 == batches.len() {
+                    model.accumulate_and_sum_gradients(b, scale, None, &NormOnly).unwrap();
+                } else {
+                    model.accumulate_gradients(b, scale, None).unwrap();
+                }
             }
             if i == 1 {
                 model.all_reduce_grads(|_| panic!("the joined GPU sums on the device")).unwrap();
@@ -387,9 +397,12 @@ fn nccl_world_of_one_steps_like_no_nccl() {
             stats.push(model.clip_and_update(&hp, 0.05).unwrap());
         }
         assert_eq!(stats[0], stats[1], "step {step}");
+        assert_eq!(stats[0], stats[2], "step {step}: bucketed during the backward");
     }
-    for (a, b) in nccl.read_params().unwrap().iter().zip(&plain.read_params().unwrap()) {
-        assert_eq!(a.data, b.data, "{} differs with NCCL", a.name);
+    for model in [&nccl, &bucketed] {
+        for (a, b) in model.read_params().unwrap().iter().zip(&plain.read_params().unwrap()) {
+            assert_eq!(a.data, b.data, "{} differs with NCCL", a.name);
+        }
     }
 
     // ZeRO-1 over NCCL, a world of one: the reduce-scatter (ncclReduce to each tensor's owner)
@@ -408,14 +421,22 @@ fn nccl_world_of_one_steps_like_no_nccl() {
     for step in 1..=2u64 {
         let hp =
             AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.01, step, grad_scale: 1.0 };
-        for model in [&mut again, &mut zero] {
+        // Step 2 reduces each layer's gradients to their owners during the last backward.
+        let bucketed = step == 2;
+        for (i, model) in [&mut again, &mut zero].into_iter().enumerate() {
             model.zero_grads().unwrap();
-            for b in &batches {
-                model.accumulate_gradients(b, scale, None).unwrap();
+            for (k, b) in batches.iter().enumerate() {
+                if i == 1 && bucketed && k + 1 == batches.len() {
+                    model.accumulate_and_sum_gradients(b, scale, None, &NormOnly).unwrap();
+                } else {
+                    model.accumulate_gradients(b, scale, None).unwrap();
+                }
             }
         }
         let want = again.clip_and_update(&hp, 0.05).unwrap();
-        zero.reduce_scatter_grads(&NormOnly).unwrap();
+        if !bucketed {
+            zero.reduce_scatter_grads(&NormOnly).unwrap();
+        }
         let got = zero.clip_and_update_sharded(&hp, 0.05, &NormOnly).unwrap();
         // The GPU's sum of squares of one tensor need not add up in the all-tensor kernel's
         // order: the norm (and through the clip, the weights) may differ in the last bits.

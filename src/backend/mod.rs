@@ -748,18 +748,28 @@ macro_rules! declare_backend {
             }
             /// Data parallelism on the device: sums the first `lens[i]` elements of every F32
             /// `bufs[i]` in place over the ranks of the job this backend joined (NCCL on the CUDA
-            /// backend), ordered after the work queued so far. False when it joined none: the
-            /// caller then sums through the host collectives.
+            /// backend), ordered after the work queued so far; the work queued after it may run
+            /// beside it (the backward of the layers below) until [`Backend::wait_ranks`], and
+            /// must not touch `bufs` before. False when it joined none: the caller then sums
+            /// through the host collectives.
             fn all_reduce_sum_ranks(&self, _bufs: &mut [Self::Buf], _lens: &[usize]) -> Result<bool> {
                 Ok(false)
             }
+            /// Orders the work queued from now on after every `all_reduce_sum_ranks` and
+            /// `reduce_sum_ranks` queued so far.
+            fn wait_ranks(&self) -> Result<()> {
+                Ok(())
+            }
             /// ZeRO-1's reduce-scatter on the device: each F32 `bufs[i]` summed over the ranks
-            /// into rank `roots[i]` (the others' copies are left unspecified). False as above.
+            /// into rank `roots[i]` (the others' copies are left unspecified), beside the work
+            /// queued after it until [`Backend::wait_ranks`], as `all_reduce_sum_ranks`. False
+            /// as above.
             fn reduce_sum_ranks(&self, _bufs: &mut [Self::Buf], _lens: &[usize], _roots: &[usize]) -> Result<bool> {
                 Ok(false)
             }
             /// ZeRO-1's all-gather on the device: each `bufs[i]` (of either precision) copied from
-            /// rank `roots[i]` to every rank. False as above.
+            /// rank `roots[i]` to every rank, ordered before the work queued after it. False as
+            /// above.
             fn broadcast_ranks(&self, _bufs: &mut [Self::Buf], _lens: &[usize], _roots: &[usize]) -> Result<bool> {
                 Ok(false)
             }

@@ -24,7 +24,10 @@ use anyhow::{bail, ensure, Context, Result};
 use std::collections::HashMap;
 use std::ops::Range;
 
+mod grad_buckets;
 mod zero;
+
+pub use grad_buckets::grad_buckets;
 
 /// The attention block's activations of one layer that backward needs (and the FFN's input).
 struct AttnActs<B: Backend> {
@@ -294,7 +297,7 @@ pub(crate) fn reduce_flat<B: Backend>(
     reduce: impl FnOnce(&mut [f32]) -> Result<()>,
 ) -> Result<()> {
     if be.all_reduce_sum_ranks(bufs, lens)? {
-        return Ok(());
+        return be.wait_ranks();
     }
     reduce_flat_into(be, bufs, lens, 0..bufs.len(), reduce)
 }
@@ -1303,7 +1306,7 @@ impl<B: Backend> Model<B> {
         loss_scale: f32,
         dropout_seed: Option<u64>,
     ) -> Result<f64> {
-        let n_sup = self.backward_micro_batch(batch, loss_scale, dropout_seed)?;
+        let n_sup = self.backward_micro_batch(batch, loss_scale, dropout_seed, None)?;
         self.backend.sum_into(
             &mut self.stats,
             stats::MICRO_LOSS,
@@ -1323,18 +1326,20 @@ impl<B: Backend> Model<B> {
         loss_scale: f32,
         dropout_seed: Option<u64>,
     ) -> Result<()> {
-        self.backward_micro_batch(batch, loss_scale, dropout_seed).map(|_| ())
+        self.backward_micro_batch(batch, loss_scale, dropout_seed, None).map(|_| ())
     }
 
     /// The forward and backward of one micro-batch: the gradients written (the first after
     /// `zero_grads`) or added to, the row losses left in `row_losses` and added to the step's
     /// loss sum on the device. Returns the number of supervised rows. Every gradient buffer must
-    /// be written here when `fresh` (the step zeroes nothing).
+    /// be written here when `fresh` (the step zeroes nothing). With `sum`, each bucket of
+    /// tensors is handed to it as soon as its gradients are final (the step's last micro-batch).
     fn backward_micro_batch(
         &mut self,
         batch: &Batch,
         loss_scale: f32,
         dropout_seed: Option<u64>,
+        mut sum: Option<&mut grad_buckets::BucketSum<'_>>,
     ) -> Result<usize> {
         self.ensure_training("forward_backward")?;
         let n = self.load_batch(batch, true)?;
@@ -1365,6 +1370,7 @@ impl<B: Backend> Model<B> {
         let hidden = cfg.ffn_hidden;
         let rope = cfg.rope();
         let n_layers = cfg.n_layers;
+        let lens = &self.lens[..];
         let dropout = dropout_seed.filter(|_| cfg.dropout > 0.0);
         let out_w = idx.output_weight();
         let recompute = acts.recompute;
@@ -1404,6 +1410,9 @@ impl<B: Backend> Model<B> {
             d,
             branch::<B>(&mut ag.ddelta, site(n_layers - 1, 1)),
         )?;
+        if let Some(sum) = sum.as_deref_mut() {
+            sum.ready(&*be, g, lens, idx.norm..lens.len())?;
+        }
         let cx = LayerCx { be: &*be, cfg: &*cfg, idx: &*idx, p: &p[..], ids: &*ids, n, dropout_seed };
         for l in (0..n_layers).rev() {
             let w = idx.layers[l];
@@ -1541,6 +1550,9 @@ impl<B: Backend> Model<B> {
                 d,
                 branch::<B>(&mut ag.ddelta, below),
             )?;
+            if let Some(sum) = sum.as_deref_mut() {
+                sum.ready(&*be, g, lens, w.tensors())?;
+            }
         }
         // With tied embeddings this adds to the lm_head gradient the loss wrote in the same buffer.
         // A frozen embedding (LoRA) needs no gradient at all.
@@ -1555,6 +1567,9 @@ impl<B: Backend> Model<B> {
                 d,
                 emb_mode,
             )?;
+        }
+        if let Some(sum) = sum {
+            sum.ready(&*be, g, lens, idx.tok_embeddings..idx.tok_embeddings + 1)?;
         }
         self.fresh = false;
         Ok(self.ids.n_sup)

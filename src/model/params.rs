@@ -76,6 +76,13 @@ pub struct LayerIndex {
     pub down: usize,
 }
 
+impl LayerIndex {
+    /// The layer's tensors: consecutive in the layout, `attn_norm` first and `down` last.
+    pub fn tensors(&self) -> std::ops::Range<usize> {
+        self.attn_norm..self.down + 1
+    }
+}
+
 /// Where each tensor sits in [`param_specs`]: `tok_embeddings`, then per layer
 /// `attn_norm, qkv, o, ffn_norm, gate_up, down`, then `norm`, then `lm_head` unless tied.
 #[derive(Clone, Debug)]

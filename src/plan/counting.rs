@@ -159,6 +159,52 @@ impl Ledger {
     }
 }
 
+/// Where the backward of the micro-batch being counted stands, for [`BackwardLedger`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Phase {
+    /// Not in a backward (the forward, the optimizer, or the backward's end).
+    #[default]
+    Outside,
+    /// From the fused lm-head + loss through the final norm's backward.
+    Head,
+    /// The layers' backward, L − 1 down to 0.
+    Layers,
+    /// The token embeddings' backward.
+    Embedding,
+}
+
+/// The last micro-batch's backward, counted apart (as well as in the step's [`Ledger`]) in the
+/// three stretches after which the trainer's gradient buckets become ready: `sft plan` times the
+/// data-parallel gradient collectives that overlap it.
+///
+/// The stretches follow the model's op order (`Model::backward_micro_batch`): `head` opens with
+/// the fused lm-head + loss (its forward logits included: they run after the layers' forward,
+/// where the backward starts) and closes with the first `rmsnorm_backward` (the final norm's:
+/// the final norm's and lm_head's gradients are then final); `layers` runs up to the
+/// `embedding_backward`, which is `embedding`. Without one (LoRA), the backward ends where the
+/// next forward (`embedding_forward`) or the optimizer (`sum_squares`, `adamw`) begins.
+#[derive(Clone, Debug, Default)]
+pub struct BackwardLedger {
+    /// The fused lm-head + loss, the loss sum, and the final norm's backward.
+    pub head: Ledger,
+    /// Every layer's backward, recomputed forward ops included: the layers are alike, so each is
+    /// an equal share of it.
+    pub layers: Ledger,
+    /// The token embeddings' backward (full fine-tuning only).
+    pub embedding: Ledger,
+}
+
+impl BackwardLedger {
+    fn segment(&mut self, phase: Phase) -> Option<&mut Ledger> {
+        match phase {
+            Phase::Outside => None,
+            Phase::Head => Some(&mut self.head),
+            Phase::Layers => Some(&mut self.layers),
+            Phase::Embedding => Some(&mut self.embedding),
+        }
+    }
+}
+
 /// A float buffer without data.
 #[derive(Clone, Debug)]
 pub struct CountBuf {
@@ -210,6 +256,9 @@ pub struct CountingBackend {
     prepared_segments: RefCell<Option<(usize, usize, usize)>>,
     /// Downloads since the backend was made ([`Backend::host_reads`]; `take_ledger` keeps it).
     reads: Cell<u64>,
+    /// The latest micro-batch's backward and where it stands (None: no backward seen yet).
+    backward: RefCell<Option<BackwardLedger>>,
+    phase: Cell<Phase>,
 }
 
 impl CountingBackend {
@@ -220,6 +269,26 @@ impl CountingBackend {
     /// Returns the counts so far and starts afresh.
     pub fn take_ledger(&self) -> Ledger {
         std::mem::take(&mut *self.ledger.borrow_mut())
+    }
+
+    /// The latest micro-batch's backward, split as [`BackwardLedger`] says (None: no backward
+    /// since the backend was made or this was last called).
+    pub fn take_backward(&self) -> Option<BackwardLedger> {
+        self.phase.set(Phase::Outside);
+        self.backward.borrow_mut().take()
+    }
+
+    /// Enters `phase` of the backward; [`Phase::Head`] starts a new one.
+    fn enter(&self, phase: Phase) {
+        if phase == Phase::Head {
+            *self.backward.borrow_mut() = Some(BackwardLedger::default());
+        }
+        self.phase.set(phase);
+    }
+
+    /// Ends the backward, if one is being counted (a forward or the optimizer begins).
+    fn leave_backward(&self) {
+        self.phase.set(Phase::Outside);
     }
 
     /// Bytes allocated by the model's buffers so far.
@@ -235,14 +304,22 @@ impl CountingBackend {
 
     fn call(&self, family: Family) {
         *self.ledger.borrow_mut().calls.entry(family).or_default() += 1;
+        if let Some(segment) = self.backward.borrow_mut().as_mut().and_then(|b| b.segment(self.phase.get())) {
+            *segment.calls.entry(family).or_default() += 1;
+        }
     }
 
     fn count(&self, family: Family, kind: KernelKind, launches: u64, flops: f64, bytes: f64) {
-        let mut ledger = self.ledger.borrow_mut();
-        let t = ledger.tallies.entry((family, kind)).or_default();
-        t.launches += launches;
-        t.flops += flops;
-        t.bytes += bytes;
+        let add = |ledger: &mut Ledger| {
+            let t = ledger.tallies.entry((family, kind)).or_default();
+            t.launches += launches;
+            t.flops += flops;
+            t.bytes += bytes;
+        };
+        add(&mut self.ledger.borrow_mut());
+        if let Some(segment) = self.backward.borrow_mut().as_mut().and_then(|b| b.segment(self.phase.get())) {
+            add(segment);
+        }
     }
 
     fn upload(&self, family: Family, bytes: usize) {
@@ -253,6 +330,9 @@ impl CountingBackend {
         self.reads.set(self.reads.get() + 1);
         self.count(family, KernelKind::HostTransfer, 1, 0.0, bytes as f64);
         self.ledger.borrow_mut().tallies.entry((family, KernelKind::HostTransfer)).or_default().syncs += 1;
+        if let Some(segment) = self.backward.borrow_mut().as_mut().and_then(|b| b.segment(self.phase.get())) {
+            segment.tallies.entry((family, KernelKind::HostTransfer)).or_default().syncs += 1;
+        }
     }
 
     fn scratch(&self, slot: &'static str, bytes: usize) {
@@ -386,6 +466,7 @@ impl Backend for CountingBackend {
         n: usize,
         d: usize,
     ) -> Result<()> {
+        self.leave_backward();
         self.call(Family::Embedding);
         need(out, n * d, Precision::Compute, "embedding_forward out")?;
         need(table, d, Precision::Compute, "embedding_forward table")?;
@@ -405,29 +486,13 @@ impl Backend for CountingBackend {
         d: usize,
         mode: GradMode,
     ) -> Result<()> {
-        self.call(Family::Embedding);
-        need(dout, n * d, Precision::Compute, "embedding_backward dout")?;
-        need_ids(groups, n + 2 * n_groups + 1, "embedding_backward groups")?;
-        if d == 0 {
-            return Ok(());
+        // The backward's last stretch: the embeddings' gradient, after which it ends.
+        if self.phase.get() != Phase::Outside {
+            self.enter(Phase::Embedding);
         }
-        let vocab = dtable.len / d;
-        let (_, _, ids) = crate::backend::token_groups(groups, n, n_groups)?;
-        if let Some((g, &bad)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
-            bail!("embedding_backward: group {g} has id {bad}, the table has {vocab} rows");
-        }
-        if mode == GradMode::Overwrite {
-            // The kernel writes only the batch's rows: the rest of the table is zeroed first.
-            self.count(Family::Embedding, KernelKind::DeviceCopy, 1, 0.0, (vocab * d * dtable.elem()) as f64);
-        }
-        if n == 0 || n_groups == 0 {
-            return Ok(());
-        }
-        // The grouping came up with the batch (load_batch); one block per distinct id sums its
-        // rows of dout into its table row (read and written).
-        let bytes = n * d * COMPUTE_BYTES + n * 4 + (2 * n_groups + 1) * 4 + 2 * n_groups * d * dtable.elem();
-        self.elementwise(Family::Embedding, 1, (n * d) as f64, bytes);
-        Ok(())
+        let counted = self.count_embedding_backward(dtable, groups, n_groups, dout, n, d, mode);
+        self.leave_backward();
+        counted
     }
 
     fn rmsnorm_forward(
@@ -518,6 +583,10 @@ impl Backend for CountingBackend {
         self.elementwise(Family::Rmsnorm, 1, (8.0 + branch_flops) * (n * d) as f64, bytes);
         // Then the partials' in-order sum into dw.
         self.elementwise(Family::Rmsnorm, 1, (chunks * d) as f64, chunks * d * 4 + 2 * d * 4);
+        if self.phase.get() == Phase::Head {
+            // The final norm's backward: the head's gradients are final.
+            self.enter(Phase::Layers);
+        }
         Ok(())
     }
 
@@ -814,6 +883,10 @@ impl Backend for CountingBackend {
         grads: Option<LossGrads<'_, Self>>,
     ) -> Result<()> {
         let f = Family::CrossEntropy;
+        if grads.is_some() {
+            // The fused lm-head + loss with gradients opens a micro-batch's backward.
+            self.enter(Phase::Head);
+        }
         self.call(f);
         need(x, n * d, Precision::Compute, "lm_head_cross_entropy x")?;
         need(w, vocab * d, Precision::Compute, "lm_head_cross_entropy w")?;
@@ -883,6 +956,7 @@ impl Backend for CountingBackend {
     }
 
     fn sum_squares(&self, bufs: &[&CountBuf], lens: &[usize], out: &mut CountBuf) -> Result<()> {
+        self.leave_backward();
         self.call(Family::GlobalNorm);
         ensure!(bufs.len() == lens.len(), "sum_squares: {} buffers but {} lengths", bufs.len(), lens.len());
         need(out, stats::SUMSQ + stats::SPLIT, Precision::F32, "sum_squares statistics")?;
@@ -914,6 +988,7 @@ impl Backend for CountingBackend {
         hp: &AdamW,
         clip: Option<Clip<'_, Self>>,
     ) -> Result<()> {
+        self.leave_backward();
         self.call(Family::Adamw);
         if let Some(c) = &clip {
             need(c.sumsq, stats::SUMSQ + stats::SPLIT, Precision::F32, "adamw clip statistics")?;
@@ -950,6 +1025,42 @@ impl Backend for CountingBackend {
 }
 
 impl CountingBackend {
+    #[allow(clippy::too_many_arguments)]
+    fn count_embedding_backward(
+        &self,
+        dtable: &mut CountBuf,
+        groups: &[u32],
+        n_groups: usize,
+        dout: &CountBuf,
+        n: usize,
+        d: usize,
+        mode: GradMode,
+    ) -> Result<()> {
+        self.call(Family::Embedding);
+        need(dout, n * d, Precision::Compute, "embedding_backward dout")?;
+        need_ids(groups, n + 2 * n_groups + 1, "embedding_backward groups")?;
+        if d == 0 {
+            return Ok(());
+        }
+        let vocab = dtable.len / d;
+        let (_, _, ids) = crate::backend::token_groups(groups, n, n_groups)?;
+        if let Some((g, &bad)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+            bail!("embedding_backward: group {g} has id {bad}, the table has {vocab} rows");
+        }
+        if mode == GradMode::Overwrite {
+            // The kernel writes only the batch's rows: the rest of the table is zeroed first.
+            self.count(Family::Embedding, KernelKind::DeviceCopy, 1, 0.0, (vocab * d * dtable.elem()) as f64);
+        }
+        if n == 0 || n_groups == 0 {
+            return Ok(());
+        }
+        // The grouping came up with the batch (load_batch); one block per distinct id sums its
+        // rows of dout into its table row (read and written).
+        let bytes = n * d * COMPUTE_BYTES + n * 4 + (2 * n_groups + 1) * 4 + 2 * n_groups * d * dtable.elem();
+        self.elementwise(Family::Embedding, 1, (n * d) as f64, bytes);
+        Ok(())
+    }
+
     fn rope(
         &self,
         qkv: &mut CountBuf,

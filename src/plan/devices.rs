@@ -188,6 +188,17 @@ pub fn reduce_scatter_all_gather_seconds(
     (n - 1.0) / n * (grad_bytes + weight_bytes) / link.bus_bandwidth + 2.0 * (n - 1.0) * ALL_REDUCE_HOP_S
 }
 
+/// Seconds of one ring pass over `gpus` GPUs on `link` — a reduce-scatter or an all-gather of a
+/// `bytes` buffer: `(n − 1)/n` of it per GPU in `n − 1` hops. A bucket of ZeRO-1's gradient
+/// reduce into the owners is timed as the reduce-scatter, its weight all-gather as the other.
+pub fn ring_pass_seconds(bytes: f64, gpus: usize, link: &Link) -> f64 {
+    if gpus <= 1 {
+        return 0.0;
+    }
+    let n = gpus as f64;
+    (n - 1.0) / n * bytes / link.bus_bandwidth + (n - 1.0) * ALL_REDUCE_HOP_S
+}
+
 /// The device named `key` (`h100`, `h200`, `a100`, `rtx4090`; a few spellings accepted).
 pub fn device(key: &str) -> Result<&'static DeviceSpec> {
     let k = key.to_ascii_lowercase().replace(['-', '_', ' '], "");

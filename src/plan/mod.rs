@@ -80,7 +80,9 @@ pub struct PlanArgs {
     #[arg(long, value_name = "MODE", default_value = "none")]
     pub recompute: RecomputeChoice,
     /// Data-parallel ranks, one per GPU (`mpirun -np N sft train`): each runs this step on its
-    /// share of the examples, then the fp32 gradients are all-reduced (not overlapped).
+    /// share of the examples and the fp32 gradients are all-reduced — in buckets overlapped with
+    /// the last micro-batch's backward (full fine-tuning, --grad-overlap true), or after the
+    /// backward.
     #[arg(long, default_value_t = 1)]
     pub gpus: usize,
     /// With --gpus above 1: nvlink, pcie, infiniband (several nodes), or a bus bandwidth in
@@ -92,6 +94,11 @@ pub struct PlanArgs {
     /// weights all-gathered instead of all-reduced.
     #[arg(long, value_name = "0|1", default_value_t = 0)]
     pub zero_stage: u8,
+    /// With --gpus above 1, as `sft train --grad-overlap`: true sums full fine-tuning's gradients
+    /// over the ranks bucket by bucket (the head, each layer, the embeddings) during the last
+    /// micro-batch's backward; false after it. LoRA's are always after it.
+    #[arg(long, value_name = "true|false", default_value_t = true, action = clap::ArgAction::Set)]
+    pub grad_overlap: bool,
 }
 
 /// The step over `gpus` data-parallel ranks.
@@ -106,9 +113,25 @@ pub struct DataParallelPlan {
     pub zero_stage: u8,
     /// bf16 weights all-gathered per step (ZeRO-1; 0 otherwise).
     pub weight_bytes: f64,
-    /// The collectives of one step: the all-reduce, or ZeRO-1's reduce-scatter and all-gather.
+    /// The collectives of one step, all of them: the all-reduce (every bucket's, when
+    /// overlapped), or ZeRO-1's gradient reduce and weight all-gather.
     pub collective_seconds: f64,
-    /// One rank's step plus the all-reduce.
+    /// Whether the gradients' collective overlaps the last micro-batch's backward, bucket by
+    /// bucket (full fine-tuning with --grad-overlap true); else it runs after the backward.
+    pub overlapped: bool,
+    /// Gradient buckets when overlapped (the head, each layer, the embeddings); 0 otherwise.
+    pub buckets: usize,
+    /// The last micro-batch's backward the buckets overlap, estimated from its counted ops
+    /// (0 when not overlapped).
+    pub backward_seconds: f64,
+    /// The part of the gradients' collective (the all-reduce, or ZeRO-1's reduce) the step waits
+    /// for: the end of the last bucket's minus the end of the backward when overlapped, the whole
+    /// of it otherwise. ZeRO-1's all-gather is not in it.
+    pub exposed_collective_seconds: f64,
+    /// ZeRO-1's all-gather of the bf16 weights after the optimizer, never overlapped (0 without
+    /// ZeRO-1).
+    pub all_gather_seconds: f64,
+    /// One rank's step plus the exposed collective (and ZeRO-1's all-gather).
     pub step_seconds: f64,
     /// Every rank's tokens together.
     pub tokens_per_step: usize,
@@ -222,6 +245,9 @@ pub struct StepCount {
     pub allocated: usize,
     /// The backend's work buffers' high-water bytes (cuBLASLt's workspace excluded).
     pub scratch: usize,
+    /// The last micro-batch's backward, in the stretches after which its gradient buckets are
+    /// ready (None only if the step ran no backward).
+    pub backward: Option<counting::BackwardLedger>,
 }
 
 /// Runs one optimizer step of `grad_accum` micro-batches of `micro_batch` × `seq_len` tokens
@@ -276,7 +302,12 @@ pub fn count_step_opts(
     let cfg = TrainConfig::default();
     optimizer_step(&mut model, &batches, 0, cfg.max_lr, &cfg, &Rng::new(89)).context("counting a step")?;
     let backend = model.backend();
-    Ok(StepCount { ledger: backend.take_ledger(), allocated, scratch: backend.scratch_bytes() })
+    Ok(StepCount {
+        ledger: backend.take_ledger(),
+        allocated,
+        scratch: backend.scratch_bytes(),
+        backward: backend.take_backward(),
+    })
 }
 
 /// The roofline time of one (family, kind) tally on `device`: `(compute, memory, overhead)`
@@ -337,6 +368,47 @@ pub fn estimate_families(
                 bound,
                 calibration: factor,
             })
+        })
+        .collect()
+}
+
+/// When the last gradient bucket's collective ends: the buckets go through one communication
+/// queue in order, bucket `k` starting at the later of `ready[k]` (its gradients final) and the
+/// end of bucket `k − 1`, and taking `comm[k]`. Times in seconds from any common origin.
+pub fn bucket_queue_finish(ready: &[f64], comm: &[f64]) -> f64 {
+    assert_eq!(ready.len(), comm.len(), "one collective time per bucket");
+    ready.iter().zip(comm).fold(f64::NEG_INFINITY, |end, (&r, &c)| end.max(r) + c)
+}
+
+/// The gradient buckets of a full fine-tuning step, in the order the trainer's backward makes
+/// them ready: `(parameters, compute seconds before it is ready)` of the head (the final norm and
+/// an untied lm_head), each layer from the last to the first, then the token embeddings (an
+/// untied model's; a tied one's carry the lm_head's gradient too).
+///
+/// The compute comes from the last micro-batch's counted backward timed as the step is:
+/// `head_s` (the fused lm-head + loss and the final norm's backward), `layers_s` split equally
+/// over the layers (they are alike), `embedding_s` (the embeddings' backward). An estimate.
+pub fn gradient_buckets(
+    config: &ModelConfig,
+    head_s: f64,
+    layers_s: f64,
+    embedding_s: f64,
+) -> Vec<(usize, f64)> {
+    let lens = crate::model::params::param_lens(config);
+    let buckets =
+        crate::model::forward::grad_buckets(&crate::model::params::ParamIndex::new(config), lens.len());
+    let layer_s = layers_s / config.n_layers as f64;
+    let last = buckets.len() - 1;
+    buckets
+        .iter()
+        .enumerate()
+        .map(|(k, tensors)| {
+            let seconds = match k {
+                0 => head_s,
+                k if k == last => embedding_s,
+                _ => layer_s,
+            };
+            (lens[tensors.clone()].iter().sum(), seconds)
         })
         .collect()
 }
@@ -543,33 +615,117 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
     }
     let total =
         |f: fn(&Tally) -> f64| Family::ALL.iter().map(|&fam| f(&count.ledger.family(fam))).sum::<f64>();
+    let overlap = args.gpus > 1 && args.grad_overlap && lora.is_none();
+    if args.gpus > 1 && lora.is_some() {
+        notes.push(
+            "LoRA: the adapters' gradients are all-reduced after the backward, not overlapped with it \
+             (the trainer overlaps full fine-tuning's only)"
+                .to_string(),
+        );
+    }
+    // The last micro-batch's backward, per bucket, timed as the step is (overlap only).
+    let backward = match (&count.backward, overlap) {
+        (Some(b), true) => {
+            let seconds = |l: &Ledger| -> f64 {
+                estimate_families(l, device, &calibration).iter().map(|f| f.seconds).sum()
+            };
+            let buckets =
+                gradient_buckets(&config, seconds(&b.head), seconds(&b.layers), seconds(&b.embedding));
+            Some(buckets)
+        }
+        (None, true) => bail!("counting a step: the counting backend saw no backward"),
+        _ => None,
+    };
+    if let Some(buckets) = &backward {
+        let total: f64 = buckets.iter().map(|b| b.1).sum();
+        notes.push(format!(
+            "gradient overlap: the last micro-batch's backward ({:.1} ms) is timed from its own counted ops \
+             (the fused lm-head + loss and the final norm, then the layers, an equal share each, then the \
+             embeddings); each bucket's collective starts when its gradients are final and the previous \
+             bucket's is done (one communication stream)",
+            total * 1e3
+        ));
+        notes.push(
+            "gradient overlap ignores that NCCL's kernels take SMs and memory bandwidth from the backward they \
+             overlap: that backward will run somewhat slower than estimated"
+                .to_string(),
+        );
+    }
     let data_parallel = link.map(|link| {
         let gradient_bytes = 4.0 * trainable as f64;
-        let (weight_bytes, collective_seconds) = match args.zero_stage {
-            1 => {
-                let weights = COMPUTE_BYTES as f64 * trainable as f64;
-                (
-                    weights,
-                    devices::reduce_scatter_all_gather_seconds(gradient_bytes, weights, args.gpus, &link),
-                )
-            }
-            _ => (0.0, devices::all_reduce_seconds(gradient_bytes, args.gpus, &link)),
-        };
-        let step = step_seconds + collective_seconds;
-        let tokens = tokens_per_step * args.gpus;
-        let tokens_per_s = tokens as f64 / step;
-        DataParallelPlan {
+        let weight_bytes = if args.zero_stage == 1 { COMPUTE_BYTES as f64 * trainable as f64 } else { 0.0 };
+        // The times are filled in below, overlapped or not.
+        let mut dp = DataParallelPlan {
             gpus: args.gpus,
             link,
             gradient_bytes,
             zero_stage: args.zero_stage,
             weight_bytes,
-            collective_seconds,
-            step_seconds: step,
-            tokens_per_step: tokens,
-            tokens_per_s,
-            scaling: one_gpu_seconds / step,
-        }
+            collective_seconds: 0.0,
+            overlapped: false,
+            buckets: 0,
+            backward_seconds: 0.0,
+            exposed_collective_seconds: 0.0,
+            all_gather_seconds: 0.0,
+            step_seconds: 0.0,
+            tokens_per_step: tokens_per_step * args.gpus,
+            tokens_per_s: 0.0,
+            scaling: 0.0,
+        };
+        let link = &dp.link;
+        // A bucket's reduction: an all-reduce, or under ZeRO-1 a reduce into the owners (the
+        // reduce-scatter half of the ring).
+        let reduce = |bytes: f64| match args.zero_stage {
+            1 => devices::ring_pass_seconds(bytes, args.gpus, link),
+            _ => devices::all_reduce_seconds(bytes, args.gpus, link),
+        };
+        let all_gather = if args.zero_stage == 1 {
+            devices::ring_pass_seconds(weight_bytes, args.gpus, link)
+        } else {
+            0.0
+        };
+        let step = match &backward {
+            Some(buckets) => {
+                // Ready times from the start of the last micro-batch's backward.
+                let ready: Vec<f64> = buckets
+                    .iter()
+                    .scan(0.0, |t, b| {
+                        *t += b.1;
+                        Some(*t)
+                    })
+                    .collect();
+                let comm: Vec<f64> = buckets.iter().map(|b| reduce(4.0 * b.0 as f64)).collect();
+                let backward_end = *ready.last().expect("at least the head and the embeddings");
+                let exposed = (bucket_queue_finish(&ready, &comm) - backward_end).max(0.0);
+                dp.overlapped = true;
+                dp.buckets = buckets.len();
+                dp.backward_seconds = backward_end;
+                dp.collective_seconds = comm.iter().sum::<f64>() + all_gather;
+                dp.exposed_collective_seconds = exposed;
+                dp.all_gather_seconds = all_gather;
+                step_seconds + exposed + all_gather
+            }
+            None => {
+                // After the backward: one all-reduce, or ZeRO-1's reduce-scatter and all-gather.
+                let collective = match args.zero_stage {
+                    1 => devices::reduce_scatter_all_gather_seconds(
+                        gradient_bytes,
+                        weight_bytes,
+                        args.gpus,
+                        link,
+                    ),
+                    _ => devices::all_reduce_seconds(gradient_bytes, args.gpus, link),
+                };
+                dp.collective_seconds = collective;
+                dp.exposed_collective_seconds = collective - all_gather;
+                dp.all_gather_seconds = all_gather;
+                step_seconds + collective
+            }
+        };
+        dp.step_seconds = step;
+        dp.tokens_per_s = dp.tokens_per_step as f64 / step;
+        dp.scaling = one_gpu_seconds / step;
+        dp
     });
     Ok(Plan {
         estimate: true,
@@ -711,22 +867,67 @@ pub fn render(p: &Plan) -> String {
             dp.link.name,
             dp.link.bus_bandwidth / 1e9
         );
-        if dp.zero_stage == 1 {
+        let hidden = "bucketed by layer, overlapped with the last micro-batch's backward";
+        match (dp.zero_stage, dp.overlapped) {
+            (1, true) => {
+                let _ = writeln!(
+                    s,
+                    "ZeRO-1 collectives    reduce of {:.2} GB of fp32 gradients into their owners in {} buckets, \
+                     all-gather of {:.2} GB of bf16 weights (ring: (n−1)/n of each per GPU): {:.1} ms",
+                    dp.gradient_bytes / 1e9,
+                    dp.buckets,
+                    dp.weight_bytes / 1e9,
+                    dp.collective_seconds * 1e3
+                );
+                let _ = writeln!(
+                    s,
+                    "  gradient reduce     {:.1} ms, of which {:.1} ms exposed ({hidden})",
+                    (dp.collective_seconds - dp.all_gather_seconds) * 1e3,
+                    dp.exposed_collective_seconds * 1e3
+                );
+                let _ = writeln!(
+                    s,
+                    "  weight all-gather   {:.1} ms, after the optimizer (not overlapped)",
+                    dp.all_gather_seconds * 1e3
+                );
+            }
+            (1, false) => {
+                let _ = writeln!(
+                    s,
+                    "ZeRO-1 collectives    reduce-scatter of {:.2} GB of fp32 gradients, all-gather of {:.2} GB of \
+                     bf16 weights (ring: (n−1)/n of each per GPU): {:.1} ms, after the backward (not overlapped)",
+                    dp.gradient_bytes / 1e9,
+                    dp.weight_bytes / 1e9,
+                    dp.collective_seconds * 1e3
+                );
+            }
+            (_, true) => {
+                let _ = writeln!(
+                    s,
+                    "all-reduce            {:.2} GB of fp32 gradients per step in {} buckets (ring: 2·(n−1)/n of \
+                     each per GPU): {:.1} ms, of which {:.1} ms exposed ({hidden})",
+                    dp.gradient_bytes / 1e9,
+                    dp.buckets,
+                    dp.collective_seconds * 1e3,
+                    dp.exposed_collective_seconds * 1e3
+                );
+            }
+            (_, false) => {
+                let _ = writeln!(
+                    s,
+                    "all-reduce            {:.2} GB of fp32 gradients per step (ring: 2·(n−1)/n of it per GPU): \
+                     {:.1} ms, after the backward (not overlapped)",
+                    dp.gradient_bytes / 1e9,
+                    dp.collective_seconds * 1e3
+                );
+            }
+        }
+        if dp.overlapped {
             let _ = writeln!(
                 s,
-                "ZeRO-1 collectives    reduce-scatter of {:.2} GB of fp32 gradients, all-gather of {:.2} GB of bf16 \
-                 weights (ring: (n−1)/n of each per GPU): {:.1} ms, after the backward (no overlap)",
-                dp.gradient_bytes / 1e9,
-                dp.weight_bytes / 1e9,
-                dp.collective_seconds * 1e3
-            );
-        } else {
-            let _ = writeln!(
-                s,
-                "all-reduce            {:.2} GB of fp32 gradients per step (ring: 2·(n−1)/n of it per GPU): {:.1} ms, \
-                 after the backward (no overlap)",
-                dp.gradient_bytes / 1e9,
-                dp.collective_seconds * 1e3
+                "overlapped backward   {:.1} ms (the last micro-batch's, fused lm-head + loss included, from its \
+                 counted ops)",
+                dp.backward_seconds * 1e3
             );
         }
         let _ = writeln!(

@@ -504,17 +504,20 @@ fn plan_args(model: &str, micro_batch: usize, seq_len: usize) -> PlanArgs {
         gpus: 1,
         link: None,
         zero_stage: 0,
+        grad_overlap: true,
     }
 }
 
-/// `--gpus N`: one rank's step plus a ring all-reduce of the fp32 gradients over the link.
+/// `--gpus N --grad-overlap false`: one rank's step plus a ring all-reduce of the fp32 gradients
+/// over the link, after the backward.
 #[test]
 fn data_parallel_adds_the_ring_all_reduce_of_the_gradients() {
     let c = small();
     let one = plan_for(&c, &plan_args("small", 2, 64)).unwrap();
     assert!(one.data_parallel.is_none());
     assert!(!render(&one).contains("data parallelism"));
-    let eight = plan_for(&c, &PlanArgs { gpus: 8, ..plan_args("small", 2, 64) }).unwrap();
+    let no_overlap = PlanArgs { grad_overlap: false, ..plan_args("small", 2, 64) };
+    let eight = plan_for(&c, &PlanArgs { gpus: 8, ..no_overlap.clone() }).unwrap();
     let dp = eight.data_parallel.as_ref().expect("8 GPUs");
     assert_eq!(dp.link.bus_bandwidth, 360e9, "an H100's default link is NVLink");
     let bytes = 4.0 * c.n_params() as f64;
@@ -525,21 +528,212 @@ fn data_parallel_adds_the_ring_all_reduce_of_the_gradients() {
         "{} vs {ring}",
         dp.collective_seconds
     );
-    // The rank's own step is the single-GPU step.
+    // The rank's own step is the single-GPU step; the whole all-reduce is exposed, exactly as
+    // before the overlap was modelled.
     assert_eq!(eight.step_seconds, one.step_seconds);
     assert!((dp.step_seconds - (one.step_seconds + ring)).abs() < 1e-12);
+    assert_eq!(dp.step_seconds, one.step_seconds + dp.collective_seconds);
+    assert_eq!(dp.collective_seconds, devices::all_reduce_seconds(bytes, 8, &dp.link));
+    assert!(!dp.overlapped && dp.buckets == 0 && dp.backward_seconds == 0.0);
+    assert_eq!((dp.exposed_collective_seconds, dp.all_gather_seconds), (dp.collective_seconds, 0.0));
     assert_eq!(dp.tokens_per_step, 8 * one.tokens_per_step);
     assert!((dp.tokens_per_s - dp.tokens_per_step as f64 / dp.step_seconds).abs() < 1e-6 * dp.tokens_per_s);
     assert!(dp.scaling > 0.0 && dp.scaling < 1.0);
-    assert!(render(&eight).contains("Estimated data parallelism (8 GPUs"), "{}", render(&eight));
+    let text = render(&eight);
+    assert!(text.contains("Estimated data parallelism (8 GPUs"), "{text}");
+    assert!(text.contains("after the backward (not overlapped)") && !text.contains("exposed"), "{text}");
     // A slower link costs more; a bandwidth can be given in GB/s.
     let ib =
-        plan_for(&c, &PlanArgs { gpus: 8, link: Some("infiniband".into()), ..plan_args("small", 2, 64) })
-            .unwrap();
+        plan_for(&c, &PlanArgs { gpus: 8, link: Some("infiniband".into()), ..no_overlap.clone() }).unwrap();
     assert!(ib.data_parallel.unwrap().collective_seconds > dp.collective_seconds);
     let given =
         plan_for(&c, &PlanArgs { gpus: 2, link: Some("100".into()), ..plan_args("small", 2, 64) }).unwrap();
     assert_eq!(given.data_parallel.unwrap().link.bus_bandwidth, 100e9);
+}
+
+/// The communication queue: bucket k starts when it is ready and bucket k − 1 is done.
+#[test]
+fn the_bucket_queue_starts_each_bucket_when_ready_and_after_the_previous() {
+    // 1..1.5, 2..2.5, 3..5: the last bucket's 2 s are all exposed past the backward's end at 3.
+    let finish = bucket_queue_finish(&[1.0, 2.0, 3.0], &[0.5, 0.5, 2.0]);
+    assert_eq!(finish, 5.0);
+    assert_eq!(finish - 3.0, 2.0);
+    // Slow buckets queue behind each other: 1..3, 3..5, 5..7.
+    assert_eq!(bucket_queue_finish(&[1.0, 2.0, 3.0], &[2.0, 2.0, 2.0]), 7.0);
+    // Fast ones hide all but the last's own time.
+    assert_eq!(bucket_queue_finish(&[1.0, 2.0, 3.0], &[0.25, 0.25, 0.25]), 3.25);
+    // Ready at once: the sum.
+    assert_eq!(bucket_queue_finish(&[0.0, 0.0], &[1.0, 2.0]), 3.0);
+}
+
+/// The buckets are the trainer's: the final norm (and an untied lm_head), the layers from the
+/// top, the embeddings; every parameter in exactly one.
+#[test]
+fn gradient_buckets_follow_the_backward_and_cover_every_parameter() {
+    for tied in [false, true] {
+        let c = ModelConfig { tie_embeddings: tied, ..small() };
+        let b = gradient_buckets(&c, 1.0, 4.0, 0.5);
+        assert_eq!(b.len(), c.n_layers + 2);
+        assert_eq!(b.iter().map(|b| b.0).sum::<usize>(), c.n_params(), "tied {tied}");
+        let head = c.d_model + if tied { 0 } else { c.vocab_size * c.d_model };
+        assert_eq!(b[0], (head, 1.0));
+        assert_eq!(*b.last().unwrap(), (c.vocab_size * c.d_model, 0.5));
+        let lens = crate::model::params::param_lens(&c);
+        for (k, l) in (0..c.n_layers).rev().enumerate() {
+            assert_eq!(b[1 + k], (lens[1 + 6 * l..7 + 6 * l].iter().sum(), 4.0 / c.n_layers as f64));
+        }
+    }
+}
+
+/// The counting backend keeps the last micro-batch's backward apart, in the stretches after
+/// which the buckets are ready.
+#[test]
+fn the_last_micro_batchs_backward_is_counted_in_its_bucket_stretches() {
+    let c = small();
+    for recompute in [Recompute::None, Recompute::Layer] {
+        let accum = 3;
+        let count = count_step_with(&c, 2, 32, accum, None, recompute).unwrap();
+        let b = count.backward.expect("a backward");
+        let calls = |l: &Ledger, f: Family| l.calls.get(&f).copied().unwrap_or(0);
+        // The head: the fused lm-head + loss and the final norm's backward, no layer's op.
+        assert_eq!(calls(&b.head, Family::CrossEntropy), 1);
+        assert_eq!(calls(&b.head, Family::Rmsnorm), 1);
+        assert_eq!(calls(&b.head, Family::FlashAttention), 0);
+        // The layers: two norm backwards each (and the recomputed forward's two norms).
+        let norms_per_layer = if recompute == Recompute::Layer { 4 } else { 2 };
+        assert_eq!(calls(&b.layers, Family::Rmsnorm), (norms_per_layer * c.n_layers) as u64);
+        assert_eq!(calls(&b.layers, Family::Embedding) + calls(&b.layers, Family::CrossEntropy), 0);
+        assert_eq!(calls(&b.embedding, Family::Embedding), 1);
+        assert_eq!(b.embedding.calls.len(), 1, "{:?}", b.embedding.calls);
+        // Nothing of the optimizer, and one micro-batch's GEMMs: the backward's 4 FLOPs per
+        // parameter and token plus the loss's forward logits (and a recomputed forward's).
+        for l in [&b.head, &b.layers, &b.embedding] {
+            assert_eq!(calls(l, Family::Adamw), 0);
+            assert!(l.family(Family::Memory).syncs == 0);
+        }
+        let gemm = |l: &Ledger| l.kind(KernelKind::Gemm).flops;
+        let step_gemm = gemm(&count.ledger);
+        let tokens = (2 * 32) as f64;
+        let head_params = (c.vocab_size * c.d_model) as f64;
+        let layer_params = (matmul_params(&c) - c.vocab_size * c.d_model) as f64;
+        assert_eq!(gemm(&b.head), 6.0 * head_params * tokens);
+        if recompute == Recompute::None {
+            assert_eq!(gemm(&b.layers), 4.0 * layer_params * tokens);
+        } else {
+            // Plus the recomputed forward (all but `down`, whose output the backward needs not).
+            assert!(gemm(&b.layers) > 4.0 * layer_params * tokens);
+        }
+        // Every micro-batch: the layers' forward, then what the backward stretches counted.
+        let per_micro_batch = 2.0 * layer_params * tokens + gemm(&b.head) + gemm(&b.layers);
+        assert_eq!(step_gemm, accum as f64 * per_micro_batch);
+    }
+    // LoRA's backward has no embedding stretch.
+    let lora = crate::model::lora::LoraConfig::default();
+    let count = count_step_with(&c, 2, 32, 1, Some(&lora), Recompute::None).unwrap();
+    let b = count.backward.unwrap();
+    assert!(b.embedding.calls.is_empty() && !b.layers.calls.is_empty());
+}
+
+/// With full fine-tuning the gradients' collective overlaps the last micro-batch's backward,
+/// bucket by bucket: never worse than after it, the all-gather of ZeRO-1 never hidden.
+#[test]
+fn the_overlapped_collective_hides_behind_the_backward() {
+    let c = small();
+    let base = PlanArgs { gpus: 8, grad_accum: 2, ..plan_args("small", 2, 64) };
+    let on = plan_for(&c, &base).unwrap();
+    let off = plan_for(&c, &PlanArgs { grad_overlap: false, ..base.clone() }).unwrap();
+    let (dp, old) = (on.data_parallel.as_ref().unwrap(), off.data_parallel.as_ref().unwrap());
+    assert!(dp.overlapped && dp.buckets == c.n_layers + 2);
+    assert!(dp.exposed_collective_seconds > 0.0);
+    assert!(dp.exposed_collective_seconds <= dp.collective_seconds);
+    // The same bytes, with a ring's hop latency per bucket: at worst (a backward too short to
+    // hide anything) the step pays the buckets' extra latency.
+    let extra_hops = (dp.buckets - 1) as f64 * 14.0 * devices::ALL_REDUCE_HOP_S;
+    assert!((dp.collective_seconds - (old.collective_seconds + extra_hops)).abs() < 1e-12);
+    assert_eq!(dp.step_seconds, on.step_seconds + dp.exposed_collective_seconds);
+    assert!(dp.step_seconds <= old.step_seconds + extra_hops + 1e-12);
+    // The overlapped backward is one micro-batch's, a part of the step's time.
+    let optimizer: f64 = on
+        .families
+        .iter()
+        .filter(|f| matches!(f.family, Family::Adamw | Family::GlobalNorm))
+        .map(|f| f.seconds)
+        .sum();
+    assert!(dp.backward_seconds > 0.0);
+    assert!(dp.backward_seconds < (on.step_seconds - optimizer) / on.grad_accum as f64 + 1e-12);
+    // The exposed tail is at least the last bucket's (the embeddings', ready at the end).
+    let last = devices::all_reduce_seconds(4.0 * (c.vocab_size * c.d_model) as f64, 8, &dp.link);
+    assert!(dp.exposed_collective_seconds >= last - 1e-15);
+    let text = render(&on);
+    assert!(
+        text.contains("of which")
+            && text.contains("exposed (bucketed by layer, overlapped with the last micro-batch's backward)")
+            && text.contains(&format!("in {} buckets", c.n_layers + 2)),
+        "{text}"
+    );
+    assert!(on.notes.iter().any(|n| n.contains("NCCL") && n.contains("slower")), "{:?}", on.notes);
+    assert!(!off.notes.iter().any(|n| n.starts_with("gradient overlap")), "{:?}", off.notes);
+
+    // A backward far shorter than the communication: most of it is exposed.
+    let slow = plan_for(&c, &PlanArgs { gpus: 16, link: Some("1".into()), ..base.clone() }).unwrap();
+    let dp = slow.data_parallel.as_ref().unwrap();
+    assert!(
+        dp.collective_seconds > 10.0 * dp.backward_seconds,
+        "{} vs {}",
+        dp.collective_seconds,
+        dp.backward_seconds
+    );
+    assert!(dp.exposed_collective_seconds >= dp.collective_seconds - dp.backward_seconds - 1e-12);
+    assert!(dp.exposed_collective_seconds > 0.95 * dp.collective_seconds);
+
+    // ZeRO-1: the buckets' reduce into the owners overlaps; the weights' all-gather never does.
+    for overlap in [true, false] {
+        let zero = plan_for(&c, &PlanArgs { zero_stage: 1, grad_overlap: overlap, ..base.clone() }).unwrap();
+        let dp = zero.data_parallel.as_ref().unwrap();
+        assert_eq!(dp.overlapped, overlap);
+        let gather = devices::ring_pass_seconds(2.0 * c.n_params() as f64, 8, &dp.link);
+        assert_eq!(dp.all_gather_seconds, gather);
+        assert!(dp.step_seconds >= zero.step_seconds + gather);
+        assert!(dp.exposed_collective_seconds <= dp.collective_seconds - gather + 1e-15);
+        if overlap {
+            assert_eq!(dp.step_seconds, zero.step_seconds + dp.exposed_collective_seconds + gather);
+            let text = render(&zero);
+            assert!(text.contains("weight all-gather") && text.contains("after the optimizer"), "{text}");
+        } else {
+            assert_eq!(dp.step_seconds, zero.step_seconds + dp.collective_seconds);
+        }
+    }
+
+    // LoRA is never overlapped.
+    let lora = crate::lora::LoraArgs { lora: true, ..Default::default() };
+    let p = plan_for(&c, &PlanArgs { lora, ..base.clone() }).unwrap();
+    let dp = p.data_parallel.as_ref().unwrap();
+    assert!(!dp.overlapped && dp.buckets == 0);
+    assert_eq!(dp.exposed_collective_seconds, dp.collective_seconds);
+    assert_eq!(dp.step_seconds, p.step_seconds + dp.collective_seconds);
+    assert!(render(&p).contains("after the backward (not overlapped)"));
+    assert!(p.notes.iter().any(|n| n.starts_with("LoRA: the adapters' gradients")), "{:?}", p.notes);
+
+    // One GPU: nothing to overlap, whatever the flag.
+    assert!(plan_for(&c, &PlanArgs { gpus: 1, ..base }).unwrap().data_parallel.is_none());
+}
+
+/// A model whose backward outlasts its buckets' latency scales better with the overlap, with or
+/// without ZeRO-1, and hides most of the all-reduce over NVLink.
+#[test]
+fn the_overlap_scales_the_1_3b_better() {
+    let big = ModelConfig::preset("simplellama-1.3b").unwrap();
+    let base =
+        PlanArgs { gpus: 8, grad_accum: 4, dropout: Some(0.0), ..plan_args("simplellama-1.3b", 8, 2048) };
+    for zero_stage in [0, 1] {
+        let on = plan_for(&big, &PlanArgs { zero_stage, ..base.clone() }).unwrap();
+        let off = plan_for(&big, &PlanArgs { zero_stage, grad_overlap: false, ..base.clone() }).unwrap();
+        let (dp, old) = (on.data_parallel.unwrap(), off.data_parallel.unwrap());
+        assert!(dp.scaling > old.scaling, "ZeRO-{zero_stage}: {} vs {}", dp.scaling, old.scaling);
+        assert!(dp.exposed_collective_seconds < 0.25 * old.exposed_collective_seconds);
+        // What stays exposed is mostly the embeddings' bucket, ready at the backward's end.
+        assert!(dp.exposed_collective_seconds < 0.1 * dp.backward_seconds);
+    }
 }
 
 #[test]
@@ -570,8 +764,10 @@ fn data_parallel_refusals_name_the_flag_and_lora_reduces_its_adapters() {
 #[test]
 fn zero1_splits_the_state_and_gathers_bf16_weights() {
     let c = small();
-    let plain = plan_for(&c, &PlanArgs { gpus: 4, ..plan_args("small", 2, 64) }).unwrap();
-    let zero = plan_for(&c, &PlanArgs { gpus: 4, zero_stage: 1, ..plan_args("small", 2, 64) }).unwrap();
+    // After the backward, as one reduce-scatter and all-gather (the overlap has its own test).
+    let args = PlanArgs { grad_overlap: false, ..plan_args("small", 2, 64) };
+    let plain = plan_for(&c, &PlanArgs { gpus: 4, ..args.clone() }).unwrap();
+    let zero = plan_for(&c, &PlanArgs { gpus: 4, zero_stage: 1, ..args }).unwrap();
     let (pm, zm) = (&plain.memory, &zero.memory);
     assert_eq!((pm.optimizer_shards, zm.optimizer_shards), (1, 4));
     // The largest share: a quarter of the state, give or take a tensor.

@@ -162,6 +162,10 @@ pub struct TrainArgs {
     /// every rank. The same run either way.
     #[arg(long, value_name = "0|1")]
     pub zero_stage: Option<u8>,
+    /// Over several ranks: true (default) sums the gradients layer by layer during the last
+    /// micro-batch's backward (beside it, on GPUs), false all at once after it. The same run.
+    #[arg(long, value_name = "true|false")]
+    pub grad_overlap: Option<bool>,
     /// Over several ranks without MPI: a file every rank sees (a shared filesystem), through
     /// which they meet to talk over TCP (rank 0 writes its address there, and removes the file
     /// once all are in). Default: the SFT_RENDEZVOUS variable; neither: MPI.
@@ -187,6 +191,7 @@ impl TrainArgs {
         apply!(max_lr, min_lr, warmup_steps, beta1, beta2, eps, weight_decay, clip, seed);
         apply!(eval_every, eval_batches, save_every, keep_checkpoints, sample_every, log_every, device);
         apply!(init_from, max_steps, schedule_steps, max_seq_len, dropout, optimizer_state, zero_stage);
+        apply!(grad_overlap);
         if let Some(r) = self.recompute {
             c.recompute = Some(r);
         }

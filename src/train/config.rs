@@ -100,6 +100,10 @@ pub struct TrainConfig {
     /// way, and a checkpoint holds the whole state: a run may resume at another stage. Nothing
     /// to split in one process.
     pub zero_stage: u8,
+    /// Over several ranks: sum the gradients layer by layer while the step's last micro-batch's
+    /// backward goes on (true, the default; on GPUs the sums run beside the backward), or all at
+    /// once after it (false). The same sums either way. LoRA's adapters are always summed after.
+    pub grad_overlap: bool,
 }
 
 impl Default for TrainConfig {
@@ -145,6 +149,7 @@ impl Default for TrainConfig {
             optimizer_state: StateDtype::F32,
             recompute: None,
             zero_stage: 0,
+            grad_overlap: true,
         }
     }
 }

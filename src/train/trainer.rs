@@ -134,21 +134,37 @@ fn step_on_share<B: Backend>(
 
     // 2. Accumulate the gradient of that mean over the micro-batches (the loss sum stays on
     //    the device), then sum it over the ranks: every rank holds the whole step's gradient.
-    model.zero_grads()?;
-    for &(micro, batch) in share {
-        let seed = model.uses_dropout().then(|| dropout_seed(dropout_stream, step, micro));
-        model.accumulate_gradients(batch, loss_scale, seed)?;
-    }
-    //    Under ZeRO-1 each rank gets the sum of its own tensors' gradients only.
+    //    Over ranks the last micro-batch's backward sums each layer's gradients as soon as they
+    //    are final (`grad_overlap`; full fine-tuning), else all are summed after it. Under
+    //    ZeRO-1 each rank gets the sum of its own tensors' gradients only.
     let zero = model.optimizer_shards().is_some();
+    let overlap = ranks && cfg.grad_overlap && model.lora().is_none();
+    let summing = || format!("step {}: summing the gradients over the ranks", step + 1);
+    model.zero_grads()?;
+    for (k, &(micro, batch)) in share.iter().enumerate() {
+        let seed = model.uses_dropout().then(|| dropout_seed(dropout_stream, step, micro));
+        if overlap && k + 1 == share.len() {
+            model.accumulate_and_sum_gradients(batch, loss_scale, seed, comm).with_context(summing)?;
+        } else {
+            model.accumulate_gradients(batch, loss_scale, seed)?;
+        }
+    }
     if ranks {
         let _reduce = profile::range("all_reduce");
-        let reduced = if zero {
+        let reduced = if overlap {
+            // Nothing to overlap with on a rank without a micro-batch: its zeros, in the
+            // buckets the other ranks send.
+            if share.is_empty() {
+                model.sum_gradients_by_bucket(comm)
+            } else {
+                Ok(())
+            }
+        } else if zero {
             model.reduce_scatter_grads(comm)
         } else {
             model.all_reduce_grads(|g| comm.all_reduce_sum(g))
         };
-        reduced.with_context(|| format!("step {}: summing the gradients over the ranks", step + 1))?;
+        reduced.with_context(summing)?;
     }
 
     // 3 and 4. The global norm, then AdamW at the scheduled learning rate, clipped by a factor

@@ -292,6 +292,9 @@ impl Backend for CudaBackend {
     fn reduce_sum_ranks(&self, bufs: &mut [CudaBuf], lens: &[usize], roots: &[usize]) -> Result<bool> {
         self.nccl_reduce_sum(bufs, lens, roots)
     }
+    fn wait_ranks(&self) -> Result<()> {
+        self.nccl_wait()
+    }
     fn broadcast_ranks(&self, bufs: &mut [CudaBuf], lens: &[usize], roots: &[usize]) -> Result<bool> {
         self.nccl_broadcast(bufs, lens, roots)
     }

@@ -1,20 +1,26 @@
 //! NCCL on the CUDA backend: a data-parallel step's gradients summed over the job's GPUs in
-//! place, on the backend's one stream, so that the sum is ordered after the backward that wrote
-//! them and before the optimizer that reads them, without a host round trip.
+//! place, without a host round trip, on a communication stream of their own: each collective
+//! waits for the work queued on the compute stream so far (the backward that wrote the
+//! gradients), and the compute stream goes on beside it (the backward of the layers below) until
+//! `wait_ranks` orders what follows (the optimizer) after every collective queued.
 //!
 //! The ranks find each other through a unique id that rank 0 makes and sends to the others
 //! ([`crate::dist::join_gpu_ranks`] does that over the job's host collectives).
 
+use std::sync::Arc;
+
 use super::{f32_mut, CudaBackend, CudaBuf};
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use cudarc::driver::CudaStream;
 use cudarc::nccl::{result as nccl_result, Comm, Id, ReduceOp};
 
 /// Bytes of an NCCL unique id.
 pub const NCCL_ID_BYTES: usize = 128;
 
-/// The communicator of the job this GPU belongs to.
+/// The communicator of the job this GPU belongs to, and the stream its collectives run on.
 pub(super) struct NcclRanks {
     comm: Comm,
+    stream: Arc<CudaStream>,
 }
 
 // SAFETY: the communicator is used by the backend that owns it, one call at a time (the backend
@@ -75,9 +81,12 @@ impl CudaBackend {
         ensure!(rank < world, "rank {rank} of a job of {world}");
         self.ctx.bind_to_thread().context("binding the CUDA context")?;
         let id = Id::uninit(id.map(|b| b as std::ffi::c_char));
-        let comm = Comm::from_rank(self.stream.clone(), rank, world, id)
+        // Event tracking is off (see `new`): every crossing between the two streams is an
+        // explicit join in `nccl_group` and `nccl_wait`.
+        let stream = self.stream.fork().context("creating the NCCL stream")?;
+        let comm = Comm::from_rank(stream.clone(), rank, world, id)
             .map_err(|e| anyhow!("ncclCommInitRank as rank {rank} of {world} failed: {:?}", e.0))?;
-        self.nccl = Some(NcclRanks { comm });
+        self.nccl = Some(NcclRanks { comm, stream });
         self.name = format!("{} (NCCL rank {rank} of {world})", self.name);
         Ok(())
     }
@@ -110,8 +119,16 @@ impl CudaBackend {
         })
     }
 
+    /// `Backend::wait_ranks`: the compute stream waits for every collective queued so far.
+    pub(super) fn nccl_wait(&self) -> Result<()> {
+        if let Some(ranks) = &self.nccl {
+            self.stream.join(&ranks.stream).context("waiting for the NCCL stream")?;
+        }
+        Ok(())
+    }
+
     /// `Backend::broadcast_ranks`: each buffer copied from its root (ZeRO-1's all-gather of the
-    /// new weights, in the buffers' own precision).
+    /// new weights, in the buffers' own precision), before the next forward reads them.
     pub(super) fn nccl_broadcast(
         &self,
         bufs: &mut [CudaBuf],
@@ -119,7 +136,7 @@ impl CudaBackend {
         roots: &[usize],
     ) -> Result<bool> {
         ensure!(roots.len() == bufs.len(), "broadcast: {} buffers but {} roots", bufs.len(), roots.len());
-        self.nccl_group("ncclBroadcast", bufs, lens, |comm, buf, len, i| {
+        let queued = self.nccl_group("ncclBroadcast", bufs, lens, |comm, buf, len, i| {
             let root = roots[i] as i32;
             ensure!(buf.len() >= len, "broadcast: buffer holds {} elements, {len} needed", buf.len());
             match buf {
@@ -127,11 +144,15 @@ impl CudaBackend {
                 CudaBuf::F32(s) => comm.broadcast_in_place(&mut s.slice_mut(..len), root),
             }
             .map_err(nccl_error)
-        })
+        })?;
+        if queued {
+            self.nccl_wait()?;
+        }
+        Ok(queued)
     }
 
-    /// One NCCL group of `op` over every buffer (NCCL runs them together), on the backend's
-    /// stream; false when this GPU joined no job.
+    /// One NCCL group of `op` over every buffer (NCCL runs them together), on the NCCL stream
+    /// after the work queued on the compute stream so far; false when this GPU joined no job.
     fn nccl_group(
         &self,
         name: &str,
@@ -142,6 +163,7 @@ impl CudaBackend {
         let Some(ranks) = &self.nccl else { return Ok(false) };
         ensure!(bufs.len() == lens.len(), "{name}: {} buffers but {} lengths", bufs.len(), lens.len());
         self.ctx.bind_to_thread().context("binding the CUDA context")?;
+        ranks.stream.join(&self.stream).context("ordering the NCCL stream after the compute stream")?;
         nccl_result::group_start().map_err(nccl_error).context("ncclGroupStart")?;
         let mut queued = Ok(());
         for (i, (buf, &len)) in bufs.iter_mut().zip(lens).enumerate() {

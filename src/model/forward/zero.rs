@@ -26,7 +26,7 @@ impl<B: Backend> Model<B> {
         self.fresh = false;
         // On the device where the backend joined the ranks (NCCL), else through the host.
         if self.backend.reduce_sum_ranks(&mut self.grads, &self.lens, &owners)? {
-            return Ok(());
+            return self.backend.wait_ranks();
         }
         let keep = self.state_tensors();
         reduce_flat_into(&self.backend, &mut self.grads, &self.lens, keep, |g| {
