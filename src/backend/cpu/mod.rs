@@ -15,6 +15,8 @@ mod embedding;
 mod flash_attention;
 mod global_norm;
 mod matmul;
+#[cfg(test)]
+pub(crate) mod mirror_ranks;
 mod real;
 mod rmsnorm;
 mod rope;
@@ -51,11 +53,26 @@ pub struct CpuBackend<T: Real = f32> {
     /// `read` calls: the CPU stands for a device here, so the orchestration's read-backs are
     /// counted as the CUDA backend counts its device-to-host copies (clones share the count).
     reads: Arc<AtomicU64>,
+    /// Tests only: device collectives with NCCL's timing (see [`mirror_ranks`]).
+    #[cfg(test)]
+    mirror: Option<Arc<std::sync::Mutex<mirror_ranks::InFlight<T>>>>,
 }
 
 impl<T: Real> CpuBackend<T> {
     pub fn new() -> Self {
-        CpuBackend { _t: PhantomData, reads: Arc::default() }
+        CpuBackend {
+            _t: PhantomData,
+            reads: Arc::default(),
+            #[cfg(test)]
+            mirror: None,
+        }
+    }
+
+    /// Tests only: a backend that joined a job of two ranks as `rank`, the other holding the
+    /// same gradients, its sums landing at `wait_ranks` ([`mirror_ranks`]).
+    #[cfg(test)]
+    pub(crate) fn with_mirror_ranks(rank: usize) -> Self {
+        CpuBackend { mirror: Some(mirror_ranks::InFlight::new(rank)), ..Self::new() }
     }
 }
 
@@ -128,6 +145,28 @@ impl<T: Real> Backend for CpuBackend<T> {
     /// The host's available and total memory: the CPU backend allocates from it.
     fn memory_info(&self) -> Result<Option<(usize, usize)>> {
         Ok(super::device::host_memory())
+    }
+
+    #[cfg(test)]
+    fn all_reduce_sum_ranks(&self, bufs: &mut [Vec<T>], lens: &[usize]) -> Result<bool> {
+        let Some(mirror) = &self.mirror else { return Ok(false) };
+        mirror.lock().unwrap().hand_over(bufs, lens, None);
+        Ok(true)
+    }
+
+    #[cfg(test)]
+    fn reduce_sum_ranks(&self, bufs: &mut [Vec<T>], lens: &[usize], roots: &[usize]) -> Result<bool> {
+        let Some(mirror) = &self.mirror else { return Ok(false) };
+        mirror.lock().unwrap().hand_over(bufs, lens, Some(roots));
+        Ok(true)
+    }
+
+    #[cfg(test)]
+    fn wait_ranks(&self) -> Result<()> {
+        if let Some(mirror) = &self.mirror {
+            mirror.lock().unwrap().land();
+        }
+        Ok(())
     }
 
     fn zeros(&self, len: usize, _: Precision) -> Result<Vec<T>> {
