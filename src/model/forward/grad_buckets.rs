@@ -362,56 +362,64 @@ mod tests {
             let case = format!("tied {tied}, dropout {dropout}, recompute {recompute}, zero {zero_rank:?}");
             let batches = batches(&config);
             // 0: host collectives after the backward; 1: device, after; 2: device, bucketed.
-            let run = |path: usize| {
-                let rank = zero_rank.unwrap_or(0);
-                let backend: CpuBackend<f32> =
-                    if path == 0 { CpuBackend::new() } else { CpuBackend::with_mirror_ranks(rank) };
-                let layout = crate::dist::OptimizerLayout {
-                    moments: crate::backend::StateDtype::F32,
-                    zero: zero_rank.map(|r| (r, 2)),
-                };
-                let mut m =
-                    Model::for_training(backend, config.clone(), 64, None, recompute, layout).unwrap();
-                m.init_params(7).unwrap();
-                let comm = Mirror { rank, calls: RefCell::new(Vec::new()) };
-                m.zero_grads().unwrap();
-                m.accumulate_gradients(&batches[0], 0.01, Some(11)).unwrap();
-                if path == 2 {
-                    m.accumulate_and_sum_gradients(&batches[1], 0.01, Some(12), &comm).unwrap();
-                } else {
-                    m.accumulate_gradients(&batches[1], 0.01, Some(12)).unwrap();
-                    match zero_rank {
-                        Some(_) => m.reduce_scatter_grads(&comm).unwrap(),
-                        None => m.all_reduce_grads(|g| comm.all_reduce_sum(g)).unwrap(),
+            // One micro-batch (its backward writes the gradients afresh) or two (it adds).
+            for micro_batches in [1, 2] {
+                let run = |path: usize| {
+                    let rank = zero_rank.unwrap_or(0);
+                    let backend: CpuBackend<f32> =
+                        if path == 0 { CpuBackend::new() } else { CpuBackend::with_mirror_ranks(rank) };
+                    let layout = crate::dist::OptimizerLayout {
+                        moments: crate::backend::StateDtype::F32,
+                        zero: zero_rank.map(|r| (r, 2)),
+                    };
+                    let mut m =
+                        Model::for_training(backend, config.clone(), 64, None, recompute, layout).unwrap();
+                    m.init_params(7).unwrap();
+                    let comm = Mirror { rank, calls: RefCell::new(Vec::new()) };
+                    m.zero_grads().unwrap();
+                    if micro_batches == 2 {
+                        m.accumulate_gradients(&batches[0], 0.01, Some(11)).unwrap();
                     }
-                }
-                let held = m.optimizer_shards().map(|s| s.owned()).unwrap_or(0..m.param_specs().len());
-                let grads: Vec<Vec<f32>> = m
-                    .read_grads()
-                    .unwrap()
-                    .into_iter()
-                    .enumerate()
-                    .filter(|(i, _)| held.contains(i))
-                    .map(|(_, t)| t.data)
-                    .collect();
-                let stats = match zero_rank {
-                    Some(_) => m.clip_and_update_sharded(&hp, 1.0, &comm).unwrap(),
-                    None => m.clip_and_update(&hp, 1.0).unwrap(),
+                    if path == 2 {
+                        m.accumulate_and_sum_gradients(&batches[1], 0.01, Some(12), &comm).unwrap();
+                    } else {
+                        m.accumulate_gradients(&batches[1], 0.01, Some(12)).unwrap();
+                        match zero_rank {
+                            Some(_) => m.reduce_scatter_grads(&comm).unwrap(),
+                            None => m.all_reduce_grads(|g| comm.all_reduce_sum(g)).unwrap(),
+                        }
+                    }
+                    let held = m.optimizer_shards().map(|s| s.owned()).unwrap_or(0..m.param_specs().len());
+                    let grads: Vec<Vec<f32>> = m
+                        .read_grads()
+                        .unwrap()
+                        .into_iter()
+                        .enumerate()
+                        .filter(|(i, _)| held.contains(i))
+                        .map(|(_, t)| t.data)
+                        .collect();
+                    let stats = match zero_rank {
+                        Some(_) => m.clip_and_update_sharded(&hp, 1.0, &comm).unwrap(),
+                        None => m.clip_and_update(&hp, 1.0).unwrap(),
+                    };
+                    let through_host = comm.calls.into_inner();
+                    (grads, stats.grad_norm, m.read_weights().unwrap(), through_host)
                 };
-                let through_host = comm.calls.into_inner();
-                (grads, stats.grad_norm, m.read_weights().unwrap(), through_host)
-            };
-            let (host, host_norm, host_weights, host_calls) = run(0);
-            assert!(!host_calls.is_empty());
-            assert!(host_norm.is_finite() && host_norm > 0.0, "{case}: {host_norm}");
-            for path in [1, 2] {
-                let (grads, norm, weights, calls) = run(path);
-                let what = format!("{case}, {}", if path == 1 { "after" } else { "bucketed" });
-                assert!(calls.is_empty(), "{what}: gradients through the host collectives: {calls:?}");
-                assert_eq!(grads, host, "{what}: gradients");
-                assert_eq!(norm.to_bits(), host_norm.to_bits(), "{what}: norm {norm} vs {host_norm}");
-                for (a, b) in weights.iter().zip(&host_weights) {
-                    assert_eq!(a.data, b.data, "{what}: {}", a.name);
+                let (host, host_norm, host_weights, host_calls) = run(0);
+                assert!(!host_calls.is_empty());
+                assert!(host_norm.is_finite() && host_norm > 0.0, "{case}: {host_norm}");
+                for path in [1, 2] {
+                    let (grads, norm, weights, calls) = run(path);
+                    let what = format!(
+                        "{case}, {micro_batches} micro-batches, {}",
+                        if path == 1 { "after" } else { "bucketed" }
+                    );
+                    assert!(calls.is_empty(), "{what}: gradients through the host collectives: {calls:?}");
+                    assert_eq!(grads, host, "{what}: gradients");
+                    assert_eq!(norm.to_bits(), host_norm.to_bits(), "{what}: norm {norm} vs {host_norm}");
+                    for (a, b) in weights.iter().zip(&host_weights) {
+                        assert_eq!(a.data, b.data, "{what}: {}", a.name);
+                    }
                 }
             }
         }
