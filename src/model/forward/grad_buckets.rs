@@ -268,11 +268,17 @@ mod tests {
         (0..2).map(|k| synthetic_batch(&mut Rng::new(k), 2, 16, config.vocab_size)).collect()
     }
 
-    /// Two micro-batches, the step's gradients summed after the backward or bucket by bucket
-    /// in the last one's: the same gradients, bit for bit, for untied and tied embeddings,
-    /// dropout, every recompute mode, and ZeRO-1's reduce into each tensor's owner.
+    /// The step's gradients summed after the backward or bucket by bucket during the last
+    /// micro-batch's, through the host collectives or on the device: the same gradients, norm and
+    /// updated weights, bit for bit, for untied and tied embeddings, dropout, every recompute
+    /// mode, ZeRO-1's reduce into each tensor's owner (rank 0 and 1), one micro-batch (its
+    /// backward writes the gradients afresh) or two (it adds). The device is the CPU backend
+    /// standing for a GPU that joined the ranks with NCCL's timing ([`crate::backend::cpu`]'s
+    /// `mirror_ranks`: a sum takes the buffers as they are when handed over, they hold NaN until
+    /// `wait_ranks`, the sum lands then), so a read before the wait or a write to a bucket after
+    /// its hand-over fails the test; no gradient may go through the host collectives there.
     #[test]
-    fn bucket_sums_during_the_backward_equal_the_sum_after_it() {
+    fn every_path_sums_the_same_gradients() {
         let hp = AdamW {
             lr: 1e-3,
             beta1: 0.9,
@@ -282,22 +288,35 @@ mod tests {
             step: 1,
             grad_scale: 1.0,
         };
-        for (tied, dropout, recompute, zero_rank) in [
+        let cases = [
             (false, 0.0, Recompute::None, None),
             (true, 0.0, Recompute::None, None),
             (false, 0.1, Recompute::Layer, None),
             (true, 0.1, Recompute::Mlp, None),
-            (false, 0.0, Recompute::None, Some(0)),
+            (false, 0.1, Recompute::Mlp, Some(0)),
             (true, 0.1, Recompute::Layer, Some(1)),
-        ] {
+        ];
+        for ((tied, dropout, recompute, zero_rank), micro_batches) in
+            cases.into_iter().flat_map(|c| [(c, 1), (c, 2)])
+        {
             let config = ModelConfig { tie_embeddings: tied, dropout, ..ModelConfig::tiny(64) };
-            let case = format!("tied {tied}, dropout {dropout}, recompute {recompute}, zero {zero_rank:?}");
             let batches = batches(&config);
-            let run = |bucketed: bool| {
-                let mut m = model(&config, recompute, zero_rank);
-                let comm = Mirror { rank: zero_rank.unwrap_or(0), calls: RefCell::new(Vec::new()) };
+            let rank = zero_rank.unwrap_or(0);
+            let run = |device: bool, bucketed: bool| {
+                let backend: CpuBackend<f32> =
+                    if device { CpuBackend::with_mirror_ranks(rank) } else { CpuBackend::new() };
+                let layout = crate::dist::OptimizerLayout {
+                    moments: crate::backend::StateDtype::F32,
+                    zero: zero_rank.map(|r| (r, 2)),
+                };
+                let mut m =
+                    Model::for_training(backend, config.clone(), 64, None, recompute, layout).unwrap();
+                m.init_params(7).unwrap();
+                let comm = Mirror { rank, calls: RefCell::new(Vec::new()) };
                 m.zero_grads().unwrap();
-                m.accumulate_gradients(&batches[0], 0.01, Some(11)).unwrap();
+                if micro_batches == 2 {
+                    m.accumulate_gradients(&batches[0], 0.01, Some(11)).unwrap();
+                }
                 if bucketed {
                     m.accumulate_and_sum_gradients(&batches[1], 0.01, Some(12), &comm).unwrap();
                 } else {
@@ -323,103 +342,26 @@ mod tests {
                 };
                 (grads, stats.grad_norm, m.read_weights().unwrap(), comm.calls.into_inner())
             };
-            let (after, norm_after, weights_after, calls_after) = run(false);
-            let (bucketed, norm_bucketed, weights_bucketed, calls_bucketed) = run(true);
-            assert_eq!(after, bucketed, "{case}: gradients");
-            assert_eq!(norm_after.to_bits(), norm_bucketed.to_bits(), "{case}: norm");
-            for (a, b) in weights_after.iter().zip(&weights_bucketed) {
-                assert_eq!(a.data, b.data, "{case}: {}", a.name);
-            }
-            // The same elements went through the collectives, in more calls.
-            assert_eq!(calls_after.iter().sum::<usize>(), calls_bucketed.iter().sum::<usize>(), "{case}");
-            assert!(calls_bucketed.len() >= config.n_layers + 2, "{case}: {calls_bucketed:?}");
-        }
-    }
-
-    /// The device path (a backend that joined the ranks, standing for NCCL: each sum lands at
-    /// `wait_ranks`, its buffers NaN until then, and takes them as they were when handed over):
-    /// after the backward and bucket by bucket during it, the host path's gradients, norm and
-    /// weights, bit for bit, with no f32 gradient through the host collectives. A read of the
-    /// gradients before the wait, or a write to a bucket after it was handed over, fails it.
-    #[test]
-    fn the_device_path_waits_for_its_sums_and_hands_over_finished_buckets() {
-        let hp = AdamW {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-            step: 1,
-            grad_scale: 1.0,
-        };
-        for (tied, dropout, recompute, zero_rank) in [
-            (false, 0.0, Recompute::None, None),
-            (true, 0.1, Recompute::Layer, None),
-            (false, 0.1, Recompute::Mlp, Some(0)),
-            (true, 0.0, Recompute::None, Some(1)),
-        ] {
-            let config = ModelConfig { tie_embeddings: tied, dropout, ..ModelConfig::tiny(64) };
-            let case = format!("tied {tied}, dropout {dropout}, recompute {recompute}, zero {zero_rank:?}");
-            let batches = batches(&config);
-            // 0: host collectives after the backward; 1: device, after; 2: device, bucketed.
-            // One micro-batch (its backward writes the gradients afresh) or two (it adds).
-            for micro_batches in [1, 2] {
-                let run = |path: usize| {
-                    let rank = zero_rank.unwrap_or(0);
-                    let backend: CpuBackend<f32> =
-                        if path == 0 { CpuBackend::new() } else { CpuBackend::with_mirror_ranks(rank) };
-                    let layout = crate::dist::OptimizerLayout {
-                        moments: crate::backend::StateDtype::F32,
-                        zero: zero_rank.map(|r| (r, 2)),
-                    };
-                    let mut m =
-                        Model::for_training(backend, config.clone(), 64, None, recompute, layout).unwrap();
-                    m.init_params(7).unwrap();
-                    let comm = Mirror { rank, calls: RefCell::new(Vec::new()) };
-                    m.zero_grads().unwrap();
-                    if micro_batches == 2 {
-                        m.accumulate_gradients(&batches[0], 0.01, Some(11)).unwrap();
-                    }
-                    if path == 2 {
-                        m.accumulate_and_sum_gradients(&batches[1], 0.01, Some(12), &comm).unwrap();
-                    } else {
-                        m.accumulate_gradients(&batches[1], 0.01, Some(12)).unwrap();
-                        match zero_rank {
-                            Some(_) => m.reduce_scatter_grads(&comm).unwrap(),
-                            None => m.all_reduce_grads(|g| comm.all_reduce_sum(g)).unwrap(),
-                        }
-                    }
-                    let held = m.optimizer_shards().map(|s| s.owned()).unwrap_or(0..m.param_specs().len());
-                    let grads: Vec<Vec<f32>> = m
-                        .read_grads()
-                        .unwrap()
-                        .into_iter()
-                        .enumerate()
-                        .filter(|(i, _)| held.contains(i))
-                        .map(|(_, t)| t.data)
-                        .collect();
-                    let stats = match zero_rank {
-                        Some(_) => m.clip_and_update_sharded(&hp, 1.0, &comm).unwrap(),
-                        None => m.clip_and_update(&hp, 1.0).unwrap(),
-                    };
-                    let through_host = comm.calls.into_inner();
-                    (grads, stats.grad_norm, m.read_weights().unwrap(), through_host)
-                };
-                let (host, host_norm, host_weights, host_calls) = run(0);
-                assert!(!host_calls.is_empty());
-                assert!(host_norm.is_finite() && host_norm > 0.0, "{case}: {host_norm}");
-                for path in [1, 2] {
-                    let (grads, norm, weights, calls) = run(path);
-                    let what = format!(
-                        "{case}, {micro_batches} micro-batches, {}",
-                        if path == 1 { "after" } else { "bucketed" }
-                    );
+            let case = format!(
+                "tied {tied}, dropout {dropout}, recompute {recompute}, zero {zero_rank:?}, {micro_batches} \
+                 micro-batches"
+            );
+            let (want, want_norm, want_weights, host_calls) = run(false, false);
+            assert!(want_norm.is_finite() && want_norm > 0.0, "{case}: {want_norm}");
+            for (device, bucketed) in [(false, true), (true, false), (true, true)] {
+                let what = format!("{case}, device {device}, bucketed {bucketed}");
+                let (grads, norm, weights, calls) = run(device, bucketed);
+                assert_eq!(grads, want, "{what}: gradients");
+                assert_eq!(norm.to_bits(), want_norm.to_bits(), "{what}: norm {norm} vs {want_norm}");
+                for (a, b) in weights.iter().zip(&want_weights) {
+                    assert_eq!(a.data, b.data, "{what}: {}", a.name);
+                }
+                if device {
                     assert!(calls.is_empty(), "{what}: gradients through the host collectives: {calls:?}");
-                    assert_eq!(grads, host, "{what}: gradients");
-                    assert_eq!(norm.to_bits(), host_norm.to_bits(), "{what}: norm {norm} vs {host_norm}");
-                    for (a, b) in weights.iter().zip(&host_weights) {
-                        assert_eq!(a.data, b.data, "{what}: {}", a.name);
-                    }
+                } else {
+                    // The same elements through the host collectives, in a call per bucket or more.
+                    assert_eq!(calls.iter().sum::<usize>(), host_calls.iter().sum::<usize>(), "{what}");
+                    assert!(calls.len() >= config.n_layers + 2, "{what}: {calls:?}");
                 }
             }
         }
