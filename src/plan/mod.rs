@@ -654,39 +654,21 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
     let data_parallel = link.map(|link| {
         let gradient_bytes = 4.0 * trainable as f64;
         let weight_bytes = if args.zero_stage == 1 { COMPUTE_BYTES as f64 * trainable as f64 } else { 0.0 };
-        // The times are filled in below, overlapped or not.
-        let mut dp = DataParallelPlan {
-            gpus: args.gpus,
-            link,
-            gradient_bytes,
-            zero_stage: args.zero_stage,
-            weight_bytes,
-            collective_seconds: 0.0,
-            overlapped: false,
-            buckets: 0,
-            backward_seconds: 0.0,
-            exposed_collective_seconds: 0.0,
-            all_gather_seconds: 0.0,
-            step_seconds: 0.0,
-            tokens_per_step: tokens_per_step * args.gpus,
-            tokens_per_s: 0.0,
-            scaling: 0.0,
-        };
-        let link = &dp.link;
-        // A bucket's reduction: an all-reduce, or under ZeRO-1 a reduce into the owners (the
-        // reduce-scatter half of the ring).
-        let reduce = |bytes: f64| match args.zero_stage {
-            1 => devices::ring_pass_seconds(bytes, args.gpus, link),
-            _ => devices::all_reduce_seconds(bytes, args.gpus, link),
-        };
         let all_gather = if args.zero_stage == 1 {
-            devices::ring_pass_seconds(weight_bytes, args.gpus, link)
+            devices::ring_pass_seconds(weight_bytes, args.gpus, &link)
         } else {
             0.0
         };
-        let step = match &backward {
+        // (all the collectives, the gradients' exposed part, buckets, overlapped backward, step).
+        let (collective_seconds, exposed, buckets, backward_seconds, step) = match &backward {
             Some(buckets) => {
-                // Ready times from the start of the last micro-batch's backward.
+                // A bucket's reduction: an all-reduce, or under ZeRO-1 a reduce into the owners
+                // (the reduce-scatter half of the ring). Ready times from the start of the last
+                // micro-batch's backward.
+                let reduce = |bytes: f64| match args.zero_stage {
+                    1 => devices::ring_pass_seconds(bytes, args.gpus, &link),
+                    _ => devices::all_reduce_seconds(bytes, args.gpus, &link),
+                };
                 let ready: Vec<f64> = buckets
                     .iter()
                     .scan(0.0, |t, b| {
@@ -697,13 +679,8 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
                 let comm: Vec<f64> = buckets.iter().map(|b| reduce(4.0 * b.0 as f64)).collect();
                 let backward_end = *ready.last().expect("at least the head and the embeddings");
                 let exposed = (bucket_queue_finish(&ready, &comm) - backward_end).max(0.0);
-                dp.overlapped = true;
-                dp.buckets = buckets.len();
-                dp.backward_seconds = backward_end;
-                dp.collective_seconds = comm.iter().sum::<f64>() + all_gather;
-                dp.exposed_collective_seconds = exposed;
-                dp.all_gather_seconds = all_gather;
-                step_seconds + exposed + all_gather
+                let collective = comm.iter().sum::<f64>() + all_gather;
+                (collective, exposed, buckets.len(), backward_end, step_seconds + exposed + all_gather)
             }
             None => {
                 // After the backward: one all-reduce, or ZeRO-1's reduce-scatter and all-gather.
@@ -712,20 +689,31 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
                         gradient_bytes,
                         weight_bytes,
                         args.gpus,
-                        link,
+                        &link,
                     ),
-                    _ => devices::all_reduce_seconds(gradient_bytes, args.gpus, link),
+                    _ => devices::all_reduce_seconds(gradient_bytes, args.gpus, &link),
                 };
-                dp.collective_seconds = collective;
-                dp.exposed_collective_seconds = collective - all_gather;
-                dp.all_gather_seconds = all_gather;
-                step_seconds + collective
+                (collective, collective - all_gather, 0, 0.0, step_seconds + collective)
             }
         };
-        dp.step_seconds = step;
-        dp.tokens_per_s = dp.tokens_per_step as f64 / step;
-        dp.scaling = one_gpu_seconds / step;
-        dp
+        let tokens = tokens_per_step * args.gpus;
+        DataParallelPlan {
+            gpus: args.gpus,
+            link,
+            gradient_bytes,
+            zero_stage: args.zero_stage,
+            weight_bytes,
+            collective_seconds,
+            overlapped: backward.is_some(),
+            buckets,
+            backward_seconds,
+            exposed_collective_seconds: exposed,
+            all_gather_seconds: all_gather,
+            step_seconds: step,
+            tokens_per_step: tokens,
+            tokens_per_s: tokens as f64 / step,
+            scaling: one_gpu_seconds / step,
+        }
     });
     Ok(Plan {
         estimate: true,
