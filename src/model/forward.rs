@@ -296,8 +296,20 @@ pub(crate) fn reduce_flat<B: Backend>(
     lens: &[usize],
     reduce: impl FnOnce(&mut [f32]) -> Result<()>,
 ) -> Result<()> {
+    start_reduce_flat(be, bufs, lens, reduce)?;
+    be.wait_ranks()
+}
+
+/// [`reduce_flat`] without the wait: on the device the sum runs beside the work queued after it
+/// until [`Backend::wait_ranks`] (through the host it is done on return).
+pub(crate) fn start_reduce_flat<B: Backend>(
+    be: &B,
+    bufs: &mut [B::Buf],
+    lens: &[usize],
+    reduce: impl FnOnce(&mut [f32]) -> Result<()>,
+) -> Result<()> {
     if be.all_reduce_sum_ranks(bufs, lens)? {
-        return be.wait_ranks();
+        return Ok(());
     }
     reduce_flat_into(be, bufs, lens, 0..bufs.len(), reduce)
 }

@@ -15,7 +15,8 @@ use std::ops::Range;
 
 use anyhow::{ensure, Context, Result};
 
-use super::{reduce_flat_into, Backend, Model};
+use super::zero::start_reduce_to_owners;
+use super::{start_reduce_flat, Backend, Model};
 use crate::backend::profile;
 use crate::dist::Collectives;
 use crate::model::params::ParamIndex;
@@ -80,46 +81,10 @@ impl<'a> BucketSum<'a> {
         let _sum = profile::range("sum gradient bucket");
         let (bufs, lens) = (&mut grads[tensors.clone()], &lens[tensors.clone()]);
         let summed = match &self.owners {
-            None => self.all_reduce(be, bufs, lens),
-            Some(owners) => self.reduce_to_owners(be, bufs, lens, &owners[tensors.clone()]),
+            None => start_reduce_flat(be, bufs, lens, |g| self.comm.all_reduce_sum(g)),
+            Some(owners) => start_reduce_to_owners(be, bufs, lens, &owners[tensors.clone()], self.comm),
         };
         summed.with_context(|| format!("summing the gradients of {} over the ranks", name()))
-    }
-
-    fn all_reduce<B: Backend>(&self, be: &B, bufs: &mut [B::Buf], lens: &[usize]) -> Result<()> {
-        if be.all_reduce_sum_ranks(bufs, lens)? {
-            return Ok(());
-        }
-        reduce_flat_into(be, bufs, lens, 0..bufs.len(), |g| self.comm.all_reduce_sum(g))
-    }
-
-    /// ZeRO-1: owners rise in layout order, so a bucket is a few runs of one owner each, and
-    /// one reduce per run sums what the whole step's reduce-scatter would.
-    fn reduce_to_owners<B: Backend>(
-        &self,
-        be: &B,
-        bufs: &mut [B::Buf],
-        lens: &[usize],
-        owners: &[usize],
-    ) -> Result<()> {
-        if be.reduce_sum_ranks(bufs, lens, owners)? {
-            return Ok(());
-        }
-        let rank = self.comm.rank();
-        let mut runs: Vec<(usize, Range<usize>)> = Vec::new();
-        for (i, &owner) in owners.iter().enumerate() {
-            match runs.last_mut() {
-                Some((o, run)) if *o == owner => run.end = i + 1,
-                _ => runs.push((owner, i..i + 1)),
-            }
-        }
-        for (owner, run) in runs {
-            let keep = if owner == rank { 0..run.len() } else { 0..0 };
-            reduce_flat_into(be, &mut bufs[run.clone()], &lens[run], keep, |g| {
-                self.comm.reduce_sum(g, owner)
-            })?;
-        }
-        Ok(())
     }
 
     /// After the last bucket: what follows on the device waits for the sums.

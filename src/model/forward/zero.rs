@@ -20,18 +20,11 @@ impl<B: Backend> Model<B> {
     /// ZeRO-1's gradient collective: the accumulated gradients of every tensor, summed over the
     /// ranks into the owner of each tensor (the other tensors' gradients are left as they were).
     pub fn reduce_scatter_grads(&mut self, comm: &dyn Collectives) -> Result<()> {
-        let shards = self.sharded("reduce_scatter_grads")?;
-        let (counts, owners) = (shards.counts(), shards.owners());
+        let owners = self.sharded("reduce_scatter_grads")?.owners();
         self.materialize_zero_grads()?;
         self.fresh = false;
-        // On the device where the backend joined the ranks (NCCL), else through the host.
-        if self.backend.reduce_sum_ranks(&mut self.grads, &self.lens, &owners)? {
-            return self.backend.wait_ranks();
-        }
-        let keep = self.state_tensors();
-        reduce_flat_into(&self.backend, &mut self.grads, &self.lens, keep, |g| {
-            comm.reduce_scatter_sum(g, &counts)
-        })
+        start_reduce_to_owners(&self.backend, &mut self.grads, &self.lens, &owners, comm)?;
+        self.backend.wait_ranks()
     }
 
     /// [`Model::clip_and_update`] under ZeRO-1, after [`Model::reduce_scatter_grads`]: the global
@@ -134,6 +127,31 @@ impl<B: Backend> Model<B> {
             format!("{what}: the optimizer state is not split (OptimizerLayout::zero at build)")
         })
     }
+}
+
+/// Each buffer's first `lens[i]` elements summed over the ranks into rank `owners[i]` (the
+/// others' copies are left as they were, or unspecified on the device): on the device where the
+/// backend joined the ranks (NCCL), beside the work queued after it until
+/// [`Backend::wait_ranks`]; else through the host, a reduce-scatter whose segments are the
+/// owners' runs. Owners rise with the index (ZeRO-1's split is by contiguous runs of tensors),
+/// so each rank's tensors are one run and the segments come in rank order.
+pub(super) fn start_reduce_to_owners<B: Backend>(
+    be: &B,
+    bufs: &mut [B::Buf],
+    lens: &[usize],
+    owners: &[usize],
+    comm: &dyn Collectives,
+) -> Result<()> {
+    if be.reduce_sum_ranks(bufs, lens, owners)? {
+        return Ok(());
+    }
+    let rank = comm.rank();
+    let mut counts = vec![0; comm.world_size()];
+    for (&owner, &len) in owners.iter().zip(lens) {
+        counts[owner] += len;
+    }
+    let mine = owners.partition_point(|&o| o < rank)..owners.partition_point(|&o| o <= rank);
+    reduce_flat_into(be, bufs, lens, mine, |g| comm.reduce_scatter_sum(g, &counts))
 }
 
 #[cfg(test)]
