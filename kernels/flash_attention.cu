@@ -171,46 +171,60 @@ __device__ __forceinline__ void next_kv_tile(bf16_t* ks, bf16_t* vs, const bf16_
     __syncthreads();
 }
 
-// Per warp: acc[nt] (n-tiles of 8 columns, NT8 of them) += A(16 rows at a_tile, HD wide) · Xᵀ
-// where X is the shared [n][HD] tile at x_tile (rows n = 0 .. 8·NT8 - 1).
-template <int HD, int NT8>
+// Per warp: acc[m·NT8 + nt] (MT m-tiles of 16 rows, n-tiles of 8 columns, NT8 of them) += A(16·MT
+// rows at a_tile, HD wide) · Xᵀ where X is the shared [n][HD] tile at x_tile (rows n = 0 ..
+// 8·NT8 - 1). Each B fragment loaded from X serves all MT m-tiles; every accumulator sees the
+// same products in the same order whatever MT is.
+template <int HD, int NT8, int MT = 1>
 __device__ __forceinline__ void mma_abt(float (*acc)[4], const bf16_t* a_tile, const bf16_t* x_tile, int lane) {
     constexpr int LD = HD + 8;
     uint32_t a_addr = smem_u32(a_tile + (lane % 16) * LD + (lane / 16) * 8);
     uint32_t x_addr = smem_u32(x_tile + ((lane % 8) + (lane / 16) * 8) * LD + ((lane / 8) % 2) * 8);
 #pragma unroll
     for (int kk = 0; kk < HD / 16; kk++) {
-        uint32_t a[4];
-        ldsm_x4(a[0], a[1], a[2], a[3], a_addr + kk * 32);
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int m = 0; m < MT; m++) ldsm_x4(a[m][0], a[m][1], a[m][2], a[m][3], a_addr + (m * 16 * LD + kk * 16) * 2);
 #pragma unroll
         for (int np = 0; np < NT8 / 2; np++) {
             uint32_t b0, b1, b2, b3;
             ldsm_x4(b0, b1, b2, b3, x_addr + (np * 16 * LD + kk * 16) * 2);
-            mma_bf16(acc[2 * np], a, b0, b1);
-            mma_bf16(acc[2 * np + 1], a, b2, b3);
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                mma_bf16(acc[m * NT8 + 2 * np], a[m], b0, b1);
+                mma_bf16(acc[m * NT8 + 2 * np + 1], a[m], b2, b3);
+            }
         }
     }
 }
 
-// Per warp: acc[HD/8] += P (16 × 16·K16, the C fragments p[2·K16][4], rounded to bf16) · Y where
-// Y is the shared [k][HD] tile at y_tile.
-template <int HD, int K16>
+// Per warp: acc[m·HD/8 + j] += P (MT m-tiles of 16 × 16·K16, the C fragments p[m·2·K16 + ..][4],
+// rounded to bf16) · Y where Y is the shared [k][HD] tile at y_tile; each B fragment serves all
+// MT m-tiles.
+template <int HD, int K16, int MT = 1>
 __device__ __forceinline__ void mma_py(float (*acc)[4], const float (*p)[4], const bf16_t* y_tile, int lane) {
     constexpr int LD = HD + 8;
     uint32_t y_addr = smem_u32(y_tile + ((lane % 8) + ((lane / 8) % 2) * 8) * LD + (lane / 16) * 8);
 #pragma unroll
     for (int kk = 0; kk < K16; kk++) {
-        uint32_t a[4];
-        a[0] = pack_bf16(p[2 * kk][0], p[2 * kk][1]);
-        a[1] = pack_bf16(p[2 * kk][2], p[2 * kk][3]);
-        a[2] = pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]);
-        a[3] = pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int m = 0; m < MT; m++) {
+            const float (*pm)[4] = p + m * 2 * K16;
+            a[m][0] = pack_bf16(pm[2 * kk][0], pm[2 * kk][1]);
+            a[m][1] = pack_bf16(pm[2 * kk][2], pm[2 * kk][3]);
+            a[m][2] = pack_bf16(pm[2 * kk + 1][0], pm[2 * kk + 1][1]);
+            a[m][3] = pack_bf16(pm[2 * kk + 1][2], pm[2 * kk + 1][3]);
+        }
 #pragma unroll
         for (int dp = 0; dp < HD / 16; dp++) {
             uint32_t b0, b1, b2, b3;
             ldsm_x4_t(b0, b1, b2, b3, y_addr + (kk * 16 * LD + dp * 16) * 2);
-            mma_bf16(acc[2 * dp], a, b0, b1);
-            mma_bf16(acc[2 * dp + 1], a, b2, b3);
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                mma_bf16(acc[m * (HD / 8) + 2 * dp], a[m], b0, b1);
+                mma_bf16(acc[m * (HD / 8) + 2 * dp + 1], a[m], b2, b3);
+            }
         }
     }
 }
@@ -278,10 +292,14 @@ __device__ __forceinline__ bool cta_tile(const int* table, int& r0, int& seg_sta
 }
 
 // ---- forward ---------------------------------------------------------------------------------
-template <int HD, int NW, int BN>
+// MT m-tiles of 16 q rows per warp (rows 16·MT·warp .. of the CTA's tile): each K or V fragment
+// read from shared memory then feeds MT tile products instead of one. Every row sees the same
+// operations in the same order whatever NW and MT are (at the same BN), so the kernels of one BN
+// give the same bits.
+template <int HD, int NW, int BN, int MT>
 __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, const int* table, int n, int n_heads,
                                    int n_kv_heads) {
-    constexpr int BM = 16 * NW, LD = HD + 8, NT = NW * 32;
+    constexpr int WR = 16 * MT, BM = WR * NW, LD = HD + 8, NT = NW * 32;
     FLASH_DYNAMIC_SMEM(smem_raw);
     bf16_t* qs = reinterpret_cast<bf16_t*>(smem_raw);
     bf16_t* ks = qs + BM * LD;   // [2][BN][LD]
@@ -305,12 +323,21 @@ __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, c
     cp_async_commit();
 
     const float sl2 = rsqrtf((float)HD) * LOG2E;
-    const int w_first = q0 + 16 * warp, w_last = w_first + 15;
-    const int row_a = w_first + lane / 4, row_b = row_a + 8;
-    float o[HD / 8][4];
+    const int w_first = q0 + WR * warp, w_last = w_first + WR - 1;
+    // Per m-tile: the rows of the thread's C fragment halves (a: lane/4, b: lane/4 + 8), the
+    // running max m and the thread's partial row sum l, all in the exp2 domain.
+    int row_a[MT], row_b[MT];
+    float m_a[MT], m_b[MT], l_a[MT], l_b[MT];
+    float o[MT * (HD / 8)][4];
 #pragma unroll
-    for (int j = 0; j < HD / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
-    float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
+    for (int m = 0; m < MT; m++) {
+        row_a[m] = w_first + 16 * m + lane / 4;
+        row_b[m] = row_a[m] + 8;
+        m_a[m] = m_b[m] = -INFINITY;
+        l_a[m] = l_b[m] = 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < MT * (HD / 8); j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
 
     for (int it = 0; it < n_kt; it++) {
         const int kt = seg_start + it * BN;
@@ -319,69 +346,79 @@ __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, c
         if (kt <= w_last && w_first < seg_end) {
             const bf16_t* kb = ks + (it & 1) * BN * LD;
             const bf16_t* vb = vs + (it & 1) * BN * LD;
-            float s[BN / 8][4];
+            float s[MT * (BN / 8)][4];
 #pragma unroll
-            for (int j = 0; j < BN / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-            mma_abt<HD, BN / 8>(s, qs + 16 * warp * LD, kb, lane);
+            for (int j = 0; j < MT * (BN / 8); j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+            mma_abt<HD, BN / 8, MT>(s, qs + WR * warp * LD, kb, lane);
             const bool mask = kt + BN - 1 > w_first;
-            float mx_a = -INFINITY, mx_b = -INFINITY;
 #pragma unroll
-            for (int j = 0; j < BN / 8; j++) {
+            for (int m = 0; m < MT; m++) {
+                float (*sm)[4] = s + m * (BN / 8);
+                float mx_a = -INFINITY, mx_b = -INFINITY;
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int key = kt + j * 8 + (lane % 4) * 2 + (e & 1);
-                    int row = e < 2 ? row_a : row_b;
-                    float v = s[j][e] * sl2;
-                    if (mask && key > row) v = -INFINITY;
-                    s[j][e] = v;
+                for (int j = 0; j < BN / 8; j++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int key = kt + j * 8 + (lane % 4) * 2 + (e & 1);
+                        int row = e < 2 ? row_a[m] : row_b[m];
+                        float v = sm[j][e] * sl2;
+                        if (mask && key > row) v = -INFINITY;
+                        sm[j][e] = v;
+                    }
+                    mx_a = fmaxf(mx_a, fmaxf(sm[j][0], sm[j][1]));
+                    mx_b = fmaxf(mx_b, fmaxf(sm[j][2], sm[j][3]));
                 }
-                mx_a = fmaxf(mx_a, fmaxf(s[j][0], s[j][1]));
-                mx_b = fmaxf(mx_b, fmaxf(s[j][2], s[j][3]));
-            }
-            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
-            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
-            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
-            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
-            float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
-            // A row with no key yet keeps m = -inf: use 0 as its reference (its p are all 0).
-            float ref_a = mn_a == -INFINITY ? 0.0f : mn_a, ref_b = mn_b == -INFINITY ? 0.0f : mn_b;
-            float corr_a = exp2f(m_a - ref_a), corr_b = exp2f(m_b - ref_b);
-            m_a = mn_a;
-            m_b = mn_b;
-            float sum_a = 0.0f, sum_b = 0.0f;
+                mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+                mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+                mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+                mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+                float mn_a = fmaxf(m_a[m], mx_a), mn_b = fmaxf(m_b[m], mx_b);
+                // A row with no key yet keeps m = -inf: use 0 as its reference (its p are all 0).
+                float ref_a = mn_a == -INFINITY ? 0.0f : mn_a, ref_b = mn_b == -INFINITY ? 0.0f : mn_b;
+                float corr_a = exp2f(m_a[m] - ref_a), corr_b = exp2f(m_b[m] - ref_b);
+                m_a[m] = mn_a;
+                m_b[m] = mn_b;
+                float sum_a = 0.0f, sum_b = 0.0f;
 #pragma unroll
-            for (int j = 0; j < BN / 8; j++) {
-                s[j][0] = exp2f(s[j][0] - ref_a);
-                s[j][1] = exp2f(s[j][1] - ref_a);
-                s[j][2] = exp2f(s[j][2] - ref_b);
-                s[j][3] = exp2f(s[j][3] - ref_b);
-                sum_a += s[j][0] + s[j][1];
-                sum_b += s[j][2] + s[j][3];
-            }
-            // l stays a per-thread partial (its quad sums it at the end): corr is quad-uniform.
-            l_a = l_a * corr_a + sum_a;
-            l_b = l_b * corr_b + sum_b;
+                for (int j = 0; j < BN / 8; j++) {
+                    sm[j][0] = exp2f(sm[j][0] - ref_a);
+                    sm[j][1] = exp2f(sm[j][1] - ref_a);
+                    sm[j][2] = exp2f(sm[j][2] - ref_b);
+                    sm[j][3] = exp2f(sm[j][3] - ref_b);
+                    sum_a += sm[j][0] + sm[j][1];
+                    sum_b += sm[j][2] + sm[j][3];
+                }
+                // l stays a per-thread partial (its quad sums it at the end): corr is quad-uniform.
+                l_a[m] = l_a[m] * corr_a + sum_a;
+                l_b[m] = l_b[m] * corr_b + sum_b;
+                float (*om)[4] = o + m * (HD / 8);
 #pragma unroll
-            for (int j = 0; j < HD / 8; j++) {
-                o[j][0] *= corr_a;
-                o[j][1] *= corr_a;
-                o[j][2] *= corr_b;
-                o[j][3] *= corr_b;
+                for (int j = 0; j < HD / 8; j++) {
+                    om[j][0] *= corr_a;
+                    om[j][1] *= corr_a;
+                    om[j][2] *= corr_b;
+                    om[j][3] *= corr_b;
+                }
             }
-            mma_py<HD, BN / 16>(o, s, vb, lane);
+            mma_py<HD, BN / 16, MT>(o, s, vb, lane);
         }
         __syncthreads();
     }
 
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
-    const float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f, inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
-    store_acc<HD>(out, (size_t)n_heads * HD, h * HD, o, row_a, row_b, seg_end, inv_a, inv_b, lane);
-    if (lane % 4 == 0) {
-        if (row_a < seg_end) lse[(size_t)h * n + row_a] = (m_a + log2f(l_a)) * LN2;
-        if (row_b < seg_end) lse[(size_t)h * n + row_b] = (m_b + log2f(l_b)) * LN2;
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+        float la = l_a[m], lb = l_b[m];
+        la += __shfl_xor_sync(0xffffffffu, la, 1);
+        la += __shfl_xor_sync(0xffffffffu, la, 2);
+        lb += __shfl_xor_sync(0xffffffffu, lb, 1);
+        lb += __shfl_xor_sync(0xffffffffu, lb, 2);
+        const float inv_a = la > 0.0f ? 1.0f / la : 0.0f, inv_b = lb > 0.0f ? 1.0f / lb : 0.0f;
+        store_acc<HD>(out, (size_t)n_heads * HD, h * HD, o + m * (HD / 8), row_a[m], row_b[m], seg_end, inv_a, inv_b,
+                      lane);
+        if (lane % 4 == 0) {
+            if (row_a[m] < seg_end) lse[(size_t)h * n + row_a[m]] = (m_a[m] + log2f(la)) * LN2;
+            if (row_b[m] < seg_end) lse[(size_t)h * n + row_b[m]] = (m_b[m] + log2f(lb)) * LN2;
+        }
     }
 }
 
@@ -719,7 +756,7 @@ extern "C" __global__ void __launch_bounds__(256)
     extern "C" __global__ void __launch_bounds__(FNW * 32, FMINB)                                               \
         flash_forward_##HD(bf16_t* out, float* lse, const bf16_t* qkv, const int* table, int n, int n_heads,    \
                            int n_kv_heads) {                                                                    \
-        flash_forward_impl<HD, FNW, FBN>(out, lse, qkv, table, n, n_heads, n_kv_heads);                          \
+        flash_forward_impl<HD, FNW, FBN, 1>(out, lse, qkv, table, n, n_heads, n_kv_heads);                          \
     }                                                                                                           \
     extern "C" __global__ void __launch_bounds__(KNW * 32)                                                      \
         flash_backward_##HD(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,                  \
@@ -744,3 +781,15 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 FLASH_ENTRIES(64, 8, 64, 2, 8, 64)
 FLASH_ENTRIES(128, 8, 64, 1, 8, 32)
+
+// Forward variants with MT m-tiles (16·MT q rows) per warp, timed against flash_forward_64 on a
+// GPU (SFT_FLASH_FORWARD=rows32): the same 128-row q tile in 4 warps of 32 rows, key tiles of 64
+// (the same bits as flash_forward_64). 252 registers on sm_90, so 2 CTAs (8 warps) per SM
+// against flash_forward_64's 16 warps; capping it at 3 CTAs spills. Key tiles of 128 rows spill
+// at 255 registers.
+#define FLASH_FORWARD_VARIANT(NAME, HD, NW, BN, MT, MINB)                                                       \
+    extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                                 \
+        NAME(bf16_t* out, float* lse, const bf16_t* qkv, const int* table, int n, int n_heads, int n_kv_heads) { \
+        flash_forward_impl<HD, NW, BN, MT>(out, lse, qkv, table, n, n_heads, n_kv_heads);                        \
+    }
+FLASH_FORWARD_VARIANT(flash_forward_rows32_64, 64, 4, 64, 2, 2)

@@ -14,7 +14,7 @@ use clap::Args;
 use std::time::Instant;
 
 use super::{upload, upload_ids};
-use crate::backend::cuda::{AttentionPath, CudaBackend, FlashDq};
+use crate::backend::cuda::{AttentionPath, CudaBackend, FlashDq, FlashForward};
 use crate::backend::{Backend, HeadShape, Precision};
 use crate::rng::Rng;
 
@@ -44,6 +44,10 @@ pub struct AttentionBenchArgs {
     /// tensor-core path has the choice.
     #[arg(long, default_value = "ordered")]
     pub dq: String,
+    /// The flash forward (head_dim 64): rows16 (8 warps of 16 q rows, the default), rows32 (4
+    /// warps of 32 rows: rows named "sft r32 ...") or both.
+    #[arg(long, default_value = "rows16")]
+    pub forward: String,
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     pub gpu: usize,
@@ -55,6 +59,28 @@ pub fn dq_modes(arg: &str) -> Result<Vec<FlashDq>> {
         "both" => Ok(vec![FlashDq::Ordered, FlashDq::Atomic]),
         "all" => Ok(vec![FlashDq::Ordered, FlashDq::Pipelined, FlashDq::Atomic]),
         other => Ok(vec![FlashDq::parse(other).context("--dq (ordered, pipelined, atomic, both or all)")?]),
+    }
+}
+
+/// The flash forwards `--forward` asks for, in row order.
+pub fn forward_variants(arg: &str) -> Result<Vec<FlashForward>> {
+    match arg {
+        "both" => Ok(vec![FlashForward::Rows16, FlashForward::Rows32]),
+        other => Ok(vec![FlashForward::parse(other).context("--forward (rows16, rows32 or both)")?]),
+    }
+}
+
+/// The table's name for a row: the path, the forward and the dQ accumulation (at most 22
+/// characters: scripts/bench_attention_torch.py reads the name from the first 22).
+pub fn row_name(flash: bool, forward: FlashForward, dq: FlashDq) -> &'static str {
+    match (flash, forward, dq) {
+        (false, _, _) => "sft scalar",
+        (true, FlashForward::Rows16, FlashDq::Ordered) => "sft flash (mma)",
+        (true, FlashForward::Rows16, FlashDq::Atomic) => "sft flash (atomic dQ)",
+        (true, FlashForward::Rows16, FlashDq::Pipelined) => "sft flash (pipelined)",
+        (true, FlashForward::Rows32, FlashDq::Ordered) => "sft r32 (mma)",
+        (true, FlashForward::Rows32, FlashDq::Atomic) => "sft r32 (atomic dQ)",
+        (true, FlashForward::Rows32, FlashDq::Pipelined) => "sft r32 (pipelined)",
     }
 }
 
@@ -137,6 +163,28 @@ impl<B: Backend> AttentionCase<B> {
         })
     }
 
+    /// The flash forwards `--forward` asks for, in row order.
+    pub fn forward_variants(arg: &str) -> Result<Vec<FlashForward>> {
+        match arg {
+            "both" => Ok(vec![FlashForward::Rows16, FlashForward::Rows32]),
+            other => Ok(vec![FlashForward::parse(other).context("--forward (rows16, rows32 or both)")?]),
+        }
+    }
+
+    /// The table's name for a row: the path, the forward and the dQ accumulation (at most 22
+    /// characters: scripts/bench_attention_torch.py reads the name from the first 22).
+    pub fn row_name(flash: bool, forward: FlashForward, dq: FlashDq) -> &'static str {
+        match (flash, forward, dq) {
+            (false, _, _) => "sft scalar",
+            (true, FlashForward::Rows16, FlashDq::Ordered) => "sft flash (mma)",
+            (true, FlashForward::Rows16, FlashDq::Atomic) => "sft flash (atomic dQ)",
+            (true, FlashForward::Rows16, FlashDq::Pipelined) => "sft flash (pipelined)",
+            (true, FlashForward::Rows32, FlashDq::Ordered) => "sft r32 (mma)",
+            (true, FlashForward::Rows32, FlashDq::Atomic) => "sft r32 (atomic dQ)",
+            (true, FlashForward::Rows32, FlashDq::Pipelined) => "sft r32 (pipelined)",
+        }
+    }
+
     /// (forward, backward) FLOPs of one call, as [`attention_flops`] counts them.
     pub fn flops(&self) -> (f64, f64) {
         attention_flops(self.batch, self.t, self.heads.n_heads, self.heads.head_dim)
@@ -179,6 +227,7 @@ impl<B: Backend> AttentionCase<B> {
 
 pub fn bench_attention(args: AttentionBenchArgs) -> Result<()> {
     let mut modes = dq_modes(&args.dq)?;
+    let mut forwards = forward_variants(&args.forward)?;
     let g = CudaBackend::new(args.gpu).context("bench-attention needs a CUDA GPU")?;
     let path = match args.path.as_str() {
         "auto" => AttentionPath::Auto,
@@ -193,8 +242,10 @@ pub fn bench_attention(args: AttentionBenchArgs) -> Result<()> {
     };
     let flash = g.uses_tensor_core_attention(heads.head_dim);
     if !flash {
-        // The scalar kernels have one dQ kernel: one row, whatever --dq says.
+        // The scalar kernels have one forward and one dQ kernel: one row, whatever --dq and
+        // --forward say.
         modes.truncate(1);
+        forwards.truncate(1);
     }
     eprintln!("{} (compute capability {:?})", g.name(), g.compute_capability());
     println!("{}", table_header());
@@ -218,17 +269,15 @@ pub fn bench_attention(args: AttentionBenchArgs) -> Result<()> {
             g.synchronize()?;
             Ok(timed.elapsed().as_secs_f64() / args.iters.max(1) as f64)
         };
-        for &mode in &modes {
-            g.set_flash_dq(mode);
-            let name = match (flash, mode) {
-                (false, _) => "sft scalar",
-                (true, FlashDq::Ordered) => "sft flash (mma)",
-                (true, FlashDq::Atomic) => "sft flash (atomic dQ)",
-                (true, FlashDq::Pipelined) => "sft flash (pipelined)",
-            };
-            let fwd = time(false)?;
-            let fwd_bwd = time(true)?;
-            println!("{}", table_row(name, t, batch, heads.head_dim, heads.n_heads, fwd, fwd_bwd));
+        for &forward in &forwards {
+            g.set_flash_forward(forward);
+            for &mode in &modes {
+                g.set_flash_dq(mode);
+                let name = row_name(flash, forward, mode);
+                let fwd = time(false)?;
+                let fwd_bwd = time(true)?;
+                println!("{}", table_row(name, t, batch, heads.head_dim, heads.n_heads, fwd, fwd_bwd));
+            }
         }
     }
     Ok(())
@@ -256,6 +305,14 @@ mod tests {
         assert_eq!(dq_modes("atomic").unwrap(), vec![FlashDq::Atomic]);
         assert_eq!(dq_modes("both").unwrap(), vec![FlashDq::Ordered, FlashDq::Atomic]);
         assert_eq!(dq_modes("all").unwrap(), vec![FlashDq::Ordered, FlashDq::Pipelined, FlashDq::Atomic]);
+        assert_eq!(forward_variants("both").unwrap(), vec![FlashForward::Rows16, FlashForward::Rows32]);
+        assert_eq!(forward_variants("rows32").unwrap(), vec![FlashForward::Rows32]);
+        assert!(format!("{:#}", forward_variants("rows64").unwrap_err()).contains("rows16, rows32 or both"));
+        for forward in [FlashForward::Rows16, FlashForward::Rows32] {
+            for dq in [FlashDq::Ordered, FlashDq::Pipelined, FlashDq::Atomic] {
+                assert!(row_name(true, forward, dq).len() <= 22);
+            }
+        }
         let err = format!("{:#}", dq_modes("fastest").unwrap_err());
         assert!(err.contains("--dq") && err.contains("fastest"), "{err}");
         // The table's name column is 22 wide (bench_attention_torch.py splits rows there).

@@ -147,6 +147,22 @@ static bool run(const Case& c, uint64_t seed) {
         if (hd == 64) flash_forward_64(out.data(), lse.data(), qkv.data(), tf.data(), n, nh, nkv);
         else flash_forward_128(out.data(), lse.data(), qkv.data(), tf.data(), n, nh, nkv);
     });
+    // The forward with 4 warps of 32 rows (flash_forward_rows32_64): the same operations per row
+    // in the same order, so the same bits, 1 and 3 blocks at once.
+    bool identical = true;
+    if (hd == 64) {
+        for (int ctas : {1, 3}) {
+            std::vector<bf16_t> out2(out.size(), __float2bfloat16_rn(-3.0f));
+            std::vector<float> lse2(lse.size(), -3.0f);
+            launch("flash_forward_rows32_64", bf, nh, 4 * 32, cfg.fsmem,
+                   [&] { flash_forward_rows32_64(out2.data(), lse2.data(), qkv.data(), tf.data(), n, nh, nkv); }, ctas);
+            const bool same = memcmp(out.data(), out2.data(), out.size() * sizeof(bf16_t)) == 0 &&
+                              memcmp(lse.data(), lse2.data(), lse.size() * sizeof(float)) == 0;
+            record("flash_forward_rows32_64", same ? 0 : 1, 0);
+            if (!same) printf("  the rows32 forward (%d blocks at once) differs from flash_forward_64\n", ctas);
+            identical = identical && same;
+        }
+    }
     // D = rowsum(dO ∘ O) in fp32 from the bf16 out (attention_backward_d).
     for (int h = 0; h < nh; h++)
         for (int i = 0; i < n; i++) {
@@ -176,7 +192,7 @@ static bool run(const Case& c, uint64_t seed) {
     // into a buffer of different garbage.
     std::vector<bf16_t> again(n * width, __float2bfloat16_rn(-1.0f));
     backward("flash_backward_" + h, again, 3);
-    bool identical = memcmp(dqkv.data(), again.data(), dqkv.size() * sizeof(bf16_t)) == 0;
+    identical = identical && memcmp(dqkv.data(), again.data(), dqkv.size() * sizeof(bf16_t)) == 0;
     record("flash_backward_" + h, identical ? 0 : 1, 0);
     // The pipelined ordered path adds the same partials in the same order: the same bits, one
     // block and 3 blocks at a time.

@@ -82,6 +82,40 @@ impl FlashDq {
     }
 }
 
+/// Which flash forward kernel runs. Only head_dim 64 has a choice; the others always run
+/// `Rows16`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashForward {
+    /// 8 warps of 16 q rows (`flash_forward_HD`): the default.
+    Rows16,
+    /// 4 warps of 32 q rows (`flash_forward_rows32_64`): each K or V fragment read from shared
+    /// memory feeds two tile products instead of one, at half the warps per SM (252 registers).
+    /// The same bits as `Rows16`. Not yet timed on a GPU.
+    Rows32,
+}
+
+impl FlashForward {
+    /// `SFT_FLASH_FORWARD`: `rows16` (or unset) or `rows32`; anything else is an error.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("SFT_FLASH_FORWARD") {
+            Err(std::env::VarError::NotPresent) => Ok(FlashForward::Rows16),
+            Ok(v) => Self::parse(&v).with_context(|| "environment variable SFT_FLASH_FORWARD".to_string()),
+            Err(e) => bail!("environment variable SFT_FLASH_FORWARD: {e}"),
+        }
+    }
+
+    /// `rows16` or `rows32` (case-insensitive).
+    pub fn parse(s: &str) -> Result<Self> {
+        if s.eq_ignore_ascii_case("rows16") {
+            Ok(FlashForward::Rows16)
+        } else if s.eq_ignore_ascii_case("rows32") {
+            Ok(FlashForward::Rows32)
+        } else {
+            bail!("{s:?}: expected rows16 or rows32")
+        }
+    }
+}
+
 /// The backend's dQ accumulation state: the chosen [`FlashDq`], and whether the fp32
 /// accumulator may hold non-zero values. The atomic path needs it zero before a launch and
 /// leaves it zero (flash_dq_convert); the ordered path leaves partial sums in it. So the first
@@ -132,9 +166,10 @@ const fn row_bytes(hd: usize) -> usize {
     (hd + 8) * 2
 }
 
-/// Forward: Q tile [16·nw] + double-buffered K and V tiles [bn].
-const fn forward(name: &'static str, hd: usize, nw: usize, bn: usize) -> FlashKernel {
-    FlashKernel { name, warps: nw, tile: 16 * nw, smem: (16 * nw + 4 * bn) * row_bytes(hd) }
+/// Forward: Q tile [16·nw·mt] (mt m-tiles of 16 rows per warp) + double-buffered K and V tiles
+/// [bn].
+const fn forward(name: &'static str, hd: usize, nw: usize, bn: usize, mt: usize) -> FlashKernel {
+    FlashKernel { name, warps: nw, tile: 16 * nw * mt, smem: (16 * nw * mt + 4 * bn) * row_bytes(hd) }
 }
 /// Backward: K and V tiles [16·nw] + double-buffered Q and dO tiles [bq] + lse and D [2][bq]
 /// f32 + the dSᵀ tile [16·nw][bq + 8] bf16.
@@ -152,6 +187,8 @@ const fn backward(name: &'static str, hd: usize, nw: usize, bq: usize) -> FlashK
 pub(super) struct FlashConfig {
     pub head_dim: usize,
     pub forward: FlashKernel,
+    /// The forward in warps of 32 q rows ([`FlashForward::Rows32`]), where the head_dim has one.
+    pub forward_rows32: Option<FlashKernel>,
     pub backward: FlashKernel,
     /// The backward with atomic dQ adds: the same tiles and shared memory as `backward`.
     pub backward_atomic: FlashKernel,
@@ -163,7 +200,8 @@ pub(super) struct FlashConfig {
 
 pub(super) const FLASH_64: FlashConfig = FlashConfig {
     head_dim: 64,
-    forward: forward("flash_forward_64", 64, 8, 64),
+    forward: forward("flash_forward_64", 64, 8, 64, 1),
+    forward_rows32: Some(forward("flash_forward_rows32_64", 64, 4, 64, 2)),
     backward: backward("flash_backward_64", 64, 8, 64),
     backward_atomic: backward("flash_backward_atomic_64", 64, 8, 64),
     backward_pipelined: backward("flash_backward_pipelined_64", 64, 8, 64),
@@ -171,7 +209,8 @@ pub(super) const FLASH_64: FlashConfig = FlashConfig {
 };
 pub(super) const FLASH_128: FlashConfig = FlashConfig {
     head_dim: 128,
-    forward: forward("flash_forward_128", 128, 8, 64),
+    forward: forward("flash_forward_128", 128, 8, 64, 1),
+    forward_rows32: None,
     backward: backward("flash_backward_128", 128, 8, 32),
     backward_atomic: backward("flash_backward_atomic_128", 128, 8, 32),
     backward_pipelined: backward("flash_backward_pipelined_128", 128, 8, 32),
@@ -186,6 +225,7 @@ const _: () = assert!(
         && FLASH_64.backward.tile == FLASH_TILE
         && FLASH_128.forward.tile == FLASH_TILE
         && FLASH_128.backward.tile == FLASH_TILE
+        && matches!(FLASH_64.forward_rows32, Some(k) if k.tile == FLASH_TILE)
 );
 
 /// The segments a prepared tile table describes: the `cu_seqlens` buffer (its device address),
@@ -227,8 +267,10 @@ pub fn backward_q_rows(head_dim: usize) -> Option<usize> {
 impl FlashConfig {
     /// Every kernel of the config: each gets its dynamic shared memory limit raised when the
     /// backend opens (a launch past the default 48 KiB fails otherwise).
-    pub(super) fn kernels(&self) -> [FlashKernel; 4] {
-        [self.forward, self.backward, self.backward_atomic, self.backward_pipelined]
+    pub(super) fn kernels(&self) -> Vec<FlashKernel> {
+        let mut ks = vec![self.forward, self.backward, self.backward_atomic, self.backward_pipelined];
+        ks.extend(self.forward_rows32);
+        ks
     }
 }
 
@@ -303,6 +345,20 @@ impl CudaBackend {
 
     pub fn flash_dq(&self) -> FlashDq {
         self.flash_dq.get()
+    }
+
+    /// Selects the flash forward kernel where the head_dim has a choice (64). The initial value
+    /// comes from `SFT_FLASH_FORWARD` (`rows32`; default `rows16`).
+    pub fn set_flash_forward(&self, variant: FlashForward) {
+        self.flash_forward_rows32.store(variant == FlashForward::Rows32, Ordering::Relaxed);
+    }
+
+    pub fn flash_forward_variant(&self) -> FlashForward {
+        if self.flash_forward_rows32.load(Ordering::Relaxed) {
+            FlashForward::Rows32
+        } else {
+            FlashForward::Rows16
+        }
     }
 
     /// Chooses the tensor-core path (`Some`) or the scalar one (`None`) for this head shape.
@@ -404,10 +460,23 @@ impl CudaBackend {
         let (ni, nhi, nkvi) =
             (int(n, "n")?, int(heads.n_heads, "heads")?, int(heads.n_kv_heads, "kv heads")?);
         let mut scratch = self.scratch();
-        let k = cfg.forward;
         let bound = self.tile_table(&mut scratch, cu_seqlens, n_segments, n)?;
         let table = scratch.attn_tiles.as_ref().expect("built above");
-        let (s, ks, launch_cfg) = (&self.stream, &self.kernels, flash_launch(k, bound, heads.n_heads));
+        let s = &self.stream;
+        let ks = &self.kernels;
+        if let (FlashForward::Rows32, Some(k)) = (self.flash_forward_variant(), cfg.forward_rows32) {
+            let launch_cfg = flash_launch(k, bound, heads.n_heads);
+            // SAFETY: as below; the same tile table (128 q rows per CTA) and arguments.
+            unsafe {
+                launch_for_head_dim!(
+                    cfg.head_dim,
+                    [64 => launch::flash_forward_rows32_64],
+                    (s, ks, launch_cfg, out, lse, qkv, table, ni, nhi, nkvi)
+                )
+            }?;
+            return Ok(());
+        }
+        let launch_cfg = flash_launch(cfg.forward, bound, heads.n_heads);
         // SAFETY: sizes checked by the caller; every tile lies inside one segment of 0..n.
         unsafe {
             launch_for_head_dim!(
@@ -698,6 +767,14 @@ mod tests {
     }
 
     #[test]
+    fn flash_forward_parses_the_variants_and_names_bad_values() {
+        assert_eq!(FlashForward::parse("rows16").unwrap(), FlashForward::Rows16);
+        assert_eq!(FlashForward::parse("ROWS32").unwrap(), FlashForward::Rows32);
+        let err = format!("{:#}", FlashForward::parse("rows64").unwrap_err());
+        assert!(err.contains("\"rows64\"") && err.contains("rows16 or rows32"), "{err}");
+    }
+
+    #[test]
     fn tile_table_covers_each_row_once_inside_its_segment() {
         let cu = [0u32, 1, 17, 17, 1017, 3065, 3066];
         let n = *cu.last().unwrap() as usize;
@@ -721,7 +798,7 @@ mod tests {
         // A flash kernel outside every config would launch without its shared memory limit
         // raised (CUDA_ERROR_INVALID_VALUE, as the pipelined backward first did on an H200).
         let configured: Vec<&str> =
-            [FLASH_64, FLASH_128].iter().flat_map(|c| c.kernels().map(|k| k.name)).collect();
+            [FLASH_64, FLASH_128].iter().flat_map(|c| c.kernels().into_iter().map(|k| k.name)).collect();
         let (_, names) = crate::kernels::KERNELS
             .iter()
             .find(|(module, _)| *module == "flash_attention")
@@ -761,6 +838,13 @@ mod tests {
             for k in [cfg.forward, cfg.backward] {
                 assert_eq!(k.tile, 16 * k.warps);
                 assert!(k.smem <= 227 * 1024, "{} exceeds the H100's 227 KiB", k.name);
+            }
+            // The rows32 forward: the same 128-row q tile and shared memory in 4 warps of 32 rows.
+            if let Some(k) = cfg.forward_rows32 {
+                assert_eq!(
+                    (k.warps, k.tile, k.smem),
+                    (cfg.forward.warps / 2, cfg.forward.tile, cfg.forward.smem)
+                );
             }
         }
     }
