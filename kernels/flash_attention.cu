@@ -479,11 +479,12 @@ __device__ __forceinline__ void st_shared_u32(bf16_t* p, uint32_t v) { *reinterp
 // fetched before the dQ product); or with atomic adds.
 enum DqMode { DQ_ORDERED, DQ_PIPELINED, DQ_ATOMIC };
 
-template <int HD, int NW, int BQ, int DQ>
+template <int HD, int NW, int BQ, int DQ, int MT = 1>
 __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,
                                     const bf16_t* qkv, const float* lse, const float* D, const int* table, int n,
                                     int n_heads, int n_kv_heads) {
-    constexpr int BN = 16 * NW, LD = HD + 8, NT = NW * 32;
+    // MT m-tiles of 16 keys per warp: WR keys (rows 16·MT·warp .. of the CTA's key tile).
+    constexpr int WR = 16 * MT, BN = WR * NW, LD = HD + 8, NT = NW * 32;
     // dSᵀ rows: BQ + 8 bf16 (144 or 80 bytes), so that ldmatrix and the fragment stores are
     // conflict-free. The dQ product: STRIPS strips of 16 q rows × NW / STRIPS groups of CW columns.
     constexpr int LDS = BQ + 8, STRIPS = BQ / 16, CW = HD / (NW / STRIPS);
@@ -532,13 +533,19 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
 
     const float sl2 = rsqrtf((float)HD) * LOG2E;
     const float scale = rsqrtf((float)HD);
-    const int w_first = k0 + 16 * warp;
-    const int key_a = w_first + lane / 4, key_b = key_a + 8;
+    const int w_first = k0 + WR * warp;
+    // Per m-tile: the keys of the thread's C fragment halves (a: lane/4, b: lane/4 + 8).
+    int key_a[MT], key_b[MT];
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+        key_a[m] = w_first + 16 * m + lane / 4;
+        key_b[m] = key_a[m] + 8;
+    }
     // This warp's block of the dQ partial: q rows strip·16 .. + 15 of the tile, columns c0 .. + CW.
     const int strip = warp % STRIPS, c0 = (warp / STRIPS) * CW;
-    float dk[HD / 8][4], dv[HD / 8][4];
+    float dk[MT * (HD / 8)][4], dv[MT * (HD / 8)][4];
 #pragma unroll
-    for (int j = 0; j < HD / 8; j++) {
+    for (int j = 0; j < MT * (HD / 8); j++) {
         dk[j][0] = dk[j][1] = dk[j][2] = dk[j][3] = 0.0f;
         dv[j][0] = dv[j][1] = dv[j][2] = dv[j][3] = 0.0f;
     }
@@ -570,48 +577,61 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         const int buf = it & 1;
         const bf16_t* qb = qs + buf * BQ * LD;
         const bf16_t* db = dos + buf * BQ * LD;
-        bf16_t* ds_a = dst + (16 * warp + lane / 4) * LDS + (lane % 4) * 2;
+        // dSᵀ rows of the thread's fragment halves in m-tile m: ds_a + 16·m·LDS, ds_b + 16·m·LDS.
+        bf16_t* ds_a = dst + (WR * warp + lane / 4) * LDS + (lane % 4) * 2;
         bf16_t* ds_b = ds_a + 8 * LDS;
         // Skip when every q row of the tile is before the warp's first key (all masked).
         if (qt + BQ - 1 >= w_first && w_first < seg_end) {
             const float* lb = lse_s + buf * BQ;
             const float* ddb = d_s + buf * BQ;
-            float s[BQ / 8][4], dp[BQ / 8][4];
+            float s[MT * (BQ / 8)][4], dp[MT * (BQ / 8)][4];
 #pragma unroll
-            for (int j = 0; j < BQ / 8; j++) {
+            for (int j = 0; j < MT * (BQ / 8); j++) {
                 s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
                 dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.0f;
             }
-            // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: rows = the warp's 16 keys, columns = the BQ q rows.
-            mma_abt<HD, BQ / 8>(s, ks + 16 * warp * LD, qb, lane);
-            mma_abt<HD, BQ / 8>(dp, vs + 16 * warp * LD, db, lane);
-            const bool mask = qt < w_first + 15 || qt + BQ > seg_end;
+            // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: rows = the warp's WR keys, columns = the BQ q rows.
+            mma_abt<HD, BQ / 8, MT>(s, ks + WR * warp * LD, qb, lane);
+            mma_abt<HD, BQ / 8, MT>(dp, vs + WR * warp * LD, db, lane);
+            const bool mask = qt < w_first + WR - 1 || qt + BQ > seg_end;
 #pragma unroll
-            for (int j = 0; j < BQ / 8; j++) {
+            for (int m = 0; m < MT; m++) {
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int c = j * 8 + (lane % 4) * 2 + (e & 1);
-                    int q = qt + c;
-                    int key = e < 2 ? key_a : key_b;
-                    float p = exp2f(s[j][e] * sl2 - lb[c] * LOG2E);
-                    if (mask && (q < key || q >= seg_end)) p = 0.0f;
-                    s[j][e] = p;
-                    dp[j][e] = p * (dp[j][e] - ddb[c]);
+                for (int j = 0; j < BQ / 8; j++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int c = j * 8 + (lane % 4) * 2 + (e & 1);
+                        int q = qt + c;
+                        int key = e < 2 ? key_a[m] : key_b[m];
+                        float& sv = s[m * (BQ / 8) + j][e];
+                        float& dv_ = dp[m * (BQ / 8) + j][e];
+                        float p = exp2f(sv * sl2 - lb[c] * LOG2E);
+                        if (mask && (q < key || q >= seg_end)) p = 0.0f;
+                        sv = p;
+                        dv_ = p * (dv_ - ddb[c]);
+                    }
                 }
             }
-            mma_py<HD, BQ / 16>(dv, s, db, lane);
-            mma_py<HD, BQ / 16>(dk, dp, qb, lane);
+            mma_py<HD, BQ / 16, MT>(dv, s, db, lane);
+            mma_py<HD, BQ / 16, MT>(dk, dp, qb, lane);
             // dSᵀ in bf16, the values dK used, for the dQ product.
 #pragma unroll
-            for (int j = 0; j < BQ / 8; j++) {
-                st_shared_u32(ds_a + j * 8, pack_bf16(dp[j][0], dp[j][1]));
-                st_shared_u32(ds_b + j * 8, pack_bf16(dp[j][2], dp[j][3]));
+            for (int m = 0; m < MT; m++) {
+#pragma unroll
+                for (int j = 0; j < BQ / 8; j++) {
+                    const float* d = dp[m * (BQ / 8) + j];
+                    st_shared_u32(ds_a + 16 * m * LDS + j * 8, pack_bf16(d[0], d[1]));
+                    st_shared_u32(ds_b + 16 * m * LDS + j * 8, pack_bf16(d[2], d[3]));
+                }
             }
         } else {
 #pragma unroll
-            for (int j = 0; j < BQ / 8; j++) {
-                st_shared_u32(ds_a + j * 8, 0u);
-                st_shared_u32(ds_b + j * 8, 0u);
+            for (int m = 0; m < MT; m++) {
+#pragma unroll
+                for (int j = 0; j < BQ / 8; j++) {
+                    st_shared_u32(ds_a + 16 * m * LDS + j * 8, 0u);
+                    st_shared_u32(ds_b + 16 * m * LDS + j * 8, 0u);
+                }
             }
         }
 
@@ -715,8 +735,13 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         if (threadIdx.x == 0 && pending_sem) st_release(pending_sem, pending_value);
     }
 
-    store_acc<HD>(dqkv, width, (n_heads + kvh) * HD, dk, key_a, key_b, seg_end, scale, scale, lane);
-    store_acc<HD>(dqkv, width, (n_heads + n_kv_heads + kvh) * HD, dv, key_a, key_b, seg_end, 1.0f, 1.0f, lane);
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+        store_acc<HD>(dqkv, width, (n_heads + kvh) * HD, dk + m * (HD / 8), key_a[m], key_b[m], seg_end, scale, scale,
+                      lane);
+        store_acc<HD>(dqkv, width, (n_heads + n_kv_heads + kvh) * HD, dv + m * (HD / 8), key_a[m], key_b[m], seg_end,
+                      1.0f, 1.0f, lane);
+    }
 }
 
 // ---- dQ of the atomic backward -------------------------------------------------------------------
@@ -793,3 +818,32 @@ FLASH_ENTRIES(128, 8, 64, 1, 8, 32)
         flash_forward_impl<HD, NW, BN, MT>(out, lse, qkv, table, n, n_heads, n_kv_heads);                        \
     }
 FLASH_FORWARD_VARIANT(flash_forward_rows32_64, 64, 4, 64, 2, 2)
+
+// Backward variants with MT m-tiles (16·MT keys) per warp, timed against flash_backward_64 on a
+// GPU (SFT_FLASH_BACKWARD=rows32): the same 128-key tile in 4 warps of 32 keys, q tiles of BQ 32,
+// in each dQ accumulation. The same partial sums in the same order as flash_backward_64 (dK and
+// dV sum the q rows in the same 16-row steps), so the same bits. Small enough for 2 CTAs per SM,
+// so that one CTA's barriers and semaphore waits overlap the other's tile products.
+#define FLASH_BACKWARD_VARIANTS(SUFFIX, HD, NW, BQ, MT, MINB)                                                   \
+    extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                                 \
+        flash_backward_##SUFFIX(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,              \
+                                const bf16_t* qkv, const float* lse, const float* D, const int* table, int n,   \
+                                int n_heads, int n_kv_heads) {                                                  \
+        flash_backward_impl<HD, NW, BQ, DQ_ORDERED, MT>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n,      \
+                                                        n_heads, n_kv_heads);                                   \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                                 \
+        flash_backward_pipelined_##SUFFIX(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,    \
+                                          const bf16_t* qkv, const float* lse, const float* D,                  \
+                                          const int* table, int n, int n_heads, int n_kv_heads) {               \
+        flash_backward_impl<HD, NW, BQ, DQ_PIPELINED, MT>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n,    \
+                                                          n_heads, n_kv_heads);                                 \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                                 \
+        flash_backward_atomic_##SUFFIX(bf16_t* dqkv, float* dq_acc, const bf16_t* dout, const bf16_t* qkv,      \
+                                       const float* lse, const float* D, const int* table, int n, int n_heads,  \
+                                       int n_kv_heads) {                                                        \
+        flash_backward_impl<HD, NW, BQ, DQ_ATOMIC, MT>(dqkv, dq_acc, nullptr, dout, qkv, lse, D, table, n,      \
+                                                       n_heads, n_kv_heads);                                    \
+    }
+FLASH_BACKWARD_VARIANTS(rows32_64, 64, 4, 32, 2, 2)

@@ -92,7 +92,9 @@ def main():
                     help="our flash backward's dQ accumulation (atomic: not deterministic; both: ordered and "
                          "atomic; all: a row each)")
     ap.add_argument("--forward", default="rows16", choices=["rows16", "rows32", "both"],
-                    help="our flash forward (head_dim 64): 8 warps of 16 q rows, 4 of 32 (rows \"sft r32 ...\"), or both")
+                    help="our flash forward (head_dim 64): 8 warps of 16 q rows, 4 of 32 (rows \"sft f32 ...\"), or both")
+    ap.add_argument("--backward", default="rows16", choices=["rows16", "rows32", "both"],
+                    help="our flash backward (head_dim 64): 8 warps of 16 keys, 4 of 32 (rows \"sft b32 ...\"), or both")
     ap.add_argument("--markdown", default=None, help="also write the table as markdown to this file")
     args = ap.parse_args()
     seq_lens = [int(x) for x in args.seq_lens.split(",")]
@@ -116,7 +118,7 @@ def main():
         cmd = [sft, "bench-attention", "--seq-lens", args.seq_lens, "--tokens", str(args.tokens), "--heads",
                str(args.heads), "--head-dim", str(args.head_dim), "--iters", str(args.iters), "--path", path]
         if path == "auto":
-            cmd += ["--dq", args.dq, "--forward", args.forward]
+            cmd += ["--dq", args.dq, "--forward", args.forward, "--backward", args.backward]
         res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         # Same format: skip our header line, keep the rows.
         for line in res.stdout.splitlines()[1:]:
@@ -147,12 +149,12 @@ def write_markdown(args, rows, notes):
     for c in cells:
         if len(c) == 8:
             fwd_bwd.setdefault(c[1], {})[c[0]] = float(c[6])
-    # One ratio per sft flash row ("sft flash (mma)", and one per other dQ mode with --dq both/all
-    # and per rows32 forward row, "sft r32 ...", with --forward rows32/both).
-    ratios = ["T=%s %s%.2fx" % (t, "" if k == "sft flash (mma)" else k[len("sft flash " if "flash" in k else "sft "):] + " ",
+    # One ratio per sft tensor-core row ("sft flash (mma)", and one per other dQ mode with --dq
+    # both/all and per warp layout, "sft f32 ...", "sft b32 ...", "sft f32b32 ...").
+    ratios = ["T=%s %s%.2fx" % (t, "" if k == "sft flash (mma)" else k[len("sft flash " if k.startswith("sft flash") else "sft "):] + " ",
                                  v["torch sdpa flash"] / v[k])
               for t, v in fwd_bwd.items() if "torch sdpa flash" in v for k in v
-              if k.startswith("sft flash") or k.startswith("sft r32")]
+              if k.startswith("sft ") and k != "sft scalar"]
     with open(args.markdown + ".headline", "w") as f:
         f.write(("fwd+bwd speed vs torch: " + ", ".join(ratios) if ratios else "no comparison") + "\n")
 

@@ -128,7 +128,7 @@ run_one_part() {
             echo "needs a CUDA GPU (sft bench-attention and flash SDPA run on the device only)" >"$work/attention.skip"
             return 3
         fi
-        say_run python3 ./bench_attention_torch.py --sft ./sft --dq all --forward both $torch_flag --markdown "$work/attention.md"
+        say_run python3 ./bench_attention_torch.py --sft ./sft --dq all --forward both --backward both $torch_flag --markdown "$work/attention.md"
         ;;
     kernels)
         if [[ "$dry" == 1 ]]; then

@@ -4,11 +4,12 @@
 # backward with ordered, pipelined and atomic dQ (`sft bench-attention --dq all`), Nsight Compute on
 # the flash kernels, and compute-sanitizer on the flash tests. Run on the box from the repo root:
 #   .gpu/gpu_probe.sh        (results under $OUT, else .gpu/probe/)
-#   .gpu/gpu_probe.sh dq     the flash variants only (about 5 minutes): the GPU attention tests,
+#   .gpu/gpu_probe.sh dq     the flash variants only (about 6 minutes): the GPU attention tests,
 #                            the training tests with the default (ordered) and with
-#                            SFT_FLASH_DQ=pipelined, `bench-attention --dq all --forward both`,
-#                            and the 1.3B step under each of ordered, pipelined and atomic dQ, and
-#                            with the rows32 forward (SFT_FLASH_FORWARD=rows32)
+#                            SFT_FLASH_DQ=pipelined, `bench-attention --dq all --forward both
+#                            --backward both`, and the 1.3B step under ordered, pipelined and
+#                            atomic dQ, and with warps of 32 rows (SFT_FLASH_FORWARD=rows32
+#                            SFT_FLASH_BACKWARD=rows32) under ordered and pipelined dQ
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 out="${OUT:-$PWD/probe}"
@@ -27,15 +28,15 @@ if [[ "${1:-}" == dq ]]; then
         echo "rc=$?"
         grep -E "FAILED|panicked|test result" "$out/${t}_$mode.log" | head
     done
-    step "bench-attention --dq all --forward both" 60
-    timeout -k 5 60 ./sft bench-attention --seq-lens 1024,2048,4096 --dq all --forward both 2>&1 |
+    step "bench-attention --dq all --forward both --backward both" 60
+    timeout -k 5 60 ./sft bench-attention --seq-lens 1024,2048,4096 --dq all --forward both --backward both 2>&1 |
         tee "$out/attention_dq.log"
-    for run in "ordered rows16" "pipelined rows16" "atomic rows16" "ordered rows32"; do
-        read -r mode fwd <<<"$run"
-        step "1.3B step, SFT_FLASH_DQ=$mode SFT_FLASH_FORWARD=$fwd" 100
-        SFT_FLASH_DQ=$mode SFT_FLASH_FORWARD=$fwd timeout -k 5 100 ./sft bench --config simplellama-1.3b \
-            --tokens-per-step 65536 --seq-len 2048 --micro-batch 8 --steps 3 --warmup 2 --device cuda --dropout 0 \
-            2>&1 | tee "$out/bench_${mode}_$fwd.log" | grep -E "time per step|tokens/s|MFU|memory"
+    for run in "ordered rows16" "pipelined rows16" "atomic rows16" "ordered rows32" "pipelined rows32"; do
+        read -r mode rows <<<"$run"
+        step "1.3B step, SFT_FLASH_DQ=$mode SFT_FLASH_FORWARD=SFT_FLASH_BACKWARD=$rows" 80
+        SFT_FLASH_DQ=$mode SFT_FLASH_FORWARD=$rows SFT_FLASH_BACKWARD=$rows timeout -k 5 80 ./sft bench \
+            --config simplellama-1.3b --tokens-per-step 65536 --seq-len 2048 --micro-batch 8 --steps 3 --warmup 2 \
+            --device cuda --dropout 0 2>&1 | tee "$out/bench_${mode}_$rows.log" | grep -E "time per step|tokens/s|MFU|memory"
     done
     exit 0
 fi

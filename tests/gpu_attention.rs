@@ -18,20 +18,21 @@
 mod common;
 use common::gpu::{gpu, randn, upload};
 use sft::backend::cpu::CpuBackend;
-use sft::backend::cuda::{AttentionPath, CudaBackend, FlashDq, FlashForward};
+use sft::backend::cuda::{AttentionPath, CudaBackend, FlashDq, FlashRows};
 use sft::backend::{Backend, HeadShape, Precision};
 use sft::rng::Rng;
 
 const TOL: f64 = 1e-2;
 
 /// The GPU backend with the tensor-core path on for `head_dim` (panics when the device lacks it),
-/// with the ordered dQ accumulation and the default forward whatever SFT_FLASH_DQ and
-/// SFT_FLASH_FORWARD say.
+/// with the ordered dQ accumulation and the default warps whatever SFT_FLASH_DQ,
+/// SFT_FLASH_FORWARD and SFT_FLASH_BACKWARD say.
 fn tensor_core_gpu(head_dim: usize) -> Option<CudaBackend> {
     let g = gpu()?;
     g.set_attention_path(AttentionPath::Auto);
     g.set_flash_dq(FlashDq::Ordered);
-    g.set_flash_forward(FlashForward::Rows16);
+    g.set_flash_forward(FlashRows::Rows16);
+    g.set_flash_backward(FlashRows::Rows16);
     assert!(
         g.uses_tensor_core_attention(head_dim),
         "no tensor-core attention for head_dim {head_dim} on this device (compute capability {:?})",
@@ -349,7 +350,7 @@ fn flash_pipelined_dq_gives_the_ordered_bits() {
     }
 }
 
-/// The forward in warps of 32 q rows (`FlashForward::Rows32`) runs each row's operations in the
+/// The forward in warps of 32 q rows (`FlashRows::Rows32`) runs each row's operations in the
 /// same order as the default one: the same out and lse bits (and so the same backward), on the
 /// at-scale shape and packed batches with grouped KV heads.
 #[test]
@@ -365,10 +366,47 @@ fn flash_rows32_forward_gives_the_rows16_bits() {
         let n = *cu.last().unwrap() as usize;
         let (qkv, dout) = inputs(n, heads, seed);
         let rows16 = attention(&g, &qkv, &dout, &cu, heads);
-        g.set_flash_forward(FlashForward::Rows32);
+        g.set_flash_forward(FlashRows::Rows32);
         for run in 0..2 {
             let rows32 = attention(&g, &qkv, &dout, &cu, heads);
             assert_identical(&format!("rows32 vs rows16 forward, run {run}"), &rows16, &rows32);
+        }
+    }
+}
+
+/// The backward in warps of 32 keys (`FlashRows::Rows32`, q tiles of 32) adds the same partials
+/// in the same order as the default one: the same bits with ordered and pipelined dQ, on the
+/// at-scale shape and packed batches with grouped KV heads, run after run. With atomic dQ: the
+/// CPU's tolerances on the packed batches, and on the at-scale shape the default's tolerances
+/// against its ordered run.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn flash_rows32_backward_gives_the_rows16_bits() {
+    let mha_32 = HeadShape { n_heads: 32, n_kv_heads: 32, head_dim: 64 };
+    for (heads, cu, seed) in [
+        (mha_32, vec![0u32, 2048, 4096, 6144, 8192], 860),
+        (GQA_64, PACKED.to_vec(), 861),
+        (MQA_64, PACKED.to_vec(), 862),
+    ] {
+        let Some(g) = tensor_core_gpu(heads.head_dim) else { return };
+        let n = *cu.last().unwrap() as usize;
+        let (qkv, dout) = inputs(n, heads, seed);
+        let rows16 = attention(&g, &qkv, &dout, &cu, heads);
+        g.set_flash_backward(FlashRows::Rows32);
+        for dq in [FlashDq::Ordered, FlashDq::Pipelined, FlashDq::Ordered] {
+            g.set_flash_dq(dq);
+            let rows32 = attention(&g, &qkv, &dout, &cu, heads);
+            assert_identical(&format!("rows32 vs rows16 backward, {dq:?}"), &rows16, &rows32);
+        }
+        g.set_flash_dq(FlashDq::Atomic);
+        let want = if heads == mha_32 {
+            rows16
+        } else {
+            attention(&CpuBackend::<f32>::new(), &qkv, &dout, &cu, heads)
+        };
+        for run in 0..2 {
+            let got = attention(&g, &qkv, &dout, &cu, heads);
+            compare(&format!("rows32 atomic, {} heads, run {run}", heads.n_heads), &got, &want, heads);
         }
     }
 }

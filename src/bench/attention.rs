@@ -14,7 +14,7 @@ use clap::Args;
 use std::time::Instant;
 
 use super::{upload, upload_ids};
-use crate::backend::cuda::{AttentionPath, CudaBackend, FlashDq, FlashForward};
+use crate::backend::cuda::{AttentionPath, CudaBackend, FlashDq, FlashRows};
 use crate::backend::{Backend, HeadShape, Precision};
 use crate::rng::Rng;
 
@@ -45,9 +45,13 @@ pub struct AttentionBenchArgs {
     #[arg(long, default_value = "ordered")]
     pub dq: String,
     /// The flash forward (head_dim 64): rows16 (8 warps of 16 q rows, the default), rows32 (4
-    /// warps of 32 rows: rows named "sft r32 ...") or both.
+    /// warps of 32 rows: rows named "sft f32 ...") or both.
     #[arg(long, default_value = "rows16")]
     pub forward: String,
+    /// The flash backward (head_dim 64): rows16 (8 warps of 16 keys, the default), rows32 (4
+    /// warps of 32 keys: rows named "sft b32 ...") or both.
+    #[arg(long, default_value = "rows16")]
+    pub backward: String,
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     pub gpu: usize,
@@ -62,26 +66,36 @@ pub fn dq_modes(arg: &str) -> Result<Vec<FlashDq>> {
     }
 }
 
-/// The flash forwards `--forward` asks for, in row order.
-pub fn forward_variants(arg: &str) -> Result<Vec<FlashForward>> {
+/// The rows per warp `--forward` or `--backward` asks for, in row order.
+pub fn rows_variants(arg: &str, flag: &str) -> Result<Vec<FlashRows>> {
     match arg {
-        "both" => Ok(vec![FlashForward::Rows16, FlashForward::Rows32]),
-        other => Ok(vec![FlashForward::parse(other).context("--forward (rows16, rows32 or both)")?]),
+        "both" => Ok(vec![FlashRows::Rows16, FlashRows::Rows32]),
+        other => {
+            Ok(vec![FlashRows::parse(other).with_context(|| format!("{flag} (rows16, rows32 or both)"))?])
+        }
     }
 }
 
-/// The table's name for a row: the path, the forward and the dQ accumulation (at most 22
-/// characters: scripts/bench_attention_torch.py reads the name from the first 22).
-pub fn row_name(flash: bool, forward: FlashForward, dq: FlashDq) -> &'static str {
-    match (flash, forward, dq) {
-        (false, _, _) => "sft scalar",
-        (true, FlashForward::Rows16, FlashDq::Ordered) => "sft flash (mma)",
-        (true, FlashForward::Rows16, FlashDq::Atomic) => "sft flash (atomic dQ)",
-        (true, FlashForward::Rows16, FlashDq::Pipelined) => "sft flash (pipelined)",
-        (true, FlashForward::Rows32, FlashDq::Ordered) => "sft r32 (mma)",
-        (true, FlashForward::Rows32, FlashDq::Atomic) => "sft r32 (atomic dQ)",
-        (true, FlashForward::Rows32, FlashDq::Pipelined) => "sft r32 (pipelined)",
+/// The table's name for a row: the path, the rows per warp of the forward and the backward,
+/// and the dQ accumulation ("sft flash ..." for the defaults, "sft f32 ...", "sft b32 ...",
+/// "sft f32b32 ..." for warps of 32 rows). At most 22 characters:
+/// scripts/bench_attention_torch.py reads the name from the first 22.
+pub fn row_name(flash: bool, forward: FlashRows, backward: FlashRows, dq: FlashDq) -> String {
+    if !flash {
+        return "sft scalar".to_string();
     }
+    let rows = match (forward, backward) {
+        (FlashRows::Rows16, FlashRows::Rows16) => "flash",
+        (FlashRows::Rows32, FlashRows::Rows16) => "f32",
+        (FlashRows::Rows16, FlashRows::Rows32) => "b32",
+        (FlashRows::Rows32, FlashRows::Rows32) => "f32b32",
+    };
+    let dq = match dq {
+        FlashDq::Ordered => "(mma)",
+        FlashDq::Atomic => "(atomic dQ)",
+        FlashDq::Pipelined => "(pipelined)",
+    };
+    format!("sft {rows} {dq}")
 }
 
 /// (forward, backward) FLOPs of causal attention over `batch` sequences of `t` tokens.
@@ -163,28 +177,6 @@ impl<B: Backend> AttentionCase<B> {
         })
     }
 
-    /// The flash forwards `--forward` asks for, in row order.
-    pub fn forward_variants(arg: &str) -> Result<Vec<FlashForward>> {
-        match arg {
-            "both" => Ok(vec![FlashForward::Rows16, FlashForward::Rows32]),
-            other => Ok(vec![FlashForward::parse(other).context("--forward (rows16, rows32 or both)")?]),
-        }
-    }
-
-    /// The table's name for a row: the path, the forward and the dQ accumulation (at most 22
-    /// characters: scripts/bench_attention_torch.py reads the name from the first 22).
-    pub fn row_name(flash: bool, forward: FlashForward, dq: FlashDq) -> &'static str {
-        match (flash, forward, dq) {
-            (false, _, _) => "sft scalar",
-            (true, FlashForward::Rows16, FlashDq::Ordered) => "sft flash (mma)",
-            (true, FlashForward::Rows16, FlashDq::Atomic) => "sft flash (atomic dQ)",
-            (true, FlashForward::Rows16, FlashDq::Pipelined) => "sft flash (pipelined)",
-            (true, FlashForward::Rows32, FlashDq::Ordered) => "sft r32 (mma)",
-            (true, FlashForward::Rows32, FlashDq::Atomic) => "sft r32 (atomic dQ)",
-            (true, FlashForward::Rows32, FlashDq::Pipelined) => "sft r32 (pipelined)",
-        }
-    }
-
     /// (forward, backward) FLOPs of one call, as [`attention_flops`] counts them.
     pub fn flops(&self) -> (f64, f64) {
         attention_flops(self.batch, self.t, self.heads.n_heads, self.heads.head_dim)
@@ -227,7 +219,8 @@ impl<B: Backend> AttentionCase<B> {
 
 pub fn bench_attention(args: AttentionBenchArgs) -> Result<()> {
     let mut modes = dq_modes(&args.dq)?;
-    let mut forwards = forward_variants(&args.forward)?;
+    let mut forwards = rows_variants(&args.forward, "--forward")?;
+    let mut backwards = rows_variants(&args.backward, "--backward")?;
     let g = CudaBackend::new(args.gpu).context("bench-attention needs a CUDA GPU")?;
     let path = match args.path.as_str() {
         "auto" => AttentionPath::Auto,
@@ -242,10 +235,11 @@ pub fn bench_attention(args: AttentionBenchArgs) -> Result<()> {
     };
     let flash = g.uses_tensor_core_attention(heads.head_dim);
     if !flash {
-        // The scalar kernels have one forward and one dQ kernel: one row, whatever --dq and
-        // --forward say.
+        // The scalar kernels have one forward and one backward: one row, whatever --dq,
+        // --forward and --backward say.
         modes.truncate(1);
         forwards.truncate(1);
+        backwards.truncate(1);
     }
     eprintln!("{} (compute capability {:?})", g.name(), g.compute_capability());
     println!("{}", table_header());
@@ -271,12 +265,15 @@ pub fn bench_attention(args: AttentionBenchArgs) -> Result<()> {
         };
         for &forward in &forwards {
             g.set_flash_forward(forward);
-            for &mode in &modes {
-                g.set_flash_dq(mode);
-                let name = row_name(flash, forward, mode);
-                let fwd = time(false)?;
-                let fwd_bwd = time(true)?;
-                println!("{}", table_row(name, t, batch, heads.head_dim, heads.n_heads, fwd, fwd_bwd));
+            for &backward in &backwards {
+                g.set_flash_backward(backward);
+                for &mode in &modes {
+                    g.set_flash_dq(mode);
+                    let name = row_name(flash, forward, backward, mode);
+                    let fwd = time(false)?;
+                    let fwd_bwd = time(true)?;
+                    println!("{}", table_row(&name, t, batch, heads.head_dim, heads.n_heads, fwd, fwd_bwd));
+                }
             }
         }
     }
@@ -305,14 +302,21 @@ mod tests {
         assert_eq!(dq_modes("atomic").unwrap(), vec![FlashDq::Atomic]);
         assert_eq!(dq_modes("both").unwrap(), vec![FlashDq::Ordered, FlashDq::Atomic]);
         assert_eq!(dq_modes("all").unwrap(), vec![FlashDq::Ordered, FlashDq::Pipelined, FlashDq::Atomic]);
-        assert_eq!(forward_variants("both").unwrap(), vec![FlashForward::Rows16, FlashForward::Rows32]);
-        assert_eq!(forward_variants("rows32").unwrap(), vec![FlashForward::Rows32]);
-        assert!(format!("{:#}", forward_variants("rows64").unwrap_err()).contains("rows16, rows32 or both"));
-        for forward in [FlashForward::Rows16, FlashForward::Rows32] {
-            for dq in [FlashDq::Ordered, FlashDq::Pipelined, FlashDq::Atomic] {
-                assert!(row_name(true, forward, dq).len() <= 22);
+        assert_eq!(rows_variants("both", "--forward").unwrap(), vec![FlashRows::Rows16, FlashRows::Rows32]);
+        assert_eq!(rows_variants("rows32", "--backward").unwrap(), vec![FlashRows::Rows32]);
+        let err = format!("{:#}", rows_variants("rows64", "--backward").unwrap_err());
+        assert!(err.contains("--backward (rows16, rows32 or both)"), "{err}");
+        let mut names = std::collections::BTreeSet::new();
+        for forward in [FlashRows::Rows16, FlashRows::Rows32] {
+            for backward in [FlashRows::Rows16, FlashRows::Rows32] {
+                for dq in [FlashDq::Ordered, FlashDq::Pipelined, FlashDq::Atomic] {
+                    let name = row_name(true, forward, backward, dq);
+                    assert!(name.len() <= 22, "{name}");
+                    assert!(names.insert(name));
+                }
             }
         }
+        assert_eq!(row_name(true, FlashRows::Rows16, FlashRows::Rows16, FlashDq::Ordered), "sft flash (mma)");
         let err = format!("{:#}", dq_modes("fastest").unwrap_err());
         assert!(err.contains("--dq") && err.contains("fastest"), "{err}");
         // The table's name column is 22 wide (bench_attention_torch.py splits rows there).

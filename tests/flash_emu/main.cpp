@@ -58,6 +58,8 @@ static double rel_err(const std::vector<double>& got, const std::vector<double>&
 struct Cfg {
     int fnw, knw;
     size_t fsmem, ksmem;
+    // flash_backward_*rows32_64: K, V [128], Q, dO [2][32], lse, D [2][32] f32, dSᵀ [128][40].
+    size_t ksmem32;
 };
 
 static Cfg config(int hd) {
@@ -65,7 +67,8 @@ static Cfg config(int hd) {
     // backward holds K, V [128], Q, dO [2][BQ], lse, D [2][BQ] f32 and dSᵀ [128][BQ + 8].
     size_t rb = (hd + 8) * 2;
     size_t bq = hd == 64 ? 64 : 32;
-    return {8, 8, (128 + 4 * 64) * rb, (256 + 4 * bq) * rb + 4 * bq * 4 + 128 * (bq + 8) * 2};
+    return {8, 8, (128 + 4 * 64) * rb, (256 + 4 * bq) * rb + 4 * bq * 4 + 128 * (bq + 8) * 2,
+            (256 + 4 * 32) * rb + 4 * 32 * 4 + 128 * (32 + 8) * 2};
 }
 
 static std::vector<int> tile_table(const std::vector<int>& cu, int tile, int n) {
@@ -177,8 +180,11 @@ static bool run(const Case& c, uint64_t seed) {
     std::vector<uint32_t> dq_sem((size_t)nh * n, 0);
     auto backward = [&](const std::string& kernel, std::vector<bf16_t>& g, int ctas) {
         const bool pipelined = kernel.find("pipelined") != std::string::npos;
-        launch(kernel, (unsigned)(tk.size() - 1) / 3, nkv, cfg.knw * 32, cfg.ksmem, [&] {
-            if (hd == 64 && pipelined) flash_backward_pipelined_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+        const bool rows32 = kernel.find("rows32") != std::string::npos;
+        launch(kernel, (unsigned)(tk.size() - 1) / 3, nkv, (rows32 ? 4 : cfg.knw) * 32, rows32 ? cfg.ksmem32 : cfg.ksmem, [&] {
+            if (rows32 && pipelined) flash_backward_pipelined_rows32_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+            else if (rows32) flash_backward_rows32_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+            else if (hd == 64 && pipelined) flash_backward_pipelined_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
             else if (hd == 64) flash_backward_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
             else if (pipelined) flash_backward_pipelined_128(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
             else flash_backward_128(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
@@ -196,13 +202,19 @@ static bool run(const Case& c, uint64_t seed) {
     record("flash_backward_" + h, identical ? 0 : 1, 0);
     // The pipelined ordered path adds the same partials in the same order: the same bits, one
     // block and 3 blocks at a time.
-    for (int ctas : {1, 3}) {
-        std::vector<bf16_t> piped(n * width, __float2bfloat16_rn(-2.0f));
-        backward("flash_backward_pipelined_" + h, piped, ctas);
-        const bool same = memcmp(dqkv.data(), piped.data(), dqkv.size() * sizeof(bf16_t)) == 0;
-        record("flash_backward_pipelined_" + h, same ? 0 : 1, 0);
-        if (!same) printf("  the pipelined backward (%d blocks at once) differs from the ordered one\n", ctas);
-        identical = identical && same;
+    // The backward in warps of 32 keys (flash_backward_rows32_64, ordered and pipelined): the
+    // same partials in the same order, so the same bits too.
+    std::vector<std::string> same_bits = {"flash_backward_pipelined_" + h};
+    if (hd == 64) same_bits.insert(same_bits.end(), {"flash_backward_rows32_64", "flash_backward_pipelined_rows32_64"});
+    for (const std::string& kernel : same_bits) {
+        for (int ctas : {1, 3}) {
+            std::vector<bf16_t> piped(n * width, __float2bfloat16_rn(-2.0f));
+            backward(kernel, piped, ctas);
+            const bool same = memcmp(dqkv.data(), piped.data(), dqkv.size() * sizeof(bf16_t)) == 0;
+            record(kernel, same ? 0 : 1, 0);
+            if (!same) printf("  %s (%d blocks at once) differs from the ordered backward\n", kernel.c_str(), ctas);
+            identical = identical && same;
+        }
     }
 
     auto to_d = [](const std::vector<bf16_t>& v) {
@@ -242,10 +254,17 @@ static bool run(const Case& c, uint64_t seed) {
     const unsigned convert_grid = (unsigned)std::min<size_t>(2, (steps + 255) / 256);
     double atomic_dq_err = 0;
     long acc_left = 0, kv_differ = 0;
+    // flash_backward_atomic_rows32_64 (warps of 32 keys) too, under the same checks.
+    std::vector<std::string> atomic_kernels = {"flash_backward_atomic_" + h};
+    if (hd == 64) atomic_kernels.push_back("flash_backward_atomic_rows32_64");
+    std::map<std::string, double> kernel_err;  // per atomic kernel: max(dq error, rows of dk/dv that differ)
+    for (const std::string& kernel : atomic_kernels)
     for (int ctas : {1, 3}) {
+        const bool rows32 = kernel.find("rows32") != std::string::npos;
         std::vector<bf16_t> g(n * width, __float2bfloat16_rn(NAN));
-        launch("flash_backward_atomic_" + h, (unsigned)(tk.size() - 1) / 3, nkv, cfg.knw * 32, cfg.ksmem, [&] {
-            if (hd == 64) flash_backward_atomic_64(g.data(), atomic_acc.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+        launch(kernel, (unsigned)(tk.size() - 1) / 3, nkv, (rows32 ? 4 : cfg.knw) * 32, rows32 ? cfg.ksmem32 : cfg.ksmem, [&] {
+            if (rows32) flash_backward_atomic_rows32_64(g.data(), atomic_acc.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+            else if (hd == 64) flash_backward_atomic_64(g.data(), atomic_acc.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
             else flash_backward_atomic_128(g.data(), atomic_acc.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
         }, ctas);
         launch("flash_dq_convert", convert_grid, 1, 256, 0,
@@ -257,17 +276,21 @@ static bool run(const Case& c, uint64_t seed) {
         });
         acc_left += left;
         std::vector<double> a = to_d(g);
-        atomic_dq_err = std::max(atomic_dq_err, rel_err(part(a, 0, nh * hd), part(r_dqkv, 0, nh * hd)));
+        const double err = rel_err(part(a, 0, nh * hd), part(r_dqkv, 0, nh * hd));
+        atomic_dq_err = std::max(atomic_dq_err, err);
+        long differ = 0;
         for (int i = 0; i < n; i++)
-            kv_differ += memcmp(&g[(size_t)i * width + nh * hd], &dqkv[(size_t)i * width + nh * hd],
-                                (size_t)2 * nkv * hd * sizeof(bf16_t)) != 0;
+            differ += memcmp(&g[(size_t)i * width + nh * hd], &dqkv[(size_t)i * width + nh * hd],
+                             (size_t)2 * nkv * hd * sizeof(bf16_t)) != 0;
+        kv_differ += differ;
+        kernel_err[kernel] = std::max({kernel_err[kernel], err, (double)differ});
     }
     printf(" atomic dq %.2e", atomic_dq_err);
     if (kv_differ) printf(" (%ld rows of dk/dv differ from the ordered path)", kv_differ);
     if (acc_left) printf(" (%ld accumulator elements left non-zero)", acc_left);
     const bool atomic_ok = atomic_dq_err < 1e-2 && kv_differ == 0 && acc_left == 0;
     ok = ok && atomic_ok;
-    record("flash_backward_atomic_" + h, std::max(atomic_dq_err, (double)kv_differ), 1e-2);
+    for (auto& [kernel, err] : kernel_err) record(kernel, err, 1e-2);
     record("flash_dq_convert", atomic_dq_err, 1e-2);
     record("flash_dq_convert", (double)acc_left, 0);
     printf("  %s\n", ok ? "ok" : "FAILED");

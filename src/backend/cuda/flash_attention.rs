@@ -82,34 +82,36 @@ impl FlashDq {
     }
 }
 
-/// Which flash forward kernel runs. Only head_dim 64 has a choice; the others always run
-/// `Rows16`.
+/// How many rows of its own side (q rows in the forward, keys in the backward) each warp of a
+/// flash kernel owns. Only head_dim 64 has a choice; the others always run `Rows16`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FlashForward {
-    /// 8 warps of 16 q rows (`flash_forward_HD`): the default.
+pub enum FlashRows {
+    /// 8 warps of 16 rows (`flash_forward_HD`, `flash_backward_*HD`): the default.
     Rows16,
-    /// 4 warps of 32 q rows (`flash_forward_rows32_64`): each K or V fragment read from shared
-    /// memory feeds two tile products instead of one, at half the warps per SM (252 registers).
-    /// The same bits as `Rows16`. Not yet timed on a GPU.
+    /// 4 warps of 32 rows, two m-tiles each (`flash_forward_rows32_64`,
+    /// `flash_backward_*rows32_64`, the backward with q tiles of 32): each fragment a warp reads
+    /// from shared memory with ldmatrix feeds two tile products instead of one. The same tiles of
+    /// 128 rows per CTA and the same bits as `Rows16`. Not yet timed on a GPU.
     Rows32,
 }
 
-impl FlashForward {
-    /// `SFT_FLASH_FORWARD`: `rows16` (or unset) or `rows32`; anything else is an error.
-    pub fn from_env() -> Result<Self> {
-        match std::env::var("SFT_FLASH_FORWARD") {
-            Err(std::env::VarError::NotPresent) => Ok(FlashForward::Rows16),
-            Ok(v) => Self::parse(&v).with_context(|| "environment variable SFT_FLASH_FORWARD".to_string()),
-            Err(e) => bail!("environment variable SFT_FLASH_FORWARD: {e}"),
+impl FlashRows {
+    /// `var` (`SFT_FLASH_FORWARD` or `SFT_FLASH_BACKWARD`): `rows16` (or unset) or `rows32`;
+    /// anything else is an error.
+    pub fn from_env(var: &str) -> Result<Self> {
+        match std::env::var(var) {
+            Err(std::env::VarError::NotPresent) => Ok(FlashRows::Rows16),
+            Ok(v) => Self::parse(&v).with_context(|| format!("environment variable {var}")),
+            Err(e) => bail!("environment variable {var}: {e}"),
         }
     }
 
     /// `rows16` or `rows32` (case-insensitive).
     pub fn parse(s: &str) -> Result<Self> {
         if s.eq_ignore_ascii_case("rows16") {
-            Ok(FlashForward::Rows16)
+            Ok(FlashRows::Rows16)
         } else if s.eq_ignore_ascii_case("rows32") {
-            Ok(FlashForward::Rows32)
+            Ok(FlashRows::Rows32)
         } else {
             bail!("{s:?}: expected rows16 or rows32")
         }
@@ -171,50 +173,92 @@ const fn row_bytes(hd: usize) -> usize {
 const fn forward(name: &'static str, hd: usize, nw: usize, bn: usize, mt: usize) -> FlashKernel {
     FlashKernel { name, warps: nw, tile: 16 * nw * mt, smem: (16 * nw * mt + 4 * bn) * row_bytes(hd) }
 }
-/// Backward: K and V tiles [16·nw] + double-buffered Q and dO tiles [bq] + lse and D [2][bq]
-/// f32 + the dSᵀ tile [16·nw][bq + 8] bf16.
-const fn backward(name: &'static str, hd: usize, nw: usize, bq: usize) -> FlashKernel {
+/// Backward: K and V tiles [16·nw·mt] + double-buffered Q and dO tiles [bq] + lse and D [2][bq]
+/// f32 + the dSᵀ tile [16·nw·mt][bq + 8] bf16.
+const fn backward(name: &'static str, hd: usize, nw: usize, bq: usize, mt: usize) -> FlashKernel {
+    let bn = 16 * nw * mt;
     FlashKernel {
         name,
         warps: nw,
-        tile: 16 * nw,
-        smem: (2 * 16 * nw + 4 * bq) * row_bytes(hd) + 4 * bq * 4 + 16 * nw * (bq + 8) * 2,
+        tile: bn,
+        smem: (2 * bn + 4 * bq) * row_bytes(hd) + 4 * bq * 4 + bn * (bq + 8) * 2,
     }
 }
 
-/// The kernels for one head_dim; must match FLASH_ENTRIES in flash_attention.cu.
+/// One backward template's three dQ accumulations ([`FlashDq`]): the same tiles, shared memory
+/// and launch shape.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct FlashBackward {
+    pub ordered: FlashKernel,
+    pub pipelined: FlashKernel,
+    pub atomic: FlashKernel,
+    /// q rows per iteration (its dQ partials are `bq × head_dim` blocks).
+    pub bq: usize,
+}
+
+impl FlashBackward {
+    /// `names`: the ordered, pipelined and atomic kernels.
+    const fn new(names: [&'static str; 3], hd: usize, nw: usize, bq: usize, mt: usize) -> Self {
+        FlashBackward {
+            ordered: backward(names[0], hd, nw, bq, mt),
+            pipelined: backward(names[1], hd, nw, bq, mt),
+            atomic: backward(names[2], hd, nw, bq, mt),
+            bq,
+        }
+    }
+
+    pub(super) fn kernel(&self, dq: FlashDq) -> FlashKernel {
+        match dq {
+            FlashDq::Ordered => self.ordered,
+            FlashDq::Pipelined => self.pipelined,
+            FlashDq::Atomic => self.atomic,
+        }
+    }
+}
+
+/// The kernels for one head_dim; must match the entries of flash_attention.cu.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct FlashConfig {
     pub head_dim: usize,
     pub forward: FlashKernel,
-    /// The forward in warps of 32 q rows ([`FlashForward::Rows32`]), where the head_dim has one.
+    /// The forward in warps of 32 q rows ([`FlashRows::Rows32`]), where the head_dim has one.
     pub forward_rows32: Option<FlashKernel>,
-    pub backward: FlashKernel,
-    /// The backward with atomic dQ adds: the same tiles and shared memory as `backward`.
-    pub backward_atomic: FlashKernel,
-    /// The pipelined ordered backward: the same tiles and shared memory as `backward`.
-    pub backward_pipelined: FlashKernel,
-    /// q rows per iteration of the backward (its dQ partials are `bq × head_dim` blocks).
-    pub backward_bq: usize,
+    pub backward: FlashBackward,
+    /// The backward in warps of 32 keys ([`FlashRows::Rows32`]), where the head_dim has one.
+    pub backward_rows32: Option<FlashBackward>,
 }
 
 pub(super) const FLASH_64: FlashConfig = FlashConfig {
     head_dim: 64,
     forward: forward("flash_forward_64", 64, 8, 64, 1),
     forward_rows32: Some(forward("flash_forward_rows32_64", 64, 4, 64, 2)),
-    backward: backward("flash_backward_64", 64, 8, 64),
-    backward_atomic: backward("flash_backward_atomic_64", 64, 8, 64),
-    backward_pipelined: backward("flash_backward_pipelined_64", 64, 8, 64),
-    backward_bq: 64,
+    backward: FlashBackward::new(
+        ["flash_backward_64", "flash_backward_pipelined_64", "flash_backward_atomic_64"],
+        64,
+        8,
+        64,
+        1,
+    ),
+    backward_rows32: Some(FlashBackward::new(
+        ["flash_backward_rows32_64", "flash_backward_pipelined_rows32_64", "flash_backward_atomic_rows32_64"],
+        64,
+        4,
+        32,
+        2,
+    )),
 };
 pub(super) const FLASH_128: FlashConfig = FlashConfig {
     head_dim: 128,
     forward: forward("flash_forward_128", 128, 8, 64, 1),
     forward_rows32: None,
-    backward: backward("flash_backward_128", 128, 8, 32),
-    backward_atomic: backward("flash_backward_atomic_128", 128, 8, 32),
-    backward_pipelined: backward("flash_backward_pipelined_128", 128, 8, 32),
-    backward_bq: 32,
+    backward: FlashBackward::new(
+        ["flash_backward_128", "flash_backward_pipelined_128", "flash_backward_atomic_128"],
+        128,
+        8,
+        32,
+        1,
+    ),
+    backward_rows32: None,
 };
 
 /// Rows per tile of every flash kernel's table: one table per batch serves the forward and the
@@ -222,10 +266,11 @@ pub(super) const FLASH_128: FlashConfig = FlashConfig {
 pub(crate) const FLASH_TILE: usize = 128;
 const _: () = assert!(
     FLASH_64.forward.tile == FLASH_TILE
-        && FLASH_64.backward.tile == FLASH_TILE
+        && FLASH_64.backward.ordered.tile == FLASH_TILE
         && FLASH_128.forward.tile == FLASH_TILE
-        && FLASH_128.backward.tile == FLASH_TILE
+        && FLASH_128.backward.ordered.tile == FLASH_TILE
         && matches!(FLASH_64.forward_rows32, Some(k) if k.tile == FLASH_TILE)
+        && matches!(FLASH_64.backward_rows32, Some(b) if b.ordered.tile == FLASH_TILE)
 );
 
 /// The segments a prepared tile table describes: the `cu_seqlens` buffer (its device address),
@@ -254,12 +299,13 @@ pub fn dq_accumulation_bytes(cu_seqlens: &[u32], n_segments: usize, heads: HeadS
     8.0 * (elems_x_partials * heads.n_heads * heads.head_dim) as f64
 }
 
-/// q rows per backward iteration for `head_dim` (64 and 128 have flash kernels; others run the
-/// scalar kernels and do no accumulation).
+/// q rows per iteration of the default backward for `head_dim` (64 and 128 have flash kernels;
+/// others run the scalar kernels and do no accumulation). The rows32 backward's q tiles of 32
+/// add the same partials: the same accumulator traffic.
 pub fn backward_q_rows(head_dim: usize) -> Option<usize> {
     match head_dim {
-        64 => Some(FLASH_64.backward_bq),
-        128 => Some(FLASH_128.backward_bq),
+        64 => Some(FLASH_64.backward.bq),
+        128 => Some(FLASH_128.backward.bq),
         _ => None,
     }
 }
@@ -268,8 +314,11 @@ impl FlashConfig {
     /// Every kernel of the config: each gets its dynamic shared memory limit raised when the
     /// backend opens (a launch past the default 48 KiB fails otherwise).
     pub(super) fn kernels(&self) -> Vec<FlashKernel> {
-        let mut ks = vec![self.forward, self.backward, self.backward_atomic, self.backward_pipelined];
+        let mut ks = vec![self.forward];
         ks.extend(self.forward_rows32);
+        for b in std::iter::once(self.backward).chain(self.backward_rows32) {
+            ks.extend([b.ordered, b.pipelined, b.atomic]);
+        }
         ks
     }
 }
@@ -347,18 +396,28 @@ impl CudaBackend {
         self.flash_dq.get()
     }
 
-    /// Selects the flash forward kernel where the head_dim has a choice (64). The initial value
-    /// comes from `SFT_FLASH_FORWARD` (`rows32`; default `rows16`).
-    pub fn set_flash_forward(&self, variant: FlashForward) {
-        self.flash_forward_rows32.store(variant == FlashForward::Rows32, Ordering::Relaxed);
+    /// Selects the flash forward's rows per warp where the head_dim has a choice (64). The
+    /// initial value comes from `SFT_FLASH_FORWARD` (`rows32`; default `rows16`).
+    pub fn set_flash_forward(&self, rows: FlashRows) {
+        self.flash_rows32[0].store(rows == FlashRows::Rows32, Ordering::Relaxed);
     }
 
-    pub fn flash_forward_variant(&self) -> FlashForward {
-        if self.flash_forward_rows32.load(Ordering::Relaxed) {
-            FlashForward::Rows32
-        } else {
-            FlashForward::Rows16
-        }
+    /// Selects the flash backward's keys per warp where the head_dim has a choice (64). The
+    /// initial value comes from `SFT_FLASH_BACKWARD` (`rows32`; default `rows16`).
+    pub fn set_flash_backward(&self, rows: FlashRows) {
+        self.flash_rows32[1].store(rows == FlashRows::Rows32, Ordering::Relaxed);
+    }
+
+    /// The (forward, backward) rows per warp.
+    pub fn flash_rows(&self) -> (FlashRows, FlashRows) {
+        let rows = |i: usize| {
+            if self.flash_rows32[i].load(Ordering::Relaxed) {
+                FlashRows::Rows32
+            } else {
+                FlashRows::Rows16
+            }
+        };
+        (rows(0), rows(1))
     }
 
     /// Chooses the tensor-core path (`Some`) or the scalar one (`None`) for this head shape.
@@ -464,7 +523,7 @@ impl CudaBackend {
         let table = scratch.attn_tiles.as_ref().expect("built above");
         let s = &self.stream;
         let ks = &self.kernels;
-        if let (FlashForward::Rows32, Some(k)) = (self.flash_forward_variant(), cfg.forward_rows32) {
+        if let (FlashRows::Rows32, Some(k)) = (self.flash_rows().0, cfg.forward_rows32) {
             let launch_cfg = flash_launch(k, bound, heads.n_heads);
             // SAFETY: as below; the same tile table (128 q rows per CTA) and arguments.
             unsafe {
@@ -517,21 +576,30 @@ impl CudaBackend {
         let sem = attn_dq_sem.as_mut().expect("ensured above");
 
         let (s, ks) = (&self.stream, &self.kernels);
-        if self.flash_dq() == FlashDq::Atomic {
+        let dq = self.flash_dq();
+        let rows32 = match (self.flash_rows().1, cfg.backward_rows32) {
+            (FlashRows::Rows32, Some(set)) => Some(set),
+            _ => None,
+        };
+        let launch_cfg = flash_launch(rows32.unwrap_or(cfg.backward).kernel(dq), bound, heads.n_kv_heads);
+        if dq == FlashDq::Atomic {
             if self.flash_dq.acc_dirty.load(Ordering::Relaxed) {
                 self.stream.memset_zeros(acc).context("clearing the attention dQ accumulator")?;
                 self.flash_dq.acc_dirty.store(false, Ordering::Relaxed);
             }
-            let launch_cfg = flash_launch(cfg.backward_atomic, bound, heads.n_kv_heads);
             // SAFETY: as the ordered launch below, without the semaphores; the accumulator is
             // zero (allocated zeroed, cleared above after an ordered launch, or left zero by the
             // last convert).
             unsafe {
-                launch_for_head_dim!(
-                    cfg.head_dim,
-                    [64 => launch::flash_backward_atomic_64, 128 => launch::flash_backward_atomic_128],
-                    (s, ks, launch_cfg, dqkv, &mut *acc, dout, qkv, lse, d, table, ni, nhi, nkvi)
-                )
+                if rows32.is_some() {
+                    launch_for_head_dim!(cfg.head_dim, [64 => launch::flash_backward_atomic_rows32_64], (s, ks, launch_cfg, dqkv, &mut *acc, dout, qkv, lse, d, table, ni, nhi, nkvi))
+                } else {
+                    launch_for_head_dim!(
+                        cfg.head_dim,
+                        [64 => launch::flash_backward_atomic_64, 128 => launch::flash_backward_atomic_128],
+                        (s, ks, launch_cfg, dqkv, &mut *acc, dout, qkv, lse, d, table, ni, nhi, nkvi)
+                    )
+                }
             }?;
             let hdi = int(heads.head_dim, "head_dim")?;
             let steps = n * heads.q_width() / 8;
@@ -548,27 +616,28 @@ impl CudaBackend {
             return Ok(());
         }
         self.flash_dq.acc_dirty.store(true, Ordering::Relaxed);
-        if self.flash_dq() == FlashDq::Pipelined {
-            let launch_cfg = flash_launch(cfg.backward_pipelined, bound, heads.n_kv_heads);
-            // SAFETY: as the ordered launch below (the same arguments and tiles).
-            unsafe {
-                launch_for_head_dim!(
+        // SAFETY: writes the q, k and v parts of dqkv rows inside their segments; the accumulator
+        // holds n·n_heads·hd floats and the semaphores n_heads·n (ensured above). Every variant
+        // takes the same arguments and tile table.
+        unsafe {
+            match (dq, rows32.is_some()) {
+                (FlashDq::Pipelined, true) => {
+                    launch_for_head_dim!(cfg.head_dim, [64 => launch::flash_backward_pipelined_rows32_64], (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi))
+                }
+                (_, true) => {
+                    launch_for_head_dim!(cfg.head_dim, [64 => launch::flash_backward_rows32_64], (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi))
+                }
+                (FlashDq::Pipelined, false) => launch_for_head_dim!(
                     cfg.head_dim,
                     [64 => launch::flash_backward_pipelined_64, 128 => launch::flash_backward_pipelined_128],
                     (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi)
-                )
-            }?;
-            return Ok(());
-        }
-        let launch_cfg = flash_launch(cfg.backward, bound, heads.n_kv_heads);
-        // SAFETY: writes the q, k and v parts of dqkv rows inside their segments; the accumulator
-        // holds n·n_heads·hd floats and the semaphores n_heads·n (ensured above).
-        unsafe {
-            launch_for_head_dim!(
-                cfg.head_dim,
-                [64 => launch::flash_backward_64, 128 => launch::flash_backward_128],
-                (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi)
-            )
+                ),
+                (_, false) => launch_for_head_dim!(
+                    cfg.head_dim,
+                    [64 => launch::flash_backward_64, 128 => launch::flash_backward_128],
+                    (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi)
+                ),
+            }
         }?;
         Ok(())
     }
@@ -767,10 +836,10 @@ mod tests {
     }
 
     #[test]
-    fn flash_forward_parses_the_variants_and_names_bad_values() {
-        assert_eq!(FlashForward::parse("rows16").unwrap(), FlashForward::Rows16);
-        assert_eq!(FlashForward::parse("ROWS32").unwrap(), FlashForward::Rows32);
-        let err = format!("{:#}", FlashForward::parse("rows64").unwrap_err());
+    fn flash_rows_parses_the_variants_and_names_bad_values() {
+        assert_eq!(FlashRows::parse("rows16").unwrap(), FlashRows::Rows16);
+        assert_eq!(FlashRows::parse("ROWS32").unwrap(), FlashRows::Rows32);
+        let err = format!("{:#}", FlashRows::parse("rows64").unwrap_err());
         assert!(err.contains("\"rows64\"") && err.contains("rows16 or rows32"), "{err}");
     }
 
@@ -817,28 +886,27 @@ mod tests {
     #[test]
     fn configs_match_the_kernel_templates() {
         assert_eq!(FLASH_64.forward.smem, 55296);
-        assert_eq!(FLASH_64.backward.smem, 74752 + 128 * 72 * 2);
+        assert_eq!(FLASH_64.backward.ordered.smem, 74752 + 128 * 72 * 2);
         assert_eq!(FLASH_128.forward.smem, 104448);
-        assert_eq!(FLASH_128.backward.smem, 104960 + 128 * 40 * 2);
+        assert_eq!(FLASH_128.backward.ordered.smem, 104960 + 128 * 40 * 2);
+        // rows32: K, V [128] + Q, dO [2][32] rows of 144 bytes, lse and D [2][32] f32, dSᵀ [128][40].
+        let rows32 = FLASH_64.backward_rows32.unwrap();
+        assert_eq!(rows32.ordered.smem, (256 + 128) * 144 + 512 + 128 * 40 * 2);
         for cfg in [FLASH_64, FLASH_128] {
-            // One template, two dQ accumulations: the same tiles and shared memory.
-            assert_eq!(
-                (cfg.backward_atomic.warps, cfg.backward_atomic.tile),
-                (cfg.backward.warps, cfg.backward.tile)
-            );
-            assert_eq!(cfg.backward_atomic.smem, cfg.backward.smem);
-            assert_eq!(
-                cfg.backward_pipelined,
-                FlashKernel { name: cfg.backward_pipelined.name, ..cfg.backward }
-            );
-            // The dQ product's warp grid (flash_backward_impl): bq/16 strips × column groups.
-            let strips = cfg.backward_bq / 16;
-            assert_eq!(cfg.backward.warps % strips, 0);
-            assert_eq!((cfg.head_dim / (cfg.backward.warps / strips)) % 16, 0);
-            for k in [cfg.forward, cfg.backward] {
-                assert_eq!(k.tile, 16 * k.warps);
-                assert!(k.smem <= 227 * 1024, "{} exceeds the H100's 227 KiB", k.name);
+            for (b, rows) in std::iter::once((cfg.backward, 16)).chain(cfg.backward_rows32.map(|b| (b, 32))) {
+                // One template, three dQ accumulations: the same tiles and shared memory.
+                for k in [b.pipelined, b.atomic] {
+                    assert_eq!(k, FlashKernel { name: k.name, ..b.ordered });
+                }
+                assert_eq!(b.ordered.tile, rows * b.ordered.warps);
+                // The dQ product's warp grid (flash_backward_impl): bq/16 strips × column groups.
+                let strips = b.bq / 16;
+                assert_eq!(b.ordered.warps % strips, 0);
+                assert_eq!((cfg.head_dim / (b.ordered.warps / strips)) % 16, 0);
+                assert!(b.ordered.smem <= 227 * 1024, "{} exceeds the H100's 227 KiB", b.ordered.name);
             }
+            assert_eq!(cfg.forward.tile, 16 * cfg.forward.warps);
+            assert!(cfg.forward.smem <= 227 * 1024, "{} exceeds the H100's 227 KiB", cfg.forward.name);
             // The rows32 forward: the same 128-row q tile and shared memory in 4 warps of 32 rows.
             if let Some(k) = cfg.forward_rows32 {
                 assert_eq!(

@@ -51,7 +51,7 @@ pub use cross_entropy::{
 };
 pub use cudarc::driver::LaunchConfig;
 use flash_attention::FlashSupport;
-pub use flash_attention::{AttentionPath, FlashDq, FlashForward};
+pub use flash_attention::{AttentionPath, FlashDq, FlashRows};
 use gemm::Gemm;
 pub use global_norm::{sum_squares_blocks, SUMSQ_BLOCKS as SUM_SQUARES_BLOCKS, SUM_SPLIT_THREADS};
 use launch::Kernels;
@@ -146,9 +146,9 @@ pub struct CudaBackend {
     force_scalar_attention: AtomicBool,
     /// How the flash backward sums dQ (SFT_FLASH_DQ, or set_flash_dq).
     flash_dq: flash_attention::DqAccumulation,
-    /// The head_dim 64 forward in warps of 32 q rows (SFT_FLASH_FORWARD=rows32, or
-    /// set_flash_forward).
-    flash_forward_rows32: AtomicBool,
+    /// The head_dim 64 forward in warps of 32 q rows, and the backward in warps of 32 keys
+    /// (SFT_FLASH_FORWARD / SFT_FLASH_BACKWARD=rows32, or set_flash_forward / set_flash_backward).
+    flash_rows32: [AtomicBool; 2],
     /// Blocking device-to-host copies so far (see `download`).
     reads: AtomicU64,
     /// The data-parallel job's NCCL communicator, once joined (`join_ranks`).
@@ -195,7 +195,10 @@ impl CudaBackend {
         let gemm = Gemm::new(stream.clone())?;
         let gpu = ctx.name().unwrap_or_else(|_| "unknown GPU".to_string());
         let flash_dq = flash_attention::DqAccumulation::new(FlashDq::from_env()?);
-        let rows32 = FlashForward::from_env()? == FlashForward::Rows32;
+        let rows32 = |var| -> Result<AtomicBool> {
+            Ok(AtomicBool::new(FlashRows::from_env(var)? == FlashRows::Rows32))
+        };
+        let flash_rows32 = [rows32("SFT_FLASH_FORWARD")?, rows32("SFT_FLASH_BACKWARD")?];
         Ok(CudaBackend {
             name: format!("cuda:{ordinal} {gpu}"),
             ctx,
@@ -206,7 +209,7 @@ impl CudaBackend {
             flash,
             force_scalar_attention: AtomicBool::new(AttentionPath::from_env() == AttentionPath::Scalar),
             flash_dq,
-            flash_forward_rows32: AtomicBool::new(rows32),
+            flash_rows32,
             reads: AtomicU64::new(0),
             nccl: None,
         })
