@@ -2,7 +2,8 @@
 // head_dim 64 and 128, bf16 in/out, fp32 accumulation. The scalar kernels of attention.cu stay
 // as the fallback and the cross-check (SFT_ATTENTION=scalar); both produce the same lse.
 //
-// Kernels (HD = head_dim; every CTA is NW warps; a warp owns 16 rows of its side):
+// Kernels (HD = head_dim; every CTA is NW warps; a warp owns 16 rows of its side, 32 in the
+// rows32 variants):
 // - flash_tile_table:   tiles of `tile` rows per segment, never crossing a segment boundary:
 //                       table[0] = count, table[1 + 3t ..] = (first row, segment start, segment end).
 // - flash_forward_HD:   CTA = (q tile of 16·NW rows, q head). Loops over key tiles of BN rows from
@@ -25,6 +26,11 @@
 // - flash_backward_atomic_HD: the same, except that every CTA adds its dQ partials into the fp32
 //                       accumulator with atomicAdd, in whatever order the CTAs get there (opt-in,
 //                       SFT_FLASH_DQ=atomic: not deterministic); no semaphores.
+// - flash_forward_rows32_64, flash_backward{,_pipelined,_atomic}_rows32_64: the same kernels
+//                       with 4 warps of 32 rows (two m-tiles) over the same 128-row tiles, the
+//                       backward with q tiles of 32: each ldmatrix fragment feeds twice the tile
+//                       products; the same bits (opt-in, SFT_FLASH_FORWARD / SFT_FLASH_BACKWARD
+//                       = rows32; not yet timed on a GPU).
 // - flash_dq_convert:   after flash_backward_atomic_HD: dQ = accumulator · scale as bf16 into the
 //                       q part of dqkv, and the accumulator back to zero for the next launch.
 // D = rowsum(dO∘O) comes from attention_backward_d (attention.cu). Five GEMM-shaped products per
