@@ -350,12 +350,15 @@ fn flash_pipelined_dq_gives_the_ordered_bits() {
     }
 }
 
-/// The forward in warps of 32 q rows (`FlashRows::Rows32`) runs each row's operations in the
-/// same order as the default one: the same out and lse bits (and so the same backward), on the
-/// at-scale shape and packed batches with grouped KV heads.
+/// Warps of 32 rows (`FlashRows::Rows32`: the forward's q rows, the backward's keys with q tiles
+/// of 32) run each row's operations in the same order as the default warps of 16: the same out,
+/// lse and dqkv bits with ordered and pipelined dQ, for the forward, the backward and both, on
+/// the at-scale shape and packed batches with grouped KV heads. With atomic dQ: the CPU's
+/// tolerances on the packed batches, and on the at-scale shape the default's tolerances against
+/// its ordered run.
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
-fn flash_rows32_forward_gives_the_rows16_bits() {
+fn flash_rows32_gives_the_rows16_bits() {
     let mha_32 = HeadShape { n_heads: 32, n_kv_heads: 32, head_dim: 64 };
     for (heads, cu, seed) in [
         (mha_32, vec![0u32, 2048, 4096, 6144, 8192], 850),
@@ -366,37 +369,19 @@ fn flash_rows32_forward_gives_the_rows16_bits() {
         let n = *cu.last().unwrap() as usize;
         let (qkv, dout) = inputs(n, heads, seed);
         let rows16 = attention(&g, &qkv, &dout, &cu, heads);
-        g.set_flash_forward(FlashRows::Rows32);
-        for run in 0..2 {
-            let rows32 = attention(&g, &qkv, &dout, &cu, heads);
-            assert_identical(&format!("rows32 vs rows16 forward, run {run}"), &rows16, &rows32);
-        }
-    }
-}
-
-/// The backward in warps of 32 keys (`FlashRows::Rows32`, q tiles of 32) adds the same partials
-/// in the same order as the default one: the same bits with ordered and pipelined dQ, on the
-/// at-scale shape and packed batches with grouped KV heads, run after run. With atomic dQ: the
-/// CPU's tolerances on the packed batches, and on the at-scale shape the default's tolerances
-/// against its ordered run.
-#[test]
-#[ignore = "needs an NVIDIA GPU"]
-fn flash_rows32_backward_gives_the_rows16_bits() {
-    let mha_32 = HeadShape { n_heads: 32, n_kv_heads: 32, head_dim: 64 };
-    for (heads, cu, seed) in [
-        (mha_32, vec![0u32, 2048, 4096, 6144, 8192], 860),
-        (GQA_64, PACKED.to_vec(), 861),
-        (MQA_64, PACKED.to_vec(), 862),
-    ] {
-        let Some(g) = tensor_core_gpu(heads.head_dim) else { return };
-        let n = *cu.last().unwrap() as usize;
-        let (qkv, dout) = inputs(n, heads, seed);
-        let rows16 = attention(&g, &qkv, &dout, &cu, heads);
-        g.set_flash_backward(FlashRows::Rows32);
-        for dq in [FlashDq::Ordered, FlashDq::Pipelined, FlashDq::Ordered] {
-            g.set_flash_dq(dq);
-            let rows32 = attention(&g, &qkv, &dout, &cu, heads);
-            assert_identical(&format!("rows32 vs rows16 backward, {dq:?}"), &rows16, &rows32);
+        use FlashRows::{Rows16, Rows32};
+        for (forward, backward) in [(Rows32, Rows16), (Rows16, Rows32), (Rows32, Rows32)] {
+            g.set_flash_forward(forward);
+            g.set_flash_backward(backward);
+            for dq in [FlashDq::Ordered, FlashDq::Pipelined, FlashDq::Ordered] {
+                g.set_flash_dq(dq);
+                let rows32 = attention(&g, &qkv, &dout, &cu, heads);
+                assert_identical(
+                    &format!("forward {forward:?}, backward {backward:?}, {dq:?}"),
+                    &rows16,
+                    &rows32,
+                );
+            }
         }
         g.set_flash_dq(FlashDq::Atomic);
         let want = if heads == mha_32 {

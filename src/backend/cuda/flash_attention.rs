@@ -42,6 +42,16 @@ impl AttentionPath {
     }
 }
 
+/// The value of the environment variable `var` through `parse`, `default` when it is unset; a
+/// value `parse` refuses (or one that is not Unicode) is an error naming the variable.
+fn env_choice<T>(var: &str, default: T, parse: fn(&str) -> Result<T>) -> Result<T> {
+    match std::env::var(var) {
+        Err(std::env::VarError::NotPresent) => Ok(default),
+        Ok(v) => parse(&v).with_context(|| format!("environment variable {var}")),
+        Err(e) => bail!("environment variable {var}: {e}"),
+    }
+}
+
 /// How the flash backward sums the dQ partials of a q tile's key tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlashDq {
@@ -59,16 +69,12 @@ pub enum FlashDq {
 }
 
 impl FlashDq {
-    /// `SFT_FLASH_DQ`: `ordered` (or unset) or `atomic`; anything else is an error.
+    /// `SFT_FLASH_DQ`: `ordered` (or unset), `pipelined` or `atomic`; anything else is an error.
     pub fn from_env() -> Result<Self> {
-        match std::env::var("SFT_FLASH_DQ") {
-            Err(std::env::VarError::NotPresent) => Ok(FlashDq::Ordered),
-            Ok(v) => Self::parse(&v).with_context(|| "environment variable SFT_FLASH_DQ".to_string()),
-            Err(e) => bail!("environment variable SFT_FLASH_DQ: {e}"),
-        }
+        env_choice("SFT_FLASH_DQ", FlashDq::Ordered, Self::parse)
     }
 
-    /// `ordered` or `atomic` (case-insensitive).
+    /// `ordered`, `pipelined` or `atomic` (case-insensitive).
     pub fn parse(s: &str) -> Result<Self> {
         if s.eq_ignore_ascii_case("ordered") {
             Ok(FlashDq::Ordered)
@@ -99,11 +105,7 @@ impl FlashRows {
     /// `var` (`SFT_FLASH_FORWARD` or `SFT_FLASH_BACKWARD`): `rows16` (or unset) or `rows32`;
     /// anything else is an error.
     pub fn from_env(var: &str) -> Result<Self> {
-        match std::env::var(var) {
-            Err(std::env::VarError::NotPresent) => Ok(FlashRows::Rows16),
-            Ok(v) => Self::parse(&v).with_context(|| format!("environment variable {var}")),
-            Err(e) => bail!("environment variable {var}: {e}"),
-        }
+        env_choice(var, FlashRows::Rows16, Self::parse)
     }
 
     /// `rows16` or `rows32` (case-insensitive).
