@@ -7,7 +7,10 @@
 //! products, which is also what flash_backward executes).
 //!
 //! `--dq both` also times the tensor-core backward with atomic dQ adds (SFT_FLASH_DQ=atomic,
-//! not deterministic) in a row of its own, "sft flash (atomic dQ)".
+//! not deterministic) in a row of its own, "sft flash (atomic dQ)"; `--dq all` adds the pipelined
+//! ordered sums. `--forward both` and `--backward both` add rows for the head_dim 64 kernels in
+//! warps of 32 rows (SFT_FLASH_FORWARD / SFT_FLASH_BACKWARD=rows32): "sft f32 ...", "sft b32 ...",
+//! "sft f32b32 ...".
 
 use anyhow::{Context, Result};
 use clap::Args;
