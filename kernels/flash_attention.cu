@@ -69,7 +69,8 @@
 // Shared memory tiles are bf16 rows of HD + 8 elements: the 16-byte pad makes the 8 row
 // addresses of an ldmatrix hit 8 distinct 4-bank groups (row stride 144 or 272 bytes), so
 // ldmatrix is conflict-free. Global → shared copies are 16-byte cp.async (zero-filled past the
-// last row), double-buffered over the loop's tiles. Dynamic shared memory (sizes in flash_attention.rs).
+// last row), triple-buffered over the forward's key tiles (one barrier per iteration) and
+// double-buffered over the backward's q tiles. Dynamic shared memory (sizes in flash_attention.rs).
 #ifdef FLASH_EMULATE
 // Host emulation of the CUDA built-ins used here (tests/flash_emu, scripts/flash_emulate.sh):
 // runs this file's kernels on the CPU, one thread per CUDA thread.
@@ -158,23 +159,26 @@ __device__ __forceinline__ void load_rows(bf16_t* dst, const bf16_t* src, size_t
     }
 }
 
-// The K/V double buffer of the forward and dQ loops, at the top of iteration `it` over key tiles
-// of BN rows from seg_start: starts copying tile it + 1 into the other buffer, waits until tile
-// `it` (buffer it & 1) has landed (everything, at the last tile), then syncs the block.
+// The K/V triple buffer of the forward loop, at the top of iteration `it` over key tiles of BN
+// rows from seg_start: waits until tile `it` (buffer it % 3) has landed (tile it + 1 may still
+// be in flight), syncs the block, so that every warp is done with tile it − 1, then starts
+// copying tile it + 2 into tile it − 1's buffer. One barrier per iteration: with two buffers
+// the block also had to sync at the end of each iteration before the next copy could start.
 template <int BN, int HD, int NT>
 __device__ __forceinline__ void next_kv_tile(bf16_t* ks, bf16_t* vs, const bf16_t* kg, const bf16_t* vg, size_t width,
                                              int it, int n_kt, int seg_start, int n) {
     constexpr int LD = HD + 8;
-    if (it + 1 < n_kt) {
-        const int nb = (it + 1) & 1, next = seg_start + (it + 1) * BN;
+    if (it + 1 < n_kt)
+        cp_async_wait<1>();
+    else
+        cp_async_wait<0>();
+    __syncthreads();
+    if (it + 2 < n_kt) {
+        const int nb = (it + 2) % 3, next = seg_start + (it + 2) * BN;
         load_rows<BN, HD, NT>(ks + nb * BN * LD, kg, width, next, n);
         load_rows<BN, HD, NT>(vs + nb * BN * LD, vg, width, next, n);
         cp_async_commit();
-        cp_async_wait<1>();
-    } else {
-        cp_async_wait<0>();
     }
-    __syncthreads();
 }
 
 // Per warp: acc[m·NT8 + nt] (MT m-tiles of 16 rows, n-tiles of 8 columns, NT8 of them) += A(16·MT
@@ -308,9 +312,9 @@ __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, c
     constexpr int WR = 16 * MT, BM = WR * NW, LD = HD + 8, NT = NW * 32;
     FLASH_DYNAMIC_SMEM(smem_raw);
     bf16_t* qs = reinterpret_cast<bf16_t*>(smem_raw);
-    bf16_t* ks = qs + BM * LD;   // [2][BN][LD]
-    bf16_t* vs = ks + 2 * BN * LD;  // [2][BN][LD]
-    if (threadIdx.x == 0 && dynamic_smem_size() < (uint32_t)((BM + 4 * BN) * LD * 2)) __trap();
+    bf16_t* ks = qs + BM * LD;      // [3][BN][LD]
+    bf16_t* vs = ks + 3 * BN * LD;  // [3][BN][LD]
+    if (threadIdx.x == 0 && dynamic_smem_size() < (uint32_t)((BM + 6 * BN) * LD * 2)) __trap();
 
     int q0, seg_start, seg_end;
     if (!cta_tile(table, q0, seg_start, seg_end)) return;
@@ -323,10 +327,16 @@ __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, c
     const int q_last = min(q0 + BM, seg_end) - 1;
     const int n_kt = (q_last - seg_start) / BN + 1;
 
+    // Q and key tile 0, then key tile 1: the loop starts tile it + 2 (next_kv_tile).
     load_rows<BM, HD, NT>(qs, qg, width, q0, n);
     load_rows<BN, HD, NT>(ks, kg, width, seg_start, n);
     load_rows<BN, HD, NT>(vs, vg, width, seg_start, n);
     cp_async_commit();
+    if (n_kt > 1) {
+        load_rows<BN, HD, NT>(ks + BN * LD, kg, width, seg_start + BN, n);
+        load_rows<BN, HD, NT>(vs + BN * LD, vg, width, seg_start + BN, n);
+        cp_async_commit();
+    }
 
     const float sl2 = rsqrtf((float)HD) * LOG2E;
     const int w_first = q0 + WR * warp, w_last = w_first + WR - 1;
@@ -350,8 +360,8 @@ __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, c
         next_kv_tile<BN, HD, NT>(ks, vs, kg, vg, width, it, n_kt, seg_start, n);
         // Skip tiles entirely above the warp's diagonal, and warps past the segment's end.
         if (kt <= w_last && w_first < seg_end) {
-            const bf16_t* kb = ks + (it & 1) * BN * LD;
-            const bf16_t* vb = vs + (it & 1) * BN * LD;
+            const bf16_t* kb = ks + (it % 3) * BN * LD;
+            const bf16_t* vb = vs + (it % 3) * BN * LD;
             float s[MT * (BN / 8)][4];
 #pragma unroll
             for (int j = 0; j < MT * (BN / 8); j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
@@ -408,7 +418,6 @@ __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, c
             }
             mma_py<HD, BN / 16, MT>(o, s, vb, lane);
         }
-        __syncthreads();
     }
 
 #pragma unroll
@@ -815,7 +824,7 @@ FLASH_ENTRIES(128, 8, 64, 1, 8, 32)
 
 // Forward variants with MT m-tiles (16·MT q rows) per warp, timed against flash_forward_64 on a
 // GPU (SFT_FLASH_FORWARD=rows32): the same 128-row q tile in 4 warps of 32 rows, key tiles of 64
-// (the same bits as flash_forward_64). 252 registers on sm_90, so 2 CTAs (8 warps) per SM
+// (the same bits as flash_forward_64). 254 registers on sm_90, so 2 CTAs (8 warps) per SM
 // against flash_forward_64's 16 warps; capping it at 3 CTAs spills. Key tiles of 128 rows spill
 // at 255 registers.
 #define FLASH_FORWARD_VARIANT(NAME, HD, NW, BN, MT, MINB)                                                       \

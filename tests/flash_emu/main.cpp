@@ -64,10 +64,10 @@ struct Cfg {
 
 static Cfg config(int hd) {
     // FLASH_ENTRIES in flash_attention.cu / FLASH_64, FLASH_128 in flash_attention.rs: the
-    // backward holds K, V [128], Q, dO [2][BQ], lse, D [2][BQ] f32 and dSᵀ [128][BQ + 8].
+    // forward holds Q [128] and K, V [3][64]; the backward holds K, V [128], Q, dO [2][BQ], lse, D [2][BQ] f32 and dSᵀ [128][BQ + 8].
     size_t rb = (hd + 8) * 2;
     size_t bq = hd == 64 ? 64 : 32;
-    return {8, 8, (128 + 4 * 64) * rb, (256 + 4 * bq) * rb + 4 * bq * 4 + 128 * (bq + 8) * 2,
+    return {8, 8, (128 + 6 * 64) * rb, (256 + 4 * bq) * rb + 4 * bq * 4 + 128 * (bq + 8) * 2,
             (256 + 4 * 32) * rb + 4 * 32 * 4 + 128 * (32 + 8) * 2};
 }
 

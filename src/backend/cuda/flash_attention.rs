@@ -170,10 +170,10 @@ const fn row_bytes(hd: usize) -> usize {
     (hd + 8) * 2
 }
 
-/// Forward: Q tile [16·nw·mt] (mt m-tiles of 16 rows per warp) + double-buffered K and V tiles
+/// Forward: Q tile [16·nw·mt] (mt m-tiles of 16 rows per warp) + triple-buffered K and V tiles
 /// [bn].
 const fn forward(name: &'static str, hd: usize, nw: usize, bn: usize, mt: usize) -> FlashKernel {
-    FlashKernel { name, warps: nw, tile: 16 * nw * mt, smem: (16 * nw * mt + 4 * bn) * row_bytes(hd) }
+    FlashKernel { name, warps: nw, tile: 16 * nw * mt, smem: (16 * nw * mt + 6 * bn) * row_bytes(hd) }
 }
 /// Backward: K and V tiles [16·nw·mt] + double-buffered Q and dO tiles [bq] + lse and D [2][bq]
 /// f32 + the dSᵀ tile [16·nw·mt][bq + 8] bf16.
@@ -887,9 +887,9 @@ mod tests {
 
     #[test]
     fn configs_match_the_kernel_templates() {
-        assert_eq!(FLASH_64.forward.smem, 55296);
+        assert_eq!(FLASH_64.forward.smem, (128 + 6 * 64) * 144);
         assert_eq!(FLASH_64.backward.ordered.smem, 74752 + 128 * 72 * 2);
-        assert_eq!(FLASH_128.forward.smem, 104448);
+        assert_eq!(FLASH_128.forward.smem, (128 + 6 * 64) * 272);
         assert_eq!(FLASH_128.backward.ordered.smem, 104960 + 128 * 40 * 2);
         // rows32: K, V [128] + Q, dO [2][32] rows of 144 bytes, lse and D [2][32] f32, dSᵀ [128][40].
         let rows32 = FLASH_64.backward_rows32.unwrap();
