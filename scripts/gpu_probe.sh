@@ -38,6 +38,18 @@ if [[ "${1:-}" == dq ]]; then
             --config simplellama-1.3b --tokens-per-step 65536 --seq-len 2048 --micro-batch 8 --steps 3 --warmup 2 \
             --device cuda --dropout 0 2>&1 | tee "$out/bench_${mode}_$rows.log" | grep -E "time per step|tokens/s|MFU|memory"
     done
+    # One markdown table of the step runs, for BENCHMARKS.md.
+    {
+        echo "| SFT_FLASH_DQ | warps (forward, backward) | s/step | tokens/s | MFU |"
+        echo "|---|---|---:|---:|---:|"
+        for log in "$out"/bench_*.log; do
+            name="${log##*/bench_}"
+            name="${name%.log}"
+            awk -v mode="${name%_*}" -v rows="${name##*_}" '
+                /^time per step/ { s = $4 } /^tokens\/s/ { t = $2 } /^MFU/ { m = $2 }
+                END { printf "| %s | %s | %s | %s | %s |\n", mode, rows, s ? s : "failed", t ? t : "-", m ? m : "-" }' "$log"
+        done
+    } | tee "$out/steps.md"
     exit 0
 fi
 step tests 90
