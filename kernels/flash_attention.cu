@@ -20,9 +20,9 @@
 //                       accumulation's latencies moved off the iteration's critical path: thread 0
 //                       reads the semaphore (relaxed) at the top of the iteration and looks at it
 //                       after the tile products (then fence.acq_rel), the old partial is loaded
-//                       before the dQ product, and the release happens during the next iteration
-//                       (after its first barrier) instead of after a second barrier (opt-in,
-//                       SFT_FLASH_DQ=pipelined; not yet timed on a GPU).
+//                       before the dQ product (warps of 16 rows), and the release happens during
+//                       the next iteration (after its first barrier) instead of after a second
+//                       barrier (opt-in, SFT_FLASH_DQ=pipelined; not yet timed on a GPU).
 // - flash_backward_atomic_HD: the same, except that every CTA adds its dQ partials into the fp32
 //                       accumulator with atomicAdd, in whatever order the CTAs get there (opt-in,
 //                       SFT_FLASH_DQ=atomic: not deterministic); no semaphores.
@@ -504,6 +504,10 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     // conflict-free. The dQ product: STRIPS strips of 16 q rows × NW / STRIPS groups of CW columns.
     constexpr int LDS = BQ + 8, STRIPS = BQ / 16, CW = HD / (NW / STRIPS);
     constexpr bool ATOMIC_DQ = DQ == DQ_ATOMIC, PIPELINED = DQ == DQ_PIPELINED;
+    // PIPELINED with one m-tile per warp also fetches the old partial sums before the dQ
+    // product. With two the registers for them would spill, and the SM's second CTA can hide the
+    // fetch after the product instead.
+    constexpr bool PREFETCH_OLD = PIPELINED && MT == 1;
     static_assert(BN % BQ == 0 && NW % STRIPS == 0 && CW % 16 == 0, "flash backward tiling");
     FLASH_DYNAMIC_SMEM(smem_raw);
     bf16_t* ks = reinterpret_cast<bf16_t*>(smem_raw);
@@ -667,11 +671,11 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
 
         const int row_a = qt + strip * 16 + lane / 4, row_b = row_a + 8;
         const int col = h * HD + c0 + (lane % 4) * 2;
-        // PIPELINED: the partial sum so far, fetched before the dQ product instead of after it.
-        float2 old[PIPELINED ? CW / 8 : 1][2];
-        if (PIPELINED && !first) {
+        // PREFETCH_OLD: the partial sum so far, fetched before the dQ product instead of after it.
+        float2 old[PREFETCH_OLD ? CW / 8 : 1][2];
+        if (PREFETCH_OLD && !first) {
 #pragma unroll
-            for (int j = 0; j < (PIPELINED ? CW / 8 : 1); j++) {
+            for (int j = 0; j < (PREFETCH_OLD ? CW / 8 : 1); j++) {
 #pragma unroll
                 for (int half = 0; half < 2; half++) {
                     const int row = half ? row_b : row_a;
@@ -718,7 +722,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
                 float2 v = make_float2(acc[j][2 * half], acc[j][2 * half + 1]);
                 float2* p = reinterpret_cast<float2*>(dq_acc + (size_t)row * dstride + col + j * 8);
                 if (!first) {
-                    float2 o = PIPELINED ? old[PIPELINED ? j : 0][half] : __ldcg(p);
+                    float2 o = PREFETCH_OLD ? old[PREFETCH_OLD ? j : 0][half] : __ldcg(p);
                     v.x = o.x + v.x;
                     v.y = o.y + v.y;
                 }
