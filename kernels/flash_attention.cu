@@ -159,6 +159,16 @@ __device__ __forceinline__ void load_rows(bf16_t* dst, const bf16_t* src, size_t
     }
 }
 
+// Key rows row0 .. row0 + BN - 1 of K (at kg) and V (at vg) into buffer `buf` of the padded
+// shared tiles ks and vs ([buf][BN][HD + 8]); rows at or past `limit` are zero-filled.
+template <int BN, int HD, int NT>
+__device__ __forceinline__ void load_kv_tile(bf16_t* ks, bf16_t* vs, const bf16_t* kg, const bf16_t* vg,
+                                             size_t width, int buf, int row0, int limit) {
+    constexpr int LD = HD + 8;
+    load_rows<BN, HD, NT>(ks + buf * BN * LD, kg, width, row0, limit);
+    load_rows<BN, HD, NT>(vs + buf * BN * LD, vg, width, row0, limit);
+}
+
 // The K/V triple buffer of the forward loop, at the top of iteration `it` over key tiles of BN
 // rows from seg_start: waits until tile `it` (buffer it % 3) has landed (tile it + 1 may still
 // be in flight), syncs the block, so that every warp is done with tile it − 1, then starts
@@ -167,16 +177,13 @@ __device__ __forceinline__ void load_rows(bf16_t* dst, const bf16_t* src, size_t
 template <int BN, int HD, int NT>
 __device__ __forceinline__ void next_kv_tile(bf16_t* ks, bf16_t* vs, const bf16_t* kg, const bf16_t* vg, size_t width,
                                              int it, int n_kt, int seg_start, int n) {
-    constexpr int LD = HD + 8;
     if (it + 1 < n_kt)
         cp_async_wait<1>();
     else
         cp_async_wait<0>();
     __syncthreads();
     if (it + 2 < n_kt) {
-        const int nb = (it + 2) % 3, next = seg_start + (it + 2) * BN;
-        load_rows<BN, HD, NT>(ks + nb * BN * LD, kg, width, next, n);
-        load_rows<BN, HD, NT>(vs + nb * BN * LD, vg, width, next, n);
+        load_kv_tile<BN, HD, NT>(ks, vs, kg, vg, width, (it + 2) % 3, seg_start + (it + 2) * BN, n);
         cp_async_commit();
     }
 }
@@ -329,12 +336,10 @@ __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, c
 
     // Q and key tile 0, then key tile 1: the loop starts tile it + 2 (next_kv_tile).
     load_rows<BM, HD, NT>(qs, qg, width, q0, n);
-    load_rows<BN, HD, NT>(ks, kg, width, seg_start, n);
-    load_rows<BN, HD, NT>(vs, vg, width, seg_start, n);
+    load_kv_tile<BN, HD, NT>(ks, vs, kg, vg, width, 0, seg_start, n);
     cp_async_commit();
     if (n_kt > 1) {
-        load_rows<BN, HD, NT>(ks + BN * LD, kg, width, seg_start + BN, n);
-        load_rows<BN, HD, NT>(vs + BN * LD, vg, width, seg_start + BN, n);
+        load_kv_tile<BN, HD, NT>(ks, vs, kg, vg, width, 1, seg_start + BN, n);
         cp_async_commit();
     }
 
@@ -531,8 +536,8 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     const int n_it = group * n_qt;
     const int kt_index = (k0 - seg_start) / BN;
 
-    load_rows<BN, HD, NT>(ks, qkv + (n_heads + kvh) * HD, width, k0, n);
-    load_rows<BN, HD, NT>(vs, qkv + (n_heads + n_kv_heads + kvh) * HD, width, k0, n);
+    load_kv_tile<BN, HD, NT>(ks, vs, qkv + (n_heads + kvh) * HD, qkv + (n_heads + n_kv_heads + kvh) * HD, width, 0, k0,
+                             n);
     // Iteration it: q head kvh·group + it / n_qt, q rows k0 + (it % n_qt)·BQ ...
     auto load_q = [&](int it, int buf) {
         int h = kvh * group + it / n_qt;

@@ -401,25 +401,25 @@ impl CudaBackend {
     /// Selects the flash forward's rows per warp where the head_dim has a choice (64). The
     /// initial value comes from `SFT_FLASH_FORWARD` (`rows32`; default `rows16`).
     pub fn set_flash_forward(&self, rows: FlashRows) {
-        self.flash_rows32[0].store(rows == FlashRows::Rows32, Ordering::Relaxed);
+        self.flash_forward_rows32.store(rows == FlashRows::Rows32, Ordering::Relaxed);
     }
 
     /// Selects the flash backward's keys per warp where the head_dim has a choice (64). The
     /// initial value comes from `SFT_FLASH_BACKWARD` (`rows32`; default `rows16`).
     pub fn set_flash_backward(&self, rows: FlashRows) {
-        self.flash_rows32[1].store(rows == FlashRows::Rows32, Ordering::Relaxed);
+        self.flash_backward_rows32.store(rows == FlashRows::Rows32, Ordering::Relaxed);
     }
 
     /// The (forward, backward) rows per warp.
     pub fn flash_rows(&self) -> (FlashRows, FlashRows) {
-        let rows = |i: usize| {
-            if self.flash_rows32[i].load(Ordering::Relaxed) {
+        let rows = |rows32: &AtomicBool| {
+            if rows32.load(Ordering::Relaxed) {
                 FlashRows::Rows32
             } else {
                 FlashRows::Rows16
             }
         };
-        (rows(0), rows(1))
+        (rows(&self.flash_forward_rows32), rows(&self.flash_backward_rows32))
     }
 
     /// Chooses the tensor-core path (`Some`) or the scalar one (`None`) for this head shape.

@@ -148,7 +148,8 @@ pub struct CudaBackend {
     flash_dq: flash_attention::DqAccumulation,
     /// The head_dim 64 forward in warps of 32 q rows, and the backward in warps of 32 keys
     /// (SFT_FLASH_FORWARD / SFT_FLASH_BACKWARD=rows32, or set_flash_forward / set_flash_backward).
-    flash_rows32: [AtomicBool; 2],
+    flash_forward_rows32: AtomicBool,
+    flash_backward_rows32: AtomicBool,
     /// Blocking device-to-host copies so far (see `download`).
     reads: AtomicU64,
     /// The data-parallel job's NCCL communicator, once joined (`join_ranks`).
@@ -198,7 +199,8 @@ impl CudaBackend {
         let rows32 = |var| -> Result<AtomicBool> {
             Ok(AtomicBool::new(FlashRows::from_env(var)? == FlashRows::Rows32))
         };
-        let flash_rows32 = [rows32("SFT_FLASH_FORWARD")?, rows32("SFT_FLASH_BACKWARD")?];
+        let (flash_forward_rows32, flash_backward_rows32) =
+            (rows32("SFT_FLASH_FORWARD")?, rows32("SFT_FLASH_BACKWARD")?);
         Ok(CudaBackend {
             name: format!("cuda:{ordinal} {gpu}"),
             ctx,
@@ -209,7 +211,8 @@ impl CudaBackend {
             flash,
             force_scalar_attention: AtomicBool::new(AttentionPath::from_env() == AttentionPath::Scalar),
             flash_dq,
-            flash_rows32,
+            flash_forward_rows32,
+            flash_backward_rows32,
             reads: AtomicU64::new(0),
             nccl: None,
         })
