@@ -104,3 +104,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// `--help` is the reference users read first: every flag of every command says what it
+    /// does (a bare `--max-lr <MAX_LR>` tells nothing, not even the default).
+    #[test]
+    fn every_flag_says_what_it_does() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        let mut bare = Vec::new();
+        let mut stack = vec![(String::from("sft"), cli)];
+        while let Some((path, cmd)) = stack.pop() {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" || arg.is_positional() && arg.get_help().is_some() {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    bare.push(format!("{path} --{}", arg.get_long().unwrap_or(id)));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                stack.push((format!("{path} {}", sub.get_name()), sub.clone()));
+            }
+        }
+        bare.sort();
+        assert!(bare.is_empty(), "flags without help:\n{}", bare.join("\n"));
+    }
+}

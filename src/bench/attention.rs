@@ -29,11 +29,13 @@ pub struct AttentionBenchArgs {
     /// Tokens per call (B·T).
     #[arg(long, default_value_t = 16384)]
     pub tokens: usize,
+    /// Query heads.
     #[arg(long, default_value_t = 32)]
     pub heads: usize,
     /// KV heads (default: as many as query heads).
     #[arg(long)]
     pub kv_heads: Option<usize>,
+    /// Head dimension (64 and 128 have tensor-core kernels).
     #[arg(long, default_value_t = 64)]
     pub head_dim: usize,
     /// Timed calls per measurement (after 3 untimed ones).

@@ -64,6 +64,7 @@ pub struct KernelBenchArgs {
     /// Timed calls; the median is reported.
     #[arg(long, default_value_t = 10)]
     pub repeats: usize,
+    /// Seeds the random inputs.
     #[arg(long, default_value_t = 89)]
     pub seed: u64,
     /// Print the measurements as JSON instead of the table.

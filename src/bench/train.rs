@@ -42,11 +42,13 @@ pub struct BenchArgs {
     /// Timed optimizer steps (after `--warmup` untimed ones).
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
+    /// Untimed steps before the timed ones.
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
     /// auto, cpu or cuda.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Seeds the weights and the synthetic batches.
     #[arg(long, default_value_t = 89)]
     pub seed: u64,
     /// Overrides the model's dropout (0.1 in simplellama-1.3b); 0 matches transformers' Llama,

@@ -57,6 +57,7 @@ pub struct ExportArgs {
     /// The directory to create.
     #[arg(long)]
     pub out: PathBuf,
+    /// The weights' storage type.
     #[arg(long, value_enum, default_value = "bf16")]
     pub dtype: ExportDtype,
     /// Default: the checkpoint's tokenizer.json (and its tokenizer_config.json).

@@ -99,6 +99,8 @@ pub struct InspectArgs {
     /// tokenizer.json: needed for a chat file; for a prepared directory, used to show text.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// Longest example in tokens (chat file; longer ones are skipped, as the trainer does), and
+    /// the row length of fixed padding and packing.
     #[arg(long, default_value_t = 2048)]
     pub max_seq_len: usize,
     /// Examples per padded batch (rows per packed batch).
@@ -113,6 +115,7 @@ pub struct InspectArgs {
     /// File order (default: the seeded shuffle of the first epoch).
     #[arg(long)]
     pub no_shuffle: bool,
+    /// Seeds the shuffle.
     #[arg(long, default_value_t = 89)]
     pub seed: u64,
     /// Which assistant replies are supervised (chat file only).
@@ -316,6 +319,7 @@ pub struct TrainTokenizerArgs {
     /// Chat file (any supported schema).
     #[arg(long)]
     pub data: PathBuf,
+    /// Tokens in the vocabulary, the ten special tokens included.
     #[arg(long, default_value_t = 8192)]
     pub vocab_size: usize,
     /// Where to write tokenizer.json.

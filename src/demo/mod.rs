@@ -41,8 +41,10 @@ pub struct DemoArgs {
     /// Optimizer steps.
     #[arg(long, default_value_t = 1000)]
     pub steps: u64,
+    /// Conversations per optimizer step.
     #[arg(long, default_value_t = 32)]
     pub micro_batch: usize,
+    /// Seeds the tasks, the weights and the data order.
     #[arg(long, default_value_t = 89)]
     pub seed: u64,
     /// auto, cpu or cuda.

@@ -32,10 +32,13 @@ pub struct SamplingArgs {
     /// 0 keeps every token.
     #[arg(long, default_value_t = 10)]
     pub top_k: usize,
+    /// Keep the most likely tokens whose probabilities sum to at least this (nucleus sampling); 1 keeps every token.
     #[arg(long, default_value_t = 0.5)]
     pub top_p: f32,
+    /// Stop a reply after this many tokens (the context may stop it first).
     #[arg(long, default_value_t = 512)]
     pub max_new_tokens: usize,
+    /// Seeds the sampling.
     #[arg(long, default_value_t = 89)]
     pub seed: u64,
     /// auto, cpu or cuda.

@@ -19,6 +19,7 @@ pub struct LoraArgs {
     /// (defaults: SimpleLLaMA's rank 16, alpha 8, q and v).
     #[arg(long)]
     pub lora: bool,
+    /// The adapters' rank r (default: 16).
     #[arg(long)]
     pub lora_rank: Option<usize>,
     /// The adapters' output is scaled by alpha / rank.

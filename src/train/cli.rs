@@ -24,6 +24,7 @@ pub struct InitArgs {
     /// The checkpoint directory to create.
     #[arg(long)]
     pub out: PathBuf,
+    /// Seeds the random weights.
     #[arg(long, default_value_t = 89)]
     pub seed: u64,
     /// Copied into the checkpoint; also gives the `tiny` preset its vocabulary size.
@@ -67,12 +68,17 @@ pub struct TrainArgs {
     /// A JSON TrainConfig; the flags below override its fields.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// A preset (`tiny`, `simplellama-1.3b`) or a model-config JSON file; ignored when the weights
+    /// come from --init-from or --resume (default: simplellama-1.3b).
     #[arg(long)]
     pub model: Option<String>,
+    /// The prepared data directory (`sft prepare`).
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// The tokenizer the data was prepared with (default: DATA/tokenizer.json).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// Where checkpoints (step-N/, latest) and log.csv go (default: runs/sft).
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
     /// Start from this checkpoint's weights.
@@ -84,6 +90,7 @@ pub struct TrainArgs {
     /// Start from randomly initialized weights of --model (instead of --init-from).
     #[arg(long)]
     pub from_scratch: bool,
+    /// Passes over the training split (default: 3).
     #[arg(long)]
     pub epochs: Option<u64>,
     /// Stop after this many optimizer steps (whatever --epochs says); also the LR schedule's
@@ -97,6 +104,7 @@ pub struct TrainArgs {
     /// most 32, with grad_accum raised so that a step keeps 32 × grad_accum examples.
     #[arg(long)]
     pub micro_batch: Option<crate::train::config::MicroBatch>,
+    /// Micro-batches per optimizer step (default: 16).
     #[arg(long)]
     pub grad_accum: Option<usize>,
     /// packed (the default: whole examples in rows of max_seq_len, no compute on padding),
@@ -106,41 +114,59 @@ pub struct TrainArgs {
     /// Row length; default 2048, or the data's longest example, at most the model's context.
     #[arg(long)]
     pub max_seq_len: Option<usize>,
+    /// Shuffle the training examples, reshuffled each epoch (default: true).
     #[arg(long)]
     pub shuffle: Option<bool>,
+    /// Peak learning rate, after the warmup (default: 1e-5).
     #[arg(long)]
     pub max_lr: Option<f64>,
+    /// Learning rate at the end of the cosine decay (default: 1e-6).
     #[arg(long)]
     pub min_lr: Option<f64>,
+    /// Optimizer steps of linear warmup (default: 100).
     #[arg(long)]
     pub warmup_steps: Option<u64>,
+    /// AdamW's first-moment decay (default: 0.9).
     #[arg(long)]
     pub beta1: Option<f32>,
+    /// AdamW's second-moment decay (default: 0.95).
     #[arg(long)]
     pub beta2: Option<f32>,
+    /// AdamW's epsilon (default: 1e-8).
     #[arg(long)]
     pub eps: Option<f32>,
+    /// AdamW's decoupled weight decay (default: 0.01).
     #[arg(long)]
     pub weight_decay: Option<f32>,
+    /// Clip the global gradient norm to this; 0 turns clipping off (default: 1.0).
     #[arg(long)]
     pub clip: Option<f64>,
+    /// Seeds the data order, dropout and fresh weights (default: 89).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Overrides the model config's dropout on the attention and FFN outputs.
     #[arg(long)]
     pub dropout: Option<f32>,
+    /// Validation loss on --eval-batches batches every this many steps; 0 never (a full pass runs
+    /// at each epoch end regardless; default: 50).
     #[arg(long)]
     pub eval_every: Option<u64>,
+    /// Validation batches of the quick evaluation (default: 8).
     #[arg(long)]
     pub eval_batches: Option<usize>,
+    /// A checkpoint every this many steps; 0 only at the end (default: 500).
     #[arg(long)]
     pub save_every: Option<u64>,
+    /// Checkpoints kept in OUT_DIR, the newest; 0 keeps all (default: 3).
     #[arg(long)]
     pub keep_checkpoints: Option<usize>,
+    /// Sample replies to the --sample prompts at steps N, 2N, 4N, ...; 0 never (default: 100).
     #[arg(long)]
     pub sample_every: Option<u64>,
     /// A prompt for the sample replies (repeat the flag for several; replaces the config's).
     #[arg(long = "sample")]
     pub samples: Vec<String>,
+    /// Without a terminal, a progress line every this many steps (default: 10).
     #[arg(long)]
     pub log_every: Option<u64>,
     /// auto, cpu or cuda.
@@ -292,6 +318,7 @@ fn train_with_samples<B: Backend>(
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
+    /// The checkpoint directory to evaluate (ours or a Hugging Face Llama).
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// A chat JSON/JSONL file, or a prepared data directory.
@@ -306,13 +333,16 @@ pub struct EvalArgs {
     /// What a chat file supervises.
     #[arg(long, value_enum, default_value = "final-reply")]
     pub train_on: TrainOn,
+    /// Examples per forward pass.
     #[arg(long, default_value_t = 8)]
     pub micro_batch: usize,
     /// Default: 2048, or a prepared directory's longest example, at most the model's max_seq_len.
     #[arg(long)]
     pub max_seq_len: Option<usize>,
+    /// How examples are batched; the loss is the same in every mode.
     #[arg(long, value_enum, default_value = "dynamic")]
     pub batch_mode: BatchMode,
+    /// auto, cpu or cuda.
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// A LoRA adapter (PEFT layout) trained on the checkpoint, applied without merging.
@@ -471,5 +501,47 @@ mod tests {
         let cmd = Cmd::parse_from(["train", "--config", "/nonexistent/run.json"]);
         let err = format!("{:#}", cmd.args.to_config().unwrap_err());
         assert!(err.contains("/nonexistent/run.json"), "{err}");
+    }
+
+    /// The defaults `sft train --help` states are the ones a run gets: each "(default: V)" of a
+    /// flag that is a TrainConfig field equals that field of `TrainConfig::default()`.
+    #[test]
+    fn the_help_states_the_real_defaults() {
+        use clap::CommandFactory;
+        let defaults = serde_json::to_value(TrainConfig::default()).unwrap();
+        let mut checked = 0;
+        for arg in Cmd::command().get_arguments() {
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let Some(stated) = help.split("(default: ").nth(1).and_then(|r| r.split(')').next()) else {
+                continue;
+            };
+            let field = arg.get_id().as_str();
+            let Some(real) = defaults.get(field).filter(|v| !v.is_null()) else { continue };
+            if field == "tokenizer" {
+                // Empty means DATA/tokenizer.json (`TrainConfig::tokenizer_path`).
+                assert_eq!((stated, real.as_str()), ("DATA/tokenizer.json", Some("")));
+                continue;
+            }
+            let real = match real {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Number(n) => {
+                    let f = n.as_f64().unwrap();
+                    if n.is_f64() && stated.contains('e') {
+                        format!("{f:e}")
+                    } else {
+                        n.to_string()
+                    }
+                }
+                other => other.to_string(),
+            };
+            // f32 fields serialize through f64 (1e-8 as 9.99…e-9): compare as numbers there.
+            let same = match (stated.parse::<f64>(), real.parse::<f64>()) {
+                (Ok(a), Ok(b)) => ((a - b) / b.abs().max(1e-30)).abs() < 1e-6,
+                _ => stated == real,
+            };
+            assert!(same, "--{}: the help says {stated}, TrainConfig::default() has {real}", field);
+            checked += 1;
+        }
+        assert!(checked >= 15, "only {checked} stated defaults found");
     }
 }
