@@ -153,11 +153,14 @@ pub fn link(device: &DeviceSpec, key: &str) -> Result<Link> {
             device.host_bandwidth,
         ),
         "infiniband" | "ib" => ("InfiniBand NDR, 400 Gb/s per GPU".to_string(), 50e9 * EFFICIENCY),
-        _ => match k.parse::<f64>() {
-            Ok(gbs) if gbs.is_finite() && gbs > 0.0 => {
+        // A number as written: the names' folding above would turn "-5" into 5 and "1e-3" into 1000.
+        _ => match key.trim().parse::<f64>() {
+            Ok(gbs) if gbs.is_finite() && (0.001..=1e6).contains(&gbs) => {
                 (format!("{gbs} GB/s bus bandwidth (given)"), gbs * 1e9)
             }
-            _ => bail!("--link {key:?}: expected nvlink, pcie, infiniband or a bus bandwidth in GB/s"),
+            _ => bail!(
+                "--link {key:?}: expected nvlink, pcie, infiniband or a bus bandwidth in GB/s (0.001 to 1000000)"
+            ),
         },
     };
     Ok(Link { name, bus_bandwidth })

@@ -35,7 +35,8 @@ use devices::{Calibration, DeviceSpec, CONTEXT_BYTES, LAUNCH_OVERHEAD_S, SYNC_OV
 
 #[derive(Args, Debug, Clone)]
 pub struct PlanArgs {
-    /// A preset (`simplellama-1.3b`, `tiny`) or a model-config JSON file.
+    /// A preset (`simplellama-1.3b`) or a model-config JSON file, with heads of 64 or 128 (the
+    /// tensor-core attention the plan times; the `tiny` preset's heads of 16 are not).
     #[arg(long, default_value = "simplellama-1.3b")]
     pub model: String,
     /// h100 (SXM), h200, a100 (80 GB SXM) or rtx4090.
@@ -274,6 +275,22 @@ pub fn count_step_with(
     count_step_opts(config, micro_batch, seq_len, grad_accum, lora, recompute, StateDtype::F32)
 }
 
+/// The most tokens one counted step may hold: the count builds every micro-batch's synthetic
+/// tokens on the host (about 12 bytes each), and 64 Mi tokens is 64 times a 1.3B run's step.
+pub const MAX_COUNTED_TOKENS: usize = 1 << 26;
+
+/// Refuses a step too large to count (before anything is allocated for it, and before the
+/// product overflows), naming the flags.
+fn check_step_tokens(micro_batch: usize, seq_len: usize, grad_accum: usize) -> Result<()> {
+    let tokens = micro_batch.checked_mul(seq_len).and_then(|t| t.checked_mul(grad_accum));
+    ensure!(
+        tokens.is_some_and(|t| t <= MAX_COUNTED_TOKENS),
+        "--micro-batch {micro_batch} × --seq-len {seq_len} × --grad-accum {grad_accum} tokens per step: \
+         the plan counts steps of at most {MAX_COUNTED_TOKENS} tokens"
+    );
+    Ok(())
+}
+
 /// [`count_step_with`] with the AdamW moments stored as `moments` says.
 pub fn count_step_opts(
     config: &ModelConfig,
@@ -285,6 +302,7 @@ pub fn count_step_opts(
     moments: StateDtype,
 ) -> Result<StepCount> {
     ensure!(micro_batch > 0 && grad_accum > 0, "--micro-batch and --grad-accum must be at least 1");
+    check_step_tokens(micro_batch, seq_len, grad_accum)?;
     ensure!(
         seq_len > 0 && seq_len <= config.max_seq_len,
         "--seq-len {seq_len} must be in 1..={}",
@@ -432,10 +450,15 @@ pub fn plan_for(config: &ModelConfig, args: &PlanArgs) -> Result<Plan> {
     ensure!(
         matches!(heads.head_dim, 64 | 128),
         "head_dim {}: the plan times the tensor-core attention, which serves head_dim 64 and 128 \
-         (head_dim 32 runs the scalar kernels, which it does not model)",
+         (other head sizes run the scalar kernels, which it does not model)",
         heads.head_dim
     );
     let t = args.seq_len.unwrap_or(config.max_seq_len);
+    let rows = match args.micro_batch {
+        MicroBatch::Fixed(n) => n,
+        MicroBatch::Auto => MicroBatch::AUTO_MAX,
+    };
+    check_step_tokens(rows, t, args.grad_accum)?;
     let lora = args.lora.apply(None)?;
     if let Some(l) = &lora {
         l.validate(&config)?;

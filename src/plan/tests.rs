@@ -549,6 +549,28 @@ fn data_parallel_adds_the_ring_all_reduce_of_the_gradients() {
     let given =
         plan_for(&c, &PlanArgs { gpus: 2, link: Some("100".into()), ..plan_args("small", 2, 64) }).unwrap();
     assert_eq!(given.data_parallel.unwrap().link.bus_bandwidth, 100e9);
+    // Numbers as written: no sign dropped, exponents kept.
+    let h100 = devices::device("h100").unwrap();
+    assert_eq!(devices::link(h100, "2.5e2").unwrap().bus_bandwidth, 250e9);
+    for bad in ["-5", "1e-300", "0", "inf", "NaN", "5 GB"] {
+        let err = devices::link(h100, bad).unwrap_err().to_string();
+        assert!(err.contains("--link") && err.contains("GB/s"), "{bad}: {err}");
+    }
+}
+
+/// Steps too large to count are refused with the flags named, before anything is allocated for
+/// them (a huge --micro-batch once aborted on a failed allocation, or panicked on overflow).
+#[test]
+fn a_step_too_large_to_count_is_refused() {
+    let c = small();
+    for (mb, accum) in [(usize::MAX, 1), (10_000_000, 1), (2, usize::MAX), (2, 1_000_000_000)] {
+        let args = PlanArgs { grad_accum: accum, ..plan_args("small", mb, 64) };
+        let err = plan_for(&c, &args).unwrap_err().to_string();
+        assert!(err.contains("--micro-batch") && err.contains("--grad-accum"), "{mb} × {accum}: {err}");
+    }
+    let auto =
+        PlanArgs { micro_batch: MicroBatch::Auto, grad_accum: usize::MAX / 2, ..plan_args("small", 1, 64) };
+    assert!(plan_for(&c, &auto).is_err());
 }
 
 /// The communication queue: bucket k starts when it is ready and bucket k − 1 is done.
