@@ -350,3 +350,67 @@ fn user_errors_print_their_message_chain_without_a_backtrace() {
         assert!(out.stderr.lines().count() <= 4, "more than the message chain:\n{}", out.stderr);
     }
 }
+
+/// Fine-tuning or resuming on data tokenized with another vocabulary than the starting weights'
+/// trained each embedding row on another token's text, silently (eval already refused it).
+#[test]
+fn training_on_data_of_another_tokenizer_than_the_weights_is_refused() {
+    let f = fixture();
+    let other_tok = f.root.join("tok300.json");
+    let chat = f.root.join("chat.json");
+    let made =
+        sft(&["tokenizer", "train", "--data", s(&chat), "--vocab-size", "300", "--out", s(&other_tok)]);
+    assert!(made.ok, "{}", made.stderr);
+    let other_data = f.root.join("data300");
+    let prepared = sft(&[
+        "prepare",
+        "--data",
+        s(&chat),
+        "--tokenizer",
+        s(&other_tok),
+        "--out",
+        s(&other_data),
+        "--max-seq-len",
+        "96",
+    ]);
+    assert!(prepared.ok, "{}", prepared.stderr);
+    let needles =
+        ["is not the tokenizer of the starting weights", "tokenizer.json", "sft prepare --tokenizer"];
+    // --init-from a checkpoint of the first tokenizer.
+    assert_refused(
+        &train_padded(&other_data, &f.ckpt, &f.root.join("mixed"), "4", &["--max-steps", "1"]),
+        &needles,
+    );
+    // --resume a run of the first tokenizer on the other data.
+    let run = f.root.join("resumed");
+    copy_run(&f.run, &run);
+    let resumed = train(&["--data", s(&other_data), "--out-dir", s(&run), "--resume", "--max-steps", "3"]);
+    assert_refused(&resumed, &needles);
+    // The checkpoint's tokenizer re-saved (other bytes, the same ids) is the same vocabulary.
+    let resaved = f.root.join("resaved");
+    copy_dir(&f.ckpt, &resaved);
+    let tok_json = resaved.join("tokenizer.json");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tok_json).unwrap()).unwrap();
+    std::fs::write(&tok_json, serde_json::to_string(&json).unwrap()).unwrap();
+    let same = train_padded(
+        &f.data,
+        &resaved,
+        &f.root.join("same"),
+        "4",
+        &["--max-steps", "1", "--grad-accum", "1"],
+    );
+    assert!(same.ok, "{}", same.stderr);
+}
+
+/// A copy of a run directory (its checkpoints, `latest` and log).
+fn copy_run(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_run(&entry.path(), &dst.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
+        }
+    }
+}

@@ -172,3 +172,44 @@ pub fn check_init_tokenizer(dir: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// A run's tokenizer against the one saved with its starting weights (`dir/tokenizer.json`, where
+/// there is one): the embedding's row i was trained for the checkpoint's token i, so the data must
+/// be tokenized with the same vocabulary. The same ids for the same strings is what counts (the
+/// file may have been re-saved); an error names both files and the first difference.
+pub fn check_weights_tokenizer(dir: &Path, tokenizer: &ChatTokenizer) -> Result<()> {
+    let path = dir.join(TOKENIZER_FILE);
+    if !path.is_file() {
+        return Ok(());
+    }
+    let saved = Tokenizer::from_file(&path)
+        .map_err(|e| anyhow!("{}: not a valid tokenizer.json: {e}", path.display()))?;
+    let data_name =
+        tokenizer.path().map_or_else(|| "the run's tokenizer".to_string(), |p| p.display().to_string());
+    let saved_vocab = saved.get_vocab(true);
+    let run_vocab = tokenizer.inner().get_vocab(true);
+    let mut differ: Vec<String> = saved_vocab
+        .iter()
+        .filter(|(t, id)| run_vocab.get(*t) != Some(id))
+        .map(|(t, id)| match run_vocab.get(t) {
+            Some(other) => format!("{t:?} is {id} there and {other} here"),
+            None => format!("{t:?} ({id}) is not in it"),
+        })
+        .collect();
+    differ.extend(
+        run_vocab.keys().filter(|t| !saved_vocab.contains_key(*t)).map(|t| format!("{t:?} is new here")),
+    );
+    differ.sort();
+    if let Some(first) = differ.first() {
+        bail!(
+            "{data_name} is not the tokenizer of the starting weights, {}: {} of their tokens differ ({first}); \
+             the embedding rows belong to the checkpoint's tokens: prepare the data with {} (`sft prepare \
+             --tokenizer {}`)",
+            path.display(),
+            differ.len(),
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(())
+}

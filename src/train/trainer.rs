@@ -419,6 +419,9 @@ fn start_run(cfg: &TrainConfig, main: bool) -> Result<RunStart> {
         None => resumed.as_ref().map(|(dir, _)| dir.clone()).or_else(|| cfg.init_from.clone()),
     };
     let weights = weights_from.as_deref().map(Checkpoint::open).transpose()?;
+    if let Some(ckpt) = &weights {
+        checkpoint::import::check_weights_tokenizer(ckpt.dir(), &tokenizer)?;
+    }
     let mut model_config = match &weights {
         Some(ckpt) => ckpt.config().clone(),
         None => resolve_model_config(&cfg.model, tokenizer.vocab_size())?,
