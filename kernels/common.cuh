@@ -157,3 +157,13 @@ __device__ __forceinline__ void store_w(__nv_bfloat16* p, const float v[W]) {
 
 // v rounded to bf16 and back: what a bf16 buffer holds after storing v.
 __device__ __forceinline__ float round_bf(float v) { return bf(to_bf(v)); }
+
+// RMSNorm's 1/sqrt(mean(x²) + eps) from a row's sum of squares. A row whose mean square overflows
+// fp32 (an element past about 1.8e19) gets NaN, not rsqrt(inf) = 0: zero would normalize the row
+// to nothing, and a model with one absurd weight would evaluate to a uniform distribution and
+// train on zero gradients without a word; NaN reaches the checks on the outputs instead.
+// The twin: rmsnorm_rstd in src/backend/cpu/rmsnorm.rs.
+__device__ __forceinline__ float rmsnorm_rstd(float ss, int d, float eps) {
+    float ms = ss / (float)d;
+    return ms <= 3.4028235e38f ? rsqrtf(ms + eps) : float_of_bits(0x7fc00000u);
+}

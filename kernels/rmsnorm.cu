@@ -24,7 +24,7 @@ extern "C" __global__ void rmsnorm_forward(__nv_bfloat16* out, float* rstd, cons
         for (int i = 0; i < W; i++) ss += v[i] * v[i];
     });
     ss = block_sum(ss);
-    float r = rsqrtf(ss / (float)d + eps);
+    float r = rmsnorm_rstd(ss, d, eps);
     if (threadIdx.x == 0) rstd[row] = r;
     for_own_columns(d, [&](int k, auto width) {
         constexpr int W = decltype(width)::value;
@@ -60,7 +60,7 @@ extern "C" __global__ void residual_rmsnorm_forward(__nv_bfloat16* x_out, __nv_b
         store_w<W>(x_out + base + k, a);
     });
     ss = block_sum(ss);
-    float r = rsqrtf(ss / (float)d + eps);
+    float r = rmsnorm_rstd(ss, d, eps);
     if (threadIdx.x == 0) rstd[row] = r;
     // Each thread re-reads only the elements it wrote itself, so no barrier is needed.
     for_own_columns(d, [&](int k, auto width) {

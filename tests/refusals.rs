@@ -196,6 +196,24 @@ fn non_finite_weights_and_outputs_are_errors_naming_the_tensor() {
     let evaluated = eval(&huge, &f.data, &[]);
     assert_refused(&evaluated, &["evaluation loss is"]);
     assert!(!evaluated.stdout.contains("mean masked loss"), "{}", evaluated.stdout);
+
+    // One weight with a flipped exponent bit (finite, about -6e33) inside a layer: the residual's
+    // squares overflow f32 in the next RMSNorm, whose rsqrt(inf) = 0 used to zero every row, so
+    // eval printed ln(vocab) and training ran on zero gradients. Now it is NaN, refused with the
+    // culprit named.
+    let flipped = f.root.join("flipped");
+    copy_dir(&f.ckpt, &flipped);
+    let tensor = "model.layers.0.self_attn.o_proj.weight";
+    edit_weights(&flipped, |ts| {
+        let w = &mut ts.iter_mut().find(|t| t.name == tensor).unwrap().data[100];
+        *w = f32::from_bits(w.to_bits() ^ (1 << 30));
+        assert!(w.is_finite() && w.abs() > 1e25, "{w}");
+    });
+    let culprit = ["activations overflowed", "the largest weight", "layers.0.o at index 100"];
+    assert_refused(&eval(&flipped, &f.data, &[]), &culprit);
+    assert_refused(&generate(&flipped, "Hi", &[]), &culprit);
+    let trained = train_padded(&f.data, &flipped, &f.root.join("flipped-run"), "4", &["--grad-accum", "1"]);
+    assert_refused(&trained, &["gradient norm is NaN", "layers.0.o at index 100"]);
 }
 
 /// Issue 13.3: `sft train` without `--init-from` trained a random 1.3B model until the kernel

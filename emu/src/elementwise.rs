@@ -191,6 +191,39 @@ pub fn rmsnorm(r: &mut Report, rng: &mut Rng) {
             );
         }
     }
+
+    // A row whose squares overflow fp32 (3e19² > 3.4e38) gets a NaN rstd and NaN outputs, as the
+    // f32 CPU backend's (the f64 twin above would not overflow); the other row is normalized.
+    for d in [64usize, 300] {
+        let case = format!("n 2 d {d}, row 0 overflows fp32");
+        let (mut x, _) = rng.bf16s(2 * d, 1.5);
+        x[d / 2] = bf16::from_f32(3e19);
+        let (w, _) = rng.bf16s(d, 1.0);
+        let (mut out, mut rstd) = (nan_bf16(2 * d), vec![0.0f32; 2]);
+        let (ni, di) = (2i32, d as i32);
+        let (po, pr, px, pw) = (out.as_mut_ptr(), rstd.as_mut_ptr(), x.as_ptr(), w.as_ptr());
+        r.launch(
+            "rmsnorm_forward",
+            per_row(2),
+            &[arg(&po), arg(&pr), arg(&px), arg(&pw), arg(&ni), arg(&di), arg(&eps)],
+        );
+        let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+        let (mut t_out, mut t_rstd) = (vec![0.0f32; 2 * d], vec![0.0f32; 2]);
+        cpu::rmsnorm_forward(&mut t_out, &mut t_rstd, &xf, &wf, 2, d, eps);
+        let nan_rows = [rstd[0].is_nan(), rstd[1].is_nan()];
+        let nan_outs = out.iter().filter(|v| v.is_nan()).count();
+        let finite: Vec<f64> = t_out[d..].iter().map(|&v| v as f64).collect();
+        r.check(
+            "rmsnorm_forward",
+            &case,
+            &[
+                ("nan rows", mismatches(&nan_rows, &[t_rstd[0].is_nan(), t_rstd[1].is_nan()]), EXACT),
+                ("nan outputs", (nan_outs as f64 - d as f64).abs(), EXACT),
+                ("finite row", rel_err(&f64s_bf16(&out[d..]), &finite), TOL_BF16),
+            ],
+        );
+    }
 }
 
 pub fn rope(r: &mut Report, rng: &mut Rng) {

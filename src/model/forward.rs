@@ -1007,14 +1007,28 @@ impl<B: Backend> Model<B> {
 
     /// Why outputs came out non-finite: the first parameter tensor holding a NaN or an infinity
     /// (its internal name and the index), or that every weight is finite (the activations
-    /// overflowed). Reads every weight back: for error paths only.
+    /// overflowed), with the largest weight, which is the culprit when it is absurd (a flipped
+    /// exponent bit). Reads every weight back: for error paths only.
     pub fn non_finite_report(&self) -> Result<String> {
+        let mut largest: Option<(String, usize, f32)> = None;
         for t in self.read_named(&self.params)? {
             if let Some(i) = t.data.iter().position(|x| !x.is_finite()) {
                 return Ok(format!("parameter {} holds {} at index {i}", t.name, t.data[i]));
             }
+            let top = t.data.iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()));
+            if let Some((i, &v)) = top {
+                if largest.as_ref().is_none_or(|(_, _, l)| v.abs() > l.abs()) {
+                    largest = Some((t.name.clone(), i, v));
+                }
+            }
         }
-        Ok("every weight is finite, so the activations overflowed".to_string())
+        Ok(match largest {
+            Some((name, i, v)) => format!(
+                "every weight is finite, so the activations overflowed (the largest weight: {v:e} in {name} at \
+                 index {i})"
+            ),
+            None => "every weight is finite, so the activations overflowed".to_string(),
+        })
     }
 
     /// The accumulated gradients, with the parameters' names.

@@ -191,7 +191,12 @@ fn step_on_share<B: Backend>(
         comm.all_reduce_sum_f64(&mut sum).context("summing the step's loss over the ranks")?;
         loss_sum = sum[0];
     }
-    ensure!(norm.is_finite(), "step {}: the gradient norm is {norm} (loss sum {loss_sum})", step + 1);
+    if !norm.is_finite() {
+        let why = model
+            .non_finite_report()
+            .unwrap_or_else(|e| format!("the weights could not be read back: {e:#}"));
+        bail!("step {}: the gradient norm is {norm} (loss sum {loss_sum}): {why}", step + 1);
+    }
     Ok(StepOutcome {
         train_loss: Some(loss_sum / supervised as f64),
         grad_norm: Some(norm),

@@ -13,6 +13,18 @@ const ROW_BLOCK: usize = 64;
 /// Elements per parallel chunk of the residual add.
 const ELEM_CHUNK: usize = 1 << 14;
 
+/// `1 / sqrt(ms + eps)` for a row's mean square `ms`; NaN where `ms` overflowed (is infinite or
+/// NaN), never `1 / sqrt(inf) = 0`: a zero would normalize the row to nothing, and a model with one
+/// absurd weight would evaluate to a uniform distribution and train on zero gradients silently.
+/// NaN reaches the checks on the outputs instead. The kernels' `rmsnorm_rstd` is the twin.
+pub fn rmsnorm_rstd<T: Real>(ms: T, eps: T) -> T {
+    if ms.to_f64().is_finite() {
+        T::ONE / (ms + eps).sqrt()
+    } else {
+        T::from_f64(f64::NAN)
+    }
+}
+
 /// `out = x · rstd · w` per row, saving `rstd = 1 / sqrt(mean(x²) + eps)`.
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_forward<T: Real>(
@@ -29,7 +41,7 @@ pub fn rmsnorm_forward<T: Real>(
     out[..n * d].par_chunks_mut(d.max(1)).zip(&mut rstd[..n]).zip(x[..n * d].par_chunks(d.max(1))).for_each(
         |((o, r), xr)| {
             let ms: T = xr.iter().map(|&v| v * v).sum::<T>() * inv_d;
-            let rs = T::ONE / (ms + eps).sqrt();
+            let rs = rmsnorm_rstd(ms, eps);
             *r = rs;
             for ((o, &xv), &wv) in o.iter_mut().zip(xr).zip(w) {
                 *o = xv * rs * wv;
@@ -124,5 +136,25 @@ pub fn rmsnorm_backward<T: Real>(
         for (a, v) in dw[..d].iter_mut().zip(p) {
             *a += v;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A row whose squares overflow f32 is NaN, not zeros (rsqrt(inf) = 0); a large finite row is
+    /// normalized as usual.
+    #[test]
+    fn an_overflowing_row_is_nan_not_zero() {
+        let d = 4;
+        let x = [3e19f32, 1.0, -2.0, 0.5, 1e18, 2e18, -1e18, 0.0];
+        let w = [1.0f32; 4];
+        let (mut out, mut rstd) = (vec![0f32; 8], vec![0f32; 2]);
+        rmsnorm_forward(&mut out, &mut rstd, &x, &w, 2, d, 1e-5);
+        assert!(rstd[0].is_nan() && out[..d].iter().all(|v| v.is_nan()), "{rstd:?} {out:?}");
+        let ms: f64 = x[d..].iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d as f64;
+        assert!((rstd[1] as f64 * ms.sqrt() - 1.0).abs() < 1e-5, "{}", rstd[1]);
+        assert!(out[d..].iter().all(|v| v.is_finite()));
     }
 }
