@@ -432,3 +432,59 @@ fn copy_run(src: &Path, dst: &Path) {
         }
     }
 }
+
+/// What a resume would silently do elsewhere than the checkpoint is refused: a
+/// trainer_state.json whose step is not its directory's, a --max-steps already reached, another
+/// --model (the checkpoint's config is the model), a LoRA run's adapters on another base.
+#[test]
+fn a_resume_that_would_not_continue_the_checkpoint_is_refused() {
+    let f = fixture();
+    let resume = |run: &Path, extra: &[&str]| {
+        train(
+            &[&["--data", s(&f.data), "--out-dir", s(run), "--resume", "--batch-mode", "dynamic"], extra]
+                .concat(),
+        )
+    };
+    // The fixture's run saved step 2.
+    let edited = f.root.join("edited");
+    copy_run(&f.run, &edited);
+    let state_file = edited.join("step-2").join("trainer_state.json");
+    let text = std::fs::read_to_string(&state_file).unwrap();
+    std::fs::write(&state_file, text.replacen("\"step\": 2", "\"step\": 1", 1)).unwrap();
+    assert_refused(
+        &resume(&edited, &["--max-steps", "4"]),
+        &["trainer_state.json", "\"step\" is 1", "step 2"],
+    );
+
+    let run = f.root.join("again");
+    copy_run(&f.run, &run);
+    assert_refused(&resume(&run, &["--max-steps", "2"]), &["at step 2", "--max-steps 2 leaves nothing"]);
+    let fresh = train_padded(&f.data, &f.ckpt, &f.root.join("zero"), "4", &["--max-steps", "0"]);
+    assert_refused(&fresh, &["max_steps must be at least 1"]);
+    let other_model = f.root.join("model.json");
+    std::fs::write(&other_model, serde_json::to_string(&sft::model::ModelConfig::tiny(320)).unwrap())
+        .unwrap();
+    assert_refused(
+        &resume(&run, &["--model", s(&other_model), "--max-steps", "3"]),
+        &["--resume continues the model"],
+    );
+    // Resuming without --model continues it, and the saved state still names the run's model.
+    let resumed = resume(&run, &["--max-steps", "3", "--micro-batch", "4", "--grad-accum", "2"]);
+    assert!(resumed.ok, "{}", resumed.stderr);
+    let saved = std::fs::read_to_string(run.join("step-3").join("trainer_state.json")).unwrap();
+    assert!(saved.contains("\"model\": \"tiny\""), "{saved}");
+
+    // LoRA: adapters trained on the fixture's init checkpoint, resumed on another base.
+    let lora = f.root.join("lora");
+    let lora_flags = ["--lora", "--max-steps", "2", "--save-every", "2", "--grad-accum", "1"];
+    let trained = train_padded(&f.data, &f.ckpt, &lora, "4", &lora_flags);
+    assert!(trained.ok, "{}", trained.stderr);
+    let more = ["--lora", "--max-steps", "3", "--micro-batch", "4", "--grad-accum", "1"];
+    let other_base = f.run.join("step-2");
+    let swapped = resume(&lora, &[&more[..], &["--init-from", s(&other_base)]].concat());
+    assert_refused(&swapped, &["trains adapters on the base", "drop --init-from"]);
+    // The same base by another path is the same base.
+    let same_base = f.root.join(".").join("init");
+    let continued = resume(&lora, &[&more[..], &["--init-from", s(&same_base)]].concat());
+    assert!(continued.ok, "{}", continued.stderr);
+}

@@ -96,8 +96,24 @@ pub fn check_resume(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
              out_dir",
             now.out_dir.display()
         ),
+        (Some(_), Some(_)) => match (&saved.init_from, &now.init_from) {
+            // The adapters were trained on the saved base: on another they mean something else.
+            (Some(base), Some(given)) if !same_dir(base, given) => bail!(
+                "{}: the run being resumed trains adapters on the base {}, not {}: drop --init-from (or give \
+                 that base), or choose another out_dir",
+                now.out_dir.display(),
+                base.display(),
+                given.display()
+            ),
+            _ => Ok(()),
+        },
         _ => Ok(()),
     }
+}
+
+/// Whether two paths name one directory (the same path, or both resolving to one place).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
 }
 
 /// One line on what a LoRA model trains.

@@ -225,6 +225,9 @@ impl TrainConfig {
         if self.grad_accum == 0 {
             bail!("grad_accum must be at least 1");
         }
+        if self.max_steps == Some(0) {
+            bail!("max_steps must be at least 1");
+        }
         if self.epochs == 0 && self.max_steps.is_none() {
             bail!("epochs must be at least 1");
         }

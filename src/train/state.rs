@@ -52,6 +52,18 @@ impl TrainerState {
 
     /// The state saved in the checkpoint `dir` (its `trainer_state.json`).
     pub fn load(dir: &Path) -> Result<TrainerState> {
-        checkpoint::load_run_state(dir)
+        let state: TrainerState = checkpoint::load_run_state(dir)?;
+        // A `step-N/` directory holds step N's weights and moments: a state claiming another step
+        // would resume the schedule, the data position and the log elsewhere than the weights.
+        let named = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("step-"));
+        if let Some(n) = named.and_then(|n| n.parse::<u64>().ok()) {
+            anyhow::ensure!(
+                state.step == n,
+                "{}: field \"step\" is {}, but the directory holds step {n}'s checkpoint",
+                dir.join(checkpoint::TRAINER_STATE_FILE).display(),
+                state.step
+            );
+        }
+        Ok(state)
     }
 }

@@ -388,6 +388,24 @@ fn start_run(cfg: &TrainConfig, main: bool) -> Result<RunStart> {
         Some(dir) => {
             let state = TrainerState::load(&dir)?;
             crate::lora::check_resume(&state.config, cfg)?;
+            // The checkpoint's config is the model: another --model would be ignored. (The default
+            // stands for "not given": resuming needs no --model.)
+            ensure!(
+                cfg.model == state.config.model || cfg.model == TrainConfig::default().model,
+                "--resume continues the model of {} ({:?}), not --model {:?}: drop --model, or choose another \
+                 out_dir",
+                dir.display(),
+                state.config.model,
+                cfg.model
+            );
+            if let Some(max) = cfg.max_steps {
+                ensure!(
+                    max > state.step,
+                    "--resume: the run in {} is at step {}, so --max-steps {max} leaves nothing to train",
+                    cfg.out_dir.display(),
+                    state.step
+                );
+            }
             if main {
                 warn_about_changes(&state.config, cfg);
             }
@@ -664,7 +682,9 @@ pub fn train_ranks<B: Backend>(
         Some((dir, mut s)) => {
             checkpoint::load_optimizer_into(&dir, &mut model)?;
             loader.restore(&s.loader)?;
-            s.config = cfg.clone();
+            // The run's model and base stay the checkpoint's, whatever the flags left at defaults.
+            let init_from = cfg.init_from.clone().or(s.config.init_from.take());
+            s.config = TrainConfig { model: std::mem::take(&mut s.config.model), init_from, ..cfg.clone() };
             s.schedule = schedule.clone();
             s
         }
@@ -1014,6 +1034,14 @@ fn warn_about_changes(saved: &TrainConfig, now: &TrainConfig) {
         schedule_steps
     );
     check!(max_lr, min_lr, warmup_steps, beta1, beta2, eps, weight_decay, clip, lora);
+    // The weights come from the checkpoint: a --init-from given again is ignored (LoRA's base is
+    // checked in `lora::check_resume`); left out, it is simply not needed.
+    if now.init_from.is_some() && saved.init_from != now.init_from && now.lora.is_none() {
+        changed.push(format!(
+            "init_from {:?} -> {:?} (ignored: the weights are the checkpoint's)",
+            saved.init_from, now.init_from
+        ));
+    }
     if now.schedule_steps.is_none() && saved.max_steps != now.max_steps {
         changed
             .push(format!("max_steps {:?} -> {:?} (the schedule's length)", saved.max_steps, now.max_steps));
