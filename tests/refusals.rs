@@ -488,3 +488,49 @@ fn a_resume_that_would_not_continue_the_checkpoint_is_refused() {
     let continued = resume(&lora, &[&more[..], &["--init-from", s(&same_base)]].concat());
     assert!(continued.ok, "{}", continued.stderr);
 }
+
+/// A weight past bfloat16's range was exported as infinity, which every loader then refuses.
+#[test]
+fn a_bf16_export_refuses_a_weight_that_would_round_to_infinity() {
+    let f = fixture();
+    let big = f.root.join("big");
+    copy_dir(&f.ckpt, &big);
+    let tensor = "model.layers.1.mlp.up_proj.weight";
+    edit_weights(&big, |ts| ts.iter_mut().find(|t| t.name == tensor).unwrap().data[3] = 3.4e38);
+    let exported = sft(&["export", "--checkpoint", s(&big), "--out", s(&f.root.join("big-hf"))]);
+    assert_refused(&exported, &[tensor, "index 3", "largest bfloat16", "--dtype f32"]);
+    assert!(!f.root.join("big-hf").exists());
+    let f32_out = f.root.join("big-f32");
+    let exported = sft(&["export", "--checkpoint", s(&big), "--out", s(&f32_out), "--dtype", "f32"]);
+    assert!(exported.ok, "{}", exported.stderr);
+}
+
+/// A negative AdamW second moment (a flipped sign bit) was accepted and turned into a NaN
+/// gradient norm a step later, far from the file.
+#[test]
+fn a_negative_second_moment_is_refused_at_load() {
+    let f = fixture();
+    let run = f.root.join("negative-v");
+    copy_run(&f.run, &run);
+    let path = run.join("step-2").join("optimizer.safetensors");
+    let expected: Vec<(String, Vec<usize>)> = tensor_shapes(&path).unwrap().into_iter().collect();
+    let mut tensors = read_safetensors(&path, &expected).unwrap();
+    // Internal names in the optimizer file: m.NAME and v.NAME.
+    let name = "v.layers.0.gate_up";
+    let t = tensors.iter_mut().find(|t| t.name == name).unwrap();
+    t.data[5] = -1.0;
+    write_safetensors(&path, &tensors).unwrap();
+    let flags = [
+        "--resume",
+        "--batch-mode",
+        "dynamic",
+        "--max-steps",
+        "3",
+        "--micro-batch",
+        "4",
+        "--grad-accum",
+        "2",
+    ];
+    let resumed = train(&[&["--data", s(&f.data), "--out-dir", s(&run)], &flags[..]].concat());
+    assert_refused(&resumed, &["optimizer.safetensors", &name, "index 5", "cannot be negative"]);
+}

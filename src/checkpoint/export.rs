@@ -17,7 +17,7 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use ::safetensors::{Dtype, View};
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use clap::Args;
 use serde_json::{json, Map, Value};
 
@@ -146,6 +146,23 @@ pub fn export_checkpoint(args: &ExportArgs) -> Result<ExportReport> {
     );
     let params = ckpt.read_params()?;
     let hf = to_hf(&config, &params);
+    if args.dtype == ExportDtype::Bf16 {
+        // Round to nearest even carries f32 values past bf16's largest finite (about 3.39e38)
+        // to infinity: a file every loader (ours included) would refuse or compute NaN from.
+        for t in &hf {
+            if let Some(i) =
+                t.data.iter().position(|&x| x.is_finite() && half::bf16::from_f32(x).is_infinite())
+            {
+                bail!(
+                    "{}: tensor {} holds {:e} at index {i}, past the largest bfloat16 (it would round to \
+                     infinity): export with --dtype f32, or fix the weights",
+                    args.checkpoint.display(),
+                    t.name,
+                    t.data[i]
+                );
+            }
+        }
+    }
 
     let name = out.file_name().with_context(|| format!("{} has no directory name", out.display()))?;
     let tmp = out.with_file_name(format!("{}.export-tmp", name.to_string_lossy()));

@@ -248,6 +248,7 @@ pub fn load_run_state<B: Backend>(dir: &Path, model: &mut Model<B>) -> Result<()
     expected.extend(specs.iter().map(|(n, s)| (format!("v.{n}"), s.clone())));
     let mut m = read_safetensors(&path, &expected)?;
     let v = m.split_off(specs.len());
+    super::run::check_second_moments(&path, &v)?;
     let strip = |ts: Vec<NamedTensor>| -> Vec<NamedTensor> {
         ts.into_iter().map(|t| NamedTensor { name: t.name[2..].to_string(), ..t }).collect()
     };

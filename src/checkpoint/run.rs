@@ -472,12 +472,29 @@ pub fn load_optimizer_into<B: Backend>(dir: &Path, model: &mut Model<B>) -> Resu
     expected.extend(params.iter().map(|(n, s)| (format!("v.{n}"), s.clone())));
     let mut tensors = read_safetensors(&path, &expected)?;
     let v = tensors.split_off(params.len());
+    check_second_moments(&path, &v)?;
     let strip = |ts: Vec<NamedTensor>| -> Vec<NamedTensor> {
         ts.into_iter().map(|t| NamedTensor { name: t.name[2..].to_string(), ..t }).collect()
     };
     model
         .write_optimizer_state(&strip(tensors), &strip(v))
         .with_context(|| format!("loading {}", path.display()))
+}
+
+/// AdamW's second moments are running means of squares: a negative one (a flipped sign bit) would
+/// make the update's square root NaN a step later, far from the file.
+pub(crate) fn check_second_moments(path: &Path, v: &[NamedTensor]) -> Result<()> {
+    for t in v {
+        if let Some(i) = t.data.iter().position(|&x| x < 0.0) {
+            bail!(
+                "{}: tensor {} holds {} at index {i}: a second moment (a mean of squares) cannot be negative",
+                path.display(),
+                t.name,
+                t.data[i]
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The trainer state [`save`] wrote into the checkpoint `dir`.
