@@ -333,6 +333,23 @@ fn spans_that_cannot_be_located_exactly_are_errors_naming_the_template() {
         run_fails(&["prepare", "--data", s(&chat_merge), "--tokenizer", s(&tok_path), "--out", s(&out)]);
     assert!(err.contains("not a token boundary"), "{err}");
     assert!(!out.join("train-00000.bin").exists());
+
+    // Templates that leave the reply out, render nothing, or write no stop token after it: the
+    // examples had no supervised token, or a reply the model would never learn to end.
+    let cases = [
+        ("useronly", "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}", "is not rendered"),
+        ("empty", "", "is not rendered"),
+        ("constant", "constant text", "is not rendered"),
+        ("nostop", "{% for m in messages %}<|im_start|>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|im_start|>{% endif %}", "without the stop token <|im_end|>"),
+    ];
+    for (name, template, needle) in cases {
+        let tok = ChatTokenizer::from_file(&model_dir(root.path(), name, template, tokens, &[])).unwrap();
+        let err = format!(
+            "{:#}",
+            tokenize_conversation(&tok, &conversation(true), TrainOn::FinalReply).unwrap_err()
+        );
+        assert!(err.contains(name) && err.contains(needle), "{name}: {err}");
+    }
 }
 
 #[test]

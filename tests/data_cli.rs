@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::cli::{command, run_ok as sft, s};
+use common::cli::{command, run_fails, run_ok as sft, s};
 use common::data::{synthetic_conversations, write_simplellama_json};
 use sft::data::loader::batches_from_examples_with;
 use sft::data::{tokenize_conversation, BatchMode, ChatTokenizer, LoaderConfig, TrainOn};
@@ -95,4 +95,54 @@ fn errors_are_reported_with_the_file() {
         err.contains("bad.json") && err.contains("example 0") && err.contains("length mismatch"),
         "{err}"
     );
+}
+
+/// Audit: `sft tokenizer train --out F` with F the chat file given as `--data` replaced the
+/// chat file with the tokenizer.
+#[test]
+fn tokenizer_train_refuses_to_overwrite_its_chat_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("chat.json");
+    write_simplellama_json(&data, &synthetic_conversations(30, 2));
+    let before = std::fs::read(&data).unwrap();
+    let link = dir.path().join("link.json");
+    std::os::unix::fs::symlink(&data, &link).unwrap();
+    let spelled = dir.path().join(".").join("chat.json");
+    for out in [&data, &link, &spelled] {
+        let err =
+            run_fails(&["tokenizer", "train", "--data", s(&data), "--vocab-size", "300", "--out", s(out)]);
+        assert!(err.contains("is the chat file given as --data"), "{err}");
+        assert_eq!(std::fs::read(&data).unwrap(), before, "--out {}", s(out));
+    }
+}
+
+/// Audit: `--train-share 0.001` on 200 examples exited 0 with "0 train, 200 val".
+#[test]
+fn a_train_share_that_empties_a_split_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("chat.json");
+    write_simplellama_json(&data, &synthetic_conversations(200, 4));
+    let tok = dir.path().join("tok.json");
+    sft(&["tokenizer", "train", "--data", s(&data), "--vocab-size", "400", "--out", s(&tok)]);
+    let out = dir.path().join("prep");
+    let prepare = |share: &str| {
+        let args =
+            ["prepare", "--data", s(&data), "--tokenizer", s(&tok), "--out", s(&out), "--train-share", share];
+        command().args(args).output().unwrap()
+    };
+    let o = prepare("0.001");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--train-share 0.001 leaves the train split empty"), "{err}");
+    assert!(!out.exists(), "nothing written");
+    // An empty validation split is said, not hidden (1 means no validation on purpose).
+    let o = prepare("0.999");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("leaves the validation split empty"), "{err}");
+    let o = prepare("1");
+    assert!(o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("warning"));
+
+    // Audit: too few examples for one batch printed `Dataset { dir: "prep", shards: 1, ... }`.
+    let err = run_fails(&["inspect", "--data", s(&out), "--batch-size", "1000000"]);
+    assert!(err.contains(&format!("{}: 200 examples make no full batch", s(&out))), "{err}");
+    assert!(!err.contains("Dataset {"), "{err}");
 }

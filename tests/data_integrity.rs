@@ -98,6 +98,7 @@ fn out_of_vocabulary_ids_are_refused_when_the_data_is_opened() {
         w.push(&[8, 10, bad, 7], &[[2, 4]]).unwrap();
     }
     w.finish().unwrap();
+    sft::data::prepare::record_shards(&data).unwrap();
     let err = sft_fails(&["inspect", "--data", s(&data), "--tokenizer", s(&tok_path), "--json"]);
     assert!(err.contains("train-00000.bin") && err.contains("example 5") && err.contains("400000"), "{err}");
 }
@@ -374,4 +375,226 @@ fn inspect_skips_and_counts_long_examples_like_prepare() {
     assert!(err.contains("4 of 8") || err.contains("50.00%"), "counted: {err}");
     let err = sft_fails(&[&args[..], &["--max-seq-len", "10"]].concat());
     assert!(err.contains("chat.json") && err.contains("max_seq_len=10"), "{err}");
+}
+
+// ---- 6: where `sft prepare` writes ------------------------------------------------------------
+
+/// Runs `sft prepare` of `data` into `out` (train share 0.8): (success, stderr).
+fn prepare_cli(data: &Path, tok: &Path, out: &Path) -> (bool, String) {
+    let o = sft(
+        &["prepare", "--data", s(data), "--tokenizer", s(tok), "--out", s(out), "--train-share", "0.8"],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    (o.status.success(), stderr)
+}
+
+/// The entries of a directory, sorted, with their contents (a link's target; directories as
+/// `None`).
+fn listing(dir: &Path) -> Vec<(String, Option<Vec<u8>>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            let content = if let Ok(target) = std::fs::read_link(&p) {
+                Some(target.to_string_lossy().as_bytes().to_vec())
+            } else if p.is_dir() {
+                None
+            } else {
+                Some(std::fs::read(&p).unwrap())
+            };
+            (name, content)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Audit: `--out` naming a regular file (the chat file itself, even) renamed it to
+/// `X.prepare-tmp`, made X a prepared directory, and failed with "cannot list"; every later run
+/// failed too.
+#[test]
+fn prepare_refuses_an_out_that_is_a_file_and_touches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tok, _) = trained_tokenizer(dir.path(), "tok.json", 7);
+    let data = dir.path().join("data.json");
+    write_simplellama_json(&data, &synthetic_conversations(40, 3));
+    let other = dir.path().join("notes.txt");
+    std::fs::write(&other, "mine").unwrap();
+    let before = listing(dir.path());
+    for out in [&data, &other, &tok] {
+        let (ok, stderr) = prepare_cli(&data, &tok, out);
+        assert!(
+            !ok && stderr.contains(&format!("--out {} exists and is not a directory", s(out))),
+            "{stderr}"
+        );
+        assert_eq!(listing(dir.path()), before, "--out {}: nothing may change", s(out));
+    }
+}
+
+/// Audit: `--out` a symbolic link to a directory: the link was replaced by a real directory, a
+/// user file in the old target was moved out of it, and the target kept the old shards.
+#[test]
+fn prepare_through_a_symlinked_out_writes_at_its_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tok, _) = trained_tokenizer(dir.path(), "tok.json", 7);
+    let data = dir.path().join("data.json");
+    write_simplellama_json(&data, &synthetic_conversations(40, 3));
+    let real = dir.path().join("real");
+    assert!(prepare_cli(&data, &tok, &real).0);
+    std::fs::write(real.join("notes.txt"), "mine").unwrap();
+    let set_id = |d: &Path| {
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("prepare.json")).unwrap()).unwrap();
+        meta["report"]["set_id"].as_str().unwrap().to_string()
+    };
+    let old_set = set_id(&real);
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let (ok, stderr) = prepare_cli(&data, &tok, &link);
+    assert!(ok, "{stderr}");
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link stays a link");
+    assert_ne!(set_id(&real), old_set, "the target holds the new set");
+    assert_eq!(std::fs::read_to_string(real.join("notes.txt")).unwrap(), "mine");
+    check_whole(&real).unwrap();
+    let names: Vec<String> = listing(dir.path()).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["data.json", "link", "real", "tok.json"], "no directory left beside them");
+
+    // A link to nothing, or to a file, is refused without a change.
+    let dangling = dir.path().join("dangling");
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+    let to_file = dir.path().join("to-file");
+    std::os::unix::fs::symlink(&data, &to_file).unwrap();
+    let before = listing(dir.path());
+    let (ok, stderr) = prepare_cli(&data, &tok, &dangling);
+    assert!(!ok && stderr.contains("dangling") && stderr.contains("symbolic link"), "{stderr}");
+    let (ok, stderr) = prepare_cli(&data, &tok, &to_file);
+    assert!(!ok && stderr.contains("exists and is not a directory"), "{stderr}");
+    assert_eq!(listing(dir.path()), before);
+}
+
+/// A directory that is not a prepared one is left alone; in a prepared one, only the set's own
+/// files are replaced (a prefix match once claimed the user's `prepare.json.bak` too).
+#[test]
+fn prepare_replaces_only_its_own_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tok, _) = trained_tokenizer(dir.path(), "tok.json", 7);
+    let data = dir.path().join("data.json");
+    write_simplellama_json(&data, &synthetic_conversations(40, 3));
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(home.join("sub")).unwrap();
+    std::fs::write(home.join("thesis.tex"), "mine").unwrap();
+    let before = listing(&home);
+    let (ok, stderr) = prepare_cli(&data, &tok, &home);
+    assert!(
+        !ok && stderr.contains("not a prepared directory") && stderr.contains("`thesis.tex`"),
+        "{stderr}"
+    );
+    assert_eq!(listing(&home), before);
+    assert!(!dir.path().join("home.prepare-tmp").exists());
+
+    let out = dir.path().join("prep");
+    assert!(prepare_cli(&data, &tok, &out).0);
+    let mine = ["prepare.json.bak", "train-notes.bin", "tokenizer.json.orig", "notes.txt"];
+    for name in mine {
+        std::fs::write(out.join(name), name).unwrap();
+    }
+    assert!(prepare_cli(&data, &tok, &out).0);
+    for name in mine {
+        assert_eq!(std::fs::read_to_string(out.join(name)).unwrap(), name, "{name} kept");
+    }
+}
+
+// ---- 7: the shard files against prepare.json --------------------------------------------------
+
+/// Audit: an extra shard (a split's shard copied under another name), a duplicated shard,
+/// train and val swapped, or a missing prepare.json were all accepted and trained on.
+#[test]
+fn shard_files_must_be_those_prepare_json_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tok, _) = trained_tokenizer(dir.path(), "tok.json", 7);
+    let good = prepared(dir.path(), "prep", &tok, 3);
+    let case = |name: &str, damage: &dyn Fn(&Path)| -> PathBuf {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for e in std::fs::read_dir(&good).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, d.join(p.file_name().unwrap())).unwrap();
+        }
+        damage(&d);
+        d
+    };
+    let open_err = |d: &Path, split: Split| format!("{:#}", Dataset::open(d, split).unwrap_err());
+
+    let d = case("extra", &|d| {
+        std::fs::copy(d.join("val-00000.bin"), d.join("train-00001.bin")).unwrap();
+    });
+    for split in [Split::Train, Split::Val] {
+        let e = open_err(&d, split);
+        assert!(e.contains("train-00001.bin: not a shard of this prepared set"), "{e}");
+    }
+    let e = sft_fails(&["inspect", "--data", s(&d), "--json"]);
+    assert!(e.contains("train-00001.bin") && e.contains("prepare.json"), "{e}");
+
+    let d = case("duplicated", &|d| {
+        std::fs::copy(d.join("train-00000.bin"), d.join("train-00001.bin")).unwrap();
+    });
+    assert!(open_err(&d, Split::Train).contains("train-00001.bin: not a shard of this prepared set"));
+
+    let d = case("swapped", &|d| {
+        std::fs::rename(d.join("train-00000.bin"), d.join("tmp")).unwrap();
+        std::fs::rename(d.join("val-00000.bin"), d.join("train-00000.bin")).unwrap();
+        std::fs::rename(d.join("tmp"), d.join("val-00000.bin")).unwrap();
+    });
+    for split in [Split::Train, Split::Val] {
+        let e = open_err(&d, split);
+        assert!(e.contains("-00000.bin: not the shard") && e.contains("prepare.json"), "{e}");
+    }
+
+    let d = case("missing", &|d| std::fs::remove_file(d.join("val-00000.bin")).unwrap());
+    let e = open_err(&d, Split::Train);
+    assert!(e.contains(&format!("{}: missing", s(&d.join("val-00000.bin")))), "{e}");
+
+    let d = case("unrecorded", &|d| std::fs::remove_file(d.join("prepare.json")).unwrap());
+    let e = open_err(&d, Split::Train);
+    assert!(e.contains(&format!("{}: no prepare.json", s(&d))), "{e}");
+
+    // A set prepared before prepare.json listed checksums: names and counts are still checked.
+    let legacy = |d: &Path| {
+        let path = d.join("prepare.json");
+        let mut meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        meta["report"].as_object_mut().unwrap().remove("shard_files").unwrap();
+        std::fs::write(&path, meta.to_string()).unwrap();
+    };
+    let d = case("legacy", &legacy);
+    check_whole(&d).unwrap();
+    let d = case("legacy-swapped", &|d| {
+        legacy(d);
+        std::fs::rename(d.join("train-00000.bin"), d.join("tmp")).unwrap();
+        std::fs::rename(d.join("val-00000.bin"), d.join("train-00000.bin")).unwrap();
+        std::fs::rename(d.join("tmp"), d.join("val-00000.bin")).unwrap();
+    });
+    let e = open_err(&d, Split::Train);
+    assert!(e.contains("train-NNNNN.bin shards hold") && e.contains("n_train"), "{e}");
+    let d = case("legacy-extra", &|d| {
+        legacy(d);
+        std::fs::copy(d.join("val-00000.bin"), d.join("val-00001.bin")).unwrap();
+    });
+    assert!(open_err(&d, Split::Val).contains("val-00001.bin: not a shard of this prepared set"));
+}
+
+/// Audit: a shard of another run of the same tokenizer was reported as "come from different sft
+/// prepare runs (pad id 2 vs 2)": the pad ids agree, the set ids do not.
+#[test]
+fn a_shard_of_another_run_names_the_set_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tok, _) = trained_tokenizer(dir.path(), "tok.json", 7);
+    let a = prepared(dir.path(), "a", &tok, 3);
+    let b = prepared(dir.path(), "b", &tok, 4);
+    std::fs::copy(b.join("train-00000.bin"), a.join("train-00001.bin")).unwrap();
+    let e = format!("{:#}", Dataset::open(&a, Split::Train).unwrap_err());
+    assert!(e.contains("different `sft prepare` runs (set ids ") && !e.contains("pad id"), "{e}");
 }

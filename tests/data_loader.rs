@@ -225,6 +225,7 @@ fn dataset_reads_every_shard_and_loader_reshuffles_and_resumes() {
     let examples: Vec<Example> = (0..20u32).map(|i| ex(&[100 + i, 3, 4, 200 + i], 2)).collect();
     write_shard(&dir.path().join("train-00000.bin"), &examples[..7]);
     write_shard(&dir.path().join("train-00001.bin"), &examples[7..]);
+    sft::data::prepare::record_shards(dir.path()).unwrap();
     let ds = Arc::new(Dataset::open(dir.path(), Split::Train).unwrap());
     assert_eq!((ds.len(), ds.n_shards(), ds.pad_id()), (20, 2, 2));
     assert_eq!(ds.example(19).to_example(), examples[19]);
@@ -275,6 +276,7 @@ fn a_batch_without_supervised_tokens_is_an_error_the_trainer_can_skip() {
     let dir = tempfile::tempdir().unwrap();
     let examples = vec![ex(&[5, 6], 2), ex(&[7, 8], 2), ex(&[9, 10], 1), ex(&[11, 12], 1)];
     write_shard(&dir.path().join("train-00000.bin"), &examples);
+    sft::data::prepare::record_shards(dir.path()).unwrap();
     let ds = Arc::new(Dataset::open(dir.path(), Split::Train).unwrap());
     let mut loader = Loader::new(ds, cfg(2, 8, BatchMode::Dynamic)).unwrap();
     let err = loader.next_batch().unwrap_err();

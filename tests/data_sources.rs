@@ -8,96 +8,12 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
 
 use common::cli::{run as sft, s};
-use common::data::{small_tokenizer, synthetic_conversations};
-use parquet::basic::Compression;
-use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
-use parquet::file::properties::WriterProperties;
-use parquet::file::writer::SerializedFileWriter;
-use parquet::schema::parser::parse_message_type;
+use common::data::{
+    parquet_chat_file, small_tokenizer, synthetic_conversations, write_parquet, Column, PARQUET_PANICS,
+};
 use sft::data::{read_chat_file, Conversation, Turn, DEFAULT_SYSTEM_PROMPT};
-
-/// One Parquet column, in the shapes pyarrow writes.
-enum Column {
-    /// `optional binary (STRING)`; `None` is null.
-    Str(&'static str, Vec<Option<String>>),
-    /// `optional int64`.
-    Int(&'static str, Vec<i64>),
-    /// `optional group (LIST) { repeated group list { optional group element { optional binary
-    /// k1 (STRING); optional binary k2 (STRING); } } }`: a list of two-string structs per row
-    /// (a `None` string is a null field).
-    Messages(&'static str, [&'static str; 2], Vec<Vec<[Option<String>; 2]>>),
-}
-
-impl Column {
-    fn schema(&self) -> String {
-        match self {
-            Column::Str(name, _) => format!("optional binary {name} (STRING);"),
-            Column::Int(name, _) => format!("optional int64 {name};"),
-            Column::Messages(name, [a, b], _) => format!(
-                "optional group {name} (LIST) {{ repeated group list {{ optional group element {{ \
-                 optional binary {a} (STRING); optional binary {b} (STRING); }} }} }}"
-            ),
-        }
-    }
-}
-
-fn write_parquet(path: &Path, columns: &[Column]) {
-    let text = format!("message schema {{ {} }}", columns.iter().map(Column::schema).collect::<String>());
-    let schema = Arc::new(parse_message_type(&text).unwrap());
-    let props = Arc::new(WriterProperties::builder().set_compression(Compression::SNAPPY).build());
-    let mut writer = SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
-    let mut group = writer.next_row_group().unwrap();
-    // The leaf columns in schema order: one per plain column, two per list of structs.
-    let mut leaves: Vec<(&Column, usize)> = Vec::new();
-    for c in columns {
-        match c {
-            Column::Messages(..) => leaves.extend([(c, 0), (c, 1)]),
-            _ => leaves.push((c, 0)),
-        }
-    }
-    for (column, field) in leaves {
-        let mut writer = group.next_column().unwrap().unwrap();
-        match column {
-            Column::Str(_, rows) => {
-                let values: Vec<ByteArray> =
-                    rows.iter().flatten().map(|v| ByteArray::from(v.as_str())).collect();
-                let defs: Vec<i16> = rows.iter().map(|v| i16::from(v.is_some())).collect();
-                writer.typed::<ByteArrayType>().write_batch(&values, Some(&defs), None).unwrap();
-            }
-            Column::Int(_, rows) => {
-                writer.typed::<Int64Type>().write_batch(rows, Some(&vec![1; rows.len()]), None).unwrap();
-            }
-            Column::Messages(_, _, rows) => {
-                // Definition levels: 1 an empty list, 3 a null field of a message, 4 a value;
-                // repetition level 1 continues the row's list.
-                let (mut values, mut defs, mut reps) = (Vec::new(), Vec::new(), Vec::new());
-                for row in rows {
-                    if row.is_empty() {
-                        defs.push(1);
-                        reps.push(0);
-                    }
-                    for (i, message) in row.iter().enumerate() {
-                        reps.push(i16::from(i > 0));
-                        match &message[field] {
-                            Some(v) => {
-                                defs.push(4);
-                                values.push(ByteArray::from(v.as_str()));
-                            }
-                            None => defs.push(3),
-                        }
-                    }
-                }
-                writer.typed::<ByteArrayType>().write_batch(&values, Some(&defs), Some(&reps)).unwrap();
-            }
-        }
-        writer.close().unwrap();
-    }
-    group.close().unwrap();
-    writer.close().unwrap();
-}
 
 fn some(s: &str) -> Option<String> {
     Some(s.to_string())
@@ -339,4 +255,95 @@ fn json_lines_of_the_new_schemas_name_the_example_and_field() {
         e.contains("bad.jsonl: example 1") && e.contains("field `completion`") && e.contains("null"),
         "{e}"
     );
+}
+
+/// Audit: flipping a byte of a valid file made the parquet crate panic inside its reader (`sft
+/// prepare` died with a Rust panic message).
+#[test]
+fn a_damaged_parquet_file_is_an_error_naming_it_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = parquet_chat_file(&dir.path().join("base.parquet"));
+    let tok = dir.path().join("tok.json");
+    small_tokenizer(dir.path());
+    for (k, damage) in PARQUET_PANICS.iter().enumerate() {
+        let p = dir.path().join(format!("damaged-{k}.parquet"));
+        let mut v = base.clone();
+        for &(at, byte) in *damage {
+            v[at] = byte;
+        }
+        std::fs::write(&p, &v).unwrap();
+        let e = std::panic::catch_unwind(|| read_chat_file(&p))
+            .unwrap_or_else(|_| panic!("case {k}: the reader's panic escaped"))
+            .map(|_| ())
+            .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains(&format!("damaged-{k}.parquet: "))
+                && e.contains("not a readable Parquet file (the reader failed: "),
+            "case {k}: {e}"
+        );
+        let (ok, _, stderr) =
+            sft(&["prepare", "--data", s(&p), "--tokenizer", s(&tok), "--out", s(&dir.path().join("out"))]);
+        assert!(!ok && !stderr.contains("panicked") && stderr.contains("not a readable Parquet"), "{stderr}");
+    }
+}
+
+/// Audit: a BYTE_ARRAY column without the UTF8 annotation (pyarrow's `pa.binary()`) was read as
+/// base64 text, and trained on.
+#[test]
+fn binary_columns_read_as_utf8_text_or_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bin.parquet");
+    write_parquet(
+        &p,
+        &[
+            Column::Bin("prompt", vec![b"What is 2+2?".to_vec(), "Grüße".as_bytes().to_vec()]),
+            Column::Bin("completion", vec![b"4".to_vec(), b"hi".to_vec()]),
+        ],
+    );
+    let convs = read_chat_file(&p).unwrap();
+    assert_eq!(convs[0].turns, vec![Turn { user: "What is 2+2?".into(), assistant: "4".into() }]);
+    assert_eq!(convs[1].turns[0].user, "Grüße");
+
+    let p = dir.path().join("latin1.parquet");
+    write_parquet(
+        &p,
+        &[
+            Column::Bin("prompt", vec![b"fine".to_vec(), b"Gr\xfc\xdfe".to_vec()]),
+            Column::Bin("completion", vec![b"4".to_vec(), b"hi".to_vec()]),
+        ],
+    );
+    let e = format!("{:#}", read_chat_file(&p).unwrap_err());
+    assert!(
+        e.contains("latin1.parquet: row 1") && e.contains("field `prompt`: binary column that is not UTF-8"),
+        "{e}"
+    );
+}
+
+/// Audit: a zstd- or gzip-compressed file said "Disabled feature at compile time: zstd". The
+/// file is a Snappy one whose column metadata is patched to name another codec (this build
+/// cannot write them either): the codec is refused before a page is read.
+#[test]
+fn a_parquet_codec_other_than_snappy_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("snappy.parquet");
+    write_parquet(&p, &[Column::Str("prompt", vec![some("q")]), Column::Str("completion", vec![some("a")])]);
+    let bytes = std::fs::read(&p).unwrap();
+    // ColumnMetaData in Thrift's compact protocol: path_in_schema ["prompt"], then field 4
+    // (codec, i32, header byte 0x15) = SNAPPY (1, zigzag 0x02).
+    let needle = b"prompt\x15\x02";
+    let at = bytes.windows(needle.len()).position(|w| w == needle).expect("the codec of `prompt`");
+    for (codec, zigzag) in [("zstd", 12u8), ("gzip", 4)] {
+        let mut v = bytes.clone();
+        v[at + needle.len() - 1] = zigzag;
+        let q = dir.path().join(format!("{codec}.parquet"));
+        std::fs::write(&q, &v).unwrap();
+        let e = format!("{:#}", read_chat_file(&q).unwrap_err());
+        assert!(
+            e.contains(&format!("{codec}.parquet: column `prompt` is {codec}-compressed"))
+                && e.contains("only uncompressed and Snappy Parquet")
+                && !e.contains("Disabled feature"),
+            "{e}"
+        );
+    }
 }

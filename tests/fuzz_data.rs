@@ -6,6 +6,10 @@
 //! SimpleLLaMA's) are also mutated as JSON values (fields dropped, retyped, renamed, roles
 //! swapped), which reaches the schema checks that byte damage mostly stops at the JSON parser.
 //!
+//! Parquet files (written here by the `parquet` crate, in pyarrow's shapes) get 1–4 damaged
+//! bytes: the crate's reader panics on some such files, which `read_chat_file` must turn into an
+//! error naming the file.
+//!
 //! Bounded by time: `SFT_FUZZ_SECONDS` (default 20) split across the targets; seeded by
 //! `SFT_FUZZ_SEED` (default 13). A failure prints the seed and the case number, which replay it.
 
@@ -15,14 +19,14 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::data::{synthetic_conversations, write_simplellama_json};
+use common::data::{parquet_chat_file, synthetic_conversations, write_simplellama_json, PARQUET_PANICS};
 use sft::data::shard::{seal, Shard, ShardWriter, HEADER_LEN};
 use sft::data::{batches_in_order, read_chat_file, BatchMode, Dataset, LoaderConfig};
 use sft::rng::Rng;
 
 fn budget() -> Duration {
     let s = std::env::var("SFT_FUZZ_SECONDS").ok().and_then(|v| v.parse::<f64>().ok()).unwrap_or(20.0);
-    Duration::from_secs_f64(s / 3.0)
+    Duration::from_secs_f64(s / 4.0)
 }
 
 fn seed() -> u64 {
@@ -375,4 +379,79 @@ fn fuzz_json_lines_records_of_every_schema() {
     eprintln!("JSON Lines records: {c:?}");
     assert_eq!(c.panics, 0, "{c:?}");
     assert!(c.tried > 100 && c.clean_errors > 0 && c.ok > 0, "{c:?}");
+}
+
+/// 1–4 bytes of `base` overwritten or bit-flipped (the damage of a bad disk or a bad copy).
+fn damage_bytes(rng: &mut Rng, base: &[u8]) -> Vec<u8> {
+    let mut v = base.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        let i = rng.below(v.len());
+        if rng.below(2) == 0 {
+            v[i] ^= 1 << rng.below(8);
+        } else {
+            v[i] = rng.below(256) as u8;
+        }
+    }
+    v
+}
+
+/// Reads a damaged Parquet file: `Ok` or an error naming it; `Err` on a panic.
+fn read_damaged_parquet(path: &Path, what: &str) -> Result<bool, String> {
+    match catch_unwind(AssertUnwindSafe(|| read_chat_file(path))) {
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(e)) => {
+            let msg = format!("{e:#}");
+            assert!(msg.contains("fuzz.parquet"), "{what}: the error must name the file: {msg}");
+            Ok(false)
+        }
+        Err(p) => {
+            let msg = p.downcast_ref::<String>().cloned().or(p.downcast_ref::<&str>().map(|s| s.to_string()));
+            Err(msg.unwrap_or_default())
+        }
+    }
+}
+
+#[test]
+fn fuzz_parquet_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = parquet_chat_file(&dir.path().join("base.parquet"));
+    let path = dir.path().join("fuzz.parquet");
+    let mut c = Counts::default();
+    let mut panicked = Vec::new();
+    for (k, damage) in PARQUET_PANICS.iter().enumerate() {
+        let mut v = base.clone();
+        for &(at, byte) in *damage {
+            v[at] = byte;
+        }
+        std::fs::write(&path, &v).unwrap();
+        c.tried += 1;
+        match read_damaged_parquet(&path, &format!("known case {k}")) {
+            Ok(true) => c.ok += 1,
+            Ok(false) => c.clean_errors += 1,
+            Err(msg) => panicked.push(format!("known case {k} {damage:?}: {msg}")),
+        }
+    }
+    let start = Instant::now();
+    let seed = seed();
+    let mut case = 0;
+    while start.elapsed() < budget() {
+        let mut rng = Rng::new(seed).fork(3 << 40 | case);
+        let v = damage_bytes(&mut rng, &base);
+        std::fs::write(&path, &v).unwrap();
+        c.tried += 1;
+        match read_damaged_parquet(&path, &format!("seed {seed} case {case}")) {
+            Ok(true) => c.ok += 1,
+            Ok(false) => c.clean_errors += 1,
+            Err(msg) => {
+                let changed: Vec<(usize, u8)> =
+                    (0..v.len()).filter(|&i| v[i] != base[i]).map(|i| (i, v[i])).collect();
+                panicked.push(format!("seed {seed} case {case} {changed:?}: {msg}"));
+            }
+        }
+        case += 1;
+    }
+    c.panics = panicked.len() as u64;
+    eprintln!("Parquet files: {c:?}");
+    assert!(panicked.is_empty(), "{} panics:\n{}", panicked.len(), panicked.join("\n"));
+    assert!(c.tried > 100 && c.clean_errors > 0, "{c:?}");
 }

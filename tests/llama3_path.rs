@@ -482,6 +482,7 @@ fn llama3_checkpoint_imports_prepares_trains_and_generates() {
         }
         w.finish().unwrap();
     }
+    sft::data::prepare::record_shards(&old_rows).unwrap();
     let stderr = train_once(&old_rows, "run-b");
     assert!(
         stderr.contains(&format!("starts texts with token {bos}")) && stderr.contains("re-run sft prepare"),

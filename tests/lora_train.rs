@@ -202,6 +202,39 @@ fn logits_with_the_adapter_equal_the_merged_models_and_bad_adapters_are_refused(
     let dir = tampered("fewer-targets", &|c| c["target_modules"] = serde_json::json!(["q_proj"]));
     let err = refused(&dir);
     assert!(err.contains(ADAPTER_FILE) && err.contains("unexpected tensor"), "{err}");
+    // An absurd alpha scaled the updates past anything a weight holds, silently.
+    let dir = tampered("alpha-huge", &|c| c["lora_alpha"] = serde_json::json!(1e38));
+    let err = refused(&dir);
+    assert!(err.contains(ADAPTER_CONFIG_FILE) && err.contains("lora.alpha must be in (0, 1e6]"), "{err}");
+
+    // A base of the same shape but other weights than the adapter was trained on: merged and
+    // applied, with a warning naming the recorded base.
+    let reseeded = root.path().join("reseeded-base");
+    run_ok(&["init", "--model", "tiny", "--tokenizer", s(&tok), "--out", s(&reseeded), "--seed", "5"]);
+    let merged_other = root.path().join("merged-other");
+    let (ok, _, stderr) = common::cli::run(&[
+        "merge",
+        "--base",
+        s(&reseeded),
+        "--adapter",
+        s(&adapter),
+        "--out",
+        s(&merged_other),
+    ]);
+    assert!(
+        ok && stderr.contains("says the adapter was trained on") && stderr.contains("reseeded-base"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = common::cli::run(&[
+        "merge",
+        "--base",
+        s(&base),
+        "--adapter",
+        s(&adapter),
+        "--out",
+        s(&root.path().join("merged-again")),
+    ]);
+    assert!(ok && !stderr.contains("warning"), "{stderr}");
 
     // A base of another shape.
     let other = root.path().join("other-base");

@@ -317,6 +317,27 @@ fn generate_says_how_many_prompt_tokens_it_dropped() {
     // A prompt that fits gets no note.
     let out = generate(&f.ckpt, "Hi", &["--max-new-tokens", "1"]);
     assert!(out.ok && !out.stderr.contains("dropped"), "{}", out.stderr);
+    // The same prompt (its last 23 tokens) leaves room for two new tokens: unless one is the stop
+    // token, the reply runs into the end of the context and says it was cut.
+    let out = generate(&ckpt, &prompt, &["--max-new-tokens", "5", "--temperature", "0"]);
+    assert!(out.ok, "{}", out.stderr);
+    if !out.stdout.trim().is_empty() {
+        assert!(out.stderr.contains("the reply was cut after 2 tokens"), "{}", out.stderr);
+    }
+    // A context of one token leaves no room for a reply: an error, not "needs at least one token".
+    let one = f.root.join("one.json");
+    let tiny = sft::model::ModelConfig { max_seq_len: 1, ..sft::model::ModelConfig::tiny(320) };
+    std::fs::write(&one, serde_json::to_string(&tiny).unwrap()).unwrap();
+    let ckpt1 = f.root.join("one");
+    init(InitArgs {
+        model: s(&one).into(),
+        out: ckpt1.clone(),
+        seed: 1,
+        tokenizer: Some(f.tok.clone()),
+        vocab_size: None,
+    })
+    .unwrap();
+    assert_refused(&generate(&ckpt1, "Hi", &[]), &["max_seq_len 1", "no room for a prompt and a reply"]);
 }
 
 /// Issue 13.6: a run whose batches had no supervised target at all exited 0 after skipping them.
@@ -348,6 +369,7 @@ fn a_run_that_trained_on_nothing_is_an_error() {
             std::fs::copy(&path, data.join(&name)).unwrap();
         }
     }
+    sft::data::prepare::record_shards(&data).unwrap();
     // Padded batches, so that the step counts below are those of 4-example micro-batches.
     let extra = ["--grad-accum", "2", "--max-steps", "3"];
     let out = train_padded(&data, &f.ckpt, &f.root.join("nothing"), "4", &extra);
@@ -532,5 +554,5 @@ fn a_negative_second_moment_is_refused_at_load() {
         "2",
     ];
     let resumed = train(&[&["--data", s(&f.data), "--out-dir", s(&run)], &flags[..]].concat());
-    assert_refused(&resumed, &["optimizer.safetensors", &name, "index 5", "cannot be negative"]);
+    assert_refused(&resumed, &["optimizer.safetensors", name, "index 5", "cannot be negative"]);
 }

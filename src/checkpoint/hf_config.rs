@@ -62,9 +62,113 @@ pub fn read_model_config(dir: &Path) -> Result<ModelConfig> {
              scripts/convert_simplellama.py), or permute q_proj/k_proj per head (docs/checkpoints.md) and add the field",
             path.display()
         );
+        check_hf_fields_agree(&json, &config).with_context(|| format!("{}", path.display()))?;
         return Ok(config);
     }
     hf_model_config(&json).with_context(|| format!("{}: unusable model config", path.display()))
+}
+
+/// The Hugging Face fields beside our `"sft"` section must describe the same model: transformers
+/// reads them, we read `"sft"`, so a file where they disagree (an edit, a bad merge) is two
+/// models at once. The RoPE style (our rows are stored in Hugging Face's order) and dropout are
+/// ours alone. A file with none of the Hugging Face fields has nothing to disagree with.
+fn check_hf_fields_agree(json: &serde_json::Value, sft: &ModelConfig) -> Result<()> {
+    if json.get("hidden_size").is_none() {
+        return Ok(());
+    }
+    let mut hf_only = json.clone();
+    if let Some(o) = hf_only.as_object_mut() {
+        o.remove("sft");
+    }
+    let hf = hf_model_config(&hf_only).context("the Hugging Face fields beside \"sft\" are unusable")?;
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * a.abs().max(b.abs());
+    let pairs: [(&str, &str, bool, String, String); 10] = [
+        (
+            "vocab_size",
+            "vocab_size",
+            hf.vocab_size == sft.vocab_size,
+            hf.vocab_size.to_string(),
+            sft.vocab_size.to_string(),
+        ),
+        (
+            "hidden_size",
+            "d_model",
+            hf.d_model == sft.d_model,
+            hf.d_model.to_string(),
+            sft.d_model.to_string(),
+        ),
+        (
+            "num_hidden_layers",
+            "n_layers",
+            hf.n_layers == sft.n_layers,
+            hf.n_layers.to_string(),
+            sft.n_layers.to_string(),
+        ),
+        (
+            "num_attention_heads",
+            "n_heads",
+            hf.n_heads == sft.n_heads,
+            hf.n_heads.to_string(),
+            sft.n_heads.to_string(),
+        ),
+        (
+            "num_key_value_heads",
+            "n_kv_heads",
+            hf.n_kv_heads == sft.n_kv_heads,
+            hf.n_kv_heads.to_string(),
+            sft.n_kv_heads.to_string(),
+        ),
+        (
+            "intermediate_size",
+            "ffn_hidden",
+            hf.ffn_hidden == sft.ffn_hidden,
+            hf.ffn_hidden.to_string(),
+            sft.ffn_hidden.to_string(),
+        ),
+        (
+            "max_position_embeddings",
+            "max_seq_len",
+            hf.max_seq_len == sft.max_seq_len,
+            hf.max_seq_len.to_string(),
+            sft.max_seq_len.to_string(),
+        ),
+        (
+            "rms_norm_eps",
+            "norm_eps",
+            close(hf.norm_eps as f64, sft.norm_eps as f64),
+            hf.norm_eps.to_string(),
+            sft.norm_eps.to_string(),
+        ),
+        (
+            "rope_theta",
+            "rope_theta",
+            close(hf.rope_theta as f64, sft.rope_theta as f64),
+            hf.rope_theta.to_string(),
+            sft.rope_theta.to_string(),
+        ),
+        (
+            "tie_word_embeddings",
+            "tie_embeddings",
+            hf.tie_embeddings == sft.tie_embeddings,
+            hf.tie_embeddings.to_string(),
+            sft.tie_embeddings.to_string(),
+        ),
+    ];
+    for (hf_name, sft_name, same, a, b) in pairs {
+        ensure!(
+            same,
+            "field {hf_name:?} = {a} disagrees with \"sft\".{sft_name} = {b}: transformers would load another \
+             model than sft; fix the file (or re-export it)"
+        );
+    }
+    ensure!(
+        hf.rope_scaling == sft.rope_scaling,
+        "field \"rope_scaling\" = {:?} disagrees with \"sft\".rope_scaling = {:?}: transformers would load \
+         another model than sft; fix the file (or re-export it)",
+        hf.rope_scaling,
+        sft.rope_scaling
+    );
+    Ok(())
 }
 
 /// A [`ModelConfig`] from the fields of a transformers `LlamaConfig`.
@@ -246,5 +350,25 @@ mod tests {
         std::fs::write(dir.path().join(CONFIG_FILE), hf_only.to_string()).unwrap();
         let from_hf_fields = read_model_config(dir.path()).unwrap();
         assert_eq!(from_hf_fields, ModelConfig { rope_style: RopeStyle::HalfSplit, dropout: 0.0, ..config });
+        // Both sections present but describing two models: refused, naming the field.
+        let edits: [(&str, serde_json::Value); 5] = [
+            ("num_hidden_layers", 1.into()),
+            ("hidden_size", 32.into()),
+            ("rope_theta", 500000.0.into()),
+            ("max_position_embeddings", 8.into()),
+            ("rope_scaling", serde_json::json!({"rope_type": "linear", "factor": 2.0})),
+        ];
+        for (field, value) in edits {
+            let mut two = json.clone();
+            two[field] = value;
+            std::fs::write(dir.path().join(CONFIG_FILE), two.to_string()).unwrap();
+            let err = format!("{:#}", read_model_config(dir.path()).unwrap_err());
+            let named = err.contains("disagrees with \"sft\"") || err.contains("beside \"sft\" are unusable");
+            assert!(err.contains(field) && named, "{field}: {err}");
+        }
+        // Our section alone (no Hugging Face fields) has nothing to disagree with.
+        let sft_only = serde_json::json!({"sft": config, QK_ORDER_FIELD: QK_ORDER_HF});
+        std::fs::write(dir.path().join(CONFIG_FILE), sft_only.to_string()).unwrap();
+        assert_eq!(read_model_config(dir.path()).unwrap(), config);
     }
 }

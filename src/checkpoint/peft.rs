@@ -161,6 +161,25 @@ pub fn read_adapter_config(dir: &Path) -> Result<(LoraConfig, Option<String>)> {
     Ok((LoraConfig::new(rank as usize, alpha as f32, dropout as f32, targets), base))
 }
 
+/// Says so when the adapter in `dir` records another base than `base` (its
+/// `base_model_name_or_path` names a directory here that is not `base`): its updates were trained
+/// against that base's weights. Only a warning: the recorded directory may hold a copy of the
+/// same weights, and a hub name or a path that no longer exists says nothing here.
+pub fn warn_if_another_base(dir: &Path, base: &Path) -> Result<()> {
+    let (_, recorded) = read_adapter_config(dir)?;
+    let Some(recorded) = recorded else { return Ok(()) };
+    let (Ok(a), Ok(b)) = (Path::new(&recorded).canonicalize(), base.canonicalize()) else { return Ok(()) };
+    if a != b {
+        eprintln!(
+            "warning: {} says the adapter was trained on {recorded}, not {}: its updates assume that \
+             base's weights",
+            dir.join(ADAPTER_CONFIG_FILE).display(),
+            base.display()
+        );
+    }
+    Ok(())
+}
+
 /// Reads the adapter in `dir` for a base of `config`: its LoRA config and internal tensors.
 /// A config or tensors that do not fit the base are errors naming the file and the field or
 /// tensor.
@@ -263,6 +282,7 @@ pub fn inference_model_with_adapter<B: Backend>(
     backend: B,
     max_tokens: usize,
 ) -> Result<Model<B>> {
+    warn_if_another_base(adapter, ckpt.dir())?;
     let (lora, adapters) = read_adapter(adapter, ckpt.config())?;
     let params = ckpt.read_params()?;
     let mut model = Model::with_lora(backend, ckpt.config().clone(), max_tokens, false, &lora)
@@ -274,6 +294,7 @@ pub fn inference_model_with_adapter<B: Backend>(
 
 /// `sft merge`: the base checkpoint's weights with the adapter folded in (`W += scale · B·A`).
 pub fn merged_params(ckpt: &Checkpoint, adapter: &Path) -> Result<Vec<NamedTensor>> {
+    warn_if_another_base(adapter, ckpt.dir())?;
     let (lora, adapters) = read_adapter(adapter, ckpt.config())?;
     let mut params = ckpt.read_params()?;
     crate::model::lora::merge_into(&lora, ckpt.config(), &mut params, &adapters)?;

@@ -12,6 +12,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::record::{Field, Row};
 use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde_json::Value;
 
@@ -236,25 +237,160 @@ fn is_parquet(path: &Path, file: &File) -> Result<bool> {
 /// Streams a Parquet file's rows (every row group, in order) as conversations: each row's JSON
 /// view (lists as lists, structs as objects, strings as strings) goes through the same schema
 /// mapping as a JSON record.
+///
+/// The `parquet` crate panics on some damaged files (slice bounds, assertions in its decoders)
+/// instead of returning an error, so every call into it runs under [`reader_call`].
 fn for_each_parquet_row(
     path: &Path,
     file: File,
     mut f: impl FnMut(usize, Conversation) -> Result<()>,
 ) -> Result<()> {
-    let reader = SerializedFileReader::new(file)
-        .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
-    let rows =
-        reader.get_row_iter(None).with_context(|| format!("{}: cannot read its rows", path.display()))?;
+    let name = path.display();
+    let unreadable = |at: &str, why: String| anyhow!("{name}: {at}not a readable Parquet file ({why})");
+    let reader = reader_call(|| SerializedFileReader::new(file))
+        .map_err(|p| unreadable("", p))?
+        .map_err(|e| unreadable("", short(&e.to_string())))?;
+    check_compression(path, &reader)?;
+    let mut rows = reader_call(|| reader.get_row_iter(None))
+        .map_err(|p| unreadable("", p))?
+        .map_err(|e| unreadable("", short(&e.to_string())))?;
     let mut n = 0;
-    for (index, row) in rows.enumerate() {
-        let row = row.with_context(|| format!("{}: row {index}: unreadable", path.display()))?;
-        let conv = parse_record(&row.to_json_value())
-            .map_err(|e| anyhow!("{}: row {index}: {e}", path.display()))?;
-        f(index, conv)?;
+    loop {
+        let at = format!("row {n}: ");
+        let Some(row) = reader_call(|| rows.next()).map_err(|p| unreadable(&at, p))? else { break };
+        let row = row.map_err(|e| unreadable(&at, short(&e.to_string())))?;
+        let record = row_to_json(&row).map_err(|e| anyhow!("{name}: row {n}: {e}"))?;
+        let conv = parse_record(&record).map_err(|e| anyhow!("{name}: row {n}: {e}"))?;
+        f(n, conv)?;
         n += 1;
     }
     if n == 0 {
-        bail!("{}: the Parquet file holds no rows", path.display());
+        bail!("{name}: the Parquet file holds no rows");
     }
     Ok(())
+}
+
+/// The crate is built with Snappy only (each codec is a build-time cost): other codecs are named
+/// up front, rather than as the crate's "Disabled feature at compile time" at the first page.
+fn check_compression(path: &Path, reader: &SerializedFileReader<File>) -> Result<()> {
+    use parquet::basic::Compression;
+    for group in reader.metadata().row_groups() {
+        for column in group.columns() {
+            let codec = column.compression();
+            if !matches!(codec, Compression::UNCOMPRESSED | Compression::SNAPPY) {
+                let codec = format!("{codec:?}");
+                let codec = codec.split('(').next().unwrap_or_default().to_lowercase();
+                bail!(
+                    "{}: column `{}` is {codec}-compressed: only uncompressed and Snappy Parquet files \
+                     are supported (write it with compression=\"snappy\", pyarrow's and `datasets`' default)",
+                    path.display(),
+                    column.column_path().string()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A reader's message cut to a readable length: some embed a whole schema or page as Debug text.
+fn short(msg: &str) -> String {
+    const MAX: usize = 300;
+    match msg.char_indices().nth(MAX) {
+        Some((i, _)) => format!("{}...", &msg[..i]),
+        None => msg.to_string(),
+    }
+}
+
+thread_local! {
+    /// Set while this thread is inside [`reader_call`]: its panics are expected and reported as
+    /// errors, so the panic hook keeps quiet about them (and records where they happened).
+    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static PANIC_AT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `call` into the Parquet reader, turning a panic into `Err("the reader failed: ...")`
+/// without the hook's "thread panicked" message on stderr.
+///
+/// The hook is process-wide, so it is wrapped once and defers to the previous one for every
+/// panic outside a `reader_call` (other threads, other code) — only this thread's, here, are
+/// silenced.
+fn reader_call<T>(call: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    static WRAP_HOOK: std::sync::Once = std::sync::Once::new();
+    WRAP_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if QUIET_PANICS.with(|q| q.get()) {
+                let at = info.location().map(|l| format!("{}:{}", l.file(), l.line()));
+                PANIC_AT.with(|p| *p.borrow_mut() = at);
+            } else {
+                previous(info)
+            }
+        }));
+    });
+    let was_quiet = QUIET_PANICS.with(|q| q.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(call));
+    QUIET_PANICS.with(|q| q.set(was_quiet));
+    result.map_err(|payload| {
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("a panic without a message");
+        let at = PANIC_AT.with(|p| p.borrow_mut().take());
+        let at = at.map(|a| format!(" at {a}")).unwrap_or_default();
+        format!("the reader failed: {}{at}", short(msg))
+    })
+}
+
+/// A row as JSON, as the crate's `to_json_value` sees it except for binary: a BYTE_ARRAY column
+/// without the UTF8 annotation (pyarrow's `pa.binary()`) would become base64 text there, which
+/// would be trained on as if it were the text. It is read as UTF-8 here, or refused.
+fn row_to_json(row: &Row) -> std::result::Result<Value, String> {
+    let mut obj = serde_json::Map::new();
+    for (key, field) in row.get_column_iter() {
+        obj.insert(key.clone(), field_to_json(field, key)?);
+    }
+    Ok(Value::Object(obj))
+}
+
+fn field_to_json(field: &Field, at: &str) -> std::result::Result<Value, String> {
+    Ok(match field {
+        Field::Bytes(b) => match std::str::from_utf8(b.data()) {
+            Ok(s) => Value::String(s.to_string()),
+            Err(e) => {
+                return Err(format!(
+                    "field `{at}`: binary column that is not UTF-8 (invalid byte at {} of {})",
+                    e.valid_up_to(),
+                    b.data().len()
+                ))
+            }
+        },
+        Field::Group(row) => {
+            let mut obj = serde_json::Map::new();
+            for (key, f) in row.get_column_iter() {
+                obj.insert(key.clone(), field_to_json(f, &format!("{at}.{key}"))?);
+            }
+            Value::Object(obj)
+        }
+        Field::ListInternal(list) => Value::Array(
+            list.elements()
+                .iter()
+                .enumerate()
+                .map(|(i, f)| field_to_json(f, &format!("{at}[{i}]")))
+                .collect::<std::result::Result<_, _>>()?,
+        ),
+        Field::MapInternal(map) => {
+            let mut obj = serde_json::Map::new();
+            for (k, v) in map.entries() {
+                let key = match field_to_json(k, &format!("{at} (a key)"))? {
+                    Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                let value = field_to_json(v, &format!("{at}.{key}"))?;
+                obj.insert(key, value);
+            }
+            Value::Object(obj)
+        }
+        other => other.to_json_value(),
+    })
 }

@@ -17,8 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use super::batch::Batch;
 use super::example::Example;
+use super::prepare::ShardRecord;
 pub use super::shard::ExampleRef;
-use super::shard::Shard;
+use super::shard::{Shard, ShardHeader};
 use super::tokenizer::ChatTokenizer;
 use crate::rng::Rng;
 
@@ -59,7 +60,7 @@ impl fmt::Debug for Dataset {
 }
 
 /// The `{split}-NNNNN.bin` shards of a directory, in name order.
-fn split_paths(dir: &Path, split: Split) -> Result<Vec<PathBuf>> {
+pub(crate) fn split_paths(dir: &Path, split: Split) -> Result<Vec<PathBuf>> {
     let prefix = format!("{}-", split.name());
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("{}: cannot read prepared data directory", dir.display()))?
@@ -72,6 +73,92 @@ fn split_paths(dir: &Path, split: Split) -> Result<Vec<PathBuf>> {
         .collect();
     paths.sort();
     Ok(paths)
+}
+
+/// Checks the shard files of a prepared directory (both splits, with their headers) against the
+/// record of the run in `prepare.json`: the same names, and in each the example count and
+/// checksum recorded for that name. So a shard added (a copy of another under a new name), lost,
+/// or renamed across splits is refused, even though its header names the same run. Sets written
+/// before the record listed its checksums are checked by names and example counts.
+fn check_shard_record(
+    dir: &Path,
+    meta_path: &Path,
+    report: &serde_json::Value,
+    headers: &[(PathBuf, ShardHeader)],
+) -> Result<()> {
+    let name_of = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let records: Option<Vec<ShardRecord>> =
+        report.get("shard_files").map(|v| serde_json::from_value(v.clone())).transpose().with_context(
+            || format!("{}: field `report.shard_files`: not a list of shards", meta_path.display()),
+        )?;
+    let listed: Vec<(String, Option<&ShardRecord>)> = match &records {
+        Some(records) => records.iter().map(|r| (r.file.clone(), Some(r))).collect(),
+        None => {
+            let shards = report["shards"].as_array().with_context(|| {
+                format!(
+                    "{}: field `report.shards` is missing: not a record of an `sft prepare` run; re-run \
+                     `sft prepare`",
+                    meta_path.display()
+                )
+            })?;
+            shards.iter().map(|p| (name_of(Path::new(p.as_str().unwrap_or_default())), None)).collect()
+        }
+    };
+    let names: Vec<&str> = listed.iter().map(|(n, _)| n.as_str()).collect();
+    for (path, h) in headers {
+        let name = name_of(path);
+        let Some((_, record)) = listed.iter().find(|(n, _)| *n == name) else {
+            bail!(
+                "{}: not a shard of this prepared set ({} lists {}): a copied or leftover file; remove it \
+                 or re-run `sft prepare`",
+                path.display(),
+                meta_path.display(),
+                names.join(", ")
+            );
+        };
+        if let Some(r) = record {
+            let checksum = format!("{:016x}", h.checksum);
+            ensure!(
+                r.n_examples == h.n_examples && r.checksum == checksum,
+                "{}: not the shard {} records under this name (it holds {} examples, checksum {checksum}; \
+                 recorded: {} examples, checksum {}): a shard renamed, swapped or copied over; re-run \
+                 `sft prepare`",
+                path.display(),
+                meta_path.display(),
+                h.n_examples,
+                r.n_examples,
+                r.checksum
+            );
+        }
+    }
+    for name in &names {
+        ensure!(
+            headers.iter().any(|(p, _)| name_of(p) == *name),
+            "{}: missing ({} lists it); re-run `sft prepare`",
+            dir.join(name).display(),
+            meta_path.display()
+        );
+    }
+    if records.is_none() {
+        for (split, field) in [("train-", "n_train"), ("val-", "n_val")] {
+            let held: u64 = headers
+                .iter()
+                .filter(|(p, _)| name_of(p).starts_with(split))
+                .map(|(_, h)| h.n_examples)
+                .sum();
+            let recorded = report[field].as_u64();
+            ensure!(
+                recorded == Some(held),
+                "{}: its {}NNNNN.bin shards hold {held} examples, {} records {field} = {}: shards renamed \
+                 or swapped; re-run `sft prepare`",
+                dir.display(),
+                split,
+                meta_path.display(),
+                recorded.map_or("nothing".to_string(), |n| n.to_string())
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The error for two files that disagree on the tokenizer (or the `sft prepare` run).
@@ -106,6 +193,8 @@ impl Dataset {
             Split::Train => Split::Val,
             Split::Val => Split::Train,
         };
+        let mut headers: Vec<(PathBuf, ShardHeader)> =
+            ds.shards.iter().map(|s| (s.path().to_path_buf(), *s.header())).collect();
         for p in split_paths(dir, other)? {
             let h = super::shard::read_header(&p)?;
             if h.fingerprint != ds.fingerprint {
@@ -119,11 +208,14 @@ impl Dataset {
             }
             ensure!(
                 h.set_id == ds.set_id,
-                "{} and {} come from different `sft prepare` runs (an interrupted or mixed directory); \
-                 re-run `sft prepare`",
+                "{} and {} come from different `sft prepare` runs (set ids {:016x} and {:016x}: an \
+                 interrupted or mixed directory); re-run `sft prepare`",
                 p.display(),
-                first.display()
+                first.display(),
+                h.set_id,
+                ds.set_id
             );
+            headers.push((p, h));
         }
         let tok_path = dir.join("tokenizer.json");
         if let Ok(bytes) = std::fs::read(&tok_path) {
@@ -138,33 +230,44 @@ impl Dataset {
                 ));
             }
         }
+        // The record of the run is what tells a complete set from shards copied in, left over
+        // or swapped: without it nothing can be checked, so a directory without one is refused.
         let meta_path = dir.join("prepare.json");
-        if let Ok(text) = std::fs::read_to_string(&meta_path) {
-            let meta: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{}: invalid JSON", meta_path.display()))?;
-            let report = &meta["report"];
-            let hex = |field: &str| report[field].as_str().and_then(|s| u64::from_str_radix(s, 16).ok());
-            if let Some(f) = hex("tokenizer_fingerprint") {
-                if f != ds.fingerprint {
-                    return Err(mismatch(
-                        "prepare.json describes another set of shards",
-                        &meta_path,
-                        f,
-                        first,
-                        ds.fingerprint,
-                    ));
-                }
-            }
-            if let Some(set) = hex("set_id") {
-                ensure!(
-                    set == ds.set_id,
-                    "{}: shards of another `sft prepare` run than {} describes (an interrupted or mixed \
-                     directory); re-run `sft prepare`",
-                    first.display(),
-                    meta_path.display()
-                );
+        let text = match std::fs::read_to_string(&meta_path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                "{}: no prepare.json, the record of the `sft prepare` run that wrote the shards, so they \
+                 cannot be checked; re-run `sft prepare`",
+                dir.display()
+            ),
+            Err(e) => return Err(e).with_context(|| format!("{}: cannot read", meta_path.display())),
+        };
+        let meta: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", meta_path.display()))?;
+        let report = &meta["report"];
+        let hex = |field: &str| report[field].as_str().and_then(|s| u64::from_str_radix(s, 16).ok());
+        if let Some(f) = hex("tokenizer_fingerprint") {
+            if f != ds.fingerprint {
+                return Err(mismatch(
+                    "prepare.json describes another set of shards",
+                    &meta_path,
+                    f,
+                    first,
+                    ds.fingerprint,
+                ));
             }
         }
+        if let Some(set) = hex("set_id") {
+            ensure!(
+                set == ds.set_id,
+                "{}: shards of another `sft prepare` run than {} describes (set ids {:016x} and {set:016x}: \
+                 an interrupted or mixed directory); re-run `sft prepare`",
+                first.display(),
+                meta_path.display(),
+                ds.set_id
+            );
+        }
+        check_shard_record(dir, &meta_path, report, &headers)?;
         Ok(ds)
     }
 
@@ -187,11 +290,14 @@ impl Dataset {
             }
             ensure!(
                 h.pad_id == first.pad_id && h.set_id == first.set_id,
-                "{} and {} come from different `sft prepare` runs (pad id {} vs {}); re-run `sft prepare`",
+                "{} and {} come from different `sft prepare` runs ({}); re-run `sft prepare`",
                 s.path().display(),
                 shards[0].path().display(),
-                h.pad_id,
-                first.pad_id
+                if h.set_id != first.set_id {
+                    format!("set ids {:016x} and {:016x}", h.set_id, first.set_id)
+                } else {
+                    format!("pad ids {} and {}", h.pad_id, first.pad_id)
+                }
             );
         }
         let mut starts = vec![0];
@@ -553,8 +659,8 @@ impl Loader {
         loader.plan_epoch();
         if loader.batches_per_epoch() == 0 {
             bail!(
-                "{:?}: {} examples make no full batch of {} ({:?} mode, max_seq_len {})",
-                loader.dataset,
+                "{}: {} examples make no full batch of {} ({:?} mode, max_seq_len {})",
+                loader.dataset.dir.display(),
                 loader.dataset.len(),
                 loader.cfg.batch_size,
                 loader.cfg.mode,

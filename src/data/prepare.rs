@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::chat::{for_each_conversation, Conversation};
 use super::example::{tokenize_conversation, Example};
 use super::format::TrainOn;
-use super::shard::{Shard, ShardWriter};
+use super::shard::{read_header, Shard, ShardWriter};
 use super::template::{tokenizer_config_beside, tokenizer_config_json, TOKENIZER_CONFIG_FILE};
 use super::tokenizer::{ChatTokenizer, FormatChoice};
 use crate::rng::Rng;
@@ -76,6 +76,29 @@ pub struct PrepareReport {
     /// All tokens formatted and tokenized (skipped examples included) per second.
     pub tokens_per_s: f64,
     pub shards: Vec<PathBuf>,
+    /// Every shard of the set: a reader checks the directory's shard files against this list, so
+    /// that a shard added, removed, copied or swapped between splits is refused (older sets,
+    /// without it, are checked by name and example counts only).
+    #[serde(default)]
+    pub shard_files: Vec<ShardRecord>,
+}
+
+/// One shard of a prepared set as `prepare.json` records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardRecord {
+    /// The file name in the directory, e.g. `train-00000.bin`.
+    pub file: String,
+    pub n_examples: u64,
+    /// The header's checksum (hex): tells two shards of one run apart when their counts agree.
+    pub checksum: String,
+}
+
+impl ShardRecord {
+    fn of(path: &Path) -> Result<Self> {
+        let h = read_header(path)?;
+        let file = path.file_name().and_then(|n| n.to_str()).context("a shard file name")?.to_string();
+        Ok(ShardRecord { file, n_examples: h.n_examples, checksum: format!("{:016x}", h.checksum) })
+    }
 }
 
 /// Name of the `index`-th shard of a split.
@@ -84,14 +107,16 @@ pub fn shard_name(split: &str, index: usize) -> String {
 }
 
 /// Files that belong to a prepared set (everything else in the directory is the user's and kept).
+/// Exact names only: a prefix match also claimed the user's `prepare.json.bak` or
+/// `train-notes.bin`, which the swap then deleted with the old set.
 fn is_set_file(name: &str) -> bool {
-    let shard = (name.starts_with("train-") || name.starts_with("val-"))
-        && (name.ends_with(".bin") || name.ends_with(".bin.tmp"));
-    shard
-        || name.starts_with("spool.bin")
-        || name.starts_with("tokenizer.json")
-        || name.starts_with(TOKENIZER_CONFIG_FILE)
-        || name.starts_with("prepare.json")
+    let name = name.strip_suffix(".tmp").unwrap_or(name);
+    let shard = ["train-", "val-"].iter().any(|split| {
+        name.strip_prefix(split)
+            .and_then(|rest| rest.strip_suffix(".bin"))
+            .is_some_and(|n| n.len() >= 5 && n.bytes().all(|b| b.is_ascii_digit()))
+    });
+    shard || ["spool.bin", "tokenizer.json", TOKENIZER_CONFIG_FILE, "prepare.json"].contains(&name)
 }
 
 /// Test hook: with `SFT_PREPARE_KILL_AT=N`, the process aborts (no cleanup, like a SIGKILL) at
@@ -119,6 +144,65 @@ fn sibling_dirs(out: &Path) -> Result<(PathBuf, PathBuf)> {
         .with_context(|| format!("{}: not a usable output directory name", out.display()))?;
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     Ok((parent.join(format!("{name}.prepare-tmp")), parent.join(format!("{name}.prepare-old"))))
+}
+
+/// The directory a prepare writes: `--out` itself, or the directory a symbolic link there points
+/// to. The swap renames directories, so a link would itself be replaced by a real directory (and
+/// its target left with the old set); a regular file would be renamed away as if it were an old
+/// set. Both are settled before anything is touched.
+fn resolve_out(out: &Path) -> Result<PathBuf> {
+    match std::fs::symlink_metadata(out) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(out.to_path_buf()),
+        Err(e) => Err(e).with_context(|| format!("--out {}: cannot stat", out.display())),
+        Ok(meta) => {
+            let target = std::fs::canonicalize(out).map_err(|e| {
+                let what = if meta.file_type().is_symlink() { "a symbolic link whose target" } else { "it" };
+                anyhow::anyhow!("--out {}: {what} cannot be resolved: {e}", out.display())
+            })?;
+            ensure!(
+                target.is_dir(),
+                "--out {} exists and is not a directory{}: refusing to replace it (give a directory for \
+                 the prepared set)",
+                out.display(),
+                if meta.file_type().is_symlink() {
+                    format!(" (a symbolic link to {})", target.display())
+                } else {
+                    String::new()
+                }
+            );
+            Ok(target)
+        }
+    }
+}
+
+/// Refuses to replace a directory that is not a prepared set: its files would be carried into
+/// the new set and the directory itself exchanged, which is only meant for our own directories.
+/// An empty directory, or one holding only a set's files (an older set without prepare.json
+/// included), is fine; user files beside a `prepare.json` are carried over.
+fn ensure_replaceable(out: &Path) -> Result<()> {
+    if !out.is_dir() || out.join("prepare.json").is_file() {
+        return Ok(());
+    }
+    let mut foreign: Vec<String> = Vec::new();
+    for entry in std::fs::read_dir(out).with_context(|| format!("{}: cannot list", out.display()))? {
+        let name = entry.with_context(|| format!("{}: cannot list", out.display()))?.file_name();
+        let name = name.to_string_lossy();
+        if !is_set_file(&name) {
+            foreign.push(format!("`{name}`"));
+        }
+    }
+    if !foreign.is_empty() {
+        foreign.sort();
+        let more = if foreign.len() > 3 { format!(" and {} more", foreign.len() - 3) } else { String::new() };
+        foreign.truncate(3);
+        bail!(
+            "--out {} is a directory that holds other files ({}{more}) and no prepare.json: not a \
+             prepared directory, so it is left as it is; give a new or empty directory",
+            out.display(),
+            foreign.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Moves the user's entries (anything not part of a prepared set) from `from` into `to`.
@@ -278,6 +362,44 @@ impl SplitWriter {
     }
 }
 
+/// Writes `dir/prepare.json` for shards made without `sft prepare` (by another tool, or a test
+/// that rewrites a prepared set): it records the `train-NNNNN.bin` and `val-NNNNN.bin` files
+/// there now, which must share one tokenizer and one set id, so that
+/// [`super::Dataset::open`] accepts the directory as it is. Written to a temporary file and
+/// renamed.
+pub fn record_shards(dir: &Path) -> Result<PrepareReport> {
+    use super::loader::{split_paths, Split};
+    let mut report = PrepareReport::default();
+    let mut first: Option<(PathBuf, u64, u64)> = None;
+    for split in [Split::Train, Split::Val] {
+        for path in split_paths(dir, split)? {
+            let h = read_header(&path)?;
+            let (p0, f0, s0) = first.get_or_insert_with(|| (path.clone(), h.fingerprint, h.set_id));
+            ensure!(
+                (h.fingerprint, h.set_id) == (*f0, *s0),
+                "{} and {}: shards of different tokenizers or runs cannot be recorded as one set",
+                path.display(),
+                p0.display()
+            );
+            match split {
+                Split::Train => report.n_train += h.n_examples as usize,
+                Split::Val => report.n_val += h.n_examples as usize,
+            }
+            report.shard_files.push(ShardRecord::of(&path)?);
+            report.shards.push(path);
+        }
+    }
+    let Some((_, fingerprint, set_id)) = first else { bail!("{}: no shards to record", dir.display()) };
+    report.tokenizer_fingerprint = format!("{fingerprint:016x}");
+    report.set_id = format!("{set_id:016x}");
+    let meta = serde_json::json!({ "options": null, "report": &report });
+    let (path, tmp) = (dir.join("prepare.json"), dir.join("prepare.json.tmp"));
+    std::fs::write(&tmp, serde_json::to_string_pretty(&meta)?)
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("{}: cannot write", path.display()))?;
+    Ok(report)
+}
+
 /// Tokenizes conversations in parallel; `Err` names the example index.
 pub fn tokenize_all(
     tok: &ChatTokenizer,
@@ -301,10 +423,11 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
         "train share must be in (0, 1], got {}",
         opts.train_share
     );
+    let out = &resolve_out(&opts.out_dir)?;
     let tok = ChatTokenizer::load(&opts.tokenizer, &opts.chat)?;
-    let out = &opts.out_dir;
     let (staging, old) = sibling_dirs(out)?;
     recover(out, &staging, &old)?;
+    ensure_replaceable(out)?;
     std::fs::create_dir_all(&staging)
         .with_context(|| format!("{}: cannot create output directory", staging.display()))?;
     // Distinct per run, so that shards of two runs in one directory are told apart even when
@@ -387,6 +510,24 @@ fn build_set(opts: &PrepareOptions, tok: &ChatTokenizer, dir: &Path, set_id: u64
 
     let spool = Shard::open(&spool_path)?;
     let n = spool.len();
+    let n_train = train_count(n, opts.train_share);
+    ensure!(
+        n_train > 0,
+        "--train-share {} leaves the train split empty ({n} examples kept, round({n} × {}) = 0): \
+         raise --train-share",
+        opts.train_share,
+        opts.train_share
+    );
+    if n_train == n && opts.train_share < 1.0 {
+        // Refusing would stop every small file at the default share; the trainer runs without
+        // validation when the split is empty, so this only has to be said.
+        eprintln!(
+            "warning: --train-share {} leaves the validation split empty ({n} examples kept, \
+             round({n} × {}) = {n}): no validation loss; lower --train-share for one, or pass \
+             --train-share 1 to say that none is meant",
+            opts.train_share, opts.train_share
+        );
+    }
     let is_val = split_assignment(n, opts.train_share, opts.seed);
     let mk = |split| SplitWriter {
         dir: dir.to_path_buf(),
@@ -412,6 +553,8 @@ fn build_set(opts: &PrepareOptions, tok: &ChatTokenizer, dir: &Path, set_id: u64
     std::fs::remove_file(&spool_path).with_context(|| format!("{}: cannot remove", spool_path.display()))?;
     report.n_train = n_train;
     report.n_val = n_val;
+    report.shard_files =
+        train_shards.iter().chain(&val_shards).map(|p| ShardRecord::of(p)).collect::<Result<_>>()?;
     // Named where they will be once the set is swapped in.
     report.shards = train_shards
         .into_iter()
@@ -446,12 +589,17 @@ fn build_set(opts: &PrepareOptions, tok: &ChatTokenizer, dir: &Path, set_id: u64
     Ok(report)
 }
 
+/// The train split's size: `round(n · train_share)` (SimpleLLaMA shuffles, then cuts).
+fn train_count(n: usize, train_share: f64) -> usize {
+    ((n as f64 * train_share).round() as usize).min(n)
+}
+
 /// `true` for the examples of the validation split: a seeded shuffle of `0..n`, whose first
 /// `round(n · train_share)` go to train (SimpleLLaMA shuffles, then cuts).
 pub fn split_assignment(n: usize, train_share: f64, seed: u64) -> Vec<bool> {
     let mut order: Vec<usize> = (0..n).collect();
     Rng::new(seed).shuffle(&mut order);
-    let n_train = ((n as f64 * train_share).round() as usize).min(n);
+    let n_train = train_count(n, train_share);
     let mut is_val = vec![false; n];
     for &i in &order[n_train..] {
         is_val[i] = true;

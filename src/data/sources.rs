@@ -71,16 +71,43 @@ pub fn parse_record(record: &Value) -> Result<Conversation> {
              `prompt`/`completion`; found {}",
             field_list(obj.keys().map(String::as_str))
         ),
-        [Schema::SimpleLlama] => simplellama(obj),
-        [Schema::Messages] => messages(obj),
-        [Schema::ShareGpt] => sharegpt(obj),
+        [Schema::SimpleLlama] => {
+            unread(obj, &["system", "input"], "SimpleLLaMA's `Template`").and_then(|_| simplellama(obj))
+        }
+        [Schema::Messages] => unread(obj, &["system", "input"], "a system message first in `messages`")
+            .and_then(|_| messages(obj)),
+        [Schema::ShareGpt] => unread(obj, &["system", "input"], "a system message first in `conversations`")
+            .and_then(|_| sharegpt(obj)),
         [Schema::Alpaca] => alpaca(obj),
-        [Schema::PromptCompletion] => prompt_completion(obj),
+        [Schema::PromptCompletion] => {
+            let lists = obj.get("prompt").is_some_and(Value::is_array);
+            let fields: &[&str] = if lists { &["system", "input"] } else { &["input"] };
+            unread(obj, fields, "a system message first in `prompt`").and_then(|_| prompt_completion(obj))
+        }
         several => {
             let fields = several.iter().flat_map(|s| s.keys()).filter(|k| obj.contains_key(**k)).copied();
             bail!("fields {}: one record mixes two schemas; only one would be read", field_list(fields))
         }
     }
+}
+
+/// Refuses fields of another schema that this one would drop (a top-level `system` beside
+/// `messages`, an Alpaca `input` beside `prompt`/`completion`): a system prompt lost without a word
+/// trains another conversation than the file holds. Null or empty ones (a Parquet column of
+/// another schema's rows) carry nothing and are let through. `instead` says where this schema
+/// takes what the field meant.
+fn unread(obj: &Map<String, Value>, fields: &[&str], instead: &str) -> Result<()> {
+    for &field in fields {
+        match obj.get(field) {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) if s.is_empty() => {}
+            Some(_) => {
+                let what = if field == "system" { "the system prompt goes in" } else { "its text goes in" };
+                bail!("field `{field}`: not read with this record's schema, so it would be dropped ({what} {instead})")
+            }
+        }
+    }
+    Ok(())
 }
 
 fn field_list<'a>(keys: impl Iterator<Item = &'a str>) -> String {
@@ -377,6 +404,32 @@ mod tests {
             parse(json!({"id": 7, "prompt": null, "instruction": "Add 2 and 3.", "output": "5"})).unwrap(),
             one(DEFAULT_SYSTEM_PROMPT)
         );
+    }
+
+    /// A field this record's schema does not read was dropped silently: a top-level system
+    /// prompt beside `messages` trained the default one instead.
+    #[test]
+    fn fields_another_schema_would_read_are_refused_not_dropped() {
+        let msgs = json!([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]);
+        let sharegpt = json!([{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]);
+        let cases = [
+            json!({"messages": msgs, "system": "SYS"}),
+            json!({"conversations": sharegpt, "system": "SYS"}),
+            json!({"Template": ["CUSTOM"], "User": ["a"], "Assistant": ["b"], "system": "SYS"}),
+            json!({"Template": ["CUSTOM"], "User": ["a"], "Assistant": ["b"], "input": "more"}),
+            json!({"prompt": "a", "completion": "b", "input": "more"}),
+            json!({"prompt": [{"role": "user", "content": "a"}], "completion": [{"role": "assistant", "content": "b"}],
+                   "system": "SYS"}),
+        ];
+        for case in cases {
+            let e = err(case.clone());
+            assert!(
+                e.contains("not read with this record's schema") && e.contains("would be dropped"),
+                "{case}: {e}"
+            );
+        }
+        // Null or empty: nothing to lose (Parquet rows carry every column of the file).
+        assert!(parse(json!({"messages": msgs, "system": null, "input": ""})).is_ok());
     }
 
     #[test]

@@ -587,6 +587,14 @@ fn token_boundary(
     Ok(prefix.len())
 }
 
+/// The first 40 characters of a message, for an error.
+fn preview(text: &str) -> String {
+    match text.char_indices().nth(40) {
+        Some((i, _)) => format!("{}…", &text[..i]),
+        None => text.to_string(),
+    }
+}
+
 /// Formats and tokenizes a conversation with its template; supervised: the assistant replies
 /// (every one, or the final one) through the template's stop token.
 pub fn tokenize_with_template(
@@ -632,6 +640,18 @@ pub fn tokenize_with_template(
                     tpl.name()
                 );
             }
+            // The span must hold the reply: a template that leaves it out (or renders nothing)
+            // would otherwise give an example with no supervised token, or supervise the template's
+            // own text, without a word.
+            let content = &messages[k].content;
+            if !text[prompt.len()..through.len()].contains(content.as_str()) {
+                bail!(
+                    "{}: assistant message {k} ({:?}) is not rendered between the generation prompt and the end \
+                     of its turn; the loss mask cannot be located exactly",
+                    tpl.name(),
+                    preview(content)
+                );
+            }
             let a = token_boundary(tok, tpl, &text, prompt.len(), &tokens, &segments)?;
             let b = token_boundary(tok, tpl, &text, through.len(), &tokens, &segments)?;
             spans.push(a..b);
@@ -652,8 +672,18 @@ pub fn tokenize_with_template(
         } else {
             r
         };
-        let end = ex.tokens[r.clone()].iter().position(|&t| t == stop).map_or(r.end, |p| r.start + p + 1);
-        ex.supervised[r.start..end].iter_mut().for_each(|s| *s = true);
+        let Some(p) = ex.tokens[r.clone()].iter().position(|&t| t == stop) else {
+            // A model never shown its stop token as a target does not learn to stop.
+            bail!(
+                "{}: an assistant reply (tokens {}..{}) ends without the stop token {} ({stop}); the template \
+                 must write it after each reply",
+                tpl.name(),
+                r.start,
+                r.end,
+                tok.inner().id_to_token(stop).unwrap_or_default()
+            );
+        };
+        ex.supervised[r.start..r.start + p + 1].iter_mut().for_each(|s| *s = true);
     }
     let pad = tok.pad_id();
     if let Some(i) = (0..ex.len()).find(|&i| ex.supervised[i] && ex.tokens[i] == pad) {

@@ -122,6 +122,10 @@ pub fn generate_ids<B: Backend>(
     cfg.validate()?;
     ensure!(!prompt.is_empty(), "the prompt has no tokens");
     let max_len = model.config().max_seq_len;
+    ensure!(
+        max_len >= 2,
+        "the model's context (max_seq_len {max_len}) leaves no room for a prompt and a reply"
+    );
     let dropped = prompt.len().saturating_sub(max_len - 1);
     if dropped > 0 {
         // The reply then answers a different conversation than the one given: say so.
@@ -162,7 +166,15 @@ pub fn generate_reply<B: Backend>(
     rng: &mut Rng,
 ) -> Result<String> {
     let prompt = tok.encode_prompt(system, history, user)?;
-    let (ids, _) = generate_ids(model, &prompt, tok.eoa_id(), cfg, rng)?;
+    let (ids, why) = generate_ids(model, &prompt, tok.eoa_id(), cfg, rng)?;
+    if why == StopReason::Context {
+        // The reply did not end: it ran into the end of the model's context.
+        eprintln!(
+            "note: the reply was cut after {} tokens: the model's context of {} tokens is full",
+            ids.len(),
+            model.config().max_seq_len
+        );
+    }
     // A reply's first token carries the space that the byte-level pre-tokenizer puts before
     // every text piece: it is not part of the reply.
     let text = tok.decode(&ids)?;

@@ -67,7 +67,11 @@ impl LoraArgs {
 /// Checks what can be checked of a run's `lora` before the model is known.
 pub fn validate(lora: &LoraConfig) -> Result<()> {
     ensure!(lora.rank > 0, "lora.rank must be at least 1 (--lora-rank)");
-    ensure!(lora.alpha.is_finite() && lora.alpha > 0.0, "lora.alpha must be positive (got {})", lora.alpha);
+    ensure!(
+        lora.alpha.is_finite() && lora.alpha > 0.0 && lora.alpha <= 1e6,
+        "lora.alpha must be in (0, 1e6] (got {})",
+        lora.alpha
+    );
     ensure!((0.0..1.0).contains(&lora.dropout), "lora.dropout must be in [0, 1) (got {})", lora.dropout);
     ensure!(!lora.targets.is_empty(), "lora.targets must name at least one projection (--lora-targets)");
     Ok(())

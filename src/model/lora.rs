@@ -182,9 +182,11 @@ impl LoraConfig {
     pub fn validate(&self, config: &ModelConfig) -> Result<()> {
         ensure!(!self.targets.is_empty(), "lora.targets: no target projection given");
         ensure!(self.rank > 0, "lora.rank must be at least 1 (got 0)");
+        // Bounded too: an absurd alpha (a corrupt adapter_config.json) scales the adapters'
+        // updates past anything a weight can hold.
         ensure!(
-            self.alpha.is_finite() && self.alpha > 0.0,
-            "lora.alpha must be positive (got {})",
+            self.alpha.is_finite() && self.alpha > 0.0 && self.alpha <= 1e6,
+            "lora.alpha must be in (0, 1e6] (got {})",
             self.alpha
         );
         ensure!((0.0..1.0).contains(&self.dropout), "lora.dropout must be in [0, 1) (got {})", self.dropout);
