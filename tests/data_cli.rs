@@ -146,3 +146,24 @@ fn a_train_share_that_empties_a_split_is_named() {
     assert!(err.contains(&format!("{}: 200 examples make no full batch", s(&out))), "{err}");
     assert!(!err.contains("Dataset {"), "{err}");
 }
+
+/// SimpleLLaMA's bpe_8k has no token for tab, `{` or any byte of a non-ASCII character, and drops
+/// them from the text as SimpleLLaMA does; prepare keeps those tokens but says what was lost.
+#[test]
+fn prepare_says_which_characters_the_tokenizer_drops() {
+    let Some(tok) = common::data::simplellama_tokenizer() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("chat.json");
+    let mut convs = synthetic_conversations(20, 4);
+    convs[3].turns[0].user.push_str(" café {x}");
+    write_simplellama_json(&data, &convs);
+    let out = dir.path().join("prep");
+    let o = command()
+        .args(["prepare", "--data", s(&data), "--tokenizer", s(&tok), "--out", s(&out), "--train-share", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("1 of 20 examples hold characters the tokenizer has no token for"), "{err}");
+    assert!(err.contains("'é'") && err.contains("'{'"), "{err}");
+}

@@ -462,8 +462,21 @@ fn build_set(opts: &PrepareOptions, tok: &ChatTokenizer, dir: &Path, set_id: u64
         ..Default::default()
     };
     let mut all_tokens = 0u64;
+    // Characters the tokenizer has no token for are dropped from the texts, as SimpleLLaMA's
+    // bpe_8k drops tab, `{` and every non-ASCII character: its recipe trains on what is left,
+    // so the tokens stay, but it is said (examples touched, and which characters).
+    let (mut lossy_examples, mut lost_chars) = (0usize, std::collections::BTreeSet::new());
     let mut chunk: Vec<Conversation> = Vec::with_capacity(CHUNK);
     let mut flush = |chunk: &mut Vec<Conversation>, report: &mut PrepareReport| -> Result<()> {
+        for conv in chunk.iter() {
+            let texts =
+                std::iter::once(&conv.system).chain(conv.turns.iter().flat_map(|t| [&t.user, &t.assistant]));
+            let lost: Vec<char> = texts.flat_map(|t| tok.dropped_chars(t)).collect();
+            if !lost.is_empty() {
+                lossy_examples += 1;
+                lost_chars.extend(lost);
+            }
+        }
         let first = report.n_conversations;
         let examples = tokenize_all(tok, chunk, first, opts.train_on)
             .with_context(|| format!("{}", opts.data.display()))?;
@@ -489,6 +502,17 @@ fn build_set(opts: &PrepareOptions, tok: &ChatTokenizer, dir: &Path, set_id: u64
     })?;
     flush(&mut chunk, &mut report)?;
     spool.finish()?;
+    if lossy_examples > 0 {
+        let shown: String = lost_chars.iter().take(12).map(|c| format!("{c:?} ")).collect();
+        eprintln!(
+            "warning: {lossy_examples} of {} examples hold characters the tokenizer has no token for, which \
+             it drops from the text ({} distinct: {shown}{}); a tokenizer with byte fallback or every byte \
+             would keep them",
+            report.n_conversations,
+            lost_chars.len(),
+            if lost_chars.len() > 12 { "..." } else { "" }
+        );
+    }
     failpoint("wrote the spool");
 
     let n_all = report.n_conversations;

@@ -55,6 +55,12 @@ pub struct ChatTokenizer {
     /// Added tokens by first byte (longest first), when text can be cut at them and each piece
     /// encoded through the word cache ([`ChatTokenizer::encode_segmented`]).
     split_tokens: Option<Arc<SplitTokens>>,
+    /// `dropped_bytes[b]`: a byte-level BPE without an unknown token or byte fallback whose
+    /// vocabulary lacks byte `b`'s character, so that `tokenizers` drops `b` from any text.
+    /// SimpleLLaMA's bpe_8k is one (it lacks 161 bytes: tab, `{`, every byte of a non-ASCII
+    /// character), and its recipe trains on what it keeps, so the tokens stay the same here;
+    /// [`ChatTokenizer::dropped_chars`] lets `sft prepare` say what was lost.
+    dropped_bytes: Option<Box<[bool; 256]>>,
 }
 
 /// Added tokens (content, id) by their first byte, longest first.
@@ -378,7 +384,9 @@ impl ChatTokenizer {
                 (pad, stop, None)
             }
         };
+        let dropped_bytes = dropped_bytes(&tok);
         Ok(ChatTokenizer {
+            dropped_bytes,
             escape_first_bytes,
             fast,
             bos_id,
@@ -440,6 +448,17 @@ impl ChatTokenizer {
     /// The underlying `tokenizers` tokenizer.
     pub fn inner(&self) -> &Tokenizer {
         &self.inner
+    }
+
+    /// The characters of `text` that the tokenizer drops (it has no token for one of their bytes,
+    /// and neither an unknown token nor byte fallback), in order; empty for most tokenizers.
+    pub fn dropped_chars(&self, text: &str) -> Vec<char> {
+        let Some(dropped) = &self.dropped_bytes else { return Vec::new() };
+        if !text.bytes().any(|b| dropped[b as usize]) {
+            return Vec::new();
+        }
+        let mut buf = [0u8; 4];
+        text.chars().filter(|c| c.encode_utf8(&mut buf).bytes().any(|b| dropped[b as usize])).collect()
     }
 
     /// Encodes text as the tokenizer does: special-token strings become their ids.
@@ -651,6 +670,49 @@ impl ChatTokenizer {
     }
 }
 
+/// The bytes a byte-level BPE would drop: those whose byte-level character is not in its
+/// vocabulary, when it has neither an unknown token nor byte fallback to stand for them. None
+/// when nothing can be dropped (or the tokenizer is not a byte-level BPE).
+fn dropped_bytes(tok: &Tokenizer) -> Option<Box<[bool; 256]>> {
+    let ModelWrapper::BPE(bpe) = tok.get_model() else { return None };
+    if bpe.unk_token.is_some() || bpe.byte_fallback {
+        return None;
+    }
+    let byte_level = matches!(tok.get_pre_tokenizer(), Some(PreTokenizerWrapper::ByteLevel(_)));
+    if !byte_level {
+        return None;
+    }
+    let vocab = bpe.get_vocab();
+    let mut dropped = Box::new([false; 256]);
+    let mut any = false;
+    for (b, ch) in byte_level_chars().into_iter().enumerate() {
+        if !vocab.contains_key(&ch.to_string()) {
+            dropped[b] = true;
+            any = true;
+        }
+    }
+    any.then_some(dropped)
+}
+
+/// The character the byte-level pre-tokenizer writes for each byte (GPT-2's table): printable
+/// bytes stand for themselves, the other 68 take the characters from U+0100 up, in byte order.
+fn byte_level_chars() -> [char; 256] {
+    let printable =
+        |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let mut out = ['\0'; 256];
+    let mut next = 0x100u32;
+    for (b, c) in out.iter_mut().enumerate() {
+        let b = b as u32;
+        *c = if printable(b) {
+            char::from_u32(b).expect("a byte is a char")
+        } else {
+            next += 1;
+            char::from_u32(next - 1).expect("U+0100..U+0143 are chars")
+        };
+    }
+    out
+}
+
 /// The largest vocabulary `train_tokenizer` accepts (the trainer's tables grow with it: about 70
 /// bytes an id, so an absurd size would abort on its allocation).
 pub const MAX_TRAIN_VOCAB: usize = 1 << 20;
@@ -740,4 +802,49 @@ pub fn train_tokenizer(convs: &[Conversation], vocab_size: usize, out: &Path) ->
     let mut tok = ChatTokenizer::from_tokenizer(tok, fnv1a64(json.as_bytes()))?;
     tok.path = Some(out.to_path_buf());
     Ok(tok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{Conversation, Turn};
+
+    /// Our table of byte-level characters is the pre-tokenizer's alphabet, and the characters a
+    /// vocabulary lacks a byte of are the ones `tokenizers` drops.
+    #[test]
+    fn the_characters_a_vocabulary_cannot_hold_are_named() {
+        use std::collections::HashSet;
+        let ours: HashSet<char> = byte_level_chars().into_iter().collect();
+        let theirs: HashSet<char> = ByteLevel::alphabet().into_iter().collect();
+        assert_eq!(ours, theirs);
+        assert_eq!(byte_level_chars()[b' ' as usize], '\u{120}');
+
+        let convs = vec![Conversation {
+            system: "s".into(),
+            turns: vec![Turn { user: "zebra".into(), assistant: "zoo".into() }],
+        }];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        train_tokenizer(&convs, 300, &path).unwrap();
+        let tok = ChatTokenizer::from_file(&path).unwrap();
+        assert!(tok.dropped_chars("zoo é\t{").is_empty());
+        // The same tokenizer without "z" (nor any merge with it): "zoo" loses its z.
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        json["model"]["vocab"].as_object_mut().unwrap().remove("z");
+        let merges: Vec<serde_json::Value> = json["model"]["merges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| !m.to_string().contains('z'))
+            .cloned()
+            .collect();
+        json["model"]["merges"] = merges.into();
+        let cut = dir.path().join("no-z.json");
+        std::fs::write(&cut, json.to_string()).unwrap();
+        let tok = ChatTokenizer::from_file(&cut).unwrap();
+        assert_eq!(tok.dropped_chars("a zoo, a boa"), vec!['z']);
+        let decoded = tok.decode(&tok.encode_text("zoo").unwrap()).unwrap();
+        assert_eq!(decoded.trim(), "oo", "tokenizers drops what dropped_chars names");
+    }
 }
