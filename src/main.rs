@@ -56,6 +56,15 @@ enum Command {
 /// would print anyhow's Debug form, with a backtrace whenever RUST_BACKTRACE is set.
 fn main() {
     let cli = Cli::parse();
+    // Rust ignores SIGPIPE, so `sft eval ... | head` panicked on its next print ("failed printing
+    // to stdout"). The default action ends the process quietly, as any Unix tool does; training
+    // keeps ignoring it, so that a closed log reader never kills a run between checkpoints.
+    if !matches!(cli.command, Command::Train(_)) {
+        // SAFETY: restoring a signal's default action before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     if let Err(error) = run(cli) {
         eprintln!("{}", error_report(&error));
         std::process::exit(1);

@@ -556,3 +556,19 @@ fn a_negative_second_moment_is_refused_at_load() {
     let resumed = train(&[&["--data", s(&f.data), "--out-dir", s(&run)], &flags[..]].concat());
     assert_refused(&resumed, &["optimizer.safetensors", name, "index 5", "cannot be negative"]);
 }
+
+/// A reader that closes the pipe early (`sft logits ... | head -c 1`) made the next print panic
+/// ("failed printing to stdout: Broken pipe"); now the process ends quietly, as Unix tools do.
+#[test]
+fn a_closed_stdout_ends_the_command_quietly_not_with_a_panic() {
+    let f = fixture();
+    let ids = (1..400).map(|i| (i % 300).to_string()).collect::<Vec<_>>().join(",");
+    let bin = env!("CARGO_BIN_EXE_sft");
+    let script = format!(
+        "'{bin}' logits --checkpoint '{}' --ids {ids} --device cpu | head -c 1 >/dev/null",
+        s(&f.ckpt)
+    );
+    let out = std::process::Command::new("sh").args(["-c", &script]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "{stderr}");
+}
