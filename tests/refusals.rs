@@ -414,13 +414,16 @@ fn training_on_data_of_another_tokenizer_than_the_weights_is_refused() {
         "96",
     ]);
     assert!(prepared.ok, "{}", prepared.stderr);
-    let needles =
-        ["is not the tokenizer of the starting weights", "tokenizer.json", "sft prepare --tokenizer"];
+    let needles = ["is not the tokenizer of the weights", "tokenizer.json", "sft prepare --tokenizer"];
     // --init-from a checkpoint of the first tokenizer.
     assert_refused(
         &train_padded(&other_data, &f.ckpt, &f.root.join("mixed"), "4", &["--max-steps", "1"]),
         &needles,
     );
+    // eval and generate with that tokenizer given: another vocabulary of the same kind, whose
+    // loss was computed without a word (only the size was checked).
+    assert_refused(&eval(&f.ckpt, &other_data, &["--tokenizer", s(&other_tok)]), &needles);
+    assert_refused(&generate(&f.ckpt, "Hi", &["--tokenizer", s(&other_tok)]), &needles);
     // --resume a run of the first tokenizer on the other data.
     let run = f.root.join("resumed");
     copy_run(&f.run, &run);

@@ -202,9 +202,9 @@ pub fn check_weights_tokenizer(dir: &Path, tokenizer: &ChatTokenizer) -> Result<
     differ.sort();
     if let Some(first) = differ.first() {
         bail!(
-            "{data_name} is not the tokenizer of the starting weights, {}: {} of their tokens differ ({first}); \
-             the embedding rows belong to the checkpoint's tokens: prepare the data with {} (`sft prepare \
-             --tokenizer {}`)",
+            "{data_name} is not the tokenizer of the weights, {}: {} of their tokens differ ({first}); \
+             the embedding rows belong to the checkpoint's tokens: use {} (and prepare data with it, \
+             `sft prepare --tokenizer {}`)",
             path.display(),
             differ.len(),
             path.display(),

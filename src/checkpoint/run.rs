@@ -440,7 +440,13 @@ pub fn load_tokenizer_for(
     choice: &FormatChoice,
 ) -> Result<ChatTokenizer> {
     let path = explicit.map_or_else(|| dir.join(TOKENIZER_FILE), Path::to_path_buf);
-    ChatTokenizer::load(&path, choice).with_context(|| format!("loading the tokenizer {}", path.display()))
+    let tok = ChatTokenizer::load(&path, choice)
+        .with_context(|| format!("loading the tokenizer {}", path.display()))?;
+    if explicit.is_some() {
+        // Another tokenizer of the same size passed the vocabulary check and gave a wrong loss.
+        super::import::check_weights_tokenizer(dir, &tok)?;
+    }
+    Ok(tok)
 }
 
 /// Loads the AdamW moments saved by [`save`] into `model`.
