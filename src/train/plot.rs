@@ -51,16 +51,26 @@ pub fn plot_log(log: &Path, out: Option<&Path>, log_scale: bool) -> Result<PlotS
     let rows = read_log(&log)?;
     ensure!(!rows.is_empty(), "{}: no steps logged yet", log.display());
     let svg = out.map(Path::to_path_buf).unwrap_or_else(|| log.with_file_name("loss.svg"));
+    ensure!(!svg.is_dir(), "--out {}: a directory; give the SVG file to write", svg.display());
+    let same = |a: &Path, b: &Path| {
+        a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+    };
+    ensure!(!same(&svg, &log), "--out {} is the log being plotted: give another file", svg.display());
     // The run's folder and its parent ("demo/run"): "run" alone says little.
     let dir = log.parent().map(|p| p.components().rev().take(2).collect::<Vec<_>>()).unwrap_or_default();
     let title: Vec<String> = dir.iter().rev().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
     let title = if title.is_empty() { "sft".to_string() } else { title.join("/") };
     let text = render_svg(&rows, &title, log_scale)?;
     // Temp file + rename: a reader (a browser refreshing the plot) never sees half a file.
-    let tmp = svg.with_extension("svg.tmp");
+    // The temporary name appends to the whole name, so that `loss` and `loss.svg` never share it.
+    let mut tmp = svg.clone().into_os_string();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &svg)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), svg.display()))?;
+    if let Err(e) = std::fs::rename(&tmp, &svg) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("renaming {} to {}", tmp.display(), svg.display()));
+    }
     let points = |f: fn(&LogRow) -> Option<f64>| rows.iter().filter_map(move |r| f(r).map(|v| (r.step, v)));
     Ok(PlotSummary {
         svg,
@@ -84,9 +94,11 @@ pub fn plot(args: PlotArgs) -> Result<()> {
 }
 
 /// A range that holds `values` with a margin (a flat series gets a unit-wide band).
+/// Values beyond ±1e300 (or under 1e-300 on a log scale) are left out like non-finite ones: the
+/// margin around them overflows to infinity, on which the axis' tick search never ends.
 fn span(values: impl Iterator<Item = f64>, log_scale: bool) -> Option<Range<f64>> {
     let (lo, hi) = values
-        .filter(|v| v.is_finite() && (!log_scale || *v > 0.0))
+        .filter(|v| v.abs() <= 1e300 && (!log_scale || *v >= 1e-300))
         .fold(None, |acc: Option<(f64, f64)>, v| Some(acc.map_or((v, v), |(a, b)| (a.min(v), b.max(v)))))?;
     if log_scale {
         return Some(lo / 1.2..hi * 1.2);
@@ -199,4 +211,52 @@ fn draw_losses<'a, DB: DrawingBackend + 'a, Y: Ranged<ValueType = f64> + ValueFo
         .draw()
         .map_err(plot_err)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_log(dir: &Path, rows: &[&str]) -> PathBuf {
+        let path = dir.join("log.csv");
+        let text = std::iter::once(crate::train::log::HEADER).chain(rows.iter().copied()).collect::<Vec<_>>();
+        std::fs::write(&path, text.join("\n") + "\n").unwrap();
+        path
+    }
+
+    /// Finite but extreme values (a diverged run's loss of 1e308) made the axis margin infinite
+    /// and the tick search spin forever; they are left off the axes like NaN.
+    #[test]
+    fn extreme_values_are_drawn_without_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        for (row, log_scale) in [
+            ("1,20,1.7e308,1,,,3e-3,1,0.1,100", false),
+            ("1,20,1,1,,,1.7e308,1,0.1,1.7e308", false),
+            ("1,20,5e-324,1,,,3e-3,1,0.1,100", true),
+        ] {
+            let log = write_log(dir.path(), &[row, "2,40,1,1,,,3e-3,1,0.2,100"]);
+            let summary = plot_log(&log, None, log_scale).unwrap();
+            assert_eq!(summary.rows, 2);
+        }
+    }
+
+    /// `--out` the log itself replaced the training log with the SVG; a directory left its
+    /// temporary file behind.
+    #[test]
+    fn the_output_is_never_the_log_nor_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = write_log(dir.path(), &["1,20,2,7.4,,,3e-3,1,0.1,100"]);
+        let err = plot_log(&log, Some(&log), false).unwrap_err().to_string();
+        assert!(err.contains("is the log being plotted"), "{err}");
+        assert!(std::fs::read_to_string(&log).unwrap().starts_with("step,"));
+        let sub = dir.path().join("out");
+        std::fs::create_dir(&sub).unwrap();
+        let err = plot_log(&log, Some(&sub), false).unwrap_err().to_string();
+        assert!(err.contains("a directory"), "{err}");
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into())
+            .collect();
+        assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+    }
 }
