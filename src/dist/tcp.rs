@@ -24,6 +24,12 @@ pub const RENDEZVOUS_ENV: &str = "SFT_RENDEZVOUS";
 pub const RENDEZVOUS_HOST_ENV: &str = "SFT_RENDEZVOUS_HOST";
 /// How long the ranks wait for each other at the start.
 const MEET_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a rank keeps trying an address in the file that does not answer (refused, or a
+/// host that does not resolve, or text that is no address) before it gives up: rank 0 writes the
+/// file only once it listens, so such an address is a file left by a job that stopped.
+const DEAD_ADDRESS_PATIENCE: Duration = Duration::from_secs(15);
+/// When a waiting rank first says that it is waiting (then every minute).
+const WAIT_NOTICE: Duration = Duration::from_secs(10);
 
 /// One rank's sockets: rank 0 holds one per other rank (in rank order), the others one to rank 0.
 pub struct TcpCollectives {
@@ -47,7 +53,11 @@ impl TcpCollectives {
     pub fn connect_as(launch: &Launch, file: &Path, host: &str) -> Result<TcpCollectives> {
         let (rank, world) = (launch.rank, launch.world_size);
         ensure!(world > 1 && rank < world, "rank {rank} of {world}: a rendezvous is for several ranks");
-        let peers = if rank == 0 { serve(file, host, world)? } else { vec![join(file, rank, world)?] };
+        let peers = if rank == 0 {
+            serve(file, host, world)?
+        } else {
+            vec![join(file, rank, world, DEAD_ADDRESS_PATIENCE)?]
+        };
         Ok(TcpCollectives { rank, world, peers: RefCell::new(peers) })
     }
 
@@ -180,16 +190,17 @@ fn serve(file: &Path, host: &str, world: usize) -> Result<Vec<TcpStream>> {
     std::fs::write(&tmp, format!("{host}:{port}\n"))
         .and_then(|_| std::fs::rename(&tmp, file))
         .with_context(|| format!("writing the rendezvous file {}", file.display()))?;
-    let result = accept_ranks(&listener, world);
+    let result = accept_ranks(&listener, world, &format!("{host}:{port}"));
     // Every rank read the file before connecting (or the job fails): it is not needed any more.
     let _ = std::fs::remove_file(file);
     result
 }
 
-fn accept_ranks(listener: &TcpListener, world: usize) -> Result<Vec<TcpStream>> {
+fn accept_ranks(listener: &TcpListener, world: usize, addr: &str) -> Result<Vec<TcpStream>> {
     listener.set_nonblocking(true)?;
     let mut peers: Vec<Option<TcpStream>> = (1..world).map(|_| None).collect();
     let start = Instant::now();
+    let mut notice = WaitNotice::new();
     while peers.iter().any(Option::is_none) {
         match listener.accept() {
             Ok((mut s, addr)) => {
@@ -208,6 +219,7 @@ fn accept_ranks(listener: &TcpListener, world: usize) -> Result<Vec<TcpStream>> 
                     "ranks {missing:?} did not connect within {} s",
                     MEET_TIMEOUT.as_secs()
                 );
+                notice.say(|| format!("rank 0: waiting for ranks {missing:?} to connect to {addr}"));
                 std::thread::sleep(Duration::from_millis(5));
             }
             Err(e) => return Err(e).context("accepting a rank"),
@@ -216,9 +228,15 @@ fn accept_ranks(listener: &TcpListener, world: usize) -> Result<Vec<TcpStream>> 
     Ok(peers.into_iter().map(|p| p.expect("every rank connected")).collect())
 }
 
-/// A rank above 0: waits for `file`, connects to the address in it and says its rank.
-fn join(file: &Path, rank: usize, world: usize) -> Result<TcpStream> {
+/// A rank above 0: waits for `file`, connects to the address in it and says its rank. An
+/// address that does not answer for `patience` is an error naming the file: rank 0 writes the
+/// file once it listens, so that address belongs to a job that stopped (or a file that is not a
+/// rendezvous).
+fn join(file: &Path, rank: usize, world: usize, patience: Duration) -> Result<TcpStream> {
     let start = Instant::now();
+    let mut notice = WaitNotice::new();
+    // The address tried and since when it has failed.
+    let mut failing: Option<(String, Instant)> = None;
     loop {
         let text = std::fs::read_to_string(file).unwrap_or_default();
         if let Some(addr) = text.strip_suffix('\n') {
@@ -231,12 +249,30 @@ fn join(file: &Path, rank: usize, world: usize) -> Result<TcpStream> {
                     s.write_all(&hello).with_context(|| format!("saying hello to rank 0 at {addr}"))?;
                     return Ok(s);
                 }
-                Err(e) if start.elapsed() > MEET_TIMEOUT => {
-                    return Err(e)
-                        .with_context(|| format!("connecting to rank 0 at {addr} (from {})", file.display()))
+                Err(e) => {
+                    let since = match &failing {
+                        Some((a, t)) if a == addr => *t,
+                        _ => {
+                            failing = Some((addr.to_string(), Instant::now()));
+                            Instant::now()
+                        }
+                    };
+                    if since.elapsed() > patience || start.elapsed() > MEET_TIMEOUT {
+                        return Err(e).with_context(|| {
+                            format!(
+                                "rank {rank}: rank 0 at {addr:?} (from {}) does not answer: a rendezvous file left \
+                                 by a job that stopped? remove it and start every rank again",
+                                file.display()
+                            )
+                        });
+                    }
                 }
-                Err(_) => {}
             }
+        } else if !text.is_empty() && start.elapsed() > patience {
+            bail!(
+                "rank {rank}: {} holds no address (\"host:port\" and a newline): not a rendezvous file",
+                file.display()
+            );
         }
         if start.elapsed() > MEET_TIMEOUT {
             bail!(
@@ -245,7 +281,29 @@ fn join(file: &Path, rank: usize, world: usize) -> Result<TcpStream> {
                 MEET_TIMEOUT.as_secs()
             );
         }
+        notice.say(|| format!("rank {rank}: waiting for rank 0's address in {}", file.display()));
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A line on stderr once a rank has waited [`WAIT_NOTICE`], then every minute: a job whose ranks
+/// never meet says what it is waiting for instead of sitting silent.
+struct WaitNotice {
+    start: Instant,
+    next: Duration,
+}
+
+impl WaitNotice {
+    fn new() -> Self {
+        WaitNotice { start: Instant::now(), next: WAIT_NOTICE }
+    }
+
+    fn say(&mut self, line: impl FnOnce() -> String) {
+        let waited = self.start.elapsed();
+        if waited >= self.next {
+            eprintln!("{} ({} s)", line(), waited.as_secs());
+            self.next = waited + Duration::from_secs(60);
+        }
     }
 }
 
@@ -357,6 +415,28 @@ mod tests {
         joiner.join().unwrap();
         let e = format!("{:#}", c.all_reduce_sum(&mut [1.0]).unwrap_err());
         assert!(e.contains("receiving from rank 1") && e.contains("closed"), "{e}");
+    }
+
+    /// A rank above 0 before a file left by a stopped job (an address nobody listens on), or a
+    /// file that holds no address, waited the whole meeting timeout without a word.
+    #[test]
+    fn a_dead_address_or_a_foreign_file_is_an_error_for_the_joining_rank() {
+        let dir = tempfile::tempdir().unwrap();
+        let patience = Duration::from_millis(300);
+        // A port that was just free: nothing listens there.
+        let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        for (name, text, needle) in [
+            ("stale", format!("{dead}\n"), "does not answer"),
+            ("garbage", "not an address\n".to_string(), "does not answer"),
+            ("no-newline", "127.0.0.1".to_string(), "holds no address"),
+        ] {
+            let file = dir.path().join(name);
+            std::fs::write(&file, text).unwrap();
+            let start = Instant::now();
+            let e = format!("{:#}", join(&file, 1, 2, patience).unwrap_err());
+            assert!(e.contains(needle) && e.contains(name), "{name}: {e}");
+            assert!(start.elapsed() < Duration::from_secs(10), "{name}: {:?}", start.elapsed());
+        }
     }
 
     /// Ranks that call different operations: an error on both, not a hang or a huge allocation.
