@@ -575,3 +575,22 @@ fn a_closed_stdout_ends_the_command_quietly_not_with_a_panic() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "{stderr}");
 }
+
+/// Flags the input cannot honour were ignored: `--train-on all-assistant` on a directory
+/// prepared for the final reply gave the final reply's loss, `--split val` on a chat file showed
+/// the whole file.
+#[test]
+fn flags_the_input_cannot_honour_are_refused_not_ignored() {
+    let f = fixture();
+    let refused = eval(&f.ckpt, &f.data, &["--train-on", "all-assistant"]);
+    assert_refused(&refused, &["--train-on all-assistant", "was prepared with --train-on final-reply"]);
+    let inspected = sft(&["inspect", "--data", s(&f.data), "--train-on", "all-assistant"]);
+    assert_refused(&inspected, &["--train-on all-assistant", "was prepared with"]);
+    let same = eval(&f.ckpt, &f.data, &["--train-on", "final-reply"]);
+    assert!(same.ok, "{}", same.stderr);
+    let chat = f.root.join("chat.json");
+    let inspected = sft(&["inspect", "--data", s(&chat), "--tokenizer", s(&f.tok), "--split", "val"]);
+    assert_refused(&inspected, &["--split", "is a chat file, which has no splits"]);
+    let evaluated = eval(&f.ckpt, &chat, &["--split", "train"]);
+    assert_refused(&evaluated, &["--split", "has no splits"]);
+}

@@ -213,8 +213,8 @@ fn init_from_a_checkpoint_and_eval() {
         checkpoint: ckpt.clone(),
         data: data.clone(),
         tokenizer: None,
-        split: SplitArg::Val,
-        train_on: TrainOn::FinalReply,
+        split: Some(SplitArg::Val),
+        train_on: Some(TrainOn::FinalReply),
         micro_batch: 4,
         max_seq_len: Some(96),
         batch_mode: BatchMode::Dynamic,
@@ -223,9 +223,11 @@ fn init_from_a_checkpoint_and_eval() {
         chat: Default::default(),
     };
     assert_eq!(eval_with(CpuBackend::<f32>::new(), &args).unwrap().loss, before);
-    let on_chat =
-        eval_with(CpuBackend::<f32>::new(), &EvalArgs { data: root.path().join("chat.json"), ..args })
-            .unwrap();
+    let on_chat = eval_with(
+        CpuBackend::<f32>::new(),
+        &EvalArgs { data: root.path().join("chat.json"), split: None, ..args },
+    )
+    .unwrap();
     assert!(on_chat.loss.is_finite() && on_chat.supervised_tokens > 0, "{on_chat:?}");
     assert!(on_chat.batches > batches.len());
 }

@@ -118,12 +118,13 @@ pub struct InspectArgs {
     /// Seeds the shuffle.
     #[arg(long, default_value_t = 89)]
     pub seed: u64,
-    /// Which assistant replies are supervised (chat file only).
-    #[arg(long, value_enum, default_value_t = TrainOn::FinalReply)]
-    pub train_on: TrainOn,
-    /// Split of a prepared directory.
-    #[arg(long, value_enum, default_value_t = Split::Train)]
-    pub split: Split,
+    /// Which assistant replies are supervised, for a chat file (default: final-reply); a prepared
+    /// directory's masks are in its shards, and another choice than its own is refused.
+    #[arg(long, value_enum)]
+    pub train_on: Option<TrainOn>,
+    /// Split of a prepared directory (default: train); a chat file has none.
+    #[arg(long, value_enum)]
+    pub split: Option<Split>,
     /// One JSON line per batch: {"inputs": [[...]], "targets": [[...]]}.
     #[arg(long)]
     pub json: bool,
@@ -153,8 +154,9 @@ fn inspect_batches(args: &InspectArgs, tok: Option<&ChatTokenizer>) -> Result<Ve
         shuffle: !args.no_shuffle,
         seed: args.seed,
     };
+    super::prepare::check_view_flags(&args.data, args.train_on, args.split.is_some())?;
     if args.data.is_dir() {
-        let ds = Arc::new(Dataset::open(&args.data, args.split)?);
+        let ds = Arc::new(Dataset::open(&args.data, args.split.unwrap_or(Split::Train))?);
         if let Some(tok) = tok {
             ds.ensure_tokenizer(tok)?;
         }
@@ -175,8 +177,8 @@ fn inspect_batches(args: &InspectArgs, tok: Option<&ChatTokenizer>) -> Result<Ve
     }
     let Some(tok) = tok else { bail!("--tokenizer is needed to inspect a chat file") };
     let convs = read_chat_file(&args.data)?;
-    let mut examples =
-        tokenize_all(tok, &convs, 0, args.train_on).with_context(|| format!("{}", args.data.display()))?;
+    let mut examples = tokenize_all(tok, &convs, 0, args.train_on.unwrap_or_default())
+        .with_context(|| format!("{}", args.data.display()))?;
     // The same rule as `sft prepare`: long examples are skipped and counted up front, so that a
     // batch is never made of skipped examples only.
     let n_all = examples.len();

@@ -400,6 +400,43 @@ pub fn record_shards(dir: &Path) -> Result<PrepareReport> {
     Ok(report)
 }
 
+/// Refuses the flags of `sft eval` / `sft inspect` that the input cannot honour, instead of
+/// ignoring them: `--train-on` for a prepared directory made with another choice (its masks are
+/// in the shards), `--split` for a chat file (which has no splits).
+pub fn check_view_flags(data: &Path, train_on: Option<TrainOn>, split_given: bool) -> Result<()> {
+    let flag = |t: TrainOn| match t {
+        TrainOn::FinalReply => "final-reply",
+        TrainOn::AllAssistant => "all-assistant",
+    };
+    if data.is_dir() {
+        let Some(asked) = train_on else { return Ok(()) };
+        let meta = data.join("prepare.json");
+        let recorded: Option<TrainOn> = std::fs::read_to_string(&meta)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| serde_json::from_value(v["options"]["train_on"].clone()).ok());
+        ensure!(
+            recorded == Some(asked),
+            "--train-on {}: {} was prepared with {} (its masks are in the shards); re-run `sft prepare \
+             --train-on {}` for those masks",
+            flag(asked),
+            data.display(),
+            recorded.map_or("a choice prepare.json does not record".to_string(), |r| format!(
+                "--train-on {}",
+                flag(r)
+            )),
+            flag(asked)
+        );
+    } else {
+        ensure!(
+            !split_given,
+            "--split: {} is a chat file, which has no splits (they are made by `sft prepare`)",
+            data.display()
+        );
+    }
+    Ok(())
+}
+
 /// Tokenizes conversations in parallel; `Err` names the example index.
 pub fn tokenize_all(
     tok: &ChatTokenizer,

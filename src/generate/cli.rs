@@ -132,7 +132,8 @@ fn chat_loop<B: Backend>(
         write!(out, "> ")?;
         out.flush()?;
         let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
+        let read = stdin.lock().read_line(&mut line);
+        if read.context("reading the next message from stdin (it must be UTF-8 text)")? == 0 {
             writeln!(out)?;
             return Ok(());
         }

@@ -327,12 +327,13 @@ pub struct EvalArgs {
     /// Default: the checkpoint's tokenizer.json.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// The split of a prepared directory.
-    #[arg(long, value_enum, default_value = "val")]
-    pub split: SplitArg,
-    /// What a chat file supervises.
-    #[arg(long, value_enum, default_value = "final-reply")]
-    pub train_on: TrainOn,
+    /// The split of a prepared directory (default: val); a chat file has none.
+    #[arg(long, value_enum)]
+    pub split: Option<SplitArg>,
+    /// What a chat file supervises (default: final-reply); a prepared directory's masks are in its
+    /// shards, and another choice than its own is refused.
+    #[arg(long, value_enum)]
+    pub train_on: Option<TrainOn>,
     /// Examples per forward pass.
     #[arg(long, default_value_t = 8)]
     pub micro_batch: usize,
@@ -405,8 +406,9 @@ pub fn eval_with<B: Backend>(backend: B, args: &EvalArgs) -> Result<EvalReport> 
         shuffle: false,
         seed: 0,
     };
+    crate::data::prepare::check_view_flags(&args.data, args.train_on, args.split.is_some())?;
     let batches = if args.data.is_dir() {
-        let split = match args.split {
+        let split = match args.split.unwrap_or(SplitArg::Val) {
             SplitArg::Train => Split::Train,
             SplitArg::Val => Split::Val,
         };
@@ -424,7 +426,7 @@ pub fn eval_with<B: Backend>(backend: B, args: &EvalArgs) -> Result<EvalReport> 
         let convs = read_chat_file(&args.data)?;
         let mut examples = Vec::with_capacity(convs.len());
         for (i, conv) in convs.iter().enumerate() {
-            let ex = tokenize_conversation(&tok, conv, args.train_on)
+            let ex = tokenize_conversation(&tok, conv, args.train_on.unwrap_or_default())
                 .with_context(|| format!("{}: conversation {i}", args.data.display()))?;
             examples.push(ex);
         }
@@ -441,7 +443,10 @@ pub fn eval_with<B: Backend>(backend: B, args: &EvalArgs) -> Result<EvalReport> 
     let max_tokens =
         args.micro_batch.checked_mul(max_seq_len).context("--micro-batch × --max-seq-len overflows")?;
     let mut model = crate::lora::inference_model(&ckpt, args.adapter.as_deref(), backend, max_tokens)?;
-    let loss = eval_loss(&mut model, &batches)?;
+    let loss = eval_loss(&mut model, &batches).with_context(|| {
+        let split = args.data.is_dir().then(|| format!(" (split {:?})", args.split.unwrap_or(SplitArg::Val)));
+        format!("evaluating on {}{}", args.data.display(), split.unwrap_or_default())
+    })?;
     let supervised_tokens = batches.iter().map(|b| b.n_supervised()).sum();
     Ok(EvalReport { loss, supervised_tokens, batches: batches.len() })
 }
