@@ -81,90 +81,35 @@ fn check_hf_fields_agree(json: &serde_json::Value, sft: &ModelConfig) -> Result<
         o.remove("sft");
     }
     let hf = hf_model_config(&hf_only).context("the Hugging Face fields beside \"sft\" are unusable")?;
-    let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * a.abs().max(b.abs());
-    let pairs: [(&str, &str, bool, String, String); 10] = [
-        (
-            "vocab_size",
-            "vocab_size",
-            hf.vocab_size == sft.vocab_size,
-            hf.vocab_size.to_string(),
-            sft.vocab_size.to_string(),
-        ),
-        (
-            "hidden_size",
-            "d_model",
-            hf.d_model == sft.d_model,
-            hf.d_model.to_string(),
-            sft.d_model.to_string(),
-        ),
-        (
-            "num_hidden_layers",
-            "n_layers",
-            hf.n_layers == sft.n_layers,
-            hf.n_layers.to_string(),
-            sft.n_layers.to_string(),
-        ),
-        (
-            "num_attention_heads",
-            "n_heads",
-            hf.n_heads == sft.n_heads,
-            hf.n_heads.to_string(),
-            sft.n_heads.to_string(),
-        ),
-        (
-            "num_key_value_heads",
-            "n_kv_heads",
-            hf.n_kv_heads == sft.n_kv_heads,
-            hf.n_kv_heads.to_string(),
-            sft.n_kv_heads.to_string(),
-        ),
-        (
-            "intermediate_size",
-            "ffn_hidden",
-            hf.ffn_hidden == sft.ffn_hidden,
-            hf.ffn_hidden.to_string(),
-            sft.ffn_hidden.to_string(),
-        ),
-        (
-            "max_position_embeddings",
-            "max_seq_len",
-            hf.max_seq_len == sft.max_seq_len,
-            hf.max_seq_len.to_string(),
-            sft.max_seq_len.to_string(),
-        ),
-        (
-            "rms_norm_eps",
-            "norm_eps",
-            close(hf.norm_eps as f64, sft.norm_eps as f64),
-            hf.norm_eps.to_string(),
-            sft.norm_eps.to_string(),
-        ),
-        (
-            "rope_theta",
-            "rope_theta",
-            close(hf.rope_theta as f64, sft.rope_theta as f64),
-            hf.rope_theta.to_string(),
-            sft.rope_theta.to_string(),
-        ),
-        (
-            "tie_word_embeddings",
-            "tie_embeddings",
-            hf.tie_embeddings == sft.tie_embeddings,
-            hf.tie_embeddings.to_string(),
-            sft.tie_embeddings.to_string(),
-        ),
-    ];
-    for (hf_name, sft_name, same, a, b) in pairs {
+    const WHY: &str = "transformers would load another model than sft; fix the file (or re-export it)";
+    macro_rules! agree {
+        ($($field:ident as $hf_name:literal),*) => {$(
+            ensure!(
+                hf.$field == sft.$field,
+                "field {:?} = {} disagrees with \"sft\".{} = {}: {WHY}",
+                $hf_name,
+                hf.$field,
+                stringify!($field),
+                sft.$field
+            );
+        )*};
+    }
+    agree!(vocab_size as "vocab_size", d_model as "hidden_size", n_layers as "num_hidden_layers");
+    agree!(n_heads as "num_attention_heads", n_kv_heads as "num_key_value_heads", ffn_hidden as "intermediate_size");
+    agree!(max_seq_len as "max_position_embeddings", tie_embeddings as "tie_word_embeddings");
+    // The floats went through JSON as f32 on one side: equal to a relative 1e-6.
+    for (hf_name, name, a, b) in [
+        ("rms_norm_eps", "norm_eps", hf.norm_eps as f64, sft.norm_eps as f64),
+        ("rope_theta", "rope_theta", hf.rope_theta as f64, sft.rope_theta as f64),
+    ] {
         ensure!(
-            same,
-            "field {hf_name:?} = {a} disagrees with \"sft\".{sft_name} = {b}: transformers would load another \
-             model than sft; fix the file (or re-export it)"
+            (a - b).abs() <= 1e-6 * a.abs().max(b.abs()),
+            "field {hf_name:?} = {a} disagrees with \"sft\".{name} = {b}: {WHY}"
         );
     }
     ensure!(
         hf.rope_scaling == sft.rope_scaling,
-        "field \"rope_scaling\" = {:?} disagrees with \"sft\".rope_scaling = {:?}: transformers would load \
-         another model than sft; fix the file (or re-export it)",
+        "field \"rope_scaling\" = {:?} disagrees with \"sft\".rope_scaling = {:?}: {WHY}",
         hf.rope_scaling,
         sft.rope_scaling
     );
