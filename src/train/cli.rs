@@ -254,6 +254,16 @@ pub fn train(args: TrainArgs) -> Result<()> {
     if !comm.is_main() {
         return Ok(());
     }
+    if report.step_losses.is_empty() {
+        // A resumed run that had already reached its end (a job relaunched after it finished):
+        // nothing to do, and no loss of this invocation to print (it used to say NaN).
+        println!(
+            "done: the run in {} is already at step {}: nothing to train (raise --max-steps or --epochs to go on)",
+            cfg.out_dir.display(),
+            report.steps
+        );
+        return Ok(());
+    }
     println!(
         "done: {} steps, train loss {:.4}, val loss {}, {:.0} tokens/s{}",
         report.steps,

@@ -398,14 +398,7 @@ fn start_run(cfg: &TrainConfig, main: bool) -> Result<RunStart> {
                 state.config.model,
                 cfg.model
             );
-            if let Some(max) = cfg.max_steps {
-                ensure!(
-                    max > state.step,
-                    "--resume: the run in {} is at step {}, so --max-steps {max} leaves nothing to train",
-                    cfg.out_dir.display(),
-                    state.step
-                );
-            }
+
             if main {
                 warn_about_changes(&state.config, cfg);
             }
