@@ -21,6 +21,7 @@ pub mod generate;
 pub mod kernels;
 pub mod lora;
 pub mod model;
+pub mod paths;
 pub mod plan;
 pub mod rng;
 pub mod train;

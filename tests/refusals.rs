@@ -289,18 +289,7 @@ fn every_command_checks_tokenizer_and_context_alike() {
 #[test]
 fn generate_says_how_many_prompt_tokens_it_dropped() {
     let f = fixture();
-    let config = f.root.join("short.json");
-    let short = sft::model::ModelConfig { max_seq_len: 24, ..sft::model::ModelConfig::tiny(320) };
-    std::fs::write(&config, serde_json::to_string(&short).unwrap()).unwrap();
-    let ckpt = f.root.join("short");
-    init(InitArgs {
-        model: s(&config).into(),
-        out: ckpt.clone(),
-        seed: 1,
-        tokenizer: Some(f.tok.clone()),
-        vocab_size: None,
-    })
-    .unwrap();
+    let ckpt = tiny_with_context(&f, "short", 24);
     let tok = sft::data::ChatTokenizer::from_file(&f.tok).unwrap();
     let prompt = "What is seven plus two? ".repeat(6);
     let n_prompt = tok.encode_prompt(sft::data::DEFAULT_SYSTEM_PROMPT, &[], &prompt).unwrap().len();
@@ -325,19 +314,26 @@ fn generate_says_how_many_prompt_tokens_it_dropped() {
         assert!(out.stderr.contains("the reply was cut after 2 tokens"), "{}", out.stderr);
     }
     // A context of one token leaves no room for a reply: an error, not "needs at least one token".
-    let one = f.root.join("one.json");
-    let tiny = sft::model::ModelConfig { max_seq_len: 1, ..sft::model::ModelConfig::tiny(320) };
-    std::fs::write(&one, serde_json::to_string(&tiny).unwrap()).unwrap();
-    let ckpt1 = f.root.join("one");
-    init(InitArgs {
-        model: s(&one).into(),
-        out: ckpt1.clone(),
+    let ckpt1 = tiny_with_context(&f, "one", 1);
+    assert_refused(&generate(&ckpt1, "Hi", &[]), &["max_seq_len 1", "no room for a prompt and a reply"]);
+}
+
+/// An `sft init` checkpoint `root/name` of the tiny preset with a context of `max_seq_len` tokens
+/// and the fixture's tokenizer.
+fn tiny_with_context(f: &Fixture, name: &str, max_seq_len: usize) -> PathBuf {
+    let config = f.root.join(format!("{name}.json"));
+    let tiny = sft::model::ModelConfig { max_seq_len, ..sft::model::ModelConfig::tiny(320) };
+    std::fs::write(&config, serde_json::to_string(&tiny).unwrap()).unwrap();
+    let ckpt = f.root.join(name);
+    let args = InitArgs {
+        model: s(&config).into(),
+        out: ckpt.clone(),
         seed: 1,
         tokenizer: Some(f.tok.clone()),
         vocab_size: None,
-    })
-    .unwrap();
-    assert_refused(&generate(&ckpt1, "Hi", &[]), &["max_seq_len 1", "no room for a prompt and a reply"]);
+    };
+    init(args).unwrap();
+    ckpt
 }
 
 /// Issue 13.6: a run whose batches had no supervised target at all exited 0 after skipping them.

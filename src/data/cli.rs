@@ -336,18 +336,14 @@ pub fn tokenizer(args: TokenizerArgs) -> Result<()> {
 }
 
 fn train(data: &Path, vocab_size: usize, out: &Path) -> Result<()> {
-    // Compared as files (device and inode), so that another spelling of the path, a hard link
-    // or a symbolic link to the chat file is caught too: the tokenizer would replace the data.
-    if let (Ok(d), Ok(o)) = (std::fs::metadata(data), std::fs::metadata(out)) {
-        use std::os::unix::fs::MetadataExt;
-        if (d.dev(), d.ino()) == (o.dev(), o.ino()) {
-            bail!(
-                "--out {} is the chat file given as --data {}: the tokenizer would overwrite the data; \
-                 give another --out",
-                out.display(),
-                data.display()
-            );
-        }
+    // The tokenizer would replace the data (another spelling or a link to it included).
+    if crate::paths::same_file(data, out) {
+        bail!(
+            "--out {} is the chat file given as --data {}: the tokenizer would overwrite the data; give \
+             another --out",
+            out.display(),
+            data.display()
+        );
     }
     let convs = read_chat_file(data)?;
     let tok = train_tokenizer(&convs, vocab_size, out)?;

@@ -252,10 +252,7 @@ fn join(file: &Path, rank: usize, world: usize, patience: Duration) -> Result<Tc
                 Err(e) => {
                     let since = match &failing {
                         Some((a, t)) if a == addr => *t,
-                        _ => {
-                            failing = Some((addr.to_string(), Instant::now()));
-                            Instant::now()
-                        }
+                        _ => failing.insert((addr.to_string(), Instant::now())).1,
                     };
                     if since.elapsed() > patience || start.elapsed() > MEET_TIMEOUT {
                         return Err(e).with_context(|| {

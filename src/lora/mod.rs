@@ -102,7 +102,7 @@ pub fn check_resume(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
         ),
         (Some(_), Some(_)) => match (&saved.init_from, &now.init_from) {
             // The adapters were trained on the saved base: on another they mean something else.
-            (Some(base), Some(given)) if !same_dir(base, given) => bail!(
+            (Some(base), Some(given)) if !crate::paths::same_file(base, given) => bail!(
                 "{}: the run being resumed trains adapters on the base {}, not {}: drop --init-from (or give \
                  that base), or choose another out_dir",
                 now.out_dir.display(),
@@ -113,11 +113,6 @@ pub fn check_resume(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
         },
         _ => Ok(()),
     }
-}
-
-/// Whether two paths name one directory (the same path, or both resolving to one place).
-fn same_dir(a: &Path, b: &Path) -> bool {
-    a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
 }
 
 /// One line on what a LoRA model trains.

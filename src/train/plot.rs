@@ -52,10 +52,11 @@ pub fn plot_log(log: &Path, out: Option<&Path>, log_scale: bool) -> Result<PlotS
     ensure!(!rows.is_empty(), "{}: no steps logged yet", log.display());
     let svg = out.map(Path::to_path_buf).unwrap_or_else(|| log.with_file_name("loss.svg"));
     ensure!(!svg.is_dir(), "--out {}: a directory; give the SVG file to write", svg.display());
-    let same = |a: &Path, b: &Path| {
-        a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
-    };
-    ensure!(!same(&svg, &log), "--out {} is the log being plotted: give another file", svg.display());
+    ensure!(
+        !crate::paths::same_file(&svg, &log),
+        "--out {} is the log being plotted: give another file",
+        svg.display()
+    );
     // The run's folder and its parent ("demo/run"): "run" alone says little.
     let dir = log.parent().map(|p| p.components().rev().take(2).collect::<Vec<_>>()).unwrap_or_default();
     let title: Vec<String> = dir.iter().rev().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();

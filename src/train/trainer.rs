@@ -398,7 +398,6 @@ fn start_run(cfg: &TrainConfig, main: bool) -> Result<RunStart> {
                 state.config.model,
                 cfg.model
             );
-
             if main {
                 warn_about_changes(&state.config, cfg);
             }
