@@ -2,43 +2,41 @@
 // head_dim 64 and 128, bf16 in/out, fp32 accumulation. The scalar kernels of attention.cu stay
 // as the fallback and the cross-check (SFT_ATTENTION=scalar); both produce the same lse.
 //
-// Kernels (HD = head_dim; every CTA is NW warps; a warp owns 16 rows of its side, 32 in the
-// rows32 variants):
+// Kernels (HD = head_dim; every CTA is NW warps; a warp owns 16·MT rows of its side):
 // - flash_tile_table:   tiles of `tile` rows per segment, never crossing a segment boundary:
 //                       table[0] = count, table[1 + 3t ..] = (first row, segment start, segment end).
-// - flash_forward_HD:   CTA = (q tile of 16·NW rows, q head). Loops over key tiles of BN rows from
+// - flash_forward_HD:   CTA = (q tile of 128 rows, q head). Loops over key tiles of BN rows from
 //                       the segment start up to the tile's last row (tiles above the diagonal are
-//                       never visited; a warp skips the tiles entirely above its 16 rows). Online
+//                       never visited; a warp skips the tiles entirely above its rows). Online
 //                       softmax in the exp2 domain; writes out and lse [n_heads, n] (natural log).
-// - flash_backward_HD:  CTA = (key tile of 16·NW rows, kv head); loops over the q heads of the
-//                       group and the q tiles of BQ rows from the key tile's first row to the
-//                       segment end; with Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ per warp, dV += Pᵀ·dO and
-//                       dK += dSᵀ·Q (written once, at the end), and dQ += dS·K through dSᵀ in
-//                       shared memory, added to the other key tiles' partials in a fixed order
-//                       (an fp32 accumulator and a semaphore per q tile; see "backward" below).
-// - flash_backward_pipelined_HD: the same sums in the same order (the same bits), with the
-//                       accumulation's latencies moved off the iteration's critical path: thread 0
-//                       reads the semaphore (relaxed) at the top of the iteration and looks at it
-//                       after the tile products (then fence.acq_rel), the old partial is loaded
-//                       before the dQ product (warps of 16 rows), and the release happens during
-//                       the next iteration (after its first barrier) instead of after a second
-//                       barrier (opt-in, SFT_FLASH_DQ=pipelined; not yet timed on a GPU).
+//                       HD 64: 4 warps of 32 rows (two m-tiles, so each K or V fragment read with
+//                       ldmatrix feeds two tile products); HD 128: 8 warps of 16 rows.
+// - flash_backward_HD:  CTA = (key tile of 128 rows, kv head), 8 warps of 16 keys; loops over the
+//                       q heads of the group and the q tiles of BQ rows from the key tile's first
+//                       row to the segment end; with Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ per warp,
+//                       dV += Pᵀ·dO and dK += dSᵀ·Q (written once, at the end), and dQ += dS·K
+//                       through dSᵀ in shared memory, added to the other key tiles' partials in a
+//                       fixed order (an fp32 accumulator and a semaphore per q tile; see
+//                       "backward" below). The accumulation's latencies are off the iteration's
+//                       critical path: thread 0 reads the semaphore (relaxed) at the top of the
+//                       iteration and looks at it after the tile products (then fence.acq_rel),
+//                       the old partial is loaded before the dQ product, and the release happens
+//                       during the next iteration (after its first barrier).
 // - flash_backward_atomic_HD: the same, except that every CTA adds its dQ partials into the fp32
 //                       accumulator with atomicAdd, in whatever order the CTAs get there (opt-in,
-//                       SFT_FLASH_DQ=atomic: not deterministic); no semaphores.
-// - flash_forward_rows32_64, flash_backward{,_pipelined,_atomic}_rows32_64: the same kernels
-//                       with 4 warps of 32 rows (two m-tiles) over the same 128-row tiles, the
-//                       backward with q tiles of 32: each ldmatrix fragment feeds twice the tile
-//                       products; the same bits (opt-in, SFT_FLASH_FORWARD / SFT_FLASH_BACKWARD
-//                       = rows32; not yet timed on a GPU).
+//                       SFT_FLASH_DQ=atomic: not deterministic); no semaphores. HD 64: 4 warps
+//                       of 32 keys over q tiles of 32.
 // - flash_dq_convert:   after flash_backward_atomic_HD: dQ = accumulator · scale as bf16 into the
 //                       q part of dqkv, and the accumulator back to zero for the next launch.
+// The shapes are the fastest of those timed on an H200 (BENCHMARKS.md, "flash variants"): warps of
+// 32 rows gave the forward 6% and the atomic backward 14%, but slowed the ordered backward, whose
+// q tiles of 32 double the waits on the semaphores.
 // D = rowsum(dO∘O) comes from attention_backward_d (attention.cu). Five GEMM-shaped products per
 // (key, query) pair as in FlashAttention-2. flash_backward_HD (the default) is deterministic:
 // every dK/dV element has one writer, and the dQ partials are summed in an order fixed by the
 // tile positions, never by timing. The atomic variant takes the ordered accumulation (a wait, an
-// L2 read-modify-write and a release per iteration) off the loop's critical path, as
-// FlashAttention-2 does, at the price of run-to-run differences in the last bits of dQ.
+// L2 read-modify-write and a release per iteration) out of the loop, as FlashAttention-2 does,
+// at the price of run-to-run differences in the last bits of dQ.
 //
 // ---- m16n8k16 fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16", .bf16) --------------
 // lane = threadIdx.x % 32, g = lane / 4 (groupID), c = lane % 4 (thread in group).
@@ -444,7 +442,7 @@ __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, c
 
 // ---- backward ----------------------------------------------------------------------------------
 // One kernel, five tile products per (key tile, q tile): Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, dV += Pᵀ·dO,
-// dK += dSᵀ·Q in registers per warp (16 keys each), then dQ_partial = dS·K over the CTA's BN
+// dK += dSᵀ·Q in registers per warp (16·MT keys each), then dQ_partial = dS·K over the CTA's BN
 // keys from dSᵀ staged in shared memory (warps split the BQ × HD partial into 16 × CW blocks).
 //
 // dQ of a q tile is the sum of one partial per key tile of its segment at or before it. The
@@ -465,17 +463,8 @@ __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, c
 // no semaphore; flash_dq_convert then writes the bf16 dQ and zeroes dq_acc, which must be zero
 // before the launch.
 #ifndef FLASH_EMULATE
-__device__ __forceinline__ uint32_t ld_acquire(const uint32_t* p) {
-    uint32_t v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
 __device__ __forceinline__ void st_release(uint32_t* p, uint32_t v) {
     asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
-}
-// Spins (one thread) until *sem == want.
-__device__ __forceinline__ void wait_semaphore(const uint32_t* sem, uint32_t want) {
-    while (ld_acquire(sem) != want) __nanosleep(64);
 }
 // The acquire pattern of the PTX memory model in two halves: a relaxed load issued early (its
 // latency hidden behind the tile products), then spin until it reads `want` and fence.
@@ -494,10 +483,9 @@ __device__ __forceinline__ void wait_semaphore_from(const uint32_t* sem, uint32_
 __device__ __forceinline__ void st_shared_u32(bf16_t* p, uint32_t v) { *reinterpret_cast<uint32_t*>(p) = v; }
 #endif
 
-// How a flash backward sums dQ: in order, waiting and releasing inside each iteration; in
-// order, pipelined (the semaphore read early, the release one iteration later, the old partial
-// fetched before the dQ product); or with atomic adds.
-enum DqMode { DQ_ORDERED, DQ_PIPELINED, DQ_ATOMIC };
+// How a flash backward sums dQ: in order (the semaphore read early, the release one iteration
+// later, the old partial fetched before the dQ product), or with atomic adds.
+enum DqMode { DQ_ORDERED, DQ_ATOMIC };
 
 template <int HD, int NW, int BQ, int DQ, int MT = 1>
 __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,
@@ -508,11 +496,10 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     // dSᵀ rows: BQ + 8 bf16 (144 or 80 bytes), so that ldmatrix and the fragment stores are
     // conflict-free. The dQ product: STRIPS strips of 16 q rows × NW / STRIPS groups of CW columns.
     constexpr int LDS = BQ + 8, STRIPS = BQ / 16, CW = HD / (NW / STRIPS);
-    constexpr bool ATOMIC_DQ = DQ == DQ_ATOMIC, PIPELINED = DQ == DQ_PIPELINED;
-    // PIPELINED with one m-tile per warp also fetches the old partial sums before the dQ
-    // product. With two the registers for them would spill, and the SM's second CTA can hide the
-    // fetch after the product instead.
-    constexpr bool PREFETCH_OLD = PIPELINED && MT == 1;
+    constexpr bool ATOMIC_DQ = DQ == DQ_ATOMIC, ORDERED = DQ == DQ_ORDERED;
+    // The ordered sum with two m-tiles per warp would spill the registers that hold the old
+    // partial sums fetched ahead (and, timed on an H200, it lost to one m-tile anyway).
+    static_assert(!ORDERED || MT == 1, "the ordered dQ sum runs warps of 16 keys");
     static_assert(BN % BQ == 0 && NW % STRIPS == 0 && CW % 16 == 0, "flash backward tiling");
     FLASH_DYNAMIC_SMEM(smem_raw);
     bf16_t* ks = reinterpret_cast<bf16_t*>(smem_raw);
@@ -574,7 +561,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         dv[j][0] = dv[j][1] = dv[j][2] = dv[j][3] = 0.0f;
     }
 
-    // PIPELINED: thread 0's release of the previous iteration's q tile, done during this one.
+    // ORDERED: thread 0's release of the previous iteration's q tile, done during this one.
     uint32_t* pending_sem = nullptr;
     uint32_t pending_value = 0;
 
@@ -595,9 +582,9 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         const bool first = kt_index == first_kt, last = kt_index == 0;
         const uint32_t want = (uint32_t)(first_kt - kt_index);
         uint32_t* sem = ATOMIC_DQ ? nullptr : dq_sem + (size_t)h * n + qt;
-        // PIPELINED: the semaphore's value, read now and looked at after the tile products.
+        // ORDERED: the semaphore's value, read now and looked at after the tile products.
         uint32_t seen = 0;
-        if (PIPELINED && threadIdx.x == 0 && !first) seen = ld_relaxed(sem);
+        if (ORDERED && threadIdx.x == 0 && !first) seen = ld_relaxed(sem);
         const int buf = it & 1;
         const bf16_t* qb = qs + buf * BQ * LD;
         const bf16_t* db = dos + buf * BQ * LD;
@@ -659,28 +646,24 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
             }
         }
 
-        if (threadIdx.x == 0) {
-            if (PIPELINED) {
-                // The previous iteration's accumulator stores are ordered before this
-                // iteration's first barrier, so its q tile can be released now; most of an
-                // iteration has passed since they were issued, so the release waits little.
-                if (pending_sem) st_release(pending_sem, pending_value);
-                pending_sem = nullptr;
-                if (!first) wait_semaphore_from(sem, seen, want);
-            } else if (DQ == DQ_ORDERED && !first) {
-                wait_semaphore(sem, want);
-            }
+        if (ORDERED && threadIdx.x == 0) {
+            // The previous iteration's accumulator stores are ordered before this iteration's
+            // first barrier, so its q tile can be released now; most of an iteration has passed
+            // since they were issued, so the release waits little.
+            if (pending_sem) st_release(pending_sem, pending_value);
+            pending_sem = nullptr;
+            if (!first) wait_semaphore_from(sem, seen, want);
         }
         // The barrier also orders the dSᵀ stores before the dQ product's ldmatrix.
         __syncthreads();
 
         const int row_a = qt + strip * 16 + lane / 4, row_b = row_a + 8;
         const int col = h * HD + c0 + (lane % 4) * 2;
-        // PREFETCH_OLD: the partial sum so far, fetched before the dQ product instead of after it.
-        float2 old[PREFETCH_OLD ? CW / 8 : 1][2];
-        if (PREFETCH_OLD && !first) {
+        // ORDERED: the partial sum so far, fetched before the dQ product instead of after it.
+        float2 old[ORDERED ? CW / 8 : 1][2];
+        if (ORDERED && !first) {
 #pragma unroll
-            for (int j = 0; j < (PREFETCH_OLD ? CW / 8 : 1); j++) {
+            for (int j = 0; j < (ORDERED ? CW / 8 : 1); j++) {
 #pragma unroll
                 for (int half = 0; half < 2; half++) {
                     const int row = half ? row_b : row_a;
@@ -727,7 +710,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
                 float2 v = make_float2(acc[j][2 * half], acc[j][2 * half + 1]);
                 float2* p = reinterpret_cast<float2*>(dq_acc + (size_t)row * dstride + col + j * 8);
                 if (!first) {
-                    float2 o = PREFETCH_OLD ? old[PREFETCH_OLD ? j : 0][half] : __ldcg(p);
+                    float2 o = old[ORDERED ? j : 0][half];
                     v.x = o.x + v.x;
                     v.y = o.y + v.y;
                 }
@@ -741,20 +724,18 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         // The CUTLASS semaphore pattern: the barrier orders every thread's accumulator stores
         // before thread 0's release at GPU scope, which is cumulative over them. (A fence in every
         // thread, as here before, waited for each thread's stores on every iteration: on an H200
-        // the kernel issued on 21% of its cycles.) PIPELINED releases during the next iteration,
-        // after its first barrier, or after the loop. The atomic path has nothing to release, and
-        // the next iteration's first barrier already orders this one's dSᵀ reads before the
-        // next dSᵀ stores.
-        const uint32_t release_value = last ? 0u : want + 1;
-        if (DQ == DQ_ORDERED) {
-            __syncthreads();
-            if (threadIdx.x == 0 && !(first && last)) st_release(sem, release_value);
-        } else if (PIPELINED && threadIdx.x == 0 && !(first && last)) {
+        // the kernel issued on 21% of its cycles.) The release happens during the next iteration,
+        // after its first barrier, or after the loop. (Released here after a second barrier,
+        // with the wait and the old partial's load on the critical path, the backward took 21%
+        // longer on an H200: 2.91 against 2.40 ms at 8 × 2048 rows × 32 heads of 64.) The atomic path has nothing to release, and the next
+        // iteration's first barrier already orders this one's dSᵀ reads before the next dSᵀ
+        // stores.
+        if (ORDERED && threadIdx.x == 0 && !(first && last)) {
             pending_sem = sem;
-            pending_value = release_value;
+            pending_value = last ? 0u : want + 1;
         }
     }
-    if (PIPELINED) {
+    if (ORDERED) {
         __syncthreads();
         if (threadIdx.x == 0 && pending_sem) st_release(pending_sem, pending_value);
     }
@@ -795,79 +776,33 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // ---- entries ---------------------------------------------------------------------------------
-// Configurations (keep in sync with FLASH_CONFIGS in src/backend/cuda/flash_attention.rs):
-//   forward  HD 64: NW 8 (128 q rows), BN 64     forward  HD 128: NW 8, BN 64
-//   backward HD 64: NW 8 (128 keys),   BQ 64     backward HD 128: NW 8 (128 keys), BQ 32
+// Configurations (keep in sync with FLASH_64 and FLASH_128 in src/backend/cuda/flash_attention.rs):
+//   forward          HD 64: 4 warps × 32 q rows, BN 64   HD 128: 8 warps × 16 q rows, BN 64
+//   backward         HD 64: 8 warps × 16 keys,   BQ 64   HD 128: 8 warps × 16 keys,   BQ 32
+//   backward_atomic  HD 64: 4 warps × 32 keys,   BQ 32   HD 128: 8 warps × 16 keys,   BQ 32
 // Grid: (tile-table bound, n_heads) for the forward, (bound, n_kv_heads) for the backward;
-// block NW·32. Both read one tile table of 128 rows. flash_backward_atomic_HD has the backward's
-// configuration and launch shape.
-#define FLASH_ENTRIES(HD, FNW, FBN, FMINB, KNW, KBQ)                                                                   \
+// block NW·32. All read one tile table of 128 rows. MINB: CTAs per SM the registers must allow.
+// The HD 64 forward needs 254 registers on sm_90, so 2 CTAs (8 warps) per SM; capping it at 3
+// spills, and key tiles of 128 rows spill at 255 registers.
+#define FLASH_ENTRIES(HD, FNW, FBN, FMT, FMINB, KNW, KBQ, ANW, ABQ, AMT, AMINB)                                 \
     extern "C" __global__ void __launch_bounds__(FNW * 32, FMINB)                                               \
         flash_forward_##HD(bf16_t* out, float* lse, const bf16_t* qkv, const int* table, int n, int n_heads,    \
                            int n_kv_heads) {                                                                    \
-        flash_forward_impl<HD, FNW, FBN, 1>(out, lse, qkv, table, n, n_heads, n_kv_heads);                          \
+        flash_forward_impl<HD, FNW, FBN, FMT>(out, lse, qkv, table, n, n_heads, n_kv_heads);                    \
     }                                                                                                           \
     extern "C" __global__ void __launch_bounds__(KNW * 32)                                                      \
         flash_backward_##HD(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,                  \
                             const bf16_t* qkv, const float* lse, const float* D, const int* table, int n,       \
                             int n_heads, int n_kv_heads) {                                                      \
-        flash_backward_impl<HD, KNW, KBQ, DQ_ORDERED>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n, n_heads,    \
-                                                 n_kv_heads);                                                   \
+        flash_backward_impl<HD, KNW, KBQ, DQ_ORDERED>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n,        \
+                                                      n_heads, n_kv_heads);                                     \
     }                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(KNW * 32)                                                      \
-        flash_backward_pipelined_##HD(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,        \
-                                      const bf16_t* qkv, const float* lse, const float* D, const int* table,    \
-                                      int n, int n_heads, int n_kv_heads) {                                     \
-        flash_backward_impl<HD, KNW, KBQ, DQ_PIPELINED>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n,      \
-                                                        n_heads, n_kv_heads);                                   \
-    }                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(KNW * 32)                                                      \
+    extern "C" __global__ void __launch_bounds__(ANW * 32, AMINB)                                               \
         flash_backward_atomic_##HD(bf16_t* dqkv, float* dq_acc, const bf16_t* dout, const bf16_t* qkv,          \
                                    const float* lse, const float* D, const int* table, int n, int n_heads,      \
                                    int n_kv_heads) {                                                            \
-        flash_backward_impl<HD, KNW, KBQ, DQ_ATOMIC>(dqkv, dq_acc, nullptr, dout, qkv, lse, D, table, n, n_heads,     \
-                                                n_kv_heads);                                                    \
-    }
-FLASH_ENTRIES(64, 8, 64, 2, 8, 64)
-FLASH_ENTRIES(128, 8, 64, 1, 8, 32)
-
-// Forward variants with MT m-tiles (16·MT q rows) per warp, timed against flash_forward_64 on a
-// GPU (SFT_FLASH_FORWARD=rows32): the same 128-row q tile in 4 warps of 32 rows, key tiles of 64
-// (the same bits as flash_forward_64). 254 registers on sm_90, so 2 CTAs (8 warps) per SM
-// against flash_forward_64's 16 warps; capping it at 3 CTAs spills. Key tiles of 128 rows spill
-// at 255 registers.
-#define FLASH_FORWARD_VARIANT(NAME, HD, NW, BN, MT, MINB)                                                       \
-    extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                                 \
-        NAME(bf16_t* out, float* lse, const bf16_t* qkv, const int* table, int n, int n_heads, int n_kv_heads) { \
-        flash_forward_impl<HD, NW, BN, MT>(out, lse, qkv, table, n, n_heads, n_kv_heads);                        \
-    }
-FLASH_FORWARD_VARIANT(flash_forward_rows32_64, 64, 4, 64, 2, 2)
-
-// Backward variants with MT m-tiles (16·MT keys) per warp, timed against flash_backward_64 on a
-// GPU (SFT_FLASH_BACKWARD=rows32): the same 128-key tile in 4 warps of 32 keys, q tiles of BQ 32,
-// in each dQ accumulation. The same partial sums in the same order as flash_backward_64 (dK and
-// dV sum the q rows in the same 16-row steps), so the same bits. Small enough for 2 CTAs per SM,
-// so that one CTA's barriers and semaphore waits overlap the other's tile products.
-#define FLASH_BACKWARD_VARIANTS(SUFFIX, HD, NW, BQ, MT, MINB)                                                   \
-    extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                                 \
-        flash_backward_##SUFFIX(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,              \
-                                const bf16_t* qkv, const float* lse, const float* D, const int* table, int n,   \
-                                int n_heads, int n_kv_heads) {                                                  \
-        flash_backward_impl<HD, NW, BQ, DQ_ORDERED, MT>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n,      \
-                                                        n_heads, n_kv_heads);                                   \
-    }                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                                 \
-        flash_backward_pipelined_##SUFFIX(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,    \
-                                          const bf16_t* qkv, const float* lse, const float* D,                  \
-                                          const int* table, int n, int n_heads, int n_kv_heads) {               \
-        flash_backward_impl<HD, NW, BQ, DQ_PIPELINED, MT>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n,    \
+        flash_backward_impl<HD, ANW, ABQ, DQ_ATOMIC, AMT>(dqkv, dq_acc, nullptr, dout, qkv, lse, D, table, n,   \
                                                           n_heads, n_kv_heads);                                 \
-    }                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                                 \
-        flash_backward_atomic_##SUFFIX(bf16_t* dqkv, float* dq_acc, const bf16_t* dout, const bf16_t* qkv,      \
-                                       const float* lse, const float* D, const int* table, int n, int n_heads,  \
-                                       int n_kv_heads) {                                                        \
-        flash_backward_impl<HD, NW, BQ, DQ_ATOMIC, MT>(dqkv, dq_acc, nullptr, dout, qkv, lse, D, table, n,      \
-                                                       n_heads, n_kv_heads);                                    \
     }
-FLASH_BACKWARD_VARIANTS(rows32_64, 64, 4, 32, 2, 2)
+FLASH_ENTRIES(64, 4, 64, 2, 2, 8, 64, 4, 32, 2, 2)
+FLASH_ENTRIES(128, 8, 64, 1, 1, 8, 32, 8, 32, 1, 1)

@@ -88,13 +88,8 @@ def main():
     ap.add_argument("--sft", default=default_sft, help="the sft binary (default: next to this script, .gpu/, target/release/)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--scalar", action="store_true", help="also time our scalar kernels")
-    ap.add_argument("--dq", default="ordered", choices=["ordered", "pipelined", "atomic", "both", "all"],
-                    help="our flash backward's dQ accumulation (atomic: not deterministic; both: ordered and "
-                         "atomic; all: a row each)")
-    ap.add_argument("--forward", default="rows16", choices=["rows16", "rows32", "both"],
-                    help="our flash forward (head_dim 64): 8 warps of 16 q rows, 4 of 32 (rows \"sft f32 ...\"), or both")
-    ap.add_argument("--backward", default="rows16", choices=["rows16", "rows32", "both"],
-                    help="our flash backward (head_dim 64): 8 warps of 16 keys, 4 of 32 (rows \"sft b32 ...\"), or both")
+    ap.add_argument("--dq", default="ordered", choices=["ordered", "atomic", "both"],
+                    help="our flash backward's dQ accumulation (atomic: not deterministic; both: a row each)")
     ap.add_argument("--markdown", default=None, help="also write the table as markdown to this file")
     args = ap.parse_args()
     seq_lens = [int(x) for x in args.seq_lens.split(",")]
@@ -118,7 +113,7 @@ def main():
         cmd = [sft, "bench-attention", "--seq-lens", args.seq_lens, "--tokens", str(args.tokens), "--heads",
                str(args.heads), "--head-dim", str(args.head_dim), "--iters", str(args.iters), "--path", path]
         if path == "auto":
-            cmd += ["--dq", args.dq, "--forward", args.forward, "--backward", args.backward]
+            cmd += ["--dq", args.dq]
         res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         # Same format: skip our header line, keep the rows.
         for line in res.stdout.splitlines()[1:]:
@@ -149,9 +144,9 @@ def write_markdown(args, rows, notes):
     for c in cells:
         if len(c) == 8:
             fwd_bwd.setdefault(c[1], {})[c[0]] = float(c[6])
-    # One ratio per sft tensor-core row ("sft flash (mma)", and one per other dQ mode with --dq
-    # both/all and per warp layout, "sft f32 ...", "sft b32 ...", "sft f32b32 ...").
-    ratios = ["T=%s %s%.2fx" % (t, "" if k == "sft flash (mma)" else k[len("sft flash " if k.startswith("sft flash") else "sft "):] + " ",
+    # One ratio per sft tensor-core row ("sft flash (mma)", and "sft flash (atomic dQ)" with
+    # --dq both).
+    ratios = ["T=%s %s%.2fx" % (t, "" if k == "sft flash (mma)" else k[len("sft flash "):] + " ",
                                  v["torch sdpa flash"] / v[k])
               for t, v in fwd_bwd.items() if "torch sdpa flash" in v for k in v
               if k.startswith("sft ") and k != "sft scalar"]

@@ -7,17 +7,14 @@
 //! products, which is also what flash_backward executes).
 //!
 //! `--dq both` also times the tensor-core backward with atomic dQ adds (SFT_FLASH_DQ=atomic,
-//! not deterministic) in a row of its own, "sft flash (atomic dQ)"; `--dq all` adds the pipelined
-//! ordered sums. `--forward both` and `--backward both` add rows for the head_dim 64 kernels in
-//! warps of 32 rows (SFT_FLASH_FORWARD / SFT_FLASH_BACKWARD=rows32): "sft f32 ...", "sft b32 ...",
-//! "sft f32b32 ...".
+//! not deterministic) in a row of its own, "sft flash (atomic dQ)".
 
 use anyhow::{Context, Result};
 use clap::Args;
 use std::time::Instant;
 
 use super::{upload, upload_ids};
-use crate::backend::cuda::{AttentionPath, CudaBackend, FlashDq, FlashRows};
+use crate::backend::cuda::{AttentionPath, CudaBackend, FlashDq};
 use crate::backend::{Backend, HeadShape, Precision};
 use crate::rng::Rng;
 
@@ -44,19 +41,10 @@ pub struct AttentionBenchArgs {
     /// auto (tensor cores where supported) or scalar.
     #[arg(long, default_value = "auto")]
     pub path: String,
-    /// The flash backward's dQ accumulation: ordered (deterministic), pipelined (deterministic,
-    /// the ordered bits), atomic, both (ordered and atomic) or all (one row each). Only the
-    /// tensor-core path has the choice.
+    /// The flash backward's dQ accumulation: ordered (deterministic), atomic, or both (a row
+    /// each). Only the tensor-core path has the choice.
     #[arg(long, default_value = "ordered")]
     pub dq: String,
-    /// The flash forward (head_dim 64): rows16 (8 warps of 16 q rows, the default), rows32 (4
-    /// warps of 32 rows: rows named "sft f32 ...") or both.
-    #[arg(long, default_value = "rows16")]
-    pub forward: String,
-    /// The flash backward (head_dim 64): rows16 (8 warps of 16 keys, the default), rows32 (4
-    /// warps of 32 keys: rows named "sft b32 ...") or both.
-    #[arg(long, default_value = "rows16")]
-    pub backward: String,
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     pub gpu: usize,
@@ -66,41 +54,18 @@ pub struct AttentionBenchArgs {
 pub fn dq_modes(arg: &str) -> Result<Vec<FlashDq>> {
     match arg {
         "both" => Ok(vec![FlashDq::Ordered, FlashDq::Atomic]),
-        "all" => Ok(vec![FlashDq::Ordered, FlashDq::Pipelined, FlashDq::Atomic]),
-        other => Ok(vec![FlashDq::parse(other).context("--dq (ordered, pipelined, atomic, both or all)")?]),
+        other => Ok(vec![FlashDq::parse(other).context("--dq (ordered, atomic or both)")?]),
     }
 }
 
-/// The rows per warp `--forward` or `--backward` asks for, in row order.
-pub fn rows_variants(arg: &str, flag: &str) -> Result<Vec<FlashRows>> {
-    match arg {
-        "both" => Ok(vec![FlashRows::Rows16, FlashRows::Rows32]),
-        other => {
-            Ok(vec![FlashRows::parse(other).with_context(|| format!("{flag} (rows16, rows32 or both)"))?])
-        }
+/// The table's name for a row: "sft scalar", or the tensor-core path and its dQ accumulation.
+/// At most 22 characters: scripts/bench_attention_torch.py reads the name from the first 22.
+pub fn row_name(flash: bool, dq: FlashDq) -> &'static str {
+    match (flash, dq) {
+        (false, _) => "sft scalar",
+        (true, FlashDq::Ordered) => "sft flash (mma)",
+        (true, FlashDq::Atomic) => "sft flash (atomic dQ)",
     }
-}
-
-/// The table's name for a row: the path, the rows per warp of the forward and the backward,
-/// and the dQ accumulation ("sft flash ..." for the defaults, "sft f32 ...", "sft b32 ...",
-/// "sft f32b32 ..." for warps of 32 rows). At most 22 characters:
-/// scripts/bench_attention_torch.py reads the name from the first 22.
-pub fn row_name(flash: bool, forward: FlashRows, backward: FlashRows, dq: FlashDq) -> String {
-    if !flash {
-        return "sft scalar".to_string();
-    }
-    let rows = match (forward, backward) {
-        (FlashRows::Rows16, FlashRows::Rows16) => "flash",
-        (FlashRows::Rows32, FlashRows::Rows16) => "f32",
-        (FlashRows::Rows16, FlashRows::Rows32) => "b32",
-        (FlashRows::Rows32, FlashRows::Rows32) => "f32b32",
-    };
-    let dq = match dq {
-        FlashDq::Ordered => "(mma)",
-        FlashDq::Atomic => "(atomic dQ)",
-        FlashDq::Pipelined => "(pipelined)",
-    };
-    format!("sft {rows} {dq}")
 }
 
 /// (forward, backward) FLOPs of causal attention over `batch` sequences of `t` tokens.
@@ -224,8 +189,6 @@ impl<B: Backend> AttentionCase<B> {
 
 pub fn bench_attention(args: AttentionBenchArgs) -> Result<()> {
     let mut modes = dq_modes(&args.dq)?;
-    let mut forwards = rows_variants(&args.forward, "--forward")?;
-    let mut backwards = rows_variants(&args.backward, "--backward")?;
     let g = CudaBackend::new(args.gpu).context("bench-attention needs a CUDA GPU")?;
     let path = match args.path.as_str() {
         "auto" => AttentionPath::Auto,
@@ -240,11 +203,8 @@ pub fn bench_attention(args: AttentionBenchArgs) -> Result<()> {
     };
     let flash = g.uses_tensor_core_attention(heads.head_dim);
     if !flash {
-        // The scalar kernels have one forward and one backward: one row, whatever --dq,
-        // --forward and --backward say.
+        // The scalar kernels have one forward and one backward: one row, whatever --dq says.
         modes.truncate(1);
-        forwards.truncate(1);
-        backwards.truncate(1);
     }
     eprintln!("{} (compute capability {:?})", g.name(), g.compute_capability());
     println!("{}", table_header());
@@ -268,18 +228,12 @@ pub fn bench_attention(args: AttentionBenchArgs) -> Result<()> {
             g.synchronize()?;
             Ok(timed.elapsed().as_secs_f64() / args.iters.max(1) as f64)
         };
-        for &forward in &forwards {
-            g.set_flash_forward(forward);
-            for &backward in &backwards {
-                g.set_flash_backward(backward);
-                for &mode in &modes {
-                    g.set_flash_dq(mode);
-                    let name = row_name(flash, forward, backward, mode);
-                    let fwd = time(false)?;
-                    let fwd_bwd = time(true)?;
-                    println!("{}", table_row(&name, t, batch, heads.head_dim, heads.n_heads, fwd, fwd_bwd));
-                }
-            }
+        for &mode in &modes {
+            g.set_flash_dq(mode);
+            let name = row_name(flash, mode);
+            let fwd = time(false)?;
+            let fwd_bwd = time(true)?;
+            println!("{}", table_row(name, t, batch, heads.head_dim, heads.n_heads, fwd, fwd_bwd));
         }
     }
     Ok(())
@@ -306,26 +260,18 @@ mod tests {
         assert_eq!(dq_modes("ordered").unwrap(), vec![FlashDq::Ordered]);
         assert_eq!(dq_modes("atomic").unwrap(), vec![FlashDq::Atomic]);
         assert_eq!(dq_modes("both").unwrap(), vec![FlashDq::Ordered, FlashDq::Atomic]);
-        assert_eq!(dq_modes("all").unwrap(), vec![FlashDq::Ordered, FlashDq::Pipelined, FlashDq::Atomic]);
-        assert_eq!(rows_variants("both", "--forward").unwrap(), vec![FlashRows::Rows16, FlashRows::Rows32]);
-        assert_eq!(rows_variants("rows32", "--backward").unwrap(), vec![FlashRows::Rows32]);
-        let err = format!("{:#}", rows_variants("rows64", "--backward").unwrap_err());
-        assert!(err.contains("--backward (rows16, rows32 or both)"), "{err}");
-        let mut names = std::collections::BTreeSet::new();
-        for forward in [FlashRows::Rows16, FlashRows::Rows32] {
-            for backward in [FlashRows::Rows16, FlashRows::Rows32] {
-                for dq in [FlashDq::Ordered, FlashDq::Pipelined, FlashDq::Atomic] {
-                    let name = row_name(true, forward, backward, dq);
-                    assert!(name.len() <= 22, "{name}");
-                    assert!(names.insert(name));
-                }
-            }
+        for bad in ["fastest", "all", "pipelined"] {
+            let err = format!("{:#}", dq_modes(bad).unwrap_err());
+            assert!(err.contains("--dq (ordered, atomic or both)") && err.contains(bad), "{err}");
         }
-        assert_eq!(row_name(true, FlashRows::Rows16, FlashRows::Rows16, FlashDq::Ordered), "sft flash (mma)");
-        let err = format!("{:#}", dq_modes("fastest").unwrap_err());
-        assert!(err.contains("--dq") && err.contains("fastest"), "{err}");
         // The table's name column is 22 wide (bench_attention_torch.py splits rows there).
-        assert!("sft flash (atomic dQ)".len() <= 22);
+        let names = [
+            row_name(true, FlashDq::Ordered),
+            row_name(true, FlashDq::Atomic),
+            row_name(false, FlashDq::Atomic),
+        ];
+        assert!(names.iter().all(|n| n.len() <= 22), "{names:?}");
+        assert_eq!(names, ["sft flash (mma)", "sft flash (atomic dQ)", "sft scalar"]);
     }
 
     #[test]

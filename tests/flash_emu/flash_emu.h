@@ -19,9 +19,9 @@
 //   another warp read in the same epoch, is a race.
 // - bank conflicts: each 8-row phase of an ldmatrix should hit 8 distinct 16-byte bank groups.
 // atomicAdd(float*, float) (the atomic dQ path) is std::atomic_ref<float>::fetch_add.
-// Semaphores between CTAs (the backward's ordered dQ accumulation): ld_acquire / st_release are
-// C++ acquire/release atomics. Blocks run in dispatch order (x fastest, then y), one at a time,
-// where a wait that is not already satisfied can only be on a later block (a deadlock on a GPU,
+// Semaphores between CTAs (the backward's ordered dQ accumulation): ld_relaxed, the fence after
+// the wait and st_release are C++ relaxed loads, an acquire fence and release stores. Blocks run
+// in dispatch order (x fastest, then y), one at a time, where a wait that is not already satisfied can only be on a later block (a deadlock on a GPU,
 // which dispatches in that order): it aborts. emu_launch(..., ctas) runs `ctas` consecutive
 // blocks at once, so that the waits really wait (and a wait on a later window times out).
 // Used by tests/flash_emu/main.cpp (scripts/flash_emulate.sh); never by the real build.
@@ -218,9 +218,6 @@ inline void st_shared_u32(void* p, uint32_t v) {
 }
 
 // ---- global memory between blocks ----
-inline uint32_t ld_acquire(const uint32_t* p) {
-    return std::atomic_ref<uint32_t>(*const_cast<uint32_t*>(p)).load(std::memory_order_acquire);
-}
 inline void st_release(uint32_t* p, uint32_t v) { std::atomic_ref<uint32_t>(*p).store(v, std::memory_order_release); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 // The atomic dQ path (flash_backward_atomic_HD): a relaxed fp32 read-modify-write, as red.add is
@@ -228,7 +225,7 @@ inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v, std::memory_order_relaxed); }
 inline float2 __ldcg(const float2* p) { return *p; }
 inline void __stcg(float2* p, float2 v) { *p = v; }
-// The pipelined ordered path: a relaxed read early, then spin from it and fence (acquire).
+// The ordered path: a relaxed read early, then spin from it and fence (acquire).
 inline uint32_t ld_relaxed(const uint32_t* p) {
     return std::atomic_ref<uint32_t>(*const_cast<uint32_t*>(p)).load(std::memory_order_relaxed);
 }
@@ -251,23 +248,6 @@ inline void wait_semaphore_from(const uint32_t* sem, uint32_t seen, uint32_t wan
     }
     std::atomic_thread_fence(std::memory_order_acquire);
 }
-inline void wait_semaphore(const uint32_t* sem, uint32_t want) {
-    if (ld_acquire(sem) == want) return;
-    if (emu_window.load() == 1) {
-        fprintf(stderr, "block (%u, %u) waits for semaphore value %u (holds %u): no earlier block will set it\n",
-                blockIdx.x, blockIdx.y, want, ld_acquire(sem));
-        abort();
-    }
-    auto t0 = std::chrono::steady_clock::now();
-    while (ld_acquire(sem) != want) {
-        if (std::chrono::steady_clock::now() - t0 > std::chrono::seconds(60)) {
-            fprintf(stderr, "block (%u, %u): semaphore wait for %u timed out (deadlock?)\n", blockIdx.x, blockIdx.y, want);
-            abort();
-        }
-        std::this_thread::yield();
-    }
-}
-
 inline uint16_t emu_smem_u16(uint32_t byte_off) {
     uint16_t v;
     memcpy(&v, emu_cta->smem.data() + byte_off, 2);

@@ -55,20 +55,20 @@ static double rel_err(const std::vector<double>& got, const std::vector<double>&
     return n > 0 ? std::sqrt(d / n) : std::sqrt(d);
 }
 
+// Warps and dynamic shared memory of the forward, the backward and the atomic backward.
 struct Cfg {
-    int fnw, knw;
-    size_t fsmem, ksmem;
-    // flash_backward_*rows32_64: K, V [128], Q, dO [2][32], lse, D [2][32] f32, dSᵀ [128][40].
-    size_t ksmem32;
+    int fnw, knw, anw;
+    size_t fsmem, ksmem, asmem;
 };
 
 static Cfg config(int hd) {
     // FLASH_ENTRIES in flash_attention.cu / FLASH_64, FLASH_128 in flash_attention.rs: the
-    // forward holds Q [128] and K, V [3][64]; the backward holds K, V [128], Q, dO [2][BQ], lse, D [2][BQ] f32 and dSᵀ [128][BQ + 8].
+    // forward holds Q [128] and K, V [3][64]; a backward holds K, V [128], Q, dO [2][BQ], lse, D
+    // [2][BQ] f32 and dSᵀ [128][BQ + 8] (BQ 64 for the HD 64 ordered backward, else 32).
     size_t rb = (hd + 8) * 2;
-    size_t bq = hd == 64 ? 64 : 32;
-    return {8, 8, (128 + 6 * 64) * rb, (256 + 4 * bq) * rb + 4 * bq * 4 + 128 * (bq + 8) * 2,
-            (256 + 4 * 32) * rb + 4 * 32 * 4 + 128 * (32 + 8) * 2};
+    auto backward = [&](size_t bq) { return (256 + 4 * bq) * rb + 4 * bq * 4 + 128 * (bq + 8) * 2; };
+    if (hd == 64) return {4, 8, 4, (128 + 6 * 64) * rb, backward(64), backward(32)};
+    return {8, 8, 8, (128 + 6 * 64) * rb, backward(32), backward(32)};
 }
 
 static std::vector<int> tile_table(const std::vector<int>& cu, int tile, int n) {
@@ -143,28 +143,27 @@ static bool run(const Case& c, uint64_t seed) {
     Cfg cfg = config(hd);
     std::vector<bf16_t> out(n * nh * hd, __float2bfloat16_rn(NAN)), dqkv(n * width, __float2bfloat16_rn(NAN));
     std::vector<float> lse(nh * n, NAN), D(nh * n);
-    auto tf = tile_table(c.cu, 16 * cfg.fnw, n);
+    // One tile table of 128 rows serves every kernel, as in the backend.
+    auto tf = tile_table(c.cu, 128, n);
     unsigned bf = (unsigned)(tf.size() - 1) / 3;
     const std::string h = std::to_string(hd);
-    launch("flash_forward_" + h, bf, nh, cfg.fnw * 32, cfg.fsmem, [&] {
-        if (hd == 64) flash_forward_64(out.data(), lse.data(), qkv.data(), tf.data(), n, nh, nkv);
-        else flash_forward_128(out.data(), lse.data(), qkv.data(), tf.data(), n, nh, nkv);
-    });
-    // The forward with 4 warps of 32 rows (flash_forward_rows32_64): the same operations per row
-    // in the same order, so the same bits, 1 and 3 blocks at once.
+    auto forward = [&](std::vector<bf16_t>& o, std::vector<float>& l, int ctas) {
+        launch("flash_forward_" + h, bf, nh, cfg.fnw * 32, cfg.fsmem, [&] {
+            if (hd == 64) flash_forward_64(o.data(), l.data(), qkv.data(), tf.data(), n, nh, nkv);
+            else flash_forward_128(o.data(), l.data(), qkv.data(), tf.data(), n, nh, nkv);
+        }, ctas);
+    };
+    forward(out, lse, 1);
+    // Bit-identical with 3 blocks at once, into buffers of other garbage.
     bool identical = true;
-    if (hd == 64) {
-        for (int ctas : {1, 3}) {
-            std::vector<bf16_t> out2(out.size(), __float2bfloat16_rn(-3.0f));
-            std::vector<float> lse2(lse.size(), -3.0f);
-            launch("flash_forward_rows32_64", bf, nh, 4 * 32, cfg.fsmem,
-                   [&] { flash_forward_rows32_64(out2.data(), lse2.data(), qkv.data(), tf.data(), n, nh, nkv); }, ctas);
-            const bool same = memcmp(out.data(), out2.data(), out.size() * sizeof(bf16_t)) == 0 &&
-                              memcmp(lse.data(), lse2.data(), lse.size() * sizeof(float)) == 0;
-            record("flash_forward_rows32_64", same ? 0 : 1, 0);
-            if (!same) printf("  the rows32 forward (%d blocks at once) differs from flash_forward_64\n", ctas);
-            identical = identical && same;
-        }
+    {
+        std::vector<bf16_t> out2(out.size(), __float2bfloat16_rn(-3.0f));
+        std::vector<float> lse2(lse.size(), -3.0f);
+        forward(out2, lse2, 3);
+        identical = memcmp(out.data(), out2.data(), out.size() * sizeof(bf16_t)) == 0 &&
+                    memcmp(lse.data(), lse2.data(), lse.size() * sizeof(float)) == 0;
+        record("flash_forward_" + h, identical ? 0 : 1, 0);
+        if (!identical) printf("  the forward differs with 3 blocks at once\n");
     }
     // D = rowsum(dO ∘ O) in fp32 from the bf16 out (attention_backward_d).
     for (int h = 0; h < nh; h++)
@@ -173,20 +172,14 @@ static bool run(const Case& c, uint64_t seed) {
             for (int t = 0; t < hd; t++) acc += __bfloat162float(dout[i * nh * hd + h * hd + t]) * __bfloat162float(out[i * nh * hd + h * hd + t]);
             D[h * n + i] = acc;
         }
-    auto tk = tile_table(c.cu, 16 * cfg.knw, n);
+    auto tk = tf;
     // The dQ accumulator starts as NaN, so that a partial added to a slot nobody stored shows;
     // the semaphores start at zero and must be zero again afterwards.
     std::vector<float> dq_acc((size_t)n * nh * hd, NAN);
     std::vector<uint32_t> dq_sem((size_t)nh * n, 0);
     auto backward = [&](const std::string& kernel, std::vector<bf16_t>& g, int ctas) {
-        const bool pipelined = kernel.find("pipelined") != std::string::npos;
-        const bool rows32 = kernel.find("rows32") != std::string::npos;
-        launch(kernel, (unsigned)(tk.size() - 1) / 3, nkv, (rows32 ? 4 : cfg.knw) * 32, rows32 ? cfg.ksmem32 : cfg.ksmem, [&] {
-            if (rows32 && pipelined) flash_backward_pipelined_rows32_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
-            else if (rows32) flash_backward_rows32_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
-            else if (hd == 64 && pipelined) flash_backward_pipelined_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
-            else if (hd == 64) flash_backward_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
-            else if (pipelined) flash_backward_pipelined_128(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+        launch(kernel, (unsigned)(tk.size() - 1) / 3, nkv, cfg.knw * 32, cfg.ksmem, [&] {
+            if (hd == 64) flash_backward_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
             else flash_backward_128(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
         }, ctas);
         long dirty = std::count_if(dq_sem.begin(), dq_sem.end(), [](uint32_t v) { return v != 0; });
@@ -198,24 +191,10 @@ static bool run(const Case& c, uint64_t seed) {
     // into a buffer of different garbage.
     std::vector<bf16_t> again(n * width, __float2bfloat16_rn(-1.0f));
     backward("flash_backward_" + h, again, 3);
-    identical = identical && memcmp(dqkv.data(), again.data(), dqkv.size() * sizeof(bf16_t)) == 0;
-    record("flash_backward_" + h, identical ? 0 : 1, 0);
-    // The pipelined ordered path adds the same partials in the same order: the same bits, one
-    // block and 3 blocks at a time.
-    // The backward in warps of 32 keys (flash_backward_rows32_64, ordered and pipelined): the
-    // same partials in the same order, so the same bits too.
-    std::vector<std::string> same_bits = {"flash_backward_pipelined_" + h};
-    if (hd == 64) same_bits.insert(same_bits.end(), {"flash_backward_rows32_64", "flash_backward_pipelined_rows32_64"});
-    for (const std::string& kernel : same_bits) {
-        for (int ctas : {1, 3}) {
-            std::vector<bf16_t> piped(n * width, __float2bfloat16_rn(-2.0f));
-            backward(kernel, piped, ctas);
-            const bool same = memcmp(dqkv.data(), piped.data(), dqkv.size() * sizeof(bf16_t)) == 0;
-            record(kernel, same ? 0 : 1, 0);
-            if (!same) printf("  %s (%d blocks at once) differs from the ordered backward\n", kernel.c_str(), ctas);
-            identical = identical && same;
-        }
-    }
+    const bool backward_same = memcmp(dqkv.data(), again.data(), dqkv.size() * sizeof(bf16_t)) == 0;
+    record("flash_backward_" + h, backward_same ? 0 : 1, 0);
+    if (!backward_same) printf("  the backward differs with 3 blocks at once\n");
+    identical = identical && backward_same;
 
     auto to_d = [](const std::vector<bf16_t>& v) {
         std::vector<double> r(v.size());
@@ -254,17 +233,14 @@ static bool run(const Case& c, uint64_t seed) {
     const unsigned convert_grid = (unsigned)std::min<size_t>(2, (steps + 255) / 256);
     double atomic_dq_err = 0;
     long acc_left = 0, kv_differ = 0;
-    // flash_backward_atomic_rows32_64 (warps of 32 keys) too, under the same checks.
-    std::vector<std::string> atomic_kernels = {"flash_backward_atomic_" + h};
-    if (hd == 64) atomic_kernels.push_back("flash_backward_atomic_rows32_64");
-    std::map<std::string, double> kernel_err;  // per atomic kernel: max(dq error, rows of dk/dv that differ)
-    for (const std::string& kernel : atomic_kernels)
+    // The HD 64 atomic kernel runs warps of 32 keys over q tiles of 32, the ordered one warps of
+    // 16 over q tiles of 64: dK and dV still sum the same products in the same 16-row steps.
+    const std::string atomic_kernel = "flash_backward_atomic_" + h;
+    double atomic_err = 0;  // max(dq error, rows of dk/dv that differ)
     for (int ctas : {1, 3}) {
-        const bool rows32 = kernel.find("rows32") != std::string::npos;
         std::vector<bf16_t> g(n * width, __float2bfloat16_rn(NAN));
-        launch(kernel, (unsigned)(tk.size() - 1) / 3, nkv, (rows32 ? 4 : cfg.knw) * 32, rows32 ? cfg.ksmem32 : cfg.ksmem, [&] {
-            if (rows32) flash_backward_atomic_rows32_64(g.data(), atomic_acc.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
-            else if (hd == 64) flash_backward_atomic_64(g.data(), atomic_acc.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+        launch(atomic_kernel, (unsigned)(tk.size() - 1) / 3, nkv, cfg.anw * 32, cfg.asmem, [&] {
+            if (hd == 64) flash_backward_atomic_64(g.data(), atomic_acc.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
             else flash_backward_atomic_128(g.data(), atomic_acc.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
         }, ctas);
         launch("flash_dq_convert", convert_grid, 1, 256, 0,
@@ -283,14 +259,14 @@ static bool run(const Case& c, uint64_t seed) {
             differ += memcmp(&g[(size_t)i * width + nh * hd], &dqkv[(size_t)i * width + nh * hd],
                              (size_t)2 * nkv * hd * sizeof(bf16_t)) != 0;
         kv_differ += differ;
-        kernel_err[kernel] = std::max({kernel_err[kernel], err, (double)differ});
+        atomic_err = std::max({atomic_err, err, (double)differ});
     }
     printf(" atomic dq %.2e", atomic_dq_err);
     if (kv_differ) printf(" (%ld rows of dk/dv differ from the ordered path)", kv_differ);
     if (acc_left) printf(" (%ld accumulator elements left non-zero)", acc_left);
     const bool atomic_ok = atomic_dq_err < 1e-2 && kv_differ == 0 && acc_left == 0;
     ok = ok && atomic_ok;
-    for (auto& [kernel, err] : kernel_err) record(kernel, err, 1e-2);
+    record(atomic_kernel, atomic_err, 1e-2);
     record("flash_dq_convert", atomic_dq_err, 1e-2);
     record("flash_dq_convert", (double)acc_left, 0);
     printf("  %s\n", ok ? "ok" : "FAILED");

@@ -7,10 +7,9 @@
 //! cannot hold the tiles), and `SFT_ATTENTION=scalar` (or [`CudaBackend::set_attention_path`])
 //! forces them, to cross-check the two on a GPU.
 //!
-//! The backward sums dQ in a fixed order by default (deterministic); `SFT_FLASH_DQ=pipelined`
-//! (or [`CudaBackend::set_flash_dq`]) runs the same sums with their waits off the loop's critical
-//! path (the same bits), `SFT_FLASH_DQ=atomic` fp32 atomic adds and a convert kernel instead,
-//! which is not bit-reproducible run to run.
+//! The backward sums dQ in a fixed order by default (deterministic); `SFT_FLASH_DQ=atomic` (or
+//! [`CudaBackend::set_flash_dq`]) uses fp32 atomic adds and a convert kernel instead, faster but
+//! not bit-reproducible run to run.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
@@ -58,64 +57,26 @@ pub enum FlashDq {
     /// In a fixed order through a semaphore per q tile (`flash_backward_HD`): bit-identical run
     /// to run. The default.
     Ordered,
-    /// The ordered sum with the semaphore read early and released one iteration later
-    /// (`flash_backward_pipelined_HD`): the same bits as `Ordered`.
-    Pipelined,
     /// fp32 atomicAdd into the accumulator, then `flash_dq_convert` (`flash_backward_atomic_HD`):
-    /// no waits on the loop's critical path, but the order of the adds (and so the last bits of
-    /// dQ) follows the timing. On an H200: 2.77 ms fwd+bwd at 8 × 2048 × 32 heads of 64
-    /// against 3.54 ms ordered.
+    /// no waits, but the order of the adds (and so the last bits of dQ) follows the timing. On
+    /// an H200: 2.35 ms fwd+bwd at 8 × 2048 × 32 heads of 64 against 2.98 ms ordered.
     Atomic,
 }
 
 impl FlashDq {
-    /// `SFT_FLASH_DQ`: `ordered` (or unset), `pipelined` or `atomic`; anything else is an error.
+    /// `SFT_FLASH_DQ`: `ordered` (or unset) or `atomic`; anything else is an error.
     pub fn from_env() -> Result<Self> {
         env_choice("SFT_FLASH_DQ", FlashDq::Ordered, Self::parse)
     }
 
-    /// `ordered`, `pipelined` or `atomic` (case-insensitive).
+    /// `ordered` or `atomic` (case-insensitive).
     pub fn parse(s: &str) -> Result<Self> {
         if s.eq_ignore_ascii_case("ordered") {
             Ok(FlashDq::Ordered)
-        } else if s.eq_ignore_ascii_case("pipelined") {
-            Ok(FlashDq::Pipelined)
         } else if s.eq_ignore_ascii_case("atomic") {
             Ok(FlashDq::Atomic)
         } else {
-            bail!("{s:?}: expected ordered, pipelined or atomic")
-        }
-    }
-}
-
-/// How many rows of its own side (q rows in the forward, keys in the backward) each warp of a
-/// flash kernel owns. Only head_dim 64 has a choice; the others always run `Rows16`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FlashRows {
-    /// 8 warps of 16 rows (`flash_forward_HD`, `flash_backward_*HD`): the default.
-    Rows16,
-    /// 4 warps of 32 rows, two m-tiles each (`flash_forward_rows32_64`,
-    /// `flash_backward_*rows32_64`, the backward with q tiles of 32): each fragment a warp reads
-    /// from shared memory with ldmatrix feeds two tile products instead of one. The same tiles of
-    /// 128 rows per CTA and the same bits as `Rows16`. Not yet timed on a GPU.
-    Rows32,
-}
-
-impl FlashRows {
-    /// `var` (`SFT_FLASH_FORWARD` or `SFT_FLASH_BACKWARD`): `rows16` (or unset) or `rows32`;
-    /// anything else is an error.
-    pub fn from_env(var: &str) -> Result<Self> {
-        env_choice(var, FlashRows::Rows16, Self::parse)
-    }
-
-    /// `rows16` or `rows32` (case-insensitive).
-    pub fn parse(s: &str) -> Result<Self> {
-        if s.eq_ignore_ascii_case("rows16") {
-            Ok(FlashRows::Rows16)
-        } else if s.eq_ignore_ascii_case("rows32") {
-            Ok(FlashRows::Rows32)
-        } else {
-            bail!("{s:?}: expected rows16 or rows32")
+            bail!("{s:?}: expected ordered or atomic")
         }
     }
 }
@@ -132,7 +93,7 @@ pub(super) struct DqAccumulation {
 }
 
 impl FlashDq {
-    const ALL: [FlashDq; 3] = [FlashDq::Ordered, FlashDq::Pipelined, FlashDq::Atomic];
+    const ALL: [FlashDq; 2] = [FlashDq::Ordered, FlashDq::Atomic];
 }
 
 impl DqAccumulation {
@@ -156,12 +117,14 @@ const DQ_CONVERT_THREADS: usize = 256;
 const DQ_CONVERT_MAX_BLOCKS: usize = 1056;
 
 /// One kernel's launch shape: `warps` per CTA, `tile` rows of its own side per CTA (q rows for
-/// the forward, key rows for the backward), and its dynamic shared memory in bytes.
+/// the forward, key rows for the backward), `step` rows of the other side per iteration (key
+/// rows for the forward, q rows for the backward), and its dynamic shared memory in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct FlashKernel {
     pub name: &'static str,
     pub warps: usize,
     pub tile: usize,
+    pub step: usize,
     pub smem: usize,
 }
 
@@ -170,97 +133,53 @@ const fn row_bytes(hd: usize) -> usize {
     (hd + 8) * 2
 }
 
-/// Forward: Q tile [16·nw·mt] (mt m-tiles of 16 rows per warp) + triple-buffered K and V tiles
-/// [bn].
+/// Forward: `nw` warps of `mt` m-tiles (16 q rows each); Q tile [16·nw·mt] + triple-buffered
+/// K and V tiles [bn].
 const fn forward(name: &'static str, hd: usize, nw: usize, bn: usize, mt: usize) -> FlashKernel {
-    FlashKernel { name, warps: nw, tile: 16 * nw * mt, smem: (16 * nw * mt + 6 * bn) * row_bytes(hd) }
+    let bm = 16 * nw * mt;
+    FlashKernel { name, warps: nw, tile: bm, step: bn, smem: (bm + 6 * bn) * row_bytes(hd) }
 }
-/// Backward: K and V tiles [16·nw·mt] + double-buffered Q and dO tiles [bq] + lse and D [2][bq]
-/// f32 + the dSᵀ tile [16·nw·mt][bq + 8] bf16.
+/// Backward: `nw` warps of `mt` m-tiles (16 keys each); K and V tiles [16·nw·mt] +
+/// double-buffered Q and dO tiles [bq] + lse and D [2][bq] f32 + the dSᵀ tile [16·nw·mt][bq + 8]
+/// bf16.
 const fn backward(name: &'static str, hd: usize, nw: usize, bq: usize, mt: usize) -> FlashKernel {
     let bn = 16 * nw * mt;
     FlashKernel {
         name,
         warps: nw,
         tile: bn,
+        step: bq,
         smem: (2 * bn + 4 * bq) * row_bytes(hd) + 4 * bq * 4 + bn * (bq + 8) * 2,
     }
 }
 
-/// One backward template's three dQ accumulations ([`FlashDq`]): the same tiles, shared memory
-/// and launch shape.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct FlashBackward {
-    pub ordered: FlashKernel,
-    pub pipelined: FlashKernel,
-    pub atomic: FlashKernel,
-    /// q rows per iteration (its dQ partials are `bq × head_dim` blocks).
-    pub bq: usize,
-}
-
-impl FlashBackward {
-    /// `names`: the ordered, pipelined and atomic kernels.
-    const fn new(names: [&'static str; 3], hd: usize, nw: usize, bq: usize, mt: usize) -> Self {
-        FlashBackward {
-            ordered: backward(names[0], hd, nw, bq, mt),
-            pipelined: backward(names[1], hd, nw, bq, mt),
-            atomic: backward(names[2], hd, nw, bq, mt),
-            bq,
-        }
-    }
-
-    pub(super) fn kernel(&self, dq: FlashDq) -> FlashKernel {
-        match dq {
-            FlashDq::Ordered => self.ordered,
-            FlashDq::Pipelined => self.pipelined,
-            FlashDq::Atomic => self.atomic,
-        }
-    }
-}
-
-/// The kernels for one head_dim; must match the entries of flash_attention.cu.
+/// The kernels for one head_dim; must match FLASH_ENTRIES in flash_attention.cu. The shapes are
+/// the fastest of those timed on an H200 (BENCHMARKS.md, "flash variants").
 #[derive(Clone, Copy, Debug)]
 pub(super) struct FlashConfig {
     pub head_dim: usize,
     pub forward: FlashKernel,
-    /// The forward in warps of 32 q rows ([`FlashRows::Rows32`]), where the head_dim has one.
-    pub forward_rows32: Option<FlashKernel>,
-    pub backward: FlashBackward,
-    /// The backward in warps of 32 keys ([`FlashRows::Rows32`]), where the head_dim has one.
-    pub backward_rows32: Option<FlashBackward>,
+    /// The ordered dQ sum ([`FlashDq::Ordered`]).
+    pub backward: FlashKernel,
+    /// Atomic dQ adds ([`FlashDq::Atomic`]).
+    pub backward_atomic: FlashKernel,
 }
 
 pub(super) const FLASH_64: FlashConfig = FlashConfig {
     head_dim: 64,
-    forward: forward("flash_forward_64", 64, 8, 64, 1),
-    forward_rows32: Some(forward("flash_forward_rows32_64", 64, 4, 64, 2)),
-    backward: FlashBackward::new(
-        ["flash_backward_64", "flash_backward_pipelined_64", "flash_backward_atomic_64"],
-        64,
-        8,
-        64,
-        1,
-    ),
-    backward_rows32: Some(FlashBackward::new(
-        ["flash_backward_rows32_64", "flash_backward_pipelined_rows32_64", "flash_backward_atomic_rows32_64"],
-        64,
-        4,
-        32,
-        2,
-    )),
+    // Warps of 32 q rows: 0.58 against 0.62 ms in warps of 16 (8 × 2048 × 32 heads, H200).
+    forward: forward("flash_forward_64", 64, 4, 64, 2),
+    // Warps of 16 keys: in warps of 32 the q tiles of 32 doubled the semaphore waits (2.68
+    // against 2.40 ms).
+    backward: backward("flash_backward_64", 64, 8, 64, 1),
+    // Warps of 32 keys: 1.77 against 2.14 ms in warps of 16.
+    backward_atomic: backward("flash_backward_atomic_64", 64, 4, 32, 2),
 };
 pub(super) const FLASH_128: FlashConfig = FlashConfig {
     head_dim: 128,
     forward: forward("flash_forward_128", 128, 8, 64, 1),
-    forward_rows32: None,
-    backward: FlashBackward::new(
-        ["flash_backward_128", "flash_backward_pipelined_128", "flash_backward_atomic_128"],
-        128,
-        8,
-        32,
-        1,
-    ),
-    backward_rows32: None,
+    backward: backward("flash_backward_128", 128, 8, 32, 1),
+    backward_atomic: backward("flash_backward_atomic_128", 128, 8, 32, 1),
 };
 
 /// Rows per tile of every flash kernel's table: one table per batch serves the forward and the
@@ -268,11 +187,11 @@ pub(super) const FLASH_128: FlashConfig = FlashConfig {
 pub(crate) const FLASH_TILE: usize = 128;
 const _: () = assert!(
     FLASH_64.forward.tile == FLASH_TILE
-        && FLASH_64.backward.ordered.tile == FLASH_TILE
+        && FLASH_64.backward.tile == FLASH_TILE
+        && FLASH_64.backward_atomic.tile == FLASH_TILE
         && FLASH_128.forward.tile == FLASH_TILE
-        && FLASH_128.backward.ordered.tile == FLASH_TILE
-        && matches!(FLASH_64.forward_rows32, Some(k) if k.tile == FLASH_TILE)
-        && matches!(FLASH_64.backward_rows32, Some(b) if b.ordered.tile == FLASH_TILE)
+        && FLASH_128.backward.tile == FLASH_TILE
+        && FLASH_128.backward_atomic.tile == FLASH_TILE
 );
 
 /// The segments a prepared tile table describes: the `cu_seqlens` buffer (its device address),
@@ -301,13 +220,12 @@ pub fn dq_accumulation_bytes(cu_seqlens: &[u32], n_segments: usize, heads: HeadS
     8.0 * (elems_x_partials * heads.n_heads * heads.head_dim) as f64
 }
 
-/// q rows per iteration of the default backward for `head_dim` (64 and 128 have flash kernels;
-/// others run the scalar kernels and do no accumulation). The rows32 backward's q tiles of 32
-/// add the same partials: the same accumulator traffic.
+/// q rows per iteration of the default (ordered) backward for `head_dim` (64 and 128 have flash
+/// kernels; others run the scalar kernels and do no accumulation).
 pub fn backward_q_rows(head_dim: usize) -> Option<usize> {
     match head_dim {
-        64 => Some(FLASH_64.backward.bq),
-        128 => Some(FLASH_128.backward.bq),
+        64 => Some(FLASH_64.backward.step),
+        128 => Some(FLASH_128.backward.step),
         _ => None,
     }
 }
@@ -315,13 +233,8 @@ pub fn backward_q_rows(head_dim: usize) -> Option<usize> {
 impl FlashConfig {
     /// Every kernel of the config: each gets its dynamic shared memory limit raised when the
     /// backend opens (a launch past the default 48 KiB fails otherwise).
-    pub(super) fn kernels(&self) -> Vec<FlashKernel> {
-        let mut ks = vec![self.forward];
-        ks.extend(self.forward_rows32);
-        for b in std::iter::once(self.backward).chain(self.backward_rows32) {
-            ks.extend([b.ordered, b.pipelined, b.atomic]);
-        }
-        ks
+    pub(super) fn kernels(&self) -> [FlashKernel; 3] {
+        [self.forward, self.backward, self.backward_atomic]
     }
 }
 
@@ -389,37 +302,13 @@ pub(crate) fn tile_bound(n: usize, n_segments: usize, tile: usize) -> usize {
 
 impl CudaBackend {
     /// Selects how the flash backward sums dQ (`Ordered`, the default, is deterministic).
-    /// The initial value comes from `SFT_FLASH_DQ` (`pipelined` or `atomic`; default `ordered`).
+    /// The initial value comes from `SFT_FLASH_DQ` (`atomic`; default `ordered`).
     pub fn set_flash_dq(&self, mode: FlashDq) {
         self.flash_dq.set(mode);
     }
 
     pub fn flash_dq(&self) -> FlashDq {
         self.flash_dq.get()
-    }
-
-    /// Selects the flash forward's rows per warp where the head_dim has a choice (64). The
-    /// initial value comes from `SFT_FLASH_FORWARD` (`rows32`; default `rows16`).
-    pub fn set_flash_forward(&self, rows: FlashRows) {
-        self.flash_forward_rows32.store(rows == FlashRows::Rows32, Ordering::Relaxed);
-    }
-
-    /// Selects the flash backward's keys per warp where the head_dim has a choice (64). The
-    /// initial value comes from `SFT_FLASH_BACKWARD` (`rows32`; default `rows16`).
-    pub fn set_flash_backward(&self, rows: FlashRows) {
-        self.flash_backward_rows32.store(rows == FlashRows::Rows32, Ordering::Relaxed);
-    }
-
-    /// The (forward, backward) rows per warp.
-    pub fn flash_rows(&self) -> (FlashRows, FlashRows) {
-        let rows = |rows32: &AtomicBool| {
-            if rows32.load(Ordering::Relaxed) {
-                FlashRows::Rows32
-            } else {
-                FlashRows::Rows16
-            }
-        };
-        (rows(&self.flash_forward_rows32), rows(&self.flash_backward_rows32))
     }
 
     /// Chooses the tensor-core path (`Some`) or the scalar one (`None`) for this head shape.
@@ -525,18 +414,6 @@ impl CudaBackend {
         let table = scratch.attn_tiles.as_ref().expect("built above");
         let s = &self.stream;
         let ks = &self.kernels;
-        if let (FlashRows::Rows32, Some(k)) = (self.flash_rows().0, cfg.forward_rows32) {
-            let launch_cfg = flash_launch(k, bound, heads.n_heads);
-            // SAFETY: as below; the same tile table (128 q rows per CTA) and arguments.
-            unsafe {
-                launch_for_head_dim!(
-                    cfg.head_dim,
-                    [64 => launch::flash_forward_rows32_64],
-                    (s, ks, launch_cfg, out, lse, qkv, table, ni, nhi, nkvi)
-                )
-            }?;
-            return Ok(());
-        }
         let launch_cfg = flash_launch(cfg.forward, bound, heads.n_heads);
         // SAFETY: sizes checked by the caller; every tile lies inside one segment of 0..n.
         unsafe {
@@ -578,13 +455,8 @@ impl CudaBackend {
         let sem = attn_dq_sem.as_mut().expect("ensured above");
 
         let (s, ks) = (&self.stream, &self.kernels);
-        let dq = self.flash_dq();
-        let rows32 = match (self.flash_rows().1, cfg.backward_rows32) {
-            (FlashRows::Rows32, Some(set)) => Some(set),
-            _ => None,
-        };
-        let launch_cfg = flash_launch(rows32.unwrap_or(cfg.backward).kernel(dq), bound, heads.n_kv_heads);
-        if dq == FlashDq::Atomic {
+        if self.flash_dq() == FlashDq::Atomic {
+            let launch_cfg = flash_launch(cfg.backward_atomic, bound, heads.n_kv_heads);
             if self.flash_dq.acc_dirty.load(Ordering::Relaxed) {
                 self.stream.memset_zeros(acc).context("clearing the attention dQ accumulator")?;
                 self.flash_dq.acc_dirty.store(false, Ordering::Relaxed);
@@ -593,15 +465,11 @@ impl CudaBackend {
             // zero (allocated zeroed, cleared above after an ordered launch, or left zero by the
             // last convert).
             unsafe {
-                if rows32.is_some() {
-                    launch_for_head_dim!(cfg.head_dim, [64 => launch::flash_backward_atomic_rows32_64], (s, ks, launch_cfg, dqkv, &mut *acc, dout, qkv, lse, d, table, ni, nhi, nkvi))
-                } else {
-                    launch_for_head_dim!(
-                        cfg.head_dim,
-                        [64 => launch::flash_backward_atomic_64, 128 => launch::flash_backward_atomic_128],
-                        (s, ks, launch_cfg, dqkv, &mut *acc, dout, qkv, lse, d, table, ni, nhi, nkvi)
-                    )
-                }
+                launch_for_head_dim!(
+                    cfg.head_dim,
+                    [64 => launch::flash_backward_atomic_64, 128 => launch::flash_backward_atomic_128],
+                    (s, ks, launch_cfg, dqkv, &mut *acc, dout, qkv, lse, d, table, ni, nhi, nkvi)
+                )
             }?;
             let hdi = int(heads.head_dim, "head_dim")?;
             let steps = n * heads.q_width() / 8;
@@ -618,28 +486,15 @@ impl CudaBackend {
             return Ok(());
         }
         self.flash_dq.acc_dirty.store(true, Ordering::Relaxed);
+        let launch_cfg = flash_launch(cfg.backward, bound, heads.n_kv_heads);
         // SAFETY: writes the q, k and v parts of dqkv rows inside their segments; the accumulator
-        // holds n·n_heads·hd floats and the semaphores n_heads·n (ensured above). Every variant
-        // takes the same arguments and tile table.
+        // holds n·n_heads·hd floats and the semaphores n_heads·n (ensured above).
         unsafe {
-            match (dq, rows32.is_some()) {
-                (FlashDq::Pipelined, true) => {
-                    launch_for_head_dim!(cfg.head_dim, [64 => launch::flash_backward_pipelined_rows32_64], (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi))
-                }
-                (_, true) => {
-                    launch_for_head_dim!(cfg.head_dim, [64 => launch::flash_backward_rows32_64], (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi))
-                }
-                (FlashDq::Pipelined, false) => launch_for_head_dim!(
-                    cfg.head_dim,
-                    [64 => launch::flash_backward_pipelined_64, 128 => launch::flash_backward_pipelined_128],
-                    (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi)
-                ),
-                (_, false) => launch_for_head_dim!(
-                    cfg.head_dim,
-                    [64 => launch::flash_backward_64, 128 => launch::flash_backward_128],
-                    (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi)
-                ),
-            }
+            launch_for_head_dim!(
+                cfg.head_dim,
+                [64 => launch::flash_backward_64, 128 => launch::flash_backward_128],
+                (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi)
+            )
         }?;
         Ok(())
     }
@@ -831,18 +686,12 @@ mod tests {
     #[test]
     fn flash_dq_parses_the_modes_and_names_bad_values() {
         assert_eq!(FlashDq::parse("ordered").unwrap(), FlashDq::Ordered);
-        assert_eq!(FlashDq::parse("Pipelined").unwrap(), FlashDq::Pipelined);
         assert_eq!(FlashDq::parse("Atomic").unwrap(), FlashDq::Atomic);
-        let err = format!("{:#}", FlashDq::parse("fast").unwrap_err());
-        assert!(err.contains("\"fast\"") && err.contains("ordered, pipelined or atomic"), "{err}");
-    }
-
-    #[test]
-    fn flash_rows_parses_the_variants_and_names_bad_values() {
-        assert_eq!(FlashRows::parse("rows16").unwrap(), FlashRows::Rows16);
-        assert_eq!(FlashRows::parse("ROWS32").unwrap(), FlashRows::Rows32);
-        let err = format!("{:#}", FlashRows::parse("rows64").unwrap_err());
-        assert!(err.contains("\"rows64\"") && err.contains("rows16 or rows32"), "{err}");
+        // The variant timed and dropped: its name is refused, not silently mapped.
+        for bad in ["fast", "pipelined"] {
+            let err = format!("{:#}", FlashDq::parse(bad).unwrap_err());
+            assert!(err.contains(&format!("{bad:?}")) && err.contains("ordered or atomic"), "{err}");
+        }
     }
 
     #[test]
@@ -879,7 +728,7 @@ mod tests {
             .copied()
             .filter(|n| n.starts_with("flash_forward_") || n.starts_with("flash_backward_"))
             .collect();
-        assert!(entries.len() >= 8, "{entries:?}");
+        assert_eq!(entries.len(), 6, "{entries:?}");
         for name in entries {
             assert!(configured.contains(&name), "{name} is in no FlashConfig");
         }
@@ -888,33 +737,25 @@ mod tests {
     #[test]
     fn configs_match_the_kernel_templates() {
         assert_eq!(FLASH_64.forward.smem, (128 + 6 * 64) * 144);
-        assert_eq!(FLASH_64.backward.ordered.smem, 74752 + 128 * 72 * 2);
+        assert_eq!(FLASH_64.backward.smem, 74752 + 128 * 72 * 2);
         assert_eq!(FLASH_128.forward.smem, (128 + 6 * 64) * 272);
-        assert_eq!(FLASH_128.backward.ordered.smem, 104960 + 128 * 40 * 2);
-        // rows32: K, V [128] + Q, dO [2][32] rows of 144 bytes, lse and D [2][32] f32, dSᵀ [128][40].
-        let rows32 = FLASH_64.backward_rows32.unwrap();
-        assert_eq!(rows32.ordered.smem, (256 + 128) * 144 + 512 + 128 * 40 * 2);
+        assert_eq!(FLASH_128.backward.smem, 104960 + 128 * 40 * 2);
+        // Warps of 32 keys: K, V [128] + Q, dO [2][32] rows of 144 bytes, lse and D [2][32] f32, dSᵀ [128][40].
+        assert_eq!(FLASH_64.backward_atomic.smem, (256 + 128) * 144 + 512 + 128 * 40 * 2);
+        // The rows per warp: 32 in the hd 64 forward and atomic backward, else 16.
+        assert_eq!(FLASH_64.forward.warps, 4);
+        assert_eq!((FLASH_64.backward.warps, FLASH_64.backward_atomic.warps), (8, 4));
         for cfg in [FLASH_64, FLASH_128] {
-            for (b, rows) in std::iter::once((cfg.backward, 16)).chain(cfg.backward_rows32.map(|b| (b, 32))) {
-                // One template, three dQ accumulations: the same tiles and shared memory.
-                for k in [b.pipelined, b.atomic] {
-                    assert_eq!(k, FlashKernel { name: k.name, ..b.ordered });
-                }
-                assert_eq!(b.ordered.tile, rows * b.ordered.warps);
-                // The dQ product's warp grid (flash_backward_impl): bq/16 strips × column groups.
-                let strips = b.bq / 16;
-                assert_eq!(b.ordered.warps % strips, 0);
-                assert_eq!((cfg.head_dim / (b.ordered.warps / strips)) % 16, 0);
-                assert!(b.ordered.smem <= 227 * 1024, "{} exceeds the H100's 227 KiB", b.ordered.name);
+            for b in [cfg.backward, cfg.backward_atomic] {
+                // The dQ product's warp grid (flash_backward_impl): step/16 strips × column groups.
+                let strips = b.step / 16;
+                assert_eq!(b.warps % strips, 0);
+                assert_eq!((cfg.head_dim / (b.warps / strips)) % 16, 0);
+                assert_eq!(b.tile % b.step, 0, "{}", b.name);
             }
-            assert_eq!(cfg.forward.tile, 16 * cfg.forward.warps);
-            assert!(cfg.forward.smem <= 227 * 1024, "{} exceeds the H100's 227 KiB", cfg.forward.name);
-            // The rows32 forward: the same 128-row q tile and shared memory in 4 warps of 32 rows.
-            if let Some(k) = cfg.forward_rows32 {
-                assert_eq!(
-                    (k.warps, k.tile, k.smem),
-                    (cfg.forward.warps / 2, cfg.forward.tile, cfg.forward.smem)
-                );
+            for k in cfg.kernels() {
+                assert!(k.smem <= 227 * 1024, "{} exceeds the H100's 227 KiB", k.name);
+                assert_eq!(k.tile % (16 * k.warps), 0, "{}: whole m-tiles per warp", k.name);
             }
         }
     }

@@ -51,7 +51,7 @@ pub use cross_entropy::{
 };
 pub use cudarc::driver::LaunchConfig;
 use flash_attention::FlashSupport;
-pub use flash_attention::{AttentionPath, FlashDq, FlashRows};
+pub use flash_attention::{AttentionPath, FlashDq};
 use gemm::Gemm;
 pub use global_norm::{sum_squares_blocks, SUMSQ_BLOCKS as SUM_SQUARES_BLOCKS, SUM_SPLIT_THREADS};
 use launch::Kernels;
@@ -146,10 +146,6 @@ pub struct CudaBackend {
     force_scalar_attention: AtomicBool,
     /// How the flash backward sums dQ (SFT_FLASH_DQ, or set_flash_dq).
     flash_dq: flash_attention::DqAccumulation,
-    /// The head_dim 64 forward in warps of 32 q rows, and the backward in warps of 32 keys
-    /// (SFT_FLASH_FORWARD / SFT_FLASH_BACKWARD=rows32, or set_flash_forward / set_flash_backward).
-    flash_forward_rows32: AtomicBool,
-    flash_backward_rows32: AtomicBool,
     /// Blocking device-to-host copies so far (see `download`).
     reads: AtomicU64,
     /// The data-parallel job's NCCL communicator, once joined (`join_ranks`).
@@ -196,11 +192,6 @@ impl CudaBackend {
         let gemm = Gemm::new(stream.clone())?;
         let gpu = ctx.name().unwrap_or_else(|_| "unknown GPU".to_string());
         let flash_dq = flash_attention::DqAccumulation::new(FlashDq::from_env()?);
-        let rows32 = |var| -> Result<AtomicBool> {
-            Ok(AtomicBool::new(FlashRows::from_env(var)? == FlashRows::Rows32))
-        };
-        let (flash_forward_rows32, flash_backward_rows32) =
-            (rows32("SFT_FLASH_FORWARD")?, rows32("SFT_FLASH_BACKWARD")?);
         Ok(CudaBackend {
             name: format!("cuda:{ordinal} {gpu}"),
             ctx,
@@ -211,8 +202,6 @@ impl CudaBackend {
             flash,
             force_scalar_attention: AtomicBool::new(AttentionPath::from_env() == AttentionPath::Scalar),
             flash_dq,
-            flash_forward_rows32,
-            flash_backward_rows32,
             reads: AtomicU64::new(0),
             nccl: None,
         })
