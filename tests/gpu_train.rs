@@ -268,7 +268,8 @@ fn accumulated_steps_read_back_once_and_match_cpu() {
 }
 
 /// `sft bench --kernel-times`: with timing on, a step's launches come back by entry name with
-/// positive times (cuBLASLt as `cublasLt_gemm`); with it off, nothing is recorded.
+/// positive times (cuBLASLt per shape as `cublasLt_gemm MxNxK ..`, with its FLOPs); with it off,
+/// nothing is recorded.
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn kernel_times_name_the_launches() {
@@ -288,12 +289,22 @@ fn kernel_times_name_the_launches() {
     let times = gpu.backend().take_kernel_times().unwrap();
     let names: Vec<&str> = times.iter().map(|k| k.name.as_str()).collect();
     eprintln!("kernel times: {names:?}");
-    for want in
-        ["cublasLt_gemm", "flash_forward_64", "flash_backward_64", "rmsnorm_backward", "cross_entropy_rows"]
-    {
+    for want in ["flash_forward_64", "flash_backward_64", "rmsnorm_backward", "cross_entropy_rows"] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
     assert!(times.iter().all(|k| k.ns > 0.0 && k.launches > 0), "{times:?}");
+    // The GEMMs, one row per shape, carry their FLOPs (2·m·n·k a launch); nothing else does.
+    let gemms: Vec<_> = times.iter().filter(|k| k.name.starts_with("cublasLt_gemm ")).collect();
+    assert!(gemms.len() >= 3, "{names:?}");
+    for k in &times {
+        let gemm = k.name.starts_with("cublasLt_gemm ");
+        assert_eq!(k.flops > 0.0, gemm, "{k:?}");
+        if gemm {
+            let dims: Vec<f64> =
+                k.name.split_whitespace().nth(1).unwrap().split('x').map(|d| d.parse().unwrap()).collect();
+            assert_eq!(k.flops, 2.0 * dims.iter().product::<f64>() * k.launches as f64, "{k:?}");
+        }
+    }
 }
 
 /// Activation recompute on the CUDA backend: `mlp` and `layer` recompute with the same kernels,

@@ -340,10 +340,12 @@ impl Rope {
 /// The device time of one kernel's launches (see [`Backend::take_kernel_times`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct KernelTime {
-    /// The entry name in kernels/*.cu, or `cublasLt_gemm`.
+    /// The entry name in kernels/*.cu, or `cublasLt_gemm` and the GEMM's shape.
     pub name: String,
     pub ns: f64,
     pub launches: u64,
+    /// The FLOPs of these launches where the backend knows them (GEMMs), else 0.
+    pub flops: f64,
 }
 
 /// Shapes of the attention block, shared by rope and attention ops.

@@ -303,6 +303,7 @@ pub fn run_bench<B: Backend>(backend: B, args: &BenchArgs) -> Result<BenchReport
             total * 1e-6 / args.steps as f64,
             path.display()
         );
+        eprint!("{}", gemm_shapes_table(&times, args.steps));
     }
     let memory = model.backend().memory_info()?;
     let seconds_per_step = timed / args.steps as f64;
@@ -332,15 +333,22 @@ pub fn run_bench<B: Backend>(backend: B, args: &BenchArgs) -> Result<BenchReport
 }
 
 /// Per-kernel times as nsys's `cuda_gpu_kern_sum` CSV (the columns `sft plan --calibrate-from`
-/// reads), longest first.
+/// reads), longest first, and a last column of TFLOP/s where the FLOPs are known (the GEMMs).
 fn write_kernel_times(path: &std::path::Path, times: &[crate::backend::KernelTime]) -> Result<()> {
+    std::fs::write(path, kernel_times_csv(times)).with_context(|| format!("writing {}", path.display()))
+}
+
+fn kernel_times_csv(times: &[crate::backend::KernelTime]) -> String {
     let mut rows: Vec<_> = times.iter().collect();
     rows.sort_by(|a, b| b.ns.total_cmp(&a.ns));
     let total: f64 = rows.iter().map(|k| k.ns).sum::<f64>().max(1.0);
-    let mut csv = String::from("\"Time (%)\",\"Total Time (ns)\",\"Instances\",\"Avg (ns)\",\"Name\"\n");
+    let mut csv =
+        String::from("\"Time (%)\",\"Total Time (ns)\",\"Instances\",\"Avg (ns)\",\"Name\",\"TFLOP/s\"\n");
     for k in rows {
+        let rate =
+            if k.flops > 0.0 && k.ns > 0.0 { format!("{:.1}", k.flops / k.ns / 1e3) } else { String::new() };
         csv.push_str(&format!(
-            "{:.1},{:.0},{},{:.0},\"{}\"\n",
+            "{:.1},{:.0},{},{:.0},\"{}\",{rate}\n",
             100.0 * k.ns / total,
             k.ns,
             k.launches,
@@ -348,7 +356,30 @@ fn write_kernel_times(path: &std::path::Path, times: &[crate::backend::KernelTim
             k.name
         ));
     }
-    std::fs::write(path, csv).with_context(|| format!("writing {}", path.display()))
+    csv
+}
+
+/// The GEMMs of the timed steps by shape, slowest total first: launches and ms per step and the
+/// rate each shape reached (empty where no launch had known FLOPs).
+fn gemm_shapes_table(times: &[crate::backend::KernelTime], steps: usize) -> String {
+    let mut gemms: Vec<_> = times.iter().filter(|k| k.flops > 0.0).collect();
+    if gemms.is_empty() {
+        return String::new();
+    }
+    gemms.sort_by(|a, b| b.ns.total_cmp(&a.ns));
+    let per_step = |x: f64| x / steps.max(1) as f64;
+    let mut out =
+        format!("{:<48} {:>9} {:>10} {:>8}\n", "GEMM (cuBLASLt m×n×k)", "per step", "ms/step", "TFLOP/s");
+    for k in gemms {
+        out.push_str(&format!(
+            "{:<48} {:>9.0} {:>10.2} {:>8.1}\n",
+            k.name,
+            per_step(k.launches as f64),
+            per_step(k.ns) * 1e-6,
+            k.flops / k.ns / 1e3
+        ));
+    }
+    out
 }
 
 /// `sft bench`: runs and prints the report.
@@ -419,4 +450,51 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::KernelTime;
+    use crate::plan::calibrate::{parse_kern_sum, Attribution};
+
+    fn times() -> Vec<KernelTime> {
+        let k = |name: &str, ns: f64, launches: u64, flops: f64| KernelTime {
+            name: name.into(),
+            ns,
+            launches,
+            flops,
+        };
+        vec![
+            k("flash_forward_64", 2.0e6, 4, 0.0),
+            k("cublasLt_gemm 6144x16384x2048 TN bf16", 6.0e6, 4, 4.0 * 2.0 * 6144.0 * 16384.0 * 2048.0),
+            k("cublasLt_gemm 2048x6144x16384 NT f32 +=", 1.0e6, 2, 2.0 * 2.0 * 2048.0 * 6144.0 * 16384.0),
+        ]
+    }
+
+    /// The CSV keeps nsys's columns for `sft plan --calibrate-from` (GEMMs of every shape are
+    /// GEMMs to it) and adds each GEMM shape's rate.
+    #[test]
+    fn kernel_times_csv_has_a_rate_per_gemm_shape_and_still_calibrates() {
+        let csv = kernel_times_csv(&times());
+        let lines: Vec<&str> = csv.lines().collect();
+        assert!(lines[1].contains("\"cublasLt_gemm 6144x16384x2048 TN bf16\",274.9"), "{csv}");
+        assert!(lines[2].ends_with("\"flash_forward_64\","), "{csv}");
+        assert!(lines[3].ends_with(",824.6"), "{csv}");
+        let (measured, unattributed) = parse_kern_sum(&csv, "kt.csv").unwrap();
+        assert!(unattributed.is_empty(), "{unattributed:?}");
+        assert!((measured[&Attribution::Gemm] - 7.0e-3).abs() < 1e-12);
+    }
+
+    #[test]
+    fn gemm_table_lists_the_shapes_per_step_slowest_first() {
+        let table = gemm_shapes_table(&times(), 2);
+        let rows: Vec<&str> = table.lines().collect();
+        assert_eq!(rows.len(), 3, "{table}");
+        let first: Vec<&str> = rows[1].split_whitespace().collect();
+        // 4 launches and 6 ms over 2 steps: 2 per step, 3 ms per step, 274.9 TFLOP/s.
+        assert_eq!(&first[first.len() - 3..], ["2", "3.00", "274.9"], "{table}");
+        assert!(rows[2].starts_with("cublasLt_gemm 2048x6144x16384 NT f32 +="), "{table}");
+        assert_eq!(gemm_shapes_table(&times()[..1], 2), "");
+    }
 }

@@ -1,8 +1,10 @@
 //! Per-kernel device time from CUDA events, for `sft bench --kernel-times` and the calibration of
 //! `sft plan` where nsys cannot run. Off by default: then a launch costs one atomic load more.
-//! On, every launch (our kernels by entry name, cuBLASLt as `cublasLt_gemm`) is bracketed by two
-//! timing events; the events are read only when the times are taken, after the stream drains.
+//! On, every launch (our kernels by entry name, cuBLASLt GEMMs per shape, named by
+//! [`gemm_label`]) is bracketed by two timing events; the events are read only when the times are
+//! taken, after the stream drains.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -12,10 +14,35 @@ use cudarc::driver::{sys, CudaEvent, CudaStream, DriverError};
 
 use crate::backend::KernelTime;
 
+/// One timed launch: its name, its FLOPs where known (0 otherwise), and its two events.
+type Launch = (Cow<'static, str>, f64, CudaEvent, CudaEvent);
+
 #[derive(Default)]
 pub struct KernelTimer {
     on: AtomicBool,
-    pending: Mutex<Vec<(&'static str, CudaEvent, CudaEvent)>>,
+    pending: Mutex<Vec<Launch>>,
+}
+
+/// The timing name of a cuBLASLt GEMM: `cublasLt_gemm` and its shape as cuBLASLt sees it
+/// (column-major `m×n×k`, the transposes of A and B, C's type, `+=` when it adds to C), so that
+/// each shape of a step gets its own row: the slow one shows.
+pub fn gemm_label(
+    m: u64,
+    n: u64,
+    k: u64,
+    transa: bool,
+    transb: bool,
+    c_f32: bool,
+    accumulate: bool,
+) -> String {
+    let t = |x: bool| if x { 'T' } else { 'N' };
+    format!(
+        "cublasLt_gemm {m}x{n}x{k} {}{} {}{}",
+        t(transa),
+        t(transb),
+        if c_f32 { "f32" } else { "bf16" },
+        if accumulate { " +=" } else { "" }
+    )
 }
 
 impl KernelTimer {
@@ -38,9 +65,21 @@ impl KernelTimer {
         name: &'static str,
         start: Option<CudaEvent>,
     ) -> Result<(), DriverError> {
+        self.end_with(stream, start, || (Cow::Borrowed(name), 0.0))
+    }
+
+    /// As [`end`](Self::end), with the name and the FLOPs made only when timing (a GEMM's
+    /// label is formatted per launch).
+    pub fn end_with(
+        &self,
+        stream: &CudaStream,
+        start: Option<CudaEvent>,
+        what: impl FnOnce() -> (Cow<'static, str>, f64),
+    ) -> Result<(), DriverError> {
         if let Some(start) = start {
             let end = stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
-            self.pending.lock().unwrap_or_else(|e| e.into_inner()).push((name, start, end));
+            let (name, flops) = what();
+            self.pending.lock().unwrap_or_else(|e| e.into_inner()).push((name, flops, start, end));
         }
         Ok(())
     }
@@ -49,16 +88,36 @@ impl KernelTimer {
     /// launch's end event).
     pub fn take(&self) -> Result<Vec<KernelTime>> {
         let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut per_name: BTreeMap<&'static str, (f64, u64)> = BTreeMap::new();
-        for (name, start, end) in pending {
+        let mut per_name: BTreeMap<Cow<'static, str>, (f64, u64, f64)> = BTreeMap::new();
+        for (name, flops, start, end) in pending {
             let ms = start.elapsed_ms(&end)?;
             let e = per_name.entry(name).or_default();
             e.0 += ms as f64 * 1e6;
             e.1 += 1;
+            e.2 += flops;
         }
         Ok(per_name
             .into_iter()
-            .map(|(name, (ns, launches))| KernelTime { name: name.to_string(), ns, launches })
+            .map(|(name, (ns, launches, flops))| KernelTime { name: name.into_owned(), ns, launches, flops })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gemm_label;
+
+    #[test]
+    fn gemm_labels_name_the_shape_and_whether_they_accumulate() {
+        assert_eq!(
+            gemm_label(6144, 16384, 2048, true, false, false, false),
+            "cublasLt_gemm 6144x16384x2048 TN bf16"
+        );
+        assert_eq!(
+            gemm_label(2048, 6144, 16384, false, true, true, true),
+            "cublasLt_gemm 2048x6144x16384 NT f32 +="
+        );
+        // `sft plan --calibrate-from` attributes them to the GEMMs by name.
+        assert!(gemm_label(1, 2, 3, false, false, true, false).starts_with("cublasLt_gemm "));
     }
 }
