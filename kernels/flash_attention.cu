@@ -481,11 +481,16 @@ __device__ __forceinline__ void wait_semaphore_from(const uint32_t* sem, uint32_
     asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
 }
 __device__ __forceinline__ void st_shared_u32(bf16_t* p, uint32_t v) { *reinterpret_cast<uint32_t*>(p) = v; }
+__device__ __forceinline__ void st_shared_f2(float* p, float2 v) { *reinterpret_cast<float2*>(p) = v; }
+__device__ __forceinline__ float4 ld_shared_f4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 #endif
 
 // How a flash backward sums dQ: in order (the semaphore read early, the release one iteration
-// later, the old partial fetched before the dQ product), or with atomic adds.
-enum DqMode { DQ_ORDERED, DQ_ATOMIC };
+// later, the old partial fetched before the dQ product); in order, deferred (each q tile's partial
+// staged in shared memory and added one iteration later, the old partial fetched by cp.async
+// behind the next dQ product: the same bits, no registers held across the tile products); or with
+// atomic adds.
+enum DqMode { DQ_ORDERED, DQ_DEFERRED, DQ_ATOMIC };
 
 template <int HD, int NW, int BQ, int DQ, int MT = 1>
 __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,
@@ -496,7 +501,11 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     // dSᵀ rows: BQ + 8 bf16 (144 or 80 bytes), so that ldmatrix and the fragment stores are
     // conflict-free. The dQ product: STRIPS strips of 16 q rows × NW / STRIPS groups of CW columns.
     constexpr int LDS = BQ + 8, STRIPS = BQ / 16, CW = HD / (NW / STRIPS);
-    constexpr bool ATOMIC_DQ = DQ == DQ_ATOMIC, ORDERED = DQ == DQ_ORDERED;
+    constexpr bool ATOMIC_DQ = DQ == DQ_ATOMIC, ORDERED = DQ == DQ_ORDERED, DEFERRED = DQ == DQ_DEFERRED;
+    // DEFERRED: the staged partials [2][BQ][PLD] (rows padded by 4 floats against bank conflicts
+    // of the fragment-layout stores) and the old partial sums [BQ][HD], in F4 float4 steps.
+    constexpr int PLD = HD + 4, F4 = BQ * HD / 4;
+    constexpr int DEFERRED_SMEM = DEFERRED ? (2 * BQ * PLD + BQ * HD) * 4 : 0;
     // The ordered sum with two m-tiles per warp would spill the registers that hold the old
     // partial sums fetched ahead (and, timed on an H200, it lost to one m-tile anyway).
     static_assert(!ORDERED || MT == 1, "the ordered dQ sum runs warps of 16 keys");
@@ -509,8 +518,10 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     float* lse_s = reinterpret_cast<float*>(dos + 2 * BQ * LD);  // [2][BQ]
     float* d_s = lse_s + 2 * BQ;                                 // [2][BQ]
     bf16_t* dst = reinterpret_cast<bf16_t*>(d_s + 2 * BQ);       // dSᵀ [BN][LDS]
+    float* p_s = reinterpret_cast<float*>(dst + BN * LDS);       // DEFERRED: [2][BQ][PLD]
+    float* old_s = p_s + 2 * BQ * PLD;                           // DEFERRED: [BQ][HD]
     if (threadIdx.x == 0 &&
-        dynamic_smem_size() < (uint32_t)((2 * BN + 4 * BQ) * LD * 2 + 4 * BQ * 4 + BN * LDS * 2))
+        dynamic_smem_size() < (uint32_t)((2 * BN + 4 * BQ) * LD * 2 + 4 * BQ * 4 + BN * LDS * 2 + DEFERRED_SMEM))
         __trap();
 
     int k0, seg_start, seg_end;
@@ -562,8 +573,60 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     }
 
     // ORDERED: thread 0's release of the previous iteration's q tile, done during this one.
+    // DEFERRED: of the q tile before that (added during the previous iteration).
     uint32_t* pending_sem = nullptr;
     uint32_t pending_value = 0;
+
+    // Iteration i's q tile: its head, first row, and place in the order of dQ partials.
+    struct QTile {
+        int h, qt;
+        bool first, last;
+        uint32_t want;
+    };
+    auto q_tile = [&](int i) {
+        QTile t;
+        t.h = kvh * group + i / n_qt;
+        t.qt = k0 + (i % n_qt) * BQ;
+        const int first_kt = (t.qt - seg_start) / BN;
+        t.first = kt_index == first_kt;
+        t.last = kt_index == 0;
+        t.want = (uint32_t)(first_kt - kt_index);
+        return t;
+    };
+    // DEFERRED: the previous iteration's q tile, whose partial waits in p_s[(it - 1) & 1],
+    // recomputed where needed rather than held across the tile products; prev_seen is thread
+    // 0's early read of its semaphore.
+    QTile prev{};
+    uint32_t prev_seen = 0;
+    // The old partial sums of prev's q tile, global → old_s (rows past the segment: zeros).
+    auto fetch_old = [&]() {
+        for (int e = threadIdx.x; e < F4; e += NT) {
+            const int r = e / (HD / 4), c = (e % (HD / 4)) * 4, row = prev.qt + r;
+            const bool ok = row < seg_end;
+            cp_async16(old_s + r * HD + c, dq_acc + (size_t)(ok ? row : prev.qt) * dstride + prev.h * HD + c, ok);
+        }
+        cp_async_commit();
+    };
+    // prev's partial (plus the old sums unless it is the first) into the accumulator, or, from
+    // the last key tile, as bf16 dQ into dqkv. Each thread reads back only the old sums it
+    // fetched itself; the staged partial needs a barrier since its stores (step order above).
+    auto add_prev = [&](int pbuf) {
+        for (int e = threadIdx.x; e < F4; e += NT) {
+            const int r = e / (HD / 4), c = (e % (HD / 4)) * 4, row = prev.qt + r;
+            if (row >= seg_end) continue;
+            float4 v = ld_shared_f4(p_s + (pbuf * BQ + r) * PLD + c);
+            if (!prev.first) {
+                const float4 o = ld_shared_f4(old_s + r * HD + c);
+                v = make_float4(o.x + v.x, o.y + v.y, o.z + v.z, o.w + v.w);
+            }
+            if (prev.last) {
+                *reinterpret_cast<uint2*>(dqkv + (size_t)row * width + prev.h * HD + c) =
+                    make_uint2(pack_bf16(v.x * scale, v.y * scale), pack_bf16(v.z * scale, v.w * scale));
+            } else {
+                __stcg(reinterpret_cast<float4*>(dq_acc + (size_t)row * dstride + prev.h * HD + c), v);
+            }
+        }
+    };
 
     for (int it = 0; it < n_it; it++) {
         const int h = kvh * group + it / n_qt;
@@ -582,9 +645,10 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         const bool first = kt_index == first_kt, last = kt_index == 0;
         const uint32_t want = (uint32_t)(first_kt - kt_index);
         uint32_t* sem = ATOMIC_DQ ? nullptr : dq_sem + (size_t)h * n + qt;
-        // ORDERED: the semaphore's value, read now and looked at after the tile products.
+        // The semaphore's value, read now and looked at after the tile products (ORDERED) or in
+        // the next iteration (DEFERRED).
         uint32_t seen = 0;
-        if (ORDERED && threadIdx.x == 0 && !first) seen = ld_relaxed(sem);
+        if ((ORDERED || DEFERRED) && threadIdx.x == 0 && !first) seen = ld_relaxed(sem);
         const int buf = it & 1;
         const bf16_t* qb = qs + buf * BQ * LD;
         const bf16_t* db = dos + buf * BQ * LD;
@@ -646,16 +710,21 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
             }
         }
 
-        if (ORDERED && threadIdx.x == 0) {
+        if (DEFERRED && it > 0) prev = q_tile(it - 1);
+        const bool fetch = DEFERRED && it > 0 && !prev.first;
+        if ((ORDERED || DEFERRED) && threadIdx.x == 0) {
             // The previous iteration's accumulator stores are ordered before this iteration's
             // first barrier, so its q tile can be released now; most of an iteration has passed
             // since they were issued, so the release waits little.
             if (pending_sem) st_release(pending_sem, pending_value);
             pending_sem = nullptr;
-            if (!first) wait_semaphore_from(sem, seen, want);
+            if (ORDERED && !first) wait_semaphore_from(sem, seen, want);
+            if (fetch) wait_semaphore_from(dq_sem + (size_t)prev.h * n + prev.qt, prev_seen, prev.want);
         }
         // The barrier also orders the dSᵀ stores before the dQ product's ldmatrix.
         __syncthreads();
+        // DEFERRED: the old sums of the previous q tile arrive behind this tile's dQ product.
+        if (fetch) fetch_old();
 
         const int row_a = qt + strip * 16 + lane / 4, row_b = row_a + 8;
         const int col = h * HD + c0 + (lane % 4) * 2;
@@ -695,6 +764,26 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
                 }
             }
         }
+        if (DEFERRED) {
+            if (it > 0) {
+                prev = q_tile(it - 1);
+                cp_async_wait<0>();
+                add_prev((it - 1) & 1);
+            }
+            // This tile's partial waits in p_s[it & 1] for the next iteration.
+            float* pb = p_s + (it & 1) * BQ * PLD + c0 + (lane % 4) * 2;
+#pragma unroll
+            for (int j = 0; j < CW / 8; j++) {
+                st_shared_f2(pb + (strip * 16 + lane / 4) * PLD + j * 8, make_float2(acc[j][0], acc[j][1]));
+                st_shared_f2(pb + (strip * 16 + lane / 4 + 8) * PLD + j * 8, make_float2(acc[j][2], acc[j][3]));
+            }
+            if (threadIdx.x == 0 && it > 0 && !(prev.first && prev.last)) {
+                pending_sem = dq_sem + (size_t)prev.h * n + prev.qt;
+                pending_value = prev.last ? 0u : prev.want + 1;
+            }
+            prev_seen = seen;
+            continue;
+        }
 #pragma unroll
         for (int j = 0; j < CW / 8; j++) {
 #pragma unroll
@@ -727,9 +816,9 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         // the kernel issued on 21% of its cycles.) The release happens during the next iteration,
         // after its first barrier, or after the loop. (Released here after a second barrier,
         // with the wait and the old partial's load on the critical path, the backward took 21%
-        // longer on an H200: 2.91 against 2.40 ms at 8 × 2048 rows × 32 heads of 64.) The atomic path has nothing to release, and the next
-        // iteration's first barrier already orders this one's dSᵀ reads before the next dSᵀ
-        // stores.
+        // longer on an H200: 2.91 against 2.40 ms at 8 × 2048 rows × 32 heads of 64.) The
+        // atomic path has nothing to release, and the next iteration's first barrier already
+        // orders this one's dSᵀ reads before the next dSᵀ stores.
         if (ORDERED && threadIdx.x == 0 && !(first && last)) {
             pending_sem = sem;
             pending_value = last ? 0u : want + 1;
@@ -738,6 +827,25 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     if (ORDERED) {
         __syncthreads();
         if (threadIdx.x == 0 && pending_sem) st_release(pending_sem, pending_value);
+    }
+    if (DEFERRED) {
+        // The last tile's partial: the barrier orders its staging stores before the reads of
+        // add_prev, and the previous tile's accumulator stores before their release.
+        prev = q_tile(n_it - 1);
+        uint32_t* sem = dq_sem + (size_t)prev.h * n + prev.qt;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            if (pending_sem) st_release(pending_sem, pending_value);
+            if (!prev.first) wait_semaphore_from(sem, prev_seen, prev.want);
+        }
+        __syncthreads();
+        if (!prev.first) {
+            fetch_old();
+            cp_async_wait<0>();
+        }
+        add_prev((n_it - 1) & 1);
+        __syncthreads();
+        if (threadIdx.x == 0 && !(prev.first && prev.last)) st_release(sem, prev.last ? 0u : prev.want + 1);
     }
 
 #pragma unroll
@@ -777,9 +885,10 @@ extern "C" __global__ void __launch_bounds__(256)
 
 // ---- entries ---------------------------------------------------------------------------------
 // Configurations (keep in sync with FLASH_64 and FLASH_128 in src/backend/cuda/flash_attention.rs):
-//   forward          HD 64: 4 warps × 32 q rows, BN 64   HD 128: 8 warps × 16 q rows, BN 64
-//   backward         HD 64: 8 warps × 16 keys,   BQ 64   HD 128: 8 warps × 16 keys,   BQ 32
-//   backward_atomic  HD 64: 4 warps × 32 keys,   BQ 32   HD 128: 8 warps × 16 keys,   BQ 32
+//   forward            HD 64: 4 warps × 32 q rows, BN 64   HD 128: 8 warps × 16 q rows, BN 64
+//   backward           HD 64: 8 warps × 16 keys,   BQ 64   HD 128: 8 warps × 16 keys,   BQ 32
+//   backward_deferred  HD 64: 4 warps × 32 keys,   BQ 32   HD 128: 8 warps × 16 keys,   BQ 32
+//   backward_atomic    HD 64: 4 warps × 32 keys,   BQ 32   HD 128: 8 warps × 16 keys,   BQ 32
 // Grid: (tile-table bound, n_heads) for the forward, (bound, n_kv_heads) for the backward;
 // block NW·32. All read one tile table of 128 rows. MINB: CTAs per SM the registers must allow.
 // The HD 64 forward needs 254 registers on sm_90, so 2 CTAs (8 warps) per SM; capping it at 3
@@ -796,6 +905,13 @@ extern "C" __global__ void __launch_bounds__(256)
                             int n_heads, int n_kv_heads) {                                                      \
         flash_backward_impl<HD, KNW, KBQ, DQ_ORDERED>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n,        \
                                                       n_heads, n_kv_heads);                                     \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(ANW * 32, AMINB)                                               \
+        flash_backward_deferred_##HD(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,         \
+                                     const bf16_t* qkv, const float* lse, const float* D, const int* table,     \
+                                     int n, int n_heads, int n_kv_heads) {                                      \
+        flash_backward_impl<HD, ANW, ABQ, DQ_DEFERRED, AMT>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n,  \
+                                                            n_heads, n_kv_heads);                               \
     }                                                                                                           \
     extern "C" __global__ void __launch_bounds__(ANW * 32, AMINB)                                               \
         flash_backward_atomic_##HD(bf16_t* dqkv, float* dq_acc, const bf16_t* dout, const bf16_t* qkv,          \

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # A second, short GPU call after `gpu_check.sh all`: the GPU tests and the demo part again, the
 # 1.3B step with per-kernel CUDA-event times (for `sft plan --calibrate-from`), the attention
-# backward with ordered and atomic dQ (`sft bench-attention --dq both`), Nsight Compute on
+# backward with ordered, deferred and atomic dQ (`sft bench-attention --dq all`), Nsight Compute on
 # the flash kernels, and compute-sanitizer on the flash tests. Run on the box from the repo root:
 #   .gpu/gpu_probe.sh        (results under $OUT, else .gpu/probe/)
-#   .gpu/gpu_probe.sh dq     the flash backward's dQ sums only (about 3 minutes): the GPU
-#                            attention and training tests, `bench-attention --dq both`, and the
-#                            1.3B step under ordered and atomic dQ; then a markdown table of the
-#                            steps (steps.md)
+#   .gpu/gpu_probe.sh dq     the flash backward's dQ sums only (about 4 minutes): the GPU
+#                            attention and training tests (the training tests again with
+#                            SFT_FLASH_DQ=deferred), `bench-attention --dq all`, and the 1.3B
+#                            step under ordered, deferred and atomic dQ; then a markdown table of
+#                            the steps (steps.md)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 out="${OUT:-$PWD/probe}"
@@ -19,15 +20,16 @@ rm -rf "$work"
 mkdir -p "$work"
 step() { echo; echo "=== $1 (${2}s)"; shift 2; }
 if [[ "${1:-}" == dq ]]; then
-    for t in gpu_attention gpu_train; do
-        step "$t" 50
-        timeout -k 5 50 "./$t" --ignored --test-threads=1 >"$out/$t.log" 2>&1
+    for run in "gpu_attention ordered" "gpu_train ordered" "gpu_train deferred"; do
+        read -r t mode <<<"$run"
+        step "$t, SFT_FLASH_DQ=$mode" 50
+        SFT_FLASH_DQ=$mode timeout -k 5 50 "./$t" --ignored --test-threads=1 >"$out/${t}_$mode.log" 2>&1
         echo "rc=$?"
-        grep -E "FAILED|panicked|test result" "$out/$t.log" | head
+        grep -E "FAILED|panicked|test result" "$out/${t}_$mode.log" | head
     done
-    step "bench-attention --dq both" 60
-    timeout -k 5 60 ./sft bench-attention --seq-lens 1024,2048,4096 --dq both 2>&1 | tee "$out/attention_dq.log"
-    for mode in ordered atomic; do
+    step "bench-attention --dq all" 60
+    timeout -k 5 60 ./sft bench-attention --seq-lens 1024,2048,4096 --dq all 2>&1 | tee "$out/attention_dq.log"
+    for mode in ordered deferred atomic; do
         step "1.3B step, SFT_FLASH_DQ=$mode" 70
         SFT_FLASH_DQ=$mode timeout -k 5 70 ./sft bench --config simplellama-1.3b --tokens-per-step 65536 \
             --seq-len 2048 --micro-batch 8 --steps 5 --warmup 2 --device cuda --dropout 0 2>&1 |
@@ -60,8 +62,8 @@ timeout -k 5 90 ./sft bench --config simplellama-1.3b --tokens-per-step 65536 --
     --steps 3 --warmup 2 --device cuda --dropout 0 --kernel-times "$out/kernel_times.csv" 2>&1 | tee "$out/bench.log"
 head -n 40 "$out/kernel_times.csv"
 step attention-dq 60
-# The flash backward's dQ: ordered (the default) and atomic (SFT_FLASH_DQ).
-timeout -k 5 60 ./sft bench-attention --seq-lens 2048,4096 --dq both 2>&1 | tee "$out/attention_dq.log"
+# The flash backward's dQ: ordered (the default), deferred (the same bits) and atomic (SFT_FLASH_DQ).
+timeout -k 5 60 ./sft bench-attention --seq-lens 2048,4096 --dq all 2>&1 | tee "$out/attention_dq.log"
 echo "attention-dq rc=${PIPESTATUS[0]}"
 NCU="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)"
 step ncu 100

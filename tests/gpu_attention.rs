@@ -343,3 +343,37 @@ fn flash_atomic_dq_at_scale() {
         );
     }
 }
+
+/// The deferred ordered path (`FlashDq::Deferred`: each partial added one iteration later, in
+/// warps of 32 keys for head_dim 64) adds the same partials in the same order as the default:
+/// the same bits, on the at-scale shape and packed batches with grouped KV heads, run after run,
+/// and an ordered run after it still gives them (its semaphores were left at zero).
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn flash_deferred_dq_gives_the_ordered_bits() {
+    let mha_32 = HeadShape { n_heads: 32, n_kv_heads: 32, head_dim: 64 };
+    let gqa_128 = HeadShape { n_heads: 16, n_kv_heads: 4, head_dim: 128 };
+    for (heads, cu, seed) in [
+        (mha_32, vec![0u32, 2048, 4096, 6144, 8192], 860),
+        (GQA_64, PACKED.to_vec(), 861),
+        (MQA_64, PACKED.to_vec(), 862),
+        (gqa_128, PACKED.to_vec(), 863),
+    ] {
+        let Some(g) = tensor_core_gpu(heads.head_dim) else { return };
+        let n = *cu.last().unwrap() as usize;
+        let (qkv, dout) = inputs(n, heads, seed);
+        let ordered = attention(&g, &qkv, &dout, &cu, heads);
+        g.set_flash_dq(FlashDq::Deferred);
+        for run in 0..2 {
+            let deferred = attention(&g, &qkv, &dout, &cu, heads);
+            assert_identical(
+                &format!("deferred vs ordered, hd {} run {run}", heads.head_dim),
+                &ordered,
+                &deferred,
+            );
+        }
+        g.set_flash_dq(FlashDq::Ordered);
+        let again = attention(&g, &qkv, &dout, &cu, heads);
+        assert_identical(&format!("ordered after deferred, hd {}", heads.head_dim), &ordered, &again);
+    }
+}

@@ -7,7 +7,8 @@
 //! products, which is also what flash_backward executes).
 //!
 //! `--dq both` also times the tensor-core backward with atomic dQ adds (SFT_FLASH_DQ=atomic,
-//! not deterministic) in a row of its own, "sft flash (atomic dQ)".
+//! not deterministic) in a row of its own, "sft flash (atomic dQ)"; `--dq all` adds the deferred
+//! ordered sums, "sft flash (deferred)".
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -41,8 +42,9 @@ pub struct AttentionBenchArgs {
     /// auto (tensor cores where supported) or scalar.
     #[arg(long, default_value = "auto")]
     pub path: String,
-    /// The flash backward's dQ accumulation: ordered (deterministic), atomic, or both (a row
-    /// each). Only the tensor-core path has the choice.
+    /// The flash backward's dQ accumulation: ordered (deterministic), deferred (deterministic,
+    /// the ordered bits), atomic, both (ordered and atomic) or all (a row each). Only the
+    /// tensor-core path has the choice.
     #[arg(long, default_value = "ordered")]
     pub dq: String,
     /// CUDA device ordinal.
@@ -54,7 +56,8 @@ pub struct AttentionBenchArgs {
 pub fn dq_modes(arg: &str) -> Result<Vec<FlashDq>> {
     match arg {
         "both" => Ok(vec![FlashDq::Ordered, FlashDq::Atomic]),
-        other => Ok(vec![FlashDq::parse(other).context("--dq (ordered, atomic or both)")?]),
+        "all" => Ok(FlashDq::ALL.to_vec()),
+        other => Ok(vec![FlashDq::parse(other).context("--dq (ordered, deferred, atomic, both or all)")?]),
     }
 }
 
@@ -64,6 +67,7 @@ pub fn row_name(flash: bool, dq: FlashDq) -> &'static str {
     match (flash, dq) {
         (false, _) => "sft scalar",
         (true, FlashDq::Ordered) => "sft flash (mma)",
+        (true, FlashDq::Deferred) => "sft flash (deferred)",
         (true, FlashDq::Atomic) => "sft flash (atomic dQ)",
     }
 }
@@ -260,18 +264,23 @@ mod tests {
         assert_eq!(dq_modes("ordered").unwrap(), vec![FlashDq::Ordered]);
         assert_eq!(dq_modes("atomic").unwrap(), vec![FlashDq::Atomic]);
         assert_eq!(dq_modes("both").unwrap(), vec![FlashDq::Ordered, FlashDq::Atomic]);
-        for bad in ["fastest", "all", "pipelined"] {
+        assert_eq!(dq_modes("all").unwrap(), vec![FlashDq::Ordered, FlashDq::Deferred, FlashDq::Atomic]);
+        for bad in ["fastest", "pipelined"] {
             let err = format!("{:#}", dq_modes(bad).unwrap_err());
-            assert!(err.contains("--dq (ordered, atomic or both)") && err.contains(bad), "{err}");
+            assert!(
+                err.contains("--dq (ordered, deferred, atomic, both or all)") && err.contains(bad),
+                "{err}"
+            );
         }
         // The table's name column is 22 wide (bench_attention_torch.py splits rows there).
         let names = [
             row_name(true, FlashDq::Ordered),
+            row_name(true, FlashDq::Deferred),
             row_name(true, FlashDq::Atomic),
             row_name(false, FlashDq::Atomic),
         ];
         assert!(names.iter().all(|n| n.len() <= 22), "{names:?}");
-        assert_eq!(names, ["sft flash (mma)", "sft flash (atomic dQ)", "sft scalar"]);
+        assert_eq!(names, ["sft flash (mma)", "sft flash (deferred)", "sft flash (atomic dQ)", "sft scalar"]);
     }
 
     #[test]

@@ -102,7 +102,16 @@ inline std::atomic<int> emu_window{1};
 // __syncthreads calls this thread has passed: every thread of a CTA passes the same ones.
 inline thread_local int emu_epoch = 0;
 
+// Blocks running at once (a window of emu_launch) run at different speeds: the first of the
+// window, which the others may wait on (the backward's dQ semaphores), sleeps longest at each
+// barrier, so that the later ones catch up and their waits, and the reads those waits order,
+// really happen against a writer that is not done.
 inline void __syncthreads() {
+    const int window = emu_window.load();
+    if (window > 1) {
+        const unsigned linear = blockIdx.x + blockIdx.y * gridDim.x;
+        if (linear % (unsigned)window == 0) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
     emu_cta->block->arrive_and_wait();
     emu_epoch++;
 }
@@ -140,11 +149,16 @@ inline uint32_t smem_u32(const void* p) {
     return (uint32_t)(c - emu_cta->smem.data());
 }
 
+// A cp.async reads its global source at some time between its issue and its wait: the copy
+// lands the value read at issue (the earliest, most adversarial choice), and a source that
+// changes before the wait is an error (a read not ordered after the writer's release, e.g. the
+// deferred backward's old partial sums fetched before the semaphore wait).
 struct EmuCopy {
     void* dst;
     const void* src;
     int bytes;
     bool valid;
+    unsigned char at_issue[16];
 };
 inline thread_local std::vector<EmuCopy> emu_open_group;
 inline thread_local std::deque<std::vector<EmuCopy>> emu_groups;
@@ -167,7 +181,9 @@ inline void emu_cp_async(void* smem, const void* gmem, int bytes, bool valid) {
             w.pend_epoch = emu_epoch;
         }
     }
-    emu_open_group.push_back({smem, gmem, bytes, valid});
+    EmuCopy c{smem, gmem, bytes, valid, {}};
+    if (valid) memcpy(c.at_issue, gmem, bytes);
+    emu_open_group.push_back(c);
 }
 inline void cp_async16(void* smem, const void* gmem, bool valid) { emu_cp_async(smem, gmem, 16, valid); }
 inline void cp_async4(void* smem, const void* gmem, bool valid) { emu_cp_async(smem, gmem, 4, valid); }
@@ -181,8 +197,17 @@ inline void cp_async_wait() {
     while ((int)emu_groups.size() > N) {
         std::lock_guard<std::mutex> guard(emu_cta->shadow_lock);
         for (const EmuCopy& c : emu_groups.front()) {
-            if (c.valid) memcpy(c.dst, c.src, c.bytes);
-            else memset(c.dst, 0, c.bytes);
+            if (c.valid) {
+                if (memcmp(c.at_issue, c.src, c.bytes) != 0) {
+                    emu_stats.races++;
+                    if (emu_stats.printed++ < 10)
+                        fprintf(stderr, "race: the global source of a cp.async changed between its issue and its wait: block (%u, %u) thread %u\n",
+                                blockIdx.x, blockIdx.y, threadIdx.x);
+                }
+                memcpy(c.dst, c.at_issue, c.bytes);
+            } else {
+                memset(c.dst, 0, c.bytes);
+            }
             uint32_t off = smem_u32(c.dst);
             for (uint32_t b = off; b < off + (uint32_t)c.bytes; b += 4) {
                 EmuWord& w = emu_cta->shadow[b / 4];
@@ -198,23 +223,57 @@ inline void cp_async_wait() {
     }
 }
 
-// A plain 4-byte store to shared memory, seen by the race check.
-inline void st_shared_u32(void* p, uint32_t v) {
+// Plain stores to shared memory (4 bytes: the dSᵀ tile; 8: the deferred backward's staged dQ
+// partials), seen by the race check.
+inline void emu_st_shared(void* p, const void* v, uint32_t bytes, const char* what) {
     uint32_t off = smem_u32(p);
-    if (off % 4 != 0 || off + 4 > dynamic_smem_size()) {
-        fprintf(stderr, "st_shared_u32: bad shared offset %u\n", off);
+    if (off % bytes != 0 || off + bytes > dynamic_smem_size()) {
+        fprintf(stderr, "%s: bad shared offset %u\n", what, off);
         abort();
     }
     const int warp = (int)threadIdx.x / 32;
     {
         std::lock_guard<std::mutex> guard(emu_cta->shadow_lock);
-        EmuWord& w = emu_cta->shadow[off / 4];
-        if (w.pend_warp >= 0) emu_race("store over a pending cp.async", off, w.pend_warp);
-        if (w.read_epoch == emu_epoch && w.read_warp != warp) emu_race("store over a read without a barrier", off, w.read_warp);
-        w.store_warp = warp;
-        w.store_epoch = emu_epoch;
+        for (uint32_t b = off; b < off + bytes; b += 4) {
+            EmuWord& w = emu_cta->shadow[b / 4];
+            if (w.pend_warp >= 0) emu_race("store over a pending cp.async", b, w.pend_warp);
+            if (w.read_epoch == emu_epoch && w.read_warp != warp)
+                emu_race("store over a read without a barrier", b, w.read_warp);
+            w.store_warp = warp;
+            w.store_epoch = emu_epoch;
+        }
     }
-    memcpy(p, &v, 4);
+    memcpy(p, v, bytes);
+}
+inline void st_shared_u32(void* p, uint32_t v) { emu_st_shared(p, &v, 4, "st_shared_u32"); }
+inline void st_shared_f2(float* p, float2 v) { emu_st_shared(p, &v, 8, "st_shared_f2"); }
+
+// A plain 16-byte load from shared memory (the deferred backward's staged partials and old
+// sums), checked as ldmatrix rows are: against pending copies, copies and stores of other warps
+// that no barrier orders before it.
+inline float4 ld_shared_f4(const float* p) {
+    uint32_t off = smem_u32(p);
+    if (off % 16 != 0 || off + 16 > dynamic_smem_size()) {
+        fprintf(stderr, "ld_shared_f4: bad shared offset %u\n", off);
+        abort();
+    }
+    const int warp = (int)threadIdx.x / 32;
+    {
+        std::lock_guard<std::mutex> guard(emu_cta->shadow_lock);
+        for (uint32_t b = off; b < off + 16; b += 4) {
+            EmuWord& w = emu_cta->shadow[b / 4];
+            if (w.pend_warp >= 0 && w.pend_warp != warp) emu_race("load of a pending cp.async", b, w.pend_warp);
+            if (w.write_warp >= 0 && w.write_warp != warp && w.write_lo <= emu_epoch && emu_epoch <= w.write_hi)
+                emu_race("load without a barrier after cp.async", b, w.write_warp);
+            if (w.store_warp >= 0 && w.store_warp != warp && w.store_epoch == emu_epoch)
+                emu_race("load of a store without a barrier", b, w.store_warp);
+            if (w.read_epoch == emu_epoch && w.read_warp != warp) w.read_warp = -2;
+            else if (w.read_epoch != emu_epoch) w.read_epoch = emu_epoch, w.read_warp = warp;
+        }
+    }
+    float4 v;
+    memcpy(&v, p, 16);
+    return v;
 }
 
 // ---- global memory between blocks ----
@@ -225,6 +284,7 @@ inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v, std::memory_order_relaxed); }
 inline float2 __ldcg(const float2* p) { return *p; }
 inline void __stcg(float2* p, float2 v) { *p = v; }
+inline void __stcg(float4* p, float4 v) { *p = v; }
 // The ordered path: a relaxed read early, then spin from it and fence (acquire).
 inline uint32_t ld_relaxed(const uint32_t* p) {
     return std::atomic_ref<uint32_t>(*const_cast<uint32_t*>(p)).load(std::memory_order_relaxed);

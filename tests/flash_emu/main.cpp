@@ -55,10 +55,11 @@ static double rel_err(const std::vector<double>& got, const std::vector<double>&
     return n > 0 ? std::sqrt(d / n) : std::sqrt(d);
 }
 
-// Warps and dynamic shared memory of the forward, the backward and the atomic backward.
+// Warps and dynamic shared memory of the forward, the backward and the atomic backward (the
+// deferred backward has the atomic one's tiles, plus its staged partials and old sums).
 struct Cfg {
     int fnw, knw, anw;
-    size_t fsmem, ksmem, asmem;
+    size_t fsmem, ksmem, asmem, dsmem;
 };
 
 static Cfg config(int hd) {
@@ -67,8 +68,9 @@ static Cfg config(int hd) {
     // [2][BQ] f32 and dSᵀ [128][BQ + 8] (BQ 64 for the HD 64 ordered backward, else 32).
     size_t rb = (hd + 8) * 2;
     auto backward = [&](size_t bq) { return (256 + 4 * bq) * rb + 4 * bq * 4 + 128 * (bq + 8) * 2; };
-    if (hd == 64) return {4, 8, 4, (128 + 6 * 64) * rb, backward(64), backward(32)};
-    return {8, 8, 8, (128 + 6 * 64) * rb, backward(32), backward(32)};
+    const size_t staged = (2 * 32 * (hd + 4) + 32 * hd) * 4;  // BQ 32
+    if (hd == 64) return {4, 8, 4, (128 + 6 * 64) * rb, backward(64), backward(32), backward(32) + staged};
+    return {8, 8, 8, (128 + 6 * 64) * rb, backward(32), backward(32), backward(32) + staged};
 }
 
 static std::vector<int> tile_table(const std::vector<int>& cu, int tile, int n) {
@@ -178,8 +180,11 @@ static bool run(const Case& c, uint64_t seed) {
     std::vector<float> dq_acc((size_t)n * nh * hd, NAN);
     std::vector<uint32_t> dq_sem((size_t)nh * n, 0);
     auto backward = [&](const std::string& kernel, std::vector<bf16_t>& g, int ctas) {
-        launch(kernel, (unsigned)(tk.size() - 1) / 3, nkv, cfg.knw * 32, cfg.ksmem, [&] {
-            if (hd == 64) flash_backward_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+        const bool deferred = kernel.find("deferred") != std::string::npos;
+        launch(kernel, (unsigned)(tk.size() - 1) / 3, nkv, (deferred ? cfg.anw : cfg.knw) * 32, deferred ? cfg.dsmem : cfg.ksmem, [&] {
+            if (deferred && hd == 64) flash_backward_deferred_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+            else if (deferred) flash_backward_deferred_128(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+            else if (hd == 64) flash_backward_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
             else flash_backward_128(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
         }, ctas);
         long dirty = std::count_if(dq_sem.begin(), dq_sem.end(), [](uint32_t v) { return v != 0; });
@@ -195,6 +200,16 @@ static bool run(const Case& c, uint64_t seed) {
     record("flash_backward_" + h, backward_same ? 0 : 1, 0);
     if (!backward_same) printf("  the backward differs with 3 blocks at once\n");
     identical = identical && backward_same;
+    // The deferred backward adds the same partials in the same order: the ordered bits, one and
+    // 3 blocks at a time.
+    for (int ctas : {1, 3}) {
+        std::vector<bf16_t> deferred(n * width, __float2bfloat16_rn(-2.0f));
+        backward("flash_backward_deferred_" + h, deferred, ctas);
+        const bool same = memcmp(dqkv.data(), deferred.data(), dqkv.size() * sizeof(bf16_t)) == 0;
+        record("flash_backward_deferred_" + h, same ? 0 : 1, 0);
+        if (!same) printf("  the deferred backward (%d blocks at once) differs from the ordered one\n", ctas);
+        identical = identical && same;
+    }
 
     auto to_d = [](const std::vector<bf16_t>& v) {
         std::vector<double> r(v.size());

@@ -9,7 +9,8 @@
 //!
 //! The backward sums dQ in a fixed order by default (deterministic); `SFT_FLASH_DQ=atomic` (or
 //! [`CudaBackend::set_flash_dq`]) uses fp32 atomic adds and a convert kernel instead, faster but
-//! not bit-reproducible run to run.
+//! not bit-reproducible run to run; `SFT_FLASH_DQ=deferred` the same ordered sums one iteration
+//! later, staged in shared memory (the same bits; not yet timed on a GPU).
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
@@ -57,6 +58,12 @@ pub enum FlashDq {
     /// In a fixed order through a semaphore per q tile (`flash_backward_HD`): bit-identical run
     /// to run. The default.
     Ordered,
+    /// The same sums in the same order (the same bits), each q tile's partial staged in shared
+    /// memory and added during the next iteration, its old sums fetched with cp.async behind
+    /// that iteration's dQ product (`flash_backward_deferred_HD`, head_dim 64 in warps of 32
+    /// keys, as the atomic kernel): nothing of the accumulation waits in the iteration that
+    /// computes the partial. Not yet timed on a GPU.
+    Deferred,
     /// fp32 atomicAdd into the accumulator, then `flash_dq_convert` (`flash_backward_atomic_HD`):
     /// no waits, but the order of the adds (and so the last bits of dQ) follows the timing. On
     /// an H200: 2.35 ms fwd+bwd at 8 × 2048 × 32 heads of 64 against 2.98 ms ordered.
@@ -64,19 +71,25 @@ pub enum FlashDq {
 }
 
 impl FlashDq {
-    /// `SFT_FLASH_DQ`: `ordered` (or unset) or `atomic`; anything else is an error.
+    /// `SFT_FLASH_DQ`: `ordered` (or unset), `deferred` or `atomic`; anything else is an error.
     pub fn from_env() -> Result<Self> {
         env_choice("SFT_FLASH_DQ", FlashDq::Ordered, Self::parse)
     }
 
-    /// `ordered` or `atomic` (case-insensitive).
+    /// `ordered`, `deferred` or `atomic` (case-insensitive).
     pub fn parse(s: &str) -> Result<Self> {
-        if s.eq_ignore_ascii_case("ordered") {
-            Ok(FlashDq::Ordered)
-        } else if s.eq_ignore_ascii_case("atomic") {
-            Ok(FlashDq::Atomic)
-        } else {
-            bail!("{s:?}: expected ordered or atomic")
+        FlashDq::ALL
+            .into_iter()
+            .find(|m| s.eq_ignore_ascii_case(m.name()))
+            .with_context(|| format!("{s:?}: expected ordered, deferred or atomic"))
+    }
+
+    /// The name `SFT_FLASH_DQ` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            FlashDq::Ordered => "ordered",
+            FlashDq::Deferred => "deferred",
+            FlashDq::Atomic => "atomic",
         }
     }
 }
@@ -93,7 +106,7 @@ pub(super) struct DqAccumulation {
 }
 
 impl FlashDq {
-    const ALL: [FlashDq; 2] = [FlashDq::Ordered, FlashDq::Atomic];
+    pub const ALL: [FlashDq; 3] = [FlashDq::Ordered, FlashDq::Deferred, FlashDq::Atomic];
 }
 
 impl DqAccumulation {
@@ -153,6 +166,13 @@ const fn backward(name: &'static str, hd: usize, nw: usize, bq: usize, mt: usize
     }
 }
 
+/// The deferred backward: [`backward`]'s tiles plus the staged partials [2][bq][hd + 4] and the
+/// old sums [bq][hd], f32.
+const fn deferred(name: &'static str, hd: usize, nw: usize, bq: usize, mt: usize) -> FlashKernel {
+    let k = backward(name, hd, nw, bq, mt);
+    FlashKernel { smem: k.smem + (2 * bq * (hd + 4) + bq * hd) * 4, ..k }
+}
+
 /// The kernels for one head_dim; must match FLASH_ENTRIES in flash_attention.cu. The shapes are
 /// the fastest of those timed on an H200 (BENCHMARKS.md, "flash variants").
 #[derive(Clone, Copy, Debug)]
@@ -161,6 +181,8 @@ pub(super) struct FlashConfig {
     pub forward: FlashKernel,
     /// The ordered dQ sum ([`FlashDq::Ordered`]).
     pub backward: FlashKernel,
+    /// The ordered dQ sum, deferred ([`FlashDq::Deferred`]).
+    pub backward_deferred: FlashKernel,
     /// Atomic dQ adds ([`FlashDq::Atomic`]).
     pub backward_atomic: FlashKernel,
 }
@@ -172,6 +194,8 @@ pub(super) const FLASH_64: FlashConfig = FlashConfig {
     // Warps of 16 keys: in warps of 32 the q tiles of 32 doubled the semaphore waits (2.68
     // against 2.40 ms).
     backward: backward("flash_backward_64", 64, 8, 64, 1),
+    // Warps of 32 keys over q tiles of 32, as the atomic kernel; untimed.
+    backward_deferred: deferred("flash_backward_deferred_64", 64, 4, 32, 2),
     // Warps of 32 keys: 1.77 against 2.14 ms in warps of 16.
     backward_atomic: backward("flash_backward_atomic_64", 64, 4, 32, 2),
 };
@@ -179,6 +203,7 @@ pub(super) const FLASH_128: FlashConfig = FlashConfig {
     head_dim: 128,
     forward: forward("flash_forward_128", 128, 8, 64, 1),
     backward: backward("flash_backward_128", 128, 8, 32, 1),
+    backward_deferred: deferred("flash_backward_deferred_128", 128, 8, 32, 1),
     backward_atomic: backward("flash_backward_atomic_128", 128, 8, 32, 1),
 };
 
@@ -189,6 +214,8 @@ const _: () = assert!(
     FLASH_64.forward.tile == FLASH_TILE
         && FLASH_64.backward.tile == FLASH_TILE
         && FLASH_64.backward_atomic.tile == FLASH_TILE
+        && FLASH_64.backward_deferred.tile == FLASH_TILE
+        && FLASH_128.backward_deferred.tile == FLASH_TILE
         && FLASH_128.forward.tile == FLASH_TILE
         && FLASH_128.backward.tile == FLASH_TILE
         && FLASH_128.backward_atomic.tile == FLASH_TILE
@@ -233,8 +260,8 @@ pub fn backward_q_rows(head_dim: usize) -> Option<usize> {
 impl FlashConfig {
     /// Every kernel of the config: each gets its dynamic shared memory limit raised when the
     /// backend opens (a launch past the default 48 KiB fails otherwise).
-    pub(super) fn kernels(&self) -> [FlashKernel; 3] {
-        [self.forward, self.backward, self.backward_atomic]
+    pub(super) fn kernels(&self) -> [FlashKernel; 4] {
+        [self.forward, self.backward, self.backward_deferred, self.backward_atomic]
     }
 }
 
@@ -486,15 +513,25 @@ impl CudaBackend {
             return Ok(());
         }
         self.flash_dq.acc_dirty.store(true, Ordering::Relaxed);
-        let launch_cfg = flash_launch(cfg.backward, bound, heads.n_kv_heads);
         // SAFETY: writes the q, k and v parts of dqkv rows inside their segments; the accumulator
-        // holds n·n_heads·hd floats and the semaphores n_heads·n (ensured above).
+        // holds n·n_heads·hd floats and the semaphores n_heads·n (ensured above). Both kernels
+        // take the same arguments and tile table.
         unsafe {
-            launch_for_head_dim!(
-                cfg.head_dim,
-                [64 => launch::flash_backward_64, 128 => launch::flash_backward_128],
-                (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi)
-            )
+            if self.flash_dq() == FlashDq::Deferred {
+                let launch_cfg = flash_launch(cfg.backward_deferred, bound, heads.n_kv_heads);
+                launch_for_head_dim!(
+                    cfg.head_dim,
+                    [64 => launch::flash_backward_deferred_64, 128 => launch::flash_backward_deferred_128],
+                    (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi)
+                )
+            } else {
+                let launch_cfg = flash_launch(cfg.backward, bound, heads.n_kv_heads);
+                launch_for_head_dim!(
+                    cfg.head_dim,
+                    [64 => launch::flash_backward_64, 128 => launch::flash_backward_128],
+                    (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi)
+                )
+            }
         }?;
         Ok(())
     }
@@ -686,11 +723,15 @@ mod tests {
     #[test]
     fn flash_dq_parses_the_modes_and_names_bad_values() {
         assert_eq!(FlashDq::parse("ordered").unwrap(), FlashDq::Ordered);
+        assert_eq!(FlashDq::parse("Deferred").unwrap(), FlashDq::Deferred);
         assert_eq!(FlashDq::parse("Atomic").unwrap(), FlashDq::Atomic);
         // The variant timed and dropped: its name is refused, not silently mapped.
         for bad in ["fast", "pipelined"] {
             let err = format!("{:#}", FlashDq::parse(bad).unwrap_err());
-            assert!(err.contains(&format!("{bad:?}")) && err.contains("ordered or atomic"), "{err}");
+            assert!(
+                err.contains(&format!("{bad:?}")) && err.contains("ordered, deferred or atomic"),
+                "{err}"
+            );
         }
     }
 
@@ -728,7 +769,7 @@ mod tests {
             .copied()
             .filter(|n| n.starts_with("flash_forward_") || n.starts_with("flash_backward_"))
             .collect();
-        assert_eq!(entries.len(), 6, "{entries:?}");
+        assert_eq!(entries.len(), 8, "{entries:?}");
         for name in entries {
             assert!(configured.contains(&name), "{name} is in no FlashConfig");
         }
@@ -742,11 +783,20 @@ mod tests {
         assert_eq!(FLASH_128.backward.smem, 104960 + 128 * 40 * 2);
         // Warps of 32 keys: K, V [128] + Q, dO [2][32] rows of 144 bytes, lse and D [2][32] f32, dSᵀ [128][40].
         assert_eq!(FLASH_64.backward_atomic.smem, (256 + 128) * 144 + 512 + 128 * 40 * 2);
+        // Deferred: the atomic kernel's tiles + staged partials [2][32][68] + old sums [32][64], f32.
+        assert_eq!(
+            FLASH_64.backward_deferred.smem,
+            FLASH_64.backward_atomic.smem + (2 * 32 * 68 + 32 * 64) * 4
+        );
+        assert_eq!(
+            (FLASH_64.backward_deferred.warps, FLASH_64.backward_deferred.step),
+            (FLASH_64.backward_atomic.warps, FLASH_64.backward_atomic.step)
+        );
         // The rows per warp: 32 in the hd 64 forward and atomic backward, else 16.
         assert_eq!(FLASH_64.forward.warps, 4);
         assert_eq!((FLASH_64.backward.warps, FLASH_64.backward_atomic.warps), (8, 4));
         for cfg in [FLASH_64, FLASH_128] {
-            for b in [cfg.backward, cfg.backward_atomic] {
+            for b in [cfg.backward, cfg.backward_deferred, cfg.backward_atomic] {
                 // The dQ product's warp grid (flash_backward_impl): step/16 strips × column groups.
                 let strips = b.step / 16;
                 assert_eq!(b.warps % strips, 0);
