@@ -248,6 +248,28 @@ inline void emu_st_shared(void* p, const void* v, uint32_t bytes, const char* wh
 inline void st_shared_u32(void* p, uint32_t v) { emu_st_shared(p, &v, 4, "st_shared_u32"); }
 inline void st_shared_f2(float* p, float2 v) { emu_st_shared(p, &v, 8, "st_shared_f2"); }
 
+// A read of the shared word at byte `b` by `warp` (ldmatrix rows, 16-byte loads), under the
+// shadow lock: a race against pending copies, copies and stores of other warps that no barrier
+// orders before it; then recorded for the checks of later writes.
+inline void emu_read_word(uint32_t b, int warp, const char* what) {
+    char msg[96];
+    EmuWord& w = emu_cta->shadow[b / 4];
+    if (w.pend_warp >= 0 && w.pend_warp != warp) {
+        snprintf(msg, sizeof msg, "%s of a pending cp.async", what);
+        emu_race(msg, b, w.pend_warp);
+    }
+    if (w.write_warp >= 0 && w.write_warp != warp && w.write_lo <= emu_epoch && emu_epoch <= w.write_hi) {
+        snprintf(msg, sizeof msg, "%s without a barrier after cp.async", what);
+        emu_race(msg, b, w.write_warp);
+    }
+    if (w.store_warp >= 0 && w.store_warp != warp && w.store_epoch == emu_epoch) {
+        snprintf(msg, sizeof msg, "%s of a store without a barrier", what);
+        emu_race(msg, b, w.store_warp);
+    }
+    if (w.read_epoch == emu_epoch && w.read_warp != warp) w.read_warp = -2;
+    else if (w.read_epoch != emu_epoch) w.read_epoch = emu_epoch, w.read_warp = warp;
+}
+
 // A plain 16-byte load from shared memory (the deferred backward's staged partials and old
 // sums), checked as ldmatrix rows are: against pending copies, copies and stores of other warps
 // that no barrier orders before it.
@@ -260,16 +282,7 @@ inline float4 ld_shared_f4(const float* p) {
     const int warp = (int)threadIdx.x / 32;
     {
         std::lock_guard<std::mutex> guard(emu_cta->shadow_lock);
-        for (uint32_t b = off; b < off + 16; b += 4) {
-            EmuWord& w = emu_cta->shadow[b / 4];
-            if (w.pend_warp >= 0 && w.pend_warp != warp) emu_race("load of a pending cp.async", b, w.pend_warp);
-            if (w.write_warp >= 0 && w.write_warp != warp && w.write_lo <= emu_epoch && emu_epoch <= w.write_hi)
-                emu_race("load without a barrier after cp.async", b, w.write_warp);
-            if (w.store_warp >= 0 && w.store_warp != warp && w.store_epoch == emu_epoch)
-                emu_race("load of a store without a barrier", b, w.store_warp);
-            if (w.read_epoch == emu_epoch && w.read_warp != warp) w.read_warp = -2;
-            else if (w.read_epoch != emu_epoch) w.read_epoch = emu_epoch, w.read_warp = warp;
-        }
+        for (uint32_t b = off; b < off + 16; b += 4) emu_read_word(b, warp, "load");
     }
     float4 v;
     memcpy(&v, p, 16);
@@ -326,16 +339,7 @@ inline void emu_ldsm_check() {
     }
     std::lock_guard<std::mutex> guard(emu_cta->shadow_lock);
     for (int l = 0; l < 32; l++) {
-        for (uint32_t b = emu_slot(l)[0]; b < emu_slot(l)[0] + 16; b += 4) {
-            EmuWord& w = emu_cta->shadow[b / 4];
-            if (w.pend_warp >= 0 && w.pend_warp != warp) emu_race("ldmatrix of a pending cp.async", b, w.pend_warp);
-            if (w.write_warp >= 0 && w.write_warp != warp && w.write_lo <= emu_epoch && emu_epoch <= w.write_hi)
-                emu_race("ldmatrix without a barrier after cp.async", b, w.write_warp);
-            if (w.store_warp >= 0 && w.store_warp != warp && w.store_epoch == emu_epoch)
-                emu_race("ldmatrix of a store without a barrier", b, w.store_warp);
-            if (w.read_epoch == emu_epoch && w.read_warp != warp) w.read_warp = -2;
-            else if (w.read_epoch != emu_epoch) w.read_epoch = emu_epoch, w.read_warp = warp;
-        }
+        for (uint32_t b = emu_slot(l)[0]; b < emu_slot(l)[0] + 16; b += 4) emu_read_word(b, warp, "ldmatrix");
     }
 }
 
