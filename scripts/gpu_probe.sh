@@ -7,8 +7,9 @@
 #   .gpu/gpu_probe.sh dq     the flash backward's dQ sums only (about 4 minutes): the GPU
 #                            attention and training tests (the training tests again with
 #                            SFT_FLASH_DQ=deferred), `bench-attention --dq all`, and the 1.3B
-#                            step under ordered, deferred and atomic dQ; then a markdown table of
-#                            the steps (steps.md)
+#                            step under ordered, deferred and atomic dQ, then the default step's
+#                            kernel times (kernel_times.csv; the GEMMs by shape on the terminal);
+#                            then a markdown table of the steps (steps.md)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 out="${OUT:-$PWD/probe}"
@@ -35,6 +36,12 @@ if [[ "${1:-}" == dq ]]; then
             --seq-len 2048 --micro-batch 8 --steps 5 --warmup 2 --device cuda --dropout 0 2>&1 |
             tee "$out/bench_$mode.log" | grep -E "time per step|tokens/s|MFU|memory"
     done
+    # The default step's kernels, the GEMMs by shape with their TFLOP/s (stderr), for the
+    # calibration of `sft plan` and to see which GEMM shape is slow.
+    step "1.3B step, kernel times" 60
+    timeout -k 5 60 ./sft bench --config simplellama-1.3b --tokens-per-step 65536 --seq-len 2048 --micro-batch 8 \
+        --steps 3 --warmup 2 --device cuda --dropout 0 --kernel-times "$out/kernel_times.csv" 2>&1 |
+        tee "$out/bench_kernel_times.txt" | grep -vE "^(device|model|recompute|step|loss) "
     # One markdown table of the step runs, for BENCHMARKS.md.
     {
         echo "| SFT_FLASH_DQ | s/step | tokens/s | MFU |"
