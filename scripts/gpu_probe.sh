@@ -8,8 +8,9 @@
 #                            attention and training tests (the training tests again with
 #                            SFT_FLASH_DQ=deferred), `bench-attention --dq all`, and the 1.3B
 #                            step under ordered, deferred and atomic dQ, then the default step's
-#                            kernel times (kernel_times.csv; the GEMMs by shape on the terminal);
-#                            then a markdown table of the steps (steps.md)
+#                            kernel times with 8 and with 32 cuBLASLt candidates timed per GEMM
+#                            shape (kernel_times_gemm{8,32}.csv; the GEMMs by shape on the
+#                            terminal); then a markdown table of the steps (steps.md)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 out="${OUT:-$PWD/probe}"
@@ -38,10 +39,14 @@ if [[ "${1:-}" == dq ]]; then
     done
     # The default step's kernels, the GEMMs by shape with their TFLOP/s (stderr), for the
     # calibration of `sft plan` and to see which GEMM shape is slow.
-    step "1.3B step, kernel times" 60
-    timeout -k 5 60 ./sft bench --config simplellama-1.3b --tokens-per-step 65536 --seq-len 2048 --micro-batch 8 \
-        --steps 3 --warmup 2 --device cuda --dropout 0 --kernel-times "$out/kernel_times.csv" 2>&1 |
-        tee "$out/bench_kernel_times.txt" | grep -vE "^(device|model|recompute|step|loss) "
+    # Then again with 32 of cuBLASLt's heuristic answers timed per GEMM shape instead of 8.
+    for n in 8 32; do
+        step "1.3B step, kernel times, SFT_GEMM_CANDIDATES=$n" 60
+        SFT_GEMM_CANDIDATES=$n timeout -k 5 60 ./sft bench --config simplellama-1.3b --tokens-per-step 65536 \
+            --seq-len 2048 --micro-batch 8 --steps 3 --warmup 2 --device cuda --dropout 0 \
+            --kernel-times "$out/kernel_times_gemm$n.csv" 2>&1 |
+            tee "$out/bench_kernel_times_gemm$n.txt" | grep -vE "^(device|model|recompute|step|loss) "
+    done
     # One markdown table of the step runs, for BENCHMARKS.md.
     {
         echo "| SFT_FLASH_DQ | s/step | tokens/s | MFU |"

@@ -64,16 +64,34 @@ pub(super) struct Gemm {
     stream: Arc<CudaStream>,
     /// SFT_GEMM_FALLBACK=1: every GEMM uses kernels/matmul.cu (to cross-check cuBLASLt).
     force_fallback: bool,
-    /// False with SFT_GEMM_AUTOTUNE=0: each shape takes cuBLASLt's first heuristic answer.
-    autotune: bool,
+    /// Heuristic answers timed per shape: [`AUTOTUNE_CANDIDATES`], `SFT_GEMM_CANDIDATES`, or 1
+    /// (cuBLASLt's first answer, untimed) with SFT_GEMM_AUTOTUNE=0.
+    candidates: usize,
     /// The shapes already reported as having no cuBLASLt algorithm.
     no_algorithm: NoAlgorithmWarnings,
     /// Descriptors, layouts and algorithm per shape, made on the shape's first GEMM.
     plans: Mutex<HashMap<GemmShape, Plan>>,
 }
 
-/// Heuristic candidates timed per shape.
+/// Heuristic candidates timed per shape, unless SFT_GEMM_CANDIDATES says otherwise.
 const AUTOTUNE_CANDIDATES: usize = 8;
+/// The most SFT_GEMM_CANDIDATES may ask for.
+const MAX_CANDIDATES: usize = 64;
+
+/// The heuristic answers to time per shape: 1 (the first, untimed) with SFT_GEMM_AUTOTUNE=0,
+/// else SFT_GEMM_CANDIDATES (1 to 64) where set, else [`AUTOTUNE_CANDIDATES`].
+fn candidate_count(autotune: Option<&str>, candidates: Option<&str>) -> Result<usize> {
+    if autotune == Some("0") {
+        return Ok(1);
+    }
+    let Some(v) = candidates else { return Ok(AUTOTUNE_CANDIDATES) };
+    match v.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_CANDIDATES).contains(&n) => Ok(n),
+        _ => {
+            bail!("environment variable SFT_GEMM_CANDIDATES={v:?}: expected a count of 1 to {MAX_CANDIDATES}")
+        }
+    }
+}
 /// Timed runs per candidate (after one warm-up run).
 const AUTOTUNE_RUNS: usize = 3;
 /// A GEMM that adds to its output (beta ≠ 0) is timed into a scratch output of this size at most
@@ -200,6 +218,9 @@ impl Drop for Pref {
 
 impl Gemm {
     pub(super) fn new(stream: Arc<CudaStream>) -> Result<Self> {
+        let var = |name| std::env::var(name).ok();
+        let candidates =
+            candidate_count(var("SFT_GEMM_AUTOTUNE").as_deref(), var("SFT_GEMM_CANDIDATES").as_deref())?;
         // SAFETY: only probes whether the shared library can be opened.
         if !unsafe { sys::is_culib_present() } {
             bail!(
@@ -211,13 +232,12 @@ impl Gemm {
         let workspace =
             stream.alloc_zeros::<u8>(WORKSPACE_BYTES).context("allocating the cuBLASLt workspace")?;
         let force_fallback = std::env::var("SFT_GEMM_FALLBACK").is_ok_and(|v| v == "1");
-        let autotune = !std::env::var("SFT_GEMM_AUTOTUNE").is_ok_and(|v| v == "0");
         Ok(Gemm {
             handle,
             workspace,
             stream,
             force_fallback,
-            autotune,
+            candidates,
             no_algorithm: NoAlgorithmWarnings::default(),
             plans: Mutex::default(),
         })
@@ -288,8 +308,7 @@ impl Gemm {
             plan.algo = Some(algo);
             return Ok(plan);
         }
-        let count = if self.autotune { AUTOTUNE_CANDIDATES } else { 1 };
-        let candidates = self.candidates(&plan, count, shape.align)?;
+        let candidates = self.candidates(&plan, self.candidates, shape.align)?;
         let Some(first) = candidates.first().copied() else { return Ok(plan) };
         let best = if candidates.len() > 1 { self.fastest(&plan, &candidates, g)? } else { first };
         plan.algo = Some(best);
@@ -534,8 +553,26 @@ pub(super) fn dyt_x(
 
 #[cfg(test)]
 mod tests {
-    use super::{dy_w, dyt_x, x_wt, DType, GemmCall, NoAlgorithmWarnings};
+    use super::{
+        candidate_count, dy_w, dyt_x, x_wt, DType, GemmCall, NoAlgorithmWarnings, AUTOTUNE_CANDIDATES,
+    };
     use crate::backend::GradMode;
+
+    #[test]
+    fn candidate_count_follows_the_environment_and_names_bad_values() {
+        assert_eq!(candidate_count(None, None).unwrap(), AUTOTUNE_CANDIDATES);
+        assert_eq!(candidate_count(None, Some("32")).unwrap(), 32);
+        assert_eq!(candidate_count(Some("1"), Some("2")).unwrap(), 2);
+        // Autotuning off wins: cuBLASLt's first answer, untimed.
+        assert_eq!(candidate_count(Some("0"), Some("32")).unwrap(), 1);
+        for bad in ["0", "65", "many", "-3"] {
+            let err = format!("{:#}", candidate_count(None, Some(bad)).unwrap_err());
+            assert!(
+                err.contains("SFT_GEMM_CANDIDATES") && err.contains(bad) && err.contains("1 to 64"),
+                "{err}"
+            );
+        }
+    }
 
     #[test]
     fn no_algorithm_is_reported_once_per_shape_naming_it() {
