@@ -27,6 +27,7 @@ pub mod nccl;
 mod rmsnorm;
 mod rope;
 mod scratch;
+mod settings;
 mod swiglu;
 mod timing;
 
@@ -192,6 +193,9 @@ impl CudaBackend {
         let gemm = Gemm::new(stream.clone())?;
         let gpu = ctx.name().unwrap_or_else(|_| "unknown GPU".to_string());
         let flash_dq = flash_attention::DqAccumulation::new(FlashDq::from_env()?);
+        for note in settings::notes(|k| std::env::var(k).ok()) {
+            eprintln!("note: cuda:{ordinal}: {note}");
+        }
         Ok(CudaBackend {
             name: format!("cuda:{ordinal} {gpu}"),
             ctx,
