@@ -21,6 +21,32 @@ work="$PWD/work"
 rm -rf "$work"
 mkdir -p "$work"
 step() { echo; echo "=== $1 (${2}s)"; shift 2; }
+# SM clock, power and temperature sampled every 250 ms into $out/clocks_<name>.csv while a
+# command runs, then their range: is the GPU slower in the training step (power-limited) than
+# in a kernel benchmark alone? (The flash kernels took 20% longer per call inside the step.)
+with_clocks() {
+    local name="$1"
+    shift
+    local smi=""
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=clocks.sm,power.draw,temperature.gpu --format=csv,noheader,nounits -lms 250 \
+            >"$out/clocks_$name.csv" 2>/dev/null &
+        smi=$!
+    fi
+    "$@"
+    local rc=$?
+    if [[ -n "$smi" ]]; then
+        kill "$smi" 2>/dev/null
+        wait "$smi" 2>/dev/null
+        # Busy samples only (over 200 W: the model's random init runs on the CPU first).
+        awk -F', *' -v name="$name" '$2 + 0 > 200 { n++; c += $1; p += $2; if (!lo || $1 < lo) lo = $1; if ($1 > hi) hi = $1;
+            if ($2 > pmax) pmax = $2; if ($3 > tmax) tmax = $3 }
+            END { printf "clocks during %s: ", name; if (!n) { print "no busy samples"; exit }
+                  printf "SM %d-%d MHz (mean %.0f), power mean %.0f W (max %.0f), up to %d C, %d busy samples\n",
+                  lo, hi, c / n, p / n, pmax, tmax, n }' "$out/clocks_$name.csv"
+    fi
+    return $rc
+}
 if [[ "${1:-}" == dq ]]; then
     for run in "gpu_attention ordered" "gpu_train ordered" "gpu_train deferred"; do
         read -r t mode <<<"$run"
@@ -30,12 +56,13 @@ if [[ "${1:-}" == dq ]]; then
         grep -E "FAILED|panicked|test result" "$out/${t}_$mode.log" | head
     done
     step "bench-attention --dq all" 60
-    timeout -k 5 60 ./sft bench-attention --seq-lens 1024,2048,4096 --dq all 2>&1 | tee "$out/attention_dq.log"
+    with_clocks bench-attention timeout -k 5 60 ./sft bench-attention --seq-lens 1024,2048,4096 --dq all 2>&1 |
+        tee "$out/attention_dq.log"
     for mode in ordered deferred atomic; do
         step "1.3B step, SFT_FLASH_DQ=$mode" 70
-        SFT_FLASH_DQ=$mode timeout -k 5 70 ./sft bench --config simplellama-1.3b --tokens-per-step 65536 \
-            --seq-len 2048 --micro-batch 8 --steps 5 --warmup 2 --device cuda --dropout 0 2>&1 |
-            tee "$out/bench_$mode.log" | grep -E "time per step|tokens/s|MFU|memory"
+        SFT_FLASH_DQ=$mode with_clocks "step_$mode" timeout -k 5 70 ./sft bench --config simplellama-1.3b \
+            --tokens-per-step 65536 --seq-len 2048 --micro-batch 8 --steps 5 --warmup 2 --device cuda --dropout 0 2>&1 |
+            tee "$out/bench_$mode.log" | grep -E "time per step|tokens/s|MFU|memory|clocks during"
     done
     # The default step's kernels, the GEMMs by shape with their TFLOP/s (stderr), for the
     # calibration of `sft plan` and to see which GEMM shape is slow.
