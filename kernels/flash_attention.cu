@@ -26,11 +26,16 @@
 //                       accumulator with atomicAdd, in whatever order the CTAs get there (opt-in,
 //                       SFT_FLASH_DQ=atomic: not deterministic); no semaphores. HD 64: 4 warps
 //                       of 32 keys over q tiles of 32.
+// - flash_backward_deferred_HD: the ordered sums in the atomic kernel's layout, each q tile's
+//                       partial staged in shared memory and added during the next iteration,
+//                       its old sums fetched by cp.async behind that iteration's dQ product (the
+//                       same bits as flash_backward_HD; opt-in, SFT_FLASH_DQ=deferred, untimed).
 // - flash_dq_convert:   after flash_backward_atomic_HD: dQ = accumulator · scale as bf16 into the
 //                       q part of dqkv, and the accumulator back to zero for the next launch.
 // The shapes are the fastest of those timed on an H200 (BENCHMARKS.md, "flash variants"): warps of
-// 32 rows gave the forward 6% and the atomic backward 14%, but slowed the ordered backward, whose
-// q tiles of 32 double the waits on the semaphores.
+// 32 rows took 6% off the forward and 17% off the atomic backward, but slowed the ordered
+// backward, whose q tiles of 32 double the waits on the semaphores (what the deferred kernel
+// is meant to hide).
 // D = rowsum(dO∘O) comes from attention_backward_d (attention.cu). Five GEMM-shaped products per
 // (key, query) pair as in FlashAttention-2. flash_backward_HD (the default) is deterministic:
 // every dK/dV element has one writer, and the dQ partials are summed in an order fixed by the
@@ -609,7 +614,8 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     };
     // prev's partial (plus the old sums unless it is the first) into the accumulator, or, from
     // the last key tile, as bf16 dQ into dqkv. Each thread reads back only the old sums it
-    // fetched itself; the staged partial needs a barrier since its stores (step order above).
+    // fetched itself; the staged partial, stored by other threads in the dQ product's fragment
+    // layout, is read at least one barrier after those stores.
     auto add_prev = [&](int pbuf) {
         for (int e = threadIdx.x; e < F4; e += NT) {
             const int r = e / (HD / 4), c = (e % (HD / 4)) * 4, row = prev.qt + r;
@@ -629,8 +635,8 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     };
 
     for (int it = 0; it < n_it; it++) {
-        const int h = kvh * group + it / n_qt;
-        const int qt = k0 + (it % n_qt) * BQ;
+        const QTile tile = q_tile(it);
+        const int h = tile.h, qt = tile.qt;
         if (it + 1 < n_it) {
             load_q(it + 1, (it + 1) & 1);
             cp_async_commit();
@@ -641,9 +647,8 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         __syncthreads();
         // The ordered dQ accumulation (see above); a q tile inside the first key tile has a
         // single partial and needs no semaphore.
-        const int first_kt = (qt - seg_start) / BN;
-        const bool first = kt_index == first_kt, last = kt_index == 0;
-        const uint32_t want = (uint32_t)(first_kt - kt_index);
+        const bool first = tile.first, last = tile.last;
+        const uint32_t want = tile.want;
         uint32_t* sem = ATOMIC_DQ ? nullptr : dq_sem + (size_t)h * n + qt;
         // The semaphore's value, read now and looked at after the tile products (ORDERED) or in
         // the next iteration (DEFERRED).
