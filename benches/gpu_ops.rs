@@ -88,6 +88,14 @@ fn bench(c: &mut Criterion) {
             sync()
         })
     });
+    // The opt-in deferred ordered sums (SFT_FLASH_DQ=deferred): the default's bits.
+    g.set_flash_dq(FlashDq::Deferred);
+    grp.bench_function("attention_backward_deferred_dq_8x2048_32h_hd64", |b| {
+        b.iter(|| {
+            att.backward(&g).unwrap();
+            sync()
+        })
+    });
     // The opt-in atomic dQ adds (SFT_FLASH_DQ=atomic): the backward and flash_dq_convert.
     g.set_flash_dq(FlashDq::Atomic);
     grp.bench_function("attention_backward_atomic_dq_8x2048_32h_hd64", |b| {
