@@ -115,8 +115,9 @@ pub fn rmsnorm(r: &mut Report, rng: &mut Rng) {
         }
     }
     // Backward: n past RMSNORM_DW_CHUNKS (512) rows makes two rows per chunk and a one-row
-    // last chunk; d 256 and 64 take 16-byte groups, 257 and 300 the scalar path.
-    for (n, d) in [(1usize, 64usize), (5, 300), (130, 257), (601, 24), (7, 256)] {
+    // last chunk (601), or three per chunk on the scalar path (1200); d 256, 64 and 24 take
+    // 16-byte groups, 257, 300 and 20 the scalar path.
+    for (n, d) in [(1usize, 64usize), (5, 300), (130, 257), (601, 24), (1200, 20), (7, 256)] {
         for dropout in [None, Some(Dropout { p: 0.3, seed: rng.next_u64() })] {
             let case = format!("n {n} d {d} dropout {dropout:?}");
             let (dout, doutf) = rng.bf16s(n * d, 1.0);
