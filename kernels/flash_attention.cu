@@ -598,6 +598,8 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         t.want = (uint32_t)(first_kt - kt_index);
         return t;
     };
+    // The semaphore of a q tile's dQ partials.
+    auto sem_of = [&](const QTile& t) { return dq_sem + (size_t)t.h * n + t.qt; };
     // DEFERRED: the previous iteration's q tile, whose partial waits in p_s[(it - 1) & 1],
     // recomputed where needed rather than held across the tile products; prev_seen is thread
     // 0's early read of its semaphore.
@@ -649,7 +651,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         // single partial and needs no semaphore.
         const bool first = tile.first, last = tile.last;
         const uint32_t want = tile.want;
-        uint32_t* sem = ATOMIC_DQ ? nullptr : dq_sem + (size_t)h * n + qt;
+        uint32_t* sem = ATOMIC_DQ ? nullptr : sem_of(tile);
         // The semaphore's value, read now and looked at after the tile products (ORDERED) or in
         // the next iteration (DEFERRED).
         uint32_t seen = 0;
@@ -724,7 +726,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
             if (pending_sem) st_release(pending_sem, pending_value);
             pending_sem = nullptr;
             if (ORDERED && !first) wait_semaphore_from(sem, seen, want);
-            if (fetch) wait_semaphore_from(dq_sem + (size_t)prev.h * n + prev.qt, prev_seen, prev.want);
+            if (fetch) wait_semaphore_from(sem_of(prev), prev_seen, prev.want);
         }
         // The barrier also orders the dSᵀ stores before the dQ product's ldmatrix.
         __syncthreads();
@@ -783,7 +785,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
                 st_shared_f2(pb + (strip * 16 + lane / 4 + 8) * PLD + j * 8, make_float2(acc[j][2], acc[j][3]));
             }
             if (threadIdx.x == 0 && it > 0 && !(prev.first && prev.last)) {
-                pending_sem = dq_sem + (size_t)prev.h * n + prev.qt;
+                pending_sem = sem_of(prev);
                 pending_value = prev.last ? 0u : prev.want + 1;
             }
             prev_seen = seen;
@@ -837,7 +839,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         // The last tile's partial: the barrier orders its staging stores before the reads of
         // add_prev, and the previous tile's accumulator stores before their release.
         prev = q_tile(n_it - 1);
-        uint32_t* sem = dq_sem + (size_t)prev.h * n + prev.qt;
+        uint32_t* sem = sem_of(prev);
         __syncthreads();
         if (threadIdx.x == 0) {
             if (pending_sem) st_release(pending_sem, pending_value);

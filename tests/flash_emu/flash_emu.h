@@ -21,8 +21,9 @@
 // atomicAdd(float*, float) (the atomic dQ path) is std::atomic_ref<float>::fetch_add.
 // Semaphores between CTAs (the backward's ordered dQ accumulation): ld_relaxed, the fence after
 // the wait and st_release are C++ relaxed loads, an acquire fence and release stores. Blocks run
-// in dispatch order (x fastest, then y), one at a time, where a wait that is not already satisfied can only be on a later block (a deadlock on a GPU,
-// which dispatches in that order): it aborts. emu_launch(..., ctas) runs `ctas` consecutive
+// in dispatch order (x fastest, then y), one at a time, where a wait that is not already
+// satisfied can only be on a later block (a deadlock on a GPU, which dispatches in that order):
+// it aborts. emu_launch(..., ctas) runs `ctas` consecutive
 // blocks at once, so that the waits really wait (and a wait on a later window times out).
 // Used by tests/flash_emu/main.cpp (scripts/flash_emulate.sh); never by the real build.
 #pragma once
@@ -103,7 +104,7 @@ inline std::atomic<int> emu_window{1};
 inline thread_local int emu_epoch = 0;
 
 // Blocks running at once (a window of emu_launch) run at different speeds: the first of the
-// window, which the others may wait on (the backward's dQ semaphores), sleeps longest at each
+// window, which the others may wait on (the backward's dQ semaphores), sleeps 20 ms at each
 // barrier, so that the later ones catch up and their waits, and the reads those waits order,
 // really happen against a writer that is not done.
 inline void __syncthreads() {

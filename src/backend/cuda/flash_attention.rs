@@ -329,7 +329,7 @@ pub(crate) fn tile_bound(n: usize, n_segments: usize, tile: usize) -> usize {
 
 impl CudaBackend {
     /// Selects how the flash backward sums dQ (`Ordered`, the default, is deterministic).
-    /// The initial value comes from `SFT_FLASH_DQ` (`atomic`; default `ordered`).
+    /// The initial value comes from `SFT_FLASH_DQ` (`deferred` or `atomic`; default `ordered`).
     pub fn set_flash_dq(&self, mode: FlashDq) {
         self.flash_dq.set(mode);
     }
@@ -482,7 +482,8 @@ impl CudaBackend {
         let sem = attn_dq_sem.as_mut().expect("ensured above");
 
         let (s, ks) = (&self.stream, &self.kernels);
-        if self.flash_dq() == FlashDq::Atomic {
+        let dq = self.flash_dq();
+        if dq == FlashDq::Atomic {
             let launch_cfg = flash_launch(cfg.backward_atomic, bound, heads.n_kv_heads);
             if self.flash_dq.acc_dirty.load(Ordering::Relaxed) {
                 self.stream.memset_zeros(acc).context("clearing the attention dQ accumulator")?;
@@ -517,7 +518,7 @@ impl CudaBackend {
         // holds n·n_heads·hd floats and the semaphores n_heads·n (ensured above). Both kernels
         // take the same arguments and tile table.
         unsafe {
-            if self.flash_dq() == FlashDq::Deferred {
+            if dq == FlashDq::Deferred {
                 let launch_cfg = flash_launch(cfg.backward_deferred, bound, heads.n_kv_heads);
                 launch_for_head_dim!(
                     cfg.head_dim,

@@ -58,6 +58,33 @@ pub(super) struct GemmCall {
     pub beta: f32,
 }
 
+impl GemmCall {
+    /// Its name in `--kernel-times`: `cublasLt_gemm` and its shape as cuBLASLt sees it
+    /// (column-major `m×n×k`, the transposes of A and B, C's type, `+=` when it adds to C), so
+    /// that each shape of a step gets its own row: the slow one shows.
+    pub fn timing_label(&self) -> String {
+        let t = |x: bool| if x { 'T' } else { 'N' };
+        let c = match self.c_type {
+            DType::Bf16 => "bf16",
+            DType::F32 => "f32",
+        };
+        let add = if self.beta != 0.0 { " +=" } else { "" };
+        format!(
+            "cublasLt_gemm {}x{}x{} {}{} {c}{add}",
+            self.m,
+            self.n,
+            self.k,
+            t(self.transa),
+            t(self.transb)
+        )
+    }
+
+    /// 2·m·n·k.
+    pub fn flops(&self) -> f64 {
+        2.0 * self.m as f64 * self.n as f64 * self.k as f64
+    }
+}
+
 pub(super) struct Gemm {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
@@ -557,6 +584,31 @@ mod tests {
         candidate_count, dy_w, dyt_x, x_wt, DType, GemmCall, NoAlgorithmWarnings, AUTOTUNE_CANDIDATES,
     };
     use crate::backend::GradMode;
+
+    #[test]
+    fn timing_labels_name_the_shape_and_whether_they_accumulate() {
+        let call = |transa, transb, m, n, k, c_type, beta| GemmCall {
+            transa,
+            transb,
+            m,
+            n,
+            k,
+            a: 0,
+            lda: 1,
+            b: 0,
+            ldb: 1,
+            c: 0,
+            ldc: 1,
+            c_type,
+            alpha: 1.0,
+            beta,
+        };
+        let fwd = call(true, false, 6144, 16384, 2048, DType::Bf16, 0.0);
+        assert_eq!(fwd.timing_label(), "cublasLt_gemm 6144x16384x2048 TN bf16");
+        assert_eq!(fwd.flops(), 2.0 * 6144.0 * 16384.0 * 2048.0);
+        let dw = call(false, true, 2048, 6144, 16384, DType::F32, 1.0);
+        assert_eq!(dw.timing_label(), "cublasLt_gemm 2048x6144x16384 NT f32 +=");
+    }
 
     #[test]
     fn candidate_count_follows_the_environment_and_names_bad_values() {

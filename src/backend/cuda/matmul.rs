@@ -7,7 +7,6 @@ use half::bf16;
 
 use super::gemm::{dy_w, dyt_x, x_wt, DType, GemmCall};
 use super::launch::{self, int, DevPtr};
-use super::timing::gemm_label;
 use super::{bf16_mut, bf16_of, f32_mut, CudaBackend, CudaBuf};
 use crate::backend::{check_column_slice, GradMode};
 
@@ -19,11 +18,7 @@ impl CudaBackend {
         }
         let mark = self.kernels.timer.begin(&self.stream)?;
         if self.gemm.run(g)? {
-            self.kernels.timer.end_with(&self.stream, mark, || {
-                let label =
-                    gemm_label(g.m, g.n, g.k, g.transa, g.transb, g.c_type == DType::F32, g.beta != 0.0);
-                (label.into(), 2.0 * (g.m * g.n * g.k) as f64)
-            })?;
+            self.kernels.timer.end_with(&self.stream, mark, || (g.timing_label().into(), g.flops()))?;
             return Ok(());
         }
         let (m, n, k) =

@@ -4,20 +4,24 @@
 //! fallback GEMM run is 100 times slower). Malformed values are refused where they are read
 //! (`FlashDq::from_env`, `gemm::candidate_count`); these notes only describe valid ones.
 
+use super::FlashDq;
+
 /// One note per variable set to a value other than its default, in a fixed order; `var` reads
 /// the environment.
 pub fn notes(var: impl Fn(&str) -> Option<String>) -> Vec<String> {
     let mut out = Vec::new();
     let mut note = |name: &str, value: &str, what: &str| out.push(format!("{name}={value}: {what}"));
     if let Some(v) = var("SFT_FLASH_DQ") {
-        if v.eq_ignore_ascii_case("atomic") {
-            note(
+        match FlashDq::parse(&v) {
+            Ok(FlashDq::Atomic) => note(
                 "SFT_FLASH_DQ",
                 &v,
                 "the flash backward adds dQ with fp32 atomics; runs are not bit-reproducible",
-            );
-        } else if v.eq_ignore_ascii_case("deferred") {
-            note("SFT_FLASH_DQ", &v, "the flash backward's deferred dQ sums (the default's bits)");
+            ),
+            Ok(FlashDq::Deferred) => {
+                note("SFT_FLASH_DQ", &v, "the flash backward's deferred dQ sums (the default's bits)")
+            }
+            Ok(FlashDq::Ordered) | Err(_) => {}
         }
     }
     if let Some(v) = var("SFT_ATTENTION").filter(|v| v.eq_ignore_ascii_case("scalar")) {

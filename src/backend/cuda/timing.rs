@@ -1,7 +1,7 @@
 //! Per-kernel device time from CUDA events, for `sft bench --kernel-times` and the calibration of
 //! `sft plan` where nsys cannot run. Off by default: then a launch costs one atomic load more.
 //! On, every launch (our kernels by entry name, cuBLASLt GEMMs per shape, named by
-//! [`gemm_label`]) is bracketed by two timing events; the events are read only when the times are
+//! `GemmCall::timing_label`) is bracketed by two timing events; the events are read only when the times are
 //! taken, after the stream drains.
 
 use std::borrow::Cow;
@@ -21,28 +21,6 @@ type Launch = (Cow<'static, str>, f64, CudaEvent, CudaEvent);
 pub struct KernelTimer {
     on: AtomicBool,
     pending: Mutex<Vec<Launch>>,
-}
-
-/// The timing name of a cuBLASLt GEMM: `cublasLt_gemm` and its shape as cuBLASLt sees it
-/// (column-major `m×n×k`, the transposes of A and B, C's type, `+=` when it adds to C), so that
-/// each shape of a step gets its own row: the slow one shows.
-pub fn gemm_label(
-    m: u64,
-    n: u64,
-    k: u64,
-    transa: bool,
-    transb: bool,
-    c_f32: bool,
-    accumulate: bool,
-) -> String {
-    let t = |x: bool| if x { 'T' } else { 'N' };
-    format!(
-        "cublasLt_gemm {m}x{n}x{k} {}{} {}{}",
-        t(transa),
-        t(transb),
-        if c_f32 { "f32" } else { "bf16" },
-        if accumulate { " +=" } else { "" }
-    )
 }
 
 impl KernelTimer {
@@ -100,24 +78,5 @@ impl KernelTimer {
             .into_iter()
             .map(|(name, (ns, launches, flops))| KernelTime { name: name.into_owned(), ns, launches, flops })
             .collect())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::gemm_label;
-
-    #[test]
-    fn gemm_labels_name_the_shape_and_whether_they_accumulate() {
-        assert_eq!(
-            gemm_label(6144, 16384, 2048, true, false, false, false),
-            "cublasLt_gemm 6144x16384x2048 TN bf16"
-        );
-        assert_eq!(
-            gemm_label(2048, 6144, 16384, false, true, true, true),
-            "cublasLt_gemm 2048x6144x16384 NT f32 +="
-        );
-        // `sft plan --calibrate-from` attributes them to the GEMMs by name.
-        assert!(gemm_label(1, 2, 3, false, false, true, false).starts_with("cublasLt_gemm "));
     }
 }
