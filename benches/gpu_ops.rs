@@ -96,6 +96,13 @@ fn bench(c: &mut Criterion) {
             sync()
         })
     });
+    g.set_flash_dq(FlashDq::DeferredQ64);
+    grp.bench_function("attention_backward_deferred_q64_dq_8x2048_32h_hd64", |b| {
+        b.iter(|| {
+            att.backward(&g).unwrap();
+            sync()
+        })
+    });
     // The opt-in atomic dQ adds (SFT_FLASH_DQ=atomic): the backward and flash_dq_convert.
     g.set_flash_dq(FlashDq::Atomic);
     grp.bench_function("attention_backward_atomic_dq_8x2048_32h_hd64", |b| {

@@ -896,6 +896,7 @@ extern "C" __global__ void __launch_bounds__(256)
 //   backward           HD 64: 8 warps × 16 keys,   BQ 64   HD 128: 8 warps × 16 keys,   BQ 32
 //   backward_deferred  HD 64: 4 warps × 32 keys,   BQ 32   HD 128: 8 warps × 16 keys,   BQ 32
 //   backward_atomic    HD 64: 4 warps × 32 keys,   BQ 32   HD 128: 8 warps × 16 keys,   BQ 32
+//   backward_deferred_q64  HD 64: 8 warps × 16 keys, BQ 64  (below the entries; none for HD 128)
 // Grid: (tile-table bound, n_heads) for the forward, (bound, n_kv_heads) for the backward;
 // block NW·32. All read one tile table of 128 rows. MINB: CTAs per SM the registers must allow.
 // The HD 64 forward needs 254 registers on sm_90, so 2 CTAs (8 warps) per SM; capping it at 3
@@ -929,3 +930,15 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 FLASH_ENTRIES(64, 4, 64, 2, 2, 8, 64, 4, 32, 2, 2)
 FLASH_ENTRIES(128, 8, 64, 1, 1, 8, 32, 8, 32, 1, 1)
+
+// The deferred sums in the ordered kernel's tiles (HD 64: 8 warps of 16 keys over q tiles of 64,
+// half the semaphore hand-offs of q tiles of 32), so that one GPU run can time both layouts
+// (SFT_FLASH_DQ=deferred-q64). HD 128 has no such kernel: q tiles of 64 with the staged
+// partials need more than the 227 KiB of shared memory of a block.
+extern "C" __global__ void __launch_bounds__(256)
+    flash_backward_deferred_q64_64(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,
+                                   const bf16_t* qkv, const float* lse, const float* D, const int* table, int n,
+                                   int n_heads, int n_kv_heads) {
+    flash_backward_impl<64, 8, 64, DQ_DEFERRED, 1>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n, n_heads,
+                                                   n_kv_heads);
+}

@@ -88,8 +88,8 @@ def main():
     ap.add_argument("--sft", default=default_sft, help="the sft binary (default: next to this script, .gpu/, target/release/)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--scalar", action="store_true", help="also time our scalar kernels")
-    ap.add_argument("--dq", default="ordered", choices=["ordered", "deferred", "atomic", "both", "all"],
-                    help="our flash backward's dQ accumulation (deferred: the ordered bits; atomic: not "
+    ap.add_argument("--dq", default="ordered", choices=["ordered", "deferred", "deferred-q64", "atomic", "both", "all"],
+                    help="our flash backward's dQ accumulation (deferred, deferred-q64: the ordered bits; atomic: not "
                          "deterministic; both: ordered and atomic; all: a row each)")
     ap.add_argument("--markdown", default=None, help="also write the table as markdown to this file")
     args = ap.parse_args()
@@ -146,7 +146,7 @@ def write_markdown(args, rows, notes):
         if len(c) == 8:
             fwd_bwd.setdefault(c[1], {})[c[0]] = float(c[6])
     # One ratio per sft tensor-core row ("sft flash (mma)", and "sft flash (atomic dQ)",
-    # "sft flash (deferred)" with --dq both or all).
+    # "sft flash (deferred)", "sft flash (deferred64)" with --dq both or all).
     ratios = ["T=%s %s%.2fx" % (t, "" if k == "sft flash (mma)" else k[len("sft flash "):] + " ",
                                  v["torch sdpa flash"] / v[k])
               for t, v in fwd_bwd.items() if "torch sdpa flash" in v for k in v

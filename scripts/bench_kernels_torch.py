@@ -41,8 +41,9 @@ PRESETS = {
     "simplellama-1.3b": dict(vocab=8192, d=2048, layers=24, heads=32, kv_heads=32, hidden=5632, tied=False),
     "tiny": dict(vocab=8192, d=64, layers=2, heads=4, kv_heads=2, hidden=176, tied=False),
 }
-FULL = dict(tokens=16384, d_model=2048, vocabs=[8192, 128256], adamw_config="simplellama-1.3b", copy_mib=1024)
-TINY = dict(tokens=128, d_model=64, vocabs=[512], adamw_config="tiny", copy_mib=4)
+FULL = dict(tokens=16384, d_model=2048, vocabs=[8192, 128256], adamw_config="simplellama-1.3b", copy_mib=1024,
+            gemm=8192)
+TINY = dict(tokens=128, d_model=64, vocabs=[512], adamw_config="tiny", copy_mib=4, gemm=64)
 
 
 def tensor_lens(preset):
@@ -67,7 +68,7 @@ def fallback_shapes(sizes, supervised):
     return dict(tokens=s["tokens"], d_model=s["d_model"], vocabs=s["vocabs"], supervised_fraction=supervised,
                 supervised_rows=sum(is_supervised(i, supervised) for i in range(s["tokens"])),
                 adamw_config=s["adamw_config"], adamw_tensor_lens=tensor_lens(s["adamw_config"]),
-                copy_elems=s["copy_mib"] << 18)
+                copy_elems=s["copy_mib"] << 18, gemm=s["gemm"])
 
 
 def header():
@@ -196,12 +197,22 @@ def bench_torch(shapes, args):
     med, best = timed(lambda: dst.copy_(src))
     out.append(dict(implementation=name, kernel="copy_", shape="%d MiB f32" % (shapes["copy_elems"] >> 18),
                     seconds=med, min_seconds=best, flops=0.0, bytes=8.0 * shapes["copy_elems"]))
+    del src, dst
+
+    # The square GEMM (out = a @ b.T, as ours): the compute ceiling next to ours.
+    g = shapes.get("gemm")
+    if g:
+        a = (torch.rand(g, g, generator=gen) * 2 - 1).to(dev, dtype)
+        b = (torch.rand(g, g, generator=gen) * 2 - 1).to(dev, dtype)
+        med, best = timed(lambda: a @ b.t())
+        out.append(dict(implementation=name, kernel="torch matmul", shape="%dx%dx%d" % (g, g, g),
+                        seconds=med, min_seconds=best, flops=2.0 * g ** 3, bytes=0.0))
     return out
 
 
 def headline(rows, copy_gbps):
     parts = []
-    sft_ce = [r for r in rows if r["implementation"].startswith("sft") and r["flops"]]
+    sft_ce = [r for r in rows if r["implementation"].startswith("sft") and r["kernel"] == "lm_head+CE fwd+bwd"]
     for r in sft_ce:
         vocab = r["shape"].split()[1]
         torch_ce = [t for t in rows if t["kernel"] == "F.cross_entropy" and t["shape"] == r["shape"]]
@@ -210,6 +221,12 @@ def headline(rows, copy_gbps):
     for r in rows:
         if r["implementation"].startswith("sft") and r["kernel"].startswith("adamw") and copy_gbps:
             parts.append("%s %s of copy" % (r["kernel"], share(r, copy_gbps)))
+    for r in rows:
+        if r["implementation"].startswith("sft") and r["kernel"] == "matmul":
+            torch_mm = [t for t in rows if t["kernel"] == "torch matmul" and t["shape"] == r["shape"]]
+            parts.append("matmul %s %.1f TF/s%s" % (r["shape"], r["flops"] / r["seconds"] / 1e12,
+                                                     " (torch %.1f)" % (torch_mm[0]["flops"] / torch_mm[0]["seconds"] / 1e12)
+                                                     if torch_mm else ""))
     return ", ".join(parts) or "no sft rows"
 
 
@@ -258,7 +275,8 @@ def main():
 
     # Ours, then torch, kernel by kernel.
     order = {"lm_head+CE fwd+bwd": 0, "F.cross_entropy": 0, "CE sup rows only": 0, "adamw": 1,
-             "adamw bf16 moments": 1, "AdamW fused": 1, "AdamW foreach": 1, "copy": 2, "copy_": 2}
+             "adamw bf16 moments": 1, "AdamW fused": 1, "AdamW foreach": 1, "copy": 2, "copy_": 2,
+             "matmul": 3, "torch matmul": 3}
     rows.sort(key=lambda r: (order.get(r["kernel"], 3), r["shape"] if order.get(r["kernel"]) == 0 else "",
                              not r["implementation"].startswith("sft")))
     copies = [r["bytes"] / r["seconds"] / 1e9 for r in rows if r["kernel"] in ("copy", "copy_")]

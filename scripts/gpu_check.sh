@@ -22,7 +22,7 @@
 #   demo       60  `sft demo` for 100 steps on the GPU, its per-step losses against the CPU run
 #                  recorded at build time (tolerances: scripts/gpu_report.py, demo_compare)
 #   bench     140  `sft bench` on the 1.3B next to PyTorch + transformers: tokens/s, MFU, memory
-#   attention  80  causal attention fwd and fwd+bwd next to PyTorch flash SDPA (ordered, deferred and atomic dQ)
+#   attention  80  causal attention fwd and fwd+bwd next to PyTorch flash SDPA (every dQ accumulation)
 #   kernels    75  `sft bench-kernels`: lm_head + cross-entropy and AdamW next to PyTorch, and copy
 #                  bandwidth
 # 475 s of budgets inside a 490 s cap (GPU_CHECK_TOTAL): a part starts with what is left of the

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # A second, short GPU call after `gpu_check.sh all`: the GPU tests and the demo part again, the
 # 1.3B step with per-kernel CUDA-event times (for `sft plan --calibrate-from`), the attention
-# backward with ordered, deferred and atomic dQ (`sft bench-attention --dq all`), Nsight Compute on
+# backward with every dQ accumulation (`sft bench-attention --dq all`), Nsight Compute on
 # the flash kernels, and compute-sanitizer on the flash tests. Run on the box from the repo root:
 #   .gpu/gpu_probe.sh        (results under $OUT, else .gpu/probe/)
-#   .gpu/gpu_probe.sh dq     the flash backward's dQ sums only (about 4 minutes): the GPU
-#                            attention and training tests (the training tests again with
-#                            SFT_FLASH_DQ=deferred), `bench-attention --dq all`, and the 1.3B
-#                            step under ordered, deferred and atomic dQ, then the default step's
+#   .gpu/gpu_probe.sh dq     the flash backward's dQ sums only (about 5 minutes): the GPU
+#                            attention tests (they check both deferred kernels against the
+#                            ordered bits) and training tests, `bench-attention --dq all`, and
+#                            the 1.3B step under ordered, deferred, deferred-q64 and atomic dQ,
+#                            then the default step's
 #                            kernel times with 8 and with 32 cuBLASLt candidates timed per GEMM
 #                            shape (kernel_times_gemm{8,32}.csv; the GEMMs by shape on the
 #                            terminal); then a markdown table of the steps (steps.md)
@@ -48,7 +49,7 @@ with_clocks() {
     return $rc
 }
 if [[ "${1:-}" == dq ]]; then
-    for run in "gpu_attention ordered" "gpu_train ordered" "gpu_train deferred"; do
+    for run in "gpu_attention ordered" "gpu_train ordered"; do
         read -r t mode <<<"$run"
         step "$t, SFT_FLASH_DQ=$mode" 50
         SFT_FLASH_DQ=$mode timeout -k 5 50 "./$t" --ignored --test-threads=1 >"$out/${t}_$mode.log" 2>&1
@@ -58,7 +59,7 @@ if [[ "${1:-}" == dq ]]; then
     step "bench-attention --dq all" 60
     with_clocks bench-attention timeout -k 5 60 ./sft bench-attention --seq-lens 1024,2048,4096 --dq all 2>&1 |
         tee "$out/attention_dq.log"
-    for mode in ordered deferred atomic; do
+    for mode in ordered deferred deferred-q64 atomic; do
         step "1.3B step, SFT_FLASH_DQ=$mode" 70
         SFT_FLASH_DQ=$mode with_clocks "step_$mode" timeout -k 5 70 ./sft bench --config simplellama-1.3b \
             --tokens-per-step 65536 --seq-len 2048 --micro-batch 8 --steps 5 --warmup 2 --device cuda --dropout 0 2>&1 |
@@ -101,7 +102,8 @@ timeout -k 5 90 ./sft bench --config simplellama-1.3b --tokens-per-step 65536 --
     --steps 3 --warmup 2 --device cuda --dropout 0 --kernel-times "$out/kernel_times.csv" 2>&1 | tee "$out/bench.log"
 head -n 40 "$out/kernel_times.csv"
 step attention-dq 60
-# The flash backward's dQ: ordered (the default), deferred (the same bits) and atomic (SFT_FLASH_DQ).
+# The flash backward's dQ: ordered (the default), the two deferred kernels (the same bits) and
+# atomic (SFT_FLASH_DQ).
 timeout -k 5 60 ./sft bench-attention --seq-lens 2048,4096 --dq all 2>&1 | tee "$out/attention_dq.log"
 echo "attention-dq rc=${PIPESTATUS[0]}"
 NCU="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)"

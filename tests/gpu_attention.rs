@@ -344,10 +344,11 @@ fn flash_atomic_dq_at_scale() {
     }
 }
 
-/// The deferred ordered path (`FlashDq::Deferred`: each partial added one iteration later, in
-/// warps of 32 keys for head_dim 64) adds the same partials in the same order as the default:
+/// The deferred ordered paths (`FlashDq::Deferred`: each partial added one iteration later, in
+/// warps of 32 keys for head_dim 64; `FlashDq::DeferredQ64`: the same in the ordered kernel's
+/// warps of 16 keys over q tiles of 64) add the same partials in the same order as the default:
 /// the same bits, on the at-scale shape and packed batches with grouped KV heads, run after run,
-/// and an ordered run after it still gives them (its semaphores were left at zero).
+/// and an ordered run after them still gives them (their semaphores were left at zero).
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn flash_deferred_dq_gives_the_ordered_bits() {
@@ -363,14 +364,16 @@ fn flash_deferred_dq_gives_the_ordered_bits() {
         let n = *cu.last().unwrap() as usize;
         let (qkv, dout) = inputs(n, heads, seed);
         let ordered = attention(&g, &qkv, &dout, &cu, heads);
-        g.set_flash_dq(FlashDq::Deferred);
-        for run in 0..2 {
-            let deferred = attention(&g, &qkv, &dout, &cu, heads);
-            assert_identical(
-                &format!("deferred vs ordered, hd {} run {run}", heads.head_dim),
-                &ordered,
-                &deferred,
-            );
+        for mode in [FlashDq::Deferred, FlashDq::DeferredQ64] {
+            g.set_flash_dq(mode);
+            for run in 0..2 {
+                let deferred = attention(&g, &qkv, &dout, &cu, heads);
+                assert_identical(
+                    &format!("{} vs ordered, hd {} run {run}", mode.name(), heads.head_dim),
+                    &ordered,
+                    &deferred,
+                );
+            }
         }
         g.set_flash_dq(FlashDq::Ordered);
         let again = attention(&g, &qkv, &dout, &cu, heads);

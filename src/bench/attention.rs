@@ -42,9 +42,9 @@ pub struct AttentionBenchArgs {
     /// auto (tensor cores where supported) or scalar.
     #[arg(long, default_value = "auto")]
     pub path: String,
-    /// The flash backward's dQ accumulation: ordered (deterministic), deferred (deterministic,
-    /// the ordered bits), atomic, both (ordered and atomic) or all (a row each). Only the
-    /// tensor-core path has the choice.
+    /// The flash backward's dQ accumulation: ordered (deterministic), deferred or deferred-q64
+    /// (deterministic, the ordered bits), atomic, both (ordered and atomic) or all (a row each).
+    /// Only the tensor-core path has the choice.
     #[arg(long, default_value = "ordered")]
     pub dq: String,
     /// CUDA device ordinal.
@@ -57,7 +57,10 @@ pub fn dq_modes(arg: &str) -> Result<Vec<FlashDq>> {
     match arg {
         "both" => Ok(vec![FlashDq::Ordered, FlashDq::Atomic]),
         "all" => Ok(FlashDq::ALL.to_vec()),
-        other => Ok(vec![FlashDq::parse(other).context("--dq (ordered, deferred, atomic, both or all)")?]),
+        other => {
+            Ok(vec![FlashDq::parse(other)
+                .context("--dq (ordered, deferred, deferred-q64, atomic, both or all)")?])
+        }
     }
 }
 
@@ -68,6 +71,7 @@ pub fn row_name(flash: bool, dq: FlashDq) -> &'static str {
         (false, _) => "sft scalar",
         (true, FlashDq::Ordered) => "sft flash (mma)",
         (true, FlashDq::Deferred) => "sft flash (deferred)",
+        (true, FlashDq::DeferredQ64) => "sft flash (deferred64)",
         (true, FlashDq::Atomic) => "sft flash (atomic dQ)",
     }
 }
@@ -264,11 +268,15 @@ mod tests {
         assert_eq!(dq_modes("ordered").unwrap(), vec![FlashDq::Ordered]);
         assert_eq!(dq_modes("atomic").unwrap(), vec![FlashDq::Atomic]);
         assert_eq!(dq_modes("both").unwrap(), vec![FlashDq::Ordered, FlashDq::Atomic]);
-        assert_eq!(dq_modes("all").unwrap(), vec![FlashDq::Ordered, FlashDq::Deferred, FlashDq::Atomic]);
+        assert_eq!(
+            dq_modes("all").unwrap(),
+            vec![FlashDq::Ordered, FlashDq::Deferred, FlashDq::DeferredQ64, FlashDq::Atomic]
+        );
         for bad in ["fastest", "pipelined"] {
             let err = format!("{:#}", dq_modes(bad).unwrap_err());
             assert!(
-                err.contains("--dq (ordered, deferred, atomic, both or all)") && err.contains(bad),
+                err.contains("--dq (ordered, deferred, deferred-q64, atomic, both or all)")
+                    && err.contains(bad),
                 "{err}"
             );
         }
@@ -276,11 +284,21 @@ mod tests {
         let names = [
             row_name(true, FlashDq::Ordered),
             row_name(true, FlashDq::Deferred),
+            row_name(true, FlashDq::DeferredQ64),
             row_name(true, FlashDq::Atomic),
             row_name(false, FlashDq::Atomic),
         ];
         assert!(names.iter().all(|n| n.len() <= 22), "{names:?}");
-        assert_eq!(names, ["sft flash (mma)", "sft flash (deferred)", "sft flash (atomic dQ)", "sft scalar"]);
+        assert_eq!(
+            names,
+            [
+                "sft flash (mma)",
+                "sft flash (deferred)",
+                "sft flash (deferred64)",
+                "sft flash (atomic dQ)",
+                "sft scalar"
+            ]
+        );
     }
 
     #[test]

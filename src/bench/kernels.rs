@@ -1,6 +1,8 @@
 //! `sft bench-kernels`: the fused lm_head + masked cross-entropy and the multi-tensor AdamW,
 //! timed through the [`Backend`] trait, next to a device-to-device copy of the same backend (the
-//! bandwidth ceiling DESIGN §4 judges AdamW against: within 85% of it).
+//! bandwidth ceiling DESIGN §4 judges AdamW against: within 85% of it) and a square bf16 GEMM
+//! through the backend's own GEMM path (the compute ceiling the training step's GEMMs, timed
+//! per shape by `sft bench --kernel-times`, are judged against).
 //!
 //! `scripts/bench_kernels_torch.py` runs this binary with `--json` and PyTorch on the same
 //! shapes (`F.cross_entropy` on `x @ w.T`, fused AdamW, `copy_`), and prints one table.
@@ -16,6 +18,8 @@
 //!   each element's reads (gradient and master fp32, m and v in their storage) and writes
 //!   (master, m, v, and the compute-precision parameter copy).
 //! - Copy: one fp32 buffer copied to another; bytes = read + write.
+//! - GEMM: `out = a · bᵀ` with a, b and out `gemm × gemm` in the compute precision (the
+//!   backend's `matmul_forward`: cuBLASLt, autotuned, on CUDA); FLOPs `2·gemm³`.
 //!
 //! Each measurement synchronizes the device around every call and takes the median of
 //! `--repeats` calls after `--warmup` untimed ones.
@@ -58,6 +62,9 @@ pub struct KernelBenchArgs {
     /// MiB of fp32 copied device to device (full: 1024; tiny: 4).
     #[arg(long)]
     pub copy_mib: Option<usize>,
+    /// Side of the square GEMM (full: 8192; tiny: 64).
+    #[arg(long)]
+    pub gemm: Option<usize>,
     /// Untimed calls before the timed ones.
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
@@ -83,6 +90,7 @@ pub struct KernelShapes {
     pub adamw_config: String,
     pub adamw_tensor_lens: Vec<usize>,
     pub copy_elems: usize,
+    pub gemm: usize,
 }
 
 impl KernelShapes {
@@ -111,6 +119,8 @@ impl KernelShapes {
         let adamw_tensor_lens = param_lens(&model);
         let copy_mib = args.copy_mib.unwrap_or(if full { 1024 } else { 4 });
         ensure!(copy_mib > 0, "--copy-mib must be at least 1");
+        let gemm = args.gemm.unwrap_or(if full { 8192 } else { 64 });
+        ensure!(gemm > 0, "--gemm must be at least 1");
         let supervised_rows = (0..tokens).filter(|&i| is_supervised(i, args.supervised)).count();
         ensure!(supervised_rows > 0, "--supervised {} leaves no supervised row of {tokens}", args.supervised);
         Ok(KernelShapes {
@@ -122,6 +132,7 @@ impl KernelShapes {
             adamw_config,
             adamw_tensor_lens,
             copy_elems: copy_mib << 18,
+            gemm,
         })
     }
 }
@@ -328,13 +339,43 @@ pub fn run_kernel_bench<B: Backend>(backend: B, args: &KernelBenchArgs) -> Resul
         "copy: the destination does not hold the source after the timed copies"
     );
     timings.push(KernelTiming {
-        implementation,
+        implementation: implementation.clone(),
         kernel: "copy".into(),
         shape: format!("{} MiB f32", len >> 18),
         seconds,
         min_seconds,
         flops: 0.0,
         bytes: 2.0 * 4.0 * len as f64,
+    });
+    drop((src, dst));
+
+    // ---- a square GEMM: the compute ceiling ----
+    let g = shapes.gemm;
+    let (a_host, b_host) = (pattern(g * g, args.seed ^ 0x6E11, 1.0), pattern(g * g, args.seed ^ 0x6E12, 1.0));
+    let a = upload(be, &a_host, Precision::Compute)?;
+    let b = upload(be, &b_host, Precision::Compute)?;
+    let mut c = be.zeros(g * g, Precision::Compute)?;
+    let (seconds, min_seconds) = time(&mut || be.matmul_forward(&mut c, &a, &b, g, g, g))?;
+    // The first row against the host (inputs rounded as the device holds them): a wrong
+    // layout or an unfinished product would not be within a few bf16 steps of it.
+    let round = |x: f32| if be.compute_bytes() == 2 { half::bf16::from_f32(x).to_f32() } else { x };
+    let row = be.read(&c, g)?;
+    for (j, &got) in row.iter().enumerate().step_by(g.div_ceil(16)) {
+        let want: f64 = (0..g).map(|k| round(a_host[k]) as f64 * round(b_host[j * g + k]) as f64).sum();
+        let tol = 0.02 * (g as f64).sqrt() + 0.01 * want.abs();
+        ensure!(
+            (got as f64 - want).abs() <= tol,
+            "matmul {g}x{g}x{g}: out[0][{j}] = {got}, expected {want:.4} (after the timed calls)"
+        );
+    }
+    timings.push(KernelTiming {
+        implementation,
+        kernel: "matmul".into(),
+        shape: format!("{g}x{g}x{g}"),
+        seconds,
+        min_seconds,
+        flops: 2.0 * (g as f64).powi(3),
+        bytes: 0.0,
     });
     Ok(KernelReport { device, shapes, warmup: args.warmup, repeats: args.repeats, timings })
 }
@@ -397,6 +438,7 @@ mod tests {
             supervised: 0.5,
             adamw_config: None,
             copy_mib: Some(1),
+            gemm: Some(48),
             warmup: 1,
             repeats: 3,
             seed: 5,
@@ -417,8 +459,14 @@ mod tests {
 
     #[test]
     fn full_sizes_are_the_1_3b_shapes() {
-        let args =
-            KernelBenchArgs { tokens: None, d_model: None, vocabs: None, copy_mib: None, ..tiny_args() };
+        let args = KernelBenchArgs {
+            tokens: None,
+            d_model: None,
+            vocabs: None,
+            copy_mib: None,
+            gemm: None,
+            ..tiny_args()
+        };
         let full =
             KernelShapes::resolve(&KernelBenchArgs { sizes: Some("full".into()), ..args.clone() }, true)
                 .unwrap();
@@ -427,9 +475,10 @@ mod tests {
         assert_eq!(full.adamw_tensor_lens.len(), 6 * config.n_layers + 3);
         assert_eq!(full.adamw_tensor_lens.iter().sum::<usize>(), config.n_params());
         assert_eq!(full.copy_elems * 4, 1 << 30);
+        assert_eq!(full.gemm, 8192);
         // On the CPU without --sizes: tiny.
         let tiny = KernelShapes::resolve(&args, true).unwrap();
-        assert_eq!((tiny.tokens, tiny.d_model), (128, 64));
+        assert_eq!((tiny.tokens, tiny.d_model, tiny.gemm), (128, 64, 64));
         let err = KernelShapes::resolve(&KernelBenchArgs { sizes: Some("huge".into()), ..args }, true);
         assert!(err.unwrap_err().to_string().contains("--sizes huge"));
     }
@@ -438,7 +487,9 @@ mod tests {
     fn cpu_run_measures_every_kernel() {
         let report = run_kernel_bench(CpuBackend::<f32>::new(), &tiny_args()).unwrap();
         let kernels: Vec<&str> = report.timings.iter().map(|t| t.kernel.as_str()).collect();
-        assert_eq!(kernels, ["lm_head+CE fwd+bwd", "adamw", "adamw bf16 moments", "copy"]);
+        assert_eq!(kernels, ["lm_head+CE fwd+bwd", "adamw", "adamw bf16 moments", "copy", "matmul"]);
+        assert_eq!(report.timings[4].flops, 2.0 * 48f64.powi(3));
+        assert!(table_row(&report.timings[4], None).contains("48x48x48"));
         assert_eq!(report.shapes.supervised_rows, 20);
         let ce = &report.timings[0];
         assert_eq!(ce.flops, 6.0 * (20 * 32 * 96) as f64);

@@ -56,10 +56,11 @@ static double rel_err(const std::vector<double>& got, const std::vector<double>&
 }
 
 // Warps and dynamic shared memory of the forward, the backward and the atomic backward (the
-// deferred backward has the atomic one's tiles, plus its staged partials and old sums).
+// deferred backward has the atomic one's tiles, plus its staged partials and old sums; the HD 64
+// deferred_q64 one the ordered one's tiles, plus the same for q tiles of 64).
 struct Cfg {
     int fnw, knw, anw;
-    size_t fsmem, ksmem, asmem, dsmem;
+    size_t fsmem, ksmem, asmem, dsmem, dq64smem;
 };
 
 static Cfg config(int hd) {
@@ -68,9 +69,11 @@ static Cfg config(int hd) {
     // [2][BQ] f32 and dSᵀ [128][BQ + 8] (BQ 64 for the HD 64 ordered backward, else 32).
     size_t rb = (hd + 8) * 2;
     auto backward = [&](size_t bq) { return (256 + 4 * bq) * rb + 4 * bq * 4 + 128 * (bq + 8) * 2; };
-    const size_t staged = (2 * 32 * (hd + 4) + 32 * hd) * 4;  // BQ 32
-    if (hd == 64) return {4, 8, 4, (128 + 6 * 64) * rb, backward(64), backward(32), backward(32) + staged};
-    return {8, 8, 8, (128 + 6 * 64) * rb, backward(32), backward(32), backward(32) + staged};
+    auto staged = [&](size_t bq) { return (2 * bq * (hd + 4) + bq * hd) * 4; };
+    if (hd == 64)
+        return {4, 8, 4, (128 + 6 * 64) * rb, backward(64), backward(32), backward(32) + staged(32),
+                backward(64) + staged(64)};
+    return {8, 8, 8, (128 + 6 * 64) * rb, backward(32), backward(32), backward(32) + staged(32), 0};
 }
 
 static std::vector<int> tile_table(const std::vector<int>& cu, int tile, int n) {
@@ -180,9 +183,13 @@ static bool run(const Case& c, uint64_t seed) {
     std::vector<float> dq_acc((size_t)n * nh * hd, NAN);
     std::vector<uint32_t> dq_sem((size_t)nh * n, 0);
     auto backward = [&](const std::string& kernel, std::vector<bf16_t>& g, int ctas) {
-        const bool deferred = kernel.find("deferred") != std::string::npos;
-        launch(kernel, (unsigned)(tk.size() - 1) / 3, nkv, (deferred ? cfg.anw : cfg.knw) * 32, deferred ? cfg.dsmem : cfg.ksmem, [&] {
-            if (deferred && hd == 64) flash_backward_deferred_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+        const bool q64 = kernel.find("deferred_q64") != std::string::npos;
+        const bool deferred = !q64 && kernel.find("deferred") != std::string::npos;
+        const int warps = deferred ? cfg.anw : cfg.knw;
+        const size_t smem = q64 ? cfg.dq64smem : deferred ? cfg.dsmem : cfg.ksmem;
+        launch(kernel, (unsigned)(tk.size() - 1) / 3, nkv, warps * 32, smem, [&] {
+            if (q64) flash_backward_deferred_q64_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+            else if (deferred && hd == 64) flash_backward_deferred_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
             else if (deferred) flash_backward_deferred_128(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
             else if (hd == 64) flash_backward_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
             else flash_backward_128(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
@@ -200,16 +207,19 @@ static bool run(const Case& c, uint64_t seed) {
     record("flash_backward_" + h, backward_same ? 0 : 1, 0);
     if (!backward_same) printf("  the backward differs with 3 blocks at once\n");
     identical = identical && backward_same;
-    // The deferred backward adds the same partials in the same order: the ordered bits, one and
+    // The deferred backwards add the same partials in the same order: the ordered bits, one and
     // 3 blocks at a time.
-    for (int ctas : {1, 3}) {
-        std::vector<bf16_t> deferred(n * width, __float2bfloat16_rn(-2.0f));
-        backward("flash_backward_deferred_" + h, deferred, ctas);
-        const bool same = memcmp(dqkv.data(), deferred.data(), dqkv.size() * sizeof(bf16_t)) == 0;
-        record("flash_backward_deferred_" + h, same ? 0 : 1, 0);
-        if (!same) printf("  the deferred backward (%d blocks at once) differs from the ordered one\n", ctas);
-        identical = identical && same;
-    }
+    std::vector<std::string> deferred_kernels = {"flash_backward_deferred_" + h};
+    if (hd == 64) deferred_kernels.push_back("flash_backward_deferred_q64_64");
+    for (const std::string& kernel : deferred_kernels)
+        for (int ctas : {1, 3}) {
+            std::vector<bf16_t> deferred(n * width, __float2bfloat16_rn(-2.0f));
+            backward(kernel, deferred, ctas);
+            const bool same = memcmp(dqkv.data(), deferred.data(), dqkv.size() * sizeof(bf16_t)) == 0;
+            record(kernel, same ? 0 : 1, 0);
+            if (!same) printf("  %s (%d blocks at once) differs from the ordered one\n", kernel.c_str(), ctas);
+            identical = identical && same;
+        }
 
     auto to_d = [](const std::vector<bf16_t>& v) {
         std::vector<double> r(v.size());

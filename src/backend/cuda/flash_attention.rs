@@ -9,8 +9,9 @@
 //!
 //! The backward sums dQ in a fixed order by default (deterministic); `SFT_FLASH_DQ=atomic` (or
 //! [`CudaBackend::set_flash_dq`]) uses fp32 atomic adds and a convert kernel instead, faster but
-//! not bit-reproducible run to run; `SFT_FLASH_DQ=deferred` the same ordered sums one iteration
-//! later, staged in shared memory (the same bits; not yet timed on a GPU).
+//! not bit-reproducible run to run; `SFT_FLASH_DQ=deferred` (and `deferred-q64`, in other
+//! tiles) the same ordered sums one iteration later, staged in shared memory (the same bits; not
+//! yet timed on a GPU).
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
@@ -64,6 +65,11 @@ pub enum FlashDq {
     /// keys, as the atomic kernel): nothing of the accumulation waits in the iteration that
     /// computes the partial. Not yet timed on a GPU.
     Deferred,
+    /// [`FlashDq::Deferred`] in the ordered kernel's tiles (`flash_backward_deferred_q64_64`:
+    /// head_dim 64 in warps of 16 keys over q tiles of 64, half the hand-offs of q tiles of 32;
+    /// head_dim 128 runs `flash_backward_deferred_128`). The same bits. Not yet timed on a GPU:
+    /// one GPU run times both layouts and keeps the faster.
+    DeferredQ64,
     /// fp32 atomicAdd into the accumulator, then `flash_dq_convert` (`flash_backward_atomic_HD`):
     /// no waits, but the order of the adds (and so the last bits of dQ) follows the timing. On
     /// an H200: 2.35 ms fwd+bwd at 8 × 2048 × 32 heads of 64 against 2.98 ms ordered.
@@ -71,17 +77,18 @@ pub enum FlashDq {
 }
 
 impl FlashDq {
-    /// `SFT_FLASH_DQ`: `ordered` (or unset), `deferred` or `atomic`; anything else is an error.
+    /// `SFT_FLASH_DQ`: `ordered` (or unset), `deferred`, `deferred-q64` or `atomic`; anything
+    /// else is an error.
     pub fn from_env() -> Result<Self> {
         env_choice("SFT_FLASH_DQ", FlashDq::Ordered, Self::parse)
     }
 
-    /// `ordered`, `deferred` or `atomic` (case-insensitive).
+    /// `ordered`, `deferred`, `deferred-q64` or `atomic` (case-insensitive).
     pub fn parse(s: &str) -> Result<Self> {
         FlashDq::ALL
             .into_iter()
             .find(|m| s.eq_ignore_ascii_case(m.name()))
-            .with_context(|| format!("{s:?}: expected ordered, deferred or atomic"))
+            .with_context(|| format!("{s:?}: expected ordered, deferred, deferred-q64 or atomic"))
     }
 
     /// The name `SFT_FLASH_DQ` takes.
@@ -89,6 +96,7 @@ impl FlashDq {
         match self {
             FlashDq::Ordered => "ordered",
             FlashDq::Deferred => "deferred",
+            FlashDq::DeferredQ64 => "deferred-q64",
             FlashDq::Atomic => "atomic",
         }
     }
@@ -106,7 +114,8 @@ pub(super) struct DqAccumulation {
 }
 
 impl FlashDq {
-    pub const ALL: [FlashDq; 3] = [FlashDq::Ordered, FlashDq::Deferred, FlashDq::Atomic];
+    pub const ALL: [FlashDq; 4] =
+        [FlashDq::Ordered, FlashDq::Deferred, FlashDq::DeferredQ64, FlashDq::Atomic];
 }
 
 impl DqAccumulation {
@@ -183,6 +192,8 @@ pub(super) struct FlashConfig {
     pub backward: FlashKernel,
     /// The ordered dQ sum, deferred ([`FlashDq::Deferred`]).
     pub backward_deferred: FlashKernel,
+    /// The same in q tiles of 64 where shared memory allows ([`FlashDq::DeferredQ64`]).
+    pub backward_deferred_q64: FlashKernel,
     /// Atomic dQ adds ([`FlashDq::Atomic`]).
     pub backward_atomic: FlashKernel,
 }
@@ -196,6 +207,8 @@ pub(super) const FLASH_64: FlashConfig = FlashConfig {
     backward: backward("flash_backward_64", 64, 8, 64, 1),
     // Warps of 32 keys over q tiles of 32, as the atomic kernel; untimed.
     backward_deferred: deferred("flash_backward_deferred_64", 64, 4, 32, 2),
+    // Warps of 16 keys over q tiles of 64, as the ordered kernel; untimed.
+    backward_deferred_q64: deferred("flash_backward_deferred_q64_64", 64, 8, 64, 1),
     // Warps of 32 keys: 1.77 against 2.14 ms in warps of 16.
     backward_atomic: backward("flash_backward_atomic_64", 64, 4, 32, 2),
 };
@@ -204,6 +217,8 @@ pub(super) const FLASH_128: FlashConfig = FlashConfig {
     forward: forward("flash_forward_128", 128, 8, 64, 1),
     backward: backward("flash_backward_128", 128, 8, 32, 1),
     backward_deferred: deferred("flash_backward_deferred_128", 128, 8, 32, 1),
+    // q tiles of 64 would need 253 KiB of shared memory: the q-tile-32 kernel serves both.
+    backward_deferred_q64: deferred("flash_backward_deferred_128", 128, 8, 32, 1),
     backward_atomic: backward("flash_backward_atomic_128", 128, 8, 32, 1),
 };
 
@@ -216,6 +231,8 @@ const _: () = assert!(
         && FLASH_64.backward_atomic.tile == FLASH_TILE
         && FLASH_64.backward_deferred.tile == FLASH_TILE
         && FLASH_128.backward_deferred.tile == FLASH_TILE
+        && FLASH_64.backward_deferred_q64.tile == FLASH_TILE
+        && FLASH_128.backward_deferred_q64.tile == FLASH_TILE
         && FLASH_128.forward.tile == FLASH_TILE
         && FLASH_128.backward.tile == FLASH_TILE
         && FLASH_128.backward_atomic.tile == FLASH_TILE
@@ -260,8 +277,14 @@ pub fn backward_q_rows(head_dim: usize) -> Option<usize> {
 impl FlashConfig {
     /// Every kernel of the config: each gets its dynamic shared memory limit raised when the
     /// backend opens (a launch past the default 48 KiB fails otherwise).
-    pub(super) fn kernels(&self) -> [FlashKernel; 4] {
-        [self.forward, self.backward, self.backward_deferred, self.backward_atomic]
+    pub(super) fn kernels(&self) -> [FlashKernel; 5] {
+        [
+            self.forward,
+            self.backward,
+            self.backward_deferred,
+            self.backward_deferred_q64,
+            self.backward_atomic,
+        ]
     }
 }
 
@@ -329,7 +352,8 @@ pub(crate) fn tile_bound(n: usize, n_segments: usize, tile: usize) -> usize {
 
 impl CudaBackend {
     /// Selects how the flash backward sums dQ (`Ordered`, the default, is deterministic).
-    /// The initial value comes from `SFT_FLASH_DQ` (`deferred` or `atomic`; default `ordered`).
+    /// The initial value comes from `SFT_FLASH_DQ` (`deferred`, `deferred-q64` or `atomic`;
+    /// default `ordered`).
     pub fn set_flash_dq(&self, mode: FlashDq) {
         self.flash_dq.set(mode);
     }
@@ -523,6 +547,13 @@ impl CudaBackend {
                 launch_for_head_dim!(
                     cfg.head_dim,
                     [64 => launch::flash_backward_deferred_64, 128 => launch::flash_backward_deferred_128],
+                    (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi)
+                )
+            } else if dq == FlashDq::DeferredQ64 {
+                let launch_cfg = flash_launch(cfg.backward_deferred_q64, bound, heads.n_kv_heads);
+                launch_for_head_dim!(
+                    cfg.head_dim,
+                    [64 => launch::flash_backward_deferred_q64_64, 128 => launch::flash_backward_deferred_128],
                     (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi)
                 )
             } else {
@@ -725,12 +756,14 @@ mod tests {
     fn flash_dq_parses_the_modes_and_names_bad_values() {
         assert_eq!(FlashDq::parse("ordered").unwrap(), FlashDq::Ordered);
         assert_eq!(FlashDq::parse("Deferred").unwrap(), FlashDq::Deferred);
+        assert_eq!(FlashDq::parse("deferred-Q64").unwrap(), FlashDq::DeferredQ64);
         assert_eq!(FlashDq::parse("Atomic").unwrap(), FlashDq::Atomic);
         // The variant timed and dropped: its name is refused, not silently mapped.
         for bad in ["fast", "pipelined"] {
             let err = format!("{:#}", FlashDq::parse(bad).unwrap_err());
             assert!(
-                err.contains(&format!("{bad:?}")) && err.contains("ordered, deferred or atomic"),
+                err.contains(&format!("{bad:?}"))
+                    && err.contains("ordered, deferred, deferred-q64 or atomic"),
                 "{err}"
             );
         }
@@ -770,7 +803,7 @@ mod tests {
             .copied()
             .filter(|n| n.starts_with("flash_forward_") || n.starts_with("flash_backward_"))
             .collect();
-        assert_eq!(entries.len(), 8, "{entries:?}");
+        assert_eq!(entries.len(), 9, "{entries:?}");
         for name in entries {
             assert!(configured.contains(&name), "{name} is in no FlashConfig");
         }
@@ -793,11 +826,20 @@ mod tests {
             (FLASH_64.backward_deferred.warps, FLASH_64.backward_deferred.step),
             (FLASH_64.backward_atomic.warps, FLASH_64.backward_atomic.step)
         );
+        // Deferred in q tiles of 64: the ordered kernel's tiles + [2][64][68] + [64][64] f32
+        // (144,384 bytes, one CTA per SM as the ordered kernel).
+        assert_eq!(FLASH_64.backward_deferred_q64.smem, FLASH_64.backward.smem + (2 * 64 * 68 + 64 * 64) * 4);
+        assert_eq!(FLASH_64.backward_deferred_q64.smem, 144_384);
+        assert_eq!(
+            (FLASH_64.backward_deferred_q64.warps, FLASH_64.backward_deferred_q64.step),
+            (FLASH_64.backward.warps, FLASH_64.backward.step)
+        );
+        assert_eq!(FLASH_128.backward_deferred_q64, FLASH_128.backward_deferred);
         // The rows per warp: 32 in the hd 64 forward and atomic backward, else 16.
         assert_eq!(FLASH_64.forward.warps, 4);
         assert_eq!((FLASH_64.backward.warps, FLASH_64.backward_atomic.warps), (8, 4));
         for cfg in [FLASH_64, FLASH_128] {
-            for b in [cfg.backward, cfg.backward_deferred, cfg.backward_atomic] {
+            for b in [cfg.backward, cfg.backward_deferred, cfg.backward_deferred_q64, cfg.backward_atomic] {
                 // The dQ product's warp grid (flash_backward_impl): step/16 strips × column groups.
                 let strips = b.step / 16;
                 assert_eq!(b.warps % strips, 0);

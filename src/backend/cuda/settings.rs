@@ -18,7 +18,7 @@ pub fn notes(var: impl Fn(&str) -> Option<String>) -> Vec<String> {
                 &v,
                 "the flash backward adds dQ with fp32 atomics; runs are not bit-reproducible",
             ),
-            Ok(FlashDq::Deferred) => {
+            Ok(FlashDq::Deferred | FlashDq::DeferredQ64) => {
                 note("SFT_FLASH_DQ", &v, "the flash backward's deferred dQ sums (the default's bits)")
             }
             Ok(FlashDq::Ordered) | Err(_) => {}
