@@ -154,24 +154,26 @@ extern "C" __global__ void attention_kv_cache_write(__nv_bfloat16* k_cache, __nv
 // D[h, i] = sum_t dout[i, h, t] * out[i, h, t]. head_dim / VEC lanes per (i, h) (4, 8 or 16:
 // head_dim is 32, 64 or 128, checked on the host), one 16-byte load of each tensor per lane,
 // summed across the lane group. (A warp per (i, h) with 2-byte loads moved 1.2 TB/s on an H200.)
+// Thread indices are 32-bit (the host checks that n · head_dim / VEC · n_heads fits an int) and
+// the lane group is a shift: no 64-bit division per thread.
 extern "C" __global__ void attention_backward_d(float* D, const __nv_bfloat16* dout, const __nv_bfloat16* out,
                                                 int n, int n_heads, int head_dim) {
-    const int per = head_dim / VEC;
-    const size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    const size_t w = t / per;  // i * n_heads + h: row i's head h starts at w * head_dim
-    const int part = (int)(t % per);
-    const bool ok = w < (size_t)n * n_heads;
+    const int per = head_dim / VEC, shift = per == 4 ? 2 : per == 8 ? 3 : 4;
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    const int w = t >> shift;  // i * n_heads + h: row i's head h starts at w * head_dim
+    const int part = t & (per - 1);
+    const bool ok = w < n * n_heads;
     float acc = 0.0f;
     if (ok) {
         float a[VEC], b[VEC];
-        load8(a, dout + w * head_dim + part * VEC);
-        load8(b, out + w * head_dim + part * VEC);
+        load8(a, dout + (size_t)w * head_dim + part * VEC);
+        load8(b, out + (size_t)w * head_dim + part * VEC);
 #pragma unroll
         for (int k = 0; k < VEC; k++) acc += a[k] * b[k];
     }
     // Every lane shuffles (no early return): groups of `per` lanes are aligned powers of two.
     for (int s = per / 2; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, s);
-    if (ok && part == 0) D[(w % n_heads) * n + w / n_heads] = acc;
+    if (ok && part == 0) D[(size_t)(w % n_heads) * n + w / n_heads] = acc;
 }
 
 // dQ[i, h] = scale * sum_j dS_ij K_j with dS = P (dO_i·V_j - D_i). Warp per query row.

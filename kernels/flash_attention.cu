@@ -868,23 +868,24 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
 // dqkv[row][0 .. q_width) = bf16(dq_acc[row][..] · head_dim^-½), then dq_acc = 0. Eight elements
 // per step: two 16-byte loads, one 16-byte bf16 store, two 16-byte zero stores (q_width is a
 // multiple of 64 and a dqkv row of (n_heads + 2·n_kv_heads)·head_dim bf16 a multiple of 16
-// bytes, so no step straddles a row). Grid-stride over the n · q_width / 8 steps.
+// bytes, so no step straddles a row). Grid-stride over the n · q_width / 8 steps, counted in
+// 32 bits (the host checks that they fit an int): one 32-bit division per step.
 extern "C" __global__ void __launch_bounds__(256)
     flash_dq_convert(bf16_t* dqkv, float* dq_acc, int n, int n_heads, int n_kv_heads, int head_dim) {
     const float scale = rsqrtf((float)head_dim);
     const int q_width = n_heads * head_dim, steps_per_row = q_width / 8;
     const size_t width = (size_t)(n_heads + 2 * n_kv_heads) * head_dim;
-    const size_t steps = (size_t)n * steps_per_row;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < steps; i += (size_t)gridDim.x * blockDim.x) {
-        const size_t row = i / steps_per_row, col = (i % steps_per_row) * 8;
-        float4* a = reinterpret_cast<float4*>(dq_acc + row * q_width + col);
+    const unsigned steps = (unsigned)n * (unsigned)steps_per_row;
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < steps; i += gridDim.x * blockDim.x) {
+        const unsigned row = i / steps_per_row, col = (i - row * steps_per_row) * 8;
+        float4* a = reinterpret_cast<float4*>(dq_acc + (size_t)row * q_width + col);
         const float4 lo = a[0], hi = a[1];
         uint4 out;
         out.x = pack_bf16(lo.x * scale, lo.y * scale);
         out.y = pack_bf16(lo.z * scale, lo.w * scale);
         out.z = pack_bf16(hi.x * scale, hi.y * scale);
         out.w = pack_bf16(hi.z * scale, hi.w * scale);
-        *reinterpret_cast<uint4*>(dqkv + row * width + col) = out;
+        *reinterpret_cast<uint4*>(dqkv + (size_t)row * width + col) = out;
         a[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         a[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }

@@ -113,9 +113,11 @@ impl CudaBackend {
         let d_buf = ensure(&mut scratch.attn_d, heads.n_heads * n, &self.stream, "attention D")?;
 
         // head_dim / 8 threads per (row, head), exactly (the kernel is not grid-stride; head_dim is
-        // 32, 64 or 128, checked by head_variant).
+        // 32, 64 or 128, checked by head_variant); the kernel counts them in an int.
+        let threads = (n * heads.n_heads * hd / 8).next_multiple_of(BLOCK as usize);
+        int(threads, "attention D threads (rows × heads × head_dim / 8)")?;
         let warps_cfg = LaunchConfig {
-            grid_dim: ((n * heads.n_heads * hd / 8).div_ceil(BLOCK as usize) as u32, 1, 1),
+            grid_dim: ((threads / BLOCK as usize) as u32, 1, 1),
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };

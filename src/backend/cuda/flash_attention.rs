@@ -525,6 +525,8 @@ impl CudaBackend {
             }?;
             let hdi = int(heads.head_dim, "head_dim")?;
             let steps = n * heads.q_width() / 8;
+            // The convert counts its steps in 32 bits.
+            int(steps, "flash_dq_convert steps (rows × q width / 8)")?;
             let blocks = steps.div_ceil(DQ_CONVERT_THREADS).clamp(1, DQ_CONVERT_MAX_BLOCKS);
             let convert_cfg = LaunchConfig {
                 grid_dim: (blocks as u32, 1, 1),
