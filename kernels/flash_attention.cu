@@ -541,21 +541,30 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
 
     load_kv_tile<BN, HD, NT>(ks, vs, qkv + (n_heads + kvh) * HD, qkv + (n_heads + n_kv_heads + kvh) * HD, width, 0, k0,
                              n);
-    // Iteration it: q head kvh·group + it / n_qt, q rows k0 + (it % n_qt)·BQ ...
-    auto load_q = [&](int it, int buf) {
-        int h = kvh * group + it / n_qt;
-        int qt = k0 + (it % n_qt) * BQ;
+    // Iteration it's place: q head kvh·group + hq, q rows k0 + qi·BQ .., where it = hq·n_qt + qi.
+    // Counted from one iteration to the next: dividing it by n_qt took some 25 instructions, twice
+    // an iteration, in a loop that issues as many integer instructions as tile products.
+    struct QPos {
+        int hq, qi;
+    };
+    auto next_pos = [&](QPos p) { return p.qi + 1 == n_qt ? QPos{p.hq + 1, 0} : QPos{p.hq, p.qi + 1}; };
+    auto prev_pos = [&](QPos p) { return p.qi == 0 ? QPos{p.hq - 1, n_qt - 1} : QPos{p.hq, p.qi - 1}; };
+
+    static_assert(BQ <= NT, "a thread per lse/D row");
+    auto load_q = [&](QPos p, int buf) {
+        const int h = kvh * group + p.hq;
+        const int qt = k0 + p.qi * BQ;
         load_rows<BQ, HD, NT>(qs + buf * BQ * LD, qkv + h * HD, width, qt, n);
         load_rows<BQ, HD, NT>(dos + buf * BQ * LD, dout + h * HD, dstride, qt, n);
-        for (int r = threadIdx.x; r < BQ; r += NT) {
-            int row = qt + r;
-            bool ok = row < seg_end;
-            size_t off = (size_t)h * n + (ok ? row : 0);
+        const int r = threadIdx.x;
+        if (r < BQ) {
+            const bool ok = qt + r < seg_end;
+            const size_t off = (size_t)h * n + (ok ? qt + r : 0);
             cp_async4(lse_s + buf * BQ + r, lse + off, ok);
             cp_async4(d_s + buf * BQ + r, D + off, ok);
         }
     };
-    load_q(0, 0);
+    load_q(QPos{0, 0}, 0);
     cp_async_commit();
 
     const float sl2 = rsqrtf((float)HD) * LOG2E;
@@ -588,10 +597,10 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         bool first, last;
         uint32_t want;
     };
-    auto q_tile = [&](int i) {
+    auto q_tile = [&](QPos p) {
         QTile t;
-        t.h = kvh * group + i / n_qt;
-        t.qt = k0 + (i % n_qt) * BQ;
+        t.h = kvh * group + p.hq;
+        t.qt = k0 + p.qi * BQ;
         const int first_kt = (t.qt - seg_start) / BN;
         t.first = kt_index == first_kt;
         t.last = kt_index == 0;
@@ -606,11 +615,18 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     QTile prev{};
     uint32_t prev_seen = 0;
     // The old partial sums of prev's q tile, global → old_s (rows past the segment: zeros).
+    static_assert(F4 % NT == 0, "whole float4 steps per thread");
+    // The loops over them unrolled where registers allow (in warps of 32 keys, at 255 registers,
+    // unrolling them spilled). Row offsets within a tile are 32-bit (the host checks that 128 rows
+    // of a qkv row fit an int).
+    constexpr int OLD_UNROLL = MT > 1 ? 1 : F4 / NT;
     auto fetch_old = [&]() {
-        for (int e = threadIdx.x; e < F4; e += NT) {
-            const int r = e / (HD / 4), c = (e % (HD / 4)) * 4, row = prev.qt + r;
-            const bool ok = row < seg_end;
-            cp_async16(old_s + r * HD + c, dq_acc + (size_t)(ok ? row : prev.qt) * dstride + prev.h * HD + c, ok);
+        const float* g = dq_acc + (size_t)prev.qt * dstride + prev.h * HD;
+#pragma unroll(OLD_UNROLL)
+        for (int k = 0; k < F4 / NT; k++) {
+            const int e = threadIdx.x + k * NT, r = e / (HD / 4), c = (e % (HD / 4)) * 4;
+            const bool ok = prev.qt + r < seg_end;
+            cp_async16(old_s + r * HD + c, g + (ok ? r * (int)dstride : 0) + c, ok);
         }
         cp_async_commit();
     };
@@ -619,28 +635,32 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     // fetched itself; the staged partial, stored by other threads in the dQ product's fragment
     // layout, is read at least one barrier after those stores.
     auto add_prev = [&](int pbuf) {
-        for (int e = threadIdx.x; e < F4; e += NT) {
-            const int r = e / (HD / 4), c = (e % (HD / 4)) * 4, row = prev.qt + r;
-            if (row >= seg_end) continue;
+        float* g = dq_acc + (size_t)prev.qt * dstride + prev.h * HD;
+        bf16_t* out = dqkv + (size_t)prev.qt * width + prev.h * HD;
+#pragma unroll(OLD_UNROLL)
+        for (int k = 0; k < F4 / NT; k++) {
+            const int e = threadIdx.x + k * NT, r = e / (HD / 4), c = (e % (HD / 4)) * 4;
+            if (prev.qt + r >= seg_end) continue;
             float4 v = ld_shared_f4(p_s + (pbuf * BQ + r) * PLD + c);
             if (!prev.first) {
                 const float4 o = ld_shared_f4(old_s + r * HD + c);
                 v = make_float4(o.x + v.x, o.y + v.y, o.z + v.z, o.w + v.w);
             }
             if (prev.last) {
-                *reinterpret_cast<uint2*>(dqkv + (size_t)row * width + prev.h * HD + c) =
+                *reinterpret_cast<uint2*>(out + r * (int)width + c) =
                     make_uint2(pack_bf16(v.x * scale, v.y * scale), pack_bf16(v.z * scale, v.w * scale));
             } else {
-                __stcg(reinterpret_cast<float4*>(dq_acc + (size_t)row * dstride + prev.h * HD + c), v);
+                __stcg(reinterpret_cast<float4*>(g + r * (int)dstride + c), v);
             }
         }
     };
 
-    for (int it = 0; it < n_it; it++) {
-        const QTile tile = q_tile(it);
+    QPos pos{0, 0};
+    for (int it = 0; it < n_it; it++, pos = next_pos(pos)) {
+        const QTile tile = q_tile(pos);
         const int h = tile.h, qt = tile.qt;
         if (it + 1 < n_it) {
-            load_q(it + 1, (it + 1) & 1);
+            load_q(next_pos(pos), (it + 1) & 1);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -717,7 +737,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
             }
         }
 
-        if (DEFERRED && it > 0) prev = q_tile(it - 1);
+        if (DEFERRED && it > 0) prev = q_tile(prev_pos(pos));
         const bool fetch = DEFERRED && it > 0 && !prev.first;
         if ((ORDERED || DEFERRED) && threadIdx.x == 0) {
             // The previous iteration's accumulator stores are ordered before this iteration's
@@ -735,6 +755,11 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
 
         const int row_a = qt + strip * 16 + lane / 4, row_b = row_a + 8;
         const int col = h * HD + c0 + (lane % 4) * 2;
+        // The thread's elements of the accumulator and of dQ: row a's first, one 64-bit offset
+        // each; row b is 8 rows on, column block j at j·8 (immediate offsets). Rows past the
+        // segment are never accessed.
+        float* const acc_a = dq_acc + (size_t)row_a * dstride + col;
+        bf16_t* const dq_a = dqkv + (size_t)row_a * width + col;
         // ORDERED: the partial sum so far, fetched before the dQ product instead of after it.
         float2 old[ORDERED ? CW / 8 : 1][2];
         if (ORDERED && !first) {
@@ -744,7 +769,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
                 for (int half = 0; half < 2; half++) {
                     const int row = half ? row_b : row_a;
                     old[j][half] = row < seg_end ? __ldcg(reinterpret_cast<const float2*>(
-                                                       dq_acc + (size_t)row * dstride + col + j * 8))
+                                                       acc_a + half * 8 * (int)dstride + j * 8))
                                                  : make_float2(0.0f, 0.0f);
                 }
             }
@@ -773,7 +798,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         }
         if (DEFERRED) {
             if (it > 0) {
-                prev = q_tile(it - 1);
+                prev = q_tile(prev_pos(pos));
                 cp_async_wait<0>();
                 add_prev((it - 1) & 1);
             }
@@ -798,21 +823,20 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
                 const int row = half ? row_b : row_a;
                 if (row >= seg_end) continue;
                 if (ATOMIC_DQ) {
-                    float* p = dq_acc + (size_t)row * dstride + col + j * 8;
+                    float* p = acc_a + half * 8 * (int)dstride + j * 8;
                     atomicAdd(p, acc[j][2 * half]);
                     atomicAdd(p + 1, acc[j][2 * half + 1]);
                     continue;
                 }
                 float2 v = make_float2(acc[j][2 * half], acc[j][2 * half + 1]);
-                float2* p = reinterpret_cast<float2*>(dq_acc + (size_t)row * dstride + col + j * 8);
+                float2* p = reinterpret_cast<float2*>(acc_a + half * 8 * (int)dstride + j * 8);
                 if (!first) {
                     float2 o = old[ORDERED ? j : 0][half];
                     v.x = o.x + v.x;
                     v.y = o.y + v.y;
                 }
                 if (last)
-                    *reinterpret_cast<uint32_t*>(dqkv + (size_t)row * width + col + j * 8) =
-                        pack_bf16(v.x * scale, v.y * scale);
+                    *reinterpret_cast<uint32_t*>(dq_a + half * 8 * (int)width + j * 8) = pack_bf16(v.x * scale, v.y * scale);
                 else
                     __stcg(p, v);
             }
@@ -838,7 +862,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     if (DEFERRED) {
         // The last tile's partial: the barrier orders its staging stores before the reads of
         // add_prev, and the previous tile's accumulator stores before their release.
-        prev = q_tile(n_it - 1);
+        prev = q_tile(prev_pos(pos));
         uint32_t* sem = sem_of(prev);
         __syncthreads();
         if (threadIdx.x == 0) {

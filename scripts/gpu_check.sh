@@ -5,6 +5,8 @@
 #   scripts/gpu_check.sh build       # here: REQUIRE_NVCC=1 release build + test binaries, the CPU
 #                                    # demo reference and the commit -> .gpu/ (carry that folder)
 #   scripts/gpu_check.sh resources   # here: registers / spills / shared memory per kernel (sm_90 cubin)
+#   scripts/gpu_check.sh sass        # here: the flash kernels' main loops by instruction class (sm_90
+#                                    # SASS; installs cuobjdump and nvdisasm from PyPI into .cuda/sass)
 #   .gpu/gpu_check.sh all            # on the GPU box: everything below in at most 8 minutes, each
 #                                    # part time-boxed; results.md to $OUT (else beside this script)
 #   scripts/gpu_check.sh dry         # here / CI (= all --dry): every part that runs on the CPU at
@@ -267,6 +269,22 @@ for line in sys.stdin:
         name = None'
     done
     ;;
+sass)
+    root="$(cd "$here/.." && pwd)"
+    nvcc="${NVCC:-$root/.cuda/nvidia/cu13/bin/nvcc}"
+    tools="$root/.cuda/sass"
+    # cuobjdump and nvdisasm are not in the 13.0 wheels; later ones read sm_90 cubins of 13.0.
+    if [[ ! -x "$tools/nvidia/cu13/bin/cuobjdump" || ! -x "$tools/nvidia/cu13/bin/nvdisasm" ]]; then
+        python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$tools" \
+            nvidia-cuda-cuobjdump==13.2.78 nvidia-cuda-nvdisasm==13.5.37
+    fi
+    tmp="$(mktemp -d)"
+    trap 'rm -rf "$tmp"' EXIT
+    "$nvcc" -cubin -arch=sm_90 -O3 --use_fast_math -std=c++17 -I "$root/kernels" -o "$tmp/flash.cubin" \
+        "$root/kernels/flash_attention.cu" 2>/dev/null
+    PATH="$tools/nvidia/cu13/bin:$PATH" cuobjdump -sass "$tmp/flash.cubin" >"$tmp/flash.sass"
+    python3 "$here/sass_loops.py" "$tmp/flash.sass"
+    ;;
 all | dry)
     dry=0
     if [[ "$mode" == dry || "${2:-}" == --dry ]]; then dry=1; fi
@@ -403,7 +421,7 @@ attention)
     python3 ./bench_attention_torch.py --sft ./sft --scalar
     ;;
 *)
-    echo "usage: $0 build|resources|all [--dry]|dry|run|bench|attention" >&2
+    echo "usage: $0 build|resources|sass|all [--dry]|dry|run|bench|attention" >&2
     exit 2
     ;;
 esac

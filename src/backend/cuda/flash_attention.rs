@@ -494,6 +494,8 @@ impl CudaBackend {
     ) -> Result<()> {
         let (ni, nhi, nkvi) =
             (int(n, "n")?, int(heads.n_heads, "heads")?, int(heads.n_kv_heads, "kv heads")?);
+        // The kernels offset rows within a tile in 32 bits.
+        int(FLASH_TILE * heads.qkv_width(), "a flash tile of qkv rows (128 × qkv width)")?;
         let bound = self.tile_table(scratch, cu_seqlens, n_segments, n)?;
         // Allocated zeroed, and left zeroed by every launch (the last partial of each q tile
         // resets its semaphore), so they are never cleared in the step.
