@@ -130,6 +130,14 @@ __device__ __forceinline__ void mma_bf16(float* d, const uint32_t* a, uint32_t b
 }
 #endif  // FLASH_EMULATE
 
+// A compile-time flag for a lambda's `auto` parameter: `if (x) f(Flag<true>{}); else
+// f(Flag<false>{});` compiles f twice, so that a warp-uniform test (does this tile need the
+// causal mask?) is taken once per tile instead of per element.
+template <bool B>
+struct Flag {
+    static constexpr bool value = B;
+};
+
 // Two floats as a bf16 pair, `lo` in the low half (the lower column index).
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -374,21 +382,31 @@ __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, c
 #pragma unroll
             for (int j = 0; j < MT * (BN / 8); j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
             mma_abt<HD, BN / 8, MT>(s, qs + WR * warp * LD, kb, lane);
-            const bool mask = kt + BN - 1 > w_first;
+            // The causal mask only on the tiles that reach past the warp's first row (a
+            // warp-uniform test; most tiles lie wholly below the diagonal).
+            if (kt + BN - 1 > w_first) {
+#pragma unroll
+                for (int m = 0; m < MT; m++) {
+#pragma unroll
+                    for (int j = 0; j < BN / 8; j++) {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            int key = kt + j * 8 + (lane % 4) * 2 + (e & 1);
+                            int row = e < 2 ? row_a[m] : row_b[m];
+                            if (key > row) s[m * (BN / 8) + j][e] = -INFINITY;
+                        }
+                    }
+                }
+            }
 #pragma unroll
             for (int m = 0; m < MT; m++) {
                 float (*sm)[4] = s + m * (BN / 8);
+                // The row max of the raw scores: scale·log2 e > 0 keeps their order (and the
+                // rounding of the scaled max is the max of the rounded scaled scores), so the
+                // scale joins the exponent's FFMA instead of a multiply per score.
                 float mx_a = -INFINITY, mx_b = -INFINITY;
 #pragma unroll
                 for (int j = 0; j < BN / 8; j++) {
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        int key = kt + j * 8 + (lane % 4) * 2 + (e & 1);
-                        int row = e < 2 ? row_a[m] : row_b[m];
-                        float v = sm[j][e] * sl2;
-                        if (mask && key > row) v = -INFINITY;
-                        sm[j][e] = v;
-                    }
                     mx_a = fmaxf(mx_a, fmaxf(sm[j][0], sm[j][1]));
                     mx_b = fmaxf(mx_b, fmaxf(sm[j][2], sm[j][3]));
                 }
@@ -396,7 +414,7 @@ __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, c
                 mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
                 mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
                 mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
-                float mn_a = fmaxf(m_a[m], mx_a), mn_b = fmaxf(m_b[m], mx_b);
+                float mn_a = fmaxf(m_a[m], mx_a * sl2), mn_b = fmaxf(m_b[m], mx_b * sl2);
                 // A row with no key yet keeps m = -inf: use 0 as its reference (its p are all 0).
                 float ref_a = mn_a == -INFINITY ? 0.0f : mn_a, ref_b = mn_b == -INFINITY ? 0.0f : mn_b;
                 float corr_a = exp2f(m_a[m] - ref_a), corr_b = exp2f(m_b[m] - ref_b);
@@ -405,10 +423,10 @@ __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, c
                 float sum_a = 0.0f, sum_b = 0.0f;
 #pragma unroll
                 for (int j = 0; j < BN / 8; j++) {
-                    sm[j][0] = exp2f(sm[j][0] - ref_a);
-                    sm[j][1] = exp2f(sm[j][1] - ref_a);
-                    sm[j][2] = exp2f(sm[j][2] - ref_b);
-                    sm[j][3] = exp2f(sm[j][3] - ref_b);
+                    sm[j][0] = exp2f(fmaf(sm[j][0], sl2, -ref_a));
+                    sm[j][1] = exp2f(fmaf(sm[j][1], sl2, -ref_a));
+                    sm[j][2] = exp2f(fmaf(sm[j][2], sl2, -ref_b));
+                    sm[j][3] = exp2f(fmaf(sm[j][3], sl2, -ref_b));
                     sum_a += sm[j][0] + sm[j][1];
                     sum_b += sm[j][2] + sm[j][3];
                 }
@@ -695,25 +713,34 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
             // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: rows = the warp's WR keys, columns = the BQ q rows.
             mma_abt<HD, BQ / 8, MT>(s, ks + WR * warp * LD, qb, lane);
             mma_abt<HD, BQ / 8, MT>(dp, vs + WR * warp * LD, db, lane);
-            const bool mask = qt < w_first + WR - 1 || qt + BQ > seg_end;
+            // P and dS = P∘(dP − D); the causal and segment mask only where the warp's keys and
+            // the tile's q rows can need it (most tiles lie wholly below the diagonal).
+            auto p_and_ds = [&](auto masked) {
 #pragma unroll
-            for (int m = 0; m < MT; m++) {
+                for (int m = 0; m < MT; m++) {
 #pragma unroll
-                for (int j = 0; j < BQ / 8; j++) {
+                    for (int j = 0; j < BQ / 8; j++) {
 #pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        int c = j * 8 + (lane % 4) * 2 + (e & 1);
-                        int q = qt + c;
-                        int key = e < 2 ? key_a[m] : key_b[m];
-                        float& sv = s[m * (BQ / 8) + j][e];
-                        float& dv_ = dp[m * (BQ / 8) + j][e];
-                        float p = exp2f(sv * sl2 - lb[c] * LOG2E);
-                        if (mask && (q < key || q >= seg_end)) p = 0.0f;
-                        sv = p;
-                        dv_ = p * (dv_ - ddb[c]);
+                        for (int e = 0; e < 4; e++) {
+                            int c = j * 8 + (lane % 4) * 2 + (e & 1);
+                            float& sv = s[m * (BQ / 8) + j][e];
+                            float& dv_ = dp[m * (BQ / 8) + j][e];
+                            float p = exp2f(sv * sl2 - lb[c] * LOG2E);
+                            if constexpr (decltype(masked)::value) {
+                                int q = qt + c;
+                                int key = e < 2 ? key_a[m] : key_b[m];
+                                if (q < key || q >= seg_end) p = 0.0f;
+                            }
+                            sv = p;
+                            dv_ = p * (dv_ - ddb[c]);
+                        }
                     }
                 }
-            }
+            };
+            if (qt < w_first + WR - 1 || qt + BQ > seg_end)
+                p_and_ds(Flag<true>{});
+            else
+                p_and_ds(Flag<false>{});
             mma_py<HD, BQ / 16, MT>(dv, s, db, lane);
             mma_py<HD, BQ / 16, MT>(dk, dp, qb, lane);
             // dSᵀ in bf16, the values dK used, for the dQ product.
@@ -924,8 +951,8 @@ extern "C" __global__ void __launch_bounds__(256)
 //   backward_deferred_q64  HD 64: 8 warps × 16 keys, BQ 64  (below the entries; none for HD 128)
 // Grid: (tile-table bound, n_heads) for the forward, (bound, n_kv_heads) for the backward;
 // block NW·32. All read one tile table of 128 rows. MINB: CTAs per SM the registers must allow.
-// The HD 64 forward needs 254 registers on sm_90, so 2 CTAs (8 warps) per SM; capping it at 3
-// spills, and key tiles of 128 rows spill at 255 registers.
+// The HD 64 forward needs 238 registers on sm_90, so 2 CTAs (8 warps) per SM; capping it at 3
+// spills (148 bytes), and key tiles of 128 rows spill at 255 registers (168 bytes).
 #define FLASH_ENTRIES(HD, FNW, FBN, FMT, FMINB, KNW, KBQ, ANW, ABQ, AMT, AMINB)                                 \
     extern "C" __global__ void __launch_bounds__(FNW * 32, FMINB)                                               \
         flash_forward_##HD(bf16_t* out, float* lse, const bf16_t* qkv, const int* table, int n, int n_heads,    \
