@@ -175,9 +175,23 @@ __device__ __forceinline__ void load_rows(bf16_t* dst, const bf16_t* src, size_t
 template <int BN, int HD, int NT>
 __device__ __forceinline__ void load_kv_tile(bf16_t* ks, bf16_t* vs, const bf16_t* kg, const bf16_t* vg,
                                              size_t width, int buf, int row0, int limit) {
+    constexpr int CH = HD / 8;
     constexpr int LD = HD + 8;
-    load_rows<BN, HD, NT>(ks + buf * BN * LD, kg, width, row0, limit);
-    load_rows<BN, HD, NT>(vs + buf * BN * LD, vg, width, row0, limit);
+    const size_t start = (size_t)row0 * width;
+    const bf16_t* kb = kg + start;
+    const bf16_t* vb = vg + start;
+    bf16_t* kd = ks + buf * BN * LD;
+    bf16_t* vd = vs + buf * BN * LD;
+#pragma unroll
+    for (int i = 0; i < (BN * CH + NT - 1) / NT; i++) {
+        int e = threadIdx.x + i * NT;
+        if ((BN * CH) % NT != 0 && e >= BN * CH) break;
+        int r = e / CH, col = (e % CH) * 8;
+        bool ok = row0 + r < limit;
+        int off = r * (int)width + col;
+        cp_async16(kd + r * LD + col, ok ? kb + off : kg, ok);
+        cp_async16(vd + r * LD + col, ok ? vb + off : vg, ok);
+    }
 }
 
 // The K/V triple buffer of the forward loop, at the top of iteration `it` over key tiles of BN
