@@ -619,7 +619,9 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     }
 
     // ORDERED: thread 0's release of the previous iteration's q tile, done during this one.
-    // DEFERRED: of the q tile before that (added during the previous iteration).
+    // (DEFERRED releases the q tile before that, added during the previous iteration; it is
+    // recomputed from the iteration counters when due: held here, its three registers made the
+    // kernel in warps of 32 keys spill.)
     uint32_t* pending_sem = nullptr;
     uint32_t pending_value = 0;
 
@@ -641,6 +643,12 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     };
     // The semaphore of a q tile's dQ partials.
     auto sem_of = [&](const QTile& t) { return dq_sem + (size_t)t.h * n + t.qt; };
+    // Thread 0, once a q tile's partial is in the accumulator (and a barrier has ordered every
+    // thread's stores before this): the next key tile may add its own, or, after the last,
+    // the semaphore goes back to zero. A q tile with a single partial has no semaphore.
+    auto release_added = [&](const QTile& t) {
+        if (!(t.first && t.last)) st_release(sem_of(t), t.last ? 0u : t.want + 1);
+    };
     // DEFERRED: the previous iteration's q tile, whose partial waits in p_s[(it - 1) & 1],
     // recomputed where needed rather than held across the tile products; prev_seen is thread
     // 0's early read of its semaphore.
@@ -784,8 +792,12 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
             // The previous iteration's accumulator stores are ordered before this iteration's
             // first barrier, so its q tile can be released now; most of an iteration has passed
             // since they were issued, so the release waits little.
-            if (pending_sem) st_release(pending_sem, pending_value);
-            pending_sem = nullptr;
+            if (DEFERRED) {
+                if (it >= 2) release_added(q_tile(prev_pos(prev_pos(pos))));
+            } else if (pending_sem) {
+                st_release(pending_sem, pending_value);
+                pending_sem = nullptr;
+            }
             if (ORDERED && !first) wait_semaphore_from(sem, seen, want);
             if (fetch) wait_semaphore_from(sem_of(prev), prev_seen, prev.want);
         }
@@ -850,10 +862,6 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
                 st_shared_f2(pb + (strip * 16 + lane / 4) * PLD + j * 8, make_float2(acc[j][0], acc[j][1]));
                 st_shared_f2(pb + (strip * 16 + lane / 4 + 8) * PLD + j * 8, make_float2(acc[j][2], acc[j][3]));
             }
-            if (threadIdx.x == 0 && it > 0 && !(prev.first && prev.last)) {
-                pending_sem = sem_of(prev);
-                pending_value = prev.last ? 0u : prev.want + 1;
-            }
             prev_seen = seen;
             continue;
         }
@@ -907,7 +915,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         uint32_t* sem = sem_of(prev);
         __syncthreads();
         if (threadIdx.x == 0) {
-            if (pending_sem) st_release(pending_sem, pending_value);
+            if (n_it >= 2) release_added(q_tile(prev_pos(prev_pos(pos))));
             if (!prev.first) wait_semaphore_from(sem, prev_seen, prev.want);
         }
         __syncthreads();
@@ -917,7 +925,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         }
         add_prev((n_it - 1) & 1);
         __syncthreads();
-        if (threadIdx.x == 0 && !(prev.first && prev.last)) st_release(sem, prev.last ? 0u : prev.want + 1);
+        if (threadIdx.x == 0) release_added(prev);
     }
 
 #pragma unroll
