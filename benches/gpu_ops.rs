@@ -81,36 +81,23 @@ fn bench(c: &mut Criterion) {
         })
     });
     grp.throughput(Throughput::Elements(bwd as u64));
-    g.set_flash_dq(FlashDq::Ordered);
-    grp.bench_function("attention_backward_8x2048_32h_hd64", |b| {
-        b.iter(|| {
-            att.backward(&g).unwrap();
-            sync()
-        })
-    });
-    // The opt-in deferred ordered sums (SFT_FLASH_DQ=deferred): the default's bits.
-    g.set_flash_dq(FlashDq::Deferred);
-    grp.bench_function("attention_backward_deferred_dq_8x2048_32h_hd64", |b| {
-        b.iter(|| {
-            att.backward(&g).unwrap();
-            sync()
-        })
-    });
-    g.set_flash_dq(FlashDq::DeferredQ64);
-    grp.bench_function("attention_backward_deferred_q64_dq_8x2048_32h_hd64", |b| {
-        b.iter(|| {
-            att.backward(&g).unwrap();
-            sync()
-        })
-    });
-    // The opt-in atomic dQ adds (SFT_FLASH_DQ=atomic): the backward and flash_dq_convert.
-    g.set_flash_dq(FlashDq::Atomic);
-    grp.bench_function("attention_backward_atomic_dq_8x2048_32h_hd64", |b| {
-        b.iter(|| {
-            att.backward(&g).unwrap();
-            sync()
-        })
-    });
+    // Each dQ accumulation: ordered (the default); the opt-in deferred kernels (SFT_FLASH_DQ=
+    // deferred, deferred-q64: the default's bits); atomic adds (SFT_FLASH_DQ=atomic: the
+    // backward and flash_dq_convert).
+    for (mode, id) in [
+        (FlashDq::Ordered, "attention_backward_8x2048_32h_hd64"),
+        (FlashDq::Deferred, "attention_backward_deferred_dq_8x2048_32h_hd64"),
+        (FlashDq::DeferredQ64, "attention_backward_deferred_q64_dq_8x2048_32h_hd64"),
+        (FlashDq::Atomic, "attention_backward_atomic_dq_8x2048_32h_hd64"),
+    ] {
+        g.set_flash_dq(mode);
+        grp.bench_function(id, |b| {
+            b.iter(|| {
+                att.backward(&g).unwrap();
+                sync()
+            })
+        });
+    }
     g.set_flash_dq(FlashDq::Ordered);
     drop(att);
 

@@ -25,6 +25,7 @@
 //! `--repeats` calls after `--warmup` untimed ones.
 
 use super::{upload, upload_ids};
+use crate::backend::cpu::round_bf16;
 use crate::backend::{AdamW, Backend, Device, GradMode, LossGrads, Precision, StateDtype};
 use crate::model::params::param_lens;
 use crate::rng::Rng;
@@ -358,7 +359,7 @@ pub fn run_kernel_bench<B: Backend>(backend: B, args: &KernelBenchArgs) -> Resul
     let (seconds, min_seconds) = time(&mut || be.matmul_forward(&mut c, &a, &b, g, g, g))?;
     // The first row against the host (inputs rounded as the device holds them): a wrong
     // layout or an unfinished product would not be within a few bf16 steps of it.
-    let round = |x: f32| if be.compute_bytes() == 2 { half::bf16::from_f32(x).to_f32() } else { x };
+    let round = |x: f32| if be.compute_bytes() == 2 { round_bf16(x) } else { x };
     let row = be.read(&c, g)?;
     for (j, &got) in row.iter().enumerate().step_by(g.div_ceil(16)) {
         let want: f64 = (0..g).map(|k| round(a_host[k]) as f64 * round(b_host[j * g + k]) as f64).sum();

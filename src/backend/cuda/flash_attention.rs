@@ -460,6 +460,7 @@ impl CudaBackend {
     ) -> Result<()> {
         let (ni, nhi, nkvi) =
             (int(n, "n")?, int(heads.n_heads, "heads")?, int(heads.n_kv_heads, "kv heads")?);
+        check_tile_offsets(heads)?;
         let mut scratch = self.scratch();
         let bound = self.tile_table(&mut scratch, cu_seqlens, n_segments, n)?;
         let table = scratch.attn_tiles.as_ref().expect("built above");
@@ -494,8 +495,7 @@ impl CudaBackend {
     ) -> Result<()> {
         let (ni, nhi, nkvi) =
             (int(n, "n")?, int(heads.n_heads, "heads")?, int(heads.n_kv_heads, "kv heads")?);
-        // The kernels offset rows within a tile in 32 bits.
-        int(FLASH_TILE * heads.qkv_width(), "a flash tile of qkv rows (128 × qkv width)")?;
+        check_tile_offsets(heads)?;
         let bound = self.tile_table(scratch, cu_seqlens, n_segments, n)?;
         // Allocated zeroed, and left zeroed by every launch (the last partial of each q tile
         // resets its semaphore), so they are never cleared in the step.
@@ -571,6 +571,12 @@ impl CudaBackend {
         }?;
         Ok(())
     }
+}
+
+/// The forward's K/V copies and the backward's accumulator rows are offset within a tile in
+/// 32 bits (`int` row · qkv width): a tile of the widest rows must fit.
+fn check_tile_offsets(heads: HeadShape) -> Result<()> {
+    int(FLASH_TILE * heads.qkv_width(), "a flash tile of qkv rows (128 × qkv width)").map(|_| ())
 }
 
 fn flash_launch(k: FlashKernel, tiles: usize, heads: usize) -> LaunchConfig {
