@@ -55,18 +55,29 @@ fn main() {
         }
         Some(nvcc) => {
             let arch = env::var("SFT_CUDA_ARCH").unwrap_or_else(|_| "compute_80".to_string());
+            // Every file for `arch`; a file with Hopper-only kernels (named *_sm90) a second time
+            // for compute_90a, those kernels compiled in by -DSFT_SM90A.
+            let mut builds: Vec<(PathBuf, String, String, Option<&str>)> = Vec::new();
             for src in &sources {
                 let stem = src.file_stem().unwrap().to_string_lossy().to_string();
+                builds.push((src.clone(), stem.clone(), arch.clone(), None));
+                let sm90a = signatures::module_of(&stem, signatures::SM90A_SUFFIX);
+                if signatures.kernels.iter().any(|k| k.module == sm90a) {
+                    builds.push((src.clone(), sm90a, "compute_90a".to_string(), Some("-DSFT_SM90A")));
+                }
+            }
+            for (src, stem, arch, define) in builds {
                 let ptx = out.join(format!("{stem}.ptx"));
                 let result = Command::new(&nvcc)
                     .arg("--ptx")
                     .arg(format!("--gpu-architecture={arch}"))
+                    .args(define.iter())
                     .args(["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"])
                     .arg("-I")
                     .arg(&kernels_dir)
                     .arg("-o")
                     .arg(&ptx)
-                    .arg(src)
+                    .arg(&src)
                     .output();
                 match result {
                     Ok(o) if o.status.success() => embedded.push((stem, ptx)),

@@ -67,6 +67,9 @@ pub fn kernel_signatures(sources: &[PathBuf]) -> Signatures {
         all.kernels.extend(parsed.kernels);
         all.structs.extend(parsed.structs);
     }
+    for k in &mut all.kernels {
+        k.module = module_of(&k.module, &k.name);
+    }
     let mut seen = BTreeMap::new();
     for k in &all.kernels {
         if let Some(other) = seen.insert(k.name.clone(), k.module.clone()) {
@@ -74,6 +77,20 @@ pub fn kernel_signatures(sources: &[PathBuf]) -> Signatures {
         }
     }
     all
+}
+
+/// Kernels whose names end in this suffix use Hopper-only instructions (wgmma): build.rs compiles
+/// their file a second time for compute_90a with `-DSFT_SM90A`, into the module `STEM_sm90a`,
+/// which the backend loads on compute capability 9.0 only.
+pub const SM90A_SUFFIX: &str = "_sm90";
+
+/// The PTX module of kernel `name` of kernels/`stem`.cu.
+pub fn module_of(stem: &str, name: &str) -> String {
+    if name.ends_with(SM90A_SUFFIX) {
+        format!("{stem}{SM90A_SUFFIX}a")
+    } else {
+        stem.to_string()
+    }
 }
 
 /// The kernels and parameter structs of one `.cu` file.
@@ -508,7 +525,7 @@ pub fn launchers(sigs: &Signatures) -> String {
             code.push_str(&format!("    {}: {ty},\n", rust_name(&p.name)));
         }
         code.push_str(&format!(
-            ") -> Result<(), DriverError> {{\n    let mut args = stream.launch_builder(kernels.function({index}));\n"
+            ") -> Result<(), DriverError> {{\n    let mut args = stream.launch_builder(kernels.function({index})?);\n"
         ));
         for p in &k.params {
             let n = rust_name(&p.name);

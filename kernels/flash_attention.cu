@@ -32,6 +32,9 @@
 //                       same bits as flash_backward_HD; opt-in, SFT_FLASH_DQ=deferred, untimed).
 // - flash_dq_convert:   after flash_backward_atomic_HD: dQ = accumulator · scale as bf16 into the
 //                       q part of dqkv, and the accumulator back to zero for the next launch.
+// - flash_forward_64_sm90: flash_forward_64 on Hopper's wgmma (2 warpgroups of 64 rows; opt-in,
+//                       SFT_FLASH_FORWARD=wgmma, compute capability 9.0; untimed). Only in the
+//                       sm_90a module (build.rs: this file again with -DSFT_SM90A).
 // The shapes are the fastest of those timed on an H200 (BENCHMARKS.md, "flash variants"): warps of
 // 32 rows took 6% off the forward and 17% off the atomic backward, but slowed the ordered
 // backward, whose q tiles of 32 double the waits on the semaphores (what the deferred kernel
@@ -292,6 +295,7 @@ __device__ __forceinline__ void store_acc(bf16_t* dst, size_t stride, int col, c
 // ---- tile table ------------------------------------------------------------------------------
 // One block of 1024 threads. Thread t takes a contiguous run of segments, counts their tiles,
 // a block-wide inclusive scan gives each run its first table slot.
+#ifndef SFT_SM90A  // the sm_90a module holds the *_sm90 kernels only
 extern "C" __global__ void __launch_bounds__(1024)
     flash_tile_table(int* table, const uint32_t* cu, int n_seg, int tile) {
     __shared__ int sums[1024];
@@ -321,6 +325,7 @@ extern "C" __global__ void __launch_bounds__(1024)
         }
     }
 }
+#endif
 
 // The CTA's tile: the table is read back to front so that the longest causal rows start first.
 __device__ __forceinline__ bool cta_tile(const int* table, int& r0, int& seg_start, int& seg_end) {
@@ -334,6 +339,87 @@ __device__ __forceinline__ bool cta_tile(const int* table, int& r0, int& seg_sta
 }
 
 // ---- forward ---------------------------------------------------------------------------------
+// The forward's per-tile steps on a warp's 16 rows of scores s[NT8][4] (C fragments over NT8·8
+// keys from kt), shared by the mma.sync and the wgmma kernels, whose accumulators have the same
+// layout per warp.
+
+// Keys after a row's own position get -inf.
+template <int NT8>
+__device__ __forceinline__ void causal_mask(float (*s)[4], int kt, int row_a, int row_b, int lane) {
+#pragma unroll
+    for (int j = 0; j < NT8; j++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int key = kt + j * 8 + (lane % 4) * 2 + (e & 1);
+            int row = e < 2 ? row_a : row_b;
+            if (key > row) s[j][e] = -INFINITY;
+        }
+    }
+}
+
+// The online softmax in the exp2 domain: s becomes p = 2^(s·sl2 − m) against the new running max
+// m, l (the thread's partial row sum) and the output accumulator o[HD/8] are rescaled to it.
+template <int NT8, int HD>
+__device__ __forceinline__ void online_softmax(float (*s)[4], float (*o)[4], float& m_a, float& m_b, float& l_a,
+                                               float& l_b, float sl2) {
+    // The row max of the raw scores: scale·log2 e > 0 keeps their order (and the rounding of the
+    // scaled max is the max of the rounded scaled scores), so the scale joins the exponent's
+    // FFMA instead of a multiply per score.
+    float mx_a = -INFINITY, mx_b = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < NT8; j++) {
+        mx_a = fmaxf(mx_a, fmaxf(s[j][0], s[j][1]));
+        mx_b = fmaxf(mx_b, fmaxf(s[j][2], s[j][3]));
+    }
+    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+    float mn_a = fmaxf(m_a, mx_a * sl2), mn_b = fmaxf(m_b, mx_b * sl2);
+    // A row with no key yet keeps m = -inf: use 0 as its reference (its p are all 0).
+    float ref_a = mn_a == -INFINITY ? 0.0f : mn_a, ref_b = mn_b == -INFINITY ? 0.0f : mn_b;
+    float corr_a = exp2f(m_a - ref_a), corr_b = exp2f(m_b - ref_b);
+    m_a = mn_a;
+    m_b = mn_b;
+    float sum_a = 0.0f, sum_b = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NT8; j++) {
+        s[j][0] = exp2f(fmaf(s[j][0], sl2, -ref_a));
+        s[j][1] = exp2f(fmaf(s[j][1], sl2, -ref_a));
+        s[j][2] = exp2f(fmaf(s[j][2], sl2, -ref_b));
+        s[j][3] = exp2f(fmaf(s[j][3], sl2, -ref_b));
+        sum_a += s[j][0] + s[j][1];
+        sum_b += s[j][2] + s[j][3];
+    }
+    // l stays a per-thread partial (its quad sums it at the end): corr is quad-uniform.
+    l_a = l_a * corr_a + sum_a;
+    l_b = l_b * corr_b + sum_b;
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) {
+        o[j][0] *= corr_a;
+        o[j][1] *= corr_a;
+        o[j][2] *= corr_b;
+        o[j][3] *= corr_b;
+    }
+}
+
+// out = o / l as bf16 (head h of rows row_a, row_b below seg_end) and lse (natural log).
+template <int HD>
+__device__ __forceinline__ void store_out(bf16_t* out, float* lse, const float (*o)[4], int row_a, int row_b,
+                                          float m_a, float m_b, float la, float lb, int h, int n, int n_heads,
+                                          int seg_end, int lane) {
+    la += __shfl_xor_sync(0xffffffffu, la, 1);
+    la += __shfl_xor_sync(0xffffffffu, la, 2);
+    lb += __shfl_xor_sync(0xffffffffu, lb, 1);
+    lb += __shfl_xor_sync(0xffffffffu, lb, 2);
+    const float inv_a = la > 0.0f ? 1.0f / la : 0.0f, inv_b = lb > 0.0f ? 1.0f / lb : 0.0f;
+    store_acc<HD>(out, (size_t)n_heads * HD, h * HD, o, row_a, row_b, seg_end, inv_a, inv_b, lane);
+    if (lane % 4 == 0) {
+        if (row_a < seg_end) lse[(size_t)h * n + row_a] = (m_a + log2f(la)) * LN2;
+        if (row_b < seg_end) lse[(size_t)h * n + row_b] = (m_b + log2f(lb)) * LN2;
+    }
+}
+
 // MT m-tiles of 16 q rows per warp (rows 16·MT·warp .. of the CTA's tile): each K or V fragment
 // read from shared memory then feeds MT tile products instead of one. Every row sees the same
 // operations in the same order whatever NW and MT are (at the same BN), so the kernels of one BN
@@ -400,82 +486,238 @@ __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, c
             // warp-uniform test; most tiles lie wholly below the diagonal).
             if (kt + BN - 1 > w_first) {
 #pragma unroll
-                for (int m = 0; m < MT; m++) {
-#pragma unroll
-                    for (int j = 0; j < BN / 8; j++) {
-#pragma unroll
-                        for (int e = 0; e < 4; e++) {
-                            int key = kt + j * 8 + (lane % 4) * 2 + (e & 1);
-                            int row = e < 2 ? row_a[m] : row_b[m];
-                            if (key > row) s[m * (BN / 8) + j][e] = -INFINITY;
-                        }
-                    }
-                }
+                for (int m = 0; m < MT; m++) causal_mask<BN / 8>(s + m * (BN / 8), kt, row_a[m], row_b[m], lane);
             }
 #pragma unroll
-            for (int m = 0; m < MT; m++) {
-                float (*sm)[4] = s + m * (BN / 8);
-                // The row max of the raw scores: scale·log2 e > 0 keeps their order (and the
-                // rounding of the scaled max is the max of the rounded scaled scores), so the
-                // scale joins the exponent's FFMA instead of a multiply per score.
-                float mx_a = -INFINITY, mx_b = -INFINITY;
-#pragma unroll
-                for (int j = 0; j < BN / 8; j++) {
-                    mx_a = fmaxf(mx_a, fmaxf(sm[j][0], sm[j][1]));
-                    mx_b = fmaxf(mx_b, fmaxf(sm[j][2], sm[j][3]));
-                }
-                mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
-                mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
-                mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
-                mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
-                float mn_a = fmaxf(m_a[m], mx_a * sl2), mn_b = fmaxf(m_b[m], mx_b * sl2);
-                // A row with no key yet keeps m = -inf: use 0 as its reference (its p are all 0).
-                float ref_a = mn_a == -INFINITY ? 0.0f : mn_a, ref_b = mn_b == -INFINITY ? 0.0f : mn_b;
-                float corr_a = exp2f(m_a[m] - ref_a), corr_b = exp2f(m_b[m] - ref_b);
-                m_a[m] = mn_a;
-                m_b[m] = mn_b;
-                float sum_a = 0.0f, sum_b = 0.0f;
-#pragma unroll
-                for (int j = 0; j < BN / 8; j++) {
-                    sm[j][0] = exp2f(fmaf(sm[j][0], sl2, -ref_a));
-                    sm[j][1] = exp2f(fmaf(sm[j][1], sl2, -ref_a));
-                    sm[j][2] = exp2f(fmaf(sm[j][2], sl2, -ref_b));
-                    sm[j][3] = exp2f(fmaf(sm[j][3], sl2, -ref_b));
-                    sum_a += sm[j][0] + sm[j][1];
-                    sum_b += sm[j][2] + sm[j][3];
-                }
-                // l stays a per-thread partial (its quad sums it at the end): corr is quad-uniform.
-                l_a[m] = l_a[m] * corr_a + sum_a;
-                l_b[m] = l_b[m] * corr_b + sum_b;
-                float (*om)[4] = o + m * (HD / 8);
-#pragma unroll
-                for (int j = 0; j < HD / 8; j++) {
-                    om[j][0] *= corr_a;
-                    om[j][1] *= corr_a;
-                    om[j][2] *= corr_b;
-                    om[j][3] *= corr_b;
-                }
-            }
+            for (int m = 0; m < MT; m++)
+                online_softmax<BN / 8, HD>(s + m * (BN / 8), o + m * (HD / 8), m_a[m], m_b[m], l_a[m], l_b[m], sl2);
             mma_py<HD, BN / 16, MT>(o, s, vb, lane);
         }
     }
 
 #pragma unroll
-    for (int m = 0; m < MT; m++) {
-        float la = l_a[m], lb = l_b[m];
-        la += __shfl_xor_sync(0xffffffffu, la, 1);
-        la += __shfl_xor_sync(0xffffffffu, la, 2);
-        lb += __shfl_xor_sync(0xffffffffu, lb, 1);
-        lb += __shfl_xor_sync(0xffffffffu, lb, 2);
-        const float inv_a = la > 0.0f ? 1.0f / la : 0.0f, inv_b = lb > 0.0f ? 1.0f / lb : 0.0f;
-        store_acc<HD>(out, (size_t)n_heads * HD, h * HD, o + m * (HD / 8), row_a[m], row_b[m], seg_end, inv_a, inv_b,
-                      lane);
-        if (lane % 4 == 0) {
-            if (row_a[m] < seg_end) lse[(size_t)h * n + row_a[m]] = (m_a[m] + log2f(la)) * LN2;
-            if (row_b[m] < seg_end) lse[(size_t)h * n + row_b[m]] = (m_b[m] + log2f(lb)) * LN2;
-        }
+    for (int m = 0; m < MT; m++)
+        store_out<HD>(out, lse, o + m * (HD / 8), row_a[m], row_b[m], m_a[m], m_b[m], l_a[m], l_b[m], h, n, n_heads,
+                      seg_end, lane);
+}
+
+// ---- forward on Hopper's warpgroup MMA (sm_90a) ------------------------------------------------
+// flash_forward_64_sm90: the forward's tile products as wgmma.mma_async, which reads K and V from
+// shared memory itself (no ldmatrix) and issues a 64-row product per warpgroup of 4 warps: the
+// tensor-core rate that mma.sync cannot reach on an H100/H200. Built only into the sm_90a module
+// (build.rs compiles this file a second time with -DSFT_SM90A for compute_90a); the backend
+// uses it on compute capability 9.0 when asked (SFT_FLASH_FORWARD=wgmma) until a GPU has timed it.
+//
+// wgmma (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"):
+// - Accumulator D of m64nNk16, fp32: warp w of the warpgroup holds rows 16w .. 16w + 15 in the
+//   m16n8 C-fragment layout per 8 columns, d[4j + e] = C fragment e of n-tile j: the layout of
+//   mma_abt's accumulators, so the softmax steps above serve both kernels unchanged.
+// - A from registers (P·V): per warp, the m16n8k16 A fragment of its 16 rows (the C → A packing
+//   of mma_py).
+// - Shared operands through a 64-bit descriptor: start address, leading and stride byte offsets
+//   (LBO, SBO; all >> 4) and the swizzle mode (bits 62-63; 1 = 128 bytes). With the 128-byte
+//   swizzle a tile of rows of 64 bf16 (128 bytes) holds row r at r·128 with its 16-byte chunk c
+//   at chunk c ^ (r % 8), every 8 rows 1024 bytes from the last (SBO), tiles 1024-byte aligned.
+//   K-major (Q, and K for S = Q·Kᵀ): element (row, k) at row·128 + 2k before the swizzle; the
+//   k-th 16-column step starts 32·k bytes later (the swizzle applies to the whole address).
+//   MN-major (V for O = P·V, imm-trans-b 1): element (key, d) at key·128 + 2d: rows of 8 keys
+//   SBO apart, LBO (the next 64 columns) unused at head_dim 64.
+// - Shared memory written through the generic proxy (cp.async) must be fenced with
+//   fence.proxy.async before the async proxy (wgmma) reads it.
+#if defined(SFT_SM90A) || defined(FLASH_EMULATE)
+#ifndef FLASH_EMULATE
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Pins the accumulator registers at this point of the program: the compiler may not move their
+// reads or writes across the wgmma issue or wait around it.
+__device__ __forceinline__ void wgmma_pin(float (*d)[4]) {
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+        asm volatile("" : "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])::"memory");
+}
+#define WGMMA_D32                                                                                             \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
+    "%23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define WGMMA_D32_OPERANDS(d)                                                                                  \
+    "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),   \
+        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]),              \
+        "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]),              \
+        "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),              \
+        "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+// d (64×64 fp32, per warpgroup) = (accumulate ? d : 0) + A·B, A (64×16) and B (16×64) K-major
+// in shared memory.
+__device__ __forceinline__ void wgmma_m64n64_ss(float (*d)[4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WGMMA_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : WGMMA_D32_OPERANDS(d)
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+// d += A·B, A (64×16) from registers (a[4] per thread), B (16×64) MN-major in shared memory.
+__device__ __forceinline__ void wgmma_m64n64_rs_t(float (*d)[4], const uint32_t* a, uint64_t desc_b) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WGMMA_D32
+        ", {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
+        : WGMMA_D32_OPERANDS(d)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+}
+#endif  // FLASH_EMULATE
+
+// The descriptor of a shared tile in the 128-byte swizzle at shared address `addr`, as its low
+// word (start address, LBO) and high word (SBO, swizzle mode). Moving the start by b bytes adds
+// b >> 4 to the low word alone: the 14-bit start field of a shared address never carries.
+__device__ __forceinline__ uint32_t sw128_desc_lo(uint32_t addr, uint32_t lbo) {
+    return ((addr & 0x3FFFF) >> 4) | (((lbo & 0x3FFFF) >> 4) << 16);
+}
+__device__ __forceinline__ uint32_t sw128_desc_hi(uint32_t sbo) { return ((sbo & 0x3FFFF) >> 4) | (1u << 30); }
+__device__ __forceinline__ uint64_t desc64(uint32_t lo, uint32_t hi) { return (uint64_t)hi << 32 | lo; }
+
+// Rows row0 .. row0 + ROWS - 1 (64 bf16 each, row r at src + r * stride) into a tile in the
+// 128-byte swizzle; rows at or past `limit` are zero-filled.
+template <int ROWS, int NT>
+__device__ __forceinline__ void load_rows_sw128(bf16_t* dst, const bf16_t* src, size_t stride, int row0, int limit) {
+#pragma unroll
+    for (int i = 0; i < ROWS * 8 / NT; i++) {
+        int e = threadIdx.x + i * NT;
+        int r = e / 8, c = e % 8;
+        bool ok = row0 + r < limit;
+        const bf16_t* p = ok ? src + (size_t)(row0 + r) * stride + c * 8 : src;
+        cp_async16(dst + r * 64 + (c ^ (r % 8)) * 8, p, ok);
     }
 }
+
+// load_kv_tile into the 128-byte swizzle: key rows row0 .. row0 + BN - 1 of K and V into tile
+// `buf` of ks and vs ([buf][BN][64]), one 64-bit offset per tile for both (the rows within a
+// tile in 32 bits: check_tile_offsets); rows at or past `limit` are zero-filled.
+template <int BN, int NT>
+__device__ __forceinline__ void load_kv_tile_sw128(bf16_t* ks, bf16_t* vs, const bf16_t* kg, const bf16_t* vg,
+                                                   size_t width, int buf, int row0, int limit) {
+    const size_t start = (size_t)row0 * width;
+    const bf16_t* kb = kg + start;
+    const bf16_t* vb = vg + start;
+    bf16_t* kd = ks + buf * BN * 64;
+    bf16_t* vd = vs + buf * BN * 64;
+#pragma unroll
+    for (int i = 0; i < BN * 8 / NT; i++) {
+        int e = threadIdx.x + i * NT;
+        int r = e / 8, c = e % 8;
+        bool ok = row0 + r < limit;
+        int off = r * (int)width + c * 8, at = r * 64 + (c ^ (r % 8)) * 8;
+        cp_async16(kd + at, ok ? kb + off : kg, ok);
+        cp_async16(vd + at, ok ? vb + off : vg, ok);
+    }
+}
+
+// CTA = (q tile of 128 rows, q head): 2 warpgroups of 64 rows, K/V tiles of 64 keys triple-buffered
+// as in flash_forward_impl. Per warpgroup and key tile: S = Q·Kᵀ (4 wgmma k-steps), the mask and
+// online softmax per warp as in flash_forward_impl, O += P·V (4 wgmma k-steps, P from registers).
+// The same operations per row as flash_forward_64, in the same order.
+template <int NT>
+__device__ void flash_forward_wgmma_impl(bf16_t* out, float* lse, const bf16_t* qkv, const int* table, int n,
+                                         int n_heads, int n_kv_heads) {
+    constexpr int HD = 64, BM = 128, BN = 64, TILE = BN * HD;  // TILE: elements of a K or V buffer
+    FLASH_DYNAMIC_SMEM(smem_raw);
+    // The 128-byte swizzle repeats every 1024 bytes of the shared address: align the tiles to it
+    // (the launch asks for 1 KiB more than the tiles).
+    const uint32_t raw = smem_u32(smem_raw), pad = (1024 - raw % 1024) % 1024;
+    bf16_t* qs = reinterpret_cast<bf16_t*>(smem_raw + pad);
+    bf16_t* ks = qs + BM * HD;    // [3][BN][HD]
+    bf16_t* vs = ks + 3 * TILE;  // [3][BN][HD]
+    if (threadIdx.x == 0 && dynamic_smem_size() < pad + (uint32_t)(BM + 6 * BN) * HD * 2) __trap();
+
+    int q0, seg_start, seg_end;
+    if (!cta_tile(table, q0, seg_start, seg_end)) return;
+    const int h = blockIdx.y, kvh = h / (n_heads / n_kv_heads);
+    const size_t width = (size_t)(n_heads + 2 * n_kv_heads) * HD;
+    const bf16_t* kg = qkv + (n_heads + kvh) * HD;
+    const bf16_t* vg = qkv + (n_heads + n_kv_heads + kvh) * HD;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
+    const int q_last = min(q0 + BM, seg_end) - 1;
+    const int n_kt = (q_last - seg_start) / BN + 1;
+
+    load_rows_sw128<BM, NT>(qs, qkv + h * HD, width, q0, n);
+    load_kv_tile_sw128<BN, NT>(ks, vs, kg, vg, width, 0, seg_start, n);
+    cp_async_commit();
+    if (n_kt > 1) {
+        load_kv_tile_sw128<BN, NT>(ks, vs, kg, vg, width, 1, seg_start + BN, n);
+        cp_async_commit();
+    }
+
+    const float sl2 = rsqrtf((float)HD) * LOG2E;
+    const int g_first = q0 + 64 * wg, g_last = g_first + 63;
+    const int w_first = q0 + 16 * warp;
+    const int row_a = w_first + lane / 4, row_b = row_a + 8;
+    float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
+    float o[HD / 8][4];
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+    // Descriptors: Q rows of the warpgroup and K tile 0 K-major (LBO unused: 16), V tile 0
+    // MN-major (LBO, the next 64 columns, unused at head_dim 64: 1024), 8-row groups 1024 bytes
+    // apart; the loop adds byte offsets >> 4 to the low words.
+    const uint32_t q_lo = sw128_desc_lo(smem_u32(qs + 64 * wg * HD), 16);
+    const uint32_t k_lo = sw128_desc_lo(smem_u32(ks), 16), v_lo = sw128_desc_lo(smem_u32(vs), 1024);
+    const uint32_t desc_hi = sw128_desc_hi(1024);
+    int buf = 0;  // it % 3
+
+    for (int it = 0; it < n_kt; it++, buf = buf == 2 ? 0 : buf + 1) {
+        const int kt = seg_start + it * BN;
+        if (it + 1 < n_kt)
+            cp_async_wait<1>();
+        else
+            cp_async_wait<0>();
+        // This thread's copies are in shared memory; the fence lets wgmma (the async proxy) see
+        // them once the barrier has seen every thread's.
+        fence_proxy_async();
+        __syncthreads();
+        if (it + 2 < n_kt) {
+            load_kv_tile_sw128<BN, NT>(ks, vs, kg, vg, width, buf == 0 ? 2 : buf - 1, seg_start + (it + 2) * BN, n);
+            cp_async_commit();
+        }
+        // Skip tiles entirely above the warpgroup's diagonal, and warpgroups past the segment's
+        // end: a warpgroup-uniform test, as wgmma needs all four warps.
+        if (kt <= g_last && g_first < seg_end) {
+            const uint32_t kb = k_lo + buf * (TILE * 2 >> 4), vb = v_lo + buf * (TILE * 2 >> 4);
+            float s[BN / 8][4];
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++)
+                wgmma_m64n64_ss(s, desc64(q_lo + 2 * kk, desc_hi), desc64(kb + 2 * kk, desc_hi), kk > 0);
+            wgmma_commit();
+            wgmma_wait<0>();
+            wgmma_pin(s);
+            if (kt + BN - 1 > w_first) causal_mask<BN / 8>(s, kt, row_a, row_b, lane);
+            online_softmax<BN / 8, HD>(s, o, m_a, m_b, l_a, l_b, sl2);
+            uint32_t p[BN / 16][4];
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; kk++) {
+                p[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+                p[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+                p[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                p[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            }
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; kk++) wgmma_m64n64_rs_t(o, p[kk], desc64(vb + (2048 >> 4) * kk, desc_hi));
+            wgmma_commit();
+            wgmma_wait<0>();
+            wgmma_pin(o);
+        }
+    }
+    store_out<HD>(out, lse, o, row_a, row_b, m_a, m_b, l_a, l_b, h, n, n_heads, seg_end, lane);
+}
+
+// 2 CTAs per SM: 128 registers a thread at most, 65 KiB of shared memory each.
+extern "C" __global__ void __launch_bounds__(256, 2)
+    flash_forward_64_sm90(bf16_t* out, float* lse, const bf16_t* qkv, const int* table, int n, int n_heads,
+                          int n_kv_heads) {
+    flash_forward_wgmma_impl<256>(out, lse, qkv, table, n, n_heads, n_kv_heads);
+}
+#endif  // SFT_SM90A || FLASH_EMULATE
 
 // ---- backward ----------------------------------------------------------------------------------
 // One kernel, five tile products per (key tile, q tile): Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, dV += Pᵀ·dO,
@@ -943,6 +1185,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
 // multiple of 64 and a dqkv row of (n_heads + 2·n_kv_heads)·head_dim bf16 a multiple of 16
 // bytes, so no step straddles a row). Grid-stride over the n · q_width / 8 steps, counted in
 // 32 bits (the host checks that they fit an int): one 32-bit division per step.
+#ifndef SFT_SM90A
 extern "C" __global__ void __launch_bounds__(256)
     flash_dq_convert(bf16_t* dqkv, float* dq_acc, int n, int n_heads, int n_kv_heads, int head_dim) {
     const float scale = rsqrtf((float)head_dim);
@@ -963,6 +1206,7 @@ extern "C" __global__ void __launch_bounds__(256)
         a[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
 }
+#endif
 
 // ---- entries ---------------------------------------------------------------------------------
 // Configurations (keep in sync with FLASH_64 and FLASH_128 in src/backend/cuda/flash_attention.rs):
@@ -1002,6 +1246,7 @@ extern "C" __global__ void __launch_bounds__(256)
         flash_backward_impl<HD, ANW, ABQ, DQ_ATOMIC, AMT>(dqkv, dq_acc, nullptr, dout, qkv, lse, D, table, n,   \
                                                           n_heads, n_kv_heads);                                 \
     }
+#ifndef SFT_SM90A
 FLASH_ENTRIES(64, 4, 64, 2, 2, 8, 64, 4, 32, 2, 2)
 FLASH_ENTRIES(128, 8, 64, 1, 1, 8, 32, 8, 32, 1, 1)
 
@@ -1016,3 +1261,4 @@ extern "C" __global__ void __launch_bounds__(256)
     flash_backward_impl<64, 8, 64, DQ_DEFERRED, 1>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n, n_heads,
                                                    n_kv_heads);
 }
+#endif  // SFT_SM90A

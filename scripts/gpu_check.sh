@@ -130,7 +130,8 @@ run_one_part() {
             echo "needs a CUDA GPU (sft bench-attention and flash SDPA run on the device only)" >"$work/attention.skip"
             return 3
         fi
-        say_run python3 ./bench_attention_torch.py --sft ./sft --dq all $torch_flag --markdown "$work/attention.md"
+        say_run python3 ./bench_attention_torch.py --sft ./sft --dq all --forward both $torch_flag \
+            --markdown "$work/attention.md"
         ;;
     kernels)
         if [[ "$dry" == 1 ]]; then
@@ -282,7 +283,12 @@ sass)
     trap 'rm -rf "$tmp"' EXIT
     "$nvcc" -cubin -arch=sm_90 -O3 --use_fast_math -std=c++17 -I "$root/kernels" -o "$tmp/flash.cubin" \
         "$root/kernels/flash_attention.cu" 2>/dev/null
-    PATH="$tools/nvidia/cu13/bin:$PATH" cuobjdump -sass "$tmp/flash.cubin" >"$tmp/flash.sass"
+    # The sm_90a module (the *_sm90 kernels on wgmma), as build.rs compiles it.
+    "$nvcc" -cubin -arch=sm_90a -DSFT_SM90A -O3 --use_fast_math -std=c++17 -I "$root/kernels" \
+        -o "$tmp/flash90a.cubin" "$root/kernels/flash_attention.cu" 2>/dev/null
+    for c in flash flash90a; do
+        PATH="$tools/nvidia/cu13/bin:$PATH" cuobjdump -sass "$tmp/$c.cubin" >>"$tmp/flash.sass"
+    done
     python3 "$here/sass_loops.py" "$tmp/flash.sass"
     ;;
 all | dry)

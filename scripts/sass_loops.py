@@ -2,7 +2,7 @@
 """The main loop of each kernel in a cuobjdump -sass listing, by instruction class.
 
 Without a GPU, this is how the flash kernels' per-iteration work is compared: the loop with the
-most tensor-core instructions (HMMA) is the kernel's main loop, and its static instruction count
+most tensor-core instructions (HMMA, or HGMMA for wgmma) is the kernel's main loop, and its static instruction count
 by class (tensor core, ldmatrix, floating point, integer, memory, control) says how many issue
 slots an iteration spends besides the tile products. Loops nested in it are listed with their
 size: they run more than once per iteration, so their instructions count again. These are
@@ -23,7 +23,7 @@ CONTROL = {"BRA", "BAR", "BSSY", "BSYNC", "WARPSYNC", "DEPBAR", "LDGDEPBAR", "NO
 
 def klass(op):
     base = op.split(".")[0]
-    if base == "HMMA":
+    if base in ("HMMA", "HGMMA"):
         return "mma"
     if base == "LDSM":
         return "ldsm"
@@ -59,7 +59,7 @@ def backward_branches(ins):
 def main_loop(ins):
     best = None
     for j, i in backward_branches(ins):
-        mma = sum(1 for x in ins[j:i + 1] if x[1].startswith("HMMA"))
+        mma = sum(1 for x in ins[j:i + 1] if x[1].startswith(("HMMA", "HGMMA")))
         if mma and (best is None or mma > best[0]):
             best = (mma, j, i)
     return best

@@ -91,6 +91,18 @@ mod tests {
     }
 
     #[test]
+    fn hopper_only_kernels_get_their_own_module() {
+        use super::signatures::module_of;
+        assert_eq!(module_of("flash_attention", "flash_forward_64_sm90"), "flash_attention_sm90a");
+        assert_eq!(module_of("flash_attention", "flash_forward_64"), "flash_attention");
+        // An sm_90a module holds its *_sm90 kernels and nothing else (the PTX entries test above
+        // checks the same against what nvcc wrote).
+        for (module, names) in super::KERNELS {
+            assert_eq!(module.ends_with("_sm90a"), names.iter().all(|n| n.ends_with("_sm90")), "{module}");
+        }
+    }
+
+    #[test]
     fn macro_generated_kernels_are_expanded() {
         let src = r#"
             typedef __nv_bfloat16 bf16_t;

@@ -8,6 +8,8 @@
 //! The opt-in atomic dQ path (`FlashDq::Atomic`, SFT_FLASH_DQ=atomic) must meet the same
 //! tolerances against the CPU, give dK and dV bit-identical to the ordered path, and leave its
 //! accumulator at zero (consecutive calls, also after an ordered call, agree).
+//! The opt-in wgmma forward (`FlashForward::Wgmma`, compute capability 9.0 only) must meet the
+//! same tolerances against the CPU, at every shape the mma forward is checked at.
 //!
 //! All tests are `#[ignore]` (they need an NVIDIA GPU): `cargo test --release --test
 //! gpu_attention -- --ignored`, or `scripts/gpu_check.sh run`. Where the backend cannot open,
@@ -18,18 +20,20 @@
 mod common;
 use common::gpu::{gpu, randn, upload};
 use sft::backend::cpu::CpuBackend;
-use sft::backend::cuda::{AttentionPath, CudaBackend, FlashDq};
+use sft::backend::cuda::{AttentionPath, CudaBackend, FlashDq, FlashForward};
 use sft::backend::{Backend, HeadShape, Precision};
 use sft::rng::Rng;
 
 const TOL: f64 = 1e-2;
 
 /// The GPU backend with the tensor-core path on for `head_dim` (panics when the device lacks it),
-/// with the ordered dQ accumulation whatever SFT_FLASH_DQ says.
+/// with the ordered dQ accumulation and the mma forward whatever SFT_FLASH_DQ and
+/// SFT_FLASH_FORWARD say.
 fn tensor_core_gpu(head_dim: usize) -> Option<CudaBackend> {
     let g = gpu()?;
     g.set_attention_path(AttentionPath::Auto);
     g.set_flash_dq(FlashDq::Ordered);
+    g.set_flash_forward(FlashForward::Mma).unwrap();
     assert!(
         g.uses_tensor_core_attention(head_dim),
         "no tensor-core attention for head_dim {head_dim} on this device (compute capability {:?})",
@@ -116,14 +120,23 @@ fn against_cpu(heads: HeadShape, cu: &[u32], seed: u64) {
 fn against_cpu_dq(heads: HeadShape, cu: &[u32], seed: u64, dq: FlashDq) {
     let Some(g) = tensor_core_gpu(heads.head_dim) else { return };
     g.set_flash_dq(dq);
+    against_cpu_on(&g, heads, cu, seed);
+}
+
+/// `g`'s attention, as it is set up, against the CPU reference.
+fn against_cpu_on(g: &CudaBackend, heads: HeadShape, cu: &[u32], seed: u64) {
     let n = *cu.last().unwrap() as usize;
     let (qkv, dout) = inputs(n, heads, seed);
-    let a = attention(&g, &qkv, &dout, cu, heads);
+    let a = attention(g, &qkv, &dout, cu, heads);
     let r = attention(&CpuBackend::<f32>::new(), &qkv, &dout, cu, heads);
     let lens: Vec<u32> = cu.windows(2).map(|w| w[1] - w[0]).collect();
     let tag = format!(
-        "tensor cores ({dq:?} dQ) vs cpu, hd {} heads {}/{} lengths {lens:?}",
-        heads.head_dim, heads.n_heads, heads.n_kv_heads
+        "tensor cores ({} forward, {} dQ) vs cpu, hd {} heads {}/{} lengths {lens:?}",
+        g.flash_forward_kernel().name(),
+        g.flash_dq().name(),
+        heads.head_dim,
+        heads.n_heads,
+        heads.n_kv_heads
     );
     compare(&tag, &a, &r, heads);
 }
@@ -378,5 +391,35 @@ fn flash_deferred_dq_gives_the_ordered_bits() {
         g.set_flash_dq(FlashDq::Ordered);
         let again = attention(&g, &qkv, &dout, &cu, heads);
         assert_identical(&format!("ordered after deferred, hd {}", heads.head_dim), &ordered, &again);
+    }
+}
+
+/// The wgmma forward (head_dim 64) against the CPU at the mma forward's shapes: single
+/// sequences, packed rows, grouped KV heads, many short segments. Only compute capability 9.0
+/// has it; elsewhere asking for it is an error, and the test says it skipped.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn flash_wgmma_forward_against_cpu() {
+    let Some(g) = tensor_core_gpu(64) else { return };
+    if g.compute_capability() != (9, 0) {
+        assert!(g.set_flash_forward(FlashForward::Wgmma).is_err());
+        eprintln!(
+            "skipped: the wgmma forward needs compute capability 9.0 (this device: {:?})",
+            g.compute_capability()
+        );
+        return;
+    }
+    g.set_flash_forward(FlashForward::Wgmma).unwrap();
+    let short: Vec<u32> = (0..=40).map(|i| i * 7).collect();
+    for (heads, cu, seed) in [
+        (MHA_64, vec![0u32, 1], 900),
+        (MHA_64, vec![0, 17], 901),
+        (MHA_64, vec![0, 1000], 902),
+        (MHA_64, vec![0, 4096], 903),
+        (GQA_64, PACKED.to_vec(), 904),
+        (MQA_64, PACKED.to_vec(), 905),
+        (GQA_64, short, 906),
+    ] {
+        against_cpu_on(&g, heads, &cu, seed);
     }
 }

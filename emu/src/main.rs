@@ -27,7 +27,7 @@ use emu::{KernelResult, Report, Rng};
 /// The cases of one family of kernels.
 type Family = fn(&mut Report, &mut Rng);
 
-/// The `.entry` names of every kernels/*.cu file's PTX.
+/// The `.entry` names of every kernels/*.cu file's PTX (its sm_90a module's too).
 fn ptx_entries() -> Result<BTreeSet<String>> {
     if !sft::kernels::PTX_UNAVAILABLE.is_empty() {
         bail!(
@@ -45,7 +45,9 @@ fn ptx_entries() -> Result<BTreeSet<String>> {
         let stem = path.file_stem().unwrap().to_string_lossy().to_string();
         let ptx =
             sft::kernels::ptx(&stem).with_context(|| format!("kernels/{stem}.cu has no embedded PTX"))?;
-        for line in ptx.lines() {
+        // And its sm_90a module, where it has Hopper-only kernels.
+        let sm90a = sft::kernels::ptx(&format!("{stem}_sm90a")).unwrap_or("");
+        for line in ptx.lines().chain(sm90a.lines()) {
             if let Some(rest) = line.split(".entry ").nth(1) {
                 entries.insert(rest.split('(').next().unwrap().trim().to_string());
             }

@@ -18,6 +18,14 @@
 //   ldmatrix of a word that another warp stored in the same epoch, or a store over a word that
 //   another warp read in the same epoch, is a race.
 // - bank conflicts: each 8-row phase of an ldmatrix should hit 8 distinct 16-byte bank groups.
+// - wgmma.mma_async m64n64k16 (bf16 → fp32; A from shared memory or registers, B from shared
+//   memory, K-major or MN-major in the 128-byte swizzle): the 4 warps of a warpgroup post their
+//   descriptors (which must agree) and A fragments; each thread computes its own accumulator
+//   elements from the operands the descriptors address, per the ISA's canonical layouts. The
+//   result reaches the registers only at the wgmma.wait_group that retires its group, and the
+//   registers read NaN in between, so a read before the wait shows; a wgmma without a
+//   wgmma.fence since the last wait, or reading shared words that cp.async wrote and no
+//   fence.proxy.async has since fenced, is an error.
 // atomicAdd(float*, float) (the atomic dQ path) is std::atomic_ref<float>::fetch_add.
 // Semaphores between CTAs (the backward's ordered dQ accumulation): ld_relaxed, the fence after
 // the wait and st_release are C++ relaxed loads, an acquire fence and release stores. Blocks run
@@ -72,6 +80,7 @@ struct EmuWord {
     int pend_warp = -1, pend_epoch = -1;   // an async copy issued and not yet waited for
     int write_warp = -1, write_lo = -1, write_hi = -1;  // the last copy: issue and wait epochs
     int store_warp = -1, store_epoch = -1;              // the last plain store (st_shared_u32)
+    bool unfenced = false;  // written by cp.async, not yet behind a fence.proxy.async (wgmma)
 };
 
 // Counts over the whole run.
@@ -87,13 +96,17 @@ struct EmuCta {
     std::vector<EmuWord> shadow;
     std::mutex shadow_lock;
     std::unique_ptr<std::barrier<>> block;
-    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    std::vector<std::unique_ptr<std::barrier<>>> warps, warpgroups;
     // Per warp, per lane: 16 words of exchange space.
     std::vector<uint32_t> xchg;
+    // Per thread: what it posts for a wgmma (A descriptor, B descriptor, A fragments).
+    std::vector<uint64_t> wg_post;
     EmuCta(int t, size_t smem_bytes)
-        : threads(t), smem(smem_bytes + 16, 0xCD), shadow((smem_bytes + 16) / 4), xchg((t / 32) * 32 * 16) {
+        : threads(t), smem(smem_bytes + 16, 0xCD), shadow((smem_bytes + 16) / 4), xchg((t / 32) * 32 * 16),
+          wg_post((size_t)t * 4) {
         block = std::make_unique<std::barrier<>>(t);
         for (int w = 0; w < t / 32; w++) warps.push_back(std::make_unique<std::barrier<>>(32));
+        for (int g = 0; g < t / 128; g++) warpgroups.push_back(std::make_unique<std::barrier<>>(128));
     }
 };
 inline thread_local EmuCta* emu_cta = nullptr;
@@ -162,6 +175,8 @@ struct EmuCopy {
     unsigned char at_issue[16];
 };
 inline thread_local std::vector<EmuCopy> emu_open_group;
+// Shared words this thread's copies wrote that no fence.proxy.async of this thread has fenced.
+inline thread_local std::vector<uint32_t> emu_unfenced;
 inline thread_local std::deque<std::vector<EmuCopy>> emu_groups;
 
 inline void emu_cp_async(void* smem, const void* gmem, int bytes, bool valid) {
@@ -218,6 +233,8 @@ inline void cp_async_wait() {
                 w.write_lo = w.pend_epoch;
                 w.write_hi = emu_epoch;
                 w.pend_warp = w.pend_epoch = -1;
+                w.unfenced = true;
+                emu_unfenced.push_back(b);
             }
         }
         emu_groups.pop_front();
@@ -420,6 +437,166 @@ inline void mma_bf16(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
     }
 }
 
+// ---- warpgroup MMA (sm_90a) ----
+// fence.proxy.async: the thread's copies so far become visible to the async proxy (wgmma).
+inline void fence_proxy_async() {
+    std::lock_guard<std::mutex> guard(emu_cta->shadow_lock);
+    for (uint32_t b : emu_unfenced) emu_cta->shadow[b / 4].unfenced = false;
+    emu_unfenced.clear();
+}
+
+// One issued wgmma's result for one thread, written to its accumulator registers at the wait
+// that retires its commit group (-1: not committed yet).
+struct EmuWgmma {
+    float (*d)[4];
+    float v[8][4];
+    int group;
+};
+inline thread_local std::vector<EmuWgmma> emu_wgmma_pending;
+inline thread_local int emu_wgmma_groups = 0;    // commit groups so far
+inline thread_local bool emu_wgmma_fenced = false;  // a wgmma.fence since the last wait
+
+inline void wgmma_fence() { emu_wgmma_fenced = true; }
+inline void wgmma_commit() {
+    for (EmuWgmma& p : emu_wgmma_pending)
+        if (p.group < 0) p.group = emu_wgmma_groups;
+    emu_wgmma_groups++;
+}
+template <int N>
+inline void wgmma_wait() {
+    std::vector<EmuWgmma> keep;
+    for (EmuWgmma& p : emu_wgmma_pending) {
+        if (p.group < 0) {
+            fprintf(stderr, "wgmma.wait_group with an uncommitted wgmma (thread %u)\n", threadIdx.x);
+            abort();
+        }
+        if (p.group < emu_wgmma_groups - N) memcpy(p.d, p.v, sizeof p.v);
+        else keep.push_back(p);
+    }
+    emu_wgmma_pending = keep;
+    emu_wgmma_fenced = false;
+}
+inline void wgmma_pin(float (*)[4]) {}
+
+// The shared byte address of element (row, k) of a K-major operand, or (mn, k) of an MN-major one,
+// that `desc` describes (128-byte swizzle only: mode 1, base offset 0).
+inline uint32_t emu_wgmma_addr(uint64_t desc, int rc, int k, bool mn_major) {
+    const uint32_t start = (uint32_t)(desc & 0x3FFF) << 4, lbo = (uint32_t)((desc >> 16) & 0x3FFF) << 4,
+                   sbo = (uint32_t)((desc >> 32) & 0x3FFF) << 4;
+    if ((desc >> 62) != 1 || ((desc >> 49) & 7) != 0) {
+        fprintf(stderr, "wgmma: descriptor %#llx is not the 128-byte swizzle with base offset 0\n",
+                (unsigned long long)desc);
+        abort();
+    }
+    uint32_t a;
+    if (!mn_major) {
+        // A k-step inside the 128-byte row: 16 columns (32 bytes) from the start's column.
+        if (start % 128 + 32 > 128) {
+            fprintf(stderr, "wgmma: K-major start %u crosses a 128-byte row\n", start);
+            abort();
+        }
+        a = start + (uint32_t)(rc % 8) * 128 + (uint32_t)(rc / 8) * sbo + 2 * (uint32_t)k;
+    } else {
+        if (start % 128 != 0) {
+            fprintf(stderr, "wgmma: MN-major start %u is not at a row\n", start);
+            abort();
+        }
+        a = start + 2 * (uint32_t)(rc % 64) + (uint32_t)(rc / 64) * lbo + (uint32_t)(k % 8) * 128 +
+            (uint32_t)(k / 8) * sbo;
+    }
+    return a ^ (((a >> 7) & 7) << 4);
+}
+
+inline float emu_smem_bf16(uint32_t byte_off) {
+    uint32_t b = (uint32_t)emu_smem_u16(byte_off) << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+// The shared words of an operand read by a wgmma: checked as ldmatrix rows are, and against
+// copies not behind a fence.proxy.async.
+inline void emu_wgmma_read(uint32_t b, int warp) {
+    if (b + 2 > dynamic_smem_size()) {
+        fprintf(stderr, "wgmma: shared address %u out of range\n", b);
+        abort();
+    }
+    EmuWord& w = emu_cta->shadow[b / 4];
+    if (w.unfenced) emu_race("wgmma read of a cp.async not behind fence.proxy.async", b & ~3u, w.write_warp);
+    emu_read_word(b & ~3u, warp, "wgmma");
+}
+
+// d (64×64, the warpgroup's) = (accumulate ? d : 0) + A·B over k = 0..15: A from shared memory
+// (a_desc, K-major) or from the threads' registers (a_regs, m16n8k16 A fragments per warp), B
+// from shared memory (b_desc; MN-major when b_mn).
+inline void emu_wgmma(float (*d)[4], uint64_t a_desc, const uint32_t* a_regs, uint64_t b_desc, bool b_mn,
+                      bool accumulate) {
+    const int t = (int)threadIdx.x, wg = t / 128, warp = t / 32, lane = t % 32;
+    if (!emu_wgmma_fenced) {
+        fprintf(stderr, "wgmma without a wgmma.fence since the last wait (thread %d)\n", t);
+        abort();
+    }
+    uint64_t* post = &emu_cta->wg_post[(size_t)t * 4];
+    post[0] = a_desc, post[1] = b_desc;
+    if (a_regs) post[2] = a_regs[0] | ((uint64_t)a_regs[1] << 32), post[3] = a_regs[2] | ((uint64_t)a_regs[3] << 32);
+    emu_cta->warpgroups[wg]->arrive_and_wait();
+    const uint64_t* lead = &emu_cta->wg_post[(size_t)wg * 128 * 4];
+    if (lead[1] != b_desc || (!a_regs && lead[0] != a_desc)) {
+        fprintf(stderr, "wgmma: thread %d's descriptors differ from its warpgroup's first thread\n", t);
+        abort();
+    }
+    // A (16 rows of this warp × 16) and B (16 × 64).
+    float A[16][16], B[16][64];
+    const int r0 = 16 * (warp % 4);
+    if (a_regs) {
+        for (int l = 0; l < 32; l++) {
+            const uint64_t* q = &emu_cta->wg_post[(size_t)(warp * 32 + l) * 4];
+            uint32_t f[4] = {(uint32_t)q[2], (uint32_t)(q[2] >> 32), (uint32_t)q[3], (uint32_t)(q[3] >> 32)};
+            int g = l / 4, c = l % 4;
+            A[g][2 * c] = emu_bf16_lo(f[0]), A[g][2 * c + 1] = emu_bf16_hi(f[0]);
+            A[g + 8][2 * c] = emu_bf16_lo(f[1]), A[g + 8][2 * c + 1] = emu_bf16_hi(f[1]);
+            A[g][2 * c + 8] = emu_bf16_lo(f[2]), A[g][2 * c + 9] = emu_bf16_hi(f[2]);
+            A[g + 8][2 * c + 8] = emu_bf16_lo(f[3]), A[g + 8][2 * c + 9] = emu_bf16_hi(f[3]);
+        }
+    } else {
+        for (int r = 0; r < 16; r++)
+            for (int k = 0; k < 16; k++) A[r][k] = emu_smem_bf16(emu_wgmma_addr(a_desc, r0 + r, k, false));
+    }
+    for (int k = 0; k < 16; k++)
+        for (int c = 0; c < 64; c++) B[k][c] = emu_smem_bf16(emu_wgmma_addr(b_desc, c, k, b_mn));
+    if (lane == 0) {
+        std::lock_guard<std::mutex> guard(emu_cta->shadow_lock);
+        for (int k = 0; k < 16; k++) {
+            if (!a_regs)
+                for (int r = 0; r < 16; r++) emu_wgmma_read(emu_wgmma_addr(a_desc, r0 + r, k, false), warp);
+            for (int c = 0; c < 64; c++) emu_wgmma_read(emu_wgmma_addr(b_desc, c, k, b_mn), warp);
+        }
+    }
+    emu_cta->warpgroups[wg]->arrive_and_wait();
+    // The thread's elements: from the pending result of an earlier wgmma on the same registers.
+    EmuWgmma* prev = nullptr;
+    for (EmuWgmma& p : emu_wgmma_pending)
+        if (p.d == d) prev = &p;
+    EmuWgmma next{d, {}, -1};
+    const int g = lane / 4, c = lane % 4;
+    for (int j = 0; j < 8; j++)
+        for (int e = 0; e < 4; e++) {
+            const int row = g + 8 * (e / 2), col = 8 * j + 2 * c + e % 2;
+            float acc = !accumulate ? 0.0f : prev ? prev->v[j][e] : d[j][e];
+            for (int k = 0; k < 16; k++) acc += A[row][k] * B[k][col];
+            next.v[j][e] = acc;
+            d[j][e] = NAN;  // undefined until the wait
+        }
+    if (prev) *prev = next;
+    else emu_wgmma_pending.push_back(next);
+}
+inline void wgmma_m64n64_ss(float (*d)[4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    emu_wgmma(d, desc_a, nullptr, desc_b, false, accumulate != 0);
+}
+inline void wgmma_m64n64_rs_t(float (*d)[4], const uint32_t* a, uint64_t desc_b) {
+    emu_wgmma(d, 0, a, desc_b, true, true);
+}
+
 // Runs `kernel()` for every block of the grid with `threads` threads and `smem` bytes of dynamic
 // shared memory (0xCD garbage at the start, as uninitialized shared memory would be), in dispatch
 // order (x fastest), `ctas` consecutive blocks at a time.
@@ -444,6 +621,12 @@ void emu_launch(unsigned grid_x, unsigned grid_y, int threads, size_t smem, F ke
                     blockDim = {(unsigned)threads, 1, 1};
                     gridDim = {grid_x, grid_y, 1};
                     kernel();
+                    if (!emu_wgmma_pending.empty()) {
+                        fprintf(stderr, "block (%u, %u) thread %d exited with wgmma results not waited for\n", bx,
+                                by, t);
+                        abort();
+                    }
+                    emu_unfenced.clear();
                     if (!emu_open_group.empty() || !emu_groups.empty()) {
                         fprintf(stderr, "block (%u, %u) thread %d exited with cp.async copies not waited for\n", bx,
                                 by, t);

@@ -170,6 +170,22 @@ static bool run(const Case& c, uint64_t seed) {
         record("flash_forward_" + h, identical ? 0 : 1, 0);
         if (!identical) printf("  the forward differs with 3 blocks at once\n");
     }
+    // The wgmma forward (HD 64): the same operations per row in the same order, so under
+    // emulation the bits of flash_forward_64, one and 3 blocks at once.
+    if (hd == 64) {
+        for (int ctas : {1, 3}) {
+            std::vector<bf16_t> out3(out.size(), __float2bfloat16_rn(-5.0f));
+            std::vector<float> lse3(lse.size(), -5.0f);
+            launch("flash_forward_64_sm90", bf, nh, 256, (128 + 6 * 64) * 64 * 2 + 1024, [&] {
+                flash_forward_64_sm90(out3.data(), lse3.data(), qkv.data(), tf.data(), n, nh, nkv);
+            }, ctas);
+            const bool same = memcmp(out.data(), out3.data(), out.size() * sizeof(bf16_t)) == 0 &&
+                              memcmp(lse.data(), lse3.data(), lse.size() * sizeof(float)) == 0;
+            record("flash_forward_64_sm90", same ? 0 : 1, 0);
+            if (!same) printf("  flash_forward_64_sm90 (%d blocks at once) differs from flash_forward_64\n", ctas);
+            identical = identical && same;
+        }
+    }
     // D = rowsum(dO ∘ O) in fp32 from the bf16 out (attention_backward_d).
     for (int h = 0; h < nh; h++)
         for (int i = 0; i < n; i++) {

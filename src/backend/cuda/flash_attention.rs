@@ -12,6 +12,10 @@
 //! not bit-reproducible run to run; `SFT_FLASH_DQ=deferred` (and `deferred-q64`, in other
 //! tiles) the same ordered sums one iteration later, staged in shared memory (the same bits; not
 //! yet timed on a GPU).
+//!
+//! `SFT_FLASH_FORWARD=wgmma` (or [`CudaBackend::set_flash_forward`]) runs the head_dim 64
+//! forward on Hopper's warpgroup MMA (`flash_forward_64_sm90`, compute capability 9.0 only; the
+//! same operations per row as the default mma.sync kernel). Not yet run on a GPU.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
@@ -102,6 +106,42 @@ impl FlashDq {
     }
 }
 
+/// Which kernel runs the flash forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashForward {
+    /// mma.sync tile products (`flash_forward_HD`), every sm_80+ device. The default.
+    Mma,
+    /// wgmma tile products (`flash_forward_64_sm90`): head_dim 64 on compute capability 9.0
+    /// (H100, H200); other head_dims keep [`FlashForward::Mma`]. Emulated to the default's bits;
+    /// not yet run on a GPU.
+    Wgmma,
+}
+
+impl FlashForward {
+    pub const ALL: [FlashForward; 2] = [FlashForward::Mma, FlashForward::Wgmma];
+
+    /// `SFT_FLASH_FORWARD`: `mma` (or unset) or `wgmma`; anything else is an error.
+    pub fn from_env() -> Result<Self> {
+        env_choice("SFT_FLASH_FORWARD", FlashForward::Mma, Self::parse)
+    }
+
+    /// `mma` or `wgmma` (case-insensitive).
+    pub fn parse(s: &str) -> Result<Self> {
+        FlashForward::ALL
+            .into_iter()
+            .find(|m| s.eq_ignore_ascii_case(m.name()))
+            .with_context(|| format!("{s:?}: expected mma or wgmma"))
+    }
+
+    /// The name `SFT_FLASH_FORWARD` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            FlashForward::Mma => "mma",
+            FlashForward::Wgmma => "wgmma",
+        }
+    }
+}
+
 /// The backend's dQ accumulation state: the chosen [`FlashDq`], and whether the fp32
 /// accumulator may hold non-zero values. The atomic path needs it zero before a launch and
 /// leaves it zero (flash_dq_convert); the ordered path leaves partial sums in it. So the first
@@ -161,6 +201,11 @@ const fn forward(name: &'static str, hd: usize, nw: usize, bn: usize, mt: usize)
     let bm = 16 * nw * mt;
     FlashKernel { name, warps: nw, tile: bm, step: bn, smem: (bm + 6 * bn) * row_bytes(hd) }
 }
+/// The wgmma forward: 2 warpgroups of 64 q rows, the same tiles as [`forward`] unpadded, in the
+/// 128-byte swizzle, plus 1 KiB to align them to 1024 bytes.
+const fn forward_wgmma(name: &'static str, hd: usize, bn: usize) -> FlashKernel {
+    FlashKernel { name, warps: 8, tile: 128, step: bn, smem: (128 + 6 * bn) * hd * 2 + 1024 }
+}
 /// Backward: `nw` warps of `mt` m-tiles (16 keys each); K and V tiles [16·nw·mt] +
 /// double-buffered Q and dO tiles [bq] + lse and D [2][bq] f32 + the dSᵀ tile [16·nw·mt][bq + 8]
 /// bf16.
@@ -188,6 +233,8 @@ const fn deferred(name: &'static str, hd: usize, nw: usize, bq: usize, mt: usize
 pub(super) struct FlashConfig {
     pub head_dim: usize,
     pub forward: FlashKernel,
+    /// The forward on wgmma ([`FlashForward::Wgmma`]; compute capability 9.0), where one exists.
+    pub forward_wgmma: Option<FlashKernel>,
     /// The ordered dQ sum ([`FlashDq::Ordered`]).
     pub backward: FlashKernel,
     /// The ordered dQ sum, deferred ([`FlashDq::Deferred`]).
@@ -202,6 +249,7 @@ pub(super) const FLASH_64: FlashConfig = FlashConfig {
     head_dim: 64,
     // Warps of 32 q rows: 0.58 against 0.62 ms in warps of 16 (8 × 2048 × 32 heads, H200).
     forward: forward("flash_forward_64", 64, 4, 64, 2),
+    forward_wgmma: Some(forward_wgmma("flash_forward_64_sm90", 64, 64)),
     // Warps of 16 keys: in warps of 32 the q tiles of 32 doubled the semaphore waits (2.68
     // against 2.40 ms).
     backward: backward("flash_backward_64", 64, 8, 64, 1),
@@ -215,6 +263,7 @@ pub(super) const FLASH_64: FlashConfig = FlashConfig {
 pub(super) const FLASH_128: FlashConfig = FlashConfig {
     head_dim: 128,
     forward: forward("flash_forward_128", 128, 8, 64, 1),
+    forward_wgmma: None,
     backward: backward("flash_backward_128", 128, 8, 32, 1),
     backward_deferred: deferred("flash_backward_deferred_128", 128, 8, 32, 1),
     // q tiles of 64 would need 253 KiB of shared memory: the q-tile-32 kernel serves both.
@@ -227,6 +276,7 @@ pub(super) const FLASH_128: FlashConfig = FlashConfig {
 pub(crate) const FLASH_TILE: usize = 128;
 const _: () = assert!(
     FLASH_64.forward.tile == FLASH_TILE
+        && matches!(FLASH_64.forward_wgmma, Some(k) if k.tile == FLASH_TILE)
         && FLASH_64.backward.tile == FLASH_TILE
         && FLASH_64.backward_atomic.tile == FLASH_TILE
         && FLASH_64.backward_deferred.tile == FLASH_TILE
@@ -328,6 +378,14 @@ impl FlashSupport {
                     return Ok(false);
                 }
             }
+            // The sm_90a module is loaded on compute capability 9.0 only.
+            if let (Some(k), (9, 0)) = (cfg.forward_wgmma, capability) {
+                let set = kernels.get(k.name)?.set_attribute(
+                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    k.smem as i32,
+                );
+                set.with_context(|| format!("{} bytes of shared memory for {}", k.smem, k.name))?;
+            }
             Ok(true)
         };
         support.hd64 = enable(&FLASH_64)?;
@@ -360,6 +418,28 @@ impl CudaBackend {
 
     pub fn flash_dq(&self) -> FlashDq {
         self.flash_dq.get()
+    }
+
+    /// Selects the flash forward's kernel ([`FlashForward::Mma`] by default, from
+    /// `SFT_FLASH_FORWARD`); wgmma needs compute capability 9.0.
+    pub fn set_flash_forward(&self, kernel: FlashForward) -> Result<()> {
+        if kernel == FlashForward::Wgmma && self.flash.capability != (9, 0) {
+            bail!(
+                "the wgmma flash forward needs compute capability 9.0 (H100, H200); this device is {}.{}",
+                self.flash.capability.0,
+                self.flash.capability.1
+            );
+        }
+        self.flash_forward.store(kernel == FlashForward::Wgmma, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn flash_forward_kernel(&self) -> FlashForward {
+        if self.flash_forward.load(Ordering::Relaxed) {
+            FlashForward::Wgmma
+        } else {
+            FlashForward::Mma
+        }
     }
 
     /// Chooses the tensor-core path (`Some`) or the scalar one (`None`) for this head shape.
@@ -466,6 +546,12 @@ impl CudaBackend {
         let table = scratch.attn_tiles.as_ref().expect("built above");
         let s = &self.stream;
         let ks = &self.kernels;
+        if let (Some(k), FlashForward::Wgmma) = (cfg.forward_wgmma, self.flash_forward_kernel()) {
+            let launch_cfg = flash_launch(k, bound, heads.n_heads);
+            // SAFETY: as below; forward_wgmma exists for head_dim 64 only.
+            unsafe { launch::flash_forward_64_sm90(s, ks, launch_cfg, out, lse, qkv, table, ni, nhi, nkvi) }?;
+            return Ok(());
+        }
         let launch_cfg = flash_launch(cfg.forward, bound, heads.n_heads);
         // SAFETY: sizes checked by the caller; every tile lies inside one segment of 0..n.
         unsafe {
@@ -760,6 +846,29 @@ mod tests {
         let rows_x_extra = 64 + 64 + 2 * 44;
         assert_eq!(dq_accumulation_bytes(&cu, 2, heads, 64), 8.0 * (rows_x_extra * 2 * 64) as f64);
         assert_eq!(dq_accumulation_bytes(&[0, 128], 1, heads, 64), 0.0);
+    }
+
+    #[test]
+    fn flash_forward_parses_the_kernels_and_names_bad_values() {
+        assert_eq!(FlashForward::parse("mma").unwrap(), FlashForward::Mma);
+        assert_eq!(FlashForward::parse("WGMMA").unwrap(), FlashForward::Wgmma);
+        for k in FlashForward::ALL {
+            assert_eq!(FlashForward::parse(k.name()).unwrap(), k);
+        }
+        let err = format!("{:#}", FlashForward::parse("tma").unwrap_err());
+        assert!(err.contains("\"tma\"") && err.contains("mma or wgmma"), "{err}");
+    }
+
+    /// The wgmma forward's shared memory: Q [128] and K, V [3][64] rows of 128 bytes unpadded,
+    /// plus the 1 KiB the kernel may skip to align them to 1024 bytes; within the two CTAs per
+    /// SM its __launch_bounds__ asks for (228 KiB of shared memory per SM on an H100/H200).
+    #[test]
+    fn the_wgmma_forward_fits_two_ctas_per_sm() {
+        let k = FLASH_64.forward_wgmma.unwrap();
+        assert_eq!(k.smem, (128 + 6 * 64) * 128 + 1024);
+        assert_eq!((k.warps, k.tile, k.step), (8, FLASH_TILE, 64));
+        assert!(2 * (k.smem + 1024) <= 228 * 1024);
+        assert!(FLASH_128.forward_wgmma.is_none());
     }
 
     #[test]

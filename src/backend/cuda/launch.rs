@@ -108,8 +108,9 @@ pub(super) const ATT_WARPS: usize = 8;
 /// Every kernel of every module ([`crate::kernels::KERNELS`], read from kernels/*.cu by build.rs),
 /// loaded when the backend opens: a module that does not load is an error at start-up.
 pub struct Kernels {
-    /// In the order of `KERNELS`, which the generated launchers index.
-    functions: Vec<CudaFunction>,
+    /// In the order of `KERNELS`, which the generated launchers index; `None` for the kernels of
+    /// an sm_90a module on a device that is not compute capability 9.0.
+    functions: Vec<Option<CudaFunction>>,
     names: Vec<&'static str>,
     /// Per-kernel timing (`sft bench --kernel-times`); off unless asked for.
     pub(super) timer: KernelTimer,
@@ -125,7 +126,14 @@ impl Kernels {
             );
         }
         let (mut functions, mut names) = (Vec::new(), Vec::new());
+        let hopper = ctx.compute_capability().context("querying the compute capability")? == (9, 0);
         for (module_name, kernel_names) in crate::kernels::KERNELS {
+            // sm_90a PTX runs on compute capability 9.0 only (H100, H200, GH200).
+            if module_name.ends_with("_sm90a") && !hopper {
+                functions.extend(kernel_names.iter().map(|_| None));
+                names.extend(kernel_names.iter().copied());
+                continue;
+            }
             let ptx = crate::kernels::ptx(module_name)
                 .ok_or_else(|| anyhow!("kernel module {module_name} is not embedded in this binary"))?;
             let module = ctx
@@ -135,7 +143,7 @@ impl Kernels {
                 let f = module
                     .load_function(name)
                     .with_context(|| format!("kernel {name} in kernels/{module_name}.cu"))?;
-                functions.push(f);
+                functions.push(Some(f));
                 names.push(*name);
             }
         }
@@ -149,12 +157,15 @@ impl Kernels {
             .iter()
             .position(|n| *n == name)
             .ok_or_else(|| anyhow!("kernel {name} was not loaded"))?;
-        Ok(&self.functions[i])
+        self.functions[i].as_ref().ok_or_else(|| anyhow!("kernel {name} needs compute capability 9.0"))
     }
 
-    /// The kernel at `index` of `KERNELS`, which the generated launchers pass.
-    fn function(&self, index: usize) -> &CudaFunction {
-        &self.functions[index]
+    /// The kernel at `index` of `KERNELS`, which the generated launchers pass; an sm_90a kernel
+    /// on another device is CUDA_ERROR_NO_BINARY_FOR_GPU.
+    fn function(&self, index: usize) -> Result<&CudaFunction, DriverError> {
+        self.functions[index]
+            .as_ref()
+            .ok_or(DriverError(cudarc::driver::sys::CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU))
     }
 }
 

@@ -52,7 +52,7 @@ pub use cross_entropy::{
 };
 pub use cudarc::driver::LaunchConfig;
 use flash_attention::FlashSupport;
-pub use flash_attention::{AttentionPath, FlashDq};
+pub use flash_attention::{AttentionPath, FlashDq, FlashForward};
 use gemm::Gemm;
 pub use global_norm::{sum_squares_blocks, SUMSQ_BLOCKS as SUM_SQUARES_BLOCKS, SUM_SPLIT_THREADS};
 use launch::Kernels;
@@ -147,6 +147,8 @@ pub struct CudaBackend {
     force_scalar_attention: AtomicBool,
     /// How the flash backward sums dQ (SFT_FLASH_DQ, or set_flash_dq).
     flash_dq: flash_attention::DqAccumulation,
+    /// Whether the flash forward runs on wgmma (SFT_FLASH_FORWARD=wgmma, or set_flash_forward).
+    flash_forward: AtomicBool,
     /// Blocking device-to-host copies so far (see `download`).
     reads: AtomicU64,
     /// The data-parallel job's NCCL communicator, once joined (`join_ranks`).
@@ -193,10 +195,11 @@ impl CudaBackend {
         let gemm = Gemm::new(stream.clone())?;
         let gpu = ctx.name().unwrap_or_else(|_| "unknown GPU".to_string());
         let flash_dq = flash_attention::DqAccumulation::new(FlashDq::from_env()?);
+        let flash_forward = FlashForward::from_env()?;
         for note in settings::notes(|k| std::env::var(k).ok()) {
             eprintln!("note: cuda:{ordinal}: {note}");
         }
-        Ok(CudaBackend {
+        let backend = CudaBackend {
             name: format!("cuda:{ordinal} {gpu}"),
             ctx,
             stream,
@@ -206,9 +209,12 @@ impl CudaBackend {
             flash,
             force_scalar_attention: AtomicBool::new(AttentionPath::from_env() == AttentionPath::Scalar),
             flash_dq,
+            flash_forward: AtomicBool::new(false),
             reads: AtomicU64::new(0),
             nccl: None,
-        })
+        };
+        backend.set_flash_forward(flash_forward).context("environment variable SFT_FLASH_FORWARD")?;
+        Ok(backend)
     }
 
     /// Selects the attention kernels for training (`Auto`: tensor cores where supported).
