@@ -32,9 +32,11 @@
 //                       same bits as flash_backward_HD; opt-in, SFT_FLASH_DQ=deferred, untimed).
 // - flash_dq_convert:   after flash_backward_atomic_HD: dQ = accumulator · scale as bf16 into the
 //                       q part of dqkv, and the accumulator back to zero for the next launch.
-// - flash_forward_64_sm90: flash_forward_64 on Hopper's wgmma (2 warpgroups of 64 rows; opt-in,
-//                       SFT_FLASH_FORWARD=wgmma, compute capability 9.0; untimed). Only in the
-//                       sm_90a module (build.rs: this file again with -DSFT_SM90A).
+// - flash_forward_64_sm90, flash_backward_64_sm90: flash_forward_64 and flash_backward_64 with
+//                       their tile products on Hopper's wgmma (the backward's dQ product stays
+//                       on mma.sync; opt-in, SFT_FLASH_MMA=wgmma, compute capability 9.0;
+//                       untimed). Only in the sm_90a module (build.rs: this file again with
+//                       -DSFT_SM90A).
 // The shapes are the fastest of those timed on an H200 (BENCHMARKS.md, "flash variants"): warps of
 // 32 rows took 6% off the forward and 17% off the atomic backward, but slowed the ordered
 // backward, whose q tiles of 32 double the waits on the semaphores (what the deferred kernel
@@ -506,7 +508,7 @@ __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, c
 // shared memory itself (no ldmatrix) and issues a 64-row product per warpgroup of 4 warps: the
 // tensor-core rate that mma.sync cannot reach on an H100/H200. Built only into the sm_90a module
 // (build.rs compiles this file a second time with -DSFT_SM90A for compute_90a); the backend
-// uses it on compute capability 9.0 when asked (SFT_FLASH_FORWARD=wgmma) until a GPU has timed it.
+// uses it on compute capability 9.0 when asked (SFT_FLASH_MMA=wgmma) until a GPU has timed it.
 //
 // wgmma (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"):
 // - Accumulator D of m64nNk16, fp32: warp w of the warpgroup holds rows 16w .. 16w + 15 in the
@@ -524,7 +526,8 @@ __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, c
 //   SBO apart, LBO (the next 64 columns) unused at head_dim 64.
 // - Shared memory written through the generic proxy (cp.async) must be fenced with
 //   fence.proxy.async before the async proxy (wgmma) reads it.
-#if defined(SFT_SM90A) || defined(FLASH_EMULATE)
+// The wrappers and the kernel templates are compiled everywhere (unused, they emit no PTX); the
+// entries only into the sm_90a module (and the emulation).
 #ifndef FLASH_EMULATE
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -711,13 +714,6 @@ __device__ void flash_forward_wgmma_impl(bf16_t* out, float* lse, const bf16_t* 
     store_out<HD>(out, lse, o, row_a, row_b, m_a, m_b, l_a, l_b, h, n, n_heads, seg_end, lane);
 }
 
-// 2 CTAs per SM: 128 registers a thread at most, 65 KiB of shared memory each.
-extern "C" __global__ void __launch_bounds__(256, 2)
-    flash_forward_64_sm90(bf16_t* out, float* lse, const bf16_t* qkv, const int* table, int n, int n_heads,
-                          int n_kv_heads) {
-    flash_forward_wgmma_impl<256>(out, lse, qkv, table, n, n_heads, n_kv_heads);
-}
-#endif  // SFT_SM90A || FLASH_EMULATE
 
 // ---- backward ----------------------------------------------------------------------------------
 // One kernel, five tile products per (key tile, q tile): Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, dV += Pᵀ·dO,
@@ -771,7 +767,11 @@ __device__ __forceinline__ float4 ld_shared_f4(const float* p) { return *reinter
 // atomic adds.
 enum DqMode { DQ_ORDERED, DQ_DEFERRED, DQ_ATOMIC };
 
-template <int HD, int NW, int BQ, int DQ, int MT = 1>
+// WG (flash_backward_64_sm90): Sᵀ, dPᵀ, dV and dK as wgmma over tiles in the 128-byte swizzle
+// (forward's section above), warpgroup g's 4 warps holding its keys 64g .. 64g + 63 in the same
+// fragments as the mma.sync kernel's warps; the dQ product stays on mma.sync (ldmatrix from the
+// swizzled dSᵀ and K). The same operations per element in the same order as the mma kernel.
+template <int HD, int NW, int BQ, int DQ, int MT = 1, bool WG = false>
 __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,
                                     const bf16_t* qkv, const float* lse, const float* D, const int* table, int n,
                                     int n_heads, int n_kv_heads) {
@@ -789,18 +789,24 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     // partial sums fetched ahead (and, timed on an H200, it lost to one m-tile anyway).
     static_assert(!ORDERED || MT == 1, "the ordered dQ sum runs warps of 16 keys");
     static_assert(BN % BQ == 0 && NW % STRIPS == 0 && CW % 16 == 0, "flash backward tiling");
+    static_assert(!WG || (HD == 64 && BQ == 64 && NW == 8 && MT == 1 && ORDERED), "the wgmma backward's tiles");
+    // Rows of the tiles (TLD) and of dSᵀ (SLD) in elements: padded for ldmatrix, or 128 bytes
+    // in the 128-byte swizzle (WG; the tiles 1024-byte aligned, the launch asks for 1 KiB more).
+    constexpr int TLD = WG ? HD : LD, SLD = WG ? BQ : LDS;
     FLASH_DYNAMIC_SMEM(smem_raw);
-    bf16_t* ks = reinterpret_cast<bf16_t*>(smem_raw);
-    bf16_t* vs = ks + BN * LD;
-    bf16_t* qs = vs + BN * LD;       // [2][BQ][LD]
-    bf16_t* dos = qs + 2 * BQ * LD;  // [2][BQ][LD]
-    float* lse_s = reinterpret_cast<float*>(dos + 2 * BQ * LD);  // [2][BQ]
-    float* d_s = lse_s + 2 * BQ;                                 // [2][BQ]
-    bf16_t* dst = reinterpret_cast<bf16_t*>(d_s + 2 * BQ);       // dSᵀ [BN][LDS]
-    float* p_s = reinterpret_cast<float*>(dst + BN * LDS);       // DEFERRED: [2][BQ][PLD]
-    float* old_s = p_s + 2 * BQ * PLD;                           // DEFERRED: [BQ][HD]
+    const uint32_t pad = WG ? (1024 - smem_u32(smem_raw) % 1024) % 1024 : 0;
+    bf16_t* ks = reinterpret_cast<bf16_t*>(smem_raw + pad);
+    bf16_t* vs = ks + BN * TLD;
+    bf16_t* qs = vs + BN * TLD;       // [2][BQ][TLD]
+    bf16_t* dos = qs + 2 * BQ * TLD;  // [2][BQ][TLD]
+    float* lse_s = reinterpret_cast<float*>(dos + 2 * BQ * TLD);  // [2][BQ]
+    float* d_s = lse_s + 2 * BQ;                                  // [2][BQ]
+    bf16_t* dst = reinterpret_cast<bf16_t*>(d_s + 2 * BQ);        // dSᵀ [BN][SLD]
+    float* p_s = reinterpret_cast<float*>(dst + BN * SLD);        // DEFERRED: [2][BQ][PLD]
+    float* old_s = p_s + 2 * BQ * PLD;                            // DEFERRED: [BQ][HD]
     if (threadIdx.x == 0 &&
-        dynamic_smem_size() < (uint32_t)((2 * BN + 4 * BQ) * LD * 2 + 4 * BQ * 4 + BN * LDS * 2 + DEFERRED_SMEM))
+        dynamic_smem_size() <
+            pad + (uint32_t)((2 * BN + 4 * BQ) * TLD * 2 + 4 * BQ * 4 + BN * SLD * 2 + DEFERRED_SMEM))
         __trap();
 
     int k0, seg_start, seg_end;
@@ -813,8 +819,12 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     const int n_it = group * n_qt;
     const int kt_index = (k0 - seg_start) / BN;
 
-    load_kv_tile<BN, HD, NT>(ks, vs, qkv + (n_heads + kvh) * HD, qkv + (n_heads + n_kv_heads + kvh) * HD, width, 0, k0,
-                             n);
+    if constexpr (WG)
+        load_kv_tile_sw128<BN, NT>(ks, vs, qkv + (n_heads + kvh) * HD, qkv + (n_heads + n_kv_heads + kvh) * HD, width,
+                                   0, k0, n);
+    else
+        load_kv_tile<BN, HD, NT>(ks, vs, qkv + (n_heads + kvh) * HD, qkv + (n_heads + n_kv_heads + kvh) * HD, width,
+                                 0, k0, n);
     // Iteration it's place: q head kvh·group + hq, q rows k0 + qi·BQ .., where it = hq·n_qt + qi.
     // Counted from one iteration to the next: dividing it by n_qt took some 25 instructions, twice
     // an iteration, in a loop that issues as many integer instructions as tile products.
@@ -828,8 +838,13 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     auto load_q = [&](QPos p, int buf) {
         const int h = kvh * group + p.hq;
         const int qt = k0 + p.qi * BQ;
-        load_rows<BQ, HD, NT>(qs + buf * BQ * LD, qkv + h * HD, width, qt, n);
-        load_rows<BQ, HD, NT>(dos + buf * BQ * LD, dout + h * HD, dstride, qt, n);
+        if constexpr (WG) {
+            load_rows_sw128<BQ, NT>(qs + buf * BQ * TLD, qkv + h * HD, width, qt, n);
+            load_rows_sw128<BQ, NT>(dos + buf * BQ * TLD, dout + h * HD, dstride, qt, n);
+        } else {
+            load_rows<BQ, HD, NT>(qs + buf * BQ * LD, qkv + h * HD, width, qt, n);
+            load_rows<BQ, HD, NT>(dos + buf * BQ * LD, dout + h * HD, dstride, qt, n);
+        }
         const int r = threadIdx.x;
         if (r < BQ) {
             const bool ok = qt + r < seg_end;
@@ -859,6 +874,14 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         dk[j][0] = dk[j][1] = dk[j][2] = dk[j][3] = 0.0f;
         dv[j][0] = dv[j][1] = dv[j][2] = dv[j][3] = 0.0f;
     }
+    // WG: the descriptors' low words (K and V rows of the warpgroup, K-major; Q and dO tile 0,
+    // K-major for Sᵀ and dPᵀ, MN-major for dK and dV: the same rows, another reading) and the
+    // shared high word; the loop adds byte offsets >> 4.
+    const int wg = warp / 4, g_first = k0 + 64 * wg;
+    const uint32_t k_lo = sw128_desc_lo(smem_u32(ks + 64 * wg * TLD), 16);
+    const uint32_t v_lo = sw128_desc_lo(smem_u32(vs + 64 * wg * TLD), 16);
+    const uint32_t q_lo = sw128_desc_lo(smem_u32(qs), 1024), do_lo = sw128_desc_lo(smem_u32(dos), 1024);
+    const uint32_t desc_hi = sw128_desc_hi(1024);
 
     // ORDERED: thread 0's release of the previous iteration's q tile, done during this one.
     // (DEFERRED releases the q tile before that, added during the previous iteration; it is
@@ -948,6 +971,8 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         } else {
             cp_async_wait<0>();
         }
+        // WG: this thread's copies become visible to wgmma (the async proxy) at the barrier.
+        if constexpr (WG) fence_proxy_async();
         __syncthreads();
         // The ordered dQ accumulation (see above); a q tile inside the first key tile has a
         // single partial and needs no semaphore.
@@ -959,24 +984,45 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         uint32_t seen = 0;
         if ((ORDERED || DEFERRED) && threadIdx.x == 0 && !first) seen = ld_relaxed(sem);
         const int buf = it & 1;
-        const bf16_t* qb = qs + buf * BQ * LD;
-        const bf16_t* db = dos + buf * BQ * LD;
-        // dSᵀ rows of the thread's fragment halves in m-tile m: ds_a + 16·m·LDS, ds_b + 16·m·LDS.
-        bf16_t* ds_a = dst + (WR * warp + lane / 4) * LDS + (lane % 4) * 2;
-        bf16_t* ds_b = ds_a + 8 * LDS;
-        // Skip when every q row of the tile is before the warp's first key (all masked).
-        if (qt + BQ - 1 >= w_first && w_first < seg_end) {
+        const bf16_t* qb = qs + buf * BQ * TLD;
+        const bf16_t* db = dos + buf * BQ * TLD;
+        // dSᵀ rows of the thread's fragment halves in m-tile m: ds_a + 16·m·LDS, ds_b + 16·m·LDS
+        // (WG: unpadded, column block j at chunk j ^ (row % 8), row % 8 = lane / 4).
+        bf16_t* ds_a = dst + (WR * warp + lane / 4) * SLD + (lane % 4) * 2;
+        bf16_t* ds_b = ds_a + 8 * SLD;
+        auto ds_col = [&](int j) { return WG ? (j ^ (lane / 4)) * 8 : j * 8; };
+        // Skip when every q row of the tile is before the warp's first key (all masked); WG: the
+        // warpgroup's (wgmma needs its four warps), its warps past the diagonal then masked.
+        const int skip_first = WG ? g_first : w_first;
+        if (qt + BQ - 1 >= skip_first && skip_first < seg_end) {
             const float* lb = lse_s + buf * BQ;
             const float* ddb = d_s + buf * BQ;
             float s[MT * (BQ / 8)][4], dp[MT * (BQ / 8)][4];
+            // (WG: the first wgmma of each product does not add its accumulator in; zeroed
+            // registers there made ptxas serialize every wgmma of the kernel.)
 #pragma unroll
-            for (int j = 0; j < MT * (BQ / 8); j++) {
+            for (int j = 0; j < (WG ? 0 : MT * (BQ / 8)); j++) {
                 s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
                 dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.0f;
             }
             // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: rows = the warp's WR keys, columns = the BQ q rows.
-            mma_abt<HD, BQ / 8, MT>(s, ks + WR * warp * LD, qb, lane);
-            mma_abt<HD, BQ / 8, MT>(dp, vs + WR * warp * LD, db, lane);
+            if constexpr (WG) {
+                const uint32_t qd = q_lo + buf * (BQ * TLD * 2 >> 4), dd = do_lo + buf * (BQ * TLD * 2 >> 4);
+                wgmma_fence();
+#pragma unroll
+                for (int kk = 0; kk < HD / 16; kk++)
+                    wgmma_m64n64_ss(s, desc64(k_lo + 2 * kk, desc_hi), desc64(qd + 2 * kk, desc_hi), kk > 0);
+#pragma unroll
+                for (int kk = 0; kk < HD / 16; kk++)
+                    wgmma_m64n64_ss(dp, desc64(v_lo + 2 * kk, desc_hi), desc64(dd + 2 * kk, desc_hi), kk > 0);
+                wgmma_commit();
+                wgmma_wait<0>();
+                wgmma_pin(s);
+                wgmma_pin(dp);
+            } else {
+                mma_abt<HD, BQ / 8, MT>(s, ks + WR * warp * LD, qb, lane);
+                mma_abt<HD, BQ / 8, MT>(dp, vs + WR * warp * LD, db, lane);
+            }
             // P and dS = P∘(dP − D); the causal and segment mask only where the warp's keys and
             // the tile's q rows can need it (most tiles lie wholly below the diagonal).
             auto p_and_ds = [&](auto masked) {
@@ -1005,16 +1051,43 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
                 p_and_ds(Flag<true>{});
             else
                 p_and_ds(Flag<false>{});
-            mma_py<HD, BQ / 16, MT>(dv, s, db, lane);
-            mma_py<HD, BQ / 16, MT>(dk, dp, qb, lane);
+            if constexpr (WG) {
+                // dV += Pᵀ·dO and dK += dSᵀ·Q: A from the registers (C → A, as mma_py packs
+                // it), B the dO and Q tiles read MN-major (16 q rows, 2048 bytes, a k-step).
+                const uint32_t qd = q_lo + buf * (BQ * TLD * 2 >> 4), dd = do_lo + buf * (BQ * TLD * 2 >> 4);
+                uint32_t pa[BQ / 16][4], da[BQ / 16][4];
+#pragma unroll
+                for (int kk = 0; kk < BQ / 16; kk++) {
+                    pa[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+                    pa[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+                    pa[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                    pa[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+                    da[kk][0] = pack_bf16(dp[2 * kk][0], dp[2 * kk][1]);
+                    da[kk][1] = pack_bf16(dp[2 * kk][2], dp[2 * kk][3]);
+                    da[kk][2] = pack_bf16(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
+                    da[kk][3] = pack_bf16(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+                }
+                wgmma_fence();
+#pragma unroll
+                for (int kk = 0; kk < BQ / 16; kk++) wgmma_m64n64_rs_t(dv, pa[kk], desc64(dd + 128 * kk, desc_hi));
+#pragma unroll
+                for (int kk = 0; kk < BQ / 16; kk++) wgmma_m64n64_rs_t(dk, da[kk], desc64(qd + 128 * kk, desc_hi));
+                wgmma_commit();
+                wgmma_wait<0>();
+                wgmma_pin(dv);
+                wgmma_pin(dk);
+            } else {
+                mma_py<HD, BQ / 16, MT>(dv, s, db, lane);
+                mma_py<HD, BQ / 16, MT>(dk, dp, qb, lane);
+            }
             // dSᵀ in bf16, the values dK used, for the dQ product.
 #pragma unroll
             for (int m = 0; m < MT; m++) {
 #pragma unroll
                 for (int j = 0; j < BQ / 8; j++) {
                     const float* d = dp[m * (BQ / 8) + j];
-                    st_shared_u32(ds_a + 16 * m * LDS + j * 8, pack_bf16(d[0], d[1]));
-                    st_shared_u32(ds_b + 16 * m * LDS + j * 8, pack_bf16(d[2], d[3]));
+                    st_shared_u32(ds_a + 16 * m * SLD + ds_col(j), pack_bf16(d[0], d[1]));
+                    st_shared_u32(ds_b + 16 * m * SLD + ds_col(j), pack_bf16(d[2], d[3]));
                 }
             }
         } else {
@@ -1022,8 +1095,8 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
             for (int m = 0; m < MT; m++) {
 #pragma unroll
                 for (int j = 0; j < BQ / 8; j++) {
-                    st_shared_u32(ds_a + 16 * m * LDS + j * 8, 0u);
-                    st_shared_u32(ds_b + 16 * m * LDS + j * 8, 0u);
+                    st_shared_u32(ds_a + 16 * m * SLD + ds_col(j), 0u);
+                    st_shared_u32(ds_b + 16 * m * SLD + ds_col(j), 0u);
                 }
             }
         }
@@ -1076,16 +1149,23 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
 #pragma unroll
         for (int j = 0; j < CW / 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
         {
-            uint32_t a_addr = smem_u32(dst + ((lane % 8) + (lane / 16) * 8) * LDS + strip * 16 + ((lane / 8) % 2) * 8);
-            uint32_t k_addr = smem_u32(ks + ((lane % 8) + ((lane / 8) % 2) * 8) * LD + c0 + (lane / 16) * 8);
+            // A lane's ldmatrix rows are 8-aligned plus lane % 8: in the swizzle (WG) its 16-byte
+            // chunk c of a row is at c ^ (lane % 8) in every k-step.
+            const int a_row = (lane % 8) + (lane / 16) * 8, a_chunk = strip * 2 + (lane / 8) % 2;
+            const int k_row = (lane % 8) + ((lane / 8) % 2) * 8, k_chunk = c0 / 8 + lane / 16;
+            auto chunk = [&](int c) { return WG ? c ^ (lane % 8) : c; };
+            uint32_t a_addr = smem_u32(dst + a_row * SLD + chunk(a_chunk) * 8);
+            uint32_t k_addr[CW / 16];
+#pragma unroll
+            for (int cp = 0; cp < CW / 16; cp++) k_addr[cp] = smem_u32(ks + k_row * TLD + chunk(k_chunk + 2 * cp) * 8);
 #pragma unroll
             for (int kk = 0; kk < BN / 16; kk++) {
                 uint32_t a[4];
-                ldsm_x4_t(a[0], a[1], a[2], a[3], a_addr + kk * 16 * LDS * 2);
+                ldsm_x4_t(a[0], a[1], a[2], a[3], a_addr + kk * 16 * SLD * 2);
 #pragma unroll
                 for (int cp = 0; cp < CW / 16; cp++) {
                     uint32_t b0, b1, b2, b3;
-                    ldsm_x4_t(b0, b1, b2, b3, k_addr + (kk * 16 * LD + cp * 16) * 2);
+                    ldsm_x4_t(b0, b1, b2, b3, k_addr[cp] + kk * 16 * TLD * 2);
                     mma_bf16(acc[2 * cp], a, b0, b1);
                     mma_bf16(acc[2 * cp + 1], a, b2, b3);
                 }
@@ -1262,3 +1342,21 @@ extern "C" __global__ void __launch_bounds__(256)
                                                    n_kv_heads);
 }
 #endif  // SFT_SM90A
+
+// ---- the sm_90a entries ----------------------------------------------------------------------------
+#if defined(SFT_SM90A) || defined(FLASH_EMULATE)
+// 2 CTAs per SM: 128 registers a thread at most, 65 KiB of shared memory each.
+extern "C" __global__ void __launch_bounds__(256, 2)
+    flash_forward_64_sm90(bf16_t* out, float* lse, const bf16_t* qkv, const int* table, int n, int n_heads,
+                          int n_kv_heads) {
+    flash_forward_wgmma_impl<256>(out, lse, qkv, table, n, n_heads, n_kv_heads);
+}
+// The default backward (ordered dQ) with Sᵀ, dPᵀ, dV and dK on wgmma: one CTA per SM, as
+// flash_backward_64.
+extern "C" __global__ void __launch_bounds__(256)
+    flash_backward_64_sm90(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout, const bf16_t* qkv,
+                           const float* lse, const float* D, const int* table, int n, int n_heads, int n_kv_heads) {
+    flash_backward_impl<64, 8, 64, DQ_ORDERED, 1, true>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n, n_heads,
+                                                         n_kv_heads);
+}
+#endif  // SFT_SM90A || FLASH_EMULATE

@@ -91,8 +91,8 @@ def main():
     ap.add_argument("--dq", default="ordered", choices=["ordered", "deferred", "deferred-q64", "atomic", "both", "all"],
                     help="our flash backward's dQ accumulation (deferred, deferred-q64: the ordered bits; atomic: not "
                          "deterministic; both: ordered and atomic; all: a row each)")
-    ap.add_argument("--forward", default="mma", choices=["mma", "wgmma", "both"],
-                    help="our flash forward: mma.sync, wgmma (compute capability 9.0) or both")
+    ap.add_argument("--mma", default="mma", choices=["mma", "wgmma", "both"],
+                    help="our flash kernels' instructions: mma.sync, wgmma (compute capability 9.0) or both")
     ap.add_argument("--markdown", default=None, help="also write the table as markdown to this file")
     args = ap.parse_args()
     seq_lens = [int(x) for x in args.seq_lens.split(",")]
@@ -116,7 +116,7 @@ def main():
         cmd = [sft, "bench-attention", "--seq-lens", args.seq_lens, "--tokens", str(args.tokens), "--heads",
                str(args.heads), "--head-dim", str(args.head_dim), "--iters", str(args.iters), "--path", path]
         if path == "auto":
-            cmd += ["--dq", args.dq, "--forward", args.forward]
+            cmd += ["--dq", args.dq, "--mma", args.mma]
         res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         # Same format: skip our header line, keep the rows.
         for line in res.stdout.splitlines()[1:]:
@@ -149,7 +149,7 @@ def write_markdown(args, rows, notes):
             fwd_bwd.setdefault(c[1], {})[c[0]] = float(c[6])
     # One ratio per sft tensor-core row ("sft flash (mma)", and "sft flash (atomic dQ)",
     # "sft flash (deferred)", "sft flash (deferred64)" with --dq both or all; "sft wgmma (...)"
-    # with --forward wgmma or both).
+    # with --mma wgmma or both).
     def label(k):
         if k == "sft flash (mma)":
             return ""

@@ -6,7 +6,8 @@
 #                                    # demo reference and the commit -> .gpu/ (carry that folder)
 #   scripts/gpu_check.sh resources   # here: registers / spills / shared memory per kernel (sm_90 cubin)
 #   scripts/gpu_check.sh sass        # here: the flash kernels' main loops by instruction class (sm_90
-#                                    # SASS; installs cuobjdump and nvdisasm from PyPI into .cuda/sass)
+#                                    # SASS and the sm_90a wgmma kernels; fails where ptxas serializes a
+#                                    # wgmma; installs cuobjdump and nvdisasm from PyPI into .cuda/sass)
 #   .gpu/gpu_check.sh all            # on the GPU box: everything below in at most 8 minutes, each
 #                                    # part time-boxed; results.md to $OUT (else beside this script)
 #   scripts/gpu_check.sh dry         # here / CI (= all --dry): every part that runs on the CPU at
@@ -130,7 +131,7 @@ run_one_part() {
             echo "needs a CUDA GPU (sft bench-attention and flash SDPA run on the device only)" >"$work/attention.skip"
             return 3
         fi
-        say_run python3 ./bench_attention_torch.py --sft ./sft --dq all --forward both $torch_flag \
+        say_run python3 ./bench_attention_torch.py --sft ./sft --dq all --mma both $torch_flag \
             --markdown "$work/attention.md"
         ;;
     kernels)
@@ -283,9 +284,15 @@ sass)
     trap 'rm -rf "$tmp"' EXIT
     "$nvcc" -cubin -arch=sm_90 -O3 --use_fast_math -std=c++17 -I "$root/kernels" -o "$tmp/flash.cubin" \
         "$root/kernels/flash_attention.cu" 2>/dev/null
-    # The sm_90a module (the *_sm90 kernels on wgmma), as build.rs compiles it.
-    "$nvcc" -cubin -arch=sm_90a -DSFT_SM90A -O3 --use_fast_math -std=c++17 -I "$root/kernels" \
-        -o "$tmp/flash90a.cubin" "$root/kernels/flash_attention.cu" 2>/dev/null
+    # The sm_90a module (the *_sm90 kernels on wgmma), as build.rs compiles it. A wgmma that
+    # ptxas serializes (waits after every one: C7520, e.g. for accumulator registers written in
+    # a divergent path) would throw away what the kernel is for: fail.
+    "$nvcc" -cubin -arch=sm_90a -DSFT_SM90A -O3 --use_fast_math -std=c++17 -Xptxas -v -I "$root/kernels" \
+        -o "$tmp/flash90a.cubin" "$root/kernels/flash_attention.cu" >"$tmp/ptxas90a.log" 2>&1
+    if grep -i "serialized" "$tmp/ptxas90a.log"; then
+        echo "ptxas serialized wgmma instructions (above)" >&2
+        exit 1
+    fi
     for c in flash flash90a; do
         PATH="$tools/nvidia/cu13/bin:$PATH" cuobjdump -sass "$tmp/$c.cubin" >>"$tmp/flash.sass"
     done

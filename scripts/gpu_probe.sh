@@ -6,10 +6,10 @@
 #   .gpu/gpu_probe.sh        (results under $OUT, else .gpu/probe/)
 #   .gpu/gpu_probe.sh dq     the flash backward's dQ sums only (about 5 minutes): the GPU
 #                            attention tests (they check both deferred kernels against the
-#                            ordered bits, and the wgmma forward against the CPU) and training
-#                            tests, `bench-attention --dq all --forward both`, and the 1.3B step
+#                            ordered bits, and the wgmma kernels against the CPU) and training
+#                            tests, `bench-attention --dq all --mma both`, and the 1.3B step
 #                            under ordered, deferred, deferred-q64 and atomic dQ and with the
-#                            wgmma forward (SFT_FLASH_FORWARD=wgmma),
+#                            wgmma kernels (SFT_FLASH_MMA=wgmma),
 #                            then the default step's
 #                            kernel times with 8 and with 32 cuBLASLt candidates timed per GEMM
 #                            shape (kernel_times_gemm{8,32}.csv; the GEMMs by shape on the
@@ -58,15 +58,15 @@ if [[ "${1:-}" == dq ]]; then
         echo "rc=$?"
         grep -E "FAILED|panicked|test result" "$out/${t}_$mode.log" | head
     done
-    step "bench-attention --dq all --forward both" 80
+    step "bench-attention --dq all --mma both" 80
     with_clocks bench-attention timeout -k 5 80 ./sft bench-attention --seq-lens 1024,2048,4096 --dq all \
-        --forward both 2>&1 | tee "$out/attention_dq.log"
-    # The dQ sums with the mma forward, then the default dQ with the wgmma forward.
-    for mode in ordered deferred deferred-q64 atomic wgmma-forward; do
+        --mma both 2>&1 | tee "$out/attention_dq.log"
+    # The dQ sums on mma.sync, then the default (ordered) dQ with the wgmma kernels.
+    for mode in ordered deferred deferred-q64 atomic wgmma; do
         step "1.3B step, $mode" 70
-        dq="$mode" forward=mma
-        if [[ "$mode" == wgmma-forward ]]; then dq=ordered forward=wgmma; fi
-        SFT_FLASH_DQ=$dq SFT_FLASH_FORWARD=$forward with_clocks "step_$mode" timeout -k 5 70 ./sft bench \
+        dq="$mode" mma=mma
+        if [[ "$mode" == wgmma ]]; then dq=ordered mma=wgmma; fi
+        SFT_FLASH_DQ=$dq SFT_FLASH_MMA=$mma with_clocks "step_$mode" timeout -k 5 70 ./sft bench \
             --config simplellama-1.3b --tokens-per-step 65536 --seq-len 2048 --micro-batch 8 --steps 5 --warmup 2 \
             --device cuda --dropout 0 2>&1 |
             tee "$out/bench_$mode.log" | grep -E "time per step|tokens/s|MFU|memory|clocks during"
@@ -83,7 +83,7 @@ if [[ "${1:-}" == dq ]]; then
     done
     # One markdown table of the step runs, for BENCHMARKS.md.
     {
-        echo "| SFT_FLASH_DQ, or the forward | s/step | tokens/s | MFU |"
+        echo "| SFT_FLASH_DQ (wgmma: ordered, SFT_FLASH_MMA=wgmma) | s/step | tokens/s | MFU |"
         echo "|---|---:|---:|---:|"
         for log in "$out"/bench_*.log; do
             name="${log##*/bench_}"
@@ -110,18 +110,18 @@ head -n 40 "$out/kernel_times.csv"
 step attention-dq 60
 # The flash backward's dQ: ordered (the default), the two deferred kernels (the same bits) and
 # atomic (SFT_FLASH_DQ).
-timeout -k 5 60 ./sft bench-attention --seq-lens 2048,4096 --dq all --forward both 2>&1 | tee "$out/attention_dq.log"
+timeout -k 5 60 ./sft bench-attention --seq-lens 2048,4096 --dq all --mma both 2>&1 | tee "$out/attention_dq.log"
 echo "attention-dq rc=${PIPESTATUS[0]}"
 NCU="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)"
 step ncu 100
 if [[ -n "$NCU" ]]; then
-    for k in backward_64 forward_64 forward_64_sm90; do
-        forward=mma
-        if [[ "$k" == *sm90 ]]; then forward=wgmma; fi
+    for k in backward_64 forward_64 backward_64_sm90 forward_64_sm90; do
+        mma=mma
+        if [[ "$k" == *sm90 ]]; then mma=wgmma; fi
         timeout -k 5 50 "$NCU" --clock-control none --kernel-name "flash_$k" --launch-skip 3 --launch-count 1 \
             --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
             --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-            ./sft bench-attention --seq-lens 2048 --iters 2 --forward $forward >"$out/ncu_flash_$k.txt" 2>&1
+            ./sft bench-attention --seq-lens 2048 --iters 2 --mma $mma >"$out/ncu_flash_$k.txt" 2>&1
     done
     echo "ncu rc=$?"
     grep -E "flash_|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Block Limit|Warp Cycles Per Issued|Executed Ipc A|Dynamic Shared" "$out"/ncu_flash_*.txt | head -80

@@ -8,8 +8,9 @@
 //! The opt-in atomic dQ path (`FlashDq::Atomic`, SFT_FLASH_DQ=atomic) must meet the same
 //! tolerances against the CPU, give dK and dV bit-identical to the ordered path, and leave its
 //! accumulator at zero (consecutive calls, also after an ordered call, agree).
-//! The opt-in wgmma forward (`FlashForward::Wgmma`, compute capability 9.0 only) must meet the
-//! same tolerances against the CPU, at every shape the mma forward is checked at.
+//! The opt-in wgmma kernels (`FlashMma::Wgmma`, compute capability 9.0 only: the head_dim 64
+//! forward and ordered backward) must meet the same tolerances against the CPU, and their
+//! backward must be bit-identical run to run.
 //!
 //! All tests are `#[ignore]` (they need an NVIDIA GPU): `cargo test --release --test
 //! gpu_attention -- --ignored`, or `scripts/gpu_check.sh run`. Where the backend cannot open,
@@ -20,7 +21,7 @@
 mod common;
 use common::gpu::{gpu, randn, upload};
 use sft::backend::cpu::CpuBackend;
-use sft::backend::cuda::{AttentionPath, CudaBackend, FlashDq, FlashForward};
+use sft::backend::cuda::{AttentionPath, CudaBackend, FlashDq, FlashMma};
 use sft::backend::{Backend, HeadShape, Precision};
 use sft::rng::Rng;
 
@@ -28,12 +29,12 @@ const TOL: f64 = 1e-2;
 
 /// The GPU backend with the tensor-core path on for `head_dim` (panics when the device lacks it),
 /// with the ordered dQ accumulation and the mma forward whatever SFT_FLASH_DQ and
-/// SFT_FLASH_FORWARD say.
+/// SFT_FLASH_MMA say.
 fn tensor_core_gpu(head_dim: usize) -> Option<CudaBackend> {
     let g = gpu()?;
     g.set_attention_path(AttentionPath::Auto);
     g.set_flash_dq(FlashDq::Ordered);
-    g.set_flash_forward(FlashForward::Mma).unwrap();
+    g.set_flash_mma(FlashMma::Mma).unwrap();
     assert!(
         g.uses_tensor_core_attention(head_dim),
         "no tensor-core attention for head_dim {head_dim} on this device (compute capability {:?})",
@@ -132,7 +133,7 @@ fn against_cpu_on(g: &CudaBackend, heads: HeadShape, cu: &[u32], seed: u64) {
     let lens: Vec<u32> = cu.windows(2).map(|w| w[1] - w[0]).collect();
     let tag = format!(
         "tensor cores ({} forward, {} dQ) vs cpu, hd {} heads {}/{} lengths {lens:?}",
-        g.flash_forward_kernel().name(),
+        g.flash_mma().name(),
         g.flash_dq().name(),
         heads.head_dim,
         heads.n_heads,
@@ -394,22 +395,23 @@ fn flash_deferred_dq_gives_the_ordered_bits() {
     }
 }
 
-/// The wgmma forward (head_dim 64) against the CPU at the mma forward's shapes: single
-/// sequences, packed rows, grouped KV heads, many short segments. Only compute capability 9.0
-/// has it; elsewhere asking for it is an error, and the test says it skipped.
+/// The wgmma kernels (head_dim 64: the forward and the ordered backward) against the CPU at the
+/// mma kernels' shapes: single sequences, packed rows, grouped KV heads, many short segments;
+/// then the backward twice at scale, bit-identical. Only compute capability 9.0 has them;
+/// elsewhere asking for them is an error, and the test says it skipped.
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
-fn flash_wgmma_forward_against_cpu() {
+fn flash_wgmma_against_cpu() {
     let Some(g) = tensor_core_gpu(64) else { return };
     if g.compute_capability() != (9, 0) {
-        assert!(g.set_flash_forward(FlashForward::Wgmma).is_err());
+        assert!(g.set_flash_mma(FlashMma::Wgmma).is_err());
         eprintln!(
-            "skipped: the wgmma forward needs compute capability 9.0 (this device: {:?})",
+            "skipped: the wgmma kernels need compute capability 9.0 (this device: {:?})",
             g.compute_capability()
         );
         return;
     }
-    g.set_flash_forward(FlashForward::Wgmma).unwrap();
+    g.set_flash_mma(FlashMma::Wgmma).unwrap();
     let short: Vec<u32> = (0..=40).map(|i| i * 7).collect();
     for (heads, cu, seed) in [
         (MHA_64, vec![0u32, 1], 900),
@@ -422,4 +424,10 @@ fn flash_wgmma_forward_against_cpu() {
     ] {
         against_cpu_on(&g, heads, &cu, seed);
     }
+    let mha_32 = HeadShape { n_heads: 32, n_kv_heads: 32, head_dim: 64 };
+    let cu = [0u32, 2048, 4096, 6144, 8192];
+    let (qkv, dout) = inputs(8192, mha_32, 907);
+    let first = attention(&g, &qkv, &dout, &cu, mha_32);
+    let again = attention(&g, &qkv, &dout, &cu, mha_32);
+    assert_identical("wgmma, hd 64 at scale", &first, &again);
 }

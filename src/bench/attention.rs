@@ -8,16 +8,16 @@
 //!
 //! `--dq both` also times the tensor-core backward with atomic dQ adds (SFT_FLASH_DQ=atomic,
 //! not deterministic) in a row of its own, "sft flash (atomic dQ)"; `--dq all` adds the deferred
-//! ordered sums, "sft flash (deferred)". `--forward wgmma` (or `both`) runs the head_dim 64
-//! forward on wgmma (compute capability 9.0), in rows named "sft wgmma (...)" after the dQ
-//! accumulation of their backward.
+//! ordered sums, "sft flash (deferred)". `--mma wgmma` (or `both`) runs the head_dim 64 kernels
+//! on wgmma (compute capability 9.0: the forward, and the backward with the ordered dQ sum), in
+//! rows named "sft wgmma (...)" after the dQ accumulation of their backward.
 
 use anyhow::{Context, Result};
 use clap::Args;
 use std::time::Instant;
 
 use super::{upload, upload_ids};
-use crate::backend::cuda::{AttentionPath, CudaBackend, FlashDq, FlashForward};
+use crate::backend::cuda::{AttentionPath, CudaBackend, FlashDq, FlashMma};
 use crate::backend::{Backend, HeadShape, Precision};
 use crate::rng::Rng;
 
@@ -49,10 +49,11 @@ pub struct AttentionBenchArgs {
     /// Only the tensor-core path has the choice.
     #[arg(long, default_value = "ordered")]
     pub dq: String,
-    /// The flash forward's kernel: mma, wgmma (head_dim 64 on compute capability 9.0) or both
-    /// (rows for each; the wgmma ones only where the device has it).
+    /// The flash kernels' tensor-core instructions: mma, wgmma (head_dim 64 on compute
+    /// capability 9.0; the forward and the ordered backward) or both (rows for each; the wgmma
+    /// ones only where the device has them).
     #[arg(long, default_value = "mma")]
-    pub forward: String,
+    pub mma: String,
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     pub gpu: usize,
@@ -70,28 +71,28 @@ pub fn dq_modes(arg: &str) -> Result<Vec<FlashDq>> {
     }
 }
 
-/// The flash forward kernels `--forward` asks for, in row order.
-pub fn forward_kernels(arg: &str) -> Result<Vec<FlashForward>> {
+/// The tensor-core instructions `--mma` asks for, in row order.
+pub fn mma_kinds(arg: &str) -> Result<Vec<FlashMma>> {
     match arg {
-        "both" => Ok(FlashForward::ALL.to_vec()),
-        other => Ok(vec![FlashForward::parse(other).context("--forward (mma, wgmma or both)")?]),
+        "both" => Ok(FlashMma::ALL.to_vec()),
+        other => Ok(vec![FlashMma::parse(other).context("--mma (mma, wgmma or both)")?]),
     }
 }
 
-/// The table's name for a row: "sft scalar", or the tensor-core path: its forward kernel (flash:
+/// The table's name for a row: "sft scalar", or the tensor-core path: its instructions (flash:
 /// mma.sync, wgmma) and its dQ accumulation. At most 22 characters:
 /// scripts/bench_attention_torch.py reads the name from the first 22.
-pub fn row_name(flash: bool, forward: FlashForward, dq: FlashDq) -> &'static str {
-    match (flash, forward, dq) {
+pub fn row_name(flash: bool, mma: FlashMma, dq: FlashDq) -> &'static str {
+    match (flash, mma, dq) {
         (false, _, _) => "sft scalar",
-        (true, FlashForward::Mma, FlashDq::Ordered) => "sft flash (mma)",
-        (true, FlashForward::Mma, FlashDq::Deferred) => "sft flash (deferred)",
-        (true, FlashForward::Mma, FlashDq::DeferredQ64) => "sft flash (deferred64)",
-        (true, FlashForward::Mma, FlashDq::Atomic) => "sft flash (atomic dQ)",
-        (true, FlashForward::Wgmma, FlashDq::Ordered) => "sft wgmma (ordered)",
-        (true, FlashForward::Wgmma, FlashDq::Deferred) => "sft wgmma (deferred)",
-        (true, FlashForward::Wgmma, FlashDq::DeferredQ64) => "sft wgmma (deferred64)",
-        (true, FlashForward::Wgmma, FlashDq::Atomic) => "sft wgmma (atomic dQ)",
+        (true, FlashMma::Mma, FlashDq::Ordered) => "sft flash (mma)",
+        (true, FlashMma::Mma, FlashDq::Deferred) => "sft flash (deferred)",
+        (true, FlashMma::Mma, FlashDq::DeferredQ64) => "sft flash (deferred64)",
+        (true, FlashMma::Mma, FlashDq::Atomic) => "sft flash (atomic dQ)",
+        (true, FlashMma::Wgmma, FlashDq::Ordered) => "sft wgmma (ordered)",
+        (true, FlashMma::Wgmma, FlashDq::Deferred) => "sft wgmma (deferred)",
+        (true, FlashMma::Wgmma, FlashDq::DeferredQ64) => "sft wgmma (deferred64)",
+        (true, FlashMma::Wgmma, FlashDq::Atomic) => "sft wgmma (atomic dQ)",
     }
 }
 
@@ -216,7 +217,7 @@ impl<B: Backend> AttentionCase<B> {
 
 pub fn bench_attention(args: AttentionBenchArgs) -> Result<()> {
     let mut modes = dq_modes(&args.dq)?;
-    let mut forwards = forward_kernels(&args.forward)?;
+    let mut kinds = mma_kinds(&args.mma)?;
     let g = CudaBackend::new(args.gpu).context("bench-attention needs a CUDA GPU")?;
     let path = match args.path.as_str() {
         "auto" => AttentionPath::Auto,
@@ -233,11 +234,11 @@ pub fn bench_attention(args: AttentionBenchArgs) -> Result<()> {
     if !flash {
         // The scalar kernels have one forward and one backward: one row, whatever --dq says.
         modes.truncate(1);
-        forwards.truncate(1);
+        kinds.truncate(1);
     }
-    if forwards.len() > 1 && g.set_flash_forward(FlashForward::Wgmma).is_err() {
-        eprintln!("--forward both: no wgmma forward on this device (compute capability 9.0 only)");
-        forwards.retain(|&f| f == FlashForward::Mma);
+    if kinds.len() > 1 && g.set_flash_mma(FlashMma::Wgmma).is_err() {
+        eprintln!("--mma both: no wgmma kernels on this device (compute capability 9.0 only)");
+        kinds.retain(|&f| f == FlashMma::Mma);
     }
     eprintln!("{} (compute capability {:?})", g.name(), g.compute_capability());
     println!("{}", table_header());
@@ -261,13 +262,13 @@ pub fn bench_attention(args: AttentionBenchArgs) -> Result<()> {
             g.synchronize()?;
             Ok(timed.elapsed().as_secs_f64() / args.iters.max(1) as f64)
         };
-        for &forward in &forwards {
+        for &kind in &kinds {
             if flash {
-                g.set_flash_forward(forward)?;
+                g.set_flash_mma(kind)?;
             }
             for &mode in &modes {
                 g.set_flash_dq(mode);
-                let name = row_name(flash, forward, mode);
+                let name = row_name(flash, kind, mode);
                 let fwd = time(false)?;
                 let fwd_bwd = time(true)?;
                 println!("{}", table_row(name, t, batch, heads.head_dim, heads.n_heads, fwd, fwd_bwd));
@@ -311,7 +312,7 @@ mod tests {
             );
         }
         // The table's name column is 22 wide (bench_attention_torch.py splits rows there).
-        let mma = FlashForward::Mma;
+        let mma = FlashMma::Mma;
         let names = [
             row_name(true, mma, FlashDq::Ordered),
             row_name(true, mma, FlashDq::Deferred),
@@ -331,23 +332,23 @@ mod tests {
             ]
         );
         // Every wgmma row name is distinct from the mma ones and fits too.
-        let mut all: Vec<&str> = FlashForward::ALL
+        let mut all: Vec<&str> = FlashMma::ALL
             .iter()
             .flat_map(|&f| FlashDq::ALL.iter().map(move |&dq| row_name(true, f, dq)))
             .collect();
         assert!(all.iter().all(|n| n.len() <= 22), "{all:?}");
         all.sort();
         all.dedup();
-        assert_eq!(all.len(), FlashForward::ALL.len() * FlashDq::ALL.len());
+        assert_eq!(all.len(), FlashMma::ALL.len() * FlashDq::ALL.len());
     }
 
     #[test]
-    fn forward_flag_takes_mma_wgmma_or_both() {
-        assert_eq!(forward_kernels("mma").unwrap(), vec![FlashForward::Mma]);
-        assert_eq!(forward_kernels("WGMMA").unwrap(), vec![FlashForward::Wgmma]);
-        assert_eq!(forward_kernels("both").unwrap(), FlashForward::ALL.to_vec());
-        let err = format!("{:#}", forward_kernels("tma").unwrap_err());
-        assert!(err.contains("--forward (mma, wgmma or both)") && err.contains("tma"), "{err}");
+    fn mma_flag_takes_mma_wgmma_or_both() {
+        assert_eq!(mma_kinds("mma").unwrap(), vec![FlashMma::Mma]);
+        assert_eq!(mma_kinds("WGMMA").unwrap(), vec![FlashMma::Wgmma]);
+        assert_eq!(mma_kinds("both").unwrap(), FlashMma::ALL.to_vec());
+        let err = format!("{:#}", mma_kinds("tma").unwrap_err());
+        assert!(err.contains("--mma (mma, wgmma or both)") && err.contains("tma"), "{err}");
     }
 
     #[test]

@@ -40,6 +40,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <barrier>
 #include <cassert>
 #include <cmath>
@@ -83,6 +84,31 @@ struct EmuWord {
     bool unfenced = false;  // written by cp.async, not yet behind a fence.proxy.async (wgmma)
 };
 
+// The barrier of a warpgroup's 128 threads at a wgmma (.sync.aligned: all four warps execute
+// it). One that a warp never reaches (it skipped the wgmma, or returned) aborts after 60 s with
+// a message instead of hanging the run.
+struct EmuTimedBarrier {
+    std::mutex m;
+    std::condition_variable cv;
+    int count = 0, expected;
+    long generation = 0;
+    explicit EmuTimedBarrier(int n) : expected(n) {}
+    void arrive_and_wait(const char* what) {
+        std::unique_lock<std::mutex> lock(m);
+        const long gen = generation;
+        if (++count == expected) {
+            count = 0;
+            generation++;
+            cv.notify_all();
+            return;
+        }
+        if (!cv.wait_for(lock, std::chrono::seconds(60), [&] { return generation != gen; })) {
+            fprintf(stderr, "%s: a warp of the warpgroup never arrived (diverged around a wgmma?)\n", what);
+            abort();
+        }
+    }
+};
+
 // Counts over the whole run.
 struct EmuStats {
     std::atomic<long> races{0}, ldsm_phases{0}, ldsm_conflicted{0}, ldsm_extra_wavefronts{0};
@@ -96,7 +122,8 @@ struct EmuCta {
     std::vector<EmuWord> shadow;
     std::mutex shadow_lock;
     std::unique_ptr<std::barrier<>> block;
-    std::vector<std::unique_ptr<std::barrier<>>> warps, warpgroups;
+    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    std::vector<std::unique_ptr<EmuTimedBarrier>> warpgroups;
     // Per warp, per lane: 16 words of exchange space.
     std::vector<uint32_t> xchg;
     // Per thread: what it posts for a wgmma (A descriptor, B descriptor, A fragments).
@@ -106,7 +133,7 @@ struct EmuCta {
           wg_post((size_t)t * 4) {
         block = std::make_unique<std::barrier<>>(t);
         for (int w = 0; w < t / 32; w++) warps.push_back(std::make_unique<std::barrier<>>(32));
-        for (int g = 0; g < t / 128; g++) warpgroups.push_back(std::make_unique<std::barrier<>>(128));
+        for (int g = 0; g < t / 128; g++) warpgroups.push_back(std::make_unique<EmuTimedBarrier>(128));
     }
 };
 inline thread_local EmuCta* emu_cta = nullptr;
@@ -539,7 +566,7 @@ inline void emu_wgmma(float (*d)[4], uint64_t a_desc, const uint32_t* a_regs, ui
     uint64_t* post = &emu_cta->wg_post[(size_t)t * 4];
     post[0] = a_desc, post[1] = b_desc;
     if (a_regs) post[2] = a_regs[0] | ((uint64_t)a_regs[1] << 32), post[3] = a_regs[2] | ((uint64_t)a_regs[3] << 32);
-    emu_cta->warpgroups[wg]->arrive_and_wait();
+    emu_cta->warpgroups[wg]->arrive_and_wait("wgmma");
     const uint64_t* lead = &emu_cta->wg_post[(size_t)wg * 128 * 4];
     if (lead[1] != b_desc || (!a_regs && lead[0] != a_desc)) {
         fprintf(stderr, "wgmma: thread %d's descriptors differ from its warpgroup's first thread\n", t);
@@ -572,7 +599,7 @@ inline void emu_wgmma(float (*d)[4], uint64_t a_desc, const uint32_t* a_regs, ui
             for (int c = 0; c < 64; c++) emu_wgmma_read(emu_wgmma_addr(b_desc, c, k, b_mn), warp);
         }
     }
-    emu_cta->warpgroups[wg]->arrive_and_wait();
+    emu_cta->warpgroups[wg]->arrive_and_wait("wgmma");
     // The thread's elements: from the pending result of an earlier wgmma on the same registers.
     EmuWgmma* prev = nullptr;
     for (EmuWgmma& p : emu_wgmma_pending)

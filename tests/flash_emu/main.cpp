@@ -201,10 +201,15 @@ static bool run(const Case& c, uint64_t seed) {
     auto backward = [&](const std::string& kernel, std::vector<bf16_t>& g, int ctas) {
         const bool q64 = kernel.find("deferred_q64") != std::string::npos;
         const bool deferred = !q64 && kernel.find("deferred") != std::string::npos;
+        const bool sm90 = kernel == "flash_backward_64_sm90";
         const int warps = deferred ? cfg.anw : cfg.knw;
-        const size_t smem = q64 ? cfg.dq64smem : deferred ? cfg.dsmem : cfg.ksmem;
+        // sm90: K, V [128] and Q, dO [2][64] rows of 128 bytes, lse and D, dSᵀ [128][64], and
+        // 1 KiB to align the tiles.
+        const size_t smem = sm90 ? (2 * 128 + 4 * 64) * 128 + 4 * 64 * 4 + 128 * 64 * 2 + 1024
+                            : q64 ? cfg.dq64smem : deferred ? cfg.dsmem : cfg.ksmem;
         launch(kernel, (unsigned)(tk.size() - 1) / 3, nkv, warps * 32, smem, [&] {
-            if (q64) flash_backward_deferred_q64_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+            if (sm90) flash_backward_64_sm90(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+            else if (q64) flash_backward_deferred_q64_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
             else if (deferred && hd == 64) flash_backward_deferred_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
             else if (deferred) flash_backward_deferred_128(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
             else if (hd == 64) flash_backward_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
@@ -225,8 +230,10 @@ static bool run(const Case& c, uint64_t seed) {
     identical = identical && backward_same;
     // The deferred backwards add the same partials in the same order: the ordered bits, one and
     // 3 blocks at a time.
+    // So does the wgmma backward (HD 64): the same operations per element in the same order.
     std::vector<std::string> deferred_kernels = {"flash_backward_deferred_" + h};
     if (hd == 64) deferred_kernels.push_back("flash_backward_deferred_q64_64");
+    if (hd == 64) deferred_kernels.push_back("flash_backward_64_sm90");
     for (const std::string& kernel : deferred_kernels)
         for (int ctas : {1, 3}) {
             std::vector<bf16_t> deferred(n * width, __float2bfloat16_rn(-2.0f));

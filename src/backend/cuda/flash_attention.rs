@@ -13,9 +13,10 @@
 //! tiles) the same ordered sums one iteration later, staged in shared memory (the same bits; not
 //! yet timed on a GPU).
 //!
-//! `SFT_FLASH_FORWARD=wgmma` (or [`CudaBackend::set_flash_forward`]) runs the head_dim 64
-//! forward on Hopper's warpgroup MMA (`flash_forward_64_sm90`, compute capability 9.0 only; the
-//! same operations per row as the default mma.sync kernel). Not yet run on a GPU.
+//! `SFT_FLASH_MMA=wgmma` (or [`CudaBackend::set_flash_mma`]) runs the head_dim 64 forward and
+//! ordered backward on Hopper's warpgroup MMA (`flash_forward_64_sm90`, `flash_backward_64_sm90`;
+//! compute capability 9.0 only; the same operations per element as the default mma.sync
+//! kernels). Not yet run on a GPU.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
@@ -106,38 +107,39 @@ impl FlashDq {
     }
 }
 
-/// Which kernel runs the flash forward.
+/// Which tensor-core instructions the flash kernels' tile products use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FlashForward {
-    /// mma.sync tile products (`flash_forward_HD`), every sm_80+ device. The default.
+pub enum FlashMma {
+    /// mma.sync (`flash_forward_HD`, `flash_backward_HD`), every sm_80+ device. The default.
     Mma,
-    /// wgmma tile products (`flash_forward_64_sm90`): head_dim 64 on compute capability 9.0
-    /// (H100, H200); other head_dims keep [`FlashForward::Mma`]. Emulated to the default's bits;
-    /// not yet run on a GPU.
+    /// wgmma (`flash_forward_64_sm90`, and `flash_backward_64_sm90` for the ordered dQ sum; its
+    /// dQ product stays on mma.sync): head_dim 64 on compute capability 9.0 (H100, H200);
+    /// other head_dims and dQ sums keep [`FlashMma::Mma`]. Emulated to the default's bits; not
+    /// yet run on a GPU.
     Wgmma,
 }
 
-impl FlashForward {
-    pub const ALL: [FlashForward; 2] = [FlashForward::Mma, FlashForward::Wgmma];
+impl FlashMma {
+    pub const ALL: [FlashMma; 2] = [FlashMma::Mma, FlashMma::Wgmma];
 
-    /// `SFT_FLASH_FORWARD`: `mma` (or unset) or `wgmma`; anything else is an error.
+    /// `SFT_FLASH_MMA`: `mma` (or unset) or `wgmma`; anything else is an error.
     pub fn from_env() -> Result<Self> {
-        env_choice("SFT_FLASH_FORWARD", FlashForward::Mma, Self::parse)
+        env_choice("SFT_FLASH_MMA", FlashMma::Mma, Self::parse)
     }
 
     /// `mma` or `wgmma` (case-insensitive).
     pub fn parse(s: &str) -> Result<Self> {
-        FlashForward::ALL
+        FlashMma::ALL
             .into_iter()
             .find(|m| s.eq_ignore_ascii_case(m.name()))
             .with_context(|| format!("{s:?}: expected mma or wgmma"))
     }
 
-    /// The name `SFT_FLASH_FORWARD` takes.
+    /// The name `SFT_FLASH_MMA` takes.
     pub fn name(self) -> &'static str {
         match self {
-            FlashForward::Mma => "mma",
-            FlashForward::Wgmma => "wgmma",
+            FlashMma::Mma => "mma",
+            FlashMma::Wgmma => "wgmma",
         }
     }
 }
@@ -206,6 +208,18 @@ const fn forward(name: &'static str, hd: usize, nw: usize, bn: usize, mt: usize)
 const fn forward_wgmma(name: &'static str, hd: usize, bn: usize) -> FlashKernel {
     FlashKernel { name, warps: 8, tile: 128, step: bn, smem: (128 + 6 * bn) * hd * 2 + 1024 }
 }
+/// The wgmma backward (ordered dQ): [`backward`]'s tiles of 8 warps of 16 keys over q tiles of
+/// `bq`, unpadded (the dSᵀ tile too), plus 1 KiB to align them.
+const fn backward_wgmma(name: &'static str, hd: usize, bq: usize) -> FlashKernel {
+    let bn = 128;
+    FlashKernel {
+        name,
+        warps: 8,
+        tile: bn,
+        step: bq,
+        smem: (2 * bn + 4 * bq) * hd * 2 + 4 * bq * 4 + bn * bq * 2 + 1024,
+    }
+}
 /// Backward: `nw` warps of `mt` m-tiles (16 keys each); K and V tiles [16·nw·mt] +
 /// double-buffered Q and dO tiles [bq] + lse and D [2][bq] f32 + the dSᵀ tile [16·nw·mt][bq + 8]
 /// bf16.
@@ -233,10 +247,12 @@ const fn deferred(name: &'static str, hd: usize, nw: usize, bq: usize, mt: usize
 pub(super) struct FlashConfig {
     pub head_dim: usize,
     pub forward: FlashKernel,
-    /// The forward on wgmma ([`FlashForward::Wgmma`]; compute capability 9.0), where one exists.
+    /// The forward on wgmma ([`FlashMma::Wgmma`]; compute capability 9.0), where one exists.
     pub forward_wgmma: Option<FlashKernel>,
     /// The ordered dQ sum ([`FlashDq::Ordered`]).
     pub backward: FlashKernel,
+    /// The same on wgmma ([`FlashMma::Wgmma`]; compute capability 9.0), where one exists.
+    pub backward_wgmma: Option<FlashKernel>,
     /// The ordered dQ sum, deferred ([`FlashDq::Deferred`]).
     pub backward_deferred: FlashKernel,
     /// The same in q tiles of 64 where shared memory allows ([`FlashDq::DeferredQ64`]).
@@ -253,6 +269,7 @@ pub(super) const FLASH_64: FlashConfig = FlashConfig {
     // Warps of 16 keys: in warps of 32 the q tiles of 32 doubled the semaphore waits (2.68
     // against 2.40 ms).
     backward: backward("flash_backward_64", 64, 8, 64, 1),
+    backward_wgmma: Some(backward_wgmma("flash_backward_64_sm90", 64, 64)),
     // Warps of 32 keys over q tiles of 32, as the atomic kernel; untimed.
     backward_deferred: deferred("flash_backward_deferred_64", 64, 4, 32, 2),
     // Warps of 16 keys over q tiles of 64, as the ordered kernel; untimed.
@@ -265,6 +282,7 @@ pub(super) const FLASH_128: FlashConfig = FlashConfig {
     forward: forward("flash_forward_128", 128, 8, 64, 1),
     forward_wgmma: None,
     backward: backward("flash_backward_128", 128, 8, 32, 1),
+    backward_wgmma: None,
     backward_deferred: deferred("flash_backward_deferred_128", 128, 8, 32, 1),
     // q tiles of 64 would need 253 KiB of shared memory: the q-tile-32 kernel serves both.
     backward_deferred_q64: deferred("flash_backward_deferred_128", 128, 8, 32, 1),
@@ -277,6 +295,7 @@ pub(crate) const FLASH_TILE: usize = 128;
 const _: () = assert!(
     FLASH_64.forward.tile == FLASH_TILE
         && matches!(FLASH_64.forward_wgmma, Some(k) if k.tile == FLASH_TILE)
+        && matches!(FLASH_64.backward_wgmma, Some(k) if k.tile == FLASH_TILE && k.step == FLASH_64.backward.step)
         && FLASH_64.backward.tile == FLASH_TILE
         && FLASH_64.backward_atomic.tile == FLASH_TILE
         && FLASH_64.backward_deferred.tile == FLASH_TILE
@@ -379,12 +398,14 @@ impl FlashSupport {
                 }
             }
             // The sm_90a module is loaded on compute capability 9.0 only.
-            if let (Some(k), (9, 0)) = (cfg.forward_wgmma, capability) {
-                let set = kernels.get(k.name)?.set_attribute(
-                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    k.smem as i32,
-                );
-                set.with_context(|| format!("{} bytes of shared memory for {}", k.smem, k.name))?;
+            if capability == (9, 0) {
+                for k in [cfg.forward_wgmma, cfg.backward_wgmma].into_iter().flatten() {
+                    let set = kernels.get(k.name)?.set_attribute(
+                        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        k.smem as i32,
+                    );
+                    set.with_context(|| format!("{} bytes of shared memory for {}", k.smem, k.name))?;
+                }
             }
             Ok(true)
         };
@@ -420,25 +441,25 @@ impl CudaBackend {
         self.flash_dq.get()
     }
 
-    /// Selects the flash forward's kernel ([`FlashForward::Mma`] by default, from
-    /// `SFT_FLASH_FORWARD`); wgmma needs compute capability 9.0.
-    pub fn set_flash_forward(&self, kernel: FlashForward) -> Result<()> {
-        if kernel == FlashForward::Wgmma && self.flash.capability != (9, 0) {
+    /// Selects the flash kernels' tensor-core instructions ([`FlashMma::Mma`] by default, from
+    /// `SFT_FLASH_MMA`); wgmma needs compute capability 9.0.
+    pub fn set_flash_mma(&self, kernel: FlashMma) -> Result<()> {
+        if kernel == FlashMma::Wgmma && self.flash.capability != (9, 0) {
             bail!(
-                "the wgmma flash forward needs compute capability 9.0 (H100, H200); this device is {}.{}",
+                "the wgmma flash kernels need compute capability 9.0 (H100, H200); this device is {}.{}",
                 self.flash.capability.0,
                 self.flash.capability.1
             );
         }
-        self.flash_forward.store(kernel == FlashForward::Wgmma, Ordering::Relaxed);
+        self.flash_wgmma.store(kernel == FlashMma::Wgmma, Ordering::Relaxed);
         Ok(())
     }
 
-    pub fn flash_forward_kernel(&self) -> FlashForward {
-        if self.flash_forward.load(Ordering::Relaxed) {
-            FlashForward::Wgmma
+    pub fn flash_mma(&self) -> FlashMma {
+        if self.flash_wgmma.load(Ordering::Relaxed) {
+            FlashMma::Wgmma
         } else {
-            FlashForward::Mma
+            FlashMma::Mma
         }
     }
 
@@ -546,7 +567,7 @@ impl CudaBackend {
         let table = scratch.attn_tiles.as_ref().expect("built above");
         let s = &self.stream;
         let ks = &self.kernels;
-        if let (Some(k), FlashForward::Wgmma) = (cfg.forward_wgmma, self.flash_forward_kernel()) {
+        if let (Some(k), FlashMma::Wgmma) = (cfg.forward_wgmma, self.flash_mma()) {
             let launch_cfg = flash_launch(k, bound, heads.n_heads);
             // SAFETY: as below; forward_wgmma exists for head_dim 64 only.
             unsafe { launch::flash_forward_64_sm90(s, ks, launch_cfg, out, lse, qkv, table, ni, nhi, nkvi) }?;
@@ -646,6 +667,13 @@ impl CudaBackend {
                     [64 => launch::flash_backward_deferred_q64_64, 128 => launch::flash_backward_deferred_128],
                     (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi)
                 )
+            } else if let (Some(k), FlashMma::Wgmma) = (cfg.backward_wgmma, self.flash_mma()) {
+                // backward_wgmma exists for head_dim 64 only.
+                let launch_cfg = flash_launch(k, bound, heads.n_kv_heads);
+                launch::flash_backward_64_sm90(
+                    s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi,
+                )
+                .map_err(anyhow::Error::from)
             } else {
                 let launch_cfg = flash_launch(cfg.backward, bound, heads.n_kv_heads);
                 launch_for_head_dim!(
@@ -850,25 +878,31 @@ mod tests {
 
     #[test]
     fn flash_forward_parses_the_kernels_and_names_bad_values() {
-        assert_eq!(FlashForward::parse("mma").unwrap(), FlashForward::Mma);
-        assert_eq!(FlashForward::parse("WGMMA").unwrap(), FlashForward::Wgmma);
-        for k in FlashForward::ALL {
-            assert_eq!(FlashForward::parse(k.name()).unwrap(), k);
+        assert_eq!(FlashMma::parse("mma").unwrap(), FlashMma::Mma);
+        assert_eq!(FlashMma::parse("WGMMA").unwrap(), FlashMma::Wgmma);
+        for k in FlashMma::ALL {
+            assert_eq!(FlashMma::parse(k.name()).unwrap(), k);
         }
-        let err = format!("{:#}", FlashForward::parse("tma").unwrap_err());
+        let err = format!("{:#}", FlashMma::parse("tma").unwrap_err());
         assert!(err.contains("\"tma\"") && err.contains("mma or wgmma"), "{err}");
     }
 
-    /// The wgmma forward's shared memory: Q [128] and K, V [3][64] rows of 128 bytes unpadded,
-    /// plus the 1 KiB the kernel may skip to align them to 1024 bytes; within the two CTAs per
-    /// SM its __launch_bounds__ asks for (228 KiB of shared memory per SM on an H100/H200).
+    /// The wgmma kernels' shared memory: rows of 128 bytes unpadded, plus the 1 KiB the kernel
+    /// may skip to align them to 1024 bytes. The forward: Q [128] and K, V [3][64], within the
+    /// two CTAs per SM its __launch_bounds__ asks for (228 KiB of shared memory per SM on an
+    /// H100/H200). The backward: K, V [128], Q, dO [2][64], lse, D [2][64] f32, dSᵀ [128][64]
+    /// (tests/flash_emu/main.cpp launches it with the same).
     #[test]
-    fn the_wgmma_forward_fits_two_ctas_per_sm() {
+    fn the_wgmma_kernels_shared_memory() {
         let k = FLASH_64.forward_wgmma.unwrap();
         assert_eq!(k.smem, (128 + 6 * 64) * 128 + 1024);
         assert_eq!((k.warps, k.tile, k.step), (8, FLASH_TILE, 64));
         assert!(2 * (k.smem + 1024) <= 228 * 1024);
-        assert!(FLASH_128.forward_wgmma.is_none());
+        let b = FLASH_64.backward_wgmma.unwrap();
+        assert_eq!(b.smem, (2 * 128 + 4 * 64) * 128 + 4 * 64 * 4 + 128 * 64 * 2 + 1024);
+        assert_eq!((b.warps, b.tile, b.step), (8, FLASH_TILE, 64));
+        assert!(b.smem <= FLASH_64.backward.smem + 1024);
+        assert!(FLASH_128.forward_wgmma.is_none() && FLASH_128.backward_wgmma.is_none());
     }
 
     #[test]

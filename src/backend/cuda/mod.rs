@@ -52,7 +52,7 @@ pub use cross_entropy::{
 };
 pub use cudarc::driver::LaunchConfig;
 use flash_attention::FlashSupport;
-pub use flash_attention::{AttentionPath, FlashDq, FlashForward};
+pub use flash_attention::{AttentionPath, FlashDq, FlashMma};
 use gemm::Gemm;
 pub use global_norm::{sum_squares_blocks, SUMSQ_BLOCKS as SUM_SQUARES_BLOCKS, SUM_SPLIT_THREADS};
 use launch::Kernels;
@@ -147,8 +147,8 @@ pub struct CudaBackend {
     force_scalar_attention: AtomicBool,
     /// How the flash backward sums dQ (SFT_FLASH_DQ, or set_flash_dq).
     flash_dq: flash_attention::DqAccumulation,
-    /// Whether the flash forward runs on wgmma (SFT_FLASH_FORWARD=wgmma, or set_flash_forward).
-    flash_forward: AtomicBool,
+    /// Whether the flash kernels run on wgmma where they can (SFT_FLASH_MMA=wgmma, or set_flash_mma).
+    flash_wgmma: AtomicBool,
     /// Blocking device-to-host copies so far (see `download`).
     reads: AtomicU64,
     /// The data-parallel job's NCCL communicator, once joined (`join_ranks`).
@@ -195,7 +195,7 @@ impl CudaBackend {
         let gemm = Gemm::new(stream.clone())?;
         let gpu = ctx.name().unwrap_or_else(|_| "unknown GPU".to_string());
         let flash_dq = flash_attention::DqAccumulation::new(FlashDq::from_env()?);
-        let flash_forward = FlashForward::from_env()?;
+        let flash_mma = FlashMma::from_env()?;
         for note in settings::notes(|k| std::env::var(k).ok()) {
             eprintln!("note: cuda:{ordinal}: {note}");
         }
@@ -209,11 +209,11 @@ impl CudaBackend {
             flash,
             force_scalar_attention: AtomicBool::new(AttentionPath::from_env() == AttentionPath::Scalar),
             flash_dq,
-            flash_forward: AtomicBool::new(false),
+            flash_wgmma: AtomicBool::new(false),
             reads: AtomicU64::new(0),
             nccl: None,
         };
-        backend.set_flash_forward(flash_forward).context("environment variable SFT_FLASH_FORWARD")?;
+        backend.set_flash_mma(flash_mma).context("environment variable SFT_FLASH_MMA")?;
         Ok(backend)
     }
 

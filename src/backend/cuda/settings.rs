@@ -4,7 +4,7 @@
 //! fallback GEMM run is 100 times slower). Malformed values are refused where they are read
 //! (`FlashDq::from_env`, `gemm::candidate_count`); these notes only describe valid ones.
 
-use super::{FlashDq, FlashForward};
+use super::{FlashDq, FlashMma};
 
 /// One note per variable set to a value other than its default, in a fixed order; `var` reads
 /// the environment.
@@ -24,9 +24,13 @@ pub fn notes(var: impl Fn(&str) -> Option<String>) -> Vec<String> {
             Ok(FlashDq::Ordered) | Err(_) => {}
         }
     }
-    if let Some(v) = var("SFT_FLASH_FORWARD") {
-        if let Ok(FlashForward::Wgmma) = FlashForward::parse(&v) {
-            note("SFT_FLASH_FORWARD", &v, "the head_dim 64 flash forward on wgmma (compute capability 9.0)");
+    if let Some(v) = var("SFT_FLASH_MMA") {
+        if let Ok(FlashMma::Wgmma) = FlashMma::parse(&v) {
+            note(
+                "SFT_FLASH_MMA",
+                &v,
+                "the head_dim 64 flash forward and ordered backward on wgmma (compute capability 9.0)",
+            );
         }
     }
     if let Some(v) = var("SFT_ATTENTION").filter(|v| v.eq_ignore_ascii_case("scalar")) {
@@ -65,9 +69,9 @@ mod tests {
             ("SFT_GEMM_AUTOTUNE", "1")
         ]))
         .is_empty());
-        assert!(notes(env(&[("SFT_FLASH_FORWARD", "mma")])).is_empty());
-        let wgmma = notes(env(&[("SFT_FLASH_FORWARD", "wgmma")]));
-        assert!(wgmma.len() == 1 && wgmma[0].starts_with("SFT_FLASH_FORWARD=wgmma: "), "{wgmma:?}");
+        assert!(notes(env(&[("SFT_FLASH_MMA", "mma")])).is_empty());
+        let wgmma = notes(env(&[("SFT_FLASH_MMA", "wgmma")]));
+        assert!(wgmma.len() == 1 && wgmma[0].starts_with("SFT_FLASH_MMA=wgmma: "), "{wgmma:?}");
         let all = notes(env(&[
             ("SFT_FLASH_DQ", "atomic"),
             ("SFT_ATTENTION", "scalar"),
