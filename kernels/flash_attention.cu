@@ -32,11 +32,11 @@
 //                       same bits as flash_backward_HD; opt-in, SFT_FLASH_DQ=deferred, untimed).
 // - flash_dq_convert:   after flash_backward_atomic_HD: dQ = accumulator · scale as bf16 into the
 //                       q part of dqkv, and the accumulator back to zero for the next launch.
-// - flash_forward_64_sm90, flash_backward_64_sm90: flash_forward_64 and flash_backward_64 with
-//                       their tile products on Hopper's wgmma (the backward's dQ product stays
-//                       on mma.sync; opt-in, SFT_FLASH_MMA=wgmma, compute capability 9.0;
-//                       untimed). Only in the sm_90a module (build.rs: this file again with
-//                       -DSFT_SM90A).
+// - flash_forward_64_sm90, flash_backward_64_sm90, flash_backward_deferred_q64_64_sm90: the HD 64
+//                       forward, ordered and deferred-q64 backward with their tile products on
+//                       Hopper's wgmma (the backward's dQ product stays on mma.sync; opt-in,
+//                       SFT_FLASH_MMA=wgmma, compute capability 9.0; untimed). Only in the
+//                       sm_90a module (build.rs: this file again with -DSFT_SM90A).
 // The shapes are the fastest of those timed on an H200 (BENCHMARKS.md, "flash variants"): warps of
 // 32 rows took 6% off the forward and 17% off the atomic backward, but slowed the ordered
 // backward, whose q tiles of 32 double the waits on the semaphores (what the deferred kernel
@@ -789,7 +789,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     // partial sums fetched ahead (and, timed on an H200, it lost to one m-tile anyway).
     static_assert(!ORDERED || MT == 1, "the ordered dQ sum runs warps of 16 keys");
     static_assert(BN % BQ == 0 && NW % STRIPS == 0 && CW % 16 == 0, "flash backward tiling");
-    static_assert(!WG || (HD == 64 && BQ == 64 && NW == 8 && MT == 1 && ORDERED), "the wgmma backward's tiles");
+    static_assert(!WG || (HD == 64 && BQ == 64 && NW == 8 && MT == 1 && !ATOMIC_DQ), "the wgmma backward's tiles");
     // Rows of the tiles (TLD) and of dSᵀ (SLD) in elements: padded for ldmatrix, or 128 bytes
     // in the 128-byte swizzle (WG; the tiles 1024-byte aligned, the launch asks for 1 KiB more).
     constexpr int TLD = WG ? HD : LD, SLD = WG ? BQ : LDS;
@@ -1358,5 +1358,14 @@ extern "C" __global__ void __launch_bounds__(256)
                            const float* lse, const float* D, const int* table, int n, int n_heads, int n_kv_heads) {
     flash_backward_impl<64, 8, 64, DQ_ORDERED, 1, true>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n, n_heads,
                                                          n_kv_heads);
+}
+// flash_backward_deferred_q64_64 on wgmma likewise (SFT_FLASH_DQ=deferred-q64 with
+// SFT_FLASH_MMA=wgmma): the deferred sums in the same tiles, the same bits.
+extern "C" __global__ void __launch_bounds__(256)
+    flash_backward_deferred_q64_64_sm90(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,
+                                        const bf16_t* qkv, const float* lse, const float* D, const int* table, int n,
+                                        int n_heads, int n_kv_heads) {
+    flash_backward_impl<64, 8, 64, DQ_DEFERRED, 1, true>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n, n_heads,
+                                                          n_kv_heads);
 }
 #endif  // SFT_SM90A || FLASH_EMULATE

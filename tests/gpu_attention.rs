@@ -9,8 +9,8 @@
 //! tolerances against the CPU, give dK and dV bit-identical to the ordered path, and leave its
 //! accumulator at zero (consecutive calls, also after an ordered call, agree).
 //! The opt-in wgmma kernels (`FlashMma::Wgmma`, compute capability 9.0 only: the head_dim 64
-//! forward and ordered backward) must meet the same tolerances against the CPU, and their
-//! backward must be bit-identical run to run.
+//! forward, ordered and deferred-q64 backward) must meet the same tolerances against the CPU,
+//! and their backward must be bit-identical run to run and between the two dQ sums.
 //!
 //! All tests are `#[ignore]` (they need an NVIDIA GPU): `cargo test --release --test
 //! gpu_attention -- --ignored`, or `scripts/gpu_check.sh run`. Where the backend cannot open,
@@ -430,4 +430,9 @@ fn flash_wgmma_against_cpu() {
     let first = attention(&g, &qkv, &dout, &cu, mha_32);
     let again = attention(&g, &qkv, &dout, &cu, mha_32);
     assert_identical("wgmma, hd 64 at scale", &first, &again);
+    // The deferred sums on wgmma: the ordered wgmma kernel's bits.
+    g.set_flash_dq(FlashDq::DeferredQ64);
+    let deferred = attention(&g, &qkv, &dout, &cu, mha_32);
+    assert_identical("wgmma deferred-q64 vs ordered, hd 64 at scale", &first, &deferred);
+    against_cpu_on(&g, GQA_64, PACKED, 908);
 }

@@ -201,14 +201,16 @@ static bool run(const Case& c, uint64_t seed) {
     auto backward = [&](const std::string& kernel, std::vector<bf16_t>& g, int ctas) {
         const bool q64 = kernel.find("deferred_q64") != std::string::npos;
         const bool deferred = !q64 && kernel.find("deferred") != std::string::npos;
-        const bool sm90 = kernel == "flash_backward_64_sm90";
-        const int warps = deferred ? cfg.anw : cfg.knw;
+        const bool sm90 = kernel.find("_sm90") != std::string::npos;
+        const int warps = deferred && !sm90 ? cfg.anw : cfg.knw;
         // sm90: K, V [128] and Q, dO [2][64] rows of 128 bytes, lse and D, dSᵀ [128][64], and
-        // 1 KiB to align the tiles.
-        const size_t smem = sm90 ? (2 * 128 + 4 * 64) * 128 + 4 * 64 * 4 + 128 * 64 * 2 + 1024
+        // 1 KiB to align the tiles; deferred-q64 also the staged partials and old sums.
+        const size_t staged = (2 * 64 * (64 + 4) + 64 * 64) * 4;
+        const size_t smem = sm90 ? (2 * 128 + 4 * 64) * 128 + 4 * 64 * 4 + 128 * 64 * 2 + 1024 + (q64 ? staged : 0)
                             : q64 ? cfg.dq64smem : deferred ? cfg.dsmem : cfg.ksmem;
         launch(kernel, (unsigned)(tk.size() - 1) / 3, nkv, warps * 32, smem, [&] {
-            if (sm90) flash_backward_64_sm90(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+            if (sm90 && q64) flash_backward_deferred_q64_64_sm90(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+            else if (sm90) flash_backward_64_sm90(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
             else if (q64) flash_backward_deferred_q64_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
             else if (deferred && hd == 64) flash_backward_deferred_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
             else if (deferred) flash_backward_deferred_128(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
@@ -234,6 +236,7 @@ static bool run(const Case& c, uint64_t seed) {
     std::vector<std::string> deferred_kernels = {"flash_backward_deferred_" + h};
     if (hd == 64) deferred_kernels.push_back("flash_backward_deferred_q64_64");
     if (hd == 64) deferred_kernels.push_back("flash_backward_64_sm90");
+    if (hd == 64) deferred_kernels.push_back("flash_backward_deferred_q64_64_sm90");
     for (const std::string& kernel : deferred_kernels)
         for (int ctas : {1, 3}) {
             std::vector<bf16_t> deferred(n * width, __float2bfloat16_rn(-2.0f));

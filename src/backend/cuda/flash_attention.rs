@@ -112,9 +112,10 @@ impl FlashDq {
 pub enum FlashMma {
     /// mma.sync (`flash_forward_HD`, `flash_backward_HD`), every sm_80+ device. The default.
     Mma,
-    /// wgmma (`flash_forward_64_sm90`, and `flash_backward_64_sm90` for the ordered dQ sum; its
-    /// dQ product stays on mma.sync): head_dim 64 on compute capability 9.0 (H100, H200);
-    /// other head_dims and dQ sums keep [`FlashMma::Mma`]. Emulated to the default's bits; not
+    /// wgmma (`flash_forward_64_sm90`; `flash_backward_64_sm90` and
+    /// `flash_backward_deferred_q64_64_sm90` for the ordered and deferred-q64 dQ sums, whose dQ
+    /// product stays on mma.sync): head_dim 64 on compute capability 9.0 (H100, H200); other
+    /// head_dims and dQ sums keep [`FlashMma::Mma`]. Emulated to the default's bits; not
     /// yet run on a GPU.
     Wgmma,
 }
@@ -209,7 +210,8 @@ const fn forward_wgmma(name: &'static str, hd: usize, bn: usize) -> FlashKernel 
     FlashKernel { name, warps: 8, tile: 128, step: bn, smem: (128 + 6 * bn) * hd * 2 + 1024 }
 }
 /// The wgmma backward (ordered dQ): [`backward`]'s tiles of 8 warps of 16 keys over q tiles of
-/// `bq`, unpadded (the dSᵀ tile too), plus 1 KiB to align them.
+/// `bq`, unpadded (the dSᵀ tile too), plus 1 KiB to align them. [`deferred`] adds its staged
+/// partials to it as to the mma kernel.
 const fn backward_wgmma(name: &'static str, hd: usize, bq: usize) -> FlashKernel {
     let bn = 128;
     FlashKernel {
@@ -219,6 +221,11 @@ const fn backward_wgmma(name: &'static str, hd: usize, bq: usize) -> FlashKernel
         step: bq,
         smem: (2 * bn + 4 * bq) * hd * 2 + 4 * bq * 4 + bn * bq * 2 + 1024,
     }
+}
+/// The deferred sums on wgmma: [`backward_wgmma`] plus the staged partials and old sums.
+const fn deferred_wgmma(name: &'static str, hd: usize, bq: usize) -> FlashKernel {
+    let k = backward_wgmma(name, hd, bq);
+    FlashKernel { smem: k.smem + (2 * bq * (hd + 4) + bq * hd) * 4, ..k }
 }
 /// Backward: `nw` warps of `mt` m-tiles (16 keys each); K and V tiles [16·nw·mt] +
 /// double-buffered Q and dO tiles [bq] + lse and D [2][bq] f32 + the dSᵀ tile [16·nw·mt][bq + 8]
@@ -257,6 +264,8 @@ pub(super) struct FlashConfig {
     pub backward_deferred: FlashKernel,
     /// The same in q tiles of 64 where shared memory allows ([`FlashDq::DeferredQ64`]).
     pub backward_deferred_q64: FlashKernel,
+    /// That on wgmma ([`FlashMma::Wgmma`]), where one exists.
+    pub backward_deferred_q64_wgmma: Option<FlashKernel>,
     /// Atomic dQ adds ([`FlashDq::Atomic`]).
     pub backward_atomic: FlashKernel,
 }
@@ -274,6 +283,7 @@ pub(super) const FLASH_64: FlashConfig = FlashConfig {
     backward_deferred: deferred("flash_backward_deferred_64", 64, 4, 32, 2),
     // Warps of 16 keys over q tiles of 64, as the ordered kernel; untimed.
     backward_deferred_q64: deferred("flash_backward_deferred_q64_64", 64, 8, 64, 1),
+    backward_deferred_q64_wgmma: Some(deferred_wgmma("flash_backward_deferred_q64_64_sm90", 64, 64)),
     // Warps of 32 keys: 1.77 against 2.14 ms in warps of 16.
     backward_atomic: backward("flash_backward_atomic_64", 64, 4, 32, 2),
 };
@@ -286,6 +296,7 @@ pub(super) const FLASH_128: FlashConfig = FlashConfig {
     backward_deferred: deferred("flash_backward_deferred_128", 128, 8, 32, 1),
     // q tiles of 64 would need 253 KiB of shared memory: the q-tile-32 kernel serves both.
     backward_deferred_q64: deferred("flash_backward_deferred_128", 128, 8, 32, 1),
+    backward_deferred_q64_wgmma: None,
     backward_atomic: backward("flash_backward_atomic_128", 128, 8, 32, 1),
 };
 
@@ -399,7 +410,8 @@ impl FlashSupport {
             }
             // The sm_90a module is loaded on compute capability 9.0 only.
             if capability == (9, 0) {
-                for k in [cfg.forward_wgmma, cfg.backward_wgmma].into_iter().flatten() {
+                let wgmma = [cfg.forward_wgmma, cfg.backward_wgmma, cfg.backward_deferred_q64_wgmma];
+                for k in wgmma.into_iter().flatten() {
                     let set = kernels.get(k.name)?.set_attribute(
                         CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                         k.smem as i32,
@@ -660,6 +672,15 @@ impl CudaBackend {
                     [64 => launch::flash_backward_deferred_64, 128 => launch::flash_backward_deferred_128],
                     (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi)
                 )
+            } else if let (Some(k), FlashDq::DeferredQ64, FlashMma::Wgmma) =
+                (cfg.backward_deferred_q64_wgmma, dq, self.flash_mma())
+            {
+                // backward_deferred_q64_wgmma exists for head_dim 64 only.
+                let launch_cfg = flash_launch(k, bound, heads.n_kv_heads);
+                launch::flash_backward_deferred_q64_64_sm90(
+                    s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi,
+                )
+                .map_err(anyhow::Error::from)
             } else if dq == FlashDq::DeferredQ64 {
                 let launch_cfg = flash_launch(cfg.backward_deferred_q64, bound, heads.n_kv_heads);
                 launch_for_head_dim!(
@@ -902,6 +923,9 @@ mod tests {
         assert_eq!(b.smem, (2 * 128 + 4 * 64) * 128 + 4 * 64 * 4 + 128 * 64 * 2 + 1024);
         assert_eq!((b.warps, b.tile, b.step), (8, FLASH_TILE, 64));
         assert!(b.smem <= FLASH_64.backward.smem + 1024);
+        let d = FLASH_64.backward_deferred_q64_wgmma.unwrap();
+        assert_eq!(d.smem, b.smem + (2 * 64 * 68 + 64 * 64) * 4);
+        assert!(d.smem <= 227 * 1024 && FLASH_128.backward_deferred_q64_wgmma.is_none());
         assert!(FLASH_128.forward_wgmma.is_none() && FLASH_128.backward_wgmma.is_none());
     }
 
