@@ -4,16 +4,15 @@
 # backward with every dQ accumulation (`sft bench-attention --dq all`), Nsight Compute on
 # the flash kernels, and compute-sanitizer on the flash tests. Run on the box from the repo root:
 #   .gpu/gpu_probe.sh        (results under $OUT, else .gpu/probe/)
-#   .gpu/gpu_probe.sh dq     the flash backward's dQ sums only (about 5 minutes): the GPU
-#                            attention tests (they check both deferred kernels against the
-#                            ordered bits, and the wgmma kernels against the CPU) and training
-#                            tests, `bench-attention --dq all --mma both`, and the 1.3B step
-#                            under ordered, deferred, deferred-q64 and atomic dQ and with the
-#                            wgmma kernels (SFT_FLASH_MMA=wgmma),
-#                            then the default step's
-#                            kernel times with 8 and with 32 cuBLASLt candidates timed per GEMM
-#                            shape (kernel_times_gemm{8,32}.csv; the GEMMs by shape on the
-#                            terminal); then a markdown table of the steps (steps.md)
+#   .gpu/gpu_probe.sh dq     the flash kernel variants only (about 7 minutes; at most 10; give
+#                            the call 590 s: what ran by then comes back), most telling first:
+#                            the GPU attention tests (both deferred kernels against the ordered
+#                            bits, the wgmma kernels against the CPU), `bench-attention --dq all
+#                            --mma both`, the 1.3B step under ordered dQ on mma.sync and on
+#                            wgmma, deferred-q64 on wgmma and on mma.sync, atomic, deferred, then
+#                            the default step's kernel times (kernel_times_gemm8.csv; the GEMMs
+#                            by shape on the terminal); a markdown table of the steps (steps.md)
+#                            after each step
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 out="${OUT:-$PWD/probe}"
@@ -51,48 +50,44 @@ with_clocks() {
     return $rc
 }
 if [[ "${1:-}" == dq ]]; then
-    for run in "gpu_attention ordered" "gpu_train ordered"; do
-        read -r t mode <<<"$run"
-        step "$t, SFT_FLASH_DQ=$mode" 50
-        SFT_FLASH_DQ=$mode timeout -k 5 50 "./$t" --ignored --test-threads=1 >"$out/${t}_$mode.log" 2>&1
-        echo "rc=$?"
-        grep -E "FAILED|panicked|test result" "$out/${t}_$mode.log" | head
-    done
+    step "gpu_attention" 60
+    timeout -k 5 60 ./gpu_attention --ignored --test-threads=1 >"$out/gpu_attention.log" 2>&1
+    echo "rc=$?"
+    grep -E "FAILED|panicked|test result|skipped" "$out/gpu_attention.log" | head
     step "bench-attention --dq all --mma both" 80
     with_clocks bench-attention timeout -k 5 80 ./sft bench-attention --seq-lens 1024,2048,4096 --dq all \
         --mma both 2>&1 | tee "$out/attention_dq.log"
-    # The dQ sums on mma.sync, then the default (ordered) dQ with the wgmma kernels.
-    for mode in ordered deferred deferred-q64 atomic wgmma; do
-        step "1.3B step, $mode" 70
-        dq="$mode" mma=mma
-        if [[ "$mode" == wgmma ]]; then dq=ordered mma=wgmma; fi
-        SFT_FLASH_DQ=$dq SFT_FLASH_MMA=$mma with_clocks "step_$mode" timeout -k 5 70 ./sft bench \
+    # One markdown table of the step runs so far, for BENCHMARKS.md.
+    steps_table() {
+        {
+            echo "| SFT_FLASH_DQ / SFT_FLASH_MMA | s/step | tokens/s | MFU |"
+            echo "|---|---:|---:|---:|"
+            for log in "$out"/bench_*.log; do
+                name="${log##*/bench_}"
+                name="${name%.log}"
+                awk -v mode="$name" '
+                    /^time per step/ { s = $4 } /^tokens\/s/ { t = $2 } /^MFU/ { m = $2 }
+                    END { printf "| %s | %s | %s | %s |\n", mode, s ? s : "failed", t ? t : "-", m ? m : "-" }' "$log"
+            done
+        } >"$out/steps.md"
+    }
+    # dQ sum / instructions, most telling first.
+    for run in ordered/mma ordered/wgmma deferred-q64/wgmma deferred-q64/mma atomic/mma deferred/mma; do
+        dq="${run%/*}" mma="${run#*/}" name="${run/\//_}"
+        step "1.3B step, SFT_FLASH_DQ=$dq SFT_FLASH_MMA=$mma" 60
+        SFT_FLASH_DQ=$dq SFT_FLASH_MMA=$mma with_clocks "step_$name" timeout -k 5 60 ./sft bench \
             --config simplellama-1.3b --tokens-per-step 65536 --seq-len 2048 --micro-batch 8 --steps 5 --warmup 2 \
             --device cuda --dropout 0 2>&1 |
-            tee "$out/bench_$mode.log" | grep -E "time per step|tokens/s|MFU|memory|clocks during"
+            tee "$out/bench_$name.log" | grep -E "time per step|tokens/s|MFU|memory|clocks during"
+        steps_table
     done
     # The default step's kernels, the GEMMs by shape with their TFLOP/s (stderr), for the
     # calibration of `sft plan` and to see which GEMM shape is slow.
-    # Then again with 32 of cuBLASLt's heuristic answers timed per GEMM shape instead of 8.
-    for n in 8 32; do
-        step "1.3B step, kernel times, SFT_GEMM_CANDIDATES=$n" 60
-        SFT_GEMM_CANDIDATES=$n timeout -k 5 60 ./sft bench --config simplellama-1.3b --tokens-per-step 65536 \
-            --seq-len 2048 --micro-batch 8 --steps 3 --warmup 2 --device cuda --dropout 0 \
-            --kernel-times "$out/kernel_times_gemm$n.csv" 2>&1 |
-            tee "$out/bench_kernel_times_gemm$n.txt" | grep -vE "^(device|model|recompute|step|loss) "
-    done
-    # One markdown table of the step runs, for BENCHMARKS.md.
-    {
-        echo "| SFT_FLASH_DQ (wgmma: ordered, SFT_FLASH_MMA=wgmma) | s/step | tokens/s | MFU |"
-        echo "|---|---:|---:|---:|"
-        for log in "$out"/bench_*.log; do
-            name="${log##*/bench_}"
-            name="${name%.log}"
-            awk -v mode="$name" '
-                /^time per step/ { s = $4 } /^tokens\/s/ { t = $2 } /^MFU/ { m = $2 }
-                END { printf "| %s | %s | %s | %s |\n", mode, s ? s : "failed", t ? t : "-", m ? m : "-" }' "$log"
-        done
-    } | tee "$out/steps.md"
+    step "1.3B step, kernel times" 60
+    timeout -k 5 60 ./sft bench --config simplellama-1.3b --tokens-per-step 65536 --seq-len 2048 --micro-batch 8 \
+        --steps 3 --warmup 2 --device cuda --dropout 0 --kernel-times "$out/kernel_times_gemm8.csv" 2>&1 |
+        tee "$out/bench_kernel_times_gemm8.txt" | grep -vE "^(device|model|recompute|step|loss) "
+    cat "$out/steps.md"
     exit 0
 fi
 step tests 90
