@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sft::backend::cuda::{CudaBackend, FlashDq};
+use sft::backend::cuda::{CudaBackend, FlashDq, FlashMma};
 use sft::backend::{
     group_tokens_by_id, supervised_rows, AdamW, Backend, BranchGrad, Dropout, GradMode, HeadShape, LossGrads,
     Precision, Rope, RopeStyle, StateDtype,
@@ -99,6 +99,32 @@ fn bench(c: &mut Criterion) {
         });
     }
     g.set_flash_dq(FlashDq::Ordered);
+    // The wgmma kernels (SFT_FLASH_MMA=wgmma), on compute capability 9.0 only: the forward, and
+    // the backward under both deterministic dQ sums.
+    if g.set_flash_mma(FlashMma::Wgmma).is_ok() {
+        grp.throughput(Throughput::Elements(fwd as u64));
+        grp.bench_function("attention_forward_wgmma_8x2048_32h_hd64", |b| {
+            b.iter(|| {
+                att.forward(&g).unwrap();
+                sync()
+            })
+        });
+        grp.throughput(Throughput::Elements(bwd as u64));
+        for (mode, id) in [
+            (FlashDq::Ordered, "attention_backward_wgmma_8x2048_32h_hd64"),
+            (FlashDq::DeferredQ64, "attention_backward_wgmma_deferred_q64_dq_8x2048_32h_hd64"),
+        ] {
+            g.set_flash_dq(mode);
+            grp.bench_function(id, |b| {
+                b.iter(|| {
+                    att.backward(&g).unwrap();
+                    sync()
+                })
+            });
+        }
+        g.set_flash_dq(FlashDq::Ordered);
+        g.set_flash_mma(FlashMma::Mma).unwrap();
+    }
     drop(att);
 
     // ---- RMSNorm, RoPE, SwiGLU, embedding (bandwidth) -------------------------------------
