@@ -1012,13 +1012,14 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
 #pragma unroll
                 for (int kk = 0; kk < HD / 16; kk++)
                     wgmma_m64n64_ss(s, desc64(k_lo + 2 * kk, desc_hi), desc64(qd + 2 * kk, desc_hi), kk > 0);
+                wgmma_commit();
 #pragma unroll
                 for (int kk = 0; kk < HD / 16; kk++)
                     wgmma_m64n64_ss(dp, desc64(v_lo + 2 * kk, desc_hi), desc64(dd + 2 * kk, desc_hi), kk > 0);
                 wgmma_commit();
-                wgmma_wait<0>();
+                // Sᵀ only: P's exponentials run while dPᵀ is still on the tensor core.
+                wgmma_wait<1>();
                 wgmma_pin(s);
-                wgmma_pin(dp);
             } else {
                 mma_abt<HD, BQ / 8, MT>(s, ks + WR * warp * LD, qb, lane);
                 mma_abt<HD, BQ / 8, MT>(dp, vs + WR * warp * LD, db, lane);
@@ -1047,10 +1048,41 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
                     }
                 }
             };
-            if (qt < w_first + WR - 1 || qt + BQ > seg_end)
+            // WG: P in one pass, then dS once dPᵀ has landed (the same expressions).
+            auto p_only = [&](auto masked) {
+#pragma unroll
+                for (int j = 0; j < BQ / 8; j++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int c = j * 8 + (lane % 4) * 2 + (e & 1);
+                        float p = exp2f(s[j][e] * sl2 - lb[c] * LOG2E);
+                        if constexpr (decltype(masked)::value) {
+                            int q = qt + c;
+                            int key = e < 2 ? key_a[0] : key_b[0];
+                            if (q < key || q >= seg_end) p = 0.0f;
+                        }
+                        s[j][e] = p;
+                    }
+                }
+            };
+            const bool masked = qt < w_first + WR - 1 || qt + BQ > seg_end;
+            if constexpr (WG) {
+                if (masked)
+                    p_only(Flag<true>{});
+                else
+                    p_only(Flag<false>{});
+                wgmma_wait<0>();
+                wgmma_pin(dp);
+#pragma unroll
+                for (int j = 0; j < BQ / 8; j++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) dp[j][e] = s[j][e] * (dp[j][e] - ddb[j * 8 + (lane % 4) * 2 + (e & 1)]);
+                }
+            } else if (masked) {
                 p_and_ds(Flag<true>{});
-            else
+            } else {
                 p_and_ds(Flag<false>{});
+            }
             if constexpr (WG) {
                 // dV += Pᵀ·dO and dK += dSᵀ·Q: A from the registers (C → A, as mma_py packs
                 // it), B the dO and Q tiles read MN-major (16 q rows, 2048 bytes, a k-step).
@@ -1073,9 +1105,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
 #pragma unroll
                 for (int kk = 0; kk < BQ / 16; kk++) wgmma_m64n64_rs_t(dk, da[kk], desc64(qd + 128 * kk, desc_hi));
                 wgmma_commit();
-                wgmma_wait<0>();
-                wgmma_pin(dv);
-                wgmma_pin(dk);
+                // The wait follows the dSᵀ stores below, which run meanwhile.
             } else {
                 mma_py<HD, BQ / 16, MT>(dv, s, db, lane);
                 mma_py<HD, BQ / 16, MT>(dk, dp, qb, lane);
@@ -1089,6 +1119,11 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
                     st_shared_u32(ds_a + 16 * m * SLD + ds_col(j), pack_bf16(d[0], d[1]));
                     st_shared_u32(ds_b + 16 * m * SLD + ds_col(j), pack_bf16(d[2], d[3]));
                 }
+            }
+            if constexpr (WG) {
+                wgmma_wait<0>();
+                wgmma_pin(dv);
+                wgmma_pin(dk);
             }
         } else {
 #pragma unroll
