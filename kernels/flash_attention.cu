@@ -676,6 +676,10 @@ __device__ void flash_forward_wgmma_impl(bf16_t* out, float* lse, const bf16_t* 
         // This thread's copies are in shared memory; the fence lets wgmma (the async proxy) see
         // them once the barrier has seen every thread's.
         fence_proxy_async();
+        // The last iteration's O += P·V ran during the wait above; it reads V from the buffer
+        // the copy after this barrier refills, so it must be done first.
+        wgmma_wait<0>();
+        wgmma_pin(o);
         __syncthreads();
         if (it + 2 < n_kt) {
             load_kv_tile_sw128<BN, NT>(ks, vs, kg, vg, width, buf == 0 ? 2 : buf - 1, seg_start + (it + 2) * BN, n);
@@ -707,10 +711,10 @@ __device__ void flash_forward_wgmma_impl(bf16_t* out, float* lse, const bf16_t* 
 #pragma unroll
             for (int kk = 0; kk < BN / 16; kk++) wgmma_m64n64_rs_t(o, p[kk], desc64(vb + (2048 >> 4) * kk, desc_hi));
             wgmma_commit();
-            wgmma_wait<0>();
-            wgmma_pin(o);
         }
     }
+    wgmma_wait<0>();
+    wgmma_pin(o);
     store_out<HD>(out, lse, o, row_a, row_b, m_a, m_b, l_a, l_b, h, n, n_heads, seg_end, lane);
 }
 

@@ -25,7 +25,9 @@
 //   result reaches the registers only at the wgmma.wait_group that retires its group, and the
 //   registers read NaN in between, so a read before the wait shows; a wgmma without a
 //   wgmma.fence since the last wait, or reading shared words that cp.async wrote and no
-//   fence.proxy.async has since fenced, is an error.
+//   fence.proxy.async has since fenced, is an error. Its shared reads are in flight from the
+//   issue to that wait: a copy or store over them meanwhile, or in the wait's barrier epoch
+//   from another warp, is a race.
 // atomicAdd(float*, float) (the atomic dQ path) is std::atomic_ref<float>::fetch_add.
 // Semaphores between CTAs (the backward's ordered dQ accumulation): ld_relaxed, the fence after
 // the wait and st_release are C++ relaxed loads, an acquire fence and release stores. Blocks run
@@ -82,6 +84,9 @@ struct EmuWord {
     int write_warp = -1, write_lo = -1, write_hi = -1;  // the last copy: issue and wait epochs
     int store_warp = -1, store_epoch = -1;              // the last plain store (st_shared_u32)
     bool unfenced = false;  // written by cp.async, not yet behind a fence.proxy.async (wgmma)
+    // wgmma operand reads: how many are in flight (issued, not yet retired by a wait), the
+    // reading warp (-2: several), and the epoch of the last retirement.
+    int wg_pending = 0, wg_warp = -1, wg_retired = -1;
 };
 
 // The barrier of a warpgroup's 128 threads at a wgmma (.sync.aligned: all four warps execute
@@ -206,6 +211,16 @@ inline thread_local std::vector<EmuCopy> emu_open_group;
 inline thread_local std::vector<uint32_t> emu_unfenced;
 inline thread_local std::deque<std::vector<EmuCopy>> emu_groups;
 
+// A write (copy or store) of shared word `w` at byte `b` by `warp`: a race with a wgmma that
+// reads it and has not retired, or retired in this epoch in another warp (no barrier between).
+inline void emu_check_wgmma_operand(EmuWord& w, uint32_t b, int warp, const char* what) {
+    if (w.wg_pending > 0 || (w.wg_retired == emu_epoch && w.wg_warp != warp)) {
+        char msg[96];
+        snprintf(msg, sizeof msg, "%s over a wgmma operand in flight", what);
+        emu_race(msg, b, w.wg_warp);
+    }
+}
+
 inline void emu_cp_async(void* smem, const void* gmem, int bytes, bool valid) {
     uint32_t off = smem_u32(smem);
     if (off % bytes != 0 || off + bytes > dynamic_smem_size()) {
@@ -220,6 +235,7 @@ inline void emu_cp_async(void* smem, const void* gmem, int bytes, bool valid) {
             if (w.pend_warp >= 0 && w.pend_warp != warp) emu_race("two pending cp.async", b, w.pend_warp);
             // Read in this epoch by another warp: nothing orders that read before this copy.
             if (w.read_epoch == emu_epoch && w.read_warp != warp) emu_race("cp.async over a read", b, w.read_warp);
+            emu_check_wgmma_operand(w, b, warp, "cp.async");
             w.pend_warp = warp;
             w.pend_epoch = emu_epoch;
         }
@@ -284,6 +300,7 @@ inline void emu_st_shared(void* p, const void* v, uint32_t bytes, const char* wh
             if (w.pend_warp >= 0) emu_race("store over a pending cp.async", b, w.pend_warp);
             if (w.read_epoch == emu_epoch && w.read_warp != warp)
                 emu_race("store over a read without a barrier", b, w.read_warp);
+            emu_check_wgmma_operand(w, b, warp, "store");
             w.store_warp = warp;
             w.store_epoch = emu_epoch;
         }
@@ -478,6 +495,7 @@ struct EmuWgmma {
     float (*d)[4];
     float v[8][4];
     int group;
+    std::vector<uint32_t> words;  // lane 0: the shared words its warp's operands read, in flight
 };
 inline thread_local std::vector<EmuWgmma> emu_wgmma_pending;
 inline thread_local int emu_wgmma_groups = 0;    // commit groups so far
@@ -497,8 +515,19 @@ inline void wgmma_wait() {
             fprintf(stderr, "wgmma.wait_group with an uncommitted wgmma (thread %u)\n", threadIdx.x);
             abort();
         }
-        if (p.group < emu_wgmma_groups - N) memcpy(p.d, p.v, sizeof p.v);
-        else keep.push_back(p);
+        if (p.group < emu_wgmma_groups - N) {
+            memcpy(p.d, p.v, sizeof p.v);
+            if (!p.words.empty()) {
+                std::lock_guard<std::mutex> guard(emu_cta->shadow_lock);
+                for (uint32_t b : p.words) {
+                    EmuWord& w = emu_cta->shadow[b / 4];
+                    w.wg_pending--;
+                    w.wg_retired = emu_epoch;
+                }
+            }
+        } else {
+            keep.push_back(p);
+        }
     }
     emu_wgmma_pending = keep;
     emu_wgmma_fenced = false;
@@ -551,6 +580,11 @@ inline void emu_wgmma_read(uint32_t b, int warp) {
     EmuWord& w = emu_cta->shadow[b / 4];
     if (w.unfenced) emu_race("wgmma read of a cp.async not behind fence.proxy.async", b & ~3u, w.write_warp);
     emu_read_word(b & ~3u, warp, "wgmma");
+    // The reading warps since the word was last quiet (nothing in flight, nothing retired in
+    // this epoch).
+    if (w.wg_pending == 0 && w.wg_retired != emu_epoch) w.wg_warp = warp;
+    else if (w.wg_warp != warp) w.wg_warp = -2;
+    w.wg_pending++;
 }
 
 // d (64×64, the warpgroup's) = (accumulate ? d : 0) + A·B over k = 0..15: A from shared memory
@@ -591,20 +625,26 @@ inline void emu_wgmma(float (*d)[4], uint64_t a_desc, const uint32_t* a_regs, ui
     }
     for (int k = 0; k < 16; k++)
         for (int c = 0; c < 64; c++) B[k][c] = emu_smem_bf16(emu_wgmma_addr(b_desc, c, k, b_mn));
+    // Lane 0 marks its warp's operand words read, and in flight until the wait that retires
+    // this wgmma (each word once per wgmma).
+    std::vector<uint32_t> words;
     if (lane == 0) {
-        std::lock_guard<std::mutex> guard(emu_cta->shadow_lock);
         for (int k = 0; k < 16; k++) {
             if (!a_regs)
-                for (int r = 0; r < 16; r++) emu_wgmma_read(emu_wgmma_addr(a_desc, r0 + r, k, false), warp);
-            for (int c = 0; c < 64; c++) emu_wgmma_read(emu_wgmma_addr(b_desc, c, k, b_mn), warp);
+                for (int r = 0; r < 16; r++) words.push_back(emu_wgmma_addr(a_desc, r0 + r, k, false) & ~3u);
+            for (int c = 0; c < 64; c++) words.push_back(emu_wgmma_addr(b_desc, c, k, b_mn) & ~3u);
         }
+        std::sort(words.begin(), words.end());
+        words.erase(std::unique(words.begin(), words.end()), words.end());
+        std::lock_guard<std::mutex> guard(emu_cta->shadow_lock);
+        for (uint32_t b : words) emu_wgmma_read(b, warp);
     }
     emu_cta->warpgroups[wg]->arrive_and_wait("wgmma");
     // The thread's elements: from the pending result of an earlier wgmma on the same registers.
     EmuWgmma* prev = nullptr;
     for (EmuWgmma& p : emu_wgmma_pending)
         if (p.d == d) prev = &p;
-    EmuWgmma next{d, {}, -1};
+    EmuWgmma next{d, {}, -1, std::move(words)};
     const int g = lane / 4, c = lane % 4;
     for (int j = 0; j < 8; j++)
         for (int e = 0; e < 4; e++) {
@@ -614,8 +654,14 @@ inline void emu_wgmma(float (*d)[4], uint64_t a_desc, const uint32_t* a_regs, ui
             next.v[j][e] = acc;
             d[j][e] = NAN;  // undefined until the wait
         }
-    if (prev) *prev = next;
-    else emu_wgmma_pending.push_back(next);
+    // A wgmma on registers with a result pending chains on it: the pending one's operand words
+    // stay in flight with it.
+    if (prev) {
+        next.words.insert(next.words.end(), prev->words.begin(), prev->words.end());
+        *prev = std::move(next);
+    } else {
+        emu_wgmma_pending.push_back(std::move(next));
+    }
 }
 inline void wgmma_m64n64_ss(float (*d)[4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
     emu_wgmma(d, desc_a, nullptr, desc_b, false, accumulate != 0);
