@@ -411,7 +411,7 @@ impl FlashSupport {
             // The sm_90a module is loaded on compute capability 9.0 only.
             if capability == (9, 0) {
                 let wgmma = [cfg.forward_wgmma, cfg.backward_wgmma, cfg.backward_deferred_q64_wgmma];
-                for k in wgmma.into_iter().flatten() {
+                for k in wgmma.into_iter().flatten().filter(|k| kernels.has(k.name)) {
                     let set = kernels.get(k.name)?.set_attribute(
                         CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                         k.smem as i32,
@@ -462,6 +462,9 @@ impl CudaBackend {
                 self.flash.capability.0,
                 self.flash.capability.1
             );
+        }
+        if kernel == FlashMma::Wgmma && !self.kernels.has("flash_forward_64_sm90") {
+            bail!("the wgmma flash kernels did not load on this device (see the warning when it opened)");
         }
         self.flash_wgmma.store(kernel == FlashMma::Wgmma, Ordering::Relaxed);
         Ok(())

@@ -136,9 +136,19 @@ impl Kernels {
             }
             let ptx = crate::kernels::ptx(module_name)
                 .ok_or_else(|| anyhow!("kernel module {module_name} is not embedded in this binary"))?;
-            let module = ctx
-                .load_module(Ptx::from_src(ptx))
-                .with_context(|| format!("loading the PTX of kernels/{module_name}.cu"))?;
+            let module = match ctx.load_module(Ptx::from_src(ptx)) {
+                Ok(m) => m,
+                // The sm_90a kernels are opt-in: without them the defaults still run.
+                Err(e) if module_name.ends_with("_sm90a") => {
+                    eprintln!("warning: the {module_name} kernels did not load ({e}); SFT_FLASH_MMA=wgmma is unavailable");
+                    functions.extend(kernel_names.iter().map(|_| None));
+                    names.extend(kernel_names.iter().copied());
+                    continue;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("loading the PTX of kernels/{module_name}.cu"))
+                }
+            };
             for name in kernel_names.iter() {
                 let f = module
                     .load_function(name)
@@ -148,6 +158,11 @@ impl Kernels {
             }
         }
         Ok(Kernels { functions, names, timer: KernelTimer::default() })
+    }
+
+    /// Whether kernel `name` is loaded (an sm_90a one may not be).
+    pub(super) fn has(&self, name: &str) -> bool {
+        self.names.iter().position(|n| *n == name).is_some_and(|i| self.functions[i].is_some())
     }
 
     /// A kernel by name, for its attributes (launches go through the typed launchers below).
