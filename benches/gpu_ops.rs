@@ -20,6 +20,10 @@ use sft::bench::attention::AttentionCase;
 use sft::bench::{upload, upload_ids};
 use sft::rng::Rng;
 
+/// The attention benches of one instruction set: its id tag, and its dQ accumulations with
+/// theirs.
+type AttentionSet = (FlashMma, &'static str, &'static [(FlashDq, &'static str)]);
+
 fn random(rng: &mut Rng, len: usize, scale: f64) -> Vec<f32> {
     (0..len).map(|_| (rng.normal() * scale) as f32).collect()
 }
@@ -73,58 +77,47 @@ fn bench(c: &mut Criterion) {
     // ---- attention: causal, 8 rows of 2048 (the setup `sft bench-attention` times) --------
     let mut att = AttentionCase::new(&g, heads, rows, t, &mut rng).unwrap();
     let (fwd, bwd) = att.flops();
-    grp.throughput(Throughput::Elements(fwd as u64));
-    grp.bench_function("attention_forward_8x2048_32h_hd64", |b| {
-        b.iter(|| {
-            att.forward(&g).unwrap();
-            sync()
-        })
-    });
-    grp.throughput(Throughput::Elements(bwd as u64));
-    // Each dQ accumulation: ordered (the default); the opt-in deferred kernels (SFT_FLASH_DQ=
-    // deferred, deferred-q64: the default's bits); atomic adds (SFT_FLASH_DQ=atomic: the
-    // backward and flash_dq_convert).
-    for (mode, id) in [
-        (FlashDq::Ordered, "attention_backward_8x2048_32h_hd64"),
-        (FlashDq::Deferred, "attention_backward_deferred_dq_8x2048_32h_hd64"),
-        (FlashDq::DeferredQ64, "attention_backward_deferred_q64_dq_8x2048_32h_hd64"),
-        (FlashDq::Atomic, "attention_backward_atomic_dq_8x2048_32h_hd64"),
-    ] {
-        g.set_flash_dq(mode);
-        grp.bench_function(id, |b| {
-            b.iter(|| {
-                att.backward(&g).unwrap();
-                sync()
-            })
-        });
-    }
-    g.set_flash_dq(FlashDq::Ordered);
-    // The wgmma kernels (SFT_FLASH_MMA=wgmma), on compute capability 9.0 only: the forward, and
-    // the backward under both deterministic dQ sums.
-    if g.set_flash_mma(FlashMma::Wgmma).is_ok() {
+    // Per instruction set (mma.sync everywhere; wgmma, SFT_FLASH_MMA=wgmma, on compute capability
+    // 9.0 only) the forward, then the backward under each dQ accumulation it has: ordered (the
+    // default); the opt-in deferred kernels (SFT_FLASH_DQ=deferred, deferred-q64: the default's
+    // bits); atomic adds (SFT_FLASH_DQ=atomic: the backward and flash_dq_convert).
+    let sets: [AttentionSet; 2] = [
+        (
+            FlashMma::Mma,
+            "",
+            &[
+                (FlashDq::Ordered, ""),
+                (FlashDq::Deferred, "_deferred_dq"),
+                (FlashDq::DeferredQ64, "_deferred_q64_dq"),
+                (FlashDq::Atomic, "_atomic_dq"),
+            ],
+        ),
+        (FlashMma::Wgmma, "_wgmma", &[(FlashDq::Ordered, ""), (FlashDq::DeferredQ64, "_deferred_q64_dq")]),
+    ];
+    for (kind, tag, modes) in sets {
+        if g.set_flash_mma(kind).is_err() {
+            continue;
+        }
         grp.throughput(Throughput::Elements(fwd as u64));
-        grp.bench_function("attention_forward_wgmma_8x2048_32h_hd64", |b| {
+        grp.bench_function(format!("attention_forward{tag}_8x2048_32h_hd64"), |b| {
             b.iter(|| {
                 att.forward(&g).unwrap();
                 sync()
             })
         });
         grp.throughput(Throughput::Elements(bwd as u64));
-        for (mode, id) in [
-            (FlashDq::Ordered, "attention_backward_wgmma_8x2048_32h_hd64"),
-            (FlashDq::DeferredQ64, "attention_backward_wgmma_deferred_q64_dq_8x2048_32h_hd64"),
-        ] {
+        for &(mode, dq_tag) in modes {
             g.set_flash_dq(mode);
-            grp.bench_function(id, |b| {
+            grp.bench_function(format!("attention_backward{tag}{dq_tag}_8x2048_32h_hd64"), |b| {
                 b.iter(|| {
                     att.backward(&g).unwrap();
                     sync()
                 })
             });
         }
-        g.set_flash_dq(FlashDq::Ordered);
-        g.set_flash_mma(FlashMma::Mma).unwrap();
     }
+    g.set_flash_dq(FlashDq::Ordered);
+    g.set_flash_mma(FlashMma::Mma).unwrap();
     drop(att);
 
     // ---- RMSNorm, RoPE, SwiGLU, embedding (bandwidth) -------------------------------------

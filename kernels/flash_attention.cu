@@ -245,6 +245,16 @@ __device__ __forceinline__ void mma_abt(float (*acc)[4], const bf16_t* a_tile, c
     }
 }
 
+// The C fragments of 16 columns (n-tiles c[0], c[1]) rounded to bf16 as the A fragment of a
+// k-step over those columns (the C → A mapping above): P or dS kept in registers for the next
+// product, by mma.sync or wgmma alike.
+__device__ __forceinline__ void c_to_a(uint32_t* a, const float (*c)[4]) {
+    a[0] = pack_bf16(c[0][0], c[0][1]);
+    a[1] = pack_bf16(c[0][2], c[0][3]);
+    a[2] = pack_bf16(c[1][0], c[1][1]);
+    a[3] = pack_bf16(c[1][2], c[1][3]);
+}
+
 // Per warp: acc[m·HD/8 + j] += P (MT m-tiles of 16 × 16·K16, the C fragments p[m·2·K16 + ..][4],
 // rounded to bf16) · Y where Y is the shared [k][HD] tile at y_tile; each B fragment serves all
 // MT m-tiles.
@@ -256,13 +266,7 @@ __device__ __forceinline__ void mma_py(float (*acc)[4], const float (*p)[4], con
     for (int kk = 0; kk < K16; kk++) {
         uint32_t a[MT][4];
 #pragma unroll
-        for (int m = 0; m < MT; m++) {
-            const float (*pm)[4] = p + m * 2 * K16;
-            a[m][0] = pack_bf16(pm[2 * kk][0], pm[2 * kk][1]);
-            a[m][1] = pack_bf16(pm[2 * kk][2], pm[2 * kk][3]);
-            a[m][2] = pack_bf16(pm[2 * kk + 1][0], pm[2 * kk + 1][1]);
-            a[m][3] = pack_bf16(pm[2 * kk + 1][2], pm[2 * kk + 1][3]);
-        }
+        for (int m = 0; m < MT; m++) c_to_a(a[m], p + m * 2 * K16 + 2 * kk);
 #pragma unroll
         for (int dp = 0; dp < HD / 16; dp++) {
             uint32_t b0, b1, b2, b3;
@@ -701,12 +705,7 @@ __device__ void flash_forward_wgmma_impl(bf16_t* out, float* lse, const bf16_t* 
             online_softmax<BN / 8, HD>(s, o, m_a, m_b, l_a, l_b, sl2);
             uint32_t p[BN / 16][4];
 #pragma unroll
-            for (int kk = 0; kk < BN / 16; kk++) {
-                p[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-                p[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-                p[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                p[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-            }
+            for (int kk = 0; kk < BN / 16; kk++) c_to_a(p[kk], s + 2 * kk);
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < BN / 16; kk++) wgmma_m64n64_rs_t(o, p[kk], desc64(vb + (2048 >> 4) * kk, desc_hi));
@@ -1094,14 +1093,8 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
                 uint32_t pa[BQ / 16][4], da[BQ / 16][4];
 #pragma unroll
                 for (int kk = 0; kk < BQ / 16; kk++) {
-                    pa[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-                    pa[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-                    pa[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                    pa[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-                    da[kk][0] = pack_bf16(dp[2 * kk][0], dp[2 * kk][1]);
-                    da[kk][1] = pack_bf16(dp[2 * kk][2], dp[2 * kk][3]);
-                    da[kk][2] = pack_bf16(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-                    da[kk][3] = pack_bf16(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+                    c_to_a(pa[kk], s + 2 * kk);
+                    c_to_a(da[kk], dp + 2 * kk);
                 }
                 wgmma_fence();
 #pragma unroll
