@@ -157,12 +157,20 @@ __device__ __forceinline__ uint32_t dynamic_smem_size() {
 }
 #endif
 
-// Copies rows row0 .. row0 + ROWS - 1 (HD bf16 each, row r at src + r * stride) into a padded
-// shared tile; rows at or past `limit` are zero-filled.
-template <int ROWS, int HD, int NT>
+// Where 16-byte chunk c of row r of a shared tile lies, in elements: rows of HD + 8 (the pad
+// keeps ldmatrix free of bank conflicts), or, SW (the wgmma kernels), rows of 64 in the 128-byte
+// swizzle, chunk c at c ^ (r % 8) (see the wgmma section below).
+template <int HD, bool SW>
+__device__ __forceinline__ int tile_at(int r, int c) {
+    static_assert(!SW || HD == 64, "the 128-byte swizzle holds rows of 64 bf16");
+    return SW ? r * HD + (c ^ (r % 8)) * 8 : r * (HD + 8) + c * 8;
+}
+
+// Copies rows row0 .. row0 + ROWS - 1 (HD bf16 each, row r at src + r * stride) into a shared
+// tile laid out as tile_at<HD, SW>; rows at or past `limit` are zero-filled.
+template <int ROWS, int HD, int NT, bool SW = false>
 __device__ __forceinline__ void load_rows(bf16_t* dst, const bf16_t* src, size_t stride, int row0, int limit) {
     constexpr int CH = HD / 8;
-    constexpr int LD = HD + 8;
 #pragma unroll
     for (int i = 0; i < (ROWS * CH + NT - 1) / NT; i++) {
         int e = threadIdx.x + i * NT;
@@ -171,31 +179,32 @@ __device__ __forceinline__ void load_rows(bf16_t* dst, const bf16_t* src, size_t
         int row = row0 + r;
         bool ok = row < limit;
         const bf16_t* p = ok ? src + (size_t)row * stride + col : src;
-        cp_async16(dst + r * LD + col, p, ok);
+        cp_async16(dst + tile_at<HD, SW>(r, e % CH), p, ok);
     }
 }
 
-// Key rows row0 .. row0 + BN - 1 of K (at kg) and V (at vg) into buffer `buf` of the padded
-// shared tiles ks and vs ([buf][BN][HD + 8]); rows at or past `limit` are zero-filled.
-template <int BN, int HD, int NT>
+// Key rows row0 .. row0 + BN - 1 of K (at kg) and V (at vg) into buffer `buf` of the shared
+// tiles ks and vs ([buf][BN] rows laid out as tile_at<HD, SW>), one 64-bit offset per tile for
+// both (the rows within a tile in 32 bits: check_tile_offsets); rows at or past `limit` are
+// zero-filled.
+template <int BN, int HD, int NT, bool SW = false>
 __device__ __forceinline__ void load_kv_tile(bf16_t* ks, bf16_t* vs, const bf16_t* kg, const bf16_t* vg,
                                              size_t width, int buf, int row0, int limit) {
     constexpr int CH = HD / 8;
-    constexpr int LD = HD + 8;
     const size_t start = (size_t)row0 * width;
     const bf16_t* kb = kg + start;
     const bf16_t* vb = vg + start;
-    bf16_t* kd = ks + buf * BN * LD;
-    bf16_t* vd = vs + buf * BN * LD;
+    bf16_t* kd = ks + buf * tile_at<HD, SW>(BN, 0);
+    bf16_t* vd = vs + buf * tile_at<HD, SW>(BN, 0);
 #pragma unroll
     for (int i = 0; i < (BN * CH + NT - 1) / NT; i++) {
         int e = threadIdx.x + i * NT;
         if ((BN * CH) % NT != 0 && e >= BN * CH) break;
         int r = e / CH, col = (e % CH) * 8;
         bool ok = row0 + r < limit;
-        int off = r * (int)width + col;
-        cp_async16(kd + r * LD + col, ok ? kb + off : kg, ok);
-        cp_async16(vd + r * LD + col, ok ? vb + off : vg, ok);
+        int off = r * (int)width + col, at = tile_at<HD, SW>(r, e % CH);
+        cp_async16(kd + at, ok ? kb + off : kg, ok);
+        cp_async16(vd + at, ok ? vb + off : vg, ok);
     }
 }
 
@@ -584,40 +593,24 @@ __device__ __forceinline__ uint32_t sw128_desc_lo(uint32_t addr, uint32_t lbo) {
 __device__ __forceinline__ uint32_t sw128_desc_hi(uint32_t sbo) { return ((sbo & 0x3FFFF) >> 4) | (1u << 30); }
 __device__ __forceinline__ uint64_t desc64(uint32_t lo, uint32_t hi) { return (uint64_t)hi << 32 | lo; }
 
-// Rows row0 .. row0 + ROWS - 1 (64 bf16 each, row r at src + r * stride) into a tile in the
-// 128-byte swizzle; rows at or past `limit` are zero-filled.
-template <int ROWS, int NT>
-__device__ __forceinline__ void load_rows_sw128(bf16_t* dst, const bf16_t* src, size_t stride, int row0, int limit) {
+// Per warpgroup: d (64×64) = A·Bᵀ over the HD columns of two K-major tiles in the 128-byte
+// swizzle (8-row groups 1024 bytes apart) whose descriptors' low words are a_lo and b_lo:
+// HD/16 k-steps of 32 bytes. The first overwrites d (accumulators zeroed in registers first
+// made ptxas serialize every wgmma of the backward).
+template <int HD>
+__device__ __forceinline__ void wgmma_abt(float (*d)[4], uint32_t a_lo, uint32_t b_lo) {
+    const uint32_t hi = sw128_desc_hi(1024);
 #pragma unroll
-    for (int i = 0; i < ROWS * 8 / NT; i++) {
-        int e = threadIdx.x + i * NT;
-        int r = e / 8, c = e % 8;
-        bool ok = row0 + r < limit;
-        const bf16_t* p = ok ? src + (size_t)(row0 + r) * stride + c * 8 : src;
-        cp_async16(dst + r * 64 + (c ^ (r % 8)) * 8, p, ok);
-    }
+    for (int kk = 0; kk < HD / 16; kk++) wgmma_m64n64_ss(d, desc64(a_lo + 2 * kk, hi), desc64(b_lo + 2 * kk, hi), kk > 0);
 }
 
-// load_kv_tile into the 128-byte swizzle: key rows row0 .. row0 + BN - 1 of K and V into tile
-// `buf` of ks and vs ([buf][BN][64]), one 64-bit offset per tile for both (the rows within a
-// tile in 32 bits: check_tile_offsets); rows at or past `limit` are zero-filled.
-template <int BN, int NT>
-__device__ __forceinline__ void load_kv_tile_sw128(bf16_t* ks, bf16_t* vs, const bf16_t* kg, const bf16_t* vg,
-                                                   size_t width, int buf, int row0, int limit) {
-    const size_t start = (size_t)row0 * width;
-    const bf16_t* kb = kg + start;
-    const bf16_t* vb = vg + start;
-    bf16_t* kd = ks + buf * BN * 64;
-    bf16_t* vd = vs + buf * BN * 64;
+// Per warpgroup: d (64×64) += A·B over K16 k-steps of 16 rows: A the register fragments a[K16]
+// (c_to_a), B the tile at b_lo read MN-major, 2048 bytes a k-step.
+template <int K16>
+__device__ __forceinline__ void wgmma_ab(float (*d)[4], const uint32_t (*a)[4], uint32_t b_lo) {
+    const uint32_t hi = sw128_desc_hi(1024);
 #pragma unroll
-    for (int i = 0; i < BN * 8 / NT; i++) {
-        int e = threadIdx.x + i * NT;
-        int r = e / 8, c = e % 8;
-        bool ok = row0 + r < limit;
-        int off = r * (int)width + c * 8, at = r * 64 + (c ^ (r % 8)) * 8;
-        cp_async16(kd + at, ok ? kb + off : kg, ok);
-        cp_async16(vd + at, ok ? vb + off : vg, ok);
-    }
+    for (int kk = 0; kk < K16; kk++) wgmma_m64n64_rs_t(d, a[kk], desc64(b_lo + (2048 >> 4) * kk, hi));
 }
 
 // CTA = (q tile of 128 rows, q head): 2 warpgroups of 64 rows, K/V tiles of 64 keys triple-buffered
@@ -647,11 +640,11 @@ __device__ void flash_forward_wgmma_impl(bf16_t* out, float* lse, const bf16_t* 
     const int q_last = min(q0 + BM, seg_end) - 1;
     const int n_kt = (q_last - seg_start) / BN + 1;
 
-    load_rows_sw128<BM, NT>(qs, qkv + h * HD, width, q0, n);
-    load_kv_tile_sw128<BN, NT>(ks, vs, kg, vg, width, 0, seg_start, n);
+    load_rows<BM, HD, NT, true>(qs, qkv + h * HD, width, q0, n);
+    load_kv_tile<BN, HD, NT, true>(ks, vs, kg, vg, width, 0, seg_start, n);
     cp_async_commit();
     if (n_kt > 1) {
-        load_kv_tile_sw128<BN, NT>(ks, vs, kg, vg, width, 1, seg_start + BN, n);
+        load_kv_tile<BN, HD, NT, true>(ks, vs, kg, vg, width, 1, seg_start + BN, n);
         cp_async_commit();
     }
 
@@ -668,7 +661,6 @@ __device__ void flash_forward_wgmma_impl(bf16_t* out, float* lse, const bf16_t* 
     // apart; the loop adds byte offsets >> 4 to the low words.
     const uint32_t q_lo = sw128_desc_lo(smem_u32(qs + 64 * wg * HD), 16);
     const uint32_t k_lo = sw128_desc_lo(smem_u32(ks), 16), v_lo = sw128_desc_lo(smem_u32(vs), 1024);
-    const uint32_t desc_hi = sw128_desc_hi(1024);
     int buf = 0;  // it % 3
 
     for (int it = 0; it < n_kt; it++, buf = buf == 2 ? 0 : buf + 1) {
@@ -686,7 +678,8 @@ __device__ void flash_forward_wgmma_impl(bf16_t* out, float* lse, const bf16_t* 
         wgmma_pin(o);
         __syncthreads();
         if (it + 2 < n_kt) {
-            load_kv_tile_sw128<BN, NT>(ks, vs, kg, vg, width, buf == 0 ? 2 : buf - 1, seg_start + (it + 2) * BN, n);
+            load_kv_tile<BN, HD, NT, true>(ks, vs, kg, vg, width, buf == 0 ? 2 : buf - 1, seg_start + (it + 2) * BN,
+                                           n);
             cp_async_commit();
         }
         // Skip tiles entirely above the warpgroup's diagonal, and warpgroups past the segment's
@@ -695,9 +688,7 @@ __device__ void flash_forward_wgmma_impl(bf16_t* out, float* lse, const bf16_t* 
             const uint32_t kb = k_lo + buf * (TILE * 2 >> 4), vb = v_lo + buf * (TILE * 2 >> 4);
             float s[BN / 8][4];
             wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++)
-                wgmma_m64n64_ss(s, desc64(q_lo + 2 * kk, desc_hi), desc64(kb + 2 * kk, desc_hi), kk > 0);
+            wgmma_abt<HD>(s, q_lo, kb);
             wgmma_commit();
             wgmma_wait<0>();
             wgmma_pin(s);
@@ -707,8 +698,7 @@ __device__ void flash_forward_wgmma_impl(bf16_t* out, float* lse, const bf16_t* 
 #pragma unroll
             for (int kk = 0; kk < BN / 16; kk++) c_to_a(p[kk], s + 2 * kk);
             wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; kk++) wgmma_m64n64_rs_t(o, p[kk], desc64(vb + (2048 >> 4) * kk, desc_hi));
+            wgmma_ab<BN / 16>(o, p, vb);
             wgmma_commit();
         }
     }
@@ -822,11 +812,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     const int n_it = group * n_qt;
     const int kt_index = (k0 - seg_start) / BN;
 
-    if constexpr (WG)
-        load_kv_tile_sw128<BN, NT>(ks, vs, qkv + (n_heads + kvh) * HD, qkv + (n_heads + n_kv_heads + kvh) * HD, width,
-                                   0, k0, n);
-    else
-        load_kv_tile<BN, HD, NT>(ks, vs, qkv + (n_heads + kvh) * HD, qkv + (n_heads + n_kv_heads + kvh) * HD, width,
+    load_kv_tile<BN, HD, NT, WG>(ks, vs, qkv + (n_heads + kvh) * HD, qkv + (n_heads + n_kv_heads + kvh) * HD, width,
                                  0, k0, n);
     // Iteration it's place: q head kvh·group + hq, q rows k0 + qi·BQ .., where it = hq·n_qt + qi.
     // Counted from one iteration to the next: dividing it by n_qt took some 25 instructions, twice
@@ -841,13 +827,8 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     auto load_q = [&](QPos p, int buf) {
         const int h = kvh * group + p.hq;
         const int qt = k0 + p.qi * BQ;
-        if constexpr (WG) {
-            load_rows_sw128<BQ, NT>(qs + buf * BQ * TLD, qkv + h * HD, width, qt, n);
-            load_rows_sw128<BQ, NT>(dos + buf * BQ * TLD, dout + h * HD, dstride, qt, n);
-        } else {
-            load_rows<BQ, HD, NT>(qs + buf * BQ * LD, qkv + h * HD, width, qt, n);
-            load_rows<BQ, HD, NT>(dos + buf * BQ * LD, dout + h * HD, dstride, qt, n);
-        }
+        load_rows<BQ, HD, NT, WG>(qs + buf * BQ * TLD, qkv + h * HD, width, qt, n);
+        load_rows<BQ, HD, NT, WG>(dos + buf * BQ * TLD, dout + h * HD, dstride, qt, n);
         const int r = threadIdx.x;
         if (r < BQ) {
             const bool ok = qt + r < seg_end;
@@ -878,13 +859,12 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         dv[j][0] = dv[j][1] = dv[j][2] = dv[j][3] = 0.0f;
     }
     // WG: the descriptors' low words (K and V rows of the warpgroup, K-major; Q and dO tile 0,
-    // K-major for Sᵀ and dPᵀ, MN-major for dK and dV: the same rows, another reading) and the
-    // shared high word; the loop adds byte offsets >> 4.
+    // K-major for Sᵀ and dPᵀ, MN-major for dK and dV: the same rows, another reading); the loop
+    // adds byte offsets >> 4.
     const int wg = warp / 4, g_first = k0 + 64 * wg;
     const uint32_t k_lo = sw128_desc_lo(smem_u32(ks + 64 * wg * TLD), 16);
     const uint32_t v_lo = sw128_desc_lo(smem_u32(vs + 64 * wg * TLD), 16);
     const uint32_t q_lo = sw128_desc_lo(smem_u32(qs), 1024), do_lo = sw128_desc_lo(smem_u32(dos), 1024);
-    const uint32_t desc_hi = sw128_desc_hi(1024);
 
     // ORDERED: thread 0's release of the previous iteration's q tile, done during this one.
     // (DEFERRED releases the q tile before that, added during the previous iteration; it is
@@ -1012,13 +992,9 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
             if constexpr (WG) {
                 const uint32_t qd = q_lo + buf * (BQ * TLD * 2 >> 4), dd = do_lo + buf * (BQ * TLD * 2 >> 4);
                 wgmma_fence();
-#pragma unroll
-                for (int kk = 0; kk < HD / 16; kk++)
-                    wgmma_m64n64_ss(s, desc64(k_lo + 2 * kk, desc_hi), desc64(qd + 2 * kk, desc_hi), kk > 0);
+                wgmma_abt<HD>(s, k_lo, qd);
                 wgmma_commit();
-#pragma unroll
-                for (int kk = 0; kk < HD / 16; kk++)
-                    wgmma_m64n64_ss(dp, desc64(v_lo + 2 * kk, desc_hi), desc64(dd + 2 * kk, desc_hi), kk > 0);
+                wgmma_abt<HD>(dp, v_lo, dd);
                 wgmma_commit();
                 // Sᵀ only: P's exponentials run while dPᵀ is still on the tensor core.
                 wgmma_wait<1>();
@@ -1029,7 +1005,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
             }
             // P and dS = P∘(dP − D); the causal and segment mask only where the warp's keys and
             // the tile's q rows can need it (most tiles lie wholly below the diagonal).
-            auto p_and_ds = [&](auto masked) {
+            auto p_pass = [&](auto masked) {
 #pragma unroll
                 for (int m = 0; m < MT; m++) {
 #pragma unroll
@@ -1037,54 +1013,30 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
 #pragma unroll
                         for (int e = 0; e < 4; e++) {
                             int c = j * 8 + (lane % 4) * 2 + (e & 1);
-                            float& sv = s[m * (BQ / 8) + j][e];
-                            float& dv_ = dp[m * (BQ / 8) + j][e];
-                            float p = exp2f(sv * sl2 - lb[c] * LOG2E);
+                            float p = exp2f(s[m * (BQ / 8) + j][e] * sl2 - lb[c] * LOG2E);
                             if constexpr (decltype(masked)::value) {
                                 int q = qt + c;
                                 int key = e < 2 ? key_a[m] : key_b[m];
                                 if (q < key || q >= seg_end) p = 0.0f;
                             }
-                            sv = p;
-                            dv_ = p * (dv_ - ddb[c]);
+                            s[m * (BQ / 8) + j][e] = p;
                         }
                     }
                 }
             };
-            // WG: P in one pass, then dS once dPᵀ has landed (the same expressions).
-            auto p_only = [&](auto masked) {
-#pragma unroll
-                for (int j = 0; j < BQ / 8; j++) {
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        int c = j * 8 + (lane % 4) * 2 + (e & 1);
-                        float p = exp2f(s[j][e] * sl2 - lb[c] * LOG2E);
-                        if constexpr (decltype(masked)::value) {
-                            int q = qt + c;
-                            int key = e < 2 ? key_a[0] : key_b[0];
-                            if (q < key || q >= seg_end) p = 0.0f;
-                        }
-                        s[j][e] = p;
-                    }
-                }
-            };
-            const bool masked = qt < w_first + WR - 1 || qt + BQ > seg_end;
+            if (qt < w_first + WR - 1 || qt + BQ > seg_end)
+                p_pass(Flag<true>{});
+            else
+                p_pass(Flag<false>{});
+            // WG: dS once dPᵀ has landed (P's exponentials above ran while it was computed).
             if constexpr (WG) {
-                if (masked)
-                    p_only(Flag<true>{});
-                else
-                    p_only(Flag<false>{});
                 wgmma_wait<0>();
                 wgmma_pin(dp);
+            }
 #pragma unroll
-                for (int j = 0; j < BQ / 8; j++) {
+            for (int j = 0; j < MT * (BQ / 8); j++) {
 #pragma unroll
-                    for (int e = 0; e < 4; e++) dp[j][e] = s[j][e] * (dp[j][e] - ddb[j * 8 + (lane % 4) * 2 + (e & 1)]);
-                }
-            } else if (masked) {
-                p_and_ds(Flag<true>{});
-            } else {
-                p_and_ds(Flag<false>{});
+                for (int e = 0; e < 4; e++) dp[j][e] = s[j][e] * (dp[j][e] - ddb[j % (BQ / 8) * 8 + (lane % 4) * 2 + (e & 1)]);
             }
             if constexpr (WG) {
                 // dV += Pᵀ·dO and dK += dSᵀ·Q: A from the registers (C → A, as mma_py packs
@@ -1097,10 +1049,8 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
                     c_to_a(da[kk], dp + 2 * kk);
                 }
                 wgmma_fence();
-#pragma unroll
-                for (int kk = 0; kk < BQ / 16; kk++) wgmma_m64n64_rs_t(dv, pa[kk], desc64(dd + 128 * kk, desc_hi));
-#pragma unroll
-                for (int kk = 0; kk < BQ / 16; kk++) wgmma_m64n64_rs_t(dk, da[kk], desc64(qd + 128 * kk, desc_hi));
+                wgmma_ab<BQ / 16>(dv, pa, dd);
+                wgmma_ab<BQ / 16>(dk, da, qd);
                 wgmma_commit();
                 // The wait follows the dSᵀ stores below, which run meanwhile.
             } else {
