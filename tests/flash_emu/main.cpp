@@ -57,23 +57,29 @@ static double rel_err(const std::vector<double>& got, const std::vector<double>&
 
 // Warps and dynamic shared memory of the forward, the backward and the atomic backward (the
 // deferred backward has the atomic one's tiles, plus its staged partials and old sums; the HD 64
-// deferred_q64 one the ordered one's tiles, plus the same for q tiles of 64).
+// deferred_q64 one the ordered one's tiles, plus the same for q tiles of 64); and of the HD 64
+// wgmma kernels (8 warps each): the forward, the ordered and the deferred_q64 backward.
 struct Cfg {
     int fnw, knw, anw;
     size_t fsmem, ksmem, asmem, dsmem, dq64smem;
+    size_t wg_fsmem, wg_ksmem, wg_dq64smem;
 };
 
 static Cfg config(int hd) {
     // FLASH_ENTRIES in flash_attention.cu / FLASH_64, FLASH_128 in flash_attention.rs: the
     // forward holds Q [128] and K, V [3][64]; a backward holds K, V [128], Q, dO [2][BQ], lse, D
     // [2][BQ] f32 and dSᵀ [128][BQ + 8] (BQ 64 for the HD 64 ordered backward, else 32).
+    // The wgmma kernels hold the same tiles in rows of 128 bytes (dSᵀ too), plus 1 KiB to align
+    // them.
     size_t rb = (hd + 8) * 2;
     auto backward = [&](size_t bq) { return (256 + 4 * bq) * rb + 4 * bq * 4 + 128 * (bq + 8) * 2; };
     auto staged = [&](size_t bq) { return (2 * bq * (hd + 4) + bq * hd) * 4; };
-    if (hd == 64)
+    if (hd == 64) {
+        const size_t wg_backward = (256 + 4 * 64) * 128 + 4 * 64 * 4 + 128 * 64 * 2 + 1024;
         return {4, 8, 4, (128 + 6 * 64) * rb, backward(64), backward(32), backward(32) + staged(32),
-                backward(64) + staged(64)};
-    return {8, 8, 8, (128 + 6 * 64) * rb, backward(32), backward(32), backward(32) + staged(32), 0};
+                backward(64) + staged(64), (128 + 6 * 64) * 128 + 1024, wg_backward, wg_backward + staged(64)};
+    }
+    return {8, 8, 8, (128 + 6 * 64) * rb, backward(32), backward(32), backward(32) + staged(32), 0, 0, 0, 0};
 }
 
 static std::vector<int> tile_table(const std::vector<int>& cu, int tile, int n) {
@@ -176,7 +182,7 @@ static bool run(const Case& c, uint64_t seed) {
         for (int ctas : {1, 3}) {
             std::vector<bf16_t> out3(out.size(), __float2bfloat16_rn(-5.0f));
             std::vector<float> lse3(lse.size(), -5.0f);
-            launch("flash_forward_64_sm90", bf, nh, 256, (128 + 6 * 64) * 64 * 2 + 1024, [&] {
+            launch("flash_forward_64_sm90", bf, nh, 256, cfg.wg_fsmem, [&] {
                 flash_forward_64_sm90(out3.data(), lse3.data(), qkv.data(), tf.data(), n, nh, nkv);
             }, ctas);
             const bool same = memcmp(out.data(), out3.data(), out.size() * sizeof(bf16_t)) == 0 &&
@@ -203,10 +209,7 @@ static bool run(const Case& c, uint64_t seed) {
         const bool deferred = !q64 && kernel.find("deferred") != std::string::npos;
         const bool sm90 = kernel.find("_sm90") != std::string::npos;
         const int warps = deferred && !sm90 ? cfg.anw : cfg.knw;
-        // sm90: K, V [128] and Q, dO [2][64] rows of 128 bytes, lse and D, dSᵀ [128][64], and
-        // 1 KiB to align the tiles; deferred-q64 also the staged partials and old sums.
-        const size_t staged = (2 * 64 * (64 + 4) + 64 * 64) * 4;
-        const size_t smem = sm90 ? (2 * 128 + 4 * 64) * 128 + 4 * 64 * 4 + 128 * 64 * 2 + 1024 + (q64 ? staged : 0)
+        const size_t smem = sm90 ? (q64 ? cfg.wg_dq64smem : cfg.wg_ksmem)
                             : q64 ? cfg.dq64smem : deferred ? cfg.dsmem : cfg.ksmem;
         launch(kernel, (unsigned)(tk.size() - 1) / 3, nkv, warps * 32, smem, [&] {
             if (sm90 && q64) flash_backward_deferred_q64_64_sm90(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);

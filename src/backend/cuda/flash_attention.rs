@@ -225,7 +225,7 @@ const fn backward_wgmma(name: &'static str, hd: usize, bq: usize) -> FlashKernel
 /// The deferred sums on wgmma: [`backward_wgmma`] plus the staged partials and old sums.
 const fn deferred_wgmma(name: &'static str, hd: usize, bq: usize) -> FlashKernel {
     let k = backward_wgmma(name, hd, bq);
-    FlashKernel { smem: k.smem + (2 * bq * (hd + 4) + bq * hd) * 4, ..k }
+    FlashKernel { smem: k.smem + staged_bytes(hd, bq), ..k }
 }
 /// Backward: `nw` warps of `mt` m-tiles (16 keys each); K and V tiles [16·nw·mt] +
 /// double-buffered Q and dO tiles [bq] + lse and D [2][bq] f32 + the dSᵀ tile [16·nw·mt][bq + 8]
@@ -245,7 +245,11 @@ const fn backward(name: &'static str, hd: usize, nw: usize, bq: usize, mt: usize
 /// old sums [bq][hd], f32.
 const fn deferred(name: &'static str, hd: usize, nw: usize, bq: usize, mt: usize) -> FlashKernel {
     let k = backward(name, hd, nw, bq, mt);
-    FlashKernel { smem: k.smem + (2 * bq * (hd + 4) + bq * hd) * 4, ..k }
+    FlashKernel { smem: k.smem + staged_bytes(hd, bq), ..k }
+}
+/// The deferred kernels' staged partials [2][bq][hd + 4] and old sums [bq][hd], f32.
+const fn staged_bytes(hd: usize, bq: usize) -> usize {
+    (2 * bq * (hd + 4) + bq * hd) * 4
 }
 
 /// The kernels for one head_dim; must match FLASH_ENTRIES in flash_attention.cu. The shapes are
@@ -408,16 +412,14 @@ impl FlashSupport {
                     return Ok(false);
                 }
             }
-            // The sm_90a module is loaded on compute capability 9.0 only.
-            if capability == (9, 0) {
-                let wgmma = [cfg.forward_wgmma, cfg.backward_wgmma, cfg.backward_deferred_q64_wgmma];
-                for k in wgmma.into_iter().flatten().filter(|k| kernels.has(k.name)) {
-                    let set = kernels.get(k.name)?.set_attribute(
-                        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        k.smem as i32,
-                    );
-                    set.with_context(|| format!("{} bytes of shared memory for {}", k.smem, k.name))?;
-                }
+            // The sm_90a kernels, where they loaded (compute capability 9.0 only).
+            let wgmma = [cfg.forward_wgmma, cfg.backward_wgmma, cfg.backward_deferred_q64_wgmma];
+            for k in wgmma.into_iter().flatten().filter(|k| kernels.has(k.name)) {
+                let set = kernels.get(k.name)?.set_attribute(
+                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    k.smem as i32,
+                );
+                set.with_context(|| format!("{} bytes of shared memory for {}", k.smem, k.name))?;
             }
             Ok(true)
         };
