@@ -4,8 +4,8 @@
 use half::bf16;
 use sft::backend::cpu;
 use sft::backend::cuda::{
-    dropout_args, rmsnorm_dw_chunks, rmsnorm_dw_reduce_config, rope_apply_config, rope_style_arg,
-    rope_vec_arg, swiglu_vec_arg,
+    dropout_args, rmsnorm_backward_config, rmsnorm_dw_chunks, rmsnorm_dw_reduce_config, rope_apply_config,
+    rope_style_arg, rope_vec_arg, swiglu_vec_arg,
 };
 use sft::backend::{
     group_tokens_by_id, token_groups, Dropout, GradMode, HeadShape, Rope, RopeScaling, RopeStyle,
@@ -115,9 +115,22 @@ pub fn rmsnorm(r: &mut Report, rng: &mut Rng) {
         }
     }
     // Backward: n past RMSNORM_DW_CHUNKS (512) rows makes two rows per chunk and a one-row
-    // last chunk (601), or three per chunk on the scalar path (1200); d 256, 64 and 24 take
-    // 16-byte groups, 257, 300 and 20 the scalar path.
-    for (n, d) in [(1usize, 64usize), (5, 300), (130, 257), (601, 24), (1200, 20), (7, 256)] {
+    // last chunk (601), three per chunk (1100, in two warps: the alternating reduction buffer),
+    // or three per chunk on the general loop (1200); d 256, 64, 24, 512, 2048 and 4096 take a
+    // thread per 16-byte group (blocks of 32 to 512 threads, some idle where d / 8 is not a
+    // multiple of 32), 257, 300 and 20 the general loop.
+    let shapes = [
+        (1usize, 64usize),
+        (5, 300),
+        (130, 257),
+        (601, 24),
+        (1200, 20),
+        (7, 256),
+        (1100, 512),
+        (3, 2048),
+        (2, 4096),
+    ];
+    for (n, d) in shapes {
         for dropout in [None, Some(Dropout { p: 0.3, seed: rng.next_u64() })] {
             let case = format!("n {n} d {d} dropout {dropout:?}");
             let (dout, doutf) = rng.bf16s(n * d, 1.0);
@@ -139,7 +152,7 @@ pub fn rmsnorm(r: &mut Report, rng: &mut Rng) {
             let (p, scale, seed) = dropout_args(dropout);
             r.launch(
                 "rmsnorm_backward",
-                Cfg { grid: (n_chunks as u32, 1, 1), block: (BLOCK, 1, 1) },
+                rmsnorm_backward_config(n_chunks, d).into(),
                 &[
                     arg(&pdx),
                     arg(&pp),

@@ -58,8 +58,8 @@ pub use global_norm::{sum_squares_blocks, SUMSQ_BLOCKS as SUM_SQUARES_BLOCKS, SU
 use launch::Kernels;
 pub use launch::{grid_stride, per_row, BLOCK};
 pub use rmsnorm::{
-    dropout_args, dw_chunks as rmsnorm_dw_chunks, dw_reduce_config as rmsnorm_dw_reduce_config,
-    DW_CHUNKS as RMSNORM_DW_CHUNKS, MAX_D as RMSNORM_MAX_D,
+    backward_config as rmsnorm_backward_config, dropout_args, dw_chunks as rmsnorm_dw_chunks,
+    dw_reduce_config as rmsnorm_dw_reduce_config, DW_CHUNKS as RMSNORM_DW_CHUNKS, MAX_D as RMSNORM_MAX_D,
 };
 pub use rope::{apply_config as rope_apply_config, style_arg as rope_style_arg, vec_arg as rope_vec_arg};
 use scratch::Scratch;

@@ -22,6 +22,16 @@ pub fn dw_chunks(n: usize) -> (usize, usize) {
     (rows_per_chunk, n.div_ceil(rows_per_chunk))
 }
 
+/// The launch of rmsnorm_backward over `n_chunks` row chunks of width `d`: a thread per group of
+/// 8 columns (rounded up to whole warps) where `d` is a multiple of 8, so that each thread keeps
+/// its columns in registers across the chunk's rows (`d` <= MAX_D: at most 1024 threads); else
+/// blocks of `BLOCK` over the general loop.
+pub fn backward_config(n_chunks: usize, d: usize) -> LaunchConfig {
+    let threads =
+        if d.is_multiple_of(8) && d <= MAX_D { (d / 8).div_ceil(32).max(1) as u32 * 32 } else { BLOCK };
+    LaunchConfig { grid_dim: (n_chunks as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// The launch of rmsnorm_backward_dw_reduce over `d` columns: blocks of (32 columns, 8 chunk lanes).
 pub fn dw_reduce_config(d: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (d.div_ceil(32) as u32, 1, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 }
@@ -152,10 +162,9 @@ impl CudaBackend {
         let mut scratch = self.scratch();
         let partial = ensure(&mut scratch.rms_partial, n_chunks * d, &self.stream, "rmsnorm dw partials")?;
         let (rpc, nci) = (int(rows_per_chunk, "rows per chunk")?, int(n_chunks, "chunks")?);
-        let cfg =
-            LaunchConfig { grid_dim: (n_chunks as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        let cfg = backward_config(n_chunks, d);
         // SAFETY: buffer sizes checked above; partial holds n_chunks * d; one block per chunk of
-        // rows_per_chunk rows, the last one bounded by n.
+        // rows_per_chunk rows, the last one bounded by n; the kernel bounds-checks columns.
         unsafe {
             launch::rmsnorm_backward(
                 &self.stream,
