@@ -88,23 +88,35 @@ fn rel_error(got: &[f32], want: &[f32]) -> f64 {
     }
 }
 
-fn assert_close(what: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
-    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite values");
+/// `got` against `want` within TOL (relative), printed either way.
+fn check_close(what: &str, got: &[f32], want: &[f32]) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!("{what}: lengths differ ({} against {})", got.len(), want.len()));
+    }
+    if !got.iter().all(|v| v.is_finite()) {
+        return Err(format!("{what}: non-finite values"));
+    }
     let rel = rel_error(got, want);
     eprintln!("{what}: relative error {rel:.2e}");
-    assert!(rel < TOL, "{what}: relative error {rel:.3e} >= {TOL:e}");
+    if rel < TOL {
+        Ok(())
+    } else {
+        Err(format!("{what}: relative error {rel:.3e} >= {TOL:e}"))
+    }
 }
 
-/// out, lse, dq, dk, dv of `a` against `r`.
+/// out, lse, dq, dk, dv of `a` against `r`: all five checked before failing, so that a failure
+/// says which products went wrong (a wrong forward spoils the backward's inputs too).
 fn compare(tag: &str, a: &[Vec<f32>; 3], r: &[Vec<f32>; 3], heads: HeadShape) {
-    assert_close(&format!("out ({tag})"), &a[0], &r[0]);
-    assert_close(&format!("lse ({tag})"), &a[1], &r[1]);
+    let mut failed = Vec::new();
+    failed.extend(check_close(&format!("out ({tag})"), &a[0], &r[0]).err());
+    failed.extend(check_close(&format!("lse ({tag})"), &a[1], &r[1]).err());
     let (qw, kw, width) = (heads.q_width(), heads.kv_width(), heads.qkv_width());
     for (name, lo, hi) in [("dq", 0, qw), ("dk", qw, qw + kw), ("dv", qw + kw, width)] {
         let part = |v: &[f32]| -> Vec<f32> { v.chunks(width).flat_map(|row| row[lo..hi].to_vec()).collect() };
-        assert_close(&format!("{name} ({tag})"), &part(&a[2]), &part(&r[2]));
+        failed.extend(check_close(&format!("{name} ({tag})"), &part(&a[2]), &part(&r[2])).err());
     }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
 fn inputs(n: usize, heads: HeadShape, seed: u64) -> (Vec<f32>, Vec<f32>) {
