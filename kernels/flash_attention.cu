@@ -32,6 +32,9 @@
 //                       same bits as flash_backward_HD; opt-in, SFT_FLASH_DQ=deferred, untimed).
 // - flash_dq_convert:   after flash_backward_atomic_HD: dQ = accumulator · scale as bf16 into the
 //                       q part of dqkv, and the accumulator back to zero for the next launch.
+// Every backward (and flash_dq_convert) takes RoPE's table and pairing (rope_style): dK, and dQ
+// where pairs are adjacent, are rotated back as they are written, so the model runs no rope pass
+// over dqkv afterwards (half-split dQ keeps one over the q heads; see "RoPE's backward").
 // - flash_forward_64_sm90, flash_backward_64_sm90, flash_backward_deferred_q64_64_sm90: the HD 64
 //                       forward, ordered and deferred-q64 backward with their tile products on
 //                       Hopper's wgmma (the backward's dQ product stays on mma.sync; opt-in,
@@ -305,6 +308,54 @@ __device__ __forceinline__ void store_acc(bf16_t* dst, size_t stride, int col, c
             *reinterpret_cast<uint32_t*>(dst + (size_t)row_b * stride + col + j * 8) =
                 pack_bf16(acc[j][2] * scale_b, acc[j][3] * scale_b);
     }
+}
+
+// ---- RoPE's backward in the epilogues -----------------------------------------------------------
+// rope_apply (rope.cu) rotated q and k after the QKV projection, so the gradients that the model
+// needs are those before the rotation: pair j of a row rotated back by its angle, (cos, sin) =
+// rope[row · HD/2 + j] (the micro-batch's rope_table). The backward does that as it writes dK
+// and dQ, instead of a rope_apply pass over them afterwards:
+//   ROPE_NONE      nothing (the caller rotates);
+//   ROPE_ADJACENT  pairs (2j, 2j + 1), both halves in one thread: dK and dQ;
+//   ROPE_HALF      pairs (j, j + HD/2): dK (a thread holds all HD columns of its key rows); dQ's
+//                  partner columns lie in another warp's block of the dQ product, so the caller
+//                  rotates dQ.
+#define ROPE_NONE -1
+#define ROPE_ADJACENT 0
+#define ROPE_HALF 1
+
+__device__ __forceinline__ void rotate_back(float& x0, float& x1, float2 cs) {
+    const float a = x0, b = x1;
+    x0 = a * cs.x + b * cs.y;
+    x1 = b * cs.x - a * cs.y;
+}
+
+// store_acc of dK: acc · scale rotated back as `rope_style` says (rope: the table as float2).
+template <int HD>
+__device__ __forceinline__ void store_dk(bf16_t* dst, size_t stride, int col, float (*acc)[4], int row_a, int row_b,
+                                         int limit, float scale, const float2* rope, int rope_style, int lane) {
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[j][e] *= scale;
+    if (rope_style == ROPE_ADJACENT) {
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++) {
+            const int pair = j * 4 + lane % 4;
+            if (row_a < limit) rotate_back(acc[j][0], acc[j][1], rope[(size_t)row_a * (HD / 2) + pair]);
+            if (row_b < limit) rotate_back(acc[j][2], acc[j][3], rope[(size_t)row_b * (HD / 2) + pair]);
+        }
+    } else if (rope_style == ROPE_HALF) {
+        // Column c = 8j + 2(lane % 4) + (e & 1) of the first half pairs with n-tile j + HD/16.
+#pragma unroll
+        for (int j = 0; j < HD / 16; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int row = e < 2 ? row_a : row_b, pair = j * 8 + (lane % 4) * 2 + (e & 1);
+                if (row < limit) rotate_back(acc[j][e], acc[j + HD / 16][e], rope[(size_t)row * (HD / 2) + pair]);
+            }
+    }
+    store_acc<HD>(dst, stride, col, acc, row_a, row_b, limit, 1.0f, 1.0f, lane);
 }
 
 // ---- tile table ------------------------------------------------------------------------------
@@ -767,7 +818,7 @@ enum DqMode { DQ_ORDERED, DQ_DEFERRED, DQ_ATOMIC };
 template <int HD, int NW, int BQ, int DQ, int MT = 1, bool WG = false>
 __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,
                                     const bf16_t* qkv, const float* lse, const float* D, const int* table, int n,
-                                    int n_heads, int n_kv_heads) {
+                                    int n_heads, int n_kv_heads, const float* rope_table, int rope_style) {
     // MT m-tiles of 16 keys per warp: WR keys (rows 16·MT·warp .. of the CTA's key tile).
     constexpr int WR = 16 * MT, BN = WR * NW, LD = HD + 8, NT = NW * 32;
     // dSᵀ rows: BQ + 8 bf16 (144 or 80 bytes), so that ldmatrix and the fragment stores are
@@ -811,6 +862,9 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     const int n_qt = (seg_end - k0 + BQ - 1) / BQ;
     const int n_it = group * n_qt;
     const int kt_index = (k0 - seg_start) / BN;
+    const float2* rope = reinterpret_cast<const float2*>(rope_table);
+    // dQ is rotated back here for adjacent pairs only (see ROPE_HALF).
+    const bool rope_dq = rope_style == ROPE_ADJACENT;
 
     load_kv_tile<BN, HD, NT, WG>(ks, vs, qkv + (n_heads + kvh) * HD, qkv + (n_heads + n_kv_heads + kvh) * HD, width,
                                  0, k0, n);
@@ -935,8 +989,14 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
                 v = make_float4(o.x + v.x, o.y + v.y, o.z + v.z, o.w + v.w);
             }
             if (prev.last) {
+                float2 lo = make_float2(v.x * scale, v.y * scale), hi = make_float2(v.z * scale, v.w * scale);
+                if (rope_dq) {
+                    const float2* cs = rope + (size_t)(prev.qt + r) * (HD / 2) + c / 2;
+                    rotate_back(lo.x, lo.y, cs[0]);
+                    rotate_back(hi.x, hi.y, cs[1]);
+                }
                 *reinterpret_cast<uint2*>(out + r * (int)width + c) =
-                    make_uint2(pack_bf16(v.x * scale, v.y * scale), pack_bf16(v.z * scale, v.w * scale));
+                    make_uint2(pack_bf16(lo.x, lo.y), pack_bf16(hi.x, hi.y));
             } else {
                 __stcg(reinterpret_cast<float4*>(g + r * (int)dstride + c), v);
             }
@@ -1188,10 +1248,14 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
                     v.x = o.x + v.x;
                     v.y = o.y + v.y;
                 }
-                if (last)
-                    *reinterpret_cast<uint32_t*>(dq_a + half * 8 * (int)width + j * 8) = pack_bf16(v.x * scale, v.y * scale);
-                else
+                if (last) {
+                    float x0 = v.x * scale, x1 = v.y * scale;
+                    // Head column c0 + (lane % 4)·2 + 8j: pair c0/2 + lane % 4 + 4j.
+                    if (rope_dq) rotate_back(x0, x1, rope[(size_t)row * (HD / 2) + c0 / 2 + lane % 4 + 4 * j]);
+                    *reinterpret_cast<uint32_t*>(dq_a + half * 8 * (int)width + j * 8) = pack_bf16(x0, x1);
+                } else {
                     __stcg(p, v);
+                }
             }
         }
         // The CUTLASS semaphore pattern: the barrier orders every thread's accumulator stores
@@ -1234,8 +1298,8 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
 
 #pragma unroll
     for (int m = 0; m < MT; m++) {
-        store_acc<HD>(dqkv, width, (n_heads + kvh) * HD, dk + m * (HD / 8), key_a[m], key_b[m], seg_end, scale, scale,
-                      lane);
+        store_dk<HD>(dqkv, width, (n_heads + kvh) * HD, dk + m * (HD / 8), key_a[m], key_b[m], seg_end, scale, rope,
+                     rope_style, lane);
         store_acc<HD>(dqkv, width, (n_heads + n_kv_heads + kvh) * HD, dv + m * (HD / 8), key_a[m], key_b[m], seg_end,
                       1.0f, 1.0f, lane);
     }
@@ -1249,7 +1313,8 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
 // 32 bits (the host checks that they fit an int): one 32-bit division per step.
 #ifndef SFT_SM90A
 extern "C" __global__ void __launch_bounds__(256)
-    flash_dq_convert(bf16_t* dqkv, float* dq_acc, int n, int n_heads, int n_kv_heads, int head_dim) {
+    flash_dq_convert(bf16_t* dqkv, float* dq_acc, int n, int n_heads, int n_kv_heads, int head_dim,
+                     const float* rope_table, int rope_style) {
     const float scale = rsqrtf((float)head_dim);
     const int q_width = n_heads * head_dim, steps_per_row = q_width / 8;
     const size_t width = (size_t)(n_heads + 2 * n_kv_heads) * head_dim;
@@ -1259,10 +1324,19 @@ extern "C" __global__ void __launch_bounds__(256)
         float4* a = reinterpret_cast<float4*>(dq_acc + (size_t)row * q_width + col);
         const float4 lo = a[0], hi = a[1];
         uint4 out;
-        out.x = pack_bf16(lo.x * scale, lo.y * scale);
-        out.y = pack_bf16(lo.z * scale, lo.w * scale);
-        out.z = pack_bf16(hi.x * scale, hi.y * scale);
-        out.w = pack_bf16(hi.z * scale, hi.w * scale);
+        float v[8] = {lo.x * scale, lo.y * scale, lo.z * scale, lo.w * scale,
+                      hi.x * scale, hi.y * scale, hi.z * scale, hi.w * scale};
+        if (rope_style == ROPE_ADJACENT) {
+            // Columns col .. col + 7 of the row: pairs (col % head_dim) / 2 .. + 3 of their head.
+            const float2* cs = reinterpret_cast<const float2*>(rope_table) + (size_t)row * (head_dim / 2) +
+                               (col % head_dim) / 2;
+#pragma unroll
+            for (int k = 0; k < 4; k++) rotate_back(v[2 * k], v[2 * k + 1], cs[k]);
+        }
+        out.x = pack_bf16(v[0], v[1]);
+        out.y = pack_bf16(v[2], v[3]);
+        out.z = pack_bf16(v[4], v[5]);
+        out.w = pack_bf16(v[6], v[7]);
         *reinterpret_cast<uint4*>(dqkv + (size_t)row * width + col) = out;
         a[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         a[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -1281,32 +1355,33 @@ extern "C" __global__ void __launch_bounds__(256)
 // block NW·32. All read one tile table of 128 rows. MINB: CTAs per SM the registers must allow.
 // The HD 64 forward needs 235 registers on sm_90, so 2 CTAs (8 warps) per SM; capping it at 3
 // spills (148 bytes), and key tiles of 128 rows spill at 255 registers (168 bytes).
-#define FLASH_ENTRIES(HD, FNW, FBN, FMT, FMINB, KNW, KBQ, ANW, ABQ, AMT, AMINB)                                 \
-    extern "C" __global__ void __launch_bounds__(FNW * 32, FMINB)                                               \
-        flash_forward_##HD(bf16_t* out, float* lse, const bf16_t* qkv, const int* table, int n, int n_heads,    \
-                           int n_kv_heads) {                                                                    \
-        flash_forward_impl<HD, FNW, FBN, FMT>(out, lse, qkv, table, n, n_heads, n_kv_heads);                    \
-    }                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(KNW * 32)                                                      \
-        flash_backward_##HD(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,                  \
-                            const bf16_t* qkv, const float* lse, const float* D, const int* table, int n,       \
-                            int n_heads, int n_kv_heads) {                                                      \
-        flash_backward_impl<HD, KNW, KBQ, DQ_ORDERED>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n,        \
-                                                      n_heads, n_kv_heads);                                     \
-    }                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(ANW * 32, AMINB)                                               \
-        flash_backward_deferred_##HD(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,         \
-                                     const bf16_t* qkv, const float* lse, const float* D, const int* table,     \
-                                     int n, int n_heads, int n_kv_heads) {                                      \
-        flash_backward_impl<HD, ANW, ABQ, DQ_DEFERRED, AMT>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n,  \
-                                                            n_heads, n_kv_heads);                               \
-    }                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(ANW * 32, AMINB)                                               \
-        flash_backward_atomic_##HD(bf16_t* dqkv, float* dq_acc, const bf16_t* dout, const bf16_t* qkv,          \
-                                   const float* lse, const float* D, const int* table, int n, int n_heads,      \
-                                   int n_kv_heads) {                                                            \
-        flash_backward_impl<HD, ANW, ABQ, DQ_ATOMIC, AMT>(dqkv, dq_acc, nullptr, dout, qkv, lse, D, table, n,   \
-                                                          n_heads, n_kv_heads);                                 \
+#define FLASH_ENTRIES(HD, FNW, FBN, FMT, FMINB, KNW, KBQ, ANW, ABQ, AMT, AMINB)                                \
+    extern "C" __global__ void __launch_bounds__(FNW * 32, FMINB)                                              \
+        flash_forward_##HD(bf16_t* out, float* lse, const bf16_t* qkv, const int* table, int n, int n_heads,   \
+                           int n_kv_heads) {                                                                   \
+        flash_forward_impl<HD, FNW, FBN, FMT>(out, lse, qkv, table, n, n_heads, n_kv_heads);                   \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(KNW * 32)                                                     \
+        flash_backward_##HD(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,                 \
+                            const bf16_t* qkv, const float* lse, const float* D, const int* table, int n,      \
+                            int n_heads, int n_kv_heads, const float* rope_table, int rope_style) {            \
+        flash_backward_impl<HD, KNW, KBQ, DQ_ORDERED>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n,       \
+                                                      n_heads, n_kv_heads, rope_table, rope_style);            \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(ANW * 32, AMINB)                                              \
+        flash_backward_deferred_##HD(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,        \
+                                     const bf16_t* qkv, const float* lse, const float* D, const int* table,    \
+                                     int n, int n_heads, int n_kv_heads, const float* rope_table,              \
+                                     int rope_style) {                                                         \
+        flash_backward_impl<HD, ANW, ABQ, DQ_DEFERRED, AMT>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n, \
+                                                            n_heads, n_kv_heads, rope_table, rope_style);      \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(ANW * 32, AMINB)                                              \
+        flash_backward_atomic_##HD(bf16_t* dqkv, float* dq_acc, const bf16_t* dout, const bf16_t* qkv,         \
+                                   const float* lse, const float* D, const int* table, int n, int n_heads,     \
+                                   int n_kv_heads, const float* rope_table, int rope_style) {                  \
+        flash_backward_impl<HD, ANW, ABQ, DQ_ATOMIC, AMT>(dqkv, dq_acc, nullptr, dout, qkv, lse, D, table, n,  \
+                                                          n_heads, n_kv_heads, rope_table, rope_style);        \
     }
 #ifndef SFT_SM90A
 FLASH_ENTRIES(64, 4, 64, 2, 2, 8, 64, 4, 32, 2, 2)
@@ -1319,9 +1394,9 @@ FLASH_ENTRIES(128, 8, 64, 1, 1, 8, 32, 8, 32, 1, 1)
 extern "C" __global__ void __launch_bounds__(256)
     flash_backward_deferred_q64_64(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,
                                    const bf16_t* qkv, const float* lse, const float* D, const int* table, int n,
-                                   int n_heads, int n_kv_heads) {
+                                   int n_heads, int n_kv_heads, const float* rope_table, int rope_style) {
     flash_backward_impl<64, 8, 64, DQ_DEFERRED, 1>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n, n_heads,
-                                                   n_kv_heads);
+                                                   n_kv_heads, rope_table, rope_style);
 }
 #endif  // SFT_SM90A
 
@@ -1337,17 +1412,18 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 // flash_backward_64.
 extern "C" __global__ void __launch_bounds__(256)
     flash_backward_64_sm90(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout, const bf16_t* qkv,
-                           const float* lse, const float* D, const int* table, int n, int n_heads, int n_kv_heads) {
+                           const float* lse, const float* D, const int* table, int n, int n_heads, int n_kv_heads,
+                           const float* rope_table, int rope_style) {
     flash_backward_impl<64, 8, 64, DQ_ORDERED, 1, true>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n, n_heads,
-                                                         n_kv_heads);
+                                                         n_kv_heads, rope_table, rope_style);
 }
 // flash_backward_deferred_q64_64 on wgmma likewise (SFT_FLASH_DQ=deferred-q64 with
 // SFT_FLASH_MMA=wgmma): the deferred sums in the same tiles, the same bits.
 extern "C" __global__ void __launch_bounds__(256)
     flash_backward_deferred_q64_64_sm90(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,
                                         const bf16_t* qkv, const float* lse, const float* D, const int* table, int n,
-                                        int n_heads, int n_kv_heads) {
+                                        int n_heads, int n_kv_heads, const float* rope_table, int rope_style) {
     flash_backward_impl<64, 8, 64, DQ_DEFERRED, 1, true>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n, n_heads,
-                                                          n_kv_heads);
+                                                          n_kv_heads, rope_table, rope_style);
 }
 #endif  // SFT_SM90A || FLASH_EMULATE

@@ -12,7 +12,8 @@
 use sft::backend::cpu::CpuBackend;
 use sft::backend::{
     cross_entropy_sum, group_tokens_by_id, stats, sum_squares_read, AdamW, Backend, BranchGrad, Clip,
-    Dropout, GradMode, HeadShape, LossGrads, Precision, Rope, RopeScaling, RopeStyle, StateDtype, STATS_LEN,
+    Dropout, GradMode, HeadShape, LossGrads, Precision, Rope, RopeGrad, RopeScaling, RopeStyle, StateDtype,
+    STATS_LEN,
 };
 use sft::rng::{self, Rng};
 
@@ -382,7 +383,8 @@ fn attention_backward_matches_finite_differences() {
         let r = random(&mut rng, n * heads.q_width());
         let (out, lse) = attention(&be, &qkv, cu, n, heads);
         let mut dqkv = vec![5.0; n * heads.qkv_width()];
-        be.attention_backward(&mut dqkv, &r, &qkv, &out, &lse, &cu.to_vec(), cu.len() - 1, n, heads).unwrap();
+        be.attention_backward(&mut dqkv, &r, &qkv, &out, &lse, &cu.to_vec(), cu.len() - 1, n, heads, None)
+            .unwrap();
         fd_check(&format!("attention dqkv {heads:?}"), &dqkv, &qkv, |x| {
             dot(&attention(&be, x, cu, n, heads).0, &r)
         });
@@ -755,8 +757,9 @@ fn op_results<T: sft::backend::cpu::Real>(inputs: &[Vec<f32>]) -> Vec<(&'static 
     be.attention_forward(&mut att, &mut lse, &qkv, &CU.to_vec(), 3, n, heads).unwrap();
     results.push(("rmsnorm+matmul+rope+attention forward", get(&att)));
     let mut dqkv = buf(&vec![0.0; n * heads.qkv_width()]);
-    be.attention_backward(&mut dqkv, &buf(dout_att), &qkv, &att, &lse, &CU.to_vec(), 3, n, heads).unwrap();
-    be.rope_backward(&mut dqkv, &table, n, heads, RopeStyle::HalfSplit).unwrap();
+    let rope = Some(RopeGrad { table: &table, style: RopeStyle::HalfSplit });
+    be.attention_backward(&mut dqkv, &buf(dout_att), &qkv, &att, &lse, &CU.to_vec(), 3, n, heads, rope)
+        .unwrap();
     results.push(("attention+rope backward", get(&dqkv)));
     let (mut dnormed, mut dw_qkv) = (buf(&vec![0.0; n * d]), buf(&vec![0.0; w_qkv.len()]));
     let acc = GradMode::Accumulate;
@@ -816,6 +819,6 @@ fn attention_spanning_several_row_blocks_matches_naive_and_finite_differences() 
     let (want_out, want_lse) = naive_attention(&qkv, &cu, n, heads);
     assert!(rel_err(&out, &want_out) < 1e-12 && rel_err(&lse, &want_lse) < 1e-12);
     let mut dqkv = vec![5.0; n * heads.qkv_width()];
-    be.attention_backward(&mut dqkv, &r, &qkv, &out, &lse, &cu.to_vec(), 3, n, heads).unwrap();
+    be.attention_backward(&mut dqkv, &r, &qkv, &out, &lse, &cu.to_vec(), 3, n, heads, None).unwrap();
     fd_check("attention dqkv, 64-row blocks", &dqkv, &qkv, |x| dot(&attention(&be, x, &cu, n, heads).0, &r));
 }

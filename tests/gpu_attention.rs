@@ -22,7 +22,7 @@ mod common;
 use common::gpu::{gpu, randn, upload};
 use sft::backend::cpu::CpuBackend;
 use sft::backend::cuda::{AttentionPath, CudaBackend, FlashDq, FlashMma};
-use sft::backend::{Backend, HeadShape, Precision};
+use sft::backend::{Backend, HeadShape, Precision, Rope, RopeGrad, RopeStyle};
 use sft::rng::Rng;
 
 const TOL: f64 = 1e-2;
@@ -45,29 +45,51 @@ fn tensor_core_gpu(head_dim: usize) -> Option<CudaBackend> {
 
 /// (out, lse, dqkv) of one forward and backward.
 fn attention<B: Backend>(b: &B, qkv: &[f32], dout: &[f32], cu: &[u32], heads: HeadShape) -> [Vec<f32>; 3] {
-    let mut cu_b = b.zeros_ids(cu.len()).unwrap();
-    b.write_ids(&mut cu_b, cu).unwrap();
-    attention_on(b, qkv, dout, &cu_b, cu.len() - 1, *cu.last().unwrap() as usize, heads)
+    attention_rope(b, qkv, dout, cu, heads, None)
 }
 
-/// As [`attention`], with the segments already on the device.
+/// As [`attention`]; with `rope`, the backward hands back the gradients before a rotation of
+/// q and k (positions counted from each segment's start).
+fn attention_rope<B: Backend>(
+    b: &B,
+    qkv: &[f32],
+    dout: &[f32],
+    cu: &[u32],
+    heads: HeadShape,
+    rope: Option<RopeStyle>,
+) -> [Vec<f32>; 3] {
+    let mut cu_b = b.zeros_ids(cu.len()).unwrap();
+    b.write_ids(&mut cu_b, cu).unwrap();
+    attention_on(b, qkv, dout, &cu_b, cu, heads, rope)
+}
+
+/// As [`attention_rope`], with the segments already on the device.
 fn attention_on<B: Backend>(
     b: &B,
     qkv: &[f32],
     dout: &[f32],
     cu_b: &B::Ids,
-    segs: usize,
-    n: usize,
+    cu: &[u32],
     heads: HeadShape,
+    rope: Option<RopeStyle>,
 ) -> [Vec<f32>; 3] {
+    let (segs, n) = (cu.len() - 1, *cu.last().unwrap() as usize);
     let qkv_b = upload(b, qkv, Precision::Compute);
     let mut out = b.zeros(n * heads.q_width(), Precision::Compute).unwrap();
     let mut lse = b.zeros(heads.n_heads * n, Precision::F32).unwrap();
     b.attention_forward(&mut out, &mut lse, &qkv_b, cu_b, segs, n, heads).unwrap();
     let dout_b = upload(b, dout, Precision::Compute);
+    let mut table = b.zeros(n * heads.head_dim, Precision::F32).unwrap();
+    if let Some(style) = rope {
+        let positions: Vec<u32> = cu.windows(2).flat_map(|w| 0..w[1] - w[0]).collect();
+        let mut positions_b = b.zeros_ids(n).unwrap();
+        b.write_ids(&mut positions_b, &positions).unwrap();
+        b.rope_table(&mut table, &positions_b, n, heads.head_dim, Rope::plain(10_000.0, style)).unwrap();
+    }
+    let rope = rope.map(|style| RopeGrad { table: &table, style });
     // Garbage in dqkv first: the backward must overwrite every element.
     let mut dqkv = upload(b, &vec![f32::NAN; n * heads.qkv_width()], Precision::Compute);
-    b.attention_backward(&mut dqkv, &dout_b, &qkv_b, &out, &lse, cu_b, segs, n, heads).unwrap();
+    b.attention_backward(&mut dqkv, &dout_b, &qkv_b, &out, &lse, cu_b, segs, n, heads, rope).unwrap();
     b.synchronize().unwrap();
     [
         b.read(&out, n * heads.q_width()).unwrap(),
@@ -283,10 +305,10 @@ fn flash_prepared_tile_table_follows_the_segments() {
     let mut cu_b = g.zeros_ids(PACKED.len()).unwrap();
     g.write_ids(&mut cu_b, PACKED).unwrap();
     g.prepare_segments(&cu_b, PACKED.len() - 1, n).unwrap();
-    let prepared = attention_on(&g, &qkv, &dout, &cu_b, PACKED.len() - 1, n, GQA_64);
+    let prepared = attention_on(&g, &qkv, &dout, &cu_b, PACKED, GQA_64, None);
     assert_identical("prepared vs per-call tile table", &unprepared, &prepared);
     g.write_ids(&mut cu_b, other).unwrap();
-    let rewritten = attention_on(&g, &qkv, &dout, &cu_b, other.len() - 1, n, GQA_64);
+    let rewritten = attention_on(&g, &qkv, &dout, &cu_b, other, GQA_64, None);
     let r = attention(&CpuBackend::<f32>::new(), &qkv, &dout, other, GQA_64);
     compare("segments rewritten after prepare_segments", &rewritten, &r, GQA_64);
 }
@@ -447,4 +469,49 @@ fn flash_wgmma_against_cpu() {
     let deferred = attention(&g, &qkv, &dout, &cu, mha_32);
     assert_identical("wgmma deferred-q64 vs ordered, hd 64 at scale", &first, &deferred);
     against_cpu_on(&g, GQA_64, PACKED, 908);
+}
+
+/// The backward with RoPE's inverse rotation folded in (the flash kernels rotate dK, and dQ for
+/// adjacent pairs, as they write them; half-split dQ takes a rope pass over the q heads; the
+/// scalar kernels leave it all to that pass) against the CPU's backward followed by
+/// rope_backward: both pairings, head_dim 64 and 128, every dQ sum, the scalar path, and the
+/// wgmma kernels on compute capability 9.0. The ordered and deferred sums keep their common bits.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn flash_backward_with_rope_against_cpu() {
+    let cpu = CpuBackend::<f32>::new();
+    for (heads, seed) in [(GQA_64, 950u64), (GQA_128, 960)] {
+        let Some(g) = tensor_core_gpu(heads.head_dim) else { return };
+        let n = *PACKED.last().unwrap() as usize;
+        for (k, style) in [RopeStyle::AdjacentPairs, RopeStyle::HalfSplit].into_iter().enumerate() {
+            let (qkv, dout) = inputs(n, heads, seed + k as u64);
+            let r = attention_rope(&cpu, &qkv, &dout, PACKED, heads, Some(style));
+            let mut runs = vec![(FlashMma::Mma, FlashDq::Ordered), (FlashMma::Mma, FlashDq::Deferred)];
+            runs.extend([(FlashMma::Mma, FlashDq::DeferredQ64), (FlashMma::Mma, FlashDq::Atomic)]);
+            if heads.head_dim == 64 && g.compute_capability() == (9, 0) {
+                runs.extend([(FlashMma::Wgmma, FlashDq::Ordered), (FlashMma::Wgmma, FlashDq::DeferredQ64)]);
+            }
+            let mut ordered = None;
+            for (mma, dq) in runs {
+                g.set_flash_mma(mma).unwrap();
+                g.set_flash_dq(dq);
+                let a = attention_rope(&g, &qkv, &dout, PACKED, heads, Some(style));
+                let tag = format!("rope {style:?}, {} {} dQ, hd {}", mma.name(), dq.name(), heads.head_dim);
+                compare(&tag, &a, &r, heads);
+                match (&ordered, mma, dq) {
+                    (None, FlashMma::Mma, FlashDq::Ordered) => ordered = Some(a),
+                    (Some(o), FlashMma::Mma, FlashDq::Deferred | FlashDq::DeferredQ64) => {
+                        assert_identical(&format!("{tag} vs ordered"), o, &a)
+                    }
+                    _ => {}
+                }
+            }
+            g.set_flash_mma(FlashMma::Mma).unwrap();
+            g.set_flash_dq(FlashDq::Ordered);
+            g.set_attention_path(AttentionPath::Scalar);
+            let a = attention_rope(&g, &qkv, &dout, PACKED, heads, Some(style));
+            compare(&format!("rope {style:?}, scalar kernels, hd {}", heads.head_dim), &a, &r, heads);
+            g.set_attention_path(AttentionPath::Auto);
+        }
+    }
 }

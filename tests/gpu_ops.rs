@@ -398,7 +398,7 @@ fn attention<B: Backend>(b: &B, qkv: &[f32], dout: &[f32], cu: &[u32], heads: He
     b.attention_forward(&mut out, &mut lse, &qkv_b, &cu_b, segs, n, heads).unwrap();
     let dout_b = upload(b, dout, Precision::Compute);
     let mut dqkv = b.zeros(n * heads.qkv_width(), Precision::Compute).unwrap();
-    b.attention_backward(&mut dqkv, &dout_b, &qkv_b, &out, &lse, &cu_b, segs, n, heads).unwrap();
+    b.attention_backward(&mut dqkv, &dout_b, &qkv_b, &out, &lse, &cu_b, segs, n, heads, None).unwrap();
     vec![
         download(b, &out, n * heads.q_width()),
         download(b, &lse, heads.n_heads * n),

@@ -597,7 +597,10 @@ macro_rules! backend_ops {
                 n: usize,
                 heads: HeadShape,
             ) -> Result<()>;
-            /// Backward of `attention_forward`; `dqkv` is overwritten.
+            /// Backward of `attention_forward`; `dqkv` is overwritten. With `rope` (the rotation
+            /// that `rope_forward` gave q and k), the q and k gradients are those before it, as
+            /// `rope_backward` after this would make them (a backend may fold the rotation into
+            /// the backward's stores).
             #[allow(clippy::too_many_arguments)]
             fn attention_backward(
                 &self,
@@ -610,6 +613,7 @@ macro_rules! backend_ops {
                 n_segments: usize,
                 n: usize,
                 heads: HeadShape,
+                rope: Option<RopeGrad<'_, Self>>,
             ) -> Result<()>;
             /// Generation with a KV cache, for one sequence: writes the (already rotated) k and v of
             /// the `n_new` rows of `qkv` into rows `start..start + n_new` of the caches
@@ -804,6 +808,13 @@ pub struct BranchGrad<'a, B: Backend + ?Sized> {
     pub out: &'a mut B::Buf,
     /// The mask of the forward's `residual_rmsnorm_forward` (same p and seed).
     pub dropout: Dropout,
+}
+
+/// The rotary embedding that [`Backend::attention_backward`]'s q and k went through.
+pub struct RopeGrad<'a, B: Backend + ?Sized> {
+    /// The micro-batch's table from [`Backend::rope_table`].
+    pub table: &'a B::Buf,
+    pub style: RopeStyle,
 }
 
 /// The gradient outputs of [`Backend::lm_head_cross_entropy`].

@@ -206,6 +206,7 @@ impl<B: Backend> AttentionCase<B> {
             self.batch,
             n,
             self.heads,
+            None,
         )
     }
 

@@ -15,7 +15,7 @@ use super::params::{self, NamedTensor, ParamIndex, ParamSpec};
 use super::recompute::Recompute;
 use crate::backend::{
     group_tokens_by_id, profile, stats, supervised_rows, AdamW, Backend, BranchGrad, Clip, Dropout, GradMode,
-    LossGrads, Precision, StateDtype, STATS_LEN,
+    LossGrads, Precision, RopeGrad, StateDtype, STATS_LEN,
 };
 use crate::data::batch::Batch;
 use crate::dist::OptimizerLayout;
@@ -1543,8 +1543,10 @@ impl<B: Backend> Model<B> {
                 n_segments,
                 n,
                 heads,
+                // The gradients before rope_forward's rotation (the CUDA flash backward rotates
+                // them back as it writes them).
+                Some(RopeGrad { table: &ids.rope_table, style: rope.style }),
             )?;
-            be.rope_backward(&mut ag.dqkv, &ids.rope_table, n, heads, rope.style)?;
             let (at, ln) = ((l, Site::Qkv, dropout_seed), &ln_in[ln_at]);
             let dqkv = &ag.dqkv;
             projection_backward(

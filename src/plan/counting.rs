@@ -21,7 +21,7 @@ use crate::backend::cuda::{
 };
 use crate::backend::{
     check_column_slice, stats, AdamW, Backend, BranchGrad, Clip, Dropout, GradMode, HeadShape, LossGrads,
-    Precision, Rope, RopeStyle, StateDtype,
+    Precision, Rope, RopeGrad, RopeStyle, StateDtype,
 };
 
 /// Bytes of a [`Precision::Compute`] element on the CUDA backend (bf16).
@@ -726,7 +726,7 @@ impl Backend for CountingBackend {
         heads: HeadShape,
         _style: RopeStyle,
     ) -> Result<()> {
-        self.rope(qkv, table, n, heads, "rope_forward")
+        self.rope_heads(qkv, table, n, heads, heads.n_heads + heads.n_kv_heads, "rope_forward")
     }
     fn rope_backward(
         &self,
@@ -736,7 +736,7 @@ impl Backend for CountingBackend {
         heads: HeadShape,
         _style: RopeStyle,
     ) -> Result<()> {
-        self.rope(dqkv, table, n, heads, "rope_backward")
+        self.rope_heads(dqkv, table, n, heads, heads.n_heads + heads.n_kv_heads, "rope_backward")
     }
 
     fn attention_forward(
@@ -777,6 +777,7 @@ impl Backend for CountingBackend {
         n_segments: usize,
         n: usize,
         heads: HeadShape,
+        rope: Option<RopeGrad<'_, Self>>,
     ) -> Result<()> {
         self.call(Family::FlashAttention);
         ensure!(n_segments > 0, "attention: no segments (cu_seqlens needs n_segments + 1 offsets)");
@@ -808,7 +809,11 @@ impl Backend for CountingBackend {
                     cu_seqlens, n_segments, heads, bq,
                 )
             });
-        let bytes = n * (qkv_w + q) * COMPUTE_BYTES + 2 * stats + n * (q + 2 * kv) * COMPUTE_BYTES;
+        // With rope, the epilogues read the rows' (cos, sin) pairs as they rotate dK (and dQ
+        // for adjacent pairs) back; half-split dQ then takes a rope pass over the q heads.
+        let rope_table = if rope.is_some() { n * heads.head_dim * 4 } else { 0 };
+        let bytes =
+            n * (qkv_w + q) * COMPUTE_BYTES + 2 * stats + n * (q + 2 * kv) * COMPUTE_BYTES + rope_table;
         self.count(
             Family::FlashAttention,
             KernelKind::Attention,
@@ -816,7 +821,12 @@ impl Backend for CountingBackend {
             10.0 * per_pair * pairs,
             bytes as f64 + accumulation,
         );
-        Ok(())
+        match rope {
+            Some(r) if r.style == RopeStyle::HalfSplit => {
+                self.rope_heads(dqkv, r.table, n, heads, heads.n_heads, "attention_backward rope (dQ)")
+            }
+            _ => Ok(()),
+        }
     }
     fn attention_decode(
         &self,
@@ -1061,19 +1071,21 @@ impl CountingBackend {
         Ok(())
     }
 
-    fn rope(
+    /// `rope_apply` over the first `rot_heads` heads of each row.
+    fn rope_heads(
         &self,
-        qkv: &mut CountBuf,
+        qkv: &CountBuf,
         table: &CountBuf,
         n: usize,
         heads: HeadShape,
+        rot_heads: usize,
         what: &str,
     ) -> Result<()> {
         self.call(Family::Rope);
         ensure!(heads.head_dim.is_multiple_of(2), "rope: head_dim {} is odd", heads.head_dim);
         need(qkv, n * heads.qkv_width(), Precision::Compute, &format!("{what} qkv"))?;
         need(table, n * heads.head_dim, Precision::F32, &format!("{what} table"))?;
-        let rotated = n * (heads.n_heads + heads.n_kv_heads) * heads.head_dim;
+        let rotated = n * rot_heads * heads.head_dim;
         if rotated > 0 {
             // In place on the q and k parts of each row: read and written once; the row's
             // (cos, sin) pairs are read once from memory (every head of the row's block shares

@@ -1,7 +1,7 @@
 use super::counting::{CountingBackend, Family, KernelKind};
 use super::*;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, GradMode, Precision};
+use crate::backend::{Backend, GradMode, Precision, RopeStyle};
 use crate::bench::train::synthetic_batch;
 use crate::model::forward::{memory_bytes, memory_bytes_lora, micro_batch_that_fits};
 use crate::model::Model;
@@ -95,9 +95,20 @@ fn launches_follow_the_cuda_backends_launch_code() {
     // One rmsnorm + 2 residual norms per layer forward; 2 launches per backward norm (the fused
     // kernel, then the in-order sum of its weight-gradient partials).
     assert_eq!(l.family(Family::Rmsnorm).launches, 1 + 2 * layers + 2 * (1 + 2 * layers));
-    // RoPE: the micro-batch's table once, then one rotation per layer forward and backward.
-    assert_eq!(l.family(Family::Rope).launches, 1 + 2 * layers);
-    assert_eq!(l.calls[&Family::Rope], 1 + 2 * layers);
+    // RoPE: the micro-batch's table once, then one rotation per layer forward; the flash
+    // backward rotates dK and dQ back itself (adjacent pairs, as SimpleLLaMA's).
+    assert_eq!(c.rope_style, RopeStyle::AdjacentPairs);
+    assert_eq!(l.family(Family::Rope).launches, 1 + layers);
+    assert_eq!(l.calls[&Family::Rope], 1 + layers);
+    // Half-split pairs: dQ takes a rotation over the q heads after the backward.
+    let half = ModelConfig { rope_style: RopeStyle::HalfSplit, ..c.clone() };
+    let count = count_step(&half, mb, t, 1).unwrap();
+    let rope = count.ledger.family(Family::Rope);
+    assert_eq!(rope.launches, 1 + 2 * layers);
+    // Each such pass reads and writes the q heads (bf16) and reads the rows' table (fp32).
+    let (h, n) = (half.heads(), (mb * t) as f64);
+    let q_pass = 2.0 * n * (h.q_width() * 2) as f64 + n * (h.head_dim * 4) as f64;
+    assert_eq!(rope.bytes - l.family(Family::Rope).bytes, layers as f64 * q_pass);
     // The loss: one chunk (64 rows < 32 Mi / vocab): gather, GEMM, rows, 2 GEMMs, scatter; a
     // memset of dx. The supervised rows came up with the batch, the losses stay on the device.
     let ce = l.family(Family::CrossEntropy);

@@ -1,6 +1,7 @@
 // Runs kernels/flash_attention.cu's kernels on the CPU (flash_emu.h) and compares out, lse, dq,
 // dk and dv with a float64 reference of causal attention over packed segments (the backward
-// with its ordered dQ, and with atomic dQ adds plus flash_dq_convert). Build and run:
+// with its ordered dQ, and with atomic dQ adds plus flash_dq_convert; dK and dQ rotated back by
+// the RoPE table where the case asks, as the backward does in its epilogues). Build and run:
 // scripts/flash_emulate.sh. Exit status 0 when every case is within tolerance.
 #include "flash_attention.cu"
 
@@ -40,6 +41,7 @@ static void record(const std::string& name, double err, double tol) {
 struct Case {
     int hd, nh, nkv;
     std::vector<int> cu;
+    int rope;  // ROPE_NONE, ROPE_ADJACENT or ROPE_HALF: the backward's rope_style
 };
 
 static float bf_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
@@ -108,6 +110,13 @@ static bool run(const Case& c, uint64_t seed) {
     std::vector<float> qkvf(qkv.size()), doutf(dout.size());
     for (size_t i = 0; i < qkv.size(); i++) qkvf[i] = bf_round(normal(rng)), qkv[i] = __float2bfloat16_rn(qkvf[i]);
     for (size_t i = 0; i < dout.size(); i++) doutf[i] = bf_round(normal(rng)), dout[i] = __float2bfloat16_rn(doutf[i]);
+    // A RoPE table of (cos, sin) per row and pair: any angles will do for the rotation back.
+    std::uniform_real_distribution<float> angle(-3.2f, 3.2f);
+    std::vector<float> rope_tab((size_t)n * hd);
+    for (size_t i = 0; i < rope_tab.size(); i += 2) {
+        const float a = angle(rng);
+        rope_tab[i] = std::cos(a), rope_tab[i + 1] = std::sin(a);
+    }
 
     // ---- reference (float64) ----
     std::vector<double> r_out(n * nh * hd, 0), r_lse(nh * n, 0), r_dqkv(n * width, 0);
@@ -149,6 +158,24 @@ static bool run(const Case& c, uint64_t seed) {
             }
         }
     }
+
+    // The gradients before the rotation: dK for either pairing, dQ for adjacent pairs (with
+    // ROPE_HALF the caller rotates dQ).
+    auto rotate_back_ref = [&](int i, int col0, bool adjacent) {
+        for (int j = 0; j < hd / 2; j++) {
+            const int a = col0 + (adjacent ? 2 * j : j), b = col0 + (adjacent ? 2 * j + 1 : j + hd / 2);
+            const double cs = rope_tab[((size_t)i * hd / 2 + j) * 2], sn = rope_tab[((size_t)i * hd / 2 + j) * 2 + 1];
+            const double x0 = r_dqkv[i * width + a], x1 = r_dqkv[i * width + b];
+            r_dqkv[i * width + a] = x0 * cs + x1 * sn;
+            r_dqkv[i * width + b] = x1 * cs - x0 * sn;
+        }
+    };
+    if (c.rope != ROPE_NONE)
+        for (int i = 0; i < n; i++) {
+            for (int g = 0; g < nkv; g++) rotate_back_ref(i, (nh + g) * hd, c.rope == ROPE_ADJACENT);
+            if (c.rope == ROPE_ADJACENT)
+                for (int h = 0; h < nh; h++) rotate_back_ref(i, h * hd, true);
+        }
 
     // ---- the kernels ----
     Cfg cfg = config(hd);
@@ -212,13 +239,13 @@ static bool run(const Case& c, uint64_t seed) {
         const size_t smem = sm90 ? (q64 ? cfg.wg_dq64smem : cfg.wg_ksmem)
                             : q64 ? cfg.dq64smem : deferred ? cfg.dsmem : cfg.ksmem;
         launch(kernel, (unsigned)(tk.size() - 1) / 3, nkv, warps * 32, smem, [&] {
-            if (sm90 && q64) flash_backward_deferred_q64_64_sm90(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
-            else if (sm90) flash_backward_64_sm90(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
-            else if (q64) flash_backward_deferred_q64_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
-            else if (deferred && hd == 64) flash_backward_deferred_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
-            else if (deferred) flash_backward_deferred_128(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
-            else if (hd == 64) flash_backward_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
-            else flash_backward_128(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+            if (sm90 && q64) flash_backward_deferred_q64_64_sm90(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv, rope_tab.data(), c.rope);
+            else if (sm90) flash_backward_64_sm90(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv, rope_tab.data(), c.rope);
+            else if (q64) flash_backward_deferred_q64_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv, rope_tab.data(), c.rope);
+            else if (deferred && hd == 64) flash_backward_deferred_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv, rope_tab.data(), c.rope);
+            else if (deferred) flash_backward_deferred_128(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv, rope_tab.data(), c.rope);
+            else if (hd == 64) flash_backward_64(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv, rope_tab.data(), c.rope);
+            else flash_backward_128(g.data(), dq_acc.data(), dq_sem.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv, rope_tab.data(), c.rope);
         }, ctas);
         long dirty = std::count_if(dq_sem.begin(), dq_sem.end(), [](uint32_t v) { return v != 0; });
         record(kernel, dirty, 0);
@@ -269,7 +296,8 @@ static bool run(const Case& c, uint64_t seed) {
     std::string segs;
     for (size_t s = 0; s + 1 < c.cu.size(); s++) segs += std::to_string(c.cu[s + 1] - c.cu[s]) + (s + 2 < c.cu.size() ? "," : "");
     bool ok = true;
-    printf("hd %3d heads %d/%d lengths [%s]:", hd, nh, nkv, segs.c_str());
+    const char* rope_name = c.rope == ROPE_ADJACENT ? "adjacent" : c.rope == ROPE_HALF ? "half" : "none";
+    printf("hd %3d heads %d/%d rope %s lengths [%s]:", hd, nh, nkv, rope_name, segs.c_str());
     for (int k = 0; k < 5; k++) {
         printf(" %s %.2e", names[k], errs[k]);
         ok = ok && errs[k] < 1e-2;
@@ -294,11 +322,11 @@ static bool run(const Case& c, uint64_t seed) {
     for (int ctas : {1, 3}) {
         std::vector<bf16_t> g(n * width, __float2bfloat16_rn(NAN));
         launch(atomic_kernel, (unsigned)(tk.size() - 1) / 3, nkv, cfg.anw * 32, cfg.asmem, [&] {
-            if (hd == 64) flash_backward_atomic_64(g.data(), atomic_acc.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
-            else flash_backward_atomic_128(g.data(), atomic_acc.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv);
+            if (hd == 64) flash_backward_atomic_64(g.data(), atomic_acc.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv, rope_tab.data(), c.rope);
+            else flash_backward_atomic_128(g.data(), atomic_acc.data(), dout.data(), qkv.data(), lse.data(), D.data(), tk.data(), n, nh, nkv, rope_tab.data(), c.rope);
         }, ctas);
         launch("flash_dq_convert", convert_grid, 1, 256, 0,
-               [&] { flash_dq_convert(g.data(), atomic_acc.data(), n, nh, nkv, hd); });
+               [&] { flash_dq_convert(g.data(), atomic_acc.data(), n, nh, nkv, hd, rope_tab.data(), c.rope); });
         long left = std::count_if(atomic_acc.begin(), atomic_acc.end(), [](float v) {
             uint32_t bits;
             memcpy(&bits, &v, 4);
@@ -333,14 +361,15 @@ static bool run(const Case& c, uint64_t seed) {
 int main(int argc, char** argv) {
     std::string report;
     if (argc > 2 && std::string(argv[argc - 2]) == "--report") report = argv[argc - 1], argc -= 2;
+    // Both head_dims meet both RoPE pairings; HD 64 also none.
     std::vector<Case> cases = {
-        {64, 2, 1, {0, 1, 18, 82, 210, 339}},
-        {64, 2, 2, {0, 300}},
-        {128, 2, 1, {0, 17, 100, 229}},
-        {128, 1, 1, {0, 1}},
-        {64, 4, 1, {0, 40, 170}},
+        {64, 2, 1, {0, 1, 18, 82, 210, 339}, ROPE_ADJACENT},
+        {64, 2, 2, {0, 300}, ROPE_NONE},
+        {128, 2, 1, {0, 17, 100, 229}, ROPE_ADJACENT},
+        {128, 1, 1, {0, 1, 40}, ROPE_HALF},
+        {64, 4, 1, {0, 40, 170}, ROPE_HALF},
         // Three key tiles per long segment: dQ sums up to 3 key tiles' partials; 4 q heads on 2 kv heads.
-        {64, 4, 2, {0, 3, 290}},
+        {64, 4, 2, {0, 3, 290}, ROPE_ADJACENT},
     };
     if (argc > 1 && std::string(argv[1]) == "quick") {
         cases.resize(1);

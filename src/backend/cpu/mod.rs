@@ -43,7 +43,7 @@ pub use swiglu::{swiglu_backward, swiglu_forward};
 
 use super::{
     check_column_slice, stats, AdamW, Backend, BranchGrad, Clip, Dropout, GradMode, HeadShape, LossGrads,
-    Precision, Rope, RopeStyle, StateDtype,
+    Precision, Rope, RopeGrad, RopeStyle, StateDtype,
 };
 
 /// The CPU backend over float type `T`; [`Precision`] is ignored (everything is `T`).
@@ -494,6 +494,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         n_segments: usize,
         n: usize,
         heads: HeadShape,
+        rope: Option<RopeGrad<'_, Self>>,
     ) -> Result<()> {
         check_heads(heads)?;
         check_segments(cu_seqlens, n_segments, n)?;
@@ -503,7 +504,10 @@ impl<T: Real> Backend for CpuBackend<T> {
         need("out", out.len(), n * heads.q_width())?;
         need("lse", lse.len(), n * heads.n_heads)?;
         attention_backward(dqkv, dout, qkv, out, lse, cu_seqlens, n_segments, n, heads);
-        Ok(())
+        match rope {
+            Some(r) => self.rope_backward(dqkv, r.table, n, heads, r.style),
+            None => Ok(()),
+        }
     }
     fn attention_decode(
         &self,

@@ -8,7 +8,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig};
 use super::launch::{self, grid_stride, int, launch_for_head_dim, ATT_WARPS, BLOCK};
 use super::scratch::ensure;
 use super::{bf16_mut, bf16_of, f32_mut, f32_of, ids_of, CudaBackend, CudaBuf};
-use crate::backend::HeadShape;
+use crate::backend::{HeadShape, RopeGrad, RopeStyle};
 
 /// Checks the head shape and returns its head_dim, which has kernels.
 fn head_variant(heads: HeadShape) -> Result<usize> {
@@ -91,7 +91,39 @@ impl CudaBackend {
         n_segments: usize,
         n: usize,
         heads: HeadShape,
+        rope: Option<RopeGrad<'_, Self>>,
     ) -> Result<()> {
+        let rope = match rope {
+            Some(r) => Some((f32_of(r.table, n * heads.head_dim, "attention_backward rope table")?, r.style)),
+            None => None,
+        };
+        let unrotated = self
+            .attention_backward_kernels(dqkv, dout, qkv, out, lse, cu_seqlens, n_segments, n, heads, rope)?;
+        match rope {
+            Some((table, style)) if unrotated > 0 => {
+                self.rope_backward_heads(dqkv, table, n, heads, unrotated, style)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The backward's kernels; with `rope`, returns how many leading heads of each dqkv row
+    /// (q, then k) they left for `rope_backward_heads` to rotate back: the flash backward
+    /// rotates dK, and dQ where its pairs are adjacent; the scalar kernels rotate nothing.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_kernels(
+        &self,
+        dqkv: &mut CudaBuf,
+        dout: &CudaBuf,
+        qkv: &CudaBuf,
+        out: &CudaBuf,
+        lse: &CudaBuf,
+        cu_seqlens: &CudaSlice<u32>,
+        n_segments: usize,
+        n: usize,
+        heads: HeadShape,
+        rope: Option<(&CudaSlice<f32>, RopeStyle)>,
+    ) -> Result<usize> {
         let hd = head_variant(heads)?;
         check_segments(cu_seqlens, n_segments)?;
         let dqkv = bf16_mut(dqkv, n * heads.qkv_width(), "attention_backward dqkv")?;
@@ -100,7 +132,7 @@ impl CudaBackend {
         let out = bf16_of(out, n * heads.q_width(), "attention_backward out")?;
         let lse = f32_of(lse, heads.n_heads * n, "attention_backward lse")?;
         if n == 0 {
-            return Ok(());
+            return Ok(0);
         }
         let (segi, ni, nhi, nkvi, hdi) = (
             int(n_segments, "segments")?,
@@ -137,6 +169,7 @@ impl CudaBackend {
                 n_segments,
                 n,
                 heads,
+                rope,
             );
         }
         let d_buf = scratch.attn_d.as_ref().expect("ensured above");
@@ -160,7 +193,7 @@ impl CudaBackend {
                 (s, ks, cfg, dqkv, dout, qkv, lse, d_buf, cu_seqlens, segi, ni, nhi, nkvi)
             )
         }?;
-        Ok(())
+        Ok(heads.n_heads + heads.n_kv_heads)
     }
 
     #[allow(clippy::too_many_arguments)]

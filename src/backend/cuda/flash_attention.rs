@@ -25,9 +25,10 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
 
 use super::launch::{self, int, launch_for_head_dim, Kernels};
+use super::rope::style_arg as rope_style_arg;
 use super::scratch::{ensure, Scratch};
 use super::CudaBackend;
-use crate::backend::HeadShape;
+use crate::backend::{HeadShape, RopeStyle};
 
 /// Which attention kernels the backend uses for training (decode is always scalar).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -602,7 +603,10 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// dQ, dK and dV from D = rowsum(dO∘O) `[n_heads, n]`, already in `scratch.attn_d`.
+    /// dQ, dK and dV from D = rowsum(dO∘O) `[n_heads, n]`, already in `scratch.attn_d`. With
+    /// `rope` (its table holds n · head_dim floats), dK and dQ are rotated back as they are
+    /// written, except dQ for half-split pairs: returns the number of leading heads of each
+    /// row left unrotated (n_heads then, else 0).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn flash_backward(
         &self,
@@ -616,9 +620,16 @@ impl CudaBackend {
         n_segments: usize,
         n: usize,
         heads: HeadShape,
-    ) -> Result<()> {
+        rope: Option<(&CudaSlice<f32>, RopeStyle)>,
+    ) -> Result<usize> {
         let (ni, nhi, nkvi) =
             (int(n, "n")?, int(heads.n_heads, "heads")?, int(heads.n_kv_heads, "kv heads")?);
+        // The kernels' rope_style: -1 none, else rope_style_arg (0 adjacent, 1 half split).
+        let (rt, rs) = (rope.map(|(t, _)| t), rope.map_or(-1, |(_, style)| rope_style_arg(style)));
+        let unrotated = match rope {
+            Some((_, RopeStyle::HalfSplit)) => heads.n_heads,
+            _ => 0,
+        };
         check_tile_offsets(heads)?;
         let bound = self.tile_table(scratch, cu_seqlens, n_segments, n)?;
         // Allocated zeroed, and left zeroed by every launch (the last partial of each q tile
@@ -646,7 +657,7 @@ impl CudaBackend {
                 launch_for_head_dim!(
                     cfg.head_dim,
                     [64 => launch::flash_backward_atomic_64, 128 => launch::flash_backward_atomic_128],
-                    (s, ks, launch_cfg, dqkv, &mut *acc, dout, qkv, lse, d, table, ni, nhi, nkvi)
+                    (s, ks, launch_cfg, dqkv, &mut *acc, dout, qkv, lse, d, table, ni, nhi, nkvi, &rt, rs)
                 )
             }?;
             let hdi = int(heads.head_dim, "head_dim")?;
@@ -662,8 +673,8 @@ impl CudaBackend {
             // SAFETY: reads and zeroes the first n·q_width floats of the accumulator and writes
             // the q part of the n rows of dqkv; q_width (n_heads·hd, hd 64 or 128) is a multiple
             // of 8 and a dqkv row a multiple of 16 bytes, as its 16-byte accesses need.
-            unsafe { launch::flash_dq_convert(s, ks, convert_cfg, dqkv, acc, ni, nhi, nkvi, hdi) }?;
-            return Ok(());
+            unsafe { launch::flash_dq_convert(s, ks, convert_cfg, dqkv, acc, ni, nhi, nkvi, hdi, &rt, rs) }?;
+            return Ok(unrotated);
         }
         self.flash_dq.acc_dirty.store(true, Ordering::Relaxed);
         // SAFETY: writes the q, k and v parts of dqkv rows inside their segments; the accumulator
@@ -675,7 +686,7 @@ impl CudaBackend {
                 launch_for_head_dim!(
                     cfg.head_dim,
                     [64 => launch::flash_backward_deferred_64, 128 => launch::flash_backward_deferred_128],
-                    (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi)
+                    (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi, &rt, rs)
                 )
             } else if let (Some(k), FlashDq::DeferredQ64, FlashMma::Wgmma) =
                 (cfg.backward_deferred_q64_wgmma, dq, self.flash_mma())
@@ -683,7 +694,7 @@ impl CudaBackend {
                 // backward_deferred_q64_wgmma exists for head_dim 64 only.
                 let launch_cfg = flash_launch(k, bound, heads.n_kv_heads);
                 launch::flash_backward_deferred_q64_64_sm90(
-                    s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi,
+                    s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi, &rt, rs,
                 )
                 .map_err(anyhow::Error::from)
             } else if dq == FlashDq::DeferredQ64 {
@@ -691,13 +702,13 @@ impl CudaBackend {
                 launch_for_head_dim!(
                     cfg.head_dim,
                     [64 => launch::flash_backward_deferred_q64_64, 128 => launch::flash_backward_deferred_128],
-                    (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi)
+                    (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi, &rt, rs)
                 )
             } else if let (Some(k), FlashMma::Wgmma) = (cfg.backward_wgmma, self.flash_mma()) {
                 // backward_wgmma exists for head_dim 64 only.
                 let launch_cfg = flash_launch(k, bound, heads.n_kv_heads);
                 launch::flash_backward_64_sm90(
-                    s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi,
+                    s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi, &rt, rs,
                 )
                 .map_err(anyhow::Error::from)
             } else {
@@ -705,11 +716,11 @@ impl CudaBackend {
                 launch_for_head_dim!(
                     cfg.head_dim,
                     [64 => launch::flash_backward_64, 128 => launch::flash_backward_128],
-                    (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi)
+                    (s, ks, launch_cfg, dqkv, acc, sem, dout, qkv, lse, d, table, ni, nhi, nkvi, &rt, rs)
                 )
             }
         }?;
-        Ok(())
+        Ok(unrotated)
     }
 }
 

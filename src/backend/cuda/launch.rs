@@ -248,6 +248,18 @@ impl<T, B: Out<T>> Out<T> for Option<&mut B> {
     }
 }
 
+/// An optional input: `None` passes a null pointer (the kernel must not read it then).
+impl<T, B: In<T>> In<T> for Option<&B> {
+    fn push<'a>(&'a self, args: &mut LaunchArgs<'a>) {
+        match self {
+            Some(b) => b.push(args),
+            None => {
+                args.arg(&NULL_DEVICE_PTR);
+            }
+        }
+    }
+}
+
 /// A raw device address of `T` elements (cuBLASLt operands, which the backend holds as
 /// addresses); the element type still has to match the kernel's.
 pub struct DevPtr<T> {

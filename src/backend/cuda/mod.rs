@@ -39,8 +39,8 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::bf16;
 
 use super::{
-    AdamW, Backend, BranchGrad, Clip, Dropout, GradMode, HeadShape, LossGrads, Precision, Rope, RopeStyle,
-    StateDtype,
+    AdamW, Backend, BranchGrad, Clip, Dropout, GradMode, HeadShape, LossGrads, Precision, Rope, RopeGrad,
+    RopeStyle, StateDtype,
 };
 // Launch shapes and host-side helpers, public so that the kernel emulation (emu/) launches
 // exactly as the backend does.

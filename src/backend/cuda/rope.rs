@@ -84,7 +84,8 @@ impl CudaBackend {
         heads: HeadShape,
         style: RopeStyle,
     ) -> Result<()> {
-        self.rope_apply(qkv, table, n, heads, style, 1.0)
+        let table = f32_of(table, n * heads.head_dim, "rope table")?;
+        self.rope_apply(qkv, table, n, heads, heads.n_heads + heads.n_kv_heads, style, 1.0)
     }
 
     pub(super) fn rope_backward(
@@ -95,26 +96,51 @@ impl CudaBackend {
         heads: HeadShape,
         style: RopeStyle,
     ) -> Result<()> {
-        self.rope_apply(dqkv, table, n, heads, style, -1.0)
+        let table = f32_of(table, n * heads.head_dim, "rope table")?;
+        self.rope_apply(dqkv, table, n, heads, heads.n_heads + heads.n_kv_heads, style, -1.0)
     }
 
-    /// Rotates by `direction · angle`: 1 forward, -1 backward.
+    /// `rope_backward` on the first `rot_heads` heads of each row only (the q heads, where the
+    /// flash backward rotated dK back itself).
+    pub(super) fn rope_backward_heads(
+        &self,
+        dqkv: &mut CudaBuf,
+        table: &CudaSlice<f32>,
+        n: usize,
+        heads: HeadShape,
+        rot_heads: usize,
+        style: RopeStyle,
+    ) -> Result<()> {
+        self.rope_apply(dqkv, table, n, heads, rot_heads, style, -1.0)
+    }
+
+    /// Rotates the first `rot_heads` heads of each row (at most the q and k heads) by
+    /// `direction · angle`: 1 forward, -1 backward.
+    #[allow(clippy::too_many_arguments)]
     fn rope_apply(
         &self,
         qkv: &mut CudaBuf,
-        table: &CudaBuf,
+        table: &CudaSlice<f32>,
         n: usize,
         heads: HeadShape,
+        rot_heads: usize,
         style: RopeStyle,
         direction: f32,
     ) -> Result<()> {
         let width = heads.qkv_width();
         let qkv = bf16_mut(qkv, n * width, "rope qkv")?;
-        let table = f32_of(table, n * heads.head_dim, "rope table")?;
+        if table.len() < n * heads.head_dim {
+            bail!("rope table: {} floats for {n} rows of head_dim {}", table.len(), heads.head_dim);
+        }
         if !heads.head_dim.is_multiple_of(2) {
             bail!("rope: head_dim {} is odd", heads.head_dim);
         }
-        let rot_heads = heads.n_heads + heads.n_kv_heads;
+        if rot_heads > heads.n_heads + heads.n_kv_heads {
+            bail!(
+                "rope: {rot_heads} heads to rotate, but rows hold {} q and k heads",
+                heads.n_heads + heads.n_kv_heads
+            );
+        }
         if n == 0 || rot_heads * heads.head_dim == 0 {
             return Ok(());
         }

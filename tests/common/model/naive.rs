@@ -7,7 +7,7 @@
 use anyhow::{ensure, Result};
 use sft::backend::{
     check_column_slice, clip_factor, stats, token_groups, AdamW, Backend, BranchGrad, Clip, Dropout,
-    GradMode, HeadShape, LossGrads, Precision, Rope, RopeStyle, StateDtype,
+    GradMode, HeadShape, LossGrads, Precision, Rope, RopeGrad, RopeStyle, StateDtype,
 };
 use sft::rng;
 
@@ -461,6 +461,7 @@ impl Backend for NaiveBackend {
         n_segments: usize,
         n: usize,
         heads: HeadShape,
+        rope: Option<RopeGrad<'_, Self>>,
     ) -> Result<()> {
         let (hd, w, group, qw) =
             (heads.head_dim, heads.qkv_width(), heads.n_heads / heads.n_kv_heads, heads.q_width());
@@ -488,6 +489,9 @@ impl Backend for NaiveBackend {
                     }
                 }
             }
+        }
+        if let Some(r) = rope {
+            rotate(dqkv, r.table, n, heads, r.style, -1.0);
         }
         Ok(())
     }
