@@ -9,7 +9,7 @@
 //! - [`generate`]: sampling with a KV cache; `sft generate` and `sft chat`.
 //! - [`dist`]: data parallelism: launcher environment, collectives (MPI), per-rank data shares.
 //! - [`demo`]: the embedded default, `sft demo`.
-//! - [`bench`]: `sft bench` (the training step), `sft bench-attention`, `sft bench-kernels`.
+//! - [`bench`](mod@bench): `sft bench` (the training step), `sft bench-attention`, `sft bench-kernels`.
 
 pub mod backend;
 pub mod bench;

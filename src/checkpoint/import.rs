@@ -26,7 +26,7 @@ pub struct ImportArgs {
     /// The checkpoint directory to create.
     #[arg(long)]
     pub out: PathBuf,
-    /// Add the chat tokens and <PAD> the tokenizer lacks as special tokens, growing the
+    /// Add the chat tokens and `<PAD>` the tokenizer lacks as special tokens, growing the
     /// embedding (and an untied lm_head) with rows at the mean of the existing ones.
     #[arg(long)]
     pub add_chat_tokens: bool,

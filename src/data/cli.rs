@@ -25,7 +25,7 @@ pub struct PrepareArgs {
     /// `conversations`, Alpaca `instruction`/`input`/`output`, or `prompt`/`completion`).
     #[arg(long)]
     pub data: PathBuf,
-    /// tokenizer.json (with the chat special tokens and <PAD>).
+    /// tokenizer.json (with the chat special tokens and `<PAD>`).
     #[arg(long)]
     pub tokenizer: PathBuf,
     /// Output directory for train-NNNNN.bin, val-NNNNN.bin and prepare.json.

@@ -3,12 +3,12 @@
 //! - [`chat`]: chat files (JSON, JSON Lines or Parquet).
 //! - [`sources`]: the record schemas (SimpleLLaMA's, `messages`, ShareGPT `conversations`, Alpaca,
 //!   `prompt`/`completion`), one function each, mapped to [`Conversation`].
-//! - [`format`]: SimpleLLaMA's prompt format, in pieces that know what they supervise.
+//! - [`format`](mod@format): SimpleLLaMA's prompt format, in pieces that know what they supervise.
 //! - [`template`]: a model's own Jinja chat template, rendered as transformers does, and its loss mask.
 //! - [`tokenizer`]: a checked `tokenizer.json`, and training one.
 //! - [`example`]: one tokenized conversation with its supervision.
 //! - [`shard`]: the memory-mapped token shard format.
-//! - [`prepare`]: chat file → train/val shards (rayon-parallel).
+//! - [`prepare`](mod@prepare): chat file → train/val shards (rayon-parallel).
 //! - [`loader`]: datasets of shards and the padded or packed batches the trainer sees.
 //! - [`cli`]: the `prepare`, `inspect` and `tokenizer` subcommands.
 

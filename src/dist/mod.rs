@@ -3,7 +3,7 @@
 //! - [`launch`]: rank, world size and local rank from `mpirun`, `srun` or torchrun-style
 //!   variables;
 //! - [`collectives`]: the [`Collectives`] trait (all-reduce, broadcast, barrier) and its
-//!   single-process form; [`mpi`] (feature `mpi`) over the system's MPI; [`tcp`] over TCP,
+//!   single-process form; `mpi` (feature `mpi`) over the system's MPI; [`tcp`] over TCP,
 //!   meeting through a file, for jobs without MPI;
 //! - [`nccl`]: the GPUs of a job joined into one NCCL communicator (their gradients are then
 //!   summed on the devices);

@@ -6,7 +6,7 @@
 //! then a final norm and the lm_head fused with the masked cross-entropy.
 //!
 //! With activation recompute ([`Recompute`]) the backward reruns a layer's forward (or its FFN's
-//! first half) through the same [`LayerCx`] code the forward runs, from what was kept, into one
+//! first half) through the same `LayerCx` code the forward runs, from what was kept, into one
 //! scratch set of activations: less memory, the same values.
 
 use super::config::ModelConfig;
@@ -348,7 +348,7 @@ pub fn moment_bytes(compute_bytes: usize, moments: StateDtype) -> usize {
 }
 
 /// [`memory_bytes_for`] with the activations that `recompute` keeps (a layer's attention-block
-/// activations and its FFN's, each per layer or in one scratch slot; see [`Activations`]) and
+/// activations and its FFN's, each per layer or in one scratch slot; see `Activations`) and
 /// the optimizer state `state` says (the moments' type; under ZeRO-1, this rank's share).
 pub fn memory_bytes_opts(
     config: &ModelConfig,

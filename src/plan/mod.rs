@@ -8,8 +8,9 @@
 //! roofline, `max(FLOPs / (peak · efficiency), bytes / (bandwidth · efficiency))`, plus a launch
 //! cost per launch, and scaled by the device's calibration factor of the family. Tokens/s and
 //! MFU use `sft bench`'s FLOPs per token ([`crate::bench::train::flops_per_token`]) against the
-//! device's peak; the memory plan uses the trainer's own [`memory_bytes`] and
-//! [`micro_batch_that_fits`].
+//! device's peak; the memory plan uses the trainer's own
+//! [`memory_bytes`](crate::model::forward::memory_bytes) and
+//! [`micro_batch_that_fits`](crate::model::forward::micro_batch_that_fits).
 
 pub mod calibrate;
 pub mod counting;
@@ -193,7 +194,7 @@ pub struct MemoryPlan {
     pub device_memory: usize,
     /// Device memory minus an estimate of the CUDA context's share.
     pub available: usize,
-    /// The trainer's check ([`micro_batch_that_fits`]): the largest micro-batch of `seq_len` rows.
+    /// The trainer's check ([`micro_batch_that_fits`](crate::model::forward::micro_batch_that_fits)): the largest micro-batch of `seq_len` rows.
     pub largest_micro_batch: usize,
     pub fits: bool,
     /// Every recompute mode's activations and largest micro-batch, for comparison.

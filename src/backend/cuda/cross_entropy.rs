@@ -25,7 +25,7 @@ pub const CHUNK_BUDGET_BYTES: usize = 2 << 30;
 pub(super) const CHUNK_MIN_ROWS: usize = 1024;
 
 /// Supervised rows per chunk for `n_sup` rows: as many as `budget` bytes of work buffers hold,
-/// at least [`CHUNK_MIN_ROWS`], at most `n_sup`, and never more logits than an `int` indexes.
+/// at least `CHUNK_MIN_ROWS`, at most `n_sup`, and never more logits than an `int` indexes.
 pub fn chunk_rows(n_sup: usize, d: usize, vocab: usize, budget: usize) -> usize {
     let bytes_per_row = vocab * (4 + 2) + d * (2 + 2);
     let by_budget = budget / bytes_per_row.max(1);

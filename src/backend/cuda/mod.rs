@@ -3,7 +3,7 @@
 //! launch.rs, memory.rs, scratch.rs and gemm.rs (cuBLASLt descriptors) are infrastructure.
 //!
 //! A family file implements its ops as inherent methods named like the trait's; the
-//! `impl Backend` below is generated from the trait's op list ([`crate::backend::backend_ops`]).
+//! `impl Backend` below is generated from the trait's op list (the `backend_ops` macro of src/backend/mod.rs).
 //! Buffers are [`CudaBuf`]: bf16 for [`Precision::Compute`], fp32 for [`Precision::F32`]. Every
 //! op checks the precision and length of its buffers before launching, so a wrong call is an
 //! error rather than an out-of-bounds access on the device. Everything runs on one stream; no op
