@@ -50,8 +50,8 @@ with_clocks() {
     return $rc
 }
 if [[ "${1:-}" == dq ]]; then
-    step "gpu_attention" 60
-    timeout -k 5 60 ./gpu_attention --ignored --test-threads=1 >"$out/gpu_attention.log" 2>&1
+    step "gpu_attention" 75
+    timeout -k 5 75 ./gpu_attention --ignored --test-threads=1 >"$out/gpu_attention.log" 2>&1
     echo "rc=$?"
     grep -E "FAILED|panicked|test result|skipped" "$out/gpu_attention.log" | head
     step "bench-attention --dq all --mma both" 80
