@@ -21,7 +21,7 @@
 mod common;
 use common::gpu::{gpu, randn, upload};
 use sft::backend::cpu::CpuBackend;
-use sft::backend::cuda::{AttentionPath, CudaBackend, FlashDq, FlashMma};
+use sft::backend::cuda::{AttentionPath, CudaBackend, FlashChoice, FlashDq, FlashMma};
 use sft::backend::{Backend, HeadShape, Precision, Rope, RopeGrad, RopeStyle};
 use sft::rng::Rng;
 

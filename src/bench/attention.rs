@@ -17,7 +17,7 @@ use clap::Args;
 use std::time::Instant;
 
 use super::{upload, upload_ids};
-use crate::backend::cuda::{AttentionPath, CudaBackend, FlashDq, FlashMma};
+use crate::backend::cuda::{AttentionPath, CudaBackend, FlashChoice, FlashDq, FlashMma};
 use crate::backend::{Backend, HeadShape, Precision};
 use crate::rng::Rng;
 

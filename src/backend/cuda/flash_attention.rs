@@ -49,13 +49,33 @@ impl AttentionPath {
     }
 }
 
-/// The value of the environment variable `var` through `parse`, `default` when it is unset; a
-/// value `parse` refuses (or one that is not Unicode) is an error naming the variable.
-fn env_choice<T>(var: &str, default: T, parse: fn(&str) -> Result<T>) -> Result<T> {
-    match std::env::var(var) {
-        Err(std::env::VarError::NotPresent) => Ok(default),
-        Ok(v) => parse(&v).with_context(|| format!("environment variable {var}")),
-        Err(e) => bail!("environment variable {var}: {e}"),
+/// A flash kernel setting chosen by name: from an environment variable when the backend opens,
+/// from a flag of `sft bench-attention`.
+pub trait FlashChoice: Copy + PartialEq + Sized + 'static {
+    /// Every choice, the default first.
+    const ALL: &'static [Self];
+    /// The environment variable that chooses it.
+    const VAR: &'static str;
+
+    /// The name the variable takes.
+    fn name(self) -> &'static str;
+
+    /// One of the names (case-insensitive); anything else is an error that lists them.
+    fn parse(s: &str) -> Result<Self> {
+        Self::ALL.iter().copied().find(|m| s.eq_ignore_ascii_case(m.name())).with_context(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|m| m.name()).collect();
+            format!("{s:?}: expected one of {}", names.join(", "))
+        })
+    }
+
+    /// The variable's choice, the default where it is unset; a value `parse` refuses (or one
+    /// that is not Unicode) is an error naming the variable.
+    fn from_env() -> Result<Self> {
+        match std::env::var(Self::VAR) {
+            Err(std::env::VarError::NotPresent) => Ok(Self::ALL[0]),
+            Ok(v) => Self::parse(&v).with_context(|| format!("environment variable {}", Self::VAR)),
+            Err(e) => bail!("environment variable {}: {e}", Self::VAR),
+        }
     }
 }
 
@@ -82,23 +102,12 @@ pub enum FlashDq {
     Atomic,
 }
 
-impl FlashDq {
-    /// `SFT_FLASH_DQ`: `ordered` (or unset), `deferred`, `deferred-q64` or `atomic`; anything
-    /// else is an error.
-    pub fn from_env() -> Result<Self> {
-        env_choice("SFT_FLASH_DQ", FlashDq::Ordered, Self::parse)
-    }
+impl FlashChoice for FlashDq {
+    const ALL: &'static [FlashDq] =
+        &[FlashDq::Ordered, FlashDq::Deferred, FlashDq::DeferredQ64, FlashDq::Atomic];
+    const VAR: &'static str = "SFT_FLASH_DQ";
 
-    /// `ordered`, `deferred`, `deferred-q64` or `atomic` (case-insensitive).
-    pub fn parse(s: &str) -> Result<Self> {
-        FlashDq::ALL
-            .into_iter()
-            .find(|m| s.eq_ignore_ascii_case(m.name()))
-            .with_context(|| format!("{s:?}: expected ordered, deferred, deferred-q64 or atomic"))
-    }
-
-    /// The name `SFT_FLASH_DQ` takes.
-    pub fn name(self) -> &'static str {
+    fn name(self) -> &'static str {
         match self {
             FlashDq::Ordered => "ordered",
             FlashDq::Deferred => "deferred",
@@ -121,24 +130,11 @@ pub enum FlashMma {
     Wgmma,
 }
 
-impl FlashMma {
-    pub const ALL: [FlashMma; 2] = [FlashMma::Mma, FlashMma::Wgmma];
+impl FlashChoice for FlashMma {
+    const ALL: &'static [FlashMma] = &[FlashMma::Mma, FlashMma::Wgmma];
+    const VAR: &'static str = "SFT_FLASH_MMA";
 
-    /// `SFT_FLASH_MMA`: `mma` (or unset) or `wgmma`; anything else is an error.
-    pub fn from_env() -> Result<Self> {
-        env_choice("SFT_FLASH_MMA", FlashMma::Mma, Self::parse)
-    }
-
-    /// `mma` or `wgmma` (case-insensitive).
-    pub fn parse(s: &str) -> Result<Self> {
-        FlashMma::ALL
-            .into_iter()
-            .find(|m| s.eq_ignore_ascii_case(m.name()))
-            .with_context(|| format!("{s:?}: expected mma or wgmma"))
-    }
-
-    /// The name `SFT_FLASH_MMA` takes.
-    pub fn name(self) -> &'static str {
+    fn name(self) -> &'static str {
         match self {
             FlashMma::Mma => "mma",
             FlashMma::Wgmma => "wgmma",
@@ -152,14 +148,9 @@ impl FlashMma {
 /// atomic launch after an ordered one clears it.
 #[derive(Debug)]
 pub(super) struct DqAccumulation {
-    /// The [`FlashDq`], as its index in [`FlashDq::ALL`].
+    /// The [`FlashDq`], as its index in [`FlashChoice::ALL`].
     mode: AtomicU8,
     acc_dirty: AtomicBool,
-}
-
-impl FlashDq {
-    pub const ALL: [FlashDq; 4] =
-        [FlashDq::Ordered, FlashDq::Deferred, FlashDq::DeferredQ64, FlashDq::Atomic];
 }
 
 impl DqAccumulation {
@@ -917,11 +908,11 @@ mod tests {
     fn flash_forward_parses_the_kernels_and_names_bad_values() {
         assert_eq!(FlashMma::parse("mma").unwrap(), FlashMma::Mma);
         assert_eq!(FlashMma::parse("WGMMA").unwrap(), FlashMma::Wgmma);
-        for k in FlashMma::ALL {
+        for &k in FlashMma::ALL {
             assert_eq!(FlashMma::parse(k.name()).unwrap(), k);
         }
         let err = format!("{:#}", FlashMma::parse("tma").unwrap_err());
-        assert!(err.contains("\"tma\"") && err.contains("mma or wgmma"), "{err}");
+        assert!(err.contains("\"tma\"") && err.contains("one of mma, wgmma"), "{err}");
     }
 
     /// The wgmma kernels' shared memory: rows of 128 bytes unpadded, plus the 1 KiB the kernel
@@ -956,7 +947,7 @@ mod tests {
             let err = format!("{:#}", FlashDq::parse(bad).unwrap_err());
             assert!(
                 err.contains(&format!("{bad:?}"))
-                    && err.contains("ordered, deferred, deferred-q64 or atomic"),
+                    && err.contains("one of ordered, deferred, deferred-q64, atomic"),
                 "{err}"
             );
         }

@@ -52,7 +52,7 @@ pub use cross_entropy::{
 };
 pub use cudarc::driver::LaunchConfig;
 use flash_attention::FlashSupport;
-pub use flash_attention::{AttentionPath, FlashDq, FlashMma};
+pub use flash_attention::{AttentionPath, FlashChoice, FlashDq, FlashMma};
 use gemm::Gemm;
 pub use global_norm::{sum_squares_blocks, SUMSQ_BLOCKS as SUM_SQUARES_BLOCKS, SUM_SPLIT_THREADS};
 use launch::Kernels;

@@ -2,9 +2,9 @@
 //! opt-in variants, GEMM tuning), and the line each prints when the backend opens: a run's log
 //! then says when it did not run the defaults (an atomic dQ run is not bit-reproducible, a
 //! fallback GEMM run is 100 times slower). Malformed values are refused where they are read
-//! (`FlashDq::from_env`, `gemm::candidate_count`); these notes only describe valid ones.
+//! (`FlashChoice::from_env`, `gemm::candidate_count`); these notes only describe valid ones.
 
-use super::{FlashDq, FlashMma};
+use super::{FlashChoice, FlashDq, FlashMma};
 
 /// One note per variable set to a value other than its default, in a fixed order; `var` reads
 /// the environment.
