@@ -32,9 +32,9 @@
 //                       same bits as flash_backward_HD; opt-in, SFT_FLASH_DQ=deferred, untimed).
 // - flash_dq_convert:   after flash_backward_atomic_HD: dQ = accumulator · scale as bf16 into the
 //                       q part of dqkv, and the accumulator back to zero for the next launch.
-// Every backward (and flash_dq_convert) takes RoPE's table and pairing (rope_style): dK, and dQ
-// where pairs are adjacent, are rotated back as they are written, so the model runs no rope pass
-// over dqkv afterwards (half-split dQ keeps one over the q heads; see "RoPE's backward").
+// Every backward (and flash_dq_convert) takes RoPE's table and pairing (rope_style): dK and dQ
+// are rotated back as they are written, so the model runs no rope pass over dqkv afterwards
+// (see "RoPE's backward").
 // - flash_forward_64_sm90, flash_backward_64_sm90, flash_backward_deferred_q64_64_sm90: the HD 64
 //                       forward, ordered and deferred-q64 backward with their tile products on
 //                       Hopper's wgmma (the backward's dQ product stays on mma.sync; opt-in,
@@ -316,10 +316,12 @@ __device__ __forceinline__ void store_acc(bf16_t* dst, size_t stride, int col, c
 // rope[row · HD/2 + j] (the micro-batch's rope_table). The backward does that as it writes dK
 // and dQ, instead of a rope_apply pass over them afterwards:
 //   ROPE_NONE      nothing (the caller rotates);
-//   ROPE_ADJACENT  pairs (2j, 2j + 1), both halves in one thread: dK and dQ;
-//   ROPE_HALF      pairs (j, j + HD/2): dK (a thread holds all HD columns of its key rows); dQ's
-//                  partner columns lie in another warp's block of the dQ product, so the caller
-//                  rotates dQ.
+//   ROPE_ADJACENT  pairs (2j, 2j + 1);
+//   ROPE_HALF      pairs (j, j + HD/2).
+// Both halves of a pair are always in one thread: a dK thread holds every column of its key
+// rows, and a warp's block of the dQ product pairs each of its first-half columns with the one
+// HD/2 on (dq_off in flash_backward_impl); the deferred sums and flash_dq_convert take the two
+// halves of a row in one step.
 #define ROPE_NONE -1
 #define ROPE_ADJACENT 0
 #define ROPE_HALF 1
@@ -330,6 +332,31 @@ __device__ __forceinline__ void rotate_back(float& x0, float& x1, float2 cs) {
     x1 = b * cs.x - a * cs.y;
 }
 
+// Rotates back the fragment columns of acc[NJ][4] (C layout: rows row_a for e < 2 and row_b for
+// e >= 2, rows at or past `limit` left alone; acc[j]'s head columns col0 + off(j) + (lane % 4)·2
+// + (e & 1)) as `rope_style` says: adjacent pairs inside (e, e + 1), half-split pairs between
+// acc[j] and acc[j + NJ/2], whose columns the caller's layout puts HD/2 apart.
+template <int HD, int NJ, class Off>
+__device__ __forceinline__ void rope_back_fragments(float (*acc)[4], int col0, Off off, int row_a, int row_b,
+                                                    int limit, const float2* rope, int rope_style, int lane) {
+    if (rope_style == ROPE_ADJACENT) {
+#pragma unroll
+        for (int j = 0; j < NJ; j++) {
+            const int pair = (col0 + off(j)) / 2 + lane % 4;
+            if (row_a < limit) rotate_back(acc[j][0], acc[j][1], rope[(size_t)row_a * (HD / 2) + pair]);
+            if (row_b < limit) rotate_back(acc[j][2], acc[j][3], rope[(size_t)row_b * (HD / 2) + pair]);
+        }
+    } else if (rope_style == ROPE_HALF) {
+#pragma unroll
+        for (int j = 0; j < NJ / 2; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int row = e < 2 ? row_a : row_b, pair = col0 + off(j) + (lane % 4) * 2 + (e & 1);
+                if (row < limit) rotate_back(acc[j][e], acc[j + NJ / 2][e], rope[(size_t)row * (HD / 2) + pair]);
+            }
+    }
+}
+
 // store_acc of dK: acc · scale rotated back as `rope_style` says (rope: the table as float2).
 template <int HD>
 __device__ __forceinline__ void store_dk(bf16_t* dst, size_t stride, int col, float (*acc)[4], int row_a, int row_b,
@@ -338,23 +365,7 @@ __device__ __forceinline__ void store_dk(bf16_t* dst, size_t stride, int col, fl
     for (int j = 0; j < HD / 8; j++)
 #pragma unroll
         for (int e = 0; e < 4; e++) acc[j][e] *= scale;
-    if (rope_style == ROPE_ADJACENT) {
-#pragma unroll
-        for (int j = 0; j < HD / 8; j++) {
-            const int pair = j * 4 + lane % 4;
-            if (row_a < limit) rotate_back(acc[j][0], acc[j][1], rope[(size_t)row_a * (HD / 2) + pair]);
-            if (row_b < limit) rotate_back(acc[j][2], acc[j][3], rope[(size_t)row_b * (HD / 2) + pair]);
-        }
-    } else if (rope_style == ROPE_HALF) {
-        // Column c = 8j + 2(lane % 4) + (e & 1) of the first half pairs with n-tile j + HD/16.
-#pragma unroll
-        for (int j = 0; j < HD / 16; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int row = e < 2 ? row_a : row_b, pair = j * 8 + (lane % 4) * 2 + (e & 1);
-                if (row < limit) rotate_back(acc[j][e], acc[j + HD / 16][e], rope[(size_t)row * (HD / 2) + pair]);
-            }
-    }
+    rope_back_fragments<HD, HD / 8>(acc, 0, [](int j) { return 8 * j; }, row_a, row_b, limit, rope, rope_style, lane);
     store_acc<HD>(dst, stride, col, acc, row_a, row_b, limit, 1.0f, 1.0f, lane);
 }
 
@@ -863,8 +874,6 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     const int n_it = group * n_qt;
     const int kt_index = (k0 - seg_start) / BN;
     const float2* rope = reinterpret_cast<const float2*>(rope_table);
-    // dQ is rotated back here for adjacent pairs only (see ROPE_HALF).
-    const bool rope_dq = rope_style == ROPE_ADJACENT;
 
     load_kv_tile<BN, HD, NT, WG>(ks, vs, qkv + (n_heads + kvh) * HD, qkv + (n_heads + n_kv_heads + kvh) * HD, width,
                                  0, k0, n);
@@ -904,8 +913,13 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         key_a[m] = w_first + 16 * m + lane / 4;
         key_b[m] = key_a[m] + 8;
     }
-    // This warp's block of the dQ partial: q rows strip·16 .. + 15 of the tile, columns c0 .. + CW.
-    const int strip = warp % STRIPS, c0 = (warp / STRIPS) * CW;
+    // This warp's block of the dQ partial: q rows strip·16 .. + 15 of the tile, and CW columns of
+    // the head: CW/2 of its first half from wc0 = (warp / STRIPS)·CW/2, and the CW/2 that pair
+    // with them in half-split RoPE, HD/2 on. acc[j] (8 columns) starts at head column
+    // wc0 + dq_off(j): j < CW/16 in the first half, the rest their partners in the same order.
+    static_assert(CW % 32 == 0, "the dQ product's column blocks pair in 16-column steps");
+    const int strip = warp % STRIPS, wc0 = (warp / STRIPS) * (CW / 2);
+    auto dq_off = [](int j) { return (j < CW / 16 ? 0 : HD / 2) + (j % (CW / 16)) * 8; };
     float dk[MT * (HD / 8)][4], dv[MT * (HD / 8)][4];
 #pragma unroll
     for (int j = 0; j < MT * (HD / 8); j++) {
@@ -956,19 +970,23 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     // 0's early read of its semaphore.
     QTile prev{};
     uint32_t prev_seen = 0;
-    // The old partial sums of prev's q tile, global → old_s (rows past the segment: zeros).
-    static_assert(F4 % NT == 0, "whole float4 steps per thread");
+    // The old partial sums of prev's q tile, global → old_s (rows past the segment: zeros). A
+    // step takes four columns c of a row's first half and the four HD/2 on (the halves of
+    // half-split RoPE pairs).
+    static_assert(F4 % (2 * NT) == 0, "whole steps of two float4 per thread");
     // The loops over them unrolled where registers allow (in warps of 32 keys, at 255 registers,
     // unrolling them spilled). Row offsets within a tile are 32-bit (the host checks that 128 rows
     // of a qkv row fit an int).
-    constexpr int OLD_UNROLL = MT > 1 ? 1 : F4 / NT;
+    constexpr int OLD_UNROLL = MT > 1 ? 1 : F4 / (2 * NT);
     auto fetch_old = [&]() {
         const float* g = dq_acc + (size_t)prev.qt * dstride + prev.h * HD;
 #pragma unroll(OLD_UNROLL)
-        for (int k = 0; k < F4 / NT; k++) {
-            const int e = threadIdx.x + k * NT, r = e / (HD / 4), c = (e % (HD / 4)) * 4;
+        for (int k = 0; k < F4 / (2 * NT); k++) {
+            const int e = threadIdx.x + k * NT, r = e / (HD / 8), c = (e % (HD / 8)) * 4;
             const bool ok = prev.qt + r < seg_end;
-            cp_async16(old_s + r * HD + c, g + (ok ? r * (int)dstride : 0) + c, ok);
+            const float* src = g + (ok ? r * (int)dstride : 0) + c;
+            cp_async16(old_s + r * HD + c, src, ok);
+            cp_async16(old_s + r * HD + c + HD / 2, src + HD / 2, ok);
         }
         cp_async_commit();
     };
@@ -980,25 +998,40 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         float* g = dq_acc + (size_t)prev.qt * dstride + prev.h * HD;
         bf16_t* out = dqkv + (size_t)prev.qt * width + prev.h * HD;
 #pragma unroll(OLD_UNROLL)
-        for (int k = 0; k < F4 / NT; k++) {
-            const int e = threadIdx.x + k * NT, r = e / (HD / 4), c = (e % (HD / 4)) * 4;
+        for (int k = 0; k < F4 / (2 * NT); k++) {
+            const int e = threadIdx.x + k * NT, r = e / (HD / 8), c = (e % (HD / 8)) * 4;
             if (prev.qt + r >= seg_end) continue;
-            float4 v = ld_shared_f4(p_s + (pbuf * BQ + r) * PLD + c);
-            if (!prev.first) {
-                const float4 o = ld_shared_f4(old_s + r * HD + c);
-                v = make_float4(o.x + v.x, o.y + v.y, o.z + v.z, o.w + v.w);
+            // v[0..3]: columns c .. c + 3; v[4..7]: c + HD/2 .. + 3.
+            float v[8];
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                float4 x = ld_shared_f4(p_s + (pbuf * BQ + r) * PLD + c + half * (HD / 2));
+                if (!prev.first) {
+                    const float4 o = ld_shared_f4(old_s + r * HD + c + half * (HD / 2));
+                    x = make_float4(o.x + x.x, o.y + x.y, o.z + x.z, o.w + x.w);
+                }
+                v[4 * half] = x.x, v[4 * half + 1] = x.y, v[4 * half + 2] = x.z, v[4 * half + 3] = x.w;
             }
             if (prev.last) {
-                float2 lo = make_float2(v.x * scale, v.y * scale), hi = make_float2(v.z * scale, v.w * scale);
-                if (rope_dq) {
-                    const float2* cs = rope + (size_t)(prev.qt + r) * (HD / 2) + c / 2;
-                    rotate_back(lo.x, lo.y, cs[0]);
-                    rotate_back(hi.x, hi.y, cs[1]);
+#pragma unroll
+                for (int i = 0; i < 8; i++) v[i] *= scale;
+                const float2* cs = rope + (size_t)(prev.qt + r) * (HD / 2);
+                if (rope_style == ROPE_ADJACENT) {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) rotate_back(v[2 * i], v[2 * i + 1], cs[(c + (i / 2) * (HD / 2)) / 2 + i % 2]);
+                } else if (rope_style == ROPE_HALF) {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) rotate_back(v[i], v[4 + i], cs[c + i]);
                 }
-                *reinterpret_cast<uint2*>(out + r * (int)width + c) =
-                    make_uint2(pack_bf16(lo.x, lo.y), pack_bf16(hi.x, hi.y));
+#pragma unroll
+                for (int half = 0; half < 2; half++)
+                    *reinterpret_cast<uint2*>(out + r * (int)width + c + half * (HD / 2)) =
+                        make_uint2(pack_bf16(v[4 * half], v[4 * half + 1]), pack_bf16(v[4 * half + 2], v[4 * half + 3]));
             } else {
-                __stcg(reinterpret_cast<float4*>(g + r * (int)dstride + c), v);
+#pragma unroll
+                for (int half = 0; half < 2; half++)
+                    __stcg(reinterpret_cast<float4*>(g + r * (int)dstride + c + half * (HD / 2)),
+                           make_float4(v[4 * half], v[4 * half + 1], v[4 * half + 2], v[4 * half + 3]));
             }
         }
     };
@@ -1164,10 +1197,10 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         if (fetch) fetch_old();
 
         const int row_a = qt + strip * 16 + lane / 4, row_b = row_a + 8;
-        const int col = h * HD + c0 + (lane % 4) * 2;
+        const int col = h * HD + wc0 + (lane % 4) * 2;
         // The thread's elements of the accumulator and of dQ: row a's first, one 64-bit offset
-        // each; row b is 8 rows on, column block j at j·8 (immediate offsets). Rows past the
-        // segment are never accessed.
+        // each; row b is 8 rows on, column block j at dq_off(j) (immediate offsets). Rows past
+        // the segment are never accessed.
         float* const acc_a = dq_acc + (size_t)row_a * dstride + col;
         bf16_t* const dq_a = dqkv + (size_t)row_a * width + col;
         // ORDERED: the partial sum so far, fetched before the dQ product instead of after it.
@@ -1179,7 +1212,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
                 for (int half = 0; half < 2; half++) {
                     const int row = half ? row_b : row_a;
                     old[j][half] = row < seg_end ? __ldcg(reinterpret_cast<const float2*>(
-                                                       acc_a + half * 8 * (int)dstride + j * 8))
+                                                       acc_a + half * 8 * (int)dstride + dq_off(j)))
                                                  : make_float2(0.0f, 0.0f);
                 }
             }
@@ -1194,12 +1227,13 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
             // A lane's ldmatrix rows are 8-aligned plus lane % 8: in the swizzle (WG) its 16-byte
             // chunk c of a row is at c ^ (lane % 8) in every k-step.
             const int a_row = (lane % 8) + (lane / 16) * 8, a_chunk = strip * 2 + (lane / 8) % 2;
-            const int k_row = (lane % 8) + ((lane / 8) % 2) * 8, k_chunk = c0 / 8 + lane / 16;
+            const int k_row = (lane % 8) + ((lane / 8) % 2) * 8, k_chunk = wc0 / 8 + lane / 16;
             auto chunk = [&](int c) { return WG ? c ^ (lane % 8) : c; };
             uint32_t a_addr = smem_u32(dst + a_row * SLD + chunk(a_chunk) * 8);
             uint32_t k_addr[CW / 16];
 #pragma unroll
-            for (int cp = 0; cp < CW / 16; cp++) k_addr[cp] = smem_u32(ks + k_row * TLD + chunk(k_chunk + 2 * cp) * 8);
+            for (int cp = 0; cp < CW / 16; cp++)
+                k_addr[cp] = smem_u32(ks + k_row * TLD + chunk(k_chunk + dq_off(2 * cp) / 8) * 8);
 #pragma unroll
             for (int kk = 0; kk < BN / 16; kk++) {
                 uint32_t a[4];
@@ -1220,42 +1254,49 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
                 add_prev((it - 1) & 1);
             }
             // This tile's partial waits in p_s[it & 1] for the next iteration.
-            float* pb = p_s + (it & 1) * BQ * PLD + c0 + (lane % 4) * 2;
+            float* pb = p_s + (it & 1) * BQ * PLD + wc0 + (lane % 4) * 2;
 #pragma unroll
             for (int j = 0; j < CW / 8; j++) {
-                st_shared_f2(pb + (strip * 16 + lane / 4) * PLD + j * 8, make_float2(acc[j][0], acc[j][1]));
-                st_shared_f2(pb + (strip * 16 + lane / 4 + 8) * PLD + j * 8, make_float2(acc[j][2], acc[j][3]));
+                st_shared_f2(pb + (strip * 16 + lane / 4) * PLD + dq_off(j), make_float2(acc[j][0], acc[j][1]));
+                st_shared_f2(pb + (strip * 16 + lane / 4 + 8) * PLD + dq_off(j), make_float2(acc[j][2], acc[j][3]));
             }
             prev_seen = seen;
             continue;
         }
+        // The partial plus the sum so far: into the accumulator, or, from the last key tile, as
+        // bf16 dQ (scaled and rotated back) into dqkv.
 #pragma unroll
         for (int j = 0; j < CW / 8; j++) {
 #pragma unroll
             for (int half = 0; half < 2; half++) {
                 const int row = half ? row_b : row_a;
                 if (row >= seg_end) continue;
+                float* p = acc_a + half * 8 * (int)dstride + dq_off(j);
                 if (ATOMIC_DQ) {
-                    float* p = acc_a + half * 8 * (int)dstride + j * 8;
                     atomicAdd(p, acc[j][2 * half]);
                     atomicAdd(p + 1, acc[j][2 * half + 1]);
                     continue;
                 }
-                float2 v = make_float2(acc[j][2 * half], acc[j][2 * half + 1]);
-                float2* p = reinterpret_cast<float2*>(acc_a + half * 8 * (int)dstride + j * 8);
                 if (!first) {
-                    float2 o = old[ORDERED ? j : 0][half];
-                    v.x = o.x + v.x;
-                    v.y = o.y + v.y;
+                    const float2 o = old[ORDERED ? j : 0][half];
+                    acc[j][2 * half] = o.x + acc[j][2 * half];
+                    acc[j][2 * half + 1] = o.y + acc[j][2 * half + 1];
                 }
-                if (last) {
-                    float x0 = v.x * scale, x1 = v.y * scale;
-                    // Head column c0 + (lane % 4)·2 + 8j: pair c0/2 + lane % 4 + 4j.
-                    if (rope_dq) rotate_back(x0, x1, rope[(size_t)row * (HD / 2) + c0 / 2 + lane % 4 + 4 * j]);
-                    *reinterpret_cast<uint32_t*>(dq_a + half * 8 * (int)width + j * 8) = pack_bf16(x0, x1);
-                } else {
-                    __stcg(p, v);
-                }
+                if (!last) __stcg(reinterpret_cast<float2*>(p), make_float2(acc[j][2 * half], acc[j][2 * half + 1]));
+            }
+        }
+        if (!ATOMIC_DQ && last) {
+#pragma unroll
+            for (int j = 0; j < CW / 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) acc[j][e] *= scale;
+            rope_back_fragments<HD, CW / 8>(acc, wc0, dq_off, row_a, row_b, seg_end, rope, rope_style, lane);
+#pragma unroll
+            for (int j = 0; j < CW / 8; j++) {
+                if (row_a < seg_end)
+                    *reinterpret_cast<uint32_t*>(dq_a + dq_off(j)) = pack_bf16(acc[j][0], acc[j][1]);
+                if (row_b < seg_end)
+                    *reinterpret_cast<uint32_t*>(dq_a + 8 * (int)width + dq_off(j)) = pack_bf16(acc[j][2], acc[j][3]);
             }
         }
         // The CUTLASS semaphore pattern: the barrier orders every thread's accumulator stores
@@ -1306,40 +1347,53 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
 }
 
 // ---- dQ of the atomic backward -------------------------------------------------------------------
-// dqkv[row][0 .. q_width) = bf16(dq_acc[row][..] · head_dim^-½), then dq_acc = 0. Eight elements
-// per step: two 16-byte loads, one 16-byte bf16 store, two 16-byte zero stores (q_width is a
-// multiple of 64 and a dqkv row of (n_heads + 2·n_kv_heads)·head_dim bf16 a multiple of 16
-// bytes, so no step straddles a row). Grid-stride over the n · q_width / 8 steps, counted in
-// 32 bits (the host checks that they fit an int): one 32-bit division per step.
+// dqkv[row][0 .. q_width) = bf16(dq_acc[row][..] · head_dim^-½), rotated back as rope_style says,
+// then dq_acc = 0. A step takes eight columns of a head's first half and the eight head_dim/2 on
+// (the halves of half-split RoPE pairs): four 16-byte loads, two 16-byte bf16 stores, four
+// 16-byte zero stores (head_dim is 64 or 128 and a dqkv row of (n_heads + 2·n_kv_heads)·head_dim
+// bf16 a multiple of 16 bytes, so no access straddles a row). Grid-stride over the
+// n · q_width / 16 steps, counted in 32 bits (the host checks that they fit an int): two 32-bit
+// divisions per step.
 #ifndef SFT_SM90A
 extern "C" __global__ void __launch_bounds__(256)
     flash_dq_convert(bf16_t* dqkv, float* dq_acc, int n, int n_heads, int n_kv_heads, int head_dim,
                      const float* rope_table, int rope_style) {
     const float scale = rsqrtf((float)head_dim);
-    const int q_width = n_heads * head_dim, steps_per_row = q_width / 8;
+    const int q_width = n_heads * head_dim, half_dim = head_dim / 2, steps_per_row = q_width / 16;
     const size_t width = (size_t)(n_heads + 2 * n_kv_heads) * head_dim;
     const unsigned steps = (unsigned)n * (unsigned)steps_per_row;
     for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < steps; i += gridDim.x * blockDim.x) {
-        const unsigned row = i / steps_per_row, col = (i - row * steps_per_row) * 8;
-        float4* a = reinterpret_cast<float4*>(dq_acc + (size_t)row * q_width + col);
-        const float4 lo = a[0], hi = a[1];
-        uint4 out;
-        float v[8] = {lo.x * scale, lo.y * scale, lo.z * scale, lo.w * scale,
-                      hi.x * scale, hi.y * scale, hi.z * scale, hi.w * scale};
-        if (rope_style == ROPE_ADJACENT) {
-            // Columns col .. col + 7 of the row: pairs (col % head_dim) / 2 .. + 3 of their head.
-            const float2* cs = reinterpret_cast<const float2*>(rope_table) + (size_t)row * (head_dim / 2) +
-                               (col % head_dim) / 2;
+        const unsigned row = i / steps_per_row, g = i - row * steps_per_row;
+        // Group g of the row: head g / (head_dim/16), first-half columns c .. c + 7 of it.
+        const unsigned head = g / (half_dim / 8), c = (g - head * (half_dim / 8)) * 8;
+        const unsigned col = head * head_dim + c;
+        // v[0..7]: columns col .. col + 7; v[8..15]: col + head_dim/2 .. + 7.
+        float v[16];
 #pragma unroll
-            for (int k = 0; k < 4; k++) rotate_back(v[2 * k], v[2 * k + 1], cs[k]);
+        for (int half = 0; half < 2; half++) {
+            float4* a = reinterpret_cast<float4*>(dq_acc + (size_t)row * q_width + col + half * half_dim);
+            const float4 lo = a[0], hi = a[1];
+            v[8 * half] = lo.x * scale, v[8 * half + 1] = lo.y * scale, v[8 * half + 2] = lo.z * scale;
+            v[8 * half + 3] = lo.w * scale, v[8 * half + 4] = hi.x * scale, v[8 * half + 5] = hi.y * scale;
+            v[8 * half + 6] = hi.z * scale, v[8 * half + 7] = hi.w * scale;
+            a[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            a[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
-        out.x = pack_bf16(v[0], v[1]);
-        out.y = pack_bf16(v[2], v[3]);
-        out.z = pack_bf16(v[4], v[5]);
-        out.w = pack_bf16(v[6], v[7]);
-        *reinterpret_cast<uint4*>(dqkv + (size_t)row * width + col) = out;
-        a[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        a[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        const float2* cs = reinterpret_cast<const float2*>(rope_table) + (size_t)row * half_dim;
+        if (rope_style == ROPE_ADJACENT) {
+            // Columns c + 2k, c + 2k + 1 (and HD/2 on): pairs c/2 + k (and (c + HD/2)/2 + k).
+#pragma unroll
+            for (int k = 0; k < 8; k++) rotate_back(v[2 * k], v[2 * k + 1], cs[(c + (k / 4) * half_dim) / 2 + k % 4]);
+        } else if (rope_style == ROPE_HALF) {
+#pragma unroll
+            for (int k = 0; k < 8; k++) rotate_back(v[k], v[8 + k], cs[c + k]);
+        }
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const float* w = v + 8 * half;
+            *reinterpret_cast<uint4*>(dqkv + (size_t)row * width + col + half * half_dim) =
+                make_uint4(pack_bf16(w[0], w[1]), pack_bf16(w[2], w[3]), pack_bf16(w[4], w[5]), pack_bf16(w[6], w[7]));
+        }
     }
 }
 #endif

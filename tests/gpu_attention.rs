@@ -471,9 +471,8 @@ fn flash_wgmma_against_cpu() {
     against_cpu_on(&g, GQA_64, PACKED, 908);
 }
 
-/// The backward with RoPE's inverse rotation folded in (the flash kernels rotate dK, and dQ for
-/// adjacent pairs, as they write them; half-split dQ takes a rope pass over the q heads; the
-/// scalar kernels leave it all to that pass) against the CPU's backward followed by
+/// The backward with RoPE's inverse rotation folded in (the flash kernels rotate dK and dQ as
+/// they write them; after the scalar kernels a rope pass rotates both) against the CPU's backward followed by
 /// rope_backward: both pairings, head_dim 64 and 128, every dQ sum, the scalar path, and the
 /// wgmma kernels on compute capability 9.0. The ordered and deferred sums keep their common bits.
 #[test]

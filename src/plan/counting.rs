@@ -809,8 +809,7 @@ impl Backend for CountingBackend {
                     cu_seqlens, n_segments, heads, bq,
                 )
             });
-        // With rope, the epilogues read the rows' (cos, sin) pairs as they rotate dK (and dQ
-        // for adjacent pairs) back; half-split dQ then takes a rope pass over the q heads.
+        // With rope, the epilogues read the rows' (cos, sin) pairs as they rotate dK and dQ back.
         let rope_table = if rope.is_some() { n * heads.head_dim * 4 } else { 0 };
         let bytes =
             n * (qkv_w + q) * COMPUTE_BYTES + 2 * stats + n * (q + 2 * kv) * COMPUTE_BYTES + rope_table;
@@ -821,12 +820,10 @@ impl Backend for CountingBackend {
             10.0 * per_pair * pairs,
             bytes as f64 + accumulation,
         );
-        match rope {
-            Some(r) if r.style == RopeStyle::HalfSplit => {
-                self.rope_heads(dqkv, r.table, n, heads, heads.n_heads, "attention_backward rope (dQ)")
-            }
-            _ => Ok(()),
+        if let Some(r) = rope {
+            need(r.table, n * heads.head_dim, Precision::F32, "attention_backward rope table")?;
         }
+        Ok(())
     }
     fn attention_decode(
         &self,

@@ -108,8 +108,9 @@ impl CudaBackend {
     }
 
     /// The backward's kernels; with `rope`, returns how many leading heads of each dqkv row
-    /// (q, then k) they left for `rope_backward_heads` to rotate back: the flash backward
-    /// rotates dK, and dQ where its pairs are adjacent; the scalar kernels rotate nothing.
+    /// (q, then k) they left for `rope_backward_heads` to rotate back: none after the flash
+    /// backward, which rotates dQ and dK as it writes them; all of q and k after the scalar
+    /// kernels.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward_kernels(
         &self,
@@ -158,7 +159,7 @@ impl CudaBackend {
         unsafe { launch::attention_backward_d(s, ks, warps_cfg, d_buf, dout, out, ni, nhi, hdi) }?;
 
         if let Some(cfg) = self.flash_config(heads) {
-            return self.flash_backward(
+            self.flash_backward(
                 cfg,
                 &mut scratch,
                 dqkv,
@@ -170,7 +171,8 @@ impl CudaBackend {
                 n,
                 heads,
                 rope,
-            );
+            )?;
+            return Ok(0);
         }
         let d_buf = scratch.attn_d.as_ref().expect("ensured above");
 

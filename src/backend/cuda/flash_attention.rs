@@ -596,8 +596,7 @@ impl CudaBackend {
 
     /// dQ, dK and dV from D = rowsum(dO∘O) `[n_heads, n]`, already in `scratch.attn_d`. With
     /// `rope` (its table holds n · head_dim floats), dK and dQ are rotated back as they are
-    /// written, except dQ for half-split pairs: returns the number of leading heads of each
-    /// row left unrotated (n_heads then, else 0).
+    /// written.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn flash_backward(
         &self,
@@ -612,15 +611,11 @@ impl CudaBackend {
         n: usize,
         heads: HeadShape,
         rope: Option<(&CudaSlice<f32>, RopeStyle)>,
-    ) -> Result<usize> {
+    ) -> Result<()> {
         let (ni, nhi, nkvi) =
             (int(n, "n")?, int(heads.n_heads, "heads")?, int(heads.n_kv_heads, "kv heads")?);
         // The kernels' rope_style: -1 none, else rope_style_arg (0 adjacent, 1 half split).
         let (rt, rs) = (rope.map(|(t, _)| t), rope.map_or(-1, |(_, style)| rope_style_arg(style)));
-        let unrotated = match rope {
-            Some((_, RopeStyle::HalfSplit)) => heads.n_heads,
-            _ => 0,
-        };
         check_tile_offsets(heads)?;
         let bound = self.tile_table(scratch, cu_seqlens, n_segments, n)?;
         // Allocated zeroed, and left zeroed by every launch (the last partial of each q tile
@@ -652,9 +647,9 @@ impl CudaBackend {
                 )
             }?;
             let hdi = int(heads.head_dim, "head_dim")?;
-            let steps = n * heads.q_width() / 8;
+            let steps = n * heads.q_width() / 16;
             // The convert counts its steps in 32 bits.
-            int(steps, "flash_dq_convert steps (rows × q width / 8)")?;
+            int(steps, "flash_dq_convert steps (rows × q width / 16)")?;
             let blocks = steps.div_ceil(DQ_CONVERT_THREADS).clamp(1, DQ_CONVERT_MAX_BLOCKS);
             let convert_cfg = LaunchConfig {
                 grid_dim: (blocks as u32, 1, 1),
@@ -665,7 +660,7 @@ impl CudaBackend {
             // the q part of the n rows of dqkv; q_width (n_heads·hd, hd 64 or 128) is a multiple
             // of 8 and a dqkv row a multiple of 16 bytes, as its 16-byte accesses need.
             unsafe { launch::flash_dq_convert(s, ks, convert_cfg, dqkv, acc, ni, nhi, nkvi, hdi, &rt, rs) }?;
-            return Ok(unrotated);
+            return Ok(());
         }
         self.flash_dq.acc_dirty.store(true, Ordering::Relaxed);
         // SAFETY: writes the q, k and v parts of dqkv rows inside their segments; the accumulator
@@ -711,7 +706,7 @@ impl CudaBackend {
                 )
             }
         }?;
-        Ok(unrotated)
+        Ok(())
     }
 }
 

@@ -100,8 +100,8 @@ impl CudaBackend {
         self.rope_apply(dqkv, table, n, heads, heads.n_heads + heads.n_kv_heads, style, -1.0)
     }
 
-    /// `rope_backward` on the first `rot_heads` heads of each row only (the q heads, where the
-    /// flash backward rotated dK back itself).
+    /// `rope_backward` on the first `rot_heads` heads of each row only (what an attention
+    /// backward left unrotated).
     pub(super) fn rope_backward_heads(
         &self,
         dqkv: &mut CudaBuf,
