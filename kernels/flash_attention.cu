@@ -1018,15 +1018,16 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
                 const float2* cs = rope + (size_t)(prev.qt + r) * (HD / 2);
                 if (rope_style == ROPE_ADJACENT) {
 #pragma unroll
-                    for (int i = 0; i < 4; i++) rotate_back(v[2 * i], v[2 * i + 1], cs[(c + (i / 2) * (HD / 2)) / 2 + i % 2]);
+                    for (int i = 0; i < 4; i++)
+                        rotate_back(v[2 * i], v[2 * i + 1], cs[(c + (i / 2) * (HD / 2)) / 2 + i % 2]);
                 } else if (rope_style == ROPE_HALF) {
 #pragma unroll
                     for (int i = 0; i < 4; i++) rotate_back(v[i], v[4 + i], cs[c + i]);
                 }
 #pragma unroll
                 for (int half = 0; half < 2; half++)
-                    *reinterpret_cast<uint2*>(out + r * (int)width + c + half * (HD / 2)) =
-                        make_uint2(pack_bf16(v[4 * half], v[4 * half + 1]), pack_bf16(v[4 * half + 2], v[4 * half + 3]));
+                    *reinterpret_cast<uint2*>(out + r * (int)width + c + half * (HD / 2)) = make_uint2(
+                        pack_bf16(v[4 * half], v[4 * half + 1]), pack_bf16(v[4 * half + 2], v[4 * half + 3]));
             } else {
 #pragma unroll
                 for (int half = 0; half < 2; half++)
@@ -1263,40 +1264,45 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
             prev_seen = seen;
             continue;
         }
-        // The partial plus the sum so far: into the accumulator, or, from the last key tile, as
-        // bf16 dQ (scaled and rotated back) into dqkv.
-#pragma unroll
-        for (int j = 0; j < CW / 8; j++) {
-#pragma unroll
-            for (int half = 0; half < 2; half++) {
-                const int row = half ? row_b : row_a;
-                if (row >= seg_end) continue;
-                float* p = acc_a + half * 8 * (int)dstride + dq_off(j);
-                if (ATOMIC_DQ) {
-                    atomicAdd(p, acc[j][2 * half]);
-                    atomicAdd(p + 1, acc[j][2 * half + 1]);
-                    continue;
-                }
-                if (!first) {
-                    const float2 o = old[ORDERED ? j : 0][half];
-                    acc[j][2 * half] = o.x + acc[j][2 * half];
-                    acc[j][2 * half + 1] = o.y + acc[j][2 * half + 1];
-                }
-                if (!last) __stcg(reinterpret_cast<float2*>(p), make_float2(acc[j][2 * half], acc[j][2 * half + 1]));
-            }
-        }
-        if (!ATOMIC_DQ && last) {
-#pragma unroll
-            for (int j = 0; j < CW / 8; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) acc[j][e] *= scale;
-            rope_back_fragments<HD, CW / 8>(acc, wc0, dq_off, row_a, row_b, seg_end, rope, rope_style, lane);
+        // (The deferred sums took their path above.)
+        if constexpr (!DEFERRED) {
+            // The partial plus the sum so far: into the accumulator, or, from the last key tile, as
+            // bf16 dQ (scaled and rotated back) into dqkv.
 #pragma unroll
             for (int j = 0; j < CW / 8; j++) {
-                if (row_a < seg_end)
-                    *reinterpret_cast<uint32_t*>(dq_a + dq_off(j)) = pack_bf16(acc[j][0], acc[j][1]);
-                if (row_b < seg_end)
-                    *reinterpret_cast<uint32_t*>(dq_a + 8 * (int)width + dq_off(j)) = pack_bf16(acc[j][2], acc[j][3]);
+#pragma unroll
+                for (int half = 0; half < 2; half++) {
+                    const int row = half ? row_b : row_a;
+                    if (row >= seg_end) continue;
+                    float* p = acc_a + half * 8 * (int)dstride + dq_off(j);
+                    if (ATOMIC_DQ) {
+                        atomicAdd(p, acc[j][2 * half]);
+                        atomicAdd(p + 1, acc[j][2 * half + 1]);
+                        continue;
+                    }
+                    if (!first) {
+                        const float2 o = old[ORDERED ? j : 0][half];
+                        acc[j][2 * half] = o.x + acc[j][2 * half];
+                        acc[j][2 * half + 1] = o.y + acc[j][2 * half + 1];
+                    }
+                    if (!last)
+                        __stcg(reinterpret_cast<float2*>(p), make_float2(acc[j][2 * half], acc[j][2 * half + 1]));
+                }
+            }
+            if (!ATOMIC_DQ && last) {
+#pragma unroll
+                for (int j = 0; j < CW / 8; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) acc[j][e] *= scale;
+                rope_back_fragments<HD, CW / 8>(acc, wc0, dq_off, row_a, row_b, seg_end, rope, rope_style, lane);
+#pragma unroll
+                for (int j = 0; j < CW / 8; j++) {
+                    if (row_a < seg_end)
+                        *reinterpret_cast<uint32_t*>(dq_a + dq_off(j)) = pack_bf16(acc[j][0], acc[j][1]);
+                    if (row_b < seg_end)
+                        *reinterpret_cast<uint32_t*>(dq_a + 8 * (int)width + dq_off(j)) =
+                            pack_bf16(acc[j][2], acc[j][3]);
+                }
             }
         }
         // The CUTLASS semaphore pattern: the barrier orders every thread's accumulator stores
