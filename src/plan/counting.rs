@@ -726,7 +726,7 @@ impl Backend for CountingBackend {
         heads: HeadShape,
         _style: RopeStyle,
     ) -> Result<()> {
-        self.rope_heads(qkv, table, n, heads, heads.n_heads + heads.n_kv_heads, "rope_forward")
+        self.rope(qkv, table, n, heads, "rope_forward")
     }
     fn rope_backward(
         &self,
@@ -736,7 +736,7 @@ impl Backend for CountingBackend {
         heads: HeadShape,
         _style: RopeStyle,
     ) -> Result<()> {
-        self.rope_heads(dqkv, table, n, heads, heads.n_heads + heads.n_kv_heads, "rope_backward")
+        self.rope(dqkv, table, n, heads, "rope_backward")
     }
 
     fn attention_forward(
@@ -787,6 +787,9 @@ impl Backend for CountingBackend {
         need(qkv, n * heads.qkv_width(), Precision::Compute, "attention_backward qkv")?;
         need(out, n * heads.q_width(), Precision::Compute, "attention_backward out")?;
         need(lse, heads.n_heads * n, Precision::F32, "attention_backward lse")?;
+        if let Some(r) = &rope {
+            need(r.table, n * heads.head_dim, Precision::F32, "attention_backward rope table")?;
+        }
         if n == 0 {
             return Ok(());
         }
@@ -820,9 +823,6 @@ impl Backend for CountingBackend {
             10.0 * per_pair * pairs,
             bytes as f64 + accumulation,
         );
-        if let Some(r) = rope {
-            need(r.table, n * heads.head_dim, Precision::F32, "attention_backward rope table")?;
-        }
         Ok(())
     }
     fn attention_decode(
@@ -1068,21 +1068,19 @@ impl CountingBackend {
         Ok(())
     }
 
-    /// `rope_apply` over the first `rot_heads` heads of each row.
-    fn rope_heads(
+    fn rope(
         &self,
-        qkv: &CountBuf,
+        qkv: &mut CountBuf,
         table: &CountBuf,
         n: usize,
         heads: HeadShape,
-        rot_heads: usize,
         what: &str,
     ) -> Result<()> {
         self.call(Family::Rope);
         ensure!(heads.head_dim.is_multiple_of(2), "rope: head_dim {} is odd", heads.head_dim);
         need(qkv, n * heads.qkv_width(), Precision::Compute, &format!("{what} qkv"))?;
         need(table, n * heads.head_dim, Precision::F32, &format!("{what} table"))?;
-        let rotated = n * rot_heads * heads.head_dim;
+        let rotated = n * (heads.n_heads + heads.n_kv_heads) * heads.head_dim;
         if rotated > 0 {
             // In place on the q and k parts of each row: read and written once; the row's
             // (cos, sin) pairs are read once from memory (every head of the row's block shares

@@ -8,7 +8,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig};
 use super::launch::{self, grid_stride, int, launch_for_head_dim, ATT_WARPS, BLOCK};
 use super::scratch::ensure;
 use super::{bf16_mut, bf16_of, f32_mut, f32_of, ids_of, CudaBackend, CudaBuf};
-use crate::backend::{HeadShape, RopeGrad, RopeStyle};
+use crate::backend::{HeadShape, RopeGrad};
 
 /// Checks the head shape and returns its head_dim, which has kernels.
 fn head_variant(heads: HeadShape) -> Result<usize> {
@@ -93,38 +93,12 @@ impl CudaBackend {
         heads: HeadShape,
         rope: Option<RopeGrad<'_, Self>>,
     ) -> Result<()> {
+        // With rope, dQ and dK are rotated back: by the flash backward as it writes them, by a
+        // rope pass after the scalar kernels.
         let rope = match rope {
             Some(r) => Some((f32_of(r.table, n * heads.head_dim, "attention_backward rope table")?, r.style)),
             None => None,
         };
-        let unrotated = self
-            .attention_backward_kernels(dqkv, dout, qkv, out, lse, cu_seqlens, n_segments, n, heads, rope)?;
-        match rope {
-            Some((table, style)) if unrotated > 0 => {
-                self.rope_backward_heads(dqkv, table, n, heads, unrotated, style)
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// The backward's kernels; with `rope`, returns how many leading heads of each dqkv row
-    /// (q, then k) they left for `rope_backward_heads` to rotate back: none after the flash
-    /// backward, which rotates dQ and dK as it writes them; all of q and k after the scalar
-    /// kernels.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_backward_kernels(
-        &self,
-        dqkv: &mut CudaBuf,
-        dout: &CudaBuf,
-        qkv: &CudaBuf,
-        out: &CudaBuf,
-        lse: &CudaBuf,
-        cu_seqlens: &CudaSlice<u32>,
-        n_segments: usize,
-        n: usize,
-        heads: HeadShape,
-        rope: Option<(&CudaSlice<f32>, RopeStyle)>,
-    ) -> Result<usize> {
         let hd = head_variant(heads)?;
         check_segments(cu_seqlens, n_segments)?;
         let dqkv = bf16_mut(dqkv, n * heads.qkv_width(), "attention_backward dqkv")?;
@@ -133,7 +107,7 @@ impl CudaBackend {
         let out = bf16_of(out, n * heads.q_width(), "attention_backward out")?;
         let lse = f32_of(lse, heads.n_heads * n, "attention_backward lse")?;
         if n == 0 {
-            return Ok(0);
+            return Ok(());
         }
         let (segi, ni, nhi, nkvi, hdi) = (
             int(n_segments, "segments")?,
@@ -159,7 +133,7 @@ impl CudaBackend {
         unsafe { launch::attention_backward_d(s, ks, warps_cfg, d_buf, dout, out, ni, nhi, hdi) }?;
 
         if let Some(cfg) = self.flash_config(heads) {
-            self.flash_backward(
+            return self.flash_backward(
                 cfg,
                 &mut scratch,
                 dqkv,
@@ -171,8 +145,7 @@ impl CudaBackend {
                 n,
                 heads,
                 rope,
-            )?;
-            return Ok(0);
+            );
         }
         let d_buf = scratch.attn_d.as_ref().expect("ensured above");
 
@@ -195,7 +168,10 @@ impl CudaBackend {
                 (s, ks, cfg, dqkv, dout, qkv, lse, d_buf, cu_seqlens, segi, ni, nhi, nkvi)
             )
         }?;
-        Ok(heads.n_heads + heads.n_kv_heads)
+        match rope {
+            Some((table, style)) => self.rope_apply(dqkv, table, n, heads, style, -1.0),
+            None => Ok(()),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

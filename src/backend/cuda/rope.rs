@@ -84,8 +84,9 @@ impl CudaBackend {
         heads: HeadShape,
         style: RopeStyle,
     ) -> Result<()> {
+        let qkv = bf16_mut(qkv, n * heads.qkv_width(), "rope qkv")?;
         let table = f32_of(table, n * heads.head_dim, "rope table")?;
-        self.rope_apply(qkv, table, n, heads, heads.n_heads + heads.n_kv_heads, style, 1.0)
+        self.rope_apply(qkv, table, n, heads, style, 1.0)
     }
 
     pub(super) fn rope_backward(
@@ -96,50 +97,28 @@ impl CudaBackend {
         heads: HeadShape,
         style: RopeStyle,
     ) -> Result<()> {
+        let dqkv = bf16_mut(dqkv, n * heads.qkv_width(), "rope dqkv")?;
         let table = f32_of(table, n * heads.head_dim, "rope table")?;
-        self.rope_apply(dqkv, table, n, heads, heads.n_heads + heads.n_kv_heads, style, -1.0)
+        self.rope_apply(dqkv, table, n, heads, style, -1.0)
     }
 
-    /// `rope_backward` on the first `rot_heads` heads of each row only (what an attention
-    /// backward left unrotated).
-    pub(super) fn rope_backward_heads(
+    /// Rotates the q and k heads of `n` rows of `qkv` by `direction · angle` (1 forward, -1
+    /// backward); `table` holds n · head_dim floats.
+    pub(super) fn rope_apply(
         &self,
-        dqkv: &mut CudaBuf,
+        qkv: &mut CudaSlice<half::bf16>,
         table: &CudaSlice<f32>,
         n: usize,
         heads: HeadShape,
-        rot_heads: usize,
-        style: RopeStyle,
-    ) -> Result<()> {
-        self.rope_apply(dqkv, table, n, heads, rot_heads, style, -1.0)
-    }
-
-    /// Rotates the first `rot_heads` heads of each row (at most the q and k heads) by
-    /// `direction · angle`: 1 forward, -1 backward.
-    #[allow(clippy::too_many_arguments)]
-    fn rope_apply(
-        &self,
-        qkv: &mut CudaBuf,
-        table: &CudaSlice<f32>,
-        n: usize,
-        heads: HeadShape,
-        rot_heads: usize,
         style: RopeStyle,
         direction: f32,
     ) -> Result<()> {
-        let width = heads.qkv_width();
-        let qkv = bf16_mut(qkv, n * width, "rope qkv")?;
-        if table.len() < n * heads.head_dim {
-            bail!("rope table: {} floats for {n} rows of head_dim {}", table.len(), heads.head_dim);
-        }
         if !heads.head_dim.is_multiple_of(2) {
             bail!("rope: head_dim {} is odd", heads.head_dim);
         }
-        if rot_heads > heads.n_heads + heads.n_kv_heads {
-            bail!(
-                "rope: {rot_heads} heads to rotate, but rows hold {} q and k heads",
-                heads.n_heads + heads.n_kv_heads
-            );
+        let (width, rot_heads) = (heads.qkv_width(), heads.n_heads + heads.n_kv_heads);
+        if qkv.len() < n * width || table.len() < n * heads.head_dim {
+            bail!("rope: buffers of {} and {} elements for {n} rows of {heads:?}", qkv.len(), table.len());
         }
         if n == 0 || rot_heads * heads.head_dim == 0 {
             return Ok(());
