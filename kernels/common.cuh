@@ -85,14 +85,18 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
     return (uint32_t)__bfloat16_as_ushort(to_bf(lo)) | ((uint32_t)__bfloat16_as_ushort(to_bf(hi)) << 16);
 }
 
-__device__ __forceinline__ void load8(float v[VEC], const __nv_bfloat16* p) {
-    uint4 u = *reinterpret_cast<const uint4*>(p);
+// Eight bf16 as loaded in one 16-byte access (kept raw where a kernel loads ahead of use).
+__device__ __forceinline__ void unpack8(float v[VEC], uint4 u) {
     uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
     for (int i = 0; i < VEC / 2; i++) {
         v[2 * i] = float_of_bits(w[i] << 16);
         v[2 * i + 1] = float_of_bits(w[i] & 0xffff0000u);
     }
+}
+
+__device__ __forceinline__ void load8(float v[VEC], const __nv_bfloat16* p) {
+    unpack8(v, *reinterpret_cast<const uint4*>(p));
 }
 
 __device__ __forceinline__ void store8(__nv_bfloat16* p, const float v[VEC]) {

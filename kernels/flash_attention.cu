@@ -357,6 +357,23 @@ __device__ __forceinline__ void rope_back_fragments(float (*acc)[4], int col0, O
     }
 }
 
+// Rotates back a row's columns c .. c + W - 1 (v[0 .. W)) and the W from c + HD/2 on
+// (v[W .. 2W)), c even, as `rope_style` says; cs: the row's (cos, sin) pairs. The row-major form
+// of the deferred sums and flash_dq_convert.
+template <int W>
+__device__ __forceinline__ void rope_back_halves(float* v, const float2* cs, int c, int half_dim, int rope_style) {
+    if (rope_style == ROPE_ADJACENT) {
+#pragma unroll
+        for (int k = 0; k < W / 2; k++) {
+            rotate_back(v[2 * k], v[2 * k + 1], cs[c / 2 + k]);
+            rotate_back(v[W + 2 * k], v[W + 2 * k + 1], cs[(c + half_dim) / 2 + k]);
+        }
+    } else if (rope_style == ROPE_HALF) {
+#pragma unroll
+        for (int k = 0; k < W; k++) rotate_back(v[k], v[W + k], cs[c + k]);
+    }
+}
+
 // store_acc of dK: acc · scale rotated back as `rope_style` says (rope: the table as float2).
 template <int HD>
 __device__ __forceinline__ void store_dk(bf16_t* dst, size_t stride, int col, float (*acc)[4], int row_a, int row_b,
@@ -1015,15 +1032,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
             if (prev.last) {
 #pragma unroll
                 for (int i = 0; i < 8; i++) v[i] *= scale;
-                const float2* cs = rope + (size_t)(prev.qt + r) * (HD / 2);
-                if (rope_style == ROPE_ADJACENT) {
-#pragma unroll
-                    for (int i = 0; i < 4; i++)
-                        rotate_back(v[2 * i], v[2 * i + 1], cs[(c + (i / 2) * (HD / 2)) / 2 + i % 2]);
-                } else if (rope_style == ROPE_HALF) {
-#pragma unroll
-                    for (int i = 0; i < 4; i++) rotate_back(v[i], v[4 + i], cs[c + i]);
-                }
+                rope_back_halves<4>(v, rope + (size_t)(prev.qt + r) * (HD / 2), c, HD / 2, rope_style);
 #pragma unroll
                 for (int half = 0; half < 2; half++)
                     *reinterpret_cast<uint2*>(out + r * (int)width + c + half * (HD / 2)) = make_uint2(
@@ -1386,14 +1395,7 @@ extern "C" __global__ void __launch_bounds__(256)
             a[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
         const float2* cs = reinterpret_cast<const float2*>(rope_table) + (size_t)row * half_dim;
-        if (rope_style == ROPE_ADJACENT) {
-            // Columns c + 2k, c + 2k + 1 (and HD/2 on): pairs c/2 + k (and (c + HD/2)/2 + k).
-#pragma unroll
-            for (int k = 0; k < 8; k++) rotate_back(v[2 * k], v[2 * k + 1], cs[(c + (k / 4) * half_dim) / 2 + k % 4]);
-        } else if (rope_style == ROPE_HALF) {
-#pragma unroll
-            for (int k = 0; k < 8; k++) rotate_back(v[k], v[8 + k], cs[c + k]);
-        }
+        rope_back_halves<8>(v, cs, (int)c, half_dim, rope_style);
 #pragma unroll
         for (int half = 0; half < 2; half++) {
             const float* w = v + 8 * half;

@@ -119,20 +119,13 @@ __device__ void rmsnorm_backward_vec_rows(__nv_bfloat16* dx, float* partial, __n
         xr = *reinterpret_cast<const uint4*>(x + at);
         dr = *reinterpret_cast<const uint4*>(dx + at);
     };
-    auto unpack = [](float* v, uint4 u) {
-        uint32_t words[4] = {u.x, u.y, u.z, u.w};
-        for (int e = 0; e < VEC / 2; e++) {
-            v[2 * e] = float_of_bits(words[e] << 16);
-            v[2 * e + 1] = float_of_bits(words[e] & 0xffff0000u);
-        }
-    };
     if (r0 < r1) fetch(r0, g_raw, x_raw, dx_raw);
     for (int row = r0; row < r1; row++) {
         if (row + 1 < r1) fetch(row + 1, g_next, x_next, dx_next);
         float r = rstd[row];
         float g[VEC], xv[VEC];
-        unpack(g, g_raw);
-        unpack(xv, x_raw);
+        unpack8(g, g_raw);
+        unpack8(xv, x_raw);
         float dot = 0.0f;
         if (own)
             for (int e = 0; e < VEC; e++) dot += g[e] * wv[e] * xv[e];
@@ -141,7 +134,7 @@ __device__ void rmsnorm_backward_vec_rows(__nv_bfloat16* dx, float* partial, __n
         if (own) {
             size_t at = (size_t)row * d + k;
             float acc[VEC];
-            unpack(acc, dx_raw);
+            unpack8(acc, dx_raw);
             for (int e = 0; e < VEC; e++) {
                 dw[e] += g[e] * xv[e] * r;
                 acc[e] += r * (g[e] * wv[e] - xv[e] * c);
