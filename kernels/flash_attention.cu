@@ -36,9 +36,9 @@
 // are rotated back as they are written, so the model runs no rope pass over dqkv afterwards
 // (see "RoPE's backward").
 // - flash_forward_64_sm90, flash_backward_64_sm90, flash_backward_deferred_q64_64_sm90: the HD 64
-//                       forward, ordered and deferred-q64 backward with their tile products on
-//                       Hopper's wgmma (the backward's dQ product stays on mma.sync; opt-in,
-//                       SFT_FLASH_MMA=wgmma, compute capability 9.0; untimed). Only in the
+//                       forward, ordered and deferred-q64 backward with all their tile products
+//                       on Hopper's wgmma (opt-in, SFT_FLASH_MMA=wgmma, compute capability 9.0;
+//                       untimed). Only in the
 //                       sm_90a module (build.rs: this file again with -DSFT_SM90A).
 // The shapes are the fastest of those timed on an H200 (BENCHMARKS.md, "flash variants"): warps of
 // 32 rows took 6% off the forward and 17% off the atomic backward, but slowed the ordered
@@ -616,7 +616,9 @@ __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, c
 //   k-th 16-column step starts 32·k bytes later (the swizzle applies to the whole address).
 //   MN-major (V for O = P·V, imm-trans-b 1): element (key, d) at key·128 + 2d: rows of 8 keys
 //   SBO apart, LBO (the next 64 columns) unused at head_dim 64.
-// - Shared memory written through the generic proxy (cp.async) must be fenced with
+//   A may be MN-major too (imm-trans-a 1; the backward's dS from the stored dSᵀ): element (q, key)
+//   at key·128 + 2q, the same form.
+// - Shared memory written through the generic proxy (cp.async, st.shared) must be fenced with
 //   fence.proxy.async before the async proxy (wgmma) reads it.
 // The wrappers and the kernel templates are compiled everywhere (unused, they emit no PTX); the
 // entries only into the sm_90a module (and the emulation).
@@ -630,9 +632,10 @@ __device__ __forceinline__ void wgmma_wait() {
 }
 // Pins the accumulator registers at this point of the program: the compiler may not move their
 // reads or writes across the wgmma issue or wait around it.
+template <int NB = 8>
 __device__ __forceinline__ void wgmma_pin(float (*d)[4]) {
 #pragma unroll
-    for (int j = 0; j < 8; j++)
+    for (int j = 0; j < NB; j++)
         asm volatile("" : "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])::"memory");
 }
 #define WGMMA_D32                                                                                             \
@@ -651,6 +654,21 @@ __device__ __forceinline__ void wgmma_m64n64_ss(float (*d)[4], uint64_t desc_a, 
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WGMMA_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
         : WGMMA_D32_OPERANDS(d)
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+#define WGMMA_D16                                                                                          \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
+#define WGMMA_D16_OPERANDS(d)                                                                                  \
+    "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),   \
+        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]),              \
+        "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
+// d (64×32 fp32, per warpgroup) = (accumulate ? d : 0) + A·B, A (64×16) MN-major and B (16×32)
+// K-major in shared memory.
+__device__ __forceinline__ void wgmma_m64n32_ss_ta(float (*d)[4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " WGMMA_D16 ", %16, %17, p, 1, 1, 1, 0;\n}\n"
+        : WGMMA_D16_OPERANDS(d)
         : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 // d += A·B, A (64×16) from registers (a[4] per thread), B (16×64) MN-major in shared memory.
@@ -828,6 +846,7 @@ __device__ __forceinline__ void wait_semaphore_from(const uint32_t* sem, uint32_
     asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
 }
 __device__ __forceinline__ void st_shared_u32(bf16_t* p, uint32_t v) { *reinterpret_cast<uint32_t*>(p) = v; }
+__device__ __forceinline__ void st_shared_u4(bf16_t* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
 __device__ __forceinline__ void st_shared_f2(float* p, float2 v) { *reinterpret_cast<float2*>(p) = v; }
 __device__ __forceinline__ float4 ld_shared_f4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 #endif
@@ -841,8 +860,12 @@ enum DqMode { DQ_ORDERED, DQ_DEFERRED, DQ_ATOMIC };
 
 // WG (flash_backward_64_sm90): Sᵀ, dPᵀ, dV and dK as wgmma over tiles in the 128-byte swizzle
 // (forward's section above), warpgroup g's 4 warps holding its keys 64g .. 64g + 63 in the same
-// fragments as the mma.sync kernel's warps; the dQ product stays on mma.sync (ldmatrix from the
-// swizzled dSᵀ and K). The same operations per element in the same order as the mma kernel.
+// fragments as the mma.sync kernel's warps. The dQ product too: warpgroup g computes the q tile's
+// 64 rows in the columns the mma kernel gives its warps 4g .. 4g + 3, in their fragments, with A
+// = dSᵀ read MN-major and B = Kᵀ, a transposed copy of the key tile written once per CTA (a
+// wgmma B operand at a column offset inside a swizzled row is not a canonical layout). The same
+// products per element over the keys in the same order as the mma kernel (up to the order of
+// fp32 additions inside the tensor core).
 template <int HD, int NW, int BQ, int DQ, int MT = 1, bool WG = false>
 __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_sem, const bf16_t* dout,
                                     const bf16_t* qkv, const float* lse, const float* D, const int* table, int n,
@@ -874,11 +897,13 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     float* lse_s = reinterpret_cast<float*>(dos + 2 * BQ * TLD);  // [2][BQ]
     float* d_s = lse_s + 2 * BQ;                                  // [2][BQ]
     bf16_t* dst = reinterpret_cast<bf16_t*>(d_s + 2 * BQ);        // dSᵀ [BN][SLD]
-    float* p_s = reinterpret_cast<float*>(dst + BN * SLD);        // DEFERRED: [2][BQ][PLD]
+    bf16_t* kts = dst + BN * SLD;  // WG: Kᵀ [BN / 64][HD][64], keys along 128-byte rows
+    float* p_s = reinterpret_cast<float*>(kts + (WG ? BN * HD : 0));  // DEFERRED: [2][BQ][PLD]
     float* old_s = p_s + 2 * BQ * PLD;                            // DEFERRED: [BQ][HD]
     if (threadIdx.x == 0 &&
         dynamic_smem_size() <
-            pad + (uint32_t)((2 * BN + 4 * BQ) * TLD * 2 + 4 * BQ * 4 + BN * SLD * 2 + DEFERRED_SMEM))
+            pad + (uint32_t)((2 * BN + 4 * BQ) * TLD * 2 + 4 * BQ * 4 + BN * SLD * 2 + (WG ? BN * HD * 2 : 0) +
+                             DEFERRED_SMEM))
         __trap();
 
     int k0, seg_start, seg_end;
@@ -894,6 +919,8 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
 
     load_kv_tile<BN, HD, NT, WG>(ks, vs, qkv + (n_heads + kvh) * HD, qkv + (n_heads + n_kv_heads + kvh) * HD, width,
                                  0, k0, n);
+    // WG: the key tile in a group of its own, transposed into Kᵀ below, before the loop.
+    if constexpr (WG) cp_async_commit();
     // Iteration it's place: q head kvh·group + hq, q rows k0 + qi·BQ .., where it = hq·n_qt + qi.
     // Counted from one iteration to the next: dividing it by n_qt took some 25 instructions, twice
     // an iteration, in a loop that issues as many integer instructions as tile products.
@@ -937,6 +964,29 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     static_assert(CW % 32 == 0, "the dQ product's column blocks pair in 16-column steps");
     const int strip = warp % STRIPS, wc0 = (warp / STRIPS) * (CW / 2);
     auto dq_off = [](int j) { return (j < CW / 16 ? 0 : HD / 2) + (j % (CW / 16)) * 8; };
+    if constexpr (WG) {
+        // Kᵀ: row i of warpgroup g's CW (row g·CW + i) holds head column g·CW/2 + dq_off(i / 8) +
+        // i % 8, so that its dQ product's B is CW whole rows; keys along a row in the 128-byte
+        // swizzle, 64 keys a row, the next 64 HD rows on. A step stores 8 keys of a row (16
+        // bytes); a warp's 32 lanes take 32 rows (K read 2 bytes a lane from one 128-byte row).
+        static_assert(WG == (STRIPS == 4 && NW / STRIPS == 2), "a warpgroup per group of dQ columns");
+        cp_async_wait<1>();
+        __syncthreads();
+        const uint16_t* kb = reinterpret_cast<const uint16_t*>(ks);
+        for (int step = threadIdx.x; step < HD * (BN / 8); step += NT) {
+            const int row = step % HD, kc = step / HD, i = row % CW;
+            const int col = (row / CW) * (CW / 2) + dq_off(i / 8) + i % 8;
+            uint32_t w[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int key = kc * 8 + 2 * e;  // key % 8 = 2e
+                w[e] = (uint32_t)kb[key * TLD + (((col / 8) ^ (2 * e)) * 8) + col % 8] |
+                       (uint32_t)kb[(key + 1) * TLD + (((col / 8) ^ (2 * e + 1)) * 8) + col % 8] << 16;
+            }
+            st_shared_u4(kts + (kc / 8) * HD * 64 + row * 64 + ((kc % 8) ^ (row % 8)) * 8,
+                         make_uint4(w[0], w[1], w[2], w[3]));
+        }
+    }
     float dk[MT * (HD / 8)][4], dv[MT * (HD / 8)][4];
 #pragma unroll
     for (int j = 0; j < MT * (HD / 8); j++) {
@@ -1201,7 +1251,9 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
             if (ORDERED && !first) wait_semaphore_from(sem, seen, want);
             if (fetch) wait_semaphore_from(sem_of(prev), prev_seen, prev.want);
         }
-        // The barrier also orders the dSᵀ stores before the dQ product's ldmatrix.
+        // The barrier also orders the dSᵀ stores before the dQ product's reads (WG: each thread's
+        // behind its fence.proxy.async, as wgmma reads them).
+        if constexpr (WG) fence_proxy_async();
         __syncthreads();
         // DEFERRED: the old sums of the previous q tile arrive behind this tile's dQ product.
         if (fetch) fetch_old();
@@ -1228,22 +1280,34 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
             }
         }
 
-        // dQ_partial = dS · K: A = dS from dSᵀ with ldmatrix.trans (matrix i: keys
-        // kk·16 + (i/2)·8 .., q rows + (i%2)·8 ..), B = K [key][HD] as in mma_py.
         float acc[CW / 8][4];
+        if constexpr (WG) {
+            // dQ_partial = dS · K on wgmma, per warpgroup its 64 q rows × its CW columns (m64n32),
+            // BN/16 k-steps of 16 keys: A = dSᵀ read MN-major (16 rows of 128 bytes, 2048 bytes a
+            // step), B = its CW rows of Kᵀ (32 bytes a step along the row, HD rows on after 64
+            // keys). The first step does not add the accumulator in. Waited for below, after
+            // the deferred sum of the previous tile (which the tensor core's work then hides).
+            static_assert(CW == 32, "wgmma_m64n32_ss_ta");
+            const uint32_t hi = sw128_desc_hi(1024);
+            const uint32_t a_lo = sw128_desc_lo(smem_u32(dst), 1024);
+            const uint32_t b_lo = sw128_desc_lo(smem_u32(kts + wg * CW * 64), 16);
+            wgmma_fence();
 #pragma unroll
-        for (int j = 0; j < CW / 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-        {
-            // A lane's ldmatrix rows are 8-aligned plus lane % 8: in the swizzle (WG) its 16-byte
-            // chunk c of a row is at c ^ (lane % 8) in every k-step.
+            for (int kk = 0; kk < BN / 16; kk++)
+                wgmma_m64n32_ss_ta(acc, desc64(a_lo + kk * (2048 >> 4), hi),
+                                   desc64(b_lo + (kk / 4) * (HD * 128 >> 4) + (kk % 4) * 2, hi), kk > 0);
+            wgmma_commit();
+        } else {
+            // dQ_partial = dS · K: A = dS from dSᵀ with ldmatrix.trans (matrix i: keys
+            // kk·16 + (i/2)·8 .., q rows + (i%2)·8 ..), B = K [key][HD] as in mma_py.
+#pragma unroll
+            for (int j = 0; j < CW / 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
             const int a_row = (lane % 8) + (lane / 16) * 8, a_chunk = strip * 2 + (lane / 8) % 2;
             const int k_row = (lane % 8) + ((lane / 8) % 2) * 8, k_chunk = wc0 / 8 + lane / 16;
-            auto chunk = [&](int c) { return WG ? c ^ (lane % 8) : c; };
-            uint32_t a_addr = smem_u32(dst + a_row * SLD + chunk(a_chunk) * 8);
+            uint32_t a_addr = smem_u32(dst + a_row * SLD + a_chunk * 8);
             uint32_t k_addr[CW / 16];
 #pragma unroll
-            for (int cp = 0; cp < CW / 16; cp++)
-                k_addr[cp] = smem_u32(ks + k_row * TLD + chunk(k_chunk + dq_off(2 * cp) / 8) * 8);
+            for (int cp = 0; cp < CW / 16; cp++) k_addr[cp] = smem_u32(ks + k_row * TLD + (k_chunk + dq_off(2 * cp) / 8) * 8);
 #pragma unroll
             for (int kk = 0; kk < BN / 16; kk++) {
                 uint32_t a[4];
@@ -1263,6 +1327,10 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
                 cp_async_wait<0>();
                 add_prev((it - 1) & 1);
             }
+            if constexpr (WG) {
+                wgmma_wait<0>();
+                wgmma_pin<CW / 8>(acc);
+            }
             // This tile's partial waits in p_s[it & 1] for the next iteration.
             float* pb = p_s + (it & 1) * BQ * PLD + wc0 + (lane % 4) * 2;
 #pragma unroll
@@ -1275,6 +1343,10 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         }
         // (The deferred sums took their path above.)
         if constexpr (!DEFERRED) {
+            if constexpr (WG) {
+                wgmma_wait<0>();
+                wgmma_pin<CW / 8>(acc);
+            }
             // The partial plus the sum so far: into the accumulator, or, from the last key tile, as
             // bf16 dQ (scaled and rotated back) into dqkv.
 #pragma unroll

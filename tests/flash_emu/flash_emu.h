@@ -18,14 +18,14 @@
 //   ldmatrix of a word that another warp stored in the same epoch, or a store over a word that
 //   another warp read in the same epoch, is a race.
 // - bank conflicts: each 8-row phase of an ldmatrix should hit 8 distinct 16-byte bank groups.
-// - wgmma.mma_async m64n64k16 (bf16 → fp32; A from shared memory or registers, B from shared
-//   memory, K-major or MN-major in the 128-byte swizzle): the 4 warps of a warpgroup post their
+// - wgmma.mma_async m64n64k16 and m64n32k16 (bf16 → fp32; A from shared memory or registers, B
+//   from shared memory, either K-major or MN-major in the 128-byte swizzle): the 4 warps of a warpgroup post their
 //   descriptors (which must agree) and A fragments; each thread computes its own accumulator
 //   elements from the operands the descriptors address, per the ISA's canonical layouts. The
 //   result reaches the registers only at the wgmma.wait_group that retires its group, and the
 //   registers read NaN in between, so a read before the wait shows; a wgmma without a
-//   wgmma.fence since the last wait, or reading shared words that cp.async wrote and no
-//   fence.proxy.async has since fenced, is an error. Its shared reads are in flight from the
+//   wgmma.fence since the last wait, or reading shared words that cp.async or a store wrote and
+//   the writing thread has not since fenced with fence.proxy.async, is an error. Its shared reads are in flight from the
 //   issue to that wait: a copy or store over them meanwhile, or in the wait's barrier epoch
 //   from another warp, is a race.
 // atomicAdd(float*, float) (the atomic dQ path) is std::atomic_ref<float>::fetch_add.
@@ -83,7 +83,7 @@ struct EmuWord {
     int pend_warp = -1, pend_epoch = -1;   // an async copy issued and not yet waited for
     int write_warp = -1, write_lo = -1, write_hi = -1;  // the last copy: issue and wait epochs
     int store_warp = -1, store_epoch = -1;              // the last plain store (st_shared_u32)
-    bool unfenced = false;  // written by cp.async, not yet behind a fence.proxy.async (wgmma)
+    bool unfenced = false;  // written by cp.async or a store, not yet behind a fence.proxy.async (wgmma)
     // wgmma operand reads: how many are in flight (issued, not yet retired by a wait), the
     // reading warp (-2: several), and the epoch of the last retirement.
     int wg_pending = 0, wg_warp = -1, wg_retired = -1;
@@ -303,12 +303,17 @@ inline void emu_st_shared(void* p, const void* v, uint32_t bytes, const char* wh
             emu_check_wgmma_operand(w, b, warp, "store");
             w.store_warp = warp;
             w.store_epoch = emu_epoch;
+            // A generic-proxy write, as a copy: a wgmma may read it only behind this thread's
+            // fence.proxy.async.
+            w.unfenced = true;
+            emu_unfenced.push_back(b);
         }
     }
     memcpy(p, v, bytes);
 }
 inline void st_shared_u32(void* p, uint32_t v) { emu_st_shared(p, &v, 4, "st_shared_u32"); }
 inline void st_shared_f2(float* p, float2 v) { emu_st_shared(p, &v, 8, "st_shared_f2"); }
+inline void st_shared_u4(void* p, uint4 v) { emu_st_shared(p, &v, 16, "st_shared_u4"); }
 
 // A read of the shared word at byte `b` by `warp` (ldmatrix rows, 16-byte loads), under the
 // shadow lock: a race against pending copies, copies and stores of other warps that no barrier
@@ -493,6 +498,7 @@ inline void fence_proxy_async() {
 // that retires its commit group (-1: not committed yet).
 struct EmuWgmma {
     float (*d)[4];
+    int nb;  // 8-column blocks of d
     float v[8][4];
     int group;
     std::vector<uint32_t> words;  // lane 0: the shared words its warp's operands read, in flight
@@ -516,7 +522,7 @@ inline void wgmma_wait() {
             abort();
         }
         if (p.group < emu_wgmma_groups - N) {
-            memcpy(p.d, p.v, sizeof p.v);
+            memcpy(p.d, p.v, sizeof(p.v[0]) * p.nb);
             if (!p.words.empty()) {
                 std::lock_guard<std::mutex> guard(emu_cta->shadow_lock);
                 for (uint32_t b : p.words) {
@@ -532,6 +538,7 @@ inline void wgmma_wait() {
     emu_wgmma_pending = keep;
     emu_wgmma_fenced = false;
 }
+template <int NB = 8>
 inline void wgmma_pin(float (*)[4]) {}
 
 // The shared byte address of element (row, k) of a K-major operand, or (mn, k) of an MN-major one,
@@ -578,7 +585,7 @@ inline void emu_wgmma_read(uint32_t b, int warp) {
         abort();
     }
     EmuWord& w = emu_cta->shadow[b / 4];
-    if (w.unfenced) emu_race("wgmma read of a cp.async not behind fence.proxy.async", b & ~3u, w.write_warp);
+    if (w.unfenced) emu_race("wgmma read of a copy or store not behind fence.proxy.async", b & ~3u, w.write_warp);
     emu_read_word(b & ~3u, warp, "wgmma");
     // The reading warps since the word was last quiet (nothing in flight, nothing retired in
     // this epoch).
@@ -587,11 +594,11 @@ inline void emu_wgmma_read(uint32_t b, int warp) {
     w.wg_pending++;
 }
 
-// d (64×64, the warpgroup's) = (accumulate ? d : 0) + A·B over k = 0..15: A from shared memory
-// (a_desc, K-major) or from the threads' registers (a_regs, m16n8k16 A fragments per warp), B
-// from shared memory (b_desc; MN-major when b_mn).
-inline void emu_wgmma(float (*d)[4], uint64_t a_desc, const uint32_t* a_regs, uint64_t b_desc, bool b_mn,
-                      bool accumulate) {
+// d (64×8·nb, the warpgroup's) = (accumulate ? d : 0) + A·B over k = 0..15: A from shared
+// memory (a_desc; MN-major when a_mn) or from the threads' registers (a_regs, m16n8k16 A
+// fragments per warp), B from shared memory (b_desc; MN-major when b_mn).
+inline void emu_wgmma(float (*d)[4], int nb, uint64_t a_desc, bool a_mn, const uint32_t* a_regs, uint64_t b_desc,
+                      bool b_mn, bool accumulate) {
     const int t = (int)threadIdx.x, wg = t / 128, warp = t / 32, lane = t % 32;
     if (!emu_wgmma_fenced) {
         fprintf(stderr, "wgmma without a wgmma.fence since the last wait (thread %d)\n", t);
@@ -606,7 +613,8 @@ inline void emu_wgmma(float (*d)[4], uint64_t a_desc, const uint32_t* a_regs, ui
         fprintf(stderr, "wgmma: thread %d's descriptors differ from its warpgroup's first thread\n", t);
         abort();
     }
-    // A (16 rows of this warp × 16) and B (16 × 64).
+    // A (16 rows of this warp × 16) and B (16 × 8·nb).
+    const int n = 8 * nb;
     float A[16][16], B[16][64];
     const int r0 = 16 * (warp % 4);
     if (a_regs) {
@@ -621,18 +629,18 @@ inline void emu_wgmma(float (*d)[4], uint64_t a_desc, const uint32_t* a_regs, ui
         }
     } else {
         for (int r = 0; r < 16; r++)
-            for (int k = 0; k < 16; k++) A[r][k] = emu_smem_bf16(emu_wgmma_addr(a_desc, r0 + r, k, false));
+            for (int k = 0; k < 16; k++) A[r][k] = emu_smem_bf16(emu_wgmma_addr(a_desc, r0 + r, k, a_mn));
     }
     for (int k = 0; k < 16; k++)
-        for (int c = 0; c < 64; c++) B[k][c] = emu_smem_bf16(emu_wgmma_addr(b_desc, c, k, b_mn));
+        for (int c = 0; c < n; c++) B[k][c] = emu_smem_bf16(emu_wgmma_addr(b_desc, c, k, b_mn));
     // Lane 0 marks its warp's operand words read, and in flight until the wait that retires
     // this wgmma (each word once per wgmma).
     std::vector<uint32_t> words;
     if (lane == 0) {
         for (int k = 0; k < 16; k++) {
             if (!a_regs)
-                for (int r = 0; r < 16; r++) words.push_back(emu_wgmma_addr(a_desc, r0 + r, k, false) & ~3u);
-            for (int c = 0; c < 64; c++) words.push_back(emu_wgmma_addr(b_desc, c, k, b_mn) & ~3u);
+                for (int r = 0; r < 16; r++) words.push_back(emu_wgmma_addr(a_desc, r0 + r, k, a_mn) & ~3u);
+            for (int c = 0; c < n; c++) words.push_back(emu_wgmma_addr(b_desc, c, k, b_mn) & ~3u);
         }
         std::sort(words.begin(), words.end());
         words.erase(std::unique(words.begin(), words.end()), words.end());
@@ -644,9 +652,13 @@ inline void emu_wgmma(float (*d)[4], uint64_t a_desc, const uint32_t* a_regs, ui
     EmuWgmma* prev = nullptr;
     for (EmuWgmma& p : emu_wgmma_pending)
         if (p.d == d) prev = &p;
-    EmuWgmma next{d, {}, -1, std::move(words)};
+    if (prev && prev->nb != nb) {
+        fprintf(stderr, "wgmma: thread %d chains an m64n%d on a pending m64n%d\n", t, n, 8 * prev->nb);
+        abort();
+    }
+    EmuWgmma next{d, nb, {}, -1, std::move(words)};
     const int g = lane / 4, c = lane % 4;
-    for (int j = 0; j < 8; j++)
+    for (int j = 0; j < nb; j++)
         for (int e = 0; e < 4; e++) {
             const int row = g + 8 * (e / 2), col = 8 * j + 2 * c + e % 2;
             float acc = !accumulate ? 0.0f : prev ? prev->v[j][e] : d[j][e];
@@ -664,10 +676,13 @@ inline void emu_wgmma(float (*d)[4], uint64_t a_desc, const uint32_t* a_regs, ui
     }
 }
 inline void wgmma_m64n64_ss(float (*d)[4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-    emu_wgmma(d, desc_a, nullptr, desc_b, false, accumulate != 0);
+    emu_wgmma(d, 8, desc_a, false, nullptr, desc_b, false, accumulate != 0);
+}
+inline void wgmma_m64n32_ss_ta(float (*d)[4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    emu_wgmma(d, 4, desc_a, true, nullptr, desc_b, false, accumulate != 0);
 }
 inline void wgmma_m64n64_rs_t(float (*d)[4], const uint32_t* a, uint64_t desc_b) {
-    emu_wgmma(d, 0, a, desc_b, true, true);
+    emu_wgmma(d, 8, 0, false, a, desc_b, true, true);
 }
 
 // Runs `kernel()` for every block of the grid with `threads` threads and `smem` bytes of dynamic

@@ -72,12 +72,12 @@ static Cfg config(int hd) {
     // forward holds Q [128] and K, V [3][64]; a backward holds K, V [128], Q, dO [2][BQ], lse, D
     // [2][BQ] f32 and dSᵀ [128][BQ + 8] (BQ 64 for the HD 64 ordered backward, else 32).
     // The wgmma kernels hold the same tiles in rows of 128 bytes (dSᵀ too), plus 1 KiB to align
-    // them.
+    // them; the wgmma backward also a transposed copy of K [64][128].
     size_t rb = (hd + 8) * 2;
     auto backward = [&](size_t bq) { return (256 + 4 * bq) * rb + 4 * bq * 4 + 128 * (bq + 8) * 2; };
     auto staged = [&](size_t bq) { return (2 * bq * (hd + 4) + bq * hd) * 4; };
     if (hd == 64) {
-        const size_t wg_backward = (256 + 4 * 64) * 128 + 4 * 64 * 4 + 128 * 64 * 2 + 1024;
+        const size_t wg_backward = (256 + 4 * 64) * 128 + 4 * 64 * 4 + 2 * 128 * 64 * 2 + 1024;
         return {4, 8, 4, (128 + 6 * 64) * rb, backward(64), backward(32), backward(32) + staged(32),
                 backward(64) + staged(64), (128 + 6 * 64) * 128 + 1024, wg_backward, wg_backward + staged(64)};
     }

@@ -123,8 +123,8 @@ pub enum FlashMma {
     /// mma.sync (`flash_forward_HD`, `flash_backward_HD`), every sm_80+ device. The default.
     Mma,
     /// wgmma (`flash_forward_64_sm90`; `flash_backward_64_sm90` and
-    /// `flash_backward_deferred_q64_64_sm90` for the ordered and deferred-q64 dQ sums, whose dQ
-    /// product stays on mma.sync): head_dim 64 on compute capability 9.0 (H100, H200); other
+    /// `flash_backward_deferred_q64_64_sm90` for the ordered and deferred-q64 dQ sums, every
+    /// tile product on wgmma): head_dim 64 on compute capability 9.0 (H100, H200); other
     /// head_dims and dQ sums keep [`FlashMma::Mma`]. Emulated to the default's bits; not
     /// yet run on a GPU.
     Wgmma,
@@ -202,8 +202,9 @@ const fn forward_wgmma(name: &'static str, hd: usize, bn: usize) -> FlashKernel 
     FlashKernel { name, warps: 8, tile: 128, step: bn, smem: (128 + 6 * bn) * hd * 2 + 1024 }
 }
 /// The wgmma backward (ordered dQ): [`backward`]'s tiles of 8 warps of 16 keys over q tiles of
-/// `bq`, unpadded (the dSᵀ tile too), plus 1 KiB to align them. [`deferred`] adds its staged
-/// partials to it as to the mma kernel.
+/// `bq`, unpadded (the dSᵀ tile too), the transposed key tile Kᵀ [hd][bn] that the dQ product
+/// reads, plus 1 KiB to align them. [`deferred`] adds its staged partials to it as to the mma
+/// kernel.
 const fn backward_wgmma(name: &'static str, hd: usize, bq: usize) -> FlashKernel {
     let bn = 128;
     FlashKernel {
@@ -211,7 +212,7 @@ const fn backward_wgmma(name: &'static str, hd: usize, bq: usize) -> FlashKernel
         warps: 8,
         tile: bn,
         step: bq,
-        smem: (2 * bn + 4 * bq) * hd * 2 + 4 * bq * 4 + bn * bq * 2 + 1024,
+        smem: (2 * bn + 4 * bq) * hd * 2 + 4 * bq * 4 + bn * bq * 2 + bn * hd * 2 + 1024,
     }
 }
 /// The deferred sums on wgmma: [`backward_wgmma`] plus the staged partials and old sums.
@@ -913,8 +914,9 @@ mod tests {
     /// The wgmma kernels' shared memory: rows of 128 bytes unpadded, plus the 1 KiB the kernel
     /// may skip to align them to 1024 bytes. The forward: Q [128] and K, V [3][64], within the
     /// two CTAs per SM its __launch_bounds__ asks for (228 KiB of shared memory per SM on an
-    /// H100/H200). The backward: K, V [128], Q, dO [2][64], lse, D [2][64] f32, dSᵀ [128][64]
-    /// (tests/flash_emu/main.cpp launches it with the same).
+    /// H100/H200). The backward: K, V [128], Q, dO [2][64], lse, D [2][64] f32, dSᵀ [128][64],
+    /// Kᵀ [64][128] (tests/flash_emu/main.cpp launches it with the same); one CTA per SM, as the
+    /// mma kernel's registers allow.
     #[test]
     fn the_wgmma_kernels_shared_memory() {
         let k = FLASH_64.forward_wgmma.unwrap();
@@ -922,9 +924,9 @@ mod tests {
         assert_eq!((k.warps, k.tile, k.step), (8, FLASH_TILE, 64));
         assert!(2 * (k.smem + 1024) <= 228 * 1024);
         let b = FLASH_64.backward_wgmma.unwrap();
-        assert_eq!(b.smem, (2 * 128 + 4 * 64) * 128 + 4 * 64 * 4 + 128 * 64 * 2 + 1024);
+        assert_eq!(b.smem, (2 * 128 + 4 * 64) * 128 + 4 * 64 * 4 + 2 * 128 * 64 * 2 + 1024);
         assert_eq!((b.warps, b.tile, b.step), (8, FLASH_TILE, 64));
-        assert!(b.smem <= FLASH_64.backward.smem + 1024);
+        assert!(b.smem <= 227 * 1024);
         let d = FLASH_64.backward_deferred_q64_wgmma.unwrap();
         assert_eq!(d.smem, b.smem + (2 * 64 * 68 + 64 * 64) * 4);
         assert!(d.smem <= 227 * 1024 && FLASH_128.backward_deferred_q64_wgmma.is_none());
