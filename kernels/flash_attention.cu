@@ -630,23 +630,24 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
+// The accumulator operands: 16 (m64n32) or 32 (m64n64) registers, the first 16 shared.
+#define WGMMA_D16_LIST "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+#define WGMMA_D16 "{" WGMMA_D16_LIST "}"
+#define WGMMA_D32 "{" WGMMA_D16_LIST ", %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define WGMMA_BLOCK_OPERANDS(d, j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+#define WGMMA_D16_OPERANDS(d) \
+    WGMMA_BLOCK_OPERANDS(d, 0), WGMMA_BLOCK_OPERANDS(d, 1), WGMMA_BLOCK_OPERANDS(d, 2), WGMMA_BLOCK_OPERANDS(d, 3)
+#define WGMMA_D32_OPERANDS(d) \
+    WGMMA_D16_OPERANDS(d), WGMMA_BLOCK_OPERANDS(d, 4), WGMMA_BLOCK_OPERANDS(d, 5), WGMMA_BLOCK_OPERANDS(d, 6), \
+        WGMMA_BLOCK_OPERANDS(d, 7)
 // Pins the accumulator registers at this point of the program: the compiler may not move their
 // reads or writes across the wgmma issue or wait around it.
 template <int NB = 8>
 __device__ __forceinline__ void wgmma_pin(float (*d)[4]) {
 #pragma unroll
     for (int j = 0; j < NB; j++)
-        asm volatile("" : "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])::"memory");
+        asm volatile("" : WGMMA_BLOCK_OPERANDS(d, j)::"memory");
 }
-#define WGMMA_D32                                                                                             \
-    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
-    "%23, %24, %25, %26, %27, %28, %29, %30, %31}"
-#define WGMMA_D32_OPERANDS(d)                                                                                  \
-    "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),   \
-        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]),              \
-        "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]),              \
-        "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),              \
-        "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
 // d (64×64 fp32, per warpgroup) = (accumulate ? d : 0) + A·B, A (64×16) and B (16×64) K-major
 // in shared memory.
 __device__ __forceinline__ void wgmma_m64n64_ss(float (*d)[4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
@@ -656,12 +657,6 @@ __device__ __forceinline__ void wgmma_m64n64_ss(float (*d)[4], uint64_t desc_a, 
         : WGMMA_D32_OPERANDS(d)
         : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
-#define WGMMA_D16                                                                                          \
-    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
-#define WGMMA_D16_OPERANDS(d)                                                                                  \
-    "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),   \
-        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]),              \
-        "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
 // d (64×32 fp32, per warpgroup) = (accumulate ? d : 0) + A·B, A (64×16) MN-major and B (16×32)
 // K-major in shared memory.
 __device__ __forceinline__ void wgmma_m64n32_ss_ta(float (*d)[4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
