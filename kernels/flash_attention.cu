@@ -623,6 +623,10 @@ __device__ void flash_forward_impl(bf16_t* out, float* lse, const bf16_t* qkv, c
 // The wrappers and the kernel templates are compiled everywhere (unused, they emit no PTX); the
 // entries only into the sm_90a module (and the emulation).
 #ifndef FLASH_EMULATE
+// This thread's warpgroup, from lane 0 by a shuffle: the compiler then knows it is the same in
+// every lane and keeps the descriptors built from it in uniform registers (from threadIdx.x / 128
+// directly, each wgmma moved its two descriptors there first: 4 R2UR apiece).
+__device__ __forceinline__ int warpgroup_index() { return __shfl_sync(0xffffffffu, (int)threadIdx.x / 128, 0); }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -728,7 +732,7 @@ __device__ void flash_forward_wgmma_impl(bf16_t* out, float* lse, const bf16_t* 
     const size_t width = (size_t)(n_heads + 2 * n_kv_heads) * HD;
     const bf16_t* kg = qkv + (n_heads + kvh) * HD;
     const bf16_t* vg = qkv + (n_heads + n_kv_heads + kvh) * HD;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warpgroup_index();
     const int q_last = min(q0 + BM, seg_end) - 1;
     const int n_kt = (q_last - seg_start) / BN + 1;
 
@@ -991,7 +995,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     // WG: the descriptors' low words (K and V rows of the warpgroup, K-major; Q and dO tile 0,
     // K-major for Sᵀ and dPᵀ, MN-major for dK and dV: the same rows, another reading); the loop
     // adds byte offsets >> 4.
-    const int wg = warp / 4, g_first = k0 + 64 * wg;
+    const int wg = WG ? warpgroup_index() : warp / 4, g_first = k0 + 64 * wg;
     const uint32_t k_lo = sw128_desc_lo(smem_u32(ks + 64 * wg * TLD), 16);
     const uint32_t v_lo = sw128_desc_lo(smem_u32(vs + 64 * wg * TLD), 16);
     const uint32_t q_lo = sw128_desc_lo(smem_u32(qs), 1024), do_lo = sw128_desc_lo(smem_u32(dos), 1024);

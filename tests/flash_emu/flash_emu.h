@@ -507,6 +507,7 @@ inline thread_local std::vector<EmuWgmma> emu_wgmma_pending;
 inline thread_local int emu_wgmma_groups = 0;    // commit groups so far
 inline thread_local bool emu_wgmma_fenced = false;  // a wgmma.fence since the last wait
 
+inline int warpgroup_index() { return (int)threadIdx.x / 128; }
 inline void wgmma_fence() { emu_wgmma_fenced = true; }
 inline void wgmma_commit() {
     for (EmuWgmma& p : emu_wgmma_pending)
