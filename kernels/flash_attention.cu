@@ -35,10 +35,10 @@
 // Every backward (and flash_dq_convert) takes RoPE's table and pairing (rope_style): dK and dQ
 // are rotated back as they are written, so the model runs no rope pass over dqkv afterwards
 // (see "RoPE's backward").
-// - flash_forward_64_sm90, flash_backward_64_sm90, flash_backward_deferred_q64_64_sm90: the HD 64
-//                       forward, ordered and deferred-q64 backward with all their tile products
-//                       on Hopper's wgmma (opt-in, SFT_FLASH_MMA=wgmma, compute capability 9.0;
-//                       untimed). Only in the
+// - flash_forward_64_sm90, flash_backward_64_sm90, flash_backward_deferred_q64_64_sm90,
+//   flash_backward_atomic_64_sm90: the HD 64 forward and the ordered, deferred-q64 and atomic
+//                       backward with all their tile products on Hopper's wgmma (opt-in,
+//                       SFT_FLASH_MMA=wgmma, compute capability 9.0; untimed). Only in the
 //                       sm_90a module (build.rs: this file again with -DSFT_SM90A).
 // The shapes are the fastest of those timed on an H200 (BENCHMARKS.md, "flash variants"): warps of
 // 32 rows took 6% off the forward and 17% off the atomic backward, but slowed the ordered
@@ -823,8 +823,8 @@ __device__ void flash_forward_wgmma_impl(bf16_t* out, float* lse, const bf16_t* 
 // block index, so the awaited CTA is running or done (the argument of serial split-K GEMMs), and
 // it runs ahead: it meets a q tile BN / BQ iterations before key tile j does.
 // ATOMIC_DQ (flash_backward_atomic_HD): every partial, the first key tile's included, goes into
-// dq_acc with fp32 atomicAdd (scalar: the PTX targets compute_80, which has no vector red) and
-// no semaphore; flash_dq_convert then writes the bf16 dQ and zeroes dq_acc, which must be zero
+// dq_acc with fp32 atomicAdd (scalar: the PTX targets compute_80, which has no vector red; the
+// sm_90a module's flash_backward_atomic_64_sm90 adds float2) and no semaphore; flash_dq_convert then writes the bf16 dQ and zeroes dq_acc, which must be zero
 // before the launch.
 #ifndef FLASH_EMULATE
 __device__ __forceinline__ void st_release(uint32_t* p, uint32_t v) {
@@ -883,7 +883,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
     // partial sums fetched ahead (and, timed on an H200, it lost to one m-tile anyway).
     static_assert(!ORDERED || MT == 1, "the ordered dQ sum runs warps of 16 keys");
     static_assert(BN % BQ == 0 && NW % STRIPS == 0 && CW % 16 == 0, "flash backward tiling");
-    static_assert(!WG || (HD == 64 && BQ == 64 && NW == 8 && MT == 1 && !ATOMIC_DQ), "the wgmma backward's tiles");
+    static_assert(!WG || (HD == 64 && BQ == 64 && NW == 8 && MT == 1), "the wgmma backward's tiles");
     // Rows of the tiles (TLD) and of dSᵀ (SLD) in elements: padded for ldmatrix, or 128 bytes
     // in the 128-byte swizzle (WG; the tiles 1024-byte aligned, the launch asks for 1 KiB more).
     constexpr int TLD = WG ? HD : LD, SLD = WG ? BQ : LDS;
@@ -1356,8 +1356,13 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
                     if (row >= seg_end) continue;
                     float* p = acc_a + half * 8 * (int)dstride + dq_off(j);
                     if (ATOMIC_DQ) {
+#ifdef SFT_SM90A
+                        // Compute capability 9.x adds a float2 to global memory in one red.
+                        atomicAdd(reinterpret_cast<float2*>(p), make_float2(acc[j][2 * half], acc[j][2 * half + 1]));
+#else
                         atomicAdd(p, acc[j][2 * half]);
                         atomicAdd(p + 1, acc[j][2 * half + 1]);
+#endif
                         continue;
                     }
                     if (!first) {
@@ -1558,5 +1563,15 @@ extern "C" __global__ void __launch_bounds__(256)
                                         int n_heads, int n_kv_heads, const float* rope_table, int rope_style) {
     flash_backward_impl<64, 8, 64, DQ_DEFERRED, 1, true>(dqkv, dq_acc, dq_sem, dout, qkv, lse, D, table, n, n_heads,
                                                           n_kv_heads, rope_table, rope_style);
+}
+// The atomic dQ adds on wgmma (SFT_FLASH_DQ=atomic with SFT_FLASH_MMA=wgmma), in the ordered
+// kernel's tiles (the mma atomic kernel's warps of 32 keys over q tiles of 32 are no warpgroup
+// tiles); flash_dq_convert writes dQ after it.
+extern "C" __global__ void __launch_bounds__(256)
+    flash_backward_atomic_64_sm90(bf16_t* dqkv, float* dq_acc, const bf16_t* dout, const bf16_t* qkv,
+                                  const float* lse, const float* D, const int* table, int n, int n_heads,
+                                  int n_kv_heads, const float* rope_table, int rope_style) {
+    flash_backward_impl<64, 8, 64, DQ_ATOMIC, 1, true>(dqkv, dq_acc, nullptr, dout, qkv, lse, D, table, n, n_heads,
+                                                        n_kv_heads, rope_table, rope_style);
 }
 #endif  // SFT_SM90A || FLASH_EMULATE

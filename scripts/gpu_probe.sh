@@ -4,15 +4,15 @@
 # backward with every dQ accumulation (`sft bench-attention --dq all`), Nsight Compute on
 # the flash kernels, and compute-sanitizer on the flash tests. Run on the box from the repo root:
 #   .gpu/gpu_probe.sh        (results under $OUT, else .gpu/probe/)
-#   .gpu/gpu_probe.sh dq     the flash kernel variants only (about 7 minutes; at most 10; give
+#   .gpu/gpu_probe.sh dq     the flash kernel variants only (about 8 minutes; at most 10; give
 #                            the call 590 s: what ran by then comes back), most telling first:
 #                            the GPU attention tests (both deferred kernels against the ordered
 #                            bits, the wgmma kernels against the CPU), `bench-attention --dq all
 #                            --mma both`, the 1.3B step under ordered dQ on mma.sync and on
-#                            wgmma, deferred-q64 on wgmma and on mma.sync, atomic, deferred, then
-#                            the default step's kernel times (kernel_times_gemm8.csv; the GEMMs
-#                            by shape on the terminal); a markdown table of the steps (steps.md)
-#                            after each step
+#                            wgmma, deferred-q64 on wgmma and on mma.sync, atomic on mma.sync and
+#                            on wgmma, deferred, then the default step's kernel times
+#                            (kernel_times_gemm8.csv; the GEMMs by shape on the terminal); a
+#                            markdown table of the steps (steps.md) after each step
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 out="${OUT:-$PWD/probe}"
@@ -72,7 +72,7 @@ if [[ "${1:-}" == dq ]]; then
         } >"$out/steps.md"
     }
     # dQ sum / instructions, most telling first.
-    for run in ordered/mma ordered/wgmma deferred-q64/wgmma deferred-q64/mma atomic/mma deferred/mma; do
+    for run in ordered/mma ordered/wgmma deferred-q64/wgmma deferred-q64/mma atomic/mma atomic/wgmma deferred/mma; do
         dq="${run%/*}" mma="${run#*/}" name="${run/\//_}"
         step "1.3B step, SFT_FLASH_DQ=$dq SFT_FLASH_MMA=$mma" 60
         SFT_FLASH_DQ=$dq SFT_FLASH_MMA=$mma with_clocks "step_$name" timeout -k 5 60 ./sft bench \

@@ -431,7 +431,8 @@ fn flash_deferred_dq_gives_the_ordered_bits() {
 
 /// The wgmma kernels (head_dim 64: the forward and the ordered backward) against the CPU at the
 /// mma kernels' shapes: single sequences, packed rows, grouped KV heads, many short segments;
-/// then the backward twice at scale, bit-identical. Only compute capability 9.0 has them;
+/// then the backward twice at scale, bit-identical, the deferred-q64 sum to the same bits, and
+/// the atomic one against the CPU. Only compute capability 9.0 has them;
 /// elsewhere asking for them is an error, and the test says it skipped.
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
@@ -469,6 +470,10 @@ fn flash_wgmma_against_cpu() {
     let deferred = attention(&g, &qkv, &dout, &cu, mha_32);
     assert_identical("wgmma deferred-q64 vs ordered, hd 64 at scale", &first, &deferred);
     against_cpu_on(&g, GQA_64, PACKED, 908);
+    // The atomic adds on wgmma: against the CPU (no bits to keep).
+    g.set_flash_dq(FlashDq::Atomic);
+    against_cpu_on(&g, GQA_64, PACKED, 909);
+    against_cpu_on(&g, MHA_64, &[0, 4096], 910);
 }
 
 /// The backward with RoPE's inverse rotation folded in (the flash kernels rotate dK and dQ as
@@ -492,6 +497,7 @@ fn flash_backward_with_rope_against_cpu() {
             runs.extend([(FlashMma::Mma, FlashDq::DeferredQ64), (FlashMma::Mma, FlashDq::Atomic)]);
             if heads.head_dim == 64 && g.compute_capability() == (9, 0) {
                 runs.extend([(FlashMma::Wgmma, FlashDq::Ordered), (FlashMma::Wgmma, FlashDq::DeferredQ64)]);
+                runs.push((FlashMma::Wgmma, FlashDq::Atomic));
             }
             let mut ordered = None;
             for (mma, dq) in runs {

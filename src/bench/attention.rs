@@ -9,8 +9,9 @@
 //! `--dq both` also times the tensor-core backward with atomic dQ adds (SFT_FLASH_DQ=atomic,
 //! not deterministic) in a row of its own, "sft flash (atomic dQ)"; `--dq all` adds the deferred
 //! ordered sums, "sft flash (deferred)". `--mma wgmma` (or `both`) runs the head_dim 64 kernels
-//! on wgmma (compute capability 9.0: the forward, and the backward with the ordered dQ sum), in
-//! rows named "sft wgmma (...)" after the dQ accumulation of their backward.
+//! on wgmma (compute capability 9.0: the forward, and the backward with the ordered,
+//! deferred-q64 or atomic dQ sum; the deferred sum in q tiles of 32 stays on mma.sync), in rows
+//! named "sft wgmma (...)" after the dQ accumulation of their backward.
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -50,8 +51,8 @@ pub struct AttentionBenchArgs {
     #[arg(long, default_value = "ordered")]
     pub dq: String,
     /// The flash kernels' tensor-core instructions: mma, wgmma (head_dim 64 on compute
-    /// capability 9.0; the forward and the ordered backward) or both (rows for each; the wgmma
-    /// ones only where the device has them).
+    /// capability 9.0; the forward and the backward but for the deferred sum in q tiles of 32)
+    /// or both (rows for each; the wgmma ones only where the device has them).
     #[arg(long, default_value = "mma")]
     pub mma: String,
     /// CUDA device ordinal.

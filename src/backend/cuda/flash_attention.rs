@@ -122,11 +122,12 @@ impl FlashChoice for FlashDq {
 pub enum FlashMma {
     /// mma.sync (`flash_forward_HD`, `flash_backward_HD`), every sm_80+ device. The default.
     Mma,
-    /// wgmma (`flash_forward_64_sm90`; `flash_backward_64_sm90` and
-    /// `flash_backward_deferred_q64_64_sm90` for the ordered and deferred-q64 dQ sums, every
-    /// tile product on wgmma): head_dim 64 on compute capability 9.0 (H100, H200); other
-    /// head_dims and dQ sums keep [`FlashMma::Mma`]. Emulated to the default's bits; not
-    /// yet run on a GPU.
+    /// wgmma (`flash_forward_64_sm90`; `flash_backward_64_sm90`,
+    /// `flash_backward_deferred_q64_64_sm90` and `flash_backward_atomic_64_sm90` for the
+    /// ordered, deferred-q64 and atomic dQ sums, every tile product on wgmma): head_dim 64 on
+    /// compute capability 9.0 (H100, H200); other head_dims and dQ sums keep [`FlashMma::Mma`].
+    /// Emulated to the default's bits (the atomic one to the reference's tolerance); not yet
+    /// run on a GPU.
     Wgmma,
 }
 
@@ -265,6 +266,8 @@ pub(super) struct FlashConfig {
     pub backward_deferred_q64_wgmma: Option<FlashKernel>,
     /// Atomic dQ adds ([`FlashDq::Atomic`]).
     pub backward_atomic: FlashKernel,
+    /// Those on wgmma ([`FlashMma::Wgmma`]), where one exists.
+    pub backward_atomic_wgmma: Option<FlashKernel>,
 }
 
 pub(super) const FLASH_64: FlashConfig = FlashConfig {
@@ -283,6 +286,8 @@ pub(super) const FLASH_64: FlashConfig = FlashConfig {
     backward_deferred_q64_wgmma: Some(deferred_wgmma("flash_backward_deferred_q64_64_sm90", 64, 64)),
     // Warps of 32 keys: 1.77 against 2.14 ms in warps of 16.
     backward_atomic: backward("flash_backward_atomic_64", 64, 4, 32, 2),
+    // The ordered wgmma kernel's tiles (warpgroups of 64 keys); untimed.
+    backward_atomic_wgmma: Some(backward_wgmma("flash_backward_atomic_64_sm90", 64, 64)),
 };
 pub(super) const FLASH_128: FlashConfig = FlashConfig {
     head_dim: 128,
@@ -295,6 +300,7 @@ pub(super) const FLASH_128: FlashConfig = FlashConfig {
     backward_deferred_q64: deferred("flash_backward_deferred_128", 128, 8, 32, 1),
     backward_deferred_q64_wgmma: None,
     backward_atomic: backward("flash_backward_atomic_128", 128, 8, 32, 1),
+    backward_atomic_wgmma: None,
 };
 
 /// Rows per tile of every flash kernel's table: one table per batch serves the forward and the
@@ -406,7 +412,12 @@ impl FlashSupport {
                 }
             }
             // The sm_90a kernels, where they loaded (compute capability 9.0 only).
-            let wgmma = [cfg.forward_wgmma, cfg.backward_wgmma, cfg.backward_deferred_q64_wgmma];
+            let wgmma = [
+                cfg.forward_wgmma,
+                cfg.backward_wgmma,
+                cfg.backward_deferred_q64_wgmma,
+                cfg.backward_atomic_wgmma,
+            ];
             for k in wgmma.into_iter().flatten().filter(|k| kernels.has(k.name)) {
                 let set = kernels.get(k.name)?.set_attribute(
                     CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -632,7 +643,6 @@ impl CudaBackend {
         let (s, ks) = (&self.stream, &self.kernels);
         let dq = self.flash_dq();
         if dq == FlashDq::Atomic {
-            let launch_cfg = flash_launch(cfg.backward_atomic, bound, heads.n_kv_heads);
             if self.flash_dq.acc_dirty.load(Ordering::Relaxed) {
                 self.stream.memset_zeros(acc).context("clearing the attention dQ accumulator")?;
                 self.flash_dq.acc_dirty.store(false, Ordering::Relaxed);
@@ -641,11 +651,21 @@ impl CudaBackend {
             // zero (allocated zeroed, cleared above after an ordered launch, or left zero by the
             // last convert).
             unsafe {
-                launch_for_head_dim!(
-                    cfg.head_dim,
-                    [64 => launch::flash_backward_atomic_64, 128 => launch::flash_backward_atomic_128],
-                    (s, ks, launch_cfg, dqkv, &mut *acc, dout, qkv, lse, d, table, ni, nhi, nkvi, &rt, rs)
-                )
+                if let (Some(k), FlashMma::Wgmma) = (cfg.backward_atomic_wgmma, self.flash_mma()) {
+                    // backward_atomic_wgmma exists for head_dim 64 only.
+                    let launch_cfg = flash_launch(k, bound, heads.n_kv_heads);
+                    launch::flash_backward_atomic_64_sm90(
+                        s, ks, launch_cfg, dqkv, &mut *acc, dout, qkv, lse, d, table, ni, nhi, nkvi, &rt, rs,
+                    )
+                    .map_err(anyhow::Error::from)
+                } else {
+                    let launch_cfg = flash_launch(cfg.backward_atomic, bound, heads.n_kv_heads);
+                    launch_for_head_dim!(
+                        cfg.head_dim,
+                        [64 => launch::flash_backward_atomic_64, 128 => launch::flash_backward_atomic_128],
+                        (s, ks, launch_cfg, dqkv, &mut *acc, dout, qkv, lse, d, table, ni, nhi, nkvi, &rt, rs)
+                    )
+                }
             }?;
             let hdi = int(heads.head_dim, "head_dim")?;
             let steps = n * heads.q_width() / 16;
