@@ -968,7 +968,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         // i % 8, so that its dQ product's B is CW whole rows; keys along a row in the 128-byte
         // swizzle, 64 keys a row, the next 64 HD rows on. A step stores 8 keys of a row (16
         // bytes); a warp's 32 lanes take 32 rows (K read 2 bytes a lane from one 128-byte row).
-        static_assert(WG == (STRIPS == 4 && NW / STRIPS == 2), "a warpgroup per group of dQ columns");
+        static_assert(STRIPS == 4 && NW / STRIPS == 2, "a warpgroup per group of dQ columns");
         cp_async_wait<1>();
         __syncthreads();
         const uint16_t* kb = reinterpret_cast<const uint16_t*>(ks);
