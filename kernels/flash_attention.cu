@@ -824,8 +824,8 @@ __device__ void flash_forward_wgmma_impl(bf16_t* out, float* lse, const bf16_t* 
 // it runs ahead: it meets a q tile BN / BQ iterations before key tile j does.
 // ATOMIC_DQ (flash_backward_atomic_HD): every partial, the first key tile's included, goes into
 // dq_acc with fp32 atomicAdd (scalar: the PTX targets compute_80, which has no vector red; the
-// sm_90a module's flash_backward_atomic_64_sm90 adds float2) and no semaphore; flash_dq_convert then writes the bf16 dQ and zeroes dq_acc, which must be zero
-// before the launch.
+// sm_90a module's flash_backward_atomic_64_sm90 adds float2) and no semaphore; flash_dq_convert
+// then writes the bf16 dQ and zeroes dq_acc, which must be zero before the launch.
 #ifndef FLASH_EMULATE
 __device__ __forceinline__ void st_release(uint32_t* p, uint32_t v) {
     asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
@@ -975,15 +975,11 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         for (int step = threadIdx.x; step < HD * (BN / 8); step += NT) {
             const int row = step % HD, kc = step / HD, i = row % CW;
             const int col = (row / CW) * (CW / 2) + dq_off(i / 8) + i % 8;
+            auto key_at = [&](int key) { return (uint32_t)kb[tile_at<HD, true>(key, col / 8) + col % 8]; };
             uint32_t w[4];
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int key = kc * 8 + 2 * e;  // key % 8 = 2e
-                w[e] = (uint32_t)kb[key * TLD + (((col / 8) ^ (2 * e)) * 8) + col % 8] |
-                       (uint32_t)kb[(key + 1) * TLD + (((col / 8) ^ (2 * e + 1)) * 8) + col % 8] << 16;
-            }
-            st_shared_u4(kts + (kc / 8) * HD * 64 + row * 64 + ((kc % 8) ^ (row % 8)) * 8,
-                         make_uint4(w[0], w[1], w[2], w[3]));
+            for (int e = 0; e < 4; e++) w[e] = key_at(kc * 8 + 2 * e) | key_at(kc * 8 + 2 * e + 1) << 16;
+            st_shared_u4(kts + (kc / 8) * HD * 64 + tile_at<64, true>(row, kc % 8), make_uint4(w[0], w[1], w[2], w[3]));
         }
     }
     float dk[MT * (HD / 8)][4], dv[MT * (HD / 8)][4];
@@ -1280,6 +1276,13 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         }
 
         float acc[CW / 8][4];
+        // WG: acc holds the dQ partial once the product's group has retired.
+        auto dq_landed = [&]() {
+            if constexpr (WG) {
+                wgmma_wait<0>();
+                wgmma_pin<CW / 8>(acc);
+            }
+        };
         if constexpr (WG) {
             // dQ_partial = dS · K on wgmma, per warpgroup its 64 q rows × its CW columns (m64n32),
             // BN/16 k-steps of 16 keys: A = dSᵀ read MN-major (16 rows of 128 bytes, 2048 bytes a
@@ -1326,10 +1329,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
                 cp_async_wait<0>();
                 add_prev((it - 1) & 1);
             }
-            if constexpr (WG) {
-                wgmma_wait<0>();
-                wgmma_pin<CW / 8>(acc);
-            }
+            dq_landed();
             // This tile's partial waits in p_s[it & 1] for the next iteration.
             float* pb = p_s + (it & 1) * BQ * PLD + wc0 + (lane % 4) * 2;
 #pragma unroll
@@ -1342,10 +1342,7 @@ __device__ void flash_backward_impl(bf16_t* dqkv, float* dq_acc, uint32_t* dq_se
         }
         // (The deferred sums took their path above.)
         if constexpr (!DEFERRED) {
-            if constexpr (WG) {
-                wgmma_wait<0>();
-                wgmma_pin<CW / 8>(acc);
-            }
+            dq_landed();
             // The partial plus the sum so far: into the accumulator, or, from the last key tile, as
             // bf16 dQ (scaled and rotated back) into dqkv.
 #pragma unroll
