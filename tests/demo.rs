@@ -78,7 +78,7 @@ fn a_short_lora_demo_teaches_a_frozen_base_the_task_it_lacks() {
         out: root.path().join("demo"),
         examples: 2000,
         heldout: 80,
-        steps: 120,
+        steps: 200,
         micro_batch: 32,
         seed: 89,
         device: "cpu".into(),
@@ -87,7 +87,9 @@ fn a_short_lora_demo_teaches_a_frozen_base_the_task_it_lacks() {
     let report = run_demo(CpuBackend::<f32>::new(), &args).unwrap();
     let lookup = |s: &sft::demo::Score| s.per_task.iter().find(|t| t.task == "lookup").unwrap().correct;
     // The base never saw a colour lookup; the adapters teach it, the base frozen.
-    // (120 steps each: the full demo's 1000 go much further; the run is deterministic.)
+    // (200 steps each: the full demo's 1000 go much further; the run is deterministic. At 120
+    // steps lookup was learned by 1 reply of 20, and a change of rounding order in the forward
+    // flipped it to 0; at 200 it is 19 of 20.)
     assert_eq!(lookup(&report.before), 0, "{:?}", report.before);
     assert!(lookup(&report.after) > 0, "{:?} -> {:?}", report.before, report.after);
     assert!(report.after.accuracy() > report.before.accuracy(), "{:?} -> {:?}", report.before, report.after);

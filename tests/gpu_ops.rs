@@ -185,6 +185,7 @@ fn matmul<B: Backend>(
     w: &[f32],
     dout: &[f32],
     dw0: &[f32],
+    resid: &[f32],
     n: usize,
     i: usize,
     o: usize,
@@ -193,6 +194,10 @@ fn matmul<B: Backend>(
     let wb = upload(b, w, Precision::Compute);
     let mut out = b.zeros(n * o, Precision::Compute).unwrap();
     b.matmul_forward(&mut out, &ib, &wb, n, i, o).unwrap();
+    // The residual form: C another buffer, which must come back as it went in.
+    let rb = upload(b, resid, Precision::Compute);
+    let mut plus = b.zeros(n * o, Precision::Compute).unwrap();
+    b.matmul_forward_residual(&mut plus, &rb, &ib, &wb, n, i, o).unwrap();
     let db = upload(b, dout, Precision::Compute);
     let mut dinp = b.zeros(n * i, Precision::Compute).unwrap();
     let mut dw = upload(b, dw0, Precision::F32);
@@ -203,7 +208,15 @@ fn matmul<B: Backend>(
     let dw2 = download(b, &dw, o * i);
     // Overwrite (beta 0): the gradient alone, whatever dw held.
     b.matmul_backward(None, &mut dw, &db, &ib, &wb, n, i, o, GradMode::Overwrite).unwrap();
-    vec![download(b, &out, n * o), download(b, &dinp, n * i), dw1, dw2, download(b, &dw, o * i)]
+    vec![
+        download(b, &out, n * o),
+        download(b, &dinp, n * i),
+        dw1,
+        dw2,
+        download(b, &dw, o * i),
+        download(b, &plus, n * o),
+        download(b, &rb, n * o),
+    ]
 }
 
 fn matmul_case(g: &CudaBackend, what: &str) {
@@ -214,9 +227,12 @@ fn matmul_case(g: &CudaBackend, what: &str) {
         let w = randn(&mut rng, o * i, 0.1);
         let dout = randn(&mut rng, n * o, 1.0);
         let dw0 = randn(&mut rng, o * i, 0.5);
-        let a = matmul(g, &inp, &w, &dout, &dw0, n, i, o);
-        let r = matmul(&reference(), &inp, &w, &dout, &dw0, n, i, o);
-        for (k, name) in ["out", "dinp", "dw", "dw accumulated twice", "dw overwritten"].iter().enumerate() {
+        let resid = randn(&mut rng, n * o, 1.0);
+        let a = matmul(g, &inp, &w, &dout, &dw0, &resid, n, i, o);
+        let r = matmul(&reference(), &inp, &w, &dout, &dw0, &resid, n, i, o);
+        let names =
+            ["out", "dinp", "dw", "dw accumulated twice", "dw overwritten", "resid + out", "resid after"];
+        for (k, name) in names.iter().enumerate() {
             assert_close(&format!("{what} {name} [{n}x{i}] -> {o}"), &a[k], &r[k], TOL);
         }
     }
@@ -949,9 +965,12 @@ fn reference_agrees_with_cpu_backend_on_every_op() {
     }
 
     let (n, i, o) = (7, 13, 11);
-    let v: Vec<Vec<f32>> = [n * i, o * i, n * o, o * i].iter().map(|&l| randn(&mut rng, l, 1.0)).collect();
-    let (a, r) =
-        (matmul(&re, &v[0], &v[1], &v[2], &v[3], n, i, o), matmul(&cpu, &v[0], &v[1], &v[2], &v[3], n, i, o));
+    let v: Vec<Vec<f32>> =
+        [n * i, o * i, n * o, o * i, n * o].iter().map(|&l| randn(&mut rng, l, 1.0)).collect();
+    let (a, r) = (
+        matmul(&re, &v[0], &v[1], &v[2], &v[3], &v[4], n, i, o),
+        matmul(&cpu, &v[0], &v[1], &v[2], &v[3], &v[4], n, i, o),
+    );
     for k in 0..a.len() {
         assert_close(&format!("ref matmul output {k}"), &a[k], &r[k], tol);
     }

@@ -261,7 +261,19 @@ struct Gemm {
     beta: f32,
 }
 
+/// D = `c`, C = `c` itself (beta adds into the output).
 fn run_gemm(r: &mut Report, name: &str, g: &Gemm, c: *mut std::ffi::c_void) {
+    run_gemm_from(r, name, g, c, c);
+}
+
+/// D = `c`, C = `c_in` (x_wt_plus: the residual stream a projection is added to).
+fn run_gemm_from(
+    r: &mut Report,
+    name: &str,
+    g: &Gemm,
+    c: *mut std::ffi::c_void,
+    c_in: *const std::ffi::c_void,
+) {
     let (m, n, k) = (g.m as i32, g.n as i32, g.k as i32);
     let (ta, tb) = (g.transa as i32, g.transb as i32);
     let cfg = Cfg { grid: ((g.m as u32).div_ceil(16), (g.n as u32).div_ceil(16), 1), block: (16, 16, 1) };
@@ -270,6 +282,7 @@ fn run_gemm(r: &mut Report, name: &str, g: &Gemm, c: *mut std::ffi::c_void) {
         cfg,
         &[
             arg(&c),
+            arg(&c_in),
             arg(&g.a),
             arg(&g.b),
             arg(&ta),
@@ -286,8 +299,8 @@ fn run_gemm(r: &mut Report, name: &str, g: &Gemm, c: *mut std::ffi::c_void) {
     );
 }
 
-/// The three GEMM forms of gemm.rs (x_wt, dy_w, dyt_x) through the fallback kernels, against
-/// the CPU's matmul_forward / matmul_backward.
+/// The four GEMM forms of gemm.rs (x_wt, x_wt_plus, dy_w, dyt_x) through the fallback kernels,
+/// against the CPU's matmul_forward, matmul_forward_residual and matmul_backward.
 pub fn gemm(r: &mut Report, rng: &mut Rng) {
     for (rows, inner, cols) in [(1usize, 1usize, 1usize), (5, 33, 17), (19, 40, 3)] {
         let case = format!("rows {rows} in {inner} out {cols}");
@@ -375,7 +388,37 @@ pub fn gemm(r: &mut Report, rng: &mut Rng) {
             beta: 0.0,
         };
         run_gemm(r, "matmul_fallback_bf16out", &g, dx.as_mut_ptr().cast());
-        r.check("matmul_fallback_bf16out", &case, &[("dy_w", rel_err(&f64s_bf16(&dx), &want_dx), TOL_BF16)]);
+        // x_wt_plus, bf16 out: h[rows, cols] = resid + x @ w^T, C another buffer, only read.
+        let (resid, residf) = rng.bf16s(rows * cols, 1.0);
+        let resid_before = resid.clone();
+        let mut h = nan_bf16(rows * cols);
+        let mut want_h = vec![f64::NAN; rows * cols];
+        cpu::matmul_forward_residual(&mut want_h, &residf, &xf, &wf, rows, inner, cols);
+        let g = Gemm {
+            transa: true,
+            transb: false,
+            m: cols,
+            n: rows,
+            k: inner,
+            a: w.as_ptr(),
+            lda: inner as i64,
+            b: x.as_ptr(),
+            ldb: inner as i64,
+            ldc: cols as i64,
+            alpha: 1.0,
+            beta: 1.0,
+        };
+        run_gemm_from(r, "matmul_fallback_bf16out", &g, h.as_mut_ptr().cast(), resid.as_ptr().cast());
+        let resid_kept = if resid == resid_before { 0.0 } else { f64::INFINITY };
+        r.check(
+            "matmul_fallback_bf16out",
+            &case,
+            &[
+                ("dy_w", rel_err(&f64s_bf16(&dx), &want_dx), TOL_BF16),
+                ("x_wt_plus", rel_err(&f64s_bf16(&h), &want_h), TOL_BF16),
+                ("x_wt_plus leaves C", resid_kept, EXACT),
+            ],
+        );
     }
 }
 

@@ -494,6 +494,21 @@ macro_rules! backend_ops {
                 in_dim: usize,
                 out_dim: usize,
             ) -> Result<()>;
+            /// `out[n, o] = resid[n, o] + inp[n, i] @ w[o, i]^T`: a branch's output projection
+            /// added to the residual stream by the GEMM itself (beta 1 over `resid`, which is
+            /// only read), so that no element-wise pass reads the projection back to add it.
+            /// The sum is the one `residual_rmsnorm_forward` forms without dropout.
+            #[allow(clippy::too_many_arguments)]
+            fn matmul_forward_residual(
+                &self,
+                out: &mut Self::Buf,
+                resid: &Self::Buf,
+                inp: &Self::Buf,
+                w: &Self::Buf,
+                n: usize,
+                in_dim: usize,
+                out_dim: usize,
+            ) -> Result<()>;
             /// `dinp = dout @ w` (overwritten, skipped when None); `dw (=|+=) dout^T @ inp` (the
             /// GEMM's beta is 0 or 1).
             #[allow(clippy::too_many_arguments)]

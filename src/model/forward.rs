@@ -540,6 +540,16 @@ fn advice_for(
     ))
 }
 
+/// A branch's output projection: LoRA site, weight index, input (`in_dim` wide), and which of
+/// the layer's two dropout sites (0: attention, 1: FFN) masks it.
+struct Branch<'a, B: Backend> {
+    site: Site,
+    w: usize,
+    inp: &'a B::Buf,
+    in_dim: usize,
+    dropout_site: usize,
+}
+
 /// What a layer's forward reads besides its activations: the recompute in the backward runs
 /// the same code on the same inputs as the forward, so it writes the same values.
 struct LayerCx<'a, B: Backend> {
@@ -594,21 +604,52 @@ impl<B: Backend> LayerCx<'_, B> {
                 be.attention_decode(&mut la.att, &la.qkv, &mut k[l], &mut v[l], *start, n, heads)?
             }
         }
-        be.matmul_forward(delta, &la.att, &p[w.o], n, heads.q_width(), d)?;
+        let AttnActs { att, h, ln2, rstd2, .. } = la;
+        let branch = Branch { site: Site::O, w: w.o, inp: att, in_dim: heads.q_width(), dropout_site: 0 };
+        self.residual_branch(lora, l, branch, resid, h, (ln2, rstd2, w.ffn_norm), delta)
+    }
+
+    /// The residual stream past a branch, and the next norm of it: `resid_out = resid_in +
+    /// dropout(inp·wᵀ)` (LoRA's product added to the projection's), then `ln = rmsnorm(resid_out)`
+    /// with the norm weight `norm.2`, saving `rstd`. Without dropout the residual rides in the
+    /// projection's GEMM (beta 1 over `resid_in`) and a plain norm follows; with it the projection
+    /// goes to `delta` and one kernel adds its masked values and norms.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_branch(
+        &self,
+        lora: &mut Option<LoraState<B>>,
+        l: usize,
+        branch: Branch<'_, B>,
+        resid_in: &B::Buf,
+        resid_out: &mut B::Buf,
+        (ln, rstd, norm_w): (&mut B::Buf, &mut B::Buf, usize),
+        delta: &mut B::Buf,
+    ) -> Result<()> {
+        let LayerCx { be, cfg, p, n, dropout_seed, .. } = *self;
+        let Branch { site, w, inp, in_dim, dropout_site } = branch;
+        let d = cfg.d_model;
+        let Some(dropout) = self.dropout(l, dropout_site) else {
+            be.matmul_forward_residual(resid_out, resid_in, inp, &p[w], n, in_dim, d)?;
+            if let Some(lora) = lora.as_mut() {
+                lora.forward_site(be, l, site, resid_out, inp, n, dropout_seed)?;
+            }
+            return be.rmsnorm_forward(ln, rstd, resid_out, &p[norm_w], n, d, cfg.norm_eps);
+        };
+        be.matmul_forward(delta, inp, &p[w], n, in_dim, d)?;
         if let Some(lora) = lora.as_mut() {
-            lora.forward_site(be, l, Site::O, delta, &la.att, n, dropout_seed)?;
+            lora.forward_site(be, l, site, delta, inp, n, dropout_seed)?;
         }
         be.residual_rmsnorm_forward(
-            &mut la.h,
-            &mut la.ln2,
-            &mut la.rstd2,
-            resid,
+            resid_out,
+            ln,
+            rstd,
+            resid_in,
             delta,
-            &p[w.ffn_norm],
+            &p[norm_w],
             n,
             d,
             cfg.norm_eps,
-            self.dropout(l, 0),
+            Some(dropout),
         )
     }
 
@@ -1301,22 +1342,17 @@ impl<B: Backend> Model<B> {
             let ma = &mut mlp_acts[slot(recompute.keeps_mlp(), l)];
             cx.attention_block(lora, &mut attn, l, &ln_in[ln_at], &resid[l], la, delta)?;
             cx.mlp(lora, l, &la.ln2, ma)?;
-            be.matmul_forward(delta, &ma.swi, &p[w.down], n, hidden, d)?;
-            if let Some(lora) = lora.as_mut() {
-                lora.forward_site(be, l, Site::Down, delta, &ma.swi, n, dropout_seed)?;
-            }
             let next_norm = if l + 1 < n_layers { idx.layers[l + 1].attn_norm } else { idx.norm };
-            be.residual_rmsnorm_forward(
-                &mut resid[l + 1],
-                &mut ln_in[next_at],
-                &mut rstd_in[next_at],
+            let branch =
+                Branch { site: Site::Down, w: w.down, inp: &ma.swi, in_dim: hidden, dropout_site: 1 };
+            cx.residual_branch(
+                lora,
+                l,
+                branch,
                 &la.h,
+                &mut resid[l + 1],
+                (&mut ln_in[next_at], &mut rstd_in[next_at], next_norm),
                 delta,
-                &p[next_norm],
-                n,
-                d,
-                eps,
-                cx.dropout(l, 1),
             )?;
         }
         Ok(())

@@ -608,6 +608,27 @@ impl Backend for CountingBackend {
         }
         Ok(())
     }
+    fn matmul_forward_residual(
+        &self,
+        out: &mut CountBuf,
+        resid: &CountBuf,
+        inp: &CountBuf,
+        w: &CountBuf,
+        n: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        self.call(Family::Matmul);
+        need(out, n * out_dim, Precision::Compute, "matmul_forward_residual out")?;
+        need(resid, n * out_dim, Precision::Compute, "matmul_forward_residual resid")?;
+        need(inp, n * in_dim, Precision::Compute, "matmul_forward_residual inp")?;
+        need(w, out_dim * in_dim, Precision::Compute, "matmul_forward_residual w")?;
+        if n * out_dim > 0 {
+            // The epilogue reads C (the residual) as an accumulating GEMM reads its output.
+            self.gemm(Family::Matmul, n, out_dim, in_dim, COMPUTE_BYTES, true);
+        }
+        Ok(())
+    }
     fn matmul_backward(
         &self,
         dinp: Option<&mut CountBuf>,

@@ -132,9 +132,11 @@ fn launches_follow_the_cuda_backends_launch_code() {
 #[test]
 fn dropout_is_drawn_inside_the_norm_kernels() {
     // The forward's masks are applied by the residual norms and the backward's by the norm
-    // backward that completes the residual gradient: no dropout launch, no extra launch at all,
-    // and the only extra traffic is the backward writing each block's masked branch gradient
-    // (two per layer), which without dropout is the residual gradient itself.
+    // backward that completes the residual gradient: no dropout launch, no extra launch at all.
+    // Without dropout the residual add rides in the o and down projections' GEMMs (which read
+    // the residual as C) and a plain norm follows; with it, each block's projection is written,
+    // then read back with the residual by the residual norm, and the backward writes each
+    // block's masked branch gradient (without dropout, the residual gradient itself).
     let count = |dropout: f32| {
         let c = ModelConfig { dropout, ..tiny() };
         count_step(&c, 2, 16, 1).unwrap().ledger
@@ -142,9 +144,17 @@ fn dropout_is_drawn_inside_the_norm_kernels() {
     let (with, without) = (count(0.1), count(0.0));
     assert!(!with.calls.contains_key(&Family::Dropout));
     let n = 2 * 16 * tiny().d_model;
+    let branches = 2 * tiny().n_layers;
     let (norm_with, norm_without) = (with.family(Family::Rmsnorm), without.family(Family::Rmsnorm));
     assert_eq!(norm_with.launches, norm_without.launches);
-    assert_eq!(norm_with.bytes - norm_without.bytes, (2 * tiny().n_layers * n * COMPUTE_BYTES) as f64);
+    // Per branch: the forward's delta read and x_out write on top of a plain norm, and the
+    // backward's branch gradient.
+    assert_eq!(norm_with.bytes - norm_without.bytes, (3 * branches * n * COMPUTE_BYTES) as f64);
+    // Per branch without dropout: the GEMM reads the residual; with dropout it writes delta,
+    // the same bytes.
+    let (mm_with, mm_without) = (with.family(Family::Matmul), without.family(Family::Matmul));
+    assert_eq!(mm_without.bytes - mm_with.bytes, (branches * n * COMPUTE_BYTES) as f64);
+    assert_eq!((mm_with.launches, mm_with.flops), (mm_without.launches, mm_without.flops));
     let launches = |l: &super::counting::Ledger| l.tallies.values().map(|t| t.launches).sum::<u64>();
     assert_eq!(launches(&with), launches(&without));
 }

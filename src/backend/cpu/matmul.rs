@@ -1,5 +1,7 @@
 //! Linear layers: `inp @ w^T` and its backward, through `Real::gemm` (matrixmultiply).
 
+use rayon::prelude::*;
+
 use super::Real;
 use crate::backend::GradMode;
 
@@ -14,6 +16,21 @@ fn beta<T: Real>(mode: GradMode) -> T {
 /// `out[n, o] = inp[n, i] @ w[o, i]^T`.
 pub fn matmul_forward<T: Real>(out: &mut [T], inp: &[T], w: &[T], n: usize, in_dim: usize, out_dim: usize) {
     T::gemm(n, in_dim, out_dim, T::ONE, inp, (in_dim, 1), w, (1, in_dim), T::ZERO, out, (out_dim, 1));
+}
+
+/// `out[n, o] = resid[n, o] + inp[n, i] @ w[o, i]^T`: the product first, then the add, so
+/// the sum has the bits of `residual_rmsnorm_forward`'s `x_in + delta` without dropout.
+pub fn matmul_forward_residual<T: Real>(
+    out: &mut [T],
+    resid: &[T],
+    inp: &[T],
+    w: &[T],
+    n: usize,
+    in_dim: usize,
+    out_dim: usize,
+) {
+    matmul_forward(out, inp, w, n, in_dim, out_dim);
+    out[..n * out_dim].par_iter_mut().zip(&resid[..n * out_dim]).for_each(|(o, &r)| *o = r + *o);
 }
 
 /// `dinp = dout @ w` (overwritten, when given); `dw (=|+=) dout^T @ inp`, beta 0 or 1 as the

@@ -35,7 +35,9 @@ pub use dropout::dropout;
 pub use embedding::{embedding_backward, embedding_backward_grouped, embedding_forward};
 pub use flash_attention::tile_table;
 pub use global_norm::{sum, sum_squares};
-pub use matmul::{matmul_backward, matmul_backward_slice, matmul_forward, matmul_forward_slice};
+pub use matmul::{
+    matmul_backward, matmul_backward_slice, matmul_forward, matmul_forward_residual, matmul_forward_slice,
+};
 pub use real::Real;
 pub use rmsnorm::{residual_rmsnorm_forward, rmsnorm_backward, rmsnorm_forward};
 pub use rope::{rope_backward, rope_forward, rope_table};
@@ -337,6 +339,23 @@ impl<T: Real> Backend for CpuBackend<T> {
         need("inp", inp.len(), n * in_dim)?;
         need("w", w.len(), out_dim * in_dim)?;
         matmul_forward(out, inp, w, n, in_dim, out_dim);
+        Ok(())
+    }
+    fn matmul_forward_residual(
+        &self,
+        out: &mut Vec<T>,
+        resid: &Vec<T>,
+        inp: &Vec<T>,
+        w: &Vec<T>,
+        n: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        need("out", out.len(), n * out_dim)?;
+        need("resid", resid.len(), n * out_dim)?;
+        need("inp", inp.len(), n * in_dim)?;
+        need("w", w.len(), out_dim * in_dim)?;
+        matmul_forward_residual(out, resid, inp, w, n, in_dim, out_dim);
         Ok(())
     }
     fn matmul_backward(

@@ -37,9 +37,10 @@ impl DType {
     }
 }
 
-/// A column-major GEMM `C = alpha · op(A) · op(B) + beta · C`, C `m × n`, as cuBLAS states it.
-/// Pointers are raw device addresses (already offset) that must stay valid until the stream
-/// has run the GEMM.
+/// A column-major GEMM `D = alpha · op(A) · op(B) + beta · C`, C and D `m × n` in one layout, as
+/// cuBLASLt states it: D is `c`; C is `c_in`, the output itself for a GEMM that adds into it, or
+/// another buffer (the residual stream a projection is added to). Pointers are raw device
+/// addresses (already offset) that must stay valid until the stream has run the GEMM.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct GemmCall {
     pub transa: bool,
@@ -52,6 +53,8 @@ pub(super) struct GemmCall {
     pub b: u64,
     pub ldb: i64,
     pub c: u64,
+    /// What beta multiplies: `c` itself, or a buffer only read.
+    pub c_in: u64,
     pub ldc: i64,
     pub c_type: DType,
     pub alpha: f32,
@@ -155,7 +158,7 @@ struct GemmShape {
     ldb: i64,
     ldc: i64,
     c_type: DType,
-    /// The operands' pointer alignments (A, B, C; D = C): cuBLASLt's heuristic assumes 256 bytes
+    /// The operands' pointer alignments (A, B, and the lesser of C and D): cuBLASLt's heuristic assumes 256 bytes
     /// unless told, and LoRA's column slices start at an element offset inside a row, so an
     /// algorithm chosen for aligned operands may not run on a slice.
     align: [u32; 3],
@@ -173,7 +176,11 @@ impl GemmShape {
             ldb: g.ldb,
             ldc: g.ldc,
             c_type: g.c_type,
-            align: [pointer_alignment(g.a), pointer_alignment(g.b), pointer_alignment(g.c)],
+            align: [
+                pointer_alignment(g.a),
+                pointer_alignment(g.b),
+                pointer_alignment(g.c).min(pointer_alignment(g.c_in)),
+            ],
         }
     }
 }
@@ -293,7 +300,7 @@ impl Gemm {
             }
             return Ok(false);
         };
-        self.matmul(plan, &algo, g, g.c).with_context(|| format!("cuBLASLt matmul {g:?}"))?;
+        self.matmul(plan, &algo, g, g.c_in, g.c).with_context(|| format!("cuBLASLt matmul {g:?}"))?;
         Ok(true)
     }
 
@@ -405,9 +412,10 @@ impl Gemm {
     }
 
     /// The candidate with the least time over [`AUTOTUNE_RUNS`] runs, timed with CUDA events on
-    /// the real operands. A GEMM that overwrites its output is timed in place; one that adds to
-    /// it, into a scratch output (zeros: the sums are thrown away), or not at all when that would
-    /// exceed [`AUTOTUNE_SCRATCH_BYTES`]. A candidate that fails to run is skipped.
+    /// the real operands. A GEMM that overwrites its output (or reads C from another buffer) is
+    /// timed in place; one that adds to its output, into a scratch output (zeros: the sums are
+    /// thrown away), or not at all when that would exceed [`AUTOTUNE_SCRATCH_BYTES`]. A
+    /// candidate that fails to run is skipped.
     fn fastest(
         &self,
         plan: &Plan,
@@ -419,30 +427,30 @@ impl Gemm {
             DType::F32 => 4,
         };
         let bytes = (g.ldc as usize) * (g.n as usize) * elem;
-        let scratch = if g.beta == 0.0 {
+        let scratch = if g.beta == 0.0 || g.c_in != g.c {
             None
         } else if bytes <= AUTOTUNE_SCRATCH_BYTES {
             Some(self.stream.alloc_zeros::<u8>(bytes).context("allocating the autotuning output")?)
         } else {
             return Ok(candidates[0]);
         };
-        let out = match &scratch {
+        let (c_in, out) = match &scratch {
             Some(s) => {
                 let (p, _guard) = s.device_ptr(&self.stream);
-                p
+                (p, p)
             }
-            None => g.c,
+            None => (g.c_in, g.c),
         };
         let ctx = self.stream.context();
         let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let (start, end) = (ctx.new_event(timing)?, ctx.new_event(timing)?);
         let mut best: Option<(f32, sys::cublasLtMatmulAlgo_t)> = None;
         for algo in candidates {
-            if self.matmul(plan, algo, g, out).is_err() {
+            if self.matmul(plan, algo, g, c_in, out).is_err() {
                 continue;
             }
             start.record(&self.stream)?;
-            let ran = (0..AUTOTUNE_RUNS).try_for_each(|_| self.matmul(plan, algo, g, out));
+            let ran = (0..AUTOTUNE_RUNS).try_for_each(|_| self.matmul(plan, algo, g, c_in, out));
             end.record(&self.stream)?;
             let ms = start.elapsed_ms(&end)?;
             if ran.is_ok() && best.is_none_or(|(t, _)| ms < t) {
@@ -454,9 +462,16 @@ impl Gemm {
         Ok(best.map_or(candidates[0], |(_, algo)| algo))
     }
 
-    /// One cublasLtMatmul of `g` with `algo`, writing (or adding) into `out` (g.c, or the
-    /// autotuning scratch output of the same layout).
-    fn matmul(&self, plan: &Plan, algo: &sys::cublasLtMatmulAlgo_t, g: &GemmCall, out: u64) -> Result<()> {
+    /// One cublasLtMatmul of `g` with `algo`, reading C from `c_in` and writing D to `out` (g.c_in
+    /// and g.c, or the autotuning scratch output of the same layout for both).
+    fn matmul(
+        &self,
+        plan: &Plan,
+        algo: &sys::cublasLtMatmulAlgo_t,
+        g: &GemmCall,
+        c_in: u64,
+        out: u64,
+    ) -> Result<()> {
         let (ws, _ws_guard) = self.workspace.device_ptr(&self.stream);
         // SAFETY: every descriptor is alive; the pointers are device addresses of buffers that
         // the caller keeps alive, sized by the caller's checks; the workspace is ours.
@@ -470,7 +485,7 @@ impl Gemm {
                 plan.a.0,
                 g.b as *const c_void,
                 plan.b.0,
-                out as *const c_void,
+                c_in as *const c_void,
                 plan.c.0,
                 out as *mut c_void,
                 plan.c.0,
@@ -517,11 +532,26 @@ pub(super) fn x_wt(
         b: x,
         ldb: inner as i64,
         c: out,
+        c_in: out,
         ldc: cols_out as i64,
         c_type: out_type,
         alpha: 1.0,
         beta,
     }
+}
+
+/// Row-major `out[rows, cols_out] = resid[rows, cols_out] + x[rows, inner] @ w[cols_out, inner]^T`
+/// (bf16): [`x_wt`] with beta 1 over another buffer.
+pub(super) fn x_wt_plus(
+    rows: usize,
+    inner: usize,
+    cols_out: usize,
+    x: u64,
+    w: u64,
+    resid: u64,
+    out: u64,
+) -> GemmCall {
+    GemmCall { c_in: resid, ..x_wt(rows, inner, cols_out, x, w, out, DType::Bf16, 1.0) }
 }
 
 /// Row-major `out[rows, cols] = dy[rows, inner] @ w[inner, cols]` (the input gradient of a Linear).
@@ -538,6 +568,7 @@ pub(super) fn dy_w(rows: usize, inner: usize, cols: usize, dy: u64, w: u64, out:
         b: dy,
         ldb: inner as i64,
         c: out,
+        c_in: out,
         ldc: cols as i64,
         c_type: DType::Bf16,
         alpha: 1.0,
@@ -568,6 +599,7 @@ pub(super) fn dyt_x(
         b: dy,
         ldb: out_dim as i64,
         c: dw,
+        c_in: dw,
         ldc: in_dim as i64,
         c_type: DType::F32,
         alpha: 1.0,
@@ -581,7 +613,8 @@ pub(super) fn dyt_x(
 #[cfg(test)]
 mod tests {
     use super::{
-        candidate_count, dy_w, dyt_x, x_wt, DType, GemmCall, NoAlgorithmWarnings, AUTOTUNE_CANDIDATES,
+        candidate_count, dy_w, dyt_x, x_wt, x_wt_plus, DType, GemmCall, NoAlgorithmWarnings,
+        AUTOTUNE_CANDIDATES,
     };
     use crate::backend::GradMode;
 
@@ -598,6 +631,7 @@ mod tests {
             b: 0,
             ldb: 1,
             c: 0,
+            c_in: 0,
             ldc: 1,
             c_type,
             alpha: 1.0,
@@ -678,6 +712,22 @@ mod tests {
             for c in 0..o {
                 let want: f32 = (0..i).map(|l| x[r * i + l] * w[c * i + l]).sum();
                 assert_eq!(out[r * o + c], want, "x @ w^T at ({r}, {c})");
+            }
+        }
+
+        // x_wt_plus: x_wt reading C from the residual (address 3) and writing D (address 4).
+        let plus = x_wt_plus(n, i, o, 1, 2, 3, 4);
+        assert_eq!(
+            (plus.b, plus.a, plus.c_in, plus.c, plus.beta, plus.c_type),
+            (1, 2, 3, 4, 1.0, DType::Bf16)
+        );
+        let resid = values(n * o, 5);
+        let mut h = resid.clone();
+        emulate(&plus, &w, &x, &mut h);
+        for r in 0..n {
+            for c in 0..o {
+                let want = resid[r * o + c] + out[r * o + c];
+                assert_eq!(h[r * o + c], want, "resid + x @ w^T at ({r}, {c})");
             }
         }
 

@@ -5,7 +5,7 @@ use anyhow::Result;
 use cudarc::driver::LaunchConfig;
 use half::bf16;
 
-use super::gemm::{dy_w, dyt_x, x_wt, DType, GemmCall};
+use super::gemm::{dy_w, dyt_x, x_wt, x_wt_plus, DType, GemmCall};
 use super::launch::{self, int, DevPtr};
 use super::{bf16_mut, bf16_of, f32_mut, CudaBackend, CudaBuf};
 use crate::backend::{check_column_slice, GradMode};
@@ -41,6 +41,7 @@ impl CudaBackend {
                     ks,
                     cfg,
                     &mut DevPtr::<f32>::new(g.c),
+                    &DevPtr::<f32>::new(g.c_in),
                     &a,
                     &b,
                     ta,
@@ -59,6 +60,7 @@ impl CudaBackend {
                     ks,
                     cfg,
                     &mut DevPtr::<bf16>::new(g.c),
+                    &DevPtr::<bf16>::new(g.c_in),
                     &a,
                     &b,
                     ta,
@@ -92,6 +94,25 @@ impl CudaBackend {
         let call =
             x_wt(n, in_dim, out_dim, self.dev_ptr(inp), self.dev_ptr(w), self.dev_ptr(out), DType::Bf16, 0.0);
         self.run_gemm(&call)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn matmul_forward_residual(
+        &self,
+        out: &mut CudaBuf,
+        resid: &CudaBuf,
+        inp: &CudaBuf,
+        w: &CudaBuf,
+        n: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        let out = bf16_mut(out, n * out_dim, "matmul_forward_residual out")?;
+        let resid = bf16_of(resid, n * out_dim, "matmul_forward_residual resid")?;
+        let inp = bf16_of(inp, n * in_dim, "matmul_forward_residual inp")?;
+        let w = bf16_of(w, out_dim * in_dim, "matmul_forward_residual w")?;
+        let (x, w, resid) = (self.dev_ptr(inp), self.dev_ptr(w), self.dev_ptr(resid));
+        self.run_gemm(&x_wt_plus(n, in_dim, out_dim, x, w, resid, self.dev_ptr(out)))
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -315,6 +315,20 @@ impl Backend for NaiveBackend {
         linear(out, (out_dim, 0), inp, w, (n, in_dim, out_dim), 1.0, GradMode::Overwrite);
         Ok(())
     }
+    fn matmul_forward_residual(
+        &self,
+        out: &mut Vec<f64>,
+        resid: &Vec<f64>,
+        inp: &Vec<f64>,
+        w: &Vec<f64>,
+        n: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        out[..n * out_dim].copy_from_slice(&resid[..n * out_dim]);
+        linear(out, (out_dim, 0), inp, w, (n, in_dim, out_dim), 1.0, GradMode::Accumulate);
+        Ok(())
+    }
     fn matmul_backward(
         &self,
         dinp: Option<&mut Vec<f64>>,
