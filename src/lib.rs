@@ -19,6 +19,7 @@ pub mod demo;
 pub mod dist;
 pub mod generate;
 pub mod kernels;
+pub mod lock;
 pub mod lora;
 pub mod model;
 pub mod paths;

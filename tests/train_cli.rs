@@ -73,6 +73,19 @@ fn train_resume_and_eval_through_the_binary() {
     assert!(stdout.contains("done: 2 steps"), "{stdout}");
     // Without a terminal: plain progress lines, one per log_every (1) steps.
     assert!(stderr.contains("step 1/2") && stderr.contains("step 2/2"), "{stderr}");
+    assert!(!root.path().join("run.train-lock").exists(), "the run's lock goes with it");
+    // While another process holds the run's lock (here this test's), a second run into the
+    // directory is refused, naming the holder, and writes nothing there.
+    let lock_path = root.path().join("run.train-lock");
+    let held = sft::lock::DirLock::acquire(lock_path.clone(), "another run", "test").unwrap();
+    let log_before = std::fs::read_to_string(out.join("log.csv")).unwrap();
+    let (ok, _, stderr) =
+        sft(&["train", "--config", config.to_str().unwrap(), "--resume", "--max-steps", "3"]);
+    let holder = format!("another sft train (process {}) is writing it", std::process::id());
+    assert!(!ok && stderr.contains("--out-dir") && stderr.contains(&holder), "{stderr}");
+    assert_eq!(std::fs::read_to_string(out.join("log.csv")).unwrap(), log_before);
+    assert!(!out.join("step-3").exists());
+    drop(held);
     let (ok, stdout, stderr) =
         sft(&["train", "--config", config.to_str().unwrap(), "--resume", "--max-steps", "3"]);
     assert!(ok, "{stderr}");

@@ -19,6 +19,7 @@ use super::format::TrainOn;
 use super::shard::{read_header, Shard, ShardWriter};
 use super::template::{tokenizer_config_beside, tokenizer_config_json, TOKENIZER_CONFIG_FILE};
 use super::tokenizer::{ChatTokenizer, FormatChoice};
+use crate::lock::{sibling, DirLock};
 use crate::rng::Rng;
 
 /// Conversations tokenized per parallel round.
@@ -134,79 +135,10 @@ fn failpoint(step: &str) {
     }
 }
 
-/// `out`'s sibling `<name>.<suffix>`, where a prepare keeps what it needs beside `--out`.
-fn sibling(out: &Path, suffix: &str) -> Result<PathBuf> {
-    let out = if out.file_name().is_none() { std::fs::canonicalize(out)? } else { out.to_path_buf() };
-    let name = out
-        .file_name()
-        .and_then(|n| n.to_str())
-        .with_context(|| format!("{}: not a usable output directory name", out.display()))?;
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    Ok(parent.join(format!("{name}.{suffix}")))
-}
-
 /// The sibling directories a prepare into `out` uses: the new set is built in `staging` and
 /// swapped in whole; `old` holds the previous set where the swap cannot be atomic.
 fn sibling_dirs(out: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((sibling(out, "prepare-tmp")?, sibling(out, "prepare-old")?))
-}
-
-/// `<out>.prepare-lock`, locked (flock) for a whole prepare. Without it a second prepare into
-/// the same `--out` took the first one's staging directory for a crash's leftovers and removed
-/// it under the running prepare. The kernel drops the lock with the process, so a killed prepare
-/// leaves none held; the file itself goes when the holder finishes.
-struct OutLock {
-    path: PathBuf,
-    _file: std::fs::File,
-}
-
-impl OutLock {
-    fn acquire(out: &Path) -> Result<Self> {
-        use std::io::Write;
-        use std::os::unix::fs::MetadataExt;
-        let path = sibling(out, "prepare-lock")?;
-        loop {
-            let mut file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .with_context(|| format!("{}: cannot create the lock of --out", path.display()))?;
-            match file.try_lock() {
-                Ok(()) => {}
-                Err(std::fs::TryLockError::WouldBlock) => {
-                    let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                    let holder = holder.trim();
-                    let who = if holder.is_empty() { String::new() } else { format!(" (process {holder})") };
-                    bail!(
-                        "--out {}: another sft prepare{who} is writing it; wait for it to finish (its lock: {})",
-                        out.display(),
-                        path.display()
-                    );
-                }
-                Err(std::fs::TryLockError::Error(e)) => {
-                    return Err(e).with_context(|| format!("{}: cannot lock", path.display()))
-                }
-            }
-            // The holder before us removes the file before it lets go: a lock taken on a file
-            // already unlinked (or replaced) guards nothing, so open the path again.
-            let (held, now) = (file.metadata()?, std::fs::metadata(&path));
-            if now.is_ok_and(|m| m.dev() == held.dev() && m.ino() == held.ino()) {
-                file.set_len(0)?;
-                write!(file, "{}", std::process::id())?;
-                return Ok(OutLock { path, _file: file });
-            }
-        }
-    }
-}
-
-impl Drop for OutLock {
-    fn drop(&mut self) {
-        // Removed while still locked (the file closes after this), so that a later prepare
-        // never locks a path this one is about to remove.
-        let _ = std::fs::remove_file(&self.path);
-    }
 }
 
 /// The directory a prepare writes: `--out` itself, or the directory a symbolic link there points
@@ -525,7 +457,10 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     );
     let out = &resolve_out(&opts.out_dir)?;
     let tok = ChatTokenizer::load(&opts.tokenizer, &opts.chat)?;
-    let _lock = OutLock::acquire(out)?;
+    // Without the lock a second prepare into the same --out took the first one's staging
+    // directory for a crash's leftovers and removed it under the running prepare.
+    let what = format!("--out {}", out.display());
+    let _lock = DirLock::acquire(sibling(out, "prepare-lock")?, &what, "sft prepare")?;
     let (staging, old) = sibling_dirs(out)?;
     recover(out, &staging, &old)?;
     ensure_replaceable(out)?;
@@ -730,39 +665,4 @@ pub fn split_assignment(n: usize, train_share: f64, seed: u64) -> Vec<bool> {
         is_val[i] = true;
     }
     is_val
-}
-
-#[cfg(test)]
-mod tests {
-    use super::OutLock;
-
-    /// A second prepare into the same --out is refused while the first holds its lock (flock
-    /// conflicts between two opens, in one process as between two), naming the holder; the lock
-    /// file goes with the holder, and the next prepare takes it.
-    #[test]
-    fn a_second_prepare_into_one_out_is_refused_while_the_first_runs() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("prep");
-        let lock_path = dir.path().join("prep.prepare-lock");
-        let first = OutLock::acquire(&out).unwrap();
-        assert_eq!(std::fs::read_to_string(&lock_path).unwrap(), std::process::id().to_string());
-        let err = format!("{:#}", OutLock::acquire(&out).err().expect("refused while held"));
-        assert!(
-            err.contains("--out")
-                && err.contains("another sft prepare")
-                && err.contains("wait for it to finish"),
-            "{err}"
-        );
-        assert!(err.contains(&format!("(process {})", std::process::id())), "{err}");
-        drop(first);
-        assert!(!lock_path.exists(), "the holder removes its lock file");
-        // A lock file left by a killed prepare (no lock held on it) does not stop the next one.
-        std::fs::write(&lock_path, "12345").unwrap();
-        let next = OutLock::acquire(&out).unwrap();
-        assert_eq!(std::fs::read_to_string(&lock_path).unwrap(), std::process::id().to_string());
-        drop(next);
-        // Another --out has a lock of its own.
-        let _a = OutLock::acquire(&out).unwrap();
-        let _b = OutLock::acquire(&dir.path().join("other")).unwrap();
-    }
 }

@@ -29,6 +29,7 @@ use crate::data::{
     LoaderState, NoSupervisedTokens, Split,
 };
 use crate::dist::{self, broadcast_u64, Collectives, OptimizerLayout, Sharding, SingleProcess};
+use crate::lock::{sibling, DirLock};
 use crate::model::config::ModelConfig;
 use crate::model::forward::least_recompute_that_fits;
 use crate::model::forward::StepStats;
@@ -355,6 +356,18 @@ impl Progress {
     }
 }
 
+/// `<out_dir>.train-lock` beside the run directory (its parent created if missing, and resolved,
+/// so that every spelling of one directory finds the same lock), held by the run's rank 0.
+fn lock_run_dir(out_dir: &Path) -> Result<DirLock> {
+    let lock = sibling(out_dir, "train-lock")?;
+    let parent = lock.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let parent =
+        std::fs::canonicalize(parent).with_context(|| format!("{}: cannot resolve", parent.display()))?;
+    let what = format!("--out-dir {}", out_dir.display());
+    DirLock::acquire(parent.join(lock.file_name().unwrap_or_default()), &what, "sft train")
+}
+
 /// Where a run starts: fresh, from a checkpoint's weights (`init_from`), or resumed.
 struct RunStart {
     /// The checkpoint the run resumes from, with the state saved there.
@@ -596,6 +609,10 @@ pub fn train_ranks<B: Backend>(
 ) -> Result<(Model<B>, TrainReport)> {
     cfg.validate()?;
     let (main, world) = (comm.is_main(), comm.world_size());
+    // Held until the run ends, taken before the run directory is read: another run into it
+    // would interleave its log rows and checkpoints with this one's (and two fresh runs would
+    // both find it free of checkpoints).
+    let _run_lock = if main { Some(lock_run_dir(&cfg.out_dir)?) } else { None };
     let RunStart { resumed, weights, tokenizer_path, tokenizer, model_config, max_seq_len } =
         start_run(cfg, main)?;
     let saved = resumed.as_ref().map(|(_, s)| &s.config);
