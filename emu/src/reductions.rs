@@ -309,7 +309,7 @@ pub fn gemm(r: &mut Report, rng: &mut Rng) {
         let (dy, dyf) = rng.bf16s(rows * cols, 1.0);
         // x_wt, fp32 out: out[rows, cols] = x @ w^T.
         let mut out = vec![f32::NAN; rows * cols];
-        let g = Gemm {
+        let x_wt = Gemm {
             transa: true,
             transb: false,
             m: cols,
@@ -323,7 +323,7 @@ pub fn gemm(r: &mut Report, rng: &mut Rng) {
             alpha: 1.0,
             beta: 0.0,
         };
-        run_gemm(r, "matmul_fallback_f32out", &g, out.as_mut_ptr().cast());
+        run_gemm(r, "matmul_fallback_f32out", &x_wt, out.as_mut_ptr().cast());
         let mut want = vec![0.0; rows * cols];
         cpu::matmul_forward(&mut want, &xf, &wf, rows, inner, cols);
         let e_fwd = rel_err(&f64s_f32(&out), &want);
@@ -394,20 +394,7 @@ pub fn gemm(r: &mut Report, rng: &mut Rng) {
         let mut h = nan_bf16(rows * cols);
         let mut want_h = vec![f64::NAN; rows * cols];
         cpu::matmul_forward_residual(&mut want_h, &residf, &xf, &wf, rows, inner, cols);
-        let g = Gemm {
-            transa: true,
-            transb: false,
-            m: cols,
-            n: rows,
-            k: inner,
-            a: w.as_ptr(),
-            lda: inner as i64,
-            b: x.as_ptr(),
-            ldb: inner as i64,
-            ldc: cols as i64,
-            alpha: 1.0,
-            beta: 1.0,
-        };
+        let g = Gemm { beta: 1.0, ..x_wt };
         run_gemm_from(r, "matmul_fallback_bf16out", &g, h.as_mut_ptr().cast(), resid.as_ptr().cast());
         let resid_kept = if resid == resid_before { 0.0 } else { f64::INFINITY };
         r.check(
