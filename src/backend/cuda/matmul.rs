@@ -32,48 +32,36 @@ impl CudaBackend {
         let (s, ks) = (&self.stream, &self.kernels);
         let (a, b) = (DevPtr::<bf16>::new(g.a), DevPtr::<bf16>::new(g.b));
         let (lda, ldb, ldc) = (g.lda, g.ldb, g.ldc);
+        // The two entries differ only in C's element type.
+        macro_rules! fallback {
+            ($entry:ident, $t:ty) => {
+                launch::$entry(
+                    s,
+                    ks,
+                    cfg,
+                    &mut DevPtr::<$t>::new(g.c),
+                    &DevPtr::<$t>::new(g.c_in),
+                    &a,
+                    &b,
+                    ta,
+                    tb,
+                    m,
+                    n,
+                    k,
+                    lda,
+                    ldb,
+                    ldc,
+                    g.alpha,
+                    g.beta,
+                )
+            };
+        }
         // SAFETY: the same pointers and shapes cuBLASLt would have used, checked by the caller;
-        // c_type says which element type the caller's C holds.
+        // c_type says which element type the caller's C (and D) holds.
         unsafe {
             match g.c_type {
-                DType::F32 => launch::matmul_fallback_f32out(
-                    s,
-                    ks,
-                    cfg,
-                    &mut DevPtr::<f32>::new(g.c),
-                    &DevPtr::<f32>::new(g.c_in),
-                    &a,
-                    &b,
-                    ta,
-                    tb,
-                    m,
-                    n,
-                    k,
-                    lda,
-                    ldb,
-                    ldc,
-                    g.alpha,
-                    g.beta,
-                ),
-                DType::Bf16 => launch::matmul_fallback_bf16out(
-                    s,
-                    ks,
-                    cfg,
-                    &mut DevPtr::<bf16>::new(g.c),
-                    &DevPtr::<bf16>::new(g.c_in),
-                    &a,
-                    &b,
-                    ta,
-                    tb,
-                    m,
-                    n,
-                    k,
-                    lda,
-                    ldb,
-                    ldc,
-                    g.alpha,
-                    g.beta,
-                ),
+                DType::F32 => fallback!(matmul_fallback_f32out, f32),
+                DType::Bf16 => fallback!(matmul_fallback_bf16out, bf16),
             }
         }?;
         Ok(())
