@@ -1,8 +1,9 @@
-//! One writer per output directory: `sft prepare` and `sft train` lock a file beside the
-//! directory they write (`<dir>.prepare-lock`, `<dir>.train-lock`) for as long as they run, so
-//! that a second command into the same directory is refused with the holder's process id
-//! instead of taking its files for a crash's leftovers (prepare) or interleaving two runs'
-//! log rows and checkpoints (train).
+//! One writer per output directory: `sft prepare`, `sft train` and the writers of a checkpoint
+//! directory (`init`, `import`, `merge`, `export`) lock a file beside the directory they write
+//! (`<dir>.prepare-lock`, `<dir>.train-lock`, `<dir>.write-lock`) for as long as they write it,
+//! so that a second command into the same directory is refused with the holder's process id
+//! instead of taking its temporary directory for a crash's leftovers (prepare, the checkpoint
+//! writers) or interleaving two runs' log rows and checkpoints (train).
 //!
 //! The lock is an advisory `flock` on the open file: the kernel drops it with the process, so a
 //! killed command leaves no lock held, only perhaps the file, which the next holder takes over.
@@ -37,10 +38,14 @@ pub struct DirLock {
 }
 
 impl DirLock {
-    /// Takes the lock at `path` (created if missing; its content becomes this process's id), or
-    /// fails when another process holds it: `what` names the directory as the user gave it
-    /// (`--out-dir runs/sft`), `command` the kind of holder (`sft train`).
+    /// Takes the lock at `path` (created if missing, with its parent directories: the holder is
+    /// about to write there; its content becomes this process's id), or fails when another
+    /// process holds it: `what` names the directory as the user gave it (`--out-dir runs/sft`),
+    /// `command` the kind of holder (`sft train`).
     pub fn acquire(path: PathBuf, what: &str, command: &str) -> Result<Self> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
         loop {
             let mut file = std::fs::OpenOptions::new()
                 .read(true)

@@ -101,6 +101,31 @@ fn write_hf_dir(dir: &Path, config: &ModelConfig, params: &[NamedTensor]) {
     write_st(&dir.join("model.safetensors"), &tensors);
 }
 
+/// A checkpoint directory has one writer at a time: while another process writes `dir` (here
+/// this test holds its lock, and `dir.tmp` stands for its work in progress), a second save is
+/// refused naming the holder and leaves that work alone; after it, the save goes through, into
+/// a parent directory that did not exist yet.
+#[test]
+fn a_second_writer_of_one_checkpoint_directory_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let config = config(RopeStyle::HalfSplit, false, 300);
+    let params = init_params(&config, 3);
+    let dir = root.path().join("new-parent").join("ckpt");
+    let lock = root.path().join("new-parent").join("ckpt.write-lock");
+    let held = sft::lock::DirLock::acquire(lock.clone(), "ckpt", "test").unwrap();
+    let in_progress = root.path().join("new-parent").join("ckpt.tmp");
+    std::fs::create_dir_all(&in_progress).unwrap();
+    let err = format!("{:#}", save_weights(&dir, &config, &params, None).unwrap_err());
+    let holder = format!("another sft command (process {}) is writing it", std::process::id());
+    assert!(err.contains(&holder) && err.contains("ckpt"), "{err}");
+    assert!(in_progress.is_dir() && !dir.exists(), "the refused save touched the holder's work");
+    drop(held);
+    std::fs::remove_dir_all(&in_progress).unwrap();
+    save_weights(&dir, &config, &params, None).unwrap();
+    assert_eq!(read_params(&dir, &config).unwrap(), params);
+    assert!(!lock.exists(), "the writer's lock goes with it");
+}
+
 #[test]
 fn save_and_load_round_trip_weights_and_logits() {
     let root = tempfile::tempdir().unwrap();

@@ -28,6 +28,7 @@ use crate::data::format::{simplellama_jinja, SOS, UNK};
 use crate::data::template::{tokenizer_config_json, ChatFormatArgs, TOKENIZER_CONFIG_FILE};
 use crate::data::ChatTokenizer;
 use crate::generate::SamplingConfig;
+use crate::lock::{sibling, DirLock};
 use crate::model::params::NamedTensor;
 
 /// The weight dtype of an export.
@@ -131,6 +132,10 @@ fn token_string(tok: &ChatTokenizer, id: u32) -> Result<String> {
 /// Writes the export of `args.checkpoint` into `args.out` (which must not exist).
 pub fn export_checkpoint(args: &ExportArgs) -> Result<ExportReport> {
     let out = &args.out;
+    // Held until the rename (as the checkpoint writers do): another export into `out` would
+    // otherwise take this one's temporary directory for a crash's leftovers and remove it.
+    let _lock =
+        DirLock::acquire(sibling(out, "write-lock")?, &format!("--out {}", out.display()), "sft export")?;
     ensure!(!out.exists(), "{} already exists: choose a new directory", out.display());
     let ckpt = Checkpoint::open(&args.checkpoint)?;
     let config = ckpt.config().clone();

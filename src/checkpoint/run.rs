@@ -17,6 +17,7 @@ use super::{CONFIG_FILE, LATEST_FILE, MODEL_FILE, OPTIMIZER_FILE, TOKENIZER_FILE
 use crate::backend::{Backend, StateDtype};
 use crate::data::ChatTokenizer;
 use crate::dist::{Collectives, SingleProcess};
+use crate::lock::{sibling, DirLock};
 use crate::model::config::ModelConfig;
 use crate::model::lora::LoraConfig;
 use crate::model::params::{param_specs, NamedTensor};
@@ -114,6 +115,9 @@ pub fn save_weights_with(
     params: &[NamedTensor],
     tokenizer: Option<TokenizerSource>,
 ) -> Result<()> {
+    // Held until the rename: another command writing the same directory would otherwise take
+    // this one's temporary directory for a crash's leftovers and remove it.
+    let _lock = DirLock::acquire(sibling(dir, "write-lock")?, &dir.display().to_string(), "sft command")?;
     ensure!(!dir.exists(), "{} already exists: choose a new directory", dir.display());
     let tmp = tmp_sibling(dir)?;
     if tmp.exists() {
