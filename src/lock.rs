@@ -41,11 +41,15 @@ impl DirLock {
     /// Takes the lock at `path` (created if missing, with its parent directories: the holder is
     /// about to write there; its content becomes this process's id), or fails when another
     /// process holds it: `what` names the directory as the user gave it (`--out-dir runs/sft`),
-    /// `command` the kind of holder (`sft train`).
+    /// `command` the kind of holder (`sft train`). The parent is resolved, so that every
+    /// spelling of one directory (through a symbolic link, say) finds the same lock.
     pub fn acquire(path: PathBuf, what: &str, command: &str) -> Result<Self> {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        }
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        let parent =
+            std::fs::canonicalize(parent).with_context(|| format!("{}: cannot resolve", parent.display()))?;
+        let path =
+            parent.join(path.file_name().with_context(|| format!("{}: no file name", path.display()))?);
         loop {
             let mut file = std::fs::OpenOptions::new()
                 .read(true)

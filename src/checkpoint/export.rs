@@ -169,8 +169,7 @@ pub fn export_checkpoint(args: &ExportArgs) -> Result<ExportReport> {
         }
     }
 
-    let name = out.file_name().with_context(|| format!("{} has no directory name", out.display()))?;
-    let tmp = out.with_file_name(format!("{}.export-tmp", name.to_string_lossy()));
+    let tmp = sibling(out, "export-tmp")?;
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
     }

@@ -119,7 +119,7 @@ pub fn save_weights_with(
     // this one's temporary directory for a crash's leftovers and remove it.
     let _lock = DirLock::acquire(sibling(dir, "write-lock")?, &dir.display().to_string(), "sft command")?;
     ensure!(!dir.exists(), "{} already exists: choose a new directory", dir.display());
-    let tmp = tmp_sibling(dir)?;
+    let tmp = sibling(dir, "tmp")?;
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
     }
@@ -128,11 +128,6 @@ pub fn save_weights_with(
     fsync_dir(&tmp)?;
     std::fs::rename(&tmp, dir).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
     fsync_dir(dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
-}
-
-fn tmp_sibling(dir: &Path) -> Result<PathBuf> {
-    let name = dir.file_name().with_context(|| format!("{} has no directory name", dir.display()))?;
-    Ok(dir.with_file_name(format!("{}.tmp", name.to_string_lossy())))
 }
 
 /// The directory name of the checkpoint after `step` optimizer steps.

@@ -611,7 +611,7 @@ impl<B: Backend> LayerCx<'_, B> {
 
     /// The residual stream past a branch, and the next norm of it: `resid_out = resid_in +
     /// dropout(inp·wᵀ)` (LoRA's product added to the projection's), then `ln = rmsnorm(resid_out)`
-    /// with the norm weight `norm.2`, saving `rstd`. Without dropout the residual rides in the
+    /// with the weight `p[norm_w]`, saving `rstd`. Without dropout the residual rides in the
     /// projection's GEMM (beta 1 over `resid_in`) and a plain norm follows; with it the projection
     /// goes to `delta` and one kernel adds its masked values and norms.
     #[allow(clippy::too_many_arguments)]

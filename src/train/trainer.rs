@@ -356,16 +356,13 @@ impl Progress {
     }
 }
 
-/// `<out_dir>.train-lock` beside the run directory (its parent created if missing, and resolved,
-/// so that every spelling of one directory finds the same lock), held by the run's rank 0.
+/// `<out_dir>.train-lock` beside the run directory, held by the run's rank 0.
 fn lock_run_dir(out_dir: &Path) -> Result<DirLock> {
-    let lock = sibling(out_dir, "train-lock")?;
-    let parent = lock.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let parent =
-        std::fs::canonicalize(parent).with_context(|| format!("{}: cannot resolve", parent.display()))?;
-    let what = format!("--out-dir {}", out_dir.display());
-    DirLock::acquire(parent.join(lock.file_name().unwrap_or_default()), &what, "sft train")
+    DirLock::acquire(
+        sibling(out_dir, "train-lock")?,
+        &format!("--out-dir {}", out_dir.display()),
+        "sft train",
+    )
 }
 
 /// Where a run starts: fresh, from a checkpoint's weights (`init_from`), or resumed.

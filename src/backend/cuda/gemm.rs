@@ -158,9 +158,9 @@ struct GemmShape {
     ldb: i64,
     ldc: i64,
     c_type: DType,
-    /// The operands' pointer alignments (A, B, and the lesser of C and D): cuBLASLt's heuristic assumes 256 bytes
-    /// unless told, and LoRA's column slices start at an element offset inside a row, so an
-    /// algorithm chosen for aligned operands may not run on a slice.
+    /// The operands' pointer alignments (A, B, and the lesser of C and D): cuBLASLt's heuristic
+    /// assumes 256 bytes unless told, and LoRA's column slices start at an element offset inside
+    /// a row, so an algorithm chosen for aligned operands may not run on a slice.
     align: [u32; 3],
 }
 
