@@ -14,6 +14,7 @@
 pub mod backend;
 pub mod bench;
 pub mod checkpoint;
+pub mod checksum;
 pub mod data;
 pub mod demo;
 pub mod dist;

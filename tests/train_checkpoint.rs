@@ -159,6 +159,62 @@ fn truncated_weights_file_is_an_error_not_a_panic() {
     assert!(format!("{err:#}").contains("model.safetensors"), "{err:#}");
 }
 
+/// A weight changed on disk after it was written (one bit, at rest or in a copy) loaded as a
+/// slightly different model; the checksum each tensor carries in the header now refuses it. A
+/// file without checksums (from elsewhere, or from sft before them) loads as it is, and two
+/// saves of the same weights are the same bytes.
+#[test]
+fn a_tensor_changed_on_disk_is_refused_by_its_checksum() {
+    let root = tempfile::tempdir().unwrap();
+    let ckpt = root.path().join("ckpt");
+    init(InitArgs {
+        model: "tiny".into(),
+        out: ckpt.clone(),
+        seed: 1,
+        tokenizer: None,
+        vocab_size: Some(300),
+    })
+    .unwrap();
+    let path = ckpt.join(MODEL_FILE);
+    let bytes = std::fs::read(&path).unwrap();
+    // The same weights give the same bytes, header included (its metadata is written in order).
+    let again = root.path().join("again");
+    init(InitArgs {
+        model: "tiny".into(),
+        out: again.clone(),
+        seed: 1,
+        tokenizer: None,
+        vocab_size: Some(300),
+    })
+    .unwrap();
+    assert!(std::fs::read(again.join(MODEL_FILE)).unwrap() == bytes, "two saves of one model differ");
+    let header_len = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..header_len]).unwrap();
+    let meta = header["__metadata__"].as_object().unwrap();
+    assert_eq!(meta["format"], "pt", "transformers refuses a file without it");
+    let tensor = "model.layers.1.mlp.down_proj.weight";
+    assert!(meta.contains_key(&format!("sft.checksum.{tensor}")), "{meta:?}");
+    // The low bit of one f32 weight: a finite value a hair off, which nothing else would notice.
+    let at = header_len + header[tensor]["data_offsets"][0].as_u64().unwrap() as usize + 4 * 17;
+    let mut changed = bytes.clone();
+    changed[at] ^= 1;
+    std::fs::write(&path, &changed).unwrap();
+    let err = checkpoint::load_generation_model(&ckpt, CpuBackend::<f32>::new()).map(|_| ()).unwrap_err();
+    let err = format!("{err:#}");
+    assert!(err.contains("model.safetensors") && err.contains(tensor) && err.contains("checksum"), "{err}");
+
+    // The same weights with a header without metadata load, as a file from elsewhere does.
+    let mut plain = header.clone();
+    plain.as_object_mut().unwrap().remove("__metadata__");
+    let mut text = plain.to_string().into_bytes();
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut file = (text.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&text);
+    file.extend_from_slice(&bytes[header_len..]);
+    std::fs::write(&path, &file).unwrap();
+    checkpoint::load_generation_model(&ckpt, CpuBackend::<f32>::new()).unwrap();
+}
+
 #[test]
 fn init_from_a_checkpoint_and_eval() {
     let root = tempfile::tempdir().unwrap();

@@ -13,23 +13,22 @@
 //! For SimpleLLaMA's format the chat template is [`simplellama_jinja`], which renders exactly
 //! what sft's formatter produces. The directory is written beside `out` and renamed into place.
 
-use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use ::safetensors::{Dtype, View};
+use ::safetensors::Dtype;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use clap::Args;
 use serde_json::{json, Map, Value};
 
 use super::fsync::{fsync_dir, write_file_synced};
 use super::hf_config::{hf_config_json, token_ids_from_tokenizer_json};
+use super::safetensors::write_as;
 use super::{to_hf, Checkpoint, CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE};
 use crate::data::format::{simplellama_jinja, SOS, UNK};
 use crate::data::template::{tokenizer_config_json, ChatFormatArgs, TOKENIZER_CONFIG_FILE};
 use crate::data::ChatTokenizer;
 use crate::generate::SamplingConfig;
 use crate::lock::{sibling, DirLock};
-use crate::model::params::NamedTensor;
 
 /// The weight dtype of an export.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
@@ -66,40 +65,6 @@ pub struct ExportArgs {
     pub tokenizer: Option<PathBuf>,
     #[command(flatten)]
     pub chat: ChatFormatArgs,
-}
-
-/// Streams one tensor in the export dtype.
-struct ExportView<'a> {
-    tensor: &'a NamedTensor,
-    dtype: ExportDtype,
-}
-
-impl View for ExportView<'_> {
-    fn dtype(&self) -> Dtype {
-        match self.dtype {
-            ExportDtype::Bf16 => Dtype::BF16,
-            ExportDtype::F32 => Dtype::F32,
-        }
-    }
-    fn shape(&self) -> &[usize] {
-        &self.tensor.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(match self.dtype {
-            // Round to nearest even, as torch's .to(torch.bfloat16) does.
-            ExportDtype::Bf16 => {
-                self.tensor.data.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect()
-            }
-            ExportDtype::F32 => self.tensor.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        })
-    }
-    fn data_len(&self) -> usize {
-        self.tensor.data.len()
-            * match self.dtype {
-                ExportDtype::Bf16 => 2,
-                ExportDtype::F32 => 4,
-            }
-    }
 }
 
 /// What an export wrote.
@@ -177,13 +142,11 @@ pub fn export_checkpoint(args: &ExportArgs) -> Result<ExportReport> {
 
     // Weights.
     let model_path = tmp.join(MODEL_FILE);
-    let views = hf.iter().map(|t| (t.name.as_str(), ExportView { tensor: t, dtype: args.dtype }));
-    let metadata = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
-    ::safetensors::serialize_to_file(views, metadata, &model_path)
-        .with_context(|| format!("writing {}", model_path.display()))?;
-    std::fs::File::open(&model_path)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("syncing {}", model_path.display()))?;
+    let dtype = match args.dtype {
+        ExportDtype::Bf16 => Dtype::BF16,
+        ExportDtype::F32 => Dtype::F32,
+    };
+    write_as(&model_path, &hf, dtype)?;
     let bytes = std::fs::metadata(&model_path)?.len();
 
     // Tokenizer: serialized from the loaded one, so a decoder added at load is kept.

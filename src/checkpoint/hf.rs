@@ -253,7 +253,7 @@ pub fn read_hf_weights(dir: &Path, config: &ModelConfig) -> Result<Vec<NamedTens
         );
         let mapped = map_file(&single)?;
         let st = parse_safetensors(&single, &mapped.map)?;
-        let names = st.names();
+        let names = st.tensors.names();
         let mut unexpected: Vec<&str> = names.iter().copied().filter(|n| !allowed(n)).collect();
         unexpected.sort_unstable();
         if let Some(name) = unexpected.first() {

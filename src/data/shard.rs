@@ -30,6 +30,7 @@ use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 
 use super::example::Example;
+use crate::checksum::{chunk_hash, fmix, fold, CHUNK as CHECKSUM_CHUNK};
 
 #[cfg(not(target_endian = "little"))]
 compile_error!("token shards are read in place and assume a little-endian machine");
@@ -40,8 +41,6 @@ pub const HEADER_LEN: usize = 96;
 /// Byte position of the checksum field.
 const CHECKSUM_AT: usize = 64;
 const RESERVED: std::ops::Range<usize> = 72..HEADER_LEN;
-/// The checksum is computed per chunk of this many bytes, in parallel, then combined in order.
-const CHECKSUM_CHUNK: usize = 1 << 20;
 
 /// The counts and identity of a shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -151,41 +150,6 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-const K1: u64 = 0x9E37_79B9_7F4A_7C15;
-const K2: u64 = 0xC2B2_AE3D_27D4_EB4F;
-
-/// MurmurHash3's 64-bit finalizer.
-fn fmix(mut x: u64) -> u64 {
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xC4CE_B9FE_1A85_EC53);
-    x ^ (x >> 33)
-}
-
-/// Hash of one chunk, four independent lanes of 64-bit words (so the CPU overlaps the
-/// multiplies). Every step is invertible, so any change confined to one word always changes the
-/// result.
-fn chunk_hash(bytes: &[u8]) -> u64 {
-    let mut lanes = [K1, K2, K1 ^ K2, !K1];
-    let mut blocks = bytes.chunks_exact(32);
-    for block in &mut blocks {
-        for (l, w) in lanes.iter_mut().zip(block.chunks_exact(8)) {
-            let w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
-            *l = (*l ^ w).wrapping_mul(K2).rotate_left(29);
-        }
-    }
-    let mut tail = [0u8; 32];
-    let rest = blocks.remainder();
-    tail[..rest.len()].copy_from_slice(rest);
-    let mut h = (bytes.len() as u64).wrapping_mul(K1);
-    for (l, w) in lanes.iter().zip(tail.chunks_exact(8)) {
-        let w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
-        h = fmix(h ^ fmix(*l ^ w.wrapping_mul(K1)));
-    }
-    h
-}
-
 /// One pass over a shard's bytes: its checksum (the checksum field read as 0) and the largest
 /// token id, chunks hashed in parallel. `tokens` is the byte range of the token array.
 fn scan(bytes: &[u8], tokens: std::ops::Range<usize>) -> (u64, Option<u32>) {
@@ -212,7 +176,7 @@ fn scan(bytes: &[u8], tokens: std::ops::Range<usize>) -> (u64, Option<u32>) {
     let mut h = fmix(chunk_hash(&header) ^ (bytes.len() as u64));
     let mut max = None;
     for (c, m) in parts {
-        h = fmix(h.rotate_left(17) ^ c).wrapping_mul(K1);
+        h = fold(h, c);
         max = max.max(m);
     }
     (h, max)

@@ -687,7 +687,9 @@ pub fn train_ranks<B: Backend>(
     let mut state = match resumed {
         Some((dir, mut s)) => {
             checkpoint::load_optimizer_into(&dir, &mut model)?;
-            loader.restore(&s.loader)?;
+            loader.restore(&s.loader).with_context(|| {
+                format!("{}: field \"loader\"", dir.join(checkpoint::TRAINER_STATE_FILE).display())
+            })?;
             // The run's model and base stay the checkpoint's, whatever the flags left at defaults.
             let init_from = cfg.init_from.clone().or(s.config.init_from.take());
             s.config = TrainConfig { model: std::mem::take(&mut s.config.model), init_from, ..cfg.clone() };

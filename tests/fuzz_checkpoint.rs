@@ -1,0 +1,424 @@
+//! A training run's checkpoint, damaged, through `sft train --resume`: trainer_state.json field by
+//! field and at random, the safetensors files (the header's dtypes, shapes, offsets, names and
+//! metadata, its length prefix, bytes anywhere, a cut or a tail), the `latest` pointer, and
+//! missing files. Every outcome is `Ok` or a clean `Err` naming the run; a panic fails the test
+//! with the seed and the damage.
+//!
+//! Bounded in time: `SFT_FUZZ_SECONDS` (default 6) for the random part, after one pass over every
+//! field of trainer_state.json × every special value. `SFT_FUZZ_SEED` replays a run.
+
+mod common;
+
+use common::train::{prepared_data, tiny_config};
+use serde_json::{json, Value};
+use sft::backend::cpu::CpuBackend;
+use sft::data::BatchMode;
+use sft::rng::Rng;
+use sft::train::{train_on, TrainConfig};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The fixture's run saved this step; the resume trains one more.
+const SAVED_STEP: u64 = 2;
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &dst.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// Values a field is set to, besides removing it.
+fn special_values() -> Vec<Value> {
+    vec![
+        json!(0),
+        json!(-1),
+        json!(1),
+        json!(7),
+        json!(0.5),
+        json!(-0.5),
+        json!(1e30),
+        json!(-1e30),
+        json!(u64::MAX),
+        json!(1u64 << 40),
+        json!(i64::MIN),
+        json!("NaN"),
+        json!(""),
+        json!("dynamic"),
+        json!(null),
+        json!(true),
+        json!([]),
+        json!({}),
+        json!([1, 2]),
+    ]
+}
+
+/// Every path to a leaf of `v` (and to each object on the way).
+fn paths(v: &Value, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+    if let Some(obj) = v.as_object() {
+        for (k, child) in obj {
+            prefix.push(k.clone());
+            out.push(prefix.clone());
+            paths(child, prefix, out);
+            prefix.pop();
+        }
+    }
+}
+
+fn set(json: &mut Value, path: &[String], value: Option<Value>) {
+    let mut node = json;
+    for key in &path[..path.len() - 1] {
+        node = match node.get_mut(key) {
+            Some(n) => n,
+            None => return,
+        };
+    }
+    if let Some(obj) = node.as_object_mut() {
+        match value {
+            Some(v) => {
+                obj.insert(path[path.len() - 1].clone(), v);
+            }
+            None => {
+                obj.remove(&path[path.len() - 1]);
+            }
+        }
+    }
+}
+
+/// A safetensors file split into its header (JSON) and its data.
+fn split_safetensors(bytes: &[u8]) -> (Value, Vec<u8>) {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    (header, bytes[8 + n..].to_vec())
+}
+
+/// The file of `header` and `data`, the header padded with spaces to a multiple of 8 as the
+/// format asks.
+fn join_safetensors(header: &Value, data: &[u8]) -> Vec<u8> {
+    let mut text = header.to_string().into_bytes();
+    while !text.len().is_multiple_of(8) {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(data);
+    out
+}
+
+/// What was done to a file, and whether it must be refused: a change to the bytes of a tensor
+/// never loads as if nothing happened.
+struct Damage {
+    what: String,
+    must_fail: bool,
+}
+
+impl Damage {
+    fn may(what: String) -> Self {
+        Damage { what, must_fail: false }
+    }
+}
+
+/// Damages one safetensors file of `bytes` in one of a dozen ways.
+fn damage_safetensors(rng: &mut Rng, bytes: &[u8]) -> (Vec<u8>, Damage) {
+    let (mut header, data) = split_safetensors(bytes);
+    let header_end = bytes.len() - data.len();
+    let names: Vec<String> =
+        header.as_object().unwrap().keys().filter(|k| *k != "__metadata__").cloned().collect();
+    let name = names[rng.below(names.len())].clone();
+    let entry = &mut header[&name];
+    let kind = rng.below(14);
+    let what = match kind {
+        0 => {
+            let dtypes = ["F32", "BF16", "F16", "F64", "I64", "U8", "BOOL", "F8_E4M3", "XX"];
+            let d = dtypes[rng.below(dtypes.len())];
+            entry["dtype"] = json!(d);
+            format!("{name}: dtype {d}")
+        }
+        1 => {
+            let mut shape: Vec<Value> = entry["shape"].as_array().unwrap().clone();
+            match rng.below(5) {
+                0 => shape.push(json!(1)),
+                1 => {
+                    shape.pop();
+                }
+                2 if !shape.is_empty() => {
+                    let i = rng.below(shape.len());
+                    shape[i] = [json!(0), json!(1), json!(u64::MAX), json!(1u64 << 33), json!(-1)]
+                        [rng.below(5)]
+                    .clone();
+                }
+                3 => shape.reverse(),
+                _ => shape.clear(),
+            }
+            let text = format!("{name}: shape {shape:?}");
+            entry["shape"] = Value::Array(shape);
+            text
+        }
+        2 => {
+            let o: Vec<u64> =
+                entry["data_offsets"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+            let (a, b) = (o[0], o[1]);
+            let new = match rng.below(6) {
+                0 => json!([b, a]),
+                1 => json!([a, b + 4]),
+                2 => json!([a + 4, b + 4]),
+                3 => json!([0, u64::MAX]),
+                4 => json!([u64::MAX - 1, u64::MAX]),
+                _ => json!(["x", a]),
+            };
+            let text = format!("{name}: data_offsets {new}");
+            entry["data_offsets"] = new;
+            text
+        }
+        3 => {
+            header.as_object_mut().unwrap().remove(&name);
+            format!("{name} removed from the header")
+        }
+        4 => {
+            let other = names[rng.below(names.len())].clone();
+            let v = header.as_object_mut().unwrap().remove(&name).unwrap();
+            let new = if other == name { format!("{name}.x") } else { other };
+            header.as_object_mut().unwrap().insert(new.clone(), v);
+            format!("{name} renamed {new}")
+        }
+        5 => {
+            let v = special_values()[rng.below(special_values().len())].clone();
+            *entry = v.clone();
+            format!("{name}'s entry = {v}")
+        }
+        6 => {
+            let meta = header.as_object_mut().unwrap().entry("__metadata__").or_insert(json!({}));
+            let text = match (meta.as_object_mut(), rng.below(3)) {
+                (Some(m), 0) if !m.is_empty() => {
+                    // A recorded value (a checksum, where there is one) edited by one character.
+                    let keys: Vec<String> = m.keys().cloned().collect();
+                    let k = keys[rng.below(keys.len())].clone();
+                    let mut v = m[&k].as_str().unwrap_or("0").to_string();
+                    let at = rng.below(v.len().max(1));
+                    v.replace_range(
+                        at..(at + 1).min(v.len()),
+                        if v.get(at..at + 1) == Some("f") { "e" } else { "f" },
+                    );
+                    m.insert(k.clone(), json!(v));
+                    format!("metadata {k} = {v:?}")
+                }
+                (Some(m), 1) => {
+                    m.insert("sft.x".into(), json!(3));
+                    "metadata holding a number".into()
+                }
+                _ => {
+                    *meta = json!("not a map");
+                    "metadata a string".into()
+                }
+            };
+            text
+        }
+        7 => {
+            let n = (header_end - 8) as u64;
+            let new = [0, n - 1, n + 8, n - 8, u64::MAX, 1 << 40, bytes.len() as u64][rng.below(7)];
+            let mut out = bytes.to_vec();
+            out[..8].copy_from_slice(&new.to_le_bytes());
+            return (out, Damage::may(format!("length prefix {n} → {new}")));
+        }
+        8 => {
+            let at = 8 + rng.below(header_end - 8);
+            let mut out = bytes.to_vec();
+            out[at] ^= 1 << rng.below(8);
+            return (out, Damage::may(format!("header byte {at} flipped")));
+        }
+        9 | 10 if !data.is_empty() => {
+            let at = header_end + rng.below(data.len());
+            let mut out = bytes.to_vec();
+            out[at] ^= 1 << rng.below(8);
+            return (out, Damage { what: format!("data byte {at} flipped"), must_fail: true });
+        }
+        11 => {
+            let at = rng.below(bytes.len());
+            return (bytes[..at].to_vec(), Damage::may(format!("cut at byte {at} of {}", bytes.len())));
+        }
+        12 => {
+            let mut out = bytes.to_vec();
+            out.extend((0..1 + rng.below(64)).map(|_| rng.below(256) as u8));
+            return (out, Damage::may("bytes appended".into()));
+        }
+        _ => return (Vec::new(), Damage::may("emptied".into())),
+    };
+    (join_safetensors(&header, &data), Damage::may(what))
+}
+
+struct Fuzz {
+    fixture_run: PathBuf,
+    case: PathBuf,
+    cfg: TrainConfig,
+    inputs: usize,
+    ok: usize,
+    errors: usize,
+    failures: Vec<String>,
+}
+
+impl Fuzz {
+    /// A fresh copy of the fixture's run, `edit` applied to it, then the resume.
+    fn run(&mut self, what: &str, must_fail: bool, edit: impl FnOnce(&Path)) {
+        let _ = std::fs::remove_dir_all(&self.case);
+        copy_dir(&self.fixture_run, &self.case);
+        edit(&self.case);
+        self.inputs += 1;
+        let cfg = &self.cfg;
+        match catch_unwind(AssertUnwindSafe(|| train_on(CpuBackend::<f32>::new(), cfg))) {
+            Ok(Ok((_, report))) => {
+                self.ok += 1;
+                if must_fail {
+                    self.failures.push(format!("{what}: resumed as if nothing happened"));
+                } else if report.step_losses.iter().any(|(_, l)| !l.is_finite()) {
+                    self.failures
+                        .push(format!("{what}: resumed into a non-finite loss {:?}", report.step_losses));
+                }
+            }
+            Ok(Err(e)) => {
+                self.errors += 1;
+                let msg = format!("{e:#}");
+                // A clean error says which run (and mostly which file) it is about.
+                if !msg.contains(self.case.to_str().unwrap()) {
+                    self.failures.push(format!("{what}: an error naming no file: {msg}"));
+                }
+            }
+            Err(_) => self.failures.push(format!("{what}: panicked")),
+        }
+    }
+}
+
+#[test]
+fn a_damaged_checkpoint_resumes_or_fails_cleanly() {
+    let seconds: f64 = std::env::var("SFT_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(6.0);
+    let seed: u64 = std::env::var("SFT_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    println!("fuzz seed {seed} (replay with SFT_FUZZ_SEED={seed}), {seconds} s of random damage");
+
+    let root = tempfile::tempdir().unwrap();
+    let (data, tok) = prepared_data(root.path(), 48, 96);
+    let fixture_run = root.path().join("run");
+    let first = TrainConfig {
+        max_steps: Some(SAVED_STEP),
+        schedule_steps: Some(SAVED_STEP + 2),
+        // One micro-batch a step and no evaluation: the fuzz checks the loading, not training.
+        grad_accum: 1,
+        eval_every: 0,
+        ..tiny_config(&data, &tok, &fixture_run, BatchMode::Dynamic)
+    };
+    train_on(CpuBackend::<f32>::new(), &first).unwrap();
+    let step_dir = format!("step-{SAVED_STEP}");
+    assert!(fixture_run.join(&step_dir).join("optimizer.safetensors").is_file());
+    let case = root.path().join("case");
+    let cfg = TrainConfig { max_steps: Some(SAVED_STEP + 1), resume: true, ..first.clone() };
+    let cfg = TrainConfig { out_dir: case.clone(), ..cfg };
+    let mut fuzz = Fuzz { fixture_run, case, cfg, inputs: 0, ok: 0, errors: 0, failures: Vec::new() };
+
+    // Quiet panics: they are counted and reported below.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+
+    fuzz.run("the checkpoint as saved", false, |_| {});
+    assert_eq!(fuzz.ok, 1, "the undamaged checkpoint does not resume: {:?}", fuzz.failures);
+
+    // 1. Every field of trainer_state.json, every special value, and removed.
+    let state_file = |dir: &Path| dir.join(&step_dir).join("trainer_state.json");
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(state_file(&fuzz.fixture_run)).unwrap()).unwrap();
+    let mut fields = Vec::new();
+    paths(&state, &mut Vec::new(), &mut fields);
+    for path in &fields {
+        for value in special_values().into_iter().map(Some).chain([None]) {
+            let what = format!("trainer_state.json {} = {value:?}", path.join("."));
+            let mut json = state.clone();
+            set(&mut json, path, value);
+            fuzz.run(&what, false, |dir| std::fs::write(state_file(dir), json.to_string()).unwrap());
+        }
+    }
+    let exhaustive = fuzz.inputs;
+
+    // 2. Random damage, one file at a time.
+    let files = ["model.safetensors", "optimizer.safetensors"];
+    let originals: Vec<Vec<u8>> =
+        files.iter().map(|f| std::fs::read(fuzz.fixture_run.join(&step_dir).join(f)).unwrap()).collect();
+    let state_text = state.to_string();
+    let mut rng = Rng::new(seed);
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    while Instant::now() < deadline {
+        let case_no = fuzz.inputs;
+        match rng.below(8) {
+            0..=4 => {
+                let k = rng.below(files.len());
+                let (bytes, damage) = damage_safetensors(&mut rng, &originals[k]);
+                let what = format!("seed {seed} input {case_no}: {}: {}", files[k], damage.what);
+                let path = Path::new(&step_dir).join(files[k]);
+                fuzz.run(&what, damage.must_fail, |dir| std::fs::write(dir.join(&path), bytes).unwrap());
+            }
+            5 => {
+                // trainer_state.json: a byte-level edit of its text.
+                let mut bytes = state_text.clone().into_bytes();
+                let at = rng.below(bytes.len());
+                match rng.below(3) {
+                    0 => bytes.truncate(at),
+                    1 => {
+                        let piece = bytes[at..(at + 8).min(bytes.len())].to_vec();
+                        bytes.splice(at..at, piece);
+                    }
+                    _ => bytes[at] = b"0123456789-.e,:{}[]\" "[rng.below(21)],
+                }
+                let what = format!("seed {seed} input {case_no}: trainer_state.json edited at byte {at}");
+                fuzz.run(&what, false, |dir| std::fs::write(state_file(dir), bytes).unwrap());
+            }
+            6 => {
+                let pointers = [
+                    "",
+                    "step-1",
+                    "step-3",
+                    "step-2\n\n",
+                    "../run/step-2",
+                    "/",
+                    "step-",
+                    "step-99999999999999999999",
+                    "\u{0}",
+                ];
+                let p = pointers[rng.below(pointers.len())];
+                let what = format!("seed {seed} input {case_no}: latest = {p:?}");
+                fuzz.run(&what, false, |dir| std::fs::write(dir.join("latest"), p).unwrap());
+            }
+            _ => {
+                let gone = [
+                    "model.safetensors",
+                    "optimizer.safetensors",
+                    "trainer_state.json",
+                    "config.json",
+                    "tokenizer.json",
+                ];
+                let f = gone[rng.below(gone.len())];
+                let what = format!("seed {seed} input {case_no}: {f} removed");
+                fuzz.run(&what, false, |dir| std::fs::remove_file(dir.join(&step_dir).join(f)).unwrap());
+            }
+        }
+    }
+    std::panic::set_hook(default_hook);
+
+    println!(
+        "fuzzed the resume: {} inputs ({exhaustive} single-field, {} random): {} resumed, {} clean errors, {} failures",
+        fuzz.inputs,
+        fuzz.inputs - exhaustive,
+        fuzz.ok,
+        fuzz.errors,
+        fuzz.failures.len()
+    );
+    assert!(
+        fuzz.failures.is_empty(),
+        "seed {seed}: {} failures:\n{}",
+        fuzz.failures.len(),
+        fuzz.failures.join("\n")
+    );
+}
