@@ -270,7 +270,9 @@ pub(super) fn token_ids_from_tokenizer_json(text: &str) -> serde_json::Map<Strin
         }
     }
     // A tokenizer that starts texts with its own BOS (Llama 3's <|begin_of_text|>): that one.
-    let bos = tokenizers::Tokenizer::from_bytes(text.as_bytes()).ok().and_then(|tok| leading_special(&tok));
+    let bos = crate::data::tokenizer::parse_tokenizer_json(text.as_bytes())
+        .ok()
+        .and_then(|tok| leading_special(&tok));
     if let Some(bos) = bos {
         out.insert("bos_token_id".to_string(), bos.into());
     }

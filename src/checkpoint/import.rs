@@ -9,7 +9,7 @@
 
 use crate::checkpoint::{self, Checkpoint, TokenizerSource, TOKENIZER_FILE};
 use crate::data::template::{tokenizer_config_beside, TOKENIZER_CONFIG_FILE};
-use crate::data::tokenizer::missing_chat_tokens;
+use crate::data::tokenizer::{missing_chat_tokens, parse_tokenizer_json};
 use crate::data::{ChatFormat, ChatTemplate, ChatTokenizer, FormatChoice};
 use crate::model::config::ModelConfig;
 use crate::model::params::NamedTensor;
@@ -81,8 +81,8 @@ pub fn import_hf(from: &Path, out: &Path, add_chat_tokens: bool) -> Result<Impor
         "{} is missing: --add-chat-tokens needs the model's tokenizer",
         tok_path.display()
     );
-    let mut tok = Tokenizer::from_file(&tok_path)
-        .map_err(|e| anyhow!("{}: not a valid tokenizer.json: {e}", tok_path.display()))?;
+    let bytes = std::fs::read(&tok_path).with_context(|| format!("reading {}", tok_path.display()))?;
+    let mut tok = parse_tokenizer_json(&bytes).with_context(|| tok_path.display().to_string())?;
     let tok_vocab_before = tok.get_vocab_size(true);
     let missing = missing_chat_tokens(&tok);
     let specials: Vec<AddedToken> = missing.iter().map(|t| AddedToken::from(*t, true)).collect();

@@ -23,6 +23,38 @@ use super::format::{
 };
 use super::template::{template_prompt, tokenizer_config_beside, ChatFormat, ChatTemplate};
 
+/// A `tokenizer.json`'s bytes parsed by the `tokenizers` library, with what makes that library
+/// panic instead of returning an error refused first (found by tests/fuzz_tokenizer.rs, in
+/// tokenizers 0.22): a syntax error inside the decoder's object (its deserializer `expect`s the
+/// object to parse), and a BPE merge whose second token is shorter than the model's
+/// `continuing_subword_prefix` (it slices the prefix off). A panic left inside the library is
+/// caught and returned as an error too. The error does not name the file: callers add it.
+pub fn parse_tokenizer_json(bytes: &[u8]) -> Result<Tokenizer> {
+    let json: serde_json::Value = serde_json::from_slice(bytes).context("not a valid tokenizer.json")?;
+    let model = &json["model"];
+    if let (Some(prefix), Some(merges)) =
+        (model["continuing_subword_prefix"].as_str(), model["merges"].as_array())
+    {
+        for (i, merge) in merges.iter().enumerate() {
+            let second = match merge {
+                serde_json::Value::String(pair) => pair.split_once(' ').map(|(_, b)| b),
+                serde_json::Value::Array(pair) => pair.get(1).and_then(|b| b.as_str()),
+                _ => None,
+            };
+            if let Some(b) = second.filter(|b| !b.is_char_boundary(prefix.len())) {
+                bail!(
+                    "field \"model.merges\"[{i}]: its second token {b:?} is shorter than \
+                     model.continuing_subword_prefix {prefix:?}, which every merged continuation starts with"
+                );
+            }
+        }
+    }
+    match std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes)) {
+        Ok(parsed) => parsed.map_err(|e| anyhow!("not a valid tokenizer.json: {e}")),
+        Err(_) => bail!("not a valid tokenizer.json: the tokenizers library panicked reading it"),
+    }
+}
+
 /// The six chat tokens and `<PAD>` that `tok` lacks as special added tokens, in that order.
 pub fn missing_chat_tokens(tok: &Tokenizer) -> Vec<&'static str> {
     let specials: std::collections::HashSet<String> =
@@ -272,8 +304,7 @@ impl ChatTokenizer {
     pub fn load(path: &Path, choice: &FormatChoice) -> Result<Self> {
         let bytes =
             std::fs::read(path).with_context(|| format!("{}: cannot read tokenizer", path.display()))?;
-        let tok = Tokenizer::from_bytes(&bytes)
-            .map_err(|e| anyhow!("{}: not a valid tokenizer.json: {e}", path.display()))?;
+        let tok = parse_tokenizer_json(&bytes).with_context(|| path.display().to_string())?;
         let template = choose_template(path, choice)?;
         let fingerprint = format_fingerprint(&bytes, template.as_ref().map(ChatTemplate::source));
         let mut tok = Self::from_tokenizer_with(tok, fingerprint, template.map(Arc::new))
@@ -463,8 +494,7 @@ impl ChatTokenizer {
 
     /// Encodes text as the tokenizer does: special-token strings become their ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc =
-            self.inner.encode_fast(text, false).map_err(|e| anyhow!("tokenizer: encode failed: {e}"))?;
+        let enc = self.inner.encode_fast(text, false).map_err(|e| self.failed("encode", e))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -541,7 +571,7 @@ impl ChatTokenizer {
         if text.is_empty() {
             return Ok(Vec::new());
         }
-        let err = |e| anyhow!("tokenizer: encode failed: {e}");
+        let err = |e| self.failed("encode", e);
         let mut ids = Vec::with_capacity(text.len() / 3 + 1);
         match self.fast {
             FastPath::None => return self.encode(text),
@@ -621,7 +651,7 @@ impl ChatTokenizer {
             .inner
             .get_model()
             .tokenize(model_input)
-            .map_err(|e| anyhow!("tokenizer: encode failed: {e}"))?
+            .map_err(|e| self.failed("encode", e))?
             .iter()
             .map(|t| t.id)
             .collect();
@@ -661,12 +691,20 @@ impl ChatTokenizer {
 
     /// Decodes ids to text, skipping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| anyhow!("tokenizer: decode failed: {e}"))
+        self.inner.decode(ids, true).map_err(|e| self.failed("decode", e))
     }
 
     /// Decodes ids to text, special tokens included.
     pub fn decode_with_specials(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| anyhow!("tokenizer: decode failed: {e}"))
+        self.inner.decode(ids, false).map_err(|e| self.failed("decode", e))
+    }
+
+    /// An error of the tokenizers library, naming the file the tokenizer came from.
+    fn failed(&self, op: &str, e: impl std::fmt::Display) -> anyhow::Error {
+        match &self.path {
+            Some(path) => anyhow!("{}: {op} failed: {e}", path.display()),
+            None => anyhow!("tokenizer: {op} failed: {e}"),
+        }
     }
 }
 
@@ -846,5 +884,32 @@ mod tests {
         assert_eq!(tok.dropped_chars("a zoo, a boa"), vec!['z']);
         let decoded = tok.decode(&tok.encode_text("zoo").unwrap()).unwrap();
         assert_eq!(decoded.trim(), "oo", "tokenizers drops what dropped_chars names");
+    }
+
+    /// Two inputs on which tokenizers 0.22 panicked while parsing, now plain errors.
+    #[test]
+    fn what_makes_the_tokenizers_library_panic_is_an_error() {
+        let convs = vec![Conversation {
+            system: "s".into(),
+            turns: vec![Turn { user: "zebra".into(), assistant: "zoo".into() }],
+        }];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        train_tokenizer(&convs, 300, &path).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let text = json.to_string();
+
+        // A syntax error inside the decoder's object.
+        let decoder = json["decoder"].to_string();
+        let broken = text.replacen(&decoder, &decoder.replacen(':', "::", 1), 1);
+        assert_ne!(broken, text);
+        let err = format!("{:#}", parse_tokenizer_json(broken.as_bytes()).unwrap_err());
+        assert!(err.contains("not a valid tokenizer.json") && err.contains("column"), "{err}");
+
+        // A continuing-subword prefix longer than a merge's second token.
+        let mut prefixed = json.clone();
+        prefixed["model"]["continuing_subword_prefix"] = "##".into();
+        let err = format!("{:#}", parse_tokenizer_json(prefixed.to_string().as_bytes()).unwrap_err());
+        assert!(err.contains("model.merges") && err.contains("continuing_subword_prefix"), "{err}");
     }
 }
