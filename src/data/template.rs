@@ -111,7 +111,8 @@ fn rewrite_generation_tags(source: &str) -> (String, bool) {
     while let Some(at) = rest.find("{%") {
         out.push_str(&rest[..at]);
         let tag = &rest[at..];
-        let Some(end) = tag.find("%}") else {
+        // The closing `%}` comes after the opening `{%`: in `{%}` they overlap.
+        let Some(end) = tag[2..].find("%}").map(|e| e + 2) else {
             out.push_str(tag);
             rest = "";
             break;
@@ -419,7 +420,11 @@ impl ChatTemplate {
             ctx.insert(k.clone(), Value::from(v.as_str()));
         }
         let tmpl = self.env.get_template("chat_template").expect("added in new");
-        let raw = tmpl.render(ctx).map_err(|e| {
+        // minijinja 2.24 panics on some expressions instead of failing (`''[::-1]` indexes an
+        // empty string; found by tests/fuzz_template.rs): a template is data, so that is an error.
+        let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tmpl.render(ctx)))
+            .map_err(|_| anyhow!("{}: rendering failed: the template engine panicked on it", self.name))?;
+        let raw = rendered.map_err(|e| {
             let detail = match e.kind() {
                 ErrorKind::InvalidOperation => e.detail().unwrap_or("").to_string(),
                 _ => format!("{e:#}"),
@@ -722,6 +727,18 @@ mod tests {
         assert!(found);
         assert_eq!(s, "a{%- filter __sft_generation %}b{% endfilter -%}c{% if x %}{% endif %}");
         assert!(!rewrite_generation_tags("{{ x }}{% for m in y %}{% endfor %}").1);
+        // A `{%}` (its `%}` overlapping the `{%`) sliced backwards; now it is left to the parser.
+        assert_eq!(rewrite_generation_tags("a{%}b"), ("a{%}b".to_string(), false));
+        assert_eq!(rewrite_generation_tags("a{%}b%}c").0, "a{%}b%}c");
+    }
+
+    /// minijinja panicked reversing an empty string; the render is an error instead.
+    #[test]
+    fn a_template_the_engine_panics_on_is_an_error() {
+        let tpl = ChatTemplate::new("t", "{{ messages[0]['content'][::-1] }}", BTreeMap::new()).unwrap();
+        assert_eq!(tpl.render(&[Message::new("user", "ab")], false).unwrap(), "ba");
+        let err = format!("{:#}", tpl.render(&[Message::new("user", "")], false).unwrap_err());
+        assert!(err.contains("rendering failed"), "{err}");
     }
 
     #[test]
