@@ -10,6 +10,10 @@
 //! bytes: the crate's reader panics on some such files, which `read_chat_file` must turn into an
 //! error naming the file.
 //!
+//! A prepared directory's `prepare.json` (the record of the run: options, counts, the shards'
+//! names, counts and checksums) is mutated as a JSON value and as text, then the directory is
+//! opened, checked against its tokenizer and batched.
+//!
 //! Bounded by time: `SFT_FUZZ_SECONDS` (default 20) split across the targets; seeded by
 //! `SFT_FUZZ_SEED` (default 13). A failure prints the seed and the case number, which replay it.
 
@@ -21,12 +25,12 @@ use std::time::{Duration, Instant};
 
 use common::data::{parquet_chat_file, synthetic_conversations, write_simplellama_json, PARQUET_PANICS};
 use sft::data::shard::{seal, Shard, ShardWriter, HEADER_LEN};
-use sft::data::{batches_in_order, read_chat_file, BatchMode, Dataset, LoaderConfig};
+use sft::data::{batches_in_order, read_chat_file, BatchMode, Dataset, LoaderConfig, Split};
 use sft::rng::Rng;
 
 fn budget() -> Duration {
     let s = std::env::var("SFT_FUZZ_SECONDS").ok().and_then(|v| v.parse::<f64>().ok()).unwrap_or(20.0);
-    Duration::from_secs_f64(s / 4.0)
+    Duration::from_secs_f64(s / 5.0)
 }
 
 fn seed() -> u64 {
@@ -453,5 +457,142 @@ fn fuzz_parquet_files() {
     c.panics = panicked.len() as u64;
     eprintln!("Parquet files: {c:?}");
     assert!(panicked.is_empty(), "{} panics:\n{}", panicked.len(), panicked.join("\n"));
+    assert!(c.tried > 100 && c.clean_errors > 0, "{c:?}");
+}
+
+/// What `sft train`, `eval` and `inspect` do with a prepared directory before training.
+fn exercise_prepared(dir: &Path, tok: &sft::data::ChatTokenizer) -> anyhow::Result<()> {
+    for split in [Split::Train, Split::Val] {
+        let ds = Dataset::open(dir, split)?;
+        ds.ensure_tokenizer(tok)?;
+        let cfg =
+            LoaderConfig { batch_size: 3, max_seq_len: 96, mode: BatchMode::Packed, shuffle: true, seed: 1 };
+        batches_in_order(&ds, &cfg)?;
+    }
+    Ok(())
+}
+
+/// Sets the node at `path` (object keys and array indices) to `value`, or removes it.
+fn set_json(json: &mut serde_json::Value, path: &[serde_json::Value], value: Option<serde_json::Value>) {
+    let Some((last, parents)) = path.split_last() else { return };
+    let mut node = json;
+    for key in parents {
+        // An earlier mutation may have replaced a parent: nothing left to set.
+        let child = match key {
+            serde_json::Value::String(k) => node.get_mut(k.as_str()),
+            _ => node.get_mut(key.as_u64().unwrap() as usize),
+        };
+        match child {
+            Some(c) => node = c,
+            None => return,
+        }
+    }
+    match (node, last, value) {
+        (serde_json::Value::Object(m), serde_json::Value::String(k), Some(v)) => {
+            m.insert(k.clone(), v);
+        }
+        (serde_json::Value::Object(m), serde_json::Value::String(k), None) => {
+            m.remove(k);
+        }
+        (serde_json::Value::Array(a), serde_json::Value::Number(i), v) => {
+            let i = i.as_u64().unwrap() as usize;
+            match v {
+                Some(v) if i < a.len() => a[i] = v,
+                None if i < a.len() => {
+                    a.remove(i);
+                }
+                _ => {}
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Every node of `v` by its path.
+fn json_paths(
+    v: &serde_json::Value,
+    prefix: &mut Vec<serde_json::Value>,
+    out: &mut Vec<Vec<serde_json::Value>>,
+) {
+    let children: Vec<(serde_json::Value, &serde_json::Value)> = match v {
+        serde_json::Value::Object(m) => m.iter().map(|(k, c)| (k.clone().into(), c)).collect(),
+        serde_json::Value::Array(a) => a.iter().enumerate().map(|(i, c)| (i.into(), c)).collect(),
+        _ => return,
+    };
+    for (key, child) in children {
+        prefix.push(key);
+        out.push(prefix.clone());
+        json_paths(child, prefix, out);
+        prefix.pop();
+    }
+}
+
+#[test]
+fn fuzz_prepare_record() {
+    let root = tempfile::tempdir().unwrap();
+    let (data, tok_path) = common::train::prepared_data(root.path(), 60, 96);
+    let tok = sft::data::ChatTokenizer::from_file(&tok_path).unwrap();
+    exercise_prepared(&data, &tok).unwrap();
+    let record = data.join("prepare.json");
+    let text = std::fs::read_to_string(&record).unwrap();
+    let base: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut paths = Vec::new();
+    json_paths(&base, &mut Vec::new(), &mut paths);
+    let specials = [
+        serde_json::json!(null),
+        serde_json::json!(0),
+        serde_json::json!(-1),
+        serde_json::json!(1),
+        serde_json::json!(u64::MAX),
+        serde_json::json!(0.5),
+        serde_json::json!(""),
+        serde_json::json!("train-00000.bin"),
+        serde_json::json!("../prepare.json"),
+        serde_json::json!("0000000000000000"),
+        serde_json::json!([]),
+        serde_json::json!({}),
+        serde_json::json!(true),
+    ];
+    let mut c = Counts::default();
+    let mut failures = Vec::new();
+    let start = Instant::now();
+    let seed = seed();
+    while start.elapsed() < budget() {
+        let case = c.tried;
+        let mut rng = Rng::new(seed).fork(4 << 40 | case);
+        let mut json = base.clone();
+        let mut what = format!("seed {seed} case {case}:");
+        for _ in 0..1 + rng.below(2) {
+            let path = &paths[rng.below(paths.len())];
+            let value = (rng.below(5) != 0).then(|| specials[rng.below(specials.len())].clone());
+            what.push_str(&format!(" {path:?} = {value:?};"));
+            set_json(&mut json, path, value);
+        }
+        let mut bytes = json.to_string().into_bytes();
+        if rng.below(5) == 0 {
+            let at = rng.below(bytes.len());
+            bytes[at] = b"0123456789-.e,:{}[]\" "[rng.below(21)];
+            what.push_str(&format!(" byte {at} edited;"));
+        }
+        std::fs::write(&record, &bytes).unwrap();
+        c.tried += 1;
+        match catch_unwind(AssertUnwindSafe(|| exercise_prepared(&data, &tok))) {
+            Ok(Ok(())) => c.ok += 1,
+            Ok(Err(e)) => {
+                c.clean_errors += 1;
+                let msg = format!("{e:#}");
+                if !msg.contains(data.to_str().unwrap()) {
+                    failures.push(format!("{what} an error naming no file: {msg}"));
+                }
+            }
+            Err(_) => {
+                c.panics += 1;
+                failures.push(format!("{what} panicked"));
+            }
+        }
+    }
+    std::fs::write(&record, &text).unwrap();
+    eprintln!("prepare.json: {c:?}");
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
     assert!(c.tried > 100 && c.clean_errors > 0, "{c:?}");
 }
