@@ -9,30 +9,18 @@
 
 mod common;
 
-use common::train::{prepared_data, tiny_config};
+use common::fuzz::{self, QuietPanics, Tally};
+use common::train::{copy_dir, prepared_data, tiny_config};
 use serde_json::{json, Value};
 use sft::backend::cpu::CpuBackend;
 use sft::data::BatchMode;
 use sft::rng::Rng;
 use sft::train::{train_on, TrainConfig};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// The fixture's run saved this step; the resume trains one more.
 const SAVED_STEP: u64 = 2;
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &dst.join(entry.file_name()));
-        } else {
-            std::fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
-        }
-    }
-}
 
 /// Values a field is set to, besides removing it.
 fn special_values() -> Vec<Value> {
@@ -57,38 +45,6 @@ fn special_values() -> Vec<Value> {
         json!({}),
         json!([1, 2]),
     ]
-}
-
-/// Every path to a leaf of `v` (and to each object on the way).
-fn paths(v: &Value, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
-    if let Some(obj) = v.as_object() {
-        for (k, child) in obj {
-            prefix.push(k.clone());
-            out.push(prefix.clone());
-            paths(child, prefix, out);
-            prefix.pop();
-        }
-    }
-}
-
-fn set(json: &mut Value, path: &[String], value: Option<Value>) {
-    let mut node = json;
-    for key in &path[..path.len() - 1] {
-        node = match node.get_mut(key) {
-            Some(n) => n,
-            None => return,
-        };
-    }
-    if let Some(obj) = node.as_object_mut() {
-        match value {
-            Some(v) => {
-                obj.insert(path[path.len() - 1].clone(), v);
-            }
-            None => {
-                obj.remove(&path[path.len() - 1]);
-            }
-        }
-    }
 }
 
 /// A safetensors file split into its header (JSON) and its data.
@@ -252,54 +208,40 @@ fn damage_safetensors(rng: &mut Rng, bytes: &[u8]) -> (Vec<u8>, Damage) {
     (join_safetensors(&header, &data), Damage::may(what))
 }
 
-struct Fuzz {
+/// The fixture's run, copied afresh for each input and resumed.
+struct Resumes {
     fixture_run: PathBuf,
     case: PathBuf,
     cfg: TrainConfig,
-    inputs: usize,
-    ok: usize,
-    errors: usize,
-    failures: Vec<String>,
+    tally: Tally,
 }
 
-impl Fuzz {
+impl Resumes {
     /// A fresh copy of the fixture's run, `edit` applied to it, then the resume.
     fn run(&mut self, what: &str, must_fail: bool, edit: impl FnOnce(&Path)) {
         let _ = std::fs::remove_dir_all(&self.case);
         copy_dir(&self.fixture_run, &self.case);
         edit(&self.case);
-        self.inputs += 1;
         let cfg = &self.cfg;
-        match catch_unwind(AssertUnwindSafe(|| train_on(CpuBackend::<f32>::new(), cfg))) {
-            Ok(Ok((_, report))) => {
-                self.ok += 1;
-                if must_fail {
-                    self.failures.push(format!("{what}: resumed as if nothing happened"));
-                } else if report.step_losses.iter().any(|(_, l)| !l.is_finite()) {
-                    self.failures
-                        .push(format!("{what}: resumed into a non-finite loss {:?}", report.step_losses));
-                }
-            }
-            Ok(Err(e)) => {
-                self.errors += 1;
-                let msg = format!("{e:#}");
-                // A clean error says which run (and mostly which file) it is about.
-                if !msg.contains(self.case.to_str().unwrap()) {
-                    self.failures.push(format!("{what}: an error naming no file: {msg}"));
-                }
-            }
-            Err(_) => self.failures.push(format!("{what}: panicked")),
+        let names = self.case.to_str().unwrap();
+        let Some((_, report)) = self.tally.run(what, names, || train_on(CpuBackend::<f32>::new(), cfg))
+        else {
+            return;
+        };
+        if must_fail {
+            self.tally.failures.push(format!("{what}: resumed as if nothing happened"));
+        } else if report.step_losses.iter().any(|(_, l)| !l.is_finite()) {
+            self.tally
+                .failures
+                .push(format!("{what}: resumed into a non-finite loss {:?}", report.step_losses));
         }
     }
 }
 
 #[test]
 fn a_damaged_checkpoint_resumes_or_fails_cleanly() {
-    let seconds: f64 = std::env::var("SFT_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(6.0);
-    let seed: u64 = std::env::var("SFT_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
-    println!("fuzz seed {seed} (replay with SFT_FUZZ_SEED={seed}), {seconds} s of random damage");
+    let seconds = fuzz::seconds(6.0);
+    let seed = fuzz::seed(seconds);
 
     let root = tempfile::tempdir().unwrap();
     let (data, tok) = prepared_data(root.path(), 48, 96);
@@ -318,47 +260,43 @@ fn a_damaged_checkpoint_resumes_or_fails_cleanly() {
     let case = root.path().join("case");
     let cfg = TrainConfig { max_steps: Some(SAVED_STEP + 1), resume: true, ..first.clone() };
     let cfg = TrainConfig { out_dir: case.clone(), ..cfg };
-    let mut fuzz = Fuzz { fixture_run, case, cfg, inputs: 0, ok: 0, errors: 0, failures: Vec::new() };
+    let mut resumes = Resumes { fixture_run, case, cfg, tally: Tally::default() };
 
-    // Quiet panics: they are counted and reported below.
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    let quiet = QuietPanics::install();
 
-    fuzz.run("the checkpoint as saved", false, |_| {});
-    assert_eq!(fuzz.ok, 1, "the undamaged checkpoint does not resume: {:?}", fuzz.failures);
+    resumes.run("the checkpoint as saved", false, |_| {});
+    assert_eq!(resumes.tally.ok, 1, "the undamaged checkpoint does not resume: {:?}", resumes.tally.failures);
 
     // 1. Every field of trainer_state.json, every special value, and removed.
     let state_file = |dir: &Path| dir.join(&step_dir).join("trainer_state.json");
     let state: Value =
-        serde_json::from_str(&std::fs::read_to_string(state_file(&fuzz.fixture_run)).unwrap()).unwrap();
-    let mut fields = Vec::new();
-    paths(&state, &mut Vec::new(), &mut fields);
-    for path in &fields {
+        serde_json::from_str(&std::fs::read_to_string(state_file(&resumes.fixture_run)).unwrap()).unwrap();
+    for path in &fuzz::paths(&state) {
         for value in special_values().into_iter().map(Some).chain([None]) {
-            let what = format!("trainer_state.json {} = {value:?}", path.join("."));
+            let what = format!("trainer_state.json {} = {value:?}", fuzz::show(path));
             let mut json = state.clone();
-            set(&mut json, path, value);
-            fuzz.run(&what, false, |dir| std::fs::write(state_file(dir), json.to_string()).unwrap());
+            fuzz::set(&mut json, path, value);
+            resumes.run(&what, false, |dir| std::fs::write(state_file(dir), json.to_string()).unwrap());
         }
     }
-    let exhaustive = fuzz.inputs;
+    let exhaustive = resumes.tally.inputs;
 
     // 2. Random damage, one file at a time.
     let files = ["model.safetensors", "optimizer.safetensors"];
     let originals: Vec<Vec<u8>> =
-        files.iter().map(|f| std::fs::read(fuzz.fixture_run.join(&step_dir).join(f)).unwrap()).collect();
+        files.iter().map(|f| std::fs::read(resumes.fixture_run.join(&step_dir).join(f)).unwrap()).collect();
     let state_text = state.to_string();
     let mut rng = Rng::new(seed);
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     while Instant::now() < deadline {
-        let case_no = fuzz.inputs;
+        let case_no = resumes.tally.inputs;
         match rng.below(8) {
             0..=4 => {
                 let k = rng.below(files.len());
                 let (bytes, damage) = damage_safetensors(&mut rng, &originals[k]);
                 let what = format!("seed {seed} input {case_no}: {}: {}", files[k], damage.what);
                 let path = Path::new(&step_dir).join(files[k]);
-                fuzz.run(&what, damage.must_fail, |dir| std::fs::write(dir.join(&path), bytes).unwrap());
+                resumes.run(&what, damage.must_fail, |dir| std::fs::write(dir.join(&path), bytes).unwrap());
             }
             5 => {
                 // trainer_state.json: a byte-level edit of its text.
@@ -373,7 +311,7 @@ fn a_damaged_checkpoint_resumes_or_fails_cleanly() {
                     _ => bytes[at] = b"0123456789-.e,:{}[]\" "[rng.below(21)],
                 }
                 let what = format!("seed {seed} input {case_no}: trainer_state.json edited at byte {at}");
-                fuzz.run(&what, false, |dir| std::fs::write(state_file(dir), bytes).unwrap());
+                resumes.run(&what, false, |dir| std::fs::write(state_file(dir), bytes).unwrap());
             }
             6 => {
                 let pointers = [
@@ -389,7 +327,7 @@ fn a_damaged_checkpoint_resumes_or_fails_cleanly() {
                 ];
                 let p = pointers[rng.below(pointers.len())];
                 let what = format!("seed {seed} input {case_no}: latest = {p:?}");
-                fuzz.run(&what, false, |dir| std::fs::write(dir.join("latest"), p).unwrap());
+                resumes.run(&what, false, |dir| std::fs::write(dir.join("latest"), p).unwrap());
             }
             _ => {
                 let gone = [
@@ -401,24 +339,19 @@ fn a_damaged_checkpoint_resumes_or_fails_cleanly() {
                 ];
                 let f = gone[rng.below(gone.len())];
                 let what = format!("seed {seed} input {case_no}: {f} removed");
-                fuzz.run(&what, false, |dir| std::fs::remove_file(dir.join(&step_dir).join(f)).unwrap());
+                resumes.run(&what, false, |dir| std::fs::remove_file(dir.join(&step_dir).join(f)).unwrap());
             }
         }
     }
-    std::panic::set_hook(default_hook);
+    drop(quiet);
 
     println!(
         "fuzzed the resume: {} inputs ({exhaustive} single-field, {} random): {} resumed, {} clean errors, {} failures",
-        fuzz.inputs,
-        fuzz.inputs - exhaustive,
-        fuzz.ok,
-        fuzz.errors,
-        fuzz.failures.len()
+        resumes.tally.inputs,
+        resumes.tally.inputs - exhaustive,
+        resumes.tally.ok,
+        resumes.tally.errors,
+        resumes.tally.failures.len()
     );
-    assert!(
-        fuzz.failures.is_empty(),
-        "seed {seed}: {} failures:\n{}",
-        fuzz.failures.len(),
-        fuzz.failures.join("\n")
-    );
+    resumes.tally.assert_clean(seed);
 }

@@ -6,12 +6,14 @@
 //! Bounded in time: `SFT_FUZZ_SECONDS` (default 3) for the random part, after one pass over
 //! every field × every special value. `SFT_FUZZ_SEED` replays a run.
 
+mod common;
+
+use common::fuzz::{self, QuietPanics, Tally};
 use serde_json::{json, Value};
 use sft::backend::cpu::CpuBackend;
 use sft::checkpoint::Checkpoint;
 use sft::rng::Rng;
 use sft::train::cli::{init, InitArgs};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -58,77 +60,34 @@ fn special_values() -> Vec<Value> {
 }
 
 /// Every (path, value) the single-field pass tries: each top-level key and each key of "sft".
-fn fields(base: &Value) -> Vec<Vec<String>> {
+fn fields(base: &Value) -> Vec<Vec<Value>> {
     let mut out = Vec::new();
     for (k, v) in base.as_object().unwrap() {
-        out.push(vec![k.clone()]);
+        out.push(vec![json!(k)]);
         if let Some(obj) = v.as_object() {
             for k2 in obj.keys() {
-                out.push(vec![k.clone(), k2.clone()]);
+                out.push(vec![json!(k), json!(k2)]);
             }
         }
     }
     // Fields a config may carry that ours does not write.
     for extra in ["rope_parameters", "num_key_value_heads", "head_dim", "original_max_position_embeddings"] {
-        out.push(vec![extra.to_string()]);
+        out.push(vec![json!(extra)]);
     }
     out
 }
 
-fn set(json: &mut Value, path: &[String], value: Option<Value>) {
-    let mut node = json;
-    for key in &path[..path.len() - 1] {
-        node = match node.get_mut(key) {
-            Some(n) => n,
-            None => return,
-        };
-    }
-    if let Some(obj) = node.as_object_mut() {
-        match value {
-            Some(v) => {
-                obj.insert(path[path.len() - 1].clone(), v);
-            }
-            None => {
-                obj.remove(&path[path.len() - 1]);
-            }
-        }
-    }
-}
-
-#[derive(Default)]
-struct Tally {
-    inputs: usize,
-    ok: usize,
-    errors: usize,
-    panics: Vec<String>,
-}
-
-impl Tally {
-    fn run(&mut self, dir: &Path, text: &str, what: &str) {
-        std::fs::write(dir.join("config.json"), text).unwrap();
-        self.inputs += 1;
-        match catch_unwind(AssertUnwindSafe(|| load_like_train_and_eval(dir))) {
-            Ok(Ok(())) => self.ok += 1,
-            Ok(Err(e)) => {
-                self.errors += 1;
-                let msg = format!("{e:#}");
-                // A clean error says which checkpoint (and mostly which file) it is about.
-                if !msg.contains(dir.to_str().unwrap()) {
-                    self.panics.push(format!("{what}: an error naming no file: {msg}"));
-                }
-            }
-            Err(_) => self.panics.push(format!("{what}: panicked")),
-        }
-    }
+/// Writes `text` as the checkpoint's config.json and loads it.
+fn try_config(tally: &mut Tally, dir: &Path, text: &str, what: &str) {
+    std::fs::write(dir.join("config.json"), text).unwrap();
+    // A clean error says which checkpoint (and mostly which file) it is about.
+    tally.run(what, dir.to_str().unwrap(), || load_like_train_and_eval(dir));
 }
 
 #[test]
 fn mutated_config_json_loads_or_fails_cleanly() {
-    let seconds: f64 = std::env::var("SFT_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
-    let seed: u64 = std::env::var("SFT_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
-    println!("fuzz seed {seed} (replay with SFT_FUZZ_SEED={seed}), {seconds} s of random mutations");
+    let seconds = fuzz::seconds(3.0);
+    let seed = fuzz::seed(seconds);
 
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("ckpt");
@@ -141,13 +100,11 @@ fn mutated_config_json_loads_or_fails_cleanly() {
     hf_only.as_object_mut().unwrap().remove("sft");
     let bases = [("ours", ours), ("hf", hf_only)];
 
-    // Quiet panics: they are counted and reported below.
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    let quiet = QuietPanics::install();
     let mut tally = Tally::default();
     // Both bases load as they are.
     for (name, base) in &bases {
-        tally.run(&dir, &base.to_string(), name);
+        try_config(&mut tally, &dir, &base.to_string(), name);
         assert_eq!(tally.ok, tally.inputs, "the unmutated {name} config does not load");
     }
 
@@ -156,9 +113,9 @@ fn mutated_config_json_loads_or_fails_cleanly() {
         for path in fields(base) {
             for value in special_values().into_iter().map(Some).chain([None]) {
                 let mut json = base.clone();
-                let what = format!("{name} {} = {value:?}", path.join("."));
-                set(&mut json, &path, value);
-                tally.run(&dir, &json.to_string(), &what);
+                let what = format!("{name} {} = {value:?}", fuzz::show(&path));
+                fuzz::set(&mut json, &path, value);
+                try_config(&mut tally, &dir, &json.to_string(), &what);
             }
         }
     }
@@ -182,8 +139,8 @@ fn mutated_config_json_loads_or_fails_cleanly() {
                 3 => Some(json!(rng.next_u64() >> rng.below(64))),
                 _ => Some(json!((rng.normal() * 10f64.powi(rng.below(80) as i32 - 40)))),
             };
-            what.push_str(&format!(" {}={value:?}", path.join(".")));
-            set(&mut json, path, value);
+            what.push_str(&format!(" {}={value:?}", fuzz::show(path)));
+            fuzz::set(&mut json, path, value);
         }
         let mut text = json.to_string();
         if rng.below(4) == 0 {
@@ -201,9 +158,9 @@ fn mutated_config_json_loads_or_fails_cleanly() {
             what.push_str(&format!(" text edit at byte {at}"));
             text = String::from_utf8_lossy(&bytes).into_owned();
         }
-        tally.run(&dir, &text, &what);
+        try_config(&mut tally, &dir, &text, &what);
     }
-    std::panic::set_hook(default_hook);
+    drop(quiet);
 
     println!(
         "fuzzed config.json: {} inputs ({exhaustive} single-field, {} random): {} loaded, {} clean errors, {} panics",
@@ -211,12 +168,7 @@ fn mutated_config_json_loads_or_fails_cleanly() {
         tally.inputs - exhaustive,
         tally.ok,
         tally.errors,
-        tally.panics.len()
+        tally.failures.len()
     );
-    assert!(
-        tally.panics.is_empty(),
-        "seed {seed}: {} failures:\n{}",
-        tally.panics.len(),
-        tally.panics.join("\n")
-    );
+    tally.assert_clean(seed);
 }

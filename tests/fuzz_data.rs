@@ -472,61 +472,6 @@ fn exercise_prepared(dir: &Path, tok: &sft::data::ChatTokenizer) -> anyhow::Resu
     Ok(())
 }
 
-/// Sets the node at `path` (object keys and array indices) to `value`, or removes it.
-fn set_json(json: &mut serde_json::Value, path: &[serde_json::Value], value: Option<serde_json::Value>) {
-    let Some((last, parents)) = path.split_last() else { return };
-    let mut node = json;
-    for key in parents {
-        // An earlier mutation may have replaced a parent: nothing left to set.
-        let child = match key {
-            serde_json::Value::String(k) => node.get_mut(k.as_str()),
-            _ => node.get_mut(key.as_u64().unwrap() as usize),
-        };
-        match child {
-            Some(c) => node = c,
-            None => return,
-        }
-    }
-    match (node, last, value) {
-        (serde_json::Value::Object(m), serde_json::Value::String(k), Some(v)) => {
-            m.insert(k.clone(), v);
-        }
-        (serde_json::Value::Object(m), serde_json::Value::String(k), None) => {
-            m.remove(k);
-        }
-        (serde_json::Value::Array(a), serde_json::Value::Number(i), v) => {
-            let i = i.as_u64().unwrap() as usize;
-            match v {
-                Some(v) if i < a.len() => a[i] = v,
-                None if i < a.len() => {
-                    a.remove(i);
-                }
-                _ => {}
-            }
-        }
-        _ => {}
-    }
-}
-
-/// Every node of `v` by its path.
-fn json_paths(
-    v: &serde_json::Value,
-    prefix: &mut Vec<serde_json::Value>,
-    out: &mut Vec<Vec<serde_json::Value>>,
-) {
-    let children: Vec<(serde_json::Value, &serde_json::Value)> = match v {
-        serde_json::Value::Object(m) => m.iter().map(|(k, c)| (k.clone().into(), c)).collect(),
-        serde_json::Value::Array(a) => a.iter().enumerate().map(|(i, c)| (i.into(), c)).collect(),
-        _ => return,
-    };
-    for (key, child) in children {
-        prefix.push(key);
-        out.push(prefix.clone());
-        json_paths(child, prefix, out);
-        prefix.pop();
-    }
-}
-
 #[test]
 fn fuzz_prepare_record() {
     let root = tempfile::tempdir().unwrap();
@@ -536,8 +481,7 @@ fn fuzz_prepare_record() {
     let record = data.join("prepare.json");
     let text = std::fs::read_to_string(&record).unwrap();
     let base: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let mut paths = Vec::new();
-    json_paths(&base, &mut Vec::new(), &mut paths);
+    let paths = common::fuzz::paths(&base);
     let specials = [
         serde_json::json!(null),
         serde_json::json!(0),
@@ -565,8 +509,8 @@ fn fuzz_prepare_record() {
         for _ in 0..1 + rng.below(2) {
             let path = &paths[rng.below(paths.len())];
             let value = (rng.below(5) != 0).then(|| specials[rng.below(specials.len())].clone());
-            what.push_str(&format!(" {path:?} = {value:?};"));
-            set_json(&mut json, path, value);
+            what.push_str(&format!(" {} = {value:?};", common::fuzz::show(path)));
+            common::fuzz::set(&mut json, path, value);
         }
         let mut bytes = json.to_string().into_bytes();
         if rng.below(5) == 0 {

@@ -10,11 +10,11 @@
 
 mod common;
 
+use common::fuzz::{self, QuietPanics, Tally};
 use common::templates::{fixture, model_dir};
 use serde_json::{json, Value};
 use sft::data::{tokenize_conversation, ChatTokenizer, Conversation, TrainOn, Turn};
 use sft::rng::Rng;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -118,11 +118,8 @@ fn damage_text(rng: &mut Rng, text: &mut String) -> String {
 
 #[test]
 fn a_damaged_chat_template_renders_or_fails_cleanly() {
-    let seconds: f64 = std::env::var("SFT_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(4.0);
-    let seed: u64 = std::env::var("SFT_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
-    println!("fuzz seed {seed} (replay with SFT_FUZZ_SEED={seed}), {seconds} s of random damage");
+    let seconds = fuzz::seconds(4.0);
+    let seed = fuzz::seed(seconds);
     // Llama 3.2's template prints today's date: fixed, so that a replay renders the same text.
     std::env::set_var("SOURCE_DATE_EPOCH", "1721952000");
 
@@ -138,16 +135,14 @@ fn a_damaged_chat_template_renders_or_fails_cleanly() {
         dirs.push((file, path, config));
     }
 
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|info| *LAST_PANIC.lock().unwrap() = format!("{info}")));
-    let (mut inputs, mut ok, mut errors) = (0usize, 0usize, 0usize);
-    let mut failures = Vec::new();
+    let quiet = QuietPanics::install();
+    let mut tally = Tally::default();
     let mut rng = Rng::new(seed);
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     while Instant::now() < deadline {
         let (file, path, base) = &dirs[rng.below(dirs.len())];
         let mut config = base.clone();
-        let mut what = format!("seed {seed} input {inputs}: {file}:");
+        let mut what = format!("seed {seed} input {}: {file}:", tally.inputs);
         let mut template = config["chat_template"].as_str().unwrap().to_string();
         for _ in 0..1 + rng.below(3) {
             what.push_str(&format!(" {};", damage_text(&mut rng, &mut template)));
@@ -169,25 +164,15 @@ fn a_damaged_chat_template_renders_or_fails_cleanly() {
             config[field] = value;
         }
         std::fs::write(path.with_file_name("tokenizer_config.json"), config.to_string()).unwrap();
-        inputs += 1;
-        match catch_unwind(AssertUnwindSafe(|| exercise(path))) {
-            Ok(Ok(())) => ok += 1,
-            Ok(Err(e)) => {
-                errors += 1;
-                let msg = format!("{e:#}");
-                if !msg.contains("tokenizer") {
-                    failures.push(format!("{what} an error naming no file: {msg}"));
-                }
-            }
-            Err(_) => failures.push(format!("{what} panicked: {}", LAST_PANIC.lock().unwrap())),
-        }
+        tally.run(&what, "tokenizer", || exercise(path));
     }
-    std::panic::set_hook(default_hook);
+    drop(quiet);
     println!(
-        "fuzzed chat templates: {inputs} inputs: {ok} loaded, {errors} clean errors, {} failures",
-        failures.len()
+        "fuzzed chat templates: {} inputs: {} loaded, {} clean errors, {} failures",
+        tally.inputs,
+        tally.ok,
+        tally.errors,
+        tally.failures.len()
     );
-    assert!(failures.is_empty(), "seed {seed}: {} failures:\n{}", failures.len(), failures.join("\n"));
+    tally.assert_clean(seed);
 }
-
-static LAST_PANIC: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());

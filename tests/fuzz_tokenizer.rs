@@ -10,11 +10,11 @@
 
 mod common;
 
+use common::fuzz::{self, QuietPanics, Tally};
 use common::train::chat_json;
 use serde_json::{json, Value};
 use sft::data::{read_chat_file, tokenize_conversation, train_tokenizer, ChatTokenizer, TrainOn, Turn};
 use sft::rng::Rng;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -177,15 +177,10 @@ fn mutate(rng: &mut Rng, json: &mut Value) -> String {
     }
 }
 
-static LAST_PANIC: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
-
 #[test]
 fn a_damaged_tokenizer_loads_or_fails_cleanly() {
-    let seconds: f64 = std::env::var("SFT_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(4.0);
-    let seed: u64 = std::env::var("SFT_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
-    println!("fuzz seed {seed} (replay with SFT_FUZZ_SEED={seed}), {seconds} s of random mutations");
+    let seconds = fuzz::seconds(4.0);
+    let seed = fuzz::seed(seconds);
 
     let root = tempfile::tempdir().unwrap();
     let chat = root.path().join("chat.json");
@@ -196,18 +191,13 @@ fn a_damaged_tokenizer_loads_or_fails_cleanly() {
     let base: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     exercise(&path, &convs[..4]).unwrap();
 
-    // Panics are quiet here; their place and message are kept for the report.
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|info| {
-        *LAST_PANIC.lock().unwrap() = format!("{info}");
-    }));
-    let (mut inputs, mut ok, mut errors) = (0usize, 0usize, 0usize);
-    let mut failures = Vec::new();
+    let quiet = QuietPanics::install();
+    let mut tally = Tally::default();
     let mut rng = Rng::new(seed);
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     while Instant::now() < deadline {
         let mut json = base.clone();
-        let mut what = format!("seed {seed} input {inputs}:");
+        let mut what = format!("seed {seed} input {}:", tally.inputs);
         for _ in 0..1 + rng.below(3) {
             what.push_str(&format!(" {};", mutate(&mut rng, &mut json)));
         }
@@ -225,23 +215,15 @@ fn a_damaged_tokenizer_loads_or_fails_cleanly() {
             what.push_str(&format!(" text edit at byte {at}"));
         }
         std::fs::write(&path, &text).unwrap();
-        inputs += 1;
-        match catch_unwind(AssertUnwindSafe(|| exercise(&path, &convs[..4]))) {
-            Ok(Ok(())) => ok += 1,
-            Ok(Err(e)) => {
-                errors += 1;
-                let msg = format!("{e:#}");
-                if !msg.contains("tokenizer.json") {
-                    failures.push(format!("{what} an error naming no file: {msg}"));
-                }
-            }
-            Err(_) => failures.push(format!("{what} panicked: {}", LAST_PANIC.lock().unwrap())),
-        }
+        tally.run(&what, "tokenizer.json", || exercise(&path, &convs[..4]));
     }
-    std::panic::set_hook(default_hook);
+    drop(quiet);
     println!(
-        "fuzzed tokenizer.json: {inputs} inputs: {ok} loaded and tokenized, {errors} clean errors, {} failures",
-        failures.len()
+        "fuzzed tokenizer.json: {} inputs: {} loaded and tokenized, {} clean errors, {} failures",
+        tally.inputs,
+        tally.ok,
+        tally.errors,
+        tally.failures.len()
     );
-    assert!(failures.is_empty(), "seed {seed}: {} failures:\n{}", failures.len(), failures.join("\n"));
+    tally.assert_clean(seed);
 }

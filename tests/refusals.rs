@@ -7,6 +7,7 @@
 mod common;
 
 use common::cli::{output_with_env, s};
+use common::train::copy_dir;
 
 use sft::backend::cpu::CpuBackend;
 use sft::checkpoint::{read_safetensors, tensor_shapes, write_safetensors};
@@ -106,15 +107,6 @@ fn fixture() -> Fixture {
     };
     train_on(CpuBackend::<f32>::new(), &cfg).unwrap();
     Fixture { _root: root, root: path, data, tok, ckpt, run }
-}
-
-/// A copy of the checkpoint directory `src` at `dst`.
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
-    }
 }
 
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
@@ -422,7 +414,7 @@ fn training_on_data_of_another_tokenizer_than_the_weights_is_refused() {
     assert_refused(&generate(&f.ckpt, "Hi", &["--tokenizer", s(&other_tok)]), &needles);
     // --resume a run of the first tokenizer on the other data.
     let run = f.root.join("resumed");
-    copy_run(&f.run, &run);
+    copy_dir(&f.run, &run);
     let resumed = train(&["--data", s(&other_data), "--out-dir", s(&run), "--resume", "--max-steps", "3"]);
     assert_refused(&resumed, &needles);
     // The checkpoint's tokenizer re-saved (other bytes, the same ids) is the same vocabulary.
@@ -441,19 +433,6 @@ fn training_on_data_of_another_tokenizer_than_the_weights_is_refused() {
     assert!(same.ok, "{}", same.stderr);
 }
 
-/// A copy of a run directory (its checkpoints, `latest` and log).
-fn copy_run(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_dir() {
-            copy_run(&entry.path(), &dst.join(entry.file_name()));
-        } else {
-            std::fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
-        }
-    }
-}
-
 /// What a resume would silently do elsewhere than the checkpoint is refused: a
 /// trainer_state.json whose step is not its directory's, another --model (the checkpoint's
 /// config is the model), a LoRA run's adapters on another base. A run already at its end says so.
@@ -468,7 +447,7 @@ fn a_resume_that_would_not_continue_the_checkpoint_is_refused() {
     };
     // The fixture's run saved step 2.
     let edited = f.root.join("edited");
-    copy_run(&f.run, &edited);
+    copy_dir(&f.run, &edited);
     let state_file = edited.join("step-2").join("trainer_state.json");
     let text = std::fs::read_to_string(&state_file).unwrap();
     std::fs::write(&state_file, text.replacen("\"step\": 2", "\"step\": 1", 1)).unwrap();
@@ -478,7 +457,7 @@ fn a_resume_that_would_not_continue_the_checkpoint_is_refused() {
     );
 
     let run = f.root.join("again");
-    copy_run(&f.run, &run);
+    copy_dir(&f.run, &run);
     // A run already at its end (a job relaunched after it finished): nothing to do, said plainly
     // (it printed "train loss NaN"), and exit 0 so that a relaunch is harmless.
     let done = resume(&run, &["--max-steps", "2", "--micro-batch", "4", "--grad-accum", "2"]);
@@ -541,7 +520,7 @@ fn a_bf16_export_refuses_a_weight_that_would_round_to_infinity() {
 fn a_negative_second_moment_is_refused_at_load() {
     let f = fixture();
     let run = f.root.join("negative-v");
-    copy_run(&f.run, &run);
+    copy_dir(&f.run, &run);
     let path = run.join("step-2").join("optimizer.safetensors");
     let expected: Vec<(String, Vec<usize>)> = tensor_shapes(&path).unwrap().into_iter().collect();
     let mut tensors = read_safetensors(&path, &expected).unwrap();

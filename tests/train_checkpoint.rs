@@ -19,6 +19,18 @@ fn bits(ts: &[NamedTensor]) -> Vec<(String, Vec<usize>, Vec<u32>)> {
         .collect()
 }
 
+/// `sft init --model tiny` (seed 1, a vocabulary of 300) into `out`.
+fn init_tiny(out: &Path) {
+    init(InitArgs {
+        model: "tiny".into(),
+        out: out.to_path_buf(),
+        seed: 1,
+        tokenizer: None,
+        vocab_size: Some(300),
+    })
+    .unwrap();
+}
+
 fn read_all(path: &Path) -> Vec<NamedTensor> {
     let shapes = checkpoint::tensor_shapes(path).unwrap();
     let expected: Vec<(String, Vec<usize>)> = shapes.into_iter().collect();
@@ -99,14 +111,7 @@ fn checkpoint_round_trip_and_rotation() {
 fn load_error_after(edit: impl FnOnce(&mut Vec<NamedTensor>)) -> String {
     let root = tempfile::tempdir().unwrap();
     let ckpt = root.path().join("ckpt");
-    init(InitArgs {
-        model: "tiny".into(),
-        out: ckpt.clone(),
-        seed: 1,
-        tokenizer: None,
-        vocab_size: Some(300),
-    })
-    .unwrap();
+    init_tiny(&ckpt);
     let path = ckpt.join(MODEL_FILE);
     let mut tensors = read_all(&path);
     edit(&mut tensors);
@@ -141,14 +146,7 @@ fn misshapen_and_unexpected_tensors_are_named() {
 fn truncated_weights_file_is_an_error_not_a_panic() {
     let root = tempfile::tempdir().unwrap();
     let ckpt = root.path().join("ckpt");
-    init(InitArgs {
-        model: "tiny".into(),
-        out: ckpt.clone(),
-        seed: 1,
-        tokenizer: None,
-        vocab_size: Some(300),
-    })
-    .unwrap();
+    init_tiny(&ckpt);
     let path = ckpt.join(MODEL_FILE);
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
@@ -167,26 +165,12 @@ fn truncated_weights_file_is_an_error_not_a_panic() {
 fn a_tensor_changed_on_disk_is_refused_by_its_checksum() {
     let root = tempfile::tempdir().unwrap();
     let ckpt = root.path().join("ckpt");
-    init(InitArgs {
-        model: "tiny".into(),
-        out: ckpt.clone(),
-        seed: 1,
-        tokenizer: None,
-        vocab_size: Some(300),
-    })
-    .unwrap();
+    init_tiny(&ckpt);
     let path = ckpt.join(MODEL_FILE);
     let bytes = std::fs::read(&path).unwrap();
     // The same weights give the same bytes, header included (its metadata is written in order).
     let again = root.path().join("again");
-    init(InitArgs {
-        model: "tiny".into(),
-        out: again.clone(),
-        seed: 1,
-        tokenizer: None,
-        vocab_size: Some(300),
-    })
-    .unwrap();
+    init_tiny(&again);
     assert!(std::fs::read(again.join(MODEL_FILE)).unwrap() == bytes, "two saves of one model differ");
     let header_len = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..header_len]).unwrap();
