@@ -529,7 +529,7 @@ fn a_negative_second_moment_is_refused_at_load() {
     let t = tensors.iter_mut().find(|t| t.name == name).unwrap();
     t.data[5] = -1.0;
     write_safetensors(&path, &tensors).unwrap();
-    let flags = [
+    let resume_flags = [
         "--resume",
         "--batch-mode",
         "dynamic",
@@ -540,8 +540,17 @@ fn a_negative_second_moment_is_refused_at_load() {
         "--grad-accum",
         "2",
     ];
-    let resumed = train(&[&["--data", s(&f.data), "--out-dir", s(&run)], &flags[..]].concat());
-    assert_refused(&resumed, &["optimizer.safetensors", name, "index 5", "cannot be negative"]);
+    let resume = || train(&[&["--data", s(&f.data), "--out-dir", s(&run)], &resume_flags[..]].concat());
+    // The rewritten file is no longer the one the state records (a file from elsewhere, as far
+    // as the record can tell).
+    assert_refused(&resume(), &["optimizer.safetensors", "not the file this checkpoint was saved with"]);
+    // Without the record (a checkpoint saved before it existed), the moment itself is refused.
+    let state_file = run.join("step-2").join("trainer_state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
+    state.as_object_mut().unwrap().remove("checkpoint_files").expect("the save recorded its files");
+    std::fs::write(&state_file, state.to_string()).unwrap();
+    assert_refused(&resume(), &["optimizer.safetensors", name, "index 5", "cannot be negative"]);
 }
 
 /// A reader that closes the pipe early (`sft logits ... | head -c 1`) made the next print panic

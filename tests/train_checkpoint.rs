@@ -199,6 +199,32 @@ fn a_tensor_changed_on_disk_is_refused_by_its_checksum() {
     checkpoint::load_generation_model(&ckpt, CpuBackend::<f32>::new()).unwrap();
 }
 
+/// Each file's tensor checksums catch changed bytes; a whole file copied in from another
+/// checkpoint of the run carries valid ones of its own, and resumed as if it belonged. The
+/// state now records each file's digest, and a resume refuses a file that is not the one saved.
+#[test]
+fn a_file_copied_in_from_another_checkpoint_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let (data, tok) = prepared_data(root.path(), 48, 96);
+    let out = root.path().join("run");
+    let cfg = TrainConfig { max_steps: Some(4), ..tiny_config(&data, &tok, &out, BatchMode::Dynamic) };
+    train_on(CpuBackend::<f32>::new(), &cfg).unwrap();
+    let state = std::fs::read_to_string(out.join("step-4").join("trainer_state.json")).unwrap();
+    assert!(state.contains("\"checkpoint_files\"") && state.contains("optimizer.safetensors"), "{state}");
+    std::fs::copy(out.join("step-2").join(MODEL_FILE), out.join("step-4").join(MODEL_FILE)).unwrap();
+    let resume = TrainConfig { max_steps: Some(5), resume: true, ..cfg.clone() };
+    let err = format!("{:#}", train_on(CpuBackend::<f32>::new(), &resume).map(|_| ()).unwrap_err());
+    assert!(
+        err.contains("step-4/model.safetensors") && err.contains("not the file this checkpoint"),
+        "{err}"
+    );
+    // Its own file back, the run resumes.
+    std::fs::remove_dir_all(out.join("step-4")).unwrap();
+    std::fs::write(out.join("latest"), "step-2\n").unwrap();
+    let resume = TrainConfig { max_steps: Some(3), resume: true, ..cfg };
+    train_on(CpuBackend::<f32>::new(), &resume).unwrap();
+}
+
 #[test]
 fn init_from_a_checkpoint_and_eval() {
     let root = tempfile::tempdir().unwrap();

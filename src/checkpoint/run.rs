@@ -12,7 +12,9 @@
 use super::fsync::{fsync_dir, fsync_file, write_file_synced};
 use super::hf::{read_params, to_hf};
 use super::hf_config::{hf_config_json, read_model_config, token_ids_from_tokenizer_json};
-use super::safetensors::{read_safetensors, tensor_dtypes, write_safetensors, write_safetensors_bf16};
+use super::safetensors::{
+    read_safetensors, recorded_digest, tensor_dtypes, write_safetensors, write_safetensors_bf16,
+};
 use super::{CONFIG_FILE, LATEST_FILE, MODEL_FILE, OPTIMIZER_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE};
 use crate::backend::{Backend, StateDtype};
 use crate::data::ChatTokenizer;
@@ -26,6 +28,7 @@ use crate::model::Model;
 use anyhow::{bail, ensure, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::data::template::{tokenizer_config_beside, TOKENIZER_CONFIG_FILE};
@@ -197,7 +200,12 @@ pub fn save_with<S: Serialize>(
     }
     std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     write(&tmp)?;
-    write_file_synced(&tmp.join(TRAINER_STATE_FILE), serde_json::to_string_pretty(state)?.as_bytes())?;
+    let mut json = serde_json::to_value(state)?;
+    let files = checkpoint_files(&tmp)?;
+    if let (Some(fields), false) = (json.as_object_mut(), files.is_empty()) {
+        fields.insert(FILES_FIELD.into(), serde_json::json!(files));
+    }
+    write_file_synced(&tmp.join(TRAINER_STATE_FILE), serde_json::to_string_pretty(&json)?.as_bytes())?;
     fsync_dir(&tmp)?;
     if dir.exists() {
         // A complete save of this step that `latest` never pointed at (the run died between the
@@ -502,11 +510,66 @@ pub(crate) fn check_second_moments(path: &Path, v: &[NamedTensor]) -> Result<()>
     Ok(())
 }
 
-/// The trainer state [`save`] wrote into the checkpoint `dir`.
+/// The field of `trainer_state.json` that ties the state to the checkpoint's safetensors files:
+/// file name → digest of the tensor checksums in its header.
+const FILES_FIELD: &str = "checkpoint_files";
+
+/// The digest of each safetensors file in the checkpoint directory `dir`, by file name.
+fn checkpoint_files(dir: &Path) -> Result<BTreeMap<String, String>> {
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".safetensors") {
+            if let Some(digest) = recorded_digest(&dir.join(&name))? {
+                files.insert(name, digest);
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// Checks the safetensors files of the checkpoint `dir` against the digests its state `path`
+/// records: each tensor's checksum catches changed bytes, but a whole file copied in from
+/// another checkpoint (step 1000's weights beside step 2000's moments) carries valid checksums
+/// of its own.
+fn check_checkpoint_files(dir: &Path, path: &Path, recorded: &serde_json::Value) -> Result<()> {
+    let recorded = recorded.as_object().with_context(|| {
+        format!("{}: field \"{FILES_FIELD}\" is not a map of file names to digests", path.display())
+    })?;
+    for (name, digest) in recorded {
+        ensure!(
+            name.ends_with(".safetensors") && !name.contains(['/', '\\']),
+            "{}: field \"{FILES_FIELD}\" lists {name:?}, not a safetensors file of the checkpoint",
+            path.display()
+        );
+        let file = dir.join(name);
+        ensure!(file.is_file(), "{}: missing ({} lists it)", file.display(), path.display());
+        let digest = digest.as_str().with_context(|| {
+            format!("{}: field \"{FILES_FIELD}\" holds {digest} for {name}, not a digest", path.display())
+        })?;
+        ensure!(
+            recorded_digest(&file)?.as_deref() == Some(digest),
+            "{}: not the file this checkpoint was saved with (its tensors' checksums are not those {} \
+             records): a file copied in from another checkpoint? Restore the checkpoint's own file",
+            file.display(),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The trainer state [`save`] wrote into the checkpoint `dir`, after checking that the
+/// checkpoint's safetensors files are the ones saved with it (states saved before that record
+/// existed are read as they are).
 pub fn load_run_state<S: DeserializeOwned>(dir: &Path) -> Result<S> {
     let path = dir.join(TRAINER_STATE_FILE);
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    let mut json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    if let Some(files) = json.as_object_mut().and_then(|fields| fields.remove(FILES_FIELD)) {
+        check_checkpoint_files(dir, &path, &files)?;
+    }
+    serde_json::from_value(json).with_context(|| format!("parsing {}", path.display()))
 }
 
 #[cfg(test)]

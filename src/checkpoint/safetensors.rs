@@ -190,6 +190,27 @@ pub(super) fn parse_safetensors<'a>(path: &Path, bytes: &'a [u8]) -> Result<Pars
     Ok(Parsed { tensors, checksums })
 }
 
+/// A digest of the tensor checksums that the file at `path` records in its header (`None` for
+/// a file without them): it tells a checkpoint's own file from another one of the same shapes,
+/// reading the header only.
+pub(super) fn recorded_digest(path: &Path) -> Result<Option<String>> {
+    let mapped = map_file(path)?;
+    let (_, header) = SafeTensors::read_metadata(&mapped.map)
+        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e:?}", path.display()))?;
+    let sums: BTreeMap<&str, &str> = header
+        .metadata()
+        .iter()
+        .flatten()
+        .filter(|(key, _)| key.starts_with(CHECKSUM_KEY))
+        .map(|(key, sum)| (key.as_str(), sum.as_str()))
+        .collect();
+    if sums.is_empty() {
+        return Ok(None);
+    }
+    let listed: String = sums.iter().map(|(key, sum)| format!("{key}={sum}\n")).collect();
+    Ok(Some(checksum::to_hex(checksum::of_bytes(listed.as_bytes()))))
+}
+
 /// Checks `bytes`, the stored bytes of tensor `name`, against the checksum `file` records for it.
 fn check_recorded_sum(path: &Path, file: &Parsed, name: &str, bytes: &[u8]) -> Result<()> {
     if file.checksums.is_empty() {
