@@ -494,7 +494,7 @@ impl ChatTokenizer {
 
     /// Encodes text as the tokenizer does: special-token strings become their ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode_fast(text, false).map_err(|e| self.failed("encode", e))?;
+        let enc = self.guarded("encode", || self.inner.encode_fast(text, false))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -571,14 +571,13 @@ impl ChatTokenizer {
         if text.is_empty() {
             return Ok(Vec::new());
         }
-        let err = |e| self.failed("encode", e);
         let mut ids = Vec::with_capacity(text.len() / 3 + 1);
         match self.fast {
             FastPath::None => return self.encode(text),
             FastPath::Words => {
                 let mut pts = PreTokenizedString::from(text);
                 let pre = self.inner.get_pre_tokenizer().expect("checked in from_tokenizer");
-                pre.pre_tokenize(&mut pts).map_err(err)?;
+                self.guarded("encode", || pre.pre_tokenize(&mut pts))?;
                 self.with_cache(|cache| {
                     for (word, _, _) in pts.get_splits(OffsetReferential::Original, OffsetType::Byte) {
                         self.push_word(cache, word, word, &mut ids)?;
@@ -648,10 +647,7 @@ impl ChatTokenizer {
             return Ok(());
         }
         let toks: Vec<u32> = self
-            .inner
-            .get_model()
-            .tokenize(model_input)
-            .map_err(|e| self.failed("encode", e))?
+            .guarded("encode", || self.inner.get_model().tokenize(model_input))?
             .iter()
             .map(|t| t.id)
             .collect();
@@ -691,19 +687,26 @@ impl ChatTokenizer {
 
     /// Decodes ids to text, skipping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| self.failed("decode", e))
+        self.guarded("decode", || self.inner.decode(ids, true))
     }
 
     /// Decodes ids to text, special tokens included.
     pub fn decode_with_specials(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| self.failed("decode", e))
+        self.guarded("decode", || self.inner.decode(ids, false))
     }
 
-    /// An error of the tokenizers library, naming the file the tokenizer came from.
-    fn failed(&self, op: &str, e: impl std::fmt::Display) -> anyhow::Error {
-        match &self.path {
+    /// `f`, a call into the tokenizers library, with its error, or a panic inside the library,
+    /// as an error naming the file the tokenizer came from. The library panics on some
+    /// tokenizer files it loads without complaint (tokenizers 0.22: a `normalizer` of `[""]`
+    /// panics when it normalizes text; found by tests/fuzz_tokenizer.rs).
+    fn guarded<T>(&self, op: &str, f: impl FnOnce() -> tokenizers::Result<T>) -> Result<T> {
+        let failed = |e: &dyn std::fmt::Display| match &self.path {
             Some(path) => anyhow!("{}: {op} failed: {e}", path.display()),
             None => anyhow!("tokenizer: {op} failed: {e}"),
+        };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            Ok(result) => result.map_err(|e| failed(&e)),
+            Err(_) => Err(failed(&"the tokenizers library panicked")),
         }
     }
 }
@@ -911,5 +914,16 @@ mod tests {
         prefixed["model"]["continuing_subword_prefix"] = "##".into();
         let err = format!("{:#}", parse_tokenizer_json(prefixed.to_string().as_bytes()).unwrap_err());
         assert!(err.contains("model.merges") && err.contains("continuing_subword_prefix"), "{err}");
+
+        // A normalizer of `[""]` loads, then panics inside the library when it normalizes text.
+        let mut odd = json.clone();
+        odd["normalizer"] = serde_json::json!([""]);
+        let odd_path = dir.path().join("odd.json");
+        std::fs::write(&odd_path, odd.to_string()).unwrap();
+        let err = match ChatTokenizer::from_file(&odd_path) {
+            Ok(tok) => format!("{:#}", tok.encode_text("zebra zoo").unwrap_err()),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains("odd.json"), "{err}");
     }
 }
