@@ -301,15 +301,7 @@ fn a_damaged_checkpoint_resumes_or_fails_cleanly() {
             5 => {
                 // trainer_state.json: a byte-level edit of its text.
                 let mut bytes = state_text.clone().into_bytes();
-                let at = rng.below(bytes.len());
-                match rng.below(3) {
-                    0 => bytes.truncate(at),
-                    1 => {
-                        let piece = bytes[at..(at + 8).min(bytes.len())].to_vec();
-                        bytes.splice(at..at, piece);
-                    }
-                    _ => bytes[at] = b"0123456789-.e,:{}[]\" "[rng.below(21)],
-                }
+                let at = fuzz::edit_json_text(&mut rng, &mut bytes);
                 let what = format!("seed {seed} input {case_no}: trainer_state.json edited at byte {at}");
                 resumes.run(&what, false, |dir| std::fs::write(state_file(dir), bytes).unwrap());
             }

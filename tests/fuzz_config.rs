@@ -146,15 +146,7 @@ fn mutated_config_json_loads_or_fails_cleanly() {
         if rng.below(4) == 0 {
             // A byte-level edit: cut, duplicate or overwrite a piece of the text.
             let mut bytes = text.into_bytes();
-            let at = rng.below(bytes.len());
-            match rng.below(3) {
-                0 => bytes.truncate(at),
-                1 => {
-                    let piece = bytes[at..(at + 8).min(bytes.len())].to_vec();
-                    bytes.splice(at..at, piece);
-                }
-                _ => bytes[at] = b"0123456789-.e,:{}[]\" "[rng.below(21)],
-            }
+            let at = fuzz::edit_json_text(&mut rng, &mut bytes);
             what.push_str(&format!(" text edit at byte {at}"));
             text = String::from_utf8_lossy(&bytes).into_owned();
         }

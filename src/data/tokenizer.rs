@@ -852,6 +852,17 @@ mod tests {
 
     /// Our table of byte-level characters is the pre-tokenizer's alphabet, and the characters a
     /// vocabulary lacks a byte of are the ones `tokenizers` drops.
+    /// A byte-level BPE trained on one tiny conversation ("zebra" → "zoo"), in `dir`.
+    fn zebra_tokenizer(dir: &Path) -> PathBuf {
+        let convs = vec![Conversation {
+            system: "s".into(),
+            turns: vec![Turn { user: "zebra".into(), assistant: "zoo".into() }],
+        }];
+        let path = dir.join("tokenizer.json");
+        train_tokenizer(&convs, 300, &path).unwrap();
+        path
+    }
+
     #[test]
     fn the_characters_a_vocabulary_cannot_hold_are_named() {
         use std::collections::HashSet;
@@ -860,13 +871,8 @@ mod tests {
         assert_eq!(ours, theirs);
         assert_eq!(byte_level_chars()[b' ' as usize], '\u{120}');
 
-        let convs = vec![Conversation {
-            system: "s".into(),
-            turns: vec![Turn { user: "zebra".into(), assistant: "zoo".into() }],
-        }];
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tokenizer.json");
-        train_tokenizer(&convs, 300, &path).unwrap();
+        let path = zebra_tokenizer(dir.path());
         let tok = ChatTokenizer::from_file(&path).unwrap();
         assert!(tok.dropped_chars("zoo é\t{").is_empty());
         // The same tokenizer without "z" (nor any merge with it): "zoo" loses its z.
@@ -889,16 +895,12 @@ mod tests {
         assert_eq!(decoded.trim(), "oo", "tokenizers drops what dropped_chars names");
     }
 
-    /// Two inputs on which tokenizers 0.22 panicked while parsing, now plain errors.
+    /// Three inputs on which tokenizers 0.22 panicked (two while parsing, one while encoding),
+    /// now plain errors.
     #[test]
     fn what_makes_the_tokenizers_library_panic_is_an_error() {
-        let convs = vec![Conversation {
-            system: "s".into(),
-            turns: vec![Turn { user: "zebra".into(), assistant: "zoo".into() }],
-        }];
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tokenizer.json");
-        train_tokenizer(&convs, 300, &path).unwrap();
+        let path = zebra_tokenizer(dir.path());
         let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let text = json.to_string();
 

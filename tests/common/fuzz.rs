@@ -105,6 +105,21 @@ pub fn set(json: &mut Value, path: &[Value], value: Option<Value>) {
     }
 }
 
+/// A byte-level edit of JSON text: a cut, a duplicated piece, or one byte overwritten with a
+/// character of JSON's syntax. Returns where it happened.
+pub fn edit_json_text(rng: &mut sft::rng::Rng, bytes: &mut Vec<u8>) -> usize {
+    let at = rng.below(bytes.len());
+    match rng.below(3) {
+        0 => bytes.truncate(at),
+        1 => {
+            let piece = bytes[at..(at + 8).min(bytes.len())].to_vec();
+            bytes.splice(at..at, piece);
+        }
+        _ => bytes[at] = b"0123456789-.e,:{}[]\" "[rng.below(21)],
+    }
+    at
+}
+
 /// `path` written for a failure report: `a.b.3`.
 pub fn show(path: &[Value]) -> String {
     path.iter()
