@@ -23,6 +23,7 @@ pub mod kernels;
 pub mod lock;
 pub mod lora;
 pub mod model;
+pub mod panics;
 pub mod paths;
 pub mod plan;
 pub mod rng;

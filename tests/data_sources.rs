@@ -347,3 +347,51 @@ fn a_parquet_codec_other_than_snappy_is_named() {
         );
     }
 }
+
+/// A panic inside the tokenizers library or the template engine, on a file the user brought, is
+/// an error naming the file, without the panic hook's "thread 'main' panicked at" line above it.
+#[test]
+fn a_library_panic_on_a_users_file_is_an_error_without_a_panic_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    small_tokenizer(d);
+    let data = d.join("chats.json");
+    common::data::write_simplellama_json(&data, &synthetic_conversations(8, 3));
+
+    // A normalizer of [""] loads, then panics inside the tokenizers library (0.22) on any text.
+    let mut odd: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("tok.json")).unwrap()).unwrap();
+    odd["normalizer"] = serde_json::json!([""]);
+    let odd_path = d.join("odd.json");
+    std::fs::write(&odd_path, odd.to_string()).unwrap();
+    let (ok, _, stderr) =
+        sft(&["prepare", "--data", s(&data), "--tokenizer", s(&odd_path), "--out", s(&d.join("out1"))]);
+    assert!(
+        !ok && stderr.contains("odd.json") && stderr.contains("the tokenizers library panicked"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("' panicked at"), "{stderr}");
+
+    // minijinja 2.24 panics on `''[::-1]`.
+    std::fs::write(d.join("tokenizer_config.json"), r#"{"eos_token": "<EOA>"}"#).unwrap();
+    let template = d.join("reverse.jinja");
+    std::fs::write(&template, "{% for m in messages %}{{ m['content'] }}{% endfor %}{{ ''[::-1] }}").unwrap();
+    let (ok, _, stderr) = sft(&[
+        "prepare",
+        "--data",
+        s(&data),
+        "--tokenizer",
+        s(&d.join("tok.json")),
+        "--chat-format",
+        "template",
+        "--chat-template",
+        s(&template),
+        "--out",
+        s(&d.join("out2")),
+    ]);
+    assert!(
+        !ok && stderr.contains("reverse.jinja") && stderr.contains("the template engine panicked"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("' panicked at"), "{stderr}");
+}

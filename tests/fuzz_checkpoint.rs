@@ -267,10 +267,13 @@ fn a_damaged_checkpoint_resumes_or_fails_cleanly() {
     resumes.run("the checkpoint as saved", false, |_| {});
     assert_eq!(resumes.tally.ok, 1, "the undamaged checkpoint does not resume: {:?}", resumes.tally.failures);
 
-    // 1. Every field of trainer_state.json, every special value, and removed.
+    // 1. Every field of trainer_state.json, every special value, and removed. The file ends with
+    // the checksum of its text, which refuses any edit; deleted (as its error says to accept an
+    // edit), every field's own check is what answers.
     let state_file = |dir: &Path| dir.join(&step_dir).join("trainer_state.json");
-    let state: Value =
-        serde_json::from_str(&std::fs::read_to_string(state_file(&resumes.fixture_run)).unwrap()).unwrap();
+    let saved_text = std::fs::read_to_string(state_file(&resumes.fixture_run)).unwrap();
+    let mut state: Value = serde_json::from_str(&saved_text).unwrap();
+    state.as_object_mut().unwrap().remove("state_checksum").expect("the save recorded its checksum");
     for path in &fuzz::paths(&state) {
         for value in special_values().into_iter().map(Some).chain([None]) {
             let what = format!("trainer_state.json {} = {value:?}", fuzz::show(path));
@@ -285,7 +288,7 @@ fn a_damaged_checkpoint_resumes_or_fails_cleanly() {
     let files = ["model.safetensors", "optimizer.safetensors"];
     let originals: Vec<Vec<u8>> =
         files.iter().map(|f| std::fs::read(resumes.fixture_run.join(&step_dir).join(f)).unwrap()).collect();
-    let state_text = state.to_string();
+    let unchecked_text = state.to_string();
     let mut rng = Rng::new(seed);
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     while Instant::now() < deadline {
@@ -299,8 +302,9 @@ fn a_damaged_checkpoint_resumes_or_fails_cleanly() {
                 resumes.run(&what, damage.must_fail, |dir| std::fs::write(dir.join(&path), bytes).unwrap());
             }
             5 => {
-                // trainer_state.json: a byte-level edit of its text.
-                let mut bytes = state_text.clone().into_bytes();
+                // trainer_state.json: a byte-level edit of its text, as saved or without its checksum.
+                let base = if rng.below(2) == 0 { &saved_text } else { &unchecked_text };
+                let mut bytes = base.clone().into_bytes();
                 let at = fuzz::edit_json_text(&mut rng, &mut bytes);
                 let what = format!("seed {seed} input {case_no}: trainer_state.json edited at byte {at}");
                 resumes.run(&what, false, |dir| std::fs::write(state_file(dir), bytes).unwrap());

@@ -451,6 +451,16 @@ fn a_resume_that_would_not_continue_the_checkpoint_is_refused() {
     let state_file = edited.join("step-2").join("trainer_state.json");
     let text = std::fs::read_to_string(&state_file).unwrap();
     std::fs::write(&state_file, text.replacen("\"step\": 2", "\"step\": 1", 1)).unwrap();
+    // Any change to the file's text is refused by the checksum it ends with...
+    assert_refused(
+        &resume(&edited, &["--max-steps", "4"]),
+        &["trainer_state.json", "not what was saved", "delete the \"state_checksum\" field"],
+    );
+    // ...and with that field deleted, as the error says to accept an edit, the step is checked.
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
+    state.as_object_mut().unwrap().remove("state_checksum").expect("the save recorded its checksum");
+    std::fs::write(&state_file, state.to_string()).unwrap();
     assert_refused(
         &resume(&edited, &["--max-steps", "4"]),
         &["trainer_state.json", "\"step\" is 1", "step 2"],
@@ -548,7 +558,9 @@ fn a_negative_second_moment_is_refused_at_load() {
     let state_file = run.join("step-2").join("trainer_state.json");
     let mut state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
-    state.as_object_mut().unwrap().remove("checkpoint_files").expect("the save recorded its files");
+    let fields = state.as_object_mut().unwrap();
+    fields.remove("checkpoint_files").expect("the save recorded its files");
+    fields.remove("state_checksum").expect("the save recorded its checksum");
     std::fs::write(&state_file, state.to_string()).unwrap();
     assert_refused(&resume(), &["optimizer.safetensors", name, "index 5", "cannot be negative"]);
 }

@@ -17,6 +17,7 @@ use super::safetensors::{
 };
 use super::{CONFIG_FILE, LATEST_FILE, MODEL_FILE, OPTIMIZER_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE};
 use crate::backend::{Backend, StateDtype};
+use crate::checksum;
 use crate::data::ChatTokenizer;
 use crate::dist::{Collectives, SingleProcess};
 use crate::lock::{sibling, DirLock};
@@ -205,7 +206,7 @@ pub fn save_with<S: Serialize>(
     if let (Some(fields), false) = (json.as_object_mut(), files.is_empty()) {
         fields.insert(FILES_FIELD.into(), serde_json::json!(files));
     }
-    write_file_synced(&tmp.join(TRAINER_STATE_FILE), serde_json::to_string_pretty(&json)?.as_bytes())?;
+    write_file_synced(&tmp.join(TRAINER_STATE_FILE), state_text(&json)?.as_bytes())?;
     fsync_dir(&tmp)?;
     if dir.exists() {
         // A complete save of this step that `latest` never pointed at (the run died between the
@@ -558,14 +559,53 @@ fn check_checkpoint_files(dir: &Path, path: &Path, recorded: &serde_json::Value)
     Ok(())
 }
 
-/// The trainer state [`save`] wrote into the checkpoint `dir`, after checking that the
-/// checkpoint's safetensors files are the ones saved with it (states saved before that record
-/// existed are read as they are).
+/// The last field of `trainer_state.json`: the checksum of the file's text without it.
+const STATE_CHECKSUM_FIELD: &str = "state_checksum";
+
+/// The last line of `trainer_state.json`, after its other fields, when their text has `sum`.
+fn state_checksum_tail(sum: &str) -> String {
+    format!(",\n  \"{STATE_CHECKSUM_FIELD}\": \"{sum}\"\n}}\n")
+}
+
+/// `trainer_state.json`'s text: `json` pretty-printed, then the checksum of that text as its
+/// last field. The checksum is of the bytes, not of the parsed values, so that a float's
+/// parse and print need not round-trip for a saved state to check.
+fn state_text(json: &serde_json::Value) -> Result<String> {
+    let body = serde_json::to_string_pretty(json)?;
+    let open = body.strip_suffix("\n}").context("the trainer state is not a JSON object with fields")?;
+    Ok(format!("{open}{}", state_checksum_tail(&checksum::to_hex(checksum::of_bytes(body.as_bytes())))))
+}
+
+/// Checks `text`, read from `path`, against the checksum it ends with. A bit flipped on disk in
+/// the step or the data position would otherwise resume a different run without a word; an edit
+/// made on purpose is accepted once the field is deleted, as the error says.
+fn check_state_checksum(path: &Path, text: &str, recorded: &serde_json::Value) -> Result<()> {
+    let refused = || {
+        anyhow::anyhow!(
+            "{}: its text is not what was saved (the \"{STATE_CHECKSUM_FIELD}\" it records does not \
+             match): a disk or copy error, or an edit. If you edited it on purpose, delete the \
+             \"{STATE_CHECKSUM_FIELD}\" field to accept the edit",
+            path.display()
+        )
+    };
+    let sum = recorded.as_str().ok_or_else(refused)?;
+    let open = text.strip_suffix(&state_checksum_tail(sum)).ok_or_else(refused)?;
+    let body = format!("{open}\n}}");
+    ensure!(checksum::to_hex(checksum::of_bytes(body.as_bytes())) == sum, refused());
+    Ok(())
+}
+
+/// The trainer state [`save`] wrote into the checkpoint `dir`, after checking its text against
+/// its checksum and the checkpoint's safetensors files against the ones saved with it (states
+/// saved before either record existed are read as they are).
 pub fn load_run_state<S: DeserializeOwned>(dir: &Path) -> Result<S> {
     let path = dir.join(TRAINER_STATE_FILE);
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut json: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    if let Some(sum) = json.as_object_mut().and_then(|fields| fields.remove(STATE_CHECKSUM_FIELD)) {
+        check_state_checksum(&path, &text, &sum)?;
+    }
     if let Some(files) = json.as_object_mut().and_then(|fields| fields.remove(FILES_FIELD)) {
         check_checkpoint_files(dir, &path, &files)?;
     }
@@ -575,6 +615,36 @@ pub fn load_run_state<S: DeserializeOwned>(dir: &Path) -> Result<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_trainer_state_is_checked_against_the_checksum_it_ends_with() {
+        let out = tempfile::tempdir().unwrap();
+        let state =
+            serde_json::json!({"step": 7, "lr": 0.1 + 0.2, "loss": 1.0e-7_f64.sqrt(), "seed": u64::MAX});
+        let dir = save_with(out.path(), 7, &state, 0, |_| Ok(())).unwrap();
+        let path = dir.join(TRAINER_STATE_FILE);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.ends_with("\"\n}\n") && text.contains("\n  \"state_checksum\": \""), "{text}");
+        assert_eq!(load_run_state::<serde_json::Value>(&dir).unwrap(), state);
+
+        // One digit changed: refused, naming the file and the way to accept an edit.
+        std::fs::write(&path, text.replacen("\"step\": 7", "\"step\": 8", 1)).unwrap();
+        let err = format!("{:#}", load_run_state::<serde_json::Value>(&dir).unwrap_err());
+        assert!(
+            err.contains(TRAINER_STATE_FILE) && err.contains("delete the \"state_checksum\" field"),
+            "{err}"
+        );
+        // Reformatted with the same values: still not the saved text.
+        let reformatted: serde_json::Value = serde_json::from_str(&text).unwrap();
+        std::fs::write(&path, reformatted.to_string()).unwrap();
+        assert!(load_run_state::<serde_json::Value>(&dir).is_err());
+        // Without the field (an edit accepted, or a state saved before it existed): read as it is.
+        let mut edited = reformatted;
+        edited.as_object_mut().unwrap().remove("state_checksum");
+        edited["step"] = 8.into();
+        std::fs::write(&path, edited.to_string()).unwrap();
+        assert_eq!(load_run_state::<serde_json::Value>(&dir).unwrap()["step"], 8);
+    }
 
     #[test]
     fn latest_pointer_must_name_an_existing_checkpoint() {

@@ -301,45 +301,10 @@ fn short(msg: &str) -> String {
     }
 }
 
-thread_local! {
-    /// Set while this thread is inside [`reader_call`]: its panics are expected and reported as
-    /// errors, so the panic hook keeps quiet about them (and records where they happened).
-    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    static PANIC_AT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
-}
-
 /// Runs `call` into the Parquet reader, turning a panic into `Err("the reader failed: ...")`
 /// without the hook's "thread panicked" message on stderr.
-///
-/// The hook is process-wide, so it is wrapped once and defers to the previous one for every
-/// panic outside a `reader_call` (other threads, other code) — only this thread's, here, are
-/// silenced.
 fn reader_call<T>(call: impl FnOnce() -> T) -> std::result::Result<T, String> {
-    static WRAP_HOOK: std::sync::Once = std::sync::Once::new();
-    WRAP_HOOK.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if QUIET_PANICS.with(|q| q.get()) {
-                let at = info.location().map(|l| format!("{}:{}", l.file(), l.line()));
-                PANIC_AT.with(|p| *p.borrow_mut() = at);
-            } else {
-                previous(info)
-            }
-        }));
-    });
-    let was_quiet = QUIET_PANICS.with(|q| q.replace(true));
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(call));
-    QUIET_PANICS.with(|q| q.set(was_quiet));
-    result.map_err(|payload| {
-        let msg = payload
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| payload.downcast_ref::<&str>().copied())
-            .unwrap_or("a panic without a message");
-        let at = PANIC_AT.with(|p| p.borrow_mut().take());
-        let at = at.map(|a| format!(" at {a}")).unwrap_or_default();
-        format!("the reader failed: {}{at}", short(msg))
-    })
+    crate::panics::catch(call).map_err(|msg| format!("the reader failed: {}", short(&msg)))
 }
 
 /// A row as JSON, as the crate's `to_json_value` sees it except for binary: a BYTE_ARRAY column

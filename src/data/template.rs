@@ -336,6 +336,12 @@ fn token_string(v: &Json) -> Option<String> {
     }
 }
 
+/// The template engine's instructions one render may run: about half a second. The fixture
+/// templates run 23–34 per message (10,000 messages: 230k–340k); a template is data, and
+/// without a bound nested loops in a broken one would hold preprocessing for hours instead of
+/// failing.
+const RENDER_FUEL: u64 = 20_000_000;
+
 impl ChatTemplate {
     /// Compiles `source`; `tokens` are the special-token variables (`bos_token` → `<s>`, ...).
     pub fn new(name: &str, source: &str, tokens: BTreeMap<String, String>) -> Result<Self> {
@@ -343,6 +349,7 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        env.set_fuel(Some(RENDER_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", |format: String| strftime(&format, now_unix()));
@@ -422,11 +429,16 @@ impl ChatTemplate {
         let tmpl = self.env.get_template("chat_template").expect("added in new");
         // minijinja 2.24 panics on some expressions instead of failing (`''[::-1]` indexes an
         // empty string; found by tests/fuzz_template.rs): a template is data, so that is an error.
-        let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tmpl.render(ctx)))
-            .map_err(|_| anyhow!("{}: rendering failed: the template engine panicked on it", self.name))?;
+        let rendered = crate::panics::catch(|| tmpl.render(ctx)).map_err(|panic| {
+            anyhow!("{}: rendering failed: the template engine panicked on it: {panic}", self.name)
+        })?;
         let raw = rendered.map_err(|e| {
             let detail = match e.kind() {
                 ErrorKind::InvalidOperation => e.detail().unwrap_or("").to_string(),
+                ErrorKind::OutOfFuel => format!(
+                    "it ran {RENDER_FUEL} instructions for one conversation without finishing \
+                     (a loop that does not end?)"
+                ),
                 _ => format!("{e:#}"),
             };
             anyhow!("{}: rendering failed: {detail}", self.name)
@@ -739,6 +751,32 @@ mod tests {
         assert_eq!(tpl.render(&[Message::new("user", "ab")], false).unwrap(), "ba");
         let err = format!("{:#}", tpl.render(&[Message::new("user", "")], false).unwrap_err());
         assert!(err.contains("rendering failed"), "{err}");
+    }
+
+    #[test]
+    fn a_render_that_does_not_end_runs_out_of_fuel_and_a_long_conversation_does_not() {
+        let endless =
+            "{% for a in range(100000) %}{% for b in range(100000) %}{{ b }}{% endfor %}{% endfor %}";
+        let tpl = ChatTemplate::new("endless", endless, BTreeMap::new()).unwrap();
+        let started = std::time::Instant::now();
+        let err = format!("{:#}", tpl.render(&[Message::new("user", "hi")], false).unwrap_err());
+        assert!(err.contains("endless: rendering failed") && err.contains("without finishing"), "{err}");
+        eprintln!("fuel ran out after {:.2} s", started.elapsed().as_secs_f64());
+
+        // Every fixture template renders a conversation of 10,000 messages within the budget.
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/templates");
+        let messages: Vec<Message> = (0..10_000)
+            .map(|i| Message::new(["user", "assistant"][i % 2], format!("message {i} with some words in it")))
+            .collect();
+        let tokens: BTreeMap<String, String> =
+            [("bos_token", "<s>"), ("eos_token", "</s>")].map(|(k, v)| (k.to_string(), v.to_string())).into();
+        for name in ["llama3.1.jinja", "llama3.2.jinja", "mistral.jinja", "smollm2.jinja", "tinyllama.jinja"]
+        {
+            let source = std::fs::read_to_string(format!("{fixtures}/{name}")).unwrap();
+            let tpl = ChatTemplate::new(name, &source, tokens.clone()).unwrap();
+            let text = tpl.render(&messages, true).unwrap_or_else(|e| panic!("{e:#}"));
+            assert!(text.contains("message 9999 with"), "{name}");
+        }
     }
 
     #[test]

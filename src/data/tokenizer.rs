@@ -49,9 +49,11 @@ pub fn parse_tokenizer_json(bytes: &[u8]) -> Result<Tokenizer> {
             }
         }
     }
-    match std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes)) {
+    match crate::panics::catch(|| Tokenizer::from_bytes(bytes)) {
         Ok(parsed) => parsed.map_err(|e| anyhow!("not a valid tokenizer.json: {e}")),
-        Err(_) => bail!("not a valid tokenizer.json: the tokenizers library panicked reading it"),
+        Err(panic) => {
+            bail!("not a valid tokenizer.json: the tokenizers library panicked reading it: {panic}")
+        }
     }
 }
 
@@ -704,9 +706,9 @@ impl ChatTokenizer {
             Some(path) => anyhow!("{}: {op} failed: {e}", path.display()),
             None => anyhow!("tokenizer: {op} failed: {e}"),
         };
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        match crate::panics::catch(f) {
             Ok(result) => result.map_err(|e| failed(&e)),
-            Err(_) => Err(failed(&"the tokenizers library panicked")),
+            Err(panic) => Err(failed(&format!("the tokenizers library panicked: {panic}"))),
         }
     }
 }
