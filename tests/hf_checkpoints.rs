@@ -94,7 +94,7 @@ fn write_hf_config(dir: &Path, config: &ModelConfig, edit: impl FnOnce(&mut serd
 fn write_hf_dir(dir: &Path, config: &ModelConfig, params: &[NamedTensor]) {
     std::fs::create_dir_all(dir).unwrap();
     write_hf_config(dir, config, |_| {});
-    let tensors: Vec<_> = to_hf(config, params)
+    let tensors: Vec<_> = to_hf(config, params.to_vec())
         .into_iter()
         .map(|t| (t.name, t.shape, Dtype::F32, encode(&t.data, Dtype::F32)))
         .collect();
@@ -115,13 +115,13 @@ fn a_second_writer_of_one_checkpoint_directory_is_refused() {
     let held = sft::lock::DirLock::acquire(lock.clone(), "ckpt", "test").unwrap();
     let in_progress = root.path().join("new-parent").join("ckpt.tmp");
     std::fs::create_dir_all(&in_progress).unwrap();
-    let err = format!("{:#}", save_weights(&dir, &config, &params, None).unwrap_err());
+    let err = format!("{:#}", save_weights(&dir, &config, params.clone(), None).unwrap_err());
     let holder = format!("another sft command (process {}) is writing it", std::process::id());
     assert!(err.contains(&holder) && err.contains("ckpt"), "{err}");
     assert!(in_progress.is_dir() && !dir.exists(), "the refused save touched the holder's work");
     drop(held);
     std::fs::remove_dir_all(&in_progress).unwrap();
-    save_weights(&dir, &config, &params, None).unwrap();
+    save_weights(&dir, &config, params.clone(), None).unwrap();
     assert_eq!(read_params(&dir, &config).unwrap(), params);
     assert!(!lock.exists(), "the writer's lock goes with it");
 }
@@ -141,7 +141,7 @@ fn save_and_load_round_trip_weights_and_logits() {
         let config = config(style, tie, 300);
         let params = init_params(&config, 7 + i as u64);
         let dir = root.path().join(format!("ckpt-{i}"));
-        save_weights(&dir, &config, &params, None).unwrap();
+        save_weights(&dir, &config, params.clone(), None).unwrap();
         let json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
         assert_eq!(json["torch_dtype"], "float32");
@@ -180,7 +180,7 @@ fn sharded_bf16_f16_checkpoint_loads_exactly() {
             *x = ((*x * 1024.0).round() / 1024.0).clamp(-0.125, 0.125);
         }
     }
-    let hf = to_hf(&config, &params);
+    let hf = to_hf(&config, params.clone());
     let shard_of = |name: &str| {
         if name.starts_with("model.embed_tokens") || name.starts_with("model.layers.0.") {
             ("model-00001-of-00003.safetensors", Dtype::BF16)
@@ -295,7 +295,7 @@ fn both_rope_conventions_give_the_same_logits() {
     // no permutation on load), gives the original model's logits.
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("export");
-    save_weights(&dir, &adjacent, &w, None).unwrap();
+    save_weights(&dir, &adjacent, w.clone(), None).unwrap();
     let config_path = dir.join("config.json");
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
@@ -342,7 +342,7 @@ fn bad_configs_and_tensors_are_named_errors() {
     write_hf_config(&dir, &config, |_| {});
 
     let st = dir.join("model.safetensors");
-    let hf = to_hf(&config, &params);
+    let hf = to_hf(&config, params.clone());
     let write_with = |edit: &dyn Fn(&mut Vec<RawTensor>)| {
         let mut tensors: Vec<_> = hf
             .iter()
@@ -508,7 +508,7 @@ fn import_adds_chat_tokens_then_trains_and_exports() {
 
     // Export and reload: identical logits, also when read as an HF checkpoint from elsewhere.
     let export = root.path().join("export");
-    save_weights(&export, &config, &trained_params, Some(&trained.join("tokenizer.json"))).unwrap();
+    save_weights(&export, &config, trained_params.clone(), Some(&trained.join("tokenizer.json"))).unwrap();
     assert_eq!(logits(&export), logits(&trained));
     let config_path = export.join("config.json");
     let mut json: serde_json::Value =

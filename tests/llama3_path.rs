@@ -175,7 +175,7 @@ fn write_bf16_weights(dir: &Path, config: &ModelConfig, seed: u64) -> Vec<NamedT
             *x = half::bf16::from_f32(*x).to_f32();
         }
     }
-    let hf = to_hf(config, &params);
+    let hf = to_hf(config, params.clone());
     assert!(hf.iter().all(|t| t.name != "lm_head.weight"), "tied: no lm_head");
     let bytes: Vec<Vec<u8>> = hf
         .iter()

@@ -264,8 +264,8 @@ fn peft_tensors_apply_to_the_hugging_face_weights() {
         let base = model.read_params().unwrap();
         let mut merged = base.clone();
         lora::merge_into(&lora, &config, &mut merged, &adapters).unwrap();
-        let hf_base = sft::checkpoint::to_hf(&config, &base);
-        let hf_merged = sft::checkpoint::to_hf(&config, &merged);
+        let hf_base = sft::checkpoint::to_hf(&config, base);
+        let hf_merged = sft::checkpoint::to_hf(&config, merged);
         let peft = sft::checkpoint::peft::to_peft(&config, &lora, &adapters).unwrap();
         let find = |ts: &[NamedTensor], name: &str| ts.iter().find(|t| t.name == name).unwrap().clone();
         let r = lora.rank;

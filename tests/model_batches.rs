@@ -312,7 +312,7 @@ fn hugging_face_conversion_round_trips() {
         let mut model = Model::new(f32_backend(), config.clone(), 4).unwrap();
         model.init_params(9).unwrap();
         let ours = model.read_params().unwrap();
-        let hf = to_hf(&config, &ours);
+        let hf = to_hf(&config, ours.clone());
         let find = |name: &str| hf.iter().find(|t| t.name == name);
         let d = config.d_model;
         let hd = config.head_dim();

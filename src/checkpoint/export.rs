@@ -115,7 +115,7 @@ pub fn export_checkpoint(args: &ExportArgs) -> Result<ExportReport> {
         config.vocab_size
     );
     let params = ckpt.read_params()?;
-    let hf = to_hf(&config, &params);
+    let hf = to_hf(&config, params);
     if args.dtype == ExportDtype::Bf16 {
         // Round to nearest even carries f32 values past bf16's largest finite (about 3.39e38)
         // to infinity: a file every loader (ours included) would refuse or compute NaN from.

@@ -53,10 +53,14 @@ fn lm_head(config: &ModelConfig) -> (String, Vec<usize>) {
 ///
 /// `params` must come from a model of `config` (e.g. [`crate::model::Model::read_params`]);
 /// a tensor with the wrong size panics here, so check foreign input with [`crate::model::params::check_params`] first.
-pub fn to_hf(config: &ModelConfig, params: &[NamedTensor]) -> Vec<NamedTensor> {
-    let by_name: HashMap<&str, &NamedTensor> = params.iter().map(|t| (t.name.as_str(), t)).collect();
-    let get = |name: &str| -> &NamedTensor {
-        by_name.get(name).unwrap_or_else(|| panic!("to_hf: parameter {name} missing"))
+///
+/// The tensors are moved, not copied: only the fused `qkv` and `gate_up` are split into new
+/// buffers, one layer's at a time, so that converting a 1.3B model (5 GB of f32) does not hold
+/// two copies of it.
+pub fn to_hf(config: &ModelConfig, params: Vec<NamedTensor>) -> Vec<NamedTensor> {
+    let mut by_name: HashMap<String, NamedTensor> = params.into_iter().map(|t| (t.name.clone(), t)).collect();
+    let mut take = |name: &str| -> NamedTensor {
+        by_name.remove(name).unwrap_or_else(|| panic!("to_hf: parameter {name} missing"))
     };
     let d = config.d_model;
     let heads = config.heads();
@@ -64,33 +68,35 @@ pub fn to_hf(config: &ModelConfig, params: &[NamedTensor]) -> Vec<NamedTensor> {
     let rows = |t: &NamedTensor, name: String, from: usize, to: usize| {
         NamedTensor::new(name, vec![to - from, d], t.data[from * d..to * d].to_vec())
     };
-    let renamed = |t: &NamedTensor, name: String| NamedTensor::new(name, t.shape.clone(), t.data.clone());
+    let renamed = |t: NamedTensor, name: String| NamedTensor { name, ..t };
 
-    let mut out = vec![renamed(get("tok_embeddings"), "model.embed_tokens.weight".into())];
+    let mut out = vec![renamed(take("tok_embeddings"), "model.embed_tokens.weight".into())];
     for l in 0..config.n_layers {
-        let p = |t: &str| get(&format!("layers.{l}.{t}"));
+        let mut p = |t: &str| take(&format!("layers.{l}.{t}"));
         let hf = |t: &str| format!("model.layers.{l}.{t}.weight");
         out.push(renamed(p("attn_norm"), hf("input_layernorm")));
         let qkv = p("qkv");
-        let mut q = rows(qkv, hf("self_attn.q_proj"), 0, qw);
-        let mut k = rows(qkv, hf("self_attn.k_proj"), qw, qw + kvw);
+        let mut q = rows(&qkv, hf("self_attn.q_proj"), 0, qw);
+        let mut k = rows(&qkv, hf("self_attn.k_proj"), qw, qw + kvw);
         if config.rope_style == RopeStyle::AdjacentPairs {
             q.data = adjacent_to_half_split(&q.data, heads.n_heads, heads.head_dim, d);
             k.data = adjacent_to_half_split(&k.data, heads.n_kv_heads, heads.head_dim, d);
         }
         out.push(q);
         out.push(k);
-        out.push(rows(qkv, hf("self_attn.v_proj"), qw + kvw, qw + 2 * kvw));
+        out.push(rows(&qkv, hf("self_attn.v_proj"), qw + kvw, qw + 2 * kvw));
+        drop(qkv);
         out.push(renamed(p("o"), hf("self_attn.o_proj")));
         out.push(renamed(p("ffn_norm"), hf("post_attention_layernorm")));
         let gate_up = p("gate_up");
-        out.push(rows(gate_up, hf("mlp.gate_proj"), 0, hidden));
-        out.push(rows(gate_up, hf("mlp.up_proj"), hidden, 2 * hidden));
+        out.push(rows(&gate_up, hf("mlp.gate_proj"), 0, hidden));
+        out.push(rows(&gate_up, hf("mlp.up_proj"), hidden, 2 * hidden));
+        drop(gate_up);
         out.push(renamed(p("down"), hf("mlp.down_proj")));
     }
-    out.push(renamed(get("norm"), "model.norm.weight".into()));
+    out.push(renamed(take("norm"), "model.norm.weight".into()));
     if !config.tie_embeddings {
-        out.push(renamed(get("lm_head"), "lm_head.weight".into()));
+        out.push(renamed(take("lm_head"), "lm_head.weight".into()));
     }
     out
 }
@@ -351,7 +357,7 @@ mod tests {
     fn hf_shapes_match_the_converted_tensors() {
         for tie in [false, true] {
             let config = ModelConfig { tie_embeddings: tie, ..ModelConfig::tiny(300) };
-            let hf = to_hf(&config, &init_params(&config, 1));
+            let hf = to_hf(&config, init_params(&config, 1));
             let expected: Vec<(String, Vec<usize>)> =
                 hf.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
             assert_eq!(hf_shapes(&config), expected);

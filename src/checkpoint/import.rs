@@ -72,7 +72,7 @@ pub fn import_hf(from: &Path, out: &Path, add_chat_tokens: bool) -> Result<Impor
     if !add_chat_tokens {
         // A file source brings the tokenizer_config.json (chat template) beside it along.
         let tokenizer = tok_path.is_file().then_some(TokenizerSource::File(&tok_path));
-        checkpoint::save_weights_with(out, &config, &params, tokenizer)?;
+        checkpoint::save_weights_with(out, &config, params, tokenizer)?;
         return Ok(ImportReport { config, old_vocab_size, added: vec![] });
     }
 
@@ -115,7 +115,7 @@ pub fn import_hf(from: &Path, out: &Path, add_chat_tokens: bool) -> Result<Impor
         grow_rows(t, config.vocab_size, real_rows, &new_ids);
     }
     let json = tok.to_string(true).map_err(|e| anyhow!("serializing the tokenizer: {e}"))?;
-    checkpoint::save_weights_with(out, &config, &params, Some(TokenizerSource::Json(&json)))?;
+    checkpoint::save_weights_with(out, &config, params, Some(TokenizerSource::Json(&json)))?;
     // The model's chat template stays available (`--chat-format template`).
     let config_src = tokenizer_config_beside(&tok_path);
     if config_src.is_file() {

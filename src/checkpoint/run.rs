@@ -49,7 +49,7 @@ pub enum TokenizerSource<'a> {
 fn write_weights(
     dir: &Path,
     config: &ModelConfig,
-    params: &[NamedTensor],
+    params: Vec<NamedTensor>,
     tokenizer: Option<TokenizerSource>,
 ) -> Result<()> {
     write_safetensors(&dir.join(MODEL_FILE), &to_hf(config, params))?;
@@ -106,7 +106,7 @@ fn optimizer_tensors(m: Vec<NamedTensor>, v: Vec<NamedTensor>) -> Vec<NamedTenso
 pub fn save_weights(
     dir: &Path,
     config: &ModelConfig,
-    params: &[NamedTensor],
+    params: Vec<NamedTensor>,
     tokenizer: Option<&Path>,
 ) -> Result<()> {
     save_weights_with(dir, config, params, tokenizer.map(TokenizerSource::File))
@@ -116,7 +116,7 @@ pub fn save_weights(
 pub fn save_weights_with(
     dir: &Path,
     config: &ModelConfig,
-    params: &[NamedTensor],
+    params: Vec<NamedTensor>,
     tokenizer: Option<TokenizerSource>,
 ) -> Result<()> {
     // Held until the rename: another command writing the same directory would otherwise take
@@ -175,8 +175,7 @@ pub fn save_over<B: Backend, S: Serialize>(
     }
     save_with(out_dir, step, state, keep, |tmp| {
         let params = model.gather_params(comm)?.context(gathered)?;
-        write_weights(tmp, model.config(), &params, tokenizer.map(TokenizerSource::File))?;
-        drop(params);
+        write_weights(tmp, model.config(), params, tokenizer.map(TokenizerSource::File))?;
         let (m, v) = model.gather_optimizer_state(comm)?.context(gathered)?;
         write_optimizer(&tmp.join(OPTIMIZER_FILE), model.optimizer_state(), m, v)
     })

@@ -180,7 +180,7 @@ pub fn merge(args: MergeArgs) -> Result<()> {
     let ckpt = Checkpoint::open(&args.base)?;
     let params = peft::merged_params(&ckpt, &args.adapter)?;
     let tok = args.base.join(checkpoint::TOKENIZER_FILE);
-    checkpoint::save_weights(&args.out, ckpt.config(), &params, tok.exists().then_some(tok.as_path()))?;
+    checkpoint::save_weights(&args.out, ckpt.config(), params, tok.exists().then_some(tok.as_path()))?;
     let (lora, _) = peft::read_adapter_config(&args.adapter)?;
     println!(
         "wrote {}: {} with the adapter {} merged ({})",

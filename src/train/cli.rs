@@ -58,7 +58,7 @@ pub fn init(args: InitArgs) -> Result<()> {
     let n_params = config.n_params();
     // Parameters alone: a whole Model would also allocate gradients and optimizer state.
     let params = crate::model::params::init_params(&config, args.seed);
-    checkpoint::save_weights(&args.out, &config, &params, args.tokenizer.as_deref())?;
+    checkpoint::save_weights(&args.out, &config, params, args.tokenizer.as_deref())?;
     println!("wrote {} ({n_params} parameters, seed {})", args.out.display(), args.seed);
     Ok(())
 }
