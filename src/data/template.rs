@@ -342,6 +342,35 @@ fn token_string(v: &Json) -> Option<String> {
 /// failing.
 const RENDER_FUEL: u64 = 20_000_000;
 
+/// The text one render may produce: this base plus [`RENDER_BYTES_PER_INPUT_BYTE`] times the
+/// bytes of the messages and special tokens it was given. Fuel counts instructions, and one
+/// instruction can print 100 MB (`{{ 'x' * 100000000 }}`): without a bound on the output, a
+/// loop of a few thousand instructions would fill the memory of every thread rendering.
+const RENDER_BYTES_BASE: usize = 1 << 20;
+const RENDER_BYTES_PER_INPUT_BYTE: usize = 16;
+
+/// The rendered text, refusing to grow past `limit` bytes.
+struct BoundedText {
+    bytes: Vec<u8>,
+    limit: usize,
+    over: bool,
+}
+
+impl std::io::Write for BoundedText {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > self.limit {
+            self.over = true;
+            return Err(std::io::Error::other("the rendered text is too long"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl ChatTemplate {
     /// Compiles `source`; `tokens` are the special-token variables (`bos_token` → `<s>`, ...).
     pub fn new(name: &str, source: &str, tokens: BTreeMap<String, String>) -> Result<Self> {
@@ -420,6 +449,9 @@ impl ChatTemplate {
                 );
             }
         }
+        let input_bytes: usize = messages.iter().map(|m| m.role.len() + m.content.len()).sum::<usize>()
+            + self.tokens.values().map(String::len).sum::<usize>();
+        let limit = RENDER_BYTES_BASE.saturating_add(input_bytes.saturating_mul(RENDER_BYTES_PER_INPUT_BYTE));
         let mut ctx: BTreeMap<String, Value> = BTreeMap::new();
         ctx.insert("messages".into(), Value::from_serialize(messages));
         ctx.insert("add_generation_prompt".into(), Value::from(add_generation_prompt));
@@ -429,11 +461,17 @@ impl ChatTemplate {
         let tmpl = self.env.get_template("chat_template").expect("added in new");
         // minijinja 2.24 panics on some expressions instead of failing (`''[::-1]` indexes an
         // empty string; found by tests/fuzz_template.rs): a template is data, so that is an error.
-        let rendered = crate::panics::catch(|| tmpl.render(ctx)).map_err(|panic| {
-            anyhow!("{}: rendering failed: the template engine panicked on it: {panic}", self.name)
-        })?;
-        let raw = rendered.map_err(|e| {
+        let mut out = BoundedText { bytes: Vec::new(), limit, over: false };
+        let rendered =
+            crate::panics::catch(|| tmpl.render_captured_to(ctx, &mut out).map(drop)).map_err(|panic| {
+                anyhow!("{}: rendering failed: the template engine panicked on it: {panic}", self.name)
+            })?;
+        rendered.map_err(|e| {
             let detail = match e.kind() {
+                _ if out.over => format!(
+                    "the text of one conversation passed {limit} bytes ({input_bytes} bytes of \
+                     messages and special tokens went in; a loop that does not end?)"
+                ),
                 ErrorKind::InvalidOperation => e.detail().unwrap_or("").to_string(),
                 ErrorKind::OutOfFuel => format!(
                     "it ran {RENDER_FUEL} instructions for one conversation without finishing \
@@ -443,6 +481,8 @@ impl ChatTemplate {
             };
             anyhow!("{}: rendering failed: {detail}", self.name)
         })?;
+        let raw = String::from_utf8(out.bytes)
+            .map_err(|e| anyhow!("{}: rendering failed: the text is not UTF-8: {e}", self.name))?;
         let mut text = String::with_capacity(raw.len());
         let mut spans = Vec::new();
         let mut open: Option<usize> = None;
@@ -754,14 +794,35 @@ mod tests {
     }
 
     #[test]
-    fn a_render_that_does_not_end_runs_out_of_fuel_and_a_long_conversation_does_not() {
+    fn a_render_that_does_not_end_runs_out_of_fuel_or_room_and_a_long_conversation_does_not() {
         let endless =
-            "{% for a in range(100000) %}{% for b in range(100000) %}{{ b }}{% endfor %}{% endfor %}";
+            "{% for a in range(100000) %}{% for b in range(100000) %}{% set c = b %}{% endfor %}{% endfor %}";
         let tpl = ChatTemplate::new("endless", endless, BTreeMap::new()).unwrap();
         let started = std::time::Instant::now();
         let err = format!("{:#}", tpl.render(&[Message::new("user", "hi")], false).unwrap_err());
         assert!(err.contains("endless: rendering failed") && err.contains("without finishing"), "{err}");
         eprintln!("fuel ran out after {:.2} s", started.elapsed().as_secs_f64());
+
+        // A few instructions that print 100 MB each stop at the output bound, not at the fuel
+        // (or the memory).
+        let wide = "{% for a in range(1000) %}{{ 'x' * 100000000 }}{% endfor %}";
+        let tpl = ChatTemplate::new("wide", wide, BTreeMap::new()).unwrap();
+        let err = format!("{:#}", tpl.render(&[Message::new("user", "hi")], false).unwrap_err());
+        assert!(
+            err.contains("wide: rendering failed")
+                && err.contains(&format!("passed {} bytes", RENDER_BYTES_BASE + 16 * 6)),
+            "{err}"
+        );
+        // A reply of 4 MB is far inside its bound.
+        let long = "{% for m in messages %}{{ m.content }}{% endfor %}";
+        let tpl = ChatTemplate::new("long", long, BTreeMap::new()).unwrap();
+        let reply = "y".repeat(4 << 20);
+        assert_eq!(
+            tpl.render(&[Message::new("user", "hi"), Message::new("assistant", &*reply)], false)
+                .unwrap()
+                .len(),
+            2 + (4 << 20)
+        );
 
         // Every fixture template renders a conversation of 10,000 messages within the budget.
         let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/templates");
