@@ -83,3 +83,59 @@ fn plan_names_a_bad_device_or_length() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--seq-len 4096"));
 }
+
+/// Llama 3.2 1B's `config.json` as Hugging Face publishes it (the fields that matter here).
+const LLAMA_3_2_1B: &str = r#"{"architectures": ["LlamaForCausalLM"], "attention_bias": false,
+ "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu",
+ "hidden_size": 2048, "intermediate_size": 8192, "max_position_embeddings": 131072,
+ "mlp_bias": false, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 16,
+ "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 32.0,
+ "high_freq_factor": 4.0, "low_freq_factor": 1.0, "original_max_position_embeddings": 8192,
+ "rope_type": "llama3"}, "rope_theta": 500000.0, "tie_word_embeddings": true,
+ "torch_dtype": "bfloat16", "vocab_size": 128256}"#;
+
+fn plan_params(model: &str) -> u64 {
+    let out = sft(&["plan", "--model", model, "--seq-len", "2048", "--json"]);
+    assert!(out.status.success(), "{model}: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["n_params"].as_u64().unwrap_or_else(|| panic!("{v}"))
+}
+
+#[test]
+fn a_pretrained_models_directory_or_config_json_is_a_model_to_plan() {
+    let root = tempfile::tempdir().unwrap();
+    let hf = root.path().join("Llama-3.2-1B");
+    std::fs::create_dir(&hf).unwrap();
+    std::fs::write(hf.join("config.json"), LLAMA_3_2_1B).unwrap();
+    // 1,235,814,400: the published size of Llama 3.2 1B (tied embeddings).
+    assert_eq!(plan_params(hf.to_str().unwrap()), 1_235_814_400);
+    assert_eq!(plan_params(hf.join("config.json").to_str().unwrap()), 1_235_814_400);
+
+    // A small Llama of the same kind, initialized from its config file, then planned from the
+    // checkpoint sft wrote (its config.json carries our "sft" section as well).
+    let small = root.path().join("small.json");
+    let text = LLAMA_3_2_1B
+        .replace("\"hidden_size\": 2048", "\"hidden_size\": 256")
+        .replace("\"intermediate_size\": 8192", "\"intermediate_size\": 512")
+        .replace("\"num_attention_heads\": 32", "\"num_attention_heads\": 4")
+        .replace("\"num_key_value_heads\": 8", "\"num_key_value_heads\": 2")
+        .replace("\"num_hidden_layers\": 16", "\"num_hidden_layers\": 2")
+        .replace("\"vocab_size\": 128256", "\"vocab_size\": 512");
+    std::fs::write(&small, text).unwrap();
+    let ckpt = root.path().join("init");
+    let out = sft(&["init", "--model", small.to_str().unwrap(), "--out", ckpt.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Embedding 512·256, per layer q 256², k and v 128·256, o 256², three 512·256 MLP
+    // matrices, two norms; the final norm.
+    let per_layer = 2 * 256 * 256 + 2 * 128 * 256 + 3 * 512 * 256 + 2 * 256;
+    let expected = 512 * 256 + 2 * per_layer + 256;
+    assert_eq!(plan_params(ckpt.to_str().unwrap()), expected);
+    assert_eq!(plan_params(small.to_str().unwrap()), expected);
+
+    // A model-config file of neither kind still names its bad field.
+    let bad = root.path().join("bad.json");
+    std::fs::write(&bad, r#"{"d_model": 256, "heads": 4}"#).unwrap();
+    let out = sft(&["plan", "--model", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("bad.json") && err.contains("heads"), "{err}");
+}

@@ -27,7 +27,8 @@ pub const H100_BF16_PEAK: f64 = 989.4e12;
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// A preset (`simplellama-1.3b`, `tiny`) or a model-config JSON file.
+    /// A preset (`simplellama-1.3b`, `tiny`), a model-config JSON file, or a model directory or
+    /// its config.json (sft's or a Hugging Face Llama's: its shape, with random weights).
     #[arg(long = "config", default_value = "simplellama-1.3b")]
     pub model: String,
     /// Tokens per optimizer step (micro-batch rows × seq_len × accumulation).

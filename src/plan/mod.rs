@@ -36,8 +36,9 @@ use devices::{Calibration, DeviceSpec, CONTEXT_BYTES, LAUNCH_OVERHEAD_S, SYNC_OV
 
 #[derive(Args, Debug, Clone)]
 pub struct PlanArgs {
-    /// A preset (`simplellama-1.3b`) or a model-config JSON file, with heads of 64 or 128 (the
-    /// tensor-core attention the plan times; the `tiny` preset's heads of 16 are not).
+    /// A preset (`simplellama-1.3b`), a model-config JSON file, or a model directory or its
+    /// config.json (sft's or a Hugging Face Llama's), with heads of 64 or 128 (the tensor-core
+    /// attention the plan times; the `tiny` preset's heads of 16 are not).
     #[arg(long, default_value = "simplellama-1.3b")]
     pub model: String,
     /// h100 (SXM), h200, a100 (80 GB SXM) or rtx4090.

@@ -18,7 +18,8 @@ use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct InitArgs {
-    /// A preset (`tiny`, `simplellama-1.3b`) or a model-config JSON file.
+    /// A preset (`tiny`, `simplellama-1.3b`), a model-config JSON file, or a model directory or
+    /// its config.json (sft's or a Hugging Face Llama's: its shape, with random weights).
     #[arg(long)]
     pub model: String,
     /// The checkpoint directory to create.
@@ -68,7 +69,8 @@ pub struct TrainArgs {
     /// A JSON TrainConfig; the flags below override its fields.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// A preset (`tiny`, `simplellama-1.3b`) or a model-config JSON file; ignored when the weights
+    /// A preset (`tiny`, `simplellama-1.3b`), a model-config JSON file, or a model directory or
+    /// its config.json (its shape only); ignored when the weights
     /// come from --init-from or --resume (default: simplellama-1.3b).
     #[arg(long)]
     pub model: Option<String>,

@@ -19,7 +19,8 @@ pub const BF16_STATE_MIN_EPS: f32 = 1e-16;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
-    /// A preset (`tiny`, `simplellama-1.3b`) or the path of a model-config JSON file. Ignored when
+    /// A preset (`tiny`, `simplellama-1.3b`), the path of a model-config JSON file, or a model
+    /// directory or its config.json (sft's or a Hugging Face Llama's: its shape only). Ignored when
     /// the weights come from a checkpoint (`init_from`, `resume`): its config wins.
     pub model: String,
     /// A prepared data directory (`sft prepare`): `train-*.bin` and `val-*.bin` shards.

@@ -281,12 +281,26 @@ pub fn eval_loss_ranks<B: Backend>(
     Ok(loss)
 }
 
-/// A model config from a preset name or a JSON file; `tiny` takes the tokenizer's vocabulary.
+/// A model config from a preset name; a JSON file of [`ModelConfig`]'s fields; or a checkpoint's
+/// `config.json` or its directory, ours or a Hugging Face Llama's (as `--init-from` reads it), so
+/// that a pretrained model's shape can be planned, benchmarked or initialized by its path.
+/// `tiny` takes the tokenizer's vocabulary.
 pub fn resolve_model_config(model: &str, vocab_size: usize) -> Result<ModelConfig> {
+    let path = Path::new(model);
     let config = if model == "tiny" {
         ModelConfig::tiny(vocab_size)
-    } else if model.ends_with(".json") || Path::new(model).is_file() {
-        ModelConfig::load(Path::new(model))?
+    } else if path.is_dir() {
+        checkpoint::read_model_config(path)?
+    } else if model.ends_with(".json") || path.is_file() {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading model config {}", path.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("parsing model config {}", path.display()))?;
+        if checkpoint::is_checkpoint_config(&json) {
+            checkpoint::read_config_json(path)?
+        } else {
+            ModelConfig::load(path)?
+        }
     } else {
         ModelConfig::preset(model)?
     };
