@@ -239,6 +239,22 @@ fn merged_weights_give_the_adapted_models_logits() {
     }
 }
 
+/// Finite adapters whose product overflows f32 are refused at the merge, naming them, instead of
+/// writing a checkpoint of infinities.
+#[test]
+fn a_merge_that_overflows_the_weights_is_refused() {
+    let config = tiny_config(2, RopeStyle::AdjacentPairs, false, 0.0);
+    let lora = LoraConfig::new(2, 4.0, 0.0, targets("v"));
+    let (model, mut adapters) = random_model(&config, &lora, 8, 3);
+    let base = model.read_params().unwrap();
+    for t in adapters.iter_mut().filter(|t| t.name.starts_with("layers.1.")) {
+        t.data.iter_mut().for_each(|x| *x = 1e20);
+    }
+    let mut merged = base.clone();
+    let err = lora::merge_into(&lora, &config, &mut merged, &adapters).unwrap_err().to_string();
+    assert!(err.contains("layers.1.qkv") && err.contains("overflow") && err.contains("inf"), "{err}");
+}
+
 #[test]
 fn bad_lora_configs_are_refused_naming_the_field() {
     let config = tiny_config(2, RopeStyle::AdjacentPairs, false, 0.0);

@@ -342,6 +342,18 @@ pub fn merge_into(
                     *x = (*x as f64 + b * av as f64) as f32;
                 }
             }
+            // Finite adapters can still overflow f32 in the sum: a merged checkpoint of
+            // infinities would be refused only when loaded, far from its cause.
+            if let Some(i) = row.iter().position(|x| !x.is_finite()) {
+                bail!(
+                    "merging {} and {} into {name} gives {} at row {}, column {i}: the adapter's \
+                     values (scale {scale}) overflow the weights",
+                    a.a_name(),
+                    a.b_name(),
+                    row[i],
+                    g.col + o
+                );
+            }
         }
     }
     Ok(())
