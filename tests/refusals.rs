@@ -221,6 +221,14 @@ fn training_from_random_weights_must_be_asked_for_and_fit_in_memory() {
     let refused = sft(&args);
     assert_refused(&refused, &["no starting weights", "--init-from", "--from-scratch", "--resume"]);
     assert!(!out.join("log.csv").exists(), "nothing was started");
+    // A pretrained model given as --model: the refusal says how to load its weights.
+    let mut pointed = args.clone();
+    let at = pointed.iter().position(|a| *a == "tiny").unwrap();
+    pointed[at] = s(&f.ckpt);
+    let refused = sft(&pointed);
+    let how =
+        format!("--model takes only the shape of {}: --init-from {0} loads its weights", f.ckpt.display());
+    assert_refused(&refused, &["no starting weights", &how]);
     args.push("--from-scratch");
     let trained = sft(&args);
     assert!(trained.ok, "{}", trained.stderr);

@@ -440,13 +440,25 @@ fn start_run(cfg: &TrainConfig, main: bool) -> Result<RunStart> {
             // error says how to add them.
             checkpoint::import::check_init_tokenizer(dir)?;
         }
-        (None, None, false) => bail!(
-            "no starting weights: pass --init-from DIR (a checkpoint: `sft init`, `sft import` or a run's \
-             step-N/) to fine-tune it, --resume to continue the run in {}, or --from-scratch to train a \
-             randomly initialized --model {:?}",
-            cfg.out_dir.display(),
-            cfg.model
-        ),
+        (None, None, false) => {
+            // `--model` sizes a model; a user pointing it at a pretrained one means its weights.
+            let pretrained = Path::new(&cfg.model).is_dir();
+            bail!(
+                "no starting weights: pass --init-from DIR (a checkpoint: `sft init`, `sft import` or a \
+                 run's step-N/) to fine-tune it, --resume to continue the run in {}, or --from-scratch \
+                 to train a randomly initialized --model {:?}{}",
+                cfg.out_dir.display(),
+                cfg.model,
+                if pretrained {
+                    format!(
+                        " (--model takes only the shape of {}: --init-from {0} loads its weights)",
+                        cfg.model
+                    )
+                } else {
+                    String::new()
+                }
+            )
+        }
         _ => {}
     }
     let tokenizer_path = cfg.tokenizer_path();
