@@ -540,8 +540,21 @@ fn out_of_memory_advice_names_a_micro_batch_that_fits() {
     assert_eq!(memory_advice("gpu", &config, 2, fits, 2048, free), None);
     let msg = memory_advice("cuda:0 H100", &config, 2, fits + 8, 2048, free).unwrap();
     assert!(msg.contains("cuda:0 H100") && msg.contains(&format!("micro_batch {fits} would fit")), "{msg}");
+    // The fixed state alone is too large: shorter rows would not help.
     let msg = memory_advice("gpu", &config, 2, 1, 2048, 10 * gib).unwrap();
-    assert!(msg.contains("not even micro_batch 1 fits"), "{msg}");
+    assert!(
+        msg.contains("not even micro_batch 1 fits") && msg.contains("alone exceed") && msg.contains("--lora"),
+        "{msg}"
+    );
+    // Room for the fixed state and half a row: shorter rows or recompute would.
+    let tight = (fixed + per_token * 1024) / 9 * 10;
+    let msg = memory_advice("gpu", &config, 2, 1, 2048, tight).unwrap();
+    assert!(
+        msg.contains("not even micro_batch 1 fits")
+            && msg.contains("--max-seq-len")
+            && msg.contains("--recompute"),
+        "{msg}"
+    );
 }
 
 #[test]

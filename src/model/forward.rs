@@ -524,8 +524,18 @@ fn advice_for(
     }
     let activations = per_token.saturating_mul(seq_len).saturating_mul(micro_batch);
     let memory = if device.starts_with("cpu") { "host memory" } else { "device memory" };
-    let what = if fits == 0 {
-        format!("not even micro_batch 1 fits: lower max_seq_len, or use a smaller model or more {memory}")
+    let what = if fits == 0 && fixed >= free {
+        format!(
+            "not even micro_batch 1 fits: the weights, gradients and AdamW state alone exceed the free \
+             {memory}; use LoRA (--lora), bf16 AdamW moments (--optimizer-state bf16), a smaller model or \
+             more {memory}"
+        )
+    } else if fits == 0 {
+        format!(
+            "not even micro_batch 1 fits: shorten the rows (--max-seq-len; --seq-len in sft plan and sft \
+             bench), keep fewer activations (--recompute mlp or layer), or use a smaller model or more \
+             {memory}"
+        )
     } else {
         format!("micro_batch {fits} would fit (raise grad_accum to keep the step's size)")
     };
