@@ -14,13 +14,30 @@ thread_local! {
     static AT: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
-/// Runs `call`, turning a panic inside it into `Err("<its message> (at <file>:<line>)")`, without
-/// the hook's line on stderr.
+/// A caught panic: its message, and where it happened when the hook saw it.
+#[derive(Debug, PartialEq)]
+pub struct Panic {
+    pub message: String,
+    /// `<file>:<line>`, the file from its crate's directory on.
+    pub place: Option<String>,
+}
+
+impl std::fmt::Display for Panic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.place {
+            Some(at) => write!(f, "{} (at {at})", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+/// Runs `call`, turning a panic inside it into an `Err` holding its message and place
+/// (displayed `<message> (at <file>:<line>)`), without the hook's line on stderr.
 ///
 /// The hook is process-wide, so it is wrapped once and defers to the previous one for every
 /// panic outside a `catch`: other threads (a library's own worker threads included) and other
 /// code are reported as before; only this thread's, inside `call`, are silenced.
-pub fn catch<T>(call: impl FnOnce() -> T) -> Result<T, String> {
+pub fn catch<T>(call: impl FnOnce() -> T) -> Result<T, Panic> {
     static WRAP_HOOK: std::sync::Once = std::sync::Once::new();
     WRAP_HOOK.call_once(|| {
         let previous = std::panic::take_hook();
@@ -37,15 +54,12 @@ pub fn catch<T>(call: impl FnOnce() -> T) -> Result<T, String> {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(call));
     QUIET.with(|q| q.set(was_quiet));
     result.map_err(|payload| {
-        let msg = payload
+        let message = payload
             .downcast_ref::<String>()
             .map(String::as_str)
             .or_else(|| payload.downcast_ref::<&str>().copied())
             .unwrap_or("a panic without a message");
-        match AT.with(|p| p.borrow_mut().take()) {
-            Some(at) => format!("{msg} (at {at})"),
-            None => msg.to_string(),
-        }
+        Panic { message: message.to_string(), place: AT.with(|p| p.borrow_mut().take()) }
     })
 }
 
@@ -64,17 +78,18 @@ mod tests {
 
     #[test]
     fn a_panic_comes_back_with_its_message_and_place() {
-        let err = catch(|| -> u32 { panic!("bad input {}", 7) }).unwrap_err();
+        let err = catch(|| -> u32 { panic!("bad input {}", 7) }).unwrap_err().to_string();
         assert!(err.starts_with("bad input 7 (at ") && err.contains("panics.rs:"), "{err}");
         assert_eq!(catch(|| 3), Ok(3));
         // Nested: the inner panic is caught by the inner call, and the outer one still quiets.
         let outer = catch(|| {
             let inner = catch(|| -> () { panic!("inner") }).unwrap_err();
-            assert!(inner.starts_with("inner"), "{inner}");
+            assert_eq!(inner.message, "inner");
             panic!("outer")
         })
         .unwrap_err();
-        assert!(outer.starts_with("outer"), "{outer}");
+        assert_eq!(outer.message, "outer");
+        assert!(outer.place.as_ref().is_some_and(|at| at.starts_with("src/panics.rs:")), "{outer:?}");
         assert!(!QUIET.with(Cell::get));
         assert_eq!(
             crate_path(

@@ -304,7 +304,11 @@ fn short(msg: &str) -> String {
 /// Runs `call` into the Parquet reader, turning a panic into `Err("the reader failed: ...")`
 /// without the hook's "thread panicked" message on stderr.
 fn reader_call<T>(call: impl FnOnce() -> T) -> std::result::Result<T, String> {
-    crate::panics::catch(call).map_err(|msg| format!("the reader failed: {}", short(&msg)))
+    // Only the message is cut: the place stays at the end.
+    crate::panics::catch(call).map_err(|panic| {
+        let at = panic.place.map(|at| format!(" (at {at})")).unwrap_or_default();
+        format!("the reader failed: {}{at}", short(&panic.message))
+    })
 }
 
 /// A row as JSON, as the crate's `to_json_value` sees it except for binary: a BYTE_ARRAY column
