@@ -46,15 +46,11 @@ pub const QK_ORDER_HF: &str = "hf";
 /// engine cannot run (length-dependent RoPE scaling, biases, a `head_dim` other than hidden_size / heads, another
 /// activation) are errors naming the file and the field.
 pub fn read_model_config(dir: &Path) -> Result<ModelConfig> {
-    read_config_json(&dir.join(CONFIG_FILE))
-}
-
-/// [`read_model_config`] of the `config.json` at `path`, whatever its name.
-pub fn read_config_json(path: &Path) -> Result<ModelConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let json: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    config_of_json(path, &json)
+    config_of_json(&path, &json)
 }
 
 /// Whether a parsed JSON file is a checkpoint's `config.json` (ours, or a Hugging Face model's)
@@ -63,7 +59,8 @@ pub fn is_checkpoint_config(json: &serde_json::Value) -> bool {
     ["sft", "hidden_size", "model_type"].iter().any(|k| json.get(k).is_some())
 }
 
-fn config_of_json(path: &Path, json: &serde_json::Value) -> Result<ModelConfig> {
+/// [`read_model_config`] of `json`, parsed from the `config.json` at `path` (whatever its name).
+pub fn config_of_json(path: &Path, json: &serde_json::Value) -> Result<ModelConfig> {
     if let Some(sft) = json.get("sft") {
         let config: ModelConfig = serde_json::from_value(sft.clone())
             .with_context(|| format!("{}: bad \"sft\" model config", path.display()))?;

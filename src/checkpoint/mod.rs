@@ -32,7 +32,7 @@ pub mod run;
 pub mod safetensors;
 
 pub use self::hf::{from_hf, hf_shapes, read_hf_weights, read_params, to_hf};
-pub use self::hf_config::{hf_config_json, is_checkpoint_config, read_config_json, read_model_config};
+pub use self::hf_config::{config_of_json, hf_config_json, is_checkpoint_config, read_model_config};
 pub use self::run::{
     latest, list_checkpoints, load_generation_model, load_inference_model, load_optimizer_into,
     load_run_state, load_tokenizer, load_tokenizer_for, load_training_model, load_weights_into, save,

@@ -126,8 +126,13 @@ impl ModelConfig {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading model config {}", path.display()))?;
-        let config: ModelConfig = serde_json::from_str(&text)
-            .with_context(|| format!("parsing model config {}", path.display()))?;
+        Self::parse(path, &text)
+    }
+
+    /// [`Self::load`] of `text`, read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Self> {
+        let config: ModelConfig =
+            serde_json::from_str(text).with_context(|| format!("parsing model config {}", path.display()))?;
         config.validate().with_context(|| format!("invalid model config {}", path.display()))?;
         Ok(config)
     }

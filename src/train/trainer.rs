@@ -297,9 +297,9 @@ pub fn resolve_model_config(model: &str, vocab_size: usize) -> Result<ModelConfi
         let json: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("parsing model config {}", path.display()))?;
         if checkpoint::is_checkpoint_config(&json) {
-            checkpoint::read_config_json(path)?
+            checkpoint::config_of_json(path, &json)?
         } else {
-            ModelConfig::load(path)?
+            ModelConfig::parse(path, &text)?
         }
     } else {
         ModelConfig::preset(model)?
