@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::fuzz::{self, QuietPanics, Tally};
+use common::fuzz::{self, Tally};
 use common::train::{copy_dir, prepared_data, tiny_config};
 use serde_json::Value;
 use sft::backend::cpu::CpuBackend;
@@ -75,8 +75,6 @@ fn a_damaged_checkpoint_resumes_or_fails_cleanly() {
     let cfg = TrainConfig { max_steps: Some(SAVED_STEP + 1), resume: true, ..first.clone() };
     let cfg = TrainConfig { out_dir: case.clone(), ..cfg };
     let mut resumes = Resumes { fixture_run, case, cfg, tally: Tally::default() };
-
-    let quiet = QuietPanics::install();
 
     resumes.run("the checkpoint as saved", false, |_| {});
     assert_eq!(resumes.tally.ok, 1, "the undamaged checkpoint does not resume: {:?}", resumes.tally.failures);
@@ -153,7 +151,6 @@ fn a_damaged_checkpoint_resumes_or_fails_cleanly() {
             }
         }
     }
-    drop(quiet);
 
     println!(
         "fuzzed the resume: {} inputs ({exhaustive} single-field, {} random): {} resumed, {} clean errors, {} failures",

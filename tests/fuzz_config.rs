@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::fuzz::{self, QuietPanics, Tally};
+use common::fuzz::{self, Tally};
 use serde_json::{json, Value};
 use sft::backend::cpu::CpuBackend;
 use sft::checkpoint::Checkpoint;
@@ -100,7 +100,6 @@ fn mutated_config_json_loads_or_fails_cleanly() {
     hf_only.as_object_mut().unwrap().remove("sft");
     let bases = [("ours", ours), ("hf", hf_only)];
 
-    let quiet = QuietPanics::install();
     let mut tally = Tally::default();
     // Both bases load as they are.
     for (name, base) in &bases {
@@ -152,7 +151,6 @@ fn mutated_config_json_loads_or_fails_cleanly() {
         }
         try_config(&mut tally, &dir, &text, &what);
     }
-    drop(quiet);
 
     println!(
         "fuzzed config.json: {} inputs ({exhaustive} single-field, {} random): {} loaded, {} clean errors, {} panics",

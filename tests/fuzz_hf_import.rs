@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::fuzz::{self, QuietPanics, Tally};
+use common::fuzz::{self, Tally};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::Value;
@@ -225,7 +225,6 @@ fn a_damaged_hugging_face_model_loads_or_fails_cleanly() {
     write_hf_model(&fixture, &config, init_params(&config, 5));
     let mut cases = Cases { fixture, case: root.path().join("case"), tally: Tally::default() };
 
-    let quiet = QuietPanics::install();
     cases.run("the model as saved", false, |_| {}, load_like_init_from);
     assert_eq!(cases.tally.ok, 1, "the undamaged model does not load: {:?}", cases.tally.failures);
     cases.every_field("config.json", &load_like_init_from);
@@ -236,7 +235,6 @@ fn a_damaged_hugging_face_model_loads_or_fails_cleanly() {
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let shards: Vec<&str> = SHARDS.iter().map(|(f, _)| *f).collect();
     cases.random(&mut rng, seed, deadline, (&shards, false), &["config.json", INDEX], &load_like_init_from);
-    drop(quiet);
     report("a Hugging Face model directory", &cases, exhaustive, seed);
 }
 
@@ -264,7 +262,6 @@ fn a_damaged_peft_adapter_merges_or_fails_cleanly() {
     let merge = |dir: &Path| peft::merged_params(&ckpt, dir);
     let mut cases = Cases { fixture, case: root.path().join("case"), tally: Tally::default() };
 
-    let quiet = QuietPanics::install();
     cases.run("the adapter as saved", false, |_| {}, merge);
     assert_eq!(cases.tally.ok, 1, "the undamaged adapter does not merge: {:?}", cases.tally.failures);
     cases.every_field(peft::ADAPTER_CONFIG_FILE, &merge);
@@ -274,6 +271,5 @@ fn a_damaged_peft_adapter_merges_or_fails_cleanly() {
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let files = ([peft::ADAPTER_FILE].as_slice(), true);
     cases.random(&mut rng, seed, deadline, files, &[peft::ADAPTER_CONFIG_FILE], &merge);
-    drop(quiet);
     report("a PEFT adapter", &cases, exhaustive, seed);
 }

@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::fuzz::{self, QuietPanics, Tally};
+use common::fuzz::{self, Tally};
 use common::templates::{fixture, model_dir};
 use serde_json::{json, Value};
 use sft::data::{tokenize_conversation, ChatTokenizer, Conversation, TrainOn, Turn};
@@ -135,7 +135,6 @@ fn a_damaged_chat_template_renders_or_fails_cleanly() {
         dirs.push((file, path, config));
     }
 
-    let quiet = QuietPanics::install();
     let mut tally = Tally::default();
     let mut rng = Rng::new(seed);
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
@@ -166,7 +165,6 @@ fn a_damaged_chat_template_renders_or_fails_cleanly() {
         std::fs::write(path.with_file_name("tokenizer_config.json"), config.to_string()).unwrap();
         tally.run(&what, "tokenizer", || exercise(path));
     }
-    drop(quiet);
     println!(
         "fuzzed chat templates: {} inputs: {} loaded, {} clean errors, {} failures",
         tally.inputs,

@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::fuzz::{self, QuietPanics, Tally};
+use common::fuzz::{self, Tally};
 use common::train::chat_json;
 use serde_json::{json, Value};
 use sft::data::{read_chat_file, tokenize_conversation, train_tokenizer, ChatTokenizer, TrainOn, Turn};
@@ -191,7 +191,6 @@ fn a_damaged_tokenizer_loads_or_fails_cleanly() {
     let base: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     exercise(&path, &convs[..4]).unwrap();
 
-    let quiet = QuietPanics::install();
     let mut tally = Tally::default();
     let mut rng = Rng::new(seed);
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
@@ -217,7 +216,6 @@ fn a_damaged_tokenizer_loads_or_fails_cleanly() {
         std::fs::write(&path, &text).unwrap();
         tally.run(&what, "tokenizer.json", || exercise(&path, &convs[..4]));
     }
-    drop(quiet);
     println!(
         "fuzzed tokenizer.json: {} inputs: {} loaded and tokenized, {} clean errors, {} failures",
         tally.inputs,

@@ -416,6 +416,7 @@ pub struct LoaderConfig {
 
 /// Where a loader is: enough to resume exactly (the shuffles are functions of seed and epoch).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LoaderState {
     pub epoch: u64,
     pub batch_in_epoch: u64,

@@ -107,11 +107,11 @@ pub fn parse_kern_sum(text: &str, path: &str) -> Result<(BTreeMap<Attribution, f
             header_line + 1,
             header.len()
         );
-        let ns: f64 = f[time_col]
-            .replace(',', "")
-            .trim()
-            .parse()
-            .with_context(|| format!("{path}:{}: Total Time {:?} is not a number", i + 1, f[time_col]))?;
+        let ns =
+            f[time_col].replace(',', "").trim().parse::<f64>().ok().filter(|ns| ns.is_finite() && *ns >= 0.0);
+        let ns = ns.with_context(|| {
+            format!("{path}:{}: Total Time {:?} is not a time in nanoseconds", i + 1, f[time_col])
+        })?;
         match attribute(&f[name_col]) {
             Some(a) => *measured.entry(a).or_insert(0.0) += ns * 1e-9,
             None => unattributed.push(f[name_col].clone()),
@@ -119,6 +119,9 @@ pub fn parse_kern_sum(text: &str, path: &str) -> Result<(BTreeMap<Attribution, f
     }
     Ok((measured, unattributed))
 }
+
+/// The measured/estimated ratios a calibration accepts.
+const PLAUSIBLE_FACTORS: std::ops::RangeInclusive<f64> = 1e-3..=1e3;
 
 /// One family's measured time against its estimate.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -161,17 +164,46 @@ pub fn compare(
         if m == 0.0 || e.seconds == 0.0 {
             continue;
         }
-        out.push(FamilyCalibration {
-            family: e.family,
-            measured_s: m,
-            estimated_s: e.seconds,
-            factor: m / e.seconds,
-        });
+        // A roofline estimate is not off by a thousand times: such a ratio (or one that
+        // overflowed f64) comes from a profile of another shape or step count, and would scale
+        // the family's estimate to nothing or to infinity.
+        let factor = m / e.seconds;
+        ensure!(
+            PLAUSIBLE_FACTORS.contains(&factor),
+            "{}: measured {m:e} s per step against an estimate of {:e} s, not a usable ratio \
+             (factors lie in {PLAUSIBLE_FACTORS:?}): was the profiled run of this --model, \
+             --micro-batch, --seq-len and --grad-accum, over --profiled-steps {steps} steps?",
+            e.family.name(),
+            e.seconds
+        );
+        out.push(FamilyCalibration { family: e.family, measured_s: m, estimated_s: e.seconds, factor });
     }
     if out.is_empty() {
         bail!("the measurement attributes no kernel time to any op family of the plan");
     }
     Ok(out)
+}
+
+/// `sft plan --calibrate-from`'s reading of the nsys summary in `text` (`path` names it in
+/// errors): per family, its measured time over `steps` profiled steps against the estimate of
+/// `ledger` on `device`; and the kernels it could not attribute.
+pub fn calibrate(
+    text: &str,
+    path: &str,
+    steps: usize,
+    ledger: &Ledger,
+    device: &DeviceSpec,
+) -> Result<(Vec<FamilyCalibration>, Vec<String>)> {
+    let (measured, unattributed) = parse_kern_sum(text, path)?;
+    let rows =
+        compare(&measured, steps, ledger, device).with_context(|| format!("calibrating from {path}"))?;
+    Ok((rows, unattributed))
+}
+
+/// `x` to four significant digits: 2.467, 0.9071, 0.0001234 (rounding to decimals would write
+/// a small factor as 0, which the plan refuses).
+fn four_digits(x: f64) -> f64 {
+    format!("{x:.3e}").parse().unwrap_or(x)
 }
 
 /// Writes `rows` as `device`'s factors, with `source`, into the calibration file at `path`
@@ -187,7 +219,7 @@ pub fn write_calibration(path: &Path, device: &str, source: &str, rows: &[Family
         .with_context(|| format!("{shown}: devices.{device} is missing"))?;
     entry["source"] = serde_json::Value::String(source.to_string());
     for r in rows {
-        entry["factors"][r.family.name()] = serde_json::json!((r.factor * 1000.0).round() / 1000.0);
+        entry["factors"][r.family.name()] = serde_json::json!(four_digits(r.factor));
     }
     let out = serde_json::to_string_pretty(&doc)? + "\n";
     // The file must stay one that `sft plan` accepts.
@@ -240,6 +272,14 @@ mod tests {
         let err =
             format!("{:#}", parse_kern_sum("\"Total Time (ns)\",Name\nx,rope_apply\n", "k.csv").unwrap_err());
         assert!(err.contains("k.csv:2"), "{err}");
+        // Parsed as f64 but not a time: refused, not summed into a factor of NaN or below zero.
+        for time in ["NaN", "inf", "-5", "1e400"] {
+            let csv = format!("\"Total Time (ns)\",Name\n{time},rope_apply\n");
+            let err = format!("{:#}", parse_kern_sum(&csv, "k.csv").unwrap_err());
+            assert!(err.contains("k.csv:2") && err.contains("not a time in nanoseconds"), "{err}");
+        }
+        assert_eq!(four_digits(2.46749), 2.467);
+        assert_eq!(four_digits(0.000123456), 0.0001235);
     }
 
     #[test]
@@ -268,6 +308,12 @@ mod tests {
         assert_eq!(families, vec![Family::Rmsnorm, Family::Matmul, Family::CrossEntropy]);
         for r in &rows {
             assert!((r.factor - 2.0).abs() < 1e-9, "{:?}: {}", r.family, r.factor);
+        }
+        // Times a thousand times off the estimate, or whose ratio to it overflows: refused.
+        for time in [f64::MAX, 5e-324, 4e3 * e(Family::Rmsnorm)] {
+            measured.insert(Attribution::Family(Family::Rmsnorm), time);
+            let err = format!("{:#}", compare(&measured, 1, &count.ledger, dev).unwrap_err());
+            assert!(err.contains("rmsnorm") && err.contains("not a usable ratio"), "{err}");
         }
     }
 

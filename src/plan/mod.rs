@@ -1026,8 +1026,8 @@ fn calibrate_from(args: &PlanArgs, csv: &std::path::Path) -> Result<()> {
     let count = count_step(&config, micro_batch, t, args.grad_accum)?;
     let shown = csv.display().to_string();
     let text = std::fs::read_to_string(csv).with_context(|| format!("reading {shown}"))?;
-    let (measured, unattributed) = calibrate::parse_kern_sum(&text, &shown)?;
-    let rows = calibrate::compare(&measured, args.profiled_steps, &count.ledger, device)?;
+    let (rows, unattributed) =
+        calibrate::calibrate(&text, &shown, args.profiled_steps, &count.ledger, device)?;
     println!("calibration of {} from {shown} ({} profiled steps)", device.name, args.profiled_steps);
     println!("{:<16} {:>12} {:>12} {:>8}", "family", "measured ms", "estimate ms", "factor");
     for r in &rows {

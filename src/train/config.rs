@@ -203,7 +203,10 @@ impl TrainConfig {
     /// and the saved numbers keep its step's examples: a resumed run then sees the same batches.
     pub fn with_saved_batches(&self, saved: &TrainConfig) -> Option<TrainConfig> {
         let MicroBatch::Fixed(m) = saved.micro_batch else { return None };
-        let same_step = m * saved.grad_accum == self.micro_batch.configured() * self.grad_accum;
+        // Checked: a damaged saved state can hold any count (validate refuses it later).
+        let same_step = m
+            .checked_mul(saved.grad_accum)
+            .is_some_and(|n| Some(n) == self.micro_batch.configured().checked_mul(self.grad_accum));
         (self.micro_batch == MicroBatch::Auto && same_step).then(|| TrainConfig {
             micro_batch: saved.micro_batch,
             grad_accum: saved.grad_accum,
@@ -225,6 +228,9 @@ impl TrainConfig {
         }
         if self.grad_accum == 0 {
             bail!("grad_accum must be at least 1");
+        }
+        if self.micro_batch.configured().checked_mul(self.grad_accum).is_none() {
+            bail!("grad_accum {} × micro_batch examples per step overflows", self.grad_accum);
         }
         if self.max_steps == Some(0) {
             bail!("max_steps must be at least 1");

@@ -132,8 +132,15 @@ pub fn read_log(path: &Path) -> Result<Vec<LogRow>> {
             if v.is_empty() {
                 return Ok(None);
             }
-            v.parse::<f64>().map(Some).with_context(|| {
-                format!("{} line {}: column {:?} = {v:?} is not a number", path.display(), i + 1, names[k])
+            // sft writes only finite values (a step whose loss or norm is not finite stops the run).
+            let x = v.parse::<f64>().ok().filter(|x| x.is_finite());
+            x.map(Some).with_context(|| {
+                format!(
+                    "{} line {}: column {:?} = {v:?} is not a finite number",
+                    path.display(),
+                    i + 1,
+                    names[k]
+                )
             })
         };
         let need = |k: usize| -> Result<f64> {
@@ -215,5 +222,8 @@ mod tests {
         assert!(err.contains("log.csv line 3") && err.contains("3 columns"), "{err}");
         let err = err_of(&format!("{HEADER}\n{}\n", good.replacen("1e-5", "fast", 1)));
         assert!(err.contains("line 2") && err.contains("\"lr\""), "{err}");
+        // sft never logs a value that is not finite: one in the log is damage, not a step.
+        let err = err_of(&format!("{HEADER}\n{}\n", good.replacen("1e-5", "NaN", 1)));
+        assert!(err.contains("line 2") && err.contains("\"lr\" = \"NaN\" is not a finite number"), "{err}");
     }
 }

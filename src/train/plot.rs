@@ -61,7 +61,7 @@ pub fn plot_log(log: &Path, out: Option<&Path>, log_scale: bool) -> Result<PlotS
     let dir = log.parent().map(|p| p.components().rev().take(2).collect::<Vec<_>>()).unwrap_or_default();
     let title: Vec<String> = dir.iter().rev().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
     let title = if title.is_empty() { "sft".to_string() } else { title.join("/") };
-    let text = render_svg(&rows, &title, log_scale)?;
+    let text = render_svg(&rows, &title, log_scale).with_context(|| format!("plotting {}", log.display()))?;
     // Temp file + rename: a reader (a browser refreshing the plot) never sees half a file.
     // The temporary name appends to the whole name, so that `loss` and `loss.svg` never share it.
     let mut tmp = svg.clone().into_os_string();
@@ -95,17 +95,24 @@ pub fn plot(args: PlotArgs) -> Result<()> {
 }
 
 /// A range that holds `values` with a margin (a flat series gets a unit-wide band).
-/// Values beyond ±1e300 (or under 1e-300 on a log scale) are left out like non-finite ones: the
-/// margin around them overflows to infinity, on which the axis' tick search never ends.
+/// Values beyond ±1e300 (or, on a log scale, outside 1e-150..1e150) are left out like non-finite
+/// ones: the margin around them, or the ratio of the ends on a log scale, overflows to infinity,
+/// on which the axis' tick search never ends.
 fn span(values: impl Iterator<Item = f64>, log_scale: bool) -> Option<Range<f64>> {
     let (lo, hi) = values
-        .filter(|v| v.abs() <= 1e300 && (!log_scale || *v >= 1e-300))
+        .filter(|v| if log_scale { (1e-150..=1e150).contains(v) } else { v.abs() <= 1e300 })
         .fold(None, |acc: Option<(f64, f64)>, v| Some(acc.map_or((v, v), |(a, b)| (a.min(v), b.max(v)))))?;
     if log_scale {
         return Some(lo / 1.2..hi * 1.2);
     }
     let pad = if hi > lo { 0.05 * (hi - lo) } else { 0.5 * hi.abs().max(1.0) };
     Some(lo - pad..hi + pad)
+}
+
+/// `points` with their values held to `range`: a value the axis leaves out (see [`span`]) is
+/// drawn at its edge, where plotters' pixel arithmetic cannot overflow.
+fn within(points: Vec<(f64, f64)>, range: &Range<f64>) -> Vec<(f64, f64)> {
+    points.into_iter().map(|(x, y)| (x, y.clamp(range.start, range.end))).collect()
 }
 
 fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
@@ -131,6 +138,7 @@ pub fn render_svg(rows: &[LogRow], title: &str, log_scale: bool) -> Result<Strin
         let val: Vec<(f64, f64)> =
             rows.iter().filter_map(|r| r.val_loss.map(|l| (r.step as f64, l))).collect();
         let losses = span(train.iter().chain(&val).map(|p| p.1), log_scale).unwrap_or(0.0..1.0);
+        let (train, val) = (within(train, &losses), within(val, &losses));
         let series = [("train loss", &train, TRAIN), ("val loss", &val, VAL)];
         if log_scale {
             let mut chart =
@@ -142,12 +150,14 @@ pub fn render_svg(rows: &[LogRow], title: &str, log_scale: bool) -> Result<Strin
         }
 
         let lr: Vec<(f64, f64)> = rows.iter().map(|r| (r.step as f64, r.lr)).collect();
-        let mut chart =
-            new_chart(&lr_area, steps.clone(), span(lr.iter().map(|p| p.1), false).unwrap(), "lr")?;
+        let range = span(lr.iter().map(|p| p.1), false).unwrap_or(0.0..1.0);
+        let lr = within(lr, &range);
+        let mut chart = new_chart(&lr_area, steps.clone(), range, "lr")?;
         chart.draw_series(LineSeries::new(lr, OTHER.stroke_width(2))).map_err(plot_err)?;
 
         let speed: Vec<(f64, f64)> = rows.iter().map(|r| (r.step as f64, r.tokens_per_s)).collect();
-        let range = span(speed.iter().map(|p| p.1), false).unwrap();
+        let range = span(speed.iter().map(|p| p.1), false).unwrap_or(0.0..1.0);
+        let speed = within(speed, &range);
         let mut chart = new_chart(&speed_area, steps, range, "tokens/s")?;
         chart.draw_series(LineSeries::new(speed, OTHER.stroke_width(2))).map_err(plot_err)?;
         root.present().map_err(plot_err)?;
@@ -234,6 +244,9 @@ mod tests {
             ("1,20,1.7e308,1,,,3e-3,1,0.1,100", false),
             ("1,20,1,1,,,1.7e308,1,0.1,1.7e308", false),
             ("1,20,5e-324,1,,,3e-3,1,0.1,100", true),
+            // Left off the axis, but still drawn: at the axis' edge, not at an overflowed pixel.
+            ("1,20,-1e308,1,,,-1e308,1,0.1,-1e308", false),
+            ("1,20,1e200,1,1e-200,1,3e-3,1,0.1,100", true),
         ] {
             let log = write_log(dir.path(), &[row, "2,40,1,1,,,3e-3,1,0.2,100"]);
             let summary = plot_log(&log, None, log_scale).unwrap();

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 /// SimpleLLaMA's schedule, indexed by the 0-based optimizer step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Schedule {
     pub max_lr: f64,
     pub min_lr: f64,

@@ -3,7 +3,8 @@
 
 use serde_json::{json, Value};
 use sft::rng::Rng;
-use std::sync::Mutex;
+use std::cell::Cell;
+use std::sync::{Mutex, Once};
 
 /// `SFT_FUZZ_SECONDS`, or `default`.
 pub fn seconds(default: f64) -> f64 {
@@ -21,33 +22,30 @@ pub fn seed(seconds: f64) -> u64 {
 
 static LAST_PANIC: Mutex<String> = Mutex::new(String::new());
 
-/// While it lives, panics print nothing; the last one's place and message are kept for
-/// [`QuietPanics::last`]. Dropping it restores the previous hook.
-pub struct QuietPanics {
-    previous: Option<PanicHook>,
+thread_local! {
+    /// Set while [`Tally::run`] runs an input on this thread.
+    static QUIET: Cell<bool> = const { Cell::new(false) };
 }
 
-type PanicHook = Box<dyn Fn(&std::panic::PanicHookInfo<'_>) + Sync + Send + 'static>;
-
-impl QuietPanics {
-    pub fn install() -> Self {
+/// Makes the panics of the inputs [`Tally::run`] runs print nothing, keeping the last one's
+/// place and message for its report. Every other panic prints as usual, among them a failed
+/// test's own report, also while another fuzz test of the binary runs inputs on its thread.
+fn quiet_input_panics() {
+    static WRAPPED: Once = Once::new();
+    WRAPPED.call_once(|| {
         let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|info| *LAST_PANIC.lock().unwrap() = info.to_string()));
-        QuietPanics { previous: Some(previous) }
-    }
-
-    /// Where the last panic happened, and its message.
-    pub fn last() -> String {
-        LAST_PANIC.lock().unwrap().clone()
-    }
+        std::panic::set_hook(Box::new(move |info| {
+            *LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()) = info.to_string();
+            if !QUIET.get() {
+                previous(info);
+            }
+        }));
+    });
 }
 
-impl Drop for QuietPanics {
-    fn drop(&mut self) {
-        if let Some(previous) = self.previous.take() {
-            std::panic::set_hook(previous);
-        }
-    }
+/// Where the last panic happened, and its message.
+fn last_panic() -> String {
+    LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 /// Every node of `v` by its path of object keys and array indices.
@@ -109,6 +107,15 @@ pub fn set(json: &mut Value, path: &[Value], value: Option<Value>) {
 /// A byte-level edit of JSON text: a cut, a duplicated piece, or one byte overwritten with a
 /// character of JSON's syntax. Returns where it happened.
 pub fn edit_json_text(rng: &mut sft::rng::Rng, bytes: &mut Vec<u8>) -> usize {
+    edit_text(rng, bytes, b"0123456789-.e,:{}[]\" ")
+}
+
+/// A byte-level edit of text: a cut, a duplicated piece, or one byte overwritten with one of
+/// `alphabet` (the characters of the format's syntax). Returns where it happened.
+pub fn edit_text(rng: &mut sft::rng::Rng, bytes: &mut Vec<u8>, alphabet: &[u8]) -> usize {
+    if bytes.is_empty() {
+        return 0;
+    }
     let at = rng.below(bytes.len());
     match rng.below(3) {
         0 => bytes.truncate(at),
@@ -116,7 +123,7 @@ pub fn edit_json_text(rng: &mut sft::rng::Rng, bytes: &mut Vec<u8>) -> usize {
             let piece = bytes[at..(at + 8).min(bytes.len())].to_vec();
             bytes.splice(at..at, piece);
         }
-        _ => bytes[at] = b"0123456789-.e,:{}[]\" "[rng.below(21)],
+        _ => bytes[at] = alphabet[rng.below(alphabet.len())],
     }
     at
 }
@@ -144,7 +151,11 @@ impl Tally {
     /// succeeded, for the caller's own checks.
     pub fn run<T>(&mut self, what: &str, names: &str, f: impl FnOnce() -> anyhow::Result<T>) -> Option<T> {
         self.inputs += 1;
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        quiet_input_panics();
+        QUIET.set(true);
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        QUIET.set(false);
+        match outcome {
             Ok(Ok(value)) => {
                 self.ok += 1;
                 Some(value)
@@ -158,7 +169,7 @@ impl Tally {
                 None
             }
             Err(_) => {
-                self.failures.push(format!("{what}: {}", QuietPanics::last()));
+                self.failures.push(format!("{what}: {}", last_panic()));
                 None
             }
         }
