@@ -90,7 +90,10 @@ impl CsvLog {
     }
 
     pub fn write(&mut self, row: &LogRow) -> Result<()> {
-        writeln!(self.file, "{}", row.to_csv())
+        // One write of the whole line: a reader or a kill never sees it without its newline
+        // unless the write itself was cut.
+        self.file
+            .write_all(format!("{}\n", row.to_csv()).as_bytes())
             .and_then(|_| self.file.flush())
             .with_context(|| format!("writing {}", self.path.display()))
     }
@@ -114,54 +117,61 @@ pub fn read_log(path: &Path) -> Result<Vec<LogRow>> {
     }
     let names: Vec<&str> = HEADER.split(',').collect();
     let mut rows = Vec::new();
+    // Rows are written whole, newline last: a last line without one is a row being written by
+    // a live run (or cut by a kill), and is left out rather than refused when it does not parse.
+    let last = text.lines().count().saturating_sub(1);
+    let unfinished = |i: usize| i == last && !text.ends_with('\n');
     for (i, line) in lines {
         if line.trim().is_empty() {
             continue;
         }
-        let cols: Vec<&str> = line.split(',').collect();
-        anyhow::ensure!(
-            cols.len() == names.len(),
-            "{} line {}: {} columns, the header has {}",
-            path.display(),
-            i + 1,
-            cols.len(),
-            names.len()
-        );
-        let num = |k: usize| -> Result<Option<f64>> {
-            let v = cols[k].trim();
-            if v.is_empty() {
-                return Ok(None);
-            }
-            // sft writes only finite values (a step whose loss or norm is not finite stops the run).
-            let x = v.parse::<f64>().ok().filter(|x| x.is_finite());
-            x.map(Some).with_context(|| {
-                format!(
-                    "{} line {}: column {:?} = {v:?} is not a finite number",
-                    path.display(),
-                    i + 1,
-                    names[k]
-                )
-            })
-        };
-        let need = |k: usize| -> Result<f64> {
-            num(k)?
-                .with_context(|| format!("{} line {}: column {:?} is empty", path.display(), i + 1, names[k]))
-        };
-        let step = cols[0].trim().parse::<u64>().with_context(|| {
-            format!("{} line {}: column \"step\" = {:?} is not a step number", path.display(), i + 1, cols[0])
-        })?;
-        rows.push(LogRow {
-            step,
-            progress_pct: need(1)?,
-            train_loss: num(2)?,
-            val_loss: num(4)?,
-            lr: need(6)?,
-            grad_norm: num(7)?,
-            time_s: need(8)?,
-            tokens_per_s: need(9)?,
-        });
+        match read_row(path, &names, i, line) {
+            Ok(row) => rows.push(row),
+            Err(_) if unfinished(i) => break,
+            Err(e) => return Err(e),
+        }
     }
     Ok(rows)
+}
+
+/// Line `i` (0-based) of the log at `path`, whose columns are `names`.
+fn read_row(path: &Path, names: &[&str], i: usize, line: &str) -> Result<LogRow> {
+    let cols: Vec<&str> = line.split(',').collect();
+    anyhow::ensure!(
+        cols.len() == names.len(),
+        "{} line {}: {} columns, the header has {}",
+        path.display(),
+        i + 1,
+        cols.len(),
+        names.len()
+    );
+    let num = |k: usize| -> Result<Option<f64>> {
+        let v = cols[k].trim();
+        if v.is_empty() {
+            return Ok(None);
+        }
+        // sft writes only finite values (a step whose loss or norm is not finite stops the run).
+        let x = v.parse::<f64>().ok().filter(|x| x.is_finite());
+        x.map(Some).with_context(|| {
+            format!("{} line {}: column {:?} = {v:?} is not a finite number", path.display(), i + 1, names[k])
+        })
+    };
+    let need = |k: usize| -> Result<f64> {
+        num(k)?.with_context(|| format!("{} line {}: column {:?} is empty", path.display(), i + 1, names[k]))
+    };
+    let step = cols[0].trim().parse::<u64>().with_context(|| {
+        format!("{} line {}: column \"step\" = {:?} is not a step number", path.display(), i + 1, cols[0])
+    })?;
+    Ok(LogRow {
+        step,
+        progress_pct: need(1)?,
+        train_loss: num(2)?,
+        val_loss: num(4)?,
+        lr: need(6)?,
+        grad_norm: num(7)?,
+        time_s: need(8)?,
+        tokens_per_s: need(9)?,
+    })
 }
 
 #[cfg(test)]
@@ -222,6 +232,15 @@ mod tests {
         assert!(err.contains("log.csv line 3") && err.contains("3 columns"), "{err}");
         let err = err_of(&format!("{HEADER}\n{}\n", good.replacen("1e-5", "fast", 1)));
         assert!(err.contains("line 2") && err.contains("\"lr\""), "{err}");
+        // A last row cut before its newline (a live run writing it, or a kill) is left out; the
+        // same row with its newline is damage.
+        let cut = &good[..good.len() / 2];
+        std::fs::write(&path, format!("{HEADER}\n{good}\n{cut}")).unwrap();
+        assert_eq!(read_log(&path).unwrap(), vec![row(1, 2.0)]);
+        let err = err_of(&format!("{HEADER}\n{good}\n{cut}\n"));
+        assert!(err.contains("log.csv line 3"), "{err}");
+        let err = err_of(&format!("{HEADER}\n{cut}\n{good}"));
+        assert!(err.contains("log.csv line 2"), "{err}");
         // sft never logs a value that is not finite: one in the log is damage, not a step.
         let err = err_of(&format!("{HEADER}\n{}\n", good.replacen("1e-5", "NaN", 1)));
         assert!(err.contains("line 2") && err.contains("\"lr\" = \"NaN\" is not a finite number"), "{err}");
