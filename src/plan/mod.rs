@@ -774,7 +774,8 @@ fn gib(b: usize) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
 
-/// The plan as the text `sft plan` prints, ending with the line `estimated MFU: NN.N%`.
+/// The plan as the text `sft plan` prints, ending with the line `estimated MFU: NN.N%` (and why
+/// not, when the step does not fit).
 pub fn render(p: &Plan) -> String {
     use std::fmt::Write;
     let mut s = String::new();
@@ -1007,7 +1008,10 @@ pub fn render(p: &Plan) -> String {
     for n in &p.notes {
         let _ = writeln!(s, "note: {n}");
     }
-    let _ = writeln!(s, "estimated MFU: {:.1}%", 100.0 * p.mfu);
+    // Scripts read the last line: one that does not fit must not pass for a speed it will reach.
+    let refused =
+        if p.memory.fits { "" } else { " (were it to fit: the trainer refuses it, see the note above)" };
+    let _ = writeln!(s, "estimated MFU: {:.1}%{refused}", 100.0 * p.mfu);
     s
 }
 

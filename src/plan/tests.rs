@@ -288,6 +288,10 @@ fn the_plan_is_labelled_and_consistent() {
     let text = render(&p);
     assert!(text.contains("uncalibrated: no GPU measurement yet"), "{text}");
     assert!(text.lines().last().unwrap().starts_with("estimated MFU: "), "{text}");
+    assert!(text.trim_end().ends_with('%'), "{text}");
+    let too_big = Plan { memory: MemoryPlan { fits: false, ..p.memory.clone() }, ..p.clone() };
+    let text = render(&too_big);
+    assert!(text.trim_end().ends_with("the trainer refuses it, see the note above)"), "{text}");
     for f in ["matmul", "flash_attention", "cross_entropy", "adamw", "rope", "rmsnorm"] {
         assert!(text.contains(f), "{f} missing:\n{text}");
     }
