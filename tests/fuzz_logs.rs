@@ -84,12 +84,12 @@ fn damaged(rng: &mut Rng, text: String) -> Vec<u8> {
 /// Runs `f` on another thread. When it runs past [`DEADLINE`] on input `what`, the process exits
 /// with the input and the seed on stderr: the thread cannot be stopped, and a panic here would
 /// wait on it.
-fn with_deadline<T: Send + 'static>(
+fn with_deadline(
     tally: Tally,
     seed: u64,
     what: &str,
-    f: impl FnOnce(Tally) -> (Tally, T) + Send + 'static,
-) -> (Tally, T) {
+    f: impl FnOnce(Tally) -> Tally + Send + 'static,
+) -> Tally {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(f(tally));
@@ -180,9 +180,9 @@ fn fuzz_the_training_log() {
         std::fs::write(&path, &bytes).unwrap();
         let what = format!("log.csv {:?}", String::from_utf8_lossy(&bytes));
         let (log_scale, resume) = (rng.below(2) == 0, rng.below(30) as u64);
-        (tally, _) = with_deadline(tally, seed, &what, {
+        tally = with_deadline(tally, seed, &what, {
             let (path, what) = (path.clone(), what.clone());
-            move |t| (check_log(t, path, what, log_scale, resume), ())
+            move |t| check_log(t, path, what, log_scale, resume)
         });
     }
     println!(

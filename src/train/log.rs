@@ -107,7 +107,7 @@ pub fn read_train_losses(path: &Path) -> Result<Vec<(u64, f64)>> {
 /// Reads every row of a log back. Errors name the file, the line and the column.
 pub fn read_log(path: &Path) -> Result<Vec<LogRow>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut lines = text.lines().enumerate();
+    let mut lines = text.lines().enumerate().peekable();
     match lines.next() {
         Some((_, header)) if header.trim() == HEADER => {}
         Some((_, header)) => {
@@ -117,17 +117,15 @@ pub fn read_log(path: &Path) -> Result<Vec<LogRow>> {
     }
     let names: Vec<&str> = HEADER.split(',').collect();
     let mut rows = Vec::new();
-    // Rows are written whole, newline last: a last line without one is a row being written by
-    // a live run (or cut by a kill), and is left out rather than refused when it does not parse.
-    let last = text.lines().count().saturating_sub(1);
-    let unfinished = |i: usize| i == last && !text.ends_with('\n');
-    for (i, line) in lines {
+    while let Some((i, line)) = lines.next() {
         if line.trim().is_empty() {
             continue;
         }
         match read_row(path, &names, i, line) {
             Ok(row) => rows.push(row),
-            Err(_) if unfinished(i) => break,
+            // Rows are written whole, newline last: a last line without one is a row being
+            // written by a live run (or cut by a kill), left out rather than refused.
+            Err(_) if lines.peek().is_none() && !text.ends_with('\n') => break,
             Err(e) => return Err(e),
         }
     }

@@ -34,7 +34,7 @@ pub struct TrainerState {
     /// The generator state that states saved before 36ff8c3 carry and nothing reads: accepted
     /// so that they still resume, never written.
     #[serde(default, skip_serializing, rename = "rng")]
-    pub legacy_rng: Option<serde::de::IgnoredAny>,
+    legacy_rng: Option<serde::de::IgnoredAny>,
 }
 
 impl TrainerState {
@@ -60,6 +60,7 @@ impl TrainerState {
     /// The state saved in the checkpoint `dir` (its `trainer_state.json`).
     pub fn load(dir: &Path) -> Result<TrainerState> {
         let state: TrainerState = checkpoint::load_run_state(dir)?;
+        let path = dir.join(checkpoint::TRAINER_STATE_FILE);
         // A `step-N/` directory holds step N's weights and moments: a state claiming another step
         // would resume the schedule, the data position and the log elsewhere than the weights.
         let named = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("step-"));
@@ -67,7 +68,7 @@ impl TrainerState {
             anyhow::ensure!(
                 state.step == n,
                 "{}: field \"step\" is {}, but the directory holds step {n}'s checkpoint",
-                dir.join(checkpoint::TRAINER_STATE_FILE).display(),
+                path.display(),
                 state.step
             );
         }
@@ -80,7 +81,7 @@ impl TrainerState {
             anyhow::ensure!(
                 count <= MAX_COUNT,
                 "{}: field \"{field}\" is {count}, more than any run counts (2^53): a damaged state",
-                dir.join(checkpoint::TRAINER_STATE_FILE).display()
+                path.display()
             );
         }
         Ok(state)

@@ -1,10 +1,9 @@
-//! What the fuzz tests share: their time budget and seed from the environment, quiet panics that
-//! are kept for the report, editing a JSON value at a path, and damaging a safetensors file.
+//! What the fuzz tests share: their time budget and seed from the environment, the tally of
+//! outcomes (an input's panic caught quietly, for the report), editing a JSON value at a path,
+//! and damaging a safetensors file.
 
 use serde_json::{json, Value};
 use sft::rng::Rng;
-use std::cell::Cell;
-use std::sync::{Mutex, Once};
 
 /// `SFT_FUZZ_SECONDS`, or `default`.
 pub fn seconds(default: f64) -> f64 {
@@ -18,34 +17,6 @@ pub fn seed(seconds: f64) -> u64 {
     });
     println!("fuzz seed {seed} (replay with SFT_FUZZ_SEED={seed}), {seconds} s of random inputs");
     seed
-}
-
-static LAST_PANIC: Mutex<String> = Mutex::new(String::new());
-
-thread_local! {
-    /// Set while [`Tally::run`] runs an input on this thread.
-    static QUIET: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Makes the panics of the inputs [`Tally::run`] runs print nothing, keeping the last one's
-/// place and message for its report. Every other panic prints as usual, among them a failed
-/// test's own report, also while another fuzz test of the binary runs inputs on its thread.
-fn quiet_input_panics() {
-    static WRAPPED: Once = Once::new();
-    WRAPPED.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            *LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()) = info.to_string();
-            if !QUIET.get() {
-                previous(info);
-            }
-        }));
-    });
-}
-
-/// Where the last panic happened, and its message.
-fn last_panic() -> String {
-    LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 /// Every node of `v` by its path of object keys and array indices.
@@ -151,11 +122,9 @@ impl Tally {
     /// succeeded, for the caller's own checks.
     pub fn run<T>(&mut self, what: &str, names: &str, f: impl FnOnce() -> anyhow::Result<T>) -> Option<T> {
         self.inputs += 1;
-        quiet_input_panics();
-        QUIET.set(true);
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-        QUIET.set(false);
-        match outcome {
+        // sft's own catch: the input's panic comes back with its place, without the hook's
+        // line, while every other panic (a failed test's report included) prints as usual.
+        match sft::panics::catch(f) {
             Ok(Ok(value)) => {
                 self.ok += 1;
                 Some(value)
@@ -168,8 +137,8 @@ impl Tally {
                 }
                 None
             }
-            Err(_) => {
-                self.failures.push(format!("{what}: {}", last_panic()));
+            Err(panic) => {
+                self.failures.push(format!("{what}: a panic: {panic}"));
                 None
             }
         }
