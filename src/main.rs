@@ -66,6 +66,11 @@ fn main() {
         }
     }
     if let Err(error) = run(cli) {
+        // A run stopped by a signal, saved: not an error, but not a finished run either.
+        if let Some(stopped) = error.downcast_ref::<sft::train::interrupt::Interrupted>() {
+            eprintln!("{stopped}");
+            std::process::exit(stopped.exit_code());
+        }
         eprintln!("{}", error_report(&error));
         std::process::exit(1);
     }

@@ -271,6 +271,62 @@ fn dataset_reads_every_shard_and_loader_reshuffles_and_resumes() {
     assert_eq!(b.cu_seqlens, vec![0, 4, 8, 9, 13, 17, 18]);
 }
 
+/// A run resumed with another micro-batch, batch mode or row length goes on at the same place
+/// in the epoch's order (or a little before it, never past it): `Loader::restore_from`.
+#[test]
+fn a_position_moves_to_the_same_place_in_the_data_under_another_batch_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let examples: Vec<Example> = (0..20u32).map(|i| ex(&[100 + i, 3, 4, 200 + i], 2)).collect();
+    write_shard(&dir.path().join("train-00000.bin"), &examples);
+    sft::data::prepare::record_shards(dir.path()).unwrap();
+    let ds = Arc::new(Dataset::open(dir.path(), Split::Train).unwrap());
+    let shape = |batch_size, max_seq_len, mode| LoaderConfig {
+        batch_size,
+        max_seq_len,
+        mode,
+        shuffle: true,
+        seed: 7,
+    };
+    // The examples of a batch, in order, by their first token (a packed row holds two).
+    let firsts = |b: &Batch| -> Vec<u32> {
+        b.cu_seqlens[..b.cu_seqlens.len() - 1]
+            .iter()
+            .map(|&s| b.inputs[s as usize])
+            .filter(|&t| t >= 100)
+            .collect()
+    };
+    let epoch_order = {
+        let mut one = Loader::new(ds.clone(), shape(1, 16, BatchMode::Dynamic)).unwrap();
+        (0..20).flat_map(|_| firsts(&one.next_batch().unwrap())).collect::<Vec<u32>>()
+    };
+    // Packed rows of two examples, two rows a batch: 3 batches read 12 examples.
+    let was = shape(2, 9, BatchMode::Packed);
+    let mut first = Loader::new(ds.clone(), was.clone()).unwrap();
+    let read: Vec<u32> = (0..3).flat_map(|_| firsts(&first.next_batch().unwrap())).collect();
+    assert_eq!(read, epoch_order[..12]);
+    let at = first.state();
+    assert_eq!(at, LoaderState { epoch: 0, batch_in_epoch: 3 });
+    // (new shape, batch it goes on at, examples seen again)
+    for (now, batch, again) in [
+        (shape(2, 9, BatchMode::Packed), 3, 0),   // unchanged
+        (shape(1, 9, BatchMode::Packed), 6, 0),   // half the rows a batch
+        (shape(4, 9, BatchMode::Packed), 1, 4),   // 6 rows are not whole batches of 4: back to 4
+        (shape(3, 16, BatchMode::Dynamic), 4, 0), // an example a row
+        (shape(5, 16, BatchMode::Dynamic), 2, 2),
+        (shape(1, 13, BatchMode::Packed), 4, 0), // three examples a row: rows 0..4 hold 12
+    ] {
+        let mut loader = Loader::new(ds.clone(), now.clone()).unwrap();
+        let seen_again = loader.restore_from(&was, &at).unwrap();
+        assert_eq!((loader.state().batch_in_epoch, seen_again), (batch, again), "{now:?}");
+        let next = firsts(&loader.next_batch().unwrap());
+        assert_eq!(next[0], epoch_order[12 - again], "{now:?}");
+    }
+    // A position the old shape never had is still refused.
+    let mut loader = Loader::new(ds, shape(3, 16, BatchMode::Dynamic)).unwrap();
+    let err = loader.restore_from(&was, &LoaderState { epoch: 0, batch_in_epoch: 9 }).unwrap_err();
+    assert!(err.to_string().contains("batch 9 of epoch 0 does not exist"), "{err}");
+}
+
 #[test]
 fn a_batch_without_supervised_tokens_is_an_error_the_trainer_can_skip() {
     let dir = tempfile::tempdir().unwrap();

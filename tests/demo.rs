@@ -45,20 +45,22 @@ fn a_short_demo_learns_and_its_checkpoint_answers() {
     assert!(err.to_string().contains("not a demo directory"), "{err}");
     assert!(foreign.join("keep.txt").exists());
 
-    // The trained checkpoint answers through `sft generate` and `sft chat`.
+    // The trained checkpoint answers through `sft generate` and `sft chat`, with the arguments
+    // the demo prints for chatting with it.
     let ckpt = sft::checkpoint::latest(&out.join("run")).unwrap().expect("the run saved a checkpoint");
     let ckpt = ckpt.to_str().unwrap();
-    let common =
-        ["--checkpoint", ckpt, "--system", "Answer exactly.", "--temperature", "0", "--device", "cpu"];
+    assert_eq!(
+        report.chat_args,
+        ["chat", "--checkpoint", ckpt, "--system", "Answer exactly.", "--temperature", "0"]
+    );
+    let chat: Vec<&str> = report.chat_args.iter().map(String::as_str).chain(["--device", "cpu"]).collect();
     let (ok, stdout, stderr) =
-        sft(&[&["generate", "--prompt", "What color is the frog?"][..], &common[..]].concat(), "");
+        sft(&[&["generate", "--prompt", "What color is the frog?"][..], &chat[1..]].concat(), "");
     assert!(ok, "{stderr}");
     assert_eq!(stdout.trim(), "green", "{stderr}");
 
-    let (ok, stdout, stderr) = sft(
-        &[&["chat"][..], &common[..]].concat(),
-        "What color is the crow?\n/reset\nWhat color is the swan?\n/quit\n",
-    );
+    let (ok, stdout, stderr) =
+        sft(&chat, "What color is the crow?\n/reset\nWhat color is the swan?\n/quit\n");
     assert!(ok, "{stderr}");
     let replies: Vec<&str> = stdout.split("> ").map(str::trim).filter(|s| !s.is_empty()).collect();
     assert_eq!(replies, ["black", "white"], "{stdout}");
@@ -97,4 +99,12 @@ fn a_short_lora_demo_teaches_a_frozen_base_the_task_it_lacks() {
     // The run's checkpoint is a PEFT adapter over the base run's checkpoint.
     let step = sft::checkpoint::latest(&args.out.join("run")).unwrap().unwrap();
     assert!(step.join("adapter_model.safetensors").is_file() && !step.join("model.safetensors").exists());
+    // The chat the demo offers is the base with the adapter, and it knows the colours.
+    let base = sft::checkpoint::latest(&args.out.join("base-run")).unwrap().unwrap();
+    let (base, step) = (base.to_str().unwrap(), step.to_str().unwrap());
+    assert_eq!(report.chat_args[1..5], ["--checkpoint", base, "--adapter", step]);
+    let chat: Vec<&str> = report.chat_args.iter().map(String::as_str).chain(["--device", "cpu"]).collect();
+    let (ok, stdout, stderr) = common::cli::run_with_stdin(&chat, "What color is the frog?\n/quit\n");
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("> "), "{stdout}");
 }

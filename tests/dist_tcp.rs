@@ -3,7 +3,8 @@
 //! (src/dist/tcp.rs). Against one process with the same `grad_accum`: the same losses (within
 //! 1e-5; the gradient sums run in another order); ZeRO-1, and the gradients summed after the
 //! backward instead of layer by layer during it: the plain run's losses and weights bit for bit;
-//! a rank killed mid-run: the other stops with an error within seconds.
+//! a rank killed mid-run: the other stops with an error within seconds; SIGTERM to one rank:
+//! both stop after the same step, saved.
 
 mod common;
 
@@ -16,8 +17,8 @@ use std::time::{Duration, Instant};
 const STEPS: u64 = 4;
 
 /// Rank `rank` of 2 of `sft train` on the tiny model, meeting through `rendezvous`.
-fn start_rank(root: &Path, out: &str, rank: usize, rendezvous: &Path, extra: &[&str]) -> Child {
-    let args = sft_train_args(root, &root.join("prepared"), out, "4", STEPS);
+fn start_rank(root: &Path, out: &str, rank: usize, rendezvous: &Path, extra: &[&str], steps: u64) -> Child {
+    let args = sft_train_args(root, &root.join("prepared"), out, "4", steps);
     Command::new(&args[0])
         .args(&args[1..])
         .args(extra)
@@ -54,7 +55,7 @@ fn finish(mut child: Child, limit: Duration) -> (Option<std::process::ExitStatus
 /// Both ranks of one run; panics with their output unless both succeed.
 fn two_ranks(root: &Path, out: &str, extra: &[&str]) -> String {
     let rendezvous = root.join(format!("{out}.rendezvous"));
-    let ranks: Vec<Child> = (0..2).map(|r| start_rank(root, out, r, &rendezvous, extra)).collect();
+    let ranks: Vec<Child> = (0..2).map(|r| start_rank(root, out, r, &rendezvous, extra, STEPS)).collect();
     let mut text = String::new();
     for (rank, child) in ranks.into_iter().enumerate() {
         let (status, output) = finish(child, Duration::from_secs(300));
@@ -103,7 +104,8 @@ fn two_ranks_over_tcp_train_like_one_process() {
 
     // A rank that dies: the other's next collective fails, and it stops instead of waiting.
     let rendezvous = root.join("killed.rendezvous");
-    let mut ranks: Vec<Child> = (0..2).map(|r| start_rank(root, "killed", r, &rendezvous, &[])).collect();
+    let mut ranks: Vec<Child> =
+        (0..2).map(|r| start_rank(root, "killed", r, &rendezvous, &[], STEPS)).collect();
     let start = Instant::now();
     while !root.join("killed").join("log.csv").exists() {
         assert!(start.elapsed() < Duration::from_secs(120), "the run never started");
@@ -121,4 +123,41 @@ fn two_ranks_over_tcp_train_like_one_process() {
         assert!(text.contains("rank 1"), "{text}");
     }
     ranks.remove(0).wait().unwrap();
+}
+
+/// SIGTERM to one rank (a scheduler preempting one node) stops both ranks after the same step,
+/// with that step's checkpoint, each exiting with 143.
+#[test]
+fn a_signal_to_one_rank_stops_every_rank_after_the_same_step() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    prepared_data(root, 48, 96);
+    let rendezvous = root.join("stopped.rendezvous");
+    // Far longer than the test: only the signal ends it.
+    let ranks: Vec<Child> =
+        (0..2).map(|r| start_rank(root, "stopped", r, &rendezvous, &[], 100_000)).collect();
+    let log = root.join("stopped").join("log.csv");
+    let start = Instant::now();
+    while std::fs::read_to_string(&log).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(start.elapsed() < Duration::from_secs(120), "the run logged no steps");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: a signal to a process this test started.
+    assert_eq!(unsafe { libc::kill(ranks[1].id() as libc::pid_t, libc::SIGTERM) }, 0);
+    let mut stopped_after = Vec::new();
+    for (rank, child) in ranks.into_iter().enumerate() {
+        let (status, text) = finish(child, Duration::from_secs(120));
+        assert_eq!(status.and_then(|s| s.code()), Some(143), "rank {rank}: {status:?}\n{text}");
+        let said =
+            text.lines().find(|l| l.starts_with("stopped by SIGTERM after step")).unwrap_or_else(|| {
+                panic!("rank {rank} does not say where it stopped:\n{text}");
+            });
+        let step: u64 =
+            said["stopped by SIGTERM after step ".len()..].split([',', ';']).next().unwrap().parse().unwrap();
+        stopped_after.push(step);
+    }
+    assert_eq!(stopped_after[0], stopped_after[1], "the ranks stopped after different steps");
+    let latest = sft::checkpoint::latest(&root.join("stopped")).unwrap().unwrap();
+    assert!(latest.ends_with(format!("step-{}", stopped_after[0])), "{latest:?}");
+    println!("SIGTERM to rank 1: both ranks stopped after step {}", stopped_after[0]);
 }

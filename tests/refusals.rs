@@ -423,8 +423,21 @@ fn training_on_data_of_another_tokenizer_than_the_weights_is_refused() {
     // --resume a run of the first tokenizer on the other data.
     let run = f.root.join("resumed");
     copy_dir(&f.run, &run);
-    let resumed = train(&["--data", s(&other_data), "--out-dir", s(&run), "--resume", "--max-steps", "3"]);
+    let resumed = train(&[
+        "--data",
+        s(&other_data),
+        "--tokenizer",
+        s(&other_tok),
+        "--out-dir",
+        s(&run),
+        "--resume",
+        "--max-steps",
+        "3",
+    ]);
     assert_refused(&resumed, &needles);
+    // With the data alone, the run keeps its own tokenizer, which is not the data's.
+    let resumed = train(&["--data", s(&other_data), "--out-dir", s(&run), "--resume", "--max-steps", "3"]);
+    assert_refused(&resumed, &["data300", "was made with the tokenizer", "re-run `sft prepare`"]);
     // The checkpoint's tokenizer re-saved (other bytes, the same ids) is the same vocabulary.
     let resaved = f.root.join("resaved");
     copy_dir(&f.ckpt, &resaved);

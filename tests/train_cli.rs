@@ -114,6 +114,133 @@ fn train_resume_and_eval_through_the_binary() {
     assert!(!ok && stderr.contains("run.json") && stderr.contains("header"), "{stderr}");
 }
 
+/// `--resume` continues the run it finds with that run's settings: given only the out_dir and
+/// a later end, it repeats the uninterrupted run bit for bit (before, every setting not given
+/// again fell back to its default); given another micro-batch, it goes on at the same place in
+/// the data, so that its steps see the uninterrupted run's examples.
+#[test]
+fn a_resume_given_only_its_out_dir_continues_the_run_as_configured() {
+    use sft::train::log::read_train_losses;
+    let root = tempfile::tempdir().unwrap();
+    let (data, tok) = prepared_data(root.path(), 48, 96);
+    let start = |name: &str, max_steps: u64| {
+        let cfg = sft::train::TrainConfig {
+            max_steps: Some(max_steps),
+            schedule_steps: Some(4),
+            dropout: Some(0.0),
+            seed: 5,
+            ..tiny_config(&data, &tok, &root.path().join(name), sft::data::BatchMode::Packed)
+        };
+        let path = root.path().join(format!("{name}.json"));
+        std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+        let (ok, _, stderr) = sft(&["train", "--config", path.to_str().unwrap()]);
+        assert!(ok, "{stderr}");
+        root.path().join(name)
+    };
+    let whole = read_train_losses(&start("whole", 4).join("log.csv")).unwrap();
+    assert_eq!(whole.len(), 4);
+
+    let out = start("same", 2);
+    let (ok, _, stderr) = sft(&["train", "--out-dir", out.to_str().unwrap(), "--resume", "--max-steps", "4"]);
+    assert!(ok, "{stderr}");
+    assert!(!stderr.contains("warning"), "nothing changed but the end: {stderr}");
+    assert_eq!(read_train_losses(&out.join("log.csv")).unwrap(), whole);
+    // The same with a config file that sets only the out_dir and the end.
+    let out = start("filed", 2);
+    let more = root.path().join("more.json");
+    std::fs::write(&more, serde_json::json!({"out_dir": out, "max_steps": 4}).to_string()).unwrap();
+    let (ok, _, stderr) = sft(&["train", "--config", more.to_str().unwrap(), "--resume"]);
+    assert!(ok && !stderr.contains("warning"), "{stderr}");
+    assert_eq!(read_train_losses(&out.join("log.csv")).unwrap(), whole);
+
+    // Half the rows a micro-batch, twice the micro-batches a step: the same rows a step.
+    let out = start("halved", 2);
+    let (ok, _, stderr) = sft(&[
+        "train",
+        "--out-dir",
+        out.to_str().unwrap(),
+        "--resume",
+        "--max-steps",
+        "4",
+        "--micro-batch",
+        "2",
+        "--grad-accum",
+        "4",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("micro_batch Fixed(4) -> Fixed(2), grad_accum 2 -> 4"), "{stderr}");
+    assert!(stderr.contains("the same place in the data"), "{stderr}");
+    let halved = read_train_losses(&out.join("log.csv")).unwrap();
+    assert_eq!(halved[..2], whole[..2]);
+    for ((step, a), (s, b)) in halved[2..].iter().zip(&whole[2..]) {
+        // Only the order of the gradient sums differs.
+        assert!(step == s && (a - b).abs() <= 1e-5 * b.abs(), "step {step}: {a} against {b}");
+    }
+}
+
+/// Ctrl-C (SIGINT) or a scheduler's SIGTERM stops `sft train` after the step under way, with a
+/// checkpoint of that step and exit status 128 + the signal; `--resume` then repeats the
+/// uninterrupted run bit for bit.
+#[test]
+fn a_signal_stops_the_run_after_its_step_with_a_checkpoint_that_resumes_exactly() {
+    use sft::train::log::read_train_losses;
+    use std::process::Stdio;
+    let root = tempfile::tempdir().unwrap();
+    let (data, tok) = prepared_data(root.path(), 48, 96);
+    let config = |name: &str, max_steps: u64| {
+        let cfg = sft::train::TrainConfig {
+            max_steps: Some(max_steps),
+            schedule_steps: Some(100_000),
+            save_every: 0,
+            eval_every: 0,
+            ..tiny_config(&data, &tok, &root.path().join(name), sft::data::BatchMode::Packed)
+        };
+        let path = root.path().join(format!("{name}.json"));
+        std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+        path
+    };
+    for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT")] {
+        let out = root.path().join(name);
+        // A run far longer than the test: only the signal ends it.
+        let child = common::cli::command()
+            .args(["train", "--config", config(name, 100_000).to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = out.join("log.csv");
+        let started = std::time::Instant::now();
+        while std::fs::read_to_string(&log).map_or(0, |t| t.lines().count()) < 4 {
+            assert!(started.elapsed().as_secs() < 120, "the run logged no steps");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // SAFETY: a signal to the child this test started.
+        assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
+        let done = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&done.stderr);
+        assert_eq!(done.status.code(), Some(128 + signal), "{stderr}");
+        let at = sft::checkpoint::latest(&out).unwrap().expect("the stop saved a checkpoint");
+        let step: u64 = at.file_name().unwrap().to_str().unwrap()["step-".len()..].parse().unwrap();
+        assert!(
+            stderr.contains(&format!("stopped by {name}")) && stderr.contains(&format!("after step {step}"))
+        );
+        assert!(stderr.contains("--resume"), "{stderr}");
+        let logged = read_train_losses(&log).unwrap();
+        assert_eq!(logged.last().map(|l| l.0), Some(step), "the log ends at the saved step");
+
+        // Two more steps on resume: the uninterrupted run's, bit for bit.
+        let end = (step + 2).to_string();
+        let (ok, _, stderr) =
+            sft(&["train", "--out-dir", out.to_str().unwrap(), "--resume", "--max-steps", &end]);
+        assert!(ok, "{stderr}");
+        let whole = root.path().join(format!("{name}-whole"));
+        let (ok, _, stderr) =
+            sft(&["train", "--config", config(&format!("{name}-whole"), step + 2).to_str().unwrap()]);
+        assert!(ok, "{stderr}");
+        assert_eq!(read_train_losses(&log).unwrap(), read_train_losses(&whole.join("log.csv")).unwrap());
+    }
+}
+
 #[test]
 fn bench_times_steps_on_the_cpu() {
     let (ok, stdout, stderr) = sft(&[

@@ -761,4 +761,47 @@ impl Loader {
         self.state.batch_in_epoch = s.batch_in_epoch;
         Ok(())
     }
+
+    /// Restores to the place in the data where a loader over the same data set with config
+    /// `was` stood at `at` (a run resumed with another micro-batch, batch mode or row length):
+    /// the same epoch, at the batch that starts with the first example of the epoch's order
+    /// that `was` had not reached, or else the last batch before it. Returns how many examples
+    /// before that place this epoch then sees again (0: the position maps exactly, as it always
+    /// does when only the micro-batch changed and the examples consumed fill whole new
+    /// micro-batches).
+    pub fn restore_from(&mut self, was: &LoaderConfig, at: &LoaderState) -> Result<usize> {
+        if *was == self.cfg {
+            self.restore(at)?;
+            return Ok(0);
+        }
+        let mut then = Loader::new(self.dataset.clone(), was.clone())?;
+        then.restore(at)?;
+        let reached = then.batch_starts()[at.batch_in_epoch as usize];
+        self.restore(&LoaderState { epoch: at.epoch, batch_in_epoch: 0 })?;
+        let starts = self.batch_starts();
+        // The starts grow with the batch: the last one at or before `reached`, or the first.
+        let k = starts.partition_point(|&s| s <= reached).saturating_sub(1);
+        self.state.batch_in_epoch = k as u64;
+        Ok(reached.saturating_sub(starts[k]))
+    }
+
+    /// For each batch of this epoch and for its end, how many examples of the epoch's order
+    /// come before its first row (at the end, all of them: rows left over after the last full
+    /// batch are never trained on).
+    fn batch_starts(&self) -> Vec<usize> {
+        let (batches, size, all) = (self.batches_per_epoch(), self.cfg.batch_size, self.order.len());
+        match self.cfg.mode {
+            // Packed rows take the order's examples in turn (leaving out those that fit no row).
+            BatchMode::Packed => {
+                let mut place = vec![0; self.dataset.len()];
+                for (p, &i) in self.order.iter().enumerate() {
+                    place[i] = p;
+                }
+                let mut starts: Vec<usize> = (0..batches).map(|k| place[self.rows[k * size][0]]).collect();
+                starts.push(all);
+                starts
+            }
+            _ => (0..=batches).map(|k| (k * size).min(all)).collect(),
+        }
+    }
 }

@@ -121,6 +121,9 @@ pub struct DemoReport {
     pub total_seconds: f64,
     /// Two held-out chats answered by the trained model.
     pub samples: Vec<SampleChat>,
+    /// `sft chat`'s arguments for talking to the trained model as the demo scored it (its
+    /// checkpoint, the LoRA adapter over its base, the tasks' system prompt, greedy decoding).
+    pub chat_args: Vec<String>,
 }
 
 /// Empties `dir` if it is a previous demo's, creates it, and marks it.
@@ -394,7 +397,18 @@ pub fn run_demo<B: Backend>(backend: B, args: &DemoArgs) -> Result<DemoReport> {
             samples.push(SampleChat { example: heldout[i].clone(), reply: replies[i].clone() });
         }
     }
+    let trained = train.checkpoint.clone().context("the demo's run saved no checkpoint")?;
+    let checkpoints = match base_report.as_ref().and_then(|b| b.checkpoint.clone()) {
+        Some(base) => vec!["--checkpoint".into(), base, "--adapter".into(), trained],
+        None => vec!["--checkpoint".into(), trained],
+    };
+    let chat_args = ["chat".into()]
+        .into_iter()
+        .chain(checkpoints.into_iter().map(|p: PathBuf| p.display().to_string()))
+        .chain(["--system", tasks::SYSTEM, "--temperature", "0"].map(String::from))
+        .collect();
     Ok(DemoReport {
+        chat_args,
         backend: backend_name,
         n_train,
         n_val,
@@ -474,5 +488,17 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         );
     }
     println!("\ntotal {:.1} s; files in {}", report.total_seconds, args.out.display());
+    let quoted: Vec<String> = report.chat_args.iter().map(|a| shell_quoted(a)).collect();
+    println!("chat with it: sft {}", quoted.join(" "));
     Ok(())
+}
+
+/// `arg` as a POSIX shell reads it back: bare when it holds only safe characters.
+fn shell_quoted(arg: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c);
+    if !arg.is_empty() && arg.chars().all(safe) {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
 }

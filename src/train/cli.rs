@@ -11,6 +11,7 @@ use crate::generate::{generate_reply, SamplingConfig};
 use crate::model::Model;
 use crate::rng::Rng;
 use crate::train::config::{default_seq_len, Device, TrainConfig};
+use crate::train::state::TrainerState;
 use crate::train::trainer::{eval_loss, resolve_model_config, train_ranks, TrainReport};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -86,7 +87,8 @@ pub struct TrainArgs {
     /// Start from this checkpoint's weights.
     #[arg(long)]
     pub init_from: Option<PathBuf>,
-    /// Continue the run in out_dir from its `latest` checkpoint.
+    /// Continue the run in out_dir from its `latest` checkpoint, with that run's settings (the
+    /// flags given here, and --config's fields, override them).
     #[arg(long)]
     pub resume: bool,
     /// Start from randomly initialized weights of --model (instead of --init-from).
@@ -202,12 +204,35 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    /// The config file (or the defaults) with every given flag applied over it.
+    /// The config file (or the defaults) with every given flag applied over it. With --resume,
+    /// what neither the file nor a flag sets comes from the run being resumed (its
+    /// `trainer_state.json`), not from the defaults: `sft train --out-dir DIR --resume` continues
+    /// that run as it was configured, and only the settings given here change it.
     pub fn to_config(&self) -> Result<TrainConfig> {
         let mut c = match &self.config {
             Some(path) => TrainConfig::load(path)?,
             None => TrainConfig::default(),
         };
+        self.apply_flags(&mut c)?;
+        if !c.resume {
+            return Ok(c);
+        }
+        // Without a checkpoint there is nothing to inherit; the trainer then says what is missing.
+        let Some(dir) = checkpoint::latest(&c.out_dir)? else { return Ok(c) };
+        let saved = TrainerState::load(&dir)?.config;
+        let out_dir = c.out_dir;
+        let mut c = match &self.config {
+            Some(path) => TrainConfig::load_over(path, &saved)?,
+            None => saved,
+        };
+        self.apply_flags(&mut c)?;
+        // Where the run was found, whatever directory it was first started with.
+        c.out_dir = out_dir;
+        c.resume = true;
+        Ok(c)
+    }
+
+    fn apply_flags(&self, c: &mut TrainConfig) -> Result<()> {
         macro_rules! apply {
             ($($field:ident),*) => {$(
                 if let Some(v) = &self.$field {
@@ -233,7 +258,7 @@ impl TrainArgs {
             c.samples = self.samples.clone();
         }
         c.lora = self.lora.apply(c.lora.take())?;
-        Ok(c)
+        Ok(())
     }
 }
 
@@ -242,8 +267,11 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let cfg = args.to_config()?;
     let launch = Launch::from_env()?;
     let comm = crate::dist::connect(&launch, args.rendezvous.as_deref())?;
+    crate::train::interrupt::watch()?;
     let report = match train_on_device_ranks(&cfg, comm.as_ref(), launch.local_rank) {
         Ok(report) => report,
+        // Every rank stopped after the same step, past the last barrier: nothing to abort.
+        Err(e) if e.is::<crate::train::interrupt::Interrupted>() => return Err(e),
         // The other ranks would wait for this one forever in their next collective.
         Err(e) if comm.world_size() > 1 => {
             // One write: stderr is unbuffered, and mpirun interleaves the ranks' pieces.

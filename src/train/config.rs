@@ -186,6 +186,20 @@ impl TrainConfig {
         serde_json::from_str(&text).with_context(|| format!("parsing train config {}", path.display()))
     }
 
+    /// Reads a JSON config over `base`: the fields the file sets, `base`'s for the others.
+    pub fn load_over(path: &Path, base: &TrainConfig) -> Result<TrainConfig> {
+        // Parsed alone first, for the errors of `load` (line and column, unknown fields).
+        TrainConfig::load(path)?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading train config {}", path.display()))?;
+        let set: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+            .with_context(|| format!("parsing train config {}", path.display()))?;
+        let mut merged = serde_json::to_value(base).context("serializing a train config")?;
+        let fields = merged.as_object_mut().context("a train config serializes to an object")?;
+        fields.extend(set);
+        serde_json::from_value(merged).with_context(|| format!("parsing train config {}", path.display()))
+    }
+
     /// The tokenizer path, resolving the empty default to `<data>/tokenizer.json`.
     pub fn tokenizer_path(&self) -> PathBuf {
         if self.tokenizer.as_os_str().is_empty() {

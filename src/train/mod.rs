@@ -3,6 +3,7 @@
 //! Start with [`trainer`]: it holds the whole optimizer step.
 pub mod cli;
 pub mod config;
+pub mod interrupt;
 pub mod log;
 pub mod plot;
 pub mod schedule;

@@ -37,6 +37,7 @@ use crate::model::Model;
 use crate::model::{Recompute, RecomputeChoice};
 use crate::rng::Rng;
 use crate::train::config::{default_seq_len, plan_batches, MicroBatch, TrainConfig};
+use crate::train::interrupt::{self, Interrupted};
 use crate::train::log::{CsvLog, LogRow};
 use crate::train::schedule::Schedule;
 use crate::train::state::TrainerState;
@@ -639,6 +640,13 @@ pub fn train_ranks<B: Backend>(
     let RunStart { resumed, weights, tokenizer_path, tokenizer, model_config, max_seq_len } =
         start_run(cfg, main)?;
     let saved = resumed.as_ref().map(|(_, s)| &s.config);
+    // The row length the resumed run's data position counts in (where it left it to the default).
+    let saved_seq_len = match saved.map(|s| (s.max_seq_len, cfg.max_seq_len)) {
+        None => None,
+        Some((Some(n), _)) => Some(n),
+        Some((None, None)) => Some(max_seq_len),
+        Some((None, Some(_))) => Some(default_seq_len(model_config.max_seq_len, longest_example(&cfg.data)?)),
+    };
     if let Some((dir, s)) = &resumed {
         // Refused before anything is allocated; load_optimizer_into checks the file itself too.
         ensure!(
@@ -713,9 +721,37 @@ pub fn train_ranks<B: Backend>(
     let mut state = match resumed {
         Some((dir, mut s)) => {
             checkpoint::load_optimizer_into(&dir, &mut model)?;
-            loader.restore(&s.loader).with_context(|| {
+            // The position counts the saved run's micro-batches: with another batch shape it
+            // moves to the same place in the data.
+            let was = LoaderConfig {
+                batch_size: s.config.micro_batch.configured(),
+                max_seq_len: saved_seq_len.unwrap_or(max_seq_len),
+                mode: s.config.batch_mode,
+                shuffle: s.config.shuffle,
+                seed: s.config.seed,
+            };
+            let seen_again = loader.restore_from(&was, &s.loader).with_context(|| {
                 format!("{}: field \"loader\"", dir.join(checkpoint::TRAINER_STATE_FILE).display())
             })?;
+            if main && was != *loader.config() {
+                let shape = |c: &LoaderConfig| {
+                    format!("{} ({:?}, rows of {} tokens)", c.batch_size, c.mode, c.max_seq_len)
+                        .to_lowercase()
+                };
+                eprintln!(
+                    "note: the checkpoint stopped at micro-batch {} of epoch {} in micro-batches of {}; this run's \
+                     micro-batches of {} go on at micro-batch {}{}",
+                    s.loader.batch_in_epoch,
+                    s.loader.epoch,
+                    shape(&was),
+                    shape(loader.config()),
+                    loader.state().batch_in_epoch,
+                    match seen_again {
+                        0 => ", the same place in the data".to_string(),
+                        n => format!(", {n} examples before that place (seen again this epoch)"),
+                    }
+                );
+            }
             // The run's model and base stay the checkpoint's, whatever the flags left at defaults.
             let init_from = cfg.init_from.clone().or(s.config.init_from.take());
             s.config = TrainConfig { model: std::mem::take(&mut s.config.model), init_from, ..cfg.clone() };
@@ -794,6 +830,7 @@ pub fn train_ranks<B: Backend>(
     let elapsed_before = state.elapsed_s;
 
     // ---- the loop --------------------------------------------------------------------------
+    let mut stopped = None;
     while state.step < end_step {
         let step = state.step; // 0-based index of the step being taken
         let step_start = Instant::now();
@@ -880,9 +917,18 @@ pub fn train_ranks<B: Backend>(
         }
 
         // ---- checkpoint ------------------------------------------------------------------------
+        // A stop asked for (Ctrl-C, SIGTERM; on any rank) ends the run after this step, saved.
+        let stop = interrupt::requested(comm).context("agreeing on a stop over the ranks")?;
+        if let Some(signal) = stop.filter(|_| done < end_step) {
+            progress.println(&format!(
+                "stop requested (signal {signal}): saving step {done}; the same signal again stops at once"
+            ));
+            stopped = Some(signal);
+        }
         // Under ZeRO-1 every rank takes part (the state is gathered from its owners).
         let saves = main || model.optimizer_shards().is_some();
-        if saves && ((cfg.save_every > 0 && done.is_multiple_of(cfg.save_every)) || done == end_step) {
+        let scheduled = cfg.save_every > 0 && done.is_multiple_of(cfg.save_every);
+        if saves && (scheduled || done == end_step || stopped.is_some()) {
             let (out, tok, keep) = (&cfg.out_dir, Some(tokenizer_path.as_path()), cfg.keep_checkpoints);
             let dir = match weights.as_ref().filter(|_| cfg.lora.is_some()) {
                 Some(base) => {
@@ -899,10 +945,17 @@ pub fn train_ranks<B: Backend>(
                 }
             }
         }
+        if stopped.is_some() {
+            break;
+        }
     }
     progress.finish();
     // The other ranks return once rank 0's last checkpoint is written.
     comm.barrier().context("waiting for rank 0's last checkpoint")?;
+    if let Some(signal) = stopped {
+        let out_dir = cfg.out_dir.clone();
+        return Err(Interrupted { signal, step: state.step, checkpoint: report.checkpoint, out_dir }.into());
+    }
 
     report.steps = state.step;
     report.final_train_loss = report.step_losses.last().map_or(f64::NAN, |&(_, l)| l);

@@ -1,0 +1,94 @@
+//! A run stopped by Ctrl-C (SIGINT) or by a scheduler's SIGTERM ends cleanly: the trainer
+//! finishes the optimizer step under way, saves a checkpoint and returns [`Interrupted`], which
+//! `sft train` turns into exit status 128 + the signal's number; `--resume` then continues the
+//! run exactly. A second signal of the same kind stops the process at once (the handler gives
+//! the signal back its default action when it runs), losing only the steps since the last
+//! checkpoint, as a kill would.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use anyhow::{bail, Result};
+
+use crate::dist::Collectives;
+
+/// The last stop signal received (0: none).
+static RECEIVED: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(signal: libc::c_int) {
+    // An atomic store is all a signal handler may safely do here.
+    RECEIVED.store(signal, Ordering::SeqCst);
+}
+
+/// From now on, SIGINT and SIGTERM ask the run to stop after its step instead of killing it.
+pub fn watch() -> Result<()> {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed `sigaction` is a valid empty one; the handler is async-signal-safe.
+        let failed = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            // SA_RESTART: a read or write under way when the signal comes goes on, not EINTR.
+            action.sa_flags = libc::SA_RESETHAND | libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut()) != 0
+        };
+        if failed {
+            bail!("installing the handler of signal {signal}: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The stop signal received on any rank, the same answer on every rank (SIGTERM before SIGINT
+/// where they differ), so that all of them stop after the same step. Over several ranks this is
+/// one small collective a step.
+pub fn requested(comm: &dyn Collectives) -> Result<Option<i32>> {
+    let mine = RECEIVED.load(Ordering::SeqCst);
+    if comm.world_size() == 1 {
+        return Ok((mine != 0).then_some(mine));
+    }
+    let mut seen = [f64::from(u8::from(mine == libc::SIGTERM)), f64::from(u8::from(mine == libc::SIGINT))];
+    comm.all_reduce_sum_f64(&mut seen)?;
+    Ok(if seen[0] > 0.0 {
+        Some(libc::SIGTERM)
+    } else if seen[1] > 0.0 {
+        Some(libc::SIGINT)
+    } else {
+        None
+    })
+}
+
+/// The run stopped on a signal, after `step`, with its last checkpoint (rank 0's, where it
+/// saved one).
+#[derive(Debug)]
+pub struct Interrupted {
+    pub signal: i32,
+    pub step: u64,
+    pub checkpoint: Option<PathBuf>,
+    pub out_dir: PathBuf,
+}
+
+impl Interrupted {
+    /// The shell's convention for a process ended by a signal.
+    pub fn exit_code(&self) -> i32 {
+        128 + self.signal
+    }
+}
+
+impl fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self.signal {
+            libc::SIGINT => "SIGINT (Ctrl-C)".to_string(),
+            libc::SIGTERM => "SIGTERM".to_string(),
+            other => format!("signal {other}"),
+        };
+        write!(f, "stopped by {name} after step {}", self.step)?;
+        if let Some(dir) = &self.checkpoint {
+            write!(f, ", saved in {}", dir.display())?;
+        }
+        write!(f, "; continue with: sft train --out-dir {} --resume", self.out_dir.display())
+    }
+}
+
+impl std::error::Error for Interrupted {}
