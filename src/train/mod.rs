@@ -6,6 +6,7 @@ pub mod config;
 pub mod interrupt;
 pub mod log;
 pub mod plot;
+pub mod progress;
 pub mod schedule;
 pub mod state;
 pub mod trainer;

@@ -39,11 +39,10 @@ use crate::rng::Rng;
 use crate::train::config::{default_seq_len, plan_batches, MicroBatch, TrainConfig};
 use crate::train::interrupt::{self, Interrupted};
 use crate::train::log::{CsvLog, LogRow};
+use crate::train::progress::Progress;
 use crate::train::schedule::Schedule;
 use crate::train::state::TrainerState;
 use anyhow::{bail, ensure, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -316,60 +315,6 @@ fn dropout_seed(stream: &Rng, step: u64, micro: usize) -> u64 {
 
 /// Stream id of the dropout masks, apart from the other uses of the seed.
 const DROPOUT_STREAM: u64 = 0xD809;
-
-/// Progress output: a bar on a terminal, else a plain line every `log_every` steps; nothing on
-/// the ranks other than rank 0.
-enum Progress {
-    Bar(ProgressBar),
-    Lines { every: u64 },
-    Quiet,
-}
-
-impl Progress {
-    fn new(start: u64, end: u64, log_every: u64, main: bool) -> Progress {
-        if !main {
-            Progress::Quiet
-        } else if std::io::stderr().is_terminal() {
-            let bar = ProgressBar::new(end).with_position(start);
-            let style =
-                ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar());
-            bar.set_style(style);
-            Progress::Bar(bar)
-        } else {
-            Progress::Lines { every: log_every }
-        }
-    }
-
-    fn step(&self, step: u64, end: u64, summary: &str) {
-        match self {
-            Progress::Bar(bar) => {
-                bar.set_position(step);
-                bar.set_message(summary.to_string());
-            }
-            Progress::Lines { every } => {
-                if step.is_multiple_of(*every) || step == end {
-                    eprintln!("step {step}/{end} {summary}");
-                }
-            }
-            Progress::Quiet => {}
-        }
-    }
-
-    fn println(&self, line: &str) {
-        match self {
-            Progress::Bar(bar) => bar.println(line),
-            Progress::Lines { .. } => eprintln!("{line}"),
-            Progress::Quiet => {}
-        }
-    }
-
-    fn finish(&self) {
-        if let Progress::Bar(bar) = self {
-            bar.finish();
-        }
-    }
-}
 
 /// `<out_dir>.train-lock` beside the run directory, held by the run's rank 0.
 fn lock_run_dir(out_dir: &Path) -> Result<DirLock> {
