@@ -15,6 +15,7 @@ pub mod backend;
 pub mod bench;
 pub mod checkpoint;
 pub mod checksum;
+pub mod console;
 pub mod data;
 pub mod demo;
 pub mod dist;

@@ -58,7 +58,8 @@ fn main() {
     let cli = Cli::parse();
     // Rust ignores SIGPIPE, so `sft eval ... | head` panicked on its next print ("failed printing
     // to stdout"). The default action ends the process quietly, as any Unix tool does; training
-    // keeps ignoring it, so that a closed log reader never kills a run between checkpoints.
+    // keeps ignoring it, so that a closed log reader never kills a run between checkpoints (its
+    // progress goes through `sft::say!`, which drops the failed write: src/console.rs).
     if !matches!(cli.command, Command::Train(_)) {
         // SAFETY: restoring a signal's default action before any thread is started.
         unsafe {
@@ -68,7 +69,7 @@ fn main() {
     if let Err(error) = run(cli) {
         // A run stopped by a signal, saved: not an error, but not a finished run either.
         if let Some(stopped) = error.downcast_ref::<sft::train::interrupt::Interrupted>() {
-            eprintln!("{stopped}");
+            sft::say!("{stopped}");
             std::process::exit(stopped.exit_code());
         }
         eprintln!("{}", error_report(&error));

@@ -241,6 +241,35 @@ fn a_signal_stops_the_run_after_its_step_with_a_checkpoint_that_resumes_exactly(
     }
 }
 
+/// A run whose output nobody reads any more (a `tee` that died, a closed terminal) goes on to its
+/// end and its checkpoint: its progress lines are dropped, not a panic.
+#[test]
+fn a_run_whose_output_reader_is_gone_trains_to_its_end() {
+    use std::process::Stdio;
+    let root = tempfile::tempdir().unwrap();
+    let (data, tok) = prepared_data(root.path(), 48, 96);
+    let out = root.path().join("unread");
+    let cfg = sft::train::TrainConfig {
+        max_steps: Some(3),
+        ..tiny_config(&data, &tok, &out, sft::data::BatchMode::Packed)
+    };
+    let config = root.path().join("run.json");
+    std::fs::write(&config, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    let mut child = common::cli::command()
+        .args(["train", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Both readers gone before the run prints anything.
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let latest = sft::checkpoint::latest(&out).unwrap().expect("a checkpoint");
+    assert!(latest.ends_with("step-3"), "{latest:?}");
+}
+
 #[test]
 fn bench_times_steps_on_the_cpu() {
     let (ok, stdout, stderr) = sft(&[

@@ -42,7 +42,7 @@ pub fn open(device: Device) -> Result<Opened> {
         Device::Auto => match super::cuda::CudaBackend::new(0) {
             Ok(b) => Ok(Opened::Cuda(Box::new(b))),
             Err(e) => {
-                eprintln!("running on the CPU ({:#})", e);
+                crate::say!("running on the CPU ({:#})", e);
                 Ok(Opened::Cpu(super::cpu::CpuBackend::new()))
             }
         },

@@ -169,7 +169,7 @@ pub fn warn_if_another_base(dir: &Path, base: &Path) -> Result<()> {
     let (_, recorded) = read_adapter_config(dir)?;
     let Some(recorded) = recorded else { return Ok(()) };
     if Path::new(&recorded).exists() && !crate::paths::same_file(Path::new(&recorded), base) {
-        eprintln!(
+        crate::say!(
             "warning: {} says the adapter was trained on {recorded}, not {}: its updates assume that \
              base's weights",
             dir.join(ADAPTER_CONFIG_FILE).display(),

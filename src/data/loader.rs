@@ -465,7 +465,7 @@ fn padded_batch(group: &[ExampleRef<'_>], pad_id: u32, cfg: &LoaderConfig) -> Re
         );
     }
     if skipped as f64 / group.len() as f64 >= 0.1 {
-        eprintln!(
+        crate::say!(
             "warning: {:.2}% of examples in this batch has been skipped due to exceeding max_seq_len={}",
             100.0 * skipped as f64 / group.len() as f64,
             cfg.max_seq_len
@@ -573,7 +573,7 @@ fn batches_for_order<'a>(
     let mut out = Vec::new();
     let mut push = |b: Batch, k: usize| {
         if b.n_supervised() == 0 {
-            eprintln!("warning: batch {k} has no supervised token; left out");
+            crate::say!("warning: batch {k} has no supervised token; left out");
         } else {
             out.push(b);
         }

@@ -298,7 +298,7 @@ impl WaitNotice {
     fn say(&mut self, line: impl FnOnce() -> String) {
         let waited = self.start.elapsed();
         if waited >= self.next {
-            eprintln!("{} ({} s)", line(), waited.as_secs());
+            crate::say!("{} ({} s)", line(), waited.as_secs());
             self.next = waited + Duration::from_secs(60);
         }
     }

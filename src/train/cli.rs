@@ -287,14 +287,14 @@ pub fn train(args: TrainArgs) -> Result<()> {
     if report.step_losses.is_empty() {
         // A resumed run that had already reached its end (a job relaunched after it finished):
         // nothing to do, and no loss of this invocation to print (it used to say NaN).
-        println!(
+        crate::report!(
             "done: the run in {} is already at step {}: nothing to train (raise --max-steps or --epochs to go on)",
             cfg.out_dir.display(),
             report.steps
         );
         return Ok(());
     }
-    println!(
+    crate::report!(
         "done: {} steps, train loss {:.4}, val loss {}, {:.0} tokens/s{}",
         report.steps,
         report.final_train_loss,

@@ -46,7 +46,7 @@ impl Progress {
                     let elapsed = started.elapsed().as_secs_f64();
                     let left =
                         elapsed / step.saturating_sub(*first).max(1) as f64 * end.saturating_sub(step) as f64;
-                    eprintln!("step {step}/{end} {summary} [{}<{}]", clock(elapsed), clock(left));
+                    crate::say!("step {step}/{end} {summary} [{}<{}]", clock(elapsed), clock(left));
                 }
             }
             Progress::Quiet => {}
@@ -56,7 +56,7 @@ impl Progress {
     pub fn println(&self, line: &str) {
         match self {
             Progress::Bar(bar) => bar.println(line),
-            Progress::Lines { .. } => eprintln!("{line}"),
+            Progress::Lines { .. } => crate::say!("{line}"),
             Progress::Quiet => {}
         }
     }

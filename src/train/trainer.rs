@@ -500,7 +500,7 @@ fn plan_data(cfg: &TrainConfig, tokenizer: &ChatTokenizer, max_seq_len: usize) -
     // did not start rows with it would train on rows that no prompt resembles.
     if let Some(bos) = tokenizer.bos_id() {
         if !train_set.is_empty() && train_set.example(0).tokens.first() != Some(&bos) {
-            eprintln!(
+            crate::say!(
                 "note: the tokenizer starts texts with token {bos} but the rows in {} do not; \
                  re-run sft prepare so that training rows match generation's prompts",
                 cfg.data.display()
@@ -683,7 +683,7 @@ pub fn train_ranks<B: Backend>(
                     format!("{} ({:?}, rows of {} tokens)", c.batch_size, c.mode, c.max_seq_len)
                         .to_lowercase()
                 };
-                eprintln!(
+                crate::say!(
                     "note: the checkpoint stopped at micro-batch {} of epoch {} in micro-batches of {}; this run's \
                      micro-batches of {} go on at micro-batch {}{}",
                     s.loader.batch_in_epoch,
@@ -908,7 +908,10 @@ pub fn train_ranks<B: Backend>(
     report.tokens_per_s = if train_time > 0.0 { train_tokens as f64 / train_time } else { 0.0 };
     report.skipped_batches = state.skipped_batches;
     if report.skipped_batches > 0 && main {
-        eprintln!("note: {} micro-batches had no supervised target and were skipped", report.skipped_batches);
+        crate::say!(
+            "note: {} micro-batches had no supervised target and were skipped",
+            report.skipped_batches
+        );
     }
     Ok((model, report))
 }
@@ -948,9 +951,10 @@ fn plan_micro_batches<B: Backend>(
     }
     if let Some(kept) = saved.and_then(|s| cfg.with_saved_batches(s)) {
         if main {
-            eprintln!(
+            crate::say!(
                 "micro_batch auto: {} × grad_accum {}, as the run being resumed chose",
-                kept.micro_batch, kept.grad_accum
+                kept.micro_batch,
+                kept.grad_accum
             );
         }
         return Ok(kept);
@@ -972,7 +976,7 @@ fn plan_micro_batches<B: Backend>(
     let plan = plan_batches(cfg.micro_batch, cfg.grad_accum, fits);
     let memory = free.map_or(String::new(), |f| format!(", {:.1} GiB free", f as f64 / (1u64 << 30) as f64));
     if main {
-        eprintln!("{} (rows of {max_seq_len} tokens on {}{memory})", plan.reason, backend.name());
+        crate::say!("{} (rows of {max_seq_len} tokens on {}{memory})", plan.reason, backend.name());
     }
     Ok(TrainConfig {
         micro_batch: MicroBatch::Fixed(plan.micro_batch),
@@ -1016,11 +1020,11 @@ fn resolve_recompute<B: Backend>(
             });
             match (free, chosen) {
                 (None, _) => {
-                    eprintln!("recompute auto: none ({} reports no memory limit)", backend.name());
+                    crate::say!("recompute auto: none ({} reports no memory limit)", backend.name());
                     Recompute::None
                 }
                 (Some(_), Some((r, fits))) => {
-                    eprintln!(
+                    crate::say!(
                         "recompute auto: {r}, the least with which micro_batch {at_least} fits on {} \
                          (up to {fits} rows of {max_seq_len} tokens)",
                         backend.name()
@@ -1033,7 +1037,7 @@ fn resolve_recompute<B: Backend>(
         }
     };
     if let Some(RecomputeChoice::Fixed(before)) = saved_choice.filter(|&c| c != RecomputeChoice::Fixed(r)) {
-        eprintln!(
+        crate::say!(
             "note: recompute {r}, where the interrupted run used {before}: the gradients are the same, \
              only memory and time differ"
         );
@@ -1053,18 +1057,11 @@ fn warn_about_changes(saved: &TrainConfig, now: &TrainConfig) {
             }
         )*};
     }
-    check!(
-        data,
-        micro_batch,
-        grad_accum,
-        batch_mode,
-        max_seq_len,
-        shuffle,
-        seed,
-        dropout,
-        epochs,
-        schedule_steps
-    );
+    // The same directory by another path (`./prepared`, an absolute one) is no change.
+    if !crate::paths::same_file(&saved.data, &now.data) {
+        changed.push(format!("data {:?} -> {:?}", saved.data, now.data));
+    }
+    check!(micro_batch, grad_accum, batch_mode, max_seq_len, shuffle, seed, dropout, epochs, schedule_steps);
     check!(max_lr, min_lr, warmup_steps, beta1, beta2, eps, weight_decay, clip, lora);
     // The weights come from the checkpoint: a --init-from given again is ignored (LoRA's base is
     // checked in `lora::check_resume`); left out, it is simply not needed.
@@ -1079,7 +1076,7 @@ fn warn_about_changes(saved: &TrainConfig, now: &TrainConfig) {
             .push(format!("max_steps {:?} -> {:?} (the schedule's length)", saved.max_steps, now.max_steps));
     }
     if !changed.is_empty() {
-        eprintln!(
+        crate::say!(
             "warning: resuming with settings that differ from the checkpoint's ({}); the run will not repeat an uninterrupted one",
             changed.join(", ")
         );

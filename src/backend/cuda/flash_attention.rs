@@ -404,7 +404,7 @@ impl FlashSupport {
                 );
                 if let Err(e) = set {
                     // The scalar kernels still work: say why and use them.
-                    eprintln!(
+                    crate::say!(
                         "warning: {} bytes of shared memory for {} refused ({e}); scalar attention for head_dim {}",
                         k.smem, k.name, cfg.head_dim
                     );

@@ -296,7 +296,7 @@ impl Gemm {
         };
         let Some(algo) = plan.algo else {
             if let Some(warning) = self.no_algorithm.first_time(g) {
-                eprintln!("{warning}");
+                crate::say!("{warning}");
             }
             return Ok(false);
         };

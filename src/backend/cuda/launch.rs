@@ -140,7 +140,7 @@ impl Kernels {
                 Ok(m) => m,
                 // The sm_90a kernels are opt-in: without them the defaults still run.
                 Err(e) if module_name.ends_with("_sm90a") => {
-                    eprintln!("warning: the {module_name} kernels did not load ({e}); SFT_FLASH_MMA=wgmma is unavailable");
+                    crate::say!("warning: the {module_name} kernels did not load ({e}); SFT_FLASH_MMA=wgmma is unavailable");
                     functions.extend(kernel_names.iter().map(|_| None));
                     names.extend(kernel_names.iter().copied());
                     continue;

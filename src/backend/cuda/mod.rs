@@ -197,7 +197,7 @@ impl CudaBackend {
         let flash_dq = flash_attention::DqAccumulation::new(FlashDq::from_env()?);
         let flash_mma = FlashMma::from_env()?;
         for note in settings::notes(|k| std::env::var(k).ok()) {
-            eprintln!("note: cuda:{ordinal}: {note}");
+            crate::say!("note: cuda:{ordinal}: {note}");
         }
         let backend = CudaBackend {
             name: format!("cuda:{ordinal} {gpu}"),
