@@ -178,7 +178,8 @@ fn a_resume_given_only_its_out_dir_continues_the_run_as_configured() {
     }
 }
 
-/// Ctrl-C (SIGINT) or a scheduler's SIGTERM stops `sft train` after the step under way, with a
+/// Ctrl-C (SIGINT), a scheduler's SIGTERM or a closed terminal's SIGHUP stops `sft train` after
+/// the step under way, with a
 /// checkpoint of that step and exit status 128 + the signal; `--resume` then repeats the
 /// uninterrupted run bit for bit.
 #[test]
@@ -199,7 +200,7 @@ fn a_signal_stops_the_run_after_its_step_with_a_checkpoint_that_resumes_exactly(
         std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
         path
     };
-    for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT")] {
+    for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT"), (libc::SIGHUP, "SIGHUP")] {
         let out = root.path().join(name);
         // A run far longer than the test: only the signal ends it.
         let child = common::cli::command()

@@ -1,4 +1,5 @@
-//! A run stopped by Ctrl-C (SIGINT) or by a scheduler's SIGTERM ends cleanly: the trainer
+//! A run stopped by Ctrl-C (SIGINT), by a scheduler's SIGTERM or by its terminal closing
+//! (SIGHUP, say a dropped SSH session) ends cleanly: the trainer
 //! finishes the optimizer step under way, saves a checkpoint and returns [`Interrupted`], which
 //! `sft train` turns into exit status 128 + the signal's number; `--resume` then continues the
 //! run exactly. A second signal of the same kind stops the process at once (the handler gives
@@ -21,9 +22,13 @@ extern "C" fn on_signal(signal: libc::c_int) {
     RECEIVED.store(signal, Ordering::SeqCst);
 }
 
-/// From now on, SIGINT and SIGTERM ask the run to stop after its step instead of killing it.
+/// The signals that stop a run after its step, in the order a disagreement between ranks is
+/// settled in (the first one any rank received).
+const STOPS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGHUP, libc::SIGINT];
+
+/// From now on, the [`STOPS`] signals ask the run to stop after its step instead of killing it.
 pub fn watch() -> Result<()> {
-    for signal in [libc::SIGINT, libc::SIGTERM] {
+    for signal in STOPS {
         // SAFETY: a zeroed `sigaction` is a valid empty one; the handler is async-signal-safe.
         let failed = unsafe {
             let mut action: libc::sigaction = std::mem::zeroed();
@@ -40,23 +45,17 @@ pub fn watch() -> Result<()> {
     Ok(())
 }
 
-/// The stop signal received on any rank, the same answer on every rank (SIGTERM before SIGINT
-/// where they differ), so that all of them stop after the same step. Over several ranks this is
-/// one small collective a step.
+/// The stop signal received on any rank, the same answer on every rank (the first of
+/// [`STOPS`] where they differ), so that all of them stop after the same step. Over several
+/// ranks this is one small collective a step.
 pub fn requested(comm: &dyn Collectives) -> Result<Option<i32>> {
     let mine = RECEIVED.load(Ordering::SeqCst);
     if comm.world_size() == 1 {
         return Ok((mine != 0).then_some(mine));
     }
-    let mut seen = [f64::from(u8::from(mine == libc::SIGTERM)), f64::from(u8::from(mine == libc::SIGINT))];
+    let mut seen = STOPS.map(|s| f64::from(u8::from(mine == s)));
     comm.all_reduce_sum_f64(&mut seen)?;
-    Ok(if seen[0] > 0.0 {
-        Some(libc::SIGTERM)
-    } else if seen[1] > 0.0 {
-        Some(libc::SIGINT)
-    } else {
-        None
-    })
+    Ok(STOPS.into_iter().zip(seen).find(|&(_, n)| n > 0.0).map(|(s, _)| s))
 }
 
 /// The run stopped on a signal, after `step`, with its last checkpoint (rank 0's, where it
@@ -81,6 +80,7 @@ impl fmt::Display for Interrupted {
         let name = match self.signal {
             libc::SIGINT => "SIGINT (Ctrl-C)".to_string(),
             libc::SIGTERM => "SIGTERM".to_string(),
+            libc::SIGHUP => "SIGHUP (its terminal closed)".to_string(),
             other => format!("signal {other}"),
         };
         write!(f, "stopped by {name} after step {}", self.step)?;
