@@ -240,6 +240,32 @@ fn a_signal_stops_the_run_after_its_step_with_a_checkpoint_that_resumes_exactly(
         assert!(ok, "{stderr}");
         assert_eq!(read_train_losses(&log).unwrap(), read_train_losses(&whole.join("log.csv")).unwrap());
     }
+
+    // Started ignoring SIGHUP (`nohup sft train`), the run keeps ignoring it and trains to its end.
+    let out = root.path().join("nohup");
+    let steps = 40u64;
+    let mut nohup = common::cli::command();
+    nohup.args(["train", "--config", config("nohup", steps).to_str().unwrap()]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut nohup, || {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let child = nohup.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let log = out.join("log.csv");
+    while std::fs::read_to_string(&log).map_or(0, |t| t.lines().count()) < 4 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: a signal to the child this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) }, 0);
+    let rows_then = std::fs::read_to_string(&log).unwrap().lines().count() as u64;
+    assert!(rows_then <= steps, "the run had ended before the signal: lengthen it");
+    let done = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success() && !stderr.contains("stopped by"), "{stderr}");
+    assert_eq!(read_train_losses(&log).unwrap().len() as u64, steps, "{stderr}");
 }
 
 /// A run whose output nobody reads any more (a `tee` that died, a closed terminal) goes on to its

@@ -26,11 +26,19 @@ extern "C" fn on_signal(signal: libc::c_int) {
 /// settled in (the first one any rank received).
 const STOPS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGHUP, libc::SIGINT];
 
-/// From now on, the [`STOPS`] signals ask the run to stop after its step instead of killing it.
+/// From now on, the [`STOPS`] signals ask the run to stop after its step instead of killing it;
+/// one that the process was started ignoring stays ignored (`nohup sft train` keeps running
+/// when its terminal closes, a job started in the background by a script ignores Ctrl-C).
 pub fn watch() -> Result<()> {
     for signal in STOPS {
-        // SAFETY: a zeroed `sigaction` is a valid empty one; the handler is async-signal-safe.
+        // SAFETY: zeroed `sigaction`s are valid empty ones; the handler is async-signal-safe.
         let failed = unsafe {
+            let mut current: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(signal, std::ptr::null(), &mut current) == 0
+                && current.sa_sigaction == libc::SIG_IGN
+            {
+                continue;
+            }
             let mut action: libc::sigaction = std::mem::zeroed();
             action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
             // SA_RESTART: a read or write under way when the signal comes goes on, not EINTR.
