@@ -91,12 +91,46 @@ impl fmt::Display for Interrupted {
             libc::SIGHUP => "SIGHUP (its terminal closed)".to_string(),
             other => format!("signal {other}"),
         };
-        write!(f, "stopped by {name} after step {}", self.step)?;
-        if let Some(dir) = &self.checkpoint {
-            write!(f, ", saved in {}", dir.display())?;
+        match &self.checkpoint {
+            Some(dir) => write!(f, "stopped by {name} after step {}, saved in {}", self.step, dir.display())?,
+            // Stopped before its first step: a fresh run has nothing to continue.
+            None if self.step == 0 => {
+                return write!(f, "stopped by {name} before the first step: nothing to save")
+            }
+            None => write!(f, "stopped by {name} after step {}", self.step)?,
         }
         write!(f, "; continue with: sft train --out-dir {} --resume", self.out_dir.display())
     }
 }
 
 impl std::error::Error for Interrupted {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stop_says_where_the_run_stands_and_how_to_go_on() {
+        let stop = |signal, step, checkpoint: Option<&str>| Interrupted {
+            signal,
+            step,
+            checkpoint: checkpoint.map(PathBuf::from),
+            out_dir: PathBuf::from("runs/sft"),
+        };
+        let saved = stop(libc::SIGTERM, 12, Some("runs/sft/step-12"));
+        assert_eq!(
+            saved.to_string(),
+            "stopped by SIGTERM after step 12, saved in runs/sft/step-12; continue with: sft train --out-dir \
+             runs/sft --resume"
+        );
+        assert_eq!(saved.exit_code(), 143);
+        let fresh = stop(libc::SIGINT, 0, None);
+        assert_eq!(fresh.to_string(), "stopped by SIGINT (Ctrl-C) before the first step: nothing to save");
+        assert_eq!(fresh.exit_code(), 130);
+        // A resumed run stopped before its first step still has its checkpoint to go on from.
+        let resumed = stop(libc::SIGHUP, 7, None);
+        assert!(resumed
+            .to_string()
+            .starts_with("stopped by SIGHUP (its terminal closed) after step 7; continue"));
+    }
+}

@@ -775,6 +775,11 @@ pub fn train_ranks<B: Backend>(
     let elapsed_before = state.elapsed_s;
 
     // ---- the loop --------------------------------------------------------------------------
+    // A stop asked for while the run was being set up: nothing trained yet, nothing to save.
+    if let Some(signal) = interrupt::requested(comm).context("agreeing on a stop over the ranks")? {
+        let out_dir = cfg.out_dir.clone();
+        return Err(Interrupted { signal, step: state.step, checkpoint: None, out_dir }.into());
+    }
     let mut stopped = None;
     while state.step < end_step {
         let step = state.step; // 0-based index of the step being taken
