@@ -75,6 +75,9 @@ fn tokenizer_train_prepare_and_inspect() {
         "--packed",
     ]);
     assert!(view.contains("packing efficiency") && view.contains('⟦') && view.contains("<SOA>"), "{view}");
+    // Without --tokenizer, the text comes from the directory's own copy: the same view.
+    let own = sft(&["inspect", "--data", s(&out), "--max-seq-len", "512", "--batch-size", "2", "--packed"]);
+    assert_eq!(own, view);
     let val =
         sft(&["inspect", "--data", s(&out), "--split", "val", "--batch-size", "3", "--no-shuffle", "--json"]);
     assert_eq!(val.lines().count(), 2);

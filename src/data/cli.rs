@@ -96,7 +96,8 @@ pub struct InspectArgs {
     /// A chat file, or a directory prepared by `sft prepare`.
     #[arg(long)]
     pub data: PathBuf,
-    /// tokenizer.json: needed for a chat file; for a prepared directory, used to show text.
+    /// tokenizer.json: needed for a chat file; for a prepared directory, used to show text
+    /// (default: the directory's tokenizer.json, the one it was prepared with).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Longest example in tokens (chat file; longer ones are skipped, as the trainer does), and
@@ -211,7 +212,10 @@ fn rows_of(v: &[u32], b: &Batch) -> Vec<Vec<u32>> {
 
 pub fn inspect(args: InspectArgs) -> Result<()> {
     let choice = args.chat.choice();
-    let tok = args.tokenizer.as_deref().map(|p| ChatTokenizer::load(p, &choice)).transpose()?;
+    // A prepared directory holds the tokenizer it was made with: its text, as the trainer reads it.
+    let copy = args.data.join("tokenizer.json");
+    let tokenizer = args.tokenizer.clone().or_else(|| (args.data.is_dir() && copy.is_file()).then_some(copy));
+    let tok = tokenizer.as_deref().map(|p| ChatTokenizer::load(p, &choice)).transpose()?;
     let batches = inspect_batches(&args, tok.as_ref())?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
