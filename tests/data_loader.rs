@@ -327,6 +327,74 @@ fn a_position_moves_to_the_same_place_in_the_data_under_another_batch_shape() {
     assert!(err.to_string().contains("batch 9 of epoch 0 does not exist"), "{err}");
 }
 
+/// `Loader::restore_from` over random shapes, data and positions: the batch it goes on at starts
+/// at the epoch's example that the old shape had reached, less the examples it says are seen
+/// again.
+#[test]
+fn restore_from_lands_where_it_says_for_any_two_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = sft::rng::Rng::new(17);
+    // Unique first tokens; lengths 2..=12, so that rows of 8 leave some examples out.
+    let examples: Vec<Example> = (0..30u32)
+        .map(|i| {
+            let len = 2 + rng.below(11) as u32;
+            ex(&(0..len).map(|j| if j == 0 { 100 + i } else { 3 + j % 4 }).collect::<Vec<_>>(), 1)
+        })
+        .collect();
+    write_shard(&dir.path().join("train-00000.bin"), &examples);
+    sft::data::prepare::record_shards(dir.path()).unwrap();
+    let ds = Arc::new(Dataset::open(dir.path(), Split::Train).unwrap());
+    let firsts = |b: &Batch| -> Vec<u32> {
+        b.cu_seqlens[..b.cu_seqlens.len() - 1]
+            .iter()
+            .map(|&s| b.inputs[s as usize])
+            .filter(|&t| t >= 100)
+            .collect()
+    };
+    let shape = |rng: &mut sft::rng::Rng| {
+        let (mode, max_seq_len) = match rng.below(2) {
+            0 => (BatchMode::Packed, 8 + rng.below(17)),
+            _ => (BatchMode::Dynamic, 16),
+        };
+        LoaderConfig { batch_size: 1 + rng.below(5), max_seq_len, mode, shuffle: true, seed: 3 }
+    };
+    for case in 0..300 {
+        let (was, now) = (shape(&mut rng), shape(&mut rng));
+        let epoch = rng.below(3) as u64;
+        let mut old = Loader::new(ds.clone(), was.clone()).unwrap();
+        old.restore(&LoaderState { epoch, batch_in_epoch: 0 }).unwrap();
+        let at = LoaderState { epoch, batch_in_epoch: rng.below(old.batches_per_epoch() + 1) as u64 };
+        // The epoch's order, one example a batch.
+        let mut each = Loader::new(ds.clone(), shape_of_one()).unwrap();
+        each.restore(&LoaderState { epoch, batch_in_epoch: 0 }).unwrap();
+        let order: Vec<u32> = (0..30).flat_map(|_| firsts(&each.next_batch().unwrap())).collect();
+        old.restore(&at).unwrap();
+        let reached = if at.batch_in_epoch as usize == old.batches_per_epoch() {
+            order.len()
+        } else {
+            let first = firsts(&old.next_batch().unwrap())[0];
+            order.iter().position(|&t| t == first).unwrap()
+        };
+        let mut new = Loader::new(ds.clone(), now.clone()).unwrap();
+        let again = new.restore_from(&was, &at).unwrap();
+        let what = format!("case {case}: {was:?} at {at:?} -> {now:?}, reached {reached}, again {again}");
+        assert!(again <= reached, "{what}");
+        if was == now {
+            assert_eq!((new.state(), again), (at.clone(), 0), "{what}");
+        }
+        if (new.state().batch_in_epoch as usize) < new.batches_per_epoch() {
+            let first = firsts(&new.next_batch().unwrap())[0];
+            assert!(reached - again < order.len(), "{what}");
+            assert_eq!(first, order[reached - again], "{what}");
+        }
+    }
+}
+
+/// One example a batch, every example kept: the epoch's order itself.
+fn shape_of_one() -> LoaderConfig {
+    LoaderConfig { batch_size: 1, max_seq_len: 16, mode: BatchMode::Dynamic, shuffle: true, seed: 3 }
+}
+
 #[test]
 fn a_batch_without_supervised_tokens_is_an_error_the_trainer_can_skip() {
     let dir = tempfile::tempdir().unwrap();

@@ -801,7 +801,7 @@ impl Loader {
                 starts.push(all);
                 starts
             }
-            _ => (0..=batches).map(|k| (k * size).min(all)).collect(),
+            _ => (0..batches).map(|k| k * size).chain([all]).collect(),
         }
     }
 }
