@@ -666,37 +666,10 @@ pub fn train_ranks<B: Backend>(
     let mut state = match resumed {
         Some((dir, mut s)) => {
             checkpoint::load_optimizer_into(&dir, &mut model)?;
-            // The position counts the saved run's micro-batches: with another batch shape it
-            // moves to the same place in the data.
-            let was = LoaderConfig {
-                batch_size: s.config.micro_batch.configured(),
-                max_seq_len: saved_seq_len.unwrap_or(max_seq_len),
-                mode: s.config.batch_mode,
-                shuffle: s.config.shuffle,
-                seed: s.config.seed,
-            };
-            let seen_again = loader.restore_from(&was, &s.loader).with_context(|| {
+            let saved_seq_len = saved_seq_len.unwrap_or(max_seq_len);
+            continue_data(&mut loader, &s.config, &s.loader, saved_seq_len, main).with_context(|| {
                 format!("{}: field \"loader\"", dir.join(checkpoint::TRAINER_STATE_FILE).display())
             })?;
-            if main && was != *loader.config() {
-                let shape = |c: &LoaderConfig| {
-                    format!("{} ({:?}, rows of {} tokens)", c.batch_size, c.mode, c.max_seq_len)
-                        .to_lowercase()
-                };
-                crate::say!(
-                    "note: the checkpoint stopped at micro-batch {} of epoch {} in micro-batches of {}; this run's \
-                     micro-batches of {} go on at micro-batch {}{}",
-                    s.loader.batch_in_epoch,
-                    s.loader.epoch,
-                    shape(&was),
-                    shape(loader.config()),
-                    loader.state().batch_in_epoch,
-                    match seen_again {
-                        0 => ", the same place in the data".to_string(),
-                        n => format!(", {n} examples before that place (seen again this epoch)"),
-                    }
-                );
-            }
             // The run's model and base stay the checkpoint's, whatever the flags left at defaults.
             let init_from = cfg.init_from.clone().or(s.config.init_from.take());
             s.config = TrainConfig { model: std::mem::take(&mut s.config.model), init_from, ..cfg.clone() };
@@ -1048,6 +1021,45 @@ fn resolve_recompute<B: Backend>(
         );
     }
     Ok(r)
+}
+
+/// Puts `loader` where the saved run stood (`at`, counted in micro-batches of the saved run's
+/// shape, its rows `saved_seq_len` tokens): with another micro-batch, batch mode or row length,
+/// at the same place in the data ([`Loader::restore_from`]), saying where.
+fn continue_data(
+    loader: &mut Loader,
+    saved: &TrainConfig,
+    at: &LoaderState,
+    saved_seq_len: usize,
+    main: bool,
+) -> Result<()> {
+    let was = LoaderConfig {
+        batch_size: saved.micro_batch.configured(),
+        max_seq_len: saved_seq_len,
+        mode: saved.batch_mode,
+        shuffle: saved.shuffle,
+        seed: saved.seed,
+    };
+    let seen_again = loader.restore_from(&was, at)?;
+    if main && was != *loader.config() {
+        let shape = |c: &LoaderConfig| {
+            format!("{} ({:?}, rows of {} tokens)", c.batch_size, c.mode, c.max_seq_len).to_lowercase()
+        };
+        crate::say!(
+            "note: the checkpoint stopped at micro-batch {} of epoch {} in micro-batches of {}; this run's \
+             micro-batches of {} go on at micro-batch {}{}",
+            at.batch_in_epoch,
+            at.epoch,
+            shape(&was),
+            shape(loader.config()),
+            loader.state().batch_in_epoch,
+            match seen_again {
+                0 => ", the same place in the data".to_string(),
+                n => format!(", {n} examples before that place (seen again this epoch)"),
+            }
+        );
+    }
+    Ok(())
 }
 
 /// A resumed run matches the interrupted one only with the same data order and batches.
