@@ -24,7 +24,7 @@ extern "C" fn on_signal(signal: libc::c_int) {
 
 /// The signals that stop a run after its step, in the order a disagreement between ranks is
 /// settled in (the first one any rank received).
-const STOPS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGHUP, libc::SIGINT];
+pub const STOPS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGHUP, libc::SIGINT];
 
 /// From now on, the [`STOPS`] signals ask the run to stop after its step instead of killing it;
 /// one that the process was started ignoring stays ignored (`nohup sft train` keeps running
