@@ -271,6 +271,16 @@ fn dataset_reads_every_shard_and_loader_reshuffles_and_resumes() {
     assert_eq!(b.cu_seqlens, vec![0, 4, 8, 9, 13, 17, 18]);
 }
 
+/// The examples of a batch, in order, by their first token (100 + the example's index; a packed
+/// row holds several).
+fn firsts(b: &Batch) -> Vec<u32> {
+    b.cu_seqlens[..b.cu_seqlens.len() - 1]
+        .iter()
+        .map(|&s| b.inputs[s as usize])
+        .filter(|&t| t >= 100)
+        .collect()
+}
+
 /// A run resumed with another micro-batch, batch mode or row length goes on at the same place
 /// in the epoch's order (or a little before it, never past it): `Loader::restore_from`.
 #[test]
@@ -286,14 +296,6 @@ fn a_position_moves_to_the_same_place_in_the_data_under_another_batch_shape() {
         mode,
         shuffle: true,
         seed: 7,
-    };
-    // The examples of a batch, in order, by their first token (a packed row holds two).
-    let firsts = |b: &Batch| -> Vec<u32> {
-        b.cu_seqlens[..b.cu_seqlens.len() - 1]
-            .iter()
-            .map(|&s| b.inputs[s as usize])
-            .filter(|&t| t >= 100)
-            .collect()
     };
     let epoch_order = {
         let mut one = Loader::new(ds.clone(), shape(1, 16, BatchMode::Dynamic)).unwrap();
@@ -344,13 +346,6 @@ fn restore_from_lands_where_it_says_for_any_two_shapes() {
     write_shard(&dir.path().join("train-00000.bin"), &examples);
     sft::data::prepare::record_shards(dir.path()).unwrap();
     let ds = Arc::new(Dataset::open(dir.path(), Split::Train).unwrap());
-    let firsts = |b: &Batch| -> Vec<u32> {
-        b.cu_seqlens[..b.cu_seqlens.len() - 1]
-            .iter()
-            .map(|&s| b.inputs[s as usize])
-            .filter(|&t| t >= 100)
-            .collect()
-    };
     let shape = |rng: &mut sft::rng::Rng| {
         let (mode, max_seq_len) = match rng.below(2) {
             0 => (BatchMode::Packed, 8 + rng.below(17)),
