@@ -181,17 +181,22 @@ impl TrainConfig {
 
     /// Reads a JSON config; absent fields take their defaults, unknown fields are errors.
     pub fn load(path: &Path) -> Result<TrainConfig> {
+        Ok(TrainConfig::read(path)?.0)
+    }
+
+    /// The config file's text parsed over the defaults, and the text.
+    fn read(path: &Path) -> Result<(TrainConfig, String)> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading train config {}", path.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("parsing train config {}", path.display()))
+        let config = serde_json::from_str(&text)
+            .with_context(|| format!("parsing train config {}", path.display()))?;
+        Ok((config, text))
     }
 
     /// Reads a JSON config over `base`: the fields the file sets, `base`'s for the others.
     pub fn load_over(path: &Path, base: &TrainConfig) -> Result<TrainConfig> {
         // Parsed alone first, for the errors of `load` (line and column, unknown fields).
-        TrainConfig::load(path)?;
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading train config {}", path.display()))?;
+        let (_, text) = TrainConfig::read(path)?;
         let set: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
             .with_context(|| format!("parsing train config {}", path.display()))?;
         let mut merged = serde_json::to_value(base).context("serializing a train config")?;
