@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::train::{prepared_data, sft_train_args};
+use common::train::{prepared_data, sft_train_args, wait_for_log_lines};
 use sft::train::log::read_train_losses;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -137,11 +137,7 @@ fn a_signal_to_one_rank_stops_every_rank_after_the_same_step() {
     let ranks: Vec<Child> =
         (0..2).map(|r| start_rank(root, "stopped", r, &rendezvous, &[], 100_000)).collect();
     let log = root.join("stopped").join("log.csv");
-    let start = Instant::now();
-    while std::fs::read_to_string(&log).map_or(0, |t| t.lines().count()) < 3 {
-        assert!(start.elapsed() < Duration::from_secs(120), "the run logged no steps");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_log_lines(&log, 3);
     // SAFETY: a signal to a process this test started.
     assert_eq!(unsafe { libc::kill(ranks[1].id() as libc::pid_t, libc::SIGTERM) }, 0);
     let mut stopped_after = Vec::new();

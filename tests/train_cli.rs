@@ -210,11 +210,7 @@ fn a_signal_stops_the_run_after_its_step_with_a_checkpoint_that_resumes_exactly(
             .spawn()
             .unwrap();
         let log = out.join("log.csv");
-        let started = std::time::Instant::now();
-        while std::fs::read_to_string(&log).map_or(0, |t| t.lines().count()) < 4 {
-            assert!(started.elapsed().as_secs() < 120, "the run logged no steps");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        common::train::wait_for_log_lines(&log, 4);
         // SAFETY: a signal to the child this test started.
         assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
         let done = child.wait_with_output().unwrap();
@@ -255,9 +251,7 @@ fn a_signal_stops_the_run_after_its_step_with_a_checkpoint_that_resumes_exactly(
     }
     let child = nohup.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let log = out.join("log.csv");
-    while std::fs::read_to_string(&log).map_or(0, |t| t.lines().count()) < 4 {
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    common::train::wait_for_log_lines(&log, 4);
     // SAFETY: a signal to the child this test started.
     assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) }, 0);
     let rows_then = std::fs::read_to_string(&log).unwrap().lines().count() as u64;

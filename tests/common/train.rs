@@ -116,3 +116,17 @@ pub fn copy_dir(src: &Path, dst: &Path) {
         }
     }
 }
+
+/// Waits until the run logging to `log` has written `lines` lines (the header counts), failing
+/// the test after two minutes: a child that a test will signal mid-run.
+pub fn wait_for_log_lines(log: &Path, lines: usize) {
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(log).map_or(0, |t| t.lines().count()) < lines {
+        assert!(
+            start.elapsed().as_secs() < 120,
+            "{} has fewer than {lines} lines after 2 min",
+            log.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
